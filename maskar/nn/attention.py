@@ -187,12 +187,13 @@ def attention(
 def naive_attention(
     q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern | None = None, scale: float | None = None
 ) -> Tensor:
-    """Explicit softmax(QK^T)V in fp32 -- for tests only."""
+    """Explicit softmax(QK^T)V in (at least) fp32 -- for tests only."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
     if pattern is not None:
         s = s.masked_fill(~pattern.dense_mask(q.device), float("-inf"))
-    return (s.softmax(-1) @ v.float()).to(q.dtype)
+    return (s.softmax(-1) @ v.to(acc)).to(q.dtype)
 
 
 def set_backend(module: torch.nn.Module, name: str) -> None:

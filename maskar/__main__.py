@@ -1,0 +1,5 @@
+import sys
+
+from maskar.cli import main
+
+sys.exit(main())

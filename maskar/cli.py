@@ -1,0 +1,319 @@
+"""The ``maskar`` command line: train | sample | edit | eval | bench | convert | info.
+
+Every subcommand takes ``key=value`` arguments. Dotted keys (``train.lr=3e-4``,
+``sample.cfg=1.5``) override the resolved config; plain keys (``preset=``,
+``ckpt=``, ``out=`` ...) are the subcommand's own options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+import textwrap
+from pathlib import Path
+
+from maskar.config import ConfigError, dump_yaml, load_config, parse_override, preset_names
+
+EPILOG_OVERRIDES = "Values are YAML: lists as [1,2,3], booleans as true/false, null for None."
+
+
+def _split_args(items: list[str], own: dict[str, object]) -> tuple[dict[str, object], list[str]]:
+    """Separate the subcommand's own ``key=value`` options from dotted config overrides."""
+    opts = dict(own)
+    overrides: list[str] = []
+    for item in items:
+        path, value = parse_override(item)
+        key = ".".join(path)
+        if len(path) == 1 and key in own:
+            opts[key] = value
+        else:
+            overrides.append(item)
+    return opts, overrides
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def cmd_info(args: list[str]) -> int:
+    import torch
+
+    opts, overrides = _split_args(args, {"preset": None, "config": None})
+    if opts["preset"] or opts["config"] or overrides:
+        cfg = load_config(opts["preset"] or opts["config"], overrides)
+        print(dump_yaml(cfg), end="")
+        return 0
+    from maskar import __version__, registry
+    from maskar.nn.attention import available_backends
+
+    print(f"maskar {__version__}")
+    print(f"python {platform.python_version()}  torch {torch.__version__}", end="")
+    try:
+        import triton
+
+        print(f"  triton {triton.__version__}", end="")
+    except ImportError:
+        print("  triton (not installed)", end="")
+    print(f"  cuda {torch.version.cuda or '-'}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"device cuda:{i}  {p.name}  {p.total_memory / 2**30:.1f} GiB")
+    else:
+        print(f"device cpu  ({torch.get_num_threads()} threads); no CUDA device")
+    print(f"attention backends: {', '.join(available_backends())} (auto picks the fastest correct one)")
+    print("architectures:")
+    for arch, spec in sorted(registry.all_specs().items()):
+        print(f"  {arch:10s} {spec.kind:10s} {spec.description}")
+    print("presets:")
+    print(textwrap.fill(", ".join(preset_names()), width=100, initial_indent="  ", subsequent_indent="  "))
+    return 0
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def cmd_train(args: list[str]) -> int:
+    opts, overrides = _split_args(args, {"preset": None, "config": None})
+    source = opts["preset"] or opts["config"]
+    if source is None:
+        raise ConfigError("train: give preset=NAME (see `maskar info`) or config=path.yaml")
+    cfg = load_config(str(source), overrides)
+    from maskar.train.trainer import train
+
+    out = train(cfg)
+    print(f"checkpoints in {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- sample / edit
+
+
+def _parse_labels(value: object, num_classes: int) -> list[int]:
+    if value is None:
+        return list(range(num_classes))
+    if isinstance(value, int):
+        labels = [value]
+    elif isinstance(value, str):
+        labels = [int(v) for v in value.replace(" ", "").split(",") if v]
+    elif isinstance(value, (list, tuple)):
+        labels = [int(v) for v in value]
+    else:
+        raise ConfigError(f"labels: expected a comma-separated list of class ids, got {value!r}")
+    bad = [v for v in labels if not 0 <= v < num_classes]
+    if bad:
+        raise ConfigError(f"labels: class ids must be in [0, {num_classes - 1}], got {bad}")
+    return labels
+
+
+def cmd_sample(args: list[str]) -> int:
+    from maskar import sampling
+
+    opts, overrides = _split_args(
+        args,
+        {
+            "ckpt": None,
+            "out": "samples.png",
+            "labels": None,
+            "per_class": 4,
+            "npz": None,
+            "batch_size": 64,
+            "device": "auto",
+            "precision": "auto",
+            "ema": True,
+            "nrow": None,
+        },
+    )
+    if opts["ckpt"] is None:
+        raise ConfigError("sample: give ckpt=DIR (a maskar checkpoint directory)")
+    model, cfg = sampling.load_for_sampling(str(opts["ckpt"]), overrides, str(opts["device"]), bool(opts["ema"]))
+    num_classes = getattr(model, "num_classes", 10)
+    labels = _parse_labels(opts["labels"], num_classes)
+    per_class = int(opts["per_class"])  # type: ignore[arg-type]
+    if per_class < 1:
+        raise ConfigError(f"per_class: expected >= 1, got {per_class}")
+    images, all_labels = sampling.generate(
+        model, cfg, labels, per_class, int(opts["batch_size"]), str(opts["precision"])  # type: ignore[arg-type]
+    )
+    if opts["npz"]:
+        sampling.save_npz(images, str(opts["npz"]))
+        print(f"wrote {len(images)} samples to {opts['npz']} (arr_0, uint8 NHWC)")
+    nrow = int(opts["nrow"]) if opts["nrow"] else per_class  # type: ignore[arg-type]
+    sampling.save_grid(images, all_labels, str(opts["out"]), nrow=nrow, class_names=getattr(model, "class_names", None))
+    print(f"wrote {opts['out']} ({len(images)} images)")
+    return 0
+
+
+def cmd_edit(args: list[str]) -> int:
+    from maskar import sampling
+
+    opts, overrides = _split_args(
+        args,
+        {
+            "ckpt": None,
+            "image": None,
+            "mask": None,
+            "label": None,
+            "out": "edited.png",
+            "n": 4,
+            "device": "auto",
+            "precision": "auto",
+            "ema": True,
+        },
+    )
+    for k in ("ckpt", "image", "mask"):
+        if opts[k] is None:
+            raise ConfigError(f"edit: give {k}=... (see `maskar edit --help`)")
+    model, cfg = sampling.load_for_sampling(str(opts["ckpt"]), overrides, str(opts["device"]), bool(opts["ema"]))
+    if not hasattr(model, "edit"):
+        raise ConfigError(f"edit: architecture {cfg.model.arch!r} does not support editing")
+    out = sampling.edit_image(
+        model,
+        cfg,
+        str(opts["image"]),
+        str(opts["mask"]),
+        opts["label"],
+        int(opts["n"]),  # type: ignore[arg-type]
+        str(opts["precision"]),
+    )
+    sampling.save_grid(out["images"], out["labels"], str(opts["out"]), nrow=out["nrow"])
+    print(f"wrote {opts['out']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval / bench / convert
+
+
+def cmd_eval(args: list[str]) -> int:
+    print(
+        "maskar eval: the evaluation pipeline (FID / IS / precision-recall with the TF-Inception weights)\n"
+        "is not implemented yet. Use `maskar sample ckpt=DIR npz=samples.npz per_class=50` to write the\n"
+        "arr_0 layout that the ADM evaluator reads."
+    )
+    return 2
+
+
+def _run_module(package: str, name: str | None, args: list[str], what: str) -> int:
+    pkg = importlib.import_module(package)
+    available = sorted(p.stem for p in Path(pkg.__file__).parent.glob("*.py") if p.stem != "__init__")
+    if not name or name not in available:
+        raise ConfigError(f"{what}: expected one of {available}, got {name!r}")
+    mod = importlib.import_module(f"{package}.{name}")
+    entry = getattr(mod, "cli", None) or getattr(mod, "main")
+    result = entry(args)
+    return int(result or 0)
+
+
+def cmd_bench(args: list[str]) -> int:
+    name = args[0] if args else None
+    return _run_module("maskar.bench", name, args[1:], "bench")
+
+
+def cmd_convert(args: list[str]) -> int:
+    name = args[0] if args else None
+    return _run_module("maskar.convert", name, args[1:], "convert")
+
+
+# ----------------------------------------------------------------------------- main
+
+COMMANDS = {
+    "train": (
+        cmd_train,
+        "Train a model or tokenizer.",
+        """\
+        maskar train preset=NAME [key=value ...]
+        maskar train config=my.yaml [key=value ...]
+
+        Writes checkpoints (model.safetensors + config.yaml, trainer_state.pt) under train.out_dir
+        and resumes from the latest one there (train.resume=true). Under torchrun it trains with DDP:
+          torchrun --nproc_per_node 8 -m maskar train preset=hmar-d16 data.root=/data/imagenet
+        examples:
+          maskar train preset=vqvae-fmnist train.out_dir=runs/vq
+          maskar train preset=hmar-fmnist model.tokenizer_ckpt=runs/vq train.steps=20000""",
+    ),
+    "sample": (
+        cmd_sample,
+        "Generate images from a checkpoint and write a labelled PNG grid (and optionally an npz).",
+        """\
+        maskar sample ckpt=DIR [labels=0,1,2] [per_class=4] [out=samples.png] [npz=samples.npz]
+                      [batch_size=64] [device=auto|cpu|cuda] [precision=auto|bf16|fp16|fp32]
+                      [ema=true] [sample.KEY=VALUE ...]
+
+        sample.* keys are the architecture's sampling knobs (cfg, top_k, top_p, temperature, seed,
+        mask_schedule for HMAR, num_iter for MAR ...): `maskar info preset=NAME` lists them.
+        npz= writes the `arr_0` uint8 NHWC layout that the ADM evaluator reads
+        (labels all classes, per_class=50 gives the standard 50k set).""",
+    ),
+    "edit": (
+        cmd_edit,
+        "Zero-shot in-painting / out-painting / class-conditional editing of an image.",
+        """\
+        maskar edit ckpt=DIR image=in.png mask=box:X0,Y0,X1,Y1 [label=K] [n=4] [out=edited.png]
+        maskar edit ckpt=DIR image=in.png mask=outpaint:X0,Y0,X1,Y1 ...
+        maskar edit ckpt=DIR image=in.png mask=mask.png ...
+
+        box: regenerates the box (in-painting); outpaint: keeps only the box; a mask PNG keeps the
+        white pixels. Coordinates are fractions of the image side (0..1). Without label= the model
+        uses its unconditional (null) class where it has one; with label= it edits towards that class.""",
+    ),
+    "eval": (cmd_eval, "Evaluate samples (FID / IS / precision-recall) - coming in a later release.", ""),
+    "bench": (
+        cmd_bench,
+        "Run a benchmark: maskar bench NAME [args] (attention, train_step, mar, tokenizer_quality ...).",
+        "maskar bench attention --help",
+    ),
+    "convert": (
+        cmd_convert,
+        "Convert official checkpoints: maskar convert NAME src=FILE out=DIR [key=value ...].",
+        """\
+        maskar convert vqvae src=vae_ch160v4096z32.pth out=ckpt/vqvae
+        maskar convert var   src=var_d16.pth vae=vae_ch160v4096z32.pth out=ckpt/var-d16
+        maskar convert hmar  src=hmar-d16.pth vae=vae_ch160v4096z32.pth out=ckpt/hmar-d16
+        maskar convert klvae src=kl16.ckpt out=ckpt/kl16
+        maskar convert mar   src=checkpoint-last.pth vae=kl16.ckpt preset=mar-b out=ckpt/mar-b""",
+    ),
+    "info": (
+        cmd_info,
+        "Print versions, devices, attention backends, architectures and presets; "
+        "with preset=NAME print the resolved config.",
+        "maskar info preset=hmar-d16 sample.cfg=1.5",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maskar",
+        description="Coarse-to-fine masked autoregressive image generation: VAR, HMAR, MAR, CASMAR.",
+        epilog="Run `maskar COMMAND --help` for a command's options. " + EPILOG_OVERRIDES,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text, usage) in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=textwrap.dedent(usage) + ("\n\n" + EPILOG_OVERRIDES if usage else ""),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("args", nargs=argparse.REMAINDER, help="key=value options and overrides")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 0
+    fn = COMMANDS[ns.command][0]
+    try:
+        return fn(list(ns.args))
+    except ConfigError as e:
+        print(f"maskar {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
