@@ -1,0 +1,228 @@
+"""Diffusion loss head of MAR: a small MLP denoiser conditioned per token.
+
+``SimpleMLPAdaLN`` predicts (eps, variance interpolation) for one token's latent
+x_t given the timestep and the transformer's output z for that token. Its module
+and parameter names match the official checkpoint (``diffloss.net.*``).
+
+``DiffLoss`` wraps it with a 1000-step training diffusion and a respaced sampling
+diffusion; classifier-free guidance is applied to eps only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from maskar.nn.diffusion import GaussianDiffusion, create_diffusion
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding (N,) -> (N, dim), laid out as [cos | sin] (MAR/DiT order)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: Tensor) -> Tensor:
+        freq = timestep_embedding(t, self.frequency_dim)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class ResBlock(nn.Module):
+    """LN -> adaLN modulate -> MLP -> gated residual."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(channels, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, channels))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 3 * channels))
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, channels: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(channels, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 2 * channels))
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class SimpleMLPAdaLN(nn.Module):
+    """MLP denoiser: x (N, C_in), t (N,), c (N, C_z) -> (N, C_out)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        z_channels: int,
+        num_res_blocks: int,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.grad_checkpointing = grad_checkpointing
+        self.time_embed = TimestepEmbedder(model_channels)
+        self.cond_embed = nn.Linear(z_channels, model_channels)
+        self.input_proj = nn.Linear(in_channels, model_channels)
+        self.res_blocks = nn.ModuleList([ResBlock(model_channels) for _ in range(num_res_blocks)])
+        self.final_layer = FinalLayer(model_channels, out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        # Zero-init the modulations and the output: every block starts as the identity.
+        for block in self.res_blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        x = self.input_proj(x)
+        y = self.time_embed(t) + self.cond_embed(c)
+        for block in self.res_blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, y, use_reentrant=False)
+            else:
+                x = block(x, y)
+        return self.final_layer(x, y)
+
+    def forward_with_cfg(self, x: Tensor, t: Tensor, c: Tensor, cfg_scale: float) -> Tensor:
+        """Guided output for a batch laid out [cond | uncond] whose halves share x.
+
+        The first half of x is run with both halves of c; eps = eps_u + s (eps_c - eps_u)
+        is written to both halves; the variance channels pass through unguided.
+        """
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, c)
+        eps, rest = out[:, : self.in_channels], out[:, self.in_channels :]
+        cond_eps, uncond_eps = eps.chunk(2, dim=0)
+        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+
+
+class DiffLoss(nn.Module):
+    """Per-token diffusion loss and sampler around :class:`SimpleMLPAdaLN`."""
+
+    def __init__(
+        self,
+        target_channels: int,
+        z_channels: int,
+        depth: int,
+        width: int,
+        num_sampling_steps: str = "100",
+        grad_checkpointing: bool = False,
+        learn_sigma: bool = True,
+        noise_schedule: str = "cosine",
+        num_train_steps: int = 1000,
+    ):
+        super().__init__()
+        self.in_channels = target_channels
+        self.learn_sigma = learn_sigma
+        self.noise_schedule = noise_schedule
+        self.num_train_steps = num_train_steps
+        self.num_sampling_steps = str(num_sampling_steps)
+        self.net = SimpleMLPAdaLN(
+            in_channels=target_channels,
+            model_channels=width,
+            out_channels=target_channels * (2 if learn_sigma else 1),
+            z_channels=z_channels,
+            num_res_blocks=depth,
+            grad_checkpointing=grad_checkpointing,
+        )
+        self.train_diffusion = self._make_diffusion("")
+        self._gen_cache: dict[str, GaussianDiffusion] = {}
+
+    def _make_diffusion(self, respacing: str) -> GaussianDiffusion:
+        return create_diffusion(
+            respacing,
+            noise_schedule=self.noise_schedule,
+            num_steps=self.num_train_steps,
+            learn_sigma=self.learn_sigma,
+        )
+
+    def gen_diffusion(self, num_sampling_steps: str | int | None = None) -> GaussianDiffusion:
+        """The respaced sampling diffusion (cached per respacing string)."""
+        key = self.num_sampling_steps if num_sampling_steps is None else str(num_sampling_steps)
+        if key not in self._gen_cache:
+            self._gen_cache[key] = self._make_diffusion(key)
+        return self._gen_cache[key]
+
+    def forward(self, target: Tensor, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Scalar loss; target (N, C), z (N, C_z), mask (N,) 1 = counts (mean over masked rows)."""
+        t = torch.randint(0, self.train_diffusion.num_timesteps, (target.shape[0],), device=target.device)
+        terms = self.train_diffusion.training_losses(lambda x, ts: self.net(x, ts, z), target, t)
+        loss = terms["loss"]
+        if mask is not None:
+            mask = mask.to(loss.dtype)
+            return (loss * mask).sum() / mask.sum().clamp(min=1)
+        return loss.mean()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        z: Tensor,
+        temperature: float = 1.0,
+        cfg: float = 1.0,
+        *,
+        num_sampling_steps: str | int | None = None,
+        generator: torch.Generator | None = None,
+        known: Tensor | None = None,
+        known_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Sample token latents (N, C) for conditions z (N, C_z).
+
+        With ``cfg != 1`` z is laid out [cond | uncond]; both halves start from the same
+        noise and the returned rows of the two halves are the same guided chain's
+        first half and a companion chain (use the first half).
+        """
+        n = z.shape[0]
+        dtype = torch.float32
+        if cfg != 1.0:
+            noise = torch.randn((n // 2, self.in_channels), generator=generator, device=z.device, dtype=dtype)
+            noise = torch.cat([noise, noise], dim=0)
+
+            def model_fn(x: Tensor, t: Tensor) -> Tensor:
+                return self.net.forward_with_cfg(x, t, z, cfg).float()
+        else:
+            noise = torch.randn((n, self.in_channels), generator=generator, device=z.device, dtype=dtype)
+
+            def model_fn(x: Tensor, t: Tensor) -> Tensor:
+                return self.net(x, t, z).float()
+
+        return self.gen_diffusion(num_sampling_steps).p_sample_loop(
+            model_fn, noise, temperature=temperature, generator=generator, known=known, known_mask=known_mask
+        )

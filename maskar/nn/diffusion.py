@@ -1,0 +1,403 @@
+"""Gaussian diffusion (DDPM / IDDPM) for diffusion heads: MAR's MLP head, CASMAR's DiT head.
+
+The math follows Ho et al. 2020 and Nichol & Dhariwal 2021 (IDDPM), as used by
+DiT and MAR:
+
+- beta schedules: ``cosine`` (IDDPM, max beta 0.999) and ``linear`` (DDPM, scaled to T);
+- the model predicts epsilon; its variance is either learned ("learned_range":
+  a second output half interpolates log beta and log posterior variance in log
+  space) or fixed ("fixed_large" = beta_t, "fixed_small" = posterior variance);
+- the training loss is MSE(eps) plus, with a learned variance, the variational
+  bound term (KL / decoder NLL in bits) on a stop-gradient mean; the VB term is
+  not rescaled (IDDPM ``LossType.MSE``);
+- respacing keeps a subset of the T steps (IDDPM ``space_timesteps``) and
+  recomputes betas from alpha_bar; the model still sees the original indices;
+- ancestral sampling multiplies the noise std by a temperature (MAR);
+- optional known-entry replacement (RePaint): before each reverse step the known
+  entries of x_t are overwritten with q(x_t | x_0) drawn with the initial noise.
+
+All schedule arrays are computed in float64 numpy and gathered per call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> model output
+VAR_TYPES = ("learned_range", "fixed_large", "fixed_small")
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def cosine_alpha_bar(t: float) -> float:
+    """IDDPM cosine alpha_bar at continuous time t in [0, 1] (offset s = 0.008)."""
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def betas_for_alpha_bar(
+    num_steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
+) -> np.ndarray:
+    """beta_i = min(1 - alpha_bar((i+1)/T) / alpha_bar(i/T), max_beta)."""
+    betas = [
+        min(1.0 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
+        for i in range(num_steps)
+    ]
+    return np.array(betas, dtype=np.float64)
+
+
+def get_betas(schedule: str, num_steps: int) -> np.ndarray:
+    """(T,) float64 betas of a named schedule."""
+    if schedule == "cosine":
+        return betas_for_alpha_bar(num_steps, cosine_alpha_bar)
+    if schedule == "linear":
+        # DDPM's 1e-4 .. 0.02 for T=1000, scaled so other T give a similar process.
+        scale = 1000 / num_steps
+        return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+    raise ValueError(f"noise schedule: expected 'cosine' or 'linear', got {schedule!r}")
+
+
+def space_timesteps(num_steps: int, section_counts: str | int | list[int]) -> set[int]:
+    """Which of ``num_steps`` original steps to keep (IDDPM semantics).
+
+    ``"100"`` keeps 100 evenly spread steps (first and last included); ``"10,15,20"``
+    splits the range into three equal sections and keeps that many from each;
+    ``"ddimN"`` keeps ``range(0, T, stride)`` for the stride giving exactly N steps.
+    """
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired = int(section_counts[len("ddim") :])
+            for stride in range(1, num_steps):
+                if len(range(0, num_steps, stride)) == desired:
+                    return set(range(0, num_steps, stride))
+            raise ValueError(
+                f"respacing {section_counts!r}: no integer stride gives {desired} of {num_steps} steps"
+            )
+        try:
+            counts = [int(x) for x in section_counts.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"respacing: expected 'N', 'N1,N2,...' or 'ddimN', got {section_counts!r}"
+            ) from None
+    elif isinstance(section_counts, int):
+        counts = [section_counts]
+    else:
+        counts = [int(x) for x in section_counts]
+    size_per = num_steps // len(counts)
+    extra = num_steps % len(counts)
+    start = 0
+    kept: list[int] = []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count or count < 1:
+            raise ValueError(f"respacing: cannot take {count} steps from a section of {size}")
+        stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
+        # Accumulate in float and round with Python's round(), exactly as IDDPM does.
+        cur = 0.0
+        for _ in range(count):
+            kept.append(start + round(cur))
+            cur += stride
+        start += size
+    return set(kept)
+
+
+# ----------------------------------------------------------------------------- likelihood helpers
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats."""
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
+
+
+def approx_standard_normal_cdf(x: Tensor) -> Tensor:
+    """The tanh approximation of Phi(x) used by IDDPM's decoder NLL."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
+    """Log-likelihood of data x in [-1, 1] quantised to 256 bins (edges extend to +-inf)."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_probs = torch.where(
+        x < -0.999,
+        log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log((cdf_plus - cdf_min).clamp(min=1e-12))),
+    )
+    return log_probs
+
+
+def mean_flat(x: Tensor) -> Tensor:
+    """Mean over all but the batch dimension -> (N,)."""
+    return x.mean(dim=tuple(range(1, x.ndim))) if x.ndim > 1 else x
+
+
+_DEVICE_CACHE: dict[tuple[int, str], tuple[np.ndarray, Tensor]] = {}
+
+
+def _on_device(arr: np.ndarray, device: torch.device) -> Tensor:
+    """``arr`` as a tensor on ``device``, cached so sampling loops do not re-upload it."""
+    key = (id(arr), str(device))
+    hit = _DEVICE_CACHE.get(key)
+    if hit is None or hit[0] is not arr:  # the id may have been reused by a new array
+        hit = (arr, torch.from_numpy(arr).to(device))
+        if len(_DEVICE_CACHE) > 512:
+            _DEVICE_CACHE.clear()
+        _DEVICE_CACHE[key] = hit
+    return hit[1]
+
+
+def _gather(arr: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
+    """arr[t] as a tensor broadcastable to ``like`` (N, 1, ...), in like's dtype."""
+    out = _on_device(arr, t.device)[t].to(like.dtype)
+    return out.reshape(out.shape + (1,) * (like.ndim - 1))
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+
+class GaussianDiffusion:
+    """A discrete Gaussian diffusion process over ``len(betas)`` steps.
+
+    ``timestep_map`` maps this process's step index to the index the model was
+    trained with (identity unless respaced).
+    """
+
+    def __init__(
+        self, betas: np.ndarray, var_type: str = "learned_range", timestep_map: list[int] | None = None
+    ):
+        if var_type not in VAR_TYPES:
+            raise ValueError(f"diffusion variance type: expected one of {list(VAR_TYPES)}, got {var_type!r}")
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
+            raise ValueError("diffusion betas: expected a 1-D array in (0, 1]")
+        self.var_type = var_type
+        self.learn_sigma = var_type == "learned_range"
+        self.betas = betas
+        self.num_timesteps = len(betas)
+        self.timestep_map = np.asarray(
+            timestep_map if timestep_map is not None else range(len(betas)), dtype=np.int64
+        )
+
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        # q(x_{t-1} | x_t, x_0)
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # The posterior variance is 0 at t=0; clip the log with the t=1 value.
+        self.posterior_log_variance_clipped = np.log(
+            np.append(self.posterior_variance[1], self.posterior_variance[1:])
+        )
+        self.log_betas = np.log(betas)
+        self.fixed_large_log_variance = np.log(np.append(self.posterior_variance[1], betas[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        )
+
+    # -- forward process
+
+    def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Draw x_t ~ q(x_t | x_0)."""
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        return (
+            _gather(self.sqrt_alphas_cumprod, t, x_start) * x_start
+            + _gather(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+        )
+
+    def q_posterior(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
+        mean = (
+            _gather(self.posterior_mean_coef1, t, x_t) * x_start
+            + _gather(self.posterior_mean_coef2, t, x_t) * x_t
+        )
+        var = _gather(self.posterior_variance, t, x_t)
+        log_var = _gather(self.posterior_log_variance_clipped, t, x_t)
+        return mean, var, log_var
+
+    # -- reverse process
+
+    def predict_xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        return (
+            _gather(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - _gather(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        )
+
+    def model_log_variance(self, var_values: Tensor | None, x_t: Tensor, t: Tensor) -> Tensor:
+        """log sigma_t^2 of p(x_{t-1} | x_t); ``var_values`` in [-1, 1] for learned_range."""
+        if self.var_type == "learned_range":
+            min_log = _gather(self.posterior_log_variance_clipped, t, x_t)
+            max_log = _gather(self.log_betas, t, x_t)
+            frac = (var_values + 1) / 2  # model output in [-1, 1] -> [0, 1]
+            return frac * max_log + (1 - frac) * min_log
+        if self.var_type == "fixed_large":
+            # beta_t, with the first entry set to the posterior variance (better decoder likelihood)
+            return _gather(self.fixed_large_log_variance, t, x_t)
+        return _gather(self.posterior_log_variance_clipped, t, x_t)
+
+    def split_output(self, out: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Model output -> (eps, var_values); channels are on dim 1."""
+        c = x_t.shape[1]
+        if self.learn_sigma:
+            if out.shape[1] != 2 * c:
+                raise ValueError(
+                    f"learned-variance diffusion: model output has {out.shape[1]} channels, expected {2 * c}"
+                )
+            return out[:, :c], out[:, c:]
+        if out.shape[1] != c:
+            raise ValueError(
+                f"fixed-variance diffusion: model output has {out.shape[1]} channels, expected {c}"
+            )
+        return out, None
+
+    def model_timesteps(self, t: Tensor) -> Tensor:
+        """Indices the model was trained with, for this process's step indices t."""
+        return _on_device(self.timestep_map, t.device)[t]
+
+    def p_mean_variance(
+        self, model_fn: ModelFn, x_t: Tensor, t: Tensor, clip_denoised: bool = False
+    ) -> dict[str, Tensor]:
+        """Mean and log-variance of p(x_{t-1} | x_t) plus the model's x_0 and eps."""
+        out = model_fn(x_t, self.model_timesteps(t))
+        eps, var_values = self.split_output(out, x_t)
+        log_var = self.model_log_variance(var_values, x_t, t)
+        x0 = self.predict_xstart_from_eps(x_t, t, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        mean, _, _ = self.q_posterior(x0, x_t, t)
+        return {"mean": mean, "log_variance": log_var, "pred_xstart": x0, "eps": eps}
+
+    def p_sample(
+        self,
+        model_fn: ModelFn,
+        x_t: Tensor,
+        t: Tensor,
+        *,
+        temperature: float = 1.0,
+        clip_denoised: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """One ancestral step x_t -> x_{t-1}; temperature multiplies the noise std (no noise at t=0)."""
+        out = self.p_mean_variance(model_fn, x_t, t, clip_denoised)
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise * temperature
+
+    def p_sample_loop(
+        self,
+        model_fn: ModelFn,
+        noise: Tensor,
+        *,
+        temperature: float = 1.0,
+        clip_denoised: bool = False,
+        generator: torch.Generator | None = None,
+        known: Tensor | None = None,
+        known_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Run the reverse process from x_T = ``noise`` down to x_0.
+
+        ``known`` (x_0 values) and ``known_mask`` (bool, broadcastable to x) enable
+        RePaint-style conditioning: before each step the known entries of x_t are
+        replaced by q_sample(known, t, initial noise); they are pasted as x_0 at the end.
+        """
+        if (known is None) != (known_mask is None):
+            raise ValueError("p_sample_loop: pass both known and known_mask, or neither")
+        x = noise
+        n = noise.shape[0]
+        for i in reversed(range(self.num_timesteps)):
+            t = torch.full((n,), i, device=noise.device, dtype=torch.long)
+            if known is not None:
+                x = torch.where(known_mask, self.q_sample(known, t, noise=noise), x)
+            x = self.p_sample(
+                model_fn, x, t, temperature=temperature, clip_denoised=clip_denoised, generator=generator
+            )
+        if known is not None:
+            x = torch.where(known_mask, known.to(x.dtype), x)
+        return x
+
+    # -- training
+
+    def vb_terms_bpd(
+        self, eps: Tensor, var_values: Tensor | None, x_start: Tensor, x_t: Tensor, t: Tensor
+    ) -> Tensor:
+        """Elementwise VB term in bits: KL(q(x_{t-1}|x_t,x_0) || p) for t>0, decoder NLL at t=0."""
+        true_mean, _, true_log_var = self.q_posterior(x_start, x_t, t)
+        log_var = self.model_log_variance(var_values, x_t, t)
+        mean, _, _ = self.q_posterior(self.predict_xstart_from_eps(x_t, t, eps), x_t, t)
+        kl = normal_kl(true_mean, true_log_var, mean, log_var) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x_start, mean, 0.5 * log_var) / math.log(2.0)
+        first = (t == 0).reshape(-1, *([1] * (x_t.ndim - 1)))
+        return torch.where(first, nll, kl)
+
+    def training_losses(
+        self,
+        model_fn: ModelFn,
+        x_start: Tensor,
+        t: Tensor,
+        noise: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Per-row losses (N,): ``mse`` on eps, ``vb`` (learned variance only) and ``loss``.
+
+        ``mask`` (broadcastable to x_start, 1 = counts) zeroes entries before the
+        per-row mean (CASMAR's masked MSE); it is not renormalised here.
+        """
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_t = self.q_sample(x_start, t, noise)
+        out = model_fn(x_t, self.model_timesteps(t))
+        eps, var_values = self.split_output(out, x_t)
+        m = 1.0 if mask is None else mask.to(x_start.dtype)
+        terms = {"mse": mean_flat((noise - eps) ** 2 * m)}
+        if self.learn_sigma:
+            # The VB term trains only the variance: the mean enters with a stop-gradient.
+            vb = self.vb_terms_bpd(eps.detach(), var_values, x_start, x_t, t)
+            terms["vb"] = mean_flat(vb * m)
+            terms["loss"] = terms["mse"] + terms["vb"]
+        else:
+            terms["loss"] = terms["mse"]
+        return terms
+
+
+def respaced(base_betas: np.ndarray, use_timesteps: set[int], var_type: str) -> GaussianDiffusion:
+    """The diffusion over the kept steps, with betas recomputed from alpha_bar."""
+    alphas_cumprod = np.cumprod(1.0 - np.asarray(base_betas, dtype=np.float64))
+    last = 1.0
+    new_betas, kept = [], []
+    for i, abar in enumerate(alphas_cumprod):
+        if i in use_timesteps:
+            new_betas.append(1.0 - abar / last)
+            last = abar
+            kept.append(i)
+    return GaussianDiffusion(np.array(new_betas), var_type, timestep_map=kept)
+
+
+def create_diffusion(
+    respacing: str | int | None = "",
+    *,
+    noise_schedule: str = "cosine",
+    num_steps: int = 1000,
+    learn_sigma: bool = True,
+    sigma_small: bool = False,
+) -> GaussianDiffusion:
+    """DiT/MAR-style factory: ``respacing`` "" or None keeps all ``num_steps`` steps."""
+    betas = get_betas(noise_schedule, num_steps)
+    var_type = "learned_range" if learn_sigma else ("fixed_small" if sigma_small else "fixed_large")
+    if respacing is None or respacing == "":
+        respacing = str(num_steps)
+    return respaced(betas, space_timesteps(num_steps, respacing), var_type)
