@@ -1,0 +1,96 @@
+"""Image transforms shared by the datasets: ADM center crop, resizing, mode and range conversion."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+# PIL resampling filters by the names accepted in ``data.resize``.
+RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
+    """ADM (guided-diffusion) center crop to ``size`` x ``size``; returns an (H, W[, C]) uint8 array.
+
+    Halves the image with a BOX filter while its short side is at least ``2 * size`` (cheap,
+    alias-free downscaling of large photos), then resizes with BICUBIC so the short side equals
+    ``size``, then crops the center. MAR and VAR preprocess ImageNet this way.
+    """
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.Resampling.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.Resampling.BICUBIC)
+    arr = np.asarray(image)
+    top = (arr.shape[0] - size) // 2
+    left = (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL image to "L" (channels=1) or "RGB" (channels=3).
+
+    16/32-bit grayscale ("I;16", "I", "F") is rescaled to 8 bits first, because PIL's own
+    conversion clips it instead of scaling. Transparent images are composited on black by PIL's
+    plain conversion (alpha dropped), as torchvision and ADM do.
+    """
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        peak = float(arr.max()) if arr.size else 0.0
+        if image.mode == "F":
+            top = 1.0 if peak <= 1.0 else 255.0  # float images are in [0, 1] or [0, 255]
+        else:
+            top = 65535.0 if image.mode.startswith("I;16") or peak > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        # Palette images may carry transparency; going through RGBA avoids PIL's warning.
+        image = image.convert("RGBA")
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def resize_gray(arr: np.ndarray, size: int, method: str) -> np.ndarray:
+    """Resize an (h, w) uint8 array to (size, size) with a PIL filter, or zero-pad it ("pad").
+
+    "pad" centers the image on a black canvas (Fashion-MNIST 28 -> 32 without resampling); it
+    needs ``size`` >= the image side.
+    """
+    h, w = arr.shape
+    if (h, w) == (size, size):
+        return arr
+    if method == "pad":
+        if size < h or size < w:
+            raise ValueError(f"data.resize=pad needs data.resolution >= {max(h, w)}, got {size}")
+        out = np.zeros((size, size), dtype=arr.dtype)  # (size, size) black canvas
+        top, left = (size - h) // 2, (size - w) // 2
+        out[top : top + h, left : left + w] = arr
+        return out
+    image = Image.fromarray(arr, mode="L").resize((size, size), resample=RESAMPLE[method])
+    return np.asarray(image)
+
+
+def to_tensor(arr: np.ndarray, channels: int) -> torch.Tensor:
+    """uint8 (H, W) or (H, W, C) array -> float32 (channels, H, W) tensor in [-1, 1]."""
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.shape[2] != channels:
+        if arr.shape[2] == 1:
+            arr = np.repeat(arr, channels, axis=2)  # grayscale -> RGB
+        else:
+            raise ValueError(f"cannot turn a {arr.shape[2]}-channel image into {channels} channels")
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (C, H, W) uint8
+    return x.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def random_hflip(x: torch.Tensor) -> torch.Tensor:
+    """Flip (C, H, W) left-right with probability 1/2, drawn from torch's RNG.
+
+    torch's RNG is seeded per DataLoader worker from the loader's generator, so flips are
+    reproducible for a given loader seed.
+    """
+    if torch.rand(()) < 0.5:
+        return x.flip(-1)
+    return x
