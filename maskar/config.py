@@ -64,6 +64,12 @@ class DataConfig:
     num_workers: int = field(0, min=0, help="DataLoader workers")
     synthetic_size: int = field(256, min=1, help="number of synthetic images")
     synthetic_classes: int = field(10, min=1, help="number of synthetic classes")
+    synthetic_seed: int = field(0, min=0, help="seed of the synthetic images")
+    resize: str = field(
+        "bicubic",
+        choices=("bicubic", "bilinear", "nearest", "pad"),
+        help="fashion_mnist/digits resize filter, or pad (center on black); imagefolder uses the ADM crop",
+    )
     limit: int | None = field(None, min=1, help="use only the first N samples")
 
 
