@@ -22,6 +22,7 @@ _MODULES = (
     "maskar.models.hmar",
     "maskar.models.mar",
     "maskar.models.casmar",
+    "maskar.models.toy",
 )
 
 
