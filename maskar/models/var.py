@@ -1,0 +1,554 @@
+"""VAR: visual autoregressive modelling by next-scale prediction (Tian et al., 2024).
+
+The image is a pyramid of token maps r_1..r_K from the multi-scale residual VQ-VAE
+(``maskar.tokenizers.vqvae``). The transformer predicts all tokens of scale k at once:
+
+* inputs: token 0 is the class embedding (+ ``pos_start``); the tokens of scale k >= 1
+  are ``word_embed(area_down(f_hat_{<k}, pn_k))``, the running VAE reconstruction of
+  the earlier scales resampled to scale k; every token gets ``lvl_embed + pos_1LC``;
+* AdaLN blocks conditioned on the class, then an AdaLN head giving logits over the codebook;
+* training: teacher forcing on the whole sequence with a **block-causal** mask
+  (a scale sees itself and every earlier scale), cross-entropy on every token;
+* sampling: one scale at a time with a KV cache over earlier scales, classifier-free
+  guidance growing linearly with the scale index, top-k / top-p / temperature.
+
+:class:`NextScaleModel` holds everything VAR and HMAR share (embeddings, blocks, head,
+loss weighting, the sampling loop, editing); ``maskar.models.hmar`` changes the
+attention pattern, drops the cache and adds masked refinement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskar import registry
+from maskar.config import ConfigError, ModelConfig, SampleConfig, field
+from maskar.nn.attention import ScalePattern
+from maskar.nn.blocks import AdaLNBeforeHead, AdaLNSelfAttnBlock, KVCache, SharedAdaLin
+from maskar.nn.sampling import check_sampling_args, guided_logits, make_generator, sample_from_logits
+from maskar.tokenizers.vqvae import VQVAEConfig
+
+LOSS_WEIGHTINGS = ("uniform", "lognorm", "linear", "equal")
+
+# Parameter-name substrings the official recipe exempts from weight decay.
+NO_WEIGHT_DECAY = {
+    "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
+    "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul",
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass
+class NextScaleConfig(ModelConfig):
+    """Fields shared by VAR and HMAR. Width / heads / drop path default to the official rule."""
+
+    arch: str = "var"
+    tokenizer: VQVAEConfig = dataclasses.field(default_factory=VQVAEConfig)
+    tokenizer_ckpt: str | None = field(None, help="maskar tokenizer checkpoint dir loaded at a fresh start")
+    depth: int = field(16, min=1, help="number of transformer blocks")
+    width: int | None = field(None, min=1, help="model width C (default 64*depth)")
+    heads: int | None = field(None, min=1, help="attention heads (default depth)")
+    mlp_ratio: float = field(4.0, min=0.0)
+    drop_path_rate: float | None = field(None, min=0.0, max=1.0, help="default 0.1*depth/24")
+    cond_drop_rate: float = field(0.1, min=0.0, max=1.0, help="label -> null class probability (CFG)")
+    num_classes: int = field(1000, min=1, help="class count; index num_classes is the null class")
+    shared_aln: bool = field(False, help="one shared AdaLN projection + per-block ada_gss (VAR d36-s)")
+    attn_l2_norm: bool = field(True, help="L2-normalised q/k with a learned per-head scale")
+    norm_eps: float = field(1e-6, min=0.0)
+    init_std: float = field(-1.0, help="trunc-normal std of linears/embeddings; -1: sqrt(1/(3C))")
+    init_head: float = field(0.02, min=0.0, help="head weight multiplier")
+    init_adaln: float = field(0.5, min=0.0, help="AdaLN scale/shift weight multiplier")
+    init_adaln_gamma: float = field(1e-5, min=0.0, help="AdaLN gamma weight multiplier (official alng)")
+    loss_weighting: str = field("uniform", choices=LOSS_WEIGHTINGS, help="per-scale CE weighting")
+    label_smoothing: float = field(0.0, min=0.0, max=1.0)
+
+    @property
+    def C(self) -> int:
+        return self.width if self.width is not None else 64 * self.depth
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads if self.heads is not None else self.depth
+
+    @property
+    def dpr(self) -> float:
+        return self.drop_path_rate if self.drop_path_rate is not None else 0.1 * self.depth / 24
+
+    def validate(self) -> None:
+        if self.C % self.num_heads:
+            raise ValueError(f"width {self.C} must be divisible by heads {self.num_heads}")
+        if getattr(self.tokenizer, "arch", "vqvae") != "vqvae":
+            raise ValueError(f"tokenizer.arch: expected 'vqvae', got {self.tokenizer.arch!r}")
+
+
+@dataclass
+class VARConfig(NextScaleConfig):
+    arch: str = "var"
+
+
+@dataclass
+class VARSampleConfig(SampleConfig):
+    """Official FID defaults (VAR README): cfg 1.5, top_k 900, top_p 0.96."""
+
+    cfg: float = field(1.5, min=0.0, help="classifier-free guidance scale at the last scale")
+    cfg_schedule: str = field("linear", choices=("linear", "constant"), help="t = cfg*si/(K-1) or cfg")
+    temperature: float = field(1.0, min=1e-6, help="softmax temperature")
+    top_k: int = field(900, min=0, help="keep the k most likely tokens (0: off)")
+    top_p: float = field(0.96, min=0.0, max=1.0, help="nucleus mass (0 or 1: off)")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def scale_loss_weights(patch_nums: tuple[int, ...], kind: str) -> Tensor:
+    """Per-scale total loss mass (K,), summing to 1.
+
+    ``uniform``: VAR, 1/L per token (mass proportional to pn^2). ``lognorm``: HMAR's
+    normal-pdf weighting of the *reversed* side ratios (reference §4.6). ``linear``:
+    mass proportional to the scale index + 1. ``equal``: 1/K per scale.
+    """
+    n = torch.tensor(patch_nums, dtype=torch.float64)
+    K = len(patch_nums)
+    if kind == "uniform":
+        w = n * n
+    elif kind == "lognorm":
+        r = n / n[-1]
+        if K < 2:
+            w = torch.ones(1, dtype=torch.float64)
+        else:
+            z = (r.flip(0) - r.mean()) / r.std(unbiased=True)
+            w = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    elif kind == "linear":
+        w = torch.arange(1, K + 1, dtype=torch.float64)
+    elif kind == "equal":
+        w = torch.ones(K, dtype=torch.float64)
+    else:
+        raise ValueError(f"loss_weighting: expected one of {list(LOSS_WEIGHTINGS)}, got {kind!r}")
+    return w / w.sum()
+
+
+def token_loss_weights(patch_nums: tuple[int, ...], kind: str) -> Tensor:
+    """(L,) float32 weight of every token: scale mass / tokens in the scale."""
+    mass = scale_loss_weights(patch_nums, kind)
+    per_tok = [mass[i] / (pn * pn) for i, pn in enumerate(patch_nums)]
+    return torch.cat([p.repeat(pn * pn) for p, pn in zip(per_tok, patch_nums)]).float()
+
+
+def load_model_weights(ckpt_dir: str, what: str) -> dict[str, Tensor]:
+    """``model.safetensors`` of a maskar checkpoint directory."""
+    from safetensors.torch import load_file
+
+    path = Path(ckpt_dir) / "model.safetensors"
+    if not path.is_file():
+        raise ConfigError(
+            f"{what}: expected a maskar checkpoint dir containing model.safetensors, got {ckpt_dir!r}"
+        )
+    return load_file(str(path))
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The frozen tokenizer always runs in fp32 (token ids must not depend on precision)."""
+    return torch.autocast(device.type, enabled=False)
+
+
+@dataclass
+class SamplingArgs:
+    cfg: float
+    cfg_schedule: str
+    temperature: float
+    top_k: int
+    top_p: float
+    generator: torch.Generator | None
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class NextScaleModel(nn.Module):
+    """Embeddings + AdaLN transformer + head over the token pyramid; VAR's training and sampling."""
+
+    pattern_kind = "block_causal"
+    uses_kv_cache = True
+
+    def __init__(self, cfg: NextScaleConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = registry.build_model(cfg.tokenizer)
+        self.tokenizer.requires_grad_(False).eval()
+        self.patch_nums = tuple(int(p) for p in self.tokenizer.patch_nums)
+        self.num_classes = cfg.num_classes
+        self.image_size = int(self.tokenizer.downsample) * self.patch_nums[-1]
+        self.image_channels = int(getattr(self.tokenizer, "image_channels", 3))
+        self.vocab_size = int(self.tokenizer.vocab_size)
+        self.z_channels = int(self.tokenizer.z_channels)
+        C, K = cfg.C, len(self.patch_nums)
+        self.C, self.depth = C, cfg.depth
+        self.lengths = tuple(p * p for p in self.patch_nums)
+        self.L = sum(self.lengths)
+        ends = torch.tensor(self.lengths).cumsum(0).tolist()
+        self.begin_ends = [(e - n, e) for e, n in zip(ends, self.lengths)]  # token span of each scale
+        self.pattern = ScalePattern(self.pattern_kind, self.lengths)
+
+        # Inputs: class token, VAE-space inputs of scales 1..K-1, level + absolute position.
+        self.word_embed = nn.Linear(self.z_channels, C)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)  # last row: null class
+        self.pos_start = nn.Parameter(torch.empty(1, 1, C))
+        self.pos_1LC = nn.Parameter(torch.empty(1, self.L, C))
+        self.lvl_embed = nn.Embedding(K, C)
+        if cfg.shared_aln:
+            self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C))
+        dpr = torch.linspace(0, cfg.dpr, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(self._make_block(dpr[i]) for i in range(cfg.depth))
+        self.head_nm = AdaLNBeforeHead(C, C, cfg.norm_eps)
+        self.head = nn.Linear(C, self.vocab_size)
+
+        # Derived buffers: recomputed, never saved.
+        self.register_buffer("lvl_1L", self.pattern.scale_ids().view(1, self.L), persistent=False)
+        self.register_buffer(
+            "loss_weight", token_loss_weights(self.patch_nums, cfg.loss_weighting), persistent=False
+        )
+        self.init_weights()
+
+    def _make_block(self, drop_path: float) -> AdaLNSelfAttnBlock:
+        cfg = self.cfg
+        return AdaLNSelfAttnBlock(
+            cfg.C, cfg.C, cfg.num_heads, cfg.mlp_ratio, drop_path,
+            shared_aln=cfg.shared_aln, attn_l2_norm=cfg.attn_l2_norm, norm_eps=cfg.norm_eps,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ init
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Official VAR init: trunc-normal everywhere, small head, scaled residual outputs."""
+        cfg, C = self.cfg, self.C
+        std = cfg.init_std if cfg.init_std >= 0 else math.sqrt(1 / C / 3)
+        for name, m in self.named_modules():
+            if name.startswith("tokenizer"):
+                continue
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        for p in (self.pos_start, self.pos_1LC):
+            nn.init.trunc_normal_(p, std=std)
+        self._init_head(self.head, self.head_nm)
+        for block in self.blocks:
+            self._init_block(block)
+
+    @torch.no_grad()
+    def _init_head(self, head: nn.Linear, head_nm: AdaLNBeforeHead) -> None:
+        cfg = self.cfg
+        head.weight.mul_(cfg.init_head)
+        head.bias.zero_()
+        head_nm.ada_lin[-1].weight.mul_(cfg.init_adaln)
+        head_nm.ada_lin[-1].bias.zero_()
+
+    @torch.no_grad()
+    def _init_block(self, block: AdaLNSelfAttnBlock) -> None:
+        cfg, C = self.cfg, self.C
+        depth_scale = math.sqrt(2 * cfg.depth)
+        block.attn.proj.weight.div_(depth_scale)
+        block.ffn.fc2.weight.div_(depth_scale)
+        if cfg.shared_aln:
+            block.ada_gss[:, :, 2:].mul_(cfg.init_adaln)
+            block.ada_gss[:, :, :2].mul_(cfg.init_adaln_gamma)
+        else:
+            lin = block.ada_lin[-1]
+            lin.weight[2 * C :].mul_(cfg.init_adaln)
+            lin.weight[: 2 * C].mul_(cfg.init_adaln_gamma)
+            lin.bias.zero_()
+
+    def init_pretrained(self) -> None:
+        """Called once at the start of a fresh training run: load the tokenizer weights."""
+        if self.cfg.tokenizer_ckpt is None:
+            return
+        sd = load_model_weights(self.cfg.tokenizer_ckpt, "model.tokenizer_ckpt")
+        if any(k.startswith("tokenizer.") for k in sd):  # a generator checkpoint: take its tokenizer
+            sd = {k[len("tokenizer.") :]: v for k, v in sd.items() if k.startswith("tokenizer.")}
+        missing, unexpected = self.tokenizer.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                f"model.tokenizer_ckpt={self.cfg.tokenizer_ckpt!r} does not match model.tokenizer: "
+                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+
+    def train(self, mode: bool = True) -> NextScaleModel:
+        super().train(mode)
+        self.tokenizer.eval()  # frozen, always in inference mode
+        return self
+
+    # ------------------------------------------------------------------ trainer hooks
+
+    def named_trainable_parameters(self):
+        for n, p in self.named_parameters():
+            if p.requires_grad and not n.startswith("tokenizer."):
+                yield n, p
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return set(NO_WEIGHT_DECAY)
+
+    # ------------------------------------------------------------------ transformer
+
+    def ada_cond(self, cond: Tensor) -> Tensor:
+        """What the blocks receive: the class embedding, or the shared projection of it."""
+        return self.shared_ada_lin(cond) if self.cfg.shared_aln else cond
+
+    def lvl_pos(self) -> Tensor:
+        """(1, L, C) level + absolute position embedding."""
+        return self.lvl_embed(self.lvl_1L) + self.pos_1LC
+
+    def embed(self, labels: Tensor, token_emb: Tensor) -> tuple[Tensor, Tensor]:
+        """labels (B,), token_emb (B, L-1, C) -> sequence (B, L, C), class embedding (B, C)."""
+        cond = self.class_emb(labels)
+        sos = cond.unsqueeze(1) + self.pos_start
+        return torch.cat([sos, token_emb], dim=1) + self.lvl_pos(), cond
+
+    def run_blocks(
+        self,
+        h: Tensor,
+        cond: Tensor,
+        blocks,
+        pattern: ScalePattern | None,
+        caches: list[KVCache] | None = None,
+    ) -> Tensor:
+        ada = self.ada_cond(cond)
+        for i, block in enumerate(blocks):
+            h = block(h, ada, pattern, None if caches is None else caches[i])
+        return h
+
+    def logits(self, h: Tensor, cond: Tensor, head: nn.Linear | None = None, head_nm=None) -> Tensor:
+        head = self.head if head is None else head
+        head_nm = self.head_nm if head_nm is None else head_nm
+        return head(head_nm(h, cond)).float()
+
+    def forward(self, labels: Tensor, x_in: Tensor) -> Tensor:
+        """Teacher forcing. labels (B,), x_in (B, L-1, Cz) -> logits (B, L, V) float32."""
+        h, cond = self.embed(labels, self.word_embed(x_in))
+        h = self.run_blocks(h, cond, self.blocks, self.pattern)
+        return self.logits(h, cond)
+
+    # ------------------------------------------------------------------ training
+
+    def batch_indices(self, batch: dict[str, Tensor]) -> list[Tensor]:
+        """Token pyramid of a batch: cached ``indices`` (B, L) / ``indices_{si}`` or the tokenizer."""
+        if "indices" in batch:
+            return list(batch["indices"].long().split(list(self.lengths), dim=1))
+        if all(f"indices_{si}" in batch for si in range(len(self.patch_nums))):
+            return [batch[f"indices_{si}"].long().flatten(1) for si in range(len(self.patch_nums))]
+        if "image" not in batch:
+            raise KeyError(f"{type(self).__name__}.loss: batch needs 'image' or 'indices', got {sorted(batch)}")
+        img = batch["image"]
+        with torch.no_grad(), no_autocast(img.device):
+            return [i.long() for i in self.tokenizer.img_to_indices(img.float())]
+
+    def drop_labels(self, labels: Tensor) -> Tensor:
+        """Replace labels by the null class with probability cond_drop_rate (training only)."""
+        if not self.training or self.cfg.cond_drop_rate <= 0:
+            return labels
+        drop = torch.rand(labels.shape, device=labels.device) < self.cfg.cond_drop_rate
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        indices = self.batch_indices(batch)
+        with torch.no_grad(), no_autocast(indices[0].device):
+            x_in = self.tokenizer.teacher_forcing_input(indices).float()  # (B, L-1, Cz)
+        labels = self.drop_labels(batch["label"].long())
+        logits = self(labels, x_in)  # (B, L, V)
+        target = torch.cat(indices, dim=1)  # (B, L)
+        ce = F.cross_entropy(
+            logits.transpose(1, 2), target, reduction="none", label_smoothing=self.cfg.label_smoothing
+        )  # (B, L)
+        loss = (ce * self.loss_weight).sum(1).mean()
+        with torch.no_grad():
+            last = slice(*self.begin_ends[-1])
+            acc_last = (logits[:, last].argmax(-1) == target[:, last]).float().mean()
+        return {"loss": loss, "ce": ce.detach().mean(), "acc_last": acc_last}
+
+    # ------------------------------------------------------------------ sampling
+
+    def _sampling_args(self, cfg, cfg_schedule, temperature, top_k, top_p, seed, device) -> SamplingArgs:
+        if cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"cfg_schedule: expected 'linear' or 'constant', got {cfg_schedule!r}")
+        check_sampling_args(cfg, temperature, top_k, top_p)
+        return SamplingArgs(cfg, cfg_schedule, temperature, top_k, top_p, make_generator(seed, device))
+
+    def guidance(self, scale: float, si: int, schedule: str) -> float:
+        """CFG weight at scale si: linear in the scale index (0 at the first scale) or constant."""
+        K = len(self.patch_nums)
+        if schedule == "constant" or K == 1:
+            return float(scale)
+        return float(scale) * si / (K - 1)
+
+    def _check_labels(self, labels: Tensor) -> Tensor:
+        labels = labels.long()
+        if labels.ndim != 1:
+            raise ValueError(f"labels: expected a 1-D tensor of class ids, got shape {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes):
+            raise ValueError(
+                f"labels: expected ids in [0, {self.num_classes}] ({self.num_classes} = null class), "
+                f"got {labels.tolist()}"
+            )
+        return labels
+
+    def _new_caches(self) -> list[KVCache] | None:
+        return [KVCache() for _ in self.blocks] if self.uses_kv_cache else None
+
+    def _scale_logits(self, x: Tensor, cond: Tensor, caches: list[KVCache] | None) -> Tensor:
+        """One next-scale pass over the current scale's tokens (dense attention)."""
+        h = self.run_blocks(x, cond, self.blocks, None, caches)
+        return self.logits(h, cond)
+
+    def _refine(self, si: int, idx: Tensor, guided: Tensor, ctx: dict, known: Tensor | None) -> Tensor:
+        """Hook for HMAR's masked refinement; VAR keeps the next-scale tokens."""
+        return idx
+
+    @torch.no_grad()
+    def _autoregress(
+        self,
+        labels: Tensor,
+        args: SamplingArgs,
+        known: list[Tensor] | None = None,
+        keep: list[Tensor] | None = None,
+        collect: list[Tensor] | None = None,
+        **refine_kw,
+    ) -> Tensor:
+        """Sample the pyramid scale by scale; return images (B, C, H, W) in [-1, 1].
+
+        ``known``/``keep``: per-scale (B, pn^2) ids and bool masks of tokens forced to the
+        given ids (editing). ``collect``: receives the conditional logits of each scale (tests).
+        """
+        B, device = labels.shape[0], labels.device
+        labels2 = torch.cat([labels, torch.full_like(labels, self.num_classes)])  # [cond; null]
+        cond = self.class_emb(labels2)  # (2B, C)
+        lvl_pos = self.lvl_pos()
+        x = cond.unsqueeze(1) + self.pos_start + lvl_pos[:, :1]  # (2B, 1, C)
+        pn_last = self.patch_nums[-1]
+        f_hat = torch.zeros(B, self.z_channels, pn_last, pn_last, device=device)
+        caches = self._new_caches()
+        ctx_in = None  # (B, pn^2, Cz) VAE-space input of the current scale
+        for si, pn in enumerate(self.patch_nums):
+            logits2 = self._scale_logits(x, cond, caches)  # (2B, pn^2, V)
+            if collect is not None:
+                collect.append(logits2[:B].float())
+            guided = guided_logits(logits2.float(), B, self.guidance(args.cfg, si, args.cfg_schedule))
+            idx = sample_from_logits(guided, args.top_k, args.top_p, args.temperature, args.generator)
+            k_si = None
+            if known is not None:
+                k_si = keep[si]
+                idx = torch.where(k_si, known[si], idx)
+            ctx = {"cond": cond, "ctx_in": ctx_in, "lvl_pos": lvl_pos, "args": args, **refine_kw}
+            idx = self._refine(si, idx, guided, ctx, k_si)
+            with no_autocast(device):
+                h_map = self.tokenizer.lookup(idx).float().transpose(1, 2).reshape(B, self.z_channels, pn, pn)
+                f_hat, nxt = self.tokenizer.next_input(si, f_hat, h_map)
+            if nxt is not None:
+                ctx_in = nxt.float().flatten(2).transpose(1, 2)  # (B, pn'^2, Cz)
+                b, e = self.begin_ends[si + 1]
+                x = self.word_embed(ctx_in) + lvl_pos[:, b:e]
+                x = torch.cat([x, x])
+        with no_autocast(device):
+            return self.tokenizer.fhat_to_img(f_hat).float()
+
+    def generate(
+        self,
+        labels: Tensor,
+        *,
+        cfg: float = 1.5,
+        cfg_schedule: str = "linear",
+        temperature: float = 1.0,
+        top_k: int = 900,
+        top_p: float = 0.96,
+        seed: int | None = 0,
+        **extra,
+    ) -> Tensor:
+        """Class-conditional samples (B, C, H, W) in [-1, 1]; labels may be the null class."""
+        labels = self._check_labels(labels)
+        args = self._sampling_args(cfg, cfg_schedule, temperature, top_k, top_p, seed, labels.device)
+        return self._autoregress(labels, args, **self._refine_options(extra, editing=False))
+
+    def _refine_options(self, extra: dict, editing: bool) -> dict:
+        if extra:
+            raise TypeError(f"{type(self).__name__}.generate: unknown sampling arguments {sorted(extra)}")
+        return {}
+
+    def keep_masks(self, keep_mask: Tensor) -> list[Tensor]:
+        """(B, 1, H, W) bool -> per scale (B, pn^2) bool: bilinear resize, > 0.5; pn^2 <= 3 fully kept."""
+        if keep_mask.ndim != 4 or keep_mask.shape[1] != 1:
+            raise ValueError(f"keep_mask: expected shape (B, 1, H, W), got {tuple(keep_mask.shape)}")
+        m = keep_mask.float()
+        out = []
+        for pn in self.patch_nums:
+            if pn * pn <= 3:
+                out.append(torch.ones(m.shape[0], pn * pn, dtype=torch.bool, device=m.device))
+            else:
+                small = F.interpolate(m, size=(pn, pn), mode="bilinear", align_corners=False)
+                out.append((small > 0.5).flatten(1))
+        return out
+
+    @torch.no_grad()
+    def edit(
+        self,
+        images: Tensor,
+        keep_mask: Tensor,
+        labels: Tensor,
+        *,
+        cfg: float = 1.5,
+        cfg_schedule: str = "linear",
+        temperature: float = 1.0,
+        top_k: int = 900,
+        top_p: float = 0.96,
+        seed: int | None = 0,
+        **extra,
+    ) -> Tensor:
+        """Zero-shot editing: the tokens of the kept region are forced at every scale.
+
+        images (B, C, H, W) in [-1, 1]; keep_mask (B, 1, H, W) bool, True = keep; labels (B,)
+        (the null class gives in/out-painting, a class id class-conditional editing).
+        """
+        labels = self._check_labels(labels)
+        if images.shape[0] != labels.shape[0] or keep_mask.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"edit: images {tuple(images.shape)}, keep_mask {tuple(keep_mask.shape)} and labels "
+                f"{tuple(labels.shape)} must have the same batch size"
+            )
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            raise ValueError(
+                f"edit: expected {self.image_size}x{self.image_size} images, got {tuple(images.shape)}"
+            )
+        args = self._sampling_args(cfg, cfg_schedule, temperature, top_k, top_p, seed, labels.device)
+        with no_autocast(images.device):
+            known = [i.long() for i in self.tokenizer.img_to_indices(images.float())]
+        keep = self.keep_masks(keep_mask.to(images.device))
+        return self._autoregress(labels, args, known, keep, **self._refine_options(extra, editing=True))
+
+    @classmethod
+    def from_config(cls, cfg: NextScaleConfig) -> NextScaleModel:
+        return cls(cfg)
+
+
+class VAR(NextScaleModel):
+    """Next-scale prediction with block-causal training attention and a KV cache at inference."""
+
+    pattern_kind = "block_causal"
+    uses_kv_cache = True
+
+
+registry.register(
+    "var",
+    kind="generator",
+    config_cls=VARConfig,
+    sample_cls=VARSampleConfig,
+    build=VAR.from_config,
+    description="VAR next-scale prediction (block-causal, KV-cache sampling)",
+)
