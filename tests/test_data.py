@@ -349,6 +349,7 @@ def test_latent_store_round_trip_several_shards(tmp_path):
 
 
 def test_latent_store_errors_and_atomicity(tmp_path):
+    (tmp_path / "lat").mkdir()  # an empty folder made in advance is fine
     write_latents(tmp_path / "lat", _latent_batches(4, 2), shard_size=8)
     with pytest.raises(FileExistsError, match="already exists"):
         write_latents(tmp_path / "lat", _latent_batches(4, 2))

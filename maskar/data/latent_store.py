@@ -108,6 +108,8 @@ def write_latents(
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out = Path(out_dir)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty folder made in advance is not a store to protect
     if out.exists() and not overwrite:
         raise FileExistsError(f"latent store {str(out)!r} already exists (pass overwrite=True to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
