@@ -1,0 +1,80 @@
+"""VAR's ``vae_ch160v4096z32.pth`` (flat state dict) <-> maskar ``vqvae``.
+
+    maskar convert vqvae src=vae_ch160v4096z32.pth out=ckpt/vqvae [pn=256|512|1024]
+
+The maskar module uses the official names, so conversion is a strict load. The buffer
+``quantize.ema_vocab_hit_SV`` (EMA hit counts, shape [num_scales, vocab]) only feeds
+logging; a file made for another number of scales gets a zeroed buffer of the right
+shape instead of failing (as the official loader does). Everything else must match.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+from maskar.checkpoint import load_official as read_official_file
+from maskar.checkpoint import load_state_dict_checked
+from maskar.tokenizers.vqvae import PATCH_NUMS, MultiScaleVQVAE, VQVAEConfig
+
+_HIT_KEY = "quantize.ema_vocab_hit_SV"
+
+
+def official_config(pn: int = 256) -> VQVAEConfig:
+    """The ``vae_ch160v4096z32`` config with the official patch schedule for ``pn`` px."""
+    if pn not in PATCH_NUMS:
+        raise ValueError(f"pn={pn}: expected one of {sorted(PATCH_NUMS)}")
+    cfg = VQVAEConfig(resolution=pn, patch_nums=PATCH_NUMS[pn])
+    cfg.validate()
+    return cfg
+
+
+def load_official(
+    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+    cfg: VQVAEConfig | None = None,
+) -> MultiScaleVQVAE:
+    """Build the tokenizer (default: official config, 256 px schedule) and load strictly."""
+    sd = path_or_state_dict
+    if not isinstance(sd, Mapping):
+        sd = read_official_file(sd)
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"expected a flat state dict in {path_or_state_dict!r}, got {type(sd).__name__}")
+    if "model" in sd and isinstance(sd["model"], Mapping):  # tolerate a wrapped dict
+        sd = sd["model"]
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    model = MultiScaleVQVAE(cfg or official_config())
+    hits = model.quantize.ema_vocab_hit_SV
+    if _HIT_KEY in sd and tuple(sd[_HIT_KEY].shape) != tuple(hits.shape):
+        sd[_HIT_KEY] = torch.zeros_like(hits)  # derived statistics of another schedule
+    load_state_dict_checked(
+        model,
+        sd,
+        context=f"official VQ-VAE {path_or_state_dict if isinstance(path_or_state_dict, (str, os.PathLike)) else 'state dict'}",
+    )
+    return model
+
+
+def export_official(model: MultiScaleVQVAE) -> dict[str, torch.Tensor]:
+    """Flat state dict in the official layout (training-only modules dropped)."""
+    return {
+        k: v.detach().cpu().clone()
+        for k, v in model.state_dict().items()
+        if not k.startswith("train_losses.")
+    }
+
+
+def cli(argv: list[str]) -> int:
+    from maskar.checkpoint import save_model
+    from maskar.config import Config, build, to_dict
+
+    args = dict(a.split("=", 1) for a in argv if "=" in a)
+    bad = [a for a in argv if "=" not in a] + [k for k in args if k not in ("src", "out", "pn")]
+    if bad or "src" not in args or "out" not in args:
+        raise SystemExit(f"usage: maskar convert vqvae src=FILE out=DIR [pn=256|512|1024]; got {argv}")
+    cfg = official_config(int(args.get("pn", 256)))
+    model = load_official(args["src"], cfg)
+    save_model(args["out"], model, build(Config, {"model": to_dict(cfg)}))
+    print(f"wrote {args['out']} (vqvae, patch_nums {list(cfg.patch_nums)})")
+    return 0

@@ -1,0 +1,236 @@
+"""Convolutional encoder/decoder shared by the VQ and KL tokenizers (LDM/taming layout).
+
+Module names follow the official checkpoints so state dicts load without renaming:
+``conv_in``, ``down.{level}.block.{i}`` / ``.attn.{i}`` / ``.downsample.conv``,
+``mid.block_1`` / ``mid.attn_1`` / ``mid.block_2``, ``up.{level}.block.{i}`` /
+``.attn.{i}`` / ``.upsample.conv``, ``norm_out``, ``conv_out``. ``up`` is indexed by
+level, so ``up[-1]`` (the lowest resolution) runs first.
+
+Two attention layouts exist: VAR's VQ-VAE uses one fused 1x1 ``qkv`` conv, MAR's
+KL-16 uses separate ``q``, ``k``, ``v`` convs. Both are single-head with scale C^-0.5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm(eps 1e-6, affine) as in every LDM-style autoencoder."""
+    if channels % groups:
+        raise ValueError(f"norm_groups={groups} must divide every channel count, got {channels} channels")
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """GN -> SiLU -> conv3 -> GN -> SiLU -> dropout -> conv3, plus a 1x1 shortcut if widths differ."""
+
+    def __init__(self, in_ch: int, out_ch: int, groups: int = 32, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = group_norm(out_ch, groups)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        # Only present when the width changes, exactly like the official key tables.
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention over the H*W positions, residual.
+
+    ``fused=True`` holds q, k, v in one conv ``qkv`` (output channels ordered q | k | v,
+    VAR's layout); ``fused=False`` holds separate ``q``, ``k``, ``v`` convs (LDM / MAR).
+    """
+
+    def __init__(self, ch: int, groups: int = 32, fused: bool = True):
+        super().__init__()
+        self.fused = fused
+        self.norm = group_norm(ch, groups)
+        if fused:
+            self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        else:
+            self.q = nn.Conv2d(ch, ch, 1)
+            self.k = nn.Conv2d(ch, ch, 1)
+            self.v = nn.Conv2d(ch, ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if self.fused:
+            q, k, v = self.qkv(h).view(B, 3, C, H * W).unbind(1)
+        else:
+            q, k, v = (m(h).view(B, C, H * W) for m in (self.q, self.k, self.v))
+        # (B, 1, HW, C): one head of width C; SDPA's default scale is C^-0.5.
+        q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Asymmetric pad (0, 1, 0, 1) then a stride-2 3x3 conv without padding."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then a 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Mid(nn.Module):
+    def __init__(self, ch: int, groups: int, dropout: float, attn: bool, fused: bool):
+        super().__init__()
+        self.block_1 = ResnetBlock(ch, ch, groups, dropout)
+        self.attn_1 = AttnBlock(ch, groups, fused) if attn else nn.Identity()
+        self.block_2 = ResnetBlock(ch, ch, groups, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class _Level(nn.Module):
+    """One resolution level: res blocks, each optionally followed by attention, then resampling."""
+
+    def __init__(
+        self, blocks: list[nn.Module], attns: list[nn.Module], resample: nn.Module | None, name: str
+    ):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList(attns)  # empty, or one per block
+        if resample is not None:
+            self.add_module(name, resample)
+        self._resample_name = name if resample is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, blk in enumerate(self.block):
+            x = blk(x)
+            if len(self.attn):
+                x = self.attn[i](x)
+        if self._resample_name is not None:
+            x = getattr(self, self._resample_name)(x)
+        return x
+
+
+def _check_levels(levels: Sequence[int], n: int, what: str) -> None:
+    for lv in levels:
+        if not 0 <= lv < n:
+            raise ValueError(f"{what}: level {lv} out of range for {n} levels (ch_mult)")
+
+
+class Encoder(nn.Module):
+    """Image (B, in_ch, H, W) -> features (B, out_ch, H/2^(L-1), W/2^(L-1))."""
+
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        in_channels: int,
+        out_channels: int,
+        attn_levels: Sequence[int] = (),
+        mid_attn: bool = True,
+        fused_attn: bool = True,
+        norm_groups: int = 32,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        n = len(ch_mult)
+        _check_levels(attn_levels, n, "encoder attn_levels")
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        c_in = ch
+        for lv, m in enumerate(ch_mult):
+            c_out = ch * m
+            blocks, attns = [], []
+            for _ in range(num_res_blocks):
+                blocks.append(ResnetBlock(c_in, c_out, norm_groups, dropout))
+                c_in = c_out
+                if lv in attn_levels:
+                    attns.append(AttnBlock(c_out, norm_groups, fused_attn))
+            down = Downsample(c_out) if lv != n - 1 else None
+            self.down.append(_Level(blocks, attns, down, "downsample"))
+        self.mid = _Mid(c_in, norm_groups, dropout, mid_attn, fused_attn)
+        self.norm_out = group_norm(c_in, norm_groups)
+        self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent (B, in_ch, h, w) -> image (B, out_ch, h*2^(L-1), w*2^(L-1)); not clamped."""
+
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        in_channels: int,
+        out_channels: int,
+        attn_levels: Sequence[int] = (),
+        mid_attn: bool = True,
+        fused_attn: bool = True,
+        norm_groups: int = 32,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        n = len(ch_mult)
+        _check_levels(attn_levels, n, "decoder attn_levels")
+        c_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(in_channels, c_in, 3, padding=1)
+        self.mid = _Mid(c_in, norm_groups, dropout, mid_attn, fused_attn)
+        levels: list[nn.Module] = []
+        for lv in reversed(range(n)):
+            c_out = ch * ch_mult[lv]
+            blocks, attns = [], []
+            for _ in range(num_res_blocks):
+                blocks.append(ResnetBlock(c_in, c_out, norm_groups, dropout))
+                c_in = c_out
+                if lv in attn_levels:
+                    attns.append(AttnBlock(c_out, norm_groups, fused_attn))
+            up = Upsample(c_out) if lv != 0 else None
+            levels.append(_Level(blocks, attns, up, "upsample"))
+        # Indexed by level (up[0] = full resolution) although applied from the last one.
+        self.up = nn.ModuleList(reversed(levels))
+        self.norm_out = group_norm(c_in, norm_groups)
+        self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    @property
+    def last_layer_weight(self) -> torch.Tensor:
+        """Weight used by the adaptive GAN weight (gradient-norm ratio)."""
+        return self.conv_out.weight

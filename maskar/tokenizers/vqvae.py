@@ -1,0 +1,520 @@
+"""VAR's multi-scale residual VQ-VAE (``vae_ch160v4096z32``) and its training loss.
+
+An image is encoded once to f (B, Cz, h, w). Scale k of K (side pn_k) quantises the
+residual f_rest area-downsampled to pn_k x pn_k, looks the codes up, bicubic-upsamples
+them back to h x w (not at the last scale), applies the residual conv phi_k, and adds the
+result to f_hat (subtracting it from f_rest). Decoding is decoder(post_quant_conv(f_hat)).
+
+Generators use the helpers below (teacher-forcing inputs, incremental f_hat update,
+HMAR's own-residual input). Module and buffer names match the official checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maskar import registry
+from maskar.config import ModelConfig, field
+from maskar.tokenizers.common import Decoder, Encoder
+from maskar.tokenizers.losses import TokenizerLossConfig, TokenizerLosses
+
+PATCH_NUMS = {
+    256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+    512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
+    1024: (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
+}
+
+
+@dataclass
+class VQVAEConfig(TokenizerLossConfig, ModelConfig):
+    """Defaults = official ``vae_ch160v4096z32`` with the 256 px schedule."""
+
+    arch: str = "vqvae"
+    resolution: int = field(256, min=1, help="image side in pixels (= patch_nums[-1] * downsample)")
+    image_channels: int = field(3, choices=(1, 3), help="image channels in and out")
+    ch: int = field(160, min=1, help="base width of the conv encoder/decoder")
+    ch_mult: tuple[int, ...] = field((1, 1, 2, 2, 4), min=1, help="width multiplier per level")
+    enc_res_blocks: int = field(2, min=1, help="ResnetBlocks per encoder level")
+    dec_res_blocks: int = field(3, min=1, help="ResnetBlocks per decoder level")
+    enc_attn_levels: tuple[int, ...] = field((-1,), help="encoder levels with attention (-1 = lowest res)")
+    dec_attn_levels: tuple[int, ...] = field((-1,), help="decoder levels with attention (-1 = lowest res)")
+    mid_attn: bool = field(True, help="attention in the middle blocks")
+    norm_groups: int = field(32, min=1, help="GroupNorm groups (must divide every width)")
+    dropout: float = field(0.0, min=0.0, max=1.0)
+    z_channels: int = field(32, min=1, help="latent / codebook width Cz")
+    vocab_size: int = field(4096, min=2, help="codebook size")
+    beta: float = field(0.25, min=0.0, help="commitment loss weight")
+    quant_resi: float = field(0.5, min=0.0, max=1.0, help="phi mix ratio: (1-r)*h + r*conv(h); 0 = identity")
+    share_quant_resi: int = field(4, min=0, help="number of phi convs (0 = one per scale)")
+    patch_nums: tuple[int, ...] = field(PATCH_NUMS[256], min=1, help="tokens per side at each scale")
+    dead_code_steps: int = field(200, min=0, help="re-initialise codes unused this many steps (0 = off)")
+    usage_window: int = field(100, min=1, help="steps over which per-scale codebook usage is measured")
+
+    def validate(self) -> None:
+        pn = self.patch_nums
+        if any(b <= a for a, b in zip(pn, pn[1:])):
+            raise ValueError(f"patch_nums must be strictly increasing, got {list(pn)}")
+        down = 2 ** (len(self.ch_mult) - 1)
+        if pn[-1] * down != self.resolution:
+            raise ValueError(
+                f"patch_nums[-1]={pn[-1]} times the downsample factor {down} (from ch_mult) must equal "
+                f"resolution={self.resolution}"
+            )
+        n = len(self.ch_mult)
+        for name in ("enc_attn_levels", "dec_attn_levels"):
+            for lv in getattr(self, name):
+                if not -n <= lv < n:
+                    raise ValueError(f"{name}: level {lv} out of range for {n} levels")
+        for m in self.ch_mult:
+            if (self.ch * m) % self.norm_groups:
+                raise ValueError(
+                    f"norm_groups={self.norm_groups} must divide every width ch*ch_mult, got {self.ch * m}"
+                )
+        self.validate_losses()
+
+
+# ----------------------------------------------------------------------------- resampling
+
+
+def area_down(x: torch.Tensor, pn: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, pn, pn) by area averaging; identity at the same size."""
+    return x if x.shape[-1] == pn else F.interpolate(x, size=(pn, pn), mode="area")
+
+
+def bicubic_up(x: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, C, pn, pn) -> (B, C, side, side) bicubic (align_corners False); identity at the same size."""
+    return x if x.shape[-1] == side else F.interpolate(x, size=(side, side), mode="bicubic")
+
+
+# ----------------------------------------------------------------------------- quantizer
+
+
+class Phi(nn.Conv2d):
+    """phi(h) = (1 - r) h + r conv3x3(h); keys ``weight``/``bias`` like the official module."""
+
+    def __init__(self, dim: int, ratio: float):
+        super().__init__(dim, dim, 3, padding=1)
+        self.ratio = ratio
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * (1 - self.ratio) + super().forward(h) * self.ratio
+
+
+class PhiBank(nn.Module):
+    """The phi convs (``qresi_ls``) and the tick rule choosing one per scale."""
+
+    def __init__(self, dim: int, ratio: float, n: int):
+        super().__init__()
+        self.qresi_ls = nn.ModuleList(Phi(dim, ratio) for _ in range(n if ratio > 0 else 0))
+        # Official ticks: linspace(1/(3n), 1-1/(3n), n) when n == 4, else linspace(1/(2n), 1-1/(2n), n).
+        d = 3 * n if n == 4 else 2 * n
+        self.ticks = np.linspace(1 / d, 1 - 1 / d, n) if n > 0 else np.zeros(0)
+
+    def index(self, si: int, num_scales: int) -> int:
+        """Index of the conv used at scale si: argmin |tick - si/(K-1)|."""
+        at = si / (num_scales - 1) if num_scales > 1 else 0.0
+        return int(np.argmin(np.abs(self.ticks - at)))
+
+    def forward(self, h: torch.Tensor, si: int, num_scales: int) -> torch.Tensor:
+        if len(self.qresi_ls) == 0:
+            return h
+        return self.qresi_ls[self.index(si, num_scales)](h)
+
+
+class MultiScaleQuantizer(nn.Module):
+    """Codebook (``embedding``), phi convs (``quant_resi``) and the hit-count buffer."""
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        self.patch_nums = tuple(cfg.patch_nums)
+        self.vocab_size = cfg.vocab_size
+        self.dim = cfg.z_channels
+        self.beta = cfg.beta
+        n_phi = cfg.share_quant_resi if cfg.share_quant_resi > 0 else len(self.patch_nums)
+        self.quant_resi = PhiBank(cfg.z_channels, cfg.quant_resi, n_phi)
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.z_channels)
+        nn.init.uniform_(self.embedding.weight, -1.0 / cfg.vocab_size, 1.0 / cfg.vocab_size)
+        # Official buffer: EMA of per-scale code hit counts (S, V). Kept for logging and for
+        # checkpoint compatibility; nothing in the forward pass depends on it.
+        self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.patch_nums), cfg.vocab_size))
+        self.record_hit = 0
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+    def phi(self, si: int, h: torch.Tensor) -> torch.Tensor:
+        return self.quant_resi(h, si, self.num_scales)
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, Cz) -> (N,) int64 ids of the nearest codes in L2."""
+        w = self.embedding.weight
+        # |z|^2 + |w|^2 - 2 z.w, in fp32 for a stable argmin.
+        z32, w32 = z.float(), w.float()
+        d = z32.pow(2).sum(1, keepdim=True) + w32.pow(2).sum(1) - 2 * z32 @ w32.t()
+        return d.argmin(1)
+
+    def contribution(self, si: int, h: torch.Tensor, side: int) -> torch.Tensor:
+        """phi_si(bicubic_up(h)) at full latent size; no resampling at the last scale."""
+        if si != self.num_scales - 1:
+            h = bicubic_up(h, side)
+        return self.phi(si, h)
+
+    def embed_map(self, idx: torch.Tensor, pn: int) -> torch.Tensor:
+        """(B, pn*pn) ids -> (B, Cz, pn, pn) code map."""
+        B = idx.shape[0]
+        return self.embedding(idx).view(B, pn, pn, self.dim).permute(0, 3, 1, 2)
+
+    def quantize(self, f: torch.Tensor, train: bool = False):
+        """Residual quantisation of f (B, Cz, h, w).
+
+        Returns (f_hat, ids per scale, vq loss or None, residual targets per scale). With
+        ``train`` f_hat carries the straight-through gradient and the loss is
+        mean_k [ beta |sg(f_hat_k) - f|^2 + |f_hat_k - sg(f)|^2 ] over cumulative f_hat_k.
+        """
+        f = f.float()  # quantise in fp32 even under autocast
+        B, C, H, W = f.shape
+        if H != W or H != self.patch_nums[-1]:
+            raise ValueError(f"latent side {H}x{W} does not match patch_nums[-1]={self.patch_nums[-1]}")
+        f_sg = f.detach()
+        f_rest = f_sg.clone()
+        f_hat = torch.zeros_like(f_sg)
+        ids, targets = [], []
+        loss = f.new_zeros(()) if train else None
+        for si, pn in enumerate(self.patch_nums):
+            z = area_down(f_rest, pn)  # (B, Cz, pn, pn)
+            z_nc = z.permute(0, 2, 3, 1).reshape(-1, C)
+            idx = self.nearest(z_nc).view(B, pn * pn)
+            ids.append(idx)
+            targets.append(z_nc)
+            h = self.contribution(si, self.embed_map(idx, pn), H)
+            f_hat = f_hat + h
+            f_rest = f_rest - h.detach()
+            if train:
+                loss = loss + self.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_sg)
+        if train:
+            loss = loss / self.num_scales
+            f_hat = f + (f_hat - f).detach()  # straight-through estimator
+        return f_hat, ids, loss, targets
+
+    @torch.no_grad()
+    def record_hits(self, ids: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Update the EMA hit buffer; returns this batch's hit counts (S, V)."""
+        hits = torch.stack([torch.bincount(i.flatten(), minlength=self.vocab_size) for i in ids]).float()
+        if self.record_hit == 0:
+            self.ema_vocab_hit_SV.copy_(hits)
+        else:
+            m = 0.9 if self.record_hit < 100 else 0.99
+            self.ema_vocab_hit_SV.mul_(m).add_(hits, alpha=1 - m)
+        self.record_hit += 1
+        return hits
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _levels(levels: Sequence[int], n: int) -> tuple[int, ...]:
+    return tuple(lv % n for lv in levels)
+
+
+class MultiScaleVQVAE(nn.Module):
+    """VAR's multi-scale residual VQ-VAE. Images (B, C, H, W) in [-1, 1]."""
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        n = len(cfg.ch_mult)
+        common = dict(
+            ch=cfg.ch,
+            ch_mult=cfg.ch_mult,
+            mid_attn=cfg.mid_attn,
+            fused_attn=True,
+            norm_groups=cfg.norm_groups,
+            dropout=cfg.dropout,
+        )
+        self.encoder = Encoder(
+            num_res_blocks=cfg.enc_res_blocks,
+            in_channels=cfg.image_channels,
+            out_channels=cfg.z_channels,
+            attn_levels=_levels(cfg.enc_attn_levels, n),
+            **common,
+        )
+        self.decoder = Decoder(
+            num_res_blocks=cfg.dec_res_blocks,
+            in_channels=cfg.z_channels,
+            out_channels=cfg.image_channels,
+            attn_levels=_levels(cfg.dec_attn_levels, n),
+            **common,
+        )
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
+        self.quantize = MultiScaleQuantizer(cfg)
+
+        self.patch_nums: tuple[int, ...] = tuple(cfg.patch_nums)
+        self.vocab_size: int = cfg.vocab_size
+        self.z_channels: int = cfg.z_channels
+        self.downsample: int = 2 ** (n - 1)
+        self.image_channels: int = cfg.image_channels
+
+        if cfg.perceptual_weight > 0 or cfg.disc_weight > 0:
+            self.train_losses = TokenizerLosses(cfg, cfg.image_channels)
+        else:
+            self.train_losses = None
+        self._init_training_state()
+
+    @classmethod
+    def from_config(cls, cfg: VQVAEConfig) -> MultiScaleVQVAE:
+        return cls(cfg)
+
+    @property
+    def latent_side(self) -> int:
+        return self.patch_nums[-1]
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+    # ------------------------------------------------------------------ image <-> tokens
+
+    def encode_features(self, img: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> f (B, Cz, h, w) before quantisation."""
+        return self.quant_conv(self.encoder(img))
+
+    @torch.no_grad()
+    def img_to_indices(self, img: torch.Tensor) -> list[torch.Tensor]:
+        """One (B, pn*pn) int64 tensor per scale."""
+        _, ids, _, _ = self.quantize.quantize(self.encode_features(img))
+        return ids
+
+    def lookup(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, n) int64 -> (B, n, Cz) codebook vectors."""
+        return self.quantize.embedding(idx)
+
+    def embed_map(self, idx: torch.Tensor, si: int) -> torch.Tensor:
+        """(B, pn_si^2) ids of scale si -> (B, Cz, pn_si, pn_si) code map h."""
+        return self.quantize.embed_map(idx, self.patch_nums[si])
+
+    def indices_to_fhat(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Sum over scales of phi_k(bicubic_up(embed(r_k))) -> (B, Cz, h, w)."""
+        self._check_indices(indices)
+        side = self.latent_side
+        f_hat = None
+        for si, idx in enumerate(indices):
+            h = self.quantize.contribution(si, self.embed_map(idx, si), side)
+            f_hat = h if f_hat is None else f_hat + h
+        return f_hat
+
+    def fhat_to_img(self, fhat: torch.Tensor) -> torch.Tensor:
+        """(B, Cz, h, w) -> image (B, C, H, W) clamped to [-1, 1]."""
+        return self.decoder(self.post_quant_conv(fhat)).clamp(-1, 1)
+
+    def indices_to_img(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.fhat_to_img(self.indices_to_fhat(indices))
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """Reconstruction (B, C, H, W), clamped to [-1, 1]."""
+        f_hat, _, _, _ = self.quantize.quantize(self.encode_features(img))
+        return self.fhat_to_img(f_hat)
+
+    # ------------------------------------------------------------------ generator helpers
+
+    def phi(self, si: int, h_full: torch.Tensor) -> torch.Tensor:
+        """The residual conv of scale si (tick rule) applied to a full-size map."""
+        return self.quantize.phi(si, h_full)
+
+    @staticmethod
+    def area_down(x: torch.Tensor, pn: int) -> torch.Tensor:
+        return area_down(x, pn)
+
+    def bicubic_up(self, x: torch.Tensor, side: int | None = None) -> torch.Tensor:
+        return bicubic_up(x, self.latent_side if side is None else side)
+
+    def teacher_forcing_input(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(B, L - pn_0^2, Cz): area_down(cumulative f_hat of scales < k, pn_k) for k = 1..K-1."""
+        self._check_indices(indices)
+        side, K = self.latent_side, self.num_scales
+        B = indices[0].shape[0]
+        f_hat = torch.zeros(
+            B,
+            self.z_channels,
+            side,
+            side,
+            device=indices[0].device,
+            dtype=self.quantize.embedding.weight.dtype,
+        )
+        out = []
+        for si in range(K - 1):
+            f_hat = f_hat + self.quantize.contribution(si, self.embed_map(indices[si], si), side)
+            nxt = area_down(f_hat, self.patch_nums[si + 1])
+            out.append(nxt.flatten(2).transpose(1, 2))  # (B, pn^2, Cz)
+        if not out:
+            return f_hat.new_zeros(B, 0, self.z_channels)
+        return torch.cat(out, 1)
+
+    def own_residual(self, si: int, h: torch.Tensor) -> torch.Tensor:
+        """HMAR refinement input of scale si: area_down(phi_si(bicubic_up(h)), pn_si)."""
+        return area_down(self.quantize.contribution(si, h, self.latent_side), self.patch_nums[si])
+
+    def own_residual_input(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(B, L - pn_0^2, Cz): own_residual(k, embed(r_k)) for k = 1..K-1, not accumulated."""
+        self._check_indices(indices)
+        out = [
+            self.own_residual(si, self.embed_map(indices[si], si)).flatten(2).transpose(1, 2)
+            for si in range(1, self.num_scales)
+        ]
+        if not out:
+            return self.quantize.embedding.weight.new_zeros(indices[0].shape[0], 0, self.z_channels)
+        return torch.cat(out, 1)
+
+    def next_input(
+        self, si: int, fhat: torch.Tensor, h: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sampling update: f_hat += phi_si(up(h)); returns (new f_hat, area_down(f_hat, pn_{si+1}) or None).
+
+        ``h`` is the (B, Cz, pn_si, pn_si) code map of scale si; ``fhat`` (B, Cz, h, w)
+        starts as zeros. The update is out of place: use the returned f_hat.
+        """
+        fhat = fhat + self.quantize.contribution(si, h, self.latent_side)
+        if si == self.num_scales - 1:
+            return fhat, None
+        return fhat, area_down(fhat, self.patch_nums[si + 1])
+
+    def _check_indices(self, indices: Sequence[torch.Tensor]) -> None:
+        if len(indices) != self.num_scales:
+            raise ValueError(f"expected {self.num_scales} index tensors (one per scale), got {len(indices)}")
+        for si, (idx, pn) in enumerate(zip(indices, self.patch_nums)):
+            if idx.dim() != 2 or idx.shape[1] != pn * pn:
+                raise ValueError(f"indices[{si}]: expected shape (B, {pn * pn}), got {tuple(idx.shape)}")
+
+    # ------------------------------------------------------------------ training
+
+    def _init_training_state(self) -> None:
+        S, V = self.num_scales, self.vocab_size
+        # Derived training state, never saved: per-scale step of last use, hits since the
+        # last step end, and a pool of recent residual targets for dead-code re-init.
+        self.register_buffer("_last_hit_SV", torch.zeros(S, V, dtype=torch.long), persistent=False)
+        self.register_buffer("_hits_SV", torch.zeros(S, V), persistent=False)
+        self.register_buffer("_last_any", torch.zeros(V, dtype=torch.long), persistent=False)
+        self.register_buffer("_pool", torch.zeros(0, self.z_channels), persistent=False)
+        self._tracking = False
+        self._step = 0
+        self._disc_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        img = batch["image"]
+        f = self.encode_features(img)
+        f_hat, ids, vq_loss, targets = self.quantize.quantize(f, train=True)
+        rec = self.decoder(self.post_quant_conv(f_hat))
+        with torch.no_grad():
+            self._hits_SV += self.quantize.record_hits(ids)
+            self._remember_targets(targets)
+        if self.train_losses is not None:
+            rec_loss, logs = self.train_losses.generator_loss(
+                img, rec, self.decoder.last_layer_weight, self._step
+            )
+            if self.train_losses.disc is not None:
+                self._disc_cache = (img, rec.detach())
+        else:
+            l1 = (rec - img).abs().mean()
+            l2 = (rec - img).pow(2).mean()
+            rec_loss = self.cfg.l1_weight * l1 + self.cfg.l2_weight * l2
+            from maskar.tokenizers.losses import psnr
+
+            logs = {"l1": l1.detach(), "l2": l2.detach(), "psnr": psnr(rec.detach(), img)}
+        logs["vq"] = vq_loss.detach()
+        return {"loss": rec_loss + vq_loss, **logs}
+
+    @torch.no_grad()
+    def _remember_targets(self, targets: Sequence[torch.Tensor]) -> None:
+        """Keep up to vocab_size recent residual vectors, drawn evenly from every scale."""
+        if self.cfg.dead_code_steps <= 0:
+            return
+        per = max(1, self.vocab_size // len(targets))
+        picks = []
+        for t in targets:
+            sel = torch.randint(0, t.shape[0], (min(per, t.shape[0]),), device=t.device)
+            picks.append(t[sel].float())
+        self._pool = torch.cat(picks, 0)
+
+    @torch.no_grad()
+    def on_train_step_end(self, step: int) -> dict[str, float]:
+        """Per-scale codebook usage over the last ``usage_window`` steps; dead-code re-init."""
+        self._step = step
+        if not self._tracking:
+            # Start (or resume) tracking here: no code counts as recently used, and every
+            # code gets a full grace period before it can be declared dead.
+            self._last_hit_SV.fill_(step - self.cfg.usage_window)
+            self._last_any.fill_(step)
+            self._tracking = True
+        hits = self._hits_SV
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(hits)
+        self._last_hit_SV[hits > 0] = step
+        self._last_any[hits.sum(0) > 0] = step
+        hits.zero_()
+        recent = (step - self._last_hit_SV) < self.cfg.usage_window  # (S, V)
+        logs = {f"usage_s{k}": recent[k].float().mean().item() for k in range(self.num_scales)}
+        logs["usage"] = recent.any(0).float().mean().item()
+        n_dead = 0
+        if self.cfg.dead_code_steps > 0 and self._pool.shape[0] > 0:
+            dead = (step - self._last_any) >= self.cfg.dead_code_steps  # (V,)
+            n_dead = int(dead.sum())
+            if n_dead:
+                self._reinit_codes(dead, step)
+        logs["dead_reinit"] = float(n_dead)
+        return logs
+
+    def _reinit_codes(self, dead: torch.Tensor, step: int) -> None:
+        dead_ids = dead.nonzero().flatten()
+        w = self.quantize.embedding.weight
+        sel = torch.randint(0, self._pool.shape[0], (dead_ids.numel(),), device=self._pool.device)
+        w.data[dead_ids] = self._pool[sel].to(w.dtype)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(w.data, src=0)  # every rank keeps the same codebook
+        # Give re-initialised codes a fresh grace period.
+        self._last_any[dead_ids] = step
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"quantize.embedding"}
+
+    def disc_parameters(self) -> list[nn.Parameter]:
+        """Discriminator parameters (empty when disc_weight = 0)."""
+        if self.train_losses is None or self.train_losses.disc is None:
+            return []
+        return list(self.train_losses.disc.parameters())
+
+    def disc_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.train_losses is None or self.train_losses.disc is None:
+            raise RuntimeError("disc_loss called but the discriminator is disabled (disc_weight=0)")
+        img = batch["image"]
+        if self._disc_cache is not None and self._disc_cache[0] is img:
+            rec = self._disc_cache[1]
+        else:
+            with torch.no_grad():
+                rec = self.decoder(self.post_quant_conv(self.quantize.quantize(self.encode_features(img))[0]))
+        self._disc_cache = None
+        return self.train_losses.discriminator_loss(img, rec, self._step)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # ema_vocab_hit_SV depends on the number of scales only; like the official loader,
+        # a file made for another schedule keeps our (zeroed) buffer instead of failing.
+        key = "quantize.ema_vocab_hit_SV"
+        if key in state_dict and state_dict[key].shape != self.quantize.ema_vocab_hit_SV.shape:
+            state_dict = dict(state_dict)
+            state_dict[key] = torch.zeros_like(self.quantize.ema_vocab_hit_SV)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+registry.register(
+    "vqvae",
+    kind="tokenizer",
+    config_cls=VQVAEConfig,
+    build=MultiScaleVQVAE.from_config,
+    description="VAR multi-scale residual VQ-VAE (vae_ch160v4096z32 layout)",
+)

@@ -1,0 +1,257 @@
+"""Multi-scale residual VQ-VAE: official layout, quantiser maths, generator helpers, training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maskar.config import ConfigError, build
+from maskar.convert import vqvae as convert_vqvae
+from maskar.tokenizers.vqvae import MultiScaleVQVAE, VQVAEConfig
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def tiny_cfg(**kw) -> VQVAEConfig:
+    base = dict(
+        resolution=16,
+        ch=8,
+        ch_mult=(1, 2),
+        enc_res_blocks=1,
+        dec_res_blocks=2,
+        norm_groups=4,
+        z_channels=4,
+        vocab_size=32,
+        patch_nums=(1, 2, 3, 5, 8),
+        share_quant_resi=4,
+        dead_code_steps=0,
+    )
+    base.update(kw)
+    return build(VQVAEConfig, base, "model")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> MultiScaleVQVAE:
+    torch.manual_seed(0)
+    m = MultiScaleVQVAE(tiny_cfg()).eval()
+    with torch.no_grad():  # a codebook of realistic spread (the default init is tiny)
+        m.quantize.embedding.weight.normal_()
+    return m
+
+
+def random_ids(m: MultiScaleVQVAE, B: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, m.vocab_size, (B, pn * pn), generator=g) for pn in m.patch_nums]
+
+
+def ref_contribution(m: MultiScaleVQVAE, si: int, idx: torch.Tensor) -> torch.Tensor:
+    """phi_k(bicubic_up(embed)) written out with plain torch calls."""
+    pn, side, K = m.patch_nums[si], m.patch_nums[-1], len(m.patch_nums)
+    h = m.quantize.embedding.weight[idx].view(idx.shape[0], pn, pn, -1).permute(0, 3, 1, 2)
+    if si != K - 1:
+        h = F.interpolate(h, size=(side, side), mode="bicubic", align_corners=False)
+    # share_quant_resi = 4. Float64 numpy like the official code: at si/(K-1) = 0.5 the two
+    # middle ticks tie and the float64 rounding decides.
+    ticks = np.linspace(1 / 12, 11 / 12, 4)
+    conv = m.quantize.quant_resi.qresi_ls[int(np.abs(ticks - si / (K - 1)).argmin())]
+    return 0.5 * h + 0.5 * F.conv2d(h, conv.weight, conv.bias, padding=1)
+
+
+# ----------------------------------------------------------------------------- official layout
+
+
+def test_official_shapes_load_strictly_and_round_trip():
+    path = REFERENCE / "var_vqvae_state_dict_shapes.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    table = json.loads(path.read_text())
+    shapes = table["state_dict_shapes"]
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(v, generator=g) for k, v in shapes.items()}
+    model = convert_vqvae.load_official(sd)
+    assert sum(p.numel() for p in model.parameters()) == table["_meta"]["n_params"]["total"]
+    out = convert_vqvae.export_official(model)
+    assert set(out) == set(sd)
+    for k in sd:
+        assert torch.equal(out[k], sd[k]), k
+    # Tick rule of the 4 shared phi convs over 10 scales (reference table).
+    K = len(model.patch_nums)
+    assert [model.quantize.quant_resi.index(si, K) for si in range(K)] == table["_meta"][
+        "phi_index_used_per_scale_K10"
+    ]
+
+
+def test_official_512_schedule_and_lenient_hit_buffer():
+    cfg = convert_vqvae.official_config(512)
+    assert cfg.patch_nums == (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+    # A hit buffer from another schedule is replaced (derived statistics), the rest strict.
+    src = MultiScaleVQVAE(tiny_cfg(patch_nums=(1, 2, 4, 8)))
+    sd = convert_vqvae.export_official(src)
+    dst = convert_vqvae.load_official(sd, tiny_cfg())
+    assert dst.quantize.ema_vocab_hit_SV.shape == (5, 32)
+    assert torch.equal(dst.quantize.embedding.weight, src.quantize.embedding.weight)
+    sd.pop("quant_conv.weight")
+    with pytest.raises(ConfigError, match="missing"):
+        convert_vqvae.load_official(sd, tiny_cfg())
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        tiny_cfg(patch_nums=(1, 3, 3, 8))
+    with pytest.raises(ConfigError, match="resolution"):
+        tiny_cfg(patch_nums=(1, 2, 4))
+    with pytest.raises(ConfigError, match="norm_groups"):
+        tiny_cfg(norm_groups=3)
+
+
+# ----------------------------------------------------------------------------- quantiser maths
+
+
+def test_fhat_is_sum_of_per_scale_contributions(tiny):
+    torch.manual_seed(1)
+    img = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        f = tiny.encode_features(img)
+        f_hat, ids, _, _ = tiny.quantize.quantize(f)
+        assert [i.shape for i in ids] == [(2, pn * pn) for pn in tiny.patch_nums]
+        manual = sum(ref_contribution(tiny, si, idx) for si, idx in enumerate(ids))
+        torch.testing.assert_close(f_hat, manual, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tiny.indices_to_fhat(ids), manual, rtol=1e-5, atol=1e-5)
+        # Each scale's ids are the nearest codes of the area-downsampled residual.
+        rest = f.clone()
+        for si, pn in enumerate(tiny.patch_nums):
+            z = F.interpolate(rest, size=(pn, pn), mode="area").permute(0, 2, 3, 1).reshape(-1, 4)
+            d = torch.cdist(z, tiny.quantize.embedding.weight)
+            assert torch.equal(d.argmin(1).view(2, -1), ids[si])
+            rest = rest - ref_contribution(tiny, si, ids[si])
+        # Decoding tokens equals the reconstruction path.
+        torch.testing.assert_close(tiny.indices_to_img(ids), tiny(img), rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_forcing_input_matches_loop(tiny):
+    ids = random_ids(tiny)
+    with torch.no_grad():
+        got = tiny.teacher_forcing_input(ids)
+        L = sum(pn * pn for pn in tiny.patch_nums)
+        assert got.shape == (2, L - 1, 4)
+        pieces, acc = [], torch.zeros(2, 4, 8, 8)
+        for si in range(len(tiny.patch_nums) - 1):
+            acc = acc + ref_contribution(tiny, si, ids[si])
+            nxt = tiny.patch_nums[si + 1]
+            pieces.append(F.interpolate(acc, size=(nxt, nxt), mode="area").flatten(2).transpose(1, 2))
+        torch.testing.assert_close(got, torch.cat(pieces, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_next_input_matches_batch_computation(tiny):
+    ids = random_ids(tiny, seed=3)
+    with torch.no_grad():
+        fhat = torch.zeros(2, 4, 8, 8)
+        inputs = []
+        for si in range(len(tiny.patch_nums)):
+            h = tiny.embed_map(ids[si], si)
+            torch.testing.assert_close(h.permute(0, 2, 3, 1).reshape(2, -1, 4), tiny.lookup(ids[si]))
+            fhat, nxt = tiny.next_input(si, fhat, h)
+            if si < len(tiny.patch_nums) - 1:
+                assert nxt.shape == (2, 4, tiny.patch_nums[si + 1], tiny.patch_nums[si + 1])
+                inputs.append(nxt.flatten(2).transpose(1, 2))
+            else:
+                assert nxt is None
+        torch.testing.assert_close(
+            torch.cat(inputs, 1), tiny.teacher_forcing_input(ids), rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(fhat, tiny.indices_to_fhat(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_own_residual_input_matches_loop(tiny):
+    ids = random_ids(tiny, seed=4)
+    with torch.no_grad():
+        got = tiny.own_residual_input(ids)
+        pieces = []
+        for si in range(1, len(tiny.patch_nums)):
+            pn = tiny.patch_nums[si]
+            c = F.interpolate(ref_contribution(tiny, si, ids[si]), size=(pn, pn), mode="area")
+            torch.testing.assert_close(
+                tiny.own_residual(si, tiny.embed_map(ids[si], si)), c, rtol=1e-5, atol=1e-5
+            )
+            pieces.append(c.flatten(2).transpose(1, 2))
+        torch.testing.assert_close(got, torch.cat(pieces, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_indices_raise(tiny):
+    ids = random_ids(tiny)
+    with pytest.raises(ValueError, match="one per scale"):
+        tiny.indices_to_fhat(ids[:-1])
+    ids[1] = ids[1][:, :3]
+    with pytest.raises(ValueError, match=r"indices\[1\]"):
+        tiny.teacher_forcing_input(ids)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _digits_batch(n: int = 64) -> torch.Tensor:
+    from sklearn.datasets import load_digits
+
+    x = torch.tensor(load_digits().images[:n], dtype=torch.float32) / 16 * 2 - 1  # (n, 8, 8)
+    return F.interpolate(x[:, None], size=(16, 16), mode="bilinear").expand(-1, 3, -1, -1).contiguous()
+
+
+def test_tiny_tokenizer_loss_falls():
+    torch.manual_seed(0)
+    model = MultiScaleVQVAE(tiny_cfg(dead_code_steps=5, usage_window=5))
+    img = _digits_batch(32)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(15):
+        out = model.loss({"image": img})
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        logs = model.on_train_step_end(step)
+        losses.append(out["loss"].item())
+    assert {"l1", "l2", "vq", "psnr"} <= set(out)
+    assert {f"usage_s{k}" for k in range(5)} <= set(logs)
+    assert all(0.0 <= logs[f"usage_s{k}"] <= 1.0 for k in range(5))
+    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
+
+
+def test_dead_codes_are_reinitialised_from_recent_residuals():
+    torch.manual_seed(0)
+    model = MultiScaleVQVAE(tiny_cfg(dead_code_steps=2, usage_window=2))
+    img = _digits_batch(8)
+    before = model.quantize.embedding.weight.detach().clone()
+    reinit = 0.0
+    for step in range(4):
+        model.loss({"image": img})
+        reinit += model.on_train_step_end(step)["dead_reinit"]
+    after = model.quantize.embedding.weight.detach()
+    changed = (after != before).any(1)
+    assert reinit > 0 and int(changed.sum()) == int(reinit)
+    # Re-initialised codes are residual vectors of the encoder output, far from the tiny init.
+    assert after[changed].abs().max() > 10 / model.vocab_size
+
+
+def test_discriminator_path_and_export_drops_it():
+    torch.manual_seed(0)
+    model = MultiScaleVQVAE(tiny_cfg(disc_weight=0.5, disc_ch=8, disc_layers=2, disc_start=1))
+    batch = {"image": _digits_batch(4)}
+    assert model.disc_parameters()
+    out = model.loss(batch)
+    assert float(out["gan_weight"]) == 0.0  # before disc_start
+    d = model.disc_loss(batch)
+    assert float(d["loss"].detach()) == 0.0 and d["loss"].requires_grad
+    model.on_train_step_end(1)
+    out = model.loss(batch)
+    assert float(out["gan_weight"]) > 0.0
+    out["loss"].backward()
+    assert model.decoder.conv_out.weight.grad is not None
+    d = model.disc_loss(batch)
+    d["loss"].backward()
+    assert all(p.grad is not None for p in model.disc_parameters())
+    assert not any(k.startswith("train_losses") for k in convert_vqvae.export_official(model))
+    assert "quantize.embedding" in model.no_weight_decay_keywords()
