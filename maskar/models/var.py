@@ -89,6 +89,9 @@ class NextScaleConfig(ModelConfig):
             raise ValueError(f"width {self.C} must be divisible by heads {self.num_heads}")
         if getattr(self.tokenizer, "arch", "vqvae") != "vqvae":
             raise ValueError(f"tokenizer.arch: expected 'vqvae', got {self.tokenizer.arch!r}")
+        if tuple(self.tokenizer.patch_nums)[0] != 1:
+            pn = list(self.tokenizer.patch_nums)
+            raise ValueError(f"tokenizer.patch_nums: the first scale must be 1x1, got {pn}")
 
 
 @dataclass
@@ -347,7 +350,7 @@ class NextScaleModel(nn.Module):
         if all(f"indices_{si}" in batch for si in range(len(self.patch_nums))):
             return [batch[f"indices_{si}"].long().flatten(1) for si in range(len(self.patch_nums))]
         if "image" not in batch:
-            raise KeyError(f"{type(self).__name__}.loss: batch needs 'image' or 'indices', got {sorted(batch)}")
+            raise KeyError(f"{type(self).__name__}.loss: needs 'image' or 'indices', got {sorted(batch)}")
         img = batch["image"]
         with torch.no_grad(), no_autocast(img.device):
             return [i.long() for i in self.tokenizer.img_to_indices(img.float())]

@@ -1,0 +1,340 @@
+"""HMAR: hierarchical masked autoregressive image generation (Kumbong et al., CVPR 2025).
+
+HMAR keeps VAR's tokenizer, inputs, blocks and head (``maskar.models.var``) and changes:
+
+1. **Markovian next-scale prediction** (stage 1). Scale k attends only to itself: the
+   training mask is **block-diagonal**, and earlier scales reach scale k only through
+   its input ``word_embed(area_down(f_hat_{<k}))``. Sampling therefore runs one scale at
+   a time with no KV cache.
+2. **Per-scale loss weights**: ``lognorm`` (a normal pdf over the reversed side ratios),
+   instead of VAR's 1/L per token.
+3. **Masked refinement** (stage 2, a fine-tune). A mask embedding, copies of the last
+   ``n_layers_train`` blocks (``mask_blocks``) and a second head (``mask_head``) learn to
+   predict masked tokens of scale k from the Markov context plus the visible tokens of
+   scale k (their own residual contribution ``area_down(phi_k(up(embed(r_k))))``).
+   Mask ratio ~ U(0, 1) per step; CE on masked tokens only. Everything else is frozen.
+   At sampling time a per-scale schedule says how many tokens the next-scale pass commits
+   and how many each refinement pass re-samples (lowest confidence first).
+
+A stage-2 model holds both networks: ``blocks`` + ``head`` (the frozen stage-1 next-scale
+path) and ``blocks[:depth-n]`` + ``mask_blocks`` + ``mask_head`` (the refinement path),
+which is exactly the released checkpoint's base / ns / mask split (see
+``maskar.convert.hmar``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskar import registry
+from maskar.config import ConfigError, field
+from maskar.models.var import (
+    NextScaleConfig,
+    NextScaleModel,
+    VARSampleConfig,
+    load_model_weights,
+    no_autocast,
+)
+from maskar.nn.blocks import AdaLNBeforeHead
+from maskar.nn.sampling import guided_logits, sample_from_logits
+
+# Official schedules (reference §4.5): the 256 px default of sample.py / evaluation and
+# the 512 px one of the inference benchmark.
+OFFICIAL_MASK_SCHEDULES = {
+    (1, 2, 3, 4, 5, 6, 8, 10, 13, 16):
+        [[1], [1, 3], [1, 1, 2, 5], [16], [25], [36], [64], [100], [169], [256]],
+    (1, 2, 3, 4, 6, 9, 13, 18, 24, 32):
+        [[1], [1, 3], [1, 1, 2, 5], [5, 11], [36], [81], [169], [324], [576], [1024]],
+}  # fmt: skip
+
+
+def default_mask_schedule(patch_nums: tuple[int, ...]) -> list[list[int]]:
+    """Official table where one exists; otherwise refine the 2x2 and 3x3 scales like the 256 px default."""
+    key = tuple(patch_nums)
+    if key in OFFICIAL_MASK_SCHEDULES:
+        return copy.deepcopy(OFFICIAL_MASK_SCHEDULES[key])
+    rule = {2: [1, 3], 3: [1, 1, 2, 5]}
+    return [list(rule.get(pn, [pn * pn])) for pn in patch_nums]
+
+
+def validate_mask_schedule(schedule, patch_nums: tuple[int, ...]) -> list[list[int]]:
+    """One list per scale of positive ints summing to that scale's token count; else ValueError."""
+    K = len(patch_nums)
+    if not isinstance(schedule, (list, tuple)) or len(schedule) != K:
+        n = len(schedule) if isinstance(schedule, (list, tuple)) else "not a list"
+        raise ValueError(
+            f"mask_schedule: expected {K} lists (one per scale, sides {list(patch_nums)}), "
+            f"got {n}: {schedule!r}"
+        )
+    out = []
+    for si, (entry, pn) in enumerate(zip(schedule, patch_nums)):
+        if not isinstance(entry, (list, tuple)) or not entry:
+            raise ValueError(f"mask_schedule[{si}]: expected a non-empty list of token counts, got {entry!r}")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in entry):
+            raise ValueError(f"mask_schedule[{si}]: expected positive integers, got {list(entry)!r}")
+        if sum(entry) != pn * pn:
+            raise ValueError(
+                f"mask_schedule[{si}]: entries must sum to the scale's {pn}x{pn} = {pn * pn} tokens, "
+                f"got {list(entry)} (sum {sum(entry)})"
+            )
+        out.append([int(v) for v in entry])
+    return out
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass
+class HMARConfig(NextScaleConfig):
+    arch: str = "hmar"
+    loss_weighting: str = field("lognorm", choices=("uniform", "lognorm", "linear", "equal"))
+    stage: int = field(1, choices=(1, 2), help="1: next-scale training; 2: masked-prediction fine-tune")
+    n_layers_train: int = field(8, min=1, help="stage 2: trailing blocks copied into mask_blocks")
+    mask_positions: str = field(
+        "shared", choices=("shared", "per_sample"), help="stage 2: masked positions shared across the batch"
+    )
+    stage1_ckpt: str | None = field(None, help="stage 2: stage-1 checkpoint dir loaded at a fresh start")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.stage == 2 and self.n_layers_train > self.depth:
+            raise ValueError(f"n_layers_train={self.n_layers_train} exceeds depth={self.depth}")
+
+
+@dataclass
+class HMARSampleConfig(VARSampleConfig):
+    """Defaults of the official sampling args (cfg 1.5, top_k 900, top_p 0.96, refinement on)."""
+
+    mask_schedule: list[list[int]] | None = field(
+        None, help="per scale [next-scale count, refine counts...], each summing to pn^2; null = official"
+    )
+    refine: bool | None = field(None, help="masked refinement; null = when the model has a mask head")
+    refine_cfg: float = field(
+        0.0, min=0.0, help="CFG scale of refinement passes (same schedule); 0 = official (~unguided)"
+    )
+    edit_refine_passes: int = field(1, min=0, help="edit: mask-head passes over the unknown tokens per scale")
+
+    def validate(self) -> None:
+        if self.mask_schedule is not None:
+            for si, entry in enumerate(self.mask_schedule):
+                if not entry or any(v < 1 for v in entry):
+                    raise ValueError(f"mask_schedule[{si}]: expected positive token counts, got {entry}")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _keep_lowest(conf: Tensor, masked: Tensor, count: Tensor | int) -> Tensor:
+    """Among ``masked`` positions keep the ``count`` (per sample) with the lowest confidence."""
+    conf = conf.masked_fill(~masked, float("inf"))
+    rank = conf.argsort(dim=1).argsort(dim=1)  # (B, n) rank by ascending confidence
+    if not isinstance(count, Tensor):
+        count = torch.full((conf.shape[0],), int(count), device=conf.device)
+    return (rank < count.view(-1, 1)) & masked
+
+
+class HMAR(NextScaleModel):
+    pattern_kind = "block_diagonal"
+    uses_kv_cache = False  # each scale sees only itself: nothing to cache
+
+    def __init__(self, cfg: HMARConfig) -> None:
+        super().__init__(cfg)
+        self.stage = cfg.stage
+        if cfg.stage == 2:
+            n = cfg.n_layers_train
+            self.mask_embed = nn.Embedding(1, self.C)  # (1, C) replaces W x_own at masked positions
+            self.mask_blocks = nn.ModuleList(copy.deepcopy(b) for b in self.blocks[-n:])
+            self.mask_head_nm = AdaLNBeforeHead(self.C, self.C, cfg.norm_eps)
+            self.mask_head = nn.Linear(self.C, self.vocab_size)
+            self._init_mask_branch()
+            for name, p in self.named_parameters():
+                p.requires_grad_(name.startswith("mask_"))
+
+    @property
+    def has_mask_head(self) -> bool:
+        return self.stage == 2
+
+    @property
+    def mask_path(self) -> list[nn.Module]:
+        """Blocks of the refinement network: the shared base blocks, then mask_blocks."""
+        return list(self.blocks[: self.depth - len(self.mask_blocks)]) + list(self.mask_blocks)
+
+    @torch.no_grad()
+    def _init_mask_branch(self) -> None:
+        """Stage-2 start: mask blocks / head begin as the stage-1 ones (as the official fine-tune)."""
+        n = len(self.mask_blocks)
+        for dst, src in zip(self.mask_blocks, self.blocks[-n:]):
+            dst.load_state_dict(src.state_dict())
+        self.mask_head.load_state_dict(self.head.state_dict())
+        self.mask_head_nm.load_state_dict(self.head_nm.state_dict())
+        std = self.cfg.init_std if self.cfg.init_std >= 0 else math.sqrt(1 / self.C / 3)
+        nn.init.trunc_normal_(self.mask_embed.weight, std=std)
+
+    def init_pretrained(self) -> None:
+        """Fresh run: stage 2 starts from ``stage1_ckpt``; then the tokenizer from ``tokenizer_ckpt``."""
+        if self.stage == 2 and self.cfg.stage1_ckpt is not None:
+            sd = load_model_weights(self.cfg.stage1_ckpt, "model.stage1_ckpt")
+            own = {k: v for k, v in self.state_dict().items() if not k.startswith("mask_")}
+            missing = sorted(set(own) - set(sd))
+            unexpected = sorted(k for k in set(sd) - set(own) if not k.startswith("mask_"))
+            bad = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+            if missing or unexpected or bad:
+                raise ConfigError(
+                    f"model.stage1_ckpt={self.cfg.stage1_ckpt!r} does not match this model: missing "
+                    f"{missing[:5]}, unexpected {unexpected[:5]}, mis-shaped {bad[:5]}"
+                )
+            self.load_state_dict({k: sd[k] for k in own}, strict=False)
+            self._init_mask_branch()
+        super().init_pretrained()
+
+    def named_trainable_parameters(self):
+        if self.stage == 1:
+            yield from super().named_trainable_parameters()
+            return
+        for n, p in self.named_parameters():
+            if n.startswith("mask_"):
+                yield n, p
+
+    # ------------------------------------------------------------------ training
+
+    def mask_input(self, x_ctx: Tensor, x_own: Tensor, masked: Tensor) -> Tensor:
+        """W x_ctx + b + (mask_embed where masked else W x_own) -> (B, n, C)."""
+        own = F.linear(x_own, self.word_embed.weight)
+        m = self.mask_embed.weight.to(own.dtype)
+        return self.word_embed(x_ctx) + torch.where(masked.unsqueeze(-1), m, own)
+
+    def sample_train_mask(self, batch: int, device: torch.device) -> Tensor:
+        """(B or 1, L-1) bool: ratio ~ U(0, 1]; ceil(ratio * pn^2) positions per scale k >= 1."""
+        ratio = 1.0 - torch.rand(()).item()  # in (0, 1], so every scale masks >= 1 token
+        shared = self.cfg.mask_positions == "shared"
+        rows = 1 if shared else batch
+        parts = []
+        for pn in self.patch_nums[1:]:
+            n = pn * pn
+            k = math.ceil(n * ratio)
+            order = torch.rand(rows, n, device=device).argsort(dim=1)
+            m = torch.zeros(rows, n, dtype=torch.bool, device=device)
+            parts.append(m.scatter(1, order[:, :k], True))
+        return torch.cat(parts, dim=1)
+
+    def mask_forward(self, labels: Tensor, x_ctx: Tensor, x_own: Tensor, masked: Tensor) -> Tensor:
+        """Teacher-forced refinement network. x_* (B, L-1, Cz), masked (B|1, L-1) -> logits (B, L, V)."""
+        h, cond = self.embed(labels, self.mask_input(x_ctx, x_own, masked))
+        h = self.run_blocks(h, cond, self.mask_path, self.pattern)
+        return self.logits(h, cond, self.mask_head, self.mask_head_nm)
+
+    def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.stage == 1:
+            return super().loss(batch)
+        indices = self.batch_indices(batch)
+        with torch.no_grad(), no_autocast(indices[0].device):
+            x_ctx = self.tokenizer.teacher_forcing_input(indices).float()  # (B, L-1, Cz)
+            x_own = self.tokenizer.own_residual_input(indices).float()  # (B, L-1, Cz)
+        B = x_ctx.shape[0]
+        masked = self.sample_train_mask(B, x_ctx.device).expand(B, -1)  # (B, L-1)
+        labels = self.drop_labels(batch["label"].long())
+        logits = self.mask_forward(labels, x_ctx, x_own, masked)[:, 1:]  # (B, L-1, V)
+        target = torch.cat(indices[1:], dim=1)
+        ce = F.cross_entropy(logits[masked], target[masked], label_smoothing=self.cfg.label_smoothing)
+        with torch.no_grad():
+            acc = (logits[masked].argmax(-1) == target[masked]).float().mean()
+        return {"loss": ce, "acc_masked": acc, "mask_ratio": masked.float().mean()}
+
+    # ------------------------------------------------------------------ sampling
+
+    def _refine_options(self, extra: dict, editing: bool) -> dict:
+        extra = dict(extra)
+        schedule = extra.pop("mask_schedule", None)
+        refine = extra.pop("refine", None)
+        refine_cfg = float(extra.pop("refine_cfg", 0.0))
+        passes = extra.pop("edit_refine_passes", 1)
+        if extra:
+            raise TypeError(f"HMAR.generate: unknown sampling arguments {sorted(extra)}")
+        if refine and not self.has_mask_head:
+            raise ValueError(
+                "refine=true needs a stage-2 model (mask head); this checkpoint is stage 1. "
+                "Use refine=null or false."
+            )
+        if not refine_cfg >= 0:
+            raise ValueError(f"refine_cfg: expected a guidance scale >= 0, got {refine_cfg!r}")
+        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
+            raise ValueError(f"edit_refine_passes: expected an integer >= 0, got {passes!r}")
+        schedule = default_mask_schedule(self.patch_nums) if schedule is None else schedule
+        schedule = validate_mask_schedule(schedule, self.patch_nums)
+        on = self.has_mask_head if refine is None else bool(refine)
+        return {"schedule": schedule, "refine_on": on, "refine_cfg": refine_cfg, "edit_passes": passes}
+
+    def _mask_logits(self, si: int, idx: Tensor, masked: Tensor, ctx: dict) -> Tensor:
+        """One refinement pass at scale si: guided mask-head logits (B, pn^2, V) float32."""
+        B, pn = idx.shape[0], self.patch_nums[si]
+        with no_autocast(idx.device):
+            h_map = self.tokenizer.lookup(idx).float().transpose(1, 2).reshape(B, self.z_channels, pn, pn)
+            x_own = self.tokenizer.own_residual(si, h_map).float().flatten(2).transpose(1, 2)  # (B, n, Cz)
+        b, e = self.begin_ends[si]
+        x = self.mask_input(ctx["ctx_in"], x_own, masked) + ctx["lvl_pos"][:, b:e]
+        t = self.guidance(ctx["refine_cfg"], si, ctx["args"].cfg_schedule)
+        cond = ctx["cond"]
+        if t == 0.0:  # unguided: skip the null-class half
+            cond = cond[:B]
+        else:
+            x = torch.cat([x, x])
+        h = self.run_blocks(x, cond, self.mask_path, None)
+        return guided_logits(self.logits(h, cond, self.mask_head, self.mask_head_nm), B, t)
+
+    def _refine(self, si: int, idx: Tensor, guided: Tensor, ctx: dict, known: Tensor | None) -> Tensor:
+        """Masked refinement of scale si after its next-scale pass (reference §4.4).
+
+        Generation: the schedule's later entries are re-sampled, lowest confidence first
+        (confidence = softmax of the guided, *unfiltered* logits). Editing: the unknown
+        tokens are re-sampled with the mask head while the known ones stay visible.
+        """
+        n = idx.shape[1]
+        if not ctx["refine_on"] or n == 1:
+            return idx
+        args = ctx["args"]
+        if known is not None:  # editing
+            passes = ctx["edit_passes"]
+            masked = ~known
+            if passes == 0 or not masked.any():
+                return idx
+            n_unknown = masked.sum(1)
+            remaining = [(n_unknown * (passes - j - 1)) // passes for j in range(passes)]
+        else:
+            sched = ctx["schedule"][si]
+            if len(sched) == 1:
+                return idx
+            conf = guided.softmax(-1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+            masked = _keep_lowest(conf, torch.ones_like(idx, dtype=torch.bool), sum(sched[1:]))
+            remaining = [sum(sched[j + 2 :]) for j in range(len(sched) - 1)]
+        for left in remaining:
+            logits = self._mask_logits(si, idx, masked, ctx)
+            new = sample_from_logits(logits, args.top_k, args.top_p, args.temperature, args.generator)
+            idx = torch.where(masked, new, idx)
+            if isinstance(left, int) and left == 0:
+                break
+            conf = logits.softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            masked = _keep_lowest(conf, masked, left)
+            if not masked.any():
+                break
+        return idx
+
+    def _autoregress(self, labels, args, known=None, keep=None, collect=None, **refine_kw):
+        if not refine_kw:  # direct calls (tests) get the defaults
+            refine_kw = self._refine_options({}, editing=known is not None)
+        return super()._autoregress(labels, args, known, keep, collect, **refine_kw)
+
+
+registry.register(
+    "hmar",
+    kind="generator",
+    config_cls=HMARConfig,
+    sample_cls=HMARSampleConfig,
+    build=HMAR.from_config,
+    description="HMAR Markovian next-scale prediction + masked refinement (block-diagonal)",
+)
