@@ -81,7 +81,10 @@ def to_tensor(arr: np.ndarray, channels: int) -> torch.Tensor:
             arr = np.repeat(arr, channels, axis=2)  # grayscale -> RGB
         else:
             raise ValueError(f"cannot turn a {arr.shape[2]}-channel image into {channels} channels")
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (C, H, W) uint8
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # arrays viewing PIL/IDX buffers are read-only; torch wants writable
+        arr = arr.copy()
+    x = torch.from_numpy(arr).permute(2, 0, 1)  # (C, H, W) uint8
     return x.to(torch.float32).div_(127.5).sub_(1.0)
 
 
