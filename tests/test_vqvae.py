@@ -214,7 +214,7 @@ def test_tiny_tokenizer_loss_falls():
         opt.step()
         logs = model.on_train_step_end(step)
         losses.append(out["loss"].item())
-    assert {"l1", "l2", "vq", "psnr"} <= set(out)
+    assert {"l1", "l2", "vq", "commit", "psnr"} <= set(out)
     assert {f"usage_s{k}" for k in range(5)} <= set(logs)
     assert all(0.0 <= logs[f"usage_s{k}"] <= 1.0 for k in range(5))
     assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses

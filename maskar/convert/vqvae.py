@@ -51,9 +51,13 @@ def load_official(
     load_state_dict_checked(
         model,
         sd,
-        context=f"official VQ-VAE {path_or_state_dict if isinstance(path_or_state_dict, (str, os.PathLike)) else 'state dict'}",
+        context=f"official VQ-VAE {_source_name(path_or_state_dict)}",
     )
     return model
+
+
+def _source_name(src: object) -> str:
+    return str(src) if isinstance(src, (str, os.PathLike)) else "state dict"
 
 
 def export_official(model: MultiScaleVQVAE) -> dict[str, torch.Tensor]:

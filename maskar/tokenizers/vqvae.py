@@ -144,6 +144,7 @@ class MultiScaleQuantizer(nn.Module):
         # checkpoint compatibility; nothing in the forward pass depends on it.
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.patch_nums), cfg.vocab_size))
         self.record_hit = 0
+        self.last_commit = torch.zeros(())
 
     @property
     def num_scales(self) -> int:
@@ -187,6 +188,7 @@ class MultiScaleQuantizer(nn.Module):
         f_hat = torch.zeros_like(f_sg)
         ids, targets = [], []
         loss = f.new_zeros(()) if train else None
+        commit_sum = f.new_zeros(())
         for si, pn in enumerate(self.patch_nums):
             z = area_down(f_rest, pn)  # (B, Cz, pn, pn)
             z_nc = z.permute(0, 2, 3, 1).reshape(-1, C)
@@ -197,9 +199,12 @@ class MultiScaleQuantizer(nn.Module):
             f_hat = f_hat + h
             f_rest = f_rest - h.detach()
             if train:
-                loss = loss + self.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_sg)
+                commit = F.mse_loss(f_hat.detach(), f)
+                commit_sum = commit_sum + commit.detach()
+                loss = loss + self.beta * commit + F.mse_loss(f_hat, f_sg)
         if train:
             loss = loss / self.num_scales
+            self.last_commit = commit_sum / self.num_scales  # logged, unweighted
             f_hat = f + (f_hat - f).detach()  # straight-through estimator
         return f_hat, ids, loss, targets
 
@@ -262,10 +267,8 @@ class MultiScaleVQVAE(nn.Module):
         self.downsample: int = 2 ** (n - 1)
         self.image_channels: int = cfg.image_channels
 
-        if cfg.perceptual_weight > 0 or cfg.disc_weight > 0:
-            self.train_losses = TokenizerLosses(cfg, cfg.image_channels)
-        else:
-            self.train_losses = None
+        # Holds parameters only when the discriminator is on (LPIPS weights are not saved).
+        self.train_losses = TokenizerLosses(cfg, cfg.image_channels)
         self._init_training_state()
 
     @classmethod
@@ -414,20 +417,13 @@ class MultiScaleVQVAE(nn.Module):
         with torch.no_grad():
             self._hits_SV += self.quantize.record_hits(ids)
             self._remember_targets(targets)
-        if self.train_losses is not None:
-            rec_loss, logs = self.train_losses.generator_loss(
-                img, rec, self.decoder.last_layer_weight, self._step
-            )
-            if self.train_losses.disc is not None:
-                self._disc_cache = (img, rec.detach())
-        else:
-            l1 = (rec - img).abs().mean()
-            l2 = (rec - img).pow(2).mean()
-            rec_loss = self.cfg.l1_weight * l1 + self.cfg.l2_weight * l2
-            from maskar.tokenizers.losses import psnr
-
-            logs = {"l1": l1.detach(), "l2": l2.detach(), "psnr": psnr(rec.detach(), img)}
+        rec_loss, logs = self.train_losses.generator_loss(
+            img, rec, self.decoder.last_layer_weight, self._step
+        )
+        if self.train_losses.disc is not None:
+            self._disc_cache = (img, rec.detach())
         logs["vq"] = vq_loss.detach()
+        logs["commit"] = self.quantize.last_commit
         return {"loss": rec_loss + vq_loss, **logs}
 
     @torch.no_grad()
@@ -485,12 +481,12 @@ class MultiScaleVQVAE(nn.Module):
 
     def disc_parameters(self) -> list[nn.Parameter]:
         """Discriminator parameters (empty when disc_weight = 0)."""
-        if self.train_losses is None or self.train_losses.disc is None:
+        if self.train_losses.disc is None:
             return []
         return list(self.train_losses.disc.parameters())
 
     def disc_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.train_losses is None or self.train_losses.disc is None:
+        if self.train_losses.disc is None:
             raise RuntimeError("disc_loss called but the discriminator is disabled (disc_weight=0)")
         img = batch["image"]
         if self._disc_cache is not None and self._disc_cache[0] is img:
