@@ -1,0 +1,194 @@
+"""MAR's KL-16 autoencoder (``kl16.ckpt``) and its training loss.
+
+LDM KL autoencoder: the encoder outputs 2 x z_channels, ``quant_conv`` (1x1) maps them to
+the posterior moments (mean, logvar) of ``embed_dim`` channels each; ``post_quant_conv``
+(1x1) maps a latent back to the decoder. The official decoder has no attention at its
+levels (only in the middle block). Generators see latents multiplied by ``scale_factor``
+(0.2325 for kl16, about 1 / std of ImageNet latents; the mean is not re-centred).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from maskar import registry
+from maskar.config import ModelConfig, field
+from maskar.tokenizers.common import Decoder, Encoder
+from maskar.tokenizers.losses import TokenizerLossConfig, TokenizerLosses
+
+
+@dataclass
+class KLVAEConfig(TokenizerLossConfig, ModelConfig):
+    """Defaults = MAR's ``kl16.ckpt``."""
+
+    arch: str = "klvae"
+    resolution: int = field(256, min=1, help="image side in pixels (a multiple of the downsample factor)")
+    image_channels: int = field(3, choices=(1, 3), help="image channels in and out")
+    ch: int = field(128, min=1, help="base width of the conv encoder/decoder")
+    ch_mult: tuple[int, ...] = field((1, 1, 2, 2, 4), min=1, help="width multiplier per level")
+    enc_res_blocks: int = field(2, min=1, help="ResnetBlocks per encoder level")
+    dec_res_blocks: int = field(3, min=1, help="ResnetBlocks per decoder level")
+    enc_attn_levels: tuple[int, ...] = field((-1,), help="encoder levels with attention (-1 = lowest res)")
+    dec_attn_levels: tuple[int, ...] = field((), help="decoder levels with attention (kl16: none)")
+    mid_attn: bool = field(True, help="attention in the middle blocks")
+    norm_groups: int = field(32, min=1, help="GroupNorm groups (must divide every width)")
+    dropout: float = field(0.0, min=0.0, max=1.0)
+    z_channels: int = field(16, min=1, help="decoder input / half the encoder output width")
+    embed_dim: int = field(16, min=1, help="latent channels")
+    scale_factor: float = field(0.2325, help="latent scale seen by generators (z * scale_factor)")
+    kl_weight: float = field(1e-6, min=0.0, help="KL weight (LDM convention: per-pixel reconstruction)")
+
+    def validate(self) -> None:
+        down = 2 ** (len(self.ch_mult) - 1)
+        if self.resolution % down:
+            raise ValueError(
+                f"resolution={self.resolution} must be a multiple of the downsample factor {down}"
+            )
+        n = len(self.ch_mult)
+        for name in ("enc_attn_levels", "dec_attn_levels"):
+            for lv in getattr(self, name):
+                if not -n <= lv < n:
+                    raise ValueError(f"{name}: level {lv} out of range for {n} levels")
+        for m in self.ch_mult:
+            if (self.ch * m) % self.norm_groups:
+                raise ValueError(
+                    f"norm_groups={self.norm_groups} must divide every width ch*ch_mult, got {self.ch * m}"
+                )
+        if self.scale_factor == 0:
+            raise ValueError("scale_factor must be non-zero")
+        self.validate_losses()
+
+
+class KLVAE(nn.Module):
+    """KL autoencoder. Images (B, C, H, W) in [-1, 1]; latents (B, embed_dim, H/16, W/16)."""
+
+    def __init__(self, cfg: KLVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        n = len(cfg.ch_mult)
+        common = dict(
+            ch=cfg.ch,
+            ch_mult=cfg.ch_mult,
+            mid_attn=cfg.mid_attn,
+            fused_attn=False,  # separate q, k, v convs (LDM layout)
+            norm_groups=cfg.norm_groups,
+            dropout=cfg.dropout,
+        )
+        self.encoder = Encoder(
+            num_res_blocks=cfg.enc_res_blocks,
+            in_channels=cfg.image_channels,
+            out_channels=2 * cfg.z_channels,
+            attn_levels=tuple(lv % n for lv in cfg.enc_attn_levels),
+            **common,
+        )
+        self.decoder = Decoder(
+            num_res_blocks=cfg.dec_res_blocks,
+            in_channels=cfg.z_channels,
+            out_channels=cfg.image_channels,
+            attn_levels=tuple(lv % n for lv in cfg.dec_attn_levels),
+            **common,
+        )
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.train_losses = TokenizerLosses(cfg, cfg.image_channels)
+
+        self.embed_dim: int = cfg.embed_dim
+        self.downsample: int = 2 ** (n - 1)
+        self.scale_factor: float = cfg.scale_factor
+        self.image_channels: int = cfg.image_channels
+        self._step = 0
+        self._disc_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: KLVAEConfig) -> KLVAE:
+        return cls(cfg)
+
+    # ------------------------------------------------------------------ image <-> latent
+
+    def encode_moments(self, img: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> posterior moments (B, 2*embed_dim, h, w): mean | logvar (unscaled)."""
+        return self.quant_conv(self.encoder(img))
+
+    def sample_latent(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(mean + std * eps) * scale_factor, logvar clamped to [-30, 20]; (B, embed_dim, h, w)."""
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + std * eps) * self.scale_factor
+
+    def encode(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sampled, scaled latent (B, embed_dim, h, w)."""
+        return self.sample_latent(self.encode_moments(img), generator)
+
+    def encode_mean(self, img: torch.Tensor) -> torch.Tensor:
+        """Posterior mean, scaled (B, embed_dim, h, w)."""
+        return self.encode_moments(img).chunk(2, dim=1)[0] * self.scale_factor
+
+    def decode_unscaled(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latent -> image, not clamped (the training path)."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def decode(self, z_scaled: torch.Tensor) -> torch.Tensor:
+        """Scaled latent (B, embed_dim, h, w) -> image (B, C, H, W) clamped to [-1, 1]."""
+        return self.decode_unscaled(z_scaled / self.scale_factor).clamp(-1, 1)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """Reconstruction through the posterior mean, clamped to [-1, 1]."""
+        return self.decode(self.encode_mean(img))
+
+    # ------------------------------------------------------------------ training
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        img = batch["image"]
+        moments = self.encode_moments(img)
+        mean, logvar = moments.float().chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        rec = self.decode_unscaled(z)
+        rec_loss, logs = self.train_losses.generator_loss(
+            img, rec, self.decoder.last_layer_weight, self._step
+        )
+        # KL(q || N(0, I)) summed over latent elements, averaged over the batch; divided by
+        # the pixel count so kl_weight keeps LDM's meaning next to per-pixel mean losses.
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
+        loss = rec_loss + self.cfg.kl_weight * kl / img[0].numel()
+        if self.train_losses.disc is not None:
+            self._disc_cache = (img, rec.detach())
+        logs["kl"] = kl.detach()
+        logs["latent_std"] = mean.detach().std()
+        return {"loss": loss, **logs}
+
+    def on_train_step_end(self, step: int) -> dict[str, float]:
+        self._step = step
+        return {}
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return set()
+
+    def disc_parameters(self) -> list[nn.Parameter]:
+        """Discriminator parameters (empty when disc_weight = 0)."""
+        return [] if self.train_losses.disc is None else list(self.train_losses.disc.parameters())
+
+    def disc_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.train_losses.disc is None:
+            raise RuntimeError("disc_loss called but the discriminator is disabled (disc_weight=0)")
+        img = batch["image"]
+        if self._disc_cache is not None and self._disc_cache[0] is img:
+            rec = self._disc_cache[1]
+        else:
+            with torch.no_grad():
+                rec = self.decode_unscaled(self.encode_moments(img).chunk(2, dim=1)[0])
+        self._disc_cache = None
+        return self.train_losses.discriminator_loss(img, rec, self._step)
+
+
+registry.register(
+    "klvae",
+    kind="tokenizer",
+    config_cls=KLVAEConfig,
+    build=KLVAE.from_config,
+    description="MAR KL-16 autoencoder (kl16.ckpt layout)",
+)
