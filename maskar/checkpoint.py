@@ -70,6 +70,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask is process-wide and not thread-safe
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[io.BufferedWriter], None]) -> None:
     """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically."""
     path = Path(path)
@@ -83,6 +92,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[io.Buffe
                 f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; use the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -377,6 +387,7 @@ def save_step_checkpoint(
     final = run_dir / step_dir_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=run_dir))
     try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp creates 0700
         save_model(tmp, model, cfg, ema_state)
         if trainer_state is not None:
             save_trainer_state(tmp, trainer_state)

@@ -1,0 +1,214 @@
+"""Process-group setup (torchrun / env://) and the epoch-seeded, resumable batch sampler."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from maskar.config import ConfigError
+
+_OWNS_PROCESS_GROUP = False
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> this rank's GPU if CUDA is available, else CPU; ``cuda`` -> this rank's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available (use device=cpu)")
+    return device
+
+
+def init_distributed(device_name: str = "auto") -> DistInfo:
+    """Join the process group described by torchrun's env vars (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+
+    Single process when those are absent. NCCL for CUDA, gloo for CPU. Works across nodes
+    because only ``env://`` initialisation is used.
+    """
+    if not _launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = pick_device(device_name, local)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return DistInfo(0, 1, local, device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(device_name, local)
+    if not dist.is_initialized():
+        global _OWNS_PROCESS_GROUP
+        _OWNS_PROCESS_GROUP = True
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", init_method="env://", device_id=device)
+        else:
+            dist.init_process_group("gloo", init_method="env://")
+    return DistInfo(rank, world, local, device)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group if :func:`init_distributed` created it."""
+    global _OWNS_PROCESS_GROUP
+    if _OWNS_PROCESS_GROUP and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWNS_PROCESS_GROUP = False
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        if info.device.type == "cuda":
+            dist.barrier(device_ids=[info.device.index])
+        else:
+            dist.barrier()
+
+
+def all_gather_objects(info: DistInfo, obj: Any) -> list[Any]:
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(info: DistInfo, flag: bool) -> bool:
+    """True if ``flag`` is set on any rank (all ranks must call this together)."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean_over_ranks(info: DistInfo, t: torch.Tensor) -> torch.Tensor:
+    if info.distributed:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= info.world_size
+    return t
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers (so (seed, epoch) pairs never collide trivially)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Yields this rank's slice of each global batch, in a permutation fixed by (seed, epoch).
+
+    Global batch ``b`` of an epoch is ``perm[b*B:(b+1)*B]`` whatever the world size; rank ``r``
+    takes the ``r``-th ``B/world`` chunk of it. ``set_epoch(epoch, start_batch)`` lets a
+    resumed run skip the batches it already consumed without loading them.
+    """
+
+    def __init__(
+        self, dataset_len: int, global_batch: int, rank: int, world_size: int, seed: int, shuffle: bool = True
+    ) -> None:
+        if global_batch % world_size:
+            raise ConfigError(
+                f"train.batch_size: {global_batch} is not divisible by the {world_size} processes; "
+                f"use a multiple of {world_size}"
+            )
+        if dataset_len < global_batch:
+            raise ConfigError(
+                f"train.batch_size: {global_batch} is larger than the dataset ({dataset_len} samples); "
+                "lower the batch size or use more data"
+            )
+        self.n, self.global_batch, self.rank, self.world = dataset_len, global_batch, rank, world_size
+        self.per_rank = global_batch // world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.batches_per_epoch = dataset_len // global_batch  # the ragged tail is dropped
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch - self.start_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        for b in range(self.start_batch, self.batches_per_epoch):
+            start = b * self.global_batch + self.rank * self.per_rank
+            yield perm[start : start + self.per_rank]
+
+
+def seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the loader generator; numpy and random follow it.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of python / numpy / torch / CUDA as weights-only-loadable values."""
+    _, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

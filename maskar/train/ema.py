@@ -1,0 +1,55 @@
+"""Exponential moving average of the trained parameters.
+
+``shadow = decay * shadow + (1 - decay) * param`` after every optimizer step. Buffers are
+not averaged: a checkpoint's EMA file holds only the averaged parameters and loading
+overlays them on the model's own weights (and buffers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+class EMA:
+    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"train.ema: expected a decay in (0, 1), got {decay}")
+        self.decay = decay
+        self.params: dict[str, Tensor] = dict(named_params)
+        # fp32 shadow copies even when parameters are kept in lower precision.
+        self.shadow: dict[str, Tensor] = {k: p.detach().float().clone() for k, p in self.params.items()}
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        shadow = list(self.shadow.values())
+        current = [p.detach().float() for p in self.params.values()]
+        torch._foreach_mul_(shadow, self.decay)
+        torch._foreach_add_(shadow, current, alpha=1.0 - self.decay)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The averaged values under the model's parameter names."""
+        return dict(self.shadow)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing = sorted(set(self.shadow) - set(state))
+        unexpected = sorted(set(state) - set(self.shadow))
+        if missing or unexpected:
+            raise ValueError(
+                f"EMA state does not match the trained parameters: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        for k, v in self.shadow.items():
+            v.copy_(state[k])
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the averaged values into ``model``'s parameters (e.g. for evaluation)."""
+        named = dict(model.named_parameters())
+        for k, v in self.shadow.items():
+            named[k].copy_(v)

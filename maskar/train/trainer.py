@@ -1,0 +1,513 @@
+"""The training loop shared by every model: ``train(cfg) -> out_dir``.
+
+One process or many (torchrun, DDP); bf16/fp16/fp32 autocast; AdamW with decay and no-decay
+groups; warm-up + LR schedules; grad clipping; EMA; an optional discriminator optimizer;
+step checkpoints (atomic) with exact resume; tqdm, ``log.txt`` and TensorBoard.
+
+The model surface it uses is documented in docs/architecture.md: ``loss(batch)`` and the
+optional hooks ``named_trainable_parameters``, ``no_weight_decay_keywords``,
+``disc_parameters`` / ``disc_loss``, ``on_train_step_end``, ``init_pretrained`` and the
+attribute ``ddp_find_unused_parameters``.
+
+Resume is exact: the checkpoint holds weights, EMA, optimizer and scaler states, every
+rank's RNG states, the step and the data position (epoch, batch within the epoch). The
+data order is a function of (seed, epoch) only, so a resumed run skips the consumed
+batches and continues with the very batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from maskar import checkpoint as ckpt
+from maskar.config import Config, ConfigError, dump_yaml
+from maskar.train import distributed as D
+from maskar.train.ema import EMA
+from maskar.train.logging import RunLogger, max_memory_gb
+from maskar.train.schedule import lr_from_config
+
+# ----------------------------------------------------------------------------- model pieces
+
+
+class _LossCall(nn.Module):
+    """Routes ``forward(batch, fn)`` to ``model.loss`` / ``model.disc_loss``.
+
+    DDP synchronises gradients only for calls that go through its ``forward``, and the
+    model surface is ``loss(batch)``; this adapter is what DDP / torch.compile wrap.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Tensor], fn: str = "loss") -> dict[str, Tensor]:
+        return getattr(self.model, fn)(batch)
+
+
+def trainable_parameters(
+    model: nn.Module,
+) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """(main, discriminator) named parameters, following the model's optional hooks."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    disc: list[tuple[str, nn.Parameter]] = []
+    if hasattr(model, "disc_parameters"):
+        for p in model.disc_parameters():
+            if id(p) not in names:
+                raise ValueError("disc_parameters() returned a tensor that is not a parameter of the model")
+            disc.append((names[id(p)], p))
+    disc_ids = {id(p) for _, p in disc}
+    if hasattr(model, "named_trainable_parameters"):
+        main = list(model.named_trainable_parameters())
+    else:
+        main = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in disc_ids]
+    if not main:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters")
+    return main, disc
+
+
+def param_groups(
+    named: list[tuple[str, nn.Parameter]], weight_decay: float, no_decay_keywords: set[str]
+) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay for matrices/kernels; none for 1-D, biases and keyword matches."""
+    decay, no_decay = [], []
+    for name, p in named:
+        if p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in no_decay_keywords):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay, "name": "decay"})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    return groups
+
+
+def build_optimizer(
+    named: list[tuple[str, nn.Parameter]], model: nn.Module, cfg: Config, lr: float, device: torch.device
+) -> torch.optim.AdamW:
+    keywords = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
+    groups = param_groups(named, cfg.train.weight_decay, keywords)
+    kwargs: dict[str, Any] = {"lr": lr, "betas": tuple(cfg.train.betas)}
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None means plain fp32 (no autocast)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+# ----------------------------------------------------------------------------- stop requests
+
+
+class _StopRequests:
+    """SIGTERM / first Ctrl-C ask for a clean stop after the current step (then save and exit).
+
+    A second Ctrl-C interrupts at once. Handlers are installed only in the main thread and
+    restored afterwards.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Holds the run's state; :meth:`run` trains. See :func:`train`."""
+
+    def __init__(self, cfg: Config, dataset: Dataset | None = None) -> None:
+        self.cfg = cfg
+        tc = cfg.train
+        self.dist = D.init_distributed(cfg.device)
+        self.device = self.dist.device
+        if tc.batch_size % self.dist.world_size:
+            raise ConfigError(
+                f"train.batch_size: {tc.batch_size} is not divisible by the {self.dist.world_size} "
+                f"processes; use a multiple of {self.dist.world_size}"
+            )
+        self.out_dir = Path(tc.out_dir)
+        self.log = RunLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=tc.tensorboard)
+
+        # Same seed on every rank for construction (DDP also broadcasts rank 0's weights).
+        D.seed_everything(tc.seed)
+        from maskar.registry import build_model
+
+        self.model = build_model(cfg.model)
+        resume_dir = ckpt.latest_checkpoint(self.out_dir) if tc.resume else None
+        self.resume_dir = resume_dir
+        if resume_dir is not None:
+            ckpt.load_state_dict_checked(
+                self.model, ckpt.load_tensors(resume_dir / ckpt.MODEL_FILE), f"resume from {resume_dir}"
+            )
+        elif tc.init_from:
+            src = ckpt.resolve_checkpoint_dir(tc.init_from)
+            ckpt.load_state_dict_checked(
+                self.model, ckpt.load_tensors(src / ckpt.MODEL_FILE), f"train.init_from={tc.init_from}"
+            )
+        elif hasattr(self.model, "init_pretrained"):
+            self.model.init_pretrained()  # e.g. a generator loads its frozen tokenizer
+        self.model.to(self.device)
+        from maskar.nn.attention import set_backend
+
+        set_backend(self.model, cfg.attention_backend)
+
+        main, disc = trainable_parameters(self.model)
+        # Parameters no optimizer updates get no gradients (saves memory; DDP requires it).
+        optimized = {id(p) for _, p in main + disc}
+        for p in self.model.parameters():
+            if id(p) not in optimized:
+                p.requires_grad_(False)
+        self.main_params = [p for _, p in main]
+        self.disc_params = [p for _, p in disc]
+        self.optimizer = build_optimizer(main, self.model, cfg, tc.lr, self.device)
+        self.disc_lr = tc.disc_lr if tc.disc_lr is not None else tc.lr
+        self.disc_optimizer = (
+            build_optimizer(disc, self.model, cfg, self.disc_lr, self.device) if disc else None
+        )
+        self.ema = EMA(main, tc.ema) if tc.ema > 0 else None
+        self.amp_dtype = autocast_dtype(tc.precision, self.device)
+        self.scaler = (
+            torch.amp.GradScaler(self.device.type, init_scale=2.0**11, growth_interval=1000)
+            if tc.precision == "fp16"
+            else None
+        )
+
+        wrapped: nn.Module = _LossCall(self.model)
+        if self.dist.distributed:
+            find_unused = bool(getattr(self.model, "ddp_find_unused_parameters", bool(disc)))
+            wrapped = nn.parallel.DistributedDataParallel(
+                wrapped,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=find_unused,
+            )
+        if tc.compile:
+            wrapped = torch.compile(wrapped)
+        self.wrapped = wrapped
+
+        self.dataset = dataset if dataset is not None else self._build_dataset()
+        self.sampler = D.EpochBatchSampler(
+            len(self.dataset), tc.batch_size, self.dist.rank, self.dist.world_size, tc.seed
+        )
+        self.loader_generator = torch.Generator()
+        self.loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=D.seed_worker if cfg.data.num_workers > 0 else None,
+            generator=self.loader_generator,
+        )
+
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        if resume_dir is not None:
+            self._load_trainer_state(resume_dir)
+        else:
+            # Training randomness (augmentation, masking, noise) differs per rank.
+            D.seed_everything(tc.seed + self.dist.rank)
+
+    def _build_dataset(self) -> Dataset:
+        from maskar.data import build_dataset
+
+        return build_dataset(self.cfg.data)
+
+    # ----------------------------------------------------------------------------- state
+
+    def trainer_state(self) -> dict[str, Any]:
+        """Everything but the weights; gathers every rank's RNG state (call on all ranks)."""
+        rng = D.all_gather_objects(self.dist, D.rng_state())
+        return {
+            "format": 1,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "world_size": self.dist.world_size,
+            "optimizer": self.optimizer.state_dict(),
+            "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "ema": {"decay": self.ema.decay, "num_updates": self.ema.num_updates} if self.ema else None,
+            "rng": rng,
+        }
+
+    def _load_trainer_state(self, directory: Path) -> None:
+        state = ckpt.load_trainer_state(directory)
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.disc_optimizer is not None:
+            if state.get("disc_optimizer") is None:
+                raise ckpt.CheckpointError(
+                    f"resume from {directory}: it has no discriminator optimizer state"
+                )
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            ema_file = directory / ckpt.EMA_FILE
+            if ema_file.is_file():
+                self.ema.load_state_dict(ckpt.load_tensors(ema_file, self.device))
+                self.ema.num_updates = (state.get("ema") or {}).get("num_updates", 0)
+            else:
+                self.log.info(
+                    f"resume: {directory} has no EMA weights; EMA restarts from the current weights"
+                )
+        rng = state["rng"]
+        if len(rng) == self.dist.world_size:
+            D.set_rng_state(rng[self.dist.rank])
+        else:
+            # Another world size: exact continuation is impossible anyway; reseed per rank and step.
+            self.log.info(
+                f"resume: saved with {len(rng)} ranks, running with {self.dist.world_size}; reseeding"
+            )
+            D.seed_everything(self.cfg.train.seed + 1000003 * self.step + self.dist.rank)
+        if self.batch_in_epoch >= self.sampler.batches_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self.log.info(
+            f"resumed from {directory} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})"
+        )
+
+    def save(self) -> Path:
+        """Write ``out_dir/step-XXXXXXX`` (all ranks call; rank 0 writes)."""
+        state = self.trainer_state()
+        path = self.out_dir / ckpt.step_dir_name(self.step)
+        if self.dist.is_main:
+            path = ckpt.save_step_checkpoint(
+                self.out_dir,
+                self.step,
+                self.model,
+                self.cfg,
+                trainer_state=state,
+                ema_state=self.ema.state_dict() if self.ema else None,
+                keep_last=self.cfg.train.keep_last,
+            )
+        D.barrier(self.dist)
+        self._last_saved = self.step
+        return path
+
+    # ----------------------------------------------------------------------------- one step
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _backward_and_step(
+        self, loss: Tensor, optimizer: torch.optim.Optimizer, params: list[Tensor], want_norm: bool
+    ) -> Tensor | None:
+        clip = self.cfg.train.grad_clip
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if clip > 0 or want_norm:
+                self.scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        norm = None
+        if clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        elif want_norm:
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def train_step(self, batch: dict[str, Tensor], want_norm: bool = False) -> dict[str, Tensor]:
+        """One optimizer step (plus the discriminator step if any). Returns detached metrics."""
+        tc = self.cfg.train
+        lr = lr_from_config(self.step, tc)
+        scale = lr / tc.lr if tc.lr > 0 else 0.0
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        batch = _to_device(batch, self.device)
+        metrics: dict[str, Tensor] = {}
+
+        with self._autocast():
+            out = self.wrapped(batch, "loss")
+        loss = out["loss"]
+        norm = self._backward_and_step(loss, self.optimizer, self.main_params, want_norm)
+        metrics.update({k: v.detach().float() for k, v in out.items()})
+        if norm is not None:
+            metrics["grad_norm"] = norm.detach().float()
+
+        if self.disc_optimizer is not None:
+            for g in self.disc_optimizer.param_groups:
+                g["lr"] = self.disc_lr * scale
+            self.disc_optimizer.zero_grad(set_to_none=True)  # drop grads the generator loss left
+            with self._autocast():
+                dout = self.wrapped(batch, "disc_loss")
+            dnorm = self._backward_and_step(dout["loss"], self.disc_optimizer, self.disc_params, want_norm)
+            metrics.update({f"disc_{k}": v.detach().float() for k, v in dout.items()})
+            if dnorm is not None:
+                metrics["disc_grad_norm"] = dnorm.detach().float()
+            self.optimizer.zero_grad(set_to_none=True)  # the disc loss may reach generator params
+        if self.scaler is not None:
+            self.scaler.update()
+            metrics["loss_scale"] = torch.tensor(float(self.scaler.get_scale()))
+        if self.ema is not None:
+            self.ema.update()
+        self.step += 1
+        self.batch_in_epoch += 1
+        if hasattr(self.model, "on_train_step_end"):
+            extra = self.model.on_train_step_end(self.step)
+            for k, v in (extra or {}).items():
+                metrics[k] = v.detach().float() if isinstance(v, Tensor) else torch.tensor(float(v))
+        metrics["lr"] = torch.tensor(lr)
+        return metrics
+
+    # ----------------------------------------------------------------------------- loop
+
+    def _batches(self):
+        """Batches from the current data position on, across epochs, forever."""
+        while True:
+            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            # Worker seeds (augmentation with num_workers > 0) depend only on (seed, epoch, rank).
+            self.loader_generator.manual_seed(D.mix_seed(self.cfg.train.seed, self.epoch, self.dist.rank))
+            yield from self.loader
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def _log_metrics(
+        self, sums: dict[str, Tensor], counts: dict[str, int], elapsed: float, steps: int
+    ) -> None:
+        keys = sorted(sums)
+        avg = torch.stack([(sums[k] / counts[k]).to(self.device) for k in keys]) if keys else None
+        if avg is not None:
+            avg = D.mean_over_ranks(self.dist, avg).tolist()  # one sync for all metrics
+        values = dict(zip(keys, avg or []))
+        order = ["loss"] + [k for k in keys if k not in ("loss", "lr", "grad_norm")] + ["lr", "grad_norm"]
+        out = {k: values[k] for k in order if k in values}
+        rate = steps / elapsed if elapsed > 0 else float("nan")
+        out["it_per_s"] = rate
+        out["samples_per_s"] = rate * self.cfg.train.batch_size
+        out["max_mem_gb"] = max_memory_gb(self.device)
+        if not all(math.isfinite(v) for k, v in out.items() if k == "loss"):
+            self.log.info(f"warning: non-finite loss at step {self.step}")
+        self.log.scalars(self.step, self.cfg.train.steps, out)
+
+    def run(self, stop_at: int | None = None) -> Path:
+        """Train to ``train.steps`` (or stop early at ``stop_at``, saving, as an interruption would)."""
+        tc = self.cfg.train
+        total = tc.steps if stop_at is None else min(stop_at, tc.steps)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_text(self.out_dir / "config.yaml", dump_yaml(self.cfg))
+            if self.log.tb_error:
+                self.log.info(self.log.tb_error)
+            n_main = sum(p.numel() for p in self.main_params)
+            self.log.info(
+                f"training {self.cfg.model.arch} ({n_main / 1e6:.2f}M trained parameters) on "
+                f"{self.dist.world_size} x {self.device.type}, batch {tc.batch_size}, "
+                f"{len(self.dataset)} samples, {self.sampler.batches_per_epoch} steps/epoch, "
+                f"precision {tc.precision}, out_dir {self.out_dir}"
+            )
+        self._last_saved = self.step if self.resume_dir is not None else -1
+        if self.step >= total:
+            self.log.info(f"nothing to do: already at step {self.step} of {total}")
+            return self.out_dir
+
+        bar = None
+        if self.dist.is_main and tc.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=tc.steps, initial=self.step, dynamic_ncols=True, desc="train")
+            self.log.set_console(bar.write)
+        self.wrapped.train()
+        sums: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
+        window_start, window_steps = time.perf_counter(), 0
+        stop_signal = None
+        try:
+            with _StopRequests() as stops:
+                batches = self._batches()
+                while self.step < total:
+                    batch = next(batches)
+                    want_norm = (self.step + 1) % tc.log_every == 0
+                    metrics = self.train_step(batch, want_norm=want_norm)
+                    for k, v in metrics.items():
+                        sums[k] = sums[k] + v if k in sums else v
+                        counts[k] = counts.get(k, 0) + 1
+                    window_steps += 1
+                    if bar is not None:
+                        bar.update(1)
+                    if self.step % tc.log_every == 0:
+                        self._log_metrics(sums, counts, time.perf_counter() - window_start, window_steps)
+                        sums, counts = {}, {}
+                        window_start, window_steps = time.perf_counter(), 0
+                    stop = D.any_rank(self.dist, stops.signal is not None)
+                    if (tc.ckpt_every and self.step % tc.ckpt_every == 0) or stop:
+                        self.save()
+                    if stop:
+                        stop_signal = stops.signal if stops.signal is not None else signal.SIGTERM
+                        break
+            if self._last_saved != self.step:
+                self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.log.close()
+        if stop_signal is not None:
+            if self.dist.is_main:
+                name = signal.Signals(stop_signal).name
+                print(f"stopped by {name} at step {self.step}; checkpoint saved in {self.out_dir}")
+            if stop_signal == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + int(stop_signal))
+        return self.out_dir
+
+
+def train(cfg: Config, dataset: Dataset | None = None, stop_at: int | None = None) -> Path:
+    """Train ``cfg`` (see the module docstring); returns ``cfg.train.out_dir``.
+
+    ``dataset`` replaces ``build_dataset(cfg.data)`` (tests, custom data). ``stop_at`` stops
+    after that many steps with a checkpoint, as an interruption would; a later call with
+    ``train.resume=true`` continues exactly.
+    """
+    trainer = Trainer(cfg, dataset)
+    try:
+        return trainer.run(stop_at=stop_at)
+    finally:
+        D.shutdown_distributed()
