@@ -1,0 +1,579 @@
+"""MAR: autoregressive image generation without vector quantization (Li et al., 2024).
+
+Read top to bottom:
+
+1. A frozen KL VAE turns an image into a continuous latent grid (B, C, h, w),
+   scaled by 0.2325; ``patchify`` makes it a raster sequence of tokens (B, L, C).
+2. Training masks a random subset of tokens per sample (one ratio per batch from a
+   truncated normal in [0.7, 1]). A fully sparse MAE encoder sees only the 64
+   buffer tokens (all holding the class embedding, or the learned ``fake_latent``
+   when the label is dropped) and the visible tokens; the decoder re-inserts a
+   mask token everywhere else and adds a diffusion position embedding.
+3. For each masked token, the decoder output z conditions a small MLP denoiser
+   (:class:`maskar.nn.diffloss.DiffLoss`) trained with a diffusion loss.
+4. Sampling starts fully masked and reveals tokens in a per-sample random order
+   over ``num_iter`` steps; the number still masked after step s follows
+   cos(pi/2 (s+1)/num_iter). Each revealed token is drawn by the diffusion head,
+   with classifier-free guidance on eps (uncond = ``fake_latent``).
+
+State-dict names match the official ``checkpoint-last.pth`` (see ``maskar.convert.mar``);
+the tokenizer is an extra ``tokenizer.*`` submodule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from maskar import registry
+from maskar.config import ModelConfig, SampleConfig, field
+from maskar.nn.diffloss import DiffLoss
+from maskar.nn.vit import Block
+from maskar.tokenizers.klvae import KLVAE, KLVAEConfig
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass
+class MARConfig(ModelConfig):
+    arch: str = "mar"
+    img_size: int = field(256, min=1, help="image side length in pixels")
+    patch_size: int = field(1, min=1, help="latent patch size (tokens are p x p latent pixels)")
+    class_num: int = field(1000, min=1, help="number of classes (no null row: uncond uses fake_latent)")
+    encoder_embed_dim: int = field(768, min=1)
+    encoder_depth: int = field(12, min=1)
+    encoder_num_heads: int = field(12, min=1)
+    decoder_embed_dim: int = field(768, min=1)
+    decoder_depth: int = field(12, min=1)
+    decoder_num_heads: int = field(12, min=1)
+    mlp_ratio: float = field(4.0, min=0.0)
+    attn_dropout: float = field(0.1, min=0.0, max=1.0)
+    proj_dropout: float = field(0.1, min=0.0, max=1.0)
+    buffer_size: int = field(64, min=0, help="buffer tokens holding the class embedding")
+    label_drop_prob: float = field(0.1, min=0.0, max=1.0, help="training label drop (for CFG)")
+    mask_ratio_min: float = field(0.7, min=0.0, max=1.0, help="lower end of the truncated-normal mask ratio")
+    mask_ratio_std: float = field(0.25, min=0.0, help="std of the truncated normal centred at 1")
+    diffloss_d: int = field(6, min=1, help="diffusion MLP depth")
+    diffloss_w: int = field(1024, min=1, help="diffusion MLP width")
+    num_sampling_steps: str = field("100", help="default respacing of the sampling diffusion")
+    diffusion_batch_mul: int = field(4, min=1, help="independent (t, noise) draws per token in training")
+    grad_checkpointing: bool = field(False)
+    tokenizer: KLVAEConfig = field(default_factory=KLVAEConfig)
+    tokenizer_ckpt: str | None = field(
+        None, help="maskar tokenizer dir or official kl16.ckpt, loaded at init"
+    )
+
+    def validate(self) -> None:
+        for name in ("encoder", "decoder"):
+            dim, heads = getattr(self, f"{name}_embed_dim"), getattr(self, f"{name}_num_heads")
+            if dim % heads:
+                raise ValueError(f"{name}_embed_dim {dim} is not divisible by {name}_num_heads {heads}")
+        if self.mask_ratio_std == 0 or self.mask_ratio_min >= 1.0:
+            raise ValueError("mask_ratio_min must be < 1 and mask_ratio_std > 0")
+
+
+@dataclass
+class MARSampleConfig(SampleConfig):
+    num_iter: int = field(64, min=1, help="autoregressive steps (256 in the paper's evaluation)")
+    cfg: float = field(1.0, help="classifier-free guidance scale (1 = off)")
+    cfg_schedule: str = field("linear", choices=("linear", "constant"))
+    temperature: float = field(1.0, min=0.0, help="multiplies the diffusion noise std")
+    num_sampling_steps: str = field("100", help="diffusion steps: 'N', 'N1,N2,..' or 'ddimN'")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def truncated_normal_ratio(
+    n: int, low: float, std: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """(n,) draws of N(1, std) truncated to [low, 1] by inverse-CDF sampling (float64)."""
+    a = torch.tensor((low - 1.0) / std, dtype=torch.float64)
+    cdf_a, cdf_b = torch.special.ndtr(a), torch.tensor(0.5, dtype=torch.float64)
+    u = cdf_a + (cdf_b - cdf_a) * torch.rand(n, dtype=torch.float64, generator=generator)
+    return (1.0 + std * torch.special.ndtri(u)).clamp(low, 1.0)
+
+
+def mask_from_order(orders: Tensor, num_masked: int) -> Tensor:
+    """(B, L) bool: the first ``num_masked`` positions of each sample's order are masked."""
+    mask = torch.zeros(orders.shape, dtype=torch.bool, device=orders.device)
+    return mask.scatter(1, orders[:, :num_masked], True)
+
+
+def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """x (B, L, D), idx (B, k) -> (B, k, D)."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class MAR(nn.Module):
+    def __init__(self, cfg: MARConfig, tokenizer: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        tok = tokenizer if tokenizer is not None else KLVAE(cfg.tokenizer)
+        self.token_channels = int(tok.embed_dim) * cfg.patch_size**2
+        stride = int(tok.downsample) * cfg.patch_size
+        if cfg.img_size % stride:
+            raise ValueError(
+                f"model.img_size {cfg.img_size} is not divisible by tokenizer stride x patch size = {stride}"
+            )
+        self.seq_h = self.seq_w = cfg.img_size // stride
+        self.seq_len = self.seq_h * self.seq_w
+        self.image_size = cfg.img_size
+        self.image_channels = int(getattr(tok, "image_channels", 3))
+        self.num_classes = cfg.class_num
+        self.buffer_size = cfg.buffer_size
+        self.label_drop_prob = cfg.label_drop_prob
+        self.diffusion_batch_mul = cfg.diffusion_batch_mul
+        self.grad_checkpointing = cfg.grad_checkpointing
+        d_enc, d_dec, n_pos = cfg.encoder_embed_dim, cfg.decoder_embed_dim, self.seq_len + cfg.buffer_size
+
+        def blocks(dim: int, depth: int, heads: int) -> nn.ModuleList:
+            return nn.ModuleList(
+                Block(
+                    dim,
+                    heads,
+                    cfg.mlp_ratio,
+                    qkv_bias=True,
+                    proj_drop=cfg.proj_dropout,
+                    attn_drop=cfg.attn_dropout,
+                )
+                for _ in range(depth)
+            )
+
+        # class / CFG embeddings
+        self.class_emb = nn.Embedding(cfg.class_num, d_enc)
+        self.fake_latent = nn.Parameter(torch.zeros(1, d_enc))
+        # encoder
+        self.z_proj = nn.Linear(self.token_channels, d_enc)
+        self.z_proj_ln = nn.LayerNorm(d_enc, eps=1e-6)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n_pos, d_enc))
+        self.encoder_blocks = blocks(d_enc, cfg.encoder_depth, cfg.encoder_num_heads)
+        self.encoder_norm = nn.LayerNorm(d_enc, eps=1e-6)
+        # decoder
+        self.decoder_embed = nn.Linear(d_enc, d_dec)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d_dec))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n_pos, d_dec))
+        self.decoder_blocks = blocks(d_dec, cfg.decoder_depth, cfg.decoder_num_heads)
+        self.decoder_norm = nn.LayerNorm(d_dec, eps=1e-6)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, d_dec))
+        self.initialize_weights()
+        # diffusion head (its own init: zero adaLN / output) and the frozen tokenizer
+        self.diffloss = DiffLoss(
+            target_channels=self.token_channels,
+            z_channels=d_dec,
+            depth=cfg.diffloss_d,
+            width=cfg.diffloss_w,
+            num_sampling_steps=cfg.num_sampling_steps,
+            grad_checkpointing=cfg.grad_checkpointing,
+        )
+        self.tokenizer = tok
+        self.tokenizer.requires_grad_(False)
+        self.tokenizer.eval()
+
+    @classmethod
+    def from_config(cls, cfg: MARConfig) -> MAR:
+        return cls(cfg)
+
+    def initialize_weights(self) -> None:
+        for p in (
+            self.class_emb.weight,
+            self.fake_latent,
+            self.mask_token,
+            self.encoder_pos_embed_learned,
+            self.decoder_pos_embed_learned,
+            self.diffusion_pos_embed_learned,
+        ):
+            nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def train(self, mode: bool = True) -> MAR:
+        super().train(mode)
+        self.tokenizer.eval()  # frozen: always in eval mode
+        return self
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        # As the official optimizer groups: no decay anywhere in the diffusion head.
+        return {"diffloss"}
+
+    # -- tokens
+
+    def patchify(self, latent: Tensor) -> Tensor:
+        """(B, C, h*p, w*p) -> (B, h*w, C*p*p), raster order, features ordered (c, p, q)."""
+        b, c, hh, ww = latent.shape
+        p = self.cfg.patch_size
+        x = latent.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (hh // p) * (ww // p), c * p * p)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """(B, h*w, C*p*p) -> (B, C, h*p, w*p)."""
+        b = x.shape[0]
+        p = self.cfg.patch_size
+        c = self.token_channels // (p * p)
+        x = x.reshape(b, self.seq_h, self.seq_w, c, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, c, self.seq_h * p, self.seq_w * p)
+
+    def class_embedding(self, labels: Tensor) -> Tensor:
+        """(B, D); label == class_num (or < 0) means unconditional (``fake_latent``)."""
+        if labels.dtype != torch.long:
+            raise ValueError(f"labels: expected int64, got {labels.dtype}")
+        uncond = (labels < 0) | (labels >= self.num_classes)
+        emb = self.class_emb(labels.clamp(0, self.num_classes - 1))
+        return torch.where(uncond[:, None], self.fake_latent.to(emb.dtype), emb)
+
+    # -- encoder / decoder
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: Tensor) -> Tensor:
+        for blk in blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def forward_encoder(
+        self, tokens: Tensor, mask: Tensor, class_emb: Tensor, num_masked: int
+    ) -> tuple[Tensor, Tensor]:
+        """tokens (B, L, C), mask (B, L) bool with ``num_masked`` True per row, class_emb (B, D).
+
+        Returns the encoded visible tokens (B, buffer + L - num_masked, D) and their positions.
+        """
+        b = tokens.shape[0]
+        x = self.z_proj(tokens)  # (B, L, D)
+        if self.training and self.label_drop_prob > 0:
+            drop = torch.rand(b, device=x.device) < self.label_drop_prob
+            class_emb = torch.where(drop[:, None], self.fake_latent.to(class_emb.dtype), class_emb)
+        buf = class_emb[:, None, :].to(x.dtype).expand(b, self.buffer_size, -1)  # (B, buffer, D)
+        x = self.z_proj_ln(torch.cat([buf, x], dim=1) + self.encoder_pos_embed_learned)
+        # Fully sparse: keep the buffer and the visible tokens, in position order.
+        mask_with_buffer = torch.cat([mask.new_zeros(b, self.buffer_size), mask], dim=1)
+        num_visible = self.buffer_size + self.seq_len - num_masked
+        keep = torch.sort(mask_with_buffer.to(torch.uint8), dim=1, stable=True).indices[:, :num_visible]
+        x = _gather_rows(x, keep)
+        x = self._run_blocks(self.encoder_blocks, x)
+        return self.encoder_norm(x), keep
+
+    def forward_decoder(self, x: Tensor, keep: Tensor) -> Tensor:
+        """Encoded visible tokens -> per-position conditions z (B, L, D_dec)."""
+        x = self.decoder_embed(x)
+        b, _, d = x.shape
+        full = self.mask_token.to(x.dtype).expand(b, self.buffer_size + self.seq_len, d)
+        x = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, d), x)
+        x = self._run_blocks(self.decoder_blocks, x + self.decoder_pos_embed_learned)
+        x = self.decoder_norm(x)[:, self.buffer_size :]
+        return x + self.diffusion_pos_embed_learned
+
+    # -- training
+
+    @torch.no_grad()
+    def latents_from_batch(self, batch: dict[str, Tensor]) -> Tensor:
+        """Scaled latents (B, C, h, w): a fresh posterior sample from the image or cached moments."""
+        if "moments" in batch:
+            moments = batch["moments"]
+            if "moments_flip" in batch:
+                # Like the official CachedFolder: each sample uses its flip with probability 1/2.
+                flip = torch.rand(moments.shape[0], device=moments.device) < 0.5
+                moments = torch.where(flip[:, None, None, None], batch["moments_flip"], moments)
+        elif "image" in batch:
+            moments = self.tokenizer.encode_moments(batch["image"])
+        else:
+            raise KeyError(f"MAR.loss: batch needs 'image' or 'moments', got keys {sorted(batch)}")
+        return self.tokenizer.sample_latent(moments.float())
+
+    def forward_train(self, latent: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        tokens = self.patchify(latent)  # (B, L, C)
+        b, n, _ = tokens.shape
+        orders = torch.argsort(torch.rand(b, n, device=tokens.device), dim=1)
+        ratio = float(truncated_normal_ratio(1, self.cfg.mask_ratio_min, self.cfg.mask_ratio_std)[0])
+        num_masked = math.ceil(n * ratio)
+        mask = mask_from_order(orders, num_masked)
+        x, keep = self.forward_encoder(tokens, mask, self.class_embedding(labels), num_masked)
+        z = self.forward_decoder(x, keep)  # (B, L, D)
+        # The loss only counts masked tokens: evaluate the head on those rows alone (the
+        # official code runs all rows and zero-weights the visible ones; same estimator).
+        masked_idx = orders[:, :num_masked]
+        target = _gather_rows(tokens, masked_idx).reshape(b * num_masked, -1)
+        z = _gather_rows(z, masked_idx).reshape(b * num_masked, -1)
+        mul = self.diffusion_batch_mul
+        loss = self.diffloss(target.repeat(mul, 1), z.repeat(mul, 1))
+        return {"loss": loss, "mask_ratio": torch.tensor(num_masked / n)}
+
+    def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        latent = self.latents_from_batch(batch)
+        return self.forward_train(latent, batch["label"].long())
+
+    def forward(self, latent: Tensor, labels: Tensor) -> Tensor:
+        return self.forward_train(latent, labels)["loss"]
+
+    # -- sampling
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        was = self.training
+        self.train(False)
+        try:
+            yield
+        finally:
+            self.train(was)
+
+    @torch.no_grad()
+    def sample_tokens(
+        self,
+        labels: Tensor,
+        *,
+        num_iter: int = 64,
+        cfg: float = 1.0,
+        cfg_schedule: str = "linear",
+        temperature: float = 1.0,
+        num_sampling_steps: str | None = None,
+        generator: torch.Generator | None = None,
+        known: Tensor | None = None,
+        known_mask: Tensor | None = None,
+        trace: list[int] | None = None,
+    ) -> Tensor:
+        """Generate token sequences (B, L, C).
+
+        ``known`` (B, L, C) with ``known_mask`` (B, L) bool fixes tokens (editing); every
+        sample must have the same number of unknown tokens. The cosine schedule runs over
+        the unknown tokens. ``trace``, if given, receives the number of tokens revealed
+        at each step.
+        """
+        if cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"cfg_schedule: expected 'linear' or 'constant', got {cfg_schedule!r}")
+        if num_iter < 1:
+            raise ValueError(f"num_iter: expected >= 1, got {num_iter}")
+        b, n, device = labels.shape[0], self.seq_len, labels.device
+        tokens = torch.zeros(b, n, self.token_channels, device=device)  # (B, L, C)
+        rand = torch.rand(b, n, generator=generator, device=device)
+        n_unknown = n
+        if known is not None:
+            if known_mask is None or known_mask.shape != (b, n):
+                raise ValueError(f"known_mask: expected shape {(b, n)}")
+            counts = (~known_mask).sum(1)
+            if not bool((counts == counts[0]).all()):
+                raise ValueError("sample_tokens: every sample needs the same number of unknown tokens")
+            n_unknown = int(counts[0])
+            tokens = torch.where(known_mask[..., None], known.float(), tokens)
+            rand = rand + known_mask.float() * 2  # known tokens go last in the order
+        orders = torch.argsort(rand, dim=1)  # (B, L) per-sample random order
+        class_emb = self.class_embedding(labels)
+        if cfg != 1.0:
+            class_emb = torch.cat([class_emb, self.fake_latent.expand(b, -1).to(class_emb.dtype)])
+        num_masked = n_unknown
+        with self._eval_mode():
+            for step in range(num_iter):
+                if num_masked == 0:
+                    break
+                mask = mask_from_order(orders, num_masked)
+                x_in, mask_in = tokens, mask
+                if cfg != 1.0:
+                    x_in, mask_in = torch.cat([tokens, tokens]), torch.cat([mask, mask])
+                x, keep = self.forward_encoder(x_in, mask_in, class_emb, num_masked)
+                z = self.forward_decoder(x, keep)  # (B or 2B, L, D)
+                ratio = math.cos(math.pi / 2.0 * (step + 1) / num_iter)
+                mask_len = max(1, min(num_masked - 1, math.floor(n_unknown * ratio)))
+                next_masked = 0 if step >= num_iter - 1 else mask_len
+                idx = orders[:, next_masked:num_masked]  # (B, k) positions revealed now
+                if trace is not None:
+                    trace.append(idx.shape[1])
+                if idx.shape[1] > 0:
+                    if cfg_schedule == "linear":
+                        cfg_iter = 1.0 + (cfg - 1.0) * (n - mask_len) / n
+                    else:
+                        cfg_iter = cfg
+                    z_idx = torch.cat([idx, idx]) if cfg != 1.0 else idx
+                    z_sel = _gather_rows(z, z_idx).reshape(-1, z.shape[-1])  # [cond rows | uncond rows]
+                    new = self.diffloss.sample(
+                        z_sel,
+                        temperature,
+                        cfg_iter,
+                        num_sampling_steps=num_sampling_steps,
+                        generator=generator,
+                    )
+                    new = new[: b * idx.shape[1]].reshape(b, idx.shape[1], -1)
+                    tokens = tokens.scatter(
+                        1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), new.float()
+                    )
+                num_masked = next_masked
+        return tokens
+
+    def _generator(self, seed: int | None, device: torch.device) -> torch.Generator | None:
+        if seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(int(seed))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: Tensor,
+        seed: int | None = 0,
+        num_iter: int = 64,
+        cfg: float = 1.0,
+        cfg_schedule: str = "linear",
+        temperature: float = 1.0,
+        num_sampling_steps: str = "100",
+    ) -> Tensor:
+        """Class-conditional images (B, 3, H, W) in [-1, 1]; label == class_num is unconditional."""
+        g = self._generator(seed, labels.device)
+        tokens = self.sample_tokens(
+            labels,
+            num_iter=num_iter,
+            cfg=cfg,
+            cfg_schedule=cfg_schedule,
+            temperature=temperature,
+            num_sampling_steps=num_sampling_steps,
+            generator=g,
+        )
+        return self.tokenizer.decode(self.unpatchify(tokens).float())
+
+    def token_keep_mask(self, keep_mask: Tensor) -> Tensor:
+        """(B, 1, H, W) bool (image resolution) -> (B, L) bool: known iff all the token's pixels are kept."""
+        if keep_mask.ndim != 4 or keep_mask.shape[1] != 1 or keep_mask.shape[-1] != self.image_size:
+            size = self.image_size
+            raise ValueError(f"keep_mask: expected (B, 1, {size}, {size}) bool, got {tuple(keep_mask.shape)}")
+        k = self.image_size // self.seq_h
+        frac = nn.functional.avg_pool2d(keep_mask.float(), kernel_size=k, stride=k)  # (B, 1, h, w)
+        return (frac >= 1.0).flatten(1)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        images: Tensor,
+        keep_mask: Tensor,
+        labels: Tensor,
+        seed: int | None = 0,
+        num_iter: int = 64,
+        cfg: float = 1.0,
+        cfg_schedule: str = "linear",
+        temperature: float = 1.0,
+        num_sampling_steps: str = "100",
+        return_tokens: bool = False,
+    ) -> Tensor:
+        """In-/out-painting: tokens fully inside ``keep_mask`` stay fixed, the rest are generated."""
+        known = self.patchify(self.tokenizer.encode_mean(images).float())  # (B, L, C)
+        known_mask = self.token_keep_mask(keep_mask.to(images.device))
+        g = self._generator(seed, images.device)
+        out = known.clone()
+        unknown = (~known_mask).sum(1)
+        # The sparse encoder needs equal visible counts: sample groups of equal unknown count.
+        for count in torch.unique(unknown).tolist():
+            rows = (unknown == count).nonzero().flatten()
+            out[rows] = self.sample_tokens(
+                labels[rows],
+                num_iter=num_iter,
+                cfg=cfg,
+                cfg_schedule=cfg_schedule,
+                temperature=temperature,
+                num_sampling_steps=num_sampling_steps,
+                generator=g,
+                known=known[rows],
+                known_mask=known_mask[rows],
+            )
+        if return_tokens:
+            return out
+        return self.tokenizer.decode(self.unpatchify(out))
+
+    # -- pretrained parts
+
+    def init_pretrained(self) -> None:
+        """Load the tokenizer weights named by ``model.tokenizer_ckpt`` (when training starts)."""
+        if self.cfg.tokenizer_ckpt:
+            load_tokenizer_weights(self.tokenizer, self.cfg.tokenizer_ckpt)
+
+
+# ----------------------------------------------------------------------------- tokenizer weights, cache
+
+_TRAINING_ONLY_PREFIXES = ("train_losses.", "disc", "loss", "lpips", "perceptual")
+
+
+def load_tokenizer_weights(tokenizer: nn.Module, path: str) -> None:
+    """Load a maskar tokenizer checkpoint dir or an official ``kl16.ckpt`` (its ``model`` entry).
+
+    Training-only parts a tokenizer checkpoint may carry (discriminator, perceptual net)
+    are ignored; any other missing, unexpected or mis-shaped key is an error.
+    """
+    from maskar import checkpoint
+
+    p = Path(path)
+    if p.is_dir():
+        source, _ = checkpoint.load_model(p, arch="klvae")
+        state = source.state_dict()
+    elif p.is_file():
+        obj = checkpoint.load_official(p)
+        state = obj["model"] if isinstance(obj, dict) and "model" in obj else obj
+    else:
+        raise FileNotFoundError(f"model.tokenizer_ckpt: {str(p)!r} is neither a checkpoint dir nor a file")
+    state = {k: v for k, v in state.items() if not k.startswith(_TRAINING_ONLY_PREFIXES)}
+    own = {k: v for k, v in tokenizer.state_dict().items() if not k.startswith(_TRAINING_ONLY_PREFIXES)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or bad:
+        raise ValueError(
+            f"model.tokenizer_ckpt {str(p)!r} does not fit model.tokenizer: "
+            f"{len(missing)} missing {missing[:4]}, "
+            f"{len(unexpected)} unexpected {unexpected[:4]}, {len(bad)} mis-shaped {bad[:4]}"
+        )
+    tokenizer.load_state_dict(state, strict=False)
+
+
+def build_tokenizer(cfg: MARConfig) -> nn.Module:
+    """The frozen KL tokenizer of a MAR config, with ``tokenizer_ckpt`` loaded if set."""
+    tok = KLVAE(cfg.tokenizer)
+    if cfg.tokenizer_ckpt:
+        load_tokenizer_weights(tok, cfg.tokenizer_ckpt)
+    return tok.eval().requires_grad_(False)
+
+
+def cache_latents_for(
+    cfg: MARConfig,
+    dataset: Any,
+    out_dir: str,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Cache posterior moments of every image and of its mirror image (``data.name=latents``)."""
+    from maskar.data.latent_store import cache_latents
+
+    tok = build_tokenizer(cfg)
+    if device is not None:
+        tok = tok.to(device)
+    source = {"arch": "mar", "tokenizer": type(tok).__name__, "tokenizer_ckpt": cfg.tokenizer_ckpt}
+    return cache_latents(
+        tok.encode_moments,
+        dataset,
+        out_dir,
+        batch_size=batch_size,
+        hflip_too=True,
+        device=device,
+        source=source,
+        **kwargs,
+    )
+
+
+registry.register(
+    "mar",
+    kind="generator",
+    config_cls=MARConfig,
+    sample_cls=MARSampleConfig,
+    build=MAR.from_config,
+    description="MAR: masked autoregression with a per-token diffusion loss on KL-16 latents",
+)

@@ -1,0 +1,301 @@
+"""MAR: official layout, training on one batch, sampling schedule, CFG/temperature, editing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from scipy.stats import truncnorm
+from torch import nn
+
+from maskar.models.mar import MAR, MARConfig, mask_from_order, truncated_normal_ratio
+
+REFERENCE = Path(__file__).parents[2] / "shared" / "reference"
+
+
+class StandInKL(nn.Module):
+    """A tiny stand-in with the KL tokenizer API (patchwise linear encoder / decoder)."""
+
+    def __init__(self, embed_dim: int = 4, downsample: int = 8):
+        super().__init__()
+        self.embed_dim, self.downsample, self.scale_factor = embed_dim, downsample, 0.2325
+        self.enc = nn.Conv2d(3, 2 * embed_dim, downsample, downsample)
+        self.dec = nn.ConvTranspose2d(embed_dim, 3, downsample, downsample)
+
+    def encode_moments(self, img):
+        return self.enc(img)
+
+    def sample_latent(self, moments, generator=None):
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30, 20))
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+        return (mean + std * noise) * self.scale_factor
+
+    def encode(self, img):
+        return self.sample_latent(self.encode_moments(img))
+
+    def encode_mean(self, img):
+        return self.encode_moments(img).chunk(2, dim=1)[0] * self.scale_factor
+
+    def decode(self, z):
+        return self.dec(z / self.scale_factor)
+
+
+def tiny_cfg(**kw) -> MARConfig:
+    base = dict(
+        img_size=32,
+        class_num=10,
+        encoder_embed_dim=32,
+        encoder_depth=1,
+        encoder_num_heads=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        buffer_size=4,
+        diffloss_d=1,
+        diffloss_w=32,
+        num_sampling_steps="4",
+        diffusion_batch_mul=2,
+    )
+    base.update(kw)
+    return MARConfig(**base)
+
+
+def tiny_mar(**kw) -> MAR:
+    torch.manual_seed(0)
+    return MAR(tiny_cfg(**kw), tokenizer=StandInKL())
+
+
+def randomize_head(model: MAR) -> None:
+    # The head starts with a zero output layer (eps = 0); give it weights so CFG matters.
+    g = torch.Generator().manual_seed(1)
+    for p in model.diffloss.parameters():
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+# ----------------------------------------------------------------------------- official layout
+
+
+@pytest.mark.skipif(
+    not (REFERENCE / "mar_base_state_dict_shapes.json").exists(), reason="no reference tables"
+)
+def test_mar_base_matches_official_state_dict_and_loads_strictly():
+    shapes = json.loads((REFERENCE / "mar_base_state_dict_shapes.json").read_text())
+    with torch.device("meta"):
+        model = MAR(MARConfig(), tokenizer=StandInKL(16, 16))
+    own = {k: list(v.shape) for k, v in model.state_dict().items() if not k.startswith("tokenizer.")}
+    assert own == shapes
+    n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("tokenizer."))
+    assert n_params == 207_924_768
+    # A random official state dict (plus our tokenizer) loads strictly.
+    state = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    state.update({f"tokenizer.{k}": v for k, v in model.tokenizer.state_dict().items()})
+    result = model.load_state_dict(state, strict=True, assign=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_vit_block_names_and_dropout():
+    model = tiny_mar()
+    keys = {k for k in model.state_dict() if k.startswith("encoder_blocks.0.")}
+    assert keys == {
+        f"encoder_blocks.0.{n}.{p}"
+        for n in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+        for p in ("weight", "bias")
+    }
+    blk = model.encoder_blocks[0]
+    assert blk.attn.attn_drop == 0.1 and blk.mlp.drop1.p == 0.1 and blk.attn.proj_drop.p == 0.1
+    assert blk.attn.attn_backend == "auto" and blk.norm1.eps == 1e-6
+    assert model.no_weight_decay_keywords() == {"diffloss"}
+    assert not any(p.requires_grad for p in model.tokenizer.parameters())
+
+
+def test_patchify_roundtrip_and_order():
+    model = tiny_mar(patch_size=2, img_size=32)  # latent 4x4 -> 2x2 tokens of 4*2*2 channels
+    lat = torch.randn(2, 4, 4, 4)
+    tok = model.patchify(lat)
+    assert tok.shape == (2, 4, 16)
+    torch.testing.assert_close(model.unpatchify(tok), lat)
+    # token 1 = latent rows 0..1, cols 2..3; features ordered (c, p, q)
+    torch.testing.assert_close(tok[0, 1], lat[0, :, 0:2, 2:4].reshape(-1))
+
+
+# ----------------------------------------------------------------------------- masking
+
+
+def test_truncated_normal_mask_ratio():
+    r = truncated_normal_ratio(20000, 0.7, 0.25, torch.Generator().manual_seed(0))
+    assert r.min() >= 0.7 and r.max() <= 1.0
+    ref = truncnorm((0.7 - 1) / 0.25, 0, loc=1, scale=0.25)
+    assert r.mean().item() == pytest.approx(ref.mean(), abs=3e-3)
+    assert r.std().item() == pytest.approx(ref.std(), abs=3e-3)
+
+
+def test_training_masks_ceil_of_ratio_and_drops_labels(monkeypatch):
+    model = tiny_mar(label_drop_prob=1.0)
+    model.train()
+    seen = {}
+    real = model.forward_encoder
+
+    def spy(tokens, mask, class_emb, num_masked):
+        seen["mask"], seen["num"] = mask, num_masked
+        x, keep = real(tokens, mask, class_emb, num_masked)
+        seen["visible"] = x.shape[1]
+        return x, keep
+
+    monkeypatch.setattr(model, "forward_encoder", spy)
+    out = model.loss({"image": torch.randn(3, 3, 32, 32), "label": torch.tensor([0, 1, 2])})
+    n = model.seq_len
+    assert (seen["mask"].sum(1) == seen["num"]).all()
+    assert math.ceil(0.7 * n) <= seen["num"] <= n
+    assert seen["visible"] == model.buffer_size + n - seen["num"]
+    assert out["mask_ratio"].item() == pytest.approx(seen["num"] / n)
+    # label drop: with p = 1 the buffer holds fake_latent, so labels do not matter
+    torch.manual_seed(5)
+    a = model.forward_train(torch.randn(2, 4, 4, 4), torch.tensor([0, 1]))["loss"]
+    torch.manual_seed(5)
+    b = model.forward_train(torch.randn(2, 4, 4, 4), torch.tensor([7, 3]))["loss"]
+    assert torch.equal(a, b)
+
+
+def test_cached_moments_pick_flip_per_sample():
+    model = tiny_mar()
+    b = 64
+    mom = torch.cat([torch.full((b, 4, 4, 4), 1.0), torch.full((b, 4, 4, 4), -30.0)], dim=1)
+    flip = torch.cat([torch.full((b, 4, 4, 4), 2.0), torch.full((b, 4, 4, 4), -30.0)], dim=1)
+    lat = model.latents_from_batch(
+        {"moments": mom, "moments_flip": flip, "label": torch.zeros(b, dtype=torch.long)}
+    )
+    per_sample = lat.flatten(1).mean(1) / 0.2325
+    assert torch.allclose(per_sample[per_sample < 1.5], torch.tensor(1.0), atol=1e-4)
+    assert ((per_sample - 1).abs() < 1e-4).any() and ((per_sample - 2).abs() < 1e-4).any()
+    out = model.loss({"moments": mom, "label": torch.zeros(b, dtype=torch.long)})
+    assert torch.isfinite(out["loss"])
+
+
+def test_tiny_mar_overfits_one_batch():
+    torch.manual_seed(0)
+    model = MAR(tiny_cfg(diffusion_batch_mul=8, diffloss_w=64, label_drop_prob=0.0), tokenizer=StandInKL())
+    latent = torch.randn(4, 4, 4, 4) * 0.5
+    labels = torch.tensor([0, 1, 2, 3])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for _ in range(60):
+        loss = model.forward_train(latent, labels)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def expected_reveals(n_unknown: int, num_iter: int) -> list[int]:
+    """Closed form of the MAR schedule: after step s, floor(n cos(pi/2 (s+1)/T)) stay masked."""
+    masked, out = n_unknown, []
+    for s in range(num_iter):
+        target = math.floor(n_unknown * math.cos(math.pi / 2 * (s + 1) / num_iter))
+        nxt = 0 if s == num_iter - 1 else max(1, min(masked - 1, target))
+        out.append(masked - nxt)
+        masked = nxt
+    return out
+
+
+@pytest.mark.parametrize("num_iter", [1, 4, 7, 40])
+def test_reveals_follow_cosine_schedule(num_iter):
+    model = tiny_mar()
+    trace: list[int] = []
+    tokens = model.sample_tokens(
+        torch.tensor([1, 2]), num_iter=num_iter, trace=trace, generator=torch.Generator().manual_seed(0)
+    )
+    assert trace == expected_reveals(16, num_iter)
+    assert sum(trace) == 16
+    if num_iter == 4:
+        assert trace == [2, 3, 5, 6]  # 16 cos(pi/8)=14.8, 16 cos(pi/4)=11.3, 16 cos(3pi/8)=6.1
+    assert (tokens.abs().sum(-1) > 0).all()  # every token was written
+
+
+def test_generate_seeded_cfg_and_temperature(monkeypatch):
+    model = tiny_mar()
+    randomize_head(model)
+    labels = torch.tensor([3, 10])  # 10 == class_num: unconditional
+    a = model.generate(labels, seed=1, num_iter=4, num_sampling_steps="4", cfg=3.0)
+    b = model.generate(labels, seed=1, num_iter=4, num_sampling_steps="4", cfg=3.0)
+    c = model.generate(labels, seed=2, num_iter=4, num_sampling_steps="4", cfg=3.0)
+    assert a.shape == (2, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a, model.generate(labels, seed=1, num_iter=4, num_sampling_steps="4", cfg=1.0))
+    assert not torch.equal(
+        a, model.generate(labels, seed=1, num_iter=4, num_sampling_steps="4", cfg=3.0, temperature=0.5)
+    )
+
+    calls = []
+    real_sample = model.diffloss.sample
+
+    def spy(z, temperature, cfg, **kw):
+        calls.append((z.shape[0], temperature, cfg))
+        return real_sample(z, temperature, cfg, **kw)
+
+    monkeypatch.setattr(model.diffloss, "sample", spy)
+    real_enc = model.forward_encoder
+    embs = []
+    monkeypatch.setattr(
+        model, "forward_encoder", lambda t, m, e, n: (embs.append(e), real_enc(t, m, e, n))[1]
+    )
+    model.sample_tokens(torch.tensor([3, 4]), num_iter=4, cfg=3.0, cfg_schedule="linear", temperature=0.7)
+    reveals = expected_reveals(16, 4)
+    masked_after = [16 - sum(reveals[: i + 1]) for i in range(4)]
+    masked_after[-1] = 1  # the last step still uses the clamped mask_len in the cfg schedule
+    assert [c[2] for c in calls] == pytest.approx([1 + 2.0 * (16 - m) / 16 for m in masked_after])
+    assert [c[0] for c in calls] == [2 * 2 * r for r in reveals]  # cond + uncond rows
+    assert all(c[1] == 0.7 for c in calls)
+    torch.testing.assert_close(embs[0][2:], model.fake_latent.expand(2, -1))  # uncond half
+    torch.testing.assert_close(embs[0][:2], model.class_emb.weight[[3, 4]])
+    calls.clear()
+    model.sample_tokens(torch.tensor([3, 4]), num_iter=4, cfg=3.0, cfg_schedule="constant")
+    assert [c[2] for c in calls] == [3.0] * 4
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        model.sample_tokens(torch.tensor([3]), cfg_schedule="cosine")
+
+
+def test_edit_keeps_known_tokens():
+    model = tiny_mar()
+    randomize_head(model)
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    keep = torch.zeros(3, 1, 32, 32, dtype=torch.bool)
+    keep[0, :, :16, :] = True  # top half: 8 known tokens
+    keep[1, :, :, :20] = True  # columns 0..19: tokens in latent columns 0,1 fully kept (8 known)
+    keep[2, :, :8, :8] = True  # one token
+    known = model.patchify(model.tokenizer.encode_mean(images))
+    token_keep = model.token_keep_mask(keep)
+    assert token_keep.sum(1).tolist() == [8, 8, 1]
+    out = model.edit(
+        images,
+        keep,
+        torch.tensor([1, 2, 10]),
+        seed=0,
+        num_iter=5,
+        cfg=2.0,
+        num_sampling_steps="3",
+        return_tokens=True,
+    )
+    torch.testing.assert_close(out[token_keep], known[token_keep])
+    assert (out[~token_keep] - known[~token_keep]).abs().amax() > 0
+    img = model.edit(images, keep, torch.tensor([1, 2, 10]), seed=0, num_iter=2, num_sampling_steps="2")
+    assert img.shape == images.shape
+    # schedule over the unknown tokens only
+    trace: list[int] = []
+    model.sample_tokens(
+        torch.tensor([1]), num_iter=3, known=known[:1], known_mask=token_keep[:1], trace=trace
+    )
+    assert trace == expected_reveals(8, 3)
+
+
+def test_mask_from_order():
+    orders = torch.tensor([[2, 0, 1, 3], [3, 2, 1, 0]])
+    assert mask_from_order(orders, 2).tolist() == [[True, False, True, False], [False, False, True, True]]
