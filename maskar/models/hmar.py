@@ -324,10 +324,10 @@ class HMAR(NextScaleModel):
                 break
         return idx
 
-    def _autoregress(self, labels, args, known=None, keep=None, collect=None, **refine_kw):
+    def _autoregress(self, labels, args, known=None, keep=None, collect=None, out_indices=None, **refine_kw):
         if not refine_kw:  # direct calls (tests) get the defaults
             refine_kw = self._refine_options({}, editing=known is not None)
-        return super()._autoregress(labels, args, known, keep, collect, **refine_kw)
+        return super()._autoregress(labels, args, known, keep, collect, out_indices, **refine_kw)
 
 
 registry.register(

@@ -424,12 +424,14 @@ class NextScaleModel(nn.Module):
         known: list[Tensor] | None = None,
         keep: list[Tensor] | None = None,
         collect: list[Tensor] | None = None,
+        out_indices: list[Tensor] | None = None,
         **refine_kw,
     ) -> Tensor:
         """Sample the pyramid scale by scale; return images (B, C, H, W) in [-1, 1].
 
         ``known``/``keep``: per-scale (B, pn^2) ids and bool masks of tokens forced to the
-        given ids (editing). ``collect``: receives the conditional logits of each scale (tests).
+        given ids (editing). ``collect`` / ``out_indices`` receive the conditional logits and
+        the final token ids of each scale (tests, analysis).
         """
         B, device = labels.shape[0], labels.device
         labels2 = torch.cat([labels, torch.full_like(labels, self.num_classes)])  # [cond; null]
@@ -452,6 +454,8 @@ class NextScaleModel(nn.Module):
                 idx = torch.where(k_si, known[si], idx)
             ctx = {"cond": cond, "ctx_in": ctx_in, "lvl_pos": lvl_pos, "args": args, **refine_kw}
             idx = self._refine(si, idx, guided, ctx, k_si)
+            if out_indices is not None:
+                out_indices.append(idx)
             with no_autocast(device):
                 h_map = self.tokenizer.lookup(idx).float().transpose(1, 2).reshape(B, self.z_channels, pn, pn)
                 f_hat, nxt = self.tokenizer.next_input(si, f_hat, h_map)

@@ -1,0 +1,235 @@
+"""Official HMAR checkpoints <-> maskar ``hmar`` (stage 1 and stage 2), both directions.
+
+    maskar convert hmar src=hmar-d16.pth vae=vae_ch160v4096z32.pth out=DIR [stage=2|1]
+    maskar convert hmar src=nsp.pth mp=mp.pth vae=vae.pth out=DIR      # stage-1 + stage-2 training files
+    maskar convert hmar ckpt=DIR out=hmar-d16.pth [vae_out=vae.pth]    # back to the official layout
+
+Layouts (reference §4.2, §6):
+
+* released ``hmar-dNN.pth`` (the official inference class, "combined"):
+  ``base_blocks.{0..d-n-1}``, ``ns_blocks.{0..n-1}``, ``mask_blocks.{0..n-1}``,
+  ``ns_head(_nm)``, ``mask_head(_nm)``, ``mask_embed.weight`` [1, C], and a bias-free
+  ``word_embed.weight`` plus a separate ``word_embed_bias``;
+* stage-1 training file (NSP): VAR's layout (``blocks.i``, ``word_embed.{weight,bias}``,
+  ``head``), block-diagonal mask buffer;
+* stage-2 training file (MP): VAR's layout + ``mask_embed`` + ``word_embed_bias``, whose
+  last n blocks and head are the fine-tuned mask branch.
+
+Ours: stage 1 = the NSP layout; stage 2 = ``blocks`` (= base ++ ns) + ``head`` (= ns_head)
++ ``mask_blocks`` + ``mask_head(_nm)`` + ``mask_embed``. Derived buffers are verified and
+dropped on import, rebuilt on export.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from maskar.checkpoint import CheckpointError, load_state_dict_checked
+from maskar.convert.var import (
+    check_and_drop_buffers,
+    official_buffers,
+    parse_args,
+    patch_nums_for_length,
+    read_state_dict,
+    save_converted,
+    tokenizer_state,
+    var_config,
+)
+from maskar.nn.attention import ScalePattern
+
+# Per-checkpoint sampling YAMLs (reference §4.5).
+HMAR_SAMPLE_DEFAULTS = {
+    16: {"cfg": 1.7, "top_k": 1000, "top_p": 0.99},
+    20: {"cfg": 1.9, "top_k": 950, "top_p": 0.99},
+    24: {"cfg": 2.1, "top_k": 900, "top_p": 0.99},
+    30: {"cfg": 1.7, "top_k": 1000, "top_p": 0.99},
+}
+
+
+def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
+    ids = {int(m.group(1)) for k in sd if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
+    return max(ids) + 1 if ids else 0
+
+
+def _rename_block(key: str, src: str, dst: str, offset: int = 0) -> str | None:
+    m = re.match(rf"{src}\.(\d+)\.(.*)$", key)
+    return f"{dst}.{int(m.group(1)) + offset}.{m.group(2)}" if m else None
+
+
+def is_combined(sd: Mapping[str, Tensor]) -> bool:
+    return any(k.startswith(("ns_blocks.", "base_blocks.")) for k in sd)
+
+
+def combined_to_ours(sd: Mapping[str, Tensor], stage: int = 2) -> dict[str, Tensor]:
+    """Released combined layout (buffers already dropped) -> our stage-2 (or stage-1) keys."""
+    n_base = _count(sd, "base_blocks")
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        if k.startswith("base_blocks."):
+            out[_rename_block(k, "base_blocks", "blocks")] = v
+        elif k.startswith("ns_blocks."):
+            out[_rename_block(k, "ns_blocks", "blocks", n_base)] = v
+        elif k.startswith("ns_head_nm."):
+            out["head_nm." + k[len("ns_head_nm.") :]] = v
+        elif k.startswith("ns_head."):
+            out["head." + k[len("ns_head.") :]] = v
+        elif k == "word_embed_bias":
+            out["word_embed.bias"] = v
+        elif k.startswith("mask_"):
+            if stage == 2:
+                out[k] = v
+        else:
+            out[k] = v
+    return out
+
+
+def ours_to_combined(sd: Mapping[str, Tensor], depth: int, n_mask: int) -> dict[str, Tensor]:
+    """Our stage-2 keys -> released combined layout (no buffers)."""
+    n_base = depth - n_mask
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        m = re.match(r"blocks\.(\d+)\.(.*)$", k)
+        if m:
+            i = int(m.group(1))
+            name = f"base_blocks.{i}" if i < n_base else f"ns_blocks.{i - n_base}"
+            out[f"{name}.{m.group(2)}"] = v
+        elif k.startswith("head_nm."):
+            out["ns_head_nm." + k[len("head_nm.") :]] = v
+        elif k.startswith("head."):
+            out["ns_head." + k[len("head.") :]] = v
+        elif k == "word_embed.bias":
+            out["word_embed_bias"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def nsp_mp_to_ours(nsp: Mapping[str, Tensor], mp: Mapping[str, Tensor], n_mask: int) -> dict[str, Tensor]:
+    """Stage-1 (NSP) + stage-2 (MP) training files -> our stage-2 keys (official load_* helpers)."""
+    depth = _count(nsp, "blocks")
+    out = dict(nsp)
+    for k, v in mp.items():
+        m = re.match(r"blocks\.(\d+)\.(.*)$", k)
+        if m and int(m.group(1)) >= depth - n_mask:
+            out[f"mask_blocks.{int(m.group(1)) - (depth - n_mask)}.{m.group(2)}"] = v
+        elif k.startswith(("head.", "head_nm.")):
+            out["mask_" + k] = v
+        elif k == "mask_embed.weight":
+            out[k] = v
+    return out
+
+
+def _hmar_config(sd: Mapping[str, Tensor], depth: int, stage: int, n_mask: int):
+    width = sd["pos_start"].shape[-1]
+    cfg = var_config(depth, width, False, patch_nums_for_length(sd["pos_1LC"].shape[1]), arch="hmar")
+    cfg.stage, cfg.n_layers_train = stage, max(n_mask, 1)
+    cfg.validate()
+    return cfg
+
+
+def load_official(
+    src: str | os.PathLike | Mapping[str, Tensor],
+    vae: str | os.PathLike | Mapping[str, Tensor] | None = None,
+    stage: int | None = None,
+    mp: str | os.PathLike | Mapping[str, Tensor] | None = None,
+    cfg=None,
+):
+    """Build a maskar HMAR from an official file and load strictly.
+
+    ``src`` is a released combined file (-> stage 2 by default, ``stage=1`` keeps only the
+    next-scale network) or a stage-1 NSP file (-> stage 1, or stage 2 with ``mp`` = the
+    stage-2 training file). ``vae``: the official VQ-VAE (else the tokenizer stays fresh).
+    """
+    from maskar.models.hmar import HMAR
+
+    sd = read_state_dict(src, "official HMAR checkpoint")
+    pattern = ScalePattern.from_sides("block_diagonal", patch_nums_for_length(sd["pos_1LC"].shape[1]))
+    sd = check_and_drop_buffers(sd, pattern, "official HMAR checkpoint")
+    if is_combined(sd):
+        n_mask = _count(sd, "mask_blocks")
+        depth = _count(sd, "base_blocks") + _count(sd, "ns_blocks")
+        stage = 2 if stage is None else stage
+        if mp is not None:
+            raise CheckpointError("convert hmar: mp= goes with a stage-1 NSP file, not a combined file")
+        ours = combined_to_ours(sd, stage)
+    else:
+        depth = _count(sd, "blocks")
+        if mp is not None:
+            msd = read_state_dict(mp, "official HMAR stage-2 file")
+            msd = check_and_drop_buffers(msd, pattern, "official HMAR stage-2 file")
+            n_mask = 8 if cfg is None else cfg.n_layers_train
+            stage = 2 if stage is None else stage
+            if stage != 2:
+                raise CheckpointError("convert hmar: mp= (the stage-2 file) needs stage=2")
+            ours = nsp_mp_to_ours(sd, msd, n_mask)
+        else:
+            if stage == 2:
+                raise CheckpointError("convert hmar: a stage-1 file has no mask branch; give mp= or stage=1")
+            stage, n_mask = 1, 0
+            ours = {k: v for k, v in sd.items() if not k.startswith("mask_") and k != "word_embed_bias"}
+    cfg = cfg or _hmar_config(sd, depth, stage, n_mask)
+    model = HMAR(cfg)
+    ours.update(tokenizer_state(model, vae))
+    load_state_dict_checked(model, ours, context="official HMAR checkpoint")
+    return model
+
+
+def export_official(model, combined: bool = True) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(transformer, VQ-VAE) state dicts. Stage 2 -> the released combined layout;
+    stage 1 -> the NSP layout (VAR's keys, block-diagonal mask buffer)."""
+    from maskar.convert.var import export_official as export_var_layout
+
+    if model.stage == 1 or not combined:
+        return export_var_layout(model)
+    own, vae = {}, {}
+    for k, v in model.state_dict().items():
+        if k.startswith("tokenizer."):
+            if not k.startswith("tokenizer.train_losses."):
+                vae[k[len("tokenizer.") :]] = v.detach().cpu().clone()
+        else:
+            own[k] = v.detach().cpu().clone()
+    n_mask = len(model.mask_blocks)
+    out = ours_to_combined(own, model.depth, n_mask)
+    n_base = model.depth - n_mask
+    blocks = [f"base_blocks.{i}" for i in range(n_base)]
+    blocks += [f"ns_blocks.{i}" for i in range(n_mask)] + [f"mask_blocks.{i}" for i in range(n_mask)]
+    out.update(official_buffers(model.pattern, blocks, model.C))
+    return out, vae
+
+
+def cli(argv: list[str]) -> int:
+    usage = (
+        "maskar convert hmar src=hmar-dNN.pth vae=vae_ch160v4096z32.pth out=DIR [stage=2|1]\n"
+        "       maskar convert hmar src=nsp.pth mp=mp.pth vae=vae.pth out=DIR\n"
+        "       maskar convert hmar ckpt=DIR out=hmar-dNN.pth [vae_out=vae.pth]"
+    )
+    args = parse_args(argv, ("src", "vae", "out", "stage", "mp", "ckpt", "vae_out"), usage)
+    if "out" not in args or ("src" in args) == ("ckpt" in args):
+        raise SystemExit(f"usage: {usage}")
+    if "src" in args:
+        if "vae" not in args:
+            raise SystemExit(f"convert hmar: give vae=vae_ch160v4096z32.pth (tokenizer weights)\nusage: {usage}")
+        stage = args.get("stage")
+        if stage not in (None, "1", "2"):
+            raise SystemExit(f"convert hmar: stage must be 1 or 2, got {stage!r}")
+        model = load_official(args["src"], args["vae"], None if stage is None else int(stage), args.get("mp"))
+        sample = HMAR_SAMPLE_DEFAULTS.get(model.depth)
+        save_converted(model, args["out"], sample)
+        print(f"wrote {args['out']} (hmar stage {model.stage}, depth {model.depth})")
+        return 0
+    from maskar.checkpoint import load_model
+
+    model, _ = load_model(args["ckpt"], device="cpu")
+    if model.cfg.arch != "hmar":
+        raise SystemExit(f"convert hmar: {args['ckpt']} is a {model.cfg.arch!r} checkpoint, not hmar")
+    tf, vae = export_official(model)
+    torch.save(tf, args["out"])
+    if "vae_out" in args:
+        torch.save(vae, args["vae_out"])
+    print(f"wrote {args['out']}" + (f" and {args['vae_out']}" if "vae_out" in args else ""))
+    return 0
