@@ -1,0 +1,544 @@
+"""Fused block-sparse attention (Triton) for scale-structured masks, forward and backward.
+
+The mask is given by per-token bounds, never materialised: query row ``i`` may attend
+to keys ``kv_start[i] <= j < kv_end[i]`` and, transposed, key ``j`` is seen by queries
+``q_start[j] <= i < q_end[j]``. For a ``ScalePattern`` these are
+
+- block-diagonal (HMAR): kv = [start, end) of i's scale; q = [start, end) of j's scale;
+- block-causal (VAR):    kv = [0, end of i's scale);   q = [start of j's scale, L).
+
+Each program takes one tile of rows and walks only the key (or query) tiles inside the
+union of its rows' bounds, split into three loops: a leading masked part (rows whose
+bounds start later), an unmasked middle that every row may see whole (no mask
+arithmetic), and a trailing masked part. Tiles outside the bounds are never loaded;
+that is where the speed-up over a dense masked kernel comes from. Because the bounds
+encode the pattern, one compiled kernel serves both patterns and every schedule.
+
+Layout: q, k, v are (B, H, L, D) strided views (typically of a fused (B, L, 3, H, D)
+qkv); the kernels take their strides, so nothing is transposed or copied. The output
+and the gradients are written (B, L, H, D) and returned as (B, H, L, D) views, so
+``out.transpose(1, 2).reshape(B, L, H * D)`` in the model is free.
+
+Numerics: fp16 / bf16 operands, fp32 accumulation, softmax in base 2 with the scale
+folded into one multiply; the log-sum-exp (base 2) is saved for the backward pass,
+which recomputes P tile by tile (FlashAttention-2 scheme). dK/dV programs (one per key
+tile) and dQ programs (one per query tile) run in the same launch; dQ needs no atomics,
+so results are deterministic.
+
+Block sizes are chosen per (L, head dim, dtype, pattern, batch*heads class) by timing a
+few candidate configs once (kernels compile per config and dtype / head dim only, so
+new batch sizes, head counts or schedules never recompile).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from maskar.nn.attention import ScalePattern, register_backend
+
+LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr):
+    # DOT_F32 is only set under TRITON_INTERPRET for bf16: the CPU interpreter multiplies
+    # bf16 operands as raw integers, so there the operands are upcast first
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q, k_base, v_base, skl, svl, ks, ke, n_lo, n_hi, L, qk_scale,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            in_seq = offs_n < L
+            k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :])
+        s = _dot(q, tl.trans(k), DOT_F32) * qk_scale  # (BM, BN), log2 units
+        if MASKED:
+            ok = (offs_n[None, :] >= ks[:, None]) & (offs_n[None, :] < ke[:, None])
+            s = tl.where(ok, s, float("-inf"))
+        # m_i starts at -1e30 (finite), so a row with no allowed key in this tile keeps
+        # m_i and gets p = exp2(-inf) = 0 instead of NaN
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, BND,
+    sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
+    H, L, qk_scale, REVERSE,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if REVERSE:  # block-causal: the last row tiles see the most keys, start them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < L
+    rows = tl.minimum(offs_m, L - 1)  # padding rows copy the last row's bounds
+    ks = tl.load(BND + rows)
+    ke = tl.load(BND + L + rows)
+    lo = tl.min(ks, 0)
+    ks_max = tl.max(ks, 0)
+    ke_min = tl.min(ke, 0)
+    hi = tl.max(ke, 0)
+    end1 = lo + tl.cdiv(ks_max - lo, BLOCK_N) * BLOCK_N
+    end2 = end1 + (tl.maximum(ke_min - end1, 0) // BLOCK_N) * BLOCK_N
+
+    q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skl, svl, ks, ke, lo, end1, L, qk_scale,
+                               BLOCK_N, HEAD_DIM, True, DOT_F32)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skl, svl, ks, ke, end1, end2, L, qk_scale,
+                               BLOCK_N, HEAD_DIM, False, DOT_F32)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skl, svl, ks, ke, end2, hi, L, qk_scale,
+                               BLOCK_N, HEAD_DIM, True, DOT_F32)
+    acc = acc / l_i[:, None]
+    # O is written (B, L, H, D) contiguous
+    o_ptrs = O + (b * L * H + h) * HEAD_DIM + offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * L + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _bwd_delta(
+    O, DO, DELTA, sdob, sdoh, sdol, H, L,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """delta[i] = sum_d O[i, d] * dO[i, d] (fp32): the softmax-backward row term."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_m < L
+    o = tl.load(O + (b * L * H + h) * HEAD_DIM + offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :],
+                mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :],
+                 mask=ok[:, None], other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * L + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, sql, sdol, qs, qe, m_lo, m_hi, L, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(m_lo, m_hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        if MASKED:
+            in_seq = offs_m < L
+            q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdol + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=in_seq, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=in_seq, other=0.0)
+        else:
+            q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :])
+            do = tl.load(do_base + offs_m[:, None] * sdol + offs_d[None, :])
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        s_t = _dot(k, tl.trans(q), DOT_F32) * qk_scale  # (BN, BM): S transposed, log2 units
+        if MASKED:
+            ok = (offs_m[None, :] >= qs[:, None]) & (offs_m[None, :] < qe[:, None])
+            s_t = tl.where(ok, s_t, float("-inf"))
+        p_t = tl.exp2(s_t - lse[None, :])
+        dv += _dot(p_t.to(do.dtype), do, DOT_F32)
+        dp_t = _dot(v, tl.trans(do), DOT_F32)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, DOT_F32)
+    return dk, dv
+
+
+@triton.jit
+def _dq_tiles(
+    dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, n_lo, n_hi, L, qk_scale,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            in_seq = offs_n < L
+            k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :])
+        s = _dot(q, tl.trans(k), DOT_F32) * qk_scale
+        if MASKED:
+            ok = (offs_n[None, :] >= ks[:, None]) & (offs_n[None, :] < ke[:, None])
+            s = tl.where(ok, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = _dot(do, tl.trans(v), DOT_F32)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, DOT_F32)
+    return dq
+
+
+@triton.jit
+def _attn_bwd(
+    Q, K, V, DO, DQ, DK, DV, LSE, DELTA, BND,
+    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
+    H, L, N_KV_TILES, qk_scale, sm_scale, REVERSE_DQ,
+    BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """Programs [0, N_KV_TILES) compute dK, dV of one key tile; the rest dQ of one query tile."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    do_base = DO + b * sdob + h * sdoh
+    lse_base = LSE + bh.to(tl.int64) * L
+    delta_base = DELTA + bh.to(tl.int64) * L
+    # gradients are written (B, L, H, D) contiguous
+    g_off = (b * L * H + h) * HEAD_DIM
+    g_row = H * HEAD_DIM
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    if pid < N_KV_TILES:
+        offs_n = pid * BLOCK_N1 + tl.arange(0, BLOCK_N1)
+        col_ok = offs_n < L
+        cols = tl.minimum(offs_n, L - 1)
+        qs = tl.load(BND + 2 * L + cols)
+        qe = tl.load(BND + 3 * L + cols)
+        lo = tl.min(qs, 0)
+        qs_max = tl.max(qs, 0)
+        qe_min = tl.min(qe, 0)
+        hi = tl.max(qe, 0)
+        end1 = lo + tl.cdiv(qs_max - lo, BLOCK_M1) * BLOCK_M1
+        end2 = end1 + (tl.maximum(qe_min - end1, 0) // BLOCK_M1) * BLOCK_M1
+        k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sql, sdol, qs, qe,
+                             lo, end1, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM, True, DOT_F32)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sql, sdol, qs, qe,
+                             end1, end2, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM, False, DOT_F32)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sql, sdol, qs, qe,
+                             end2, hi, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM, True, DOT_F32)
+        g_ptrs = g_off + offs_n[:, None] * g_row + offs_d[None, :]
+        tl.store(DK + g_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    else:
+        pid_m = pid - N_KV_TILES
+        if REVERSE_DQ:
+            pid_m = tl.num_programs(0) - 1 - pid
+        offs_m = pid_m * BLOCK_M2 + tl.arange(0, BLOCK_M2)
+        row_ok = offs_m < L
+        rows = tl.minimum(offs_m, L - 1)
+        ks = tl.load(BND + rows)
+        ke = tl.load(BND + L + rows)
+        lo = tl.min(ks, 0)
+        ks_max = tl.max(ks, 0)
+        ke_min = tl.min(ke, 0)
+        hi = tl.max(ke, 0)
+        end1 = lo + tl.cdiv(ks_max - lo, BLOCK_N2) * BLOCK_N2
+        end2 = end1 + (tl.maximum(ke_min - end1, 0) // BLOCK_N2) * BLOCK_N2
+        q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sdol + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M2, HEAD_DIM], dtype=tl.float32)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, lo, end1, L, qk_scale,
+                       BLOCK_N2, HEAD_DIM, True, DOT_F32)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, end1, end2, L, qk_scale,
+                       BLOCK_N2, HEAD_DIM, False, DOT_F32)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, end2, hi, L, qk_scale,
+                       BLOCK_N2, HEAD_DIM, True, DOT_F32)
+        g_ptrs = g_off + offs_m[:, None] * g_row + offs_d[None, :]
+        tl.store(DQ + g_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    block_m1: int  # query step inside a dK/dV program
+    block_n1: int  # keys per dK/dV program
+    block_m2: int  # queries per dQ program
+    block_n2: int  # key step inside a dQ program
+    num_warps: int
+    num_stages: int
+
+
+def _fwd_candidates(head_dim: int) -> list[FwdConfig]:
+    if head_dim <= 64:
+        return [FwdConfig(64, 64, 4, 3), FwdConfig(128, 64, 8, 3), FwdConfig(64, 32, 4, 3),
+                FwdConfig(128, 32, 4, 3), FwdConfig(32, 64, 4, 3), FwdConfig(128, 128, 8, 2)]
+    return [FwdConfig(64, 64, 4, 2), FwdConfig(128, 64, 8, 2), FwdConfig(64, 32, 4, 2),
+            FwdConfig(32, 64, 4, 2)]
+
+
+def _bwd_candidates(head_dim: int) -> list[BwdConfig]:
+    if head_dim <= 64:
+        return [BwdConfig(32, 64, 64, 32, 4, 3), BwdConfig(32, 128, 128, 32, 8, 3),
+                BwdConfig(64, 64, 64, 64, 4, 2), BwdConfig(16, 64, 64, 16, 4, 3),
+                BwdConfig(64, 128, 128, 64, 8, 2)]
+    return [BwdConfig(32, 64, 64, 32, 4, 2), BwdConfig(16, 64, 64, 16, 4, 2),
+            BwdConfig(64, 64, 64, 64, 8, 2), BwdConfig(32, 128, 128, 32, 8, 2)]
+
+
+# Tests set these to pin the configs (the CPU interpreter has no timing to tune on).
+FORCE_FWD_CONFIG: FwdConfig | None = None
+FORCE_BWD_CONFIG: BwdConfig | None = None
+_INTERPRET_FWD = FwdConfig(16, 16, 4, 1)
+_INTERPRET_BWD = BwdConfig(16, 16, 16, 16, 4, 1)
+
+_tuned: dict[tuple, object] = {}
+
+
+def _tune_key(phase: str, q: Tensor, pattern: ScalePattern, bh: int) -> tuple:
+    # not keyed on B or H themselves: only a coarse "few vs many programs" class, so a
+    # new batch size re-times at most once per class and never recompiles
+    return (phase, q.device.index, q.dtype, q.shape[-1], pattern.kind, pattern.total, bh >= 256)
+
+
+def _time_ms(launch, reps: int = 15) -> float:
+    launch()  # compiles
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        launch()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _pick(key: tuple, candidates: list, launch_with, forced, interpret_default):
+    if forced is not None:
+        return forced
+    if _interpreting():
+        return interpret_default
+    cfg = _tuned.get(key)
+    if cfg is None:
+        best = None
+        for c in candidates:
+            try:
+                t = _time_ms(lambda c=c: launch_with(c))
+            except Exception:  # e.g. out of shared memory / registers for this config: skip it
+                continue
+            if best is None or t < best[0]:
+                best = (t, c)
+        if best is None:
+            raise RuntimeError(f"block-sparse attention: no kernel config compiled for {key}")
+        cfg = _tuned[key] = best[1]
+    return cfg
+
+
+def tuned_configs() -> dict[tuple, object]:
+    """The configs chosen so far (for benchmarks and reports)."""
+    return dict(_tuned)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+@functools.lru_cache(maxsize=64)
+def _bounds(pattern: ScalePattern, device: str) -> Tensor:
+    """(4, L) int32: kv_start, kv_end per query row; q_start, q_end per key column."""
+    n = torch.tensor(pattern.lengths, dtype=torch.int64)
+    ends = n.cumsum(0)
+    starts = ends - n
+    sid = torch.repeat_interleave(torch.arange(len(n)), n)  # (L,)
+    start, end = starts[sid], ends[sid]
+    L = pattern.total
+    if pattern.kind == "block_diagonal":
+        b = torch.stack([start, end, start, end])
+    else:
+        b = torch.stack([torch.zeros_like(start), end, start, torch.full_like(end, L)])
+    return b.to(torch.int32).contiguous().to(device)
+
+
+def _dot_f32(q: Tensor) -> bool:
+    return q.dtype == torch.bfloat16 and _interpreting()
+
+
+def _launch_fwd(q, k, v, o, lse, bnd, qk_scale, reverse, cfg: FwdConfig):
+    B, H, L, D = q.shape
+    grid = (triton.cdiv(L, cfg.block_m), B * H)
+    _attn_fwd[grid](
+        q, k, v, o, lse, bnd,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        H, L, qk_scale, reverse,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, DOT_F32=_dot_f32(q),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _launch_bwd(q, k, v, do, dq, dk, dv, lse, delta, bnd, qk_scale, sm_scale, reverse, cfg: BwdConfig):
+    B, H, L, D = q.shape
+    n_kv = triton.cdiv(L, cfg.block_n1)
+    grid = (n_kv + triton.cdiv(L, cfg.block_m2), B * H)
+    _attn_bwd[grid](
+        q, k, v, do, dq, dk, dv, lse, delta, bnd,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, L, n_kv, qk_scale, sm_scale, reverse,
+        BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
+        HEAD_DIM=D, DOT_F32=_dot_f32(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _blhd_empty(B: int, H: int, L: int, D: int, like: Tensor) -> Tensor:
+    """(B, H, L, D) view of fresh (B, L, H, D) memory."""
+    return torch.empty(B, L, H, D, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: float) -> Tensor:
+        B, H, L, D = q.shape
+        bnd = _bounds(pattern, str(q.device))
+        qk_scale = scale * LOG2E
+        reverse = 1 if pattern.kind == "block_causal" else 0
+        o = _blhd_empty(B, H, L, D, q)
+        lse = torch.empty(B * H, L, dtype=torch.float32, device=q.device)  # base-2 log-sum-exp
+        cfg = _pick(
+            _tune_key("fwd", q, pattern, B * H), _fwd_candidates(D),
+            lambda c: _launch_fwd(q, k, v, o, lse, bnd, qk_scale, reverse, c),
+            FORCE_FWD_CONFIG, _INTERPRET_FWD,
+        )
+        _launch_fwd(q, k, v, o, lse, bnd, qk_scale, reverse, cfg)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.pattern, ctx.scale = pattern, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q, k, v, o, lse = ctx.saved_tensors
+        pattern, scale = ctx.pattern, ctx.scale
+        B, H, L, D = q.shape
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        bnd = _bounds(pattern, str(q.device))
+        delta = torch.empty_like(lse)
+        _bwd_delta[(triton.cdiv(L, 64), B * H)](
+            o, do, delta, do.stride(0), do.stride(1), do.stride(2), H, L, BLOCK_M=64, HEAD_DIM=D,
+        )
+        dq, dk, dv = (_blhd_empty(B, H, L, D, q) for _ in range(3))
+        reverse = 1 if pattern.kind == "block_causal" else 0
+        args = (q, k, v, do, dq, dk, dv, lse, delta, bnd, scale * LOG2E, scale, reverse)
+        cfg = _pick(
+            _tune_key("bwd", q, pattern, B * H), _bwd_candidates(D),
+            lambda c: _launch_bwd(*args, c), FORCE_BWD_CONFIG, _INTERPRET_BWD,
+        )
+        _launch_bwd(*args, cfg)
+        return dq, dk, dv, None, None
+
+
+def block_sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: float | None = None
+) -> Tensor:
+    """Attention under a scale pattern. q, k, v: (B, H, L, D) views -> (B, H, L, D) view of (B, L, H, D)."""
+    if pattern is None:
+        raise ValueError("block_sparse_attention: needs a ScalePattern (dense attention: use sdpa)")
+    if not _shapes_ok(q, k, v, pattern):
+        raise ValueError(
+            f"block_sparse_attention: expected q, k, v of equal shape (B, H, {pattern.total}, D) with D in "
+            f"{_HEAD_DIMS}, fp16/bf16 and contiguous last dim; got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}, {q.dtype}"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _BlockSparseAttention.apply(q, k, v, pattern, scale)
+
+
+# ----------------------------------------------------------------------------- registration
+
+_HEAD_DIMS = (32, 64, 128)
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _shapes_ok(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern) -> bool:
+    return (
+        q.dim() == 4
+        and q.shape == k.shape == v.shape
+        and q.shape[-1] in _HEAD_DIMS
+        and q.shape[-2] == pattern.total
+        and q.dtype in _DTYPES
+        and k.dtype == q.dtype
+        and v.dtype == q.dtype
+        and q.stride(-1) == 1
+        and k.stride(-1) == 1
+        and v.stride(-1) == 1
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _device_ok(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8  # tl.dot in fp16/bf16, bf16 loads
+    return _interpreting()
+
+
+def supports(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern | None) -> bool:
+    return pattern is not None and _device_ok(q.device) and _shapes_ok(q, k, v, pattern)
+
+
+def _backend_fn(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: float | None) -> Tensor:
+    return block_sparse_attention(q, k, v, pattern, scale)
+
+
+# priority 10: tried before varlen (20), flex (30) and SDPA (100); see docs/kernels.md
+register_backend("triton", _backend_fn, supports, priority=10)
+
+__all__ = ["block_sparse_attention", "supports", "tuned_configs", "FwdConfig", "BwdConfig"]

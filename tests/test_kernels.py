@@ -1,0 +1,241 @@
+"""Block-sparse attention kernel (maskar.kernels.block_sparse) and the flex / varlen backends.
+
+Every check compares out, dq, dk, dv with fp32 SDPA + boolean mask on fresh random inputs
+given as strided views of a fused (B, L, 3, H, D) qkv, the model's layout.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 in ONE subprocess (the variable
+must be set before triton is imported, and other test modules may already have imported
+it here); the parametrised tests read its results. GPU tests are marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from maskar.nn.attention import ScalePattern, attention, available_backends, sdpa_attention
+
+SIDES_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+SIDES_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+SIDES_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
+TOL = {"fp16": 3e-3, "bf16": 2.5e-2}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+# (name, lengths, B, H, D, scale, interpreter block size); small enough for the CPU interpreter
+INTERPRET_CASES = [
+    ("256px", tuple(s * s for s in SIDES_256), 1, 2, 32, None, 64),
+    ("512px_first7", tuple(s * s for s in SIDES_512[:7]), 2, 1, 64, None, 32),
+    ("1024px_first8_d128_scale1", tuple(s * s for s in SIDES_1024[:8]), 1, 2, 128, 1.0, 32),
+    ("custom_odd", (3, 1, 17, 40, 5), 3, 2, 32, 0.3, 16),
+    ("single_scale", (50,), 2, 1, 64, None, 16),
+]
+KINDS = ("block_diagonal", "block_causal")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def errors_vs_reference(fn, pattern: ScalePattern, B: int, H: int, D: int, dtype, scale, device) -> dict:
+    """Relative errors of out / dq / dk / dv of ``fn`` vs fp32 SDPA, plus layout facts."""
+    L = pattern.total
+    qkv = torch.randn(B, L, 3, H, D, dtype=dtype, device=device)  # (B, L, 3, H, D), model layout
+    qkv.requires_grad_(True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, L, D) strided views
+    out = fn(q, k, v, pattern, scale)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_in = [x.detach().float().requires_grad_(True) for x in (q, k, v)]
+    ref = sdpa_attention(*ref_in, pattern, scale)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.float())
+    res = {"out": _rel(out, ref)}
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        res[name] = _rel(g, r)
+    res["finite"] = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
+    res["out_blhd"] = out.transpose(1, 2).is_contiguous()  # free reshape to (B, L, H*D) in the model
+    return res
+
+
+# ----------------------------------------------------------------------------- pure-torch pieces
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("lengths", [tuple(s * s for s in SIDES_256), (3, 1, 17, 40, 5), (7,)])
+def test_bounds_reproduce_dense_mask(kind, lengths):
+    pytest.importorskip("triton")
+    from maskar.kernels.block_sparse import _bounds
+
+    p = ScalePattern(kind, lengths)
+    b = _bounds(p, "cpu").long()
+    j = torch.arange(p.total)
+    by_rows = (j[None, :] >= b[0][:, None]) & (j[None, :] < b[1][:, None])  # [i, j] from kv bounds of i
+    by_cols = (j[:, None] >= b[2][None, :]) & (j[:, None] < b[3][None, :])  # [i, j] from q bounds of j
+    dense = p.dense_mask()
+    assert torch.equal(by_rows, dense)
+    assert torch.equal(by_cols, dense)
+
+
+def test_supports_is_false_on_cpu_without_interpreter():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter enabled in this process")
+    p = ScalePattern.from_sides("block_diagonal", (1, 2))
+    q = torch.randn(1, 1, 5, 64, dtype=torch.float16)
+    for mod in ("maskar.kernels.block_sparse", "maskar.nn.attention_flex", "maskar.nn.attention_varlen"):
+        try:
+            m = __import__(mod, fromlist=["supports"])
+        except ImportError:
+            continue
+        assert m.supports(q, q, q, p) is False, mod
+
+
+def test_backends_registered():
+    names = available_backends()
+    assert names[-1] == "sdpa"
+    for mod, name in (("triton", "triton"), ("torch.nn.attention.varlen", "varlen")):
+        try:
+            __import__(mod)
+        except ImportError:
+            continue
+        assert name in names
+
+
+def test_varlen_cu_seqlens():
+    mod = pytest.importorskip("maskar.nn.attention_varlen")
+    cu = mod._cu_seqlens(ScalePattern("block_diagonal", (1, 4, 9)), 2, "cpu")
+    assert cu.tolist() == [0, 1, 5, 14, 15, 19, 28]
+    assert cu.dtype == torch.int32
+
+
+# ----------------------------------------------------------------------------- CPU: Triton interpreter
+
+_RUNNER = r"""
+import json, sys, torch
+sys.path.insert(0, {tests_dir!r})
+import test_kernels as T
+import maskar.kernels.block_sparse as bs
+from maskar.nn.attention import ScalePattern
+torch.manual_seed(0)
+for name, lengths, B, H, D, scale, blk in T.INTERPRET_CASES:
+    bs.FORCE_FWD_CONFIG = bs.FwdConfig(blk, blk, 4, 1)
+    bs.FORCE_BWD_CONFIG = bs.BwdConfig(blk, blk, blk, blk, 4, 1)
+    for kind in T.KINDS:
+        for dname, dtype in T.DTYPES.items():
+            p = ScalePattern(kind, lengths)
+            x = torch.empty(B, H, p.total, D, dtype=dtype)
+            assert bs.supports(x, x, x, p)
+            r = T.errors_vs_reference(bs.block_sparse_attention, p, B, H, D, dtype, scale, "cpu")
+            print("RESULT " + json.dumps({{"case": f"{{name}}-{{kind}}-{{dname}}", **r}}), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    code = _RUNNER.format(tests_dir=os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise AssertionError(f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    res = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[7:])
+            res[r.pop("case")] = r
+    return res
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", [c[0] for c in INTERPRET_CASES])
+def test_kernel_matches_fp32_sdpa_interpreted(interpreter_results, case, kind, dname):
+    r = interpreter_results[f"{case}-{kind}-{dname}"]
+    assert r["finite"]
+    assert r["out_blhd"]
+    for t in ("out", "dq", "dk", "dv"):
+        assert r[t] < TOL[dname], (t, r)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "sides,B,H,D,scale",
+    [
+        (SIDES_256, 4, 3, 64, None),
+        (SIDES_512, 2, 3, 64, None),
+        (SIDES_1024, 1, 2, 64, None),
+        (SIDES_256, 2, 2, 32, 1.0),
+        (SIDES_512, 2, 2, 128, 1.0),
+        ((1, 2, 3, 4, 5, 7, 9), 3, 5, 64, 0.5),
+    ],
+)
+def test_kernel_matches_fp32_sdpa_gpu(sides, B, H, D, scale, kind, dname):
+    from maskar.kernels.block_sparse import block_sparse_attention
+
+    p = ScalePattern.from_sides(kind, sides)
+    r = errors_vs_reference(block_sparse_attention, p, B, H, D, DTYPES[dname], scale, "cuda")
+    assert r["finite"] and r["out_blhd"]
+    for t in ("out", "dq", "dk", "dv"):
+        assert r[t] < TOL[dname], (t, r)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_candidate_config_is_correct_gpu(kind):
+    """Autotuning may pick any candidate: each must compile and be right."""
+    import maskar.kernels.block_sparse as bs
+
+    p = ScalePattern.from_sides(kind, SIDES_256)
+    try:
+        for D in (32, 64, 128):
+            for fc, bc in zip(bs._fwd_candidates(D), bs._bwd_candidates(D) * 2):
+                bs.FORCE_FWD_CONFIG, bs.FORCE_BWD_CONFIG = fc, bc
+                r = errors_vs_reference(bs.block_sparse_attention, p, 2, 2, D, torch.float16, None, "cuda")
+                assert max(r[t] for t in ("out", "dq", "dk", "dv")) < TOL["fp16"], (D, fc, bc, r)
+    finally:
+        bs.FORCE_FWD_CONFIG = bs.FORCE_BWD_CONFIG = None
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["flex", "varlen", "triton", "auto"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_backends_match_fp32_sdpa_gpu(backend, kind):
+    if backend not in available_backends() + ["auto"]:
+        pytest.skip(f"{backend} not available")
+    if backend == "varlen" and kind != "block_diagonal":
+        pytest.skip("varlen expresses block_diagonal only")
+    p = ScalePattern.from_sides(kind, SIDES_256)
+
+    def fn(q, k, v, pattern, scale):
+        return attention(q, k, v, pattern, backend=backend, scale=scale)
+
+    r = errors_vs_reference(fn, p, 2, 4, 64, torch.bfloat16, 1.0, "cuda")
+    assert r["finite"]
+    for t in ("out", "dq", "dk", "dv"):
+        assert r[t] < TOL["bf16"], (t, r)
+
+
+@gpu
+@needs_cuda
+def test_auto_picks_triton_on_cuda():
+    from maskar.kernels.block_sparse import supports
+
+    p = ScalePattern.from_sides("block_causal", SIDES_256)
+    q = torch.randn(1, 2, p.total, 64, device="cuda", dtype=torch.float16)
+    assert supports(q, q, q, p)
+    assert available_backends()[0] == "triton"
+    assert torch.equal(attention(q, q, q, p), attention(q, q, q, p, backend="triton"))
