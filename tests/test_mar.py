@@ -299,3 +299,69 @@ def test_edit_keeps_known_tokens():
 def test_mask_from_order():
     orders = torch.tensor([[2, 0, 1, 3], [3, 2, 1, 0]])
     assert mask_from_order(orders, 2).tolist() == [[True, False, True, False], [False, False, True, True]]
+
+
+# ----------------------------------------------------------------------------- official checkpoints
+
+
+def _official_file(tmp_path, model, with_args: bool) -> Path:
+    import argparse
+
+    from maskar.convert.mar import export_official
+
+    ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in export_official(model).items()}
+    obj = {"model": export_official(model), "model_ema": ema, "epoch": 799}
+    if with_args:
+        obj["args"] = argparse.Namespace(model="mar_base", cfg=2.9)
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save(obj, path)
+    return path
+
+
+def test_load_official_weights_only_and_trust_pickle(tmp_path):
+    from maskar.checkpoint import CheckpointError
+    from maskar.convert.mar import load_into, load_official
+
+    model = tiny_mar()
+    path = _official_file(tmp_path, model, with_args=True)
+    with pytest.raises(CheckpointError, match="trust_pickle=true"):
+        load_official(path)
+    state = load_official(path, trust_pickle=True)  # model_ema by default
+    assert not any(k.startswith("tokenizer.") for k in state)
+    fresh = tiny_mar()
+    load_into(fresh, state)
+    torch.testing.assert_close(fresh.fake_latent, model.fake_latent + 1.0)
+    torch.testing.assert_close(fresh.tokenizer.enc.weight, model.tokenizer.enc.weight)  # untouched
+    raw = load_official(path, entry="model", trust_pickle=True)
+    torch.testing.assert_close(raw["mask_token"], model.mask_token)
+    # without args, plain weights_only loading works
+    path2 = _official_file(tmp_path, model, with_args=False)
+    assert set(load_official(path2)) == set(state)
+    # a mis-shaped or missing key is one clear error
+    bad = dict(state)
+    bad["mask_token"] = torch.zeros(1, 2, 32)
+    del bad["fake_latent"]
+    with pytest.raises(CheckpointError, match="fake_latent.*|mask_token"):
+        load_into(tiny_mar(), bad)
+
+
+def test_convert_cli_writes_a_loadable_checkpoint(tmp_path):
+    from maskar import checkpoint
+    from maskar.config import load_config
+    from maskar.convert import klvae as convert_klvae
+    from maskar.convert import mar as convert_mar
+    from maskar.registry import build_model
+
+    cfg = load_config("mar-tiny")
+    torch.manual_seed(3)
+    model = build_model(cfg.model)
+    src = _official_file(tmp_path, model, with_args=True)
+    vae = tmp_path / "kl.ckpt"
+    convert_klvae.save_official(model.tokenizer, vae)
+    out = tmp_path / "converted"
+    argv = [f"src={src}", f"vae={vae}", "preset=mar-tiny", f"out={out}", "trust_pickle=true"]
+    assert convert_mar.cli(argv) == 0
+    loaded, loaded_cfg = checkpoint.load_model(out, arch="mar")
+    assert loaded_cfg.model.tokenizer_ckpt is None
+    torch.testing.assert_close(loaded.fake_latent, model.fake_latent + 1.0)
+    torch.testing.assert_close(loaded.tokenizer.state_dict(), model.tokenizer.state_dict())
