@@ -107,3 +107,19 @@ def test_tiny_kl_loss_falls():
         losses.append(out["loss"].item())
     assert {"l1", "l2", "kl", "psnr"} <= set(out)
     assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
+
+
+def test_tokenizer_quality_bench_reports_latent_scale(tmp_path):
+    from maskar.bench import tokenizer_quality
+    from maskar.checkpoint import save_model
+    from maskar.config import Config, to_dict
+
+    cfg = tiny_cfg(image_channels=1)
+    full = build(Config, {"model": to_dict(cfg), "data": {"name": "digits", "resolution": 16, "channels": 1}})
+    save_model(tmp_path / "tok", KLVAE(cfg), full)
+    assert (
+        tokenizer_quality.main([str(tmp_path / "tok"), "limit=8", "device=cpu", f"json={tmp_path}/r.json"])
+        == 0
+    )
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["images"] == 8 and res["suggested_scale_factor"] == pytest.approx(1 / res["latent_std"])

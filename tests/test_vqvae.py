@@ -270,3 +270,22 @@ def test_discriminator_path_and_export_drops_it():
     assert all(p.grad is not None for p in model.disc_parameters())
     assert not any(k.startswith("train_losses") for k in convert_vqvae.export_official(model))
     assert "quantize.embedding" in model.no_weight_decay_keywords()
+
+
+def test_tokenizer_quality_bench_on_a_saved_checkpoint(tmp_path, capsys):
+    from maskar.bench import tokenizer_quality
+    from maskar.checkpoint import save_model
+    from maskar.config import Config, to_dict
+
+    cfg = tiny_cfg(image_channels=1)
+    model = MultiScaleVQVAE(cfg)
+    full = build(Config, {"model": to_dict(cfg), "data": {"name": "digits", "resolution": 16, "channels": 1}})
+    save_model(tmp_path / "tok", model, full)
+    assert (
+        tokenizer_quality.main([str(tmp_path / "tok"), "limit=20", "device=cpu", f"json={tmp_path}/r.json"])
+        == 0
+    )
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["images"] == 20 and len(res["scales"]) == 5
+    assert res["scales"][0]["usage"] <= 20 / 32 + 1e-9  # at most one code per image at 1x1
+    assert "PSNR" in capsys.readouterr().out

@@ -17,7 +17,7 @@ from torch import nn
 from maskar import registry
 from maskar.config import ModelConfig, field
 from maskar.tokenizers.common import Decoder, Encoder
-from maskar.tokenizers.losses import TokenizerLossConfig, TokenizerLosses
+from maskar.tokenizers.losses import TokenizerLossConfig, TokenizerLosses, drop_training_keys
 
 
 @dataclass
@@ -160,6 +160,9 @@ class KLVAE(nn.Module):
         logs["kl"] = kl.detach()
         logs["latent_std"] = mean.detach().std()
         return {"loss": loss, **logs}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return super().load_state_dict(drop_training_keys(self, state_dict), strict=strict, assign=assign)
 
     def on_train_step_end(self, step: int) -> dict[str, float]:
         self._step = step

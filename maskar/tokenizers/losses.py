@@ -28,6 +28,14 @@ from maskar.config import field
 TRAINING_PREFIX = "train_losses."
 
 
+def drop_training_keys(module: nn.Module, state_dict):
+    """Without a discriminator, ignore a checkpoint's ``train_losses.*`` keys (inference use)."""
+    has_training_keys = any(k.startswith(TRAINING_PREFIX) for k in module.state_dict())
+    if has_training_keys or not any(k.startswith(TRAINING_PREFIX) for k in state_dict):
+        return state_dict
+    return {k: v for k, v in state_dict.items() if not k.startswith(TRAINING_PREFIX)}
+
+
 @dataclass
 class TokenizerLossConfig:
     """Loss fields common to the tokenizer configs (mixed into VQVAEConfig / KLVAEConfig)."""

@@ -22,7 +22,7 @@ from torch import nn
 from maskar import registry
 from maskar.config import ModelConfig, field
 from maskar.tokenizers.common import Decoder, Encoder
-from maskar.tokenizers.losses import TokenizerLossConfig, TokenizerLosses
+from maskar.tokenizers.losses import TokenizerLossConfig, TokenizerLosses, drop_training_keys
 
 PATCH_NUMS = {
     256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
@@ -498,6 +498,7 @@ class MultiScaleVQVAE(nn.Module):
         return self.train_losses.discriminator_loss(img, rec, self._step)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state_dict = drop_training_keys(self, state_dict)
         # ema_vocab_hit_SV depends on the number of scales only; like the official loader,
         # a file made for another schedule keeps our (zeroed) buffer instead of failing.
         key = "quantize.ema_vocab_hit_SV"
