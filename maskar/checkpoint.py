@@ -381,7 +381,11 @@ def save_step_checkpoint(
     ema_state: Mapping[str, Tensor] | None = None,
     keep_last: int | None = None,
 ) -> Path:
-    """Write ``run_dir/step-XXXXXXX`` atomically, point ``latest`` at it, prune old ones."""
+    """Write ``run_dir/step-XXXXXXX`` atomically, point ``latest`` at it.
+
+    With ``keep_last``, only the newest ``keep_last`` checkpoints up to ``step`` are kept, and
+    checkpoints of later steps (left by an earlier run in the same directory) are deleted.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / step_dir_name(step)
@@ -407,9 +411,11 @@ def save_step_checkpoint(
     _fsync_dir(run_dir)
     atomic_write_text(run_dir / LATEST_FILE, final.name + "\n")
     if keep_last is not None:
-        for _, old in list_step_checkpoints(run_dir)[:-keep_last]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        # Steps after this one belong to an abandoned run (restarted with resume=false).
+        stale = [p for s, p in list_step_checkpoints(run_dir) if s > step]
+        older = [p for s, p in list_step_checkpoints(run_dir) if s <= step]
+        for old in stale + older[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -175,6 +175,10 @@ def test_step_checkpoints_latest_pointer_and_pruning(tmp_path: Path) -> None:
     # Re-saving an existing step replaces it.
     ck.save_step_checkpoint(tmp_path, 3, model, cfg, trainer_state={"step": 33}, keep_last=2)
     assert ck.load_trainer_state(tmp_path / "step-0000003") == {"step": 33}
+    # A restarted run (resume=false) saving step 1 drops the abandoned run's later steps.
+    ck.save_step_checkpoint(tmp_path, 1, model, cfg, trainer_state={"step": 1}, keep_last=2)
+    assert [s for s, _ in ck.list_step_checkpoints(tmp_path)] == [1]
+    ck.save_step_checkpoint(tmp_path, 3, model, cfg, trainer_state={"step": 3}, keep_last=2)
     # load_model on a run dir follows the pointer.
     loaded, _ = ck.load_model(tmp_path)
     assert torch.equal(loaded.conv_in.weight, model.conv_in.weight)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -174,6 +175,9 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 
 def seed_worker(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process saves and stops the workers,
+    # which must not die first (the main process would fail fetching the next batch).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # torch seeds each worker from the loader generator; numpy and random follow it.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)

@@ -412,7 +412,7 @@ class Trainer:
 
     def _log_metrics(
         self, sums: dict[str, Tensor], counts: dict[str, int], elapsed: float, steps: int
-    ) -> None:
+    ) -> dict[str, float]:
         keys = sorted(sums)
         avg = torch.stack([(sums[k] / counts[k]).to(self.device) for k in keys]) if keys else None
         if avg is not None:
@@ -427,6 +427,7 @@ class Trainer:
         if not all(math.isfinite(v) for k, v in out.items() if k == "loss"):
             self.log.info(f"warning: non-finite loss at step {self.step}")
         self.log.scalars(self.step, self.cfg.train.steps, out)
+        return out
 
     def run(self, stop_at: int | None = None) -> Path:
         """Train to ``train.steps`` (or stop early at ``stop_at``, saving, as an interruption would)."""
@@ -445,6 +446,11 @@ class Trainer:
                 f"precision {tc.precision}, out_dir {self.out_dir}"
             )
         self._last_saved = self.step if self.resume_dir is not None else -1
+        if not tc.resume and ckpt.latest_checkpoint(self.out_dir) is not None:
+            self.log.info(
+                f"train.resume=false: starting from scratch; the checkpoints already in {self.out_dir} "
+                "will be replaced as this run saves"
+            )
         if self.step >= total:
             self.log.info(f"nothing to do: already at step {self.step} of {total}")
             return self.out_dir
@@ -474,7 +480,11 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                     if self.step % tc.log_every == 0:
-                        self._log_metrics(sums, counts, time.perf_counter() - window_start, window_steps)
+                        logged = self._log_metrics(
+                            sums, counts, time.perf_counter() - window_start, window_steps
+                        )
+                        if bar is not None and "loss" in logged:
+                            bar.set_postfix(loss=f"{logged['loss']:.4g}", refresh=False)
                         sums, counts = {}, {}
                         window_start, window_steps = time.perf_counter(), 0
                     stop = D.any_rank(self.dist, stops.signal is not None)
