@@ -317,3 +317,26 @@ def test_diffloss_training_decreases_and_mask():
     mask = torch.zeros(64)
     mask[:10] = 1
     assert torch.isfinite(head(target, z, mask))
+
+
+@pytest.mark.parametrize("var_type", ["learned_range", "fixed_large", "fixed_small"])
+def test_sampling_loop_scalar_path_equals_per_row_path(var_type):
+    torch.manual_seed(0)
+    betas = get_betas("cosine", 1000)
+    diff = create_diffusion(
+        "7", learn_sigma=var_type == "learned_range", sigma_small=var_type == "fixed_small"
+    )
+    assert diff.var_type == var_type and np.allclose(diff.alphas_cumprod[-1], np.cumprod(1 - betas)[-1])
+    w = torch.randn(3, 6 if var_type == "learned_range" else 3) * 0.3
+
+    def model(x, t):
+        out = torch.tanh(x @ w + t[:, None].float() / 1000)
+        return out
+
+    noise = torch.randn(5, 3)
+    got = diff.p_sample_loop(model, noise, temperature=0.8, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    x = noise
+    for i in reversed(range(diff.num_timesteps)):
+        x = diff.p_sample(model, x, torch.full((5,), i), temperature=0.8, generator=g)
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-6)
