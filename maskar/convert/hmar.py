@@ -32,6 +32,7 @@ from torch import Tensor
 from maskar.checkpoint import CheckpointError, load_state_dict_checked
 from maskar.convert.var import (
     check_and_drop_buffers,
+    detached,
     official_buffers,
     parse_args,
     patch_nums_for_length,
@@ -190,9 +191,9 @@ def export_official(model, combined: bool = True) -> tuple[dict[str, Tensor], di
     for k, v in model.state_dict().items():
         if k.startswith("tokenizer."):
             if not k.startswith("tokenizer.train_losses."):
-                vae[k[len("tokenizer.") :]] = v.detach().cpu().clone()
+                vae[k[len("tokenizer.") :]] = detached(v)
         else:
-            own[k] = v.detach().cpu().clone()
+            own[k] = detached(v)
     n_mask = len(model.mask_blocks)
     out = ours_to_combined(own, model.depth, n_mask)
     n_base = model.depth - n_mask
@@ -213,7 +214,7 @@ def cli(argv: list[str]) -> int:
         raise SystemExit(f"usage: {usage}")
     if "src" in args:
         if "vae" not in args:
-            raise SystemExit(f"convert hmar: give vae=vae_ch160v4096z32.pth (tokenizer weights)\nusage: {usage}")
+            raise SystemExit(f"convert hmar: give vae=VAE.pth (tokenizer weights)\nusage: {usage}")
         stage = args.get("stage")
         if stage not in (None, "1", "2"):
             raise SystemExit(f"convert hmar: stage must be 1 or 2, got {stage!r}")

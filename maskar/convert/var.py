@@ -140,6 +140,11 @@ def load_official(
     return model
 
 
+def detached(v: Tensor) -> Tensor:
+    """A CPU copy (meta tensors, used in shape-only tests, stay meta)."""
+    return v.detach().clone() if v.is_meta else v.detach().cpu().clone()
+
+
 def export_official(model) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(transformer state dict, VQ-VAE state dict) in the official flat layouts, derived buffers included.
 
@@ -149,9 +154,9 @@ def export_official(model) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     for k, v in model.state_dict().items():
         if k.startswith("tokenizer."):
             if not k.startswith("tokenizer.train_losses."):
-                vae[k[len("tokenizer.") :]] = v.detach().cpu().clone()
+                vae[k[len("tokenizer.") :]] = detached(v)
         elif not k.startswith("mask_"):
-            tf[k] = v.detach().cpu().clone()
+            tf[k] = detached(v)
     blocks = [f"blocks.{i}" for i in range(len(model.blocks))]
     tf.update(official_buffers(model.pattern, blocks, model.C))
     return tf, vae
@@ -186,7 +191,7 @@ def cli(argv: list[str]) -> int:
         raise SystemExit(f"usage: {usage}")
     if "src" in args:
         if "vae" not in args:
-            raise SystemExit(f"convert var: give vae=vae_ch160v4096z32.pth (tokenizer weights)\nusage: {usage}")
+            raise SystemExit(f"convert var: give vae=VAE.pth (tokenizer weights)\nusage: {usage}")
         model = load_official(args["src"], args["vae"])
         save_converted(model, args["out"], VAR_SAMPLE_DEFAULTS)
         print(f"wrote {args['out']} (var depth {model.depth}, patch_nums {list(model.patch_nums)})")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,21 +121,21 @@ def scale_loss_weights(patch_nums: tuple[int, ...], kind: str) -> Tensor:
     normal-pdf weighting of the *reversed* side ratios (reference §4.6). ``linear``:
     mass proportional to the scale index + 1. ``equal``: 1/K per scale.
     """
-    n = torch.tensor(patch_nums, dtype=torch.float64)
+    n = torch.tensor(patch_nums, dtype=torch.float64, device="cpu")
     K = len(patch_nums)
     if kind == "uniform":
         w = n * n
     elif kind == "lognorm":
         r = n / n[-1]
         if K < 2:
-            w = torch.ones(1, dtype=torch.float64)
+            w = torch.ones(1, dtype=torch.float64, device="cpu")
         else:
             z = (r.flip(0) - r.mean()) / r.std(unbiased=True)
             w = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
     elif kind == "linear":
-        w = torch.arange(1, K + 1, dtype=torch.float64)
+        w = torch.arange(1, K + 1, dtype=torch.float64, device="cpu")
     elif kind == "equal":
-        w = torch.ones(K, dtype=torch.float64)
+        w = torch.ones(K, dtype=torch.float64, device="cpu")
     else:
         raise ValueError(f"loss_weighting: expected one of {list(LOSS_WEIGHTINGS)}, got {kind!r}")
     return w / w.sum()
@@ -198,7 +199,7 @@ class NextScaleModel(nn.Module):
         self.C, self.depth = C, cfg.depth
         self.lengths = tuple(p * p for p in self.patch_nums)
         self.L = sum(self.lengths)
-        ends = torch.tensor(self.lengths).cumsum(0).tolist()
+        ends = list(itertools.accumulate(self.lengths))
         self.begin_ends = [(e - n, e) for e, n in zip(ends, self.lengths)]  # token span of each scale
         self.pattern = ScalePattern(self.pattern_kind, self.lengths)
 
@@ -210,13 +211,13 @@ class NextScaleModel(nn.Module):
         self.lvl_embed = nn.Embedding(K, C)
         if cfg.shared_aln:
             self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C))
-        dpr = torch.linspace(0, cfg.dpr, cfg.depth).tolist()
+        dpr = [cfg.dpr * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear over depth
         self.blocks = nn.ModuleList(self._make_block(dpr[i]) for i in range(cfg.depth))
         self.head_nm = AdaLNBeforeHead(C, C, cfg.norm_eps)
         self.head = nn.Linear(C, self.vocab_size)
 
         # Derived buffers: recomputed, never saved.
-        self.register_buffer("lvl_1L", self.pattern.scale_ids().view(1, self.L), persistent=False)
+        self.register_buffer("lvl_1L", self.pattern.scale_ids("cpu").view(1, self.L), persistent=False)
         self.register_buffer(
             "loss_weight", token_loss_weights(self.patch_nums, cfg.loss_weighting), persistent=False
         )
