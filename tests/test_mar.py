@@ -365,3 +365,12 @@ def test_convert_cli_writes_a_loadable_checkpoint(tmp_path):
     assert loaded_cfg.model.tokenizer_ckpt is None
     torch.testing.assert_close(loaded.fake_latent, model.fake_latent + 1.0)
     torch.testing.assert_close(loaded.tokenizer.state_dict(), model.tokenizer.state_dict())
+
+
+def test_bench_runs_tiny_on_cpu(capsys):
+    from maskar.bench.mar import main
+
+    argv = ["--preset", "mar-tiny", "--device", "cpu", "--batch", "2", "--train-batch", "2", "--num-iters", "2"]
+    assert main(argv + ["--sample-reps", "1", "--train-reps", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "img/s" in out and "train step (cached latents)" in out
