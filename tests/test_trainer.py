@@ -230,12 +230,17 @@ def test_resume_after_sigterm_equals_uninterrupted_run(
     assert "resumed from" in log and "at step 4 (epoch 1, batch 1)" in log
 
 
-def test_stop_at_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+def test_stop_at_then_resume_equals_uninterrupted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    starts = []
+    monkeypatch.setattr(ToyDenoiser, "on_train_start", lambda self, step: starts.append(step), raising=False)
     train(toy_cfg(tmp_path / "a", "train.steps=6", "train.ckpt_every=0"))
     cfg_b = toy_cfg(tmp_path / "b", "train.steps=6", "train.ckpt_every=0")
     train(cfg_b, stop_at=3)  # end of epoch 0: the resumed run starts a fresh epoch
     assert ck.latest_checkpoint(tmp_path / "b").name == "step-0000003"
     train(cfg_b)
+    assert starts == [0, 0, 3]
     assert_runs_identical(read_run(tmp_path / "a"), read_run(tmp_path / "b"))
     # Already finished: a further call does nothing and keeps the result.
     before = read_run(tmp_path / "b")

@@ -6,8 +6,8 @@ step checkpoints (atomic) with exact resume; tqdm, ``log.txt`` and TensorBoard.
 
 The model surface it uses is documented in docs/architecture.md: ``loss(batch)`` and the
 optional hooks ``named_trainable_parameters``, ``no_weight_decay_keywords``,
-``disc_parameters`` / ``disc_loss``, ``on_train_step_end``, ``init_pretrained`` and the
-attribute ``ddp_find_unused_parameters``.
+``disc_parameters`` / ``disc_loss``, ``on_train_start``, ``on_train_step_end``,
+``init_pretrained`` and the attribute ``ddp_find_unused_parameters``.
 
 Resume is exact: the checkpoint holds weights, EMA, optimizer and scaler states, every
 rank's RNG states, the step and the data position (epoch, batch within the epoch). The
@@ -455,6 +455,8 @@ class Trainer:
             self.log.info(f"nothing to do: already at step {self.step} of {total}")
             return self.out_dir
 
+        if hasattr(self.model, "on_train_start"):
+            self.model.on_train_start(self.step)  # 0 on a fresh run, the restored step on resume
         bar = None
         if self.dist.is_main and tc.progress:
             from tqdm import tqdm
