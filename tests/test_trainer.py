@@ -391,3 +391,21 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path) -> None:
     state = ck.load_trainer_state(tmp_path / "ddp" / "step-0000004")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert [s for s, _ in ck.list_step_checkpoints(tmp_path / "ddp")] == [2, 4]
+
+
+def test_logger_without_tensorboard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from maskar.train.logging import RunLogger
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now fails
+    printed: list[str] = []
+    log = RunLogger(tmp_path, enabled=True, tensorboard=True)
+    log.set_console(printed.append)
+    assert log.tb is None and "pip install tensorboard" in log.tb_error
+    log.scalars(5, 10, {"loss": 0.25, "lr": 1e-4})
+    line = (tmp_path / "log.txt").read_text().strip()
+    assert line.endswith("step 5/10 | loss 0.2500 | lr 1.000e-04") and printed == [line]
+    silent = RunLogger(tmp_path / "rank1", enabled=False)
+    silent.scalars(1, 1, {"loss": 1.0})
+    assert not (tmp_path / "rank1").exists()
