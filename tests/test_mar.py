@@ -370,7 +370,64 @@ def test_convert_cli_writes_a_loadable_checkpoint(tmp_path):
 def test_bench_runs_tiny_on_cpu(capsys):
     from maskar.bench.mar import main
 
-    argv = ["--preset", "mar-tiny", "--device", "cpu", "--batch", "2", "--train-batch", "2", "--num-iters", "2"]
+    argv = [
+        "--preset",
+        "mar-tiny",
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--train-batch",
+        "2",
+        "--num-iters",
+        "2",
+    ]
     assert main(argv + ["--sample-reps", "1", "--train-reps", "1", "--warmup", "0"]) == 0
     out = capsys.readouterr().out
     assert "img/s" in out and "train step (cached latents)" in out
+
+
+def test_tokenizer_ckpt_dir_and_latent_cache(tmp_path):
+    import dataclasses
+
+    from maskar import checkpoint
+    from maskar.config import Config, build, load_config, to_dict
+    from maskar.data.latent_store import LatentDataset
+    from maskar.models.mar import build_tokenizer, cache_latents_for
+    from maskar.registry import build_model
+
+    cfg = load_config("mar-tiny")
+    tok_cfg = cfg.model.tokenizer
+    torch.manual_seed(0)
+    tok = build_model(tok_cfg)
+    tok_dir = tmp_path / "tok"
+    checkpoint.save_model(tok_dir, tok, build(Config, {"model": to_dict(tok_cfg)}))
+    mcfg = dataclasses.replace(cfg.model, tokenizer_ckpt=str(tok_dir))
+    model = MAR(mcfg)
+    model.init_pretrained()
+    torch.testing.assert_close(model.tokenizer.state_dict(), tok.state_dict())
+    bad = dataclasses.replace(mcfg, tokenizer=dataclasses.replace(tok_cfg, scale_factor=0.5))
+    with pytest.raises(ValueError, match="scale_factor"):
+        build_tokenizer(bad)
+
+    class Images(torch.utils.data.Dataset):
+        num_classes = 10
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"image": torch.rand(3, 32, 32, generator=g) * 2 - 1, "label": torch.tensor(i % 10)}
+
+    cache_latents_for(mcfg, Images(), str(tmp_path / "lat"), batch_size=2)
+    ds = LatentDataset(tmp_path / "lat")
+    item = ds[3]
+    img = Images()[3]["image"][None]
+    with torch.no_grad():
+        torch.testing.assert_close(item["moments"][None], tok.encode_moments(img), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            item["moments_flip"][None], tok.encode_moments(img.flip(-1)), rtol=1e-4, atol=1e-5
+        )
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    assert torch.isfinite(model.loss(batch)["loss"])

@@ -515,6 +515,13 @@ def load_tokenizer_weights(tokenizer: nn.Module, path: str) -> None:
     if p.is_dir():
         source, _ = checkpoint.load_model(p, arch="klvae")
         state = source.state_dict()
+        # The latent scale is config, not a weight: a silent mismatch would shift every latent.
+        want, have = getattr(tokenizer, "scale_factor", None), getattr(source, "scale_factor", None)
+        if want is not None and have is not None and abs(float(want) - float(have)) > 1e-9:
+            raise ValueError(
+                f"model.tokenizer.scale_factor={want} but the tokenizer checkpoint {str(p)!r} uses {have}; "
+                f"set model.tokenizer.scale_factor={have}"
+            )
     elif p.is_file():
         obj = checkpoint.load_official(p)
         state = obj["model"] if isinstance(obj, dict) and "model" in obj else obj
