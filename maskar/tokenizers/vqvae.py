@@ -24,6 +24,8 @@ from maskar.config import ModelConfig, field
 from maskar.tokenizers.common import Decoder, Encoder
 from maskar.tokenizers.losses import TokenizerLossConfig, TokenizerLosses, drop_training_keys
 
+_NEAREST_CHUNK = 16384  # rows of the distance matrix computed at once
+
 PATCH_NUMS = {
     256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
     512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
@@ -155,11 +157,16 @@ class MultiScaleQuantizer(nn.Module):
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """(N, Cz) -> (N,) int64 ids of the nearest codes in L2."""
-        w = self.embedding.weight
-        # |z|^2 + |w|^2 - 2 z.w, in fp32 for a stable argmin.
-        z32, w32 = z.float(), w.float()
-        d = z32.pow(2).sum(1, keepdim=True) + w32.pow(2).sum(1) - 2 * z32 @ w32.t()
-        return d.argmin(1)
+        # |z|^2 + |w|^2 - 2 z.w in fp32 without autocast (the official order of operations,
+        # so near-ties resolve alike), in row chunks so the (N, V) matrix stays small.
+        w32 = self.embedding.weight.detach().float()
+        w_sq = w32.pow(2).sum(1)
+        out = []
+        with torch.autocast(z.device.type, enabled=False):
+            for zc in z.detach().float().split(_NEAREST_CHUNK):
+                d = zc.pow(2).sum(1, keepdim=True) + w_sq
+                out.append(d.addmm_(zc, w32.t(), alpha=-2).argmin(1))
+        return torch.cat(out)
 
     def contribution(self, si: int, h: torch.Tensor, side: int) -> torch.Tensor:
         """phi_si(bicubic_up(h)) at full latent size; no resampling at the last scale."""
