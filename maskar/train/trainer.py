@@ -324,6 +324,7 @@ class Trainer:
             )
         D.barrier(self.dist)
         self._last_saved = self.step
+        self.log.info(f"saved {path}")
         return path
 
     # ----------------------------------------------------------------------------- one step
