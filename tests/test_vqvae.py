@@ -289,3 +289,39 @@ def test_tokenizer_quality_bench_on_a_saved_checkpoint(tmp_path, capsys):
     assert res["images"] == 20 and len(res["scales"]) == 5
     assert res["scales"][0]["usage"] <= 20 / 32 + 1e-9  # at most one code per image at 1x1
     assert "PSNR" in capsys.readouterr().out
+
+
+def test_perceptual_loss_from_user_weight_files(tmp_path):
+    from maskar.tokenizers.losses import _VGG16_CONVS, LPIPS
+
+    g = torch.Generator().manual_seed(0)
+    vgg = {}
+    for idx, cin, cout in _VGG16_CONVS:  # torchvision layout, plus a classifier key to ignore
+        vgg[f"features.{idx}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * (2 / (9 * cin)) ** 0.5
+        vgg[f"features.{idx}.bias"] = torch.zeros(cout)
+    vgg["classifier.0.weight"] = torch.zeros(2, 2)
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    widths = (64, 128, 256, 512, 512)
+    torch.save(
+        {f"lin{i}.model.1.weight": torch.full((1, c, 1, 1), 2.0) for i, c in enumerate(widths)},
+        tmp_path / "lin.pth",
+    )
+    plain = LPIPS(str(tmp_path / "vgg16.pth"))
+    weighted = LPIPS(str(tmp_path / "vgg16.pth"), str(tmp_path / "lin.pth"))
+    a = torch.rand(2, 1, 16, 16) * 2 - 1  # grayscale is repeated to 3 channels
+    b = (a + 0.3 * torch.randn_like(a)).clamp(-1, 1).requires_grad_(True)
+    assert float(plain(a, a)) == 0.0
+    d = plain(b, a)
+    assert float(d.detach()) > 0
+    torch.testing.assert_close(weighted(b, a), 2 * d)  # the linear heads weight each channel
+    d.backward()
+    assert b.grad is not None and b.grad.abs().sum() > 0
+    # Through the tokenizer: the loss logs it and nothing of VGG lands in the state dict.
+    model = MultiScaleVQVAE(
+        tiny_cfg(image_channels=1, perceptual_weight=1.0, perceptual_vgg=str(tmp_path / "vgg16.pth"))
+    )
+    out = model.loss({"image": a})
+    assert "perceptual" in out and float(out["perceptual"]) > 0
+    assert set(model.state_dict()) == set(MultiScaleVQVAE(tiny_cfg(image_channels=1)).state_dict())
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        LPIPS(str(tmp_path / "missing.pth"))
