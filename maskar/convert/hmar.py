@@ -22,6 +22,7 @@ dropped on import, rebuilt on export.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -149,7 +150,11 @@ def load_official(
     from maskar.models.hmar import HMAR
 
     sd = read_state_dict(src, "official HMAR checkpoint")
-    pattern = ScalePattern.from_sides("block_diagonal", patch_nums_for_length(sd["pos_1LC"].shape[1]))
+    if cfg is not None:
+        patch_nums = tuple(cfg.tokenizer.patch_nums)
+    else:
+        patch_nums = patch_nums_for_length(sd["pos_1LC"].shape[1])
+    pattern = ScalePattern.from_sides("block_diagonal", patch_nums)
     sd = check_and_drop_buffers(sd, pattern, "official HMAR checkpoint")
     if is_combined(sd):
         n_mask = _count(sd, "mask_blocks")
@@ -173,7 +178,11 @@ def load_official(
                 raise CheckpointError("convert hmar: a stage-1 file has no mask branch; give mp= or stage=1")
             stage, n_mask = 1, 0
             ours = {k: v for k, v in sd.items() if not k.startswith("mask_") and k != "word_embed_bias"}
-    cfg = cfg or _hmar_config(sd, depth, stage, n_mask)
+    if cfg is None:
+        cfg = _hmar_config(sd, depth, stage, n_mask)
+    else:  # caller's architecture (e.g. a non-official schedule); the file decides the stage
+        n_train = max(n_mask, 1) if stage == 2 else cfg.n_layers_train
+        cfg = dataclasses.replace(cfg, stage=stage, n_layers_train=n_train)
     model = HMAR(cfg)
     ours.update(tokenizer_state(model, vae))
     load_state_dict_checked(model, ours, context="official HMAR checkpoint")

@@ -209,9 +209,10 @@ class HMAR(NextScaleModel):
         m = self.mask_embed.weight.to(own.dtype)
         return self.word_embed(x_ctx) + torch.where(masked.unsqueeze(-1), m, own)
 
-    def sample_train_mask(self, batch: int, device: torch.device) -> Tensor:
+    def sample_train_mask(self, batch: int, device: torch.device, ratio: float | None = None) -> Tensor:
         """(B or 1, L-1) bool: ratio ~ U(0, 1]; ceil(ratio * pn^2) positions per scale k >= 1."""
-        ratio = 1.0 - torch.rand(()).item()  # in (0, 1], so every scale masks >= 1 token
+        if ratio is None:
+            ratio = 1.0 - torch.rand(()).item()  # in (0, 1], so every scale masks >= 1 token
         shared = self.cfg.mask_positions == "shared"
         rows = 1 if shared else batch
         parts = []
