@@ -431,3 +431,22 @@ def test_tokenizer_ckpt_dir_and_latent_cache(tmp_path):
         )
     batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
     assert torch.isfinite(model.loss(batch)["loss"])
+
+
+def test_cli_train_sample_edit_tiny(tmp_path):
+    from PIL import Image
+
+    from maskar.cli import main
+
+    run = tmp_path / "run"
+    common = ["train.progress=false", "train.tensorboard=false"]
+    assert main(["train", "preset=mar-tiny", "train.steps=2", f"train.out_dir={run}", *common]) == 0
+    grid = tmp_path / "s.png"
+    assert (
+        main(["sample", f"ckpt={run}", "labels=0,1", "per_class=1", f"out={grid}", "sample.num_iter=2"]) == 0
+    )
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "in.png")
+    edited = tmp_path / "e.png"
+    argv = ["edit", f"ckpt={run}", f"image={tmp_path / 'in.png'}", "mask=box:0.25,0.25,0.75,0.75", "n=1"]
+    assert main(argv + [f"out={edited}", "sample.num_iter=2"]) == 0
+    assert grid.is_file() and edited.is_file()
