@@ -72,8 +72,8 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
-def check_backend(model, backend: str, device: torch.device) -> float:
-    """Max |logit difference| of ``backend`` vs fp32 SDPA on one fresh random input (eval mode)."""
+def check_backend(model, backend: str, device: torch.device, precision: str) -> float:
+    """Max |logit difference| of ``backend`` (benchmark precision) vs fp32 SDPA on a fresh random input."""
     model.eval()
     g = torch.Generator(device="cpu").manual_seed(1)
     labels = torch.randint(0, model.num_classes, (2,), generator=g).to(device)
@@ -82,7 +82,8 @@ def check_backend(model, backend: str, device: torch.device) -> float:
         set_backend(model, "sdpa")
         ref = model(labels, x)
         set_backend(model, backend)
-        got = model(labels, x)
+        with _autocast(device, precision):
+            got = model(labels, x)
     model.train()
     return (got - ref).abs().max().item()
 
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         n = sum(p.numel() for _, p in model.named_trainable_parameters()) / 1e6
         for backend in [b.strip() for b in str(opts["backend"]).split(",") if b.strip()]:
             try:
-                err = check_backend(model, backend, device)
+                err = check_backend(model, backend, device, opts["precision"])
                 ms, peak, first = time_steps(model, opts, device)
             except Exception as e:  # noqa: BLE001 - report and continue with the next variant
                 print(f"{name:<10} {backend:<8} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
