@@ -325,3 +325,34 @@ def test_perceptual_loss_from_user_weight_files(tmp_path):
     assert set(model.state_dict()) == set(MultiScaleVQVAE(tiny_cfg(image_channels=1)).state_dict())
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         LPIPS(str(tmp_path / "missing.pth"))
+
+
+def test_trains_and_resumes_through_the_trainer(tmp_path):
+    from maskar.checkpoint import latest_checkpoint, load_model, load_trainer_state
+    from maskar.config import Config, to_dict
+    from maskar.train.trainer import train
+
+    model_cfg = to_dict(
+        tiny_cfg(image_channels=1, disc_weight=0.1, disc_ch=8, disc_layers=1, dead_code_steps=2)
+    )
+    data = {"name": "digits", "resolution": 16, "channels": 1, "limit": 16}
+    opts = {
+        "steps": 3,
+        "batch_size": 8,
+        "out_dir": str(tmp_path / "run"),
+        "ckpt_every": 0,
+        "log_every": 1,
+        "progress": False,
+        "tensorboard": False,
+        "lr": 1e-3,
+    }
+    cfg = build(Config, {"model": model_cfg, "data": data, "train": opts, "device": "cpu"})
+    train(cfg, stop_at=2)  # interrupted after 2 steps, with a checkpoint
+    assert load_trainer_state(latest_checkpoint(tmp_path / "run"))["disc_optimizer"] is not None
+    train(cfg)  # resumes and finishes step 3
+    model, _ = load_model(tmp_path / "run")
+    assert isinstance(model, MultiScaleVQVAE)
+    # The official hit-count buffer is trained state: saved and restored with the weights.
+    assert model.quantize.ema_vocab_hit_SV.sum() > 0
+    assert load_trainer_state(latest_checkpoint(tmp_path / "run"))["step"] == 3
+    assert "usage_s0" in (tmp_path / "run" / "log.txt").read_text()
