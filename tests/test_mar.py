@@ -450,3 +450,19 @@ def test_cli_train_sample_edit_tiny(tmp_path):
     argv = ["edit", f"ckpt={run}", f"image={tmp_path / 'in.png'}", "mask=box:0.25,0.25,0.75,0.75", "n=1"]
     assert main(argv + [f"out={edited}", "sample.num_iter=2"]) == 0
     assert grid.is_file() and edited.is_file()
+
+
+def test_presets_and_sampling_config_validation():
+    from maskar.config import ConfigError, load_config
+
+    for name, width, cfg_scale in (("mar-b", 768, 2.9), ("mar-l", 1024, 3.0), ("mar-h", 1280, 3.2)):
+        c = load_config(name)
+        assert c.model.encoder_embed_dim == width and c.sample.cfg == cfg_scale
+        assert c.model.tokenizer.scale_factor == 0.2325 and c.train.weight_decay == 0.02
+    assert load_config("mar-tiny", ["sample.num_sampling_steps=50"]).sample.num_sampling_steps == 50
+    with pytest.raises(ConfigError, match="num_sampling_steps"):
+        load_config("mar-tiny", ["sample.num_sampling_steps=abc"])
+    with pytest.raises(ConfigError, match="cfg_schedule"):
+        load_config("mar-tiny", ["sample.cfg_schedule=cosine"])
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config("mar-tiny", ["model.encoder_num_heads=3"])

@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from maskar import registry
 from maskar.config import ModelConfig, SampleConfig, field
 from maskar.nn.diffloss import DiffLoss
+from maskar.nn.diffusion import space_timesteps
 from maskar.nn.vit import Block
 from maskar.tokenizers.klvae import KLVAE, KLVAEConfig
 
@@ -63,7 +64,7 @@ class MARConfig(ModelConfig):
     mask_ratio_std: float = field(0.25, min=0.0, help="std of the truncated normal centred at 1")
     diffloss_d: int = field(6, min=1, help="diffusion MLP depth")
     diffloss_w: int = field(1024, min=1, help="diffusion MLP width")
-    num_sampling_steps: str = field("100", help="default respacing of the sampling diffusion")
+    num_sampling_steps: int | str = field("100", help="default respacing of the sampling diffusion")
     diffusion_batch_mul: int = field(4, min=1, help="independent (t, noise) draws per token in training")
     grad_checkpointing: bool = field(False)
     tokenizer: KLVAEConfig = field(default_factory=KLVAEConfig)
@@ -78,6 +79,7 @@ class MARConfig(ModelConfig):
                 raise ValueError(f"{name}_embed_dim {dim} is not divisible by {name}_num_heads {heads}")
         if self.mask_ratio_std == 0 or self.mask_ratio_min >= 1.0:
             raise ValueError("mask_ratio_min must be < 1 and mask_ratio_std > 0")
+        _check_respacing("num_sampling_steps", self.num_sampling_steps)
 
 
 @dataclass
@@ -86,7 +88,17 @@ class MARSampleConfig(SampleConfig):
     cfg: float = field(1.0, help="classifier-free guidance scale (1 = off)")
     cfg_schedule: str = field("linear", choices=("linear", "constant"))
     temperature: float = field(1.0, min=0.0, help="multiplies the diffusion noise std")
-    num_sampling_steps: str = field("100", help="diffusion steps: 'N', 'N1,N2,..' or 'ddimN'")
+    num_sampling_steps: int | str = field("100", help="diffusion steps: N, 'N1,N2,..' or 'ddimN' (of 1000)")
+
+    def validate(self) -> None:
+        _check_respacing("num_sampling_steps", self.num_sampling_steps)
+
+
+def _check_respacing(name: str, value: int | str) -> None:
+    try:
+        space_timesteps(1000, str(value))
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -342,7 +354,7 @@ class MAR(nn.Module):
         cfg: float = 1.0,
         cfg_schedule: str = "linear",
         temperature: float = 1.0,
-        num_sampling_steps: str | None = None,
+        num_sampling_steps: int | str | None = None,
         generator: torch.Generator | None = None,
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
@@ -428,7 +440,7 @@ class MAR(nn.Module):
         cfg: float = 1.0,
         cfg_schedule: str = "linear",
         temperature: float = 1.0,
-        num_sampling_steps: str = "100",
+        num_sampling_steps: int | str = "100",
     ) -> Tensor:
         """Class-conditional images (B, 3, H, W) in [-1, 1]; label == class_num is unconditional."""
         g = self._generator(seed, labels.device)
@@ -463,7 +475,7 @@ class MAR(nn.Module):
         cfg: float = 1.0,
         cfg_schedule: str = "linear",
         temperature: float = 1.0,
-        num_sampling_steps: str = "100",
+        num_sampling_steps: int | str = "100",
         return_tokens: bool = False,
     ) -> Tensor:
         """In-/out-painting: tokens fully inside ``keep_mask`` stay fixed, the rest are generated."""

@@ -143,7 +143,7 @@ class DiffLoss(nn.Module):
         z_channels: int,
         depth: int,
         width: int,
-        num_sampling_steps: str = "100",
+        num_sampling_steps: str | int = "100",
         grad_checkpointing: bool = False,
         learn_sigma: bool = True,
         noise_schedule: str = "cosine",
