@@ -219,7 +219,7 @@ class MultiScaleQuantizer(nn.Module):
     def record_hits(self, ids: Sequence[torch.Tensor]) -> torch.Tensor:
         """Update the EMA hit buffer; returns this batch's hit counts (S, V)."""
         hits = torch.stack([torch.bincount(i.flatten(), minlength=self.vocab_size) for i in ids]).float()
-        if self.record_hit == 0:
+        if self.record_hit == 0 and not self.ema_vocab_hit_SV.any():  # fresh, not resumed
             self.ema_vocab_hit_SV.copy_(hits)
         else:
             m = 0.9 if self.record_hit < 100 else 0.99
