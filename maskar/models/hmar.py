@@ -68,18 +68,18 @@ def validate_mask_schedule(schedule, patch_nums: tuple[int, ...]) -> list[list[i
     K = len(patch_nums)
     if not isinstance(schedule, (list, tuple)) or len(schedule) != K:
         n = len(schedule) if isinstance(schedule, (list, tuple)) else "not a list"
-        raise ValueError(
+        raise ConfigError(
             f"mask_schedule: expected {K} lists (one per scale, sides {list(patch_nums)}), "
             f"got {n}: {schedule!r}"
         )
     out = []
     for si, (entry, pn) in enumerate(zip(schedule, patch_nums)):
         if not isinstance(entry, (list, tuple)) or not entry:
-            raise ValueError(f"mask_schedule[{si}]: expected a non-empty list of token counts, got {entry!r}")
+            raise ConfigError(f"mask_schedule[{si}]: expected a non-empty list of counts, got {entry!r}")
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in entry):
-            raise ValueError(f"mask_schedule[{si}]: expected positive integers, got {list(entry)!r}")
+            raise ConfigError(f"mask_schedule[{si}]: expected positive integers, got {list(entry)!r}")
         if sum(entry) != pn * pn:
-            raise ValueError(
+            raise ConfigError(
                 f"mask_schedule[{si}]: entries must sum to the scale's {pn}x{pn} = {pn * pn} tokens, "
                 f"got {list(entry)} (sum {sum(entry)})"
             )
@@ -258,14 +258,14 @@ class HMAR(NextScaleModel):
         if extra:
             raise TypeError(f"HMAR.generate: unknown sampling arguments {sorted(extra)}")
         if refine and not self.has_mask_head:
-            raise ValueError(
+            raise ConfigError(
                 "refine=true needs a stage-2 model (mask head); this checkpoint is stage 1. "
                 "Use refine=null or false."
             )
         if not refine_cfg >= 0:
-            raise ValueError(f"refine_cfg: expected a guidance scale >= 0, got {refine_cfg!r}")
+            raise ConfigError(f"refine_cfg: expected a guidance scale >= 0, got {refine_cfg!r}")
         if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
-            raise ValueError(f"edit_refine_passes: expected an integer >= 0, got {passes!r}")
+            raise ConfigError(f"edit_refine_passes: expected an integer >= 0, got {passes!r}")
         schedule = default_mask_schedule(self.patch_nums) if schedule is None else schedule
         schedule = validate_mask_schedule(schedule, self.patch_nums)
         on = self.has_mask_head if refine is None else bool(refine)

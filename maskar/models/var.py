@@ -149,15 +149,14 @@ def token_loss_weights(patch_nums: tuple[int, ...], kind: str) -> Tensor:
 
 
 def load_model_weights(ckpt_dir: str, what: str) -> dict[str, Tensor]:
-    """``model.safetensors`` of a maskar checkpoint directory."""
-    from safetensors.torch import load_file
+    """Weights of a maskar checkpoint directory (or a run dir: its latest checkpoint)."""
+    from maskar import checkpoint
 
-    path = Path(ckpt_dir) / "model.safetensors"
-    if not path.is_file():
-        raise ConfigError(
-            f"{what}: expected a maskar checkpoint dir containing model.safetensors, got {ckpt_dir!r}"
-        )
-    return load_file(str(path))
+    try:
+        directory = checkpoint.resolve_checkpoint_dir(ckpt_dir)
+        return checkpoint.load_tensors(Path(directory) / checkpoint.MODEL_FILE)
+    except (checkpoint.CheckpointError, OSError) as e:
+        raise ConfigError(f"{what}={ckpt_dir!r}: expected a maskar checkpoint directory ({e})") from None
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -383,7 +382,7 @@ class NextScaleModel(nn.Module):
 
     def _sampling_args(self, cfg, cfg_schedule, temperature, top_k, top_p, seed, device) -> SamplingArgs:
         if cfg_schedule not in ("linear", "constant"):
-            raise ValueError(f"cfg_schedule: expected 'linear' or 'constant', got {cfg_schedule!r}")
+            raise ConfigError(f"cfg_schedule: expected 'linear' or 'constant', got {cfg_schedule!r}")
         check_sampling_args(cfg, temperature, top_k, top_p)
         return SamplingArgs(cfg, cfg_schedule, temperature, top_k, top_p, make_generator(seed, device))
 
@@ -397,9 +396,9 @@ class NextScaleModel(nn.Module):
     def _check_labels(self, labels: Tensor) -> Tensor:
         labels = labels.long()
         if labels.ndim != 1:
-            raise ValueError(f"labels: expected a 1-D tensor of class ids, got shape {tuple(labels.shape)}")
+            raise ConfigError(f"labels: expected a 1-D tensor of class ids, got shape {tuple(labels.shape)}")
         if labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes):
-            raise ValueError(
+            raise ConfigError(
                 f"labels: expected ids in [0, {self.num_classes}] ({self.num_classes} = null class), "
                 f"got {labels.tolist()}"
             )

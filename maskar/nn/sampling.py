@@ -9,17 +9,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from maskar.config import ConfigError
+
 
 def check_sampling_args(cfg: float, temperature: float, top_k: int, top_p: float) -> None:
-    """Raise one clear ``ValueError`` for a bad sampling argument (top_k >= V means off)."""
+    """Raise one clear ``ConfigError`` (a ValueError) for a bad sampling argument (top_k >= V means off)."""
     if not cfg >= 0:
-        raise ValueError(f"cfg: expected a guidance scale >= 0, got {cfg!r}")
+        raise ConfigError(f"cfg: expected a guidance scale >= 0, got {cfg!r}")
     if not temperature > 0:
-        raise ValueError(f"temperature: expected a value > 0, got {temperature!r}")
+        raise ConfigError(f"temperature: expected a value > 0, got {temperature!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k: expected an integer >= 0 (0 disables it), got {top_k!r}")
+        raise ConfigError(f"top_k: expected an integer >= 0 (0 disables it), got {top_k!r}")
     if not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"top_p: expected a value in [0, 1] (0 or 1 disables it), got {top_p!r}")
+        raise ConfigError(f"top_p: expected a value in [0, 1] (0 or 1 disables it), got {top_p!r}")
 
 
 def guided_logits(logits: Tensor, batch: int, t: float) -> Tensor:
