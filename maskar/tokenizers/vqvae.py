@@ -218,7 +218,9 @@ class MultiScaleQuantizer(nn.Module):
     @torch.no_grad()
     def record_hits(self, ids: Sequence[torch.Tensor]) -> torch.Tensor:
         """Update the EMA hit buffer; returns this batch's hit counts (S, V)."""
-        hits = torch.stack([torch.bincount(i.flatten(), minlength=self.vocab_size) for i in ids]).float()
+        hits = self.ema_vocab_hit_SV.new_zeros(self.num_scales, self.vocab_size)  # (S, V)
+        for si, idx in enumerate(ids):  # scatter_add: no host sync (bincount needs one on CUDA)
+            hits[si].scatter_add_(0, idx.flatten(), torch.ones_like(idx.flatten(), dtype=hits.dtype))
         if self.record_hit == 0 and not self.ema_vocab_hit_SV.any():  # fresh, not resumed
             self.ema_vocab_hit_SV.copy_(hits)
         else:
@@ -446,8 +448,11 @@ class MultiScaleVQVAE(nn.Module):
         self._pool = torch.cat(picks, 0)
 
     @torch.no_grad()
-    def on_train_step_end(self, step: int) -> dict[str, float]:
-        """Per-scale codebook usage over the last ``usage_window`` steps; dead-code re-init."""
+    def on_train_step_end(self, step: int) -> dict[str, torch.Tensor]:
+        """Per-scale codebook usage over the last ``usage_window`` steps; dead-code re-init.
+
+        Works on device tensors only (no host sync); the returned scalars are tensors.
+        """
         self._step = step
         if not self._tracking:
             # Start (or resume) tracking here: no code counts as recently used, and every
@@ -456,32 +461,25 @@ class MultiScaleVQVAE(nn.Module):
             self._last_any.fill_(step)
             self._tracking = True
         hits = self._hits_SV
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:
             torch.distributed.all_reduce(hits)
-        self._last_hit_SV[hits > 0] = step
-        self._last_any[hits.sum(0) > 0] = step
+        self._last_hit_SV.masked_fill_(hits > 0, step)
+        self._last_any.masked_fill_(hits.sum(0) > 0, step)
         hits.zero_()
         recent = (step - self._last_hit_SV) < self.cfg.usage_window  # (S, V)
-        logs = {f"usage_s{k}": recent[k].float().mean().item() for k in range(self.num_scales)}
-        logs["usage"] = recent.any(0).float().mean().item()
-        n_dead = 0
+        logs = {f"usage_s{k}": recent[k].float().mean() for k in range(self.num_scales)}
+        logs["usage"] = recent.any(0).float().mean()
         if self.cfg.dead_code_steps > 0 and self._pool.shape[0] > 0:
             dead = (step - self._last_any) >= self.cfg.dead_code_steps  # (V,)
-            n_dead = int(dead.sum())
-            if n_dead:
-                self._reinit_codes(dead, step)
-        logs["dead_reinit"] = float(n_dead)
+            w = self.quantize.embedding.weight
+            sel = torch.randint(0, self._pool.shape[0], (self.vocab_size,), device=self._pool.device)
+            w.data.copy_(torch.where(dead[:, None], self._pool[sel].to(w.dtype), w.data))
+            if distributed:
+                torch.distributed.broadcast(w.data, src=0)  # every rank keeps rank 0's codebook
+            self._last_any.masked_fill_(dead, step)  # a fresh grace period for re-initialised codes
+            logs["dead_reinit"] = dead.float().sum()
         return logs
-
-    def _reinit_codes(self, dead: torch.Tensor, step: int) -> None:
-        dead_ids = dead.nonzero().flatten()
-        w = self.quantize.embedding.weight
-        sel = torch.randint(0, self._pool.shape[0], (dead_ids.numel(),), device=self._pool.device)
-        w.data[dead_ids] = self._pool[sel].to(w.dtype)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.broadcast(w.data, src=0)  # every rank keeps the same codebook
-        # Give re-initialised codes a fresh grace period.
-        self._last_any[dead_ids] = step
 
     def no_weight_decay_keywords(self) -> set[str]:
         return {"quantize.embedding"}
