@@ -319,8 +319,9 @@ def test_diffloss_training_decreases_and_mask():
     assert torch.isfinite(head(target, z, mask))
 
 
+@pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("var_type", ["learned_range", "fixed_large", "fixed_small"])
-def test_sampling_loop_scalar_path_equals_per_row_path(var_type):
+def test_sampling_loop_scalar_path_equals_per_row_path(var_type, clip):
     torch.manual_seed(0)
     betas = get_betas("cosine", 1000)
     diff = create_diffusion(
@@ -334,9 +335,33 @@ def test_sampling_loop_scalar_path_equals_per_row_path(var_type):
         return out
 
     noise = torch.randn(5, 3)
-    got = diff.p_sample_loop(model, noise, temperature=0.8, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    got = diff.p_sample_loop(model, noise, temperature=0.8, clip_denoised=clip, generator=g)
     g = torch.Generator().manual_seed(4)
     x = noise
     for i in reversed(range(diff.num_timesteps)):
-        x = diff.p_sample(model, x, torch.full((5,), i), temperature=0.8, generator=g)
+        x = diff.p_sample(model, x, torch.full((5,), i), temperature=0.8, clip_denoised=clip, generator=g)
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_head_sampling_with_cached_embeddings_equals_plain_forward(cfg):
+    torch.manual_seed(0)
+    head = DiffLoss(target_channels=4, z_channels=8, depth=2, width=16, num_sampling_steps="6")
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    z = torch.randn(6, 8)
+    got = head.sample(z, temperature=0.9, cfg=cfg, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    if cfg != 1.0:
+        noise = torch.randn(3, 4, generator=g)
+        noise = torch.cat([noise, noise])
+        fn = lambda x, t: head.net.forward_with_cfg(x, t, z, cfg)  # noqa: E731
+    else:
+        noise = torch.randn(6, 4, generator=g)
+        fn = lambda x, t: head.net(x, t, z)  # noqa: E731
+    diff = head.gen_diffusion()
+    x = noise
+    for i in reversed(range(diff.num_timesteps)):
+        x = diff.p_sample(fn, x, torch.full((6,), i), temperature=0.9, generator=g)
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)

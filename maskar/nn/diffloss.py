@@ -20,7 +20,8 @@ from maskar.nn.diffusion import GaussianDiffusion, create_diffusion
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
+    """x * (1 + scale) + shift (one fused multiply-add)."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -111,8 +112,12 @@ class SimpleMLPAdaLN(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        return self.forward_embedded(x, self.time_embed(t), self.cond_embed(c))
+
+    def forward_embedded(self, x: Tensor, t_emb: Tensor, c_emb: Tensor) -> Tensor:
+        """Forward with precomputed embeddings: t_emb (N or 1, W), c_emb = cond_embed(c) (N, W)."""
         x = self.input_proj(x)
-        y = self.time_embed(t) + self.cond_embed(c)
+        y = t_emb + c_emb
         for block in self.res_blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, y, use_reentrant=False)
@@ -126,11 +131,14 @@ class SimpleMLPAdaLN(nn.Module):
         The first half of x is run with both halves of c; eps = eps_u + s (eps_c - eps_u)
         is written to both halves; the variance channels pass through unguided.
         """
+        return self.forward_with_cfg_embedded(x, self.time_embed(t), self.cond_embed(c), cfg_scale)
+
+    def forward_with_cfg_embedded(self, x: Tensor, t_emb: Tensor, c_emb: Tensor, cfg_scale: float) -> Tensor:
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, c)
+        out = self.forward_embedded(torch.cat([half, half], dim=0), t_emb, c_emb)
         eps, rest = out[:, : self.in_channels], out[:, self.in_channels :]
         cond_eps, uncond_eps = eps.chunk(2, dim=0)
-        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        guided = torch.lerp(uncond_eps, cond_eps, cfg_scale)  # uncond + s * (cond - uncond)
         return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
 
 
@@ -211,17 +219,20 @@ class DiffLoss(nn.Module):
         """
         n = z.shape[0]
         dtype = torch.float32
+        # The condition embedding is the same at every step; the sampling loop calls the
+        # model with one timestep for all rows, so one time-embedding row is broadcast.
+        c_emb = self.net.cond_embed(z)
         if cfg != 1.0:
             noise = torch.randn((n // 2, self.in_channels), generator=generator, device=z.device, dtype=dtype)
             noise = torch.cat([noise, noise], dim=0)
 
             def model_fn(x: Tensor, t: Tensor) -> Tensor:
-                return self.net.forward_with_cfg(x, t, z, cfg).float()
+                return self.net.forward_with_cfg_embedded(x, self.net.time_embed(t[:1]), c_emb, cfg).float()
         else:
             noise = torch.randn((n, self.in_channels), generator=generator, device=z.device, dtype=dtype)
 
             def model_fn(x: Tensor, t: Tensor) -> Tensor:
-                return self.net(x, t, z).float()
+                return self.net.forward_embedded(x, self.net.time_embed(t[:1]), c_emb).float()
 
         return self.gen_diffusion(num_sampling_steps).p_sample_loop(
             model_fn, noise, temperature=temperature, generator=generator, known=known, known_mask=known_mask

@@ -351,23 +351,28 @@ class GaussianDiffusion:
         """:meth:`p_sample` with one step index ``i`` for every row (same math, scalar coefficients)."""
         t_model = torch.full((x_t.shape[0],), int(self.timestep_map[i]), device=x_t.device, dtype=torch.long)
         eps, var_values = self.split_output(model_fn(x_t, t_model), x_t)
+        lo = float(self.posterior_log_variance_clipped[i])
         if self.var_type == "learned_range":
-            lo, hi = float(self.posterior_log_variance_clipped[i]), float(self.log_betas[i])
-            frac = (var_values + 1) / 2
-            log_var = frac * hi + (1 - frac) * lo
+            # sigma = exp(0.5 * (frac * log beta + (1 - frac) * lo)), frac = (v + 1) / 2
+            half_span = 0.25 * (float(self.log_betas[i]) - lo)
+            std = (var_values * half_span).add_(0.5 * lo + half_span).exp_()
         elif self.var_type == "fixed_large":
-            log_var = float(self.fixed_large_log_variance[i])
+            std = math.exp(0.5 * float(self.fixed_large_log_variance[i]))
         else:
-            log_var = float(self.posterior_log_variance_clipped[i])
-        x0 = float(self.sqrt_recip_alphas_cumprod[i]) * x_t - float(self.sqrt_recipm1_alphas_cumprod[i]) * eps
+            std = math.exp(0.5 * lo)
+        c1, c2 = float(self.posterior_mean_coef1[i]), float(self.posterior_mean_coef2[i])
+        a, b = float(self.sqrt_recip_alphas_cumprod[i]), float(self.sqrt_recipm1_alphas_cumprod[i])
         if clip_denoised:
-            x0 = x0.clamp(-1, 1)
-        mean = float(self.posterior_mean_coef1[i]) * x0 + float(self.posterior_mean_coef2[i]) * x_t
+            mean = c1 * (a * x_t - b * eps).clamp(-1, 1) + c2 * x_t
+        else:
+            # mean = c1 * x0 + c2 * x_t with x0 = a * x_t - b * eps, folded into two terms
+            mean = torch.add(x_t * (c1 * a + c2), eps, alpha=-c1 * b)
         noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         if i == 0:
             return mean  # no noise at the last step
-        std = torch.exp(0.5 * log_var) if isinstance(log_var, Tensor) else math.exp(0.5 * log_var)
-        return mean + std * noise * temperature
+        if isinstance(std, Tensor):
+            return torch.addcmul(mean, std, noise, value=temperature)
+        return torch.add(mean, noise, alpha=std * temperature)
 
     # -- training
 
