@@ -466,3 +466,16 @@ def test_presets_and_sampling_config_validation():
         load_config("mar-tiny", ["sample.cfg_schedule=cosine"])
     with pytest.raises(ConfigError, match="divisible"):
         load_config("mar-tiny", ["model.encoder_num_heads=3"])
+
+
+@pytest.mark.parametrize(
+    ("preset", "total", "head"), [("mar-l", 478_326_304, 72_230_432), ("mar-h", 942_403_104, 151_206_944)]
+)
+def test_large_presets_match_official_parameter_counts(preset, total, head):
+    from maskar.config import load_config
+
+    with torch.device("meta"):
+        model = MAR(load_config(preset).model, tokenizer=StandInKL(16, 16))
+    named = list(model.named_parameters())
+    assert sum(p.numel() for n, p in named if not n.startswith("tokenizer.")) == total
+    assert sum(p.numel() for n, p in named if n.startswith("diffloss.")) == head
