@@ -353,3 +353,31 @@ def test_hmar_presets():
     for name in ("hmar-fmnist", "hmar-fmnist-finetune", "hmar-tiny"):
         cfg = load_config(name)
         validate_mask_schedule(cfg.sample.mask_schedule, cfg.model.tokenizer.patch_nums)
+
+
+def test_convert_cli_round_trip(tmp_path):
+    from maskar.checkpoint import load_model
+
+    s2 = tiny_hmar(stage=2)
+    randomize(s2)
+    combined, vae = convert_hmar.export_official(s2)
+    torch.save(combined, tmp_path / "hmar.pth")
+    torch.save(vae, tmp_path / "vae.pth")
+    out = tmp_path / "ckpt"
+    args = [f"src={tmp_path / 'hmar.pth'}", f"vae={tmp_path / 'vae.pth'}", f"out={out}"]
+    with pytest.raises(Exception, match="patch schedule"):  # non-official schedule: needs preset=
+        convert_hmar.cli(args)
+    # hmar-tiny has another tokenizer width; build a matching preset file
+    import yaml
+
+    from maskar.config import to_dict
+
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"model": to_dict(s2.cfg)}))
+    assert convert_hmar.cli(args + [f"preset={tmp_path / 'p.yaml'}"]) == 0
+    back, _ = load_model(out, device="cpu")
+    assert back.stage == 2
+    for k, v in s2.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    assert convert_hmar.cli([f"ckpt={out}", f"out={tmp_path / 'again.pth'}"]) == 0
+    again = torch.load(tmp_path / "again.pth", weights_only=True)
+    assert again.keys() == combined.keys() and all(torch.equal(again[k], combined[k]) for k in combined)

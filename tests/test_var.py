@@ -314,3 +314,26 @@ def test_var_convert_round_trip_and_buffer_checks(tmp_path):
     broken = {k: v for k, v in tf.items() if k != "head.bias"}
     with pytest.raises(Exception, match="head.bias"):
         convert_var.load_official(broken, vae, cfg=m.cfg)
+
+
+def test_convert_cli_round_trip(tmp_path):
+    from maskar.checkpoint import load_model
+    from maskar.registry import build_model
+
+    torch.manual_seed(0)
+    m = build_model(load_config("var-tiny").model)
+    randomize(m)
+    tf, vae = convert_var.export_official(m)
+    torch.save(tf, tmp_path / "var.pth")
+    torch.save(vae, tmp_path / "vae.pth")
+    src, out = tmp_path / "var.pth", tmp_path / "ckpt"
+    assert convert_var.cli([f"src={src}", f"vae={tmp_path / 'vae.pth'}", f"out={out}", "preset=var-tiny"]) == 0
+    back, cfg = load_model(out, device="cpu")
+    assert cfg.sample.top_k == 0  # the preset's sampling section
+    for k, v in m.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    assert convert_var.cli([f"ckpt={out}", f"out={tmp_path / 'again.pth'}"]) == 0
+    again = torch.load(tmp_path / "again.pth", weights_only=True)
+    assert again.keys() == tf.keys() and all(torch.equal(again[k], tf[k]) for k in tf)
+    with pytest.raises(SystemExit, match="vae="):
+        convert_var.cli([f"src={src}", f"out={out}"])

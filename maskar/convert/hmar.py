@@ -37,6 +37,7 @@ from maskar.convert.var import (
     official_buffers,
     parse_args,
     patch_nums_for_length,
+    preset_model_config,
     read_state_dict,
     save_converted,
     tokenizer_state,
@@ -214,11 +215,11 @@ def export_official(model, combined: bool = True) -> tuple[dict[str, Tensor], di
 
 def cli(argv: list[str]) -> int:
     usage = (
-        "maskar convert hmar src=hmar-dNN.pth vae=vae_ch160v4096z32.pth out=DIR [stage=2|1]\n"
+        "maskar convert hmar src=hmar-dNN.pth vae=vae_ch160v4096z32.pth out=DIR [stage=2|1] [preset=P]\n"
         "       maskar convert hmar src=nsp.pth mp=mp.pth vae=vae.pth out=DIR\n"
         "       maskar convert hmar ckpt=DIR out=hmar-dNN.pth [vae_out=vae.pth]"
     )
-    args = parse_args(argv, ("src", "vae", "out", "stage", "mp", "ckpt", "vae_out"), usage)
+    args = parse_args(argv, ("src", "vae", "out", "stage", "mp", "ckpt", "vae_out", "preset"), usage)
     if "out" not in args or ("src" in args) == ("ckpt" in args):
         raise SystemExit(f"usage: {usage}")
     if "src" in args:
@@ -227,8 +228,11 @@ def cli(argv: list[str]) -> int:
         stage = args.get("stage")
         if stage not in (None, "1", "2"):
             raise SystemExit(f"convert hmar: stage must be 1 or 2, got {stage!r}")
-        model = load_official(args["src"], args["vae"], None if stage is None else int(stage), args.get("mp"))
-        sample = HMAR_SAMPLE_DEFAULTS.get(model.depth)
+        cfg, sample = preset_model_config(args.get("preset"), "hmar", None)
+        stage = None if stage is None else int(stage)
+        model = load_official(args["src"], args["vae"], stage, args.get("mp"), cfg)
+        if cfg is None:
+            sample = HMAR_SAMPLE_DEFAULTS.get(model.depth)
         save_converted(model, args["out"], sample)
         print(f"wrote {args['out']} (hmar stage {model.stage}, depth {model.depth})")
         return 0

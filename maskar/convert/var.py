@@ -172,6 +172,18 @@ def save_converted(model, out: str, sample: Mapping | None = None) -> None:
     save_model(out, model, build(Config, data))
 
 
+def preset_model_config(preset: str | None, arch: str, official_sample: dict | None):
+    """(model config, sample section) of a preset, for files whose architecture is not official."""
+    if preset is None:
+        return None, official_sample
+    from maskar.config import load_config
+
+    cfg = load_config(preset)
+    if cfg.model.arch != arch:
+        raise SystemExit(f"convert {arch}: preset {preset!r} is an {cfg.model.arch!r} model, not {arch!r}")
+    return cfg.model, to_dict(cfg.sample)
+
+
 def parse_args(argv: list[str], allowed: tuple[str, ...], usage: str) -> dict[str, str]:
     bad = [a for a in argv if "=" not in a]
     args = dict(a.split("=", 1) for a in argv if "=" in a)
@@ -183,17 +195,19 @@ def parse_args(argv: list[str], allowed: tuple[str, ...], usage: str) -> dict[st
 
 def cli(argv: list[str]) -> int:
     usage = (
-        "maskar convert var src=var_dNN.pth vae=vae_ch160v4096z32.pth out=DIR\n"
-        "       maskar convert var ckpt=DIR out=var_dNN.pth [vae_out=vae.pth]"
+        "maskar convert var src=var_dNN.pth vae=vae_ch160v4096z32.pth out=DIR [preset=NAME]\n"
+        "       maskar convert var ckpt=DIR out=var_dNN.pth [vae_out=vae.pth]\n"
+        "preset= gives the architecture of a non-official file (default: read from the file)"
     )
-    args = parse_args(argv, ("src", "vae", "out", "ckpt", "vae_out"), usage)
+    args = parse_args(argv, ("src", "vae", "out", "ckpt", "vae_out", "preset"), usage)
     if "out" not in args or ("src" in args) == ("ckpt" in args):
         raise SystemExit(f"usage: {usage}")
     if "src" in args:
         if "vae" not in args:
             raise SystemExit(f"convert var: give vae=VAE.pth (tokenizer weights)\nusage: {usage}")
-        model = load_official(args["src"], args["vae"])
-        save_converted(model, args["out"], VAR_SAMPLE_DEFAULTS)
+        cfg, sample = preset_model_config(args.get("preset"), "var", VAR_SAMPLE_DEFAULTS)
+        model = load_official(args["src"], args["vae"], cfg)
+        save_converted(model, args["out"], sample)
         print(f"wrote {args['out']} (var depth {model.depth}, patch_nums {list(model.patch_nums)})")
         return 0
     from maskar.checkpoint import load_model
