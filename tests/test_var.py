@@ -327,7 +327,8 @@ def test_convert_cli_round_trip(tmp_path):
     torch.save(tf, tmp_path / "var.pth")
     torch.save(vae, tmp_path / "vae.pth")
     src, out = tmp_path / "var.pth", tmp_path / "ckpt"
-    assert convert_var.cli([f"src={src}", f"vae={tmp_path / 'vae.pth'}", f"out={out}", "preset=var-tiny"]) == 0
+    vae_path = tmp_path / "vae.pth"
+    assert convert_var.cli([f"src={src}", f"vae={vae_path}", f"out={out}", "preset=var-tiny"]) == 0
     back, cfg = load_model(out, device="cpu")
     assert cfg.sample.top_k == 0  # the preset's sampling section
     for k, v in m.state_dict().items():
