@@ -381,3 +381,40 @@ def test_convert_cli_round_trip(tmp_path):
     assert convert_hmar.cli([f"ckpt={out}", f"out={tmp_path / 'again.pth'}"]) == 0
     again = torch.load(tmp_path / "again.pth", weights_only=True)
     assert again.keys() == combined.keys() and all(torch.equal(again[k], combined[k]) for k in combined)
+
+
+def test_bf16_autocast_paths_run():
+    """The CLI samples under bf16 autocast on CUDA; the same code paths must hold dtypes together."""
+    m = tiny_hmar(stage=2)
+    randomize(m)
+    img = torch.rand(2, 3, 16, 16) * 2 - 1
+    keep = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    keep[..., :8] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.generate(torch.tensor([0, 1]), seed=0, refine_cfg=1.0)
+        edited = m.edit(img, keep, torch.tensor([0, m.num_classes]), seed=0)
+        m.train()
+        loss = m.loss({"image": img, "label": torch.tensor([0, 1])})["loss"]
+    loss.backward()
+    assert out.dtype == edited.dtype == torch.float32 and torch.isfinite(loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_backends_match_sdpa_and_sampling_runs():
+    from maskar.nn.attention import set_backend
+
+    for stage in (1, 2):
+        m = tiny_hmar(stage=stage).cuda()
+        randomize(m)
+        labels = torch.tensor([0, 1], device="cuda")
+        x = torch.randn(2, m.L - 1, m.z_channels, device="cuda")
+        with torch.no_grad():
+            set_backend(m, "sdpa")
+            ref = m(labels, x)
+            set_backend(m, "auto")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                got = m(labels, x)
+                imgs = m.generate(labels, seed=0)
+        assert (got - ref).abs().max() < 5e-2 * ref.abs().max()
+        assert imgs.shape == (2, 3, 16, 16) and torch.isfinite(imgs).all()

@@ -338,3 +338,21 @@ def test_convert_cli_round_trip(tmp_path):
     assert again.keys() == tf.keys() and all(torch.equal(again[k], tf[k]) for k in tf)
     with pytest.raises(SystemExit, match="vae="):
         convert_var.cli([f"src={src}", f"out={out}"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_kv_cache_sampling_matches_forward_in_bf16():
+    from maskar.nn.attention import set_backend
+
+    m = tiny_var(cond_drop_rate=0.0).cuda()
+    randomize(m)
+    set_backend(m, "auto")
+    labels = torch.tensor([0, 5], device="cuda")
+    gt = [g.cuda() for g in random_indices(m, 2)]
+    keep = [torch.ones(2, pn * pn, dtype=torch.bool, device="cuda") for pn in m.patch_nums]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        want = m(labels, m.tokenizer.teacher_forcing_input(gt))
+        got: list[torch.Tensor] = []
+        m._autoregress(labels, m._sampling_args(0.0, "linear", 1.0, 0, 0.0, 0, "cuda"), gt, keep, collect=got)
+    assert (torch.cat(got, 1) - want).abs().max() < 5e-2 * want.abs().max()
