@@ -191,6 +191,7 @@ class HMAR(NextScaleModel):
                 )
             self.load_state_dict({k: sd[k] for k in own}, strict=False)
             self._init_mask_branch()
+            self._tokenizer_from_stage1 = True  # the stage-1 file carries the trained tokenizer
         super().init_pretrained()
 
     def named_trainable_parameters(self):

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,6 +276,12 @@ class NextScaleModel(nn.Module):
     def init_pretrained(self) -> None:
         """Called once at the start of a fresh training run: load the tokenizer weights."""
         if self.cfg.tokenizer_ckpt is None:
+            if not getattr(self, "_tokenizer_from_stage1", False):
+                warnings.warn(
+                    "model.tokenizer_ckpt is not set: the frozen tokenizer keeps its random initialisation "
+                    "(fine for smoke tests, useless for real training)",
+                    stacklevel=2,
+                )
             return
         sd = load_model_weights(self.cfg.tokenizer_ckpt, "model.tokenizer_ckpt")
         if any(k.startswith("tokenizer.") for k in sd):  # a generator checkpoint: take its tokenizer
