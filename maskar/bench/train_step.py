@@ -63,7 +63,9 @@ def build_model(arch: str, opts: dict, device: torch.device):
         model = dict(depth=int(opts["depth"]))
     spec = get_model_spec(arch)
     cfg = build(spec.config_cls, dict(arch=arch, tokenizer=tok, **model))
-    return spec.build(cfg).to(device).train()
+    with torch.device(device):  # initialise on the GPU directly (d16: 310M parameters)
+        model = spec.build(cfg)
+    return model.to(device).train()
 
 
 def _autocast(device: torch.device, precision: str):
