@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-sample", action="store_true")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument(
+        "--compile-head", action="store_true", help="torch.compile the diffusion head for sampling"
+    )
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     from maskar.nn.attention import set_backend
 
     set_backend(model, args.attention_backend)
+    if args.compile_head:
+        model.diffloss.compile_sampler()
     n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("tokenizer."))
     cfg_scale = cfg.sample.cfg if args.cfg is None else args.cfg
     steps = cfg.sample.num_sampling_steps if args.num_sampling_steps is None else args.num_sampling_steps
@@ -124,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {gpu}  torch {torch.__version__}  CUDA {torch.version.cuda}  precision {precision}")
     print(
         f"model: {args.preset} ({n_params / 1e6:.1f}M params without the tokenizer), {model.image_size} px, "
-        f"{model.seq_len} tokens, random weights"
+        f"{model.seq_len} tokens, random weights, attention {args.attention_backend}"
+        + (", compiled diffusion head (compile time in the warm-up run)" if args.compile_head else "")
     )
     rows = []
     if not args.skip_sample:
