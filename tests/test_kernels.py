@@ -28,7 +28,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # (name, lengths, B, H, D, scale, interpreter block size); small enough for the CPU interpreter
 INTERPRET_CASES = [
-    ("256px", tuple(s * s for s in SIDES_256), 1, 2, 32, None, 64),
+    ("256px", tuple(s * s for s in SIDES_256), 1, 1, 32, None, 64),
     ("512px_first7", tuple(s * s for s in SIDES_512[:7]), 2, 1, 64, None, 32),
     ("1024px_first8_d128_scale1", tuple(s * s for s in SIDES_1024[:8]), 1, 2, 128, 1.0, 32),
     ("custom_odd", (3, 1, 17, 40, 5), 3, 2, 32, 0.3, 16),
@@ -122,7 +122,8 @@ from maskar.nn.attention import ScalePattern
 torch.manual_seed(0)
 for name, lengths, B, H, D, scale, blk in T.INTERPRET_CASES:
     bs.FORCE_FWD_CONFIG = bs.FwdConfig(blk, blk, 4, 1)
-    bs.FORCE_BWD_CONFIG = bs.BwdConfig(blk, blk, blk, blk, 4, 1)
+    # the separate delta launch is exercised on one case, the fused one on the others
+    bs.FORCE_BWD_CONFIG = bs.BwdConfig(blk, blk, blk, blk, 4, 1, fused_delta=name != "custom_odd")
     for kind in T.KINDS:
         for dname, dtype in T.DTYPES.items():
             p = ScalePattern(kind, lengths)

@@ -46,10 +46,6 @@ from maskar.nn.attention import ScalePattern, register_backend
 LOG2E = 1.4426950408889634
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -161,9 +157,9 @@ def _bwd_delta(
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, sql, sdol, qs, qe, m_lo, m_hi, L, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, sql, sdol, sol, qs, qe, m_lo, m_hi, L,
+    qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+    FUSED_DELTA: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(m_lo, m_hi, BLOCK_M):
@@ -173,12 +169,20 @@ def _dkdv_tiles(
             q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=in_seq[:, None], other=0.0)
             do = tl.load(do_base + offs_m[:, None] * sdol + offs_d[None, :], mask=in_seq[:, None], other=0.0)
             lse = tl.load(lse_base + offs_m, mask=in_seq, other=0.0)
-            delta = tl.load(delta_base + offs_m, mask=in_seq, other=0.0)
+            if FUSED_DELTA:
+                o = tl.load(o_base + offs_m[:, None] * sol + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            else:
+                delta = tl.load(delta_base + offs_m, mask=in_seq, other=0.0)
         else:
             q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :])
             do = tl.load(do_base + offs_m[:, None] * sdol + offs_d[None, :])
             lse = tl.load(lse_base + offs_m)
-            delta = tl.load(delta_base + offs_m)
+            if FUSED_DELTA:
+                o = tl.load(o_base + offs_m[:, None] * sol + offs_d[None, :])
+                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            else:
+                delta = tl.load(delta_base + offs_m)
         s_t = _dot(k, tl.trans(q), DOT_F32) * qk_scale  # (BN, BM): S transposed, log2 units
         if MASKED:
             ok = (offs_m[None, :] >= qs[:, None]) & (offs_m[None, :] < qe[:, None])
@@ -219,13 +223,17 @@ def _dq_tiles(
 
 @triton.jit
 def _attn_bwd(
-    Q, K, V, DO, DQ, DK, DV, LSE, DELTA, BND,
+    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, BND,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
     H, L, N_KV_TILES, qk_scale, sm_scale, REVERSE_DQ,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DOT_F32: tl.constexpr,
+    HEAD_DIM: tl.constexpr, FUSED_DELTA: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """Programs [0, N_KV_TILES) compute dK, dV of one key tile; the rest dQ of one query tile."""
+    """Programs [0, N_KV_TILES) compute dK, dV of one key tile; the rest dQ of one query tile.
+
+    With FUSED_DELTA the row term delta = rowsum(O * dO) is recomputed from O tiles (cached
+    in L2) instead of being read from a buffer filled by a separate launch.
+    """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -239,6 +247,7 @@ def _attn_bwd(
     # gradients are written (B, L, H, D) contiguous
     g_off = (b * L * H + h) * HEAD_DIM
     g_row = H * HEAD_DIM
+    o_base = O + g_off  # O has the same (B, L, H, D) layout as the gradients
     offs_d = tl.arange(0, HEAD_DIM)
 
     if pid < N_KV_TILES:
@@ -257,12 +266,15 @@ def _attn_bwd(
         v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         dk = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sql, sdol, qs, qe,
-                             lo, end1, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM, True, DOT_F32)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sql, sdol, qs, qe,
-                             end1, end2, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM, False, DOT_F32)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sql, sdol, qs, qe,
-                             end2, hi, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM, True, DOT_F32)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, sql, sdol, g_row,
+                             qs, qe, lo, end1, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM,
+                             True, FUSED_DELTA, DOT_F32)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, sql, sdol, g_row,
+                             qs, qe, end1, end2, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM,
+                             False, FUSED_DELTA, DOT_F32)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, sql, sdol, g_row,
+                             qs, qe, end2, hi, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM,
+                             True, FUSED_DELTA, DOT_F32)
         g_ptrs = g_off + offs_n[:, None] * g_row + offs_d[None, :]
         tl.store(DK + g_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
         tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
@@ -284,7 +296,11 @@ def _attn_bwd(
         q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         do = tl.load(do_base + offs_m[:, None] * sdol + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        if FUSED_DELTA:
+            o = tl.load(o_base + offs_m[:, None] * g_row + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        else:
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M2, HEAD_DIM], dtype=tl.float32)
         dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, lo, end1, L, qk_scale,
                        BLOCK_N2, HEAD_DIM, True, DOT_F32)
@@ -315,38 +331,38 @@ class BwdConfig:
     block_n2: int  # key step inside a dQ program
     num_warps: int
     num_stages: int
+    fused_delta: bool = True  # recompute rowsum(O * dO) in the kernel instead of a separate launch
 
 
 def _fwd_candidates(head_dim: int) -> list[FwdConfig]:
     if head_dim <= 64:
-        return [FwdConfig(64, 64, 4, 3), FwdConfig(128, 64, 8, 3), FwdConfig(64, 32, 4, 3),
-                FwdConfig(128, 32, 4, 3), FwdConfig(32, 64, 4, 3), FwdConfig(128, 128, 8, 2)]
+        return [FwdConfig(64, 64, 4, 3), FwdConfig(64, 32, 4, 3), FwdConfig(64, 64, 4, 4),
+                FwdConfig(64, 32, 4, 4), FwdConfig(128, 64, 8, 3), FwdConfig(32, 64, 4, 3),
+                FwdConfig(64, 128, 4, 2)]
     return [FwdConfig(64, 64, 4, 2), FwdConfig(128, 64, 8, 2), FwdConfig(64, 32, 4, 2),
-            FwdConfig(32, 64, 4, 2)]
+            FwdConfig(32, 64, 4, 2), FwdConfig(64, 64, 4, 3)]
 
 
 def _bwd_candidates(head_dim: int) -> list[BwdConfig]:
     if head_dim <= 64:
-        return [BwdConfig(32, 64, 64, 32, 4, 3), BwdConfig(32, 128, 128, 32, 8, 3),
-                BwdConfig(64, 64, 64, 64, 4, 2), BwdConfig(16, 64, 64, 16, 4, 3),
-                BwdConfig(64, 128, 128, 64, 8, 2)]
-    return [BwdConfig(32, 64, 64, 32, 4, 2), BwdConfig(16, 64, 64, 16, 4, 2),
-            BwdConfig(64, 64, 64, 64, 8, 2), BwdConfig(32, 128, 128, 32, 8, 2)]
+        return [BwdConfig(16, 64, 64, 16, 4, 3), BwdConfig(16, 64, 64, 16, 4, 3, False),
+                BwdConfig(32, 64, 64, 32, 4, 3), BwdConfig(16, 64, 64, 16, 4, 4),
+                BwdConfig(16, 128, 128, 16, 8, 3), BwdConfig(32, 128, 128, 32, 8, 3),
+                BwdConfig(64, 64, 64, 64, 4, 2), BwdConfig(16, 64, 64, 32, 4, 3),
+                BwdConfig(32, 64, 64, 16, 4, 3)]
+    return [BwdConfig(16, 64, 64, 16, 4, 2), BwdConfig(32, 64, 64, 32, 4, 2),
+            BwdConfig(16, 64, 64, 16, 4, 2, False), BwdConfig(64, 64, 64, 64, 8, 2),
+            BwdConfig(32, 128, 128, 32, 8, 2)]
 
 
 # Tests set these to pin the configs (the CPU interpreter has no timing to tune on).
 FORCE_FWD_CONFIG: FwdConfig | None = None
 FORCE_BWD_CONFIG: BwdConfig | None = None
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as triton.jit does
 _INTERPRET_FWD = FwdConfig(16, 16, 4, 1)
 _INTERPRET_BWD = BwdConfig(16, 16, 16, 16, 4, 1)
 
 _tuned: dict[tuple, object] = {}
-
-
-def _tune_key(phase: str, q: Tensor, pattern: ScalePattern, bh: int) -> tuple:
-    # not keyed on B or H themselves: only a coarse "few vs many programs" class, so a
-    # new batch size re-times at most once per class and never recompiles
-    return (phase, q.device.index, q.dtype, q.shape[-1], pattern.kind, pattern.total, bh >= 256)
 
 
 def _time_ms(launch, reps: int = 15) -> float:
@@ -363,25 +379,20 @@ def _time_ms(launch, reps: int = 15) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _pick(key: tuple, candidates: list, launch_with, forced, interpret_default):
-    if forced is not None:
-        return forced
-    if _interpreting():
-        return interpret_default
-    cfg = _tuned.get(key)
-    if cfg is None:
-        best = None
-        for c in candidates:
-            try:
-                t = _time_ms(lambda c=c: launch_with(c))
-            except Exception:  # e.g. out of shared memory / registers for this config: skip it
-                continue
-            if best is None or t < best[0]:
-                best = (t, c)
-        if best is None:
-            raise RuntimeError(f"block-sparse attention: no kernel config compiled for {key}")
-        cfg = _tuned[key] = best[1]
-    return cfg
+def _tune(key: tuple, candidates: list, launch_with):
+    """Time every candidate once for ``key``, keep the fastest; configs that fail to compile are skipped."""
+    best = None
+    for c in candidates:
+        try:
+            t = _time_ms(lambda c=c: launch_with(c))
+        except Exception:  # e.g. out of shared memory / registers for this config: skip it
+            continue
+        if best is None or t < best[0]:
+            best = (t, c)
+    if best is None:
+        raise RuntimeError(f"block-sparse attention: no kernel config compiled for {key}")
+    _tuned[key] = best[1]
+    return best[1]
 
 
 def tuned_configs() -> dict[tuple, object]:
@@ -391,25 +402,25 @@ def tuned_configs() -> dict[tuple, object]:
 
 # ----------------------------------------------------------------------------- host side
 
-
-@functools.lru_cache(maxsize=64)
-def _bounds(pattern: ScalePattern, device: str) -> Tensor:
-    """(4, L) int32: kv_start, kv_end per query row; q_start, q_end per key column."""
-    n = torch.tensor(pattern.lengths, dtype=torch.int64)
-    ends = n.cumsum(0)
-    starts = ends - n
-    sid = torch.repeat_interleave(torch.arange(len(n)), n)  # (L,)
-    start, end = starts[sid], ends[sid]
-    L = pattern.total
-    if pattern.kind == "block_diagonal":
-        b = torch.stack([start, end, start, end])
-    else:
-        b = torch.stack([torch.zeros_like(start), end, start, torch.full_like(end, L)])
-    return b.to(torch.int32).contiguous().to(device)
+_bounds_cache: dict[tuple, Tensor] = {}
 
 
-def _dot_f32(q: Tensor) -> bool:
-    return q.dtype == torch.bfloat16 and _interpreting()
+def _bounds(pattern: ScalePattern, device: torch.device | str) -> Tensor:
+    """(4, L) int32: kv_start, kv_end per query row; q_start, q_end per key column (cached)."""
+    key = (pattern, device)
+    b = _bounds_cache.get(key)
+    if b is None:
+        n = torch.tensor(pattern.lengths, dtype=torch.int64)
+        ends = n.cumsum(0)
+        starts = ends - n
+        sid = torch.repeat_interleave(torch.arange(len(n)), n)  # (L,)
+        start, end = starts[sid], ends[sid]
+        if pattern.kind == "block_diagonal":
+            b = torch.stack([start, end, start, end])
+        else:
+            b = torch.stack([torch.zeros_like(start), end, start, torch.full_like(end, pattern.total)])
+        b = _bounds_cache[key] = b.to(torch.int32).contiguous().to(device)
+    return b
 
 
 def _launch_fwd(q, k, v, o, lse, bnd, qk_scale, reverse, cfg: FwdConfig):
@@ -420,22 +431,28 @@ def _launch_fwd(q, k, v, o, lse, bnd, qk_scale, reverse, cfg: FwdConfig):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         H, L, qk_scale, reverse,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, DOT_F32=_dot_f32(q),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D,
+        DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
-def _launch_bwd(q, k, v, do, dq, dk, dv, lse, delta, bnd, qk_scale, sm_scale, reverse, cfg: BwdConfig):
+def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, delta, bnd, qk_scale, sm_scale, reverse, cfg: BwdConfig):
     B, H, L, D = q.shape
+    if not cfg.fused_delta:
+        _bwd_delta[(triton.cdiv(L, 64), B * H)](
+            o, do, delta, do.stride(0), do.stride(1), do.stride(2), H, L, BLOCK_M=64, HEAD_DIM=D,
+        )
     n_kv = triton.cdiv(L, cfg.block_n1)
     grid = (n_kv + triton.cdiv(L, cfg.block_m2), B * H)
     _attn_bwd[grid](
-        q, k, v, do, dq, dk, dv, lse, delta, bnd,
+        q, k, v, o, do, dq, dk, dv, lse, delta, bnd,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, L, n_kv, qk_scale, sm_scale, reverse,
         BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
-        HEAD_DIM=D, DOT_F32=_dot_f32(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEAD_DIM=D, FUSED_DELTA=cfg.fused_delta, DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -444,21 +461,30 @@ def _blhd_empty(B: int, H: int, L: int, D: int, like: Tensor) -> Tensor:
     return torch.empty(B, L, H, D, dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
+def _key(phase: str, q: Tensor, pattern: ScalePattern) -> tuple:
+    # not keyed on B or H themselves: only a coarse "few vs many programs" class, so a new
+    # batch size re-times at most once per class, and kernels never recompile for it
+    B, H, L, D = q.shape
+    return (phase, q.device, q.dtype, D, pattern.kind, L, B * H >= 256)
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: float) -> Tensor:
         B, H, L, D = q.shape
-        bnd = _bounds(pattern, str(q.device))
-        qk_scale = scale * LOG2E
+        bnd = _bounds(pattern, q.device)
         reverse = 1 if pattern.kind == "block_causal" else 0
         o = _blhd_empty(B, H, L, D, q)
         lse = torch.empty(B * H, L, dtype=torch.float32, device=q.device)  # base-2 log-sum-exp
-        cfg = _pick(
-            _tune_key("fwd", q, pattern, B * H), _fwd_candidates(D),
-            lambda c: _launch_fwd(q, k, v, o, lse, bnd, qk_scale, reverse, c),
-            FORCE_FWD_CONFIG, _INTERPRET_FWD,
-        )
-        _launch_fwd(q, k, v, o, lse, bnd, qk_scale, reverse, cfg)
+        args = (q, k, v, o, lse, bnd, scale * LOG2E, reverse)
+        if FORCE_FWD_CONFIG is not None:
+            cfg = FORCE_FWD_CONFIG
+        elif _INTERPRET:
+            cfg = _INTERPRET_FWD
+        else:
+            key = _key("fwd", q, pattern)
+            cfg = _tuned.get(key) or _tune(key, _fwd_candidates(D), lambda c: _launch_fwd(*args, c))
+        _launch_fwd(*args, cfg)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.pattern, ctx.scale = pattern, scale
         return o
@@ -470,18 +496,18 @@ class _BlockSparseAttention(torch.autograd.Function):
         B, H, L, D = q.shape
         if do.stride(-1) != 1:
             do = do.contiguous()
-        bnd = _bounds(pattern, str(q.device))
-        delta = torch.empty_like(lse)
-        _bwd_delta[(triton.cdiv(L, 64), B * H)](
-            o, do, delta, do.stride(0), do.stride(1), do.stride(2), H, L, BLOCK_M=64, HEAD_DIM=D,
-        )
         dq, dk, dv = (_blhd_empty(B, H, L, D, q) for _ in range(3))
+        delta = torch.empty_like(lse)  # only written when the config does not fuse it
         reverse = 1 if pattern.kind == "block_causal" else 0
-        args = (q, k, v, do, dq, dk, dv, lse, delta, bnd, scale * LOG2E, scale, reverse)
-        cfg = _pick(
-            _tune_key("bwd", q, pattern, B * H), _bwd_candidates(D),
-            lambda c: _launch_bwd(*args, c), FORCE_BWD_CONFIG, _INTERPRET_BWD,
-        )
+        bnd = _bounds(pattern, q.device)
+        args = (q, k, v, o, do, dq, dk, dv, lse, delta, bnd, scale * LOG2E, scale, reverse)
+        if FORCE_BWD_CONFIG is not None:
+            cfg = FORCE_BWD_CONFIG
+        elif _INTERPRET:
+            cfg = _INTERPRET_BWD
+        else:
+            key = _key("bwd", q, pattern)
+            cfg = _tuned.get(key) or _tune(key, _bwd_candidates(D), lambda c: _launch_bwd(*args, c))
         _launch_bwd(*args, cfg)
         return dq, dk, dv, None, None
 
@@ -527,7 +553,7 @@ def _shapes_ok(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern) -> bool:
 def _device_ok(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 8  # tl.dot in fp16/bf16, bf16 loads
-    return _interpreting()
+    return _INTERPRET
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern | None) -> bool:
