@@ -182,6 +182,41 @@ def cmd_edit(args: list[str]) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- cache
+
+
+def cmd_cache(args: list[str]) -> int:
+    import dataclasses
+
+    from maskar.data import build_dataset
+    from maskar.sampling import pick_device
+
+    opts, overrides = _split_args(
+        args, {"preset": None, "config": None, "out": None, "batch_size": 64, "device": "auto", "overwrite": False}
+    )
+    source = opts["preset"] or opts["config"]
+    if source is None or opts["out"] is None:
+        raise ConfigError("cache: give preset=NAME (or config=FILE) and out=DIR")
+    cfg = load_config(str(source), overrides)
+    cache_fn = None
+    if cfg.model.arch == "mar":
+        from maskar.models.mar import cache_latents_for as cache_fn
+    if cache_fn is None:
+        raise ConfigError(f"cache: architecture {cfg.model.arch!r} has no latent cache (supported: mar)")
+    # Flips are stored explicitly (moments_flip), so the source images are read unflipped.
+    dataset = build_dataset(dataclasses.replace(cfg.data, hflip=False))
+    cache_fn(
+        cfg.model,
+        dataset,
+        str(opts["out"]),
+        batch_size=int(opts["batch_size"]),  # type: ignore[arg-type]
+        device=pick_device(str(opts["device"])),
+        overwrite=bool(opts["overwrite"]),
+    )
+    print(f"cached latents in {opts['out']}; train with data.name=latents data.root={opts['out']}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- eval / bench / convert
 
 
@@ -256,6 +291,13 @@ COMMANDS = {
         box: regenerates the box (in-painting); outpaint: keeps only the box; a mask PNG keeps the
         white pixels. Coordinates are fractions of the image side (0..1). Without label= the model
         uses its unconditional (null) class where it has one; with label= it edits towards that class.""",
+    ),
+    "cache": (
+        cmd_cache,
+        "Pre-compute tokenizer latents of a dataset (MAR: posterior moments of each image and its flip).",
+        """\
+        maskar cache preset=mar-b data.root=/data/imagenet model.tokenizer_ckpt=kl16.ckpt out=cache/in256
+        maskar train preset=mar-b data.name=latents data.root=cache/in256 ...""",
     ),
     "eval": (cmd_eval, "Evaluate samples (FID / IS / precision-recall) - coming in a later release.", ""),
     "bench": (

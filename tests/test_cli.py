@@ -1,0 +1,71 @@
+"""The `maskar` command line: help texts, info, errors, and the cache -> train path."""
+
+import pytest
+
+from maskar.cli import COMMANDS, main
+
+
+@pytest.mark.parametrize("cmd", sorted(COMMANDS))
+def test_every_subcommand_has_informative_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"maskar {cmd}" in out
+    assert len(out.splitlines()) >= 5
+
+
+def test_top_level_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("train", "sample", "edit", "eval", "bench", "convert", "info"):
+        assert cmd in out
+
+
+def test_info_prints_versions_backends_presets(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "attention backends:" in out and "sdpa" in out
+    assert "hmar" in out and "presets:" in out
+
+
+def test_info_preset_prints_resolved_config_with_overrides(capsys):
+    assert main(["info", "preset=hmar-tiny", "sample.cfg=2.5"]) == 0
+    out = capsys.readouterr().out
+    assert "arch: hmar" in out and "cfg: 2.5" in out
+
+
+def test_bad_override_is_one_clear_error(capsys):
+    assert main(["info", "preset=hmar-tiny", "train.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key train.stepz" in err
+
+
+def test_unknown_bench_and_convert_names(capsys):
+    assert main(["bench", "nope"]) == 2
+    assert "expected one of" in capsys.readouterr().err
+    assert main(["convert"]) == 2
+
+
+def test_sample_requires_ckpt(capsys):
+    assert main(["sample"]) == 2
+    assert "ckpt=DIR" in capsys.readouterr().err
+
+
+def test_cache_then_train_on_latents(tmp_path):
+    cache = tmp_path / "cache"
+    args = ["preset=mar-tiny", "data.synthetic_size=8", f"out={cache}", "batch_size=4", "device=cpu"]
+    assert main(["cache", *args]) == 0
+    assert (cache / "index.json").exists()
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train", "preset=mar-tiny", "data.name=latents", f"data.root={cache}",
+                "train.steps=2", "train.batch_size=4", f"train.out_dir={run}", "train.progress=false",
+            ]
+        )
+        == 0
+    )
+    assert (run / "latest").exists()
