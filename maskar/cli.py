@@ -127,20 +127,29 @@ def cmd_sample(args: list[str]) -> int:
     )
     if opts["ckpt"] is None:
         raise ConfigError("sample: give ckpt=DIR (a maskar checkpoint directory)")
-    model, cfg = sampling.load_for_sampling(str(opts["ckpt"]), overrides, str(opts["device"]), bool(opts["ema"]))
+    model, cfg = sampling.load_for_sampling(
+        str(opts["ckpt"]), overrides, str(opts["device"]), bool(opts["ema"])
+    )
     num_classes = getattr(model, "num_classes", 10)
     labels = _parse_labels(opts["labels"], num_classes)
     per_class = int(opts["per_class"])  # type: ignore[arg-type]
     if per_class < 1:
         raise ConfigError(f"per_class: expected >= 1, got {per_class}")
     images, all_labels = sampling.generate(
-        model, cfg, labels, per_class, int(opts["batch_size"]), str(opts["precision"])  # type: ignore[arg-type]
+        model,
+        cfg,
+        labels,
+        per_class,
+        int(opts["batch_size"]),
+        str(opts["precision"]),  # type: ignore[arg-type]
     )
     if opts["npz"]:
         sampling.save_npz(images, str(opts["npz"]))
         print(f"wrote {len(images)} samples to {opts['npz']} (arr_0, uint8 NHWC)")
     nrow = int(opts["nrow"]) if opts["nrow"] else per_class  # type: ignore[arg-type]
-    sampling.save_grid(images, all_labels, str(opts["out"]), nrow=nrow, class_names=getattr(model, "class_names", None))
+    sampling.save_grid(
+        images, all_labels, str(opts["out"]), nrow=nrow, class_names=getattr(model, "class_names", None)
+    )
     print(f"wrote {opts['out']} ({len(images)} images)")
     return 0
 
@@ -165,7 +174,9 @@ def cmd_edit(args: list[str]) -> int:
     for k in ("ckpt", "image", "mask"):
         if opts[k] is None:
             raise ConfigError(f"edit: give {k}=... (see `maskar edit --help`)")
-    model, cfg = sampling.load_for_sampling(str(opts["ckpt"]), overrides, str(opts["device"]), bool(opts["ema"]))
+    model, cfg = sampling.load_for_sampling(
+        str(opts["ckpt"]), overrides, str(opts["device"]), bool(opts["ema"])
+    )
     if not hasattr(model, "edit"):
         raise ConfigError(f"edit: architecture {cfg.model.arch!r} does not support editing")
     out = sampling.edit_image(
@@ -192,7 +203,8 @@ def cmd_cache(args: list[str]) -> int:
     from maskar.sampling import pick_device
 
     opts, overrides = _split_args(
-        args, {"preset": None, "config": None, "out": None, "batch_size": 64, "device": "auto", "overwrite": False}
+        args,
+        {"preset": None, "config": None, "out": None, "batch_size": 64, "device": "auto", "overwrite": False},
     )
     source = opts["preset"] or opts["config"]
     if source is None or opts["out"] is None:
@@ -235,7 +247,7 @@ def _run_module(package: str, name: str | None, args: list[str], what: str) -> i
     if not name or name not in available:
         raise ConfigError(f"{what}: expected one of {available}, got {name!r}")
     mod = importlib.import_module(f"{package}.{name}")
-    entry = getattr(mod, "cli", None) or getattr(mod, "main")
+    entry = getattr(mod, "cli", None) or mod.main
     result = entry(args)
     return int(result or 0)
 

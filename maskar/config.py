@@ -376,7 +376,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
-def load_config(preset: str | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
+def load_config(
+    preset: str | None = None, overrides: list[str] | None = None, base: dict | None = None
+) -> Config:
     """Resolve preset (+ optional base dict) + overrides into a validated :class:`Config`."""
     data: dict = copy.deepcopy(base) if base else {}
     if preset:

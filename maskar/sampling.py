@@ -45,7 +45,9 @@ def load_for_sampling(ckpt: str, overrides: list[str], device: str = "auto", ema
     model, cfg = load_model(ckpt, device="cpu", prefer_ema=ema)
     bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("sample.", "attention_backend"))]
     if bad:
-        raise ConfigError(f"sample/edit: only sample.* and attention_backend can be overridden here, got {bad}")
+        raise ConfigError(
+            f"sample/edit: only sample.* and attention_backend can be overridden here, got {bad}"
+        )
     data = apply_overrides(to_dict(cfg), overrides)
     cfg = build(Config, data)
     set_backend(model, cfg.attention_backend)
@@ -59,7 +61,12 @@ def sampling_kwargs(sample_cfg: SampleConfig) -> dict[str, Any]:
 
 @torch.no_grad()
 def generate(
-    model: torch.nn.Module, cfg: Config, labels: list[int], per_class: int, batch_size: int, precision: str = "auto"
+    model: torch.nn.Module,
+    cfg: Config,
+    labels: list[int],
+    per_class: int,
+    batch_size: int,
+    precision: str = "auto",
 ) -> tuple[torch.Tensor, list[int]]:
     """Generate ``per_class`` images for each label, in batches. Returns uint8 NHWC and labels."""
     device = next(model.parameters()).device
@@ -67,7 +74,12 @@ def generate(
     kwargs = sampling_kwargs(cfg.sample)
     seed = int(kwargs.pop("seed", 0))
     out = []
-    bar = tqdm(range(0, len(all_labels), batch_size), desc="sampling", unit="batch", disable=len(all_labels) <= batch_size)
+    bar = tqdm(
+        range(0, len(all_labels), batch_size),
+        desc="sampling",
+        unit="batch",
+        disable=len(all_labels) <= batch_size,
+    )
     for start in bar:
         chunk = torch.tensor(all_labels[start : start + batch_size], dtype=torch.long, device=device)
         with autocast_for(device, precision):
@@ -155,7 +167,9 @@ def parse_mask(spec: str, size: int) -> torch.Tensor:
         try:
             x0, y0, x1, y1 = (float(v) for v in rest.split(","))
         except ValueError:
-            raise ConfigError(f"mask: expected {kind}:x0,y0,x1,y1 with fractions in [0, 1], got {spec!r}") from None
+            raise ConfigError(
+                f"mask: expected {kind}:x0,y0,x1,y1 with fractions in [0, 1], got {spec!r}"
+            ) from None
         if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
             raise ConfigError(f"mask: box must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {spec!r}")
         inside = torch.zeros(1, 1, size, size, dtype=torch.bool)

@@ -62,8 +62,14 @@ def test_cache_then_train_on_latents(tmp_path):
     assert (
         main(
             [
-                "train", "preset=mar-tiny", "data.name=latents", f"data.root={cache}",
-                "train.steps=2", "train.batch_size=4", f"train.out_dir={run}", "train.progress=false",
+                "train",
+                "preset=mar-tiny",
+                "data.name=latents",
+                f"data.root={cache}",
+                "train.steps=2",
+                "train.batch_size=4",
+                f"train.out_dir={run}",
+                "train.progress=false",
             ]
         )
         == 0
