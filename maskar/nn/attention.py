@@ -139,7 +139,8 @@ def sdpa_attention(
     if pattern is not None:
         if q.shape[-2] != pattern.total or k.shape[-2] != pattern.total:
             raise ValueError(
-                f"attention: pattern covers {pattern.total} tokens but q has {q.shape[-2]}, k has {k.shape[-2]}"
+                f"attention: pattern covers {pattern.total} tokens "
+                f"but q has {q.shape[-2]}, k has {k.shape[-2]}"
             )
         mask = pattern.dense_mask(q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
