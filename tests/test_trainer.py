@@ -371,7 +371,12 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         }
     )
     torch.set_num_threads(1)
-    train(toy_cfg(Path(out_dir), *_DETERMINISTIC, "train.ckpt_every=2"))
+    out = Path(out_dir)
+    train(toy_cfg(out / "ddp", *_DETERMINISTIC, "train.ckpt_every=2"))
+    # With per-rank noise (RNG): straight vs stopped at 3 (mid-epoch) and resumed.
+    train(toy_cfg(out / "straight", "train.steps=5", "data.hflip=true"))
+    train(toy_cfg(out / "resumed", "train.steps=5", "data.hflip=true"), stop_at=4)
+    train(toy_cfg(out / "resumed", "train.steps=5", "data.hflip=true"))
 
 
 # No per-sample randomness: the 2-rank run must match the 1-process run up to float rounding.
@@ -379,10 +384,10 @@ _DETERMINISTIC = ("model.noise_std=0", "model.class_dropout=0", "train.steps=4")
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path) -> None:
+def test_ddp_two_cpu_processes_match_single_process_and_resume_exactly(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     train(toy_cfg(tmp_path / "single", *_DETERMINISTIC, "train.ckpt_every=2"))
     ddp, single = read_run(tmp_path / "ddp"), read_run(tmp_path / "single")
     assert ddp["step"] == single["step"] == 4
@@ -390,7 +395,9 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path) -> None:
         torch.testing.assert_close(ddp["model"][k], single["model"][k], rtol=1e-5, atol=1e-6)
     state = ck.load_trainer_state(tmp_path / "ddp" / "step-0000004")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # per-rank streams
     assert [s for s, _ in ck.list_step_checkpoints(tmp_path / "ddp")] == [2, 4]
+    assert_runs_identical(read_run(tmp_path / "straight"), read_run(tmp_path / "resumed"))
 
 
 def test_logger_without_tensorboard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,7 @@ timeout -s TERM ${S1_T:-220} python3 -m maskar train preset=hmar-fmnist $C model
 tail -n 4 $RUNS/hmar1_train.log
 el "pack"
 mkdir -p /tmp/pack
-for r in vq kl hmar1; do python3 -m maskar convert dtype src=$RUNS/$r out=/tmp/pack/$r dtype=${PACK_DTYPE:-fp32}; done
+for r in vq kl hmar1; do python3 -m maskar convert dtype src=$RUNS/$r out=/tmp/pack/$r dtype=${PACK_DTYPE:-bf16}; done
 cp $RUNS/*.log $RUNS/*.txt $RUNS/*.json /tmp/pack/ 2>/dev/null
 for r in vq kl hmar1; do cp $RUNS/$r/log.txt /tmp/pack/${r}_log.txt 2>/dev/null; done
 tar -C /tmp -cf /tmp/pack.tar pack && split -b 15M /tmp/pack.tar $OUT/pack.tar.part-
