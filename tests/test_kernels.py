@@ -202,8 +202,9 @@ def test_kernel_matches_fp32_sdpa_gpu(sides, B, H, D, scale, kind, dname):
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_candidate_config_is_correct_gpu(kind):
     """Autotuning may pick any candidate: each must be right (one that cannot compile is skipped by it)."""
-    import maskar.kernels.block_sparse as bs
     from triton.runtime.errors import OutOfResources
+
+    import maskar.kernels.block_sparse as bs
 
     p = ScalePattern.from_sides(kind, SIDES_256)
     try:
@@ -213,7 +214,8 @@ def test_every_candidate_config_is_correct_gpu(kind):
                 fc, bc = fwd[i % len(fwd)], bwd[i % len(bwd)]
                 bs.FORCE_FWD_CONFIG, bs.FORCE_BWD_CONFIG = fc, bc
                 try:
-                    r = errors_vs_reference(bs.block_sparse_attention, p, 2, 2, D, torch.float16, None, "cuda")
+                    r = errors_vs_reference(bs.block_sparse_attention, p, 2, 2, D, torch.float16, None,
+                                            "cuda")
                 except OutOfResources:
                     continue
                 assert max(r[t] for t in ("out", "dq", "dk", "dv")) < TOL["fp16"], (D, fc, bc, r)
