@@ -360,23 +360,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-    )
+def _ddp_worker(rank: int, world: int, ports: list[int], out_dir: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
     torch.set_num_threads(1)
     out = Path(out_dir)
-    train(toy_cfg(out / "ddp", *_DETERMINISTIC, "train.ckpt_every=2"))
-    # With per-rank noise (RNG): straight vs stopped at 3 (mid-epoch) and resumed.
-    train(toy_cfg(out / "straight", "train.steps=5", "data.hflip=true"))
-    train(toy_cfg(out / "resumed", "train.steps=5", "data.hflip=true"), stop_at=4)
-    train(toy_cfg(out / "resumed", "train.steps=5", "data.hflip=true"))
+    noisy = ("train.steps=5", "data.hflip=true")  # per-rank RNG in data and model
+    runs = [
+        (toy_cfg(out / "ddp", *_DETERMINISTIC, "train.ckpt_every=2"), None),
+        (toy_cfg(out / "straight", *noisy), None),
+        (toy_cfg(out / "resumed", *noisy), 4),  # stop mid-epoch ...
+        (toy_cfg(out / "resumed", *noisy), None),  # ... and resume
+    ]
+    for port, (cfg, stop_at) in zip(ports, runs):
+        os.environ["MASTER_PORT"] = str(port)  # a fresh rendezvous for each process group
+        train(cfg, stop_at=stop_at)
 
 
 # No per-sample randomness: the 2-rank run must match the 1-process run up to float rounding.
@@ -387,7 +385,8 @@ _DETERMINISTIC = ("model.noise_std=0", "model.class_dropout=0", "train.steps=4")
 def test_ddp_two_cpu_processes_match_single_process_and_resume_exactly(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ports = [_free_port() for _ in range(4)]
+    mp.spawn(_ddp_worker, args=(2, ports, str(tmp_path)), nprocs=2, join=True)
     train(toy_cfg(tmp_path / "single", *_DETERMINISTIC, "train.ckpt_every=2"))
     ddp, single = read_run(tmp_path / "ddp"), read_run(tmp_path / "single")
     assert ddp["step"] == single["step"] == 4

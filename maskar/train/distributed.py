@@ -84,6 +84,7 @@ def shutdown_distributed() -> None:
     """Destroy the process group if :func:`init_distributed` created it."""
     global _OWNS_PROCESS_GROUP
     if _OWNS_PROCESS_GROUP and dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still talks to it
         dist.destroy_process_group()
     _OWNS_PROCESS_GROUP = False
 
