@@ -454,6 +454,7 @@ class Trainer:
             )
         if self.step >= total:
             self.log.info(f"nothing to do: already at step {self.step} of {total}")
+            self.log.close()
             return self.out_dir
 
         if hasattr(self.model, "on_train_start"):
