@@ -147,9 +147,7 @@ def cmd_sample(args: list[str]) -> int:
         sampling.save_npz(images, str(opts["npz"]))
         print(f"wrote {len(images)} samples to {opts['npz']} (arr_0, uint8 NHWC)")
     nrow = int(opts["nrow"]) if opts["nrow"] else per_class  # type: ignore[arg-type]
-    sampling.save_grid(
-        images, all_labels, str(opts["out"]), nrow=nrow, class_names=getattr(model, "class_names", None)
-    )
+    sampling.save_grid(images, all_labels, str(opts["out"]), nrow=nrow, class_names=sampling.class_names(cfg))
     print(f"wrote {opts['out']} ({len(images)} images)")
     return 0
 

@@ -110,6 +110,15 @@ def _atomic_write(path: str, writer) -> None:
             os.unlink(tmp)
 
 
+def class_names(cfg: Config) -> list[str] | None:
+    """Human-readable class names for grid captions, where the training data has them."""
+    if cfg.data.name == "fashion_mnist":
+        from maskar.data.fashion_mnist import CLASSES
+
+        return list(CLASSES)
+    return None
+
+
 def save_npz(images: torch.Tensor, path: str) -> None:
     arr = images.numpy()
     _atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), arr_0=arr))
@@ -133,7 +142,8 @@ def save_grid(
         r, c = divmod(i, nrow)
         x, y = pad + c * (w + pad), pad + r * (h + pad + cap)
         if i % nrow == 0 or labels[i] != labels[i - 1]:
-            name = class_names[labels[i]] if class_names else str(labels[i])
+            known = class_names is not None and 0 <= labels[i] < len(class_names)
+            name = f"{labels[i]} {class_names[labels[i]]}" if known else str(labels[i])
             draw.text((x, y), name, fill=(0, 0, 0))
         canvas.paste(Image.fromarray(images[i].numpy()), (x, y + cap))
     _atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))

@@ -432,3 +432,33 @@ def test_compiled_training_matches_eager(tmp_path: Path) -> None:
     assert eager.keys() == compiled.keys()  # saved from the unwrapped model: no _orig_mod prefix
     for k in eager:
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5)
+
+
+def test_sigterm_to_process_group_with_data_workers_saves(tmp_path):
+    """`timeout`, SLURM and Ctrl-C signal the whole group: workers must not die before the save."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "maskar", "train", "preset=toy", "data.num_workers=1", "train.steps=1000000",
+        f"train.out_dir={out}", "train.progress=false", "train.log_every=1", "train.ckpt_every=0",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (out / "log.txt").exists():
+            time.sleep(0.2)
+        while time.time() < deadline and "step 3/" not in (out / "log.txt").read_text():
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "stopped by SIGTERM" in output, output[-2000:]
+    assert (out / "latest").exists()

@@ -176,9 +176,11 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 
 def seed_worker(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; the main process saves and stops the workers,
-    # which must not die first (the main process would fail fetching the next batch).
+    # Ctrl-C, `timeout` and batch schedulers signal the whole process group; the main process
+    # saves and stops the workers, which must not die first (it would fail fetching the next
+    # batch). Workers still exit on their own when the main process is gone (torch's watchdog).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # torch seeds each worker from the loader generator; numpy and random follow it.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)

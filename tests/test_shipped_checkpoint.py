@@ -1,0 +1,27 @@
+"""The checkpoint the README's main command samples from loads and generates sensible images."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskar.checkpoint import load_model
+
+CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "hmar-fmnist"
+
+
+@pytest.mark.skipif(not CKPT.exists(), reason="shipped checkpoint not present")
+def test_shipped_hmar_fmnist_samples_on_cpu():
+    model, cfg = load_model(CKPT, device="cpu")
+    assert cfg.model.arch == "hmar" and model.num_classes == 10 and model.image_size == 32
+    assert model.has_mask_head  # stage 2: refinement branch present
+    labels = torch.tensor([1, 7])  # trouser, sneaker
+    a = model.generate(labels, seed=3, cfg=1.5, top_k=0, top_p=0.96)
+    b = model.generate(labels, seed=3, cfg=1.5, top_k=0, top_p=0.96)
+    assert a.shape == (2, 1, 32, 32)
+    assert torch.equal(a, b)  # seeded
+    assert a.min() >= -1 and a.max() <= 1
+    # Not noise: Fashion-MNIST images have a dark background and a bright object.
+    border = torch.cat([a[..., 0, :], a[..., -1, :]], dim=-1).mean()
+    center = a[..., 8:24, 8:24].mean()
+    assert center > border + 0.3
