@@ -448,7 +448,9 @@ def test_sigterm_to_process_group_with_data_workers_saves(tmp_path):
         f"train.out_dir={out}", "train.progress=false", "train.log_every=1", "train.ckpt_every=0",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.time() + 60
         while time.time() < deadline and not (out / "log.txt").exists():
