@@ -164,6 +164,10 @@ class KLVAE(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return super().load_state_dict(drop_training_keys(self, state_dict), strict=strict, assign=assign)
 
+    def on_train_start(self, step: int) -> None:
+        """On resume the GAN switch (``disc_start``) must see the restored step at once."""
+        self._step = step
+
     def on_train_step_end(self, step: int) -> dict[str, float]:
         self._step = step
         return {}

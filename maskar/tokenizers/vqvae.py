@@ -447,6 +447,10 @@ class MultiScaleVQVAE(nn.Module):
             picks.append(t[sel].float())
         self._pool = torch.cat(picks, 0)
 
+    def on_train_start(self, step: int) -> None:
+        """On resume the GAN switch (``disc_start``) must see the restored step at once."""
+        self._step = step
+
     @torch.no_grad()
     def on_train_step_end(self, step: int) -> dict[str, torch.Tensor]:
         """Per-scale codebook usage over the last ``usage_window`` steps; dead-code re-init.
