@@ -80,10 +80,13 @@ def cmd_train(args: list[str]) -> int:
     if source is None:
         raise ConfigError("train: give preset=NAME (see `maskar info`) or config=path.yaml")
     cfg = load_config(str(source), overrides)
+    import os
+
     from maskar.train.trainer import train
 
     out = train(cfg)
-    print(f"checkpoints in {out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+        print(f"checkpoints in {out}")
     return 0
 
 
@@ -365,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"maskar {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the trainer has already saved by the time this reaches us
+        print(f"maskar {ns.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
