@@ -8,11 +8,9 @@ official split: ``train`` holds the samples whose index is not a multiple of 5 (
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from maskar.config import ConfigError
-from maskar.data.transforms import random_hflip, resize_gray, to_tensor
+from maskar.data.transforms import GrayArrayDataset
 
 SPLITS = ("train", "test", "all")
 
@@ -28,7 +26,7 @@ def load_digits_uint8() -> tuple[np.ndarray, np.ndarray]:
     return images, bunch.target.astype(np.int64)
 
 
-class DigitsDataset(Dataset):
+class DigitsDataset(GrayArrayDataset):
     """Items ``{"image": (C, R, R) in [-1, 1], "label": ()}``; 8x8 upscaled with ``resize``."""
 
     def __init__(
@@ -52,26 +50,6 @@ class DigitsDataset(Dataset):
             index = index[index % 5 == 0]
         if limit is not None:
             index = index[:limit]
-        self.images = images[index]  # (N, 8, 8) uint8
-        self.labels = labels[index]  # (N,) int64
-        self.num_classes = 10
-        self.classes = [str(d) for d in range(10)]
-        self.skipped = 0
-        self.resolution = resolution
-        self.channels = channels
-        self.hflip = hflip
-        self.resize = resize
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def targets(self) -> list[int]:
-        return self.labels.tolist()
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        arr = resize_gray(self.images[index], self.resolution, self.resize)  # (R, R) uint8
-        x = to_tensor(arr, self.channels)  # (C, R, R)
-        if self.hflip:
-            x = random_hflip(x)
-        return {"image": x, "label": torch.tensor(self.labels[index], dtype=torch.int64)}
+        super().__init__(
+            images[index], labels[index], [str(d) for d in range(10)], resolution, channels, hflip, resize
+        )  # (N, 8, 8) uint8

@@ -12,15 +12,22 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from maskar.config import ConfigError
-from maskar.data.transforms import random_hflip, resize_gray, to_tensor
+from maskar.data.transforms import GrayArrayDataset
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 # IDX type byte -> numpy dtype (big-endian on disk).
@@ -69,7 +76,7 @@ def find_idx_file(root: Path, split: str, kind: str) -> Path:
     raise ConfigError(f"data.root: no {split} {kind} IDX file in {str(root)!r}; tried {', '.join(tried)}")
 
 
-class FashionMNISTDataset(Dataset):
+class FashionMNISTDataset(GrayArrayDataset):
     """Items ``{"image": (C, R, R) in [-1, 1], "label": ()}``; 28x28 resized with ``resize``."""
 
     def __init__(
@@ -94,9 +101,7 @@ class FashionMNISTDataset(Dataset):
                 f"{str(images_path)!r}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}"
             )
         if labels.ndim != 1 or len(labels) != len(images):
-            raise ValueError(
-                f"{str(labels_path)!r}: expected {len(images)} labels, got shape {labels.shape}"
-            )
+            raise ValueError(f"{str(labels_path)!r}: expected {len(images)} labels, got shape {labels.shape}")
         if len(images) == 0:
             raise ConfigError(f"data.root: {str(images_path)!r} holds no images")
         if limit is not None:
@@ -104,26 +109,4 @@ class FashionMNISTDataset(Dataset):
         if resize == "pad" and resolution < max(images.shape[1:]):
             side = max(images.shape[1:])
             raise ConfigError(f"data.resize=pad needs data.resolution >= {side}, got {resolution}")
-        self.images = images  # (N, 28, 28) uint8
-        self.labels = labels.astype(np.int64)  # (N,)
-        self.classes = list(CLASSES)
-        self.num_classes = max(len(CLASSES), int(self.labels.max()) + 1)
-        self.skipped = 0  # IDX arrays are validated whole; nothing is skipped
-        self.resolution = resolution
-        self.channels = channels
-        self.hflip = hflip
-        self.resize = resize
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def targets(self) -> list[int]:
-        return self.labels.tolist()
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        arr = resize_gray(self.images[index], self.resolution, self.resize)  # (R, R) uint8
-        x = to_tensor(arr, self.channels)  # (C, R, R)
-        if self.hflip:
-            x = random_hflip(x)
-        return {"image": x, "label": torch.tensor(self.labels[index], dtype=torch.int64)}
+        super().__init__(images, labels, list(CLASSES), resolution, channels, hflip, resize)  # (N, 28, 28)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
 # PIL resampling filters by the names accepted in ``data.resize``.
 RESAMPLE = {
@@ -97,3 +98,45 @@ def random_hflip(x: torch.Tensor) -> torch.Tensor:
     if torch.rand(()) < 0.5:
         return x.flip(-1)
     return x
+
+
+class GrayArrayDataset(Dataset):
+    """In-memory uint8 grayscale images (N, h, w) + int64 labels, resized on access.
+
+    Items ``{"image": (C, R, R) in [-1, 1], "label": ()}``; shared by the small
+    datasets that ship as arrays (Fashion-MNIST, scikit-learn digits).
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        classes: list[str],
+        resolution: int,
+        channels: int,
+        hflip: bool,
+        resize: str,
+    ) -> None:
+        self.images = images  # (N, h, w) uint8
+        self.labels = labels.astype(np.int64)  # (N,)
+        self.classes = list(classes)
+        self.num_classes = max(len(classes), int(self.labels.max()) + 1 if len(self.labels) else 0)
+        self.skipped = 0  # arrays are validated whole; nothing is skipped
+        self.resolution = resolution
+        self.channels = channels
+        self.hflip = hflip
+        self.resize = resize
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def targets(self) -> list[int]:
+        return self.labels.tolist()
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        arr = resize_gray(self.images[index], self.resolution, self.resize)  # (R, R) uint8
+        x = to_tensor(arr, self.channels)  # (C, R, R)
+        if self.hflip:
+            x = random_hflip(x)
+        return {"image": x, "label": torch.tensor(self.labels[index], dtype=torch.int64)}
