@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from maskar.checkpoint import atomic_write_bytes
 from maskar.config import Config, ConfigError, SampleConfig, apply_overrides, build, to_dict
 
 
@@ -97,19 +96,6 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).cpu()
 
 
-def _atomic_write(path: str, writer) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=p.suffix)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def class_names(cfg: Config) -> list[str] | None:
     """Human-readable class names for grid captions, where the training data has them."""
     if cfg.data.name == "fashion_mnist":
@@ -121,7 +107,7 @@ def class_names(cfg: Config) -> list[str] | None:
 
 def save_npz(images: torch.Tensor, path: str) -> None:
     arr = images.numpy()
-    _atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), arr_0=arr))
+    atomic_write_bytes(path, lambda f: np.savez(f, arr_0=arr))
 
 
 def save_grid(
@@ -146,7 +132,7 @@ def save_grid(
             name = f"{labels[i]} {class_names[labels[i]]}" if known else str(labels[i])
             draw.text((x, y), name, fill=(0, 0, 0))
         canvas.paste(Image.fromarray(images[i].numpy()), (x, y + cap))
-    _atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    atomic_write_bytes(path, lambda f: canvas.save(f, format="PNG"))
 
 
 # ----------------------------------------------------------------------------- editing
