@@ -8,15 +8,60 @@ level, so ``up[-1]`` (the lowest resolution) runs first.
 
 Two attention layouts exist: VAR's VQ-VAE uses one fused 1x1 ``qkv`` conv, MAR's
 KL-16 uses separate ``q``, ``k``, ``v`` convs. Both are single-head with scale C^-0.5.
+
+:class:`ConvAutoencoderConfig` holds the encoder/decoder fields both tokenizer configs share.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from maskar.config import ModelConfig, field
+from maskar.tokenizers.losses import TokenizerLossConfig
+
+
+@dataclass
+class ConvAutoencoderConfig(TokenizerLossConfig, ModelConfig):
+    """Conv encoder/decoder fields of the VQ and KL tokenizer configs (plus the loss fields).
+
+    Subclasses override the defaults their official checkpoint differs in (VQ: ``ch``;
+    KL: ``dec_attn_levels``) and call :meth:`validate_conv_layout` from ``validate``.
+    """
+
+    resolution: int = field(256, min=1, help="image side in pixels (a multiple of the downsample factor)")
+    image_channels: int = field(3, choices=(1, 3), help="image channels in and out")
+    ch: int = field(128, min=1, help="base width of the conv encoder/decoder")
+    ch_mult: tuple[int, ...] = field((1, 1, 2, 2, 4), min=1, help="width multiplier per level")
+    enc_res_blocks: int = field(2, min=1, help="ResnetBlocks per encoder level")
+    dec_res_blocks: int = field(3, min=1, help="ResnetBlocks per decoder level")
+    enc_attn_levels: tuple[int, ...] = field((-1,), help="encoder levels with attention (-1 = lowest res)")
+    dec_attn_levels: tuple[int, ...] = field((-1,), help="decoder levels with attention (-1 = lowest res)")
+    mid_attn: bool = field(True, help="attention in the middle blocks")
+    norm_groups: int = field(32, min=1, help="GroupNorm groups (must divide every width)")
+    dropout: float = field(0.0, min=0.0, max=1.0)
+
+    @property
+    def downsample(self) -> int:
+        """Image side / latent side: 2^(levels - 1)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def validate_conv_layout(self) -> None:
+        """Attention levels in range and ``norm_groups`` dividing every width."""
+        n = len(self.ch_mult)
+        for name in ("enc_attn_levels", "dec_attn_levels"):
+            for lv in getattr(self, name):
+                if not -n <= lv < n:
+                    raise ValueError(f"{name}: level {lv} out of range for {n} levels")
+        for m in self.ch_mult:
+            if (self.ch * m) % self.norm_groups:
+                raise ValueError(
+                    f"norm_groups={self.norm_groups} must divide every width ch*ch_mult, got {self.ch * m}"
+                )
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
@@ -234,3 +279,33 @@ class Decoder(nn.Module):
     def last_layer_weight(self) -> torch.Tensor:
         """Weight used by the adaptive GAN weight (gradient-norm ratio)."""
         return self.conv_out.weight
+
+
+def build_encoder_decoder(
+    cfg: ConvAutoencoderConfig, *, enc_out_channels: int, dec_in_channels: int, fused_attn: bool
+) -> tuple[Encoder, Decoder]:
+    """The encoder and decoder a tokenizer config describes (attention levels taken mod levels)."""
+    n = len(cfg.ch_mult)
+    common = dict(
+        ch=cfg.ch,
+        ch_mult=cfg.ch_mult,
+        mid_attn=cfg.mid_attn,
+        fused_attn=fused_attn,
+        norm_groups=cfg.norm_groups,
+        dropout=cfg.dropout,
+    )
+    encoder = Encoder(
+        num_res_blocks=cfg.enc_res_blocks,
+        in_channels=cfg.image_channels,
+        out_channels=enc_out_channels,
+        attn_levels=tuple(lv % n for lv in cfg.enc_attn_levels),
+        **common,
+    )
+    decoder = Decoder(
+        num_res_blocks=cfg.dec_res_blocks,
+        in_channels=dec_in_channels,
+        out_channels=cfg.image_channels,
+        attn_levels=tuple(lv % n for lv in cfg.dec_attn_levels),
+        **common,
+    )
+    return encoder, decoder

@@ -15,48 +15,28 @@ import torch
 from torch import nn
 
 from maskar import registry
-from maskar.config import ModelConfig, field
-from maskar.tokenizers.common import Decoder, Encoder
-from maskar.tokenizers.losses import TokenizerLossConfig, TokenizerLosses, drop_training_keys
+from maskar.config import field
+from maskar.tokenizers.common import ConvAutoencoderConfig, build_encoder_decoder
+from maskar.tokenizers.losses import TokenizerLosses, drop_training_keys
 
 
 @dataclass
-class KLVAEConfig(TokenizerLossConfig, ModelConfig):
+class KLVAEConfig(ConvAutoencoderConfig):
     """Defaults = MAR's ``kl16.ckpt``."""
 
     arch: str = "klvae"
-    resolution: int = field(256, min=1, help="image side in pixels (a multiple of the downsample factor)")
-    image_channels: int = field(3, choices=(1, 3), help="image channels in and out")
-    ch: int = field(128, min=1, help="base width of the conv encoder/decoder")
-    ch_mult: tuple[int, ...] = field((1, 1, 2, 2, 4), min=1, help="width multiplier per level")
-    enc_res_blocks: int = field(2, min=1, help="ResnetBlocks per encoder level")
-    dec_res_blocks: int = field(3, min=1, help="ResnetBlocks per decoder level")
-    enc_attn_levels: tuple[int, ...] = field((-1,), help="encoder levels with attention (-1 = lowest res)")
     dec_attn_levels: tuple[int, ...] = field((), help="decoder levels with attention (kl16: none)")
-    mid_attn: bool = field(True, help="attention in the middle blocks")
-    norm_groups: int = field(32, min=1, help="GroupNorm groups (must divide every width)")
-    dropout: float = field(0.0, min=0.0, max=1.0)
     z_channels: int = field(16, min=1, help="decoder input / half the encoder output width")
     embed_dim: int = field(16, min=1, help="latent channels")
     scale_factor: float = field(0.2325, help="latent scale seen by generators (z * scale_factor)")
     kl_weight: float = field(1e-6, min=0.0, help="KL weight (LDM convention: per-pixel reconstruction)")
 
     def validate(self) -> None:
-        down = 2 ** (len(self.ch_mult) - 1)
-        if self.resolution % down:
+        if self.resolution % self.downsample:
             raise ValueError(
-                f"resolution={self.resolution} must be a multiple of the downsample factor {down}"
+                f"resolution={self.resolution} must be a multiple of the downsample factor {self.downsample}"
             )
-        n = len(self.ch_mult)
-        for name in ("enc_attn_levels", "dec_attn_levels"):
-            for lv in getattr(self, name):
-                if not -n <= lv < n:
-                    raise ValueError(f"{name}: level {lv} out of range for {n} levels")
-        for m in self.ch_mult:
-            if (self.ch * m) % self.norm_groups:
-                raise ValueError(
-                    f"norm_groups={self.norm_groups} must divide every width ch*ch_mult, got {self.ch * m}"
-                )
+        self.validate_conv_layout()
         if self.scale_factor == 0:
             raise ValueError("scale_factor must be non-zero")
         self.validate_losses()
@@ -68,35 +48,18 @@ class KLVAE(nn.Module):
     def __init__(self, cfg: KLVAEConfig):
         super().__init__()
         self.cfg = cfg
-        n = len(cfg.ch_mult)
-        common = dict(
-            ch=cfg.ch,
-            ch_mult=cfg.ch_mult,
-            mid_attn=cfg.mid_attn,
+        self.encoder, self.decoder = build_encoder_decoder(
+            cfg,
+            enc_out_channels=2 * cfg.z_channels,
+            dec_in_channels=cfg.z_channels,
             fused_attn=False,  # separate q, k, v convs (LDM layout)
-            norm_groups=cfg.norm_groups,
-            dropout=cfg.dropout,
-        )
-        self.encoder = Encoder(
-            num_res_blocks=cfg.enc_res_blocks,
-            in_channels=cfg.image_channels,
-            out_channels=2 * cfg.z_channels,
-            attn_levels=tuple(lv % n for lv in cfg.enc_attn_levels),
-            **common,
-        )
-        self.decoder = Decoder(
-            num_res_blocks=cfg.dec_res_blocks,
-            in_channels=cfg.z_channels,
-            out_channels=cfg.image_channels,
-            attn_levels=tuple(lv % n for lv in cfg.dec_attn_levels),
-            **common,
         )
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
         self.train_losses = TokenizerLosses(cfg, cfg.image_channels)
 
         self.embed_dim: int = cfg.embed_dim
-        self.downsample: int = 2 ** (n - 1)
+        self.downsample: int = cfg.downsample
         self.scale_factor: float = cfg.scale_factor
         self.image_channels: int = cfg.image_channels
         self._step = 0

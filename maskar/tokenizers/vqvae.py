@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from maskar import registry
-from maskar.config import ModelConfig, field
-from maskar.tokenizers.common import Decoder, Encoder
-from maskar.tokenizers.losses import TokenizerLossConfig, TokenizerLosses, drop_training_keys
+from maskar.config import field
+from maskar.tokenizers.common import ConvAutoencoderConfig, build_encoder_decoder
+from maskar.tokenizers.losses import TokenizerLosses, drop_training_keys
 
 _NEAREST_CHUNK = 16384  # rows of the distance matrix computed at once
 
@@ -34,21 +34,12 @@ PATCH_NUMS = {
 
 
 @dataclass
-class VQVAEConfig(TokenizerLossConfig, ModelConfig):
+class VQVAEConfig(ConvAutoencoderConfig):
     """Defaults = official ``vae_ch160v4096z32`` with the 256 px schedule."""
 
     arch: str = "vqvae"
     resolution: int = field(256, min=1, help="image side in pixels (= patch_nums[-1] * downsample)")
-    image_channels: int = field(3, choices=(1, 3), help="image channels in and out")
     ch: int = field(160, min=1, help="base width of the conv encoder/decoder")
-    ch_mult: tuple[int, ...] = field((1, 1, 2, 2, 4), min=1, help="width multiplier per level")
-    enc_res_blocks: int = field(2, min=1, help="ResnetBlocks per encoder level")
-    dec_res_blocks: int = field(3, min=1, help="ResnetBlocks per decoder level")
-    enc_attn_levels: tuple[int, ...] = field((-1,), help="encoder levels with attention (-1 = lowest res)")
-    dec_attn_levels: tuple[int, ...] = field((-1,), help="decoder levels with attention (-1 = lowest res)")
-    mid_attn: bool = field(True, help="attention in the middle blocks")
-    norm_groups: int = field(32, min=1, help="GroupNorm groups (must divide every width)")
-    dropout: float = field(0.0, min=0.0, max=1.0)
     z_channels: int = field(32, min=1, help="latent / codebook width Cz")
     vocab_size: int = field(4096, min=2, help="codebook size")
     beta: float = field(0.25, min=0.0, help="commitment loss weight")
@@ -62,22 +53,13 @@ class VQVAEConfig(TokenizerLossConfig, ModelConfig):
         pn = self.patch_nums
         if any(b <= a for a, b in zip(pn, pn[1:])):
             raise ValueError(f"patch_nums must be strictly increasing, got {list(pn)}")
-        down = 2 ** (len(self.ch_mult) - 1)
+        down = self.downsample
         if pn[-1] * down != self.resolution:
             raise ValueError(
                 f"patch_nums[-1]={pn[-1]} times the downsample factor {down} (from ch_mult) must equal "
                 f"resolution={self.resolution}"
             )
-        n = len(self.ch_mult)
-        for name in ("enc_attn_levels", "dec_attn_levels"):
-            for lv in getattr(self, name):
-                if not -n <= lv < n:
-                    raise ValueError(f"{name}: level {lv} out of range for {n} levels")
-        for m in self.ch_mult:
-            if (self.ch * m) % self.norm_groups:
-                raise ValueError(
-                    f"norm_groups={self.norm_groups} must divide every width ch*ch_mult, got {self.ch * m}"
-                )
+        self.validate_conv_layout()
         self.validate_losses()
 
 
@@ -233,38 +215,14 @@ class MultiScaleQuantizer(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
-def _levels(levels: Sequence[int], n: int) -> tuple[int, ...]:
-    return tuple(lv % n for lv in levels)
-
-
 class MultiScaleVQVAE(nn.Module):
     """VAR's multi-scale residual VQ-VAE. Images (B, C, H, W) in [-1, 1]."""
 
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         self.cfg = cfg
-        n = len(cfg.ch_mult)
-        common = dict(
-            ch=cfg.ch,
-            ch_mult=cfg.ch_mult,
-            mid_attn=cfg.mid_attn,
-            fused_attn=True,
-            norm_groups=cfg.norm_groups,
-            dropout=cfg.dropout,
-        )
-        self.encoder = Encoder(
-            num_res_blocks=cfg.enc_res_blocks,
-            in_channels=cfg.image_channels,
-            out_channels=cfg.z_channels,
-            attn_levels=_levels(cfg.enc_attn_levels, n),
-            **common,
-        )
-        self.decoder = Decoder(
-            num_res_blocks=cfg.dec_res_blocks,
-            in_channels=cfg.z_channels,
-            out_channels=cfg.image_channels,
-            attn_levels=_levels(cfg.dec_attn_levels, n),
-            **common,
+        self.encoder, self.decoder = build_encoder_decoder(
+            cfg, enc_out_channels=cfg.z_channels, dec_in_channels=cfg.z_channels, fused_attn=True
         )
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
@@ -273,7 +231,7 @@ class MultiScaleVQVAE(nn.Module):
         self.patch_nums: tuple[int, ...] = tuple(cfg.patch_nums)
         self.vocab_size: int = cfg.vocab_size
         self.z_channels: int = cfg.z_channels
-        self.downsample: int = 2 ** (n - 1)
+        self.downsample: int = cfg.downsample
         self.image_channels: int = cfg.image_channels
 
         # Holds parameters only when the discriminator is on (LPIPS weights are not saved).
