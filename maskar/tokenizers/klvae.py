@@ -17,7 +17,7 @@ from torch import nn
 from maskar import registry
 from maskar.config import field
 from maskar.tokenizers.common import ConvAutoencoderConfig, build_encoder_decoder
-from maskar.tokenizers.losses import TokenizerLosses, drop_training_keys
+from maskar.tokenizers.losses import TokenizerLosses, TokenizerTrainingHooks
 
 
 @dataclass
@@ -42,7 +42,7 @@ class KLVAEConfig(ConvAutoencoderConfig):
         self.validate_losses()
 
 
-class KLVAE(nn.Module):
+class KLVAE(TokenizerTrainingHooks, nn.Module):
     """KL autoencoder. Images (B, C, H, W) in [-1, 1]; latents (B, embed_dim, H/16, W/16)."""
 
     def __init__(self, cfg: KLVAEConfig):
@@ -62,8 +62,6 @@ class KLVAE(nn.Module):
         self.downsample: int = cfg.downsample
         self.scale_factor: float = cfg.scale_factor
         self.image_channels: int = cfg.image_channels
-        self._step = 0
-        self._disc_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_config(cls, cfg: KLVAEConfig) -> KLVAE:
@@ -111,25 +109,14 @@ class KLVAE(nn.Module):
         logvar = logvar.clamp(-30.0, 20.0)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         rec = self.decode_unscaled(z)
-        rec_loss, logs = self.train_losses.generator_loss(
-            img, rec, self.decoder.last_layer_weight, self._step
-        )
+        rec_loss, logs = self.reconstruction_loss(img, rec)
         # KL(q || N(0, I)) summed over latent elements, averaged over the batch; divided by
         # the pixel count so kl_weight keeps LDM's meaning next to per-pixel mean losses.
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
         loss = rec_loss + self.cfg.kl_weight * kl / img[0].numel()
-        if self.train_losses.disc is not None:
-            self._disc_cache = (img, rec.detach())
         logs["kl"] = kl.detach()
         logs["latent_std"] = mean.detach().std()
         return {"loss": loss, **logs}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return super().load_state_dict(drop_training_keys(self, state_dict), strict=strict, assign=assign)
-
-    def on_train_start(self, step: int) -> None:
-        """On resume the GAN switch (``disc_start``) must see the restored step at once."""
-        self._step = step
 
     def on_train_step_end(self, step: int) -> dict[str, float]:
         self._step = step
@@ -138,21 +125,8 @@ class KLVAE(nn.Module):
     def no_weight_decay_keywords(self) -> set[str]:
         return set()
 
-    def disc_parameters(self) -> list[nn.Parameter]:
-        """Discriminator parameters (empty when disc_weight = 0)."""
-        return [] if self.train_losses.disc is None else list(self.train_losses.disc.parameters())
-
-    def disc_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.train_losses.disc is None:
-            raise RuntimeError("disc_loss called but the discriminator is disabled (disc_weight=0)")
-        img = batch["image"]
-        if self._disc_cache is not None and self._disc_cache[0] is img:
-            rec = self._disc_cache[1]
-        else:
-            with torch.no_grad():
-                rec = self.decode_unscaled(self.encode_moments(img).chunk(2, dim=1)[0])
-        self._disc_cache = None
-        return self.train_losses.discriminator_loss(img, rec, self._step)
+    def _reconstruct_for_disc(self, img: torch.Tensor) -> torch.Tensor:
+        return self.decode_unscaled(self.encode_moments(img).chunk(2, dim=1)[0])
 
 
 registry.register(

@@ -8,6 +8,8 @@
 - optional PatchGAN discriminator with hinge loss, adaptive (gradient-norm ratio) or
   fixed weight, switched on at ``disc_start``.
 
+:class:`TokenizerTrainingHooks` holds the training hooks both tokenizer models share.
+
 Training-only modules live under the tokenizer attribute ``train_losses`` (state-dict
 prefix :data:`TRAINING_PREFIX`) and only exist when enabled, so an inference tokenizer
 has exactly the official key layout.
@@ -265,3 +267,56 @@ class TokenizerLosses(nn.Module):
             "logits_real": real.detach().mean(),
             "logits_fake": fake.detach().mean(),
         }
+
+
+class TokenizerTrainingHooks:
+    """Training hooks shared by the tokenizer models (a mixin placed before ``nn.Module``).
+
+    Holds the step counter the GAN switch reads, the discriminator pass (reusing the last
+    generator-step reconstruction of the same batch) and checkpoint loading with or
+    without ``train_losses.*`` keys. The host has ``train_losses``, ``decoder`` and
+    implements :meth:`_reconstruct_for_disc`.
+    """
+
+    train_losses: TokenizerLosses
+    decoder: nn.Module
+    _step: int = 0
+    _disc_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (image batch, its detached rec)
+
+    def _reconstruct_for_disc(self, img: torch.Tensor) -> torch.Tensor:
+        """Unclamped training-path reconstruction of ``img`` (called under no_grad)."""
+        raise NotImplementedError
+
+    def reconstruction_loss(
+        self, img: torch.Tensor, rec: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Generator loss of ``rec``; keeps ``rec`` for the discriminator step of this batch."""
+        loss, logs = self.train_losses.generator_loss(img, rec, self.decoder.last_layer_weight, self._step)
+        if self.train_losses.disc is not None:
+            self._disc_cache = (img, rec.detach())
+        return loss, logs
+
+    def on_train_start(self, step: int) -> None:
+        """On resume the GAN switch (``disc_start``) must see the restored step at once."""
+        self._step = step
+
+    def disc_parameters(self) -> list[nn.Parameter]:
+        """Discriminator parameters (empty when disc_weight = 0)."""
+        if self.train_losses.disc is None:
+            return []
+        return list(self.train_losses.disc.parameters())
+
+    def disc_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.train_losses.disc is None:
+            raise RuntimeError("disc_loss called but the discriminator is disabled (disc_weight=0)")
+        img = batch["image"]
+        if self._disc_cache is not None and self._disc_cache[0] is img:
+            rec = self._disc_cache[1]
+        else:
+            with torch.no_grad():
+                rec = self._reconstruct_for_disc(img)
+        self._disc_cache = None
+        return self.train_losses.discriminator_loss(img, rec, self._step)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return super().load_state_dict(drop_training_keys(self, state_dict), strict=strict, assign=assign)

@@ -22,7 +22,7 @@ from torch import nn
 from maskar import registry
 from maskar.config import field
 from maskar.tokenizers.common import ConvAutoencoderConfig, build_encoder_decoder
-from maskar.tokenizers.losses import TokenizerLosses, drop_training_keys
+from maskar.tokenizers.losses import TokenizerLosses, TokenizerTrainingHooks
 
 _NEAREST_CHUNK = 16384  # rows of the distance matrix computed at once
 
@@ -215,7 +215,7 @@ class MultiScaleQuantizer(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
-class MultiScaleVQVAE(nn.Module):
+class MultiScaleVQVAE(TokenizerTrainingHooks, nn.Module):
     """VAR's multi-scale residual VQ-VAE. Images (B, C, H, W) in [-1, 1]."""
 
     def __init__(self, cfg: VQVAEConfig):
@@ -373,8 +373,6 @@ class MultiScaleVQVAE(nn.Module):
         self.register_buffer("_last_any", torch.zeros(V, dtype=torch.long), persistent=False)
         self.register_buffer("_pool", torch.zeros(0, self.z_channels), persistent=False)
         self._tracking = False
-        self._step = 0
-        self._disc_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         img = batch["image"]
@@ -384,11 +382,7 @@ class MultiScaleVQVAE(nn.Module):
         with torch.no_grad():
             self._hits_SV += self.quantize.record_hits(ids)
             self._remember_targets(targets)
-        rec_loss, logs = self.train_losses.generator_loss(
-            img, rec, self.decoder.last_layer_weight, self._step
-        )
-        if self.train_losses.disc is not None:
-            self._disc_cache = (img, rec.detach())
+        rec_loss, logs = self.reconstruction_loss(img, rec)
         logs["vq"] = vq_loss.detach()
         logs["commit"] = self.quantize.last_commit
         return {"loss": rec_loss + vq_loss, **logs}
@@ -404,10 +398,6 @@ class MultiScaleVQVAE(nn.Module):
             sel = torch.randint(0, t.shape[0], (min(per, t.shape[0]),), device=t.device)
             picks.append(t[sel].float())
         self._pool = torch.cat(picks, 0)
-
-    def on_train_start(self, step: int) -> None:
-        """On resume the GAN switch (``disc_start``) must see the restored step at once."""
-        self._step = step
 
     @torch.no_grad()
     def on_train_step_end(self, step: int) -> dict[str, torch.Tensor]:
@@ -446,26 +436,10 @@ class MultiScaleVQVAE(nn.Module):
     def no_weight_decay_keywords(self) -> set[str]:
         return {"quantize.embedding"}
 
-    def disc_parameters(self) -> list[nn.Parameter]:
-        """Discriminator parameters (empty when disc_weight = 0)."""
-        if self.train_losses.disc is None:
-            return []
-        return list(self.train_losses.disc.parameters())
-
-    def disc_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.train_losses.disc is None:
-            raise RuntimeError("disc_loss called but the discriminator is disabled (disc_weight=0)")
-        img = batch["image"]
-        if self._disc_cache is not None and self._disc_cache[0] is img:
-            rec = self._disc_cache[1]
-        else:
-            with torch.no_grad():
-                rec = self.decoder(self.post_quant_conv(self.quantize.quantize(self.encode_features(img))[0]))
-        self._disc_cache = None
-        return self.train_losses.discriminator_loss(img, rec, self._step)
+    def _reconstruct_for_disc(self, img: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(self.quantize.quantize(self.encode_features(img))[0]))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        state_dict = drop_training_keys(self, state_dict)
         # ema_vocab_hit_SV depends on the number of scales only; like the official loader,
         # a file made for another schedule keeps our (zeroed) buffer instead of failing.
         key = "quantize.ema_vocab_hit_SV"
