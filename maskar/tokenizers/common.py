@@ -179,6 +179,21 @@ class _Level(nn.Module):
         return x
 
 
+def _res_blocks(
+    c_in: int, c_out: int, num_res_blocks: int, attn: bool, groups: int, dropout: float, fused_attn: bool
+) -> tuple[list[nn.Module], list[nn.Module]]:
+    """One level's ResnetBlocks (the first maps c_in -> c_out) and, if ``attn``, one AttnBlock after each.
+
+    Created in forward order (block, attn, block, ...) so seeded initialisations stay the same.
+    """
+    blocks, attns = [], []
+    for i in range(num_res_blocks):
+        blocks.append(ResnetBlock(c_in if i == 0 else c_out, c_out, groups, dropout))
+        if attn:
+            attns.append(AttnBlock(c_out, groups, fused_attn))
+    return blocks, attns
+
+
 def _check_levels(levels: Sequence[int], n: int, what: str) -> None:
     for lv in levels:
         if not 0 <= lv < n:
@@ -210,14 +225,12 @@ class Encoder(nn.Module):
         c_in = ch
         for lv, m in enumerate(ch_mult):
             c_out = ch * m
-            blocks, attns = [], []
-            for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(c_in, c_out, norm_groups, dropout))
-                c_in = c_out
-                if lv in attn_levels:
-                    attns.append(AttnBlock(c_out, norm_groups, fused_attn))
+            blocks, attns = _res_blocks(
+                c_in, c_out, num_res_blocks, lv in attn_levels, norm_groups, dropout, fused_attn
+            )
             down = Downsample(c_out) if lv != n - 1 else None
             self.down.append(_Level(blocks, attns, down, "downsample"))
+            c_in = c_out
         self.mid = _Mid(c_in, norm_groups, dropout, mid_attn, fused_attn)
         self.norm_out = group_norm(c_in, norm_groups)
         self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
@@ -256,14 +269,12 @@ class Decoder(nn.Module):
         levels: list[nn.Module] = []
         for lv in reversed(range(n)):
             c_out = ch * ch_mult[lv]
-            blocks, attns = [], []
-            for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(c_in, c_out, norm_groups, dropout))
-                c_in = c_out
-                if lv in attn_levels:
-                    attns.append(AttnBlock(c_out, norm_groups, fused_attn))
+            blocks, attns = _res_blocks(
+                c_in, c_out, num_res_blocks, lv in attn_levels, norm_groups, dropout, fused_attn
+            )
             up = Upsample(c_out) if lv != 0 else None
             levels.append(_Level(blocks, attns, up, "upsample"))
+            c_in = c_out
         # Indexed by level (up[0] = full resolution) although applied from the last one.
         self.up = nn.ModuleList(reversed(levels))
         self.norm_out = group_norm(c_in, norm_groups)
