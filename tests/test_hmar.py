@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from helpers_nextscale import REF, meta_official, random_indices, randomize
 
 from maskar.config import ConfigError, build, load_config
 from maskar.convert import hmar as convert_hmar
@@ -20,7 +18,6 @@ from maskar.models.hmar import (
 from maskar.models.var import scale_loss_weights
 from maskar.tokenizers.vqvae import PATCH_NUMS
 
-REF = Path("/work/shared/reference")
 TINY_TOKENIZER = dict(
     arch="vqvae", resolution=16, ch=16, ch_mult=[1, 2, 2], norm_groups=8, z_channels=8, vocab_size=64,
     patch_nums=[1, 2, 3, 4], enc_res_blocks=1, dec_res_blocks=1, mid_attn=False,
@@ -33,19 +30,6 @@ def tiny_hmar(stage: int = 1, **kw) -> HMAR:
     cfg = build(HMARConfig, dict(tokenizer=TINY_TOKENIZER, depth=3, width=32, heads=2, stage=stage,
                                  n_layers_train=2, **kw))  # fmt: skip
     return HMAR(cfg).eval()
-
-
-def randomize(model: torch.nn.Module, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if not n.startswith("tokenizer."):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
-def random_indices(model, B: int, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, model.vocab_size, (B, pn * pn), generator=g) for pn in model.patch_nums]
 
 
 # ----------------------------------------------------------------------------- loss weights
@@ -276,15 +260,9 @@ def test_hmar_edit_keeps_known_tokens_and_resamples_unknown_with_mask_head(monke
 # ----------------------------------------------------------------------------- official checkpoints
 
 
-def _meta_official(table: str) -> dict[str, torch.Tensor]:
-    shapes = json.loads((REF / table).read_text())["state_dict_shapes"]
-    dtype = {"lvl_1L": torch.int64}
-    return {k: torch.empty(s, device="meta", dtype=dtype.get(k, torch.float32)) for k, s in shapes.items()}
-
-
 @pytest.mark.skipif(not (REF / "hmar_d16_state_dict_shapes.json").exists(), reason="reference tables absent")
 def test_hmar_d16_shape_table_loads_strictly_both_stages():
-    sd = _meta_official("hmar_d16_state_dict_shapes.json")
+    sd = meta_official("hmar_d16_state_dict_shapes.json")
     for stage in (2, 1):
         cfg = convert_hmar._hmar_config(sd, 16, stage, 8)
         with torch.device("meta"):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_nextscale import REF, meta_official, random_indices, randomize
 
 from maskar.config import build, load_config
 from maskar.convert import var as convert_var
@@ -17,7 +16,6 @@ from maskar.nn.attention import ScalePattern
 from maskar.nn.blocks import AdaLNBeforeHead, AdaLNSelfAttnBlock
 from maskar.nn.sampling import filter_logits, sample_from_logits
 
-REF = Path("/work/shared/reference")
 TINY_TOKENIZER = dict(
     arch="vqvae", resolution=8, ch=16, ch_mult=[1, 2], norm_groups=8, z_channels=8, vocab_size=64,
     patch_nums=[1, 2, 4], enc_res_blocks=1, dec_res_blocks=1, mid_attn=False,
@@ -29,20 +27,6 @@ def tiny_var(**kw) -> VAR:
     torch.manual_seed(0)
     cfg = build(VARConfig, dict(arch="var", tokenizer=TINY_TOKENIZER, depth=2, width=32, heads=2, **kw))
     return VAR(cfg).eval()
-
-
-def randomize(model: torch.nn.Module, seed: int = 1) -> None:
-    """Non-trivial weights everywhere (the official init makes gammas ~0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if not n.startswith("tokenizer."):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
-def random_indices(model, B: int, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, model.vocab_size, (B, pn * pn), generator=g) for pn in model.patch_nums]
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -272,16 +256,10 @@ def test_presets_build():
 # ----------------------------------------------------------------------------- official checkpoints
 
 
-def _meta_official(table: str) -> dict[str, torch.Tensor]:
-    shapes = json.loads((REF / table).read_text())["state_dict_shapes"]
-    dtype = {"lvl_1L": torch.int64}
-    return {k: torch.empty(s, device="meta", dtype=dtype.get(k, torch.float32)) for k, s in shapes.items()}
-
-
 @pytest.mark.skipif(not (REF / "var_d16_state_dict_shapes.json").exists(), reason="reference tables absent")
 def test_var_d16_shape_table_loads_strictly():
     """Keys and shapes of official var_d16.pth load strictly (on the meta device: no memory, no time)."""
-    sd = _meta_official("var_d16_state_dict_shapes.json")
+    sd = meta_official("var_d16_state_dict_shapes.json")
     cfg = convert_var.infer_var_config(sd)
     assert (cfg.depth, cfg.C, cfg.shared_aln) == (16, 1024, False)
     with torch.device("meta"):
