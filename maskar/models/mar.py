@@ -37,6 +37,7 @@ from maskar import registry
 from maskar.config import ModelConfig, SampleConfig, field
 from maskar.nn.diffloss import DiffLoss
 from maskar.nn.diffusion import space_timesteps
+from maskar.nn.sampling import make_generator
 from maskar.nn.vit import Block
 from maskar.tokenizers.klvae import KLVAE, KLVAEConfig
 
@@ -426,11 +427,6 @@ class MAR(nn.Module):
                 num_masked = next_masked
         return tokens
 
-    def _generator(self, seed: int | None, device: torch.device) -> torch.Generator | None:
-        if seed is None:
-            return None
-        return torch.Generator(device=device).manual_seed(int(seed))
-
     @torch.no_grad()
     def generate(
         self,
@@ -443,7 +439,7 @@ class MAR(nn.Module):
         num_sampling_steps: int | str = "100",
     ) -> Tensor:
         """Class-conditional images (B, 3, H, W) in [-1, 1]; label == class_num is unconditional."""
-        g = self._generator(seed, labels.device)
+        g = make_generator(seed, labels.device)
         tokens = self.sample_tokens(
             labels,
             num_iter=num_iter,
@@ -481,7 +477,7 @@ class MAR(nn.Module):
         """In-/out-painting: tokens fully inside ``keep_mask`` stay fixed, the rest are generated."""
         known = self.patchify(self.tokenizer.encode_mean(images).float())  # (B, L, C)
         known_mask = self.token_keep_mask(keep_mask.to(images.device))
-        g = self._generator(seed, images.device)
+        g = make_generator(seed, images.device)
         out = known.clone()
         unknown = (~known_mask).sum(1)
         # The sparse encoder needs equal visible counts: sample groups of equal unknown count.
