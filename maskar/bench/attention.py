@@ -347,7 +347,7 @@ def _print_tables(rows: list[dict], names: list[str]) -> None:
         cells = []
         for n in names:
             r = by.get(k + (n,))
-            if r is None or "fwd_ms" not in r:
+            if r is None or "fwd_bwd_ms" not in r:
                 cells.append(r["skip"][:40] if r and "skip" in r else "-")
             else:
                 err = f"{r['err']:.1e}" if "err" in r else "-"
