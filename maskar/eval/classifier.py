@@ -160,7 +160,7 @@ def train_classifier(
     model.train()
     start = time.time()
     bar = tqdm(range(steps), desc="classifier", unit="step", disable=not progress)
-    for _ in bar:
+    for step in bar:
         idx = torch.randint(len(x_all), (batch_size,), generator=gen)
         x, y = x_all[idx].to(dev), y_all[idx].to(dev)
         # Random circular shifts of up to 2 px (black borders) make the features less brittle.
@@ -171,7 +171,8 @@ def train_classifier(
         loss.backward()
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
 
     out = Path(out)

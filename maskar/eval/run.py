@@ -74,7 +74,7 @@ class Result:
     def line(self) -> str:
         extra = "".join(f" {k}={v:.4g}" for k, v in self.extra.items())
         return (
-            f"{self.metric:9s} {self.value:10.4f}{extra}\n"
+            f"{self.metric:10s} {self.value:10.4f}{extra}\n"
             f"          network: {self.network}\n          samples: {self.samples}\n"
             f"          reference: {self.reference}"
         )
