@@ -131,6 +131,13 @@ for name, lengths, B, H, D, scale, blk in T.INTERPRET_CASES:
             assert bs.supports(x, x, x, p)
             r = T.errors_vs_reference(bs.block_sparse_attention, p, B, H, D, dtype, scale, "cpu")
             print("RESULT " + json.dumps({{"case": f"{{name}}-{{kind}}-{{dname}}", **r}}), flush=True)
+# the public API reaches the kernel: auto picks it here (interpreter on), explicit name too
+from maskar.nn.attention import attention
+p = ScalePattern("block_causal", (1, 4, 9))
+q = torch.randn(1, 2, 14, 32, dtype=torch.float16)
+ref = bs.block_sparse_attention(q, q, q, p)
+same = [bool(torch.equal(attention(q, q, q, p, backend=b), ref)) for b in ("triton", "auto")]
+print("RESULT " + json.dumps({{"case": "api", "same": same}}), flush=True)
 """
 
 
@@ -159,6 +166,10 @@ def test_kernel_matches_fp32_sdpa_interpreted(interpreter_results, case, kind, d
     assert r["out_blhd"]
     for t in ("out", "dq", "dk", "dv"):
         assert r[t] < TOL[dname], (t, r)
+
+
+def test_attention_api_dispatches_to_kernel_interpreted(interpreter_results):
+    assert interpreter_results["api"]["same"] == [True, True]
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -514,6 +514,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+@torch.compiler.disable  # host-side config choice and Triton launches: keep Dynamo out (graph break)
 def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: float | None = None
 ) -> Tensor:
