@@ -77,7 +77,7 @@ def _stream_npz_array(
         total = shape[0] if count is None else min(count, shape[0])
         for start in range(0, total, batch_size):
             n = min(batch_size, total - start)
-            buf = f.read(n * row)
+            buf = bytearray(f.read(n * row))  # writable, so torch.as_tensor can share it
             yield to_rgb_uint8(np.frombuffer(buf, dtype=dtype).reshape(n, *shape[1:]))
 
 

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,9 @@ def load_is_weights(path: str | os.PathLike) -> torch.Tensor:
         tensors = load_tensors(p)
     else:
         try:
-            tensors = dict(torch.jit.load(str(p), map_location="cpu").state_dict())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                tensors = dict(torch.jit.load(str(p), map_location="cpu").state_dict())
         except RuntimeError:
             obj = torch.load(p, map_location="cpu", weights_only=True)
             obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
@@ -137,7 +140,9 @@ class InceptionExtractor:
         self.path = find_fid_inception(path)
         self.device = torch.device(device)
         try:
-            net = torch.jit.load(str(self.path), map_location="cpu")
+            with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript loading as deprecated
+                warnings.simplefilter("ignore", DeprecationWarning)
+                net = torch.jit.load(str(self.path), map_location="cpu")
         except RuntimeError as e:
             raise ConfigError(f"inception: cannot load {self.path} as TorchScript ({e})") from None
         self.layers = list(net.net.layers.children())  # conv ... mixed_10, pool2
