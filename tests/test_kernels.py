@@ -122,8 +122,10 @@ from maskar.nn.attention import ScalePattern
 torch.manual_seed(0)
 for name, lengths, B, H, D, scale, blk in T.INTERPRET_CASES:
     bs.FORCE_FWD_CONFIG = bs.FwdConfig(blk, blk, 4, 1)
-    # the separate delta launch is exercised on one case, the fused one on the others
-    bs.FORCE_BWD_CONFIG = bs.BwdConfig(blk, blk, blk, blk, 4, 1, fused_delta=name != "custom_odd")
+    # the separate delta launch and the split dK/dV + dQ launches run on some cases, the
+    # fused single launch on the others
+    bs.FORCE_BWD_CONFIG = bs.BwdConfig(blk, blk, blk, blk, 4, 1, fused_delta=name != "custom_odd",
+                                       dq_warps=4 if name in ("512px_first7", "custom_odd") else 0)
     for kind in T.KINDS:
         for dname, dtype in T.DTYPES.items():
             p = ScalePattern(kind, lengths)

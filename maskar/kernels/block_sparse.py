@@ -222,14 +222,93 @@ def _dq_tiles(
 
 
 @triton.jit
+def _dkdv_program(
+    pid, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DK, DV, BND,
+    sql, skl, svl, sdol, g_off, g_row, L, qk_scale, sm_scale,
+    BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, HEAD_DIM: tl.constexpr,
+    FUSED_DELTA: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """dK, dV of key tile ``pid``, walking the query tiles that see it."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = pid * BLOCK_N1 + tl.arange(0, BLOCK_N1)
+    col_ok = offs_n < L
+    cols = tl.minimum(offs_n, L - 1)
+    qs = tl.load(BND + 2 * L + cols)
+    qe = tl.load(BND + 3 * L + cols)
+    lo = tl.min(qs, 0)
+    qs_max = tl.max(qs, 0)
+    qe_min = tl.min(qe, 0)
+    hi = tl.max(qe, 0)
+    end1 = lo + tl.cdiv(qs_max - lo, BLOCK_M1) * BLOCK_M1
+    end2 = end1 + (tl.maximum(qe_min - end1, 0) // BLOCK_M1) * BLOCK_M1
+    k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, sql, sdol, g_row,
+                         qs, qe, lo, end1, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM,
+                         True, FUSED_DELTA, DOT_F32)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, sql, sdol, g_row,
+                         qs, qe, end1, end2, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM,
+                         False, FUSED_DELTA, DOT_F32)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, sql, sdol, g_row,
+                         qs, qe, end2, hi, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM,
+                         True, FUSED_DELTA, DOT_F32)
+    g_ptrs = g_off + offs_n[:, None] * g_row + offs_d[None, :]
+    tl.store(DK + g_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _dq_program(
+    pid_m, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DQ, BND,
+    sql, skl, svl, sdol, g_off, g_row, L, qk_scale, sm_scale,
+    BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, HEAD_DIM: tl.constexpr,
+    FUSED_DELTA: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """dQ of query tile ``pid_m``, walking its key tiles."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m = pid_m * BLOCK_M2 + tl.arange(0, BLOCK_M2)
+    row_ok = offs_m < L
+    rows = tl.minimum(offs_m, L - 1)
+    ks = tl.load(BND + rows)
+    ke = tl.load(BND + L + rows)
+    lo = tl.min(ks, 0)
+    ks_max = tl.max(ks, 0)
+    ke_min = tl.min(ke, 0)
+    hi = tl.max(ke, 0)
+    end1 = lo + tl.cdiv(ks_max - lo, BLOCK_N2) * BLOCK_N2
+    end2 = end1 + (tl.maximum(ke_min - end1, 0) // BLOCK_N2) * BLOCK_N2
+    q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * sdol + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+    if FUSED_DELTA:
+        o = tl.load(o_base + offs_m[:, None] * g_row + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    else:
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M2, HEAD_DIM], dtype=tl.float32)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, lo, end1, L, qk_scale,
+                   BLOCK_N2, HEAD_DIM, True, DOT_F32)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, end1, end2, L, qk_scale,
+                   BLOCK_N2, HEAD_DIM, False, DOT_F32)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, end2, hi, L, qk_scale,
+                   BLOCK_N2, HEAD_DIM, True, DOT_F32)
+    g_ptrs = g_off + offs_m[:, None] * g_row + offs_d[None, :]
+    tl.store(DQ + g_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
 def _attn_bwd(
     Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, BND,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
     H, L, N_KV_TILES, qk_scale, sm_scale, REVERSE_DQ,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
-    HEAD_DIM: tl.constexpr, FUSED_DELTA: tl.constexpr, DOT_F32: tl.constexpr,
+    HEAD_DIM: tl.constexpr, FUSED_DELTA: tl.constexpr, PART: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """Programs [0, N_KV_TILES) compute dK, dV of one key tile; the rest dQ of one query tile.
+    """PART 0: programs [0, N_KV_TILES) compute dK, dV of one key tile, the rest dQ of one
+    query tile (one launch). PART 1: only dK, dV programs; PART 2: only dQ programs (two
+    launches, each compiled and tuned for its own register budget).
 
     With FUSED_DELTA the row term delta = rowsum(O * dO) is recomputed from O tiles (cached
     in L2) instead of being read from a buffer filled by a separate launch.
@@ -248,68 +327,29 @@ def _attn_bwd(
     g_off = (b * L * H + h) * HEAD_DIM
     g_row = H * HEAD_DIM
     o_base = O + g_off  # O has the same (B, L, H, D) layout as the gradients
-    offs_d = tl.arange(0, HEAD_DIM)
-
-    if pid < N_KV_TILES:
-        offs_n = pid * BLOCK_N1 + tl.arange(0, BLOCK_N1)
-        col_ok = offs_n < L
-        cols = tl.minimum(offs_n, L - 1)
-        qs = tl.load(BND + 2 * L + cols)
-        qe = tl.load(BND + 3 * L + cols)
-        lo = tl.min(qs, 0)
-        qs_max = tl.max(qs, 0)
-        qe_min = tl.min(qe, 0)
-        hi = tl.max(qe, 0)
-        end1 = lo + tl.cdiv(qs_max - lo, BLOCK_M1) * BLOCK_M1
-        end2 = end1 + (tl.maximum(qe_min - end1, 0) // BLOCK_M1) * BLOCK_M1
-        k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        dk = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, sql, sdol, g_row,
-                             qs, qe, lo, end1, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM,
-                             True, FUSED_DELTA, DOT_F32)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, sql, sdol, g_row,
-                             qs, qe, end1, end2, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM,
-                             False, FUSED_DELTA, DOT_F32)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, sql, sdol, g_row,
-                             qs, qe, end2, hi, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM,
-                             True, FUSED_DELTA, DOT_F32)
-        g_ptrs = g_off + offs_n[:, None] * g_row + offs_d[None, :]
-        tl.store(DK + g_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
-        tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
-    else:
-        pid_m = pid - N_KV_TILES
-        if REVERSE_DQ:
+    if PART == 1:
+        _dkdv_program(pid, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DK, DV, BND,
+                      sql, skl, svl, sdol, g_off, g_row, L, qk_scale, sm_scale,
+                      BLOCK_M1, BLOCK_N1, HEAD_DIM, FUSED_DELTA, DOT_F32)
+    elif PART == 2:
+        pid_m = pid
+        if REVERSE_DQ:  # block-causal: the last query tiles see the most keys, start them first
             pid_m = tl.num_programs(0) - 1 - pid
-        offs_m = pid_m * BLOCK_M2 + tl.arange(0, BLOCK_M2)
-        row_ok = offs_m < L
-        rows = tl.minimum(offs_m, L - 1)
-        ks = tl.load(BND + rows)
-        ke = tl.load(BND + L + rows)
-        lo = tl.min(ks, 0)
-        ks_max = tl.max(ks, 0)
-        ke_min = tl.min(ke, 0)
-        hi = tl.max(ke, 0)
-        end1 = lo + tl.cdiv(ks_max - lo, BLOCK_N2) * BLOCK_N2
-        end2 = end1 + (tl.maximum(ke_min - end1, 0) // BLOCK_N2) * BLOCK_N2
-        q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sdol + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
-        if FUSED_DELTA:
-            o = tl.load(o_base + offs_m[:, None] * g_row + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        _dq_program(pid_m, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DQ, BND,
+                    sql, skl, svl, sdol, g_off, g_row, L, qk_scale, sm_scale,
+                    BLOCK_M2, BLOCK_N2, HEAD_DIM, FUSED_DELTA, DOT_F32)
+    else:
+        if pid < N_KV_TILES:
+            _dkdv_program(pid, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DK, DV, BND,
+                          sql, skl, svl, sdol, g_off, g_row, L, qk_scale, sm_scale,
+                          BLOCK_M1, BLOCK_N1, HEAD_DIM, FUSED_DELTA, DOT_F32)
         else:
-            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        dq = tl.zeros([BLOCK_M2, HEAD_DIM], dtype=tl.float32)
-        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, lo, end1, L, qk_scale,
-                       BLOCK_N2, HEAD_DIM, True, DOT_F32)
-        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, end1, end2, L, qk_scale,
-                       BLOCK_N2, HEAD_DIM, False, DOT_F32)
-        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, end2, hi, L, qk_scale,
-                       BLOCK_N2, HEAD_DIM, True, DOT_F32)
-        g_ptrs = g_off + offs_m[:, None] * g_row + offs_d[None, :]
-        tl.store(DQ + g_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+            pid_m = pid - N_KV_TILES
+            if REVERSE_DQ:
+                pid_m = tl.num_programs(0) - 1 - pid
+            _dq_program(pid_m, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DQ, BND,
+                        sql, skl, svl, sdol, g_off, g_row, L, qk_scale, sm_scale,
+                        BLOCK_M2, BLOCK_N2, HEAD_DIM, FUSED_DELTA, DOT_F32)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -332,6 +372,7 @@ class BwdConfig:
     num_warps: int
     num_stages: int
     fused_delta: bool = True  # recompute rowsum(O * dO) in the kernel instead of a separate launch
+    dq_warps: int = 0  # > 0: dK/dV and dQ in two launches, the dQ one with this many warps
 
 
 def _fwd_candidates(head_dim: int) -> list[FwdConfig]:
@@ -347,10 +388,13 @@ def _bwd_candidates(head_dim: int) -> list[BwdConfig]:
         return [BwdConfig(16, 64, 64, 16, 4, 3), BwdConfig(16, 64, 64, 16, 4, 3, False),
                 BwdConfig(32, 64, 64, 32, 4, 3), BwdConfig(16, 64, 64, 32, 4, 3),
                 BwdConfig(32, 64, 64, 32, 4, 3, False), BwdConfig(32, 128, 128, 32, 8, 3),
-                BwdConfig(16, 64, 64, 16, 4, 4)]
+                BwdConfig(16, 64, 64, 16, 4, 4),
+                # split launches: dQ tiles sized and warped for their own register budget
+                BwdConfig(32, 64, 64, 32, 4, 3, True, 4), BwdConfig(32, 64, 128, 32, 4, 3, True, 8),
+                BwdConfig(16, 64, 128, 32, 4, 3, True, 8), BwdConfig(32, 128, 128, 64, 8, 2, True, 8)]
     return [BwdConfig(16, 64, 64, 16, 4, 2), BwdConfig(32, 64, 64, 32, 4, 2),
             BwdConfig(16, 64, 64, 16, 4, 2, False), BwdConfig(64, 64, 64, 64, 8, 2),
-            BwdConfig(32, 128, 128, 32, 8, 2)]
+            BwdConfig(32, 128, 128, 32, 8, 2), BwdConfig(32, 64, 64, 32, 4, 2, True, 4)]
 
 
 # Tests set these to pin the configs (the CPU interpreter has no timing to tune on).
@@ -447,16 +491,20 @@ def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, bnd, qk_scale, sm_scale, revers
         _bwd_delta[(triton.cdiv(L, 64), B * H)](
             o, do, delta, sdo[0], sdo[1], sdo[2], H, L, BLOCK_M=64, HEAD_DIM=D,
         )
-    n_kv = triton.cdiv(L, cfg.block_n1)
-    grid = (n_kv + triton.cdiv(L, cfg.block_m2), B * H)
-    _attn_bwd[grid](
-        q, k, v, o, do, dq, dk, dv, lse, delta, bnd,
-        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sdo[0], sdo[1], sdo[2],
-        H, L, n_kv, qk_scale, sm_scale, reverse,
-        BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
-        HEAD_DIM=D, FUSED_DELTA=cfg.fused_delta, DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    n_kv, n_q = triton.cdiv(L, cfg.block_n1), triton.cdiv(L, cfg.block_m2)
+    if cfg.dq_warps:
+        launches = ((1, n_kv, n_kv, cfg.num_warps), (2, n_q, 0, cfg.dq_warps))
+    else:
+        launches = ((0, n_kv + n_q, n_kv, cfg.num_warps),)
+    for part, n_prog, n_kv_arg, warps in launches:
+        _attn_bwd[(n_prog, B * H)](
+            q, k, v, o, do, dq, dk, dv, lse, delta, bnd,
+            sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sdo[0], sdo[1], sdo[2],
+            H, L, n_kv_arg, qk_scale, sm_scale, reverse,
+            BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
+            HEAD_DIM=D, FUSED_DELTA=cfg.fused_delta, PART=part,
+            DOT_F32=_INTERPRET and q.dtype == torch.bfloat16, num_warps=warps, num_stages=cfg.num_stages,
+        )
 
 
 def _blhd_empty(B: int, H: int, L: int, D: int, like: Tensor) -> Tensor:
