@@ -205,11 +205,17 @@ def test_reference_stats_are_cached_and_reused(tmp_path):
     # a cache file is itself a valid reference; precomputed mu/sigma are used as they are
     cache_file = next((tmp_path / "c").glob("*.npz"))
     assert reference_stats(str(cache_file), ext).count == 30
+    # an ADM / torch-fidelity stats file (no network recorded) counts as TF-Inception statistics
     np.savez(tmp_path / "adm_stats.npz", mu=st.mu, sigma=st.sigma)
+    with pytest.raises(ConfigError, match="no mu/sigma of mean-colour"):
+        reference_stats(str(tmp_path / "adm_stats.npz"), ext)
+    ext.name = "TF-Inception (test stand-in)"
     pre = reference_stats(str(tmp_path / "adm_stats.npz"), ext)
     assert "precomputed" in pre.source and ext.calls == calls
     with pytest.raises(ConfigError, match="precision/recall need reference images"):
         reference_stats(str(tmp_path / "adm_stats.npz"), ext, need_features=True)
+    with pytest.raises(ConfigError, match="for sFID"):
+        reference_stats(str(tmp_path / "adm_stats.npz"), ext, need_spatial=True)
 
 
 def test_reference_from_dataset_and_limit():

@@ -7,10 +7,12 @@ a 50k x 256 x 256 set is never held in memory twice.
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,9 +44,15 @@ class ImageSet:
     _npz: Path | None = None
     _files: list[Path] | None = None
     _array: np.ndarray | None = None
+    _dataset: Any = None  # a maskar dataset, read lazily
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        if self._array is not None:
+        if self._dataset is not None:
+            for start in range(0, self.count, batch_size):
+                items = [self._dataset[i]["image"] for i in range(start, min(start + batch_size, self.count))]
+                x = ((torch.stack(items).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                yield to_rgb_uint8(x.permute(0, 2, 3, 1).numpy())  # ADM rounding of [-1, 1] floats
+        elif self._array is not None:
             for start in range(0, self.count, batch_size):
                 yield to_rgb_uint8(self._array[start : start + batch_size])
         elif self._npz is not None:
@@ -143,20 +151,14 @@ def images_from_array(arr: np.ndarray | torch.Tensor, description: str, labels=N
 
 
 def dataset_images(data_cfg, limit: int | None = None) -> ImageSet:
-    """All images of ``build_dataset(data_cfg)`` as uint8 NHWC (ADM rounding of [-1, 1] floats)."""
-    import dataclasses
-
+    """The images of ``build_dataset(data_cfg)`` (no flips) as uint8 NHWC, read lazily in batches."""
     from maskar.data import build_dataset
 
     if data_cfg.name == "latents":
         raise ConfigError("ref: data.name=latents holds latents, not images; give an image dataset")
     ds = build_dataset(dataclasses.replace(data_cfg, hflip=False))
     n = len(ds) if limit is None else min(limit, len(ds))
-    images, labels = [], []
-    for i in range(n):
-        item = ds[i]
-        images.append(((item["image"].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
-        labels.append(int(item["label"]))
-    arr = torch.stack(images).permute(0, 2, 3, 1).numpy()  # (N, H, W, C) uint8
-    desc = f"data.name={data_cfg.name} split={data_cfg.split} ({n} images, {arr.shape[1]}x{arr.shape[2]})"
-    return images_from_array(to_rgb_uint8(arr), desc, np.asarray(labels))
+    labels = np.asarray(ds.targets[:n], dtype=np.int64)
+    r = data_cfg.resolution
+    desc = f"data.name={data_cfg.name} split={data_cfg.split} ({n} images, {r}x{r})"
+    return ImageSet(desc, n, labels, _dataset=ds)

@@ -132,15 +132,25 @@ def reference_stats(
             keys = npz_keys(path)
             if "mu" in keys and "sigma" in keys:
                 pre = Stats.load(path)
-                if pre.network == "unknown":  # an ADM / torch-fidelity stats file
-                    pre.network = extractor.name
-                    pre.source = f"{path.name} (precomputed mu/sigma)"
-            if "arr_0" not in keys and pre is None:
-                raise ConfigError(f"ref: {path.name} has neither arr_0 (images) nor mu/sigma; keys {keys}")
-            if "arr_0" not in keys and need_features and pre is not None and pre.features is None:
-                raise ConfigError(
-                    f"ref: {path.name} holds only mu/sigma; precision/recall need reference images (arr_0)"
-                )
+                if pre.network == "unknown":  # an ADM / torch-fidelity file: TF-Inception statistics
+                    if extractor.name.startswith("TF-Inception"):
+                        pre.network = extractor.name
+                        pre.source = f"{path.name} (precomputed mu/sigma)"
+                    else:
+                        pre = None
+            if "arr_0" not in keys:
+                if pre is None:
+                    raise ConfigError(
+                        f"ref: {path.name} has no arr_0 (images) and no mu/sigma of {extractor.name}; "
+                        f"keys {keys}"
+                    )
+                if need_features and pre.features is None:
+                    raise ConfigError(
+                        f"ref: {path.name} holds only mu/sigma; precision/recall need reference "
+                        "images (arr_0)"
+                    )
+                if need_spatial and pre.mu_s is None:
+                    raise ConfigError(f"ref: {path.name} has no mu_s/sigma_s and no images (arr_0) for sFID")
     if pre is not None and pre.network != extractor.name:
         raise ConfigError(f"ref: {source} was computed with {pre.network!r}, not {extractor.name!r}")
     pre_ok = pre is not None and (not need_features or pre.features is not None)

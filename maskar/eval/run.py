@@ -53,6 +53,7 @@ OPTIONS: dict[str, object] = {
     "json": None,
     "cache": "default",
     "pr_batch": 10000,
+    "ref_limit": None,
     "train_classifier": False,
     "out": None,
     "steps": 2000,
@@ -118,6 +119,7 @@ def evaluate(
     cache_dir: str | Path | None = None,
     pr_batch: int = 10000,
     progress: bool = True,
+    ref_limit: int | None = None,
 ) -> list[Result]:
     """Compute ``metrics`` for ``samples``; ``inception`` / ``classifier`` are extractors."""
     results: list[Result] = []
@@ -138,7 +140,7 @@ def evaluate(
             )
         if need_ref:
             rs = reference_stats(
-                ref, inception, "pr" in inc, "sfid" in inc, batch_size, cache_dir, progress=progress
+                ref, inception, "pr" in inc, "sfid" in inc, batch_size, cache_dir, ref_limit, progress
             )
         if "fid" in inc:
             fid = frechet_distance(own.mu, own.sigma, rs.mu, rs.sigma)
@@ -172,7 +174,7 @@ def evaluate(
                     raise ConfigError(f"classifier: {classifier.reference_path()} does not match its weights")
             else:
                 rs = reference_stats(clf_ref, classifier, "pr_clf" in clf, False, batch_size, cache_dir,
-                                     progress=progress)  # fmt: skip
+                                     ref_limit, progress)  # fmt: skip
             if "fd_clf" in clf:
                 fd = frechet_distance(own.mu, own.sigma, rs.mu, rs.sigma)
                 results.append(Result("FD_clf", fd, classifier.name, smp_desc, rs.describe()))
@@ -214,9 +216,10 @@ def _ref_arg(value: object, data_cfg: DataConfig | None) -> str | DataConfig | N
 def _class_order_labels(per_class: int, labels: object, num_classes: int | None, count: int) -> np.ndarray:
     from maskar.cli import _parse_labels
 
-    if labels is None and num_classes is None:
-        num_classes = count // per_class
-    classes = _parse_labels(labels, num_classes or 0) if labels is not None else list(range(num_classes or 0))
+    if labels is not None:
+        classes = _parse_labels(labels, num_classes or 1_000_000)
+    else:
+        classes = list(range(num_classes if num_classes is not None else count // per_class))
     out = np.repeat(np.asarray(classes, dtype=np.int64), per_class)
     if len(out) != count:
         raise ConfigError(
@@ -320,7 +323,7 @@ def run(opts: dict[str, Any], overrides: list[str]) -> int:
     cache_dir = default_cache_dir() if cache == "default" else cache
     results = evaluate(
         samples, metrics, ref, inception, classifier, clf_ref, batch_size, str(device), cache_dir,
-        int(opts["pr_batch"]),
+        int(opts["pr_batch"]), ref_limit=None if opts["ref_limit"] is None else int(opts["ref_limit"]),
     )  # fmt: skip
     for r in results:
         print(r.line())
