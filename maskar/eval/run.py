@@ -293,7 +293,8 @@ def run(opts: dict[str, Any], overrides: list[str]) -> int:
             str(opts["precision"]),
         )
         del model
-        desc = f"{Path(str(opts['ckpt'])).name} (seed {cfg.sample.seed}, {int(opts['per_class'])}/class)"
+        knobs = ", ".join([*other_over, f"seed {cfg.sample.seed}", f"{int(opts['per_class'])}/class"])
+        desc = f"{Path(str(opts['ckpt'])).name} ({knobs})"
         samples = images_from_array(images, desc, labels)
         if opts["save_samples"]:
             from maskar.checkpoint import atomic_write_bytes
