@@ -218,6 +218,14 @@ def test_reference_stats_are_cached_and_reused(tmp_path):
         reference_stats(str(tmp_path / "adm_stats.npz"), ext, need_spatial=True)
 
 
+def test_reference_limit_on_npz(tmp_path):
+    arr = np.random.default_rng(10).integers(0, 256, size=(9, 4, 4, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=arr)
+    st = reference_stats(str(tmp_path / "ref.npz"), MeanColourExtractor(), True, batch_size=4, limit=6)
+    assert st.count == 6 and st.features.shape == (6, 6)
+    np.testing.assert_allclose(st.features, MeanColourExtractor()(arr[:6])["pool"].numpy())
+
+
 def test_reference_from_dataset_and_limit():
     ext = MeanColourExtractor()
     cfg = DataConfig(name="digits", split="test", resolution=8, channels=1)
