@@ -334,3 +334,22 @@ def test_gpu_kv_cache_sampling_matches_forward_in_bf16():
         got: list[torch.Tensor] = []
         m._autoregress(labels, m._sampling_args(0.0, "linear", 1.0, 0, 0.0, 0, "cuda"), gt, keep, collect=got)
     assert (torch.cat(got, 1) - want).abs().max() < 5e-2 * want.abs().max()
+
+
+def test_attention_gets_one_compute_dtype_under_autocast(monkeypatch):
+    """L2-normalised q/k are cast back to the autocast dtype, so fused kernels can take them."""
+    import maskar.nn.blocks as blocks
+
+    seen = []
+    real = blocks.attention
+
+    def spy(q, k, v, pattern=None, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, pattern, **kw)
+
+    monkeypatch.setattr(blocks, "attention", spy)
+    block = AdaLNSelfAttnBlock(32, 32, 2, 4.0, 0.0, attn_l2_norm=True)
+    x, cond = torch.randn(2, 5, 32), torch.randn(2, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        block(x, cond, ScalePattern.from_sides("block_diagonal", (1, 2)))
+    assert seen == [(torch.bfloat16,) * 3]

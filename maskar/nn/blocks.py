@@ -96,8 +96,10 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_l2_norm:
             gain = self.scale_mul_1H11.clamp(max=_MAX_LOG_SCALE).exp()
-            q = F.normalize(q, dim=-1).mul(gain.to(q.dtype))
-            k = F.normalize(k, dim=-1)
+            # normalize runs in fp32 under autocast; attention takes the compute dtype (as SDPA's
+            # autocast would), which fused kernels need.
+            q = F.normalize(q, dim=-1).mul(gain).to(v.dtype)
+            k = F.normalize(k, dim=-1).to(v.dtype)
         if cache is not None:
             k, v = cache.append(k, v)  # current scale attends to all cached scales: dense
         out = attention(q, k, v, pattern, backend=self.attn_backend, scale=self.scale)
