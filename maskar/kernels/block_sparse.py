@@ -89,7 +89,7 @@ def _fwd_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "L"])  # new head counts / schedules reuse the binary
 def _attn_fwd(
     Q, K, V, O, LSE, BND,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
@@ -136,7 +136,7 @@ def _attn_fwd(
     tl.store(LSE + bh.to(tl.int64) * L + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "L"])  # new head counts / schedules reuse the binary
 def _bwd_delta(
     O, DO, DELTA, sdob, sdoh, sdol, H, L,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -298,7 +298,7 @@ def _dq_program(
     tl.store(DQ + g_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "L"])  # new head counts / schedules reuse the binary
 def _attn_bwd(
     Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, BND,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
