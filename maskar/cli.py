@@ -189,7 +189,9 @@ def cmd_edit(args: list[str]) -> int:
         int(opts["n"]),  # type: ignore[arg-type]
         str(opts["precision"]),
     )
-    sampling.save_grid(out["images"], out["labels"], str(opts["out"]), nrow=out["nrow"])
+    names = sampling.class_names(cfg) or [str(i) for i in range(getattr(model, "num_classes", 0))]
+    names = names + ["unconditional"]  # index num_classes: the null class used for in/out-painting
+    sampling.save_grid(out["images"], out["labels"], str(opts["out"]), nrow=out["nrow"], class_names=names)
     print(f"wrote {opts['out']}")
     return 0
 
