@@ -233,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--json", default=None, help="also write all rows to this file")
+    ap.add_argument("--check-configs", action="store_true",
+                    help="first check every triton backward candidate config against fp32 SDPA (B 2, H 2)")
+    ap.add_argument("--tuning-log", action="store_true",
+                    help="print the triton tuner's time of every candidate")
     ap.add_argument("--profile", type=int, default=0,
                     help="instead of the table: cProfile N fwd+bwd calls per method at the first case")
     args = ap.parse_args(argv)
@@ -263,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in methods.items():
             _profile(name, fn, pattern, B, H, D, DTYPES[args.dtypes.split(",")[0]], scale, args.profile)
         return 0
+    if args.check_configs:
+        bad = check_triton_configs(args.patterns.split(","), [DTYPES[d] for d in args.dtypes.split(",")],
+                                   sorted({int(c.split(":")[0]) for c in args.cases.split(",")}), D, scale)
+        if bad:
+            print(f"check-configs: {bad} config(s) FAILED", flush=True)
+            return 1
     rows = []
     for kind in args.patterns.split(","):
         for dname in args.dtypes.split(","):
@@ -288,7 +298,44 @@ def main(argv: list[str] | None = None) -> int:
         print("\ntriton configs chosen (phase, device, dtype, D, pattern, L, many-programs):")
         for key, cfg in tuned_configs().items():
             print(f"  {key}: {cfg}")
+        if args.tuning_log:
+            from maskar.kernels.block_sparse import tuning_log
+
+            print("\ntriton tuner, ms per call of every candidate (back-to-back launches):")
+            for key, log in tuning_log().items():
+                print(f"  {key}:")
+                for cfg, t in sorted(log, key=lambda x: x[1] if isinstance(x[1], float) else 1e9):
+                    print(f"    {t if isinstance(t, str) else f'{t:.4f}'}  {cfg}")
     return 0
+
+
+def check_triton_configs(kinds: list[str], dtypes: list, lengths: list[int], D: int, scale: float) -> int:
+    """Check every backward candidate of the triton kernel against fp32 SDPA; returns the failures."""
+    import maskar.kernels.block_sparse as bs
+
+    bad = 0
+    try:
+        for kind in kinds:
+            for L in lengths:
+                pattern = ScalePattern.from_sides(kind, SCHEDULES[L])
+                for dtype in dtypes:
+                    bs.FORCE_FWD_CONFIG = bs._fwd_candidates(D)[0]
+                    for cfg in bs._bwd_candidates(D, kind):
+                        bs.FORCE_BWD_CONFIG = cfg
+                        torch.manual_seed(1)
+                        try:
+                            err = check(bs.block_sparse_attention, pattern, 2, 2, D, dtype, scale)
+                            ok = err <= TOLERANCE[dtype]
+                            msg = f"{err:.2e}"
+                        except Exception as e:  # out of resources: the tuner skips it as well
+                            ok = type(e).__name__ == "OutOfResources"
+                            msg = f"{'skipped' if ok else 'error'} ({type(e).__name__}: {str(e)[:300]})"
+                        bad += not ok
+                        print(f"check {kind} L{L} {str(dtype)[6:]} {cfg}: {msg}{'' if ok else '  FAILED'}",
+                              flush=True)
+    finally:
+        bs.FORCE_FWD_CONFIG = bs.FORCE_BWD_CONFIG = None
+    return bad
 
 
 def _profile(name: str, fn: Callable, pattern: ScalePattern, B: int, H: int, D: int, dtype, scale: float,
