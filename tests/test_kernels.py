@@ -242,6 +242,57 @@ def test_bwd_items_cover_every_row_and_column_once(lengths, seg, atomic):
     assert torch.equal(rows, torch.ones(L, dtype=torch.long))
 
 
+def test_direct_launch_path_reuses_compiled_kernel_only_for_the_same_specialisation(monkeypatch):
+    """_launch: first call through kernel[grid](...), repeats straight to the compiled kernel's
+    launcher with every parameter in order; a new specialisation or a launcher error goes back."""
+    pytest.importorskip("triton")
+    import maskar.kernels.block_sparse as bs
+
+    calls = []
+
+    class Compiled:
+        def __init__(self, fail=False):
+            self.fail = fail
+
+        def __getitem__(self, grid):
+            def run(*args):
+                if self.fail:
+                    raise TypeError("other launcher convention")
+                calls.append(("direct", grid, args))
+            return run
+
+    class Kernel:
+        arg_names = ["X", "n", "s", "BLOCK"]
+
+        def __init__(self, fail=False):
+            self.fail = fail
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                calls.append(("jit", grid, args, kw))
+                return Compiled(self.fail)
+            return run
+
+    monkeypatch.setattr(bs, "_INTERPRET", False)
+    monkeypatch.setattr(bs, "_compiled", {})
+    monkeypatch.setattr(bs, "_fast_failed", False)
+    x = torch.zeros(64)
+    kern = Kernel()
+    bs._launch(kern, (3, 1), (x, 32, 0.5), {"BLOCK": 16}, 4, 2)
+    bs._launch(kern, (5, 1), (x, 48, 0.7), {"BLOCK": 16}, 4, 2)  # same specialisation: direct
+    bs._launch(kern, (5, 1), (x, 1, 0.7), {"BLOCK": 16}, 4, 2)  # int == 1 is specialised: JIT again
+    bs._launch(kern, (5, 1), (x, 32, 0.7), {"BLOCK": 32}, 4, 2)  # another constexpr: JIT again
+    assert [c[0] for c in calls] == ["jit", "direct", "jit", "jit"]
+    assert calls[0][3] == {"BLOCK": 16, "num_warps": 4, "num_stages": 2}
+    assert calls[1][1] == (5, 1) and calls[1][2] == (x, 48, 0.7, 16)
+    calls.clear()
+    monkeypatch.setattr(bs, "_compiled", {})
+    bad = Kernel(fail=True)
+    for _ in range(3):
+        bs._launch(bad, (1,), (x, 32, 0.5), {"BLOCK": 16}, 4, 2)
+    assert [c[0] for c in calls] == ["jit", "jit", "jit"] and bs._fast_failed
+
+
 def test_attention_api_dispatches_to_kernel_interpreted(interpreter_results):
     assert interpreter_results["api"]["same"] == [True, True]
 

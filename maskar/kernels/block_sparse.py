@@ -675,17 +675,58 @@ def _bounds(pattern: ScalePattern, device: torch.device | str) -> Tensor:
     return b
 
 
+# Launch path. ``kernel[grid](...)`` re-binds and re-specialises every argument on every
+# call (tens of microseconds of host time, which is what the launch-bound shapes measure).
+# With FAST_LAUNCH the compiled kernel it returns is kept under a key holding everything
+# Triton specialises on (dtypes, 16-byte alignment of pointers, ints equal to 1 / multiples
+# of 16 / 64-bit, the constexprs, warps, stages), and later calls with the same key go to
+# the compiled kernel's launcher directly. If that launcher's calling convention differs
+# (another Triton version), the first failure turns the fast path off for good.
+FAST_LAUNCH = True
+_compiled: dict[tuple, object] = {}
+_fast_failed = False
+
+
+def _spec(a) -> object:
+    if isinstance(a, Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, int):
+        return a == 1, a % 16 == 0, -(2**31) <= a < 2**31
+    return type(a)
+
+
+def _launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_stages: int) -> None:
+    """``kernel[grid](*args, **consts, num_warps=..., num_stages=...)``; args are the runtime
+    parameters in declaration order, consts the constexpr ones that follow them."""
+    global _fast_failed
+    fast = FAST_LAUNCH and not _INTERPRET and not _fast_failed
+    if fast:
+        key = (id(kernel), num_warps, num_stages, *consts.values(), *map(_spec, args))
+        ck = _compiled.get(key)
+        if ck is not None:
+            try:
+                ck[grid](*args, *consts.values())
+                return
+            except Exception:  # launcher convention of another Triton version: use the JIT path
+                _fast_failed = True
+                fast = False
+    ck = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+    names = getattr(kernel, "arg_names", None)  # the launcher takes every parameter in this order
+    if fast and ck is not None and names is not None and list(names[len(args):]) == list(consts):
+        _compiled[key] = ck
+
+
 def _launch_fwd(q, k, v, o, lse, bnd, qk_scale, reverse, cfg: FwdConfig):
     B, H, L, D = q.shape
     sq, sk, sv = q.stride(), k.stride(), v.stride()
     grid = (triton.cdiv(L, cfg.block_m), B * H)
-    _attn_fwd[grid](
-        q, k, v, o, lse, bnd,
-        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
-        H, L, qk_scale, reverse,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D,
-        DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    _launch(
+        _attn_fwd, grid,
+        (q, k, v, o, lse, bnd, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
+         H, L, qk_scale, reverse),
+        dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D,
+             DOT_F32=_INTERPRET and q.dtype == torch.bfloat16),
+        cfg.num_warps, cfg.num_stages,
     )
 
 
@@ -699,22 +740,23 @@ def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, bnd, qk_scale, sm_scale, revers
         delta = lse  # placeholder pointer: fused configs never touch it
     else:  # rowsum(O * dO) in its own launch and buffer
         delta = torch.empty_like(lse)
-        _bwd_delta[(triton.cdiv(L, 64), B * H)](
-            o, do, delta, sdo[0], sdo[1], sdo[2], H, L, BLOCK_M=64, HEAD_DIM=D,
-        )
+        _launch(_bwd_delta, (triton.cdiv(L, 64), B * H), (o, do, delta, sdo[0], sdo[1], sdo[2], H, L),
+                dict(BLOCK_M=64, HEAD_DIM=D), 4, 3)
     n_kv, n_q = triton.cdiv(L, cfg.block_n1), triton.cdiv(L, cfg.block_m2)
     if cfg.dq_warps:
         launches = ((1, n_kv, n_kv, cfg.num_warps), (2, n_q, 0, cfg.dq_warps))
     else:
         launches = ((0, n_kv + n_q, n_kv, cfg.num_warps),)
     for part, n_prog, n_kv_arg, warps in launches:
-        _attn_bwd[(n_prog, B * H)](
-            q, k, v, o, do, dq, dk, dv, lse, delta, bnd,
-            sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sdo[0], sdo[1], sdo[2],
-            H, L, n_kv_arg, qk_scale, sm_scale, reverse,
-            BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
-            HEAD_DIM=D, FUSED_DELTA=cfg.fused_delta, PART=part,
-            DOT_F32=_INTERPRET and q.dtype == torch.bfloat16, num_warps=warps, num_stages=cfg.num_stages,
+        _launch(
+            _attn_bwd, (n_prog, B * H),
+            (q, k, v, o, do, dq, dk, dv, lse, delta, bnd,
+             sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sdo[0], sdo[1], sdo[2],
+             H, L, n_kv_arg, qk_scale, sm_scale, reverse),
+            dict(BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
+                 HEAD_DIM=D, FUSED_DELTA=cfg.fused_delta, PART=part,
+                 DOT_F32=_INTERPRET and q.dtype == torch.bfloat16),
+            warps, cfg.num_stages,
         )
 
 
@@ -770,16 +812,18 @@ def _launch_bwd_items(q, k, v, o, do, dq, dk, dv, lse, bnd, qk_scale, sm_scale, 
     # fp32 dQ accumulator (B*H, L, D), zeroed for the atomic adds; otherwise a placeholder
     acc = torch.zeros(B * H, L, D, dtype=torch.float32, device=q.device) if cfg.atomic_dq else lse
     dot_f32 = _INTERPRET and q.dtype == torch.bfloat16
-    _attn_bwd_items[(n_items, B * H)](
-        q, k, v, o, do, dq, dk, dv, lse, bnd, items, acc,
-        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sdo[0], sdo[1], sdo[2],
-        H, L, n_items, qk_scale, sm_scale,
-        SEG=cfg.seg, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2,
-        BLOCK_N2=cfg.block_n2, HEAD_DIM=D, ATOMIC_DQ=cfg.atomic_dq, DOT_F32=dot_f32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    _launch(
+        _attn_bwd_items, (n_items, B * H),
+        (q, k, v, o, do, dq, dk, dv, lse, bnd, items, acc,
+         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sdo[0], sdo[1], sdo[2],
+         H, L, n_items, qk_scale, sm_scale),
+        dict(SEG=cfg.seg, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2,
+             BLOCK_N2=cfg.block_n2, HEAD_DIM=D, ATOMIC_DQ=cfg.atomic_dq, DOT_F32=dot_f32),
+        cfg.num_warps, cfg.num_stages,
     )
     if cfg.atomic_dq:
-        _dq_from_acc[(triton.cdiv(L, 64), B * H)](acc, dq, H, L, sm_scale, BLOCK_M=64, HEAD_DIM=D)
+        _launch(_dq_from_acc, (triton.cdiv(L, 64), B * H), (acc, dq, H, L, sm_scale),
+                dict(BLOCK_M=64, HEAD_DIM=D), 4, 3)
 
 
 def _blhd_empty(B: int, H: int, L: int, D: int, like: Tensor) -> Tensor:
