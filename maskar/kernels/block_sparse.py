@@ -464,8 +464,9 @@ def _attn_bwd_items(
     tiles (kind 2) as in ``_attn_bwd``. With ATOMIC_DQ segments also write DQACC (fp32)
     and a second launch converts it.
     """
-    it = tl.program_id(0)
-    bh = tl.program_id(1)
+    # items on the slow grid axis: the costliest item of every (batch, head) is issued first
+    bh = tl.program_id(0)
+    it = tl.program_id(1)
     kind = tl.load(ITEMS + it)
     n0 = tl.load(ITEMS + N_ITEMS + it)
     n_stop = tl.load(ITEMS + 2 * N_ITEMS + it)
@@ -813,7 +814,7 @@ def _launch_bwd_items(q, k, v, o, do, dq, dk, dv, lse, bnd, qk_scale, sm_scale, 
     acc = torch.zeros(B * H, L, D, dtype=torch.float32, device=q.device) if cfg.atomic_dq else lse
     dot_f32 = _INTERPRET and q.dtype == torch.bfloat16
     _launch(
-        _attn_bwd_items, (n_items, B * H),
+        _attn_bwd_items, (B * H, n_items),
         (q, k, v, o, do, dq, dk, dv, lse, bnd, items, acc,
          sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sdo[0], sdo[1], sdo[2],
          H, L, n_items, qk_scale, sm_scale),
