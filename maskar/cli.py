@@ -62,7 +62,10 @@ def cmd_info(args: list[str]) -> int:
             print(f"device cuda:{i}  {p.name}  {p.total_memory / 2**30:.1f} GiB")
     else:
         print(f"device cpu  ({torch.get_num_threads()} threads); no CUDA device")
-    print(f"attention backends: {', '.join(available_backends())} (auto picks the fastest correct one)")
+    backends = available_backends()
+    print(f"attention backends: {', '.join(backends)} (auto picks the fastest correct one)")
+    if not torch.cuda.is_available() and len(backends) > 1:
+        print("  no CUDA here: auto uses sdpa; the fused/compiled backends need a GPU")
     print("architectures:")
     for arch, spec in sorted(registry.all_specs().items()):
         print(f"  {arch:10s} {spec.kind:10s} {spec.description}")
