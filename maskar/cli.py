@@ -387,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"maskar {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:  # the trainer has already saved by the time this reaches us
         print(f"maskar {ns.command}: interrupted", file=sys.stderr)
         return 130
