@@ -279,12 +279,14 @@ def test_direct_launch_path_reuses_compiled_kernel_only_for_the_same_specialisat
     x = torch.zeros(64)
     kern = Kernel()
     bs._launch(kern, (3, 1), (x, 32, 0.5), {"BLOCK": 16}, 4, 2)
-    bs._launch(kern, (5, 1), (x, 48, 0.7), {"BLOCK": 16}, 4, 2)  # same specialisation: direct
-    bs._launch(kern, (5, 1), (x, 1, 0.7), {"BLOCK": 16}, 4, 2)  # int == 1 is specialised: JIT again
+    bs._launch(kern, (5, 1), (x, 32, 0.7), {"BLOCK": 16}, 4, 2)  # only a float changed: direct
+    bs._launch(kern, (5, 1), (x, 1, 0.7), {"BLOCK": 16}, 4, 2)  # another int (== 1 is specialised): JIT
     bs._launch(kern, (5, 1), (x, 32, 0.7), {"BLOCK": 32}, 4, 2)  # another constexpr: JIT again
-    assert [c[0] for c in calls] == ["jit", "direct", "jit", "jit"]
+    bs._launch(kern, (5, 1), (x.half(), 32, 0.7), {"BLOCK": 16}, 4, 2)  # another dtype: JIT again
+    bs._launch(kern, (5, 1), (x[1:], 32, 0.7), {"BLOCK": 16}, 4, 2)  # pointer not 16-byte aligned: JIT
+    assert [c[0] for c in calls] == ["jit", "direct", "jit", "jit", "jit", "jit"]
     assert calls[0][3] == {"BLOCK": 16, "num_warps": 4, "num_stages": 2}
-    assert calls[1][1] == (5, 1) and calls[1][2] == (x, 48, 0.7, 16)
+    assert calls[1][1] == (5, 1) and calls[1][2] == (x, 32, 0.7, 16)
     calls.clear()
     monkeypatch.setattr(bs, "_compiled", {})
     bad = Kernel(fail=True)
