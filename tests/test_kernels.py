@@ -255,6 +255,8 @@ def test_direct_launch_path_reuses_compiled_kernel_only_for_the_same_specialisat
             self.fail = fail
 
         def __getitem__(self, grid):
+            assert len(grid) == 3  # Triton's CompiledKernel runner reads grid[0], grid[1], grid[2]
+
             def run(*args):
                 if self.fail:
                     raise TypeError("other launcher convention")
@@ -286,7 +288,8 @@ def test_direct_launch_path_reuses_compiled_kernel_only_for_the_same_specialisat
     bs._launch(kern, (5, 1), (x[1:], 32, 0.7), {"BLOCK": 16}, 4, 2)  # pointer not 16-byte aligned: JIT
     assert [c[0] for c in calls] == ["jit", "direct", "jit", "jit", "jit", "jit"]
     assert calls[0][3] == {"BLOCK": 16, "num_warps": 4, "num_stages": 2}
-    assert calls[1][1] == (5, 1) and calls[1][2] == (x, 32, 0.7, 16)
+    assert calls[1][1] == (5, 1, 1) and calls[1][2] == (x, 32, 0.7, 16)
+    assert not bs._fast_failed
     calls.clear()
     monkeypatch.setattr(bs, "_compiled", {})
     bad = Kernel(fail=True)

@@ -692,8 +692,9 @@ def _launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_
                  else a if isinstance(a, int) else None for a in args])
         ck = _compiled.get(key)
         if ck is not None:
-            try:
-                ck[grid](*args, *consts.values())
+            try:  # the compiled kernel's runner indexes grid[2]: pass all three dimensions
+                ck[(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)](
+                    *args, *consts.values())
                 return
             except Exception:  # launcher convention of another Triton version: use the JIT path
                 _fast_failed = True
