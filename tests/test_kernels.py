@@ -276,6 +276,7 @@ def test_direct_launch_path_reuses_compiled_kernel_only_for_the_same_specialisat
             return run
 
     monkeypatch.setattr(bs, "_INTERPRET", False)
+    monkeypatch.setattr(bs, "FAST_LAUNCH", True)
     monkeypatch.setattr(bs, "_compiled", {})
     monkeypatch.setattr(bs, "_fast_failed", False)
     x = torch.zeros(64)
@@ -362,6 +363,28 @@ def test_every_candidate_config_is_correct_gpu(kind):
                 assert max(r[t] for t in ("out", "dq", "dk", "dv")) < TOL["fp16"], (D, fc, bc, r)
     finally:
         bs.FORCE_FWD_CONFIG = bs.FORCE_BWD_CONFIG = None
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("sides", [SIDES_256, SIDES_512])
+@pytest.mark.parametrize("seg,atomic", [(64, False), (64, True), (128, False), (128, True)])
+def test_scale_aligned_backward_variants_gpu(sides, seg, atomic):
+    """Non-default block-diagonal variants too (atomic dQ, 128-token segments): scales both
+    smaller and larger than the segment, up to 1024 tokens at 512 px."""
+    import maskar.kernels.block_sparse as bs
+
+    p = ScalePattern.from_sides("block_diagonal", sides)
+    bs.FORCE_FWD_CONFIG = bs._fwd_candidates(64)[0]
+    bs.FORCE_BWD_CONFIG = bs.BwdConfig(32, 64 if seg == 64 else 128, 64, 32, 4 if seg == 64 else 8, 3,
+                                       seg=seg, atomic_dq=atomic)
+    try:
+        r = errors_vs_reference(bs.block_sparse_attention, p, 2, 3, 64, torch.float16, None, "cuda")
+    finally:
+        bs.FORCE_FWD_CONFIG = bs.FORCE_BWD_CONFIG = None
+    assert r["finite"]
+    for t in ("out", "dq", "dk", "dv"):
+        assert r[t] < TOL["fp16"], (t, r)
 
 
 @gpu

@@ -669,12 +669,13 @@ def _bounds(pattern: ScalePattern, device: torch.device | str) -> Tensor:
 
 # Launch path. ``kernel[grid](...)`` re-binds and re-specialises every argument on every
 # call (tens of microseconds of host time, which is what the launch-bound shapes measure).
-# With FAST_LAUNCH the compiled kernel it returns is kept under a key holding everything
+# With FAST_LAUNCH (off by default: no gain measured yet, see docs/kernels.md) the compiled
+# kernel it returns is kept under a key holding everything
 # Triton specialises on (dtypes, 16-byte alignment of pointers, ints equal to 1 / multiples
 # of 16 / 64-bit, the constexprs, warps, stages), and later calls with the same key go to
 # the compiled kernel's launcher directly. If that launcher's calling convention differs
 # (another Triton version), the first failure turns the fast path off for good.
-FAST_LAUNCH = True
+FAST_LAUNCH = False
 _compiled: dict[tuple, object] = {}
 _fast_failed = False
 
