@@ -24,6 +24,9 @@ folded into one multiply; the log-sum-exp (base 2) is saved for the backward pas
 which recomputes P tile by tile (FlashAttention-2 scheme). dK/dV programs (one per key
 tile) and dQ programs (one per query tile) run in the same launch; dQ needs no atomics,
 so results are deterministic.
+For block-diagonal patterns an alternative backward (``_attn_bwd_items``, configs with
+``seg``) aligns work to scales and does groups of small scales in one pass (no dQ
+recompute); the tuner picks it where it measured faster (few programs, L 680).
 
 Block sizes are chosen per (L, head dim, dtype, pattern, batch*heads class) by timing a
 few candidate configs once (kernels compile per config and dtype / head dim only, so
