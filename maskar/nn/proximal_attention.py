@@ -1,0 +1,223 @@
+"""Proximal Self-Attention (PSA, CASMAR v1) and Scaffold-Anchored Local Attention (SALA, v2).
+
+PSA lets every token of an H x W grid attend to the k x k (dilated) window around it.
+The official module unfolds K and V with *zero padding* and keeps the padded border
+slots inside the softmax: each contributes logit 0 and value 0. So a border query's
+softmax denominator has ``k*k - n_valid`` extra ``exp(0)`` terms.
+
+Here that is computed exactly without materialising k*k copies of K and V: one SDPA
+call over all keys with an additive float bias (0 inside the window, -inf outside),
+plus one extra all-zero key/value whose bias is ``log(k*k - n_valid)``. Its logit
+``q . 0 * scale + log(m)`` adds ``m * exp(0)`` to the denominator and nothing to the
+numerator, which is exactly what the m padded slots do (``-inf`` when m = 0). The key
+axis is padded to a multiple of 8 with further ``-inf`` zero keys for kernel alignment.
+
+SALA adds an anchor branch (queries attend densely to the 2x2-average-pooled condition
+tokens after a LayerNorm) and a sigmoid gate ``g = sigmoid(gate_proj([x, o_loc, o_anc]))``:
+``out = out_proj(o_loc + g * o_anc)``. Parameter names match the official checkpoints
+(``na.{q,k,v,out}_proj`` for PSA; ``{q,k,v}_proj_{loc,anc}``, ``gate_proj``,
+``out_proj``, ``anchor_norm`` for SALA).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Pair = tuple[int, int]
+
+
+def _pair(v: int | tuple[int, int], name: str) -> Pair:
+    a, b = (v, v) if isinstance(v, int) else tuple(v)
+    if int(a) < 1 or int(b) < 1:
+        raise ValueError(f"{name}: expected positive integers, got {v!r}")
+    return int(a), int(b)
+
+
+def _check_kernel(kernel_size: int | tuple[int, int]) -> Pair:
+    kh, kw = _pair(kernel_size, "kernel_size")
+    if kh % 2 == 0 or kw % 2 == 0:
+        # The official "same" padding dil*(k-1)/2 only keeps the grid size for odd k.
+        raise ValueError(f"kernel_size: expected odd sizes, got {kernel_size!r}")
+    return kh, kw
+
+
+@functools.lru_cache(maxsize=64)
+def _psa_bias_cached(
+    h: int, w: int, kh: int, kw: int, dh: int, dw: int, device: str, dtype: torch.dtype
+) -> Tensor:
+    dev = torch.device(device)
+    ys, xs = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()  # (L,) raster order
+    # Offset of key j from query i, in units of the dilation; inside the window iff the
+    # offset is a multiple of the dilation and at most (k-1)/2 steps away on both axes.
+    dy = ys[None, :] - ys[:, None]
+    dx = xs[None, :] - xs[:, None]
+    rh, rw = (kh - 1) // 2, (kw - 1) // 2
+    inside = (dy % dh == 0) & (dx % dw == 0) & ((dy // dh).abs() <= rh) & ((dx // dw).abs() <= rw)
+    n = h * w
+    n_keys = -(-(n + 1) // 8) * 8  # all keys + one zero key, padded to a multiple of 8
+    # float64 so that a float64 call is exact; calls cast it to their dtype
+    bias = torch.full((n, n_keys), float("-inf"), device=dev, dtype=torch.float64)
+    bias[:, :n].masked_fill_(inside, 0.0)
+    missing = (kh * kw - inside.sum(1)).to(torch.float64)  # padded slots per query
+    bias[:, n] = torch.where(missing > 0, missing.clamp(min=1).log(), torch.full_like(missing, -math.inf))
+    return bias.to(dtype)
+
+
+def psa_bias(
+    grid: tuple[int, int],
+    kernel_size: int | tuple[int, int] = 7,
+    dilation: int | tuple[int, int] = 1,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """(L, L_keys) additive bias for :func:`proximal_attention`; L_keys = round_up(L + 1, 8).
+
+    Columns < L are the grid keys (0 inside the window, -inf outside); column L is the
+    zero key standing for the padded slots (log of their count, -inf if none); the rest -inf.
+    """
+    h, w = _pair(grid, "grid")
+    kh, kw = _check_kernel(kernel_size)
+    dh, dw = _pair(dilation, "dilation")
+    dev = str(torch.device(device) if device is not None else torch.device("cpu"))
+    return _psa_bias_cached(h, w, kh, kw, dh, dw, dev, dtype)
+
+
+def proximal_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    grid: tuple[int, int],
+    kernel_size: int | tuple[int, int] = 7,
+    dilation: int | tuple[int, int] = 1,
+    scale: float | None = None,
+) -> Tensor:
+    """PSA with zero-padded border slots in the softmax. q, k, v (B, H, L, D), L = grid h*w."""
+    b, nh, n, d = q.shape
+    if n != grid[0] * grid[1] or k.shape[2] != n or v.shape[2] != n:
+        raise ValueError(
+            f"proximal_attention: {n} queries / {k.shape[2]} keys do not fill grid {tuple(grid)}"
+        )
+    bias = psa_bias(grid, kernel_size, dilation, device=q.device, dtype=q.dtype)  # (L, L_keys)
+    pad = bias.shape[1] - n
+    k = torch.cat([k, k.new_zeros(b, nh, pad, d)], dim=2)  # (B, H, L_keys, D)
+    v = torch.cat([v, v.new_zeros(b, nh, pad, v.shape[-1])], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+def _heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, L, C) -> (B, H, L, C/H)."""
+    b, n, c = x.shape
+    return x.reshape(b, n, num_heads, c // num_heads).transpose(1, 2)
+
+
+def _merge(x: Tensor) -> Tensor:
+    """(B, H, L, D) -> (B, L, H*D)."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+class ProximalAttention2D(nn.Module):
+    """PSA over a square-or-rectangular token grid with separate q/k/v/out projections."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int | tuple[int, int] = 7,
+        dilation: int | tuple[int, int] = 1,
+        qkv_bias: bool = True,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"ProximalAttention2D: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.kernel_size = _check_kernel(kernel_size)
+        self.dilation = _pair(dilation, "dilation")
+        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def local(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Window attention before ``out_proj``: x (B, L, C) -> (B, L, C)."""
+        q, k, v = (_heads(p(x), self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return _merge(proximal_attention(q, k, v, grid, self.kernel_size, self.dilation))
+
+    def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        return self.out_proj(self.local(x, grid))
+
+
+class ProximalSelfAttention(nn.Module):
+    """The DiT block's attention in CASMAR v1: PSA under the official ``na.`` prefix."""
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1):
+        super().__init__()
+        self.na = ProximalAttention2D(dim, num_heads, kernel_size, dilation)
+
+    def forward(self, x: Tensor, grid: tuple[int, int], cond: Tensor | None = None) -> Tensor:
+        return self.na(x, grid)
+
+
+class SALAAttention2D(nn.Module):
+    """SALA: PSA local branch + anchor branch over pooled condition tokens, gated.
+
+    x (B, L, C) tokens on ``grid``; cond (B, L, C) condition tokens on the same grid
+    (the DiT's embedded per-token condition), pooled ``anchor_pool`` x ``anchor_pool``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int = 7,
+        dilation: int = 1,
+        anchor_pool: int = 2,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"SALAAttention2D: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.kernel_size = _check_kernel(kernel_size)
+        self.dilation = _pair(dilation, "dilation")
+        self.anchor_pool = anchor_pool
+        self.q_proj_loc = nn.Linear(dim, dim)
+        self.k_proj_loc = nn.Linear(dim, dim)
+        self.v_proj_loc = nn.Linear(dim, dim)
+        self.q_proj_anc = nn.Linear(dim, dim)
+        self.k_proj_anc = nn.Linear(dim, dim)
+        self.v_proj_anc = nn.Linear(dim, dim)
+        self.gate_proj = nn.Linear(3 * dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.anchor_norm = nn.LayerNorm(dim)
+        self.reset_gate()
+
+    def reset_gate(self) -> None:
+        """Zero gate weights, bias -2: the anchor branch starts at sigmoid(-2) ~ 0.12."""
+        nn.init.zeros_(self.gate_proj.weight)
+        nn.init.constant_(self.gate_proj.bias, -2.0)
+
+    def anchors(self, cond: Tensor, grid: tuple[int, int]) -> Tensor:
+        """(B, L, C) -> (B, L / pool^2, C): average-pooled condition tokens, LayerNorm'ed."""
+        b, n, c = cond.shape
+        g = cond.transpose(1, 2).reshape(b, c, grid[0], grid[1])
+        pooled = F.avg_pool2d(g, self.anchor_pool)  # (B, C, h/p, w/p)
+        return self.anchor_norm(pooled.flatten(2).transpose(1, 2))
+
+    def forward(self, x: Tensor, grid: tuple[int, int], cond: Tensor | None = None) -> Tensor:
+        if cond is None:
+            raise ValueError("SALAAttention2D: needs the condition tokens (cond) for its anchors")
+        heads = self.num_heads
+        q, k, v = (_heads(p(x), heads) for p in (self.q_proj_loc, self.k_proj_loc, self.v_proj_loc))
+        o_loc = _merge(proximal_attention(q, k, v, grid, self.kernel_size, self.dilation))
+        anc = self.anchors(cond, grid)
+        qa = _heads(self.q_proj_anc(x), heads)
+        ka, va = _heads(self.k_proj_anc(anc), heads), _heads(self.v_proj_anc(anc), heads)
+        o_anc = _merge(F.scaled_dot_product_attention(qa, ka, va))
+        gate = torch.sigmoid(self.gate_proj(torch.cat([x, o_loc, o_anc], dim=-1)))
+        return self.out_proj(o_loc + gate * o_anc)
