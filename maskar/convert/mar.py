@@ -29,12 +29,14 @@ TOKENIZER_PREFIX = "tokenizer."
 
 
 def load_official(
-    path: str | os.PathLike, entry: str = "model_ema", trust_pickle: bool = False
+    path: str | os.PathLike, entry: str = "model_ema", trust_pickle: bool = False, kind: str = "MAR"
 ) -> dict[str, Tensor]:
-    """The MAR state dict stored under ``entry`` (falls back to ``model``) of an official file."""
+    """The state dict stored under ``entry`` (falls back to ``model``) of an official file.
+
+    ``kind`` names the method in error messages (CASMAR files share the format)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"official MAR checkpoint {path} does not exist")
+        raise CheckpointError(f"official {kind} checkpoint {path} does not exist")
     try:
         if trust_pickle:
             with torch.serialization.safe_globals([argparse.Namespace]):
@@ -50,13 +52,15 @@ def load_official(
             else " Even with argparse.Namespace allowed it pickles other objects; maskar will not load it."
         )
         raise CheckpointError(
-            f"official MAR checkpoint {path} cannot be read with torch.load(weights_only=True).{hint} "
+            f"official {kind} checkpoint {path} cannot be read with torch.load(weights_only=True).{hint} "
             f"Original error: {str(e).splitlines()[0]}"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"official MAR checkpoint {path} is not a readable torch file: {e}") from None
+        raise CheckpointError(
+            f"official {kind} checkpoint {path} is not a readable torch file: {e}"
+        ) from None
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"official MAR checkpoint {path}: expected a dict, got {type(obj).__name__}")
+        raise CheckpointError(f"official {kind} checkpoint {path}: expected a dict, got {type(obj).__name__}")
     if entry in obj and isinstance(obj[entry], Mapping):
         state = obj[entry]
     elif "model" in obj and isinstance(obj["model"], Mapping):
@@ -65,7 +69,8 @@ def load_official(
         state = obj  # a bare state dict
     else:
         raise CheckpointError(
-            f"official MAR checkpoint {path}: no {entry!r} or 'model' entry; top-level entries: {sorted(obj)}"
+            f"official {kind} checkpoint {path}: no {entry!r} or 'model' entry; "
+            f"top-level entries: {sorted(obj)}"
         )
     return {k.removeprefix("module."): v for k, v in state.items()}
 

@@ -1,0 +1,1125 @@
+"""CASMAR: cascaded masked autoregression with a scaffold stage and a local DiT head.
+
+Read top to bottom (facts: /work/shared/reference/casmar_mar.md sections 3, 5, 7):
+
+1. Two latent grids from the same frozen KL VAE: the big grid (B, C, 16, 16) of the
+   256 px image and the *scaffold* grid (B, C, 8, 8) of the image bicubic-downsampled to
+   128 px (``cond_scale`` = 8). Both are raster token sequences (B, L, C).
+2. One MAR-style encoder/decoder serves both stages. Per stage the sequence is
+   ``[buffer | scaffold | big]``; each stage has its own rows of the position tables and
+   of the per-position mask tokens, and a task id (0 = scaffold, 1 = refine) that
+   modulates every block (scale-only adaLN from a shared ``*_blocks_ada`` layer).
+3. Stage 1 (scaffold): scaffold tokens are masked by SAMS/AMR (salience-aware masking
+   with an adaptive ratio), all big tokens are masked (dropped by the sparse encoder);
+   the decoder output at the scaffold positions conditions MAR's per-token MLP
+   diffusion head (:class:`maskar.nn.diffloss.DiffLoss`).
+4. Stage 2 (refine): the scaffold positions are all visible and carry Pred-Cond
+   features: ``cond_z_proj`` of the (detached) stage-1 decoder output where stage 1
+   predicted the token, the learned placeholder ``cond_proj(cond_tokens)`` elsewhere
+   (and, while training, for the whole scaffold of a random part of the batch). Big
+   tokens are masked by SAMS/AMR; the decoder output at the big positions is a spatial
+   condition for a DiT head over the whole 16 x 16 latent whose attention is Proximal
+   Self-Attention (v1) or SALA (v2), trained with a masked eps-MSE (fixed variance)
+   and sampled with 250 respaced steps and RePaint-style known-token replacement.
+5. Sampling: stage 1 runs ``4 * cond_scale`` steps with guidance ``re_cfg``; stage 2
+   runs ``num_iter`` steps with ``cfg``, each re-drawing every still-masked big token.
+
+State-dict names match the official ``checkpoint-last.pth`` (``maskar.convert.casmar``);
+the tokenizer is an extra ``tokenizer.*`` submodule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from maskar import registry
+from maskar.config import field
+from maskar.models.mar import (
+    MAR,
+    MARConfig,
+    MARSampleConfig,
+    _check_respacing,
+    load_tokenizer_weights,
+    truncated_normal_ratio,
+)
+from maskar.nn.diffloss import DiffLoss, FinalLayer, TimestepEmbedder, modulate
+from maskar.nn.diffusion import GaussianDiffusion, create_diffusion
+from maskar.nn.proximal_attention import ProximalSelfAttention, SALAAttention2D
+from maskar.nn.sampling import make_generator
+from maskar.nn.vit import Attention, Mlp
+from maskar.tokenizers.klvae import KLVAE
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass
+class CASMARConfig(MARConfig):
+    arch: str = "casmar"
+    cond_scale: int = field(8, min=1, help="scaffold grid side (official --cond_scale; 8 = latent of 128 px)")
+    gdm_d: int = field(6, min=1, help="stage-2 DiT head depth (--gdm_d)")
+    gdm_w: int = field(512, min=1, help="stage-2 DiT head width (--gdm_w)")
+    gdm_heads: int = field(8, min=1, help="DiT head attention heads (--head)")
+    gdm_mlp_ratio: float = field(4.0, min=0.0, help="DiT block MLP ratio (--ratio)")
+    head_attention: str = field("psa", choices=("psa", "sala"), help="psa = release v1, sala = v2")
+    psa_kernel: int = field(7, min=1, help="PSA window side (odd)")
+    psa_dilation: int = field(1, min=1, help="PSA window dilation")
+    refine_num_sampling_steps: int | str = field("250", help="DiT head respacing (hard-coded 250 officially)")
+    refine_mask_ratio: str = field(
+        "cosine", choices=("cosine", "truncnorm"), help="stage-2 training base mask ratio (--cos True/False)"
+    )
+    refine_mask_ratio_min: float = field(0.38, min=0.0, max=1.0, help="truncnorm lower end (--cos False)")
+    mask_ratio_var: float = field(0.10, min=0.0, max=1.0, help="AMR: ratio moves within +- this")
+    saliency_delta: float = field(0.5, min=0.0, max=1.0, help="AMR: saliency threshold")
+    saliency_noise: float = field(0.5, min=0.0, help="SAMS: U(0, this) noise added to the saliency")
+    pred_cond_rate: float = field(0.25, min=0.0, max=1.0, help="final share of Pred-Cond samples")
+    pred_cond_warmup_steps: int = field(0, min=0, help="steps over which that share ramps up from 0")
+    scaffold_loss_scale: float = field(2.0, min=0.0, help="stage-1 loss factor (then weighted by length)")
+    refine_loss_scale: float = field(0.75, min=0.0, help="stage-2 loss factor (then weighted by length)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.patch_size != 1:
+            raise ValueError(
+                f"casmar: patch_size must be 1 (scaffold tokens are single latents), got {self.patch_size}"
+            )
+        if self.psa_kernel % 2 == 0:
+            raise ValueError(f"psa_kernel: expected an odd window side, got {self.psa_kernel}")
+        if self.gdm_w % self.gdm_heads:
+            raise ValueError(f"gdm_w {self.gdm_w} is not divisible by gdm_heads {self.gdm_heads}")
+        if self.gdm_w % 4:
+            raise ValueError(f"gdm_w {self.gdm_w}: the 2-D sincos position embedding needs a multiple of 4")
+        _check_respacing("refine_num_sampling_steps", self.refine_num_sampling_steps)
+
+
+@dataclass
+class CASMARSampleConfig(MARSampleConfig):
+    num_iter: int = field(4, min=1, help="stage-2 (refine) steps: 4 for B/L, 12 for H")
+    cfg: float = field(1.0, help="stage-2 guidance scale (1 = off)")
+    re_cfg: float = field(1.0, help="stage-1 (scaffold) guidance scale (official --re_cfg)")
+    scaffold_num_iter: int = field(0, min=0, help="stage-1 steps; 0 = 4 x cond_scale (official, fixed)")
+    num_sampling_steps: int | str = field("100", help="stage-1 MLP head diffusion steps")
+    refine_num_sampling_steps: int | str = field("250", help="stage-2 DiT head diffusion steps")
+
+    def validate(self) -> None:
+        super().validate()
+        _check_respacing("refine_num_sampling_steps", self.refine_num_sampling_steps)
+
+
+# ----------------------------------------------------------------------------- SAMS / AMR
+
+
+def saliency_scores(x: Tensor) -> Tensor:
+    """(N, L, D) features -> (N, L) saliency in [0, 1].
+
+    Saliency = attention mass a token receives under the parameter-free self-affinity
+    softmax(x x^T) (no 1/sqrt(D)), min-max normalised per sample.
+    """
+    x = x.float()
+    received = torch.softmax(x @ x.transpose(1, 2), dim=-1).sum(1)  # column sums (N, L)
+    lo, hi = received.amin(1, keepdim=True), received.amax(1, keepdim=True)
+    return (received - lo) / (hi - lo).clamp(min=1e-12)
+
+
+def saliency_mask(
+    feats: Tensor,
+    base_ratio: float,
+    *,
+    ratio_var: float = 0.10,
+    delta: float = 0.5,
+    noise: float = 0.5,
+    known: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, int]:
+    """SAMS with AMR: (N, L) bool mask (True = masked) and the masked count (same every row).
+
+    AMR: ratio = clip(base - var + 2 var * mean_fraction(saliency > delta), 0, 1), one ratio
+    per batch so every row keeps the same number of tokens. SAMS: keep (leave visible) the
+    lowest saliency + U(0, noise) tokens, mask the most salient. ``known`` (N, L) bool marks
+    tokens that are always visible (editing); the ratio then applies to the others.
+    """
+    n, length = feats.shape[:2]
+    scores = saliency_scores(feats)
+    free = torch.ones(n, length, dtype=torch.bool, device=feats.device) if known is None else ~known
+    n_free = free.sum(1)
+    if not bool((n_free == n_free[0]).all()):
+        raise ValueError("saliency_mask: every row needs the same number of unknown tokens")
+    n_free0 = int(n_free[0])
+    salient = float(((scores > delta) & free).sum(1).float().mean()) / max(n_free0, 1)
+    ratio = min(1.0, max(0.0, base_ratio - ratio_var + 2.0 * ratio_var * salient))
+    keep_free = int(n_free0 * (1.0 - ratio))
+    if known is None:
+        keep_free = max(1, keep_free)
+    rand = torch.rand(n, length, generator=generator, device=feats.device)
+    order = torch.argsort((scores + noise * rand).masked_fill(~free, -math.inf), dim=1)
+    len_keep = length - n_free0 + keep_free
+    mask = torch.ones(n, length, dtype=torch.bool, device=feats.device)
+    return mask.scatter(1, order[:, :len_keep], False), length - len_keep
+
+
+# ----------------------------------------------------------------------------- transformer block
+
+
+class TaskBlock(nn.Module):
+    """Hi-MAR's "scale-aware" ViT block: timm keys plus a per-task scale-only adaLN.
+
+    ``mod = c * adaLN_scale[task] + adaLN_shift[task]`` with c the stack's shared
+    projection of the task embedding; chunks (scale_msa, gate_msa, scale_mlp, gate_mlp).
+    The shift starts at [0, 1, 0, 1], so at init the block is a plain pre-LN ViT block.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, proj_drop: float, attn_drop: float):
+        super().__init__()
+        self.adaLN_scale = nn.Parameter(torch.zeros(2, 1, 1, 4 * dim))
+        self.adaLN_shift = nn.Parameter(torch.zeros(2, 1, 1, 4 * dim))
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+
+    def reset_modulation(self) -> None:
+        nn.init.zeros_(self.adaLN_scale)
+        with torch.no_grad():
+            self.adaLN_shift.copy_(_gate_pattern(self.adaLN_shift.shape[-1] // 4, self.adaLN_shift))
+
+    def forward(self, x: Tensor, c: Tensor, task: int) -> Tensor:
+        """x (B, L, D); c (4D,) the stack's task projection."""
+        mod = c * self.adaLN_scale[task] + self.adaLN_shift[task]  # (1, 1, 4D)
+        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.to(x.dtype).chunk(4, dim=-1)
+        x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa))
+        return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp))
+
+
+def _gate_pattern(dim: int, like: Tensor) -> Tensor:
+    """[0, 1, 0, 1] per chunk of ``dim``, broadcast to ``like``'s shape."""
+    pat = torch.cat([torch.zeros(dim), torch.ones(dim), torch.zeros(dim), torch.ones(dim)])
+    return pat.to(like.device, like.dtype).expand_as(like)
+
+
+# ----------------------------------------------------------------------------- stage-2 DiT head
+
+
+def sincos_2d(dim: int, h: int, w: int) -> Tensor:
+    """(h*w, dim) DiT/MAE 2-D sin-cos embedding: first half encodes the column, second the row."""
+
+    def one_axis(d: int, pos: Tensor) -> Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2.0))
+        out = pos.reshape(-1)[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+    return torch.cat([one_axis(dim // 2, cols), one_axis(dim // 2, rows)], dim=1).float()
+
+
+class PointwiseEmbed(nn.Module):
+    """1x1 conv embedding (DiT's PatchEmbed with patch 1): (B, C, H, W) -> (B, H*W, W_out)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with a null row (index ``num_classes``) and training label drop (v2)."""
+
+    def __init__(self, num_classes: int, width: int, drop_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.drop_prob = drop_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, width)
+
+    def forward(self, labels: Tensor) -> Tensor:
+        labels = torch.where((labels < 0) | (labels >= self.num_classes), self.num_classes, labels)
+        if self.training and self.drop_prob > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.drop_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero DiT block with per-token modulation and local (PSA / SALA) attention."""
+
+    def __init__(
+        self, width: int, heads: int, mlp_ratio: float, attention: str, kernel_size: int, dilation: int
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        if attention == "psa":
+            self.attn: nn.Module = ProximalSelfAttention(width, heads, kernel_size, dilation)
+        else:
+            self.attn = SALAAttention2D(width, heads, kernel_size, dilation)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.mlp.act = nn.GELU(approximate="tanh")
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x: Tensor, c: Tensor, grid: tuple[int, int], cond_tokens: Tensor) -> Tensor:
+        """x (B, L, W); c (B, L, W) per-token condition; cond_tokens (B, L, W) for SALA anchors."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, -1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), grid, cond_tokens)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class LocalDiT(nn.Module):
+    """The stage-2 denoiser: x_t (B, C, H, W), t (B,), z (B, D, H, W) -> eps (B, C, H, W).
+
+    c = t_emb + c_embedder(z) [+ c_pos_embed + y_emb in v2], token-wise adaLN.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        z_channels: int,
+        grid: tuple[int, int],
+        depth: int,
+        width: int,
+        heads: int,
+        mlp_ratio: float,
+        attention: str,
+        kernel_size: int,
+        dilation: int,
+        num_classes: int,
+        label_drop_prob: float,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.grid = grid
+        self.attention = attention
+        self.grad_checkpointing = grad_checkpointing
+        n = grid[0] * grid[1]
+        # Fixed sincos tables: in the official state dict, never trained.
+        self.pos_embed = nn.Parameter(torch.zeros(1, n, width), requires_grad=False)
+        self.c_pos_embed = nn.Parameter(torch.zeros(1, n, width), requires_grad=False)
+        self.x_embedder = PointwiseEmbed(in_channels, width)
+        self.t_embedder = TimestepEmbedder(width)
+        self.y_embedder = LabelEmbedder(num_classes, width, label_drop_prob) if attention == "sala" else None
+        self.c_embedder = PointwiseEmbed(z_channels, width)
+        self.blocks = nn.ModuleList(
+            DiTBlock(width, heads, mlp_ratio, attention, kernel_size, dilation) for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(width, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            table = sincos_2d(self.pos_embed.shape[-1], *self.grid).to(self.pos_embed.device)[None]
+            self.pos_embed.copy_(table)
+            if self.attention == "sala":
+                self.c_pos_embed.copy_(table)  # v2 adds it to the condition; zeros in v1
+        for emb in (self.x_embedder, self.c_embedder):
+            w = emb.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(emb.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if isinstance(block.attn, SALAAttention2D):
+                block.attn.reset_gate()
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def embed_condition(self, z: Tensor) -> Tensor:
+        """(B, D, H, W) decoder features -> condition tokens (B, L, W) (constant over diffusion steps)."""
+        c = self.c_embedder(z)
+        return c + self.c_pos_embed.to(c.dtype) if self.attention == "sala" else c
+
+    def forward_embedded(self, x: Tensor, t: Tensor, cond_tokens: Tensor, labels: Tensor | None) -> Tensor:
+        b, ch, h, w = x.shape
+        tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, L, W)
+        extra = self.t_embedder(t)  # (B, W)
+        if self.y_embedder is not None:
+            if labels is None:
+                raise ValueError("LocalDiT (sala): class labels are required")
+            extra = extra + self.y_embedder(labels)
+        c = cond_tokens + extra[:, None, :]  # (B, L, W)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, c, (h, w), cond_tokens, use_reentrant=False)
+            else:
+                tokens = block(tokens, c, (h, w), cond_tokens)
+        out = self.final_layer(tokens, c)  # (B, L, C)
+        return out.transpose(1, 2).reshape(b, ch, h, w)
+
+    def forward(self, x: Tensor, t: Tensor, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.forward_embedded(x, t, self.embed_condition(z), labels)
+
+
+class GlobalDiffLoss(nn.Module):
+    """Stage-2 diffusion over the whole latent grid around :class:`LocalDiT`.
+
+    Training: 1000-step cosine schedule, eps prediction, fixed-large variance, masked MSE
+    (mean over C*H*W with unmasked positions zeroed, not renormalised). Sampling: respaced
+    (250), RePaint-style replacement of known tokens, CFG on eps.
+    """
+
+    def __init__(self, net: LocalDiT, num_sampling_steps: str | int = "250"):
+        super().__init__()
+        self.net = net
+        self.num_sampling_steps = str(num_sampling_steps)
+        self.train_diffusion = create_diffusion("", learn_sigma=False)
+        self._gen_cache: dict[str, GaussianDiffusion] = {}
+
+    def gen_diffusion(self, num_sampling_steps: str | int | None = None) -> GaussianDiffusion:
+        key = self.num_sampling_steps if num_sampling_steps is None else str(num_sampling_steps)
+        if key not in self._gen_cache:
+            self._gen_cache[key] = create_diffusion(key, learn_sigma=False)
+        return self._gen_cache[key]
+
+    def forward(self, target: Tensor, z: Tensor, mask: Tensor, labels: Tensor | None = None) -> Tensor:
+        """target (N, C, H, W), z (N, D, H, W), mask (N, 1, H, W) 1 = counts -> scalar."""
+        t = torch.randint(0, self.train_diffusion.num_timesteps, (target.shape[0],), device=target.device)
+        cond = self.net.embed_condition(z)
+        terms = self.train_diffusion.training_losses(
+            lambda x, ts: self.net.forward_embedded(x, ts, cond, labels), target, t, mask=mask
+        )
+        return terms["loss"].mean()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        z: Tensor,
+        temperature: float = 1.0,
+        cfg: float = 1.0,
+        *,
+        labels: Tensor | None = None,
+        num_sampling_steps: str | int | None = None,
+        generator: torch.Generator | None = None,
+        known: Tensor | None = None,
+        known_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Sample latents (N, C, H, W) for z (N, D, H, W); with cfg != 1, z / labels / known are
+        laid out [cond | uncond] and both halves share the initial noise (use the first half)."""
+        n, _, h, w = z.shape
+        cond = self.net.embed_condition(z)
+        shape = (n // 2 if cfg != 1.0 else n, self.net.in_channels, h, w)
+        noise = torch.randn(shape, generator=generator, device=z.device, dtype=torch.float32)
+        if cfg != 1.0:
+            noise = torch.cat([noise, noise])
+
+            def model_fn(x: Tensor, t: Tensor) -> Tensor:
+                half = x[: n // 2]
+                eps = self.net.forward_embedded(torch.cat([half, half]), t, cond, labels).float()
+                cond_eps, uncond_eps = eps.chunk(2)
+                guided = torch.lerp(uncond_eps, cond_eps, cfg)  # uncond + s (cond - uncond)
+                return torch.cat([guided, guided])
+        else:
+
+            def model_fn(x: Tensor, t: Tensor) -> Tensor:
+                return self.net.forward_embedded(x, t, cond, labels).float()
+
+        return self.gen_diffusion(num_sampling_steps).p_sample_loop(
+            model_fn, noise, temperature=temperature, generator=generator, known=known, known_mask=known_mask
+        )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _tokens(latent: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, h*w, C) raster order."""
+    return latent.flatten(2).transpose(1, 2)
+
+
+def _grid(tokens: Tensor, h: int, w: int) -> Tensor:
+    """(B, h*w, C) -> (B, C, h, w)."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class CASMAR(nn.Module):
+    ddp_find_unused_parameters = True  # e.g. cond_z_proj gets no gradient while Pred-Cond is off
+
+    # Borrowed from MAR (same attributes, same meaning): label -> class embedding,
+    # image keep-mask -> big-grid token keep-mask, eval-mode context, posterior sampling.
+    class_embedding = MAR.class_embedding
+    token_keep_mask = MAR.token_keep_mask
+    _eval_mode = MAR._eval_mode
+    latents_from_batch = MAR.latents_from_batch
+
+    def __init__(self, cfg: CASMARConfig, tokenizer: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        tok = tokenizer if tokenizer is not None else KLVAE(cfg.tokenizer)
+        self.token_channels = int(tok.embed_dim)
+        stride = int(tok.downsample)
+        if cfg.img_size % stride:
+            raise ValueError(
+                f"model.img_size {cfg.img_size} is not divisible by the tokenizer stride {stride}"
+            )
+        self.seq_h = self.seq_w = cfg.img_size // stride
+        self.seq_len = self.seq_h * self.seq_w  # big tokens (256)
+        self.scaffold_side = cfg.cond_scale
+        self.scaffold_len = cfg.cond_scale**2  # scaffold tokens (64)
+        self.scaffold_image_size = cfg.cond_scale * stride  # 128 px
+        if cfg.head_attention == "sala" and (self.seq_h % 2):
+            raise ValueError(
+                f"head_attention=sala pools 2x2 anchors: the {self.seq_h}x{self.seq_w} grid is odd"
+            )
+        self.image_size = cfg.img_size
+        self.image_channels = int(getattr(tok, "image_channels", 3))
+        self.num_classes = cfg.class_num
+        self.buffer_size = cfg.buffer_size
+        self.label_drop_prob = cfg.label_drop_prob
+        self.diffusion_batch_mul = cfg.diffusion_batch_mul
+        self.grad_checkpointing = cfg.grad_checkpointing
+        self.train_step = 0  # drives the Pred-Cond ramp (set by the trainer hooks)
+        d_enc, d_dec = cfg.encoder_embed_dim, cfg.decoder_embed_dim
+        n_tok = self.scaffold_len + self.seq_len  # 320 per stage
+        n_pos = 2 * (cfg.buffer_size + n_tok)  # 768: stage 1 rows, then stage 2 rows
+
+        def stack(dim: int, depth: int, heads: int) -> nn.ModuleList:
+            return nn.ModuleList(
+                TaskBlock(dim, heads, cfg.mlp_ratio, cfg.proj_dropout, cfg.attn_dropout) for _ in range(depth)
+            )
+
+        self.fake_latent = nn.Parameter(torch.zeros(1, d_enc))
+        self.cond_tokens = nn.Parameter(torch.zeros(1, self.scaffold_len, self.token_channels))
+        self.mask_token = nn.Parameter(torch.zeros(1, 2 * n_tok, d_dec))  # per position, per stage
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n_pos, d_enc))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n_pos, d_dec))
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, n_tok, d_dec))  # shared by stages
+        self.class_emb = nn.Embedding(cfg.class_num, d_enc)
+        self.z_proj = nn.Linear(self.token_channels, d_enc)
+        self.z_proj_ln = nn.LayerNorm(d_enc, eps=1e-6)
+        self.cond_z_proj = nn.Linear(d_dec, d_enc)  # Pred-Cond: stage-1 decoder features
+        self.cond_proj = nn.Linear(self.token_channels, d_enc)  # scaffold latents / placeholder
+        self.encoder_blocks = stack(d_enc, cfg.encoder_depth, cfg.encoder_num_heads)
+        self.encoder_task_emb = nn.Embedding(2, d_enc)
+        self.encoder_blocks_ada = nn.Sequential(nn.SiLU(), nn.Linear(d_enc, 4 * d_enc))
+        self.encoder_norm = nn.LayerNorm(d_enc, eps=1e-6)
+        self.decoder_embed = nn.Linear(d_enc, d_dec)
+        self.decoder_blocks = stack(d_dec, cfg.decoder_depth, cfg.decoder_num_heads)
+        self.decoder_task_emb = nn.Embedding(2, d_dec)
+        self.decoder_blocks_ada = nn.Sequential(nn.SiLU(), nn.Linear(d_dec, 4 * d_dec))
+        self.decoder_norm = nn.LayerNorm(d_dec, eps=1e-6)
+        self.initialize_weights()
+        # heads (their own init) and the frozen tokenizer
+        self.diffloss = DiffLoss(
+            target_channels=self.token_channels,
+            z_channels=d_dec,
+            depth=cfg.diffloss_d,
+            width=cfg.diffloss_w,
+            num_sampling_steps=cfg.num_sampling_steps,
+            grad_checkpointing=cfg.grad_checkpointing,
+        )
+        self.cond_diffloss = GlobalDiffLoss(
+            LocalDiT(
+                in_channels=self.token_channels,
+                z_channels=d_dec,
+                grid=(self.seq_h, self.seq_w),
+                depth=cfg.gdm_d,
+                width=cfg.gdm_w,
+                heads=cfg.gdm_heads,
+                mlp_ratio=cfg.gdm_mlp_ratio,
+                attention=cfg.head_attention,
+                kernel_size=cfg.psa_kernel,
+                dilation=cfg.psa_dilation,
+                num_classes=cfg.class_num,
+                label_drop_prob=cfg.label_drop_prob,
+                grad_checkpointing=cfg.grad_checkpointing,
+            ),
+            num_sampling_steps=cfg.refine_num_sampling_steps,
+        )
+        self.tokenizer = tok
+        self.tokenizer.requires_grad_(False)
+        self.tokenizer.eval()
+
+    @classmethod
+    def from_config(cls, cfg: CASMARConfig) -> CASMAR:
+        return cls(cfg)
+
+    def initialize_weights(self) -> None:
+        for p in (
+            self.class_emb.weight,
+            self.fake_latent,
+            self.mask_token,
+            self.cond_tokens,
+            self.encoder_pos_embed_learned,
+            self.decoder_pos_embed_learned,
+            self.diffusion_pos_embed_learned,
+            self.encoder_task_emb.weight,
+            self.decoder_task_emb.weight,
+        ):
+            nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for blk in [*self.encoder_blocks, *self.decoder_blocks]:
+            blk.reset_modulation()
+
+    def train(self, mode: bool = True) -> CASMAR:
+        super().train(mode)
+        self.tokenizer.eval()  # frozen: always in eval mode
+        return self
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        # As the official optimizer groups: no decay in either diffusion head.
+        return {"diffloss"}
+
+    def on_train_start(self, step: int) -> None:
+        self.train_step = step
+
+    def on_train_step_end(self, step: int) -> dict[str, float]:
+        self.train_step = step
+        return {"pred_cond_prob": self.pred_cond_prob()}
+
+    def pred_cond_prob(self) -> float:
+        """Share of training samples whose stage 2 sees stage-1 features (ramps up to pred_cond_rate)."""
+        warm = self.cfg.pred_cond_warmup_steps
+        return self.cfg.pred_cond_rate * (min(1.0, self.train_step / warm) if warm > 0 else 1.0)
+
+    # -- encoder / decoder (shared by both stages)
+
+    def _run_stack(self, blocks: nn.ModuleList, task_emb: nn.Embedding, ada: nn.Module, x: Tensor, task: int):
+        c = ada(task_emb.weight[task])  # (4D,)
+        for blk in blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, c, task, use_reentrant=False)
+            else:
+                x = blk(x, c, task)
+        return x
+
+    def _stage_rows(self, stage: int) -> slice:
+        per = self.buffer_size + self.scaffold_len + self.seq_len
+        return slice(stage * per, (stage + 1) * per)
+
+    def forward_encoder(
+        self,
+        scaffold: Tensor,
+        tokens: Tensor,
+        mask: Tensor,
+        class_emb: Tensor,
+        stage: int,
+        num_masked: int,
+    ) -> tuple[Tensor, Tensor]:
+        """scaffold (B, S, D) embedded scaffold part; tokens (B, N, C) big tokens; mask (B, S+N)
+        bool with ``num_masked`` True per row; class_emb (B, D). Returns encoded visible tokens
+        and their positions in [buffer | scaffold | big]."""
+        b = tokens.shape[0]
+        if self.training and self.label_drop_prob > 0:
+            drop = torch.rand(b, device=tokens.device) < self.label_drop_prob
+            class_emb = torch.where(drop[:, None], self.fake_latent.to(class_emb.dtype), class_emb)
+        x_big = self.z_proj(tokens)  # (B, N, D)
+        buf = class_emb[:, None, :].to(x_big.dtype).expand(b, self.buffer_size, -1)
+        x = torch.cat([buf, scaffold.to(x_big.dtype).expand(b, -1, -1), x_big], dim=1)
+        x = self.z_proj_ln(x + self.encoder_pos_embed_learned[:, self._stage_rows(stage)])
+        mask_with_buffer = torch.cat([mask.new_zeros(b, self.buffer_size), mask], dim=1)
+        num_visible = mask_with_buffer.shape[1] - num_masked
+        keep = torch.sort(mask_with_buffer.to(torch.uint8), dim=1, stable=True).indices[:, :num_visible]
+        x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = self._run_stack(self.encoder_blocks, self.encoder_task_emb, self.encoder_blocks_ada, x, stage)
+        return self.encoder_norm(x), keep
+
+    def forward_decoder(self, x: Tensor, keep: Tensor, stage: int) -> Tensor:
+        """-> per-position conditions z (B, S+N, D_dec) (buffer removed, diffusion pos added)."""
+        x = self.decoder_embed(x)
+        b, _, d = x.shape
+        n_tok = self.scaffold_len + self.seq_len
+        tokens = self.mask_token[:, stage * n_tok : (stage + 1) * n_tok].to(x.dtype)
+        full = torch.cat([tokens.new_zeros(1, self.buffer_size, d), tokens], dim=1).expand(b, -1, -1)
+        x = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, d), x)
+        x = x + self.decoder_pos_embed_learned[:, self._stage_rows(stage)]
+        x = self._run_stack(self.decoder_blocks, self.decoder_task_emb, self.decoder_blocks_ada, x, stage)
+        x = self.decoder_norm(x)[:, self.buffer_size :]
+        return x + self.diffusion_pos_embed_learned
+
+    def refine_scaffold(self, small_z: Tensor, predicted: Tensor) -> Tensor:
+        """Stage-2 scaffold part (B, S, D): cond_z_proj(small_z) where stage 1 predicted the
+        token, the learned placeholder cond_proj(cond_tokens) elsewhere."""
+        placeholder = self.cond_proj(self.cond_tokens)  # (1, S, D)
+        return torch.where(predicted[..., None], self.cond_z_proj(small_z), placeholder)
+
+    # -- training
+
+    def scaffold_latents_from_batch(self, batch: dict[str, Tensor], flip: Tensor | None) -> Tensor:
+        """Scaled scaffold latents (B, C, s, s): from cached ``small_moments`` or the image
+        bicubic-downsampled to ``cond_scale * stride`` pixels."""
+        with torch.no_grad():
+            if "small_moments" in batch:
+                moments = batch["small_moments"]
+                if flip is not None and "small_moments_flip" in batch:
+                    moments = torch.where(flip[:, None, None, None], batch["small_moments_flip"], moments)
+            elif "image" in batch:
+                size = self.scaffold_image_size
+                small = F.interpolate(batch["image"].float(), size=(size, size), mode="bicubic")
+                moments = self.tokenizer.encode_moments(small)
+            else:
+                raise KeyError(
+                    f"CASMAR.loss: batch needs 'image' or 'small_moments', got keys {sorted(batch)}"
+                )
+            return self.tokenizer.sample_latent(moments.float())
+
+    def _stage2_base_ratio(self) -> float:
+        if self.cfg.refine_mask_ratio == "cosine":
+            return math.cos(math.pi / 2.0 * float(torch.rand(())))
+        return float(truncated_normal_ratio(1, self.cfg.refine_mask_ratio_min, self.cfg.mask_ratio_std)[0])
+
+    def _sams(self, feats: Tensor, base: float, **kw: Any) -> tuple[Tensor, int]:
+        c = self.cfg
+        return saliency_mask(
+            feats, base, ratio_var=c.mask_ratio_var, delta=c.saliency_delta, noise=c.saliency_noise, **kw
+        )
+
+    def forward_train(self, latent: Tensor, small_latent: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        big = _tokens(latent)  # (B, N, C)
+        small = _tokens(small_latent)  # (B, S, C)
+        b, n, _ = big.shape
+        s = small.shape[1]
+        if s != self.scaffold_len or n != self.seq_len:
+            raise ValueError(
+                f"CASMAR: latents give {s} scaffold / {n} big tokens, "
+                f"expected {self.scaffold_len} / {self.seq_len}"
+            )
+        class_emb = self.class_embedding(labels)
+        mul = self.diffusion_batch_mul
+
+        # stage 1: scaffold tokens masked by SAMS on their (GT) embeddings, big tokens all masked
+        scaffold_emb = self.cond_proj(small)  # (B, S, D)
+        with torch.no_grad():
+            base1 = float(truncated_normal_ratio(1, self.cfg.mask_ratio_min, self.cfg.mask_ratio_std)[0])
+            mask1, masked1 = self._sams(scaffold_emb.detach(), base1)
+        big_masked = torch.ones(b, n, dtype=torch.bool, device=big.device)
+        x, keep = self.forward_encoder(
+            scaffold_emb, big, torch.cat([mask1, big_masked], 1), class_emb, 0, masked1 + n
+        )
+        z1 = self.forward_decoder(x, keep, 0)  # (B, S+N, D)
+        small_z = z1[:, :s]
+        target1, cond1 = small[mask1], small_z[mask1]  # (B * masked1, C), (B * masked1, D)
+        loss1 = self.diffloss(target1.repeat(mul, 1), cond1.repeat(mul, 1))
+
+        # stage 2: scaffold visible with Pred-Cond features, big tokens masked by SAMS
+        scaffold2 = self.refine_scaffold(small_z.detach(), mask1)
+        use_pred = torch.rand(b, device=big.device) < self.pred_cond_prob()
+        placeholder = self.cond_proj(self.cond_tokens).expand(b, -1, -1)
+        scaffold2 = torch.where(use_pred[:, None, None], scaffold2, placeholder)
+        with torch.no_grad():
+            mask2, masked2 = self._sams(self.z_proj(big).detach(), self._stage2_base_ratio())
+        scaffold_visible = torch.zeros(b, s, dtype=torch.bool, device=big.device)
+        x, keep = self.forward_encoder(
+            scaffold2, big, torch.cat([scaffold_visible, mask2], 1), class_emb, 1, masked2
+        )
+        z2 = self.forward_decoder(x, keep, 1)[:, s:]  # (B, N, D)
+        z2 = _grid(z2, self.seq_h, self.seq_w)  # (B, D, h, w)
+        loss_mask = mask2.float().reshape(b, 1, self.seq_h, self.seq_w)
+        loss2 = self.cond_diffloss(
+            latent.float().repeat(mul, 1, 1, 1),
+            z2.repeat(mul, 1, 1, 1),
+            loss_mask.repeat(mul, 1, 1, 1),
+            labels.repeat(mul),
+        )
+        w1 = self.cfg.scaffold_loss_scale * s / (s + n)
+        w2 = self.cfg.refine_loss_scale * n / (s + n)
+        loss = w1 * loss1 + w2 * loss2
+        return {
+            "loss": loss,
+            "loss_scaffold": loss1.detach(),
+            "loss_refine": loss2.detach(),
+            "mask_ratio_scaffold": torch.tensor(masked1 / s),
+            "mask_ratio_refine": torch.tensor(masked2 / n),
+        }
+
+    def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        flip = None
+        if "moments" in batch and "moments_flip" in batch:
+            # one flip decision per sample for both grids (the official SmallCachedFolder)
+            flip = torch.rand(batch["moments"].shape[0], device=batch["moments"].device) < 0.5
+            batch = {
+                **batch,
+                "moments": torch.where(flip[:, None, None, None], batch["moments_flip"], batch["moments"]),
+            }
+            batch.pop("moments_flip")
+        latent = self.latents_from_batch(batch)
+        small_latent = self.scaffold_latents_from_batch(batch, flip)
+        return self.forward_train(latent, small_latent, batch["label"].long())
+
+    def forward(self, latent: Tensor, small_latent: Tensor, labels: Tensor) -> Tensor:
+        return self.forward_train(latent, small_latent, labels)["loss"]
+
+    # -- sampling
+
+    def _cfg_scale(self, cfg: float, schedule: str, visible_after: int, total: int) -> float:
+        if schedule == "linear":
+            return 1.0 + (cfg - 1.0) * visible_after / total
+        return cfg
+
+    @torch.no_grad()
+    def sample_scaffold(
+        self,
+        labels: Tensor,
+        *,
+        num_iter: int = 32,
+        cfg: float = 1.0,
+        cfg_schedule: str = "linear",
+        temperature: float = 1.0,
+        num_sampling_steps: int | str | None = None,
+        generator: torch.Generator | None = None,
+        known: Tensor | None = None,
+        known_mask: Tensor | None = None,
+        trace: list[int] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Stage 1. Returns scaffold tokens (B, S, C), the decoder features each token was
+        sampled with (B, S, D) and which tokens were sampled (B, S) bool."""
+        b, s, device = labels.shape[0], self.scaffold_len, labels.device
+        small = torch.zeros(b, s, self.token_channels, device=device)  # (B, S, C)
+        small_z = torch.zeros(b, s, self.cfg.decoder_embed_dim, device=device)  # (B, S, D)
+        known_mask = torch.zeros(b, s, dtype=torch.bool, device=device) if known_mask is None else known_mask
+        if known is not None:
+            small = torch.where(known_mask[..., None], known.float(), small)
+        mask = ~known_mask
+        predicted = torch.zeros_like(mask)
+        big = torch.zeros(b, self.seq_len, self.token_channels, device=device)  # never visible here
+        big_masked = torch.ones(b, self.seq_len, dtype=torch.bool, device=device)
+        class_emb = self._class_emb_cfg(labels, cfg)
+        with self._eval_mode():
+            for step in range(num_iter):
+                num_masked = int(mask[0].sum())
+                if num_masked == 0:
+                    break
+                full_mask = torch.cat([mask, big_masked], 1)
+                scaffold = self.cond_proj(small)
+                if cfg != 1.0:
+                    scaffold, big_in, full_mask = (torch.cat([t, t]) for t in (scaffold, big, full_mask))
+                else:
+                    big_in = big
+                x, keep = self.forward_encoder(
+                    scaffold, big_in, full_mask, class_emb, 0, num_masked + self.seq_len
+                )
+                z = self.forward_decoder(x, keep, 0)[:, :s]  # (B or 2B, S, D)
+                if step >= num_iter - 1:
+                    mask_next = torch.zeros_like(mask)
+                else:
+                    base = math.cos(math.pi / 2.0 * (step + 1) / num_iter)
+                    mask_next, _ = self._sams(z[:b], base, known=known_mask, generator=generator)
+                to_pred = mask & ~mask_next
+                stuck = mask.any(1) & ~to_pred.any(1)
+                if bool(stuck.any()):
+                    # the official fallback: predict the most salient still-masked token
+                    scores = saliency_scores(z[:b]).masked_fill(~mask, -math.inf)
+                    pick = F.one_hot(scores.argmax(1), s).bool()
+                    to_pred = to_pred | (pick & stuck[:, None])
+                if trace is not None:
+                    trace.append(int(to_pred.sum()))
+                cfg_iter = self._cfg_scale(cfg, cfg_schedule, s - int(mask_next[0].sum()), s)
+                z_sel = z[:b][to_pred]  # (K, D), row-major over (sample, position)
+                if cfg != 1.0:
+                    z_sel = torch.cat([z_sel, z[b:][to_pred]])
+                new = self.diffloss.sample(
+                    z_sel, temperature, cfg_iter, num_sampling_steps=num_sampling_steps, generator=generator
+                )
+                small[to_pred] = new[: int(to_pred.sum())].float()
+                small_z[to_pred] = z[:b][to_pred].float()
+                predicted |= to_pred
+                mask = mask_next
+        return small, small_z, predicted
+
+    @torch.no_grad()
+    def sample_refine(
+        self,
+        labels: Tensor,
+        small_z: Tensor,
+        predicted: Tensor,
+        *,
+        num_iter: int = 4,
+        cfg: float = 1.0,
+        cfg_schedule: str = "linear",
+        temperature: float = 1.0,
+        num_sampling_steps: int | str | None = None,
+        generator: torch.Generator | None = None,
+        known: Tensor | None = None,
+        known_mask: Tensor | None = None,
+        trace: list[int] | None = None,
+    ) -> Tensor:
+        """Stage 2. Returns big tokens (B, N, C). Every step re-draws all still-masked tokens
+        with the DiT head (known = visible tokens, RePaint); SAMS picks the next mask."""
+        b, n, s, device = labels.shape[0], self.seq_len, self.scaffold_len, labels.device
+        h, w = self.seq_h, self.seq_w
+        tokens = torch.zeros(b, n, self.token_channels, device=device)  # (B, N, C)
+        known_mask = torch.zeros(b, n, dtype=torch.bool, device=device) if known_mask is None else known_mask
+        if known is not None:
+            tokens = torch.where(known_mask[..., None], known.float(), tokens)
+        mask = ~known_mask
+        scaffold = self.refine_scaffold(small_z, predicted)  # (B, S, D)
+        scaffold_mask = torch.zeros(b, s, dtype=torch.bool, device=device)
+        class_emb = self._class_emb_cfg(labels, cfg)
+        head_labels = labels
+        if cfg != 1.0:
+            # the unconditional half sees the conditional half's scaffold features
+            scaffold = torch.cat([scaffold, scaffold])
+            head_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        with self._eval_mode():
+            for step in range(num_iter):
+                num_masked = int(mask[0].sum())
+                if num_masked == 0:
+                    break
+                full_mask = torch.cat([scaffold_mask, mask], 1)
+                tok_in = tokens
+                if cfg != 1.0:
+                    tok_in, full_mask = torch.cat([tokens, tokens]), torch.cat([full_mask, full_mask])
+                x, keep = self.forward_encoder(scaffold, tok_in, full_mask, class_emb, 1, num_masked)
+                z = self.forward_decoder(x, keep, 1)[:, s:]  # (B or 2B, N, D)
+                if step >= num_iter - 1:
+                    mask_next = torch.zeros_like(mask)
+                else:
+                    base = math.cos(math.pi / 2.0 * (step + 1) / num_iter)
+                    mask_next, _ = self._sams(z[:b], base, known=known_mask, generator=generator)
+                if trace is not None:
+                    trace.append(num_masked)
+                cfg_iter = self._cfg_scale(cfg, cfg_schedule, n - int(mask_next[0].sum()), n)
+                visible = _grid((~mask).float()[..., None], h, w).bool()  # (B, 1, h, w)
+                known_grid = _grid(tokens, h, w)
+                if cfg != 1.0:
+                    visible, known_grid = torch.cat([visible, visible]), torch.cat([known_grid, known_grid])
+                new = self.cond_diffloss.sample(
+                    _grid(z, h, w),
+                    temperature,
+                    cfg_iter,
+                    labels=head_labels,
+                    num_sampling_steps=num_sampling_steps,
+                    generator=generator,
+                    known=known_grid,
+                    known_mask=visible,
+                )
+                tokens = torch.where(mask[..., None], _tokens(new[:b]).float(), tokens)
+                mask = mask_next
+        return tokens
+
+    def _class_emb_cfg(self, labels: Tensor, cfg: float) -> Tensor:
+        class_emb = self.class_embedding(labels)
+        if cfg != 1.0:
+            class_emb = torch.cat([class_emb, self.fake_latent.expand(len(labels), -1).to(class_emb.dtype)])
+        return class_emb
+
+    def _check_sampling(self, cfg_schedule: str, num_iter: int, scaffold_num_iter: int) -> int:
+        if cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"cfg_schedule: expected 'linear' or 'constant', got {cfg_schedule!r}")
+        if num_iter < 1:
+            raise ValueError(f"num_iter: expected >= 1, got {num_iter}")
+        if scaffold_num_iter < 0:
+            raise ValueError(
+                f"scaffold_num_iter: expected >= 0 (0 = 4 x cond_scale), got {scaffold_num_iter}"
+            )
+        return scaffold_num_iter or 4 * self.cfg.cond_scale
+
+    @torch.no_grad()
+    def sample_tokens(
+        self,
+        labels: Tensor,
+        *,
+        num_iter: int = 4,
+        cfg: float = 1.0,
+        re_cfg: float = 1.0,
+        cfg_schedule: str = "linear",
+        temperature: float = 1.0,
+        num_sampling_steps: int | str | None = None,
+        refine_num_sampling_steps: int | str | None = None,
+        scaffold_num_iter: int = 0,
+        generator: torch.Generator | None = None,
+        known: Tensor | None = None,
+        known_mask: Tensor | None = None,
+        known_small: Tensor | None = None,
+        known_small_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Both stages: (big tokens (B, N, C), scaffold tokens (B, S, C))."""
+        steps1 = self._check_sampling(cfg_schedule, num_iter, scaffold_num_iter)
+        small, small_z, predicted = self.sample_scaffold(
+            labels,
+            num_iter=steps1,
+            cfg=re_cfg,
+            cfg_schedule=cfg_schedule,
+            temperature=temperature,
+            num_sampling_steps=num_sampling_steps,
+            generator=generator,
+            known=known_small,
+            known_mask=known_small_mask,
+        )
+        big = self.sample_refine(
+            labels,
+            small_z,
+            predicted,
+            num_iter=num_iter,
+            cfg=cfg,
+            cfg_schedule=cfg_schedule,
+            temperature=temperature,
+            num_sampling_steps=refine_num_sampling_steps,
+            generator=generator,
+            known=known,
+            known_mask=known_mask,
+        )
+        return big, small
+
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: Tensor,
+        seed: int | None = 0,
+        num_iter: int = 4,
+        cfg: float = 1.0,
+        re_cfg: float = 1.0,
+        cfg_schedule: str = "linear",
+        temperature: float = 1.0,
+        num_sampling_steps: int | str = "100",
+        refine_num_sampling_steps: int | str = "250",
+        scaffold_num_iter: int = 0,
+        return_scaffold: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Images (B, C, H, W) in [-1, 1] (with ``return_scaffold`` also the decoded scaffold
+        images at ``cond_scale * stride`` px); label == class_num is unconditional."""
+        g = make_generator(seed, labels.device)
+        big, small = self.sample_tokens(
+            labels,
+            num_iter=num_iter,
+            cfg=cfg,
+            re_cfg=re_cfg,
+            cfg_schedule=cfg_schedule,
+            temperature=temperature,
+            num_sampling_steps=num_sampling_steps,
+            refine_num_sampling_steps=refine_num_sampling_steps,
+            scaffold_num_iter=scaffold_num_iter,
+            generator=g,
+        )
+        images = self.tokenizer.decode(_grid(big, self.seq_h, self.seq_w))
+        if return_scaffold:
+            side = self.scaffold_side
+            return images, self.tokenizer.decode(_grid(small, side, side))
+        return images
+
+    def scaffold_keep_mask(self, keep_mask: Tensor) -> Tensor:
+        """(B, 1, H, W) bool -> (B, S) bool: scaffold token known iff all its pixels are kept."""
+        k = self.image_size // self.scaffold_side
+        return (F.avg_pool2d(keep_mask.float(), kernel_size=k, stride=k) >= 1.0).flatten(1)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        images: Tensor,
+        keep_mask: Tensor,
+        labels: Tensor,
+        seed: int | None = 0,
+        num_iter: int = 4,
+        cfg: float = 1.0,
+        re_cfg: float = 1.0,
+        cfg_schedule: str = "linear",
+        temperature: float = 1.0,
+        num_sampling_steps: int | str = "100",
+        refine_num_sampling_steps: int | str = "250",
+        scaffold_num_iter: int = 0,
+        return_tokens: bool = False,
+    ) -> Tensor:
+        """In-/out-painting: scaffold and big tokens fully inside ``keep_mask`` stay fixed
+        (scaffold from the downsampled image); the rest are generated by both stages."""
+        keep_mask = keep_mask.to(images.device)
+        known = _tokens(self.tokenizer.encode_mean(images).float())  # (B, N, C)
+        size = self.scaffold_image_size
+        small_img = F.interpolate(images.float(), size=(size, size), mode="bicubic")
+        known_small = _tokens(self.tokenizer.encode_mean(small_img).float())  # (B, S, C)
+        known_mask = self.token_keep_mask(keep_mask)
+        known_small_mask = self.scaffold_keep_mask(keep_mask)
+        g = make_generator(seed, images.device)
+        out = known.clone()
+        # The sparse encoder needs equal visible counts: sample groups of equal unknown counts.
+        groups = torch.stack([(~known_mask).sum(1), (~known_small_mask).sum(1)], 1)
+        for key in torch.unique(groups, dim=0):
+            rows = (groups == key).all(1).nonzero().flatten()
+            out[rows], _ = self.sample_tokens(
+                labels[rows],
+                num_iter=num_iter,
+                cfg=cfg,
+                re_cfg=re_cfg,
+                cfg_schedule=cfg_schedule,
+                temperature=temperature,
+                num_sampling_steps=num_sampling_steps,
+                refine_num_sampling_steps=refine_num_sampling_steps,
+                scaffold_num_iter=scaffold_num_iter,
+                generator=g,
+                known=known[rows],
+                known_mask=known_mask[rows],
+                known_small=known_small[rows],
+                known_small_mask=known_small_mask[rows],
+            )
+        if return_tokens:
+            return out
+        return self.tokenizer.decode(_grid(out, self.seq_h, self.seq_w))
+
+    # -- pretrained parts
+
+    def init_pretrained(self) -> None:
+        """Load the tokenizer weights named by ``model.tokenizer_ckpt`` (when training starts)."""
+        if self.cfg.tokenizer_ckpt:
+            load_tokenizer_weights(self.tokenizer, self.cfg.tokenizer_ckpt)
+
+
+# ----------------------------------------------------------------------------- latent cache
+
+
+def cache_latents_for(
+    cfg: CASMARConfig,
+    dataset: Any,
+    out_dir: str,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Cache posterior moments of every image (``moments``) and of its bicubic downsample to
+    ``cond_scale * stride`` px (``small_moments``), each also mirrored (``*_flip``)."""
+    from maskar.data.latent_store import cache_latents
+    from maskar.models.mar import build_tokenizer
+
+    tok = build_tokenizer(cfg)
+    if device is not None:
+        tok = tok.to(device)
+    size = cfg.cond_scale * int(tok.downsample)
+
+    def encode(images: Tensor) -> dict[str, Tensor]:
+        small = F.interpolate(images.float(), size=(size, size), mode="bicubic")
+        return {"moments": tok.encode_moments(images), "small_moments": tok.encode_moments(small)}
+
+    source = {"arch": "casmar", "tokenizer": type(tok).__name__, "tokenizer_ckpt": cfg.tokenizer_ckpt}
+    return cache_latents(
+        encode,
+        dataset,
+        out_dir,
+        batch_size=batch_size,
+        hflip_too=True,
+        device=device,
+        source=source,
+        **kwargs,
+    )
+
+
+registry.register(
+    "casmar",
+    kind="generator",
+    config_cls=CASMARConfig,
+    sample_cls=CASMARSampleConfig,
+    build=CASMAR.from_config,
+    description="CASMAR: scaffold-then-refine masked autoregression with a local-attention DiT head",
+)
