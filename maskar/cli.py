@@ -219,8 +219,12 @@ def cmd_cache(args: list[str]) -> int:
     cache_fn = None
     if cfg.model.arch == "mar":
         from maskar.models.mar import cache_latents_for as cache_fn
+    elif cfg.model.arch == "casmar":  # also caches the scaffold (downsampled image) latents
+        from maskar.models.casmar import cache_latents_for as cache_fn
     if cache_fn is None:
-        raise ConfigError(f"cache: architecture {cfg.model.arch!r} has no latent cache (supported: mar)")
+        raise ConfigError(
+            f"cache: architecture {cfg.model.arch!r} has no latent cache (supported: mar, casmar)"
+        )
     # Flips are stored explicitly (moments_flip), so the source images are read unflipped.
     dataset = build_dataset(dataclasses.replace(cfg.data, hflip=False))
     cache_fn(
@@ -345,7 +349,8 @@ COMMANDS = {
         maskar convert var   src=var_d16.pth vae=vae_ch160v4096z32.pth out=ckpt/var-d16
         maskar convert hmar  src=hmar-d16.pth vae=vae_ch160v4096z32.pth out=ckpt/hmar-d16
         maskar convert klvae src=kl16.ckpt out=ckpt/kl16
-        maskar convert mar   src=checkpoint-last.pth vae=kl16.ckpt preset=mar-b out=ckpt/mar-b""",
+        maskar convert mar   src=checkpoint-last.pth vae=kl16.ckpt preset=mar-b out=ckpt/mar-b
+        maskar convert casmar src=checkpoint-last.pth vae=kl16.ckpt preset=casmar-b out=ckpt/casmar-b""",
     ),
     "info": (
         cmd_info,
