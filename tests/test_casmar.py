@@ -329,6 +329,23 @@ def test_scaffold_from_downsampled_image_and_cached_flip():
     assert torch.equal(big_flip, small_flip) and big_flip.any() and not big_flip.all()
 
 
+def test_grad_checkpointing_gives_the_same_loss_and_grads():
+    results = []
+    for ckpt in (False, True):
+        model = tiny_casmar(
+            grad_checkpointing=ckpt, head_attention="sala", attn_dropout=0.0, proj_dropout=0.0
+        )
+        randomize_heads(model)
+        torch.manual_seed(7)
+        loss = model.forward_train(torch.randn(2, 4, 4, 4), torch.randn(2, 4, 2, 2), torch.tensor([0, 1]))[
+            "loss"
+        ]
+        loss.backward()
+        results.append((loss.detach(), model.encoder_blocks[0].attn.qkv.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
 def test_tiny_casmar_overfits_one_batch():
     torch.manual_seed(0)
     model = CASMAR(tiny_cfg(diffusion_batch_mul=4, label_drop_prob=0.0), tokenizer=StandInKL())
