@@ -16,6 +16,7 @@ produce; gradients are taken with respect to those views.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -33,7 +34,7 @@ SCHEDULES = {  # tokens per side per scale (VAR's patch_nums)
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_CASES = "680:32:16,2240:8:16,680:4:30,2240:4:30"
-DEFAULT_METHODS = "sdpa,flex128,flex64,varlen,triton,dense_nomask"  # also: triton_fast
+DEFAULT_METHODS = "sdpa,flex128,flex64,varlen,triton,dense_nomask"  # also: triton_fast, triton_jit
 # error bound vs the fp32 reference (relative Frobenius norm) per dtype
 TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
 FLEX64_OPTIONS = {
@@ -67,7 +68,7 @@ def _methods(names: list[str]) -> dict[str, Callable]:
             except ImportError:
                 continue
             out[name] = varlen_attention
-        elif name in ("triton", "triton_fast"):  # triton_fast: FAST_LAUNCH on (bench_case)
+        elif name in ("triton", "triton_fast", "triton_jit"):  # FAST_LAUNCH default / on / off
             try:
                 from maskar.kernels.block_sparse import block_sparse_attention
             except ImportError:
@@ -168,17 +169,26 @@ def floors_ms(pattern: ScalePattern, B: int, H: int, D: int, elem: int, gbs: flo
     return f, f + b
 
 
-def bench_case(method: str, fn: Callable, pattern: ScalePattern, B: int, H: int, D: int, dtype,
-               scale: float, reps: int, warmup: int) -> dict:
-    if method != "triton_fast":
-        return _bench_case(method, fn, pattern, B, H, D, dtype, scale, reps, warmup)
+@contextlib.contextmanager
+def _launch_mode(method: str):
+    """``triton_fast`` / ``triton_jit``: the same kernels with FAST_LAUNCH forced on / off."""
+    if method not in ("triton_fast", "triton_jit"):
+        yield
+        return
     import maskar.kernels.block_sparse as bs
 
-    bs.FAST_LAUNCH = True  # the same kernels, launched directly after the first call
+    before = bs.FAST_LAUNCH
+    bs.FAST_LAUNCH = method == "triton_fast"
     try:
-        return _bench_case(method, fn, pattern, B, H, D, dtype, scale, reps, warmup)
+        yield
     finally:
-        bs.FAST_LAUNCH = False
+        bs.FAST_LAUNCH = before
+
+
+def bench_case(method: str, fn: Callable, pattern: ScalePattern, B: int, H: int, D: int, dtype,
+               scale: float, reps: int, warmup: int) -> dict:
+    with _launch_mode(method):
+        return _bench_case(method, fn, pattern, B, H, D, dtype, scale, reps, warmup)
 
 
 def _bench_case(method: str, fn: Callable, pattern: ScalePattern, B: int, H: int, D: int, dtype,
@@ -247,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--json", default=None, help="also write all rows to this file")
     ap.add_argument("--check-configs", action="store_true",
-                    help="first check every triton backward candidate config against fp32 SDPA (B 2, H 2)")
+                    help="first check every triton candidate config against fp32 SDPA (B 2, H 2)")
     ap.add_argument("--tuning-log", action="store_true",
                     help="print the triton tuner's time of every candidate")
     ap.add_argument("--profile", type=int, default=0,
@@ -278,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         L, B, H = (int(x) for x in args.cases.split(",")[0].split(":"))
         pattern = ScalePattern.from_sides(args.patterns.split(",")[0], SCHEDULES[L])
         for name, fn in methods.items():
-            _profile(name, fn, pattern, B, H, D, DTYPES[args.dtypes.split(",")[0]], scale, args.profile)
+            with _launch_mode(name):
+                _profile(name, fn, pattern, B, H, D, DTYPES[args.dtypes.split(",")[0]], scale, args.profile)
         return 0
     if args.check_configs:
         bad = check_triton_configs(args.patterns.split(","), [DTYPES[d] for d in args.dtypes.split(",")],
@@ -323,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_triton_configs(kinds: list[str], dtypes: list, lengths: list[int], D: int, scale: float) -> int:
-    """Check every backward candidate of the triton kernel against fp32 SDPA; returns the failures."""
+    """Check every forward and backward triton candidate config against fp32 SDPA; returns the failures."""
     import maskar.kernels.block_sparse as bs
 
     bad = 0
@@ -332,9 +343,10 @@ def check_triton_configs(kinds: list[str], dtypes: list, lengths: list[int], D: 
             for L in lengths:
                 pattern = ScalePattern.from_sides(kind, SCHEDULES[L])
                 for dtype in dtypes:
-                    bs.FORCE_FWD_CONFIG = bs._fwd_candidates(D)[0]
-                    for cfg in bs._bwd_candidates(D, kind):
-                        bs.FORCE_BWD_CONFIG = cfg
+                    fwds, bwds = bs._fwd_candidates(D), bs._bwd_candidates(D)
+                    pairs = [(f, bwds[0]) for f in fwds] + [(fwds[0], b) for b in bwds[1:]]
+                    for fcfg, cfg in pairs:
+                        bs.FORCE_FWD_CONFIG, bs.FORCE_BWD_CONFIG = fcfg, cfg
                         torch.manual_seed(1)
                         try:  # twice: with FAST_LAUNCH the second call takes the direct launch path
                             err = max(check(bs.block_sparse_attention, pattern, 2, 2, D, dtype, scale)
@@ -345,8 +357,8 @@ def check_triton_configs(kinds: list[str], dtypes: list, lengths: list[int], D: 
                             ok = type(e).__name__ == "OutOfResources"
                             msg = f"{'skipped' if ok else 'error'} ({type(e).__name__}: {str(e)[:300]})"
                         bad += not ok
-                        print(f"check {kind} L{L} {str(dtype)[6:]} {cfg}: {msg}{'' if ok else '  FAILED'}",
-                              flush=True)
+                        status = "" if ok else "  FAILED"
+                        print(f"check {kind} L{L} {str(dtype)[6:]} {fcfg} {cfg}: {msg}{status}", flush=True)
     finally:
         bs.FORCE_FWD_CONFIG = bs.FORCE_BWD_CONFIG = None
     return bad

@@ -7,12 +7,15 @@ to keys ``kv_start[i] <= j < kv_end[i]`` and, transposed, key ``j`` is seen by q
 - block-diagonal (HMAR): kv = [start, end) of i's scale; q = [start, end) of j's scale;
 - block-causal (VAR):    kv = [0, end of i's scale);   q = [start of j's scale, L).
 
-Each program takes one tile of rows and walks only the key (or query) tiles inside the
-union of its rows' bounds, split into three loops: a leading masked part (rows whose
-bounds start later), an unmasked middle that every row may see whole (no mask
-arithmetic), and a trailing masked part. Tiles outside the bounds are never loaded;
-that is where the speed-up over a dense masked kernel comes from. Because the bounds
-encode the pattern, one compiled kernel serves both patterns and every schedule.
+Work is a table of tiles: each program takes one tile of rows (at most BLOCK_M) and walks
+only the key (or query) tiles inside the union of its rows' bounds, split into three
+loops: a leading masked part (rows whose bounds start later), an unmasked middle that
+every row may see whole (no mask arithmetic), and a trailing masked part. Tiles outside
+the bounds are never loaded; that is where the speed-up over a dense masked kernel comes
+from. The tiles are aligned to scales (a big scale is cut from its first token, small
+consecutive scales share a tile), so few tiles mix scales and the walks stay tight, and
+the table is sorted costliest first. Because the bounds encode the pattern, one compiled
+kernel serves both patterns and every schedule.
 
 Layout: q, k, v are (B, H, L, D) strided views (typically of a fused (B, L, 3, H, D)
 qkv); the kernels take their strides, so nothing is transposed or copied. The output
@@ -24,9 +27,6 @@ folded into one multiply; the log-sum-exp (base 2) is saved for the backward pas
 which recomputes P tile by tile (FlashAttention-2 scheme). dK/dV programs (one per key
 tile) and dQ programs (one per query tile) run in the same launch; dQ needs no atomics,
 so results are deterministic.
-For block-diagonal patterns an alternative backward (``_attn_bwd_items``, configs with
-``seg``) aligns work to scales and does groups of small scales in one pass (no dQ
-recompute); the tuner picks it where it measured faster (few programs, L 680).
 
 Block sizes are chosen per (L, head dim, dtype, pattern, batch*heads class) by timing a
 few candidate configs once (kernels compile per config and dtype / head dim only, so
@@ -364,173 +364,6 @@ def _attn_bwd(
                         BLOCK_M2, BLOCK_N2, HEAD_DIM, FUSED_DELTA, DOT_F32)
 
 
-@triton.jit
-def _onepass_tiles(
-    dk, dv, k, v, q_base, do_base, o_base, lse_base, dq_base, sql, sdol, sol, dq_row,
-    qs, qe, m_lo, m_hi, row_hi, qk_scale, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-    DQ_MODE: tl.constexpr, DOT_F32: tl.constexpr,
-):
-    # one pass over the query tiles of a key tile: dK, dV accumulate in registers, and each
-    # query tile's dQ contribution dS.K is written out at once (5 matmuls, no recompute).
-    # DQ_MODE 0: final dQ (scaled, cast); 1: fp32 store; 2: fp32 atomic add (other key
-    # tiles add to the same rows)
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start_m in range(m_lo, m_hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        if MASKED:
-            in_seq = offs_m < row_hi
-            q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdol + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-            o = tl.load(o_base + offs_m[:, None] * sol + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=in_seq, other=0.0)
-        else:
-            q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :])
-            do = tl.load(do_base + offs_m[:, None] * sdol + offs_d[None, :])
-            o = tl.load(o_base + offs_m[:, None] * sol + offs_d[None, :])
-            lse = tl.load(lse_base + offs_m)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        s_t = _dot(k, tl.trans(q), DOT_F32) * qk_scale  # (BN, BM): S transposed, log2 units
-        if MASKED:
-            ok = (offs_m[None, :] >= qs[:, None]) & (offs_m[None, :] < qe[:, None])
-            s_t = tl.where(ok, s_t, float("-inf"))
-        p_t = tl.exp2(s_t - lse[None, :])
-        dv += _dot(p_t.to(do.dtype), do, DOT_F32)
-        dp_t = _dot(v, tl.trans(do), DOT_F32)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk += _dot(ds_t, q, DOT_F32)
-        dq = _dot(tl.trans(ds_t), k, DOT_F32)  # (BM, D), this key tile's share of dQ
-        dq_ptrs = dq_base + offs_m[:, None] * dq_row + offs_d[None, :]
-        if DQ_MODE == 2:
-            if MASKED:
-                tl.atomic_add(dq_ptrs, dq, mask=in_seq[:, None], sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
-        else:
-            if DQ_MODE == 1:
-                val = dq
-            else:
-                val = (dq * sm_scale).to(dq_base.dtype.element_ty)
-            if MASKED:
-                tl.store(dq_ptrs, val, mask=in_seq[:, None])
-            else:
-                tl.store(dq_ptrs, val)
-    return dk, dv
-
-
-@triton.jit
-def _onepass_program(
-    n0, n_stop, q_base, k_base, v_base, do_base, o_base, lse_base, dq_base, DK, DV, BND,
-    sql, skl, svl, sdol, g_off, g_row, dq_row, L, qk_scale, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DQ_MODE: tl.constexpr,
-    DOT_F32: tl.constexpr,
-):
-    """dK, dV of keys [n0, n_stop) (at most BLOCK_N) and their share of dQ, in one pass."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < n_stop
-    cols = tl.minimum(offs_n, n_stop - 1)  # padding columns copy the last column's bounds
-    qs = tl.load(BND + 2 * L + cols)
-    qe = tl.load(BND + 3 * L + cols)
-    lo = tl.min(qs, 0)
-    qs_max = tl.max(qs, 0)
-    qe_min = tl.min(qe, 0)
-    hi = tl.max(qe, 0)
-    end1 = lo + tl.cdiv(qs_max - lo, BLOCK_M) * BLOCK_M
-    end2 = end1 + (tl.maximum(qe_min - end1, 0) // BLOCK_M) * BLOCK_M
-    # padding keys load as zeros: their dQ share (dS.K) is zero and their dK, dV are not stored
-    k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dk, dv = _onepass_tiles(dk, dv, k, v, q_base, do_base, o_base, lse_base, dq_base, sql, sdol, g_row,
-                            dq_row, qs, qe, lo, end1, hi, qk_scale, sm_scale,
-                            BLOCK_M, BLOCK_N, HEAD_DIM, True, DQ_MODE, DOT_F32)
-    dk, dv = _onepass_tiles(dk, dv, k, v, q_base, do_base, o_base, lse_base, dq_base, sql, sdol, g_row,
-                            dq_row, qs, qe, end1, end2, hi, qk_scale, sm_scale,
-                            BLOCK_M, BLOCK_N, HEAD_DIM, False, DQ_MODE, DOT_F32)
-    dk, dv = _onepass_tiles(dk, dv, k, v, q_base, do_base, o_base, lse_base, dq_base, sql, sdol, g_row,
-                            dq_row, qs, qe, end2, hi, hi, qk_scale, sm_scale,
-                            BLOCK_M, BLOCK_N, HEAD_DIM, True, DQ_MODE, DOT_F32)
-    g_ptrs = g_off + offs_n[:, None] * g_row + offs_d[None, :]
-    tl.store(DK + g_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
-
-
-@triton.jit(do_not_specialize=["H", "L", "N_ITEMS"])  # one binary for every schedule
-def _attn_bwd_items(
-    Q, K, V, O, DO, DQ, DK, DV, LSE, BND, ITEMS, DQACC,
-    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
-    H, L, N_ITEMS, qk_scale, sm_scale,
-    SEG: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr,
-    BLOCK_N2: tl.constexpr, HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_F32: tl.constexpr,
-):
-    """Block-diagonal backward over a table of work items aligned to scale boundaries.
-
-    ITEMS is (3, N_ITEMS) int32: kind, start, stop. Kind 0: a segment (whole small scales,
-    at most SEG tokens) whose keys and queries one program owns: one pass, dQ written
-    directly. Big scales: with ATOMIC_DQ, key tiles of BLOCK_N1 in one pass adding dQ into
-    the fp32 buffer DQACC (B*H, L, D); otherwise dK/dV key tiles (kind 1) and dQ query
-    tiles (kind 2) as in ``_attn_bwd``. With ATOMIC_DQ segments also write DQACC (fp32)
-    and a second launch converts it.
-    """
-    # items on the slow grid axis: the costliest item of every (batch, head) is issued first
-    bh = tl.program_id(0)
-    it = tl.program_id(1)
-    kind = tl.load(ITEMS + it)
-    n0 = tl.load(ITEMS + N_ITEMS + it)
-    n_stop = tl.load(ITEMS + 2 * N_ITEMS + it)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    do_base = DO + b * sdob + h * sdoh
-    lse_base = LSE + bh.to(tl.int64) * L
-    g_off = (b * L * H + h) * HEAD_DIM
-    g_row = H * HEAD_DIM
-    o_base = O + g_off
-    acc_base = DQACC + bh.to(tl.int64) * L * HEAD_DIM
-    if kind == 0:
-        if ATOMIC_DQ:
-            _onepass_program(n0, n_stop, q_base, k_base, v_base, do_base, o_base, lse_base, acc_base, DK, DV,
-                             BND, sql, skl, svl, sdol, g_off, g_row, HEAD_DIM, L, qk_scale, sm_scale,
-                             BLOCK_M1, SEG, HEAD_DIM, 1, DOT_F32)
-        else:
-            _onepass_program(n0, n_stop, q_base, k_base, v_base, do_base, o_base, lse_base, DQ + g_off, DK,
-                             DV, BND, sql, skl, svl, sdol, g_off, g_row, g_row, L, qk_scale, sm_scale,
-                             BLOCK_M1, SEG, HEAD_DIM, 0, DOT_F32)
-    else:
-        if ATOMIC_DQ:
-            _onepass_program(n0, n_stop, q_base, k_base, v_base, do_base, o_base, lse_base, acc_base, DK, DV,
-                             BND, sql, skl, svl, sdol, g_off, g_row, HEAD_DIM, L, qk_scale, sm_scale,
-                             BLOCK_M1, BLOCK_N1, HEAD_DIM, 2, DOT_F32)
-        else:
-            if kind == 1:
-                _dkdv_program(n0, n_stop, q_base, k_base, v_base, do_base, o_base, lse_base, lse_base, DK, DV,
-                              BND, sql, skl, svl, sdol, g_off, g_row, L, qk_scale, sm_scale,
-                              BLOCK_M1, BLOCK_N1, HEAD_DIM, True, DOT_F32)
-            else:
-                _dq_program(n0, n_stop, q_base, k_base, v_base, do_base, o_base, lse_base, lse_base, DQ, BND,
-                            sql, skl, svl, sdol, g_off, g_row, L, qk_scale, sm_scale,
-                            BLOCK_M2, BLOCK_N2, HEAD_DIM, True, DOT_F32)
-
-
-@triton.jit(do_not_specialize=["H", "L"])
-def _dq_from_acc(DQACC, DQ, H, L, sm_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """DQ (B, L, H, D) = sm_scale * DQACC (B*H, L, D) fp32, cast."""
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = offs_m < L
-    acc = tl.load(DQACC + bh.to(tl.int64) * L * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=ok[:, None], other=0.0)
-    dq_ptrs = DQ + (b * L * H + h) * HEAD_DIM + offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
-    tl.store(dq_ptrs, (acc * sm_scale).to(DQ.dtype.element_ty), mask=ok[:, None])
-
-
 # ----------------------------------------------------------------------------- configs
 
 
@@ -556,47 +389,29 @@ class BwdConfig:
     num_stages: int
     fused_delta: bool = True  # recompute rowsum(O * dO) in the kernel instead of a separate launch
     dq_warps: int = 0  # > 0: dK/dV and dQ in two launches, the dQ one with this many warps
-    # block-diagonal only (block-causal configs with seg > 0 are never used): > 0 runs
-    # ``_attn_bwd_items``, work aligned to scales, whole small scales grouped into
-    # one-pass segments of at most ``seg`` tokens (a power of two)
-    seg: int = 0
-    atomic_dq: bool = False  # with seg: big scales in one pass too, dQ by fp32 atomics (+1 launch)
     aligned: bool = True  # key / query tiles aligned to scales (as FwdConfig.aligned)
     bh_fast: bool = False  # as FwdConfig.bh_fast
 
 
+# Candidates: each was the fastest, or within a few percent of it, at some benchmarked
+# shape in the H100 sweep of 2026-11-22 (benchmarks/attention_sweep.py, docs/kernels.md);
+# the first of each list is the best overall and what the GPU tests pin.
 def _fwd_candidates(head_dim: int) -> list[FwdConfig]:
     if head_dim <= 64:
-        return [FwdConfig(64, 64, 4, 3), FwdConfig(64, 32, 4, 3), FwdConfig(64, 64, 4, 4),
-                FwdConfig(64, 32, 4, 4), FwdConfig(128, 64, 8, 3)]
+        return [FwdConfig(64, 32, 4, 3), FwdConfig(64, 64, 4, 3), FwdConfig(64, 32, 4, 4),
+                FwdConfig(64, 64, 4, 3, bh_fast=True), FwdConfig(64, 64, 4, 3, aligned=False)]
     return [FwdConfig(64, 64, 4, 2), FwdConfig(128, 64, 8, 2), FwdConfig(64, 32, 4, 2),
             FwdConfig(32, 64, 4, 2), FwdConfig(64, 64, 4, 3)]
 
 
-def _bwd_candidates(head_dim: int, kind: str | None = None) -> list[BwdConfig]:
-    """Backward configs to time; ``kind`` block_causal drops the block-diagonal-only ones."""
-    base = _bwd_base_candidates(head_dim)
-    if kind == "block_causal":
-        return base
+def _bwd_candidates(head_dim: int) -> list[BwdConfig]:
     if head_dim <= 64:
-        # scale-aligned work items with one-pass segments of small scales (5 matmuls per
-        # tile pair, no atomics): measured faster on the H100 at few programs (L 680,
-        # B 4, H 30), slower at the training shapes, where the tuner keeps the base
-        # configs. Not candidates, measured slower everywhere (docs/kernels.md): 128-token
-        # segments, and atomic_dq (0.46-0.50 vs 0.32 ms at L 680 B 32 H 16).
-        return base + [BwdConfig(16, 64, 64, 16, 4, 3, seg=64), BwdConfig(32, 64, 64, 32, 4, 3, seg=64)]
-    return base  # head dim 128: the scale-aligned path is not measured on a GPU yet
-
-
-def _bwd_base_candidates(head_dim: int) -> list[BwdConfig]:
-    if head_dim <= 64:
-        return [BwdConfig(16, 64, 64, 16, 4, 3), BwdConfig(16, 64, 64, 16, 4, 3, False),
-                BwdConfig(32, 64, 64, 32, 4, 3), BwdConfig(16, 64, 64, 32, 4, 3),
-                BwdConfig(32, 64, 64, 32, 4, 3, False), BwdConfig(32, 128, 128, 32, 8, 3),
-                BwdConfig(16, 64, 64, 16, 4, 4),
-                # split launches: dQ tiles sized and warped for their own register budget
-                BwdConfig(32, 64, 64, 32, 4, 3, True, 4), BwdConfig(32, 64, 128, 32, 4, 3, True, 8),
-                BwdConfig(16, 64, 128, 32, 4, 3, True, 8), BwdConfig(32, 128, 128, 64, 8, 2, True, 8)]
+        return [BwdConfig(32, 64, 64, 32, 4, 3), BwdConfig(32, 64, 64, 32, 4, 3, aligned=False),
+                BwdConfig(32, 64, 64, 32, 4, 4), BwdConfig(32, 64, 64, 32, 4, 3, False),
+                BwdConfig(64, 64, 64, 64, 4, 3), BwdConfig(16, 64, 64, 16, 4, 3),
+                BwdConfig(32, 64, 64, 32, 4, 3, bh_fast=True),
+                # split launches: dQ programs compiled for their own register budget
+                BwdConfig(32, 64, 64, 32, 4, 3, True, 4)]
     return [BwdConfig(16, 64, 64, 16, 4, 2), BwdConfig(32, 64, 64, 32, 4, 2),
             BwdConfig(16, 64, 64, 16, 4, 2, False), BwdConfig(64, 64, 64, 64, 8, 2),
             BwdConfig(32, 128, 128, 32, 8, 2), BwdConfig(32, 64, 64, 32, 4, 2, True, 4)]
@@ -743,9 +558,6 @@ def _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, cfg: FwdConfig):
 
 
 def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, bnd, qk_scale, sm_scale, pattern, cfg: BwdConfig):
-    if cfg.seg and pattern.kind == "block_diagonal":
-        _launch_bwd_items(q, k, v, o, do, dq, dk, dv, lse, bnd, qk_scale, sm_scale, pattern, cfg)
-        return
     B, H, L, D = q.shape
     sq, sk, sv, sdo = q.stride(), k.stride(), v.stride(), do.stride()
     if cfg.fused_delta:
@@ -865,72 +677,6 @@ def _bwd_table(pattern: ScalePattern, cfg: BwdConfig, part: int, device) -> Tens
     return t
 
 
-_items_cache: dict[tuple, Tensor] = {}
-
-
-def _bwd_items(pattern: ScalePattern, cfg: BwdConfig, device: torch.device | str) -> Tensor:
-    """(3, n) int32 work items (kind, start, stop) of ``_attn_bwd_items``, costliest first (cached).
-
-    Consecutive scales of at most ``cfg.seg`` tokens are grouped greedily into segments
-    of at most ``cfg.seg`` tokens (kind 0); a bigger scale is cut into key tiles (kind 1,
-    or one-pass kind 3 with atomic dQ) and query tiles (kind 2), each inside the scale.
-    """
-    key = (pattern, cfg.seg, cfg.block_n1, cfg.block_m2, cfg.atomic_dq, device)
-    t = _items_cache.get(key)
-    if t is None:
-        items = []  # (cost, kind, start, stop)
-        group_start = group_end = 0
-
-        def flush():
-            if group_end > group_start:
-                items.append(((group_end - group_start) * cfg.seg, 0, group_start, group_end))
-
-        pos = 0
-        for n in pattern.lengths:
-            start, end = pos, pos + n
-            pos = end
-            if n <= cfg.seg:
-                if end - group_start > cfg.seg:
-                    flush()
-                    group_start = start
-                group_end = end
-                continue
-            flush()
-            group_start = group_end = end
-            for t0 in range(start, end, cfg.block_n1):
-                items.append((n * cfg.block_n1, 3 if cfg.atomic_dq else 1, t0, min(t0 + cfg.block_n1, end)))
-            if not cfg.atomic_dq:
-                for t0 in range(start, end, cfg.block_m2):
-                    items.append((n * cfg.block_m2, 2, t0, min(t0 + cfg.block_m2, end)))
-        flush()
-        items.sort(key=lambda it: -it[0])  # longest programs first: less tail at the end of the grid
-        t = torch.tensor([it[1:] for it in items], dtype=torch.int32).t().contiguous()
-        t = _items_cache[key] = t.to(device)
-    return t
-
-
-def _launch_bwd_items(q, k, v, o, do, dq, dk, dv, lse, bnd, qk_scale, sm_scale, pattern, cfg: BwdConfig):
-    B, H, L, D = q.shape
-    sq, sk, sv, sdo = q.stride(), k.stride(), v.stride(), do.stride()
-    items = _bwd_items(pattern, cfg, q.device)
-    n_items = items.shape[1]
-    # fp32 dQ accumulator (B*H, L, D), zeroed for the atomic adds; otherwise a placeholder
-    acc = torch.zeros(B * H, L, D, dtype=torch.float32, device=q.device) if cfg.atomic_dq else lse
-    dot_f32 = _INTERPRET and q.dtype == torch.bfloat16
-    _launch(
-        _attn_bwd_items, (B * H, n_items),
-        (q, k, v, o, do, dq, dk, dv, lse, bnd, items, acc,
-         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sdo[0], sdo[1], sdo[2],
-         H, L, n_items, qk_scale, sm_scale),
-        dict(SEG=cfg.seg, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2,
-             BLOCK_N2=cfg.block_n2, HEAD_DIM=D, ATOMIC_DQ=cfg.atomic_dq, DOT_F32=dot_f32),
-        cfg.num_warps, cfg.num_stages,
-    )
-    if cfg.atomic_dq:
-        _launch(_dq_from_acc, (triton.cdiv(L, 64), B * H), (acc, dq, H, L, sm_scale),
-                dict(BLOCK_M=64, HEAD_DIM=D), 4, 3)
-
-
 def _blhd_empty(B: int, H: int, L: int, D: int, like: Tensor) -> Tensor:
     """(B, H, L, D) view of fresh (B, L, H, D) memory (one call: host time matters at small shapes)."""
     return torch.empty_strided((B, H, L, D), (L * H * D, D, H * D, 1), dtype=like.dtype, device=like.device)
@@ -980,7 +726,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         else:
             key = _key("bwd", q, pattern)
             # candidates built only when tuning: 20 frozen dataclasses cost ~0.2 ms of host time
-            cfg = _tuned.get(key) or _tune(key, _bwd_candidates(D, pattern.kind),
+            cfg = _tuned.get(key) or _tune(key, _bwd_candidates(D),
                                            lambda c: _launch_bwd(*args, c))
         _launch_bwd(*args, cfg)
         return dq, dk, dv, None, None
