@@ -396,6 +396,8 @@ def test_sampling_schedules_cfg_scales_and_temperature(monkeypatch):
     assert calls2[-1][2] == pytest.approx(3.0)
     assert calls2[0][3].tolist() == [3, 4, 10, 10]  # DiT labels: class | null (used by SALA)
     assert not calls2[0][4].any()  # nothing known at the first step
+    # every step hands the DiT the visible tokens as known and re-draws all masked ones
+    assert [int((~c[4][0]).sum()) for c in calls2] == trace2
     calls1.clear()
     model.sample_scaffold(labels, num_iter=3, cfg=2.5, cfg_schedule="constant")
     assert all(c[2] == 2.5 for c in calls1)

@@ -62,7 +62,7 @@ from maskar.tokenizers.klvae import KLVAE
 @dataclass
 class CASMARConfig(MARConfig):
     arch: str = "casmar"
-    cond_scale: int = field(8, min=1, help="scaffold grid side (official --cond_scale; 8 = latent of 128 px)")
+    cond_scale: int = field(8, min=2, help="scaffold grid side (official --cond_scale; 8 = latent of 128 px)")
     gdm_d: int = field(6, min=1, help="stage-2 DiT head depth (--gdm_d)")
     gdm_w: int = field(512, min=1, help="stage-2 DiT head width (--gdm_w)")
     gdm_heads: int = field(8, min=1, help="DiT head attention heads (--head)")
@@ -787,7 +787,8 @@ class CASMAR(nn.Module):
         trace: list[int] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Stage 1. Returns scaffold tokens (B, S, C), the decoder features each token was
-        sampled with (B, S, D) and which tokens were sampled (B, S) bool."""
+        sampled with (B, S, D) and which tokens were sampled (B, S) bool. ``trace``, if given,
+        receives the number of tokens drawn at each step, summed over the batch."""
         b, s, device = labels.shape[0], self.scaffold_len, labels.device
         small = torch.zeros(b, s, self.token_channels, device=device)  # (B, S, C)
         small_z = torch.zeros(b, s, self.cfg.decoder_embed_dim, device=device)  # (B, S, D)
@@ -859,7 +860,8 @@ class CASMAR(nn.Module):
         trace: list[int] | None = None,
     ) -> Tensor:
         """Stage 2. Returns big tokens (B, N, C). Every step re-draws all still-masked tokens
-        with the DiT head (known = visible tokens, RePaint); SAMS picks the next mask."""
+        with the DiT head (known = visible tokens, RePaint); SAMS picks the next mask.
+        ``trace``, if given, receives the per-sample number of tokens re-drawn at each step."""
         b, n, s, device = labels.shape[0], self.seq_len, self.scaffold_len, labels.device
         h, w = self.seq_h, self.seq_w
         tokens = torch.zeros(b, n, self.token_channels, device=device)  # (B, N, C)
