@@ -524,6 +524,30 @@ def test_head_variant_from_official_tables():
         head_variant({"fake_latent": 0})
 
 
+@pytest.mark.parametrize(
+    ("table", "variant"),
+    [("casmar_base_state_dict_shapes.json", "psa"), ("casmar_sala_base_state_dict_shapes.json", "sala")],
+)
+def test_official_base_file_from_table_loads_into_base_model(tmp_path, table, variant):
+    """A checkpoint-last.pth laid out from the reference table (meta tensors: no data, tiny file)
+    with DDP's module. prefix and a pickled Namespace: weights_only load, variant, strict load."""
+    from maskar.convert.casmar import head_variant, load_official
+    from maskar.convert.mar import load_into
+
+    path = REFERENCE / table
+    if not path.exists():
+        pytest.skip("no reference tables")
+    shapes = json.loads(path.read_text())
+    state = {f"module.{k}": torch.empty(v, device="meta") for k, v in shapes.items()}
+    ckpt = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": state, "model_ema": state, "epoch": 399, "args": argparse.Namespace(cfg=3.0)}, ckpt)
+    loaded = load_official(ckpt, trust_pickle=True)
+    assert sorted(loaded) == sorted(shapes) and head_variant(loaded) == variant
+    with torch.device("meta"):
+        model = CASMAR(CASMARConfig(head_attention=variant), tokenizer=StandInKL(16, 16))
+    load_into(model, loaded)  # strict: raises on any missing / unexpected / mis-shaped key
+
+
 def test_load_official_ema_weights_only(tmp_path):
     from maskar.checkpoint import CheckpointError
     from maskar.convert.casmar import load_official
