@@ -500,29 +500,35 @@ def _bounds(pattern: ScalePattern, device: torch.device | str) -> Tensor:
 
 # Launch path. ``kernel[grid](...)`` re-binds and re-specialises every argument on every
 # call (tens of microseconds of host time, which is what the launch-bound shapes measure).
-# With FAST_LAUNCH (off by default: no gain measured yet, see docs/kernels.md) the compiled
-# kernel it returns is kept under a key holding everything
+# With FAST_LAUNCH the compiled kernel it returns is kept under a key holding everything
 # Triton specialises on (dtypes, 16-byte alignment of pointers, ints equal to 1 / multiples
 # of 16 / 64-bit, the constexprs, warps, stages), and later calls with the same key go to
 # the compiled kernel's launcher directly. If that launcher's calling convention differs
 # (another Triton version), the first failure turns the fast path off for good.
-FAST_LAUNCH = False
+FAST_LAUNCH = True
 _compiled: dict[tuple, object] = {}
 _fast_failed = False
 
 
-def _launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_stages: int) -> None:
+def _launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_stages: int,
+            spec: tuple | None = None) -> None:
     """``kernel[grid](*args, **consts, num_warps=..., num_stages=...)``; args are the runtime
-    parameters in declaration order, consts the constexpr ones that follow them."""
+    parameters in declaration order, consts the constexpr ones that follow them.
+
+    ``spec``: a caller-built stand-in for the per-argument part of the direct-launch key
+    (every int by value, dtype and alignment of the tensors that may be unaligned views);
+    the caller vouches that its other tensors are fresh allocations (always aligned).
+    """
     global _fast_failed
     fast = FAST_LAUNCH and not _INTERPRET and not _fast_failed
     if fast:
         # ints (strides, H, L) by value: stricter than Triton's own classes, so one JIT
-        # call per new shape; floats are never specialised
-        # a compiled kernel is loaded per device: key on the device of the first tensor
-        key = (id(kernel), args[0].get_device(), num_warps, num_stages, *consts.values(),
-               *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor)
-                 else a if isinstance(a, int) else None for a in args])
+        # call per new shape; floats are never specialised. A compiled kernel is loaded
+        # per device: key on the device of the first tensor.
+        if spec is None:
+            spec = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor)
+                         else a if isinstance(a, int) else None for a in args)
+        key = (id(kernel), args[0].get_device(), num_warps, num_stages, *consts.values(), spec)
         ck = _compiled.get(key)
         if ck is not None:
             try:  # the compiled kernel's runner indexes grid[2]: pass all three dimensions
@@ -538,6 +544,11 @@ def _launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_
         _compiled[key] = ck
 
 
+def _view_spec(*views: Tensor) -> tuple:
+    """Dtype and 16-byte alignment of the caller's (possibly offset) views, for ``_launch``."""
+    return (views[0].dtype, *[t.data_ptr() % 16 == 0 for t in views])
+
+
 def _grid(n_items: int, bh: int, bh_fast: bool) -> tuple[int, int]:
     return (bh, n_items) if bh_fast else (n_items, bh)
 
@@ -547,13 +558,13 @@ def _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, cfg: FwdConfig):
     sq, sk, sv = q.stride(), k.stride(), v.stride()
     items = _row_items(pattern, cfg.block_m, cfg.block_n, cfg.aligned, q.device)
     n_items = items.shape[1]
+    ints = (sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], H, L, n_items)
     _launch(
         _attn_fwd, _grid(n_items, B * H, cfg.bh_fast),
-        (q, k, v, o, lse, bnd, items, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
-         H, L, n_items, qk_scale),
+        (q, k, v, o, lse, bnd, items, *ints[:9], H, L, n_items, qk_scale),
         dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, BH_FAST=cfg.bh_fast,
              DOT_F32=_INTERPRET and q.dtype == torch.bfloat16),
-        cfg.num_warps, cfg.num_stages,
+        cfg.num_warps, cfg.num_stages, (*_view_spec(q, k, v), ints),  # o, lse, bnd, items: ours
     )
 
 
@@ -571,17 +582,17 @@ def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, bnd, qk_scale, sm_scale, patter
                     (2, _bwd_table(pattern, cfg, 2, q.device), cfg.dq_warps))
     else:
         launches = ((0, _bwd_table(pattern, cfg, 0, q.device), cfg.num_warps),)
+    strides = (sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sdo[0], sdo[1], sdo[2])
+    views = _view_spec(q, k, v, do)  # o, dq, dk, dv, lse, delta, bnd, items: fresh allocations
     for part, items, warps in launches:
         n_items = items.shape[1]
         _launch(
             _attn_bwd, _grid(n_items, B * H, cfg.bh_fast),
-            (q, k, v, o, do, dq, dk, dv, lse, delta, bnd, items,
-             sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sdo[0], sdo[1], sdo[2],
-             H, L, n_items, qk_scale, sm_scale),
+            (q, k, v, o, do, dq, dk, dv, lse, delta, bnd, items, *strides, H, L, n_items, qk_scale, sm_scale),
             dict(BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
                  HEAD_DIM=D, FUSED_DELTA=cfg.fused_delta, PART=part, BH_FAST=cfg.bh_fast,
                  DOT_F32=_INTERPRET and q.dtype == torch.bfloat16),
-            warps, cfg.num_stages,
+            warps, cfg.num_stages, (*views, strides, H, L, n_items),
         )
 
 
