@@ -693,11 +693,18 @@ def _blhd_empty(B: int, H: int, L: int, D: int, like: Tensor) -> Tensor:
     return torch.empty_strided((B, H, L, D), (L * H * D, D, H * D, 1), dtype=like.dtype, device=like.device)
 
 
+def _grads_empty(B: int, H: int, L: int, D: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv as ``_blhd_empty`` views of one (3, B, L, H, D) allocation (one call, not three)."""
+    g = torch.empty((3, B, L, H, D), dtype=like.dtype, device=like.device)
+    return g[0].transpose(1, 2), g[1].transpose(1, 2), g[2].transpose(1, 2)
+
+
 def _key(phase: str, q: Tensor, pattern: ScalePattern) -> tuple:
     # not keyed on B or H themselves: only a coarse "few vs many programs" class, so a new
-    # batch size re-times at most once per class, and kernels never recompile for it
+    # batch size re-times at most once per class, and kernels never recompile for it.
+    # get_device(): an int, cheaper than building a torch.device on every call
     B, H, L, D = q.shape
-    return (phase, q.device, q.dtype, D, pattern.kind, L, B * H >= 256)
+    return (phase, q.get_device(), q.dtype, D, pattern.kind, L, B * H >= 256)
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -727,7 +734,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         B, H, L, D = q.shape
         if do.stride(-1) != 1:
             do = do.contiguous()
-        dq, dk, dv = _blhd_empty(B, H, L, D, q), _blhd_empty(B, H, L, D, q), _blhd_empty(B, H, L, D, q)
+        dq, dk, dv = _grads_empty(B, H, L, D, q)
         bnd = _bounds(pattern, q.device)
         args = (q, k, v, o, do, dq, dk, dv, lse, bnd, scale * LOG2E, scale, pattern)
         if FORCE_BWD_CONFIG is not None:
@@ -769,7 +776,8 @@ _DTYPES = (torch.float16, torch.bfloat16)
 def _shapes_ok(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern) -> bool:
     return (
         q.dim() == 4
-        and q.shape == k.shape == v.shape
+        and tuple.__eq__(q.shape, k.shape)  # plain tuple compare: torch.Size's goes through SymInt code
+        and tuple.__eq__(q.shape, v.shape)
         and q.shape[-1] in _HEAD_DIMS
         and q.shape[-2] == pattern.total
         and q.dtype in _DTYPES
