@@ -553,10 +553,11 @@ def _grid(n_items: int, bh: int, bh_fast: bool) -> tuple[int, int]:
     return (bh, n_items) if bh_fast else (n_items, bh)
 
 
-def _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, cfg: FwdConfig):
+def _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, cfg: FwdConfig, items: Tensor | None = None):
     B, H, L, D = q.shape
     sq, sk, sv = q.stride(), k.stride(), v.stride()
-    items = _row_items(pattern, cfg.block_m, cfg.block_n, cfg.aligned, q.device)
+    if items is None:
+        items = _row_items(pattern, cfg.block_m, cfg.block_n, cfg.aligned, q.device)
     n_items = items.shape[1]
     ints = (sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], H, L, n_items)
     _launch(
@@ -568,7 +569,16 @@ def _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, cfg: FwdConfig):
     )
 
 
-def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, bnd, qk_scale, sm_scale, pattern, cfg: BwdConfig):
+def _bwd_launches(pattern: ScalePattern, cfg: BwdConfig, device) -> tuple:
+    """(part, work items, warps) of each ``_attn_bwd`` launch of ``cfg``."""
+    if cfg.dq_warps:
+        return ((1, _bwd_table(pattern, cfg, 1, device), cfg.num_warps),
+                (2, _bwd_table(pattern, cfg, 2, device), cfg.dq_warps))
+    return ((0, _bwd_table(pattern, cfg, 0, device), cfg.num_warps),)
+
+
+def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, bnd, qk_scale, sm_scale, pattern, cfg: BwdConfig,
+                launches: tuple | None = None):
     B, H, L, D = q.shape
     sq, sk, sv, sdo = q.stride(), k.stride(), v.stride(), do.stride()
     if cfg.fused_delta:
@@ -577,11 +587,8 @@ def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, bnd, qk_scale, sm_scale, patter
         delta = torch.empty_like(lse)
         _launch(_bwd_delta, (triton.cdiv(L, 64), B * H), (o, do, delta, sdo[0], sdo[1], sdo[2], H, L),
                 dict(BLOCK_M=64, HEAD_DIM=D), 4, 3)
-    if cfg.dq_warps:
-        launches = ((1, _bwd_table(pattern, cfg, 1, q.device), cfg.num_warps),
-                    (2, _bwd_table(pattern, cfg, 2, q.device), cfg.dq_warps))
-    else:
-        launches = ((0, _bwd_table(pattern, cfg, 0, q.device), cfg.num_warps),)
+    if launches is None:
+        launches = _bwd_launches(pattern, cfg, q.device)
     strides = (sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sdo[0], sdo[1], sdo[2])
     views = _view_spec(q, k, v, do)  # o, dq, dk, dv, lse, delta, bnd, items: fresh allocations
     for part, items, warps in launches:
@@ -696,7 +703,7 @@ def _blhd_empty(B: int, H: int, L: int, D: int, like: Tensor) -> Tensor:
 def _grads_empty(B: int, H: int, L: int, D: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv as ``_blhd_empty`` views of one (3, B, L, H, D) allocation (one call, not three)."""
     g = torch.empty((3, B, L, H, D), dtype=like.dtype, device=like.device)
-    return g[0].transpose(1, 2), g[1].transpose(1, 2), g[2].transpose(1, 2)
+    return g.permute(0, 1, 3, 2, 4).unbind(0)
 
 
 def _key(phase: str, q: Tensor, pattern: ScalePattern) -> tuple:
@@ -707,22 +714,62 @@ def _key(phase: str, q: Tensor, pattern: ScalePattern) -> tuple:
     return (phase, q.get_device(), q.dtype, D, pattern.kind, L, B * H >= 256)
 
 
+# Per (phase, pattern, device, dtype, head dim, batch*heads class): the tuned config with
+# its bounds and work-item tables, so that a call does one dictionary lookup (host time is
+# what the small shapes measure). Not used while a config is forced or under the interpreter.
+_plans: dict[tuple, tuple] = {}
+
+
+def _fwd_plan(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, pattern: ScalePattern,
+              qk_scale: float):
+    """(config, bounds, items) for this call, tuning on first use."""
+    B, H, L, D = q.shape
+    forced = FORCE_FWD_CONFIG is not None or _INTERPRET
+    pk = ("fwd", pattern, q.get_device(), q.dtype, D, B * H >= 256)
+    plan = None if forced else _plans.get(pk)
+    if plan is not None:
+        return plan
+    bnd = _bounds(pattern, q.device)
+    if forced:
+        cfg = FORCE_FWD_CONFIG or _INTERPRET_FWD
+        return cfg, bnd, _row_items(pattern, cfg.block_m, cfg.block_n, cfg.aligned, q.device)
+    key = _key("fwd", q, pattern)
+    cfg = _tuned.get(key) or _tune(key, _fwd_candidates(D),
+                                   lambda c: _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, c))
+    plan = _plans[pk] = (cfg, bnd, _row_items(pattern, cfg.block_m, cfg.block_n, cfg.aligned, q.device))
+    return plan
+
+
+def _bwd_plan(args: tuple, q: Tensor, pattern: ScalePattern):
+    """(config, bounds, launches) for this call, tuning on first use; ``args`` as for ``_launch_bwd``
+    with the bounds in their place."""
+    B, H, L, D = q.shape
+    forced = FORCE_BWD_CONFIG is not None or _INTERPRET
+    pk = ("bwd", pattern, q.get_device(), q.dtype, D, B * H >= 256)
+    plan = None if forced else _plans.get(pk)
+    if plan is not None:
+        return plan
+    bnd = _bounds(pattern, q.device)
+    args = args[:9] + (bnd,) + args[10:]
+    if forced:
+        cfg = FORCE_BWD_CONFIG or _INTERPRET_BWD
+        return cfg, bnd, _bwd_launches(pattern, cfg, q.device)
+    key = _key("bwd", q, pattern)
+    # candidates built only when tuning: frozen dataclasses cost host time
+    cfg = _tuned.get(key) or _tune(key, _bwd_candidates(D), lambda c: _launch_bwd(*args, c))
+    plan = _plans[pk] = (cfg, bnd, _bwd_launches(pattern, cfg, q.device))
+    return plan
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: float) -> Tensor:
         B, H, L, D = q.shape
-        bnd = _bounds(pattern, q.device)
         o = _blhd_empty(B, H, L, D, q)
         lse = torch.empty(B * H, L, dtype=torch.float32, device=q.device)  # base-2 log-sum-exp
-        args = (q, k, v, o, lse, bnd, scale * LOG2E, pattern)
-        if FORCE_FWD_CONFIG is not None:
-            cfg = FORCE_FWD_CONFIG
-        elif _INTERPRET:
-            cfg = _INTERPRET_FWD
-        else:
-            key = _key("fwd", q, pattern)
-            cfg = _tuned.get(key) or _tune(key, _fwd_candidates(D), lambda c: _launch_fwd(*args, c))
-        _launch_fwd(*args, cfg)
+        qk_scale = scale * LOG2E
+        cfg, bnd, items = _fwd_plan(q, k, v, o, lse, pattern, qk_scale)
+        _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, cfg, items)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.pattern, ctx.scale = pattern, scale
         return o
@@ -735,18 +782,9 @@ class _BlockSparseAttention(torch.autograd.Function):
         if do.stride(-1) != 1:
             do = do.contiguous()
         dq, dk, dv = _grads_empty(B, H, L, D, q)
-        bnd = _bounds(pattern, q.device)
-        args = (q, k, v, o, do, dq, dk, dv, lse, bnd, scale * LOG2E, scale, pattern)
-        if FORCE_BWD_CONFIG is not None:
-            cfg = FORCE_BWD_CONFIG
-        elif _INTERPRET:
-            cfg = _INTERPRET_BWD
-        else:
-            key = _key("bwd", q, pattern)
-            # candidates built only when tuning: 20 frozen dataclasses cost ~0.2 ms of host time
-            cfg = _tuned.get(key) or _tune(key, _bwd_candidates(D),
-                                           lambda c: _launch_bwd(*args, c))
-        _launch_bwd(*args, cfg)
+        args = (q, k, v, o, do, dq, dk, dv, lse, None, scale * LOG2E, scale, pattern)
+        cfg, bnd, launches = _bwd_plan(args, q, pattern)
+        _launch_bwd(*args[:9], bnd, *args[10:], cfg, launches)
         return dq, dk, dv, None, None
 
 
