@@ -1,0 +1,506 @@
+"""Benchmark of CASMAR's Proximal Self-Attention (PSA), DESIGN.md performance protocol.
+
+PSA: every token of an h x w grid attends to its k x k (dilated) window; the window's
+zero-padded border slots stay in the softmax (logit 0, value 0), as in the official
+unfold code. Variants of exactly that function:
+
+- ``ours``: ``maskar.nn.proximal_attention.proximal_attention`` (SDPA + float bias over
+  all keys plus one zero key whose bias is ``log(k*k - n_valid)``);
+- ``flex``: compiled FlexAttention, a BlockMask of the window plus the same zero key
+  (KV padded to a multiple of 128) and a score_mod adding ``log(k*k - n_valid)`` to it;
+- ``unfold``: the official formulation re-implemented here (K, V unfolded into k*k
+  zero-padded windows, softmax over the k*k slots); slow, so timed with few reps;
+- ``dense_nomask``: plain SDPA over all keys. NOT the same function: an upper bound.
+
+Every exact variant is checked (out, dq, dk, dv) against the unfold formulation in fp32
+(fp64 on the CPU) on fresh random inputs before it is timed. Forward and forward+backward
+are timed separately (median of CUDA-event timings after warm-up); the first call
+(compile, mask build) and the peak extra memory of one forward+backward are reported
+apart, with the HBM / FLOP floor of the window attention beside them.
+
+q, k, v are (B, H, L, D) views of (B, L, H, D) tensors, the layout the DiT's separate
+q/k/v projections produce; gradients are taken with respect to those views.
+
+    python benchmarks/psa.py                                    # the full table (CUDA)
+    python benchmarks/psa.py --dtypes bf16 --cases 16x16:64:16 --methods ours,flex
+    python benchmarks/psa.py --device cpu                       # tiny CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from maskar.nn.proximal_attention import proximal_attention
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DEFAULT_CASES = "16x16:64:16,32x32:16:16,64x64:4:16"  # grid:B:H, DESIGN.md's neighbourhood table
+CPU_CASES = "8x8:2:2,6x5:1:2"
+DEFAULT_METHODS = "ours,flex,unfold,dense_nomask"
+EXACT_METHODS = ("ours", "flex", "unfold")
+# error bound vs the fp32 reference (relative Frobenius norm) per dtype, as benchmarks/attention.py
+TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
+UNFOLD_MAX_REPS = 5  # the unfold peer takes tens of ms per call
+FLEX_BLOCK = 128  # FlexAttention's default tile; the KV axis is padded to a multiple of it
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One PSA configuration: an (h, w) grid, odd window size, dilation, softmax scale."""
+
+    grid: tuple[int, int]
+    kernel: int = 7
+    dilation: int = 1
+    scale: float | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+# ---------------------------------------------------------------------------- variants
+
+
+def unfold_psa(q: Tensor, k: Tensor, v: Tensor, p: Problem) -> Tensor:
+    """The official formulation: K, V cut into k*k zero-padded windows, softmax over the slots.
+
+    q, k, v (B, H, L, D) -> (B, H, L, D). Materialises k*k copies of K and V.
+    """
+    b, nh, n, d = q.shape
+    h, w = p.grid
+    ks, dil = p.kernel, p.dilation
+    scale = d**-0.5 if p.scale is None else p.scale
+
+    def slots(x: Tensor) -> Tensor:  # (B, H, L, D) -> (B*H, L, k*k, D), zeros off the grid
+        img = x.reshape(b * nh, h, w, d).permute(0, 3, 1, 2)  # (BH, D, h, w)
+        cols = F.unfold(img, ks, dilation=dil, padding=dil * (ks - 1) // 2)  # (BH, D*k*k, L)
+        return cols.view(b * nh, d, ks * ks, n).permute(0, 3, 2, 1)
+
+    k_win, v_win = slots(k), slots(v)
+    logits = torch.einsum("bld,blsd->bls", q.reshape(b * nh, n, d), k_win) * scale  # (BH, L, k*k)
+    out = torch.einsum("bls,blsd->bld", logits.softmax(-1), v_win)
+    return out.reshape(b, nh, n, d)
+
+
+def padded_slots(p: Problem, device: torch.device | str = "cpu") -> Tensor:
+    """(L,) int64: per query, how many of its k*k window slots fall off the grid."""
+    r = (p.kernel - 1) // 2
+    steps = torch.arange(-r, r + 1, device=device) * p.dilation  # (k,)
+
+    def on_axis(size: int) -> Tensor:  # (size,) window slots inside [0, size) along one axis
+        pos = torch.arange(size, device=device)[:, None] + steps
+        return ((pos >= 0) & (pos < size)).sum(1)
+
+    rows, cols = on_axis(p.grid[0]), on_axis(p.grid[1])
+    return p.kernel**2 - (rows[:, None] * cols[None, :]).flatten()  # raster order
+
+
+def flex_kv_len(p: Problem) -> int:
+    """Keys seen by the flex variant: L grid keys + 1 zero key, padded to a FLEX_BLOCK multiple."""
+    return -(-(p.tokens + 1) // FLEX_BLOCK) * FLEX_BLOCK
+
+
+@functools.lru_cache(maxsize=32)
+def flex_parts(p: Problem, device: str, score_dtype: torch.dtype = torch.float32):
+    """(block_mask, score_mod) of PSA for FlexAttention, cached per problem, device, score dtype.
+
+    Key L is an all-zero key standing for the padded slots: the mask admits it for queries
+    that have any, and score_mod adds log(#padded) to its logit (which is 0), so it puts
+    #padded * exp(0) into the denominator and nothing into the numerator. Scores are fp32
+    in the kernel for fp16/bf16/fp32 inputs; ``score_dtype`` fp64 keeps fp64 checks exact.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n, w = p.tokens, p.grid[1]
+    reach, dil = (p.kernel - 1) // 2 * p.dilation, p.dilation
+    missing = padded_slots(p, device)
+    has_pad = missing > 0  # (L,) bool
+    log_missing = missing.clamp(min=1).to(score_dtype).log()  # (L,); unused where no pad
+
+    def mask_mod(b, hh, q_idx, kv_idx):
+        dy = kv_idx // w - q_idx // w
+        dx = kv_idx % w - q_idx % w
+        window = (dy.abs() <= reach) & (dx.abs() <= reach) & (dy % dil == 0) & (dx % dil == 0)
+        return ((kv_idx < n) & window) | ((kv_idx == n) & has_pad[q_idx])
+
+    def score_mod(score, b, hh, q_idx, kv_idx):
+        return torch.where(kv_idx == n, score + log_missing[q_idx], score)
+
+    mask = create_block_mask(mask_mod, None, None, n, flex_kv_len(p), device=device,
+                             BLOCK_SIZE=FLEX_BLOCK)
+    return mask, score_mod
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_psa(q: Tensor, k: Tensor, v: Tensor, p: Problem, compiled: bool = True) -> Tensor:
+    """PSA through FlexAttention; q, k, v (B, H, L, D). ``compiled=False``: eager (CPU tests)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, nh, n, d = q.shape
+    score_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mask, score_mod = flex_parts(p, str(q.device), score_dtype)
+    pad = flex_kv_len(p) - n
+    k = torch.cat([k, k.new_zeros(b, nh, pad, d)], dim=2)  # (B, H, L_kv, D)
+    v = torch.cat([v, v.new_zeros(b, nh, pad, v.shape[-1])], dim=2)
+    if compiled:
+        return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=mask, scale=p.scale)
+    with warnings.catch_warnings():  # eager flex warns that it is slow; it is only used to check
+        warnings.simplefilter("ignore")
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, scale=p.scale)
+
+
+def ours_psa(q: Tensor, k: Tensor, v: Tensor, p: Problem) -> Tensor:
+    return proximal_attention(q, k, v, p.grid, p.kernel, p.dilation, scale=p.scale)
+
+
+def dense_nomask(q: Tensor, k: Tensor, v: Tensor, p: Problem) -> Tensor:
+    """Global attention, no window: NOT PSA. An upper bound, labelled as such."""
+    return F.scaled_dot_product_attention(q, k, v, scale=p.scale)
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def methods(names: list[str], compile_flex: bool = True) -> dict[str, Callable]:
+    """name -> fn(q, k, v, problem); unknown names raise, flex is left out if torch lacks it."""
+    out: dict[str, Callable] = {}
+    for name in names:
+        if name == "ours":
+            out[name] = ours_psa
+        elif name == "unfold":
+            out[name] = unfold_psa
+        elif name == "dense_nomask":
+            out[name] = dense_nomask
+        elif name == "flex":
+            if not flex_available():
+                print("flex: torch.nn.attention.flex_attention unavailable, skipped", flush=True)
+                continue
+            out[name] = functools.partial(flex_psa, compiled=compile_flex)
+        else:
+            raise SystemExit(f"--methods: unknown method {name!r}; expected some of {DEFAULT_METHODS}")
+    return out
+
+
+# ---------------------------------------------------------------------------- checking
+
+
+def make_inputs(B: int, H: int, L: int, D: int, dtype: torch.dtype, device, requires_grad: bool = True):
+    """q, k, v (B, H, L, D) as transposed views of (B, L, H, D) leaves (the projection layout)."""
+    leaves = [torch.randn(B, L, H, D, device=device, dtype=dtype, requires_grad=requires_grad)
+              for _ in range(3)]
+    return [x.transpose(1, 2) for x in leaves]
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    b = b.detach()
+    return float((a.detach().to(b.dtype) - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def check(fn: Callable, p: Problem, B: int, H: int, D: int, dtype: torch.dtype, device,
+          backward: bool = True) -> float:
+    """Max relative error of out (and dq, dk, dv) vs the unfold formulation in fp32 (fp64 on CPU)."""
+    ref_dtype = torch.float64 if torch.device(device).type == "cpu" else torch.float32
+    q, k, v = make_inputs(B, H, p.tokens, D, dtype, device, requires_grad=backward)
+    out = fn(q, k, v, p)
+    ref_in = [x.detach().to(ref_dtype).requires_grad_(backward) for x in (q, k, v)]
+    ref = unfold_psa(*ref_in, p)
+    errs = [_rel(out, ref)]
+    if backward:
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        ref_grads = torch.autograd.grad(ref, ref_in, dout.to(ref_dtype))
+        errs += [_rel(g, r) for g, r in zip(grads, ref_grads)]
+    if not all(e == e for e in errs):  # NaN never passes
+        return float("nan")
+    return max(errs)
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable, reps: int, warmup: int, device="cuda") -> float:
+    """Median ms of ``fn`` over ``reps`` timings after ``warmup`` calls (CUDA events; wall clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if torch.device(device).type != "cuda":
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def measure_hbm_gbs() -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (GB/s)."""
+    x = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = time_ms(lambda: y.copy_(x), reps=20, warmup=3)
+    return 2 * x.numel() / (ms * 1e-3) / 1e9
+
+
+def measure_matmul_tflops(dtype: torch.dtype) -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    ms = time_ms(lambda: a @ b, reps=10, warmup=3)
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+def floors_ms(p: Problem, B: int, H: int, D: int, elem: int, gbs: float, tflops: float):
+    """(fwd, fwd+bwd) floors in ms of the window attention: max(bytes / HBM, FLOPs / matmul peak).
+
+    Bytes: q, k, v, out (+ dO, dq, dk, dv backward) once each; FLOPs: only the in-grid
+    window pairs (padded slots cost nothing), QK^T and PV forward, five such products backward.
+    """
+    L = p.tokens
+    t = B * H * L * D * elem  # one (B, H, L, D) tensor
+    rows = B * H * L * 4  # one fp32 per row (lse / delta)
+    pairs = B * H * int((p.kernel**2 - padded_slots(p)).sum())
+    fwd_bytes, bwd_bytes = 4 * t + rows, 8 * t + 3 * rows
+    fwd_flops, bwd_flops = 4 * D * pairs, 10 * D * pairs
+    f = max(fwd_bytes / (gbs * 1e9), fwd_flops / (tflops * 1e12)) * 1e3
+    b = max(bwd_bytes / (gbs * 1e9), bwd_flops / (tflops * 1e12)) * 1e3
+    return f, f + b
+
+
+def bench_case(method: str, fn: Callable, p: Problem, B: int, H: int, D: int, dtype: torch.dtype,
+               reps: int, warmup: int, device="cuda") -> dict:
+    """One table cell: first-call s, check error, fwd / fwd+bwd median ms, peak extra MiB."""
+    row: dict = {"method": method}
+    cuda = torch.device(device).type == "cuda"
+    if method == "unfold":
+        reps, warmup = min(reps, UNFOLD_MAX_REPS), min(warmup, 2)
+    q, k, v = make_inputs(B, H, p.tokens, D, dtype, device)
+    try:
+        t0 = time.perf_counter()
+        out = fn(q, k, v, p)
+        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        _sync(device)
+        row["first_call_s"] = time.perf_counter() - t0  # compile / mask build / bias build
+        if method in EXACT_METHODS:
+            row["err"] = check(fn, p, B, H, D, dtype, device)
+            if not row["err"] <= TOLERANCE[dtype]:
+                return row | {"skip": f"FAILED check (rel err {row['err']:.2e})"}
+        dout = torch.randn_like(out)
+        del out
+
+        def fwd():
+            return fn(q, k, v, p)
+
+        def fwd_bwd():
+            torch.autograd.grad(fn(q, k, v, p), (q, k, v), dout)
+
+        row["fwd_ms"] = time_ms(fwd, reps, warmup, device)
+        row["fwd_bwd_ms"] = time_ms(fwd_bwd, reps, warmup, device)
+        row["reps"] = reps
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fwd_bwd()
+            torch.cuda.synchronize()
+            row["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    except Exception as e:  # a peer failing (e.g. flex backward on the CPU) is a result too
+        row["skip"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        row.pop("first_call_s", None)
+        try:  # forward alone may still work: check and time it without grad
+            with torch.no_grad():
+                qn, kn, vn = (x.detach() for x in (q, k, v))
+                t0 = time.perf_counter()
+                fn(qn, kn, vn, p)
+                _sync(device)
+                row["first_call_s"] = time.perf_counter() - t0
+                row["err"] = check(fn, p, B, H, D, dtype, device, backward=False)
+                if row["err"] <= TOLERANCE[dtype] or method not in EXACT_METHODS:
+                    row["fwd_ms"] = time_ms(lambda: fn(qn, kn, vn, p), reps, warmup, device)
+        except Exception:
+            pass
+    if method == "flex" and cuda:
+        try:
+            row["flex_sparsity_pct"] = float(flex_parts(p, str(torch.device(device)))[0].sparsity())
+        except Exception:
+            pass
+    return row
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _fmt(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    if "skip" in row and "fwd_ms" in row:
+        return f"{row['fwd_ms']:.3f} (fwd only) / fail"
+    if "skip" in row:
+        return "fail"
+    return f"{row['fwd_ms']:.3f} / {row['fwd_bwd_ms']:.3f}"
+
+
+def print_tables(rows: list[dict], names: list[str]) -> None:
+    keys: list[tuple] = []
+    for r in rows:
+        key = (r["dtype"], r["grid"], r["B"], r["H"])
+        if key not in keys:
+            keys.append(key)
+    by = {(r["dtype"], r["grid"], r["B"], r["H"], r["method"]): r for r in rows}
+    first = rows[0] if rows else {}
+    print(f"\nPSA k={first.get('kernel')} dilation {first.get('dilation')}, head dim {first.get('D')}; "
+          "ms, fwd / fwd+bwd (median); floor = max(HBM bytes / copy bandwidth, window FLOPs / matmul peak)")
+    print("dense_nomask is NOT the same function (global attention, no window): an upper bound only;"
+          f" unfold is timed over at most {UNFOLD_MAX_REPS} reps\n")
+    print("| dtype | grid | B | H | floor | " + " | ".join(names) + " |")
+    print("|---" * (5 + len(names)) + "|")
+    for key in keys:
+        any_row = next(r for r in rows if (r["dtype"], r["grid"], r["B"], r["H"]) == key)
+        floor = ("-" if any_row.get("floor_fwd_ms") is None
+                 else f"{any_row['floor_fwd_ms']:.3f} / {any_row['floor_fwd_bwd_ms']:.3f}")
+        cells = [_fmt(by.get(key + (n,))) for n in names]
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {floor} | " + " | ".join(cells) + " |")
+    print("\npeak extra MiB (fwd+bwd) / max rel err of out, dq, dk, dv vs fp32 unfold / "
+          "first call s (compile, mask or bias build):\n")
+    print("| dtype | grid | B | H | " + " | ".join(names) + " |")
+    print("|---" * (4 + len(names)) + "|")
+    for key in keys:
+        cells = []
+        for n in names:
+            r = by.get(key + (n,))
+            if r is None:
+                cells.append("-")
+                continue
+            mib = f"{r['peak_extra_mib']:.0f}" if "peak_extra_mib" in r else "-"
+            err = f"{r['err']:.1e}" if "err" in r else "-"
+            first_s = f"{r['first_call_s']:.1f}" if "first_call_s" in r else "-"
+            cell = f"{mib} / {err} / {first_s}"
+            if "skip" in r:
+                cell += f" ({r['skip'][:60]})"
+            cells.append(cell)
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + " |")
+    sparsity = {(r["grid"]): r["flex_sparsity_pct"] for r in rows if "flex_sparsity_pct" in r}
+    if sparsity:
+        print("\nflex BlockMask sparsity (% of 128x128 tiles skipped): "
+              + ", ".join(f"{g} {s:.1f}%" for g, s in sparsity.items()))
+
+
+def parse_case(case: str) -> tuple[tuple[int, int], int, int]:
+    """'HxW:B:H' (or 'S:B:H' for a square grid) -> ((h, w), batch, heads)."""
+    try:
+        grid_s, b, h = case.split(":")
+        sides = [int(s) for s in grid_s.lower().split("x")]
+        grid = (sides[0], sides[-1])
+        return grid, int(b), int(h)
+    except ValueError:
+        raise SystemExit(f"--cases: expected GRIDxGRID:B:H such as 16x16:64:16, got {case!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="benchmarks/psa.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="cpu: a smoke run (fp32, tiny cases, flex forward only, eager)")
+    ap.add_argument("--dtypes", default=None, help="some of fp16,bf16,fp32 (default bf16,fp16; cpu fp32)")
+    ap.add_argument("--cases", default=None,
+                    help=f"GRID:B:H,... (default {DEFAULT_CASES}; cpu {CPU_CASES})")
+    ap.add_argument("--methods", default=DEFAULT_METHODS)
+    ap.add_argument("--kernel", type=int, default=7, help="window size k (odd)")
+    ap.add_argument("--dilation", type=int, default=1)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--scale", type=float, default=None, help="softmax scale (default D**-0.5)")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--json", default=None, help="also write all rows to this file")
+    args = ap.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("benchmarks/psa.py: needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
+        return 2
+    if args.kernel < 1 or args.kernel % 2 == 0:
+        raise SystemExit(f"--kernel: expected an odd positive window size, got {args.kernel}")
+    dtypes = (args.dtypes or ("bf16,fp16" if cuda else "fp32")).split(",")
+    for d in dtypes:
+        if d not in DTYPES:
+            raise SystemExit(f"--dtypes: unknown dtype {d!r}; expected some of {','.join(DTYPES)}")
+    cases = [parse_case(c) for c in (args.cases or (DEFAULT_CASES if cuda else CPU_CASES)).split(",")]
+    if cuda:
+        # each (shape, BlockMask) is one Dynamo compile of flex_attention: allow all of them,
+        # otherwise Dynamo silently falls back to the unfused path and flex is mis-timed
+        for knob in ("cache_size_limit", "recompile_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 256)
+
+    print("command: python benchmarks/psa.py " + " ".join(sys.argv[1:] if argv is None else argv), flush=True)
+    if cuda:
+        import triton
+
+        print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
+              f"CUDA {torch.version.cuda}", flush=True)
+        gbs = measure_hbm_gbs()
+        tflops = {dt: measure_matmul_tflops(DTYPES[dt]) for dt in dict.fromkeys(dtypes)}
+        print(f"measured: HBM copy {gbs:.0f} GB/s (read+write); 8192^3 matmul "
+              + ", ".join(f"{dt} {tf:.0f} TFLOP/s" for dt, tf in tflops.items()), flush=True)
+    else:
+        gbs, tflops = 0.0, {}
+        print(f"CPU smoke run: torch {torch.__version__}, {torch.get_num_threads()} threads; "
+              "flex runs eager and forward only (no flex backward on the CPU)", flush=True)
+    fns = methods(args.methods.split(","), compile_flex=cuda)
+    D = args.head_dim
+    rows = []
+    t_start = time.perf_counter()
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        for grid, B, H in cases:
+            p = Problem(grid, args.kernel, args.dilation, args.scale)
+            fl = floors_ms(p, B, H, D, dtype.itemsize, gbs, tflops[dname]) if cuda else (None, None)
+            for name, fn in fns.items():
+                torch.manual_seed(0)
+                r = bench_case(name, fn, p, B, H, D, dtype, args.reps, args.warmup, args.device)
+                r |= {"dtype": dname, "grid": f"{grid[0]}x{grid[1]}", "B": B, "H": H, "D": D,
+                      "kernel": p.kernel, "dilation": p.dilation,
+                      "floor_fwd_ms": fl[0], "floor_fwd_bwd_ms": fl[1]}
+                rows.append(r)
+                print(f"  [{time.perf_counter() - t_start:6.1f} s] " + json.dumps(r), flush=True)
+                if cuda:
+                    torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print_tables(rows, list(fns))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
