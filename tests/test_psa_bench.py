@@ -152,3 +152,18 @@ def test_floor_counts_only_in_grid_window_pairs():
     # infinite bandwidth: FLOP-bound, 4 (fwd) and 4 + 10 (fwd+bwd) * D * pairs at 1 TFLOP/s
     f, fb = bench.floors_ms(p, 1, 1, 64, 2, gbs=math.inf, tflops=1.0)
     assert f == pytest.approx(4 * 64 * valid * 1e-9) and fb == pytest.approx(14 * 64 * valid * 1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_exact_variants_pass_the_check(dtype):
+    # compiled flex with its backward, ours and the unfold peer vs the fp32 unfold reference
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    p = Problem((16, 16), 7, 1)
+    for name in ("ours", "unfold", "flex"):
+        fns = bench.methods([name])
+        if name not in fns:
+            continue
+        err = bench.check(fns[name], p, 2, 4, 64, dtype, "cuda")
+        assert err <= bench.TOLERANCE[dtype], (name, err)

@@ -486,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
             p = Problem(grid, args.kernel, args.dilation, args.scale)
             fl = floors_ms(p, B, H, D, dtype.itemsize, gbs, tflops[dname]) if cuda else (None, None)
             for name, fn in fns.items():
+                print(f"  [{time.perf_counter() - t_start:6.1f} s] {name} {dname} {grid[0]}x{grid[1]} "
+                      f"B {B} H {H} ...", flush=True)
                 torch.manual_seed(0)
                 r = bench_case(name, fn, p, B, H, D, dtype, args.reps, args.warmup, args.device)
                 r |= {"dtype": dname, "grid": f"{grid[0]}x{grid[1]}", "B": B, "H": H, "D": D,
