@@ -720,44 +720,25 @@ def _key(phase: str, q: Tensor, pattern: ScalePattern) -> tuple:
 _plans: dict[tuple, tuple] = {}
 
 
-def _fwd_plan(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, pattern: ScalePattern,
-              qk_scale: float):
-    """(config, bounds, items) for this call, tuning on first use."""
+def _plan(phase: str, q: Tensor, pattern: ScalePattern, forced, candidates, launch_with, tables):
+    """(config, bounds, tables) for this call, tuning on first use.
+
+    ``forced``: the pinned config (tests, interpreter) or None; ``candidates()`` the configs
+    to time; ``launch_with(cfg, bounds)`` one launch of a config; ``tables(cfg)`` its work
+    tables (what the launcher takes with the config).
+    """
     B, H, L, D = q.shape
-    forced = FORCE_FWD_CONFIG is not None or _INTERPRET
-    pk = ("fwd", pattern, q.get_device(), q.dtype, D, B * H >= 256)
-    plan = None if forced else _plans.get(pk)
+    pk = (phase, pattern, q.get_device(), q.dtype, D, B * H >= 256)
+    plan = None if forced is not None else _plans.get(pk)
     if plan is not None:
         return plan
     bnd = _bounds(pattern, q.device)
-    if forced:
-        cfg = FORCE_FWD_CONFIG or _INTERPRET_FWD
-        return cfg, bnd, _row_items(pattern, cfg.block_m, cfg.block_n, cfg.aligned, q.device)
-    key = _key("fwd", q, pattern)
-    cfg = _tuned.get(key) or _tune(key, _fwd_candidates(D),
-                                   lambda c: _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, c))
-    plan = _plans[pk] = (cfg, bnd, _row_items(pattern, cfg.block_m, cfg.block_n, cfg.aligned, q.device))
-    return plan
-
-
-def _bwd_plan(args: tuple, q: Tensor, pattern: ScalePattern):
-    """(config, bounds, launches) for this call, tuning on first use; ``args`` as for ``_launch_bwd``
-    with the bounds in their place."""
-    B, H, L, D = q.shape
-    forced = FORCE_BWD_CONFIG is not None or _INTERPRET
-    pk = ("bwd", pattern, q.get_device(), q.dtype, D, B * H >= 256)
-    plan = None if forced else _plans.get(pk)
-    if plan is not None:
-        return plan
-    bnd = _bounds(pattern, q.device)
-    args = args[:9] + (bnd,) + args[10:]
-    if forced:
-        cfg = FORCE_BWD_CONFIG or _INTERPRET_BWD
-        return cfg, bnd, _bwd_launches(pattern, cfg, q.device)
-    key = _key("bwd", q, pattern)
+    if forced is not None:
+        return forced, bnd, tables(forced)
+    key = _key(phase, q, pattern)
     # candidates built only when tuning: frozen dataclasses cost host time
-    cfg = _tuned.get(key) or _tune(key, _bwd_candidates(D), lambda c: _launch_bwd(*args, c))
-    plan = _plans[pk] = (cfg, bnd, _bwd_launches(pattern, cfg, q.device))
+    cfg = _tuned.get(key) or _tune(key, candidates(), lambda c: launch_with(c, bnd))
+    plan = _plans[pk] = (cfg, bnd, tables(cfg))
     return plan
 
 
@@ -768,7 +749,11 @@ class _BlockSparseAttention(torch.autograd.Function):
         o = _blhd_empty(B, H, L, D, q)
         lse = torch.empty(B * H, L, dtype=torch.float32, device=q.device)  # base-2 log-sum-exp
         qk_scale = scale * LOG2E
-        cfg, bnd, items = _fwd_plan(q, k, v, o, lse, pattern, qk_scale)
+        cfg, bnd, items = _plan(
+            "fwd", q, pattern, FORCE_FWD_CONFIG or (_INTERPRET_FWD if _INTERPRET else None),
+            lambda: _fwd_candidates(D),
+            lambda c, bnd: _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, c),
+            lambda c: _row_items(pattern, c.block_m, c.block_n, c.aligned, q.device))
         _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, cfg, items)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.pattern, ctx.scale = pattern, scale
@@ -782,9 +767,13 @@ class _BlockSparseAttention(torch.autograd.Function):
         if do.stride(-1) != 1:
             do = do.contiguous()
         dq, dk, dv = _grads_empty(B, H, L, D, q)
-        args = (q, k, v, o, do, dq, dk, dv, lse, None, scale * LOG2E, scale, pattern)
-        cfg, bnd, launches = _bwd_plan(args, q, pattern)
-        _launch_bwd(*args[:9], bnd, *args[10:], cfg, launches)
+        grads = (q, k, v, o, do, dq, dk, dv, lse)
+        cfg, bnd, launches = _plan(
+            "bwd", q, pattern, FORCE_BWD_CONFIG or (_INTERPRET_BWD if _INTERPRET else None),
+            lambda: _bwd_candidates(D),
+            lambda c, bnd: _launch_bwd(*grads, bnd, scale * LOG2E, scale, pattern, c),
+            lambda c: _bwd_launches(pattern, c, q.device))
+        _launch_bwd(*grads, bnd, scale * LOG2E, scale, pattern, cfg, launches)
         return dq, dk, dv, None, None
 
 
