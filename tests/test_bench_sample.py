@@ -1,0 +1,103 @@
+"""maskar bench sample: tiny VAR / HMAR on the CPU (checks and table rows; no timing claims)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers_nextscale import randomize
+
+from maskar.bench import sample as bench
+from maskar.cli import main as cli_main
+from maskar.config import load_config
+from maskar.models.hmar import validate_mask_schedule
+from maskar.sampling import autocast_for
+from maskar.tokenizers.vqvae import PATCH_NUMS
+
+CPU = torch.device("cpu")
+
+
+def _opts(**kw):
+    return bench._parse([f"{k}={v}" for k, v in dict(reps=1, warmup=0, **kw).items()])
+
+
+@pytest.mark.parametrize(("preset", "passes"), [("var-tiny", 0), ("hmar-tiny", 4)])
+def test_run_case_gives_finite_images_and_a_full_row(preset, passes):
+    row, images = bench.run_case(preset, 16, 3, _opts(precision="fp32"), CPU)
+    assert images.shape == (3, 3, 16, 16)
+    assert torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1
+    assert set(bench.ROW_FIELDS) <= set(row)
+    assert row["check_ok"] and row["deterministic"], row.get("check_failures")
+    assert row["tf_rel_diff"] <= bench.TF_TOLERANCE["fp32"]
+    assert (row["res"], row["batch"], row["L"]) == (16, 3, 1 + 4 + 9 + 16)
+    assert row["images_per_s"] == pytest.approx(3 / (row["ms"] / 1e3))
+    assert row["ms"] == pytest.approx(sorted(row["times_ms"])[0]) and row["first_s"] > 0
+    assert row["peak_gb"] is None and row["peer_ms"] is None  # CPU; no peer for tiny models
+    # hmar-tiny is built as stage 2 so it refines with the preset's [[1],[1,3],[1,1,2,5],[16]].
+    assert row["refine_passes"] == passes
+    assert row["overrides"] == ([] if preset == "var-tiny" else ["model.stage=2"])
+
+
+def test_cli_prints_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    argv = ["bench", "sample", "models=var-tiny,hmar-tiny", "cases=16x2", "reps=1", "warmup=0", f"json={out}"]
+    assert cli_main(argv) == 0
+    text = capsys.readouterr().out
+    assert bench.HEADER in text and bench.PEER_LABEL in text
+    rows = json.loads(out.read_text())
+    assert [r["model"] for r in rows] == ["var-d2", "hmar-d2"]
+    assert all(r["check_ok"] and r["precision"] == "bf16" and r["batch"] == 2 for r in rows)
+    assert all(bench.format_row(r) in text for r in rows)
+
+
+def test_teacher_forced_check_catches_a_broken_kv_cache():
+    model, cfg = bench.build_case("var-tiny", [], CPU, "auto")
+    randomize(model)  # the official init leaves the blocks near identity; make attention matter
+    knobs = bench.sampling_knobs(model, cfg, _opts())
+    labels = torch.arange(2)
+    with torch.no_grad():
+        _, tokens = bench.generate_with_tokens(model, labels, 0, knobs)
+    fp32 = autocast_for(CPU, "fp32")
+    assert bench.teacher_forced_rel_diff(model, labels, tokens, knobs, fp32) < 1e-5
+    model.uses_kv_cache = False  # each scale would see only itself: not VAR's block-causal model
+    assert bench.teacher_forced_rel_diff(model, labels, tokens, knobs, autocast_for(CPU, "fp32")) > 1e-2
+
+
+def test_d16_cases_use_the_official_1024_schedule_and_stage2_hmar():
+    assert bench.case_overrides("var-d16", 256, 2) == []
+    assert bench.case_overrides("hmar-d16", 256, 2) == ["model.stage=2"]
+    over = bench.case_overrides("hmar-d16", 1024, 2)
+    cfg = load_config("hmar-d16", over)
+    assert cfg.model.stage == 2 and tuple(cfg.model.tokenizer.patch_nums) == PATCH_NUMS[1024]
+    assert sum(p * p for p in cfg.model.tokenizer.patch_nums) == 9451
+    for pn, table in bench.OFFICIAL_BENCH_SCHEDULES.items():
+        validate_mask_schedule(table, pn)  # each entry sums to pn^2
+    assert bench.refine_passes(bench.OFFICIAL_BENCH_SCHEDULES[PATCH_NUMS[1024]], PATCH_NUMS[1024]) == 6
+    assert bench.PEERS[("var", 16, 256, 64)] == (1279.0, 17.6)
+    assert bench.PEERS[("hmar", 16, 1024, 8)] == (2966.0, 33.9)
+
+
+def test_row_shows_the_peer_beside_ours():
+    row = dict.fromkeys(bench.ROW_FIELDS)
+    row.update(model="hmar-d16", res=256, batch=64, precision="bf16", L=680, params_m=467.7, ms=624.0,
+               images_per_s=102.6, peak_gb=5.0, first_s=2.0, refine_passes=4, tf_rel_diff=1e-3, check_ok=True,
+               peer_ms=1248.0, peer_gb=17.9)  # fmt: skip
+    line = bench.format_row(row)
+    assert "1248" in line and "17.9" in line and "2.00" in line  # peer ms, peer GB, peer / ours
+
+
+@pytest.mark.parametrize(
+    "argv", [["nope=1"], ["precision=int8"], ["schedule=mine"], ["reps=0"], ["noequals"]]
+)
+def test_bad_arguments_stop_with_a_message(argv):
+    with pytest.raises(SystemExit, match="bench sample"):
+        bench._parse(argv)
+
+
+def test_bad_case_spec_and_resolution():
+    with pytest.raises(SystemExit, match="RESxBATCH"):
+        bench.parse_cases("256")
+    assert bench.parse_cases("256x64, 1024x8") == [(256, 64), (1024, 8)]
+    with pytest.raises(SystemExit, match="official patch schedule"):
+        bench.case_overrides("var-d16", 300, 2)
