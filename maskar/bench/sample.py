@@ -32,6 +32,7 @@ the timed calls (weights included), in GB = 1e9 bytes.
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import statistics
@@ -269,6 +270,7 @@ def run_case(preset: str, res: int, batch: int, opts: dict[str, Any], device: to
     tf = None
     if opts["check"]:
         tf = teacher_forced_rel_diff(model, labels, tok_a, knobs, autocast_for(device, precision))
+    del img_b, tok_b
     for _ in range(int(opts["warmup"])):
         public_call()
 
@@ -376,11 +378,18 @@ def main(argv: list[str] | None = None) -> int:
                 failed = True
                 msg = str(e).splitlines()[0][:140] if str(e) else ""
                 print(f"{preset:<9} {res:>5} {batch:>5} failed: {type(e).__name__}: {msg}", flush=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                row = None
+            if device.type == "cuda":  # the case's model is gone (also after an exception): free its memory
+                gc.collect()
+                torch.cuda.empty_cache()
+            if row is None:
                 continue
+            row.update(device=gpu, torch=torch.__version__)
             rows.append(row)
             failed |= not row["check_ok"]
+            if opts["json"]:  # rewritten after every case, so a run cut short keeps its rows
+                with open(opts["json"], "w") as f:
+                    json.dump(rows, f, indent=1)
             print(format_row(row), flush=True)
             if not row["check_ok"]:
                 print(f"  check failed: {'; '.join(row['check_failures'])}")
@@ -391,9 +400,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {r['model']} {r['res']} px: overrides {r['overrides']}; "
                 f"mask schedule {r['mask_schedule']}"
             )
-    if opts["json"]:
-        with open(opts["json"], "w") as f:
-            json.dump(rows, f, indent=1)
     return 1 if failed else 0
 
 
