@@ -237,6 +237,46 @@ def test_aligned_tiles_visit_less_of_the_masked_area():
     assert round(area[True], 2) == 1.19 and round(area[False], 2) == 1.52
 
 
+def test_tuning_picks_fastest_candidate_and_later_calls_launch_once_per_phase(monkeypatch):
+    """The host path without a GPU: launches recorded, candidate timings faked (each timed
+    candidate faster than the one before, so the last wins); the plan is cached and reused."""
+    pytest.importorskip("triton")
+    import maskar.kernels.block_sparse as bs
+
+    launches = []
+    timings = iter(range(1000, 0, -1))
+
+    def fake_time(launch, rounds=5, per_round=8):
+        launch()
+        return float(next(timings))
+
+    monkeypatch.setattr(bs, "_launch", lambda kernel, *args, **kw: launches.append(kernel))
+    monkeypatch.setattr(bs, "_time_ms", fake_time)
+    monkeypatch.setattr(bs, "_INTERPRET", False)
+    for name in ("_plans", "_tuned", "_tune_log"):
+        monkeypatch.setattr(bs, name, {})
+    p = ScalePattern.from_sides("block_causal", SIDES_256)
+    qkv = torch.randn(2, p.total, 3, 3, 64, dtype=torch.float16, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    counts = []
+    for _ in range(2):
+        before = len(launches)
+        out = bs._BlockSparseAttention.apply(q, k, v, p, 0.125)
+        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        counts.append(len(launches) - before)
+    fwd, bwd = bs._fwd_candidates(64), bs._bwd_candidates(64)
+    chosen = {key[0]: cfg for key, cfg in bs.tuned_configs().items()}
+    assert chosen == {"fwd": fwd[-1], "bwd": bwd[-1]}
+
+    def n_bwd(c):  # split configs are two launches, an unfused delta one more
+        return (2 if c.dq_warps else 1) + (0 if c.fused_delta else 1)
+
+    assert counts[0] == len(fwd) + 1 + sum(n_bwd(c) for c in bwd) + n_bwd(bwd[-1])
+    assert counts[1] == 1 + n_bwd(bwd[-1])
+    assert launches[-1 - n_bwd(bwd[-1])] is bs._attn_fwd and launches[-1] is bs._attn_bwd
+    assert len(bs._plans) == 2
+
+
 def test_direct_launch_path_reuses_compiled_kernel_only_for_the_same_specialisation(monkeypatch):
     """_launch: first call through kernel[grid](...), repeats straight to the compiled kernel's
     launcher with every parameter in order; a new specialisation or a launcher error goes back."""
