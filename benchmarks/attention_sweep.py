@@ -41,22 +41,8 @@ BWD = [
     B_(16, 64, 64, 16, 4, 3, aligned=False), B_(32, 64, 64, 32, 4, 3, aligned=False),
     B_(32, 128, 128, 32, 8, 3, aligned=False),
     B_(16, 64, 64, 16, 4, 3, bh_fast=True), B_(32, 64, 64, 32, 4, 3, bh_fast=True),
+    B_(16, 64, 64, 16, 4, 3, seg=64), B_(32, 64, 64, 32, 4, 3, seg=64),
 ]
-
-# tensor-descriptor (TMA) loads next to the best pointer-load configs
-FWD_TMA = [
-    F(64, 32, 4, 3), F(64, 64, 4, 3), F(64, 64, 4, 3, aligned=False),
-    F(64, 32, 4, 3, tma=True), F(64, 64, 4, 3, tma=True), F(64, 64, 4, 4, tma=True), F(128, 64, 8, 3, tma=True),
-    F(128, 128, 8, 3, tma=True), F(64, 128, 4, 3, tma=True), F(64, 64, 4, 3, aligned=False, tma=True),
-]
-BWD_TMA = [
-    B_(32, 64, 64, 32, 4, 3), B_(32, 64, 64, 32, 4, 3, aligned=False),
-    B_(32, 64, 64, 32, 4, 3, tma=True), B_(32, 64, 64, 32, 4, 4, tma=True), B_(32, 64, 64, 32, 4, 3, False, tma=True),
-    B_(64, 64, 64, 64, 4, 3, tma=True), B_(16, 64, 64, 16, 4, 3, tma=True), B_(32, 128, 128, 32, 8, 3, tma=True),
-    B_(64, 128, 128, 64, 8, 3, tma=True), B_(32, 64, 64, 32, 4, 3, aligned=False, tma=True),
-    B_(32, 64, 64, 32, 4, 3, True, 4, tma=True),
-]
-CONFIG_SETS = {"all": (FWD, BWD), "tma": (FWD_TMA, BWD_TMA)}
 
 
 def _inputs(pattern: ScalePattern, B: int, H: int, D: int, dtype):
@@ -79,6 +65,8 @@ def sweep_case(kind: str, L: int, B: int, H: int, D: int, dtype, fwd_cfgs, bwd_c
     fwd_ref = bs._fwd_candidates(D)[0]
     for phase, cfgs in (("fwd", fwd_cfgs), ("bwd", bwd_cfgs)):
         for cfg in cfgs:
+            if phase == "bwd" and cfg.seg and kind != "block_diagonal":
+                continue
             row = {"pattern": kind, "L": L, "B": B, "H": H, "phase": phase, "cfg": repr(cfg)}
             try:
                 if phase == "fwd":
@@ -146,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--host", action="store_true", help="only host time per call, FAST_LAUNCH off / on")
-    ap.add_argument("--configs", default="all", choices=sorted(CONFIG_SETS), help="which config lists to sweep")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -160,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.host:
                 rows.append(host_times(kind, L, B, H, args.head_dim, dtype))
             else:
-                rows += sweep_case(kind, L, B, H, args.head_dim, dtype, *CONFIG_SETS[args.configs])
+                rows += sweep_case(kind, L, B, H, args.head_dim, dtype, FWD, BWD)
     if not args.host:  # best per (case, phase)
         best: dict = {}
         for r in rows:
