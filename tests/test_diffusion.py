@@ -365,3 +365,19 @@ def test_head_sampling_with_cached_embeddings_equals_plain_forward(cfg):
     for i in reversed(range(diff.num_timesteps)):
         x = diff.p_sample(fn, x, torch.full((6,), i), temperature=0.9, generator=g)
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("var_type", ["learned_range", "fixed_large"])
+def test_p_sample_at_with_given_noise_equals_drawing_it(var_type):
+    """The CUDA-graph sampler passes pre-drawn noise; it must equal the generator's draw."""
+    diff = create_diffusion("5", learn_sigma=var_type == "learned_range")
+    w = torch.randn(3, 6 if var_type == "learned_range" else 3) * 0.3
+
+    def model(x, t):
+        return torch.tanh(x @ w + t[:, None].float() / 1000)
+
+    x = torch.randn(4, 3)
+    for i in (3, 0):
+        drawn = diff.p_sample_at(model, x, i, temperature=0.8, generator=torch.Generator().manual_seed(1))
+        noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(diff.p_sample_at(model, x, i, temperature=0.8, noise=noise), drawn)

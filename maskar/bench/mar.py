@@ -9,6 +9,11 @@ peak memory is reported per case.
     python -m maskar bench mar                              # MAR-B, 256 px, batch 64, bf16
     python -m maskar bench mar --num-iters 64,256 --cfg 2.9 --train-batch 64
     python -m maskar bench mar --preset mar-tiny --device cpu --batch 4 --train-batch 4   # smoke test
+    python -m maskar bench mar --num-iters 64,256 --train-batch 0 --cuda-graph both  # graphs on vs off
+
+``--cuda-graph on`` (default) lets the diffusion head replay its sampling chain as CUDA
+graphs (GPU only; captured in the warm-up run); ``off`` samples eagerly; ``both`` times both.
+``--train-batch 0`` (or ``--skip-train``) skips the training step.
 """
 
 from __future__ import annotations
@@ -93,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the preset's sample.cfg)")
     ap.add_argument("--num-sampling-steps", default=None, help="diffusion steps (default: the preset's)")
     ap.add_argument("--sample-reps", type=int, default=3)
-    ap.add_argument("--train-batch", type=int, default=64, help="per-GPU training batch (official: 64)")
+    ap.add_argument(
+        "--train-batch", type=int, default=64, help="per-GPU training batch (official: 64; 0 = no training)"
+    )
     ap.add_argument("--train-reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--skip-sample", action="store_true")
@@ -102,7 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--compile-head", action="store_true", help="torch.compile the diffusion head for sampling"
     )
+    ap.add_argument(
+        "--cuda-graph",
+        default="on",
+        choices=("on", "off", "both"),
+        help="CUDA graphs for the diffusion head's sampling chain (GPU only)",
+    )
+    ap.add_argument("--sample-warmup", type=int, default=1, help="untimed sampling runs per case")
     args = ap.parse_args(argv)
+    if args.train_batch < 0:
+        ap.error(f"--train-batch: expected >= 0, got {args.train_batch}")
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
     if device.type == "cpu" and args.device == "auto":
@@ -136,17 +152,29 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_sample:
         model.eval()
         labels = torch.arange(args.batch, device=device) % model.num_classes
-        for num_iter in [int(x) for x in args.num_iters.split(",")]:
+        graph_modes = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graph]
+        if device.type != "cuda":
+            graph_modes = [False]  # the graph path is GPU-only; CPU always samples eagerly
+        cases = [(n, g) for n in (int(x) for x in args.num_iters.split(",")) for g in graph_modes]
+        for num_iter, graphs in cases:
             _reset_peak(device)
 
-            def run(num_iter: int = num_iter) -> None:
+            def run(num_iter: int = num_iter, graphs: bool = graphs) -> None:
                 with torch.no_grad(), _autocast(device, precision):
-                    model.generate(labels, seed=0, num_iter=num_iter, cfg=cfg_scale, num_sampling_steps=steps)
+                    model.generate(
+                        labels,
+                        seed=0,
+                        num_iter=num_iter,
+                        cfg=cfg_scale,
+                        num_sampling_steps=steps,
+                        cuda_graph=graphs,
+                    )
 
-            med, times = _measure(run, timer, warmup=1, reps=args.sample_reps)
+            med, times = _measure(run, timer, warmup=args.sample_warmup, reps=args.sample_reps)
+            graph_note = f" graphs={'on' if graphs else 'off'}" if device.type == "cuda" else ""
             rows.append(
                 (
-                    f"sample num_iter={num_iter} cfg={cfg_scale} steps={steps} B={args.batch}",
+                    f"sample num_iter={num_iter} cfg={cfg_scale} steps={steps} B={args.batch}{graph_note}",
                     f"{med:.0f} ms",
                     f"{args.batch / (med / 1e3):.2f} img/s",
                     _peak_gb(device),
@@ -154,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             print(" | ".join(rows[-1]), flush=True)
-    if not args.skip_train:
+        if device.type == "cuda":
+            print(f"diffusion-head CUDA graphs captured: {model.diffloss._graphs.captures}", flush=True)
+    if not args.skip_train and args.train_batch > 0:
         model.train()
         opt = _optimizer(model)
         b = args.train_batch

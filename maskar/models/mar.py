@@ -95,6 +95,19 @@ class MARSampleConfig(SampleConfig):
         _check_respacing("num_sampling_steps", self.num_sampling_steps)
 
 
+@dataclass
+class MARGraphSampleConfig(MARSampleConfig):
+    """MAR's registered sample config: :class:`MARSampleConfig` plus the CUDA-graph switch.
+
+    A subclass, so that CASMAR's sample config (which extends ``MARSampleConfig``) does not
+    inherit a keyword its ``generate`` does not take.
+    """
+
+    cuda_graph: bool = field(
+        True, help="replay the diffusion head's sampling chain as CUDA graphs (GPU only; same draws)"
+    )
+
+
 def _check_respacing(name: str, value: int | str) -> None:
     try:
         space_timesteps(1000, str(value))
@@ -360,13 +373,14 @@ class MAR(nn.Module):
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
         trace: list[int] | None = None,
+        cuda_graph: bool | None = None,
     ) -> Tensor:
         """Generate token sequences (B, L, C).
 
         ``known`` (B, L, C) with ``known_mask`` (B, L) bool fixes tokens (editing); every
         sample must have the same number of unknown tokens. The cosine schedule runs over
         the unknown tokens. ``trace``, if given, receives the number of tokens revealed
-        at each step.
+        at each step. ``cuda_graph`` is passed to :meth:`DiffLoss.sample` (None = its default).
         """
         if cfg_schedule not in ("linear", "constant"):
             raise ValueError(f"cfg_schedule: expected 'linear' or 'constant', got {cfg_schedule!r}")
@@ -419,6 +433,7 @@ class MAR(nn.Module):
                         cfg_iter,
                         num_sampling_steps=num_sampling_steps,
                         generator=generator,
+                        cuda_graph=cuda_graph,
                     )
                     new = new[: b * idx.shape[1]].reshape(b, idx.shape[1], -1)
                     tokens = tokens.scatter(
@@ -437,6 +452,7 @@ class MAR(nn.Module):
         cfg_schedule: str = "linear",
         temperature: float = 1.0,
         num_sampling_steps: int | str = "100",
+        cuda_graph: bool = True,
     ) -> Tensor:
         """Class-conditional images (B, 3, H, W) in [-1, 1]; label == class_num is unconditional."""
         g = make_generator(seed, labels.device)
@@ -448,6 +464,7 @@ class MAR(nn.Module):
             temperature=temperature,
             num_sampling_steps=num_sampling_steps,
             generator=g,
+            cuda_graph=cuda_graph,
         )
         return self.tokenizer.decode(self.unpatchify(tokens).float())
 
@@ -473,6 +490,7 @@ class MAR(nn.Module):
         temperature: float = 1.0,
         num_sampling_steps: int | str = "100",
         return_tokens: bool = False,
+        cuda_graph: bool = True,
     ) -> Tensor:
         """In-/out-painting: tokens fully inside ``keep_mask`` stay fixed, the rest are generated."""
         known = self.patchify(self.tokenizer.encode_mean(images).float())  # (B, L, C)
@@ -493,6 +511,7 @@ class MAR(nn.Module):
                 generator=g,
                 known=known[rows],
                 known_mask=known_mask[rows],
+                cuda_graph=cuda_graph,
             )
         if return_tokens:
             return out
@@ -588,7 +607,7 @@ registry.register(
     "mar",
     kind="generator",
     config_cls=MARConfig,
-    sample_cls=MARSampleConfig,
+    sample_cls=MARGraphSampleConfig,
     build=MAR.from_config,
     description="MAR: masked autoregression with a per-token diffusion loss on KL-16 latents",
 )

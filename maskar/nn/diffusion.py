@@ -347,8 +347,13 @@ class GaussianDiffusion:
         temperature: float = 1.0,
         clip_denoised: bool = False,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
-        """:meth:`p_sample` with one step index ``i`` for every row (same math, scalar coefficients)."""
+        """:meth:`p_sample` with one step index ``i`` for every row (same math, scalar coefficients).
+
+        ``noise`` (shaped like x_t) replaces the N(0, 1) draw: the CUDA-graph sampler pre-draws
+        it into a static buffer with the same generator calls as this eager path.
+        """
         t_model = torch.full((x_t.shape[0],), int(self.timestep_map[i]), device=x_t.device, dtype=torch.long)
         eps, var_values = self.split_output(model_fn(x_t, t_model), x_t)
         lo = float(self.posterior_log_variance_clipped[i])
@@ -367,7 +372,8 @@ class GaussianDiffusion:
         else:
             # mean = c1 * x0 + c2 * x_t with x0 = a * x_t - b * eps, folded into two terms
             mean = torch.add(x_t * (c1 * a + c2), eps, alpha=-c1 * b)
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        if noise is None:
+            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         if i == 0:
             return mean  # no noise at the last step
         if isinstance(std, Tensor):

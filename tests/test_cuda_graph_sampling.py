@@ -1,0 +1,336 @@
+"""CUDA-graph sampling of the diffusion head (DiffLoss.sample) against the eager sampler.
+
+CPU tests run the graph path's static buffers (padding, CFG layout, pre-drawn noise)
+without capturing and require bitwise equality with eager; GPU tests capture real graphs
+and compare with eager within the documented tolerance (fp32: 1e-4; bf16 autocast: see
+BF16_MAX / BF16_MEAN), printing the measured differences (run with ``-rP`` to see them).
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from test_casmar import SAMPLE, randomize_heads, tiny_casmar
+from test_mar import randomize_head, tiny_mar
+
+from maskar.nn.diffloss import DiffLoss, _StaticChain, graph_rows
+
+# Tolerances of graph vs eager (max / mean abs difference of the sampled tokens). fp32: only
+# GEMM reordering where padded row counts pick other kernels (aligned counts: expect 0).
+# bf16 autocast: such a reordering can round a GEMM output to the neighbouring bf16 value,
+# which the remaining steps (and, in MAR, later iterations) carry along.
+FP32_MAX = 1e-4
+BF16_MAX, BF16_MEAN = 0.1, 5e-3  # one head call (100 steps)
+MAR_BF16_MAX, MAR_BF16_MEAN = 0.25, 1e-2  # whole MAR sampling (tokens feed later iterations)
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def random_head(device="cpu", learn_sigma=True, steps="10", c=4, cz=8, depth=2, width=16, std=0.3):
+    torch.manual_seed(0)
+    head = DiffLoss(c, cz, depth, width, num_sampling_steps=steps, learn_sigma=learn_sigma)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in head.parameters():  # the head starts as eps = 0: give it weights that matter
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return head.to(device)
+
+
+def gen(seed: int, device="cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- CPU
+
+
+def test_graph_rows_buckets():
+    prev = 0
+    for n in range(1, 5000):
+        b = graph_rows(n)
+        assert b >= n and b % 16 == 0 and b >= prev
+        if n >= 128:
+            assert b <= n * 1.125  # at most 12.5% padding
+        prev = b
+    assert len({graph_rows(n) for n in range(1, 5000)}) <= 60  # a bounded number of graphs
+    assert [graph_rows(n) for n in (1, 16, 17, 64, 100, 129, 448, 6400)] == [
+        16,
+        16,
+        32,
+        64,
+        112,
+        144,
+        448,
+        6656,
+    ]
+    with pytest.raises(ValueError, match="n >= 1"):
+        graph_rows(0)
+
+
+@pytest.mark.parametrize(("learn_sigma", "steps"), [(True, "10"), (True, "ddim5"), (False, "3,2")])
+@pytest.mark.parametrize(("cfg", "temperature"), [(1.0, 1.0), (2.5, 0.7)])
+@pytest.mark.parametrize("n", [6, 32, 34])
+def test_static_buffers_equal_eager_on_cpu(learn_sigma, steps, cfg, temperature, n):
+    """Padding, the CFG half layout and the pre-drawn noise reproduce eager bit for bit."""
+    head = random_head(learn_sigma=learn_sigma, steps=steps)
+    z = torch.randn(n, 8)
+    g_eager, g_static = gen(3), gen(3)
+    eager = head.sample(z, temperature, cfg, generator=g_eager, cuda_graph=False)
+    static = head._sample_graphed(z, temperature, cfg, head.gen_diffusion(), g_static, capture=False)
+    assert torch.equal(static, eager)
+    assert torch.equal(g_static.get_state(), g_eager.get_state())  # same number of draws
+
+
+def test_static_chain_is_reused_within_a_bucket_and_stale_padding_is_harmless():
+    head = random_head()
+    diff = head.gen_diffusion()
+    for n in (34, 50, 40, 34):  # cfg halves 17, 25, 20, 17: one 32-row bucket per half
+        z = torch.randn(n, 8)
+        eager = head.sample(z, 1.0, 2.0, generator=gen(n), cuda_graph=False)
+        static = head._sample_graphed(z, 1.0, 2.0, diff, gen(n), capture=False)
+        assert torch.equal(static, eager)
+    assert len(head._graphs.entries) == 1
+    (chain,) = head._graphs.entries.values()
+    assert isinstance(chain, _StaticChain) and chain.rows == 2 * graph_rows(17) == 64
+
+
+def test_cpu_sampling_never_takes_the_graph_path(monkeypatch):
+    head = random_head()
+    z = torch.randn(6, 8)
+    ref = head.sample(z, 0.9, 2.0, generator=gen(0), cuda_graph=False)
+
+    def boom(*a, **k):
+        raise AssertionError("graph path used on CPU")
+
+    monkeypatch.setattr(head, "_sample_graphed", boom)
+    assert torch.equal(head.sample(z, 0.9, 2.0, generator=gen(0)), ref)  # default: graphs on
+    assert torch.equal(head.sample(z, 0.9, 2.0, generator=gen(0), cuda_graph=True), ref)
+    assert not head._graphs.entries
+
+
+def test_graph_refusals():
+    head = random_head()
+    z = torch.randn(6, 8)
+    assert head.graph_refusal(z, 2.0) == "not on CUDA"
+    assert "known" in head.graph_refusal(z, 2.0, known=torch.zeros(6, 4))
+    assert "row count 5" in head.graph_refusal(torch.randn(5, 8), 2.0)
+    assert "row count 0" in head.graph_refusal(torch.randn(0, 8), 1.0)
+    head._graphs.failed = True
+    assert "earlier capture failed" in head.graph_refusal(z, 1.0)
+    head._graphs.failed = False
+    head.compile_sampler()  # lazy: nothing is compiled until called
+    assert "compile" in head.graph_refusal(z, 1.0)
+
+
+def test_cache_survives_neither_copies_nor_moves_and_tracks_weights():
+    head = random_head()
+    z = torch.randn(6, 8)
+    head._sample_graphed(z, 1.0, 1.0, head.gen_diffusion(), gen(0), capture=False)
+    assert len(head._graphs.entries) == 1
+    twin = copy.deepcopy(head)  # e.g. an EMA copy: graphs cannot be copied
+    assert not twin._graphs.entries and len(head._graphs.entries) == 1
+    assert not pickle.loads(pickle.dumps(head))._graphs.entries
+    assert set(head.state_dict()) == set(twin.state_dict())  # no new state-dict keys
+    head.double().float()  # Module._apply: the captured pointers would be stale
+    assert not head._graphs.entries
+    head._sample_graphed(z, 1.0, 1.0, head.gen_diffusion(), gen(0), capture=False)
+    old = next(iter(head._graphs.entries.values()))
+    p = next(head.net.parameters())
+    p.data = p.data.clone()  # replaced storage without _apply: the weight fingerprint notices
+    out = head._sample_graphed(z, 1.0, 1.0, head.gen_diffusion(), gen(0), capture=False)
+    assert next(iter(head._graphs.entries.values())) is not old
+    assert torch.equal(out, head.sample(z, 1.0, 1.0, generator=gen(0), cuda_graph=False))
+
+
+def test_mar_config_and_keywords(monkeypatch):
+    from maskar.config import load_config
+    from maskar.models.mar import MARGraphSampleConfig
+    from maskar.sampling import sampling_kwargs
+
+    cfg = load_config("mar-tiny", ["sample.cuda_graph=false"])
+    assert isinstance(cfg.sample, MARGraphSampleConfig) and cfg.sample.cuda_graph is False
+    assert load_config("mar-tiny").sample.cuda_graph is True
+    assert "cuda_graph" not in sampling_kwargs(load_config("casmar-tiny").sample)  # CASMAR: head default
+
+    model = tiny_mar()
+    seen = []
+    real = model.diffloss.sample
+
+    def spy(z, temperature, cfg, **kw):
+        seen.append(kw["cuda_graph"])
+        return real(z, temperature, cfg, **kw)
+
+    monkeypatch.setattr(model.diffloss, "sample", spy)
+    labels = torch.tensor([1, 2])
+    kwargs = sampling_kwargs(cfg.sample)
+    kwargs.pop("seed")
+    kwargs.update(num_iter=2, num_sampling_steps="3")
+    a = model.generate(labels, seed=0, **kwargs)  # the config's keywords are accepted
+    b = model.generate(labels, seed=0, **{**kwargs, "cuda_graph": True})
+    assert seen == [False, False, True, True] and torch.equal(a, b)  # CPU: the same eager path
+
+
+def test_bench_train_batch_zero_skips_training(capsys):
+    from maskar.bench.mar import main
+
+    argv = ["--preset", "mar-tiny", "--device", "cpu", "--batch", "2", "--num-iters", "2"]
+    assert main(argv + ["--train-batch", "0", "--sample-reps", "1", "--cuda-graph", "both"]) == 0
+    out = capsys.readouterr().out
+    assert "img/s" in out and "train step" not in out
+    assert out.count("| sample num_iter=2") == 1  # CPU: graphs are GPU-only, one eager case
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    d = (a.float() - b.float()).abs()
+    return d.max().item(), d.mean().item()
+
+
+def _check(tag: str, graph: torch.Tensor, eager: torch.Tensor, bf16: bool, limits=None) -> None:
+    mx, mean = _diff(graph, eager)
+    print(f"{tag}: max {mx:.3g} mean {mean:.3g} exact {torch.equal(graph, eager)}")
+    assert torch.isfinite(graph).all()
+    max_tol, mean_tol = limits or ((BF16_MAX, BF16_MEAN) if bf16 else (FP32_MAX, FP32_MAX))
+    assert mx <= max_tol and mean <= mean_tol, (tag, mx, mean)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(("learn_sigma", "steps"), [(True, "100"), (True, "ddim25"), (False, "100")])
+@pytest.mark.parametrize(("cfg", "temperature"), [(1.0, 1.0), (2.9, 1.0), (2.9, 0.9), (1.0, 0.95)])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("n", [128, 70])  # 70: padded (cfg halves 35 -> 48, no cfg 70 -> 80)
+def test_gpu_graph_equals_eager(learn_sigma, steps, cfg, temperature, precision, n):
+    head = random_head("cuda", learn_sigma, steps, c=16, cz=64, depth=3, width=256, std=0.05)
+    z = torch.randn(n, 64, device="cuda")
+    bf16 = precision == "bf16"
+    results = {}
+    for mode in (False, True, True):  # eager, capture + replay, replay again
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            g = gen(7, "cuda")
+            out = head.sample(z, temperature, cfg, generator=g, cuda_graph=mode)
+        results.setdefault(mode, []).append((out, g.get_state()))
+    ((eager, g_eager),) = results[False]
+    (first, g_first), (second, _) = results[True]
+    assert head._graphs.captures == 1
+    assert torch.equal(first, second)  # replays are reproducible
+    assert torch.equal(g_first, g_eager)  # the graph path consumed the same random numbers
+    _check(f"head {learn_sigma=} {steps=} {cfg=} {temperature=} {precision} {n=}", first, eager, bf16)
+
+
+@gpu
+@needs_cuda
+def test_gpu_graph_survives_autocast_regions_and_in_place_weight_updates():
+    head = random_head("cuda", c=16, cz=64, depth=2, width=128, std=0.05, steps="20")
+    z = torch.randn(96, 64, device="cuda")
+
+    def both():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            eager = head.sample(
+                z, 1.0, 2.0, generator=gen(1, "cuda"), cuda_graph=False
+            )  # fills the cast cache
+            graph = head.sample(z, 1.0, 2.0, generator=gen(1, "cuda"), cuda_graph=True)
+        return eager, graph
+
+    e1, g1 = both()
+    junk = [torch.randn(1 << 20, device="cuda") for _ in range(8)]  # reuse freed blocks
+    e2, g2 = both()  # a new autocast region: the graph must not read freed weight casts
+    del junk
+    _check("autocast regions 1", g1, e1, bf16=True)
+    _check("autocast regions 2", g2, e2, bf16=True)
+    assert torch.equal(g1, g2)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.mul_(1.1)  # in place (an optimizer step): the graph reads the new values
+    e3, g3 = both()
+    _check("after in-place update", g3, e3, bf16=True)
+    assert not torch.equal(e3, e1)
+    assert head._graphs.captures == 1
+    head.double().float()  # new storage: the cache is dropped and re-captured
+    e4, g4 = both()
+    _check("after .double().float()", g4, e4, bf16=True)
+    assert head._graphs.captures == 2
+
+
+@gpu
+@needs_cuda
+def test_gpu_buckets_and_bounded_cache():
+    head = random_head("cuda", c=16, cz=64, steps="10")
+    head._graphs.max_entries = 2
+    for n in (70, 76, 128, 40):  # buckets 80, 80, 128, 48
+        z = torch.randn(n, 64, device="cuda")
+        eager = head.sample(z, 1.0, 1.0, generator=gen(n, "cuda"), cuda_graph=False)
+        graph = head.sample(z, 1.0, 1.0, generator=gen(n, "cuda"))
+        _check(f"bucket n={n}", graph, eager, bf16=False)
+    assert head._graphs.captures == 3 and len(head._graphs.entries) == 2
+
+
+@gpu
+@needs_cuda
+def test_gpu_capture_failure_falls_back_to_eager(monkeypatch):
+    head = random_head("cuda", c=16, cz=64, steps="10")
+    z = torch.randn(32, 64, device="cuda")
+    eager = head.sample(z, 1.0, 2.0, generator=gen(0, "cuda"), cuda_graph=False)
+
+    def fail(self, pool, stream):
+        raise RuntimeError("simulated capture failure")
+
+    monkeypatch.setattr(_StaticChain, "capture", fail)
+    with pytest.warns(RuntimeWarning, match="CUDA-graph capture failed .*sampling eagerly"):
+        out = head.sample(z, 1.0, 2.0, generator=gen(0, "cuda"))
+    assert torch.equal(out, eager)  # no noise was drawn before the failed capture
+    assert "earlier capture failed" in head.graph_refusal(z, 2.0)
+    assert torch.equal(head.sample(z, 1.0, 2.0, generator=gen(0, "cuda")), eager)  # no second warning
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gpu_mar_tokens_graph_equals_eager(precision):
+    model = tiny_mar().cuda()
+    randomize_head(model)
+    labels = torch.tensor([1, 2, 10, 4], device="cuda")
+    bf16 = precision == "bf16"
+    out = {}
+    for graphs in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            out[graphs] = model.sample_tokens(
+                labels,
+                num_iter=5,
+                cfg=3.0,
+                temperature=0.9,
+                num_sampling_steps="50",
+                generator=gen(0, "cuda"),
+                cuda_graph=graphs,
+            )
+    assert model.diffloss._graphs.captures >= 2
+    _check(
+        f"MAR tokens {precision}",
+        out[True],
+        out[False],
+        bf16,
+        (MAR_BF16_MAX, MAR_BF16_MEAN) if bf16 else None,
+    )
+    images = model.generate(labels, seed=1, num_iter=3, cfg=2.0, num_sampling_steps="10")
+    assert torch.isfinite(images).all()
+
+
+@gpu
+@needs_cuda
+def test_gpu_casmar_stage1_graph_equals_eager():
+    model = tiny_casmar().cuda()
+    randomize_heads(model)
+    labels = torch.tensor([3, 10], device="cuda")
+    out = {}
+    for graphs in (False, True):
+        model.diffloss.cuda_graph = graphs  # CASMAR's stage-1 head is a DiffLoss
+        big, small = model.sample_tokens(labels, cfg=3.0, re_cfg=2.0, generator=gen(0, "cuda"), **SAMPLE)
+        out[graphs] = (big, small)
+    assert model.diffloss._graphs.captures >= 1
+    _check("CASMAR scaffold", out[True][1], out[False][1], bf16=False)
+    _check("CASMAR big tokens", out[True][0], out[False][0], bf16=False)
