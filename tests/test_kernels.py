@@ -35,10 +35,9 @@ INTERPRET_CASES = [
     ("single_scale", (50,), 1, 2, 64, None, 16),
 ]
 KINDS = ("block_diagonal", "block_causal")
-# (aligned tiles, grid order B*H-fast, tensor-descriptor loads) per interpreter case
-TILING = {"256px": (True, False, True), "512px_first7": (False, True, True),
-          "1024px_first8_d128_scale1": (True, True, False), "custom_odd": (True, False, True),
-          "single_scale": (False, False, False)}
+# (aligned tiles, grid order B*H-fast) per interpreter case
+TILING = {"256px": (True, False), "512px_first7": (False, True), "1024px_first8_d128_scale1": (True, True),
+          "custom_odd": (True, False), "single_scale": (False, False)}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -126,13 +125,13 @@ from maskar.nn.attention import ScalePattern
 torch.manual_seed(0)
 for name, lengths, B, H, D, scale, blk in T.INTERPRET_CASES:
     # scale-aligned and uniform tiles, both grid orders
-    aligned, bh_fast, tma = T.TILING[name]
-    bs.FORCE_FWD_CONFIG = bs.FwdConfig(blk, blk, 4, 1, aligned=aligned, bh_fast=bh_fast, tma=tma)
+    aligned, bh_fast = T.TILING[name]
+    bs.FORCE_FWD_CONFIG = bs.FwdConfig(blk, blk, 4, 1, aligned=aligned, bh_fast=bh_fast)
     # the separate delta launch and the split dK/dV + dQ launches run on some cases, the
     # fused single launch on the others
     bs.FORCE_BWD_CONFIG = bs.BwdConfig(blk, blk, blk, blk, 4, 1, fused_delta=name != "custom_odd",
                                        dq_warps=4 if name in ("512px_first7", "custom_odd") else 0,
-                                       aligned=aligned, bh_fast=bh_fast, tma=tma)
+                                       aligned=aligned, bh_fast=bh_fast)
     for kind in T.KINDS:
         for dname, dtype in T.DTYPES.items():
             p = ScalePattern(kind, lengths)

@@ -46,11 +46,6 @@ from torch import Tensor
 
 from maskar.nn.attention import ScalePattern, register_backend
 
-try:  # host-side tensor descriptors (Triton >= 3.3): the TMA configs need them
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton: TMA configs fall back to pointer loads
-    TensorDescriptor = None
-
 LOG2E = 1.4426950408889634
 
 
@@ -68,34 +63,20 @@ def _dot(a, b, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(desc, base, stride, row0, b32, h32, L, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-               MASKED: tl.constexpr, USE_TMA: tl.constexpr):
-    """Rows [row0, row0 + ROWS) of one (batch, head) as (ROWS, HEAD_DIM); rows >= L read as 0.
-
-    USE_TMA: through the (B, L, H, D) tensor descriptor ``desc`` (Hopper's bulk tensor copy;
-    out-of-range rows are zero-filled by the hardware), else pointer loads from ``base``.
-    """
-    if USE_TMA:
-        return desc.load([b32, row0, h32, 0]).reshape(ROWS, HEAD_DIM)
-    else:
-        offs = row0 + tl.arange(0, ROWS)
-        ptrs = base + offs[:, None] * stride + tl.arange(0, HEAD_DIM)[None, :]
-        if MASKED:
-            return tl.load(ptrs, mask=(offs < L)[:, None], other=0.0)
-        else:
-            return tl.load(ptrs)
-
-
-@triton.jit
 def _fwd_tiles(
-    acc, l_i, m_i, q, k_base, v_base, skl, svl, ks, ke, n_lo, n_hi, L, qk_scale, KD, VD, b32, h32,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    acc, l_i, m_i, q, k_base, v_base, skl, svl, ks, ke, n_lo, n_hi, L, qk_scale,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_F32: tl.constexpr,
 ):
+    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(KD, k_base, skl, start_n, b32, h32, L, BLOCK_N, HEAD_DIM, MASKED, USE_TMA)
-        v = _load_rows(VD, v_base, svl, start_n, b32, h32, L, BLOCK_N, HEAD_DIM, MASKED, USE_TMA)
+        if MASKED:
+            in_seq = offs_n < L
+            k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :])
         s = _dot(q, tl.trans(k), DOT_F32) * qk_scale  # (BM, BN), log2 units
         if MASKED:
             ok = (offs_n[None, :] >= ks[:, None]) & (offs_n[None, :] < ke[:, None])
@@ -122,23 +103,19 @@ def _program_ids(BH_FAST: tl.constexpr):
 
 @triton.jit(do_not_specialize=["H", "L", "N_ITEMS"])  # new head counts / schedules reuse the binary
 def _attn_fwd(
-    Q, K, V, O, LSE, BND, ITEMS, KD, VD,
+    Q, K, V, O, LSE, BND, ITEMS,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
     H, L, N_ITEMS, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BH_FAST: tl.constexpr,
-    USE_TMA: tl.constexpr, DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
-    # KD, VD: (B, L, H, D) tensor descriptors of K, V with BLOCK_N-row blocks (USE_TMA), else
-    # unused
     # ITEMS (2, N_ITEMS) int32: the rows [start, stop) of each program, at most BLOCK_M,
     # costliest first (see ``_row_items``)
     it, bh = _program_ids(BH_FAST)
     m0 = tl.load(ITEMS + it)
     m_stop = tl.load(ITEMS + N_ITEMS + it)
-    b32 = bh // H
-    h32 = bh % H
-    b = b32.to(tl.int64)
-    h = h32.to(tl.int64)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     q_base = Q + b * sqb + h * sqh
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -161,11 +138,11 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skl, svl, ks, ke, lo, end1, L, qk_scale,
-                               KD, VD, b32, h32, BLOCK_N, HEAD_DIM, True, USE_TMA, DOT_F32)
+                               BLOCK_N, HEAD_DIM, True, DOT_F32)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skl, svl, ks, ke, end1, end2, L, qk_scale,
-                               KD, VD, b32, h32, BLOCK_N, HEAD_DIM, False, USE_TMA, DOT_F32)
+                               BLOCK_N, HEAD_DIM, False, DOT_F32)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skl, svl, ks, ke, end2, hi, L, qk_scale,
-                               KD, VD, b32, h32, BLOCK_N, HEAD_DIM, True, USE_TMA, DOT_F32)
+                               BLOCK_N, HEAD_DIM, True, DOT_F32)
     acc = acc / l_i[:, None]
     # O is written (B, L, H, D) contiguous
     o_ptrs = O + (b * L * H + h) * HEAD_DIM + offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
@@ -195,25 +172,31 @@ def _bwd_delta(
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, sql, sdol, sol, qs, qe, m_lo, m_hi, L,
-    qk_scale, QD, DOD, OD, b32, h32, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    MASKED: tl.constexpr, FUSED_DELTA: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr,
+    qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+    FUSED_DELTA: tl.constexpr, DOT_F32: tl.constexpr,
 ):
+    offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(m_lo, m_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(QD, q_base, sql, start_m, b32, h32, L, BLOCK_M, HEAD_DIM, MASKED, USE_TMA)
-        do = _load_rows(DOD, do_base, sdol, start_m, b32, h32, L, BLOCK_M, HEAD_DIM, MASKED, USE_TMA)
         if MASKED:
             in_seq = offs_m < L
+            q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdol + offs_d[None, :], mask=in_seq[:, None], other=0.0)
             lse = tl.load(lse_base + offs_m, mask=in_seq, other=0.0)
+            if FUSED_DELTA:
+                o = tl.load(o_base + offs_m[:, None] * sol + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            else:
+                delta = tl.load(delta_base + offs_m, mask=in_seq, other=0.0)
         else:
+            q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :])
+            do = tl.load(do_base + offs_m[:, None] * sdol + offs_d[None, :])
             lse = tl.load(lse_base + offs_m)
-        if FUSED_DELTA:
-            o = _load_rows(OD, o_base, sol, start_m, b32, h32, L, BLOCK_M, HEAD_DIM, MASKED, USE_TMA)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        elif MASKED:
-            delta = tl.load(delta_base + offs_m, mask=in_seq, other=0.0)
-        else:
-            delta = tl.load(delta_base + offs_m)
+            if FUSED_DELTA:
+                o = tl.load(o_base + offs_m[:, None] * sol + offs_d[None, :])
+                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            else:
+                delta = tl.load(delta_base + offs_m)
         s_t = _dot(k, tl.trans(q), DOT_F32) * qk_scale  # (BN, BM): S transposed, log2 units
         if MASKED:
             ok = (offs_m[None, :] >= qs[:, None]) & (offs_m[None, :] < qe[:, None])
@@ -228,14 +211,19 @@ def _dkdv_tiles(
 
 @triton.jit
 def _dq_tiles(
-    dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, n_lo, n_hi, L, qk_scale, KD, VD, b32, h32,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, n_lo, n_hi, L, qk_scale,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_F32: tl.constexpr,
 ):
+    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(KD, k_base, skl, start_n, b32, h32, L, BLOCK_N, HEAD_DIM, MASKED, USE_TMA)
-        v = _load_rows(VD, v_base, svl, start_n, b32, h32, L, BLOCK_N, HEAD_DIM, MASKED, USE_TMA)
+        if MASKED:
+            in_seq = offs_n < L
+            k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :])
         s = _dot(q, tl.trans(k), DOT_F32) * qk_scale
         if MASKED:
             ok = (offs_n[None, :] >= ks[:, None]) & (offs_n[None, :] < ke[:, None])
@@ -250,9 +238,9 @@ def _dq_tiles(
 @triton.jit
 def _dkdv_program(
     n0, n_stop, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DK, DV, BND,
-    sql, skl, svl, sdol, g_off, g_row, L, qk_scale, sm_scale, QD, DOD, OD, b32, h32,
+    sql, skl, svl, sdol, g_off, g_row, L, qk_scale, sm_scale,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, HEAD_DIM: tl.constexpr,
-    FUSED_DELTA: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr,
+    FUSED_DELTA: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """dK, dV of keys [n0, min(n0 + BLOCK_N1, n_stop)), walking the query tiles that see them."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -272,14 +260,14 @@ def _dkdv_program(
     dk = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, sql, sdol, g_row,
-                         qs, qe, lo, end1, L, qk_scale, QD, DOD, OD, b32, h32, BLOCK_M1, BLOCK_N1, HEAD_DIM,
-                         True, FUSED_DELTA, USE_TMA, DOT_F32)
+                         qs, qe, lo, end1, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM,
+                         True, FUSED_DELTA, DOT_F32)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, sql, sdol, g_row,
-                         qs, qe, end1, end2, L, qk_scale, QD, DOD, OD, b32, h32, BLOCK_M1, BLOCK_N1, HEAD_DIM,
-                         False, FUSED_DELTA, USE_TMA, DOT_F32)
+                         qs, qe, end1, end2, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM,
+                         False, FUSED_DELTA, DOT_F32)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, o_base, lse_base, delta_base, sql, sdol, g_row,
-                         qs, qe, end2, hi, L, qk_scale, QD, DOD, OD, b32, h32, BLOCK_M1, BLOCK_N1, HEAD_DIM,
-                         True, FUSED_DELTA, USE_TMA, DOT_F32)
+                         qs, qe, end2, hi, L, qk_scale, BLOCK_M1, BLOCK_N1, HEAD_DIM,
+                         True, FUSED_DELTA, DOT_F32)
     g_ptrs = g_off + offs_n[:, None] * g_row + offs_d[None, :]
     tl.store(DK + g_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
@@ -288,9 +276,9 @@ def _dkdv_program(
 @triton.jit
 def _dq_program(
     m0, m_stop, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DQ, BND,
-    sql, skl, svl, sdol, g_off, g_row, L, qk_scale, sm_scale, KD, VD, b32, h32,
+    sql, skl, svl, sdol, g_off, g_row, L, qk_scale, sm_scale,
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, HEAD_DIM: tl.constexpr,
-    FUSED_DELTA: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr,
+    FUSED_DELTA: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """dQ of queries [m0, min(m0 + BLOCK_M2, m_stop)), walking their key tiles."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -315,23 +303,23 @@ def _dq_program(
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M2, HEAD_DIM], dtype=tl.float32)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, lo, end1, L, qk_scale,
-                   KD, VD, b32, h32, BLOCK_N2, HEAD_DIM, True, USE_TMA, DOT_F32)
+                   BLOCK_N2, HEAD_DIM, True, DOT_F32)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, end1, end2, L, qk_scale,
-                   KD, VD, b32, h32, BLOCK_N2, HEAD_DIM, False, USE_TMA, DOT_F32)
+                   BLOCK_N2, HEAD_DIM, False, DOT_F32)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, end2, hi, L, qk_scale,
-                   KD, VD, b32, h32, BLOCK_N2, HEAD_DIM, True, USE_TMA, DOT_F32)
+                   BLOCK_N2, HEAD_DIM, True, DOT_F32)
     g_ptrs = g_off + offs_m[:, None] * g_row + offs_d[None, :]
     tl.store(DQ + g_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["H", "L", "N_ITEMS"])  # new head counts / schedules reuse the binary
 def _attn_bwd(
-    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, BND, ITEMS, QD, DOD, OD, KD, VD,
+    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, BND, ITEMS,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
     H, L, N_ITEMS, qk_scale, sm_scale,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     HEAD_DIM: tl.constexpr, FUSED_DELTA: tl.constexpr, PART: tl.constexpr, BH_FAST: tl.constexpr,
-    USE_TMA: tl.constexpr, DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     """ITEMS (3, N_ITEMS) int32: kind, start, stop, costliest first. Kind 1: dK, dV of the
     keys [start, stop) (at most BLOCK_N1); kind 2: dQ of the queries [start, stop) (at most
@@ -340,18 +328,13 @@ def _attn_bwd(
 
     With FUSED_DELTA the row term delta = rowsum(O * dO) is recomputed from O tiles (cached
     in L2) instead of being read from a buffer filled by a separate launch.
-
-    With USE_TMA the inner loops read through (B, L, H, D) tensor descriptors: QD, DOD, OD
-    with BLOCK_M1-row blocks (dK/dV programs), KD, VD with BLOCK_N2-row blocks (dQ programs).
     """
     it, bh = _program_ids(BH_FAST)
     kind = tl.load(ITEMS + it)
     n0 = tl.load(ITEMS + N_ITEMS + it)
     n_stop = tl.load(ITEMS + 2 * N_ITEMS + it)
-    b32 = bh // H
-    h32 = bh % H
-    b = b32.to(tl.int64)
-    h = h32.to(tl.int64)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     q_base = Q + b * sqb + h * sqh
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -365,20 +348,20 @@ def _attn_bwd(
     if PART == 1:
         _dkdv_program(n0, n_stop, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DK, DV, BND,
                       sql, skl, svl, sdol, g_off, g_row, L, qk_scale, sm_scale,
-                      QD, DOD, OD, b32, h32, BLOCK_M1, BLOCK_N1, HEAD_DIM, FUSED_DELTA, USE_TMA, DOT_F32)
+                      BLOCK_M1, BLOCK_N1, HEAD_DIM, FUSED_DELTA, DOT_F32)
     elif PART == 2:
         _dq_program(n0, n_stop, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DQ, BND,
                     sql, skl, svl, sdol, g_off, g_row, L, qk_scale, sm_scale,
-                    KD, VD, b32, h32, BLOCK_M2, BLOCK_N2, HEAD_DIM, FUSED_DELTA, USE_TMA, DOT_F32)
+                    BLOCK_M2, BLOCK_N2, HEAD_DIM, FUSED_DELTA, DOT_F32)
     else:
         if kind == 1:
             _dkdv_program(n0, n_stop, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DK, DV,
                           BND, sql, skl, svl, sdol, g_off, g_row, L, qk_scale, sm_scale,
-                          QD, DOD, OD, b32, h32, BLOCK_M1, BLOCK_N1, HEAD_DIM, FUSED_DELTA, USE_TMA, DOT_F32)
+                          BLOCK_M1, BLOCK_N1, HEAD_DIM, FUSED_DELTA, DOT_F32)
         else:
             _dq_program(n0, n_stop, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DQ, BND,
                         sql, skl, svl, sdol, g_off, g_row, L, qk_scale, sm_scale,
-                        KD, VD, b32, h32, BLOCK_M2, BLOCK_N2, HEAD_DIM, FUSED_DELTA, USE_TMA, DOT_F32)
+                        BLOCK_M2, BLOCK_N2, HEAD_DIM, FUSED_DELTA, DOT_F32)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -394,7 +377,6 @@ class FwdConfig:
     # ``_tile_spans``); False: uniform tiles from row 0
     aligned: bool = True
     bh_fast: bool = False  # grid (B*H, items) instead of (items, B*H): programs of one head spread out
-    tma: bool = False  # K / V tiles through tensor descriptors (Hopper TMA) instead of pointer loads
 
 
 @dataclass(frozen=True)
@@ -409,7 +391,6 @@ class BwdConfig:
     dq_warps: int = 0  # > 0: dK/dV and dQ in two launches, the dQ one with this many warps
     aligned: bool = True  # key / query tiles aligned to scales (as FwdConfig.aligned)
     bh_fast: bool = False  # as FwdConfig.bh_fast
-    tma: bool = False  # inner-loop tiles (q, dO, O / k, v) through tensor descriptors (Hopper TMA)
 
 
 # Candidates: each was the fastest, or within a few percent of it, at some benchmarked
@@ -568,21 +549,6 @@ def _view_spec(*views: Tensor) -> tuple:
     return (views[0].dtype, *[t.data_ptr() % 16 == 0 for t in views])
 
 
-def _desc(t: Tensor, rows: int):
-    """(B, L, H, D) tensor descriptor of a (B, H, L, D) view, blocks of ``rows`` rows of one head."""
-    B, H, L, D = t.shape
-    s = t.stride()
-    return TensorDescriptor(t, [B, L, H, D], [s[0], s[2], s[1], 1], [1, rows, 1, D])
-
-
-def _tma_ok(*views: Tensor) -> bool:
-    """Descriptors need 16-byte aligned bases and strides (a user's odd view may not have them)."""
-    return TensorDescriptor is not None and all(
-        t.data_ptr() % 16 == 0 and all((st * t.element_size()) % 16 == 0 for st in t.stride()[:3])
-        for t in views
-    )
-
-
 def _grid(n_items: int, bh: int, bh_fast: bool) -> tuple[int, int]:
     return (bh, n_items) if bh_fast else (n_items, bh)
 
@@ -594,12 +560,10 @@ def _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, cfg: FwdConfig, items: 
         items = _row_items(pattern, cfg.block_m, cfg.block_n, cfg.aligned, q.device)
     n_items = items.shape[1]
     ints = (sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], H, L, n_items)
-    tma = cfg.tma and _tma_ok(k, v)
-    kd, vd = (_desc(k, cfg.block_n), _desc(v, cfg.block_n)) if tma else (k, v)  # else: unused
     _launch(
         _attn_fwd, _grid(n_items, B * H, cfg.bh_fast),
-        (q, k, v, o, lse, bnd, items, kd, vd, *ints[:9], H, L, n_items, qk_scale),
-        dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, BH_FAST=cfg.bh_fast, USE_TMA=tma,
+        (q, k, v, o, lse, bnd, items, *ints[:9], H, L, n_items, qk_scale),
+        dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, BH_FAST=cfg.bh_fast,
              DOT_F32=_INTERPRET and q.dtype == torch.bfloat16),
         cfg.num_warps, cfg.num_stages, (*_view_spec(q, k, v), ints),  # o, lse, bnd, items: ours
     )
@@ -627,20 +591,13 @@ def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, bnd, qk_scale, sm_scale, patter
         launches = _bwd_launches(pattern, cfg, q.device)
     strides = (sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sdo[0], sdo[1], sdo[2])
     views = _view_spec(q, k, v, do)  # o, dq, dk, dv, lse, delta, bnd, items: fresh allocations
-    tma = cfg.tma and _tma_ok(q, k, v, do, o)
-    if tma:
-        descs = (_desc(q, cfg.block_m1), _desc(do, cfg.block_m1), _desc(o, cfg.block_m1),
-                 _desc(k, cfg.block_n2), _desc(v, cfg.block_n2))
-    else:
-        descs = (q, do, o, k, v)  # unused placeholders
     for part, items, warps in launches:
         n_items = items.shape[1]
         _launch(
             _attn_bwd, _grid(n_items, B * H, cfg.bh_fast),
-            (q, k, v, o, do, dq, dk, dv, lse, delta, bnd, items, *descs, *strides, H, L, n_items, qk_scale,
-             sm_scale),
+            (q, k, v, o, do, dq, dk, dv, lse, delta, bnd, items, *strides, H, L, n_items, qk_scale, sm_scale),
             dict(BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
-                 HEAD_DIM=D, FUSED_DELTA=cfg.fused_delta, PART=part, BH_FAST=cfg.bh_fast, USE_TMA=tma,
+                 HEAD_DIM=D, FUSED_DELTA=cfg.fused_delta, PART=part, BH_FAST=cfg.bh_fast,
                  DOT_F32=_INTERPRET and q.dtype == torch.bfloat16),
             warps, cfg.num_stages, (*views, strides, H, L, n_items),
         )
