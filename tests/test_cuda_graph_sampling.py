@@ -2,8 +2,8 @@
 
 CPU tests run the graph path's static buffers (padding, CFG layout, pre-drawn noise)
 without capturing and require bitwise equality with eager; GPU tests capture real graphs
-and compare with eager within the documented tolerance (fp32: 1e-4; bf16 autocast: see
-BF16_MAX / BF16_MEAN), printing the measured differences (run with ``-rP`` to see them).
+and compare with eager within the documented tolerances below, printing the measured
+differences (run with ``-rP`` to see them).
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ from test_mar import randomize_head, tiny_mar
 
 from maskar.nn.diffloss import DiffLoss, _StaticChain, graph_rows
 
-# Tolerances of graph vs eager (max / mean abs difference of the sampled tokens). fp32: only
-# GEMM reordering where padded row counts pick other kernels (aligned counts: expect 0).
-# bf16 autocast: such a reordering can round a GEMM output to the neighbouring bf16 value,
-# which the remaining steps (and, in MAR, later iterations) carry along.
+# Tolerances of graph vs eager: max / mean abs difference of the sampled tokens divided by
+# max(1, max |eager token|) (the tiny models' randomised heads give tokens up to ~1e5, so
+# absolute differences scale with them). fp32: only GEMM reordering where padded row counts
+# pick other kernels (aligned counts: expect 0). bf16 autocast: such a reordering can round a
+# GEMM output to the neighbouring bf16 value, which the remaining steps (and, in MAR, later
+# iterations) carry along. Measured on an H100 (2026-11-22): 0 everywhere except the tiny
+# MAR / CASMAR in fp32 (relative ~1e-6 and ~1e-7: padded row counts of 8..40 rows).
 FP32_MAX = 1e-4
 BF16_MAX, BF16_MEAN = 0.1, 5e-3  # one head call (100 steps)
 MAR_BF16_MAX, MAR_BF16_MEAN = 0.25, 1e-2  # whole MAR sampling (tokens feed later iterations)
@@ -186,14 +189,18 @@ def test_bench_train_batch_zero_skips_training(capsys):
 # ----------------------------------------------------------------------------- GPU
 
 
-def _diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    d = (a.float() - b.float()).abs()
-    return d.max().item(), d.mean().item()
+def _diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """(max, mean) abs difference relative to max(1, max |b|), and that scale."""
+    scale = max(1.0, b.float().abs().max().item())
+    d = (a.float() - b.float()).abs() / scale
+    return d.max().item(), d.mean().item(), scale
 
 
 def _check(tag: str, graph: torch.Tensor, eager: torch.Tensor, bf16: bool, limits=None) -> None:
-    mx, mean = _diff(graph, eager)
-    print(f"{tag}: max {mx:.3g} mean {mean:.3g} exact {torch.equal(graph, eager)}")
+    mx, mean, scale = _diff(graph, eager)
+    print(
+        f"{tag}: rel max {mx:.3g} rel mean {mean:.3g} (scale {scale:.3g}) exact {torch.equal(graph, eager)}"
+    )
     assert torch.isfinite(graph).all()
     max_tol, mean_tol = limits or ((BF16_MAX, BF16_MEAN) if bf16 else (FP32_MAX, FP32_MAX))
     assert mx <= max_tol and mean <= mean_tol, (tag, mx, mean)
