@@ -298,10 +298,11 @@ def test_gpu_capture_failure_falls_back_to_eager(monkeypatch):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_gpu_mar_tokens_graph_equals_eager(precision):
+@pytest.mark.parametrize("batch", [4, 16])  # 16: every row count is a bucket size (no padding)
+def test_gpu_mar_tokens_graph_equals_eager(precision, batch):
     model = tiny_mar().cuda()
     randomize_head(model)
-    labels = torch.tensor([1, 2, 10, 4], device="cuda")
+    labels = torch.arange(batch, device="cuda") % 11  # 10 == class_num: unconditional
     bf16 = precision == "bf16"
     out = {}
     for graphs in (False, True):
@@ -317,7 +318,7 @@ def test_gpu_mar_tokens_graph_equals_eager(precision):
             )
     assert model.diffloss._graphs.captures >= 2
     _check(
-        f"MAR tokens {precision}",
+        f"MAR tokens {precision} B={batch}",
         out[True],
         out[False],
         bf16,
