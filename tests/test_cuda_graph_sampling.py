@@ -78,13 +78,19 @@ def test_graph_rows_buckets():
 @pytest.mark.parametrize(("cfg", "temperature"), [(1.0, 1.0), (2.5, 0.7)])
 @pytest.mark.parametrize("n", [6, 32, 34])
 def test_static_buffers_equal_eager_on_cpu(learn_sigma, steps, cfg, temperature, n):
-    """Padding, the CFG half layout and the pre-drawn noise reproduce eager bit for bit."""
+    """Padding, the CFG half layout and the pre-drawn noise reproduce eager: bit for bit when no
+    row is padded; with padding to rounding only (a multi-threaded CPU matmul may block a
+    16-row batch differently from a 6-row one)."""
     head = random_head(learn_sigma=learn_sigma, steps=steps)
     z = torch.randn(n, 8)
     g_eager, g_static = gen(3), gen(3)
     eager = head.sample(z, temperature, cfg, generator=g_eager, cuda_graph=False)
     static = head._sample_graphed(z, temperature, cfg, head.gen_diffusion(), g_static, capture=False)
-    assert torch.equal(static, eager)
+    half = n // 2 if cfg != 1.0 else n
+    if graph_rows(half) == half:
+        assert torch.equal(static, eager)
+    else:
+        torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-6)
     assert torch.equal(g_static.get_state(), g_eager.get_state())  # same number of draws
 
 
@@ -95,7 +101,7 @@ def test_static_chain_is_reused_within_a_bucket_and_stale_padding_is_harmless():
         z = torch.randn(n, 8)
         eager = head.sample(z, 1.0, 2.0, generator=gen(n), cuda_graph=False)
         static = head._sample_graphed(z, 1.0, 2.0, diff, gen(n), capture=False)
-        assert torch.equal(static, eager)
+        torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-6)  # padded rows: rounding only
     assert len(head._graphs.entries) == 1
     (chain,) = head._graphs.entries.values()
     assert isinstance(chain, _StaticChain) and chain.rows == 2 * graph_rows(17) == 64
@@ -146,7 +152,8 @@ def test_cache_survives_neither_copies_nor_moves_and_tracks_weights():
     p.data = p.data.clone()  # replaced storage without _apply: the weight fingerprint notices
     out = head._sample_graphed(z, 1.0, 1.0, head.gen_diffusion(), gen(0), capture=False)
     assert next(iter(head._graphs.entries.values())) is not old
-    assert torch.equal(out, head.sample(z, 1.0, 1.0, generator=gen(0), cuda_graph=False))
+    torch.testing.assert_close(out, head.sample(z, 1.0, 1.0, generator=gen(0), cuda_graph=False),
+                               rtol=1e-5, atol=1e-6)  # 6 rows padded to 16: rounding only
 
 
 def test_mar_config_and_keywords(monkeypatch):
