@@ -101,3 +101,13 @@ def test_bad_case_spec_and_resolution():
     assert bench.parse_cases("256x64, 1024x8") == [(256, 64), (1024, 8)]
     with pytest.raises(SystemExit, match="official patch schedule"):
         bench.case_overrides("var-d16", 300, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset", ["var-tiny", "hmar-tiny"])
+def test_gpu_checks_pass_in_bf16(preset):
+    row, images = bench.run_case(preset, 16, 4, _opts(), torch.device("cuda"))
+    assert row["check_ok"], row.get("check_failures")
+    assert images.is_cuda and images.shape == (4, 3, 16, 16)
+    assert row["peak_gb"] > 0
