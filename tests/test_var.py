@@ -175,6 +175,22 @@ def test_generate_seeded_and_argument_validation():
         m.generate(labels, mask_schedule=[[1], [4], [16]])
 
 
+def test_decoding_in_chunks_gives_the_same_images(monkeypatch):
+    """Sampling decodes in chunks of DECODE_PIXELS output pixels; the images do not depend on it."""
+    import maskar.models.var as var_mod
+
+    m = tiny_var()
+    labels = torch.tensor([1, 2, 3, 4, 5])
+    whole = m.generate(labels, cfg=2.0, top_k=8, seed=3)
+    calls = []
+    real = m.tokenizer.fhat_to_img
+    monkeypatch.setattr(m.tokenizer, "fhat_to_img", lambda f: calls.append(f.shape[0]) or real(f))
+    monkeypatch.setattr(var_mod, "DECODE_PIXELS", 2 * 8 * 8)  # two 8x8 images per chunk
+    chunked = m.generate(labels, cfg=2.0, top_k=8, seed=3)
+    assert calls == [2, 2, 1]
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)  # conv rounding only
+
+
 def test_guidance_is_linear_in_scale():
     m = tiny_var()
     assert [m.guidance(2.0, si, "linear") for si in range(3)] == [0.0, 1.0, 2.0]
