@@ -49,9 +49,11 @@ NO_WEIGHT_DECAY = {
 
 # Decoding dominates sampling memory: at 256 px the VQ-VAE decoder holds several
 # (B, 160, 256, 256) fp32 activations (2.7 GB each at B 64) after the tokens are done. The
-# batch is decoded in chunks of at most this many output pixels (16 images at 256 px, 4 at
-# 512, 1 at 1024); per-image results do not depend on the chunking.
-DECODE_PIXELS = 16 * 256 * 256
+# batch is decoded in chunks of at most this many output pixels (32 images at 256 px, 8 at
+# 512, 2 at 1024); per-image results do not depend on the chunking (to rounding). Measured
+# on an H100 (docs/benchmarks.md): 16 x 256^2 cut the peak 2.5-4.4x but cost up to 25% time
+# at 1024 px (one image per decode); 32 x 256^2 is the compromise.
+DECODE_PIXELS = 32 * 256 * 256
 
 
 def decode_in_chunks(tokenizer, f_hat: Tensor, image_size: int) -> Tensor:
