@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
-
-REF = Path("/work/shared/reference")
+from reference_tables import REFERENCE as REF
 
 
 def randomize(model: torch.nn.Module, seed: int = 1) -> None:

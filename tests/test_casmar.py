@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_tables import REFERENCE
 from torch import nn
 
 from maskar.models.casmar import (
@@ -23,8 +24,6 @@ from maskar.models.casmar import (
     saliency_scores,
     sincos_2d,
 )
-
-REFERENCE = Path(__file__).parents[2] / "shared" / "reference"
 
 
 class StandInKL(nn.Module):

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from reference_tables import REFERENCE
 
 from maskar.config import ConfigError, build
 from maskar.convert import klvae as convert_klvae
 from maskar.tokenizers.klvae import KLVAE, KLVAEConfig
-
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 
 def tiny_cfg(**kw) -> KLVAEConfig:

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_tables import REFERENCE
 from scipy.stats import truncnorm
 from torch import nn
 
 from maskar.models.mar import MAR, MARConfig, mask_from_order, truncated_normal_ratio
-
-REFERENCE = Path(__file__).parents[2] / "shared" / "reference"
 
 
 class StandInKL(nn.Module):

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_tables import REFERENCE
 
 from maskar.config import ConfigError, build
 from maskar.convert import vqvae as convert_vqvae
 from maskar.tokenizers.losses import psnr
 from maskar.tokenizers.vqvae import MultiScaleVQVAE, VQVAEConfig
-
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 
 def tiny_cfg(**kw) -> VQVAEConfig:
