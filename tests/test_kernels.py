@@ -279,23 +279,32 @@ def test_tuning_picks_fastest_candidate_and_later_calls_launch_once_per_phase(mo
 
 def test_direct_launch_path_reuses_compiled_kernel_only_for_the_same_specialisation(monkeypatch):
     """_launch: first call through kernel[grid](...), repeats straight to the compiled kernel's
-    launcher with every parameter in order; a new specialisation or a launcher error goes back."""
+    launcher (Triton 3.6 convention: grid x, y, z, stream, function, metadata, launch metadata,
+    enter / exit hooks, then every parameter in order); with launch hooks registered, through
+    the compiled kernel's runner; a new specialisation or a launcher error goes back to JIT."""
     pytest.importorskip("triton")
     import maskar.kernels.block_sparse as bs
 
     calls = []
 
     class Compiled:
+        function, packed_metadata = "fn", "meta"
+
         def __init__(self, fail=False):
             self.fail = fail
+
+        def run(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter, exit_, *args):
+            if self.fail:
+                raise TypeError("other launcher convention")
+            expected = (7, "fn", "meta", None, None, None)
+            assert (stream, function, metadata, launch_metadata, enter, exit_) == expected
+            calls.append(("direct", (gx, gy, gz), args))
 
         def __getitem__(self, grid):
             assert len(grid) == 3  # Triton's CompiledKernel runner reads grid[0], grid[1], grid[2]
 
             def run(*args):
-                if self.fail:
-                    raise TypeError("other launcher convention")
-                calls.append(("direct", grid, args))
+                calls.append(("runner", grid, args))
             return run
 
     class Kernel:
@@ -314,6 +323,7 @@ def test_direct_launch_path_reuses_compiled_kernel_only_for_the_same_specialisat
     monkeypatch.setattr(bs, "FAST_LAUNCH", True)
     monkeypatch.setattr(bs, "_compiled", {})
     monkeypatch.setattr(bs, "_fast_failed", False)
+    monkeypatch.setattr(bs, "_current_stream", lambda: 7)
     x = torch.zeros(64)
     kern = Kernel()
     bs._launch(kern, (3, 1), (x, 32, 0.5), {"BLOCK": 16}, 4, 2)
@@ -322,16 +332,38 @@ def test_direct_launch_path_reuses_compiled_kernel_only_for_the_same_specialisat
     bs._launch(kern, (5, 1), (x, 32, 0.7), {"BLOCK": 32}, 4, 2)  # another constexpr: JIT again
     bs._launch(kern, (5, 1), (x.half(), 32, 0.7), {"BLOCK": 16}, 4, 2)  # another dtype: JIT again
     bs._launch(kern, (5, 1), (x[1:], 32, 0.7), {"BLOCK": 16}, 4, 2)  # pointer not 16-byte aligned: JIT
-    assert [c[0] for c in calls] == ["jit", "direct", "jit", "jit", "jit", "jit"]
+    monkeypatch.setattr(bs, "_launch_hooks_set", lambda: True)
+    bs._launch(kern, (5, 1), (x, 32, 0.7), {"BLOCK": 16}, 4, 2)  # hooks registered: the runner
+    assert [c[0] for c in calls] == ["jit", "direct", "jit", "jit", "jit", "jit", "runner"]
     assert calls[0][3] == {"BLOCK": 16, "num_warps": 4, "num_stages": 2}
     assert calls[1][1] == (5, 1, 1) and calls[1][2] == (x, 32, 0.7, 16)
+    assert calls[-1][1] == (5, 1, 1) and calls[-1][2] == (x, 32, 0.7, 16)
     assert not bs._fast_failed
     calls.clear()
     monkeypatch.setattr(bs, "_compiled", {})
+    monkeypatch.setattr(bs, "_launch_hooks_set", lambda: False)
     bad = Kernel(fail=True)
     for _ in range(3):
         bs._launch(bad, (1,), (x, 32, 0.5), {"BLOCK": 16}, 4, 2)
     assert [c[0] for c in calls] == ["jit", "jit", "jit"] and bs._fast_failed
+
+
+def test_launch_hooks_detection():
+    pytest.importorskip("triton")
+    import maskar.kernels.block_sparse as bs
+
+    if bs._knobs is None:
+        pytest.skip("this Triton has no knobs module")
+    assert bs._launch_hooks_set() is False
+    hook = bs._knobs.runtime.launch_enter_hook
+    if not hasattr(hook, "add"):
+        pytest.skip("launch hooks are not HookChains in this Triton")
+    fn = lambda metadata: None  # noqa: E731
+    hook.add(fn)
+    try:
+        assert bs._launch_hooks_set() is True
+    finally:
+        hook.remove(fn)
 
 
 def test_attention_api_dispatches_to_kernel_interpreted(interpreter_results):

@@ -46,6 +46,11 @@ from torch import Tensor
 
 from maskar.nn.attention import ScalePattern, register_backend
 
+try:  # launch hooks (profilers) live here in Triton >= 3.4
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover
+    _knobs = None
+
 LOG2E = 1.4426950408889634
 
 
@@ -531,9 +536,13 @@ def _launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_
         key = (id(kernel), args[0].get_device(), num_warps, num_stages, *consts.values(), spec)
         ck = _compiled.get(key)
         if ck is not None:
-            try:  # the compiled kernel's runner indexes grid[2]: pass all three dimensions
-                ck[(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)](
-                    *args, *consts.values())
+            g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+            try:
+                if _launch_hooks_set():  # e.g. a profiler: the runner builds their metadata
+                    ck[g](*args, *consts.values())
+                else:  # the launcher itself: no per-call metadata dict, no hook calls
+                    ck.run(*g, _current_stream(), ck.function, ck.packed_metadata, None, None, None,
+                           *args, *consts.values())
                 return
             except Exception:  # launcher convention of another Triton version: use the JIT path
                 _fast_failed = True
@@ -542,6 +551,17 @@ def _launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_
     names = getattr(kernel, "arg_names", None)  # the launcher takes every parameter in this order
     if fast and ck is not None and names is not None and list(names[len(args):]) == list(consts):
         _compiled[key] = ck
+
+
+def _current_stream() -> int:
+    """The raw current CUDA stream of the current device, as Triton's own launch path takes it."""
+    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+
+
+def _launch_hooks_set() -> bool:
+    """Whether Triton launch hooks are registered (Triton >= 3.4 keeps them in HookChains)."""
+    hooks = (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook) if _knobs else (None, None)
+    return any(h is not None and getattr(h, "calls", True) for h in hooks)
 
 
 def _view_spec(*views: Tensor) -> tuple:
