@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,10 +139,183 @@ def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+# ----------------------------------------------------------------------------- shared base
+
+
+def make_token_diffloss(cfg: MARConfig, token_channels: int) -> DiffLoss:
+    """MAR's per-token MLP diffusion head for ``cfg`` (CASMAR's stage-1 head is the same)."""
+    return DiffLoss(
+        target_channels=token_channels,
+        z_channels=cfg.decoder_embed_dim,
+        depth=cfg.diffloss_d,
+        width=cfg.diffloss_w,
+        num_sampling_steps=cfg.num_sampling_steps,
+        grad_checkpointing=cfg.grad_checkpointing,
+    )
+
+
+def cosine_mask_ratio(step: int, num_iter: int) -> float:
+    """Share of tokens still masked after sampling step ``step`` of ``num_iter``."""
+    return math.cos(math.pi / 2.0 * (step + 1) / num_iter)
+
+
+class MaskedGenerator(nn.Module):
+    """What MAR and CASMAR share: the frozen KL tokenizer, the class / ``fake_latent``
+    buffer tokens, the fully sparse encoder's visible-token selection, weight init and the
+    sampling-loop arithmetic. Subclasses own their parameters (registration order = the
+    official state-dict order) and call the ``_set_*`` / ``_init_*`` helpers from ``__init__``.
+    """
+
+    cfg: MARConfig
+    tokenizer: nn.Module
+
+    def _set_common_attributes(self, cfg: MARConfig, tok: nn.Module) -> None:
+        self.image_size = cfg.img_size
+        self.image_channels = int(getattr(tok, "image_channels", 3))
+        self.num_classes = cfg.class_num
+        self.buffer_size = cfg.buffer_size
+        self.label_drop_prob = cfg.label_drop_prob
+        self.diffusion_batch_mul = cfg.diffusion_batch_mul
+        self.grad_checkpointing = cfg.grad_checkpointing
+
+    def _set_tokenizer(self, tok: nn.Module) -> None:
+        self.tokenizer = tok
+        self.tokenizer.requires_grad_(False)
+        self.tokenizer.eval()
+
+    def _init_weights(self, normal_params: tuple[Tensor, ...]) -> None:
+        """N(0, 0.02) for ``normal_params`` (in this order: it fixes the RNG draws), xavier
+        Linear weights with zero biases, unit / zero LayerNorm affines."""
+        for p in normal_params:
+            nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_config(cls, cfg: MARConfig) -> MaskedGenerator:
+        return cls(cfg)
+
+    def train(self, mode: bool = True) -> MaskedGenerator:
+        super().train(mode)
+        self.tokenizer.eval()  # frozen: always in eval mode
+        return self
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        # As the official optimizer groups: no decay anywhere in the diffusion head(s).
+        return {"diffloss"}
+
+    def class_embedding(self, labels: Tensor) -> Tensor:
+        """(B, D); label == class_num (or < 0) means unconditional (``fake_latent``)."""
+        if labels.dtype != torch.long:
+            raise ValueError(f"labels: expected int64, got {labels.dtype}")
+        uncond = (labels < 0) | (labels >= self.num_classes)
+        emb = self.class_emb(labels.clamp(0, self.num_classes - 1))
+        return torch.where(uncond[:, None], self.fake_latent.to(emb.dtype), emb)
+
+    # -- encoder / decoder pieces
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: Tensor, *args: Any) -> Tensor:
+        """``x = blk(x, *args)`` for each block, checkpointed when training with grad_checkpointing."""
+        for blk in blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, *args, use_reentrant=False)
+            else:
+                x = blk(x, *args)
+        return x
+
+    def _buffer_tokens(self, class_emb: Tensor, b: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """(B, buffer, D) class-embedding buffer, with the training label drop to ``fake_latent``."""
+        if self.training and self.label_drop_prob > 0:
+            drop = torch.rand(b, device=device) < self.label_drop_prob
+            class_emb = torch.where(drop[:, None], self.fake_latent.to(class_emb.dtype), class_emb)
+        return class_emb[:, None, :].to(dtype).expand(b, self.buffer_size, -1)
+
+    def _visible_positions(self, mask: Tensor, num_masked: int) -> Tensor:
+        """(B, buffer + L - num_masked) positions of the buffer and the visible tokens, in order."""
+        mask_with_buffer = torch.cat([mask.new_zeros(mask.shape[0], self.buffer_size), mask], dim=1)
+        num_visible = mask_with_buffer.shape[1] - num_masked
+        return torch.sort(mask_with_buffer.to(torch.uint8), dim=1, stable=True).indices[:, :num_visible]
+
+    def _decoder_output(self, x: Tensor) -> Tensor:
+        """Decoder stack output (B, buffer + L, D) -> conditions z (B, L, D): buffer removed."""
+        return self.decoder_norm(x)[:, self.buffer_size :] + self.diffusion_pos_embed_learned
+
+    # -- training data
+
+    @torch.no_grad()
+    def latents_from_batch(self, batch: dict[str, Tensor]) -> Tensor:
+        """Scaled latents (B, C, h, w): a fresh posterior sample from the image or cached moments."""
+        if "moments" in batch:
+            moments = batch["moments"]
+            if "moments_flip" in batch:
+                # Like the official CachedFolder: each sample uses its flip with probability 1/2.
+                flip = torch.rand(moments.shape[0], device=moments.device) < 0.5
+                moments = torch.where(flip[:, None, None, None], batch["moments_flip"], moments)
+        elif "image" in batch:
+            moments = self.tokenizer.encode_moments(batch["image"])
+        else:
+            raise KeyError(f"MAR.loss: batch needs 'image' or 'moments', got keys {sorted(batch)}")
+        return self.tokenizer.sample_latent(moments.float())
+
+    # -- sampling pieces
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        was = self.training
+        self.train(False)
+        try:
+            yield
+        finally:
+            self.train(was)
+
+    @staticmethod
+    def _check_cfg_schedule_and_steps(cfg_schedule: str, num_iter: int) -> None:
+        if cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"cfg_schedule: expected 'linear' or 'constant', got {cfg_schedule!r}")
+        if num_iter < 1:
+            raise ValueError(f"num_iter: expected >= 1, got {num_iter}")
+
+    def _class_emb_cfg(self, labels: Tensor, cfg: float) -> Tensor:
+        """(B, D), or (2B, D) laid out [cond | uncond = fake_latent] when guiding."""
+        class_emb = self.class_embedding(labels)
+        if cfg != 1.0:
+            class_emb = torch.cat([class_emb, self.fake_latent.expand(len(labels), -1).to(class_emb.dtype)])
+        return class_emb
+
+    @staticmethod
+    def _cfg_scale(cfg: float, schedule: str, visible_after: int, total: int) -> float:
+        """Guidance of a step: linear in the share of tokens visible after it, or constant."""
+        if schedule == "linear":
+            return 1.0 + (cfg - 1.0) * visible_after / total
+        return cfg
+
+    def token_keep_mask(self, keep_mask: Tensor) -> Tensor:
+        """(B, 1, H, W) bool (image resolution) -> (B, L) bool: known iff all the token's pixels are kept."""
+        if keep_mask.ndim != 4 or keep_mask.shape[1] != 1 or keep_mask.shape[-1] != self.image_size:
+            size = self.image_size
+            raise ValueError(f"keep_mask: expected (B, 1, {size}, {size}) bool, got {tuple(keep_mask.shape)}")
+        k = self.image_size // self.seq_h
+        frac = nn.functional.avg_pool2d(keep_mask.float(), kernel_size=k, stride=k)  # (B, 1, h, w)
+        return (frac >= 1.0).flatten(1)
+
+    # -- pretrained parts
+
+    def init_pretrained(self) -> None:
+        """Load the tokenizer weights named by ``model.tokenizer_ckpt`` (when training starts)."""
+        if self.cfg.tokenizer_ckpt:
+            load_tokenizer_weights(self.tokenizer, self.cfg.tokenizer_ckpt)
+
+
 # ----------------------------------------------------------------------------- model
 
 
-class MAR(nn.Module):
+class MAR(MaskedGenerator):
     def __init__(self, cfg: MARConfig, tokenizer: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
@@ -155,13 +328,7 @@ class MAR(nn.Module):
             )
         self.seq_h = self.seq_w = cfg.img_size // stride
         self.seq_len = self.seq_h * self.seq_w
-        self.image_size = cfg.img_size
-        self.image_channels = int(getattr(tok, "image_channels", 3))
-        self.num_classes = cfg.class_num
-        self.buffer_size = cfg.buffer_size
-        self.label_drop_prob = cfg.label_drop_prob
-        self.diffusion_batch_mul = cfg.diffusion_batch_mul
-        self.grad_checkpointing = cfg.grad_checkpointing
+        self._set_common_attributes(cfg, tok)
         d_enc, d_dec, n_pos = cfg.encoder_embed_dim, cfg.decoder_embed_dim, self.seq_len + cfg.buffer_size
 
         def blocks(dim: int, depth: int, heads: int) -> nn.ModuleList:
@@ -195,49 +362,20 @@ class MAR(nn.Module):
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, d_dec))
         self.initialize_weights()
         # diffusion head (its own init: zero adaLN / output) and the frozen tokenizer
-        self.diffloss = DiffLoss(
-            target_channels=self.token_channels,
-            z_channels=d_dec,
-            depth=cfg.diffloss_d,
-            width=cfg.diffloss_w,
-            num_sampling_steps=cfg.num_sampling_steps,
-            grad_checkpointing=cfg.grad_checkpointing,
-        )
-        self.tokenizer = tok
-        self.tokenizer.requires_grad_(False)
-        self.tokenizer.eval()
-
-    @classmethod
-    def from_config(cls, cfg: MARConfig) -> MAR:
-        return cls(cfg)
+        self.diffloss = make_token_diffloss(cfg, self.token_channels)
+        self._set_tokenizer(tok)
 
     def initialize_weights(self) -> None:
-        for p in (
-            self.class_emb.weight,
-            self.fake_latent,
-            self.mask_token,
-            self.encoder_pos_embed_learned,
-            self.decoder_pos_embed_learned,
-            self.diffusion_pos_embed_learned,
-        ):
-            nn.init.normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def train(self, mode: bool = True) -> MAR:
-        super().train(mode)
-        self.tokenizer.eval()  # frozen: always in eval mode
-        return self
-
-    def no_weight_decay_keywords(self) -> set[str]:
-        # As the official optimizer groups: no decay anywhere in the diffusion head.
-        return {"diffloss"}
+        self._init_weights(
+            (
+                self.class_emb.weight,
+                self.fake_latent,
+                self.mask_token,
+                self.encoder_pos_embed_learned,
+                self.decoder_pos_embed_learned,
+                self.diffusion_pos_embed_learned,
+            )
+        )
 
     # -- tokens
 
@@ -256,23 +394,7 @@ class MAR(nn.Module):
         x = x.reshape(b, self.seq_h, self.seq_w, c, p, p).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(b, c, self.seq_h * p, self.seq_w * p)
 
-    def class_embedding(self, labels: Tensor) -> Tensor:
-        """(B, D); label == class_num (or < 0) means unconditional (``fake_latent``)."""
-        if labels.dtype != torch.long:
-            raise ValueError(f"labels: expected int64, got {labels.dtype}")
-        uncond = (labels < 0) | (labels >= self.num_classes)
-        emb = self.class_emb(labels.clamp(0, self.num_classes - 1))
-        return torch.where(uncond[:, None], self.fake_latent.to(emb.dtype), emb)
-
     # -- encoder / decoder
-
-    def _run_blocks(self, blocks: nn.ModuleList, x: Tensor) -> Tensor:
-        for blk in blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
 
     def forward_encoder(
         self, tokens: Tensor, mask: Tensor, class_emb: Tensor, num_masked: int
@@ -283,15 +405,10 @@ class MAR(nn.Module):
         """
         b = tokens.shape[0]
         x = self.z_proj(tokens)  # (B, L, D)
-        if self.training and self.label_drop_prob > 0:
-            drop = torch.rand(b, device=x.device) < self.label_drop_prob
-            class_emb = torch.where(drop[:, None], self.fake_latent.to(class_emb.dtype), class_emb)
-        buf = class_emb[:, None, :].to(x.dtype).expand(b, self.buffer_size, -1)  # (B, buffer, D)
+        buf = self._buffer_tokens(class_emb, b, x.device, x.dtype)  # (B, buffer, D)
         x = self.z_proj_ln(torch.cat([buf, x], dim=1) + self.encoder_pos_embed_learned)
         # Fully sparse: keep the buffer and the visible tokens, in position order.
-        mask_with_buffer = torch.cat([mask.new_zeros(b, self.buffer_size), mask], dim=1)
-        num_visible = self.buffer_size + self.seq_len - num_masked
-        keep = torch.sort(mask_with_buffer.to(torch.uint8), dim=1, stable=True).indices[:, :num_visible]
+        keep = self._visible_positions(mask, num_masked)
         x = _gather_rows(x, keep)
         x = self._run_blocks(self.encoder_blocks, x)
         return self.encoder_norm(x), keep
@@ -302,26 +419,9 @@ class MAR(nn.Module):
         b, _, d = x.shape
         full = self.mask_token.to(x.dtype).expand(b, self.buffer_size + self.seq_len, d)
         x = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, d), x)
-        x = self._run_blocks(self.decoder_blocks, x + self.decoder_pos_embed_learned)
-        x = self.decoder_norm(x)[:, self.buffer_size :]
-        return x + self.diffusion_pos_embed_learned
+        return self._decoder_output(self._run_blocks(self.decoder_blocks, x + self.decoder_pos_embed_learned))
 
     # -- training
-
-    @torch.no_grad()
-    def latents_from_batch(self, batch: dict[str, Tensor]) -> Tensor:
-        """Scaled latents (B, C, h, w): a fresh posterior sample from the image or cached moments."""
-        if "moments" in batch:
-            moments = batch["moments"]
-            if "moments_flip" in batch:
-                # Like the official CachedFolder: each sample uses its flip with probability 1/2.
-                flip = torch.rand(moments.shape[0], device=moments.device) < 0.5
-                moments = torch.where(flip[:, None, None, None], batch["moments_flip"], moments)
-        elif "image" in batch:
-            moments = self.tokenizer.encode_moments(batch["image"])
-        else:
-            raise KeyError(f"MAR.loss: batch needs 'image' or 'moments', got keys {sorted(batch)}")
-        return self.tokenizer.sample_latent(moments.float())
 
     def forward_train(self, latent: Tensor, labels: Tensor) -> dict[str, Tensor]:
         tokens = self.patchify(latent)  # (B, L, C)
@@ -350,15 +450,6 @@ class MAR(nn.Module):
 
     # -- sampling
 
-    @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        was = self.training
-        self.train(False)
-        try:
-            yield
-        finally:
-            self.train(was)
-
     @torch.no_grad()
     def sample_tokens(
         self,
@@ -382,10 +473,7 @@ class MAR(nn.Module):
         the unknown tokens. ``trace``, if given, receives the number of tokens revealed
         at each step. ``cuda_graph`` is passed to :meth:`DiffLoss.sample` (None = its default).
         """
-        if cfg_schedule not in ("linear", "constant"):
-            raise ValueError(f"cfg_schedule: expected 'linear' or 'constant', got {cfg_schedule!r}")
-        if num_iter < 1:
-            raise ValueError(f"num_iter: expected >= 1, got {num_iter}")
+        self._check_cfg_schedule_and_steps(cfg_schedule, num_iter)
         b, n, device = labels.shape[0], self.seq_len, labels.device
         tokens = torch.zeros(b, n, self.token_channels, device=device)  # (B, L, C)
         rand = torch.rand(b, n, generator=generator, device=device)
@@ -400,9 +488,7 @@ class MAR(nn.Module):
             tokens = torch.where(known_mask[..., None], known.float(), tokens)
             rand = rand + known_mask.float() * 2  # known tokens go last in the order
         orders = torch.argsort(rand, dim=1)  # (B, L) per-sample random order
-        class_emb = self.class_embedding(labels)
-        if cfg != 1.0:
-            class_emb = torch.cat([class_emb, self.fake_latent.expand(b, -1).to(class_emb.dtype)])
+        class_emb = self._class_emb_cfg(labels, cfg)
         num_masked = n_unknown
         with self._eval_mode():
             for step in range(num_iter):
@@ -414,17 +500,14 @@ class MAR(nn.Module):
                     x_in, mask_in = torch.cat([tokens, tokens]), torch.cat([mask, mask])
                 x, keep = self.forward_encoder(x_in, mask_in, class_emb, num_masked)
                 z = self.forward_decoder(x, keep)  # (B or 2B, L, D)
-                ratio = math.cos(math.pi / 2.0 * (step + 1) / num_iter)
+                ratio = cosine_mask_ratio(step, num_iter)
                 mask_len = max(1, min(num_masked - 1, math.floor(n_unknown * ratio)))
                 next_masked = 0 if step >= num_iter - 1 else mask_len
                 idx = orders[:, next_masked:num_masked]  # (B, k) positions revealed now
                 if trace is not None:
                     trace.append(idx.shape[1])
                 if idx.shape[1] > 0:
-                    if cfg_schedule == "linear":
-                        cfg_iter = 1.0 + (cfg - 1.0) * (n - mask_len) / n
-                    else:
-                        cfg_iter = cfg
+                    cfg_iter = self._cfg_scale(cfg, cfg_schedule, n - mask_len, n)
                     z_idx = torch.cat([idx, idx]) if cfg != 1.0 else idx
                     z_sel = _gather_rows(z, z_idx).reshape(-1, z.shape[-1])  # [cond rows | uncond rows]
                     new = self.diffloss.sample(
@@ -468,15 +551,6 @@ class MAR(nn.Module):
         )
         return self.tokenizer.decode(self.unpatchify(tokens).float())
 
-    def token_keep_mask(self, keep_mask: Tensor) -> Tensor:
-        """(B, 1, H, W) bool (image resolution) -> (B, L) bool: known iff all the token's pixels are kept."""
-        if keep_mask.ndim != 4 or keep_mask.shape[1] != 1 or keep_mask.shape[-1] != self.image_size:
-            size = self.image_size
-            raise ValueError(f"keep_mask: expected (B, 1, {size}, {size}) bool, got {tuple(keep_mask.shape)}")
-        k = self.image_size // self.seq_h
-        frac = nn.functional.avg_pool2d(keep_mask.float(), kernel_size=k, stride=k)  # (B, 1, h, w)
-        return (frac >= 1.0).flatten(1)
-
     @torch.no_grad()
     def edit(
         self,
@@ -516,13 +590,6 @@ class MAR(nn.Module):
         if return_tokens:
             return out
         return self.tokenizer.decode(self.unpatchify(out))
-
-    # -- pretrained parts
-
-    def init_pretrained(self) -> None:
-        """Load the tokenizer weights named by ``model.tokenizer_ckpt`` (when training starts)."""
-        if self.cfg.tokenizer_ckpt:
-            load_tokenizer_weights(self.tokenizer, self.cfg.tokenizer_ckpt)
 
 
 # ----------------------------------------------------------------------------- tokenizer weights, cache
@@ -576,6 +643,35 @@ def build_tokenizer(cfg: MARConfig) -> nn.Module:
     return tok.eval().requires_grad_(False)
 
 
+def cache_tokenizer_latents(
+    cfg: MARConfig,
+    arch: str,
+    make_encode: Callable[[nn.Module], Callable[[Tensor], Any]],
+    dataset: Any,
+    out_dir: str,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Cache ``make_encode(tokenizer)(images)`` of every image and of its mirror image."""
+    from maskar.data.latent_store import cache_latents
+
+    tok = build_tokenizer(cfg)
+    if device is not None:
+        tok = tok.to(device)
+    source = {"arch": arch, "tokenizer": type(tok).__name__, "tokenizer_ckpt": cfg.tokenizer_ckpt}
+    return cache_latents(
+        make_encode(tok),
+        dataset,
+        out_dir,
+        batch_size=batch_size,
+        hflip_too=True,
+        device=device,
+        source=source,
+        **kwargs,
+    )
+
+
 def cache_latents_for(
     cfg: MARConfig,
     dataset: Any,
@@ -585,21 +681,8 @@ def cache_latents_for(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Cache posterior moments of every image and of its mirror image (``data.name=latents``)."""
-    from maskar.data.latent_store import cache_latents
-
-    tok = build_tokenizer(cfg)
-    if device is not None:
-        tok = tok.to(device)
-    source = {"arch": "mar", "tokenizer": type(tok).__name__, "tokenizer_ckpt": cfg.tokenizer_ckpt}
-    return cache_latents(
-        tok.encode_moments,
-        dataset,
-        out_dir,
-        batch_size=batch_size,
-        hflip_too=True,
-        device=device,
-        source=source,
-        **kwargs,
+    return cache_tokenizer_latents(
+        cfg, "mar", lambda tok: tok.encode_moments, dataset, out_dir, batch_size, device, **kwargs
     )
 
 
