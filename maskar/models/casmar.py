@@ -31,6 +31,7 @@ the tokenizer is an extra ``tokenizer.*`` submodule.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,14 +43,17 @@ from torch.utils.checkpoint import checkpoint
 from maskar import registry
 from maskar.config import field
 from maskar.models.mar import (
-    MAR,
     MARConfig,
     MARSampleConfig,
+    MaskedGenerator,
     _check_respacing,
-    load_tokenizer_weights,
+    _gather_rows,
+    cache_tokenizer_latents,
+    cosine_mask_ratio,
+    make_token_diffloss,
     truncated_normal_ratio,
 )
-from maskar.nn.diffloss import DiffLoss, FinalLayer, TimestepEmbedder, modulate
+from maskar.nn.diffloss import FinalLayer, TimestepEmbedder, modulate
 from maskar.nn.diffusion import GaussianDiffusion, create_diffusion
 from maskar.nn.proximal_attention import ProximalSelfAttention, SALAAttention2D
 from maskar.nn.sampling import make_generator
@@ -450,15 +454,8 @@ def _grid(tokens: Tensor, h: int, w: int) -> Tensor:
 # ----------------------------------------------------------------------------- model
 
 
-class CASMAR(nn.Module):
+class CASMAR(MaskedGenerator):
     ddp_find_unused_parameters = True  # e.g. cond_z_proj gets no gradient while Pred-Cond is off
-
-    # Borrowed from MAR (same attributes, same meaning): label -> class embedding,
-    # image keep-mask -> big-grid token keep-mask, eval-mode context, posterior sampling.
-    class_embedding = MAR.class_embedding
-    token_keep_mask = MAR.token_keep_mask
-    _eval_mode = MAR._eval_mode
-    latents_from_batch = MAR.latents_from_batch
 
     def __init__(self, cfg: CASMARConfig, tokenizer: nn.Module | None = None):
         super().__init__()
@@ -479,13 +476,7 @@ class CASMAR(nn.Module):
             raise ValueError(
                 f"head_attention=sala pools 2x2 anchors: the {self.seq_h}x{self.seq_w} grid is odd"
             )
-        self.image_size = cfg.img_size
-        self.image_channels = int(getattr(tok, "image_channels", 3))
-        self.num_classes = cfg.class_num
-        self.buffer_size = cfg.buffer_size
-        self.label_drop_prob = cfg.label_drop_prob
-        self.diffusion_batch_mul = cfg.diffusion_batch_mul
-        self.grad_checkpointing = cfg.grad_checkpointing
+        self._set_common_attributes(cfg, tok)
         self.train_step = 0  # drives the Pred-Cond ramp (set by the trainer hooks)
         d_enc, d_dec = cfg.encoder_embed_dim, cfg.decoder_embed_dim
         n_tok = self.scaffold_len + self.seq_len  # 320 per stage
@@ -518,14 +509,7 @@ class CASMAR(nn.Module):
         self.decoder_norm = nn.LayerNorm(d_dec, eps=1e-6)
         self.initialize_weights()
         # heads (their own init) and the frozen tokenizer
-        self.diffloss = DiffLoss(
-            target_channels=self.token_channels,
-            z_channels=d_dec,
-            depth=cfg.diffloss_d,
-            width=cfg.diffloss_w,
-            num_sampling_steps=cfg.num_sampling_steps,
-            grad_checkpointing=cfg.grad_checkpointing,
-        )
+        self.diffloss = make_token_diffloss(cfg, self.token_channels)
         self.cond_diffloss = GlobalDiffLoss(
             LocalDiT(
                 in_channels=self.token_channels,
@@ -544,46 +528,24 @@ class CASMAR(nn.Module):
             ),
             num_sampling_steps=cfg.refine_num_sampling_steps,
         )
-        self.tokenizer = tok
-        self.tokenizer.requires_grad_(False)
-        self.tokenizer.eval()
-
-    @classmethod
-    def from_config(cls, cfg: CASMARConfig) -> CASMAR:
-        return cls(cfg)
+        self._set_tokenizer(tok)
 
     def initialize_weights(self) -> None:
-        for p in (
-            self.class_emb.weight,
-            self.fake_latent,
-            self.mask_token,
-            self.cond_tokens,
-            self.encoder_pos_embed_learned,
-            self.decoder_pos_embed_learned,
-            self.diffusion_pos_embed_learned,
-            self.encoder_task_emb.weight,
-            self.decoder_task_emb.weight,
-        ):
-            nn.init.normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self._init_weights(
+            (
+                self.class_emb.weight,
+                self.fake_latent,
+                self.mask_token,
+                self.cond_tokens,
+                self.encoder_pos_embed_learned,
+                self.decoder_pos_embed_learned,
+                self.diffusion_pos_embed_learned,
+                self.encoder_task_emb.weight,
+                self.decoder_task_emb.weight,
+            )
+        )
         for blk in [*self.encoder_blocks, *self.decoder_blocks]:
             blk.reset_modulation()
-
-    def train(self, mode: bool = True) -> CASMAR:
-        super().train(mode)
-        self.tokenizer.eval()  # frozen: always in eval mode
-        return self
-
-    def no_weight_decay_keywords(self) -> set[str]:
-        # As the official optimizer groups: no decay in either diffusion head.
-        return {"diffloss"}
 
     def on_train_start(self, step: int) -> None:
         self.train_step = step
@@ -600,13 +562,7 @@ class CASMAR(nn.Module):
     # -- encoder / decoder (shared by both stages)
 
     def _run_stack(self, blocks: nn.ModuleList, task_emb: nn.Embedding, ada: nn.Module, x: Tensor, task: int):
-        c = ada(task_emb.weight[task])  # (4D,)
-        for blk in blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, c, task, use_reentrant=False)
-            else:
-                x = blk(x, c, task)
-        return x
+        return self._run_blocks(blocks, x, ada(task_emb.weight[task]), task)  # c: (4D,)
 
     def _stage_rows(self, stage: int) -> slice:
         per = self.buffer_size + self.scaffold_len + self.seq_len
@@ -625,17 +581,12 @@ class CASMAR(nn.Module):
         bool with ``num_masked`` True per row; class_emb (B, D). Returns encoded visible tokens
         and their positions in [buffer | scaffold | big]."""
         b = tokens.shape[0]
-        if self.training and self.label_drop_prob > 0:
-            drop = torch.rand(b, device=tokens.device) < self.label_drop_prob
-            class_emb = torch.where(drop[:, None], self.fake_latent.to(class_emb.dtype), class_emb)
         x_big = self.z_proj(tokens)  # (B, N, D)
-        buf = class_emb[:, None, :].to(x_big.dtype).expand(b, self.buffer_size, -1)
+        buf = self._buffer_tokens(class_emb, b, tokens.device, x_big.dtype)
         x = torch.cat([buf, scaffold.to(x_big.dtype).expand(b, -1, -1), x_big], dim=1)
         x = self.z_proj_ln(x + self.encoder_pos_embed_learned[:, self._stage_rows(stage)])
-        mask_with_buffer = torch.cat([mask.new_zeros(b, self.buffer_size), mask], dim=1)
-        num_visible = mask_with_buffer.shape[1] - num_masked
-        keep = torch.sort(mask_with_buffer.to(torch.uint8), dim=1, stable=True).indices[:, :num_visible]
-        x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        keep = self._visible_positions(mask, num_masked)
+        x = _gather_rows(x, keep)
         x = self._run_stack(self.encoder_blocks, self.encoder_task_emb, self.encoder_blocks_ada, x, stage)
         return self.encoder_norm(x), keep
 
@@ -649,8 +600,7 @@ class CASMAR(nn.Module):
         x = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, d), x)
         x = x + self.decoder_pos_embed_learned[:, self._stage_rows(stage)]
         x = self._run_stack(self.decoder_blocks, self.decoder_task_emb, self.decoder_blocks_ada, x, stage)
-        x = self.decoder_norm(x)[:, self.buffer_size :]
-        return x + self.diffusion_pos_embed_learned
+        return self._decoder_output(x)
 
     def refine_scaffold(self, small_z: Tensor, predicted: Tensor) -> Tensor:
         """Stage-2 scaffold part (B, S, D): cond_z_proj(small_z) where stage 1 predicted the
@@ -766,11 +716,6 @@ class CASMAR(nn.Module):
 
     # -- sampling
 
-    def _cfg_scale(self, cfg: float, schedule: str, visible_after: int, total: int) -> float:
-        if schedule == "linear":
-            return 1.0 + (cfg - 1.0) * visible_after / total
-        return cfg
-
     @torch.no_grad()
     def sample_scaffold(
         self,
@@ -818,7 +763,7 @@ class CASMAR(nn.Module):
                 if step >= num_iter - 1:
                     mask_next = torch.zeros_like(mask)
                 else:
-                    base = math.cos(math.pi / 2.0 * (step + 1) / num_iter)
+                    base = cosine_mask_ratio(step, num_iter)
                     mask_next, _ = self._sams(z[:b], base, known=known_mask, generator=generator)
                 to_pred = mask & ~mask_next
                 stuck = mask.any(1) & ~to_pred.any(1)
@@ -891,7 +836,7 @@ class CASMAR(nn.Module):
                 if step >= num_iter - 1:
                     mask_next = torch.zeros_like(mask)
                 else:
-                    base = math.cos(math.pi / 2.0 * (step + 1) / num_iter)
+                    base = cosine_mask_ratio(step, num_iter)
                     mask_next, _ = self._sams(z[:b], base, known=known_mask, generator=generator)
                 if trace is not None:
                     trace.append(num_masked)
@@ -914,17 +859,8 @@ class CASMAR(nn.Module):
                 mask = mask_next
         return tokens
 
-    def _class_emb_cfg(self, labels: Tensor, cfg: float) -> Tensor:
-        class_emb = self.class_embedding(labels)
-        if cfg != 1.0:
-            class_emb = torch.cat([class_emb, self.fake_latent.expand(len(labels), -1).to(class_emb.dtype)])
-        return class_emb
-
     def _check_sampling(self, cfg_schedule: str, num_iter: int, scaffold_num_iter: int) -> int:
-        if cfg_schedule not in ("linear", "constant"):
-            raise ValueError(f"cfg_schedule: expected 'linear' or 'constant', got {cfg_schedule!r}")
-        if num_iter < 1:
-            raise ValueError(f"num_iter: expected >= 1, got {num_iter}")
+        self._check_cfg_schedule_and_steps(cfg_schedule, num_iter)
         if scaffold_num_iter < 0:
             raise ValueError(
                 f"scaffold_num_iter: expected >= 0 (0 = 4 x cond_scale), got {scaffold_num_iter}"
@@ -1071,12 +1007,6 @@ class CASMAR(nn.Module):
             return out
         return self.tokenizer.decode(_grid(out, self.seq_h, self.seq_w))
 
-    # -- pretrained parts
-
-    def init_pretrained(self) -> None:
-        """Load the tokenizer weights named by ``model.tokenizer_ckpt`` (when training starts)."""
-        if self.cfg.tokenizer_ckpt:
-            load_tokenizer_weights(self.tokenizer, self.cfg.tokenizer_ckpt)
 
 
 # ----------------------------------------------------------------------------- latent cache
@@ -1092,29 +1022,17 @@ def cache_latents_for(
 ) -> dict[str, Any]:
     """Cache posterior moments of every image (``moments``) and of its bicubic downsample to
     ``cond_scale * stride`` px (``small_moments``), each also mirrored (``*_flip``)."""
-    from maskar.data.latent_store import cache_latents
-    from maskar.models.mar import build_tokenizer
 
-    tok = build_tokenizer(cfg)
-    if device is not None:
-        tok = tok.to(device)
-    size = cfg.cond_scale * int(tok.downsample)
+    def make_encode(tok: nn.Module) -> Callable[[Tensor], dict[str, Tensor]]:
+        size = cfg.cond_scale * int(tok.downsample)
 
-    def encode(images: Tensor) -> dict[str, Tensor]:
-        small = F.interpolate(images.float(), size=(size, size), mode="bicubic")
-        return {"moments": tok.encode_moments(images), "small_moments": tok.encode_moments(small)}
+        def encode(images: Tensor) -> dict[str, Tensor]:
+            small = F.interpolate(images.float(), size=(size, size), mode="bicubic")
+            return {"moments": tok.encode_moments(images), "small_moments": tok.encode_moments(small)}
 
-    source = {"arch": "casmar", "tokenizer": type(tok).__name__, "tokenizer_ckpt": cfg.tokenizer_ckpt}
-    return cache_latents(
-        encode,
-        dataset,
-        out_dir,
-        batch_size=batch_size,
-        hflip_too=True,
-        device=device,
-        source=source,
-        **kwargs,
-    )
+        return encode
+
+    return cache_tokenizer_latents(cfg, "casmar", make_encode, dataset, out_dir, batch_size, device, **kwargs)
 
 
 registry.register(
