@@ -735,11 +735,8 @@ class CASMAR(MaskedGenerator):
         sampled with (B, S, D) and which tokens were sampled (B, S) bool. ``trace``, if given,
         receives the number of tokens drawn at each step, summed over the batch."""
         b, s, device = labels.shape[0], self.scaffold_len, labels.device
-        small = torch.zeros(b, s, self.token_channels, device=device)  # (B, S, C)
+        small, known_mask = self._start_tokens(b, s, known, known_mask, device)  # (B, S, C), (B, S)
         small_z = torch.zeros(b, s, self.cfg.decoder_embed_dim, device=device)  # (B, S, D)
-        known_mask = torch.zeros(b, s, dtype=torch.bool, device=device) if known_mask is None else known_mask
-        if known is not None:
-            small = torch.where(known_mask[..., None], known.float(), small)
         mask = ~known_mask
         predicted = torch.zeros_like(mask)
         big = torch.zeros(b, self.seq_len, self.token_channels, device=device)  # never visible here
@@ -760,11 +757,7 @@ class CASMAR(MaskedGenerator):
                     scaffold, big_in, full_mask, class_emb, 0, num_masked + self.seq_len
                 )
                 z = self.forward_decoder(x, keep, 0)[:, :s]  # (B or 2B, S, D)
-                if step >= num_iter - 1:
-                    mask_next = torch.zeros_like(mask)
-                else:
-                    base = cosine_mask_ratio(step, num_iter)
-                    mask_next, _ = self._sams(z[:b], base, known=known_mask, generator=generator)
+                mask_next = self._next_mask(z[:b], mask, step, num_iter, known_mask, generator)
                 to_pred = mask & ~mask_next
                 stuck = mask.any(1) & ~to_pred.any(1)
                 if bool(stuck.any()):
@@ -809,10 +802,7 @@ class CASMAR(MaskedGenerator):
         ``trace``, if given, receives the per-sample number of tokens re-drawn at each step."""
         b, n, s, device = labels.shape[0], self.seq_len, self.scaffold_len, labels.device
         h, w = self.seq_h, self.seq_w
-        tokens = torch.zeros(b, n, self.token_channels, device=device)  # (B, N, C)
-        known_mask = torch.zeros(b, n, dtype=torch.bool, device=device) if known_mask is None else known_mask
-        if known is not None:
-            tokens = torch.where(known_mask[..., None], known.float(), tokens)
+        tokens, known_mask = self._start_tokens(b, n, known, known_mask, device)  # (B, N, C), (B, N)
         mask = ~known_mask
         scaffold = self.refine_scaffold(small_z, predicted)  # (B, S, D)
         scaffold_mask = torch.zeros(b, s, dtype=torch.bool, device=device)
@@ -833,11 +823,7 @@ class CASMAR(MaskedGenerator):
                     tok_in, full_mask = torch.cat([tokens, tokens]), torch.cat([full_mask, full_mask])
                 x, keep = self.forward_encoder(scaffold, tok_in, full_mask, class_emb, 1, num_masked)
                 z = self.forward_decoder(x, keep, 1)[:, s:]  # (B or 2B, N, D)
-                if step >= num_iter - 1:
-                    mask_next = torch.zeros_like(mask)
-                else:
-                    base = cosine_mask_ratio(step, num_iter)
-                    mask_next, _ = self._sams(z[:b], base, known=known_mask, generator=generator)
+                mask_next = self._next_mask(z[:b], mask, step, num_iter, known_mask, generator)
                 if trace is not None:
                     trace.append(num_masked)
                 cfg_iter = self._cfg_scale(cfg, cfg_schedule, n - int(mask_next[0].sum()), n)
@@ -858,6 +844,33 @@ class CASMAR(MaskedGenerator):
                 tokens = torch.where(mask[..., None], _tokens(new[:b]).float(), tokens)
                 mask = mask_next
         return tokens
+
+    def _start_tokens(
+        self, b: int, n: int, known: Tensor | None, known_mask: Tensor | None, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """Initial tokens (B, n, C): ``known`` where ``known_mask`` (B, n) bool, zeros elsewhere;
+        and the known mask (all False when none is given)."""
+        tokens = torch.zeros(b, n, self.token_channels, device=device)
+        known_mask = torch.zeros(b, n, dtype=torch.bool, device=device) if known_mask is None else known_mask
+        if known is not None:
+            tokens = torch.where(known_mask[..., None], known.float(), tokens)
+        return tokens, known_mask
+
+    def _next_mask(
+        self,
+        z: Tensor,
+        mask: Tensor,
+        step: int,
+        num_iter: int,
+        known_mask: Tensor,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Mask after ``step``: none after the last step, else SAMS/AMR on the conditional
+        decoder features z (B, L, D) at the cosine base ratio."""
+        if step >= num_iter - 1:
+            return torch.zeros_like(mask)
+        base = cosine_mask_ratio(step, num_iter)
+        return self._sams(z, base, known=known_mask, generator=generator)[0]
 
     def _check_sampling(self, cfg_schedule: str, num_iter: int, scaffold_num_iter: int) -> int:
         self._check_cfg_schedule_and_steps(cfg_schedule, num_iter)
