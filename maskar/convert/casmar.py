@@ -23,12 +23,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor
 
 from maskar.checkpoint import CheckpointError
-from maskar.convert.mar import export_official, load_into
+from maskar.convert.mar import finish_conversion, load_official_from_args, parse_cli_args, save_official
 from maskar.convert.mar import load_official as _load_mar_format
+
+__all__ = ["cli", "head_variant", "load_official", "save_official"]
 
 _HEAD = "cond_diffloss.net.blocks.0.attn."
 
@@ -57,52 +58,17 @@ def load_official(
     return _load_mar_format(path, entry=entry, trust_pickle=trust_pickle, kind="CASMAR")
 
 
-def save_official(
-    model: torch.nn.Module, path: str | os.PathLike, ema: Mapping[str, Tensor] | None = None
-) -> None:
-    """Write ``{"model", "model_ema"}`` like ``checkpoint-last.pth`` (EMA = the weights unless given)."""
-    state = export_official(model)
-    torch.save({"model": state, "model_ema": dict(ema) if ema is not None else state}, path)
-
-
-_TRUE = ("1", "true", "yes", "on")
-_KEYS = ("src", "out", "vae", "preset", "entry", "trust_pickle")
-
-
 def cli(argv: list[str]) -> int:
-    from maskar.checkpoint import save_model
     from maskar.config import load_config
     from maskar.models.casmar import CASMAR
-    from maskar.models.mar import load_tokenizer_weights
 
     usage = (
         "usage: maskar convert casmar src=checkpoint-last.pth out=DIR [vae=kl16.ckpt|KLVAE_DIR] "
         "[preset=casmar-b] [entry=model_ema|model] [trust_pickle=false] [model.KEY=VALUE ...] "
         "(or: maskar convert casmar SRC DST key=value ...)"
     )
-    args: dict[str, str] = {}
-    overrides: list[str] = []
-    positional = [a for a in argv if "=" not in a]
-    if len(positional) > 2:
-        raise SystemExit(f"{usage}; got extra arguments {positional[2:]}")
-    args.update(zip(("src", "out"), positional, strict=False))
-    for a in argv:
-        if "=" not in a:
-            continue
-        k, v = a.split("=", 1)
-        if k in _KEYS:
-            args[k] = v
-        elif k.startswith(("model.", "sample.")):
-            overrides.append(a)
-        else:
-            raise SystemExit(f"{usage}; unknown argument {k!r}")
-    if "src" not in args or "out" not in args:
-        raise SystemExit(usage)
-    state = load_official(
-        args["src"],
-        entry=args.get("entry", "model_ema"),
-        trust_pickle=args.get("trust_pickle", "").lower() in _TRUE,
-    )
+    args, overrides = parse_cli_args(argv, usage, positional=("src", "out"))
+    state = load_official_from_args(args, kind="CASMAR")
     variant = head_variant(state)
     asked = [o.split("=", 1)[1] for o in overrides if o.startswith("model.head_attention=")]
     if asked and asked[-1] != variant:
@@ -112,19 +78,5 @@ def cli(argv: list[str]) -> int:
     cfg = load_config(args.get("preset", "casmar-b"), [*overrides, f"model.head_attention={variant}"])
     if cfg.model.arch != "casmar":
         raise SystemExit(f"convert casmar: preset {args.get('preset')!r} is a {cfg.model.arch!r} preset")
-    model = CASMAR(cfg.model)
-    load_into(model, state, context=f"official CASMAR checkpoint {args['src']}")
-    vae = args.get("vae") or cfg.model.tokenizer_ckpt
-    if not vae:
-        raise SystemExit(
-            "convert casmar: give vae=kl16.ckpt (or a maskar klvae dir); CASMAR files hold no VAE"
-        )
-    load_tokenizer_weights(model.tokenizer, vae)
-    cfg.model.tokenizer_ckpt = None  # the weights now live inside the checkpoint
-    save_model(args["out"], model, cfg)
-    n = sum(v.numel() for v in state.values())
-    print(
-        f"wrote {args['out']} (casmar, {variant} head, {n / 1e6:.1f}M params from {args['src']}, "
-        f"tokenizer from {vae})"
-    )
+    finish_conversion(CASMAR(cfg.model), cfg, state, args, "CASMAR", f"casmar, {variant} head")
     return 0

@@ -19,6 +19,7 @@ import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -96,28 +97,36 @@ def export_official(model: torch.nn.Module) -> dict[str, Tensor]:
     }
 
 
-def save_official(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Write ``{"model": ..., "model_ema": ...}`` (the same weights) like ``checkpoint-last.pth``."""
+def save_official(
+    model: torch.nn.Module, path: str | os.PathLike, ema: Mapping[str, Tensor] | None = None
+) -> None:
+    """Write ``{"model", "model_ema"}`` like ``checkpoint-last.pth`` (EMA = the weights unless given)."""
     state = export_official(model)
-    torch.save({"model": state, "model_ema": state}, path)
+    torch.save({"model": state, "model_ema": dict(ema) if ema is not None else state}, path)
 
+
+# ----------------------------------------------------------------------------- CLI (MAR and CASMAR)
 
 _TRUE = ("1", "true", "yes", "on")
 _KEYS = ("src", "out", "vae", "preset", "entry", "trust_pickle")
 
 
-def cli(argv: list[str]) -> int:
-    from maskar.checkpoint import save_model
-    from maskar.config import load_config
-    from maskar.models.mar import MAR, load_tokenizer_weights
-
-    usage = (
-        "usage: maskar convert mar src=checkpoint-last.pth out=DIR [vae=kl16.ckpt|KLVAE_DIR] "
-        "[preset=mar-b] [entry=model_ema|model] [trust_pickle=false] [model.KEY=VALUE ...]"
-    )
-    args, overrides = {}, []
+def parse_cli_args(
+    argv: list[str], usage: str, positional: tuple[str, ...] = ()
+) -> tuple[dict[str, str], list[str]]:
+    """``key=value`` arguments (``_KEYS``) and ``model.*`` / ``sample.*`` overrides; bare words
+    fill ``positional`` in order (none allowed when it is empty). Needs ``src`` and ``out``."""
+    args: dict[str, str] = {}
+    overrides: list[str] = []
+    if positional:
+        words = [a for a in argv if "=" not in a]
+        if len(words) > len(positional):
+            raise SystemExit(f"{usage}; got extra arguments {words[len(positional) :]}")
+        args.update(zip(positional, words, strict=False))
     for a in argv:
         if "=" not in a:
+            if positional:
+                continue
             raise SystemExit(f"{usage}; got {a!r}")
         k, v = a.split("=", 1)
         if k in _KEYS:
@@ -128,22 +137,56 @@ def cli(argv: list[str]) -> int:
             raise SystemExit(f"{usage}; unknown argument {k!r}")
     if "src" not in args or "out" not in args:
         raise SystemExit(usage)
-    cfg = load_config(args.get("preset", "mar-b"), overrides)
-    if cfg.model.arch != "mar":
-        raise SystemExit(f"convert mar: preset {args.get('preset')!r} is a {cfg.model.arch!r} preset")
-    state = load_official(
+    return args, overrides
+
+
+def load_official_from_args(args: Mapping[str, str], kind: str = "MAR") -> dict[str, Tensor]:
+    """:func:`load_official` of ``src`` with the CLI's ``entry`` and ``trust_pickle``."""
+    return load_official(
         args["src"],
         entry=args.get("entry", "model_ema"),
         trust_pickle=args.get("trust_pickle", "").lower() in _TRUE,
+        kind=kind,
     )
-    model = MAR(cfg.model)
-    load_into(model, state, context=f"official MAR checkpoint {args['src']}")
+
+
+def finish_conversion(
+    model: torch.nn.Module,
+    cfg: Any,
+    state: Mapping[str, Tensor],
+    args: Mapping[str, str],
+    kind: str,
+    label: str,
+) -> None:
+    """Load ``state`` strictly and the tokenizer from ``vae=`` (or the preset), save to ``out``."""
+    from maskar.checkpoint import save_model
+    from maskar.models.mar import load_tokenizer_weights
+
+    load_into(model, state, context=f"official {kind} checkpoint {args['src']}")
     vae = args.get("vae") or cfg.model.tokenizer_ckpt
     if not vae:
-        raise SystemExit("convert mar: give vae=kl16.ckpt (or a maskar klvae dir); MAR files hold no VAE")
+        raise SystemExit(
+            f"convert {kind.lower()}: give vae=kl16.ckpt (or a maskar klvae dir); {kind} files hold no VAE"
+        )
     load_tokenizer_weights(model.tokenizer, vae)
     cfg.model.tokenizer_ckpt = None  # the weights now live inside the checkpoint
     save_model(args["out"], model, cfg)
     n = sum(v.numel() for v in state.values())
-    print(f"wrote {args['out']} (mar, {n / 1e6:.1f}M params from {args['src']}, tokenizer from {vae})")
+    print(f"wrote {args['out']} ({label}, {n / 1e6:.1f}M params from {args['src']}, tokenizer from {vae})")
+
+
+def cli(argv: list[str]) -> int:
+    from maskar.config import load_config
+    from maskar.models.mar import MAR
+
+    usage = (
+        "usage: maskar convert mar src=checkpoint-last.pth out=DIR [vae=kl16.ckpt|KLVAE_DIR] "
+        "[preset=mar-b] [entry=model_ema|model] [trust_pickle=false] [model.KEY=VALUE ...]"
+    )
+    args, overrides = parse_cli_args(argv, usage)
+    cfg = load_config(args.get("preset", "mar-b"), overrides)
+    if cfg.model.arch != "mar":
+        raise SystemExit(f"convert mar: preset {args.get('preset')!r} is a {cfg.model.arch!r} preset")
+    state = load_official_from_args(args)
+    finish_conversion(MAR(cfg.model), cfg, state, args, "MAR", "mar")
     return 0

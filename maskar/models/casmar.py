@@ -1021,7 +1021,6 @@ class CASMAR(MaskedGenerator):
         return self.tokenizer.decode(_grid(out, self.seq_h, self.seq_w))
 
 
-
 # ----------------------------------------------------------------------------- latent cache
 
 
