@@ -53,7 +53,14 @@ from maskar.models.mar import (
     make_token_diffloss,
     truncated_normal_ratio,
 )
-from maskar.nn.diffloss import FinalLayer, TimestepEmbedder, modulate
+from maskar.nn.diffloss import (
+    DiffLoss,
+    FinalLayer,
+    TimestepEmbedder,
+    init_adaln_zero,
+    init_linears_xavier,
+    modulate,
+)
 from maskar.nn.diffusion import GaussianDiffusion, create_diffusion
 from maskar.nn.proximal_attention import ProximalSelfAttention, SALAAttention2D
 from maskar.nn.sampling import make_generator
@@ -317,10 +324,7 @@ class LocalDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears_xavier(self)
         with torch.no_grad():
             table = sincos_2d(self.pos_embed.shape[-1], *self.grid).to(self.pos_embed.device)[None]
             self.pos_embed.copy_(table)
@@ -332,17 +336,10 @@ class LocalDiT(nn.Module):
             nn.init.zeros_(emb.proj.bias)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        init_adaln_zero(self.t_embedder, self.blocks, self.final_layer)
         for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
             if isinstance(block.attn, SALAAttention2D):
-                block.attn.reset_gate()
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+                block.attn.reset_gate()  # constant init: no RNG draws, order-free
 
     def embed_condition(self, z: Tensor) -> Tensor:
         """(B, D, H, W) decoder features -> condition tokens (B, L, W) (constant over diffusion steps)."""
@@ -382,14 +379,13 @@ class GlobalDiffLoss(nn.Module):
         super().__init__()
         self.net = net
         self.num_sampling_steps = str(num_sampling_steps)
-        self.train_diffusion = create_diffusion("", learn_sigma=False)
+        self.train_diffusion = self._make_diffusion("")
         self._gen_cache: dict[str, GaussianDiffusion] = {}
 
-    def gen_diffusion(self, num_sampling_steps: str | int | None = None) -> GaussianDiffusion:
-        key = self.num_sampling_steps if num_sampling_steps is None else str(num_sampling_steps)
-        if key not in self._gen_cache:
-            self._gen_cache[key] = create_diffusion(key, learn_sigma=False)
-        return self._gen_cache[key]
+    def _make_diffusion(self, respacing: str) -> GaussianDiffusion:
+        return create_diffusion(respacing, learn_sigma=False)
+
+    gen_diffusion = DiffLoss.gen_diffusion  # cached per respacing, via _make_diffusion
 
     def forward(self, target: Tensor, z: Tensor, mask: Tensor, labels: Tensor | None = None) -> Tensor:
         """target (N, C, H, W), z (N, D, H, W), mask (N, 1, H, W) 1 = counts -> scalar."""

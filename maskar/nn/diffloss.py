@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +82,30 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def init_linears_xavier(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every ``nn.Linear`` in ``module`` (module order)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def init_adaln_zero(
+    time_embed: TimestepEmbedder, blocks: Iterable[nn.Module], final_layer: FinalLayer
+) -> None:
+    """N(0, 0.02) timestep-MLP weights; zero adaLN modulations and output layer, so that every
+    block starts as the identity (used by the MLP head here and CASMAR's DiT head)."""
+    nn.init.normal_(time_embed.mlp[0].weight, std=0.02)
+    nn.init.normal_(time_embed.mlp[2].weight, std=0.02)
+    for block in blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    nn.init.zeros_(final_layer.adaLN_modulation[-1].weight)
+    nn.init.zeros_(final_layer.adaLN_modulation[-1].bias)
+    nn.init.zeros_(final_layer.linear.weight)
+    nn.init.zeros_(final_layer.linear.bias)
+
+
 class SimpleMLPAdaLN(nn.Module):
     """MLP denoiser: x (N, C_in), t (N,), c (N, C_z) -> (N, C_out)."""
 
@@ -105,20 +130,8 @@ class SimpleMLPAdaLN(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
-        # Zero-init the modulations and the output: every block starts as the identity.
-        for block in self.res_blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        init_linears_xavier(self)
+        init_adaln_zero(self.time_embed, self.res_blocks, self.final_layer)
 
     def forward(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
         return self.forward_embedded(x, self.time_embed(t), self.cond_embed(c))
