@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_masked import TINY_FIELDS, StandInKL, assert_strict_meta_load, official_file
 from reference_tables import REFERENCE
-from torch import nn
 
 from maskar.models.casmar import (
     CASMAR,
@@ -26,45 +26,10 @@ from maskar.models.casmar import (
 )
 
 
-class StandInKL(nn.Module):
-    """A tiny stand-in with the KL tokenizer API (patchwise linear encoder / decoder, any size)."""
-
-    def __init__(self, embed_dim: int = 4, downsample: int = 8):
-        super().__init__()
-        self.embed_dim, self.downsample, self.scale_factor = embed_dim, downsample, 0.2325
-        self.enc = nn.Conv2d(3, 2 * embed_dim, downsample, downsample)
-        self.dec = nn.ConvTranspose2d(embed_dim, 3, downsample, downsample)
-
-    def encode_moments(self, img):
-        return self.enc(img)
-
-    def sample_latent(self, moments, generator=None):
-        mean, logvar = moments.chunk(2, dim=1)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
-        return (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * noise) * self.scale_factor
-
-    def encode_mean(self, img):
-        return self.encode_moments(img).chunk(2, dim=1)[0] * self.scale_factor
-
-    def decode(self, z):
-        return self.dec(z / self.scale_factor)
-
-
 def tiny_cfg(**kw) -> CASMARConfig:
+    # 4x4 big tokens; cond_scale 2 -> 16 px scaffold image -> 2x2 scaffold tokens
     base = dict(
-        img_size=32,  # 4x4 big tokens; cond_scale 2 -> 16 px scaffold image -> 2x2 scaffold tokens
-        class_num=10,
-        encoder_embed_dim=32,
-        encoder_depth=1,
-        encoder_num_heads=2,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=2,
-        buffer_size=4,
-        diffloss_d=1,
-        diffloss_w=32,
-        num_sampling_steps="4",
-        diffusion_batch_mul=2,
+        TINY_FIELDS,
         cond_scale=2,
         gdm_d=1,
         gdm_w=16,
@@ -115,10 +80,7 @@ def test_base_matches_official_state_dict_and_loads_strictly(table, attention, t
     assert sum(p.numel() for _, p in named if p.requires_grad) == trainable
     frozen = sorted(n for n, p in named if not p.requires_grad)
     assert frozen == ["cond_diffloss.net.c_pos_embed", "cond_diffloss.net.pos_embed"]
-    state = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
-    state.update({f"tokenizer.{k}": v for k, v in model.tokenizer.state_dict().items()})
-    result = model.load_state_dict(state, strict=True, assign=True)
-    assert not result.missing_keys and not result.unexpected_keys
+    assert_strict_meta_load(model, shapes)
 
 
 @pytest.mark.parametrize(
@@ -496,16 +458,7 @@ def test_sala_variant_trains_and_samples():
 
 
 def _official_file(tmp_path, model, with_args: bool) -> Path:
-    from maskar.convert.mar import export_official
-
-    raw = export_official(model)
-    ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in raw.items()}
-    obj = {"model": raw, "model_ema": ema, "epoch": 399}
-    if with_args:
-        obj["args"] = argparse.Namespace(model="casmar_base", cfg=2.9)
-    path = tmp_path / "checkpoint-last.pth"
-    torch.save(obj, path)
-    return path
+    return official_file(tmp_path, model, with_args, run_name="casmar_base", epoch=399)
 
 
 def test_head_variant_from_official_tables():

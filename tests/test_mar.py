@@ -8,57 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_masked import TINY_FIELDS, StandInKL, assert_strict_meta_load, official_file
 from reference_tables import REFERENCE
 from scipy.stats import truncnorm
-from torch import nn
 
 from maskar.models.mar import MAR, MARConfig, mask_from_order, truncated_normal_ratio
 
 
-class StandInKL(nn.Module):
-    """A tiny stand-in with the KL tokenizer API (patchwise linear encoder / decoder)."""
-
-    def __init__(self, embed_dim: int = 4, downsample: int = 8):
-        super().__init__()
-        self.embed_dim, self.downsample, self.scale_factor = embed_dim, downsample, 0.2325
-        self.enc = nn.Conv2d(3, 2 * embed_dim, downsample, downsample)
-        self.dec = nn.ConvTranspose2d(embed_dim, 3, downsample, downsample)
-
-    def encode_moments(self, img):
-        return self.enc(img)
-
-    def sample_latent(self, moments, generator=None):
-        mean, logvar = moments.chunk(2, dim=1)
-        std = torch.exp(0.5 * logvar.clamp(-30, 20))
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
-        return (mean + std * noise) * self.scale_factor
-
-    def encode(self, img):
-        return self.sample_latent(self.encode_moments(img))
-
-    def encode_mean(self, img):
-        return self.encode_moments(img).chunk(2, dim=1)[0] * self.scale_factor
-
-    def decode(self, z):
-        return self.dec(z / self.scale_factor)
-
-
 def tiny_cfg(**kw) -> MARConfig:
-    base = dict(
-        img_size=32,
-        class_num=10,
-        encoder_embed_dim=32,
-        encoder_depth=1,
-        encoder_num_heads=2,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=2,
-        buffer_size=4,
-        diffloss_d=1,
-        diffloss_w=32,
-        num_sampling_steps="4",
-        diffusion_batch_mul=2,
-    )
+    base = dict(TINY_FIELDS)
     base.update(kw)
     return MARConfig(**base)
 
@@ -90,11 +48,7 @@ def test_mar_base_matches_official_state_dict_and_loads_strictly():
     assert own == shapes
     n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("tokenizer."))
     assert n_params == 207_924_768
-    # A random official state dict (plus our tokenizer) loads strictly.
-    state = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
-    state.update({f"tokenizer.{k}": v for k, v in model.tokenizer.state_dict().items()})
-    result = model.load_state_dict(state, strict=True, assign=True)
-    assert not result.missing_keys and not result.unexpected_keys
+    assert_strict_meta_load(model, shapes)
 
 
 def test_vit_block_names_and_dropout():
@@ -304,17 +258,7 @@ def test_mask_from_order():
 
 
 def _official_file(tmp_path, model, with_args: bool) -> Path:
-    import argparse
-
-    from maskar.convert.mar import export_official
-
-    ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in export_official(model).items()}
-    obj = {"model": export_official(model), "model_ema": ema, "epoch": 799}
-    if with_args:
-        obj["args"] = argparse.Namespace(model="mar_base", cfg=2.9)
-    path = tmp_path / "checkpoint-last.pth"
-    torch.save(obj, path)
-    return path
+    return official_file(tmp_path, model, with_args, run_name="mar_base", epoch=799)
 
 
 def test_load_official_weights_only_and_trust_pickle(tmp_path):
