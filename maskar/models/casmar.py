@@ -841,17 +841,6 @@ class CASMAR(MaskedGenerator):
                 mask = mask_next
         return tokens
 
-    def _start_tokens(
-        self, b: int, n: int, known: Tensor | None, known_mask: Tensor | None, device: torch.device
-    ) -> tuple[Tensor, Tensor]:
-        """Initial tokens (B, n, C): ``known`` where ``known_mask`` (B, n) bool, zeros elsewhere;
-        and the known mask (all False when none is given)."""
-        tokens = torch.zeros(b, n, self.token_channels, device=device)
-        known_mask = torch.zeros(b, n, dtype=torch.bool, device=device) if known_mask is None else known_mask
-        if known is not None:
-            tokens = torch.where(known_mask[..., None], known.float(), tokens)
-        return tokens, known_mask
-
     def _next_mask(
         self,
         z: Tensor,
@@ -992,10 +981,7 @@ class CASMAR(MaskedGenerator):
         known_small_mask = self.scaffold_keep_mask(keep_mask)
         g = make_generator(seed, images.device)
         out = known.clone()
-        # The sparse encoder needs equal visible counts: sample groups of equal unknown counts.
-        groups = torch.stack([(~known_mask).sum(1), (~known_small_mask).sum(1)], 1)
-        for key in torch.unique(groups, dim=0):
-            rows = (groups == key).all(1).nonzero().flatten()
+        for rows in self._equal_count_groups(known_mask, known_small_mask):
             out[rows], _ = self.sample_tokens(
                 labels[rows],
                 num_iter=num_iter,

@@ -288,6 +288,24 @@ class MaskedGenerator(nn.Module):
             class_emb = torch.cat([class_emb, self.fake_latent.expand(len(labels), -1).to(class_emb.dtype)])
         return class_emb
 
+    def _start_tokens(
+        self, b: int, n: int, known: Tensor | None, known_mask: Tensor | None, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """Initial tokens (B, n, C): ``known`` where ``known_mask`` (B, n) bool, zeros elsewhere
+        (all zeros without ``known``); and the known mask (all False when none is given)."""
+        tokens = torch.zeros(b, n, self.token_channels, device=device)
+        known_mask = torch.zeros(b, n, dtype=torch.bool, device=device) if known_mask is None else known_mask
+        if known is not None:
+            tokens = torch.where(known_mask[..., None], known.float(), tokens)
+        return tokens, known_mask
+
+    @staticmethod
+    def _equal_count_groups(*known_masks: Tensor) -> list[Tensor]:
+        """Row indices of the groups of samples with equal unknown counts in every (B, L_i)
+        known mask, by ascending counts: the sparse encoder needs equal visible counts."""
+        counts = torch.stack([(~m).sum(1) for m in known_masks], 1)  # (B, k)
+        return [(counts == key).all(1).nonzero().flatten() for key in torch.unique(counts, dim=0)]
+
     @staticmethod
     def _cfg_scale(cfg: float, schedule: str, visible_after: int, total: int) -> float:
         """Guidance of a step: linear in the share of tokens visible after it, or constant."""
@@ -475,7 +493,6 @@ class MAR(MaskedGenerator):
         """
         self._check_cfg_schedule_and_steps(cfg_schedule, num_iter)
         b, n, device = labels.shape[0], self.seq_len, labels.device
-        tokens = torch.zeros(b, n, self.token_channels, device=device)  # (B, L, C)
         rand = torch.rand(b, n, generator=generator, device=device)
         n_unknown = n
         if known is not None:
@@ -485,8 +502,8 @@ class MAR(MaskedGenerator):
             if not bool((counts == counts[0]).all()):
                 raise ValueError("sample_tokens: every sample needs the same number of unknown tokens")
             n_unknown = int(counts[0])
-            tokens = torch.where(known_mask[..., None], known.float(), tokens)
             rand = rand + known_mask.float() * 2  # known tokens go last in the order
+        tokens, _ = self._start_tokens(b, n, known, known_mask, device)  # (B, L, C)
         orders = torch.argsort(rand, dim=1)  # (B, L) per-sample random order
         class_emb = self._class_emb_cfg(labels, cfg)
         num_masked = n_unknown
@@ -571,10 +588,7 @@ class MAR(MaskedGenerator):
         known_mask = self.token_keep_mask(keep_mask.to(images.device))
         g = make_generator(seed, images.device)
         out = known.clone()
-        unknown = (~known_mask).sum(1)
-        # The sparse encoder needs equal visible counts: sample groups of equal unknown count.
-        for count in torch.unique(unknown).tolist():
-            rows = (unknown == count).nonzero().flatten()
+        for rows in self._equal_count_groups(known_mask):
             out[rows] = self.sample_tokens(
                 labels[rows],
                 num_iter=num_iter,
