@@ -68,24 +68,36 @@ def _dot(a, b, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _kv_scores(
+    q, k_base, v_base, skl, svl, ks, ke, start_n, L, qk_scale,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """K and V rows [start_n, start_n + BLOCK_N) (zeros past L) and the scores of q against
+    them, (BM, BN) in log2 units, -inf outside each row's [ks, ke) when MASKED."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if MASKED:
+        in_seq = offs_n < L
+        k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :])
+        v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :])
+    s = _dot(q, tl.trans(k), DOT_F32) * qk_scale
+    if MASKED:
+        ok = (offs_n[None, :] >= ks[:, None]) & (offs_n[None, :] < ke[:, None])
+        s = tl.where(ok, s, float("-inf"))
+    return k, v, s
+
+
+@triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, k_base, v_base, skl, svl, ks, ke, n_lo, n_hi, L, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(n_lo, n_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            in_seq = offs_n < L
-            k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-        else:
-            k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :])
-        s = _dot(q, tl.trans(k), DOT_F32) * qk_scale  # (BM, BN), log2 units
-        if MASKED:
-            ok = (offs_n[None, :] >= ks[:, None]) & (offs_n[None, :] < ke[:, None])
-            s = tl.where(ok, s, float("-inf"))
+        k, v, s = _kv_scores(q, k_base, v_base, skl, svl, ks, ke, start_n, L, qk_scale,
+                             BLOCK_N, HEAD_DIM, MASKED, DOT_F32)
         # m_i starts at -1e30 (finite), so a row with no allowed key in this tile keeps
         # m_i and gets p = exp2(-inf) = 0 instead of NaN
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -219,20 +231,9 @@ def _dq_tiles(
     dq, q, do, lse, delta, k_base, v_base, skl, svl, ks, ke, n_lo, n_hi, L, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(n_lo, n_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            in_seq = offs_n < L
-            k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-        else:
-            k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :])
-        s = _dot(q, tl.trans(k), DOT_F32) * qk_scale
-        if MASKED:
-            ok = (offs_n[None, :] >= ks[:, None]) & (offs_n[None, :] < ke[:, None])
-            s = tl.where(ok, s, float("-inf"))
+        k, v, s = _kv_scores(q, k_base, v_base, skl, svl, ks, ke, start_n, L, qk_scale,
+                             BLOCK_N, HEAD_DIM, MASKED, DOT_F32)
         p = tl.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), DOT_F32)
         ds = p * (dp - delta[:, None])
