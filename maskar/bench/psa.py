@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from maskar.bench.attention import measure_hbm_gbs, measure_matmul_tflops
 from maskar.nn.proximal_attention import proximal_attention
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -265,21 +266,6 @@ def time_ms(fn: Callable, reps: int, warmup: int, device="cuda") -> float:
         e.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-
-
-def measure_hbm_gbs() -> float:
-    """Device-to-device copy bandwidth, bytes read + written per second (GB/s)."""
-    x = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms = time_ms(lambda: y.copy_(x), reps=20, warmup=3)
-    return 2 * x.numel() / (ms * 1e-3) / 1e9
-
-
-def measure_matmul_tflops(dtype: torch.dtype) -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    ms = time_ms(lambda: a @ b, reps=10, warmup=3)
-    return 2 * 8192**3 / (ms * 1e-3) / 1e12
 
 
 def floors_ms(p: Problem, B: int, H: int, D: int, elem: int, gbs: float, tflops: float):

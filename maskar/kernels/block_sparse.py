@@ -68,6 +68,20 @@ def _dot(a, b, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _walk(BND, lo_row, hi_row, idx, stop, STEP: tl.constexpr):
+    """Bounds of the rows (or columns) idx, clamped to < stop, read from BND rows lo_row / hi_row,
+    and the three-loop split of the walk over them in steps of STEP: (lo_b, hi_b, lo, end1,
+    end2, hi) with [lo, end1) and [end2, hi) masked and [end1, end2) seen whole by every row."""
+    pos = tl.minimum(idx, stop - 1)  # padding rows copy the last row's bounds
+    lo_b = tl.load(BND + lo_row + pos)
+    hi_b = tl.load(BND + hi_row + pos)
+    lo = tl.min(lo_b, 0)
+    end1 = lo + tl.cdiv(tl.max(lo_b, 0) - lo, STEP) * STEP
+    end2 = end1 + (tl.maximum(tl.min(hi_b, 0) - end1, 0) // STEP) * STEP
+    return lo_b, hi_b, lo, end1, end2, tl.max(hi_b, 0)
+
+
+@triton.jit
 def _kv_scores(
     q, k_base, v_base, skl, svl, ks, ke, start_n, L, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_F32: tl.constexpr,
@@ -140,15 +154,7 @@ def _attn_fwd(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < m_stop
-    rows = tl.minimum(offs_m, m_stop - 1)  # padding rows copy the last row's bounds
-    ks = tl.load(BND + rows)
-    ke = tl.load(BND + L + rows)
-    lo = tl.min(ks, 0)
-    ks_max = tl.max(ks, 0)
-    ke_min = tl.min(ke, 0)
-    hi = tl.max(ke, 0)
-    end1 = lo + tl.cdiv(ks_max - lo, BLOCK_N) * BLOCK_N
-    end2 = end1 + (tl.maximum(ke_min - end1, 0) // BLOCK_N) * BLOCK_N
+    ks, ke, lo, end1, end2, hi = _walk(BND, 0, L, offs_m, m_stop, BLOCK_N)
 
     q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -252,15 +258,7 @@ def _dkdv_program(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = n0 + tl.arange(0, BLOCK_N1)
     col_ok = offs_n < n_stop
-    cols = tl.minimum(offs_n, n_stop - 1)  # padding columns copy the last column's bounds
-    qs = tl.load(BND + 2 * L + cols)
-    qe = tl.load(BND + 3 * L + cols)
-    lo = tl.min(qs, 0)
-    qs_max = tl.max(qs, 0)
-    qe_min = tl.min(qe, 0)
-    hi = tl.max(qe, 0)
-    end1 = lo + tl.cdiv(qs_max - lo, BLOCK_M1) * BLOCK_M1
-    end2 = end1 + (tl.maximum(qe_min - end1, 0) // BLOCK_M1) * BLOCK_M1
+    qs, qe, lo, end1, end2, hi = _walk(BND, 2 * L, 3 * L, offs_n, n_stop, BLOCK_M1)
     k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
     v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
@@ -290,15 +288,7 @@ def _dq_program(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_m = m0 + tl.arange(0, BLOCK_M2)
     row_ok = offs_m < m_stop
-    rows = tl.minimum(offs_m, m_stop - 1)
-    ks = tl.load(BND + rows)
-    ke = tl.load(BND + L + rows)
-    lo = tl.min(ks, 0)
-    ks_max = tl.max(ks, 0)
-    ke_min = tl.min(ke, 0)
-    hi = tl.max(ke, 0)
-    end1 = lo + tl.cdiv(ks_max - lo, BLOCK_N2) * BLOCK_N2
-    end2 = end1 + (tl.maximum(ke_min - end1, 0) // BLOCK_N2) * BLOCK_N2
+    ks, ke, lo, end1, end2, hi = _walk(BND, 0, L, offs_m, m_stop, BLOCK_N2)
     q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(do_base + offs_m[:, None] * sdol + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
