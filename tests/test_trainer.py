@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -355,9 +356,20 @@ def test_discriminator_gets_its_own_optimizer(tmp_path: Path) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768-60999): the OS hands ephemeral ports
+    to gloo's pair connections of earlier process groups, and a rendezvous port picked from
+    that range could be taken again by the time its group starts (seen once as a hang)."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def _ddp_worker(rank: int, world: int, ports: list[int], out_dir: str) -> None:
@@ -386,7 +398,14 @@ def test_ddp_two_cpu_processes_match_single_process_and_resume_exactly(tmp_path:
     import torch.multiprocessing as mp
 
     ports = [_free_port() for _ in range(4)]
-    mp.spawn(_ddp_worker, args=(2, ports, str(tmp_path)), nprocs=2, join=True)
+    ctx = mp.start_processes(_ddp_worker, args=(2, ports, str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 240  # a stuck rendezvous fails the test instead of hanging CI
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("2-rank DDP run did not finish in 240 s (rendezvous stuck?)")
     train(toy_cfg(tmp_path / "single", *_DETERMINISTIC, "train.ckpt_every=2"))
     ddp, single = read_run(tmp_path / "ddp"), read_run(tmp_path / "single")
     assert ddp["step"] == single["step"] == 4
