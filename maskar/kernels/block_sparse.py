@@ -407,10 +407,7 @@ def _bwd_candidates(head_dim: int) -> list[BwdConfig]:
                 BwdConfig(64, 64, 64, 64, 4, 3), BwdConfig(16, 64, 64, 16, 4, 3),
                 BwdConfig(32, 64, 64, 32, 4, 3, bh_fast=True),
                 # split launches: dQ programs compiled for their own register budget
-                BwdConfig(32, 64, 64, 32, 4, 3, True, 4),
-                # the fastest dK/dV and dQ block sizes of the dense L 1024 probe of 2026-11-22
-                # (benchmarks/attention_span_probe.py, cur_dkdv / cur_dq), in one launch
-                BwdConfig(32, 128, 64, 64, 4, 3)]
+                BwdConfig(32, 64, 64, 32, 4, 3, True, 4)]
     return [BwdConfig(16, 64, 64, 16, 4, 2), BwdConfig(32, 64, 64, 32, 4, 2),
             BwdConfig(16, 64, 64, 16, 4, 2, False), BwdConfig(64, 64, 64, 64, 8, 2),
             BwdConfig(32, 128, 128, 32, 8, 2), BwdConfig(32, 64, 64, 32, 4, 2, True, 4)]
