@@ -32,6 +32,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 import maskar.kernels.block_sparse as bs
 
+# The kernels below are kept exactly as measured (their per-item prologues repeat on purpose:
+# whether the warp-specialisation pass deadlocks depends on the IR it is given).
+
 
 @triton.jit
 def _rows(desc, b, h, start):
