@@ -373,9 +373,6 @@ class FwdConfig:
     # ``_tile_spans``); False: uniform tiles from row 0
     aligned: bool = True
     bh_fast: bool = False  # grid (B*H, items) instead of (items, B*H): programs of one head spread out
-    # register cap per thread (ptxas); None: the compiler's choice, which on sm90 takes 230-255
-    # for every tile here, so only two 4-warp programs fit on an SM
-    maxnreg: int | None = None
 
 
 @dataclass(frozen=True)
@@ -390,7 +387,6 @@ class BwdConfig:
     dq_warps: int = 0  # > 0: dK/dV and dQ in two launches, the dQ one with this many warps
     aligned: bool = True  # key / query tiles aligned to scales (as FwdConfig.aligned)
     bh_fast: bool = False  # as FwdConfig.bh_fast
-    maxnreg: int | None = None  # as FwdConfig.maxnreg; with dq_warps, for the dK/dV launch only
 
 
 # Candidates: each was the fastest, or within a few percent of it, at some benchmarked
@@ -399,10 +395,7 @@ class BwdConfig:
 def _fwd_candidates(head_dim: int) -> list[FwdConfig]:
     if head_dim <= 64:
         return [FwdConfig(64, 32, 4, 3), FwdConfig(64, 64, 4, 3), FwdConfig(64, 32, 4, 4),
-                FwdConfig(64, 64, 4, 3, bh_fast=True), FwdConfig(64, 64, 4, 3, aligned=False),
-                # three / four programs per SM instead of two (sm90: 64x32 spills 0 / 32 bytes)
-                FwdConfig(64, 32, 4, 3, maxnreg=168), FwdConfig(64, 64, 4, 3, maxnreg=168),
-                FwdConfig(64, 32, 4, 3, maxnreg=128)]
+                FwdConfig(64, 64, 4, 3, bh_fast=True), FwdConfig(64, 64, 4, 3, aligned=False)]
     return [FwdConfig(64, 64, 4, 2), FwdConfig(128, 64, 8, 2), FwdConfig(64, 32, 4, 2),
             FwdConfig(32, 64, 4, 2), FwdConfig(64, 64, 4, 3)]
 
@@ -414,9 +407,7 @@ def _bwd_candidates(head_dim: int) -> list[BwdConfig]:
                 BwdConfig(64, 64, 64, 64, 4, 3), BwdConfig(16, 64, 64, 16, 4, 3),
                 BwdConfig(32, 64, 64, 32, 4, 3, bh_fast=True),
                 # split launches: dQ programs compiled for their own register budget
-                BwdConfig(32, 64, 64, 32, 4, 3, True, 4),
-                BwdConfig(32, 64, 64, 32, 4, 3, True, 4, maxnreg=168),
-                BwdConfig(32, 64, 64, 32, 4, 3, maxnreg=168)]
+                BwdConfig(32, 64, 64, 32, 4, 3, True, 4)]
     return [BwdConfig(16, 64, 64, 16, 4, 2), BwdConfig(32, 64, 64, 32, 4, 2),
             BwdConfig(16, 64, 64, 16, 4, 2, False), BwdConfig(64, 64, 64, 64, 8, 2),
             BwdConfig(32, 128, 128, 32, 8, 2), BwdConfig(32, 64, 64, 32, 4, 2, True, 4)]
@@ -516,7 +507,7 @@ _fast_failed = False
 
 
 def _launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_stages: int,
-            spec: tuple | None = None, maxnreg: int | None = None) -> None:
+            spec: tuple | None = None) -> None:
     """``kernel[grid](*args, **consts, num_warps=..., num_stages=...)``; args are the runtime
     parameters in declaration order, consts the constexpr ones that follow them.
 
@@ -533,7 +524,7 @@ def _launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_
         if spec is None:
             spec = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor)
                          else a if isinstance(a, int) else None for a in args)
-        key = (id(kernel), args[0].get_device(), num_warps, num_stages, maxnreg, *consts.values(), spec)
+        key = (id(kernel), args[0].get_device(), num_warps, num_stages, *consts.values(), spec)
         ck = _compiled.get(key)
         if ck is not None:
             g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
@@ -547,8 +538,7 @@ def _launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_
             except Exception:  # launcher convention of another Triton version: use the JIT path
                 _fast_failed = True
                 fast = False
-    opts = {} if maxnreg is None else {"maxnreg": maxnreg}
-    ck = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages, **opts)
+    ck = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
     names = getattr(kernel, "arg_names", None)  # the launcher takes every parameter in this order
     if fast and ck is not None and names is not None and list(names[len(args):]) == list(consts):
         _compiled[key] = ck
@@ -587,16 +577,15 @@ def _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, cfg: FwdConfig, items: 
         dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, BH_FAST=cfg.bh_fast,
              DOT_F32=_INTERPRET and q.dtype == torch.bfloat16),
         cfg.num_warps, cfg.num_stages, (*_view_spec(q, k, v), ints),  # o, lse, bnd, items: ours
-        cfg.maxnreg,
     )
 
 
 def _bwd_launches(pattern: ScalePattern, cfg: BwdConfig, device) -> tuple:
-    """(part, work items, warps, register cap) of each ``_attn_bwd`` launch of ``cfg``."""
+    """(part, work items, warps) of each ``_attn_bwd`` launch of ``cfg``."""
     if cfg.dq_warps:
-        return ((1, _bwd_table(pattern, cfg, 1, device), cfg.num_warps, cfg.maxnreg),
-                (2, _bwd_table(pattern, cfg, 2, device), cfg.dq_warps, None))
-    return ((0, _bwd_table(pattern, cfg, 0, device), cfg.num_warps, cfg.maxnreg),)
+        return ((1, _bwd_table(pattern, cfg, 1, device), cfg.num_warps),
+                (2, _bwd_table(pattern, cfg, 2, device), cfg.dq_warps))
+    return ((0, _bwd_table(pattern, cfg, 0, device), cfg.num_warps),)
 
 
 def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, bnd, qk_scale, sm_scale, pattern, cfg: BwdConfig,
@@ -613,7 +602,7 @@ def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, bnd, qk_scale, sm_scale, patter
         launches = _bwd_launches(pattern, cfg, q.device)
     strides = (sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sdo[0], sdo[1], sdo[2])
     views = _view_spec(q, k, v, do)  # o, dq, dk, dv, lse, delta, bnd, items: fresh allocations
-    for part, items, warps, maxnreg in launches:
+    for part, items, warps in launches:
         n_items = items.shape[1]
         _launch(
             _attn_bwd, _grid(n_items, B * H, cfg.bh_fast),
@@ -621,7 +610,7 @@ def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, bnd, qk_scale, sm_scale, patter
             dict(BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
                  HEAD_DIM=D, FUSED_DELTA=cfg.fused_delta, PART=part, BH_FAST=cfg.bh_fast,
                  DOT_F32=_INTERPRET and q.dtype == torch.bfloat16),
-            warps, cfg.num_stages, (*views, strides, H, L, n_items), maxnreg,
+            warps, cfg.num_stages, (*views, strides, H, L, n_items),
         )
 
 
