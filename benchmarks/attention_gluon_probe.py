@@ -175,8 +175,7 @@ def _dkdv_span(
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=g_layout, k_width=2)
     col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
 
-    k_smem = gl.allocate_shared_memory(kv_desc.dtype, [1, BN, D], kv_desc.layout)
-    v_smem = gl.allocate_shared_memory(kv_desc.dtype, [1, BN, D], kv_desc.layout)
+    kv_smem = gl.allocate_shared_memory(kv_desc.dtype, [2, BN, D], kv_desc.layout)  # K, V of this program
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_BUF, BM, D], q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [NUM_BUF, BM, D], do_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -190,8 +189,8 @@ def _dkdv_span(
 
     n_tiles = L // BM
     row_k = b * L + pid_n * BN
-    _load_tile(kv_desc, k_smem, kv_bar, 0, row_k, (H + h) * D, True)
-    _load_tile(kv_desc, v_smem, kv_bar, 1, row_k, (2 * H + h) * D, True)
+    _load_tile(kv_desc, kv_smem, kv_bar, 0, row_k, (H + h) * D, True)
+    _load_tile(kv_desc, kv_smem, kv_bar, 1, row_k, (2 * H + h) * D, True)
     for i in gl.static_range(NUM_BUF):
         _load_tile(q_desc, q_smem, q_bar, i, b * L + i * BM, h * D, i < n_tiles)
         _load_tile(do_desc, do_smem, do_bar, i, b * L + i * BM, h * D, i < n_tiles)
@@ -199,8 +198,8 @@ def _dkdv_span(
     zero_s = gl.zeros([BN, BM], gl.float32, s_layout)
     dk = warpgroup_mma_init(gl.zeros([BN, D], gl.float32, g_layout))
     dv = warpgroup_mma_init(gl.zeros([BN, D], gl.float32, g_layout))
-    k = k_smem.index(0)
-    v = v_smem.index(0)
+    k = kv_smem.index(0)
+    v = kv_smem.index(1)
     mbarrier.wait(kv_bar.index(0), 0)
     mbarrier.wait(kv_bar.index(1), 0)
     mbarrier.wait(q_bar.index(0), 0)
