@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(fn(*a.one, lengths, a.batch, a.heads)), flush=True)
         return 0
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}; "
-          f"dense fwd, B {a.batch}, H {a.heads}, D 64, fp16, ms per call (back-to-back mean)")
+          f"dense {a.phase}, B {a.batch}, H {a.heads}, D 64, fp16, ms per call (back-to-back mean)")
     refs = references if a.phase == "fwd" else bwd_references
     print("references: " + json.dumps(refs(lengths, a.batch, a.heads)), flush=True)
     for cfg in a.configs:
