@@ -131,25 +131,31 @@ if AVAILABLE:
         st = warpgroup_mma(k, q_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dpt = warpgroup_mma(v, do_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         st, dpt = warpgroup_mma_wait(0, deps=(st, dpt))
+        # A operands of the dV / dK products still in flight: their registers must stay live
+        # until the wait that retires those products (a wgmma reads register operands while it runs)
+        pt16 = gl.zeros([BN, BM], dtype, a_layout)
+        dst16 = gl.zeros([BN, BM], dtype, a_layout)
         lse_base = LSE + bh.to(gl.int64) * L
         delta_base = DELTA + bh.to(gl.int64) * L
         for j in range(n_tiles - 1):  # every tile but the last is full
             cb = j % NUM_BUF
             offs = qs + j * BM + gl.arange(0, BM, layout=col_s)
             pt, dst = _softmax_bwd(st, dpt, lse_base, delta_base, offs, qe, qk_scale, False)
-            pt16 = gl.convert_layout(pt.to(dtype), a_layout)
-            dst16 = gl.convert_layout(dst.to(dtype), a_layout)
+            pt16_j = gl.convert_layout(pt.to(dtype), a_layout)
+            dst16_j = gl.convert_layout(dst.to(dtype), a_layout)
             nb = (j + 1) % NUM_BUF
             ph = ((j + 1) // NUM_BUF) & 1
             mbarrier.wait(q_bar.index(nb), ph)
             mbarrier.wait(do_bar.index(nb), ph)
             st_n = warpgroup_mma(k, q_smem.index(nb).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             dpt_n = warpgroup_mma(v, do_smem.index(nb).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            dv = warpgroup_mma(pt16, do_smem.index(cb), dv, is_async=True)
-            dk = warpgroup_mma(dst16, q_smem.index(cb), dk, is_async=True)
+            dv = warpgroup_mma(pt16_j, do_smem.index(cb), dv, is_async=True)
+            dk = warpgroup_mma(dst16_j, q_smem.index(cb), dk, is_async=True)
             # retires all but tile j's dV, dK: tile j+1's S^T, dP^T and tile j-1's products,
-            # whose Q / dO buffers then take tile j-1+NUM_BUF
-            st, dpt = warpgroup_mma_wait(2, deps=(st_n, dpt_n))
+            # whose Q / dO buffers then take tile j-1+NUM_BUF (and whose A registers are free)
+            st, dpt, pt16, dst16 = warpgroup_mma_wait(2, deps=(st_n, dpt_n, pt16, dst16))
+            pt16 = pt16_j
+            dst16 = dst16_j
             refill = j - 1 + NUM_BUF
             ok = (j >= 1) & (refill < n_tiles)
             _load_tile(q_desc, q_smem, q_bar, refill % NUM_BUF, q_row + refill * BM, h * q_ch, ok)
@@ -157,11 +163,12 @@ if AVAILABLE:
         last = n_tiles - 1
         offs = qs + last * BM + gl.arange(0, BM, layout=col_s)
         pt, dst = _softmax_bwd(st, dpt, lse_base, delta_base, offs, qe, qk_scale, True)
-        pt16 = gl.convert_layout(pt.to(dtype), a_layout)
-        dst16 = gl.convert_layout(dst.to(dtype), a_layout)
-        dv = warpgroup_mma(pt16, do_smem.index(last % NUM_BUF), dv, is_async=True)
-        dk = warpgroup_mma(dst16, q_smem.index(last % NUM_BUF), dk, is_async=True)
-        dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
+        pt16_j = gl.convert_layout(pt.to(dtype), a_layout)
+        dst16_j = gl.convert_layout(dst.to(dtype), a_layout)
+        dv = warpgroup_mma(pt16_j, do_smem.index(last % NUM_BUF), dv, is_async=True)
+        dk = warpgroup_mma(dst16_j, q_smem.index(last % NUM_BUF), dk, is_async=True)
+        dk, dv, pt16, dst16, pt16_j, dst16_j = warpgroup_mma_wait(
+            0, deps=(dk, dv, pt16, dst16, pt16_j, dst16_j))
         mbarrier.invalidate(kv_bar.index(0))
         mbarrier.invalidate(kv_bar.index(1))
         for i in gl.static_range(NUM_BUF):
