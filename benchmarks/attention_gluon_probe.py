@@ -6,17 +6,24 @@ cores' work on the next. FlashAttention-3 and cuDNN get much of their Hopper spe
 overlap. Gluon exposes the asynchronous wgmma, TMA and mbarriers directly, so this probe
 schedules it by hand: per key tile j, issue S_{j+1} = Q K_{j+1}^T, run the softmax of S_j
 while it computes, then issue O += P_j V_j and wait only for S_{j+1}. K/V tiles come
-through a ring of NUM_BUF shared-memory buffers filled by TMA.
+through a ring of NUM_BUF shared-memory buffers filled by TMA. (This forward keeps P_j V_j
+in flight into the next iteration, with P_j in registers; the library's dK/dV kernel found
+that kind of schedule unsafe on long walks and retires everything each iteration, so read
+these forward times as an optimistic estimate. The forward is not used by the library.)
+
+``--phase dkdv`` times the library's Gluon dK/dV programs (``maskar.kernels.block_sparse_sm90``)
+on the same dense problems, and ``--library-parts L:B:H`` each launch of the library's Hopper
+backward on a real schedule.
 
 The problem is one dense scale, as inside the big scales of the block-sparse kernel (q, k, v
 as (B, H, L, D) views of one (B, L, 3, H, D) buffer, output (B, L, H, D), base-2 LSE), so the
 numbers compare directly with ``benchmarks/attention_dense_bound.py`` (times are per
-(B, H) problem, measured on REPEAT times the batch so that host launch cost stays hidden). Every config is
-checked against fp32 SDPA first and runs in its own process under a timeout.
+(B, H) problem, measured on REPEAT times the batch so that host launch cost stays hidden).
+Every config is checked against fp32 SDPA first and runs in its own process under a timeout.
 
     python benchmarks/attention_gluon_probe.py                      # all configs, L 1024 and 576
     python benchmarks/attention_gluon_probe.py --one 64 64 3 4      # BM BN NUM_BUF warps, in-process
-    python benchmarks/attention_gluon_probe.py --phase dkdv --configs "32 64 3 4"   # the dK/dV kernel
+    python benchmarks/attention_gluon_probe.py --phase dkdv --configs "64 64 3 4"   # the library's dK/dV
 """
 
 from __future__ import annotations
@@ -147,136 +154,6 @@ def _fwd_span(
     gl.store(LSE + bh * L + offs_r, m_i + gl.log2(l_i))
 
 
-@gluon.jit
-def _load_tile(desc, smem, bar, buf, row, col, pred):
-    mbarrier.expect(bar.index(buf), desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(desc, [row, col], bar.index(buf), smem.index(buf), pred=pred)
-
-
-@gluon.jit
-def _dkdv_span(
-    q_desc, kv_desc, do_desc, DK, DV, LSE, DELTA, L, H, qk_scale, sm_scale,
-    BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, NUM_BUF: gl.constexpr, num_warps: gl.constexpr,
-):
-    """dK, dV of keys [pid * BN, +BN) of one head, walking every query tile of BM rows.
-
-    Per tile j: S^T = K Q_j^T and dP^T = V dO_j^T were issued one tile earlier; the
-    softmax-backward of tile j runs while dV += P^T dO and dK += dS^T Q of tile j-1 are
-    still on the tensor cores, then tile j+1's S^T, dP^T and tile j's dV, dK are issued,
-    and only tile j+1's S^T, dP^T are waited for."""
-    pid_n = gl.program_id(0)
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh % H
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BM, 16])
-    g_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, D, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=g_layout, k_width=2)
-    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-
-    kv_smem = gl.allocate_shared_memory(kv_desc.dtype, [2, BN, D], kv_desc.layout)  # K, V of this program
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_BUF, BM, D], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(do_desc.dtype, [NUM_BUF, BM, D], do_desc.layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_bar = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    do_bar = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar.index(0), count=1)
-    mbarrier.init(kv_bar.index(1), count=1)
-    for i in gl.static_range(NUM_BUF):
-        mbarrier.init(q_bar.index(i), count=1)
-        mbarrier.init(do_bar.index(i), count=1)
-
-    n_tiles = L // BM
-    row_k = b * L + pid_n * BN
-    _load_tile(kv_desc, kv_smem, kv_bar, 0, row_k, (H + h) * D, True)
-    _load_tile(kv_desc, kv_smem, kv_bar, 1, row_k, (2 * H + h) * D, True)
-    for i in gl.static_range(NUM_BUF):
-        _load_tile(q_desc, q_smem, q_bar, i, b * L + i * BM, h * D, i < n_tiles)
-        _load_tile(do_desc, do_smem, do_bar, i, b * L + i * BM, h * D, i < n_tiles)
-
-    zero_s = gl.zeros([BN, BM], gl.float32, s_layout)
-    dk = warpgroup_mma_init(gl.zeros([BN, D], gl.float32, g_layout))
-    dv = warpgroup_mma_init(gl.zeros([BN, D], gl.float32, g_layout))
-    k = kv_smem.index(0)
-    v = kv_smem.index(1)
-    mbarrier.wait(kv_bar.index(0), 0)
-    mbarrier.wait(kv_bar.index(1), 0)
-    mbarrier.wait(q_bar.index(0), 0)
-    mbarrier.wait(do_bar.index(0), 0)
-    st = warpgroup_mma(k, q_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    dpt = warpgroup_mma(v, do_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    st, dpt = warpgroup_mma_wait(0, deps=(st, dpt))
-    lse_base = LSE + bh * L
-    delta_base = DELTA + bh * L
-    for j in range(n_tiles - 1):
-        cb = j % NUM_BUF
-        offs = j * BM + gl.arange(0, BM, layout=col_s)
-        pt = gl.exp2(st * qk_scale - gl.expand_dims(gl.load(lse_base + offs), 0))
-        dst = pt * (dpt - gl.expand_dims(gl.load(delta_base + offs), 0))
-        pt16 = gl.convert_layout(pt.to(gl.float16), a_layout)
-        dst16 = gl.convert_layout(dst.to(gl.float16), a_layout)
-        nb = (j + 1) % NUM_BUF
-        ph = ((j + 1) // NUM_BUF) & 1
-        mbarrier.wait(q_bar.index(nb), ph)
-        mbarrier.wait(do_bar.index(nb), ph)
-        st_n = warpgroup_mma(k, q_smem.index(nb).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        dpt_n = warpgroup_mma(v, do_smem.index(nb).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        dv = warpgroup_mma(pt16, do_smem.index(cb), dv, is_async=True)
-        dk = warpgroup_mma(dst16, q_smem.index(cb), dk, is_async=True)
-        # retires everything but tile j's dV, dK: tile j+1's S^T, dP^T and tile j-1's products
-        st, dpt = warpgroup_mma_wait(2, deps=(st_n, dpt_n))
-        refill = j - 1 + NUM_BUF
-        ok = (j >= 1) & (refill < n_tiles)
-        fb = refill % NUM_BUF
-        _load_tile(q_desc, q_smem, q_bar, fb, b * L + refill * BM, h * D, ok)
-        _load_tile(do_desc, do_smem, do_bar, fb, b * L + refill * BM, h * D, ok)
-    last = n_tiles - 1
-    offs = last * BM + gl.arange(0, BM, layout=col_s)
-    pt = gl.exp2(st * qk_scale - gl.expand_dims(gl.load(lse_base + offs), 0))
-    dst = pt * (dpt - gl.expand_dims(gl.load(delta_base + offs), 0))
-    pt16 = gl.convert_layout(pt.to(gl.float16), a_layout)
-    dst16 = gl.convert_layout(dst.to(gl.float16), a_layout)
-    dv = warpgroup_mma(pt16, do_smem.index(last % NUM_BUF), dv, is_async=True)
-    dk = warpgroup_mma(dst16, q_smem.index(last % NUM_BUF), dk, is_async=True)
-    dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
-    mbarrier.invalidate(kv_bar.index(0))
-    mbarrier.invalidate(kv_bar.index(1))
-    for i in gl.static_range(NUM_BUF):
-        mbarrier.invalidate(q_bar.index(i))
-        mbarrier.invalidate(do_bar.index(i))
-
-    offs_n = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, g_layout))
-    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, g_layout))
-    idx = gl.expand_dims(((b * L + offs_n) * H + h) * D, 1) + gl.expand_dims(offs_d, 0)
-    gl.store(DK + idx, (dk * sm_scale).to(gl.float16))
-    gl.store(DV + idx, dv.to(gl.float16))
-
-
-def prepare_dkdv(qkv: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, BM: int,
-                 BN: int, num_buf: int, num_warps: int):
-    """A launcher of the dK/dV probe (descriptors built once) and its outputs (B, H, L, D) views.
-
-    qkv: (B, L, 3, H, D) fp16; do: (B, L, H, D) fp16; lse (base 2), delta: (B*H, L) fp32."""
-    B, L, _, H, D = qkv.shape
-    flat = qkv.view(B * L, 3 * H * D)
-    q_desc = TensorDescriptor(flat, [B * L, 3 * H * D], [3 * H * D, 1], [BM, D],
-                              gl.NVMMASharedLayout.get_default_for([BM, D], gl.float16))
-    kv_desc = TensorDescriptor(flat, [B * L, 3 * H * D], [3 * H * D, 1], [BN, D],
-                               gl.NVMMASharedLayout.get_default_for([BN, D], gl.float16))
-    do_flat = do.view(B * L, H * D)
-    do_desc = TensorDescriptor(do_flat, [B * L, H * D], [H * D, 1], [BM, D],
-                               gl.NVMMASharedLayout.get_default_for([BM, D], gl.float16))
-    dk = torch.empty(B, L, H, D, device=qkv.device, dtype=qkv.dtype)
-    dv = torch.empty_like(dk)
-
-    def launch():
-        _dkdv_span[(L // BN, B * H)](q_desc, kv_desc, do_desc, dk, dv, lse, delta, L, H, D**-0.5 * LOG2E,
-                                     D**-0.5, BM, BN, D, num_buf, num_warps=num_warps)
-
-    return launch, dk.permute(0, 2, 1, 3), dv.permute(0, 2, 1, 3)
-
-
 def prepare(qkv: torch.Tensor, BM: int, BN: int, num_buf: int, num_warps: int):
     """A launcher of dense attention over qkv (B, L, 3, H, D) fp16 (descriptors built once), and
     its outputs: o as a (B, H, L, D) view, lse."""
@@ -344,26 +221,46 @@ def _bwd_inputs(qkv: torch.Tensor, do: torch.Tensor):
     return dk, dv, lse.detach().contiguous(), delta.detach().contiguous()
 
 
+def _library_dkdv(qkv: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, BN: int):
+    """A launcher of the library's Gluon dK/dV programs (``block_sparse_sm90``) on one dense scale."""
+    import maskar.kernels.block_sparse as bs
+    import maskar.kernels.block_sparse_sm90 as sm90
+
+    B, L, _, H, D = qkv.shape
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    dob = do.permute(0, 2, 1, 3)
+    _, dk, dv = bs._grads_empty(B, H, L, D, q)
+    starts = torch.arange(0, L, BN, dtype=torch.int32)
+    items = torch.stack([starts, (starts + BN).clamp(max=L), torch.zeros_like(starts),
+                         torch.full_like(starts, L)]).cuda()
+
+    def launch():
+        assert sm90.launch(q, k, v, dob, dk, dv, lse, delta, items, D**-0.5 * LOG2E, D**-0.5, BN)
+
+    return launch, dk, dv
+
+
 def one_dkdv(BM: int, BN: int, num_buf: int, num_warps: int, lengths: list[int], B: int, H: int) -> dict:
+    """The library's Gluon dK/dV programs (its own BLOCK_M, NUM_BUF, warps; BN from the config)."""
+    import maskar.kernels.block_sparse_sm90 as sm90
+
     torch.manual_seed(0)
-    out = {"phase": "dkdv", "cfg": [BM, BN, num_buf, num_warps]}
-    small = torch.randn(2, 256, 3, 3, 64, device="cuda", dtype=torch.float16)
-    do = torch.randn(2, 256, 3, 64, device="cuda", dtype=torch.float16)
+    out = {"phase": "dkdv", "cfg": [sm90.BLOCK_M, BN, sm90.NUM_BUF, sm90.NUM_WARPS]}
+    small = torch.randn(2, 1024, 3, 3, 64, device="cuda", dtype=torch.float16)
+    do = torch.randn(2, 1024, 3, 64, device="cuda", dtype=torch.float16)
     ref_dk, ref_dv, lse, delta = _bwd_inputs(small, do)
-    launch, dk, dv = prepare_dkdv(small, do, lse, delta, BM, BN, num_buf, num_warps)
+    launch, dk, dv = _library_dkdv(small, do, lse, delta, BN)
     launch()
     out["err"] = max(float((dk.float() - ref_dk).norm() / ref_dk.norm()),
                      float((dv.float() - ref_dv).norm() / ref_dv.norm()))
     if not out["err"] < 5e-3:
         return out | {"skip": "FAILED check"}
     for L in lengths:
-        if L % BM or L % BN:
-            continue
         qkv = torch.randn(B * REPEAT, L, 3, H, 64, device="cuda", dtype=torch.float16)
         do = torch.randn(B * REPEAT, L, H, 64, device="cuda", dtype=torch.float16)
         lse = torch.randn(B * REPEAT * H, L, device="cuda").abs() + 8.0  # timing only: p stays small
         delta = torch.randn(B * REPEAT * H, L, device="cuda")
-        out[f"L{L}_ms"] = _time_ms(prepare_dkdv(qkv, do, lse, delta, BM, BN, num_buf, num_warps)[0]) / REPEAT
+        out[f"L{L}_ms"] = _time_ms(_library_dkdv(qkv, do, lse, delta, BN)[0]) / REPEAT
     return out
 
 

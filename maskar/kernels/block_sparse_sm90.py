@@ -5,10 +5,12 @@ and its pointer loads cost the dK/dV programs 255 registers and spills on sm90. 
 explicit dialect of Triton, lets a program schedule the asynchronous wgmma by hand and load
 through TMA. So this kernel does, per query tile j of its key tile:
 
-- the softmax backward of tile j on the CUDA cores (P^T = 2^(S^T - lse), dS^T = P^T (dP^T - delta))
-  while tile j-1's dV += P^T dO and dK += dS^T Q are still on the tensor cores;
-- then it issues tile j+1's S^T = K Q^T and dP^T = V dO^T and tile j's dV, dK products, and
-  waits only for tile j+1's S^T, dP^T.
+- issue tile j+1's S^T = K Q^T and dP^T = V dO^T;
+- while the tensor cores work on them, the softmax backward of tile j on the CUDA cores
+  (P^T = 2^(S^T - lse), dS^T = P^T (dP^T - delta));
+- issue tile j's dV += P^T dO and dK += dS^T Q, wait for all four, and refill tile j's
+  buffers. Nothing asynchronous crosses an iteration: an earlier schedule that kept tile
+  j's dV, dK products in flight into the next iteration gave wrong dK on long walks.
 
 Q and dO tiles come through a ring of NUM_BUF shared-memory buffers filled by TMA. A key
 tile inside one scale is seen by one contiguous query range [qs, qe) (the scale for the
@@ -34,7 +36,6 @@ try:
         mbarrier,
         tma,
         warpgroup_mma,
-        warpgroup_mma_init,
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -120,8 +121,8 @@ if AVAILABLE:
             _load_tile(do_desc, do_smem, do_bar, i, do_row + i * BM, h * do_ch, i < n_tiles)
 
         zero_s = gl.zeros([BN, BM], gl.float32, s_layout)
-        dk = warpgroup_mma_init(gl.zeros([BN, D], gl.float32, g_layout))
-        dv = warpgroup_mma_init(gl.zeros([BN, D], gl.float32, g_layout))
+        dk = gl.zeros([BN, D], gl.float32, g_layout)
+        dv = gl.zeros([BN, D], gl.float32, g_layout)
         k = kv_smem.index(0)
         v = kv_smem.index(1)
         mbarrier.wait(kv_bar.index(0), 0)
@@ -131,44 +132,37 @@ if AVAILABLE:
         st = warpgroup_mma(k, q_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dpt = warpgroup_mma(v, do_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         st, dpt = warpgroup_mma_wait(0, deps=(st, dpt))
-        # A operands of the dV / dK products still in flight: their registers must stay live
-        # until the wait that retires those products (a wgmma reads register operands while it runs)
-        pt16 = gl.zeros([BN, BM], dtype, a_layout)
-        dst16 = gl.zeros([BN, BM], dtype, a_layout)
         lse_base = LSE + bh.to(gl.int64) * L
         delta_base = DELTA + bh.to(gl.int64) * L
         for j in range(n_tiles - 1):  # every tile but the last is full
             cb = j % NUM_BUF
-            offs = qs + j * BM + gl.arange(0, BM, layout=col_s)
-            pt, dst = _softmax_bwd(st, dpt, lse_base, delta_base, offs, qe, qk_scale, False)
-            pt16_j = gl.convert_layout(pt.to(dtype), a_layout)
-            dst16_j = gl.convert_layout(dst.to(dtype), a_layout)
             nb = (j + 1) % NUM_BUF
             ph = ((j + 1) // NUM_BUF) & 1
             mbarrier.wait(q_bar.index(nb), ph)
             mbarrier.wait(do_bar.index(nb), ph)
+            # tile j+1's S^T and dP^T run on the tensor cores during tile j's softmax backward
             st_n = warpgroup_mma(k, q_smem.index(nb).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             dpt_n = warpgroup_mma(v, do_smem.index(nb).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            dv = warpgroup_mma(pt16_j, do_smem.index(cb), dv, is_async=True)
-            dk = warpgroup_mma(dst16_j, q_smem.index(cb), dk, is_async=True)
-            # retires all but tile j's dV, dK: tile j+1's S^T, dP^T and tile j-1's products,
-            # whose Q / dO buffers then take tile j-1+NUM_BUF (and whose A registers are free)
-            st, dpt, pt16, dst16 = warpgroup_mma_wait(2, deps=(st_n, dpt_n, pt16, dst16))
-            pt16 = pt16_j
-            dst16 = dst16_j
-            refill = j - 1 + NUM_BUF
-            ok = (j >= 1) & (refill < n_tiles)
-            _load_tile(q_desc, q_smem, q_bar, refill % NUM_BUF, q_row + refill * BM, h * q_ch, ok)
-            _load_tile(do_desc, do_smem, do_bar, refill % NUM_BUF, do_row + refill * BM, h * do_ch, ok)
+            offs = qs + j * BM + gl.arange(0, BM, layout=col_s)
+            pt, dst = _softmax_bwd(st, dpt, lse_base, delta_base, offs, qe, qk_scale, False)
+            pt16 = gl.convert_layout(pt.to(dtype), a_layout)
+            dst16 = gl.convert_layout(dst.to(dtype), a_layout)
+            dv = warpgroup_mma(pt16, do_smem.index(cb), dv, is_async=True)
+            dk = warpgroup_mma(dst16, q_smem.index(cb), dk, is_async=True)
+            # everything retired here: no accumulator or register operand is in flight across
+            # the loop's back edge, and tile j's buffers are free for tile j + NUM_BUF
+            st, dpt, dv, dk, pt16, dst16 = warpgroup_mma_wait(0, deps=(st_n, dpt_n, dv, dk, pt16, dst16))
+            refill = j + NUM_BUF
+            _load_tile(q_desc, q_smem, q_bar, cb, q_row + refill * BM, h * q_ch, refill < n_tiles)
+            _load_tile(do_desc, do_smem, do_bar, cb, do_row + refill * BM, h * do_ch, refill < n_tiles)
         last = n_tiles - 1
         offs = qs + last * BM + gl.arange(0, BM, layout=col_s)
         pt, dst = _softmax_bwd(st, dpt, lse_base, delta_base, offs, qe, qk_scale, True)
-        pt16_j = gl.convert_layout(pt.to(dtype), a_layout)
-        dst16_j = gl.convert_layout(dst.to(dtype), a_layout)
-        dv = warpgroup_mma(pt16_j, do_smem.index(last % NUM_BUF), dv, is_async=True)
-        dk = warpgroup_mma(dst16_j, q_smem.index(last % NUM_BUF), dk, is_async=True)
-        dk, dv, pt16, dst16, pt16_j, dst16_j = warpgroup_mma_wait(
-            0, deps=(dk, dv, pt16, dst16, pt16_j, dst16_j))
+        pt16 = gl.convert_layout(pt.to(dtype), a_layout)
+        dst16 = gl.convert_layout(dst.to(dtype), a_layout)
+        dv = warpgroup_mma(pt16, do_smem.index(last % NUM_BUF), dv, is_async=True)
+        dk = warpgroup_mma(dst16, q_smem.index(last % NUM_BUF), dk, is_async=True)
+        dk, dv, pt16, dst16 = warpgroup_mma_wait(0, deps=(dk, dv, pt16, dst16))
         mbarrier.invalidate(kv_bar.index(0))
         mbarrier.invalidate(kv_bar.index(1))
         for i in gl.static_range(NUM_BUF):
