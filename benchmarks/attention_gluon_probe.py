@@ -11,9 +11,8 @@ in flight into the next iteration, with P_j in registers; the library's dK/dV ke
 that kind of schedule unsafe on long walks and retires everything each iteration, so read
 these forward times as an optimistic estimate. The forward is not used by the library.)
 
-``--phase dkdv`` times the library's Gluon dK/dV programs (``maskar.kernels.block_sparse_sm90``)
-on the same dense problems, and ``--library-parts L:B:H`` each launch of the library's Hopper
-backward on a real schedule.
+``--phase dkdv`` times the Gluon dK/dV programs of ``gluon_dkdv_sm90.py`` (beside this script)
+on the same dense problems, against the library's Triton dK/dV and dQ programs and cuDNN.
 
 The problem is one dense scale, as inside the big scales of the block-sparse kernel (q, k, v
 as (B, H, L, D) views of one (B, L, 3, H, D) buffer, output (B, L, H, D), base-2 LSE), so the
@@ -23,7 +22,7 @@ Every config is checked against fp32 SDPA first and runs in its own process unde
 
     python benchmarks/attention_gluon_probe.py                      # all configs, L 1024 and 576
     python benchmarks/attention_gluon_probe.py --one 64 64 3 4      # BM BN NUM_BUF warps, in-process
-    python benchmarks/attention_gluon_probe.py --phase dkdv --configs "64 64 3 4"   # the library's dK/dV
+    python benchmarks/attention_gluon_probe.py --phase dkdv --configs "64 64 3 4"   # Gluon dK/dV
 """
 
 from __future__ import annotations
@@ -222,9 +221,10 @@ def _bwd_inputs(qkv: torch.Tensor, do: torch.Tensor):
 
 
 def _library_dkdv(qkv: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, BN: int):
-    """A launcher of the library's Gluon dK/dV programs (``block_sparse_sm90``) on one dense scale."""
+    """A launcher of the Gluon dK/dV programs (``gluon_dkdv_sm90.py``) on one dense scale."""
+    import gluon_dkdv_sm90 as sm90  # beside this script
+
     import maskar.kernels.block_sparse as bs
-    import maskar.kernels.block_sparse_sm90 as sm90
 
     B, L, _, H, D = qkv.shape
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
@@ -241,8 +241,8 @@ def _library_dkdv(qkv: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, delta:
 
 
 def one_dkdv(BM: int, BN: int, num_buf: int, num_warps: int, lengths: list[int], B: int, H: int) -> dict:
-    """The library's Gluon dK/dV programs (its own BLOCK_M, NUM_BUF, warps; BN from the config)."""
-    import maskar.kernels.block_sparse_sm90 as sm90
+    """The Gluon dK/dV programs (their own BLOCK_M, NUM_BUF, warps; BN from the config)."""
+    import gluon_dkdv_sm90 as sm90
 
     torch.manual_seed(0)
     out = {"phase": "dkdv", "cfg": [sm90.BLOCK_M, BN, sm90.NUM_BUF, sm90.NUM_WARPS]}
@@ -333,52 +333,6 @@ def references(lengths: list[int], B: int, H: int) -> dict:
     return out
 
 
-def library_parts(L: int, B: int, H: int, kind: str = "block_diagonal") -> dict:
-    """GPU ms of each launch of the library's Hopper backward config on a real schedule, the
-    default one-launch config beside it, the Gluon launch's host cost, and its dK vs the default's."""
-    import time
-
-    import maskar.kernels.block_sparse as bs
-    from maskar.bench.attention import SCHEDULES
-    from maskar.nn.attention import ScalePattern
-
-    p = ScalePattern.from_sides(kind, SCHEDULES[L])
-    qkv = torch.randn(B, L, 3, H, 64, device="cuda", dtype=torch.float16, requires_grad=True)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4)
-    o = bs.block_sparse_attention(q, k, v, p)
-    do = torch.randn_like(o)
-    lse = torch.empty(B * H, L, device="cuda")
-    cfg0 = bs._plans[("fwd", p, 0, torch.float16, 64, B * H >= 256)][0]
-    bnd = bs._bounds(p, q.device)
-    bs._launch_fwd(q, k, v, torch.empty_like(o), lse, bnd, 64**-0.5 * LOG2E, p, cfg0)  # real lse
-    grads = bs._grads_empty(B, H, L, 64, q)
-
-    def bwd(cfg, launches):
-        bs._launch_bwd(q, k, v, o, do, *grads, lse, bnd, 64**-0.5 * LOG2E, 64**-0.5, p, cfg, launches)
-
-    default = bs._bwd_candidates(64)[0]
-    hopper = next(c for c in bs._bwd_candidates(64) if c.sm90)
-    dl, hl = bs._bwd_launches(p, default, q.device), bs._bwd_launches(p, hopper, q.device)
-    out = {"default one launch": _time_ms(lambda: bwd(default, dl)),
-           "hopper all": _time_ms(lambda: bwd(hopper, hl)),
-           "hopper delta only": _time_ms(lambda: bwd(hopper, ()))}
-    for part, items, warps in hl:
-        out[f"hopper part {part} (+delta), {items.shape[1]} items"] = _time_ms(
-            lambda sel=((part, items, warps),): bwd(hopper, sel))
-    bwd(default, dl)
-    ref = [g.clone() for g in grads]
-    bwd(hopper, hl)
-    out["rel diff dq/dk/dv hopper vs default"] = [float((g.float() - r.float()).norm() / r.float().norm())
-                                                  for g, r in zip(grads, ref)]
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20):
-        bwd(hopper, hl[:1])
-    out["hopper part 3 host ms per call"] = (time.perf_counter() - t) / 20 * 1e3
-    torch.cuda.synchronize()
-    return out
-
-
 CONFIGS = ["64 64 3 4", "64 128 3 4", "128 64 3 8", "128 128 3 8", "64 64 4 4", "128 64 4 8"]
 
 
@@ -386,7 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--one", nargs=4, type=int, metavar=("BM", "BN", "NUM_BUF", "WARPS"))
     ap.add_argument("--phase", default="fwd", choices=("fwd", "dkdv"))
-    ap.add_argument("--library-parts", metavar="L:B:H", help="time the library's Hopper backward launches")
     ap.add_argument("--configs", nargs="*", default=CONFIGS)
     ap.add_argument("--lengths", default="1024,576")
     ap.add_argument("--batch", type=int, default=8)
@@ -394,12 +347,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=90)
     a = ap.parse_args(argv)
     lengths = [int(x) for x in a.lengths.split(",")]
-    if a.library_parts:
-        L, B, H = (int(x) for x in a.library_parts.split(":"))
-        for kind in ("block_diagonal", "block_causal"):
-            res = library_parts(L, B, H, kind)
-            print(f"library parts {kind} L{L} B{B} H{H}: " + json.dumps(res), flush=True)
-        return 0
     if a.one:
         fn = one if a.phase == "fwd" else one_dkdv
         print("RESULT " + json.dumps(fn(*a.one, lengths, a.batch, a.heads)), flush=True)

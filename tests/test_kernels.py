@@ -131,10 +131,7 @@ for name, lengths, B, H, D, scale, blk in T.INTERPRET_CASES:
     # fused single launch on the others
     bs.FORCE_BWD_CONFIG = bs.BwdConfig(blk, blk, blk, blk, 4, 1, fused_delta=name != "custom_odd",
                                        dq_warps=4 if name in ("512px_first7", "custom_odd") else 0,
-                                       aligned=aligned, bh_fast=bh_fast,
-                                       # the Hopper config: on the CPU its Gluon launch falls back to
-                                       # Triton programs over the same key tiles
-                                       sm90=name == "custom_odd")
+                                       aligned=aligned, bh_fast=bh_fast)
     for kind in T.KINDS:
         for dname, dtype in T.DTYPES.items():
             p = ScalePattern(kind, lengths)
@@ -177,32 +174,6 @@ def test_kernel_matches_fp32_sdpa_interpreted(interpreter_results, case, kind, d
     assert r["out_blhd"]
     for t in ("out", "dq", "dk", "dv"):
         assert r[t] < TOL[dname], (t, r)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("aligned", [True, False])
-@pytest.mark.parametrize("lengths", [tuple(s * s for s in SIDES_512), (3, 1, 17, 40, 5), (200, 1, 2)])
-def test_sm90_tables_split_the_key_tiles(lengths, aligned, kind):
-    """With the Hopper config, the Gluon items (part 3) and the Triton ones (part 1) split the
-    key tiles of the plain config; each Gluon tile lies in one scale and carries the query
-    range that all its keys share; part 4 is the same tiles in the Triton format (fallback)."""
-    pytest.importorskip("triton")
-    from maskar.kernels.block_sparse import BwdConfig, _bound_lists, _bwd_table
-
-    p = ScalePattern(kind, lengths)
-    plain = BwdConfig(32, 64, 64, 32, 4, 3, False, 4, aligned=aligned)
-    hopper = BwdConfig(32, 64, 64, 32, 4, 3, False, 4, aligned=aligned, sm90=True)
-    spans = lambda t: {(int(a), int(z)) for a, z in zip(t[1], t[2])}  # noqa: E731
-    mixed, gluon, fallback = (_bwd_table(p, hopper, part, "cpu") for part in (1, 3, 4))
-    assert gluon.shape[0] == 4 and mixed.shape[0] == fallback.shape[0] == 3
-    g = {(int(a), int(z)) for a, z in zip(gluon[0], gluon[1])}
-    assert g == spans(fallback) and not g & spans(mixed)
-    assert g | spans(mixed) == spans(_bwd_table(p, plain, 1, "cpu"))
-    _, _, qs, qe = _bound_lists(p)
-    for a, z, s0, e0 in gluon.t().tolist():
-        assert set(qs[a:z]) == {s0} and set(qe[a:z]) == {e0} and z - a <= 64
-    if aligned and lengths[-1] >= 64:  # the big scales go to the Gluon programs
-        assert g
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -293,8 +264,7 @@ def test_tuning_picks_fastest_candidate_and_later_calls_launch_once_per_phase(mo
         out = bs._BlockSparseAttention.apply(q, k, v, p, 0.125)
         torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
         counts.append(len(launches) - before)
-    # the Gluon (sm90) candidate is only timed on a Hopper GPU
-    fwd, bwd = bs._fwd_candidates(64), [c for c in bs._bwd_candidates(64) if not c.sm90]
+    fwd, bwd = bs._fwd_candidates(64), bs._bwd_candidates(64)
     chosen = {key[0]: cfg for key, cfg in bs.tuned_configs().items()}
     assert chosen == {"fwd": fwd[-1], "bwd": bwd[-1]}
 
@@ -455,39 +425,6 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch, dtype, phase, part, fused)
     assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
 
 
-@pytest.mark.parametrize("dtype,D", [("fp16", 64), ("bf16", 64), ("fp16", 32)])
-def test_sm90_dkdv_kernel_compiles_without_a_gpu(dtype, D):
-    """The Gluon dK/dV kernel has no interpreter: compiling it for sm90 is what CI can check."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("interpreter enabled in this process")
-    import maskar.kernels.block_sparse_sm90 as m
-
-    if not m.AVAILABLE:
-        pytest.skip("this Triton has no Gluon Hopper API")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    gdt = {"fp16": gl.float16, "bf16": gl.bfloat16}[dtype]
-    k = m._attn_bwd_dkdv_sm90
-    consts = {"BM": m.BLOCK_M, "BN": 64, "D": D, "NUM_BUF": m.NUM_BUF, "num_warps": m.NUM_WARPS}
-    sig = {n: "i32" for n in k.arg_names} | {n: "constexpr" for n in consts}
-    for names, rows in ((("q_desc", "do_desc"), m.BLOCK_M), (("k_desc", "v_desc"), 64)):
-        layout = gl.NVMMASharedLayout.get_default_for([rows, D], gdt)
-        sig |= {n: f"tensordesc<{dtype}[{rows}, {D}],{layout!r}>" for n in names}
-    sig |= {"DK": f"*{dtype}", "DV": f"*{dtype}", "LSE": "*fp32", "DELTA": "*fp32", "ITEMS": "*i32",
-            "qk_scale": "fp32", "sm_scale": "fp32"}
-    constexprs = {(k.arg_names.index(n),): v for n, v in consts.items()}
-    src = GluonASTSource(fn=k, signature=sig, constexprs=constexprs)
-    try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": m.NUM_WARPS})
-    except FileNotFoundError as e:  # no ptxas in this Triton build
-        pytest.skip(f"no CUDA toolchain in this Triton: {e}")
-    assert len(compiled.asm["cubin"]) > 0
-    assert "wgmma.mma_async" in compiled.asm["ptx"]
-
-
 def test_attention_api_dispatches_to_kernel_interpreted(interpreter_results):
     assert interpreter_results["api"]["same"] == [True, True]
 
@@ -552,68 +489,6 @@ def test_every_candidate_config_is_correct_gpu(kind):
                 assert max(r[t] for t in ("out", "dq", "dk", "dv")) < TOL["fp16"], (D, fc, bc, r)
     finally:
         bs.FORCE_FWD_CONFIG = bs.FORCE_BWD_CONFIG = None
-
-
-def _sm90_config_or_skip(D: int, dtype, monkeypatch) -> list:
-    """Pins the Hopper backward config; returns the list that records whether each Gluon launch ran."""
-    import maskar.kernels.block_sparse as bs
-    import maskar.kernels.block_sparse_sm90 as m
-
-    if not m.supported(torch.empty(1, 1, 1, D, device="cuda", dtype=dtype)):
-        pytest.skip("needs a Hopper GPU and a Triton with Gluon")
-    ran, real = [], m.launch
-
-    def spy(*args, **kwargs):
-        ran.append(real(*args, **kwargs))
-        return ran[-1]
-
-    monkeypatch.setattr(m, "launch", spy)
-    monkeypatch.setattr(bs, "FORCE_BWD_CONFIG", next(c for c in bs._bwd_candidates(D) if c.sm90))
-    return ran
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("sides", [SIDES_256, SIDES_512, SIDES_1024])
-@pytest.mark.parametrize("dname,D", [("fp16", 64), ("bf16", 64), ("fp16", 32)])
-def test_sm90_dkdv_matches_reference_gpu(kind, sides, dname, D, monkeypatch):
-    """Hopper config: the Gluon dK/dV programs run on the key tiles inside one scale, Triton on
-    the rest and on dQ; out, dq, dk, dv against fp32 SDPA."""
-    import maskar.kernels.block_sparse as bs
-
-    ran = _sm90_config_or_skip(D, DTYPES[dname], monkeypatch)
-    p = ScalePattern.from_sides(kind, sides)
-    B, H = (1, 2) if sides is SIDES_1024 else (2, 3)
-    r = errors_vs_reference(bs.block_sparse_attention, p, B, H, D, DTYPES[dname], None, "cuda")
-    assert ran and all(ran)
-    assert r["finite"] and max(r[t] for t in ("out", "dq", "dk", "dv")) < TOL[dname], r
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("layout", ["head_major", "no_tma_view"])
-def test_sm90_dkdv_other_layouts_gpu(layout, monkeypatch):
-    """Separate contiguous (B, H, L, D) q / k / v take the head-major TMA view; a layout with no
-    2D view (every row padded to 2 D, several heads) runs the same tiles through Triton."""
-    import maskar.kernels.block_sparse as bs
-
-    ran = _sm90_config_or_skip(64, torch.float16, monkeypatch)
-    p = ScalePattern.from_sides("block_diagonal", SIDES_256)
-    B, H, L, D = 2, 3, p.total, 64
-    width = D if layout == "head_major" else 2 * D
-    q, k, v = (torch.randn(B, H, L, width, device="cuda", dtype=torch.float16)[..., :D].requires_grad_(True)
-               for _ in range(3))
-    out = bs.block_sparse_attention(q, k, v, p)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref_in = [x.detach().float().requires_grad_(True) for x in (q, k, v)]
-    ref = sdpa_attention(*ref_in, p, None)
-    ref_grads = torch.autograd.grad(ref, ref_in, dout.float())
-    assert ran == [layout == "head_major"]
-    assert _rel(out, ref) < TOL["fp16"]
-    for g, r in zip(grads, ref_grads):
-        assert _rel(g, r) < TOL["fp16"]
 
 
 @gpu

@@ -44,7 +44,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from maskar.kernels import block_sparse_sm90 as _sm90
 from maskar.nn.attention import ScalePattern, register_backend
 
 try:  # launch hooks (profilers) live here in Triton >= 3.4
@@ -388,10 +387,6 @@ class BwdConfig:
     dq_warps: int = 0  # > 0: dK/dV and dQ in two launches, the dQ one with this many warps
     aligned: bool = True  # key / query tiles aligned to scales (as FwdConfig.aligned)
     bh_fast: bool = False  # as FwdConfig.bh_fast
-    # Hopper: dK/dV of the key tiles inside one scale by the Gluon programs of
-    # ``block_sparse_sm90`` (needs split launches and the delta buffer); the other key tiles
-    # and dQ by the Triton programs. Elsewhere, or without TMA views of q/k/v/dO, all Triton.
-    sm90: bool = False
 
 
 # Candidates: each was the fastest, or within a few percent of it, at some benchmarked
@@ -412,8 +407,7 @@ def _bwd_candidates(head_dim: int) -> list[BwdConfig]:
                 BwdConfig(64, 64, 64, 64, 4, 3), BwdConfig(16, 64, 64, 16, 4, 3),
                 BwdConfig(32, 64, 64, 32, 4, 3, bh_fast=True),
                 # split launches: dQ programs compiled for their own register budget
-                BwdConfig(32, 64, 64, 32, 4, 3, True, 4),
-                BwdConfig(32, 64, 64, 32, 4, 3, False, 4, sm90=True)]
+                BwdConfig(32, 64, 64, 32, 4, 3, True, 4)]
     return [BwdConfig(16, 64, 64, 16, 4, 2), BwdConfig(32, 64, 64, 32, 4, 2),
             BwdConfig(16, 64, 64, 16, 4, 2, False), BwdConfig(64, 64, 64, 64, 8, 2),
             BwdConfig(32, 128, 128, 32, 8, 2), BwdConfig(32, 64, 64, 32, 4, 2, True, 4)]
@@ -587,13 +581,7 @@ def _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, cfg: FwdConfig, items: 
 
 
 def _bwd_launches(pattern: ScalePattern, cfg: BwdConfig, device) -> tuple:
-    """(part, work items, warps) of each ``_attn_bwd`` launch of ``cfg``; part 3 is the Gluon
-    dK/dV launch of the key tiles inside one scale (``cfg.sm90``)."""
-    if cfg.sm90:
-        mixed = _bwd_table(pattern, cfg, 1, device)
-        return ((3, _bwd_table(pattern, cfg, 3, device), _sm90.NUM_WARPS),
-                *(((1, mixed, cfg.num_warps),) if mixed.shape[1] else ()),
-                (2, _bwd_table(pattern, cfg, 2, device), cfg.dq_warps))
+    """(part, work items, warps) of each ``_attn_bwd`` launch of ``cfg``."""
     if cfg.dq_warps:
         return ((1, _bwd_table(pattern, cfg, 1, device), cfg.num_warps),
                 (2, _bwd_table(pattern, cfg, 2, device), cfg.dq_warps))
@@ -615,11 +603,6 @@ def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, bnd, qk_scale, sm_scale, patter
     strides = (sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sdo[0], sdo[1], sdo[2])
     views = _view_spec(q, k, v, do)  # o, dq, dk, dv, lse, delta, bnd, items: fresh allocations
     for part, items, warps in launches:
-        if part == 3:
-            if _sm90.launch(q, k, v, do, dk, dv, lse, delta, items, qk_scale, sm_scale, cfg.block_n1):
-                continue
-            # not on this GPU, or no TMA view of these layouts: the same key tiles through Triton
-            part, items, warps = 1, _bwd_table(pattern, cfg, 4, q.device), cfg.num_warps
         n_items = items.shape[1]
         _launch(
             _attn_bwd, _grid(n_items, B * H, cfg.bh_fast),
@@ -704,30 +687,21 @@ def _bwd_table(pattern: ScalePattern, cfg: BwdConfig, part: int, device) -> Tens
     """(3, n) int32 backward work items (kind, start, stop) of ``_attn_bwd``, costliest first.
 
     Kind 1: a key tile (dK, dV; 4 matmuls per visited tile), kind 2: a query tile (dQ; 3).
-    ``part`` 0 mixes both kinds in one table, 1 / 2 keeps one kind (split launches); with
-    ``cfg.sm90``, part 1 keeps only the key tiles that mix scales, part 4 the others, and
-    part 3 is those others as (4, n) Gluon items: start, stop, and the query range [qs, qe)
-    that every key of the tile shares.
+    ``part`` 0 mixes both kinds in one table, 1 / 2 keeps one kind (split launches).
     """
-    key = (pattern, cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2, cfg.aligned, cfg.sm90, part,
-           device)
+    key = (pattern, cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2, cfg.aligned, part, device)
     t = _bwd_table_cache.get(key)
     if t is None:
         ks, ke, qs, qe = _bound_lists(pattern)
-        items = []  # (cost, kind, start, stop) or, part 3, (cost, start, stop, qs, qe)
-        for a, z in _tile_spans(pattern.lengths, cfg.block_n1, cfg.aligned) if part in (0, 1, 3, 4) else ():
-            one_range = min(qs[a:z]) == max(qs[a:z]) and min(qe[a:z]) == max(qe[a:z])
-            cost = 4 * cfg.block_n1 * cfg.block_m1 * _steps(qs, qe, a, z, cfg.block_m1)
-            if part == 3 and one_range:
-                items.append((cost, a, z, qs[a], qe[a]))
-            elif part == 0 or (part == 1 and not (cfg.sm90 and one_range)) or (part == 4 and one_range):
-                items.append((cost, 1, a, z))
+        items = []  # (cost, kind, start, stop)
+        if part in (0, 1):
+            for a, z in _tile_spans(pattern.lengths, cfg.block_n1, cfg.aligned):
+                items.append((4 * cfg.block_n1 * cfg.block_m1 * _steps(qs, qe, a, z, cfg.block_m1), 1, a, z))
         if part in (0, 2):
             for a, z in _tile_spans(pattern.lengths, cfg.block_m2, cfg.aligned):
                 items.append((3 * cfg.block_m2 * cfg.block_n2 * _steps(ks, ke, a, z, cfg.block_n2), 2, a, z))
         items.sort(key=lambda it: -it[0])
-        rows = 4 if part == 3 else 3
-        t = torch.tensor([it[1:] for it in items], dtype=torch.int32).reshape(-1, rows).t().contiguous()
+        t = torch.tensor([it[1:] for it in items], dtype=torch.int32).t().contiguous()
         t = _bwd_table_cache[key] = t.to(device)
     return t
 
@@ -807,7 +781,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         grads = (q, k, v, o, do, dq, dk, dv, lse)
         cfg, bnd, launches = _plan(
             "bwd", q, pattern, FORCE_BWD_CONFIG or (_INTERPRET_BWD if _INTERPRET else None),
-            lambda: [c for c in _bwd_candidates(D) if not c.sm90 or _sm90.supported(q)],
+            lambda: _bwd_candidates(D),
             lambda c, bnd: _launch_bwd(*grads, bnd, scale * LOG2E, scale, pattern, c),
             lambda c: _bwd_launches(pattern, c, q.device))
         _launch_bwd(*grads, bnd, scale * LOG2E, scale, pattern, cfg, launches)

@@ -1,27 +1,18 @@
-"""Hopper (sm90) dK/dV programs in Gluon, for key tiles that lie inside one scale.
+"""Hopper (sm90) dK/dV programs in Gluon: the measurement subject of ``attention_gluon_probe.py``.
 
-Triton 3.6 waits for every wgmma right after issuing it unless it accumulates into itself,
-and its pointer loads cost the dK/dV programs 255 registers and spills on sm90. Gluon, the
-explicit dialect of Triton, lets a program schedule the asynchronous wgmma by hand and load
-through TMA. So this kernel does, per query tile j of its key tile:
+Not used by the library. It was built as a Hopper path for the fused kernel's dK/dV programs
+(key tiles inside one scale, where every key sees one contiguous query range [qs, qe)), and
+measured no faster than the Triton programs, so only the probe keeps it.
 
-- issue tile j+1's S^T = K Q^T and dP^T = V dO^T;
-- while the tensor cores work on them (and on tile j-1's dV, dK products), run the softmax
-  backward of tile j on the CUDA cores (P^T = 2^(S^T - lse), dS^T = P^T (dP^T - delta));
-- issue tile j's dV += P^T dO and dK += dS^T Q.
-Tiles go in pairs so that every product is retired before the loop's back edge (an earlier
-schedule that carried in-flight dV, dK accumulators across it gave wrong dK on long walks).
-
-Q and dO tiles come through a ring of NUM_BUF shared-memory buffers filled by TMA. A key
-tile inside one scale is seen by one contiguous query range [qs, qe) (the scale for the
-block-diagonal pattern, the scale to the end for block-causal), so the walk needs no
-per-element bounds, only a mask on its last, partial query tile. On one dense 1024-token
-scale (B 8, H 16, D 64, fp16, H100) this runs in 0.164 ms against 0.219 ms for the Triton
-dK/dV programs (``benchmarks/attention_gluon_probe.py``).
-
-Tiles that mix scales, the dQ programs and every other GPU stay with the Triton kernels of
-``block_sparse``. There is no CPU interpreter for Gluon: CI compiles this kernel for sm90
-ahead of time, and the GPU tests check it against fp32 SDPA.
+Per query tile j of its key tile, a program issues tile j+1's S^T = K Q^T and dP^T = V dO^T,
+runs tile j's softmax backward on the CUDA cores while the tensor cores work on them, issues
+tile j's dV += P^T dO and dK += dS^T Q, waits for all four and refills tile j's Q / dO buffers
+(a TMA ring of NUM_BUF). On one dense 1024-token scale (B 8, H 16, D 64, fp16, H100) that is
+0.207 ms, the same as the Triton dK/dV programs (0.208). Keeping tile j's dV, dK products in
+flight into the next iteration reached 0.189 ms but computed dK wrongly on long walks,
+depending on the ring size; processing two tiles per iteration so that nothing in flight
+crosses the loop's back edge is correct but 0.241 ms. Raw numbers:
+``docs/results/attention_gluon_dkdv_variants_h100_2026-11-22f.txt``.
 """
 
 from __future__ import annotations
@@ -70,32 +61,6 @@ if AVAILABLE:
             delta = gl.load(delta_base + offs)
             pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
         return pt, pt * (dpt - gl.expand_dims(delta, 0))
-
-    @gluon.jit
-    def _issue_scores(k, v, q_smem, do_smem, q_bar, do_bar, t, zero_s, NUM_BUF: gl.constexpr):
-        """Issue S^T = K Q_t^T and dP^T = V dO_t^T of query tile t (asynchronous)."""
-        buf = t % NUM_BUF
-        ph = (t // NUM_BUF) & 1
-        mbarrier.wait(q_bar.index(buf), ph)
-        mbarrier.wait(do_bar.index(buf), ph)
-        st = warpgroup_mma(k, q_smem.index(buf).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        dpt = warpgroup_mma(v, do_smem.index(buf).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        return st, dpt
-
-    @gluon.jit
-    def _issue_grads(st, dpt, t, dv, dk, q_smem, do_smem, lse_base, delta_base, qs, qe, qk_scale,
-                     BM: gl.constexpr, NUM_BUF: gl.constexpr, MASKED: gl.constexpr,
-                     a_layout: gl.constexpr, col_s: gl.constexpr):
-        """Softmax backward of query tile t, then issue dV += P^T dO_t and dK += dS^T Q_t
-        (asynchronous); returns the register operands too, to keep them live until retired."""
-        offs = qs + t * BM + gl.arange(0, BM, layout=col_s)
-        pt, dst = _softmax_bwd(st, dpt, lse_base, delta_base, offs, qe, qk_scale, MASKED)
-        pt16 = gl.convert_layout(pt.to(q_smem.dtype), a_layout)
-        dst16 = gl.convert_layout(dst.to(q_smem.dtype), a_layout)
-        buf = t % NUM_BUF
-        dv = warpgroup_mma(pt16, do_smem.index(buf), dv, is_async=True)
-        dk = warpgroup_mma(dst16, q_smem.index(buf), dk, is_async=True)
-        return dv, dk, pt16, dst16
 
     @gluon.jit
     def _attn_bwd_dkdv_sm90(
@@ -153,41 +118,42 @@ if AVAILABLE:
         v = kv_smem.index(1)
         mbarrier.wait(kv_bar.index(0), 0)
         mbarrier.wait(kv_bar.index(1), 0)
-        st, dpt = _issue_scores(k, v, q_smem, do_smem, q_bar, do_bar, 0, zero_s, NUM_BUF)
+        mbarrier.wait(q_bar.index(0), 0)
+        mbarrier.wait(do_bar.index(0), 0)
+        st = warpgroup_mma(k, q_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dpt = warpgroup_mma(v, do_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         st, dpt = warpgroup_mma_wait(0, deps=(st, dpt))
         lse_base = LSE + bh.to(gl.int64) * L
         delta_base = DELTA + bh.to(gl.int64) * L
-        # Two full query tiles a, a+1 per iteration: tile a's dV, dK products stay in flight
-        # while tile a+1's softmax backward runs, and each tile's S^T, dP^T are computed during
-        # the previous tile's softmax backward. Everything is retired at the end of the
-        # iteration: nothing asynchronous crosses the back edge (an in-flight accumulator
-        # carried across it gave wrong dK); then both tiles' buffers take the tiles NUM_BUF on.
-        for i in range((n_tiles - 1) // 2):
-            a = 2 * i
-            st_b, dpt_b = _issue_scores(k, v, q_smem, do_smem, q_bar, do_bar, a + 1, zero_s, NUM_BUF)
-            dv, dk, pa, da = _issue_grads(st, dpt, a, dv, dk, q_smem, do_smem, lse_base, delta_base, qs, qe,
-                                          qk_scale, BM, NUM_BUF, False, a_layout, col_s)
-            st_b, dpt_b = warpgroup_mma_wait(2, deps=(st_b, dpt_b))  # tile a's dV, dK still running
-            st_c, dpt_c = _issue_scores(k, v, q_smem, do_smem, q_bar, do_bar, a + 2, zero_s, NUM_BUF)
-            dv, dk, pb, db = _issue_grads(st_b, dpt_b, a + 1, dv, dk, q_smem, do_smem, lse_base, delta_base,
-                                          qs, qe, qk_scale, BM, NUM_BUF, False, a_layout, col_s)
-            st, dpt, dv, dk, pa, da, pb, db = warpgroup_mma_wait(
-                0, deps=(st_c, dpt_c, dv, dk, pa, da, pb, db))
-            for u in gl.static_range(2):
-                refill = a + u + NUM_BUF
-                _load_tile(q_desc, q_smem, q_bar, (a + u) % NUM_BUF, q_row + refill * BM, h * q_ch,
-                           refill < n_tiles)
-                _load_tile(do_desc, do_smem, do_bar, (a + u) % NUM_BUF, do_row + refill * BM, h * do_ch,
-                           refill < n_tiles)
-        if (n_tiles - 1) % 2 == 1:  # one more full tile before the last (no refill left to do)
-            j = n_tiles - 2
-            st_n, dpt_n = _issue_scores(k, v, q_smem, do_smem, q_bar, do_bar, j + 1, zero_s, NUM_BUF)
-            dv, dk, pa, da = _issue_grads(st, dpt, j, dv, dk, q_smem, do_smem, lse_base, delta_base, qs, qe,
-                                          qk_scale, BM, NUM_BUF, False, a_layout, col_s)
-            st, dpt, dv, dk, pa, da = warpgroup_mma_wait(0, deps=(st_n, dpt_n, dv, dk, pa, da))
-        dv, dk, pa, da = _issue_grads(st, dpt, n_tiles - 1, dv, dk, q_smem, do_smem, lse_base, delta_base, qs,
-                                      qe, qk_scale, BM, NUM_BUF, True, a_layout, col_s)
-        dk, dv, pa, da = warpgroup_mma_wait(0, deps=(dk, dv, pa, da))
+        for j in range(n_tiles - 1):  # every tile but the last is full
+            cb = j % NUM_BUF
+            nb = (j + 1) % NUM_BUF
+            ph = ((j + 1) // NUM_BUF) & 1
+            mbarrier.wait(q_bar.index(nb), ph)
+            mbarrier.wait(do_bar.index(nb), ph)
+            # tile j+1's S^T and dP^T run on the tensor cores during tile j's softmax backward
+            st_n = warpgroup_mma(k, q_smem.index(nb).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            dpt_n = warpgroup_mma(v, do_smem.index(nb).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            offs = qs + j * BM + gl.arange(0, BM, layout=col_s)
+            pt, dst = _softmax_bwd(st, dpt, lse_base, delta_base, offs, qe, qk_scale, False)
+            pt16 = gl.convert_layout(pt.to(dtype), a_layout)
+            dst16 = gl.convert_layout(dst.to(dtype), a_layout)
+            dv = warpgroup_mma(pt16, do_smem.index(cb), dv, is_async=True)
+            dk = warpgroup_mma(dst16, q_smem.index(cb), dk, is_async=True)
+            # everything retired here: no accumulator or register operand is in flight across
+            # the loop's back edge, and tile j's buffers are free for tile j + NUM_BUF
+            st, dpt, dv, dk, pt16, dst16 = warpgroup_mma_wait(0, deps=(st_n, dpt_n, dv, dk, pt16, dst16))
+            refill = j + NUM_BUF
+            _load_tile(q_desc, q_smem, q_bar, cb, q_row + refill * BM, h * q_ch, refill < n_tiles)
+            _load_tile(do_desc, do_smem, do_bar, cb, do_row + refill * BM, h * do_ch, refill < n_tiles)
+        last = n_tiles - 1
+        offs = qs + last * BM + gl.arange(0, BM, layout=col_s)
+        pt, dst = _softmax_bwd(st, dpt, lse_base, delta_base, offs, qe, qk_scale, True)
+        pt16 = gl.convert_layout(pt.to(dtype), a_layout)
+        dst16 = gl.convert_layout(dst.to(dtype), a_layout)
+        dv = warpgroup_mma(pt16, do_smem.index(last % NUM_BUF), dv, is_async=True)
+        dk = warpgroup_mma(dst16, q_smem.index(last % NUM_BUF), dk, is_async=True)
+        dk, dv, pt16, dst16 = warpgroup_mma_wait(0, deps=(dk, dv, pt16, dst16))
         mbarrier.invalidate(kv_bar.index(0))
         mbarrier.invalidate(kv_bar.index(1))
         for i in gl.static_range(NUM_BUF):
