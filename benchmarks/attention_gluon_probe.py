@@ -190,12 +190,13 @@ def _time_ms(fn, n: int = 30, rounds: int = 5) -> float:
 def one(BM: int, BN: int, num_buf: int, num_warps: int, lengths: list[int], B: int, H: int) -> dict:
     torch.manual_seed(0)
     out = {"cfg": [BM, BN, num_buf, num_warps]}
-    small = torch.randn(2, 256, 3, 3, 64, device="cuda", dtype=torch.float16)
+    # long walks (16-32 key tiles): an in-flight schedule can be right on short ones only
+    small = torch.randn(2, 2048, 3, 3, 64, device="cuda", dtype=torch.float16)
     launch, o, lse = prepare(small, BM, BN, num_buf, num_warps)
     launch()
     q, k, v = (t.float() for t in small.permute(2, 0, 3, 1, 4))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    ref_lse = torch.logsumexp(q @ k.transpose(-1, -2) * 64**-0.5, -1).reshape(6, 256) * LOG2E
+    ref_lse = torch.logsumexp(q @ k.transpose(-1, -2) * 64**-0.5, -1).reshape(6, 2048) * LOG2E
     out["err"] = float((o.float() - ref).norm() / ref.norm())
     out["lse_err"] = float((lse - ref_lse).abs().max())
     if not (out["err"] < 5e-3 and out["lse_err"] < 1e-2):
