@@ -45,6 +45,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from maskar.bench.attention import time_back_to_back_ms
+
 LOG2E = 1.4426950408889634
 # timed problems have REPEAT x the batch (times divided back): host launch cost stays hidden
 REPEAT = 4
@@ -172,21 +174,6 @@ def prepare(qkv: torch.Tensor, BM: int, BN: int, num_buf: int, num_warps: int):
     return launch, o.permute(0, 2, 1, 3), lse
 
 
-def _time_ms(fn, n: int = 30, rounds: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(rounds):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(n):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e) / n)
-    return sorted(ts)[len(ts) // 2]
-
-
 def one(BM: int, BN: int, num_buf: int, num_warps: int, lengths: list[int], B: int, H: int) -> dict:
     torch.manual_seed(0)
     out = {"cfg": [BM, BN, num_buf, num_warps]}
@@ -205,7 +192,7 @@ def one(BM: int, BN: int, num_buf: int, num_warps: int, lengths: list[int], B: i
         if L % BM or L % BN:
             continue
         qkv = torch.randn(B * REPEAT, L, 3, H, 64, device="cuda", dtype=torch.float16)
-        out[f"L{L}_ms"] = _time_ms(prepare(qkv, BM, BN, num_buf, num_warps)[0]) / REPEAT
+        out[f"L{L}_ms"] = time_back_to_back_ms(prepare(qkv, BM, BN, num_buf, num_warps)[0]) / REPEAT
     return out
 
 
@@ -261,7 +248,7 @@ def one_dkdv(BM: int, BN: int, num_buf: int, num_warps: int, lengths: list[int],
         do = torch.randn(B * REPEAT, L, H, 64, device="cuda", dtype=torch.float16)
         lse = torch.randn(B * REPEAT * H, L, device="cuda").abs() + 8.0  # timing only: p stays small
         delta = torch.randn(B * REPEAT * H, L, device="cuda")
-        out[f"L{L}_ms"] = _time_ms(_library_dkdv(qkv, do, lse, delta, BN)[0]) / REPEAT
+        out[f"L{L}_ms"] = time_back_to_back_ms(_library_dkdv(qkv, do, lse, delta, BN)[0]) / REPEAT
     return out
 
 
@@ -296,19 +283,19 @@ def _bwd_references_at(L: int, Bt: int, H: int) -> dict:
 
     split = bs.BwdConfig(32, 64, 64, 32, 4, 3, True, 4)
     launches = bs._bwd_launches(pat, split, q.device)
-    out[f"library dK/dV L{L}_ms"] = _time_ms(lambda: bwd(split, launches[:1])) / REPEAT
-    out[f"library dQ L{L}_ms"] = _time_ms(lambda: bwd(split, launches[1:])) / REPEAT
+    out[f"library dK/dV L{L}_ms"] = time_back_to_back_ms(lambda: bwd(split, launches[:1])) / REPEAT
+    out[f"library dQ L{L}_ms"] = time_back_to_back_ms(lambda: bwd(split, launches[1:])) / REPEAT
     default = bs._bwd_candidates(64)[0]
     dl = bs._bwd_launches(pat, default, q.device)
-    out[f"library bwd (one launch) L{L}_ms"] = _time_ms(lambda: bwd(default, dl)) / REPEAT
+    out[f"library bwd (one launch) L{L}_ms"] = time_back_to_back_ms(lambda: bwd(default, dl)) / REPEAT
 
     def sdpa():
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         with torch.no_grad():
-            f = _time_ms(sdpa)
-        fb = _time_ms(lambda: torch.autograd.grad(sdpa(), (q, k, v), do))
+            f = time_back_to_back_ms(sdpa)
+        fb = time_back_to_back_ms(lambda: torch.autograd.grad(sdpa(), (q, k, v), do))
     out[f"cudnn bwd L{L}_ms"] = (fb - f) / REPEAT
     return out
 
@@ -326,10 +313,10 @@ def references(lengths: list[int], B: int, H: int) -> dict:
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         pat = ScalePattern("block_diagonal", (L,))
         with torch.no_grad():
-            out[f"library L{L}_ms"] = _time_ms(
+            out[f"library L{L}_ms"] = time_back_to_back_ms(
                 lambda q=q, k=k, v=v, pat=pat: block_sparse_attention(q, k, v, pat)) / REPEAT
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                out[f"cudnn L{L}_ms"] = _time_ms(
+                out[f"cudnn L{L}_ms"] = time_back_to_back_ms(
                     lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v)) / REPEAT
     return out
 
