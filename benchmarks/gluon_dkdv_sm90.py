@@ -34,7 +34,7 @@ try:
     # renamed async_load after Triton 3.6; same arguments
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     AVAILABLE = True
-except ImportError:  # a Triton without Gluon's Hopper API: the Triton kernels are used throughout
+except ImportError:  # a Triton without Gluon's Hopper API: the probe's dK/dV phase cannot run
     AVAILABLE = False
 
 BLOCK_M = 64  # query rows per step (the probe's best on the dense scales)
@@ -171,7 +171,7 @@ if AVAILABLE:
 
 def row_map(t: Tensor) -> tuple[Tensor, int, int, int] | None:
     """t (B, H, L, D) as a 2D TMA tensor: (2D view, rb, rh, ch) with row b * rb + h * rh + l
-    at column h * ch, or None when t's layout has no such view (then Triton runs the tile)."""
+    at column h * ch, or None when t's layout has no such view."""
     B, H, L, D = t.shape
     sb, sh, sl, sd = t.stride()
     esz = t.element_size()
