@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from maskar.cli_args import parse_labels
 from maskar.config import ConfigError, dump_yaml, load_config, parse_override, preset_names
 
 EPILOG_OVERRIDES = "Values are YAML: lists as [1,2,3], booleans as true/false, null for None."
@@ -96,23 +97,6 @@ def cmd_train(args: list[str]) -> int:
 # ----------------------------------------------------------------------------- sample / edit
 
 
-def _parse_labels(value: object, num_classes: int) -> list[int]:
-    if value is None:
-        return list(range(num_classes))
-    if isinstance(value, int):
-        labels = [value]
-    elif isinstance(value, str):
-        labels = [int(v) for v in value.replace(" ", "").split(",") if v]
-    elif isinstance(value, (list, tuple)):
-        labels = [int(v) for v in value]
-    else:
-        raise ConfigError(f"labels: expected a comma-separated list of class ids, got {value!r}")
-    bad = [v for v in labels if not 0 <= v < num_classes]
-    if bad:
-        raise ConfigError(f"labels: class ids must be in [0, {num_classes - 1}], got {bad}")
-    return labels
-
-
 def cmd_sample(args: list[str]) -> int:
     from maskar import sampling
 
@@ -137,7 +121,7 @@ def cmd_sample(args: list[str]) -> int:
         str(opts["ckpt"]), overrides, str(opts["device"]), bool(opts["ema"])
     )
     num_classes = getattr(model, "num_classes", 10)
-    labels = _parse_labels(opts["labels"], num_classes)
+    labels = parse_labels(opts["labels"], num_classes)
     per_class = int(opts["per_class"])  # type: ignore[arg-type]
     if per_class < 1:
         raise ConfigError(f"per_class: expected >= 1, got {per_class}")

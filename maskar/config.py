@@ -16,33 +16,17 @@ import copy
 import dataclasses
 import types
 import typing
-from dataclasses import MISSING, dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
+from maskar.config_base import ConfigError, ModelConfig, SampleConfig, field
 
-class ConfigError(ValueError):
-    """A user-caused config problem; the message names the key and what was expected."""
-
-
-def field(
-    default: Any = MISSING,
-    *,
-    default_factory: Any = MISSING,
-    min: float | None = None,  # noqa: A002 - reads naturally at call sites
-    max: float | None = None,  # noqa: A002
-    choices: tuple | None = None,
-    help: str = "",  # noqa: A002
-) -> Any:
-    """A dataclass field with validation metadata and a help string."""
-    meta = {"min": min, "max": max, "choices": choices, "help": help}
-    if default_factory is not MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
-
+# The base types live in maskar.config_base so that maskar.registry can use them while this
+# module looks architectures up in the registry, without the two importing each other.
 
 # ----------------------------------------------------------------------------- sections
 
@@ -98,20 +82,6 @@ class TrainConfig:
     disc_lr: float | None = field(None, min=0.0, help="discriminator lr (tokenizer GAN); default lr")
     tensorboard: bool = field(True)
     progress: bool = field(True, help="tqdm progress bar")
-
-
-@dataclass
-class ModelConfig:
-    """Base of every registered model config; ``arch`` selects the subclass."""
-
-    arch: str = "none"
-
-
-@dataclass
-class SampleConfig:
-    """Base of every registered sampling config."""
-
-    seed: int = field(0, help="sampling seed")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from maskar.config import ConfigError, ModelConfig, SampleConfig
+from maskar.config_base import ConfigError, ModelConfig, SampleConfig
 
 _MODULES = (
     "maskar.tokenizers.vqvae",

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from maskar.cli_args import parse_labels
 from maskar.config import ConfigError, DataConfig, apply_overrides, build, to_dict
 from maskar.eval.images import ImageSet, images_from_array, open_images
 from maskar.eval.metrics import frechet_distance, inception_score, precision_recall
@@ -214,10 +215,8 @@ def _ref_arg(value: object, data_cfg: DataConfig | None) -> str | DataConfig | N
 
 
 def _class_order_labels(per_class: int, labels: object, num_classes: int | None, count: int) -> np.ndarray:
-    from maskar.cli import _parse_labels
-
     if labels is not None:
-        classes = _parse_labels(labels, num_classes or 1_000_000)
+        classes = parse_labels(labels, num_classes or 1_000_000)
     else:
         classes = list(range(num_classes if num_classes is not None else count // per_class))
     out = np.repeat(np.asarray(classes, dtype=np.int64), per_class)
@@ -273,7 +272,6 @@ def run(opts: dict[str, Any], overrides: list[str]) -> int:
     ckpt_data: DataConfig | None = None
     if opts["ckpt"] is not None:
         from maskar import sampling
-        from maskar.cli import _parse_labels
 
         if opts["per_class"] is None:
             raise ConfigError(
@@ -283,7 +281,7 @@ def run(opts: dict[str, Any], overrides: list[str]) -> int:
             str(opts["ckpt"]), other_over, str(opts["device"]), bool(opts["ema"])
         )
         ckpt_data = cfg.data
-        classes = _parse_labels(opts["labels"], int(getattr(model, "num_classes", 10)))
+        classes = parse_labels(opts["labels"], int(getattr(model, "num_classes", 10)))
         images, labels = sampling.generate(
             model,
             cfg,
