@@ -390,7 +390,7 @@ class BwdConfig:
 
 
 # Candidates: each was the fastest, or within a few percent of it, at some benchmarked
-# shape in the H100 sweep of 2026-11-22 (benchmarks/attention_sweep.py, docs/kernels.md);
+# shape in the H100 config sweep of 2026-11-22 (docs/kernels.md, *Finished experiments*);
 # the first of each list is the best overall and what the GPU tests pin.
 def _fwd_candidates(head_dim: int) -> list[FwdConfig]:
     if head_dim <= 64:
