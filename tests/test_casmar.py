@@ -160,9 +160,23 @@ def test_saliency_scores_reference():
     a = torch.softmax(torch.einsum("nld,nmd->nlm", x, x), -1)  # no 1/sqrt(d)
     col = a.sum(1)
     want = (col - col.min(1, keepdim=True).values) / (
-        col.max(1, keepdim=True).values - col.min(1, keepdim=True).values
+        col.max(1, keepdim=True).values - col.min(1, keepdim=True).values + 1e-6
     )
     torch.testing.assert_close(saliency_scores(x), want)
+
+
+def test_saliency_denominator_is_official_on_low_contrast_features():
+    # Official min-max normalisation: (s - min) / (max - min + 1e-6). On low-contrast features
+    # (max - min of the column sums ~ 7e-3) the 1e-6 moves the saliency by ~1.5e-4.
+    g = torch.Generator().manual_seed(0)
+    x = 0.06 * torch.randn(2, 64, 16, generator=g)
+    col = torch.softmax(x @ x.transpose(1, 2), dim=2).sum(1)
+    lo, hi = col.min(1, keepdim=True).values, col.max(1, keepdim=True).values
+    assert 1e-3 < float((hi - lo).min()) < 3e-2  # low contrast indeed
+    want = (col - lo) / (hi - lo + 1e-6)
+    got = saliency_scores(x)
+    assert float((got - want).abs().max()) <= 1e-6
+    assert float(((col - lo) / (hi - lo) - want).abs().max()) > 2e-5  # the old denominator is off
 
 
 def test_saliency_mask_amr_ratio_and_lowest_saliency_kept():

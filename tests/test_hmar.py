@@ -130,6 +130,150 @@ def test_refine_on_stage1_is_a_clear_error():
     assert m.generate(torch.tensor([0]), seed=0).shape == (1, 3, 16, 16)  # default: no refinement
 
 
+# ----------------------------------------------------------------------------- official refinement ranking
+# Reference (shared/reference/hmar_var.md §4.4, §7 HMAR pitfall 6): the official sampler filters the
+# guided logits in place with top-k / top-p, takes each drawn token's probability from the softmax of
+# the *filtered* logits, and masks the lowest ones with an ascending argsort; later passes re-rank the
+# still-masked tokens (in their current order) by the filtered mask-head softmax. top_k=1 makes every
+# confidence 1.0, so the choice is pure position order.
+
+
+def _spy_refinement(monkeypatch, m):
+    """Record the next-scale draws (guided logits, ids), refinement draws and masked sets."""
+    import maskar.models.hmar as hmar_mod
+    import maskar.models.var as var_mod
+
+    rec = {"ns": [], "refine": [], "masked": []}
+    real_ns, real_ref = var_mod.sample_from_logits, hmar_mod.sample_from_logits
+
+    def ns(logits, *a, **k):
+        out = real_ns(logits, *a, **k)
+        rec["ns"].append((logits.clone(), out.clone()))
+        return out
+
+    def ref(logits, *a, **k):
+        out = real_ref(logits, *a, **k)
+        rec["refine"].append((logits.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(var_mod, "sample_from_logits", ns)
+    monkeypatch.setattr(hmar_mod, "sample_from_logits", ref)
+    real_mask = m._mask_logits
+
+    def spy(si, idx, masked, ctx):
+        rec["masked"].append((si, masked.clone()))
+        return real_mask(si, idx, masked, ctx)
+
+    monkeypatch.setattr(m, "_mask_logits", spy)
+    return rec
+
+
+def _official_masked_sets(rec, schedule, top_k, top_p, filtered=True):
+    """The masked sets the official rule picks, replayed from the recorded logits and draws."""
+    from maskar.nn.sampling import filter_logits
+
+    def conf(logits, idx):
+        x = filter_logits(logits.float(), top_k, top_p) if filtered else logits.float()
+        return x.softmax(-1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+
+    want, r = [], 0
+    for si, entry in enumerate(schedule):
+        if len(entry) == 1:
+            continue
+        logits, idx = rec["ns"][si]
+        order = torch.sort(conf(logits, idx), dim=1, stable=True).indices[:, : sum(entry[1:])]
+        for step in range(1, len(entry)):
+            masked = torch.zeros_like(idx, dtype=torch.bool).scatter(1, order, True)
+            want.append((si, masked))
+            mlogits, new = rec["refine"][r]
+            r += 1
+            idx = torch.where(masked, new, idx)
+            if step < len(entry) - 1:
+                c = conf(mlogits, idx).gather(1, order)
+                order = order.gather(
+                    1, torch.sort(c, dim=1, stable=True).indices[:, : sum(entry[step + 1 :])]
+                )
+    return want
+
+
+def test_greedy_refinement_re_predicts_positions_in_order(monkeypatch):
+    m = tiny_hmar(stage=2)
+    randomize(m)
+    rec = _spy_refinement(monkeypatch, m)
+    schedule = [[1], [1, 3], [1, 1, 2, 5], [10, 6]]
+    m.generate(torch.tensor([0, 1, 5]), cfg=1.5, top_k=1, top_p=0.0, seed=0, mask_schedule=schedule)
+    got = [(si, mk.nonzero()[:, 1].view(3, -1).tolist()) for si, mk in rec["masked"]]
+    first = lambda n: [list(range(n))] * 3  # noqa: E731 - every sample: the first n positions
+    assert got == [(1, first(3)), (2, first(8)), (2, first(7)), (2, first(5)), (3, first(6))]
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 0.0), (5, 0.9), (0, 0.6)])
+def test_refinement_ranks_by_the_filtered_softmax(monkeypatch, top_k, top_p):
+    m = tiny_hmar(stage=2)
+    randomize(m)
+    schedule = [[1], [1, 3], [1, 1, 2, 5], [10, 6]]
+    differs = False
+    for seed in range(4):
+        rec = _spy_refinement(monkeypatch, m)
+        labels = torch.tensor([0, 3, 7, m.num_classes])
+        m.generate(labels, cfg=2.0, top_k=top_k, top_p=top_p, seed=seed, mask_schedule=schedule)
+        want = _official_masked_sets(rec, schedule, top_k, top_p)
+        assert [si for si, _ in rec["masked"]] == [si for si, _ in want]
+        for (_, got), (_, exp) in zip(rec["masked"], want):
+            assert torch.equal(got, exp)
+        old = _official_masked_sets(rec, schedule, top_k, top_p, filtered=False)
+        differs |= any(not torch.equal(a, b) for (_, a), (_, b) in zip(want, old))
+        monkeypatch.undo()
+    assert differs  # the case exercises a ranking the unfiltered rule gets wrong
+
+
+def test_unfiltered_confidence_keeps_the_previous_rule(monkeypatch):
+    m = tiny_hmar(stage=2)
+    randomize(m)
+    schedule = [[1], [1, 3], [1, 1, 2, 5], [10, 6]]
+    rec = _spy_refinement(monkeypatch, m)
+    m.generate(
+        torch.tensor([0, 3, 7]), cfg=2.0, top_k=3, seed=1, mask_schedule=schedule, confidence="unfiltered"
+    )
+    want = _official_masked_sets(rec, schedule, 3, 0.0, filtered=False)
+    for (_, got), (_, exp) in zip(rec["masked"], want, strict=True):
+        assert torch.equal(got, exp)
+    with pytest.raises(ValueError, match="confidence"):
+        m.generate(torch.tensor([0]), confidence="softmax")
+    assert load_config("hmar-tiny").sample.confidence == "official"
+
+
+def test_official_refinement_guidance_is_cfg_times_1e_6(monkeypatch):
+    import maskar.models.hmar as hmar_mod
+
+    m = tiny_hmar(stage=2)
+    randomize(m)
+    seen = []
+    real = hmar_mod.guided_logits
+    monkeypatch.setattr(
+        hmar_mod, "guided_logits", lambda lg, b, t: seen.append((lg.shape[0], b, t)) or real(lg, b, t)
+    )
+    schedule = [[1], [1, 3], [1, 1, 2, 5], [16]]
+    m.generate(torch.tensor([0, 1]), cfg=1.7, seed=0, mask_schedule=schedule, refine_cfg_schedule="official")
+    assert seen == [(4, 2, 1.7 * 1e-6)] * 4  # both CFG halves run, t = cfg * 1e-6 on every pass
+    seen.clear()
+    m.generate(torch.tensor([0, 1]), cfg=1.7, seed=0, mask_schedule=schedule, refine_cfg=0.5,
+               refine_cfg_schedule="constant")  # fmt: skip
+    assert seen == [(4, 2, 0.5)] * 4
+    seen.clear()
+    m.generate(torch.tensor([0, 1]), cfg=1.7, seed=0, mask_schedule=schedule, refine_cfg=0.6)
+    assert seen == [(4, 2, 0.6 * 1 / 3)] + [(4, 2, 0.6 * 2 / 3)] * 3  # the cfg schedule (linear)
+
+
+def test_lowest_confidence_is_a_stable_ascending_rank():
+    from maskar.nn.sampling import lowest_confidence
+
+    conf = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.5, 0.2, 0.5, 0.1]])
+    assert lowest_confidence(conf, 3).tolist() == [[0, 1, 2], [3, 1, 0]]
+    among = torch.tensor([[3, 1, 2], [2, 0, 1]])  # ties keep the order of `among`
+    assert lowest_confidence(conf, 2, among=among).tolist() == [[3, 1], [1, 2]]
+
+
 # ----------------------------------------------------------------------------- schedules
 
 

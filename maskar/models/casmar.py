@@ -130,12 +130,14 @@ def saliency_scores(x: Tensor) -> Tensor:
     """(N, L, D) features -> (N, L) saliency in [0, 1].
 
     Saliency = attention mass a token receives under the parameter-free self-affinity
-    softmax(x x^T) (no 1/sqrt(D)), min-max normalised per sample.
+    softmax(x x^T) (no 1/sqrt(D)), min-max normalised per sample as the official code does:
+    (s - min) / (max - min + 1e-6). The 1e-6 matters on low-contrast features: it moves the
+    saliency by ~1e-4 there and so decides near-ties, i.e. which tokens are masked.
     """
     x = x.float()
     received = torch.softmax(x @ x.transpose(1, 2), dim=-1).sum(1)  # column sums (N, L)
     lo, hi = received.amin(1, keepdim=True), received.amax(1, keepdim=True)
-    return (received - lo) / (hi - lo).clamp(min=1e-12)
+    return (received - lo) / (hi - lo + 1e-6)
 
 
 def saliency_mask(

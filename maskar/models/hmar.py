@@ -42,7 +42,13 @@ from maskar.models.var import (
     no_autocast,
 )
 from maskar.nn.blocks import AdaLNBeforeHead
-from maskar.nn.sampling import guided_logits, sample_from_logits
+from maskar.nn.sampling import (
+    CONFIDENCE_RULES,
+    guided_logits,
+    lowest_confidence,
+    sample_from_logits,
+    token_confidence,
+)
 
 # Official schedules (reference §4.5): the 256 px default of sample.py / evaluation and
 # the 512 px one of the inference benchmark.
@@ -87,6 +93,10 @@ def validate_mask_schedule(schedule, patch_nums: tuple[int, ...]) -> list[list[i
     return out
 
 
+# How refinement passes are guided: the cfg schedule with refine_cfg, refine_cfg at every pass,
+# or the released code's hard-coded t = cfg * 1e-6 (reference §4.4, §7 pitfall 5).
+REFINE_CFG_SCHEDULES = ("same", "constant", "official")
+
 # ----------------------------------------------------------------------------- configs
 
 
@@ -116,7 +126,17 @@ class HMARSampleConfig(VARSampleConfig):
     )
     refine: bool | None = field(None, help="masked refinement; null = when the model has a mask head")
     refine_cfg: float = field(
-        0.0, min=0.0, help="CFG scale of refinement passes (same schedule); 0 = official (~unguided)"
+        0.0, min=0.0, help="CFG scale of refinement passes (see refine_cfg_schedule); 0 = unguided"
+    )
+    refine_cfg_schedule: str = field(
+        "same",
+        choices=REFINE_CFG_SCHEDULES,
+        help="same: refine_cfg on the cfg schedule; constant: refine_cfg; official: cfg*1e-6 (released code)",
+    )
+    confidence: str = field(
+        "official",
+        choices=CONFIDENCE_RULES,
+        help="refinement ranking: official = filtered softmax (released code); unfiltered = old maskar rule",
     )
     edit_refine_passes: int = field(1, min=0, help="edit: mask-head passes over the unknown tokens per scale")
 
@@ -131,9 +151,10 @@ class HMARSampleConfig(VARSampleConfig):
 
 
 def _keep_lowest(conf: Tensor, masked: Tensor, count: Tensor | int) -> Tensor:
-    """Among ``masked`` positions keep the ``count`` (per sample) with the lowest confidence."""
+    """Among ``masked`` positions keep the ``count`` (per sample) with the lowest confidence
+    (stable: ties in position order). Editing uses it; its counts differ per sample."""
     conf = conf.masked_fill(~masked, float("inf"))
-    rank = conf.argsort(dim=1).argsort(dim=1)  # (B, n) rank by ascending confidence
+    rank = conf.argsort(dim=1, stable=True).argsort(dim=1)  # (B, n) rank by ascending confidence
     if not isinstance(count, Tensor):
         count = torch.full((conf.shape[0],), int(count), device=conf.device)
     return (rank < count.view(-1, 1)) & masked
@@ -255,6 +276,8 @@ class HMAR(NextScaleModel):
         schedule = extra.pop("mask_schedule", None)
         refine = extra.pop("refine", None)
         refine_cfg = float(extra.pop("refine_cfg", 0.0))
+        refine_schedule = extra.pop("refine_cfg_schedule", "same")
+        confidence = extra.pop("confidence", "official")
         passes = extra.pop("edit_refine_passes", 1)
         if extra:
             raise TypeError(f"HMAR.generate: unknown sampling arguments {sorted(extra)}")
@@ -265,12 +288,33 @@ class HMAR(NextScaleModel):
             )
         if not refine_cfg >= 0:
             raise ConfigError(f"refine_cfg: expected a guidance scale >= 0, got {refine_cfg!r}")
+        if refine_schedule not in REFINE_CFG_SCHEDULES:
+            raise ConfigError(
+                f"refine_cfg_schedule: expected one of {list(REFINE_CFG_SCHEDULES)}, got {refine_schedule!r}"
+            )
+        if confidence not in CONFIDENCE_RULES:
+            raise ConfigError(f"confidence: expected one of {list(CONFIDENCE_RULES)}, got {confidence!r}")
         if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
             raise ConfigError(f"edit_refine_passes: expected an integer >= 0, got {passes!r}")
         schedule = default_mask_schedule(self.patch_nums) if schedule is None else schedule
         schedule = validate_mask_schedule(schedule, self.patch_nums)
         on = self.has_mask_head if refine is None else bool(refine)
-        return {"schedule": schedule, "refine_on": on, "refine_cfg": refine_cfg, "edit_passes": passes}
+        return {
+            "schedule": schedule,
+            "refine_on": on,
+            "refine_cfg": refine_cfg,
+            "refine_cfg_schedule": refine_schedule,
+            "confidence": confidence,
+            "edit_passes": passes,
+        }
+
+    def refinement_guidance(
+        self, si: int, cfg: float, refine_cfg: float, cfg_schedule: str, mode: str
+    ) -> float:
+        """CFG weight t of a refinement pass at scale si (``mode``: see REFINE_CFG_SCHEDULES)."""
+        if mode == "official":
+            return cfg * 1e-6  # the released sampler's hard-coded ratio, same arithmetic
+        return self.guidance(refine_cfg, si, "constant" if mode == "constant" else cfg_schedule)
 
     def _mask_logits(self, si: int, idx: Tensor, masked: Tensor, ctx: dict) -> Tensor:
         """One refinement pass at scale si: guided mask-head logits (B, pn^2, V) float32."""
@@ -280,7 +324,9 @@ class HMAR(NextScaleModel):
             x_own = self.tokenizer.own_residual(si, h_map).float().flatten(2).transpose(1, 2)  # (B, n, Cz)
         b, e = self.begin_ends[si]
         x = self.mask_input(ctx["ctx_in"], x_own, masked) + ctx["lvl_pos"][:, b:e]
-        t = self.guidance(ctx["refine_cfg"], si, ctx["args"].cfg_schedule)
+        args = ctx["args"]
+        mode = ctx.get("refine_cfg_schedule", "same")
+        t = self.refinement_guidance(si, args.cfg, ctx["refine_cfg"], args.cfg_schedule, mode)
         cond = ctx["cond"]
         if t == 0.0:  # unguided: skip the null-class half
             cond = cond[:B]
@@ -292,38 +338,52 @@ class HMAR(NextScaleModel):
     def _refine(self, si: int, idx: Tensor, guided: Tensor, ctx: dict, known: Tensor | None) -> Tensor:
         """Masked refinement of scale si after its next-scale pass (reference §4.4).
 
-        Generation: the schedule's later entries are re-sampled, lowest confidence first
-        (confidence = softmax of the guided, *unfiltered* logits). Editing: the unknown
-        tokens are re-sampled with the mask head while the known ones stay visible.
+        Generation: the schedule's later entries are re-sampled, lowest confidence first; the
+        confidence rule is ``ctx["confidence"]`` (official: the drawn token's probability under
+        the filtered distribution it was drawn from). Each later pass re-ranks the still-masked
+        tokens in their current order (stable), as the released sampler does. Editing: the
+        unknown tokens are re-sampled with the mask head while the known ones stay visible.
         """
         n = idx.shape[1]
         if not ctx["refine_on"] or n == 1:
             return idx
         args = ctx["args"]
-        if known is not None:  # editing
+        rule = ctx.get("confidence", "official")
+
+        def confidence(logits: Tensor, tokens: Tensor) -> Tensor:
+            return token_confidence(
+                logits, tokens, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, rule=rule
+            )
+
+        def draw(logits: Tensor) -> Tensor:
+            return sample_from_logits(logits, args.top_k, args.top_p, args.temperature, args.generator)
+
+        if known is not None:  # editing: per-sample counts of unknown tokens
             passes = ctx["edit_passes"]
             masked = ~known
             if passes == 0 or not masked.any():
                 return idx
             n_unknown = masked.sum(1)
-            remaining = [(n_unknown * (passes - j - 1)) // passes for j in range(passes)]
-        else:
-            sched = ctx["schedule"][si]
-            if len(sched) == 1:
-                return idx
-            conf = guided.softmax(-1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-            masked = _keep_lowest(conf, torch.ones_like(idx, dtype=torch.bool), sum(sched[1:]))
-            remaining = [sum(sched[j + 2 :]) for j in range(len(sched) - 1)]
-        for left in remaining:
+            for j in range(passes):
+                logits = self._mask_logits(si, idx, masked, ctx)
+                new = draw(logits)
+                idx = torch.where(masked, new, idx)
+                masked = _keep_lowest(
+                    confidence(logits, idx), masked, (n_unknown * (passes - j - 1)) // passes
+                )
+                if not masked.any():
+                    break
+            return idx
+        sched = ctx["schedule"][si]
+        if len(sched) == 1:
+            return idx
+        order = lowest_confidence(confidence(guided, idx), sum(sched[1:]))  # (B, m), lowest first
+        for step in range(1, len(sched)):
+            masked = torch.zeros_like(idx, dtype=torch.bool).scatter(1, order, True)
             logits = self._mask_logits(si, idx, masked, ctx)
-            new = sample_from_logits(logits, args.top_k, args.top_p, args.temperature, args.generator)
-            idx = torch.where(masked, new, idx)
-            if isinstance(left, int) and left == 0:
-                break
-            conf = logits.softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-            masked = _keep_lowest(conf, masked, left)
-            if not masked.any():
-                break
+            idx = torch.where(masked, draw(logits), idx)
+            if step < len(sched) - 1:
+                order = lowest_confidence(confidence(logits, idx), sum(sched[step + 1 :]), among=order)
         return idx
 
     def _autoregress(self, labels, args, known=None, keep=None, collect=None, out_indices=None, **refine_kw):

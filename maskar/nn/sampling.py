@@ -1,7 +1,9 @@
-"""Token sampling: temperature, top-k, top-p, classifier-free guidance.
+"""Token sampling: temperature, top-k, top-p, classifier-free guidance, confidence ranking.
 
-Nothing here modifies the caller's logits in place (the official VAR helper does),
-so confidence scores can be computed from the unfiltered distribution afterwards.
+Nothing here modifies the caller's logits in place (the official VAR helper does). The
+official HMAR sampler therefore reads its token confidences from the *filtered* logits;
+:func:`token_confidence` reproduces that (``rule="official"``) or reads the unfiltered
+softmax (``rule="unfiltered"``, maskar's rule before that was found).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import torch
 from torch import Tensor
 
 from maskar.config import ConfigError
+
+CONFIDENCE_RULES = ("official", "unfiltered")
 
 
 def check_sampling_args(cfg: float, temperature: float, top_k: int, top_p: float) -> None:
@@ -67,6 +71,46 @@ def sample_from_logits(
     x = filter_logits(x, top_k, top_p)
     probs = x.softmax(dim=-1).reshape(-1, x.shape[-1])
     return torch.multinomial(probs, 1, generator=generator).view(shape)
+
+
+def token_confidence(
+    logits: Tensor,
+    idx: Tensor,
+    *,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    temperature: float = 1.0,
+    rule: str = "official",
+) -> Tensor:
+    """Confidence (..., ) of the drawn tokens ``idx`` (...,) under ``logits`` (..., V), float32.
+
+    ``official``: the probability of the token under the distribution it was drawn from by
+    :func:`sample_from_logits` (temperature, then top-k / top-p filtered and renormalised), as
+    the official HMAR sampler reads it from its in-place filtered logits; a drawn token is never
+    filtered out, so it is never 0. ``unfiltered``: the plain softmax of ``logits``.
+    """
+    if rule not in CONFIDENCE_RULES:
+        raise ConfigError(f"confidence: expected one of {list(CONFIDENCE_RULES)}, got {rule!r}")
+    x = logits.float()
+    if rule == "official":
+        if temperature != 1.0:
+            x = x / temperature
+        x = filter_logits(x, top_k, top_p)
+    return x.softmax(dim=-1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+
+
+def lowest_confidence(conf: Tensor, count: int, among: Tensor | None = None) -> Tensor:
+    """Positions (B, count) of the ``count`` lowest confidences per row, lowest first.
+
+    conf (B, n). With ``among`` (B, m) int64 positions, rank only those, in that order. The sort
+    is stable: ties keep the order of ``among`` (default: position order), so with equal
+    confidences (top_k=1 gives 1.0 everywhere) the first positions are chosen, as in the
+    official ascending argsort.
+    """
+    if among is not None:
+        conf = conf.gather(1, among)
+    order = torch.sort(conf, dim=1, stable=True).indices[:, :count]
+    return order if among is None else among.gather(1, order)
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
