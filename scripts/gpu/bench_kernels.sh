@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Device call: GPU tests of the fused kernel, host-time profile at the launch-bound shape,
-# then the attention benchmark table (docs/benchmarks.md). Outputs under $OUT.
+# Attention kernels on one GPU (docs/benchmarks.md, *Attention kernels*): the fused kernel's GPU
+# tests, a host-time profile at the launch-bound shape (L680 B4 H30), then the benchmark table.
+# Produces in $OUT: gpu_tests.txt, profile.txt, bench.txt (the table) and bench.json.
+# Takes at most 11 minutes (step timeouts 200 + 120 + 330 s; the GPU tests took 100 s on the H100);
+# set SKIP_TESTS=1 SKIP_PROFILE=1 to fit one 10-minute device call with the table alone. Knobs: SKIP_TESTS=1, SKIP_PROFILE=1, DTYPES (fp16),
+# METHODS, BENCH_ARGS (e.g. "--cases 680:32:16"), PROFILE_METHODS.
+# Run from the repository root: OUT=/tmp/out scripts/gpu/bench_kernels.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 T0=$(date +%s); el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
