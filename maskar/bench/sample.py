@@ -17,7 +17,9 @@ default where it sets none) or the official ``benchmark/inference.py`` tables
 (``schedule=official_bench``). Resolutions other than the preset's override
 ``model.tokenizer.resolution`` / ``patch_nums`` with the official tables (1024 px:
 1,2,3,4,5,7,9,12,16,21,27,36,48,64; there is no 1024 px d16 preset). Sampling knobs follow
-the peer measurement: cfg 1.5, top_k 900, top_p 0.96, for both models.
+the official benchmark's: cfg 1.5, top_k 900, top_p 0.96, for both models. The table has no
+column for the official code: a peer figure belongs beside ours only when measured on the same
+GPU in the same run (docs/benchmarks.md gives the official code's separate measurement).
 
 Before timing, each case is checked: the same seed twice gives identical tokens and images,
 images are finite and in [-1, 1], token ids are in the codebook, the public ``generate``
@@ -50,17 +52,6 @@ DEFAULTS = {
     "check": True, "seed": 0, "tf32": False, "device": "auto", "json": "",
 }  # fmt: skip
 
-# DESIGN.md: the official HMAR code's `generate` measured on an H100 (random weights, fp32,
-# cfg 1.5). "var" is that code's VAR-equivalent mode (KV cache, no refinement, HMAR weights
-# in memory). Key: (arch, depth, resolution, batch) -> (ms per batch, peak GB).
-PEERS = {
-    ("var", 16, 256, 64): (1279.0, 17.6),
-    ("hmar", 16, 256, 64): (1248.0, 17.9),
-    ("var", 16, 1024, 8): (3912.0, 33.4),
-    ("hmar", 16, 1024, 8): (2966.0, 33.9),
-}
-PEER_LABEL = "peer = DESIGN.md's measurement of the official HMAR code's generate on an H100 (fp32, cfg 1.5)"
-
 # Mask schedules of the official benchmark/inference.py (reference hmar_var.md §4.5).
 OFFICIAL_BENCH_SCHEDULES = {
     (1, 2, 3, 4, 5, 6, 8, 10, 13, 16): [[1], [1, 3], [1, 3, 5], [16], [25], [36], [64], [100], [169], [256]],
@@ -74,7 +65,7 @@ OFFICIAL_BENCH_SCHEDULES = {
 ROW_FIELDS = (
     "model", "preset", "res", "batch", "precision", "backend", "L", "params_m", "ms", "images_per_s",
     "peak_gb", "first_s", "times_ms", "deterministic", "tf_rel_diff", "check_ok", "refine_passes",
-    "mask_schedule", "overrides", "peer_ms", "peer_gb",
+    "mask_schedule", "overrides",
 )  # fmt: skip
 
 # Relative max |logit difference| allowed between the sampling path and teacher forcing.
@@ -157,7 +148,7 @@ def build_case(preset: str, overrides: list[str], device: torch.device, backend:
 
 
 def sampling_knobs(model, cfg, opts: dict[str, Any]) -> dict[str, Any]:
-    """The preset's sample config with the peer's cfg / top_k / top_p and the chosen mask schedule."""
+    """The preset's sample config with the options' cfg / top_k / top_p and the chosen mask schedule."""
     knobs = sampling_kwargs(cfg.sample)
     knobs.pop("seed", None)
     knobs.update(cfg=float(opts["cfg"]), top_k=int(opts["top_k"]), top_p=float(opts["top_p"]))
@@ -301,7 +292,6 @@ def run_case(preset: str, res: int, batch: int, opts: dict[str, Any], device: to
     ms = statistics.median(times)
     schedule = resolved_schedule(knobs, model)
     arch = cfg.model.arch
-    peer = PEERS.get((arch, int(model.depth), int(model.image_size), batch), (None, None))
     n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("tokenizer.")) / 1e6
     row = {
         "model": f"{arch}-d{model.depth}", "preset": preset, "res": int(model.image_size), "batch": batch,
@@ -310,7 +300,7 @@ def run_case(preset: str, res: int, batch: int, opts: dict[str, Any], device: to
         "first_s": first_s, "times_ms": times,
         "deterministic": deterministic, "tf_rel_diff": tf, "check_ok": check_ok,
         "refine_passes": refine_passes(schedule, model.patch_nums), "mask_schedule": schedule,
-        "overrides": overrides, "peer_ms": peer[0], "peer_gb": peer[1],
+        "overrides": overrides,
     }  # fmt: skip
     if not check_ok:
         row["check_failures"] = [
@@ -328,21 +318,18 @@ def _fmt(v, spec: str, width: int) -> str:
 
 
 def format_row(r: dict[str, Any]) -> str:
-    speedup = r["peer_ms"] / r["ms"] if r["peer_ms"] else None
     check = "ok" if r["check_ok"] else "FAIL"
     return (
         f"{r['model']:<9} {r['res']:>5} {r['batch']:>5} {r['precision']:>5} {r['L']:>5} "
         f"{r['params_m']:>7.1f}M "
         f"{r['ms']:>9.1f} {r['images_per_s']:>7.1f} {_fmt(r['peak_gb'], '.2f', 7)} {r['first_s']:>7.2f} "
-        f"{r['refine_passes']:>6} {_fmt(r['tf_rel_diff'], '.1e', 8)} {check:>5} | "
-        f"{_fmt(r['peer_ms'], '.0f', 7)} {_fmt(r['peer_gb'], '.1f', 7)} {_fmt(speedup, '.2f', 6)}"
+        f"{r['refine_passes']:>6} {_fmt(r['tf_rel_diff'], '.1e', 8)} {check:>5}"
     )
 
 
 HEADER = (
     f"{'model':<9} {'res':>5} {'batch':>5} {'prec':>5} {'L':>5} {'params':>8} {'ms/batch':>9} {'img/s':>7} "
-    f"{'peak GB':>7} {'first s':>7} {'refine':>6} {'tf diff':>8} {'check':>5} | "
-    f"{'peer ms':>7} {'peer GB':>7} {'xpeer':>6}"
+    f"{'peak GB':>7} {'first s':>7} {'refine':>6} {'tf diff':>8} {'check':>5}"
 )
 
 
@@ -393,7 +380,6 @@ def main(argv: list[str] | None = None) -> int:
             print(format_row(row), flush=True)
             if not row["check_ok"]:
                 print(f"  check failed: {'; '.join(row['check_failures'])}")
-    print(PEER_LABEL + "; xpeer = peer ms / ours")
     for r in rows:
         if r["refine_passes"] or r["overrides"]:
             print(
