@@ -11,6 +11,7 @@ the model modules is the one intended upward lookup (docs/architecture.md).
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -62,8 +63,11 @@ def _imported_names(tree: ast.AST, module: str, is_package: bool) -> list[tuple[
     return out
 
 
+@functools.cache
 def import_graph() -> dict[str, dict[str, int]]:
-    """module -> {imported maskar module: first line}; names that are not modules are dropped."""
+    """module -> {imported maskar module: first line}; names that are not modules are dropped.
+
+    Cached: treat the result as read-only."""
     modules = _modules()
     graph: dict[str, dict[str, int]] = {}
     for name, path in modules.items():
@@ -154,3 +158,35 @@ def test_no_import_cycles_inside_maskar():
                     if t in members:
                         lines.append(f"  {m} -> {t} (line {line})")
         pytest.fail("import cycles in maskar:\n" + "\n".join(lines))
+
+
+# docs/architecture.md, *Layers*: top-level module or package -> layer. A module may import its
+# own package and lower layers only.
+LAYERS = {
+    "maskar": 0, "config_base": 0, "config": 0, "registry": 0, "checkpoint": 0, "cli_args": 0,
+    "data": 1, "tokenizers": 1, "nn": 1, "kernels": 1,
+    "models": 2,
+    "sampling": 3, "train": 3, "eval": 3, "bench": 3, "convert": 3,
+    "cli": 4, "__main__": 4,
+}  # fmt: skip
+
+
+def _top(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_every_module_has_a_layer():
+    missing = sorted({_top(m) for m in import_graph()} - set(LAYERS))
+    assert not missing, f"add these to LAYERS here and to docs/architecture.md, *Layers*: {missing}"
+
+
+def test_imports_point_down_the_layers():
+    graph = import_graph()
+    upward = [
+        f"  {m} (layer {LAYERS[_top(m)]}) -> {t} (layer {LAYERS[_top(t)]}), line {line}"
+        for m, edges in sorted(graph.items())
+        for t, line in sorted(edges.items())
+        if LAYERS.get(_top(t), 0) > LAYERS.get(_top(m), 0)
+    ]
+    assert not upward, "imports of a higher layer (docs/architecture.md, *Layers*):\n" + "\n".join(upward)
