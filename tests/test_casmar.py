@@ -416,8 +416,12 @@ def test_dit_head_repaint_keeps_known_and_cfg():
     z = torch.randn(2, 32, 4, 4)
     known = torch.randn(2, 4, 4, 4)
     keep = torch.rand(2, 1, 4, 4) < 0.5
-    out = head.sample(z, 1.0, 1.0, known=known, known_mask=keep, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out.masked_select(keep), known.masked_select(keep))
+    kw = dict(known=known, known_mask=keep)
+    out = head.sample(z, 1.0, 1.0, **kw, paste_known=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.masked_select(keep), known.masked_select(keep))
+    official = head.sample(z, 1.0, 1.0, **kw, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(official.masked_select(~keep), out.masked_select(~keep))
+    assert not torch.allclose(official.masked_select(keep), known.masked_select(keep))  # step-0 mean
     # CFG: both halves start from the same noise and get the same guided eps (temperature 0 ->
     # no later noise, so the halves stay equal); with uncond == cond it is the unguided chain.
     zz = torch.cat([z, torch.randn_like(z)])

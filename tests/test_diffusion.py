@@ -220,7 +220,10 @@ def test_temperature_scales_the_noise_std():
     )
 
 
-def test_known_entries_are_kept_and_injected():
+def test_repaint_returns_the_step0_mean_at_known_entries():
+    # Reference (casmar_mar.md §3.5): before every reverse step the known entries of x_t are
+    # overwritten with q_sample(known, t, initial noise); the loop ends after the step-0
+    # p_sample with no write-back, so known entries hold the step-0 mean, not x_0.
     diff = create_diffusion("5", learn_sigma=False)
     known = torch.randn(3, 4)
     known_mask = torch.tensor([[True, False, True, False]]).expand(3, 4)
@@ -228,15 +231,138 @@ def test_known_entries_are_kept_and_injected():
 
     def model(x, t):
         seen.append(x.clone())
-        return torch.zeros_like(x)
+        return 0.3 * x + t[:, None].float() / 1000
 
     noise = torch.randn(3, 4)
-    out = diff.p_sample_loop(model, noise, known=known, known_mask=known_mask)
-    assert torch.equal(out[known_mask], known[known_mask])
+    out = diff.p_sample_loop(model, noise, known=known, known_mask=known_mask, generator=torch.Generator())
     # before the first step (t = T-1) the known entries equal q_sample(known, T-1, initial noise)
     t_last = torch.full((3,), diff.num_timesteps - 1)
     torch.testing.assert_close(seen[0][known_mask], diff.q_sample(known, t_last, noise)[known_mask])
     torch.testing.assert_close(seen[0][~known_mask], noise[~known_mask])
+    x_in = seen[-1]  # what the last step (t = 0) saw
+    assert torch.equal(x_in[known_mask], diff.q_sample_at(known, 0, noise)[known_mask])
+    mean0 = diff.p_mean_variance(model, x_in, torch.zeros(3, dtype=torch.long))["mean"]
+    assert torch.equal(out, mean0)  # everywhere: no noise is added at t = 0
+    assert not torch.allclose(out[known_mask], known[known_mask])
+    pasted = diff.p_sample_loop(
+        model, noise, known=known, known_mask=known_mask, paste_known=True, generator=torch.Generator()
+    )
+    assert torch.equal(pasted[known_mask], known[known_mask])
+    assert torch.equal(pasted[~known_mask], out[~known_mask])
+
+
+# Official arithmetic (IDDPM gaussian_diffusion.py as used by MAR/CASMAR; casmar_mar.md §2.4):
+# coefficients are float64 tables indexed per row, cast to float32 and broadcast densely; the
+# step computes x_0 = a x_t - b eps, then mean = c1 x_0 + c2 x_t, the log-variance
+# frac log(beta) + (1 - frac) log(posterior var clipped) (learned) or the fixed table, and
+# returns mean + nonzero * exp(0.5 log_var) * noise * temperature.
+
+
+def _extract(arr: np.ndarray, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    res = torch.from_numpy(arr)[t].float()
+    while res.ndim < len(shape):
+        res = res[..., None]
+    return res + torch.zeros(shape)
+
+
+def _official_p_sample(diff, model, x, t, noise, temperature=1.0, clip=False):
+    out = model(x, torch.from_numpy(diff.timestep_map)[t])
+    c = x.shape[1]
+    if diff.var_type == "learned_range":
+        eps, v = out[:, :c], out[:, c:]
+        min_log = _extract(diff.posterior_log_variance_clipped, t, x.shape)
+        max_log = _extract(np.log(diff.betas), t, x.shape)
+        frac = (v + 1) / 2
+        log_var = frac * max_log + (1 - frac) * min_log
+    else:
+        eps = out
+        table = {
+            "fixed_large": np.log(np.append(diff.posterior_variance[1], diff.betas[1:])),
+            "fixed_small": diff.posterior_log_variance_clipped,
+        }[diff.var_type]
+        log_var = _extract(table, t, x.shape)
+    x0 = (
+        _extract(diff.sqrt_recip_alphas_cumprod, t, x.shape) * x
+        - _extract(diff.sqrt_recipm1_alphas_cumprod, t, x.shape) * eps
+    )
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    mean = (
+        _extract(diff.posterior_mean_coef1, t, x.shape) * x0
+        + _extract(diff.posterior_mean_coef2, t, x.shape) * x
+    )
+    nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
+    return mean + nonzero * torch.exp(0.5 * log_var) * noise * temperature, mean, log_var
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("var_type", ["learned_range", "fixed_large", "fixed_small"])
+def test_sampling_step_is_the_official_arithmetic_bitwise(var_type, clip):
+    diff = create_diffusion(
+        "100", learn_sigma=var_type == "learned_range", sigma_small=var_type == "fixed_small"
+    )
+    g = torch.Generator().manual_seed(0)
+    c = 4
+    w = torch.randn(c, 2 * c if var_type == "learned_range" else c, generator=g)
+
+    def model(x, t):  # eps correlated with x (as a denoiser's is); variance values in (-1, 1)
+        out = torch.tanh(x @ w * 1e-3 + t[:, None].float() / 1000)
+        return torch.cat([out[:, :c] * 50 + x[:, :1] * 0.9, out[:, c:]], 1)
+
+    for scale in (1.0, 1e4):
+        x = torch.randn(64, c, generator=g) * scale
+        noise = torch.randn(64, c, generator=g)
+        for i in (99, 50, 1, 0):
+            t = torch.full((64,), i)
+            want, want_mean, want_log_var = _official_p_sample(diff, model, x, t, noise, 0.7, clip)
+            got = diff.p_sample_at(model, x, i, temperature=0.7, clip_denoised=clip, noise=noise)
+            assert torch.equal(got, want), (scale, i)
+            pmv = diff.p_mean_variance(model, x, t, clip_denoised=clip)
+            assert torch.equal(pmv["mean"], want_mean) and torch.equal(pmv["log_variance"], want_log_var)
+            drawn = torch.Generator().manual_seed(i)
+            noise_i = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
+            got_row = diff.p_sample(model, x, t, temperature=0.7, clip_denoised=clip, generator=drawn)
+            assert torch.equal(got_row, _official_p_sample(diff, model, x, t, noise_i, 0.7, clip)[0])
+
+
+def test_p_sample_mean_matches_float64_at_t99_with_large_x():
+    # The first sampling step (t = 99 of the 100 respaced steps, a ~ b ~ 2e4) with |x| ~ 1e4
+    # and a guided eps of a few hundred: the float32 mean is within 1e-6 (relative to its
+    # largest entry) of the same formula evaluated in float64.
+    diff = create_diffusion("100")
+    i = 99
+    a, b = diff.sqrt_recip_alphas_cumprod[i], diff.sqrt_recipm1_alphas_cumprod[i]
+    c1, c2 = diff.posterior_mean_coef1[i], diff.posterior_mean_coef2[i]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(4096, 16, generator=g) * 1e4
+        eps = torch.randn(4096, 16, generator=g) * 300
+        out = torch.cat([eps, torch.zeros_like(eps)], 1)
+        got = diff.p_mean_variance(lambda x_, t_, o=out: o, x, torch.full((4096,), i))["mean"]
+        step = diff.p_sample_at(lambda x_, t_, o=out: o, x, i, noise=torch.zeros_like(x))
+        assert torch.equal(step, got)
+        x64, e64 = x.double(), eps.double()
+        ref = c1 * (a * x64 - b * e64) + c2 * x64
+        assert float((got.double() - ref).abs().max() / ref.abs().max()) <= 1e-6
+
+
+def test_p_mean_variance_returns_the_variance():
+    for var_type in ("learned_range", "fixed_large", "fixed_small"):
+        diff = create_diffusion(
+            "10", learn_sigma=var_type == "learned_range", sigma_small=var_type == "fixed_small"
+        )
+        x = torch.randn(6, 3)
+        out = torch.rand(6, 6 if var_type == "learned_range" else 3) * 2 - 1
+        t = torch.tensor([0, 1, 2, 5, 8, 9])
+        pmv = diff.p_mean_variance(lambda x_, t_, o=out: o, x, t)
+        assert pmv["variance"].shape == x.shape == pmv["log_variance"].shape
+        if var_type == "learned_range":
+            assert torch.equal(pmv["variance"], torch.exp(pmv["log_variance"]))
+        else:
+            table = diff.fixed_large_variance if var_type == "fixed_large" else diff.posterior_variance
+            assert torch.equal(pmv["variance"], _extract(table, t, x.shape))
+            torch.testing.assert_close(pmv["variance"][1:], torch.exp(pmv["log_variance"][1:]))
+    assert float(pmv["variance"][0, 0]) == 0.0  # fixed_small: the unclipped posterior variance at t = 0
 
 
 # ----------------------------------------------------------------------------- MLP head
@@ -341,7 +467,7 @@ def test_sampling_loop_scalar_path_equals_per_row_path(var_type, clip):
     x = noise
     for i in reversed(range(diff.num_timesteps)):
         x = diff.p_sample(model, x, torch.full((5,), i), temperature=0.8, clip_denoised=clip, generator=g)
-    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got, x)  # the scalar path runs the same arithmetic in the same order
 
 
 @pytest.mark.parametrize("cfg", [1.0, 2.5])

@@ -410,9 +410,13 @@ class GlobalDiffLoss(nn.Module):
         generator: torch.Generator | None = None,
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
+        paste_known: bool = False,
     ) -> Tensor:
         """Sample latents (N, C, H, W) for z (N, D, H, W); with cfg != 1, z / labels / known are
-        laid out [cond | uncond] and both halves share the initial noise (use the first half)."""
+        laid out [cond | uncond] and both halves share the initial noise (use the first half).
+
+        ``known`` / ``known_mask`` (N, 1, H, W) bool: RePaint; at known positions the result is
+        the last step's mean as officially, or ``known`` itself with ``paste_known``."""
         n, _, h, w = z.shape
         cond = self.net.embed_condition(z)
         shape = (n // 2 if cfg != 1.0 else n, self.net.in_channels, h, w)
@@ -432,7 +436,13 @@ class GlobalDiffLoss(nn.Module):
                 return self.net.forward_embedded(x, t, cond, labels).float()
 
         return self.gen_diffusion(num_sampling_steps).p_sample_loop(
-            model_fn, noise, temperature=temperature, generator=generator, known=known, known_mask=known_mask
+            model_fn,
+            noise,
+            temperature=temperature,
+            generator=generator,
+            known=known,
+            known_mask=known_mask,
+            paste_known=paste_known,
         )
 
 

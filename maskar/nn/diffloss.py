@@ -416,6 +416,7 @@ class DiffLoss(nn.Module):
         generator: torch.Generator | None = None,
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
+        paste_known: bool = False,
         cuda_graph: bool | None = None,
     ) -> Tensor:
         """Sample token latents (N, C) for conditions z (N, C_z).
@@ -423,6 +424,8 @@ class DiffLoss(nn.Module):
         With ``cfg != 1`` z is laid out [cond | uncond]; both halves start from the same
         noise and the returned rows of the two halves are the same guided chain's
         first half and a companion chain (use the first half).
+        ``known`` / ``known_mask``: RePaint (see :meth:`GaussianDiffusion.p_sample_loop`; known
+        rows come back as the last step's mean, or as ``known`` with ``paste_known``).
         ``cuda_graph`` (None = the ``cuda_graph`` attribute) replays a captured CUDA graph
         of the whole chain where :meth:`graph_refusal` allows it; same draws as eager.
         """
@@ -451,7 +454,13 @@ class DiffLoss(nn.Module):
                 return fwd(x, self.net.time_embed(t[:1]), c_emb).float()
 
         return self.gen_diffusion(num_sampling_steps).p_sample_loop(
-            model_fn, noise, temperature=temperature, generator=generator, known=known, known_mask=known_mask
+            model_fn,
+            noise,
+            temperature=temperature,
+            generator=generator,
+            known=known,
+            known_mask=known_mask,
+            paste_known=paste_known,
         )
 
     # -- CUDA-graph path

@@ -16,7 +16,12 @@ DiT and MAR:
 - optional known-entry replacement (RePaint): before each reverse step the known
   entries of x_t are overwritten with q(x_t | x_0) drawn with the initial noise.
 
-All schedule arrays are computed in float64 numpy and gathered per call.
+All schedule arrays are computed in float64 numpy and gathered per call as float32, and
+every sampling step runs the official arithmetic in the official order (IDDPM
+``p_mean_variance`` / ``p_sample``): x_0 = a x_t - b eps first, then the posterior mean
+c1 x_0 + c2 x_t, then mean + std * noise * temperature with std = exp(0.5 log_var). A step
+therefore gives the official code's float32 result bit for bit (same kernels), which is what
+lets a user compare maskar with it; docs/mar.md gives the accuracy of this order.
 """
 
 from __future__ import annotations
@@ -203,7 +208,8 @@ class GaussianDiffusion:
             np.append(self.posterior_variance[1], self.posterior_variance[1:])
         )
         self.log_betas = np.log(betas)
-        self.fixed_large_log_variance = np.log(np.append(self.posterior_variance[1], betas[1:]))
+        self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
@@ -239,16 +245,25 @@ class GaussianDiffusion:
         )
 
     def model_log_variance(self, var_values: Tensor | None, x_t: Tensor, t: Tensor) -> Tensor:
-        """log sigma_t^2 of p(x_{t-1} | x_t); ``var_values`` in [-1, 1] for learned_range."""
+        """log sigma_t^2 of p(x_{t-1} | x_t) shaped like x_t; ``var_values`` in [-1, 1] for learned_range."""
         if self.var_type == "learned_range":
             min_log = _gather(self.posterior_log_variance_clipped, t, x_t)
             max_log = _gather(self.log_betas, t, x_t)
             frac = (var_values + 1) / 2  # model output in [-1, 1] -> [0, 1]
             return frac * max_log + (1 - frac) * min_log
+        # Dense like the official tensors, so exp() takes the same kernel path on them.
         if self.var_type == "fixed_large":
             # beta_t, with the first entry set to the posterior variance (better decoder likelihood)
-            return _gather(self.fixed_large_log_variance, t, x_t)
-        return _gather(self.posterior_log_variance_clipped, t, x_t)
+            return _gather(self.fixed_large_log_variance, t, x_t).expand_as(x_t).contiguous()
+        return _gather(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t).contiguous()
+
+    def model_variance(self, log_var: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """sigma_t^2 as the official ``p_mean_variance`` returns it: exp(log_var) for a learned
+        variance; the unclipped table for fixed ones (so fixed_small is 0 at t = 0)."""
+        if self.var_type == "learned_range":
+            return torch.exp(log_var)
+        table = self.fixed_large_variance if self.var_type == "fixed_large" else self.posterior_variance
+        return _gather(table, t, x_t).expand_as(x_t).contiguous()
 
     def split_output(self, out: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
         """Model output -> (eps, var_values); channels are on dim 1."""
@@ -272,7 +287,11 @@ class GaussianDiffusion:
     def p_mean_variance(
         self, model_fn: ModelFn, x_t: Tensor, t: Tensor, clip_denoised: bool = False
     ) -> dict[str, Tensor]:
-        """Mean and log-variance of p(x_{t-1} | x_t) plus the model's x_0 and eps."""
+        """p(x_{t-1} | x_t) for per-row step indices t (N,), as the official ``p_mean_variance``.
+
+        Returns ``mean``, ``variance``, ``log_variance`` (each shaped like x_t), the model's
+        ``pred_xstart`` (clamped to [-1, 1] with ``clip_denoised``) and ``eps``.
+        """
         out = model_fn(x_t, self.model_timesteps(t))
         eps, var_values = self.split_output(out, x_t)
         log_var = self.model_log_variance(var_values, x_t, t)
@@ -280,7 +299,13 @@ class GaussianDiffusion:
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         mean, _, _ = self.q_posterior(x0, x_t, t)
-        return {"mean": mean, "log_variance": log_var, "pred_xstart": x0, "eps": eps}
+        return {
+            "mean": mean,
+            "variance": self.model_variance(log_var, x_t, t),
+            "log_variance": log_var,
+            "pred_xstart": x0,
+            "eps": eps,
+        }
 
     def p_sample(
         self,
@@ -308,12 +333,15 @@ class GaussianDiffusion:
         generator: torch.Generator | None = None,
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
+        paste_known: bool = False,
     ) -> Tensor:
         """Run the reverse process from x_T = ``noise`` down to x_0.
 
         ``known`` (x_0 values) and ``known_mask`` (bool, broadcastable to x) enable
         RePaint-style conditioning: before each step the known entries of x_t are
-        replaced by q_sample(known, t, initial noise); they are pasted as x_0 at the end.
+        replaced by q_sample(known, t, initial noise). As in the official loop, the result
+        at known entries is the last step's mean; ``paste_known=True`` writes the known x_0
+        there instead (editing, where they must come back unchanged).
         """
         if (known is None) != (known_mask is None):
             raise ValueError("p_sample_loop: pass both known and known_mask, or neither")
@@ -324,12 +352,14 @@ class GaussianDiffusion:
             x = self.p_sample_at(
                 model_fn, x, i, temperature=temperature, clip_denoised=clip_denoised, generator=generator
             )
-        if known is not None:
+        if known is not None and paste_known:
             x = torch.where(known_mask, known.to(x.dtype), x)
         return x
 
     # The sampling loop uses one step index for the whole batch: the schedule coefficients
-    # are then Python scalars, which saves ~10 tiny gather kernels per step on a GPU.
+    # are then Python scalars, which saves ~10 tiny gather kernels per step on a GPU. The
+    # kernels round a Python scalar to the tensor's float32 before multiplying, so the
+    # results equal the official dense float32 coefficient tensors bit for bit.
 
     def q_sample_at(self, x_start: Tensor, i: int, noise: Tensor) -> Tensor:
         """q_sample with one step index ``i`` for every row."""
@@ -349,36 +379,31 @@ class GaussianDiffusion:
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
     ) -> Tensor:
-        """:meth:`p_sample` with one step index ``i`` for every row (same math, scalar coefficients).
+        """:meth:`p_sample` with one step index ``i`` for every row (same arithmetic, bitwise).
 
         ``noise`` (shaped like x_t) replaces the N(0, 1) draw: the CUDA-graph sampler pre-draws
         it into a static buffer with the same generator calls as this eager path.
         """
         t_model = torch.full((x_t.shape[0],), int(self.timestep_map[i]), device=x_t.device, dtype=torch.long)
         eps, var_values = self.split_output(model_fn(x_t, t_model), x_t)
-        lo = float(self.posterior_log_variance_clipped[i])
-        if self.var_type == "learned_range":
-            # sigma = exp(0.5 * (frac * log beta + (1 - frac) * lo)), frac = (v + 1) / 2
-            half_span = 0.25 * (float(self.log_betas[i]) - lo)
-            std = (var_values * half_span).add_(0.5 * lo + half_span).exp_()
-        elif self.var_type == "fixed_large":
-            std = math.exp(0.5 * float(self.fixed_large_log_variance[i]))
-        else:
-            std = math.exp(0.5 * lo)
-        c1, c2 = float(self.posterior_mean_coef1[i]), float(self.posterior_mean_coef2[i])
-        a, b = float(self.sqrt_recip_alphas_cumprod[i]), float(self.sqrt_recipm1_alphas_cumprod[i])
+        # Official order: x_0 first, then the posterior mean. Folding them into
+        # x_t (c1 a + c2) - (c1 b) eps rounds differently, and seeded chains drift apart.
+        x0 = float(self.sqrt_recip_alphas_cumprod[i]) * x_t - float(self.sqrt_recipm1_alphas_cumprod[i]) * eps
         if clip_denoised:
-            mean = c1 * (a * x_t - b * eps).clamp(-1, 1) + c2 * x_t
-        else:
-            # mean = c1 * x0 + c2 * x_t with x0 = a * x_t - b * eps, folded into two terms
-            mean = torch.add(x_t * (c1 * a + c2), eps, alpha=-c1 * b)
+            x0 = x0.clamp(-1, 1)
+        mean = float(self.posterior_mean_coef1[i]) * x0 + float(self.posterior_mean_coef2[i]) * x_t
         if noise is None:
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         if i == 0:
-            return mean  # no noise at the last step
-        if isinstance(std, Tensor):
-            return torch.addcmul(mean, std, noise, value=temperature)
-        return torch.add(mean, noise, alpha=std * temperature)
+            return mean  # no noise at the last step (officially mean + 0 * ...)
+        lo = float(self.posterior_log_variance_clipped[i])
+        if self.var_type == "learned_range":
+            frac = (var_values + 1) / 2
+            log_var = frac * float(self.log_betas[i]) + (1 - frac) * lo
+        else:
+            lv = float(self.fixed_large_log_variance[i]) if self.var_type == "fixed_large" else lo
+            log_var = torch.full_like(x_t, lv)
+        return mean + torch.exp(0.5 * log_var) * noise * temperature
 
     # -- training
 
