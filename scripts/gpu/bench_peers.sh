@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Device call: the official implementations (HMAR, VAR, MAR, CASMAR v1/v2) timed as peers on this GPU:
+# random weights, official code paths, official sizes (benchmarks/peers.py, docs/benchmarks.md "Peers").
+# Needs .carry/peers (scripts/extract_peers.sh; pass `.carry/peers` in the device call's carry list).
+# Writes $OUT/peers.txt (table + JSON path), $OUT/peers.json, $OUT/peers_log.txt (the official code's
+# own output and tracebacks). The standard set (all but MAR-B num_iter 256) runs in about 3 minutes on
+# one H200, cut at BUDGET seconds (default 175; the least wanted cases, HMAR's Triton kernel, run last);
+# CASES=mar-b-256 BUDGET=0 runs MAR-B at num_iter 256 alone (about 2.5 minutes).
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi -L
+python3 -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
+timeout "${TIMEOUT:-290}" python3 benchmarks/peers.py --peers-dir .carry/peers --cases "${CASES:-standard}" \
+  --budget-s "${BUDGET:-175}" --json "$OUT/peers.json" --log "$OUT/peers_log.txt" > "$OUT/peers.txt" 2>&1
+echo "peers rc=$?"
+cat "$OUT/peers.txt"
