@@ -289,8 +289,8 @@ def run_worker(family: str, specs: list[dict[str, Any]], args, log, outcome: Out
             outcome.results[current["name"]] = r
             print(f"[peers] {format_row(r)}", file=log, flush=True)
             pending = [s for s in pending if s["name"] != current["name"]]
-        elif rc != 0 and pending and not progressed:
-            for s in pending:  # died before finishing any case: imports or CUDA init
+        elif pending and not progressed:
+            for s in pending:  # ended before finishing any case: imports or CUDA initialisation
                 outcome.results[s["name"]] = _fail(
                     s, "fail", f"worker exited {rc} before the case started: " + " | ".join(tail[-4:]))
             return
