@@ -5,13 +5,15 @@
 # Writes $OUT/peers.txt (table + JSON path), $OUT/peers.json, $OUT/peers_log.txt (the official code's
 # own output and tracebacks). The standard set (all but MAR-B num_iter 256) runs in about 3 minutes on
 # one H200, cut at BUDGET seconds (default 175; the least wanted cases, HMAR's Triton kernel, run last);
-# CASES=mar-b-256 BUDGET=0 runs MAR-B at num_iter 256 alone (about 2.5 minutes).
+# CASES=mar-b-256 BUDGET=0 runs MAR-B at num_iter 256 alone (about 2.5 minutes). PEERS_ARGS adds
+# arguments (PEERS_ARGS=--tiny: every case at small sizes, a smoke test of well under a minute).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi -L
-python3 -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 timeout "${TIMEOUT:-290}" python3 benchmarks/peers.py --peers-dir .carry/peers --cases "${CASES:-standard}" \
-  --budget-s "${BUDGET:-175}" --json "$OUT/peers.json" --log "$OUT/peers_log.txt" > "$OUT/peers.txt" 2>&1
+  --budget-s "${BUDGET:-175}" --json "$OUT/peers.json" --log "$OUT/peers_log.txt" ${PEERS_ARGS:-} \
+  > "$OUT/peers.txt" 2>&1
 echo "peers rc=$?"
 cat "$OUT/peers.txt"
