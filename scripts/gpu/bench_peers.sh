@@ -6,7 +6,7 @@
 # own output and tracebacks). The standard set (all but MAR-B num_iter 256) runs in about 3 minutes on
 # one H200, cut at BUDGET seconds (default 175; the least wanted cases, HMAR's Triton kernel, run last);
 # CASES=mar-b-256 BUDGET=0 runs MAR-B at num_iter 256 alone (about 2.5 minutes). PEERS_ARGS adds
-# arguments (PEERS_ARGS=--tiny: every case at small sizes, a smoke test of well under a minute).
+# arguments (PEERS_ARGS=--tiny: every case at small sizes, a smoke test, about a minute).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
