@@ -9,30 +9,43 @@ Layout of a model checkpoint directory::
                         model keys; loading overlays them on model.safetensors)
     trainer_state.pt    optional: optimizer(s), scaler, RNG states, step, data position
 
-A training run directory holds ``step-XXXXXXX/`` checkpoint directories and a ``latest``
-text file naming the newest one. :func:`load_model` accepts either kind of directory.
+    SHA256SUMS          the SHA-256 of the tensor files and the trainer state (``sha256sum -c``
+                        format), verified on load (``verify=False`` skips it); checkpoints
+                        without it load unverified. config.yaml is left out: it is meant to be
+                        readable and editable, and every value in it is validated on load
+
+A training run directory holds ``step-XXXXXXX/`` checkpoint directories, a ``latest``
+text file naming the newest one, ``config.yaml`` (the run's config: its ``model.arch`` is the
+architecture the directory belongs to) and, while a trainer runs, a ``.lock`` file.
+:func:`load_model` accepts either kind of directory.
 
 Every file is written to a temporary name in the same directory and moved into place
 with ``os.replace``; a step directory is assembled under a temporary name and renamed,
 and ``latest`` is updated last. A crash therefore leaves either the old or the new
-checkpoint, never a half-written one.
+checkpoint, never a half-written one (and at worst a ``.step-*.tmp`` directory, which the
+next trainer on the directory removes).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import json
 import os
 import pickle
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
@@ -43,7 +56,10 @@ EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.yaml"
 TRAINER_STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"
+SUMS_FILE = "SHA256SUMS"
+LOCK_FILE = ".lock"
 STEP_PREFIX = "step-"
+_STEP_RE = re.compile(r"step-\d+")
 
 
 class CheckpointError(ConfigError):
@@ -79,8 +95,19 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # read once at import: os.umask is process-wide and not thread-safe
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[io.BufferedWriter], None]) -> None:
-    """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically."""
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[io.BufferedWriter], None]) -> str:
+    """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically.
+
+    Returns the SHA-256 of what was written (read back from the page cache for a writer function).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -92,6 +119,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[io.Buffe
                 f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        digest = hashlib.sha256(data).hexdigest() if isinstance(data, bytes) else sha256_file(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; use the usual file mode
         os.replace(tmp, path)
     except BaseException:
@@ -99,10 +127,110 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[io.Buffe
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+    return digest
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str) -> str:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _write_denied(path: Path) -> str | None:
+    """Why ``path`` (an existing file or directory) cannot be written, or None."""
+    mode = path.stat().st_mode
+    # Root passes os.access everywhere; a file or folder with no write bit is still meant read-only.
+    if not os.access(path, os.W_OK) or not mode & 0o222:
+        return f"is read-only (mode {mode & 0o777:o})"
+    return None
+
+
+def check_writable(path: str | os.PathLike, key: str, directory: bool = False) -> Path:
+    """Fail now, with one message naming ``key``, if ``path`` cannot be written later.
+
+    ``directory=False``: a file name (its folders are created on write); ``directory=True``: a
+    folder that will hold files. The nearest existing folder is probed by creating and removing
+    a temporary file in it, which also catches read-only mounts and pseudo filesystems (/proc).
+    """
+    p = Path(path)
+    if directory:
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"{key}: {str(p)!r} is a file; expected a directory")
+        folder = p
+    else:
+        if p.is_dir():
+            raise ConfigError(f"{key}: {str(p)!r} is a directory; expected a file name")
+        if p.exists() or p.is_symlink():
+            why = _write_denied(p) if p.exists() else None
+            if why:
+                raise ConfigError(f"{key}: {str(p)!r} {why}; remove it or choose another name")
+        folder = p.parent
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: cannot create {str(p)!r}: {str(existing)!r} is a file")
+    why = _write_denied(existing)
+    if why:
+        raise ConfigError(f"{key}: cannot write {str(p)!r}: folder {str(existing)!r} {why}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".maskar-write-probe.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot write {str(p)!r}: {e.strerror or e}") from None
+    return p
+
+
+# ----------------------------------------------------------------------------- content hashes
+
+
+def read_checksums(directory: str | os.PathLike) -> dict[str, str] | None:
+    """``{file name: sha256}`` from ``directory/SHA256SUMS``, or None when there is none."""
+    path = Path(directory) / SUMS_FILE
+    if not path.is_file():
+        return None
+    sums = {}
+    for line in path.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if not re.fullmatch(r"[0-9a-f]{64}", digest) or not name or "/" in name:
+            raise CheckpointError(f"checkpoint {directory}: {SUMS_FILE} is malformed (line {line!r})")
+        sums[name] = digest
+    return sums
+
+
+def update_checksums(directory: str | os.PathLike, digests: Mapping[str, str | None]) -> None:
+    """Set (or with None remove) entries of ``directory/SHA256SUMS``, written atomically."""
+    directory = Path(directory)
+    try:
+        sums = read_checksums(directory) or {}
+    except CheckpointError:
+        sums = {}
+    for name, digest in digests.items():
+        if digest is None:
+            sums.pop(name, None)
+        else:
+            sums[name] = digest
+    sums = {n: d for n, d in sums.items() if (directory / n).is_file()}
+    atomic_write_text(directory / SUMS_FILE, "".join(f"{d}  {n}\n" for n, d in sorted(sums.items())))
+
+
+def verify_file(directory: str | os.PathLike, name: str) -> None:
+    """Check ``directory/name`` against ``SHA256SUMS`` (no-op for a checkpoint without one)."""
+    sums = read_checksums(directory)
+    if sums is None:
+        return
+    if name not in sums:
+        raise CheckpointError(
+            f"checkpoint {directory}: {name} is not listed in {SUMS_FILE}; it was not written with the "
+            f"checkpoint (verify=false / train.verify_checkpoints=false skips this check)"
+        )
+    if sha256_file(Path(directory) / name) != sums[name]:
+        raise CheckpointError(
+            f"checkpoint {directory}: {name} does not match its SHA-256 in {SUMS_FILE}: the file was "
+            f"changed or corrupted after it was written (verify=false / "
+            f"train.verify_checkpoints=false skips this check)"
+        )
 
 
 # ----------------------------------------------------------------------------- tensors <-> safetensors
@@ -136,25 +264,50 @@ def _cpu_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def save_tensors(
     path: str | os.PathLike, state: Mapping[str, Tensor], metadata: dict[str, str] | None = None
-) -> None:
-    """Atomically write a safetensors file."""
-    atomic_write_bytes(path, safetensors_bytes(_cpu_state(state), metadata=metadata))
+) -> str:
+    """Atomically write a safetensors file; returns its SHA-256."""
+    return atomic_write_bytes(path, safetensors_bytes(_cpu_state(state), metadata=metadata))
 
 
-def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+def _unreadable(path: Path, e: BaseException) -> CheckpointError:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {first}")
+
+
+def load_tensors(
+    path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True
+) -> dict[str, Tensor]:
+    """All tensors of a safetensors file; with ``verify``, checked against its folder's SHA256SUMS."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
+    if verify:
+        verify_file(path.parent, path.name)
     out = {}
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        for k in f.keys():
-            out[k] = f.get_tensor(k)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    except (SafetensorError, OSError) as e:
+        raise _unreadable(path, e) from None
     return out
 
 
+def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape from a safetensors header, without reading any tensor data."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise _unreadable(Path(path), e) from None
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise _unreadable(Path(path), e) from None
 
 
 # ----------------------------------------------------------------------------- strict loading
@@ -242,12 +395,16 @@ def save_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "arch": str(cfg.model.arch)}
-    save_tensors(directory / MODEL_FILE, unwrap_model(model).state_dict(), meta)
+    digests: dict[str, str | None] = {}
+    digests[MODEL_FILE] = save_tensors(directory / MODEL_FILE, unwrap_model(model).state_dict(), meta)
     if ema_state is not None:
-        save_tensors(directory / EMA_FILE, ema_state, meta)
-    elif (directory / EMA_FILE).exists():
-        os.unlink(directory / EMA_FILE)  # a stale EMA file would be loaded in place of the new weights
+        digests[EMA_FILE] = save_tensors(directory / EMA_FILE, ema_state, meta)
+    else:
+        digests[EMA_FILE] = None
+        if (directory / EMA_FILE).exists():
+            os.unlink(directory / EMA_FILE)  # a stale EMA file would be loaded in place of the new weights
     atomic_write_text(directory / CONFIG_FILE, dump_yaml(cfg))
+    update_checksums(directory, digests)
     return directory
 
 
@@ -274,6 +431,8 @@ def read_config(directory: str | os.PathLike) -> Config:
     try:
         data = yaml.safe_load(path.read_text()) or {}
         return build(Config, data)
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {directory}: cannot read {CONFIG_FILE} ({e})") from None
     except yaml.YAMLError as e:
         raise CheckpointError(f"checkpoint {directory}: {CONFIG_FILE} is not valid YAML: {e}") from None
     except ConfigError as e:
@@ -285,11 +444,14 @@ def load_model(
     device: str | torch.device = "cpu",
     prefer_ema: bool = True,
     arch: str | None = None,
+    verify: bool = True,
 ) -> tuple[nn.Module, Config]:
     """Rebuild the model from ``config.yaml`` and load its weights strictly.
 
     ``prefer_ema``: overlay ``ema.safetensors`` when present. ``arch``: the architecture
-    the caller expects; another one is an error. Returns ``(model in eval mode, config)``.
+    the caller expects; another one is an error. ``verify``: check every file read against
+    the directory's ``SHA256SUMS`` (skip for huge files you trust). Returns
+    ``(model in eval mode, config)``.
     """
     from maskar.registry import build_model
 
@@ -309,11 +471,10 @@ def load_model(
             f"{CONFIG_FILE} says model.arch={cfg.model.arch!r}"
         )
     model = build_model(cfg.model)
-    load_state_dict_checked(model, load_tensors(weights), context=f"checkpoint {directory}")
+    load_state_dict_checked(model, load_tensors(weights, verify=verify), context=f"checkpoint {directory}")
     if prefer_ema and (directory / EMA_FILE).is_file():
-        load_subset_checked(
-            model, load_tensors(directory / EMA_FILE), context=f"checkpoint {directory} ({EMA_FILE})"
-        )
+        ema = load_tensors(directory / EMA_FILE, verify=verify)
+        load_subset_checked(model, ema, context=f"checkpoint {directory} ({EMA_FILE})")
     model.to(device).eval()
     return model, cfg
 
@@ -321,24 +482,35 @@ def load_model(
 # ----------------------------------------------------------------------------- trainer state
 
 
+def _unpickling_reason(e: BaseException) -> str:
+    """The diagnosis in torch's weights-only refusal, without its advice on how to unpickle anyway."""
+    line = next((ln for ln in str(e).splitlines() if "WeightsUnpickler error" in ln), "")
+    return re.sub(r"\x1b\[[0-9;]*m", "", line).split(". ")[0].strip()
+
+
 def save_trainer_state(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Atomically write ``trainer_state.pt``. Content must be tensors and plain Python values
     (dict/list/tuple/str/int/float/bool/None) so it loads with ``weights_only=True``."""
     path = Path(directory) / TRAINER_STATE_FILE
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    digest = atomic_write_bytes(path, lambda f: torch.save(state, f))
+    update_checksums(directory, {TRAINER_STATE_FILE: digest})
     return path
 
 
-def load_trainer_state(directory: str | os.PathLike) -> dict[str, Any]:
+def load_trainer_state(directory: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
     path = Path(directory) / TRAINER_STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {directory}: {TRAINER_STATE_FILE} is missing (cannot resume)")
+    if verify:
+        verify_file(directory, TRAINER_STATE_FILE)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path}: not a maskar trainer state (weights-only load refused it: {e})"
+            f"{path}: not a maskar trainer state (weights-only load refused it: {_unpickling_reason(e)})"
         ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable torch file (truncated or corrupt?): {e}") from None
 
 
 # ----------------------------------------------------------------------------- run directories
@@ -355,7 +527,7 @@ def list_step_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     if not run_dir.is_dir():
         return out
     for p in run_dir.iterdir():
-        if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX) :].isdigit():
+        if p.is_dir() and not p.is_symlink() and _STEP_RE.fullmatch(p.name):
             out.append((int(p.name[len(STEP_PREFIX) :]), p))
     return sorted(out)
 
@@ -365,7 +537,16 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     run_dir = Path(run_dir)
     pointer = run_dir / LATEST_FILE
     if pointer.is_file():
-        target = run_dir / pointer.read_text().strip()
+        name = pointer.read_text().strip()
+        # The pointer names a sibling step directory, nothing else: never a path out of the run dir.
+        if not _STEP_RE.fullmatch(name):
+            raise CheckpointError(
+                f"{pointer} names {name!r}; expected a step-XXXXXXX directory inside {run_dir} "
+                f"(fix or delete the file)"
+            )
+        target = run_dir / name
+        if target.is_symlink():
+            raise CheckpointError(f"{target} is a symbolic link; a run's step directories must be real")
         if (target / MODEL_FILE).is_file():
             return target
     steps = [p for _, p in list_step_checkpoints(run_dir) if (p / MODEL_FILE).is_file()]
@@ -419,6 +600,141 @@ def save_step_checkpoint(
     return final
 
 
+# ----------------------------------------------------------------------------- run directory safety
+
+
+def clean_stale_temporaries(run_dir: str | os.PathLike) -> list[str]:
+    """Remove what an interrupted save left in ``run_dir`` (``.step-*.tmp`` / ``.old`` folders,
+    ``.*.tmp`` files). Call only while holding the run's lock, so no live save is touched."""
+    run_dir = Path(run_dir)
+    removed: list[str] = []
+    if not run_dir.is_dir():
+        return removed
+    for p in run_dir.iterdir():
+        if not p.name.startswith(".") or not p.name.endswith((".tmp", ".old")):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p.name)
+    return sorted(removed)
+
+
+def check_run_architecture(run_dir: str | os.PathLike, arch: str) -> None:
+    """Refuse a run dir (its ``config.yaml`` or its latest checkpoint) of another architecture."""
+    run_dir = Path(run_dir)
+    sources = [run_dir / CONFIG_FILE]
+    latest = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if latest is not None:
+        sources.append(latest / CONFIG_FILE)
+    for path in sources:
+        if not path.is_file():
+            continue
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+            found = (data.get("model") or {}).get("arch") if isinstance(data, dict) else None
+        except (yaml.YAMLError, OSError, UnicodeDecodeError, AttributeError):
+            found = "unreadable"
+        if found is not None and found != arch:
+            raise CheckpointError(
+                f"train.out_dir: {str(run_dir)!r} belongs to a {found!r} run ({path}), not {arch!r}; "
+                f"choose another train.out_dir (or set train.resume=false to start over there)"
+            )
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of ``pid`` (Linux /proc), which tells a live owner from a reused PID."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+class RunLock:
+    """``run_dir/.lock``: one trainer per run directory.
+
+    The file holds the owner's PID, host name and process start time. A lock whose owner ran on
+    this host and is gone (or whose PID now belongs to a newer process) is stale and is taken
+    over; a lock held by a live process, or by another host (which cannot be checked from here),
+    is refused with a message naming the owner and the file to delete if it is known to be dead.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.held = False
+        self.took_over: dict[str, Any] | None = None
+
+    def _owner(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _stale(self, owner: dict[str, Any]) -> bool:
+        if owner.get("host") != socket.gethostname():
+            return False
+        pid = owner.get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            return True  # unreadable owner written on this host: nobody can hold it
+        if not _pid_alive(pid):
+            return True
+        started = owner.get("start")
+        return started is not None and _process_start(pid) not in (None, started)
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "start": _process_start(os.getpid()),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if not self._stale(owner):
+                    who = f"PID {owner.get('pid', '?')} on host {owner.get('host', '?')}"
+                    raise ConfigError(
+                        f"train.out_dir: {str(self.path.parent)!r} is in use by another trainer "
+                        f"({who}, since {owner.get('since', '?')}); two trainers would overwrite each "
+                        f"other's checkpoints. Wait for it, use another train.out_dir, or delete "
+                        f"{self.path} if that process is gone"
+                    ) from None
+                # Stale: replace it. A rename of our own file keeps the take-over atomic.
+                tmp = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(me))
+                os.replace(tmp, self.path)
+                if self._owner().get("pid") == os.getpid():
+                    self.took_over = owner
+                    self.held = True
+                    return self
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            self.held = True
+            return self
+        raise ConfigError(f"train.out_dir: could not take the lock {self.path} (contended)")
+
+    def release(self) -> None:
+        if self.held and self._owner().get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+
 # ----------------------------------------------------------------------------- official .pth files
 
 # Harmless classes that official training scripts pickle next to the weights
@@ -444,12 +760,12 @@ def load_official(path: str | os.PathLike, key: str | None = None) -> Any:
             found = f" It pickles these Python objects: {names}."
         except Exception:  # noqa: BLE001 - only used to improve the message
             pass
+        reason = _unpickling_reason(e)
         raise CheckpointError(
             f"official checkpoint {path} cannot be read with torch.load(weights_only=True).{found} "
-            "maskar never unpickles arbitrary objects. If you trust the file, extract the tensors once: "
-            f"python -c \"import torch; c = torch.load('{path}', weights_only=False); "
-            f"torch.save(c['model'], 'weights.pth')\" (pick the entry you need), then convert that file. "
-            f"Original error: {str(e).splitlines()[0]}"
+            "maskar reads only tensors and plain containers and never unpickles other Python objects: "
+            "unpickling runs whatever code the file names. Use the checkpoint as its authors published "
+            f"it (official releases hold only tensors).{' ' + reason + '.' if reason else ''}"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"official checkpoint {path} is not a readable torch file: {e}") from None

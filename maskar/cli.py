@@ -14,8 +14,23 @@ import sys
 import textwrap
 from pathlib import Path
 
-from maskar.cli_args import parse_labels
-from maskar.config import ConfigError, dump_yaml, load_config, parse_override, preset_names
+from maskar.cli_args import (
+    bool_option,
+    choice_option,
+    int_option,
+    parse_labels,
+    str_option,
+)
+from maskar.config import (
+    ConfigError,
+    check_device_name,
+    dump_yaml,
+    load_config,
+    parse_override,
+    preset_names,
+)
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 EPILOG_OVERRIDES = "Values are YAML: lists as [1,2,3], booleans as true/false, null for None."
 
@@ -34,6 +49,31 @@ def _split_args(items: list[str], own: dict[str, object]) -> tuple[dict[str, obj
     return opts, overrides
 
 
+def _config_source(opts: dict[str, object], what: str) -> str | None:
+    """``preset=NAME`` or ``config=FILE.yaml`` (exactly one); a config file must exist."""
+    preset, config = opts.get("preset"), opts.get("config")
+    if preset is not None and config is not None:
+        raise ConfigError(f"{what}: give preset=NAME or config=FILE.yaml, not both")
+    if config is not None:
+        path = Path(str_option(config, "config", "a YAML file path"))
+        if not path.is_file():
+            what_is = "is a directory" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config: {str(path)!r} {what_is}; expected a YAML file")
+        return str(path)
+    return None if preset is None else str_option(preset, "preset", "a preset name (see `maskar info`)")
+
+
+def _output_file(value: object, key: str, suffixes: tuple[str, ...] | None = None) -> str:
+    """An output file name, checked writable now (not after the work is done)."""
+    from maskar.checkpoint import check_writable
+
+    path = str_option(value, key, "a file name")
+    if suffixes is not None and not path.lower().endswith(suffixes):
+        raise ConfigError(f"{key}: expected a file name ending in {' or '.join(suffixes)}, got {path!r}")
+    check_writable(path, key)
+    return path
+
+
 # ----------------------------------------------------------------------------- info
 
 
@@ -41,8 +81,9 @@ def cmd_info(args: list[str]) -> int:
     import torch
 
     opts, overrides = _split_args(args, {"preset": None, "config": None})
-    if opts["preset"] or opts["config"] or overrides:
-        cfg = load_config(opts["preset"] or opts["config"], overrides)
+    source = _config_source(opts, "info")
+    if source is not None or overrides:
+        cfg = load_config(source, overrides)
         print(dump_yaml(cfg), end="")
         return 0
     from maskar import __version__, registry
@@ -80,10 +121,10 @@ def cmd_info(args: list[str]) -> int:
 
 def cmd_train(args: list[str]) -> int:
     opts, overrides = _split_args(args, {"preset": None, "config": None})
-    source = opts["preset"] or opts["config"]
+    source = _config_source(opts, "train")
     if source is None:
         raise ConfigError("train: give preset=NAME (see `maskar info`) or config=path.yaml")
-    cfg = load_config(str(source), overrides)
+    cfg = load_config(source, overrides)
     import os
 
     from maskar.train.trainer import train
@@ -95,6 +136,17 @@ def cmd_train(args: list[str]) -> int:
 
 
 # ----------------------------------------------------------------------------- sample / edit
+
+
+def _sampling_options(opts: dict[str, object]) -> dict[str, object]:
+    """The options sample / edit share, checked before anything is loaded."""
+    check_device_name(opts["device"], "device")
+    return {
+        "device": str(opts["device"]),
+        "precision": choice_option(opts["precision"], "precision", PRECISIONS),
+        "ema": bool_option(opts["ema"], "ema"),
+        "verify": bool_option(opts["verify"], "verify"),
+    }
 
 
 def cmd_sample(args: list[str]) -> int:
@@ -112,33 +164,30 @@ def cmd_sample(args: list[str]) -> int:
             "device": "auto",
             "precision": "auto",
             "ema": True,
+            "verify": True,
             "nrow": None,
         },
     )
     if opts["ckpt"] is None:
         raise ConfigError("sample: give ckpt=DIR (a maskar checkpoint directory)")
-    model, cfg = sampling.load_for_sampling(
-        str(opts["ckpt"]), overrides, str(opts["device"]), bool(opts["ema"])
-    )
-    num_classes = getattr(model, "num_classes", 10)
-    labels = parse_labels(opts["labels"], num_classes)
-    per_class = int(opts["per_class"])  # type: ignore[arg-type]
-    if per_class < 1:
-        raise ConfigError(f"per_class: expected >= 1, got {per_class}")
-    images, all_labels = sampling.generate(
-        model,
-        cfg,
-        labels,
-        per_class,
-        int(opts["batch_size"]),
-        str(opts["precision"]),  # type: ignore[arg-type]
-    )
-    if opts["npz"]:
-        sampling.save_npz(images, str(opts["npz"]))
-        print(f"wrote {len(images)} samples to {opts['npz']} (arr_0, uint8 NHWC)")
-    nrow = int(opts["nrow"]) if opts["nrow"] else per_class  # type: ignore[arg-type]
-    sampling.save_grid(images, all_labels, str(opts["out"]), nrow=nrow, class_names=sampling.class_names(cfg))
-    print(f"wrote {opts['out']} ({len(images)} images)")
+    ckpt = str_option(opts["ckpt"], "ckpt", "a checkpoint directory")
+    per_class = int_option(opts["per_class"], "per_class", min=1)
+    batch_size = int_option(opts["batch_size"], "batch_size", min=1)
+    nrow = None if opts["nrow"] is None else int_option(opts["nrow"], "nrow", min=1)
+    parse_labels(opts["labels"], None)  # the syntax now; the range once the model is known
+    run = _sampling_options(opts)
+    out = _output_file(opts["out"], "out")
+    sampling.image_format(out)
+    npz = None if opts["npz"] is None else _output_file(opts["npz"], "npz", (".npz",))
+    model, cfg = sampling.load_for_sampling(ckpt, overrides, run["device"], run["ema"], run["verify"])
+    labels = parse_labels(opts["labels"], int(getattr(model, "num_classes", 10)))
+    sampling.check_sampling_memory(model, cfg, len(labels) * per_class, batch_size, run["precision"], True)
+    images, all_labels = sampling.generate(model, cfg, labels, per_class, batch_size, run["precision"])
+    if npz:
+        sampling.save_npz(images, npz, all_labels)
+        print(f"wrote {len(images)} samples to {npz} (arr_0 uint8 NHWC, arr_1 labels)")
+    sampling.save_grid(images, all_labels, out, nrow=nrow or per_class, class_names=sampling.class_names(cfg))
+    print(f"wrote {out} ({len(images)} images)")
     return 0
 
 
@@ -157,29 +206,32 @@ def cmd_edit(args: list[str]) -> int:
             "device": "auto",
             "precision": "auto",
             "ema": True,
+            "verify": True,
         },
     )
     for k in ("ckpt", "image", "mask"):
         if opts[k] is None:
             raise ConfigError(f"edit: give {k}=... (see `maskar edit --help`)")
-    model, cfg = sampling.load_for_sampling(
-        str(opts["ckpt"]), overrides, str(opts["device"]), bool(opts["ema"])
-    )
+    ckpt = str_option(opts["ckpt"], "ckpt", "a checkpoint directory")
+    image = str_option(opts["image"], "image", "an image file")
+    if not Path(image).is_file():
+        raise ConfigError(f"image: {image!r} is not a file; expected an image to edit")
+    mask = str_option(opts["mask"], "mask", "box:X0,Y0,X1,Y1, outpaint:X0,Y0,X1,Y1 or a mask image")
+    sampling.parse_mask(mask, 16)  # the syntax now; at the model's size below
+    n = int_option(opts["n"], "n", min=1)
+    label = None if opts["label"] is None else int_option(opts["label"], "label", min=0)
+    run = _sampling_options(opts)
+    out_path = _output_file(opts["out"], "out")
+    sampling.image_format(out_path)
+    model, cfg = sampling.load_for_sampling(ckpt, overrides, run["device"], run["ema"], run["verify"])
     if not hasattr(model, "edit"):
         raise ConfigError(f"edit: architecture {cfg.model.arch!r} does not support editing")
-    out = sampling.edit_image(
-        model,
-        cfg,
-        str(opts["image"]),
-        str(opts["mask"]),
-        opts["label"],
-        int(opts["n"]),  # type: ignore[arg-type]
-        str(opts["precision"]),
-    )
+    sampling.check_sampling_memory(model, cfg, n + 2, n, run["precision"], True)
+    out = sampling.edit_image(model, cfg, image, mask, label, n, run["precision"])
     names = sampling.class_names(cfg) or [str(i) for i in range(getattr(model, "num_classes", 0))]
     names = names + ["unconditional"]  # index num_classes: the null class used for in/out-painting
-    sampling.save_grid(out["images"], out["labels"], str(opts["out"]), nrow=out["nrow"], class_names=names)
-    print(f"wrote {opts['out']}")
+    sampling.save_grid(out["images"], out["labels"], out_path, nrow=out["nrow"], class_names=names)
+    print(f"wrote {out_path}")
     return 0
 
 
@@ -189,6 +241,7 @@ def cmd_edit(args: list[str]) -> int:
 def cmd_cache(args: list[str]) -> int:
     import dataclasses
 
+    from maskar.checkpoint import check_writable
     from maskar.data import build_dataset
     from maskar.sampling import pick_device
 
@@ -196,10 +249,14 @@ def cmd_cache(args: list[str]) -> int:
         args,
         {"preset": None, "config": None, "out": None, "batch_size": 64, "device": "auto", "overwrite": False},
     )
-    source = opts["preset"] or opts["config"]
+    source = _config_source(opts, "cache")
     if source is None or opts["out"] is None:
         raise ConfigError("cache: give preset=NAME (or config=FILE) and out=DIR")
-    cfg = load_config(str(source), overrides)
+    batch_size = int_option(opts["batch_size"], "batch_size", min=1)
+    overwrite = bool_option(opts["overwrite"], "overwrite")
+    device = pick_device(check_device_name(opts["device"], "device"))
+    out = str(check_writable(str_option(opts["out"], "out", "a directory"), "out", directory=True))
+    cfg = load_config(source, overrides)
     cache_fn = None
     if cfg.model.arch == "mar":
         from maskar.models.mar import cache_latents_for as cache_fn
@@ -211,15 +268,8 @@ def cmd_cache(args: list[str]) -> int:
         )
     # Flips are stored explicitly (moments_flip), so the source images are read unflipped.
     dataset = build_dataset(dataclasses.replace(cfg.data, hflip=False))
-    cache_fn(
-        cfg.model,
-        dataset,
-        str(opts["out"]),
-        batch_size=int(opts["batch_size"]),  # type: ignore[arg-type]
-        device=pick_device(str(opts["device"])),
-        overwrite=bool(opts["overwrite"]),
-    )
-    print(f"cached latents in {opts['out']}; train with data.name=latents data.root={opts['out']}")
+    cache_fn(cfg.model, dataset, out, batch_size=batch_size, device=device, overwrite=overwrite)
+    print(f"cached latents in {out}; train with data.name=latents data.root={out}")
     return 0
 
 
@@ -277,12 +327,13 @@ COMMANDS = {
         """\
         maskar sample ckpt=DIR [labels=0,1,2] [per_class=4] [out=samples.png] [npz=samples.npz]
                       [batch_size=64] [device=auto|cpu|cuda] [precision=auto|bf16|fp16|fp32]
-                      [ema=true] [sample.KEY=VALUE ...]
+                      [ema=true] [verify=true] [sample.KEY=VALUE ...]
 
         sample.* keys are the architecture's sampling knobs (cfg, top_k, top_p, temperature, seed,
         mask_schedule for HMAR, num_iter for MAR ...): `maskar info preset=NAME` lists them.
-        npz= writes the `arr_0` uint8 NHWC layout that the ADM evaluator reads
-        (labels all classes, per_class=50 gives the standard 50k set).""",
+        npz= writes the `arr_0` uint8 NHWC layout that the ADM evaluator reads, with the class ids
+        in `arr_1` (labels all classes, per_class=50 gives the standard 50k set). out= may end in
+        .png, .jpg, .webp, .bmp or .tif. verify=false skips the checkpoint's SHA-256 check.""",
     ),
     "edit": (
         cmd_edit,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, fields, is_dataclass
@@ -82,6 +84,17 @@ class TrainConfig:
     disc_lr: float | None = field(None, min=0.0, help="discriminator lr (tokenizer GAN); default lr")
     tensorboard: bool = field(True)
     progress: bool = field(True, help="tqdm progress bar")
+    verify_checkpoints: bool = field(
+        True, help="check the SHA-256 of every checkpoint file read on resume / init_from (false: skip)"
+    )
+
+    def validate(self) -> None:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas: expected two values in [0, 1), got {list(self.betas)}")
+        if not self.out_dir.strip():
+            raise ValueError("out_dir: expected a directory path, got an empty string")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr: expected a value <= lr ({self.lr}), got {self.min_lr}")
 
 
 @dataclass
@@ -92,6 +105,19 @@ class Config:
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     attention_backend: str = field("auto", choices=("auto", "sdpa", "flex", "varlen", "triton"))
     device: str = field("auto", help="auto | cpu | cuda | cuda:N")
+
+    def validate(self) -> None:
+        check_device_name(self.device, "device")
+
+
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
+
+
+def check_device_name(name: object, key: str) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether it exists is checked on use)."""
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise ConfigError(f"{key}: expected {DEVICE_NAMES}, got {name!r}")
+    return name
 
 
 # ----------------------------------------------------------------------------- typed building
@@ -156,6 +182,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # nan passes every min/max comparison and inf every min; neither is a usable setting.
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
@@ -189,6 +218,8 @@ def _resolve_polymorphic(base: type, data: dict, key: str, arch: str | None) -> 
 
     if base is ModelConfig:
         arch = data.get("arch", arch)
+        if arch is not None and not isinstance(arch, str):
+            raise ConfigError(f"{key}.arch: expected an architecture name, got {arch!r}")
         if arch in (None, "none"):
             return ModelConfig
         return registry.get_model_spec(arch, key=f"{key}.arch").config_cls
@@ -270,11 +301,22 @@ def preset_names() -> list[str]:
 
 
 def _read_yaml(path: Path | Any) -> dict:
-    text = path.read_text()
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config: cannot read {str(path)!r} ({e})") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config: {str(path)!r} is not valid YAML{at}: {problem}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a YAML mapping at the top level")
+        raise ConfigError(f"config: {str(path)!r}: expected a YAML mapping at the top level")
     return data
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.endswith((".yaml", ".yml")) or "/" in name or "\\" in name
 
 
 def load_preset_dict(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict:
@@ -282,7 +324,12 @@ def load_preset_dict(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict:
     if name_or_path in _seen:
         raise ConfigError(f"preset: inheritance cycle {' -> '.join(_seen + (name_or_path,))}")
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.exists():
+    if _looks_like_path(name_or_path):
+        if not p.is_file():
+            what = "is a directory" if p.is_dir() else "does not exist"
+            raise ConfigError(
+                f"config: {name_or_path!r} {what}; expected a YAML file (or preset=NAME, see `maskar info`)"
+            )
         data = _read_yaml(p)
     else:
         res = resources.files("maskar") / "presets" / f"{name_or_path}.yaml"
@@ -293,6 +340,8 @@ def load_preset_dict(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict:
     if base is None:
         return data
     bases = base if isinstance(base, list) else [base]
+    if not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{name_or_path}: base: expected a preset name or a list of them, got {base!r}")
     merged: dict = {}
     for b in bases:
         merged = merge(merged, load_preset_dict(b, _seen + (name_or_path,)))

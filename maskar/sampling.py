@@ -13,15 +13,31 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from maskar.checkpoint import atomic_write_bytes
-from maskar.config import Config, ConfigError, SampleConfig, apply_overrides, build, to_dict
+from maskar.config import (
+    Config,
+    ConfigError,
+    SampleConfig,
+    apply_overrides,
+    build,
+    check_device_name,
+    to_dict,
+)
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    check_device_name(name, "device")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} requested but CUDA is not available")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {name!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device: {name!r} requested but there are {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device: {name!r} requested but MPS is not available")
     return dev
 
 
@@ -35,20 +51,40 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype)
 
 
-def load_for_sampling(ckpt: str, overrides: list[str], device: str = "auto", ema: bool = True):
-    """Load a checkpoint dir; apply ``sample.*`` / ``attention_backend`` overrides to its config."""
-    from maskar.checkpoint import load_model
-    from maskar.nn.attention import set_backend
+def read_generator_config(ckpt: str, overrides: list[str], key: str = "ckpt") -> Config:
+    """The config of a generator checkpoint with ``sample.*`` / ``attention_backend`` overrides
+    applied and validated; reads only ``config.yaml`` (no weights)."""
+    from maskar import registry
+    from maskar.checkpoint import read_config, resolve_checkpoint_dir
 
-    dev = pick_device(device)
-    model, cfg = load_model(ckpt, device="cpu", prefer_ema=ema)
+    directory = resolve_checkpoint_dir(ckpt)
+    cfg = read_config(directory)
+    spec = registry.get_model_spec(cfg.model.arch)
+    if spec.kind != "generator":
+        generators = sorted(a for a, s in registry.all_specs().items() if s.kind == "generator")
+        raise ConfigError(
+            f"{key}: {ckpt!r} holds a {cfg.model.arch!r} {spec.kind} ({spec.description}); "
+            f"expected a generator checkpoint ({', '.join(generators)})"
+        )
     bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("sample.", "attention_backend"))]
     if bad:
         raise ConfigError(
             f"sample/edit: only sample.* and attention_backend can be overridden here, got {bad}"
         )
-    data = apply_overrides(to_dict(cfg), overrides)
-    cfg = build(Config, data)
+    return build(Config, apply_overrides(to_dict(cfg), overrides))
+
+
+def load_for_sampling(
+    ckpt: str, overrides: list[str], device: str = "auto", ema: bool = True, verify: bool = True
+):
+    """Load a generator checkpoint dir; apply ``sample.*`` / ``attention_backend`` overrides to
+    its config. Everything is validated before any weight is read."""
+    from maskar.checkpoint import load_model
+    from maskar.nn.attention import set_backend
+
+    cfg = read_generator_config(ckpt, overrides)
+    dev = pick_device(device)
+    model, _ = load_model(ckpt, device="cpu", prefer_ema=ema, verify=verify)
     set_backend(model, cfg.attention_backend)
     model.to(dev).eval()
     return model, cfg
@@ -67,25 +103,100 @@ def generate(
     batch_size: int,
     precision: str = "auto",
 ) -> tuple[torch.Tensor, list[int]]:
-    """Generate ``per_class`` images for each label, in batches. Returns uint8 NHWC and labels."""
+    """Generate ``per_class`` images for each label, in batches. Returns uint8 NHWC and labels.
+
+    A progress bar counts the model's steps (scales / iterations) and appears when sampling
+    takes more than two seconds, so a slow batch is never silent.
+    """
+    if per_class < 1 or batch_size < 1 or not labels:
+        raise ConfigError(
+            f"sampling: need per_class >= 1, batch_size >= 1 and labels, got {per_class}, {batch_size}, "
+            f"{labels}"
+        )
     device = next(model.parameters()).device
     all_labels = [lab for lab in labels for _ in range(per_class)]
     kwargs = sampling_kwargs(cfg.sample)
     seed = int(kwargs.pop("seed", 0))
     out = []
-    bar = tqdm(
-        range(0, len(all_labels), batch_size),
-        desc="sampling",
-        unit="batch",
-        disable=len(all_labels) <= batch_size,
-    )
-    for start in bar:
-        chunk = torch.tensor(all_labels[start : start + batch_size], dtype=torch.long, device=device)
-        with autocast_for(device, precision):
-            # Each batch gets its own seed so results do not depend on the batch size split.
-            imgs = model.generate(chunk, seed=seed + start, **kwargs)
-        out.append(to_uint8(imgs))
+    starts = range(0, len(all_labels), batch_size)
+    bar = tqdm(desc="sampling", unit="step", delay=2.0, dynamic_ncols=True)
+    step_module = _step_module(model)
+    hook = step_module.register_forward_hook(lambda *_: bar.update(1)) if step_module is not None else None
+    try:
+        for i, start in enumerate(starts):
+            bar.set_description(f"sampling batch {i + 1}/{len(starts)}" if len(starts) > 1 else "sampling")
+            chunk = torch.tensor(all_labels[start : start + batch_size], dtype=torch.long, device=device)
+            with autocast_for(device, precision):
+                # Each batch gets its own seed so results do not depend on the batch size split.
+                imgs = model.generate(chunk, seed=seed + start, **kwargs)
+            out.append(to_uint8(imgs))
+            if step_module is None:
+                bar.update(1)
+    finally:
+        if hook is not None:
+            hook.remove()
+        bar.close()
     return torch.cat(out), all_labels
+
+
+def _step_module(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module that runs once per sampling step: the first transformer block (once per scale
+    for VAR/HMAR, once per iteration for MAR/CASMAR)."""
+    for name in ("encoder_blocks", "blocks"):
+        blocks = getattr(model, name, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+            return blocks[0]
+    return None
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Free memory of ``device`` (CUDA: mem_get_info; CPU: MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return None
+
+
+def check_sampling_memory(
+    model: torch.nn.Module, cfg: Config, num_images: int, batch_size: int, precision: str, grid: bool
+) -> None:
+    """Refuse, before sampling, a run that cannot fit: a lower bound (the widest activation of
+    every token, doubled by guidance) for one batch on the device, and the uint8 results (plus
+    the PNG grid canvas) in host memory."""
+    device = next(model.parameters()).device
+    gib = 2**30
+    side = int(getattr(model, "image_size", cfg.data.resolution))
+    host_need = num_images * side * side * 3 * (2 if grid else 1)
+    host_free = _available_bytes(torch.device("cpu"))
+    if host_free is not None and host_need > host_free:
+        raise ConfigError(
+            f"per_class: {num_images} images of {side}x{side} need {host_need / gib:.1f} GiB of host "
+            f"memory{' with the PNG grid' if grid else ''}, but {host_free / gib:.1f} GiB are available; "
+            f"sample fewer images per run"
+        )
+    tokens = getattr(model, "L", None) or getattr(model, "seq_len", None)
+    widest = max((m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0)
+    free = _available_bytes(device)
+    if not tokens or not widest or free is None:
+        return  # not cheap to bound for this model: nothing is claimed
+    free -= host_need if device.type == "cpu" else 0
+    guidance = 1 if float(getattr(cfg.sample, "cfg", 1.0)) == 1.0 else 2
+    elem = 4 if device.type != "cuda" or precision == "fp32" else 2
+    per_image = guidance * int(tokens) * widest * elem
+    need = min(batch_size, num_images) * per_image
+    if need > free:
+        fits = max(free // per_image, 1)
+        raise ConfigError(
+            f"batch_size: {batch_size} images per batch need at least {need / gib:.1f} GiB on {device} "
+            f"({guidance} x {tokens} tokens x {widest} features x {elem} bytes per image), but "
+            f"{max(free, 0) / gib:.1f} GiB are free; use batch_size <= {fits}"
+        )
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -105,9 +216,22 @@ def class_names(cfg: Config) -> list[str] | None:
     return None
 
 
-def save_npz(images: torch.Tensor, path: str) -> None:
-    arr = images.numpy()
-    atomic_write_bytes(path, lambda f: np.savez(f, arr_0=arr))
+def save_npz(images: torch.Tensor, path: str, labels: list[int] | None = None) -> None:
+    """``arr_0`` uint8 NHWC images and, with ``labels``, ``arr_1`` int64 class ids (ADM layout)."""
+    arrays = {"arr_0": images.numpy()}
+    if labels is not None:
+        arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
+    atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
+
+
+def image_format(path: str, key: str = "out") -> str:
+    """The PIL format that the file name's extension names (``.png``, ``.jpg`` ...)."""
+    ext = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(ext)
+    writable = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+    if ext not in writable or fmt is None or fmt not in Image.SAVE:
+        raise ConfigError(f"{key}: expected an image file name ending in {', '.join(writable)}, got {path!r}")
+    return fmt
 
 
 def save_grid(
@@ -132,7 +256,9 @@ def save_grid(
             name = f"{labels[i]} {class_names[labels[i]]}" if known else str(labels[i])
             draw.text((x, y), name, fill=(0, 0, 0))
         canvas.paste(Image.fromarray(images[i].numpy()), (x, y + cap))
-    atomic_write_bytes(path, lambda f: canvas.save(f, format="PNG"))
+    fmt = image_format(path)
+    options = {"quality": 95} if fmt == "JPEG" else {}
+    atomic_write_bytes(path, lambda f: canvas.save(f, format=fmt, **options))
 
 
 # ----------------------------------------------------------------------------- editing
@@ -143,8 +269,9 @@ def load_image(path: str, size: int, channels: int = 3) -> torch.Tensor:
     try:
         img = Image.open(path)
         img.load()
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise ConfigError(f"image: cannot read {path!r} as an image ({e})") from None
+    img = _to_8bit(img, path)
     img = img.convert("RGB" if channels == 3 else "L")
     s = min(img.size)
     left, top = (img.size[0] - s) // 2, (img.size[1] - s) // 2
@@ -152,6 +279,29 @@ def load_image(path: str, size: int, channels: int = 3) -> torch.Tensor:
     x = torch.from_numpy(np.asarray(img, dtype=np.float32)) / 127.5 - 1
     x = x[None] if channels == 1 else x.permute(2, 0, 1)
     return x[None]
+
+
+def _to_8bit(img: Image.Image, path: str) -> Image.Image:
+    """Float / 16-bit / 32-bit images as 8-bit gray; PIL would clip or wrap them silently.
+
+    Floats must be finite, in [0, 1] (scaled to 0..255) or [0, 255]; 16-bit values are 0..65535.
+    """
+    if img.mode not in ("F", "I") and not img.mode.startswith("I;16"):
+        return img
+    a = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise ConfigError(f"image: {path!r} has non-finite pixel values (nan/inf)")
+    lo, hi = float(a.min()), float(a.max())
+    if img.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255
+    elif img.mode.startswith("I;16") or (img.mode == "I" and 255 < hi <= 65535 and lo >= 0):
+        a = a / 257
+    elif lo < 0 or hi > 255:
+        raise ConfigError(
+            f"image: {path!r} ({img.mode} pixels) has values in [{lo:.4g}, {hi:.4g}]; expected "
+            f"[0, 1] or [0, 255] (or 16-bit 0..65535)"
+        )
+    return Image.fromarray(a.round().astype(np.uint8), "L")
 
 
 def parse_mask(spec: str, size: int) -> torch.Tensor:

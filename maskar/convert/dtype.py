@@ -9,7 +9,7 @@ so a bf16 checkpoint samples in fp32 on the CPU with bf16-rounded weights.
 
 from __future__ import annotations
 
-import shutil
+import os
 from pathlib import Path
 
 import torch
@@ -18,11 +18,15 @@ from maskar.checkpoint import (
     CONFIG_FILE,
     EMA_FILE,
     MODEL_FILE,
+    atomic_write_bytes,
+    check_writable,
     load_tensors,
     read_metadata,
     resolve_checkpoint_dir,
     save_tensors,
+    update_checksums,
 )
+from maskar.cli_args import bool_option, choice_option, str_option
 from maskar.config import ConfigError, parse_override
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -32,15 +36,21 @@ def cast_checkpoint(src: str | Path, out: str | Path, dtype: str = "bf16", ema: 
     if dtype not in DTYPES:
         raise ConfigError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     src_dir = resolve_checkpoint_dir(src)
+    out = Path(out)
+    if out.resolve() in (src_dir.resolve(), Path(src).resolve()):
+        raise ConfigError(f"out: {str(out)!r} is the source checkpoint; expected a different directory")
+    check_writable(out, "out", directory=True)
     state = load_tensors(src_dir / MODEL_FILE)
     if ema and (src_dir / EMA_FILE).is_file():
         state.update(load_tensors(src_dir / EMA_FILE))
     target = DTYPES[dtype]
     state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_tensors(out / MODEL_FILE, state, read_metadata(src_dir / MODEL_FILE))
-    shutil.copyfile(src_dir / CONFIG_FILE, out / CONFIG_FILE)
+    digest = save_tensors(out / MODEL_FILE, state, read_metadata(src_dir / MODEL_FILE))
+    config = atomic_write_bytes(out / CONFIG_FILE, (src_dir / CONFIG_FILE).read_bytes())
+    if (out / EMA_FILE).exists():
+        os.unlink(out / EMA_FILE)  # merged into model.safetensors above
+    update_checksums(out, {MODEL_FILE: digest, CONFIG_FILE: config, EMA_FILE: None})
     return out
 
 
@@ -53,6 +63,8 @@ def cli(argv: list[str]) -> int:
         opts[path[0]] = value
     if not opts["src"] or not opts["out"]:
         raise ConfigError("convert dtype: give src=DIR and out=DIR")
-    out = cast_checkpoint(str(opts["src"]), str(opts["out"]), str(opts["dtype"]), bool(opts["ema"]))
+    src, out_dir = str_option(opts["src"], "src"), str_option(opts["out"], "out")
+    dtype = choice_option(opts["dtype"], "dtype", tuple(DTYPES))
+    out = cast_checkpoint(src, out_dir, dtype, bool_option(opts["ema"], "ema"))
     print(f"wrote {out} ({opts['dtype']})")
     return 0

@@ -91,8 +91,11 @@ class FashionMNISTDataset(GrayArrayDataset):
     ) -> None:
         self.root = Path(root or DEFAULT_ROOT)
         if not self.root.is_dir():
-            hint = " (install the Debian package dataset-fashion-mnist)" if root is None else ""
-            raise ConfigError(f"data.root: Fashion-MNIST folder {str(self.root)!r} not found{hint}")
+            raise ConfigError(
+                f"data.root: Fashion-MNIST folder {str(self.root)!r} not found; install the data with "
+                f"`apt-get install dataset-fashion-mnist` (IDX files under {DEFAULT_ROOT}) or point "
+                f"data.root at a folder holding train-images-idx3-ubyte.gz and the other IDX files"
+            )
         images_path = find_idx_file(self.root, split, "images")
         labels_path = find_idx_file(self.root, split, "labels")
         images, labels = read_idx(images_path), read_idx(labels_path)

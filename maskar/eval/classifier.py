@@ -102,16 +102,32 @@ class ClassifierExtractor:
                 f"classifier: {str(self.dir)!r} has no classifier.yaml; train one with "
                 f"`maskar eval train_classifier=true data.name=fashion_mnist out=DIR`"
             )
-        self.meta = yaml.safe_load(meta_path.read_text())
-        if self.meta.get("kind") != KIND:
+        try:
+            self.meta = yaml.safe_load(meta_path.read_text())
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"classifier: cannot read {meta_path} ({e})") from None
+        if not isinstance(self.meta, dict) or self.meta.get("kind") != KIND:
             raise ConfigError(f"classifier: {meta_path} is not a {KIND} file")
         self.device = torch.device(device)
-        self.model = SmallCNN(**self.meta["arch"])
+        try:
+            self.model = SmallCNN(**self.meta["arch"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"classifier: {meta_path} has an unusable arch entry ({e})") from None
         weights = self.dir / "model.safetensors"
         load_state_dict_checked(self.model, load_tensors(weights), f"classifier {self.dir}")
         self.model.to(self.device).eval()
         data = self.meta.get("data", {})
         self.name = f"SmallCNN classifier on {data.get('name', '?')} (sha1 {sha1_of(weights)[:12]})"
+        ref = self.reference_path()
+        if ref.exists():  # written last by train_classifier; checked now, not after the samples' features
+            from maskar.eval.reference import Stats
+
+            stats = Stats.load(ref, "classifier")
+            if stats.mu.shape[0] != self.model.feature_dim or stats.network != self.name:
+                raise ConfigError(
+                    f"classifier: {ref} does not belong to these weights (network {stats.network!r}, "
+                    f"{stats.mu.shape[0]} features; expected {self.name!r}, {self.model.feature_dim})"
+                )
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> dict[str, torch.Tensor]:
@@ -191,6 +207,7 @@ def train_classifier(
         "train_seconds": round(time.time() - start, 1),
     }
     atomic_write_text(out / "classifier.yaml", yaml.safe_dump(meta, sort_keys=False))
+    (out / "ref_stats.npz").unlink(missing_ok=True)  # an older classifier's statistics
     clf = ClassifierExtractor(out, dev)
     feats = extract_features(clf, test_set, 500, "classifier test features" if progress else None)
     acc = accuracy(feats["logits"], test_set.labels)

@@ -89,9 +89,24 @@ def _stream_npz_array(
             yield to_rgb_uint8(np.frombuffer(buf, dtype=dtype).reshape(n, *shape[1:]))
 
 
-def _npz_shape(path: Path, key: str) -> tuple[int, ...]:
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        return tuple(_read_header(f)[0])
+def _npz_array_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of an npz member, checked against the bytes actually stored."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+            shape, _, dtype = _read_header(f)
+            header = f.tell()
+            size = zf.getinfo(f"{key}.npy").file_size
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+        raise ConfigError(
+            f"images: cannot read {key} of {str(path)!r} (truncated or corrupt npz?): {e}"
+        ) from None
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if size < expected:
+        raise ConfigError(
+            f"images: {str(path)!r}: {key} holds {size - header} bytes of data, but its header says "
+            f"{shape} {dtype} ({expected - header} bytes): the file is truncated"
+        )
+    return tuple(shape), dtype
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -104,8 +119,13 @@ def _read_png(path: Path) -> np.ndarray:
 
 
 def npz_keys(path: str | Path) -> list[str]:
-    with np.load(path) as data:
-        return list(data.keys())
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return list(data.keys())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise ConfigError(
+            f"images: cannot read {str(path)!r} as an npz file (truncated or corrupt?): {e}"
+        ) from None
 
 
 def open_images(path: str | Path, labels: np.ndarray | None = None) -> ImageSet:
@@ -121,7 +141,10 @@ def open_images(path: str | Path, labels: np.ndarray | None = None) -> ImageSet:
         first = _read_png(files[0]).shape
         return ImageSet(f"{p} ({len(files)} files, {first[0]}x{first[1]})", len(files), labels, _files=files)
     if p.suffix == ".npy":
-        arr = np.load(p, mmap_mode="r")
+        try:
+            arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise ConfigError(f"images: cannot read {str(p)!r} as an npy array (truncated?): {e}") from None
         to_rgb_uint8(arr[:1])  # checks dtype and layout
         return ImageSet(f"{p.name} ({len(arr)} images)", len(arr), labels, _array=arr)
     if p.suffix != ".npz":
@@ -129,12 +152,21 @@ def open_images(path: str | Path, labels: np.ndarray | None = None) -> ImageSet:
     keys = npz_keys(p)
     if "arr_0" not in keys:
         raise ConfigError(f"images: {str(p)!r} has no arr_0 (uint8 NHWC images); its keys are {keys}")
-    shape = _npz_shape(p, "arr_0")
+    shape, dtype = _npz_array_header(p, "arr_0")
+    if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3)):
+        raise ConfigError(
+            f"images: {str(p)!r}: arr_0 is {dtype} {shape}; expected uint8 (N, H, W, 3) or (N, H, W)"
+        )
     if labels is None:
         for key in ("arr_1", "labels"):
             if key in keys:
-                with np.load(p) as data:
-                    labels = np.asarray(data[key], dtype=np.int64)
+                try:
+                    with np.load(p, allow_pickle=False) as data:
+                        labels = np.asarray(data[key], dtype=np.int64)
+                except (zipfile.BadZipFile, OSError, ValueError, EOFError, TypeError) as e:
+                    raise ConfigError(f"images: cannot read {key} of {str(p)!r} as class ids ({e})") from None
+                if labels.ndim != 1:
+                    raise ConfigError(f"images: {key} of {str(p)!r} has shape {labels.shape}; expected (N,)")
                 break
     if labels is not None and len(labels) != shape[0]:
         raise ConfigError(f"images: {p.name} has {shape[0]} images but {len(labels)} labels")

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,10 +75,27 @@ class Stats:
         atomic_write_bytes(path, lambda f: np.savez(f, meta=np.array(meta), **arrays))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Stats:
-        with np.load(path) as data:
-            meta = json.loads(str(data["meta"])) if "meta" in data else {}
-            arrays = {k: data[k] for k in ("mu", "sigma", "features", "mu_s", "sigma_s") if k in data}
+    def load(cls, path: str | os.PathLike, key: str = "ref") -> Stats:
+        """Read statistics saved by :meth:`save` (or an ADM npz with ``mu``/``sigma``), checked:
+        a truncated file, missing arrays or inconsistent shapes fail with one message."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"])) if "meta" in data else {}
+                arrays = {k: data[k] for k in ("mu", "sigma", "features", "mu_s", "sigma_s") if k in data}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+            raise ConfigError(f"{key}: cannot read {str(path)!r} as statistics npz ({e})") from None
+        if not isinstance(meta, dict):
+            raise ConfigError(f"{key}: {str(path)!r} has a malformed meta entry")
+        mu, sigma = arrays.get("mu"), arrays.get("sigma")
+        if mu is None or sigma is None:
+            raise ConfigError(f"{key}: {str(path)!r} has no mu/sigma arrays; keys {sorted(arrays)}")
+        d = mu.shape[0] if mu.ndim == 1 else -1
+        feats = arrays.get("features")
+        if d < 1 or sigma.shape != (d, d) or (feats is not None and (feats.ndim != 2 or feats.shape[1] != d)):
+            shapes = {k: v.shape for k, v in arrays.items()}
+            raise ConfigError(f"{key}: {str(path)!r} has inconsistent statistics shapes {shapes}")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ConfigError(f"{key}: {str(path)!r} has non-finite mu/sigma values")
         return cls(
             count=int(meta.get("count", -1)),
             source=meta.get("source", Path(path).name),

@@ -18,8 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from maskar.cli_args import parse_labels
-from maskar.config import ConfigError, DataConfig, apply_overrides, build, to_dict
+from maskar.checkpoint import check_writable
+from maskar.cli_args import (
+    bool_option,
+    choice_option,
+    float_option,
+    int_option,
+    parse_labels,
+    str_option,
+)
+from maskar.config import ConfigError, DataConfig, apply_overrides, build, check_device_name, to_dict
 from maskar.eval.images import ImageSet, images_from_array, open_images
 from maskar.eval.metrics import frechet_distance, inception_score, precision_recall
 from maskar.eval.reference import (
@@ -49,6 +57,7 @@ OPTIONS: dict[str, object] = {
     "sample_batch_size": 64,
     "precision": "auto",
     "ema": True,
+    "verify": True,
     "save_samples": None,
     "device": "auto",
     "json": None,
@@ -170,7 +179,9 @@ def evaluate(
         own = stats_from_features(feats, samples.description, classifier.name)
         if "fd_clf" in clf or "pr_clf" in clf:
             if clf_ref is None:
-                rs = Stats.load(classifier.reference_path())
+                if not classifier.reference_path().is_file():
+                    raise ConfigError(f"classifier: {classifier.reference_path()} is missing; give clf_ref=")
+                rs = Stats.load(classifier.reference_path(), "classifier")
                 if rs.network != classifier.name:
                     raise ConfigError(f"classifier: {classifier.reference_path()} does not match its weights")
             else:
@@ -228,16 +239,52 @@ def _class_order_labels(per_class: int, labels: object, num_classes: int | None,
     return out
 
 
+def _options(opts: dict[str, Any]) -> dict[str, Any]:
+    """Every scalar option checked (type and range) before anything is loaded or computed."""
+    o = dict(opts)
+    for key in ("batch_size", "sample_batch_size", "pr_batch", "steps"):
+        o[key] = int_option(opts[key], key, min=1)
+    for key in ("per_class", "ref_limit"):
+        o[key] = None if opts[key] is None else int_option(opts[key], key, min=1)
+    o["seed"] = int_option(opts["seed"], "seed")
+    o["lr"] = float_option(opts["lr"], "lr", above=0.0)
+    o["ema"] = bool_option(opts["ema"], "ema")
+    o["verify"] = bool_option(opts["verify"], "verify")
+    o["train_classifier"] = bool_option(opts["train_classifier"], "train_classifier")
+    o["precision"] = choice_option(opts["precision"], "precision", ("auto", "bf16", "fp16", "fp32"))
+    o["device"] = check_device_name(opts["device"], "device")
+    for key in ("samples", "ckpt", "ref", "clf_ref", "classifier", "inception", "inception_is", "out"):
+        o[key] = None if opts[key] is None else str_option(opts[key], key)
+    o["eval_split"] = str_option(opts["eval_split"], "eval_split", "a split name")
+    o["cache"] = str_option(opts["cache"], "cache", "a folder, default or none")
+    for key, suffix in (("json", ".json"), ("save_samples", ".npz")):
+        o[key] = None
+        if opts[key] is not None:
+            path = str_option(opts[key], key, "a file name")
+            if not path.lower().endswith(suffix):
+                raise ConfigError(f"{key}: expected a file name ending in {suffix}, got {path!r}")
+            o[key] = str(check_writable(path, key))
+    return o
+
+
+def _check_ref_exists(ref: str | DataConfig | None, key: str) -> None:
+    if isinstance(ref, str) and not Path(ref).exists():
+        raise ConfigError(f"{key}: {ref!r} does not exist; expected an npz, an image folder or {key}=data")
+
+
 def run(opts: dict[str, Any], overrides: list[str]) -> int:
-    """``maskar eval`` with its options split from the ``data.*`` / ``sample.*`` overrides."""
-    from maskar.sampling import pick_device
+    """``maskar eval`` with its options split from the ``data.*`` / ``sample.*`` overrides.
+
+    Every option, path and reference is checked before any sample is generated or any feature
+    computed, so a typo never costs the long part of the run.
+    """
+    from maskar.sampling import pick_device, read_generator_config
 
     data_over = [o for o in overrides if o.startswith("data.")]
     other_over = [o for o in overrides if not o.startswith("data.")]
-    device = pick_device(str(opts["device"]))
-    batch_size = int(opts["batch_size"])
-    if batch_size < 1:
-        raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
+    opts = _options(opts)
+    device = pick_device(opts["device"])
+    batch_size = opts["batch_size"]
 
     if opts["train_classifier"]:
         from maskar.eval.classifier import train_classifier
@@ -248,10 +295,11 @@ def run(opts: dict[str, Any], overrides: list[str]) -> int:
             raise ConfigError(
                 "eval train_classifier=true: give out=DIR and the data (e.g. data.name=fashion_mnist)"
             )
+        check_writable(opts["out"], "out", directory=True)
         data_cfg = _data_config(None, data_over, {"channels": 1})
         meta = train_classifier(
-            data_cfg, str(opts["out"]), int(opts["steps"]), batch_size=128, lr=float(opts["lr"]),
-            eval_split=str(opts["eval_split"]), seed=int(opts["seed"]), device=device,
+            data_cfg, opts["out"], opts["steps"], batch_size=128, lr=opts["lr"],
+            eval_split=opts["eval_split"], seed=opts["seed"], device=device,
         )  # fmt: skip
         print(
             f"classifier saved to {opts['out']}: accuracy {meta['test_accuracy']:.4f} on "
@@ -266,51 +314,32 @@ def run(opts: dict[str, Any], overrides: list[str]) -> int:
     if opts["classifier"] is not None:
         from maskar.eval.classifier import ClassifierExtractor
 
-        classifier = ClassifierExtractor(str(opts["classifier"]), device)
+        classifier = ClassifierExtractor(opts["classifier"], device)
     metrics = parse_metrics(opts["metrics"], opts["inception_is"] is not None, classifier is not None)
 
     ckpt_data: DataConfig | None = None
+    gen_cfg = None
     if opts["ckpt"] is not None:
-        from maskar import sampling
-
         if opts["per_class"] is None:
             raise ConfigError(
                 "eval ckpt=DIR: give per_class=N (samples per class; 50 gives the standard 50k)"
             )
-        model, cfg = sampling.load_for_sampling(
-            str(opts["ckpt"]), other_over, str(opts["device"]), bool(opts["ema"])
-        )
-        ckpt_data = cfg.data
-        classes = parse_labels(opts["labels"], int(getattr(model, "num_classes", 10)))
-        images, labels = sampling.generate(
-            model,
-            cfg,
-            classes,
-            int(opts["per_class"]),
-            int(opts["sample_batch_size"]),
-            str(opts["precision"]),
-        )
-        del model
-        knobs = ", ".join([*other_over, f"seed {cfg.sample.seed}", f"{int(opts['per_class'])}/class"])
-        desc = f"{Path(str(opts['ckpt'])).name} ({knobs})"
-        samples = images_from_array(images, desc, labels)
-        if opts["save_samples"]:
-            from maskar.checkpoint import atomic_write_bytes
-
-            arr, lab = images.numpy(), np.asarray(labels, dtype=np.int64)
-            atomic_write_bytes(str(opts["save_samples"]), lambda f: np.savez(f, arr_0=arr, arr_1=lab))
-            print(f"wrote {len(arr)} samples to {opts['save_samples']} (arr_0 uint8 NHWC, arr_1 labels)")
+        parse_labels(opts["labels"], None)  # the syntax now; the range once the model is known
+        gen_cfg = read_generator_config(opts["ckpt"], other_over)  # no weights read yet
+        ckpt_data = gen_cfg.data
     else:
         if other_over:
             raise ConfigError(f"eval samples=...: only data.* keys can be overridden, got {other_over}")
-        samples = open_images(str(opts["samples"]))
+        samples = open_images(opts["samples"])
         if samples.labels is None and opts["per_class"] is not None:
             n_cls = classifier.model.num_classes if classifier is not None else None
-            samples.labels = _class_order_labels(int(opts["per_class"]), opts["labels"], n_cls, samples.count)
+            samples.labels = _class_order_labels(opts["per_class"], opts["labels"], n_cls, samples.count)
 
     data_cfg = _data_config(ckpt_data, data_over) if (data_over or ckpt_data is not None) else None
     ref = _ref_arg(opts["ref"], data_cfg)
     clf_ref = _ref_arg(opts["clf_ref"], data_cfg)
+    _check_ref_exists(ref, "ref")
+    _check_ref_exists(clf_ref, "clf_ref")
     inception = None
     if any(m in INCEPTION_METRICS for m in metrics):
         from maskar.eval.inception import InceptionExtractor
@@ -318,11 +347,35 @@ def run(opts: dict[str, Any], overrides: list[str]) -> int:
         inception = InceptionExtractor(
             opts["inception"], device, opts["inception_is"], spatial="sfid" in metrics
         )
-    cache = None if str(opts["cache"]) in ("none", "false", "False") else opts["cache"]
+
+    if opts["ckpt"] is not None:
+        from maskar import sampling
+
+        model, cfg = sampling.load_for_sampling(
+            opts["ckpt"], other_over, opts["device"], opts["ema"], opts["verify"]
+        )
+        classes = parse_labels(opts["labels"], int(getattr(model, "num_classes", 10)))
+        n_images, sample_batch = len(classes) * opts["per_class"], opts["sample_batch_size"]
+        sampling.check_sampling_memory(model, cfg, n_images, sample_batch, opts["precision"], False)
+        images, labels = sampling.generate(
+            model, cfg, classes, opts["per_class"], sample_batch, opts["precision"]
+        )
+        del model
+        knobs = ", ".join([*other_over, f"seed {cfg.sample.seed}", f"{opts['per_class']}/class"])
+        desc = f"{Path(opts['ckpt']).name} ({knobs})"
+        samples = images_from_array(images, desc, labels)
+        if opts["save_samples"]:
+            from maskar.sampling import save_npz
+
+            save_npz(images, opts["save_samples"], labels)
+            n = len(images)
+            print(f"wrote {n} samples to {opts['save_samples']} (arr_0 uint8 NHWC, arr_1 labels)")
+
+    cache = None if opts["cache"] in ("none", "false", "False") else opts["cache"]
     cache_dir = default_cache_dir() if cache == "default" else cache
     results = evaluate(
         samples, metrics, ref, inception, classifier, clf_ref, batch_size, str(device), cache_dir,
-        int(opts["pr_batch"]), ref_limit=None if opts["ref_limit"] is None else int(opts["ref_limit"]),
+        opts["pr_batch"], ref_limit=opts["ref_limit"],
     )  # fmt: skip
     for r in results:
         print(r.line())
@@ -333,6 +386,6 @@ def run(opts: dict[str, Any], overrides: list[str]) -> int:
 
         payload = {"samples": samples.description, "count": samples.count,
                    "results": [dataclasses.asdict(r) for r in results]}  # fmt: skip
-        atomic_write_text(str(opts["json"]), json.dumps(payload, indent=2) + "\n")
+        atomic_write_text(opts["json"], json.dumps(payload, indent=2) + "\n")
         print(f"wrote {opts['json']}")
     return 0

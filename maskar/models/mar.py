@@ -93,6 +93,8 @@ class MARSampleConfig(SampleConfig):
 
     def validate(self) -> None:
         _check_respacing("num_sampling_steps", self.num_sampling_steps)
+        if self.cfg < 0:  # a negative scale pushes away from the class: black images, no error
+            raise ValueError(f"cfg: expected a guidance scale >= 0 (1 = off), got {self.cfg}")
 
 
 @dataclass
@@ -584,6 +586,8 @@ class MAR(MaskedGenerator):
         cuda_graph: bool = True,
     ) -> Tensor:
         """In-/out-painting: tokens fully inside ``keep_mask`` stay fixed, the rest are generated."""
+        if not bool(torch.isfinite(images).all()) or float(images.abs().max()) > 1.0 + 1e-4:
+            raise ValueError("edit: images must be finite and in [-1, 1]")
         known = self.patchify(self.tokenizer.encode_mean(images).float())  # (B, L, C)
         known_mask = self.token_keep_mask(keep_mask.to(images.device))
         g = make_generator(seed, images.device)

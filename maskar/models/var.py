@@ -558,6 +558,8 @@ class NextScaleModel(nn.Module):
             raise ValueError(
                 f"edit: expected {self.image_size}x{self.image_size} images, got {tuple(images.shape)}"
             )
+        if not bool(torch.isfinite(images).all()) or float(images.abs().max()) > 1.0 + 1e-4:
+            raise ValueError("edit: images must be finite and in [-1, 1]")
         args = self._sampling_args(cfg, cfg_schedule, temperature, top_k, top_p, seed, labels.device)
         with no_autocast(images.device):
             known = [i.long() for i in self.tokenizer.img_to_indices(images.float())]

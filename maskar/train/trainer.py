@@ -13,15 +13,21 @@ Resume is exact: the checkpoint holds weights, EMA, optimizer and scaler states,
 rank's RNG states, the step and the data position (epoch, batch within the epoch). The
 data order is a function of (seed, epoch) only, so a resumed run skips the consumed
 batches and continues with the very batches the uninterrupted run would have seen.
+
+The run directory is guarded before any work starts (docs/reliability.md): a lock file
+(one trainer per directory), the architecture it belongs to, leftovers of interrupted saves
+removed. A non-finite loss stops the run with its step number and saves nothing after it, so
+the latest checkpoint stays the last good one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import threading
 import time
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +157,65 @@ class _StopRequests:
             signal.signal(s, h)
 
 
+# ----------------------------------------------------------------------------- run-dir guards
+
+
+class NonFiniteLossError(ConfigError):
+    """The loss became nan/inf; the run stopped without saving the diverged weights."""
+
+
+def _open_run_dir(out_dir: Path, cfg: Config) -> ckpt.RunLock:
+    """Rank 0, before any work: writable, locked, of this architecture, leftovers removed."""
+    ckpt.check_writable(out_dir, "train.out_dir", directory=True)
+    lock = ckpt.RunLock(out_dir).acquire()
+    try:
+        if cfg.train.resume:
+            ckpt.check_run_architecture(out_dir, cfg.model.arch)
+        ckpt.clean_stale_temporaries(out_dir)
+        ckpt.atomic_write_text(out_dir / ckpt.CONFIG_FILE, dump_yaml(cfg))  # the run's record
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _check_tokenizer_ckpt(model: nn.Module, cfg: Config) -> None:
+    """``model.tokenizer_ckpt`` must fit ``model.tokenizer``: checked from the file header, before
+    any weight is read (a tokenizer of another kind would fail deep inside ``load_state_dict``)."""
+    src = getattr(cfg.model, "tokenizer_ckpt", None)
+    tok = getattr(model, "tokenizer", None)
+    if not src or tok is None:
+        return
+    path = Path(src)
+    if not path.exists():
+        raise ConfigError(f"model.tokenizer_ckpt: {src!r} does not exist; expected a tokenizer checkpoint")
+    if not path.is_dir():
+        return  # an official file: the model's own loader maps its keys and checks them
+    directory = ckpt.resolve_checkpoint_dir(path)
+    want = getattr(getattr(cfg.model, "tokenizer", None), "arch", None)
+    try:
+        saved = ckpt.read_config(directory).model
+        found = getattr(getattr(saved, "tokenizer", None), "arch", None) or saved.arch
+    except ConfigError:
+        found = None
+    if want is not None and found is not None and found != want:
+        raise ConfigError(
+            f"model.tokenizer_ckpt: {src!r} holds a {found!r} tokenizer, but model.tokenizer.arch is "
+            f"{want!r}; give a {want!r} checkpoint"
+        )
+    shapes = ckpt.tensor_shapes(directory / ckpt.MODEL_FILE)
+    if any(k.startswith("tokenizer.") for k in shapes):  # a generator checkpoint: its tokenizer
+        shapes = {k[len("tokenizer.") :]: v for k, v in shapes.items() if k.startswith("tokenizer.")}
+    own = {k: tuple(v.shape) for k, v in tok.state_dict().items()}
+    bad = [f"{k} (file {shapes[k]} vs model {own[k]})" for k in own if k in shapes and shapes[k] != own[k]]
+    if bad or not set(own) & set(shapes):
+        detail = f"{len(bad)} shape mismatch(es): {', '.join(bad[:3])}" if bad else "no common keys"
+        raise ConfigError(
+            f"model.tokenizer_ckpt: the weights in {src!r} do not fit model.tokenizer "
+            f"({type(tok).__name__}, {detail}); check model.tokenizer.* against that checkpoint's config"
+        )
+
+
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -168,6 +233,25 @@ class Trainer:
                 f"processes; use a multiple of {self.dist.world_size}"
             )
         self.out_dir = Path(tc.out_dir)
+        self.lock: ckpt.RunLock | None = None
+        problem: Exception | None = None
+        if self.dist.is_main:
+            try:
+                self.lock = _open_run_dir(self.out_dir, cfg)
+            except ConfigError as e:
+                problem = e
+        if D.any_rank(self.dist, problem is not None):  # every rank stops, not only rank 0
+            raise problem or ConfigError(f"train.out_dir: rank 0 could not open {self.out_dir}")
+        if self.lock is not None:
+            weakref.finalize(self, self.lock.release)  # also when a Trainer is dropped unused
+        try:
+            self._build(cfg, dataset)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: Config, dataset: Dataset | None) -> None:
+        tc = cfg.train
         self.log = RunLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=tc.tensorboard)
 
         # Same seed on every rank for construction (DDP also broadcasts rank 0's weights).
@@ -177,17 +261,28 @@ class Trainer:
         self.model = build_model(cfg.model)
         resume_dir = ckpt.latest_checkpoint(self.out_dir) if tc.resume else None
         self.resume_dir = resume_dir
+        verify = tc.verify_checkpoints
         if resume_dir is not None:
-            ckpt.load_state_dict_checked(
-                self.model, ckpt.load_tensors(resume_dir / ckpt.MODEL_FILE), f"resume from {resume_dir}"
-            )
+            weights = ckpt.load_tensors(resume_dir / ckpt.MODEL_FILE, verify=verify)
+            ckpt.load_state_dict_checked(self.model, weights, f"resume from {resume_dir}")
         elif tc.init_from:
             src = ckpt.resolve_checkpoint_dir(tc.init_from)
-            ckpt.load_state_dict_checked(
-                self.model, ckpt.load_tensors(src / ckpt.MODEL_FILE), f"train.init_from={tc.init_from}"
-            )
+            weights = ckpt.load_tensors(src / ckpt.MODEL_FILE, verify=verify)
+            ckpt.load_state_dict_checked(self.model, weights, f"train.init_from={tc.init_from}")
         elif hasattr(self.model, "init_pretrained"):
-            self.model.init_pretrained()  # e.g. a generator loads its frozen tokenizer
+            _check_tokenizer_ckpt(self.model, cfg)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self.model.init_pretrained()  # e.g. a generator loads its frozen tokenizer
+            for w in caught:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            random_tok = hasattr(self.model, "tokenizer") and getattr(cfg.model, "tokenizer_ckpt", 0) is None
+            if random_tok and not any("tokenizer_ckpt" in str(w.message) for w in caught):
+                warnings.warn(
+                    "model.tokenizer_ckpt is not set: the frozen tokenizer keeps its random "
+                    "initialisation (fine for smoke tests, useless for real training)",
+                    stacklevel=2,
+                )
         self.model.to(self.device)
         from maskar.nn.attention import set_backend
 
@@ -243,6 +338,8 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
+        # First step whose loss was not finite (-1: none); a device tensor, so no sync per step.
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         if resume_dir is not None:
             self._load_trainer_state(resume_dir)
         else:
@@ -273,7 +370,7 @@ class Trainer:
         }
 
     def _load_trainer_state(self, directory: Path) -> None:
-        state = ckpt.load_trainer_state(directory)
+        state = ckpt.load_trainer_state(directory, verify=self.cfg.train.verify_checkpoints)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.optimizer.load_state_dict(state["optimizer"])
         if self.disc_optimizer is not None:
@@ -287,7 +384,8 @@ class Trainer:
         if self.ema is not None:
             ema_file = directory / ckpt.EMA_FILE
             if ema_file.is_file():
-                self.ema.load_state_dict(ckpt.load_tensors(ema_file, self.device))
+                ema = ckpt.load_tensors(ema_file, self.device, verify=self.cfg.train.verify_checkpoints)
+                self.ema.load_state_dict(ema)
                 self.ema.num_updates = (state.get("ema") or {}).get("num_updates", 0)
             else:
                 self.log.info(
@@ -308,8 +406,22 @@ class Trainer:
             f"resumed from {directory} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})"
         )
 
+    def check_finite_loss(self) -> None:
+        """Raise :class:`NonFiniteLossError` if any rank saw a nan/inf loss (all ranks call)."""
+        bad = int(self._bad_step.item())
+        if not D.any_rank(self.dist, bad >= 0):
+            return
+        last = ckpt.latest_checkpoint(self.out_dir)
+        where = f"at step {bad}" if bad >= 0 else "on another rank"
+        kept = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was saved"
+        raise NonFiniteLossError(
+            f"train: the loss became nan/inf {where}; stopped without saving the diverged weights, "
+            f"{kept}. Lower train.lr, set train.grad_clip, or check the data"
+        )
+
     def save(self) -> Path:
-        """Write ``out_dir/step-XXXXXXX`` (all ranks call; rank 0 writes)."""
+        """Write ``out_dir/step-XXXXXXX`` (all ranks call; rank 0 writes); never diverged weights."""
+        self.check_finite_loss()
         state = self.trainer_state()
         path = self.out_dir / ckpt.step_dir_name(self.step)
         if self.dist.is_main:
@@ -370,6 +482,8 @@ class Trainer:
         with self._autocast():
             out = self.wrapped(batch, "loss")
         loss = out["loss"]
+        first = (self._bad_step < 0) & ~torch.isfinite(loss.detach())
+        self._bad_step = torch.where(first, self.step + 1, self._bad_step)
         norm = self._backward_and_step(loss, self.optimizer, self.main_params, want_norm)
         metrics.update({k: v.detach().float() for k, v in out.items()})
         if norm is not None:
@@ -425,9 +539,8 @@ class Trainer:
         out["it_per_s"] = rate
         out["samples_per_s"] = rate * self.cfg.train.batch_size
         out["max_mem_gb"] = max_memory_gb(self.device)
-        if not all(math.isfinite(v) for k, v in out.items() if k == "loss"):
-            self.log.info(f"warning: non-finite loss at step {self.step}")
         self.log.scalars(self.step, self.cfg.train.steps, out)
+        self.check_finite_loss()
         return out
 
     def run(self, stop_at: int | None = None) -> Path:
@@ -435,8 +548,6 @@ class Trainer:
         tc = self.cfg.train
         total = tc.steps if stop_at is None else min(stop_at, tc.steps)
         if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_text(self.out_dir / "config.yaml", dump_yaml(self.cfg))
             if self.log.tb_error:
                 self.log.info(self.log.tb_error)
             n_main = sum(p.numel() for p in self.main_params)
@@ -455,6 +566,7 @@ class Trainer:
         if self.step >= total:
             self.log.info(f"nothing to do: already at step {self.step} of {total}")
             self.log.close()
+            self.close()
             return self.out_dir
 
         if hasattr(self.model, "on_train_start"):
@@ -503,6 +615,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.log.close()
+            self.close()
         if stop_signal is not None:
             if self.dist.is_main:
                 name = signal.Signals(stop_signal).name
@@ -513,6 +626,12 @@ class Trainer:
         return self.out_dir
 
 
+    def close(self) -> None:
+        """Release the run directory's lock (run() does this when it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
+
 def train(cfg: Config, dataset: Dataset | None = None, stop_at: int | None = None) -> Path:
     """Train ``cfg`` (see the module docstring); returns ``cfg.train.out_dir``.
 
@@ -520,8 +639,11 @@ def train(cfg: Config, dataset: Dataset | None = None, stop_at: int | None = Non
     after that many steps with a checkpoint, as an interruption would; a later call with
     ``train.resume=true`` continues exactly.
     """
-    trainer = Trainer(cfg, dataset)
+    trainer = None
     try:
+        trainer = Trainer(cfg, dataset)
         return trainer.run(stop_at=stop_at)
     finally:
+        if trainer is not None:
+            trainer.close()
         D.shutdown_distributed()
