@@ -427,6 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"maskar {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:
+        if not isinstance(e.code, str):  # argparse of a benchmark (code 2 already) or a plain exit
+            raise
+        # Converters and benchmarks refuse bad arguments with SystemExit("message\nusage: ...").
+        first, _, rest = e.code.partition("\n")
+        print(f"maskar {ns.command}: error: {first}" + (f"\n{rest}" if rest else ""), file=sys.stderr)
+        return 2
     except BrokenPipeError:  # output piped into `head` and the like
         import os
 

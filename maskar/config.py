@@ -278,6 +278,10 @@ def build(cls: type, data: Any, key: str = "", arch: str | None = None) -> Any:
             raise
         except ValueError as e:
             raise ConfigError(f"{key or 'config'}: {e}") from None
+        except (LookupError, TypeError, ArithmeticError) as e:
+            # A cross-field check tripped over a value it did not expect (e.g. an empty list):
+            # still the user's value, so still one message naming the section.
+            raise ConfigError(f"{key or 'config'}: inconsistent values ({type(e).__name__}: {e})") from None
     return obj
 
 

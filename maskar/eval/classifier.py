@@ -156,7 +156,7 @@ def train_classifier(
 
     Returns the metadata written to ``classifier.yaml`` (including ``test_accuracy``).
     """
-    from maskar.checkpoint import atomic_write_text, save_tensors
+    from maskar.checkpoint import atomic_write_text, save_tensors, update_checksums
     from maskar.eval.reference import extract_features, stats_from_features
 
     dev = torch.device(device)
@@ -193,7 +193,8 @@ def train_classifier(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_tensors(out / "model.safetensors", model.state_dict())
+    digest = save_tensors(out / "model.safetensors", model.state_dict())
+    update_checksums(out, {"model.safetensors": digest})
     meta: dict[str, Any] = {
         "kind": KIND,
         "arch": model.arch(),

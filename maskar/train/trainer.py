@@ -625,7 +625,6 @@ class Trainer:
             raise SystemExit(128 + int(stop_signal))
         return self.out_dir
 
-
     def close(self) -> None:
         """Release the run directory's lock (run() does this when it ends)."""
         if self.lock is not None:
