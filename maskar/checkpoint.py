@@ -482,7 +482,7 @@ def load_model(
 # ----------------------------------------------------------------------------- trainer state
 
 
-def _unpickling_reason(e: BaseException) -> str:
+def unpickling_reason(e: BaseException) -> str:
     """The diagnosis in torch's weights-only refusal, without its advice on how to unpickle anyway."""
     line = next((ln for ln in str(e).splitlines() if "WeightsUnpickler error" in ln), "")
     return re.sub(r"\x1b\[[0-9;]*m", "", line).split(". ")[0].strip()
@@ -507,7 +507,7 @@ def load_trainer_state(directory: str | os.PathLike, verify: bool = True) -> dic
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path}: not a maskar trainer state (weights-only load refused it: {_unpickling_reason(e)})"
+            f"{path}: not a maskar trainer state (weights-only load refused it: {unpickling_reason(e)})"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable torch file (truncated or corrupt?): {e}") from None
@@ -760,7 +760,7 @@ def load_official(path: str | os.PathLike, key: str | None = None) -> Any:
             found = f" It pickles these Python objects: {names}."
         except Exception:  # noqa: BLE001 - only used to improve the message
             pass
-        reason = _unpickling_reason(e)
+        reason = unpickling_reason(e)
         raise CheckpointError(
             f"official checkpoint {path} cannot be read with torch.load(weights_only=True).{found} "
             "maskar reads only tensors and plain containers and never unpickles other Python objects: "

@@ -119,23 +119,15 @@ def generate(
     seed = int(kwargs.pop("seed", 0))
     out = []
     starts = range(0, len(all_labels), batch_size)
-    bar = tqdm(desc="sampling", unit="step", delay=2.0, dynamic_ncols=True)
-    step_module = _step_module(model)
-    hook = step_module.register_forward_hook(lambda *_: bar.update(1)) if step_module is not None else None
-    try:
+    with step_progress(model, "sampling") as bar:
         for i, start in enumerate(starts):
-            bar.set_description(f"sampling batch {i + 1}/{len(starts)}" if len(starts) > 1 else "sampling")
+            if len(starts) > 1:
+                bar.set_description(f"sampling batch {i + 1}/{len(starts)}")
             chunk = torch.tensor(all_labels[start : start + batch_size], dtype=torch.long, device=device)
             with autocast_for(device, precision):
                 # Each batch gets its own seed so results do not depend on the batch size split.
                 imgs = model.generate(chunk, seed=seed + start, **kwargs)
             out.append(to_uint8(imgs))
-            if step_module is None:
-                bar.update(1)
-    finally:
-        if hook is not None:
-            hook.remove()
-        bar.close()
     return torch.cat(out), all_labels
 
 
@@ -147,6 +139,21 @@ def _step_module(model: torch.nn.Module) -> torch.nn.Module | None:
         if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
             return blocks[0]
     return None
+
+
+@contextlib.contextmanager
+def step_progress(model: torch.nn.Module, desc: str):
+    """A progress bar counting the model's sampling steps (a forward hook on its first block);
+    it appears only once the work has taken two seconds, so quick runs stay quiet."""
+    bar = tqdm(desc=desc, unit="step", delay=2.0, dynamic_ncols=True)
+    step_module = _step_module(model)
+    hook = step_module.register_forward_hook(lambda *_: bar.update(1)) if step_module is not None else None
+    try:
+        yield bar
+    finally:
+        if hook is not None:
+            hook.remove()
+        bar.close()
 
 
 def _available_bytes(device: torch.device) -> int | None:
@@ -346,7 +353,7 @@ def edit_image(
     kwargs = sampling_kwargs(cfg.sample)
     seed = int(kwargs.pop("seed", 0))
     labels = torch.full((n,), lab, dtype=torch.long, device=device)
-    with autocast_for(device, precision):
+    with step_progress(model, "editing"), autocast_for(device, precision):
         out = model.edit(img.expand(n, -1, -1, -1), keep.expand(n, -1, -1, -1), labels, seed=seed, **kwargs)
     masked = img * keep  # show what was kept
     images = torch.cat([to_uint8(img), to_uint8(masked), to_uint8(out)])

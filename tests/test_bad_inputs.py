@@ -158,6 +158,7 @@ ROWS: list[Row] = [
         issue=True,
     ),
     Row("convert vqvae src={evil} out={T}/cv", "never unpickles other Python objects", issue=True),
+    Row("convert mar src={evil} vae={kl} preset=mar-tiny out={T}/cm", "Unsupported global", issue=True),
     # --- every subcommand, beyond the issue's list
     Row("nosuchcommand", "invalid choice: 'nosuchcommand'"),
     Row("info preset=nosuch", "preset: unknown preset 'nosuch'"),
@@ -537,6 +538,13 @@ def test_sample_writes_jpeg_and_npz_labels_with_progress(env, tmp_path: Path, ca
         assert f["arr_0"].shape == (4, 16, 16, 3) and f["arr_1"].tolist() == [0, 0, 3, 3]
     # var-tiny has 4 scales: one step per scale per batch, two batches.
     assert ticks[0] == "step" and sum(ticks[1:]) == 8
+    ticks.clear()
+    code, err = run_cli(
+        ["edit", f"ckpt={env['var_run']}", f"image={env['png']}", "mask=box:0,0,.5,.5", "n=1",
+         f"out={tmp_path / 'e.png'}", "device=cpu"], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert ticks[0] == "step" and sum(ticks[1:]) >= 4
 
 
 def test_edit_refuses_nan_and_out_of_range_images(env) -> None:

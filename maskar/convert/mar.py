@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from maskar.checkpoint import CheckpointError, load_state_dict_checked
+from maskar.checkpoint import CheckpointError, load_state_dict_checked, unpickling_reason
 
 TOKENIZER_PREFIX = "tokenizer."
 
@@ -54,7 +54,7 @@ def load_official(
         )
         raise CheckpointError(
             f"official {kind} checkpoint {path} cannot be read with torch.load(weights_only=True).{hint} "
-            f"Original error: {str(e).splitlines()[0]}"
+            f"{unpickling_reason(e)}"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(
