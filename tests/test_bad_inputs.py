@@ -171,6 +171,17 @@ ROWS: list[Row] = [
     Row("train preset=toy train.batch_size=0", "train.batch_size: expected a value >= 1"),
     Row("train preset=toy train.min_lr=1", "min_lr: expected a value <= lr"),
     Row("train preset=toy train.out_dir={rofile}", "is a file; expected a directory"),
+    Row("train preset=toy train.steps=-1", "train.steps: expected a value >= 0, got -1"),
+    Row(
+        "train preset=toy data.synthetic_size=4 train.batch_size=8 train.out_dir={T}/b",
+        "is larger than the dataset",
+    ),
+    Row(
+        "train preset=toy data.name=imagefolder train.out_dir={T}/i",
+        "data.root: data.name=imagefolder needs a folder",
+    ),
+    Row("train preset=toy data.name=latents data.root={T} train.out_dir={T}/l", "is not a latent store"),
+    Row("train preset=toy train.init_from={T}/none train.out_dir={T}/f", "does not exist"),
     Row("sample", "sample: give ckpt=DIR"),
     Row("sample ckpt={T}/nope", "does not exist"),
     Row("sample ckpt={CK} labels=0,11", "labels: class ids must be in [0, 9], got [11]"),

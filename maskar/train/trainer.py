@@ -253,6 +253,8 @@ class Trainer:
     def _build(self, cfg: Config, dataset: Dataset | None) -> None:
         tc = cfg.train
         self.log = RunLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=tc.tensorboard)
+        # The data first: a missing or bad dataset fails before the model is built.
+        self.dataset = dataset if dataset is not None else self._build_dataset()
 
         # Same seed on every rank for construction (DDP also broadcasts rank 0's weights).
         D.seed_everything(tc.seed)
@@ -274,9 +276,10 @@ class Trainer:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 self.model.init_pretrained()  # e.g. a generator loads its frozen tokenizer
-            for w in caught:
-                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            for w in caught:  # re-issued under the caller's warning filters
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             random_tok = hasattr(self.model, "tokenizer") and getattr(cfg.model, "tokenizer_ckpt", 0) is None
+            random_tok = random_tok and not getattr(self.model, "_tokenizer_from_stage1", False)
             if random_tok and not any("tokenizer_ckpt" in str(w.message) for w in caught):
                 warnings.warn(
                     "model.tokenizer_ckpt is not set: the frozen tokenizer keeps its random "
@@ -321,7 +324,6 @@ class Trainer:
             wrapped = torch.compile(wrapped)
         self.wrapped = wrapped
 
-        self.dataset = dataset if dataset is not None else self._build_dataset()
         self.sampler = D.EpochBatchSampler(
             len(self.dataset), tc.batch_size, self.dist.rank, self.dist.world_size, tc.seed
         )
