@@ -146,8 +146,12 @@ def step_progress(model: torch.nn.Module, desc: str):
     """A progress bar counting the model's sampling steps (a forward hook on its first block);
     it appears only once the work has taken two seconds, so quick runs stay quiet."""
     bar = tqdm(desc=desc, unit="step", delay=2.0, dynamic_ncols=True)
+
+    def tick(*_) -> None:  # must return None: a forward hook's return value replaces the output
+        bar.update(1)
+
     step_module = _step_module(model)
-    hook = step_module.register_forward_hook(lambda *_: bar.update(1)) if step_module is not None else None
+    hook = step_module.register_forward_hook(tick) if step_module is not None else None
     try:
         yield bar
     finally:
