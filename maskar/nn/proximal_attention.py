@@ -17,6 +17,13 @@ tokens after a LayerNorm) and a sigmoid gate ``g = sigmoid(gate_proj([x, o_loc, 
 ``out = out_proj(o_loc + g * o_anc)``. Parameter names match the official checkpoints
 (``na.{q,k,v,out}_proj`` for PSA; ``{q,k,v}_proj_{loc,anc}``, ``gate_proj``,
 ``out_proj``, ``anchor_norm`` for SALA).
+
+Backends of :func:`proximal_attention`: ``sdpa`` (the exact reference above, everywhere) and
+``triton`` (``maskar.kernels.neighborhood``: a fused window kernel that only reads the keys
+each tile of queries can see, O(L * k^2) work and O(L * d) extra memory; CUDA sm80+,
+fp16 / bf16, head dim 32 / 64 / 128). ``auto`` takes the kernel where it supports the call
+and SDPA otherwise. ``border="clamp"`` gives NATTEN's rule instead of CASMAR's: the window
+is shifted to lie inside the grid and the softmax runs over its keys only.
 """
 
 from __future__ import annotations
@@ -46,26 +53,52 @@ def _check_kernel(kernel_size: int | tuple[int, int]) -> Pair:
     return kh, kw
 
 
+BORDERS = ("zeros", "clamp")
+PSA_BACKENDS = ("auto", "sdpa", "triton")
+
+
+def _check_border(border: str) -> str:
+    if border not in BORDERS:
+        raise ValueError(f"border: expected one of {BORDERS}, got {border!r}")
+    return border
+
+
+def _axis_windows(n: int, k: int, d: int, border: str, device: torch.device) -> Tensor:
+    """(n, n) bool: position j is in the window of position i along one axis.
+
+    The window lives in i's dilation class (positions with i's residue mod d): k steps of
+    d centred on i (``zeros``; the steps off the axis are the padded slots), or, for
+    ``clamp``, the min(k, m) consecutive class members starting at clamp(s - r, 0, m - k),
+    where s is i's index in its class of m members (NATTEN's rule)."""
+    pos = torch.arange(n, device=device)
+    same = (pos[:, None] - pos[None, :]) % d == 0
+    sub = pos // d  # index inside the dilation class
+    r = (k - 1) // 2
+    if border == "zeros":
+        return same & ((sub[None, :] - sub[:, None]).abs() <= r)
+    members = (n - pos % d + d - 1) // d  # class sizes, per position
+    kk = torch.clamp(members, max=k)
+    start = torch.minimum((sub - r).clamp(min=0), members - kk)
+    return same & (sub[None, :] >= start[:, None]) & (sub[None, :] < (start + kk)[:, None])
+
+
 @functools.lru_cache(maxsize=64)
 def _psa_bias_cached(
-    h: int, w: int, kh: int, kw: int, dh: int, dw: int, device: str, dtype: torch.dtype
+    h: int, w: int, kh: int, kw: int, dh: int, dw: int, border: str, device: str, dtype: torch.dtype
 ) -> Tensor:
     dev = torch.device(device)
-    ys, xs = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()  # (L,) raster order
-    # Offset of key j from query i, in units of the dilation; inside the window iff the
-    # offset is a multiple of the dilation and at most (k-1)/2 steps away on both axes.
-    dy = ys[None, :] - ys[:, None]
-    dx = xs[None, :] - xs[:, None]
-    rh, rw = (kh - 1) // 2, (kw - 1) // 2
-    inside = (dy % dh == 0) & (dx % dw == 0) & ((dy // dh).abs() <= rh) & ((dx // dw).abs() <= rw)
+    rows = _axis_windows(h, kh, dh, border, dev)  # (h, h)
+    cols = _axis_windows(w, kw, dw, border, dev)  # (w, w)
+    # raster order: query (y, x) sees key (y', x') iff rows[y, y'] and cols[x, x']
+    inside = (rows[:, None, :, None] & cols[None, :, None, :]).reshape(h * w, h * w)
     n = h * w
     n_keys = -(-(n + 1) // 8) * 8  # all keys + one zero key, padded to a multiple of 8
     # float64 so that a float64 call is exact; calls cast it to their dtype
     bias = torch.full((n, n_keys), float("-inf"), device=dev, dtype=torch.float64)
     bias[:, :n].masked_fill_(inside, 0.0)
-    missing = (kh * kw - inside.sum(1)).to(torch.float64)  # padded slots per query
-    bias[:, n] = torch.where(missing > 0, missing.clamp(min=1).log(), torch.full_like(missing, -math.inf))
+    if border == "zeros":
+        missing = (kh * kw - inside.sum(1)).to(torch.float64)  # padded slots per query
+        bias[:, n] = torch.where(missing > 0, missing.clamp(min=1).log(), torch.full_like(missing, -math.inf))
     return bias.to(dtype)
 
 
@@ -75,17 +108,48 @@ def psa_bias(
     dilation: int | tuple[int, int] = 1,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    border: str = "zeros",
 ) -> Tensor:
     """(L, L_keys) additive bias for :func:`proximal_attention`; L_keys = round_up(L + 1, 8).
 
     Columns < L are the grid keys (0 inside the window, -inf outside); column L is the
-    zero key standing for the padded slots (log of their count, -inf if none); the rest -inf.
+    zero key standing for the padded slots (log of their count, -inf if none or with
+    ``border="clamp"``); the rest -inf.
     """
     h, w = _pair(grid, "grid")
     kh, kw = _check_kernel(kernel_size)
     dh, dw = _pair(dilation, "dilation")
     dev = str(torch.device(device) if device is not None else torch.device("cpu"))
-    return _psa_bias_cached(h, w, kh, kw, dh, dw, dev, dtype)
+    return _psa_bias_cached(h, w, kh, kw, dh, dw, _check_border(border), dev, dtype)
+
+
+def sdpa_proximal_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    grid: tuple[int, int],
+    kernel_size: int | tuple[int, int] = 7,
+    dilation: int | tuple[int, int] = 1,
+    scale: float | None = None,
+    border: str = "zeros",
+) -> Tensor:
+    """The reference: one SDPA over all keys plus the zero key, with :func:`psa_bias`."""
+    b, nh, n, d = q.shape
+    bias = psa_bias(grid, kernel_size, dilation, device=q.device, dtype=q.dtype, border=border)  # (L, L_keys)
+    pad = bias.shape[1] - n
+    k = torch.cat([k, k.new_zeros(b, nh, pad, d)], dim=2)  # (B, H, L_keys, D)
+    v = torch.cat([v, v.new_zeros(b, nh, pad, v.shape[-1])], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_module():
+    """maskar.kernels.neighborhood, or None where Triton is missing."""
+    try:
+        from maskar.kernels import neighborhood
+    except ImportError:
+        return None
+    return neighborhood
 
 
 def proximal_attention(
@@ -96,18 +160,32 @@ def proximal_attention(
     kernel_size: int | tuple[int, int] = 7,
     dilation: int | tuple[int, int] = 1,
     scale: float | None = None,
+    border: str = "zeros",
+    backend: str = "auto",
 ) -> Tensor:
-    """PSA with zero-padded border slots in the softmax. q, k, v (B, H, L, D), L = grid h*w."""
-    b, nh, n, d = q.shape
+    """PSA over a (h, w) grid: q, k, v (B, H, L, D), L = h * w -> (B, H, L, D).
+
+    ``border``: ``zeros`` (CASMAR: padded slots in the softmax) or ``clamp`` (NATTEN).
+    ``backend``: ``auto`` (the Triton kernel where it supports the call, else SDPA),
+    ``sdpa`` (the exact reference) or ``triton`` (the kernel; an error where unsupported).
+    """
+    n = q.shape[2]
     if n != grid[0] * grid[1] or k.shape[2] != n or v.shape[2] != n:
         raise ValueError(
             f"proximal_attention: {n} queries / {k.shape[2]} keys do not fill grid {tuple(grid)}"
         )
-    bias = psa_bias(grid, kernel_size, dilation, device=q.device, dtype=q.dtype)  # (L, L_keys)
-    pad = bias.shape[1] - n
-    k = torch.cat([k, k.new_zeros(b, nh, pad, d)], dim=2)  # (B, H, L_keys, D)
-    v = torch.cat([v, v.new_zeros(b, nh, pad, v.shape[-1])], dim=2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    if backend not in PSA_BACKENDS:
+        raise ValueError(f"proximal_attention: backend expected one of {PSA_BACKENDS}, got {backend!r}")
+    _check_border(border)
+    if backend != "sdpa":
+        kern = _kernel_module()
+        if backend == "triton":
+            if kern is None:
+                raise ValueError("proximal_attention: backend 'triton' needs the triton package")
+            return kern.neighborhood_attention(q, k, v, grid, kernel_size, dilation, scale, border)
+        if kern is not None and kern.supports(q, k, v, grid, kernel_size, dilation, border):
+            return kern.neighborhood_attention(q, k, v, grid, kernel_size, dilation, scale, border)
+    return sdpa_proximal_attention(q, k, v, grid, kernel_size, dilation, scale, border)
 
 
 def _heads(x: Tensor, num_heads: int) -> Tensor:
@@ -123,7 +201,10 @@ def _merge(x: Tensor) -> Tensor:
 
 
 class ProximalAttention2D(nn.Module):
-    """PSA over a square-or-rectangular token grid with separate q/k/v/out projections."""
+    """PSA over a square-or-rectangular token grid with separate q/k/v/out projections.
+
+    ``backend`` (attribute, default ``auto``): passed to :func:`proximal_attention`.
+    """
 
     def __init__(
         self,
@@ -132,6 +213,7 @@ class ProximalAttention2D(nn.Module):
         kernel_size: int | tuple[int, int] = 7,
         dilation: int | tuple[int, int] = 1,
         qkv_bias: bool = True,
+        border: str = "zeros",
     ):
         super().__init__()
         if dim % num_heads:
@@ -139,6 +221,8 @@ class ProximalAttention2D(nn.Module):
         self.num_heads = num_heads
         self.kernel_size = _check_kernel(kernel_size)
         self.dilation = _pair(dilation, "dilation")
+        self.border = _check_border(border)
+        self.backend = "auto"
         self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
@@ -147,7 +231,8 @@ class ProximalAttention2D(nn.Module):
     def local(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """Window attention before ``out_proj``: x (B, L, C) -> (B, L, C)."""
         q, k, v = (_heads(p(x), self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return _merge(proximal_attention(q, k, v, grid, self.kernel_size, self.dilation))
+        return _merge(proximal_attention(q, k, v, grid, self.kernel_size, self.dilation,
+                                         border=self.border, backend=self.backend))
 
     def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         return self.out_proj(self.local(x, grid))
@@ -156,9 +241,11 @@ class ProximalAttention2D(nn.Module):
 class ProximalSelfAttention(nn.Module):
     """The DiT block's attention in CASMAR v1: PSA under the official ``na.`` prefix."""
 
-    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1):
+    def __init__(
+        self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1, border: str = "zeros"
+    ):
         super().__init__()
-        self.na = ProximalAttention2D(dim, num_heads, kernel_size, dilation)
+        self.na = ProximalAttention2D(dim, num_heads, kernel_size, dilation, border=border)
 
     def forward(self, x: Tensor, grid: tuple[int, int], cond: Tensor | None = None) -> Tensor:
         return self.na(x, grid)
@@ -178,6 +265,7 @@ class SALAAttention2D(nn.Module):
         kernel_size: int = 7,
         dilation: int = 1,
         anchor_pool: int = 2,
+        border: str = "zeros",
     ):
         super().__init__()
         if dim % num_heads:
@@ -185,6 +273,8 @@ class SALAAttention2D(nn.Module):
         self.num_heads = num_heads
         self.kernel_size = _check_kernel(kernel_size)
         self.dilation = _pair(dilation, "dilation")
+        self.border = _check_border(border)
+        self.backend = "auto"  # of the local branch, as ProximalAttention2D.backend
         self.anchor_pool = anchor_pool
         self.q_proj_loc = nn.Linear(dim, dim)
         self.k_proj_loc = nn.Linear(dim, dim)
@@ -214,7 +304,8 @@ class SALAAttention2D(nn.Module):
             raise ValueError("SALAAttention2D: needs the condition tokens (cond) for its anchors")
         heads = self.num_heads
         q, k, v = (_heads(p(x), heads) for p in (self.q_proj_loc, self.k_proj_loc, self.v_proj_loc))
-        o_loc = _merge(proximal_attention(q, k, v, grid, self.kernel_size, self.dilation))
+        o_loc = _merge(proximal_attention(q, k, v, grid, self.kernel_size, self.dilation,
+                                          border=self.border, backend=self.backend))
         anc = self.anchors(cond, grid)
         qa = _heads(self.q_proj_anc(x), heads)
         ka, va = _heads(self.k_proj_anc(anc), heads), _heads(self.v_proj_anc(anc), heads)

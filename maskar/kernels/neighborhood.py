@@ -1,0 +1,602 @@
+"""Fused 2D neighbourhood (proximal) attention (Triton), forward and backward.
+
+Every token of an h x w grid (raster order) attends to the kh x kw window of keys around
+it, dilated by (dh, dw). Two border rules:
+
+- ``zeros`` (CASMAR's PSA, the default): the window is centred on the query; its slots
+  that fall off the grid stay in the softmax with logit 0 and value 0, so a query with
+  ``n_pad`` such slots gets ``n_pad * exp(0 - m)`` more in its softmax denominator and
+  nothing more in the numerator;
+- ``clamp`` (NATTEN): the window is shifted to lie inside the grid (per axis
+  ``start = clamp(i - r, 0, n - k)``) and the softmax runs over its keys only. A window
+  larger than an axis covers the whole axis.
+
+Dilation splits each axis into ``d`` interleaved sub-grids (positions of one residue mod
+d); a window lives inside its query's sub-grid, so all the geometry below is in sub-grid
+units, where dilation 2 costs exactly what dilation 1 costs.
+
+Forward (and dQ): a program owns a TH x TW tile of queries of one sub-grid (flattened to
+BLOCK_M = TH * TW rows). Its queries' windows together cover a rectangle of at most
+(TH + kh - 1) x (TW + kw - 1) keys (clipped to the grid), which the program walks in
+chunks of BLOCK_N keys along the rectangle's flattened rows: per chunk one tensor-core
+QK^T, the out-of-window pairs set to -inf, a FlashAttention-2 online-softmax update and
+one PV. Keys outside the rectangle are never loaded; nothing of size L * k^2 or L^2
+exists. The zeros rule enters as the initial state of the online softmax:
+``m = 0, l = n_pad`` for a query with padded slots.
+
+Backward: delta = rowsum(dO * O) in its own small launch, then one launch whose first
+half of programs each own a TH x TW tile of keys (dK, dV; they walk the rectangle of
+queries whose windows reach the tile) and whose second half each own a tile of queries
+(dQ; they walk the key rectangle as the forward does). Each gradient row is written by
+exactly one program: no atomics, deterministic.
+
+Layout and numerics are those of ``maskar.kernels.block_sparse``: q, k, v (B, H, L, D)
+strided views with a contiguous last dim; out and gradients written (B, L, H, D) and
+returned as (B, H, L, D) views; fp16 / bf16 operands with fp32 accumulation (fp32 inputs
+allowed, for tests: their dots run in IEEE fp32); softmax in base 2; the log-sum-exp is
+kept for the backward pass (extra memory: one fp32 per row for lse and one for delta).
+Block shapes are chosen per (grid, window, dilation, border, head dim, dtype, batch*heads
+class) by timing a few candidates once; every geometry is a runtime argument, so new
+grids, windows or batch sizes re-time but never recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Shared with the block-sparse kernel: its launch path (direct launcher calls, little
+# host time), its delta kernel, its (B, L, H, D) allocations and its interpreter switch.
+from maskar.kernels.block_sparse import (
+    _INTERPRET,
+    LOG2E,
+    _blhd_empty,
+    _bwd_delta,
+    _grads_empty,
+    _launch,
+    _time_ms,
+    _view_spec,
+)
+
+BORDERS = ("zeros", "clamp")
+_NOWHERE = tl.constexpr(1 << 30)  # window start of a padding query: no key is ever inside its window
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _mm(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # UPCAST: bf16 under TRITON_INTERPRET (the CPU interpreter multiplies bf16 operands as
+    # raw integers). IEEE: fp32 inputs (tests) multiply in full fp32, not tf32.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _window(i, n, K, CLAMP: tl.constexpr):
+    """[start, stop) of the window of sub-grid position i on an axis of n positions.
+
+    zeros: centred, clipped to the axis (the clipped slots are the padded ones); clamp:
+    shifted inside the axis, min(K, n) long."""
+    r = K // 2
+    if CLAMP:
+        kk = tl.minimum(K, n)
+        start = tl.minimum(tl.maximum(i - r, 0), n - kk)
+        stop = start + kk
+    else:
+        start = tl.maximum(i - r, 0)
+        stop = tl.minimum(i + r + 1, n)
+    return start, stop
+
+
+@triton.jit
+def _seen_by(u, n, K, CLAMP: tl.constexpr):
+    """[first, last] sub-grid positions whose windows contain position u (windows are
+    monotone in the position, so this is an interval)."""
+    r = K // 2
+    if CLAMP:
+        kk = tl.minimum(K, n)
+        first = tl.where(u < kk, 0, u - kk + 1 + r)
+        last = tl.where(u >= n - kk, n - 1, u + r)
+    else:
+        first = tl.maximum(u - r, 0)
+        last = tl.minimum(u + r, n - 1)
+    return first, last
+
+
+@triton.jit
+def _tile(pid, GH, GW, DH, DW, TILES_R, TILES_C, TH: tl.constexpr, TW: tl.constexpr):
+    """Tile ``pid`` -> (row residue, column residue, first sub-grid row, first sub-grid
+    column, sub-grid rows, sub-grid columns). Tiles of one residue pair are consecutive
+    programs, so the keys they share are read while still in L2."""
+    per_row = DW * TILES_C
+    row_t = pid // per_row
+    col_t = pid % per_row
+    rr = row_t // TILES_R
+    rc = col_t // TILES_C
+    i0 = (row_t % TILES_R) * TH
+    j0 = (col_t % TILES_C) * TW
+    nr = (GH - rr + DH - 1) // DH
+    nc = (GW - rc + DW - 1) // DW
+    return rr, rc, i0, j0, nr, nc
+
+
+@triton.jit
+def _tile_rows(i0, j0, nr, nc, TH: tl.constexpr, TW: tl.constexpr):
+    """Sub-grid (row, column) of the tile's TH * TW flattened positions and whether each is on the grid."""
+    offs = tl.arange(0, TH * TW)
+    ti = i0 + offs // TW
+    tj = j0 + offs % TW
+    return ti, tj, (ti < nr) & (tj < nc)
+
+
+@triton.jit
+def _key_rect(i0, j0, nr, nc, KH, KW, CLAMP: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """Rectangle of keys the windows of a query tile cover: first row, first column, width, count."""
+    last_i = tl.minimum(i0 + TH, nr) - 1
+    last_j = tl.minimum(j0 + TW, nc) - 1
+    r0, _r = _window(i0, nr, KH, CLAMP)
+    _s, r1 = _window(last_i, nr, KH, CLAMP)
+    c0, _c = _window(j0, nc, KW, CLAMP)
+    _d, c1 = _window(last_j, nc, KW, CLAMP)
+    width = c1 - c0
+    count = tl.where((i0 < nr) & (j0 < nc), (r1 - r0) * width, 0)
+    return r0, c0, width, count
+
+
+@triton.jit
+def _query_rect(i0, j0, nr, nc, KH, KW, CLAMP: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """Rectangle of queries whose windows reach a key tile: first row, first column, width, count."""
+    last_i = tl.minimum(i0 + TH, nr) - 1
+    last_j = tl.minimum(j0 + TW, nc) - 1
+    r0, _r = _seen_by(i0, nr, KH, CLAMP)
+    _s, r1 = _seen_by(last_i, nr, KH, CLAMP)
+    c0, _c = _seen_by(j0, nc, KW, CLAMP)
+    _d, c1 = _seen_by(last_j, nc, KW, CLAMP)
+    width = c1 + 1 - c0
+    count = tl.where((i0 < nr) & (j0 < nc), (r1 + 1 - r0) * width, 0)
+    return r0, c0, width, count
+
+
+@triton.jit
+def _rect_chunk(start, r0, c0, width, count, rr, rc, GW, DH, DW, BLOCK: tl.constexpr):
+    """Positions [start, start + BLOCK) of a rectangle's flattened rows: sub-grid row and
+    column, token index in the grid and whether each is inside the rectangle."""
+    n = start + tl.arange(0, BLOCK)
+    du = n // width
+    u = r0 + du
+    c = c0 + (n - du * width)
+    tok = (rr + DH * u) * GW + rc + DW * c
+    return u, c, tok, n < count
+
+
+@triton.jit
+def _windows(qi, qj, q_ok, nr, nc, KH, KW, CLAMP: tl.constexpr):
+    """Per query: [ws_r, we_r) x [ws_c, we_c), its window in sub-grid units; a padding query
+    (``q_ok`` False) gets a window no key is inside."""
+    ws_r, we_r = _window(qi, nr, KH, CLAMP)
+    ws_c, we_c = _window(qj, nc, KW, CLAMP)
+    return tl.where(q_ok, ws_r, _NOWHERE), we_r, ws_c, we_c
+
+
+@triton.jit
+def _inside(ki, kj, ws_r, we_r, ws_c, we_c, Q_ROWS: tl.constexpr):
+    """Mask of key (ki, kj) inside the query's window: (queries x keys), or (keys x queries)
+    when not Q_ROWS."""
+    if Q_ROWS:
+        return ((ki[None, :] >= ws_r[:, None]) & (ki[None, :] < we_r[:, None])
+                & (kj[None, :] >= ws_c[:, None]) & (kj[None, :] < we_c[:, None]))
+    else:
+        return ((ki[:, None] >= ws_r[None, :]) & (ki[:, None] < we_r[None, :])
+                & (kj[:, None] >= ws_c[None, :]) & (kj[:, None] < we_c[None, :]))
+
+
+@triton.jit(do_not_specialize=["H", "L", "GH", "GW", "KH", "KW", "DH", "DW", "TILES_R", "TILES_C"])
+def _na_fwd(
+    Q, K, V, O, LSE,
+    sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
+    H, L, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CLAMP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rr, rc, i0, j0, nr, nc = _tile(tl.program_id(0), GH, GW, DH, DW, TILES_R, TILES_C, TH, TW)
+    qi, qj, q_ok = _tile_rows(i0, j0, nr, nc, TH, TW)
+    q_tok = (rr + DH * qi) * GW + rc + DW * qj
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sql + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    ws_r, we_r, ws_c, we_c = _windows(qi, qj, q_ok, nr, nc, KH, KW, CLAMP)
+    if CLAMP:
+        m_i = tl.full([TH * TW], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([TH * TW], dtype=tl.float32)
+    else:
+        # the padded slots as the first softmax terms: logit 0, so m = 0 and l = n_pad
+        n_pad = tl.where(q_ok, KH * KW - (we_r - ws_r) * (we_c - ws_c), 0).to(tl.float32)
+        m_i = tl.where(n_pad > 0, 0.0, -1.0e30)
+        l_i = n_pad
+    acc = tl.zeros([TH * TW, HEAD_DIM], dtype=tl.float32)
+
+    r0, c0, width, count = _key_rect(i0, j0, nr, nc, KH, KW, CLAMP, TH, TW)
+    for start in range(0, count, BLOCK_N):
+        ki, kj, k_tok, k_in = _rect_chunk(start, r0, c0, width, count, rr, rc, GW, DH, DW, BLOCK_N)
+        k = tl.load(k_base + k_tok[:, None] * skl + offs_d[None, :], mask=k_in[:, None], other=0.0)
+        v = tl.load(v_base + k_tok[:, None] * svl + offs_d[None, :], mask=k_in[:, None], other=0.0)
+        s = _mm(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+        s = tl.where(_inside(ki, kj, ws_r, we_r, ws_c, we_c, True), s, float("-inf"))
+        # m_i is finite from the start, so a row without keys in this chunk gets p = 0, not NaN
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, IEEE)
+        m_i = m_new
+    l_i = tl.where(l_i > 0, l_i, 1.0)  # padding rows only
+    # O is written (B, L, H, D) contiguous
+    o_ptrs = O + (b * L * H + h) * HEAD_DIM + q_tok[:, None] * (H * HEAD_DIM) + offs_d[None, :]
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=q_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * L + q_tok, m_i + tl.log2(l_i), mask=q_ok)
+
+
+@triton.jit
+def _dkdv_program(
+    tile, q_base, k_base, v_base, do_base, lse_base, delta_base, DK, DV, g_off, g_row,
+    sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale, sm_scale,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CLAMP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """dK, dV of a TH x TW tile of keys, walking the queries whose windows reach it."""
+    rr, rc, i0, j0, nr, nc = _tile(tile, GH, GW, DH, DW, TILES_R, TILES_C, TH, TW)
+    ki, kj, k_ok = _tile_rows(i0, j0, nr, nc, TH, TW)
+    k_tok = (rr + DH * ki) * GW + rc + DW * kj
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(k_base + k_tok[:, None] * skl + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    v = tl.load(v_base + k_tok[:, None] * svl + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    dk = tl.zeros([TH * TW, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([TH * TW, HEAD_DIM], dtype=tl.float32)
+    r0, c0, width, count = _query_rect(i0, j0, nr, nc, KH, KW, CLAMP, TH, TW)
+    for start in range(0, count, BLOCK_N):
+        qi, qj, q_tok, q_in = _rect_chunk(start, r0, c0, width, count, rr, rc, GW, DH, DW, BLOCK_N)
+        q = tl.load(q_base + q_tok[:, None] * sql + offs_d[None, :], mask=q_in[:, None], other=0.0)
+        do = tl.load(do_base + q_tok[:, None] * sdol + offs_d[None, :], mask=q_in[:, None], other=0.0)
+        lse = tl.load(lse_base + q_tok, mask=q_in, other=0.0)
+        delta = tl.load(delta_base + q_tok, mask=q_in, other=0.0)
+        s_t = _mm(k, tl.trans(q), UPCAST, IEEE) * qk_scale  # (keys, queries): S transposed
+        ws_r, we_r, ws_c, we_c = _windows(qi, qj, q_in, nr, nc, KH, KW, CLAMP)
+        s_t = tl.where(_inside(ki, kj, ws_r, we_r, ws_c, we_c, False), s_t, float("-inf"))
+        p_t = tl.exp2(s_t - lse[None, :])
+        dv += _mm(p_t.to(do.dtype), do, UPCAST, IEEE)
+        dp_t = _mm(v, tl.trans(do), UPCAST, IEEE)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _mm(ds_t.to(q.dtype), q, UPCAST, IEEE)
+    g_ptrs = g_off + k_tok[:, None] * g_row + offs_d[None, :]
+    tl.store(DK + g_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
+    tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+
+
+@triton.jit
+def _dq_program(
+    tile, q_base, k_base, v_base, do_base, lse_base, delta_base, DQ, g_off, g_row,
+    sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale, sm_scale,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CLAMP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """dQ of a TH x TW tile of queries, walking the keys of their windows (as the forward)."""
+    rr, rc, i0, j0, nr, nc = _tile(tile, GH, GW, DH, DW, TILES_R, TILES_C, TH, TW)
+    qi, qj, q_ok = _tile_rows(i0, j0, nr, nc, TH, TW)
+    q_tok = (rr + DH * qi) * GW + rc + DW * qj
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_base + q_tok[:, None] * sql + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    do = tl.load(do_base + q_tok[:, None] * sdol + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    lse = tl.load(lse_base + q_tok, mask=q_ok, other=0.0)
+    delta = tl.load(delta_base + q_tok, mask=q_ok, other=0.0)
+    ws_r, we_r, ws_c, we_c = _windows(qi, qj, q_ok, nr, nc, KH, KW, CLAMP)
+    dq = tl.zeros([TH * TW, HEAD_DIM], dtype=tl.float32)
+    r0, c0, width, count = _key_rect(i0, j0, nr, nc, KH, KW, CLAMP, TH, TW)
+    for start in range(0, count, BLOCK_N):
+        ki, kj, k_tok, k_in = _rect_chunk(start, r0, c0, width, count, rr, rc, GW, DH, DW, BLOCK_N)
+        k = tl.load(k_base + k_tok[:, None] * skl + offs_d[None, :], mask=k_in[:, None], other=0.0)
+        v = tl.load(v_base + k_tok[:, None] * svl + offs_d[None, :], mask=k_in[:, None], other=0.0)
+        s = _mm(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+        s = tl.where(_inside(ki, kj, ws_r, we_r, ws_c, we_c, True), s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = _mm(do, tl.trans(v), UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, UPCAST, IEEE)
+    g_ptrs = g_off + q_tok[:, None] * g_row + offs_d[None, :]
+    tl.store(DQ + g_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["H", "L", "GH", "GW", "KH", "KW", "DH", "DW", "TILES_R", "TILES_C", "N_TILES"])
+def _na_bwd(
+    Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
+    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
+    H, L, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, N_TILES, qk_scale, sm_scale,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CLAMP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Programs [0, N_TILES): dK, dV of one key tile; [N_TILES, 2 N_TILES): dQ of one query tile."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    do_base = DO + b * sdob + h * sdoh
+    lse_base = LSE + bh.to(tl.int64) * L
+    delta_base = DELTA + bh.to(tl.int64) * L
+    g_off = (b * L * H + h) * HEAD_DIM  # gradients are written (B, L, H, D) contiguous
+    g_row = H * HEAD_DIM
+    if pid < N_TILES:
+        _dkdv_program(pid, q_base, k_base, v_base, do_base, lse_base, delta_base, DK, DV, g_off, g_row,
+                      sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale, sm_scale,
+                      TH, TW, BLOCK_N, HEAD_DIM, CLAMP, UPCAST, IEEE)
+    else:
+        _dq_program(pid - N_TILES, q_base, k_base, v_base, do_base, lse_base, delta_base, DQ, g_off, g_row,
+                    sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale, sm_scale,
+                    TH, TW, BLOCK_N, HEAD_DIM, CLAMP, UPCAST, IEEE)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class NaConfig:
+    """Tile of TH x TW queries (forward, dQ) or keys (dK/dV) and the walk's chunk length."""
+
+    th: int
+    tw: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Candidates: square 64-row tiles waste the fewest pairs (an 8 x 8 tile with k 7 reads a
+# 14 x 14 key rectangle: 25% of its pairs are in a window; 8 x 16 reads 14 x 22, 20%);
+# 128-row tiles halve the programs and the rectangle overlap between them. The first of
+# each list is the heuristic used without tuning (interpreter off, CUDA-graph capture).
+def _fwd_candidates(head_dim: int) -> list[NaConfig]:
+    if head_dim <= 64:
+        return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 3), NaConfig(8, 16, 64, 8, 2),
+                NaConfig(16, 8, 32, 8, 2), NaConfig(8, 8, 64, 4, 3)]
+    return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2), NaConfig(8, 16, 64, 8, 2),
+            NaConfig(8, 8, 64, 8, 2)]
+
+
+def _bwd_candidates(head_dim: int) -> list[NaConfig]:
+    if head_dim <= 64:
+        return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2), NaConfig(8, 8, 64, 4, 3),
+                NaConfig(8, 16, 64, 8, 2), NaConfig(8, 8, 32, 4, 1)]
+    return [NaConfig(8, 8, 32, 4, 2), NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 64, 8, 2),
+            NaConfig(8, 16, 32, 8, 2)]
+
+
+# Tests set these to pin the configs (the CPU interpreter has no timing to tune on).
+FORCE_FWD_CONFIG: NaConfig | None = None
+FORCE_BWD_CONFIG: NaConfig | None = None
+_INTERPRET_CONFIG = NaConfig(4, 4, 16, 4, 1)  # 16-row dots: the smallest tl.dot takes
+
+_tuned: dict[tuple, NaConfig] = {}
+_tune_log: dict[tuple, dict] = {}
+
+
+def _tune(key: tuple, candidates: list[NaConfig], launch_with) -> NaConfig:
+    """Time every candidate once for ``key`` and keep the fastest (compile errors skip one)."""
+    t0 = time.perf_counter()
+    best = None
+    times: list = []
+    for c in candidates:
+        try:
+            t = _time_ms(lambda c=c: launch_with(c))
+        except Exception as e:  # e.g. out of shared memory / registers for this config
+            times.append((c, type(e).__name__))
+            continue
+        times.append((c, t))
+        if best is None or t < best[0]:
+            best = (t, c)
+    if best is None:
+        raise RuntimeError(f"neighborhood attention: no kernel config compiled for {key}")
+    _tuned[key] = best[1]
+    _tune_log[key] = {"chosen": best[1], "candidates": times, "seconds": time.perf_counter() - t0}
+    return best[1]
+
+
+def tuned_configs() -> dict[tuple, NaConfig]:
+    """The configs chosen so far (for benchmarks and reports)."""
+    return dict(_tuned)
+
+
+def tuning_log() -> dict[tuple, dict]:
+    """Per tuned key: the chosen config, (config, ms or error name) per candidate, and the
+    seconds the tuning took (compiles included)."""
+    return {k: dict(v) for k, v in _tune_log.items()}
+
+
+def _config(phase: str, q: Tensor, geom: Window, launch_with) -> NaConfig:
+    forced = FORCE_FWD_CONFIG if phase == "fwd" else FORCE_BWD_CONFIG
+    if forced is not None:
+        return forced
+    if _INTERPRET:
+        return _INTERPRET_CONFIG
+    B, H, L, D = q.shape
+    # not keyed on B or H: a coarse "few vs many programs" class, so a new batch size
+    # re-times at most once per class, and the kernels never recompile for it
+    key = (phase, q.get_device(), q.dtype, D, geom, B * H >= 256)
+    cfg = _tuned.get(key)
+    if cfg is not None:
+        return cfg
+    candidates = _fwd_candidates(D) if phase == "fwd" else _bwd_candidates(D)
+    if torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA-graph capture
+        return candidates[0]
+    return _tune(key, candidates, launch_with)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+@dataclass(frozen=True)
+class Window:
+    """The attention pattern: grid (h, w), window (kh, kw), dilation (dh, dw), border rule."""
+
+    grid: tuple[int, int]
+    kernel: tuple[int, int]
+    dilation: tuple[int, int]
+    border: str = "zeros"
+
+    def tiles(self, cfg: NaConfig) -> tuple[int, int, int]:
+        """(tiles per residue along rows, along columns, tiles in all) for ``cfg``'s tile shape."""
+        (h, w), (dh, dw) = self.grid, self.dilation
+        tr = triton.cdiv(triton.cdiv(h, dh), cfg.th)
+        tc = triton.cdiv(triton.cdiv(w, dw), cfg.tw)
+        return tr, tc, dh * tr * dw * tc
+
+    def ints(self, cfg: NaConfig) -> tuple[int, ...]:
+        """GH, GW, KH, KW, DH, DW, TILES_R, TILES_C: the kernels' geometry arguments."""
+        tr, tc, _ = self.tiles(cfg)
+        return (*self.grid, *self.kernel, *self.dilation, tr, tc)
+
+
+def _consts(cfg: NaConfig, q: Tensor, geom: Window) -> dict:
+    return dict(TH=cfg.th, TW=cfg.tw, BLOCK_N=cfg.block_n, HEAD_DIM=q.shape[-1], CLAMP=geom.border == "clamp",
+                UPCAST=_INTERPRET and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32)
+
+
+def _launch_fwd(q, k, v, o, lse, qk_scale: float, geom: Window, cfg: NaConfig) -> None:
+    B, H, L, D = q.shape
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    ints = (H, L, *geom.ints(cfg))
+    n_tiles = geom.tiles(cfg)[2]
+    _launch(_na_fwd, (n_tiles, B * H), (q, k, v, o, lse, *strides, *ints, qk_scale),
+            _consts(cfg, q, geom), cfg.num_warps, cfg.num_stages,
+            (*_view_spec(q, k, v), strides, ints))  # o, lse: fresh allocations
+
+
+def _launch_bwd(q, k, v, do, dq, dk, dv, lse, delta, qk_scale: float, scale: float, geom: Window,
+                cfg: NaConfig) -> None:
+    B, H, L, D = q.shape
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    n_tiles = geom.tiles(cfg)[2]
+    ints = (H, L, *geom.ints(cfg), n_tiles)
+    _launch(_na_bwd, (2 * n_tiles, B * H),
+            (q, k, v, do, dq, dk, dv, lse, delta, *strides, *ints, qk_scale, scale),
+            _consts(cfg, q, geom), cfg.num_warps, cfg.num_stages,
+            (*_view_spec(q, k, v, do), strides, ints))
+
+
+class _NeighborhoodAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, geom: Window, scale: float) -> Tensor:
+        B, H, L, D = q.shape
+        o = _blhd_empty(B, H, L, D, q)
+        lse = torch.empty(B * H, L, dtype=torch.float32, device=q.device)  # base-2 log-sum-exp
+        qk_scale = scale * LOG2E
+        cfg = _config("fwd", q, geom, lambda c: _launch_fwd(q, k, v, o, lse, qk_scale, geom, c))
+        _launch_fwd(q, k, v, o, lse, qk_scale, geom, cfg)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.geom, ctx.scale = geom, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q, k, v, o, lse = ctx.saved_tensors
+        geom, scale = ctx.geom, ctx.scale
+        B, H, L, D = q.shape
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        dq, dk, dv = _grads_empty(B, H, L, D, q)
+        delta = torch.empty_like(lse)  # rowsum(O * dO), fp32
+        sdo = do.stride()
+        _launch(_bwd_delta, (triton.cdiv(L, 64), B * H), (o, do, delta, sdo[0], sdo[1], sdo[2], H, L),
+                dict(BLOCK_M=64, HEAD_DIM=D), 4, 3)
+        args = (q, k, v, do, dq, dk, dv, lse, delta, scale * LOG2E, scale, geom)
+        cfg = _config("bwd", q, geom, lambda c: _launch_bwd(*args, c))
+        _launch_bwd(*args, cfg)
+        return dq, dk, dv, None, None
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+@torch.compiler.disable  # host-side config choice and Triton launches: keep Dynamo out (graph break)
+def neighborhood_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    grid: tuple[int, int],
+    kernel_size: int | tuple[int, int] = 7,
+    dilation: int | tuple[int, int] = 1,
+    scale: float | None = None,
+    border: str = "zeros",
+) -> Tensor:
+    """2D neighbourhood attention. q, k, v: (B, H, h*w, D) views -> (B, H, h*w, D) view of (B, L, H, D)."""
+    geom = Window(_pair(grid), _pair(kernel_size), _pair(dilation), border)
+    problem = _check(q, k, v, geom)
+    if problem:
+        raise ValueError(f"neighborhood_attention: {problem}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _NeighborhoodAttention.apply(q, k, v, geom, scale)
+
+
+# ----------------------------------------------------------------------------- support
+
+_HEAD_DIMS = (32, 64, 128)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, geom: Window) -> str:
+    """Why the kernel cannot take this call ('' if it can)."""
+    (h, w), (kh, kw), (dh, dw) = geom.grid, geom.kernel, geom.dilation
+    if min(h, w, kh, kw, dh, dw) < 1 or kh % 2 == 0 or kw % 2 == 0:
+        return f"expected a positive grid and dilation and odd window sizes, got {geom}"
+    if geom.border not in BORDERS:
+        return f"border: expected one of {BORDERS}, got {geom.border!r}"
+    if q.dim() != 4 or not (tuple.__eq__(q.shape, k.shape) and tuple.__eq__(q.shape, v.shape)):
+        shapes = ", ".join(str(tuple(t.shape)) for t in (q, k, v))
+        return f"expected q, k, v of equal shape (B, H, L, D), got {shapes}"
+    if q.shape[2] != h * w:
+        return f"{q.shape[2]} tokens do not fill grid {geom.grid}"
+    if q.shape[3] not in _HEAD_DIMS:
+        return f"head dim {q.shape[3]} not in {_HEAD_DIMS}"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        dtypes = ", ".join(str(t.dtype) for t in (q, k, v))
+        return f"expected fp16 / bf16 (fp32 for tests) q, k, v of one dtype, got {dtypes}"
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return "expected a contiguous last dim"
+    return ""
+
+
+@functools.lru_cache(maxsize=16)
+def _device_ok(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8  # tl.dot in fp16/bf16, bf16 loads
+    return _INTERPRET
+
+
+def supports(q: Tensor, k: Tensor, v: Tensor, grid, kernel_size, dilation, border: str = "zeros") -> bool:
+    """Whether ``auto`` should use the kernel: CUDA sm80+ (or the interpreter), fp16 / bf16
+    (fp32 stays on the exact SDPA path), head dim 32 / 64 / 128, contiguous last dim."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or not _device_ok(q.device):
+        return False
+    geom = Window(_pair(grid), _pair(kernel_size), _pair(dilation), border)
+    return not _check(q, k, v, geom)
+
+
+__all__ = ["neighborhood_attention", "supports", "tuned_configs", "tuning_log", "NaConfig", "Window",
+           "BORDERS"]
