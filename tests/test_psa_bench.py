@@ -54,10 +54,10 @@ def test_unfold_peer_matches_loop(p):
 
 
 @pytest.mark.parametrize("p", PROBLEMS, ids=str)
-def test_ours_matches_unfold_peer(p):
+def test_sdpa_bias_matches_unfold_peer(p):
     q, k, v = _qkv(p, seed=1)
     want = bench.unfold_psa(q, k, v, p)
-    torch.testing.assert_close(bench.ours_psa(q, k, v, p), want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bench.sdpa_bias_psa(q, k, v, p), want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("p", PROBLEMS, ids=str)
@@ -88,7 +88,7 @@ def test_flex_variant_matches_unfold_peer(p):
 
 def test_check_passes_exact_variants_and_rejects_others():
     p = Problem((6, 6), 5, 1)
-    for fn in (bench.ours_psa, bench.unfold_psa):
+    for fn in (bench.sdpa_bias_psa, bench.unfold_psa):
         assert bench.check(fn, p, 2, 2, 16, torch.float32, "cpu") < 1e-5
 
     def window_without_border_term(q, k, v, p):  # a masked window softmax: NOT PSA at borders
@@ -107,23 +107,25 @@ def test_bench_case_reports_failed_check():
     p = Problem((5, 5), 3, 1)
 
     def wrong(q, k, v, p):
-        return bench.ours_psa(q, k, v, p) * 1.01
+        return bench.sdpa_bias_psa(q, k, v, p) * 1.01
 
-    row = bench.bench_case("ours", wrong, p, 1, 2, 8, torch.float32, reps=1, warmup=0, device="cpu")
+    row = bench.bench_case("sdpa_bias", wrong, p, 1, 2, 8, torch.float32, reps=1, warmup=0, device="cpu")
     assert row["skip"].startswith("FAILED check") and "fwd_ms" not in row
-    row = bench.bench_case("ours", bench.ours_psa, p, 1, 2, 8, torch.float32, reps=2, warmup=0, device="cpu")
+    row = bench.bench_case("sdpa_bias", bench.sdpa_bias_psa, p, 1, 2, 8, torch.float32, reps=2, warmup=0,
+                           device="cpu")
     assert "skip" not in row and row["err"] < 1e-5 and row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
 
 
 def test_cpu_smoke_run_writes_json(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    rc = bench.main(["--device", "cpu", "--cases", "4x4:1:1", "--reps", "1", "--warmup", "0",
-                     "--json", str(out)])
+    rc = bench.main(["--device", "cpu", "--cases", "4x4:1:1", "--windows", "3:1", "--reps", "1",
+                     "--warmup", "0", "--json", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())
     by = {r["method"]: r for r in rows}
-    assert set(by) <= set(bench.DEFAULT_METHODS.split(",")) and {"ours", "unfold", "dense_nomask"} <= set(by)
-    for name in ("ours", "unfold"):
+    assert set(by) <= set(bench.DEFAULT_METHODS.split(","))
+    assert {"sdpa_bias", "unfold", "dense_nomask"} <= set(by)
+    for name in ("sdpa_bias", "unfold"):
         assert by[name]["err"] < 1e-5 and "skip" not in by[name]
     if "flex" in by:  # forward checked and timed; its backward is CUDA only
         assert by["flex"]["err"] < 1e-5 and by["flex"]["fwd_ms"] > 0
@@ -158,10 +160,11 @@ def test_floor_counts_only_in_grid_window_pairs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_gpu_exact_variants_pass_the_check(dtype):
-    # compiled flex with its backward, ours and the unfold peer vs the fp32 unfold reference
+    # the kernel, compiled flex with its backward, the SDPA + bias path and the unfold peer
+    # vs the fp32 unfold reference
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     p = Problem((16, 16), 7, 1)
-    for name in ("ours", "unfold", "flex"):
+    for name in ("sdpa_bias", "triton", "unfold", "flex"):
         fns = bench.methods([name])
         if name not in fns:
             continue

@@ -4,8 +4,11 @@ PSA: every token of an h x w grid attends to its k x k (dilated) window; the win
 zero-padded border slots stay in the softmax (logit 0, value 0), as in the official
 unfold code. Variants of exactly that function:
 
-- ``ours``: ``maskar.nn.proximal_attention.proximal_attention`` (SDPA + float bias over
-  all keys plus one zero key whose bias is ``log(k*k - n_valid)``);
+- ``triton``: the fused window kernel ``maskar.kernels.neighborhood`` (what
+  ``proximal_attention`` runs on CUDA in fp16 / bf16); its first call compiles and
+  autotunes, and the chosen block shapes and tuning time are reported with its row;
+- ``sdpa_bias``: ``proximal_attention(..., backend="sdpa")`` (SDPA + float bias over all
+  keys plus one zero key whose bias is ``log(k*k - n_valid)``), the exact reference path;
 - ``flex``: compiled FlexAttention, a BlockMask of the window plus the same zero key
   (KV padded to a multiple of 128) and a score_mod adding ``log(k*k - n_valid)`` to it;
 - ``unfold``: the official formulation re-implemented here (K, V unfolded into k*k
@@ -22,7 +25,7 @@ q, k, v are (B, H, L, D) views of (B, L, H, D) tensors, the layout the DiT's sep
 q/k/v projections produce; gradients are taken with respect to those views.
 
     python benchmarks/psa.py                                    # the full table (CUDA)
-    python benchmarks/psa.py --dtypes bf16 --cases 16x16:64:16 --methods ours,flex
+    python benchmarks/psa.py --dtypes bf16 --cases 16x16:64:16 --windows 7:1 --methods triton,flex
     python benchmarks/psa.py --device cpu                       # tiny CPU smoke run
 """
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -46,10 +50,14 @@ from maskar.bench.attention import measure_hbm_gbs, measure_matmul_tflops
 from maskar.nn.proximal_attention import proximal_attention
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-DEFAULT_CASES = "16x16:64:16,32x32:16:16,64x64:4:16"  # grid:B:H, DESIGN.md's neighbourhood table
+# grid:B:H: DESIGN.md's neighbourhood table (B * L = 16384 tokens in every row) and 128 x 128
+DEFAULT_CASES = "16x16:64:16,32x32:16:16,64x64:4:16,128x128:1:16"
 CPU_CASES = "8x8:2:2,6x5:1:2"
-DEFAULT_METHODS = "ours,flex,unfold,dense_nomask"
-EXACT_METHODS = ("ours", "flex", "unfold")
+DEFAULT_WINDOWS = "7:1,13:2"  # k:dilation; 7:1 is CASMAR's released setting
+DEFAULT_METHODS = "triton,sdpa_bias,flex,unfold,dense_nomask"
+EXACT_METHODS = ("triton", "sdpa_bias", "flex", "unfold")
+# issue 16's targets (one H200, bf16, H 16, D 64, k 7, fwd+bwd ms of the kernel)
+TARGETS_MS = {("16x16", 64, 7, 1): 0.29, ("32x32", 16, 7, 1): 0.40, ("64x64", 4, 7, 1): 0.40}
 # error bound vs the fp32 reference (relative Frobenius norm) per dtype, as benchmarks/attention.py
 TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
 UNFOLD_MAX_REPS = 5  # the unfold peer takes tens of ms per call
@@ -167,8 +175,22 @@ def flex_psa(q: Tensor, k: Tensor, v: Tensor, p: Problem, compiled: bool = True)
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, scale=p.scale)
 
 
-def ours_psa(q: Tensor, k: Tensor, v: Tensor, p: Problem) -> Tensor:
-    return proximal_attention(q, k, v, p.grid, p.kernel, p.dilation, scale=p.scale)
+def sdpa_bias_psa(q: Tensor, k: Tensor, v: Tensor, p: Problem) -> Tensor:
+    return proximal_attention(q, k, v, p.grid, p.kernel, p.dilation, scale=p.scale, backend="sdpa")
+
+
+def triton_psa(q: Tensor, k: Tensor, v: Tensor, p: Problem) -> Tensor:
+    from maskar.kernels.neighborhood import neighborhood_attention
+
+    return neighborhood_attention(q, k, v, p.grid, p.kernel, p.dilation, scale=p.scale)
+
+
+def triton_available() -> bool:
+    try:
+        import maskar.kernels.neighborhood  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def dense_nomask(q: Tensor, k: Tensor, v: Tensor, p: Problem) -> Tensor:
@@ -188,8 +210,13 @@ def methods(names: list[str], compile_flex: bool = True) -> dict[str, Callable]:
     """name -> fn(q, k, v, problem); unknown names raise, flex is left out if torch lacks it."""
     out: dict[str, Callable] = {}
     for name in names:
-        if name == "ours":
-            out[name] = ours_psa
+        if name == "sdpa_bias":
+            out[name] = sdpa_bias_psa
+        elif name == "triton":
+            if not triton_available():
+                print("triton: the triton package is unavailable, skipped", flush=True)
+                continue
+            out[name] = triton_psa
         elif name == "unfold":
             out[name] = unfold_psa
         elif name == "dense_nomask":
@@ -268,6 +295,20 @@ def time_ms(fn: Callable, reps: int, warmup: int, device="cuda") -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def window_pairs(p: Problem) -> int:
+    """(query, key) pairs of one head with the key inside the query's window and on the grid.
+
+    The window is a product of per-axis windows, so this is (sum over rows of the in-grid
+    window rows) * (sum over columns of the in-grid window columns); padded slots cost no
+    FLOPs (their logit is the constant 0)."""
+    r = (p.kernel - 1) // 2
+
+    def axis(n: int) -> int:
+        return sum(sum(0 <= i + a * p.dilation < n for a in range(-r, r + 1)) for i in range(n))
+
+    return axis(p.grid[0]) * axis(p.grid[1])
+
+
 def floors_ms(p: Problem, B: int, H: int, D: int, elem: int, gbs: float, tflops: float):
     """(fwd, fwd+bwd) floors in ms of the window attention: max(bytes / HBM, FLOPs / matmul peak).
 
@@ -277,7 +318,7 @@ def floors_ms(p: Problem, B: int, H: int, D: int, elem: int, gbs: float, tflops:
     L = p.tokens
     t = B * H * L * D * elem  # one (B, H, L, D) tensor
     rows = B * H * L * 4  # one fp32 per row (lse / delta)
-    pairs = B * H * int((p.kernel**2 - padded_slots(p)).sum())
+    pairs = B * H * window_pairs(p)
     fwd_bytes, bwd_bytes = 4 * t + rows, 8 * t + 3 * rows
     fwd_flops, bwd_flops = 4 * D * pairs, 10 * D * pairs
     f = max(fwd_bytes / (gbs * 1e9), fwd_flops / (tflops * 1e12)) * 1e3
@@ -403,6 +444,94 @@ def print_tables(rows: list[dict], names: list[str]) -> None:
               + ", ".join(f"{g} {s:.1f}%" for g, s in sparsity.items()))
 
 
+def parse_window(spec: str) -> tuple[int, int]:
+    """'K:DILATION' (or 'K' for dilation 1) -> (k, dilation), k odd and positive."""
+    try:
+        parts = [int(x) for x in spec.split(":")]
+        k, dil = parts[0], (parts[1] if len(parts) > 1 else 1)
+    except (ValueError, IndexError):
+        raise SystemExit(f"--windows: expected K:DILATION such as 7:1, got {spec!r}") from None
+    if k < 1 or k % 2 == 0 or dil < 1:
+        raise SystemExit(f"--windows: expected an odd positive window size and dilation >= 1, got {spec!r}")
+    return k, dil
+
+
+def _kernel_tuning_keys() -> set:
+    if not triton_available():
+        return set()
+    from maskar.kernels.neighborhood import tuning_log
+
+    return set(tuning_log())
+
+
+def _kernel_tuning_since(before: set) -> dict:
+    """The kernel's autotuning done in this row's first call: chosen configs, seconds, candidate ms."""
+    from maskar.kernels.neighborhood import tuning_log
+
+    out: dict = {}
+    for key, entry in tuning_log().items():
+        if key in before:
+            continue
+        phase = key[0]
+        out[f"tuned_{phase}"] = _cfg_str(entry["chosen"])
+        out[f"tune_{phase}_s"] = entry["seconds"]
+        out[f"tune_{phase}_candidates"] = [
+            f"{_cfg_str(c)}: {t:.4f} ms" if isinstance(t, float) else f"{_cfg_str(c)}: {t}"
+            for c, t in entry["candidates"]]
+    return out
+
+
+def _cfg_str(c) -> str:
+    """NaConfig -> 'TH x TW tile, BLOCK_N, warps / stages'."""
+    return f"{c.th}x{c.tw}/n{c.block_n}/w{c.num_warps}/s{c.num_stages}"
+
+
+def print_summary(rows: list[dict]) -> None:
+    """The kernel against the best exact peer, dense attention over the whole grid, the floor
+    and issue 16's targets, one line per case."""
+    by = {(r["dtype"], r["grid"], r["B"], r["kernel"], r["dilation"], r["method"]): r for r in rows}
+    keys = list(dict.fromkeys((r["dtype"], r["grid"], r["B"], r["kernel"], r["dilation"]) for r in rows))
+    print("\nSUMMARY: fwd+bwd ms (median); speed-up = best exact peer (sdpa_bias, flex) / triton; "
+          "dense_nomask is NOT the same function\n")
+    print("| dtype | grid | B | k | dil | floor | triton | best exact peer | speed-up | dense_nomask (≠) "
+          "| target | kernel tiles fwd / bwd |")
+    print("|---" * 12 + "|")
+
+    def ms(r):
+        return r.get("fwd_bwd_ms") if r and "skip" not in r else None
+
+    for key in keys:
+        t = by.get(key + ("triton",))
+        peers = {m: ms(by.get(key + (m,))) for m in ("sdpa_bias", "flex")}
+        peers = {m: v for m, v in peers.items() if v is not None}
+        best = min(peers.items(), key=lambda kv: kv[1]) if peers else None
+        dense = ms(by.get(key + ("dense_nomask",)))
+        tk = ms(t)
+        any_row = next(r for r in rows if (r["dtype"], r["grid"], r["B"], r["kernel"], r["dilation"]) == key)
+        floor = any_row.get("floor_fwd_bwd_ms")
+        target = TARGETS_MS.get((key[1], key[2], key[3], key[4])) if key[0] == "bf16" else None
+        cells = [
+            "-" if floor is None else f"{floor:.3f}",
+            "fail" if t is not None and tk is None else ("-" if tk is None else f"{tk:.3f}"),
+            "-" if best is None else f"{best[1]:.3f} ({best[0]})",
+            "-" if best is None or tk is None else f"{best[1] / tk:.1f}x",
+            "-" if dense is None else f"{dense:.3f}",
+            "-" if target is None else f"<= {target:.2f}: " + ("MET" if tk and tk <= target else "missed"),
+            "-" if t is None else f"{t.get('tuned_fwd', '?')} / {t.get('tuned_bwd', '?')}",
+        ]
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | " + " | ".join(cells) + " |")
+    tuned = [r for r in rows if r["method"] == "triton" and ("tune_fwd_s" in r or "tune_bwd_s" in r)]
+    if tuned:
+        print("\nkernel autotuning (first call of a new key: compiles on first use of a config, then times "
+              "each candidate; first_call_s includes it):")
+        for r in tuned:
+            for phase in ("fwd", "bwd"):
+                if f"tune_{phase}_s" in r:
+                    print(f"  {r['dtype']} {r['grid']} B {r['B']} k {r['kernel']} dil {r['dilation']} {phase}: "
+                          f"{r[f'tuned_{phase}']} in {r[f'tune_{phase}_s']:.1f} s; "
+                          + ", ".join(r[f"tune_{phase}_candidates"]))
+
+
 def parse_case(case: str) -> tuple[tuple[int, int], int, int]:
     """'HxW:B:H' (or 'S:B:H' for a square grid) -> ((h, w), batch, heads)."""
     try:
@@ -421,9 +550,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default=None, help="some of fp16,bf16,fp32 (default bf16,fp16; cpu fp32)")
     ap.add_argument("--cases", default=None,
                     help=f"GRID:B:H,... (default {DEFAULT_CASES}; cpu {CPU_CASES})")
-    ap.add_argument("--methods", default=DEFAULT_METHODS)
-    ap.add_argument("--kernel", type=int, default=7, help="window size k (odd)")
-    ap.add_argument("--dilation", type=int, default=1)
+    ap.add_argument("--methods", default=None,
+                    help=f"default {DEFAULT_METHODS} (cpu: without triton unless TRITON_INTERPRET=1)")
+    ap.add_argument("--windows", default=DEFAULT_WINDOWS,
+                    help="K:DILATION,... window sizes k (odd) and dilations")
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--scale", type=float, default=None, help="softmax scale (default D**-0.5)")
     ap.add_argument("--reps", type=int, default=30)
@@ -434,9 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     if cuda and not torch.cuda.is_available():
         print("benchmarks/psa.py: needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
         return 2
-    if args.kernel < 1 or args.kernel % 2 == 0:
-        raise SystemExit(f"--kernel: expected an odd positive window size, got {args.kernel}")
-    dtypes = (args.dtypes or ("bf16,fp16" if cuda else "fp32")).split(",")
+    windows = [parse_window(w) for w in args.windows.split(",")]
+    dtypes = (args.dtypes or ("bf16" if cuda else "fp32")).split(",")
     for d in dtypes:
         if d not in DTYPES:
             raise SystemExit(f"--dtypes: unknown dtype {d!r}; expected some of {','.join(DTYPES)}")
@@ -462,31 +591,40 @@ def main(argv: list[str] | None = None) -> int:
         gbs, tflops = 0.0, {}
         print(f"CPU smoke run: torch {torch.__version__}, {torch.get_num_threads()} threads; "
               "flex runs eager and forward only (no flex backward on the CPU)", flush=True)
-    fns = methods(args.methods.split(","), compile_flex=cuda)
+    default_methods = DEFAULT_METHODS
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        default_methods = default_methods.replace("triton,", "")  # the kernel needs CUDA or the interpreter
+    fns = methods((args.methods or default_methods).split(","), compile_flex=cuda)
     D = args.head_dim
     rows = []
     t_start = time.perf_counter()
-    for dname in dtypes:
-        dtype = DTYPES[dname]
-        for grid, B, H in cases:
-            p = Problem(grid, args.kernel, args.dilation, args.scale)
-            fl = floors_ms(p, B, H, D, dtype.itemsize, gbs, tflops[dname]) if cuda else (None, None)
-            for name, fn in fns.items():
-                print(f"  [{time.perf_counter() - t_start:6.1f} s] {name} {dname} {grid[0]}x{grid[1]} "
-                      f"B {B} H {H} ...", flush=True)
-                torch.manual_seed(0)
-                r = bench_case(name, fn, p, B, H, D, dtype, args.reps, args.warmup, args.device)
-                r |= {"dtype": dname, "grid": f"{grid[0]}x{grid[1]}", "B": B, "H": H, "D": D,
-                      "kernel": p.kernel, "dilation": p.dilation,
-                      "floor_fwd_ms": fl[0], "floor_fwd_bwd_ms": fl[1]}
-                rows.append(r)
-                print(f"  [{time.perf_counter() - t_start:6.1f} s] " + json.dumps(r), flush=True)
-                if cuda:
-                    torch.cuda.empty_cache()
+    for kernel, dilation in windows:
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            for grid, B, H in cases:
+                p = Problem(grid, kernel, dilation, args.scale)
+                fl = floors_ms(p, B, H, D, dtype.itemsize, gbs, tflops[dname]) if cuda else (None, None)
+                for name, fn in fns.items():
+                    print(f"  [{time.perf_counter() - t_start:6.1f} s] {name} {dname} {grid[0]}x{grid[1]} "
+                          f"B {B} H {H} k {kernel} dilation {dilation} ...", flush=True)
+                    torch.manual_seed(0)
+                    tuned_before = _kernel_tuning_keys() if name == "triton" else set()
+                    r = bench_case(name, fn, p, B, H, D, dtype, args.reps, args.warmup, args.device)
+                    if name == "triton":
+                        r |= _kernel_tuning_since(tuned_before)
+                    r |= {"dtype": dname, "grid": f"{grid[0]}x{grid[1]}", "B": B, "H": H, "D": D,
+                          "kernel": p.kernel, "dilation": p.dilation,
+                          "floor_fwd_ms": fl[0], "floor_fwd_bwd_ms": fl[1]}
+                    rows.append(r)
+                    print(f"  [{time.perf_counter() - t_start:6.1f} s] " + json.dumps(r), flush=True)
+                    if cuda:
+                        torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print_tables(rows, list(fns))
+    for window in windows:
+        print_tables([r for r in rows if (r["kernel"], r["dilation"]) == window], list(fns))
+    print_summary(rows)
     return 0
 
 

@@ -428,6 +428,10 @@ def tuning_log() -> dict[tuple, dict]:
     return {k: dict(v) for k, v in _tune_log.items()}
 
 
+def _capturing(q: Tensor) -> bool:
+    return q.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _config(phase: str, q: Tensor, geom: Window, launch_with) -> NaConfig:
     forced = FORCE_FWD_CONFIG if phase == "fwd" else FORCE_BWD_CONFIG
     if forced is not None:
@@ -442,7 +446,7 @@ def _config(phase: str, q: Tensor, geom: Window, launch_with) -> NaConfig:
     if cfg is not None:
         return cfg
     candidates = _fwd_candidates(D) if phase == "fwd" else _bwd_candidates(D)
-    if torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA-graph capture
+    if _capturing(q):  # no timing inside a CUDA-graph capture
         return candidates[0]
     return _tune(key, candidates, launch_with)
 
@@ -459,17 +463,14 @@ class Window:
     dilation: tuple[int, int]
     border: str = "zeros"
 
-    def tiles(self, cfg: NaConfig) -> tuple[int, int, int]:
-        """(tiles per residue along rows, along columns, tiles in all) for ``cfg``'s tile shape."""
-        (h, w), (dh, dw) = self.grid, self.dilation
-        tr = triton.cdiv(triton.cdiv(h, dh), cfg.th)
-        tc = triton.cdiv(triton.cdiv(w, dw), cfg.tw)
-        return tr, tc, dh * tr * dw * tc
 
-    def ints(self, cfg: NaConfig) -> tuple[int, ...]:
-        """GH, GW, KH, KW, DH, DW, TILES_R, TILES_C: the kernels' geometry arguments."""
-        tr, tc, _ = self.tiles(cfg)
-        return (*self.grid, *self.kernel, *self.dilation, tr, tc)
+@functools.lru_cache(maxsize=256)
+def _geometry(geom: Window, th: int, tw: int) -> tuple[tuple[int, ...], int]:
+    """(GH, GW, KH, KW, DH, DW, TILES_R, TILES_C), the kernels' geometry arguments, and the
+    number of tiles of th x tw positions: per row residue, ceil(sub-grid rows / th) tile rows."""
+    (h, w), (dh, dw) = geom.grid, geom.dilation
+    tr, tc = triton.cdiv(triton.cdiv(h, dh), th), triton.cdiv(triton.cdiv(w, dw), tw)
+    return (*geom.grid, *geom.kernel, *geom.dilation, tr, tc), dh * tr * dw * tc
 
 
 def _consts(cfg: NaConfig, q: Tensor, geom: Window) -> dict:
@@ -480,8 +481,8 @@ def _consts(cfg: NaConfig, q: Tensor, geom: Window) -> dict:
 def _launch_fwd(q, k, v, o, lse, qk_scale: float, geom: Window, cfg: NaConfig) -> None:
     B, H, L, D = q.shape
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-    ints = (H, L, *geom.ints(cfg))
-    n_tiles = geom.tiles(cfg)[2]
+    ints, n_tiles = _geometry(geom, cfg.th, cfg.tw)
+    ints = (H, L, *ints)
     _launch(_na_fwd, (n_tiles, B * H), (q, k, v, o, lse, *strides, *ints, qk_scale),
             _consts(cfg, q, geom), cfg.num_warps, cfg.num_stages,
             (*_view_spec(q, k, v), strides, ints))  # o, lse: fresh allocations
@@ -491,12 +492,23 @@ def _launch_bwd(q, k, v, do, dq, dk, dv, lse, delta, qk_scale: float, scale: flo
                 cfg: NaConfig) -> None:
     B, H, L, D = q.shape
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    n_tiles = geom.tiles(cfg)[2]
-    ints = (H, L, *geom.ints(cfg), n_tiles)
+    ints, n_tiles = _geometry(geom, cfg.th, cfg.tw)
+    ints = (H, L, *ints, n_tiles)
     _launch(_na_bwd, (2 * n_tiles, B * H),
             (q, k, v, do, dq, dk, dv, lse, delta, *strides, *ints, qk_scale, scale),
             _consts(cfg, q, geom), cfg.num_warps, cfg.num_stages,
             (*_view_spec(q, k, v, do), strides, ints))
+
+
+# Tests set this: fresh outputs are filled with NaN before the launches, so a row that no
+# program writes shows up as non-finite.
+POISON_OUTPUTS = False
+
+
+def _poison(*ts: Tensor) -> None:
+    if POISON_OUTPUTS:
+        for t in ts:
+            t.fill_(float("nan"))
 
 
 class _NeighborhoodAttention(torch.autograd.Function):
@@ -505,6 +517,7 @@ class _NeighborhoodAttention(torch.autograd.Function):
         B, H, L, D = q.shape
         o = _blhd_empty(B, H, L, D, q)
         lse = torch.empty(B * H, L, dtype=torch.float32, device=q.device)  # base-2 log-sum-exp
+        _poison(o, lse)
         qk_scale = scale * LOG2E
         cfg = _config("fwd", q, geom, lambda c: _launch_fwd(q, k, v, o, lse, qk_scale, geom, c))
         _launch_fwd(q, k, v, o, lse, qk_scale, geom, cfg)
@@ -521,6 +534,7 @@ class _NeighborhoodAttention(torch.autograd.Function):
             do = do.contiguous()
         dq, dk, dv = _grads_empty(B, H, L, D, q)
         delta = torch.empty_like(lse)  # rowsum(O * dO), fp32
+        _poison(dq, dk, dv, delta)
         sdo = do.stride()
         _launch(_bwd_delta, (triton.cdiv(L, 64), B * H), (o, do, delta, sdo[0], sdo[1], sdo[2], H, L),
                 dict(BLOCK_M=64, HEAD_DIM=D), 4, 3)
@@ -534,6 +548,11 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+@functools.lru_cache(maxsize=256)
+def _window_of(grid, kernel_size, dilation, border: str) -> Window:
+    return Window(_pair(grid), _pair(kernel_size), _pair(dilation), border)
+
+
 @torch.compiler.disable  # host-side config choice and Triton launches: keep Dynamo out (graph break)
 def neighborhood_attention(
     q: Tensor,
@@ -545,11 +564,34 @@ def neighborhood_attention(
     scale: float | None = None,
     border: str = "zeros",
 ) -> Tensor:
-    """2D neighbourhood attention. q, k, v: (B, H, h*w, D) views -> (B, H, h*w, D) view of (B, L, H, D)."""
-    geom = Window(_pair(grid), _pair(kernel_size), _pair(dilation), border)
+    """2D neighbourhood attention. q, k, v: (B, H, h*w, D) views -> (B, H, h*w, D) view of (B, L, H, D).
+
+    ``border``: ``zeros`` (CASMAR: off-grid window slots stay in the softmax with logit 0
+    and value 0) or ``clamp`` (NATTEN: windows shifted inside the grid).
+    """
+    geom = _window_of(tuple(grid), kernel_size if isinstance(kernel_size, int) else tuple(kernel_size),
+                      dilation if isinstance(dilation, int) else tuple(dilation), border)
     problem = _check(q, k, v, geom)
+    if not problem and not _device_ok(q.device):
+        problem = f"needs a CUDA GPU of compute capability 8.0+ (or TRITON_INTERPRET=1), got {q.device}"
     if problem:
         raise ValueError(f"neighborhood_attention: {problem}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _NeighborhoodAttention.apply(q, k, v, geom, scale)
+
+
+@torch.compiler.disable
+def attention_if_supported(
+    q: Tensor, k: Tensor, v: Tensor, grid, kernel_size, dilation, scale: float | None, border: str
+) -> Tensor | None:
+    """What ``auto`` dispatch uses: the kernel's output where :func:`supports` says yes, else None
+    (one validation per call instead of two)."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or not _device_ok(q.device):
+        return None
+    geom = _window_of(tuple(grid), kernel_size if isinstance(kernel_size, int) else tuple(kernel_size),
+                      dilation if isinstance(dilation, int) else tuple(dilation), border)
+    if _check(q, k, v, geom):
+        return None
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _NeighborhoodAttention.apply(q, k, v, geom, scale)
 
@@ -590,13 +632,12 @@ def _device_ok(device: torch.device) -> bool:
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, grid, kernel_size, dilation, border: str = "zeros") -> bool:
-    """Whether ``auto`` should use the kernel: CUDA sm80+ (or the interpreter), fp16 / bf16
-    (fp32 stays on the exact SDPA path), head dim 32 / 64 / 128, contiguous last dim."""
+    """Whether ``auto`` uses the kernel: CUDA sm80+ (or the interpreter), fp16 / bf16 (fp32
+    stays on the exact SDPA path), head dim 32 / 64 / 128, contiguous last dim."""
     if q.dtype not in (torch.float16, torch.bfloat16) or not _device_ok(q.device):
         return False
-    geom = Window(_pair(grid), _pair(kernel_size), _pair(dilation), border)
-    return not _check(q, k, v, geom)
+    return not _check(q, k, v, Window(_pair(grid), _pair(kernel_size), _pair(dilation), border))
 
 
-__all__ = ["neighborhood_attention", "supports", "tuned_configs", "tuning_log", "NaConfig", "Window",
-           "BORDERS"]
+__all__ = ["neighborhood_attention", "attention_if_supported", "supports", "tuned_configs", "tuning_log",
+           "NaConfig", "Window", "BORDERS"]

@@ -183,8 +183,10 @@ def proximal_attention(
             if kern is None:
                 raise ValueError("proximal_attention: backend 'triton' needs the triton package")
             return kern.neighborhood_attention(q, k, v, grid, kernel_size, dilation, scale, border)
-        if kern is not None and kern.supports(q, k, v, grid, kernel_size, dilation, border):
-            return kern.neighborhood_attention(q, k, v, grid, kernel_size, dilation, scale, border)
+        out = None if kern is None else kern.attention_if_supported(q, k, v, grid, kernel_size, dilation,
+                                                                     scale, border)
+        if out is not None:
+            return out
     return sdpa_proximal_attention(q, k, v, grid, kernel_size, dilation, scale, border)
 
 
