@@ -527,8 +527,8 @@ def print_summary(rows: list[dict]) -> None:
         for r in tuned:
             for phase in ("fwd", "bwd"):
                 if f"tune_{phase}_s" in r:
-                    print(f"  {r['dtype']} {r['grid']} B {r['B']} k {r['kernel']} dil {r['dilation']} {phase}: "
-                          f"{r[f'tuned_{phase}']} in {r[f'tune_{phase}_s']:.1f} s; "
+                    case = f"{r['dtype']} {r['grid']} B {r['B']} k {r['kernel']} dil {r['dilation']}"
+                    print(f"  {case} {phase}: {r[f'tuned_{phase}']} in {r[f'tune_{phase}_s']:.1f} s; "
                           + ", ".join(r[f"tune_{phase}_candidates"]))
 
 
