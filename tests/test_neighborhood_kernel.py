@@ -165,7 +165,9 @@ nb.POISON_OUTPUTS = True
 torch.manual_seed(0)
 for name, grid, kernel, dil, border, B, H, D, dname, tile in T.INTERPRET_CASES:
     cfg = nb._INTERPRET_CONFIG if tile is None else nb.NaConfig(*tile, 4, 1)
-    nb.FORCE_FWD_CONFIG = nb.FORCE_BWD_CONFIG = cfg
+    nb.FORCE_FWD_CONFIG = cfg
+    # delta = rowsum(O * dO) recomputed in the backward programs on the cases with a set tile
+    nb.FORCE_BWD_CONFIG = nb.NaConfig(cfg.th, cfg.tw, cfg.block_n, 4, 1, fused_delta=tile is not None)
     r = T.errors_vs_references(T._kernel_fn, grid, kernel, dil, border, B, H, D, T.DTYPES[dname], "cpu")
     print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
 nb.FORCE_FWD_CONFIG = nb.FORCE_BWD_CONFIG = None
@@ -323,8 +325,11 @@ def test_tuning_picks_fastest_candidate_once_per_key(monkeypatch):
         counts.append(len(launches) - before)
     fwd, bwd = nb._fwd_candidates(64), nb._bwd_candidates(64)
     assert {key[0]: c for key, c in nb.tuned_configs().items()} == {"fwd": fwd[-1], "bwd": bwd[-1]}
-    assert counts == [len(fwd) + 1 + 1 + len(bwd) + 1, 3]  # fwd; delta + bwd
-    assert launches[-3:] == [nb._na_fwd, nb._bwd_delta, nb._na_bwd]
+    def n_bwd(c):  # the delta launch unless fused, then the dK/dV + dQ launch
+        return 1 + (not c.fused_delta)
+
+    assert counts == [len(fwd) + 1 + sum(n_bwd(c) for c in bwd) + n_bwd(bwd[-1]), 1 + n_bwd(bwd[-1])]
+    assert launches[-1] is nb._na_bwd and launches[-1 - n_bwd(bwd[-1])] is nb._na_fwd
     log = nb.tuning_log()
     assert all(v["seconds"] >= 0 and len(v["candidates"]) in (len(fwd), len(bwd)) for v in log.values())
     monkeypatch.setattr(nb, "_tuned", {})
@@ -341,8 +346,10 @@ def _compile(phase: str, arch: int, dtype: str, cfg, head_dim: int, clamp: bool)
     import maskar.kernels.neighborhood as nb
 
     kernel = nb._na_fwd if phase == "fwd" else nb._na_bwd
-    consts = dict(TH=cfg.th, TW=cfg.tw, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, CLAMP=clamp, UPCAST=False,
-                  IEEE=dtype == "fp32")
+    consts = dict(TH=cfg.th, TW=cfg.tw, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, CLAMP=clamp)
+    if phase == "bwd":
+        consts["FUSED_DELTA"] = cfg.fused_delta
+    consts |= dict(UPCAST=False, IEEE=dtype == "fp32")
     return _compile_for(kernel, arch, dtype, consts, cfg.num_warps, cfg.num_stages)
 
 
@@ -350,7 +357,7 @@ def _compile(phase: str, arch: int, dtype: str, cfg, head_dim: int, clamp: bool)
     "phase,arch,dtype,head_dim,clamp,which",
     [("fwd", 90, "bf16", 64, False, 0), ("bwd", 90, "bf16", 64, False, 0), ("fwd", 90, "fp16", 128, True, 0),
      ("bwd", 90, "bf16", 128, False, 0), ("bwd", 90, "fp16", 32, True, 1), ("fwd", 90, "bf16", 64, False, 2),
-     ("bwd", 90, "bf16", 64, False, 3), ("fwd", 80, "bf16", 64, False, 0), ("bwd", 80, "fp16", 64, True, 0)],
+     ("bwd", 90, "bf16", 64, False, 2), ("fwd", 80, "bf16", 64, False, 0), ("bwd", 80, "fp16", 64, True, 3)],
 )
 def test_kernels_compile_to_cubin_without_a_gpu(phase, arch, dtype, head_dim, clamp, which):
     """The interpreter does not compile: this catches what only the real compiler rejects

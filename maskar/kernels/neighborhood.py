@@ -24,11 +24,12 @@ one PV. Keys outside the rectangle are never loaded; nothing of size L * k^2 or 
 exists. The zeros rule enters as the initial state of the online softmax:
 ``m = 0, l = n_pad`` for a query with padded slots.
 
-Backward: delta = rowsum(dO * O) in its own small launch, then one launch whose first
-half of programs each own a TH x TW tile of keys (dK, dV; they walk the rectangle of
-queries whose windows reach the tile) and whose second half each own a tile of queries
-(dQ; they walk the key rectangle as the forward does). Each gradient row is written by
-exactly one program: no atomics, deterministic.
+Backward: delta = rowsum(dO * O) in its own small launch (or recomputed from O where it
+is used, a tuning option), then one launch whose first half of programs each own a
+TH x TW tile of keys (dK, dV; they walk the rectangle of queries whose windows reach the
+tile) and whose second half each own a tile of queries (dQ; they walk the key rectangle
+as the forward does). Each gradient row is written by exactly one program: no atomics,
+deterministic.
 
 Layout and numerics are those of ``maskar.kernels.block_sparse``: q, k, v (B, H, L, D)
 strided views with a contiguous last dim; out and gradients written (B, L, H, D) and
@@ -254,11 +255,23 @@ def _na_fwd(
 
 
 @triton.jit
+def _delta(o_base, delta_base, do, tok, ok, g_row, HEAD_DIM: tl.constexpr, FUSED_DELTA: tl.constexpr):
+    """delta = rowsum(O * dO) of the rows ``tok``: recomputed from O (FUSED_DELTA; O rows are
+    read by several programs, mostly from L2) or read from the buffer a separate launch filled."""
+    if FUSED_DELTA:
+        offs_d = tl.arange(0, HEAD_DIM)
+        o = tl.load(o_base + tok[:, None] * g_row + offs_d[None, :], mask=ok[:, None], other=0.0)
+        return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    else:
+        return tl.load(delta_base + tok, mask=ok, other=0.0)
+
+
+@triton.jit
 def _dkdv_program(
-    tile, q_base, k_base, v_base, do_base, lse_base, delta_base, DK, DV, g_off, g_row,
+    tile, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DK, DV, g_off, g_row,
     sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale, sm_scale,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    CLAMP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    CLAMP: tl.constexpr, FUSED_DELTA: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """dK, dV of a TH x TW tile of keys, walking the queries whose windows reach it."""
     rr, rc, i0, j0, nr, nc = _tile(tile, GH, GW, DH, DW, TILES_R, TILES_C, TH, TW)
@@ -275,7 +288,7 @@ def _dkdv_program(
         q = tl.load(q_base + q_tok[:, None] * sql + offs_d[None, :], mask=q_in[:, None], other=0.0)
         do = tl.load(do_base + q_tok[:, None] * sdol + offs_d[None, :], mask=q_in[:, None], other=0.0)
         lse = tl.load(lse_base + q_tok, mask=q_in, other=0.0)
-        delta = tl.load(delta_base + q_tok, mask=q_in, other=0.0)
+        delta = _delta(o_base, delta_base, do, q_tok, q_in, g_row, HEAD_DIM, FUSED_DELTA)
         s_t = _mm(k, tl.trans(q), UPCAST, IEEE) * qk_scale  # (keys, queries): S transposed
         ws_r, we_r, ws_c, we_c = _windows(qi, qj, q_in, nr, nc, KH, KW, CLAMP)
         s_t = tl.where(_inside(ki, kj, ws_r, we_r, ws_c, we_c, False), s_t, float("-inf"))
@@ -291,10 +304,10 @@ def _dkdv_program(
 
 @triton.jit
 def _dq_program(
-    tile, q_base, k_base, v_base, do_base, lse_base, delta_base, DQ, g_off, g_row,
+    tile, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DQ, g_off, g_row,
     sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale, sm_scale,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    CLAMP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    CLAMP: tl.constexpr, FUSED_DELTA: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """dQ of a TH x TW tile of queries, walking the keys of their windows (as the forward)."""
     rr, rc, i0, j0, nr, nc = _tile(tile, GH, GW, DH, DW, TILES_R, TILES_C, TH, TW)
@@ -304,7 +317,7 @@ def _dq_program(
     q = tl.load(q_base + q_tok[:, None] * sql + offs_d[None, :], mask=q_ok[:, None], other=0.0)
     do = tl.load(do_base + q_tok[:, None] * sdol + offs_d[None, :], mask=q_ok[:, None], other=0.0)
     lse = tl.load(lse_base + q_tok, mask=q_ok, other=0.0)
-    delta = tl.load(delta_base + q_tok, mask=q_ok, other=0.0)
+    delta = _delta(o_base, delta_base, do, q_tok, q_ok, g_row, HEAD_DIM, FUSED_DELTA)
     ws_r, we_r, ws_c, we_c = _windows(qi, qj, q_ok, nr, nc, KH, KW, CLAMP)
     dq = tl.zeros([TH * TW, HEAD_DIM], dtype=tl.float32)
     r0, c0, width, count = _key_rect(i0, j0, nr, nc, KH, KW, CLAMP, TH, TW)
@@ -324,13 +337,14 @@ def _dq_program(
 
 @triton.jit(do_not_specialize=["H", "L", "GH", "GW", "KH", "KW", "DH", "DW", "TILES_R", "TILES_C", "N_TILES"])
 def _na_bwd(
-    Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
+    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
     H, L, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, N_TILES, qk_scale, sm_scale,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    CLAMP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    CLAMP: tl.constexpr, FUSED_DELTA: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Programs [0, N_TILES): dK, dV of one key tile; [N_TILES, 2 N_TILES): dQ of one query tile."""
+    """Programs [0, N_TILES): dK, dV of one key tile; [N_TILES, 2 N_TILES): dQ of one query tile.
+    O (B, L, H, D) is read only with FUSED_DELTA, DELTA only without it."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -343,14 +357,15 @@ def _na_bwd(
     delta_base = DELTA + bh.to(tl.int64) * L
     g_off = (b * L * H + h) * HEAD_DIM  # gradients are written (B, L, H, D) contiguous
     g_row = H * HEAD_DIM
+    o_base = O + g_off  # O has the gradients' layout
     if pid < N_TILES:
-        _dkdv_program(pid, q_base, k_base, v_base, do_base, lse_base, delta_base, DK, DV, g_off, g_row,
-                      sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale, sm_scale,
-                      TH, TW, BLOCK_N, HEAD_DIM, CLAMP, UPCAST, IEEE)
+        _dkdv_program(pid, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DK, DV, g_off,
+                      g_row, sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale,
+                      sm_scale, TH, TW, BLOCK_N, HEAD_DIM, CLAMP, FUSED_DELTA, UPCAST, IEEE)
     else:
-        _dq_program(pid - N_TILES, q_base, k_base, v_base, do_base, lse_base, delta_base, DQ, g_off, g_row,
-                    sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale, sm_scale,
-                    TH, TW, BLOCK_N, HEAD_DIM, CLAMP, UPCAST, IEEE)
+        _dq_program(pid - N_TILES, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DQ, g_off,
+                    g_row, sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale, sm_scale,
+                    TH, TW, BLOCK_N, HEAD_DIM, CLAMP, FUSED_DELTA, UPCAST, IEEE)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -365,6 +380,8 @@ class NaConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    # backward only: recompute delta = rowsum(O * dO) per visit instead of a separate launch
+    fused_delta: bool = False
 
 
 # Candidates: square 64-row tiles waste the fewest pairs (an 8 x 8 tile with k 7 reads a
@@ -381,10 +398,10 @@ def _fwd_candidates(head_dim: int) -> list[NaConfig]:
 
 def _bwd_candidates(head_dim: int) -> list[NaConfig]:
     if head_dim <= 64:
-        return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2), NaConfig(8, 8, 64, 4, 3),
-                NaConfig(8, 16, 64, 8, 2), NaConfig(8, 8, 32, 4, 1)]
-    return [NaConfig(8, 8, 32, 4, 2), NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 64, 8, 2),
-            NaConfig(8, 16, 32, 8, 2)]
+        return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2), NaConfig(8, 8, 64, 4, 2, True),
+                NaConfig(8, 8, 32, 4, 2, True), NaConfig(8, 8, 64, 4, 3), NaConfig(8, 16, 64, 8, 2)]
+    return [NaConfig(8, 8, 32, 4, 2), NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2, True),
+            NaConfig(8, 8, 64, 8, 2), NaConfig(8, 16, 32, 8, 2)]
 
 
 # Tests set these to pin the configs (the CPU interpreter has no timing to tune on).
@@ -473,9 +490,11 @@ def _geometry(geom: Window, th: int, tw: int) -> tuple[tuple[int, ...], int]:
     return (*geom.grid, *geom.kernel, *geom.dilation, tr, tc), dh * tr * dw * tc
 
 
-def _consts(cfg: NaConfig, q: Tensor, geom: Window) -> dict:
-    return dict(TH=cfg.th, TW=cfg.tw, BLOCK_N=cfg.block_n, HEAD_DIM=q.shape[-1], CLAMP=geom.border == "clamp",
-                UPCAST=_INTERPRET and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32)
+def _consts(cfg: NaConfig, q: Tensor, geom: Window, backward: bool = False) -> dict:
+    c = dict(TH=cfg.th, TW=cfg.tw, BLOCK_N=cfg.block_n, HEAD_DIM=q.shape[-1], CLAMP=geom.border == "clamp")
+    if backward:
+        c["FUSED_DELTA"] = cfg.fused_delta
+    return c | dict(UPCAST=_INTERPRET and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32)
 
 
 def _launch_fwd(q, k, v, o, lse, qk_scale: float, geom: Window, cfg: NaConfig) -> None:
@@ -488,15 +507,20 @@ def _launch_fwd(q, k, v, o, lse, qk_scale: float, geom: Window, cfg: NaConfig) -
             (*_view_spec(q, k, v), strides, ints))  # o, lse: fresh allocations
 
 
-def _launch_bwd(q, k, v, do, dq, dk, dv, lse, delta, qk_scale: float, scale: float, geom: Window,
+def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, delta, qk_scale: float, scale: float, geom: Window,
                 cfg: NaConfig) -> None:
+    """The delta launch (unless ``cfg.fused_delta``), then the dK/dV + dQ launch."""
     B, H, L, D = q.shape
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    sdo = do.stride()
+    if not cfg.fused_delta:
+        _launch(_bwd_delta, (triton.cdiv(L, 64), B * H), (o, do, delta, sdo[0], sdo[1], sdo[2], H, L),
+                dict(BLOCK_M=64, HEAD_DIM=D), 4, 3)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *sdo[:3])
     ints, n_tiles = _geometry(geom, cfg.th, cfg.tw)
     ints = (H, L, *ints, n_tiles)
     _launch(_na_bwd, (2 * n_tiles, B * H),
-            (q, k, v, do, dq, dk, dv, lse, delta, *strides, *ints, qk_scale, scale),
-            _consts(cfg, q, geom), cfg.num_warps, cfg.num_stages,
+            (q, k, v, o, do, dq, dk, dv, lse, delta, *strides, *ints, qk_scale, scale),
+            _consts(cfg, q, geom, backward=True), cfg.num_warps, cfg.num_stages,
             (*_view_spec(q, k, v, do), strides, ints))
 
 
@@ -533,12 +557,9 @@ class _NeighborhoodAttention(torch.autograd.Function):
         if do.stride(-1) != 1:
             do = do.contiguous()
         dq, dk, dv = _grads_empty(B, H, L, D, q)
-        delta = torch.empty_like(lse)  # rowsum(O * dO), fp32
+        delta = torch.empty_like(lse)  # rowsum(O * dO), fp32 (unused by fused-delta configs)
         _poison(dq, dk, dv, delta)
-        sdo = do.stride()
-        _launch(_bwd_delta, (triton.cdiv(L, 64), B * H), (o, do, delta, sdo[0], sdo[1], sdo[2], H, L),
-                dict(BLOCK_M=64, HEAD_DIM=D), 4, 3)
-        args = (q, k, v, do, dq, dk, dv, lse, delta, scale * LOG2E, scale, geom)
+        args = (q, k, v, o, do, dq, dk, dv, lse, delta, scale * LOG2E, scale, geom)
         cfg = _config("bwd", q, geom, lambda c: _launch_bwd(*args, c))
         _launch_bwd(*args, cfg)
         return dq, dk, dv, None, None
