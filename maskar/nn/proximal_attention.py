@@ -54,7 +54,9 @@ def _check_kernel(kernel_size: int | tuple[int, int]) -> Pair:
 
 
 BORDERS = ("zeros", "clamp")
-PSA_BACKENDS = ("auto", "sdpa", "triton")
+# The names of maskar.nn.attention.BACKENDS, so that ``set_backend`` / ``attention_backend``
+# reach PSA too; PSA has no flex or varlen form, so those two choose as ``auto`` does.
+PSA_BACKENDS = ("auto", "sdpa", "flex", "varlen", "triton")
 
 
 def _check_border(border: str) -> str:
@@ -167,7 +169,8 @@ def proximal_attention(
 
     ``border``: ``zeros`` (CASMAR: padded slots in the softmax) or ``clamp`` (NATTEN).
     ``backend``: ``auto`` (the Triton kernel where it supports the call, else SDPA),
-    ``sdpa`` (the exact reference) or ``triton`` (the kernel; an error where unsupported).
+    ``sdpa`` (the exact reference) or ``triton`` (the kernel; an error where unsupported);
+    ``flex`` and ``varlen`` (a model-wide setting meant for other attention) act as ``auto``.
     """
     n = q.shape[2]
     if n != grid[0] * grid[1] or k.shape[2] != n or v.shape[2] != n:
@@ -205,7 +208,8 @@ def _merge(x: Tensor) -> Tensor:
 class ProximalAttention2D(nn.Module):
     """PSA over a square-or-rectangular token grid with separate q/k/v/out projections.
 
-    ``backend`` (attribute, default ``auto``): passed to :func:`proximal_attention`.
+    ``attn_backend`` (attribute, default ``auto``; ``maskar.nn.attention.set_backend`` sets
+    it): passed to :func:`proximal_attention`.
     """
 
     def __init__(
@@ -224,7 +228,7 @@ class ProximalAttention2D(nn.Module):
         self.kernel_size = _check_kernel(kernel_size)
         self.dilation = _pair(dilation, "dilation")
         self.border = _check_border(border)
-        self.backend = "auto"
+        self.attn_backend = "auto"
         self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
@@ -234,7 +238,7 @@ class ProximalAttention2D(nn.Module):
         """Window attention before ``out_proj``: x (B, L, C) -> (B, L, C)."""
         q, k, v = (_heads(p(x), self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
         return _merge(proximal_attention(q, k, v, grid, self.kernel_size, self.dilation,
-                                         border=self.border, backend=self.backend))
+                                         border=self.border, backend=self.attn_backend))
 
     def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         return self.out_proj(self.local(x, grid))
@@ -276,7 +280,7 @@ class SALAAttention2D(nn.Module):
         self.kernel_size = _check_kernel(kernel_size)
         self.dilation = _pair(dilation, "dilation")
         self.border = _check_border(border)
-        self.backend = "auto"  # of the local branch, as ProximalAttention2D.backend
+        self.attn_backend = "auto"  # of the local branch, as ProximalAttention2D.attn_backend
         self.anchor_pool = anchor_pool
         self.q_proj_loc = nn.Linear(dim, dim)
         self.k_proj_loc = nn.Linear(dim, dim)
@@ -307,7 +311,7 @@ class SALAAttention2D(nn.Module):
         heads = self.num_heads
         q, k, v = (_heads(p(x), heads) for p in (self.q_proj_loc, self.k_proj_loc, self.v_proj_loc))
         o_loc = _merge(proximal_attention(q, k, v, grid, self.kernel_size, self.dilation,
-                                          border=self.border, backend=self.backend))
+                                          border=self.border, backend=self.attn_backend))
         anc = self.anchors(cond, grid)
         qa = _heads(self.q_proj_anc(x), heads)
         ka, va = _heads(self.k_proj_anc(anc), heads), _heads(self.v_proj_anc(anc), heads)
