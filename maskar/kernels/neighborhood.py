@@ -384,14 +384,18 @@ class NaConfig:
     fused_delta: bool = False
 
 
-# Candidates: square 64-row tiles waste the fewest pairs (an 8 x 8 tile with k 7 reads a
-# 14 x 14 key rectangle: 25% of its pairs are in a window; 8 x 16 reads 14 x 22, 20%);
-# 128-row tiles halve the programs and the rectangle overlap between them. The first of
-# each list is the heuristic used without tuning (interpreter off, CUDA-graph capture).
+# Candidates. Every query of a tile multiplies against the whole key rectangle of the tile,
+# so small tiles waste the fewest pairs: an 8 x 8 tile with k 7 walks a 14 x 14 rectangle
+# (196 keys, 25% of its pairs in a window; 224 slots in chunks of 32), a 4 x 8 tile 10 x 14
+# (140 keys, 35%; 160 slots) but only with mma.sync (M 32; wgmma needs M 64 on Hopper), an
+# 8 x 16 tile 14 x 22 (308 keys, 16%) with half the programs. Where the grid clips the
+# rectangle (CASMAR's 16 x 16 grid: 11 x 11 keys per 8 x 8 tile) the differences shrink.
+# The first of each list is the heuristic used without tuning (interpreter off, CUDA-graph
+# capture) and what the GPU tests pin.
 def _fwd_candidates(head_dim: int) -> list[NaConfig]:
     if head_dim <= 64:
         return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 3), NaConfig(8, 16, 64, 8, 2),
-                NaConfig(16, 8, 32, 8, 2), NaConfig(8, 8, 64, 4, 3)]
+                NaConfig(16, 8, 32, 8, 2), NaConfig(8, 8, 64, 4, 3), NaConfig(4, 8, 32, 2, 2)]
     return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2), NaConfig(8, 16, 64, 8, 2),
             NaConfig(8, 8, 64, 8, 2)]
 
@@ -399,7 +403,8 @@ def _fwd_candidates(head_dim: int) -> list[NaConfig]:
 def _bwd_candidates(head_dim: int) -> list[NaConfig]:
     if head_dim <= 64:
         return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2), NaConfig(8, 8, 64, 4, 2, True),
-                NaConfig(8, 8, 32, 4, 2, True), NaConfig(8, 8, 64, 4, 3), NaConfig(8, 16, 64, 8, 2)]
+                NaConfig(8, 8, 32, 4, 2, True), NaConfig(8, 8, 64, 4, 3), NaConfig(8, 16, 64, 8, 2),
+                NaConfig(4, 8, 32, 2, 2, True)]
     return [NaConfig(8, 8, 32, 4, 2), NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2, True),
             NaConfig(8, 8, 64, 8, 2), NaConfig(8, 16, 32, 8, 2)]
 
