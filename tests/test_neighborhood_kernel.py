@@ -392,7 +392,8 @@ def test_kernels_compile_to_cubin_without_a_gpu(phase, arch, dtype, head_dim, cl
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-# (grid, kernel, dilation, border, B, H, D, dtype): real sizes
+# (grid, kernel, dilation, border, B, H, D, dtype): real sizes. fp32 inputs (IEEE-fp32 dots,
+# a test-only path whose sm90 compile takes long) are covered by the interpreter cases.
 GPU_CASES = [
     ((16, 16), 7, 1, "zeros", 4, 4, 64, "bf16"),  # CASMAR-B's head
     ((16, 16), 7, 1, "zeros", 4, 4, 64, "fp16"),
@@ -402,7 +403,6 @@ GPU_CASES = [
     ((8, 8), 13, 1, "zeros", 2, 4, 64, "bf16"),  # window larger than the grid
     ((24, 20), (7, 3), (1, 2), "zeros", 2, 2, 32, "fp16"),  # per-axis window and dilation, D 32
     ((16, 16), 5, 1, "zeros", 2, 2, 128, "bf16"),  # D 128
-    ((16, 16), 3, 1, "zeros", 2, 2, 64, "fp32"),  # fp32 inputs (IEEE dots)
     ((16, 16), 1, 1, "zeros", 2, 2, 64, "bf16"),  # k 1
     ((32, 24), 7, 1, "clamp", 2, 2, 64, "bf16"),
     ((40, 40), 13, 2, "clamp", 1, 2, 64, "fp16"),
