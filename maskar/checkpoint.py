@@ -174,7 +174,7 @@ def check_writable(path: str | os.PathLike, key: str, directory: bool = False) -
     if why:
         raise ConfigError(f"{key}: cannot write {str(p)!r}: folder {str(existing)!r} {why}")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".maskar-write-probe.", dir=existing)
+        fd, probe = tempfile.mkstemp(prefix=".maskar-write-probe.", suffix=".tmp", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
