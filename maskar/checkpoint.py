@@ -228,8 +228,8 @@ def verify_file(directory: str | os.PathLike, name: str) -> None:
     if sha256_file(Path(directory) / name) != sums[name]:
         raise CheckpointError(
             f"checkpoint {directory}: {name} does not match its SHA-256 in {SUMS_FILE}: the file was "
-            f"changed or corrupted after it was written (verify=false / "
-            f"train.verify_checkpoints=false skips this check)"
+            f"changed or corrupted after it was written (if you changed it on purpose, delete "
+            f"{SUMS_FILE}; verify=false / train.verify_checkpoints=false skips this check)"
         )
 
 

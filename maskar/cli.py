@@ -300,7 +300,15 @@ def cmd_bench(args: list[str]) -> int:
 
 
 def cmd_convert(args: list[str]) -> int:
+    from maskar.checkpoint import check_writable
+
     name = args[0] if args else None
+    for item in args[1:]:  # every converter writes out=: a file (.pth/.ckpt/...) or a directory
+        key, _, value = item.partition("=")
+        if key == "out" and value:
+            check_writable(
+                value, "out", directory=not value.endswith((".pth", ".pt", ".ckpt", ".safetensors"))
+            )
     return _run_module("maskar.convert", name, args[1:], "convert")
 
 
@@ -439,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # a path the checks above could not foresee (disk full, vanished folder)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"maskar {ns.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # the trainer has already saved by the time this reaches us
         print(f"maskar {ns.command}: interrupted", file=sys.stderr)
         return 130

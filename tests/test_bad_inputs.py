@@ -212,6 +212,8 @@ ROWS: list[Row] = [
     Row("bench", "bench: expected one of"),
     Row("bench nosuch", "bench: expected one of"),
     Row("convert nosuch", "convert: expected one of"),
+    Row("convert vqvae src={evil} out={rodir}/v", "out: cannot write"),
+    Row("convert var ckpt={var_run} out={rodir}/v.pth", "out: cannot write"),
     Row("convert dtype src={CK} out={T}/d dtype=int4", "dtype: expected one of bf16, fp16, fp32"),
     Row("convert dtype src={T}/none out={T}/d", "does not exist"),
     Row("convert var src={T}/none.pth vae={T}/none.pth out={T}/v", "does not exist"),
