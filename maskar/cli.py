@@ -216,6 +216,7 @@ def cmd_edit(args: list[str]) -> int:
     image = str_option(opts["image"], "image", "an image file")
     if not Path(image).is_file():
         raise ConfigError(f"image: {image!r} is not a file; expected an image to edit")
+    sampling.load_image(image, 16)  # readable and finite now; at the model's size below
     mask = str_option(opts["mask"], "mask", "box:X0,Y0,X1,Y1, outpaint:X0,Y0,X1,Y1 or a mask image")
     sampling.parse_mask(mask, 16)  # the syntax now; at the model's size below
     n = int_option(opts["n"], "n", min=1)
