@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from maskar.config import Config, ConfigError, build, dump_yaml, load_config, to_dict
 
-PROPS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 _yaml_scalars = st.one_of(
     st.integers(-(10**6), 10**6).map(str),
     st.floats(allow_nan=True, allow_infinity=True)
