@@ -1,10 +1,16 @@
 """Shrink a checkpoint for shipping: cast its floating-point weights to bf16 / fp16 / fp32.
 
-    maskar convert dtype src=RUN_OR_CKPT_DIR out=DIR [dtype=bf16] [ema=true]
+    maskar convert dtype src=RUN_OR_CKPT_DIR out=DIR [dtype=bf16] [ema=true] [model|sample|data.KEY=V]
 
 Writes a plain model checkpoint (``model.safetensors`` + ``config.yaml``; the EMA weights
 are merged in when ``ema=true`` and present). Models load such files in their own dtype,
 so a bf16 checkpoint samples in fp32 on the CPU with bf16-rounded weights.
+
+``model.*`` / ``sample.*`` / ``data.*`` overrides are written into the copied ``config.yaml``
+(validated like any config): a shipped checkpoint's sampling defaults
+(``sample.refine_num_sampling_steps=10``), or a tokenizer's measured latent scale
+(``model.scale_factor=0.43``). A model override must not change the weights' shapes: the
+checkpoint is loaded once with it to make sure.
 """
 
 from __future__ import annotations
@@ -20,19 +26,27 @@ from maskar.checkpoint import (
     MODEL_FILE,
     atomic_write_bytes,
     check_writable,
+    load_model,
     load_tensors,
+    read_config,
     read_metadata,
     resolve_checkpoint_dir,
     save_tensors,
     update_checksums,
 )
 from maskar.cli_args import bool_option, choice_option, str_option
-from maskar.config import ConfigError, parse_override
+from maskar.config import Config, ConfigError, apply_overrides, build, dump_yaml, parse_override, to_dict
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def cast_checkpoint(src: str | Path, out: str | Path, dtype: str = "bf16", ema: bool = True) -> Path:
+def cast_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "bf16",
+    ema: bool = True,
+    overrides: list[str] | None = None,
+) -> Path:
     if dtype not in DTYPES:
         raise ConfigError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     src_dir = resolve_checkpoint_dir(src)
@@ -40,6 +54,10 @@ def cast_checkpoint(src: str | Path, out: str | Path, dtype: str = "bf16", ema: 
     if out.resolve() in (src_dir.resolve(), Path(src).resolve()):
         raise ConfigError(f"out: {str(out)!r} is the source checkpoint; expected a different directory")
     check_writable(out, "out", directory=True)
+    config_text = (src_dir / CONFIG_FILE).read_bytes()
+    if overrides:  # checked before anything is written
+        cfg = build(Config, apply_overrides(to_dict(read_config(src_dir)), overrides))
+        config_text = dump_yaml(cfg).encode()
     state = load_tensors(src_dir / MODEL_FILE)
     if ema and (src_dir / EMA_FILE).is_file():
         state.update(load_tensors(src_dir / EMA_FILE))
@@ -47,24 +65,32 @@ def cast_checkpoint(src: str | Path, out: str | Path, dtype: str = "bf16", ema: 
     state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
     out.mkdir(parents=True, exist_ok=True)
     digest = save_tensors(out / MODEL_FILE, state, read_metadata(src_dir / MODEL_FILE))
-    config = atomic_write_bytes(out / CONFIG_FILE, (src_dir / CONFIG_FILE).read_bytes())
+    config = atomic_write_bytes(out / CONFIG_FILE, config_text)
     if (out / EMA_FILE).exists():
         os.unlink(out / EMA_FILE)  # merged into model.safetensors above
     update_checksums(out, {MODEL_FILE: digest, CONFIG_FILE: config, EMA_FILE: None})
+    if overrides:
+        load_model(out)  # the overridden config must still describe these weights
     return out
 
 
 def cli(argv: list[str]) -> int:
     opts = {"src": None, "out": None, "dtype": "bf16", "ema": True}
+    overrides = []
     for item in argv:
         path, value = parse_override(item)
+        if len(path) > 1 and path[0] in ("model", "sample", "data"):
+            overrides.append(item)
+            continue
         if len(path) != 1 or path[0] not in opts:
-            raise ConfigError(f"convert dtype: unknown option {item!r}; options: {sorted(opts)}")
+            raise ConfigError(
+                f"convert dtype: unknown option {item!r}; options: {sorted(opts)}, model.*, sample.*, data.*"
+            )
         opts[path[0]] = value
     if not opts["src"] or not opts["out"]:
         raise ConfigError("convert dtype: give src=DIR and out=DIR")
     src, out_dir = str_option(opts["src"], "src"), str_option(opts["out"], "out")
     dtype = choice_option(opts["dtype"], "dtype", tuple(DTYPES))
-    out = cast_checkpoint(src, out_dir, dtype, bool_option(opts["ema"], "ema"))
-    print(f"wrote {out} ({opts['dtype']})")
+    out = cast_checkpoint(src, out_dir, dtype, bool_option(opts["ema"], "ema"), overrides)
+    print(f"wrote {out} ({opts['dtype']}{'; ' + ' '.join(overrides) if overrides else ''})")
     return 0

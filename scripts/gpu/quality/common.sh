@@ -1,0 +1,88 @@
+# Shared by scripts/gpu/quality_var_hmar.sh and quality_mar_casmar.sh (sourced, not run).
+# Environment: OUT (files that come back), RUNS (scratch), DATA (an IDX folder; default: unpack
+# .carry/fmnist), DEVICE (cuda), SCALE (study sample-count factor, 1 = the plan's counts), and the
+# budgets each script names. Dry run on a CPU: see docs/quality.md ("Dry run").
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/quality_out}; RUNS=${RUNS:-/tmp/quality_runs}; PACK=$RUNS/pack
+mkdir -p "$OUT" "$RUNS" "$PACK"
+PY=${PY:-python3}
+M="$PY -m maskar"
+DEVICE=${DEVICE:-cuda}
+SCALE=${SCALE:-1.0}
+CLF=checkpoints/fmnist-classifier
+DATA_ROOT=/usr/share/datasets/fashion-mnist   # what shipped configs name (the Debian package)
+T0=$(date +%s)
+el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
+
+# The Fashion-MNIST train split: .carry/fmnist holds train-images-idx3-ubyte.xz (xz saves 4 MB of
+# the 64 MiB the device call may carry) and train-labels-idx1-ubyte.gz; the IDX reader takes .gz.
+prepare_data() {
+  if [ -n "${DATA:-}" ]; then return; fi
+  DATA=$RUNS/fmnist; mkdir -p "$DATA"
+  $PY - "$DATA" <<'PY'
+import lzma, shutil, sys
+from pathlib import Path
+dst = Path(sys.argv[1])
+for f in sorted(Path(".carry/fmnist").iterdir()):
+    if f.suffix == ".xz":
+        with lzma.open(f) as src, open(dst / f.stem, "wb") as out:
+            shutil.copyfileobj(src, out)
+    else:
+        shutil.copy(f, dst / f.name)
+print("data:", sorted(p.name for p in dst.iterdir()))
+PY
+}
+
+# it_per_s RUN_DIR: training speed over the last logged window of a run.
+it_per_s() { grep -o 'it_per_s [0-9.]*' "$1/log.txt" | tail -n 1 | cut -d' ' -f2; }
+
+# timed NAME CMD...: run CMD, append "NAME wall_seconds exit_code" to $RUNS/times.txt.
+timed() {
+  local name=$1; shift
+  local t=$(date +%s.%N)
+  "$@"; local rc=$?
+  echo "$name $($PY -c "print(round($(date +%s.%N) - $t, 2))") $rc" >> "$RUNS/times.txt"
+  return $rc
+}
+
+# steps_for WINDOW_S IPS...: equal step count for a pair: the slower member's speed x window,
+# rounded down to a multiple of 10 (at least STEPS_MIN).
+steps_for() {
+  $PY -c "import sys; w=float(sys.argv[1]); ips=min(float(v) for v in sys.argv[2:]); \
+print(max(int('${STEPS_MIN:-20}'), int(w * ips / 10) * 10))" "$@"
+}
+
+# pack NAME PATHS...: tar PATHS (relative to $RUNS) into $OUT/NAME.tar, split at 15 MB if larger.
+pack() {
+  local name=$1; shift
+  tar -C "$RUNS" -cf "$RUNS/$name.tar" "$@"
+  if [ "$(stat -c %s "$RUNS/$name.tar")" -gt 15000000 ]; then
+    split -b 15000000 "$RUNS/$name.tar" "$OUT/$name.tar.part-"
+  else
+    cp "$RUNS/$name.tar" "$OUT/$name.tar"
+  fi
+}
+
+# summary TAG: the table printed last (from the study JSON and times.txt).
+summary() {
+  $PY - "$RUNS/study/$1.json" "$RUNS/times.txt" <<'PY'
+import json, sys
+from pathlib import Path
+print("\n== training wall time (s), exit code")
+print(Path(sys.argv[2]).read_text() if Path(sys.argv[2]).exists() else "(none)")
+p = Path(sys.argv[1])
+if not p.exists():
+    print("no study JSON"); sys.exit()
+rep = json.loads(p.read_text())
+print("== study rows (classifier metrics)")
+for r in rep["rows"]:
+    m = r["metrics"]
+    print(f"{r['model']:7s} {r['row']:14s} {r['label']:18s} s{r['seed']} n{r['n']:6d} "
+          f"FD_clf {m.get('FD_clf', float('nan')):8.3f} acc {m.get('accuracy', float('nan')):.3f} "
+          f"P/R {m.get('prec_clf', float('nan')):.3f}/{m.get('recall_clf', float('nan')):.3f} "
+          f"{r['images_per_s']:8.1f} img/s")
+for s in rep["speed"]:
+    print(f"speed {s['model']}: {s['images_per_s']:.1f} img/s at batch {s['batch']} ({s['device']})")
+PY
+}

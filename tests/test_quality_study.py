@@ -1,0 +1,222 @@
+"""The quality study's pieces: plan expansion, the study runner (whose printed `maskar eval` command
+must reproduce its numbers), dtype export with config overrides, a generator checkpoint as
+tokenizer source, and the shipped CASMAR / MAR demos (skipped until they exist)."""
+
+import json
+import shlex
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from maskar.checkpoint import load_model, load_tensors
+from maskar.cli import main as cli_main
+from maskar.config import ConfigError, load_config
+from maskar.convert.dtype import cast_checkpoint
+from maskar.eval import study
+from maskar.train.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CLF = ROOT / "checkpoints" / "fmnist-classifier"
+
+
+def _plan(tmp_path, rows, classes=10):
+    p = tmp_path / "plan.yaml"
+    p.write_text(yaml.safe_dump({"classes": classes, "rows": rows}, sort_keys=False))
+    return study.load_plan(p)
+
+
+def test_plan_expands_rows_seeds_and_scales_counts(tmp_path):
+    plan = _plan(
+        tmp_path,
+        [
+            {"name": "main", "model": "a", "n": 10000, "seeds": [0, 1, 2], "save": 2000},
+            {"name": "cfg", "model": "a", "n": 5000, "sweep": {"key": "sample.cfg", "values": [1.0, 2.5]}},
+            {
+                "name": "sched",
+                "model": "b",
+                "n": 5000,
+                "overrides": ["sample.top_p=0.9"],
+                "variants": {"off": ["sample.refine=false"], "default": []},
+            },
+            {"name": "speed", "model": "b", "batch": 100},
+        ],
+    )
+    pts = study.expand(plan, 0.01, {})
+    assert [(p.row, p.label, p.seed, p.n, p.save) for p in pts[:3]] == [
+        ("main", "default", s, 100, 20) for s in range(3)
+    ]
+    assert [p.overrides for p in pts[3:5]] == [["sample.cfg=1.0"], ["sample.cfg=2.5"]]
+    assert [p.overrides for p in pts[5:]] == [
+        ["sample.top_p=0.9", "sample.refine=false"],
+        ["sample.top_p=0.9"],
+    ]
+    assert study.expand(plan, 1e-6, {})[0].n == 10  # never below one sample per class
+    assert [r["model"] for r in study.speed_rows(plan)] == ["b"]
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"name": "x", "model": "a", "bogus": 1}, "unknown key"),
+        ({"name": "x", "model": "a", "overrides": ["train.lr=1"]}, "sample.*"),
+        (
+            {"name": "x", "model": "a", "sweep": {"key": "sample.cfg", "values": [1]}, "variants": {"a": []}},
+            "both sweep and variants",
+        ),
+        ({"name": "x", "model": "a", "run": "r"}, "run.r=DIR"),
+    ],
+)
+def test_plan_errors_name_the_problem(tmp_path, row, message):
+    with pytest.raises(ConfigError, match=message):
+        study.expand(_plan(tmp_path, [row]), 1.0, {})
+
+
+def test_balanced_subset_is_interleaved():
+    labels = [c for c in range(3) for _ in range(4)]  # class-major, as maskar sample writes
+    idx = study._balanced_subset(labels, 6, 3)
+    assert [labels[i] for i in idx] == [0, 1, 2, 0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step VAR on synthetic 16 px images, checkpoints at steps 1 and 2."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(
+        "var-tiny",
+        [
+            f"train.out_dir={out}",
+            "train.steps=2",
+            "train.ckpt_every=1",
+            "train.keep_last=5",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "model.num_classes=10",
+            "device=cpu",
+        ],
+    )
+    with pytest.warns(UserWarning, match="tokenizer_ckpt"):
+        train(cfg)
+    return out
+
+
+@pytest.mark.skipif(not CLF.exists(), reason="classifier checkpoint not present")
+def test_study_rows_and_their_eval_command_agree(tmp_path, tiny_run, capsys):
+    plan = _plan(
+        tmp_path,
+        [
+            {"name": "main", "model": "var", "n": 20, "seeds": [0, 1], "save": 10},
+            {"name": "cfg", "model": "var", "n": 10, "sweep": {"key": "sample.cfg", "values": [1.0, 3.0]}},
+            {"name": "speed", "model": "var", "batch": 10, "reps": 1},
+            {"name": "train_curve", "model": "var", "n": 10, "run": "var"},
+        ],
+    )
+    rep = study.run_study(
+        plan,
+        {"var": str(tiny_run)},
+        {"var": str(tiny_run)},
+        {},
+        tmp_path / "out",
+        str(CLF),
+        device="cpu",
+        batch=7,
+        tag="t",
+    )
+    saved = json.loads((tmp_path / "out" / "t.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rep["rows"]))
+    assert [(r["row"], r["label"], r["seed"]) for r in rep["rows"]] == [
+        ("main", "default", 0),
+        ("main", "default", 1),
+        ("cfg", "1.0", 0),
+        ("cfg", "3.0", 0),
+        ("train_curve", "1", 0),
+        ("train_curve", "2", 0),
+    ]
+    for r in rep["rows"]:
+        assert set(r["metrics"]) == {"FD_clf", "accuracy", "prec_clf", "recall_clf"}
+        assert all(np.isfinite(v) for v in r["metrics"].values()) and r["images_per_s"] > 0
+    assert rep["rows"][0]["metrics"] != rep["rows"][1]["metrics"]  # seeds differ
+    sp = rep["speed"][0]
+    assert sp["batch"] == 10 and sp["images_per_s"] > 0
+    with np.load(tmp_path / "out" / rep["rows"][0]["samples_npz"]) as d:
+        assert d["arr_0"].shape == (10, 16, 16) and d["arr_0"].dtype == np.uint8
+        assert d["arr_1"].tolist() == list(range(10))
+
+    # The recorded command, run alone, gives the same numbers (same samples: seed and batch split).
+    row = rep["rows"][3]
+    args = shlex.split(row["command"])[2:]
+    assert "sample.cfg=3.0" in args and "sample_batch_size=7" in args
+    capsys.readouterr()
+    out_json = tmp_path / "alone.json"
+    assert cli_main(["eval", *args, "device=cpu", f"json={out_json}"]) == 0
+    alone = {r["metric"]: r["value"] for r in json.loads(out_json.read_text())["results"]}
+    for k, v in row["metrics"].items():
+        assert alone[k] == pytest.approx(v, rel=1e-6, abs=1e-9)
+
+
+def test_study_cli_checks_options(tmp_path):
+    assert cli_main(["bench", "quality", "plan=x.yaml"]) == 2  # out / classifier missing
+    assert cli_main(["bench", "quality", "plan=x.yaml", "out=o", "classifier=c", "scale=2"]) == 2
+    assert cli_main(["bench", "quality", "bogus=1"]) == 2
+
+
+def test_convert_dtype_writes_config_overrides(tmp_path, tiny_run):
+    out = cast_checkpoint(tiny_run, tmp_path / "bf16", "bf16", True, ["sample.cfg=2.5", "data.root=/data/x"])
+    model, cfg = load_model(out)
+    assert cfg.sample.cfg == 2.5 and cfg.data.root == "/data/x"
+    assert all(
+        v.dtype == torch.bfloat16
+        for v in load_tensors(out / "model.safetensors").values()
+        if v.is_floating_point()
+    )
+    with pytest.raises(ConfigError, match="do not match"):
+        cast_checkpoint(tiny_run, tmp_path / "bad", "bf16", True, ["model.width=32"])
+    assert cli_main(["convert", "dtype", f"src={tiny_run}", f"out={tmp_path / 'x'}", "train.lr=1"]) == 2
+
+
+def test_tokenizer_ckpt_may_name_a_generator_checkpoint(tmp_path, tiny_run):
+    """VAR / HMAR take the tokenizer out of another generator's checkpoint (tokenizer.* keys)."""
+    from maskar.registry import build_model
+
+    cfg = load_config("hmar-tiny", [f"model.tokenizer_ckpt={tiny_run}"])
+    model = build_model(cfg.model)
+    model.init_pretrained()
+    src = load_tensors(sorted(tiny_run.glob("step-*"))[-1] / "model.safetensors")
+    for k, v in model.tokenizer.state_dict().items():
+        assert torch.equal(v, src[f"tokenizer.{k}"]), k
+
+
+def _shipped(name):
+    return pytest.mark.skipif(
+        not (ROOT / "checkpoints" / name / "model.safetensors").exists(),
+        reason=f"checkpoints/{name} is made by the quality study (docs/quality.md); not present yet",
+    )
+
+
+@pytest.mark.parametrize(
+    "name, arch",
+    [
+        pytest.param("casmar-fmnist", "casmar", marks=_shipped("casmar-fmnist")),
+        pytest.param("mar-fmnist", "mar", marks=_shipped("mar-fmnist")),
+    ],
+)
+def test_shipped_masked_demo_samples_on_cpu(name, arch):
+    ckpt = ROOT / "checkpoints" / name
+    assert (ckpt / "README.md").is_file()
+    model, cfg = load_model(ckpt, device="cpu", arch=arch)
+    assert cfg.model.tokenizer_ckpt is None  # self-contained
+    assert model.num_classes == 10 if hasattr(model, "num_classes") else cfg.model.class_num == 10
+    kw = dict(seed=3, num_iter=2, cfg=2.0, num_sampling_steps="5")
+    if arch == "casmar":
+        kw.update(scaffold_num_iter=4, refine_num_sampling_steps="5", re_cfg=2.0)
+    else:
+        kw.update(cuda_graph=False)
+    labels = torch.tensor([1, 7])  # trouser, sneaker
+    t = time.perf_counter()
+    a = model.generate(labels, **kw)
+    assert time.perf_counter() - t < 60
+    assert a.shape == (2, 1, 32, 32) and torch.isfinite(a).all()
+    assert torch.equal(a, model.generate(labels, **kw))  # seeded
