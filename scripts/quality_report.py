@@ -191,7 +191,7 @@ def plots(studies: dict[str, dict | None]) -> list[str]:
                 drawn = True
             offset += pts[-1][0] if pts else 0
         axes[0, i].set(title=f"{NAMES[m]} training loss", xlabel="step")
-        if len(RUNS[m]) > 1:
+        if len(RUNS[m]) > 1 and axes[0, i].lines:
             axes[0, i].legend()
         st = studies[CALL[m]]
         s1 = final_step(RUNS[m][0]) or 0
@@ -380,6 +380,34 @@ def write_page() -> None:
     L += PROTOCOL
     DOC.write_text("\n".join(L) + "\n")
     print(f"wrote {DOC.relative_to(ROOT)} ({', '.join(made) or 'no plots'})")
+    write_readme_block(sums)
+
+
+def write_readme_block(sums: dict) -> None:
+    """The two README lines between the quality markers, from the same numbers as the page."""
+
+    def pair(a: str, b: str) -> str:
+        key, name = ("fid", "TF-Inception FID") if sums[a]["fid"] and sums[b]["fid"] else ("fd", "FD_clf")
+        if not (sums[a][key] and sums[b][key]):
+            return f"{NAMES[b]} vs {NAMES[a]}: not measured yet"
+        va, vb = statistics.mean(sums[a][key]), statistics.mean(sums[b][key])
+        return f"{NAMES[b]} {name} {vb:.2f} vs {NAMES[a]} {va:.2f} ({vb / va:.2f}×)"
+
+    accs = [100 * a for m in MODELS for a in sums[m]["acc"]]
+    acc = f"; class accuracy of the samples {min(accs):.1f}–{max(accs):.1f}%" if accs else ""
+    block = [
+        "Quality at an equal training budget (Fashion-MNIST 32×32, one H200, "
+        "[docs/quality.md](docs/quality.md)):",
+        f"{pair('var', 'hmar')}; {pair('mar', 'casmar')}{acc}.",
+    ]
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    begin, end = "<!-- quality:begin -->", "<!-- quality:end -->"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + begin + "\n" + "\n".join(block) + "\n" + end + rest.split(end, 1)[1]
+        readme.write_text(text)
+        print("updated README.md (quality lines)")
 
 
 PROTOCOL = [

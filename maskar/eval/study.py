@@ -238,8 +238,13 @@ def run_study(
     scale: float = 1.0,
     data_root: str = DATA_ROOT,
     tag: str = "study",
+    extra: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Run every point of ``plan``; write ``out_dir/TAG.json`` (and sample npz files); return it."""
+    """Run every point of ``plan``; write ``out_dir/TAG.json`` (and sample npz files); return it.
+
+    ``extra``: ``sample.*`` overrides added after every point's own (where the model has the key):
+    cheap dry runs of a real plan (fewer diffusion steps); rows then no longer mean what they say.
+    """
     from maskar import sampling
     from maskar.eval.classifier import ClassifierExtractor
 
@@ -271,7 +276,7 @@ def run_study(
     t_start = time.perf_counter()
     for row in plan["rows"]:  # in plan order: the first rows are measured first if time runs out
         if row["name"] == "speed":
-            overrides = [str(o) for o in row.get("overrides", [])]
+            overrides = [str(o) for o in row.get("overrides", [])] + _applicable(extra, ckpts[row["model"]])
             loaded.clear()
             model, cfg = sampling.load_for_sampling(ckpts[row["model"]], overrides, str(dev))
             res = measure_speed(
@@ -286,6 +291,7 @@ def run_study(
             continue
         for p in expand({"classes": classes, "rows": [row]}, scale, runs):
             src = p.ckpt or ckpts[p.model]
+            p.overrides = p.overrides + _applicable(extra, src)
             key = (src, tuple(p.overrides))
             if key not in loaded:
                 loaded.clear()  # one model in memory at a time
@@ -316,6 +322,16 @@ def run_study(
     return report
 
 
+def _applicable(extra: list[str] | tuple[str, ...], ckpt: str) -> list[str]:
+    """The ``sample.*`` overrides of ``extra`` that the checkpoint's sample config has."""
+    if not extra:
+        return []
+    from maskar.checkpoint import read_config, resolve_checkpoint_dir
+
+    names = {f.name for f in dataclasses.fields(read_config(resolve_checkpoint_dir(ckpt)).sample)}
+    return [e for e in extra if e.split("=", 1)[0].split(".", 1)[1] in names]
+
+
 def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -337,7 +353,7 @@ def _write(path: Path, report: dict[str, Any]) -> None:
 USAGE = (
     "maskar bench quality plan=PLAN.yaml out=DIR classifier=DIR ckpt.NAME=DIR [ckpt.NAME=DIR ...] "
     "[run.NAME=RUN_DIR] [as.NAME=SHOWN_PATH] [scale=1.0] [batch=1000] [device=auto] [tag=study] "
-    "[data_root=/usr/share/datasets/fashion-mnist]"
+    "[data_root=/usr/share/datasets/fashion-mnist] [sample.KEY=VALUE: added to every point, dry runs]"
 )
 
 
@@ -345,9 +361,12 @@ def main(argv: list[str]) -> int:
     opts: dict[str, Any] = {"plan": None, "out": None, "classifier": None, "scale": 1.0, "batch": 1000,
                             "device": "auto", "tag": "study", "data_root": DATA_ROOT}  # fmt: skip
     groups: dict[str, dict[str, str]] = {"ckpt": {}, "run": {}, "as": {}}
+    extra: list[str] = []
     for item in argv:
         keys, value = parse_override(item)
-        if len(keys) == 2 and keys[0] in groups:
+        if keys[0] == "sample" and len(keys) > 1:
+            extra.append(item)
+        elif len(keys) == 2 and keys[0] in groups:
             groups[keys[0]][keys[1]] = str(value)
         elif len(keys) == 1 and keys[0] in opts:
             opts[keys[0]] = value
@@ -361,7 +380,8 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"scale: expected a sample-count factor in (0, 1], got {scale}")
     if batch < 1:
         raise ConfigError(f"batch: expected >= 1, got {batch}")
-    run_study(load_plan(str(opts["plan"])), groups["ckpt"], groups["run"], groups["as"], str(opts["out"]),
+    plan = load_plan(str(opts["plan"]))
+    run_study(plan, groups["ckpt"], groups["run"], groups["as"], str(opts["out"]),
               str(opts["classifier"]), str(opts["device"]), batch, scale, str(opts["data_root"]),
-              str(opts["tag"]))  # fmt: skip
+              str(opts["tag"]), extra)  # fmt: skip
     return 0

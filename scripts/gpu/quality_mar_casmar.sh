@@ -12,9 +12,10 @@
 #      sweeps, training curves; samples for the TF-Inception FID (on the CPU afterwards)
 # Returns under $OUT: mar_casmar.tar (study JSON, samples, logs, configs, grids) and ckpts.tar[.part-*]
 # (the two bf16 checkpoints). Needs carry .carry/fmnist and .carry/kl (scripts/quality_collect.sh).
-# Expected wall time on one H200: ~8 min (TRAIN_S 240 s of training + ~200 s study + ~40 s setup).
+# Expected wall time on one H200: 7-8.5 min (TRAIN_S 210 s of training, <= STUDY_T 190 s of study, ~80 s
+# setup, calibration, export, grids; the study stops at STUDY_T with every row measured so far written).
 source "$(dirname "$0")/quality/common.sh"
-TRAIN_S=${TRAIN_S:-240}; TRAIN_T=${TRAIN_T:-$((TRAIN_S * 2))}; CAL=${CAL:-60}; STUDY_T=${STUDY_T:-220}; BS=${BS:-1024}; WORKERS=${WORKERS:-6}
+TRAIN_S=${TRAIN_S:-210}; TRAIN_T=${TRAIN_T:-$((TRAIN_S + 60))}; CAL=${CAL:-60}; STUDY_T=${STUDY_T:-190}; BS=${BS:-1024}; WORKERS=${WORKERS:-6}
 KL=${KL:-.carry/kl}
 SHIP_MAR_SAMPLE=${SHIP_MAR_SAMPLE:-"sample.num_iter=16 sample.num_sampling_steps=25 sample.cfg=2.0"}
 SHIP_CASMAR_SAMPLE=${SHIP_CASMAR_SAMPLE:-"sample.num_iter=4 sample.scaffold_num_iter=8 sample.num_sampling_steps=20 \
@@ -34,6 +35,9 @@ $M train preset=mar-fmnist-s $C $CALC train.out_dir=$RUNS/cal_mar > $RUNS/cal_ma
 $M train preset=casmar-fmnist-s $C $CALC train.out_dir=$RUNS/cal_casmar > $RUNS/cal_casmar.log 2>&1 & P2=$!
 wait $P1 $P2
 IPS_MAR=$(it_per_s $RUNS/cal_mar); IPS_CASMAR=$(it_per_s $RUNS/cal_casmar)
+if [ -z "$IPS_MAR" ] || [ -z "$IPS_CASMAR" ]; then  # a calibration run failed: its log says why
+  tail -n 5 $RUNS/cal_mar.log $RUNS/cal_casmar.log; IPS_MAR=${IPS_MAR:-8}; IPS_CASMAR=${IPS_CASMAR:-8}
+fi
 STEPS=$(steps_for $TRAIN_S $IPS_MAR $IPS_CASMAR)
 echo "calibration it/s: mar $IPS_MAR casmar $IPS_CASMAR -> $STEPS steps each (batch $BS)" | tee $RUNS/budget.txt
 
@@ -56,13 +60,13 @@ el "study (maskar bench quality)"
 timeout -s TERM $STUDY_T $M bench quality plan=scripts/gpu/quality/plan_mar_casmar.yaml out=$RUNS/study \
   tag=mar_casmar classifier=$CLF device=$DEVICE scale=$SCALE ckpt.mar=$PACK/mar-fmnist \
   ckpt.casmar=$PACK/casmar-fmnist run.mar=$RUNS/mar run.casmar=$RUNS/casmar \
-  as.mar=checkpoints/mar-fmnist as.casmar=checkpoints/casmar-fmnist 2>&1 | grep -v Warning | tee $RUNS/study.log
+  as.mar=checkpoints/mar-fmnist as.casmar=checkpoints/casmar-fmnist ${STUDY_EXTRA:-} 2>&1 | grep -v Warning | tee $RUNS/study.log
 
 el "grids + pack"
-$M sample ckpt=$PACK/mar-fmnist out=$RUNS/study/grid_mar.png per_class=8 device=$DEVICE \
-  sample.num_iter=64 sample.num_sampling_steps=100 > /dev/null 2>&1
-$M sample ckpt=$PACK/casmar-fmnist out=$RUNS/study/grid_casmar.png per_class=8 device=$DEVICE \
-  sample.scaffold_num_iter=16 sample.num_sampling_steps=100 sample.refine_num_sampling_steps=250 > /dev/null 2>&1
+$M sample ckpt=$PACK/mar-fmnist out=$RUNS/study/grid_mar.png per_class=${GRID_PC:-8} device=$DEVICE \
+  sample.num_iter=64 sample.num_sampling_steps=100 ${GRID_EXTRA:-} > /dev/null 2>&1
+$M sample ckpt=$PACK/casmar-fmnist out=$RUNS/study/grid_casmar.png per_class=${GRID_PC:-8} device=$DEVICE \
+  sample.scaffold_num_iter=16 sample.num_sampling_steps=100 sample.refine_num_sampling_steps=250 ${GRID_EXTRA:-} ${GRID_EXTRA_CASMAR:-} > /dev/null 2>&1
 mkdir -p $RUNS/logs
 for r in mar casmar cal_mar cal_casmar; do
   cp $RUNS/$r/log.txt $RUNS/logs/${r}_log.txt 2>/dev/null; cp $RUNS/$r/config.yaml $RUNS/logs/${r}_config.yaml 2>/dev/null

@@ -12,9 +12,11 @@
 #      TF-Inception FID (computed on the CPU afterwards: scripts/quality_collect.sh)
 # Returns under $OUT: var_hmar.tar (study JSON, samples, logs, configs, grids) and kl.tar (the bf16 KL
 # tokenizer for call 2). Needs carry .carry/fmnist (scripts/quality_collect.sh prepare).
-# Expected wall time on one H200: ~7.5 min (TRAIN_S 270 s of training + ~170 s study + ~50 s setup).
+# Expected wall time on one H200: 7-8.5 min (TRAIN_S 240 s of training + 20 s for the second HMAR
+# process, <= STUDY_T 170 s of study, ~70 s setup, calibration, export, grids; the study stops at STUDY_T
+# with every row measured so far written).
 source "$(dirname "$0")/quality/common.sh"
-TRAIN_S=${TRAIN_S:-270}; TRAIN_T=${TRAIN_T:-$((TRAIN_S * 2))}; CAL=${CAL:-60}; KL_STEPS=${KL_STEPS:-3000}; STUDY_T=${STUDY_T:-200}
+TRAIN_S=${TRAIN_S:-240}; TRAIN_T=${TRAIN_T:-$((TRAIN_S + 60))}; CAL=${CAL:-60}; KL_STEPS=${KL_STEPS:-3000}; STUDY_T=${STUDY_T:-170}
 BS=${BS:-768}; WORKERS=${WORKERS:-4}
 NET=${NET:-"model.depth=6 model.width=256 model.heads=4"}
 TOK="model.tokenizer_ckpt=checkpoints/hmar-fmnist"
@@ -36,6 +38,9 @@ $M train preset=var-fmnist $NET $TOK $C $CALC train.out_dir=$RUNS/cal_var > $RUN
 $M train preset=hmar-fmnist $NET $TOK $C $CALC train.out_dir=$RUNS/cal_hmar > $RUNS/cal_hmar.log 2>&1 & P2=$!
 wait $P1 $P2
 IPS_VAR=$(it_per_s $RUNS/cal_var); IPS_HMAR=$(it_per_s $RUNS/cal_hmar)
+if [ -z "$IPS_VAR" ] || [ -z "$IPS_HMAR" ]; then  # a calibration run failed: its log says why
+  tail -n 5 $RUNS/cal_var.log $RUNS/cal_hmar.log; IPS_VAR=${IPS_VAR:-12}; IPS_HMAR=${IPS_HMAR:-12}
+fi
 STEPS=$(steps_for $TRAIN_S $IPS_VAR $IPS_HMAR); S1=$(( STEPS * 2 / 3 / 10 * 10 )); S2=$(( STEPS - S1 ))
 echo "calibration it/s: var $IPS_VAR hmar $IPS_HMAR -> VAR $STEPS steps, HMAR $S1 + $S2 (batch $BS)" \
   | tee $RUNS/budget.txt
@@ -47,10 +52,10 @@ run_var() {
     train.log_every=$(( STEPS / 20 > 10 ? STEPS / 20 : 10 )) train.out_dir=$RUNS/var > $RUNS/var_train.log 2>&1
 }
 run_hmar() {
-  timed hmar1 timeout -s TERM $TRAIN_T $M train preset=hmar-fmnist $NET $TOK $C train.steps=$S1 \
+  timed hmar1 timeout -s TERM $((TRAIN_T - TRAIN_S / 3)) $M train preset=hmar-fmnist $NET $TOK $C train.steps=$S1 \
     train.warmup_steps=$((S1 / 20)) train.ckpt_every=$((S1 / 3)) train.keep_last=10 \
     train.log_every=$(( S1 / 20 > 10 ? S1 / 20 : 10 )) train.out_dir=$RUNS/hmar1 > $RUNS/hmar1_train.log 2>&1
-  timed hmar2 timeout -s TERM $TRAIN_T $M train preset=hmar-fmnist-finetune $NET $C model.stage1_ckpt=$RUNS/hmar1 \
+  timed hmar2 timeout -s TERM $((TRAIN_T - TRAIN_S * 2 / 3)) $M train preset=hmar-fmnist-finetune $NET $C model.stage1_ckpt=$RUNS/hmar1 \
     train.steps=$S2 train.warmup_steps=$((S2 / 20)) train.ckpt_every=$((S2 / 2)) train.keep_last=10 \
     train.log_every=$(( S2 / 20 > 10 ? S2 / 20 : 10 )) train.out_dir=$RUNS/hmar2 > $RUNS/hmar2_train.log 2>&1
 }
@@ -61,7 +66,7 @@ tail -n 2 $RUNS/var_train.log $RUNS/hmar1_train.log $RUNS/hmar2_train.log
 
 el "KL tokenizer: latent std -> scale_factor, bf16 export"
 wait $KL_PID; tail -n 2 $RUNS/kl_train.log
-$M bench tokenizer_quality $RUNS/kl split=train limit=10000 device=$DEVICE json=$RUNS/kl_quality.json \
+$M bench tokenizer_quality $RUNS/kl split=train limit=${KL_Q_LIMIT:-10000} device=$DEVICE json=$RUNS/kl_quality.json \
   > $RUNS/kl_quality.txt 2>&1; cat $RUNS/kl_quality.txt
 SF=$($PY -c "import json; print(round(json.load(open('$RUNS/kl_quality.json'))['suggested_scale_factor'], 4))")
 $M convert dtype src=$RUNS/kl out=$PACK/klvae-fmnist-s dtype=bf16 model.scale_factor=$SF data.root=$DATA_ROOT
@@ -70,13 +75,13 @@ el "study (maskar bench quality)"
 timeout -s TERM $STUDY_T $M bench quality plan=scripts/gpu/quality/plan_var_hmar.yaml out=$RUNS/study \
   tag=var_hmar classifier=$CLF device=$DEVICE scale=$SCALE ckpt.var=$RUNS/var ckpt.hmar=$RUNS/hmar2 \
   run.var=$RUNS/var run.hmar1=$RUNS/hmar1 run.hmar2=$RUNS/hmar2 \
-  as.var=runs/quality/var as.hmar=runs/quality/hmar 2>&1 | grep -v Warning | tee $RUNS/study.log
+  as.var=runs/quality/var as.hmar=runs/quality/hmar ${STUDY_EXTRA:-} 2>&1 | grep -v Warning | tee $RUNS/study.log
 
 el "grids + pack"
 for m in var hmar2; do
-  $M sample ckpt=$RUNS/$m out=$RUNS/study/grid_$m.png per_class=8 device=$DEVICE > /dev/null 2>&1
+  $M sample ckpt=$RUNS/$m out=$RUNS/study/grid_$m.png per_class=${GRID_PC:-8} device=$DEVICE > /dev/null 2>&1
 done
-$M sample ckpt=$RUNS/hmar2 out=$RUNS/study/grid_hmar2_norefine.png per_class=8 device=$DEVICE \
+$M sample ckpt=$RUNS/hmar2 out=$RUNS/study/grid_hmar2_norefine.png per_class=${GRID_PC:-8} device=$DEVICE \
   sample.refine=false > /dev/null 2>&1
 mkdir -p $RUNS/logs
 for r in var hmar1 hmar2 kl cal_var cal_hmar; do
