@@ -60,7 +60,7 @@ el "study (maskar bench quality)"
 timeout -s TERM $STUDY_T $M bench quality plan=scripts/gpu/quality/plan_mar_casmar.yaml out=$RUNS/study \
   tag=mar_casmar classifier=$CLF device=$DEVICE scale=$SCALE ckpt.mar=$PACK/mar-fmnist \
   ckpt.casmar=$PACK/casmar-fmnist run.mar=$RUNS/mar run.casmar=$RUNS/casmar \
-  as.mar=checkpoints/mar-fmnist as.casmar=checkpoints/casmar-fmnist ${STUDY_EXTRA:-} 2>&1 | grep -v Warning | tee $RUNS/study.log
+  as.mar=checkpoints/mar-fmnist as.casmar=checkpoints/casmar-fmnist ${STUDY_EXTRA:-} 2>&1 | grep --line-buffered -v Warning | tee $RUNS/study.log
 
 el "grids + pack"
 $M sample ckpt=$PACK/mar-fmnist out=$RUNS/study/grid_mar.png per_class=${GRID_PC:-8} device=$DEVICE \

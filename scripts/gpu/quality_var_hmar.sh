@@ -75,7 +75,7 @@ el "study (maskar bench quality)"
 timeout -s TERM $STUDY_T $M bench quality plan=scripts/gpu/quality/plan_var_hmar.yaml out=$RUNS/study \
   tag=var_hmar classifier=$CLF device=$DEVICE scale=$SCALE ckpt.var=$RUNS/var ckpt.hmar=$RUNS/hmar2 \
   run.var=$RUNS/var run.hmar1=$RUNS/hmar1 run.hmar2=$RUNS/hmar2 \
-  as.var=runs/quality/var as.hmar=runs/quality/hmar ${STUDY_EXTRA:-} 2>&1 | grep -v Warning | tee $RUNS/study.log
+  as.var=runs/quality/var as.hmar=runs/quality/hmar ${STUDY_EXTRA:-} 2>&1 | grep --line-buffered -v Warning | tee $RUNS/study.log
 
 el "grids + pack"
 for m in var hmar2; do
