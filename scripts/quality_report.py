@@ -187,7 +187,7 @@ def plots(studies: dict[str, dict | None]) -> list[str]:
         for run in RUNS[m]:
             pts = parse_log(RES / "logs" / f"{run}_log.txt")
             if pts:
-                axes[0, i].plot([s + offset for s, _ in pts], [v for _, v in pts], label=run)
+                axes[0, i].plot([s + offset for s, _ in pts], [v for _, v in pts], ".-", label=run)
                 drawn = True
             offset += pts[-1][0] if pts else 0
         axes[0, i].set(title=f"{NAMES[m]} training loss", xlabel="step")
@@ -315,9 +315,10 @@ def write_page() -> None:
         L.append("```bash")
         for r in s["main"]:
             m_ = r["metrics"]
+            dev = studies[CALL[m]]["meta"]["device"]
             L.append(
                 f"# seed {r['seed']}: FD_clf {m_['FD_clf']:.3f}, accuracy {m_['accuracy']:.4f}, "
-                f"P/R {m_['prec_clf']:.3f}/{m_['recall_clf']:.3f}  ({r['n']} samples, device GPU)"
+                f"P/R {m_['prec_clf']:.3f}/{m_['recall_clf']:.3f}  ({r['n']} samples, {dev})"
             )
             L.append(r["command"])
         for x in s["inc"]:
