@@ -80,7 +80,14 @@ class TrainConfig:
     resume: bool = field(True, help="continue from out_dir's latest checkpoint if present")
     init_from: str | None = field(None, help="checkpoint dir whose weights initialise the model")
     seed: int = field(0)
-    compile: bool = field(False, help="torch.compile the model")
+    compile: bool | str = field(
+        "auto",
+        choices=("auto", True, False, "blocks", "full"),
+        help="torch.compile: blocks (each repeated block once), full (the whole step), true (= full), "
+        "false; auto = blocks on CUDA for models with repeated blocks (VAR, HMAR), else false",
+    )
+    activation_checkpointing: bool = field(False, help="recompute each block's activations in the backward")
+    peak_tflops: float = field(0.0, min=0.0, help="bf16 peak per GPU for the logged MFU; 0: known GPUs")
     disc_lr: float | None = field(None, min=0.0, help="discriminator lr (tokenizer GAN); default lr")
     tensorboard: bool = field(True)
     progress: bool = field(True, help="tqdm progress bar")

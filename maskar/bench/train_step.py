@@ -1,35 +1,61 @@
-"""Training-step benchmark of VAR-d16 and HMAR-d16 at 256 px on random tokens.
+"""Training-step benchmark of VAR and HMAR (stage 1 and 2) on random token pyramids.
 
-    maskar bench train_step [batch=32] [depth=16] [backend=auto] [precision=bf16] [steps=50] [warmup=10]
-                            [models=var,hmar] [compile=false] [res=256] [tiny=false] [device=auto]
+    maskar bench train_step [models=hmar,var] [stage=1] [depth=16] [res=256] [batch=auto]
+                            [compile=false,blocks] [ac=false] [backend=auto] [precision=bf16]
+                            [steps=25] [warmup=5] [check=true] [explain=false] [profile=PATH]
+                            [json=PATH] [peak_tflops=auto] [tiny=false] [device=auto]
+                            [compile_backend=inductor]
 
-One step = forward (teacher forcing) + weighted cross-entropy + backward + grad clipping
-(2.0) + AdamW step (fused on CUDA), under autocast. Inputs are random: token ids for the
-targets and random VAE-space features for the teacher-forcing inputs (same shapes as the
-tokenizer's output, so the transformer does exactly the work of a real step; the frozen
-tokenizer is not timed). ``backend`` may list several (``backend=sdpa,flex,auto``); each
-model x backend is checked against the fp32 SDPA forward before it is timed.
+``models``, ``stage``, ``depth`` and ``compile`` take comma-separated lists; every combination is
+one row. One step is what ``maskar train`` does per step: ``model.loss(batch)`` under autocast
+(teacher-forcing inputs from the frozen tokenizer, label dropout, the fused head + weighted
+cross-entropy), backward, gradient clipping at 2.0, AdamW (fused on CUDA; the trainer's decay /
+no-decay groups). The batch is random token ids of the real shapes (the tokenizer's encoder is
+not run, as with cached latents); the tokenizer is a narrow stand-in with the generator-facing
+shapes of vae_ch160v4096z32 (vocab 4096, 32 channels). ``batch=auto``: 32 / 8 / 2 at 256 / 512
+/ 1024 px, half that from depth 24 on.
 
-Reports the median step time over ``steps`` (CUDA events after ``warmup`` steps) and the peak
-allocated memory. ``tiny=true`` shrinks everything for a CPU smoke run.
+The model surface is the trainer's: ``compile`` is ``train.compile`` (false | blocks | full) and
+``ac`` is ``train.activation_checkpointing``, applied by the same functions
+(:mod:`maskar.train.parallelize`). Before timing, a compiled row runs one step's loss and
+gradients eagerly and compiled on the same weights and batch (drop path and label dropout off)
+and prints their relative difference; an eager row checks its attention backend's logits against
+the fp32 SDPA forward. Time: CUDA events around each step, median of ``steps`` steps after
+``warmup`` (the first call, which compiles and autotunes, is timed apart). MFU = matmul FLOPs
+of the step / step time / peak, the FLOPs from the model (``train_flops_per_sample``: 6 x
+token-path weights x L for a stage-1 step). ``profile=PATH`` writes a torch.profiler table of the
+last row's step grouped by kernel class; ``explain=true`` prints ``torch._dynamo.explain`` of
+the whole differentiable step. ``tiny=true`` shrinks everything for a CPU smoke run.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from maskar.config import build
 from maskar.nn.attention import available_backends, set_backend
+from maskar.train import parallelize as P
+from maskar.train.trainer import param_groups
 
 DEFAULTS = {
-    "batch": 32, "depth": 16, "backend": "auto", "precision": "bf16", "steps": 50, "warmup": 10,
-    "models": "var,hmar", "compile": False, "res": 256, "tiny": False, "device": "auto",
+    "models": "hmar,var", "stage": "1", "depth": "16", "res": 256, "batch": "auto", "compile": "false",
+    "ac": False, "backend": "auto", "precision": "bf16", "steps": 25, "warmup": 5, "check": True,
+    "explain": False, "profile": "", "json": "", "peak_tflops": "auto", "tiny": False, "device": "auto",
+    "compile_backend": "inductor",
 }  # fmt: skip
+LIST_KEYS = ("models", "stage", "depth", "compile")
+MFU_FORMULA = (
+    "MFU = train_flops_per_sample * B / step time / peak; train_flops_per_sample = 6 * N_tok * L "
+    "(N_tok = token-path weights: word_embed, per block qkv + proj + fc1 + fc2, head; the AdaLN "
+    "projections act on one row per sample; attention not counted); stage 2: 4x the frozen base "
+    "blocks (input gradients only) + 6x the mask blocks and mask head"
+)
 
 
 def _parse(argv: list[str]) -> dict:
@@ -42,36 +68,68 @@ def _parse(argv: list[str]) -> dict:
         k, v = item.split("=", 1)
         if k not in DEFAULTS:
             raise SystemExit(f"bench train_step: unknown key {k!r}; keys: {sorted(DEFAULTS)}")
-        opts[k] = yaml.safe_load(v) if not isinstance(DEFAULTS[k], str) else v
+        opts[k] = v if isinstance(DEFAULTS[k], str) else yaml.safe_load(v)
+    for k in LIST_KEYS:
+        opts[k] = [x.strip() for x in str(opts[k]).split(",") if x.strip()]
+    for c in opts["compile"]:
+        if c not in ("false", "blocks", "full"):
+            raise SystemExit(f"bench train_step: compile: expected false, blocks or full, got {c!r}")
     return opts
 
 
-def build_model(arch: str, opts: dict, device: torch.device):
-    """Generator with the official transformer shapes and a small stand-in tokenizer (not timed)."""
+def default_batch(res: int, depth: int) -> int:
+    b = {256: 32, 512: 8, 1024: 2}.get(res, 8)
+    return max(1, b // 2) if depth >= 24 else b
+
+
+def build_model(arch: str, stage: int, depth: int, opts: dict, device: torch.device):
+    """Generator with the official transformer shapes and a small stand-in tokenizer."""
     from maskar.registry import get_model_spec
     from maskar.tokenizers.vqvae import PATCH_NUMS
 
     if opts["tiny"]:
         tok = dict(arch="vqvae", resolution=16, ch=16, ch_mult=[1, 2, 2], norm_groups=8, z_channels=8,
                    vocab_size=64, patch_nums=[1, 2, 3, 4], enc_res_blocks=1, dec_res_blocks=1)
-        model = dict(depth=2, width=64, heads=2)
+        model = dict(depth=2, width=64, heads=2, drop_path_rate=0.1)
     else:
         res = int(opts["res"])
         # Generator-facing shapes of vae_ch160v4096z32 (vocab 4096, Cz 32, x16) with a narrow conv stack.
         tok = dict(arch="vqvae", resolution=res, ch=32, patch_nums=list(PATCH_NUMS[res]), enc_res_blocks=1,
                    dec_res_blocks=1)
-        model = dict(depth=int(opts["depth"]))
+        model = dict(depth=depth)
+    if arch == "hmar":
+        model.update(stage=stage, n_layers_train=1 if opts["tiny"] else max(1, depth // 2))
+    elif stage != 1:
+        raise SystemExit(f"bench train_step: stage {stage} exists only for hmar")
     spec = get_model_spec(arch)
     cfg = build(spec.config_cls, dict(arch=arch, tokenizer=tok, **model))
-    with torch.device(device):  # initialise on the GPU directly (d16: 310M parameters)
-        model = spec.build(cfg)
-    return model.to(device).train()
+    with torch.device(device):  # initialise on the GPU directly (d30: 2B parameters)
+        m = spec.build(cfg)
+    m = m.to(device).train()
+    # trainer: parameters no optimizer updates get no gradients
+    trained = {id(p) for _, p in m.named_trainable_parameters()}
+    for p in m.parameters():
+        p.requires_grad_(id(p) in trained)
+    return m
+
+
+def random_batch(model, B: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "indices": torch.randint(0, model.vocab_size, (B, model.L), generator=g).to(device),
+        "label": torch.randint(0, model.num_classes, (B,), generator=g).to(device),
+    }
 
 
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def check_backend(model, backend: str, device: torch.device, precision: str) -> float:
@@ -90,41 +148,75 @@ def check_backend(model, backend: str, device: torch.device, precision: str) -> 
     return (got - ref).abs().max().item()
 
 
-def time_steps(model, opts: dict, device: torch.device) -> tuple[float, float, float]:
-    """(median step ms, peak memory GB, first-step s incl. compile/autotune)."""
-    B = int(opts["batch"])
-    params = [p for _, p in model.named_trainable_parameters()]
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
-    fwd = torch.compile(model) if opts["compile"] else model
-    g = torch.Generator(device="cpu").manual_seed(0)
-    labels = torch.randint(0, model.num_classes, (B,), generator=g).to(device)
-    x_in = torch.randn(B, model.L - 1, model.z_channels, generator=g).to(device)  # teacher-forcing input
-    target = torch.randint(0, model.vocab_size, (B, model.L), generator=g).to(device)
-    weight = model.loss_weight
+class _Deterministic:
+    """Drop path and label dropout off for the compiled-vs-eager check (rates are buffers: no recompile)."""
 
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __enter__(self):
+        self.rates = [(m, m.rate.clone()) for m in self.model.modules() if hasattr(m, "rate")]
+        for m, _ in self.rates:
+            m.rate.zero_()
+        self.cond_drop = self.model.cfg.cond_drop_rate
+        self.model.cfg.cond_drop_rate = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m, r in self.rates:
+            m.rate.copy_(r)
+        self.model.cfg.cond_drop_rate = self.cond_drop
+
+
+def loss_and_grads(model, params, batch, opts, device) -> tuple[float, list[torch.Tensor]]:
+    torch.manual_seed(123)  # the same stage-2 mask for both calls
+    for p in params:
+        p.grad = None
+    with _autocast(device, opts["precision"]):
+        loss = model.loss(batch)["loss"]
+    loss.backward()
+    grads = [p.grad.detach().float().clone() for p in params]
+    for p in params:
+        p.grad = None
+    return float(loss), grads
+
+
+def rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = torch.sqrt(sum(((x - y) ** 2).sum() for x, y in zip(a, b)))
+    den = torch.sqrt(sum((y**2).sum() for y in b))
+    return float(num / den.clamp(min=1e-30))
+
+
+def make_step(model, params, batch, opts, device):
+    opt = torch.optim.AdamW(
+        param_groups(list(model.named_trainable_parameters()), 0.05, model.no_weight_decay_keywords()),
+        lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda",
+    )  # fmt: skip
+
+    def step() -> None:
         with _autocast(device, opts["precision"]):
-            logits = fwd(labels, x_in)  # (B, L, V) float32
-        ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        loss = (ce * weight).sum(1).mean()
+            loss = model.loss(batch)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 2.0)
         opt.step()
+        opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def time_steps(step, opts: dict, device: torch.device) -> tuple[float, float, float]:
+    """(median step ms, peak memory GB, first call s incl. compile / autotune)."""
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
     step()
-    if cuda:
-        torch.cuda.synchronize()
+    _sync(device)
     first = time.perf_counter() - t0
     for _ in range(int(opts["warmup"])):
         step()
-    times = []
+    _sync(device)
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
     for _ in range(int(opts["steps"])):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -137,8 +229,175 @@ def time_steps(model, opts: dict, device: torch.device) -> tuple[float, float, f
             t = time.perf_counter()
             step()
             times.append((time.perf_counter() - t) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else float("nan")
     return statistics.median(times), peak, first
+
+
+# ----------------------------------------------------------------------------- profile
+
+# Kernel name -> class, first match wins (cuBLAS / CUTLASS GEMMs, the block-sparse kernels,
+# Inductor's fused kernels named after the ops they fuse, the fused AdamW and clipping).
+CATEGORIES = (
+    ("attention", ("_attn_fwd", "_attn_bwd", "flash", "fmha", "attention")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "sm80_", "cublas", "_mm_", "matmul")),
+    ("optimizer", ("adam", "multi_tensor_apply", "foreach", "norm_kernel", "lpnorm", "clip")),
+    ("cross-entropy", ("logsumexp", "softmax", "log_softmax", "nll", "argmax", "scatter", "gather", "exp_")),
+    ("norms", ("layer_norm", "native_layer_norm", "var_mean", "rsqrt", "normalize", "linalg_vector_norm")),
+)
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other elementwise"
+
+
+def profile_step(step, device: torch.device, path: str, n: int = 3) -> str:
+    """Profile ``n`` steps; write kernel time per class, per step, and the top kernels to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    cuda = device.type == "cuda"
+    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if cuda else (None, None)
+    with profile(activities=acts) as prof:
+        if start is not None:
+            start.record()
+        for _ in range(n):
+            step()
+        if end is not None:
+            end.record()
+        _sync(device)
+    wall_ms = start.elapsed_time(end) / n if start is not None else float("nan")
+    kernels = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0.0)
+        if cuda and "CUDA" not in str(getattr(e, "device_type", "CUDA")):
+            continue  # the CPU-side op events: their device time is their kernels' (counted once, below)
+        if t and t > 0:
+            kernels.append((e.key, t / 1e3 / n, e.count // n))
+    kernels.sort(key=lambda k: -k[1])
+    by_cat: dict[str, float] = {}
+    for name, ms, _ in kernels:
+        by_cat[categorize(name)] = by_cat.get(categorize(name), 0.0) + ms
+    busy = sum(by_cat.values())
+    lines = [f"profile: {n} steps, step wall {wall_ms:.2f} ms (CUDA events), kernel time {busy:.2f} ms"]
+    lines.append(f"{'class':<20} {'ms/step':>9} {'% of step':>9}")
+    for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{cat:<20} {ms:>9.2f} {100 * ms / wall_ms:>8.1f}%")
+    idle = wall_ms - busy
+    lines.append(f"{'idle (no kernel)':<20} {idle:>9.2f} {100 * idle / wall_ms:>8.1f}%")
+    lines.append("")
+    lines.append(f"top kernels: {'ms/step':>9} {'calls':>6} class / name")
+    for name, ms, calls in kernels[:40]:
+        lines.append(f"  {ms:>9.3f} {calls:>6}  {categorize(name)} / {name[:150]}")
+    text = "\n".join(lines)
+    Path(path).write_text(text + "\n")
+    return text
+
+
+# ----------------------------------------------------------------------------- explain
+
+
+def explain_step(model, batch, opts, device) -> str:
+    """``torch._dynamo.explain`` of the whole differentiable step (what compile=full compiles)."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        indices = model.batch_indices(batch)
+        x_in = model.tokenizer.teacher_forcing_input(indices).float()
+        target = torch.cat(indices, dim=1)
+    labels = batch["label"]
+    with _autocast(device, opts["precision"]):
+        if getattr(model, "stage", 1) == 2:
+            x_own = model.tokenizer.own_residual_input(indices).float()
+            masked = model.sample_train_mask(labels.shape[0], device).expand(labels.shape[0], -1)
+            ex = torch._dynamo.explain(model.masked_loss)(labels, x_in, x_own, masked, target)
+        else:
+            ex = torch._dynamo.explain(model.next_scale_loss)(labels, x_in, target)
+    torch._dynamo.reset()
+    reasons = [str(getattr(r, "reason", r)).splitlines()[0] for r in ex.break_reasons]
+    return (
+        f"graphs {ex.graph_count}, graph breaks {ex.graph_break_count}, ops {ex.op_count}"
+        + (f", break reasons: {reasons}" if reasons else "")
+    )
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def run_row(arch, stage, depth, mode, opts, device, peak) -> dict:
+    torch.manual_seed(0)
+    model = build_model(arch, stage, depth, opts, device)
+    res = 16 if opts["tiny"] else int(opts["res"])
+    B = default_batch(res, depth) if opts["batch"] == "auto" else int(opts["batch"])
+    set_backend(model, opts["backend"])
+    params = [p for _, p in model.named_trainable_parameters()]
+    batch = random_batch(model, B, device)
+    row = {"model": f"{arch}-d{model.depth}" if not opts["tiny"] else f"{arch}-tiny", "stage": stage,
+           "res": res, "batch": B, "L": model.L, "compile": mode, "ac": bool(opts["ac"]),
+           "params_M": sum(p.numel() for p in params) / 1e6}  # fmt: skip
+    if opts["explain"]:
+        row["explain"] = explain_step(model, batch, opts, device)
+        print(f"  explain {row['model']} stage {stage}: {row['explain']}")
+    if opts["ac"]:
+        P.apply_activation_checkpointing(model)
+    check = bool(opts["check"])
+    if mode == "false":
+        row["check"] = f"max|dlogit| {check_backend(model, opts['backend'], device, opts['precision']):.2e}"
+    elif check:
+        with _Deterministic(model):
+            loss_e, grads_e = loss_and_grads(model, params, batch, opts, device)
+    graphs_before = _dynamo_graphs()
+    if mode != "false":
+        P.apply_compile(model, mode, opts["compile_backend"])
+        if check:
+            t0 = time.perf_counter()
+            with _Deterministic(model):
+                loss_c, grads_c = loss_and_grads(model, params, batch, opts, device)
+            _sync(device)
+            row["compile_s"] = time.perf_counter() - t0
+            row["loss_rel"] = abs(loss_c - loss_e) / max(abs(loss_e), 1e-30)
+            row["grad_rel"] = rel_diff(grads_c, grads_e)
+            row["check"] = f"loss rel {row['loss_rel']:.1e}, grad rel {row['grad_rel']:.1e}"
+            del grads_e, grads_c
+    step = make_step(model, params, batch, opts, device)
+    ms, peak_gb, first = time_steps(step, opts, device)
+    row.update(step_ms=ms, peak_gb=peak_gb, first_s=first, graphs=_dynamo_graphs() - graphs_before)
+    row["images_s"] = B / ms * 1e3
+    row["tokens_s"] = B * model.L / ms * 1e3
+    row["tflops"] = model.train_flops_per_sample() * B / ms / 1e9
+    row["mfu"] = row["tflops"] / peak if peak else float("nan")
+    if opts["profile"]:
+        row["profile"] = profile_step(step, device, opts["profile"])
+    del step, model, params, batch
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+HEADER = (f"{'model':<9} {'st':>2} {'res':>4} {'B':>3} {'L':>5} {'compile':<7} {'ac':<2} {'params':>7} "
+          f"{'step ms':>8} {'img/s':>7} {'tok/s':>8} {'TFLOP/s':>7} {'MFU':>6} {'peak GB':>7} "
+          f"{'first s':>7} {'graphs':>6}  check")  # fmt: skip
+
+
+def format_row(r: dict) -> str:
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] == r["mfu"] else "-"
+    return (f"{r['model']:<9} {r['stage']:>2} {r['res']:>4} {r['batch']:>3} {r['L']:>5} {r['compile']:<7} "
+            f"{'y' if r['ac'] else 'n':<2} {r['params_M']:>6.0f}M {r['step_ms']:>8.1f} {r['images_s']:>7.1f} "
+            f"{r['tokens_s']:>8.0f} {r['tflops']:>7.1f} {mfu:>6} {r['peak_gb']:>7.2f} {r['first_s']:>7.1f} "
+            f"{r['graphs']:>6}  {r.get('check', '')}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(dev_name)
     if device.type == "cpu" and opts["precision"] == "fp16":
         opts["precision"] = "bf16"
+    peak = P.peak_tflops(device, 0.0 if opts["peak_tflops"] == "auto" else float(opts["peak_tflops"]))
     print(f"command: maskar bench train_step {' '.join(argv or [])}")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     try:
@@ -158,32 +418,37 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         tv = "-"
     print(f"device {gpu} | torch {torch.__version__} | triton {tv} | cuda {torch.version.cuda or '-'}")
-    print(f"attention backends available: {available_backends()}")
-    header = f"{'model':<10} {'backend':<8} {'batch':>5} {'L':>5} {'params':>9} {'step ms':>9} " \
-             f"{'peak GB':>8} {'first s':>8} {'max|dlogit|':>11}"  # fmt: skip
-    print(header)
-    print("-" * len(header))
-    for arch in [a.strip() for a in str(opts["models"]).split(",") if a.strip()]:
-        torch.manual_seed(0)
-        model = build_model(arch, opts, device)
-        name = f"{arch}-d{model.depth}" if not opts["tiny"] else f"{arch}-tiny"
-        n = sum(p.numel() for _, p in model.named_trainable_parameters()) / 1e6
-        for backend in [b.strip() for b in str(opts["backend"]).split(",") if b.strip()]:
-            try:
-                err = check_backend(model, backend, device, opts["precision"])
-                ms, peak, first = time_steps(model, opts, device)
-            except Exception as e:  # noqa: BLE001 - report and continue with the next variant
-                print(f"{name:<10} {backend:<8} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    print(f"attention backends available: {available_backends()} (using {opts['backend']})")
+    print(f"peak for MFU: {peak} TFLOP/s; {MFU_FORMULA}")
+    print(HEADER)
+    print("-" * len(HEADER))
+    rows = []
+    for arch in opts["models"]:
+        for stage in (int(s) for s in opts["stage"]):
+            if arch != "hmar" and stage != 1:
                 continue
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            print(f"{name:<10} {backend:<8} {opts['batch']:>5} {model.L:>5} {n:>8.1f}M {ms:>9.1f} "
-                  f"{peak:>8.2f} {first:>8.1f} {err:>11.2e}")  # fmt: skip
-        del model
-    print(f"precision {opts['precision']}, median of {opts['steps']} steps after {opts['warmup']} warm-up; "
-          "step = fwd + weighted CE + bwd + clip + AdamW")  # fmt: skip
-    return 0
+            for depth in (int(d) for d in opts["depth"]):
+                for mode in opts["compile"]:
+                    name = f"{arch} stage {stage} d{depth} compile={mode}"
+                    try:
+                        r = run_row(arch, stage, depth, mode, opts, device, peak)
+                    except Exception as e:  # noqa: BLE001 - report and continue with the next row
+                        msg = str(e).splitlines()[0][:200] if str(e) else ""
+                        print(f"{name}: failed: {type(e).__name__}: {msg}")
+                        rows.append({"row": name, "error": f"{type(e).__name__}: {msg}"})
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
+                    rows.append(r)
+                    print(format_row(r), flush=True)
+    print(f"precision {opts['precision']}, median of {opts['steps']} steps after {opts['warmup']} warm-up "
+          "(first call timed apart: 'first s'); step = loss (fused head + weighted CE) + bwd + clip + AdamW; "
+          "'graphs': Dynamo graphs compiled for the row (recompiles would add to it)")  # fmt: skip
+    if opts["json"]:
+        meta = {"device": gpu, "torch": torch.__version__, "triton": tv, "peak_tflops": peak,
+                "argv": list(argv or []), "mfu_formula": MFU_FORMULA}  # fmt: skip
+        Path(opts["json"]).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    return 0 if all("error" not in r for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -753,19 +753,43 @@ def _plan(phase: str, q: Tensor, pattern: ScalePattern, forced, candidates, laun
     return plan
 
 
+def _forward(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: float) -> tuple[Tensor, Tensor]:
+    """Forward launch: (out, a (B, H, L, D) view of (B, L, H, D) memory; base-2 lse (B*H, L))."""
+    B, H, L, D = q.shape
+    o = _blhd_empty(B, H, L, D, q)
+    lse = torch.empty(B * H, L, dtype=torch.float32, device=q.device)  # base-2 log-sum-exp
+    qk_scale = scale * LOG2E
+    cfg, bnd, items = _plan(
+        "fwd", q, pattern, FORCE_FWD_CONFIG or (_INTERPRET_FWD if _INTERPRET else None),
+        lambda: _fwd_candidates(D),
+        lambda c, bnd: _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, c),
+        lambda c: _row_items(pattern, c.block_m, c.block_n, c.aligned, q.device))
+    _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, cfg, items)
+    return o, lse
+
+
+def _backward(q, k, v, o, lse, do, pattern: ScalePattern, scale: float, grads=None) -> tuple[Tensor, ...]:
+    """Kernel launches of the backward pass into ``grads`` (dq, dk, dv; fresh if None)."""
+    B, H, L, D = q.shape
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    dq, dk, dv = _grads_empty(B, H, L, D, q) if grads is None else grads
+    args = (q, k, v, o, do, dq, dk, dv, lse)
+    cfg, bnd, launches = _plan(
+        "bwd", q, pattern, FORCE_BWD_CONFIG or (_INTERPRET_BWD if _INTERPRET else None),
+        lambda: _bwd_candidates(D),
+        lambda c, bnd: _launch_bwd(*args, bnd, scale * LOG2E, scale, pattern, c),
+        lambda c: _bwd_launches(pattern, c, q.device))
+    _launch_bwd(*args, bnd, scale * LOG2E, scale, pattern, cfg, launches)
+    return dq, dk, dv
+
+
 class _BlockSparseAttention(torch.autograd.Function):
+    """Eager path: the cheapest host route to the kernels (see "The B 4 rows" in docs/benchmarks.md)."""
+
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: float) -> Tensor:
-        B, H, L, D = q.shape
-        o = _blhd_empty(B, H, L, D, q)
-        lse = torch.empty(B * H, L, dtype=torch.float32, device=q.device)  # base-2 log-sum-exp
-        qk_scale = scale * LOG2E
-        cfg, bnd, items = _plan(
-            "fwd", q, pattern, FORCE_FWD_CONFIG or (_INTERPRET_FWD if _INTERPRET else None),
-            lambda: _fwd_candidates(D),
-            lambda c, bnd: _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, c),
-            lambda c: _row_items(pattern, c.block_m, c.block_n, c.aligned, q.device))
-        _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, cfg, items)
+        o, lse = _forward(q, k, v, pattern, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.pattern, ctx.scale = pattern, scale
         return o
@@ -773,35 +797,132 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do: Tensor):
         q, k, v, o, lse = ctx.saved_tensors
-        pattern, scale = ctx.pattern, ctx.scale
-        B, H, L, D = q.shape
-        if do.stride(-1) != 1:
-            do = do.contiguous()
-        dq, dk, dv = _grads_empty(B, H, L, D, q)
-        grads = (q, k, v, o, do, dq, dk, dv, lse)
-        cfg, bnd, launches = _plan(
-            "bwd", q, pattern, FORCE_BWD_CONFIG or (_INTERPRET_BWD if _INTERPRET else None),
-            lambda: _bwd_candidates(D),
-            lambda c, bnd: _launch_bwd(*grads, bnd, scale * LOG2E, scale, pattern, c),
-            lambda c: _bwd_launches(pattern, c, q.device))
-        _launch_bwd(*grads, bnd, scale * LOG2E, scale, pattern, cfg, launches)
-        return dq, dk, dv, None, None
+        return (*_backward(q, k, v, o, lse, do, ctx.pattern, ctx.scale), None, None)
 
 
-@torch.compiler.disable  # host-side config choice and Triton launches: keep Dynamo out (graph break)
+# ----------------------------------------------------------------------------- custom op
+#
+# What torch.compile sees: ``maskar::block_sparse_attn`` (forward) and ``..._bwd``, opaque to
+# Dynamo and Inductor, with fake implementations giving the output shapes and strides, and the
+# backward registered as the forward's autograd formula. The pattern travels as its kind and
+# token counts (ints and a string are all an op schema carries). Without a GPU (and without the
+# Triton interpreter) the ops run the SDPA reference instead of the kernels, so tracing and
+# compiled-vs-eager tests run on a CPU through exactly the graph a GPU run compiles.
+
+
+@functools.lru_cache(maxsize=64)
+def _pattern(kind: str, lengths: tuple[int, ...]) -> ScalePattern:
+    return ScalePattern(kind, lengths)  # type: ignore[arg-type]
+
+
+def _on_reference(q: Tensor) -> bool:
+    """True where the ops run the SDPA reference: CPU tensors without the Triton interpreter."""
+    return q.is_cpu and not _INTERPRET
+
+
+def _reference_probs(q: Tensor, k: Tensor, pattern: ScalePattern, scale: float) -> tuple[Tensor, Tensor]:
+    """Masked softmax probabilities (B, H, L, L) and natural-log lse (B, H, L), in >= fp32."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
+    s = s.masked_fill(~pattern.dense_mask(q.device), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.exp(s - lse.unsqueeze(-1)), lse
+
+
+def _reference_forward(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: float):
+    B, H, L, D = q.shape
+    p, lse = _reference_probs(q, k, pattern, scale)
+    o = _blhd_empty(B, H, L, D, q)
+    o.copy_(p @ v.to(p.dtype))
+    return o, (lse * LOG2E).float().reshape(B * H, L)  # base 2, as the kernel's
+
+
+def _reference_backward(q, k, v, do, pattern: ScalePattern, scale: float):
+    # explicit FlashAttention backward math (an op body runs below autograd: no autograd.grad here)
+    p, _ = _reference_probs(q, k, pattern, scale)
+    do = do.to(p.dtype)
+    dv = p.transpose(-1, -2) @ do
+    dp = do @ v.to(p.dtype).transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    return (ds @ k.to(p.dtype)) * scale, (ds.transpose(-1, -2) @ q.to(p.dtype)) * scale, dv
+
+
+@torch.library.custom_op("maskar::block_sparse_attn", mutates_args=())
+def block_sparse_attn_op(
+    q: Tensor, k: Tensor, v: Tensor, lengths: list[int], kind: str, scale: float
+) -> tuple[Tensor, Tensor]:
+    """(out (B, H, L, D) view of (B, L, H, D) memory, base-2 lse (B*H, L) fp32)."""
+    pattern = _pattern(kind, tuple(lengths))
+    if _on_reference(q):
+        return _reference_forward(q, k, v, pattern, scale)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _forward(q, k, v, pattern, scale)
+
+
+@block_sparse_attn_op.register_fake
+def _(q, k, v, lengths, kind, scale):
+    B, H, L, D = q.shape
+    return _blhd_empty(B, H, L, D, q), q.new_empty((B * H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("maskar::block_sparse_attn_bwd", mutates_args=())
+def block_sparse_attn_bwd_op(
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
+    lengths: list[int], kind: str, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv), each a (B, H, L, D) view of its own (B, L, H, D) memory."""
+    pattern = _pattern(kind, tuple(lengths))
+    B, H, L, D = q.shape
+    grads = tuple(_blhd_empty(B, H, L, D, q) for _ in range(3))  # op outputs may not alias each other
+    if _on_reference(q):
+        for g, r in zip(grads, _reference_backward(q, k, v, do, pattern, scale)):
+            g.copy_(r)
+        return grads
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _backward(q, k, v, o, lse, do, pattern, scale, grads)
+
+
+@block_sparse_attn_bwd_op.register_fake
+def _(q, k, v, o, lse, do, lengths, kind, scale):
+    B, H, L, D = q.shape
+    return tuple(_blhd_empty(B, H, L, D, q) for _ in range(3))
+
+
+def _op_setup_context(ctx, inputs, output) -> None:
+    q, k, v, lengths, kind, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.lengths, ctx.kind, ctx.scale = lengths, kind, scale
+
+
+def _op_backward(ctx, do: Tensor, dlse: Tensor | None):
+    q, k, v, o, lse = ctx.saved_tensors  # lse is an auxiliary output: its gradient is never used
+    dq, dk, dv = block_sparse_attn_bwd_op(q, k, v, o, lse, do, ctx.lengths, ctx.kind, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+block_sparse_attn_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
 def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: float | None = None
 ) -> Tensor:
-    """Attention under a scale pattern. q, k, v: (B, H, L, D) views -> (B, H, L, D) view of (B, L, H, D)."""
+    """Attention under a scale pattern. q, k, v: (B, H, L, D) views -> (B, H, L, D) view of (B, L, H, D).
+
+    Eager calls on a GPU go through an autograd.Function (least host time); under torch.compile,
+    and on a CPU without the Triton interpreter, through the ``maskar::block_sparse_attn`` op.
+    """
     if pattern is None:
         raise ValueError("block_sparse_attention: needs a ScalePattern (dense attention: use sdpa)")
     if not _shapes_ok(q, k, v, pattern):
         raise ValueError(
             f"block_sparse_attention: expected q, k, v of equal shape (B, H, {pattern.total}, D) with D in "
-            f"{_HEAD_DIMS}, fp16/bf16 and contiguous last dim; got {tuple(q.shape)}, {tuple(k.shape)}, "
-            f"{tuple(v.shape)}, {q.dtype}"
+            f"{_HEAD_DIMS}, fp16/bf16 (any float dtype on the CPU reference) and contiguous last dim; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {q.dtype}"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if torch.compiler.is_compiling() or _on_reference(q):
+        return block_sparse_attn_op(q, k, v, list(pattern.lengths), pattern.kind, scale)[0]
     return _BlockSparseAttention.apply(q, k, v, pattern, scale)
 
 
@@ -809,16 +930,25 @@ def block_sparse_attention(
 
 _HEAD_DIMS = (32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16)
+_REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Tests set this to send CPU calls of ``auto`` / ``triton`` to the custom op's SDPA reference
+# (so a CPU-compiled model traces the op a GPU run would); off, CPU calls use other backends.
+CPU_REFERENCE = False
 
 
 def _shapes_ok(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern) -> bool:
+    dtypes = _REFERENCE_DTYPES if _on_reference(q) else _DTYPES
+    if torch.compiler.is_compiling():
+        same = q.shape == k.shape and q.shape == v.shape
+    else:  # plain tuple compare: torch.Size's goes through SymInt code (host time)
+        same = tuple.__eq__(q.shape, k.shape) and tuple.__eq__(q.shape, v.shape)
     return (
         q.dim() == 4
-        and tuple.__eq__(q.shape, k.shape)  # plain tuple compare: torch.Size's goes through SymInt code
-        and tuple.__eq__(q.shape, v.shape)
+        and same
         and q.shape[-1] in _HEAD_DIMS
         and q.shape[-2] == pattern.total
-        and q.dtype in _DTYPES
+        and q.dtype in dtypes
         and k.dtype == q.dtype
         and v.dtype == q.dtype
         and q.stride(-1) == 1
@@ -827,11 +957,20 @@ def _shapes_ok(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=16)
-def _device_ok(device: torch.device) -> bool:
+def _device_ok_uncached(device: torch.device) -> bool:
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 8  # tl.dot in fp16/bf16, bf16 loads
-    return _INTERPRET
+        return torch.cuda.get_device_properties(device).major >= 8  # tl.dot in fp16/bf16, bf16 loads
+    return _INTERPRET or CPU_REFERENCE
+
+
+_device_ok_cached = functools.lru_cache(maxsize=16)(_device_ok_uncached)
+
+
+def _device_ok(device: torch.device) -> bool:
+    # Dynamo traces the plain function (it folds get_device_properties to a constant)
+    if torch.compiler.is_compiling():
+        return _device_ok_uncached(device)
+    return _device_ok_cached(device) if device.type == "cuda" else _device_ok_uncached(device)
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern | None) -> bool:
@@ -845,4 +984,6 @@ def _backend_fn(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: f
 # priority 10: tried before varlen (20), flex (30) and SDPA (100); see docs/kernels.md
 register_backend("triton", _backend_fn, supports, priority=10)
 
-__all__ = ["block_sparse_attention", "supports", "tuned_configs", "FwdConfig", "BwdConfig"]
+__all__ = [
+    "block_sparse_attention", "block_sparse_attn_op", "supports", "tuned_configs", "FwdConfig", "BwdConfig",
+]

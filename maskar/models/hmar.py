@@ -40,6 +40,7 @@ from maskar.models.var import (
     VARSampleConfig,
     load_model_weights,
     no_autocast,
+    token_linears_of,
 )
 from maskar.nn.blocks import AdaLNBeforeHead
 from maskar.nn.sampling import (
@@ -246,10 +247,16 @@ class HMAR(NextScaleModel):
             parts.append(m.scatter(1, order[:, :k], True))
         return torch.cat(parts, dim=1)
 
+    def mask_hidden(
+        self, labels: Tensor, x_ctx: Tensor, x_own: Tensor, masked: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Refinement network up to its head: hidden states (B, L, C) and the class embedding (B, C)."""
+        h, cond = self.embed(labels, self.mask_input(x_ctx, x_own, masked))
+        return self.run_blocks(h, cond, self.mask_path, self.pattern), cond
+
     def mask_forward(self, labels: Tensor, x_ctx: Tensor, x_own: Tensor, masked: Tensor) -> Tensor:
         """Teacher-forced refinement network. x_* (B, L-1, Cz), masked (B|1, L-1) -> logits (B, L, V)."""
-        h, cond = self.embed(labels, self.mask_input(x_ctx, x_own, masked))
-        h = self.run_blocks(h, cond, self.mask_path, self.pattern)
+        h, cond = self.mask_hidden(labels, x_ctx, x_own, masked)
         return self.logits(h, cond, self.mask_head, self.mask_head_nm)
 
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -262,12 +269,46 @@ class HMAR(NextScaleModel):
         B = x_ctx.shape[0]
         masked = self.sample_train_mask(B, x_ctx.device).expand(B, -1)  # (B, L-1)
         labels = self.drop_labels(batch["label"].long())
-        logits = self.mask_forward(labels, x_ctx, x_own, masked)[:, 1:]  # (B, L-1, V)
-        target = torch.cat(indices[1:], dim=1)
-        ce = F.cross_entropy(logits[masked], target[masked], label_smoothing=self.cfg.label_smoothing)
-        with torch.no_grad():
-            acc = (logits[masked].argmax(-1) == target[masked]).float().mean()
-        return {"loss": ce, "acc_masked": acc, "mask_ratio": masked.float().mean()}
+        return self.masked_loss(labels, x_ctx, x_own, masked, torch.cat(indices, dim=1))
+
+    def masked_loss(
+        self, labels: Tensor, x_ctx: Tensor, x_own: Tensor, masked: Tensor, target: Tensor
+    ) -> dict[str, Tensor]:
+        """Stage 2's differentiable step (``train.compile=full`` compiles it whole): mean CE over
+        the masked tokens. masked (B, L-1) bool (the class token is never masked), target (B, L).
+
+        Written as a weighted CE over every token (weight 1/count where masked, else 0), so that
+        shapes never depend on the mask: equal to ``F.cross_entropy(logits[masked], ...)``.
+        """
+        h, cond = self.mask_hidden(labels, x_ctx, x_own, masked)
+        m = F.pad(masked, (1, 0))  # (B, L)
+        count = m.sum()
+        loss, _, correct = self.head_loss(h, cond, target, m / count, self.mask_head, self.mask_head_nm)
+        acc = (correct & m).sum() / count
+        return {"loss": loss, "acc_masked": acc, "mask_ratio": masked.float().mean()}
+
+    def compiled_methods(self, mode: str) -> tuple[str, ...]:
+        return ("next_scale_loss", "masked_loss") if mode == "full" else ("head_loss",)
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        return list(self.blocks) + (list(self.mask_blocks) if self.stage == 2 else [])
+
+    def token_linears(self) -> list[nn.Linear]:
+        if self.stage == 1:
+            return super().token_linears()
+        return [self.word_embed, self.mask_head] + token_linears_of(self.mask_path)
+
+    def train_flops_per_sample(self) -> float:
+        """Stage 1: VAR's 6 N L. Stage 2: the frozen base blocks need input gradients only (4 per
+        weight and token: the trained mask embedding sits below them), the word embedding runs
+        twice forward (4), the mask blocks and head are trained (6)."""
+        if self.stage == 1:
+            return super().train_flops_per_sample()
+        frozen = token_linears_of(self.blocks[: self.depth - len(self.mask_blocks)])
+        trained = token_linears_of(self.mask_blocks) + [self.mask_head]
+        per_token = 4 * sum(m.weight.numel() for m in frozen) + 6 * sum(m.weight.numel() for m in trained)
+        per_token += 4 * self.word_embed.weight.numel()
+        return float(per_token * self.L)
 
     # ------------------------------------------------------------------ sampling
 

@@ -35,6 +35,7 @@ from maskar import registry
 from maskar.config import ConfigError, ModelConfig, SampleConfig, field
 from maskar.nn.attention import ScalePattern
 from maskar.nn.blocks import AdaLNBeforeHead, AdaLNSelfAttnBlock, KVCache, SharedAdaLin
+from maskar.nn.losses import linear_cross_entropy
 from maskar.nn.sampling import check_sampling_args, guided_logits, make_generator, sample_from_logits
 from maskar.tokenizers.vqvae import VQVAEConfig
 
@@ -166,6 +167,11 @@ def token_loss_weights(patch_nums: tuple[int, ...], kind: str) -> Tensor:
     return torch.cat([p.repeat(pn * pn) for p, pn in zip(per_tok, patch_nums)]).float()
 
 
+def token_linears_of(blocks) -> list[nn.Linear]:
+    """The per-token linears of AdaLN blocks (q/k/v, output projection, FFN)."""
+    return [m for b in blocks for m in (b.attn.mat_qkv, b.attn.proj, b.ffn.fc1, b.ffn.fc2)]
+
+
 def load_model_weights(ckpt_dir: str, what: str) -> dict[str, Tensor]:
     """Weights of a maskar checkpoint directory (or a run dir: its latest checkpoint)."""
     from maskar import checkpoint
@@ -230,6 +236,8 @@ class NextScaleModel(nn.Module):
             self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C))
         dpr = [cfg.dpr * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear over depth
         self.blocks = nn.ModuleList(self._make_block(dpr[i]) for i in range(cfg.depth))
+        for block in self.blocks:  # block 0's rate is 0 but it runs the same code: one compiled graph
+            block.drop_path.active = cfg.dpr > 0
         self.head_nm = AdaLNBeforeHead(C, C, cfg.norm_eps)
         self.head = nn.Linear(C, self.vocab_size)
 
@@ -359,11 +367,39 @@ class NextScaleModel(nn.Module):
         head_nm = self.head_nm if head_nm is None else head_nm
         return head(head_nm(h, cond)).float()
 
+    def hidden(self, labels: Tensor, x_in: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher forcing up to the head: hidden states (B, L, C) and the class embedding (B, C)."""
+        h, cond = self.embed(labels, self.word_embed(x_in))
+        return self.run_blocks(h, cond, self.blocks, self.pattern), cond
+
     def forward(self, labels: Tensor, x_in: Tensor) -> Tensor:
         """Teacher forcing. labels (B,), x_in (B, L-1, Cz) -> logits (B, L, V) float32."""
-        h, cond = self.embed(labels, self.word_embed(x_in))
-        h = self.run_blocks(h, cond, self.blocks, self.pattern)
+        h, cond = self.hidden(labels, x_in)
         return self.logits(h, cond)
+
+    def head_loss(
+        self,
+        h: Tensor,
+        cond: Tensor,
+        target: Tensor,
+        weight: Tensor,
+        head: nn.Linear | None = None,
+        head_nm: AdaLNBeforeHead | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``sum(weight * CE(logits, target))`` of the AdaLN head without materialising the logits.
+
+        h (B, L, C), target (B, L), weight (B, L) -> (loss, per-token CE (B, L), arg-max == target
+        (B, L)); the last two carry no gradient. See :mod:`maskar.nn.losses`.
+        """
+        head = self.head if head is None else head
+        head_nm = self.head_nm if head_nm is None else head_nm
+        x = head_nm(h, cond)
+        B, L, C = x.shape
+        loss, ce, correct = linear_cross_entropy(
+            x.reshape(B * L, C), head.weight, head.bias, target.reshape(B * L), weight.reshape(B * L),
+            self.cfg.label_smoothing,
+        )  # fmt: skip
+        return loss, ce.view(B, L), correct.view(B, L)
 
     # ------------------------------------------------------------------ training
 
@@ -391,16 +427,41 @@ class NextScaleModel(nn.Module):
         with torch.no_grad(), no_autocast(indices[0].device):
             x_in = self.tokenizer.teacher_forcing_input(indices).float()  # (B, L-1, Cz)
         labels = self.drop_labels(batch["label"].long())
-        logits = self(labels, x_in)  # (B, L, V)
-        target = torch.cat(indices, dim=1)  # (B, L)
-        ce = F.cross_entropy(
-            logits.transpose(1, 2), target, reduction="none", label_smoothing=self.cfg.label_smoothing
-        )  # (B, L)
-        loss = (ce * self.loss_weight).sum(1).mean()
-        with torch.no_grad():
-            last = slice(*self.begin_ends[-1])
-            acc_last = (logits[:, last].argmax(-1) == target[:, last]).float().mean()
-        return {"loss": loss, "ce": ce.detach().mean(), "acc_last": acc_last}
+        return self.next_scale_loss(labels, x_in, torch.cat(indices, dim=1))
+
+    def next_scale_loss(self, labels: Tensor, x_in: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """The differentiable part of a training step (``train.compile=full`` compiles it whole).
+
+        labels (B,), x_in (B, L-1, Cz), target (B, L). Loss: the batch mean of
+        ``sum_l loss_weight_l * CE_l`` (per-token weights summing to 1 per sample).
+        """
+        h, cond = self.hidden(labels, x_in)
+        B = target.shape[0]
+        loss, ce, correct = self.head_loss(h, cond, target, (self.loss_weight / B).expand(B, -1))
+        last = slice(*self.begin_ends[-1])
+        return {"loss": loss, "ce": ce.mean(), "acc_last": correct[:, last].float().mean()}
+
+    # ------------------------------------------------------------------ hooks of maskar.train.parallelize
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The transformer blocks: compiled once each (train.compile=blocks), checkpointed per block."""
+        return list(self.blocks)
+
+    def compiled_methods(self, mode: str) -> tuple[str, ...]:
+        """``full``: the method holding the whole differentiable step; ``blocks``: the head + loss."""
+        return ("next_scale_loss",) if mode == "full" else ("head_loss",)
+
+    def token_linears(self) -> list[nn.Linear]:
+        """Linears applied to every token of a training step (the FLOP count of MFU)."""
+        return [self.word_embed, self.head] + token_linears_of(self.blocks)
+
+    def train_flops_per_sample(self) -> float:
+        """Matmul FLOPs of one sample's forward + backward: 6 * token-path weights * L.
+
+        The AdaLN projections act on one row per sample and attention is not counted (the
+        convention of docs/benchmarks.md: MFU = 6 N B L / step time / peak).
+        """
+        return 6.0 * sum(m.weight.numel() for m in self.token_linears()) * self.L
 
     # ------------------------------------------------------------------ sampling
 

@@ -19,6 +19,7 @@ call, and falls back to SDPA.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -56,13 +57,14 @@ class ScalePattern:
 
     def scale_ids(self, device: torch.device | str | None = None) -> Tensor:
         """(L,) int64 scale index of every token."""
-        return torch.repeat_interleave(
-            torch.arange(len(self.lengths), device=device),
-            torch.tensor(self.lengths, device=device),
-        )
+        # bucketize, not repeat_interleave: every shape is static, so torch.compile traces it
+        ends = torch.tensor(list(itertools.accumulate(self.lengths)), device=device)
+        return torch.bucketize(torch.arange(self.total, device=device), ends, right=True)
 
     def dense_mask(self, device: torch.device | str | None = None) -> Tensor:
         """(L, L) bool, True where query i may attend to key j."""
+        if torch.compiler.is_compiling():  # built inside the graph (a constant there), not cached
+            return _build_dense_mask(self, device)
         return _dense_mask(self, str(torch.device(device) if device is not None else "cpu"))
 
     def density(self) -> float:
@@ -74,12 +76,16 @@ class ScalePattern:
         return float(allowed / (self.total**2))
 
 
-@functools.lru_cache(maxsize=32)
-def _dense_mask(pattern: ScalePattern, device: str) -> Tensor:
+def _build_dense_mask(pattern: ScalePattern, device) -> Tensor:
     d = pattern.scale_ids(device)
     if pattern.kind == "block_diagonal":
         return d[:, None] == d[None, :]
     return d[:, None] >= d[None, :]
+
+
+@functools.lru_cache(maxsize=32)
+def _dense_mask(pattern: ScalePattern, device: str) -> Tensor:
+    return _build_dense_mask(pattern, device)
 
 
 # ----------------------------------------------------------------------------- backends
@@ -94,6 +100,7 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
+_BY_PRIORITY: list[Backend] = []  # what ``auto`` tries, in order
 
 
 def register_backend(
@@ -106,6 +113,7 @@ def register_backend(
     if name not in BACKENDS or name == "auto":
         raise ValueError(f"backend name must be one of {BACKENDS[1:]}, got {name!r}")
     _BACKENDS[name] = Backend(name, fn, supports, priority)
+    _BY_PRIORITY[:] = sorted(_BACKENDS.values(), key=lambda b: b.priority)
 
 
 def available_backends() -> list[str]:
@@ -114,6 +122,15 @@ def available_backends() -> list[str]:
 
 
 _optional_loaded = False
+
+
+def load_backends() -> None:
+    """Import the optional backends (each registers itself if its dependencies are present).
+
+    Called on first use; models call it when built, so that torch.compile never traces the imports.
+    """
+    if not _optional_loaded:
+        _load_optional_backends()
 
 
 def _load_optional_backends() -> None:
@@ -165,9 +182,10 @@ def attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend: expected one of {list(BACKENDS)}, got {backend!r}")
-    _load_optional_backends()
+    if not _optional_loaded and not torch.compiler.is_compiling():
+        _load_optional_backends()
     if backend == "auto":
-        for b in sorted(_BACKENDS.values(), key=lambda b: b.priority):
+        for b in _BY_PRIORITY:
             if b.supports(q, k, v, pattern):
                 return b.fn(q, k, v, pattern, scale)
         return sdpa_attention(q, k, v, pattern, scale)

@@ -49,9 +49,16 @@ def varlen_attention(
     return out.view(B, L, H, D).transpose(1, 2)
 
 
-@functools.lru_cache(maxsize=16)
+def _device_ok_uncached(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_properties(device).major >= 8
+
+
+_device_ok_cached = functools.lru_cache(maxsize=16)(_device_ok_uncached)
+
+
 def _device_ok(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    # under torch.compile the plain function (Dynamo folds get_device_properties to a constant)
+    return _device_ok_uncached(device) if torch.compiler.is_compiling() else _device_ok_cached(device)
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern | None) -> bool:

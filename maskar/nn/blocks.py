@@ -5,7 +5,8 @@ Parameter names follow the official VAR layout (``attn.mat_qkv``, ``attn.q_bias`
 
 * AdaLN block: ``ada_lin(cond)`` -> 6 chunks in the order
   gamma1, gamma2, scale1, scale2, shift1, shift2;
-  ``x += drop_path(attn(LN(x)(1+scale1)+shift1) * gamma1)``, same for the FFN.
+  ``x += drop_path(attn(LN(x)(1+scale1)+shift1) * gamma1)``, same for the FFN (written as
+  one ``addcmul`` per update, the per-sample drop-path factor folded into gamma).
 * LayerNorm without affine parameters, eps 1e-6.
 * L2-normalised q and k, q multiplied by ``exp(min(scale_mul_1H11, ln 100))``
   (learned per head, init ln 4), softmax scale 1. Without L2 norm: scale 0.25/sqrt(d).
@@ -19,29 +20,45 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from maskar.nn.attention import ScalePattern, attention
+from maskar.nn.attention import ScalePattern, attention, load_backends
 
 _MAX_LOG_SCALE = math.log(100.0)
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample."""
+    """Stochastic depth: drop the whole residual branch per sample.
+
+    The rate is a (non-persistent) buffer, not a Python float: torch.compile treats buffers as
+    graph inputs, so blocks with different rates share one compiled graph instead of each
+    guarding its own constant (which recompiled per block). ``active`` (rate > 0 at
+    construction) is the only Python-level switch.
+    """
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
-        self.p = float(p)
+        self.active = float(p) > 0.0
+        self.register_buffer("rate", torch.tensor(float(p)), persistent=False)
+
+    @property
+    def p(self) -> float:
+        return float(self.rate)
+
+    def keep_scale(self, batch: int, device: torch.device) -> Tensor | None:
+        """(batch, 1, 1) fp32 per-sample factor (0 or 1/keep), or None when nothing is dropped."""
+        if not self.active or not self.training:
+            return None
+        keep = 1.0 - self.rate
+        return (torch.rand((batch, 1, 1), device=device) < keep).float() / keep
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+        s = self.keep_scale(x.shape[0], x.device)
+        return x if s is None else x * s.view((x.shape[0],) + (1,) * (x.ndim - 1)).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p:.4g}"
 
 
 class FFN(nn.Module):
@@ -76,6 +93,7 @@ class SelfAttention(nn.Module):
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.attn_l2_norm = attn_l2_norm
         self.attn_backend = "auto"
+        load_backends()  # now, not inside a torch.compile trace of the first call
         if attn_l2_norm:
             self.scale = 1.0
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
@@ -138,20 +156,36 @@ class AdaLNSelfAttnBlock(nn.Module):
             self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, dim) / dim**0.5)
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+        self.checkpoint = False  # activation checkpointing (set by maskar.train.parallelize)
 
     def forward(
         self, x: Tensor, cond: Tensor, pattern: ScalePattern | None = None, cache: KVCache | None = None
     ) -> Tensor:
         """x (B, L, C); cond (B, D), or (B, 1, 6, C) from the shared projection when shared_aln."""
+        if self.checkpoint and self.training and torch.is_grad_enabled() and cache is None:
+            # recompute this block's activations in the backward pass (train.activation_checkpointing)
+            return torch.utils.checkpoint.checkpoint(
+                self._forward, x, cond, pattern, None, use_reentrant=False
+            )
+        return self._forward(x, cond, pattern, cache)
+
+    def _forward(
+        self, x: Tensor, cond: Tensor, pattern: ScalePattern | None, cache: KVCache | None
+    ) -> Tensor:
         if self.shared_aln:
             mod = self.ada_gss + cond
         else:
             mod = self.ada_lin(cond).view(-1, 1, 6, self.dim)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
-        h = self.ln_wo_grad(x) * (1 + scale1) + shift1
-        x = x + self.drop_path(self.attn(h, pattern, cache) * gamma1)
-        h = self.ln_wo_grad(x) * (1 + scale2) + shift2
-        return x + self.drop_path(self.ffn(h) * gamma2)
+        # Drop path folds into the (B, 1, C) gamma, so each residual update is one multiply-add
+        # over (B, L, C): x + attn(h) * gamma1 * keep (the same product, fewer passes in eager).
+        keep = self.drop_path.keep_scale(x.shape[0], x.device)
+        if keep is not None:
+            gamma1, gamma2 = gamma1 * keep, gamma2 * keep
+        h = torch.addcmul(shift1, self.ln_wo_grad(x), 1 + scale1)
+        x = torch.addcmul(x, self.attn(h, pattern, cache), gamma1)
+        h = torch.addcmul(shift2, self.ln_wo_grad(x), 1 + scale2)
+        return torch.addcmul(x, self.ffn(h), gamma2)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -165,4 +199,4 @@ class AdaLNBeforeHead(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.dim).unbind(2)
-        return self.ln_wo_grad(x) * (1 + scale) + shift
+        return torch.addcmul(shift, self.ln_wo_grad(x), 1 + scale)

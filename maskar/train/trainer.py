@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from maskar import checkpoint as ckpt
 from maskar.config import Config, ConfigError, dump_yaml
 from maskar.train import distributed as D
+from maskar.train import parallelize as P
 from maskar.train.ema import EMA
 from maskar.train.logging import RunLogger, max_memory_gb
 from maskar.train.schedule import lr_from_config
@@ -312,6 +313,16 @@ class Trainer:
             else None
         )
 
+        # Speed transforms on the model itself (maskar.train.parallelize): checkpointing, then compile.
+        if tc.activation_checkpointing:
+            P.apply_activation_checkpointing(self.model)
+        self.compile_mode = P.resolve_compile_mode(tc.compile, self.model, self.device)
+        mode = self.compile_mode
+        compile_whole_call = mode != "none" and not P.apply_compile(self.model, mode)
+        flops = getattr(self.model, "train_flops_per_sample", None)
+        self.flops_per_sample = float(flops()) if flops is not None else 0.0
+        self.peak_tflops = P.peak_tflops(self.device, tc.peak_tflops)
+
         wrapped: nn.Module = _LossCall(self.model)
         if self.dist.distributed:
             find_unused = bool(getattr(self.model, "ddp_find_unused_parameters", bool(disc)))
@@ -320,7 +331,7 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=find_unused,
             )
-        if tc.compile:
+        if compile_whole_call:
             wrapped = torch.compile(wrapped)
         self.wrapped = wrapped
 
@@ -540,6 +551,11 @@ class Trainer:
         rate = steps / elapsed if elapsed > 0 else float("nan")
         out["it_per_s"] = rate
         out["samples_per_s"] = rate * self.cfg.train.batch_size
+        out["step_ms"] = 1e3 / rate if rate > 0 else float("nan")
+        per_gpu = rate * self.cfg.train.batch_size / self.dist.world_size
+        util = P.mfu(self.flops_per_sample, per_gpu, self.peak_tflops)
+        if util is not None:
+            out["mfu"] = util
         out["max_mem_gb"] = max_memory_gb(self.device)
         self.log.scalars(self.step, self.cfg.train.steps, out)
         self.check_finite_loss()
