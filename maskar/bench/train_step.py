@@ -1,13 +1,16 @@
 """Training-step benchmark of VAR and HMAR (stage 1 and 2) on random token pyramids.
 
     maskar bench train_step [models=hmar,var] [stage=1] [depth=16] [res=256] [batch=auto]
-                            [compile=false,blocks] [ac=false] [backend=auto] [precision=bf16]
-                            [steps=25] [warmup=5] [check=true] [explain=false] [profile=PATH]
-                            [json=PATH] [peak_tflops=auto] [tiny=false] [device=auto]
-                            [compile_backend=inductor]
+                            [compile=false,blocks] [ac=false] [rows=SPEC,...] [backend=auto]
+                            [precision=bf16] [steps=25] [warmup=5] [check=true] [explain=false]
+                            [profile=PATH] [json=PATH] [peak_tflops=auto] [tiny=false]
+                            [device=auto] [compile_backend=inductor]
 
 ``models``, ``stage``, ``depth`` and ``compile`` take comma-separated lists; every combination is
-one row. One step is what ``maskar train`` does per step: ``model.loss(batch)`` under autocast
+one row. ``rows`` lists the rows instead, each ``ARCH[-s2]/dDEPTH/MODE[/ac][/bBATCH]`` (e.g.
+``hmar/d16/blocks,hmar-s2/d16/blocks,hmar/d30/blocks/ac,var/d16/false``).
+
+One step is what ``maskar train`` does per step: ``model.loss(batch)`` under autocast
 (teacher-forcing inputs from the frozen tokenizer, label dropout, the fused head + weighted
 cross-entropy), backward, gradient clipping at 2.0, AdamW (fused on CUDA; the trainer's decay /
 no-decay groups). The batch is random token ids of the real shapes (the tokenizer's encoder is
@@ -19,13 +22,13 @@ The model surface is the trainer's: ``compile`` is ``train.compile`` (false | bl
 ``ac`` is ``train.activation_checkpointing``, applied by the same functions
 (:mod:`maskar.train.parallelize`). Before timing, a compiled row runs one step's loss and
 gradients eagerly and compiled on the same weights and batch (drop path and label dropout off)
-and prints their relative difference; an eager row checks its attention backend's logits against
-the fp32 SDPA forward. Time: CUDA events around each step, median of ``steps`` steps after
-``warmup`` (the first call, which compiles and autotunes, is timed apart). MFU = matmul FLOPs
-of the step / step time / peak, the FLOPs from the model (``train_flops_per_sample``: 6 x
-token-path weights x L for a stage-1 step). ``profile=PATH`` writes a torch.profiler table of the
-last row's step grouped by kernel class; ``explain=true`` prints ``torch._dynamo.explain`` of
-the whole differentiable step. ``tiny=true`` shrinks everything for a CPU smoke run.
+and prints their relative difference ('compile s' is that compiled call: Dynamo + Inductor +
+autotuning); an eager row checks its attention backend's logits against the fp32 SDPA forward.
+Time: CUDA events around each step, median of ``steps`` steps after ``warmup``. MFU = matmul
+FLOPs of the step / step time / peak, the FLOPs from the model (``train_flops_per_sample``: 6 x
+token-path weights x L for a stage-1 step). ``profile=PATH`` appends, per row, a torch.profiler
+table of its step grouped by kernel class; ``explain=true`` prints ``torch._dynamo.explain`` of
+the whole differentiable step (once per model and stage). ``tiny=true``: a CPU smoke run.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 from maskar.config import build
 from maskar.nn.attention import available_backends, set_backend
@@ -45,7 +49,7 @@ from maskar.train.trainer import param_groups
 
 DEFAULTS = {
     "models": "hmar,var", "stage": "1", "depth": "16", "res": 256, "batch": "auto", "compile": "false",
-    "ac": False, "backend": "auto", "precision": "bf16", "steps": 25, "warmup": 5, "check": True,
+    "ac": False, "rows": "", "backend": "auto", "precision": "bf16", "steps": 25, "warmup": 5, "check": True,
     "explain": False, "profile": "", "json": "", "peak_tflops": "auto", "tiny": False, "device": "auto",
     "compile_backend": "inductor",
 }  # fmt: skip
@@ -71,10 +75,32 @@ def _parse(argv: list[str]) -> dict:
         opts[k] = v if isinstance(DEFAULTS[k], str) else yaml.safe_load(v)
     for k in LIST_KEYS:
         opts[k] = [x.strip() for x in str(opts[k]).split(",") if x.strip()]
-    for c in opts["compile"]:
-        if c not in ("false", "blocks", "full"):
-            raise SystemExit(f"bench train_step: compile: expected false, blocks or full, got {c!r}")
+    opts["row_specs"] = [parse_row(r) for r in opts["rows"].split(",") if r.strip()] or [
+        dict(arch=a, stage=int(s), depth=int(d), mode=c, ac=bool(opts["ac"]), batch=None)
+        for a in opts["models"] for s in opts["stage"] for d in opts["depth"] for c in opts["compile"]
+        if a == "hmar" or int(s) == 1
+    ]  # fmt: skip
+    for r in opts["row_specs"]:
+        if r["mode"] not in ("false", "blocks", "full"):
+            raise SystemExit(f"bench train_step: compile: expected false, blocks or full, got {r['mode']!r}")
     return opts
+
+
+def parse_row(spec: str) -> dict:
+    """``ARCH[-s2]/dDEPTH/MODE[/ac][/bBATCH]`` -> row settings."""
+    parts = spec.strip().split("/")
+    if len(parts) < 3 or not parts[1].startswith("d"):
+        raise SystemExit(f"bench train_step: rows: expected ARCH[-s2]/dDEPTH/MODE[/ac][/bB], got {spec!r}")
+    arch, _, st = parts[0].partition("-s")
+    row = dict(arch=arch, stage=int(st or 1), depth=int(parts[1][1:]), mode=parts[2], ac=False, batch=None)
+    for extra in parts[3:]:
+        if extra == "ac":
+            row["ac"] = True
+        elif extra.startswith("b"):
+            row["batch"] = int(extra[1:])
+        else:
+            raise SystemExit(f"bench train_step: rows: unknown suffix {extra!r} in {spec!r}")
+    return row
 
 
 def default_batch(res: int, depth: int) -> int:
@@ -254,8 +280,8 @@ def categorize(name: str) -> str:
     return "other elementwise"
 
 
-def profile_step(step, device: torch.device, path: str, n: int = 3) -> str:
-    """Profile ``n`` steps; write kernel time per class, per step, and the top kernels to ``path``."""
+def profile_step(step, device: torch.device, path: str, title: str, n: int = 3) -> str:
+    """Profile ``n`` steps; append kernel time per class, per step, and the top kernels to ``path``."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -285,7 +311,7 @@ def profile_step(step, device: torch.device, path: str, n: int = 3) -> str:
     for name, ms, _ in kernels:
         by_cat[categorize(name)] = by_cat.get(categorize(name), 0.0) + ms
     busy = sum(by_cat.values())
-    lines = [f"profile: {n} steps, step wall {wall_ms:.2f} ms (CUDA events), kernel time {busy:.2f} ms"]
+    lines = [f"== {title}", f"{n} steps profiled: step {wall_ms:.2f} ms (CUDA events), kernels {busy:.2f} ms"]
     lines.append(f"{'class':<20} {'ms/step':>9} {'% of step':>9}")
     for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         lines.append(f"{cat:<20} {ms:>9.2f} {100 * ms / wall_ms:>8.1f}%")
@@ -296,7 +322,8 @@ def profile_step(step, device: torch.device, path: str, n: int = 3) -> str:
     for name, ms, calls in kernels[:40]:
         lines.append(f"  {ms:>9.3f} {calls:>6}  {categorize(name)} / {name[:150]}")
     text = "\n".join(lines)
-    Path(path).write_text(text + "\n")
+    with open(path, "a") as f:
+        f.write(text + "\n\n")
     return text
 
 
@@ -337,21 +364,25 @@ def _dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def run_row(arch, stage, depth, mode, opts, device, peak) -> dict:
+def run_row(spec: dict, opts: dict, device: torch.device, peak: float | None, explain: bool) -> dict:
+    arch, stage, depth, mode = spec["arch"], spec["stage"], spec["depth"], spec["mode"]
+    # Every row compiles the same code objects (a block's forward, head_loss) under new guards:
+    # start from empty caches so earlier rows never count towards Dynamo's recompile limit.
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = build_model(arch, stage, depth, opts, device)
     res = 16 if opts["tiny"] else int(opts["res"])
-    B = default_batch(res, depth) if opts["batch"] == "auto" else int(opts["batch"])
+    B = spec["batch"] or (default_batch(res, depth) if opts["batch"] == "auto" else int(opts["batch"]))
     set_backend(model, opts["backend"])
     params = [p for _, p in model.named_trainable_parameters()]
     batch = random_batch(model, B, device)
     row = {"model": f"{arch}-d{model.depth}" if not opts["tiny"] else f"{arch}-tiny", "stage": stage,
-           "res": res, "batch": B, "L": model.L, "compile": mode, "ac": bool(opts["ac"]),
+           "res": res, "batch": B, "L": model.L, "compile": mode, "ac": spec["ac"],
            "params_M": sum(p.numel() for p in params) / 1e6}  # fmt: skip
-    if opts["explain"]:
+    if explain:
         row["explain"] = explain_step(model, batch, opts, device)
         print(f"  explain {row['model']} stage {stage}: {row['explain']}")
-    if opts["ac"]:
+    if spec["ac"]:
         P.apply_activation_checkpointing(model)
     check = bool(opts["check"])
     if mode == "false":
@@ -380,7 +411,8 @@ def run_row(arch, stage, depth, mode, opts, device, peak) -> dict:
     row["tflops"] = model.train_flops_per_sample() * B / ms / 1e9
     row["mfu"] = row["tflops"] / peak if peak else float("nan")
     if opts["profile"]:
-        row["profile"] = profile_step(step, device, opts["profile"])
+        title = f"{row['model']} stage {stage} {res} px B {B} compile={mode} ac={spec['ac']}"
+        row["profile"] = profile_step(step, device, opts["profile"], title)
     del step, model, params, batch
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -389,15 +421,16 @@ def run_row(arch, stage, depth, mode, opts, device, peak) -> dict:
 
 HEADER = (f"{'model':<9} {'st':>2} {'res':>4} {'B':>3} {'L':>5} {'compile':<7} {'ac':<2} {'params':>7} "
           f"{'step ms':>8} {'img/s':>7} {'tok/s':>8} {'TFLOP/s':>7} {'MFU':>6} {'peak GB':>7} "
-          f"{'first s':>7} {'graphs':>6}  check")  # fmt: skip
+          f"{'compile s':>9} {'first s':>7} {'graphs':>6}  check")  # fmt: skip
 
 
 def format_row(r: dict) -> str:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] == r["mfu"] else "-"
     return (f"{r['model']:<9} {r['stage']:>2} {r['res']:>4} {r['batch']:>3} {r['L']:>5} {r['compile']:<7} "
             f"{'y' if r['ac'] else 'n':<2} {r['params_M']:>6.0f}M {r['step_ms']:>8.1f} {r['images_s']:>7.1f} "
-            f"{r['tokens_s']:>8.0f} {r['tflops']:>7.1f} {mfu:>6} {r['peak_gb']:>7.2f} {r['first_s']:>7.1f} "
-            f"{r['graphs']:>6}  {r.get('check', '')}")  # fmt: skip
+            f"{r['tokens_s']:>8.0f} {r['tflops']:>7.1f} {mfu:>6} {r['peak_gb']:>7.2f} "
+            f"{r.get('compile_s', float('nan')):>9.1f} {r['first_s']:>7.1f} {r['graphs']:>6}  "
+            f"{r.get('check', '')}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -422,32 +455,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak for MFU: {peak} TFLOP/s; {MFU_FORMULA}")
     print(HEADER)
     print("-" * len(HEADER))
-    rows = []
-    for arch in opts["models"]:
-        for stage in (int(s) for s in opts["stage"]):
-            if arch != "hmar" and stage != 1:
-                continue
-            for depth in (int(d) for d in opts["depth"]):
-                for mode in opts["compile"]:
-                    name = f"{arch} stage {stage} d{depth} compile={mode}"
-                    try:
-                        r = run_row(arch, stage, depth, mode, opts, device, peak)
-                    except Exception as e:  # noqa: BLE001 - report and continue with the next row
-                        msg = str(e).splitlines()[0][:200] if str(e) else ""
-                        print(f"{name}: failed: {type(e).__name__}: {msg}")
-                        rows.append({"row": name, "error": f"{type(e).__name__}: {msg}"})
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                        continue
-                    rows.append(r)
-                    print(format_row(r), flush=True)
+    meta = {"device": gpu, "torch": torch.__version__, "triton": tv, "peak_tflops": peak,
+            "argv": list(argv or []), "mfu_formula": MFU_FORMULA}  # fmt: skip
+    rows: list[dict] = []
+
+    def save() -> None:  # after every row, so a run cut short keeps what it measured
+        if opts["json"]:
+            Path(opts["json"]).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+
+    explained = set()
+    for spec in opts["row_specs"]:
+        name = f"{spec['arch']} stage {spec['stage']} d{spec['depth']} compile={spec['mode']} ac={spec['ac']}"
+        key = (spec["arch"], spec["stage"])
+        explain = bool(opts["explain"]) and key not in explained
+        explained.add(key)
+        try:
+            r = run_row(spec, opts, device, peak, explain)
+        except Exception as e:  # noqa: BLE001 - report and continue with the next row
+            msg = str(e).splitlines()[0][:200] if str(e) else ""
+            print(f"{name}: failed: {type(e).__name__}: {msg}", flush=True)
+            rows.append({"row": name, "error": f"{type(e).__name__}: {msg}"})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            save()
+            continue
+        rows.append(r)
+        save()
+        print(format_row(r), flush=True)
     print(f"precision {opts['precision']}, median of {opts['steps']} steps after {opts['warmup']} warm-up "
-          "(first call timed apart: 'first s'); step = loss (fused head + weighted CE) + bwd + clip + AdamW; "
-          "'graphs': Dynamo graphs compiled for the row (recompiles would add to it)")  # fmt: skip
-    if opts["json"]:
-        meta = {"device": gpu, "torch": torch.__version__, "triton": tv, "peak_tflops": peak,
-                "argv": list(argv or []), "mfu_formula": MFU_FORMULA}  # fmt: skip
-        Path(opts["json"]).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+          "(first step call timed apart: 'first s'); step = loss (fused head + weighted CE) + bwd + clip "
+          "+ AdamW; 'graphs': Dynamo graphs compiled for the row (recompiles would add to it)")  # fmt: skip
     return 0 if all("error" not in r for r in rows) else 1
 
 
