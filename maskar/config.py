@@ -110,7 +110,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
-    attention_backend: str = field("auto", choices=("auto", "sdpa", "flex", "varlen", "triton"))
+    attention_backend: str = field("auto", choices=("auto", "sdpa", "flex", "varlen", "triton", "scales"))
     device: str = field("auto", help="auto | cpu | cuda | cuda:N")
 
     def validate(self) -> None:

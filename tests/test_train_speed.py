@@ -433,3 +433,27 @@ def test_custom_op_runs_the_kernels_under_the_interpreter():
     assert len(errs) == 2
     for _, kind, out_err, grad_err in errs:
         assert float(out_err) < 5e-3 and float(grad_err) < 2e-2, (kind, out_err, grad_err)
+
+
+# ----------------------------------------------------------------------------- scales backend
+
+
+@pytest.mark.parametrize("kind", ["block_diagonal", "block_causal"])
+def test_scales_backend_equals_sdpa_and_traces(kind):
+    """One dense call per scale (the leading small scales together) == SDPA with the full mask."""
+    from maskar.nn.attention import attention
+
+    p = ScalePattern.from_sides(kind, (1, 2, 3, 4, 8, 10))  # 30 small tokens, then 64 and 100
+    qkv = torch.randn(2, p.total, 3, 2, 16, dtype=torch.float64, requires_grad=True)
+
+    def f(qkv, backend):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return attention(q, k, v, p, backend=backend, scale=0.3)
+
+    got, ref = f(qkv, "scales"), f(qkv, "sdpa")
+    torch.testing.assert_close(got, ref)
+    do = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(got, qkv, do)[0], torch.autograd.grad(ref, qkv, do)[0])
+    assert torch._dynamo.explain(f)(qkv, "scales").graph_break_count == 0
+    x = torch.randn(1, 2, 5, 16)
+    torch.testing.assert_close(attention(x, x, x, None, backend="scales"), attention(x, x, x, None))

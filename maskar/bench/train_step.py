@@ -7,8 +7,8 @@
                             [device=auto] [compile_backend=inductor]
 
 ``models``, ``stage``, ``depth`` and ``compile`` take comma-separated lists; every combination is
-one row. ``rows`` lists the rows instead, each ``ARCH[-s2]/dDEPTH/MODE[/ac][/bBATCH]`` (e.g.
-``hmar/d16/blocks,hmar-s2/d16/blocks,hmar/d30/blocks/ac,var/d16/false``).
+one row. ``rows`` lists the rows instead, each ``ARCH[-s2]/dDEPTH/MODE[/ac][/bBATCH][/attn-BACKEND]``
+(e.g. ``hmar/d16/blocks,hmar-s2/d16/blocks,hmar/d30/blocks/ac,var/d16/false/attn-scales``).
 
 One step is what ``maskar train`` does per step: ``model.loss(batch)`` under autocast
 (teacher-forcing inputs from the frozen tokenizer, label dropout, the fused head + weighted
@@ -76,7 +76,7 @@ def _parse(argv: list[str]) -> dict:
     for k in LIST_KEYS:
         opts[k] = [x.strip() for x in str(opts[k]).split(",") if x.strip()]
     opts["row_specs"] = [parse_row(r) for r in opts["rows"].split(",") if r.strip()] or [
-        dict(arch=a, stage=int(s), depth=int(d), mode=c, ac=bool(opts["ac"]), batch=None)
+        dict(arch=a, stage=int(s), depth=int(d), mode=c, ac=bool(opts["ac"]), batch=None, attn=None)
         for a in opts["models"] for s in opts["stage"] for d in opts["depth"] for c in opts["compile"]
         if a == "hmar" or int(s) == 1
     ]  # fmt: skip
@@ -90,12 +90,15 @@ def parse_row(spec: str) -> dict:
     """``ARCH[-s2]/dDEPTH/MODE[/ac][/bBATCH]`` -> row settings."""
     parts = spec.strip().split("/")
     if len(parts) < 3 or not parts[1].startswith("d"):
-        raise SystemExit(f"bench train_step: rows: expected ARCH[-s2]/dDEPTH/MODE[/ac][/bB], got {spec!r}")
+        raise SystemExit(f"bench train_step: rows: expected ARCH[-s2]/dDEPTH/MODE[/...], got {spec!r}")
     arch, _, st = parts[0].partition("-s")
-    row = dict(arch=arch, stage=int(st or 1), depth=int(parts[1][1:]), mode=parts[2], ac=False, batch=None)
+    row = dict(arch=arch, stage=int(st or 1), depth=int(parts[1][1:]), mode=parts[2], ac=False, batch=None,
+               attn=None)  # fmt: skip
     for extra in parts[3:]:
         if extra == "ac":
             row["ac"] = True
+        elif extra.startswith("attn-"):
+            row["attn"] = extra[5:]
         elif extra.startswith("b"):
             row["batch"] = int(extra[1:])
         else:
@@ -373,11 +376,12 @@ def run_row(spec: dict, opts: dict, device: torch.device, peak: float | None, ex
     model = build_model(arch, stage, depth, opts, device)
     res = 16 if opts["tiny"] else int(opts["res"])
     B = spec["batch"] or (default_batch(res, depth) if opts["batch"] == "auto" else int(opts["batch"]))
-    set_backend(model, opts["backend"])
+    backend = spec.get("attn") or opts["backend"]
+    set_backend(model, backend)
     params = [p for _, p in model.named_trainable_parameters()]
     batch = random_batch(model, B, device)
     row = {"model": f"{arch}-d{model.depth}" if not opts["tiny"] else f"{arch}-tiny", "stage": stage,
-           "res": res, "batch": B, "L": model.L, "compile": mode, "ac": spec["ac"],
+           "res": res, "batch": B, "L": model.L, "compile": mode, "ac": spec["ac"], "attn": backend,
            "params_M": sum(p.numel() for p in params) / 1e6}  # fmt: skip
     if explain:
         row["explain"] = explain_step(model, batch, opts, device)
@@ -386,7 +390,7 @@ def run_row(spec: dict, opts: dict, device: torch.device, peak: float | None, ex
         P.apply_activation_checkpointing(model)
     check = bool(opts["check"])
     if mode == "false":
-        row["check"] = f"max|dlogit| {check_backend(model, opts['backend'], device, opts['precision']):.2e}"
+        row["check"] = f"max|dlogit| {check_backend(model, backend, device, opts['precision']):.2e}"
     elif check:
         with _Deterministic(model):
             loss_e, grads_e = loss_and_grads(model, params, batch, opts, device)
@@ -411,7 +415,7 @@ def run_row(spec: dict, opts: dict, device: torch.device, peak: float | None, ex
     row["tflops"] = model.train_flops_per_sample() * B / ms / 1e9
     row["mfu"] = row["tflops"] / peak if peak else float("nan")
     if opts["profile"]:
-        title = f"{row['model']} stage {stage} {res} px B {B} compile={mode} ac={spec['ac']}"
+        title = f"{row['model']} stage {stage} {res} px B {B} compile={mode} ac={spec['ac']} attn={backend}"
         row["profile"] = profile_step(step, device, opts["profile"], title)
     del step, model, params, batch
     if device.type == "cuda":
@@ -419,15 +423,16 @@ def run_row(spec: dict, opts: dict, device: torch.device, peak: float | None, ex
     return row
 
 
-HEADER = (f"{'model':<9} {'st':>2} {'res':>4} {'B':>3} {'L':>5} {'compile':<7} {'ac':<2} {'params':>7} "
-          f"{'step ms':>8} {'img/s':>7} {'tok/s':>8} {'TFLOP/s':>7} {'MFU':>6} {'peak GB':>7} "
+HEADER = (f"{'model':<9} {'st':>2} {'res':>4} {'B':>3} {'L':>5} {'compile':<7} {'ac':<2} {'attn':<6} "
+          f"{'params':>7} {'step ms':>8} {'img/s':>7} {'tok/s':>8} {'TFLOP/s':>7} {'MFU':>6} {'peak GB':>7} "
           f"{'compile s':>9} {'first s':>7} {'graphs':>6}  check")  # fmt: skip
 
 
 def format_row(r: dict) -> str:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] == r["mfu"] else "-"
     return (f"{r['model']:<9} {r['stage']:>2} {r['res']:>4} {r['batch']:>3} {r['L']:>5} {r['compile']:<7} "
-            f"{'y' if r['ac'] else 'n':<2} {r['params_M']:>6.0f}M {r['step_ms']:>8.1f} {r['images_s']:>7.1f} "
+            f"{'y' if r['ac'] else 'n':<2} {r['attn']:<6} {r['params_M']:>6.0f}M {r['step_ms']:>8.1f} "
+            f"{r['images_s']:>7.1f} "
             f"{r['tokens_s']:>8.0f} {r['tflops']:>7.1f} {mfu:>6} {r['peak_gb']:>7.2f} "
             f"{r.get('compile_s', float('nan')):>9.1f} {r['first_s']:>7.1f} {r['graphs']:>6}  "
             f"{r.get('check', '')}")  # fmt: skip
@@ -465,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
 
     explained = set()
     for spec in opts["row_specs"]:
-        name = f"{spec['arch']} stage {spec['stage']} d{spec['depth']} compile={spec['mode']} ac={spec['ac']}"
+        attn = spec.get("attn") or opts["backend"]
+        name = f"{spec['arch']}-s{spec['stage']} d{spec['depth']} {spec['mode']} ac={spec['ac']} {attn}"
         key = (spec["arch"], spec["stage"])
         explain = bool(opts["explain"]) and key not in explained
         explained.add(key)

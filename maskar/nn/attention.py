@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "sdpa", "flex", "varlen", "triton")
+BACKENDS = ("auto", "sdpa", "flex", "varlen", "triton", "scales")
 PatternKind = Literal["block_diagonal", "block_causal"]
 
 
@@ -97,6 +97,7 @@ class Backend:
     fn: Callable[..., Tensor]  # fn(q, k, v, pattern, scale) -> (B, H, L, D)
     supports: Callable[[Tensor, Tensor, Tensor, ScalePattern | None], bool]
     priority: int  # lower is tried first by ``auto``
+    auto: bool = True  # False: only used when asked for by name
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -108,12 +109,16 @@ def register_backend(
     fn: Callable[..., Tensor],
     supports: Callable[[Tensor, Tensor, Tensor, ScalePattern | None], bool],
     priority: int,
+    auto: bool = True,
 ) -> None:
-    """Add a backend. ``supports`` must be cheap: it is called on every ``auto`` dispatch."""
+    """Add a backend. ``supports`` must be cheap: it is called on every ``auto`` dispatch.
+
+    ``auto=False``: never chosen by ``backend="auto"``, only by name.
+    """
     if name not in BACKENDS or name == "auto":
         raise ValueError(f"backend name must be one of {BACKENDS[1:]}, got {name!r}")
-    _BACKENDS[name] = Backend(name, fn, supports, priority)
-    _BY_PRIORITY[:] = sorted(_BACKENDS.values(), key=lambda b: b.priority)
+    _BACKENDS[name] = Backend(name, fn, supports, priority, auto)
+    _BY_PRIORITY[:] = sorted((b for b in _BACKENDS.values() if b.auto), key=lambda b: b.priority)
 
 
 def available_backends() -> list[str]:
@@ -140,7 +145,10 @@ def _load_optional_backends() -> None:
     _optional_loaded = True
     import importlib
 
-    for mod in ("maskar.nn.attention_flex", "maskar.nn.attention_varlen", "maskar.kernels.block_sparse"):
+    for mod in (
+        "maskar.nn.attention_flex", "maskar.nn.attention_varlen", "maskar.kernels.block_sparse",
+        "maskar.nn.attention_scales",
+    ):  # fmt: skip
         try:
             importlib.import_module(mod)
         except ImportError:

@@ -1,0 +1,69 @@
+"""``scales`` attention backend: a scale pattern as one dense attention per scale.
+
+Block-diagonal attention is exactly one dense attention per scale (queries and keys of the
+scale); block-causal attention is one dense rectangular attention per scale (the scale's
+queries against every key up to the end of that scale). Each is a plain SDPA call without a
+mask, so the fastest dense kernel of the GPU runs it: cuDNN's (called as its aten op, so that
+torch.compile traces it) for fp16 / bf16 on CUDA, SDPA's default choice elsewhere. The
+leading scales with fewer than ``SMALL`` tokens each are one masked SDPA call together (their
+calls would cost more in launches than in work).
+
+Not picked by ``auto``: it pays only where the large scales dominate and cuDNN beats the
+fused block-sparse kernel on them (1024 px; docs/benchmarks.md), so it is an explicit choice
+(``attention_backend=scales``) until measured to win.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from maskar.nn.attention import ScalePattern, register_backend
+
+SMALL = 64  # scales below this many tokens (the first few) are attended together, masked
+
+
+def _dense(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, grad, scale=scale)[0]
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def scales_attention(
+    q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: float | None = None
+) -> Tensor:
+    """Attention under ``pattern`` scale by scale. q, k, v: (B, H, L, D) -> (B, H, L, D)."""
+    if pattern is None:  # dense (e.g. a KV-cached sampling step)
+        return _dense(q, k, v, scale)
+    if q.shape[-2] != pattern.total or k.shape[-2] != pattern.total:
+        raise ValueError(f"scales attention: pattern covers {pattern.total} tokens, q has {q.shape[-2]}")
+    ends = list(itertools.accumulate(pattern.lengths))
+    n_small = next((i for i, n in enumerate(pattern.lengths) if n >= SMALL), len(pattern.lengths))
+    outs = []
+    start = 0
+    if n_small:  # the small leading scales: one call with their (block-diagonal / causal) mask
+        stop = ends[n_small - 1]
+        head = ScalePattern(pattern.kind, pattern.lengths[:n_small])
+        outs.append(F.scaled_dot_product_attention(
+            q[:, :, :stop], k[:, :, :stop], v[:, :, :stop], attn_mask=head.dense_mask(q.device), scale=scale
+        ))  # fmt: skip
+        start = stop
+    for end in ends[n_small:]:
+        lo = start if pattern.kind == "block_diagonal" else 0
+        outs.append(_dense(q[:, :, start:end], k[:, :, lo:end], v[:, :, lo:end], scale))
+        start = end
+    return torch.cat(outs, dim=2)
+
+
+def supports(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern | None) -> bool:
+    if q.dim() != 4 or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    return pattern is None or (q.shape == k.shape and q.shape == v.shape and q.shape[-2] == pattern.total)
+
+
+# by name only (``auto`` never picks it; see the module docstring)
+register_backend("scales", scales_attention, supports, priority=90, auto=False)

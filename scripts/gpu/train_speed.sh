@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Issue 13, run 1 (one H200; about 7 minutes, every stage under its own timeout, 9 minutes at most):
+# VAR/HMAR training-step speed and the checks that go with it.
+#   1. `maskar bench train_step` at 256 px, rows in order of importance: HMAR-d16 and VAR-d16 batch 32
+#      with train.compile=blocks, HMAR-d30 batch 16 with activation checkpointing, HMAR-d16 and VAR-d16
+#      eager. Before timing, each compiled row's loss and gradients against the same eager step, each
+#      eager row's attention against fp32 SDPA; torch._dynamo.explain of the whole HMAR and VAR step
+#      (graph breaks); a torch.profiler table per row (kernel time by class: matmul, attention,
+#      cross-entropy, norms, optimizer, other, idle).
+#   2. 1024 px, batch 2: HMAR-d16 and VAR-d16 compile=blocks with the fused kernel, then with
+#      attention_backend=scales (cuDNN dense attention per scale), to see which is faster there.
+#   3. `maskar train preset=hmar-d16` on random cached token pyramids (latents store), batch 32, 60 steps,
+#      default train.compile (auto = blocks on CUDA): its logged step_ms against the bench row.
+#   4. A summary against the issue's targets (printed last, also in summary.txt).
+# Writes to $OUT (7 files): bench_256.{txt,json}, bench_1024.{txt,json}, profile.txt,
+# train_hmar_d16.log, summary.txt. Runs from the repo root with the machine's python3.
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T0=$(date +%s); el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
+
+el "1. bench 256 px"
+timeout 260 python3 -m maskar bench train_step res=256 steps=25 warmup=5 explain=true \
+  rows=hmar/d16/blocks,var/d16/blocks,hmar/d30/blocks/ac,hmar/d16/false,var/d16/false \
+  profile="$OUT/profile.txt" json="$OUT/bench_256.json" 2>&1 | tee "$OUT/bench_256.txt"
+
+el "2. bench 1024 px"
+timeout 160 python3 -m maskar bench train_step res=1024 steps=20 warmup=3 \
+  rows=hmar/d16/blocks,var/d16/blocks,hmar/d16/blocks/attn-scales,var/d16/blocks/attn-scales \
+  profile="$OUT/profile.txt" json="$OUT/bench_1024.json" 2>&1 | tee "$OUT/bench_1024.txt"
+
+el "3. maskar train hmar-d16, 60 steps on cached random tokens"
+rm -rf /tmp/lat256 /tmp/runs/hmar_d16
+python3 - <<'EOF'
+import torch
+from maskar.data.latent_store import write_latents
+from maskar.tokenizers.vqvae import PATCH_NUMS
+g = torch.Generator().manual_seed(0)
+def batches():  # 2048 samples: 64 steps of 32
+    for _ in range(8):
+        d = {f"indices_{i}": torch.randint(0, 4096, (256, pn, pn), generator=g, dtype=torch.int32)
+             for i, pn in enumerate(PATCH_NUMS[256])}
+        d["label"] = torch.randint(0, 1000, (256,), generator=g)
+        yield d
+write_latents("/tmp/lat256", batches(), num_classes=1000)
+EOF
+timeout 100 python3 -m maskar train preset=hmar-d16 data.name=latents data.root=/tmp/lat256 data.num_workers=4 \
+  train.batch_size=32 train.steps=60 train.log_every=20 train.ckpt_every=0 train.progress=false \
+  train.tensorboard=false train.out_dir=/tmp/runs/hmar_d16 > "$OUT/train_hmar_d16.log" 2>&1
+echo "rc=$?"; grep "step " "$OUT/train_hmar_d16.log" | tail -n 3
+
+el "4. summary"
+python3 - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
+import json, re, statistics, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+rows = []
+for f in ("bench_256.json", "bench_1024.json"):
+    if (out / f).is_file():
+        rows += [r for r in json.loads((out / f).read_text())["rows"]]
+ok_rows = [r for r in rows if "error" not in r]
+for r in rows:
+    if "error" in r:
+        print("FAILED ROW:", r["row"], r["error"])
+def find(model, res, mode, ac=False, attn="auto"):
+    for r in ok_rows:
+        if (r["model"], r["res"], r["compile"], r["ac"], r["stage"], r["attn"]) == (model, res, mode, ac, 1, attn):
+            return r
+targets = [("HMAR-d16 256 px B32", "hmar-d16", 256, 75, 0.45), ("VAR-d16 256 px B32", "var-d16", 256, 80, None),
+           ("HMAR-d16 1024 px B2", "hmar-d16", 1024, 75, None), ("VAR-d16 1024 px B2", "var-d16", 1024, 110, None)]
+print(f"{'target':<31} {'eager ms':>9} {'blocks ms':>9} {'target':>7} {'MFU':>6} {'peak GB':>8} {'compile s':>9} "
+      f"{'loss/grad rel':>16}  met")
+for name, model, res, t_ms, t_mfu in targets:
+    e, b = find(model, res, "false"), find(model, res, "blocks")
+    sc = find(model, res, "blocks", attn="scales")
+    if sc is not None and (b is None or sc["step_ms"] < b["step_ms"]):
+        name += " (scales)"; b = sc
+    if b is None:
+        print(f"{name:<31} not measured"); continue
+    met = b["step_ms"] <= t_ms and (t_mfu is None or b["mfu"] >= t_mfu)
+    print(f"{name:<31} {e['step_ms'] if e else float('nan'):>9.1f} {b['step_ms']:>9.1f} {t_ms:>7} "
+          f"{100 * b['mfu']:>5.1f}% {b['peak_gb']:>8.2f} {b.get('compile_s', float('nan')):>9.1f} "
+          f"{b.get('loss_rel', float('nan')):>7.1e}/{b.get('grad_rel', float('nan')):>7.1e}  {'yes' if met else 'NO'}")
+for model in ("hmar-d16", "var-d16"):
+    a, b = find(model, 1024, "blocks"), find(model, 1024, "blocks", attn="scales")
+    if a and b:
+        print(f"{model} 1024 px: fused kernel {a['step_ms']:.1f} ms vs cuDNN per scale {b['step_ms']:.1f} ms")
+d30 = find("hmar-d30", 256, "blocks", ac=True)
+if d30:
+    print(f"HMAR-d30 256 px B{d30['batch']} activation checkpointing: {d30['step_ms']:.1f} ms, MFU "
+          f"{100 * d30['mfu']:.1f}%, peak {d30['peak_gb']:.1f} GB")
+for r in ok_rows:
+    if r.get("explain"):
+        print(f"explain {r['model']} stage {r['stage']}: {r['explain']}")
+print("graphs compiled per blocks row (1 block graph + 1 head graph = no recompiles):",
+      {f"{r['model']}@{r['res']}": r["graphs"] for r in ok_rows if r["compile"] == "blocks"})
+log = (out / "train_hmar_d16.log").read_text() if (out / "train_hmar_d16.log").is_file() else ""
+ms = [float(m) for m in re.findall(r"step_ms ([0-9.]+)", log)]
+b = find("hmar-d16", 256, "blocks")
+if len(ms) >= 2 and b:
+    logged = statistics.median(ms[1:])  # the first window holds the compile
+    print(f"maskar train hmar-d16 B32: logged step_ms {ms} -> {logged:.1f} ms after the first window; bench "
+          f"{b['step_ms']:.1f} ms; difference {100 * (logged / b['step_ms'] - 1):+.1f}% (target within 10%)")
+    mfu = re.findall(r"mfu ([0-9.]+)", log)
+    print(f"  logged mfu {mfu}")
+else:
+    print("maskar train: no step_ms in the log (see train_hmar_d16.log)")
+EOF
+el "done"
