@@ -6,9 +6,10 @@
                             [profile=PATH] [json=PATH] [peak_tflops=auto] [tiny=false]
                             [device=auto] [compile_backend=inductor]
 
-``models``, ``stage``, ``depth`` and ``compile`` take comma-separated lists; every combination is
-one row. ``rows`` lists the rows instead, each ``ARCH[-s2]/dDEPTH/MODE[/ac][/bBATCH][/attn-BACKEND]``
-(e.g. ``hmar/d16/blocks,hmar-s2/d16/blocks,hmar/d30/blocks/ac,var/d16/false/attn-scales``).
+``models``, ``stage``, ``depth``, ``compile`` and ``backend`` (the attention backend) take
+comma-separated lists; every combination is one row. ``rows`` lists the rows instead, each
+``ARCH[-s2]/dDEPTH/MODE[/ac][/bBATCH][/attn-BACKEND]`` (e.g.
+``hmar/d16/blocks,hmar-s2/d16/blocks,hmar/d30/blocks/ac,var/d16/false/attn-scales``).
 
 One step is what ``maskar train`` does per step: ``model.loss(batch)`` under autocast
 (teacher-forcing inputs from the frozen tokenizer, label dropout, the fused head + weighted
@@ -53,7 +54,7 @@ DEFAULTS = {
     "explain": False, "profile": "", "json": "", "peak_tflops": "auto", "tiny": False, "device": "auto",
     "compile_backend": "inductor",
 }  # fmt: skip
-LIST_KEYS = ("models", "stage", "depth", "compile")
+LIST_KEYS = ("models", "stage", "depth", "compile", "backend")
 MFU_FORMULA = (
     "MFU = train_flops_per_sample * B / step time / peak; train_flops_per_sample = 6 * N_tok * L "
     "(N_tok = token-path weights: word_embed, per block qkv + proj + fc1 + fc2, head; the AdaLN "
@@ -76,9 +77,9 @@ def _parse(argv: list[str]) -> dict:
     for k in LIST_KEYS:
         opts[k] = [x.strip() for x in str(opts[k]).split(",") if x.strip()]
     opts["row_specs"] = [parse_row(r) for r in opts["rows"].split(",") if r.strip()] or [
-        dict(arch=a, stage=int(s), depth=int(d), mode=c, ac=bool(opts["ac"]), batch=None, attn=None)
+        dict(arch=a, stage=int(s), depth=int(d), mode=c, ac=bool(opts["ac"]), batch=None, attn=b)
         for a in opts["models"] for s in opts["stage"] for d in opts["depth"] for c in opts["compile"]
-        if a == "hmar" or int(s) == 1
+        for b in opts["backend"] if a == "hmar" or int(s) == 1
     ]  # fmt: skip
     for r in opts["row_specs"]:
         if r["mode"] not in ("false", "blocks", "full"):
@@ -376,7 +377,7 @@ def run_row(spec: dict, opts: dict, device: torch.device, peak: float | None, ex
     model = build_model(arch, stage, depth, opts, device)
     res = 16 if opts["tiny"] else int(opts["res"])
     B = spec["batch"] or (default_batch(res, depth) if opts["batch"] == "auto" else int(opts["batch"]))
-    backend = spec.get("attn") or opts["backend"]
+    backend = spec.get("attn") or opts["backend"][0]
     set_backend(model, backend)
     params = [p for _, p in model.named_trainable_parameters()]
     batch = random_batch(model, B, device)
@@ -470,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
 
     explained = set()
     for spec in opts["row_specs"]:
-        attn = spec.get("attn") or opts["backend"]
+        attn = spec.get("attn") or opts["backend"][0]
         name = f"{spec['arch']}-s{spec['stage']} d{spec['depth']} {spec['mode']} ac={spec['ac']} {attn}"
         key = (spec["arch"], spec["stage"])
         explain = bool(opts["explain"]) and key not in explained
