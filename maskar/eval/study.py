@@ -279,9 +279,8 @@ def run_study(
             overrides = [str(o) for o in row.get("overrides", [])] + _applicable(extra, ckpts[row["model"]])
             loaded.clear()
             model, cfg = sampling.load_for_sampling(ckpts[row["model"]], overrides, str(dev))
-            res = measure_speed(
-                model, cfg, int(row.get("batch", batch)), int(row.get("reps", 3)), dev, classes
-            )
+            speed_batch = _scaled(int(row.get("batch", batch)), scale, classes)  # scale: dry runs
+            res = measure_speed(model, cfg, speed_batch, int(row.get("reps", 3)), dev, classes)
             report["speed"].append({"model": row["model"], "overrides": overrides,
                                     "device": report["meta"]["device"], **res})  # fmt: skip
             print(
