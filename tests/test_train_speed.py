@@ -457,3 +457,27 @@ def test_scales_backend_equals_sdpa_and_traces(kind):
     assert torch._dynamo.explain(f)(qkv, "scales").graph_break_count == 0
     x = torch.randn(1, 2, 5, 16)
     torch.testing.assert_close(attention(x, x, x, None, backend="scales"), attention(x, x, x, None))
+
+
+def test_drop_path_draws_one_mask_per_branch_and_sample():
+    """Attention and FFN updates are dropped independently (two draws, as the official block)."""
+    from maskar.nn.blocks import AdaLNSelfAttnBlock
+
+    torch.manual_seed(0)
+    C = 8
+    blk = AdaLNSelfAttnBlock(C, C, 2, drop_path=0.5).train()
+    with torch.no_grad():  # each branch adds a constant: attention e_1, FFN e_0; gammas 1
+        blk.ada_lin[-1].weight.zero_()
+        blk.ada_lin[-1].bias.zero_()
+        blk.ada_lin[-1].bias[: 2 * C] = 1.0
+        for lin, unit in ((blk.attn.proj, 1), (blk.ffn.fc2, 0)):
+            lin.weight.zero_()
+            lin.bias.zero_()
+            lin.bias[unit] = 1.0
+    x = torch.randn(2000, 3, C)
+    d = blk(x, torch.zeros(2000, C)) - x  # (keep_ffn, keep_attn) * 1 / 0.5 in dims 0 and 1
+    keep_ffn, keep_attn = d[:, 0, 0] / 2, d[:, 0, 1] / 2
+    for k in (keep_ffn, keep_attn):
+        assert set(k.round().tolist()) <= {0.0, 1.0}
+        assert k.mean().item() == pytest.approx(0.5, abs=0.05)
+    assert (keep_ffn != keep_attn).float().mean().item() == pytest.approx(0.5, abs=0.05)  # independent

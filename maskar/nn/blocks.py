@@ -179,9 +179,11 @@ class AdaLNSelfAttnBlock(nn.Module):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
         # Drop path folds into the (B, 1, C) gamma, so each residual update is one multiply-add
         # over (B, L, C): x + attn(h) * gamma1 * keep (the same product, fewer passes in eager).
-        keep = self.drop_path.keep_scale(x.shape[0], x.device)
-        if keep is not None:
-            gamma1, gamma2 = gamma1 * keep, gamma2 * keep
+        # Each branch draws its own per-sample mask, as two calls of the official drop_path do.
+        keep1 = self.drop_path.keep_scale(x.shape[0], x.device)
+        if keep1 is not None:
+            gamma1 = gamma1 * keep1
+            gamma2 = gamma2 * self.drop_path.keep_scale(x.shape[0], x.device)
         h = torch.addcmul(shift1, self.ln_wo_grad(x), 1 + scale1)
         x = torch.addcmul(x, self.attn(h, pattern, cache), gamma1)
         h = torch.addcmul(shift2, self.ln_wo_grad(x), 1 + scale2)
