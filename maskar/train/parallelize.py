@@ -58,8 +58,11 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return len(blocks)
 
 
-def apply_compile(model: nn.Module, mode: str, backend: str = "inductor") -> bool:
+def apply_compile(model: nn.Module, mode: str, backend: str = "inductor", fullgraph: bool = True) -> bool:
     """Compile ``model`` in place for ``mode`` (``blocks`` or ``full``) with a torch.compile backend.
+
+    ``fullgraph=False`` lets an unexpected graph break fall back to eager for that part instead
+    of raising (the trainer's ``auto`` default; explicit modes and the benchmark insist on one graph).
 
     Returns False when the model offers nothing to compile in place for ``full`` (no
     ``compiled_methods``): the caller then compiles its whole loss call instead.
@@ -69,12 +72,12 @@ def apply_compile(model: nn.Module, mode: str, backend: str = "inductor") -> boo
     load_backends()  # imports happen here, never inside a trace
     if mode == "blocks":
         for b in model.repeated_blocks():
-            b.compile(fullgraph=True, dynamic=False, backend=backend)
+            b.compile(fullgraph=fullgraph, dynamic=False, backend=backend)
     methods = model.compiled_methods(mode) if hasattr(model, "compiled_methods") else None
     if methods is None:
         return mode == "blocks"
     for name in methods:
-        fn = torch.compile(getattr(model, name), fullgraph=True, dynamic=False, backend=backend)
+        fn = torch.compile(getattr(model, name), fullgraph=fullgraph, dynamic=False, backend=backend)
         setattr(model, name, fn)
     return True
 

@@ -318,7 +318,9 @@ class Trainer:
             P.apply_activation_checkpointing(self.model)
         self.compile_mode = P.resolve_compile_mode(tc.compile, self.model, self.device)
         mode = self.compile_mode
-        compile_whole_call = mode != "none" and not P.apply_compile(self.model, mode)
+        compile_whole_call = mode != "none" and not P.apply_compile(
+            self.model, mode, fullgraph=tc.compile != "auto"
+        )
         flops = getattr(self.model, "train_flops_per_sample", None)
         self.flops_per_sample = float(flops()) if flops is not None else 0.0
         self.peak_tflops = P.peak_tflops(self.device, tc.peak_tflops)
