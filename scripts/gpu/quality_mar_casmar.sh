@@ -26,7 +26,7 @@ el "data"; prepare_data
 SF=$($PY -c "import yaml; print(yaml.safe_load(open('$KL/config.yaml'))['model']['scale_factor'])")
 echo "KL tokenizer $KL, scale_factor $SF"
 C="data.root=$DATA data.num_workers=$WORKERS train.progress=false train.tensorboard=false \
-train.batch_size=$BS train.lr=4e-4 train.min_lr=4e-5 train.ema=0.999 device=$DEVICE \
+train.batch_size=$BS train.lr=4e-4 train.min_lr=4e-5 train.ema=0.999 train.compile=false device=$DEVICE \
 model.tokenizer_ckpt=$KL model.tokenizer.scale_factor=$SF"
 
 el "calibration: $CAL steps of MAR and CASMAR side by side"

@@ -24,7 +24,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi -L
 $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 el "data"; prepare_data
 C="data.root=$DATA data.num_workers=$WORKERS train.progress=false train.tensorboard=false \
-train.batch_size=$BS train.lr=4e-4 train.min_lr=4e-5 train.ema=0 device=$DEVICE"
+train.batch_size=$BS train.lr=4e-4 train.min_lr=4e-5 train.ema=0 train.compile=false device=$DEVICE"
 
 el "KL tokenizer (background)"
 timed kl timeout -s TERM ${KL_T:-420} $M train preset=klvae-fmnist-s data.root=$DATA data.num_workers=2 \
