@@ -67,9 +67,8 @@ def test_markov_inference_equals_block_diagonal_forward():
     with torch.no_grad():
         want = m(labels, m.tokenizer.teacher_forcing_input(gt))
     keep = [torch.ones(B, pn * pn, dtype=torch.bool) for pn in m.patch_nums]
-    got: list[torch.Tensor] = []
-    args = m._sampling_args(0.0, "linear", 1.0, 0, 0.0, 0, "cpu")
-    m._autoregress(labels, args, known=gt, keep=keep, collect=got)
+    _, trace = m.generate(labels, cfg=0.0, known=gt, keep=keep, return_trace=True, trace_logits=True)
+    got = [s.logits for s in trace.select("next_scale")]
     torch.testing.assert_close(torch.cat(got, dim=1), want, atol=1e-4, rtol=1e-4)
     # Markovian: new scale-2 tokens change only the input of scale 3; scales 0-2 keep their logits
     with torch.no_grad():
@@ -92,14 +91,56 @@ def test_refinement_inference_equals_teacher_forced_mask_forward():
         x_own = m.tokenizer.own_residual_input(gt)
         want = m.mask_forward(labels, x_ctx, x_own, masked_full)
     b, e = m.begin_ends[si]
-    labels2 = torch.cat([labels, torch.full_like(labels, m.num_classes)])
-    ctx = {
-        "cond": m.class_emb(labels2), "ctx_in": x_ctx[:, b - 1 : e - 1], "lvl_pos": m.lvl_pos(),
-        "refine_cfg": 0.0, "args": m._sampling_args(0.0, "linear", 1.0, 0, 0.0, 0, "cpu"),
-    }  # fmt: skip
-    with torch.no_grad():
-        got = m._mask_logits(si, gt[si], masked_full[:, b - 1 : e - 1], ctx)
+    f_hat = m.tokenizer.indices_to_fhats(gt)[si - 1]  # the scales before si
+    got = m.refinement_logits(labels, si, f_hat, gt[si], masked_full[:, b - 1 : e - 1])
     torch.testing.assert_close(got, want[:, b:e], atol=1e-4, rtol=1e-4)
+
+
+def test_trace_and_public_refinement_pass_reproduce_generate():
+    m = tiny_hmar(stage=2)
+    randomize(m)
+    labels = torch.tensor([0, 5, m.num_classes])
+    schedule = [[1], [1, 3], [1, 1, 2, 5], [10, 6]]
+    kw = dict(cfg=1.7, top_k=8, top_p=0.9, seed=3, mask_schedule=schedule, refine_cfg_schedule="official")
+    plain = m.generate(labels, **kw)
+    images, trace = m.generate(labels, **kw, return_trace=True, trace_logits=True)
+    assert torch.equal(images, plain)
+    stages = [(s.stage, s.index) for s in trace]
+    assert stages == [("next_scale", 0), ("next_scale", 1), ("refine", 1), ("next_scale", 2)] + [
+        ("refine", 2)
+    ] * 3 + [("next_scale", 3), ("refine", 3)]
+    prev_fhat = {si: trace.select("next_scale", si - 1)[0].info["f_hat"] for si in (1, 2, 3)}
+    for si in (1, 2, 3):
+        steps = trace.select(index=si)
+        assert torch.equal(steps[0].info["final_tokens"], steps[-1].tokens)
+        for before, step in zip(steps, steps[1:]):
+            assert (
+                step.info["cfg"] == 1.7 * 1e-6
+                and step.mask.sum(1).tolist() == [step.info["order"].shape[1]] * 3
+            )
+            got = m.refinement_logits(
+                labels, si, prev_fhat[si], before.tokens, step.mask, cfg=step.info["cfg"]
+            )
+            assert torch.equal(got, step.logits)  # the public pass is the loop's pass
+            assert torch.equal(step.tokens[~step.mask], before.tokens[~step.mask])
+    # ranking: the first refinement's positions are the official lowest-confidence choice
+    from maskar.nn.sampling import lowest_confidence, token_confidence
+
+    ns = trace.select("next_scale", 2)[0]
+    conf = token_confidence(ns.logits, ns.tokens, top_k=8, top_p=0.9)
+    first = trace.select("refine", 2)[0]
+    assert torch.equal(first.info["order"], lowest_confidence(conf, 8))
+    # refine_pass draws like the loop: same generator state -> same tokens
+    g = torch.Generator().manual_seed(0)
+    new, logits = m.refine_pass(labels, 2, prev_fhat[2], ns.tokens, first.mask, cfg=0.5, top_k=8, generator=g)
+    from maskar.nn.sampling import sample_from_logits
+
+    want = sample_from_logits(logits, 8, 0.0, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(new, torch.where(first.mask, want, ns.tokens))
+    with pytest.raises(ValueError, match="1x1"):
+        m.refinement_logits(labels, 0, prev_fhat[1], ns.tokens[:, :1], first.mask[:, :1])
+    with pytest.raises(ValueError, match="stage-1"):
+        tiny_hmar(stage=1).refinement_logits(labels, 1, prev_fhat[1], ns.tokens[:, :4], first.mask[:, :4])
 
 
 def test_refinement_follows_the_schedule(monkeypatch):

@@ -128,6 +128,52 @@ def test_kv_cache_inference_equals_block_causal_forward():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_trace_records_every_scale_and_changes_nothing():
+    m = tiny_var()
+    randomize(m)
+    labels = torch.tensor([0, 3, m.num_classes])
+    plain = m.generate(labels, cfg=2.0, top_k=5, seed=7)
+    images, trace = m.generate(labels, cfg=2.0, top_k=5, seed=7, return_trace=True, trace_logits=True)
+    assert torch.equal(images, plain)  # tracing draws nothing and reorders nothing
+    assert [(s.stage, s.index) for s in trace] == [("next_scale", si) for si in range(len(m.patch_nums))]
+    final = []
+    for si, step in enumerate(trace):
+        n = m.patch_nums[si] ** 2
+        assert step.tokens.shape == step.mask.shape == (3, n) and step.mask.all()
+        assert step.logits.shape == (3, n, m.vocab_size)
+        assert step.info["cfg"] == pytest.approx(2.0 * si / (len(m.patch_nums) - 1))
+        assert torch.equal(step.info["final_tokens"], step.tokens)  # VAR has no refinement
+        final.append(step.tokens)
+    fhats = m.tokenizer.indices_to_fhats(final)
+    assert all(torch.equal(s.info["f_hat"], f) for s, f in zip(trace, fhats))
+    assert torch.equal(m.tokenizer.fhat_to_img(trace.steps[-1].info["f_hat"]), images)
+    assert m.generate(labels, seed=7, return_trace=True)[1].steps[0].logits is None
+
+
+def test_generate_from_given_tokens_is_teacher_forcing():
+    m = tiny_var(cond_drop_rate=0.0)
+    randomize(m)
+    B = 2
+    labels = torch.tensor([1, 4])
+    gt = random_indices(m, B, seed=3)
+    with torch.no_grad():
+        want = m(labels, m.tokenizer.teacher_forcing_input(gt))
+    keep = [torch.ones(B, pn * pn, dtype=torch.bool) for pn in m.patch_nums]
+    images, trace = m.generate(labels, cfg=0.0, known=gt, keep=keep, return_trace=True, trace_logits=True)
+    torch.testing.assert_close(torch.cat([s.logits for s in trace], 1), want, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(s.tokens, g) and not s.mask.any() for s, g in zip(trace, gt))
+    torch.testing.assert_close(images, m.tokenizer.indices_to_img(gt))
+    # partial: kept positions are the given ids, the others are drawn
+    part = [torch.rand(B, pn * pn) < 0.5 for pn in m.patch_nums]
+    _, trace = m.generate(labels, known=gt, keep=part, return_trace=True)
+    for s, g, k in zip(trace, gt, part):
+        assert torch.equal(s.tokens[k], g[k]) and torch.equal(s.mask, ~k)
+    with pytest.raises(ValueError, match=r"known\[1\] / keep\[1\]: expected \(2, 4\)"):
+        m.generate(labels, known=gt, keep=[keep[0], keep[1][:, :3], keep[2]])
+    with pytest.raises(ValueError, match="together"):
+        m.generate(labels, known=gt)
+
+
 # ----------------------------------------------------------------------------- sampling helpers
 
 

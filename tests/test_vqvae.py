@@ -150,7 +150,7 @@ def test_next_input_matches_batch_computation(tiny):
     ids = random_ids(tiny, seed=3)
     with torch.no_grad():
         fhat = torch.zeros(2, 4, 8, 8)
-        inputs = []
+        inputs, fhats = [], []
         for si in range(len(tiny.patch_nums)):
             h = tiny.embed_map(ids[si], si)
             torch.testing.assert_close(h.permute(0, 2, 3, 1).reshape(2, -1, 4), tiny.lookup(ids[si]))
@@ -159,11 +159,20 @@ def test_next_input_matches_batch_computation(tiny):
                 assert nxt.shape == (2, 4, tiny.patch_nums[si + 1], tiny.patch_nums[si + 1])
                 inputs.append(nxt.flatten(2).transpose(1, 2))
             else:
-                assert nxt is None
+                assert nxt is fhat  # official: the last scale's "next input" is f_hat itself
+            fhats.append(fhat)
         torch.testing.assert_close(
             torch.cat(inputs, 1), tiny.teacher_forcing_input(ids), rtol=1e-5, atol=1e-5
         )
         torch.testing.assert_close(fhat, tiny.indices_to_fhat(ids), rtol=1e-5, atol=1e-5)
+        # per-scale f_hat and images (official embed_to_fhat / idxBl_to_img with last_one=False)
+        per_scale = tiny.indices_to_fhats(ids)
+        assert len(per_scale) == len(tiny.patch_nums)
+        for got, want in zip(per_scale, fhats):
+            assert torch.equal(got, want)  # the sampling loop's f_hat after each scale
+        imgs = tiny.indices_to_imgs(ids)
+        assert all(torch.equal(i, tiny.fhat_to_img(f)) for i, f in zip(imgs, per_scale))
+        assert torch.equal(imgs[-1], tiny.indices_to_img(ids))
 
 
 def test_own_residual_input_matches_loop(tiny):

@@ -45,6 +45,7 @@ from maskar.models.var import (
 from maskar.nn.blocks import AdaLNBeforeHead
 from maskar.nn.sampling import (
     CONFIDENCE_RULES,
+    check_sampling_args,
     guided_logits,
     lowest_confidence,
     sample_from_logits,
@@ -357,24 +358,90 @@ class HMAR(NextScaleModel):
             return cfg * 1e-6  # the released sampler's hard-coded ratio, same arithmetic
         return self.guidance(refine_cfg, si, "constant" if mode == "constant" else cfg_schedule)
 
-    def _mask_logits(self, si: int, idx: Tensor, masked: Tensor, ctx: dict) -> Tensor:
-        """One refinement pass at scale si: guided mask-head logits (B, pn^2, V) float32."""
+    def _refinement_logits(
+        self, si: int, idx: Tensor, masked: Tensor, cond: Tensor, ctx_in: Tensor, lvl_pos: Tensor, t: float
+    ) -> Tensor:
+        """Guided mask-head logits (B, pn^2, V) float32; cond (2B, C) = class_emb([labels; null]),
+        ctx_in (B, pn^2, Cz) = area_down(f_hat of the earlier scales, pn)."""
         B, pn = idx.shape[0], self.patch_nums[si]
         with no_autocast(idx.device):
             h_map = self.tokenizer.lookup(idx).float().transpose(1, 2).reshape(B, self.z_channels, pn, pn)
             x_own = self.tokenizer.own_residual(si, h_map).float().flatten(2).transpose(1, 2)  # (B, n, Cz)
         b, e = self.begin_ends[si]
-        x = self.mask_input(ctx["ctx_in"], x_own, masked) + ctx["lvl_pos"][:, b:e]
-        args = ctx["args"]
-        mode = ctx.get("refine_cfg_schedule", "same")
-        t = self.refinement_guidance(si, args.cfg, ctx["refine_cfg"], args.cfg_schedule, mode)
-        cond = ctx["cond"]
+        x = self.mask_input(ctx_in, x_own, masked) + lvl_pos[:, b:e]
         if t == 0.0:  # unguided: skip the null-class half
             cond = cond[:B]
         else:
             x = torch.cat([x, x])
         h = self.run_blocks(x, cond, self.mask_path, None)
         return guided_logits(self.logits(h, cond, self.mask_head, self.mask_head_nm), B, t)
+
+    def _pass_guidance(self, si: int, ctx: dict) -> float:
+        args = ctx["args"]
+        mode = ctx.get("refine_cfg_schedule", "same")
+        return self.refinement_guidance(si, args.cfg, ctx["refine_cfg"], args.cfg_schedule, mode)
+
+    def _mask_logits(self, si: int, idx: Tensor, masked: Tensor, ctx: dict) -> Tensor:
+        """One refinement pass at scale si inside the sampling loop (``ctx`` of ``_autoregress``)."""
+        t = self._pass_guidance(si, ctx)
+        return self._refinement_logits(si, idx, masked, ctx["cond"], ctx["ctx_in"], ctx["lvl_pos"], t)
+
+    @torch.no_grad()
+    def refinement_logits(
+        self, labels: Tensor, si: int, f_hat: Tensor, tokens: Tensor, masked: Tensor, *, cfg: float = 0.0
+    ) -> Tensor:
+        """Guided mask-head logits (B, pn^2, V) float32 of one refinement pass at scale si.
+
+        ``f_hat`` (B, Cz, h, w): the cumulative f_hat of the scales before si (a trace's
+        ``info["f_hat"]`` of scale si-1, or ``tokenizer.indices_to_fhats``); ``tokens`` (B, pn^2)
+        the scale's current ids; ``masked`` (B, pn^2) bool, the positions to re-predict (they
+        get the mask embedding); ``cfg`` the guidance weight t of the pass: (1+t) cond - t uncond.
+        """
+        if not self.has_mask_head:
+            raise ConfigError("refinement_logits: this is a stage-1 HMAR (no mask head)")
+        pn = self.patch_nums[si]
+        if pn == 1:
+            raise ConfigError(f"refinement_logits: scale {si} is 1x1; refinement needs pn > 1")
+        labels = self._check_labels(labels)
+        B = labels.shape[0]
+        if tuple(tokens.shape) != (B, pn * pn) or tuple(masked.shape) != (B, pn * pn):
+            raise ConfigError(
+                f"refinement_logits: tokens / masked must be (B, pn^2) = {(B, pn * pn)}, "
+                f"got {tuple(tokens.shape)} / {tuple(masked.shape)}"
+            )
+        cond = self.class_emb(torch.cat([labels, torch.full_like(labels, self.num_classes)]))
+        with no_autocast(f_hat.device):
+            ctx_in = self.tokenizer.area_down(f_hat.float(), pn).flatten(2).transpose(1, 2)  # (B, pn^2, Cz)
+        return self._refinement_logits(
+            si, tokens.long(), masked.bool(), cond, ctx_in, self.lvl_pos(), float(cfg)
+        )
+
+    @torch.no_grad()
+    def refine_pass(
+        self,
+        labels: Tensor,
+        si: int,
+        f_hat: Tensor,
+        tokens: Tensor,
+        masked: Tensor,
+        *,
+        cfg: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """One refinement pass: (tokens with the ``masked`` positions re-drawn, guided logits).
+
+        Arguments as :meth:`refinement_logits`; the draw is :func:`maskar.nn.sampling.
+        sample_from_logits` with top-k / top-p / temperature. Rank the result with
+        :func:`~maskar.nn.sampling.token_confidence` and :func:`~maskar.nn.sampling.lowest_confidence`
+        to choose the next pass's positions, as ``generate`` does.
+        """
+        check_sampling_args(0.0, temperature, top_k, top_p)
+        logits = self.refinement_logits(labels, si, f_hat, tokens, masked, cfg=cfg)
+        new = sample_from_logits(logits, top_k, top_p, temperature, generator)
+        return torch.where(masked.bool(), new, tokens.long()), logits
 
     def _refine(self, si: int, idx: Tensor, guided: Tensor, ctx: dict, known: Tensor | None) -> Tensor:
         """Masked refinement of scale si after its next-scale pass (reference §4.4).
@@ -399,6 +466,15 @@ class HMAR(NextScaleModel):
         def draw(logits: Tensor) -> Tensor:
             return sample_from_logits(logits, args.top_k, args.top_p, args.temperature, args.generator)
 
+        trace = ctx.get("trace")
+
+        def record(tokens: Tensor, masked: Tensor, logits: Tensor, order: Tensor | None = None) -> None:
+            if trace is not None:
+                info = {"cfg": self._pass_guidance(si, ctx)}
+                if order is not None:
+                    info["order"] = order  # the masked positions, lowest confidence first
+                trace.add("refine", si, tokens, masked, logits, **info)
+
         if known is not None:  # editing: per-sample counts of unknown tokens
             passes = ctx["edit_passes"]
             masked = ~known
@@ -409,6 +485,7 @@ class HMAR(NextScaleModel):
                 logits = self._mask_logits(si, idx, masked, ctx)
                 new = draw(logits)
                 idx = torch.where(masked, new, idx)
+                record(idx, masked, logits)
                 masked = _keep_lowest(
                     confidence(logits, idx), masked, (n_unknown * (passes - j - 1)) // passes
                 )
@@ -423,14 +500,17 @@ class HMAR(NextScaleModel):
             masked = torch.zeros_like(idx, dtype=torch.bool).scatter(1, order, True)
             logits = self._mask_logits(si, idx, masked, ctx)
             idx = torch.where(masked, draw(logits), idx)
+            record(idx, masked, logits, order)
             if step < len(sched) - 1:
                 order = lowest_confidence(confidence(logits, idx), sum(sched[step + 1 :]), among=order)
         return idx
 
-    def _autoregress(self, labels, args, known=None, keep=None, collect=None, out_indices=None, **refine_kw):
+    def _autoregress(
+        self, labels, args, known=None, keep=None, collect=None, out_indices=None, trace=None, **refine_kw
+    ):
         if not refine_kw:  # direct calls (tests) get the defaults
             refine_kw = self._refine_options({}, editing=known is not None)
-        return super()._autoregress(labels, args, known, keep, collect, out_indices, **refine_kw)
+        return super()._autoregress(labels, args, known, keep, collect, out_indices, trace, **refine_kw)
 
 
 registry.register(

@@ -36,7 +36,13 @@ from maskar.config import ConfigError, ModelConfig, SampleConfig, field
 from maskar.nn.attention import ScalePattern
 from maskar.nn.blocks import AdaLNBeforeHead, AdaLNSelfAttnBlock, KVCache, SharedAdaLin
 from maskar.nn.losses import linear_cross_entropy
-from maskar.nn.sampling import check_sampling_args, guided_logits, make_generator, sample_from_logits
+from maskar.nn.sampling import (
+    SamplingTrace,
+    check_sampling_args,
+    guided_logits,
+    make_generator,
+    sample_from_logits,
+)
 from maskar.tokenizers.vqvae import VQVAEConfig
 
 LOSS_WEIGHTINGS = ("uniform", "lognorm", "linear", "equal")
@@ -510,13 +516,14 @@ class NextScaleModel(nn.Module):
         keep: list[Tensor] | None = None,
         collect: list[Tensor] | None = None,
         out_indices: list[Tensor] | None = None,
+        trace: SamplingTrace | None = None,
         **refine_kw,
     ) -> Tensor:
         """Sample the pyramid scale by scale; return images (B, C, H, W) in [-1, 1].
 
         ``known``/``keep``: per-scale (B, pn^2) ids and bool masks of tokens forced to the
         given ids (editing). ``collect`` / ``out_indices`` receive the conditional logits and
-        the final token ids of each scale (tests, analysis).
+        the final token ids of each scale (benchmarks); ``trace`` records every step.
         """
         B, device = labels.shape[0], labels.device
         labels2 = torch.cat([labels, torch.full_like(labels, self.num_classes)])  # [cond; null]
@@ -531,20 +538,34 @@ class NextScaleModel(nn.Module):
             logits2 = self._scale_logits(x, cond, caches)  # (2B, pn^2, V)
             if collect is not None:
                 collect.append(logits2[:B].float())
-            guided = guided_logits(logits2.float(), B, self.guidance(args.cfg, si, args.cfg_schedule))
+            t = self.guidance(args.cfg, si, args.cfg_schedule)
+            guided = guided_logits(logits2.float(), B, t)
             idx = sample_from_logits(guided, args.top_k, args.top_p, args.temperature, args.generator)
             k_si = None
             if known is not None:
                 k_si = keep[si]
                 idx = torch.where(k_si, known[si], idx)
-            ctx = {"cond": cond, "ctx_in": ctx_in, "lvl_pos": lvl_pos, "args": args, **refine_kw}
+            step = None
+            if trace is not None:
+                drawn = torch.ones_like(idx, dtype=torch.bool) if k_si is None else ~k_si
+                step = trace.add("next_scale", si, idx, drawn, guided, cfg=t)
+            ctx = {
+                "cond": cond,
+                "ctx_in": ctx_in,
+                "lvl_pos": lvl_pos,
+                "args": args,
+                "trace": trace,
+                **refine_kw,
+            }
             idx = self._refine(si, idx, guided, ctx, k_si)
             if out_indices is not None:
                 out_indices.append(idx)
             with no_autocast(device):
                 h_map = self.tokenizer.lookup(idx).float().transpose(1, 2).reshape(B, self.z_channels, pn, pn)
                 f_hat, nxt = self.tokenizer.next_input(si, f_hat, h_map)
-            if nxt is not None:
+            if step is not None:
+                step.info.update(final_tokens=idx, f_hat=f_hat)  # the scale's final ids; f_hat after it
+            if si < len(self.patch_nums) - 1:
                 ctx_in = nxt.float().flatten(2).transpose(1, 2)  # (B, pn'^2, Cz)
                 b, e = self.begin_ends[si + 1]
                 x = self.word_embed(ctx_in) + lvl_pos[:, b:e]
@@ -563,12 +584,53 @@ class NextScaleModel(nn.Module):
         top_k: int = 900,
         top_p: float = 0.96,
         seed: int | None = 0,
+        known: list[Tensor] | None = None,
+        keep: list[Tensor] | None = None,
+        return_trace: bool = False,
+        trace_logits: bool = False,
         **extra,
-    ) -> Tensor:
-        """Class-conditional samples (B, C, H, W) in [-1, 1]; labels may be the null class."""
+    ) -> Tensor | tuple[Tensor, SamplingTrace]:
+        """Class-conditional samples (B, C, H, W) in [-1, 1]; labels may be the null class.
+
+        ``known`` / ``keep``: one (B, pn^2) int64 id tensor and one (B, pn^2) bool tensor per
+        scale; where ``keep`` is True the token is forced to ``known`` (generation from given
+        tokens, as editing does; all True = teacher forcing). ``return_trace=True`` returns
+        ``(images, trace)``: per scale a ``next_scale`` step (drawn ids, guidance weight, the
+        scale's final ids and f_hat after it) and, for HMAR, one ``refine`` step per pass;
+        ``trace_logits=True`` also keeps the guided logits of every draw.
+        """
         labels = self._check_labels(labels)
         args = self._sampling_args(cfg, cfg_schedule, temperature, top_k, top_p, seed, labels.device)
-        return self._autoregress(labels, args, **self._refine_options(extra, editing=False))
+        if (known is None) != (keep is None):
+            raise ConfigError("generate: pass known and keep together (one tensor per scale each)")
+        if known is not None:
+            known, keep = self._check_known(known, keep, labels.shape[0])
+        trace = SamplingTrace(keep_logits=trace_logits) if return_trace else None
+        images = self._autoregress(
+            labels, args, known, keep, trace=trace, **self._refine_options(extra, editing=known is not None)
+        )
+        return (images, trace) if return_trace else images
+
+    def _check_known(self, known, keep, batch: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-scale ids (B, pn^2) int64 and masks (B, pn^2) bool; else a ConfigError naming the scale."""
+        K = len(self.patch_nums)
+        if len(known) != K or len(keep) != K:
+            raise ConfigError(
+                f"known / keep: expected {K} tensors each (one per scale), got {len(known)}, {len(keep)}"
+            )
+        ids, masks = [], []
+        for si, (k, m, pn) in enumerate(zip(known, keep, self.patch_nums)):
+            want = (batch, pn * pn)
+            if tuple(k.shape) != want or tuple(m.shape) != want:
+                raise ConfigError(
+                    f"known[{si}] / keep[{si}]: expected {want}, got {tuple(k.shape)} / {tuple(m.shape)}"
+                )
+            k = k.long()
+            if k.numel() and (k.min() < 0 or k.max() >= self.vocab_size):
+                raise ConfigError(f"known[{si}]: expected token ids in [0, {self.vocab_size - 1}]")
+            ids.append(k)
+            masks.append(m.bool())
+        return ids, masks
 
     def _refine_options(self, extra: dict, editing: bool) -> dict:
         if extra:

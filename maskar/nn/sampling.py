@@ -8,6 +8,10 @@ softmax (``rule="unfiltered"``, maskar's rule before that was found).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -119,3 +123,62 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     g = torch.Generator(device=device)
     g.manual_seed(int(seed))
     return g
+
+
+# ----------------------------------------------------------------------------- sampling traces
+
+
+@dataclass
+class TraceStep:
+    """One step of a sampling loop, recorded by ``generate(..., return_trace=True)``.
+
+    ``stage`` names the loop (VAR/HMAR: ``next_scale`` / ``refine``; MAR: ``mar``; CASMAR:
+    ``scaffold`` / ``refine``), ``index`` the scale (VAR/HMAR) or step number. ``tokens`` is
+    the token state after the step: (B, n) ids for VAR/HMAR (the scale's tokens), (B, L, C)
+    latents for MAR/CASMAR. ``mask`` (B, n) bool is True where this step drew tokens.
+    ``logits`` (B, n, V) are the guided logits the draw used (VAR/HMAR with
+    ``trace_logits=True``). ``info`` holds the rest (guidance weight, f_hat, masks, ...).
+    """
+
+    stage: str
+    index: int
+    tokens: Tensor
+    mask: Tensor | None = None
+    logits: Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SamplingTrace:
+    """The steps of one sampling call, in order (see :class:`TraceStep`)."""
+
+    steps: list[TraceStep] = field(default_factory=list)
+    keep_logits: bool = False
+
+    def add(
+        self,
+        stage: str,
+        index: int,
+        tokens: Tensor,
+        mask: Tensor | None = None,
+        logits: Tensor | None = None,
+        **info: Any,
+    ) -> TraceStep:
+        """Record a step (logits are kept only with ``keep_logits``); returns it."""
+        step = TraceStep(stage, index, tokens, mask, logits if self.keep_logits else None, info)
+        self.steps.append(step)
+        return step
+
+    def select(self, stage: str | None = None, index: int | None = None) -> list[TraceStep]:
+        """The steps of one stage and/or index, in order."""
+        return [
+            s
+            for s in self.steps
+            if (stage is None or s.stage == stage) and (index is None or s.index == index)
+        ]
+
+    def __iter__(self) -> Iterator[TraceStep]:
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)

@@ -280,6 +280,25 @@ class MultiScaleVQVAE(TokenizerTrainingHooks, nn.Module):
             f_hat = h if f_hat is None else f_hat + h
         return f_hat
 
+    def indices_to_fhats(self, indices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Cumulative f_hat after each scale: K tensors (B, Cz, h, w), the last = indices_to_fhat.
+
+        The official ``embed_to_fhat(..., all_to_max_scale=True, last_one=False)``: every scale
+        accumulated at full latent size (the path that matches training and sampling).
+        """
+        self._check_indices(indices)
+        side = self.latent_side
+        out: list[torch.Tensor] = []
+        for si, idx in enumerate(indices):
+            h = self.quantize.contribution(si, self.embed_map(idx, si), side)
+            out.append(h if not out else out[-1] + h)
+        return out
+
+    def indices_to_imgs(self, indices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Images (B, C, H, W) in [-1, 1] decoded from the f_hat after each scale (K of them),
+        as the official ``idxBl_to_img(..., same_shape=True, last_one=False)``."""
+        return [self.fhat_to_img(f) for f in self.indices_to_fhats(indices)]
+
     def fhat_to_img(self, fhat: torch.Tensor) -> torch.Tensor:
         """(B, Cz, h, w) -> image (B, C, H, W) clamped to [-1, 1]."""
         return self.decoder(self.post_quant_conv(fhat)).clamp(-1, 1)
@@ -342,17 +361,17 @@ class MultiScaleVQVAE(TokenizerTrainingHooks, nn.Module):
             return self.quantize.embedding.weight.new_zeros(indices[0].shape[0], 0, self.z_channels)
         return torch.cat(out, 1)
 
-    def next_input(
-        self, si: int, fhat: torch.Tensor, h: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Sampling update: f_hat += phi_si(up(h)); returns (new f_hat, area_down(f_hat, pn_{si+1}) or None).
+    def next_input(self, si: int, fhat: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampling update: f_hat += phi_si(up(h)); returns (new f_hat, next scale's input).
 
         ``h`` is the (B, Cz, pn_si, pn_si) code map of scale si; ``fhat`` (B, Cz, h, w)
-        starts as zeros. The update is out of place: use the returned f_hat.
+        starts as zeros. The next input is area_down(f_hat, pn_{si+1}); at the last scale it
+        is f_hat itself, as the official ``get_next_autoregressive_input`` returns. The update
+        is out of place: use the returned f_hat.
         """
         fhat = fhat + self.quantize.contribution(si, h, self.latent_side)
         if si == self.num_scales - 1:
-            return fhat, None
+            return fhat, fhat
         return fhat, area_down(fhat, self.patch_nums[si + 1])
 
     def _check_indices(self, indices: Sequence[torch.Tensor]) -> None:
