@@ -24,6 +24,7 @@ from maskar.models.casmar import (
     saliency_scores,
     sincos_2d,
 )
+from maskar.nn.sampling import SamplingTrace
 
 
 def tiny_cfg(**kw) -> CASMARConfig:
@@ -205,6 +206,94 @@ def test_saliency_mask_amr_ratio_and_lowest_saliency_kept():
         )
 
 
+def test_saliency_details_follow_the_official_recipe():
+    # official saliency_guided_masking: noise = rand(N, L) / 2; ids_shuffle = argsort(s + noise);
+    # ids_restore = argsort(ids_shuffle); len_keep = max(1, int(L (1 - ratio))); the first
+    # len_keep of ids_shuffle stay visible
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 20, 6, generator=g)
+    u = torch.rand(3, 20, generator=g)
+    mask, n_masked, d = saliency_mask(x, 0.7, uniform=u, return_details=True)
+    col = torch.softmax(x @ x.transpose(1, 2), dim=2).sum(1)
+    assert torch.equal(d.column_sums, col) and torch.equal(d.saliency, saliency_scores(x))
+    frac = float((d.saliency > 0.5).sum(1).float().mean()) / 20
+    assert d.ratio == min(1.0, max(0.0, 0.7 - 0.1 + 0.2 * frac))
+    assert d.len_keep == max(1, int(20 * (1 - d.ratio))) == 20 - n_masked == 20 - d.num_masked
+    assert torch.equal(d.ids_shuffle, torch.argsort(d.saliency + u / 2, dim=1)) and d.uniform is u
+    assert torch.equal(d.ids_restore, torch.argsort(d.ids_shuffle, dim=1))
+    official = torch.ones(3, 20)
+    official[:, : d.len_keep] = 0
+    assert torch.equal(torch.gather(official, 1, d.ids_restore).bool(), mask) and torch.equal(d.mask, mask)
+    same, n2 = saliency_mask(x, 0.7, uniform=u)  # the draws decide everything
+    assert torch.equal(same, mask) and n2 == n_masked
+    with pytest.raises(ValueError, match="uniform"):
+        saliency_mask(x, 0.7, uniform=u[:, :5])
+
+
+def test_generate_trace_scaffold_and_sams_details():
+    model = tiny_casmar()
+    randomize_heads(model)
+    labels = torch.tensor([1, 10])
+    plain, scaffold = model.generate(labels, seed=2, cfg=2.0, re_cfg=1.5, return_scaffold=True, **SAMPLE)
+    images, scaffold2, trace = model.generate(
+        labels, seed=2, cfg=2.0, re_cfg=1.5, return_scaffold=True, return_trace=True, **SAMPLE
+    )
+    assert torch.equal(images, plain) and torch.equal(scaffold, scaffold2)
+    assert [(s.stage, s.index) for s in trace] == [
+        ("scaffold", 0),
+        ("scaffold", 1),
+        ("refine", 0),
+        ("refine", 1),
+    ]
+    first, last = trace.select("scaffold")
+    assert first.info["sams"].mask.shape == (2, model.scaffold_len) and last.info["sams"] is None
+    assert torch.equal(first.info["next_mask"], first.info["sams"].mask)
+    assert torch.equal(model.tokenizer.decode(last.tokens.transpose(1, 2).reshape(2, -1, 2, 2)), scaffold)
+    assert trace.select("refine")[0].mask.all()  # stage 2 starts with every big token masked
+
+
+def test_stage2_from_ground_truth_scaffold_latents(monkeypatch):
+    # official forward_mae_encoder_stage2 with small_z=None (eval): the scaffold part is
+    # cond_proj(ground-truth scaffold latents) at every position, for both CFG halves
+    model = tiny_casmar()
+    randomize_heads(model)
+    labels = torch.tensor([3, 4])
+    latents = torch.randn(2, model.token_channels, 2, 2)
+    seen = []
+    real = model.forward_encoder
+    monkeypatch.setattr(model, "forward_encoder", lambda sc, *a: seen.append(sc.clone()) or real(sc, *a))
+    big = model.sample_refine_from_latents(labels, latents, num_iter=2, cfg=2.0, num_sampling_steps="3")
+    assert big.shape == (2, model.seq_len, model.token_channels) and len(seen) == 2
+    want = model.cond_proj(latents.flatten(2).transpose(1, 2))
+    assert all(torch.equal(sc, torch.cat([want, want])) for sc in seen)
+    with pytest.raises(ValueError, match="scaffold_latents"):
+        model.sample_refine_from_latents(labels, latents[:, :, :1])
+
+
+def test_dit_head_official_signature_cfg_and_given_noise():
+    model = tiny_casmar()
+    randomize_heads(model)
+    head = model.cond_diffloss
+    x, z = torch.randn(4, 4, 4, 4), torch.randn(4, 32, 4, 4)
+    t, y = torch.tensor([5, 9, 5, 9]), torch.tensor([1, 2, 10, 10])
+    with torch.no_grad():
+        out = head.net(x, t, y, z)  # official DiT.forward(x, t, y, z)
+        assert torch.equal(out, head.net.forward_embedded(x, t, head.net.embed_condition(z), y))
+        guided = head.net.forward_with_cfg(x, t, y, z, 3.0)
+        both = head.net(torch.cat([x[:2], x[:2]]), t, y, z)
+        want = both[2:] + 3.0 * (both[:2] - both[2:])  # uncond + s (cond - uncond), official order
+    assert torch.equal(guided[:2], want) and torch.equal(guided[2:], want)
+    # a given x_T replaces the first draw; later draws come from the generator as before
+    g = torch.Generator().manual_seed(0)
+    plain = head.sample(z, 1.0, 2.0, generator=g)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(2, 4, 4, 4, generator=g)
+    given = head.sample(z, 1.0, 2.0, generator=g, noise=torch.cat([x_T, x_T]))
+    assert torch.equal(given, plain)
+    with pytest.raises(ValueError, match="noise"):
+        head.sample(z, 1.0, 2.0, noise=x_T)
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -356,17 +445,21 @@ def test_sampling_schedules_cfg_scales_and_temperature(monkeypatch):
         return real2(z, t, c, **kw)
 
     monkeypatch.setattr(model.cond_diffloss, "sample", spy2)
-    trace1: list[int] = []
+    steps1 = SamplingTrace()
     labels = torch.tensor([3, 4])
     small, small_z, predicted = model.sample_scaffold(
-        labels, num_iter=3, cfg=2.5, temperature=0.7, trace=trace1
+        labels, num_iter=3, cfg=2.5, temperature=0.7, trace=steps1
     )
+    trace1 = [int(st.mask.sum()) for st in steps1]
+    assert torch.equal(steps1.steps[-1].tokens, small)
     # every scaffold token is drawn (SAMS masks are not nested: a re-masked token is drawn again)
     assert predicted.all() and sum(trace1) >= 2 * model.scaffold_len and len(trace1) == 3
     assert [c[0] for c in calls1] == [2 * k for k in trace1]  # cond + uncond rows
     assert calls1[-1][2] == pytest.approx(2.5) and all(c[1] == 0.7 for c in calls1)  # linear -> full at end
-    trace2: list[int] = []
-    model.sample_refine(labels, small_z, predicted, num_iter=3, cfg=3.0, temperature=0.7, trace=trace2)
+    steps2 = SamplingTrace()
+    big = model.sample_refine(labels, small_z, predicted, num_iter=3, cfg=3.0, temperature=0.7, trace=steps2)
+    trace2 = [int(st.mask[0].sum()) for st in steps2]
+    assert torch.equal(steps2.steps[-1].tokens, big) and steps2.steps[-1].info["sams"] is None
     assert trace2[0] == model.seq_len and len(calls2) == len(trace2)
     assert calls2[-1][2] == pytest.approx(3.0)
     assert calls2[0][3].tolist() == [3, 4, 10, 10]  # DiT labels: class | null (used by SALA)

@@ -92,6 +92,19 @@ def test_static_buffers_equal_eager_on_cpu(learn_sigma, steps, cfg, temperature,
     else:
         torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-6)
     assert torch.equal(g_static.get_state(), g_eager.get_state())  # same number of draws
+    # a given x_T replaces exactly the first draw, on both paths
+    g_given = gen(3)
+    x_T = torch.randn((half, 4), generator=g_given)  # what the sampler draws first
+    x_T = torch.cat([x_T, x_T]) if cfg != 1.0 else x_T
+    state = g_given.get_state()
+    given = head.sample(z, temperature, cfg, generator=g_given, noise=x_T, cuda_graph=False)
+    assert torch.equal(given, eager)
+    g_given.set_state(state)
+    static = head._sample_graphed(z, temperature, cfg, head.gen_diffusion(), g_given, capture=False, x_T=x_T)
+    if graph_rows(half) == half:
+        assert torch.equal(static, eager)
+    else:
+        torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-6)
 
 
 def test_static_chain_is_reused_within_a_bucket_and_stale_padding_is_harmless():
@@ -152,8 +165,9 @@ def test_cache_survives_neither_copies_nor_moves_and_tracks_weights():
     p.data = p.data.clone()  # replaced storage without _apply: the weight fingerprint notices
     out = head._sample_graphed(z, 1.0, 1.0, head.gen_diffusion(), gen(0), capture=False)
     assert next(iter(head._graphs.entries.values())) is not old
-    torch.testing.assert_close(out, head.sample(z, 1.0, 1.0, generator=gen(0), cuda_graph=False),
-                               rtol=1e-5, atol=1e-6)  # 6 rows padded to 16: rounding only
+    torch.testing.assert_close(
+        out, head.sample(z, 1.0, 1.0, generator=gen(0), cuda_graph=False), rtol=1e-5, atol=1e-6
+    )  # 6 rows padded to 16: rounding only
 
 
 def test_mar_config_and_keywords(monkeypatch):

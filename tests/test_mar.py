@@ -13,6 +13,7 @@ from reference_tables import REFERENCE
 from scipy.stats import truncnorm
 
 from maskar.models.mar import MAR, MARConfig, mask_from_order, truncated_normal_ratio
+from maskar.nn.sampling import SamplingTrace
 
 
 def tiny_cfg(**kw) -> MARConfig:
@@ -163,10 +164,12 @@ def expected_reveals(n_unknown: int, num_iter: int) -> list[int]:
 @pytest.mark.parametrize("num_iter", [1, 4, 7, 40])
 def test_reveals_follow_cosine_schedule(num_iter):
     model = tiny_mar()
-    trace: list[int] = []
+    steps = SamplingTrace()
     tokens = model.sample_tokens(
-        torch.tensor([1, 2]), num_iter=num_iter, trace=trace, generator=torch.Generator().manual_seed(0)
+        torch.tensor([1, 2]), num_iter=num_iter, trace=steps, generator=torch.Generator().manual_seed(0)
     )
+    trace = [int(s.mask[0].sum()) for s in steps]
+    assert all((s.mask.sum(1) == s.mask[0].sum()).all() for s in steps)
     assert trace == expected_reveals(16, num_iter)
     assert sum(trace) == 16
     if num_iter == 4:
@@ -242,11 +245,44 @@ def test_edit_keeps_known_tokens():
     img = model.edit(images, keep, torch.tensor([1, 2, 10]), seed=0, num_iter=2, num_sampling_steps="2")
     assert img.shape == images.shape
     # schedule over the unknown tokens only
-    trace: list[int] = []
+    steps = SamplingTrace()
     model.sample_tokens(
-        torch.tensor([1]), num_iter=3, known=known[:1], known_mask=token_keep[:1], trace=trace
+        torch.tensor([1]), num_iter=3, known=known[:1], known_mask=token_keep[:1], trace=steps
     )
-    assert trace == expected_reveals(8, 3)
+    assert [int(s.mask.sum()) for s in steps] == expected_reveals(8, 3)
+    assert not any((s.mask & token_keep[:1]).any() for s in steps)  # known tokens are never drawn
+
+
+def test_generate_trace_and_given_tokens():
+    model = tiny_mar()
+    randomize_head(model)
+    labels = torch.tensor([1, 2, 10])
+    kw = dict(seed=4, num_iter=3, cfg=2.0, num_sampling_steps="3")
+    plain = model.generate(labels, **kw)
+    images, trace = model.generate(labels, **kw, return_trace=True)
+    assert torch.equal(images, plain) and [s.stage for s in trace] == ["mar"] * 3
+    drawn = torch.zeros(3, model.seq_len, dtype=torch.bool)
+    for s in trace:
+        assert not (s.mask & drawn).any() and torch.equal(s.info["input_mask"], ~drawn)
+        drawn |= s.mask
+    assert drawn.all()
+    assert trace.steps[-1].info["cfg"] == 1.0 + (2.0 - 1.0) * 15 / 16  # official: mask_len >= 1 at the end
+    assert torch.equal(model.tokenizer.decode(model.unpatchify(trace.steps[-1].tokens)), images)
+    # given tokens: generate(known=...) is edit() without the image encoding
+    images_in = torch.rand(3, 3, 32, 32) * 2 - 1
+    keep = torch.zeros(3, 1, 32, 32, dtype=torch.bool)
+    keep[0, :, :16] = True
+    keep[1, :, :, :8] = True
+    known = model.patchify(model.tokenizer.encode_mean(images_in).float())
+    known_mask = model.token_keep_mask(keep)
+    edited = model.edit(images_in, keep, labels, return_tokens=True, **kw)
+    got, trace = model.generate(labels, known=known, known_mask=known_mask, return_trace=True, **kw)
+    assert torch.equal(got, model.tokenizer.decode(model.unpatchify(edited)))
+    for s in trace:
+        rows = s.info["rows"]
+        assert not (s.mask & known_mask[rows]).any()  # known tokens are never drawn
+    with pytest.raises(ValueError, match="known / known_mask"):
+        model.generate(labels, known=known[:, :5], known_mask=known_mask)
 
 
 def test_mask_from_order():

@@ -63,7 +63,7 @@ from maskar.nn.diffloss import (
 )
 from maskar.nn.diffusion import GaussianDiffusion, create_diffusion
 from maskar.nn.proximal_attention import ProximalSelfAttention, SALAAttention2D
-from maskar.nn.sampling import make_generator
+from maskar.nn.sampling import SamplingTrace, make_generator
 from maskar.nn.vit import Attention, Mlp
 from maskar.tokenizers.klvae import KLVAE
 
@@ -128,6 +128,13 @@ class CASMARSampleConfig(MARSampleConfig):
 # ----------------------------------------------------------------------------- SAMS / AMR
 
 
+def affinity_column_sums(x: Tensor) -> Tensor:
+    """(N, L, D) features -> (N, L) float32: the attention mass each token receives under the
+    parameter-free self-affinity softmax(x x^T) (rows softmaxed, no 1/sqrt(D)), summed over rows."""
+    x = x.float()
+    return torch.softmax(x @ x.transpose(1, 2), dim=-1).sum(1)
+
+
 def saliency_scores(x: Tensor) -> Tensor:
     """(N, L, D) features -> (N, L) saliency in [0, 1].
 
@@ -136,10 +143,28 @@ def saliency_scores(x: Tensor) -> Tensor:
     (s - min) / (max - min + 1e-6). The 1e-6 matters on low-contrast features: it moves the
     saliency by ~1e-4 there and so decides near-ties, i.e. which tokens are masked.
     """
-    x = x.float()
-    received = torch.softmax(x @ x.transpose(1, 2), dim=-1).sum(1)  # column sums (N, L)
+    return _normalise(affinity_column_sums(x))
+
+
+def _normalise(received: Tensor) -> Tensor:
     lo, hi = received.amin(1, keepdim=True), received.amax(1, keepdim=True)
     return (received - lo) / (hi - lo + 1e-6)
+
+
+@dataclass
+class SaliencyDetails:
+    """Everything :func:`saliency_mask` computed (``return_details=True``); all per row (N, L)
+    except ``ratio`` (the AMR mask ratio, one per batch) and the counts."""
+
+    mask: Tensor  # bool, True = masked
+    num_masked: int
+    saliency: Tensor  # min-max normalised column sums
+    column_sums: Tensor  # affinity_column_sums of the features
+    ratio: float  # clip(base - var + 2 var * mean_frac(saliency > delta), 0, 1)
+    len_keep: int  # tokens left visible per row (known ones included)
+    uniform: Tensor  # the U(0, 1) draws of the noise term (noise * uniform)
+    ids_shuffle: Tensor  # argsort(saliency + noise * uniform): the first len_keep stay visible
+    ids_restore: Tensor  # argsort(ids_shuffle)
 
 
 def saliency_mask(
@@ -151,16 +176,21 @@ def saliency_mask(
     noise: float = 0.5,
     known: Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, int]:
+    uniform: Tensor | None = None,
+    return_details: bool = False,
+) -> tuple[Tensor, int] | tuple[Tensor, int, SaliencyDetails]:
     """SAMS with AMR: (N, L) bool mask (True = masked) and the masked count (same every row).
 
     AMR: ratio = clip(base - var + 2 var * mean_fraction(saliency > delta), 0, 1), one ratio
     per batch so every row keeps the same number of tokens. SAMS: keep (leave visible) the
     lowest saliency + U(0, noise) tokens, mask the most salient. ``known`` (N, L) bool marks
     tokens that are always visible (editing); the ratio then applies to the others.
+    ``uniform`` (N, L) replaces the U(0, 1) draws (the official ``torch.rand(N, L) / 2`` is
+    ``noise=0.5`` times them); ``return_details=True`` adds a :class:`SaliencyDetails`.
     """
     n, length = feats.shape[:2]
-    scores = saliency_scores(feats)
+    received = affinity_column_sums(feats)
+    scores = _normalise(received)
     free = torch.ones(n, length, dtype=torch.bool, device=feats.device) if known is None else ~known
     n_free = free.sum(1)
     if not bool((n_free == n_free[0]).all()):
@@ -171,11 +201,28 @@ def saliency_mask(
     keep_free = int(n_free0 * (1.0 - ratio))
     if known is None:
         keep_free = max(1, keep_free)
-    rand = torch.rand(n, length, generator=generator, device=feats.device)
-    order = torch.argsort((scores + noise * rand).masked_fill(~free, -math.inf), dim=1)
+    if uniform is None:
+        uniform = torch.rand(n, length, generator=generator, device=feats.device)
+    elif tuple(uniform.shape) != (n, length):
+        raise ValueError(f"saliency_mask: uniform must be (N, L) = {(n, length)}, got {tuple(uniform.shape)}")
+    order = torch.argsort((scores + noise * uniform).masked_fill(~free, -math.inf), dim=1)
     len_keep = length - n_free0 + keep_free
     mask = torch.ones(n, length, dtype=torch.bool, device=feats.device)
-    return mask.scatter(1, order[:, :len_keep], False), length - len_keep
+    mask = mask.scatter(1, order[:, :len_keep], False)
+    if not return_details:
+        return mask, length - len_keep
+    details = SaliencyDetails(
+        mask,
+        length - len_keep,
+        scores,
+        received,
+        ratio,
+        len_keep,
+        uniform,
+        order,
+        torch.argsort(order, dim=1),
+    )
+    return mask, length - len_keep, details
 
 
 # ----------------------------------------------------------------------------- transformer block
@@ -367,8 +414,28 @@ class LocalDiT(nn.Module):
         out = self.final_layer(tokens, c)  # (B, L, C)
         return out.transpose(1, 2).reshape(b, ch, h, w)
 
-    def forward(self, x: Tensor, t: Tensor, z: Tensor, labels: Tensor | None = None) -> Tensor:
-        return self.forward_embedded(x, t, self.embed_condition(z), labels)
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, z: Tensor) -> Tensor:
+        """eps (B, C, H, W) for x_t (B, C, H, W), t (B,) model timesteps, labels y (B,) (read by
+        SALA only; the null class is ``num_classes``; None for PSA) and decoder features z
+        (B, D, H, W): the official ``DiT.forward(x, t, y, z)`` argument order."""
+        return self.forward_embedded(x, t, self.embed_condition(z), y)
+
+    def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor | None, z: Tensor, cfg_scale: float) -> Tensor:
+        """The official ``DiT.forward_with_cfg``: the batch is laid out [cond | uncond]; the first
+        half of x runs with both halves of (y, z) and eps = uncond + s (cond - uncond) is
+        returned for both halves."""
+        return self.guided(x, t, self.embed_condition(z), y, cfg_scale)
+
+    def guided(
+        self, x: Tensor, t: Tensor, cond_tokens: Tensor, labels: Tensor | None, cfg_scale: float
+    ) -> Tensor:
+        """:meth:`forward_with_cfg` on embedded condition tokens (constant over diffusion steps);
+        float32 (under autocast the guidance arithmetic stays in float32)."""
+        half = x[: len(x) // 2]
+        eps = self.forward_embedded(torch.cat([half, half]), t, cond_tokens, labels).float()
+        cond_eps, uncond_eps = eps.chunk(2)
+        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)  # official order, in float32
+        return torch.cat([guided, guided])
 
 
 class GlobalDiffLoss(nn.Module):
@@ -413,25 +480,32 @@ class GlobalDiffLoss(nn.Module):
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
         paste_known: bool = False,
+        noise: Tensor | None = None,
     ) -> Tensor:
         """Sample latents (N, C, H, W) for z (N, D, H, W); with cfg != 1, z / labels / known are
         laid out [cond | uncond] and both halves share the initial noise (use the first half).
 
         ``known`` / ``known_mask`` (N, 1, H, W) bool: RePaint; at known positions the result is
-        the last step's mean as officially, or ``known`` itself with ``paste_known``."""
+        the last step's mean as officially, or ``known`` itself with ``paste_known``.
+        ``noise`` (N, C, H, W): the initial x_T instead of a draw (the official loop's
+        ``noise=``; with CFG pass the same noise in both halves, as the sampler draws it); the
+        per-step noise still comes from ``generator``.
+        """
         n, _, h, w = z.shape
         cond = self.net.embed_condition(z)
-        shape = (n // 2 if cfg != 1.0 else n, self.net.in_channels, h, w)
-        noise = torch.randn(shape, generator=generator, device=z.device, dtype=torch.float32)
+        if noise is None:
+            shape = (n // 2 if cfg != 1.0 else n, self.net.in_channels, h, w)
+            noise = torch.randn(shape, generator=generator, device=z.device, dtype=torch.float32)
+            if cfg != 1.0:
+                noise = torch.cat([noise, noise])
+        elif tuple(noise.shape) != (n, self.net.in_channels, h, w):
+            raise ValueError(
+                f"noise: expected x_T of shape {(n, self.net.in_channels, h, w)}, got {tuple(noise.shape)}"
+            )
         if cfg != 1.0:
-            noise = torch.cat([noise, noise])
 
             def model_fn(x: Tensor, t: Tensor) -> Tensor:
-                half = x[: n // 2]
-                eps = self.net.forward_embedded(torch.cat([half, half]), t, cond, labels).float()
-                cond_eps, uncond_eps = eps.chunk(2)
-                guided = torch.lerp(uncond_eps, cond_eps, cfg)  # uncond + s (cond - uncond)
-                return torch.cat([guided, guided])
+                return self.net.guided(x, t, cond, labels, cfg).float()
         else:
 
             def model_fn(x: Tensor, t: Tensor) -> Tensor:
@@ -439,7 +513,7 @@ class GlobalDiffLoss(nn.Module):
 
         return self.gen_diffusion(num_sampling_steps).p_sample_loop(
             model_fn,
-            noise,
+            noise.float(),
             temperature=temperature,
             generator=generator,
             known=known,
@@ -739,11 +813,13 @@ class CASMAR(MaskedGenerator):
         generator: torch.Generator | None = None,
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
-        trace: list[int] | None = None,
+        trace: SamplingTrace | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Stage 1. Returns scaffold tokens (B, S, C), the decoder features each token was
         sampled with (B, S, D) and which tokens were sampled (B, S) bool. ``trace``, if given,
-        receives the number of tokens drawn at each step, summed over the batch."""
+        receives one ``scaffold`` step per iteration: the tokens after it, ``mask`` = the
+        positions drawn, ``info``: the input mask, the next mask, the guidance scale and the
+        SAMS/AMR details of the next mask (:class:`SaliencyDetails`, None after the last step)."""
         b, s, device = labels.shape[0], self.scaffold_len, labels.device
         small, known_mask = self._start_tokens(b, s, known, known_mask, device)  # (B, S, C), (B, S)
         small_z = torch.zeros(b, s, self.cfg.decoder_embed_dim, device=device)  # (B, S, D)
@@ -767,7 +843,7 @@ class CASMAR(MaskedGenerator):
                     scaffold, big_in, full_mask, class_emb, 0, num_masked + self.seq_len
                 )
                 z = self.forward_decoder(x, keep, 0)[:, :s]  # (B or 2B, S, D)
-                mask_next = self._next_mask(z[:b], mask, step, num_iter, known_mask, generator)
+                mask_next, sams = self._next_mask(z[:b], mask, step, num_iter, known_mask, generator, trace)
                 to_pred = mask & ~mask_next
                 stuck = mask.any(1) & ~to_pred.any(1)
                 if bool(stuck.any()):
@@ -775,8 +851,6 @@ class CASMAR(MaskedGenerator):
                     scores = saliency_scores(z[:b]).masked_fill(~mask, -math.inf)
                     pick = F.one_hot(scores.argmax(1), s).bool()
                     to_pred = to_pred | (pick & stuck[:, None])
-                if trace is not None:
-                    trace.append(int(to_pred.sum()))
                 cfg_iter = self._cfg_scale(cfg, cfg_schedule, s - int(mask_next[0].sum()), s)
                 z_sel = z[:b][to_pred]  # (K, D), row-major over (sample, position)
                 if cfg != 1.0:
@@ -787,6 +861,11 @@ class CASMAR(MaskedGenerator):
                 small[to_pred] = new[: int(to_pred.sum())].float()
                 small_z[to_pred] = z[:b][to_pred].float()
                 predicted |= to_pred
+                if trace is not None:
+                    trace.add(
+                        "scaffold", step, small.clone(), to_pred,
+                        input_mask=mask, next_mask=mask_next, cfg=cfg_iter, sams=sams,
+                    )  # fmt: skip
                 mask = mask_next
         return small, small_z, predicted
 
@@ -796,6 +875,40 @@ class CASMAR(MaskedGenerator):
         labels: Tensor,
         small_z: Tensor,
         predicted: Tensor,
+        **kw: Any,
+    ) -> Tensor:
+        """Stage 2 with Pred-Cond (the sampler's path). Returns big tokens (B, N, C).
+
+        ``small_z`` (B, S, D) stage-1 decoder features, ``predicted`` (B, S) bool; the scaffold
+        positions carry ``cond_z_proj(small_z)`` where predicted, the placeholder elsewhere.
+        Keywords as :meth:`refine_from_scaffold_embedding`.
+        """
+        return self.refine_from_scaffold_embedding(labels, self.refine_scaffold(small_z, predicted), **kw)
+
+    @torch.no_grad()
+    def sample_refine_from_latents(self, labels: Tensor, scaffold_latents: Tensor, **kw: Any) -> Tensor:
+        """Stage 2 conditioned on given scaffold latents (the official ``small_z=None`` branch:
+        ``cond_proj`` of the ground-truth scaffold at every scaffold position, both CFG halves).
+
+        ``scaffold_latents``: scaled latents (B, C, s, s) of the image bicubic-downsampled to
+        ``cond_scale * stride`` px, or tokens (B, S, C). Keywords as
+        :meth:`refine_from_scaffold_embedding`. Returns big tokens (B, N, C).
+        """
+        x = scaffold_latents
+        if x.ndim == 4:
+            x = _tokens(x)
+        want = (labels.shape[0], self.scaffold_len, self.token_channels)
+        if tuple(x.shape) != want:
+            raise ValueError(
+                f"scaffold_latents: expected tokens {want} (or a latent grid), got {tuple(x.shape)}"
+            )
+        return self.refine_from_scaffold_embedding(labels, self.cond_proj(x.float()), **kw)
+
+    @torch.no_grad()
+    def refine_from_scaffold_embedding(
+        self,
+        labels: Tensor,
+        scaffold: Tensor,
         *,
         num_iter: int = 4,
         cfg: float = 1.0,
@@ -805,16 +918,17 @@ class CASMAR(MaskedGenerator):
         generator: torch.Generator | None = None,
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
-        trace: list[int] | None = None,
+        trace: SamplingTrace | None = None,
     ) -> Tensor:
-        """Stage 2. Returns big tokens (B, N, C). Every step re-draws all still-masked tokens
-        with the DiT head (known = visible tokens, RePaint); SAMS picks the next mask.
-        ``trace``, if given, receives the per-sample number of tokens re-drawn at each step."""
+        """Stage 2 from an embedded scaffold part ``scaffold`` (B, S, D_enc). Returns big tokens
+        (B, N, C). Every step re-draws all still-masked tokens with the DiT head (known =
+        visible tokens, RePaint); SAMS picks the next mask. ``trace``, if given, receives one
+        ``refine`` step per iteration: the tokens after it, ``mask`` = the positions re-drawn,
+        ``info``: the next mask, the guidance scale and the SAMS/AMR details."""
         b, n, s, device = labels.shape[0], self.seq_len, self.scaffold_len, labels.device
         h, w = self.seq_h, self.seq_w
         tokens, known_mask = self._start_tokens(b, n, known, known_mask, device)  # (B, N, C), (B, N)
         mask = ~known_mask
-        scaffold = self.refine_scaffold(small_z, predicted)  # (B, S, D)
         scaffold_mask = torch.zeros(b, s, dtype=torch.bool, device=device)
         class_emb = self._class_emb_cfg(labels, cfg)
         head_labels = labels
@@ -833,9 +947,7 @@ class CASMAR(MaskedGenerator):
                     tok_in, full_mask = torch.cat([tokens, tokens]), torch.cat([full_mask, full_mask])
                 x, keep = self.forward_encoder(scaffold, tok_in, full_mask, class_emb, 1, num_masked)
                 z = self.forward_decoder(x, keep, 1)[:, s:]  # (B or 2B, N, D)
-                mask_next = self._next_mask(z[:b], mask, step, num_iter, known_mask, generator)
-                if trace is not None:
-                    trace.append(num_masked)
+                mask_next, sams = self._next_mask(z[:b], mask, step, num_iter, known_mask, generator, trace)
                 cfg_iter = self._cfg_scale(cfg, cfg_schedule, n - int(mask_next[0].sum()), n)
                 visible = _grid((~mask).float()[..., None], h, w).bool()  # (B, 1, h, w)
                 known_grid = _grid(tokens, h, w)
@@ -852,6 +964,8 @@ class CASMAR(MaskedGenerator):
                     known_mask=visible,
                 )
                 tokens = torch.where(mask[..., None], _tokens(new[:b]).float(), tokens)
+                if trace is not None:
+                    trace.add("refine", step, tokens, mask, next_mask=mask_next, cfg=cfg_iter, sams=sams)
                 mask = mask_next
         return tokens
 
@@ -863,13 +977,15 @@ class CASMAR(MaskedGenerator):
         num_iter: int,
         known_mask: Tensor,
         generator: torch.Generator | None,
-    ) -> Tensor:
+        trace: SamplingTrace | None = None,
+    ) -> tuple[Tensor, SaliencyDetails | None]:
         """Mask after ``step``: none after the last step, else SAMS/AMR on the conditional
-        decoder features z (B, L, D) at the cosine base ratio."""
+        decoder features z (B, L, D) at the cosine base ratio (with its details when tracing)."""
         if step >= num_iter - 1:
-            return torch.zeros_like(mask)
+            return torch.zeros_like(mask), None
         base = cosine_mask_ratio(step, num_iter)
-        return self._sams(z, base, known=known_mask, generator=generator)[0]
+        out = self._sams(z, base, known=known_mask, generator=generator, return_details=trace is not None)
+        return out[0], (out[2] if trace is not None else None)
 
     def _check_sampling(self, cfg_schedule: str, num_iter: int, scaffold_num_iter: int) -> int:
         self._check_cfg_schedule_and_steps(cfg_schedule, num_iter)
@@ -897,8 +1013,10 @@ class CASMAR(MaskedGenerator):
         known_mask: Tensor | None = None,
         known_small: Tensor | None = None,
         known_small_mask: Tensor | None = None,
+        trace: SamplingTrace | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Both stages: (big tokens (B, N, C), scaffold tokens (B, S, C))."""
+        """Both stages: (big tokens (B, N, C), scaffold tokens (B, S, C)); ``trace`` gets the
+        ``scaffold`` steps, then the ``refine`` steps."""
         steps1 = self._check_sampling(cfg_schedule, num_iter, scaffold_num_iter)
         small, small_z, predicted = self.sample_scaffold(
             labels,
@@ -910,6 +1028,7 @@ class CASMAR(MaskedGenerator):
             generator=generator,
             known=known_small,
             known_mask=known_small_mask,
+            trace=trace,
         )
         big = self.sample_refine(
             labels,
@@ -923,6 +1042,7 @@ class CASMAR(MaskedGenerator):
             generator=generator,
             known=known,
             known_mask=known_mask,
+            trace=trace,
         )
         return big, small
 
@@ -940,12 +1060,24 @@ class CASMAR(MaskedGenerator):
         refine_num_sampling_steps: int | str = "250",
         scaffold_num_iter: int = 0,
         return_scaffold: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Images (B, C, H, W) in [-1, 1] (with ``return_scaffold`` also the decoded scaffold
-        images at ``cond_scale * stride`` px); label == class_num is unconditional."""
+        known: Tensor | None = None,
+        known_mask: Tensor | None = None,
+        known_small: Tensor | None = None,
+        known_small_mask: Tensor | None = None,
+        return_trace: bool = False,
+    ) -> Tensor | tuple:
+        """Images (B, C, H, W) in [-1, 1]; label == class_num is unconditional.
+
+        ``return_scaffold`` adds the decoded scaffold images (``cond_scale * stride`` px) and
+        ``return_trace`` a :class:`~maskar.nn.sampling.SamplingTrace` (see
+        :meth:`sample_scaffold`, :meth:`refine_from_scaffold_embedding`), in that order after
+        the images. ``known`` (B, N, C) / ``known_mask`` (B, N) and ``known_small`` (B, S, C) /
+        ``known_small_mask`` (B, S): given big / scaffold tokens (scaled latents); rows with
+        different unknown counts run as separate groups, as in :meth:`edit`.
+        """
         g = make_generator(seed, labels.device)
-        big, small = self.sample_tokens(
-            labels,
+        trace = SamplingTrace() if return_trace else None
+        kw = dict(
             num_iter=num_iter,
             cfg=cfg,
             re_cfg=re_cfg,
@@ -954,13 +1086,70 @@ class CASMAR(MaskedGenerator):
             num_sampling_steps=num_sampling_steps,
             refine_num_sampling_steps=refine_num_sampling_steps,
             scaffold_num_iter=scaffold_num_iter,
-            generator=g,
         )
-        images = self.tokenizer.decode(_grid(big, self.seq_h, self.seq_w))
+        if known is None and known_small is None:
+            if known_mask is not None or known_small_mask is not None:
+                raise ValueError("generate: a known mask needs its known tokens")
+            big, small = self.sample_tokens(labels, generator=g, trace=trace, **kw)
+        else:
+            b = labels.shape[0]
+            known, known_mask = self._given(known, known_mask, b, self.seq_len, "known / known_mask")
+            known_small, known_small_mask = self._given(
+                known_small, known_small_mask, b, self.scaffold_len, "known_small / known_small_mask"
+            )
+            big, small = self._sample_known(
+                labels, known, known_mask, known_small, known_small_mask, g, trace, kw
+            )
+        out = [self.tokenizer.decode(_grid(big, self.seq_h, self.seq_w))]
         if return_scaffold:
             side = self.scaffold_side
-            return images, self.tokenizer.decode(_grid(small, side, side))
-        return images
+            out.append(self.tokenizer.decode(_grid(small, side, side)))
+        if return_trace:
+            out.append(trace)
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def _given(
+        self, tokens: Tensor | None, mask: Tensor | None, b: int, n: int, what: str
+    ) -> tuple[Tensor, Tensor]:
+        """Given tokens and their mask, checked; none given = nothing known (zeros, all False)."""
+        if (tokens is None) != (mask is None):
+            raise ValueError(f"{what}: pass both or neither")
+        if tokens is None:
+            device = self.fake_latent.device
+            return torch.zeros(b, n, self.token_channels, device=device), torch.zeros(
+                b, n, dtype=torch.bool, device=device
+            )
+        self._check_known_tokens(tokens, mask, b, n, what)
+        return tokens.float(), mask
+
+    def _sample_known(
+        self,
+        labels: Tensor,
+        known: Tensor,
+        known_mask: Tensor,
+        known_small: Tensor,
+        known_small_mask: Tensor,
+        generator: torch.Generator | None,
+        trace: SamplingTrace | None,
+        kw: dict[str, Any],
+    ) -> tuple[Tensor, Tensor]:
+        big, small = known.clone(), known_small.clone()
+
+        def rows_fn(rows: Tensor, sub: SamplingTrace | None) -> tuple[Tensor, Tensor]:
+            return self.sample_tokens(
+                labels[rows],
+                generator=generator,
+                known=known[rows],
+                known_mask=known_mask[rows],
+                known_small=known_small[rows],
+                known_small_mask=known_small_mask[rows],
+                trace=sub,
+                **kw,
+            )
+
+        for rows, (b_rows, s_rows) in self._per_group((known_mask, known_small_mask), trace, rows_fn):
+            big[rows], small[rows] = b_rows, s_rows
+        return big, small
 
     def scaffold_keep_mask(self, keep_mask: Tensor) -> Tensor:
         """(B, 1, H, W) bool -> (B, S) bool: scaffold token known iff all its pixels are kept."""
@@ -996,24 +1185,17 @@ class CASMAR(MaskedGenerator):
         known_mask = self.token_keep_mask(keep_mask)
         known_small_mask = self.scaffold_keep_mask(keep_mask)
         g = make_generator(seed, images.device)
-        out = known.clone()
-        for rows in self._equal_count_groups(known_mask, known_small_mask):
-            out[rows], _ = self.sample_tokens(
-                labels[rows],
-                num_iter=num_iter,
-                cfg=cfg,
-                re_cfg=re_cfg,
-                cfg_schedule=cfg_schedule,
-                temperature=temperature,
-                num_sampling_steps=num_sampling_steps,
-                refine_num_sampling_steps=refine_num_sampling_steps,
-                scaffold_num_iter=scaffold_num_iter,
-                generator=g,
-                known=known[rows],
-                known_mask=known_mask[rows],
-                known_small=known_small[rows],
-                known_small_mask=known_small_mask[rows],
-            )
+        kw = dict(
+            num_iter=num_iter,
+            cfg=cfg,
+            re_cfg=re_cfg,
+            cfg_schedule=cfg_schedule,
+            temperature=temperature,
+            num_sampling_steps=num_sampling_steps,
+            refine_num_sampling_steps=refine_num_sampling_steps,
+            scaffold_num_iter=scaffold_num_iter,
+        )
+        out, _ = self._sample_known(labels, known, known_mask, known_small, known_small_mask, g, None, kw)
         if return_tokens:
             return out
         return self.tokenizer.decode(_grid(out, self.seq_h, self.seq_w))

@@ -37,7 +37,7 @@ from maskar import registry
 from maskar.config import ModelConfig, SampleConfig, field
 from maskar.nn.diffloss import DiffLoss
 from maskar.nn.diffusion import space_timesteps
-from maskar.nn.sampling import make_generator
+from maskar.nn.sampling import SamplingTrace, make_generator
 from maskar.nn.vit import Block
 from maskar.tokenizers.klvae import KLVAE, KLVAEConfig
 
@@ -308,6 +308,35 @@ class MaskedGenerator(nn.Module):
         counts = torch.stack([(~m).sum(1) for m in known_masks], 1)  # (B, k)
         return [(counts == key).all(1).nonzero().flatten() for key in torch.unique(counts, dim=0)]
 
+    def _per_group(
+        self, known_masks: tuple[Tensor, ...], trace: SamplingTrace | None, sample_rows: Callable
+    ) -> list[tuple[Tensor, Any]]:
+        """``sample_rows(rows, sub_trace)`` for each group of rows with equal unknown counts
+        (:meth:`_equal_count_groups`); each group's trace steps join ``trace`` with
+        ``info["rows"]`` naming the batch rows they cover."""
+        out = []
+        for rows in self._equal_count_groups(*known_masks):
+            sub = None if trace is None else SamplingTrace(keep_logits=trace.keep_logits)
+            out.append((rows, sample_rows(rows, sub)))
+            if sub is not None:
+                for step in sub:
+                    step.info["rows"] = rows
+                    trace.steps.append(step)
+        return out
+
+    def _check_known_tokens(self, known: Tensor, known_mask: Tensor, batch: int, n: int, what: str) -> None:
+        """known (B, n, C) latents with known_mask (B, n) bool; else a ValueError naming ``what``."""
+        want = (batch, n, self.token_channels)
+        if (
+            tuple(known.shape) != want
+            or tuple(known_mask.shape) != want[:2]
+            or known_mask.dtype != torch.bool
+        ):
+            raise ValueError(
+                f"{what}: expected tokens {want} and a bool mask {want[:2]}, "
+                f"got {tuple(known.shape)} and {tuple(known_mask.shape)} {known_mask.dtype}"
+            )
+
     @staticmethod
     def _cfg_scale(cfg: float, schedule: str, visible_after: int, total: int) -> float:
         """Guidance of a step: linear in the share of tokens visible after it, or constant."""
@@ -483,15 +512,17 @@ class MAR(MaskedGenerator):
         generator: torch.Generator | None = None,
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
-        trace: list[int] | None = None,
+        trace: SamplingTrace | None = None,
         cuda_graph: bool | None = None,
     ) -> Tensor:
         """Generate token sequences (B, L, C).
 
         ``known`` (B, L, C) with ``known_mask`` (B, L) bool fixes tokens (editing); every
         sample must have the same number of unknown tokens. The cosine schedule runs over
-        the unknown tokens. ``trace``, if given, receives the number of tokens revealed
-        at each step. ``cuda_graph`` is passed to :meth:`DiffLoss.sample` (None = its default).
+        the unknown tokens. ``trace``, if given, receives one ``mar`` step per iteration:
+        the tokens after it, ``mask`` = the positions revealed, ``info`` the encoder's input
+        mask and the guidance scale. ``cuda_graph`` is passed to :meth:`DiffLoss.sample`
+        (None = its default).
         """
         self._check_cfg_schedule_and_steps(cfg_schedule, num_iter)
         b, n, device = labels.shape[0], self.seq_len, labels.device
@@ -523,10 +554,8 @@ class MAR(MaskedGenerator):
                 mask_len = max(1, min(num_masked - 1, math.floor(n_unknown * ratio)))
                 next_masked = 0 if step >= num_iter - 1 else mask_len
                 idx = orders[:, next_masked:num_masked]  # (B, k) positions revealed now
-                if trace is not None:
-                    trace.append(idx.shape[1])
+                cfg_iter = self._cfg_scale(cfg, cfg_schedule, n - mask_len, n)
                 if idx.shape[1] > 0:
-                    cfg_iter = self._cfg_scale(cfg, cfg_schedule, n - mask_len, n)
                     z_idx = torch.cat([idx, idx]) if cfg != 1.0 else idx
                     z_sel = _gather_rows(z, z_idx).reshape(-1, z.shape[-1])  # [cond rows | uncond rows]
                     new = self.diffloss.sample(
@@ -541,6 +570,9 @@ class MAR(MaskedGenerator):
                     tokens = tokens.scatter(
                         1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), new.float()
                     )
+                if trace is not None:
+                    revealed = torch.zeros_like(mask).scatter(1, idx, True)
+                    trace.add("mar", step, tokens, revealed, input_mask=mask, cfg=cfg_iter)
                 num_masked = next_masked
         return tokens
 
@@ -555,20 +587,61 @@ class MAR(MaskedGenerator):
         temperature: float = 1.0,
         num_sampling_steps: int | str = "100",
         cuda_graph: bool = True,
-    ) -> Tensor:
-        """Class-conditional images (B, 3, H, W) in [-1, 1]; label == class_num is unconditional."""
+        known: Tensor | None = None,
+        known_mask: Tensor | None = None,
+        return_trace: bool = False,
+    ) -> Tensor | tuple[Tensor, SamplingTrace]:
+        """Class-conditional images (B, 3, H, W) in [-1, 1]; label == class_num is unconditional.
+
+        ``known`` (B, L, C) scaled latent tokens with ``known_mask`` (B, L) bool: those tokens
+        are given and the rest generated (rows with different unknown counts run as separate
+        groups, as in :meth:`edit`). ``return_trace=True`` returns ``(images, trace)`` (see
+        :meth:`sample_tokens`).
+        """
         g = make_generator(seed, labels.device)
-        tokens = self.sample_tokens(
-            labels,
+        trace = SamplingTrace() if return_trace else None
+        kw = dict(
             num_iter=num_iter,
             cfg=cfg,
             cfg_schedule=cfg_schedule,
             temperature=temperature,
             num_sampling_steps=num_sampling_steps,
-            generator=g,
             cuda_graph=cuda_graph,
         )
-        return self.tokenizer.decode(self.unpatchify(tokens).float())
+        if (known is None) != (known_mask is None):
+            raise ValueError("generate: pass known and known_mask together")
+        if known is None:
+            tokens = self.sample_tokens(labels, generator=g, trace=trace, **kw)
+        else:
+            self._check_known_tokens(known, known_mask, labels.shape[0], self.seq_len, "known / known_mask")
+            tokens = self._sample_known(labels, known.float(), known_mask, g, trace, kw)
+        images = self.tokenizer.decode(self.unpatchify(tokens).float())
+        return (images, trace) if return_trace else images
+
+    def _sample_known(
+        self,
+        labels: Tensor,
+        known: Tensor,
+        known_mask: Tensor,
+        generator: torch.Generator | None,
+        trace: SamplingTrace | None,
+        kw: dict[str, Any],
+    ) -> Tensor:
+        out = known.clone()
+
+        def rows_fn(rows: Tensor, sub: SamplingTrace | None) -> Tensor:
+            return self.sample_tokens(
+                labels[rows],
+                generator=generator,
+                known=known[rows],
+                known_mask=known_mask[rows],
+                trace=sub,
+                **kw,
+            )
+
+        for rows, tokens in self._per_group((known_mask,), trace, rows_fn):
+            out[rows] = tokens
+        return out
 
     @torch.no_grad()
     def edit(
@@ -591,20 +664,15 @@ class MAR(MaskedGenerator):
         known = self.patchify(self.tokenizer.encode_mean(images).float())  # (B, L, C)
         known_mask = self.token_keep_mask(keep_mask.to(images.device))
         g = make_generator(seed, images.device)
-        out = known.clone()
-        for rows in self._equal_count_groups(known_mask):
-            out[rows] = self.sample_tokens(
-                labels[rows],
-                num_iter=num_iter,
-                cfg=cfg,
-                cfg_schedule=cfg_schedule,
-                temperature=temperature,
-                num_sampling_steps=num_sampling_steps,
-                generator=g,
-                known=known[rows],
-                known_mask=known_mask[rows],
-                cuda_graph=cuda_graph,
-            )
+        kw = dict(
+            num_iter=num_iter,
+            cfg=cfg,
+            cfg_schedule=cfg_schedule,
+            temperature=temperature,
+            num_sampling_steps=num_sampling_steps,
+            cuda_graph=cuda_graph,
+        )
+        out = self._sample_known(labels, known, known_mask, g, None, kw)
         if return_tokens:
             return out
         return self.tokenizer.decode(self.unpatchify(out))

@@ -161,13 +161,11 @@ class SimpleMLPAdaLN(nn.Module):
         half = x[: len(x) // 2]
         out = self.forward_embedded(torch.cat([half, half], dim=0), t_emb, c_emb)
         eps, rest = out[:, : self.in_channels], out[:, self.in_channels :]
-        cond_eps, uncond_eps = eps.chunk(2, dim=0)
-        if isinstance(cfg_scale, Tensor):
-            # A 0-d float32 tensor keeps a compiled / CUDA graph scale-agnostic. lerp in float32
-            # then rounding is what the scalar lerp below computes internally (float opmath).
-            guided = torch.lerp(uncond_eps.float(), cond_eps.float(), cfg_scale.float()).to(eps.dtype)
-        else:
-            guided = torch.lerp(uncond_eps, cond_eps, cfg_scale)  # uncond + s * (cond - uncond)
+        cond_eps, uncond_eps = eps.float().chunk(2, dim=0)
+        # The official uncond + s * (cond - uncond), in float32 (bitwise official in fp32; under
+        # autocast one rounding at the end). A 0-d float32 tensor scale (compiled / CUDA-graph
+        # sampler) gives the same result as the Python float, which the kernels round to float32.
+        guided = (uncond_eps + cfg_scale * (cond_eps - uncond_eps)).to(eps.dtype)
         return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
 
 
@@ -258,19 +256,25 @@ class _StaticChain:
             torch.clear_autocast_cache()
         self.graph, self.out = graph, out
 
-    def fill(self, z: Tensor, cfg: float, generator: torch.Generator | None) -> None:
-        """Copy z in and draw the noise exactly as the eager path does (same calls, same order)."""
+    def fill(
+        self, z: Tensor, cfg: float, generator: torch.Generator | None, x_T: Tensor | None = None
+    ) -> None:
+        """Copy z in and draw the noise exactly as the eager path does (same calls, same order);
+        a given ``x_T`` (N, C) replaces the first draw."""
         n, rows, steps = z.shape[0], self.rows, self.diffusion.num_timesteps
         h = n // 2 if self.guided else n
         hb = rows // 2 if self.guided else rows
         c = self.x_T.shape[1]
         # eager: x_T = randn(h, C) (both CFG halves share it), then randn(n, C) per step
-        first = torch.randn((h, c), generator=generator, device=z.device, dtype=torch.float32)
+        if x_T is None:
+            first = second = torch.randn((h, c), generator=generator, device=z.device, dtype=torch.float32)
+        else:
+            first, second = x_T[:h], x_T[h:]
         self.z[:h].copy_(z[:h])
         self.x_T[:h].copy_(first)
         if self.guided:
             self.z[hb : hb + h].copy_(z[h:])
-            self.x_T[hb : hb + h].copy_(first)
+            self.x_T[hb : hb + h].copy_(second)
             self.scale.fill_(cfg)
         if rows == n:  # no padding: draw straight into the static buffer
             for view in self.noise_steps:
@@ -417,6 +421,7 @@ class DiffLoss(nn.Module):
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
         paste_known: bool = False,
+        noise: Tensor | None = None,
         cuda_graph: bool | None = None,
     ) -> Tensor:
         """Sample token latents (N, C) for conditions z (N, C_z).
@@ -426,36 +431,49 @@ class DiffLoss(nn.Module):
         first half and a companion chain (use the first half).
         ``known`` / ``known_mask``: RePaint (see :meth:`GaussianDiffusion.p_sample_loop`; known
         rows come back as the last step's mean, or as ``known`` with ``paste_known``).
+        ``noise`` (N, C): the initial x_T instead of a draw (with CFG pass the same rows in
+        both halves, as the sampler draws them); the per-step noise still comes from
+        ``generator``, in the same calls as without it.
         ``cuda_graph`` (None = the ``cuda_graph`` attribute) replays a captured CUDA graph
         of the whole chain where :meth:`graph_refusal` allows it; same draws as eager.
         """
+        n = z.shape[0]
+        if noise is not None and tuple(noise.shape) != (n, self.in_channels):
+            raise ValueError(
+                f"noise: expected x_T of shape {(n, self.in_channels)}, got {tuple(noise.shape)}"
+            )
         use_graph = self.cuda_graph if cuda_graph is None else cuda_graph
         if use_graph and self.graph_refusal(z, cfg, known) is None:
-            out = self._sample_graphed(z, temperature, cfg, self.gen_diffusion(num_sampling_steps), generator)
+            diffusion = self.gen_diffusion(num_sampling_steps)
+            out = self._sample_graphed(z, temperature, cfg, diffusion, generator, x_T=noise)
             if out is not None:
                 return out
-        n = z.shape[0]
         dtype = torch.float32
+        x_T = noise
         # The condition embedding is the same at every step; the sampling loop calls the
         # model with one timestep for all rows, so one time-embedding row is broadcast.
         c_emb = self.net.cond_embed(z)
         fwd, fwd_cfg = self._compiled or (self.net.forward_embedded, self.net.forward_with_cfg_embedded)
         if cfg != 1.0:
-            noise = torch.randn((n // 2, self.in_channels), generator=generator, device=z.device, dtype=dtype)
-            noise = torch.cat([noise, noise], dim=0)
+            if x_T is None:
+                x_T = torch.randn(
+                    (n // 2, self.in_channels), generator=generator, device=z.device, dtype=dtype
+                )
+                x_T = torch.cat([x_T, x_T], dim=0)
             scale = torch.tensor(cfg, device=z.device) if self._compiled else cfg
 
             def model_fn(x: Tensor, t: Tensor) -> Tensor:
                 return fwd_cfg(x, self.net.time_embed(t[:1]), c_emb, scale).float()
         else:
-            noise = torch.randn((n, self.in_channels), generator=generator, device=z.device, dtype=dtype)
+            if x_T is None:
+                x_T = torch.randn((n, self.in_channels), generator=generator, device=z.device, dtype=dtype)
 
             def model_fn(x: Tensor, t: Tensor) -> Tensor:
                 return fwd(x, self.net.time_embed(t[:1]), c_emb).float()
 
         return self.gen_diffusion(num_sampling_steps).p_sample_loop(
             model_fn,
-            noise,
+            x_T.to(dtype),
             temperature=temperature,
             generator=generator,
             known=known,
@@ -549,6 +567,7 @@ class DiffLoss(nn.Module):
         diffusion: GaussianDiffusion,
         generator: torch.Generator | None,
         capture: bool = True,
+        x_T: Tensor | None = None,
     ) -> Tensor | None:
         """The graph path of :meth:`sample` (``capture=False`` runs the same buffers eagerly)."""
         n = z.shape[0]
@@ -558,6 +577,6 @@ class DiffLoss(nn.Module):
         chain = self._static_chain(diffusion, rows, guided, float(temperature), z, capture)
         if chain is None:
             return None
-        chain.fill(z, cfg, generator)
+        chain.fill(z, cfg, generator, x_T)
         chain.run()
         return chain.result(n)
