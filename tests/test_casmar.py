@@ -294,6 +294,39 @@ def test_dit_head_official_signature_cfg_and_given_noise():
         head.sample(z, 1.0, 2.0, noise=x_T)
 
 
+@pytest.mark.parametrize("attention", ["psa", "sala"])
+def test_standalone_dit_head_and_psa_loaders(tmp_path, attention):
+    from maskar.convert.casmar import load_dit_head, load_psa
+
+    model = tiny_casmar(head_attention=attention)
+    randomize_heads(model)
+    full = {f"module.{k}": v for k, v in model.state_dict().items()}  # a whole checkpoint, DDP prefix
+    head = load_dit_head(full, heads=model.cfg.gdm_heads, kernel_size=model.cfg.psa_kernel)
+    net = model.cond_diffloss.net
+    assert head.net.attention == attention and head.net.grid == net.grid
+    for k, v in net.state_dict().items():
+        assert torch.equal(head.net.state_dict()[k], v), k
+    x, z, t = torch.randn(2, 4, 4, 4), torch.randn(2, 32, 4, 4), torch.tensor([3, 7])
+    y = torch.tensor([1, 10])
+    with torch.no_grad():
+        assert torch.equal(head.net(x, t, y, z), net(x, t, y, z))
+    torch.save({k[len("cond_diffloss.") :]: v for k, v in model.state_dict().items() if "cond_diffloss" in k},
+               tmp_path / "head.pth")  # fmt: skip
+    assert torch.equal(load_dit_head(tmp_path / "head.pth", heads=2).net.pos_embed, net.pos_embed)
+    if attention == "psa":
+        block = net.blocks[-1].attn.na
+        kw = dict(num_heads=model.cfg.gdm_heads, kernel_size=model.cfg.psa_kernel)
+        psa = load_psa(full, **kw)  # the first PSA module: block 0
+        assert torch.equal(psa.q_proj.weight, net.blocks[0].attn.na.q_proj.weight)
+        only = {f"na.{k}": v for k, v in block.state_dict().items()}
+        psa = load_psa(only, **kw)
+        tokens = torch.randn(2, 16, block.q_proj.in_features)
+        with torch.no_grad():
+            assert torch.equal(psa(tokens, (4, 4)), block(tokens, (4, 4)))
+    with pytest.raises(Exception, match="x_embedder"):
+        load_dit_head({"foo.weight": torch.zeros(1)})
+
+
 # ----------------------------------------------------------------------------- training
 
 

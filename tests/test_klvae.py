@@ -60,6 +60,27 @@ def test_file_round_trip_drops_training_keys(tmp_path):
         convert_klvae.load_official(sd, tiny_cfg())
 
 
+def test_convert_cli_takes_a_preset_and_overrides(tmp_path):
+    import yaml
+
+    from maskar.checkpoint import load_model
+    from maskar.config import to_dict
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = KLVAE(cfg)
+    convert_klvae.save_official(model, tmp_path / "kl.ckpt")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"model": to_dict(tiny_cfg(embed_dim=2, z_channels=2))}))
+    argv = [f"src={tmp_path / 'kl.ckpt'}", f"out={tmp_path / 'o'}", f"preset={tmp_path / 'p.yaml'}"]
+    with pytest.raises(Exception, match="shape mismatch"):  # the preset's sizes do not fit the file
+        convert_klvae.cli(argv)
+    fit = ["model.embed_dim=4", "model.z_channels=4", "model.scale_factor=0.5"]
+    assert convert_klvae.cli([*argv, *fit]) == 0
+    back, saved = load_model(tmp_path / "o", device="cpu")
+    assert saved.model.scale_factor == 0.5 and saved.model.embed_dim == 4
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 def test_latent_scaling_and_shapes():
     torch.manual_seed(0)
     m = KLVAE(tiny_cfg(scale_factor=0.5)).eval()

@@ -378,6 +378,15 @@ def test_convert_cli_round_trip(tmp_path):
     assert again.keys() == tf.keys() and all(torch.equal(again[k], tf[k]) for k in tf)
     with pytest.raises(SystemExit, match="vae="):
         convert_var.cli([f"src={src}", f"out={out}"])
+    # key=value overrides on top of the preset (model.* and sample.*)
+    argv = [f"src={src}", f"vae={vae_path}", f"out={tmp_path / 'o2'}", "preset=var-tiny", "sample.cfg=3.5"]
+    assert convert_var.cli([*argv, "model.cond_drop_rate=0.0"]) == 0
+    _, cfg2 = load_model(tmp_path / "o2", device="cpu")
+    assert cfg2.sample.cfg == 3.5 and cfg2.model.cond_drop_rate == 0.0
+    with pytest.raises(SystemExit, match="unknown argument 'train.lr'"):
+        convert_var.cli([*argv, "train.lr=1"])
+    with pytest.raises(SystemExit, match="'mar' model, not 'var'"):
+        convert_var.cli([f"src={src}", f"vae={vae_path}", f"out={out}", "preset=mar-tiny"])
 
 
 @pytest.mark.gpu

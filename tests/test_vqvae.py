@@ -363,3 +363,35 @@ def test_trains_and_resumes_through_the_trainer(tmp_path):
     assert model.quantize.ema_vocab_hit_SV.sum() > 0
     assert load_trainer_state(latest_checkpoint(tmp_path / "run"))["step"] == 3
     assert "usage_s0" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_resolution_is_derived_from_patch_nums_unless_set():
+    from maskar.config import build, load_config
+
+    cfg = build(VQVAEConfig, {"patch_nums": [1, 2, 4, 8]})
+    assert cfg.resolution == 8 * cfg.downsample == 128
+    with pytest.raises(ValueError, match="resolution=256"):
+        build(VQVAEConfig, {"patch_nums": [1, 2, 4, 8], "resolution": 256})
+    pn512 = "[1,2,3,4,6,9,13,18,24,32]"
+    assert load_config("vqvae-256", [f"model.patch_nums={pn512}"]).model.resolution == 512
+    assert load_config("var-d16", [f"model.tokenizer.patch_nums={pn512}"]).model.tokenizer.resolution == 512
+
+
+def test_convert_cli_patch_nums_override(tmp_path, tiny):
+    import yaml
+
+    from maskar.checkpoint import load_model
+    from maskar.config import to_dict
+    from maskar.convert import vqvae as convert_vqvae
+
+    torch.save(convert_vqvae.export_official(tiny), tmp_path / "vae.pth")
+    data = to_dict(tiny.cfg)
+    data["resolution"] = None
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"model": data}))
+    argv = [f"src={tmp_path / 'vae.pth'}", f"out={tmp_path / 'o'}", f"preset={tmp_path / 'p.yaml'}"]
+    assert convert_vqvae.cli([*argv, "model.patch_nums=[1,2,8]"]) == 0
+    back, cfg = load_model(tmp_path / "o", device="cpu")
+    assert back.patch_nums == (1, 2, 8) and cfg.model.resolution == tiny.cfg.resolution
+    for k, v in tiny.state_dict().items():
+        if "ema_vocab_hit" not in k:  # per-scale statistics: zeroed for another schedule
+            assert torch.equal(back.state_dict()[k], v), k

@@ -27,17 +27,18 @@ import os
 import re
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor
 
 from maskar.checkpoint import CheckpointError, load_state_dict_checked
+from maskar.config import to_dict
+from maskar.convert.common import parse_cli_args, resolve_config
 from maskar.convert.var import (
+    EXPORT_KEYS,
     check_and_drop_buffers,
     detached,
+    export_cli,
     official_buffers,
-    parse_args,
     patch_nums_for_length,
-    preset_model_config,
     read_state_dict,
     save_converted,
     tokenizer_state,
@@ -150,6 +151,21 @@ def load_official(
     """
     from maskar.models.hmar import HMAR
 
+    ours, cfg = official_layout(src, stage, mp, cfg)
+    model = HMAR(cfg)
+    ours.update(tokenizer_state(model, vae))
+    load_state_dict_checked(model, ours, context="official HMAR checkpoint")
+    return model
+
+
+def official_layout(
+    src: str | os.PathLike | Mapping[str, Tensor],
+    stage: int | None = None,
+    mp: str | os.PathLike | Mapping[str, Tensor] | None = None,
+    cfg=None,
+) -> tuple[dict[str, Tensor], object]:
+    """An official file's weights in our keys (no tokenizer) and the model config they need
+    (read from the file, or ``cfg`` with the file's stage); see :func:`load_official`."""
     sd = read_state_dict(src, "official HMAR checkpoint")
     if cfg is not None:
         patch_nums = tuple(cfg.tokenizer.patch_nums)
@@ -184,10 +200,7 @@ def load_official(
     else:  # caller's architecture (e.g. a non-official schedule); the file decides the stage
         n_train = max(n_mask, 1) if stage == 2 else cfg.n_layers_train
         cfg = dataclasses.replace(cfg, stage=stage, n_layers_train=n_train)
-    model = HMAR(cfg)
-    ours.update(tokenizer_state(model, vae))
-    load_state_dict_checked(model, ours, context="official HMAR checkpoint")
-    return model
+    return ours, cfg
 
 
 def export_official(model, combined: bool = True) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -215,35 +228,33 @@ def export_official(model, combined: bool = True) -> tuple[dict[str, Tensor], di
 
 def cli(argv: list[str]) -> int:
     usage = (
-        "maskar convert hmar src=hmar-dNN.pth vae=vae_ch160v4096z32.pth out=DIR [stage=2|1] [preset=P]\n"
+        "maskar convert hmar src=hmar-dNN.pth vae=vae_ch160v4096z32.pth out=DIR [stage=2|1] [preset=P] "
+        "[model.K=V ...]\n"
         "       maskar convert hmar src=nsp.pth mp=mp.pth vae=vae.pth out=DIR\n"
         "       maskar convert hmar ckpt=DIR out=hmar-dNN.pth [vae_out=vae.pth]"
     )
-    args = parse_args(argv, ("src", "vae", "out", "stage", "mp", "ckpt", "vae_out", "preset"), usage)
-    if "out" not in args or ("src" in args) == ("ckpt" in args):
-        raise SystemExit(f"usage: {usage}")
-    if "src" in args:
-        if "vae" not in args:
-            raise SystemExit(f"convert hmar: give vae=VAE.pth (tokenizer weights)\nusage: {usage}")
-        stage = args.get("stage")
-        if stage not in (None, "1", "2"):
-            raise SystemExit(f"convert hmar: stage must be 1 or 2, got {stage!r}")
-        cfg, sample = preset_model_config(args.get("preset"), "hmar", None)
-        stage = None if stage is None else int(stage)
-        model = load_official(args["src"], args["vae"], stage, args.get("mp"), cfg)
-        if cfg is None:
-            sample = HMAR_SAMPLE_DEFAULTS.get(model.depth)
-        save_converted(model, args["out"], sample)
-        print(f"wrote {args['out']} (hmar stage {model.stage}, depth {model.depth})")
-        return 0
-    from maskar.checkpoint import load_model
+    if any(a.startswith("ckpt=") for a in argv):
+        args, _ = parse_cli_args(argv, f"usage: {usage}", EXPORT_KEYS, required=("ckpt", "out"))
+        return export_cli(args, "hmar", export_official)
+    args, overrides = parse_cli_args(argv, f"usage: {usage}", ("src", "vae", "out", "stage", "mp", "preset"))
+    if "vae" not in args:
+        raise SystemExit(f"convert hmar: give vae=VAE.pth (tokenizer weights)\nusage: {usage}")
+    stage = args.get("stage")
+    if stage not in (None, "1", "2"):
+        raise SystemExit(f"convert hmar: stage must be 1 or 2, got {stage!r}")
+    stage = None if stage is None else int(stage)
+    if args.get("preset"):  # the preset's architecture; the file decides the stage
+        cfg = resolve_config("hmar", args["preset"], overrides)
+        ours, cfg.model = official_layout(args["src"], stage, args.get("mp"), cfg.model)
+    else:
+        ours, model_cfg = official_layout(args["src"], stage, args.get("mp"))
+        sample = HMAR_SAMPLE_DEFAULTS.get(model_cfg.depth)
+        cfg = resolve_config("hmar", None, overrides, model_cfg, sample)
+    from maskar.models.hmar import HMAR
 
-    model, _ = load_model(args["ckpt"], device="cpu")
-    if model.cfg.arch != "hmar":
-        raise SystemExit(f"convert hmar: {args['ckpt']} is a {model.cfg.arch!r} checkpoint, not hmar")
-    tf, vae = export_official(model)
-    torch.save(tf, args["out"])
-    if "vae_out" in args:
-        torch.save(vae, args["vae_out"])
-    print(f"wrote {args['out']}" + (f" and {args['vae_out']}" if "vae_out" in args else ""))
+    model = HMAR(cfg.model)
+    ours.update(tokenizer_state(model, args["vae"]))
+    load_state_dict_checked(model, ours, context=f"official HMAR checkpoint {args['src']}")
+    save_converted(model, args["out"], to_dict(cfg.sample))
+    print(f"wrote {args['out']} (hmar stage {model.stage}, depth {model.depth})")
     return 0

@@ -1,6 +1,7 @@
 """MAR's ``kl16.ckpt`` (``{"model": state_dict}``) <-> maskar ``klvae``.
 
     maskar convert klvae src=kl16.ckpt out=ckpt/klvae-16
+    maskar convert klvae src=kl8.ckpt out=ckpt/kl8 model.embed_dim=4 model.ch_mult=[1,2,4,4]  # other sizes
 
 The maskar module uses the official names, so conversion is a strict load. LDM training
 files may also hold the loss module (``loss.*``: LPIPS and discriminator); those keys are
@@ -64,14 +65,13 @@ def save_official(model: KLVAE, path: str | os.PathLike) -> None:
 
 def cli(argv: list[str]) -> int:
     from maskar.checkpoint import save_model
-    from maskar.config import Config, build, to_dict
+    from maskar.convert.common import parse_cli_args, resolve_config
 
-    args = dict(a.split("=", 1) for a in argv if "=" in a)
-    bad = [a for a in argv if "=" not in a] + [k for k in args if k not in ("src", "out")]
-    if bad or "src" not in args or "out" not in args:
-        raise SystemExit(f"usage: maskar convert klvae src=kl16.ckpt out=DIR; got {argv}")
-    cfg = official_config()
-    model = load_official(args["src"], cfg)
-    save_model(args["out"], model, build(Config, {"model": to_dict(cfg)}))
-    print(f"wrote {args['out']} (klvae, embed_dim {cfg.embed_dim}, scale_factor {cfg.scale_factor})")
+    usage = "usage: maskar convert klvae src=kl16.ckpt out=DIR [preset=NAME] [model.KEY=VALUE ...]"
+    args, overrides = parse_cli_args(argv, usage, ("src", "out", "preset"))
+    cfg = resolve_config("klvae", args.get("preset"), overrides, official_config())
+    model = load_official(args["src"], cfg.model)
+    save_model(args["out"], model, cfg)
+    m = cfg.model
+    print(f"wrote {args['out']} (klvae, embed_dim {m.embed_dim}, scale_factor {m.scale_factor})")
     return 0

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from maskar.checkpoint import CheckpointError, load_state_dict_checked, unpickling_reason
+from maskar.convert.common import parse_cli_args, resolve_config
 
 TOKENIZER_PREFIX = "tokenizer."
 
@@ -108,36 +109,7 @@ def save_official(
 # ----------------------------------------------------------------------------- CLI (MAR and CASMAR)
 
 _TRUE = ("1", "true", "yes", "on")
-_KEYS = ("src", "out", "vae", "preset", "entry", "trust_pickle")
-
-
-def parse_cli_args(
-    argv: list[str], usage: str, positional: tuple[str, ...] = ()
-) -> tuple[dict[str, str], list[str]]:
-    """``key=value`` arguments (``_KEYS``) and ``model.*`` / ``sample.*`` overrides; bare words
-    fill ``positional`` in order (none allowed when it is empty). Needs ``src`` and ``out``."""
-    args: dict[str, str] = {}
-    overrides: list[str] = []
-    if positional:
-        words = [a for a in argv if "=" not in a]
-        if len(words) > len(positional):
-            raise SystemExit(f"{usage}; got extra arguments {words[len(positional) :]}")
-        args.update(zip(positional, words, strict=False))
-    for a in argv:
-        if "=" not in a:
-            if positional:
-                continue
-            raise SystemExit(f"{usage}; got {a!r}")
-        k, v = a.split("=", 1)
-        if k in _KEYS:
-            args[k] = v
-        elif k.startswith(("model.", "sample.")):
-            overrides.append(a)
-        else:
-            raise SystemExit(f"{usage}; unknown argument {k!r}")
-    if "src" not in args or "out" not in args:
-        raise SystemExit(usage)
-    return args, overrides
+KEYS = ("src", "out", "vae", "preset", "entry", "trust_pickle")
 
 
 def load_official_from_args(args: Mapping[str, str], kind: str = "MAR") -> dict[str, Tensor]:
@@ -176,17 +148,14 @@ def finish_conversion(
 
 
 def cli(argv: list[str]) -> int:
-    from maskar.config import load_config
     from maskar.models.mar import MAR
 
     usage = (
         "usage: maskar convert mar src=checkpoint-last.pth out=DIR [vae=kl16.ckpt|KLVAE_DIR] "
         "[preset=mar-b] [entry=model_ema|model] [trust_pickle=false] [model.KEY=VALUE ...]"
     )
-    args, overrides = parse_cli_args(argv, usage)
-    cfg = load_config(args.get("preset", "mar-b"), overrides)
-    if cfg.model.arch != "mar":
-        raise SystemExit(f"convert mar: preset {args.get('preset')!r} is a {cfg.model.arch!r} preset")
+    args, overrides = parse_cli_args(argv, usage, KEYS)
+    cfg = resolve_config("mar", args.get("preset", "mar-b"), overrides)
     state = load_official_from_args(args)
     finish_conversion(MAR(cfg.model), cfg, state, args, "MAR", "mar")
     return 0

@@ -23,6 +23,7 @@ from torch import Tensor
 from maskar.checkpoint import CheckpointError, load_state_dict_checked
 from maskar.checkpoint import load_official as read_official_file
 from maskar.config import to_dict
+from maskar.convert.common import parse_cli_args, resolve_config
 from maskar.nn.attention import ScalePattern
 from maskar.tokenizers.vqvae import PATCH_NUMS
 
@@ -172,50 +173,42 @@ def save_converted(model, out: str, sample: Mapping | None = None) -> None:
     save_model(out, model, build(Config, data))
 
 
-def preset_model_config(preset: str | None, arch: str, official_sample: dict | None):
-    """(model config, sample section) of a preset, for files whose architecture is not official."""
-    if preset is None:
-        return None, official_sample
-    from maskar.config import load_config
-
-    cfg = load_config(preset)
-    if cfg.model.arch != arch:
-        raise SystemExit(f"convert {arch}: preset {preset!r} is an {cfg.model.arch!r} model, not {arch!r}")
-    return cfg.model, to_dict(cfg.sample)
-
-
-def parse_args(argv: list[str], allowed: tuple[str, ...], usage: str) -> dict[str, str]:
-    bad = [a for a in argv if "=" not in a]
-    args = dict(a.split("=", 1) for a in argv if "=" in a)
-    bad += [k for k in args if k not in allowed]
-    if bad:
-        raise SystemExit(f"usage: {usage}\nunexpected argument(s): {bad}")
-    return args
+EXPORT_KEYS = ("ckpt", "out", "vae_out")
 
 
 def cli(argv: list[str]) -> int:
     usage = (
-        "maskar convert var src=var_dNN.pth vae=vae_ch160v4096z32.pth out=DIR [preset=NAME]\n"
-        "       maskar convert var ckpt=DIR out=var_dNN.pth [vae_out=vae.pth]\n"
-        "preset= gives the architecture of a non-official file (default: read from the file)"
+        "maskar convert var src=var_dNN.pth vae=vae_ch160v4096z32.pth out=DIR [preset=NAME] [model.K=V ...]\n"
+        "       maskar convert var ckpt=DIR out=var_dNN.pth [vae_out=vae.pth]   # to the official layout\n"
+        "preset= gives the architecture of a non-official file (default: read from the file); model.* /\n"
+        "sample.* overrides apply on top of it"
     )
-    args = parse_args(argv, ("src", "vae", "out", "ckpt", "vae_out", "preset"), usage)
-    if "out" not in args or ("src" in args) == ("ckpt" in args):
-        raise SystemExit(f"usage: {usage}")
-    if "src" in args:
-        if "vae" not in args:
-            raise SystemExit(f"convert var: give vae=VAE.pth (tokenizer weights)\nusage: {usage}")
-        cfg, sample = preset_model_config(args.get("preset"), "var", VAR_SAMPLE_DEFAULTS)
-        model = load_official(args["src"], args["vae"], cfg)
-        save_converted(model, args["out"], sample)
-        print(f"wrote {args['out']} (var depth {model.depth}, patch_nums {list(model.patch_nums)})")
-        return 0
+    if any(a.startswith("ckpt=") for a in argv):
+        args, _ = parse_cli_args(argv, f"usage: {usage}", EXPORT_KEYS, required=("ckpt", "out"))
+        return export_cli(args, "var")
+    args, overrides = parse_cli_args(argv, f"usage: {usage}", ("src", "vae", "out", "preset"))
+    if "vae" not in args:
+        raise SystemExit(f"convert var: give vae=VAE.pth (tokenizer weights)\nusage: {usage}")
+    sd = read_state_dict(args["src"], "official VAR checkpoint")
+    inferred = None if args.get("preset") else infer_var_config(sd)
+    cfg = resolve_config("var", args.get("preset"), overrides, inferred, VAR_SAMPLE_DEFAULTS)
+    model = load_official(sd, args["vae"], cfg.model)
+    save_converted(model, args["out"], to_dict(cfg.sample))
+    print(f"wrote {args['out']} (var depth {model.depth}, patch_nums {list(model.patch_nums)})")
+    return 0
+
+
+def export_cli(args: dict[str, str], arch: str, export=None) -> int:
+    """``ckpt=DIR out=FILE [vae_out=FILE]``: a maskar checkpoint back to the official layout
+    (``export``: the model's ``export_official``; VAR's by default)."""
     from maskar.checkpoint import load_model
 
     model, _ = load_model(args["ckpt"], device="cpu")
-    if model.cfg.arch not in ("var", "hmar") or getattr(model, "stage", 1) != 1:
+    if arch == "var" and (model.cfg.arch not in ("var", "hmar") or getattr(model, "stage", 1) != 1):
         raise SystemExit(f"convert var: {args['ckpt']} is not a VAR or stage-1 HMAR checkpoint")
-    tf, vae = export_official(model)
+    if arch != "var" and model.cfg.arch != arch:
+        raise SystemExit(f"convert {arch}: {args['ckpt']} is a {model.cfg.arch!r} checkpoint, not {arch}")
+    tf, vae = (export or export_official)(model)
     torch.save(tf, args["out"])
     if "vae_out" in args:
         torch.save(vae, args["vae_out"])

@@ -1,6 +1,7 @@
 """VAR's ``vae_ch160v4096z32.pth`` (flat state dict) <-> maskar ``vqvae``.
 
     maskar convert vqvae src=vae_ch160v4096z32.pth out=ckpt/vqvae [pn=256|512|1024]
+    maskar convert vqvae src=vae.pth out=ckpt/vq 'model.patch_nums=[1,2,4,8]'   # any schedule; preset= too
 
 The maskar module uses the official names, so conversion is a strict load. The buffer
 ``quantize.ema_vocab_hit_SV`` (EMA hit counts, shape [num_scales, vocab]) only feeds
@@ -10,6 +11,7 @@ shape instead of failing (as the official loader does). Everything else must mat
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 
@@ -26,8 +28,8 @@ def official_config(pn: int = 256) -> VQVAEConfig:
     """The ``vae_ch160v4096z32`` config with the official patch schedule for ``pn`` px."""
     if pn not in PATCH_NUMS:
         raise ValueError(f"pn={pn}: expected one of {sorted(PATCH_NUMS)}")
-    cfg = VQVAEConfig(resolution=pn, patch_nums=PATCH_NUMS[pn])
-    cfg.validate()
+    cfg = VQVAEConfig(patch_nums=PATCH_NUMS[pn])
+    dataclasses.replace(cfg).validate()  # checked on a copy: resolution stays null (derived)
     return cfg
 
 
@@ -71,14 +73,13 @@ def export_official(model: MultiScaleVQVAE) -> dict[str, torch.Tensor]:
 
 def cli(argv: list[str]) -> int:
     from maskar.checkpoint import save_model
-    from maskar.config import Config, build, to_dict
+    from maskar.convert.common import parse_cli_args, resolve_config
 
-    args = dict(a.split("=", 1) for a in argv if "=" in a)
-    bad = [a for a in argv if "=" not in a] + [k for k in args if k not in ("src", "out", "pn")]
-    if bad or "src" not in args or "out" not in args:
-        raise SystemExit(f"usage: maskar convert vqvae src=FILE out=DIR [pn=256|512|1024]; got {argv}")
-    cfg = official_config(int(args.get("pn", 256)))
-    model = load_official(args["src"], cfg)
-    save_model(args["out"], model, build(Config, {"model": to_dict(cfg)}))
-    print(f"wrote {args['out']} (vqvae, patch_nums {list(cfg.patch_nums)})")
+    usage = "usage: maskar convert vqvae src=FILE out=DIR [pn=256|512|1024] [preset=NAME] [model.K=V ...]"
+    args, overrides = parse_cli_args(argv, usage, ("src", "out", "pn", "preset"))
+    base = None if args.get("preset") else official_config(int(args.get("pn", 256)))
+    cfg = resolve_config("vqvae", args.get("preset"), overrides, base)
+    model = load_official(args["src"], cfg.model)
+    save_model(args["out"], model, cfg)
+    print(f"wrote {args['out']} (vqvae, patch_nums {list(cfg.model.patch_nums)})")
     return 0

@@ -38,7 +38,9 @@ class VQVAEConfig(ConvAutoencoderConfig):
     """Defaults = official ``vae_ch160v4096z32`` with the 256 px schedule."""
 
     arch: str = "vqvae"
-    resolution: int = field(256, min=1, help="image side in pixels (= patch_nums[-1] * downsample)")
+    resolution: int | None = field(
+        None, min=1, help="image side in pixels; null = patch_nums[-1] * downsample (set: must equal it)"
+    )
     ch: int = field(160, min=1, help="base width of the conv encoder/decoder")
     z_channels: int = field(32, min=1, help="latent / codebook width Cz")
     vocab_size: int = field(4096, min=2, help="codebook size")
@@ -54,6 +56,8 @@ class VQVAEConfig(ConvAutoencoderConfig):
         if any(b <= a for a, b in zip(pn, pn[1:])):
             raise ValueError(f"patch_nums must be strictly increasing, got {list(pn)}")
         down = self.downsample
+        if self.resolution is None:
+            self.resolution = pn[-1] * down  # derived, so patch_nums alone picks the image size
         if pn[-1] * down != self.resolution:
             raise ValueError(
                 f"patch_nums[-1]={pn[-1]} times the downsample factor {down} (from ch_mult) must equal "
