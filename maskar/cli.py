@@ -182,9 +182,11 @@ def cmd_sample(args: list[str]) -> int:
     model, cfg = sampling.load_for_sampling(ckpt, overrides, run["device"], run["ema"], run["verify"])
     labels = parse_labels(opts["labels"], int(getattr(model, "num_classes", 10)))
     sampling.check_sampling_memory(model, cfg, len(labels) * per_class, batch_size, run["precision"], True)
-    images, all_labels = sampling.generate(model, cfg, labels, per_class, batch_size, run["precision"])
+    all_labels = [lab for lab in labels for _ in range(per_class)]
+    # The npz is written batch by batch while the next batches generate.
+    sinks = [sampling.NpzStream(npz, len(all_labels), all_labels)] if npz else []
+    images, all_labels = sampling.generate(model, cfg, labels, per_class, batch_size, run["precision"], sinks)
     if npz:
-        sampling.save_npz(images, npz, all_labels)
         print(f"wrote {len(images)} samples to {npz} (arr_0 uint8 NHWC, arr_1 labels)")
     sampling.save_grid(images, all_labels, out, nrow=nrow or per_class, class_names=sampling.class_names(cfg))
     print(f"wrote {out} ({len(images)} images)")

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import queue
+import tempfile
+import threading
+import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from maskar.checkpoint import atomic_write_bytes
+from maskar.checkpoint import _UMASK, atomic_write_bytes
 from maskar.config import (
     Config,
     ConfigError,
@@ -102,9 +108,14 @@ def generate(
     per_class: int,
     batch_size: int,
     precision: str = "auto",
+    sinks: Sequence[BatchSink] = (),
 ) -> tuple[torch.Tensor, list[int]]:
     """Generate ``per_class`` images for each label, in batches. Returns uint8 NHWC and labels.
 
+    The GPU never waits for the host: each batch's images are converted to uint8 on the device,
+    copied to pinned host memory without blocking, and a writer thread puts them in the result
+    (and hands them to ``sinks``, e.g. :class:`NpzStream`) while the next batch generates.
+    Labels stay on the CPU until the model takes them, so no label check waits for the GPU.
     A progress bar counts the model's steps (scales / iterations) and appears when sampling
     takes more than two seconds, so a slow batch is never silent.
     """
@@ -117,18 +128,193 @@ def generate(
     all_labels = [lab for lab in labels for _ in range(per_class)]
     kwargs = sampling_kwargs(cfg.sample)
     seed = int(kwargs.pop("seed", 0))
-    out = []
     starts = range(0, len(all_labels), batch_size)
-    with step_progress(model, "sampling") as bar:
-        for i, start in enumerate(starts):
-            if len(starts) > 1:
-                bar.set_description(f"sampling batch {i + 1}/{len(starts)}")
-            chunk = torch.tensor(all_labels[start : start + batch_size], dtype=torch.long, device=device)
-            with autocast_for(device, precision):
-                # Each batch gets its own seed so results do not depend on the batch size split.
-                imgs = model.generate(chunk, seed=seed + start, **kwargs)
-            out.append(to_uint8(imgs))
-    return torch.cat(out), all_labels
+    # Models that check labels on the CPU take them there (no wait for the GPU per batch).
+    label_device = torch.device("cpu") if getattr(model, "takes_host_labels", False) else device
+    pipe = HostPipeline(len(all_labels), sinks)
+    try:
+        with step_progress(model, "sampling") as bar:
+            for i, start in enumerate(starts):
+                if len(starts) > 1:
+                    bar.set_description(f"sampling batch {i + 1}/{len(starts)}")
+                ticks = getattr(bar, "n", None)
+                batch = all_labels[start : start + batch_size]
+                chunk = torch.tensor(batch, dtype=torch.long, device=label_device)
+                with autocast_for(device, precision):
+                    # Each batch gets its own seed so results do not depend on the batch size split.
+                    imgs = model.generate(chunk, seed=seed + start, **kwargs)
+                pipe.put(start, imgs)
+                if ticks is not None and bar.n == ticks:  # replayed CUDA graphs run no hooks: count the steps
+                    bar.update(len(getattr(model, "patch_nums", ())) or 1)
+        images = pipe.finish()
+    except BaseException:
+        pipe.abort()
+        raise
+    return images, all_labels
+
+
+class BatchSink(Protocol):
+    """Receives the uint8 (n, H, W, 3) images of consecutive batches on the writer thread."""
+
+    def write(self, start: int, images: np.ndarray) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def to_uint8_device(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8 on the same device, contiguous."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+class HostPipeline:
+    """Device images -> pinned host buffers -> a writer thread filling the result and the sinks.
+
+    ``put`` returns once the copy is queued on the GPU; at most ``depth`` batches are in flight
+    (their pinned buffers are reused), so a long run holds a bounded amount of staging memory.
+    Batches are written in the order they were put.
+    """
+
+    def __init__(self, total: int, sinks: Sequence[BatchSink] = (), depth: int = 3) -> None:
+        self.total, self.sinks, self.depth = total, list(sinks), depth
+        self.out: np.ndarray | None = None  # (total, H, W, 3) uint8, allocated at the first batch
+        self.jobs: queue.Queue = queue.Queue()
+        self.free: queue.Queue = queue.Queue()
+        self.slots = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="maskar-sample-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, start: int, images: torch.Tensor) -> None:
+        if self.error is not None:
+            raise self.error
+        u8 = to_uint8_device(images)  # (n, H, W, 3)
+        if self.out is None:
+            self.out = np.empty((self.total, *u8.shape[1:]), dtype=np.uint8)
+        if u8.device.type != "cuda":
+            self.jobs.put((start, u8, None, None))
+            return
+        slot = self._slot(u8.shape)
+        host = slot[: u8.shape[0]]
+        host.copy_(u8, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self.jobs.put((start, host, done, slot))
+
+    def _slot(self, shape: torch.Size) -> torch.Tensor:
+        """A free pinned buffer of at least ``shape``; waits for the writer when all are in flight."""
+        while self.slots >= self.depth:
+            slot = self.free.get()
+            if self.error is not None:
+                raise self.error
+            if slot.shape[0] >= shape[0] and slot.shape[1:] == shape[1:]:
+                return slot
+            self.slots -= 1  # a smaller batch's buffer: drop it
+        self.slots += 1
+        return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            start, host, done, slot = job
+            try:
+                if self.error is None:
+                    if done is not None:
+                        done.synchronize()
+                    arr = host.numpy()
+                    self.out[start : start + len(arr)] = arr
+                    for sink in self.sinks:
+                        sink.write(start, self.out[start : start + len(arr)])
+            except BaseException as e:  # noqa: BLE001 - reported to the main thread
+                self.error = e
+            finally:
+                if slot is not None:
+                    self.free.put(slot)
+
+    def finish(self) -> torch.Tensor:
+        """Wait for the writer; close the sinks; the (total, H, W, 3) uint8 result."""
+        self.jobs.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        for sink in self.sinks:
+            sink.close()
+        return torch.from_numpy(self.out if self.out is not None else np.zeros((0, 0, 0, 3), np.uint8))
+
+    def abort(self) -> None:
+        if self.thread.is_alive():
+            self.error = self.error or RuntimeError("sampling stopped")
+            self.jobs.put(None)
+            self.thread.join()
+        for sink in self.sinks:
+            sink.abort()
+
+
+class NpzStream:
+    """An .npz written while sampling runs: ``arr_0`` (N, H, W, 3) uint8 batch by batch, then
+    ``arr_1`` int64 labels (the ADM layout; ``np.load`` reads it like :func:`save_npz`'s). Like
+    :func:`maskar.checkpoint.atomic_write_bytes` it writes a temporary file beside ``path`` and
+    renames it at ``close``, so an interrupted run leaves no partial file under ``path``."""
+
+    def __init__(self, path: str, total: int, labels: list[int] | None = None) -> None:
+        self.path, self.total, self.labels = Path(path), int(total), labels
+        self.file = None
+        self.tmp: str | None = None
+        self.zip: zipfile.ZipFile | None = None
+        self.entry = None
+        self.written = 0
+
+    def write(self, start: int, images: np.ndarray) -> None:
+        if start != self.written:
+            raise RuntimeError(f"NpzStream: batch at {start} arrived after {self.written} images")
+        if self.zip is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            self.file = os.fdopen(fd, "w+b")
+            self.zip = zipfile.ZipFile(self.file, "w", zipfile.ZIP_STORED, allowZip64=True)
+            self.entry = self.zip.open("arr_0.npy", "w", force_zip64=True)
+            header = {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                "fortran_order": False,
+                "shape": (self.total, *images.shape[1:]),
+            }
+            np.lib.format.write_array_header_2_0(self.entry, header)
+        self.entry.write(np.ascontiguousarray(images).data)
+        self.written += len(images)
+
+    def close(self) -> None:
+        if self.zip is None or self.written != self.total:
+            raise RuntimeError(f"NpzStream: {self.written} of {self.total} images written to {self.path}")
+        self.entry.close()
+        if self.labels is not None:
+            with self.zip.open("arr_1.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(self.labels, dtype=np.int64))
+        self.zip.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.chmod(self.tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; use the usual file mode
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            with contextlib.suppress(Exception):  # close the zip's handles: the file is deleted anyway
+                if self.entry is not None:
+                    self.entry.close()
+                if self.zip is not None:
+                    self.zip.close()
+            if self.file is not None:
+                self.file.close()
+        finally:
+            self.entry = self.zip = self.file = None
+            if self.tmp is not None:
+                Path(self.tmp).unlink(missing_ok=True)
 
 
 def _step_module(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -211,11 +397,8 @@ def check_sampling_memory(
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    return x.permute(0, 2, 3, 1).cpu()
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8 on the CPU."""
+    return to_uint8_device(images).cpu()
 
 
 def class_names(cfg: Config) -> list[str] | None:

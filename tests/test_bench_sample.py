@@ -45,7 +45,7 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     assert cli_main(argv) == 0
     text = capsys.readouterr().out
     assert bench.HEADER in text
-    rows = json.loads(out.read_text())
+    rows = json.loads(out.read_text())["rows"]
     assert [r["model"] for r in rows] == ["var-d2", "hmar-d2"]
     assert all(r["check_ok"] and r["precision"] == "bf16" and r["batch"] == 2 for r in rows)
     assert all(bench.format_row(r) in text for r in rows)
@@ -79,17 +79,21 @@ def test_d16_cases_use_the_official_1024_schedule_and_stage2_hmar():
 def test_row_lines_up_with_the_header_and_holds_only_this_run():
     # Figures of another run or GPU (the official code's) are not printed beside ours (issue 19).
     row = dict.fromkeys(bench.ROW_FIELDS)
-    row.update(model="hmar-d16", res=256, batch=64, precision="bf16", L=680, params_m=467.7, ms=624.0,
-               images_per_s=102.6, peak_gb=5.0, first_s=2.0, refine_passes=4, tf_rel_diff=1e-3,
+    row.update(model="hmar-d16", mode="fast", res=256, batch=64, precision="bf16", L=680, params_m=467.7,
+               ms=624.0, floor_ms=61.2, images_per_s=102.6, peak_gb=5.0, peak_reserved_gb=5.5,
+               memory_floor_gb=1.87, first_s=2.0, refine_passes=4, tf_rel_diff=1e-3,
                check_ok=True)  # fmt: skip
     line = bench.format_row(row)
     assert len(line) == len(bench.HEADER)
-    assert line.split() == "hmar-d16 256 64 bf16 680 467.7M 624.0 102.6 5.00 2.00 4 1.0e-03 ok".split()
+    want = "hmar-d16 fast 256 64 bf16 680 467.7M 624.0 61.2 102.6 5.00 5.50 1.87 2.00 4 1.0e-03 ok"
+    assert line.split() == want.split()
     assert "peer" not in bench.HEADER and not any(f.startswith("peer") for f in bench.ROW_FIELDS)
 
 
 @pytest.mark.parametrize(
-    "argv", [["nope=1"], ["precision=int8"], ["schedule=mine"], ["reps=0"], ["noequals"]]
+    "argv",
+    [["nope=1"], ["precision=int8"], ["schedule=mine"], ["reps=0"], ["noequals"], ["modes=turbo"],
+     ["large_n=-1"]],
 )
 def test_bad_arguments_stop_with_a_message(argv):
     with pytest.raises(SystemExit, match="bench sample"):
@@ -112,3 +116,23 @@ def test_gpu_checks_pass_in_bf16(preset):
     assert row["check_ok"], row.get("check_failures")
     assert images.is_cuda and images.shape == (4, 3, 16, 16)
     assert row["peak_gb"] > 0
+
+
+def test_modes_profile_agreement_and_large_n_on_the_cpu(capsys, tmp_path):
+    """One tiny HMAR in every mode with the diagnostics on: rows check, regions cover the scales."""
+    out = tmp_path / "rows.json"
+    argv = ["models=hmar-tiny", "cases=16x2", "modes=legacy,eager,fast", "reps=1", "warmup=0", "profile=true",
+            "agree=true", "large_n=6", "device=cpu", f"json={out}"]  # fmt: skip
+    assert bench.main(argv) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert [r["mode"] for r in rows] == ["legacy", "eager", "fast"] and all(r["check_ok"] for r in rows)
+    for r in rows:
+        reg = r["profile"]["regions"]
+        assert sorted(reg["per_scale_ms"]) == ["s00", "s01", "s02", "s03"]
+        assert reg["per_kind_ms"]["refine"] > 0 and reg["per_kind_ms"]["decode"] > 0
+        assert r["tflop"] > 0 and r["floor_ms"] > 0
+    agree = rows[2]["agree"]
+    assert 0 <= agree["token_agreement"] <= 1 and agree["decode_only_psnr_db"] > 25
+    assert data["large_n"]["images"] == 6 and data["large_n"]["shape"] == [6, 16, 16, 3]
+    assert "large-N" in capsys.readouterr().out

@@ -230,7 +230,7 @@ def test_decoding_in_chunks_gives_the_same_images(monkeypatch):
     whole = m.generate(labels, cfg=2.0, top_k=8, seed=3)
     calls = []
     real = m.tokenizer.fhat_to_img
-    monkeypatch.setattr(m.tokenizer, "fhat_to_img", lambda f: calls.append(f.shape[0]) or real(f))
+    monkeypatch.setattr(m.tokenizer, "fhat_to_img", lambda f, *a: calls.append(f.shape[0]) or real(f, *a))
     monkeypatch.setattr(var_mod, "DECODE_PIXELS", 2 * 8 * 8)  # two 8x8 images per chunk
     chunked = m.generate(labels, cfg=2.0, top_k=8, seed=3)
     assert calls == [2, 2, 1]

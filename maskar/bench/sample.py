@@ -1,43 +1,66 @@
 """Sampling benchmark of VAR-d16 and HMAR-d16: one class-conditional batch, tokens to pixels.
 
-    maskar bench sample [models=var-d16,hmar-d16] [cases=256x64,1024x8] [precision=bf16] [reps=3]
-                        [warmup=1] [backend=auto] [cfg=1.5] [top_k=900] [top_p=0.96]
+    maskar bench sample [models=var-d16,hmar-d16] [cases=256x64,1024x8] [modes=fast] [precision=bf16]
+                        [reps=5] [warmup=1] [backend=auto] [cfg=1.5] [top_k=900] [top_p=0.96]
                         [schedule=preset] [hmar_stage=2] [check=true] [seed=0] [tf32=false]
-                        [device=auto] [json=PATH]
+                        [profile=false] [agree=false] [large_n=0] [device=auto] [json=PATH]
 
 One timed call = ``model.generate(labels, **knobs)`` under the precision's autocast, exactly
 what ``maskar sample`` runs per batch: every scale (VAR with its KV cache; HMAR one scale at
 a time plus its masked-refinement passes), CFG on the doubled batch, top-k / top-p sampling
-and the frozen VQ-VAE decoding the final f_hat to pixels (the tokenizer always runs in fp32).
-The uint8 conversion and the copy to the host are not timed. Weights are random (the
-official init), built from the presets: ``var-d16`` and ``hmar-d16`` with ``model.stage=2``
-(``hmar_stage``), so HMAR holds its mask branch (467.7M parameters, as the released model)
-and refines with the schedule of the preset's sample config (``schedule=preset``; official
-default where it sets none) or the official ``benchmark/inference.py`` tables
-(``schedule=official_bench``). Resolutions other than the preset's override
-``model.tokenizer.resolution`` / ``patch_nums`` with the official tables (1024 px:
-1,2,3,4,5,7,9,12,16,21,27,36,48,64; there is no 1024 px d16 preset). Sampling knobs follow
-the official benchmark's: cfg 1.5, top_k 900, top_p 0.96, for both models. The table has no
-column for the official code: a peer figure belongs beside ours only when measured on the same
-GPU in the same run (docs/benchmarks.md gives the official code's separate measurement).
+and the frozen VQ-VAE decoding the final f_hat to pixels. The uint8 conversion and the copy to
+the host are not timed. Weights are random (the official init), built from the presets:
+``var-d16`` and ``hmar-d16`` with ``model.stage=2`` (``hmar_stage``), so HMAR holds its mask
+branch (467.7M parameters, as the released model) and refines with the schedule of the preset's
+sample config (``schedule=preset``; official default where it sets none) or the official
+``benchmark/inference.py`` tables (``schedule=official_bench``). Resolutions other than the
+preset's override ``model.tokenizer.resolution`` / ``patch_nums`` with the official tables
+(1024 px: 1,2,3,4,5,7,9,12,16,21,27,36,48,64; there is no 1024 px d16 preset). Sampling knobs
+follow the official benchmark's: cfg 1.5, top_k 900, top_p 0.96, for both models. The table has
+no column for the official code: a peer figure belongs beside ours only when measured on the
+same GPU in the same run (docs/benchmarks.md gives the official code's separate measurement).
 
-Before timing, each case is checked: the same seed twice gives identical tokens and images,
+``modes`` (comma-separated) picks the sampling path, one row each, on the same model:
+``fast`` (the default path: per-scale CUDA graphs on a GPU, the fused top-k / top-p sampler,
+the VQ-VAE decoded in bf16 under bf16 autocast), ``eager`` (fast without CUDA graphs) and
+``legacy`` (the path before issue 14: no graphs, the reference sort-based filter, the fp32
+decoder in 32 x 256^2-pixel chunks; the KV cache is the static one of the fast path).
+
+Before timing, each row is checked: the same seed twice gives identical tokens and images,
 images are finite and in [-1, 1], token ids are in the codebook, the public ``generate``
 returns the same images as the checked run, and the per-scale conditional logits of the
 sampling path (VAR: KV cache; HMAR: one scale alone) match a teacher-forced forward on the
 sampled tokens of two samples (relative max difference). The first call (CUDA/cuDNN
-initialisation, allocator growth) is reported apart as ``first s``; the determinism repeat
-and ``warmup`` public calls are not timed; ``ms`` is the median of ``reps`` calls (CUDA
-events on GPU, wall clock on CPU); peak memory is ``torch.cuda.max_memory_allocated`` over
-the timed calls (weights included), in GB = 1e9 bytes.
+initialisation, allocator growth; a CUDA-graph key is captured at its second call) is reported
+apart as ``first s``; the determinism repeat and ``warmup`` public calls are not timed; ``ms`` is
+the median of ``reps`` calls (CUDA events on GPU, wall clock on CPU). Memory: ``alloc GB`` is
+``torch.cuda.max_memory_allocated`` over the timed calls and ``rsv GB`` the reserved maximum
+(``max_memory_reserved`` after emptying the cache; it includes the CUDA graphs' memory pools,
+which replays use without allocating, so it is the honest figure for ``fast``), weights
+included, GB = 1e9 bytes. ``floor`` = the call's FLOPs (counted with FlopCounterMode on one
+eager call: linears, attention, convolutions) / 790 TFLOP/s, the H200's dense bf16 matmul peak.
+
+``profile=true`` adds, per row, the GPU time of each region of one call (CUDA events at region
+ends: every scale's transformer blocks, head, sampling ops, refinement passes and f_hat update,
+then the decoder; with graphs, one figure per scale) and, for the eager paths, the kernel-busy
+time from torch.profiler, so idle = span - busy. ``agree=true`` compares, for ``fast`` rows in
+bf16, the same seeds in fp32: token agreement per scale (free-running), the agreement of draws
+from bf16 and fp32 logits on the same (fp32) context with the same noise, the image PSNR, and
+the PSNR of the bf16 decode of the fp32 tokens against their fp32 decode. ``large_n=N`` runs
+``maskar.sampling.generate`` (the ``maskar sample`` / ``maskar eval`` pipeline, writing an npz
+while it samples) for N HMAR images at the first HMAR case (with the d16 defaults: 256 px,
+B 64) and reports its images/s against that row's single-batch figure.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import math
+import os
 import platform
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -47,10 +70,20 @@ from maskar.config import load_config
 from maskar.sampling import autocast_for, sampling_kwargs
 
 DEFAULTS = {
-    "models": "var-d16,hmar-d16", "cases": "256x64,1024x8", "precision": "bf16", "reps": 3, "warmup": 1,
-    "backend": "auto", "cfg": 1.5, "top_k": 900, "top_p": 0.96, "schedule": "preset", "hmar_stage": 2,
-    "check": True, "seed": 0, "tf32": False, "device": "auto", "json": "",
+    "models": "var-d16,hmar-d16", "cases": "256x64,1024x8", "modes": "fast", "precision": "bf16", "reps": 5,
+    "warmup": 1, "backend": "auto", "cfg": 1.5, "top_k": 900, "top_p": 0.96, "schedule": "preset",
+    "hmar_stage": 2, "check": True, "seed": 0, "tf32": False, "profile": False, "agree": False,
+    "large_n": 0, "device": "auto", "json": "",
 }  # fmt: skip
+
+# Model attributes of each sampling path (maskar.models.var.NextScaleModel).
+MODES = {
+    "fast": {"cuda_graphs": True, "sampler": "fused", "decode_precision": "auto"},
+    "eager": {"cuda_graphs": False, "sampler": "fused", "decode_precision": "auto"},
+    "legacy": {"cuda_graphs": False, "sampler": "reference", "decode_precision": "fp32"},
+}
+
+PEAK_TFLOPS = 790.0  # H200 dense bf16 matmul, measured (DESIGN.md)
 
 # Mask schedules of the official benchmark/inference.py (reference hmar_var.md §4.5).
 OFFICIAL_BENCH_SCHEDULES = {
@@ -63,9 +96,9 @@ OFFICIAL_BENCH_SCHEDULES = {
 }  # fmt: skip
 
 ROW_FIELDS = (
-    "model", "preset", "res", "batch", "precision", "backend", "L", "params_m", "ms", "images_per_s",
-    "peak_gb", "first_s", "times_ms", "deterministic", "tf_rel_diff", "check_ok", "refine_passes",
-    "mask_schedule", "overrides",
+    "model", "preset", "mode", "res", "batch", "precision", "backend", "L", "params_m", "ms", "images_per_s",
+    "peak_gb", "peak_reserved_gb", "first_s", "times_ms", "tflop", "floor_ms", "memory_floor_gb",
+    "deterministic", "tf_rel_diff", "check_ok", "refine_passes", "mask_schedule", "overrides",
 )  # fmt: skip
 
 # Relative max |logit difference| allowed between the sampling path and teacher forcing.
@@ -91,6 +124,11 @@ def _parse(argv: list[str]) -> dict[str, Any]:
         )
     if int(opts["reps"]) < 1:
         raise SystemExit(f"bench sample: reps: expected an integer >= 1, got {opts['reps']!r}")
+    modes = [m.strip() for m in str(opts["modes"]).split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        raise SystemExit(f"bench sample: modes: expected names from {sorted(MODES)}, got {opts['modes']!r}")
+    if int(opts["large_n"]) < 0:
+        raise SystemExit(f"bench sample: large_n: expected an integer >= 0, got {opts['large_n']!r}")
     return opts
 
 
@@ -232,10 +270,54 @@ def refine_passes(schedule: list[list[int]] | None, patch_nums) -> int:
     return sum(len(s) - 1 for s, pn in zip(schedule, patch_nums) if pn > 1)
 
 
-def run_case(preset: str, res: int, batch: int, opts: dict[str, Any], device: torch.device):
-    """Check then time one (preset, resolution, batch). Returns (row dict, images of the last timed call)."""
-    overrides = case_overrides(preset, res, int(opts["hmar_stage"]))
-    model, cfg = build_case(preset, overrides, device, str(opts["backend"]))
+def set_mode(model, mode: str) -> None:
+    """Switch ``model`` to one of MODES (and drop CUDA graphs captured under another)."""
+    for name, value in MODES[mode].items():
+        setattr(model, name, value)
+    model._graphs.clear()
+
+
+def count_flops(model, call) -> float:
+    """FLOPs of one eager ``call`` (linears, attention, convolutions), graphs off while counting."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    graphs, model.cuda_graphs = model.cuda_graphs, False
+    try:
+        with FlopCounterMode(display=False) as fc:
+            call()
+    finally:
+        model.cuda_graphs = graphs
+    return float(fc.get_total_flops())
+
+
+def memory_floor_gb(model, batch: int, precision: str) -> float:
+    """Weights (as stored, fp32) plus VAR's KV cache at the last scale: what any call must hold."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache = 0
+    if model.uses_kv_cache:
+        elem = 4 if precision == "fp32" else 2
+        cache = 2 * len(model.blocks) * 2 * batch * model.L * model.C * elem  # k and v, [cond; null]
+    return (weights + cache) / 1e9
+
+
+def run_case(
+    preset: str,
+    res: int,
+    batch: int,
+    opts: dict[str, Any],
+    device: torch.device,
+    mode: str | None = None,
+    built=None,
+):
+    """Check then time one (preset, resolution, batch, mode). Returns (row dict, images of the last
+    timed call). ``built``: a (model, cfg, overrides) from an earlier mode of the same case."""
+    mode = mode or str(opts["modes"]).split(",")[0].strip()
+    if built is None:
+        overrides = case_overrides(preset, res, int(opts["hmar_stage"]))
+        model, cfg = build_case(preset, overrides, device, str(opts["backend"]))
+    else:
+        model, cfg, overrides = built
+    set_mode(model, mode)
     knobs = sampling_knobs(model, cfg, opts)
     precision, seed = str(opts["precision"]), int(opts["seed"])
     labels = torch.arange(batch, device=device) % model.num_classes  # (B,) int64
@@ -253,7 +335,7 @@ def run_case(preset: str, res: int, batch: int, opts: dict[str, Any], device: to
     img_a, tok_a = checked_call()
     _sync(device)
     first_s = time.perf_counter() - t0
-    img_b, tok_b = checked_call()  # determinism repeat, doubles as a warm-up
+    img_b, tok_b = checked_call()  # determinism repeat, doubles as a warm-up (captures CUDA graphs)
     deterministic = all(torch.equal(a, b) for a, b in zip(tok_a, tok_b)) and torch.equal(img_a, img_b)
     finite = bool(torch.isfinite(img_a).all()) and img_a.min().item() >= -1.0 and img_a.max().item() <= 1.0
     in_vocab = all(int(t.min()) >= 0 and int(t.max()) < model.vocab_size for t in tok_a)
@@ -285,22 +367,26 @@ def run_case(preset: str, res: int, batch: int, opts: dict[str, Any], device: to
             out = public_call()
             times.append((time.perf_counter() - t) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
+    reserved = torch.cuda.max_memory_reserved(device) / 1e9 if cuda else None
     same_as_public = torch.equal(out, img_a)  # the timed path produced the checked images
     tf_ok = tf is None or tf <= TF_TOLERANCE[precision]
     check_ok = deterministic and finite and in_vocab and shape_ok and same_as_public and tf_ok
+    flops = count_flops(model, public_call)
 
     ms = statistics.median(times)
     schedule = resolved_schedule(knobs, model)
     arch = cfg.model.arch
     n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("tokenizer.")) / 1e6
     row = {
-        "model": f"{arch}-d{model.depth}", "preset": preset, "res": int(model.image_size), "batch": batch,
-        "precision": precision, "backend": str(opts["backend"]), "L": int(model.L),
+        "model": f"{arch}-d{model.depth}", "preset": preset, "mode": mode, "res": int(model.image_size),
+        "batch": batch, "precision": precision, "backend": str(opts["backend"]), "L": int(model.L),
         "params_m": round(n_params, 1), "ms": ms, "images_per_s": batch / (ms / 1e3), "peak_gb": peak,
-        "first_s": first_s, "times_ms": times,
+        "peak_reserved_gb": reserved, "first_s": first_s, "times_ms": times, "tflop": flops / 1e12,
+        "floor_ms": flops / (PEAK_TFLOPS * 1e12) * 1e3,
+        "memory_floor_gb": memory_floor_gb(model, batch, precision),
         "deterministic": deterministic, "tf_rel_diff": tf, "check_ok": check_ok,
         "refine_passes": refine_passes(schedule, model.patch_nums), "mask_schedule": schedule,
-        "overrides": overrides,
+        "overrides": overrides, "graph_captures": model._graphs.captures,
     }  # fmt: skip
     if not check_ok:
         row["check_failures"] = [
@@ -310,7 +396,265 @@ def run_case(preset: str, res: int, batch: int, opts: dict[str, Any], device: to
                 (f"teacher forcing (rel diff {tf} > {TF_TOLERANCE[precision]})", tf_ok),
             ] if not ok
         ]  # fmt: skip
+    if opts["profile"]:
+        row["profile"] = _guarded(lambda: profile_call(model, public_call, device))
+    if opts["agree"] and mode == "fast" and precision != "fp32":
+        row["agree"] = _guarded(lambda: precision_agreement(model, labels, seed, knobs, precision, device))
     return row, out
+
+
+def _guarded(fn):
+    """A diagnostic must not cost the timing rows: report its error instead."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+REGION_KINDS = ("blocks", "head", "sample", "refine", "update", "graph", "decode")
+
+
+def _region_kind(name: str) -> str:
+    last = name.split()[-1]
+    if name.startswith("decode"):
+        return "decode"
+    return "refine" if last.startswith("refine") else last
+
+
+def _elapsed_ms(a, b) -> float:
+    return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1e3
+
+
+def region_times(model, call, device: torch.device) -> dict[str, Any]:
+    """GPU time between consecutive region ends of one call: per scale and per kind (ms)."""
+    from maskar.models.scale_graphs import mark
+
+    marks: list = []
+    _sync(device)
+    start = mark(device)
+    model.profile_marks = marks
+    try:
+        call()
+    finally:
+        model.profile_marks = None
+    end = mark(device)
+    _sync(device)
+    per_kind = dict.fromkeys(REGION_KINDS, 0.0)
+    per_scale: dict[str, float] = {}
+    prev = start
+    for name, stamp in marks:
+        ms = _elapsed_ms(prev, stamp)
+        prev = stamp
+        per_kind[_region_kind(name)] += ms
+        if name.startswith("s") and name[1:3].isdigit():
+            per_scale[name[:3]] = per_scale.get(name[:3], 0.0) + ms
+    per_kind["after"] = _elapsed_ms(prev, end)  # the image copy out of the graph, float cast
+    return {"span_ms": _elapsed_ms(start, end), "per_kind_ms": per_kind, "per_scale_ms": per_scale}
+
+
+def kernel_busy(model, call, device: torch.device) -> dict[str, Any]:
+    """torch.profiler: kernel time in total and per region kind (ms), for an eager call."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    model.profile_marks = []  # regions open record_function ranges
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            call()
+            _sync(device)
+    finally:
+        model.profile_marks = None
+
+    def dev_total(e) -> float:
+        return float(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0))
+
+    events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
+    busy = sum(dev_total(e) for e in events if e.cpu_parent is None) / 1e3
+    per_kind = dict.fromkeys(REGION_KINDS, 0.0)
+    for e in events:
+        if e.name.startswith(("s", "decode")) and (e.name.startswith("decode") or e.name[1:3].isdigit()):
+            kind = _region_kind(e.name)
+            if kind in per_kind:
+                per_kind[kind] += dev_total(e) / 1e3
+    top = sorted(
+        ((k.key, getattr(k, "self_device_time_total", 0.0) / 1e3) for k in prof.key_averages()),
+        key=lambda kv: -kv[1],
+    )[:12]
+    return {"busy_ms": busy, "busy_per_kind_ms": per_kind, "top_ops_ms": top}
+
+
+def profile_call(model, call, device: torch.device) -> dict[str, Any]:
+    """Region times of one call on this row's path; for graph rows also of the eager path with
+    kernel-busy times, so the idle share of the eager path is known."""
+    out = {"regions": region_times(model, call, device)}
+    graphs, model.cuda_graphs = model.cuda_graphs, False
+    try:
+        if graphs and device.type == "cuda":
+            out["eager_regions"] = region_times(model, call, device)
+        if device.type == "cuda":
+            busy = kernel_busy(model, call, device)
+            eager = out.get("eager_regions", out["regions"])
+            busy["idle_ms"] = eager["span_ms"] - busy["busy_ms"]
+            out["eager_busy"] = busy
+    finally:
+        model.cuda_graphs = graphs
+    return out
+
+
+def format_profile(r: dict[str, Any]) -> list[str]:
+    prof = r.get("profile")
+    if not prof:
+        return []
+    tag = f"  profile {r['model']} {r['res']}x{r['batch']} {r['mode']}"
+    if "error" in prof:
+        return [f"{tag}: {prof['error']}"]
+    lines = []
+    for key, label in (("regions", "this path"), ("eager_regions", "same code, no graphs")):
+        reg = prof.get(key)
+        if not reg:
+            continue
+        kinds = " ".join(f"{k} {v:.1f}" for k, v in reg["per_kind_ms"].items() if v >= 0.05)
+        lines.append(f"{tag} [{label}]: span {reg['span_ms']:.1f} ms = {kinds}")
+        scales = " ".join(f"{k} {v:.1f}" for k, v in reg["per_scale_ms"].items())
+        lines.append(f"      per scale ms: {scales}")
+    busy = prof.get("eager_busy")
+    if busy:
+        kinds = " ".join(f"{k} {v:.1f}" for k, v in busy["busy_per_kind_ms"].items() if v >= 0.05)
+        lines.append(
+            f"      eager kernels busy {busy['busy_ms']:.1f} ms, idle {busy['idle_ms']:.1f} ms; "
+            f"busy by region: {kinds}"
+        )
+        top = "; ".join(f"{k} {v:.1f}" for k, v in busy["top_ops_ms"][:8])
+        lines.append(f"      top ops (self GPU ms): {top}")
+    return lines
+
+
+# ----------------------------------------------------------------------------- bf16 against fp32
+
+
+def precision_agreement(model, labels, seed: int, knobs: dict[str, Any], precision: str, device) -> dict:
+    """The same seeds in ``precision`` and in fp32: how far the bf16 path is from the fp32 one."""
+    from maskar.models.var import no_autocast
+    from maskar.nn.sampling import exponential_noise, sample_from_logits
+
+    def run(prec):
+        with torch.no_grad(), autocast_for(device, prec):
+            return generate_with_tokens(model, labels, seed, knobs)
+
+    img_b, tok_b = run(precision)
+    img_f, tok_f = run("fp32")
+    free = [(a == b).float().mean().item() for a, b in zip(tok_b, tok_f)]
+
+    # Same context (the fp32 tokens, forced), same noise: do bf16 and fp32 logits draw alike?
+    keep = [torch.ones_like(t, dtype=torch.bool) for t in tok_f]
+    logits = {}
+    for prec in (precision, "fp32"):
+        collected: list[torch.Tensor] = []
+        with torch.no_grad(), autocast_for(device, prec):
+            args = model._sampling_args(
+                knobs["cfg"], knobs["cfg_schedule"], knobs["temperature"], knobs["top_k"], knobs["top_p"],
+                seed, labels.device,
+            )  # fmt: skip
+            model._autoregress(labels, args, tok_f, keep, collect=collected)
+        logits[prec] = collected
+    g = torch.Generator(device=device).manual_seed(seed)
+    same_draw, same_argmax, n = 0.0, 0.0, 0
+    for lb, lf in zip(logits[precision], logits["fp32"]):
+        noise = exponential_noise(lb.shape[0] * lb.shape[1], lb.shape[2], g, device)
+        db = sample_from_logits(lb, knobs["top_k"], knobs["top_p"], knobs["temperature"], noise=noise)
+        df = sample_from_logits(lf, knobs["top_k"], knobs["top_p"], knobs["temperature"], noise=noise)
+        same_draw += (db == df).float().sum().item()
+        same_argmax += (lb.argmax(-1) == lf.argmax(-1)).float().sum().item()
+        n += db.numel()
+    with torch.no_grad(), no_autocast(device):
+        fhat = model.tokenizer.indices_to_fhat(tok_f)
+        dec32 = model.decode(fhat, "fp32")
+        dec16 = model.decode(fhat, "bf16")
+
+    def psnr(a, b) -> float:
+        mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
+        return (10 * torch.log10(4.0 / mse.clamp_min(1e-12))).mean().item()
+
+    all_b, all_f = torch.cat([t.flatten() for t in tok_b]), torch.cat([t.flatten() for t in tok_f])
+    return {
+        "token_agreement": (all_b == all_f).float().mean().item(),
+        "token_agreement_per_scale": free,
+        "same_context_draw_agreement": same_draw / n,
+        "same_context_argmax_agreement": same_argmax / n,
+        "image_psnr_db": psnr(img_b, img_f),
+        "image_max_abs": (img_b - img_f).abs().max().item(),
+        "decode_only_psnr_db": psnr(dec16, dec32),
+        "decode_only_max_abs": (dec16 - dec32).abs().max().item(),
+    }
+
+
+def format_agree(r: dict[str, Any]) -> list[str]:
+    a = r.get("agree")
+    if not a:
+        return []
+    tag = f"  bf16 vs fp32 {r['model']} {r['res']}x{r['batch']}"
+    if "error" in a:
+        return [f"{tag}: {a['error']}"]
+    per = " ".join(f"{x:.3f}" for x in a["token_agreement_per_scale"])
+    return [
+        f"{tag}: tokens {100 * a['token_agreement']:.1f}% equal (per scale {per}); same-context draws "
+        f"{100 * a['same_context_draw_agreement']:.2f}%, "
+        f"argmax {100 * a['same_context_argmax_agreement']:.2f}%; "
+        f"images PSNR {a['image_psnr_db']:.1f} dB (max |d| {a['image_max_abs']:.2f}); decoder alone "
+        f"{a['decode_only_psnr_db']:.1f} dB (max |d| {a['decode_only_max_abs']:.3f})"
+    ]
+
+
+# ----------------------------------------------------------------------------- large N
+
+
+def large_n_run(model, cfg, batch: int, n: int, opts: dict[str, Any], device) -> dict[str, Any]:
+    """``maskar.sampling.generate`` of n images (the sample / eval pipeline) with an npz written as
+    it goes (to a temporary directory, deleted after); wall-clock images/s."""
+    import dataclasses
+
+    from maskar import sampling
+
+    set_mode(model, "fast")
+    sample = dataclasses.replace(
+        cfg.sample, cfg=float(opts["cfg"]), top_k=int(opts["top_k"]), top_p=float(opts["top_p"]),
+        seed=int(opts["seed"]),
+    )  # fmt: skip
+    knobs = sampling_knobs(model, cfg, opts)
+    if "mask_schedule" in knobs:
+        sample = dataclasses.replace(sample, mask_schedule=knobs["mask_schedule"])
+    run_cfg = dataclasses.replace(cfg, sample=sample)
+    classes = list(range(model.num_classes))
+    per_class = max(1, math.ceil(n / len(classes)))
+    classes = classes[: math.ceil(n / per_class)]
+    total = len(classes) * per_class
+    order = [c for c in classes for _ in range(per_class)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "samples.npz")
+        _sync(device)
+        t0 = time.perf_counter()
+        images, _ = sampling.generate(
+            model, run_cfg, classes, per_class, batch, str(opts["precision"]),
+            [sampling.NpzStream(path, total, order)],
+        )  # fmt: skip
+        _sync(device)
+        wall = time.perf_counter() - t0
+        size = os.path.getsize(path)
+    return {
+        "images": total, "batch": batch, "wall_s": wall, "images_per_s": total / wall, "npz_gb": size / 1e9,
+        "batches": math.ceil(total / batch), "shape": list(images.shape),
+    }
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _fmt(v, spec: str, width: int) -> str:
@@ -320,17 +664,70 @@ def _fmt(v, spec: str, width: int) -> str:
 def format_row(r: dict[str, Any]) -> str:
     check = "ok" if r["check_ok"] else "FAIL"
     return (
-        f"{r['model']:<9} {r['res']:>5} {r['batch']:>5} {r['precision']:>5} {r['L']:>5} "
-        f"{r['params_m']:>7.1f}M "
-        f"{r['ms']:>9.1f} {r['images_per_s']:>7.1f} {_fmt(r['peak_gb'], '.2f', 7)} {r['first_s']:>7.2f} "
-        f"{r['refine_passes']:>6} {_fmt(r['tf_rel_diff'], '.1e', 8)} {check:>5}"
+        f"{r['model']:<9} {r['mode']:<6} {r['res']:>5} {r['batch']:>5} {r['precision']:>5} {r['L']:>5} "
+        f"{r['params_m']:>7.1f}M {r['ms']:>9.1f} {_fmt(r['floor_ms'], '.1f', 7)} {r['images_per_s']:>7.1f} "
+        f"{_fmt(r['peak_gb'], '.2f', 8)} {_fmt(r['peak_reserved_gb'], '.2f', 7)} "
+        f"{_fmt(r['memory_floor_gb'], '.2f', 7)} {r['first_s']:>7.2f} {r['refine_passes']:>6} "
+        f"{_fmt(r['tf_rel_diff'], '.1e', 8)} {check:>5}"
     )
 
 
 HEADER = (
-    f"{'model':<9} {'res':>5} {'batch':>5} {'prec':>5} {'L':>5} {'params':>8} {'ms/batch':>9} {'img/s':>7} "
-    f"{'peak GB':>7} {'first s':>7} {'refine':>6} {'tf diff':>8} {'check':>5}"
+    f"{'model':<9} {'mode':<6} {'res':>5} {'batch':>5} {'prec':>5} {'L':>5} {'params':>8} {'ms/batch':>9} "
+    f"{'floor':>7} {'img/s':>7} {'alloc GB':>8} {'rsv GB':>7} {'mem fl':>7} {'first s':>7} {'refine':>6} "
+    f"{'tf diff':>8} {'check':>5}"
 )
+
+
+def _find(rows, model: str, res: int, mode: str = "fast"):
+    return next((r for r in rows if r["model"] == model and r["res"] == res and r["mode"] == mode), None)
+
+
+def target_lines(rows: list[dict[str, Any]], large: dict[str, Any] | None) -> list[str]:
+    """The issue's targets against this run's rows (those that are present)."""
+    out = []
+
+    def peak(r):
+        return r["peak_reserved_gb"] if r["peak_reserved_gb"] is not None else r["peak_gb"]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    h256, v256 = _find(rows, "hmar-d16", 256), _find(rows, "var-d16", 256)
+    h1k, v1k = _find(rows, "hmar-d16", 1024), _find(rows, "var-d16", 1024)
+    if h256:
+        ok = h256["ms"] <= 150 and (peak(h256) or 0) <= 6
+        out.append(
+            f"HMAR-d16 256 px B {h256['batch']}: {h256['ms']:.1f} ms (target <= 150, "
+            f"floor {h256['floor_ms']:.1f}), "
+            f"peak {_fmt(peak(h256), '.2f', 0)} GB reserved (target <= 6): {verdict(ok)}"
+        )
+    if v256:
+        out.append(
+            f"VAR-d16 256 px B {v256['batch']}: {v256['ms']:.1f} ms (target <= 130, "
+            f"floor {v256['floor_ms']:.1f}): "
+            f"{verdict(v256['ms'] <= 130)}"
+        )
+    if h1k and v1k:
+        speed, mem = v1k["ms"] / h1k["ms"], (peak(v1k) or 0) / max(peak(h1k) or 1e-9, 1e-9)
+        ok = speed >= 1.75 and mem >= 3 and h1k["ms"] <= 400
+        out.append(
+            f"HMAR-d16 1024 px B {h1k['batch']}: {h1k['ms']:.1f} ms (target <= 400, "
+            f"floor {h1k['floor_ms']:.1f}); VAR-d16 {v1k['ms']:.1f} ms -> {speed:.2f}x faster "
+            f"(target >= 1.75); peak {_fmt(peak(h1k), '.2f', 0)} "
+            f"vs {_fmt(peak(v1k), '.2f', 0)} GB -> {mem:.2f}x less (target >= 3): {verdict(ok)}"
+        )
+    if large and h256 and "error" not in large and large["batch"] == h256["batch"]:
+        frac = large["images_per_s"] / h256["images_per_s"]
+        out.append(
+            f"{large['images']}-sample run (pipeline, npz {large['npz_gb']:.2f} GB): "
+            f"{large['images_per_s']:.1f} img/s = {100 * frac:.1f}% of the single-batch "
+            f"{h256['images_per_s']:.1f} img/s (target >= 90%): "
+            f"{verdict(frac >= 0.9)}"
+        )
+    elif large:
+        out.append(f"large-N run: {large}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,44 +745,71 @@ def main(argv: list[str] | None = None) -> int:
         f"device {gpu} | torch {torch.__version__} | cuda {torch.version.cuda or '-'} | "
         f"tf32 matmul {torch.backends.cuda.matmul.allow_tf32} cudnn {torch.backends.cudnn.allow_tf32}"
     )
+    modes = [m.strip() for m in str(opts["modes"]).split(",") if m.strip()]
     print(
-        f"precision {opts['precision']} (tokenizer fp32), backend {opts['backend']}, cfg {opts['cfg']}, "
+        f"precision {opts['precision']}, modes {','.join(modes)}, backend {opts['backend']}, "
+        f"cfg {opts['cfg']}, "
         f"top_k {opts['top_k']}, top_p {opts['top_p']}, HMAR stage {opts['hmar_stage']}, "
-        f"schedule {opts['schedule']}, "
-        f"median of {opts['reps']} after the determinism repeat + {opts['warmup']} warm-up"
+        f"schedule {opts['schedule']}, median of {opts['reps']} after the determinism repeat + "
+        f"{opts['warmup']} warm-up; floor = counted FLOPs / {PEAK_TFLOPS:.0f} TFLOP/s; "
+        "mem fl = weights + KV cache"
     )
     print(HEADER)
     print("-" * len(HEADER))
-    rows, failed = [], False
+    rows, failed, large = [], False, None
     for preset in [m.strip() for m in str(opts["models"]).split(",") if m.strip()]:
         for res, batch in parse_cases(opts["cases"]):
-            try:
-                row, _ = run_case(preset, res, batch, opts, device)
-            except (RuntimeError, ValueError) as e:  # e.g. out of memory: report, go on with the next case
-                failed = True
-                msg = str(e).splitlines()[0][:140] if str(e) else ""
-                print(f"{preset:<9} {res:>5} {batch:>5} failed: {type(e).__name__}: {msg}", flush=True)
-                row = None
-            if device.type == "cuda":  # the case's model is gone (also after an exception): free its memory
+            built = None
+            for mode in modes:
+                try:
+                    if built is None:
+                        overrides = case_overrides(preset, res, int(opts["hmar_stage"]))
+                        built = (*build_case(preset, overrides, device, str(opts["backend"])), overrides)
+                    row, _ = run_case(preset, res, batch, opts, device, mode, built)
+                except (RuntimeError, ValueError) as e:  # e.g. out of memory: report, go on
+                    failed = True
+                    msg = str(e).splitlines()[0][:140] if str(e) else ""
+                    what = f"{preset:<9} {mode:<6} {res:>5} {batch:>5}"
+                    print(f"{what} failed: {type(e).__name__}: {msg}", flush=True)
+                    row = None
+                if device.type == "cuda":
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                if row is None:
+                    continue
+                row.update(device=gpu, torch=torch.__version__)
+                rows.append(row)
+                failed |= not row["check_ok"]
+                print(format_row(row), flush=True)
+                for line in format_profile(row) + format_agree(row):
+                    print(line, flush=True)
+                if not row["check_ok"]:
+                    print(f"  check failed: {'; '.join(row['check_failures'])}")
+                if opts["json"]:  # rewritten after every row, so a run cut short keeps its rows
+                    with open(opts["json"], "w") as f:
+                        json.dump({"rows": rows, "large_n": large}, f, indent=1)
+            is_hmar = built is not None and built[1].model.arch == "hmar"
+            if int(opts["large_n"]) and is_hmar and large is None and "fast" in modes:
+                model, cfg, _ = built
+                n = int(opts["large_n"])
+                large = _guarded(lambda m=model, c=cfg, b=batch, n=n: large_n_run(m, c, b, n, opts, device))
+                print(f"  large-N: {large}", flush=True)
+                if opts["json"]:
+                    with open(opts["json"], "w") as f:
+                        json.dump({"rows": rows, "large_n": large}, f, indent=1)
+            built = None
+            if device.type == "cuda":
                 gc.collect()
                 torch.cuda.empty_cache()
-            if row is None:
-                continue
-            row.update(device=gpu, torch=torch.__version__)
-            rows.append(row)
-            failed |= not row["check_ok"]
-            if opts["json"]:  # rewritten after every case, so a run cut short keeps its rows
-                with open(opts["json"], "w") as f:
-                    json.dump(rows, f, indent=1)
-            print(format_row(row), flush=True)
-            if not row["check_ok"]:
-                print(f"  check failed: {'; '.join(row['check_failures'])}")
     for r in rows:
-        if r["refine_passes"] or r["overrides"]:
-            print(
-                f"  {r['model']} {r['res']} px: overrides {r['overrides']}; "
-                f"mask schedule {r['mask_schedule']}"
-            )
+        if (r["refine_passes"] or r["overrides"]) and r["mode"] == modes[0]:
+            what = f"  {r['model']} {r['res']} px"
+            print(f"{what}: overrides {r['overrides']}; mask schedule {r['mask_schedule']}")
+    lines = target_lines(rows, large)
+    if lines:
+        print("targets (issue 14, this run):")
+        for line in lines:
+            print(f"  {line}")
     return 1 if failed else 0
 
 

@@ -357,17 +357,18 @@ def run(opts: dict[str, Any], overrides: list[str]) -> int:
         classes = parse_labels(opts["labels"], int(getattr(model, "num_classes", 10)))
         n_images, sample_batch = len(classes) * opts["per_class"], opts["sample_batch_size"]
         sampling.check_sampling_memory(model, cfg, n_images, sample_batch, opts["precision"], False)
+        sinks = []
+        if opts["save_samples"]:  # written batch by batch while the next batches generate
+            order = [c for c in classes for _ in range(opts["per_class"])]
+            sinks.append(sampling.NpzStream(opts["save_samples"], len(order), order))
         images, labels = sampling.generate(
-            model, cfg, classes, opts["per_class"], sample_batch, opts["precision"]
+            model, cfg, classes, opts["per_class"], sample_batch, opts["precision"], sinks
         )
         del model
         knobs = ", ".join([*other_over, f"seed {cfg.sample.seed}", f"{opts['per_class']}/class"])
         desc = f"{Path(opts['ckpt']).name} ({knobs})"
         samples = images_from_array(images, desc, labels)
         if opts["save_samples"]:
-            from maskar.sampling import save_npz
-
-            save_npz(images, opts["save_samples"], labels)
             n = len(images)
             print(f"wrote {n} samples to {opts['save_samples']} (arr_0 uint8 NHWC, arr_1 labels)")
 

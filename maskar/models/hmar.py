@@ -440,7 +440,7 @@ class HMAR(NextScaleModel):
         """
         check_sampling_args(0.0, temperature, top_k, top_p)
         logits = self.refinement_logits(labels, si, f_hat, tokens, masked, cfg=cfg)
-        new = sample_from_logits(logits, top_k, top_p, temperature, generator)
+        new = sample_from_logits(logits, top_k, top_p, temperature, generator, method=self.sampler)
         return torch.where(masked.bool(), new, tokens.long()), logits
 
     def _refine(self, si: int, idx: Tensor, guided: Tensor, ctx: dict, known: Tensor | None) -> Tensor:
@@ -464,7 +464,10 @@ class HMAR(NextScaleModel):
             )
 
         def draw(logits: Tensor) -> Tensor:
-            return sample_from_logits(logits, args.top_k, args.top_p, args.temperature, args.generator)
+            noise = ctx["noise"](logits.shape[0] * logits.shape[1])
+            return sample_from_logits(
+                logits, args.top_k, args.top_p, args.temperature, noise=noise, method=args.sampler
+            )
 
         trace = ctx.get("trace")
 
@@ -482,7 +485,8 @@ class HMAR(NextScaleModel):
                 return idx
             n_unknown = masked.sum(1)
             for j in range(passes):
-                logits = self._mask_logits(si, idx, masked, ctx)
+                with self._region(f"s{si:02d} refine{j + 1}"):
+                    logits = self._mask_logits(si, idx, masked, ctx)
                 new = draw(logits)
                 idx = torch.where(masked, new, idx)
                 record(idx, masked, logits)
@@ -497,13 +501,20 @@ class HMAR(NextScaleModel):
             return idx
         order = lowest_confidence(confidence(guided, idx), sum(sched[1:]))  # (B, m), lowest first
         for step in range(1, len(sched)):
-            masked = torch.zeros_like(idx, dtype=torch.bool).scatter(1, order, True)
-            logits = self._mask_logits(si, idx, masked, ctx)
-            idx = torch.where(masked, draw(logits), idx)
-            record(idx, masked, logits, order)
-            if step < len(sched) - 1:
-                order = lowest_confidence(confidence(logits, idx), sum(sched[step + 1 :]), among=order)
+            with self._region(f"s{si:02d} refine{step}"):
+                masked = torch.zeros_like(idx, dtype=torch.bool).scatter(1, order, True)
+                logits = self._mask_logits(si, idx, masked, ctx)
+                idx = torch.where(masked, draw(logits), idx)
+                record(idx, masked, logits, order)
+                if step < len(sched) - 1:
+                    order = lowest_confidence(confidence(logits, idx), sum(sched[step + 1 :]), among=order)
         return idx
+
+    def _needs_guided_logits(self, si: int, ctx: dict, known: Tensor | None) -> bool:
+        """The first refinement ranking reads the guided logits of every token of the scale."""
+        if not ctx["refine_on"] or self.patch_nums[si] == 1:
+            return False
+        return known is None and len(ctx["schedule"][si]) > 1  # editing ranks by the mask head only
 
     def _autoregress(
         self, labels, args, known=None, keep=None, collect=None, out_indices=None, trace=None, **refine_kw

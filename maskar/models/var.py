@@ -33,10 +33,12 @@ from torch import Tensor, nn
 
 from maskar import registry
 from maskar.config import ConfigError, ModelConfig, SampleConfig, field
+from maskar.models.scale_graphs import GraphCache, NoiseSource, graphs_usable, mark
 from maskar.nn.attention import ScalePattern
-from maskar.nn.blocks import AdaLNBeforeHead, AdaLNSelfAttnBlock, KVCache, SharedAdaLin
+from maskar.nn.blocks import AdaLNBeforeHead, AdaLNSelfAttnBlock, SharedAdaLin, StaticKVCache
 from maskar.nn.losses import linear_cross_entropy
 from maskar.nn.sampling import (
+    SAMPLERS,
     SamplingTrace,
     check_sampling_args,
     guided_logits,
@@ -54,21 +56,24 @@ NO_WEIGHT_DECAY = {
 }  # fmt: skip
 
 
-# Decoding dominates sampling memory: at 256 px the VQ-VAE decoder holds several
-# (B, 160, 256, 256) fp32 activations (2.7 GB each at B 64) after the tokens are done. The
-# batch is decoded in chunks of at most this many output pixels (32 images at 256 px, 8 at
-# 512, 2 at 1024); per-image results do not depend on the chunking (to rounding). Measured
-# on an H100 (docs/benchmarks.md): 16 x 256^2 cut the peak 2.5-4.4x but cost up to 25% time
-# at 1024 px (one image per decode); 32 x 256^2 is the compromise.
+# Decoding dominates sampling memory: at 256 px the VQ-VAE decoder holds about five
+# (B, 160, 256, 256) activations at once (3200 B per output pixel in fp32, 1600 in bf16) after
+# the tokens are done. The batch is decoded in chunks of at most this many output pixels;
+# per-image results do not depend on the chunking (to rounding). fp32: 32 x 256^2 (6.7 GB;
+# measured on an H100, docs/benchmarks.md: 16 x 256^2 cut the peak 2.5-4.4x but cost up to 25%
+# time at 1024 px). bf16: 8 x 256^2 (0.84 GB, below the token phase of a d16 model at 256 px
+# B 64; at 1024 px one image, 1.7 GB, is the smallest chunk).
 DECODE_PIXELS = 32 * 256 * 256
+DECODE_PIXELS_BF16 = 8 * 256 * 256
 
 
-def decode_in_chunks(tokenizer, f_hat: Tensor, image_size: int) -> Tensor:
-    """``tokenizer.fhat_to_img`` over (B, Cz, h, w) in chunks of at most DECODE_PIXELS pixels."""
-    chunk = max(1, DECODE_PIXELS // (image_size * image_size))
+def decode_in_chunks(tokenizer, f_hat: Tensor, image_size: int, precision: str = "fp32") -> Tensor:
+    """``tokenizer.fhat_to_img`` over (B, Cz, h, w) in chunks of at most DECODE_PIXELS(_BF16) pixels."""
+    budget = DECODE_PIXELS if precision == "fp32" else DECODE_PIXELS_BF16
+    chunk = max(1, budget // (image_size * image_size))
     if f_hat.shape[0] <= chunk:
-        return tokenizer.fhat_to_img(f_hat)
-    return torch.cat([tokenizer.fhat_to_img(part) for part in f_hat.split(chunk)])
+        return tokenizer.fhat_to_img(f_hat, precision)
+    return torch.cat([tokenizer.fhat_to_img(part, precision) for part in f_hat.split(chunk)])
 
 
 # ----------------------------------------------------------------------------- configs
@@ -194,6 +199,17 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, enabled=False)
 
 
+# The next-scale head and the sampler run on at most this many (sample, token) rows at once:
+# (rows, 4096) float32 temporaries of 134 MB instead of the whole last scale's (0.5-1 GB at
+# 256 px B 64 / 1024 px B 8). Rows are independent, so the chunking changes no token.
+SAMPLE_ROWS = 8192
+
+# Without a KV cache (HMAR) rows never interact across samples, so the transformer runs the
+# big scales in chunks of at most this many (sample, token) rows: at 1024 px B 8 the last
+# scale's FFN would otherwise hold 2 x 0.54 GB of activations (16 x 4096 rows x 4096 wide, bf16).
+BLOCK_ROWS = 32768
+
+
 @dataclass
 class SamplingArgs:
     cfg: float
@@ -202,6 +218,20 @@ class SamplingArgs:
     top_k: int
     top_p: float
     generator: torch.Generator | None
+    sampler: str = "fused"  # maskar.nn.sampling.SAMPLERS
+
+
+@dataclass
+class ScaleState:
+    """What the scale loop carries from one scale to the next (static buffers under CUDA graphs)."""
+
+    cond: Tensor  # (2B, C) class embeddings of [labels; null class]
+    lvl_pos: Tensor  # (1, L, C) level + position embedding
+    x: Tensor | None  # (2B, pn^2, C) transformer input of the current scale
+    ctx_in: Tensor | None  # (B, pn^2, Cz) VAE-space input of the current scale (None at scale 0)
+    f_hat: Tensor  # (B, Cz, h, w) float32 running reconstruction
+    caches: list[StaticKVCache] | None  # VAR: one per block; HMAR: None
+    tokens: list[Tensor]  # (B, pn^2) int64 final ids of the scales done
 
 
 # ----------------------------------------------------------------------------- model
@@ -212,6 +242,7 @@ class NextScaleModel(nn.Module):
 
     pattern_kind = "block_causal"
     uses_kv_cache = True
+    takes_host_labels = True  # generate() checks CPU labels on the CPU, then moves them
 
     def __init__(self, cfg: NextScaleConfig) -> None:
         super().__init__()
@@ -253,6 +284,14 @@ class NextScaleModel(nn.Module):
             "loss_weight", token_loss_weights(self.patch_nums, cfg.loss_weighting), persistent=False
         )
         self.init_weights()
+
+        # Sampling switches (plain attributes, not config: the defaults are the fast paths; the
+        # alternatives exist for tests and maskar.bench.sample's comparisons).
+        self.sampler = "fused"  # maskar.nn.sampling.SAMPLERS: fused top-k/top-p, or the reference filter
+        self.decode_precision = "auto"  # auto (bf16 under bf16/fp16 autocast, else fp32) | fp32 | bf16
+        self.cuda_graphs = True  # replay per-scale CUDA graphs for plain generation on a GPU
+        self.profile_marks: list | None = None  # a list: sampling appends (region name, timestamp)
+        self._graphs = GraphCache()
 
     def _make_block(self, drop_path: float) -> AdaLNSelfAttnBlock:
         cfg = self.cfg
@@ -361,7 +400,7 @@ class NextScaleModel(nn.Module):
         cond: Tensor,
         blocks,
         pattern: ScalePattern | None,
-        caches: list[KVCache] | None = None,
+        caches: list[StaticKVCache] | None = None,
     ) -> Tensor:
         ada = self.ada_cond(cond)
         for i, block in enumerate(blocks):
@@ -475,7 +514,11 @@ class NextScaleModel(nn.Module):
         if cfg_schedule not in ("linear", "constant"):
             raise ConfigError(f"cfg_schedule: expected 'linear' or 'constant', got {cfg_schedule!r}")
         check_sampling_args(cfg, temperature, top_k, top_p)
-        return SamplingArgs(cfg, cfg_schedule, temperature, top_k, top_p, make_generator(seed, device))
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler: expected one of {list(SAMPLERS)}, got {self.sampler!r}")
+        return SamplingArgs(
+            cfg, cfg_schedule, temperature, top_k, top_p, make_generator(seed, device), self.sampler
+        )
 
     def guidance(self, scale: float, si: int, schedule: str) -> float:
         """CFG weight at scale si: linear in the scale index (0 at the first scale) or constant."""
@@ -485,6 +528,8 @@ class NextScaleModel(nn.Module):
         return float(scale) * si / (K - 1)
 
     def _check_labels(self, labels: Tensor) -> Tensor:
+        """Validated int64 labels on the model's device. Checked where they are: labels given on
+        the CPU are checked there, so a sampling loop never waits for the GPU here."""
         labels = labels.long()
         if labels.ndim != 1:
             raise ConfigError(f"labels: expected a 1-D tensor of class ids, got shape {tuple(labels.shape)}")
@@ -493,12 +538,12 @@ class NextScaleModel(nn.Module):
                 f"labels: expected ids in [0, {self.num_classes}] ({self.num_classes} = null class), "
                 f"got {labels.tolist()}"
             )
-        return labels
+        return labels.to(self.lvl_1L.device, non_blocking=True)
 
-    def _new_caches(self) -> list[KVCache] | None:
-        return [KVCache() for _ in self.blocks] if self.uses_kv_cache else None
+    def _new_caches(self) -> list[StaticKVCache] | None:
+        return [StaticKVCache(self.L) for _ in self.blocks] if self.uses_kv_cache else None
 
-    def _scale_logits(self, x: Tensor, cond: Tensor, caches: list[KVCache] | None) -> Tensor:
+    def _scale_logits(self, x: Tensor, cond: Tensor, caches: list[StaticKVCache] | None) -> Tensor:
         """One next-scale pass over the current scale's tokens (dense attention)."""
         h = self.run_blocks(x, cond, self.blocks, None, caches)
         return self.logits(h, cond)
@@ -506,6 +551,157 @@ class NextScaleModel(nn.Module):
     def _refine(self, si: int, idx: Tensor, guided: Tensor, ctx: dict, known: Tensor | None) -> Tensor:
         """Hook for HMAR's masked refinement; VAR keeps the next-scale tokens."""
         return idx
+
+    def _needs_guided_logits(self, si: int, ctx: dict, known: Tensor | None) -> bool:
+        """Whether ``_refine`` reads the whole guided logits of scale si (VAR: never)."""
+        return False
+
+    @contextlib.contextmanager
+    def _region(self, name: str):
+        """A named profiling region of sampling (``profile_marks``: see maskar.bench.sample)."""
+        marks = self.profile_marks
+        if marks is None:
+            yield
+            return
+        with torch.profiler.record_function(name):
+            yield
+        marks.append((name, mark(self.lvl_1L.device)))
+
+    def _start(self, labels: Tensor) -> ScaleState:
+        """The state before the first scale: class embeddings, the first input, empty f_hat."""
+        B = labels.shape[0]
+        labels2 = torch.cat([labels, torch.full_like(labels, self.num_classes)])  # [cond; null]
+        cond = self.class_emb(labels2)  # (2B, C)
+        lvl_pos = self.lvl_pos()
+        x = cond.unsqueeze(1) + self.pos_start + lvl_pos[:, :1]  # (2B, 1, C)
+        side = self.patch_nums[-1]
+        f_hat = torch.zeros(B, self.z_channels, side, side, device=labels.device)
+        return ScaleState(cond, lvl_pos, x, None, f_hat, self._new_caches(), [])
+
+    def _head_and_draw(self, si: int, h: Tensor, cond: Tensor, t: float, args: SamplingArgs, noise) -> Tensor:
+        """Logits of the next-scale head, CFG, top-k / top-p and the draw, in row chunks.
+
+        h (2B, n, C) -> ids (B, n). Each chunk of samples runs the head on its conditional and
+        null-class rows and samples them, so neither the (2B, n, V) logits nor the sampler's
+        temporaries exist for the whole batch at once (1 GB each at 1024 px, B 8). Rows are
+        independent, and the noise is drawn for all rows first, so chunking changes nothing.
+        """
+        B, n = h.shape[0] // 2, h.shape[1]
+        draws = noise(B * n)  # (B*n, V) Exp(1)
+        per = max(1, SAMPLE_ROWS // n)  # samples per chunk
+        out = []
+        for b0 in range(0, B, per):
+            b1 = min(B, b0 + per)
+            with self._region(f"s{si:02d} head"):
+                rows = torch.cat([h[b0:b1], h[B + b0 : B + b1]]) if per < B else h  # [cond; null]
+                crow = torch.cat([cond[b0:b1], cond[B + b0 : B + b1]]) if per < B else cond
+                guided = guided_logits(self.logits(rows, crow), b1 - b0, t)
+            with self._region(f"s{si:02d} sample"):
+                out.append(
+                    sample_from_logits(
+                        guided, args.top_k, args.top_p, args.temperature,
+                        noise=draws[b0 * n : b1 * n], method=args.sampler,
+                    )  # fmt: skip
+                )
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _scale_step(
+        self,
+        si: int,
+        st: ScaleState,
+        args: SamplingArgs,
+        noise,
+        known: list[Tensor] | None = None,
+        keep: list[Tensor] | None = None,
+        collect: list[Tensor] | None = None,
+        trace: SamplingTrace | None = None,
+        **refine_kw,
+    ) -> None:
+        """Scale si: next-scale pass, draw, (HMAR) refinement, then f_hat and the next input.
+
+        ``noise(rows)`` returns the (rows, V) Exp(1) draws of each categorical draw, in call
+        order (:class:`NoiseSource`, or pre-drawn static buffers under CUDA graphs).
+        """
+        B = st.f_hat.shape[0]
+        t = self.guidance(args.cfg, si, args.cfg_schedule)
+        k_si = keep[si] if known is not None else None
+        ctx = {
+            "cond": st.cond, "ctx_in": st.ctx_in, "lvl_pos": st.lvl_pos, "args": args, "noise": noise,
+            "trace": trace, **refine_kw,
+        }  # fmt: skip
+        with self._region(f"s{si:02d} blocks"):
+            h = self._next_scale_hidden(st)  # (2B, pn^2, C)
+        guided = None
+        whole = collect is not None or trace is not None or self._needs_guided_logits(si, ctx, k_si)
+        if whole:
+            with self._region(f"s{si:02d} head"):
+                logits2 = self.logits(h, st.cond)  # (2B, pn^2, V)
+                if collect is not None:
+                    collect.append(logits2[:B].float())
+                guided = guided_logits(logits2.float(), B, t)
+            with self._region(f"s{si:02d} sample"):
+                idx = sample_from_logits(
+                    guided, args.top_k, args.top_p, args.temperature,
+                    noise=noise(guided.shape[0] * guided.shape[1]), method=args.sampler,
+                )  # fmt: skip
+        else:
+            idx = self._head_and_draw(si, h, st.cond, t, args, noise)
+        del h
+        if known is not None:
+            idx = torch.where(k_si, known[si], idx)
+        step = None
+        if trace is not None:
+            drawn = torch.ones_like(idx, dtype=torch.bool) if k_si is None else ~k_si
+            step = trace.add("next_scale", si, idx, drawn, guided, cfg=t)
+        idx = self._refine(si, idx, guided, ctx, k_si)
+        del guided
+        with self._region(f"s{si:02d} update"):
+            self._advance(si, st, idx)
+        if step is not None:
+            step.info.update(final_tokens=idx, f_hat=st.f_hat)  # the scale's final ids; f_hat after it
+
+    def _next_scale_hidden(self, st: ScaleState) -> Tensor:
+        """The next-scale transformer pass over the current scale; without a KV cache in chunks of
+        samples of at most BLOCK_ROWS rows (the rows are independent, so nothing changes)."""
+        x, cond = st.x, st.cond
+        per = max(1, BLOCK_ROWS // x.shape[1])
+        if st.caches is not None or per >= x.shape[0]:
+            return self.run_blocks(x, cond, self.blocks, None, st.caches)
+        parts = [
+            self.run_blocks(x[r : r + per], cond[r : r + per], self.blocks, None, None)
+            for r in range(0, x.shape[0], per)
+        ]
+        return torch.cat(parts)
+
+    def _advance(self, si: int, st: ScaleState, idx: Tensor) -> None:
+        """Add scale si's codes to f_hat; set the next scale's inputs (none after the last)."""
+        B, pn, device = idx.shape[0], self.patch_nums[si], idx.device
+        st.tokens.append(idx)
+        with no_autocast(device):
+            h_map = self.tokenizer.lookup(idx).float().transpose(1, 2).reshape(B, self.z_channels, pn, pn)
+            st.f_hat, nxt = self.tokenizer.next_input(si, st.f_hat, h_map)
+        if si == len(self.patch_nums) - 1:
+            st.x = st.ctx_in = None
+            return
+        st.ctx_in = nxt.float().flatten(2).transpose(1, 2)  # (B, pn'^2, Cz)
+        b, e = self.begin_ends[si + 1]
+        x = self.word_embed(st.ctx_in) + st.lvl_pos[:, b:e]
+        st.x = torch.cat([x, x])
+
+    def decode_precision_for(self, device: torch.device) -> str:
+        """The VQ-VAE decode precision of a sampling call made now (``decode_precision``)."""
+        if self.decode_precision != "auto":
+            return self.decode_precision
+        low = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) in (
+            torch.bfloat16,
+            torch.float16,
+        )
+        return "bf16" if low else "fp32"
+
+    def decode(self, f_hat: Tensor, precision: str = "fp32") -> Tensor:
+        """f_hat (B, Cz, h, w) -> images (B, C, H, W) float32 in [-1, 1], in DECODE_PIXELS chunks."""
+        with self._region("decode"), no_autocast(f_hat.device):
+            return decode_in_chunks(self.tokenizer, f_hat, self.image_size, precision).float()
 
     @torch.no_grad()
     def _autoregress(
@@ -523,56 +719,25 @@ class NextScaleModel(nn.Module):
 
         ``known``/``keep``: per-scale (B, pn^2) ids and bool masks of tokens forced to the
         given ids (editing). ``collect`` / ``out_indices`` receive the conditional logits and
-        the final token ids of each scale (benchmarks); ``trace`` records every step.
+        the final token ids of each scale (benchmarks); ``trace`` records every step. Plain
+        generation on a GPU replays per-scale CUDA graphs (:mod:`maskar.models.scale_graphs`);
+        the eager loop below is the reference it is tested against, and what everything else
+        (editing, given tokens, traces, the CPU) runs.
         """
-        B, device = labels.shape[0], labels.device
-        labels2 = torch.cat([labels, torch.full_like(labels, self.num_classes)])  # [cond; null]
-        cond = self.class_emb(labels2)  # (2B, C)
-        lvl_pos = self.lvl_pos()
-        x = cond.unsqueeze(1) + self.pos_start + lvl_pos[:, :1]  # (2B, 1, C)
-        pn_last = self.patch_nums[-1]
-        f_hat = torch.zeros(B, self.z_channels, pn_last, pn_last, device=device)
-        caches = self._new_caches()
-        ctx_in = None  # (B, pn^2, Cz) VAE-space input of the current scale
-        for si, pn in enumerate(self.patch_nums):
-            logits2 = self._scale_logits(x, cond, caches)  # (2B, pn^2, V)
-            if collect is not None:
-                collect.append(logits2[:B].float())
-            t = self.guidance(args.cfg, si, args.cfg_schedule)
-            guided = guided_logits(logits2.float(), B, t)
-            idx = sample_from_logits(guided, args.top_k, args.top_p, args.temperature, args.generator)
-            k_si = None
-            if known is not None:
-                k_si = keep[si]
-                idx = torch.where(k_si, known[si], idx)
-            step = None
-            if trace is not None:
-                drawn = torch.ones_like(idx, dtype=torch.bool) if k_si is None else ~k_si
-                step = trace.add("next_scale", si, idx, drawn, guided, cfg=t)
-            ctx = {
-                "cond": cond,
-                "ctx_in": ctx_in,
-                "lvl_pos": lvl_pos,
-                "args": args,
-                "trace": trace,
-                **refine_kw,
-            }
-            idx = self._refine(si, idx, guided, ctx, k_si)
-            if out_indices is not None:
-                out_indices.append(idx)
-            with no_autocast(device):
-                h_map = self.tokenizer.lookup(idx).float().transpose(1, 2).reshape(B, self.z_channels, pn, pn)
-                f_hat, nxt = self.tokenizer.next_input(si, f_hat, h_map)
-            if step is not None:
-                step.info.update(final_tokens=idx, f_hat=f_hat)  # the scale's final ids; f_hat after it
-            if si < len(self.patch_nums) - 1:
-                ctx_in = nxt.float().flatten(2).transpose(1, 2)  # (B, pn'^2, Cz)
-                b, e = self.begin_ends[si + 1]
-                x = self.word_embed(ctx_in) + lvl_pos[:, b:e]
-                x = torch.cat([x, x])
-        del caches  # the KV cache is not needed to decode: free it before the decoder's activations
-        with no_autocast(device):
-            return decode_in_chunks(self.tokenizer, f_hat, self.image_size).float()
+        precision = self.decode_precision_for(labels.device)
+        plain = known is None and collect is None and trace is None
+        if plain and graphs_usable(self, labels.device):
+            runner = self._graphs.runner(self, labels.shape[0], args, refine_kw, precision)
+            if runner is not None:
+                return runner.generate(labels, args.generator, out_indices)
+        st = self._start(labels)
+        noise = NoiseSource(self.vocab_size, args.generator, labels.device)
+        for si in range(len(self.patch_nums)):
+            self._scale_step(si, st, args, noise, known, keep, collect, trace, **refine_kw)
+        if out_indices is not None:
+            out_indices.extend(st.tokens)
+        st.caches = None  # the KV cache is not needed to decode: free it before the decoder's activations
+        return self.decode(st.f_hat, precision)
 
     def generate(
         self,
@@ -592,12 +757,13 @@ class NextScaleModel(nn.Module):
     ) -> Tensor | tuple[Tensor, SamplingTrace]:
         """Class-conditional samples (B, C, H, W) in [-1, 1]; labels may be the null class.
 
-        ``known`` / ``keep``: one (B, pn^2) int64 id tensor and one (B, pn^2) bool tensor per
-        scale; where ``keep`` is True the token is forced to ``known`` (generation from given
-        tokens, as editing does; all True = teacher forcing). ``return_trace=True`` returns
-        ``(images, trace)``: per scale a ``next_scale`` step (drawn ids, guidance weight, the
-        scale's final ids and f_hat after it) and, for HMAR, one ``refine`` step per pass;
-        ``trace_logits=True`` also keeps the guided logits of every draw.
+        ``labels`` may live on the CPU (checked there, then moved without waiting) or on the
+        model's device. ``known`` / ``keep``: one (B, pn^2) int64 id tensor and one (B, pn^2)
+        bool tensor per scale; where ``keep`` is True the token is forced to ``known``
+        (generation from given tokens, as editing does; all True = teacher forcing).
+        ``return_trace=True`` returns ``(images, trace)``: per scale a ``next_scale`` step (drawn
+        ids, guidance weight, the scale's final ids and f_hat after it) and, for HMAR, one
+        ``refine`` step per pass; ``trace_logits=True`` also keeps the guided logits of every draw.
         """
         labels = self._check_labels(labels)
         args = self._sampling_args(cfg, cfg_schedule, temperature, top_k, top_p, seed, labels.device)
@@ -628,8 +794,8 @@ class NextScaleModel(nn.Module):
             k = k.long()
             if k.numel() and (k.min() < 0 or k.max() >= self.vocab_size):
                 raise ConfigError(f"known[{si}]: expected token ids in [0, {self.vocab_size - 1}]")
-            ids.append(k)
-            masks.append(m.bool())
+            ids.append(k.to(self.lvl_1L.device))  # labels are on the model's device too
+            masks.append(m.bool().to(self.lvl_1L.device))
         return ids, masks
 
     def _refine_options(self, extra: dict, editing: bool) -> dict:

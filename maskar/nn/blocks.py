@@ -85,6 +85,32 @@ class KVCache:
         return self.k, self.v
 
 
+class StaticKVCache:
+    """A KV cache of fixed capacity ``length`` for sampling: each append writes the next slots of
+    one (B, H, length, D) buffer, allocated at the first append, and returns views of what is
+    written so far. Unlike :class:`KVCache` it never re-copies earlier scales, and its addresses
+    never change, which CUDA graphs need. Same keys/values, so attention gives the same result."""
+
+    def __init__(self, length: int) -> None:
+        self.length = int(length)
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.end = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k is None or self.v is None:
+            B, H, _, D = k.shape
+            self.k = k.new_empty(B, H, self.length, D)
+            self.v = v.new_empty(B, H, self.length, D)
+        start, end = self.end, self.end + k.shape[2]
+        if end > self.length:
+            raise ValueError(f"StaticKVCache: {end} tokens exceed the capacity {self.length}")
+        self.k[:, :, start:end].copy_(k)
+        self.v[:, :, start:end].copy_(v)
+        self.end = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, attn_l2_norm: bool = True) -> None:
         super().__init__()

@@ -41,10 +41,12 @@ def guided_logits(logits: Tensor, batch: int, t: float) -> Tensor:
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:
-    """Return a copy with entries outside the top-k / nucleus set to -inf.
+    """Return a copy with entries outside the top-k / nucleus set to -inf (the reference filter).
 
-    top-k keeps values >= the k-th largest; top-p sorts ascending, drops entries whose
-    cumulative softmax mass is <= 1 - top_p, always keeping the largest (VAR's rule).
+    top-k keeps values >= the k-th largest (all of a tie at the k-th value); top-p sorts
+    ascending, drops entries whose cumulative softmax mass is <= 1 - top_p, always keeping the
+    largest (VAR's rule). The sort is stable, so among equal logits at the top-p boundary the
+    lower vocabulary ids are dropped first (an unstable sort leaves that to the implementation).
     """
     V = logits.shape[-1]
     out = logits
@@ -52,12 +54,37 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:
         kth = logits.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
         out = out.masked_fill(out < kth, float("-inf"))
     if 0.0 < top_p < 1.0:
-        sorted_logits, sorted_idx = out.sort(dim=-1, descending=False)
+        sorted_logits, sorted_idx = out.sort(dim=-1, descending=False, stable=True)
         drop_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1.0 - top_p)
         drop_sorted[..., -1:] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)
         out = out.masked_fill(drop, float("-inf"))
     return out
+
+
+def exponential_noise(
+    rows: int, vocab: int, generator: torch.Generator | None, device: torch.device | str
+) -> Tensor:
+    """(rows, vocab) float32 Exp(1) draws: the randomness of one categorical draw per row.
+
+    ``torch.multinomial(probs, 1)`` draws exactly this tensor (``empty_like(probs).exponential_``)
+    and returns ``argmax(probs / noise)``; drawing it apart lets a draw run without the host sync
+    that ``multinomial``'s input check costs (so it can sit in a CUDA graph) and lets the fused
+    sampler use the same randomness as the reference.
+    """
+    return torch.empty(rows, vocab, device=device).exponential_(generator=generator)
+
+
+def draw_from_probs(probs: Tensor, noise: Tensor) -> Tensor:
+    """(R, V) probabilities, (R, V) Exp(1) noise -> (R,) ids: argmax(probs / noise).
+
+    The exponential race: P(i wins) = probs_i / sum(probs). Bitwise what ``torch.multinomial(probs,
+    1, generator=g)`` returns when ``noise = exponential_noise(R, V, g, ...)`` (tests).
+    """
+    return (probs / noise).argmax(dim=-1)
+
+
+SAMPLERS = ("fused", "reference")
 
 
 def sample_from_logits(
@@ -66,15 +93,82 @@ def sample_from_logits(
     top_p: float = 0.0,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    *,
+    noise: Tensor | None = None,
+    method: str = "fused",
 ) -> Tensor:
-    """logits (..., V) -> int64 token ids (...,), one draw per position."""
+    """logits (..., V) -> int64 token ids (...,), one draw per position.
+
+    ``noise`` (N, V) with N the number of positions: pre-drawn :func:`exponential_noise`
+    (otherwise drawn here from ``generator``). ``method``: ``reference`` filters with
+    :func:`filter_logits` (a full sort of the vocabulary); ``fused`` (default) gives the same
+    filtered distribution through :func:`topk_topp_probs` without sorting the whole vocabulary
+    when top_k is on. Both draw with the same randomness, so they agree token for token up to
+    floating-point rounding of the nucleus boundary (tests).
+    """
     shape = logits.shape[:-1]
-    x = logits.float()
+    x = logits.float().reshape(-1, logits.shape[-1])
     if temperature != 1.0:
         x = x / temperature
-    x = filter_logits(x, top_k, top_p)
-    probs = x.softmax(dim=-1).reshape(-1, x.shape[-1])
-    return torch.multinomial(probs, 1, generator=generator).view(shape)
+    if noise is None:
+        noise = exponential_noise(x.shape[0], x.shape[1], generator, x.device)
+    if method == "reference":
+        probs = filter_logits(x, top_k, top_p).softmax(dim=-1)
+    elif method == "fused":
+        probs = topk_topp_probs(x, top_k, top_p)
+    else:
+        raise ConfigError(f"sampler: expected one of {list(SAMPLERS)}, got {method!r}")
+    return draw_from_probs(probs, noise).view(shape)
+
+
+def topk_topp_probs(x: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:
+    """softmax(filter_logits(x, top_k, top_p)) for x (R, V) float32, sorting only the top k.
+
+    The kept set of the reference is, per row, the top M entries in (value descending, id
+    descending) order: top-k keeps every entry >= the k-th largest value (count n_ge, ties
+    included) and top-p then drops an ascending prefix. So it suffices to find M and the value
+    v at rank M; the set is {x > v} plus the highest-id ties at v. M comes from the ascending
+    cumulative mass of the k sorted top values (``torch.topk``) plus the ``n_ge - k`` ties at
+    the k-th value that topk left out (each of probability p_kth, lowest in ascending order).
+    Everything else is element-wise over the vocabulary; the final softmax runs on exactly the
+    tensor the reference builds, so the probabilities are bitwise equal whenever the kept sets
+    are (they can differ only where a cumulative mass rounds across 1 - top_p).
+    """
+    R, V = x.shape
+    k_on, p_on = 0 < top_k < V, 0.0 < top_p < 1.0
+    if not p_on:
+        if not k_on:
+            return x.softmax(dim=-1)
+        kth = x.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        return x.masked_fill(x < kth, float("-inf")).softmax(dim=-1)
+    k = top_k if k_on else V
+    vals = x.topk(k, dim=-1, sorted=True).values if k_on else x.sort(dim=-1, descending=True).values
+    top, kth = vals[:, :1], vals[:, -1:]  # (R, 1) each
+    extra = (x >= kth).sum(dim=-1, keepdim=True) - k  # (R, 1) ties at the k-th value left out
+    e = (vals - top).exp()  # (R, k), descending
+    e_kth = (kth - top).exp()
+    z = e.sum(dim=-1, keepdim=True) + extra * e_kth
+    p, p_kth = e / z, e_kth / z
+    thr = 1.0 - top_p
+    # Ascending cumulative mass at each sorted position: the left-out ties first, then from the
+    # smallest top value up (the reference's order of summation).
+    asc = p.flip(-1)
+    asc = torch.cat([asc[:, :1] + extra * p_kth, asc[:, 1:]], dim=-1).cumsum(dim=-1).flip(-1)
+    keep_sorted = asc > thr
+    keep_sorted[:, 0] = True  # the largest is always kept
+    m = keep_sorted.sum(dim=-1, keepdim=True)  # (R, 1) a prefix of the descending order
+    # Left-out ties kept only if every top value is: the u-th lowest has mass u * p_kth.
+    dropped_ties = torch.minimum((thr / p_kth).floor(), extra.to(p_kth.dtype)).to(extra.dtype)
+    m = m + torch.where(m == k, extra - dropped_ties, torch.zeros_like(m))
+    v = torch.where(m <= k, vals.gather(-1, (m - 1).clamp(max=k - 1)), kth)  # value at rank m
+    above = x > v
+    tie = x == v
+    # Among the ties at v keep the highest ids: rank from the top end = ties at ids >= i.
+    tie_i = tie.to(torch.int32)
+    rank_from_top = tie_i.sum(dim=-1, keepdim=True) - tie_i.cumsum(dim=-1) + tie_i
+    n_at = m - above.sum(dim=-1, keepdim=True)
+    kept = above | (tie & (rank_from_top <= n_at))
+    return x.masked_fill(~kept, float("-inf")).softmax(dim=-1)
 
 
 def token_confidence(

@@ -67,6 +67,16 @@ class VQVAEConfig(ConvAutoencoderConfig):
         self.validate_losses()
 
 
+# Decoder precisions of :meth:`MultiScaleVQVAE.fhat_to_img` (docs/var_hmar.md, *Memory and speed*).
+DECODE_PRECISIONS = ("fp32", "bf16")
+
+
+def _cast_params(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating parameters and buffers of ``module`` cast to ``dtype`` (for functional_call)."""
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return {n: t.to(dtype) if t.is_floating_point() else t for n, t in named}
+
+
 # ----------------------------------------------------------------------------- resampling
 
 
@@ -303,9 +313,29 @@ class MultiScaleVQVAE(TokenizerTrainingHooks, nn.Module):
         as the official ``idxBl_to_img(..., same_shape=True, last_one=False)``."""
         return [self.fhat_to_img(f) for f in self.indices_to_fhats(indices)]
 
-    def fhat_to_img(self, fhat: torch.Tensor) -> torch.Tensor:
-        """(B, Cz, h, w) -> image (B, C, H, W) clamped to [-1, 1]."""
-        return self.decoder(self.post_quant_conv(fhat)).clamp(-1, 1)
+    def fhat_to_img(self, fhat: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """(B, Cz, h, w) -> image (B, C, H, W) clamped to [-1, 1].
+
+        ``precision``: ``fp32`` runs the modules as they are (float32 in, float32 out);
+        ``bf16`` runs post_quant_conv + decoder with bfloat16 weights and activations and no
+        autocast (GroupNorm, convolutions and attention accumulate in float32 inside their
+        kernels) and returns float32. Token ids never depend on it: only decoding does.
+        """
+        if precision == "fp32":
+            return self.decoder(self.post_quant_conv(fhat)).clamp(-1, 1)
+        if precision not in DECODE_PRECISIONS:
+            raise ValueError(
+                f"decode precision: expected one of {list(DECODE_PRECISIONS)}, got {precision!r}"
+            )
+        dtype = torch.bfloat16
+        with torch.autocast(fhat.device.type, enabled=False):
+            # Cast copies of the weights per call (65M parameters: ~0.4 GB of traffic, well under
+            # a millisecond on a GPU); the module itself stays float32.
+            x = torch.func.functional_call(
+                self.post_quant_conv, _cast_params(self.post_quant_conv, dtype), (fhat.to(dtype),)
+            )
+            x = torch.func.functional_call(self.decoder, _cast_params(self.decoder, dtype), (x,))
+        return x.float().clamp(-1, 1)
 
     def indices_to_img(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.fhat_to_img(self.indices_to_fhat(indices))

@@ -1,15 +1,31 @@
 #!/usr/bin/env bash
-# VAR-d16 / HMAR-d16 sampling on one GPU (docs/benchmarks.md, *VAR-d16 and HMAR-d16 sampling*):
-# `maskar bench sample` in bf16 at 256 px B 64 and 1024 px B 8, then in fp32 at 256 px B 64.
-# Produces in $OUT: sample_bf16.txt/.json and sample_fp32.txt/.json.
-# Takes at most 7.5 minutes (timeouts 230 + 200 s); each row builds random weights, checks them
-# (determinism, teacher-forced logits) and times 3 generations after a warm-up.
+# VAR-d16 / HMAR-d16 sampling on one GPU (issue 14; docs/benchmarks.md, *VAR-d16 and HMAR-d16 sampling*).
+# Produces in $OUT (6 files):
+#   gpu_tests.txt  pytest -m gpu of the fast path: captured CUDA graphs give the eager tokens (fp32, bf16)
+#   decode.txt/.json  bf16 vs fp32 VQ-VAE decode on real tokens (trained hmar-fmnist tokenizer, the 10k
+#                  Fashion-MNIST test images) and d16 decode time / memory per precision at 256 px B 64, 1024 px B 8
+#   sample.txt/.json  `maskar bench sample` in bf16, HMAR-d16 then VAR-d16 at 256 px B 64 and 1024 px B 8, modes
+#                  legacy (the path before issue 14) and fast (CUDA graphs, fused sampler, bf16 decode): median of
+#                  5 calls, peak allocated / reserved memory, FLOP floor; per-region profile of each row; bf16 vs
+#                  fp32 token agreement and image error; a 10,000-sample HMAR-d16 256 px run through the
+#                  `maskar sample` pipeline (npz streamed to /tmp, deleted) against the single-batch images/s.
+# Expected about 4.5 minutes; hard limits 90 + 90 + 300 s (8 minutes). A summary is printed last.
 # Run from the repository root: OUT=/tmp/out scripts/gpu/bench_sampling.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi -L
-timeout ${BF16_T:-230} python3 -m maskar bench sample json=$OUT/sample_bf16.json > $OUT/sample_bf16.txt 2>&1
-echo "bf16 rc=$?"; tail -n 14 $OUT/sample_bf16.txt
-timeout ${FP32_T:-200} python3 -m maskar bench sample precision=fp32 cases=256x64 json=$OUT/sample_fp32.json > $OUT/sample_fp32.txt 2>&1
-echo "fp32 rc=$?"; tail -n 10 $OUT/sample_fp32.txt
+timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_sampling_speed.py tests/test_bench_sample.py \
+    > "$OUT/gpu_tests.txt" 2>&1
+echo "gpu tests rc=$?"
+timeout 90 python3 -m maskar bench decode speed=true json="$OUT/decode.json" > "$OUT/decode.txt" 2>&1
+echo "decode rc=$?"
+timeout 300 python3 -m maskar bench sample models=hmar-d16,var-d16 modes=legacy,fast reps=5 profile=true \
+    agree=true large_n=10000 json="$OUT/sample.json" > "$OUT/sample.txt" 2>&1
+echo "sample rc=$?"
+echo "=== summary ==="
+tail -n 1 "$OUT/gpu_tests.txt"
+grep -E "^quality|^ +(256|1024) " "$OUT/decode.txt"
+grep -E "^(model|hmar|var)" "$OUT/sample.txt"
+grep -E "bf16 vs fp32|large-N|failed" "$OUT/sample.txt" | cut -c1-400
+sed -n '/^targets/,$p' "$OUT/sample.txt"

@@ -1,0 +1,240 @@
+"""VQ-VAE decoder precision: bf16 against fp32 on real tokens, and decoding speed per precision.
+
+    maskar bench decode [ckpt=checkpoints/hmar-fmnist] [split=test] [limit=0] [batch=500]
+                        [speed=false] [cases=256x64,1024x8] [reps=5] [device=auto] [json=PATH]
+
+**Quality** (always): the tokenizer of ``ckpt`` (a generator checkpoint holding its tokenizer, or
+a tokenizer checkpoint) encodes the held-out split of its own dataset in fp32 (``limit`` images,
+0 = all); the final f_hat of those real token pyramids is decoded in fp32 and in bf16
+(``MultiScaleVQVAE.fhat_to_img(precision=...)``). Printed: PSNR of the bf16 decode against the
+fp32 decode (mean and worst per image, and over all pixels; images in [-1, 1], peak-to-peak 2),
+max |difference|, the share of uint8 pixel values that change once both are written as 8-bit
+images and the largest such change, and each decode's PSNR against the original images (the
+tokenizer's own error, for scale).
+
+**Speed** (``speed=true``, meant for a GPU): the d16 tokenizer (``vae_ch160v4096z32``, random
+official init; at 1024 px the official 1024 px schedule) decodes the f_hat of random token
+pyramids of B images, chunked as sampling does (``maskar.models.var.decode_in_chunks``), in
+``fp32`` (cuDNN as configured: it allows TF32 by default), ``fp32-strict`` (TF32 off) and ``bf16``.
+Each variant: median of ``reps`` CUDA-event timings after one warm-up, peak allocated memory of
+the decode alone (GB = 1e9 B), and PSNR against ``fp32-strict``. Floors: FLOPs / 790 TFLOP/s
+(bf16) and / 395 TFLOP/s (TF32), the H200's dense matmul peaks.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+
+DEFAULTS = {
+    "ckpt": "checkpoints/hmar-fmnist", "split": "test", "limit": 0, "batch": 500, "speed": False,
+    "cases": "256x64,1024x8", "reps": 5, "device": "auto", "json": "",
+}  # fmt: skip
+
+PEAK_TFLOPS = {"bf16": 790.0, "tf32": 395.0}
+
+
+def _parse(argv: list[str]) -> dict[str, Any]:
+    import yaml
+
+    opts = dict(DEFAULTS)
+    for item in argv:
+        k, sep, v = item.partition("=")
+        if not sep or k not in DEFAULTS:
+            raise SystemExit(f"bench decode: expected key=value, key in {sorted(DEFAULTS)}; got {item!r}")
+        opts[k] = v if isinstance(DEFAULTS[k], str) else yaml.safe_load(v)
+    return opts
+
+
+def load_tokenizer(ckpt: str, device: torch.device):
+    """(the multi-scale VQ-VAE of a generator or tokenizer checkpoint, its data config)."""
+    from maskar.checkpoint import load_model
+
+    model, cfg = load_model(ckpt, device="cpu")
+    tok = getattr(model, "tokenizer", model)
+    if getattr(getattr(tok, "cfg", None), "arch", None) != "vqvae":
+        raise SystemExit(f"bench decode: {ckpt!r} holds no multi-scale VQ-VAE (vqvae) tokenizer")
+    return tok.to(device).eval(), cfg.data
+
+
+def psnr_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N,) PSNR in dB of images in [-1, 1] (peak-to-peak 2); inf where equal."""
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def quality(opts: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    import dataclasses
+
+    from maskar.data import build_dataset
+
+    tok, data_cfg = load_tokenizer(str(opts["ckpt"]), device)
+    limit = int(opts["limit"]) or None
+    ds = build_dataset(dataclasses.replace(data_cfg, split=str(opts["split"]), limit=limit, hflip=False))
+    loader = torch.utils.data.DataLoader(ds, batch_size=int(opts["batch"]), shuffle=False)
+    ref, f32, b16 = [], [], []
+    for batch in loader:
+        img = batch["image"].to(device).float()
+        fhat = tok.indices_to_fhat(tok.img_to_indices(img))  # real token pyramids, fp32
+        ref.append(img.cpu())
+        f32.append(tok.fhat_to_img(fhat, precision="fp32").cpu())
+        b16.append(tok.fhat_to_img(fhat, precision="bf16").cpu())
+    ref, f32, b16 = torch.cat(ref), torch.cat(f32), torch.cat(b16)
+    per = psnr_per_image(b16, f32)
+    u32, u16 = to_uint8(f32), to_uint8(b16)
+    du = (u32.int() - u16.int()).abs()
+    mse_all = (b16 - f32).pow(2).mean()
+    return {
+        "ckpt": str(opts["ckpt"]), "split": str(opts["split"]), "images": int(ref.shape[0]),
+        "image_shape": list(ref.shape[1:]),
+        "psnr_bf16_vs_fp32_mean": per.mean().item(), "psnr_bf16_vs_fp32_min": per.min().item(),
+        "psnr_bf16_vs_fp32_all": (10 * torch.log10(4.0 / mse_all)).item(),
+        "max_abs_diff": (b16 - f32).abs().max().item(),
+        "uint8_changed_frac": (du > 0).float().mean().item(), "uint8_max_change": int(du.max()),
+        "psnr_fp32_vs_original": psnr_per_image(f32, ref).mean().item(),
+        "psnr_bf16_vs_original": psnr_per_image(b16, ref).mean().item(),
+        "device": str(device), "torch": torch.__version__,
+    }  # fmt: skip
+
+
+def _time(fn, reps: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    out = fn()  # warm-up (cuDNN algorithm choice, allocator growth)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            out = fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            out = fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times), out
+
+
+@torch.no_grad()
+def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
+    import dataclasses
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from maskar.bench.sample import parse_cases
+    from maskar.config import load_config
+    from maskar.registry import build_model
+    from maskar.tokenizers.vqvae import PATCH_NUMS
+
+    rows = []
+    for res, batch in parse_cases(opts["cases"]):
+        base_cfg = load_config("var-d16").model.tokenizer
+        patch_nums = PATCH_NUMS.get(res, tuple(sorted({1, res // 16})))  # other sides: a smoke run
+        cfg = dataclasses.replace(base_cfg, resolution=res, patch_nums=patch_nums)
+        torch.manual_seed(0)
+        with torch.device(device):
+            tok = build_model(cfg).eval()
+        g = torch.Generator(device=device).manual_seed(0)
+        ids = [
+            torch.randint(0, tok.vocab_size, (batch, p * p), device=device, generator=g)
+            for p in tok.patch_nums
+        ]
+        fhat = tok.indices_to_fhat(ids)
+        with FlopCounterMode(display=False) as fc:
+            tok.fhat_to_img(fhat[:1])
+        flops = fc.get_total_flops() * batch
+        variants = {
+            "fp32-strict": ("fp32", False),
+            "fp32": ("fp32", None),
+            "bf16": ("bf16", None),
+        }
+        ref = None
+        for name, (precision, tf32) in variants.items():
+            ms, img, peak = _time_decode(tok, fhat, res, precision, tf32, int(opts["reps"]), device)
+            if ref is None:
+                ref = img
+            per = psnr_per_image(img, ref)
+            peak_tf = PEAK_TFLOPS["bf16" if precision == "bf16" else "tf32"]
+            rows.append({
+                "res": res, "batch": batch, "variant": name, "ms": ms, "decode_peak_gb": peak,
+                "tflop": flops / 1e12, "floor_ms": flops / (peak_tf * 1e12) * 1e3,
+                "psnr_vs_fp32_strict_mean": per.mean().item(), "psnr_vs_fp32_strict_min": per.min().item(),
+            })  # fmt: skip
+            print(
+                f"{res:>5} {batch:>5} {name:<12} {ms:>9.1f} {_fmt(peak, '.2f', 8)} {flops / 1e12:>7.1f} "
+                f"{rows[-1]['floor_ms']:>8.1f} {per.mean().item():>8.1f} {per.min().item():>8.1f}",
+                flush=True,
+            )
+        del tok, fhat, ref, img
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _time_decode(tok, fhat, res: int, precision: str, tf32: bool | None, reps: int, device: torch.device):
+    """(median ms, images, peak GB above what was allocated before) of the chunked decode."""
+    from maskar.models.var import decode_in_chunks
+
+    allow = torch.backends.cudnn.allow_tf32 if tf32 is None else tf32
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=allow):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        ms, img = _time(lambda: decode_in_chunks(tok, fhat, res, precision), reps, device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 1e9 if device.type == "cuda" else None
+    return ms, img, peak
+
+
+def _fmt(v, spec: str, width: int) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}{spec}}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = _parse(list(argv or []))
+    name = str(opts["device"])
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    print(f"command: maskar bench decode {' '.join(argv or [])}")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {gpu} | torch {torch.__version__} | cudnn tf32 {torch.backends.cudnn.allow_tf32}")
+    try:
+        out: dict[str, Any] = {"quality": quality(opts, device)}
+    except Exception as e:  # noqa: BLE001 - e.g. the dataset is not installed here: still time the decoder
+        out = {"quality": {"error": f"{type(e).__name__}: {e}"}}
+        print(f"quality: not measured ({out['quality']['error']})")
+    q = out["quality"]
+    if "error" not in q:
+        print(
+            f"quality ({q['ckpt']}, {q['split']} split, {q['images']} images {q['image_shape']}): "
+            f"bf16 vs fp32 decode PSNR mean {q['psnr_bf16_vs_fp32_mean']:.1f} dB, worst image "
+            f"{q['psnr_bf16_vs_fp32_min']:.1f} dB, all pixels {q['psnr_bf16_vs_fp32_all']:.1f} dB; "
+            f"max |diff| {q['max_abs_diff']:.2e}; uint8 values changed "
+            f"{100 * q['uint8_changed_frac']:.3f}% (max {q['uint8_max_change']}); vs the originals: "
+            f"fp32 {q['psnr_fp32_vs_original']:.2f} dB, bf16 {q['psnr_bf16_vs_original']:.2f} dB"
+        )
+    if opts["speed"]:
+        print(
+            f"{'res':>5} {'batch':>5} {'variant':<12} {'ms':>9} {'peak GB':>8} {'TFLOP':>7} {'floor':>8} "
+            f"{'PSNR':>8} {'min':>8}"
+        )
+        out["speed"] = speed(opts, device)
+    if opts["json"]:
+        with open(str(opts["json"]), "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))
