@@ -9,7 +9,8 @@ against that revision's checkout to re-record:
         python /path/to/this/tests/sampling_golden.py /path/to/this/tests/data/sampling_golden.json
 
 Recorded from main at 1eee427 (2026-12-03; HMAR's refinement already ranks by the official
-filtered confidence), before the sampling speed work (issue 14).
+filtered confidence), before the sampling speed work (issue 14); main at 9439c91 (traces,
+given tokens, addcmul blocks) records the same file byte for byte.
 """
 
 from __future__ import annotations
