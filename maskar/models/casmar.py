@@ -1,6 +1,8 @@
 """CASMAR: cascaded masked autoregression with a scaffold stage and a local DiT head.
 
-Read top to bottom (facts: /work/shared/reference/casmar_mar.md sections 3, 5, 7):
+"Cascaded Masked Autoregression for Image Generation: Unified Salience Scheduling and Proximal
+Self-Attention Synergy"; official code github.com/gcai98/CASMAR (release v1: PSA head; v2: SALA),
+built on Hi-MAR and MAR (github.com/LTH14/mar). Read top to bottom:
 
 1. Two latent grids from the same frozen KL VAE: the big grid (B, C, 16, 16) of the
    256 px image and the *scaffold* grid (B, C, 8, 8) of the image bicubic-downsampled to
@@ -62,6 +64,7 @@ from maskar.nn.diffloss import (
     modulate,
 )
 from maskar.nn.diffusion import GaussianDiffusion, create_diffusion
+from maskar.nn.graphed_chain import GraphedHead
 from maskar.nn.proximal_attention import ProximalSelfAttention, SALAAttention2D
 from maskar.nn.sampling import SamplingTrace, make_generator
 from maskar.nn.vit import Attention, Mlp
@@ -438,13 +441,16 @@ class LocalDiT(nn.Module):
         return torch.cat([guided, guided])
 
 
-class GlobalDiffLoss(nn.Module):
+class GlobalDiffLoss(GraphedHead):
     """Stage-2 diffusion over the whole latent grid around :class:`LocalDiT`.
 
     Training: 1000-step cosine schedule, eps prediction, fixed-large variance, masked MSE
     (mean over C*H*W with unmasked positions zeroed, not renormalised). Sampling: respaced
-    (250), RePaint-style replacement of known tokens, CFG on eps.
+    (250), RePaint-style replacement of known tokens, CFG on eps; on CUDA the whole chain of
+    one call is replayed as a CUDA graph (``cuda_graph``, as MAR's head: same draws as eager).
     """
+
+    bucket_rows = False  # one row count per sampling call (B or 2B): no padding
 
     def __init__(self, net: LocalDiT, num_sampling_steps: str | int = "250"):
         super().__init__()
@@ -467,6 +473,22 @@ class GlobalDiffLoss(nn.Module):
         )
         return terms["loss"].mean()
 
+    # -- sampling (GraphedHead: eager or CUDA-graph chain, opt-in compile of the step)
+
+    def sample_shape(self, z: Tensor) -> tuple[int, ...]:
+        return (self.net.in_channels, *z.shape[2:])
+
+    def embed(self, z: Tensor) -> Tensor:
+        return self.net.embed_condition(z)  # constant over the diffusion steps
+
+    def step(self, x: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None) -> Tensor:
+        return self.net.forward_embedded(x, t, cond, labels)
+
+    def step_cfg(
+        self, x: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None, scale: float | Tensor
+    ) -> Tensor:
+        return self.net.guided(x, t, cond, labels, scale)
+
     @torch.no_grad()
     def sample(
         self,
@@ -481,6 +503,7 @@ class GlobalDiffLoss(nn.Module):
         known_mask: Tensor | None = None,
         paste_known: bool = False,
         noise: Tensor | None = None,
+        cuda_graph: bool | None = None,
     ) -> Tensor:
         """Sample latents (N, C, H, W) for z (N, D, H, W); with cfg != 1, z / labels / known are
         laid out [cond | uncond] and both halves share the initial noise (use the first half).
@@ -490,35 +513,20 @@ class GlobalDiffLoss(nn.Module):
         ``noise`` (N, C, H, W): the initial x_T instead of a draw (the official loop's
         ``noise=``; with CFG pass the same noise in both halves, as the sampler draws it); the
         per-step noise still comes from ``generator``.
-        """
-        n, _, h, w = z.shape
-        cond = self.net.embed_condition(z)
-        if noise is None:
-            shape = (n // 2 if cfg != 1.0 else n, self.net.in_channels, h, w)
-            noise = torch.randn(shape, generator=generator, device=z.device, dtype=torch.float32)
-            if cfg != 1.0:
-                noise = torch.cat([noise, noise])
-        elif tuple(noise.shape) != (n, self.net.in_channels, h, w):
-            raise ValueError(
-                f"noise: expected x_T of shape {(n, self.net.in_channels, h, w)}, got {tuple(noise.shape)}"
-            )
-        if cfg != 1.0:
-
-            def model_fn(x: Tensor, t: Tensor) -> Tensor:
-                return self.net.guided(x, t, cond, labels, cfg).float()
-        else:
-
-            def model_fn(x: Tensor, t: Tensor) -> Tensor:
-                return self.net.forward_embedded(x, t, cond, labels).float()
-
-        return self.gen_diffusion(num_sampling_steps).p_sample_loop(
-            model_fn,
-            noise.float(),
-            temperature=temperature,
-            generator=generator,
+        ``cuda_graph`` (None = the ``cuda_graph`` attribute) replays the chain as a CUDA graph
+        where :meth:`graph_refusal` allows it."""
+        return self.sample_chain(
+            z,
+            temperature,
+            cfg,
+            self.gen_diffusion(num_sampling_steps),
+            generator,
             known=known,
             known_mask=known_mask,
             paste_known=paste_known,
+            labels=labels,
+            noise=noise,
+            cuda_graph=cuda_graph,
         )
 
 

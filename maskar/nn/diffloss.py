@@ -9,17 +9,15 @@ diffusion; classifier-free guidance is applied to eps only.
 
 Sampling runs the MLP once per respaced step (100) for every MAR iteration, ~85 small
 kernels each: on a GPU it is launch-bound. On CUDA, ``DiffLoss.sample`` therefore
-captures the whole reverse chain of one call (all steps) into a CUDA graph per
-(padded row count, CFG on/off, temperature, respacing, dtype / autocast state) and
-replays it; the noise is pre-drawn with the eager path's generator calls, so the graph
-path gives the eager tokens up to floating-point reordering (see docs/mar.md).
+replays the whole reverse chain of one call as a CUDA graph per (padded row count, CFG
+on/off, temperature, respacing, dtype / autocast state) (:mod:`maskar.nn.graphed_chain`);
+the noise is pre-drawn with the eager path's generator calls, so the graph path gives the
+eager tokens up to floating-point reordering (see docs/mar.md).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections import OrderedDict
 from collections.abc import Iterable
 
 import torch
@@ -27,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from maskar.nn.diffusion import GaussianDiffusion, create_diffusion
+from maskar.nn.graphed_chain import GraphedHead
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -169,167 +168,7 @@ class SimpleMLPAdaLN(nn.Module):
         return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
 
 
-# ----------------------------------------------------------------------------- CUDA-graph sampling
-
-
-def graph_rows(n: int) -> int:
-    """Padded row count of the CUDA-graph bucket holding ``n`` rows.
-
-    ``n`` rounded up to a multiple of max(16, 2^(floor(log2 n) - 3)): at most 12.5% padding
-    above 128 rows, and ~8 buckets per doubling, so the graph cache stays small while the
-    number of rows changes every MAR iteration.
-    """
-    if n < 1:
-        raise ValueError(f"graph_rows: expected n >= 1, got {n}")
-    step = max(16, 1 << max(0, n.bit_length() - 4))
-    return -(-n // step) * step
-
-
-class _StaticChain:
-    """The whole reverse chain of one :meth:`DiffLoss.sample` call over fixed buffers.
-
-    Rows are padded to ``rows``; with CFG each half is padded separately, laid out
-    [cond (h real + pad) | uncond (h real + pad)], so the halves stay aligned for
-    ``forward_with_cfg_embedded``. Every op is row-independent, so padded rows never
-    change the real ones. ``capture`` records :meth:`body` as a CUDA graph; without it
-    (CPU tests) :meth:`run` executes the body directly.
-    """
-
-    def __init__(
-        self,
-        head: DiffLoss,
-        diffusion: GaussianDiffusion,
-        rows: int,
-        guided: bool,
-        temperature: float,
-        z_like: Tensor,
-    ):
-        dev = z_like.device
-        c = head.in_channels
-        self.head, self.diffusion, self.rows = head, diffusion, rows
-        self.guided, self.temperature = guided, temperature
-        self.z = torch.zeros(rows, z_like.shape[1], dtype=z_like.dtype, device=dev)  # (R, C_z)
-        self.x_T = torch.zeros(rows, c, device=dev)  # (R, C) float32, like the eager noise
-        self.noise = torch.zeros(diffusion.num_timesteps, rows, c, device=dev)  # (T, R, C)
-        self.noise_steps = self.noise.unbind(0)  # views filled in place each call
-        self.scale = torch.ones((), device=dev)  # CFG scale, float32
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.out: Tensor | None = None
-
-    def body(self) -> Tensor:
-        """The eager sampler's ops (DiffLoss.sample + p_sample_at) on the static buffers."""
-        net = self.head.net
-        c_emb = net.cond_embed(self.z)
-        if self.guided:
-
-            def model_fn(x: Tensor, t: Tensor) -> Tensor:
-                return net.forward_with_cfg_embedded(x, net.time_embed(t[:1]), c_emb, self.scale).float()
-        else:
-
-            def model_fn(x: Tensor, t: Tensor) -> Tensor:
-                return net.forward_embedded(x, net.time_embed(t[:1]), c_emb).float()
-
-        x = self.x_T
-        for k, i in enumerate(reversed(range(self.diffusion.num_timesteps))):
-            x = self.diffusion.p_sample_at(
-                model_fn, x, i, temperature=self.temperature, noise=self.noise_steps[k]
-            )
-        return x
-
-    def capture(self, pool: tuple, stream: torch.cuda.Stream) -> None:
-        """Warm up on ``stream`` (lazy cuBLAS set-up must not happen in a capture), then capture."""
-        # Autocast caches the low-precision copies of the weights: a copy made outside the
-        # capture would be referenced by the graph and freed when autocast exits, so the
-        # cache is emptied before the capture, and after it (its copies live in the pool).
-        torch.clear_autocast_cache()
-        stream.wait_stream(torch.cuda.current_stream(stream.device))
-        with torch.cuda.stream(stream):
-            self.body()
-        torch.cuda.current_stream(stream.device).wait_stream(stream)
-        torch.clear_autocast_cache()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            # thread_local: another thread's CUDA calls (e.g. a data loader) cannot break it
-            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                out = self.body()
-        finally:
-            torch.clear_autocast_cache()
-        self.graph, self.out = graph, out
-
-    def fill(
-        self, z: Tensor, cfg: float, generator: torch.Generator | None, x_T: Tensor | None = None
-    ) -> None:
-        """Copy z in and draw the noise exactly as the eager path does (same calls, same order);
-        a given ``x_T`` (N, C) replaces the first draw."""
-        n, rows, steps = z.shape[0], self.rows, self.diffusion.num_timesteps
-        h = n // 2 if self.guided else n
-        hb = rows // 2 if self.guided else rows
-        c = self.x_T.shape[1]
-        # eager: x_T = randn(h, C) (both CFG halves share it), then randn(n, C) per step
-        if x_T is None:
-            first = second = torch.randn((h, c), generator=generator, device=z.device, dtype=torch.float32)
-        else:
-            first, second = x_T[:h], x_T[h:]
-        self.z[:h].copy_(z[:h])
-        self.x_T[:h].copy_(first)
-        if self.guided:
-            self.z[hb : hb + h].copy_(z[h:])
-            self.x_T[hb : hb + h].copy_(second)
-            self.scale.fill_(cfg)
-        if rows == n:  # no padding: draw straight into the static buffer
-            for view in self.noise_steps:
-                view.normal_(generator=generator)  # == torch.randn((n, C), generator=...)
-            return
-        draws = torch.empty((steps, n, c), device=z.device)
-        for view in draws.unbind(0):
-            view.normal_(generator=generator)
-        self.noise[:, :h].copy_(draws[:, :h])
-        if self.guided:
-            self.noise[:, hb : hb + h].copy_(draws[:, h:])
-
-    def run(self) -> None:
-        if self.graph is None:
-            self.out = self.body()
-        else:
-            self.graph.replay()
-
-    def result(self, n: int) -> Tensor:
-        """The real rows of the output (N, C), in the eager layout (a fresh tensor)."""
-        assert self.out is not None
-        if self.rows == n:
-            return self.out.clone()
-        if self.guided:
-            h, hb = n // 2, self.rows // 2
-            return torch.cat([self.out[:h], self.out[hb : hb + h]])
-        return self.out[:n].clone()
-
-
-class _GraphCache:
-    """LRU cache of captured chains; copies and pickles as an empty cache (graphs cannot be)."""
-
-    def __init__(self, max_entries: int = 24):
-        self.max_entries = max_entries
-        self.entries: OrderedDict[tuple, _StaticChain] = OrderedDict()
-        self.weights: tuple = ()  # (data_ptr, dtype) of the parameters the graphs read
-        self.pools: dict[torch.device, tuple] = {}  # one memory pool + capture stream per device
-        self.failed = False  # a capture failed: sample eagerly from then on
-        self.captures = 0
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.pools.clear()
-
-    def __deepcopy__(self, memo: dict) -> _GraphCache:
-        return _GraphCache(self.max_entries)
-
-    def __getstate__(self) -> dict:
-        return {"max_entries": self.max_entries}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["max_entries"])
-
-
-class DiffLoss(nn.Module):
+class DiffLoss(GraphedHead):
     """Per-token diffusion loss and sampler around :class:`SimpleMLPAdaLN`.
 
     ``cuda_graph`` (attribute, default True): let :meth:`sample` replay CUDA graphs for
@@ -364,25 +203,6 @@ class DiffLoss(nn.Module):
         )
         self.train_diffusion = self._make_diffusion("")
         self._gen_cache: dict[str, GaussianDiffusion] = {}
-        self._compiled: tuple | None = None
-        self.cuda_graph = True
-        self._graphs = _GraphCache()
-
-    def _apply(self, fn, *args, **kwargs):  # .to() / .half() / .cuda(): captured pointers go stale
-        self._graphs.clear()
-        return super()._apply(fn, *args, **kwargs)
-
-    def compile_sampler(self, **compile_kwargs) -> None:
-        """Opt-in: ``torch.compile`` the denoiser used by :meth:`sample` (dynamic row count).
-
-        Sampling runs the small MLP hundreds of times per image, so it is launch-bound on a
-        GPU; compiling fuses its elementwise ops. The first call pays the compile time.
-        """
-        kw = {"dynamic": True, **compile_kwargs}
-        self._compiled = (
-            torch.compile(self.net.forward_embedded, **kw),
-            torch.compile(self.net.forward_with_cfg_embedded, **kw),
-        )
 
     def _make_diffusion(self, respacing: str) -> GaussianDiffusion:
         return create_diffusion(
@@ -408,6 +228,27 @@ class DiffLoss(nn.Module):
             mask = mask.to(loss.dtype)
             return (loss * mask).sum() / mask.sum().clamp(min=1)
         return loss.mean()
+
+    # -- sampling (GraphedHead: eager or CUDA-graph chain, opt-in compile of the step)
+
+    compile_defaults = {"dynamic": True}  # the row count changes every MAR iteration
+
+    def sample_shape(self, z: Tensor) -> tuple[int, ...]:
+        return (self.in_channels,)
+
+    def embed(self, z: Tensor) -> Tensor:
+        return self.net.cond_embed(z)  # the same at every step
+
+    # The sampling loop calls the model with one timestep for all rows, so one time-embedding
+    # row is broadcast.
+
+    def step(self, x: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.net.forward_embedded(x, self.net.time_embed(t[:1]), cond)
+
+    def step_cfg(
+        self, x: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None, scale: float | Tensor
+    ) -> Tensor:
+        return self.net.forward_with_cfg_embedded(x, self.net.time_embed(t[:1]), cond, scale)
 
     @torch.no_grad()
     def sample(
@@ -437,146 +278,15 @@ class DiffLoss(nn.Module):
         ``cuda_graph`` (None = the ``cuda_graph`` attribute) replays a captured CUDA graph
         of the whole chain where :meth:`graph_refusal` allows it; same draws as eager.
         """
-        n = z.shape[0]
-        if noise is not None and tuple(noise.shape) != (n, self.in_channels):
-            raise ValueError(
-                f"noise: expected x_T of shape {(n, self.in_channels)}, got {tuple(noise.shape)}"
-            )
-        use_graph = self.cuda_graph if cuda_graph is None else cuda_graph
-        if use_graph and self.graph_refusal(z, cfg, known) is None:
-            diffusion = self.gen_diffusion(num_sampling_steps)
-            out = self._sample_graphed(z, temperature, cfg, diffusion, generator, x_T=noise)
-            if out is not None:
-                return out
-        dtype = torch.float32
-        x_T = noise
-        # The condition embedding is the same at every step; the sampling loop calls the
-        # model with one timestep for all rows, so one time-embedding row is broadcast.
-        c_emb = self.net.cond_embed(z)
-        fwd, fwd_cfg = self._compiled or (self.net.forward_embedded, self.net.forward_with_cfg_embedded)
-        if cfg != 1.0:
-            if x_T is None:
-                x_T = torch.randn(
-                    (n // 2, self.in_channels), generator=generator, device=z.device, dtype=dtype
-                )
-                x_T = torch.cat([x_T, x_T], dim=0)
-            scale = torch.tensor(cfg, device=z.device) if self._compiled else cfg
-
-            def model_fn(x: Tensor, t: Tensor) -> Tensor:
-                return fwd_cfg(x, self.net.time_embed(t[:1]), c_emb, scale).float()
-        else:
-            if x_T is None:
-                x_T = torch.randn((n, self.in_channels), generator=generator, device=z.device, dtype=dtype)
-
-            def model_fn(x: Tensor, t: Tensor) -> Tensor:
-                return fwd(x, self.net.time_embed(t[:1]), c_emb).float()
-
-        return self.gen_diffusion(num_sampling_steps).p_sample_loop(
-            model_fn,
-            x_T.to(dtype),
-            temperature=temperature,
-            generator=generator,
+        return self.sample_chain(
+            z,
+            temperature,
+            cfg,
+            self.gen_diffusion(num_sampling_steps),
+            generator,
             known=known,
             known_mask=known_mask,
             paste_known=paste_known,
+            noise=noise,
+            cuda_graph=cuda_graph,
         )
-
-    # -- CUDA-graph path
-
-    def graph_refusal(self, z: Tensor, cfg: float, known: Tensor | None = None) -> str | None:
-        """Why :meth:`sample` runs eagerly for these inputs (None: the graph path may be used)."""
-        if known is not None:
-            return "known entries (RePaint injection) are sampled eagerly"
-        if self._compiled is not None:
-            return "the torch.compile'd sampler is used instead"
-        n = z.shape[0]
-        if n == 0 or (cfg != 1.0 and n % 2):
-            return f"row count {n} (CFG needs an even, non-zero count)"
-        if self._graphs.failed:
-            return "an earlier capture failed"
-        if not z.is_cuda:
-            return "not on CUDA"
-        if torch.cuda.is_current_stream_capturing():
-            return "already inside a CUDA-graph capture"
-        return None
-
-    def _graph_key(
-        self, diffusion: GaussianDiffusion, rows: int, guided: bool, temperature: float, z: Tensor
-    ) -> tuple:
-        return (
-            id(diffusion),  # cached per respacing; the chain keeps a reference, so ids stay unique
-            rows,
-            guided,
-            temperature,
-            z.dtype,
-            z.device,
-            torch.is_autocast_enabled("cuda"),
-            torch.get_autocast_dtype("cuda"),
-            torch.get_float32_matmul_precision(),
-        )
-
-    def _static_chain(
-        self,
-        diffusion: GaussianDiffusion,
-        rows: int,
-        guided: bool,
-        temperature: float,
-        z: Tensor,
-        capture: bool = True,
-    ) -> _StaticChain | None:
-        """The cached chain for this shape, capturing it on first use (None if capture failed)."""
-        cache = self._graphs
-        weights = tuple((p.data_ptr(), p.dtype) for p in self.net.parameters())
-        if weights != cache.weights:  # parameters were replaced: the graphs read old memory
-            cache.clear()
-            cache.weights = weights
-        key = self._graph_key(diffusion, rows, guided, temperature, z) + (capture,)
-        chain = cache.entries.get(key)
-        if chain is not None:
-            cache.entries.move_to_end(key)
-            return chain
-        chain = _StaticChain(self, diffusion, rows, guided, temperature, z)
-        if capture:
-            dev = z.device
-            if dev not in cache.pools:
-                cache.pools[dev] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(dev))
-            pool, stream = cache.pools[dev]
-            try:
-                with torch.cuda.device(dev):
-                    chain.capture(pool, stream)
-            except Exception as e:  # noqa: BLE001 - any capture failure means: sample eagerly
-                cache.failed = True
-                cache.clear()
-                warnings.warn(
-                    f"DiffLoss: CUDA-graph capture failed ({type(e).__name__}: {e}); sampling eagerly",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                return None
-            cache.captures += 1
-        cache.entries[key] = chain
-        while len(cache.entries) > cache.max_entries:
-            cache.entries.popitem(last=False)
-        return chain
-
-    def _sample_graphed(
-        self,
-        z: Tensor,
-        temperature: float,
-        cfg: float,
-        diffusion: GaussianDiffusion,
-        generator: torch.Generator | None,
-        capture: bool = True,
-        x_T: Tensor | None = None,
-    ) -> Tensor | None:
-        """The graph path of :meth:`sample` (``capture=False`` runs the same buffers eagerly)."""
-        n = z.shape[0]
-        guided = cfg != 1.0
-        rows = 2 * graph_rows(n // 2) if guided else graph_rows(n)
-        # Capture before drawing any noise: if it fails, the eager path sees the same generator.
-        chain = self._static_chain(diffusion, rows, guided, float(temperature), z, capture)
-        if chain is None:
-            return None
-        chain.fill(z, cfg, generator, x_T)
-        chain.run()
-        return chain.result(n)

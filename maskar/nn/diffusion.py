@@ -27,7 +27,7 @@ lets a user compare maskar with it; docs/mar.md gives the accuracy of this order
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -334,6 +334,7 @@ class GaussianDiffusion:
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
         paste_known: bool = False,
+        step_noise: Sequence[Tensor] | None = None,
     ) -> Tensor:
         """Run the reverse process from x_T = ``noise`` down to x_0.
 
@@ -342,15 +343,26 @@ class GaussianDiffusion:
         replaced by q_sample(known, t, initial noise). As in the official loop, the result
         at known entries is the last step's mean; ``paste_known=True`` writes the known x_0
         there instead (editing, where they must come back unchanged).
+        ``step_noise`` (one tensor shaped like x per step, in sampling order) replaces the
+        N(0, 1) draw of each step: the CUDA-graph sampler pre-draws it into static buffers
+        with this loop's generator calls.
         """
         if (known is None) != (known_mask is None):
             raise ValueError("p_sample_loop: pass both known and known_mask, or neither")
+        if step_noise is not None and len(step_noise) != self.num_timesteps:
+            raise ValueError(f"p_sample_loop: {len(step_noise)} step noises for {self.num_timesteps} steps")
         x = noise
-        for i in reversed(range(self.num_timesteps)):
+        for k, i in enumerate(reversed(range(self.num_timesteps))):
             if known is not None:
                 x = torch.where(known_mask, self.q_sample_at(known, i, noise), x)
             x = self.p_sample_at(
-                model_fn, x, i, temperature=temperature, clip_denoised=clip_denoised, generator=generator
+                model_fn,
+                x,
+                i,
+                temperature=temperature,
+                clip_denoised=clip_denoised,
+                generator=generator,
+                noise=None if step_noise is None else step_noise[k],
             )
         if known is not None and paste_known:
             x = torch.where(known_mask, known.to(x.dtype), x)

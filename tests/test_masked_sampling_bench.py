@@ -1,0 +1,119 @@
+"""`maskar bench casmar` / `bench mar` sampling cases on the CPU (the code paths the GPU run takes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from maskar.bench import masked_sampling as ms
+from maskar.bench.casmar import main as bench_casmar
+from maskar.bench.mar import main as bench_mar
+
+
+def test_bench_casmar_tiny_cpu_profile_and_json(tmp_path, capsys):
+    out_json = tmp_path / "rows.json"
+    argv = ["--preset", "casmar-tiny", "--device", "cpu", "--batch", "2", "--sample-reps", "1"]
+    assert bench_casmar(argv + ["--profile", "--json", str(out_json), "--cuda-graph", "both"]) == 0
+    out = capsys.readouterr().out
+    assert "img/s" in out and "TFLOP/s" in out and "decode" in out
+    assert out.count("\nsample num_iter=4 (8 scaffold) cfg=2.5 re_cfg=2.7") == 1  # CPU: eager only
+    for phase in ("stage1/transformer", "stage1/mlp_head", "stage2/dit_head", "stage2/transformer"):
+        assert f"| {phase} |" in out
+    (row,) = json.loads(out_json.read_text())["rows"]
+    assert row["flops"]["total"] == sum(v for k, v in row["flops"].items() if k != "total") > 0
+    assert row["images_per_s"] > 0 and row["decode_ms"] > 0 and row["graphs"] is None
+    assert set(row["profile"]["phases_ms"]) >= {"stage1/saliency", "stage2/saliency", "outside the phases"}
+
+
+def test_bench_mar_sampling_flops_are_exact_and_methods_restored(tmp_path):
+    out_json = tmp_path / "rows.json"
+    argv = [
+        "--preset",
+        "mar-tiny",
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--num-iters",
+        "3",
+        "--sample-reps",
+        "1",
+    ]
+    assert bench_mar(argv + ["--train-batch", "0", "--profile", "--json", str(out_json)]) == 0
+    (row,) = json.loads(out_json.read_text())["rows"]
+    assert row["flops"]["head"] > 0 and row["flops"]["total"] == sum(
+        v for k, v in row["flops"].items() if k != "total"
+    )
+    assert set(row["profile"]["phases_ms"]) == {"transformer", "mlp_head", "outside the phases"}
+
+
+def test_bench_compile_variant_equals_eager_with_the_eager_backend(capsys):
+    """--compile both: the uncompiled case, then model.compile_sampler() and the same case again,
+    compared token for token (dynamo's eager backend runs the same ops: bit for bit)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    argv = ["--preset", "casmar-tiny", "--device", "cpu", "--batch", "2", "--sample-reps", "1"]
+    assert bench_casmar(argv + ["--compile", "both", "--compile-backend", "eager", "--num-iters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[eager]" in out and "[eager+compiled]" in out
+    assert "tokens vs eager (same seed): exact True" in out
+
+
+def test_profile_ranges_are_removed_again():
+    from test_mar import tiny_mar
+
+    model = tiny_mar().eval()
+    sampler = ms.mar_sampler(model, 2, 2, 2.0, "3")
+    prof = ms.profile_call(sampler, torch.tensor([1, 2]), torch.device("cpu"), "fp32")
+    assert prof["phases_ms"]["transformer"] > 0
+    assert "forward_encoder" not in vars(model) and "sample" not in vars(model.diffloss)
+    assert sampler.flops["head"] > 0  # the profiled call is a real (first, traced) sampling call
+
+
+def test_union_of_intervals():
+    assert ms._union_us([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4.0
+    assert ms._union_us([]) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch", "0"], "--batch"),
+        (["--num-iters", "a"], "--num-iters"),
+        (["--preset", "mar-tiny"], "expected casmar"),
+    ],
+)
+def test_bench_casmar_bad_arguments_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_casmar(["--device", "cpu", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_targets_table_from_json_rows(tmp_path, capsys):
+    def row(case, ips, graphs=True, compiled=False, **kw):
+        return dict(case=case, images_per_s=ips, graphs=graphs, compiled=compiled, flops={"total": 1},
+                    tflops_per_s=300.0, share_of_peak=0.38, **kw)  # fmt: skip
+
+    cas = {"meta": {"preset": "casmar-b"}, "rows": [
+        row("num_iter=4 (32 scaffold) cfg=2.5", 9.0),
+        row("num_iter=4 (32 scaffold) cfg=2.5", 12.5, compiled=True,
+            vs_first_variant={"variant": "graphs", "exact": False, "rel_max": 1e-3, "rel_mean": 1e-5}),
+    ]}  # fmt: skip
+    mar = {
+        "meta": {"preset": "mar-b"},
+        "rows": [row("num_iter=64 cfg=2.9", 21.0), row("num_iter=256 cfg=2.9", 5.5)],
+    }
+    (tmp_path / "c.json").write_text(json.dumps(cas))
+    (tmp_path / "m.json").write_text(json.dumps(mar))
+    ms.print_targets([str(tmp_path / "c.json"), str(tmp_path / "m.json"), str(tmp_path / "missing.json")])
+    out = capsys.readouterr().out
+    assert (
+        "| CASMAR-B, official settings >= 11 img/s | 12.50 img/s" in out and "graphs+compiled) | yes |" in out
+    )
+    assert "| MAR-B num_iter 64 >= 20 img/s | 21.00 img/s" in out
+    assert "| MAR-B num_iter 256 >= 6 img/s | 5.50 img/s" in out and "| NO |" in out
+    assert "| CASMAR-B / MAR-B num_iter 256 >= 1.8 | 2.27 | yes |" in out
+    assert "graphs+compiled vs graphs | exact False" in out and "(no rows in" in out
