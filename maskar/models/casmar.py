@@ -45,9 +45,11 @@ from torch.utils.checkpoint import checkpoint
 from maskar import registry
 from maskar.config import field
 from maskar.models.mar import (
+    LoopSettings,
     MARConfig,
     MARSampleConfig,
     MaskedGenerator,
+    MaskedLoop,
     _check_respacing,
     _gather_rows,
     cache_tokenizer_latents,
@@ -813,69 +815,22 @@ class CASMAR(MaskedGenerator):
         self,
         labels: Tensor,
         *,
-        num_iter: int = 32,
-        cfg: float = 1.0,
-        cfg_schedule: str = "linear",
-        temperature: float = 1.0,
-        num_sampling_steps: int | str | None = None,
-        generator: torch.Generator | None = None,
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
-        trace: SamplingTrace | None = None,
+        **settings: Any,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Stage 1. Returns scaffold tokens (B, S, C), the decoder features each token was
-        sampled with (B, S, D) and which tokens were sampled (B, S) bool. ``trace``, if given,
+        sampled with (B, S, D) and which tokens were sampled (B, S) bool. ``settings``: the
+        :class:`~maskar.models.mar.LoopSettings` keywords (``num_iter`` 32 by default, ``cfg``,
+        ``cfg_schedule``, ``temperature``, ``num_sampling_steps``, ``generator``, ``trace``);
+        ``known`` (B, S, C) / ``known_mask`` (B, S): given scaffold tokens. ``trace``, if given,
         receives one ``scaffold`` step per iteration: the tokens after it, ``mask`` = the
         positions drawn, ``info``: the input mask, the next mask, the guidance scale and the
         SAMS/AMR details of the next mask (:class:`SaliencyDetails`, None after the last step)."""
-        b, s, device = labels.shape[0], self.scaffold_len, labels.device
-        small, known_mask = self._start_tokens(b, s, known, known_mask, device)  # (B, S, C), (B, S)
-        small_z = torch.zeros(b, s, self.cfg.decoder_embed_dim, device=device)  # (B, S, D)
-        mask = ~known_mask
-        predicted = torch.zeros_like(mask)
-        big = torch.zeros(b, self.seq_len, self.token_channels, device=device)  # never visible here
-        big_masked = torch.ones(b, self.seq_len, dtype=torch.bool, device=device)
-        class_emb = self._class_emb_cfg(labels, cfg)
-        with self._eval_mode():
-            for step in range(num_iter):
-                num_masked = int(mask[0].sum())
-                if num_masked == 0:
-                    break
-                full_mask = torch.cat([mask, big_masked], 1)
-                scaffold = self.cond_proj(small)
-                if cfg != 1.0:
-                    scaffold, big_in, full_mask = (torch.cat([t, t]) for t in (scaffold, big, full_mask))
-                else:
-                    big_in = big
-                x, keep = self.forward_encoder(
-                    scaffold, big_in, full_mask, class_emb, 0, num_masked + self.seq_len
-                )
-                z = self.forward_decoder(x, keep, 0)[:, :s]  # (B or 2B, S, D)
-                mask_next, sams = self._next_mask(z[:b], mask, step, num_iter, known_mask, generator, trace)
-                to_pred = mask & ~mask_next
-                stuck = mask.any(1) & ~to_pred.any(1)
-                if bool(stuck.any()):
-                    # the official fallback: predict the most salient still-masked token
-                    scores = saliency_scores(z[:b]).masked_fill(~mask, -math.inf)
-                    pick = F.one_hot(scores.argmax(1), s).bool()
-                    to_pred = to_pred | (pick & stuck[:, None])
-                cfg_iter = self._cfg_scale(cfg, cfg_schedule, s - int(mask_next[0].sum()), s)
-                z_sel = z[:b][to_pred]  # (K, D), row-major over (sample, position)
-                if cfg != 1.0:
-                    z_sel = torch.cat([z_sel, z[b:][to_pred]])
-                new = self.diffloss.sample(
-                    z_sel, temperature, cfg_iter, num_sampling_steps=num_sampling_steps, generator=generator
-                )
-                small[to_pred] = new[: int(to_pred.sum())].float()
-                small_z[to_pred] = z[:b][to_pred].float()
-                predicted |= to_pred
-                if trace is not None:
-                    trace.add(
-                        "scaffold", step, small.clone(), to_pred,
-                        input_mask=mask, next_mask=mask_next, cfg=cfg_iter, sams=sams,
-                    )  # fmt: skip
-                mask = mask_next
-        return small, small_z, predicted
+        s = LoopSettings(**{"num_iter": 32, **settings})
+        loop = _ScaffoldLoop(self, labels, s, known, known_mask)
+        self.run_masked_loop(loop, s, labels.shape[0])
+        return loop.small, loop.small_z, loop.predicted
 
     @torch.no_grad()
     def sample_refine(
@@ -918,64 +873,21 @@ class CASMAR(MaskedGenerator):
         labels: Tensor,
         scaffold: Tensor,
         *,
-        num_iter: int = 4,
-        cfg: float = 1.0,
-        cfg_schedule: str = "linear",
-        temperature: float = 1.0,
-        num_sampling_steps: int | str | None = None,
-        generator: torch.Generator | None = None,
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
-        trace: SamplingTrace | None = None,
+        **settings: Any,
     ) -> Tensor:
         """Stage 2 from an embedded scaffold part ``scaffold`` (B, S, D_enc). Returns big tokens
-        (B, N, C). Every step re-draws all still-masked tokens with the DiT head (known =
-        visible tokens, RePaint); SAMS picks the next mask. ``trace``, if given, receives one
+        (B, N, C). ``settings``: the :class:`~maskar.models.mar.LoopSettings` keywords
+        (``num_iter`` 4 by default); ``known`` (B, N, C) / ``known_mask`` (B, N): given big
+        tokens. Every step re-draws all still-masked tokens with the DiT head (known = visible
+        tokens, RePaint); SAMS picks the next mask. ``trace``, if given, receives one
         ``refine`` step per iteration: the tokens after it, ``mask`` = the positions re-drawn,
         ``info``: the next mask, the guidance scale and the SAMS/AMR details."""
-        b, n, s, device = labels.shape[0], self.seq_len, self.scaffold_len, labels.device
-        h, w = self.seq_h, self.seq_w
-        tokens, known_mask = self._start_tokens(b, n, known, known_mask, device)  # (B, N, C), (B, N)
-        mask = ~known_mask
-        scaffold_mask = torch.zeros(b, s, dtype=torch.bool, device=device)
-        class_emb = self._class_emb_cfg(labels, cfg)
-        head_labels = labels
-        if cfg != 1.0:
-            # the unconditional half sees the conditional half's scaffold features
-            scaffold = torch.cat([scaffold, scaffold])
-            head_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
-        with self._eval_mode():
-            for step in range(num_iter):
-                num_masked = int(mask[0].sum())
-                if num_masked == 0:
-                    break
-                full_mask = torch.cat([scaffold_mask, mask], 1)
-                tok_in = tokens
-                if cfg != 1.0:
-                    tok_in, full_mask = torch.cat([tokens, tokens]), torch.cat([full_mask, full_mask])
-                x, keep = self.forward_encoder(scaffold, tok_in, full_mask, class_emb, 1, num_masked)
-                z = self.forward_decoder(x, keep, 1)[:, s:]  # (B or 2B, N, D)
-                mask_next, sams = self._next_mask(z[:b], mask, step, num_iter, known_mask, generator, trace)
-                cfg_iter = self._cfg_scale(cfg, cfg_schedule, n - int(mask_next[0].sum()), n)
-                visible = _grid((~mask).float()[..., None], h, w).bool()  # (B, 1, h, w)
-                known_grid = _grid(tokens, h, w)
-                if cfg != 1.0:
-                    visible, known_grid = torch.cat([visible, visible]), torch.cat([known_grid, known_grid])
-                new = self.cond_diffloss.sample(
-                    _grid(z, h, w),
-                    temperature,
-                    cfg_iter,
-                    labels=head_labels,
-                    num_sampling_steps=num_sampling_steps,
-                    generator=generator,
-                    known=known_grid,
-                    known_mask=visible,
-                )
-                tokens = torch.where(mask[..., None], _tokens(new[:b]).float(), tokens)
-                if trace is not None:
-                    trace.add("refine", step, tokens, mask, next_mask=mask_next, cfg=cfg_iter, sams=sams)
-                mask = mask_next
-        return tokens
+        s = LoopSettings(**{"num_iter": 4, **settings})
+        loop = _RefineLoop(self, labels, scaffold, s, known, known_mask)
+        self.run_masked_loop(loop, s, labels.shape[0])
+        return loop.tokens
 
     def _next_mask(
         self,
@@ -1207,6 +1119,156 @@ class CASMAR(MaskedGenerator):
         if return_tokens:
             return out
         return self.tokenizer.decode(_grid(out, self.seq_h, self.seq_w))
+
+
+# ----------------------------------------------------------------------------- the two sampling loops
+
+
+class _ScaffoldLoop(MaskedLoop):
+    """Stage 1: the scaffold tokens (big tokens all masked), next mask by SAMS/AMR on the
+    decoder features; the MLP head draws the tokens masked now and visible next (or, for a
+    sample that would draw none, its most salient masked token: the official fallback)."""
+
+    name = "scaffold"
+
+    def __init__(
+        self, model: CASMAR, labels: Tensor, s: LoopSettings, known: Tensor | None, known_mask: Tensor | None
+    ):
+        b, n_s, device = labels.shape[0], model.scaffold_len, labels.device
+        self.model, self.s, self.b, self.length = model, s, b, n_s
+        self.small, self.known_mask = model._start_tokens(b, n_s, known, known_mask, device)  # (B, S, C)
+        self.small_z = torch.zeros(b, n_s, model.cfg.decoder_embed_dim, device=device)  # (B, S, D)
+        self.mask = ~self.known_mask
+        self.predicted = torch.zeros_like(self.mask)
+        self.big = torch.zeros(b, model.seq_len, model.token_channels, device=device)  # never visible here
+        self.big_masked = torch.ones(b, model.seq_len, dtype=torch.bool, device=device)
+        self.class_emb = model._class_emb_cfg(labels, s.cfg)
+
+    def num_masked(self) -> int:
+        self.masked = int(self.mask[0].sum())
+        return self.masked
+
+    def transformer_pass(self) -> Tensor:
+        m, s = self.model, self.s
+        full_mask = torch.cat([self.mask, self.big_masked], 1)
+        scaffold = m.cond_proj(self.small)
+        x, keep = m.forward_encoder(
+            s.halves(scaffold),
+            s.halves(self.big),
+            s.halves(full_mask),
+            self.class_emb,
+            0,
+            self.masked + m.seq_len,
+        )
+        return m.forward_decoder(x, keep, 0)[:, : self.length]  # (B or 2B, S, D)
+
+    def plan(self, z: Tensor, step: int) -> int:
+        mask, s = self.mask, self.s
+        self.mask_next, self.sams = self.model._next_mask(
+            z, mask, step, s.num_iter, self.known_mask, s.generator, s.trace
+        )
+        to_pred = mask & ~self.mask_next
+        stuck = mask.any(1) & ~to_pred.any(1)
+        if bool(stuck.any()):
+            # the official fallback: predict the most salient still-masked token
+            scores = saliency_scores(z).masked_fill(~mask, -math.inf)
+            pick = F.one_hot(scores.argmax(1), self.length).bool()
+            to_pred = to_pred | (pick & stuck[:, None])
+        self.to_pred = to_pred
+        return self.length - int(self.mask_next[0].sum())
+
+    def draw(self, z: Tensor, cfg_scale: float) -> None:
+        b, s, to_pred = self.b, self.s, self.to_pred
+        z_sel = z[:b][to_pred]  # (K, D), row-major over (sample, position)
+        if s.guided:
+            z_sel = torch.cat([z_sel, z[b:][to_pred]])
+        new = self.model.diffloss.sample(
+            z_sel, s.temperature, cfg_scale, num_sampling_steps=s.num_sampling_steps, generator=s.generator
+        )
+        self.small[to_pred] = new[: int(to_pred.sum())].float()
+        self.small_z[to_pred] = z[:b][to_pred].float()
+        self.predicted |= to_pred
+
+    def record(self, trace: SamplingTrace, step: int, cfg_scale: float) -> None:
+        trace.add(
+            "scaffold", step, self.small.clone(), self.to_pred,
+            input_mask=self.mask, next_mask=self.mask_next, cfg=cfg_scale, sams=self.sams,
+        )  # fmt: skip
+
+    def advance(self) -> None:
+        self.mask = self.mask_next
+
+
+class _RefineLoop(MaskedLoop):
+    """Stage 2: the big tokens after the (visible, Pred-Cond) scaffold part, next mask by
+    SAMS/AMR; every step the DiT head re-draws all still-masked tokens over the whole grid,
+    the visible ones entering as RePaint's known tokens."""
+
+    name = "refine"
+
+    def __init__(
+        self,
+        model: CASMAR,
+        labels: Tensor,
+        scaffold: Tensor,
+        s: LoopSettings,
+        known: Tensor | None,
+        known_mask: Tensor | None,
+    ):
+        b, n, device = labels.shape[0], model.seq_len, labels.device
+        self.model, self.s, self.b, self.length = model, s, b, n
+        self.tokens, self.known_mask = model._start_tokens(b, n, known, known_mask, device)  # (B, N, C)
+        self.mask = ~self.known_mask
+        self.scaffold_mask = torch.zeros(b, model.scaffold_len, dtype=torch.bool, device=device)
+        self.class_emb = model._class_emb_cfg(labels, s.cfg)
+        # the unconditional half sees the conditional half's scaffold features; its DiT label
+        # is the null class (read by SALA only)
+        self.scaffold = s.halves(scaffold)
+        null = torch.full_like(labels, model.num_classes)
+        self.head_labels = torch.cat([labels, null]) if s.guided else labels
+
+    def num_masked(self) -> int:
+        self.masked = int(self.mask[0].sum())
+        return self.masked
+
+    def transformer_pass(self) -> Tensor:
+        m, s = self.model, self.s
+        full_mask = torch.cat([self.scaffold_mask, self.mask], 1)
+        x, keep = m.forward_encoder(
+            self.scaffold, s.halves(self.tokens), s.halves(full_mask), self.class_emb, 1, self.masked
+        )
+        return m.forward_decoder(x, keep, 1)[:, m.scaffold_len :]  # (B or 2B, N, D)
+
+    def plan(self, z: Tensor, step: int) -> int:
+        s = self.s
+        self.mask_next, self.sams = self.model._next_mask(
+            z, self.mask, step, s.num_iter, self.known_mask, s.generator, s.trace
+        )
+        return self.length - int(self.mask_next[0].sum())
+
+    def draw(self, z: Tensor, cfg_scale: float) -> None:
+        m, s = self.model, self.s
+        h, w = m.seq_h, m.seq_w
+        visible = _grid((~self.mask).float()[..., None], h, w).bool()  # (B, 1, h, w)
+        new = m.cond_diffloss.sample(
+            _grid(z, h, w),
+            s.temperature,
+            cfg_scale,
+            labels=self.head_labels,
+            num_sampling_steps=s.num_sampling_steps,
+            generator=s.generator,
+            known=s.halves(_grid(self.tokens, h, w)),
+            known_mask=s.halves(visible),
+        )
+        self.tokens = torch.where(self.mask[..., None], _tokens(new[: self.b]).float(), self.tokens)
+
+    def record(self, trace: SamplingTrace, step: int, cfg_scale: float) -> None:
+        trace.add(
+            "refine", step, self.tokens, self.mask, next_mask=self.mask_next, cfg=cfg_scale, sams=self.sams
+        )
+
+    def advance(self) -> None:
+        self.mask = self.mask_next
 
 
 # ----------------------------------------------------------------------------- latent cache

@@ -162,6 +162,64 @@ def cosine_mask_ratio(step: int, num_iter: int) -> float:
     return math.cos(math.pi / 2.0 * (step + 1) / num_iter)
 
 
+# ----------------------------------------------------------------------------- the masked-generation loop
+
+
+@dataclass
+class LoopSettings:
+    """What a caller fixes for one masked-generation loop (MAR's, or one CASMAR stage)."""
+
+    num_iter: int
+    cfg: float = 1.0
+    cfg_schedule: str = "linear"
+    temperature: float = 1.0
+    num_sampling_steps: int | str | None = None
+    generator: torch.Generator | None = None
+    trace: SamplingTrace | None = None
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg != 1.0
+
+    def halves(self, t: Tensor) -> Tensor:
+        """``t`` (B, ...) for the encoder's rows: [cond | uncond] copies under CFG, else itself."""
+        return torch.cat([t, t]) if self.guided else t
+
+
+class MaskedLoop:
+    """One masked-generation loop's specifics: the state it carries from step to step and the
+    four things :meth:`MaskedGenerator.run_masked_loop` asks of it at every step. ``name``
+    labels its trace steps; ``length`` is the number of positions it generates (the total of
+    the linear CFG schedule)."""
+
+    name: str
+    length: int
+
+    def num_masked(self) -> int:
+        """Tokens still masked per sample at the start of the step (the same in every row)."""
+        raise NotImplementedError
+
+    def transformer_pass(self) -> Tensor:
+        """Decoder features (B, or 2B = [cond | uncond] with CFG, length, D) of the positions."""
+        raise NotImplementedError
+
+    def plan(self, z: Tensor, step: int) -> int:
+        """Choose the next mask (from the conditional features z (B, length, D)); return the
+        number of tokens visible after the step, which sets the step's guidance."""
+        raise NotImplementedError
+
+    def draw(self, z: Tensor, cfg_scale: float) -> None:
+        """Draw this step's tokens with the diffusion head and write them."""
+        raise NotImplementedError
+
+    def record(self, trace: SamplingTrace, step: int, cfg_scale: float) -> None:
+        raise NotImplementedError
+
+    def advance(self) -> None:
+        """The next mask becomes the current one."""
+        raise NotImplementedError
+
+
 class MaskedGenerator(nn.Module):
     """What MAR and CASMAR share: the frozen KL tokenizer, the class / ``fake_latent``
     buffer tokens, the fully sparse encoder's visible-token selection, weight init and the
@@ -267,6 +325,22 @@ class MaskedGenerator(nn.Module):
         return self.tokenizer.sample_latent(moments.float())
 
     # -- sampling pieces
+
+    def run_masked_loop(self, loop: MaskedLoop, s: LoopSettings, batch: int) -> None:
+        """Masked generation, MAR's and both CASMAR stages': each step runs the transformer on
+        both CFG halves, lets ``loop`` choose the next mask from the conditional half, sets the
+        step's guidance (``cfg_schedule``) and lets the head draw this step's tokens."""
+        with self._eval_mode():
+            for step in range(s.num_iter):
+                if loop.num_masked() == 0:
+                    break
+                z = loop.transformer_pass()
+                visible_after = loop.plan(z[:batch], step)
+                cfg_scale = self._cfg_scale(s.cfg, s.cfg_schedule, visible_after, loop.length)
+                loop.draw(z, cfg_scale)
+                if s.trace is not None:
+                    loop.record(s.trace, step, cfg_scale)
+                loop.advance()
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -541,56 +615,17 @@ class MAR(MaskedGenerator):
         (None = its default).
         """
         self._check_cfg_schedule_and_steps(cfg_schedule, num_iter)
-        b, n, device = labels.shape[0], self.seq_len, labels.device
-        rand = torch.rand(b, n, generator=generator, device=device)
-        n_unknown = n
+        b, n = labels.shape[0], self.seq_len
         if known is not None:
             if known_mask is None or known_mask.shape != (b, n):
                 raise ValueError(f"known_mask: expected shape {(b, n)}")
             counts = (~known_mask).sum(1)
             if not bool((counts == counts[0]).all()):
                 raise ValueError("sample_tokens: every sample needs the same number of unknown tokens")
-            n_unknown = int(counts[0])
-            rand = rand + known_mask.float() * 2  # known tokens go last in the order
-        tokens, _ = self._start_tokens(b, n, known, known_mask, device)  # (B, L, C)
-        orders = torch.argsort(rand, dim=1)  # (B, L) per-sample random order
-        class_emb = self._class_emb_cfg(labels, cfg)
-        num_masked = n_unknown
-        with self._eval_mode():
-            for step in range(num_iter):
-                if num_masked == 0:
-                    break
-                mask = mask_from_order(orders, num_masked)
-                x_in, mask_in = tokens, mask
-                if cfg != 1.0:
-                    x_in, mask_in = torch.cat([tokens, tokens]), torch.cat([mask, mask])
-                x, keep = self.forward_encoder(x_in, mask_in, class_emb, num_masked)
-                z = self.forward_decoder(x, keep)  # (B or 2B, L, D)
-                ratio = cosine_mask_ratio(step, num_iter)
-                mask_len = max(1, min(num_masked - 1, math.floor(n_unknown * ratio)))
-                next_masked = 0 if step >= num_iter - 1 else mask_len
-                idx = orders[:, next_masked:num_masked]  # (B, k) positions revealed now
-                cfg_iter = self._cfg_scale(cfg, cfg_schedule, n - mask_len, n)
-                if idx.shape[1] > 0:
-                    z_idx = torch.cat([idx, idx]) if cfg != 1.0 else idx
-                    z_sel = _gather_rows(z, z_idx).reshape(-1, z.shape[-1])  # [cond rows | uncond rows]
-                    new = self.diffloss.sample(
-                        z_sel,
-                        temperature,
-                        cfg_iter,
-                        num_sampling_steps=num_sampling_steps,
-                        generator=generator,
-                        cuda_graph=cuda_graph,
-                    )
-                    new = new[: b * idx.shape[1]].reshape(b, idx.shape[1], -1)
-                    tokens = tokens.scatter(
-                        1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), new.float()
-                    )
-                if trace is not None:
-                    revealed = torch.zeros_like(mask).scatter(1, idx, True)
-                    trace.add("mar", step, tokens, revealed, input_mask=mask, cfg=cfg_iter)
-                num_masked = next_masked
-        return tokens
+        s = LoopSettings(num_iter, cfg, cfg_schedule, temperature, num_sampling_steps, generator, trace)
+        loop = _MARLoop(self, labels, s, known, known_mask, cuda_graph)
+        self.run_masked_loop(loop, s, b)
+        return loop.tokens
 
     @torch.no_grad()
     def generate(
@@ -692,6 +727,78 @@ class MAR(MaskedGenerator):
         if return_tokens:
             return out
         return self.tokenizer.decode(self.unpatchify(out))
+
+
+class _MARLoop(MaskedLoop):
+    """MAR's loop: each sample reveals its tokens in a random order, as many per step as the
+    cosine schedule says; the MLP head draws each revealed token."""
+
+    name = "mar"
+
+    def __init__(
+        self,
+        model: MAR,
+        labels: Tensor,
+        s: LoopSettings,
+        known: Tensor | None,
+        known_mask: Tensor | None,
+        cuda_graph: bool | None,
+    ):
+        b, n, device = labels.shape[0], model.seq_len, labels.device
+        self.model, self.s, self.b, self.length, self.cuda_graph = model, s, b, n, cuda_graph
+        rand = torch.rand(b, n, generator=s.generator, device=device)
+        self.n_unknown = n
+        if known is not None:
+            self.n_unknown = int((~known_mask).sum(1)[0])
+            rand = rand + known_mask.float() * 2  # known tokens go last in the order
+        self.tokens, _ = model._start_tokens(b, n, known, known_mask, device)  # (B, L, C)
+        self.orders = torch.argsort(rand, dim=1)  # (B, L) per-sample random order
+        self.class_emb = model._class_emb_cfg(labels, s.cfg)
+        self.masked = self.n_unknown
+
+    def num_masked(self) -> int:
+        return self.masked
+
+    def transformer_pass(self) -> Tensor:
+        self.mask = mask_from_order(self.orders, self.masked)  # (B, L)
+        s = self.s
+        x, keep = self.model.forward_encoder(
+            s.halves(self.tokens), s.halves(self.mask), self.class_emb, self.masked
+        )
+        return self.model.forward_decoder(x, keep)  # (B or 2B, L, D)
+
+    def plan(self, z: Tensor, step: int) -> int:
+        num_iter = self.s.num_iter
+        ratio = cosine_mask_ratio(step, num_iter)
+        mask_len = max(1, min(self.masked - 1, math.floor(self.n_unknown * ratio)))
+        self.next_masked = 0 if step >= num_iter - 1 else mask_len
+        self.idx = self.orders[:, self.next_masked : self.masked]  # (B, k) positions revealed now
+        return self.length - mask_len  # the last step too uses the clamped mask_len (official)
+
+    def draw(self, z: Tensor, cfg_scale: float) -> None:
+        idx, s, k = self.idx, self.s, self.idx.shape[1]
+        if k == 0:
+            return
+        z_sel = _gather_rows(z, s.halves(idx)).reshape(-1, z.shape[-1])  # [cond rows | uncond rows]
+        new = self.model.diffloss.sample(
+            z_sel,
+            s.temperature,
+            cfg_scale,
+            num_sampling_steps=s.num_sampling_steps,
+            generator=s.generator,
+            cuda_graph=self.cuda_graph,
+        )
+        new = new[: self.b * k].reshape(self.b, k, -1)
+        self.tokens = self.tokens.scatter(
+            1, idx.unsqueeze(-1).expand(-1, -1, self.tokens.shape[-1]), new.float()
+        )
+
+    def record(self, trace: SamplingTrace, step: int, cfg_scale: float) -> None:
+        revealed = torch.zeros_like(self.mask).scatter(1, self.idx, True)
+        trace.add("mar", step, self.tokens, revealed, input_mask=self.mask, cfg=cfg_scale)
+
+    def advance(self) -> None:
+        self.masked = self.next_masked
 
 
 # ----------------------------------------------------------------------------- tokenizer weights, cache

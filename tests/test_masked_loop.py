@@ -1,0 +1,139 @@
+"""The masked-generation loop shared by MAR and CASMAR's two stages (models/mar.py) gives, bit for
+bit, the tokens, the random draws and the traces of the loops it replaced
+(tests/reference_masked_loops.py), on fresh random tiny models: with and without CFG, both CFG
+schedules, temperatures, known (editing) tokens, PSA and SALA heads."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import reference_masked_loops as ref
+import torch
+from test_casmar import randomize_heads, tiny_casmar
+from test_mar import randomize_head, tiny_mar
+
+from maskar.nn.sampling import SamplingTrace
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_same_traces(a: SamplingTrace, b: SamplingTrace) -> None:
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        assert (x.stage, x.index) == (y.stage, y.index)
+        assert torch.equal(x.tokens, y.tokens) and torch.equal(x.mask, y.mask)
+        assert set(x.info) == set(y.info)
+        for key, v in x.info.items():
+            w = y.info[key]
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, w), key
+            elif dataclasses.is_dataclass(v):
+                for f in dataclasses.fields(v):
+                    p, q = getattr(v, f.name), getattr(w, f.name)
+                    assert torch.equal(p, q) if isinstance(p, torch.Tensor) else p == q, (key, f.name)
+            else:
+                assert v == w, key
+
+
+def random_known(b: int, n: int, c: int, unknown: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, n, C) tokens and a (B, n) known mask with ``unknown`` unknown tokens in every row."""
+    g = gen(seed)
+    known = torch.randn(b, n, c, generator=g)
+    order = torch.argsort(torch.rand(b, n, generator=g), dim=1)
+    mask = torch.ones(b, n, dtype=torch.bool).scatter(1, order[:, :unknown], False)
+    return known, mask
+
+
+MAR_CASES = [
+    dict(num_iter=4, cfg=3.0, temperature=0.9),
+    dict(num_iter=1, cfg=1.0),
+    dict(num_iter=7, cfg=2.0, cfg_schedule="constant", temperature=0.5),
+    dict(num_iter=40, cfg=1.5),  # more steps than tokens: the loop stops early
+]
+
+
+@pytest.mark.parametrize("case", MAR_CASES)
+@pytest.mark.parametrize("edit", [False, True])
+def test_mar_loop_is_bitwise_the_reference(case, edit):
+    model = tiny_mar()
+    randomize_head(model)
+    labels = torch.tensor([3, 10, 1])  # 10 == class_num: unconditional
+    kw = dict(case, num_sampling_steps="4")
+    if edit:
+        kw["known"], kw["known_mask"] = random_known(3, model.seq_len, model.token_channels, 9, seed=5)
+    g1, g2, t1, t2 = gen(0), gen(0), SamplingTrace(), SamplingTrace()
+    got = model.sample_tokens(labels, generator=g1, trace=t1, **kw)
+    want = ref.mar_sample_tokens(model, labels, generator=g2, trace=t2, **kw)
+    assert torch.equal(got, want) and torch.equal(g1.get_state(), g2.get_state())
+    assert_same_traces(t1, t2)
+
+
+CASMAR_CASES = [
+    dict(num_iter=3, scaffold_num_iter=3, cfg=3.0, re_cfg=2.0, temperature=0.9),
+    dict(num_iter=2, scaffold_num_iter=5, cfg=1.0, re_cfg=1.0),
+    dict(num_iter=4, scaffold_num_iter=2, cfg=2.0, re_cfg=1.5, cfg_schedule="constant"),
+]
+
+
+@pytest.mark.parametrize("case", CASMAR_CASES)
+@pytest.mark.parametrize("attention", ["psa", "sala"])
+@pytest.mark.parametrize("edit", [False, True])
+def test_casmar_loops_are_bitwise_the_reference(case, attention, edit):
+    model = tiny_casmar(head_attention=attention)
+    randomize_heads(model)
+    labels = torch.tensor([3, 10, 1])
+    kw = dict(case, num_sampling_steps="3", refine_num_sampling_steps="3")
+    if edit:
+        kw["known"], kw["known_mask"] = random_known(3, model.seq_len, model.token_channels, 10, seed=6)
+        small = random_known(3, model.scaffold_len, model.token_channels, 2, seed=7)
+        kw["known_small"], kw["known_small_mask"] = small
+    g1, t1 = gen(0), SamplingTrace()
+    big, small = model.sample_tokens(labels, generator=g1, trace=t1, **kw)
+
+    g2, t2 = gen(0), SamplingTrace()
+    stage1 = dict(
+        cfg=kw["re_cfg"],
+        cfg_schedule=kw.get("cfg_schedule", "linear"),
+        temperature=kw.get("temperature", 1.0),
+        num_sampling_steps="3",
+    )
+    small_ref, small_z, predicted = ref.casmar_sample_scaffold(
+        model,
+        labels,
+        num_iter=kw["scaffold_num_iter"],
+        generator=g2,
+        trace=t2,
+        known=kw.get("known_small"),
+        known_mask=kw.get("known_small_mask"),
+        **stage1,
+    )
+    stage2 = dict(stage1, cfg=kw["cfg"], num_sampling_steps="3")
+    big_ref = ref.casmar_refine(
+        model,
+        labels,
+        model.refine_scaffold(small_z, predicted),
+        num_iter=kw["num_iter"],
+        generator=g2,
+        trace=t2,
+        known=kw.get("known"),
+        known_mask=kw.get("known_mask"),
+        **stage2,
+    )
+    assert torch.equal(small, small_ref) and torch.equal(big, big_ref)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    assert_same_traces(t1, t2)
+
+
+def test_casmar_stage2_from_latents_is_the_reference():
+    model = tiny_casmar()
+    randomize_heads(model)
+    labels = torch.tensor([2, 4])
+    latents = torch.randn(2, model.token_channels, model.scaffold_side, model.scaffold_side)
+    kw = dict(num_iter=3, cfg=2.5, num_sampling_steps="3")
+    got = model.sample_refine_from_latents(labels, latents, generator=gen(1), **kw)
+    scaffold = model.cond_proj(latents.flatten(2).transpose(1, 2))
+    want = ref.casmar_refine(model, labels, scaffold, generator=gen(1), **kw)
+    assert torch.equal(got, want)
