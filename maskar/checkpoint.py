@@ -8,9 +8,14 @@ Layout of a model checkpoint directory::
     ema.safetensors     optional: EMA values of the trained parameters (a subset of the
                         model keys; loading overlays them on model.safetensors)
     trainer_state.pt    optional: optimizer(s), scaler, RNG states, step, data position
+    dcp/                a run sharded with FSDP2: weights, EMA and optimizer state as a
+                        ``torch.distributed.checkpoint`` (one file per rank + ``.metadata``),
+                        loadable on any number of ranks (resharded on load). trainer_state.pt then
+                        holds everything else (optimizer hyper-parameters, RNG, step); the
+                        safetensors files are the gathered weights, for sampling and evaluation
 
-    SHA256SUMS          the SHA-256 of the tensor files and the trainer state (``sha256sum -c``
-                        format), verified on load (``verify=False`` skips it); checkpoints
+    SHA256SUMS          the SHA-256 of the tensor files, the trainer state and each dcp/ file
+                        (``sha256sum -c`` format), verified on load (``verify=False`` skips it); checkpoints
                         without it load unverified. config.yaml is left out: it is meant to be
                         readable and editable, and every value in it is validated on load
 
@@ -58,6 +63,7 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"
 SUMS_FILE = "SHA256SUMS"
 LOCK_FILE = ".lock"
+DCP_DIR = "dcp"
 STEP_PREFIX = "step-"
 _STEP_RE = re.compile(r"step-\d+")
 
@@ -185,6 +191,14 @@ def check_writable(path: str | os.PathLike, key: str, directory: bool = False) -
 # ----------------------------------------------------------------------------- content hashes
 
 
+def _listed_name_ok(name: str) -> bool:
+    """A file of the checkpoint directory itself, or one inside its ``dcp/`` folder."""
+    parts = name.split("/")
+    if len(parts) == 2 and parts[0] != DCP_DIR:
+        return False
+    return len(parts) <= 2 and all(p not in ("", ".", "..") for p in parts)
+
+
 def read_checksums(directory: str | os.PathLike) -> dict[str, str] | None:
     """``{file name: sha256}`` from ``directory/SHA256SUMS``, or None when there is none."""
     path = Path(directory) / SUMS_FILE
@@ -193,7 +207,7 @@ def read_checksums(directory: str | os.PathLike) -> dict[str, str] | None:
     sums = {}
     for line in path.read_text().splitlines():
         digest, _, name = line.partition("  ")
-        if not re.fullmatch(r"[0-9a-f]{64}", digest) or not name or "/" in name:
+        if not re.fullmatch(r"[0-9a-f]{64}", digest) or not _listed_name_ok(name):
             raise CheckpointError(f"checkpoint {directory}: {SUMS_FILE} is malformed (line {line!r})")
         sums[name] = digest
     return sums
@@ -387,16 +401,19 @@ def save_model(
     model: nn.Module,
     cfg: Config,
     ema_state: Mapping[str, Tensor] | None = None,
+    model_state: Mapping[str, Tensor] | None = None,
 ) -> Path:
     """Write ``model.safetensors`` (+ ``ema.safetensors``) and ``config.yaml`` into ``directory``.
 
-    Each file is replaced atomically. Only persistent tensors are saved (``state_dict``).
+    Each file is replaced atomically. Only persistent tensors are saved (``state_dict``, or
+    ``model_state`` when given: the gathered weights of a sharded model).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "arch": str(cfg.model.arch)}
     digests: dict[str, str | None] = {}
-    digests[MODEL_FILE] = save_tensors(directory / MODEL_FILE, unwrap_model(model).state_dict(), meta)
+    weights = model_state if model_state is not None else unwrap_model(model).state_dict()
+    digests[MODEL_FILE] = save_tensors(directory / MODEL_FILE, weights, meta)
     if ema_state is not None:
         digests[EMA_FILE] = save_tensors(directory / EMA_FILE, ema_state, meta)
     else:
@@ -513,6 +530,153 @@ def load_trainer_state(directory: str | os.PathLike, verify: bool = True) -> dic
         raise CheckpointError(f"{path} is not a readable torch file (truncated or corrupt?): {e}") from None
 
 
+# ----------------------------------------------------------------------------- sharded state (DCP)
+
+# What ``torch.distributed.checkpoint``'s ``.metadata`` pickle may name: DCP's own data classes, torch
+# dtypes / sizes / layouts and paths. Anything else is refused before DCP unpickles the file.
+_DCP_MODULE = "torch.distributed.checkpoint."
+_DCP_OTHER_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "Path"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        obj = super().find_class(module, name) if self._allowed(module, name) else None
+        if obj is None:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's metadata")
+        return obj
+
+    @staticmethod
+    def _allowed(module: str, name: str) -> bool:
+        if (module, name) in _DCP_OTHER_GLOBALS:
+            return True
+        if module == "torch":
+            return isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+        if module.startswith(_DCP_MODULE) and not name.startswith("__"):
+            import importlib
+
+            return isinstance(getattr(importlib.import_module(module), name, None), type)
+        return False
+
+
+def has_distributed_state(directory: str | os.PathLike) -> bool:
+    """True for a checkpoint written by a sharded (FSDP2) run."""
+    return (Path(directory) / DCP_DIR / ".metadata").is_file()
+
+
+def distributed_files(directory: str | os.PathLike) -> list[str]:
+    """``dcp/<file>`` names of the sharded state's files, sorted."""
+    folder = Path(directory) / DCP_DIR
+    return sorted(f"{DCP_DIR}/{p.name}" for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def save_distributed(directory: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write ``state`` (nested dicts of tensors / DTensors) to ``directory/dcp``; every rank calls.
+
+    Each rank writes its own shards (replicated tensors once); files are fsynced. Only tensors:
+    other values belong in ``trainer_state.pt`` (loaded weights-only), never in the DCP pickle.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    bad = [k for k, v in _flatten(state) if not isinstance(v, Tensor)]
+    if bad:
+        raise TypeError(
+            f"save_distributed: only tensors are stored, got non-tensor entries {_short_list(bad)}"
+        )
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    writer = dcp.FileSystemWriter(str(Path(directory) / DCP_DIR), sync_files=True)
+    dcp.save(state, storage_writer=writer, no_dist=no_dist)
+
+
+def _flatten(state: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in state.items():
+        key = f"{prefix}{k}"
+        out += _flatten(v, key + ".") if isinstance(v, Mapping) else [(key, v)]
+    return out
+
+
+def read_distributed_metadata(directory: str | os.PathLike) -> Any:
+    """The ``dcp/.metadata`` of a checkpoint, unpickled with an allow-list; tensors only."""
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    path = Path(directory) / DCP_DIR / ".metadata"
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {directory}: {DCP_DIR}/.metadata is missing (an interrupted save?)"
+        )
+    try:
+        with open(path, "rb") as f:
+            meta = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: not a maskar distributed checkpoint ({e})") from None
+    except (EOFError, OSError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not readable (truncated or corrupt?): {e}") from None
+    if not isinstance(meta, Metadata):
+        raise CheckpointError(f"{path}: not a distributed checkpoint's metadata ({type(meta).__name__})")
+    other = [k for k, v in meta.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)]
+    if other:
+        raise CheckpointError(
+            f"{path}: holds non-tensor entries {_short_list(other)}; maskar stores only tensors"
+        )
+    return meta
+
+
+def check_distributed_state(
+    meta: Any, part: str, expected: Mapping[str, Tensor], context: str, allow_missing: bool = False
+) -> None:
+    """The ``part`` entries of a DCP checkpoint must match ``expected`` (names and global shapes)."""
+    saved = {
+        k[len(part) + 1 :]: tuple(v.size)
+        for k, v in meta.state_dict_metadata.items()
+        if k.startswith(part + ".")
+    }
+    want = {k: tuple(v.shape) for k, v in _flatten(expected)}
+    missing = [] if allow_missing else [k for k in want if k not in saved]
+    unexpected = [k for k in saved if k not in want]
+    mis_shaped = [
+        f"{k} (checkpoint {saved[k]} vs run {want[k]})" for k in want if k in saved and saved[k] != want[k]
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {_short_list(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {_short_list(unexpected)}")
+    if mis_shaped:
+        parts.append(f"{len(mis_shaped)} shape mismatch(es): {_short_list(mis_shaped, 3)}")
+    if parts:
+        raise CheckpointError(
+            f"{context}: the sharded {part} state does not match this run: {'; '.join(parts)}"
+        )
+
+
+def load_distributed(directory: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Fill ``state`` (tensors / DTensors, any sharding) in place from ``directory/dcp``.
+
+    Every rank calls; each reads the parts of the saved shards its own shards overlap, so a
+    checkpoint saved on N ranks loads on M. Call :func:`read_distributed_metadata` first.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    reader = dcp.FileSystemReader(str(Path(directory) / DCP_DIR))
+    try:
+        dcp.load(state, storage_reader=reader, no_dist=no_dist)
+    except (RuntimeError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {directory}: cannot read {DCP_DIR}/ ({first})") from None
+
+
 # ----------------------------------------------------------------------------- run directories
 
 
@@ -567,16 +731,39 @@ def save_step_checkpoint(
     With ``keep_last``, only the newest ``keep_last`` checkpoints up to ``step`` are kept, and
     checkpoints of later steps (left by an earlier run in the same directory) are deleted.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=run_dir))
+    tmp = begin_step_checkpoint(run_dir, step)
     try:
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp creates 0700
         save_model(tmp, model, cfg, ema_state)
         if trainer_state is not None:
             save_trainer_state(tmp, trainer_state)
-        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_step_checkpoint(run_dir, step, tmp, keep_last)
+
+
+def begin_step_checkpoint(run_dir: str | os.PathLike, step: int) -> Path:
+    """A fresh temporary folder in ``run_dir`` to assemble step ``step``'s checkpoint in."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{step_dir_name(step)}.", suffix=".tmp", dir=run_dir))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp creates 0700
+    return tmp
+
+
+def commit_step_checkpoint(
+    run_dir: str | os.PathLike, step: int, tmp: str | os.PathLike, keep_last: int | None = None
+) -> Path:
+    """Move the assembled ``tmp`` into place as ``step-XXXXXXX``, point ``latest`` at it, prune.
+
+    See :func:`save_step_checkpoint` for ``keep_last``. ``tmp`` is removed if this fails.
+    """
+    run_dir, tmp = Path(run_dir), Path(tmp)
+    final = run_dir / step_dir_name(step)
+    try:
+        for sub in [tmp / DCP_DIR, tmp]:
+            if sub.is_dir():
+                _fsync_dir(sub)
         if final.exists():
             # Re-saving a step (e.g. after resume): move the old one aside first, since a
             # directory cannot be replaced by rename while it is non-empty.

@@ -63,6 +63,9 @@ class DataConfig:
 class TrainConfig:
     steps: int = field(1000, min=0, help="optimizer steps")
     batch_size: int = field(32, min=1, help="global batch size (split across ranks)")
+    grad_accum: int = field(
+        1, min=1, help="micro-batches per optimizer step (each rank: batch_size / world / grad_accum)"
+    )
     lr: float = field(1e-4, min=0.0, help="peak learning rate (absolute)")
     min_lr: float = field(0.0, min=0.0, help="final learning rate of decaying schedules")
     weight_decay: float = field(0.05, min=0.0)
@@ -94,6 +97,24 @@ class TrainConfig:
     verify_checkpoints: bool = field(
         True, help="check the SHA-256 of every checkpoint file read on resume / init_from (false: skip)"
     )
+    parallel: str = field(
+        "ddp",
+        choices=("ddp", "fsdp2"),
+        help="several processes: ddp (replicated weights) or fsdp2 (weights, gradients, optimizer and "
+        "EMA sharded per block; distributed checkpoints)",
+    )
+    fsdp_param_dtype: str = field(
+        "auto",
+        choices=("auto", "bf16", "fp32"),
+        help="fsdp2: dtype the blocks' weights are gathered and computed in (auto: the autocast dtype); "
+        "gradients are reduced in fp32",
+    )
+    fsdp_cpu_offload: bool = field(
+        False, help="fsdp2: keep sharded weights, gradients and optimizer state in CPU memory"
+    )
+    fsdp_reshard_after_forward: bool = field(
+        True, help="fsdp2: free each block's gathered weights after its forward (gathered again in backward)"
+    )
 
     def validate(self) -> None:
         if not all(0.0 <= b < 1.0 for b in self.betas):
@@ -102,6 +123,20 @@ class TrainConfig:
             raise ValueError("out_dir: expected a directory path, got an empty string")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr: expected a value <= lr ({self.lr}), got {self.min_lr}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"grad_accum: batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
+            )
+        if self.parallel == "fsdp2" and (self.compile is True or self.compile == "full"):
+            raise ValueError(
+                f"compile: {self.compile!r} compiles the whole step, which parallel=fsdp2 does not support; "
+                "use compile=blocks (or auto: blocks on CUDA)"
+            )
+        if self.parallel == "fsdp2" and self.precision == "fp16":
+            raise ValueError(
+                "precision: fp16 is not supported with parallel=fsdp2 (its loss scaler is not sharded); "
+                "use bf16 (or fp32)"
+            )
 
 
 @dataclass

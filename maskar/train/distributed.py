@@ -1,4 +1,5 @@
-"""Process-group setup (torchrun / env://) and the epoch-seeded, resumable batch sampler."""
+"""Process-group setup (torchrun / env://), the epoch-seeded resumable batch sampler, RNG state,
+and the few DTensor helpers the trainer needs for sharded (FSDP2) state."""
 
 from __future__ import annotations
 
@@ -54,23 +55,32 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def init_distributed(device_name: str = "auto") -> DistInfo:
+def init_distributed(device_name: str = "auto", need_group: bool = False) -> DistInfo:
     """Join the process group described by torchrun's env vars (RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
     Single process when those are absent. NCCL for CUDA, gloo for CPU. Works across nodes
-    because only ``env://`` initialisation is used.
+    because only ``env://`` initialisation is used. ``need_group``: a single process still gets
+    a one-rank process group (FSDP2 shards over a device mesh, which needs one).
     """
+    global _OWNS_PROCESS_GROUP
     if not _launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         local = int(os.environ.get("LOCAL_RANK", 0))
         device = pick_device(device_name, local)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        if need_group and not dist.is_initialized():
+            _OWNS_PROCESS_GROUP = True
+            # An in-process store: one rank needs no rendezvous (and no free port).
+            store = dist.HashStore()
+            if device.type == "cuda":
+                dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=device)
+            else:
+                dist.init_process_group("gloo", store=store, rank=0, world_size=1)
         return DistInfo(0, 1, local, device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(device_name, local)
     if not dist.is_initialized():
-        global _OWNS_PROCESS_GROUP
         _OWNS_PROCESS_GROUP = True
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -112,6 +122,11 @@ def any_rank(info: DistInfo, flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def broadcast_from_main(info: DistInfo, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (all ranks call)."""
+    return all_gather_objects(info, obj)[0]
 
 
 def mean_over_ranks(info: DistInfo, t: torch.Tensor) -> torch.Tensor:
@@ -219,3 +234,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- sharded tensors
+
+
+def is_sharded(t: Any) -> bool:
+    """True for a DTensor (a parameter or state sharded by FSDP2)."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: in-place updates reach the DTensor), else ``t``."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor; all ranks must call it for a DTensor (it all-gathers)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` (the same on every rank) laid out like the DTensor ``like`` (its mesh and placements)."""
+    if not is_sharded(like) or is_sharded(full):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    full = full.to(device=like.device_mesh.device_type, dtype=like.dtype)
+    return distribute_tensor(full, like.device_mesh, like.placements)

@@ -3,6 +3,9 @@
 ``shadow = decay * shadow + (1 - decay) * param`` after every optimizer step. Buffers are
 not averaged: a checkpoint's EMA file holds only the averaged parameters and loading
 overlays them on the model's own weights (and buffers).
+
+Under FSDP2 the parameters are sharded DTensors and so is the shadow (each rank averages its
+own shard: no communication, 1/world of the memory); the update works on the local shards.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+
+from maskar.train.distributed import local_tensor, shard_like
 
 
 class EMA:
@@ -25,14 +30,14 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        shadow = list(self.shadow.values())
-        current = [p.detach().float() for p in self.params.values()]
+        shadow = [local_tensor(s) for s in self.shadow.values()]
+        current = [local_tensor(p.detach()).float() for p in self.params.values()]
         torch._foreach_mul_(shadow, self.decay)
         torch._foreach_add_(shadow, current, alpha=1.0 - self.decay)
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The averaged values under the model's parameter names."""
+        """The averaged values under the model's parameter names (DTensors when sharded)."""
         return dict(self.shadow)
 
     @torch.no_grad()
@@ -45,7 +50,8 @@ class EMA:
                 f"unexpected {unexpected[:5]}"
             )
         for k, v in self.shadow.items():
-            v.copy_(state[k])
+            # a full tensor (a checkpoint of an unsharded run) is cut to this rank's shard
+            local_tensor(v).copy_(local_tensor(shard_like(state[k], v)))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

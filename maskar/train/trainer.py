@@ -1,8 +1,9 @@
 """The training loop shared by every model: ``train(cfg) -> out_dir``.
 
-One process or many (torchrun, DDP); bf16/fp16/fp32 autocast; AdamW with decay and no-decay
-groups; warm-up + LR schedules; grad clipping; EMA; an optional discriminator optimizer;
-step checkpoints (atomic) with exact resume; tqdm, ``log.txt`` and TensorBoard.
+One process or many (torchrun; DDP, or FSDP2 with ``train.parallel=fsdp2``: see
+:mod:`maskar.train.parallelize`); bf16/fp16/fp32 autocast; gradient accumulation; AdamW with
+decay and no-decay groups; warm-up + LR schedules; grad clipping; EMA; an optional discriminator
+optimizer; step checkpoints (atomic) with exact resume; tqdm, ``log.txt`` and TensorBoard.
 
 The model surface it uses is documented in docs/architecture.md: ``loss(batch)`` and the
 optional hooks ``named_trainable_parameters``, ``no_weight_decay_keywords``,
@@ -12,7 +13,9 @@ optional hooks ``named_trainable_parameters``, ``no_weight_decay_keywords``,
 Resume is exact: the checkpoint holds weights, EMA, optimizer and scaler states, every
 rank's RNG states, the step and the data position (epoch, batch within the epoch). The
 data order is a function of (seed, epoch) only, so a resumed run skips the consumed
-batches and continues with the very batches the uninterrupted run would have seen.
+batches and continues with the very batches the uninterrupted run would have seen. A sharded
+run saves its weights, EMA and optimizer state with ``torch.distributed.checkpoint`` (plus the
+gathered weights as safetensors); any run resumes from either format on any number of ranks.
 
 The run directory is guarded before any work starts (docs/reliability.md): a lock file
 (one trainer per directory), the architecture it belongs to, leftovers of interrupted saves
@@ -23,6 +26,7 @@ the latest checkpoint stays the last good one.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import threading
 import time
@@ -49,8 +53,9 @@ from maskar.train.schedule import lr_from_config
 class _LossCall(nn.Module):
     """Routes ``forward(batch, fn)`` to ``model.loss`` / ``model.disc_loss``.
 
-    DDP synchronises gradients only for calls that go through its ``forward``, and the
-    model surface is ``loss(batch)``; this adapter is what DDP / torch.compile wrap.
+    DDP synchronises gradients (and FSDP2 gathers the weights outside the blocks) only for
+    calls that go through its ``forward``, and the model surface is ``loss(batch)``; this
+    adapter is what DDP / FSDP2 / torch.compile wrap.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -106,7 +111,8 @@ def build_optimizer(
     keywords = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
     groups = param_groups(named, cfg.train.weight_decay, keywords)
     kwargs: dict[str, Any] = {"lr": lr, "betas": tuple(cfg.train.betas)}
-    if device.type == "cuda":
+    offloaded = cfg.train.parallel == "fsdp2" and cfg.train.fsdp_cpu_offload  # the step runs on the CPU
+    if device.type == "cuda" and not offloaded:
         kwargs["fused"] = True
     return torch.optim.AdamW(groups, **kwargs)
 
@@ -116,6 +122,33 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def batch_rule(batch: int, lr: float, world: int, accum: int, parallel: str) -> str:
+    """The global batch, how it is split, and the learning-rate rule (printed at the start)."""
+    per = batch // (world * accum)
+    how = "DDP" if parallel == "ddp" else "FSDP2"
+    split = f"{world} {how} process(es) x {per} per micro-batch x {accum} accumulation step(s)"
+    if world == 1:
+        split = f"1 process x {per} per micro-batch x {accum} accumulation step(s)"
+    return (
+        f"global batch {batch} = {split}; lr {lr:.4g} is used as given (absolute): {lr * 256 / batch:.4g} "
+        f"per 256 images. The recipes scale it linearly (lr = base_lr x global batch / 256): keep "
+        f"lr / train.batch_size fixed when you change the batch; the number of GPUs and train.grad_accum "
+        f"change neither, since train.batch_size is the global batch"
+    )
+
+
+def _micro_batch(batch: Any, i: int, n: int) -> Any:
+    """The ``i``-th of ``n`` equal slices (along the first dimension) of a collated batch."""
+    if n == 1:
+        return batch
+    if isinstance(batch, dict):
+        return {k: _micro_batch(v, i, n) for k, v in batch.items()}
+    if isinstance(batch, (Tensor, list, tuple)) and len(batch) % n == 0:
+        m = len(batch) // n
+        return batch[i * m : (i + 1) * m]
+    raise ValueError(f"train.grad_accum={n}: cannot split a batch entry of type {type(batch).__name__}")
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -226,12 +259,26 @@ class Trainer:
     def __init__(self, cfg: Config, dataset: Dataset | None = None) -> None:
         self.cfg = cfg
         tc = cfg.train
-        self.dist = D.init_distributed(cfg.device)
+        sharded = tc.parallel == "fsdp2"
+        self.dist = (
+            D.init_distributed(cfg.device, need_group=True) if sharded else D.init_distributed(cfg.device)
+        )
         self.device = self.dist.device
         if tc.batch_size % self.dist.world_size:
             raise ConfigError(
                 f"train.batch_size: {tc.batch_size} is not divisible by the {self.dist.world_size} "
                 f"processes; use a multiple of {self.dist.world_size}"
+            )
+        parts = self.dist.world_size * tc.grad_accum
+        if tc.batch_size % parts:
+            raise ConfigError(
+                f"train.batch_size: {tc.batch_size} is not divisible by {self.dist.world_size} processes x "
+                f"train.grad_accum {tc.grad_accum}; use a multiple of {parts}"
+            )
+        self.sharded = sharded
+        if self.sharded and tc.fsdp_cpu_offload and self.device.type != "cuda":
+            raise ConfigError(
+                "train.fsdp_cpu_offload: needs a CUDA device (on a CPU run everything is in CPU memory)"
             )
         self.out_dir = Path(tc.out_dir)
         self.lock: ckpt.RunLock | None = None
@@ -265,7 +312,9 @@ class Trainer:
         resume_dir = ckpt.latest_checkpoint(self.out_dir) if tc.resume else None
         self.resume_dir = resume_dir
         verify = tc.verify_checkpoints
-        if resume_dir is not None:
+        if resume_dir is not None and ckpt.has_distributed_state(resume_dir):
+            pass  # a sharded checkpoint: weights are read with the rest of the state, after sharding
+        elif resume_dir is not None:
             weights = ckpt.load_tensors(resume_dir / ckpt.MODEL_FILE, verify=verify)
             ckpt.load_state_dict_checked(self.model, weights, f"resume from {resume_dir}")
         elif tc.init_from:
@@ -298,22 +347,10 @@ class Trainer:
         for p in self.model.parameters():
             if id(p) not in optimized:
                 p.requires_grad_(False)
-        self.main_params = [p for _, p in main]
-        self.disc_params = [p for _, p in disc]
-        self.optimizer = build_optimizer(main, self.model, cfg, tc.lr, self.device)
-        self.disc_lr = tc.disc_lr if tc.disc_lr is not None else tc.lr
-        self.disc_optimizer = (
-            build_optimizer(disc, self.model, cfg, self.disc_lr, self.device) if disc else None
-        )
-        self.ema = EMA(main, tc.ema) if tc.ema > 0 else None
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
-        self.scaler = (
-            torch.amp.GradScaler(self.device.type, init_scale=2.0**11, growth_interval=1000)
-            if tc.precision == "fp16"
-            else None
-        )
 
-        # Speed transforms on the model itself (maskar.train.parallelize): checkpointing, then compile.
+        # Transforms on the model itself (maskar.train.parallelize), in torchtitan's order:
+        # activation checkpointing, compilation, then data parallelism (DDP or FSDP2).
         if tc.activation_checkpointing:
             P.apply_activation_checkpointing(self.model)
         self.compile_mode = P.resolve_compile_mode(tc.compile, self.model, self.device)
@@ -326,16 +363,33 @@ class Trainer:
         self.peak_tflops = P.peak_tflops(self.device, tc.peak_tflops)
 
         wrapped: nn.Module = _LossCall(self.model)
-        if self.dist.distributed:
-            find_unused = bool(getattr(self.model, "ddp_find_unused_parameters", bool(disc)))
-            wrapped = nn.parallel.DistributedDataParallel(
-                wrapped,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=find_unused,
+        if self.sharded:
+            dtype = P.fsdp_param_dtype(tc.fsdp_param_dtype, self.amp_dtype)
+            self.log.info(P.describe_fsdp(self.model, dtype, tc.fsdp_cpu_offload))
+            wrapped = P.apply_fsdp(
+                wrapped, self.model, self.dist, dtype, tc.fsdp_cpu_offload, tc.fsdp_reshard_after_forward
             )
+            main, disc = trainable_parameters(self.model)  # the sharded (DTensor) parameters
+        elif self.dist.distributed:
+            find_unused = bool(getattr(self.model, "ddp_find_unused_parameters", bool(disc)))
+            wrapped = P.apply_ddp(wrapped, self.dist, find_unused)
         if compile_whole_call:
             wrapped = torch.compile(wrapped)
         self.wrapped = wrapped
+
+        self.main_params = [p for _, p in main]
+        self.disc_params = [p for _, p in disc]
+        self.optimizer = build_optimizer(main, self.model, cfg, tc.lr, self.device)
+        self.disc_lr = tc.disc_lr if tc.disc_lr is not None else tc.lr
+        self.disc_optimizer = (
+            build_optimizer(disc, self.model, cfg, self.disc_lr, self.device) if disc else None
+        )
+        self.ema = EMA(main, tc.ema) if tc.ema > 0 else None
+        self.scaler = (
+            torch.amp.GradScaler(self.device.type, init_scale=2.0**11, growth_interval=1000)
+            if tc.precision == "fp16"
+            else None
+        )
 
         self.sampler = D.EpochBatchSampler(
             len(self.dataset), tc.batch_size, self.dist.rank, self.dist.world_size, tc.seed
@@ -369,16 +423,21 @@ class Trainer:
     # ----------------------------------------------------------------------------- state
 
     def trainer_state(self) -> dict[str, Any]:
-        """Everything but the weights; gathers every rank's RNG state (call on all ranks)."""
+        """Everything but the weights; gathers every rank's RNG state (call on all ranks).
+
+        A sharded run keeps its optimizer tensors out of it (they go to the distributed
+        checkpoint, see :meth:`_save_sharded`).
+        """
         rng = D.all_gather_objects(self.dist, D.rng_state())
+        whole = not self.sharded
         return {
-            "format": 1,
+            "format": 1 if whole else 2,
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.dist.world_size,
-            "optimizer": self.optimizer.state_dict(),
-            "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer else None,
+            "optimizer": self.optimizer.state_dict() if whole else None,
+            "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer and whole else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "ema": {"decay": self.ema.decay, "num_updates": self.ema.num_updates} if self.ema else None,
             "rng": rng,
@@ -387,16 +446,22 @@ class Trainer:
     def _load_trainer_state(self, directory: Path) -> None:
         state = ckpt.load_trainer_state(directory, verify=self.cfg.train.verify_checkpoints)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.disc_optimizer is not None:
-            if state.get("disc_optimizer") is None:
-                raise ckpt.CheckpointError(
-                    f"resume from {directory}: it has no discriminator optimizer state"
-                )
-            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        distributed = ckpt.has_distributed_state(directory)
+        if distributed:
+            self._load_sharded(directory, state)  # weights, EMA and optimizers, resharded to this run
+        elif self.sharded:
+            self._load_whole_optimizers_into_shards(directory, state)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.disc_optimizer is not None:
+                if state.get("disc_optimizer") is None:
+                    raise ckpt.CheckpointError(
+                        f"resume from {directory}: it has no discriminator optimizer state"
+                    )
+                self.disc_optimizer.load_state_dict(state["disc_optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None:
+        if self.ema is not None and not distributed:
             ema_file = directory / ckpt.EMA_FILE
             if ema_file.is_file():
                 ema = ckpt.load_tensors(ema_file, self.device, verify=self.cfg.train.verify_checkpoints)
@@ -421,6 +486,138 @@ class Trainer:
             f"resumed from {directory} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})"
         )
 
+    # ----------------------------------------------------------------------------- sharded state
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        opts = {"optimizer": self.optimizer}
+        if self.disc_optimizer is not None:
+            opts["disc_optimizer"] = self.disc_optimizer
+        return opts
+
+    def _state_by_name(self) -> tuple[dict[str, Any], dict[str, list]]:
+        """(tensors, optimizer hyper-parameters) keyed by parameter names, whatever the sharding.
+
+        Tensors are this rank's shards (DTensors) in a sharded run and whole tensors otherwise,
+        the very tensors of the run (loading into them updates it in place).
+        """
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        tensors: dict[str, Any] = {"model": get_model_state_dict(self.model)}
+        groups = {}
+        for name, opt in self._optimizers().items():
+            # A fresh optimizer gets zero moments first (a step with lr 0), which loading overwrites.
+            osd = get_optimizer_state_dict(self.model, opt)
+            tensors[name], groups[name] = osd["state"], osd["param_groups"]
+        if self.ema is not None:
+            tensors["ema"] = self.ema.state_dict()
+        return tensors, groups
+
+    def _save_sharded(self, state: dict[str, Any]) -> Path:
+        """Step checkpoint of a sharded run: ``dcp/`` (every rank writes its shards of the weights,
+        EMA and optimizer state) plus, from rank 0, the gathered weights as safetensors (for
+        sampling and evaluation), the trainer state and the SHA-256 of every file."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        main = self.dist.is_main
+        tmp = ckpt.begin_step_checkpoint(self.out_dir, self.step) if main else None
+        tmp = Path(D.broadcast_from_main(self.dist, str(tmp) if main else None))
+        try:
+            tensors, groups = self._state_by_name()
+            state["optimizer_groups"] = groups
+            ckpt.save_distributed(tmp, tensors)
+            D.barrier(self.dist)
+            names = ckpt.distributed_files(tmp)
+            mine = {n: ckpt.sha256_file(tmp / n) for n in names[self.dist.rank :: self.dist.world_size]}
+            digests = {k: v for d in D.all_gather_objects(self.dist, mine) for k, v in d.items()}
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 only, in CPU memory
+            weights = get_model_state_dict(self.model, options=options)
+            ema = None
+            if self.ema is not None:
+                ema = {}
+                for k, v in self.ema.state_dict().items():
+                    whole = D.full_tensor(v)  # every rank takes part in the gather
+                    if main:
+                        ema[k] = whole.cpu()
+            path = self.out_dir / ckpt.step_dir_name(self.step)
+            if main:
+                ckpt.save_model(tmp, self.model, self.cfg, ema, model_state=weights)
+                ckpt.save_trainer_state(tmp, state)
+                ckpt.update_checksums(tmp, digests)
+                path = ckpt.commit_step_checkpoint(self.out_dir, self.step, tmp, self.cfg.train.keep_last)
+        except BaseException:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    def _verify_sharded(self, directory: Path) -> None:
+        """Check the ``dcp/`` files against SHA256SUMS, each rank a share of them."""
+        if not self.cfg.train.verify_checkpoints:
+            return
+        problem: Exception | None = None
+        try:
+            names = ckpt.distributed_files(directory)
+            for name in names[self.dist.rank :: self.dist.world_size]:
+                ckpt.verify_file(directory, name)
+        except ckpt.CheckpointError as e:
+            problem = e
+        if D.any_rank(self.dist, problem is not None):
+            raise problem or ckpt.CheckpointError(
+                f"resume from {directory}: another rank found a {ckpt.DCP_DIR}/ file that does not match "
+                f"{ckpt.SUMS_FILE} (train.verify_checkpoints=false skips this check)"
+            )
+
+    def _load_sharded(self, directory: Path, state: dict[str, Any]) -> None:
+        """Weights, EMA and optimizer state from ``dcp/``, laid out for this run (any world size)."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        context = f"resume from {directory}"
+        self._verify_sharded(directory)
+        meta = ckpt.read_distributed_metadata(directory)
+        tensors, groups = self._state_by_name()
+        saved_groups = state.get("optimizer_groups") or {}
+        for name in groups:
+            if name not in saved_groups:
+                raise ckpt.CheckpointError(f"{context}: it has no {name.replace('_', ' ')} state")
+        if "ema" in tensors and not any(k.startswith("ema.") for k in meta.state_dict_metadata):
+            self.log.info(f"resume: {directory} has no EMA weights; EMA restarts from the current weights")
+            del tensors["ema"]
+        for part, expected in tensors.items():
+            ckpt.check_distributed_state(meta, part, expected, context)
+        ckpt.load_distributed(directory, tensors)
+        set_model_state_dict(self.model, tensors["model"])
+        for name, opt in self._optimizers().items():
+            # The saved hyper-parameters, with this run's implementation flags (fused, foreach).
+            impl = ("fused", "foreach", "capturable", "differentiable")
+            merged = [
+                {**saved, **{k: now[k] for k in impl if k in now}, "params": now["params"]}
+                for saved, now in zip(saved_groups[name], groups[name], strict=True)
+            ]
+            set_optimizer_state_dict(self.model, opt, {"state": tensors[name], "param_groups": merged})
+        if "ema" in tensors:
+            self.ema.num_updates = (state.get("ema") or {}).get("num_updates", 0)
+
+    def _load_whole_optimizers_into_shards(self, directory: Path, state: dict[str, Any]) -> None:
+        """A sharded run resuming from an unsharded checkpoint: each rank keeps its shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for key, opt in self._optimizers().items():
+            saved = state.get(key)
+            if saved is None:
+                raise ckpt.CheckpointError(
+                    f"resume from {directory}: it has no {key.replace('_', ' ')} state"
+                )
+            # torch numbers parameters in the order of the groups; map the numbers to names.
+            order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+            by_name = {
+                "state": {order[i]: s for i, s in saved["state"].items()},
+                "param_groups": [
+                    {**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]
+                ],
+            }
+            set_optimizer_state_dict(self.model, opt, by_name, options=StateDictOptions(full_state_dict=True))
+
     def check_finite_loss(self) -> None:
         """Raise :class:`NonFiniteLossError` if any rank saw a nan/inf loss (all ranks call)."""
         bad = int(self._bad_step.item())
@@ -435,11 +632,14 @@ class Trainer:
         )
 
     def save(self) -> Path:
-        """Write ``out_dir/step-XXXXXXX`` (all ranks call; rank 0 writes); never diverged weights."""
+        """Write ``out_dir/step-XXXXXXX`` (all ranks call; rank 0 writes, and in a sharded run
+        every rank writes its shards); never diverged weights."""
         self.check_finite_loss()
         state = self.trainer_state()
         path = self.out_dir / ckpt.step_dir_name(self.step)
-        if self.dist.is_main:
+        if self.sharded:
+            path = self._save_sharded(state)
+        elif self.dist.is_main:
             path = ckpt.save_step_checkpoint(
                 self.out_dir,
                 self.step,
@@ -461,16 +661,50 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _backward_and_step(
-        self, loss: Tensor, optimizer: torch.optim.Optimizer, params: list[Tensor], want_norm: bool
+    def _no_sync(self, skip: bool):
+        """DDP: no gradient all-reduce for this micro-batch (the last one reduces the sum).
+
+        FSDP2 reduce-scatters every micro-batch: gradients then stay sharded between them,
+        which is what a model too big for one GPU needs.
+        """
+        ddp = getattr(self.wrapped, "_orig_mod", self.wrapped)
+        if skip and isinstance(ddp, nn.parallel.DistributedDataParallel):
+            return ddp.no_sync()
+        return contextlib.nullcontext()
+
+    def _forward_backward(self, batch: dict[str, Tensor], fn: str) -> dict[str, Tensor]:
+        """``fn``'s loss and gradients over ``train.grad_accum`` equal micro-batches of ``batch``.
+
+        Each micro-batch's loss is divided by their number, so the gradient is that of the mean
+        loss over the whole batch (for losses that average over samples). Returns the mean of
+        the micro-batches' outputs, detached.
+        """
+        n = self.cfg.train.grad_accum
+        sums: dict[str, Tensor] = {}
+        for i in range(n):
+            part = _micro_batch(batch, i, n)
+            with self._no_sync(i < n - 1):
+                with self._autocast():
+                    out = self.wrapped(part, fn)
+                loss = out["loss"] if n == 1 else out["loss"] / n
+                if fn == "loss":
+                    first = (self._bad_step < 0) & ~torch.isfinite(out["loss"].detach())
+                    self._bad_step = torch.where(first, self.step + 1, self._bad_step)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            for k, v in out.items():
+                v = v.detach().float()
+                sums[k] = sums[k] + v if k in sums else v
+        return sums if n == 1 else {k: v / n for k, v in sums.items()}
+
+    def _clip_and_step(
+        self, optimizer: torch.optim.Optimizer, params: list[Tensor], want_norm: bool
     ) -> Tensor | None:
         clip = self.cfg.train.grad_clip
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if clip > 0 or want_norm:
-                self.scaler.unscale_(optimizer)
-        else:
-            loss.backward()
+        if self.scaler is not None and (clip > 0 or want_norm):
+            self.scaler.unscale_(optimizer)
         norm = None
         if clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -482,7 +716,7 @@ class Trainer:
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return norm
+        return None if norm is None else D.full_tensor(norm)  # a sharded run's norm is a DTensor
 
     def train_step(self, batch: dict[str, Tensor], want_norm: bool = False) -> dict[str, Tensor]:
         """One optimizer step (plus the discriminator step if any). Returns detached metrics."""
@@ -494,13 +728,8 @@ class Trainer:
         batch = _to_device(batch, self.device)
         metrics: dict[str, Tensor] = {}
 
-        with self._autocast():
-            out = self.wrapped(batch, "loss")
-        loss = out["loss"]
-        first = (self._bad_step < 0) & ~torch.isfinite(loss.detach())
-        self._bad_step = torch.where(first, self.step + 1, self._bad_step)
-        norm = self._backward_and_step(loss, self.optimizer, self.main_params, want_norm)
-        metrics.update({k: v.detach().float() for k, v in out.items()})
+        metrics.update(self._forward_backward(batch, "loss"))
+        norm = self._clip_and_step(self.optimizer, self.main_params, want_norm)
         if norm is not None:
             metrics["grad_norm"] = norm.detach().float()
 
@@ -508,10 +737,9 @@ class Trainer:
             for g in self.disc_optimizer.param_groups:
                 g["lr"] = self.disc_lr * scale
             self.disc_optimizer.zero_grad(set_to_none=True)  # drop grads the generator loss left
-            with self._autocast():
-                dout = self.wrapped(batch, "disc_loss")
-            dnorm = self._backward_and_step(dout["loss"], self.disc_optimizer, self.disc_params, want_norm)
-            metrics.update({f"disc_{k}": v.detach().float() for k, v in dout.items()})
+            dout = self._forward_backward(batch, "disc_loss")
+            dnorm = self._clip_and_step(self.disc_optimizer, self.disc_params, want_norm)
+            metrics.update({f"disc_{k}": v for k, v in dout.items()})
             if dnorm is not None:
                 metrics["disc_grad_norm"] = dnorm.detach().float()
             self.optimizer.zero_grad(set_to_none=True)  # the disc loss may reach generator params
@@ -577,6 +805,7 @@ class Trainer:
                 f"{len(self.dataset)} samples, {self.sampler.batches_per_epoch} steps/epoch, "
                 f"precision {tc.precision}, out_dir {self.out_dir}"
             )
+            self.log.info(batch_rule(tc.batch_size, tc.lr, self.dist.world_size, tc.grad_accum, tc.parallel))
         self._last_saved = self.step if self.resume_dir is not None else -1
         if not tc.resume and ckpt.latest_checkpoint(self.out_dir) is not None:
             self.log.info(
