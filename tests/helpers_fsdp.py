@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from maskar import registry
@@ -40,8 +41,14 @@ class Block(nn.Module):
         self.fc1 = nn.Linear(width, 2 * width)
         self.fc2 = nn.Linear(2 * width, width)
         self.gain = nn.Parameter(torch.full((width,), 0.5))
+        self.checkpoint = False  # activation checkpointing (set by maskar.train.parallelize)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         return x + self.gain * self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 

@@ -200,7 +200,7 @@ def describe_fsdp(model: nn.Module, param_dtype: torch.dtype | None, cpu_offload
     n_frozen = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks and not p.requires_grad)
     dtype = "bf16" if param_dtype == torch.bfloat16 else "fp32" if param_dtype is None else str(param_dtype)
     return (
-        f"fsdp2: {len(blocks)} block units ({n_block / 1e6:.1f}M parameters, gathered in {dtype}) + root "
-        f"({n_root / 1e6:.1f}M, fp32); {n_frozen / 1e6:.1f}M frozen parameters outside the blocks kept "
+        f"fsdp2: {len(blocks)} block units ({n_block / 1e6:.4g}M parameters, gathered in {dtype}) + root "
+        f"({n_root / 1e6:.4g}M, fp32); {n_frozen / 1e6:.4g}M frozen parameters outside the blocks kept "
         f"whole on every rank; gradients reduced in fp32{'; CPU offload' if cpu_offload else ''}"
     )
