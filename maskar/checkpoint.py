@@ -44,6 +44,7 @@ import shutil
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -335,13 +336,18 @@ def _short_list(names: Iterable[str], limit: int = 5) -> str:
 
 def state_dict_mismatch(module: nn.Module, state_dict: Mapping[str, Tensor]) -> str | None:
     """One human-readable line about missing / unexpected / mis-shaped keys, or None."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
+    saved = {k: tuple(v.shape) for k, v in state_dict.items()}
+    return shape_mismatch(saved, {k: tuple(v.shape) for k, v in module.state_dict().items()}, "model")
+
+
+def shape_mismatch(saved: Mapping[str, tuple], expected: Mapping[str, tuple], what: str) -> str | None:
+    """Missing / unexpected / mis-shaped names of ``saved`` (a checkpoint) against ``expected``."""
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
     mis_shaped = [
-        f"{k} (checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)})"
+        f"{k} (checkpoint {saved[k]} vs {what} {expected[k]})"
         for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+        if k in saved and saved[k] != expected[k]
     ]
     parts = []
     if missing:
@@ -567,6 +573,9 @@ class _MetadataUnpickler(pickle.Unpickler):
         return False
 
 
+_ONE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+
+
 def has_distributed_state(directory: str | os.PathLike) -> bool:
     """True for a checkpoint written by a sharded (FSDP2) run."""
     return (Path(directory) / DCP_DIR / ".metadata").is_file()
@@ -594,7 +603,9 @@ def save_distributed(directory: str | os.PathLike, state: dict[str, Any]) -> Non
         )
     no_dist = not (dist.is_available() and dist.is_initialized())
     writer = dcp.FileSystemWriter(str(Path(directory) / DCP_DIR), sync_files=True)
-    dcp.save(state, storage_writer=writer, no_dist=no_dist)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_ONE_PROCESS_WARNING)  # one process is intended
+        dcp.save(state, storage_writer=writer, no_dist=no_dist)
 
 
 def _flatten(state: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -631,32 +642,13 @@ def read_distributed_metadata(directory: str | os.PathLike) -> Any:
     return meta
 
 
-def check_distributed_state(
-    meta: Any, part: str, expected: Mapping[str, Tensor], context: str, allow_missing: bool = False
-) -> None:
+def check_distributed_state(meta: Any, part: str, expected: Mapping[str, Tensor], context: str) -> None:
     """The ``part`` entries of a DCP checkpoint must match ``expected`` (names and global shapes)."""
-    saved = {
-        k[len(part) + 1 :]: tuple(v.size)
-        for k, v in meta.state_dict_metadata.items()
-        if k.startswith(part + ".")
-    }
-    want = {k: tuple(v.shape) for k, v in _flatten(expected)}
-    missing = [] if allow_missing else [k for k in want if k not in saved]
-    unexpected = [k for k in saved if k not in want]
-    mis_shaped = [
-        f"{k} (checkpoint {saved[k]} vs run {want[k]})" for k in want if k in saved and saved[k] != want[k]
-    ]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing key(s): {_short_list(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {_short_list(unexpected)}")
-    if mis_shaped:
-        parts.append(f"{len(mis_shaped)} shape mismatch(es): {_short_list(mis_shaped, 3)}")
-    if parts:
-        raise CheckpointError(
-            f"{context}: the sharded {part} state does not match this run: {'; '.join(parts)}"
-        )
+    n = len(part) + 1
+    saved = {k[n:]: tuple(v.size) for k, v in meta.state_dict_metadata.items() if k.startswith(part + ".")}
+    problem = shape_mismatch(saved, {k: tuple(v.shape) for k, v in _flatten(expected)}, "run")
+    if problem:
+        raise CheckpointError(f"{context}: the sharded {part} state does not match this run: {problem}")
 
 
 def load_distributed(directory: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -671,7 +663,9 @@ def load_distributed(directory: str | os.PathLike, state: dict[str, Any]) -> Non
     no_dist = not (dist.is_available() and dist.is_initialized())
     reader = dcp.FileSystemReader(str(Path(directory) / DCP_DIR))
     try:
-        dcp.load(state, storage_reader=reader, no_dist=no_dist)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_ONE_PROCESS_WARNING)
+            dcp.load(state, storage_reader=reader, no_dist=no_dist)
     except (RuntimeError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {directory}: cannot read {DCP_DIR}/ ({first})") from None

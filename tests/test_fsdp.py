@@ -349,3 +349,28 @@ def test_metadata_with_foreign_globals_is_refused(tmp_path: Path) -> None:
     (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(os.system))  # would run code on load
     with pytest.raises(ck.CheckpointError, match="posix.system is not allowed"):
         ck.read_distributed_metadata(tmp_path)
+
+
+def test_sharded_checkpoint_is_verified_and_checked_against_the_run(tmp_path: Path) -> None:
+    """One process with a one-rank FSDP2 group: a changed shard byte and a model of another
+    shape are refused with one message each, before anything is loaded."""
+    out = tmp_path / "run"
+    train(blocks_cfg(out, *_FSDP, "train.steps=2"))
+    shard = ck.latest_checkpoint(out) / "dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    try:
+        with pytest.raises(ck.CheckpointError, match=r"dcp/__0_0.distcp does not match its SHA-256"):
+            Trainer(blocks_cfg(out, *_FSDP, "train.steps=4"))
+    finally:
+        D.shutdown_distributed()
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    try:
+        with pytest.raises(ck.CheckpointError, match=r"sharded model state does not match this run: .*shape"):
+            Trainer(blocks_cfg(out, *_FSDP, "train.steps=4", "model.width=8"))
+    finally:
+        D.shutdown_distributed()
+    trainer = Trainer(blocks_cfg(out, "train.steps=4"))  # intact: a plain process resumes from it
+    assert trainer.step == 2 and trainer.optimizer.state_dict()["state"][0]["step"].item() == 2
