@@ -1,15 +1,19 @@
 """The masked-generation loop shared by MAR and CASMAR's two stages (models/mar.py) gives, bit for
 bit, the tokens, the random draws and the traces of the loops it replaced
 (tests/reference_masked_loops.py), on fresh random tiny models: with and without CFG, both CFG
-schedules, temperatures, known (editing) tokens, PSA and SALA heads."""
+schedules, temperatures, known (editing) tokens, PSA and SALA heads; and the seeded tokens
+recorded from main before it (tests/masked_sampling_golden.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import reference_masked_loops as ref
 import torch
+from masked_sampling_golden import CASES, build_model, decoded, run_case
 from test_casmar import randomize_heads, tiny_casmar
 from test_mar import randomize_head, tiny_mar
 
@@ -137,3 +141,20 @@ def test_casmar_stage2_from_latents_is_the_reference():
     scaffold = model.cond_proj(latents.flatten(2).transpose(1, 2))
     want = ref.casmar_refine(model, labels, scaffold, generator=gen(1), **kw)
     assert torch.equal(got, want)
+
+
+GOLDEN = Path(__file__).parent / "data" / "masked_sampling_golden.json"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_seeded_tokens_equal_the_recorded_reference(case):
+    """Seeded tokens recorded from main at 9439c91, before the shared loop and the DiT-head graphs
+    (tests/masked_sampling_golden.py): today's samplers give them bit for bit (fp32, one thread)."""
+    name, arch, overrides, labels, knobs = case
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as recorded: a CPU matmul may block differently across threads
+    try:
+        tokens = run_case(build_model(arch, overrides), labels, knobs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(tokens, decoded(json.loads(GOLDEN.read_text())[name]))
