@@ -165,6 +165,25 @@ def test_casmar_stage2_static_chain_equals_eager(monkeypatch):
     assert torch.equal(static[0], eager[0]) and torch.equal(static[1], eager[1])
 
 
+@pytest.mark.parametrize("attention", ["psa", "sala"])
+@torch.no_grad()
+def test_dit_block_casts_its_attention_input_once_with_the_same_result(monkeypatch, attention):
+    """Under autocast the DiT block hands its attention (and MLP) the low-precision input that each
+    linear layer would cast to itself: one cast instead of three, the same bits out."""
+    import maskar.models.casmar as casmar_module
+
+    model = tiny_casmar(head_attention=attention, gdm_w=32, gdm_heads=2)
+    randomize_heads(model)
+    block = model.cond_diffloss.net.blocks[0].eval()
+    g = torch.Generator().manual_seed(0)
+    x, c, cond = (torch.randn(2, 16, 32, generator=g) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        once = block(x, c, (4, 4), cond)
+        monkeypatch.setattr(casmar_module, "_autocast_input", lambda t: t)
+        per_layer = block(x, c, (4, 4), cond)
+    assert torch.equal(once, per_layer)
+
+
 # ----------------------------------------------------------------------------- GPU
 
 

@@ -334,8 +334,17 @@ class DiTBlock(nn.Module):
     def forward(self, x: Tensor, c: Tensor, grid: tuple[int, int], cond_tokens: Tensor) -> Tensor:
         """x (B, L, W); c (B, L, W) per-token condition; cond_tokens (B, L, W) for SALA anchors."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, -1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), grid, cond_tokens)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        h = _autocast_input(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa * self.attn(h, grid, cond_tokens)
+        return x + gate_mlp * self.mlp(_autocast_input(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+
+def _autocast_input(x: Tensor) -> Tensor:
+    """x in autocast's low-precision dtype where autocast is on: what every linear layer reading
+    x would cast it to, done once (PSA's q, k and v projections read the same input; the values
+    are the same, so the block's output is too)."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
 
 
 class LocalDiT(nn.Module):
