@@ -132,6 +132,30 @@ def test_compiled_step_runs_in_the_static_chain(which):
     assert torch.equal(eager, plain) and torch.equal(static, plain)
 
 
+@pytest.mark.parametrize("preset", ["mar-tiny", "casmar-tiny"])
+def test_sample_compile_switch_compiles_once(monkeypatch, preset):
+    """``sample.compile=true`` reaches generate / edit, which call compile_sampler() once."""
+    from maskar.config import load_config
+    from maskar.registry import build_model
+    from maskar.sampling import sampling_kwargs
+
+    cfg = load_config(preset, ["sample.compile=true", "sample.num_iter=1", "sample.num_sampling_steps=2"])
+    model = build_model(cfg.model).eval()
+    calls = []
+    monkeypatch.setattr(
+        model, "compile_sampler", lambda **kw: (calls.append(kw), setattr(model, "_sampler_compiled", True))
+    )
+    kw = sampling_kwargs(cfg.sample)
+    kw.pop("seed")
+    if preset == "casmar-tiny":
+        kw.update(scaffold_num_iter=1, refine_num_sampling_steps="2")
+    labels = torch.tensor([1, 2])
+    model.generate(labels, **kw)
+    model.edit(torch.zeros(2, 3, 32, 32), torch.ones(2, 1, 32, 32, dtype=torch.bool), labels, **kw)
+    assert calls == [{}]
+    assert load_config(preset).sample.compile is False  # opt-in
+
+
 def test_dit_graph_refusals_and_switch(monkeypatch):
     head = dit_head()
     z, *_ = dit_inputs(3)

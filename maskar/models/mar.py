@@ -91,6 +91,11 @@ class MARSampleConfig(SampleConfig):
     cfg_schedule: str = field("linear", choices=("linear", "constant"))
     temperature: float = field(1.0, min=0.0, help="multiplies the diffusion noise std")
     num_sampling_steps: int | str = field("100", help="diffusion steps: N, 'N1,N2,..' or 'ddimN' (of 1000)")
+    compile: bool = field(
+        False,
+        help="torch.compile the transformer blocks and the diffusion heads' steps (the first call "
+        "compiles; output equal to eager to rounding)",
+    )
 
     def validate(self) -> None:
         _check_respacing("num_sampling_steps", self.num_sampling_steps)
@@ -442,6 +447,12 @@ class MaskedGenerator(nn.Module):
         for head in self.children():
             if isinstance(head, GraphedHead):
                 head.compile_sampler(**compile_kwargs)
+        self._sampler_compiled = True
+
+    def _compile_once(self, compile: bool) -> None:
+        """``generate`` / ``edit(compile=True)``: :meth:`compile_sampler` unless done already."""
+        if compile and not getattr(self, "_sampler_compiled", False):
+            self.compile_sampler()
 
     # -- pretrained parts
 
@@ -641,14 +652,16 @@ class MAR(MaskedGenerator):
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
         return_trace: bool = False,
+        compile: bool = False,
     ) -> Tensor | tuple[Tensor, SamplingTrace]:
         """Class-conditional images (B, 3, H, W) in [-1, 1]; label == class_num is unconditional.
 
         ``known`` (B, L, C) scaled latent tokens with ``known_mask`` (B, L) bool: those tokens
         are given and the rest generated (rows with different unknown counts run as separate
         groups, as in :meth:`edit`). ``return_trace=True`` returns ``(images, trace)`` (see
-        :meth:`sample_tokens`).
+        :meth:`sample_tokens`). ``compile``: :meth:`compile_sampler` first (once).
         """
+        self._compile_once(compile)
         g = make_generator(seed, labels.device)
         trace = SamplingTrace() if return_trace else None
         kw = dict(
@@ -708,10 +721,12 @@ class MAR(MaskedGenerator):
         num_sampling_steps: int | str = "100",
         return_tokens: bool = False,
         cuda_graph: bool = True,
+        compile: bool = False,
     ) -> Tensor:
         """In-/out-painting: tokens fully inside ``keep_mask`` stay fixed, the rest are generated."""
         if not bool(torch.isfinite(images).all()) or float(images.abs().max()) > 1.0 + 1e-4:
             raise ValueError("edit: images must be finite and in [-1, 1]")
+        self._compile_once(compile)
         known = self.patchify(self.tokenizer.encode_mean(images).float())  # (B, L, C)
         known_mask = self.token_keep_mask(keep_mask.to(images.device))
         g = make_generator(seed, images.device)
