@@ -374,3 +374,47 @@ def test_sharded_checkpoint_is_verified_and_checked_against_the_run(tmp_path: Pa
         D.shutdown_distributed()
     trainer = Trainer(blocks_cfg(out, "train.steps=4"))  # intact: a plain process resumes from it
     assert trainer.step == 2 and trainer.optimizer.state_dict()["state"][0]["step"].item() == 2
+
+
+def test_bench_train_step_parallel_rows_and_scaling_efficiency(tmp_path: Path) -> None:
+    """One process (plain and a one-rank FSDP2 group) gives the baseline; 2 ranks under torchrun
+    time DDP and FSDP2 rows, check their gradients against one process on the global batch and
+    report the scaling efficiency against the baseline."""
+    import json
+
+    from maskar.bench import train_step
+
+    common = ["tiny=true", "models=hmar", "device=cpu", "precision=fp32", "steps=2", "warmup=1"]
+    base = tmp_path / "one.json"
+    assert train_step.main([*common, "parallel=none,fsdp2", f"json={base}"]) == 0
+    one = json.loads(base.read_text())["rows"]
+    assert [(r["parallel"], r["world"]) for r in one] == [("none", 1), ("fsdp2", 1)]
+    assert one[1]["grad_rel"] < 1e-6  # a one-rank group: the same arithmetic as one process
+    out = tmp_path / "two.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    bench = [
+        "-m",
+        "maskar",
+        "bench",
+        "train_step",
+        *common,
+        "parallel=ddp,fsdp2",
+        f"baseline={base}",
+        f"json={out}",
+    ]
+    done = subprocess.run(
+        [*launcher, *rendezvous, *bench], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["parallel"], r["world"], r["global_batch"]) for r in rows] == [
+        ("ddp", 2, 16),
+        ("fsdp2", 2, 16),
+    ]
+    for r in rows:
+        assert r["grad_rel"] < 1e-5, r
+        assert r["images_s"] == pytest.approx(2 * r["batch"] / r["step_ms"] * 1e3)
+        assert r["scaling_eff"] == pytest.approx(r["images_s"] / (2 * one[0]["images_s"]))
+    assert done.stdout.count("grad rel") == 2  # rank 0 prints, rank 1 is quiet

@@ -5,6 +5,7 @@
                             [precision=bf16] [steps=25] [warmup=5] [check=true] [explain=false]
                             [profile=PATH] [json=PATH] [peak_tflops=auto] [tiny=false]
                             [device=auto] [compile_backend=inductor]
+                            [parallel=none] [fsdp_param_dtype=auto] [offload=false] [baseline=PATH]
 
 ``models``, ``stage``, ``depth``, ``compile`` and ``backend`` (the attention backend) take
 comma-separated lists; every combination is one row. ``rows`` lists the rows instead, each
@@ -30,11 +31,28 @@ FLOPs of the step / step time / peak, the FLOPs from the model (``train_flops_pe
 token-path weights x L for a stage-1 step). ``profile=PATH`` appends, per row, a torch.profiler
 table of its step grouped by kernel class; ``explain=true`` prints ``torch._dynamo.explain`` of
 the whole differentiable step (once per model and stage). ``tiny=true``: a CPU smoke run.
+
+Several GPUs (``torchrun --nproc_per_node N -m maskar bench train_step parallel=ddp,fsdp2 ...``):
+``parallel`` lists ``none`` (the model alone), ``ddp`` and ``fsdp2`` (the trainer's
+``train.parallel``, applied by :mod:`maskar.train.parallelize` after checkpointing and compiling,
+as the trainer does; ``fsdp_param_dtype`` and ``offload`` are ``train.fsdp_param_dtype`` and
+``train.fsdp_cpu_offload``). ``fsdp2`` also runs on one process (a one-rank group: the cost of
+the machinery, and of CPU offload). ``batch`` is per GPU (weak scaling: the global batch is N x
+batch) and each rank draws its own batch. Before timing, a parallel row checks its first step's
+gradients against one unsharded process on the whole global batch (eager, activation
+checkpointing on to bound the memory; drop path and label dropout off): relative difference
+printed. Each rank times its steps with CUDA events; a step's time is the slowest rank's, the
+median over steps is reported; images/s = N x batch / step time; peak memory is the largest
+rank's. ``baseline=PATH`` (the ``json=`` of a one-GPU run of the same rows) adds the scaling
+efficiency: images/s on N GPUs / (N x images/s on one). Rank 0 prints and writes the JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
 import platform
 import statistics
 import time
@@ -45,16 +63,19 @@ import torch._dynamo
 
 from maskar.config import build
 from maskar.nn.attention import available_backends, set_backend
+from maskar.train import distributed as D
 from maskar.train import parallelize as P
-from maskar.train.trainer import param_groups
+from maskar.train.trainer import _LossCall, param_groups
 
 DEFAULTS = {
     "models": "hmar,var", "stage": "1", "depth": "16", "res": 256, "batch": "auto", "compile": "false",
     "ac": False, "rows": "", "backend": "auto", "precision": "bf16", "steps": 25, "warmup": 5, "check": True,
     "explain": False, "profile": "", "json": "", "peak_tflops": "auto", "tiny": False, "device": "auto",
-    "compile_backend": "inductor",
+    "compile_backend": "inductor", "parallel": "none", "fsdp_param_dtype": "auto", "offload": False,
+    "baseline": "",
 }  # fmt: skip
-LIST_KEYS = ("models", "stage", "depth", "compile", "backend")
+LIST_KEYS = ("models", "stage", "depth", "compile", "backend", "parallel")
+PARALLEL = ("none", "ddp", "fsdp2")
 MFU_FORMULA = (
     "MFU = train_flops_per_sample * B / step time / peak; train_flops_per_sample = 6 * N_tok * L "
     "(N_tok = token-path weights: word_embed, per block qkv + proj + fc1 + fc2, head; the AdaLN "
@@ -84,6 +105,21 @@ def _parse(argv: list[str]) -> dict:
     for r in opts["row_specs"]:
         if r["mode"] not in ("false", "blocks", "full"):
             raise SystemExit(f"bench train_step: compile: expected false, blocks or full, got {r['mode']!r}")
+    for par in opts["parallel"]:
+        if par not in PARALLEL:
+            raise SystemExit(f"bench train_step: parallel: expected a list of {PARALLEL}, got {par!r}")
+    if opts["parallel"] != ["none"]:
+        if opts["profile"]:
+            raise SystemExit("bench train_step: profile= times one process; use it with parallel=none")
+        if "fsdp2" in opts["parallel"] and any(r["mode"] == "full" for r in opts["row_specs"]):
+            raise SystemExit(
+                "bench train_step: compile=full is not supported with parallel=fsdp2; use blocks"
+            )
+    if opts["fsdp_param_dtype"] not in ("auto", "bf16", "fp32"):
+        raise SystemExit(
+            "bench train_step: fsdp_param_dtype: expected auto, bf16 or fp32, "
+            f"got {opts['fsdp_param_dtype']!r}"
+        )
     return opts
 
 
@@ -118,14 +154,30 @@ def build_model(arch: str, stage: int, depth: int, opts: dict, device: torch.dev
     from maskar.tokenizers.vqvae import PATCH_NUMS
 
     if opts["tiny"]:
-        tok = dict(arch="vqvae", resolution=16, ch=16, ch_mult=[1, 2, 2], norm_groups=8, z_channels=8,
-                   vocab_size=64, patch_nums=[1, 2, 3, 4], enc_res_blocks=1, dec_res_blocks=1)
+        tok = dict(
+            arch="vqvae",
+            resolution=16,
+            ch=16,
+            ch_mult=[1, 2, 2],
+            norm_groups=8,
+            z_channels=8,
+            vocab_size=64,
+            patch_nums=[1, 2, 3, 4],
+            enc_res_blocks=1,
+            dec_res_blocks=1,
+        )
         model = dict(depth=2, width=64, heads=2, drop_path_rate=0.1)
     else:
         res = int(opts["res"])
         # Generator-facing shapes of vae_ch160v4096z32 (vocab 4096, Cz 32, x16) with a narrow conv stack.
-        tok = dict(arch="vqvae", resolution=res, ch=32, patch_nums=list(PATCH_NUMS[res]), enc_res_blocks=1,
-                   dec_res_blocks=1)
+        tok = dict(
+            arch="vqvae",
+            resolution=res,
+            ch=32,
+            patch_nums=list(PATCH_NUMS[res]),
+            enc_res_blocks=1,
+            dec_res_blocks=1,
+        )
         model = dict(depth=depth)
     if arch == "hmar":
         model.update(stage=stage, n_layers_train=1 if opts["tiny"] else max(1, depth // 2))
@@ -198,17 +250,17 @@ class _Deterministic:
         self.model.cfg.cond_drop_rate = self.cond_drop
 
 
-def loss_and_grads(model, params, batch, opts, device) -> tuple[float, list[torch.Tensor]]:
+def loss_and_grads(model, params, batch, opts, device, loss_call=None) -> tuple[float, list[torch.Tensor]]:
     torch.manual_seed(123)  # the same stage-2 mask for both calls
     for p in params:
         p.grad = None
     with _autocast(device, opts["precision"]):
-        loss = model.loss(batch)["loss"]
+        loss = (loss_call or model.loss)(batch)["loss"]
     loss.backward()
     grads = [p.grad.detach().float().clone() for p in params]
     for p in params:
         p.grad = None
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 def rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -217,15 +269,17 @@ def rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(num / den.clamp(min=1e-30))
 
 
-def make_step(model, params, batch, opts, device):
+def make_step(model, params, batch, opts, device, loss_call=None):
+    """One training step; ``loss_call(batch)`` (default ``model.loss``) is the DDP / FSDP2 root."""
     opt = torch.optim.AdamW(
         param_groups(list(model.named_trainable_parameters()), 0.05, model.no_weight_decay_keywords()),
-        lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda",
+        lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda" and not opts["offload"],
     )  # fmt: skip
+    loss_call = loss_call or model.loss
 
     def step() -> None:
         with _autocast(device, opts["precision"]):
-            loss = model.loss(batch)["loss"]
+            loss = loss_call(batch)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 2.0)
         opt.step()
@@ -234,8 +288,13 @@ def make_step(model, params, batch, opts, device):
     return step
 
 
-def time_steps(step, opts: dict, device: torch.device) -> tuple[float, float, float]:
-    """(median step ms, peak memory GB, first call s incl. compile / autotune)."""
+def time_steps(
+    step, opts: dict, device: torch.device, info: D.DistInfo | None = None
+) -> tuple[float, float, float]:
+    """(median step ms, peak memory GB, first call s incl. compile / autotune).
+
+    Several ranks: a step takes as long as its slowest rank; the peak is the largest rank's.
+    """
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
     step()
@@ -260,6 +319,11 @@ def time_steps(step, opts: dict, device: torch.device) -> tuple[float, float, fl
             step()
             times.append((time.perf_counter() - t) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else float("nan")
+    if info is not None and info.distributed:
+        every = D.all_gather_objects(info, (times, peak, first))
+        times = [max(per_rank) for per_rank in zip(*(t for t, _, _ in every))]
+        peak = max(p for _, p, _ in every)
+        first = max(f for _, _, f in every)
     return statistics.median(times), peak, first
 
 
@@ -353,9 +417,8 @@ def explain_step(model, batch, opts, device) -> str:
             ex = torch._dynamo.explain(model.next_scale_loss)(labels, x_in, target)
     torch._dynamo.reset()
     reasons = [str(getattr(r, "reason", r)).splitlines()[0] for r in ex.break_reasons]
-    return (
-        f"graphs {ex.graph_count}, graph breaks {ex.graph_break_count}, ops {ex.op_count}"
-        + (f", break reasons: {reasons}" if reasons else "")
+    return f"graphs {ex.graph_count}, graph breaks {ex.graph_break_count}, ops {ex.op_count}" + (
+        f", break reasons: {reasons}" if reasons else ""
     )
 
 
@@ -368,8 +431,52 @@ def _dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def run_row(spec: dict, opts: dict, device: torch.device, peak: float | None, explain: bool) -> dict:
+def parallel_reference(
+    model, params, B: int, world: int, opts: dict, device: torch.device
+) -> list[torch.Tensor]:
+    """Gradients (on the CPU) of the unsharded model on the global batch (every rank's batch), eager,
+    with activation checkpointing to bound the memory (it does not change the gradients)."""
+    parts = [random_batch(model, B, device, seed=r) for r in range(world)]
+    whole = {k: torch.cat([b[k] for b in parts]) for k in parts[0]}
+    blocks = P.repeated_blocks(model)
+    before = [getattr(b, "checkpoint", None) for b in blocks]
+    if blocks and all(c is not None for c in before):
+        P.apply_activation_checkpointing(model)
+    with _Deterministic(model):
+        _, grads = loss_and_grads(model, params, whole, opts, device)
+    for b, c in zip(blocks, before):
+        if c is not None:
+            b.checkpoint = c
+    return [g.cpu() for g in grads]
+
+
+def wrap_parallel(model, parallel: str, info: D.DistInfo, opts: dict):
+    """The trainer's root (``model.loss`` behind a ``forward``) under DDP or FSDP2."""
+    root = _LossCall(model)
+    if parallel == "ddp":
+        return P.apply_ddp(root, info, find_unused_parameters=False)
+    amp = (
+        None
+        if opts["precision"] == "fp32"
+        else torch.float16
+        if opts["precision"] == "fp16"
+        else torch.bfloat16
+    )
+    dtype = P.fsdp_param_dtype(opts["fsdp_param_dtype"], amp)
+    return P.apply_fsdp(root, model, info, dtype, cpu_offload=bool(opts["offload"]))
+
+
+def run_row(
+    spec: dict,
+    opts: dict,
+    device: torch.device,
+    peak: float | None,
+    explain: bool,
+    info: D.DistInfo | None = None,
+    parallel: str = "none",
+) -> dict:
     arch, stage, depth, mode = spec["arch"], spec["stage"], spec["depth"], spec["mode"]
+    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
     # Every row compiles the same code objects (a block's forward, head_loss) under new guards:
     # start from empty caches so earlier rows never count towards Dynamo's recompile limit.
     torch._dynamo.reset()
@@ -380,25 +487,28 @@ def run_row(spec: dict, opts: dict, device: torch.device, peak: float | None, ex
     backend = spec.get("attn") or opts["backend"][0]
     set_backend(model, backend)
     params = [p for _, p in model.named_trainable_parameters()]
-    batch = random_batch(model, B, device)
+    batch = random_batch(model, B, device, seed=rank)  # each rank its own data
     row = {"model": f"{arch}-d{model.depth}" if not opts["tiny"] else f"{arch}-tiny", "stage": stage,
            "res": res, "batch": B, "L": model.L, "compile": mode, "ac": spec["ac"], "attn": backend,
-           "params_M": sum(p.numel() for p in params) / 1e6}  # fmt: skip
+           "params_M": sum(p.numel() for p in params) / 1e6, "parallel": parallel, "world": world,
+           "global_batch": world * B}  # fmt: skip
     if explain:
         row["explain"] = explain_step(model, batch, opts, device)
         print(f"  explain {row['model']} stage {stage}: {row['explain']}")
+    check = bool(opts["check"])
+    if parallel != "none" and check:
+        grads_ref = parallel_reference(model, params, B, world, opts, device)
     if spec["ac"]:
         P.apply_activation_checkpointing(model)
-    check = bool(opts["check"])
-    if mode == "false":
+    if mode == "false" and parallel == "none":
         row["check"] = f"max|dlogit| {check_backend(model, backend, device, opts['precision']):.2e}"
-    elif check:
+    elif check and parallel == "none":
         with _Deterministic(model):
             loss_e, grads_e = loss_and_grads(model, params, batch, opts, device)
     graphs_before = _dynamo_graphs()
     if mode != "false":
         P.apply_compile(model, mode, opts["compile_backend"])
-        if check:
+        if check and parallel == "none":
             t0 = time.perf_counter()
             with _Deterministic(model):
                 loss_c, grads_c = loss_and_grads(model, params, batch, opts, device)
@@ -408,46 +518,100 @@ def run_row(spec: dict, opts: dict, device: torch.device, peak: float | None, ex
             row["grad_rel"] = rel_diff(grads_c, grads_e)
             row["check"] = f"loss rel {row['loss_rel']:.1e}, grad rel {row['grad_rel']:.1e}"
             del grads_e, grads_c
-    step = make_step(model, params, batch, opts, device)
-    ms, peak_gb, first = time_steps(step, opts, device)
+    loss_call = None
+    if parallel != "none":
+        root = wrap_parallel(model, parallel, info, opts)
+        params = [p for _, p in model.named_trainable_parameters()]  # sharded (DTensors) under FSDP2
+        loss_call = functools.partial(root, fn="loss")
+        if check:
+            t0 = time.perf_counter()
+            with _Deterministic(model):
+                _, grads_p = loss_and_grads(model, params, batch, opts, device, loss_call)
+            _sync(device)
+            row["compile_s"] = time.perf_counter() - t0
+            row["grad_rel"] = rel_diff([D.full_tensor(g).cpu() for g in grads_p], grads_ref)
+            row["check"] = f"grad rel {row['grad_rel']:.1e} vs 1 process on the global batch"
+            del grads_p, grads_ref
+    step = make_step(model, params, batch, opts, device, loss_call)
+    ms, peak_gb, first = time_steps(step, opts, device, info)
     row.update(step_ms=ms, peak_gb=peak_gb, first_s=first, graphs=_dynamo_graphs() - graphs_before)
-    row["images_s"] = B / ms * 1e3
-    row["tokens_s"] = B * model.L / ms * 1e3
-    row["tflops"] = model.train_flops_per_sample() * B / ms / 1e9
+    row["images_s"] = world * B / ms * 1e3
+    row["tokens_s"] = world * B * model.L / ms * 1e3
+    row["tflops"] = model.train_flops_per_sample() * B / ms / 1e9  # per GPU
     row["mfu"] = row["tflops"] / peak if peak else float("nan")
     if opts["profile"]:
         title = f"{row['model']} stage {stage} {res} px B {B} compile={mode} ac={spec['ac']} attn={backend}"
         row["profile"] = profile_step(step, device, opts["profile"], title)
-    del step, model, params, batch
+    del step, model, params, batch, loss_call
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
 
 
 HEADER = (f"{'model':<9} {'st':>2} {'res':>4} {'B':>3} {'L':>5} {'compile':<7} {'ac':<2} {'attn':<6} "
-          f"{'params':>7} {'step ms':>8} {'img/s':>7} {'tok/s':>8} {'TFLOP/s':>7} {'MFU':>6} {'peak GB':>7} "
-          f"{'compile s':>9} {'first s':>7} {'graphs':>6}  check")  # fmt: skip
+          f"{'par':<5} {'N':>2} {'params':>7} {'step ms':>8} {'img/s':>7} {'eff':>6} {'tok/s':>8} "
+          f"{'TFLOP/s':>7} {'MFU':>6} {'peak GB':>7} {'compile s':>9} {'first s':>7} {'graphs':>6}  "
+          "check")  # fmt: skip
 
 
 def format_row(r: dict) -> str:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] == r["mfu"] else "-"
+    eff = f"{100 * r['scaling_eff']:.1f}%" if "scaling_eff" in r else "-"
     return (f"{r['model']:<9} {r['stage']:>2} {r['res']:>4} {r['batch']:>3} {r['L']:>5} {r['compile']:<7} "
-            f"{'y' if r['ac'] else 'n':<2} {r['attn']:<6} {r['params_M']:>6.0f}M {r['step_ms']:>8.1f} "
-            f"{r['images_s']:>7.1f} "
-            f"{r['tokens_s']:>8.0f} {r['tflops']:>7.1f} {mfu:>6} {r['peak_gb']:>7.2f} "
+            f"{'y' if r['ac'] else 'n':<2} {r['attn']:<6} {r.get('parallel', 'none'):<5} "
+            f"{r.get('world', 1):>2} {r['params_M']:>6.0f}M {r['step_ms']:>8.1f} {r['images_s']:>7.1f} "
+            f"{eff:>6} {r['tokens_s']:>8.0f} {r['tflops']:>7.1f} {mfu:>6} {r['peak_gb']:>7.2f} "
             f"{r.get('compile_s', float('nan')):>9.1f} {r['first_s']:>7.1f} {r['graphs']:>6}  "
             f"{r.get('check', '')}")  # fmt: skip
 
 
+def _row_key(r: dict) -> tuple:
+    return (r["model"], r["stage"], r["res"], r["batch"], r["compile"], bool(r["ac"]), r["attn"])
+
+
+def load_baseline(path: str) -> dict[tuple, dict]:
+    """The plain one-GPU rows (``parallel=none``) of an earlier ``json=`` file, by model / stage / res /
+    batch / compile / ac / attn."""
+    try:
+        rows = json.loads(Path(path).read_text())["rows"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(
+            f"bench train_step: baseline={path!r} is not a json= file of this benchmark ({e})"
+        ) from None
+    return {_row_key(r): r for r in rows if "error" not in r and r.get("parallel", "none") == "none"}
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = _parse(list(argv or []))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and "none" in opts["parallel"]:
+        raise SystemExit(
+            f"bench train_step: {world} processes (torchrun) time parallel rows only; give parallel=ddp,fsdp2"
+        )
     dev_name = opts["device"]
     if dev_name == "auto":
         dev_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(dev_name)
+    info = None
+    if opts["parallel"] != ["none"]:
+        info = D.init_distributed(dev_name, need_group=True)  # one rank still gets a group (FSDP2)
+        device = info.device
+    else:
+        device = torch.device(dev_name)
+    try:
+        # Rank 0 reports; the other ranks only take part in the steps and collectives.
+        quiet = info is not None and not info.is_main
+        with contextlib.redirect_stdout(open(os.devnull, "w")) if quiet else contextlib.nullcontext():
+            return _run(opts, argv, device, info)
+    finally:
+        if info is not None:
+            D.shutdown_distributed()
+
+
+def _run(opts: dict, argv: list[str] | None, device: torch.device, info: D.DistInfo | None) -> int:
     if device.type == "cpu" and opts["precision"] == "fp16":
         opts["precision"] = "bf16"
     peak = P.peak_tflops(device, 0.0 if opts["peak_tflops"] == "auto" else float(opts["peak_tflops"]))
+    baseline = load_baseline(opts["baseline"]) if opts["baseline"] else {}
     print(f"command: maskar bench train_step {' '.join(argv or [])}")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     try:
@@ -456,39 +620,54 @@ def main(argv: list[str] | None = None) -> int:
         tv = triton.__version__
     except ImportError:
         tv = "-"
+    world = info.world_size if info is not None else 1
     print(f"device {gpu} | torch {torch.__version__} | triton {tv} | cuda {torch.version.cuda or '-'}")
     print(f"attention backends available: {available_backends()} (using {opts['backend']})")
     print(f"peak for MFU: {peak} TFLOP/s; {MFU_FORMULA}")
+    if info is not None:
+        print(
+            f"{world} process(es), {opts['parallel']}: batch {opts['batch']} per GPU; img/s = {world} x "
+            "batch / step time (slowest rank per step, median over steps); TFLOP/s and MFU per GPU; "
+            f"eff = img/s / ({world} x the one-GPU img/s of baseline={opts['baseline'] or '-'}); "
+            "peak GB: the largest rank's"
+        )
     print(HEADER)
     print("-" * len(HEADER))
     meta = {"device": gpu, "torch": torch.__version__, "triton": tv, "peak_tflops": peak,
-            "argv": list(argv or []), "mfu_formula": MFU_FORMULA}  # fmt: skip
+            "argv": list(argv or []), "mfu_formula": MFU_FORMULA, "world": world}  # fmt: skip
     rows: list[dict] = []
+    main_rank = info is None or info.is_main
 
     def save() -> None:  # after every row, so a run cut short keeps what it measured
-        if opts["json"]:
+        if opts["json"] and main_rank:
             Path(opts["json"]).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
 
     explained = set()
     for spec in opts["row_specs"]:
-        attn = spec.get("attn") or opts["backend"][0]
-        name = f"{spec['arch']}-s{spec['stage']} d{spec['depth']} {spec['mode']} ac={spec['ac']} {attn}"
-        key = (spec["arch"], spec["stage"])
-        explain = bool(opts["explain"]) and key not in explained
-        explained.add(key)
-        try:
-            r = run_row(spec, opts, device, peak, explain)
-        except Exception as e:  # noqa: BLE001 - report and continue with the next row
-            msg = str(e).splitlines()[0][:200] if str(e) else ""
-            print(f"{name}: failed: {type(e).__name__}: {msg}", flush=True)
-            rows.append({"row": name, "error": f"{type(e).__name__}: {msg}"})
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        for parallel in opts["parallel"]:
+            attn = spec.get("attn") or opts["backend"][0]
+            name = f"{spec['arch']}-s{spec['stage']} d{spec['depth']} {spec['mode']} ac={spec['ac']} {attn}"
+            name += f" {parallel}"
+            key = (spec["arch"], spec["stage"])
+            explain = bool(opts["explain"]) and key not in explained
+            explained.add(key)
+            try:
+                r = run_row(spec, opts, device, peak, explain, info, parallel)
+            except Exception as e:  # noqa: BLE001 - report and continue with the next row
+                msg = str(e).splitlines()[0][:200] if str(e) else ""
+                print(f"{name}: failed: {type(e).__name__}: {msg}", flush=True)
+                rows.append({"row": name, "error": f"{type(e).__name__}: {msg}"})
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                save()
+                continue
+            base = baseline.get(_row_key(r))
+            if base is not None:
+                r["scaling_eff"] = r["images_s"] / (r["world"] * base["images_s"])
+                r["baseline_images_s"] = base["images_s"]
+            rows.append(r)
             save()
-            continue
-        rows.append(r)
-        save()
-        print(format_row(r), flush=True)
+            print(format_row(r), flush=True)
     print(f"precision {opts['precision']}, median of {opts['steps']} steps after {opts['warmup']} warm-up "
           "(first step call timed apart: 'first s'); step = loss (fused head + weighted CE) + bwd + clip "
           "+ AdamW; 'graphs': Dynamo graphs compiled for the row (recompiles would add to it)")  # fmt: skip
