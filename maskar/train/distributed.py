@@ -255,7 +255,11 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor; all ranks must call it for a DTensor (it all-gathers)."""
-    return t.full_tensor() if is_sharded(t) else t
+    if not is_sharded(t):
+        return t
+    if t.device.type != t.device_mesh.device_type:
+        t = t.to(t.device_mesh.device_type)  # CPU-offloaded shards gather over the GPU mesh
+    return t.full_tensor()
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
