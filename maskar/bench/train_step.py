@@ -269,8 +269,9 @@ def rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(num / den.clamp(min=1e-30))
 
 
-def make_step(model, params, batch, opts, device, loss_call=None):
-    """One training step; ``loss_call(batch)`` (default ``model.loss``) is the DDP / FSDP2 root."""
+def make_step(model, params, batch, opts, device, loss_call=None, info=None):
+    """One training step; ``loss_call(batch)`` (default ``model.loss``) is the DDP / FSDP2 root.
+    Sharded gradients are clipped as the trainer clips them (``maskar.train.distributed``)."""
     opt = torch.optim.AdamW(
         param_groups(list(model.named_trainable_parameters()), 0.05, model.no_weight_decay_keywords()),
         lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda" and not opts["offload"],
@@ -281,7 +282,10 @@ def make_step(model, params, batch, opts, device, loss_call=None):
         with _autocast(device, opts["precision"]):
             loss = loss_call(batch)["loss"]
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 2.0)
+        if info is not None and D.is_sharded(params[0]):
+            D.clip_grad_norm(params, 2.0, info)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 2.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -532,7 +536,7 @@ def run_row(
             row["grad_rel"] = rel_diff([D.full_tensor(g).cpu() for g in grads_p], grads_ref)
             row["check"] = f"grad rel {row['grad_rel']:.1e} vs 1 process on the global batch"
             del grads_p, grads_ref
-    step = make_step(model, params, batch, opts, device, loss_call)
+    step = make_step(model, params, batch, opts, device, loss_call, info)
     ms, peak_gb, first = time_steps(step, opts, device, info)
     row.update(step_ms=ms, peak_gb=peak_gb, first_s=first, graphs=_dynamo_graphs() - graphs_before)
     row["images_s"] = world * B / ms * 1e3

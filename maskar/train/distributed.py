@@ -270,3 +270,21 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
     full = full.to(device=like.device_mesh.device_type, dtype=like.dtype)
     return distribute_tensor(full, like.device_mesh, like.placements)
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, info: DistInfo) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for sharded (DTensor) gradients, also when the shards live
+    in CPU memory (FSDP2 CPU offload): the squared norms of this rank's shards are summed over the
+    ranks on the process group's device. ``max_norm <= 0``: the total norm only."""
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=info.device)
+    squares = torch.stack([n.float().to(info.device) for n in torch._foreach_norm(grads)]).square().sum()
+    if info.distributed:
+        dist.all_reduce(squares)
+    total = squares.sqrt()
+    if max_norm > 0:
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+    return total

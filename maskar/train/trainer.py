@@ -276,10 +276,6 @@ class Trainer:
                 f"train.grad_accum {tc.grad_accum}; use a multiple of {parts}"
             )
         self.sharded = sharded
-        if self.sharded and tc.fsdp_cpu_offload and self.device.type != "cuda":
-            raise ConfigError(
-                "train.fsdp_cpu_offload: needs a CUDA device (on a CPU run everything is in CPU memory)"
-            )
         self.out_dir = Path(tc.out_dir)
         self.lock: ckpt.RunLock | None = None
         problem: Exception | None = None
@@ -706,7 +702,9 @@ class Trainer:
         if self.scaler is not None and (clip > 0 or want_norm):
             self.scaler.unscale_(optimizer)
         norm = None
-        if clip > 0:
+        if self.sharded and (clip > 0 or want_norm):
+            norm = D.clip_grad_norm(params, clip, self.dist)  # sharded gradients, maybe in CPU memory
+        elif clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
         elif want_norm:
             grads = [p.grad for p in params if p.grad is not None]
@@ -716,7 +714,7 @@ class Trainer:
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return None if norm is None else D.full_tensor(norm)  # a sharded run's norm is a DTensor
+        return norm
 
     def train_step(self, batch: dict[str, Tensor], want_norm: bool = False) -> dict[str, Tensor]:
         """One optimizer step (plus the discriminator step if any). Returns detached metrics."""
