@@ -729,7 +729,7 @@ class NextScaleModel(nn.Module):
         if plain and graphs_usable(self, labels.device):
             runner = self._graphs.runner(self, labels.shape[0], args, refine_kw, precision)
             if runner is not None:
-                return runner.generate(labels, args.generator, out_indices)
+                return runner.generate(self, labels, args.generator, out_indices)
         st = self._start(labels)
         noise = NoiseSource(self.vocab_size, args.generator, labels.device)
         for si in range(len(self.patch_nums)):
