@@ -1,4 +1,4 @@
-"""Benchmark of the scale-pattern attention backends (DESIGN.md performance protocol).
+"""Benchmark of the scale-pattern attention backends (docs/protocol.md).
 
 Every variant computes the same function (same mask, same scale) and is checked against
 fp32 SDPA with the boolean mask on fresh random inputs before it is timed. Forward and

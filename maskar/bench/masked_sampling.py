@@ -6,7 +6,7 @@ is timed on its own. Times are medians of CUDA-event timings after warm-up (the 
 captures the CUDA graphs). FLOPs come from :mod:`maskar.bench.sampler_flops` with the token
 counts of the sampler's first call (traced; every call uses the same seed). Achieved
 TFLOP/s = FLOPs / median time; ``--peak-tflops`` (790 = the H200's
-measured bf16 matmul peak, DESIGN.md) gives the floor and the share of it.
+measured bf16 matmul peak, docs/protocol.md) gives the floor and the share of it.
 
 Options shared by ``maskar bench mar`` and ``maskar bench casmar``:
 ``--cuda-graph on|off|both`` (diffusion heads replayed as CUDA graphs, GPU only; with ``both``

@@ -1,4 +1,4 @@
-"""Benchmark of CASMAR's Proximal Self-Attention (PSA), DESIGN.md performance protocol.
+"""Benchmark of CASMAR's Proximal Self-Attention (PSA), docs/protocol.md.
 
 PSA: every token of an h x w grid attends to its k x k (dilated) window; the window's
 zero-padded border slots stay in the softmax (logit 0, value 0), as in the official
@@ -50,7 +50,7 @@ from maskar.bench.attention import measure_hbm_gbs, measure_matmul_tflops
 from maskar.nn.proximal_attention import proximal_attention
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# grid:B:H: DESIGN.md's neighbourhood table (B * L = 16384 tokens in every row) and 128 x 128
+# grid:B:H: the neighbourhood table of docs/protocol.md (B * L = 16384 tokens in every row) and 128 x 128
 DEFAULT_CASES = "16x16:64:16,32x32:16:16,64x64:4:16,128x128:1:16"
 CPU_CASES = "8x8:2:2,6x5:1:2"
 DEFAULT_WINDOWS = "7:1,13:2"  # k:dilation; 7:1 is CASMAR's released setting

@@ -83,7 +83,7 @@ MODES = {
     "legacy": {"cuda_graphs": False, "sampler": "reference", "decode_precision": "fp32"},
 }
 
-PEAK_TFLOPS = 790.0  # H200 dense bf16 matmul, measured (DESIGN.md)
+PEAK_TFLOPS = 790.0  # H200 dense bf16 matmul, measured (docs/protocol.md)
 
 # Mask schedules of the official benchmark/inference.py (reference hmar_var.md §4.5).
 OFFICIAL_BENCH_SCHEDULES = {
