@@ -13,7 +13,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT; R=/tmp/ddp; rm -rf $R; mkdir -p $R
 NP=${NP:-2}; STEPS=${STEPS:-300}; KILL_AT=${KILL_AT:-150}
 nvidia-smi -L 2>/dev/null || true
 C="preset=hmar-tiny train.steps=$STEPS train.batch_size=64 train.precision=bf16 train.ckpt_every=${CKPT_EVERY:-50} \
-  train.log_every=50 train.progress=false train.tensorboard=false train.schedule=cosine train.ema=0.99 \
+  train.log_every=50 train.progress=false train.tensorboard=false train.schedule=cosine train.ema=0.99 train.compile=false \
   model.depth=4 model.width=128 model.heads=2 data.num_workers=2 attention_backend=auto ${EXTRA:-}"
 el "uninterrupted run, $NP GPUs"
 timeout 200 python3 -m torch.distributed.run --standalone --nproc_per_node $NP -m maskar train $C train.out_dir=$R/a > $R/a.log 2>&1

@@ -45,7 +45,7 @@ if [ "$stage" = tokenizers ]; then
   cp $RUNS/*.log $RUNS/*_quality.txt $RUNS/*_quality.json $PACK/ 2>/dev/null
 else
   TOKENIZER=${TOKENIZER:-$RUNS/vq}
-  C="data.root=$DATA data.num_workers=8 train.progress=false train.log_every=500 train.batch_size=256 ${EXTRA:-}"
+  C="data.root=$DATA data.num_workers=8 train.progress=false train.log_every=500 train.batch_size=256 train.compile=false ${EXTRA:-}"
   NET="model.depth=6 model.width=256 model.heads=4"
   el "hmar stage 1"
   timeout -s TERM ${S1_T:-270} $PY -m maskar train preset=hmar-fmnist $C $NET model.tokenizer_ckpt=$TOKENIZER \
