@@ -339,15 +339,20 @@ CATEGORIES = (
     ("attention", ("_attn_fwd", "_attn_bwd", "flash", "fmha", "attention")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "sm80_", "cublas", "_mm_", "matmul")),
     ("optimizer", ("adam", "multi_tensor_apply", "foreach", "norm_kernel", "lpnorm", "clip")),
-    ("cross-entropy", ("logsumexp", "softmax", "log_softmax", "nll", "argmax", "scatter", "gather", "exp_")),
+    ("cross-entropy", ("logsumexp", "softmax", "log_softmax", "nll", "argmax", "scatter", "gather")),
     ("norms", ("layer_norm", "native_layer_norm", "var_mean", "rsqrt", "normalize", "linalg_vector_norm")),
 )
 
 
 def categorize(name: str) -> str:
+    """The class of a kernel. Inductor names a fused kernel after its ops joined by ``_``
+    (``triton_poi_fused_clamp_min_div_exp_...``), so its keys are matched as whole tokens: a
+    substring test filed the q/k-norm backward (``..._exp_expand_...``) under cross-entropy."""
     low = name.lower()
+    inductor = low.startswith(("triton_", "cpp_fused"))
+    padded = f"_{low}_"
     for cat, keys in CATEGORIES:
-        if any(k in low for k in keys):
+        if any((f"_{k.strip('_')}_" in padded) if inductor else (k in low) for k in keys):
             return cat
     return "other elementwise"
 
@@ -376,6 +381,8 @@ def profile_step(step, device: torch.device, path: str, title: str, n: int = 3) 
             t = getattr(e, "self_cuda_time_total", 0.0)
         if cuda and "CUDA" not in str(getattr(e, "device_type", "CUDA")):
             continue  # the CPU-side op events: their device time is their kernels' (counted once, below)
+        if "#" in e.key:  # a record_function range (``Optimizer.step#AdamW.step``), not a kernel
+            continue
         if t and t > 0:
             kernels.append((e.key, t / 1e3 / n, e.count // n))
     kernels.sort(key=lambda k: -k[1])
