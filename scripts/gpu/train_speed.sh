@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Issue 13, run 1 (one H200; about 7 minutes, every stage under its own timeout, 9 minutes at most):
+# Issue 13, run 1 (one H200; about 7.5 minutes, every stage under its own timeout, 9.5 minutes at most):
 # VAR/HMAR training-step speed and the checks that go with it.
+#   0. The tokenizer's resampling (about 30 s): the GPU test of the matrix-form bicubic
+#      (tests/test_resample.py, TF32 on, bf16 autocast) and `maskar bench tokenizer_ops`: old
+#      (F.interpolate) vs new teacher_forcing_input / own_residual_input / next_input at 256 px
+#      B32 and B64, Fashion-MNIST B768, 1024 px B8 (the 7.5 ms bicubic of the profiled step).
 #   1. `maskar bench train_step` at 256 px, rows in order of importance: HMAR-d16 and VAR-d16 batch 32
 #      with train.compile=blocks, HMAR-d30 batch 16 with activation checkpointing, HMAR-d16 and VAR-d16
 #      eager. Before timing, each compiled row's loss and gradients against the same eager step, each
@@ -12,14 +16,20 @@
 #   3. `maskar train preset=hmar-d16` on random cached token pyramids (latents store), batch 32, 60 steps,
 #      default train.compile (auto = blocks on CUDA): its logged step_ms against the bench row.
 #   4. A summary against the issue's targets (printed last, also in summary.txt).
-# Writes to $OUT (7 files): bench_256.{txt,json}, bench_1024.{txt,json}, profile.txt,
-# train_hmar_d16.log, summary.txt. Runs from the repo root with the machine's python3.
+# Writes to $OUT (8 files): tokenizer_ops.txt, bench_256.{txt,json}, bench_1024.{txt,json},
+# profile.txt, train_hmar_d16.log, summary.txt. Runs from the repo root with the machine's python3.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s); el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
+
+el "0. tokenizer resampling: GPU test, then old vs new ops"
+rm -f /tmp/tokenizer_ops.json
+{ timeout 60 python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_resample.py 2>&1 | tail -n 3
+  timeout 90 python3 -m maskar bench tokenizer_ops cases=256x32,fmnistx768,256x64,1024x8 \
+    json=/tmp/tokenizer_ops.json 2>&1; } | tee "$OUT/tokenizer_ops.txt"
 
 el "1. bench 256 px"
 timeout 260 python3 -m maskar bench train_step res=256 steps=25 warmup=5 explain=true \
@@ -56,6 +66,16 @@ python3 - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
 import json, re, statistics, sys
 from pathlib import Path
 out = Path(sys.argv[1])
+ops = Path("/tmp/tokenizer_ops.json")
+if ops.is_file():  # step 0: F.interpolate (before) vs the default (matrix-form bicubic on CUDA)
+    by = {(r["schedule"], r["batch"], r["op"], r["backend"]): r for r in json.loads(ops.read_text())["rows"]}
+    for (sched, b, op, be), r in by.items():
+        if be == "auto" and op in ("teacher_forcing_input", "own_residual_input", "next_input"):
+            old = by[(sched, b, op, "interpolate")]["ms"]
+            print(f"tokenizer {op:<22} {sched:>6} B{b:<4} {old:8.3f} -> {r['ms']:7.3f} ms "
+                  f"({old / r['ms']:5.1f}x), max rel diff {r['max_rel_vs_interpolate']:.1e}")
+else:
+    print("tokenizer_ops: not measured (see tokenizer_ops.txt)")
 rows = []
 for f in ("bench_256.json", "bench_1024.json"):
     if (out / f).is_file():
