@@ -1,5 +1,5 @@
 """The fast training path against its references (CPU): the chunked linear + cross-entropy, the
-block-sparse attention custom op, the rewritten VAR/HMAR losses, torch.compile (no graph
+block-sparse attention and q/k-norm custom ops, the rewritten VAR/HMAR losses, torch.compile (no graph
 breaks, no recompiles, equal to eager) and activation checkpointing."""
 
 from __future__ import annotations
@@ -52,10 +52,13 @@ def loss_grads(model, batch, seed: int = 5):
 
 @pytest.fixture
 def cpu_reference(monkeypatch):
-    """Route ``auto`` attention on the CPU to the block-sparse custom op (its SDPA reference)."""
+    """Route ``auto`` attention on the CPU to the block-sparse custom op (its SDPA reference), and the
+    q/k norm to the ``maskar::qk_norm`` ops (their torch reference): the graph a GPU run compiles."""
     import maskar.kernels.block_sparse as bs
+    import maskar.kernels.qk_norm as qn
 
     monkeypatch.setattr(bs, "CPU_REFERENCE", True)
+    monkeypatch.setattr(qn, "CPU_REFERENCE", True)
     bs._device_ok_cached.cache_clear()
     yield bs
     bs._device_ok_cached.cache_clear()
@@ -237,6 +240,10 @@ def test_whole_step_traces_as_one_graph(arch, stage, attn, request):
     assert ex.graph_count == 1
     ops = [str(n.target) for g in ex.graphs for n in g.graph.nodes if n.op == "call_function"]
     assert any("block_sparse_attn" in o for o in ops) == (attn == "triton-op")
+    # the q/k norm's op sits in the forward subgraph of its autograd.Function
+    graphs = [m.graph for g in ex.graphs for m in g.modules() if hasattr(m, "graph")]
+    nested = [str(n.target) for graph in graphs for n in graph.nodes]
+    assert any("maskar.qk_norm" in o for o in nested) == (attn == "triton-op")
 
 
 @pytest.mark.parametrize("mode", ["blocks", "full"])

@@ -10,6 +10,8 @@ Parameter names follow the official VAR layout (``attn.mat_qkv``, ``attn.q_bias`
 * LayerNorm without affine parameters, eps 1e-6.
 * L2-normalised q and k, q multiplied by ``exp(min(scale_mul_1H11, ln 100))``
   (learned per head, init ln 4), softmax scale 1. Without L2 norm: scale 0.25/sqrt(d).
+  On CUDA in fp16 / bf16 one fused Triton op computes it (``maskar.kernels.qk_norm``);
+  :func:`l2_norm_qk` is the torch code it is tested against and what runs elsewhere.
 * GELU with the tanh approximation.
 """
 
@@ -111,6 +113,29 @@ class StaticKVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def l2_norm_qk(q: Tensor, k: Tensor, scale_mul_1H11: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The official q/k norm in torch (the reference, and the path off CUDA): q, k (B, H, L, D)
+    L2-normalised per head (F.normalize, eps 1e-12), q times exp(min(scale_mul, ln 100))."""
+    gain = scale_mul_1H11.clamp(max=_MAX_LOG_SCALE).exp()
+    # normalize runs in fp32 under autocast; attention takes the compute dtype (as SDPA's
+    # autocast would), which fused kernels need.
+    return F.normalize(q, dim=-1).mul(gain).to(dtype), F.normalize(k, dim=-1).to(dtype)
+
+
+_qk_norm_kernel = None  # maskar.kernels.qk_norm once loaded (stays None without Triton)
+
+
+def _load_qk_norm_kernel() -> None:
+    """Import the fused q/k-norm op (when a model is built, never inside a torch.compile trace)."""
+    global _qk_norm_kernel
+    if _qk_norm_kernel is None:
+        try:
+            from maskar.kernels import qk_norm
+        except ImportError:  # no Triton on this install: the torch code runs everywhere
+            return
+        _qk_norm_kernel = qk_norm
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, attn_l2_norm: bool = True) -> None:
         super().__init__()
@@ -121,6 +146,7 @@ class SelfAttention(nn.Module):
         self.attn_backend = "auto"
         load_backends()  # now, not inside a torch.compile trace of the first call
         if attn_l2_norm:
+            _load_qk_norm_kernel()
             self.scale = 1.0
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
         else:
@@ -136,14 +162,15 @@ class SelfAttention(nn.Module):
         B, L, C = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
-        # (B, H, L, D) strided views of the fused projection, no copies.
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if self.attn_l2_norm:
-            gain = self.scale_mul_1H11.clamp(max=_MAX_LOG_SCALE).exp()
-            # normalize runs in fp32 under autocast; attention takes the compute dtype (as SDPA's
-            # autocast would), which fused kernels need.
-            q = F.normalize(q, dim=-1).mul(gain).to(v.dtype)
-            k = F.normalize(k, dim=-1).to(v.dtype)
+        fused = _qk_norm_kernel
+        if self.attn_l2_norm and fused is not None and fused.supports(qkv, self.scale_mul_1H11):
+            # CUDA fp16 / bf16: one kernel each way (the same math; maskar.kernels.qk_norm)
+            q, k, v = fused.qk_norm(qkv, self.scale_mul_1H11)
+        else:
+            # (B, H, L, D) strided views of the fused projection, no copies.
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            if self.attn_l2_norm:
+                q, k = l2_norm_qk(q, k, self.scale_mul_1H11, v.dtype)
         if cache is not None:
             k, v = cache.append(k, v)  # current scale attends to all cached scales: dense
         out = attention(q, k, v, pattern, backend=self.attn_backend, scale=self.scale)
