@@ -27,6 +27,8 @@ def test_inductor_kernels_are_filed_by_op_tokens():
 def test_library_kernels_are_filed_by_name():
     assert categorize("nvjet_sm90_tst_128x192_64x5_2x1_v_bz_coopB_NNN") == "matmul"
     assert categorize("_attn_bwd") == "attention"
+    for k in ("_qk_norm_fwd", "_qk_norm_bwd", "_qk_norm_gain_grad"):  # maskar.kernels.qk_norm
+        assert categorize(k) == "norms"
     adam = "void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>>"
     assert categorize(adam) == "optimizer"
     assert categorize("void at::native::upsample_bicubic2d_out_frame<float, float>") == "other elementwise"

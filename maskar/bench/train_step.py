@@ -340,7 +340,8 @@ CATEGORIES = (
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "sm80_", "cublas", "_mm_", "matmul")),
     ("optimizer", ("adam", "multi_tensor_apply", "foreach", "norm_kernel", "lpnorm", "clip")),
     ("cross-entropy", ("logsumexp", "softmax", "log_softmax", "nll", "argmax", "scatter", "gather")),
-    ("norms", ("layer_norm", "native_layer_norm", "var_mean", "rsqrt", "normalize", "linalg_vector_norm")),
+    ("norms", ("layer_norm", "native_layer_norm", "var_mean", "rsqrt", "normalize", "linalg_vector_norm",
+               "_qk_norm")),
 )
 
 

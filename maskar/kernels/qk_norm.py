@@ -143,7 +143,7 @@ def _qk_norm_bwd(
 
 
 @triton.jit(do_not_specialize=["n_rows", "H"])
-def _gain_grad(PART, S, DS, n_rows, H, log_max, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+def _qk_norm_gain_grad(PART, S, DS, n_rows, H, log_max, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
     """DS[h] = [s_h <= log_max] * gain_h * sum_r PART[r, h]: the second stage, one program, fixed order."""
     hh = tl.arange(0, BLOCK_H)
     h_ok = hh < H
@@ -224,7 +224,7 @@ def _backward(qkv: Tensor, scale_mul: Tensor, dq: Tensor, dk: Tensor, dv: Tensor
         return dqkv, torch.zeros_like(scale_mul)
     ds = torch.empty_like(scale_mul)
     block_h = triton.next_power_of_2(H)
-    _launch(_gain_grad, (1,), (part, scale_mul, ds, n_tb, H, log_max),
+    _launch(_qk_norm_gain_grad, (1,), (part, scale_mul, ds, n_tb, H, log_max),
             dict(BLOCK_R=max(4096 // block_h, 16), BLOCK_H=block_h), 4, 1)
     return dqkv, ds
 
