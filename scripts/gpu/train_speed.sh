@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Issue 13, run 1 (one H200; about 7.5 minutes, every stage under its own timeout, 9.5 minutes at most):
+# Issue 13, run 1 (one H200; about 8 minutes, every stage under its own timeout, 10.3 minutes at most):
 # VAR/HMAR training-step speed and the checks that go with it.
 #   0. The tokenizer's resampling (about 30 s): the GPU test of the matrix-form bicubic
 #      (tests/test_resample.py, TF32 on, bf16 autocast) and `maskar bench tokenizer_ops`: old
 #      (F.interpolate) vs new teacher_forcing_input / own_residual_input / next_input at 256 px
 #      B32 and B64, Fashion-MNIST B768, 1024 px B8 (the 7.5 ms bicubic of the profiled step).
+#  0b. The fused q/k L2 norm (maskar.kernels.qk_norm; about 20 s, 45 s at most): q_hat, k_hat,
+#      dqkv (v part bitwise), dgain against the torch code on CUDA at HMAR-d16 256 px B32 shapes
+#      (bf16, H 16, D 64); then ms and GB/s of the forward / backward kernels (a block_t sweep),
+#      the op with autograd, and the torch code eager and Inductor-compiled (the profiled step
+#      spent ~9.9 ms there); its lines also go into summary.txt.
 #   1. `maskar bench train_step` at 256 px, rows in order of importance: HMAR-d16 and VAR-d16 batch 32
 #      with train.compile=blocks, HMAR-d30 batch 16 with activation checkpointing, HMAR-d16 and VAR-d16
 #      eager. Before timing, each compiled row's loss and gradients against the same eager step, each
@@ -30,6 +35,62 @@ rm -f /tmp/tokenizer_ops.json
 { timeout 60 python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_resample.py 2>&1 | tail -n 3
   timeout 90 python3 -m maskar bench tokenizer_ops cases=256x32,fmnistx768,256x64,1024x8 \
     json=/tmp/tokenizer_ops.json 2>&1; } | tee "$OUT/tokenizer_ops.txt"
+
+el "0b. fused q/k norm: check against the torch code, then time both"
+timeout 45 env TORCHINDUCTOR_COMPILE_THREADS=1 python3 - <<'EOF' 2>&1 | tee /tmp/qk_norm.txt
+import statistics, sys, torch
+sys.path.insert(0, "tests")
+from test_qk_norm_kernel import errors_vs_reference, make_inputs, torch_reference
+import maskar.kernels.qk_norm as qn
+B, L, H, D = 32, 680, 16, 64  # HMAR-d16 256 px, batch 32: one block's call (16 per step)
+r = errors_vs_reference(qn.qk_norm, B, L, H, D, torch.bfloat16, device="cuda")
+ok = (r["finite"] and r["dv_exact"] and r["dgain_clamped_zero"] and r["dgain"] < 1e-4
+      and max(r[k] for k in ("q", "k", "dq", "dk")) < 1.6e-2)
+print("qk_norm check vs torch code (bf16, max relative error per head vector):",
+      " ".join(f"{k} {r[k]:.1e}" for k in ("q", "k", "dq", "dk", "dgain")), "| dv exact", r["dv_exact"],
+      "->", "PASS" if ok else "FAIL", flush=True)
+qkv, s = (t.cuda() for t in make_inputs(B, L, H, D, torch.bfloat16))
+# dq, dk, dv as the attention backward gives them: (B, H, L, D) views of (B, L, H, D) memory
+grads = [torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3)]
+unit = B * L * H * D * 2  # bytes of one (B, L, H, D) bf16 tensor; fwd moves 4, bwd 8
+def ms(fn, reps=15, inner=10):
+    fn(); torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(inner):
+            fn()
+        b.record(); b.synchronize(); ts.append(a.elapsed_time(b) / inner)
+    return statistics.median(ts)
+def row(name, fwd, bwd, both):
+    gbs = 12 * unit / (both * 1e-3) / 1e9
+    print(f"qk_norm {name:<28} fwd {fwd:7.4f}  bwd {bwd:7.4f}  fwd+bwd {both:7.4f} ms {gbs:5.0f} GB/s "
+          f"({100 * gbs / 4300:3.0f}% of 4.3 TB/s)  x16 blocks {16 * both:5.2f} ms/step", flush=True)
+floor = 12 * unit / 4.3e12 * 1e3
+print(f"qk_norm byte floor (fwd 4, bwd 8 x {unit / 1e6:.1f} MB at 4.3 TB/s): {floor:.4f} ms per block, "
+      f"{16 * floor:.2f} ms per step", flush=True)
+best = None
+for bt in (16, 32, 64):
+    qn.FORCE_CONFIG = qn.QKConfig(bt, 4)
+    f, b = ms(lambda: qn._forward(qkv, s)), ms(lambda: qn._backward(qkv, s, *grads, True))
+    row(f"kernels, block_t {bt}", f, b, f + b)
+    best = min(best or (f + b, bt), (f + b, bt))
+qn.FORCE_CONFIG = None
+print(f"qk_norm fastest block_t {best[1]} (default {qn._config(D).block_t})", flush=True)
+x, g = qkv.clone().requires_grad_(), s.clone().requires_grad_()
+def fwd(fn):
+    def run():
+        with torch.no_grad():
+            fn(x, g)
+    return run
+def fwd_bwd(fn):
+    return lambda: torch.autograd.grad(fn(x, g), (x, g), grads)
+nan = float("nan")
+row("fused op, with autograd", ms(fwd(qn.qk_norm)), nan, ms(fwd_bwd(qn.qk_norm)))
+row("torch code, eager", ms(fwd(torch_reference)), nan, ms(fwd_bwd(torch_reference)))
+row("torch code, Inductor", nan, nan, ms(fwd_bwd(torch.compile(torch_reference))))
+EOF
 
 el "1. bench 256 px"
 timeout 260 python3 -m maskar bench train_step res=256 steps=25 warmup=5 explain=true \
@@ -76,6 +137,9 @@ if ops.is_file():  # step 0: F.interpolate (before) vs the default (matrix-form 
                   f"({old / r['ms']:5.1f}x), max rel diff {r['max_rel_vs_interpolate']:.1e}")
 else:
     print("tokenizer_ops: not measured (see tokenizer_ops.txt)")
+qk = Path("/tmp/qk_norm.txt")  # step 0b
+qk_lines = [x for x in qk.read_text().splitlines() if x.startswith("qk_norm")] if qk.is_file() else []
+print("\n".join(qk_lines) if qk_lines else "qk_norm: not measured (see the step 0b output)")
 rows = []
 for f in ("bench_256.json", "bench_1024.json"):
     if (out / f).is_file():
