@@ -313,6 +313,13 @@ def test_bad_inputs_are_refused_by_name():
     assert not qn.supports(torch.zeros(1, 4, 3, 2, 64).transpose(0, 1), s)  # not contiguous
 
 
+def test_disabled_op_is_never_taken(cpu_reference, monkeypatch):
+    qkv, s = make_inputs(1, 4, 2, 64, torch.float32)
+    assert cpu_reference.supports(qkv, s)
+    monkeypatch.setattr(cpu_reference, "ENABLED", False)
+    assert not cpu_reference.supports(qkv, s)
+
+
 # ----------------------------------------------------------------------------- AOT compile
 
 

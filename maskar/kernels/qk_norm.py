@@ -374,6 +374,8 @@ _REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 # Tests set this to send CPU calls of the model's q/k norm to the custom op's reference body
 # (so a CPU-compiled model traces the op a GPU run would); off, the CPU runs the torch code.
 CPU_REFERENCE = False
+# False: the model runs its torch code on every device (A/B timing, or ruling the op out).
+ENABLED = True
 
 
 def _shape_ok(qkv: Tensor, scale_mul: Tensor) -> bool:
@@ -393,7 +395,7 @@ def _shape_ok(qkv: Tensor, scale_mul: Tensor) -> bool:
 def supports(qkv: Tensor, scale_mul: Tensor) -> bool:
     """Whether the model uses the fused op: CUDA sm80+ with fp16 / bf16 qkv (or the interpreter on
     the CPU); on the CPU reference (tests) any float dtype. Otherwise the torch code runs."""
-    if not _shape_ok(qkv, scale_mul):
+    if not ENABLED or not _shape_ok(qkv, scale_mul):
         return False
     if qkv.is_cuda:
         return qkv.dtype in _DTYPES and _device_ok(qkv.device)
