@@ -75,6 +75,11 @@ class TrainConfig:
     warmup_start: float = field(0.005, min=0.0, max=1.0, help="warm-up starts at this fraction of lr")
     grad_clip: float = field(2.0, min=0.0, help="max grad norm; 0 disables clipping")
     ema: float = field(0.0, min=0.0, max=1.0, help="EMA decay; 0 disables EMA")
+    ema_warmup: bool = field(
+        False,
+        help="EMA decay of update t = min(ema, (1 + t) / (10 + t)): a short run's EMA is not "
+        "dominated by the random initialisation (the recipes keep it off)",
+    )
     precision: str = field("auto", choices=("auto", "bf16", "fp16", "fp32"))
     out_dir: str = field("runs/default", help="checkpoints, logs and TensorBoard files")
     ckpt_every: int = field(1000, min=0, help="save every N steps (0: only at the end)")

@@ -380,7 +380,7 @@ class Trainer:
         self.disc_optimizer = (
             build_optimizer(disc, self.model, cfg, self.disc_lr, self.device) if disc else None
         )
-        self.ema = EMA(main, tc.ema) if tc.ema > 0 else None
+        self.ema = EMA(main, tc.ema, tc.ema_warmup) if tc.ema > 0 else None
         self.scaler = (
             torch.amp.GradScaler(self.device.type, init_scale=2.0**11, growth_interval=1000)
             if tc.precision == "fp16"
