@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainer import assert_runs_identical, read_run, toy_cfg
 from torch import nn
 
 from maskar import checkpoint as ck
 from maskar.train.ema import EMA
 from maskar.train.trainer import train
-from tests.test_trainer import assert_runs_identical, read_run, toy_cfg
 
 
-def _reference_ema(init: torch.Tensor, values: list[torch.Tensor], decay: float, warmup: bool) -> torch.Tensor:
+def _reference_ema(init: torch.Tensor, values: list[torch.Tensor], decay: float, warmup: bool):
     shadow = init.double().clone()
     for t, v in enumerate(values):
         d = min(decay, (1 + t) / (10 + t)) if warmup else decay
