@@ -82,6 +82,7 @@ np.savez('$RUNS/inc_samples/$name.npz', arr_0=d['arr_0'][:n], arr_1=d['arr_1'][:
       ckpt.mar=checkpoints/mar-fmnist ckpt.casmar=checkpoints/casmar-fmnist
     cp $RUNS/cpu_speed/cpu_speed.json $RES/ ;;
   report)
+    for n in casmar-fmnist mar-fmnist; do if [ -d checkpoints/$n ]; then $PY scripts/quality_report.py --readme $n; fi; done
     $PY scripts/quality_report.py ;;
   *)
     sed -n 2,15p "$0"; exit 2 ;;

@@ -75,6 +75,64 @@ def test_plan_errors_name_the_problem(tmp_path, row, message):
         study.expand(_plan(tmp_path, [row]), 1.0, {})
 
 
+def test_select_rows_and_merge_split_a_plan_over_processes(tmp_path):
+    plan = _plan(
+        tmp_path,
+        [
+            {"name": "main", "model": "a", "n": 10},
+            {"name": "main", "model": "b", "n": 10},
+            {"name": "speed", "model": "a", "batch": 10},
+            {"name": "speed", "model": "b", "batch": 10},
+        ],
+    )
+    pick = study.select_rows
+    assert [(r["model"], r["name"]) for r in pick(plan, ["a"], "quality")["rows"]] == [("a", "main")]
+    assert [r["model"] for r in pick(plan, None, "speed")["rows"]] == ["a", "b"]
+    assert len(pick(plan)["rows"]) == 4
+    with pytest.raises(ConfigError, match="not in the plan"):
+        pick(plan, ["c"])
+    with pytest.raises(ConfigError, match="kinds"):
+        pick(plan, None, "fast")
+    parts = []
+    for i, m in enumerate(["a", "b"]):
+        rep = {"meta": {"date": f"d{i}", "ckpts": {m: f"/x/{m}"}}, "rows": [{"model": m}], "speed": []}
+        parts.append(tmp_path / f"{m}.json")
+        parts[-1].write_text(json.dumps(rep))
+    speed = {"meta": {"date": "d2", "ckpts": {"a": "/x/a"}}, "rows": [], "speed": [{"model": "a"}]}
+    (tmp_path / "speed.json").write_text(json.dumps(speed))
+    out = tmp_path / "all.json"
+    never = tmp_path / "never_started.json"
+    args = [f"merge={out}", *map(str, parts), str(never), str(tmp_path / "speed.json")]
+    assert cli_main(["bench", "quality", *args]) == 0
+    merged = json.loads(out.read_text())
+    assert [r["model"] for r in merged["rows"]] == ["a", "b"] and merged["speed"] == [{"model": "a"}]
+    assert merged["meta"]["ckpts"] == {"a": "/x/a", "b": "/x/b"} and len(merged["meta"]["parts"]) == 3
+    assert cli_main(["bench", "quality", f"merge={out}", str(tmp_path / "none.json")]) == 2
+
+
+STUDY_PRESETS = {"var": "var-fmnist", "hmar": "hmar-fmnist-finetune", "mar": "mar-fmnist-s",
+                 "casmar": "casmar-fmnist-s"}  # fmt: skip
+
+
+@pytest.mark.parametrize("plan_name", ["plan_var_hmar", "plan_mar_casmar", "plan_cpu_speed"])
+def test_study_plans_are_valid_for_their_models(plan_name):
+    """Every point's sample.* overrides build a valid config of its model (a typo or an invalid
+    respacing string would otherwise surface on the GPU, minutes into a device call)."""
+    from maskar.config import Config, apply_overrides, build, to_dict
+
+    plan = study.load_plan(ROOT / "scripts" / "gpu" / "quality" / f"{plan_name}.yaml")
+    scored = [r for r in plan["rows"] if r["name"] != "speed" and "run" not in r]
+    points = study.expand({**plan, "rows": scored}, 1.0, {})
+    checks = [(p.model, p.overrides) for p in points]
+    checks += [(r["model"], [str(o) for o in r.get("overrides", [])]) for r in plan["rows"] if "run" in r]
+    checks += [(r["model"], [str(o) for o in r.get("overrides", [])]) for r in study.speed_rows(plan)]
+    for model, over in checks:
+        built = build(Config, apply_overrides(to_dict(load_config(STUDY_PRESETS[model], [])), over))
+        assert built.model.arch == model
+    for m in {p.model for p in points if p.row == "main"}:  # a grid from the first seed only
+        assert [p.grid for p in points if p.model == m and p.row == "main"] == [8, 0, 0]
+
+
 def test_balanced_subset_is_interleaved():
     labels = [c for c in range(3) for _ in range(4)]  # class-major, as maskar sample writes
     idx = study._balanced_subset(labels, 6, 3)
@@ -108,7 +166,7 @@ def test_study_rows_and_their_eval_command_agree(tmp_path, tiny_run, capsys):
     plan = _plan(
         tmp_path,
         [
-            {"name": "main", "model": "var", "n": 20, "seeds": [0, 1], "save": 10},
+            {"name": "main", "model": "var", "n": 20, "seeds": [0, 1], "save": 10, "grid": 2},
             {"name": "cfg", "model": "var", "n": 10, "sweep": {"key": "sample.cfg", "values": [1.0, 3.0]}},
             {"name": "speed", "model": "var", "batch": 10, "reps": 1},
             {"name": "train_curve", "model": "var", "n": 10, "run": "var"},
@@ -141,6 +199,11 @@ def test_study_rows_and_their_eval_command_agree(tmp_path, tiny_run, capsys):
     assert rep["rows"][0]["metrics"] != rep["rows"][1]["metrics"]  # seeds differ
     sp = rep["speed"][0]
     assert sp["batch"] == 10 and sp["images_per_s"] > 0
+    assert rep["rows"][0]["grid_png"] == "grid_var.png" and "grid_png" not in rep["rows"][1]  # seed 0 only
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "grid_var.png") as im:  # 10 classes x 2 samples, a row per class
+        assert im.size[1] > 10 * 16 and im.size[0] < 4 * 16 + 10
     with np.load(tmp_path / "out" / rep["rows"][0]["samples_npz"]) as d:
         assert d["arr_0"].shape == (10, 16, 16) and d["arr_0"].dtype == np.uint8
         assert d["arr_1"].tolist() == list(range(10))

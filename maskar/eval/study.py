@@ -18,7 +18,7 @@ A plan (YAML)::
 
     classes: 10
     rows:
-      - {name: main, model: var, n: 10000, seeds: [0, 1, 2], save: 2000}
+      - {name: main, model: var, n: 10000, seeds: [0, 1, 2], save: 2000, grid: 8}
       - {name: cfg, model: var, n: 5000, sweep: {key: sample.cfg, values: [1.0, 2.0, 3.0]}}
       - {name: schedule, model: hmar, n: 5000,
          variants: {default: [], "no refinement": [sample.refine=false]}}
@@ -28,7 +28,14 @@ A plan (YAML)::
 Row keys: ``name``, ``model`` (a ``ckpt.NAME`` / ``run.NAME`` given on the command line), ``n``
 (samples, a multiple of ``classes``), ``seeds`` (default [0]), ``overrides`` (``sample.*``
 strings applied to every point of the row), at most one of ``sweep`` / ``variants``, ``save``,
-``run``, and for ``speed`` rows ``batch`` and ``reps``.
+``grid`` (a labelled PNG of the first ``grid`` samples per class of the point's first seed,
+``grid_MODEL.png`` for ``main`` rows, ``grid_MODEL_ROW_LABEL.png`` otherwise), ``run``, and for
+``speed`` rows ``batch`` and ``reps``.
+
+``models=a,b`` runs only those models' rows and ``kinds=quality`` / ``kinds=speed`` only the
+scored rows / the speed rows of a plan, so one plan can be split over processes (each model's
+rows start as soon as it is trained; speed rows run alone at the end, on a quiet GPU);
+``maskar bench quality merge=OUT.json IN.json ...`` joins their JSON files.
 """
 
 from __future__ import annotations
@@ -49,7 +56,10 @@ from maskar.config import ConfigError, parse_override
 
 CLASSIFIER_METRICS = ["fd_clf", "acc", "pr_clf"]
 DATA_ROOT = "/usr/share/datasets/fashion-mnist"
-ROW_KEYS = {"name", "model", "n", "seeds", "overrides", "sweep", "variants", "save", "run", "batch", "reps"}
+ROW_KEYS = {
+    "name", "model", "n", "seeds", "overrides", "sweep", "variants", "save", "grid", "run", "batch", "reps"
+}  # fmt: skip
+KINDS = ("all", "quality", "speed")
 
 
 @dataclasses.dataclass
@@ -65,6 +75,7 @@ class Point:
     save: int = 0
     ckpt: str | None = None  # a step checkpoint (train_curve rows); else the model's ckpt
     step: int | None = None
+    grid: int = 0  # per class, first seed only
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -130,10 +141,46 @@ def expand(plan: dict[str, Any], scale: float, runs: dict[str, str]) -> list[Poi
                 points += [Point(row["name"], row["model"], str(step), base, s, n, 0, str(path), step)
                            for s in seeds]  # fmt: skip
             continue
+        grid = int(row.get("grid", 0))
         for label, extra in settings:
             for s in seeds:
-                points.append(Point(row["name"], row["model"], label, base + extra, s, n, save))
+                points.append(Point(row["name"], row["model"], label, base + extra, s, n, save,
+                                    grid=grid if s == seeds[0] else 0))  # fmt: skip
     return points
+
+
+def select_rows(plan: dict[str, Any], models: list[str] | None = None, kinds: str = "all") -> dict[str, Any]:
+    """The plan restricted to ``models`` (None: all) and to its scored rows, its speed rows or both."""
+    if kinds not in KINDS:
+        raise ConfigError(f"kinds: expected one of {list(KINDS)}, got {kinds!r}")
+    known = sorted({r["model"] for r in plan["rows"]})
+    unknown = sorted(set(models or []) - set(known))
+    if unknown:
+        raise ConfigError(f"models: {unknown} not in the plan (its models: {known})")
+    keep = [
+        r
+        for r in plan["rows"]
+        if (models is None or r["model"] in models)
+        and (kinds == "all" or (r["name"] == "speed") == (kinds == "speed"))
+    ]
+    return {**plan, "rows": keep}
+
+
+def merge_reports(paths: list[str | Path]) -> dict[str, Any]:
+    """One report from the JSON files of processes that ran parts of a plan (missing files are
+    skipped: a part that never started): rows and speed rows in the order given, the first
+    file's meta with every file's checkpoints and a ``parts`` list."""
+    reports = [(str(p), json.loads(Path(p).read_text())) for p in paths if Path(p).is_file()]
+    if not reports:
+        raise ConfigError(f"merge: none of {[str(p) for p in paths]} exists")
+    meta = dict(reports[0][1]["meta"])
+    meta["ckpts"] = {k: v for _, r in reports for k, v in r["meta"].get("ckpts", {}).items()}
+    meta["parts"] = [{"file": Path(p).name, "date": r["meta"].get("date")} for p, r in reports]
+    return {
+        "meta": meta,
+        "rows": [row for _, r in reports for row in r["rows"]],
+        "speed": [row for _, r in reports for row in r["speed"]],
+    }
 
 
 def speed_rows(plan: dict[str, Any]) -> list[dict[str, Any]]:
@@ -309,6 +356,8 @@ def run_study(
                 result["inception_command"] = inception_command(
                     f"SAMPLES/{name}.npz", data_root, f"INCEPTION/{name}.json"
                 )
+            if p.grid:
+                result["grid_png"] = _write_grid(out, p, images, labels, cfg, classes)
             report["rows"].append(result)
             print(
                 f"[{time.perf_counter() - t_start:6.1f}s] {p.model} {p.row} {p.label} seed {p.seed} "
@@ -319,6 +368,18 @@ def run_study(
             )
             _write(path, report)  # after every point: a killed run keeps what it measured
     return report
+
+
+def _write_grid(out: Path, p: Point, images: torch.Tensor, labels: list[int], cfg, classes: int) -> str:
+    """The first ``p.grid`` samples of every class as a labelled PNG (one row per class)."""
+    from maskar.sampling import class_names, save_grid
+
+    lab = np.asarray(labels)
+    idx = np.concatenate([np.flatnonzero(lab == c)[: p.grid] for c in range(classes)])
+    name = f"grid_{p.model}.png" if p.row == "main" else f"grid_{p.model}_{p.row}_{_slug(p.label)}.png"
+    save_grid(images[torch.from_numpy(idx)], [labels[i] for i in idx], str(out / name), nrow=p.grid,
+              class_names=class_names(cfg))  # fmt: skip
+    return name
 
 
 def _applicable(extra: list[str] | tuple[str, ...], ckpt: str) -> list[str]:
@@ -352,13 +413,22 @@ def _write(path: Path, report: dict[str, Any]) -> None:
 USAGE = (
     "maskar bench quality plan=PLAN.yaml out=DIR classifier=DIR ckpt.NAME=DIR [ckpt.NAME=DIR ...] "
     "[run.NAME=RUN_DIR] [as.NAME=SHOWN_PATH] [scale=1.0] [batch=1000] [device=auto] [tag=study] "
-    "[data_root=/usr/share/datasets/fashion-mnist] [sample.KEY=VALUE: added to every point, dry runs]"
+    "[data_root=/usr/share/datasets/fashion-mnist] [models=a,b] [kinds=all|quality|speed] "
+    "[sample.KEY=VALUE: added to every point, dry runs]; or: maskar bench quality merge=OUT.json IN.json ..."
 )
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0].startswith("merge="):
+        out = argv[0].split("=", 1)[1]
+        if not out or len(argv) < 2:
+            raise ConfigError(f"bench quality merge: give merge=OUT.json and the input files; usage: {USAGE}")
+        _write(Path(out), merge_reports(argv[1:]))
+        print(f"wrote {out}")
+        return 0
     opts: dict[str, Any] = {"plan": None, "out": None, "classifier": None, "scale": 1.0, "batch": 1000,
-                            "device": "auto", "tag": "study", "data_root": DATA_ROOT}  # fmt: skip
+                            "device": "auto", "tag": "study", "data_root": DATA_ROOT, "models": None,
+                            "kinds": "all"}  # fmt: skip
     groups: dict[str, dict[str, str]] = {"ckpt": {}, "run": {}, "as": {}}
     extra: list[str] = []
     for item in argv:
@@ -379,7 +449,12 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"scale: expected a sample-count factor in (0, 1], got {scale}")
     if batch < 1:
         raise ConfigError(f"batch: expected >= 1, got {batch}")
-    plan = load_plan(str(opts["plan"]))
+    models = opts["models"]
+    if models is not None:
+        models = [str(m) for m in models] if isinstance(models, list) else str(models).split(",")
+    plan = select_rows(load_plan(str(opts["plan"])), models, str(opts["kinds"]))
+    if not plan["rows"]:
+        raise ConfigError(f"plan {opts['plan']}: no rows for models={opts['models']} kinds={opts['kinds']}")
     run_study(plan, groups["ckpt"], groups["run"], groups["as"], str(opts["out"]),
               str(opts["classifier"]), str(opts["device"]), batch, scale, str(opts["data_root"]),
               str(opts["tag"]), extra)  # fmt: skip

@@ -1,7 +1,8 @@
 # Shared by scripts/gpu/quality_var_hmar.sh and quality_mar_casmar.sh (sourced, not run).
 # Environment: OUT (files that come back), RUNS (scratch), DATA (an IDX folder; default: unpack
-# .carry/fmnist), DEVICE (cuda), SCALE (study sample-count factor, 1 = the plan's counts), and the
-# budgets each script names. Dry run on a CPU: see docs/quality.md ("Dry run").
+# .carry/fmnist), DEVICE (cuda), SCALE (study sample-count factor, 1 = the plan's counts), STUDY_END
+# (seconds after the start by which every study process stops), SPEED_T (the speed rows' limit),
+# and the budgets each script names. Dry run on a CPU: see docs/quality.md ("Dry run on a CPU").
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/quality_out}; RUNS=${RUNS:-/tmp/quality_runs}; PACK=$RUNS/pack
@@ -14,6 +15,31 @@ CLF=checkpoints/fmnist-classifier
 DATA_ROOT=/usr/share/datasets/fashion-mnist   # what shipped configs name (the Debian package)
 T0=$(date +%s)
 el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
+
+# smoke MODEL...: the pre-flight (scripts/gpu/quality/smoke_graphs.py): the study's sampling entry
+# through the device-only paths, seconds; on failure the call stops before any training.
+smoke() {
+  el "pre-flight: $* sample through the device paths"
+  if $PY scripts/gpu/quality/smoke_graphs.py $DEVICE "$@" > $RUNS/smoke.log 2> $RUNS/smoke_err.log; then
+    cat $RUNS/smoke.log
+  else
+    cat $RUNS/smoke.log; grep -v -e Warning -e 'step/s' $RUNS/smoke_err.log | tail -n 30
+    el "pre-flight FAILED: nothing trained; fix the error above and rerun"; exit 3
+  fi
+}
+
+# left [MIN]: seconds until STUDY_END (at least MIN, default 20): a study process's timeout.
+left() { local s=$(( T0 + STUDY_END - $(date +%s) )); echo $(( s > ${1:-20} ? s : ${1:-20} )); }
+
+# study TAG PLAN MODELS EXTRA...: the scored rows of MODELS in PLAN, until STUDY_END; TAG.json in $RUNS/study.
+study() {
+  local tag=$1 plan=$2 models=$3; shift 3
+  el "study $tag starts ($(left) s left)"
+  timeout -s TERM $(left) $M bench quality plan=$plan out=$RUNS/study tag=$tag models=$models kinds=quality \
+    classifier=$CLF device=$DEVICE scale=$SCALE "$@" ${STUDY_EXTRA:-} > $RUNS/study_$tag.log 2>&1
+  local rc=$?
+  el "study $tag ends (exit $rc$([ $rc = 124 ] && echo ': the deadline')): $(grep -c ' FD_clf ' $RUNS/study_$tag.log) points"
+}
 
 # The Fashion-MNIST train split: .carry/fmnist holds train-images-idx3-ubyte.xz (xz saves 4 MB of
 # the 64 MiB the device call may carry) and train-labels-idx1-ubyte.gz; the IDX reader takes .gz.
