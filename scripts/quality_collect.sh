@@ -4,10 +4,12 @@
 #                                             (train images xz-compressed: 22.6 MB; ~1 min)
 #   scripts/quality_collect.sh call1 DIR      after scripts/gpu/quality_var_hmar.sh: DIR = the call's files_at;
 #                                             unpacks results to docs/results/quality, the KL tokenizer to .carry/kl
+#                                             (seconds: run call 2 next while the device machine is warm)
 #   scripts/quality_collect.sh call2 DIR      after scripts/gpu/quality_mar_casmar.sh: results, and the shipped
 #                                             checkpoints/casmar-fmnist + checkpoints/mar-fmnist
-#   scripts/quality_collect.sh fid            TF-Inception FID / precision / recall of the saved samples on
-#                                             this CPU (INC_N per set, default 1000; ~0.25 s an image)
+#   scripts/quality_collect.sh fid            the KL tokenizer on the test split; TF-Inception FID / precision /
+#                                             recall of the saved samples on this CPU (INC_N per set, default
+#                                             1000; ~0.25 s an image)
 #   scripts/quality_collect.sh cpu_speed      CPU images/s of the four models (this machine)
 #   scripts/quality_collect.sh report         docs/quality.md and its plots from the JSON
 # Run from the repository root with the project's Python (PY, default .venv/bin/python).
@@ -52,14 +54,18 @@ case "${1:-}" in
   call1)
     unpack "$2" var_hmar; results var_hmar
     rm -rf .carry/kl && mkdir -p .carry && tar -C .carry -xf "$2/kl.tar" && mv .carry/klvae-fmnist-s .carry/kl
-    $PY -m maskar bench tokenizer_quality .carry/kl split=test json=$RES/kl_quality_test.json \
-      | tee $RES/kl_quality_test.txt
-    echo "next: scripts/gpu/quality_mar_casmar.sh with carry [.carry/fmnist, .carry/kl]" ;;
+    cp -r .carry/kl $RUNS/kl   # the tokenizer of this study, for the fid step's test-split check
+    echo "next (at once, while the device machine is warm): scripts/gpu/quality_mar_casmar.sh with carry" \
+      "[.carry/fmnist, .carry/kl]" ;;
   call2)
     unpack "$2" mar_casmar; results mar_casmar; unpack "$2" ckpts
     ship casmar-fmnist; ship mar-fmnist
     du -ch checkpoints/*/model.safetensors | tail -n 1 ;;
   fid)
+    if [ -d $RUNS/kl ] && [ ! -f $RES/kl_quality_test.json ]; then  # the KL tokenizer on the test split
+      $PY -m maskar bench tokenizer_quality $RUNS/kl split=test json=$RES/kl_quality_test.json \
+        | tee $RES/kl_quality_test.txt
+    fi
     mkdir -p $RES/inception $RUNS/inc_samples
     for f in $RUNS/samples/*_main_*.npz; do
       name=$(basename "$f" .npz); out=$RES/inception/$name.json

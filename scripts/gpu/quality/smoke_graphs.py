@@ -16,7 +16,12 @@ from maskar import sampling
 from maskar.config import load_config
 from maskar.registry import build_model
 
-PRESETS = {"var": "var-fmnist", "hmar": "hmar-fmnist-finetune", "mar": "mar-fmnist-s", "casmar": "casmar-fmnist-s"}
+PRESETS = {
+    "var": "var-fmnist",
+    "hmar": "hmar-fmnist-finetune",
+    "mar": "mar-fmnist-s",
+    "casmar": "casmar-fmnist-s",
+}
 FAST = {  # few steps: only the paths matter here
     "var": [],
     "hmar": [],
