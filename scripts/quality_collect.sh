@@ -12,7 +12,8 @@
 #                                             1000; ~0.25 s an image)
 #   scripts/quality_collect.sh cpu_speed      CPU images/s of the four models (this machine)
 #   scripts/quality_collect.sh report         docs/quality.md and its plots from the JSON
-# Run from the repository root with the project's Python (PY, default .venv/bin/python).
+# Run from the repository root with the project's Python (PY, default .venv/bin/python). Dry runs only:
+# KL_TEST_LIMIT / REF_LIMIT cut the test images of the tokenizer check / the FID reference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -64,7 +65,7 @@ case "${1:-}" in
   fid)
     if [ -d $RUNS/kl ] && [ ! -f $RES/kl_quality_test.json ]; then  # the KL tokenizer on the test split
       $PY -m maskar bench tokenizer_quality $RUNS/kl split=test json=$RES/kl_quality_test.json \
-        | tee $RES/kl_quality_test.txt
+        ${KL_TEST_LIMIT:+limit=$KL_TEST_LIMIT} | tee $RES/kl_quality_test.txt
     fi
     mkdir -p $RES/inception $RUNS/inc_samples
     for f in $RUNS/samples/*_main_*.npz; do
@@ -74,7 +75,8 @@ case "${1:-}" in
 np.savez('$RUNS/inc_samples/$name.npz', arr_0=d['arr_0'][:n], arr_1=d['arr_1'][:n])"
       echo "== $name ($INC_N samples)"
       $PY -m maskar eval samples=$RUNS/inc_samples/$name.npz ref=data data.name=fashion_mnist \
-        data.root=$DATA_ROOT data.split=test data.channels=1 metrics=fid,pr device=cpu json=$out
+        data.root=$DATA_ROOT data.split=test data.channels=1 metrics=fid,pr device=cpu json=$out \
+        ${REF_LIMIT:+ref_limit=$REF_LIMIT}
     done ;;
   cpu_speed)
     mk() {  # a 1-step checkpoint of a study config: sampling speed does not depend on the weights

@@ -39,8 +39,9 @@ model.tokenizer_ckpt=$KL model.tokenizer.scale_factor=$SF"
 
 el "calibration: $CAL steps of MAR and CASMAR side by side"
 CALC="train.steps=$CAL train.log_every=$((CAL / 2)) train.ckpt_every=0 train.warmup_steps=10"
-$M train preset=mar-fmnist-s $C $CALC train.out_dir=$RUNS/cal_mar > $RUNS/cal_mar.log 2>&1 & P1=$!
-$M train preset=casmar-fmnist-s $C $CALC train.out_dir=$RUNS/cal_casmar > $RUNS/cal_casmar.log 2>&1 & P2=$!
+CT="timeout -s TERM ${CAL_T:-150}"
+$CT $M train preset=mar-fmnist-s $C $CALC train.out_dir=$RUNS/cal_mar > $RUNS/cal_mar.log 2>&1 & P1=$!
+$CT $M train preset=casmar-fmnist-s $C $CALC train.out_dir=$RUNS/cal_casmar > $RUNS/cal_casmar.log 2>&1 & P2=$!
 wait $P1 $P2
 IPS_MAR=$(it_per_s $RUNS/cal_mar); IPS_CASMAR=$(it_per_s $RUNS/cal_casmar)
 if [ -z "$IPS_MAR" ] || [ -z "$IPS_CASMAR" ]; then  # a calibration run failed: its log says why

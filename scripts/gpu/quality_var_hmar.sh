@@ -49,8 +49,9 @@ run_kl & KL_PID=$!
 
 el "calibration: $CAL steps of VAR and HMAR stage 1 side by side"
 CALC="train.steps=$CAL train.log_every=$((CAL / 2)) train.ckpt_every=0 train.warmup_steps=10"
-$M train preset=var-fmnist $NET $TOK $C $CALC train.out_dir=$RUNS/cal_var > $RUNS/cal_var.log 2>&1 & P1=$!
-$M train preset=hmar-fmnist $NET $TOK $C $CALC train.out_dir=$RUNS/cal_hmar > $RUNS/cal_hmar.log 2>&1 & P2=$!
+CT="timeout -s TERM ${CAL_T:-150}"
+$CT $M train preset=var-fmnist $NET $TOK $C $CALC train.out_dir=$RUNS/cal_var > $RUNS/cal_var.log 2>&1 & P1=$!
+$CT $M train preset=hmar-fmnist $NET $TOK $C $CALC train.out_dir=$RUNS/cal_hmar > $RUNS/cal_hmar.log 2>&1 & P2=$!
 wait $P1 $P2
 IPS_VAR=$(it_per_s $RUNS/cal_var); IPS_HMAR=$(it_per_s $RUNS/cal_hmar)
 if [ -z "$IPS_VAR" ] || [ -z "$IPS_HMAR" ]; then  # a calibration run failed: its log says why

@@ -2,6 +2,7 @@
 # Environment: OUT (files that come back), RUNS (scratch), DATA (an IDX folder; default: unpack
 # .carry/fmnist), DEVICE (cuda), SCALE (study sample-count factor, 1 = the plan's counts), STUDY_END
 # (seconds after the start by which every study process stops), SPEED_T (the speed rows' limit),
+# SMOKE_T / CAL_T (the pre-flight's and the calibration's limits),
 # and the budgets each script names. Dry run on a CPU: see docs/quality.md ("Dry run on a CPU").
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -20,7 +21,8 @@ el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
 # through the device-only paths, seconds; on failure the call stops before any training.
 smoke() {
   el "pre-flight: $* sample through the device paths"
-  if $PY scripts/gpu/quality/smoke_graphs.py $DEVICE "$@" > $RUNS/smoke.log 2> $RUNS/smoke_err.log; then
+  if timeout -s TERM ${SMOKE_T:-150} $PY scripts/gpu/quality/smoke_graphs.py $DEVICE "$@" > $RUNS/smoke.log \
+      2> $RUNS/smoke_err.log; then
     cat $RUNS/smoke.log
   else
     cat $RUNS/smoke.log; grep -v -e Warning -e 'step/s' $RUNS/smoke_err.log | tail -n 30
