@@ -368,10 +368,14 @@ def write_page() -> None:
             L.append("# not measured yet: run the device calls (see How to run the study)")
         L += ["```", ""]
     L += ["## Sample grids", ""]
-    grids = sorted((RES / "grids").glob("*.png")) if (RES / "grids").is_dir() else []
-    for g in grids:
-        L.append(f"![{g.stem}](results/quality/grids/{g.name})")
-    if not grids:
+    made_grids = []
+    for name, caption in GRIDS:
+        if (RES / "grids" / name).is_file():
+            made_grids.append(name)
+            L += [f"**{caption}**", "", f"![{caption}](results/quality/grids/{name})", ""]
+    if made_grids:
+        L.append("The first 8 samples per class of the main rows' seed 0 (HMAR schedules: their rows).")
+    else:
         L.append("(not made yet)")
     L += ["", "## Trade-off curves", ""]
     curve_notes = {
@@ -404,6 +408,16 @@ def write_page() -> None:
     write_readme_block(sums)
 
 
+GRIDS = [
+    ("grid_var.png", "VAR"),
+    ("grid_hmar.png", "HMAR (default schedule)"),
+    ("grid_hmar_schedule_no-refinement.png", "HMAR without refinement"),
+    ("grid_hmar_schedule_refinement-heavy.png", "HMAR, refinement-heavy schedule"),
+    ("grid_mar.png", "MAR"),
+    ("grid_casmar.png", "CASMAR"),
+]
+
+
 def spacing_table(st: dict | None) -> list[str]:
     """The diffusion-spacing check of the MAR / CASMAR plan: the official even spacing vs ddimN."""
     rs = [r for m in ("mar", "casmar") for r in rows(st, m, "spacing")]
@@ -425,15 +439,16 @@ def spacing_table(st: dict | None) -> list[str]:
 
 SPACING_NOTE = (
     "MAR's and CASMAR's diffusion heads use the IDDPM cosine schedule, whose last training step has "
-    'alpha_bar = 2.4e-9. The official samplers respace with even spacing ("100", "250"), which '
-    "starts there: the first reverse step computes x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) "
-    'and multiplies the head\'s eps error by 316 ("100"), 126 ("250") or 1,327 ("25") on its '
-    "way into x_{t-1}. A head trained for hundreds of thousands of steps predicts eps there precisely "
-    "enough; one trained for 1-2 thousand steps does not (eps MSE 0.01 at t = 999 after 1,110 steps, "
-    "docs/results/quality-diagnosis_cpu_2026-12-03.txt), and every chain diverges (latents of magnitude "
-    "10^3-10^4). The study therefore samples with IDDPM's `ddimN` spacing (`range(0, 1000, 1000 / N)`, "
-    "ancestral DDPM steps, the same count), which starts at t = 1000 - 1000/N (gain 1.5-1.9). Same rule "
-    "for both models; the rows below measure both spacings on the trained models (seed 0)."
+    'alpha_bar = 2.4e-9. The official samplers respace with even spacing ("100", "250"), which starts'
+    " there: the first reverse step computes x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) "
+    'and multiplies the head\'s eps error by 316 ("100"), 126 ("250") or 1,327 ("25") on its way into '
+    "x_{t-1}. A head trained for hundreds of thousands of steps predicts eps there precisely enough; "
+    "one trained for 1-2 thousand steps does not (eps MSE 0.01 at t = 999 after 1,110 steps, "
+    "[diagnosis](results/quality-diagnosis_cpu_2026-12-03.txt)), and every chain diverges (latents of"
+    " magnitude 10^3-10^4). The study therefore samples with IDDPM's `ddimN` spacing (`range(0, 1000,"
+    " 1000 / N)`, ancestral DDPM steps, the same count), which starts at t = 1000 - 1000/N (gain "
+    "1.5-1.9). Same rule for both models; the rows below measure both spacings on the trained models "
+    "(seed 0)."
 )
 
 STATUS_EMPTY = [
