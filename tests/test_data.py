@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import lzma
 import struct
 import warnings
 from pathlib import Path
@@ -65,11 +66,12 @@ def _make_folder(root: Path) -> dict[str, Path]:
     return files
 
 
-def _write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:
+def _write_idx(path: Path, arr: np.ndarray, gz: bool | str) -> None:
     codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C}
     header = bytes([0, 0, codes[arr.dtype], arr.ndim]) + struct.pack(f">{arr.ndim}i", *arr.shape)
     payload = header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
-    path.write_bytes(gzip.compress(payload) if gz else payload)
+    packed = {"xz": lzma.compress, True: gzip.compress}.get(gz, lambda b: b)(payload)
+    path.write_bytes(packed)
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -199,15 +201,31 @@ def test_imagefolder_skip_count_is_shared_with_workers(tmp_path):
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
 
-def test_read_idx_plain_gzip_and_int32(tmp_path):
+def test_read_idx_plain_gzip_xz_and_int32(tmp_path):
     arr = np.arange(24, dtype=np.int32).reshape(2, 3, 4) - 5
     _write_idx(tmp_path / "a.idx", arr, gz=False)
     _write_idx(tmp_path / "b.idx", arr, gz=True)
-    np.testing.assert_array_equal(read_idx(tmp_path / "a.idx"), arr)
-    np.testing.assert_array_equal(read_idx(tmp_path / "b.idx"), arr)
+    _write_idx(tmp_path / "x.idx", arr, gz="xz")
+    for name in ("a.idx", "b.idx", "x.idx"):
+        np.testing.assert_array_equal(read_idx(tmp_path / name), arr)
     (tmp_path / "c.idx").write_bytes((tmp_path / "a.idx").read_bytes()[:-4])
     with pytest.raises(ValueError, match="expected"):
         read_idx(tmp_path / "c.idx")
+    (tmp_path / "y.idx").write_bytes((tmp_path / "x.idx").read_bytes()[:-8])
+    with pytest.raises(ValueError, match="corrupt xz"):
+        read_idx(tmp_path / "y.idx")
+
+
+def test_fashion_mnist_reads_the_carried_layout(tmp_path):
+    """.carry/fmnist (scripts/quality_collect.sh prepare): train images as .xz, labels as .gz."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    labels = np.array([2, 0, 5, 9], dtype=np.uint8)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.xz", images, gz="xz")
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels, gz=True)
+    ds = FashionMNISTDataset(tmp_path, "train", resolution=28, channels=1)
+    assert len(ds) == 4 and int(ds[3]["label"]) == 9
+    torch.testing.assert_close(ds[2]["image"][0], torch.from_numpy(images[2]).float() / 127.5 - 1)
 
 
 def test_fashion_mnist_tiny_idx_files(tmp_path):

@@ -1,11 +1,15 @@
 """VQ-VAE decoder precision: bf16 against fp32 on real tokens, and decoding speed per precision.
 
-    maskar bench decode [ckpt=checkpoints/hmar-fmnist] [split=test] [limit=0] [batch=500]
-                        [speed=false] [cases=256x64,1024x8] [reps=5] [device=auto] [json=PATH]
+    maskar bench decode [ckpt=checkpoints/hmar-fmnist] [split=test] [limit=0] [batch=500] [root=DIR]
+                        [quality=true] [speed=false] [cases=256x64,1024x8] [reps=5] [device=auto] [json=PATH]
 
-**Quality** (always): the tokenizer of ``ckpt`` (a generator checkpoint holding its tokenizer, or
-a tokenizer checkpoint) encodes the held-out split of its own dataset in fp32 (``limit`` images,
-0 = all); the final f_hat of those real token pyramids is decoded in fp32 and in bf16
+**Quality** (``quality=true``, the default): the tokenizer of ``ckpt`` (a generator checkpoint
+holding its tokenizer, or a tokenizer checkpoint) encodes ``split`` (default the held-out test
+split) of its own dataset in fp32 (``limit`` images, 0 = all), read from ``root`` (default: the
+checkpoint's ``data.root``; a machine without the installed data can point it at any folder of
+the IDX files, e.g. ``root=.carry/fmnist split=train``: the train split as
+``scripts/quality_collect.sh prepare`` packs it, images .xz and labels .gz); the final f_hat of
+those real token pyramids is decoded in fp32 and in bf16
 (``MultiScaleVQVAE.fhat_to_img(precision=...)``). Printed: PSNR of the bf16 decode against the
 fp32 decode (mean and worst per image, and over all pixels; images in [-1, 1], peak-to-peak 2),
 max |difference|, the share of uint8 pixel values that change once both are written as 8-bit
@@ -31,7 +35,8 @@ from typing import Any
 import torch
 
 DEFAULTS = {
-    "ckpt": "checkpoints/hmar-fmnist", "split": "test", "limit": 0, "batch": 500, "speed": False,
+    "ckpt": "checkpoints/hmar-fmnist", "split": "test", "limit": 0, "batch": 500, "root": "",
+    "quality": True, "speed": False,
     "cases": "256x64,1024x8", "reps": 5, "device": "auto", "json": "",
 }  # fmt: skip
 
@@ -79,7 +84,10 @@ def quality(opts: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
     tok, data_cfg = load_tokenizer(str(opts["ckpt"]), device)
     limit = int(opts["limit"]) or None
-    ds = build_dataset(dataclasses.replace(data_cfg, split=str(opts["split"]), limit=limit, hflip=False))
+    root = str(opts["root"]) or data_cfg.root
+    ds = build_dataset(
+        dataclasses.replace(data_cfg, root=root, split=str(opts["split"]), limit=limit, hflip=False)
+    )
     loader = torch.utils.data.DataLoader(ds, batch_size=int(opts["batch"]), shuffle=False)
     ref, f32, b16 = [], [], []
     for batch in loader:
@@ -94,7 +102,7 @@ def quality(opts: dict[str, Any], device: torch.device) -> dict[str, Any]:
     du = (u32.int() - u16.int()).abs()
     mse_all = (b16 - f32).pow(2).mean()
     return {
-        "ckpt": str(opts["ckpt"]), "split": str(opts["split"]), "images": int(ref.shape[0]),
+        "ckpt": str(opts["ckpt"]), "root": root, "split": str(opts["split"]), "images": int(ref.shape[0]),
         "image_shape": list(ref.shape[1:]),
         "psnr_bf16_vs_fp32_mean": per.mean().item(), "psnr_bf16_vs_fp32_min": per.min().item(),
         "psnr_bf16_vs_fp32_all": (10 * torch.log10(4.0 / mse_all)).item(),
@@ -207,15 +215,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: maskar bench decode {' '.join(argv or [])}")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {gpu} | torch {torch.__version__} | cudnn tf32 {torch.backends.cudnn.allow_tf32}")
-    try:
-        out: dict[str, Any] = {"quality": quality(opts, device)}
-    except Exception as e:  # noqa: BLE001 - e.g. the dataset is not installed here: still time the decoder
-        out = {"quality": {"error": f"{type(e).__name__}: {e}"}}
-        print(f"quality: not measured ({out['quality']['error']})")
+    out: dict[str, Any]
+    if not opts["quality"]:
+        out = {"quality": {"error": "skipped (quality=false)"}}
+        print("quality: skipped (quality=false)")
+    else:
+        try:
+            out = {"quality": quality(opts, device)}
+        except Exception as e:  # noqa: BLE001 - e.g. the dataset is not installed here: still time the decoder
+            out = {"quality": {"error": f"{type(e).__name__}: {e}"}}
+            print(f"quality: not measured ({out['quality']['error']})")
     q = out["quality"]
     if "error" not in q:
         print(
-            f"quality ({q['ckpt']}, {q['split']} split, {q['images']} images {q['image_shape']}): "
+            f"quality ({q['ckpt']}, {q['split']} split of {q['root']}, {q['images']} images "
+            f"{q['image_shape']}): "
             f"bf16 vs fp32 decode PSNR mean {q['psnr_bf16_vs_fp32_mean']:.1f} dB, worst image "
             f"{q['psnr_bf16_vs_fp32_min']:.1f} dB, all pixels {q['psnr_bf16_vs_fp32_all']:.1f} dB; "
             f"max |diff| {q['max_abs_diff']:.2e}; uint8 values changed "

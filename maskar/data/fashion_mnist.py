@@ -1,4 +1,4 @@
-"""Fashion-MNIST (or any MNIST-style data) from IDX files, optionally gzipped.
+"""Fashion-MNIST (or any MNIST-style data) from IDX files, optionally gzip- or xz-compressed.
 
 Default folder: the Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``,
 files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``). The uint8 arrays (47 MB for train)
@@ -8,6 +8,7 @@ are read into memory at construction; resizing happens per item.
 from __future__ import annotations
 
 import gzip
+import lzma
 import os
 from pathlib import Path
 
@@ -37,7 +38,7 @@ _SPLIT_PREFIXES = {"train": ("train",), "test": ("t10k", "test"), "t10k": ("t10k
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read one IDX file (gzipped or not, detected from its first bytes) into a numpy array."""
+    """Read one IDX file (plain, gzip or xz, detected from its first bytes) into a numpy array."""
     path = Path(path)
     with open(path, "rb") as f:
         raw = f.read()
@@ -46,6 +47,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as err:
             raise ValueError(f"{str(path)!r}: corrupt gzip data ({err})") from err
+    elif raw[:6] == b"\xfd7zXZ\x00":  # xz: what .carry/fmnist holds (4 MB smaller than gzip)
+        try:
+            raw = lzma.decompress(raw)
+        except lzma.LZMAError as err:
+            raise ValueError(f"{str(path)!r}: corrupt xz data ({err})") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{str(path)!r} is not an IDX file (expected magic 0x0000<type><ndim>)")
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
@@ -61,14 +67,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def find_idx_file(root: Path, split: str, kind: str) -> Path:
-    """Locate ``<prefix>-<kind>-idx?-ubyte[.gz]`` (also the ``.idx?-ubyte`` spelling) under root."""
+    """Locate ``<prefix>-<kind>-idx?-ubyte[.gz|.xz]`` (also the ``.idx?-ubyte`` spelling) under root."""
     if split not in _SPLIT_PREFIXES:
         raise ConfigError(f"data.split: {split!r} is not a Fashion-MNIST split; expected train or test")
     ndim = 3 if kind == "images" else 1
     tried = []
     for prefix in _SPLIT_PREFIXES[split]:
         for sep in ("-", "."):
-            for suffix in (".gz", ""):
+            for suffix in (".gz", ".xz", ""):
                 candidate = root / f"{prefix}-{kind}{sep}idx{ndim}-ubyte{suffix}"
                 tried.append(candidate.name)
                 if candidate.is_file():

@@ -1,0 +1,45 @@
+"""maskar bench decode: the real-token quality step with a data folder other than the checkpoint's
+(the device machine has only the carried .carry/fmnist), and its skip switch. CPU, tiny data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+import struct
+
+import numpy as np
+
+from maskar.bench.decode import main as bench_decode
+
+
+def _idx(path, arr: np.ndarray, pack) -> None:
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}i", *arr.shape)
+    path.write_bytes(pack(header + arr.tobytes()))
+
+
+def test_quality_reads_root_in_the_carried_layout(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    _idx(
+        data / "train-images-idx3-ubyte.xz", rng.integers(0, 256, (6, 28, 28), dtype=np.uint8), lzma.compress
+    )
+    _idx(data / "train-labels-idx1-ubyte.gz", np.arange(6, dtype=np.uint8), gzip.compress)
+    out_json = tmp_path / "decode.json"
+    argv = [f"root={data}", "split=train", "limit=5", "device=cpu", f"json={out_json}"]
+    assert bench_decode(argv) == 0
+    assert f"train split of {data}, 5 images [1, 32, 32]" in capsys.readouterr().out
+    q = json.loads(out_json.read_text())["quality"]
+    assert q["root"] == str(data) and q["images"] == 5
+    # the bf16 decoder against fp32 on real token pyramids: far below the tokenizer's own error
+    assert q["psnr_bf16_vs_fp32_min"] > 45 and q["psnr_bf16_vs_fp32_mean"] > q["psnr_fp32_vs_original"] + 20
+
+
+def test_quality_false_skips_and_a_missing_root_is_reported(tmp_path, capsys):
+    out_json = tmp_path / "decode.json"
+    assert bench_decode(["quality=false", "device=cpu", f"json={out_json}"]) == 0
+    assert "quality: skipped (quality=false)" in capsys.readouterr().out
+    assert json.loads(out_json.read_text())["quality"] == {"error": "skipped (quality=false)"}
+    assert bench_decode([f"root={tmp_path / 'none'}", "device=cpu"]) == 0
+    assert "quality: not measured (ConfigError: data.root" in capsys.readouterr().out
