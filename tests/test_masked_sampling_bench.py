@@ -56,10 +56,13 @@ def test_bench_compile_variant_equals_eager_with_the_eager_backend(capsys):
 
     torch._dynamo.reset()
     argv = ["--preset", "casmar-tiny", "--device", "cpu", "--batch", "2", "--sample-reps", "1"]
-    assert bench_casmar(argv + ["--compile", "both", "--compile-backend", "eager", "--num-iters", "2"]) == 0
+    extra = ["--compile", "both", "--compile-backend", "eager", "--num-iters", "2", "--profile"]
+    assert bench_casmar(argv + extra) == 0
     out = capsys.readouterr().out
     assert "[eager]" in out and "[eager+compiled]" in out
     assert "tokens vs eager (same seed): exact True" in out
+    # the profile runs after the uncompiled case, before the compile (which may overrun a time limit)
+    assert out.index("[eager]") < out.index("profile of one call") < out.index("[eager+compiled]")
 
 
 def test_profile_ranges_are_removed_again():
@@ -71,6 +74,42 @@ def test_profile_ranges_are_removed_again():
     assert prof["phases_ms"]["transformer"] > 0
     assert "forward_encoder" not in vars(model) and "sample" not in vars(model.diffloss)
     assert sampler.flops["head"] > 0  # the profiled call is a real (first, traced) sampling call
+
+
+def test_kernels_are_filed_under_the_innermost_range_of_their_op():
+    """The GPU profile's attribution against a brute-force search, on random nested ranges."""
+    import random
+
+    rng = random.Random(0)
+    names = {"sampling", "stage1", "stage1/transformer", "stage1/mlp_head", "stage2", "stage2/dit_head"}
+
+    def nest(lo, hi, prefix, depth):
+        spans, t = [], lo
+        kids = sorted(n for n in names if n.startswith(prefix + "/")) if prefix else ["stage1", "stage2"]
+        while depth and kids and t < hi - 4:
+            a = rng.randint(max(t, lo + 1), hi - 3)  # strictly inside the parent (real ranges are)
+            b = rng.randint(a + 1, min(hi - 1, a + 40))
+            name = rng.choice(kids)
+            spans += [(a, b, name), *nest(a, b, name, depth - 1)]
+            t = b + rng.randint(0, 3)  # siblings may touch: one ends where the next starts
+        return spans
+
+    spans = [(0, 400, "sampling"), *nest(0, 400, "", 2)]
+    op_start = {i: rng.randint(-5, 405) for i in range(1, 300)}
+    kernels = [(0, rng.randint(1, 9), "k", rng.randint(1, 320)) for _ in range(2000)]  # some unlinked
+
+    def brute(t):
+        inside = [s for s in spans if s[0] <= t < s[1] or (s[0] == t == s[1])]
+        best = max(inside, key=lambda s: (s[0], -s[1]), default=None)  # the latest start is innermost
+        return ms._phase_key(None if best is None else best[2], names)
+
+    want: dict[str, float] = {}
+    for _, end, _, linked in kernels:
+        where = brute(op_start[linked]) if linked in op_start else "unattributed kernels"
+        want[where] = want.get(where, 0.0) + end / 1e6
+    got = ms._kernel_time_by_phase(spans, op_start, kernels, names)
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k]) for k in want)
+    assert {"stage1/other", "stage1/transformer", "outside the phases", "unattributed kernels"} <= got.keys()
 
 
 def test_union_of_intervals():

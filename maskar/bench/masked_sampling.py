@@ -191,6 +191,17 @@ def casmar_sampler(
 # ----------------------------------------------------------------------------- profile
 
 
+# GPU-side records that are not kernel work: the ranges' GPU annotations and CUPTI's overhead
+# records (by activity type, and by name where a torch lacks activity_type()): "Command Buffer
+# Full" is the host blocked on a full launch queue, filed as device time (bench sample's eager
+# "busy" counted it: more busy than wall in its 2026-12-03 legacy rows). Memcpy / memset count.
+_NOT_KERNELS = ("gpu_user_annotation", "overhead")
+_CUPTI_OVERHEAD = frozenset(
+    ("Driver Compiler", "Buffer Flush", "Instrumentation", "Resource", "Runtime Triggered Module Loading",
+     "Lazy Function Loading", "Command Buffer Full", "Activity Buffer Request", "UVM Activity Init")
+)  # fmt: skip
+
+
 class _Ranges:
     """Profiler ranges around a model's sampling phases (instance attributes, removed after)."""
 
@@ -225,14 +236,6 @@ class _Ranges:
         self.saved.clear()
 
 
-def _device_time(event: Any) -> float:
-    """us of device time under a profiler event (torch renamed cuda_* to device_* in 2.x)."""
-    for attr in ("device_time_total", "cuda_time_total"):
-        if hasattr(event, attr):
-            return float(getattr(event, attr))
-    return 0.0
-
-
 def _union_us(intervals: list[tuple[float, float]]) -> float:
     busy, end = 0.0, float("-inf")
     for s, e in sorted(intervals):
@@ -245,11 +248,72 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return busy
 
 
+def _innermost_range(ranges: list[tuple[int, int, str]]) -> tuple[list[int], list[str | None]]:
+    """Properly nested (start, end, name) ranges as a step function: ``names[i]`` is the innermost
+    range open from ``times[i]`` on (None: none), so ``bisect_right(times, t) - 1`` finds it."""
+    times: list[int] = []
+    names: list[str | None] = []
+    stack: list[tuple[int, str]] = []
+    for start, end, name in sorted(ranges, key=lambda r: (r[0], -r[1])):
+        while stack and stack[-1][0] <= start:
+            times.append(stack.pop()[0])
+            names.append(stack[-1][1] if stack else None)
+        stack.append((end, name))
+        times.append(start)
+        names.append(name)
+    while stack:
+        times.append(stack.pop()[0])
+        names.append(stack[-1][1] if stack else None)
+    return times, names
+
+
+def _phase_key(name: str | None, all_names: set[str]) -> str:
+    """Where a range's own time is filed: ``X/other`` when X has sub-ranges, the top range's
+    (and any time outside every range) under "outside the phases"."""
+    if name is None or name == "sampling":
+        return "outside the phases"
+    return f"{name}/other" if any(n.startswith(name + "/") for n in all_names) else name
+
+
+def _kernel_time_by_phase(
+    spans: list[tuple[int, int, str]],
+    op_start: dict[int, int],
+    kernels: list[tuple[int, int, str, int]],
+    names: set[str],
+) -> dict[str, float]:
+    """ms of kernel time per phase key: each kernel (start, end, name, linked op id; ns) goes to the
+    innermost range of ``spans`` open when its linked CPU-side op started."""
+    from bisect import bisect_right
+
+    times, inner = _innermost_range(spans)
+    out: dict[str, float] = {}
+    for start, end, _, linked in kernels:
+        t = op_start.get(linked)
+        if t is None:
+            where = "unattributed kernels"
+        else:
+            i = bisect_right(times, t) - 1
+            where = _phase_key(inner[i] if i >= 0 else None, names)
+        out[where] = out.get(where, 0.0) + (end - start) / 1e6
+    return out
+
+
+def _activity(event: Any) -> str:
+    kind = getattr(event, "activity_type", None)
+    return kind() if callable(kind) else ""
+
+
 def profile_call(
     sampler: Sampler, labels: torch.Tensor, device: torch.device, precision: str
 ) -> dict[str, Any]:
-    """One sampling call under torch.profiler: time per phase (exclusive; GPU time on CUDA, CPU
-    time on the CPU), and on CUDA the GPU idle time (wall - union of kernels) and top kernels."""
+    """One sampling call under torch.profiler: time per phase (exclusive; GPU kernel time on CUDA,
+    CPU time on the CPU), and on CUDA the GPU idle time (wall - union of kernels) and top kernels.
+
+    The profiler's raw (C++) events are read directly: ``prof.events()`` builds a Python
+    FunctionEvent tree (~80 us per event on a slow CPU) and one graphed CASMAR-B / MAR-B call runs
+    ~0.5-1 million kernels (the 2026-12-03 H200 run's profiles never finished within their time
+    limits; this is the likely cause). A kernel is filed under the innermost phase range open when the
+    CPU-side op it is linked to (its launch, or the graph replay that ran it) started."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -271,39 +335,48 @@ def profile_call(
                 wall = time_one(lambda: sampler.tokens(labels))
     finally:
         ranges.restore()
-    totals: dict[str, float] = {}
-    events = prof.events()
-    for ev in events:  # host-side ranges only: their device time is that of the kernels they launched
-        if getattr(ev, "device_type", DeviceType.CPU) == DeviceType.CPU and (
-            ev.name in ranges.names or ev.name == "sampling"
-        ):
-            t = (_device_time(ev) if on_gpu else float(ev.cpu_time_total)) / 1e3
-            totals[ev.name] = totals.get(ev.name, 0.0) + t
+    names = ranges.names | {"sampling"}
+    spans: list[tuple[int, int, str]] = []  # the phase ranges (CPU side)
+    op_start: dict[int, int] = {}  # correlation id of every CPU-side op / range -> its start (ns)
+    kernels: list[tuple[int, int, str, int]] = []  # (start, end, name, linked op) on the GPU
+    for ev in prof.profiler.kineto_results.events():
+        name, kind = ev.name(), ev.device_type()
+        if kind == DeviceType.CPU:
+            if ev.linked_correlation_id() == 0:  # an op or a range (runtime calls are linked)
+                op_start[ev.correlation_id()] = ev.start_ns()
+            if name in names:
+                spans.append((ev.start_ns(), ev.start_ns() + ev.duration_ns(), name))
+        elif kind == DeviceType.CUDA and name not in names and name not in _CUPTI_OVERHEAD:
+            if _activity(ev) in _NOT_KERNELS:
+                continue
+            start = ev.start_ns()
+            kernels.append((start, start + ev.duration_ns(), name, ev.linked_correlation_id()))
     exclusive: dict[str, float] = {}
-    for name, t in totals.items():
-        if name == "sampling":
-            children = [c for c in totals if "/" not in c and c != "sampling"]
-            key = "outside the phases"
-        else:
-            children = [c for c in totals if c.startswith(name + "/") and "/" not in c[len(name) + 1 :]]
-            key = f"{name}/other" if children else name
-        exclusive[key] = t - sum(totals[c] for c in children)
-    kernels: dict[str, float] = {}
-    intervals: list[tuple[float, float]] = []
-    for ev in events:
-        if on_gpu and getattr(ev, "device_type", None) == DeviceType.CUDA:
-            intervals.append((ev.time_range.start, ev.time_range.end))
-            kernels[ev.name] = kernels.get(ev.name, 0.0) + (ev.time_range.end - ev.time_range.start) / 1e3
-    busy = _union_us(intervals) / 1e3
+    if on_gpu:
+        exclusive = _kernel_time_by_phase(spans, op_start, kernels, names)
+    else:
+        totals: dict[str, float] = {}
+        for start, end, name in spans:
+            totals[name] = totals.get(name, 0.0) + (end - start) / 1e6
+        for name, t in totals.items():
+            parent = "" if name == "sampling" else name + "/"
+            children = [
+                c for c in totals if c != "sampling" and c.startswith(parent) and "/" not in c[len(parent) :]
+            ]
+            exclusive[_phase_key(name, names)] = t - sum(totals[c] for c in children)
+    by_name: dict[str, float] = {}
+    for start, end, name, _ in kernels:
+        by_name[name] = by_name.get(name, 0.0) + (end - start) / 1e6
+    busy = _union_us([(s, e) for s, e, _, _ in kernels]) / 1e6
     return {
         "clock": "GPU" if on_gpu else "CPU",
         "wall_ms": wall,
-        "busy_ms": busy if intervals else None,
-        "kernel_ms": sum(kernels.values()),
-        "idle_ms": wall - busy if intervals else None,
+        "busy_ms": busy if kernels else None,
+        "kernel_ms": sum(by_name.values()),
+        "idle_ms": wall - busy if kernels else None,
         "phases_ms": dict(sorted(exclusive.items())),
-        "top_kernels_ms": sorted(kernels.items(), key=lambda kv: -kv[1])[:15],
-        "kernels": len(intervals),
+        "top_kernels_ms": sorted(by_name.items(), key=lambda kv: -kv[1])[:15],
+        "kernels": len(kernels),
     }
 
 
@@ -339,7 +412,8 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 def variants(args: argparse.Namespace, device: torch.device) -> list[tuple[bool, bool]]:
     """(graphs, compiled) cases in run order: uncompiled first (compiling cannot be undone),
     graphs before eager (the eager case then needs no warm-up of its own); with both switches
-    on ``both``, the eager case runs uncompiled only."""
+    on ``both``, the eager case runs uncompiled only. ``--profile`` runs after the uncompiled
+    cases, before the first compile."""
     graph_modes = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graph]
     compile_modes = {"on": [True], "off": [False], "both": [False, True]}[args.compile]
     if device.type != "cuda":
@@ -361,10 +435,10 @@ def run_cases(
     rows: list[dict[str, Any]] = []
     reference: dict[int, tuple[str, torch.Tensor]] = {}
     compiled = False
-    for n_variant, (graphs, compile_now) in enumerate(variants(args, device)):
-        if n_variant == 1 and args.profile:  # before any compile: a compile that overruns cannot cost it
-            profile_first(samplers[0], rows, args, device, precision, meta)
+    for graphs, compile_now in variants(args, device):
         if compile_now and not compiled:
+            if args.profile and rows:  # after the uncompiled rows, before a compile that may overrun
+                profile_first(samplers[0], rows, args, device, precision, meta)
             for model in {id(s.model): s.model for s in samplers}.values():
                 model.compile_sampler(backend=args.compile_backend)
             compiled = True
@@ -436,8 +510,13 @@ def profile_first(
     first = next(r for r in rows if r["case"] == sampler.label)
     set_graphs(sampler.model, bool(first["graphs"]))
     labels = torch.arange(args.batch, device=device) % sampler.model.num_classes
-    first["profile"] = profile_call(sampler, labels, device, precision)
-    print_profile(f"{sampler.label} ({variant_name(first)})", first["profile"])
+    try:
+        first["profile"] = profile_call(sampler, labels, device, precision)
+    except Exception as e:  # noqa: BLE001 - a profiler failure must not cost the variants after it
+        first["profile"] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"\nprofile of one call, {sampler.label}: failed ({first['profile']['error']})", flush=True)
+    else:
+        print_profile(f"{sampler.label} ({variant_name(first)})", first["profile"])
     write_json(args.json, rows, meta or {})
 
 
