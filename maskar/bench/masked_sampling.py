@@ -310,10 +310,11 @@ def profile_call(
     CPU time on the CPU), and on CUDA the GPU idle time (wall - union of kernels) and top kernels.
 
     The profiler's raw (C++) events are read directly: ``prof.events()`` builds a Python
-    FunctionEvent tree (~80 us per event on a slow CPU) and one graphed CASMAR-B / MAR-B call runs
-    ~0.5-1 million kernels (the 2026-12-03 H200 run's profiles never finished within their time
-    limits; this is the likely cause). A kernel is filed under the innermost phase range open when the
-    CPU-side op it is linked to (its launch, or the graph replay that ran it) started."""
+    FunctionEvent tree (~80 us per event on a slow CPU) and one graphed CASMAR-B / MAR-B call
+    runs hundreds of thousands of kernels (the 2026-12-03 H200 run's profiles never finished
+    within their time limits; this is the likely cause). A kernel is filed under the innermost
+    phase range open when the CPU-side op it is linked to (its launch, or the graph replay that
+    ran it) started."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 

@@ -17,7 +17,7 @@
 # The 2026-12-03 run (TEST_T=60 CASMAR_T=170 MAR_T=150, the old order graphs / profile / eager /
 # compiled) measured the graphs rows only: both profiles started and never finished. Likely cause:
 # prof.events() builds a Python event tree (20 s per 250k events on the 2-core dev CPU) and a graphed
-# call runs ~0.5-1 million kernels; the bench reads the profiler's raw events since.
+# call runs hundreds of thousands of kernels; the bench reads the profiler's raw events since.
 # Run from the repository root: OUT=/tmp/out scripts/gpu/bench_masked_sampling.sh
 # CPU smoke test of the script itself (tiny presets, dynamo's eager backend; the GPU tests skip):
 #   A="--device cpu --batch 2 --compile-backend eager"; OUT=/tmp/o PY=python COMPILE=1 \
