@@ -88,6 +88,11 @@ def times(call: str) -> dict[str, tuple[float, int]]:
 
 
 def final_step(run: str) -> int | None:
+    # train.steps of the run's config: the log's last line is a log_every multiple, not the last step
+    p = RES / "logs" / f"{run}_config.yaml"
+    m = re.search(r"\ntrain:\n(?:  .*\n)*?  steps: (\d+)", p.read_text()) if p.is_file() else None
+    if m:
+        return int(m.group(1))
     pts = parse_log(RES / "logs" / f"{run}_log.txt")
     return pts[-1][0] if pts else None
 
@@ -269,6 +274,75 @@ def target_line(a: str, b: str, sums: dict, key: str, label: str) -> str:
     )
 
 
+PLAN_ROWS = {  # the plans' curve rows (scripts/gpu/quality/plan_*.yaml), to name the ones a run lacks
+    "var": ["cfg", "train_curve"],
+    "hmar": ["schedule", "cfg", "train_curve", "train_curve_s2"],
+    "mar": ["spacing", "cfg", "num_iter", "train_curve"],
+    "casmar": ["spacing", "cfg", "dit_steps", "num_iter", "train_curve"],
+}
+
+
+def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
+    """What the measured rows say, the budget as run, and the plan rows the run did not reach."""
+    if not any(sums[m]["main"] for m in MODELS):
+        return []
+    L = ["", "**What the run shows.**", ""]
+    for a, b in (("var", "hmar"), ("mar", "casmar")):
+        sa, sb = sums[a], sums[b]
+        if not (sa["fd"] and sb["fd"]):
+            continue
+        fa, fb = statistics.mean(sa["fd"]), statistics.mean(sb["fd"])
+        word = "better" if fb < fa else "worse"
+        line = (
+            f"- {NAMES[b]} against {NAMES[a]}: FD_clf {fb:.1f} vs {fa:.1f} ({fb / fa:.2f}×, {word}), class "
+            f"accuracy {100 * statistics.mean(sb['acc']):.1f}% vs {100 * statistics.mean(sa['acc']):.1f}%, "
+            f"precision {statistics.mean(sb['prec']):.2f} vs {statistics.mean(sa['prec']):.2f}, recall "
+            f"{statistics.mean(sb['rec']):.2f} vs {statistics.mean(sa['rec']):.2f}."
+        )
+        if sa["gpu_s"] and sb["gpu_s"]:
+            r = sb["gpu_s"] / sa["gpu_s"]
+            line += (
+                f" Training took {sb['gpu_s'] / 60:.2f} vs {sa['gpu_s'] / 60:.2f} GPU-minutes ({r:.2f}×): "
+                + ("equal within 10%." if abs(r - 1) <= 0.10 else
+                   f"equal steps × batch, but **not** equal GPU-minutes ({NAMES[b if r > 1 else a]} had "
+                   f"{max(r, 1 / r):.1f}× the compute; issue 17 asks for both within 10%).")
+            )
+        L.append(line)
+    sched = {r["label"]: r["metrics"]["FD_clf"] for r in rows(studies["var_hmar"], "hmar", "schedule")}
+    if len(sched) >= 2:
+        L.append(
+            "- HMAR's mask schedules (2,000 samples, seed 0): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in sched.items())
+            + ". At this size and budget the intra-scale refinement does not lower FD_clf: the "
+            "refinement-free schedule is the best of the three."
+        )
+    missing = []
+    for m in MODELS:
+        have = {r["row"] for r in (studies[CALL[m]] or {}).get("rows", []) if r["model"] == m}
+        if not have:
+            continue
+        lack = [n for n in PLAN_ROWS[m] if n not in have]
+        if lack:
+            missing.append(f"{NAMES[m]} ({', '.join(lack)})")
+    if missing:
+        L.append(
+            "- Not measured in this run: the curve rows " + "; ".join(missing) + ". Each model's study "
+            "process stops at the call's deadline (`STUDY_END`) with the rows it finished; the rows run "
+            "in plan order, so these came after the deadline."
+        )
+    if not any(sums[m]["fid"] for m in MODELS):
+        L.append("- TF-Inception FID: not computed yet (`scripts/quality_collect.sh fid`, CPU).")
+    else:
+        n = sorted({x["samples"] for m in MODELS for x in sums[m]["inc"]})
+        L.append(
+            f"- TF-Inception FID on {', '.join(str(x) for x in n)} per seed, not the 10,000 issue 17 asks "
+            "for: it runs on this machine's CPU (the weights cannot travel to the GPU machine), about "
+            "0.22 s an image."
+        )
+    return L
+
+
+
 def write_page() -> None:
     studies = {"var_hmar": load("var_hmar.json"), "mar_casmar": load("mar_casmar.json")}
     cpu = load("cpu_speed.json")
@@ -324,7 +398,15 @@ def write_page() -> None:
         acc = sums[m]["acc"]
         ok = "not measured yet" if not acc else ("met" if min(acc) >= 0.9 else "**missed**")
         L.append(f"- {NAMES[m]} class accuracy ≥ 90%: {ok}")
+    L += findings(sums, studies)
     L += ["", "## The commands behind every number", ""]
+    L += [
+        "MAR and CASMAR are shipped (`checkpoints/mar-fmnist`, `checkpoints/casmar-fmnist`); the study's VAR",
+        "and HMAR checkpoints are not (`runs/quality/var`, `runs/quality/hmar` exist where device call 1",
+        "ran): with them the shipped checkpoints would exceed the 60 MB budget. `checkpoints/hmar-fmnist`",
+        "is the earlier, longer-trained HMAR demo.",
+        "",
+    ]
     for m in MODELS:
         s = sums[m]
         L.append(f"**{NAMES[m]}**")
@@ -455,15 +537,16 @@ STATUS_EMPTY = [
     "**Status: no numbers yet.** The first attempt (2026-12-03, two device calls) produced no usable",
     "numbers: VAR / HMAR trained but their study stopped at its first row on a CUDA-graph call-site bug,",
     "and the MAR / CASMAR models it exported sampled noise (EMA of a short run, and the diffusion",
-    "spacing); see [The 2026-12-03 attempt](#the-2026-12-03-attempt). Both are fixed; the table awaits",
-    "the next GPU session ([How to run the study](#how-to-run-the-study)).",
+    "spacing); see [The first attempt](#the-first-attempt-2026-12-03-morning). Both are fixed; the",
+    "table awaits the next GPU session ([How to run the study](#how-to-run-the-study)).",
     "",
 ]
 
 HISTORY = [
-    "## The 2026-12-03 attempt",
+    "## The first attempt (2026-12-03, morning)",
     "",
-    "Two device calls ran on one H200; neither gave a number that is reported here.",
+    "Two device calls ran on one H200; neither gave a number that is reported here (the table comes from",
+    "the second attempt, the same afternoon, with the fixes below).",
     "",
     "- **Call 1 (VAR / HMAR)** trained VAR for 800 steps and HMAR for 530 + 270 at batch 768 (3.4 it/s:",
     "  the VQ tokenizer's fp32 bicubic upsampling dominated at that batch) and the KL tokenizer",
@@ -495,8 +578,7 @@ HISTORY = [
     "  exports the final weights; how good those are, only that run will show (the online weights of",
     "  the 2026-12-03 runs did not come back).",
     "",
-    "The checkpoints of that attempt were not shipped; `tests/test_quality_study.py` keeps skipping the",
-    "shipped-demo tests until `checkpoints/casmar-fmnist` / `checkpoints/mar-fmnist` exist.",
+    "The checkpoints of that attempt were not shipped.",
     "",
 ]
 
@@ -544,7 +626,7 @@ PROTOCOL = [
     "- **Equal budget per pair**: same tokenizer, batch (VAR/HMAR 768, MAR/CASMAR 1024), number of steps,",
     "  LR schedule (cosine / lin0 to 0.1×, 5% warm-up) and EMA: none for all four (runs of a few thousand",
     "  steps; a 0.999 EMA would still be a third random initialisation after 1,100 steps: see the",
-    "  2026-12-03 attempt). HMAR's stage 1 (2/3 of the steps) and stage 2 (1/3) together against VAR.",
+    "  first attempt). HMAR's stage 1 (2/3 of the steps) and stage 2 (1/3) together against VAR.",
     "  The step count is fixed at the start of each device call by a 60-step calibration of both",
     "  members side by side: the slower one's speed × the window (210 s). Both members train at the same",
     "  time on the same GPU; their wall-clock minutes are in the table.",

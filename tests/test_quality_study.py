@@ -93,6 +93,15 @@ def test_select_rows_and_merge_split_a_plan_over_processes(tmp_path):
         pick(plan, ["c"])
     with pytest.raises(ConfigError, match="kinds"):
         pick(plan, None, "fast")
+    assert [(r["model"], r["name"]) for r in pick(plan, ["a"], "all", ["main"])["rows"]] == [("a", "main")]
+    assert [(r["model"], r["name"]) for r in pick(plan, None, "all", ["!main"])["rows"]] == [
+        ("a", "speed"),
+        ("b", "speed"),
+    ]
+    with pytest.raises(ConfigError, match="rows: \\['cfg'\\] not in the plan"):
+        pick(plan, None, "all", ["cfg"])
+    with pytest.raises(ConfigError, match="not both"):
+        pick(plan, None, "all", ["main", "!speed"])
     parts = []
     for i, m in enumerate(["a", "b"]):
         rep = {"meta": {"date": f"d{i}", "ckpts": {m: f"/x/{m}"}}, "rows": [{"model": m}], "speed": []}

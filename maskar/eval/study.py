@@ -149,19 +149,33 @@ def expand(plan: dict[str, Any], scale: float, runs: dict[str, str]) -> list[Poi
     return points
 
 
-def select_rows(plan: dict[str, Any], models: list[str] | None = None, kinds: str = "all") -> dict[str, Any]:
-    """The plan restricted to ``models`` (None: all) and to its scored rows, its speed rows or both."""
+def select_rows(
+    plan: dict[str, Any], models: list[str] | None = None, kinds: str = "all", names: list[str] | None = None
+) -> dict[str, Any]:
+    """The plan restricted to ``models`` (None: all), to its scored rows, its speed rows or both, and
+    to the rows called ``names`` (None: all; a name starting with ``!`` excludes that row instead), so
+    that one model's rows can run in several processes at once."""
     if kinds not in KINDS:
         raise ConfigError(f"kinds: expected one of {list(KINDS)}, got {kinds!r}")
     known = sorted({r["model"] for r in plan["rows"]})
     unknown = sorted(set(models or []) - set(known))
     if unknown:
         raise ConfigError(f"models: {unknown} not in the plan (its models: {known})")
+    take = {n for n in names or [] if not n.startswith("!")}
+    drop = {n[1:] for n in names or [] if n.startswith("!")}
+    row_names = sorted({r["name"] for r in plan["rows"]})
+    unknown = sorted((take | drop) - set(row_names))
+    if unknown:
+        raise ConfigError(f"rows: {unknown} not in the plan (its rows: {row_names})")
+    if take and drop:
+        raise ConfigError(f"rows: give names to run or !names to skip, not both (got {sorted(names or [])})")
     keep = [
         r
         for r in plan["rows"]
         if (models is None or r["model"] in models)
         and (kinds == "all" or (r["name"] == "speed") == (kinds == "speed"))
+        and (not take or r["name"] in take)
+        and r["name"] not in drop
     ]
     return {**plan, "rows": keep}
 
@@ -414,6 +428,7 @@ USAGE = (
     "maskar bench quality plan=PLAN.yaml out=DIR classifier=DIR ckpt.NAME=DIR [ckpt.NAME=DIR ...] "
     "[run.NAME=RUN_DIR] [as.NAME=SHOWN_PATH] [scale=1.0] [batch=1000] [device=auto] [tag=study] "
     "[data_root=/usr/share/datasets/fashion-mnist] [models=a,b] [kinds=all|quality|speed] "
+    "[rows=main,cfg|!main] "
     "[sample.KEY=VALUE: added to every point, dry runs]; or: maskar bench quality merge=OUT.json IN.json ..."
 )
 
@@ -428,7 +443,7 @@ def main(argv: list[str]) -> int:
         return 0
     opts: dict[str, Any] = {"plan": None, "out": None, "classifier": None, "scale": 1.0, "batch": 1000,
                             "device": "auto", "tag": "study", "data_root": DATA_ROOT, "models": None,
-                            "kinds": "all"}  # fmt: skip
+                            "kinds": "all", "rows": None}  # fmt: skip
     groups: dict[str, dict[str, str]] = {"ckpt": {}, "run": {}, "as": {}}
     extra: list[str] = []
     for item in argv:
@@ -452,9 +467,15 @@ def main(argv: list[str]) -> int:
     models = opts["models"]
     if models is not None:
         models = [str(m) for m in models] if isinstance(models, list) else str(models).split(",")
-    plan = select_rows(load_plan(str(opts["plan"])), models, str(opts["kinds"]))
+    names = opts["rows"]
+    if names is not None:
+        names = [str(n) for n in names] if isinstance(names, list) else str(names).split(",")
+    plan = select_rows(load_plan(str(opts["plan"])), models, str(opts["kinds"]), names)
     if not plan["rows"]:
-        raise ConfigError(f"plan {opts['plan']}: no rows for models={opts['models']} kinds={opts['kinds']}")
+        raise ConfigError(
+            f"plan {opts['plan']}: no rows for models={opts['models']} kinds={opts['kinds']} "
+            f"rows={opts['rows']}"
+        )
     run_study(plan, groups["ckpt"], groups["run"], groups["as"], str(opts["out"]),
               str(opts["classifier"]), str(opts["device"]), batch, scale, str(opts["data_root"]),
               str(opts["tag"]), extra)  # fmt: skip
