@@ -3,7 +3,8 @@
 # budget, on the KL tokenizer trained in call 1 (carried as .carry/kl), and the shipped demos.
 #   0. pre-flight (~20 s): MAR and CASMAR (random weights) sample through the study's entry and the
 #      diffusion heads' CUDA-graph chains; a failure stops the call before anything is trained
-#   1. a 60-step calibration of MAR and CASMAR side by side -> STEPS: the slower one's speed x TRAIN_S
+#   1. a 60-step calibration of CASMAR and MAR at two sizes side by side -> the MAR size whose step
+#      costs nearest CASMAR's (equal GPU-minutes), STEPS: the slower one's speed x TRAIN_S
 #   2. MAR || CASMAR, STEPS steps each (same batch 1024, lr 4e-4, no EMA, same tokenizer), 5 checkpoints
 #      each for the training curves; as soon as one is trained: its bf16 export as the shipped
 #      checkpoint (checkpoints/mar-fmnist, checkpoints/casmar-fmnist: tokenizer inside, sampling
@@ -38,18 +39,31 @@ C="data.root=$DATA data.num_workers=$WORKERS train.progress=false train.tensorbo
 train.batch_size=$BS train.lr=4e-4 train.min_lr=4e-5 train.ema=0 train.compile=false device=$DEVICE \
 model.tokenizer_ckpt=$KL model.tokenizer.scale_factor=$SF"
 
-el "calibration: $CAL steps of MAR and CASMAR side by side"
+# Equal steps x batch and equal GPU-minutes (issue 17) need a MAR whose step costs what CASMAR's does:
+# CASMAR's step is its MAR backbone's plus the scaffold pass and the DiT head (2.6x mar-fmnist-s's in
+# the 2026-12-03 run). The calibration times CASMAR beside two MAR sizes, mar-fmnist-s and MAR_M (by
+# default the backbone and head widths of the 30k-step mar-fmnist preset), and the study trains the
+# MAR whose speed is nearer CASMAR's (MAR_SIZE=s|m forces one).
+MAR_M=${MAR_M:-"model.encoder_embed_dim=256 model.encoder_depth=4 model.decoder_embed_dim=256 \
+model.decoder_depth=4 model.diffloss_w=256"}
+el "calibration: $CAL steps of CASMAR and MAR at two sizes side by side"
 CALC="train.steps=$CAL train.log_every=$((CAL / 2)) train.ckpt_every=0 train.warmup_steps=10"
 CT="timeout -s TERM ${CAL_T:-150}"
 $CT $M train preset=mar-fmnist-s $C $CALC train.out_dir=$RUNS/cal_mar > $RUNS/cal_mar.log 2>&1 & P1=$!
+$CT $M train preset=mar-fmnist-s $MAR_M $C $CALC train.out_dir=$RUNS/cal_mar_m > $RUNS/cal_mar_m.log 2>&1 & P3=$!
 $CT $M train preset=casmar-fmnist-s $C $CALC train.out_dir=$RUNS/cal_casmar > $RUNS/cal_casmar.log 2>&1 & P2=$!
-wait $P1 $P2
-IPS_MAR=$(it_per_s $RUNS/cal_mar); IPS_CASMAR=$(it_per_s $RUNS/cal_casmar)
-if [ -z "$IPS_MAR" ] || [ -z "$IPS_CASMAR" ]; then  # a calibration run failed: its log says why
-  tail -n 5 $RUNS/cal_mar.log $RUNS/cal_casmar.log; IPS_MAR=${IPS_MAR:-5}; IPS_CASMAR=${IPS_CASMAR:-5}
+wait $P1 $P2 $P3
+IPS_MAR_S=$(it_per_s $RUNS/cal_mar); IPS_MAR_M=$(it_per_s $RUNS/cal_mar_m); IPS_CASMAR=$(it_per_s $RUNS/cal_casmar)
+if [ -z "$IPS_MAR_S" ] || [ -z "$IPS_MAR_M" ] || [ -z "$IPS_CASMAR" ]; then  # a run failed: its log says why
+  tail -n 5 $RUNS/cal_mar.log $RUNS/cal_mar_m.log $RUNS/cal_casmar.log
+  IPS_MAR_S=${IPS_MAR_S:-5}; IPS_MAR_M=${IPS_MAR_M:-0}; IPS_CASMAR=${IPS_CASMAR:-5}
 fi
+MAR_SIZE=${MAR_SIZE:-$($PY -c "import math, sys; s, m, c = map(float, sys.argv[1:]); \
+print('m' if m > 0 and abs(math.log(m / c)) < abs(math.log(s / c)) else 's')" $IPS_MAR_S $IPS_MAR_M $IPS_CASMAR)}
+if [ "$MAR_SIZE" = m ]; then MAR_NET=$MAR_M; IPS_MAR=$IPS_MAR_M; else MAR_NET=""; IPS_MAR=$IPS_MAR_S; fi
 STEPS=$(steps_for $TRAIN_S $IPS_MAR $IPS_CASMAR)
-echo "calibration it/s: mar $IPS_MAR casmar $IPS_CASMAR -> $STEPS steps each (batch $BS)" | tee $RUNS/budget.txt
+echo "calibration it/s: mar-s $IPS_MAR_S mar-m $IPS_MAR_M casmar $IPS_CASMAR -> MAR size $MAR_SIZE" \
+  "(${MAR_NET:-mar-fmnist-s as is}), $STEPS steps each (batch $BS)" | tee $RUNS/budget.txt
 
 el "train MAR || CASMAR; each one's export and study rows as soon as it is trained"
 T="train.steps=$STEPS train.warmup_steps=$((STEPS / 20)) train.ckpt_every=$((STEPS / 5)) train.keep_last=10 \
@@ -69,7 +83,7 @@ pipeline() {  # pipeline NAME TRAIN_EXTRA SHIP_SAMPLE
     study $m $PLAN $m $args
   fi
 }
-pipeline mar "" "$SHIP_MAR_SAMPLE" & P1=$!
+pipeline mar "$MAR_NET" "$SHIP_MAR_SAMPLE" & P1=$!
 pipeline casmar "model.pred_cond_warmup_steps=$((STEPS * 3 / 10))" "$SHIP_CASMAR_SAMPLE" & P2=$!
 wait $P1 $P2
 
@@ -83,7 +97,7 @@ $M bench quality merge=$RUNS/study/mar_casmar.json $RUNS/study/mar.json $RUNS/st
 
 el "pack"
 mkdir -p $RUNS/logs
-for r in mar casmar cal_mar cal_casmar; do
+for r in mar casmar cal_mar cal_mar_m cal_casmar; do
   cp $RUNS/$r/log.txt $RUNS/logs/${r}_log.txt 2>/dev/null; cp $RUNS/$r/config.yaml $RUNS/logs/${r}_config.yaml 2>/dev/null
 done
 cp $RUNS/*.log $RUNS/*.txt $RUNS/logs/ 2>/dev/null
