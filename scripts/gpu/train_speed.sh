@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 13, run 1 (one H200; about 8 minutes, every stage under its own timeout, 10.3 minutes at most):
+# Issue 13, run 1 (one H200; about 8 minutes; every stage under its own timeout, capped so that the
+# whole script ends by DEADLINE, default 570 s, inside the device call's 10 minutes):
 # VAR/HMAR training-step speed and the checks that go with it.
 #   0. The tokenizer's resampling (about 30 s): the GPU test of the matrix-form bicubic
 #      (tests/test_resample.py, TF32 on, bf16 autocast) and `maskar bench tokenizer_ops`: old
@@ -27,17 +28,21 @@ set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s); el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
+DEADLINE=${DEADLINE:-570}
+# cap LIMIT: the stage's own limit, or the seconds left before DEADLINE if fewer (at least 5), so a
+# slow stage shortens the later ones instead of the call ending with no summary
+cap() { local s=$(( T0 + DEADLINE - $(date +%s) )); [ $s -lt 5 ] && s=5; echo $(( $1 < s ? $1 : s )); }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
 
 el "0. tokenizer resampling: GPU test, then old vs new ops"
 rm -f /tmp/tokenizer_ops.json
-{ timeout 60 python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_resample.py 2>&1 | tail -n 3
-  timeout 90 python3 -m maskar bench tokenizer_ops cases=256x32,fmnistx768,256x64,1024x8 \
+{ timeout $(cap 60) python3 -m pytest -q -rf -m gpu -p no:cacheprovider tests/test_resample.py 2>&1 | tail -n 3
+  timeout $(cap 90) python3 -m maskar bench tokenizer_ops cases=256x32,fmnistx768,256x64,1024x8 \
     json=/tmp/tokenizer_ops.json 2>&1; } | tee "$OUT/tokenizer_ops.txt"
 
 el "0b. fused q/k norm: check against the torch code, then time both"
-timeout 45 env TORCHINDUCTOR_COMPILE_THREADS=1 python3 - <<'EOF' 2>&1 | tee /tmp/qk_norm.txt
+timeout $(cap 45) env TORCHINDUCTOR_COMPILE_THREADS=1 python3 - <<'EOF' 2>&1 | tee /tmp/qk_norm.txt
 import statistics, sys, torch
 sys.path.insert(0, "tests")
 from test_qk_norm_kernel import errors_vs_reference, make_inputs, torch_reference
@@ -93,12 +98,12 @@ row("torch code, Inductor", nan, nan, ms(fwd_bwd(torch.compile(torch_reference))
 EOF
 
 el "1. bench 256 px"
-timeout 260 python3 -m maskar bench train_step res=256 steps=25 warmup=5 explain=true \
+timeout $(cap 260) python3 -m maskar bench train_step res=256 steps=25 warmup=5 explain=true \
   rows=hmar/d16/blocks,var/d16/blocks,hmar/d30/blocks/ac,hmar/d16/false,var/d16/false \
   profile="$OUT/profile.txt" json="$OUT/bench_256.json" 2>&1 | tee "$OUT/bench_256.txt"
 
 el "2. bench 1024 px"
-timeout 160 python3 -m maskar bench train_step res=1024 steps=20 warmup=3 \
+timeout $(cap 160) python3 -m maskar bench train_step res=1024 steps=20 warmup=3 \
   rows=hmar/d16/blocks,var/d16/blocks,hmar/d16/blocks/attn-scales,var/d16/blocks/attn-scales \
   profile="$OUT/profile.txt" json="$OUT/bench_1024.json" 2>&1 | tee "$OUT/bench_1024.txt"
 
@@ -117,7 +122,7 @@ def batches():  # 2048 samples: 64 steps of 32
         yield d
 write_latents("/tmp/lat256", batches(), num_classes=1000)
 EOF
-timeout 100 python3 -m maskar train preset=hmar-d16 data.name=latents data.root=/tmp/lat256 data.num_workers=4 \
+timeout $(cap 100) python3 -m maskar train preset=hmar-d16 data.name=latents data.root=/tmp/lat256 data.num_workers=4 \
   train.batch_size=32 train.steps=60 train.log_every=20 train.ckpt_every=0 train.progress=false \
   train.tensorboard=false train.out_dir=/tmp/runs/hmar_d16 > "$OUT/train_hmar_d16.log" 2>&1
 echo "rc=$?"; grep "step " "$OUT/train_hmar_d16.log" | tail -n 3
