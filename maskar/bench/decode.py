@@ -2,6 +2,7 @@
 
     maskar bench decode [ckpt=checkpoints/hmar-fmnist] [split=test] [limit=0] [batch=500] [root=DIR]
                         [quality=true] [speed=false] [cases=256x64,1024x8] [reps=5] [device=auto] [json=PATH]
+                        [variants=fp32-strict,fp32,bf16]
 
 **Quality** (``quality=true``, the default): the tokenizer of ``ckpt`` (a generator checkpoint
 holding its tokenizer, or a tokenizer checkpoint) encodes ``split`` (default the held-out test
@@ -19,10 +20,15 @@ tokenizer's own error, for scale).
 **Speed** (``speed=true``, meant for a GPU): the d16 tokenizer (``vae_ch160v4096z32``, random
 official init; at 1024 px the official 1024 px schedule) decodes the f_hat of random token
 pyramids of B images, chunked as sampling does (``maskar.models.var.decode_in_chunks``), in
-``fp32`` (cuDNN as configured: it allows TF32 by default), ``fp32-strict`` (TF32 off) and ``bf16``.
-Each variant: median of ``reps`` CUDA-event timings after one warm-up, peak allocated memory of
-the decode alone (GB = 1e9 B), and PSNR against ``fp32-strict``. Floors: FLOPs / 790 TFLOP/s
-(bf16) and / 395 TFLOP/s (TF32), the H200's dense matmul peaks.
+each of the ``variants``: ``fp32-strict`` (TF32 off; always run first, the reference),
+``fp32`` (cuDNN as configured: it allows TF32 by default), ``bf16`` (the sampling path: on
+CUDA the fused GroupNorm+SiLU of ``maskar.kernels.group_norm``), ``bf16-torch-gn`` (bf16 with
+torch's group norm and SiLU: the decode before that kernel) and ``bf16-cl`` (``bf16`` in
+channels-last memory, ``vqvae.BF16_CHANNELS_LAST``). Each variant: median of ``reps``
+CUDA-event timings after one warm-up, peak allocated memory of the decode alone (GB = 1e9 B),
+PSNR against ``fp32-strict`` and, for variants listed after ``bf16-torch-gn``, against it (new
+against old decode). Floors: FLOPs / 790 TFLOP/s (bf16) and / 395 TFLOP/s (TF32), the H200's
+dense matmul peaks.
 """
 
 from __future__ import annotations
@@ -37,8 +43,17 @@ import torch
 DEFAULTS = {
     "ckpt": "checkpoints/hmar-fmnist", "split": "test", "limit": 0, "batch": 500, "root": "",
     "quality": True, "speed": False,
-    "cases": "256x64,1024x8", "reps": 5, "device": "auto", "json": "",
+    "cases": "256x64,1024x8", "reps": 5, "device": "auto", "json": "", "variants": "fp32-strict,fp32,bf16",
 }  # fmt: skip
+
+# name -> (precision, TF32 for cuDNN (None: as configured), fused group norm, channels-last bf16)
+VARIANTS = {
+    "fp32-strict": ("fp32", False, True, False),
+    "fp32": ("fp32", None, True, False),
+    "bf16": ("bf16", None, True, False),
+    "bf16-torch-gn": ("bf16", None, False, False),
+    "bf16-cl": ("bf16", None, True, True),
+}
 
 PEAK_TFLOPS = {"bf16": 790.0, "tf32": 395.0}
 
@@ -53,6 +68,15 @@ def _parse(argv: list[str]) -> dict[str, Any]:
             raise SystemExit(f"bench decode: expected key=value, key in {sorted(DEFAULTS)}; got {item!r}")
         opts[k] = v if isinstance(DEFAULTS[k], str) else yaml.safe_load(v)
     return opts
+
+
+def _variants(spec: str) -> list[str]:
+    """The speed variants to run, ``fp32-strict`` (the PSNR reference) first."""
+    names = [v.strip() for v in str(spec).split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad or not names:
+        raise SystemExit(f"bench decode: variants: expected names from {list(VARIANTS)}, got {spec!r}")
+    return ["fp32-strict"] + [v for v in dict.fromkeys(names) if v != "fp32-strict"]
 
 
 def load_tokenizer(ckpt: str, device: torch.device):
@@ -143,6 +167,7 @@ def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
     from maskar.registry import build_model
     from maskar.tokenizers.vqvae import PATCH_NUMS
 
+    variants = _variants(opts["variants"])
     rows = []
     for res, batch in parse_cases(opts["cases"]):
         base_cfg = load_config("var-d16").model.tokenizer
@@ -160,26 +185,29 @@ def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
         with FlopCounterMode(display=False) as fc:
             tok.fhat_to_img(fhat[:1])
         flops = fc.get_total_flops() * batch
-        variants = {
-            "fp32-strict": ("fp32", False),
-            "fp32": ("fp32", None),
-            "bf16": ("bf16", None),
-        }
-        ref = None
-        for name, (precision, tf32) in variants.items():
-            ms, img, peak = _time_decode(tok, fhat, res, precision, tf32, int(opts["reps"]), device)
+        ref = old = None
+        for name in variants:
+            ms, img, peak = _time_decode(tok, fhat, res, *VARIANTS[name], int(opts["reps"]), device)
             if ref is None:
                 ref = img
             per = psnr_per_image(img, ref)
+            vs_old = psnr_per_image(img, old) if old is not None else None
+            if name == "bf16-torch-gn":
+                old = img
+            precision = VARIANTS[name][0]
             peak_tf = PEAK_TFLOPS["bf16" if precision == "bf16" else "tf32"]
             rows.append({
                 "res": res, "batch": batch, "variant": name, "ms": ms, "decode_peak_gb": peak,
                 "tflop": flops / 1e12, "floor_ms": flops / (peak_tf * 1e12) * 1e3,
                 "psnr_vs_fp32_strict_mean": per.mean().item(), "psnr_vs_fp32_strict_min": per.min().item(),
             })  # fmt: skip
+            if vs_old is not None:
+                rows[-1]["psnr_vs_bf16_torch_gn_mean"] = vs_old.mean().item()
+                rows[-1]["psnr_vs_bf16_torch_gn_min"] = vs_old.min().item()
             print(
-                f"{res:>5} {batch:>5} {name:<12} {ms:>9.1f} {_fmt(peak, '.2f', 8)} {flops / 1e12:>7.1f} "
-                f"{rows[-1]['floor_ms']:>8.1f} {per.mean().item():>8.1f} {per.min().item():>8.1f}",
+                f"{res:>5} {batch:>5} {name:<13} {ms:>9.1f} {_fmt(peak, '.2f', 8)} {flops / 1e12:>7.1f} "
+                f"{rows[-1]['floor_ms']:>8.1f} {per.mean().item():>8.1f} {per.min().item():>8.1f} "
+                f"{_fmt(None if vs_old is None else vs_old.mean().item(), '.1f', 9)}",
                 flush=True,
             )
         del tok, fhat, ref, img
@@ -188,19 +216,36 @@ def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
     return rows
 
 
-def _time_decode(tok, fhat, res: int, precision: str, tf32: bool | None, reps: int, device: torch.device):
+def _time_decode(
+    tok, fhat, res: int, precision: str, tf32: bool | None, fused_norm: bool, channels_last: bool,
+    reps: int, device: torch.device,
+):  # fmt: skip
     """(median ms, images, peak GB above what was allocated before) of the chunked decode."""
     from maskar.models.var import decode_in_chunks
+    from maskar.tokenizers import vqvae
 
+    try:
+        from maskar.kernels import group_norm
+    except ImportError:  # no Triton: the torch norm is all there is
+        group_norm = None
+    saved = (group_norm.ENABLED if group_norm else None, vqvae.BF16_CHANNELS_LAST)
     allow = torch.backends.cudnn.allow_tf32 if tf32 is None else tf32
-    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=allow):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        ms, img = _time(lambda: decode_in_chunks(tok, fhat, res, precision), reps, device)
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 1e9 if device.type == "cuda" else None
+    try:
+        if group_norm:
+            group_norm.ENABLED = fused_norm
+        vqvae.BF16_CHANNELS_LAST = channels_last
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=allow):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            ms, img = _time(lambda: decode_in_chunks(tok, fhat, res, precision), reps, device)
+            peak = (torch.cuda.max_memory_allocated(device) - base) / 1e9 if device.type == "cuda" else None
+    finally:
+        if group_norm:
+            group_norm.ENABLED = saved[0]
+        vqvae.BF16_CHANNELS_LAST = saved[1]
     return ms, img, peak
 
 
@@ -210,6 +255,7 @@ def _fmt(v, spec: str, width: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     opts = _parse(list(argv or []))
+    _variants(opts["variants"])  # a bad name fails now, not after the quality pass
     name = str(opts["device"])
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     print(f"command: maskar bench decode {' '.join(argv or [])}")
@@ -238,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if opts["speed"]:
         print(
-            f"{'res':>5} {'batch':>5} {'variant':<12} {'ms':>9} {'peak GB':>8} {'TFLOP':>7} {'floor':>8} "
-            f"{'PSNR':>8} {'min':>8}"
+            f"{'res':>5} {'batch':>5} {'variant':<13} {'ms':>9} {'peak GB':>8} {'TFLOP':>7} {'floor':>8} "
+            f"{'PSNR':>8} {'min':>8} {'vs old gn':>9}"
         )
         out["speed"] = speed(opts, device)
     if opts["json"]:

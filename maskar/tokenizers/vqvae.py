@@ -70,6 +70,9 @@ class VQVAEConfig(ConvAutoencoderConfig):
 
 # Decoder precisions of :meth:`MultiScaleVQVAE.fhat_to_img` (docs/var_hmar.md, *Memory and speed*).
 DECODE_PRECISIONS = ("fp32", "bf16")
+# The bf16 decode in channels-last memory (cuDNN's NHWC kernels take it without transposes; the
+# fused group norm reads it directly). Off until timed: scripts/gpu/bench_decode_norm.sh.
+BF16_CHANNELS_LAST = False
 
 
 def _cast_params(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -325,7 +328,8 @@ class MultiScaleVQVAE(TokenizerTrainingHooks, nn.Module):
         ``precision``: ``fp32`` runs the modules as they are (float32 in, float32 out);
         ``bf16`` runs post_quant_conv + decoder with bfloat16 weights and activations and no
         autocast (GroupNorm, convolutions and attention accumulate in float32 inside their
-        kernels) and returns float32. Token ids never depend on it: only decoding does.
+        kernels; on CUDA GroupNorm+SiLU is one fused kernel, ``maskar.kernels.group_norm``) and
+        returns float32. Token ids never depend on it: only decoding does.
         """
         if precision == "fp32":
             return self.decoder(self.post_quant_conv(fhat)).clamp(-1, 1)
@@ -334,14 +338,17 @@ class MultiScaleVQVAE(TokenizerTrainingHooks, nn.Module):
                 f"decode precision: expected one of {list(DECODE_PRECISIONS)}, got {precision!r}"
             )
         dtype = torch.bfloat16
+        fmt = torch.channels_last if BF16_CHANNELS_LAST else torch.contiguous_format
         with torch.autocast(fhat.device.type, enabled=False):
             # Cast copies of the weights per call (65M parameters: ~0.4 GB of traffic, well under
             # a millisecond on a GPU); the module itself stays float32.
             x = torch.func.functional_call(
-                self.post_quant_conv, _cast_params(self.post_quant_conv, dtype), (fhat.to(dtype),)
+                self.post_quant_conv,
+                _cast_params(self.post_quant_conv, dtype),
+                (fhat.to(dtype).contiguous(memory_format=fmt),),
             )
             x = torch.func.functional_call(self.decoder, _cast_params(self.decoder, dtype), (x,))
-        return x.float().clamp(-1, 1)
+        return x.float().clamp(-1, 1).contiguous()
 
     def indices_to_img(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.fhat_to_img(self.indices_to_fhat(indices))

@@ -1,0 +1,327 @@
+"""GroupNorm (+ SiLU) of the conv tokenizers' decoder for inference (Triton), NCHW or channels-last.
+
+The LDM-style encoder/decoder (``maskar.tokenizers.common``) normalises every activation
+with ``GroupNorm(32, C, eps=1e-6)`` and, in all but the attention block, applies SiLU right
+after. For x of one sample and group g (its C/G channels over all H x W pixels), with
+mean and biased variance over that group,
+
+    y = (x - mean) * rsqrt(var + eps) * gamma_c + beta_c,     then optionally y * sigmoid(y),
+
+statistics, scale and SiLU in fp32, y rounded once to x's dtype (torch rounds the norm's
+output and then SiLU's: at most one bf16 ulp apart).
+
+Why a kernel: PyTorch's CUDA group norm reduces each (sample, group) in ONE thread block
+(``RowwiseMomentsCUDAKernel<<<N * G, 512>>>``, a Welford update with a division per
+element, scalar loads). The sampling path decodes at 1024 px one image per chunk, so that
+is 32 blocks on a 132-SM GPU: 331 of the decoder's 637 ms at HMAR-d16 1024 px B8 were
+that kernel, ~20x its byte floor (docs/kernels.md). SiLU was one more pass on top.
+
+Three launches, each parallel over the whole tensor, no atomics (deterministic):
+  1. ``_gn_stats``: a program reads a chunk of pixels of BLOCK_C channels, tile by tile,
+     and writes per-channel (mean, M2) of its chunk: each tile's exact two-pass moments
+     in registers, merged into the running ones with Chan's formula;
+  2. ``_gn_finalize``: one program per (sample, group) merges its C/G channels' chunk
+     moments (Chan again, as a two-pass over the partials) into mean and rstd;
+  3. ``_gn_apply``: normalise, affine, SiLU, one read and one write.
+Memory traffic: x read twice, y written once (the partials are ~1/1000 of that).
+
+Layout: x (N, C, H, W) contiguous or channels-last; the pixel index p = h * W + w is
+contiguous (NCHW) or strided by C (channels-last), chosen at compile time (CHANNELS_LAST),
+so both read coalesced with no copy. The output has x's layout.
+
+Inference only: the decoder is frozen when sampling; anything that needs gradients, and
+autocast regions (torch runs group norm in fp32 there), takes the torch code.
+``maskar::group_norm_act`` is a torch.library custom op with a fake implementation (torch
+.compile traces it) and a CPU body that is the torch code, as ``maskar::qk_norm``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Shared with the block-sparse kernel: its launch path (direct launcher calls, little host
+# time), its GPU capability check, and its interpreter / CPU-reference switch.
+from maskar.kernels.block_sparse import _INTERPRET, _device_ok, _launch, _on_reference
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tile_offsets(n, c, p, C, HW, CHANNELS_LAST: tl.constexpr):
+    """Element offsets of the (BLOCK_C, BLOCK_P) tile of channels c and pixels p of sample n."""
+    base = n.to(tl.int64) * C * HW
+    if CHANNELS_LAST:
+        return base + p[None, :] * C + c[:, None]
+    else:
+        return base + c[:, None] * HW + p[None, :]
+
+
+# C, HW and chunk_p stay specialisable: Triton then knows them 16-divisible (every decoder shape
+# is), which is what lets the loads vectorise; ints in that class share one binary.
+@triton.jit
+def _gn_stats(
+    X,
+    PART,
+    C,
+    HW,
+    chunk_p,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+):
+    """PART[0 | 1, n, chunk, c] = mean | M2 of channel c over pixels [chunk * chunk_p, + chunk_p)."""
+    pc = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = tl.program_id(2)
+    c_ok = c < C
+    p_lo = pc * chunk_p
+    p_hi = tl.minimum(p_lo + chunk_p, HW)
+    cnt = 0.0
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ok = c_ok[:, None] & (p < p_hi)[None, :]
+        x = tl.load(X + _tile_offsets(n, c, p, C, HW, CHANNELS_LAST), mask=ok, other=0.0).to(tl.float32)
+        nb = tl.minimum(p_hi - p0, BLOCK_P).to(tl.float32)
+        t_mean = tl.sum(x, 1) / nb
+        d = tl.where(ok, x - t_mean[:, None], 0.0)
+        t_m2 = tl.sum(d * d, 1)
+        tot = cnt + nb  # Chan et al.: merge (cnt, mean, m2) with the tile's (nb, t_mean, t_m2)
+        delta = t_mean - mean
+        mean += delta * (nb / tot)
+        m2 += t_m2 + delta * delta * (cnt * nb / tot)
+        cnt = tot
+    n_chunks = tl.num_programs(0)
+    dst = PART + (n * n_chunks + pc).to(tl.int64) * C + c
+    half = tl.num_programs(2).to(tl.int64) * n_chunks * C  # PART[1] follows PART[0]
+    tl.store(dst, mean, mask=c_ok)
+    tl.store(dst + half, m2, mask=c_ok)
+
+
+@triton.jit(do_not_specialize=["C", "HW", "G", "chunk_p", "n_chunks", "N"])
+def _gn_finalize(PART, STATS, C, HW, G, chunk_p, n_chunks, N, eps, BLOCK_F: tl.constexpr):
+    """STATS[n, g] = (mean, rstd) of group g of sample n from its channels' chunk moments."""
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid - n * G
+    D = C // G
+    total = D * n_chunks  # partials of this group: entry j = (chunk j // D, channel g * D + j % D)
+    half = N.to(tl.int64) * n_chunks * C
+    row = PART + n.to(tl.int64) * n_chunks * C + g * D
+    count = (D * HW).to(tl.float32)
+    acc = tl.zeros([BLOCK_F], dtype=tl.float32)
+    for j0 in range(0, total, BLOCK_F):  # pass 1: the group mean
+        j = j0 + tl.arange(0, BLOCK_F)
+        pc = j // D
+        ok = j < total
+        cnt = tl.minimum(chunk_p, HW - pc * chunk_p).to(tl.float32)
+        m = tl.load(row + pc * C + (j - pc * D), mask=ok, other=0.0)
+        acc += tl.where(ok, cnt * m, 0.0)
+    mean = tl.sum(acc, 0) / count
+    acc = tl.zeros([BLOCK_F], dtype=tl.float32)
+    for j0 in range(0, total, BLOCK_F):  # pass 2: M2 = sum_j M2_j + cnt_j (mean_j - mean)^2
+        j = j0 + tl.arange(0, BLOCK_F)
+        pc = j // D
+        ok = j < total
+        cnt = tl.minimum(chunk_p, HW - pc * chunk_p).to(tl.float32)
+        off = row + pc * C + (j - pc * D)
+        m = tl.load(off, mask=ok, other=0.0)
+        q = tl.load(off + half, mask=ok, other=0.0)
+        acc += tl.where(ok, q + cnt * (m - mean) * (m - mean), 0.0)
+    var = tl.sum(acc, 0) / count
+    tl.store(STATS + pid * 2, mean)
+    tl.store(STATS + pid * 2 + 1, 1.0 / tl.sqrt_rn(var + eps))
+
+
+@triton.jit(do_not_specialize=["G"])
+def _gn_apply(
+    X,
+    Y,
+    W,
+    B,
+    STATS,
+    C,
+    HW,
+    G,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    SILU: tl.constexpr,
+):
+    """Y = x * (rstd * gamma) + (beta - mean * rstd * gamma), then SiLU, over one tile."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = tl.program_id(2)
+    c_ok = c < C
+    ok = c_ok[:, None] & (p < HW)[None, :]
+    ng = n * G + c // (C // G)
+    mean = tl.load(STATS + ng * 2, mask=c_ok, other=0.0)
+    rstd = tl.load(STATS + ng * 2 + 1, mask=c_ok, other=0.0)
+    scale = rstd * tl.load(W + c, mask=c_ok, other=0.0).to(tl.float32)
+    shift = tl.load(B + c, mask=c_ok, other=0.0).to(tl.float32) - mean * scale
+    off = _tile_offsets(n, c, p, C, HW, CHANNELS_LAST)
+    x = tl.load(X + off, mask=ok, other=0.0).to(tl.float32)
+    y = x * scale[:, None] + shift[:, None]
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))
+    tl.store(Y + off, y.to(Y.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+@dataclass(frozen=True)
+class GNConfig:
+    block_c: int  # channels per tile
+    block_p: int  # pixels per tile
+    chunk_tiles: int  # tiles per statistics program
+    num_warps: int
+
+
+TILE = 4096  # elements per tile: 8 KB of bf16, 32 per thread at 4 warps (16-byte vectors)
+FORCE_CONFIG: GNConfig | None = None  # tests / sweeps pin a config
+_INTERPRET_CONFIG = GNConfig(2, 8, 2, 1)  # tiny tiles: tail, multi-tile and multi-chunk paths
+
+
+def _config(C: int, HW: int, channels_last: bool) -> GNConfig:
+    # Memory-bound: the tile runs along the contiguous axis (pixels in NCHW, channels in
+    # channels-last); a statistics program reads 8 tiles (64 KB of bf16), which keeps ~5k
+    # programs in flight for one 160 x 1024^2 image. Not yet timed on a GPU.
+    if FORCE_CONFIG is not None:
+        return FORCE_CONFIG
+    if _INTERPRET:
+        return _INTERPRET_CONFIG
+    if channels_last:
+        bc = min(triton.next_power_of_2(C), 64)
+        return GNConfig(bc, TILE // bc, 8, 4)
+    bp = min(triton.next_power_of_2(HW), 2048)
+    return GNConfig(TILE // bp, bp, 8, 4)
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    """Channels-last memory that is not also plain contiguous (C == 1 or H == W == 1 are both)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool) -> Tensor:
+    """Kernel launches: y in x's dtype and layout (x contiguous or channels-last)."""
+    N, C, H, W = x.shape
+    HW = H * W
+    cl = _is_channels_last(x)
+    cfg = _config(C, HW, cl)
+    chunk_p = cfg.block_p * cfg.chunk_tiles
+    n_chunks = triton.cdiv(HW, chunk_p)
+    n_cb = triton.cdiv(C, cfg.block_c)
+    part = torch.empty((2, N, n_chunks, C), dtype=torch.float32, device=x.device)
+    stats = torch.empty((N, groups, 2), dtype=torch.float32, device=x.device)
+    y = torch.empty_like(x)
+    _launch(
+        _gn_stats,
+        (n_chunks, n_cb, N),
+        (x, part, C, HW, chunk_p),
+        dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=cl),
+        cfg.num_warps,
+        1,
+    )
+    block_f = min(triton.next_power_of_2(C // groups * n_chunks), 1024)
+    _launch(
+        _gn_finalize,
+        (N * groups,),
+        (part, stats, C, HW, groups, chunk_p, n_chunks, N, eps),
+        dict(BLOCK_F=block_f),
+        4 if block_f >= 512 else 1,
+        1,
+    )
+    _launch(
+        _gn_apply,
+        (triton.cdiv(HW, cfg.block_p), n_cb, N),
+        (x, y, weight, bias, stats, C, HW, groups),
+        dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=cl, SILU=silu),
+        cfg.num_warps,
+        1,
+    )
+    return y
+
+
+def reference(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool) -> Tensor:
+    """The torch code the decoder ran before: F.group_norm, then F.silu."""
+    y = F.group_norm(x, groups, weight, bias, eps)
+    return F.silu(y) if silu else y
+
+
+# ----------------------------------------------------------------------------- custom op
+
+
+@torch.library.custom_op("maskar::group_norm_act", mutates_args=())
+def group_norm_act_op(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool) -> Tensor:
+    """GroupNorm(groups, eps, affine) of (N, C, H, W) x, then SiLU if ``silu``; x's dtype and layout."""
+    if _on_reference(x):
+        return torch.empty_like(x).copy_(reference(x, weight, bias, groups, eps, silu))
+    return _forward(_dense(x), weight.contiguous(), bias.contiguous(), groups, eps, silu)
+
+
+@group_norm_act_op.register_fake
+def _(x, weight, bias, groups, eps, silu):
+    return torch.empty_like(x)
+
+
+def _dense(x: Tensor) -> Tensor:
+    return x if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) else x.contiguous()
+
+
+# ----------------------------------------------------------------------------- model entry
+
+
+def group_norm_act(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool) -> Tensor:
+    """GroupNorm then (``silu``) SiLU in one fused pass; check :func:`supports` first (inference only)."""
+    C = x.shape[1] if x.dim() == 4 else -1
+    if C < 0 or C % groups or weight.numel() != C or bias.numel() != C:
+        raise ValueError(
+            f"group_norm_act: expected x (N, C, H, W) with C divisible by groups={groups} and a weight "
+            f"and bias of C values; got x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+            f"bias {tuple(bias.shape)}"
+        )
+    if torch.compiler.is_compiling() or _on_reference(x):
+        return group_norm_act_op(x, weight, bias, groups, float(eps), silu)
+    return _forward(_dense(x), weight.contiguous(), bias.contiguous(), groups, float(eps), silu)
+
+
+# ----------------------------------------------------------------------------- support
+
+_DTYPES = (torch.float16, torch.bfloat16)  # CUDA: fp32 decoding stays on the torch code (the reference)
+_INTERPRET_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Tests set this to send CPU calls of the decoder's norms to the custom op's reference body
+# (so a CPU-compiled decoder traces the op a GPU run would); off, the CPU runs the torch code.
+CPU_REFERENCE = False
+# False: the decoder runs its torch code on every device (A/B timing, or ruling the kernel out).
+ENABLED = True
+
+
+def supports(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether the decoder takes the fused op for this call: CUDA sm80+ with fp16 / bf16 x (or the
+    interpreter / the CPU reference in tests), an affine norm, no gradient wanted, no autocast."""
+    if not ENABLED or weight is None or bias is None or x.dim() != 4:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return False  # training: torch's norm has the backward
+    if torch.is_autocast_enabled(x.device.type):
+        return False  # autocast runs group norm in fp32: keep its result dtype
+    if x.numel() // x.shape[0] >= 2**31 or weight.device != x.device or bias.device != x.device:
+        return False
+    if x.is_cuda:
+        return x.dtype in _DTYPES and _device_ok(x.device)
+    if CPU_REFERENCE and not _INTERPRET:
+        return x.dtype in _REFERENCE_DTYPES
+    return _INTERPRET and x.dtype in _INTERPRET_DTYPES
+
+
+__all__ = ["group_norm_act", "group_norm_act_op", "reference", "supports", "GNConfig"]

@@ -1,0 +1,501 @@
+"""The fused GroupNorm(+SiLU) of the tokenizer decoder (maskar.kernels.group_norm) against torch.
+
+The reference is the torch code the decoder runs everywhere else (F.group_norm, then F.silu)
+and, for the error bound, the same computed in float64 from the same (rounded) input. On the
+CPU the Triton kernels run under TRITON_INTERPRET=1 in ONE subprocess (the variable must be
+set before triton is imported); the parametrised tests read its results. GPU tests are
+marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from maskar.config import build
+from maskar.tokenizers.vqvae import MultiScaleVQVAE, VQVAEConfig
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MANTISSA = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+EPS = 1e-6
+
+
+def make_inputs(
+    N: int, C: int, H: int, W: int, dtype, channels_last: bool, seed: int = 0, offset: float = 2.0,
+    device="cpu",
+):  # fmt: skip
+    """x with a per-channel offset (mean far from 0: the variance must not cancel) and spread, and
+    an affine weight / bias with some negative and near-zero gains."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=g, device=device)
+    x = x * torch.rand(1, C, 1, 1, generator=g, device=device).add(0.5) * 3
+    x = x + offset * torch.randn(1, C, 1, 1, generator=g, device=device)
+    w = torch.randn(C, generator=g, device=device)
+    w[0] = 1e-3
+    b = torch.randn(C, generator=g, device=device)
+    x = x.to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, w.to(dtype), b.to(dtype)
+
+
+def truth(x, w, b, groups: int, silu: bool):
+    """(y, bound scale) in float64 from the same rounded inputs; the scale is (|x| + |mean|) * rstd
+    * |gamma| + |beta| per element, what the fp32 arithmetic's errors are relative to."""
+    x64, w64, b64 = x.double(), w.double(), b.double()
+    N, C = x.shape[:2]
+    xg = x64.reshape(N, groups, -1)
+    mean = xg.mean(-1, keepdim=True)
+    rstd = (xg.var(-1, unbiased=False, keepdim=True) + EPS).rsqrt()
+    xhat = ((xg - mean) * rstd).reshape(x.shape)
+    a = (xg.abs() + mean.abs()) * rstd
+    y = xhat * w64.view(1, C, 1, 1) + b64.view(1, C, 1, 1)
+    scale = a.reshape(x.shape) * w64.abs().view(1, C, 1, 1) + b64.abs().view(1, C, 1, 1)
+    if silu:
+        y = y * torch.sigmoid(y)  # |silu'| <= 1.1: the scale carries over
+    return y, scale
+
+
+def excess(got, x, w, b, groups: int, silu: bool, ulps: float = 2.0, rel: float = 1e-5) -> float:
+    """Largest |got - truth| / (ulps units in the last place of x's dtype at |truth| + rel * scale);
+    <= 1 passes."""
+    y, scale = truth(x, w, b, groups, silu)
+    ulp = torch.exp2(torch.floor(torch.log2(y.abs().clamp_min(1e-30))) - MANTISSA[x.dtype])
+    return float(((got.double() - y).abs() / (ulps * ulp + rel * scale + 1e-30)).max())
+
+
+def check_call(fn, N, C, H, W, G, dtype, channels_last, silu, seed=0, offset=2.0, device="cpu") -> dict:
+    """fn(x, w, b, G, eps, silu) vs the float64 truth, with torch's own same-dtype result as the
+    bound's sanity check; layout, dtype, finiteness."""
+    x, w, b = make_inputs(N, C, H, W, dtype, channels_last, seed, offset, device)
+    from maskar.kernels.group_norm import reference
+
+    got = fn(x, w, b, G, EPS, silu)
+    ref = reference(x, w, b, G, EPS, silu)
+    return {  # float64 on x's device (a GPU's float64 is fast; the decoder's shapes are big)
+        "excess": excess(got, x, w, b, G, silu),
+        "torch_excess": excess(ref, x, w, b, G, silu),
+        "same_layout": got.stride() == x.stride()
+        and got.dtype == x.dtype
+        and tuple(got.shape) == tuple(x.shape),
+        "finite": bool(torch.isfinite(got).all()),
+    }
+
+
+def tiny_vqvae(seed: int = 0, **kw) -> MultiScaleVQVAE:
+    """A small tokenizer whose decoder has every norm kind: res blocks (norm + SiLU), the width
+    change's shortcut, attention (norm without SiLU), norm_out; 16 channels in 4 groups."""
+    base = dict(
+        resolution=16, ch=8, ch_mult=(1, 2), enc_res_blocks=1, dec_res_blocks=2, norm_groups=4,
+        z_channels=4, vocab_size=32, patch_nums=(1, 2, 4, 8), dead_code_steps=0,
+    )  # fmt: skip
+    base.update(kw)
+    torch.manual_seed(seed)
+    m = MultiScaleVQVAE(build(VQVAEConfig, base, "model")).eval()
+    with torch.no_grad():  # norms that are not the identity at init
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.GroupNorm):
+                mod.weight.normal_(1.0, 0.3)
+                mod.bias.normal_(0.0, 0.3)
+    return m
+
+
+def decoder_vs_torch(
+    m: MultiScaleVQVAE, precision: str, channels_last: bool, B: int = 2, device="cpu"
+) -> dict:
+    """fhat_to_img with the fused op (as dispatched; launches counted) vs with the torch code
+    (ENABLED False), and both against the torch fp32 decode: relative errors, fused calls."""
+    import maskar.kernels.group_norm as gn
+    import maskar.tokenizers.vqvae as vq
+
+    g = torch.Generator(device=device).manual_seed(3)
+    fhat = torch.randn(B, m.z_channels, m.latent_side, m.latent_side, generator=g, device=device)
+    calls = []
+    real = gn._forward
+
+    def counting(x, *a):
+        calls.append(_is_cl(x))
+        return real(x, *a)
+
+    out = {}
+    saved = (gn.ENABLED, gn._forward, vq.BF16_CHANNELS_LAST)
+    try:
+        gn._forward = counting
+        vq.BF16_CHANNELS_LAST = channels_last
+        for name, enabled, prec in (
+            ("fused", True, precision),
+            ("torch", False, precision),
+            ("fp32", False, "fp32"),
+        ):
+            gn.ENABLED = enabled
+            with torch.no_grad():
+                out[name] = m.fhat_to_img(fhat, prec).double()
+    finally:
+        gn.ENABLED, gn._forward, vq.BF16_CHANNELS_LAST = saved
+    n_norms = sum(isinstance(mod, torch.nn.GroupNorm) for mod in m.decoder.modules())
+    return {
+        "rel": _rel(out["fused"], out["torch"]),
+        "fused_vs_fp32": _rel(out["fused"], out["fp32"]),
+        "torch_vs_fp32": _rel(out["torch"], out["fp32"]),
+        "calls": len(calls),
+        "norms": n_norms,
+        "channels_last_calls": sum(calls),
+        "contiguous_out": out["fused"].is_contiguous(),
+    }
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _is_cl(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- CPU: Triton interpreter
+
+# (name, N, C, H, W, groups, dtype, channels_last, silu, per-channel offset). The interpreter
+# config (2 channels x 8 pixels per tile, 2 tiles per statistics program) makes every one of
+# these several tiles, chunks and channel blocks, with tails: odd H x W, C not a multiple of
+# the channel block, one pixel (H = W = 1), one channel per group, a large offset.
+INTERPRET_CASES = [
+    (f"{dn}-{'cl' if cl else 'nchw'}-{'silu' if s else 'norm'}", 2, 12, 5, 7, 4, dn, cl, s, 2.0)
+    for dn in ("fp32", "bf16")
+    for cl in (False, True)
+    for s in (True, False)
+] + [
+    ("fp16-nchw-silu", 2, 12, 5, 7, 4, "fp16", False, True, 2.0),
+    ("fp16-cl-silu", 3, 10, 3, 9, 5, "fp16", True, True, 2.0),
+    ("bf16-nchw-odd", 2, 15, 7, 9, 5, "bf16", False, True, 2.0),
+    ("bf16-cl-odd", 1, 15, 11, 9, 3, "bf16", True, True, 2.0),
+    ("fp32-one-pixel", 3, 9, 1, 1, 3, "fp32", False, True, 2.0),
+    ("fp32-one-channel-per-group", 2, 6, 4, 5, 6, "fp32", False, False, 2.0),
+    ("fp32-offset-1e3", 2, 8, 6, 6, 2, "fp32", True, True, 1000.0),
+    ("bf16-offset-1e2", 2, 8, 6, 6, 2, "bf16", False, True, 100.0),
+]
+
+_RUNNER = r"""
+import json, sys, torch
+sys.path.insert(0, {tests_dir!r})
+import test_group_norm_kernel as T
+import maskar.kernels.group_norm as gn
+assert gn._INTERPRET
+torch.manual_seed(0)
+for name, N, C, H, W, G, dn, cl, silu, off in T.INTERPRET_CASES:
+    r = T.check_call(gn.group_norm_act, N, C, H, W, G, T.DTYPES[dn], cl, silu, offset=off)
+    print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
+# the same call twice: the same bits (no atomics)
+x, w, b = T.make_inputs(2, 12, 5, 7, torch.bfloat16, False)
+same = torch.equal(gn.group_norm_act(x, w, b, 4, 1e-6, True), gn.group_norm_act(x, w, b, 4, 1e-6, True))
+print("RESULT " + json.dumps({{"case": "deterministic", "same": same}}), flush=True)
+# the GPU's tile sizes too, at shapes with two statistics chunks and a tail
+gn._INTERPRET = False
+cfg_nchw, cfg_cl = gn._config(4, 136 * 136, False), gn._config(24, 33 * 37, True)
+gn._INTERPRET = True
+for name, cfg, args in (("gpu-config-nchw", cfg_nchw, (1, 4, 136, 136, 2, torch.bfloat16, False, True)),
+                        ("gpu-config-cl", cfg_cl, (2, 24, 33, 37, 8, torch.bfloat16, True, True))):
+    gn.FORCE_CONFIG = cfg
+    r = T.check_call(gn.group_norm_act, *args)
+    print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
+gn.FORCE_CONFIG = None
+# through the custom op as torch.compile calls it (kernels interpreted)
+f = torch.compile(gn.group_norm_act, backend="aot_eager", fullgraph=True)
+r = T.check_call(f, 2, 12, 5, 7, 4, torch.bfloat16, True, True)
+print("RESULT " + json.dumps({{"case": "compiled", **r}}), flush=True)
+# the whole decoder: fp32 and bf16, NCHW and channels-last
+m = T.tiny_vqvae()
+gn.FORCE_CONFIG = gn.GNConfig(4, 32, 2, 1)  # the tile logic is covered above; fewer interpreted programs
+for prec in ("fp32", "bf16"):
+    for cl in (False, True):
+        if prec == "fp32" and cl:
+            continue  # BF16_CHANNELS_LAST only switches the bf16 decode
+        r = T.decoder_vs_torch(m, prec, cl, B=1)
+        name = f"decoder-{{prec}}-{{'cl' if cl else 'nchw'}}"
+        print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    code = _RUNNER.format(tests_dir=os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    res = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[7:])
+            res[r.pop("case")] = r
+    return res
+
+
+def _check(r: dict) -> None:
+    assert r["finite"] and r["same_layout"], r
+    assert r["torch_excess"] <= 2.0, r  # the bound is meaningful: torch (rounding twice) is within 2x of it
+    assert r["excess"] <= 1.0, r
+
+
+@pytest.mark.parametrize("case", [c[0] for c in INTERPRET_CASES])
+def test_kernel_matches_torch_interpreted(interpreter_results, case):
+    _check(interpreter_results[case])
+
+
+@pytest.mark.parametrize("case", ["gpu-config-nchw", "gpu-config-cl", "compiled"])
+def test_gpu_tile_sizes_and_compiled_op_interpreted(interpreter_results, case):
+    _check(interpreter_results[case])
+
+
+def test_kernel_is_deterministic_interpreted(interpreter_results):
+    assert interpreter_results["deterministic"]["same"]
+
+
+@pytest.mark.parametrize("case", ["decoder-fp32-nchw", "decoder-bf16-nchw", "decoder-bf16-cl"])
+def test_decoder_with_the_kernel_matches_torch_decoder_interpreted(interpreter_results, case):
+    r = interpreter_results[case]
+    assert r["calls"] == r["norms"] > 0, r  # every norm of the decoder took the kernel
+    assert r["channels_last_calls"] == (r["calls"] if case.endswith("-cl") else 0), r
+    assert r["contiguous_out"], r
+    if "fp32" in case:
+        assert r["rel"] < 1e-5, r  # reduction order only
+    else:  # bf16: as close to the fp32 decode as the torch bf16 decode is (rounding differences only)
+        assert r["fused_vs_fp32"] < 1.25 * r["torch_vs_fp32"], r
+
+
+# ----------------------------------------------------------------------------- CPU: the op's reference
+
+
+@pytest.fixture
+def cpu_reference(monkeypatch):
+    """Route the decoder's CPU norms to the custom op's reference body (a GPU run: to the kernels)."""
+    gn = pytest.importorskip("maskar.kernels.group_norm")
+    if gn._INTERPRET:
+        pytest.skip("interpreter enabled in this process")
+    monkeypatch.setattr(gn, "CPU_REFERENCE", True)
+    return gn
+
+
+def test_opcheck(cpu_reference):
+    for cl in (False, True):
+        x, w, b = make_inputs(2, 8, 3, 5, torch.float32, cl)
+        for silu in (True, False):
+            torch.library.opcheck(cpu_reference.group_norm_act_op, (x, w, b, 4, EPS, silu))
+
+
+def test_op_reference_is_the_torch_code_bit_for_bit(cpu_reference):
+    for cl in (False, True):
+        x, w, b = make_inputs(2, 8, 3, 5, torch.bfloat16, cl)
+        got = cpu_reference.group_norm_act(x, w, b, 4, EPS, True)
+        assert torch.equal(got, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4, w, b, EPS)))
+        assert got.stride() == x.stride()
+
+
+def test_decoder_traces_the_op_without_graph_break(cpu_reference):
+    m = tiny_vqvae()
+    fhat = torch.randn(2, m.z_channels, m.latent_side, m.latent_side)
+    with torch.no_grad():
+        want = m.fhat_to_img(fhat)
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(m.decoder)(fhat[:, :, :, :])
+        assert ex.graph_break_count == 0, ex.break_reasons
+        nodes = [
+            n for g in ex.graphs for mod in g.modules() if hasattr(mod, "graph") for n in mod.graph.nodes
+        ]
+        assert sum("group_norm_act" in str(n.target) for n in nodes) == sum(
+            isinstance(mod, torch.nn.GroupNorm) for mod in m.decoder.modules()
+        )
+        got = torch.compile(m.fhat_to_img, backend="aot_eager", fullgraph=True)(fhat)
+    torch.testing.assert_close(got, want)
+    torch._dynamo.reset()
+
+
+def test_cpu_model_never_takes_the_op_by_default(monkeypatch):
+    """The op is CUDA-only: CPU outputs (and every recorded fixture) run the torch code."""
+    gn = pytest.importorskip("maskar.kernels.group_norm")
+    if gn._INTERPRET:
+        pytest.skip("interpreter enabled in this process")
+    x, w, b = make_inputs(1, 8, 3, 3, torch.bfloat16, False)
+    assert not gn.supports(x, w, b) and not gn.supports(x.float(), w.float(), b.float())
+
+    def boom(*a, **k):
+        raise AssertionError("the fused op ran on the CPU")
+
+    monkeypatch.setattr(gn, "group_norm_act", boom)
+    m = tiny_vqvae()
+    fhat = torch.randn(1, m.z_channels, m.latent_side, m.latent_side)
+    with torch.no_grad():
+        m.fhat_to_img(fhat, "fp32")
+        m.fhat_to_img(fhat, "bf16")
+
+
+def test_supports_refuses_training_autocast_and_disabled(cpu_reference, monkeypatch):
+    gn = cpu_reference
+    x, w, b = make_inputs(1, 8, 3, 3, torch.float32, False)
+    assert gn.supports(x, w, b)
+    assert not gn.supports(x, w.requires_grad_(), b)  # a gradient is wanted: torch's norm has the backward
+    with torch.no_grad():
+        assert gn.supports(x, w, b)
+    w.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not gn.supports(x, w, b)  # autocast computes group norm in fp32: keep its dtype
+    assert not gn.supports(x, None, b)  # affine only
+    monkeypatch.setattr(gn, "ENABLED", False)
+    assert not gn.supports(x, w, b)
+
+
+def test_training_decoder_keeps_the_torch_path_and_its_gradients(cpu_reference):
+    """With the op routed on the CPU, a decoder that needs gradients still runs (and differentiates)
+    the torch code."""
+    m = tiny_vqvae()
+    fhat = torch.randn(1, m.z_channels, m.latent_side, m.latent_side)
+    m.decoder(fhat).square().mean().backward()
+    assert all(p.grad is not None for p in m.decoder.parameters())
+
+
+def test_bad_inputs_are_refused_by_name():
+    gn = pytest.importorskip("maskar.kernels.group_norm")
+    w = torch.ones(6)
+    with pytest.raises(ValueError, match="group_norm_act: expected x"):
+        gn.group_norm_act(torch.zeros(1, 6, 4, 4), w, w, 4, EPS, True)  # 4 groups of 6 channels
+    with pytest.raises(ValueError, match="weight"):
+        gn.group_norm_act(torch.zeros(1, 6, 4, 4), torch.ones(3), w, 3, EPS, True)
+    with pytest.raises(ValueError, match="group_norm_act: expected x"):
+        gn.group_norm_act(torch.zeros(6, 4, 4), w, w, 3, EPS, True)
+
+
+def test_channels_last_bf16_decode_equals_nchw_on_the_torch_path(monkeypatch):
+    """BF16_CHANNELS_LAST changes the memory layout only: the torch path gives the same images."""
+    import maskar.tokenizers.vqvae as vq
+
+    m = tiny_vqvae()
+    fhat = torch.randn(2, m.z_channels, m.latent_side, m.latent_side)
+    with torch.no_grad():
+        ref = m.fhat_to_img(fhat, "fp32").double()
+        a = m.fhat_to_img(fhat, "bf16")
+        monkeypatch.setattr(vq, "BF16_CHANNELS_LAST", True)
+        b = m.fhat_to_img(fhat, "bf16")
+    assert b.is_contiguous() and b.dtype == torch.float32
+    # CPU conv kernels round differently per layout: as close to the fp32 decode as NCHW is
+    assert _rel(b.double(), ref) < 1.25 * _rel(a.double(), ref)
+
+
+# ----------------------------------------------------------------------------- AOT compile
+
+
+def _compile_for(kernel, arch: int, dtype: str, consts: dict):
+    """Compile one kernel for a CUDA target without a GPU (Triton ships ptxas), with the pointers
+    and C / HW / chunk_p 16-divisible as the JIT specialises them for every decoder shape."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fp = {"fp16": "*fp16", "bf16": "*bf16"}[dtype]
+    pointers = {"X": fp, "Y": fp, "W": fp, "B": fp, "PART": "*fp32", "STATS": "*fp32"}
+    types = {}
+    for n in kernel.arg_names:
+        types[n] = "constexpr" if n in consts else pointers.get(n, "fp32" if n == "eps" else "i32")
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+               if n in pointers or n in ("C", "HW", "chunk_p")}  # fmt: skip
+    src = ASTSource(fn=kernel, signature=types, attrs=aligned,
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})  # fmt: skip
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 1})
+
+
+@pytest.mark.parametrize(
+    "arch,dtype,kernel,channels_last",
+    [(90, "bf16", "stats", False), (90, "bf16", "stats", True), (90, "bf16", "apply", False),
+     (90, "bf16", "apply", True), (80, "fp16", "apply", False), (90, "bf16", "finalize", False)],
+)  # fmt: skip
+def test_kernels_compile_to_cubin_with_vector_loads(arch, dtype, kernel, channels_last):
+    """The interpreter does not compile: this catches what only the real compiler rejects, and that
+    the decoder's shapes read and write 16-byte vectors."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter enabled in this process")
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip(f"triton {triton.__version__}: no AOT compile API")
+    import maskar.kernels.group_norm as gn
+
+    cfg = gn._config(160, 1024 * 1024, channels_last)
+    tiles = dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=channels_last)
+    fn, consts = {
+        "stats": (gn._gn_stats, tiles),
+        "apply": (gn._gn_apply, {**tiles, "SILU": True}),
+        "finalize": (gn._gn_finalize, {"BLOCK_F": 512}),
+    }[kernel]
+    try:
+        compiled = _compile_for(fn, arch, dtype, consts)
+    except FileNotFoundError as e:  # no ptxas in this Triton build
+        pytest.skip(f"no CUDA toolchain in this Triton: {e}")
+    assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
+    if kernel != "finalize":
+        assert "ld.global.v4" in compiled.asm["ptx"]
+    if kernel == "apply":
+        assert "st.global.v4" in compiled.asm["ptx"]
+
+
+# ----------------------------------------------------------------------------- GPU
+
+# The decoder's real shapes (d16 tokenizer, ch 160, ch_mult 1 1 2 2 4), as the sampling path
+# decodes them: 8 images per chunk at 256 px, one at 1024 px.
+GPU_SHAPES = [(8, 160, 256, 256), (8, 640, 16, 16), (1, 160, 1024, 1024), (1, 320, 256, 256), (3, 96, 17, 33)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dname", ["bf16", "fp16"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_matches_torch_gpu(shape, dname, channels_last):
+    import maskar.kernels.group_norm as gn
+
+    N, C, H, W = shape
+    r = check_call(gn.group_norm_act, N, C, H, W, 32, DTYPES[dname], channels_last, True, device="cuda")
+    _check(r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_decoder_with_the_kernel_matches_torch_decoder_gpu(channels_last):
+    m = tiny_vqvae(ch=32, norm_groups=8, resolution=32, patch_nums=(1, 2, 4, 8, 16)).cuda()
+    r = decoder_vs_torch(m, "bf16", channels_last, B=4, device="cuda")
+    assert r["calls"] == r["norms"] > 0, r
+    assert r["fused_vs_fp32"] < 1.25 * r["torch_vs_fp32"], r
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernel_in_a_cuda_graph_and_compiled_gpu():
+    """Replayed from a CUDA graph (as the sampling path's decode graph) and traced by torch.compile:
+    the same bits as the eager call."""
+    import maskar.kernels.group_norm as gn
+
+    x, w, b = make_inputs(2, 64, 32, 32, torch.bfloat16, False, device="cuda")
+    want = gn.group_norm_act(x, w, b, 32, EPS, True)
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        gn.group_norm_act(static_x, w, b, 32, EPS, True)  # warm-up off the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gn.group_norm_act(static_x, w, b, 32, EPS, True)
+    static_x.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: gn.group_norm_act(t, w, b, 32, EPS, True), fullgraph=True)
+    assert torch.equal(f(x), want)
+    torch._dynamo.reset()
