@@ -334,6 +334,14 @@ def test_cpu_model_never_takes_the_op_by_default(monkeypatch):
         m.fhat_to_img(fhat, "bf16")
 
 
+def test_decoder_on_the_meta_device_keeps_the_torch_code(cpu_reference):
+    """Shape-only runs (meta tensors; autocast has no meta state to ask) never reach the op."""
+    m = tiny_vqvae().to("meta")
+    with torch.no_grad():
+        out = m.decoder(torch.empty(2, m.z_channels, m.latent_side, m.latent_side, device="meta"))
+    assert out.shape == (2, 3, 16, 16)
+
+
 def test_supports_refuses_training_autocast_and_disabled(cpu_reference, monkeypatch):
     gn = cpu_reference
     x, w, b = make_inputs(1, 8, 3, 3, torch.float32, False)
@@ -499,3 +507,25 @@ def test_kernel_in_a_cuda_graph_and_compiled_gpu():
     f = torch.compile(lambda t: gn.group_norm_act(t, w, b, 32, EPS, True), fullgraph=True)
     assert torch.equal(f(x), want)
     torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- bench decode
+
+
+def test_bench_decode_times_old_and_new_norm_variants(tmp_path, capsys):
+    """`maskar bench decode speed=true variants=...` runs fp32-strict first, then the listed
+    variants, and compares the ones after bf16-torch-gn against it (CPU smoke run, 32 px)."""
+    from maskar.bench import decode as bench_decode
+
+    out = tmp_path / "d.json"
+    argv = ["ckpt=none", "speed=true", "cases=32x1", "reps=1", "device=cpu",
+            "variants=bf16-torch-gn,bf16,bf16-cl", f"json={out}"]  # fmt: skip
+    assert bench_decode.main(argv) == 0
+    rows = json.loads(out.read_text())["speed"]
+    assert [r["variant"] for r in rows] == ["fp32-strict", "bf16-torch-gn", "bf16", "bf16-cl"]
+    assert "psnr_vs_bf16_torch_gn_mean" not in rows[1]
+    # on the CPU both bf16 variants run the torch norm: the same images
+    assert rows[2]["psnr_vs_bf16_torch_gn_mean"] == float("inf")
+    assert rows[3]["psnr_vs_bf16_torch_gn_mean"] > 35
+    with pytest.raises(SystemExit, match="variants: expected names"):
+        bench_decode.main(["speed=true", "variants=bf16,bf17"])

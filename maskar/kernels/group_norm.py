@@ -214,6 +214,8 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, s
     """Kernel launches: y in x's dtype and layout (x contiguous or channels-last)."""
     N, C, H, W = x.shape
     HW = H * W
+    if x.numel() == 0:
+        return torch.empty_like(x)
     cl = _is_channels_last(x)
     cfg = _config(C, HW, cl)
     chunk_p = cfg.block_p * cfg.chunk_tiles
@@ -311,17 +313,21 @@ def supports(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     interpreter / the CPU reference in tests), an affine norm, no gradient wanted, no autocast."""
     if not ENABLED or weight is None or bias is None or x.dim() != 4:
         return False
+    if x.is_cuda:
+        device_ok = x.dtype in _DTYPES and _device_ok(x.device)
+    elif x.is_cpu:
+        device_ok = (CPU_REFERENCE and not _INTERPRET and x.dtype in _REFERENCE_DTYPES) or (
+            _INTERPRET and x.dtype in _INTERPRET_DTYPES
+        )
+    else:  # meta, mps, ...: the torch code
+        return False
+    if not device_ok or weight.device != x.device or bias.device != x.device:
+        return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         return False  # training: torch's norm has the backward
     if torch.is_autocast_enabled(x.device.type):
         return False  # autocast runs group norm in fp32: keep its result dtype
-    if x.numel() // x.shape[0] >= 2**31 or weight.device != x.device or bias.device != x.device:
-        return False
-    if x.is_cuda:
-        return x.dtype in _DTYPES and _device_ok(x.device)
-    if CPU_REFERENCE and not _INTERPRET:
-        return x.dtype in _REFERENCE_DTYPES
-    return _INTERPRET and x.dtype in _INTERPRET_DTYPES
+    return x.numel() // max(x.shape[0], 1) < 2**31  # one sample's offsets in int32
 
 
 __all__ = ["group_norm_act", "group_norm_act_op", "reference", "supports", "GNConfig"]
