@@ -154,7 +154,7 @@ EOF
 echo "norm rc=$?"
 
 el "3. the decoder: old (torch norm) vs new (fused), NCHW and channels-last"
-timeout 150 python3 -m maskar bench decode speed=true cases=256x64,1024x8 limit=2000 \
+timeout 150 python3 -m maskar bench decode quality=false speed=true cases=256x64,1024x8 \
     variants=fp32-strict,bf16-torch-gn,bf16,bf16-cl json="$OUT/decode.json" > "$OUT/decode.txt" 2>&1
 echo "decode rc=$?"
 
