@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The quality study's steps on this machine (docs/quality.md), around the two device calls:
 #   scripts/quality_collect.sh prepare        .carry/fmnist: the Fashion-MNIST train split to carry
-#                                             (train images xz-compressed: 22.6 MB; ~1 min)
+#                                             (train images xz-compressed: 22.6 MB; ~1 min); .carry/fmnist-test:
+#                                             the test split (4 MB), for bench_sampling.sh
 #   scripts/quality_collect.sh call1 DIR      after scripts/gpu/quality_var_hmar.sh: DIR = the call's files_at;
 #                                             unpacks results to docs/results/quality, the KL tokenizer to .carry/kl
 #                                             (seconds: run call 2 next while the device machine is warm)
@@ -51,7 +52,11 @@ case "${1:-}" in
     mkdir -p .carry/fmnist
     zcat $DATA_ROOT/train-images-idx3-ubyte.gz | xz -9e -T2 > .carry/fmnist/train-images-idx3-ubyte.xz
     cp $DATA_ROOT/train-labels-idx1-ubyte.gz .carry/fmnist/
-    du -sh .carry/fmnist; git ls-files | xargs du -cb | tail -n 1 ;;
+    # the test split alone (4 MB): what scripts/gpu/bench_sampling.sh's decode-quality line carries
+    mkdir -p .carry/fmnist-test
+    zcat $DATA_ROOT/t10k-images-idx3-ubyte.gz | xz -9e -T2 > .carry/fmnist-test/t10k-images-idx3-ubyte.xz
+    cp $DATA_ROOT/t10k-labels-idx1-ubyte.gz .carry/fmnist-test/
+    du -sh .carry/fmnist .carry/fmnist-test; scripts/device_tree.sh size .carry/fmnist .carry/kl || true ;;
   call1)
     unpack "$2" var_hmar; results var_hmar
     rm -rf .carry/kl && mkdir -p .carry && tar -C .carry -xf "$2/kl.tar" && mv .carry/klvae-fmnist-s .carry/kl
@@ -60,7 +65,15 @@ case "${1:-}" in
       "[.carry/fmnist, .carry/kl]" ;;
   call2)
     unpack "$2" mar_casmar; results mar_casmar; unpack "$2" ckpts
-    ship casmar-fmnist; ship mar-fmnist
+    ship casmar-fmnist
+    # MAR ships only at the small size: the wider MAR that equal GPU-minutes may pick (18 MB) would take
+    # the tracked tree over what a device call may send (scripts/device_tree.sh)
+    mar_mb=$(( $(stat -c %s $RUNS/ckpts/ckpts/mar-fmnist/model.safetensors) / 1000000 ))
+    if [ $mar_mb -le ${SHIP_MAR_MAX_MB:-8} ]; then ship mar-fmnist
+    else
+      rm -rf checkpoints/mar-fmnist  # commit its deletion with the results
+      echo "mar-fmnist not shipped: $mar_mb MB > SHIP_MAR_MAX_MB=${SHIP_MAR_MAX_MB:-8} (its study rows name runs/quality/mar)"
+    fi
     du -ch checkpoints/*/model.safetensors | tail -n 1 ;;
   fid)
     if [ -d $RUNS/kl ] && [ ! -f $RES/kl_quality_test.json ]; then  # the KL tokenizer on the test split
@@ -68,7 +81,8 @@ case "${1:-}" in
         ${KL_TEST_LIMIT:+limit=$KL_TEST_LIMIT} | tee $RES/kl_quality_test.txt
     fi
     mkdir -p $RES/inception $RUNS/inc_samples
-    for f in $RUNS/samples/*_main_*.npz; do
+    # seed 0 of every model first: a run cut short still compares the four
+    for f in $(ls $RUNS/samples/*_main_*_s0.npz; ls $RUNS/samples/*_main_*_s[1-9].npz); do
       name=$(basename "$f" .npz); out=$RES/inception/$name.json
       [ -f "$out" ] && continue
       $PY -c "import numpy as np, sys; d = np.load('$f'); n = $INC_N

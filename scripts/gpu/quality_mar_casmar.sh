@@ -75,7 +75,9 @@ pipeline() {  # pipeline NAME TRAIN_EXTRA SHIP_SAMPLE
     > $RUNS/${m}_train.log 2>&1
   el "$m trained: $(tail -n 2 $RUNS/${m}_train.log | head -n 1)"
   $M convert dtype src=$RUNS/$m out=$PACK/$m-fmnist $SHIP $ship > $RUNS/${m}_export.log 2>&1
-  local args="ckpt.$m=$PACK/$m-fmnist run.$m=$RUNS/$m as.$m=checkpoints/$m-fmnist"
+  local shown=checkpoints/$m-fmnist
+  [ $m = mar ] && [ "$MAR_SIZE" = m ] && shown=runs/quality/mar  # not shipped: scripts/quality_collect.sh
+  local args="ckpt.$m=$PACK/$m-fmnist run.$m=$RUNS/$m as.$m=$shown"
   if [ $m = casmar ]; then  # its curves in a second process: one alone reached 5 of 24 rows by the deadline
     study casmar_curves $PLAN $m $args 'rows=!main,!spacing' & local PC=$!
     study $m $PLAN $m $args rows=main,spacing; wait $PC
