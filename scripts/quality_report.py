@@ -333,12 +333,21 @@ def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
     if not any(sums[m]["fid"] for m in MODELS):
         L.append("- TF-Inception FID: not computed yet (`scripts/quality_collect.sh fid`, CPU).")
     else:
-        n = sorted({x["samples"] for m in MODELS for x in sums[m]["inc"]})
+        n = sorted({int(str(x["samples"]).split()[0]) for m in MODELS for x in sums[m]["inc"]})
         L.append(
-            f"- TF-Inception FID on {', '.join(str(x) for x in n)} per seed, not the 10,000 issue 17 asks "
-            "for: it runs on this machine's CPU (the weights cannot travel to the GPU machine), about "
-            "0.22 s an image."
+            f"- TF-Inception FID on {' / '.join(f'{x:,}' for x in n)} samples per seed, not the 10,000 issue "
+            "17 asks for: it runs on this machine's CPU (the weights cannot travel to the GPU machine), "
+            "0.2-0.3 s an image."
         )
+        agree = [
+            (statistics.mean(sums[b]["fid"]) < statistics.mean(sums[a]["fid"]))
+            == (statistics.mean(sums[b]["fd"]) < statistics.mean(sums[a]["fd"]))
+            for a, b in (("var", "hmar"), ("mar", "casmar"))
+            if sums[a]["fid"] and sums[b]["fid"] and sums[a]["fd"] and sums[b]["fd"]
+        ]
+        if agree:
+            same = all(agree)
+            L[-1] += " It ranks each pair as FD_clf does." if same else " It ranks a pair unlike FD_clf."
     return L
 
 
