@@ -352,6 +352,21 @@ def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
 
 
 
+def raw_outputs() -> list[str]:
+    """Every file of docs/results/quality, linked: the page is where each raw output is cited."""
+    files = sorted(p for p in RES.rglob("*") if p.is_file())
+    if not files:
+        return []
+    L = ["## Raw outputs", "", "Everything this page is made from, under `docs/results/quality/`:", ""]
+    for folder in sorted({p.parent for p in files}):
+        names = [p for p in files if p.parent == folder]
+        where = folder.relative_to(RES).as_posix()
+        label = "the study's JSON, plots, tokenizer check" if where == "." else where
+        links = ", ".join(f"[{p.name}](results/quality/{p.relative_to(RES).as_posix()})" for p in names)
+        L.append(f"- {label}: {links}")
+    return L + [""]
+
+
 def write_page() -> None:
     studies = {"var_hmar": load("var_hmar.json"), "mar_casmar": load("mar_casmar.json")}
     cpu = load("cpu_speed.json")
@@ -492,6 +507,7 @@ def write_page() -> None:
         "",
     ]
     L += spacing_table(studies["mar_casmar"])
+    L += raw_outputs()
     L += HISTORY
     L += PROTOCOL
     DOC.write_text("\n".join(L) + "\n")
@@ -568,7 +584,9 @@ HISTORY = [
     "- **Call 2 (MAR / CASMAR)** trained both for 1,110 steps at batch 1024 (MAR 109 s, CASMAR 201 s;",
     "  training losses fell normally to 0.14 / 0.086), but the exported models sampled noise: class",
     "  accuracy 0.19 (MAR) and 0.12 (CASMAR), FD_clf 306-310",
-    "  ([console](results/quality-call2-console_h200_2026-12-03.txt)). Two causes, both confirmed on the",
+    "  ([console](results/quality-call2-console_h200_2026-12-03.txt),",
+    "  [training logs](results/quality-call2-train-logs_h200_2026-12-03.txt)).",
+    "  Two causes, both confirmed on the",
     "  CPU from the exported weights ([diagnosis](results/quality-diagnosis_cpu_2026-12-03.txt),",
     "  `scripts/quality_diagnose.py`):",
     "  1. *EMA.* The export held the 0.999-EMA weights after 1,110 steps: 0.999^1110 = 33% of them is",
