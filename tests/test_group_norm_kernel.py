@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers_interpreter import run_under_interpreter
 
 from maskar.config import build
 from maskar.tokenizers.vqvae import MultiScaleVQVAE, VQVAEConfig
@@ -223,17 +222,7 @@ for prec in ("fp32", "bf16"):
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    code = _RUNNER.format(tests_dir=os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    res = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[7:])
-            res[r.pop("case")] = r
-    return res
+    return run_under_interpreter(_RUNNER, timeout=900)
 
 
 def _check(r: dict) -> None:

@@ -10,13 +10,11 @@ it here); the parametrised tests read its results. GPU tests are marked ``gpu``.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers_interpreter import run_under_interpreter
 
 from maskar.nn.attention import ScalePattern, attention, available_backends, sdpa_attention
 
@@ -152,17 +150,7 @@ print("RESULT " + json.dumps({{"case": "api", "same": same}}), flush=True)
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    code = _RUNNER.format(tests_dir=os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        raise AssertionError(f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    res = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[7:])
-            res[r.pop("case")] = r
-    return res
+    return run_under_interpreter(_RUNNER, timeout=300)
 
 
 @pytest.mark.parametrize("dname", list(DTYPES))

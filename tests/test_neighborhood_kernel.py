@@ -13,13 +13,11 @@ must be set before triton is imported); the parametrised tests read its results.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers_interpreter import run_under_interpreter
 from test_proximal_attention import unfold_psa
 
 from maskar.nn.proximal_attention import proximal_attention
@@ -204,17 +202,7 @@ print("RESULT " + json.dumps({{"case": "api", "auto_is_kernel": bool(torch.equal
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    code = _RUNNER.format(tests_dir=os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    res = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[7:])
-            res[r.pop("case")] = r
-    return res
+    return run_under_interpreter(_RUNNER, timeout=600)
 
 
 @pytest.mark.parametrize("case", INTERPRET_CASES, ids=[c[0] for c in INTERPRET_CASES])

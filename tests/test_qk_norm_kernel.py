@@ -9,14 +9,12 @@ triton is imported); the parametrised tests read its results. GPU tests are mark
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers_interpreter import run_under_interpreter
 
 from maskar.nn.blocks import SelfAttention, l2_norm_qk
 
@@ -170,17 +168,7 @@ def block_vs_torch(attn: SelfAttention, x: torch.Tensor) -> dict:
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    code = _RUNNER.format(tests_dir=os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    res = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[7:])
-            res[r.pop("case")] = r
-    return res
+    return run_under_interpreter(_RUNNER, timeout=600)
 
 
 def _check(r: dict, tol: float, gain_grad: bool = True, gain_tol: float = 1e-5) -> None:

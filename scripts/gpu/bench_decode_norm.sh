@@ -33,6 +33,7 @@ import dataclasses, json, statistics, sys, torch
 sys.path.insert(0, "tests")
 from test_group_norm_kernel import EPS, check_call
 import maskar.kernels.group_norm as gn
+from maskar.bench.attention import time_back_to_back_ms
 from maskar.config import load_config
 from maskar.models.var import decode_in_chunks
 from maskar.registry import build_model
@@ -41,16 +42,8 @@ from maskar.tokenizers.vqvae import PATCH_NUMS
 dev, BW = torch.device("cuda"), 4.3e12
 out = {"check": [], "calls": [], "totals": [], "sweep": []}
 
-def ms(fn, reps=7, inner=5):
-    fn(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record(); b.synchronize(); ts.append(a.elapsed_time(b) / inner)
-    return statistics.median(ts)
+def ms(fn, reps=7, inner=5):  # median over reps of the mean of `inner` back-to-back calls
+    return time_back_to_back_ms(fn, n=inner, rounds=reps)
 
 def decoder_calls(res, batch):
     """{(shape, silu): calls} of one chunked bf16 decode, recorded at the fused op's launch."""

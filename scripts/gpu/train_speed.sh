@@ -47,6 +47,7 @@ import statistics, sys, torch
 sys.path.insert(0, "tests")
 from test_qk_norm_kernel import errors_vs_reference, make_inputs, torch_reference
 import maskar.kernels.qk_norm as qn
+from maskar.bench.attention import time_back_to_back_ms
 B, L, H, D = 32, 680, 16, 64  # HMAR-d16 256 px, batch 32: one block's call (16 per step)
 r = errors_vs_reference(qn.qk_norm, B, L, H, D, torch.bfloat16, device="cuda")
 ok = (r["finite"] and r["dv_exact"] and r["dgain_clamped_zero"] and r["dgain"] < 1e-4
@@ -58,16 +59,8 @@ qkv, s = (t.cuda() for t in make_inputs(B, L, H, D, torch.bfloat16))
 # dq, dk, dv as the attention backward gives them: (B, H, L, D) views of (B, L, H, D) memory
 grads = [torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3)]
 unit = B * L * H * D * 2  # bytes of one (B, L, H, D) bf16 tensor; fwd moves 4, bwd 8
-def ms(fn, reps=15, inner=10):
-    fn(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record(); b.synchronize(); ts.append(a.elapsed_time(b) / inner)
-    return statistics.median(ts)
+def ms(fn, reps=15, inner=10):  # median over reps of the mean of `inner` back-to-back calls
+    return time_back_to_back_ms(fn, n=inner, rounds=reps)
 def row(name, fwd, bwd, both):
     gbs = 12 * unit / (both * 1e-3) / 1e9
     print(f"qk_norm {name:<28} fwd {fwd:7.4f}  bwd {bwd:7.4f}  fwd+bwd {both:7.4f} ms {gbs:5.0f} GB/s "
