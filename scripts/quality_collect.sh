@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The quality study's steps on this machine (docs/quality.md), around the two device calls:
+# The quality study's steps on this machine (docs/quality.md), around the three device calls:
 #   scripts/quality_collect.sh prepare        .carry/fmnist: the Fashion-MNIST train split to carry
 #                                             (train images xz-compressed: 22.6 MB; ~1 min); .carry/fmnist-test:
-#                                             the test split (4 MB), for bench_sampling.sh
+#                                             the test split (4 MB); .carry/vq: the VQ tokenizer alone (9.5 MB);
+#                                             .carry/inc_a|b|c: the TF-Inception weights in three parts, one per
+#                                             call; .carry/inc_check: a 1,000-sample set with its CPU FID
 #   scripts/quality_collect.sh call1 DIR      after scripts/gpu/quality_var_hmar.sh: DIR = the call's files_at;
-#                                             unpacks results to docs/results/quality, the KL tokenizer to .carry/kl
-#                                             (seconds: run call 2 next while the device machine is warm)
+#                                             unpacks results to docs/results/quality (and a KL tokenizer it
+#                                             trained to .carry/kl)
 #   scripts/quality_collect.sh call2 DIR      after scripts/gpu/quality_mar_casmar.sh: results, and the shipped
 #                                             checkpoints/casmar-fmnist + checkpoints/mar-fmnist
+#   scripts/quality_collect.sh call3 DIR      after scripts/gpu/quality_main_fid.sh: MAR's and CASMAR's main and
+#                                             speed rows into mar_casmar.json, the TF-Inception JSONs
 #   scripts/quality_collect.sh fid            the KL tokenizer on the test split; TF-Inception FID / precision /
 #                                             recall of the saved samples on this CPU (INC_N per set, default
-#                                             1000; ~0.25 s an image)
+#                                             1000; ~0.25 s an image): only where call 3 could not run
 #   scripts/quality_collect.sh cpu_speed      CPU images/s of the four models (this machine)
 #   scripts/quality_collect.sh report         docs/quality.md and its plots from the JSON
 # Run from the repository root with the project's Python (PY, default .venv/bin/python). Dry runs only:
@@ -56,13 +60,38 @@ case "${1:-}" in
     mkdir -p .carry/fmnist-test
     zcat $DATA_ROOT/t10k-images-idx3-ubyte.gz | xz -9e -T2 > .carry/fmnist-test/t10k-images-idx3-ubyte.xz
     cp $DATA_ROOT/t10k-labels-idx1-ubyte.gz .carry/fmnist-test/
-    du -sh .carry/fmnist .carry/fmnist-test; scripts/device_tree.sh size .carry/fmnist .carry/kl || true ;;
+    # the VQ tokenizer of checkpoints/hmar-fmnist alone: call 1 carries it instead of that 29.6 MB checkpoint
+    mkdir -p .carry/vq && $PY - <<'PY'
+import hashlib, yaml
+from safetensors.torch import load_file, save_file
+src, dst = "checkpoints/hmar-fmnist", ".carry/vq"
+cfg = yaml.safe_load(open(f"{src}/config.yaml"))
+cfg["model"] = cfg["model"]["tokenizer"]
+yaml.safe_dump(cfg, open(f"{dst}/config.yaml", "w"), sort_keys=False)
+sd = load_file(f"{src}/model.safetensors")
+save_file({k[len("tokenizer."):]: v for k, v in sd.items() if k.startswith("tokenizer.")},
+          f"{dst}/model.safetensors", metadata={"format": "pt"})
+with open(f"{dst}/SHA256SUMS", "w") as f:
+    for n in ("config.yaml", "model.safetensors"):
+        f.write(f"{hashlib.sha256(open(f'{dst}/{n}', 'rb').read()).hexdigest()}  {n}\n")
+PY
+    # the TF-Inception TorchScript (87.3 MB) in three parts: each call carries one (64 MiB a call in all)
+    W=$($PY -c "from maskar.eval.inception import find_fid_inception; print(find_fid_inception())")
+    mkdir -p .carry/inc_a .carry/inc_b .carry/inc_c .carry/inc_check
+    head -c 21000000 "$W" > .carry/inc_a/part
+    tail -c +21000001 "$W" | head -c 30000000 > .carry/inc_b/part
+    tail -c +51000001 "$W" > .carry/inc_c/part
+    # GPU against CPU: the first run's HMAR seed-0 set (1,000 samples) and its CPU TF-Inception JSON
+    cp $RUNS/inc_samples/hmar_main_default_s0.npz .carry/inc_check/
+    cp $RES/inception_cpu1000/hmar_main_default_s0.json .carry/inc_check/cpu.json
+    du -sh .carry/*; for c in ".carry/fmnist .carry/vq .carry/inc_a" ".carry/fmnist .carry/kl .carry/inc_b" \
+      ".carry/fmnist-test .carry/inc_c .carry/inc_check"; do scripts/device_tree.sh size $c || true; done ;;
   call1)
     unpack "$2" var_hmar; results var_hmar
-    rm -rf .carry/kl && mkdir -p .carry && tar -C .carry -xf "$2/kl.tar" && mv .carry/klvae-fmnist-s .carry/kl
-    cp -r .carry/kl $RUNS/kl   # the tokenizer of this study, for the fid step's test-split check
-    echo "next (at once, while the device machine is warm): scripts/gpu/quality_mar_casmar.sh with carry" \
-      "[.carry/fmnist, .carry/kl]" ;;
+    if [ -f "$2/kl.tar" ]; then  # a call 1 that trained the KL tokenizer (KL_TRAIN=1)
+      rm -rf .carry/kl && mkdir -p .carry && tar -C .carry -xf "$2/kl.tar" && mv .carry/klvae-fmnist-s .carry/kl
+      cp -r .carry/kl $RUNS/kl   # the tokenizer of this study, for the fid step's test-split check
+    fi ;;
   call2)
     unpack "$2" mar_casmar; results mar_casmar; unpack "$2" ckpts
     ship casmar-fmnist
@@ -75,6 +104,16 @@ case "${1:-}" in
       echo "mar-fmnist not shipped: $mar_mb MB > SHIP_MAR_MAX_MB=${SHIP_MAR_MAX_MB:-8} (its study rows name runs/quality/mar)"
     fi
     du -ch checkpoints/*/model.safetensors | tail -n 1 ;;
+  call3)
+    unpack "$2" main_fid
+    # the main and speed rows first, then call 2's curves
+    $PY -m maskar bench quality merge=$RES/mar_casmar.json $RUNS/main_fid/study/main_fid.json \
+      $RUNS/mar_casmar/study/mar_casmar.json
+    mkdir -p $RES/inception $RES/grids $RES/logs
+    cp $RUNS/main_fid/inception/*.json $RES/inception/
+    cp $RUNS/main_fid/study/grid_*.png $RES/grids/ 2>/dev/null || true
+    for f in $RUNS/main_fid/logs/*; do cp "$f" "$RES/logs/main_fid_$(basename "$f")"; done
+    cat $RUNS/main_fid/logs/inc_check.txt ;;
   fid)
     if [ -d $RUNS/kl ] && [ ! -f $RES/kl_quality_test.json ]; then  # the KL tokenizer on the test split
       $PY -m maskar bench tokenizer_quality $RUNS/kl split=test json=$RES/kl_quality_test.json \

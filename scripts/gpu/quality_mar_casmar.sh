@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quality study, device call 2 of 2 (docs/quality.md): MAR vs CASMAR on Fashion-MNIST 32x32 at an equal
+# Quality study, device call 2 of 3 (docs/quality.md): MAR vs CASMAR on Fashion-MNIST 32x32 at an equal
 # budget, on the KL tokenizer trained in call 1 (carried as .carry/kl), and the shipped demos.
 #   0. pre-flight (~20 s): MAR and CASMAR (random weights) sample through the study's entry and the
 #      diffusion heads' CUDA-graph chains; a failure stops the call before anything is trained
@@ -10,20 +10,21 @@
 #      checkpoint (checkpoints/mar-fmnist, checkpoints/casmar-fmnist: tokenizer inside, sampling
 #      defaults cut down for the CPU, SHIP_*_SAMPLE), then its study rows on that exported file (so
 #      `maskar eval ckpt=checkpoints/casmar-fmnist ...` reproduces the table; plan
-#      scripts/gpu/quality/plan_mar_casmar.yaml: classifier FD / accuracy / precision-recall, grids,
-#      the diffusion spacing check, cfg / num_iter / DiT-step curves, training curves, samples for the
-#      TF-Inception FID on the CPU afterwards) until STUDY_END; CASMAR's curve rows run in a second
-#      process beside its main rows (alone, the 2026-12-03 run reached 5 of its 24 rows by the deadline)
-#   3. the speed rows alone on the GPU (SPEED_T), then one JSON (mar_casmar.json)
+#      scripts/gpu/quality/plan_mar_casmar.yaml: the diffusion spacing check, cfg / num_iter / DiT-step
+#      curves, training curves) until STUDY_END; CASMAR's rows in two processes (alone, one process
+#      reached 5 of its 24 rows by the deadline of the first 2026-12-03 run)
+#   3. one JSON (mar_casmar.json). The main rows (10,000 samples a seed) and the speed rows run in
+#      call 3 (scripts/gpu/quality_main_fid.sh) on the checkpoints this call leaves in RUNS/pack.
 # No EMA: the 2026-12-03 run exported 0.999-EMA weights after 1,110 steps, a third still the random
 # initialisation (docs/quality.md). Sampling uses "ddimN" diffusion spacing (the plan says why).
 # Returns under $OUT: mar_casmar.tar (study JSON, samples, grids, logs, configs) and ckpts.tar[.part-*]
 # (the two bf16 checkpoints). Needs carry .carry/fmnist and .carry/kl (scripts/quality_collect.sh).
-# Expected wall time on one H200: 8-8.5 min (STUDY_END 450 s + SPEED_T <= 60 s + packing); the
-# command's limit is 10 min. Every study process stops at STUDY_END with its rows so far written.
+# Expected wall time on one H200: 7.5-8 min (STUDY_END 450 s + packing); the command's limit is 10 min.
+# Keep RUNS on the device machine for call 3 (e.g. RUNS=$PWD/.persist/q2: .persist/ is git-ignored and
+# stays while the machine is warm). Every study process stops at STUDY_END with its rows so far written.
 source "$(dirname "$0")/quality/common.sh"
 TRAIN_S=${TRAIN_S:-210}; TRAIN_T=${TRAIN_T:-$((TRAIN_S + 60))}; CAL=${CAL:-60}; BS=${BS:-1024}; WORKERS=${WORKERS:-6}
-STUDY_END=${STUDY_END:-450}; SPEED_T=${SPEED_T:-60}
+STUDY_END=${STUDY_END:-450}
 KL=${KL:-.carry/kl}
 PLAN=scripts/gpu/quality/plan_mar_casmar.yaml
 SHIP_MAR_SAMPLE=${SHIP_MAR_SAMPLE:-"sample.num_iter=16 sample.num_sampling_steps=ddim25 sample.cfg=2.0"}
@@ -78,24 +79,20 @@ pipeline() {  # pipeline NAME TRAIN_EXTRA SHIP_SAMPLE
   local shown=checkpoints/$m-fmnist
   [ $m = mar ] && [ "$MAR_SIZE" = m ] && shown=runs/quality/mar  # not shipped: scripts/quality_collect.sh
   local args="ckpt.$m=$PACK/$m-fmnist run.$m=$RUNS/$m as.$m=$shown"
-  if [ $m = casmar ]; then  # its curves in a second process: one alone reached 5 of 24 rows by the deadline
-    study casmar_curves $PLAN $m $args 'rows=!main,!spacing' & local PC=$!
-    study $m $PLAN $m $args rows=main,spacing; wait $PC
+  if [ $m = casmar ]; then  # two processes: one alone reached 5 of 24 rows by the first run's deadline
+    study casmar_curves $PLAN $m $args rows=dit_steps,num_iter & local PC=$!
+    study $m $PLAN $m $args rows=spacing,cfg,train_curve; wait $PC
   else
-    study $m $PLAN $m $args
+    study $m $PLAN $m $args 'rows=!main'
   fi
 }
 pipeline mar "$MAR_NET" "$SHIP_MAR_SAMPLE" & P1=$!
 pipeline casmar "model.pred_cond_warmup_steps=$((STEPS * 3 / 10))" "$SHIP_CASMAR_SAMPLE" & P2=$!
 wait $P1 $P2
 
-el "speed rows, alone on the GPU"
-timeout -s TERM $SPEED_T $M bench quality plan=$PLAN out=$RUNS/study tag=speed kinds=speed classifier=$CLF \
-  device=$DEVICE scale=$SCALE ckpt.mar=$PACK/mar-fmnist ckpt.casmar=$PACK/casmar-fmnist ${STUDY_EXTRA:-} \
-  > $RUNS/study_speed.log 2>&1
-grep -h "^speed" $RUNS/study_speed.log
+echo "MAR_SIZE=$MAR_SIZE" > $RUNS/mar_size.txt  # call 3 names the MAR as this call did
 $M bench quality merge=$RUNS/study/mar_casmar.json $RUNS/study/mar.json $RUNS/study/casmar.json \
-  $RUNS/study/casmar_curves.json $RUNS/study/speed.json
+  $RUNS/study/casmar_curves.json
 
 el "pack"
 mkdir -p $RUNS/logs

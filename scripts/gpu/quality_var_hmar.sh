@@ -22,7 +22,10 @@ TRAIN_S=${TRAIN_S:-210}; TRAIN_T=${TRAIN_T:-$((TRAIN_S + 60))}; CAL=${CAL:-60}; 
 STUDY_END=${STUDY_END:-450}; SPEED_T=${SPEED_T:-50}
 BS=${BS:-768}; WORKERS=${WORKERS:-4}
 NET=${NET:-"model.depth=6 model.width=256 model.heads=4"}
-TOK="model.tokenizer_ckpt=checkpoints/hmar-fmnist"
+# The VQ tokenizer: the one inside checkpoints/hmar-fmnist, or the same weights alone (.carry/vq, 9.5 MB:
+# scripts/quality_collect.sh prepare) when the call leaves that 29.6 MB checkpoint behind to carry more.
+TOK="model.tokenizer_ckpt=${TOK_CKPT:-checkpoints/hmar-fmnist}"
+KL_TRAIN=${KL_TRAIN:-1}  # 0: keep the KL tokenizer of an earlier call 1 (.carry/kl) and train none
 PLAN=scripts/gpu/quality/plan_var_hmar.yaml
 command -v nvidia-smi >/dev/null && nvidia-smi -L
 $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
@@ -31,7 +34,7 @@ el "data"; prepare_data
 C="data.root=$DATA data.num_workers=$WORKERS train.progress=false train.tensorboard=false \
 train.batch_size=$BS train.lr=4e-4 train.min_lr=4e-5 train.ema=0 train.compile=false device=$DEVICE"
 
-el "KL tokenizer (background)"
+[ "$KL_TRAIN" = 1 ] && el "KL tokenizer (background)"
 run_kl() {
   timed kl timeout -s TERM ${KL_T:-300} $M train preset=klvae-fmnist-s data.root=$DATA data.num_workers=2 \
     train.progress=false train.tensorboard=false train.steps=$KL_STEPS train.batch_size=${KL_BS:-256} \
@@ -45,7 +48,8 @@ run_kl() {
     > $RUNS/kl_export.log 2>&1
   el "KL tokenizer done: $(grep -h PSNR $RUNS/kl_quality.txt), scale_factor $sf"
 }
-run_kl & KL_PID=$!
+KL_PID=
+if [ "$KL_TRAIN" = 1 ]; then run_kl & KL_PID=$!; else el "KL tokenizer: not trained (KL_TRAIN=0; call 2 carries .carry/kl)"; fi
 
 el "calibration: $CAL steps of VAR and HMAR stage 1 side by side"
 CALC="train.steps=$CAL train.log_every=$((CAL / 2)) train.ckpt_every=0 train.warmup_steps=10"
@@ -82,7 +86,7 @@ run_hmar() {
 }
 run_var & VAR_PID=$!
 run_hmar & HMAR_PID=$!
-wait $KL_PID $VAR_PID $HMAR_PID
+wait $KL_PID $VAR_PID $HMAR_PID  # KL_PID empty: waits for the two
 
 el "speed rows, alone on the GPU"
 timeout -s TERM $SPEED_T $M bench quality plan=$PLAN out=$RUNS/study tag=speed kinds=speed classifier=$CLF \
@@ -96,7 +100,7 @@ for r in var hmar1 hmar2 kl cal_var cal_hmar; do
   cp $RUNS/$r/log.txt $RUNS/logs/${r}_log.txt 2>/dev/null; cp $RUNS/$r/config.yaml $RUNS/logs/${r}_config.yaml 2>/dev/null
 done
 cp $RUNS/*.log $RUNS/*.txt $RUNS/kl_quality.json $RUNS/logs/ 2>/dev/null
-pack var_hmar study logs
+pack var_hmar --exclude=study/samples study logs  # the 60,000 main samples stay for call 3
 [ -d $PACK/klvae-fmnist-s ] && (cd $PACK && tar -cf $OUT/kl.tar klvae-fmnist-s)
 ls -la $OUT; el "done"
 summary var_hmar

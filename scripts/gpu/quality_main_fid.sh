@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Quality study, device call 3 of 3 (docs/quality.md): MAR's and CASMAR's main rows, the speed rows, and
+# the TF-Inception FID / precision / recall of all four models' main samples (10,000 per seed, 3 seeds,
+# against the 10,000 test images) on the GPU. Run it right after calls 1 and 2 while the device machine
+# is warm: it reads what they left there (Q1_RUNS, Q2_RUNS; .persist/ is git-ignored and stays).
+#   0. the TF-Inception TorchScript (87.3 MB: more than one call may carry beside the data) from its three
+#      parts, one carried by each call (scripts/quality_collect.sh prepare: .carry/inc_a, inc_b, inc_c;
+#      calls 1 and 2 copy theirs to .persist/inc), checked against its SHA-256; the test split from
+#      .carry/fmnist-test
+#   1. the GPU path against the CPU one: the FID of a saved 1,000-sample set whose CPU FID is committed
+#      (.carry/inc_check: the first run's HMAR seed 0 and its CPU JSON, from
+#      docs/results/quality/inception_cpu1000), which also caches the test split's statistics
+#   2. MAR || CASMAR main rows (classifier FD / accuracy / precision-recall, grids; every sample kept),
+#      with call 1's VAR and HMAR sets going through the Inception network meanwhile
+#   3. MAR's and CASMAR's sets through the Inception network; then the speed rows alone (SPEED_T)
+# Returns under $OUT: main_fid.tar (study JSON of the main and speed rows, grids, the 13 Inception JSONs,
+# logs). Needs carry .carry/inc_c, .carry/fmnist-test, .carry/inc_check. REF_LIMIT cuts the reference
+# (CPU dry runs only). Expected wall time on one H200: 5-7 min (CASMAR's 30,000 samples take ~3.5 min);
+# the command's limit is 10 min.
+source "$(dirname "$0")/quality/common.sh"
+Q1_RUNS=${Q1_RUNS:-$PWD/.persist/q1}; Q2_RUNS=${Q2_RUNS:-$PWD/.persist/q2}; INC_PARTS=${INC_PARTS:-$PWD/.persist/inc}
+SPEED_T=${SPEED_T:-60}; MAIN_T=${MAIN_T:-420}; INC_CHECK=${INC_CHECK:-.carry/inc_check}
+INC_SHA=7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34
+PLAN=scripts/gpu/quality/plan_mar_casmar.yaml
+command -v nvidia-smi >/dev/null && nvidia-smi -L
+
+el "inputs"
+missing=""
+for p in "$INC_PARTS/a" "$INC_PARTS/b" .carry/inc_c/part .carry/fmnist-test $INC_CHECK \
+    "$Q1_RUNS/study/samples" "$Q2_RUNS/pack/mar-fmnist" "$Q2_RUNS/pack/casmar-fmnist"; do
+  [ -e "$p" ] || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  el "missing:$missing (the machine went cold between calls, or call 1 / 2 did not finish): nothing run"
+  exit 3
+fi
+INC=$RUNS/default_1.pt
+cat "$INC_PARTS/a" "$INC_PARTS/b" .carry/inc_c/part > $INC
+echo "$INC_SHA  $INC" | sha256sum -c - || { el "the assembled Inception weights do not match their SHA-256"; exit 3; }
+export MASKAR_FID_INCEPTION=$INC
+TEST=$RUNS/fmnist-test; mkdir -p $TEST
+$PY - "$TEST" <<'PY'
+import lzma, shutil, sys
+from pathlib import Path
+dst = Path(sys.argv[1])
+for f in sorted(Path(".carry/fmnist-test").iterdir()):
+    if f.suffix == ".xz":
+        with lzma.open(f) as src, open(dst / f.stem, "wb") as out:
+            shutil.copyfileobj(src, out)
+    else:
+        shutil.copy(f, dst / f.name)
+PY
+INC_OUT=$RUNS/inception; mkdir -p $INC_OUT
+# inception NPZ: TF-Inception FID / precision / recall of a sample set vs the 10,000 test images
+inception() {
+  local name; name=$(basename "$1" .npz)
+  $M eval samples="$1" ref=data data.name=fashion_mnist data.root=$TEST data.split=test data.channels=1 \
+    metrics=fid,pr device=$DEVICE batch_size=${INC_BS:-500} json=$INC_OUT/$name.json \
+    ${REF_LIMIT:+ref_limit=$REF_LIMIT} > $RUNS/inc_$name.log 2>&1 \
+    || { el "inception $name failed:"; tail -n 5 $RUNS/inc_$name.log; }
+  echo "inception $name: $(grep -h -m1 'FID' $RUNS/inc_$name.log)"
+}
+
+el "1. GPU vs CPU on a committed 1,000-sample set (and the test split's statistics)"
+inception $INC_CHECK/hmar_main_default_s0.npz
+mv $INC_OUT/hmar_main_default_s0.json $RUNS/inc_check_gpu.json
+$PY - $RUNS/inc_check_gpu.json $INC_CHECK/cpu.json <<'PY' | tee $RUNS/inc_check.txt
+import json, sys
+gpu, cpu = (json.load(open(p)) for p in sys.argv[1:])
+get = lambda r, k: next(x["value"] for x in r["results"] if x["metric"] == k)
+for k in ("FID", "precision", "recall"):
+    g, c = get(gpu, k), get(cpu, k)
+    print(f"check {k}: GPU {g:.6f} CPU {c:.6f} diff {g - c:+.2e}")
+PY
+
+el "2. MAR || CASMAR main rows; VAR and HMAR sets through Inception meanwhile"
+MAR_SIZE=s; [ -f $Q2_RUNS/mar_size.txt ] && source $Q2_RUNS/mar_size.txt
+SHOWN_MAR=checkpoints/mar-fmnist; [ "$MAR_SIZE" = m ] && SHOWN_MAR=runs/quality/mar
+main_rows() {  # main_rows MODEL SHOWN
+  timeout -s TERM $MAIN_T $M bench quality plan=$PLAN out=$RUNS/study tag=$1_main models=$1 kinds=quality \
+    rows=main classifier=$CLF device=$DEVICE scale=$SCALE ckpt.$1=$Q2_RUNS/pack/$1-fmnist as.$1=$2 \
+    ${STUDY_EXTRA:-} > $RUNS/study_$1_main.log 2>&1
+  el "$1 main rows (exit $?): $(grep -c ' FD_clf ' $RUNS/study_$1_main.log) points"
+}
+main_rows mar $SHOWN_MAR & P1=$!
+main_rows casmar checkpoints/casmar-fmnist & P2=$!
+for f in $(ls $Q1_RUNS/study/samples/*_main_*.npz | sort); do inception $f; done
+wait $P1 $P2
+
+el "3. MAR and CASMAR sets through Inception"
+for f in $(ls $RUNS/study/samples/*_main_*.npz | sort); do inception $f; done
+
+el "speed rows, alone on the GPU"
+timeout -s TERM $SPEED_T $M bench quality plan=$PLAN out=$RUNS/study tag=speed kinds=speed classifier=$CLF \
+  device=$DEVICE scale=$SCALE ckpt.mar=$Q2_RUNS/pack/mar-fmnist ckpt.casmar=$Q2_RUNS/pack/casmar-fmnist \
+  ${STUDY_EXTRA:-} > $RUNS/study_speed.log 2>&1
+grep -h "^speed" $RUNS/study_speed.log
+$M bench quality merge=$RUNS/study/main_fid.json $RUNS/study/mar_main.json $RUNS/study/casmar_main.json \
+  $RUNS/study/speed.json
+
+el "pack"
+mkdir -p $RUNS/logs && cp $RUNS/*.log $RUNS/*.txt $RUNS/inc_check_gpu.json $RUNS/logs/ 2>/dev/null
+rm -rf $RUNS/study/samples  # 60,000 samples stay on the device: the Inception JSONs hold their numbers
+pack main_fid study inception logs
+ls -la $OUT; el "done"
+summary main_fid
