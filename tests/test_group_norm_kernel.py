@@ -225,9 +225,10 @@ def interpreter_results() -> dict:
     return run_under_interpreter(_RUNNER, timeout=900)
 
 
-def _check(r: dict) -> None:
+def _check(r: dict, torch_within: float | None = 2.0) -> None:
     assert r["finite"] and r["same_layout"], r
-    assert r["torch_excess"] <= 2.0, r  # the bound is meaningful: torch (rounding twice) is within 2x of it
+    if torch_within is not None:  # the bound is meaningful: torch (rounding twice) is within 2x of it
+        assert r["torch_excess"] <= torch_within, r
     assert r["excess"] <= 1.0, r
 
 
@@ -457,7 +458,10 @@ def test_kernel_matches_torch_gpu(shape, dname, channels_last):
 
     N, C, H, W = shape
     r = check_call(gn.group_norm_act, N, C, H, W, 32, DTYPES[dname], channels_last, True, device="cuda")
-    _check(r)
+    # No sanity check against torch here: its CUDA GroupNorm + SiLU in bf16 / fp16 lands 10-100x outside
+    # the 2-ulp bound (H200, 2026-12-03: torch_excess 10-103 while the kernel's excess was <= 0.25), so
+    # the bound's meaning rests on the CPU cases, where torch stays within 2x of it.
+    _check(r, torch_within=None)
 
 
 @pytest.mark.gpu
