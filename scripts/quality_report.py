@@ -324,15 +324,18 @@ def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
             "shows between sampling seeds at this sample count, so at this size the schedule barely matters."
         )
     budget = RES / "logs" / "mar_casmar_budget.txt"
-    cal = budget.is_file() and re.search(r"mar-s ([\d.]+) mar-m ([\d.]+) casmar ([\d.]+)", budget.read_text())
-    if cal and sums["mar"]["gpu_s"] and sums["casmar"]["gpu_s"]:
-        s_, m_, c_ = (float(x) for x in cal.groups())
+    text = budget.read_text() if budget.is_file() else ""
+    ips = dict(re.findall(r"(mar-[sml]|casmar) ([\d.]+)", text.split("->")[0]))
+    gm, gc = sums["mar"]["gpu_s"], sums["casmar"]["gpu_s"]
+    if ips and gm and gc and abs(gc / gm - 1) > 0.10 and "alone" not in text:
         L.append(
-            f"- Why MAR and CASMAR did not get equal GPU-minutes: the 60-step calibration measured {s_:.1f} "
-            f"it/s for MAR at `mar-fmnist-s`, {m_:.1f} it/s for the wider MAR (4 + 4 blocks, width 256) and "
-            f"{c_:.1f} for CASMAR. Widening MAR did not slow its step: at 32×32 and this width a MAR step is "
-            "bound by kernel launches and fixed costs, not by FLOPs, so the calibration could not find a MAR "
-            "whose step costs what CASMAR's does. Equal steps × batch held; the wall-clock minutes did not."
+            "- Why MAR and CASMAR did not get equal GPU-minutes: the calibration ran its "
+            f"{len(ips)} processes on the GPU at once ("
+            + ", ".join(f"{k} {float(v):.1f} it/s" for k, v in ips.items())
+            + "). With three processes sharing the GPU, each one's speed says more about the sharing "
+            "than about its own step: the wider MAR stepped as fast as the small one, so the calibration "
+            "kept the small MAR, which then trained in half CASMAR's time. Call 2 now times CASMAR and "
+            "three MAR sizes each alone (not yet run on a GPU)."
         )
     missing = []
     for m in MODELS:
@@ -689,10 +692,11 @@ PROTOCOL = [
     "- **Models**: VAR and HMAR depth 6, width 256, 4 heads (7.4M parameters; HMAR stage 2 adds a 2-block",
     "  mask branch). MAR and CASMAR: `mar-fmnist-s` / `casmar-fmnist-s` (encoder 3 + decoder 3 blocks of",
     "  width 160, MLP diffusion head 3 × 160; CASMAR adds the scaffold stage and a 2 × 128 DiT head with",
-    "  5×5 PSA). Call 2 calibrates a second MAR size (encoder 4 + decoder 4 blocks and head of width",
-    "  256) beside them and trains the one whose step time is nearer CASMAR's",
-    "  (`logs/mar_casmar_budget.txt`); in the table's run both MAR sizes stepped at the same speed, so",
-    "  it trained `mar-fmnist-s`, with half CASMAR's GPU-minutes.",
+    "  5×5 PSA). Call 2 calibrates MAR sizes against CASMAR and trains the one whose step time is",
+    "  nearest CASMAR's (`logs/mar_casmar_budget.txt`). In the table's run the calibration timed",
+    "  `mar-fmnist-s`, a wider MAR (4 + 4 blocks, width 256) and CASMAR at once; both MAR sizes stepped",
+    "  at the same speed, so it trained `mar-fmnist-s`, with half CASMAR's GPU-minutes. The script now",
+    "  times CASMAR and three MAR sizes (adding 6 + 6 blocks with a 6-layer head) each alone.",
     "- **Equal budget per pair**: same tokenizer, batch (VAR/HMAR 768, MAR/CASMAR 1024), number of steps,",
     "  LR schedule (cosine / lin0 to 0.1×, 5% warm-up) and EMA: none for all four (runs of a few thousand",
     "  steps; a 0.999 EMA would still be a third random initialisation after 1,100 steps: see the",

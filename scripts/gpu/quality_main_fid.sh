@@ -74,8 +74,7 @@ for k in ("FID", "precision", "recall"):
 PY
 
 el "2. MAR || CASMAR main rows; VAR and HMAR sets through Inception meanwhile"
-MAR_SIZE=s; [ -f $Q2_RUNS/mar_size.txt ] && source $Q2_RUNS/mar_size.txt
-SHOWN_MAR=checkpoints/mar-fmnist; [ "$MAR_SIZE" = m ] && SHOWN_MAR=runs/quality/mar
+SHOWN_MAR=checkpoints/mar-fmnist; [ -f $Q2_RUNS/mar_size.txt ] && source $Q2_RUNS/mar_size.txt
 main_rows() {  # main_rows MODEL SHOWN
   timeout -s TERM $MAIN_T $M bench quality plan=$PLAN out=$RUNS/study tag=$1_main models=$1 kinds=quality \
     rows=main classifier=$CLF device=$DEVICE scale=$SCALE ckpt.$1=$Q2_RUNS/pack/$1-fmnist as.$1=$2 \

@@ -3,8 +3,8 @@
 # budget, on the KL tokenizer trained in call 1 (carried as .carry/kl), and the shipped demos.
 #   0. pre-flight (~20 s): MAR and CASMAR (random weights) sample through the study's entry and the
 #      diffusion heads' CUDA-graph chains; a failure stops the call before anything is trained
-#   1. a 60-step calibration of CASMAR and MAR at two sizes side by side -> the MAR size whose step
-#      costs nearest CASMAR's (equal GPU-minutes), STEPS: the slower one's speed x TRAIN_S
+#   1. a 40-step calibration of CASMAR and of MAR at three sizes, each alone on the GPU -> the MAR size
+#      whose step costs nearest CASMAR's (equal GPU-minutes), STEPS: TRAIN_S x SHARE x the slower speed
 #   2. MAR || CASMAR, STEPS steps each (same batch 1024, lr 4e-4, no EMA, same tokenizer), 5 checkpoints
 #      each for the training curves; as soon as one is trained: its bf16 export as the shipped
 #      checkpoint (checkpoints/mar-fmnist, checkpoints/casmar-fmnist: tokenizer inside, sampling
@@ -19,12 +19,12 @@
 # initialisation (docs/quality.md). Sampling uses "ddimN" diffusion spacing (the plan says why).
 # Returns under $OUT: mar_casmar.tar (study JSON, samples, grids, logs, configs) and ckpts.tar[.part-*]
 # (the two bf16 checkpoints). Needs carry .carry/fmnist and .carry/kl (scripts/quality_collect.sh).
-# Expected wall time on one H200: 7.5-8 min (STUDY_END 450 s + packing); the command's limit is 10 min.
-# Keep RUNS on the device machine for call 3 (e.g. RUNS=$PWD/.persist/q2: .persist/ is git-ignored and
+# Expected wall time on one H200: 8.5 min (STUDY_END 500 s + packing); the command's limit is 10 min.
+# CAL_ONLY=1 stops after the calibration (about 2 minutes). Keep RUNS on the device machine for call 3 (e.g. RUNS=$PWD/.persist/q2: .persist/ is git-ignored and
 # stays while the machine is warm). Every study process stops at STUDY_END with its rows so far written.
 source "$(dirname "$0")/quality/common.sh"
-TRAIN_S=${TRAIN_S:-210}; TRAIN_T=${TRAIN_T:-$((TRAIN_S + 60))}; CAL=${CAL:-60}; BS=${BS:-1024}; WORKERS=${WORKERS:-6}
-STUDY_END=${STUDY_END:-450}
+TRAIN_S=${TRAIN_S:-210}; TRAIN_T=${TRAIN_T:-$((TRAIN_S + 120))}; CAL=${CAL:-40}; BS=${BS:-1024}; WORKERS=${WORKERS:-6}
+STUDY_END=${STUDY_END:-500}
 KL=${KL:-.carry/kl}
 PLAN=scripts/gpu/quality/plan_mar_casmar.yaml
 SHIP_MAR_SAMPLE=${SHIP_MAR_SAMPLE:-"sample.num_iter=16 sample.num_sampling_steps=ddim25 sample.cfg=2.0"}
@@ -32,7 +32,7 @@ SHIP_CASMAR_SAMPLE=${SHIP_CASMAR_SAMPLE:-"sample.num_iter=4 sample.scaffold_num_
 sample.refine_num_sampling_steps=ddim10 sample.cfg=2.0 sample.re_cfg=2.0"}
 command -v nvidia-smi >/dev/null && nvidia-smi -L
 $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-smoke mar casmar
+[ "${CAL_ONLY:-0}" = 1 ] || smoke mar casmar  # the calibration alone needs no pre-flight
 el "data"; prepare_data
 SF=$($PY -c "import yaml; print(yaml.safe_load(open('$KL/config.yaml'))['model']['scale_factor'])")
 echo "KL tokenizer $KL, scale_factor $SF"
@@ -41,35 +41,63 @@ train.batch_size=$BS train.lr=4e-4 train.min_lr=4e-5 train.ema=0 train.compile=f
 model.tokenizer_ckpt=$KL model.tokenizer.scale_factor=$SF"
 
 # Equal steps x batch and equal GPU-minutes (issue 17) need a MAR whose step costs what CASMAR's does:
-# CASMAR's step is its MAR backbone's plus the scaffold pass and the DiT head (2.6x mar-fmnist-s's in
-# the 2026-12-03 run). The calibration times CASMAR beside two MAR sizes, mar-fmnist-s and MAR_M (by
-# default the backbone and head widths of the 30k-step mar-fmnist preset), and the study trains the
-# MAR whose speed is nearer CASMAR's (MAR_SIZE=s|m forces one).
+# CASMAR's step is its MAR backbone's plus the scaffold pass and the DiT head. The calibration times
+# CASMAR and three MAR sizes (mar-fmnist-s, MAR_M, MAR_L), each ALONE on the GPU, one after another:
+# processes that share one GPU are time-sliced, which evens their speeds out (the 2026-12-03 evening
+# run calibrated three at once: 9.9 / 10.2 it/s for MAR at two widths, 6.4 for CASMAR, and the MAR it
+# picked then trained in half CASMAR's time). The study trains the MAR whose alone speed is nearest
+# CASMAR's (MAR_SIZE=s|m|l forces one); "GPU-minutes" is then steps / alone speed for each, and the
+# two runs, of equal cost a step, also take about the same wall time side by side.
 MAR_M=${MAR_M:-"model.encoder_embed_dim=256 model.encoder_depth=4 model.decoder_embed_dim=256 \
 model.decoder_depth=4 model.diffloss_w=256"}
-el "calibration: $CAL steps of CASMAR and MAR at two sizes side by side"
+MAR_L=${MAR_L:-"model.encoder_embed_dim=256 model.encoder_depth=6 model.decoder_embed_dim=256 \
+model.decoder_depth=6 model.diffloss_d=6 model.diffloss_w=256"}
+SHARE=${SHARE:-0.45}  # the share of the GPU each of two equal-cost runs gets side by side (a bit under 1/2)
+el "calibration: $CAL steps each of CASMAR and MAR at three sizes, one at a time"
 CALC="train.steps=$CAL train.log_every=$((CAL / 2)) train.ckpt_every=0 train.warmup_steps=10"
-CT="timeout -s TERM ${CAL_T:-150}"
-$CT $M train preset=mar-fmnist-s $C $CALC train.out_dir=$RUNS/cal_mar > $RUNS/cal_mar.log 2>&1 & P1=$!
-$CT $M train preset=mar-fmnist-s $MAR_M $C $CALC train.out_dir=$RUNS/cal_mar_m > $RUNS/cal_mar_m.log 2>&1 & P3=$!
-$CT $M train preset=casmar-fmnist-s $C $CALC train.out_dir=$RUNS/cal_casmar > $RUNS/cal_casmar.log 2>&1 & P2=$!
-wait $P1 $P2 $P3
-IPS_MAR_S=$(it_per_s $RUNS/cal_mar); IPS_MAR_M=$(it_per_s $RUNS/cal_mar_m); IPS_CASMAR=$(it_per_s $RUNS/cal_casmar)
-if [ -z "$IPS_MAR_S" ] || [ -z "$IPS_MAR_M" ] || [ -z "$IPS_CASMAR" ]; then  # a run failed: its log says why
-  tail -n 5 $RUNS/cal_mar.log $RUNS/cal_mar_m.log $RUNS/cal_casmar.log
-  IPS_MAR_S=${IPS_MAR_S:-5}; IPS_MAR_M=${IPS_MAR_M:-0}; IPS_CASMAR=${IPS_CASMAR:-5}
+calibrate() {  # calibrate NAME PRESET EXTRA: CAL steps alone -> it/s over the last CAL/2
+  timeout -s TERM ${CAL_T:-150} $M train preset=$2 $3 $C $CALC train.out_dir=$RUNS/cal_$1 > $RUNS/cal_$1.log 2>&1
+  local ips; ips=$(it_per_s $RUNS/cal_$1)
+  [ -n "$ips" ] || { tail -n 5 $RUNS/cal_$1.log >&2; ips=0; }  # a failed run: its log says why
+  echo $ips
+}
+IPS_CASMAR=$(calibrate casmar casmar-fmnist-s "")
+IPS_MAR_S=$(calibrate mar mar-fmnist-s "")
+IPS_MAR_M=$(calibrate mar_m mar-fmnist-s "$MAR_M")
+IPS_MAR_L=$(calibrate mar_l mar-fmnist-s "$MAR_L")
+[ "$IPS_CASMAR" != 0 ] || IPS_CASMAR=5
+MAR_SIZE=${MAR_SIZE:-$($PY -c "import math, sys; c = float(sys.argv[1]); \
+ips = {k: float(v) for k, v in zip('sml', sys.argv[2:]) if float(v) > 0}; \
+print(min(ips, key=lambda k: abs(math.log(ips[k] / c))) if ips else 's')" \
+  $IPS_CASMAR $IPS_MAR_S $IPS_MAR_M $IPS_MAR_L)}
+case $MAR_SIZE in
+  m) MAR_NET=$MAR_M; IPS_MAR=$IPS_MAR_M ;;
+  l) MAR_NET=$MAR_L; IPS_MAR=$IPS_MAR_L ;;
+  *) MAR_SIZE=s; MAR_NET=""; IPS_MAR=$IPS_MAR_S ;;
+esac
+[ "$IPS_MAR" != 0 ] || IPS_MAR=5
+# both train at once: each gets about SHARE of the GPU; the slower one's alone speed sets the steps
+STEPS=$($PY -c "import sys; w, f, a, b = map(float, sys.argv[1:]); \
+print(max(int('${STEPS_MIN:-20}'), int(w * f * min(a, b) / 10) * 10))" $TRAIN_S $SHARE $IPS_MAR $IPS_CASMAR)
+GPU_MIN=$($PY -c "import sys; n, a, b = map(float, sys.argv[1:]); print(f'{n / a / 60:.2f} / {n / b / 60:.2f}')" \
+  $STEPS $IPS_MAR $IPS_CASMAR)
+echo "calibration it/s alone: mar-s $IPS_MAR_S mar-m $IPS_MAR_M mar-l $IPS_MAR_L casmar $IPS_CASMAR -> MAR size" \
+  "$MAR_SIZE (${MAR_NET:-mar-fmnist-s as is}), $STEPS steps each (batch $BS); GPU-minutes alone MAR / CASMAR" \
+  "$GPU_MIN" | tee $RUNS/budget.txt
+if [ "${CAL_ONLY:-0}" = 1 ]; then  # the calibration alone (a short call): its logs, then stop
+  mkdir -p $RUNS/logs && for r in cal_mar cal_mar_m cal_mar_l cal_casmar; do cp $RUNS/$r/log.txt $RUNS/logs/${r}_log.txt; done
+  cp $RUNS/budget.txt $RUNS/logs/ && pack calibration logs && el "done (CAL_ONLY=1)"; exit 0
 fi
-MAR_SIZE=${MAR_SIZE:-$($PY -c "import math, sys; s, m, c = map(float, sys.argv[1:]); \
-print('m' if m > 0 and abs(math.log(m / c)) < abs(math.log(s / c)) else 's')" $IPS_MAR_S $IPS_MAR_M $IPS_CASMAR)}
-if [ "$MAR_SIZE" = m ]; then MAR_NET=$MAR_M; IPS_MAR=$IPS_MAR_M; else MAR_NET=""; IPS_MAR=$IPS_MAR_S; fi
-STEPS=$(steps_for $TRAIN_S $IPS_MAR $IPS_CASMAR)
-echo "calibration it/s: mar-s $IPS_MAR_S mar-m $IPS_MAR_M casmar $IPS_CASMAR -> MAR size $MAR_SIZE" \
-  "(${MAR_NET:-mar-fmnist-s as is}), $STEPS steps each (batch $BS)" | tee $RUNS/budget.txt
 
 el "train MAR || CASMAR; each one's export and study rows as soon as it is trained"
 T="train.steps=$STEPS train.warmup_steps=$((STEPS / 20)) train.ckpt_every=$((STEPS / 5)) train.keep_last=10 \
 train.log_every=$(( STEPS / 20 > 10 ? STEPS / 20 : 10 ))"
 SHIP="dtype=bf16 model.tokenizer_ckpt=null data.root=$DATA_ROOT data.num_workers=0"
+mar_shown() {  # where MAR's rows say it is: shipped only when small enough (quality_collect.sh call2)
+  if [ $(( $(stat -c %s $PACK/mar-fmnist/model.safetensors) / 1000000 )) -gt "${SHIP_MAR_MAX_MB:-15}" ]; then
+    echo runs/quality/mar
+  else echo checkpoints/mar-fmnist; fi
+}
 pipeline() {  # pipeline NAME TRAIN_EXTRA SHIP_SAMPLE
   local m=$1 extra=$2 ship=$3
   timed $m timeout -s TERM $TRAIN_T $M train preset=$m-fmnist-s $C $T $extra train.out_dir=$RUNS/$m \
@@ -77,7 +105,7 @@ pipeline() {  # pipeline NAME TRAIN_EXTRA SHIP_SAMPLE
   el "$m trained: $(tail -n 2 $RUNS/${m}_train.log | head -n 1)"
   $M convert dtype src=$RUNS/$m out=$PACK/$m-fmnist $SHIP $ship > $RUNS/${m}_export.log 2>&1
   local shown=checkpoints/$m-fmnist
-  [ $m = mar ] && [ "$MAR_SIZE" = m ] && shown=runs/quality/mar  # not shipped: scripts/quality_collect.sh
+  [ $m = mar ] && shown=$(mar_shown)
   local args="ckpt.$m=$PACK/$m-fmnist run.$m=$RUNS/$m as.$m=$shown"
   if [ $m = casmar ]; then  # two processes: one alone reached 5 of 24 rows by the first run's deadline
     study casmar_curves $PLAN $m $args rows=dit_steps,num_iter & local PC=$!
@@ -90,13 +118,13 @@ pipeline mar "$MAR_NET" "$SHIP_MAR_SAMPLE" & P1=$!
 pipeline casmar "model.pred_cond_warmup_steps=$((STEPS * 3 / 10))" "$SHIP_CASMAR_SAMPLE" & P2=$!
 wait $P1 $P2
 
-echo "MAR_SIZE=$MAR_SIZE" > $RUNS/mar_size.txt  # call 3 names the MAR as this call did
+printf 'MAR_SIZE=%s\nSHOWN_MAR=%s\n' $MAR_SIZE $(mar_shown) > $RUNS/mar_size.txt  # call 3 names MAR alike
 $M bench quality merge=$RUNS/study/mar_casmar.json $RUNS/study/mar.json $RUNS/study/casmar.json \
   $RUNS/study/casmar_curves.json
 
 el "pack"
 mkdir -p $RUNS/logs
-for r in mar casmar cal_mar cal_mar_m cal_casmar; do
+for r in mar casmar cal_mar cal_mar_m cal_mar_l cal_casmar; do
   cp $RUNS/$r/log.txt $RUNS/logs/${r}_log.txt 2>/dev/null; cp $RUNS/$r/config.yaml $RUNS/logs/${r}_config.yaml 2>/dev/null
 done
 cp $RUNS/*.log $RUNS/*.txt $RUNS/logs/ 2>/dev/null
