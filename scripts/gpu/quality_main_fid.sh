@@ -3,6 +3,8 @@
 # the TF-Inception FID / precision / recall of all four models' main samples (10,000 per seed, 3 seeds,
 # against the 10,000 test images) on the GPU. Run it right after calls 1 and 2 while the device machine
 # is warm: it reads what they left there (Q1_RUNS, Q2_RUNS; .persist/ is git-ignored and stays).
+# Without call 1's samples (a chain that reruns only MAR / CASMAR) it scores MAR and CASMAR alone; the
+# three weight parts may then come with any calls of the chain before it (INC_PARTS/a and /b).
 #   0. the TF-Inception TorchScript (87.3 MB: more than one call may carry beside the data) from its three
 #      parts, one carried by each call (scripts/quality_collect.sh prepare: .carry/inc_a, inc_b, inc_c;
 #      calls 1 and 2 copy theirs to .persist/inc), checked against its SHA-256; the test split from
@@ -27,7 +29,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi -L
 el "inputs"
 missing=""
 for p in "$INC_PARTS/a" "$INC_PARTS/b" .carry/inc_c/part .carry/fmnist-test $INC_CHECK \
-    "$Q1_RUNS/study/samples" "$Q2_RUNS/pack/mar-fmnist" "$Q2_RUNS/pack/casmar-fmnist"; do
+    "$Q2_RUNS/pack/mar-fmnist" "$Q2_RUNS/pack/casmar-fmnist"; do
   [ -e "$p" ] || missing="$missing $p"
 done
 if [ -n "$missing" ]; then
@@ -83,7 +85,11 @@ main_rows() {  # main_rows MODEL SHOWN
 }
 main_rows mar $SHOWN_MAR & P1=$!
 main_rows casmar checkpoints/casmar-fmnist & P2=$!
-for f in $(ls $Q1_RUNS/study/samples/*_main_*.npz | sort); do inception $f; done
+if [ -d "$Q1_RUNS/study/samples" ]; then
+  for f in $(ls $Q1_RUNS/study/samples/*_main_*.npz | sort); do inception $f; done
+else
+  el "no call-1 samples in $Q1_RUNS: VAR and HMAR keep their committed Inception JSONs"
+fi
 wait $P1 $P2
 
 el "3. MAR and CASMAR sets through Inception"
