@@ -40,18 +40,7 @@ INC=$RUNS/default_1.pt
 cat "$INC_PARTS/a" "$INC_PARTS/b" .carry/inc_c/part > $INC
 echo "$INC_SHA  $INC" | sha256sum -c - || { el "the assembled Inception weights do not match their SHA-256"; exit 3; }
 export MASKAR_FID_INCEPTION=$INC
-TEST=$RUNS/fmnist-test; mkdir -p $TEST
-$PY - "$TEST" <<'PY'
-import lzma, shutil, sys
-from pathlib import Path
-dst = Path(sys.argv[1])
-for f in sorted(Path(".carry/fmnist-test").iterdir()):
-    if f.suffix == ".xz":
-        with lzma.open(f) as src, open(dst / f.stem, "wb") as out:
-            shutil.copyfileobj(src, out)
-    else:
-        shutil.copy(f, dst / f.name)
-PY
+TEST=$RUNS/fmnist-test; unpack_idx .carry/fmnist-test $TEST
 INC_OUT=$RUNS/inception; mkdir -p $INC_OUT
 # inception NPZ: TF-Inception FID / precision / recall of a sample set vs the 10,000 test images
 inception() {

@@ -43,16 +43,15 @@ study() {
   el "study $tag ends (exit $rc$([ $rc = 124 ] && echo ': the deadline')): $(grep -c ' FD_clf ' $RUNS/study_$tag.log) points"
 }
 
-# The Fashion-MNIST train split: .carry/fmnist holds train-images-idx3-ubyte.xz (xz saves 4 MB of
-# the 64 MiB the device call may carry) and train-labels-idx1-ubyte.gz; the IDX reader takes .gz.
-prepare_data() {
-  if [ -n "${DATA:-}" ]; then return; fi
-  DATA=$RUNS/fmnist; mkdir -p "$DATA"
-  $PY - "$DATA" <<'PY'
+# unpack_idx CARRY DST: a carried Fashion-MNIST split into DST: images xz-compressed in the carry (xz
+# saves 4 MB of the 64 MiB a device call may carry) are unpacked; labels stay .gz (the IDX reader takes it).
+unpack_idx() {
+  mkdir -p "$2"
+  $PY - "$1" "$2" <<'PY'
 import lzma, shutil, sys
 from pathlib import Path
-dst = Path(sys.argv[1])
-for f in sorted(Path(".carry/fmnist").iterdir()):
+src_dir, dst = Path(sys.argv[1]), Path(sys.argv[2])
+for f in sorted(src_dir.iterdir()):
     if f.suffix == ".xz":
         with lzma.open(f) as src, open(dst / f.stem, "wb") as out:
             shutil.copyfileobj(src, out)
@@ -60,6 +59,12 @@ for f in sorted(Path(".carry/fmnist").iterdir()):
         shutil.copy(f, dst / f.name)
 print("data:", sorted(p.name for p in dst.iterdir()))
 PY
+}
+
+# The Fashion-MNIST train split (.carry/fmnist) into $RUNS/fmnist, unless DATA names an IDX folder.
+prepare_data() {
+  if [ -n "${DATA:-}" ]; then return; fi
+  DATA=$RUNS/fmnist; unpack_idx .carry/fmnist "$DATA"
 }
 
 # it_per_s RUN_DIR: training speed over the last logged window of a run.
