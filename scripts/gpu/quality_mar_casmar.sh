@@ -108,7 +108,7 @@ pipeline() {  # pipeline NAME TRAIN_EXTRA SHIP_SAMPLE
   [ $m = mar ] && shown=$(mar_shown)
   local args="ckpt.$m=$PACK/$m-fmnist run.$m=$RUNS/$m as.$m=$shown"
   if [ $m = casmar ]; then  # two processes: one alone reached 5 of 24 rows by the first run's deadline
-    study casmar_curves $PLAN $m $args rows=dit_steps,num_iter & local PC=$!
+    study casmar_curves $PLAN $m $args rows=dit_steps,num_iter,temperature & local PC=$!
     study $m $PLAN $m $args rows=spacing,cfg,train_curve; wait $PC
   else
     study $m $PLAN $m $args 'rows=!main'
