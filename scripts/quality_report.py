@@ -215,9 +215,13 @@ def plots(studies: dict[str, dict | None]) -> list[str]:
         curve = [(int(r["label"]), r["metrics"]["FD_clf"]) for r in rows(st, m, "train_curve")]
         curve += [(s1 + int(r["label"]), r["metrics"]["FD_clf"]) for r in rows(st, m, "train_curve_s2")]
         if curve:
-            axes[1, i].plot(*zip(*sorted(curve)), "o-")
+            axes[1, i].plot(*zip(*sorted(curve)), "o-", label="FD_clf")
             drawn = True
-        axes[1, i].set(title=f"{NAMES[m]} FD_clf at checkpoints (n 1k)", xlabel="step")
+        fid = curve_fid(m, s1)  # TF-Inception FID of the same samples, where call 3 scored them
+        if fid:
+            axes[1, i].plot(*zip(*sorted(fid)), "s--", label="TF-Inception FID")
+            axes[1, i].legend()
+        axes[1, i].set(title=f"{NAMES[m]} at checkpoints (n 1k)", xlabel="step")
     if drawn:
         save(fig, "training_curves.png")
     else:
@@ -253,6 +257,17 @@ def model_summary(m: str, studies: dict[str, dict | None], cpu: dict | None) -> 
         "steps": steps,
         "batch": train_batch(RUNS[m][0]),
     }
+
+
+def curve_fid(m: str, stage1_steps: int) -> list[tuple[int, float]]:
+    """(step, TF-Inception FID) of a model's saved training-curve samples (inception/*train_curve*)."""
+    out = []
+    for p in (RES / "inception").glob(f"{m}_train_curve*_s0.json"):
+        label = p.stem[: -len("_s0")].split("_")[-1]
+        step = int(label) + (stage1_steps if "_train_curve_s2_" in p.stem else 0)
+        fid = next(x["value"] for x in json.loads(p.read_text())["results"] if x["metric"] == "FID")
+        out.append((step, fid))
+    return out
 
 
 def fmt_budget(s: dict) -> str:
@@ -530,6 +545,7 @@ def write_page() -> None:
         "casmar_knobs.png": "CASMAR FD_clf against num_iter (refine steps; MAR's num_iter beside it, 1,000 "
         "samples) and against the DiT head's diffusion steps (500 samples).",
         "training_curves.png": "Training loss and FD_clf at the saved checkpoints (1,000 samples each, "
+        "with the TF-Inception FID of the same samples where device call 3 scored them; "
         "CASMAR 500); HMAR's stage 2 continues its stage-1 step count.",
     }
     for name, note in curve_notes.items():

@@ -13,9 +13,10 @@
 #      (.carry/inc_check: the first run's HMAR seed 0 and its CPU JSON, from
 #      docs/results/quality/inception_cpu1000), which also caches the test split's statistics
 #   2. MAR || CASMAR main rows (classifier FD / accuracy / precision-recall, grids; every sample kept),
-#      with call 1's VAR and HMAR sets going through the Inception network meanwhile
+#      with call 1's VAR and HMAR sets, and the training-curve samples of calls 1 and 2, going through
+#      the Inception network meanwhile
 #   3. MAR's and CASMAR's sets through the Inception network; then the speed rows alone (SPEED_T)
-# Returns under $OUT: main_fid.tar (study JSON of the main and speed rows, grids, the 13 Inception JSONs,
+# Returns under $OUT: main_fid.tar (study JSON of the main and speed rows, grids, the Inception JSONs,
 # logs). Needs carry .carry/inc_c, .carry/fmnist-test, .carry/inc_check. REF_LIMIT cuts the reference
 # (CPU dry runs only). Expected wall time on one H200: 5-7 min (CASMAR's 30,000 samples take ~3.5 min);
 # the command's limit is 10 min.
@@ -79,6 +80,10 @@ if [ -d "$Q1_RUNS/study/samples" ]; then
 else
   el "no call-1 samples in $Q1_RUNS: VAR and HMAR keep their committed Inception JSONs"
 fi
+# the training-curve rows' samples (1,000 a checkpoint; 500 for CASMAR) of calls 1 and 2
+for f in $(ls $Q1_RUNS/study/samples/*_train_curve*.npz $Q2_RUNS/study/samples/*_train_curve*.npz 2>/dev/null); do
+  inception $f
+done
 wait $P1 $P2
 
 el "3. MAR and CASMAR sets through Inception"

@@ -128,7 +128,7 @@ for r in mar casmar cal_mar cal_mar_m cal_mar_l cal_casmar; do
   cp $RUNS/$r/log.txt $RUNS/logs/${r}_log.txt 2>/dev/null; cp $RUNS/$r/config.yaml $RUNS/logs/${r}_config.yaml 2>/dev/null
 done
 cp $RUNS/*.log $RUNS/*.txt $RUNS/logs/ 2>/dev/null
-pack mar_casmar study logs
+pack mar_casmar --exclude=study/samples study logs  # the curve samples stay for call 3
 (cd $RUNS && mv pack ckpts && tar -cf $RUNS/ckpts.tar ckpts && mv ckpts pack)
 if [ "$(stat -c %s $RUNS/ckpts.tar)" -gt 15000000 ]; then split -b 15000000 $RUNS/ckpts.tar $OUT/ckpts.tar.part-
 else cp $RUNS/ckpts.tar $OUT/; fi
