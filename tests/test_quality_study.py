@@ -58,6 +58,19 @@ def test_plan_expands_rows_seeds_and_scales_counts(tmp_path):
     assert [r["model"] for r in study.speed_rows(plan)] == ["b"]
 
 
+def test_run_rows_expand_every_step_checkpoint_and_keep_save(tmp_path):
+    """A training-curve row: one point per step-* checkpoint of its run, each keeping ``save`` (call 3
+    scores those samples with the Inception network: FID at the checkpoints)."""
+    run = tmp_path / "run"
+    for step in (20, 40):
+        (run / f"step-{step:07d}").mkdir(parents=True)
+        (run / f"step-{step:07d}" / "model.safetensors").write_bytes(b"")
+    plan = _plan(tmp_path, [{"name": "train_curve", "model": "a", "n": 1000, "run": "r", "save": 1000}])
+    pts = study.expand(plan, 0.01, {"r": str(run)})
+    assert [(p.label, p.n, p.save, p.step) for p in pts] == [("20", 10, 10, 20), ("40", 10, 10, 40)]
+    assert all(p.ckpt.endswith(f"step-{p.step:07d}") for p in pts)
+
+
 @pytest.mark.parametrize(
     "row, message",
     [

@@ -138,7 +138,7 @@ def expand(plan: dict[str, Any], scale: float, runs: dict[str, str]) -> list[Poi
             if not steps:
                 raise ConfigError(f"run.{row['run']}={run_dir!r} holds no step-* checkpoints")
             for step, path in steps:
-                points += [Point(row["name"], row["model"], str(step), base, s, n, 0, str(path), step)
+                points += [Point(row["name"], row["model"], str(step), base, s, n, save, str(path), step)
                            for s in seeds]  # fmt: skip
             continue
         grid = int(row.get("grid", 0))
