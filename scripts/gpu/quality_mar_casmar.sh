@@ -20,8 +20,8 @@
 # Returns under $OUT: mar_casmar.tar (study JSON, samples, grids, logs, configs) and ckpts.tar[.part-*]
 # (the two bf16 checkpoints). Needs carry .carry/fmnist and .carry/kl (scripts/quality_collect.sh).
 # Expected wall time on one H200: 8.5 min (STUDY_END 500 s + packing); the command's limit is 10 min.
-# CAL_ONLY=1 stops after the calibration (about 2 minutes). Keep RUNS on the device machine for call 3 (e.g. RUNS=$PWD/.persist/q2: .persist/ is git-ignored and
-# stays while the machine is warm). Every study process stops at STUDY_END with its rows so far written.
+# CAL_ONLY=1 stops after the calibration (about 2 minutes). Keep RUNS on the device machine for call 3
+# (e.g. RUNS=$PWD/.persist/q2: .persist/ is git-ignored and stays while the machine is warm). Every study process stops at STUDY_END with its rows so far written.
 source "$(dirname "$0")/quality/common.sh"
 TRAIN_S=${TRAIN_S:-210}; TRAIN_T=${TRAIN_T:-$((TRAIN_S + 120))}; CAL=${CAL:-40}; BS=${BS:-1024}; WORKERS=${WORKERS:-6}
 STUDY_END=${STUDY_END:-500}
@@ -77,8 +77,7 @@ case $MAR_SIZE in
 esac
 [ "$IPS_MAR" != 0 ] || IPS_MAR=5
 # both train at once: each gets about SHARE of the GPU; the slower one's alone speed sets the steps
-STEPS=$($PY -c "import sys; w, f, a, b = map(float, sys.argv[1:]); \
-print(max(int('${STEPS_MIN:-20}'), int(w * f * min(a, b) / 10) * 10))" $TRAIN_S $SHARE $IPS_MAR $IPS_CASMAR)
+STEPS=$(steps_for "$(awk -v w=$TRAIN_S -v f=$SHARE 'BEGIN { print w * f }')" $IPS_MAR $IPS_CASMAR)
 GPU_MIN=$($PY -c "import sys; n, a, b = map(float, sys.argv[1:]); print(f'{n / a / 60:.2f} / {n / b / 60:.2f}')" \
   $STEPS $IPS_MAR $IPS_CASMAR)
 echo "calibration it/s alone: mar-s $IPS_MAR_S mar-m $IPS_MAR_M mar-l $IPS_MAR_L casmar $IPS_CASMAR -> MAR size" \
