@@ -153,7 +153,19 @@ def test_sample_compile_switch_compiles_once(monkeypatch, preset):
     model.generate(labels, **kw)
     model.edit(torch.zeros(2, 3, 32, 32), torch.ones(2, 1, 32, 32, dtype=torch.bool), labels, **kw)
     assert calls == [{}]
-    assert load_config(preset).sample.compile is False  # opt-in
+    # the default, auto, compiles on CUDA only: on this CPU model nothing is compiled
+    cfg = load_config(preset, ["sample.num_iter=1", "sample.num_sampling_steps=2"])
+    assert cfg.sample.compile == "auto"
+    model = build_model(cfg.model).eval()
+    monkeypatch.setattr(model, "compile_sampler", lambda **kw: calls.append(kw))
+    kw = sampling_kwargs(cfg.sample)
+    kw.pop("seed")
+    if preset == "casmar-tiny":
+        kw.update(scaffold_num_iter=1, refine_num_sampling_steps="2")
+    model.generate(labels, **kw)
+    assert calls == [{}]
+    with pytest.raises(ValueError, match="compile: expected auto, true or false, got 'yes'"):
+        model.generate(labels, **{**kw, "compile": "yes"})
 
 
 def test_dit_graph_refusals_and_switch(monkeypatch):

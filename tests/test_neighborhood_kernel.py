@@ -196,6 +196,15 @@ print("RESULT " + json.dumps({{"case": "api", "auto_is_kernel": bool(torch.equal
       "fp32_auto_is_sdpa": bool(torch.equal(auto32, sdpa32)), "block_kernel_calls": len(calls),
       "block_rel": float((y.float() - y_ref.float()).norm() / y_ref.float().norm()),
       "block_grad_finite": bool(torch.isfinite(x.grad).all())}}), flush=True)
+# inference under torch.compile: the opaque forward op, one graph, the eager kernel's output
+blk.attn.na.attn_backend = "auto"
+torch._dynamo.reset()
+with torch.no_grad():
+    eager = blk(x, c, (6, 6), c)
+    explain = torch._dynamo.explain(blk)(x, c, (6, 6), c)
+    compiled = torch.compile(blk, backend="aot_eager", fullgraph=True)(x, c, (6, 6), c)
+print("RESULT " + json.dumps({{"case": "compiled", "graph_breaks": explain.graph_break_count,
+      "graphs": explain.graph_count, "equal": bool(torch.equal(compiled, eager))}}), flush=True)
 """
 
 
@@ -215,6 +224,14 @@ def test_auto_dispatch_and_casmar_block_use_the_kernel_interpreted(interpreter_r
     assert r["auto_is_kernel"] and r["fp32_auto_is_sdpa"]
     assert r["block_kernel_calls"] == 1 and r["block_grad_finite"]
     assert r["block_rel"] < 2e-2  # bf16 block output, kernel vs SDPA + bias
+
+
+def test_compiled_inference_is_one_graph_with_the_kernels_output_interpreted(interpreter_results):
+    """Under torch.compile (no grad) PSA calls the opaque forward op: no graph break, and the
+    compiled DiT block (fullgraph, aot_eager: fake impl and functionalization) equals eager."""
+    r = interpreter_results["compiled"]
+    assert r["graph_breaks"] == 0 and r["graphs"] == 1
+    assert r["equal"]
 
 
 # ----------------------------------------------------------------------------- host side

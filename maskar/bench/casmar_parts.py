@@ -43,6 +43,13 @@ def _flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(max, mean) of |a - b| / max |b| (float32)."""
+    d = (a.float() - b.float()).abs()
+    ref = b.float().abs().max().clamp(min=1e-30)
+    return float(d.max() / ref), float(d.mean() / ref)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="maskar bench casmar_parts", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="casmar-b")
@@ -52,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cfg", type=float, default=2.5)
     ap.add_argument("--re-cfg", type=float, default=2.7)
     ap.add_argument("--compile", default="on", choices=("on", "off"), help="also time the compiled DiT step")
+    ap.add_argument("--modes", default="", help="comma-separated torch.compile modes to time too")
+    ap.add_argument("--compare-steps", default="50", help="DiT steps of the stage-2 token comparisons")
     ap.add_argument("--peak-tflops", type=float, default=790.0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -110,6 +119,20 @@ def main(argv: list[str] | None = None) -> int:
                 return step_c(x, t, cond, None, scale_t)
 
             report("dit_step compiled", _median_ms(dit_step_c, device, 3, args.reps), f_dit)
+            rel = _rel(dit_step_c(), dit_step())
+            print(f"  compiled vs eager output ({precision}): rel max {rel[0]:.2e}, rel mean {rel[1]:.2e}")
+            rows["dit_step compiled"]["vs_eager"] = rel
+            with torch.autocast(device.type, enabled=False):  # the same comparison in float32
+                rel32 = _rel(dit_step_c(), dit_step())
+            print(f"  compiled vs eager output (fp32): rel max {rel32[0]:.2e}, rel mean {rel32[1]:.2e}")
+            rows["dit_step compiled"]["vs_eager_fp32"] = rel32
+            for mode in args.modes.split(",") if args.modes else []:
+                step_m = torch.compile(head.step_cfg, mode=mode)
+
+                def dit_step_m(step_m=step_m) -> object:
+                    return step_m(x, t, cond, None, scale_t)
+
+                report(f"dit_step compiled {mode}", _median_ms(dit_step_m, device, 3, args.reps), f_dit)
 
         # the pieces of one DiT step, eager
         blk = net.blocks[0]
@@ -200,6 +223,39 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         report("stage2 (sample_refine)", _median_ms(stage2, device, 1, 1))
+
+        # How far a rounding-level change moves stage 2's tokens (same scaffold, same seed,
+        # --compare-steps DiT steps): PSA through SDPA instead of the kernel, and the compiled
+        # DiT step; the sampler is chaotic (SAMS picks masks from the drawn tokens), so both
+        # are the scale against which "compiled equals eager to rounding" is read.
+        def refine(cmp_steps: str = args.compare_steps) -> torch.Tensor:
+            g = torch.Generator(device=device).manual_seed(3)
+            return model.sample_refine(
+                labels,
+                small_z,
+                predicted,
+                num_iter=4,
+                cfg=args.cfg,
+                num_sampling_steps=cmp_steps,
+                generator=g,
+            ).float()
+
+        base = refine()
+        again = refine()
+        set_backend(model, "sdpa")
+        via_sdpa = refine()
+        set_backend(model, "auto")
+        cmp = {"repeat": _rel(again, base), "psa_sdpa": _rel(via_sdpa, base)}
+        if args.compile == "on":
+            head.compile_sampler()
+            cmp["compiled_head"] = _rel(refine(), base)
+            head._compiled = None
+        for name, (mx, mean) in cmp.items():
+            print(
+                f"stage2 tokens, {name} vs eager ({args.compare_steps} DiT steps): "
+                f"rel max {mx:.3g}, mean {mean:.3g}"
+            )
+        rows["stage2_token_changes"] = {k: list(v) for k, v in cmp.items()}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"preset": args.preset, "batch": args.batch, "rows": rows}, f, indent=1)

@@ -416,7 +416,8 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[tuple[bool,
     on ``both``, the eager case runs uncompiled only. ``--profile`` runs after the uncompiled
     cases, before the first compile."""
     graph_modes = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graph]
-    compile_modes = {"on": [True], "off": [False], "both": [False, True]}[args.compile]
+    choice = args.compile if args.compile != "auto" else ("on" if device.type == "cuda" else "off")
+    compile_modes = {"on": [True], "off": [False], "both": [False, True]}[choice]
     if device.type != "cuda":
         graph_modes = [False]  # the graph path is GPU-only; CPU always samples eagerly
     return [(g, c) for c in compile_modes for g in graph_modes if not (c and not g and len(graph_modes) > 1)]
@@ -591,9 +592,10 @@ def add_common_args(ap: argparse.ArgumentParser, preset: str) -> None:
     )
     ap.add_argument(
         "--compile",
-        default="off",
-        choices=("on", "off", "both"),
-        help="torch.compile the transformer blocks and the heads' steps (model.compile_sampler())",
+        default="auto",
+        choices=("auto", "on", "off", "both"),
+        help="torch.compile the transformer blocks and the heads' steps (model.compile_sampler()); "
+        "auto = on on CUDA, as sampling's default",
     )
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: tests)")
     ap.add_argument(

@@ -540,16 +540,22 @@ def _poison(*ts: Tensor) -> None:
             t.fill_(float("nan"))
 
 
+def _forward(q: Tensor, k: Tensor, v: Tensor, geom: Window, scale: float) -> tuple[Tensor, Tensor]:
+    """(o, lse): o a (B, H, L, D) view of (B, L, H, D), lse (B * H, L) base-2 log-sum-exp."""
+    B, H, L, D = q.shape
+    o = _blhd_empty(B, H, L, D, q)
+    lse = torch.empty(B * H, L, dtype=torch.float32, device=q.device)
+    _poison(o, lse)
+    qk_scale = scale * LOG2E
+    cfg = _config("fwd", q, geom, lambda c: _launch_fwd(q, k, v, o, lse, qk_scale, geom, c))
+    _launch_fwd(q, k, v, o, lse, qk_scale, geom, cfg)
+    return o, lse
+
+
 class _NeighborhoodAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, geom: Window, scale: float) -> Tensor:
-        B, H, L, D = q.shape
-        o = _blhd_empty(B, H, L, D, q)
-        lse = torch.empty(B * H, L, dtype=torch.float32, device=q.device)  # base-2 log-sum-exp
-        _poison(o, lse)
-        qk_scale = scale * LOG2E
-        cfg = _config("fwd", q, geom, lambda c: _launch_fwd(q, k, v, o, lse, qk_scale, geom, c))
-        _launch_fwd(q, k, v, o, lse, qk_scale, geom, cfg)
+        o, lse = _forward(q, k, v, geom, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.geom, ctx.scale = geom, scale
         return o
@@ -622,6 +628,51 @@ def attention_if_supported(
     return _NeighborhoodAttention.apply(q, k, v, geom, scale)
 
 
+# ----------------------------------------------------------------------------- inside torch.compile
+
+# The entry points above are hidden from Dynamo (host-side config choice), which breaks a compiled
+# graph at every attention call. Inference under torch.compile (the sampler's compiled DiT head)
+# calls this opaque op instead, so each compiled step stays one graph and Inductor fuses across
+# the attention; it runs the same kernel with the same config, so its output equals the eager one.
+
+
+@torch.library.custom_op("maskar::neighborhood_fwd", mutates_args=())
+def neighborhood_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, window: list[int], scale: float, border: str
+) -> Tensor:
+    """Forward only; ``window`` = [h, w, kh, kw, dh, dw]."""
+    h, w, kh, kw, dh, dw = window
+    return _forward(q, k, v, _window_of((h, w), (kh, kw), (dh, dw), border), scale)[0]
+
+
+@neighborhood_fwd_op.register_fake
+def _(q, k, v, window, scale, border):
+    B, H, L, D = q.shape
+    return _blhd_empty(B, H, L, D, q)
+
+
+def compiled_inference(
+    q: Tensor, k: Tensor, v: Tensor, grid, kernel_size, dilation, scale: float | None, border: str
+) -> Tensor | None:
+    """Under torch.compile without autograd: the kernel as :func:`neighborhood_fwd_op` where
+    ``auto`` dispatch would take it (the checks of :func:`supports`, traceable), else None."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.device.type == "cuda" or _INTERPRET):
+        return None
+    window = [*_pair(grid), *_pair(kernel_size), *_pair(dilation)]
+    h, w, kh, kw, dh, dw = window
+    same = q.shape == k.shape and q.shape == v.shape and k.dtype == q.dtype and v.dtype == q.dtype
+    if not same or q.dim() != 4 or q.shape[2] != h * w or q.shape[3] not in _HEAD_DIMS:
+        return None
+    if min(window) < 1 or kh % 2 == 0 or kw % 2 == 0 or border not in BORDERS:
+        return None
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return neighborhood_fwd_op(q, k, v, window, scale, border)
+
+
 # ----------------------------------------------------------------------------- support
 
 _HEAD_DIMS = (32, 64, 128)
@@ -665,5 +716,5 @@ def supports(q: Tensor, k: Tensor, v: Tensor, grid, kernel_size, dilation, borde
     return not _check(q, k, v, Window(_pair(grid), _pair(kernel_size), _pair(dilation), border))
 
 
-__all__ = ["neighborhood_attention", "attention_if_supported", "supports", "tuned_configs", "tuning_log",
-           "NaConfig", "Window", "BORDERS"]
+__all__ = ["neighborhood_attention", "attention_if_supported", "compiled_inference", "supports",
+           "tuned_configs", "tuning_log", "NaConfig", "Window", "BORDERS"]

@@ -91,10 +91,11 @@ class MARSampleConfig(SampleConfig):
     cfg_schedule: str = field("linear", choices=("linear", "constant"))
     temperature: float = field(1.0, min=0.0, help="multiplies the diffusion noise std")
     num_sampling_steps: int | str = field("100", help="diffusion steps: N, 'N1,N2,..' or 'ddimN' (of 1000)")
-    compile: bool = field(
-        False,
+    compile: bool | str = field(
+        "auto",
+        choices=("auto", True, False),
         help="torch.compile the transformer blocks and the diffusion heads' steps (the first call "
-        "compiles; output equal to eager to rounding)",
+        "compiles, ~30 s; output equal to eager to rounding); auto = true on CUDA",
     )
 
     def validate(self) -> None:
@@ -449,8 +450,13 @@ class MaskedGenerator(nn.Module):
                 head.compile_sampler(**compile_kwargs)
         self._sampler_compiled = True
 
-    def _compile_once(self, compile: bool) -> None:
-        """``generate`` / ``edit(compile=True)``: :meth:`compile_sampler` unless done already."""
+    def _compile_once(self, compile: bool | str) -> None:
+        """``generate`` / ``edit(compile=...)``: :meth:`compile_sampler` unless done already;
+        ``auto`` compiles on CUDA (where Inductor's Triton kernels run), not on the CPU."""
+        if compile == "auto":
+            compile = next(self.parameters()).is_cuda
+        elif compile not in (True, False):
+            raise ValueError(f"compile: expected auto, true or false, got {compile!r}")
         if compile and not getattr(self, "_sampler_compiled", False):
             self.compile_sampler()
 
@@ -652,7 +658,7 @@ class MAR(MaskedGenerator):
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
         return_trace: bool = False,
-        compile: bool = False,
+        compile: bool | str = "auto",
     ) -> Tensor | tuple[Tensor, SamplingTrace]:
         """Class-conditional images (B, 3, H, W) in [-1, 1]; label == class_num is unconditional.
 
@@ -721,7 +727,7 @@ class MAR(MaskedGenerator):
         num_sampling_steps: int | str = "100",
         return_tokens: bool = False,
         cuda_graph: bool = True,
-        compile: bool = False,
+        compile: bool | str = "auto",
     ) -> Tensor:
         """In-/out-painting: tokens fully inside ``keep_mask`` stay fixed, the rest are generated."""
         if not bool(torch.isfinite(images).all()) or float(images.abs().max()) > 1.0 + 1e-4:

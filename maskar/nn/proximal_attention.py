@@ -154,6 +154,9 @@ def _kernel_module():
     return neighborhood
 
 
+_KERNEL = _kernel_module()  # imported once here: Dynamo traces no import inside a compiled call
+
+
 def proximal_attention(
     q: Tensor,
     k: Tensor,
@@ -180,6 +183,11 @@ def proximal_attention(
     if backend not in PSA_BACKENDS:
         raise ValueError(f"proximal_attention: backend expected one of {PSA_BACKENDS}, got {backend!r}")
     _check_border(border)
+    if backend != "sdpa" and torch.compiler.is_compiling():
+        out = None if _KERNEL is None else _KERNEL.compiled_inference(q, k, v, grid, kernel_size, dilation,
+                                                                      scale, border)
+        if out is not None:
+            return out
     if backend != "sdpa":
         kern = _kernel_module()
         if backend == "triton":
