@@ -93,7 +93,7 @@ def test_row_lines_up_with_the_header_and_holds_only_this_run():
 @pytest.mark.parametrize(
     "argv",
     [["nope=1"], ["precision=int8"], ["schedule=mine"], ["reps=0"], ["noequals"], ["modes=turbo"],
-     ["large_n=-1"]],
+     ["large_n=-1"], ["modes=compiled,fast"]],
 )
 def test_bad_arguments_stop_with_a_message(argv):
     with pytest.raises(SystemExit, match="bench sample"):
@@ -136,3 +136,25 @@ def test_modes_profile_agreement_and_large_n_on_the_cpu(capsys, tmp_path):
     assert 0 <= agree["token_agreement"] <= 1 and agree["decode_only_psnr_db"] > 25
     assert data["large_n"]["images"] == 6 and data["large_n"]["shape"] == [6, 16, 16, 3]
     assert "large-N" in capsys.readouterr().out
+
+
+def test_compiled_mode_runs_after_fast_and_checks(monkeypatch, tmp_path):
+    """modes=fast,compiled: the compiled row (model.compile_sampler(), here with Dynamo's eager
+    backend: the CPU has no time for Inductor) passes every check of the row."""
+    from maskar.models import var as var_mod
+
+    compile_sampler = var_mod.NextScaleModel.compile_sampler
+    calls = []
+
+    def eager_backend(self, **kw):
+        calls.append(1)
+        compile_sampler(self, backend="eager")
+
+    monkeypatch.setattr(var_mod.NextScaleModel, "compile_sampler", eager_backend)
+    out = tmp_path / "rows.json"
+    argv = ["models=var-tiny", "cases=16x2", "modes=fast,compiled", "reps=1", "warmup=0", "device=cpu",
+            f"json={out}"]  # fmt: skip
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["fast", "compiled"] and all(r["check_ok"] for r in rows)
+    assert calls == [1]

@@ -150,6 +150,35 @@ def test_seeded_fp32_samples_equal_the_recorded_main(case):
     torch.testing.assert_close(images, decoded_images(golden), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[CASES[0][0], CASES[5][0]])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_sampler_gives_the_recorded_samples_with_one_graph_per_part(case, backend):
+    """compile_sampler(): each block's work before and after its attention runs as one traced
+    graph for every scale (VAR's KV cache, HMAR's refinement passes and chunks included), and
+    the seeded fp32 samples stay the recorded ones (eager backend: the same kernels; aot_eager:
+    functionalised graphs)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    name, arch, overrides, labels, knobs = case
+    golden = json.loads(GOLDEN.read_text())[name]
+    model = build_model(arch, overrides)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    model.compile_sampler(backend=counter)
+    tokens, images = run_case(model, labels, knobs)
+    assert [t.tolist() for t in tokens] == golden["tokens"]
+    torch.testing.assert_close(images, decoded_images(golden), rtol=0, atol=1e-6)
+    # one graph per part, shared by every block (Dynamo inlines the modules: weights are graph
+    # inputs), never one per block or per scale: at most one more for the first scale's single
+    # token (sizes of 1 are always specialised) and one for a later batch size (HMAR's
+    # refinement rows, or an AOT guard), times two for HMAR stage 2 (frozen and trainable
+    # blocks' parameters differ in requires_grad, which Dynamo guards): within Dynamo's limit
+    # of 8 per function (past it, calls would fall back to eager), far below the 2 x blocks x
+    # scales graphs a per-block or per-scale compile would make
+    per_block_per_scale = 2 * len(model.repeated_blocks()) * len(golden["tokens"])
+    assert 2 <= counter.frame_count <= 8 < per_block_per_scale, counter.frame_count
+
+
 def test_reference_sampler_and_chunked_rows_give_the_same_samples(monkeypatch):
     name, arch, overrides, labels, knobs = CASES[5]  # HMAR stage 2 with refinement
     model = build_model(arch, overrides)

@@ -50,6 +50,29 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return float(d.max() / ref), float(d.mean() / ref)
 
 
+def _print_top_kernels(
+    name: str, fn: Callable[[], object], rows: dict, calls: int = 10, top: int = 14
+) -> None:
+    """GPU time per kernel name over ``calls`` calls of fn (torch.profiler), per call, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per: dict[str, float] = {}
+    for ev in prof.profiler.kineto_results.events():
+        if ev.device_type() == torch.autograd.DeviceType.CUDA:
+            per[ev.name()] = per.get(ev.name(), 0.0) + (ev.end_ns() - ev.start_ns()) / 1e6 / calls
+    total = sum(per.values())
+    print(f"  {name}: kernel time per call {total:.3f} ms; top kernels (ms per call):")
+    for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    {v:8.4f}  {k[:100]}")
+    rows.setdefault(name, {})["kernels_ms_per_call"] = dict(sorted(per.items(), key=lambda kv: -kv[1])[:40])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="maskar bench casmar_parts", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="casmar-b")
@@ -126,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 rel32 = _rel(dit_step_c(), dit_step())
             print(f"  compiled vs eager output (fp32): rel max {rel32[0]:.2e}, rel mean {rel32[1]:.2e}")
             rows["dit_step compiled"]["vs_eager_fp32"] = rel32
+            if device.type == "cuda":
+                _print_top_kernels("dit_step compiled", dit_step_c, rows)
             for mode in args.modes.split(",") if args.modes else []:
                 step_m = torch.compile(head.step_cfg, mode=mode)
 

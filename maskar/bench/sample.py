@@ -22,7 +22,9 @@ same GPU in the same run (docs/benchmarks.md gives the official code's separate 
 
 ``modes`` (comma-separated) picks the sampling path, one row each, on the same model:
 ``fast`` (the default path: per-scale CUDA graphs on a GPU, the fused top-k / top-p sampler,
-the VQ-VAE decoded in bf16 under bf16 autocast), ``eager`` (fast without CUDA graphs) and
+the VQ-VAE decoded in bf16 under bf16 autocast), ``compiled`` (fast with each block's work
+around its attention compiled, ``model.compile_sampler()``; list it last), ``eager`` (fast
+without CUDA graphs) and
 ``legacy`` (the path before issue 14: no graphs, the reference sort-based filter, the fp32
 decoder in 32 x 256^2-pixel chunks; the KV cache is the static one of the fast path).
 
@@ -81,6 +83,9 @@ MODES = {
     "fast": {"cuda_graphs": True, "sampler": "fused", "decode_precision": "auto"},
     "eager": {"cuda_graphs": False, "sampler": "fused", "decode_precision": "auto"},
     "legacy": {"cuda_graphs": False, "sampler": "reference", "decode_precision": "fp32"},
+    # fast + torch.compile of each block's work around its attention (model.compile_sampler());
+    # compiling cannot be undone, so rows of this mode run after the model's other modes
+    "compiled": {"cuda_graphs": True, "sampler": "fused", "decode_precision": "auto"},
 }
 
 PEAK_TFLOPS = 790.0  # H200 dense bf16 matmul, measured (docs/protocol.md)
@@ -127,6 +132,8 @@ def _parse(argv: list[str]) -> dict[str, Any]:
     modes = [m.strip() for m in str(opts["modes"]).split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         raise SystemExit(f"bench sample: modes: expected names from {sorted(MODES)}, got {opts['modes']!r}")
+    if "compiled" in modes and modes[-1] != "compiled":
+        raise SystemExit(f"bench sample: modes: compiled cannot be undone, list it last; got {opts['modes']!r}")
     if int(opts["large_n"]) < 0:
         raise SystemExit(f"bench sample: large_n: expected an integer >= 0, got {opts['large_n']!r}")
     return opts
@@ -274,6 +281,11 @@ def set_mode(model, mode: str) -> None:
     """Switch ``model`` to one of MODES (and drop CUDA graphs captured under another)."""
     for name, value in MODES[mode].items():
         setattr(model, name, value)
+    if mode == "compiled" and not getattr(model, "_sampler_compiled", False):
+        model.compile_sampler()
+        model._sampler_compiled = True
+    elif mode != "compiled" and getattr(model, "_sampler_compiled", False):
+        raise SystemExit(f"bench sample: mode {mode} after compiled on one model (put compiled last)")
     model._graphs.clear()
 
 

@@ -293,6 +293,14 @@ class NextScaleModel(nn.Module):
         self.profile_marks: list | None = None  # a list: sampling appends (region name, timestamp)
         self._graphs = GraphCache()
 
+    def compile_sampler(self, **compile_kwargs) -> None:
+        """Opt-in ``torch.compile`` of sampling: in every block the work around the attention
+        (:meth:`AdaLNSelfAttnBlock.compile_sampling_parts`); the per-scale CUDA graphs then
+        capture the compiled kernels. The first calls pay the compile time."""
+        for blk in self.repeated_blocks():
+            blk.compile_sampling_parts(**compile_kwargs)
+        self._graphs.clear()
+
     def _make_block(self, drop_path: float) -> AdaLNSelfAttnBlock:
         cfg = self.cfg
         return AdaLNSelfAttnBlock(

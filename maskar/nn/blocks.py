@@ -159,6 +159,21 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, pattern: ScalePattern | None = None, cache: KVCache | None = None) -> Tensor:
+        q, k, v = self.qkv(x)
+        if cache is not None:
+            k, v = cache.append(k, v)  # current scale attends to all cached scales: dense
+        return self.project(self.attend(q, k, v, pattern))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern | None) -> Tensor:
+        return attention(q, k, v, pattern, backend=self.attn_backend, scale=self.scale)
+
+    def project(self, out: Tensor) -> Tensor:
+        """(B, H, L, D) attention output -> (B, L, C) after the output projection."""
+        B, H, L, D = out.shape
+        return self.proj(out.transpose(1, 2).reshape(B, L, H * D))
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, C) -> q, k, v (B, H, L, D), q/k normalised where the model does."""
         B, L, C = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
@@ -171,10 +186,7 @@ class SelfAttention(nn.Module):
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             if self.attn_l2_norm:
                 q, k = l2_norm_qk(q, k, self.scale_mul_1H11, v.dtype)
-        if cache is not None:
-            k, v = cache.append(k, v)  # current scale attends to all cached scales: dense
-        out = attention(q, k, v, pattern, backend=self.attn_backend, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+        return q, k, v
 
 
 class SharedAdaLin(nn.Linear):
@@ -210,11 +222,47 @@ class AdaLNSelfAttnBlock(nn.Module):
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
         self.checkpoint = False  # activation checkpointing (set by maskar.train.parallelize)
+        self._compiled_parts: tuple | None = None  # compile_sampling_parts()
+
+    def compile_sampling_parts(self, **compile_kwargs) -> None:
+        """Sampling under ``torch.compile`` around the attention: the work before it (AdaLN,
+        norm, modulate, qkv, q/k norm) and after it (projection, residuals, norm, FFN) each one
+        compiled graph (dynamic shapes: every scale and chunk reuses it), the attention and the
+        KV cache eager in between, so VAR's cache and HMAR's patterns need no tracing. Used
+        in eval mode without autograd; outputs equal the eager block's to rounding."""
+        kw = {"dynamic": True, **compile_kwargs}
+        self._compiled_parts = (
+            torch.compile(self._pre_attention, **kw),
+            torch.compile(self._post_attention, **kw),
+        )
+
+    def _pre_attention(self, x: Tensor, cond: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        mod = self._modulation(cond)
+        _, _, scale1, _, shift1, _ = mod.unbind(2)
+        q, k, v = self.attn.qkv(torch.addcmul(shift1, self.ln_wo_grad(x), 1 + scale1))
+        return q, k, v, mod
+
+    def _post_attention(self, x: Tensor, out: Tensor, mod: Tensor) -> Tensor:
+        gamma1, gamma2, _, scale2, _, shift2 = mod.unbind(2)
+        x = torch.addcmul(x, self.attn.project(out), gamma1)
+        h = torch.addcmul(shift2, self.ln_wo_grad(x), 1 + scale2)
+        return torch.addcmul(x, self.ffn(h), gamma2)
+
+    def _modulation(self, cond: Tensor) -> Tensor:
+        if self.shared_aln:
+            return self.ada_gss + cond
+        return self.ada_lin(cond).view(-1, 1, 6, self.dim)
 
     def forward(
         self, x: Tensor, cond: Tensor, pattern: ScalePattern | None = None, cache: KVCache | None = None
     ) -> Tensor:
         """x (B, L, C); cond (B, D), or (B, 1, 6, C) from the shared projection when shared_aln."""
+        if self._compiled_parts is not None and not self.training and not torch.is_grad_enabled():
+            pre, post = self._compiled_parts
+            q, k, v, mod = pre(x, cond)
+            if cache is not None:
+                k, v = cache.append(k, v)
+            return post(x, self.attn.attend(q, k, v, pattern), mod)
         if self.checkpoint and self.training and torch.is_grad_enabled() and cache is None:
             # recompute this block's activations in the backward pass (train.activation_checkpointing)
             return torch.utils.checkpoint.checkpoint(
@@ -225,10 +273,7 @@ class AdaLNSelfAttnBlock(nn.Module):
     def _forward(
         self, x: Tensor, cond: Tensor, pattern: ScalePattern | None, cache: KVCache | None
     ) -> Tensor:
-        if self.shared_aln:
-            mod = self.ada_gss + cond
-        else:
-            mod = self.ada_lin(cond).view(-1, 1, 6, self.dim)
+        mod = self._modulation(cond)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
         # Drop path folds into the (B, 1, C) gamma, so each residual update is one multiply-add
         # over (B, L, C): x + attn(h) * gamma1 * keep (the same product, fewer passes in eager).
