@@ -133,7 +133,7 @@ def _parse(argv: list[str]) -> dict[str, Any]:
     if not modes or any(m not in MODES for m in modes):
         raise SystemExit(f"bench sample: modes: expected names from {sorted(MODES)}, got {opts['modes']!r}")
     if "compiled" in modes and modes[-1] != "compiled":
-        raise SystemExit(f"bench sample: modes: compiled cannot be undone, put it last; got {opts['modes']!r}")
+        raise SystemExit(f"bench sample: modes: compiled is irreversible, put it last; got {opts['modes']!r}")
     if int(opts["large_n"]) < 0:
         raise SystemExit(f"bench sample: large_n: expected an integer >= 0, got {opts['large_n']!r}")
     return opts
