@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issues 15 and 14 after making torch.compile part of sampling (one H200, two device calls):
+#   PART=masked (about 9 min): GPU tests of the graph paths; `maskar bench casmar_parts` (the DiT
+#     step eager / compiled / max-autotune, its kernels, rounding-level token changes); `maskar bench
+#     casmar` and `maskar bench mar` at their defaults (CUDA graphs + compiled) with profiles; targets.
+#   PART=nextscale (about 5 min): `maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled`,
+#     then the short 256 px training-step rows of issue 13 in the time left.
+# Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T0=$(date +%s); el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
+DEADLINE=${DEADLINE:-575}
+cap() { local s=$(( T0 + DEADLINE - $(date +%s) )); [ $s -lt 5 ] && s=5; echo $(( $1 < s ? $1 : s )); }
+PY=${PY:-python3}
+NOISE='Warning|warn|originates from|^ *File |kern = |^$|torch._dynamo.utils'
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+if [ "${PART:-masked}" = masked ]; then
+  el "GPU tests: graph vs eager heads, PSA kernel dispatch"
+  timeout $(cap 70) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_graphed_chain.py \
+    tests/test_cuda_graph_sampling.py -k "not test_gpu_graph_equals_eager or [128" > "$OUT/gpu_tests.txt" 2>&1
+  echo "tests rc=$?"; grep -E "rel max|passed|failed|Error" "$OUT/gpu_tests.txt" | tail -n 8
+  el "casmar_parts"
+  timeout $(cap 190) $PY -m maskar bench casmar_parts --modes max-autotune-no-cudagraphs \
+    --json "$OUT/casmar_parts.json" > "$OUT/casmar_parts.txt" 2>&1
+  echo "parts rc=$?"; grep -vE "$NOISE" "$OUT/casmar_parts.txt" | tail -n 60
+  el "bench casmar (defaults: graphs + compiled), profile"
+  timeout $(cap 160) $PY -m maskar bench casmar --batch 64 --sample-reps 2 --profile \
+    --json "$OUT/casmar.json" > "$OUT/casmar.txt" 2>&1
+  echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar.txt" | tail -n 40
+  el "bench mar num_iter 64, 256 (defaults), profile"
+  timeout $(cap 170) $PY -m maskar bench mar --batch 64 --num-iters 64,256 --sample-reps 1 --train-batch 0 \
+    --profile --json "$OUT/mar.json" > "$OUT/mar.txt" 2>&1
+  echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar.txt" | tail -n 40
+  el "targets"
+  $PY -m maskar bench masked_sampling "$OUT/casmar.json" "$OUT/mar.json" | tee "$OUT/targets.txt"
+else
+  el "bench sample: fast, compiled"
+  timeout $(cap 330) $PY -m maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled reps=5 \
+    json="$OUT/sample.json" > "$OUT/sample.txt" 2>&1
+  echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample.txt" | tail -n 40
+  el "bench train_step 256 px, compiled blocks (issue 13)"
+  timeout $(cap 200) env PYTHONWARNINGS=ignore $PY -m maskar bench train_step res=256 steps=25 warmup=5 \
+    rows=hmar/d16/blocks,var/d16/blocks json="$OUT/train_256.json" > "$OUT/train_256.txt" 2>&1
+  echo "train rc=$?"; grep -vE "$NOISE" "$OUT/train_256.txt" | tail -n 30
+fi
+el "done"
