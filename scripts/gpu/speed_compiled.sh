@@ -3,6 +3,7 @@
 #   PART=masked (about 9 min): GPU tests of the graph paths; `maskar bench casmar_parts` (the DiT
 #     step eager / compiled / max-autotune, its kernels, rounding-level token changes); `maskar bench
 #     casmar` and `maskar bench mar` at their defaults (CUDA graphs + compiled) with profiles; targets.
+#   PART=equality (about 3 min): compiled vs uncompiled CASMAR-B tokens in fp32 and bf16, short chains.
 #   PART=nextscale (about 5 min): `maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled`,
 #     then the short 256 px training-step rows of issue 13 in the time left.
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
@@ -34,6 +35,16 @@ if [ "${PART:-masked}" = masked ]; then
   echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar.txt" | tail -n 40
   el "targets"
   $PY -m maskar bench masked_sampling "$OUT/casmar.json" "$OUT/mar.json" | tee "$OUT/targets.txt"
+elif [ "${PART}" = equality ]; then
+  # compiled vs uncompiled CASMAR-B tokens, same seed, short chains (B 8, 10 / 20 head steps):
+  # in fp32 the difference is rounding; in bf16 the chaotic sampler amplifies bf16 rounding
+  for prec in fp32 bf16; do
+    el "bench casmar $prec: compiled vs not"
+    timeout $(cap 150) $PY -m maskar bench casmar --precision $prec --batch 8 --num-sampling-steps 10 \
+      --refine-num-sampling-steps 20 --compile both --sample-reps 1 --json "$OUT/casmar_eq_$prec.json" \
+      > "$OUT/casmar_eq_$prec.txt" 2>&1
+    echo "rc=$?"; grep -E "^sample|tokens vs" "$OUT/casmar_eq_$prec.txt"
+  done
 else
   el "bench sample: fast, compiled"
   timeout $(cap 330) $PY -m maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled reps=5 \
