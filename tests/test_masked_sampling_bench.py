@@ -110,6 +110,16 @@ def test_kernels_are_filed_under_the_innermost_range_of_their_op():
     got = ms._kernel_time_by_phase(spans, op_start, kernels, names)
     assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k]) for k in want)
     assert {"stage1/other", "stage1/transformer", "outside the phases", "unattributed kernels"} <= got.keys()
+    # graph-replay kernels (linked to no op) by their own start time, when asked
+    timed = [(s, s + rng.randint(1, 9), "k", linked) for s, (_, _, _, linked) in
+             zip((rng.randint(0, 399) for _ in kernels), kernels)]  # fmt: skip
+    want = {}
+    for start, end, _, linked in timed:
+        where = brute(op_start.get(linked, start))
+        want[where] = want.get(where, 0.0) + (end - start) / 1e6
+    got = ms._kernel_time_by_phase(spans, op_start, timed, names, unlinked_by_start=True)
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k]) for k in want)
+    assert "unattributed kernels" not in got
 
 
 def test_union_of_intervals():

@@ -205,7 +205,8 @@ _CUPTI_OVERHEAD = frozenset(
 class _Ranges:
     """Profiler ranges around a model's sampling phases (instance attributes, removed after)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: bool = False) -> None:
+        self.sync = sync  # finish a range's GPU work before it closes (kernels then lie inside it)
         self.scope: list[str] = []
         self.saved: list[tuple[Any, str]] = []
         self.names: set[str] = set()
@@ -222,7 +223,10 @@ class _Ranges:
                 if scope:
                     self.scope.append(name)
                 try:
-                    return orig(*args, **kwargs)
+                    out = orig(*args, **kwargs)
+                    if self.sync:
+                        torch.cuda.synchronize()
+                    return out
                 finally:
                     if scope:
                         self.scope.pop()
@@ -280,15 +284,19 @@ def _kernel_time_by_phase(
     op_start: dict[int, int],
     kernels: list[tuple[int, int, str, int]],
     names: set[str],
+    unlinked_by_start: bool = False,
 ) -> dict[str, float]:
     """ms of kernel time per phase key: each kernel (start, end, name, linked op id; ns) goes to the
-    innermost range of ``spans`` open when its linked CPU-side op started."""
+    innermost range of ``spans`` open when its linked CPU-side op started. A kernel linked to no
+    op (those of CUDA-graph replays) goes, with ``unlinked_by_start``, to the range open when it
+    started on the GPU (right when every range synchronises before it closes), else under
+    "unattributed kernels"."""
     from bisect import bisect_right
 
     times, inner = _innermost_range(spans)
     out: dict[str, float] = {}
     for start, end, _, linked in kernels:
-        t = op_start.get(linked)
+        t = op_start.get(linked, start if unlinked_by_start else None)
         if t is None:
             where = "unattributed kernels"
         else:
@@ -313,13 +321,17 @@ def profile_call(
     FunctionEvent tree (~80 us per event on a slow CPU) and one graphed CASMAR-B / MAR-B call
     runs hundreds of thousands of kernels (the 2026-12-03 H200 run's profiles never finished
     within their time limits; this is the likely cause). A kernel is filed under the innermost
-    phase range open when the CPU-side op it is linked to (its launch, or the graph replay that
-    ran it) started."""
+    phase range open when the CPU-side op it is linked to started; the kernels of CUDA-graph
+    replays are linked to none (the 2026-12-03 profiles filed 77-86% of the GPU time as
+    "unattributed"), so on the GPU every range synchronises before it closes and those kernels
+    go to the range open when they started. The synchronisation costs the profiled call some
+    wall time (idle), not kernel time."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     m = sampler.model
-    ranges = _Ranges()
+    on_gpu = device.type == "cuda"
+    ranges = _Ranges(sync=on_gpu)
     ranges.wrap(m, "sample_scaffold", "stage1", scope=True)
     ranges.wrap(m, "sample_refine", "stage2", scope=True)
     ranges.wrap(m, "forward_encoder", "transformer")
@@ -327,7 +339,6 @@ def profile_call(
     ranges.wrap(m.diffloss, "sample", "mlp_head")
     ranges.wrap(getattr(m, "cond_diffloss", None), "sample", "dit_head")
     ranges.wrap(m, "_sams", "saliency")
-    on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     time_one = timer(device)
     try:
@@ -354,7 +365,7 @@ def profile_call(
             kernels.append((start, start + ev.duration_ns(), name, ev.linked_correlation_id()))
     exclusive: dict[str, float] = {}
     if on_gpu:
-        exclusive = _kernel_time_by_phase(spans, op_start, kernels, names)
+        exclusive = _kernel_time_by_phase(spans, op_start, kernels, names, unlinked_by_start=True)
     else:
         totals: dict[str, float] = {}
         for start, end, name in spans:
