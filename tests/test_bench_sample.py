@@ -158,3 +158,5 @@ def test_compiled_mode_runs_after_fast_and_checks(monkeypatch, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["fast", "compiled"] and all(r["check_ok"] for r in rows)
     assert calls == [1]
+    assert rows[1]["dynamo"]["graphs"] >= 2 and rows[1]["dynamo"]["recompile_limit_hits"] == 0
+    assert "dynamo" not in rows[0]

@@ -277,6 +277,15 @@ def refine_passes(schedule: list[list[int]] | None, patch_nums) -> int:
     return sum(len(s) - 1 for s, pn in zip(schedule, patch_nums) if pn > 1)
 
 
+def dynamo_stats() -> dict[str, int]:
+    """Graphs Dynamo compiled so far in this process, and how often a function hit its recompile
+    limit (past it that function runs eagerly: a compiled row would then time eager code)."""
+    from torch._dynamo.utils import counters
+
+    hits = sum(n for k, n in counters["unimplemented"].items() if "recompile limit" in k.lower())
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "recompile_limit_hits": int(hits)}
+
+
 def set_mode(model, mode: str) -> None:
     """Switch ``model`` to one of MODES (and drop CUDA graphs captured under another)."""
     for name, value in MODES[mode].items():
@@ -408,6 +417,8 @@ def run_case(
                 (f"teacher forcing (rel diff {tf} > {TF_TOLERANCE[precision]})", tf_ok),
             ] if not ok
         ]  # fmt: skip
+    if mode == "compiled":
+        row["dynamo"] = dynamo_stats()
     if opts["profile"]:
         row["profile"] = _guarded(lambda: profile_call(model, public_call, device))
     if opts["agree"] and mode == "fast" and precision != "fp32":
@@ -797,6 +808,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(line, flush=True)
                 if not row["check_ok"]:
                     print(f"  check failed: {'; '.join(row['check_failures'])}")
+                if "dynamo" in row:
+                    graphs, hits = row["dynamo"]["graphs"], row["dynamo"]["recompile_limit_hits"]
+                    note = " (some calls ran eagerly)" if hits else ""
+                    print(f"  dynamo so far: {graphs} graphs, recompile limit hit {hits}x{note}", flush=True)
                 if opts["json"]:  # rewritten after every row, so a run cut short keeps its rows
                     with open(opts["json"], "w") as f:
                         json.dump({"rows": rows, "large_n": large}, f, indent=1)
