@@ -189,6 +189,19 @@ class SelfAttention(nn.Module):
         return q, k, v
 
 
+def _dynamic_rows_and_tokens(x: Tensor, *others: Tensor) -> None:
+    """Mark the row and token dims of a compiled part's inputs dynamic from the first call on:
+    a batch or scale size seen first would otherwise be specialised and cost a recompile at its
+    first change, and the graphs of every block, scale and model in a process count against
+    Dynamo's recompile limit of the one function they share (past it, calls run eagerly).
+    Sizes of 1 stay specialised (Dynamo's rule)."""
+    for t in (x, *others):
+        if t.shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+    if x.shape[1] > 1:
+        torch._dynamo.maybe_mark_dynamic(x, 1)
+
+
 class SharedAdaLin(nn.Linear):
     """The one AdaLN projection of ``shared_aln`` models; output (B, 1, 6, C)."""
 
@@ -259,10 +272,13 @@ class AdaLNSelfAttnBlock(nn.Module):
         """x (B, L, C); cond (B, D), or (B, 1, 6, C) from the shared projection when shared_aln."""
         if self._compiled_parts is not None and not self.training and not torch.is_grad_enabled():
             pre, post = self._compiled_parts
+            _dynamic_rows_and_tokens(x, cond)
             q, k, v, mod = pre(x, cond)
             if cache is not None:
                 k, v = cache.append(k, v)
-            return post(x, self.attn.attend(q, k, v, pattern), mod)
+            out = self.attn.attend(q, k, v, pattern)
+            _dynamic_rows_and_tokens(x, out, mod)
+            return post(x, out, mod)
         if self.checkpoint and self.training and torch.is_grad_enabled() and cache is None:
             # recompute this block's activations in the backward pass (train.activation_checkpointing)
             return torch.utils.checkpoint.checkpoint(
