@@ -154,7 +154,15 @@ def _kernel_module():
     return neighborhood
 
 
-_KERNEL = _kernel_module()  # imported once here: Dynamo traces no import inside a compiled call
+_KERNEL = None  # maskar.kernels.neighborhood, set by _load_kernel() when a PSA module is built
+
+
+def _load_kernel() -> None:
+    """Import the kernel module when a model is built, never inside a torch.compile trace
+    (which then reads ``_KERNEL``: the opaque op where the kernel exists, SDPA otherwise)."""
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = _kernel_module()
 
 
 def proximal_attention(
@@ -237,6 +245,7 @@ class ProximalAttention2D(nn.Module):
         self.dilation = _pair(dilation, "dilation")
         self.border = _check_border(border)
         self.attn_backend = "auto"
+        _load_kernel()
         self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
@@ -289,6 +298,7 @@ class SALAAttention2D(nn.Module):
         self.dilation = _pair(dilation, "dilation")
         self.border = _check_border(border)
         self.attn_backend = "auto"  # of the local branch, as ProximalAttention2D.attn_backend
+        _load_kernel()
         self.anchor_pool = anchor_pool
         self.q_proj_loc = nn.Linear(dim, dim)
         self.k_proj_loc = nn.Linear(dim, dim)
