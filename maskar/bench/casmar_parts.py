@@ -27,6 +27,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from maskar.bench import masked_sampling as ms
 from maskar.nn.attention import set_backend
+from maskar.nn.diffusion import space_timesteps
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
@@ -89,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.batch < 1 or args.reps < 1:
         ap.error(f"--batch / --reps: expected >= 1, got {args.batch} / {args.reps}")
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in COMPILE_MODES]
+    if bad:
+        ap.error(f"--modes: expected names from {COMPILE_MODES}, got {bad[0]!r}")
+    try:
+        space_timesteps(1000, str(args.compare_steps))
+    except ValueError as e:
+        ap.error(f"--compare-steps: {e}")
     device = ms.pick_device(args.device)
     ns = argparse.Namespace(preset=args.preset, precision="bf16", attention_backend="auto")
     cfg, model, precision = ms.build(ns, device)
@@ -281,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         rows["stage2_token_changes"] = {k: list(v) for k, v in cmp.items()}
         # other compile modes last: max-autotune may take minutes
-        for mode in args.modes.split(",") if args.modes and args.compile == "on" else []:
+        for mode in modes if args.compile == "on" else []:
             step_m = torch.compile(head.step_cfg, mode=mode)
 
             def dit_step_m(step_m=step_m) -> object:
