@@ -370,6 +370,7 @@ def test_bench_train_step_cpu_smoke(tmp_path, capsys):
     ]  # fmt: skip
     for r in rows:
         assert r["step_ms"] > 0 and r["tokens_s"] == pytest.approx(r["batch"] * r["L"] / r["step_ms"] * 1e3)
+        assert r["b2b_ms"] > 0  # the same steps launched back to back
         if r["compile"] == "blocks":
             assert r["loss_rel"] < 1e-5 and r["grad_rel"] < 1e-4
     assert "MFU =" in text and (tmp_path / "prof.txt").is_file()

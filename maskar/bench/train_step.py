@@ -294,9 +294,14 @@ def make_step(model, params, batch, opts, device, loss_call=None, info=None):
 
 def time_steps(
     step, opts: dict, device: torch.device, info: D.DistInfo | None = None
-) -> tuple[float, float, float]:
-    """(median step ms, peak memory GB, first call s incl. compile / autotune).
+) -> tuple[float, float, float, float]:
+    """(median step ms, back-to-back ms per step, peak memory GB, first call s incl. compile /
+    autotune).
 
+    The median times each step alone: the host waits for it to finish before launching the
+    next, so a step also pays the launch latency before its first kernel. Back to back, the
+    same number of steps run as a training loop runs them (the host launching ahead, one
+    wait at the end); their mean is the steady-state step time `maskar train` logs.
     Several ranks: a step takes as long as its slowest rank; the peak is the largest rank's.
     """
     cuda = device.type == "cuda"
@@ -323,12 +328,19 @@ def time_steps(
             step()
             times.append((time.perf_counter() - t) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else float("nan")
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(int(opts["steps"])):
+        step()
+    _sync(device)
+    b2b = (time.perf_counter() - t) * 1e3 / int(opts["steps"])
     if info is not None and info.distributed:
-        every = D.all_gather_objects(info, (times, peak, first))
-        times = [max(per_rank) for per_rank in zip(*(t for t, _, _ in every))]
-        peak = max(p for _, p, _ in every)
-        first = max(f for _, _, f in every)
-    return statistics.median(times), peak, first
+        every = D.all_gather_objects(info, (times, peak, first, b2b))
+        times = [max(per_rank) for per_rank in zip(*(t for t, _, _, _ in every))]
+        peak = max(p for _, p, _, _ in every)
+        first = max(f for _, _, f, _ in every)
+        b2b = max(b for _, _, _, b in every)
+    return statistics.median(times), b2b, peak, first
 
 
 # ----------------------------------------------------------------------------- profile
@@ -545,8 +557,9 @@ def run_row(
             row["check"] = f"grad rel {row['grad_rel']:.1e} vs 1 process on the global batch"
             del grads_p, grads_ref
     step = make_step(model, params, batch, opts, device, loss_call, info)
-    ms, peak_gb, first = time_steps(step, opts, device, info)
-    row.update(step_ms=ms, peak_gb=peak_gb, first_s=first, graphs=_dynamo_graphs() - graphs_before)
+    ms, b2b_ms, peak_gb, first = time_steps(step, opts, device, info)
+    graphs = _dynamo_graphs() - graphs_before
+    row.update(step_ms=ms, b2b_ms=b2b_ms, peak_gb=peak_gb, first_s=first, graphs=graphs)
     row["images_s"] = world * B / ms * 1e3
     row["tokens_s"] = world * B * model.L / ms * 1e3
     row["tflops"] = model.train_flops_per_sample() * B / ms / 1e9  # per GPU
@@ -561,9 +574,9 @@ def run_row(
 
 
 HEADER = (f"{'model':<9} {'st':>2} {'res':>4} {'B':>3} {'L':>5} {'compile':<7} {'ac':<2} {'attn':<6} "
-          f"{'par':<5} {'N':>2} {'params':>7} {'step ms':>8} {'img/s':>7} {'eff':>6} {'tok/s':>8} "
-          f"{'TFLOP/s':>7} {'MFU':>6} {'peak GB':>7} {'compile s':>9} {'first s':>7} {'graphs':>6}  "
-          "check")  # fmt: skip
+          f"{'par':<5} {'N':>2} {'params':>7} {'step ms':>8} {'b2b ms':>7} {'img/s':>7} {'eff':>6} "
+          f"{'tok/s':>8} {'TFLOP/s':>7} {'MFU':>6} {'peak GB':>7} {'compile s':>9} {'first s':>7} "
+          f"{'graphs':>6}  check")  # fmt: skip
 
 
 def format_row(r: dict) -> str:
@@ -571,7 +584,8 @@ def format_row(r: dict) -> str:
     eff = f"{100 * r['scaling_eff']:.1f}%" if "scaling_eff" in r else "-"
     return (f"{r['model']:<9} {r['stage']:>2} {r['res']:>4} {r['batch']:>3} {r['L']:>5} {r['compile']:<7} "
             f"{'y' if r['ac'] else 'n':<2} {r['attn']:<6} {r.get('parallel', 'none'):<5} "
-            f"{r.get('world', 1):>2} {r['params_M']:>6.0f}M {r['step_ms']:>8.1f} {r['images_s']:>7.1f} "
+            f"{r.get('world', 1):>2} {r['params_M']:>6.0f}M {r['step_ms']:>8.1f} "
+            f"{r.get('b2b_ms', float('nan')):>7.1f} {r['images_s']:>7.1f} "
             f"{eff:>6} {r['tokens_s']:>8.0f} {r['tflops']:>7.1f} {mfu:>6} {r['peak_gb']:>7.2f} "
             f"{r.get('compile_s', float('nan')):>9.1f} {r['first_s']:>7.1f} {r['graphs']:>6}  "
             f"{r.get('check', '')}")  # fmt: skip

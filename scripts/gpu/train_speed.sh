@@ -164,7 +164,8 @@ for name, model, res, t_ms, t_mfu in targets:
     met = b["step_ms"] <= t_ms and (t_mfu is None or b["mfu"] >= t_mfu)
     print(f"{name:<31} {e['step_ms'] if e else float('nan'):>9.1f} {b['step_ms']:>9.1f} {t_ms:>7} "
           f"{100 * b['mfu']:>5.1f}% {b['peak_gb']:>8.2f} {b.get('compile_s', float('nan')):>9.1f} "
-          f"{b.get('loss_rel', float('nan')):>7.1e}/{b.get('grad_rel', float('nan')):>7.1e}  {'yes' if met else 'NO'}")
+          f"{b.get('loss_rel', float('nan')):>7.1e}/{b.get('grad_rel', float('nan')):>7.1e}  {'yes' if met else 'NO'}"
+          f"  (back to back {b.get('b2b_ms', float('nan')):.1f} ms)")
 for model in ("hmar-d16", "var-d16"):
     a, b = find(model, 1024, "blocks"), find(model, 1024, "blocks", attn="scales")
     if a and b:
