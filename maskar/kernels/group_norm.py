@@ -308,12 +308,32 @@ CPU_REFERENCE = False
 ENABLED = True
 
 
-def supports(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+# Where PyTorch's kernel beats the fused op on the GPU (H200, 2026-12-03: docs/benchmarks.md,
+# *The fused GroupNorm in the decoder*): calls of at most TORCH_BELOW elements at any batch (1 x
+# 640 x 64^2: 0.054 against 0.065 ms), and up to TORCH_BELOW_MANY where images x groups give
+# PyTorch's one-block-per-group reduction >= 256 blocks (8 x 640 x 32^2: 0.042 against 0.065
+# ms; with 32 blocks, 1 x 320 x 128^2 takes it 0.104 ms against the fused 0.064).
+TORCH_BELOW = 2_700_000
+TORCH_BELOW_MANY = 5_300_000
+
+
+def torch_is_faster(shape: tuple[int, ...], groups: int) -> bool:
+    """Whether a CUDA call of this (N, C, H, W) shape and group count is faster in PyTorch."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n <= TORCH_BELOW or (n <= TORCH_BELOW_MANY and int(shape[0]) * groups >= 256)
+
+
+def supports(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int | None = None) -> bool:
     """Whether the decoder takes the fused op for this call: CUDA sm80+ with fp16 / bf16 x (or the
-    interpreter / the CPU reference in tests), an affine norm, no gradient wanted, no autocast."""
+    interpreter / the CPU reference in tests), an affine norm, no gradient wanted, no autocast;
+    given ``groups``, on CUDA not where PyTorch's own kernel is faster (:func:`torch_is_faster`)."""
     if not ENABLED or weight is None or bias is None or x.dim() != 4:
         return False
     if x.is_cuda:
+        if groups is not None and torch_is_faster(tuple(x.shape), groups):
+            return False
         device_ok = x.dtype in _DTYPES and _device_ok(x.device)
     elif x.is_cpu:
         device_ok = (CPU_REFERENCE and not _INTERPRET and x.dtype in _REFERENCE_DTYPES) or (
@@ -330,4 +350,4 @@ def supports(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     return x.numel() // max(x.shape[0], 1) < 2**31  # one sample's offsets in int32
 
 
-__all__ = ["group_norm_act", "group_norm_act_op", "reference", "supports", "GNConfig"]
+__all__ = ["group_norm_act", "group_norm_act_op", "reference", "supports", "torch_is_faster", "GNConfig"]

@@ -95,7 +95,7 @@ def norm_act(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Te
     reference. ``norm.weight`` is read here, so ``functional_call``'s cast weights apply.
     """
     fused = _group_norm_kernel
-    if fused is not None and fused.supports(x, norm.weight, norm.bias):
+    if fused is not None and fused.supports(x, norm.weight, norm.bias, norm.num_groups):
         return fused.group_norm_act(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
     h = norm(x)
     return F.silu(h) if silu else h
