@@ -109,6 +109,26 @@ def test_static_buffers_equal_eager_on_cpu(learn_sigma, steps, cfg, temperature,
         torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("learn_sigma", [True, False])
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_batched_modulation_is_the_per_block_function(learn_sigma, cfg):
+    """All adaLN projections as one matmul (the CUDA default) give the per-block samples to
+    rounding, and its static-buffer path the eager one bit for bit (no row padded)."""
+    head = random_head(learn_sigma=learn_sigma, depth=3)
+    z = torch.randn(8, 8)
+    assert head.embed(z)[1] is None  # the CPU default: the per-block path, samples as recorded
+    per_block = head.sample(z, 0.9, cfg, generator=gen(5), cuda_graph=False)
+    head.batched_modulation = True
+    c_emb, (weight, bias) = head.embed(z)
+    assert weight.shape == ((3 * 3 + 2) * 16, 16) and bias.shape == ((3 * 3 + 2) * 16,)
+    batched = head.sample(z, 0.9, cfg, generator=gen(5), cuda_graph=False)
+    torch.testing.assert_close(batched, per_block, rtol=1e-5, atol=1e-5)
+    static = head._sample_graphed(z, 0.9, cfg, head.gen_diffusion(), gen(5), capture=False)
+    assert torch.equal(static, batched)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head.embed(z)[1][0].dtype == torch.bfloat16  # cast once per chain, as autocast would
+
+
 def test_static_chain_is_reused_within_a_bucket_and_stale_padding_is_harmless():
     head = random_head()
     diff = head.gen_diffusion()
@@ -227,6 +247,22 @@ def _check(tag: str, graph: torch.Tensor, eager: torch.Tensor, bf16: bool, limit
     assert torch.isfinite(graph).all()
     max_tol, mean_tol = limits or ((BF16_MAX, BF16_MEAN) if bf16 else (FP32_MAX, FP32_MAX))
     assert mx <= max_tol and mean <= mean_tol, (tag, mx, mean)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gpu_batched_modulation_against_per_block(precision):
+    """The CUDA default (one adaLN matmul) against the per-block path, one chain, same noise:
+    the differences are the kernels' rounding (printed with -rP)."""
+    head = random_head("cuda", True, "100", c=16, cz=64, depth=3, width=256, std=0.05)
+    z = torch.randn(256, 64, device="cuda")
+    out = {}
+    for batched in (True, False):
+        head.batched_modulation = batched
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out[batched] = head.sample(z, 1.0, 2.9, generator=gen(7, "cuda"), cuda_graph=True)
+    _check(f"batched adaLN vs per block {precision}", out[True], out[False], precision == "bf16")
 
 
 @gpu

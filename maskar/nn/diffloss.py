@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -65,7 +66,11 @@ class ResBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 3 * channels))
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return self.modulated(x, self.adaLN_modulation(y))
+
+    def modulated(self, x: Tensor, mod: Tensor) -> Tensor:
+        """The block for a given modulation ``mod`` = adaLN_modulation(y) (N, 3C)."""
+        shift, scale, gate = mod.chunk(3, dim=-1)
         return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
 
 
@@ -77,7 +82,10 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 2 * channels))
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.modulated(x, self.adaLN_modulation(y))
+
+    def modulated(self, x: Tensor, mod: Tensor) -> Tensor:
+        shift, scale = mod.chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -135,10 +143,34 @@ class SimpleMLPAdaLN(nn.Module):
     def forward(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
         return self.forward_embedded(x, self.time_embed(t), self.cond_embed(c))
 
-    def forward_embedded(self, x: Tensor, t_emb: Tensor, c_emb: Tensor) -> Tensor:
-        """Forward with precomputed embeddings: t_emb (N or 1, W), c_emb = cond_embed(c) (N, W)."""
+    def modulation_weights(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """Every adaLN projection (the res blocks', then the final layer's) as one weight
+        ((3 * blocks + 2) W, W) and bias, the weight cast to ``dtype`` (the autocast dtype: the
+        values the per-block path's autocast casts give each weight)."""
+        linears = [b.adaLN_modulation[-1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[-1]]
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = torch.cat([lin.bias for lin in linears])
+        return (weight if dtype is None else weight.to(dtype)), bias
+
+    def forward_embedded(
+        self, x: Tensor, t_emb: Tensor, c_emb: Tensor, modulation: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """Forward with precomputed embeddings: t_emb (N or 1, W), c_emb = cond_embed(c) (N, W).
+
+        ``modulation`` (:meth:`modulation_weights`): every adaLN projection reads the same
+        SiLU(y), so they run as one matmul (inference: at the sampler's few hundred rows seven
+        narrow matmuls each fill a fraction of the GPU); the same function, rounded per the
+        one kernel."""
         x = self.input_proj(x)
         y = t_emb + c_emb
+        if modulation is not None:
+            width = x.shape[-1]
+            mods = F.linear(F.silu(y), *modulation).split(
+                [3 * width] * len(self.res_blocks) + [2 * width], dim=-1
+            )
+            for block, mod in zip(self.res_blocks, mods):
+                x = block.modulated(x, mod)
+            return self.final_layer.modulated(x, mods[-1])
         for block in self.res_blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, y, use_reentrant=False)
@@ -155,10 +187,15 @@ class SimpleMLPAdaLN(nn.Module):
         return self.forward_with_cfg_embedded(x, self.time_embed(t), self.cond_embed(c), cfg_scale)
 
     def forward_with_cfg_embedded(
-        self, x: Tensor, t_emb: Tensor, c_emb: Tensor, cfg_scale: float | Tensor
+        self,
+        x: Tensor,
+        t_emb: Tensor,
+        c_emb: Tensor,
+        cfg_scale: float | Tensor,
+        modulation: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         half = x[: len(x) // 2]
-        out = self.forward_embedded(torch.cat([half, half], dim=0), t_emb, c_emb)
+        out = self.forward_embedded(torch.cat([half, half], dim=0), t_emb, c_emb, modulation)
         eps, rest = out[:, : self.in_channels], out[:, self.in_channels :]
         cond_eps, uncond_eps = eps.float().chunk(2, dim=0)
         # The official uncond + s * (cond - uncond), in float32 (bitwise official in fp32; under
@@ -236,19 +273,37 @@ class DiffLoss(GraphedHead):
     def sample_shape(self, z: Tensor) -> tuple[int, ...]:
         return (self.in_channels,)
 
-    def embed(self, z: Tensor) -> Tensor:
-        return self.net.cond_embed(z)  # the same at every step
+    # "auto": the adaLN projections as one matmul in CUDA sampling (SimpleMLPAdaLN.forward_embedded);
+    # True / False force it on / off everywhere (the CPU keeps the per-block path by default, so
+    # its seeded samples stay those recorded before).
+    batched_modulation: bool | str = "auto"
+
+    def embed(self, z: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """(cond_embed(z), the concatenated adaLN weights or None): the same at every step. Made
+        inside each chain (and so inside its CUDA graph): a replay reads the current weights."""
+        use = self.batched_modulation
+        if use == "auto":
+            use = z.is_cuda and not (self.training and torch.is_grad_enabled())
+        modulation = None
+        if use:
+            dev = z.device.type
+            modulation = self.net.modulation_weights(
+                torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+            )
+        return self.net.cond_embed(z), modulation
 
     # The sampling loop calls the model with one timestep for all rows, so one time-embedding
     # row is broadcast.
 
-    def step(self, x: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None = None) -> Tensor:
-        return self.net.forward_embedded(x, self.net.time_embed(t[:1]), cond)
+    def step(self, x: Tensor, t: Tensor, cond: tuple, labels: Tensor | None = None) -> Tensor:
+        c_emb, modulation = cond
+        return self.net.forward_embedded(x, self.net.time_embed(t[:1]), c_emb, modulation)
 
     def step_cfg(
-        self, x: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None, scale: float | Tensor
+        self, x: Tensor, t: Tensor, cond: tuple, labels: Tensor | None, scale: float | Tensor
     ) -> Tensor:
-        return self.net.forward_with_cfg_embedded(x, self.net.time_embed(t[:1]), cond, scale)
+        c_emb, modulation = cond
+        return self.net.forward_with_cfg_embedded(x, self.net.time_embed(t[:1]), c_emb, scale, modulation)
 
     @torch.no_grad()
     def sample(
