@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 
 import torch
@@ -33,10 +32,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
-    time_one = ms.timer(device)
-    for _ in range(warmup):
-        fn()
-    return statistics.median(time_one(fn) for _ in range(reps))
+    return ms.measure(fn, ms.timer(device), warmup, reps)[0]
 
 
 def _flops(fn: Callable[[], object]) -> int:

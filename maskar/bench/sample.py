@@ -292,7 +292,6 @@ def set_mode(model, mode: str) -> None:
         setattr(model, name, value)
     if mode == "compiled" and not getattr(model, "_sampler_compiled", False):
         model.compile_sampler()
-        model._sampler_compiled = True
     elif mode != "compiled" and getattr(model, "_sampler_compiled", False):
         raise SystemExit(f"bench sample: mode {mode} after compiled on one model (put compiled last)")
     model._graphs.clear()

@@ -300,6 +300,7 @@ class NextScaleModel(nn.Module):
         for blk in self.repeated_blocks():
             blk.compile_sampling_parts(**compile_kwargs)
         self._graphs.clear()
+        self._sampler_compiled = True
 
     def _make_block(self, drop_path: float) -> AdaLNSelfAttnBlock:
         cfg = self.cfg
