@@ -67,10 +67,30 @@ PY
 
 el "2. MAR || CASMAR main rows; VAR and HMAR sets through Inception meanwhile"
 SHOWN_MAR=checkpoints/mar-fmnist; [ -f $Q2_RUNS/mar_size.txt ] && source $Q2_RUNS/mar_size.txt
+# temperature MODEL: the main rows' sample.temperature override. TEMP=auto (default): the value of the
+# model's call-2 temperature row with the lowest FD_clf (none: the checkpoint's own, official 1.0);
+# TEMP=official: none; TEMP_MAR / TEMP_CASMAR: that value.
+temperature() {
+  local v="TEMP_${1^^}"; local forced=${!v:-}
+  if [ -n "$forced" ]; then echo "sample.temperature=$forced"; return; fi
+  [ "${TEMP:-auto}" = auto ] || return 0
+  $PY - $1 $Q2_RUNS/study/mar_casmar.json <<'PY'
+import json, sys
+from pathlib import Path
+model, path = sys.argv[1], Path(sys.argv[2])
+rows = json.loads(path.read_text())["rows"] if path.exists() else []
+rows = [r for r in rows if r["row"] == "temperature" and r["model"] == model and "FD_clf" in r["metrics"]]
+if rows:
+    best = min(rows, key=lambda r: r["metrics"]["FD_clf"])
+    print(next(o for o in best["overrides"] if o.startswith("sample.temperature=")))
+PY
+}
 main_rows() {  # main_rows MODEL SHOWN
+  local t; t=$(temperature $1)
+  el "$1 main rows at ${t:-the temperature of the checkpoint}"
   timeout -s TERM $MAIN_T $M bench quality plan=$PLAN out=$RUNS/study tag=$1_main models=$1 kinds=quality \
     rows=main classifier=$CLF device=$DEVICE scale=$SCALE ckpt.$1=$Q2_RUNS/pack/$1-fmnist as.$1=$2 \
-    ${STUDY_EXTRA:-} > $RUNS/study_$1_main.log 2>&1
+    ${STUDY_EXTRA:-} $t > $RUNS/study_$1_main.log 2>&1
   el "$1 main rows (exit $?): $(grep -c ' FD_clf ' $RUNS/study_$1_main.log) points"
 }
 main_rows mar $SHOWN_MAR & P1=$!

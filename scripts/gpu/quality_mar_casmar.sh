@@ -22,8 +22,16 @@
 # Expected wall time on one H200: 8.5 min (STUDY_END 500 s + packing); the command's limit is 10 min.
 # CAL_ONLY=1 stops after the calibration (about 2 minutes). Keep RUNS on the device machine for call 3
 # (e.g. RUNS=$PWD/.persist/q2: .persist/ is git-ignored and stays while the machine is warm). Every study process stops at STUDY_END with its rows so far written.
+# PHASE=train | study splits the call in two chained calls on one RUNS, so that training gets a whole
+# call: PHASE=train runs steps 0-1 and the training and export of step 2 (and returns the checkpoints);
+# PHASE=study runs the study rows of step 2 and step 3 on what PHASE=train left. PHASE=all (default)
+# does both in one call, with the shorter training that leaves time for the rows.
 source "$(dirname "$0")/quality/common.sh"
-TRAIN_S=${TRAIN_S:-210}; TRAIN_T=${TRAIN_T:-$((TRAIN_S + 120))}; CAL=${CAL:-40}; BS=${BS:-1024}; WORKERS=${WORKERS:-6}
+# PHASE=train has the whole call for training: 400 s side by side; a timeout of whatever the call has left
+if [ "${PHASE:-all}" = train ]; then TRAIN_S=${TRAIN_S:-400}; else TRAIN_S=${TRAIN_S:-210}; TRAIN_T=${TRAIN_T:-$((TRAIN_S + 120))}; fi
+ CAL=${CAL:-40}; BS=${BS:-1024}; WORKERS=${WORKERS:-6}
+PHASE=${PHASE:-all}
+case $PHASE in all|train|study) ;; *) echo "PHASE: expected all, train or study, got '$PHASE'" >&2; exit 2 ;; esac
 STUDY_END=${STUDY_END:-500}
 KL=${KL:-.carry/kl}
 PLAN=scripts/gpu/quality/plan_mar_casmar.yaml
@@ -32,7 +40,12 @@ SHIP_CASMAR_SAMPLE=${SHIP_CASMAR_SAMPLE:-"sample.num_iter=4 sample.scaffold_num_
 sample.refine_num_sampling_steps=ddim10 sample.cfg=2.0 sample.re_cfg=2.0"}
 command -v nvidia-smi >/dev/null && nvidia-smi -L
 $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-[ "${CAL_ONLY:-0}" = 1 ] || smoke mar casmar  # the calibration alone needs no pre-flight
+if [ $PHASE = study ]; then  # what PHASE=train left in RUNS
+  for f in $RUNS/budget.txt $RUNS/mar_size.txt $PACK/mar-fmnist $PACK/casmar-fmnist; do
+    [ -e $f ] || { el "missing $f (PHASE=train did not finish, or the machine went cold): nothing run"; exit 3; }
+  done
+fi
+[ "${CAL_ONLY:-0}" = 1 ] || [ $PHASE = study ] || smoke mar casmar  # the calibration alone needs no pre-flight
 el "data"; prepare_data
 SF=$($PY -c "import yaml; print(yaml.safe_load(open('$KL/config.yaml'))['model']['scale_factor'])")
 echo "KL tokenizer $KL, scale_factor $SF"
@@ -52,43 +65,50 @@ MAR_M=${MAR_M:-"model.encoder_embed_dim=256 model.encoder_depth=4 model.decoder_
 model.decoder_depth=4 model.diffloss_w=256"}
 MAR_L=${MAR_L:-"model.encoder_embed_dim=256 model.encoder_depth=6 model.decoder_embed_dim=256 \
 model.decoder_depth=6 model.diffloss_d=6 model.diffloss_w=256"}
-SHARE=${SHARE:-0.45}  # the share of the GPU each of two equal-cost runs gets side by side (a bit under 1/2)
-el "calibration: $CAL steps each of CASMAR and MAR at three sizes, one at a time"
-CALC="train.steps=$CAL train.log_every=$((CAL / 2)) train.ckpt_every=0 train.warmup_steps=10"
-calibrate() {  # calibrate NAME PRESET EXTRA: CAL steps alone -> it/s over the last CAL/2
-  timeout -s TERM ${CAL_T:-150} $M train preset=$2 $3 $C $CALC train.out_dir=$RUNS/cal_$1 > $RUNS/cal_$1.log 2>&1
-  local ips; ips=$(it_per_s $RUNS/cal_$1)
-  [ -n "$ips" ] || { tail -n 5 $RUNS/cal_$1.log >&2; ips=0; }  # a failed run: its log says why
-  echo $ips
-}
-IPS_CASMAR=$(calibrate casmar casmar-fmnist-s "")
-IPS_MAR_S=$(calibrate mar mar-fmnist-s "")
-IPS_MAR_M=$(calibrate mar_m mar-fmnist-s "$MAR_M")
-IPS_MAR_L=$(calibrate mar_l mar-fmnist-s "$MAR_L")
-[ "$IPS_CASMAR" != 0 ] || IPS_CASMAR=5
-MAR_SIZE=${MAR_SIZE:-$($PY -c "import math, sys; c = float(sys.argv[1]); \
-ips = {k: float(v) for k, v in zip('sml', sys.argv[2:]) if float(v) > 0}; \
-print(min(ips, key=lambda k: abs(math.log(ips[k] / c))) if ips else 's')" \
-  $IPS_CASMAR $IPS_MAR_S $IPS_MAR_M $IPS_MAR_L)}
-case $MAR_SIZE in
-  m) MAR_NET=$MAR_M; IPS_MAR=$IPS_MAR_M ;;
-  l) MAR_NET=$MAR_L; IPS_MAR=$IPS_MAR_L ;;
-  *) MAR_SIZE=s; MAR_NET=""; IPS_MAR=$IPS_MAR_S ;;
-esac
-[ "$IPS_MAR" != 0 ] || IPS_MAR=5
-# both train at once: each gets about SHARE of the GPU; the slower one's alone speed sets the steps
-STEPS=$(steps_for "$(awk -v w=$TRAIN_S -v f=$SHARE 'BEGIN { print w * f }')" $IPS_MAR $IPS_CASMAR)
-GPU_MIN=$($PY -c "import sys; n, a, b = map(float, sys.argv[1:]); print(f'{n / a / 60:.2f} / {n / b / 60:.2f}')" \
-  $STEPS $IPS_MAR $IPS_CASMAR)
-echo "calibration it/s alone: mar-s $IPS_MAR_S mar-m $IPS_MAR_M mar-l $IPS_MAR_L casmar $IPS_CASMAR -> MAR size" \
-  "$MAR_SIZE (${MAR_NET:-mar-fmnist-s as is}), $STEPS steps each (batch $BS); GPU-minutes alone MAR / CASMAR" \
-  "$GPU_MIN" | tee $RUNS/budget.txt
-if [ "${CAL_ONLY:-0}" = 1 ]; then  # the calibration alone (a short call): its logs, then stop
-  mkdir -p $RUNS/logs && for r in cal_mar cal_mar_m cal_mar_l cal_casmar; do cp $RUNS/$r/log.txt $RUNS/logs/${r}_log.txt; done
-  cp $RUNS/budget.txt $RUNS/logs/ && pack calibration logs && el "done (CAL_ONLY=1)"; exit 0
+SHARE=${SHARE:-0.47}  # the share of the GPU each of two equal-cost runs gets side by side (a bit under 1/2)
+if [ $PHASE != study ]; then
+  el "calibration: $CAL steps each of CASMAR and MAR at three sizes, one at a time"
+  CALC="train.steps=$CAL train.log_every=$((CAL / 2)) train.ckpt_every=0 train.warmup_steps=10"
+  calibrate() {  # calibrate NAME PRESET EXTRA: CAL steps alone -> it/s over the last CAL/2
+    timeout -s TERM ${CAL_T:-150} $M train preset=$2 $3 $C $CALC train.out_dir=$RUNS/cal_$1 > $RUNS/cal_$1.log 2>&1
+    local ips; ips=$(it_per_s $RUNS/cal_$1)
+    [ -n "$ips" ] || { tail -n 5 $RUNS/cal_$1.log >&2; ips=0; }  # a failed run: its log says why
+    echo $ips
+  }
+  IPS_CASMAR=$(calibrate casmar casmar-fmnist-s "")
+  IPS_MAR_S=$(calibrate mar mar-fmnist-s "")
+  IPS_MAR_M=$(calibrate mar_m mar-fmnist-s "$MAR_M")
+  IPS_MAR_L=$(calibrate mar_l mar-fmnist-s "$MAR_L")
+  [ "$IPS_CASMAR" != 0 ] || IPS_CASMAR=5
+  MAR_SIZE=${MAR_SIZE:-$($PY -c "import math, sys; c = float(sys.argv[1]); \
+  ips = {k: float(v) for k, v in zip('sml', sys.argv[2:]) if float(v) > 0}; \
+  print(min(ips, key=lambda k: abs(math.log(ips[k] / c))) if ips else 's')" \
+    $IPS_CASMAR $IPS_MAR_S $IPS_MAR_M $IPS_MAR_L)}
+  case $MAR_SIZE in
+    m) MAR_NET=$MAR_M; IPS_MAR=$IPS_MAR_M ;;
+    l) MAR_NET=$MAR_L; IPS_MAR=$IPS_MAR_L ;;
+    *) MAR_SIZE=s; MAR_NET=""; IPS_MAR=$IPS_MAR_S ;;
+  esac
+  [ "$IPS_MAR" != 0 ] || IPS_MAR=5
+  # both train at once: each gets about SHARE of the GPU; the slower one's alone speed sets the steps
+  STEPS=$(steps_for "$(awk -v w=$TRAIN_S -v f=$SHARE 'BEGIN { print w * f }')" $IPS_MAR $IPS_CASMAR)
+  GPU_MIN=$($PY -c "import sys; n, a, b = map(float, sys.argv[1:]); print(f'{n / a / 60:.2f} / {n / b / 60:.2f}')" \
+    $STEPS $IPS_MAR $IPS_CASMAR)
+  echo "calibration it/s alone: mar-s $IPS_MAR_S mar-m $IPS_MAR_M mar-l $IPS_MAR_L casmar $IPS_CASMAR -> MAR size" \
+    "$MAR_SIZE (${MAR_NET:-mar-fmnist-s as is}), $STEPS steps each (batch $BS); GPU-minutes alone MAR / CASMAR" \
+    "$GPU_MIN" | tee $RUNS/budget.txt
+  if [ "${CAL_ONLY:-0}" = 1 ]; then  # the calibration alone (a short call): its logs, then stop
+    mkdir -p $RUNS/logs && for r in cal_mar cal_mar_m cal_mar_l cal_casmar; do cp $RUNS/$r/log.txt $RUNS/logs/${r}_log.txt; done
+    cp $RUNS/budget.txt $RUNS/logs/ && pack calibration logs && el "done (CAL_ONLY=1)"; exit 0
+  fi
+
+  printf "STEPS=%s\nMAR_SIZE=%s\nMAR_NET='%s'\n" $STEPS $MAR_SIZE "$MAR_NET" > $RUNS/phase.env
+else
+  source $RUNS/phase.env  # what PHASE=train decided
 fi
 
-el "train MAR || CASMAR; each one's export and study rows as soon as it is trained"
+el "MAR || CASMAR (PHASE=$PHASE): each one's training and export, then its study rows"
+TRAIN_T=${TRAIN_T:-$(( T0 + 565 - $(date +%s) ))}  # PHASE=train: until 35 s before the call's limit
 T="train.steps=$STEPS train.warmup_steps=$((STEPS / 20)) train.ckpt_every=$((STEPS / 5)) train.keep_last=10 \
 train.log_every=$(( STEPS / 20 > 10 ? STEPS / 20 : 10 ))"
 SHIP="dtype=bf16 model.tokenizer_ckpt=null data.root=$DATA_ROOT data.num_workers=0"
@@ -99,10 +119,13 @@ mar_shown() {  # where MAR's rows say it is: shipped only when small enough (qua
 }
 pipeline() {  # pipeline NAME TRAIN_EXTRA SHIP_SAMPLE
   local m=$1 extra=$2 ship=$3
-  timed $m timeout -s TERM $TRAIN_T $M train preset=$m-fmnist-s $C $T $extra train.out_dir=$RUNS/$m \
-    > $RUNS/${m}_train.log 2>&1
-  el "$m trained: $(tail -n 2 $RUNS/${m}_train.log | head -n 1)"
-  $M convert dtype src=$RUNS/$m out=$PACK/$m-fmnist $SHIP $ship > $RUNS/${m}_export.log 2>&1
+  if [ $PHASE != study ]; then
+    timed $m timeout -s TERM $TRAIN_T $M train preset=$m-fmnist-s $C $T $extra train.out_dir=$RUNS/$m \
+      > $RUNS/${m}_train.log 2>&1
+    el "$m trained: $(tail -n 2 $RUNS/${m}_train.log | head -n 1)"
+    $M convert dtype src=$RUNS/$m out=$PACK/$m-fmnist $SHIP $ship > $RUNS/${m}_export.log 2>&1
+  fi
+  [ $PHASE = train ] && return
   local shown=checkpoints/$m-fmnist
   [ $m = mar ] && shown=$(mar_shown)
   local args="ckpt.$m=$PACK/$m-fmnist run.$m=$RUNS/$m as.$m=$shown"
@@ -118,6 +141,14 @@ pipeline casmar "model.pred_cond_warmup_steps=$((STEPS * 3 / 10))" "$SHIP_CASMAR
 wait $P1 $P2
 
 printf 'MAR_SIZE=%s\nSHOWN_MAR=%s\n' $MAR_SIZE $(mar_shown) > $RUNS/mar_size.txt  # call 3 names MAR alike
+pack_ckpts() {  # the two bf16 checkpoints as ckpts.tar[.part-*] under $OUT
+  (cd $RUNS && mv pack ckpts && tar -cf $RUNS/ckpts.tar ckpts && mv ckpts pack)
+  if [ "$(stat -c %s $RUNS/ckpts.tar)" -gt 15000000 ]; then split -b 15000000 $RUNS/ckpts.tar $OUT/ckpts.tar.part-
+  else cp $RUNS/ckpts.tar $OUT/; fi
+}
+if [ $PHASE = train ]; then  # the checkpoints come back now, in case the machine goes cold before PHASE=study
+  pack_ckpts; ls -la $OUT; cat $RUNS/times.txt; el "done (PHASE=train)"; exit 0
+fi
 $M bench quality merge=$RUNS/study/mar_casmar.json $RUNS/study/mar.json $RUNS/study/casmar.json \
   $RUNS/study/casmar_curves.json
 
@@ -128,8 +159,6 @@ for r in mar casmar cal_mar cal_mar_m cal_mar_l cal_casmar; do
 done
 cp $RUNS/*.log $RUNS/*.txt $RUNS/logs/ 2>/dev/null
 pack mar_casmar --exclude=study/samples study logs  # the curve samples stay for call 3
-(cd $RUNS && mv pack ckpts && tar -cf $RUNS/ckpts.tar ckpts && mv ckpts pack)
-if [ "$(stat -c %s $RUNS/ckpts.tar)" -gt 15000000 ]; then split -b 15000000 $RUNS/ckpts.tar $OUT/ckpts.tar.part-
-else cp $RUNS/ckpts.tar $OUT/; fi
+pack_ckpts
 ls -la $OUT; el "done"
 summary mar_casmar
