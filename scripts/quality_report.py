@@ -270,6 +270,26 @@ def curve_fid(m: str, stage1_steps: int) -> list[tuple[int, float]]:
     return out
 
 
+def main_temperature_note(sums: dict) -> list[str]:
+    """MAR's and CASMAR's main-row temperature and cfg where call 3 tuned them (TEMP=auto)."""
+    picked = {}
+    for m in ("mar", "casmar"):
+        for r in sums[m]["main"][:1]:
+            last = dict(o.split("=", 1) for o in r["overrides"])  # later overrides win, as in maskar
+            if "sample.temperature" in last:
+                t, cfg = last["sample.temperature"], last["sample.cfg"]
+                picked[m] = f"{NAMES[m]} at temperature {t}, cfg {cfg}"
+    if not picked:
+        return []
+    return [
+        "",
+        f"MAR's and CASMAR's main rows sample with tuned settings ({'; '.join(picked.values())}; official "
+        "temperature 1.0): each model's is the point with the lowest FD_clf in its `temperature` row "
+        "(device call 2, [Noise temperature](#noise-temperature-of-mar-and-casmar)), picked by device "
+        "call 3 before it samples; the TF-Inception FID never enters the choice.",
+    ]
+
+
 def fmt_budget(s: dict) -> str:
     if not all(s["steps"]):
         return "–"
@@ -293,8 +313,8 @@ def target_line(a: str, b: str, sums: dict, key: str, label: str) -> str:
 PLAN_ROWS = {  # the plans' curve rows (scripts/gpu/quality/plan_*.yaml), to name the ones a run lacks
     "var": ["cfg", "train_curve"],
     "hmar": ["schedule", "cfg", "train_curve", "train_curve_s2"],
-    "mar": ["spacing", "cfg", "num_iter", "train_curve"],
-    "casmar": ["spacing", "cfg", "dit_steps", "num_iter", "train_curve"],
+    "mar": ["temperature", "spacing", "cfg", "num_iter", "train_curve"],
+    "casmar": ["temperature", "spacing", "cfg", "dit_steps", "num_iter", "train_curve"],
 }
 
 
@@ -461,6 +481,9 @@ def write_page() -> None:
         f"test images; classifier columns: {n_text} samples per seed (the same samples) against the same "
         "test images in the small CNN's features. GPU: one H200, bf16, batch 1000; CPU: this 2-core "
         "machine, fp32, batch 10.",
+    ]
+    L += main_temperature_note(sums)
+    L += [
         "",
         "**Targets (issue 17).**",
         "",
@@ -586,7 +609,8 @@ def temperature_section(st: dict | None) -> list[str]:
     rs = [r for m in ("mar", "casmar") for r in rows(st, m, "temperature")]
     if rs:
         L += [
-            "| model | temperature | FD_clf ↓ | class accuracy | P / R (clf) | samples |",
+            "| model | temperature (cfg 2.0 unless stated) | FD_clf ↓ | class accuracy | P / R (clf) "
+            "| samples |",
             "|---|---|---|---|---|---|",
         ]
         for r in rs:

@@ -67,9 +67,10 @@ PY
 
 el "2. MAR || CASMAR main rows; VAR and HMAR sets through Inception meanwhile"
 SHOWN_MAR=checkpoints/mar-fmnist; [ -f $Q2_RUNS/mar_size.txt ] && source $Q2_RUNS/mar_size.txt
-# temperature MODEL: the main rows' sample.temperature override. TEMP=auto (default): the value of the
-# model's call-2 temperature row with the lowest FD_clf (none: the checkpoint's own, official 1.0);
-# TEMP=official: none; TEMP_MAR / TEMP_CASMAR: that value.
+# temperature MODEL: the main rows' noise temperature and guidance. TEMP=auto (default): the
+# sample.temperature / cfg / re_cfg of the model's call-2 temperature point with the lowest FD_clf
+# (none: the plan's cfg and the checkpoint's temperature, official 1.0); TEMP=official: none;
+# TEMP_MAR / TEMP_CASMAR: that temperature.
 temperature() {
   local v="TEMP_${1^^}"; local forced=${!v:-}
   if [ -n "$forced" ]; then echo "sample.temperature=$forced"; return; fi
@@ -82,7 +83,9 @@ rows = json.loads(path.read_text())["rows"] if path.exists() else []
 rows = [r for r in rows if r["row"] == "temperature" and r["model"] == model and "FD_clf" in r["metrics"]]
 if rows:
     best = min(rows, key=lambda r: r["metrics"]["FD_clf"])
-    print(next(o for o in best["overrides"] if o.startswith("sample.temperature=")))
+    keys = ("sample.temperature", "sample.cfg", "sample.re_cfg")
+    picked = {o.split("=", 1)[0]: o for o in best["overrides"] if o.split("=", 1)[0] in keys}  # last wins
+    print(" ".join(picked.values()))
 PY
 }
 main_rows() {  # main_rows MODEL SHOWN
