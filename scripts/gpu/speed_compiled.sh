@@ -5,6 +5,7 @@
 #     max-autotune-no-cudagraphs" adds that mode, which did not finish in 190 s on 2026-12-03);
 #     `maskar bench casmar` and `maskar bench mar` at their defaults (CUDA graphs + compiled) with
 #     profiles; targets.
+#   PART=head (DEADLINE=280): the batched adaLN MLP head's GPU test, MAR-B num_iter 64, CASMAR-B.
 #   PART=equality (about 3 min): compiled vs uncompiled CASMAR-B tokens in fp32 and bf16, short chains.
 #   PART=nextscale (about 5 min): `maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled`,
 #     then the short 256 px training-step rows of issue 13 in the time left.
@@ -37,6 +38,21 @@ if [ "${PART:-masked}" = masked ]; then
   echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar.txt" | tail -n 40
   el "targets"
   $PY -m maskar bench masked_sampling "$OUT/casmar.json" "$OUT/mar.json" | tee "$OUT/targets.txt"
+elif [ "${PART}" = head ]; then
+  # the MLP head's adaLN projections as one matmul (DiffLoss.batched_modulation="auto"): its GPU test
+  # against the per-block projections, then MAR-B num_iter 64 and CASMAR-B at the defaults (DEADLINE 280)
+  el "GPU test: batched modulation vs per block"
+  timeout $(cap 60) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_cuda_graph_sampling.py \
+    -k batched_modulation > "$OUT/gpu_tests_head.txt" 2>&1
+  echo "tests rc=$?"; grep -E "rel|max|passed|failed|Error" "$OUT/gpu_tests_head.txt" | tail -n 8
+  el "bench mar num_iter 64 (defaults)"
+  timeout $(cap 110) $PY -m maskar bench mar --batch 64 --num-iters 64 --sample-reps 1 --train-batch 0 \
+    --json "$OUT/mar.json" > "$OUT/mar.txt" 2>&1
+  echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar.txt" | tail -n 25
+  el "bench casmar (defaults)"
+  timeout $(cap 200) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --json "$OUT/casmar.json" \
+    > "$OUT/casmar.txt" 2>&1
+  echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar.txt" | tail -n 25
 elif [ "${PART}" = equality ]; then
   # compiled vs uncompiled CASMAR-B tokens, same seed, short chains (B 8, 10 / 20 head steps):
   # in fp32 the difference is rounding; in bf16 the chaotic sampler amplifies bf16 rounding
