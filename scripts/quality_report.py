@@ -358,12 +358,26 @@ def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
             + f". Best: {best}; the three lie within {spread:.1f} FD_clf, about the spread one setting "
             "shows between sampling seeds at this sample count, so at this size the schedule barely matters."
         )
-    if list((RES / "cpu_temperature").glob("*.json")):
+    temp = {m: {r["label"]: r["metrics"] for r in rows(studies["mar_casmar"], m, "temperature")}
+            for m in ("mar", "casmar")}  # fmt: skip
+    if all("1.0" in temp[m] for m in temp):
+        a, b = temp["mar"]["1.0"], temp["casmar"]["1.0"]
+        best = {m: min(temp[m].items(), key=lambda kv: kv[1]["FD_clf"]) for m in temp}
+        lo = {m: temp[m].get("0.3", temp[m]["1.0"]) for m in temp}
+        tuned = "; ".join(
+            f"{NAMES[m]} best at {lab} (FD_clf {x['FD_clf']:.1f}, accuracy {100 * x['accuracy']:.1f}%)"
+            for m, (lab, x) in best.items()
+        )
         L.append(
-            "- CASMAR's lead over MAR is at the official noise temperature (1.0). With each model's "
-            "temperature tuned, MAR came out ahead in a small CPU look at the shipped checkpoints "
-            "([Noise temperature](#noise-temperature-of-mar-and-casmar)); the next run measures it on "
-            "the GPU."
+            "- The sampling knobs decide the MAR / CASMAR order. At the official temperature 1.0 and cfg 2.0 "
+            f"(1,000 / 500 samples, seed 0) CASMAR leads: FD_clf {b['FD_clf']:.1f} vs MAR's "
+            f"{a['FD_clf']:.1f}, accuracy {100 * b['accuracy']:.1f}% vs {100 * a['accuracy']:.1f}%. "
+            f"Tuned, MAR gains far more: {tuned}. From temperature 1.0 to 0.3, MAR's precision goes "
+            f"{a['prec_clf']:.2f} → {lo['mar']['prec_clf']:.2f} and its recall {a['recall_clf']:.2f} → "
+            f"{lo['mar']['recall_clf']:.2f}; CASMAR's precision {b['prec_clf']:.2f} → "
+            f"{lo['casmar']['prec_clf']:.2f} and its recall {b['recall_clf']:.2f} → "
+            f"{lo['casmar']['recall_clf']:.2f}: a lower temperature buys CASMAR no precision "
+            "([Noise temperature](#noise-temperature-of-mar-and-casmar))."
         )
     budget = RES / "logs" / "mar_casmar_budget.txt"
     text = budget.read_text() if budget.is_file() else ""
@@ -378,6 +392,16 @@ def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
             "than about its own step: the wider MAR stepped as fast as the small one, so the calibration "
             "kept the small MAR, which then trained in half CASMAR's time. Call 2 now times CASMAR and "
             "three MAR sizes each alone (not yet run on a GPU)."
+        )
+    elif ips and gm and gc and abs(gc / gm - 1) > 0.10:
+        alone = {k: float(v) for k, v in re.findall(r"(mar-[sml]|casmar) ([\d.]+)", text.split("->")[0])}
+        slowest = min((v, k) for k, v in alone.items() if k != "casmar")
+        L.append(
+            f"- Why MAR and CASMAR still differ in GPU-minutes: timed alone, even the largest MAR tried "
+            f"({slowest[1]}, {slowest[0]:.2f} it/s) steps {slowest[0] / alone['casmar']:.2f}× as fast as "
+            f"CASMAR ({alone['casmar']:.2f} it/s), so at equal steps it finished first "
+            f"({gm:.0f} s against {gc:.0f} s). Equal GPU-minutes need a MAR about that much larger; the "
+            "calibration's sizes stop short of it."
         )
     missing = []
     for m in MODELS:
@@ -499,10 +523,11 @@ def write_page() -> None:
     L += findings(sums, studies)
     L += ["", "## The commands behind every number", ""]
     L += [
-        "MAR and CASMAR are shipped (`checkpoints/mar-fmnist`, `checkpoints/casmar-fmnist`); the study's VAR",
-        "and HMAR checkpoints are not (`runs/quality/var`, `runs/quality/hmar` exist where device call 1",
-        "ran): with them the shipped checkpoints would exceed the 60 MB budget. `checkpoints/hmar-fmnist`",
-        "is the earlier, longer-trained HMAR demo.",
+        "CASMAR is shipped (`checkpoints/casmar-fmnist`); the study's VAR, HMAR and MAR checkpoints are",
+        "not (`runs/quality/var`, `runs/quality/hmar` exist where device call 1 ran, `runs/quality/mar`",
+        "where call 2's checkpoints were collected): with them the shipped checkpoints would exceed the",
+        "60 MB budget. `checkpoints/hmar-fmnist` is the earlier, longer-trained HMAR demo, and",
+        "`checkpoints/mar-fmnist` the smaller MAR of the previous run (its README gives its numbers).",
         "",
     ]
     for m in MODELS:
@@ -656,8 +681,9 @@ def temperature_section(st: dict | None) -> list[str]:
 
 TEMPERATURE_NOTE = (
     "Both samplers multiply the diffusion heads' noise by a temperature at every reverse step "
-    "(official default 1.0, used by the main rows). The next GPU run's plan samples 1.0, 0.8, 0.6 and "
-    "0.4 at the study's settings."
+    "(official default 1.0). Device call 2 samples temperatures 1.0 to 0.3 at cfg 2.0 and 0.8 / 0.6 / "
+    "0.4 at cfg 3 and 4 (CASMAR's re_cfg alike); call 3 runs each model's main rows at its point with "
+    "the lowest FD_clf."
 )
 
 
@@ -725,6 +751,17 @@ STATUS_EMPTY = [
 ]
 
 HISTORY = [
+    "## The third run (2026-12-03, evening): MAR and CASMAR at the official temperature",
+    "",
+    "VAR and HMAR in the table come from this run (call 1). Its MAR was the small `mar-fmnist-s` (the",
+    "calibration then timed its candidates side by side, see above), trained for 1,340 steps at batch",
+    "1024 in 2.12 GPU-minutes against CASMAR's 4.22, and both sampled at temperature 1.0 and cfg 2.0:",
+    "TF-Inception FID MAR 137.37 ± 0.23, CASMAR 76.25 ± 0.33 (0.56×); FD_clf 149.69 ± 1.05 and",
+    "80.99 ± 0.39; class accuracy 65.3% and 71.1% (commit 591cf75 holds its JSON). That MAR is still",
+    "the shipped `checkpoints/mar-fmnist`. The table's run gave MAR CASMAR's step cost (as near as the",
+    "sizes tried allow), the training a device call of its own, and both samplers tuned settings: the",
+    "most of CASMAR's 0.56× lead came from an undersized MAR and untuned sampling.",
+    "",
     "## The second run (2026-12-03, afternoon)",
     "",
     "The run before the one in the table (commit 8f3117d holds its JSON) trained the same models for",
@@ -819,21 +856,24 @@ PROTOCOL = [
     "- **Models**: VAR and HMAR depth 6, width 256, 4 heads (7.4M parameters; HMAR stage 2 adds a 2-block",
     "  mask branch). MAR and CASMAR: `mar-fmnist-s` / `casmar-fmnist-s` (encoder 3 + decoder 3 blocks of",
     "  width 160, MLP diffusion head 3 × 160; CASMAR adds the scaffold stage and a 2 × 128 DiT head with",
-    "  5×5 PSA). Call 2 calibrates MAR sizes against CASMAR and trains the one whose step time is",
-    "  nearest CASMAR's (`logs/mar_casmar_budget.txt`). In the table's run the calibration timed",
-    "  `mar-fmnist-s`, a wider MAR (4 + 4 blocks, width 256) and CASMAR at once; both MAR sizes stepped",
-    "  at the same speed, so it trained `mar-fmnist-s`, with half CASMAR's GPU-minutes. The script now",
-    "  times CASMAR and three MAR sizes (adding 6 + 6 blocks with a 6-layer head) each alone.",
+    "  5×5 PSA). Call 2 times CASMAR and three MAR sizes, each alone on the GPU for 40 steps, and trains",
+    "  the MAR whose step time is nearest CASMAR's ([budget](results/quality/logs/mar_casmar_budget.txt)).",
+    "  In the table's run: `mar-fmnist-s` 15.96 it/s, 4 + 4 blocks of width 256 14.22, 6 + 6 blocks of",
+    "  width 256 with a 6 × 256 head 10.74, CASMAR 7.57. It trained the largest (MAR in the table: 26 MB",
+    "  in bf16, too large to ship beside the others), which still steps 1.4× faster than CASMAR.",
     "- **Equal budget per pair**: same tokenizer, batch (VAR/HMAR 768, MAR/CASMAR 1024), number of steps,",
     "  LR schedule (cosine / lin0 to 0.1×, 5% warm-up) and EMA: none for all four (runs of a few thousand",
     "  steps; a 0.999 EMA would still be a third random initialisation after 1,100 steps: see the",
     "  first attempt). HMAR's stage 1 (2/3 of the steps) and stage 2 (1/3) together against VAR.",
-    "  The step count is fixed at the start of each device call by a 60-step calibration of both",
-    "  members side by side: the slower one's speed × the window (210 s). Both members train at the same",
-    "  time on the same GPU; their wall-clock minutes are in the table.",
+    "  VAR / HMAR: the step count is fixed at the start of call 1 by a 60-step calibration of both",
+    "  members side by side: the slower one's speed × the window (210 s). MAR / CASMAR have a device call",
+    "  of their own for training (`PHASE=train`; the rows follow in `PHASE=study`): the slower one's",
+    "  alone speed × 0.47 × 400 s. Both members of a pair train at the same time on the same GPU; the",
+    "  table's GPU-minutes are each one's wall-clock training time.",
     "- **Sampling (main rows)**: VAR/HMAR cfg 1.5 (linear), top-p 0.96, HMAR's default schedule of",
     "  `hmar-fmnist-finetune`; MAR num_iter 64 (one token a step), 100 diffusion steps, cfg 2.0;",
-    "  CASMAR num_iter 4, 16 scaffold steps, 100 / 250 diffusion steps (MLP / DiT head), cfg = re_cfg = 2.0.",
+    "  CASMAR num_iter 4, 16 scaffold steps, 100 / 250 diffusion steps (MLP / DiT head), cfg = re_cfg = 2.0;",
+    "  MAR's and CASMAR's temperature and cfg then tuned per model on FD_clf (stated under the table).",
     "  The diffusion steps use IDDPM's `ddimN` spacing instead of the official even spacing (see",
     "  [Diffusion spacing](#diffusion-spacing-of-mar-and-casmar): the official spacing diverges on heads",
     "  trained this briefly). The shipped checkpoints' own defaults are cut down for the CPU (their",
@@ -858,9 +898,10 @@ PROTOCOL = [
     "",
     "## How to run the study",
     "",
-    "Three device calls on one H200, run back to back while the machine stays warm (call 3 reads what",
-    "calls 1 and 2 leave in the git-ignored `.persist/` there): about 5.5, 7.5 and 8 minutes (the limit",
-    "per call is 10). From the repository root:",
+    "Four device calls on one H200, run back to back while the machine stays warm (each reads what the",
+    "calls before it leave in the git-ignored `.persist/` there): call 1 (VAR / HMAR, about 5.5",
+    "minutes), call 2 in two parts (MAR / CASMAR training, about 7 minutes, then their curve rows, about",
+    "5.5) and call 3 (about 9). The limit per call is 10 minutes. From the repository root:",
     "",
     "```bash",
     "scripts/quality_collect.sh prepare   # .carry/: fmnist, fmnist-test, vq, inc_a|b|c, inc_check",
@@ -869,24 +910,29 @@ PROTOCOL = [
     "#   mkdir -p .persist/inc && cp .carry/inc_a/part .persist/inc/a && set -o pipefail;",
     "#   KL_TRAIN=0 TOK_CKPT=.carry/vq RUNS=$PWD/.persist/q1 bash scripts/gpu/quality_var_hmar.sh 2>&1 \\",
     "#     | tee $OUT/console.txt",
-    "# call 2 at once, carry [.carry/fmnist, .carry/kl, .carry/inc_b]:",
+    "# call 2a at once, carry [.carry/fmnist, .carry/kl]:",
+    "#   set -o pipefail; PHASE=train RUNS=$PWD/.persist/q2 bash scripts/gpu/quality_mar_casmar.sh 2>&1 \\",
+    "#     | tee $OUT/console.txt",
+    "# call 2b at once, carry [.carry/fmnist, .carry/kl, .carry/inc_b]:",
     "#   mkdir -p .persist/inc && cp .carry/inc_b/part .persist/inc/b && set -o pipefail;",
-    "#   RUNS=$PWD/.persist/q2 bash scripts/gpu/quality_mar_casmar.sh 2>&1 | tee $OUT/console.txt",
+    "#   PHASE=study STUDY_END=540 RUNS=$PWD/.persist/q2 bash scripts/gpu/quality_mar_casmar.sh 2>&1 \\",
+    "#     | tee $OUT/console.txt",
     "# call 3 at once, carry [.carry/inc_c, .carry/fmnist-test, .carry/inc_check]:",
     "#   set -o pipefail; RUNS=$PWD/.persist/q3 bash scripts/gpu/quality_main_fid.sh 2>&1 \\",
     "#     | tee $OUT/console.txt",
     "scripts/device_tree.sh back",
     "scripts/quality_collect.sh call1 FILES_AT_1   # var_hmar.json, grids, logs",
-    "scripts/quality_collect.sh call2 FILES_AT_2   # mar_casmar.json (curves), logs; checkpoints/*-fmnist",
+    "scripts/quality_collect.sh call2 FILES_AT_2B  # mar_casmar.json (curves), logs; checkpoints/*-fmnist",
     "scripts/quality_collect.sh call3 FILES_AT_3   # main + speed rows to mar_casmar.json; inception/",
     "scripts/quality_collect.sh cpu_speed          # CPU images/s of the four models (~3 min)",
     "scripts/quality_collect.sh report             # this page, its plots, the demos' READMEs, README lines",
     "```",
     "",
-    "To rerun MAR and CASMAR only, chain calls 2 and 3: without call 1's samples, call 3 scores MAR and",
-    "CASMAR alone, and the weights' first part rides with any earlier call of the chain (its command",
-    "copies `.carry/inc_a/part` to `.persist/inc/a`, as call 1's does). `CAL_ONLY=1` runs call 2's",
-    "MAR-size calibration alone (about 2 minutes).",
+    "To rerun MAR and CASMAR only, chain calls 2a, 2b and 3: without call 1's samples, call 3 scores MAR",
+    "and CASMAR alone, and the weights' first part rides with call 2a (carry `.carry/inc_a` too, and",
+    "prefix its command with `mkdir -p .persist/inc && cp .carry/inc_a/part .persist/inc/a &&`; the",
+    "table's run did so). `PHASE=all` (the default) trains and runs the rows in one call with a shorter",
+    "training window (210 s); `CAL_ONLY=1` runs the MAR-size calibration alone (about 2 minutes).",
     "",
     "FILES_AT_N is the folder the device tool puts call N's files in. A device call sends the tracked",
     "tree, the untracked files git does not ignore and the carries, 64 MiB in all; the shipped",
@@ -894,8 +940,9 @@ PROTOCOL = [
     "CARRY...` checks; `aside` moves tracked paths into the git-ignored `.aside/`, `back` restores them:",
     "commit nothing in between). If the machine goes cold between calls, call 3 finds its inputs",
     "missing and stops at once; `scripts/quality_collect.sh fid` then scores the saved samples on this",
-    "CPU instead (about 4 images a second). Call 2 ships MAR only at the small size (the wider MAR",
-    "would take the tree over the limit). What each call prints last: the training wall times, every",
+    "CPU instead (about 4 images a second). `quality_collect.sh call2` ships MAR only when its bf16",
+    "file is at most 15 MB (`SHIP_MAR_MAX_MB`: all shipped checkpoints stay within 60 MB; the table's",
+    "MAR is 26 MB). What each call prints last: the training wall times, every",
     "scored row and the speed rows; a call stopped by its limit still returns the console",
     "(`tee $OUT/console.txt`).",
     "",
@@ -944,6 +991,11 @@ def write_readme(name: str) -> None:
     sample = re.search(r"\nsample:\n((?:  .*\n)+)", (ck / "config.yaml").read_text()) if ck.is_dir() else None
     preset = f"{m}-fmnist-s"
     main = s["main"][0] if s["main"] else None
+    if main and f"ckpt=checkpoints/{name} " not in main["command"]:
+        # the study's model was too large to ship (quality_collect.sh call2): this README describes an
+        # earlier checkpoint, whose numbers the current JSON does not hold
+        print(f"checkpoints/{name}/README.md kept: the study's {NAMES[m]} is not the shipped one")
+        return
     lines = [
         f"# {name}: the shipped {NAMES[m]} demo checkpoint",
         "",
