@@ -381,7 +381,7 @@ def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
         )
     budget = RES / "logs" / "mar_casmar_budget.txt"
     text = budget.read_text() if budget.is_file() else ""
-    ips = dict(re.findall(r"(mar-[sml]|casmar) ([\d.]+)", text.split("->")[0]))
+    ips = dict(re.findall(r"(mar-[smlx]|casmar) ([\d.]+)", text.split("->")[0]))
     gm, gc = sums["mar"]["gpu_s"], sums["casmar"]["gpu_s"]
     if ips and gm and gc and abs(gc / gm - 1) > 0.10 and "alone" not in text:
         L.append(
@@ -394,7 +394,7 @@ def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
             "three MAR sizes each alone (not yet run on a GPU)."
         )
     elif ips and gm and gc and abs(gc / gm - 1) > 0.10:
-        alone = {k: float(v) for k, v in re.findall(r"(mar-[sml]|casmar) ([\d.]+)", text.split("->")[0])}
+        alone = {k: float(v) for k, v in re.findall(r"(mar-[smlx]|casmar) ([\d.]+)", text.split("->")[0])}
         slowest = min((v, k) for k, v in alone.items() if k != "casmar")
         L.append(
             f"- Why MAR and CASMAR still differ in GPU-minutes: timed alone, even the largest MAR tried "
@@ -856,11 +856,12 @@ PROTOCOL = [
     "- **Models**: VAR and HMAR depth 6, width 256, 4 heads (7.4M parameters; HMAR stage 2 adds a 2-block",
     "  mask branch). MAR and CASMAR: `mar-fmnist-s` / `casmar-fmnist-s` (encoder 3 + decoder 3 blocks of",
     "  width 160, MLP diffusion head 3 × 160; CASMAR adds the scaffold stage and a 2 × 128 DiT head with",
-    "  5×5 PSA). Call 2 times CASMAR and three MAR sizes, each alone on the GPU for 40 steps, and trains",
-    "  the MAR whose step time is nearest CASMAR's ([budget](results/quality/logs/mar_casmar_budget.txt)).",
+    "  5×5 PSA). Call 2 times CASMAR and MAR sizes, each alone on the GPU for 40 steps, and trains the",
+    "  MAR whose step time is nearest CASMAR's ([budget](results/quality/logs/mar_casmar_budget.txt)).",
     "  In the table's run: `mar-fmnist-s` 15.96 it/s, 4 + 4 blocks of width 256 14.22, 6 + 6 blocks of",
     "  width 256 with a 6 × 256 head 10.74, CASMAR 7.57. It trained the largest (MAR in the table: 26 MB",
-    "  in bf16, too large to ship beside the others), which still steps 1.4× faster than CASMAR.",
+    "  in bf16, too large to ship beside the others), which still steps 1.4× faster than CASMAR; the",
+    "  script now also times 8 + 8 blocks with an 8 × 256 head.",
     "- **Equal budget per pair**: same tokenizer, batch (VAR/HMAR 768, MAR/CASMAR 1024), number of steps,",
     "  LR schedule (cosine / lin0 to 0.1×, 5% warm-up) and EMA: none for all four (runs of a few thousand",
     "  steps; a 0.999 EMA would still be a third random initialisation after 1,100 steps: see the",

@@ -3,7 +3,7 @@
 # budget, on the KL tokenizer trained in call 1 (carried as .carry/kl), and the shipped demos.
 #   0. pre-flight (~20 s): MAR and CASMAR (random weights) sample through the study's entry and the
 #      diffusion heads' CUDA-graph chains; a failure stops the call before anything is trained
-#   1. a 40-step calibration of CASMAR and of MAR at three sizes, each alone on the GPU -> the MAR size
+#   1. a 40-step calibration of CASMAR and of MAR at four sizes, each alone on the GPU -> the MAR size
 #      whose step costs nearest CASMAR's (equal GPU-minutes), STEPS: TRAIN_S x SHARE x the slower speed
 #   2. MAR || CASMAR, STEPS steps each (same batch 1024, lr 4e-4, no EMA, same tokenizer), 5 checkpoints
 #      each for the training curves; as soon as one is trained: its bf16 export as the shipped
@@ -55,19 +55,23 @@ model.tokenizer_ckpt=$KL model.tokenizer.scale_factor=$SF"
 
 # Equal steps x batch and equal GPU-minutes (issue 17) need a MAR whose step costs what CASMAR's does:
 # CASMAR's step is its MAR backbone's plus the scaffold pass and the DiT head. The calibration times
-# CASMAR and three MAR sizes (mar-fmnist-s, MAR_M, MAR_L), each ALONE on the GPU, one after another:
+# CASMAR and four MAR sizes (mar-fmnist-s, MAR_M, MAR_L, MAR_X), each ALONE on the GPU, one after another:
 # processes that share one GPU are time-sliced, which evens their speeds out (the 2026-12-03 evening
 # run calibrated three at once: 9.9 / 10.2 it/s for MAR at two widths, 6.4 for CASMAR, and the MAR it
 # picked then trained in half CASMAR's time). The study trains the MAR whose alone speed is nearest
-# CASMAR's (MAR_SIZE=s|m|l forces one); "GPU-minutes" is then steps / alone speed for each, and the
+# CASMAR's (MAR_SIZE=s|m|l|x forces one); "GPU-minutes" is then steps / alone speed for each, and the
 # two runs, of equal cost a step, also take about the same wall time side by side.
 MAR_M=${MAR_M:-"model.encoder_embed_dim=256 model.encoder_depth=4 model.decoder_embed_dim=256 \
 model.decoder_depth=4 model.diffloss_w=256"}
 MAR_L=${MAR_L:-"model.encoder_embed_dim=256 model.encoder_depth=6 model.decoder_embed_dim=256 \
 model.decoder_depth=6 model.diffloss_d=6 model.diffloss_w=256"}
+# the night run of 2026-12-03: MAR_L still stepped 1.42x as fast as CASMAR alone (10.74 / 7.57 it/s);
+# MAR_X has 8 + 8 blocks and an 8-layer head (about 4/3 of MAR_L's work) to bracket CASMAR
+MAR_X=${MAR_X:-"model.encoder_embed_dim=256 model.encoder_depth=8 model.decoder_embed_dim=256 \
+model.decoder_depth=8 model.diffloss_d=8 model.diffloss_w=256"}
 SHARE=${SHARE:-0.47}  # the share of the GPU each of two equal-cost runs gets side by side (a bit under 1/2)
 if [ $PHASE != study ]; then
-  el "calibration: $CAL steps each of CASMAR and MAR at three sizes, one at a time"
+  el "calibration: $CAL steps each of CASMAR and MAR at four sizes, one at a time"
   CALC="train.steps=$CAL train.log_every=$((CAL / 2)) train.ckpt_every=0 train.warmup_steps=10"
   calibrate() {  # calibrate NAME PRESET EXTRA: CAL steps alone -> it/s over the last CAL/2
     timeout -s TERM ${CAL_T:-150} $M train preset=$2 $3 $C $CALC train.out_dir=$RUNS/cal_$1 > $RUNS/cal_$1.log 2>&1
@@ -79,14 +83,16 @@ if [ $PHASE != study ]; then
   IPS_MAR_S=$(calibrate mar mar-fmnist-s "")
   IPS_MAR_M=$(calibrate mar_m mar-fmnist-s "$MAR_M")
   IPS_MAR_L=$(calibrate mar_l mar-fmnist-s "$MAR_L")
+  IPS_MAR_X=$(calibrate mar_x mar-fmnist-s "$MAR_X")
   [ "$IPS_CASMAR" != 0 ] || IPS_CASMAR=5
   MAR_SIZE=${MAR_SIZE:-$($PY -c "import math, sys; c = float(sys.argv[1]); \
-  ips = {k: float(v) for k, v in zip('sml', sys.argv[2:]) if float(v) > 0}; \
+  ips = {k: float(v) for k, v in zip('smlx', sys.argv[2:]) if float(v) > 0}; \
   print(min(ips, key=lambda k: abs(math.log(ips[k] / c))) if ips else 's')" \
-    $IPS_CASMAR $IPS_MAR_S $IPS_MAR_M $IPS_MAR_L)}
+    $IPS_CASMAR $IPS_MAR_S $IPS_MAR_M $IPS_MAR_L $IPS_MAR_X)}
   case $MAR_SIZE in
     m) MAR_NET=$MAR_M; IPS_MAR=$IPS_MAR_M ;;
     l) MAR_NET=$MAR_L; IPS_MAR=$IPS_MAR_L ;;
+    x) MAR_NET=$MAR_X; IPS_MAR=$IPS_MAR_X ;;
     *) MAR_SIZE=s; MAR_NET=""; IPS_MAR=$IPS_MAR_S ;;
   esac
   [ "$IPS_MAR" != 0 ] || IPS_MAR=5
@@ -94,11 +100,11 @@ if [ $PHASE != study ]; then
   STEPS=$(steps_for "$(awk -v w=$TRAIN_S -v f=$SHARE 'BEGIN { print w * f }')" $IPS_MAR $IPS_CASMAR)
   GPU_MIN=$($PY -c "import sys; n, a, b = map(float, sys.argv[1:]); print(f'{n / a / 60:.2f} / {n / b / 60:.2f}')" \
     $STEPS $IPS_MAR $IPS_CASMAR)
-  echo "calibration it/s alone: mar-s $IPS_MAR_S mar-m $IPS_MAR_M mar-l $IPS_MAR_L casmar $IPS_CASMAR -> MAR size" \
+  echo "calibration it/s alone: mar-s $IPS_MAR_S mar-m $IPS_MAR_M mar-l $IPS_MAR_L mar-x $IPS_MAR_X casmar $IPS_CASMAR -> MAR size" \
     "$MAR_SIZE (${MAR_NET:-mar-fmnist-s as is}), $STEPS steps each (batch $BS); GPU-minutes alone MAR / CASMAR" \
     "$GPU_MIN" | tee $RUNS/budget.txt
   if [ "${CAL_ONLY:-0}" = 1 ]; then  # the calibration alone (a short call): its logs, then stop
-    mkdir -p $RUNS/logs && for r in cal_mar cal_mar_m cal_mar_l cal_casmar; do cp $RUNS/$r/log.txt $RUNS/logs/${r}_log.txt; done
+    mkdir -p $RUNS/logs && for r in cal_mar cal_mar_m cal_mar_l cal_mar_x cal_casmar; do cp $RUNS/$r/log.txt $RUNS/logs/${r}_log.txt; done
     cp $RUNS/budget.txt $RUNS/logs/ && pack calibration logs && el "done (CAL_ONLY=1)"; exit 0
   fi
 
@@ -154,7 +160,7 @@ $M bench quality merge=$RUNS/study/mar_casmar.json $RUNS/study/mar.json $RUNS/st
 
 el "pack"
 mkdir -p $RUNS/logs
-for r in mar casmar cal_mar cal_mar_m cal_mar_l cal_casmar; do
+for r in mar casmar cal_mar cal_mar_m cal_mar_l cal_mar_x cal_casmar; do
   cp $RUNS/$r/log.txt $RUNS/logs/${r}_log.txt 2>/dev/null; cp $RUNS/$r/config.yaml $RUNS/logs/${r}_config.yaml 2>/dev/null
 done
 cp $RUNS/*.log $RUNS/*.txt $RUNS/logs/ 2>/dev/null
