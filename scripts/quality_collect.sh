@@ -8,7 +8,8 @@
 #   scripts/quality_collect.sh call1 DIR      after scripts/gpu/quality_var_hmar.sh: DIR = the call's files_at;
 #                                             unpacks results to docs/results/quality (and a KL tokenizer it
 #                                             trained to .carry/kl)
-#   scripts/quality_collect.sh call2 DIR      after scripts/gpu/quality_mar_casmar.sh: results, and the shipped
+#   scripts/quality_collect.sh call2 DIR [DIR_2A]  after scripts/gpu/quality_mar_casmar.sh (PHASE=study's files_at;
+#                                             PHASE=train's as DIR_2A, for its console): results, and the shipped
 #                                             checkpoints/casmar-fmnist + checkpoints/mar-fmnist
 #   scripts/quality_collect.sh call3 DIR      after scripts/gpu/quality_main_fid.sh: MAR's and CASMAR's main and
 #                                             speed rows into mar_casmar.json, the TF-Inception JSONs
@@ -94,6 +95,9 @@ PY
     fi ;;
   call2)
     unpack "$2" mar_casmar; results mar_casmar; unpack "$2" ckpts
+    # the consoles: this call's, and PHASE=train's when its files_at comes third
+    cp "$2/console.txt" $RES/logs/mar_casmar_console.txt 2>/dev/null || true
+    if [ -n "${3:-}" ]; then cp "$3/console.txt" $RES/logs/mar_casmar_train_console.txt; fi
     ship casmar-fmnist
     # MAR ships when it fits: all shipped checkpoints together stay <= 60 MB (issue 17: the others are
     # 45 MB, hence SHIP_MAR_MAX_MB=15); the device calls leave the demos behind (device_tree.sh aside)
@@ -107,6 +111,7 @@ PY
     echo "shipped checkpoints: $((total / 1000000)) MB (limit 60)"; [ $total -le 60000000 ] ;;
   call3)
     unpack "$2" main_fid
+    cp "$2/console.txt" $RES/logs/main_fid_console.txt 2>/dev/null || true
     # the main and speed rows first, then call 2's curves
     $PY -m maskar bench quality merge=$RES/mar_casmar.json $RUNS/main_fid/study/main_fid.json \
       $RUNS/mar_casmar/study/mar_casmar.json
