@@ -681,9 +681,10 @@ def temperature_section(st: dict | None) -> list[str]:
 
 TEMPERATURE_NOTE = (
     "Both samplers multiply the diffusion heads' noise by a temperature at every reverse step "
-    "(official default 1.0). Device call 2 samples temperatures 1.0 to 0.3 at cfg 2.0 and 0.8 / 0.6 / "
-    "0.4 at cfg 3 and 4 (CASMAR's re_cfg alike); call 3 runs each model's main rows at its point with "
-    "the lowest FD_clf."
+    "(official default 1.0). Device call 2 samples temperatures 1.0 to 0.3 at cfg 2.0 and a grid at "
+    "higher cfg (CASMAR's re_cfg alike; the table's run: 0.8 / 0.6 / 0.4 at cfg 3 and 4; the plan "
+    "since: 1.0 to 0.4 at cfg 3 to 6, as CASMAR's best point lay on the grid's edge); call 3 runs each "
+    "model's main rows at its point with the lowest FD_clf."
 )
 
 

@@ -135,9 +135,10 @@ pipeline() {  # pipeline NAME TRAIN_EXTRA SHIP_SAMPLE
   local shown=checkpoints/$m-fmnist
   [ $m = mar ] && shown=$(mar_shown)
   local args="ckpt.$m=$PACK/$m-fmnist run.$m=$RUNS/$m as.$m=$shown"
-  if [ $m = casmar ]; then  # two processes: one alone reached 5 of 24 rows by the first run's deadline
-    study casmar_curves $PLAN $m $args rows=dit_steps,num_iter,temperature & local PC=$!
-    study $m $PLAN $m $args rows=spacing,cfg,train_curve; wait $PC
+  if [ $m = casmar ]; then  # three processes: one alone reached 5 of 24 rows by the first run's deadline
+    study casmar_curves $PLAN $m $args rows=dit_steps,num_iter & local PC=$!
+    study casmar_temperature $PLAN $m $args rows=temperature & local PT=$!
+    study $m $PLAN $m $args rows=spacing,cfg,train_curve; wait $PC $PT
   else
     study $m $PLAN $m $args 'rows=!main'
   fi
@@ -156,7 +157,7 @@ if [ $PHASE = train ]; then  # the checkpoints come back now, in case the machin
   pack_ckpts; ls -la $OUT; cat $RUNS/times.txt; el "done (PHASE=train)"; exit 0
 fi
 $M bench quality merge=$RUNS/study/mar_casmar.json $RUNS/study/mar.json $RUNS/study/casmar.json \
-  $RUNS/study/casmar_curves.json
+  $RUNS/study/casmar_curves.json $RUNS/study/casmar_temperature.json
 
 el "pack"
 mkdir -p $RUNS/logs
