@@ -27,11 +27,11 @@
 # PHASE=study runs the study rows of step 2 and step 3 on what PHASE=train left. PHASE=all (default)
 # does both in one call, with the shorter training that leaves time for the rows.
 source "$(dirname "$0")/quality/common.sh"
-# PHASE=train has the whole call for training: 400 s side by side; a timeout of whatever the call has left
-if [ "${PHASE:-all}" = train ]; then TRAIN_S=${TRAIN_S:-400}; else TRAIN_S=${TRAIN_S:-210}; TRAIN_T=${TRAIN_T:-$((TRAIN_S + 120))}; fi
- CAL=${CAL:-40}; BS=${BS:-1024}; WORKERS=${WORKERS:-6}
 PHASE=${PHASE:-all}
 case $PHASE in all|train|study) ;; *) echo "PHASE: expected all, train or study, got '$PHASE'" >&2; exit 2 ;; esac
+# PHASE=train has the whole call for training: 400 s side by side; a timeout of whatever the call has left
+if [ $PHASE = train ]; then TRAIN_S=${TRAIN_S:-400}; else TRAIN_S=${TRAIN_S:-210}; TRAIN_T=${TRAIN_T:-$((TRAIN_S + 120))}; fi
+CAL=${CAL:-40}; BS=${BS:-1024}; WORKERS=${WORKERS:-6}
 STUDY_END=${STUDY_END:-500}
 KL=${KL:-.carry/kl}
 PLAN=scripts/gpu/quality/plan_mar_casmar.yaml
