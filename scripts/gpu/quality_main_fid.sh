@@ -22,7 +22,7 @@
 # the command's limit is 10 min.
 source "$(dirname "$0")/quality/common.sh"
 Q1_RUNS=${Q1_RUNS:-$PWD/.persist/q1}; Q2_RUNS=${Q2_RUNS:-$PWD/.persist/q2}; INC_PARTS=${INC_PARTS:-$PWD/.persist/inc}
-SPEED_T=${SPEED_T:-100};  # 60 s cut CASMAR's row on 2026-12-03 (night)
+SPEED_T=${SPEED_T:-100}  # 60 s cut CASMAR's row on 2026-12-03 (night)
 MAIN_T=${MAIN_T:-420}; INC_CHECK=${INC_CHECK:-.carry/inc_check}
 INC_SHA=7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34
 PLAN=scripts/gpu/quality/plan_mar_casmar.yaml

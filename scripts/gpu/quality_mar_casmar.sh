@@ -29,8 +29,8 @@
 source "$(dirname "$0")/quality/common.sh"
 PHASE=${PHASE:-all}
 case $PHASE in all|train|study) ;; *) echo "PHASE: expected all, train or study, got '$PHASE'" >&2; exit 2 ;; esac
-# PHASE=train has the whole call for training: 400 s side by side; a timeout of whatever the call has left
-if [ $PHASE = train ]; then TRAIN_S=${TRAIN_S:-400}; else TRAIN_S=${TRAIN_S:-210}; TRAIN_T=${TRAIN_T:-$((TRAIN_S + 120))}; fi
+# PHASE=train has the whole call for training: 400 s side by side (its timeout: below)
+if [ $PHASE = train ]; then TRAIN_S=${TRAIN_S:-400}; else TRAIN_S=${TRAIN_S:-210}; fi
 CAL=${CAL:-40}; BS=${BS:-1024}; WORKERS=${WORKERS:-6}
 STUDY_END=${STUDY_END:-500}
 KL=${KL:-.carry/kl}
@@ -114,7 +114,8 @@ else
 fi
 
 el "MAR || CASMAR (PHASE=$PHASE): each one's training and export, then its study rows"
-TRAIN_T=${TRAIN_T:-$(( T0 + 565 - $(date +%s) ))}  # PHASE=train: until 35 s before the call's limit
+# the training timeout: PHASE=train until 35 s before the call's limit, else the window + 120 s
+if [ $PHASE = train ]; then TRAIN_T=${TRAIN_T:-$(( T0 + 565 - $(date +%s) ))}; else TRAIN_T=${TRAIN_T:-$((TRAIN_S + 120))}; fi
 T="train.steps=$STEPS train.warmup_steps=$((STEPS / 20)) train.ckpt_every=$((STEPS / 5)) train.keep_last=10 \
 train.log_every=$(( STEPS / 20 > 10 ? STEPS / 20 : 10 ))"
 SHIP="dtype=bf16 model.tokenizer_ckpt=null data.root=$DATA_ROOT data.num_workers=0"
