@@ -252,6 +252,27 @@ def _check(tag: str, graph: torch.Tensor, eager: torch.Tensor, bf16: bool, limit
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gpu_compiled_sampler_with_fused_posterior_against_eager(precision):
+    """compile_sampler() (Inductor: the compiled step and the fused posterior) inside the CUDA
+    graph against the uncompiled graph path, one chain, same noise: rounding (printed with -rP)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    head = random_head("cuda", True, "100", c=16, cz=64, depth=3, width=256, std=0.05)
+    z = torch.randn(256, 64, device="cuda")
+    out = {}
+    for compiled in (False, True):
+        if compiled:
+            head.compile_sampler()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out[compiled] = head.sample(z, 0.9, 2.9, generator=gen(7, "cuda"), cuda_graph=True)
+    assert head.posterior_fn(0.9, z.device) is not None
+    _check(f"compiled + fused posterior {precision}", out[True], out[False], precision == "bf16")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_gpu_batched_modulation_against_per_block(precision):
     """The CUDA default (one adaLN matmul) against the per-block path, one chain, same noise:
     the differences are the kernels' rounding (printed with -rP)."""

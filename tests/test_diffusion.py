@@ -15,6 +15,7 @@ from maskar.nn.diffusion import (
     approx_standard_normal_cdf,
     create_diffusion,
     get_betas,
+    posterior_step,
     space_timesteps,
 )
 
@@ -507,3 +508,52 @@ def test_p_sample_at_with_given_noise_equals_drawing_it(var_type):
         drawn = diff.p_sample_at(model, x, i, temperature=0.8, generator=torch.Generator().manual_seed(1))
         noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
         assert torch.equal(diff.p_sample_at(model, x, i, temperature=0.8, noise=noise), drawn)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("var_type", ["learned_range", "fixed_large", "fixed_small"])
+def test_posterior_step_is_p_sample_at_bitwise(var_type, clip):
+    """The fused sampler's posterior (posterior_step on a step_coefficients row, the
+    temperature as a float or a float32 0-d tensor, the model output in bf16 or float32)
+    equals p_sample_at's own ops bit for bit; p_sample_loop with it gives the same chain."""
+    diff = create_diffusion(
+        "50", learn_sigma=var_type == "learned_range", sigma_small=var_type == "fixed_small"
+    )
+    g = torch.Generator().manual_seed(1)
+    c = 4
+    w = torch.randn(c, 2 * c if var_type == "learned_range" else c, generator=g)
+
+    def model(x, t):
+        out = torch.tanh(x @ w * 1e-2 + t[:, None].float() / 1000)
+        return torch.cat([out[:, :c] * 30 + x[:, :1] * 0.9, out[:, c:]], 1)
+
+    x = torch.randn(32, c, generator=g) * 3
+    noise = torch.randn(32, c, generator=g)
+    table = diff.step_coefficients("cpu")
+    assert table.shape == (50, 6) and table.dtype == torch.float32
+    for i in (49, 20, 1, 0):
+        want = diff.p_sample_at(model, x, i, temperature=0.7, clip_denoised=clip, noise=noise)
+        for temp in (0.7, torch.tensor(0.7)):
+            fused = lambda x_t, out, n, coef, _t, learned, cl, last, temp=temp: posterior_step(  # noqa: E731
+                x_t, out, n, coef, temp, learned, cl, last
+            )
+            got = diff.p_sample_at(
+                model, x, i, temperature=0.7, clip_denoised=clip, noise=noise, posterior=fused
+            )
+            assert torch.equal(got, want), (i, temp)
+
+        # a bf16 network output: the posterior's own cast is the model function's .float()
+        def half(x_, t_):
+            return model(x_, t_).bfloat16()
+
+        def half_f32(x_, t_):
+            return model(x_, t_).bfloat16().float()
+
+        want_b = diff.p_sample_at(half_f32, x, i, temperature=0.7, noise=noise)
+        got_b = diff.p_sample_at(half, x, i, temperature=0.7, noise=noise, posterior=posterior_step)
+        assert torch.equal(got_b, want_b)
+    chain = diff.p_sample_loop(model, x, temperature=0.9, generator=torch.Generator().manual_seed(3))
+    fused_chain = diff.p_sample_loop(
+        model, x, temperature=0.9, generator=torch.Generator().manual_seed(3), posterior=posterior_step
+    )
+    assert torch.equal(fused_chain, chain)

@@ -7,6 +7,8 @@ GPU tests capture real graphs and print the measured differences (run with ``-rP
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from test_casmar import SAMPLE, randomize_heads, tiny_casmar
@@ -277,3 +279,31 @@ def test_gpu_casmar_tokens_graph_equals_eager(precision):
     assert model.cond_diffloss._graphs.captures == 1
     _check(f"CASMAR scaffold {precision}", out[True][1], out[False][1], bf16, (0.25, 1e-2) if bf16 else None)
     _check(f"CASMAR tokens {precision}", out[True][0], out[False][0], bf16, (0.25, 1e-2) if bf16 else None)
+
+
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++")), reason="Inductor's CPU code needs a C++ compiler"
+)
+@torch.no_grad()
+def test_fused_posterior_under_inductor_equals_eager_to_rounding():
+    """compile_sampler with the default backend (Inductor, here its CPU code): the per-step
+    posterior runs as the compiled posterior_step, on the network's output as it comes; the
+    chain stays within float32 rounding of the eager sampler (Inductor may contract a
+    multiply-add into an FMA), and a second temperature reuses the same compiled code."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    head = random_head()
+    z = torch.randn(32, 8)
+    plain = {t: head.sample(z, t, 2.0, generator=gen(0), cuda_graph=False) for t in (0.9, 0.5)}
+    head.compile_sampler()
+    assert head.posterior_fn(0.9, z.device) is not None
+    for t, want in plain.items():
+        got = head.sample(z, t, 2.0, generator=gen(0), cuda_graph=False)
+        static = head._sample_graphed(z, t, 2.0, head.gen_diffusion(), gen(0), capture=False)
+        scale = want.abs().max()
+        assert (got - want).abs().max() <= 1e-4 * scale, t  # 100 steps of float32 rounding
+        assert torch.equal(static, got)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames <= 4, frames  # step_cfg, posterior (last step and the others): not one per temperature

@@ -24,7 +24,9 @@ each of the ``variants``: ``fp32-strict`` (TF32 off; always run first, the refer
 ``fp32`` (cuDNN as configured: it allows TF32 by default), ``bf16`` (the sampling path: on
 CUDA the fused GroupNorm+SiLU of ``maskar.kernels.group_norm``), ``bf16-torch-gn`` (bf16 with
 torch's group norm and SiLU: the decode before that kernel) and ``bf16-cl`` (``bf16`` in
-channels-last memory, ``vqvae.BF16_CHANNELS_LAST``). Each variant: median of ``reps``
+channels-last memory, ``vqvae.BF16_CHANNELS_LAST``) and ``bf16-autotuned`` (``bf16`` with cuDNN's
+algorithm search, ``vqvae.BF16_CUDNN_BENCHMARK = True``; every other variant takes cuDNN's
+heuristic choice). Each variant: median of ``reps``
 CUDA-event timings after one warm-up, peak allocated memory of the decode alone (GB = 1e9 B),
 PSNR against ``fp32-strict`` and, for variants listed after ``bf16-torch-gn``, against it (new
 against old decode). Floors: FLOPs / 790 TFLOP/s (bf16) and / 395 TFLOP/s (TF32), the H200's
@@ -46,13 +48,15 @@ DEFAULTS = {
     "cases": "256x64,1024x8", "reps": 5, "device": "auto", "json": "", "variants": "fp32-strict,fp32,bf16",
 }  # fmt: skip
 
-# name -> (precision, TF32 for cuDNN (None: as configured), fused group norm, channels-last bf16)
+# name -> (precision, TF32 for cuDNN (None: as configured), fused group norm, channels-last bf16,
+# cuDNN autotuning of the bf16 convolutions)
 VARIANTS = {
-    "fp32-strict": ("fp32", False, True, False),
-    "fp32": ("fp32", None, True, False),
-    "bf16": ("bf16", None, True, False),
-    "bf16-torch-gn": ("bf16", None, False, False),
-    "bf16-cl": ("bf16", None, True, True),
+    "fp32-strict": ("fp32", False, True, False, False),
+    "fp32": ("fp32", None, True, False, False),
+    "bf16": ("bf16", None, True, False, False),
+    "bf16-torch-gn": ("bf16", None, False, False, False),
+    "bf16-cl": ("bf16", None, True, True, False),
+    "bf16-autotuned": ("bf16", None, True, False, True),
 }
 
 PEAK_TFLOPS = {"bf16": 790.0, "tf32": 395.0}
@@ -218,7 +222,7 @@ def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
 
 def _time_decode(
     tok, fhat, res: int, precision: str, tf32: bool | None, fused_norm: bool, channels_last: bool,
-    reps: int, device: torch.device,
+    autotune: bool, reps: int, device: torch.device,
 ):  # fmt: skip
     """(median ms, images, peak GB above what was allocated before) of the chunked decode."""
     from maskar.models.var import decode_in_chunks
@@ -228,12 +232,13 @@ def _time_decode(
         from maskar.kernels import group_norm
     except ImportError:  # no Triton: the torch norm is all there is
         group_norm = None
-    saved = (group_norm.ENABLED if group_norm else None, vqvae.BF16_CHANNELS_LAST)
+    saved = (group_norm.ENABLED if group_norm else None, vqvae.BF16_CHANNELS_LAST, vqvae.BF16_CUDNN_BENCHMARK)
     allow = torch.backends.cudnn.allow_tf32 if tf32 is None else tf32
     try:
         if group_norm:
             group_norm.ENABLED = fused_norm
         vqvae.BF16_CHANNELS_LAST = channels_last
+        vqvae.BF16_CUDNN_BENCHMARK = autotune
         with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=allow):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -246,6 +251,7 @@ def _time_decode(
         if group_norm:
             group_norm.ENABLED = saved[0]
         vqvae.BF16_CHANNELS_LAST = saved[1]
+        vqvae.BF16_CUDNN_BENCHMARK = saved[2]
     return ms, img, peak
 
 

@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> model output
+# (x_t, model output, noise, coefficient row, temperature, learned variance, clip, last step) -> x_{t-1}
+PosteriorFn = Callable[[Tensor, Tensor, Tensor, Tensor, float, bool, bool, bool], Tensor]
 VAR_TYPES = ("learned_range", "fixed_large", "fixed_small")
 
 
@@ -162,6 +164,38 @@ def _on_device(arr: np.ndarray, device: torch.device) -> Tensor:
     return hit[1]
 
 
+def posterior_step(
+    x_t: Tensor,
+    out: Tensor,
+    noise: Tensor,
+    coef: Tensor,
+    temperature: float,
+    learned: bool,
+    clip: bool,
+    last: bool,
+) -> Tensor:
+    """:meth:`GaussianDiffusion.p_sample_at`'s arithmetic after the model call, on a row ``coef``
+    of :meth:`GaussianDiffusion.step_coefficients` (float32 0-d tensors multiply as the Python
+    scalars do, rounded to float32): the same ops in the same order. Compiled (the heads'
+    ``compile_sampler``) it is one kernel instead of ~12 per step; Inductor may contract a
+    multiply-add into one FMA, so the compiled form equals this one to rounding."""
+    out = out.float()
+    c = x_t.shape[1]
+    eps = out[:, :c] if learned else out
+    x0 = coef[0] * x_t - coef[1] * eps
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    mean = coef[2] * x0 + coef[3] * x_t
+    if last:
+        return mean
+    if learned:
+        frac = (out[:, c:] + 1) / 2
+        log_var = frac * coef[4] + (1 - frac) * coef[5]
+    else:
+        log_var = coef[4].expand_as(x_t)
+    return mean + torch.exp(0.5 * log_var) * noise * temperature
+
+
 def _gather(arr: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
     """arr[t] as a tensor broadcastable to ``like`` (N, 1, ...), in like's dtype."""
     out = _on_device(arr, t.device)[t].to(like.dtype)
@@ -214,6 +248,31 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         )
+
+    def step_coefficients(self, device: torch.device | str) -> Tensor:
+        """(T, 6) float32 on ``device``, per step index: sqrt(1/ᾱ), sqrt(1/ᾱ - 1), the two
+        posterior-mean coefficients, then the log variance (learned range: log β and the
+        clipped posterior log variance; fixed: the fixed log variance, twice); see
+        :func:`posterior_step`. Cached per device."""
+        lv = (
+            self.fixed_large_log_variance
+            if self.var_type == "fixed_large"
+            else self.posterior_log_variance_clipped
+        )
+        cols = [
+            self.sqrt_recip_alphas_cumprod,
+            self.sqrt_recipm1_alphas_cumprod,
+            self.posterior_mean_coef1,
+            self.posterior_mean_coef2,
+            self.log_betas if self.learn_sigma else lv,
+            self.posterior_log_variance_clipped if self.learn_sigma else lv,
+        ]
+        key = str(torch.device(device))
+        cache = self.__dict__.setdefault("_coef_tables", {})
+        if key not in cache:
+            # float64 -> float32 rounds to nearest, as a kernel rounds a Python scalar operand
+            cache[key] = torch.from_numpy(np.stack(cols, axis=1)).to(device=device, dtype=torch.float32)
+        return cache[key]
 
     # -- forward process
 
@@ -335,6 +394,7 @@ class GaussianDiffusion:
         known_mask: Tensor | None = None,
         paste_known: bool = False,
         step_noise: Sequence[Tensor] | None = None,
+        posterior: PosteriorFn | None = None,
     ) -> Tensor:
         """Run the reverse process from x_T = ``noise`` down to x_0.
 
@@ -345,7 +405,7 @@ class GaussianDiffusion:
         there instead (editing, where they must come back unchanged).
         ``step_noise`` (one tensor shaped like x per step, in sampling order) replaces the
         N(0, 1) draw of each step: the CUDA-graph sampler pre-draws it into static buffers
-        with this loop's generator calls.
+        with this loop's generator calls. ``posterior``: see :meth:`p_sample_at`.
         """
         if (known is None) != (known_mask is None):
             raise ValueError("p_sample_loop: pass both known and known_mask, or neither")
@@ -363,6 +423,7 @@ class GaussianDiffusion:
                 clip_denoised=clip_denoised,
                 generator=generator,
                 noise=None if step_noise is None else step_noise[k],
+                posterior=posterior,
             )
         if known is not None and paste_known:
             x = torch.where(known_mask, known.to(x.dtype), x)
@@ -390,13 +451,23 @@ class GaussianDiffusion:
         clip_denoised: bool = False,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        posterior: PosteriorFn | None = None,
     ) -> Tensor:
         """:meth:`p_sample` with one step index ``i`` for every row (same arithmetic, bitwise).
 
         ``noise`` (shaped like x_t) replaces the N(0, 1) draw: the CUDA-graph sampler pre-draws
         it into a static buffer with the same generator calls as this eager path.
+        ``posterior``: :func:`posterior_step` or a compiled form of it, run on the model output
+        instead of the ops below (same generator calls).
         """
         t_model = torch.full((x_t.shape[0],), int(self.timestep_map[i]), device=x_t.device, dtype=torch.long)
+        if posterior is not None:
+            out = model_fn(x_t, t_model)
+            self.split_output(out, x_t)  # the channel-count check
+            if noise is None:
+                noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+            coef = self.step_coefficients(x_t.device)[i]
+            return posterior(x_t, out, noise, coef, temperature, self.learn_sigma, clip_denoised, i == 0)
         eps, var_values = self.split_output(model_fn(x_t, t_model), x_t)
         # Official order: x_0 first, then the posterior mean. Folding them into
         # x_t (c1 a + c2) - (c1 b) eps rounds differently, and seeded chains drift apart.

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from maskar.nn.diffusion import GaussianDiffusion, ModelFn
+from maskar.nn.diffusion import GaussianDiffusion, ModelFn, PosteriorFn, posterior_step
 
-# (z, scale or None, labels or None) -> model_fn(x_t, t); called inside the captured body
-ModelFnFactory = Callable[[Tensor, "Tensor | None", "Tensor | None"], ModelFn]
+# (z, scale or None, labels or None, cast to float32) -> model_fn(x_t, t); called in the captured body
+ModelFnFactory = Callable[[Tensor, "Tensor | None", "Tensor | None", bool], ModelFn]
 
 
 def graph_rows(n: int) -> int:
@@ -74,8 +74,12 @@ class StaticChain:
         known_mask_shape: tuple[int, ...] | None = None,
         labels: bool = False,
         paste_known: bool = False,
+        posterior: PosteriorFn | None = None,
     ):
         dev = z_like.device
+        self.posterior = posterior
+        if posterior is not None:
+            diffusion.step_coefficients(dev)  # made here, not inside the capture
         self.diffusion, self.make_model_fn = diffusion, make_model_fn
         self.rows, self.guided, self.temperature, self.paste_known = rows, guided, temperature, paste_known
         self.z = torch.zeros((rows, *z_like.shape[1:]), dtype=z_like.dtype, device=dev)
@@ -94,7 +98,8 @@ class StaticChain:
 
     def body(self) -> Tensor:
         """The eager sampler's ops on the static buffers."""
-        model_fn = self.make_model_fn(self.z, self.scale if self.guided else None, self.labels)
+        fused = self.posterior is not None
+        model_fn = self.make_model_fn(self.z, self.scale if self.guided else None, self.labels, not fused)
         return self.diffusion.p_sample_loop(
             model_fn,
             self.x_T,
@@ -103,6 +108,7 @@ class StaticChain:
             known_mask=self.known_mask,
             paste_known=self.paste_known,
             step_noise=self.noise_steps,
+            posterior=self.posterior,
         )
 
     def capture(self, pool: tuple, stream: torch.cuda.Stream) -> None:
@@ -187,6 +193,10 @@ class StaticChain:
             h, hb = n // 2, self.rows // 2
             return torch.cat([self.out[:h], self.out[hb : hb + h]])
         return self.out[:n].clone()
+
+
+def _cast(out: Tensor, cast: bool) -> Tensor:
+    return out.float() if cast else out
 
 
 class GraphCache:
@@ -276,6 +286,7 @@ class GraphedHead(nn.Module):
         self.cuda_graph = True
         self._graphs = GraphCache()
         self._compiled: tuple[Callable, Callable] | None = None
+        self._posterior: Callable | None = None  # compiled posterior_step, with _compiled
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .half() / .cuda(): captured pointers go stale
         self._graphs.clear()
@@ -306,15 +317,33 @@ class GraphedHead(nn.Module):
         captures the compiled kernels. The first call pays the compile time."""
         kw = {**self.compile_defaults, **compile_kwargs}
         self._compiled = (torch.compile(self.step, **kw), torch.compile(self.step_cfg, **kw))
+        # The posterior arithmetic after each network call (~12 small elementwise kernels per
+        # step eagerly) as one compiled kernel that also takes the network's output as it is
+        # (the float32 cast fused in); the temperature comes as a 0-d tensor, so one compile
+        # serves every temperature.
+        self._posterior = torch.compile(posterior_step, **kw)
 
-    def model_fn(self, z: Tensor, scale: float | Tensor | None, labels: Tensor | None = None) -> ModelFn:
+    def posterior_fn(self, temperature: float, device: torch.device) -> PosteriorFn | None:
+        """The fused posterior for a chain at ``temperature`` (None: the eager ops)."""
+        if self._compiled is None or self._posterior is None:
+            return None
+        temp = torch.full((), float(temperature), device=device)  # float32, as the scalar rounds
+        fused = self._posterior
+        return lambda x_t, out, noise, coef, _t, learned, clip, last: fused(
+            x_t, out, noise, coef, temp, learned, clip, last
+        )
+
+    def model_fn(
+        self, z: Tensor, scale: float | Tensor | None, labels: Tensor | None = None, cast: bool = True
+    ) -> ModelFn:
         """The sampler's model function: unguided (``scale`` None) or guided with z / labels
-        laid out [cond | uncond]. The same ops run eagerly and inside the CUDA graph."""
+        laid out [cond | uncond]. The same ops run eagerly and inside the CUDA graph. ``cast``
+        False leaves the output in the network's dtype (the fused posterior casts it)."""
         cond = self.embed(z)  # constant over the diffusion steps
         step, step_cfg = self._compiled or (self.step, self.step_cfg)
         if scale is None:
-            return lambda x, t: step(x, t, cond, labels).float()
-        return lambda x, t: step_cfg(x, t, cond, labels, scale).float()
+            return lambda x, t: _cast(step(x, t, cond, labels), cast)
+        return lambda x, t: _cast(step_cfg(x, t, cond, labels, scale), cast)
 
     def sample_chain(
         self,
@@ -367,14 +396,16 @@ class GraphedHead(nn.Module):
         scale = None
         if guided:
             scale = torch.tensor(cfg, device=z.device) if self._compiled else cfg
+        posterior = self.posterior_fn(temperature, z.device)
         return diffusion.p_sample_loop(
-            self.model_fn(z, scale, labels),
+            self.model_fn(z, scale, labels, cast=posterior is None),
             noise.float(),
             temperature=temperature,
             generator=generator,
             known=known,
             known_mask=known_mask,
             paste_known=paste_known,
+            posterior=posterior,
         )
 
     # -- CUDA-graph path
@@ -446,6 +477,7 @@ class GraphedHead(nn.Module):
                 known_mask_shape=mask_shape,
                 labels=labels is not None,
                 paste_known=paste,
+                posterior=self.posterior_fn(temperature, z.device),
             )
 
         # Capture before drawing any noise: if it fails, the eager path sees the same generator.

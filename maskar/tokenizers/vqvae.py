@@ -11,7 +11,8 @@ HMAR's own-residual input). Module and buffer names match the official checkpoin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +74,24 @@ DECODE_PRECISIONS = ("fp32", "bf16")
 # The bf16 decode in channels-last memory (cuDNN's NHWC kernels take it without transposes; the
 # fused group norm reads it directly). Off until timed: scripts/gpu/bench_decode_norm.sh.
 BF16_CHANNELS_LAST = False
+# cuDNN autotuning (``cudnn.benchmark``) for the bf16 decode on CUDA. Off: on the H200 its search
+# found nothing faster than cuDNN's heuristic choice (256 px B 64: 142.8 vs 143.4 ms; 1024 px B 8:
+# 293.7 vs 293.9 ms, docs/benchmarks.md), and the first decode of each shape would pay for it.
+BF16_CUDNN_BENCHMARK = False
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark`` set to True inside (when ``on``), restored after."""
+    if not on:
+        yield
+        return
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def _cast_params(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -339,7 +358,8 @@ class MultiScaleVQVAE(TokenizerTrainingHooks, nn.Module):
             )
         dtype = torch.bfloat16
         fmt = torch.channels_last if BF16_CHANNELS_LAST else torch.contiguous_format
-        with torch.autocast(fhat.device.type, enabled=False):
+        tuned = fhat.is_cuda and BF16_CUDNN_BENCHMARK
+        with torch.autocast(fhat.device.type, enabled=False), _cudnn_benchmark(tuned):
             # Cast copies of the weights per call (65M parameters: ~0.4 GB of traffic, well under
             # a millisecond on a GPU); the module itself stays float32.
             x = torch.func.functional_call(

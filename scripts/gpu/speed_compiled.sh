@@ -7,6 +7,10 @@
 #     profiles; targets.
 #   PART=head (DEADLINE=280): the batched adaLN MLP head's GPU test, MAR-B num_iter 64, CASMAR-B.
 #   PART=equality (about 3 min): compiled vs uncompiled CASMAR-B tokens in fp32 and bf16, short chains.
+#   PART=fused (about 9 min, DEADLINE=570): the GPU tests of the fused posterior; the decoder with and
+#     without cuDNN autotuning (`maskar bench decode variants=fp32-strict,bf16,bf16-autotuned`);
+#     `maskar bench sample` fast / compiled; MAR-B num_iter 64 / 256 and CASMAR-B at the defaults
+#     (compiled: the step and the fused posterior in the heads' CUDA graphs).
 #   PART=nextscale (about 5 min): `maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled`,
 #     then the short 256 px training-step rows of issue 13 in the time left.
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
@@ -63,6 +67,29 @@ elif [ "${PART}" = equality ]; then
       > "$OUT/casmar_eq_$prec.txt" 2>&1
     echo "rc=$?"; grep -E "^sample|tokens vs" "$OUT/casmar_eq_$prec.txt"
   done
+elif [ "${PART}" = fused ]; then
+  el "GPU tests: compiled step + fused posterior vs uncompiled, batched modulation"
+  timeout $(cap 80) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_cuda_graph_sampling.py \
+    -k "fused_posterior or batched_modulation" > "$OUT/gpu_tests_fused.txt" 2>&1
+  echo "tests rc=$?"; grep -E "rel max|passed|failed|Error" "$OUT/gpu_tests_fused.txt" | tail -n 8
+  el "bench decode: cuDNN heuristic vs autotuned"
+  timeout $(cap 110) $PY -m maskar bench decode quality=false speed=true cases=256x64,1024x8 \
+    variants=fp32-strict,bf16,bf16-autotuned json="$OUT/decode.json" > "$OUT/decode.txt" 2>&1
+  echo "decode rc=$?"; grep -vE "$NOISE" "$OUT/decode.txt" | tail -n 12
+  el "bench sample: fast, compiled"
+  timeout $(cap 170) $PY -m maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled reps=5 \
+    json="$OUT/sample.json" > "$OUT/sample.txt" 2>&1
+  echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample.txt" | tail -n 24
+  el "bench mar num_iter 64, 256 (defaults)"
+  timeout $(cap 120) $PY -m maskar bench mar --batch 64 --num-iters 64,256 --sample-reps 1 --train-batch 0 \
+    --json "$OUT/mar.json" > "$OUT/mar.txt" 2>&1
+  echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar.txt" | tail -n 25
+  el "bench casmar (defaults)"
+  timeout $(cap 110) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --json "$OUT/casmar.json" \
+    > "$OUT/casmar.txt" 2>&1
+  echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar.txt" | tail -n 25
+  [ -f "$OUT/casmar.json" ] && [ -f "$OUT/mar.json" ] && \
+    $PY -m maskar bench masked_sampling "$OUT/casmar.json" "$OUT/mar.json" | tee "$OUT/targets.txt"
 else
   el "bench sample: fast, compiled"
   timeout $(cap 330) $PY -m maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled reps=5 \
