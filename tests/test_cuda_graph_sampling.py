@@ -272,6 +272,29 @@ def test_gpu_compiled_sampler_with_fused_posterior_against_eager(precision):
 
 @gpu
 @needs_cuda
+def test_gpu_compiled_step_with_weight_copies_against_per_step_casts():
+    """bf16 autocast, compiled, in CUDA graphs: the weights' bf16 copies made once per chain
+    (low_precision_weights) against the compiled step casting them itself at every step: the
+    same values, so equal up to kernel choice (printed with -rP)."""
+    import contextlib
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    head = random_head("cuda", True, "100", c=16, cz=64, depth=3, width=256, std=0.05)
+    head.compile_sampler()
+    z = torch.randn(256, 64, device="cuda")
+    out = {}
+    for copies in (True, False):
+        if not copies:
+            head.low_precision_weights = lambda device: contextlib.nullcontext()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out[copies] = head.sample(z, 0.9, 2.9, generator=gen(7, "cuda"), cuda_graph=True)
+    _check("weight copies once per chain vs cast per step", out[True], out[False], True)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_gpu_batched_modulation_against_per_block(precision):
     """The CUDA default (one adaLN matmul) against the per-block path, one chain, same noise:

@@ -7,6 +7,7 @@ GPU tests capture real graphs and print the measured differences (run with ``-rP
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import pytest
@@ -307,3 +308,63 @@ def test_fused_posterior_under_inductor_equals_eager_to_rounding():
         assert torch.equal(static, got)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames <= 4, frames  # step_cfg, posterior (last step and the others): not one per temperature
+
+
+@pytest.mark.parametrize("which", ["mlp", "dit"])
+@torch.no_grad()
+def test_compiled_step_reads_weight_copies_made_once_per_chain(which):
+    """Under autocast the compiled step gets the linear / conv weights as low-precision copies
+    made once per chain (low_precision_weights): its traced graph casts no parameter, the
+    samples equal those of the compiled step that casts them itself (same values), the
+    parameters are restored afterwards, and later chains reuse the compiled graphs."""
+    import torch._dynamo
+    from torch._dynamo.backends.common import aot_autograd
+
+    if which == "mlp":
+        head, kw = random_head(), {}
+        z = torch.randn(32, 8)
+    else:
+        head = dit_head()
+        z, known, keep, labels = dit_inputs(4)
+        kw = dict(labels=labels, known=known, known_mask=keep)
+    params = {n: p for n, p in head.named_parameters()}
+    casts: list[list[str]] = []
+
+    shapes = {tuple(p.shape) for p in params.values()}
+
+    def count_casts(gm, example_inputs):  # casts of float32 graph inputs shaped as a parameter
+        found = []
+        for n in gm.graph.nodes:
+            src = n.args[0] if n.op == "call_function" and n.args else None
+            if not (isinstance(src, torch.fx.Node) and src.op == "placeholder"):
+                continue
+            val = src.meta.get("val")
+            if ("_to_copy" in str(n.target) or "convert_element_type" in str(n.target)) and (
+                isinstance(val, torch.Tensor) and val.dtype == torch.float32 and tuple(val.shape) in shapes
+            ):
+                found.append(src.name)
+        casts.append(found)
+        return gm
+
+    out = {}
+    for swap in (False, True):
+        torch._dynamo.reset()
+        head.compile_sampler(backend=aot_autograd(fw_compiler=count_casts))
+        if not swap:  # the compiled step as before: autocast casts the weights inside it
+            head.low_precision_weights = lambda device: contextlib.nullcontext()
+        casts.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[swap] = head.sample(z, 0.9, 2.0, generator=gen(0), cuda_graph=False, **kw)
+            compiled = len(casts)
+            again = head.sample(z, 0.9, 2.0, generator=gen(0), cuda_graph=False, **kw)
+            assert len(casts) == compiled  # new copies each chain, no recompile
+            static = head._sample_graphed(z, 0.9, 2.0, head.gen_diffusion(), gen(0), capture=False, **kw)
+        assert torch.equal(again, out[swap]) and torch.equal(static, out[swap])
+        step_casts = max(len(c) for c in casts)
+        if swap:
+            assert step_casts == 0, casts
+        else:
+            assert step_casts > 4, casts  # the weights of the step's linears, cast per call
+            del head.low_precision_weights
+    assert torch.equal(out[True], out[False])
+    assert all(p is params[n] and p.dtype == torch.float32 for n, p in head.named_parameters())

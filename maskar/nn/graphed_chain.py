@@ -27,9 +27,10 @@ aligned; every op of the heads is row-independent, so padded rows never touch re
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -75,9 +76,10 @@ class StaticChain:
         labels: bool = False,
         paste_known: bool = False,
         posterior: PosteriorFn | None = None,
+        weights: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ):
         dev = z_like.device
-        self.posterior = posterior
+        self.posterior, self.weights = posterior, weights
         if posterior is not None:
             diffusion.step_coefficients(dev)  # made here, not inside the capture
         self.diffusion, self.make_model_fn = diffusion, make_model_fn
@@ -99,17 +101,18 @@ class StaticChain:
     def body(self) -> Tensor:
         """The eager sampler's ops on the static buffers."""
         fused = self.posterior is not None
-        model_fn = self.make_model_fn(self.z, self.scale if self.guided else None, self.labels, not fused)
-        return self.diffusion.p_sample_loop(
-            model_fn,
-            self.x_T,
-            temperature=self.temperature,
-            known=self.known,
-            known_mask=self.known_mask,
-            paste_known=self.paste_known,
-            step_noise=self.noise_steps,
-            posterior=self.posterior,
-        )
+        with self.weights():
+            model_fn = self.make_model_fn(self.z, self.scale if self.guided else None, self.labels, not fused)
+            return self.diffusion.p_sample_loop(
+                model_fn,
+                self.x_T,
+                temperature=self.temperature,
+                known=self.known,
+                known_mask=self.known_mask,
+                paste_known=self.paste_known,
+                step_noise=self.noise_steps,
+                posterior=self.posterior,
+            )
 
     def capture(self, pool: tuple, stream: torch.cuda.Stream) -> None:
         """Warm up on ``stream`` (lazy cuBLAS set-up, Triton autotuning and caches filled on
@@ -193,6 +196,23 @@ class StaticChain:
             h, hb = n // 2, self.rows // 2
             return torch.cat([self.out[:h], self.out[hb : hb + h]])
         return self.out[:n].clone()
+
+
+@contextlib.contextmanager
+def swapped_parameters(module: nn.Module, tensors: dict[str, Tensor]) -> Iterator[None]:
+    """Inside: the parameters named in ``tensors`` (dotted names under ``module``) are those
+    tensors (plain tensors, e.g. low-precision copies); restored on exit."""
+    saved = []
+    try:
+        for name, t in tensors.items():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            saved.append((owner, leaf, owner._parameters[leaf]))
+            owner._parameters[leaf] = t
+        yield
+    finally:
+        for owner, leaf, p in reversed(saved):
+            owner._parameters[leaf] = p
 
 
 def _cast(out: Tensor, cast: bool) -> Tensor:
@@ -333,6 +353,26 @@ class GraphedHead(nn.Module):
             x_t, out, noise, coef, temp, learned, clip, last
         )
 
+    def low_precision_weights(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Inside: with the compiled step under autocast (on ``device``'s type) and no grad, the
+        net's linear and convolution weights and biases are their autocast-dtype copies, made
+        once on entry (once per chain: inside its CUDA graph) instead of at every step.
+        Autocast's cast cache does not reach into compiled code, so the compiled step would
+        otherwise re-cast them at every step (MAR-B's MLP head: ~14M weights, ~85 MB of traffic
+        a step, 6,400 steps a call). The copies hold exactly the values autocast's casts
+        produce, so the outputs do not change."""
+        if self._compiled is None or not torch.is_autocast_enabled(device.type) or torch.is_grad_enabled():
+            return contextlib.nullcontext()
+        dtype = torch.get_autocast_dtype(device.type)
+        copies = {
+            f"{prefix}{'.' if prefix else ''}{name}": p.to(dtype)
+            for prefix, m in self.net.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            for name, p in m.named_parameters(recurse=False)
+            if p.is_floating_point() and p.dtype != dtype
+        }
+        return swapped_parameters(self.net, copies)
+
     def model_fn(
         self, z: Tensor, scale: float | Tensor | None, labels: Tensor | None = None, cast: bool = True
     ) -> ModelFn:
@@ -397,16 +437,17 @@ class GraphedHead(nn.Module):
         if guided:
             scale = torch.tensor(cfg, device=z.device) if self._compiled else cfg
         posterior = self.posterior_fn(temperature, z.device)
-        return diffusion.p_sample_loop(
-            self.model_fn(z, scale, labels, cast=posterior is None),
-            noise.float(),
-            temperature=temperature,
-            generator=generator,
-            known=known,
-            known_mask=known_mask,
-            paste_known=paste_known,
-            posterior=posterior,
-        )
+        with self.low_precision_weights(z.device):
+            return diffusion.p_sample_loop(
+                self.model_fn(z, scale, labels, cast=posterior is None),
+                noise.float(),
+                temperature=temperature,
+                generator=generator,
+                known=known,
+                known_mask=known_mask,
+                paste_known=paste_known,
+                posterior=posterior,
+            )
 
     # -- CUDA-graph path
 
@@ -478,6 +519,7 @@ class GraphedHead(nn.Module):
                 labels=labels is not None,
                 paste_known=paste,
                 posterior=self.posterior_fn(temperature, z.device),
+                weights=lambda: self.low_precision_weights(z.device),
             )
 
         # Capture before drawing any noise: if it fails, the eager path sees the same generator.
