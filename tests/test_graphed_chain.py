@@ -37,6 +37,15 @@ def dit_inputs(n: int, device: str = "cpu", seed: int = 0):
     return tuple(t.to(device) for t in (z, known, keep, labels))
 
 
+def head_and_inputs(which: str):
+    """A random MLP head ("mlp") or DiT head ("dit"), its conditions and sample() keywords."""
+    if which == "mlp":
+        return random_head(), torch.randn(32, 8), {}
+    head = dit_head()
+    z, known, keep, labels = dit_inputs(4)
+    return head, z, dict(labels=labels, known=known, known_mask=keep)
+
+
 # ----------------------------------------------------------------------------- CPU
 
 
@@ -116,13 +125,7 @@ def test_compiled_step_runs_in_the_static_chain(which):
     import torch._dynamo
 
     torch._dynamo.reset()
-    if which == "mlp":
-        head, kw = random_head(), {}
-        z = torch.randn(32, 8)
-    else:
-        head = dit_head()
-        z, known, keep, labels = dit_inputs(4)
-        kw = dict(labels=labels, known=known, known_mask=keep)
+    head, z, kw = head_and_inputs(which)
     plain = head.sample(z, 0.9, 2.0, generator=gen(0), cuda_graph=False, **kw)
     head.compile_sampler(backend="eager")
     calls = []
@@ -320,13 +323,7 @@ def test_compiled_step_reads_weight_copies_made_once_per_chain(which):
     import torch._dynamo
     from torch._dynamo.backends.common import aot_autograd
 
-    if which == "mlp":
-        head, kw = random_head(), {}
-        z = torch.randn(32, 8)
-    else:
-        head = dit_head()
-        z, known, keep, labels = dit_inputs(4)
-        kw = dict(labels=labels, known=known, known_mask=keep)
+    head, z, kw = head_and_inputs(which)
     params = {n: p for n, p in head.named_parameters()}
     casts: list[list[str]] = []
 
