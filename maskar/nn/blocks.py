@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from maskar.nn import linear_gelu
 from maskar.nn.attention import ScalePattern, attention, load_backends
 
 _MAX_LOG_SCALE = math.log(100.0)
@@ -71,6 +72,8 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if linear_gelu.fusable(x):  # inference on CUDA, opt-in: the GELU in fc1's epilogue
+            return self.fc2(linear_gelu.linear_gelu_tanh(self.fc1, x))
         return self.fc2(self.act(self.fc1(x)))
 
 

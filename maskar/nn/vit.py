@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskar.nn import linear_gelu
 from maskar.nn.attention import attention
 
 
@@ -53,6 +54,8 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.act, nn.GELU) and self.act.approximate == "tanh" and linear_gelu.fusable(x):
+            return self.drop2(self.fc2(self.drop1(linear_gelu.linear_gelu_tanh(self.fc1, x))))  # inference
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
