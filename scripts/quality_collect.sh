@@ -52,6 +52,24 @@ ship() {  # ship NAME: checkpoints/NAME from the call-2 pack, with its README
   $PY scripts/quality_report.py --readme $1
 }
 
+extract_tokenizer() {  # extract_tokenizer GENERATOR_CKPT DEST: the tokenizer a generator checkpoint bundles
+  mkdir -p "$2" && $PY - "$1" "$2" <<'PY'
+import hashlib, sys, yaml
+from safetensors.torch import load_file, save_file
+src, dst = sys.argv[1], sys.argv[2]
+cfg = yaml.safe_load(open(f"{src}/config.yaml"))
+cfg["model"] = cfg["model"]["tokenizer"]
+cfg.pop("sample", None)  # the generator's sampling settings: a tokenizer config has none of them
+yaml.safe_dump(cfg, open(f"{dst}/config.yaml", "w"), sort_keys=False)
+sd = load_file(f"{src}/model.safetensors")
+save_file({k[len("tokenizer."):]: v for k, v in sd.items() if k.startswith("tokenizer.")},
+          f"{dst}/model.safetensors", metadata={"format": "pt"})
+with open(f"{dst}/SHA256SUMS", "w") as f:
+    for n in ("config.yaml", "model.safetensors"):
+        f.write(f"{hashlib.sha256(open(f'{dst}/{n}', 'rb').read()).hexdigest()}  {n}\n")
+PY
+}
+
 case "${1:-}" in
   prepare)
     mkdir -p .carry/fmnist
@@ -61,21 +79,11 @@ case "${1:-}" in
     mkdir -p .carry/fmnist-test
     zcat $DATA_ROOT/t10k-images-idx3-ubyte.gz | xz -9e -T2 > .carry/fmnist-test/t10k-images-idx3-ubyte.xz
     cp $DATA_ROOT/t10k-labels-idx1-ubyte.gz .carry/fmnist-test/
-    # the VQ tokenizer of checkpoints/hmar-fmnist alone: call 1 carries it instead of that 29.6 MB checkpoint
-    mkdir -p .carry/vq && $PY - <<'PY'
-import hashlib, yaml
-from safetensors.torch import load_file, save_file
-src, dst = "checkpoints/hmar-fmnist", ".carry/vq"
-cfg = yaml.safe_load(open(f"{src}/config.yaml"))
-cfg["model"] = cfg["model"]["tokenizer"]
-yaml.safe_dump(cfg, open(f"{dst}/config.yaml", "w"), sort_keys=False)
-sd = load_file(f"{src}/model.safetensors")
-save_file({k[len("tokenizer."):]: v for k, v in sd.items() if k.startswith("tokenizer.")},
-          f"{dst}/model.safetensors", metadata={"format": "pt"})
-with open(f"{dst}/SHA256SUMS", "w") as f:
-    for n in ("config.yaml", "model.safetensors"):
-        f.write(f"{hashlib.sha256(open(f'{dst}/{n}', 'rb').read()).hexdigest()}  {n}\n")
-PY
+    # the VQ tokenizer of checkpoints/hmar-fmnist alone: call 1 carries it instead of that 29.6 MB checkpoint;
+    # and the KL tokenizer of the study (trained by call 1) from the shipped CASMAR demo, which
+    # bundles it (its bf16 copy of the fp32 original), where a fresh checkout has no .carry/kl
+    extract_tokenizer checkpoints/hmar-fmnist .carry/vq
+    [ -d .carry/kl ] || extract_tokenizer checkpoints/casmar-fmnist .carry/kl
     # the TF-Inception TorchScript (87.3 MB) in three parts: each call carries one (64 MiB a call in all)
     W=$($PY -c "from maskar.eval.inception import find_fid_inception; print(find_fid_inception())")
     mkdir -p .carry/inc_a .carry/inc_b .carry/inc_c .carry/inc_check
