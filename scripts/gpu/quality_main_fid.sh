@@ -30,7 +30,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi -L
 
 el "inputs"
 missing=""
-for p in "$INC_PARTS/a" "$INC_PARTS/b" .carry/inc_c/part .carry/fmnist-test $INC_CHECK \
+for p in "$INC_PARTS/a" "$INC_PARTS/b" .carry/inc_c/part .carry/fmnist-test \
     "$Q2_RUNS/pack/mar-fmnist" "$Q2_RUNS/pack/casmar-fmnist"; do
   [ -e "$p" ] || missing="$missing $p"
 done
@@ -54,7 +54,12 @@ inception() {
   echo "inception $name: $(grep -h -m1 'FID' $RUNS/inc_$name.log)"
 }
 
-el "1. GPU vs CPU on a committed 1,000-sample set (and the test split's statistics)"
+el "1. GPU vs CPU on a 1,000-sample set with a CPU result (and the test split's statistics)"
+if [ ! -f $INC_CHECK/hmar_main_default_s0.npz ]; then
+  # a fresh checkout has no check set (its samples were a run's output, not committed); the GPU path
+  # matched the CPU one to 6e-6 on 2026-12-03 (docs/results/quality/logs/main_fid_inc_check.txt)
+  el "no check set at $INC_CHECK: the GPU-vs-CPU Inception check is skipped" | tee $RUNS/inc_check.txt
+else
 inception $INC_CHECK/hmar_main_default_s0.npz
 mv $INC_OUT/hmar_main_default_s0.json $RUNS/inc_check_gpu.json
 $PY - $RUNS/inc_check_gpu.json $INC_CHECK/cpu.json <<'PY' | tee $RUNS/inc_check.txt
@@ -65,6 +70,7 @@ for k in ("FID", "precision", "recall"):
     g, c = get(gpu, k), get(cpu, k)
     print(f"check {k}: GPU {g:.6f} CPU {c:.6f} diff {g - c:+.2e}")
 PY
+fi
 
 el "2. MAR || CASMAR main rows; VAR and HMAR sets through Inception meanwhile"
 SHOWN_MAR=checkpoints/mar-fmnist; [ -f $Q2_RUNS/mar_size.txt ] && source $Q2_RUNS/mar_size.txt
