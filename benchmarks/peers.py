@@ -86,14 +86,7 @@ def _cases() -> list[Case]:
     mar = {"batch": 64, "cfg": 2.9, "cfg_schedule": "linear", "temperature": 1.0}
     cas = {"batch": 64, "num_iter": 4, "cfg": 2.5, "re_cfg": 2.7, "cfg_schedule": "linear",
            "temperature": 1.0}
-    out = [
-        Case("mar-b-64", "mar", "mar", "MAR-B sample_tokens num_iter 64 B64 cfg 2.9, fp16",
-             {**mar, "num_iter": 64}, warmup=0, reps=1, cap_s=75.0),
-        Case("casmar-b-v2", "casmar_v2", "casmar", "CASMAR-B v2 (SALA) sample_tokens, README eval settings",
-             dict(cas), warmup=0, reps=1, cap_s=120.0),
-        Case("casmar-b-v1", "casmar_v1", "casmar", "CASMAR-B v1 (PSA) sample_tokens, README eval settings",
-             dict(cas), warmup=0, reps=1, cap_s=60.0),
-    ]
+    cas_what = "sample_tokens, README eval settings"
 
     def train(group: str, res: int, batch: int, attn: str, cap: float) -> Case:
         name = {"var": "var", "hmar": "hmar" if attn == "sdpa" else "hmar-kernel"}[group]
@@ -111,21 +104,32 @@ def _cases() -> list[Case]:
                     {"res": res, "batch": batch, "depth": 16, "cfg": 1.5, "top_k": 900, "top_p": 0.96,
                      "mode": mode}, warmup=1, reps=reps, cap_s=cap)
 
-    out += [train("hmar", 256, 32, "sdpa", 40.0), sample("hmar", 256, 64, 3, 30.0),
+    # VAR / HMAR first: ten cases in about 80 s on an H200, the figures the docs cite most. On
+    # 2026-12-04 the masked cases ran first and spent the standard set's budget (CASMAR v2 alone
+    # passed a 120 s cap), so no VAR / HMAR case ran in that call.
+    out = [train("hmar", 256, 32, "sdpa", 40.0), sample("hmar", 256, 64, 3, 30.0),
             sample("hmar-varmode", 256, 64, 3, 30.0), train("hmar", 1024, 2, "sdpa", 45.0),
             sample("hmar", 1024, 8, 1, 45.0), sample("hmar-varmode", 1024, 8, 1, 45.0),
             train("var", 256, 32, "sdpa", 40.0), sample("var", 256, 64, 3, 30.0),
             train("var", 1024, 2, "sdpa", 45.0), sample("var", 1024, 8, 1, 45.0),
+            Case("mar-b-64", "mar", "mar", "MAR-B sample_tokens num_iter 64 B64 cfg 2.9, fp16",
+                 {**mar, "num_iter": 64}, warmup=0, reps=1, cap_s=75.0),
+            Case("casmar-b-v1", "casmar_v1", "casmar", f"CASMAR-B v1 (PSA) {cas_what}",
+                 dict(cas), warmup=0, reps=1, cap_s=60.0),
             train("hmar", 256, 32, "triton", 75.0), train("hmar", 1024, 2, "triton", 75.0)]
-    out.append(Case("mar-b-256", "mar", "mar", "MAR-B sample_tokens num_iter 256 B64 cfg 2.9, fp16",
-                    {**mar, "num_iter": 256}, warmup=0, reps=1, cap_s=240.0))
+    # The long cases, outside the standard set: each takes minutes of the official code.
+    out += [Case("casmar-b-v2", "casmar_v2", "casmar", f"CASMAR-B v2 (SALA) {cas_what}",
+                 dict(cas), warmup=0, reps=1, cap_s=330.0),
+            Case("mar-b-256", "mar", "mar", "MAR-B sample_tokens num_iter 256 B64 cfg 2.9, fp16",
+                 {**mar, "num_iter": 256}, warmup=0, reps=1, cap_s=240.0)]
     return out
 
 
 CASES = {c.name: c for c in _cases()}
 ALIASES = {
     "all": list(CASES),
-    "standard": [n for n in CASES if n != "mar-b-256"],  # the 3-minute set of scripts/gpu/bench_peers.sh
+    "standard": [n for n in CASES if n not in ("casmar-b-v2", "mar-b-256")],  # scripts/gpu/bench_peers.sh
+    "long": ["casmar-b-v2", "mar-b-256"],  # minutes each: a device call of their own
     "train": [n for n, c in CASES.items() if c.kind == "train"],
     "sample": [n for n, c in CASES.items() if c.kind == "sample"],
     "mar": [n for n, c in CASES.items() if c.kind == "mar"],

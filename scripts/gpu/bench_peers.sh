@@ -3,10 +3,11 @@
 # random weights, official code paths, official sizes (benchmarks/peers.py, docs/benchmarks.md "Peers").
 # Needs .carry/peers (scripts/extract_peers.sh; pass `.carry/peers` in the device call's carry list).
 # Writes $OUT/peers.txt (table + JSON path), $OUT/peers.json, $OUT/peers_log.txt (the official code's
-# own output and tracebacks). The standard set (all but MAR-B num_iter 256) runs in about 3 minutes on
-# one H200, cut at BUDGET seconds (default 175; the least wanted cases, HMAR's Triton kernel, run last);
-# CASES=mar-b-256 BUDGET=0 runs MAR-B at num_iter 256 alone (about 2.5 minutes). PEERS_ARGS adds
-# arguments (PEERS_ARGS=--tiny: every case at small sizes, a smoke test, about a minute).
+# own output and tracebacks). The standard set (VAR / HMAR first, then MAR-B num_iter 64, then the
+# cases that fail as released) runs in about 2.5 minutes on one H200, cut at BUDGET seconds (default
+# 175). The long cases run alone: CASES=mar-b-256 BUDGET=0 (about 2 minutes), CASES=casmar-b-v2
+# BUDGET=0 TIMEOUT=360 (cap 330 s). PEERS_ARGS adds arguments (PEERS_ARGS=--tiny: every case at small
+# sizes, a smoke test, about a minute).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
