@@ -346,6 +346,7 @@ def test_compiled_step_reads_weight_copies_made_once_per_chain(which):
     out = {}
     for swap in (False, True):
         torch._dynamo.reset()
+        head._graphs.clear()  # the static chains below are made anew for each variant
         head.compile_sampler(backend=aot_autograd(fw_compiler=count_casts))
         if not swap:  # the compiled step as before: autocast casts the weights inside it
             head.low_precision_weights = lambda device: contextlib.nullcontext()
