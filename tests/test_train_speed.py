@@ -376,6 +376,23 @@ def test_bench_train_step_cpu_smoke(tmp_path, capsys):
     assert "MFU =" in text and (tmp_path / "prof.txt").is_file()
 
 
+def test_bench_train_step_graph_rows_parse_and_need_cuda(tmp_path, capsys):
+    """The ``/graph`` suffix (the whole step as one CUDA graph) parses, and on a CPU the row
+    fails with its reason while the others still run."""
+    from maskar.bench import train_step
+
+    assert train_step.parse_row("hmar/d16/blocks/graph")["graph"] is True
+    assert train_step.parse_row("var/d16/blocks")["graph"] is False
+    out = tmp_path / "rows.json"
+    rc = train_step.main(["tiny=true", "rows=hmar/d1/false/graph,hmar/d1/false", "steps=1", "warmup=0",
+                          f"json={out}"])  # fmt: skip
+    text = capsys.readouterr().out
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert rc == 1 and "needs a CUDA device" in rows[0]["error"] and rows[1]["step_ms"] > 0, text
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 

@@ -9,8 +9,11 @@
 
 ``models``, ``stage``, ``depth``, ``compile`` and ``backend`` (the attention backend) take
 comma-separated lists; every combination is one row. ``rows`` lists the rows instead, each
-``ARCH[-s2]/dDEPTH/MODE[/ac][/bBATCH][/attn-BACKEND]`` (e.g.
-``hmar/d16/blocks,hmar-s2/d16/blocks,hmar/d30/blocks/ac,var/d16/false/attn-scales``).
+``ARCH[-s2]/dDEPTH/MODE[/ac][/graph][/bBATCH][/attn-BACKEND]`` (e.g.
+``hmar/d16/blocks,hmar-s2/d16/blocks,hmar/d30/blocks/ac,var/d16/false/attn-scales``). ``/graph``
+times the whole step captured as one CUDA graph (:func:`make_graph_step`; CUDA, one process, drop
+path and label dropout off; its check: the graph's gradients against the same step without it,
+meaningful where the step draws no random numbers, i.e. stage 1).
 
 One step is what ``maskar train`` does per step: ``model.loss(batch)`` under autocast
 (teacher-forcing inputs from the frozen tokenizer, label dropout, the fused head + weighted
@@ -124,16 +127,18 @@ def _parse(argv: list[str]) -> dict:
 
 
 def parse_row(spec: str) -> dict:
-    """``ARCH[-s2]/dDEPTH/MODE[/ac][/bBATCH]`` -> row settings."""
+    """``ARCH[-s2]/dDEPTH/MODE[/ac][/graph][/bBATCH][/attn-BACKEND]`` -> row settings."""
     parts = spec.strip().split("/")
     if len(parts) < 3 or not parts[1].startswith("d"):
         raise SystemExit(f"bench train_step: rows: expected ARCH[-s2]/dDEPTH/MODE[/...], got {spec!r}")
     arch, _, st = parts[0].partition("-s")
     row = dict(arch=arch, stage=int(st or 1), depth=int(parts[1][1:]), mode=parts[2], ac=False, batch=None,
-               attn=None)  # fmt: skip
+               attn=None, graph=False)  # fmt: skip
     for extra in parts[3:]:
         if extra == "ac":
             row["ac"] = True
+        elif extra == "graph":
+            row["graph"] = True
         elif extra.startswith("attn-"):
             row["attn"] = extra[5:]
         elif extra.startswith("b"):
@@ -290,6 +295,58 @@ def make_step(model, params, batch, opts, device, loss_call=None, info=None):
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def make_graph_step(model, params, batch, opts, device, check_grads: list[torch.Tensor] | None = None):
+    """The whole step (loss, backward, clipping, AdamW) captured once as a CUDA graph; returns
+    (replay, grad check). The host then launches one graph per step instead of every kernel (the
+    compiled blocks' and the attention kernels' launches, the optimizer's Python). Call it, and
+    time it, inside ``_Deterministic``: label dropout's rate is a Python float at capture time, so
+    the graph keeps whatever it was, and the check needs a step without random draws. AdamW is
+    ``capturable`` (its step count and learning rate live on the GPU). The gradients are the
+    graph's own buffers: backward writes them, it never accumulates, so no zero_grad runs between
+    replays. ``check_grads`` (the same step's gradients without a graph, on the same weights and
+    batch): a graph of the loss and backward alone is captured and replayed first, and its
+    gradients' relative difference from them is the check."""
+    if device.type != "cuda":
+        raise ValueError("the graph suffix needs a CUDA device")
+    opt = torch.optim.AdamW(
+        param_groups(list(model.named_trainable_parameters()), 0.05, model.no_weight_decay_keywords()),
+        lr=torch.tensor(1e-4, device=device), betas=(0.9, 0.95), fused=True, capturable=True,
+    )  # fmt: skip
+
+    def forward_backward() -> None:
+        with _autocast(device, opts["precision"]):
+            loss = model.loss(batch)["loss"]
+        loss.backward()
+
+    def full() -> None:
+        forward_backward()
+        torch.nn.utils.clip_grad_norm_(params, 2.0)
+        opt.step()
+
+    def capture(body) -> torch.cuda.CUDAGraph:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: compiles, autotunes and lazy inits stay out of the capture
+            for _ in range(3):
+                opt.zero_grad(set_to_none=True)
+                body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        return graph
+
+    rel = None
+    if check_grads is not None:
+        g = capture(forward_backward)
+        g.replay()
+        rel = rel_diff([p.grad.detach().float() for p in params], check_grads)
+        del g
+        opt.zero_grad(set_to_none=True)
+    return capture(full).replay, rel
 
 
 def time_steps(
@@ -556,8 +613,25 @@ def run_row(
             row["grad_rel"] = rel_diff([D.full_tensor(g).cpu() for g in grads_p], grads_ref)
             row["check"] = f"grad rel {row['grad_rel']:.1e} vs 1 process on the global batch"
             del grads_p, grads_ref
-    step = make_step(model, params, batch, opts, device, loss_call, info)
-    ms, b2b_ms, peak_gb, first = time_steps(step, opts, device, info)
+    if spec.get("graph"):
+        if parallel != "none":
+            raise ValueError("the graph suffix runs on one process (parallel=none)")
+        with _Deterministic(model):  # drop path and label dropout off while capturing and timing
+            grads_ref = None
+            if check:  # the same step without the graph: the reference of the graph's gradients
+                _, grads_ref = loss_and_grads(model, params, batch, opts, device)
+            t0 = time.perf_counter()
+            step, rel = make_graph_step(model, params, batch, opts, device, grads_ref)
+            row["capture_s"] = time.perf_counter() - t0
+            del grads_ref
+            ms, b2b_ms, peak_gb, first = time_steps(step, opts, device, info)
+        if rel is not None:
+            row["graph_grad_rel"] = rel
+            row["check"] = f"{row.get('check', '')}; graph grads rel {rel:.1e}".lstrip("; ")
+        row["compile"] = f"{mode}+g"
+    else:
+        step = make_step(model, params, batch, opts, device, loss_call, info)
+        ms, b2b_ms, peak_gb, first = time_steps(step, opts, device, info)
     graphs = _dynamo_graphs() - graphs_before
     row.update(step_ms=ms, b2b_ms=b2b_ms, peak_gb=peak_gb, first_s=first, graphs=graphs)
     row["images_s"] = world * B / ms * 1e3

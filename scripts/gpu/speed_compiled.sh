@@ -15,7 +15,7 @@
 #     the GPU tests of the weight copies and the fused GELU; MAR-B num_iter 64 / 256 and CASMAR-B at
 #     the defaults (compiled steps now read bf16 weight copies made once per chain); CASMAR-B and
 #     HMAR / VAR 256 px sampling again with MASKAR_FUSED_GELU=1 (the DiT MLP / FFN GELU in fc1's
-#     cuBLASLt epilogue).
+#     cuBLASLt epilogue); the 256 px HMAR / VAR training step captured as one CUDA graph.
 #   PART=nextscale (about 5 min): `maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled`,
 #     then the short 256 px training-step rows of issue 13 in the time left.
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
@@ -118,6 +118,11 @@ elif [ "${PART}" = pending ]; then
   timeout $(cap 120) env MASKAR_FUSED_GELU=1 $PY -m maskar bench sample models=hmar-d16,var-d16 cases=256x64 \
     modes=fast,compiled reps=5 json="$OUT/sample_gelu.json" > "$OUT/sample_gelu.txt" 2>&1
   echo "sample gelu rc=$?"; grep -vE "$NOISE" "$OUT/sample_gelu.txt" | tail -n 12
+  el "bench train_step 256 px: the whole step as one CUDA graph"
+  timeout $(cap 150) env PYTHONWARNINGS=ignore $PY -m maskar bench train_step res=256 steps=25 warmup=5 \
+    rows=hmar/d16/blocks/graph,var/d16/blocks/graph,hmar/d16/blocks json="$OUT/train_graph.json" \
+    > "$OUT/train_graph.txt" 2>&1
+  echo "train graph rc=$?"; grep -vE "$NOISE" "$OUT/train_graph.txt" | tail -n 8
 else
   el "bench sample: fast, compiled"
   timeout $(cap 330) $PY -m maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled reps=5 \
