@@ -274,19 +274,26 @@ def rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(num / den.clamp(min=1e-30))
 
 
+def _adamw(model, lr: float | torch.Tensor, **kw) -> torch.optim.AdamW:
+    """AdamW as the trainer builds it (decay / no-decay groups, betas 0.9 / 0.95)."""
+    groups = param_groups(list(model.named_trainable_parameters()), 0.05, model.no_weight_decay_keywords())
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **kw)
+
+
+def _loss_backward(loss_call, batch, opts, device) -> None:
+    with _autocast(device, opts["precision"]):
+        loss = loss_call(batch)["loss"]
+    loss.backward()
+
+
 def make_step(model, params, batch, opts, device, loss_call=None, info=None):
     """One training step; ``loss_call(batch)`` (default ``model.loss``) is the DDP / FSDP2 root.
     Sharded gradients are clipped as the trainer clips them (``maskar.train.distributed``)."""
-    opt = torch.optim.AdamW(
-        param_groups(list(model.named_trainable_parameters()), 0.05, model.no_weight_decay_keywords()),
-        lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda" and not opts["offload"],
-    )  # fmt: skip
+    opt = _adamw(model, 1e-4, fused=device.type == "cuda" and not opts["offload"])
     loss_call = loss_call or model.loss
 
     def step() -> None:
-        with _autocast(device, opts["precision"]):
-            loss = loss_call(batch)["loss"]
-        loss.backward()
+        _loss_backward(loss_call, batch, opts, device)
         if info is not None and D.is_sharded(params[0]):
             D.clip_grad_norm(params, 2.0, info)
         else:
@@ -310,15 +317,10 @@ def make_graph_step(model, params, batch, opts, device, check_grads: list[torch.
     gradients' relative difference from them is the check."""
     if device.type != "cuda":
         raise ValueError("the graph suffix needs a CUDA device")
-    opt = torch.optim.AdamW(
-        param_groups(list(model.named_trainable_parameters()), 0.05, model.no_weight_decay_keywords()),
-        lr=torch.tensor(1e-4, device=device), betas=(0.9, 0.95), fused=True, capturable=True,
-    )  # fmt: skip
+    opt = _adamw(model, torch.tensor(1e-4, device=device), fused=True, capturable=True)
 
     def forward_backward() -> None:
-        with _autocast(device, opts["precision"]):
-            loss = model.loss(batch)["loss"]
-        loss.backward()
+        _loss_backward(model.loss, batch, opts, device)
 
     def full() -> None:
         forward_backward()

@@ -248,31 +248,31 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         )
+        self._coef_tables: dict[torch.device, Tensor] = {}  # step_coefficients, per device
 
     def step_coefficients(self, device: torch.device | str) -> Tensor:
         """(T, 6) float32 on ``device``, per step index: sqrt(1/ᾱ), sqrt(1/ᾱ - 1), the two
         posterior-mean coefficients, then the log variance (learned range: log β and the
         clipped posterior log variance; fixed: the fixed log variance, twice); see
-        :func:`posterior_step`. Cached per device."""
-        lv = (
-            self.fixed_large_log_variance
-            if self.var_type == "fixed_large"
-            else self.posterior_log_variance_clipped
-        )
-        cols = [
-            self.sqrt_recip_alphas_cumprod,
-            self.sqrt_recipm1_alphas_cumprod,
-            self.posterior_mean_coef1,
-            self.posterior_mean_coef2,
-            self.log_betas if self.learn_sigma else lv,
-            self.posterior_log_variance_clipped if self.learn_sigma else lv,
-        ]
-        key = str(torch.device(device))
-        cache = self.__dict__.setdefault("_coef_tables", {})
-        if key not in cache:
+        :func:`posterior_step`. Made once per device (the sampling loop reads it every step)."""
+        device = torch.device(device)
+        table = self._coef_tables.get(device)
+        if table is None:
+            lv = self.posterior_log_variance_clipped
+            if self.var_type == "fixed_large":
+                lv = self.fixed_large_log_variance
+            cols = [
+                self.sqrt_recip_alphas_cumprod,
+                self.sqrt_recipm1_alphas_cumprod,
+                self.posterior_mean_coef1,
+                self.posterior_mean_coef2,
+                self.log_betas if self.learn_sigma else lv,
+                self.posterior_log_variance_clipped if self.learn_sigma else lv,
+            ]
             # float64 -> float32 rounds to nearest, as a kernel rounds a Python scalar operand
-            cache[key] = torch.from_numpy(np.stack(cols, axis=1)).to(device=device, dtype=torch.float32)
-        return cache[key]
+            table = torch.from_numpy(np.stack(cols, axis=1)).to(device=device, dtype=torch.float32)
+            self._coef_tables[device] = table
+        return table
 
     # -- forward process
 

@@ -26,19 +26,24 @@ from torch import Tensor, nn
 ENABLED = os.environ.get("MASKAR_FUSED_GELU", "0") == "1"
 
 
+def _fused_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype the fused path computes in for input ``x``, or None where it does not apply."""
+    if not (ENABLED and x.is_cuda) or torch.is_grad_enabled():
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
 def fusable(x: Tensor) -> bool:
     """Whether :func:`linear_gelu_tanh` may take the fused path for input ``x``."""
-    if not (ENABLED and x.is_cuda) or torch.is_grad_enabled():
-        return False
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    return dtype in (torch.float16, torch.bfloat16)
+    return _fused_dtype(x) is not None
 
 
 def linear_gelu_tanh(fc: nn.Linear, x: Tensor) -> Tensor:
     """``F.gelu(fc(x), approximate="tanh")``, fused into the matmul where :func:`fusable`."""
-    if not fusable(x) or fc.bias is None:
+    dtype = _fused_dtype(x)
+    if dtype is None or fc.bias is None:
         return F.gelu(fc(x), approximate="tanh")
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     with torch.autocast("cuda", enabled=False):
         out = torch._addmm_activation(fc.bias.to(dtype), x2, fc.weight.to(dtype).t(), use_gelu=True)

@@ -27,6 +27,18 @@ DEADLINE=${DEADLINE:-575}
 cap() { local s=$(( T0 + DEADLINE - $(date +%s) )); [ $s -lt 5 ] && s=5; echo $(( $1 < s ? $1 : s )); }
 PY=${PY:-python3}
 NOISE='Warning|warn|originates from|^ *File |kern = |^$|torch._dynamo.utils'
+masked_defaults() {  # MAR_CAP CASMAR_CAP: MAR-B num_iter 64 / 256 and CASMAR-B at the defaults, the targets
+  el "bench mar num_iter 64, 256 (defaults)"
+  timeout $(cap $1) $PY -m maskar bench mar --batch 64 --num-iters 64,256 --sample-reps 1 --train-batch 0 \
+    --json "$OUT/mar.json" > "$OUT/mar.txt" 2>&1
+  echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar.txt" | tail -n 25
+  el "bench casmar (defaults)"
+  timeout $(cap $2) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --json "$OUT/casmar.json" \
+    > "$OUT/casmar.txt" 2>&1
+  echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar.txt" | tail -n 25
+  [ -f "$OUT/casmar.json" ] && [ -f "$OUT/mar.json" ] && \
+    $PY -m maskar bench masked_sampling "$OUT/casmar.json" "$OUT/mar.json" | tee "$OUT/targets.txt"
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if [ "${PART:-masked}" = masked ]; then
   el "GPU tests: graph vs eager heads, PSA kernel dispatch"
@@ -85,35 +97,17 @@ elif [ "${PART}" = fused ]; then
   timeout $(cap 170) $PY -m maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled reps=5 \
     json="$OUT/sample.json" > "$OUT/sample.txt" 2>&1
   echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample.txt" | tail -n 24
-  el "bench mar num_iter 64, 256 (defaults)"
-  timeout $(cap 120) $PY -m maskar bench mar --batch 64 --num-iters 64,256 --sample-reps 1 --train-batch 0 \
-    --json "$OUT/mar.json" > "$OUT/mar.txt" 2>&1
-  echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar.txt" | tail -n 25
-  el "bench casmar (defaults)"
-  timeout $(cap 110) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --json "$OUT/casmar.json" \
-    > "$OUT/casmar.txt" 2>&1
-  echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar.txt" | tail -n 25
-  [ -f "$OUT/casmar.json" ] && [ -f "$OUT/mar.json" ] && \
-    $PY -m maskar bench masked_sampling "$OUT/casmar.json" "$OUT/mar.json" | tee "$OUT/targets.txt"
+  masked_defaults 120 110
 elif [ "${PART}" = pending ]; then
   el "GPU tests: weight copies, fused posterior, fused GELU"
   timeout $(cap 90) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_cuda_graph_sampling.py \
     tests/test_linear_gelu.py -k "weight_copies or fused_posterior or fused" > "$OUT/gpu_tests_pending.txt" 2>&1
   echo "tests rc=$?"; grep -E "rel max|passed|failed|Error" "$OUT/gpu_tests_pending.txt" | tail -n 10
-  el "bench mar num_iter 64, 256 (defaults: weight copies)"
-  timeout $(cap 110) $PY -m maskar bench mar --batch 64 --num-iters 64,256 --sample-reps 1 --train-batch 0 \
-    --json "$OUT/mar.json" > "$OUT/mar.txt" 2>&1
-  echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar.txt" | tail -n 8
-  el "bench casmar (defaults: weight copies)"
-  timeout $(cap 100) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --json "$OUT/casmar.json" \
-    > "$OUT/casmar.txt" 2>&1
-  echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar.txt" | tail -n 8
+  masked_defaults 110 100  # the defaults now make the weight copies
   el "bench casmar, MASKAR_FUSED_GELU=1"
   timeout $(cap 100) env MASKAR_FUSED_GELU=1 $PY -m maskar bench casmar --batch 64 --sample-reps 1 \
     --json "$OUT/casmar_gelu.json" > "$OUT/casmar_gelu.txt" 2>&1
   echo "casmar gelu rc=$?"; grep -vE "$NOISE" "$OUT/casmar_gelu.txt" | tail -n 8
-  [ -f "$OUT/casmar.json" ] && [ -f "$OUT/mar.json" ] && \
-    $PY -m maskar bench masked_sampling "$OUT/casmar.json" "$OUT/mar.json" | tee "$OUT/targets.txt"
   el "bench sample 256 px, fast + compiled, MASKAR_FUSED_GELU=1"
   timeout $(cap 120) env MASKAR_FUSED_GELU=1 $PY -m maskar bench sample models=hmar-d16,var-d16 cases=256x64 \
     modes=fast,compiled reps=5 json="$OUT/sample_gelu.json" > "$OUT/sample_gelu.txt" 2>&1
