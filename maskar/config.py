@@ -95,6 +95,12 @@ class TrainConfig:
         "false; auto = blocks on CUDA for models with repeated blocks (VAR, HMAR), else false",
     )
     activation_checkpointing: bool = field(False, help="recompute each block's activations in the backward")
+    cuda_graph: bool = field(
+        False,
+        help="capture the whole step (loss, backward, clipping, AdamW) as one CUDA graph after "
+        "3 eager steps and replay it: one CUDA process, grad_accum 1, bf16 / fp32, models whose step "
+        "is graph-safe (VAR, HMAR stage 1)",
+    )
     peak_tflops: float = field(0.0, min=0.0, help="bf16 peak per GPU for the logged MFU; 0: known GPUs")
     disc_lr: float | None = field(None, min=0.0, help="discriminator lr (tokenizer GAN); default lr")
     tensorboard: bool = field(True)
@@ -137,6 +143,16 @@ class TrainConfig:
                 f"compile: {self.compile!r} compiles the whole step, which parallel=fsdp2 does not support; "
                 "use compile=blocks (or auto: blocks on CUDA)"
             )
+        if self.cuda_graph:
+            if self.grad_accum != 1:
+                raise ValueError(f"cuda_graph: needs grad_accum=1, got {self.grad_accum}")
+            if self.precision == "fp16":
+                raise ValueError(
+                    "cuda_graph: precision fp16 (its loss scaler steps on the host) is not "
+                    "supported; use bf16 or fp32"
+                )
+            if self.activation_checkpointing:
+                raise ValueError("cuda_graph: not supported with activation_checkpointing=true")
         if self.parallel == "fsdp2" and self.precision == "fp16":
             raise ValueError(
                 "precision: fp16 is not supported with parallel=fsdp2 (its loss scaler is not sharded); "

@@ -299,6 +299,11 @@ class HMAR(NextScaleModel):
             return super().token_linears()
         return [self.word_embed, self.mask_head] + token_linears_of(self.mask_path)
 
+    def train_step_graph_problem(self) -> str | None:
+        if self.stage == 2:  # sample_train_mask's ratio is a host draw: a graph would replay one ratio
+            return "HMAR stage 2 draws each step's mask ratio on the host; only stage 1 is graph-safe"
+        return super().train_step_graph_problem()
+
     def train_flops_per_sample(self) -> float:
         """Stage 1: VAR's 6 N L. Stage 2: the frozen base blocks need input gradients only (4 per
         weight and token: the trained mask embedding sits below them), the word embedding runs

@@ -483,6 +483,11 @@ class NextScaleModel(nn.Module):
         labels = self.drop_labels(batch["label"].long())
         return self.next_scale_loss(labels, x_in, torch.cat(indices, dim=1))
 
+    def train_step_graph_problem(self) -> str | None:
+        """Why the training step cannot be one CUDA graph (``train.cuda_graph``), or None: every
+        random draw (label dropout, drop path) is on the GPU and nothing syncs with the host."""
+        return None
+
     def next_scale_loss(self, labels: Tensor, x_in: Tensor, target: Tensor) -> dict[str, Tensor]:
         """The differentiable part of a training step (``train.compile=full`` compiles it whole).
 

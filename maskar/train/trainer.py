@@ -26,6 +26,7 @@ the latest checkpoint stays the last good one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import signal
 import threading
@@ -44,6 +45,7 @@ from maskar.config import Config, ConfigError, dump_yaml
 from maskar.train import distributed as D
 from maskar.train import parallelize as P
 from maskar.train.ema import EMA
+from maskar.train.graph_step import GraphedStep, graph_problem, portable_state_dict, set_lr
 from maskar.train.logging import RunLogger, max_memory_gb
 from maskar.train.schedule import lr_from_config
 
@@ -275,6 +277,10 @@ class Trainer:
                 f"train.batch_size: {tc.batch_size} is not divisible by {self.dist.world_size} processes x "
                 f"train.grad_accum {tc.grad_accum}; use a multiple of {parts}"
             )
+        if tc.cuda_graph and (self.device.type != "cuda" or self.dist.world_size > 1):
+            world = self.dist.world_size
+            where = f"{world} processes" if world > 1 else f"device {self.device}"
+            raise ConfigError(f"train.cuda_graph: needs one process on a CUDA device, got {where}")
         self.sharded = sharded
         self.out_dir = Path(tc.out_dir)
         self.lock: ckpt.RunLock | None = None
@@ -305,6 +311,8 @@ class Trainer:
         from maskar.registry import build_model
 
         self.model = build_model(cfg.model)
+        if tc.cuda_graph and (problem := graph_problem(self.model)) is not None:
+            raise ConfigError(f"train.cuda_graph: {problem}")
         resume_dir = ckpt.latest_checkpoint(self.out_dir) if tc.resume else None
         self.resume_dir = resume_dir
         verify = tc.verify_checkpoints
@@ -410,6 +418,18 @@ class Trainer:
         else:
             # Training randomness (augmentation, masking, noise) differs per rank.
             D.seed_everything(tc.seed + self.dist.rank)
+        self.graph_step = (
+            GraphedStep(
+                functools.partial(self.wrapped, fn="loss"),
+                self.optimizer,
+                self.main_params,
+                tc.grad_clip,
+                self._autocast,
+                self.device,
+            )
+            if tc.cuda_graph
+            else None
+        )
 
     def _build_dataset(self) -> Dataset:
         from maskar.data import build_dataset
@@ -432,7 +452,7 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.dist.world_size,
-            "optimizer": self.optimizer.state_dict() if whole else None,
+            "optimizer": portable_state_dict(self.optimizer) if whole else None,
             "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer and whole else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "ema": {"decay": self.ema.decay, "num_updates": self.ema.num_updates} if self.ema else None,
@@ -721,13 +741,19 @@ class Trainer:
         tc = self.cfg.train
         lr = lr_from_config(self.step, tc)
         scale = lr / tc.lr if tc.lr > 0 else 0.0
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        set_lr(self.optimizer, lr)
         batch = _to_device(batch, self.device)
         metrics: dict[str, Tensor] = {}
 
-        metrics.update(self._forward_backward(batch, "loss"))
-        norm = self._clip_and_step(self.optimizer, self.main_params, want_norm)
+        if self.graph_step is not None:
+            out, norm = self.graph_step(batch)
+            first = (self._bad_step < 0) & ~torch.isfinite(out["loss"])
+            self._bad_step = torch.where(first, self.step + 1, self._bad_step)
+            metrics.update(out)
+            norm = norm if want_norm or tc.grad_clip > 0 else None
+        else:
+            metrics.update(self._forward_backward(batch, "loss"))
+            norm = self._clip_and_step(self.optimizer, self.main_params, want_norm)
         if norm is not None:
             metrics["grad_norm"] = norm.detach().float()
 

@@ -1,0 +1,160 @@
+"""train.cuda_graph: the whole step as one CUDA graph (maskar/train/graph_step.py).
+
+On the CPU: the refusals (each names the setting and the value, before any data or model work),
+the models' graph-safety answers and the optimizer plumbing (device-tensor rates, checkpoints
+as an eager run writes them). On a GPU: a tiny VAR and HMAR stage 1 trained with the graph
+equal the same runs without it, and a graph run's checkpoint resumes in an eager run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskar import checkpoint as ck
+from maskar.config import ConfigError, load_config
+from maskar.models.toy import ToyDenoiser
+from maskar.train import graph_step as G
+from maskar.train.trainer import train
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _cfg(preset: str, out_dir: Path, *overrides: str):
+    return load_config(preset, [
+        f"train.out_dir={out_dir}", "train.steps=8", "train.log_every=2", "train.progress=false",
+        "train.tensorboard=false", "train.ckpt_every=0", "data.synthetic_size=32", "train.batch_size=8",
+        "train.schedule=lin0", "train.warmup_steps=2", "train.lr=1e-3", *overrides,
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (("train.grad_accum=2",), "grad_accum=1, got 2"),
+        (("train.precision=fp16",), "precision fp16"),
+        (("train.activation_checkpointing=true",), "activation_checkpointing"),
+    ],
+)
+def test_config_refuses_what_a_graph_cannot_replay(tmp_path, overrides, needle) -> None:
+    with pytest.raises(ConfigError, match="cuda_graph") as e:
+        _cfg("hmar-tiny", tmp_path, "train.cuda_graph=true", *overrides)
+    assert needle in str(e.value)
+
+
+def test_trainer_refuses_cpu_before_touching_the_run_dir(tmp_path) -> None:
+    cfg = _cfg("hmar-tiny", tmp_path / "run", "train.cuda_graph=true", "device=cpu")
+    with pytest.raises(ConfigError, match=r"cuda_graph: needs one process on a CUDA device, got device cpu"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_models_state_whether_their_step_is_graph_safe() -> None:
+    from maskar.registry import build_model
+
+    var = build_model(load_config("var-tiny", []).model)
+    assert G.graph_problem(var) is None
+    hmar1 = build_model(load_config("hmar-tiny", []).model)
+    assert G.graph_problem(hmar1) is None
+    hmar2 = build_model(load_config("hmar-tiny", ["model.stage=2"]).model)
+    assert "mask ratio on the host" in G.graph_problem(hmar2)
+    toy = ToyDenoiser.__new__(ToyDenoiser)
+    assert "does not declare" in G.graph_problem(toy)
+
+
+def test_rates_live_in_tensors_and_checkpoints_stay_portable() -> None:
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    groups = [{"params": [p], "weight_decay": 0.1}, {"params": [], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=0.5)
+    G.as_capturable(opt, torch.device("cpu"))
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert all(isinstance(lr, torch.Tensor) and lr.item() == 0.5 for lr in lrs)
+    assert all(g["capturable"] for g in opt.param_groups)
+    G.set_lr(opt, 0.25)
+    assert [g["lr"] for g in opt.param_groups] == lrs  # the same tensors, filled in place
+    assert all(lr.item() == 0.25 for lr in lrs)
+    sd = G.portable_state_dict(opt)
+    assert [g["lr"] for g in sd["param_groups"]] == [0.25, 0.25]
+    assert not any(g["capturable"] for g in sd["param_groups"])
+    assert all(g["capturable"] for g in opt.param_groups)  # the live optimizer is untouched
+    eager = torch.optim.AdamW([{"params": [p]}, {"params": []}], lr=1.0)
+    eager.load_state_dict(sd)
+    assert [g["lr"] for g in eager.param_groups] == [0.25, 0.25]
+    G.set_lr(eager, 0.125)  # float rates are plain assignments
+    assert [g["lr"] for g in eager.param_groups] == [0.125, 0.125]
+
+
+def test_graphed_step_needs_cuda() -> None:
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p])
+    with pytest.raises(ValueError, match="needs a CUDA device, got cpu"):
+        G.GraphedStep(lambda b: {"loss": p.sum()}, opt, [p], 1.0, contextlib.nullcontext, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- GPU
+
+DETERMINISTIC = ("model.cond_drop_rate=0", "model.drop_path_rate=0", "train.compile=false")
+
+
+def _weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    return ck.load_tensors(ck.latest_checkpoint(out_dir) / "model.safetensors")
+
+
+def _log_losses(out_dir: Path) -> list[str]:
+    return [ln for ln in (out_dir / "log.txt").read_text().splitlines() if "| loss " in ln]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("preset", ["var-tiny", "hmar-tiny"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gpu_graphed_training_equals_eager(tmp_path, preset, precision) -> None:
+    """8 steps (3 eager warm-up, capture, 5 replays) with no random draws in the step: the same
+    weights as the run without the graph, to rounding (capturable AdamW's arithmetic)."""
+    common = (*DETERMINISTIC, f"train.precision={precision}", "device=cuda")
+    train(_cfg(preset, tmp_path / "eager", *common))
+    train(_cfg(preset, tmp_path / "graph", *common, "train.cuda_graph=true"))
+    eager, graph = _weights(tmp_path / "eager"), _weights(tmp_path / "graph")
+    worst = 0.0
+    for k in eager:
+        d = (graph[k].float() - eager[k].float()).norm() / eager[k].float().norm().clamp_min(1e-12)
+        worst = max(worst, d.item())
+    print(f"{preset} {precision}: graphed vs eager weights after 8 steps, rel max {worst:.1e}")
+    assert worst < (1e-5 if precision == "fp32" else 2e-2)
+    assert len(_log_losses(tmp_path / "graph")) == 4
+
+
+@gpu
+@needs_cuda
+def test_gpu_graph_run_resumes_in_an_eager_run(tmp_path) -> None:
+    """A graph run's checkpoint is an ordinary one (float rates, capturable off) and an eager run
+    continues it; label dropout and drop path on."""
+    run = tmp_path / "run"
+    noisy = ("device=cuda", "train.compile=false", "model.cond_drop_rate=0.5", "model.drop_path_rate=0.1")
+    train(_cfg("var-tiny", run, *noisy, "train.cuda_graph=true", "train.ckpt_every=8"))
+    state = ck.load_trainer_state(ck.latest_checkpoint(run))
+    assert all(isinstance(g["lr"], float) and not g["capturable"] for g in state["optimizer"]["param_groups"])
+    train(_cfg("var-tiny", run, *noisy, "train.steps=10"))
+    assert ck.load_trainer_state(ck.latest_checkpoint(run))["step"] == 10
+
+
+@gpu
+@needs_cuda
+def test_gpu_replays_draw_new_random_numbers() -> None:
+    """GPU draws inside the captured step are fresh at every replay (Philox offsets advance)."""
+    dev = torch.device("cuda")
+    p = torch.nn.Parameter(torch.ones(64, device=dev))
+    opt = torch.optim.AdamW([p], lr=0.0, fused=True)
+
+    def loss_fn(batch):
+        return {"loss": (p * torch.rand(64, device=dev)).sum() * batch["x"].sum()}
+
+    step = G.GraphedStep(loss_fn, opt, [p], 1.0, contextlib.nullcontext, dev, warmup=1)
+    x = {"x": torch.ones(3, device=dev)}
+    losses = [step(x)[0]["loss"].item() for _ in range(5)]  # 1 eager, capture + replay, 3 replays
+    assert step.graph is not None
+    assert len(set(losses)) == 5, losses
