@@ -622,7 +622,8 @@ def run_row(
             grads_ref = None
             if check:  # the same step without the graph: the reference of the graph's gradients
                 _, grads_ref = loss_and_grads(model, params, batch, opts, device)
-            torch.cuda.reset_peak_memory_stats(device)
+            if device.type == "cuda":  # (make_graph_step refuses other devices)
+                torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             step, rel = make_graph_step(model, params, batch, opts, device, grads_ref)
             row["capture_s"] = time.perf_counter() - t0

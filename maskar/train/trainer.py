@@ -793,12 +793,17 @@ class Trainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def _log_metrics(
-        self, sums: dict[str, Tensor], counts: dict[str, int], elapsed: float, steps: int
+        self, sums: dict[str, Tensor], counts: dict[str, int], window_start: float, steps: int
     ) -> dict[str, float]:
         keys = sorted(sums)
         avg = torch.stack([(sums[k] / counts[k]).to(self.device) for k in keys]) if keys else None
         if avg is not None:
             avg = D.mean_over_ranks(self.dist, avg).tolist()  # one sync for all metrics
+        # The window's time is read after the sync: the host may have queued steps the GPU has not
+        # run yet (one replay per step with train.cuda_graph, so many), and they belong to it.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - window_start
         values = dict(zip(keys, avg or []))
         order = ["loss"] + [k for k in keys if k not in ("loss", "lr", "grad_norm")] + ["lr", "grad_norm"]
         out = {k: values[k] for k in order if k in values}
@@ -869,9 +874,7 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                     if self.step % tc.log_every == 0:
-                        logged = self._log_metrics(
-                            sums, counts, time.perf_counter() - window_start, window_steps
-                        )
+                        logged = self._log_metrics(sums, counts, window_start, window_steps)
                         if bar is not None and "loss" in logged:
                             bar.set_postfix(loss=f"{logged['loss']:.4g}", refresh=False)
                         sums, counts = {}, {}
