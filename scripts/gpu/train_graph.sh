@@ -44,19 +44,7 @@ echo "rc=$?"; grep -vE "$NOISE" "$OUT/train_1024.txt" | tail -n 6
 stage3() {
 el "3. maskar train VAR-d16 / HMAR-d16, 60 steps on cached random tokens"
 rm -rf /tmp/lat256 /tmp/runs
-python3 - <<'EOF'
-import torch
-from maskar.data.latent_store import write_latents
-from maskar.tokenizers.vqvae import PATCH_NUMS
-g = torch.Generator().manual_seed(0)
-def batches():  # 2048 samples: 64 steps of 32
-    for _ in range(8):
-        d = {f"indices_{i}": torch.randint(0, 4096, (256, pn, pn), generator=g, dtype=torch.int32)
-             for i, pn in enumerate(PATCH_NUMS[256])}
-        d["label"] = torch.randint(0, 1000, (256,), generator=g)
-        yield d
-write_latents("/tmp/lat256", batches(), num_classes=1000)
-EOF
+python3 scripts/gpu/random_latents.py /tmp/lat256
 run_train() {  # NAME PRESET [overrides...]
   local name=$1 preset=$2; shift 2
   timeout $(cap 95) python3 -m maskar train preset=$preset data.name=latents data.root=/tmp/lat256 \

@@ -102,19 +102,7 @@ timeout $(cap 160) python3 -m maskar bench train_step res=1024 steps=20 warmup=3
 
 el "3. maskar train hmar-d16, 60 steps on cached random tokens"
 rm -rf /tmp/lat256 /tmp/runs/hmar_d16
-python3 - <<'EOF'
-import torch
-from maskar.data.latent_store import write_latents
-from maskar.tokenizers.vqvae import PATCH_NUMS
-g = torch.Generator().manual_seed(0)
-def batches():  # 2048 samples: 64 steps of 32
-    for _ in range(8):
-        d = {f"indices_{i}": torch.randint(0, 4096, (256, pn, pn), generator=g, dtype=torch.int32)
-             for i, pn in enumerate(PATCH_NUMS[256])}
-        d["label"] = torch.randint(0, 1000, (256,), generator=g)
-        yield d
-write_latents("/tmp/lat256", batches(), num_classes=1000)
-EOF
+python3 scripts/gpu/random_latents.py /tmp/lat256
 timeout $(cap 100) python3 -m maskar train preset=hmar-d16 data.name=latents data.root=/tmp/lat256 data.num_workers=4 \
   train.batch_size=32 train.steps=60 train.log_every=20 train.ckpt_every=0 train.progress=false \
   train.tensorboard=false train.out_dir=/tmp/runs/hmar_d16 > "$OUT/train_hmar_d16.log" 2>&1
