@@ -166,3 +166,33 @@ def test_targets_table_from_json_rows(tmp_path, capsys):
     assert "| MAR-B num_iter 256 >= 6 img/s | 5.50 img/s" in out and "| NO |" in out
     assert "| CASMAR-B / MAR-B num_iter 256 >= 1.8 | 2.27 | yes |" in out
     assert "graphs+compiled vs graphs | exact False" in out and "(no rows in" in out
+
+
+def test_compile_mode_reaches_the_blocks_only(monkeypatch):
+    """--compile-mode is the transformer blocks' torch.compile mode; the heads keep theirs."""
+    from maskar.models.mar import MAR
+
+    calls: list[dict] = []
+
+    def record(self, transformer=True, block_mode="default", **kw):
+        calls.append({"block_mode": block_mode, **kw})
+
+    monkeypatch.setattr(MAR, "compile_sampler", record)
+    argv = ["--preset", "mar-tiny", "--device", "cpu", "--batch", "2", "--sample-reps", "1", "--num-iters", "2",
+            "--train-batch", "0", "--compile", "on", "--compile-mode", "max-autotune-no-cudagraphs"]  # fmt: skip
+    assert bench_mar(argv) == 0
+    assert calls == [{"block_mode": "max-autotune-no-cudagraphs", "backend": "inductor"}]
+    with pytest.raises(SystemExit):
+        bench_mar(argv[:-1] + ["fastest"])
+
+
+def test_block_mode_is_passed_to_each_block(monkeypatch):
+    from test_mar import tiny_mar
+
+    model = tiny_mar()
+    seen = []
+    for blk in (*model.encoder_blocks, *model.decoder_blocks):
+        monkeypatch.setattr(blk, "compile", lambda seen=seen, **kw: seen.append(kw))
+    model.compile_sampler(transformer=True, block_mode="max-autotune-no-cudagraphs", backend="eager")
+    assert len(seen) == len(model.encoder_blocks) + len(model.decoder_blocks)
+    assert all(kw == {"dynamic": True, "mode": "max-autotune-no-cudagraphs", "backend": "eager"} for kw in seen)

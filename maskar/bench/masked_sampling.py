@@ -453,7 +453,7 @@ def run_cases(
             if args.profile and rows:  # after the uncompiled rows, before a compile that may overrun
                 profile_first(samplers[0], rows, args, device, precision, meta)
             for model in {id(s.model): s.model for s in samplers}.values():
-                model.compile_sampler(backend=args.compile_backend)
+                model.compile_sampler(backend=args.compile_backend, block_mode=args.compile_mode)
             compiled = True
         for i, sampler in enumerate(samplers):
             model = sampler.model
@@ -609,6 +609,12 @@ def add_common_args(ap: argparse.ArgumentParser, preset: str) -> None:
         "auto = on on CUDA, as sampling's default",
     )
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: tests)")
+    ap.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=("default", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode of the transformer blocks (the heads' steps keep the default)",
+    )
     ap.add_argument(
         "--profile", action="store_true", help="profile one more call of the first sampler, first variant"
     )

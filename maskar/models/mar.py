@@ -436,15 +436,20 @@ class MaskedGenerator(nn.Module):
 
     # -- speed
 
-    def compile_sampler(self, transformer: bool = True, **compile_kwargs: Any) -> None:
+    def compile_sampler(
+        self, transformer: bool = True, block_mode: str = "default", **compile_kwargs: Any
+    ) -> None:
         """Opt-in ``torch.compile`` for sampling: every encoder / decoder block (dynamic
         sequence length: the sparse encoder's visible count changes every step) and each
         diffusion head's per-step call (:meth:`GraphedHead.compile_sampler`; the CUDA graphs
         capture the compiled kernels). It fuses the elementwise work between the matmuls;
-        outputs equal eager to rounding. The first sampling call pays the compile time."""
+        outputs equal eager to rounding. The first sampling call pays the compile time.
+        ``block_mode``: the blocks' torch.compile mode; ``max-autotune-no-cudagraphs`` lets
+        Inductor use Triton matmul templates that take the exact GELU and the residual adds
+        into their epilogues (cuBLAS leaves them as kernels of their own), at a long first compile."""
         if transformer:
             for blk in (*self.encoder_blocks, *self.decoder_blocks):
-                blk.compile(**{"dynamic": True, **compile_kwargs})
+                blk.compile(**{"dynamic": True, "mode": block_mode, **compile_kwargs})
         for head in self.children():
             if isinstance(head, GraphedHead):
                 head.compile_sampler(**compile_kwargs)

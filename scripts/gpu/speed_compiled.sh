@@ -16,6 +16,10 @@
 #     the defaults (compiled steps now read bf16 weight copies made once per chain); CASMAR-B and
 #     HMAR / VAR 256 px sampling again with MASKAR_FUSED_GELU=1 (the DiT MLP / FFN GELU in fc1's
 #     cuBLASLt epilogue); the 256 px HMAR / VAR training step captured as one CUDA graph.
+#   PART=autotune (up to 9 min, DEADLINE=570): MAR-B num_iter 256 at the defaults, then with the
+#     transformer blocks compiled in mode max-autotune-no-cudagraphs (Triton matmul templates that can
+#     take the exact GELU and the residual adds into their epilogues; a long first compile), then
+#     CASMAR-B the same way in the time left.
 #   PART=nextscale (about 5 min): `maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled`,
 #     then the short 256 px training-step rows of issue 13 in the time left.
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
@@ -117,6 +121,17 @@ elif [ "${PART}" = pending ]; then
     rows=hmar/d16/blocks/graph,var/d16/blocks/graph,hmar/d16/blocks json="$OUT/train_graph.json" \
     > "$OUT/train_graph.txt" 2>&1
   echo "train graph rc=$?"; grep -vE "$NOISE" "$OUT/train_graph.txt" | tail -n 8
+elif [ "${PART}" = autotune ]; then
+  for mode in default max-autotune-no-cudagraphs; do
+    el "bench mar num_iter 256, blocks compiled with mode $mode"
+    timeout $(cap 330) $PY -m maskar bench mar --batch 64 --num-iters 256 --sample-reps 1 --train-batch 0 \
+      --compile-mode $mode --json "$OUT/mar256_$mode.json" > "$OUT/mar256_$mode.txt" 2>&1
+    echo "mar $mode rc=$?"; grep -vE "$NOISE" "$OUT/mar256_$mode.txt" | grep -E "^sample|first|Error" | tail -n 4
+  done
+  el "bench casmar, blocks compiled with mode max-autotune-no-cudagraphs"
+  timeout $(cap 300) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --compile-mode max-autotune-no-cudagraphs \
+    --json "$OUT/casmar_autotune.json" > "$OUT/casmar_autotune.txt" 2>&1
+  echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_autotune.txt" | grep -E "^sample|Error" | tail -n 4
 else
   el "bench sample: fast, compiled"
   timeout $(cap 330) $PY -m maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled reps=5 \
