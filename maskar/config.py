@@ -99,7 +99,7 @@ class TrainConfig:
         False,
         help="capture the whole step (loss, backward, clipping, AdamW) as one CUDA graph after "
         "3 eager steps and replay it: one CUDA process, grad_accum 1, bf16 / fp32, models whose step "
-        "is graph-safe (VAR, HMAR stage 1)",
+        "is graph-safe (VAR, HMAR)",
     )
     peak_tflops: float = field(0.0, min=0.0, help="bf16 peak per GPU for the logged MFU; 0: known GPUs")
     disc_lr: float | None = field(None, min=0.0, help="discriminator lr (tokenizer GAN); default lr")

@@ -178,8 +178,9 @@ def test_compile_mode_reaches_the_blocks_only(monkeypatch):
         calls.append({"block_mode": block_mode, **kw})
 
     monkeypatch.setattr(MAR, "compile_sampler", record)
-    argv = ["--preset", "mar-tiny", "--device", "cpu", "--batch", "2", "--sample-reps", "1", "--num-iters", "2",
-            "--train-batch", "0", "--compile", "on", "--compile-mode", "max-autotune-no-cudagraphs"]  # fmt: skip
+    mode = "max-autotune-no-cudagraphs"
+    argv = ["--preset", "mar-tiny", "--device", "cpu", "--batch", "2", "--sample-reps", "1",
+            "--num-iters", "2", "--train-batch", "0", "--compile", "on", "--compile-mode", mode]  # fmt: skip
     assert bench_mar(argv) == 0
     assert calls == [{"block_mode": "max-autotune-no-cudagraphs", "backend": "inductor"}]
     with pytest.raises(SystemExit):
@@ -195,4 +196,5 @@ def test_block_mode_is_passed_to_each_block(monkeypatch):
         monkeypatch.setattr(blk, "compile", lambda seen=seen, **kw: seen.append(kw))
     model.compile_sampler(transformer=True, block_mode="max-autotune-no-cudagraphs", backend="eager")
     assert len(seen) == len(model.encoder_blocks) + len(model.decoder_blocks)
-    assert all(kw == {"dynamic": True, "mode": "max-autotune-no-cudagraphs", "backend": "eager"} for kw in seen)
+    want = {"dynamic": True, "mode": "max-autotune-no-cudagraphs", "backend": "eager"}
+    assert all(kw == want for kw in seen)

@@ -53,7 +53,7 @@ def test_trainer_refuses_cpu_before_touching_the_run_dir(tmp_path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-def test_models_state_whether_their_step_is_graph_safe() -> None:
+def test_models_make_their_step_graph_safe_or_say_why_not() -> None:
     from maskar.registry import build_model
 
     var = build_model(load_config("var-tiny", []).model)
@@ -61,9 +61,37 @@ def test_models_state_whether_their_step_is_graph_safe() -> None:
     hmar1 = build_model(load_config("hmar-tiny", []).model)
     assert G.graph_problem(hmar1) is None
     hmar2 = build_model(load_config("hmar-tiny", ["model.stage=2"]).model)
-    assert "mask ratio on the host" in G.graph_problem(hmar2)
+    assert not hmar2.device_mask_draws
+    assert G.graph_problem(hmar2) is None and hmar2.device_mask_draws  # the ratio is now drawn on the GPU
     toy = ToyDenoiser.__new__(ToyDenoiser)
     assert "does not declare" in G.graph_problem(toy)
+
+
+@pytest.mark.parametrize("positions", ["shared", "per_sample"])
+def test_device_drawn_train_masks_have_the_host_drawn_distribution(positions) -> None:
+    """HMAR stage 2's device-side mask draw (for graphs): per draw one ratio for every scale,
+    ceil(ratio * n) positions per scale, k >= 1, uniformly placed; the ratio ~ U(0, 1]."""
+    from maskar.registry import build_model
+
+    m = build_model(load_config("hmar-tiny", ["model.stage=2", f"model.mask_positions={positions}"]).model)
+    m.device_mask_draws = True
+    sizes = [pn * pn for pn in m.patch_nums[1:]]
+    torch.manual_seed(0)
+    ratios, hits = [], torch.zeros(m.L - 1)
+    for _ in range(400):
+        mask = m.sample_train_mask(8, torch.device("cpu"))
+        assert mask.shape == ((1 if positions == "shared" else 8), m.L - 1) and mask.dtype == torch.bool
+        counts = torch.stack([part.sum(1) for part in mask.split(sizes, dim=1)], dim=1)  # (rows, scales)
+        assert (counts == counts[:1]).all() and (counts >= 1).all()  # every row the same counts
+        # one ratio explains every scale's count: ceil(r * n) = count for some r in (0, 1]
+        lo = max(((c - 1) / n) for c, n in zip(counts[0].tolist(), sizes))
+        hi = min((c / n) for c, n in zip(counts[0].tolist(), sizes))
+        assert lo < hi + 1e-6
+        ratios.append(hi)
+        hits += mask.float().mean(0)
+    assert 0.45 < sum(ratios) / len(ratios) < 0.6  # E[ceil(rn)/n] a little above E[r] = 0.5
+    per_scale = [h.std() / h.mean() for h in (hits / 400).split(sizes)]
+    assert max(per_scale) < 0.25  # positions uniform within each scale
 
 
 def test_rates_live_in_tensors_and_checkpoints_stay_portable() -> None:
@@ -126,6 +154,29 @@ def test_gpu_graphed_training_equals_eager(tmp_path, preset, precision) -> None:
     print(f"{preset} {precision}: graphed vs eager weights after 8 steps, rel max {worst:.1e}")
     assert worst < (1e-5 if precision == "fp32" else 2e-2)
     assert len(_log_losses(tmp_path / "graph")) == 4
+
+
+@gpu
+@needs_cuda
+def test_gpu_hmar_stage2_graph_draws_a_new_mask_ratio_every_step(tmp_path) -> None:
+    """Stage 2 under the graph: its mask ratio comes from the GPU, so the logged per-window mean
+    mask ratio varies from window to window (a frozen host draw would repeat one value)."""
+    run = tmp_path / "s2"
+    train(
+        _cfg(
+            "hmar-tiny",
+            run,
+            "device=cuda",
+            "train.compile=false",
+            "train.cuda_graph=true",
+            "model.stage=2",
+            "train.steps=16",
+            "train.log_every=2",
+        )
+    )
+    ratios = [float(ln.split("| mask_ratio ")[1].split()[0]) for ln in _log_losses(run)]
+    print(f"hmar-tiny stage 2 graphed, logged mask ratios {ratios}")
+    assert len(ratios) == 8 and len(set(ratios)) > 4
 
 
 @gpu

@@ -165,6 +165,7 @@ def _keep_lowest(conf: Tensor, masked: Tensor, count: Tensor | int) -> Tensor:
 class HMAR(NextScaleModel):
     pattern_kind = "block_diagonal"
     uses_kv_cache = False  # each scale sees only itself: nothing to cache
+    device_mask_draws = False  # stage 2: draw the training mask ratio on the device (prepare_graph_step)
 
     def __init__(self, cfg: HMARConfig) -> None:
         super().__init__(cfg)
@@ -235,6 +236,8 @@ class HMAR(NextScaleModel):
 
     def sample_train_mask(self, batch: int, device: torch.device, ratio: float | None = None) -> Tensor:
         """(B or 1, L-1) bool: ratio ~ U(0, 1]; ceil(ratio * pn^2) positions per scale k >= 1."""
+        if ratio is None and self.device_mask_draws:
+            return self._device_train_mask(batch, device)
         if ratio is None:
             ratio = 1.0 - torch.rand(()).item()  # in (0, 1], so every scale masks >= 1 token
         shared = self.cfg.mask_positions == "shared"
@@ -246,6 +249,20 @@ class HMAR(NextScaleModel):
             order = torch.rand(rows, n, device=device).argsort(dim=1)
             m = torch.zeros(rows, n, dtype=torch.bool, device=device)
             parts.append(m.scatter(1, order[:, :k], True))
+        return torch.cat(parts, dim=1)
+
+    def _device_train_mask(self, batch: int, device: torch.device) -> Tensor:
+        """:meth:`sample_train_mask`'s distribution drawn on ``device`` alone (a CUDA-graph step
+        replays it with fresh draws): the ratio a 0-d tensor, each scale's masked positions those
+        whose uniform score ranks below ceil(ratio * pn^2), a uniformly random subset of that
+        size as the first k of a random permutation is."""
+        ratio = 1.0 - torch.rand((), device=device)
+        rows = 1 if self.cfg.mask_positions == "shared" else batch
+        parts = []
+        for pn in self.patch_nums[1:]:
+            n = pn * pn
+            rank = torch.rand(rows, n, device=device).argsort(dim=1).argsort(dim=1)
+            parts.append(rank < torch.ceil(n * ratio))
         return torch.cat(parts, dim=1)
 
     def mask_hidden(
@@ -299,10 +316,10 @@ class HMAR(NextScaleModel):
             return super().token_linears()
         return [self.word_embed, self.mask_head] + token_linears_of(self.mask_path)
 
-    def train_step_graph_problem(self) -> str | None:
-        if self.stage == 2:  # sample_train_mask's ratio is a host draw: a graph would replay one ratio
-            return "HMAR stage 2 draws each step's mask ratio on the host; only stage 1 is graph-safe"
-        return super().train_step_graph_problem()
+    def prepare_graph_step(self) -> str | None:
+        # stage 2's mask ratio is a host draw, which a graph would replay frozen: draw it on the GPU
+        self.device_mask_draws = True
+        return super().prepare_graph_step()
 
     def train_flops_per_sample(self) -> float:
         """Stage 1: VAR's 6 N L. Stage 2: the frozen base blocks need input gradients only (4 per

@@ -483,9 +483,10 @@ class NextScaleModel(nn.Module):
         labels = self.drop_labels(batch["label"].long())
         return self.next_scale_loss(labels, x_in, torch.cat(indices, dim=1))
 
-    def train_step_graph_problem(self) -> str | None:
-        """Why the training step cannot be one CUDA graph (``train.cuda_graph``), or None: every
-        random draw (label dropout, drop path) is on the GPU and nothing syncs with the host."""
+    def prepare_graph_step(self) -> str | None:
+        """Make the training step fit one CUDA graph (``train.cuda_graph``): None, or why it
+        cannot. Every random draw (label dropout, drop path) is on the GPU and nothing syncs
+        with the host, so there is nothing to change."""
         return None
 
     def next_scale_loss(self, labels: Tensor, x_in: Tensor, target: Tensor) -> dict[str, Tensor]:

@@ -18,8 +18,8 @@ What a graph needs and how this meets it:
   host fills before a replay, and AdamW runs ``capturable`` (its step count on the GPU too);
 - random draws on the GPU (label dropout, drop path) stay random: PyTorch's CUDA generator
   advances its Philox offset at every replay. Draws on the host would be frozen at their
-  captured values, so a model states whether its step is graph-safe
-  (``train_step_graph_problem()``, None when it is);
+  captured values, so a model makes its step graph-safe or says why it cannot
+  (``prepare_graph_step()``, None when it is);
 - the first ``warmup`` steps run eagerly on a side stream (compilation, autotuning and lazy
   initialisation stay out of the capture); they are real training steps.
 """
@@ -36,11 +36,12 @@ WARMUP_STEPS = 3
 
 
 def graph_problem(model: torch.nn.Module) -> str | None:
-    """Why ``model``'s training step cannot be one CUDA graph, or None if it can."""
-    check = getattr(model, "train_step_graph_problem", None)
-    if check is None:
+    """Make ``model``'s training step fit one CUDA graph (its ``prepare_graph_step()``, e.g.
+    HMAR stage 2 moves its mask-ratio draw to the GPU); return why it cannot, or None."""
+    prepare = getattr(model, "prepare_graph_step", None)
+    if prepare is None:
         return f"{type(model).__name__} does not declare its training step graph-safe"
-    return check()
+    return prepare()
 
 
 def as_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
