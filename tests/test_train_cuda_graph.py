@@ -57,14 +57,14 @@ def test_models_make_their_step_graph_safe_or_say_why_not() -> None:
     from maskar.registry import build_model
 
     var = build_model(load_config("var-tiny", []).model)
-    assert G.graph_problem(var) is None
+    assert G.prepare_for_graph(var) is None
     hmar1 = build_model(load_config("hmar-tiny", []).model)
-    assert G.graph_problem(hmar1) is None
+    assert G.prepare_for_graph(hmar1) is None
     hmar2 = build_model(load_config("hmar-tiny", ["model.stage=2"]).model)
     assert not hmar2.device_mask_draws
-    assert G.graph_problem(hmar2) is None and hmar2.device_mask_draws  # the ratio is now drawn on the GPU
+    assert G.prepare_for_graph(hmar2) is None and hmar2.device_mask_draws  # the ratio is now drawn on the GPU
     toy = ToyDenoiser.__new__(ToyDenoiser)
-    assert "does not declare" in G.graph_problem(toy)
+    assert "does not declare" in G.prepare_for_graph(toy)
 
 
 @pytest.mark.parametrize("positions", ["shared", "per_sample"])

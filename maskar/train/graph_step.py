@@ -2,9 +2,9 @@
 
 A replay launches every kernel of the step with one host call, so the GPU never waits for the
 host between kernels: the compiled blocks' launches, the attention kernels' launches and the
-optimizer's Python all leave the step. On one H200 the VAR-d16 256 px B 32 step goes from 93.8
-ms (each step timed alone) / 81.3 ms (back to back) to 75.9 / 77.0 ms; HMAR-d16 from 76.2 /
-73.2 to 71.0 / 72.1 (docs/benchmarks.md, *Training step*).
+optimizer's Python all leave the step. On one H200 a VAR-d16 256 px B 32 step timed alone goes
+from 93.8 to 75.9 ms; in `maskar train`'s loop, which already launches each step while the GPU
+runs the previous one, from 78.1 to 77.2 ms (docs/benchmarks.md, *Training step*, run 5).
 
 What a graph needs and how this meets it:
 
@@ -35,7 +35,7 @@ from torch import Tensor
 WARMUP_STEPS = 3
 
 
-def graph_problem(model: torch.nn.Module) -> str | None:
+def prepare_for_graph(model: torch.nn.Module) -> str | None:
     """Make ``model``'s training step fit one CUDA graph (its ``prepare_graph_step()``, e.g.
     HMAR stage 2 moves its mask-ratio draw to the GPU); return why it cannot, or None."""
     prepare = getattr(model, "prepare_graph_step", None)

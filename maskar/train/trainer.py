@@ -45,7 +45,7 @@ from maskar.config import Config, ConfigError, dump_yaml
 from maskar.train import distributed as D
 from maskar.train import parallelize as P
 from maskar.train.ema import EMA
-from maskar.train.graph_step import GraphedStep, graph_problem, portable_state_dict, set_lr
+from maskar.train.graph_step import GraphedStep, portable_state_dict, prepare_for_graph, set_lr
 from maskar.train.logging import RunLogger, max_memory_gb
 from maskar.train.schedule import lr_from_config
 
@@ -311,7 +311,7 @@ class Trainer:
         from maskar.registry import build_model
 
         self.model = build_model(cfg.model)
-        if tc.cuda_graph and (problem := graph_problem(self.model)) is not None:
+        if tc.cuda_graph and (problem := prepare_for_graph(self.model)) is not None:
             raise ConfigError(f"train.cuda_graph: {problem}")
         resume_dir = ckpt.latest_checkpoint(self.out_dir) if tc.resume else None
         self.resume_dir = resume_dir
