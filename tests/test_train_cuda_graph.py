@@ -209,3 +209,32 @@ def test_gpu_replays_draw_new_random_numbers() -> None:
     losses = [step(x)[0]["loss"].item() for _ in range(5)]  # 1 eager, capture + replay, 3 replays
     assert step.graph is not None
     assert len(set(losses)) == 5, losses
+
+
+def test_static_batch_is_refilled_in_place_and_shape_changes_are_refused() -> None:
+    """The replay reads the capture's input buffers: each batch is copied into them (the same
+    storage), and a batch of another shape, dtype or key set is refused with the values named."""
+    step = G.GraphedStep.__new__(G.GraphedStep)  # the capture itself needs CUDA; _load does not
+    step.static_batch = {
+        "indices": torch.zeros(4, 10, dtype=torch.long),
+        "label": torch.zeros(4, dtype=torch.long),
+    }
+    ptrs = {k: v.data_ptr() for k, v in step.static_batch.items()}
+    new = {"indices": torch.arange(40).view(4, 10), "label": torch.tensor([3, 1, 2, 0])}
+    step._load(new)
+    assert all(torch.equal(step.static_batch[k], new[k]) for k in new)
+    assert {k: v.data_ptr() for k, v in step.static_batch.items()} == ptrs
+    with pytest.raises(
+        ValueError, match=r"batch\['indices'\] is \(3, 10\) torch.int64, the graph was captured for \(4, 10\)"
+    ):
+        step._load(
+            {"indices": torch.zeros(3, 10, dtype=torch.long), "label": torch.zeros(3, dtype=torch.long)}
+        )
+    with pytest.raises(ValueError, match="torch.int32"):
+        step._load(
+            {"indices": torch.zeros(4, 10, dtype=torch.int32), "label": torch.zeros(4, dtype=torch.long)}
+        )
+    with pytest.raises(ValueError, match=r"batch keys \['image', 'label'\] differ"):
+        step._load({"image": torch.zeros(4, 3), "label": torch.zeros(4, dtype=torch.long)})
+    with pytest.raises(ValueError, match=r"batch entries \['indices', 'label'\] are not CUDA tensors"):
+        step(new)
