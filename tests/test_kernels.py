@@ -31,11 +31,12 @@ INTERPRET_CASES = [
     ("1024px_first8_d128_scale1", tuple(s * s for s in SIDES_1024[:8]), 1, 1, 128, 1.0, 32),
     ("custom_odd", (3, 1, 17, 40, 5), 2, 2, 32, 0.3, 16),
     ("single_scale", (50,), 1, 2, 64, None, 16),
+    ("256px_tiles128", tuple(s * s for s in SIDES_256), 1, 1, 64, None, 128),  # the long-sequence tile size
 ]
 KINDS = ("block_diagonal", "block_causal")
 # (aligned tiles, grid order B*H-fast) per interpreter case
 TILING = {"256px": (True, False), "512px_first7": (False, True), "1024px_first8_d128_scale1": (True, True),
-          "custom_odd": (True, False), "single_scale": (False, False)}
+          "custom_odd": (True, False), "single_scale": (False, False), "256px_tiles128": (True, False)}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -462,10 +463,12 @@ def test_every_candidate_config_is_correct_gpu(kind):
 
     import maskar.kernels.block_sparse as bs
 
-    p = ScalePattern.from_sides(kind, SIDES_256)
     try:
-        for D in (64,):  # head dims 32 / 128 run their first candidates in the test above
-            fwd, bwd = bs._fwd_candidates(D), bs._bwd_candidates(D)
+        # head dims 32 / 128 run their first candidates in the test above; the long-sequence
+        # candidates (1024 px) on the 1024 px schedule
+        for D, sides, long in ((64, SIDES_256, False), (64, SIDES_1024, True)):
+            p = ScalePattern.from_sides(kind, sides)
+            fwd, bwd = bs._fwd_candidates(D, long), bs._bwd_candidates(D, long)
             for i in range(max(len(fwd), len(bwd))):
                 fc, bc = fwd[i % len(fwd)], bwd[i % len(bwd)]
                 bs.FORCE_FWD_CONFIG, bs.FORCE_BWD_CONFIG = fc, bc

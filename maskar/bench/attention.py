@@ -343,7 +343,8 @@ def check_triton_configs(kinds: list[str], dtypes: list, lengths: list[int], D: 
             for L in lengths:
                 pattern = ScalePattern.from_sides(kind, SCHEDULES[L])
                 for dtype in dtypes:
-                    fwds, bwds = bs._fwd_candidates(D), bs._bwd_candidates(D)
+                    long = pattern.total >= bs.LONG_L
+                    fwds, bwds = bs._fwd_candidates(D, long), bs._bwd_candidates(D, long)
                     pairs = [(f, bwds[0]) for f in fwds] + [(fwds[0], b) for b in bwds[1:]]
                     for fcfg, cfg in pairs:
                         bs.FORCE_FWD_CONFIG, bs.FORCE_BWD_CONFIG = fcfg, cfg

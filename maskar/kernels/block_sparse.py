@@ -392,25 +392,43 @@ class BwdConfig:
 # Candidates: each was the fastest, or within a few percent of it, at some benchmarked
 # shape in the H100 config sweep of 2026-11-22 (docs/kernels.md, *Finished experiments*);
 # the first of each list is the best overall and what the GPU tests pin.
-def _fwd_candidates(head_dim: int) -> list[FwdConfig]:
+# With ``long`` (sequences of LONG_L tokens or more: 1024 px, where one 64 x 64 scale is 4096
+# dense tokens and most of the work) the lists add the larger tiles dense FlashAttention kernels
+# use on Hopper (two warpgroups per 128-row tile); the 2026-11-22 sweep stopped at 512 px, where
+# they lose to the small scales' waste, so shorter sequences do not pay for timing them.
+LONG_L = 4096
+
+
+def _fwd_candidates(head_dim: int, long: bool = False) -> list[FwdConfig]:
     if head_dim <= 64:
-        return [FwdConfig(64, 32, 4, 3), FwdConfig(64, 64, 4, 3), FwdConfig(64, 32, 4, 4),
+        base = [FwdConfig(64, 32, 4, 3), FwdConfig(64, 64, 4, 3), FwdConfig(64, 32, 4, 4),
                 FwdConfig(64, 64, 4, 3, bh_fast=True), FwdConfig(64, 64, 4, 3, aligned=False)]
-    return [FwdConfig(64, 64, 4, 2), FwdConfig(128, 64, 8, 2), FwdConfig(64, 32, 4, 2),
-            FwdConfig(32, 64, 4, 2), FwdConfig(64, 64, 4, 3)]
+    else:
+        base = [FwdConfig(64, 64, 4, 2), FwdConfig(128, 64, 8, 2), FwdConfig(64, 32, 4, 2),
+                FwdConfig(32, 64, 4, 2), FwdConfig(64, 64, 4, 3)]
+    if long:
+        base += [FwdConfig(128, 64, 8, 3), FwdConfig(128, 128, 8, 3)] if head_dim <= 64 else [
+            FwdConfig(128, 64, 8, 3), FwdConfig(128, 32, 8, 3)]
+    return base
 
 
-def _bwd_candidates(head_dim: int) -> list[BwdConfig]:
+def _bwd_candidates(head_dim: int, long: bool = False) -> list[BwdConfig]:
     if head_dim <= 64:
-        return [BwdConfig(32, 64, 64, 32, 4, 3), BwdConfig(32, 64, 64, 32, 4, 3, aligned=False),
+        base = [BwdConfig(32, 64, 64, 32, 4, 3), BwdConfig(32, 64, 64, 32, 4, 3, aligned=False),
                 BwdConfig(32, 64, 64, 32, 4, 4), BwdConfig(32, 64, 64, 32, 4, 3, False),
                 BwdConfig(64, 64, 64, 64, 4, 3), BwdConfig(16, 64, 64, 16, 4, 3),
                 BwdConfig(32, 64, 64, 32, 4, 3, bh_fast=True),
                 # split launches: dQ programs compiled for their own register budget
                 BwdConfig(32, 64, 64, 32, 4, 3, True, 4)]
-    return [BwdConfig(16, 64, 64, 16, 4, 2), BwdConfig(32, 64, 64, 32, 4, 2),
-            BwdConfig(16, 64, 64, 16, 4, 2, False), BwdConfig(64, 64, 64, 64, 8, 2),
-            BwdConfig(32, 128, 128, 32, 8, 2), BwdConfig(32, 64, 64, 32, 4, 2, True, 4)]
+    else:
+        base = [BwdConfig(16, 64, 64, 16, 4, 2), BwdConfig(32, 64, 64, 32, 4, 2),
+                BwdConfig(16, 64, 64, 16, 4, 2, False), BwdConfig(64, 64, 64, 64, 8, 2),
+                BwdConfig(32, 128, 128, 32, 8, 2), BwdConfig(32, 64, 64, 32, 4, 2, True, 4)]
+    if long:
+        base += [BwdConfig(32, 128, 128, 32, 4, 3), BwdConfig(64, 128, 128, 64, 8, 3),
+                 BwdConfig(32, 128, 128, 32, 8, 3, True, 8)] if head_dim <= 64 else [
+            BwdConfig(32, 128, 128, 32, 8, 3), BwdConfig(64, 128, 128, 64, 8, 2)]
+    return base
 
 
 # Tests set these to pin the configs (the CPU interpreter has no timing to tune on).
@@ -761,7 +779,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: floa
     qk_scale = scale * LOG2E
     cfg, bnd, items = _plan(
         "fwd", q, pattern, FORCE_FWD_CONFIG or (_INTERPRET_FWD if _INTERPRET else None),
-        lambda: _fwd_candidates(D),
+        lambda: _fwd_candidates(D, L >= LONG_L),
         lambda c, bnd: _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, c),
         lambda c: _row_items(pattern, c.block_m, c.block_n, c.aligned, q.device))
     _launch_fwd(q, k, v, o, lse, bnd, qk_scale, pattern, cfg, items)
@@ -777,7 +795,7 @@ def _backward(q, k, v, o, lse, do, pattern: ScalePattern, scale: float, grads=No
     args = (q, k, v, o, do, dq, dk, dv, lse)
     cfg, bnd, launches = _plan(
         "bwd", q, pattern, FORCE_BWD_CONFIG or (_INTERPRET_BWD if _INTERPRET else None),
-        lambda: _bwd_candidates(D),
+        lambda: _bwd_candidates(D, L >= LONG_L),
         lambda c, bnd: _launch_bwd(*args, bnd, scale * LOG2E, scale, pattern, c),
         lambda c: _bwd_launches(pattern, c, q.device))
     _launch_bwd(*args, bnd, scale * LOG2E, scale, pattern, cfg, launches)
