@@ -174,15 +174,15 @@ def test_compile_mode_reaches_the_blocks_only(monkeypatch):
 
     calls: list[dict] = []
 
-    def record(self, transformer=True, block_mode="default", **kw):
-        calls.append({"block_mode": block_mode, **kw})
+    def record(self, transformer=True, block_mode="default", head_mode="default", **kw):
+        calls.append({"block_mode": block_mode, "head_mode": head_mode, **kw})
 
     monkeypatch.setattr(MAR, "compile_sampler", record)
     mode = "max-autotune-no-cudagraphs"
     argv = ["--preset", "mar-tiny", "--device", "cpu", "--batch", "2", "--sample-reps", "1",
             "--num-iters", "2", "--train-batch", "0", "--compile", "on", "--compile-mode", mode]  # fmt: skip
     assert bench_mar(argv) == 0
-    assert calls == [{"block_mode": "max-autotune-no-cudagraphs", "backend": "inductor"}]
+    assert calls == [{"block_mode": mode, "head_mode": "default", "backend": "inductor"}]
     with pytest.raises(SystemExit):
         bench_mar(argv[:-1] + ["fastest"])
 

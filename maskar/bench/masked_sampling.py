@@ -453,7 +453,8 @@ def run_cases(
             if args.profile and rows:  # after the uncompiled rows, before a compile that may overrun
                 profile_first(samplers[0], rows, args, device, precision, meta)
             for model in {id(s.model): s.model for s in samplers}.values():
-                model.compile_sampler(backend=args.compile_backend, block_mode=args.compile_mode)
+                modes = {"block_mode": args.compile_mode, "head_mode": args.head_compile_mode}
+                model.compile_sampler(backend=args.compile_backend, **modes)
             compiled = True
         for i, sampler in enumerate(samplers):
             model = sampler.model
@@ -613,7 +614,13 @@ def add_common_args(ap: argparse.ArgumentParser, preset: str) -> None:
         "--compile-mode",
         default="default",
         choices=("default", "max-autotune-no-cudagraphs"),
-        help="torch.compile mode of the transformer blocks (the heads' steps keep the default)",
+        help="torch.compile mode of the transformer blocks",
+    )
+    ap.add_argument(
+        "--head-compile-mode",
+        default="default",
+        choices=("default", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode of the diffusion heads' network steps (the posterior keeps the default)",
     )
     ap.add_argument(
         "--profile", action="store_true", help="profile one more call of the first sampler, first variant"

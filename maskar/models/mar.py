@@ -437,7 +437,11 @@ class MaskedGenerator(nn.Module):
     # -- speed
 
     def compile_sampler(
-        self, transformer: bool = True, block_mode: str = "default", **compile_kwargs: Any
+        self,
+        transformer: bool = True,
+        block_mode: str = "default",
+        head_mode: str = "default",
+        **compile_kwargs: Any,
     ) -> None:
         """Opt-in ``torch.compile`` for sampling: every encoder / decoder block (dynamic
         sequence length: the sparse encoder's visible count changes every step) and each
@@ -446,13 +450,14 @@ class MaskedGenerator(nn.Module):
         outputs equal eager to rounding. The first sampling call pays the compile time.
         ``block_mode``: the blocks' torch.compile mode; ``max-autotune-no-cudagraphs`` lets
         Inductor use Triton matmul templates that take the exact GELU and the residual adds
-        into their epilogues (cuBLAS leaves them as kernels of their own), at a long first compile."""
+        into their epilogues (cuBLAS leaves them as kernels of their own), at a long first compile.
+        ``head_mode``: the same for the diffusion heads' network steps (CASMAR's DiT head)."""
         if transformer:
             for blk in (*self.encoder_blocks, *self.decoder_blocks):
                 blk.compile(**{"dynamic": True, "mode": block_mode, **compile_kwargs})
         for head in self.children():
             if isinstance(head, GraphedHead):
-                head.compile_sampler(**compile_kwargs)
+                head.compile_sampler(step_mode=head_mode, **compile_kwargs)
         self._sampler_compiled = True
 
     def _compile_once(self, compile: bool | str) -> None:

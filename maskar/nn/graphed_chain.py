@@ -331,12 +331,14 @@ class GraphedHead(nn.Module):
 
     # -- sampling
 
-    def compile_sampler(self, **compile_kwargs: Any) -> None:
+    def compile_sampler(self, step_mode: str = "default", **compile_kwargs: Any) -> None:
         """Opt-in: ``torch.compile`` the per-step network call (both CFG forms). The CFG scale
         is then passed as a 0-d tensor, so one compile serves every scale; the CUDA-graph path
-        captures the compiled kernels. The first call pays the compile time."""
+        captures the compiled kernels. The first call pays the compile time. ``step_mode``: the
+        network call's torch.compile mode (the posterior keeps the default)."""
         kw = {**self.compile_defaults, **compile_kwargs}
-        self._compiled = (torch.compile(self.step, **kw), torch.compile(self.step_cfg, **kw))
+        step_kw = {**kw, "mode": step_mode}
+        self._compiled = (torch.compile(self.step, **step_kw), torch.compile(self.step_cfg, **step_kw))
         # The posterior arithmetic after each network call (~12 small elementwise kernels per
         # step eagerly) as one compiled kernel that also takes the network's output as it is
         # (the float32 cast fused in); the temperature comes as a 0-d tensor, so one compile

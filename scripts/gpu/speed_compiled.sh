@@ -19,7 +19,8 @@
 #   PART=autotune (up to 9 min, DEADLINE=570): MAR-B num_iter 256 at the defaults, then with the
 #     transformer blocks compiled in mode max-autotune-no-cudagraphs (Triton matmul templates that can
 #     take the exact GELU and the residual adds into their epilogues; a long first compile), then
-#     CASMAR-B the same way in the time left.
+#     CASMAR-B with its blocks and its heads' steps (the DiT head: GELU, adaLN modulation) so, in
+#     the time left.
 #   PART=nextscale (about 5 min): `maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled`,
 #     then the short 256 px training-step rows of issue 13 in the time left.
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
@@ -128,9 +129,9 @@ elif [ "${PART}" = autotune ]; then
       --compile-mode $mode --json "$OUT/mar256_$mode.json" > "$OUT/mar256_$mode.txt" 2>&1
     echo "mar $mode rc=$?"; grep -vE "$NOISE" "$OUT/mar256_$mode.txt" | grep -E "^sample|first|Error" | tail -n 4
   done
-  el "bench casmar, blocks compiled with mode max-autotune-no-cudagraphs"
+  el "bench casmar, blocks and the heads' steps compiled with mode max-autotune-no-cudagraphs"
   timeout $(cap 300) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --compile-mode max-autotune-no-cudagraphs \
-    --json "$OUT/casmar_autotune.json" > "$OUT/casmar_autotune.txt" 2>&1
+    --head-compile-mode max-autotune-no-cudagraphs --json "$OUT/casmar_autotune.json" > "$OUT/casmar_autotune.txt" 2>&1
   echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_autotune.txt" | grep -E "^sample|Error" | tail -n 4
 else
   el "bench sample: fast, compiled"
