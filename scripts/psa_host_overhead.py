@@ -33,7 +33,8 @@ def main() -> None:
         n, t = 300, time.perf_counter()
         for _ in range(n):
             fn()
-        print(f"{fn.__name__}: {(time.perf_counter() - t) / n * 1e6:.1f} us of host time per call (launches stubbed)")
+        us = (time.perf_counter() - t) / n * 1e6
+        print(f"{fn.__name__}: {us:.1f} us of host time per call (launches stubbed)")
 
 
 if __name__ == "__main__":
