@@ -25,6 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from maskar.bench import masked_sampling as ms
+from maskar.bench.kernel_time import kernel_ms_per_call
 from maskar.nn.attention import set_backend
 from maskar.nn.diffusion import space_timesteps
 
@@ -53,23 +54,12 @@ def _print_top_kernels(
     name: str, fn: Callable[[], object], rows: dict, calls: int = 10, top: int = 14
 ) -> None:
     """GPU time per kernel name over ``calls`` calls of fn (torch.profiler), per call, largest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    per: dict[str, float] = {}
-    for ev in prof.profiler.kineto_results.events():
-        if ev.device_type() == torch.autograd.DeviceType.CUDA:
-            per[ev.name()] = per.get(ev.name(), 0.0) + (ev.end_ns() - ev.start_ns()) / 1e6 / calls
+    per = kernel_ms_per_call(fn, calls)
     total = sum(per.values())
     print(f"  {name}: kernel time per call {total:.3f} ms; top kernels (ms per call):")
-    for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top]:
+    for k, v in list(per.items())[:top]:
         print(f"    {v:8.4f}  {k[:100]}")
-    rows.setdefault(name, {})["kernels_ms_per_call"] = dict(sorted(per.items(), key=lambda kv: -kv[1])[:40])
+    rows.setdefault(name, {})["kernels_ms_per_call"] = dict(list(per.items())[:40])
 
 
 def main(argv: list[str] | None = None) -> int:

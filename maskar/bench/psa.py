@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maskar.bench.attention import measure_hbm_gbs, measure_matmul_tflops
+from maskar.bench.kernel_time import kernel_ms_per_call
 from maskar.nn.proximal_attention import proximal_attention
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -356,6 +357,10 @@ def bench_case(method: str, fn: Callable, p: Problem, B: int, H: int, D: int, dt
         row["fwd_ms"] = time_ms(fwd, reps, warmup, device)
         row["fwd_bwd_ms"] = time_ms(fwd_bwd, reps, warmup, device)
         row["reps"] = reps
+        if cuda and method == "triton":  # kernel time per call: the median's excess over it is host time
+            row["fwd_kernel_ms"] = sum(kernel_ms_per_call(fwd).values())
+            row["fwd_bwd_kernels"] = kernel_ms_per_call(fwd_bwd)
+            row["fwd_bwd_kernel_ms"] = sum(row["fwd_bwd_kernels"].values())
         if cuda:
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
@@ -493,9 +498,9 @@ def print_summary(rows: list[dict]) -> None:
     keys = list(dict.fromkeys((r["dtype"], r["grid"], r["B"], r["kernel"], r["dilation"]) for r in rows))
     print("\nSUMMARY: fwd+bwd ms (median); speed-up = best exact peer (sdpa_bias, flex) / triton; "
           "dense_nomask is NOT the same function\n")
-    print("| dtype | grid | B | k | dil | floor | triton | best exact peer | speed-up | dense_nomask (≠) "
-          "| target | kernel tiles fwd / bwd |")
-    print("|---" * 12 + "|")
+    print("| dtype | grid | B | k | dil | floor | triton | its GPU kernels | best exact peer | speed-up "
+          "| dense_nomask (≠) | target | kernel tiles fwd / bwd |")
+    print("|---" * 13 + "|")
 
     def ms(r):
         return r.get("fwd_bwd_ms") if r and "skip" not in r else None
@@ -513,6 +518,7 @@ def print_summary(rows: list[dict]) -> None:
         cells = [
             "-" if floor is None else f"{floor:.3f}",
             "fail" if t is not None and tk is None else ("-" if tk is None else f"{tk:.3f}"),
+            "-" if t is None or "fwd_bwd_kernel_ms" not in t else f"{t['fwd_bwd_kernel_ms']:.3f}",
             "-" if best is None else f"{best[1]:.3f} ({best[0]})",
             "-" if best is None or tk is None else f"{best[1] / tk:.1f}x",
             "-" if dense is None else f"{dense:.3f}",

@@ -1,0 +1,27 @@
+"""GPU kernel time of a call, by kernel name (torch.profiler / CUPTI), for telling a call's
+kernel time from its wall time: a call whose per-call median exceeds its kernel time is
+host-bound (launches, autograd, allocation) rather than GPU-bound."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def kernel_ms_per_call(fn: Callable[[], object], calls: int = 10) -> dict[str, float]:
+    """ms of GPU kernel time per call of ``fn``, by kernel name, over ``calls`` calls after one
+    untimed call (CUDA only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per: dict[str, float] = {}
+    for ev in prof.profiler.kineto_results.events():
+        if ev.device_type() == torch.autograd.DeviceType.CUDA:
+            per[ev.name()] = per.get(ev.name(), 0.0) + (ev.end_ns() - ev.start_ns()) / 1e6 / calls
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
