@@ -27,9 +27,8 @@
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-T0=$(date +%s); el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
 DEADLINE=${DEADLINE:-575}
-cap() { local s=$(( T0 + DEADLINE - $(date +%s) )); [ $s -lt 5 ] && s=5; echo $(( $1 < s ? $1 : s )); }
+source "$(dirname "$0")/clock.sh"
 PY=${PY:-python3}
 NOISE='Warning|warn|originates from|^ *File |kern = |^$|torch._dynamo.utils'
 masked_defaults() {  # MAR_CAP CASMAR_CAP: MAR-B num_iter 64 / 256 and CASMAR-B at the defaults, the targets

@@ -21,9 +21,7 @@
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-T0=$(date +%s); el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
-DEADLINE=${DEADLINE:-570}
-cap() { local s=$(( T0 + DEADLINE - $(date +%s) )); [ $s -lt 5 ] && s=5; echo $(( $1 < s ? $1 : s )); }
+source "$(dirname "$0")/clock.sh"
 NOISE='Warning|warn|originates from|^ *File |^$|torch._dynamo.utils'
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 

@@ -27,11 +27,7 @@
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-T0=$(date +%s); el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
-DEADLINE=${DEADLINE:-570}
-# cap LIMIT: the stage's own limit, or the seconds left before DEADLINE if fewer (at least 5), so a
-# slow stage shortens the later ones instead of the call ending with no summary
-cap() { local s=$(( T0 + DEADLINE - $(date +%s) )); [ $s -lt 5 ] && s=5; echo $(( $1 < s ? $1 : s )); }
+source "$(dirname "$0")/clock.sh"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
 

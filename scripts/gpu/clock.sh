@@ -1,0 +1,8 @@
+# Sourced by the device scripts that run several stages inside one device call:
+#   el MSG      prints MSG with the seconds since the script started
+#   cap LIMIT   the stage's own limit, or the seconds left before DEADLINE (default 570 s) if fewer
+#               (at least 5), so a slow stage shortens the later ones instead of the call ending
+#               with no summary
+T0=$(date +%s); el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
+DEADLINE=${DEADLINE:-570}
+cap() { local s=$(( T0 + DEADLINE - $(date +%s) )); [ $s -lt 5 ] && s=5; echo $(( $1 < s ? $1 : s )); }
