@@ -57,6 +57,17 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype)
 
 
+def inference_weights(model: torch.nn.Module, device: torch.device, precision: str) -> None:
+    """On CUDA under bf16 / fp16 autocast (``precision`` auto, bf16 or fp16): models that can
+    (VAR, HMAR: ``cast_linears_``) store their linears in that dtype once. The outputs are the
+    same bit for bit (autocast casts those weights anyway), without re-casting them at every
+    scale pass, in less memory. The CLI's processes only sample, so the model is not trained after."""
+    cast = getattr(model, "cast_linears_", None)
+    if cast is None or device.type != "cuda" or precision == "fp32":
+        return
+    cast(torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
 def read_generator_config(ckpt: str, overrides: list[str], key: str = "ckpt") -> Config:
     """The config of a generator checkpoint with ``sample.*`` / ``attention_backend`` overrides
     applied and validated; reads only ``config.yaml`` (no weights)."""
@@ -131,6 +142,7 @@ def generate(
     starts = range(0, len(all_labels), batch_size)
     # Models that check labels on the CPU take them there (no wait for the GPU per batch).
     label_device = torch.device("cpu") if getattr(model, "takes_host_labels", False) else device
+    inference_weights(model, device, precision)
     pipe = HostPipeline(len(all_labels), sinks)
     try:
         with step_progress(model, "sampling") as bar:
@@ -540,6 +552,7 @@ def edit_image(
     kwargs = sampling_kwargs(cfg.sample)
     seed = int(kwargs.pop("seed", 0))
     labels = torch.full((n,), lab, dtype=torch.long, device=device)
+    inference_weights(model, device, precision)
     with step_progress(model, "editing"), autocast_for(device, precision):
         out = model.edit(img.expand(n, -1, -1, -1), keep.expand(n, -1, -1, -1), labels, seed=seed, **kwargs)
     masked = img * keep  # show what was kept

@@ -92,8 +92,20 @@ def test_row_lines_up_with_the_header_and_holds_only_this_run():
 
 @pytest.mark.parametrize(
     "argv",
-    [["nope=1"], ["precision=int8"], ["schedule=mine"], ["reps=0"], ["noequals"], ["modes=turbo"],
-     ["large_n=-1"], ["modes=compiled,fast"]],
+    [
+        ["nope=1"],
+        ["precision=int8"],
+        ["schedule=mine"],
+        ["reps=0"],
+        ["noequals"],
+        ["modes=turbo"],
+        ["large_n=-1"],
+        ["modes=compiled,fast"],
+        ["modes=fast-w16,fast"],
+        ["modes=compiled,fast-w16"],
+        ["modes=compiled-w16,compiled"],
+        ["modes=fast-w16", "precision=fp32"],
+    ],
 )
 def test_bad_arguments_stop_with_a_message(argv):
     with pytest.raises(SystemExit, match="bench sample"):
@@ -160,3 +172,18 @@ def test_compiled_mode_runs_after_fast_and_checks(monkeypatch, tmp_path):
     assert calls == [1]
     assert rows[1]["dynamo"]["graphs"] >= 2 and rows[1]["dynamo"]["recompile_limit_hits"] == 0
     assert "dynamo" not in rows[0]
+
+
+def test_w16_mode_samples_what_fast_samples(tmp_path):
+    """modes=fast,fast-w16 on one model: the linears cast once to the autocast dtype give the same
+    images as the fast row, and every row check passes (CPU, bf16 autocast)."""
+    opts = bench._parse(["models=var-tiny", "cases=16x2", "modes=fast,fast-w16", "reps=1", "warmup=0",
+                         "device=cpu"])  # fmt: skip
+    device = torch.device("cpu")
+    overrides = bench.case_overrides("var-tiny", 16, int(opts["hmar_stage"]))
+    built = (*bench.build_case("var-tiny", overrides, device, str(opts["backend"])), overrides)
+    fast, img_fast = bench.run_case("var-tiny", 16, 2, opts, device, "fast", built)
+    w16, img_w16 = bench.run_case("var-tiny", 16, 2, opts, device, "fast-w16", built)
+    assert fast["check_ok"] and w16["check_ok"], (fast.get("check_failures"), w16.get("check_failures"))
+    assert built[0].head.weight.dtype == torch.bfloat16
+    assert torch.equal(img_fast, img_w16)

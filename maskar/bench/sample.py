@@ -23,8 +23,10 @@ same GPU in the same run (docs/benchmarks.md gives the official code's separate 
 ``modes`` (comma-separated) picks the sampling path, one row each, on the same model:
 ``fast`` (the default path: per-scale CUDA graphs on a GPU, the fused top-k / top-p sampler,
 the VQ-VAE decoded in bf16 under bf16 autocast), ``compiled`` (fast with each block's work
-around its attention compiled, ``model.compile_sampler()``; list it last), ``eager`` (fast
-without CUDA graphs) and
+around its attention compiled, ``model.compile_sampler()``; list it last), ``fast-w16`` /
+``compiled-w16`` (the same after ``model.cast_linears_()``: the linears stored in the autocast
+dtype once, as ``maskar sample`` runs on CUDA; irreversible, so last), ``eager`` (fast without
+CUDA graphs) and
 ``legacy`` (the path before issue 14: no graphs, the reference sort-based filter, the fp32
 decoder in 32 x 256^2-pixel chunks; the KV cache is the static one of the fast path).
 
@@ -87,6 +89,11 @@ MODES = {
     # compiling cannot be undone, so rows of this mode run after the model's other modes
     "compiled": {"cuda_graphs": True, "sampler": "fused", "decode_precision": "auto"},
 }
+# "-w16": the same path after model.cast_linears_() (the linears stored in the autocast dtype once,
+# as `maskar sample` does on CUDA under bf16 / fp16); irreversible like compiling, so those rows
+# run last: fast-w16 then compiled-w16, or compiled then compiled-w16
+MODES |= {f"{name}-w16": attrs for name, attrs in MODES.items() if name in ("fast", "compiled")}
+_IRREVERSIBLE_AFTER = {"compiled": {"compiled-w16"}, "fast-w16": {"compiled-w16"}, "compiled-w16": set()}
 
 PEAK_TFLOPS = 790.0  # H200 dense bf16 matmul, measured (docs/protocol.md)
 
@@ -132,8 +139,17 @@ def _parse(argv: list[str]) -> dict[str, Any]:
     modes = [m.strip() for m in str(opts["modes"]).split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         raise SystemExit(f"bench sample: modes: expected names from {sorted(MODES)}, got {opts['modes']!r}")
-    if "compiled" in modes and modes[-1] != "compiled":
-        raise SystemExit(f"bench sample: modes: compiled is irreversible, put it last; got {opts['modes']!r}")
+    for i, m in enumerate(modes):
+        allowed = _IRREVERSIBLE_AFTER.get(m)
+        if allowed is not None and any(later not in allowed for later in modes[i + 1 :]):
+            raise SystemExit(
+                f"bench sample: modes: {m} cannot be undone on a model, so only "
+                f"{sorted(allowed) or 'nothing'} may follow it; got {opts['modes']!r}"
+            )
+    if opts["precision"] == "fp32" and any(m.endswith("-w16") for m in modes):
+        raise SystemExit(
+            f"bench sample: modes: the -w16 modes need precision bf16 or fp16, got {opts['precision']}"
+        )
     if int(opts["large_n"]) < 0:
         raise SystemExit(f"bench sample: large_n: expected an integer >= 0, got {opts['large_n']!r}")
     return opts
@@ -286,14 +302,19 @@ def dynamo_stats() -> dict[str, int]:
     return {"graphs": int(counters["stats"]["unique_graphs"]), "recompile_limit_hits": int(hits)}
 
 
-def set_mode(model, mode: str) -> None:
+def set_mode(model, mode: str, precision: str = "bf16") -> None:
     """Switch ``model`` to one of MODES (and drop CUDA graphs captured under another)."""
     for name, value in MODES[mode].items():
         setattr(model, name, value)
-    if mode == "compiled" and not getattr(model, "_sampler_compiled", False):
+    base, w16 = mode.removesuffix("-w16"), mode.endswith("-w16")
+    if base == "compiled" and not getattr(model, "_sampler_compiled", False):
         model.compile_sampler()
-    elif mode != "compiled" and getattr(model, "_sampler_compiled", False):
+    elif base != "compiled" and getattr(model, "_sampler_compiled", False):
         raise SystemExit(f"bench sample: mode {mode} after compiled on one model (put compiled last)")
+    if w16:
+        model.cast_linears_(torch.float16 if precision == "fp16" else torch.bfloat16)
+    elif getattr(model, "_linears_dtype", None) is not None:
+        raise SystemExit(f"bench sample: mode {mode} after a -w16 mode on one model (put -w16 modes last)")
     model._graphs.clear()
 
 
@@ -311,7 +332,8 @@ def count_flops(model, call) -> float:
 
 
 def memory_floor_gb(model, batch: int, precision: str) -> float:
-    """Weights (as stored, fp32) plus VAR's KV cache at the last scale: what any call must hold."""
+    """Weights as stored (fp32; the linears bf16 after cast_linears_) plus VAR's KV cache at the
+    last scale: what any call must hold."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     cache = 0
     if model.uses_kv_cache:
@@ -337,7 +359,7 @@ def run_case(
         model, cfg = build_case(preset, overrides, device, str(opts["backend"]))
     else:
         model, cfg, overrides = built
-    set_mode(model, mode)
+    set_mode(model, mode, str(opts["precision"]))
     knobs = sampling_knobs(model, cfg, opts)
     precision, seed = str(opts["precision"]), int(opts["seed"])
     labels = torch.arange(batch, device=device) % model.num_classes  # (B,) int64
@@ -640,7 +662,7 @@ def large_n_run(model, cfg, batch: int, n: int, opts: dict[str, Any], device) ->
 
     from maskar import sampling
 
-    set_mode(model, "fast")
+    set_mode(model, "fast-w16" if getattr(model, "_linears_dtype", None) is not None else "fast")
     sample = dataclasses.replace(
         cfg.sample, cfg=float(opts["cfg"]), top_k=int(opts["top_k"]), top_p=float(opts["top_p"]),
         seed=int(opts["seed"]),

@@ -302,6 +302,30 @@ class NextScaleModel(nn.Module):
         self._graphs.clear()
         self._sampler_compiled = True
 
+    def cast_linears_(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Inference only: store the weight and bias of every ``nn.Linear`` of the generator (not
+        of its frozen tokenizer) in ``dtype``; returns how many were cast.
+
+        Under autocast to ``dtype`` the outputs do not change, bit for bit: autocast casts a
+        linear's weight and bias to it anyway, rounding to nearest even as ``Tensor.to`` does.
+        What changes is that the cast happens once: the per-scale CUDA graphs and the compiled
+        blocks cannot keep autocast's cast cache, so they re-cast every weight at every scale
+        pass (five cast kernels per block, 2 GB of traffic a pass at d16), and the fp32 copies'
+        memory is freed. The sampling CLI (``maskar sample`` / ``eval``) calls it on CUDA under
+        bf16 / fp16; ``model.train()`` afterwards is refused (reload the checkpoint to train).
+        """
+        n = 0
+        for name, m in self.named_modules():
+            if name == "tokenizer" or name.startswith("tokenizer."):
+                continue
+            if isinstance(m, nn.Linear) and m.weight.dtype != dtype:
+                m.to(dtype)
+                n += 1
+        if n:
+            self._linears_dtype = dtype
+            self._graphs.clear()  # graphs captured before read the old weights
+        return n
+
     def _make_block(self, drop_path: float) -> AdaLNSelfAttnBlock:
         cfg = self.cfg
         return AdaLNSelfAttnBlock(
@@ -373,6 +397,11 @@ class NextScaleModel(nn.Module):
             )
 
     def train(self, mode: bool = True) -> NextScaleModel:
+        if mode and getattr(self, "_linears_dtype", None) is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}: its linear weights were cast to {self._linears_dtype} for "
+                "inference (cast_linears_); reload the checkpoint to train"
+            )
         super().train(mode)
         self.tokenizer.eval()  # frozen, always in inference mode
         return self
