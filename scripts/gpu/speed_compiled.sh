@@ -21,6 +21,8 @@
 #     take the exact GELU and the residual adds into their epilogues; a long first compile), then
 #     CASMAR-B with its blocks and its heads' steps (the DiT head: GELU, adaLN modulation) so, in
 #     the time left.
+#   PART=w16 (about 4 min): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the linears
+#     stored in bf16 once (cast_linears_, what `maskar sample` does since 2026-12-04), then compiled so.
 #   PART=nextscale (about 5 min): `maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled`,
 #     then the short 256 px training-step rows of issue 13 in the time left.
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
@@ -121,6 +123,11 @@ elif [ "${PART}" = pending ]; then
     rows=hmar/d16/blocks/graph,var/d16/blocks/graph,hmar/d16/blocks json="$OUT/train_graph.json" \
     > "$OUT/train_graph.txt" 2>&1
   echo "train graph rc=$?"; grep -vE "$NOISE" "$OUT/train_graph.txt" | tail -n 8
+elif [ "${PART}" = w16 ]; then
+  el "bench sample: fast, fast-w16, compiled-w16"
+  timeout $(cap 330) $PY -m maskar bench sample models=hmar-d16,var-d16 modes=fast,fast-w16,compiled-w16 reps=5 \
+    json="$OUT/sample_w16.json" > "$OUT/sample_w16.txt" 2>&1
+  echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample_w16.txt" | tail -n 30
 elif [ "${PART}" = autotune ]; then
   for mode in default max-autotune-no-cudagraphs; do
     el "bench mar num_iter 256, blocks compiled with mode $mode"
