@@ -581,6 +581,8 @@ def format_profile(r: dict[str, Any]) -> list[str]:
 
 def precision_agreement(model, labels, seed: int, knobs: dict[str, Any], precision: str, device) -> dict:
     """The same seeds in ``precision`` and in fp32: how far the bf16 path is from the fp32 one."""
+    if getattr(model, "_linears_dtype", None) is not None:
+        return {"skipped": "the linears are stored in low precision (a -w16 mode): no fp32 reference"}
     from maskar.models.var import no_autocast
     from maskar.nn.sampling import exponential_noise, sample_from_logits
 
@@ -640,8 +642,8 @@ def format_agree(r: dict[str, Any]) -> list[str]:
     if not a:
         return []
     tag = f"  bf16 vs fp32 {r['model']} {r['res']}x{r['batch']}"
-    if "error" in a:
-        return [f"{tag}: {a['error']}"]
+    if "error" in a or "skipped" in a:
+        return [f"{tag}: {a.get('error') or a['skipped']}"]
     per = " ".join(f"{x:.3f}" for x in a["token_agreement_per_scale"])
     return [
         f"{tag}: tokens {100 * a['token_agreement']:.1f}% equal (per scale {per}); same-context draws "
