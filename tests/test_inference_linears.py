@@ -12,8 +12,15 @@ from maskar.registry import build_model
 
 
 def _model(preset: str, *overrides: str):
+    """A tiny model with every generator weight jittered: zero-initialised layers (adaLN, a
+    diffusion head's final layer) would otherwise make the outputs ignore the other weights."""
     torch.manual_seed(0)
-    return build_model(load_config(preset, list(overrides)).model).eval()
+    model = build_model(load_config(preset, list(overrides)).model).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("tokenizer."):
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
 
 
 def _sample(model, labels: torch.Tensor):
@@ -86,3 +93,34 @@ def test_the_sampling_cli_casts_only_on_cuda_under_low_precision() -> None:
         want = (torch.float16 if precision == "fp16" else torch.bfloat16) if cast else torch.float32
         assert model.head.weight.dtype == want, (device, precision)
     inference_weights(nn.Linear(2, 2), torch.device("cuda"), "bf16")  # models without the method: left alone
+
+
+@pytest.mark.parametrize(
+    "preset,kw",
+    [
+        ("mar-tiny", dict(num_iter=4, cfg=2.0, num_sampling_steps="8")),
+        (
+            "casmar-tiny",
+            dict(num_iter=2, cfg=2.0, re_cfg=2.0, num_sampling_steps="6", refine_num_sampling_steps="6"),
+        ),
+    ],
+)
+def test_masked_generators_sample_the_same_with_bf16_linears(preset, kw) -> None:
+    """MAR / CASMAR: transformer and diffusion heads' linears in bf16 give the same images under
+    bf16 autocast (the diffusion chains are continuous: any weight change would show)."""
+    model = _model(preset)
+    labels = torch.tensor([0, 1])
+
+    def sample():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.generate(labels, seed=5, compile=False, **kw)
+
+    before = sample()
+    n = model.cast_linears_(torch.bfloat16)
+    assert n > 0 and all(p.dtype == torch.float32 for p in model.tokenizer.parameters())
+    assert torch.equal(sample(), before)
+    with pytest.raises(RuntimeError, match="for inference"):
+        model.train()
+    w = model.z_proj.weight.data  # the comparison does see a weight change of a few bf16 steps
+    w.mul_(1 + 2**-5)
+    assert not torch.equal(sample(), before)

@@ -38,6 +38,7 @@ from maskar.config import ModelConfig, SampleConfig, field
 from maskar.nn.diffloss import DiffLoss
 from maskar.nn.diffusion import space_timesteps
 from maskar.nn.graphed_chain import GraphedHead
+from maskar.nn.inference import cast_linears_, refuse_training_if_cast
 from maskar.nn.sampling import SamplingTrace, make_generator
 from maskar.nn.vit import Block
 from maskar.tokenizers.klvae import KLVAE, KLVAEConfig
@@ -268,7 +269,16 @@ class MaskedGenerator(nn.Module):
     def from_config(cls, cfg: MARConfig) -> MaskedGenerator:
         return cls(cfg)
 
+    def cast_linears_(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Inference only: the generator's linears (transformer, diffusion heads; not the frozen
+        tokenizer) stored in ``dtype`` (:func:`maskar.nn.inference.cast_linears_`: the same
+        outputs under autocast to it, bit for bit, without the per-iteration weight casts of the
+        compiled blocks, and the heads' per-chain weight copies become no-ops). The sampling CLI
+        calls it on CUDA under bf16 / fp16; ``train()`` is refused afterwards."""
+        return cast_linears_(self, dtype)
+
     def train(self, mode: bool = True) -> MaskedGenerator:
+        refuse_training_if_cast(self, mode)
         super().train(mode)
         self.tokenizer.eval()  # frozen: always in eval mode
         return self

@@ -36,6 +36,7 @@ from maskar.config import ConfigError, ModelConfig, SampleConfig, field
 from maskar.models.scale_graphs import GraphCache, NoiseSource, graphs_usable, mark
 from maskar.nn.attention import ScalePattern
 from maskar.nn.blocks import AdaLNBeforeHead, AdaLNSelfAttnBlock, SharedAdaLin, StaticKVCache
+from maskar.nn.inference import cast_linears_, refuse_training_if_cast
 from maskar.nn.losses import linear_cross_entropy
 from maskar.nn.sampling import (
     SAMPLERS,
@@ -303,28 +304,12 @@ class NextScaleModel(nn.Module):
         self._sampler_compiled = True
 
     def cast_linears_(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        """Inference only: store the weight and bias of every ``nn.Linear`` of the generator (not
-        of its frozen tokenizer) in ``dtype``; returns how many were cast.
-
-        Under autocast to ``dtype`` the outputs do not change, bit for bit: autocast casts a
-        linear's weight and bias to it anyway, rounding to nearest even as ``Tensor.to`` does.
-        What changes is that the cast happens once: the per-scale CUDA graphs and the compiled
-        blocks cannot keep autocast's cast cache, so they re-cast every weight at every scale
-        pass (five cast kernels per block, 2 GB of traffic a pass at d16), and the fp32 copies'
-        memory is freed. The sampling CLI (``maskar sample`` / ``eval``) calls it on CUDA under
-        bf16 / fp16; ``model.train()`` afterwards is refused (reload the checkpoint to train).
-        """
-        n = 0
-        for name, m in self.named_modules():
-            if name == "tokenizer" or name.startswith("tokenizer."):
-                continue
-            if isinstance(m, nn.Linear) and m.weight.dtype != dtype:
-                m.to(dtype)
-                n += 1
-        if n:
-            self._linears_dtype = dtype
-            self._graphs.clear()  # graphs captured before read the old weights
-        return n
+        """Inference only: the generator's linears (not its tokenizer's) stored in ``dtype``
+        (:func:`maskar.nn.inference.cast_linears_`: the same outputs under autocast to it, bit
+        for bit, without the per-pass weight casts the per-scale CUDA graphs and compiled blocks
+        would repeat, in 0.6 GB less at d16). The sampling CLI calls it on CUDA under bf16 / fp16;
+        ``train()`` is refused afterwards."""
+        return cast_linears_(self, dtype)
 
     def _make_block(self, drop_path: float) -> AdaLNSelfAttnBlock:
         cfg = self.cfg
@@ -397,11 +382,7 @@ class NextScaleModel(nn.Module):
             )
 
     def train(self, mode: bool = True) -> NextScaleModel:
-        if mode and getattr(self, "_linears_dtype", None) is not None:
-            raise RuntimeError(
-                f"{type(self).__name__}: its linear weights were cast to {self._linears_dtype} for "
-                "inference (cast_linears_); reload the checkpoint to train"
-            )
+        refuse_training_if_cast(self, mode)
         super().train(mode)
         self.tokenizer.eval()  # frozen, always in inference mode
         return self
