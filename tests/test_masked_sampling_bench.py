@@ -198,3 +198,26 @@ def test_block_mode_is_passed_to_each_block(monkeypatch):
     assert len(seen) == len(model.encoder_blocks) + len(model.decoder_blocks)
     want = {"dynamic": True, "mode": "max-autotune-no-cudagraphs", "backend": "eager"}
     assert all(kw == want for kw in seen)
+
+
+def test_linears_low_casts_before_timing_and_needs_no_training_rows(capsys):
+    """--linears low: the model's linears in bf16 before the rows (as maskar sample on CUDA);
+    on the CPU the bench runs fp32, so nothing is cast there; with training rows it is refused."""
+    argv = ["--preset", "mar-tiny", "--device", "cpu", "--batch", "2", "--sample-reps", "1",
+            "--num-iters", "2", "--linears", "low"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        bench_mar(argv)  # the default --train-batch 64 trains
+    assert "training rows need the fp32 weights" in capsys.readouterr().err
+    assert bench_mar(argv + ["--train-batch", "0"]) == 0
+
+
+def test_linears_low_casts_only_low_precision_runs():
+    from test_mar import tiny_mar
+
+    for precision, want in [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)]:
+        model = tiny_mar()
+        ms.apply_linears(model, "low", precision)
+        assert model.z_proj.weight.dtype == want, precision
+    model = tiny_mar()
+    ms.apply_linears(model, "fp32", "bf16")
+    assert model.z_proj.weight.dtype == torch.float32

@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ms.check_args(ap, args)
     if args.train_batch < 0:
         ap.error(f"--train-batch: expected >= 0, got {args.train_batch}")
+    if args.linears == "low" and args.train_batch > 0 and not args.skip_train:
+        ap.error("--linears low: the training rows need the fp32 weights; use --train-batch 0 / --skip-train")
     try:
         num_iters = [int(x) for x in args.num_iters.split(",")]
     except ValueError:

@@ -611,6 +611,13 @@ def add_common_args(ap: argparse.ArgumentParser, preset: str) -> None:
     )
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: tests)")
     ap.add_argument(
+        "--linears",
+        default="fp32",
+        choices=("fp32", "low"),
+        help="low: the generator's linears stored in the autocast dtype first (model.cast_linears_(), "
+        "as maskar sample does on CUDA); fp32: as model.generate leaves them",
+    )
+    ap.add_argument(
         "--compile-mode",
         default="default",
         choices=("default", "max-autotune-no-cudagraphs"),
@@ -649,7 +656,14 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, torch.nn
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).eval()
     set_backend(model, args.attention_backend)
+    apply_linears(model, getattr(args, "linears", "fp32"), precision)
     return cfg, model, precision
+
+
+def apply_linears(model: torch.nn.Module, linears: str, precision: str) -> None:
+    """``--linears low``: the generator's linears stored in the autocast dtype (fp32 runs: none)."""
+    if linears == "low" and precision != "fp32":
+        model.cast_linears_(torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
 def device_name(device: torch.device) -> str:

@@ -21,8 +21,10 @@
 #     take the exact GELU and the residual adds into their epilogues; a long first compile), then
 #     CASMAR-B with its blocks and its heads' steps (the DiT head: GELU, adaLN modulation) so, in
 #     the time left.
-#   PART=w16 (about 4 min): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the linears
-#     stored in bf16 once (cast_linears_, what `maskar sample` does since 2026-12-04), then compiled so.
+#   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
+#     linears stored in bf16 once (cast_linears_, what `maskar sample` does since 2026-12-04), then
+#     compiled so; MAR-B num_iter 64 / 256 and CASMAR-B at the defaults with --linears low (against
+#     the figures of PART=pending, 2026-12-04: 21.02 / 5.52 / 8.58 images/s).
 #   PART=nextscale (about 5 min): `maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled`,
 #     then the short 256 px training-step rows of issue 13 in the time left.
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
@@ -128,6 +130,13 @@ elif [ "${PART}" = w16 ]; then
   timeout $(cap 330) $PY -m maskar bench sample models=hmar-d16,var-d16 modes=fast,fast-w16,compiled-w16 reps=5 \
     json="$OUT/sample_w16.json" > "$OUT/sample_w16.txt" 2>&1
   echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample_w16.txt" | tail -n 30
+  el "bench mar num_iter 64, 256 and casmar, --linears low"
+  timeout $(cap 110) $PY -m maskar bench mar --batch 64 --num-iters 64,256 --sample-reps 1 --train-batch 0 \
+    --linears low --json "$OUT/mar_low.json" > "$OUT/mar_low.txt" 2>&1
+  echo "mar rc=$?"; grep -E "^sample|Error" "$OUT/mar_low.txt" | tail -n 4
+  timeout $(cap 100) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --linears low \
+    --json "$OUT/casmar_low.json" > "$OUT/casmar_low.txt" 2>&1
+  echo "casmar rc=$?"; grep -E "^sample|Error" "$OUT/casmar_low.txt" | tail -n 4
 elif [ "${PART}" = autotune ]; then
   for mode in default max-autotune-no-cudagraphs; do
     el "bench mar num_iter 256, blocks compiled with mode $mode"
