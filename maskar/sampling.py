@@ -63,6 +63,12 @@ def inference_weights(model: torch.nn.Module, device: torch.device, precision: s
     same bit for bit (autocast casts those weights anyway), without re-casting them at every
     scale pass, in less memory. The CLI's processes only sample, so the model is not trained after."""
     cast = getattr(model, "cast_linears_", None)
+    done = getattr(model, "_linears_dtype", None)
+    if done is not None and (precision == "fp32" or device.type != "cuda"):
+        raise ConfigError(
+            f"precision: {precision} on {device.type} needs the fp32 weights, but this model's linears "
+            f"were stored in {done} by an earlier bf16 / fp16 call; load the checkpoint again"
+        )
     if cast is None or device.type != "cuda" or precision == "fp32":
         return
     cast(torch.float16 if precision == "fp16" else torch.bfloat16)

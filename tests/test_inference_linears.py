@@ -124,3 +124,16 @@ def test_masked_generators_sample_the_same_with_bf16_linears(preset, kw) -> None
     w = model.z_proj.weight.data  # the comparison does see a weight change of a few bf16 steps
     w.mul_(1 + 2**-5)
     assert not torch.equal(sample(), before)
+
+
+def test_a_cast_model_refuses_other_precisions() -> None:
+    from maskar.config import ConfigError
+    from maskar.sampling import inference_weights
+
+    model = _model("var-tiny")
+    inference_weights(model, torch.device("cuda"), "bf16")
+    inference_weights(model, torch.device("cuda"), "auto")  # the same dtype again: nothing to do
+    with pytest.raises(ConfigError, match="fp32 on cuda needs the fp32 weights"):
+        inference_weights(model, torch.device("cuda"), "fp32")
+    with pytest.raises(RuntimeError, match="already torch.bfloat16"):
+        inference_weights(model, torch.device("cuda"), "fp16")

@@ -18,6 +18,11 @@ def cast_linears_(model: nn.Module, dtype: torch.dtype, skip: tuple[str, ...] = 
     tokenizer, which runs in fp32) in ``dtype``; returns how many were cast. Captured CUDA graphs
     (``_graphs`` caches) are dropped, since they read the old weights' memory. Irreversible:
     ``model._linears_dtype`` records it, and the models refuse ``train()`` afterwards."""
+    done = getattr(model, "_linears_dtype", None)
+    if done is not None and done != dtype:  # a second rounding would change the weights
+        raise RuntimeError(
+            f"{type(model).__name__}: its linears are already {done}; reload the checkpoint for {dtype}"
+        )
     n = 0
     for name, m in model.named_modules():
         if any(name == s or name.startswith(s + ".") for s in skip):
