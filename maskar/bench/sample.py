@@ -710,7 +710,7 @@ def _fmt(v, spec: str, width: int) -> str:
 def format_row(r: dict[str, Any]) -> str:
     check = "ok" if r["check_ok"] else "FAIL"
     return (
-        f"{r['model']:<9} {r['mode']:<6} {r['res']:>5} {r['batch']:>5} {r['precision']:>5} {r['L']:>5} "
+        f"{r['model']:<9} {r['mode']:<12} {r['res']:>5} {r['batch']:>5} {r['precision']:>5} {r['L']:>5} "
         f"{r['params_m']:>7.1f}M {r['ms']:>9.1f} {_fmt(r['floor_ms'], '.1f', 7)} {r['images_per_s']:>7.1f} "
         f"{_fmt(r['peak_gb'], '.2f', 8)} {_fmt(r['peak_reserved_gb'], '.2f', 7)} "
         f"{_fmt(r['memory_floor_gb'], '.2f', 7)} {r['first_s']:>7.2f} {r['refine_passes']:>6} "
@@ -719,7 +719,7 @@ def format_row(r: dict[str, Any]) -> str:
 
 
 HEADER = (
-    f"{'model':<9} {'mode':<6} {'res':>5} {'batch':>5} {'prec':>5} {'L':>5} {'params':>8} {'ms/batch':>9} "
+    f"{'model':<9} {'mode':<12} {'res':>5} {'batch':>5} {'prec':>5} {'L':>5} {'params':>8} {'ms/batch':>9} "
     f"{'floor':>7} {'img/s':>7} {'alloc GB':>8} {'rsv GB':>7} {'mem fl':>7} {'first s':>7} {'refine':>6} "
     f"{'tf diff':>8} {'check':>5}"
 )
@@ -815,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
                 except (RuntimeError, ValueError) as e:  # e.g. out of memory: report, go on
                     failed = True
                     msg = str(e).splitlines()[0][:140] if str(e) else ""
-                    what = f"{preset:<9} {mode:<6} {res:>5} {batch:>5}"
+                    what = f"{preset:<9} {mode:<12} {res:>5} {batch:>5}"
                     print(f"{what} failed: {type(e).__name__}: {msg}", flush=True)
                     row = None
                 if device.type == "cuda":
