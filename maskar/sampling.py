@@ -59,7 +59,7 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
 
 def inference_weights(model: torch.nn.Module, device: torch.device, precision: str) -> None:
     """On CUDA under bf16 / fp16 autocast (``precision`` auto, bf16 or fp16): models that can
-    (VAR, HMAR: ``cast_linears_``) store their linears in that dtype once. The outputs are the
+    (VAR, HMAR, MAR, CASMAR: ``cast_linears_``) store their linears in that dtype once. The outputs are the
     same bit for bit (autocast casts those weights anyway), without re-casting them at every
     scale pass, in less memory. The CLI's processes only sample, so the model is not trained after."""
     cast = getattr(model, "cast_linears_", None)
