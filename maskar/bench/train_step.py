@@ -11,9 +11,10 @@
 comma-separated lists; every combination is one row. ``rows`` lists the rows instead, each
 ``ARCH[-s2]/dDEPTH/MODE[/ac][/graph][/bBATCH][/attn-BACKEND]`` (e.g.
 ``hmar/d16/blocks,hmar-s2/d16/blocks,hmar/d30/blocks/ac,var/d16/false/attn-scales``). ``/graph``
-times the whole step captured as one CUDA graph (:func:`make_graph_step`; CUDA, one process, drop
-path and label dropout off; its check: the graph's gradients against the same step without it,
-meaningful where the step draws no random numbers, i.e. stage 1).
+times the whole step as ``train.cuda_graph=true`` runs it, captured once as a CUDA graph
+(:func:`make_graph_step`; CUDA, one process, drop path and label dropout off; its check: the
+graph's gradients against the same step without it, meaningful where the step draws no random
+numbers, i.e. stage 1).
 
 One step is what ``maskar train`` does per step: ``model.loss(batch)`` under autocast
 (teacher-forcing inputs from the frozen tokenizer, label dropout, the fused head + weighted
@@ -68,6 +69,7 @@ from maskar.config import build
 from maskar.nn.attention import available_backends, set_backend
 from maskar.train import distributed as D
 from maskar.train import parallelize as P
+from maskar.train.graph_step import GraphedStep, prepare_for_graph, set_lr
 from maskar.train.trainer import _LossCall, param_groups
 
 DEFAULTS = {
@@ -305,50 +307,28 @@ def make_step(model, params, batch, opts, device, loss_call=None, info=None):
 
 
 def make_graph_step(model, params, batch, opts, device, check_grads: list[torch.Tensor] | None = None):
-    """The whole step (loss, backward, clipping, AdamW) captured once as a CUDA graph; returns
-    (replay, grad check). The host then launches one graph per step instead of every kernel (the
-    compiled blocks' and the attention kernels' launches, the optimizer's Python). Call it, and
-    time it, inside ``_Deterministic``: label dropout's rate is a Python float at capture time, so
-    the graph keeps whatever it was, and the check needs a step without random draws. AdamW is
-    ``capturable`` (its step count and learning rate live on the GPU). The gradients are the
-    graph's own buffers: backward writes them, it never accumulates, so no zero_grad runs between
-    replays. ``check_grads`` (the same step's gradients without a graph, on the same weights and
-    batch): a graph of the loss and backward alone is captured and replayed first, and its
-    gradients' relative difference from them is the check."""
+    """The trainer's ``train.cuda_graph`` step (:class:`maskar.train.graph_step.GraphedStep`:
+    three eager warm-up steps on a side stream, then one capture and one replay per step, the batch
+    copied into the capture's buffers, AdamW ``capturable``) on this row's model and batch; returns
+    (step, grad check). Call it, and time it, inside ``_Deterministic``: the check needs a step
+    without random draws. ``check_grads`` (the same step's gradients without a graph, on the same
+    weights and batch): the warm-up and the first replay run at learning rate 0, so the weights do
+    not move, and the graph's own gradient buffers after that replay are compared with them; the
+    rate is 1e-4 from then on."""
     if device.type != "cuda":
         raise ValueError("the graph suffix needs a CUDA device")
-    opt = _adamw(model, torch.tensor(1e-4, device=device), fused=True, capturable=True)
-
-    def forward_backward() -> None:
-        _loss_backward(model.loss, batch, opts, device)
-
-    def full() -> None:
-        forward_backward()
-        torch.nn.utils.clip_grad_norm_(params, 2.0)
-        opt.step()
-
-    def capture(body) -> torch.cuda.CUDAGraph:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up: compiles, autotunes and lazy inits stay out of the capture
-            for _ in range(3):
-                opt.zero_grad(set_to_none=True)
-                body()
-        torch.cuda.current_stream(device).wait_stream(side)
-        opt.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            body()
-        return graph
-
+    problem = prepare_for_graph(model)  # as the trainer does (HMAR stage 2: mask draws on the GPU)
+    if problem is not None:
+        raise ValueError(f"the graph suffix: {problem}")
+    opt = _adamw(model, 0.0 if check_grads is not None else 1e-4, fused=True)
+    graphed = GraphedStep(model.loss, opt, params, 2.0, lambda: _autocast(device, opts["precision"]), device)
     rel = None
     if check_grads is not None:
-        g = capture(forward_backward)
-        g.replay()
+        for _ in range(graphed.warmup + 1):  # the eager warm-up steps, then the capture and its replay
+            graphed(batch)
         rel = rel_diff([p.grad.detach().float() for p in params], check_grads)
-        del g
-        opt.zero_grad(set_to_none=True)
-    return capture(full).replay, rel
+        set_lr(opt, 1e-4)
+    return lambda: graphed(batch), rel
 
 
 def time_steps(
