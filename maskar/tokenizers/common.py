@@ -164,14 +164,54 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
+# Opt-in until measured on a GPU (``maskar bench decode variants=bf16,bf16-subpixel``): the
+# low-precision decode computes each Upsample as :func:`upsample_conv_subpixel`.
+SUBPIXEL_UPSAMPLE = False
+
+# _PHASE_TAPS[a, r, k]: output rows of phase a (2i + a) read input row i - 1 + a + r through tap
+# r in {0, 1}; kernel row k of the 3x3 conv over the upsampled image lands on tap r.
+_PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def upsample_conv_subpixel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv3x3(nearest_upsample_x2(x))`` (padding 1) as one 2x2 convolution of ``x`` with four
+    times the output channels, one group per output phase (row parity a, column parity b), whose
+    results are interleaved.
+
+    Nearest upsampling repeats each input pixel over a 2x2 block, so the 3x3 window of an output
+    pixel covers only 2x2 input pixels; their weights are sums of the 3x3 kernel's taps
+    (``_PHASE_TAPS``). The same function in 16 instead of 36 multiply-adds per output channel,
+    input channel and input pixel, without the upsampled tensor. The merged weights are summed
+    in float32 (float64 for float64 input) and rounded once to the input dtype, so the result
+    differs from the two-step form by that rounding alone."""
+    c_out = weight.shape[0]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    taps = torch.tensor(_PHASE_TAPS, dtype=acc, device=weight.device)  # (a, r, k)
+    w = torch.einsum("ark,bcl,oikl->aboirc", taps, taps, weight.to(acc))  # (a, b, out, in, r, c)
+    w = w.reshape(4 * c_out, weight.shape[1], 2, 2).to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype).repeat(4)
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), w, b)  # (B, 4 C_out, H + 1, W + 1)
+    n, _, h1, w1 = y.shape
+    h, wd = h1 - 1, w1 - 1
+    y = y.view(n, 2, 2, c_out, h1, w1)
+    out = y.new_empty(n, c_out, h, 2, wd, 2)
+    for a in range(2):
+        for bb in range(2):  # phase (a, b) of output (2i + a, 2j + b) reads conv position (i + a, j + b)
+            out[:, :, :, a, :, bb] = y[:, a, bb, :, a : a + h, bb : bb + wd]
+    return out.view(n, c_out, 2 * h, 2 * wd)
+
+
 class Upsample(nn.Module):
-    """Nearest x2 then a 3x3 conv."""
+    """Nearest x2 then a 3x3 conv (low-precision inference with ``SUBPIXEL_UPSAMPLE``: the same
+    function as one 2x2 convolution, :func:`upsample_conv_subpixel`)."""
 
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if SUBPIXEL_UPSAMPLE and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled():
+            return upsample_conv_subpixel(x, self.conv.weight, self.conv.bias)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 

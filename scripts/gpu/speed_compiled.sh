@@ -24,7 +24,8 @@
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
 #     linears stored in bf16 once (cast_linears_, what `maskar sample` does since 2026-12-04), then
 #     compiled so; MAR-B num_iter 64 / 256 and CASMAR-B at the defaults with --linears low (against
-#     the figures of PART=pending, 2026-12-04: 21.02 / 5.52 / 8.58 images/s).
+#     the figures of PART=pending, 2026-12-04: 21.02 / 5.52 / 8.58 images/s); first the decoder with
+#     its Upsample convs as 2x2 sub-pixel convs (`bench decode variants=bf16,bf16-subpixel`).
 #   PART=nextscale (about 5 min): `maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled`,
 #     then the short 256 px training-step rows of issue 13 in the time left.
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
@@ -126,6 +127,10 @@ elif [ "${PART}" = pending ]; then
     > "$OUT/train_graph.txt" 2>&1
   echo "train graph rc=$?"; grep -vE "$NOISE" "$OUT/train_graph.txt" | tail -n 8
 elif [ "${PART}" = w16 ]; then
+  el "bench decode: bf16 vs bf16 with sub-pixel upsample convs"
+  timeout $(cap 90) $PY -m maskar bench decode quality=false speed=true cases=256x64,1024x8 \
+    variants=bf16,bf16-subpixel json="$OUT/decode_subpixel.json" > "$OUT/decode_subpixel.txt" 2>&1
+  echo "decode rc=$?"; grep -vE "$NOISE" "$OUT/decode_subpixel.txt" | tail -n 8
   el "bench sample: fast, fast-w16, compiled-w16"
   timeout $(cap 330) $PY -m maskar bench sample models=hmar-d16,var-d16 modes=fast,fast-w16,compiled-w16 reps=5 \
     json="$OUT/sample_w16.json" > "$OUT/sample_w16.txt" 2>&1
