@@ -105,6 +105,7 @@ def test_row_lines_up_with_the_header_and_holds_only_this_run():
         ["modes=compiled,fast-w16"],
         ["modes=compiled-w16,compiled"],
         ["modes=fast-w16", "precision=fp32"],
+        ["compile_mode=fastest"],
     ],
 )
 def test_bad_arguments_stop_with_a_message(argv):

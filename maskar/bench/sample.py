@@ -4,6 +4,8 @@
                         [reps=5] [warmup=1] [backend=auto] [cfg=1.5] [top_k=900] [top_p=0.96]
                         [schedule=preset] [hmar_stage=2] [check=true] [seed=0] [tf32=false]
                         [profile=false] [agree=false] [large_n=0] [device=auto] [json=PATH]
+                        [compile_mode=default]   (the compiled modes' torch.compile mode; or
+                                                  max-autotune-no-cudagraphs)
 
 One timed call = ``model.generate(labels, **knobs)`` under the precision's autocast, exactly
 what ``maskar sample`` runs per batch: every scale (VAR with its KV cache; HMAR one scale at
@@ -77,7 +79,7 @@ DEFAULTS = {
     "models": "var-d16,hmar-d16", "cases": "256x64,1024x8", "modes": "fast", "precision": "bf16", "reps": 5,
     "warmup": 1, "backend": "auto", "cfg": 1.5, "top_k": 900, "top_p": 0.96, "schedule": "preset",
     "hmar_stage": 2, "check": True, "seed": 0, "tf32": False, "profile": False, "agree": False,
-    "large_n": 0, "device": "auto", "json": "",
+    "large_n": 0, "device": "auto", "json": "", "compile_mode": "default",
 }  # fmt: skip
 
 # Model attributes of each sampling path (maskar.models.var.NextScaleModel).
@@ -149,6 +151,11 @@ def _parse(argv: list[str]) -> dict[str, Any]:
     if opts["precision"] == "fp32" and any(m.endswith("-w16") for m in modes):
         raise SystemExit(
             f"bench sample: modes: the -w16 modes need precision bf16 or fp16, got {opts['precision']}"
+        )
+    if opts["compile_mode"] not in ("default", "max-autotune-no-cudagraphs"):
+        raise SystemExit(
+            "bench sample: compile_mode: expected default or max-autotune-no-cudagraphs, "
+            f"got {opts['compile_mode']!r}"
         )
     if int(opts["large_n"]) < 0:
         raise SystemExit(f"bench sample: large_n: expected an integer >= 0, got {opts['large_n']!r}")
@@ -302,13 +309,13 @@ def dynamo_stats() -> dict[str, int]:
     return {"graphs": int(counters["stats"]["unique_graphs"]), "recompile_limit_hits": int(hits)}
 
 
-def set_mode(model, mode: str, precision: str = "bf16") -> None:
+def set_mode(model, mode: str, precision: str = "bf16", compile_mode: str = "default") -> None:
     """Switch ``model`` to one of MODES (and drop CUDA graphs captured under another)."""
     for name, value in MODES[mode].items():
         setattr(model, name, value)
     base, w16 = mode.removesuffix("-w16"), mode.endswith("-w16")
     if base == "compiled" and not getattr(model, "_sampler_compiled", False):
-        model.compile_sampler()
+        model.compile_sampler(mode=compile_mode)
     elif base != "compiled" and getattr(model, "_sampler_compiled", False):
         raise SystemExit(f"bench sample: mode {mode} after compiled on one model (put compiled last)")
     if w16:
@@ -359,7 +366,7 @@ def run_case(
         model, cfg = build_case(preset, overrides, device, str(opts["backend"]))
     else:
         model, cfg, overrides = built
-    set_mode(model, mode, str(opts["precision"]))
+    set_mode(model, mode, str(opts["precision"]), str(opts["compile_mode"]))
     knobs = sampling_knobs(model, cfg, opts)
     precision, seed = str(opts["precision"]), int(opts["seed"])
     labels = torch.arange(batch, device=device) % model.num_classes  # (B,) int64

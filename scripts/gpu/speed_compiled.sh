@@ -153,6 +153,10 @@ elif [ "${PART}" = autotune ]; then
   timeout $(cap 300) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --compile-mode max-autotune-no-cudagraphs \
     --head-compile-mode max-autotune-no-cudagraphs --json "$OUT/casmar_autotune.json" > "$OUT/casmar_autotune.txt" 2>&1
   echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_autotune.txt" | grep -E "^sample|Error" | tail -n 4
+  el "bench sample HMAR-d16 256 px, compiled with max-autotune-no-cudagraphs (time left)"
+  timeout $(cap 200) $PY -m maskar bench sample models=hmar-d16 cases=256x64 modes=compiled reps=5 \
+    compile_mode=max-autotune-no-cudagraphs json="$OUT/sample_autotune.json" > "$OUT/sample_autotune.txt" 2>&1
+  echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample_autotune.txt" | tail -n 6
 else
   el "bench sample: fast, compiled"
   timeout $(cap 330) $PY -m maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled reps=5 \
