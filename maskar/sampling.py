@@ -47,21 +47,26 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def low_precision_dtype(precision: str) -> torch.dtype:
+    """The autocast dtype of a low ``precision`` (fp16; bf16 for bf16 and auto)."""
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA by default; fp32 on CPU."""
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"precision: expected auto, bf16, fp16 or fp32, got {precision!r}")
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=low_precision_dtype(precision))
 
 
 def inference_weights(model: torch.nn.Module, device: torch.device, precision: str) -> None:
     """On CUDA under bf16 / fp16 autocast (``precision`` auto, bf16 or fp16): models that can
-    (VAR, HMAR, MAR, CASMAR: ``cast_linears_``) store their linears in that dtype once. The outputs are the
-    same bit for bit (autocast casts those weights anyway), without re-casting them at every
-    scale pass, in less memory. The CLI's processes only sample, so the model is not trained after."""
+    (VAR, HMAR, MAR, CASMAR: ``cast_linears_``) store their linears in that dtype once. The
+    outputs are the same bit for bit (autocast casts those weights anyway), without re-casting
+    them at every scale pass, in less memory. The CLI's processes only sample, so the model is
+    not trained after."""
     cast = getattr(model, "cast_linears_", None)
     done = getattr(model, "_linears_dtype", None)
     if done is not None and (precision == "fp32" or device.type != "cuda"):
@@ -71,7 +76,7 @@ def inference_weights(model: torch.nn.Module, device: torch.device, precision: s
         )
     if cast is None or device.type != "cuda" or precision == "fp32":
         return
-    cast(torch.float16 if precision == "fp16" else torch.bfloat16)
+    cast(low_precision_dtype(precision))
 
 
 def read_generator_config(ckpt: str, overrides: list[str], key: str = "ckpt") -> Config:

@@ -32,6 +32,7 @@ from maskar.bench import sampler_flops as sf
 from maskar.config import load_config
 from maskar.nn.sampling import SamplingTrace
 from maskar.registry import build_model
+from maskar.sampling import low_precision_dtype
 
 # ----------------------------------------------------------------------------- timing
 
@@ -663,7 +664,7 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, torch.nn
 def apply_linears(model: torch.nn.Module, linears: str, precision: str) -> None:
     """``--linears low``: the generator's linears stored in the autocast dtype (fp32 runs: none)."""
     if linears == "low" and precision != "fp32":
-        model.cast_linears_(torch.float16 if precision == "fp16" else torch.bfloat16)
+        model.cast_linears_(low_precision_dtype(precision))
 
 
 def device_name(device: torch.device) -> str:

@@ -73,7 +73,7 @@ from typing import Any
 import torch
 
 from maskar.config import load_config
-from maskar.sampling import autocast_for, sampling_kwargs
+from maskar.sampling import autocast_for, low_precision_dtype, sampling_kwargs
 
 DEFAULTS = {
     "models": "var-d16,hmar-d16", "cases": "256x64,1024x8", "modes": "fast", "precision": "bf16", "reps": 5,
@@ -319,7 +319,7 @@ def set_mode(model, mode: str, precision: str = "bf16", compile_mode: str = "def
     elif base != "compiled" and getattr(model, "_sampler_compiled", False):
         raise SystemExit(f"bench sample: mode {mode} after compiled on one model (put compiled last)")
     if w16:
-        model.cast_linears_(torch.float16 if precision == "fp16" else torch.bfloat16)
+        model.cast_linears_(low_precision_dtype(precision))
     elif getattr(model, "_linears_dtype", None) is not None:
         raise SystemExit(f"bench sample: mode {mode} after a -w16 mode on one model (put -w16 modes last)")
     model._graphs.clear()
