@@ -87,9 +87,10 @@ case "${1:-}" in
     # the TF-Inception TorchScript (87.3 MB) in three parts: each call carries one (64 MiB a call in all)
     W=$($PY -c "from maskar.eval.inception import find_fid_inception; print(find_fid_inception())")
     mkdir -p .carry/inc_a .carry/inc_b .carry/inc_c .carry/inc_check
-    head -c 21000000 "$W" > .carry/inc_a/part
-    tail -c +21000001 "$W" | head -c 30000000 > .carry/inc_b/part
-    tail -c +51000001 "$W" > .carry/inc_c/part
+    # dd, not tail | head: head's early exit kills tail with SIGPIPE, which pipefail made fatal
+    dd if="$W" of=.carry/inc_a/part bs=1M iflag=count_bytes count=21000000 status=none
+    dd if="$W" of=.carry/inc_b/part bs=1M iflag=skip_bytes,count_bytes skip=21000000 count=30000000 status=none
+    dd if="$W" of=.carry/inc_c/part bs=1M iflag=skip_bytes skip=51000000 status=none
     # GPU against CPU: the first run's HMAR seed-0 set (1,000 samples) and its CPU TF-Inception JSON
     # (that set was a run's output, not committed: a fresh checkout has none, and call 3 then skips the check)
     if [ -f $RUNS/inc_samples/hmar_main_default_s0.npz ]; then

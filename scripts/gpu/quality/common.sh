@@ -64,7 +64,10 @@ PY
 # The Fashion-MNIST train split (.carry/fmnist) into $RUNS/fmnist, unless DATA names an IDX folder.
 prepare_data() {
   if [ -n "${DATA:-}" ]; then return; fi
-  DATA=$RUNS/fmnist; unpack_idx .carry/fmnist "$DATA"
+  DATA=$RUNS/fmnist
+  # a later call of a chain on the same warm machine finds it unpacked (and need not carry it again)
+  if [ -f "$DATA/train-images-idx3-ubyte" ] && [ ! -d .carry/fmnist ]; then echo "data: $DATA (unpacked before)"; return; fi
+  unpack_idx .carry/fmnist "$DATA"
 }
 
 # it_per_s RUN_DIR: training speed over the last logged window of a run.
