@@ -43,6 +43,8 @@ results() {  # results NAME: JSON, logs and grids of one call into docs/results/
   mkdir -p $RES/logs $RES/grids
   cp "$RUNS/$name"/logs/*_log.txt "$RUNS/$name"/logs/*_config.yaml $RES/logs/ 2>/dev/null || true
   for f in budget.txt times.txt; do cp "$RUNS/$name/logs/$f" "$RES/logs/${name}_$f" 2>/dev/null || true; done
+  # call 2b's timing of VAR and HMAR alone (for the VAR / HMAR pair's GPU-minutes)
+  cp "$RUNS/$name"/logs/var_hmar_alone.txt "$RUNS/$name"/logs/alone_*.log $RES/logs/ 2>/dev/null || true
   cp "$RUNS/$name"/study/grid_*.png $RES/grids/ 2>/dev/null || true
   mkdir -p $RUNS/samples && cp "$RUNS/$name"/study/samples/*.npz $RUNS/samples/ 2>/dev/null || true
 }
@@ -118,8 +120,9 @@ case "${1:-}" in
     mar_mb=$(( $(stat -c %s $RUNS/ckpts/ckpts/mar-fmnist/model.safetensors) / 1000000 ))
     if [ $mar_mb -le ${SHIP_MAR_MAX_MB:-15} ]; then ship mar-fmnist
     else
-      rm -rf checkpoints/mar-fmnist  # commit its deletion with the results
-      echo "mar-fmnist not shipped: $mar_mb MB > SHIP_MAR_MAX_MB=${SHIP_MAR_MAX_MB:-15} (its study rows name runs/quality/mar)"
+      # the earlier run's smaller MAR (its README names its run) stays the demo: a user can sample MAR
+      echo "mar-fmnist not shipped: $mar_mb MB > SHIP_MAR_MAX_MB=${SHIP_MAR_MAX_MB:-15} (its study rows name runs/quality/mar;" \
+        "checkpoints/mar-fmnist, if any, is left as it is)"
     fi
     total=$(du -cb checkpoints/* | tail -n 1 | cut -f1)
     echo "shipped checkpoints: $((total / 1000000)) MB (limit 60)"; [ $total -le 60000000 ] ;;
@@ -132,7 +135,11 @@ case "${1:-}" in
     mkdir -p $RES/inception $RES/grids $RES/logs
     cp $RUNS/main_fid/inception/*.json $RES/inception/
     cp $RUNS/main_fid/study/grid_*.png $RES/grids/ 2>/dev/null || true
-    for f in $RUNS/main_fid/logs/*; do cp "$f" "$RES/logs/main_fid_$(basename "$f")"; done
+    for f in $RUNS/main_fid/logs/*; do
+      # a call without a check set keeps the committed check (an earlier call's) rather than its skip line
+      if [ "$(basename "$f")" = inc_check.txt ] && grep -q 'check is skipped' "$f"; then continue; fi
+      cp "$f" "$RES/logs/main_fid_$(basename "$f")"
+    done
     cat $RUNS/main_fid/logs/inc_check.txt ;;
   fid)
     if [ -d $RUNS/kl ] && [ ! -f $RES/kl_quality_test.json ]; then  # the KL tokenizer on the test split
@@ -158,12 +165,19 @@ np.savez('$RUNS/inc_samples/$name.npz', arr_0=d['arr_0'][:n], arr_1=d['arr_1'][:
         train.progress=false "${@:2}" > /dev/null
     }
     mk var; mk hmar2 model.stage1_ckpt=null
+    # the study's MAR where call 2 left it here (too large to ship), else the shipped demo
+    mar_ck=checkpoints/mar-fmnist; [ -d $RUNS/ckpts/ckpts/mar-fmnist ] && mar_ck=$RUNS/ckpts/ckpts/mar-fmnist
     $PY -m maskar bench quality plan=scripts/gpu/quality/plan_cpu_speed.yaml out=$RUNS/cpu_speed tag=cpu_speed \
       classifier=checkpoints/fmnist-classifier device=cpu ckpt.var=$RUNS/cpu_var ckpt.hmar=$RUNS/cpu_hmar2 \
-      ckpt.mar=checkpoints/mar-fmnist ckpt.casmar=checkpoints/casmar-fmnist
+      ckpt.mar=$mar_ck ckpt.casmar=checkpoints/casmar-fmnist
     cp $RUNS/cpu_speed/cpu_speed.json $RES/ ;;
   report)
-    for n in casmar-fmnist mar-fmnist; do if [ -d checkpoints/$n ]; then $PY scripts/quality_report.py --readme $n; fi; done
+    for n in casmar-fmnist mar-fmnist; do
+      # a demo kept from an earlier run (its README says so) keeps that run's README
+      if [ -d checkpoints/$n ] && ! grep -q 'Not the .* of the current quality table' checkpoints/$n/README.md; then
+        $PY scripts/quality_report.py --readme $n
+      fi
+    done
     $PY scripts/quality_report.py ;;
   *)
     sed -n 2,15p "$0"; exit 2 ;;

@@ -232,6 +232,44 @@ def plots(studies: dict[str, dict | None]) -> list[str]:
 # ----------------------------------------------------------------------------- the page
 
 
+def alone_speeds() -> tuple[dict[str, float], Path | None]:
+    """MAR's and CASMAR's training it/s, each alone on the GPU, by name (mar-x, casmar): the 120-step
+    recalibration where it ran, else call 2's own calibration (where it timed them alone)."""
+    for p in (RES / "recalibration" / "budget.txt", RES / "logs" / "mar_casmar_budget.txt"):
+        text = p.read_text() if p.is_file() else ""
+        if "alone" in text:
+            found = re.findall(r"(mar-[smlxy]|casmar) ([\d.]+)", text.split("->")[0])
+            return {k: float(v) for k, v in found}, p
+    return {}, None
+
+
+def mar_casmar_budget() -> str:
+    p = RES / "logs" / "mar_casmar_budget.txt"
+    return p.read_text() if p.is_file() else ""
+
+
+def gpu_seconds(m: str, steps: list[int | None], wall: float | None) -> tuple[float | None, str]:
+    """A model's training GPU-seconds and how they were had. A run alone on the GPU: its wall time.
+    MAR and CASMAR trained side by side: steps / the model's alone speed, since two processes on one
+    GPU fill each other's idle gaps and their wall times say little of each one's cost."""
+    if m in ("var", "hmar"):
+        p = RES / "logs" / "var_hmar_alone.txt"
+        alone = dict(re.findall(r"(var|hmar1|hmar2) ([\d.]+)", p.read_text())) if p.is_file() else {}
+        runs = ["var"] if m == "var" else ["hmar1", "hmar2"]
+        if steps and all(steps) and all(float(alone.get(r, 0)) > 0 for r in runs):
+            return sum(n / float(alone[r]) for n, r in zip(steps, runs)), "steps / alone speed"
+        return wall, "wall, side by side"
+    budget = mar_casmar_budget()
+    if "one after the other" in budget:
+        return wall, "wall, alone"
+    speeds, _ = alone_speeds()
+    size = re.search(r"MAR size (\w)", budget)
+    key = "casmar" if m == "casmar" else (f"mar-{size.group(1)}" if size else None)
+    if key in speeds and steps and steps[0]:
+        return steps[0] / speeds[key], "steps / alone speed"
+    return wall, "wall, side by side"
+
+
 def model_summary(m: str, studies: dict[str, dict | None], cpu: dict | None) -> dict:
     st = studies[CALL[m]]
     main = rows(st, m, "main")
@@ -239,8 +277,9 @@ def model_summary(m: str, studies: dict[str, dict | None], cpu: dict | None) -> 
     speed = [s for s in (st or {}).get("speed", []) if s["model"] == m]
     cpu_speed = [s for s in (cpu or {}).get("speed", []) if s["model"] == m]
     t = times(CALL[m])
-    gpu_s = sum(t[r][0] for r in RUNS[m] if r in t) if all(r in t for r in RUNS[m]) else None
+    wall_s = sum(t[r][0] for r in RUNS[m] if r in t) if all(r in t for r in RUNS[m]) else None
     steps = [final_step(r) for r in RUNS[m]]
+    gpu_s, gpu_how = gpu_seconds(m, steps, wall_s)
     return {
         "main": main,
         "fid": [x["FID"] for x in inc],
@@ -254,6 +293,8 @@ def model_summary(m: str, studies: dict[str, dict | None], cpu: dict | None) -> 
         "gpu": speed[0] if speed else None,
         "cpu": cpu_speed[0] if cpu_speed else None,
         "gpu_s": gpu_s,
+        "gpu_how": gpu_how,
+        "wall_s": wall_s,
         "steps": steps,
         "batch": train_batch(RUNS[m][0]),
     }
@@ -301,6 +342,10 @@ def fmt_budget(s: dict) -> str:
         return "–"
     steps = " + ".join(str(x) for x in s["steps"])
     gpu = f", {s['gpu_s'] / 60:.2f} GPU-min" if s["gpu_s"] else ""
+    if s["gpu_s"] and s["gpu_how"] == "wall, side by side":
+        gpu = f", {s['gpu_s'] / 60:.2f} min wall side by side"
+    elif s["gpu_s"] and s["gpu_how"] == "steps / alone speed":
+        gpu += f" alone ({s['wall_s'] / 60:.2f} min wall side by side)" if s["wall_s"] else " alone"
     return f"{steps} steps × {s['batch']}{gpu}"
 
 
@@ -343,8 +388,11 @@ def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
         )
         if sa["gpu_s"] and sb["gpu_s"]:
             r = sb["gpu_s"] / sa["gpu_s"]
+            unit = "GPU-minutes"
+            if sb["gpu_how"] == "wall, side by side":
+                unit = "minutes of wall time, side by side (each one's GPU time alone was not measured)"
             line += (
-                f" Training took {sb['gpu_s'] / 60:.2f} vs {sa['gpu_s'] / 60:.2f} GPU-minutes ({r:.2f}×): "
+                f" Training took {sb['gpu_s'] / 60:.2f} vs {sa['gpu_s'] / 60:.2f} {unit} ({r:.2f}×): "
                 + (
                     "equal within 10%."
                     if abs(r - 1) <= 0.10
@@ -385,30 +433,43 @@ def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
             f"{lo['casmar']['recall_clf']:.2f}: a lower temperature buys CASMAR no precision "
             "([Noise temperature](#noise-temperature-of-mar-and-casmar))."
         )
-    budget = RES / "logs" / "mar_casmar_budget.txt"
-    text = budget.read_text() if budget.is_file() else ""
-    ips = dict(re.findall(r"(mar-[smlx]|casmar) ([\d.]+)", text.split("->")[0]))
+    text = mar_casmar_budget()
+    cal = {k: float(v) for k, v in re.findall(r"(mar-[smlxy]|casmar) ([\d.]+)", text.split("->")[0])}
+    speeds, src = alone_speeds()
     gm, gc = sums["mar"]["gpu_s"], sums["casmar"]["gpu_s"]
-    if ips and gm and gc and abs(gc / gm - 1) > 0.10 and "alone" not in text:
+    size = re.search(r"MAR size (\w)", text)
+    key = f"mar-{size.group(1)}" if size else None
+    if cal and gm and gc and abs(gc / gm - 1) > 0.10 and "alone" not in text:
         L.append(
             "- Why MAR and CASMAR did not get equal GPU-minutes: the calibration ran its "
-            f"{len(ips)} processes on the GPU at once ("
-            + ", ".join(f"{k} {float(v):.1f} it/s" for k, v in ips.items())
+            f"{len(cal)} processes on the GPU at once ("
+            + ", ".join(f"{k} {v:.1f} it/s" for k, v in cal.items())
             + "). With three processes sharing the GPU, each one's speed says more about the sharing "
             "than about its own step: the wider MAR stepped as fast as the small one, so the calibration "
-            "kept the small MAR, which then trained in half CASMAR's time. Call 2 now times CASMAR and "
-            "three MAR sizes each alone (not yet run on a GPU)."
+            "kept the small MAR, which then trained in half CASMAR's time."
         )
-    elif ips and gm and gc and abs(gc / gm - 1) > 0.10:
-        alone = {k: float(v) for k, v in ips.items()}
-        slowest = min((v, k) for k, v in alone.items() if k != "casmar")
-        L.append(
-            f"- Why MAR and CASMAR still differ in GPU-minutes: timed alone, even the largest MAR tried "
-            f"({slowest[1]}, {slowest[0]:.2f} it/s) steps {slowest[0] / alone['casmar']:.2f}× as fast as "
-            f"CASMAR ({alone['casmar']:.2f} it/s), so at equal steps it finished first "
-            f"({gm:.0f} s against {gc:.0f} s). Equal GPU-minutes need a MAR about that much larger; the "
-            "calibration's sizes stop short of it."
+    elif key in speeds and "casmar" in speeds and gm and gc and abs(gc / gm - 1) > 0.10:
+        r = speeds[key] / speeds["casmar"]
+        rel = src.relative_to(RES.parent).as_posix() if src else ""
+        line = (
+            f"- Why MAR and CASMAR differ in GPU-minutes: timed alone ([calibration](results/{rel})), the "
+            f"MAR trained ({key}, {speeds[key]:.2f} it/s) steps {r:.2f}× as fast as CASMAR "
+            f"({speeds['casmar']:.2f} it/s), so at equal steps CASMAR had {gc / gm:.2f}× the GPU time."
         )
+        if src and src.parent.name == "recalibration" and key in cal and "casmar" in cal:
+            line += (
+                f" Call 2's own calibration (40 steps, CASMAR timed first on a cold machine) had read "
+                f"{cal[key]:.2f} and {cal['casmar']:.2f} it/s; it picked the largest MAR it tried all the "
+                "same. The 120-step recalibration ran on the warm machine after call 3."
+            )
+        wm, wc = sums["mar"]["wall_s"], sums["casmar"]["wall_s"]
+        if wm and wc:
+            line += (
+                f" Side by side the two took {wm:.0f} and {wc:.0f} s of wall time: each filled the other's "
+                "idle gaps, so those times do not measure either one's cost. The script now calibrates "
+                "over 120 steps, adds a 10 + 10-block MAR, and trains the two one after the other."
+            )
+        L.append(line)
     missing = []
     for m in MODELS:
         have = {r["row"] for r in (studies[CALL[m]] or {}).get("rows", []) if r["model"] == m}
@@ -533,7 +594,8 @@ def write_page() -> None:
         "not (`runs/quality/var`, `runs/quality/hmar` exist where device call 1 ran, `runs/quality/mar`",
         "where call 2's checkpoints were collected): with them the shipped checkpoints would exceed the",
         "60 MB budget. `checkpoints/hmar-fmnist` is the earlier, longer-trained HMAR demo, and",
-        "`checkpoints/mar-fmnist` the smaller MAR of the previous run (its README gives its numbers).",
+        "`checkpoints/mar-fmnist` the small MAR of the 2026-12-03 evening run (its README gives its",
+        "numbers).",
         "",
     ]
     for m in MODELS:
@@ -661,7 +723,8 @@ def temperature_section(st: dict | None) -> list[str]:
         L += [
             temperature_finding(cpu),
             "",
-            "On this machine's CPU, before the GPU rows existed: the previous run's checkpoints at their own "
+            "On this machine's CPU, before the GPU rows existed: the 2026-12-03 evening run's checkpoints "
+            "at their own "
             "cut-down sampling defaults (their READMEs), 300 samples each (seed 0, 30 a class):",
             "",
             "| checkpoint | temperature | FD_clf ↓ | class accuracy | P / R (clf) |",
@@ -688,9 +751,10 @@ def temperature_section(st: dict | None) -> list[str]:
 TEMPERATURE_NOTE = (
     "Both samplers multiply the diffusion heads' noise by a temperature at every reverse step "
     "(official default 1.0). Device call 2 samples temperatures 1.0 to 0.3 at cfg 2.0 and a grid at "
-    "higher cfg (CASMAR's re_cfg alike; the table's run: 0.8 / 0.6 / 0.4 at cfg 3 and 4; the plan "
-    "since: 1.0 to 0.4 at cfg 3 to 6, as CASMAR's best point lay on the grid's edge); call 3 runs each "
-    "model's main rows at its point with the lowest FD_clf."
+    "higher cfg (CASMAR's re_cfg alike): 1.0 to 0.4 at cfg 3 to 6 (the 2026-12-03 night run's grid, "
+    "0.8 to 0.4 at cfg 3 and 4, put CASMAR's best point on its edge; in the table's run it lies on the "
+    "wider grid's edge again, at 1.0 and cfg 6); call 3 runs each model's main rows at its point with "
+    "the lowest FD_clf."
 )
 
 
@@ -707,7 +771,7 @@ def temperature_finding(cpu: list[tuple[str, float, Path, dict]]) -> str:
     mar1, marb, cas1, casb = at("mar", 1.0), at("mar"), at("casmar", 1.0), at("casmar")
     ahead = "MAR" if marb[1]["FD_clf"] < casb[1]["FD_clf"] else "CASMAR"
     return (
-        "The CPU look below, at the previous run's checkpoints (its small MAR, still the shipped "
+        "The CPU look below, at the 2026-12-03 evening run's checkpoints (its small MAR, still the shipped "
         "`mar-fmnist`, and its CASMAR, replaced since), put these rows in the plan: MAR went from "
         f"{fmt(mar1)} to {fmt(marb)} (FD_clf / class accuracy), CASMAR from {fmt(cas1)} to "
         f"{fmt(casb)}; with each model's temperature tuned, {ahead} came out ahead in that small look "
@@ -758,6 +822,18 @@ STATUS_EMPTY = [
 ]
 
 HISTORY = [
+    "## The fourth run (2026-12-03, night): a 6 + 6-block MAR at 1,420 steps",
+    "",
+    "The MAR / CASMAR run before the table's (commit 8749c7f holds its JSON) trained a 6 + 6-block MAR",
+    "(`mar-l`: a 6 × 256 head) and CASMAR side by side for 1,420 steps at batch 1024. Main rows at",
+    "each one's tuned point (MAR 0.4 / cfg 4.0, CASMAR 0.8 / cfg 4.0): TF-Inception FID MAR",
+    "75.25 ± 0.52, CASMAR 72.25 ± 0.27 (0.96×); FD_clf 57.30 ± 0.29 and 77.64 ± 0.13 (1.36×); class",
+    "accuracy 91.0% and 81.4%. Its calibration (40 steps alone) read `mar-l` 10.74 and CASMAR 7.57",
+    "it/s: CASMAR had about 1.4× MAR's GPU time. The table's run gave MAR two more blocks a side, a",
+    "larger head and fewer steps (1,060: its training window lost 40 s to a five-size calibration):",
+    "MAR, still improving at its last checkpoint, fell behind, and CASMAR changed less. At this",
+    "scale the pair's order follows the budget and the MAR size; neither run settles it.",
+    "",
     "## The third run (2026-12-03, evening): MAR and CASMAR at the official temperature",
     "",
     "VAR and HMAR in the table come from this run (call 1). Its MAR was the small `mar-fmnist-s` (the",
@@ -765,7 +841,7 @@ HISTORY = [
     "1024 in 2.12 GPU-minutes against CASMAR's 4.22, and both sampled at temperature 1.0 and cfg 2.0:",
     "TF-Inception FID MAR 137.37 ± 0.23, CASMAR 76.25 ± 0.33 (0.56×); FD_clf 149.69 ± 1.05 and",
     "80.99 ± 0.39; class accuracy 65.3% and 71.1% (commit 591cf75 holds its JSON). That MAR is still",
-    "the shipped `checkpoints/mar-fmnist`. The table's run gave MAR CASMAR's step cost (as near as the",
+    "the shipped `checkpoints/mar-fmnist`. The runs after it gave MAR CASMAR's step cost (as near as the",
     "sizes tried allow), the training a device call of its own, and both samplers tuned settings:",
     "most of CASMAR's 0.56× lead came from an undersized MAR and untuned sampling.",
     "",
@@ -846,6 +922,9 @@ def write_readme_block(sums: dict) -> None:
     fid = {m: statistics.mean(sums[m]["fid"]) for m in ("mar", "casmar") if sums[m]["fid"]}
     if len(fd) == 2 and len(fid) == 2 and (fd["casmar"] < fd["mar"]) != (fid["casmar"] < fid["mar"]):
         mc += f", but FD_clf {fd['casmar']:.1f} vs {fd['mar']:.1f}"  # the two metrics disagree
+    gm, gc = sums["mar"]["gpu_s"], sums["casmar"]["gpu_s"]
+    if gm and gc and abs(gc / gm - 1) > 0.10:  # the budget the pair was meant to share, not met
+        mc += f", with {gc / gm:.2f}× MAR's GPU time"
     block = [
         f"Quality at equal steps × batch ({settings}; Fashion-MNIST 32×32, one H200, "
         "[docs/quality.md](docs/quality.md)):",
@@ -869,25 +948,33 @@ PROTOCOL = [
     "- **Tokenizers**: VAR and HMAR share the multi-scale VQ tokenizer inside `checkpoints/hmar-fmnist`",
     "  (call 1 carries the same weights alone as `.carry/vq`, `model.tokenizer_ckpt=.carry/vq`); MAR",
     "  and CASMAR share `klvae-fmnist-s` (1.16M params, 8×8×8 latent), trained in call 1 of the",
-    "  afternoon run (3,000 steps, `scale_factor` = 1 / latent std) and kept since (`KL_TRAIN=0`).",
+    "  afternoon run (3,000 steps, `scale_factor` = 1 / latent std) and kept since (`KL_TRAIN=0`; the",
+    "  table's MAR / CASMAR run used its bf16 copy from the shipped CASMAR demo, which",
+    "  `quality_collect.sh prepare` extracts where a checkout has no `.carry/kl`).",
     "- **Models**: VAR and HMAR depth 6, width 256, 4 heads (7.4M parameters; HMAR stage 2 adds a 2-block",
     "  mask branch). MAR and CASMAR: `mar-fmnist-s` / `casmar-fmnist-s` (encoder 3 + decoder 3 blocks of",
     "  width 160, MLP diffusion head 3 × 160; CASMAR adds the scaffold stage and a 2 × 128 DiT head with",
-    "  5×5 PSA). Call 2 times CASMAR and MAR sizes, each alone on the GPU for 40 steps, and trains the",
-    "  MAR whose step time is nearest CASMAR's ([budget](results/quality/logs/mar_casmar_budget.txt)).",
-    "  In the table's run: `mar-fmnist-s` 15.96 it/s, 4 + 4 blocks of width 256 14.22, 6 + 6 blocks of",
-    "  width 256 with a 6 × 256 head 10.74, CASMAR 7.57. It trained the largest (MAR in the table: 26 MB",
-    "  in bf16, too large to ship beside the others), which still steps 1.4× faster than CASMAR; the",
-    "  script now also times 8 + 8 blocks with an 8 × 256 head.",
+    "  5×5 PSA). Call 2 times CASMAR and MAR sizes, each alone on the GPU, and trains the MAR whose step",
+    "  time is nearest CASMAR's ([budget](results/quality/logs/mar_casmar_budget.txt)). In the table's",
+    "  run, 120 steps each on the warm machine after call 3",
+    "  ([recalibration](results/quality/recalibration/budget.txt)):",
+    "  `mar-fmnist-s` 19.62 it/s, 4 + 4 blocks of width 256 15.73, 6 + 6 blocks with a 6 × 256 head",
+    "  11.19, 8 + 8 blocks with an 8 × 256 head 8.94, CASMAR 7.29. The run trained the 8 + 8 (33 MB in",
+    "  bf16, too large to ship beside the others), which still steps 1.23× as fast as CASMAR; the script",
+    "  now times 6 + 6, 8 + 8 and 10 + 10 blocks (a 10 × 256 head), over 120 steps.",
     "- **Equal budget per pair**: same tokenizer, batch (VAR/HMAR 768, MAR/CASMAR 1024), number of steps,",
     "  LR schedule (cosine / lin0 to 0.1×, 5% warm-up) and EMA: none for all four (runs of a few thousand",
     "  steps; a 0.999 EMA would still be a third random initialisation after 1,100 steps: see the",
     "  first attempt). HMAR's stage 1 (2/3 of the steps) and stage 2 (1/3) together against VAR.",
     "  VAR / HMAR: the step count is fixed at the start of call 1 by a 60-step calibration of both",
-    "  members side by side: the slower one's speed × the window (210 s). MAR / CASMAR have a device call",
-    "  of their own for training (`PHASE=train`; the rows follow in `PHASE=study`): the slower one's",
-    "  alone speed × 0.47 × 400 s. Both members of a pair train at the same time on the same GPU; the",
-    "  table's GPU-minutes are each one's wall-clock training time.",
+    "  members side by side: the slower one's speed × the window (210 s); both train at the same time on",
+    "  the same GPU, and the table gives each one's wall time (their step costs are near: 10.08 and",
+    "  10.74 it/s side by side; neither was timed alone). MAR / CASMAR have a device call of their own",
+    "  for training (`PHASE=train`; the rows follow in `PHASE=study`). In the table's run they trained",
+    "  side by side (the slower one's alone speed × 0.47 × 400 s); their GPU-minutes in the table are",
+    "  steps ÷ each one's speed alone, since side by side each fills the other's idle gaps (wall times",
+    "  beside them). `PHASE=train` now trains them one after the other, each alone, in half the window",
+    "  left after the calibration: each one's wall time is then its GPU time.",
     "- **Sampling (main rows)**: VAR/HMAR cfg 1.5 (linear), top-p 0.96, HMAR's default schedule of",
     "  `hmar-fmnist-finetune`; MAR num_iter 64 (one token a step), 100 diffusion steps, cfg 2.0;",
     "  CASMAR num_iter 4, 16 scaffold steps, 100 / 250 diffusion steps (MLP / DiT head), cfg = re_cfg = 2.0;",
@@ -931,7 +1018,7 @@ PROTOCOL = [
     "# call 2a at once, carry [.carry/fmnist, .carry/kl]:",
     "#   set -o pipefail; PHASE=train RUNS=$PWD/.persist/q2 bash scripts/gpu/quality_mar_casmar.sh 2>&1 \\",
     "#     | tee $OUT/console.txt",
-    "# call 2b at once, carry [.carry/fmnist, .carry/kl, .carry/inc_b]:",
+    "# call 2b at once, carry [.carry/kl, .carry/inc_b] (2a's data stays unpacked on the machine):",
     "#   mkdir -p .persist/inc && cp .carry/inc_b/part .persist/inc/b && set -o pipefail;",
     "#   PHASE=study STUDY_END=540 RUNS=$PWD/.persist/q2 bash scripts/gpu/quality_mar_casmar.sh 2>&1 \\",
     "#     | tee $OUT/console.txt",
@@ -949,8 +1036,10 @@ PROTOCOL = [
     "To rerun MAR and CASMAR only, chain calls 2a, 2b and 3: without call 1's samples, call 3 scores MAR",
     "and CASMAR alone, and the weights' first part rides with call 2a (carry `.carry/inc_a` too, and",
     "prefix its command with `mkdir -p .persist/inc && cp .carry/inc_a/part .persist/inc/a &&`; the",
-    "table's run did so). `PHASE=all` (the default) trains and runs the rows in one call with a shorter",
-    "training window (210 s); `CAL_ONLY=1` runs the MAR-size calibration alone (about 2 minutes).",
+    "table's run did so: 417, 407 and 532 s of device time). `PHASE=all` (the default) trains side by",
+    "side and runs the rows in one call with a shorter training window (210 s); `CAL_ONLY=1` runs the",
+    "MAR-size calibration alone (about 2 minutes; with `DATA=$PWD/.persist/q2/fmnist` on a machine",
+    "that ran call 2a, as the table's recalibration did).",
     "",
     "FILES_AT_N is the folder the device tool puts call N's files in. A device call sends the tracked",
     "tree, the untracked files git does not ignore and the carries, 64 MiB in all; the shipped",

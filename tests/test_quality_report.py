@@ -1,0 +1,71 @@
+"""scripts/quality_report.py: how the quality table counts each model's training GPU time."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "quality_report.py"
+
+
+@pytest.fixture
+def report(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("quality_report", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RES", tmp_path)
+    (tmp_path / "logs").mkdir()
+    return mod
+
+
+SIDE_BY_SIDE = (
+    "calibration it/s alone: mar-l 9.50 mar-x 7.89 casmar 5.69 -> MAR size x (...), 1060 steps each "
+    "(batch 1024); GPU-minutes alone MAR / CASMAR 2.24 / 3.11\n"
+)
+
+
+def test_side_by_side_runs_count_steps_over_alone_speed(report, tmp_path):
+    (tmp_path / "logs" / "mar_casmar_budget.txt").write_text(SIDE_BY_SIDE)
+    gpu, how = report.gpu_seconds("mar", [1060], wall=236.0)
+    assert how == "steps / alone speed" and gpu == pytest.approx(1060 / 7.89)
+    gpu, _ = report.gpu_seconds("casmar", [1060], wall=247.0)
+    assert gpu == pytest.approx(1060 / 5.69)
+
+
+def test_a_recalibration_takes_precedence(report, tmp_path):
+    (tmp_path / "logs" / "mar_casmar_budget.txt").write_text(SIDE_BY_SIDE)
+    (tmp_path / "recalibration").mkdir()
+    (tmp_path / "recalibration" / "budget.txt").write_text(
+        "calibration it/s alone: mar-x 8.94 mar-y 7.40 casmar 7.29 -> MAR size x (...)\n"
+    )
+    speeds, src = report.alone_speeds()
+    assert speeds == {"mar-x": 8.94, "mar-y": 7.40, "casmar": 7.29} and src.parent.name == "recalibration"
+    # the trained size is call 2's (x), at the recalibrated speed
+    assert report.gpu_seconds("mar", [1060], wall=236.0)[0] == pytest.approx(1060 / 8.94)
+
+
+def test_runs_alone_count_their_wall_time(report, tmp_path):
+    (tmp_path / "logs" / "mar_casmar_budget.txt").write_text(
+        "calibration it/s alone: mar-y 7.40 casmar 7.29 -> MAR size y (...), 1290 steps each "
+        "(batch 1024), trained one after the other, each alone; GPU-minutes alone MAR / CASMAR 2.9 / 2.9\n"
+    )
+    assert report.gpu_seconds("casmar", [1290], wall=190.0) == (190.0, "wall, alone")
+    # VAR / HMAR train side by side with no alone timing: their wall time, labelled as such
+    assert report.gpu_seconds("var", [2110], wall=215.0) == (215.0, "wall, side by side")
+
+
+def test_budget_cell_names_what_was_measured(report):
+    s = {"steps": [1060], "batch": 1024, "gpu_s": 118.6, "gpu_how": "steps / alone speed", "wall_s": 236.0}
+    assert report.fmt_budget(s) == "1060 steps × 1024, 1.98 GPU-min alone (3.93 min wall side by side)"
+    s.update(gpu_s=215.4, gpu_how="wall, side by side")
+    assert report.fmt_budget(s) == "1060 steps × 1024, 3.59 min wall side by side"
+
+
+def test_var_and_hmar_use_their_alone_timing_where_measured(report, tmp_path):
+    assert report.gpu_seconds("hmar", [1400, 710], wall=226.0) == (226.0, "wall, side by side")
+    (tmp_path / "logs" / "var_hmar_alone.txt").write_text(
+        "var-hmar it/s alone: var 12.5 hmar1 13.0 hmar2 11.0 (120 steps each, the last 60 timed)\n"
+    )
+    gpu, how = report.gpu_seconds("hmar", [1400, 710], wall=226.0)
+    assert how == "steps / alone speed" and gpu == pytest.approx(1400 / 13.0 + 710 / 11.0)
+    assert report.gpu_seconds("var", [2110], wall=215.0)[0] == pytest.approx(2110 / 12.5)
