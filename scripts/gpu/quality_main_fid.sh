@@ -13,9 +13,9 @@
 #      (.carry/inc_check: the first run's HMAR seed 0 and its CPU JSON, from
 #      docs/results/quality/inception_cpu1000), which also caches the test split's statistics
 #   2. MAR || CASMAR main rows (classifier FD / accuracy / precision-recall, grids; every sample kept),
-#      with call 1's VAR and HMAR sets, and the training-curve samples of calls 1 and 2, going through
-#      the Inception network meanwhile
-#   3. MAR's and CASMAR's sets through the Inception network; then the speed rows alone (SPEED_T)
+#      each model's sets through the Inception network as soon as its rows end, with call 1's VAR and
+#      HMAR sets and the training-curve samples of calls 1 and 2 going through it meanwhile
+#   3. the speed rows alone (SPEED_T)
 # Returns under $OUT: main_fid.tar (study JSON of the main and speed rows, grids, the Inception JSONs,
 # logs). Needs carry .carry/inc_c, .carry/fmnist-test, .carry/inc_check. REF_LIMIT cuts the reference
 # (CPU dry runs only). Expected wall time on one H200: 5-7 min (CASMAR's 30,000 samples take ~3.5 min);
@@ -72,7 +72,7 @@ for k in ("FID", "precision", "recall"):
 PY
 fi
 
-el "2. MAR || CASMAR main rows; VAR and HMAR sets through Inception meanwhile"
+el "2. MAR || CASMAR main rows, each then its sets through Inception; VAR and HMAR sets meanwhile"
 SHOWN_MAR=checkpoints/mar-fmnist; [ -f $Q2_RUNS/mar_size.txt ] && source $Q2_RUNS/mar_size.txt
 # temperature MODEL: the main rows' noise temperature and guidance. TEMP=auto (default): the
 # sample.temperature / cfg / re_cfg of the model's call-2 temperature point with the lowest FD_clf
@@ -103,8 +103,14 @@ main_rows() {  # main_rows MODEL SHOWN
     ${STUDY_EXTRA:-} $t > $RUNS/study_$1_main.log 2>&1
   el "$1 main rows (exit $?): $(grep -c ' FD_clf ' $RUNS/study_$1_main.log) points"
 }
-main_rows mar $SHOWN_MAR & P1=$!
-main_rows casmar checkpoints/casmar-fmnist & P2=$!
+# each model's sets go through Inception as soon as its rows end (MAR's while CASMAR still samples:
+# about a minute of the call on 2026-12-04)
+main_then_inception() {  # main_then_inception MODEL SHOWN
+  main_rows $1 $2
+  for f in $(ls $RUNS/study/samples/$1_main_*.npz 2>/dev/null | sort); do inception $f; done
+}
+main_then_inception mar $SHOWN_MAR & P1=$!
+main_then_inception casmar checkpoints/casmar-fmnist & P2=$!
 if [ -d "$Q1_RUNS/study/samples" ]; then
   for f in $(ls $Q1_RUNS/study/samples/*_main_*.npz | sort); do inception $f; done
 else
@@ -116,10 +122,7 @@ for f in $(ls $Q1_RUNS/study/samples/*_train_curve*.npz $Q2_RUNS/study/samples/*
 done
 wait $P1 $P2
 
-el "3. MAR and CASMAR sets through Inception"
-for f in $(ls $RUNS/study/samples/*_main_*.npz | sort); do inception $f; done
-
-el "speed rows, alone on the GPU"
+el "3. speed rows, alone on the GPU"
 timeout -s TERM $SPEED_T $M bench quality plan=$PLAN out=$RUNS/study tag=speed kinds=speed classifier=$CLF \
   device=$DEVICE scale=$SCALE ckpt.mar=$Q2_RUNS/pack/mar-fmnist ckpt.casmar=$Q2_RUNS/pack/casmar-fmnist \
   ${STUDY_EXTRA:-} > $RUNS/study_speed.log 2>&1
