@@ -470,6 +470,7 @@ def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
                 "over 120 steps, adds a 10 + 10-block MAR, and trains the two one after the other."
             )
         L.append(line)
+    L += equal_time_checkpoints(sums, studies["mar_casmar"])
     missing = []
     for m in MODELS:
         have = {r["row"] for r in (studies[CALL[m]] or {}).get("rows", []) if r["model"] == m}
@@ -511,6 +512,37 @@ def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
             same = all(agree)
             L[-1] += " It ranks each pair as FD_clf does." if same else " It ranks a pair unlike FD_clf."
     return L
+
+
+def equal_time_checkpoints(sums: dict, st: dict | None) -> list[str]:
+    """Where MAR's and CASMAR's GPU times differ by more than 10%: the costlier one's training-curve
+    checkpoint whose GPU time (steps / alone speed) is nearest the other's whole run, against that
+    run's last checkpoint, at the curve rows' (official) sampling settings."""
+    gm, gc = sums["mar"]["gpu_s"], sums["casmar"]["gpu_s"]
+    if not (gm and gc) or abs(gc / gm - 1) <= 0.10 or sums["mar"]["gpu_how"] == "wall, side by side":
+        return []
+    costly, cheap = ("casmar", "mar") if gc > gm else ("mar", "casmar")
+    speed = sums[costly]["steps"][0] / sums[costly]["gpu_s"]  # its alone it/s
+    target = sums[cheap]["gpu_s"]
+    curve = {m: {int(r["label"]): r for r in rows(st, m, "train_curve")} for m in (costly, cheap)}
+    if not (curve[costly] and curve[cheap]):
+        return []
+    step = min(curve[costly], key=lambda n: abs(n / speed - target))
+    last = max(curve[cheap])
+    fid = {m: dict(curve_fid(m, 0)) for m in (costly, cheap)}
+    a, b = curve[costly][step], curve[cheap][last]
+
+    def point(m: str, n: int, r: dict) -> str:
+        f = fid[m].get(n)
+        return f"FD_clf {r['metrics']['FD_clf']:.1f}" + (f", TF-Inception FID {f:.1f}" if f else "")
+
+    return [
+        f"- At equal GPU time instead of equal steps: {NAMES[costly]}'s checkpoint at step {step} "
+        f"({step / speed / 60:.2f} GPU-min alone, its learning rate not yet decayed) against "
+        f"{NAMES[cheap]}'s last ({last} steps, {target / 60:.2f} GPU-min), at the training curves' "
+        f"sampling settings (official temperature, cfg 2.0; {a['n']:,} / {b['n']:,} samples, seed 0): "
+        f"{NAMES[costly]} {point(costly, step, a)}; {NAMES[cheap]} {point(cheap, last, b)}."
+    ]
 
 
 def raw_outputs() -> list[str]:

@@ -69,3 +69,21 @@ def test_var_and_hmar_use_their_alone_timing_where_measured(report, tmp_path):
     gpu, how = report.gpu_seconds("hmar", [1400, 710], wall=226.0)
     assert how == "steps / alone speed" and gpu == pytest.approx(1400 / 13.0 + 710 / 11.0)
     assert report.gpu_seconds("var", [2110], wall=215.0)[0] == pytest.approx(2110 / 12.5)
+
+
+def test_equal_time_point_picks_the_costlier_models_nearest_checkpoint(report):
+    def summary(steps, gpu_s):
+        return {"steps": [steps], "gpu_s": gpu_s, "gpu_how": "steps / alone speed"}
+
+    def curve(m, fds):
+        return [{"model": m, "row": "train_curve", "label": str(n), "n": 500, "metrics": {"FD_clf": fd}}
+                for n, fd in fds.items()]  # fmt: skip
+
+    sums = {"mar": summary(1000, 100.0), "casmar": summary(1000, 125.0)}  # CASMAR 8 it/s alone
+    st = {"rows": curve("mar", {500: 200.0, 1000: 150.0}) + curve("casmar", {600: 120.0, 800: 110.0})}
+    (line,) = report.equal_time_checkpoints(sums, st)
+    # 800 steps at 8 it/s = 100 s: MAR's whole run
+    assert "CASMAR's checkpoint at step 800" in line and "CASMAR FD_clf 110.0" in line
+    assert "MAR FD_clf 150.0" in line
+    sums["casmar"]["gpu_s"] = 105.0  # within 10%: nothing to add
+    assert report.equal_time_checkpoints(sums, st) == []
