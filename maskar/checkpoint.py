@@ -462,6 +462,66 @@ def read_config(directory: str | os.PathLike) -> Config:
         raise CheckpointError(f"checkpoint {directory}: {CONFIG_FILE}: {e}") from None
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def describe_checkpoint(directory: str | os.PathLike, verify: bool = True) -> list[str]:
+    """What ``maskar info ckpt=DIR`` prints: architecture, parameters (read from the safetensors
+    header, no weights loaded), dtypes, integrity, the training run and the stored sampling defaults."""
+    d = resolve_checkpoint_dir(directory)
+    cfg = read_config(d)
+    path = d / MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {d}: {MODEL_FILE} is missing")
+    sums = read_checksums(d)
+    if sums is not None and verify:
+        for name in sorted(sums):
+            verify_file(d, name)  # raises, naming the file, on a mismatch
+        integrity = f"{SUMS_FILE}: {len(sums)} file(s) verified"
+    elif sums is not None:
+        integrity = f"{SUMS_FILE}: present, not checked (verify=false)"
+    else:
+        integrity = f"no {SUMS_FILE}: integrity not checkable"
+    counts = {"generator": 0, "tokenizer": 0}
+    dtypes: dict[str, int] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                n = 1
+                for dim in sl.get_shape():
+                    n *= dim
+                counts["tokenizer" if k.startswith("tokenizer.") else "generator"] += n
+                dtypes[sl.get_dtype()] = dtypes.get(sl.get_dtype(), 0) + n
+    except (SafetensorError, OSError) as e:
+        raise _unreadable(path, e) from None
+    model, train = cfg.model, cfg.train
+    tok = getattr(model, "tokenizer", None)
+    tok_ckpt = getattr(model, "tokenizer_ckpt", None)
+    if counts["tokenizer"]:
+        tok_text = f" + {_count(counts['tokenizer'])} tokenizer ({getattr(tok, 'arch', '?')}, bundled)"
+    elif tok is not None:
+        tok_text = f"; tokenizer {getattr(tok, 'arch', '?')} not bundled (model.tokenizer_ckpt={tok_ckpt})"
+    else:
+        tok_text = ""
+    by_dtype = ", ".join(f"{t} {100 * n / sum(dtypes.values()):.0f}%" for t, n in sorted(dtypes.items()))
+    lines = [f"checkpoint {d}" + ("" if d == Path(directory) else f" (the newest of run {directory})")]
+    lines.append(f"architecture {model.arch}")
+    lines.append(f"parameters {_count(counts['generator'])} generator{tok_text}")
+    lines.append(f"weights {MODEL_FILE} {path.stat().st_size / 1e6:.1f} MB ({by_dtype}); {integrity}")
+    lines.append(
+        f"training run: {train.steps} steps x batch {train.batch_size}, ema {train.ema}, precision "
+        f"{train.precision}"
+    )
+    if (d / "README.md").is_file():
+        lines.append(f"README: {d / 'README.md'}")
+    sample = dump_yaml(cfg.sample).rstrip("\n")
+    lines.append("sampling defaults (sample.KEY=VALUE overrides them):")
+    lines += ["  " + line for line in sample.splitlines()]
+    return lines
+
+
 def load_model(
     directory: str | os.PathLike,
     device: str | torch.device = "cpu",

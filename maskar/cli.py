@@ -80,7 +80,15 @@ def _output_file(value: object, key: str, suffixes: tuple[str, ...] | None = Non
 def cmd_info(args: list[str]) -> int:
     import torch
 
-    opts, overrides = _split_args(args, {"preset": None, "config": None})
+    opts, overrides = _split_args(args, {"preset": None, "config": None, "ckpt": None, "verify": True})
+    if opts["ckpt"] is not None:
+        if opts["preset"] is not None or opts["config"] is not None or overrides:
+            raise ConfigError("info: ckpt=DIR describes a checkpoint; give it alone (with verify=true|false)")
+        from maskar.checkpoint import describe_checkpoint
+
+        ckpt = str_option(opts["ckpt"], "ckpt", "a checkpoint directory")
+        print("\n".join(describe_checkpoint(ckpt, verify=bool_option(opts["verify"], "verify"))))
+        return 0
     source = _config_source(opts, "info")
     if source is not None or overrides:
         cfg = load_config(source, overrides)
@@ -401,8 +409,11 @@ COMMANDS = {
     "info": (
         cmd_info,
         "Print versions, devices, attention backends, architectures and presets; "
-        "with preset=NAME print the resolved config.",
-        "maskar info preset=hmar-d16 sample.cfg=1.5",
+        "with preset=NAME print the resolved config; with ckpt=DIR describe a checkpoint "
+        "(architecture, parameters, dtypes, SHA-256 check, training run, sampling defaults).",
+        """\
+        maskar info preset=hmar-d16 sample.cfg=1.5
+        maskar info ckpt=checkpoints/casmar-fmnist""",
     ),
 }
 

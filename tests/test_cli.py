@@ -36,6 +36,27 @@ def test_info_preset_prints_resolved_config_with_overrides(capsys):
     assert "arch: hmar" in out and "cfg: 2.5" in out
 
 
+def test_info_ckpt_describes_a_checkpoint_and_checks_its_digests(tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parent.parent / "checkpoints" / "casmar-fmnist"
+    assert main(["info", f"ckpt={shipped}"]) == 0
+    out = capsys.readouterr().out
+    assert "architecture casmar" in out and "tokenizer (klvae, bundled)" in out
+    assert "BF16 100%" in out and "2 file(s) verified" in out and "num_iter:" in out
+    copy = tmp_path / "ck"
+    shutil.copytree(shipped, copy)
+    with open(copy / "config.yaml", "a") as f:
+        f.write("\n")  # the same config, but no longer the file SHA256SUMS lists
+    assert main(["info", f"ckpt={copy}"]) == 2
+    assert "config.yaml does not match its SHA-256" in capsys.readouterr().err
+    assert main(["info", f"ckpt={copy}", "verify=false"]) == 0
+    assert "not checked (verify=false)" in capsys.readouterr().out
+    assert main(["info", f"ckpt={copy}", "preset=mar-b"]) == 2
+    assert "give it alone" in capsys.readouterr().err
+
+
 def test_bad_override_is_one_clear_error(capsys):
     assert main(["info", "preset=hmar-tiny", "train.stepz=3"]) == 2
     err = capsys.readouterr().err
