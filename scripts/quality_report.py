@@ -460,7 +460,10 @@ def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
             line += (
                 f" Call 2's own calibration (40 steps, CASMAR timed first on a cold machine) had read "
                 f"{cal[key]:.2f} and {cal['casmar']:.2f} it/s; it picked the largest MAR it tried all the "
-                "same. The 120-step recalibration ran on the warm machine after call 3."
+                "same. The 120-step recalibration ran on the warm machine after call 3: `CAL_ONLY=1 "
+                "CAL=120 DATA=$PWD/.persist/q2/fmnist RUNS=$PWD/.persist/q2cal bash "
+                "scripts/gpu/quality_mar_casmar.sh` (carry `.carry/kl`; "
+                "[console](results/quality/recalibration/console.txt))."
             )
         wm, wc = sums["mar"]["wall_s"], sums["casmar"]["wall_s"]
         if wm and wc:
