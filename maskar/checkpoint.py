@@ -505,7 +505,8 @@ def describe_checkpoint(directory: str | os.PathLike, verify: bool = True) -> li
         tok_text = f"; tokenizer {getattr(tok, 'arch', '?')} not bundled (model.tokenizer_ckpt={tok_ckpt})"
     else:
         tok_text = ""
-    by_dtype = ", ".join(f"{t} {100 * n / sum(dtypes.values()):.0f}%" for t, n in sorted(dtypes.items()))
+    total = sum(dtypes.values()) or 1  # a file of no tensors lists no dtype
+    by_dtype = ", ".join(f"{t} {100 * n / total:.0f}%" for t, n in sorted(dtypes.items())) or "no tensors"
     lines = [f"checkpoint {d}" + ("" if d == Path(directory) else f" (the newest of run {directory})")]
     lines.append(f"architecture {model.arch}")
     lines.append(f"parameters {_count(counts['generator'])} generator{tok_text}")

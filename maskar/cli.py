@@ -89,6 +89,8 @@ def cmd_info(args: list[str]) -> int:
         ckpt = str_option(opts["ckpt"], "ckpt", "a checkpoint directory")
         print("\n".join(describe_checkpoint(ckpt, verify=bool_option(opts["verify"], "verify"))))
         return 0
+    if opts["verify"] is not True:
+        raise ConfigError("info: verify= goes with ckpt=DIR (the checkpoint whose SHA256SUMS it checks)")
     source = _config_source(opts, "info")
     if source is not None or overrides:
         cfg = load_config(source, overrides)

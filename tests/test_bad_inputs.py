@@ -162,6 +162,7 @@ ROWS: list[Row] = [
     Row("info ckpt={ck_flip}", "does not match its SHA-256 in SHA256SUMS"),
     Row("info ckpt={T}/none", "does not exist"),
     Row("info ckpt={CK} verify=maybe", "verify: expected true or false, got 'maybe'"),
+    Row("info verify=false", "verify= goes with ckpt=DIR"),
     Row("info preset=hmar-tiny train.stepz=3", "unknown key train.stepz"),
     Row("info preset=hmar-tiny device=tpu", "device: expected auto, cpu, cuda or cuda:N"),
     Row("info preset=hmar-tiny model.arch=[1]", "model.arch: expected an architecture name"),
