@@ -242,6 +242,34 @@ def test_study_rows_and_their_eval_command_agree(tmp_path, tiny_run, capsys):
         assert alone[k] == pytest.approx(v, rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.skipif(not CLF.exists(), reason="classifier checkpoint not present")
+def test_a_point_repeated_by_another_row_is_scored_once(tmp_path, tiny_run, monkeypatch):
+    calls = []
+    real = study.run_point
+
+    def counting(model, cfg, p, *args):
+        calls.append((p.row, p.label))
+        return real(model, cfg, p, *args)
+
+    monkeypatch.setattr(study, "run_point", counting)
+    plan = _plan(
+        tmp_path,
+        [
+            {"name": "cfg", "model": "var", "n": 10, "sweep": {"key": "sample.cfg", "values": [1.0, 3.0]}},
+            # the same resolved setting as cfg 3.0, spelled differently, and once with samples kept
+            {"name": "again", "model": "var", "n": 10, "overrides": ["sample.cfg=3"]},
+            {"name": "kept", "model": "var", "n": 10, "save": 10, "overrides": ["sample.cfg=3.0"]},
+        ],
+    )
+    rep = study.run_study(plan, {"var": str(tiny_run)}, {}, {}, tmp_path / "out", str(CLF), device="cpu",
+                          batch=10, tag="t")  # fmt: skip
+    assert calls == [("cfg", "1.0"), ("cfg", "3.0"), ("kept", "default")]
+    again = rep["rows"][2]
+    assert again["same_as"] == "cfg 3.0" and again["metrics"] == rep["rows"][1]["metrics"]
+    assert "sample.cfg=3" in again["command"]  # its own command, which reproduces those numbers
+    assert "same_as" not in rep["rows"][3] and rep["rows"][3]["metrics"] == rep["rows"][1]["metrics"]
+
+
 def test_study_cli_checks_options(tmp_path):
     assert cli_main(["bench", "quality", "plan=x.yaml"]) == 2  # out / classifier missing
     assert cli_main(["bench", "quality", "plan=x.yaml", "out=o", "classifier=c", "scale=2"]) == 2

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import yaml
 
-from maskar.config import ConfigError, parse_override
+from maskar.config import ConfigError, parse_override, to_dict
 
 CLASSIFIER_METRICS = ["fd_clf", "acc", "pr_clf"]
 DATA_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -334,6 +334,10 @@ def run_study(
     }
     path = out / f"{tag}.json"
     loaded: dict[tuple[str, tuple[str, ...]], Any] = {}
+    # Rows of one plan often share a point (a cfg row's 2.0 is the temperature row's 1.0): the
+    # same checkpoint, resolved config, seed and count give the same samples, so the first one's
+    # scores serve the later ones (marked ``same_as``) unless those keep samples or a grid.
+    done: dict[str, dict[str, Any]] = {}
     t_start = time.perf_counter()
     for row in plan["rows"]:  # in plan order: the first rows are measured first if time runs out
         if row["name"] == "speed":
@@ -357,11 +361,22 @@ def run_study(
                 loaded.clear()  # one model in memory at a time
                 loaded[key] = sampling.load_for_sampling(src, p.overrides, str(dev))
             model, cfg = loaded[key]
-            images, labels, seconds, metrics, meta = run_point(model, cfg, p, batch, classifier, dev, classes)
+            setting = json.dumps([src, to_dict(cfg), p.seed, p.n], sort_keys=True, default=str)
+            first = None if (p.save or p.grid) else done.get(setting)
+            if first is None:
+                images, labels, seconds, metrics, meta = run_point(
+                    model, cfg, p, batch, classifier, dev, classes
+                )
+            else:
+                metrics, meta, seconds = first["metrics"], first["metric_meta"], first["seconds"]
             shown_ckpt = shown.get(p.model, ckpts.get(p.model, "")) if p.ckpt is None else p.ckpt
             result = {**dataclasses.asdict(p), "metrics": metrics, "metric_meta": meta, "seconds": seconds,
                       "images_per_s": p.n / seconds,
                       "command": eval_command(shown_ckpt, p, batch, classifier_dir, classes)}  # fmt: skip
+            if first is not None:
+                result["same_as"] = f"{first['row']} {first['label']}"
+            else:
+                done.setdefault(setting, result)
             if p.save:
                 keep = _balanced_subset(labels, p.save, classes)
                 name = f"{p.model}_{p.row}_{_slug(p.label)}_s{p.seed}"
@@ -377,7 +392,8 @@ def run_study(
                 f"[{time.perf_counter() - t_start:6.1f}s] {p.model} {p.row} {p.label} seed {p.seed} "
                 f"n {p.n}: "
                 + " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-                + f" | {p.n / seconds:.1f} img/s",
+                + f" | {p.n / seconds:.1f} img/s"
+                + (f" (the setting of {result['same_as']}: not sampled again)" if first is not None else ""),
                 flush=True,
             )
             _write(path, report)  # after every point: a killed run keeps what it measured
