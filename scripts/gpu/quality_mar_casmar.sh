@@ -115,6 +115,9 @@ if [ $PHASE != study ]; then
   if [ $SEQUENTIAL = 1 ]; then
     # one after the other: each gets half of what is left of the window; the slower one's speed sets the steps
     WINDOW=$(( (T0 + TRAIN_END - $(date +%s)) / 2 - PER_RUN_S ))
+    if [ $WINDOW -lt ${MIN_WINDOW:-60} ]; then  # a slow calibration left too little: train nothing useless
+      el "only ${WINDOW} s a model left for training (MIN_WINDOW ${MIN_WINDOW:-60}): nothing trained"; exit 3
+    fi
     STEPS=$(steps_for $WINDOW $IPS_MAR $IPS_CASMAR); HOW="one after the other, each alone"
   else
     # both at once: each gets about SHARE of the GPU; the slower one's alone speed sets the steps
