@@ -25,6 +25,7 @@
 # Expected wall time on one H200: 8.5 min (STUDY_END 500 s + packing); the command's limit is 10 min.
 # CAL_ONLY=1 stops after the calibration (about 2 minutes). Keep RUNS on the device machine for call 3
 # (e.g. RUNS=$PWD/.persist/q2: .persist/ is git-ignored and stays while the machine is warm). Every study process stops at STUDY_END with its rows so far written.
+# (PHASE=train on a CPU, a dry run: TRAIN_END=1 MIN_WINDOW=-9999 TRAIN_T=600 trains STEPS_MIN steps each.)
 # PHASE=train | study splits the call in two chained calls on one RUNS, so that training gets a whole
 # call: PHASE=train runs steps 0-1 and the training and export of step 2 (and returns the checkpoints);
 # PHASE=study first times call 1's VAR and HMAR stages alone (VAR_HMAR_ALONE=0 skips it; about 75 s), then
