@@ -37,6 +37,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -489,9 +490,7 @@ def describe_checkpoint(directory: str | os.PathLike, verify: bool = True) -> li
         with safe_open(str(path), framework="pt") as f:
             for k in f.keys():
                 sl = f.get_slice(k)
-                n = 1
-                for dim in sl.get_shape():
-                    n *= dim
+                n = math.prod(sl.get_shape())
                 counts["tokenizer" if k.startswith("tokenizer.") else "generator"] += n
                 dtypes[sl.get_dtype()] = dtypes.get(sl.get_dtype(), 0) + n
     except (SafetensorError, OSError) as e:

@@ -232,14 +232,25 @@ def plots(studies: dict[str, dict | None]) -> list[str]:
 # ----------------------------------------------------------------------------- the page
 
 
+def speeds_in(text: str) -> dict[str, float]:
+    """``NAME it/s`` pairs of a calibration line (before its ``->``): mar-x, casmar, var, hmar1 ..."""
+    found = re.findall(r"(mar-[smlxy]|casmar|var|hmar1|hmar2) ([\d.]+)", text.split("->")[0])
+    return {k: float(v) for k, v in found}
+
+
+def trained_mar_key(budget: str) -> str | None:
+    """The calibration name of the MAR size call 2 trained (``mar-x``), from its budget line."""
+    size = re.search(r"MAR size (\w)", budget)
+    return f"mar-{size.group(1)}" if size else None
+
+
 def alone_speeds() -> tuple[dict[str, float], Path | None]:
     """MAR's and CASMAR's training it/s, each alone on the GPU, by name (mar-x, casmar): the 120-step
     recalibration where it ran, else call 2's own calibration (where it timed them alone)."""
     for p in (RES / "recalibration" / "budget.txt", RES / "logs" / "mar_casmar_budget.txt"):
         text = p.read_text() if p.is_file() else ""
         if "alone" in text:
-            found = re.findall(r"(mar-[smlxy]|casmar) ([\d.]+)", text.split("->")[0])
-            return {k: float(v) for k, v in found}, p
+            return speeds_in(text), p
     return {}, None
 
 
@@ -254,17 +265,16 @@ def gpu_seconds(m: str, steps: list[int | None], wall: float | None) -> tuple[fl
     GPU fill each other's idle gaps and their wall times say little of each one's cost."""
     if m in ("var", "hmar"):
         p = RES / "logs" / "var_hmar_alone.txt"
-        alone = dict(re.findall(r"(var|hmar1|hmar2) ([\d.]+)", p.read_text())) if p.is_file() else {}
+        alone = speeds_in(p.read_text()) if p.is_file() else {}
         runs = ["var"] if m == "var" else ["hmar1", "hmar2"]
-        if steps and all(steps) and all(float(alone.get(r, 0)) > 0 for r in runs):
-            return sum(n / float(alone[r]) for n, r in zip(steps, runs)), "steps / alone speed"
+        if steps and all(steps) and all(alone.get(r, 0) > 0 for r in runs):
+            return sum(n / alone[r] for n, r in zip(steps, runs)), "steps / alone speed"
         return wall, "wall, side by side"
     budget = mar_casmar_budget()
     if "one after the other" in budget:
         return wall, "wall, alone"
     speeds, _ = alone_speeds()
-    size = re.search(r"MAR size (\w)", budget)
-    key = "casmar" if m == "casmar" else (f"mar-{size.group(1)}" if size else None)
+    key = "casmar" if m == "casmar" else trained_mar_key(budget)
     if key in speeds and steps and steps[0]:
         return steps[0] / speeds[key], "steps / alone speed"
     return wall, "wall, side by side"
@@ -434,11 +444,10 @@ def findings(sums: dict, studies: dict[str, dict | None]) -> list[str]:
             "([Noise temperature](#noise-temperature-of-mar-and-casmar))."
         )
     text = mar_casmar_budget()
-    cal = {k: float(v) for k, v in re.findall(r"(mar-[smlxy]|casmar) ([\d.]+)", text.split("->")[0])}
+    cal = speeds_in(text)
     speeds, src = alone_speeds()
     gm, gc = sums["mar"]["gpu_s"], sums["casmar"]["gpu_s"]
-    size = re.search(r"MAR size (\w)", text)
-    key = f"mar-{size.group(1)}" if size else None
+    key = trained_mar_key(text)
     if cal and gm and gc and abs(gc / gm - 1) > 0.10 and "alone" not in text:
         L.append(
             "- Why MAR and CASMAR did not get equal GPU-minutes: the calibration ran its "

@@ -90,14 +90,19 @@ mar_net() {  # mar_net SIZE: the overrides of a MAR size (s: the preset as is)
   case $1 in m) echo "$MAR_M" ;; l) echo "$MAR_L" ;; x) echo "$MAR_X" ;; y) echo "$MAR_Y" ;; *) echo "" ;; esac
 }
 cal_name() { [ $1 = s ] && echo mar || echo mar_$1; }
+# speed_alone RUN TRAIN_ARGS...: CAL steps of `maskar train TRAIN_ARGS` alone on the GPU -> it/s over the
+# last CAL/2 (0 when the run failed: its log, RUNS/RUN.log, says why)
+speed_alone() {
+  timeout -s TERM ${CAL_T:-150} $M train "${@:2}" train.steps=$CAL train.log_every=$((CAL / 2)) \
+    train.ckpt_every=0 train.out_dir=$RUNS/$1 > $RUNS/$1.log 2>&1
+  local ips; ips=$(it_per_s $RUNS/$1)
+  [ -n "$ips" ] || { tail -n 5 $RUNS/$1.log >&2; ips=0; }
+  echo $ips
+}
 if [ $PHASE != study ]; then
   el "calibration: $CAL steps each of CASMAR and MAR sizes $CAL_SIZES, one at a time"
-  CALC="train.steps=$CAL train.log_every=$((CAL / 2)) train.ckpt_every=0 train.warmup_steps=10"
-  calibrate() {  # calibrate NAME PRESET EXTRA: CAL steps alone -> it/s over the last CAL/2
-    timeout -s TERM ${CAL_T:-150} $M train preset=$2 $3 $C $CALC train.out_dir=$RUNS/cal_$1 > $RUNS/cal_$1.log 2>&1
-    local ips; ips=$(it_per_s $RUNS/cal_$1)
-    [ -n "$ips" ] || { tail -n 5 $RUNS/cal_$1.log >&2; ips=0; }  # a failed run: its log says why
-    echo $ips
+  calibrate() {  # calibrate NAME PRESET EXTRA: the preset's speed alone with the study's settings
+    speed_alone cal_$1 preset=$2 $3 $C train.warmup_steps=10
   }
   IPS_CASMAR=$(calibrate casmar casmar-fmnist-s "")
   declare -A IPS
@@ -145,12 +150,10 @@ fi
 # alone for CAL steps, with random weights (a step's time does not depend on them: no tokenizer carry)
 if [ $PHASE = study ] && [ "${VAR_HMAR_ALONE:-1}" = 1 ] && [ -f docs/results/quality/logs/var_config.yaml ]; then
   el "VAR, HMAR stage 1 and stage 2 alone: $CAL steps each (call 1's configs)"
-  alone() {  # alone NAME EXTRA...: it/s over the last CAL/2 of CAL steps of call 1's NAME config
-    timeout -s TERM ${CAL_T:-150} $M train config=docs/results/quality/logs/$1_config.yaml "${@:2}" \
-      data.root=$DATA data.num_workers=$WORKERS model.tokenizer_ckpt=null device=$DEVICE train.steps=$CAL \
-      train.log_every=$((CAL / 2)) train.ckpt_every=0 train.resume=false train.progress=false \
-      train.tensorboard=false train.out_dir=$RUNS/alone_$1 ${ALONE_EXTRA:-} > $RUNS/alone_$1.log 2>&1
-    local ips; ips=$(it_per_s $RUNS/alone_$1); echo ${ips:-0}
+  alone() {  # alone NAME EXTRA...: call 1's NAME config's speed alone
+    speed_alone alone_$1 config=docs/results/quality/logs/$1_config.yaml "${@:2}" data.root=$DATA \
+      data.num_workers=$WORKERS model.tokenizer_ckpt=null device=$DEVICE train.resume=false \
+      train.progress=false train.tensorboard=false ${ALONE_EXTRA:-}
   }
   IPS_V=$(alone var); IPS_H1=$(alone hmar1); IPS_H2=$(alone hmar2 model.stage1_ckpt=null)
   echo "var-hmar it/s alone: var $IPS_V hmar1 $IPS_H1 hmar2 $IPS_H2 ($CAL steps each, the last $((CAL / 2)) timed)" \
