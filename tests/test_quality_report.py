@@ -59,6 +59,23 @@ def test_budget_cell_names_what_was_measured(report):
     assert report.fmt_budget(s) == "1060 steps × 1024, 1.98 GPU-min alone (3.93 min wall side by side)"
     s.update(gpu_s=215.4, gpu_how="wall, side by side")
     assert report.fmt_budget(s) == "1060 steps × 1024, 3.59 min wall side by side"
+    s.update(steps=[810], gpu_s=131.7, gpu_how="wall, alone")
+    assert report.fmt_budget(s) == "810 steps × 1024, 2.19 GPU-min alone"
+
+
+def test_the_tried_table_ends_with_the_tables_run(report, tmp_path):
+    (tmp_path / "logs" / "mar_casmar_budget.txt").write_text(
+        "calibration it/s alone: mar-y 7.49 casmar 5.71 -> MAR size y (...), 810 steps each (batch 1024), "
+        "trained one after the other, each alone; GPU-minutes alone MAR / CASMAR 1.80 / 2.36\n"
+    )
+    assert "one after the other, each alone" in report.how_trained()
+    summary = {"fid": [86.0, 85.6], "fd": [119.5], "steps": [810], "gpu_s": 125.4}
+    sums = {"mar": summary, "casmar": dict(summary, fid=[81.3], fd=[96.5], gpu_s=131.7)}
+    last = [line for line in report.tried(sums) if line.startswith("| **table**")]
+    row = "| **table** | 10 + 10 × 256 | 810 | 2.09 / 2.19 | 85.80 / 81.30 | 119.50 / 96.50 | tuned |"
+    assert last == [row]
+    # without the table's FID or GPU time there is no row to compare
+    assert report.tried(dict(sums, mar=dict(summary, fid=[]))) == []
 
 
 def test_var_and_hmar_use_their_alone_timing_where_measured(report, tmp_path):

@@ -84,7 +84,7 @@ model.decoder_depth=10 model.diffloss_d=10 model.diffloss_w=256"}
 CAL_SIZES=${CAL_SIZES:-"l x y"}
 SHARE=${SHARE:-0.47}  # PHASE=all: the share of the GPU each of two equal-cost runs gets side by side
 # PHASE=train: the seconds after the start by which both have trained and exported, one after the other
-TRAIN_END=${TRAIN_END:-550}; PER_RUN_S=${PER_RUN_S:-30}  # a run's start-up and export
+TRAIN_END=${TRAIN_END:-540}; PER_RUN_S=${PER_RUN_S:-30}  # a run's start-up and export
 SEQUENTIAL=0; [ $PHASE = train ] && SEQUENTIAL=1
 mar_net() {  # mar_net SIZE: the overrides of a MAR size (s: the preset as is)
   case $1 in m) echo "$MAR_M" ;; l) echo "$MAR_L" ;; x) echo "$MAR_X" ;; y) echo "$MAR_Y" ;; *) echo "" ;; esac
