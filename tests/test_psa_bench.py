@@ -170,3 +170,11 @@ def test_gpu_exact_variants_pass_the_check(dtype):
             continue
         err = bench.check(fns[name], p, 2, 4, 64, dtype, "cuda")
         assert err <= bench.TOLERANCE[dtype], (name, err)
+
+
+def test_config_names_tell_fused_delta_apart():
+    # the autotune log lists both backward variants of one tile; without the flag they read the same
+    from maskar.kernels.neighborhood import NaConfig
+
+    assert bench._cfg_str(NaConfig(8, 8, 32, 4, 2)) == "8x8/n32/w4/s2"
+    assert bench._cfg_str(NaConfig(8, 8, 32, 4, 2, True)) == "8x8/n32/w4/s2/fd"

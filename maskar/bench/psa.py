@@ -487,8 +487,10 @@ def _kernel_tuning_since(before: set) -> dict:
 
 
 def _cfg_str(c) -> str:
-    """NaConfig -> 'TH x TW tile, BLOCK_N, warps / stages'."""
-    return f"{c.th}x{c.tw}/n{c.block_n}/w{c.num_warps}/s{c.num_stages}"
+    """NaConfig -> 'TH x TW tile, BLOCK_N, warps / stages', '/fd' for a backward that recomputes
+    delta in its programs (without it, the time includes the separate delta launch)."""
+    fused = "/fd" if getattr(c, "fused_delta", False) else ""
+    return f"{c.th}x{c.tw}/n{c.block_n}/w{c.num_warps}/s{c.num_stages}{fused}"
 
 
 def print_summary(rows: list[dict]) -> None:
