@@ -178,3 +178,22 @@ def test_config_names_tell_fused_delta_apart():
 
     assert bench._cfg_str(NaConfig(8, 8, 32, 4, 2)) == "8x8/n32/w4/s2"
     assert bench._cfg_str(NaConfig(8, 8, 32, 4, 2, True)) == "8x8/n32/w4/s2/fd"
+
+
+def test_kernel_time_probes_profile_then_time_again(monkeypatch):
+    # the kernel rows are profiled after every row is timed; each gets its fwd+bwd re-timed after that
+    calls = []
+    monkeypatch.setattr(bench, "kernel_ms_per_call", lambda fn: calls.append(fn) or {"_na_fwd": 0.1})
+    row: dict = {}
+
+    def fwd():
+        return torch.ones(4).sum()
+
+    def fwd_bwd():
+        return torch.ones(4).sum()
+
+    probes = [(row, fwd, fwd_bwd, 3, 1, "cpu")]
+    bench.kernel_time_probes(probes)
+    assert calls == [fwd, fwd_bwd] and probes == []
+    assert row["fwd_kernel_ms"] == row["fwd_bwd_kernel_ms"] == 0.1
+    assert row["fwd_bwd_kernels"] == {"_na_fwd": 0.1} and row["fwd_bwd_ms_after_profile"] > 0
