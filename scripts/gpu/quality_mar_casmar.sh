@@ -3,7 +3,8 @@
 # budget, on the KL tokenizer trained in call 1 (carried as .carry/kl), and the shipped demos.
 #   0. pre-flight (~20 s): MAR and CASMAR (random weights) sample through the study's entry and the
 #      diffusion heads' CUDA-graph chains; a failure stops the call before anything is trained
-#   1. a 120-step calibration of CASMAR and of MAR at CAL_SIZES (default l x y), each alone on the GPU
+#   1. a 120-step calibration of CASMAR and of MAR at CAL_SIZES (default l x y), each alone on the GPU,
+#      after a 30-step untimed CASMAR run (CAL_WARM: a fresh machine's first run reads slow)
 #      -> the MAR size whose step costs nearest CASMAR's (equal GPU-minutes); STEPS: the slower one's
 #      alone speed x the training window
 #   2. CASMAR, then MAR (PHASE=train: one after the other, each alone on the GPU, so that each one's
@@ -104,6 +105,11 @@ if [ $PHASE != study ]; then
   calibrate() {  # calibrate NAME PRESET EXTRA: the preset's speed alone with the study's settings
     speed_alone cal_$1 preset=$2 $3 $C train.warmup_steps=10
   }
+  # the first training process on a freshly started machine runs slow: CASMAR, timed first, read 5.69
+  # and 5.71 it/s on two fresh machines against 7.2-7.3 warm; a short untimed run goes first (CAL_WARM=0 skips)
+  if [ "${CAL_WARM:-1}" = 1 ]; then
+    CAL=$(( CAL / 4 > 2 ? CAL / 4 : 2 )) speed_alone cal_warm preset=casmar-fmnist-s $C > /dev/null
+  fi
   IPS_CASMAR=$(calibrate casmar casmar-fmnist-s "")
   declare -A IPS
   CAL_TEXT=""
