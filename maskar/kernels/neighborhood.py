@@ -393,14 +393,13 @@ class NaConfig:
 # The first of each list is the heuristic used without tuning (interpreter off, CUDA-graph
 # capture) and what the GPU tests pin.
 #
-# The 128-key chunks (added 2026-12-04, not yet timed): CASMAR's 16 x 16 grid gives an 8 x 8 tile
-# at most 11 x 11 = 121 keys, one chunk of 128 instead of two of 64 (the same slots, half the loop
-# trips and online-softmax rescales; the backward's dK/dV programs walk 121 queries the same way).
+# 128-key chunks (one chunk per 8 x 8 tile on CASMAR's 16 x 16 grid) were candidates on 2026-12-04
+# and lost on every measured key (H200, bf16, D 64, 16x16 to 128x128, k 7 and k 13 dil 2): forward
+# 1.3-1.8x, backward 2.1-3.1x the best config (docs/benchmarks.md, *CASMAR proximal attention*).
 def _fwd_candidates(head_dim: int) -> list[NaConfig]:
     if head_dim <= 64:
         return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 3), NaConfig(8, 16, 64, 8, 2),
-                NaConfig(16, 8, 32, 8, 2), NaConfig(8, 8, 64, 4, 3), NaConfig(4, 8, 32, 2, 2),
-                NaConfig(8, 8, 128, 4, 2), NaConfig(8, 8, 128, 8, 2)]
+                NaConfig(16, 8, 32, 8, 2), NaConfig(8, 8, 64, 4, 3), NaConfig(4, 8, 32, 2, 2)]
     return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2), NaConfig(8, 16, 64, 8, 2),
             NaConfig(8, 8, 64, 8, 2)]
 
@@ -409,7 +408,7 @@ def _bwd_candidates(head_dim: int) -> list[NaConfig]:
     if head_dim <= 64:
         return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2), NaConfig(8, 8, 64, 4, 2, True),
                 NaConfig(8, 8, 32, 4, 2, True), NaConfig(8, 8, 64, 4, 3), NaConfig(8, 16, 64, 8, 2),
-                NaConfig(4, 8, 32, 2, 2, True), NaConfig(8, 8, 128, 8, 2), NaConfig(8, 8, 128, 8, 2, True)]
+                NaConfig(4, 8, 32, 2, 2, True)]
     return [NaConfig(8, 8, 32, 4, 2), NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2, True),
             NaConfig(8, 8, 64, 8, 2), NaConfig(8, 16, 32, 8, 2)]
 
