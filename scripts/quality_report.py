@@ -261,6 +261,11 @@ def mar_casmar_budget() -> str:
     return p.read_text() if p.is_file() else ""
 
 
+def trained_alone(budget: str) -> bool:
+    """Whether call 2 trained MAR and CASMAR one after the other, each alone (PHASE=train)."""
+    return "one after the other" in budget
+
+
 def gpu_seconds(m: str, steps: list[int | None], wall: float | None) -> tuple[float | None, str]:
     """A model's training GPU-seconds and how they were had. A run alone on the GPU: its wall time.
     MAR and CASMAR trained side by side: steps / the model's alone speed, since two processes on one
@@ -273,7 +278,7 @@ def gpu_seconds(m: str, steps: list[int | None], wall: float | None) -> tuple[fl
             return sum(n / alone[r] for n, r in zip(steps, runs)), "steps / alone speed"
         return wall, "wall, side by side"
     budget = mar_casmar_budget()
-    if "one after the other" in budget:
+    if trained_alone(budget):
         return wall, "wall, alone"
     speeds, _ = alone_speeds()
     key = "casmar" if m == "casmar" else trained_mar_key(budget)
@@ -641,7 +646,7 @@ def raw_outputs() -> list[str]:
 
 def how_trained() -> str:
     """How the two pairs shared the GPU, from call 2's budget line."""
-    mc = "one after the other, each alone" if "one after the other" in mar_casmar_budget() else "side by side"
+    mc = "one after the other, each alone" if trained_alone(mar_casmar_budget()) else "side by side"
     return f"VAR and HMAR side by side, MAR and CASMAR {mc}"
 
 
@@ -1261,7 +1266,7 @@ def write_readme(name: str) -> None:
         "(docs/quality.md).",
         "",
         f"Training: {fmt_budget(s)} on one H200 (bf16 autocast), "
-        + ("alone, before" if "one after the other" in mar_casmar_budget() else "side by side with")
+        + ("alone, before" if trained_alone(mar_casmar_budget()) else "side by side with")
         + f" its {'MAR' if m == 'casmar' else 'CASMAR'} counterpart at the same steps × batch;",
         "`scripts/gpu/quality_mar_casmar.sh` (device call 2) after `scripts/gpu/quality_var_hmar.sh`",
         "(call 1; the tokenizer was trained in its afternoon run and kept since). The steps it runs:",
