@@ -368,7 +368,7 @@ def _compile_for(kernel, arch: int, dtype: str, consts: dict, num_warps: int = 4
             types[n] = "constexpr"
         elif n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
             types[n] = fp
-        elif n in ("LSE", "DELTA"):
+        elif n in ("LSE", "DELTA", "DQ_ACC"):
             types[n] = "*fp32"
         elif n in ("BND", "ITEMS"):
             types[n] = "*i32"

@@ -25,7 +25,8 @@ from maskar.nn.proximal_attention import proximal_attention
 TOL = {"fp32": 1e-5, "fp16": 3e-3, "bf16": 2.5e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# (name, grid, kernel, dilation, border, B, H, D, dtype, interpreter tile (th, tw, block_n) or None)
+# (name, grid, kernel, dilation, border, B, H, D, dtype, interpreter tile (th, tw, block_n[, "whole"])
+# or None)
 INTERPRET_CASES = [
     ("casmar_k7", (8, 8), 7, 1, "zeros", 1, 2, 64, "fp32", None),
     ("rect_dil2", (9, 6), 3, 2, "zeros", 2, 1, 32, "fp32", (4, 8, 32)),
@@ -39,6 +40,11 @@ INTERPRET_CASES = [
     ("clamp_window_larger_than_grid", (4, 6), 13, 1, "clamp", 1, 1, 64, "fp32", None),
     ("clamp_k13_dil2_shifted", (28, 8), (13, 3), (2, 1), "clamp", 1, 1, 32, "fp32", (8, 4, 32)),
     ("clamp_bf16_d128", (7, 5), 3, 1, "clamp", 1, 1, 128, "bf16", None),
+    # the whole-sub-grid backward (one program walks every key tile of its sub-grid, dQ summed
+    # in its fp32 scratch): several tiles whose query rectangles overlap, both borders, dilation
+    ("whole_k7_four_tiles", (8, 8), 7, 1, "zeros", 2, 2, 32, "fp32", (4, 4, 16, "whole")),
+    ("whole_clamp_dil2", (9, 7), 5, 2, "clamp", 1, 2, 32, "fp16", (4, 4, 16, "whole")),
+    ("whole_per_axis_bf16", (6, 10), (3, 5), (1, 2), "zeros", 1, 1, 64, "bf16", (4, 8, 32, "whole")),
 ]
 
 
@@ -162,10 +168,12 @@ from maskar.nn.proximal_attention import proximal_attention, ProximalSelfAttenti
 nb.POISON_OUTPUTS = True
 torch.manual_seed(0)
 for name, grid, kernel, dil, border, B, H, D, dname, tile in T.INTERPRET_CASES:
-    cfg = nb._INTERPRET_CONFIG if tile is None else nb.NaConfig(*tile, 4, 1)
+    cfg = nb._INTERPRET_CONFIG if tile is None else nb.NaConfig(*tile[:3], 4, 1)
     nb.FORCE_FWD_CONFIG = cfg
-    # delta = rowsum(O * dO) recomputed in the backward programs on the cases with a set tile
-    nb.FORCE_BWD_CONFIG = nb.NaConfig(cfg.th, cfg.tw, cfg.block_n, 4, 1, fused_delta=tile is not None)
+    # delta = rowsum(O * dO) recomputed in the backward programs on the other cases with a set tile
+    whole = tile is not None and tile[3:] == ("whole",)
+    nb.FORCE_BWD_CONFIG = nb.NaConfig(cfg.th, cfg.tw, cfg.block_n, 4, 1,
+                                      fused_delta=tile is not None and not whole, whole=whole)
     r = T.errors_vs_references(T._kernel_fn, grid, kernel, dil, border, B, H, D, T.DTYPES[dname], "cpu")
     print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
 nb.FORCE_FWD_CONFIG = nb.FORCE_BWD_CONFIG = None
@@ -334,12 +342,29 @@ def test_tuning_picks_fastest_candidate_once_per_key(monkeypatch):
         return 1 + (not c.fused_delta)
 
     assert counts == [len(fwd) + 1 + sum(n_bwd(c) for c in bwd) + n_bwd(bwd[-1]), 1 + n_bwd(bwd[-1])]
-    assert launches[-1] is nb._na_bwd and launches[-1 - n_bwd(bwd[-1])] is nb._na_fwd
+    last_bwd = nb._na_bwd_whole if bwd[-1].whole else nb._na_bwd
+    assert launches[-1] is last_bwd and launches[-1 - n_bwd(bwd[-1])] is nb._na_fwd
     log = nb.tuning_log()
     assert all(v["seconds"] >= 0 and len(v["candidates"]) in (len(fwd), len(bwd)) for v in log.values())
     monkeypatch.setattr(nb, "_tuned", {})
     monkeypatch.setattr(nb, "_capturing", lambda q: True)
     assert nb._config("fwd", q, geom, None) == fwd[0] and nb._tuned == {}
+
+
+def test_whole_subgrid_backward_offered_only_for_few_tiles():
+    """The tuner times the whole-sub-grid backward only where a sub-grid has at most
+    WHOLE_MAX_TILES tiles (CASMAR's 16 x 16 grid: 4 of 8 x 8; dilation 2: 1 per residue)."""
+    pytest.importorskip("triton")
+    import maskar.kernels.neighborhood as nb
+
+    whole = next(c for c in nb._bwd_candidates(64) if c.whole)
+    assert (whole.th, whole.tw) == (8, 8) and not nb._bwd_candidates(64)[0].whole
+    offered = {(g, d): nb._offered(whole, nb.Window(g, (7, 7), d)) for g, d in
+               [((16, 16), (1, 1)), ((16, 16), (2, 2)), ((32, 32), (1, 1)), ((17, 16), (1, 1))]}
+    assert offered == {((16, 16), (1, 1)): True, ((16, 16), (2, 2)): True,
+                       ((32, 32), (1, 1)): False, ((17, 16), (1, 1)): False}
+    big = nb.Window((64, 64), (7, 7), (1, 1))
+    assert all(nb._offered(c, big) for c in nb._bwd_candidates(64) if not c.whole)
 
 
 # ----------------------------------------------------------------------------- AOT compile
@@ -350,7 +375,7 @@ def _compile(phase: str, arch: int, dtype: str, cfg, head_dim: int, clamp: bool)
 
     import maskar.kernels.neighborhood as nb
 
-    kernel = nb._na_fwd if phase == "fwd" else nb._na_bwd
+    kernel = nb._na_fwd if phase == "fwd" else nb._na_bwd_whole if cfg.whole else nb._na_bwd
     consts = dict(TH=cfg.th, TW=cfg.tw, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, CLAMP=clamp)
     if phase == "bwd":
         consts["FUSED_DELTA"] = cfg.fused_delta
@@ -362,7 +387,8 @@ def _compile(phase: str, arch: int, dtype: str, cfg, head_dim: int, clamp: bool)
     "phase,arch,dtype,head_dim,clamp,which",
     [("fwd", 90, "bf16", 64, False, 0), ("bwd", 90, "bf16", 64, False, 0), ("fwd", 90, "fp16", 128, True, 0),
      ("bwd", 90, "bf16", 128, False, 0), ("bwd", 90, "fp16", 32, True, 1), ("fwd", 90, "bf16", 64, False, 5),
-     ("bwd", 90, "bf16", 64, False, 2), ("fwd", 80, "bf16", 64, False, 0), ("bwd", 80, "fp16", 64, True, 3)],
+     ("bwd", 90, "bf16", 64, False, 2), ("fwd", 80, "bf16", 64, False, 0), ("bwd", 80, "fp16", 64, True, 3),
+     ("bwd", 90, "bf16", 64, False, 7), ("bwd", 90, "fp16", 128, True, 5), ("bwd", 80, "bf16", 64, False, 8)],
 )
 def test_kernels_compile_to_cubin_without_a_gpu(phase, arch, dtype, head_dim, clamp, which):
     """The interpreter does not compile: this catches what only the real compiler rejects

@@ -510,9 +510,11 @@ def _kernel_tuning_since(before: set) -> dict:
 
 def _cfg_str(c) -> str:
     """NaConfig -> 'TH x TW tile, BLOCK_N, warps / stages', '/fd' for a backward that recomputes
-    delta in its programs (without it, the time includes the separate delta launch)."""
+    delta in its programs (without it, the time includes the separate delta launch), '/whole'
+    for the one-program-per-sub-grid backward."""
     fused = "/fd" if getattr(c, "fused_delta", False) else ""
-    return f"{c.th}x{c.tw}/n{c.block_n}/w{c.num_warps}/s{c.num_stages}{fused}"
+    whole = "/whole" if getattr(c, "whole", False) else ""
+    return f"{c.th}x{c.tw}/n{c.block_n}/w{c.num_warps}/s{c.num_stages}{fused}{whole}"
 
 
 def _ms_cell(row: dict | None, key: str) -> str:

@@ -269,11 +269,13 @@ def _delta(o_base, delta_base, do, tok, ok, g_row, HEAD_DIM: tl.constexpr, FUSED
 @triton.jit
 def _dkdv_program(
     tile, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DK, DV, g_off, g_row,
-    sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale, sm_scale,
+    sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale, sm_scale, dq_acc_base,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     CLAMP: tl.constexpr, FUSED_DELTA: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    DQ_ACC: tl.constexpr,
 ):
-    """dK, dV of a TH x TW tile of keys, walking the queries whose windows reach it."""
+    """dK, dV of a TH x TW tile of keys, walking the queries whose windows reach it. DQ_ACC: also
+    add dS K to the fp32 dQ rows at ``dq_acc_base`` (rows this program's caller alone owns)."""
     rr, rc, i0, j0, nr, nc = _tile(tile, GH, GW, DH, DW, TILES_R, TILES_C, TH, TW)
     ki, kj, k_ok = _tile_rows(i0, j0, nr, nc, TH, TW)
     k_tok = (rr + DH * ki) * GW + rc + DW * kj
@@ -295,8 +297,15 @@ def _dkdv_program(
         p_t = tl.exp2(s_t - lse[None, :])
         dv += _mm(p_t.to(do.dtype), do, UPCAST, IEEE)
         dp_t = _mm(v, tl.trans(do), UPCAST, IEEE)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += _mm(ds_t.to(q.dtype), q, UPCAST, IEEE)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk += _mm(ds_t, q, UPCAST, IEEE)
+        if DQ_ACC:
+            # the positions of one walk are distinct, so only another tile's walk (after the
+            # caller's barrier) reads these rows again; .cg: straight from L2, where the store went
+            acc_ptrs = dq_acc_base + q_tok[:, None] * HEAD_DIM + offs_d[None, :]
+            part = _mm(tl.trans(ds_t), k, UPCAST, IEEE)
+            acc = tl.load(acc_ptrs, mask=q_in[:, None], other=0.0, cache_modifier=".cg")
+            tl.store(acc_ptrs, acc + part, mask=q_in[:, None])
     g_ptrs = g_off + k_tok[:, None] * g_row + offs_d[None, :]
     tl.store(DK + g_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
     tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
@@ -361,11 +370,70 @@ def _na_bwd(
     if pid < N_TILES:
         _dkdv_program(pid, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DK, DV, g_off,
                       g_row, sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale,
-                      sm_scale, TH, TW, BLOCK_N, HEAD_DIM, CLAMP, FUSED_DELTA, UPCAST, IEEE)
+                      sm_scale, delta_base, TH, TW, BLOCK_N, HEAD_DIM, CLAMP, FUSED_DELTA, UPCAST, IEEE,
+                      False)
     else:
         _dq_program(pid - N_TILES, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DQ, g_off,
                     g_row, sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale, sm_scale,
                     TH, TW, BLOCK_N, HEAD_DIM, CLAMP, FUSED_DELTA, UPCAST, IEEE)
+
+
+@triton.jit
+def _subgrid_tile(t, rr, rc, GH, GW, DH, DW, TILES_R, TILES_C, TH: tl.constexpr, TW: tl.constexpr):
+    """The t-th tile of residue pair (rr, rc), as a ``_tile`` program id and its (tokens, on grid)."""
+    pid = (rr * TILES_R + t // TILES_C) * (DW * TILES_C) + rc * TILES_C + t % TILES_C
+    _rr, _rc, i0, j0, nr, nc = _tile(pid, GH, GW, DH, DW, TILES_R, TILES_C, TH, TW)
+    ti, tj, ok = _tile_rows(i0, j0, nr, nc, TH, TW)
+    return pid, (rr + DH * ti) * GW + rc + DW * tj, ok
+
+
+@triton.jit(do_not_specialize=["H", "L", "GH", "GW", "KH", "KW", "DH", "DW", "TILES_R", "TILES_C"])
+def _na_bwd_whole(
+    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, DQ_ACC,
+    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
+    H, L, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale, sm_scale,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CLAMP: tl.constexpr, FUSED_DELTA: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One program per (residue pair, batch * head) walks every key tile of its sub-grid for dK, dV
+    and adds each dS K into the fp32 dQ rows of the sub-grid (``DQ_ACC``, (B * H, L, D)), which
+    no other program touches: the dQ programs' second walk of the windows (S and dP recomputed)
+    is gone, the order of the sums is fixed (deterministic, no atomics). Worth it where a
+    sub-grid has few tiles (CASMAR's 16 x 16 grid: 4), so the programs stay many and short."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rr = tl.program_id(0) // DW
+    rc = tl.program_id(0) % DW
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    do_base = DO + b * sdob + h * sdoh
+    lse_base = LSE + bh.to(tl.int64) * L
+    delta_base = DELTA + bh.to(tl.int64) * L
+    acc_base = DQ_ACC + bh.to(tl.int64) * L * HEAD_DIM
+    g_off = (b * L * H + h) * HEAD_DIM
+    g_row = H * HEAD_DIM
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_tiles = TILES_R * TILES_C
+    for t in range(0, n_tiles):
+        _pid, tok, ok = _subgrid_tile(t, rr, rc, GH, GW, DH, DW, TILES_R, TILES_C, TH, TW)
+        tl.store(acc_base + tok[:, None] * HEAD_DIM + offs_d[None, :],
+                 tl.zeros([TH * TW, HEAD_DIM], dtype=tl.float32), mask=ok[:, None])
+    tl.debug_barrier()  # every thread's zeros (and later sums) visible before another reads the rows
+    for t in range(0, n_tiles):
+        pid, _tok, _ok = _subgrid_tile(t, rr, rc, GH, GW, DH, DW, TILES_R, TILES_C, TH, TW)
+        _dkdv_program(pid, q_base, k_base, v_base, do_base, O + g_off, lse_base, delta_base, DK, DV, g_off,
+                      g_row, sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale,
+                      sm_scale, acc_base, TH, TW, BLOCK_N, HEAD_DIM, CLAMP, FUSED_DELTA, UPCAST, IEEE,
+                      True)
+        tl.debug_barrier()
+    for t in range(0, n_tiles):
+        _pid, tok, ok = _subgrid_tile(t, rr, rc, GH, GW, DH, DW, TILES_R, TILES_C, TH, TW)
+        acc = tl.load(acc_base + tok[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0,
+                      cache_modifier=".cg")
+        tl.store(DQ + g_off + tok[:, None] * g_row + offs_d[None, :],
+                 (acc * sm_scale).to(DQ.dtype.element_ty), mask=ok[:, None])
 
 
 # ----------------------------------------------------------------------------- configs
@@ -382,6 +450,9 @@ class NaConfig:
     num_stages: int
     # backward only: recompute delta = rowsum(O * dO) per visit instead of a separate launch
     fused_delta: bool = False
+    # backward only: one program per sub-grid and batch * head, dQ summed in an fp32 scratch
+    # (``_na_bwd_whole``); offered only where a sub-grid has at most WHOLE_MAX_TILES tiles
+    whole: bool = False
 
 
 # Candidates. Every query of a tile multiplies against the whole key rectangle of the tile,
@@ -408,9 +479,23 @@ def _bwd_candidates(head_dim: int) -> list[NaConfig]:
     if head_dim <= 64:
         return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2), NaConfig(8, 8, 64, 4, 2, True),
                 NaConfig(8, 8, 32, 4, 2, True), NaConfig(8, 8, 64, 4, 3), NaConfig(8, 16, 64, 8, 2),
-                NaConfig(4, 8, 32, 2, 2, True)]
+                NaConfig(4, 8, 32, 2, 2, True), NaConfig(8, 8, 32, 4, 2, whole=True),
+                NaConfig(8, 8, 64, 4, 2, whole=True)]
     return [NaConfig(8, 8, 32, 4, 2), NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2, True),
-            NaConfig(8, 8, 64, 8, 2), NaConfig(8, 16, 32, 8, 2)]
+            NaConfig(8, 8, 64, 8, 2), NaConfig(8, 16, 32, 8, 2), NaConfig(8, 8, 32, 4, 2, whole=True)]
+
+
+# A whole-sub-grid backward program walks its tiles one after another: with many tiles the
+# programs get few and long (a 32 x 32 grid: 16 tiles each, 256 programs at B 16, H 16).
+WHOLE_MAX_TILES = 4
+
+
+def _offered(cfg: NaConfig, geom: Window) -> bool:
+    """Whether the tuner times ``cfg`` for ``geom``."""
+    if not cfg.whole:
+        return True
+    (_gh, _gw, _kh, _kw, _dh, _dw, tiles_r, tiles_c), _n = _geometry(geom, cfg.th, cfg.tw)
+    return tiles_r * tiles_c <= WHOLE_MAX_TILES
 
 
 # Tests set these to pin the configs (the CPU interpreter has no timing to tune on).
@@ -471,7 +556,8 @@ def _config(phase: str, q: Tensor, geom: Window, launch_with) -> NaConfig:
     cfg = _tuned.get(key)
     if cfg is not None:
         return cfg
-    candidates = _fwd_candidates(D) if phase == "fwd" else _bwd_candidates(D)
+    every = _fwd_candidates(D) if phase == "fwd" else _bwd_candidates(D)
+    candidates = [c for c in every if _offered(c, geom)]
     if _capturing(q):  # no timing inside a CUDA-graph capture
         return candidates[0]
     return _tune(key, candidates, launch_with)
@@ -518,7 +604,8 @@ def _launch_fwd(q, k, v, o, lse, qk_scale: float, geom: Window, cfg: NaConfig) -
 
 def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, delta, qk_scale: float, scale: float, geom: Window,
                 cfg: NaConfig) -> None:
-    """The delta launch (unless ``cfg.fused_delta``), then the dK/dV + dQ launch."""
+    """The delta launch (unless ``cfg.fused_delta``), then the dK/dV + dQ launch (or the
+    whole-sub-grid launch, ``cfg.whole``)."""
     B, H, L, D = q.shape
     sdo = do.stride()
     if not cfg.fused_delta:
@@ -526,6 +613,14 @@ def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, delta, qk_scale: float, scale: 
                 dict(BLOCK_M=64, HEAD_DIM=D), 4, 3)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *sdo[:3])
     ints, n_tiles = _geometry(geom, cfg.th, cfg.tw)
+    if cfg.whole:
+        dq_acc = torch.empty(B * H, L, D, dtype=torch.float32, device=q.device)
+        ints = (H, L, *ints)
+        _launch(_na_bwd_whole, (geom.dilation[0] * geom.dilation[1], B * H),
+                (q, k, v, o, do, dq, dk, dv, lse, delta, dq_acc, *strides, *ints, qk_scale, scale),
+                _consts(cfg, q, geom, backward=True), cfg.num_warps, cfg.num_stages,
+                (*_view_spec(q, k, v, do), strides, ints))
+        return
     ints = (H, L, *ints, n_tiles)
     _launch(_na_bwd, (2 * n_tiles, B * H),
             (q, k, v, o, do, dq, dk, dv, lse, delta, *strides, *ints, qk_scale, scale),

@@ -9,6 +9,8 @@
 #      compile + autotune time -> $OUT/psa.txt (log, tables, summary), $OUT/psa.json (rows)
 # Expected: about 3 minutes (tests ~70 s, most of it Triton compiles; bench ~2 min, most of it
 # FlexAttention compiles). Each stage has its own timeout. Ends with the summary table.
+# WINDOWS, CASES, METHODS (benchmarks/psa.py's --windows, --cases, --methods) narrow the bench, e.g.
+#   WINDOWS=7:1 CASES=16x16:64:16,64x64:4:16 METHODS=triton,sdpa_bias,dense_nomask (under a minute).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -23,8 +25,9 @@ echo "tests exit code $?"
 grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" "$OUT/gpu_tests.txt" | tail -n 20
 
 el "bench (benchmarks/psa.py)"
-timeout "${BENCH_T:-240}" python3 benchmarks/psa.py --dtypes bf16 --windows 7:1,13:2 \
-  --cases 16x16:64:16,32x32:16:16,64x64:4:16,128x128:1:16 --json "$OUT/psa.json" > "$OUT/psa.txt" 2>&1
+timeout "${BENCH_T:-240}" python3 benchmarks/psa.py --dtypes bf16 --windows "${WINDOWS:-7:1,13:2}" \
+  --cases "${CASES:-16x16:64:16,32x32:16:16,64x64:4:16,128x128:1:16}" ${METHODS:+--methods "$METHODS"} \
+  --json "$OUT/psa.json" > "$OUT/psa.txt" 2>&1
 echo "bench exit code $?"
 # the tables, the kernel's autotuning report and the summary (everything after the per-row log)
 sed -n '/^PSA k=/,$p' "$OUT/psa.txt"
