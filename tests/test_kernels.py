@@ -533,3 +533,13 @@ def test_auto_picks_triton_on_cuda():
     assert supports(q, q, q, p)
     assert available_backends()[0] == "triton"
     assert torch.equal(attention(q, q, q, p), attention(q, q, q, p, backend="triton"))
+
+
+def test_host_cdiv_and_next_power_of_2_equal_tritons():
+    """The launch paths' plain-Python cdiv / next_power_of_2 (triton's are constexpr functions
+    with microseconds of call overhead) give triton's values."""
+    triton = pytest.importorskip("triton")
+    from maskar.kernels.block_sparse import cdiv, next_power_of_2
+
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in range(1, 70))
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(0, 5000))

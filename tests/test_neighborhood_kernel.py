@@ -327,6 +327,7 @@ def test_tuning_picks_fastest_candidate_once_per_key(monkeypatch):
     monkeypatch.setattr(nb, "_INTERPRET", False)
     monkeypatch.setattr(nb, "_tuned", {})
     monkeypatch.setattr(nb, "_tune_log", {})
+    monkeypatch.setattr(nb, "TUNE_WHOLE", True)  # every candidate offered on this 8 x 8 grid
     leaves = [torch.randn(2, 64, 3, 64, dtype=torch.float16, requires_grad=True) for _ in range(3)]
     q, k, v = (x.transpose(1, 2) for x in leaves)
     geom = nb.Window((8, 8), (7, 7), (1, 1))
@@ -351,7 +352,7 @@ def test_tuning_picks_fastest_candidate_once_per_key(monkeypatch):
     assert nb._config("fwd", q, geom, None) == fwd[0] and nb._tuned == {}
 
 
-def test_whole_subgrid_backward_offered_only_for_few_tiles():
+def test_whole_subgrid_backward_offered_only_for_few_tiles(monkeypatch):
     """The tuner times the whole-sub-grid backward only where a sub-grid has at most
     WHOLE_MAX_TILES tiles (CASMAR's 16 x 16 grid: 4 of 8 x 8; dilation 2: 1 per residue)."""
     pytest.importorskip("triton")
@@ -359,6 +360,9 @@ def test_whole_subgrid_backward_offered_only_for_few_tiles():
 
     whole = next(c for c in nb._bwd_candidates(64) if c.whole)
     assert (whole.th, whole.tw) == (8, 8) and not nb._bwd_candidates(64)[0].whole
+    # not timed by default until a GPU run has checked it (MASKAR_PSA_WHOLE=1 asks for it)
+    assert not nb._offered(whole, nb.Window((16, 16), (7, 7), (1, 1))) or nb.TUNE_WHOLE
+    monkeypatch.setattr(nb, "TUNE_WHOLE", True)
     offered = {(g, d): nb._offered(whole, nb.Window(g, (7, 7), d)) for g, d in
                [((16, 16), (1, 1)), ((16, 16), (2, 2)), ((32, 32), (1, 1)), ((17, 16), (1, 1))]}
     assert offered == {((16, 16), (1, 1)): True, ((16, 16), (2, 2)): True,

@@ -47,7 +47,7 @@ from torch import Tensor
 
 # Shared with the block-sparse kernel: its launch path (direct launcher calls, little host
 # time), its GPU capability check, and its interpreter / CPU-reference switch.
-from maskar.kernels.block_sparse import _INTERPRET, _device_ok, _launch, _on_reference
+from maskar.kernels.block_sparse import _INTERPRET, _device_ok, _launch, _on_reference, cdiv, next_power_of_2
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -199,9 +199,9 @@ def _config(C: int, HW: int, channels_last: bool) -> GNConfig:
     if _INTERPRET:
         return _INTERPRET_CONFIG
     if channels_last:
-        bc = min(triton.next_power_of_2(C), 64)
+        bc = min(next_power_of_2(C), 64)
         return GNConfig(bc, TILE // bc, 8, 4)
-    bp = min(triton.next_power_of_2(HW), 2048)
+    bp = min(next_power_of_2(HW), 2048)
     return GNConfig(TILE // bp, bp, 8, 4)
 
 
@@ -219,8 +219,8 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, s
     cl = _is_channels_last(x)
     cfg = _config(C, HW, cl)
     chunk_p = cfg.block_p * cfg.chunk_tiles
-    n_chunks = triton.cdiv(HW, chunk_p)
-    n_cb = triton.cdiv(C, cfg.block_c)
+    n_chunks = cdiv(HW, chunk_p)
+    n_cb = cdiv(C, cfg.block_c)
     part = torch.empty((2, N, n_chunks, C), dtype=torch.float32, device=x.device)
     stats = torch.empty((N, groups, 2), dtype=torch.float32, device=x.device)
     y = torch.empty_like(x)
@@ -232,7 +232,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, s
         cfg.num_warps,
         1,
     )
-    block_f = min(triton.next_power_of_2(C // groups * n_chunks), 1024)
+    block_f = min(next_power_of_2(C // groups * n_chunks), 1024)
     _launch(
         _gn_finalize,
         (N * groups,),
@@ -243,7 +243,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, s
     )
     _launch(
         _gn_apply,
-        (triton.cdiv(HW, cfg.block_p), n_cb, N),
+        (cdiv(HW, cfg.block_p), n_cb, N),
         (x, y, weight, bias, stats, C, HW, groups),
         dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=cl, SILU=silu),
         cfg.num_warps,

@@ -55,7 +55,7 @@ from torch import Tensor
 
 # Shared with the block-sparse kernel: its launch path (direct launcher calls, little host
 # time), its GPU capability check, and its interpreter / CPU-reference switch.
-from maskar.kernels.block_sparse import _INTERPRET, _device_ok, _launch, _on_reference
+from maskar.kernels.block_sparse import _INTERPRET, _device_ok, _launch, _on_reference, cdiv, next_power_of_2
 
 EPS = 1e-12  # F.normalize's
 MAX_LOG_GAIN = math.log(100.0)
@@ -196,7 +196,7 @@ def _forward(qkv: Tensor, scale_mul: Tensor) -> Tensor:
     B, L, _, H, D = qkv.shape
     out = torch.empty((B, L, 2, H, D), dtype=qkv.dtype, device=qkv.device)
     cfg = _config(D)
-    grid = (triton.cdiv(B * L, cfg.block_t) * H,)
+    grid = (cdiv(B * L, cfg.block_t) * H,)
     _launch(_qk_norm_fwd, grid, (qkv, scale_mul, out, B * L, H, EPS, _log_max(scale_mul.dtype)),
             dict(BLOCK_T=cfg.block_t, HEAD_DIM=D), cfg.num_warps, 1)
     return out
@@ -211,7 +211,7 @@ def _backward(qkv: Tensor, scale_mul: Tensor, dq: Tensor, dk: Tensor, dv: Tensor
         dv = dv.contiguous()
     dqkv = torch.empty((B, L, 3, H, D), dtype=qkv.dtype, device=qkv.device)
     cfg = _config(D)
-    n_tb = triton.cdiv(B * L, cfg.block_t)
+    n_tb = cdiv(B * L, cfg.block_t)
     log_max = _log_max(scale_mul.dtype)
     part = torch.empty((n_tb, H), dtype=torch.float32, device=qkv.device) if gain_grad else dqkv
     sv = dv.stride() if dv is not None else (0, 0, 0, 1)
@@ -223,7 +223,7 @@ def _backward(qkv: Tensor, scale_mul: Tensor, dq: Tensor, dk: Tensor, dv: Tensor
     if not gain_grad:
         return dqkv, torch.zeros_like(scale_mul)
     ds = torch.empty_like(scale_mul)
-    block_h = triton.next_power_of_2(H)
+    block_h = next_power_of_2(H)
     _launch(_qk_norm_gain_grad, (1,), (part, scale_mul, ds, n_tb, H, log_max),
             dict(BLOCK_R=max(4096 // block_h, 16), BLOCK_H=block_h), 4, 1)
     return dqkv, ds

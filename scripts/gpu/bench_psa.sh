@@ -11,6 +11,10 @@
 # FlexAttention compiles). Each stage has its own timeout. Ends with the summary table.
 # WINDOWS, CASES, METHODS (benchmarks/psa.py's --windows, --cases, --methods) narrow the bench, e.g.
 #   WINDOWS=7:1 CASES=16x16:64:16,64x64:4:16 METHODS=triton,sdpa_bias,dense_nomask (under a minute).
+# MASKAR_PSA_WHOLE=1 lets the tuner time the whole-sub-grid backward too (not yet run on a GPU; the
+# GPU tests' every-candidate test checks it either way). Next check of it, ~2.5 min:
+#   MASKAR_PSA_WHOLE=1 WINDOWS=7:1,13:2 CASES=16x16:64:16,32x32:16:16,64x64:4:16 \
+#     METHODS=triton,sdpa_bias,dense_nomask OUT=$OUT bash scripts/gpu/bench_psa.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
