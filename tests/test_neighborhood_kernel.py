@@ -25,8 +25,8 @@ from maskar.nn.proximal_attention import proximal_attention
 TOL = {"fp32": 1e-5, "fp16": 3e-3, "bf16": 2.5e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# (name, grid, kernel, dilation, border, B, H, D, dtype, interpreter tile (th, tw, block_n[, "whole"])
-# or None)
+# (name, grid, kernel, dilation, border, B, H, D, dtype, interpreter tile (th, tw, block_n[, "whole"
+# [, "fd"]]) or None; a set tile without "whole", or with "fd", recomputes delta in the programs)
 INTERPRET_CASES = [
     ("casmar_k7", (8, 8), 7, 1, "zeros", 1, 2, 64, "fp32", None),
     ("rect_dil2", (9, 6), 3, 2, "zeros", 2, 1, 32, "fp32", (4, 8, 32)),
@@ -45,6 +45,7 @@ INTERPRET_CASES = [
     ("whole_k7_four_tiles", (8, 8), 7, 1, "zeros", 2, 2, 32, "fp32", (4, 4, 16, "whole")),
     ("whole_clamp_dil2", (9, 7), 5, 2, "clamp", 1, 2, 32, "fp16", (4, 4, 16, "whole")),
     ("whole_per_axis_bf16", (6, 10), (3, 5), (1, 2), "zeros", 1, 1, 64, "bf16", (4, 8, 32, "whole")),
+    ("whole_fused_delta", (7, 9), 5, 1, "zeros", 2, 1, 32, "fp32", (4, 4, 16, "whole", "fd")),
 ]
 
 
@@ -171,9 +172,9 @@ for name, grid, kernel, dil, border, B, H, D, dname, tile in T.INTERPRET_CASES:
     cfg = nb._INTERPRET_CONFIG if tile is None else nb.NaConfig(*tile[:3], 4, 1)
     nb.FORCE_FWD_CONFIG = cfg
     # delta = rowsum(O * dO) recomputed in the backward programs on the other cases with a set tile
-    whole = tile is not None and tile[3:] == ("whole",)
-    nb.FORCE_BWD_CONFIG = nb.NaConfig(cfg.th, cfg.tw, cfg.block_n, 4, 1,
-                                      fused_delta=tile is not None and not whole, whole=whole)
+    whole = tile is not None and "whole" in tile
+    fd = tile is not None and (not whole or "fd" in tile)
+    nb.FORCE_BWD_CONFIG = nb.NaConfig(cfg.th, cfg.tw, cfg.block_n, 4, 1, fused_delta=fd, whole=whole)
     r = T.errors_vs_references(T._kernel_fn, grid, kernel, dil, border, B, H, D, T.DTYPES[dname], "cpu")
     print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
 nb.FORCE_FWD_CONFIG = nb.FORCE_BWD_CONFIG = None
@@ -392,7 +393,8 @@ def _compile(phase: str, arch: int, dtype: str, cfg, head_dim: int, clamp: bool)
     [("fwd", 90, "bf16", 64, False, 0), ("bwd", 90, "bf16", 64, False, 0), ("fwd", 90, "fp16", 128, True, 0),
      ("bwd", 90, "bf16", 128, False, 0), ("bwd", 90, "fp16", 32, True, 1), ("fwd", 90, "bf16", 64, False, 5),
      ("bwd", 90, "bf16", 64, False, 2), ("fwd", 80, "bf16", 64, False, 0), ("bwd", 80, "fp16", 64, True, 3),
-     ("bwd", 90, "bf16", 64, False, 7), ("bwd", 90, "fp16", 128, True, 5), ("bwd", 80, "bf16", 64, False, 8)],
+     ("bwd", 90, "bf16", 64, False, 7), ("bwd", 90, "fp16", 128, True, 5), ("bwd", 80, "bf16", 64, False, 8),
+     ("bwd", 90, "bf16", 64, True, 9)],
 )
 def test_kernels_compile_to_cubin_without_a_gpu(phase, arch, dtype, head_dim, clamp, which):
     """The interpreter does not compile: this catches what only the real compiler rejects

@@ -485,7 +485,7 @@ def _bwd_candidates(head_dim: int) -> list[NaConfig]:
         return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2), NaConfig(8, 8, 64, 4, 2, True),
                 NaConfig(8, 8, 32, 4, 2, True), NaConfig(8, 8, 64, 4, 3), NaConfig(8, 16, 64, 8, 2),
                 NaConfig(4, 8, 32, 2, 2, True), NaConfig(8, 8, 32, 4, 2, whole=True),
-                NaConfig(8, 8, 64, 4, 2, whole=True)]
+                NaConfig(8, 8, 64, 4, 2, whole=True), NaConfig(8, 8, 32, 4, 2, True, whole=True)]
     return [NaConfig(8, 8, 32, 4, 2), NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2, True),
             NaConfig(8, 8, 64, 8, 2), NaConfig(8, 16, 32, 8, 2), NaConfig(8, 8, 32, 4, 2, whole=True)]
 
