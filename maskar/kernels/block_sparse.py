@@ -132,6 +132,18 @@ def _program_ids(BH_FAST: tl.constexpr):
         return tl.program_id(0), tl.program_id(1)
 
 
+@triton.jit
+def _bwd_bases(bh, H, L, Q, K, V, DO, LSE, DELTA, sqb, sqh, skb, skh, svb, svh, sdob, sdoh,
+               HEAD_DIM: tl.constexpr):
+    """Per batch*head of a backward program: the q, k, v, dO, lse and delta bases, and where its
+    gradient rows start and their stride (gradients and O are written (B, L, H, D) contiguous)."""
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    g_off = (b * L * H + h) * HEAD_DIM
+    return (Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, DO + b * sdob + h * sdoh,
+            LSE + bh.to(tl.int64) * L, DELTA + bh.to(tl.int64) * L, g_off, H * HEAD_DIM)
+
+
 @triton.jit(do_not_specialize=["H", "L", "N_ITEMS"])  # new head counts / schedules reuse the binary
 def _attn_fwd(
     Q, K, V, O, LSE, BND, ITEMS,
@@ -329,17 +341,8 @@ def _attn_bwd(
     kind = tl.load(ITEMS + it)
     n0 = tl.load(ITEMS + N_ITEMS + it)
     n_stop = tl.load(ITEMS + 2 * N_ITEMS + it)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    do_base = DO + b * sdob + h * sdoh
-    lse_base = LSE + bh.to(tl.int64) * L
-    delta_base = DELTA + bh.to(tl.int64) * L
-    # gradients are written (B, L, H, D) contiguous
-    g_off = (b * L * H + h) * HEAD_DIM
-    g_row = H * HEAD_DIM
+    q_base, k_base, v_base, do_base, lse_base, delta_base, g_off, g_row = _bwd_bases(
+        bh, H, L, Q, K, V, DO, LSE, DELTA, sqb, sqh, skb, skh, svb, svh, sdob, sdoh, HEAD_DIM)
     o_base = O + g_off  # O has the same (B, L, H, D) layout as the gradients
     if PART == 1:
         _dkdv_program(n0, n_stop, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DK, DV, BND,

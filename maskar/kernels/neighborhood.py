@@ -62,6 +62,7 @@ from maskar.kernels.block_sparse import (
     _INTERPRET,
     LOG2E,
     _blhd_empty,
+    _bwd_bases,
     _bwd_delta,
     _grads_empty,
     _launch,
@@ -360,17 +361,8 @@ def _na_bwd(
     """Programs [0, N_TILES): dK, dV of one key tile; [N_TILES, 2 N_TILES): dQ of one query tile.
     O (B, L, H, D) is read only with FUSED_DELTA, DELTA only without it."""
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    do_base = DO + b * sdob + h * sdoh
-    lse_base = LSE + bh.to(tl.int64) * L
-    delta_base = DELTA + bh.to(tl.int64) * L
-    g_off = (b * L * H + h) * HEAD_DIM  # gradients are written (B, L, H, D) contiguous
-    g_row = H * HEAD_DIM
+    q_base, k_base, v_base, do_base, lse_base, delta_base, g_off, g_row = _bwd_bases(
+        tl.program_id(1), H, L, Q, K, V, DO, LSE, DELTA, sqb, sqh, skb, skh, svb, svh, sdob, sdoh, HEAD_DIM)
     o_base = O + g_off  # O has the gradients' layout
     if pid < N_TILES:
         _dkdv_program(pid, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DK, DV, g_off,
@@ -406,19 +398,11 @@ def _na_bwd_whole(
     is gone, the order of the sums is fixed (deterministic, no atomics). Worth it where a
     sub-grid has few tiles (CASMAR's 16 x 16 grid: 4), so the programs stay many and short."""
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     rr = tl.program_id(0) // DW
     rc = tl.program_id(0) % DW
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    do_base = DO + b * sdob + h * sdoh
-    lse_base = LSE + bh.to(tl.int64) * L
-    delta_base = DELTA + bh.to(tl.int64) * L
+    q_base, k_base, v_base, do_base, lse_base, delta_base, g_off, g_row = _bwd_bases(
+        bh, H, L, Q, K, V, DO, LSE, DELTA, sqb, sqh, skb, skh, svb, svh, sdob, sdoh, HEAD_DIM)
     acc_base = DQ_ACC + bh.to(tl.int64) * L * HEAD_DIM
-    g_off = (b * L * H + h) * HEAD_DIM
-    g_row = H * HEAD_DIM
     offs_d = tl.arange(0, HEAD_DIM)
     n_tiles = TILES_R * TILES_C
     for t in range(0, n_tiles):
