@@ -21,6 +21,9 @@
 #     take the exact GELU and the residual adds into their epilogues; a long first compile), then
 #     CASMAR-B with its blocks and its heads' steps (the DiT head: GELU, adaLN modulation) so, in
 #     the time left.
+#   PART=headtune (about 8 min, DEADLINE=560): MAR-B num_iter 256 with --linears low, the MLP head's
+#     step compiled with mode default, then max-autotune-no-cudagraphs (blocks default: their
+#     max-autotune lost on 2026-12-04); then CASMAR-B with the heads' steps so.
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
 #     linears stored in bf16 once (cast_linears_, what `maskar sample` does since 2026-12-04), then
 #     compiled so; MAR-B num_iter 64 / 256 and CASMAR-B at the defaults with --linears low (against
@@ -142,6 +145,21 @@ elif [ "${PART}" = w16 ]; then
   timeout $(cap 100) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --linears low \
     --json "$OUT/casmar_low.json" > "$OUT/casmar_low.txt" 2>&1
   echo "casmar rc=$?"; grep -E "^sample|Error" "$OUT/casmar_low.txt" | tail -n 4
+elif [ "${PART}" = headtune ]; then
+  # the heads' per-step calls alone under max-autotune (PART=autotune also tuned the blocks, which
+  # lost): MAR's MLP head runs ~35 small kernels a step at 128 rows, where a Triton template with
+  # bias + SiLU or gate + residual in its epilogue may beat cuBLAS plus the separate kernels
+  for mode in default max-autotune-no-cudagraphs; do
+    el "bench mar num_iter 256, --linears low, the MLP head's step compiled with mode $mode"
+    timeout $(cap 240) $PY -m maskar bench mar --batch 64 --num-iters 256 --sample-reps 1 --train-batch 0 \
+      --linears low --head-compile-mode $mode --json "$OUT/mar256_head_$mode.json" > "$OUT/mar256_head_$mode.txt" 2>&1
+    echo "mar head $mode rc=$?"; grep -vE "$NOISE" "$OUT/mar256_head_$mode.txt" | grep -E "^sample|Error" | tail -n 4
+  done
+  el "bench casmar, --linears low, the heads' steps compiled with max-autotune-no-cudagraphs (blocks default)"
+  timeout $(cap 260) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --linears low \
+    --head-compile-mode max-autotune-no-cudagraphs --json "$OUT/casmar_head_autotune.json" \
+    > "$OUT/casmar_head_autotune.txt" 2>&1
+  echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_head_autotune.txt" | grep -E "^sample|Error" | tail -n 4
 elif [ "${PART}" = autotune ]; then
   for mode in default max-autotune-no-cudagraphs; do
     el "bench mar num_iter 256, blocks compiled with mode $mode"
