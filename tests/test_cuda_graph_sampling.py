@@ -8,6 +8,7 @@ differences (run with ``-rP`` to see them).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 
@@ -127,6 +128,67 @@ def test_batched_modulation_is_the_per_block_function(learn_sigma, cfg):
     assert torch.equal(static, batched)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert head.embed(z)[1][0].dtype == torch.bfloat16  # cast once per chain, as autocast would
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_time_table_gives_the_same_samples_and_follows_weight_updates(cfg, autocast, monkeypatch):
+    """The time-embedding table (the CUDA default, forced on here) gives the samples of the
+    per-step timestep MLP bit for bit, eagerly and through the static buffers, without running
+    that MLP per step; an in-place weight update refills it in place (captured graphs read it);
+    another respacing adds its rows."""
+    head = random_head(depth=2)
+    z = torch.randn(8, 8)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+
+    def sample(table: bool, steps: str | None = None) -> torch.Tensor:
+        head.time_table = table
+        with ctx:
+            return head.sample(z, 0.9, cfg, generator=gen(5), cuda_graph=False, num_sampling_steps=steps)
+
+    plain = sample(False)
+    assert head._t_store is None
+    tabled = sample(True)
+    assert torch.equal(tabled, plain) and head._t_table is None  # the table is read only inside sample()
+    key, table, rows = head._t_store
+    diff = head.gen_diffusion()
+    assert rows == {int(v) for v in diff.timestep_map}
+    calls = []
+    forward = head.net.time_embed.forward
+    monkeypatch.setattr(head.net.time_embed, "forward", lambda t: (calls.append(1), forward(t))[1])
+    assert torch.equal(sample(True), plain) and not calls  # rows filled: no timestep MLP at all
+    with ctx, head._time_table_for(z, diff):
+        static = head._sample_graphed(z, 0.9, cfg, diff, gen(5), capture=False)
+    assert torch.equal(static, plain)
+    with torch.no_grad():
+        for q in head.net.time_embed.parameters():
+            q.mul_(1.1)  # in place, as an optimizer step
+    plain2, tabled2 = sample(False), sample(True)
+    assert torch.equal(tabled2, plain2) and not torch.equal(tabled2, plain)
+    assert head._t_store[1] is table  # refilled in place
+    assert torch.equal(sample(True, "7"), sample(False, "7"))
+    assert head._t_store[2] >= {int(v) for v in head.gen_diffusion("7").timestep_map}
+    head.time_table = "auto"
+    assert head.sample(z, 0.9, cfg, generator=gen(5), cuda_graph=False) is not None
+    assert head._t_table is None
+
+
+def test_time_table_with_the_compiled_step_and_weight_copies():
+    """Compiled step (Dynamo, eager backend) under bf16 autocast, where the step reads bf16
+    weight copies: the table is made from the same copies, so the samples stay bit for bit."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    head = random_head(depth=2)
+    head.compile_sampler(backend="eager")
+    z = torch.randn(8, 8)
+    out = {}
+    for table in (False, True):
+        head.time_table = table
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[table] = head.sample(z, 0.9, 2.5, generator=gen(3), cuda_graph=False)
+    assert torch.equal(out[True], out[False])
+    assert head._t_store[1].dtype == torch.bfloat16
 
 
 def test_static_chain_is_reused_within_a_bucket_and_stale_padding_is_harmless():
@@ -268,6 +330,35 @@ def test_gpu_compiled_sampler_with_fused_posterior_against_eager(precision):
             out[compiled] = head.sample(z, 0.9, 2.9, generator=gen(7, "cuda"), cuda_graph=True)
     assert head.posterior_fn(0.9, z.device) is not None
     _check(f"compiled + fused posterior {precision}", out[True], out[False], precision == "bf16")
+
+
+@gpu
+@needs_cuda
+def test_gpu_time_table_in_compiled_graphs_follows_in_place_updates():
+    """Inductor-compiled step in CUDA graphs, bf16 autocast: with the time-embedding table (the
+    CUDA default) against the per-step timestep MLP, before and after an in-place update of that
+    MLP's weights (the table is refilled in place; a graph or a compiled step that had copied
+    the old rows would differ by far more than rounding; printed with -rP)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    head = random_head("cuda", True, "100", c=16, cz=64, depth=3, width=256, std=0.05)
+    head.compile_sampler()
+    z = torch.randn(256, 64, device="cuda")
+
+    def run(table: bool) -> torch.Tensor:
+        head.time_table = table
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return head.sample(z, 0.9, 2.9, generator=gen(7, "cuda"), cuda_graph=True)
+
+    before = run(True)
+    _check("time table vs timestep MLP", before, run(False), True)
+    with torch.no_grad():
+        for q in head.net.time_embed.parameters():
+            q.mul_(1.5)
+    after = run(True)
+    _check("after an in-place update", after, run(False), True)
+    assert not torch.equal(after, before)  # the update reached the samples
 
 
 @gpu

@@ -17,8 +17,9 @@ eager tokens up to floating-point reordering (see docs/mar.md).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -240,6 +241,8 @@ class DiffLoss(GraphedHead):
         )
         self.train_diffusion = self._make_diffusion("")
         self._gen_cache: dict[str, GaussianDiffusion] = {}
+        self._t_table: Tensor | None = None  # the time-embedding table while sample() uses it
+        self._t_store: tuple[tuple, Tensor, set[int]] | None = None  # (key, table, rows filled)
 
     def _make_diffusion(self, respacing: str) -> GaussianDiffusion:
         return create_diffusion(
@@ -297,13 +300,73 @@ class DiffLoss(GraphedHead):
 
     def step(self, x: Tensor, t: Tensor, cond: tuple, labels: Tensor | None = None) -> Tensor:
         c_emb, modulation = cond
-        return self.net.forward_embedded(x, self.net.time_embed(t[:1]), c_emb, modulation)
+        return self.net.forward_embedded(x, self._time_embedding(t), c_emb, modulation)
 
     def step_cfg(
         self, x: Tensor, t: Tensor, cond: tuple, labels: Tensor | None, scale: float | Tensor
     ) -> Tensor:
         c_emb, modulation = cond
-        return self.net.forward_with_cfg_embedded(x, self.net.time_embed(t[:1]), c_emb, scale, modulation)
+        return self.net.forward_with_cfg_embedded(x, self._time_embedding(t), c_emb, scale, modulation)
+
+    # "auto": in CUDA sampling each step gathers its time embedding from a table instead of
+    # running the timestep MLP (sinusoid, two one-row linears, SiLU: about 4 of the ~35 kernels
+    # of a compiled step, 10 eagerly, at every one of MAR-B's 25,600 steps at num_iter 256).
+    # The table's rows are the same one-row calls, made outside the chain and its CUDA graph,
+    # once per weights (remade in place when the timestep MLP's weights change, so captured
+    # graphs read the new rows). True / False force it on / off (the CPU keeps it off by default).
+    time_table: bool | str = "auto"
+
+    def graph_key(self) -> tuple:
+        return (self._t_table is not None,)  # a chain captured with the table reads it
+
+    def _time_embedding(self, t: Tensor) -> Tensor:
+        """(1, W) embedding of the step's timestep t[0] (every row shares it)."""
+        table = self._t_table
+        if table is not None:
+            return table.index_select(0, t[:1])
+        return self.net.time_embed(t[:1])
+
+    @contextlib.contextmanager
+    def _time_table_for(self, z: Tensor, diffusion: GaussianDiffusion) -> Iterator[None]:
+        """Inside: ``step`` reads the time embeddings of ``diffusion``'s timesteps from the table,
+        filled first with the rows it lacks (all of them again when the weights, their version,
+        the device or the autocast state changed)."""
+        use = self.time_table
+        if use == "auto":
+            use = z.is_cuda
+        capturing = z.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not use or capturing or (self.training and torch.is_grad_enabled()):
+            yield
+            return
+        dev = z.device
+        params = list(self.net.time_embed.parameters())
+        autocast = torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type)
+        key = (dev, autocast, self._compiled is not None, *((q.data_ptr(), q._version) for q in params))
+        rows = sorted({int(v) for v in diffusion.timestep_map})
+        store = self._t_store
+        if store is None or store[0] != key:
+            filled: set[int] = set()
+            table = None if store is None else store[1]
+        else:
+            _, table, filled = store
+        missing = [v for v in rows if v not in filled]
+        if missing:
+            with self.low_precision_weights(dev):  # what the compiled step's linears read
+                new = torch.cat([
+                    self.net.time_embed(torch.full((1,), v, dtype=torch.long, device=dev)) for v in missing
+                ])
+            shape = (max(self.num_train_steps, max(rows) + 1), new.shape[1])
+            if table is None or table.shape != shape or table.dtype != new.dtype or table.device != dev:
+                table = torch.zeros(shape, dtype=new.dtype, device=dev)
+                self._graphs.clear()  # captured chains read the old table's memory
+            table[torch.tensor(missing, device=dev)] = new
+            filled = filled | set(missing)
+        self._t_store = (key, table, filled)
+        self._t_table = table
+        try:
+            yield
+        finally:
+            self._t_table = None
 
     @torch.no_grad()
     def sample(
@@ -333,15 +396,17 @@ class DiffLoss(GraphedHead):
         ``cuda_graph`` (None = the ``cuda_graph`` attribute) replays a captured CUDA graph
         of the whole chain where :meth:`graph_refusal` allows it; same draws as eager.
         """
-        return self.sample_chain(
-            z,
-            temperature,
-            cfg,
-            self.gen_diffusion(num_sampling_steps),
-            generator,
-            known=known,
-            known_mask=known_mask,
-            paste_known=paste_known,
-            noise=noise,
-            cuda_graph=cuda_graph,
-        )
+        diffusion = self.gen_diffusion(num_sampling_steps)
+        with self._time_table_for(z, diffusion):
+            return self.sample_chain(
+                z,
+                temperature,
+                cfg,
+                diffusion,
+                generator,
+                known=known,
+                known_mask=known_mask,
+                paste_known=paste_known,
+                noise=noise,
+                cuda_graph=cuda_graph,
+            )

@@ -324,6 +324,10 @@ class GraphedHead(nn.Module):
     def step(self, x: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None) -> Tensor:
         raise NotImplementedError
 
+    def graph_key(self) -> tuple:
+        """What else a captured chain depends on (state of the head the step reads)."""
+        return ()
+
     def step_cfg(
         self, x: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None, scale: float | Tensor
     ) -> Tensor:
@@ -506,6 +510,7 @@ class GraphedHead(nn.Module):
             torch.is_autocast_enabled("cuda"),
             torch.get_autocast_dtype("cuda"),
             torch.get_float32_matmul_precision(),
+            *self.graph_key(),
         )
 
         def make() -> StaticChain:
