@@ -173,22 +173,35 @@ def test_time_table_gives_the_same_samples_and_follows_weight_updates(cfg, autoc
     assert head._t_table is None
 
 
-def test_time_table_with_the_compiled_step_and_weight_copies():
-    """Compiled step (Dynamo, eager backend) under bf16 autocast, where the step reads bf16
-    weight copies: the table is made from the same copies, so the samples stay bit for bit."""
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_time_table_with_the_compiled_step_and_weight_copies(backend):
+    """Compiled step (Dynamo; AOTAutograd too) under bf16 autocast, where the step reads bf16
+    weight copies: the table is made from the same copies, so the samples stay bit for bit; and
+    the compiled step reads the table's current rows after an in-place refill (not a copy of
+    the rows it was traced with)."""
     import torch._dynamo
 
     torch._dynamo.reset()
     head = random_head(depth=2)
-    head.compile_sampler(backend="eager")
+    head.compile_sampler(backend=backend)
     z = torch.randn(8, 8)
-    out = {}
-    for table in (False, True):
-        head.time_table = table
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out[table] = head.sample(z, 0.9, 2.5, generator=gen(3), cuda_graph=False)
-    assert torch.equal(out[True], out[False])
+
+    def both() -> dict:
+        out = {}
+        for table in (False, True):
+            head.time_table = table
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out[table] = head.sample(z, 0.9, 2.5, generator=gen(3), cuda_graph=False)
+        return out
+
+    first = both()
+    assert torch.equal(first[True], first[False])
     assert head._t_store[1].dtype == torch.bfloat16
+    with torch.no_grad():
+        for q in head.net.time_embed.parameters():
+            q.mul_(1.5)
+    second = both()
+    assert torch.equal(second[True], second[False]) and not torch.equal(second[True], first[True])
 
 
 def test_static_chain_is_reused_within_a_bucket_and_stale_padding_is_harmless():

@@ -21,7 +21,8 @@
 #     take the exact GELU and the residual adds into their epilogues; a long first compile), then
 #     CASMAR-B with its blocks and its heads' steps (the DiT head: GELU, adaLN modulation) so, in
 #     the time left.
-#   PART=headtune (about 8 min, DEADLINE=560): MAR-B num_iter 256 with --linears low, the MLP head's
+#   PART=headtune (about 9 min, DEADLINE=560): the GPU tests of the MLP head's time-embedding table;
+#     MAR-B num_iter 256 with --linears low, the MLP head's
 #     step compiled with mode default, then max-autotune-no-cudagraphs (blocks default: their
 #     max-autotune lost on 2026-12-04); then CASMAR-B with the heads' steps so.
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
@@ -148,7 +149,12 @@ elif [ "${PART}" = w16 ]; then
 elif [ "${PART}" = headtune ]; then
   # the heads' per-step calls alone under max-autotune (PART=autotune also tuned the blocks, which
   # lost): MAR's MLP head runs ~35 small kernels a step at 128 rows, where a Triton template with
-  # bias + SiLU or gate + residual in its epilogue may beat cuBLAS plus the separate kernels
+  # bias + SiLU or gate + residual in its epilogue may beat cuBLAS plus the separate kernels.
+  # First the GPU tests of the head's time-embedding table (on by default on CUDA since 2026-12-04)
+  el "GPU tests: the time-embedding table in compiled graphs, in-place weight updates"
+  timeout $(cap 90) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_cuda_graph_sampling.py \
+    -k "time_table or in_place_weight_updates or fused_posterior" > "$OUT/gpu_tests_time_table.txt" 2>&1
+  echo "tests rc=$?"; grep -E "rel max|passed|failed|Error" "$OUT/gpu_tests_time_table.txt" | tail -n 8
   for mode in default max-autotune-no-cudagraphs; do
     el "bench mar num_iter 256, --linears low, the MLP head's step compiled with mode $mode"
     timeout $(cap 240) $PY -m maskar bench mar --batch 64 --num-iters 256 --sample-reps 1 --train-batch 0 \
