@@ -398,15 +398,6 @@ class DiffLoss(GraphedHead):
         """
         diffusion = self.gen_diffusion(num_sampling_steps)
         with self._time_table_for(z, diffusion):
-            return self.sample_chain(
-                z,
-                temperature,
-                cfg,
-                diffusion,
-                generator,
-                known=known,
-                known_mask=known_mask,
-                paste_known=paste_known,
-                noise=noise,
-                cuda_graph=cuda_graph,
-            )
+            return self.sample_chain(z, temperature, cfg, diffusion, generator, known=known,
+                                     known_mask=known_mask, paste_known=paste_known, noise=noise,
+                                     cuda_graph=cuda_graph)
