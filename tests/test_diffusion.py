@@ -557,3 +557,22 @@ def test_posterior_step_is_p_sample_at_bitwise(var_type, clip):
         model, x, temperature=0.9, generator=torch.Generator().manual_seed(3), posterior=posterior_step
     )
     assert torch.equal(fused_chain, chain)
+
+
+def test_each_step_timestep_is_a_view_of_one_device_tensor():
+    """p_sample_at hands the model its (N,) timestep as a stride-0 view of one entry of the
+    per-device timestep_tensor (no fill kernel per step), with the values of timestep_map."""
+    diff = create_diffusion("10", learn_sigma=False)
+    seen = []
+
+    def model(x, t):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    x = torch.randn(5, 3)
+    for i in (9, 4, 0):
+        diff.p_sample_at(model, x, i, generator=torch.Generator().manual_seed(0))
+    for i, t in zip((9, 4, 0), seen):
+        assert t.shape == (5,) and t.stride() == (0,) and t.dtype == torch.long
+        assert torch.equal(t, torch.full((5,), int(diff.timestep_map[i])))
+    assert diff.timestep_tensor("cpu") is diff.timestep_tensor(torch.device("cpu"))

@@ -249,6 +249,17 @@ class GaussianDiffusion:
             (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         )
         self._coef_tables: dict[torch.device, Tensor] = {}  # step_coefficients, per device
+        self._timestep_tensors: dict[torch.device, Tensor] = {}  # timestep_tensor, per device
+
+    def timestep_tensor(self, device: torch.device | str) -> Tensor:
+        """(T,) int64 on ``device``: the model's timestep of each step index (``timestep_map``).
+        A step's (N,) timestep is a stride-0 view of one entry: no fill kernel per step. Made
+        once per device, outside any CUDA-graph capture (see :class:`StaticChain`)."""
+        device = torch.device(device)
+        t = self._timestep_tensors.get(device)
+        if t is None:
+            t = self._timestep_tensors[device] = torch.from_numpy(np.asarray(self.timestep_map)).to(device)
+        return t
 
     def step_coefficients(self, device: torch.device | str) -> Tensor:
         """(T, 6) float32 on ``device``, per step index: sqrt(1/ᾱ), sqrt(1/ᾱ - 1), the two
@@ -460,7 +471,7 @@ class GaussianDiffusion:
         ``posterior``: :func:`posterior_step` or a compiled form of it, run on the model output
         instead of the ops below (same generator calls).
         """
-        t_model = torch.full((x_t.shape[0],), int(self.timestep_map[i]), device=x_t.device, dtype=torch.long)
+        t_model = self.timestep_tensor(x_t.device)[i : i + 1].expand(x_t.shape[0])
         if posterior is not None:
             out = model_fn(x_t, t_model)
             self.split_output(out, x_t)  # the channel-count check

@@ -80,8 +80,9 @@ class StaticChain:
     ):
         dev = z_like.device
         self.posterior, self.weights = posterior, weights
+        diffusion.timestep_tensor(dev)  # made here, not inside the capture
         if posterior is not None:
-            diffusion.step_coefficients(dev)  # made here, not inside the capture
+            diffusion.step_coefficients(dev)
         self.diffusion, self.make_model_fn = diffusion, make_model_fn
         self.rows, self.guided, self.temperature, self.paste_known = rows, guided, temperature, paste_known
         self.z = torch.zeros((rows, *z_like.shape[1:]), dtype=z_like.dtype, device=dev)
