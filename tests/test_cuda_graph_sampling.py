@@ -150,9 +150,9 @@ def test_time_table_gives_the_same_samples_and_follows_weight_updates(cfg, autoc
     assert head._t_store is None
     tabled = sample(True)
     assert torch.equal(tabled, plain) and head._t_table is None  # the table is read only inside sample()
-    key, table, rows = head._t_store
+    key, table, covered = head._t_store
     diff = head.gen_diffusion()
-    assert rows == {int(v) for v in diff.timestep_map}
+    assert covered == {diff}  # the table holds this respacing's rows
     calls = []
     forward = head.net.time_embed.forward
     monkeypatch.setattr(head.net.time_embed, "forward", lambda t: (calls.append(1), forward(t))[1])
@@ -167,7 +167,7 @@ def test_time_table_gives_the_same_samples_and_follows_weight_updates(cfg, autoc
     assert torch.equal(tabled2, plain2) and not torch.equal(tabled2, plain)
     assert head._t_store[1] is table  # refilled in place
     assert torch.equal(sample(True, "7"), sample(False, "7"))
-    assert head._t_store[2] >= {int(v) for v in head.gen_diffusion("7").timestep_map}
+    assert head.gen_diffusion("7") in head._t_store[2]
     head.time_table = "auto"
     assert head.sample(z, 0.9, cfg, generator=gen(5), cuda_graph=False) is not None
     assert head._t_table is None

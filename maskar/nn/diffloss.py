@@ -242,7 +242,8 @@ class DiffLoss(GraphedHead):
         self.train_diffusion = self._make_diffusion("")
         self._gen_cache: dict[str, GaussianDiffusion] = {}
         self._t_table: Tensor | None = None  # the time-embedding table while sample() uses it
-        self._t_store: tuple[tuple, Tensor, set[int]] | None = None  # (key, table, rows filled)
+        # (key, table, the respaced diffusions whose rows it holds)
+        self._t_store: tuple[tuple, Tensor, set[GaussianDiffusion]] | None = None
 
     def _make_diffusion(self, respacing: str) -> GaussianDiffusion:
         return create_diffusion(
@@ -329,8 +330,8 @@ class DiffLoss(GraphedHead):
     @contextlib.contextmanager
     def _time_table_for(self, z: Tensor, diffusion: GaussianDiffusion) -> Iterator[None]:
         """Inside: ``step`` reads the time embeddings of ``diffusion``'s timesteps from the table,
-        filled first with the rows it lacks (all of them again when the weights, their version,
-        the device or the autocast state changed)."""
+        filled first with its rows unless they are there (all of them again when the weights,
+        their version, the device or the autocast state changed)."""
         use = self.time_table
         if use == "auto":
             use = z.is_cuda
@@ -342,26 +343,25 @@ class DiffLoss(GraphedHead):
         params = list(self.net.time_embed.parameters())
         autocast = torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type)
         key = (dev, autocast, self._compiled is not None, *((q.data_ptr(), q._version) for q in params))
-        rows = sorted({int(v) for v in diffusion.timestep_map})
         store = self._t_store
         if store is None or store[0] != key:
-            filled: set[int] = set()
+            covered: set[GaussianDiffusion] = set()
             table = None if store is None else store[1]
         else:
-            _, table, filled = store
-        missing = [v for v in rows if v not in filled]
-        if missing:
+            _, table, covered = store
+        if diffusion not in covered:
+            rows = sorted({int(v) for v in diffusion.timestep_map})
             with self.low_precision_weights(dev):  # what the compiled step's linears read
                 new = torch.cat([
-                    self.net.time_embed(torch.full((1,), v, dtype=torch.long, device=dev)) for v in missing
+                    self.net.time_embed(torch.full((1,), v, dtype=torch.long, device=dev)) for v in rows
                 ])
-            shape = (max(self.num_train_steps, max(rows) + 1), new.shape[1])
+            shape = (max(self.num_train_steps, rows[-1] + 1), new.shape[1])
             if table is None or table.shape != shape or table.dtype != new.dtype or table.device != dev:
                 table = torch.zeros(shape, dtype=new.dtype, device=dev)
                 self._graphs.clear()  # captured chains read the old table's memory
-            table[torch.tensor(missing, device=dev)] = new
-            filled = filled | set(missing)
-        self._t_store = (key, table, filled)
+            table[torch.tensor(rows, device=dev)] = new
+            covered = covered | {diffusion}
+        self._t_store = (key, table, covered)
         self._t_table = table
         try:
             yield

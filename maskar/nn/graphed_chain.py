@@ -80,7 +80,8 @@ class StaticChain:
     ):
         dev = z_like.device
         self.posterior, self.weights = posterior, weights
-        diffusion.timestep_tensor(dev)  # made here, not inside the capture
+        # the per-device tables the steps read: made here, not inside the capture
+        diffusion.timestep_tensor(dev)
         if posterior is not None:
             diffusion.step_coefficients(dev)
         self.diffusion, self.make_model_fn = diffusion, make_model_fn
