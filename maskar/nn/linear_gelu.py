@@ -1,4 +1,10 @@
-"""``gelu_tanh(fc(x))`` with the GELU in the matmul's epilogue on CUDA (opt-in, inference only).
+"""``gelu(fc(x))`` with the GELU in the matmul's epilogue on CUDA (opt-in, inference only).
+
+Two fused paths, both off by default. The Triton one (``MASKAR_LINEAR_ACT=1`` or
+:func:`enable_triton`) takes the exact GELU as well as the tanh one and picks, per shape, the
+fastest of its own tile configs, cuBLASLt's tanh epilogue and the unfused pair
+(``maskar.kernels.linear_act``); it comes first where both are on. The cuBLASLt one below is
+tanh-only.
 
 A transformer MLP's first linear writes a (rows, 4 W) activation that a separate elementwise
 kernel then reads and writes again for the GELU. cuBLASLt can apply GELU (the tanh
@@ -24,6 +30,38 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ENABLED = os.environ.get("MASKAR_FUSED_GELU", "0") == "1"
+# Off until a GPU run has checked and timed it (tests/test_linear_act.py -m gpu).
+TRITON = os.environ.get("MASKAR_LINEAR_ACT", "0") == "1"
+_kernel = None  # maskar.kernels.linear_act once loaded (stays None without Triton)
+
+
+def load_kernel() -> None:
+    """Import the Triton op if :data:`TRITON` is on (layers call this when built, never inside a
+    torch.compile trace)."""
+    global _kernel
+    if TRITON and _kernel is None:
+        try:
+            from maskar.kernels import linear_act
+        except ImportError:  # no Triton on this install: the unfused path runs
+            return
+        _kernel = linear_act
+
+
+def enable_triton(on: bool = True) -> None:
+    """Switch the Triton path on or off for layers run from now on (compiled code re-traces)."""
+    global TRITON
+    TRITON = on
+    load_kernel()
+
+
+def _triton_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype the Triton op computes in for input ``x``, or None where it does not apply."""
+    if _kernel is None or not TRITON or torch.is_grad_enabled():
+        return None
+    if not (x.is_cuda or _kernel._INTERPRET):
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
 
 
 def _fused_dtype(x: Tensor) -> torch.dtype | None:
@@ -37,6 +75,26 @@ def _fused_dtype(x: Tensor) -> torch.dtype | None:
 def fusable(x: Tensor) -> bool:
     """Whether :func:`linear_gelu_tanh` may take the fused path for input ``x``."""
     return _fused_dtype(x) is not None
+
+
+def takes(x: Tensor, approximate: str) -> bool:
+    """Whether :func:`linear_gelu` fuses for input ``x`` and this GELU (else it is the plain pair)."""
+    return _triton_dtype(x) is not None or (approximate == "tanh" and fusable(x))
+
+
+def linear_gelu(fc: nn.Linear, x: Tensor, approximate: str = "none") -> Tensor:
+    """``F.gelu(fc(x), approximate=approximate)``, through the Triton op where it applies, else
+    cuBLASLt's epilogue where :func:`fusable` (tanh), else the two kernels."""
+    dtype = _triton_dtype(x)
+    if dtype is None:
+        if approximate == "tanh":
+            return linear_gelu_tanh(fc, x)
+        return F.gelu(fc(x), approximate=approximate)
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    bias = fc.bias.to(dtype) if fc.bias is not None else None
+    act = "gelu_tanh" if approximate == "tanh" else "gelu"
+    out = _kernel.linear_act_op(x2, fc.weight.to(dtype), bias, act)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def linear_gelu_tanh(fc: nn.Linear, x: Tensor) -> Tensor:

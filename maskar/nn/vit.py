@@ -52,10 +52,12 @@ class Mlp(nn.Module):
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden, dim)
         self.drop2 = nn.Dropout(drop)
+        linear_gelu.load_kernel()
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.act, nn.GELU) and self.act.approximate == "tanh" and linear_gelu.fusable(x):
-            return self.drop2(self.fc2(self.drop1(linear_gelu.linear_gelu_tanh(self.fc1, x))))  # inference
+        act = self.act
+        if isinstance(act, nn.GELU) and linear_gelu.takes(x, act.approximate):  # inference
+            return self.drop2(self.fc2(self.drop1(linear_gelu.linear_gelu(self.fc1, x, act.approximate))))
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 

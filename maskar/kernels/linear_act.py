@@ -1,0 +1,253 @@
+"""``act(x @ w.T + b)`` in one Triton kernel: the activation in the matmul's epilogue.
+
+A transformer MLP's first linear writes a (rows, 4 W) activation that a separate elementwise
+kernel then reads and writes again for the GELU: MAR-B's exact-GELU kernel takes 0.87 s of an
+11.2 s num_iter-256 sampling call on an H200 (docs/benchmarks.md, *Where MAR-B's num_iter 256
+call goes*). cuBLASLt's epilogue offers only the tanh GELU, and Inductor's max-autotune matmul
+templates that could take the exact one were slower than cuBLAS plus the separate kernel. This
+kernel applies the GELU (exact, erf-based, or the tanh form) to the float32 accumulator before
+the one store, so the activation's round trip through memory is gone.
+
+Numerics: fp16 / bf16 operands, fp32 accumulation, the bias added and the GELU applied in fp32,
+one rounding to the output dtype. The two-kernel path rounds the pre-activation to the output
+dtype first; the two agree to that rounding.
+
+Speed is not assumed: per (device, dtype, N, K, activation, bias, rows class) the first call
+times every candidate tile config *and* the unfused path (``F.linear`` and the separate GELU,
+what runs without this module) and keeps the fastest, so where no config beats cuBLAS the op
+runs the unfused path and costs nothing. Nothing is timed inside a CUDA-graph capture (there
+the unfused path runs unless the key was tuned before). Inference only: no backward.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from maskar.kernels.block_sparse import _INTERPRET, _time_ms
+
+ACTS = ("none", "gelu", "gelu_tanh")  # F.gelu's approximate="none" / "tanh"
+_ACT_CODE = {name: i for i, name in enumerate(ACTS)}
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _gelu_tanh(x):
+    # 0.5 x (1 + tanh(u)) = x sigmoid(2u): one exp instead of a tanh
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return x / (1.0 + tl.exp(-2.0 * u))
+
+
+@triton.jit(do_not_specialize=["M"])  # every row count reuses the binary (MAR's encoder varies it)
+def _linear_act(
+    X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # grouped order: GROUP_M row tiles share each column tile of W while it sits in L2
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    # rows / cols past the end wrap around instead of being masked in the main loop (the
+    # results of those lanes are never stored), so the loads stay unmasked and pipelined
+    x_ptrs = X + (rows % M)[:, None] * stride_xm + ks[None, :]
+    w_ptrs = W + (cols % N)[:, None] * stride_wn + ks[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_ok = ks[None, :] < K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok, other=0.0)
+        if DOT_F32:  # TRITON_INTERPRET with bf16: the CPU interpreter multiplies bf16 as integers
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    elif ACT == 2:
+        acc = _gelu_tanh(acc)
+    y_ptrs = Y + rows[:, None] * stride_ym + cols[None, :]
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class MMConfig:
+    """How one call runs: ``path`` "triton" (this module's kernel with the tile block_m x block_n,
+    block_k deep, grouping and launch shape below), "unfused" (``F.linear`` then the activation as
+    its own kernel: what runs without this module) or "cublaslt" (the tanh GELU in cuBLASLt's
+    epilogue, ``torch._addmm_activation``; CUDA, gelu_tanh with a bias only)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+    path: str = "triton"
+
+
+UNFUSED = MMConfig(path="unfused")
+CUBLASLT = MMConfig(path="cublaslt")
+
+# Hopper wgmma shapes: one warpgroup per 64 rows; 128 x 256 tiles with 4 stages of 64-deep
+# operands take 192 KB of the 227 KB shared memory (the store's layout conversion needs the rest).
+# The first one is what the GPU tests pin.
+CANDIDATES = [
+    MMConfig(128, 256, 64, 8, 8, 3),
+    MMConfig(128, 256, 64, 8, 8, 4),
+    MMConfig(128, 128, 64, 8, 8, 4),
+    MMConfig(128, 128, 64, 8, 4, 4),
+    MMConfig(256, 128, 64, 8, 8, 3),
+    MMConfig(64, 256, 64, 8, 4, 4),
+    MMConfig(128, 128, 128, 8, 8, 3),
+]
+_INTERPRET_CONFIG = MMConfig(32, 32, 32, 2, 4, 1)
+
+# Tests set this to pin a config (the CPU interpreter has nothing to time).
+FORCE_CONFIG: MMConfig | None = None
+
+_tuned: dict[tuple, MMConfig] = {}
+_tune_log: dict[tuple, dict] = {}
+
+
+def _rows_class(m: int) -> int:
+    """Rows rounded up to a power of two (at least 1024): one tuning per class of row counts."""
+    return max(1024, 1 << max(0, (m - 1).bit_length()))
+
+
+def _tune(key: tuple, baselines: list[MMConfig], launch_with) -> MMConfig:
+    t0 = time.perf_counter()
+    best, times = None, []
+    for c in [*baselines, *CANDIDATES]:
+        try:
+            t = _time_ms(lambda c=c: launch_with(c))
+        except Exception as e:  # out of shared memory / registers for this config: skip it
+            times.append((c, type(e).__name__))
+            continue
+        times.append((c, t))
+        if best is None or t < best[0]:
+            best = (t, c)
+    _tuned[key] = best[1]  # UNFUSED always runs, so there is a best
+    _tune_log[key] = {"chosen": best[1], "candidates": times, "seconds": time.perf_counter() - t0}
+    return best[1]
+
+
+def tuned_configs() -> dict[tuple, MMConfig]:
+    """The configs chosen so far (benchmarks print them)."""
+    return dict(_tuned)
+
+
+def tuning_log() -> dict[tuple, dict]:
+    """Per tuned key: the chosen config, (config, ms or error name) per candidate, seconds taken."""
+    return {k: dict(v) for k, v in _tune_log.items()}
+
+
+def _config(x: Tensor, n: int, act: str, has_bias: bool, launch_with) -> MMConfig:
+    if FORCE_CONFIG is not None:
+        return FORCE_CONFIG
+    if _INTERPRET:
+        return _INTERPRET_CONFIG
+    key = (x.get_device(), x.dtype, n, x.shape[1], act, has_bias, _rows_class(x.shape[0]))
+    cfg = _tuned.get(key)
+    if cfg is not None:
+        return cfg
+    if torch.cuda.is_current_stream_capturing():  # no timing inside a capture
+        return UNFUSED
+    return _tune(key, [UNFUSED, CUBLASLT] if act == "gelu_tanh" and has_bias else [UNFUSED], launch_with)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _unfused(x: Tensor, weight: Tensor, bias: Tensor | None, act: str) -> Tensor:
+    y = F.linear(x, weight, bias)
+    return y if act == "none" else F.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
+
+
+def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, act: str, cfg: MMConfig) -> Tensor:
+    if cfg.path == "unfused":
+        return _unfused(x, weight, bias, act)
+    if cfg.path == "cublaslt":  # the tanh GELU on the float32 accumulator, as this kernel's
+        return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+    m, k = x.shape
+    out = x.new_empty(m, weight.shape[0])
+    n = weight.shape[0]
+    grid = (-(-m // cfg.block_m) * -(-n // cfg.block_n),)  # not triton.cdiv: 3 us a host call
+    _linear_act[grid](
+        x, weight, bias if bias is not None else x, out, m, n, k,
+        x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, ACT=_ACT_CODE[act], EVEN_K=k % cfg.block_k == 0,
+        DOT_F32=_INTERPRET and x.dtype == torch.bfloat16,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _check(x: Tensor, weight: Tensor, bias: Tensor | None, act: str) -> str:
+    """Why the kernel cannot take this call ('' if it can)."""
+    if act not in ACTS:
+        return f"act: expected one of {ACTS}, got {act!r}"
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        return f"expected x (M, K) and weight (N, K), got {tuple(x.shape)} and {tuple(weight.shape)}"
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        return f"expected bias ({weight.shape[0]},), got {tuple(bias.shape)}"
+    if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+        return f"expected fp16 / bf16 x and weight of one dtype, got {x.dtype} and {weight.dtype}"
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        return "expected x and weight contiguous along K"
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return "expected at least one row and one input feature"
+    return ""
+
+
+def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "gelu") -> Tensor:
+    """``act(x @ weight.T + bias)`` for 2-D ``x`` (fp16 / bf16, CUDA or the interpreter), with the
+    activation in the matmul's epilogue where that is faster (see the module docstring)."""
+    problem = _check(x, weight, bias, act)
+    if problem:
+        raise ValueError(f"linear_act: {problem}")
+    cfg = _config(x, weight.shape[0], act, bias is not None, lambda c: _launch(x, weight, bias, act, c))
+    return _launch(x, weight, bias, act, cfg)
+
+
+@torch.library.custom_op("maskar::linear_act", mutates_args=())
+def linear_act_op(x: Tensor, weight: Tensor, bias: Tensor | None, act: str) -> Tensor:
+    """:func:`linear_act` as an opaque op, so a compiled graph calls it without a break."""
+    return linear_act(x, weight, bias, act)
+
+
+@linear_act_op.register_fake
+def _(x, weight, bias, act):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+__all__ = ["linear_act", "linear_act_op", "tuned_configs", "tuning_log", "MMConfig", "CANDIDATES", "ACTS"]
