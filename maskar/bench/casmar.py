@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = str(cfg.sample.num_sampling_steps if args.num_sampling_steps is None else args.num_sampling_steps)
     refine = args.refine_num_sampling_steps or cfg.sample.refine_num_sampling_steps
     meta = {"preset": args.preset, "precision": precision, "device": ms.device_name(device)}
+    meta.update(ms.switches(model))
     ms.print_header("casmar", argv, model, args, device, precision)
     samplers = [
         ms.casmar_sampler(

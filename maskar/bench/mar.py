@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg_scale = cfg.sample.cfg if args.cfg is None else args.cfg
     steps = str(cfg.sample.num_sampling_steps if args.num_sampling_steps is None else args.num_sampling_steps)
     meta = {"preset": args.preset, "precision": precision, "device": ms.device_name(device)}
+    meta.update(ms.switches(model))
     ms.print_header("mar", argv, model, args, device, precision)
     if args.compile_head:
         print("compiled diffusion head (compile time in the warm-up run)")

@@ -631,6 +631,20 @@ def add_common_args(ap: argparse.ArgumentParser, preset: str) -> None:
         help="torch.compile mode of the diffusion heads' network steps (the posterior keeps the default)",
     )
     ap.add_argument(
+        "--linear-act",
+        default="env",
+        choices=("env", "on", "off"),
+        help="the MLPs' fc1 + GELU through the Triton op with the GELU in the matmul's epilogue "
+        "(maskar.kernels.linear_act; tuned per shape against cuBLAS + the separate GELU); env: as "
+        "MASKAR_LINEAR_ACT says (off unless 1)",
+    )
+    ap.add_argument(
+        "--time-table",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="the MLP head's per-step time embedding read from a table (DiffLoss.time_table; auto: on CUDA)",
+    )
+    ap.add_argument(
         "--profile", action="store_true", help="profile one more call of the first sampler, first variant"
     )
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="matmul peak for the floor (0 = none)")
@@ -658,7 +672,29 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, torch.nn
     model = build_model(cfg.model).to(device).eval()
     set_backend(model, args.attention_backend)
     apply_linears(model, getattr(args, "linears", "fp32"), precision)
+    apply_switches(model, args)
     return cfg, model, precision
+
+
+def apply_switches(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """``--linear-act`` and ``--time-table`` (process-wide / per head; ``env`` / ``auto`` leave them)."""
+    from maskar.nn import linear_gelu
+
+    if getattr(args, "linear_act", "env") != "env":
+        linear_gelu.enable_triton(args.linear_act == "on")
+    table = getattr(args, "time_table", "auto")
+    for m in model.modules():
+        if hasattr(type(m), "time_table"):
+            m.time_table = {"auto": "auto", "on": True, "off": False}[table]
+
+
+def switches(model: torch.nn.Module) -> dict[str, Any]:
+    """What the sampler runs with, for the header and the JSON."""
+    from maskar.nn import linear_gelu
+
+    tables = sorted({str(m.time_table) for m in model.modules() if hasattr(type(m), "time_table")})
+    return {"linear_act": linear_gelu.TRITON and linear_gelu._kernel is not None,
+            "fused_gelu_cublaslt": linear_gelu.ENABLED, "time_table": ",".join(tables) or "-"}
 
 
 def apply_linears(model: torch.nn.Module, linears: str, precision: str) -> None:
@@ -681,6 +717,7 @@ def print_header(name: str, argv: list[str] | None, model: torch.nn.Module, args
         f"{model.seq_len} tokens, random weights, attention {args.attention_backend}; "
         f"timed: sample_tokens (tokens only), decode apart"
     )
+    print("switches: " + ", ".join(f"{k} {v}" for k, v in switches(model).items()))
 
 
 def write_json(path: str | None, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:

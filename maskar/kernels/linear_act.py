@@ -21,6 +21,7 @@ the unfused path runs unless the key was tuned before). Inference only: no backw
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -46,24 +47,24 @@ def _gelu_tanh(x):
     return x / (1.0 + tl.exp(-2.0 * u))
 
 
-@triton.jit(do_not_specialize=["M"])  # every row count reuses the binary (MAR's encoder varies it)
-def _linear_act(
-    X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
+@triton.jit
+def _tile_rows_cols(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # grouped order: GROUP_M row tiles share each column tile of W while it sits in L2
-    pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (tile // per_group) * GROUP_M
     group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m = first_m + (tile % per_group) % group_m
+    pid_n = (tile % per_group) // group_m
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+@triton.jit
+def _tile_product(
+    X, W, rows, cols, M, N, K, stride_xm, stride_wn,
+    EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     ks = tl.arange(0, BLOCK_K)
     # rows / cols past the end wrap around instead of being masked in the main loop (the
     # results of those lanes are never stored), so the loads stay unmasked and pipelined
@@ -84,7 +85,11 @@ def _linear_act(
             acc = tl.dot(x, tl.trans(w), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    return acc
 
+
+@triton.jit
+def _bias_act_store(acc, BIAS, Y, rows, cols, M, N, stride_ym, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if ACT == 1:
@@ -93,6 +98,36 @@ def _linear_act(
         acc = _gelu_tanh(acc)
     y_ptrs = Y + rows[:, None] * stride_ym + cols[None, :]
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit(do_not_specialize=["M"])  # every row count reuses the binary (MAR's encoder varies it)
+def _linear_act(
+    X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One output tile per program."""
+    rows, cols = _tile_rows_cols(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _tile_product(X, W, rows, cols, M, N, K, stride_xm, stride_wn, EVEN_K, DOT_F32,
+                        BLOCK_M, BLOCK_N, BLOCK_K)
+    _bias_act_store(acc, BIAS, Y, rows, cols, M, N, stride_ym, HAS_BIAS, ACT)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _linear_act_persistent(
+    X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, NUM_PROGS,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One program per SM walking tiles NUM_PROGS apart. MAR's K is short (768: 12 steps of 64),
+    so a tile's pipeline fill and its epilogue are a large part of it; flattening the tile and K
+    loops into one lets the pipeliner load the next tile's operands during this tile's epilogue."""
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles, NUM_PROGS, flatten=True):
+        rows, cols = _tile_rows_cols(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = _tile_product(X, W, rows, cols, M, N, K, stride_xm, stride_wn, EVEN_K, DOT_F32,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
+        _bias_act_store(acc, BIAS, Y, rows, cols, M, N, stride_ym, HAS_BIAS, ACT)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -112,6 +147,7 @@ class MMConfig:
     num_warps: int = 8
     num_stages: int = 3
     path: str = "triton"
+    persistent: bool = False
 
 
 UNFUSED = MMConfig(path="unfused")
@@ -128,6 +164,10 @@ CANDIDATES = [
     MMConfig(256, 128, 64, 8, 8, 3),
     MMConfig(64, 256, 64, 8, 4, 4),
     MMConfig(128, 128, 128, 8, 8, 3),
+    MMConfig(128, 128, 64, 8, 4, 3),  # 96 KB: two programs per SM, one's epilogue under the other's loop
+    MMConfig(128, 256, 64, 8, 8, 3, persistent=True),
+    MMConfig(128, 128, 64, 8, 8, 4, persistent=True),
+    MMConfig(128, 128, 64, 8, 4, 3, persistent=True),
 ]
 _INTERPRET_CONFIG = MMConfig(32, 32, 32, 2, 4, 1)
 
@@ -192,6 +232,14 @@ def _unfused(x: Tensor, weight: Tensor, bias: Tensor | None, act: str) -> Tensor
     return y if act == "none" else F.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
 
 
+@functools.lru_cache(maxsize=16)
+def _programs(device: torch.device) -> int:
+    """A persistent launch's program count: one per SM (two under the interpreter, to walk tiles)."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, act: str, cfg: MMConfig) -> Tensor:
     if cfg.path == "unfused":
         return _unfused(x, weight, bias, act)
@@ -200,10 +248,16 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, act: str, cfg: MMCon
     m, k = x.shape
     out = x.new_empty(m, weight.shape[0])
     n = weight.shape[0]
-    grid = (-(-m // cfg.block_m) * -(-n // cfg.block_n),)  # not triton.cdiv: 3 us a host call
-    _linear_act[grid](
-        x, weight, bias if bias is not None else x, out, m, n, k,
-        x.stride(0), weight.stride(0), out.stride(0),
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)  # not triton.cdiv: 3 us a host call
+    args = (x, weight, bias if bias is not None else x, out, m, n, k,
+            x.stride(0), weight.stride(0), out.stride(0))
+    if cfg.persistent:
+        progs = min(tiles, _programs(x.device))
+        kernel, grid, args = _linear_act_persistent, (progs,), (*args, progs)
+    else:
+        kernel, grid = _linear_act, (tiles,)
+    kernel[grid](
+        *args,
         HAS_BIAS=bias is not None, ACT=_ACT_CODE[act], EVEN_K=k % cfg.block_k == 0,
         DOT_F32=_INTERPRET and x.dtype == torch.bfloat16,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,

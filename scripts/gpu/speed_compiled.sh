@@ -25,6 +25,11 @@
 #     MAR-B num_iter 256 with --linears low, the MLP head's
 #     step compiled with mode default, then max-autotune-no-cudagraphs (blocks default: their
 #     max-autotune lost on 2026-12-04); then CASMAR-B with the heads' steps so.
+#   PART=linact (about 9 min, DEADLINE=570): the fused fc1 + GELU Triton op (maskar.kernels.linear_act,
+#     not yet run on a GPU): its GPU tests; MAR-B num_iter 256 with --linears low three ways in one call
+#     (time table off + op off = the path measured before; time table on (auto, the CUDA default since
+#     2026-12-04) + op off; both on); `maskar bench linear_act` (every tile config against cuBLAS +
+#     the separate GELU on the samplers' MLP shapes, TFLOP/s); CASMAR-B with the op off / on.
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
 #     linears stored in bf16 once (cast_linears_, what `maskar sample` does since 2026-12-04), then
 #     compiled so; MAR-B num_iter 64 / 256 and CASMAR-B at the defaults with --linears low (against
@@ -166,6 +171,28 @@ elif [ "${PART}" = headtune ]; then
     --head-compile-mode max-autotune-no-cudagraphs --json "$OUT/casmar_head_autotune.json" \
     > "$OUT/casmar_head_autotune.txt" 2>&1
   echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_head_autotune.txt" | grep -E "^sample|Error" | tail -n 4
+elif [ "${PART}" = linact ]; then
+  el "GPU tests: tests/test_linear_act.py"
+  timeout $(cap 120) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_linear_act.py \
+    > "$OUT/gpu_tests_linear_act.txt" 2>&1
+  echo "tests rc=$?"; grep -E "tuned:|passed|failed|Error" "$OUT/gpu_tests_linear_act.txt" | tail -n 8
+  for v in "off off" "auto off" "auto on"; do
+    set -- $v
+    el "bench mar num_iter 256, --linears low, --time-table $1, --linear-act $2"
+    timeout $(cap 100) $PY -m maskar bench mar --batch 64 --num-iters 256 --sample-reps 1 --train-batch 0 \
+      --linears low --time-table $1 --linear-act $2 --json "$OUT/mar256_tt-$1_la-$2.json" \
+      > "$OUT/mar256_tt-$1_la-$2.txt" 2>&1
+    echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar256_tt-$1_la-$2.txt" | grep -E "^switches|^sample|Error" | tail -n 4
+  done
+  el "bench linear_act"
+  timeout $(cap 120) $PY -m maskar bench linear_act --json "$OUT/linear_act.json" > "$OUT/linear_act.txt" 2>&1
+  echo "linear_act rc=$?"; grep -vE "$NOISE" "$OUT/linear_act.txt" | tail -n 80
+  for la in off on; do
+    el "bench casmar, --linears low, --linear-act $la"
+    timeout $(cap 110) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --linears low --linear-act $la \
+      --json "$OUT/casmar_la-$la.json" > "$OUT/casmar_la-$la.txt" 2>&1
+    echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_la-$la.txt" | grep -E "^switches|^sample|Error" | tail -n 4
+  done
 elif [ "${PART}" = autotune ]; then
   for mode in default max-autotune-no-cudagraphs; do
     el "bench mar num_iter 256, blocks compiled with mode $mode"
