@@ -221,3 +221,27 @@ def test_linears_low_casts_only_low_precision_runs():
     model = tiny_mar()
     ms.apply_linears(model, "fp32", "bf16")
     assert model.z_proj.weight.dtype == torch.float32
+
+
+def test_switches_reach_the_heads_and_the_mlps_and_are_reported(monkeypatch):
+    """--time-table sets every MLP head's table switch; --linear-act sets the process-wide switch
+    (env leaves it); both show in the header / JSON fields."""
+    import argparse
+
+    from test_casmar import tiny_casmar
+
+    from maskar.nn import linear_gelu
+
+    monkeypatch.setattr(linear_gelu, "TRITON", False)
+    model = tiny_casmar()
+    heads = [m for m in model.modules() if hasattr(type(m), "time_table")]
+    assert heads  # CASMAR's stage-1 MLP head
+    ms.apply_switches(model, argparse.Namespace(linear_act="env", time_table="off"))
+    assert all(m.time_table is False for m in heads) and linear_gelu.TRITON is False
+    assert ms.switches(model) == {"linear_act": False, "fused_gelu_cublaslt": linear_gelu.ENABLED,
+                                  "time_table": "False"}
+    monkeypatch.setattr(linear_gelu, "load_kernel", lambda: None)  # the switch only
+    ms.apply_switches(model, argparse.Namespace(linear_act="on", time_table="auto"))
+    assert linear_gelu.TRITON is True and all(m.time_table == "auto" for m in heads)
+    ms.apply_switches(model, argparse.Namespace(linear_act="off", time_table="on"))
+    assert linear_gelu.TRITON is False and all(m.time_table is True for m in heads)
