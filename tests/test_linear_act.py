@@ -75,8 +75,13 @@ for dt, act, i in CASES:
     x, w, b = make(m, n, k, DTYPES[dt], bias, seed=i, row_stride=stride)
     y = la.linear_act(x, w, b, act)
     yp = la._launch(x, w, b, act, la.MMConfig(32, 32, 32, 2, 4, 1, persistent=True))  # 2 programs
+    try:  # through tensor descriptors, persistent
+        yt = la._launch(x, w, b, act, la.MMConfig(32, 32, 32, 2, 4, 1, path="tma", persistent=True))
+        tma = excess(yt, x, w, b, act)
+    except ValueError as e:  # rows not 16-byte aligned
+        tma = str(e)
     out(f"{{dt}}-{{act}}-{{i}}", excess=excess(y, x, w, b, act), dtype=str(y.dtype), shape=list(y.shape),
-        finite=bool(torch.isfinite(y).all()), persistent_excess=excess(yp, x, w, b, act))
+        finite=bool(torch.isfinite(y).all()), persistent_excess=excess(yp, x, w, b, act), tma_excess=tma)
 
 # the opaque op under torch.compile (dynamic rows) equals the eager call, bit for bit
 torch._dynamo.reset()
@@ -131,6 +136,10 @@ def test_kernel_matches_float64_within_one_ulp(interp, dt, act, i):
     m, n, _k, _bias, _stride = SHAPES[i]
     assert r["finite"] and r["shape"] == [m, n] and r["dtype"] == str(DTYPES[dt])
     assert r["excess"] <= 1.0 and r["persistent_excess"] <= 1.0, r
+    if (_stride or _k) * 2 % 16:
+        assert "16-byte aligned" in r["tma_excess"]
+    else:
+        assert r["tma_excess"] <= 1.0, r
 
 
 def test_op_under_torch_compile_equals_eager_for_every_row_count(interp):
@@ -215,13 +224,21 @@ def test_candidates_compile_for_sm90_with_wgmma_in_shared_memory():
     from maskar.kernels import linear_act as la
 
     for cfg in la.CANDIDATES:
-        kernel = la._linear_act_persistent if cfg.persistent else la._linear_act
-        consts = dict(HAS_BIAS=True, ACT=1, EVEN_K=True, DOT_F32=False, BLOCK_M=cfg.block_m,
+        if cfg.path == "tma":
+            kernel = la._linear_act_tma
+            descs = {"x_desc": [cfg.block_m, cfg.block_k], "w_desc": [cfg.block_n, cfg.block_k]}
+        else:
+            kernel = la._linear_act_persistent if cfg.persistent else la._linear_act
+            descs = {}
+        consts = dict(HAS_BIAS=True, ACT=1, DOT_F32=False, BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
-        types = {n: "constexpr" if n in consts else "*bf16" if n in ("X", "W", "BIAS", "Y") else "i32"
-                 for n in kernel.arg_names}  # NUM_PROGS: i32
+        if "EVEN_K" in kernel.arg_names:
+            consts["EVEN_K"] = True
+        types = {n: "constexpr" if n in consts else f"tensordesc<bf16{descs[n]}>" if n in descs
+                 else "*bf16" if n in ("X", "W", "BIAS", "Y") else "i32" for n in kernel.arg_names}
         aligned = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]]
-                   for n in ("X", "W", "BIAS", "Y", "N", "K", "stride_xm", "stride_wn", "stride_ym")}
+                   for n in ("X", "W", "BIAS", "Y", "N", "K", "stride_xm", "stride_wn", "stride_ym")
+                   if n in kernel.arg_names}
         src = ASTSource(fn=kernel, signature=types, attrs=aligned,
                         constexprs={(kernel.arg_names.index(n),): v for n, v in consts.items()})
         try:

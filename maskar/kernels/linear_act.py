@@ -48,15 +48,16 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _tile_rows_cols(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # grouped order: GROUP_M row tiles share each column tile of W while it sits in L2
+def _tile_origin(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """First row and column of output tile ``tile``. Grouped order: GROUP_M row tiles share
+    each column tile of W while it sits in L2."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
     first_m = (tile // per_group) * GROUP_M
     group_m = tl.minimum(tiles_m - first_m, GROUP_M)
     pid_m = first_m + (tile % per_group) % group_m
     pid_n = (tile % per_group) // group_m
-    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
 
 
 @triton.jit
@@ -107,7 +108,8 @@ def _linear_act(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One output tile per program."""
-    rows, cols = _tile_rows_cols(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    row0, col0 = _tile_origin(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows, cols = row0 + tl.arange(0, BLOCK_M), col0 + tl.arange(0, BLOCK_N)
     acc = _tile_product(X, W, rows, cols, M, N, K, stride_xm, stride_wn, EVEN_K, DOT_F32,
                         BLOCK_M, BLOCK_N, BLOCK_K)
     _bias_act_store(acc, BIAS, Y, rows, cols, M, N, stride_ym, HAS_BIAS, ACT)
@@ -124,9 +126,34 @@ def _linear_act_persistent(
     loops into one lets the pipeliner load the next tile's operands during this tile's epilogue."""
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), tiles, NUM_PROGS, flatten=True):
-        rows, cols = _tile_rows_cols(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        row0, col0 = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        rows, cols = row0 + tl.arange(0, BLOCK_M), col0 + tl.arange(0, BLOCK_N)
         acc = _tile_product(X, W, rows, cols, M, N, K, stride_xm, stride_wn, EVEN_K, DOT_F32,
                             BLOCK_M, BLOCK_N, BLOCK_K)
+        _bias_act_store(acc, BIAS, Y, rows, cols, M, N, stride_ym, HAS_BIAS, ACT)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _linear_act_tma(
+    x_desc, w_desc, BIAS, Y, M, N, K, stride_ym, NUM_PROGS,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The operands through tensor descriptors (TMA on Hopper: the copy engine fills shared
+    memory, zero-padded past the edges, so no address arithmetic or masks in the loop); tiles
+    NUM_PROGS apart per program (NUM_PROGS = the tile count: one tile each)."""
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles, NUM_PROGS, flatten=True):
+        row0, col0 = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            x = x_desc.load([row0, k * BLOCK_K])
+            w = w_desc.load([col0, k * BLOCK_K])
+            if DOT_F32:  # TRITON_INTERPRET with bf16 (see _tile_product)
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+        rows, cols = row0 + tl.arange(0, BLOCK_M), col0 + tl.arange(0, BLOCK_N)
         _bias_act_store(acc, BIAS, Y, rows, cols, M, N, stride_ym, HAS_BIAS, ACT)
 
 
@@ -135,10 +162,11 @@ def _linear_act_persistent(
 
 @dataclass(frozen=True)
 class MMConfig:
-    """How one call runs: ``path`` "triton" (this module's kernel with the tile block_m x block_n,
-    block_k deep, grouping and launch shape below), "unfused" (``F.linear`` then the activation as
-    its own kernel: what runs without this module) or "cublaslt" (the tanh GELU in cuBLASLt's
-    epilogue, ``torch._addmm_activation``; CUDA, gelu_tanh with a bias only)."""
+    """How one call runs. ``path``: "triton" (this module's kernel with the tile block_m x
+    block_n, block_k deep, grouping and launch shape below; one program per SM walking tiles
+    where ``persistent``), "tma" (the same through tensor descriptors), "unfused" (``F.linear``
+    then the activation as its own kernel: what runs without this module) or "cublaslt" (the
+    tanh GELU in cuBLASLt's epilogue, ``torch._addmm_activation``; CUDA, gelu_tanh with a bias)."""
 
     block_m: int = 128
     block_n: int = 128
@@ -168,6 +196,10 @@ CANDIDATES = [
     MMConfig(128, 256, 64, 8, 8, 3, persistent=True),
     MMConfig(128, 128, 64, 8, 8, 4, persistent=True),
     MMConfig(128, 128, 64, 8, 4, 3, persistent=True),
+    MMConfig(128, 256, 64, 8, 8, 3, path="tma"),
+    MMConfig(128, 256, 64, 8, 8, 3, path="tma", persistent=True),
+    MMConfig(128, 128, 64, 8, 8, 4, path="tma", persistent=True),
+    MMConfig(128, 128, 64, 8, 4, 3, path="tma"),
 ]
 _INTERPRET_CONFIG = MMConfig(32, 32, 32, 2, 4, 1)
 
@@ -246,24 +278,37 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, act: str, cfg: MMCon
     if cfg.path == "cublaslt":  # the tanh GELU on the float32 accumulator, as this kernel's
         return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
     m, k = x.shape
-    out = x.new_empty(m, weight.shape[0])
     n = weight.shape[0]
+    out = x.new_empty(m, n)
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)  # not triton.cdiv: 3 us a host call
-    args = (x, weight, bias if bias is not None else x, out, m, n, k,
-            x.stride(0), weight.stride(0), out.stride(0))
+    progs = min(tiles, _programs(x.device)) if cfg.persistent else tiles
+    b = bias if bias is not None else x
+    consts = dict(HAS_BIAS=bias is not None, ACT=_ACT_CODE[act],
+                  DOT_F32=_INTERPRET and x.dtype == torch.bfloat16,
+                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.path == "tma":
+        x_desc, w_desc = _descriptors(x, weight, cfg)
+        _linear_act_tma[(progs,)](x_desc, w_desc, b, out, m, n, k, out.stride(0), progs, **consts)
+        return out
+    args = (x, weight, b, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0))
+    consts["EVEN_K"] = k % cfg.block_k == 0
     if cfg.persistent:
-        progs = min(tiles, _programs(x.device))
-        kernel, grid, args = _linear_act_persistent, (progs,), (*args, progs)
+        _linear_act_persistent[(progs,)](*args, progs, **consts)
     else:
-        kernel, grid = _linear_act, (tiles,)
-    kernel[grid](
-        *args,
-        HAS_BIAS=bias is not None, ACT=_ACT_CODE[act], EVEN_K=k % cfg.block_k == 0,
-        DOT_F32=_INTERPRET and x.dtype == torch.bfloat16,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+        _linear_act[(tiles,)](*args, **consts)
     return out
+
+
+def _descriptors(x: Tensor, weight: Tensor, cfg: MMConfig):
+    """Host-side tensor descriptors of x and w (TMA needs 16-byte aligned bases and row strides)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    for t in (x, weight):
+        if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+            raise ValueError("linear_act: the TMA path needs 16-byte aligned rows")
+    return (TensorDescriptor(x, list(x.shape), list(x.stride()), [cfg.block_m, cfg.block_k]),
+            TensorDescriptor(weight, list(weight.shape), list(weight.stride()), [cfg.block_n, cfg.block_k]))
 
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, act: str) -> str:
