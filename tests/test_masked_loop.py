@@ -158,3 +158,32 @@ def test_seeded_tokens_equal_the_recorded_reference(case):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(tokens, decoded(json.loads(GOLDEN.read_text())[name]))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["deferred-eager", "compiled-eager-backend"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("mar_cfg", "casmar_psa")], ids=lambda c: c[0])
+def test_deferred_residual_adds_keep_the_recorded_tokens(case, compiled):
+    """Compiled sampling leaves each block's last residual add to the next block's graph
+    (``_run_blocks``): the same operations on the same values, so the recorded tokens bit for bit,
+    through the deferring blocks run eagerly and under Dynamo (MAR: a handful of graphs, the
+    first block's, nothing pending, and the rest's; CASMAR compiles as many frames with the
+    deferral as without it, 22 on the CPU)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    name, arch, overrides, labels, knobs = case
+    model = build_model(arch, overrides)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    if compiled:
+        model.compile_sampler(backend=counter)
+    else:
+        model._sampler_compiled = True  # the deferring path without any compile
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tokens = run_case(model, labels, knobs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(tokens, decoded(json.loads(GOLDEN.read_text())[name]))
+    if compiled and arch == "mar":  # blocks (first / rest) and the head's steps: within Dynamo's limit
+        assert 2 <= counter.frame_count <= 8, counter.frame_count

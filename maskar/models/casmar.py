@@ -255,12 +255,24 @@ class TaskBlock(nn.Module):
         with torch.no_grad():
             self.adaLN_shift.copy_(_gate_pattern(self.adaLN_shift.shape[-1] // 4, self.adaLN_shift))
 
-    def forward(self, x: Tensor, c: Tensor, task: int) -> Tensor:
-        """x (B, L, D); c (4D,) the stack's task projection."""
+    def forward(
+        self, x: Tensor, c: Tensor, task: int, pending: tuple[Tensor, Tensor] | None = None,
+        defer: bool = False,
+    ):  # fmt: skip
+        """x (B, L, D); c (4D,) the stack's task projection. ``defer``: return (x, (gate, mlp
+        output)) and leave the gated residual add to the next block (``pending``), as vit.Block."""
+        if pending is not None:
+            x = self.finish(x, pending)
         mod = c * self.adaLN_scale[task] + self.adaLN_shift[task]  # (1, 1, 4D)
         scale_msa, gate_msa, scale_mlp, gate_mlp = mod.to(x.dtype).chunk(4, dim=-1)
         x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa))
-        return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp))
+        h = self.mlp(self.norm2(x) * (1 + scale_mlp))
+        return (x, (gate_mlp, h)) if defer else x + gate_mlp * h
+
+    @staticmethod
+    def finish(x: Tensor, pending: tuple[Tensor, Tensor]) -> Tensor:
+        gate, h = pending
+        return x + gate * h
 
 
 def _gate_pattern(dim: int, like: Tensor) -> Tensor:

@@ -80,6 +80,16 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pending: Tensor | None = None, defer: bool = False):
+        """``defer``: return (x, mlp output) and leave the last residual add to the next block,
+        which takes it as ``pending`` (see ``MaskedGenerator._run_blocks``)."""
+        if pending is not None:
+            x = x + pending
         x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        h = self.mlp(self.norm2(x))
+        return (x, h) if defer else x + h
+
+    @staticmethod
+    def finish(x: Tensor, pending: Tensor) -> Tensor:
+        """The residual add a deferring block left pending."""
+        return x + pending
