@@ -645,6 +645,13 @@ def add_common_args(ap: argparse.ArgumentParser, preset: str) -> None:
         help="the MLP head's per-step time embedding read from a table (DiffLoss.time_table; auto: on CUDA)",
     )
     ap.add_argument(
+        "--defer-adds",
+        default="on",
+        choices=("on", "off"),
+        help="compiled sampling: each block's last residual add fused into the next block's graph "
+        "(model.defer_residual_adds; off: the add ends each block)",
+    )
+    ap.add_argument(
         "--profile", action="store_true", help="profile one more call of the first sampler, first variant"
     )
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="matmul peak for the floor (0 = none)")
@@ -682,6 +689,7 @@ def apply_switches(model: torch.nn.Module, args: argparse.Namespace) -> None:
 
     if getattr(args, "linear_act", "env") != "env":
         linear_gelu.enable_triton(args.linear_act == "on")
+    model.defer_residual_adds = getattr(args, "defer_adds", "on") == "on"
     table = getattr(args, "time_table", "auto")
     for m in model.modules():
         if hasattr(type(m), "time_table"):
@@ -694,7 +702,8 @@ def switches(model: torch.nn.Module) -> dict[str, Any]:
 
     tables = sorted({str(m.time_table) for m in model.modules() if hasattr(type(m), "time_table")})
     return {"linear_act": linear_gelu.TRITON and linear_gelu._kernel is not None,
-            "fused_gelu_cublaslt": linear_gelu.ENABLED, "time_table": ",".join(tables) or "-"}
+            "fused_gelu_cublaslt": linear_gelu.ENABLED, "time_table": ",".join(tables) or "-",
+            "defer_adds": getattr(model, "defer_residual_adds", None)}
 
 
 def apply_linears(model: torch.nn.Module, linears: str, precision: str) -> None:

@@ -297,6 +297,8 @@ class MaskedGenerator(nn.Module):
 
     # -- encoder / decoder pieces
 
+    defer_residual_adds = True  # compiled sampling: see _run_blocks (False: each block's own add)
+
     def _run_blocks(self, blocks: nn.ModuleList, x: Tensor, *args: Any) -> Tensor:
         """``x = blk(x, *args)`` for each block, checkpointed when training with grad_checkpointing.
 
@@ -305,7 +307,8 @@ class MaskedGenerator(nn.Module):
         its own otherwise ends in an add kernel of its own (0.41 s of MAR-B's num_iter-256 call
         on the H200), and its sum is read straight back by the next norm. Same operations on the
         same values; only where the add runs changes."""
-        if getattr(self, "_sampler_compiled", False) and not self.training and not torch.is_grad_enabled():
+        deferring = self.defer_residual_adds and getattr(self, "_sampler_compiled", False)
+        if deferring and not self.training and not torch.is_grad_enabled():
             pending = None
             for blk in blocks:
                 x, pending = blk(x, *args, pending=pending, defer=True)

@@ -25,11 +25,13 @@
 #     MAR-B num_iter 256 with --linears low, the MLP head's
 #     step compiled with mode default, then max-autotune-no-cudagraphs (blocks default: their
 #     max-autotune lost on 2026-12-04); then CASMAR-B with the heads' steps so.
-#   PART=linact (about 9 min, DEADLINE=570): the fused fc1 + GELU Triton op (maskar.kernels.linear_act,
-#     not yet run on a GPU): its GPU tests; MAR-B num_iter 256 with --linears low three ways in one call
-#     (time table off + op off = the path measured before; time table on (auto, the CUDA default since
-#     2026-12-04) + op off; both on); `maskar bench linear_act` (every tile config against cuBLAS +
-#     the separate GELU on the samplers' MLP shapes, TFLOP/s); CASMAR-B with the op off / on.
+#   PART=linact (about 8 min, DEADLINE=570): what the 2026-12-04 night session built for MAR-B num_iter
+#     256 (not yet run on a GPU): the GPU tests of the fused fc1 + GELU op (maskar.kernels.linear_act);
+#     MAR-B num_iter 256 with --linears low four ways in one call, one change at a time (time table off,
+#     adds not deferred, op off = the path measured before; + the time table (auto: the CUDA default);
+#     + the deferred residual adds (the default); + the op); `maskar bench linear_act` (every tile config
+#     against cuBLAS + the separate GELU on the samplers' MLP shapes, TFLOP/s).
+#   PART=linact2 (about 5 min): CASMAR-B with the op off / on; MAR-B num_iter 64 / 256 with it; targets.
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
 #     linears stored in bf16 once (cast_linears_, what `maskar sample` does since 2026-12-04), then
 #     compiled so; MAR-B num_iter 64 / 256 and CASMAR-B at the defaults with --linears low (against
@@ -176,23 +178,32 @@ elif [ "${PART}" = linact ]; then
   timeout $(cap 120) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_linear_act.py \
     > "$OUT/gpu_tests_linear_act.txt" 2>&1
   echo "tests rc=$?"; grep -E "tuned:|passed|failed|Error" "$OUT/gpu_tests_linear_act.txt" | tail -n 8
-  for v in "off off" "auto off" "auto on"; do
+  # one change at a time: the path measured before, + time table, + deferred adds, + linear_act
+  for v in "off off off" "auto off off" "auto on off" "auto on on"; do
     set -- $v
-    el "bench mar num_iter 256, --linears low, --time-table $1, --linear-act $2"
+    tag="tt-$1_da-$2_la-$3"
+    el "bench mar num_iter 256, --linears low, --time-table $1 --defer-adds $2 --linear-act $3"
     timeout $(cap 100) $PY -m maskar bench mar --batch 64 --num-iters 256 --sample-reps 1 --train-batch 0 \
-      --linears low --time-table $1 --linear-act $2 --json "$OUT/mar256_tt-$1_la-$2.json" \
-      > "$OUT/mar256_tt-$1_la-$2.txt" 2>&1
-    echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar256_tt-$1_la-$2.txt" | grep -E "^switches|^sample|Error" | tail -n 4
+      --linears low --time-table $1 --defer-adds $2 --linear-act $3 --json "$OUT/mar256_$tag.json" \
+      > "$OUT/mar256_$tag.txt" 2>&1
+    echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar256_$tag.txt" | grep -E "^switches|^sample|Error" | tail -n 4
   done
   el "bench linear_act"
   timeout $(cap 120) $PY -m maskar bench linear_act --json "$OUT/linear_act.json" > "$OUT/linear_act.txt" 2>&1
-  echo "linear_act rc=$?"; grep -vE "$NOISE" "$OUT/linear_act.txt" | tail -n 80
+  echo "linear_act rc=$?"; grep -vE "$NOISE" "$OUT/linear_act.txt" | tail -n 100
+elif [ "${PART}" = linact2 ]; then
   for la in off on; do
     el "bench casmar, --linears low, --linear-act $la"
     timeout $(cap 110) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --linears low --linear-act $la \
       --json "$OUT/casmar_la-$la.json" > "$OUT/casmar_la-$la.txt" 2>&1
     echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_la-$la.txt" | grep -E "^switches|^sample|Error" | tail -n 4
   done
+  el "bench mar num_iter 64, 256, --linears low, --linear-act on (the rest at the defaults)"
+  timeout $(cap 150) $PY -m maskar bench mar --batch 64 --num-iters 64,256 --sample-reps 1 --train-batch 0 \
+    --linears low --linear-act on --json "$OUT/mar_la-on.json" > "$OUT/mar_la-on.txt" 2>&1
+  echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar_la-on.txt" | grep -E "^switches|^sample|Error" | tail -n 4
+  [ -f "$OUT/casmar_la-on.json" ] && [ -f "$OUT/mar_la-on.json" ] && \
+    $PY -m maskar bench masked_sampling "$OUT/casmar_la-on.json" "$OUT/mar_la-on.json" | tee "$OUT/targets.txt"
 elif [ "${PART}" = autotune ]; then
   for mode in default max-autotune-no-cudagraphs; do
     el "bench mar num_iter 256, blocks compiled with mode $mode"
