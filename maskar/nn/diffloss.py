@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -28,6 +29,31 @@ from torch.utils.checkpoint import checkpoint
 
 from maskar.nn.diffusion import GaussianDiffusion, create_diffusion
 from maskar.nn.graphed_chain import GraphedHead
+
+# maskar.kernels.adaln_mlp once loaded (DiffLoss with fused_blocks on; stays None without Triton)
+_fused_kernels = None
+
+
+def load_fused_kernels() -> None:
+    """Import the fused residual-block kernels (when a head is switched to them, never inside a
+    torch.compile trace)."""
+    global _fused_kernels
+    if _fused_kernels is None:
+        try:
+            from maskar.kernels import adaln_mlp
+        except ImportError:  # no Triton on this install: the torch path runs
+            return
+        _fused_kernels = adaln_mlp
+
+
+def fused_blocks_apply(x: Tensor, modulation: tuple[Tensor, Tensor] | None) -> bool:
+    """Whether the fused residual-block kernels can run this step: loaded, batched modulation
+    (its weight in the compute dtype fp16 / bf16), no autograd, CUDA or the Triton interpreter."""
+    if _fused_kernels is None or modulation is None or torch.is_grad_enabled():
+        return False
+    if modulation[0].dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return x.is_cuda or _fused_kernels._INTERPRET
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -154,16 +180,20 @@ class SimpleMLPAdaLN(nn.Module):
         return (weight if dtype is None else weight.to(dtype)), bias
 
     def forward_embedded(
-        self, x: Tensor, t_emb: Tensor, c_emb: Tensor, modulation: tuple[Tensor, Tensor] | None = None
-    ) -> Tensor:
+        self, x: Tensor, t_emb: Tensor, c_emb: Tensor, modulation: tuple[Tensor, Tensor] | None = None,
+        fused: bool = False,
+    ) -> Tensor:  # fmt: skip
         """Forward with precomputed embeddings: t_emb (N or 1, W), c_emb = cond_embed(c) (N, W).
 
         ``modulation`` (:meth:`modulation_weights`): every adaLN projection reads the same
         SiLU(y), so they run as one matmul (inference: at the sampler's few hundred rows seven
         narrow matmuls each fill a fraction of the GPU); the same function, rounded per the
-        one kernel."""
+        one kernel. ``fused`` (where :func:`fused_blocks_apply`): each residual block as two
+        Triton kernels, the final layer as one (:mod:`maskar.kernels.adaln_mlp`)."""
         x = self.input_proj(x)
         y = t_emb + c_emb
+        if fused and fused_blocks_apply(x, modulation):
+            return self._forward_fused(x, F.linear(F.silu(y), *modulation), modulation[0].dtype)
         if modulation is not None:
             width = x.shape[-1]
             mods = F.linear(F.silu(y), *modulation).split(
@@ -178,6 +208,21 @@ class SimpleMLPAdaLN(nn.Module):
             else:
                 x = block(x, y)
         return self.final_layer(x, y)
+
+    def _forward_fused(self, x: Tensor, mods: Tensor, dtype: torch.dtype) -> Tensor:
+        """The blocks and the final layer on the batched modulation ``mods`` (N, (3 blocks + 2) W)
+        through the fused kernels, the same rounding steps as the module path (see the kernels)."""
+        kern, width = _fused_kernels, x.shape[-1]
+        x = x.to(dtype).contiguous()
+        for i, block in enumerate(self.res_blocks):
+            base, lin1, lin2, ln = 3 * width * i, block.mlp[0], block.mlp[2], block.in_ln
+            h = kern.modulated_linear_op(x, mods, base, base + width, ln.weight, ln.bias, ln.eps,
+                                         lin1.weight.to(dtype), lin1.bias.to(dtype), "silu")
+            x = kern.gated_residual_linear_op(h, lin2.weight.to(dtype), lin2.bias.to(dtype), x, mods,
+                                              base + 2 * width)
+        final, base = self.final_layer, 3 * width * len(self.res_blocks)
+        return kern.modulated_linear_op(x, mods, base, base + width, None, None, final.norm_final.eps,
+                                        final.linear.weight.to(dtype), final.linear.bias.to(dtype), "none")
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, c: Tensor, cfg_scale: float) -> Tensor:
         """Guided output for a batch laid out [cond | uncond] whose halves share x.
@@ -194,9 +239,10 @@ class SimpleMLPAdaLN(nn.Module):
         c_emb: Tensor,
         cfg_scale: float | Tensor,
         modulation: tuple[Tensor, Tensor] | None = None,
+        fused: bool = False,
     ) -> Tensor:
         half = x[: len(x) // 2]
-        out = self.forward_embedded(torch.cat([half, half], dim=0), t_emb, c_emb, modulation)
+        out = self.forward_embedded(torch.cat([half, half], dim=0), t_emb, c_emb, modulation, fused)
         eps, rest = out[:, : self.in_channels], out[:, self.in_channels :]
         cond_eps, uncond_eps = eps.float().chunk(2, dim=0)
         # The official uncond + s * (cond - uncond), in float32 (bitwise official in fp32; under
@@ -244,6 +290,8 @@ class DiffLoss(GraphedHead):
         self._t_table: Tensor | None = None  # the time-embedding table while sample() uses it
         # (key, table, the respaced diffusions whose rows it holds)
         self._t_store: tuple[tuple, Tensor, set[GaussianDiffusion]] | None = None
+        if self.fused_blocks:
+            load_fused_kernels()
 
     def _make_diffusion(self, respacing: str) -> GaussianDiffusion:
         return create_diffusion(
@@ -299,15 +347,28 @@ class DiffLoss(GraphedHead):
     # The sampling loop calls the model with one timestep for all rows, so one time-embedding
     # row is broadcast.
 
+    # Each residual block as two Triton kernels in fp16 / bf16 sampling with the batched
+    # modulation (maskar.kernels.adaln_mlp; ~31 -> ~17 kernels a step). Off until a GPU run has
+    # checked and timed it; MASKAR_HEAD_FUSED=1 or set_fused_blocks(True) turns it on.
+    fused_blocks: bool = os.environ.get("MASKAR_HEAD_FUSED", "0") == "1"
+
+    def set_fused_blocks(self, on: bool) -> None:
+        """Switch this head's fused residual blocks on / off (loads the kernels)."""
+        if on:
+            load_fused_kernels()
+        self.fused_blocks = on
+
     def step(self, x: Tensor, t: Tensor, cond: tuple, labels: Tensor | None = None) -> Tensor:
         c_emb, modulation = cond
-        return self.net.forward_embedded(x, self._time_embedding(t), c_emb, modulation)
+        return self.net.forward_embedded(x, self._time_embedding(t), c_emb, modulation, self.fused_blocks)
 
     def step_cfg(
         self, x: Tensor, t: Tensor, cond: tuple, labels: Tensor | None, scale: float | Tensor
     ) -> Tensor:
         c_emb, modulation = cond
-        return self.net.forward_with_cfg_embedded(x, self._time_embedding(t), c_emb, scale, modulation)
+        return self.net.forward_with_cfg_embedded(
+            x, self._time_embedding(t), c_emb, scale, modulation, self.fused_blocks
+        )
 
     # "auto": in CUDA sampling each step gathers its time embedding from a table instead of
     # running the timestep MLP (sinusoid, two one-row linears, SiLU: about 4 of the ~35 kernels
@@ -318,7 +379,8 @@ class DiffLoss(GraphedHead):
     time_table: bool | str = "auto"
 
     def graph_key(self) -> tuple:
-        return (self._t_table is not None,)  # a chain captured with the table reads it
+        # a chain captured with the table reads it; one captured with the fused blocks runs them
+        return (self._t_table is not None, bool(self.fused_blocks))
 
     def _time_embedding(self, t: Tensor) -> Tensor:
         """(1, W) embedding of the step's timestep t[0] (every row shares it)."""
