@@ -236,10 +236,15 @@ def test_switches_reach_the_heads_and_the_mlps_and_are_reported(monkeypatch):
     model = tiny_casmar()
     heads = [m for m in model.modules() if hasattr(type(m), "time_table")]
     assert heads  # CASMAR's stage-1 MLP head
-    ms.apply_switches(model, argparse.Namespace(linear_act="env", time_table="off", defer_adds="off"))
+    ms.apply_switches(model, argparse.Namespace(linear_act="env", time_table="off", defer_adds="off",
+                                                fused_head="off"))
     assert all(m.time_table is False for m in heads) and linear_gelu.TRITON is False
     assert ms.switches(model) == {"linear_act": False, "fused_gelu_cublaslt": linear_gelu.ENABLED,
-                                  "time_table": "False", "defer_adds": False}
+                                  "time_table": "False", "defer_adds": False, "fused_head": [False]}
+    monkeypatch.setattr(type(heads[0]), "set_fused_blocks", lambda m, on: setattr(m, "fused_blocks", on))
+    ms.apply_switches(model, argparse.Namespace(fused_head="on"))
+    assert all(m.fused_blocks is True for m in heads)
+    ms.apply_switches(model, argparse.Namespace(fused_head="off"))
     monkeypatch.setattr(linear_gelu, "load_kernel", lambda: None)  # the switch only
     ms.apply_switches(model, argparse.Namespace(linear_act="on", time_table="auto"))
     assert linear_gelu.TRITON is True and all(m.time_table == "auto" for m in heads)

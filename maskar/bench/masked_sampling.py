@@ -645,6 +645,13 @@ def add_common_args(ap: argparse.ArgumentParser, preset: str) -> None:
         help="the MLP head's per-step time embedding read from a table (DiffLoss.time_table; auto: on CUDA)",
     )
     ap.add_argument(
+        "--fused-head",
+        default="env",
+        choices=("env", "on", "off"),
+        help="the MLP head's residual blocks as two Triton kernels each (DiffLoss.fused_blocks, "
+        "maskar.kernels.adaln_mlp); env: as MASKAR_HEAD_FUSED says (off unless 1)",
+    )
+    ap.add_argument(
         "--defer-adds",
         default="on",
         choices=("on", "off"),
@@ -690,6 +697,11 @@ def apply_switches(model: torch.nn.Module, args: argparse.Namespace) -> None:
     if getattr(args, "linear_act", "env") != "env":
         linear_gelu.enable_triton(args.linear_act == "on")
     model.defer_residual_adds = getattr(args, "defer_adds", "on") == "on"
+    fused = getattr(args, "fused_head", "env")
+    if fused != "env":
+        for m in model.modules():
+            if hasattr(m, "set_fused_blocks"):
+                m.set_fused_blocks(fused == "on")
     table = getattr(args, "time_table", "auto")
     for m in model.modules():
         if hasattr(type(m), "time_table"):
@@ -701,9 +713,11 @@ def switches(model: torch.nn.Module) -> dict[str, Any]:
     from maskar.nn import linear_gelu
 
     tables = sorted({str(m.time_table) for m in model.modules() if hasattr(type(m), "time_table")})
+    fused = sorted({bool(m.fused_blocks) for m in model.modules() if hasattr(m, "fused_blocks")})
     return {"linear_act": linear_gelu.TRITON and linear_gelu._kernel is not None,
             "fused_gelu_cublaslt": linear_gelu.ENABLED, "time_table": ",".join(tables) or "-",
-            "defer_adds": getattr(model, "defer_residual_adds", None)}
+            "defer_adds": getattr(model, "defer_residual_adds", None),
+            "fused_head": fused}
 
 
 def apply_linears(model: torch.nn.Module, linears: str, precision: str) -> None:

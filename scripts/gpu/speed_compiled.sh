@@ -25,13 +25,14 @@
 #     MAR-B num_iter 256 with --linears low, the MLP head's
 #     step compiled with mode default, then max-autotune-no-cudagraphs (blocks default: their
 #     max-autotune lost on 2026-12-04); then CASMAR-B with the heads' steps so.
-#   PART=linact (about 8 min, DEADLINE=570): what the 2026-12-04 night session built for MAR-B num_iter
-#     256 (not yet run on a GPU): the GPU tests of the fused fc1 + GELU op (maskar.kernels.linear_act);
-#     MAR-B num_iter 256 with --linears low four ways in one call, one change at a time (time table off,
-#     adds not deferred, op off = the path measured before; + the time table (auto: the CUDA default);
-#     + the deferred residual adds (the default); + the op); `maskar bench linear_act` (every tile config
-#     against cuBLAS + the separate GELU on the samplers' MLP shapes, TFLOP/s).
-#   PART=linact2 (about 5 min): CASMAR-B with the op off / on; MAR-B num_iter 64 / 256 with it; targets.
+#   PART=linact (about 9 min, DEADLINE=570): what the 2026-12-04 night session built for MAR-B num_iter
+#     256 (not yet run on a GPU): the GPU tests of the fused fc1 + GELU op (maskar.kernels.linear_act)
+#     and of the head's fused residual blocks (maskar.kernels.adaln_mlp); MAR-B num_iter 256 with
+#     --linears low five ways in one call (the path measured before: time table off, adds not deferred;
+#     + both, the defaults now; + --linear-act on; + --fused-head on; --fused-head on alone);
+#     `maskar bench linear_act` (every tile config against cuBLAS + the separate GELU, TFLOP/s).
+#   PART=linact2 (about 5 min): CASMAR-B without / with the switches in ON (default: --linear-act on
+#     --fused-head on); MAR-B num_iter 64 / 256 with them; the issue-15 targets.
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
 #     linears stored in bf16 once (cast_linears_, what `maskar sample` does since 2026-12-04), then
 #     compiled so; MAR-B num_iter 64 / 256 and CASMAR-B at the defaults with --linears low (against
@@ -174,36 +175,40 @@ elif [ "${PART}" = headtune ]; then
     > "$OUT/casmar_head_autotune.txt" 2>&1
   echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_head_autotune.txt" | grep -E "^sample|Error" | tail -n 4
 elif [ "${PART}" = linact ]; then
-  el "GPU tests: tests/test_linear_act.py"
-  timeout $(cap 120) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_linear_act.py \
+  el "GPU tests: tests/test_linear_act.py tests/test_adaln_mlp.py"
+  timeout $(cap 150) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_linear_act.py tests/test_adaln_mlp.py \
     > "$OUT/gpu_tests_linear_act.txt" 2>&1
-  echo "tests rc=$?"; grep -E "tuned:|passed|failed|Error" "$OUT/gpu_tests_linear_act.txt" | tail -n 8
-  # one change at a time: the path measured before, + time table, + deferred adds, + linear_act
-  for v in "off off off" "auto off off" "auto on off" "auto on on"; do
+  echo "tests rc=$?"; grep -E "tuned|rel max|passed|failed|Error" "$OUT/gpu_tests_linear_act.txt" | tail -n 10
+  # the path measured before; + time table and deferred adds (the defaults now); + linear_act;
+  # + the fused head blocks; the fused head blocks without linear_act
+  for v in "off off off off" "auto on off off" "auto on on off" "auto on on on" "auto on off on"; do
     set -- $v
-    tag="tt-$1_da-$2_la-$3"
-    el "bench mar num_iter 256, --linears low, --time-table $1 --defer-adds $2 --linear-act $3"
+    tag="tt-$1_da-$2_la-$3_fh-$4"
+    el "bench mar num_iter 256, --linears low, --time-table $1 --defer-adds $2 --linear-act $3 --fused-head $4"
     timeout $(cap 100) $PY -m maskar bench mar --batch 64 --num-iters 256 --sample-reps 1 --train-batch 0 \
-      --linears low --time-table $1 --defer-adds $2 --linear-act $3 --json "$OUT/mar256_$tag.json" \
-      > "$OUT/mar256_$tag.txt" 2>&1
+      --linears low --time-table $1 --defer-adds $2 --linear-act $3 --fused-head $4 \
+      --json "$OUT/mar256_$tag.json" > "$OUT/mar256_$tag.txt" 2>&1
     echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar256_$tag.txt" | grep -E "^switches|^sample|Error" | tail -n 4
   done
   el "bench linear_act"
   timeout $(cap 120) $PY -m maskar bench linear_act --json "$OUT/linear_act.json" > "$OUT/linear_act.txt" 2>&1
   echo "linear_act rc=$?"; grep -vE "$NOISE" "$OUT/linear_act.txt" | tail -n 100
 elif [ "${PART}" = linact2 ]; then
-  for la in off on; do
-    el "bench casmar, --linears low, --linear-act $la"
-    timeout $(cap 110) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --linears low --linear-act $la \
-      --json "$OUT/casmar_la-$la.json" > "$OUT/casmar_la-$la.txt" 2>&1
-    echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_la-$la.txt" | grep -E "^switches|^sample|Error" | tail -n 4
+  # ON: the switches PART=linact found faster, e.g. ON="--linear-act on --fused-head on"
+  for sw in "--linear-act off --fused-head off" "${ON:---linear-act on --fused-head on}"; do
+    tag=$(echo "$sw" | tr -d ' -')
+    el "bench casmar, --linears low, $sw"
+    timeout $(cap 110) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --linears low $sw \
+      --json "$OUT/casmar_$tag.json" > "$OUT/casmar_$tag.txt" 2>&1
+    echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_$tag.txt" | grep -E "^switches|^sample|Error" | tail -n 4
   done
-  el "bench mar num_iter 64, 256, --linears low, --linear-act on (the rest at the defaults)"
+  el "bench mar num_iter 64, 256, --linears low, ${ON:---linear-act on --fused-head on}"
   timeout $(cap 150) $PY -m maskar bench mar --batch 64 --num-iters 64,256 --sample-reps 1 --train-batch 0 \
-    --linears low --linear-act on --json "$OUT/mar_la-on.json" > "$OUT/mar_la-on.txt" 2>&1
+    --linears low ${ON:---linear-act on --fused-head on} --json "$OUT/mar_la-on.json" > "$OUT/mar_la-on.txt" 2>&1
   echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar_la-on.txt" | grep -E "^switches|^sample|Error" | tail -n 4
-  [ -f "$OUT/casmar_la-on.json" ] && [ -f "$OUT/mar_la-on.json" ] && \
-    $PY -m maskar bench masked_sampling "$OUT/casmar_la-on.json" "$OUT/mar_la-on.json" | tee "$OUT/targets.txt"
+  on=$(ls "$OUT"/casmar_*.json | grep -v "linearactofffusedheadoff" | head -n 1)
+  [ -n "$on" ] && [ -f "$OUT/mar_la-on.json" ] && \
+    $PY -m maskar bench masked_sampling "$on" "$OUT/mar_la-on.json" | tee "$OUT/targets.txt"
 elif [ "${PART}" = autotune ]; then
   for mode in default max-autotune-no-cudagraphs; do
     el "bench mar num_iter 256, blocks compiled with mode $mode"
@@ -228,5 +233,11 @@ else
   timeout $(cap 200) env PYTHONWARNINGS=ignore $PY -m maskar bench train_step res=256 steps=25 warmup=5 \
     rows=hmar/d16/blocks,var/d16/blocks json="$OUT/train_256.json" > "$OUT/train_256.txt" 2>&1
   echo "train rc=$?"; grep -vE "$NOISE" "$OUT/train_256.txt" | tail -n 30
+fi
+# more than 8 files do not all come back from the device: pack them into one
+if [ "$(ls "$OUT" | wc -l)" -gt 8 ]; then
+  pack=$(mktemp -d)/raw_${PART:-masked}.tgz
+  tar czf "$pack" -C "$OUT" . && find "$OUT" -type f -delete && mv "$pack" "$OUT/"
+  el "packed $OUT into raw_${PART:-masked}.tgz"
 fi
 el "done"
