@@ -131,20 +131,23 @@ def test_sampling_with_the_fused_head_stays_close(interp):
     assert interp["sample"]["err"] <= 5e-2, interp["sample"]
 
 
-def test_off_by_default_and_the_graph_key_tells_the_paths_apart(monkeypatch):
-    import importlib
+def test_off_by_default_and_the_graph_key_tells_the_paths_apart():
+    import subprocess
+    import sys
 
-    monkeypatch.delenv("MASKAR_HEAD_FUSED", raising=False)
-    mod = importlib.reload(dl)
-    head = mod.DiffLoss(16, 48, depth=2, width=64)
-    assert head.fused_blocks is False
+    code = "from maskar.nn.diffloss import DiffLoss; print(DiffLoss.fused_blocks)"
+    for env, want in (("0", "False"), ("1", "True")):  # the switch is read at import: a fresh process
+        proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MASKAR_HEAD_FUSED=env),
+                              capture_output=True, text=True, check=True)
+        assert proc.stdout.strip() == want
+    head = dl.DiffLoss(16, 48, depth=2, width=64)
+    assert head.fused_blocks is (os.environ.get("MASKAR_HEAD_FUSED", "0") == "1")
     before = head.graph_key()
-    head.fused_blocks = True
+    head.fused_blocks = not head.fused_blocks
     assert head.graph_key() != before
     x = torch.randn(4, 64)
     w = torch.randn(64 * 8, 64)
-    assert not mod.fused_blocks_apply(x, (w, torch.zeros(64 * 8)))  # fp32 weights
-    importlib.reload(dl)
+    assert not dl.fused_blocks_apply(x, (w, torch.zeros(64 * 8)))  # fp32 weights
 
 
 def test_fused_flag_without_the_kernels_runs_the_module_path():
