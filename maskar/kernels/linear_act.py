@@ -334,6 +334,8 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "gelu"
     problem = _check(x, weight, bias, act)
     if problem:
         raise ValueError(f"linear_act: {problem}")
+    if max(x.shape[0] * x.stride(0), x.shape[0] * weight.shape[0], weight.numel()) >= 2**31:
+        return _unfused(x, weight, bias, act)  # the kernels index with 32-bit offsets
     cfg = _config(x, weight.shape[0], act, bias is not None, lambda c: _launch(x, weight, bias, act, c))
     return _launch(x, weight, bias, act, cfg)
 
