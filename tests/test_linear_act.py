@@ -119,6 +119,10 @@ from maskar.bench.linear_act import run_case
 rows = run_case(40, 48, 32, "gelu_tanh", torch.bfloat16, reps=1, device="cpu")
 out("bench", methods=[r["method"] for r in rows], errors=[r.get("error") for r in rows],
     diffs=[r.get("rel_diff") for r in rows])
+from maskar.bench.linear_act import head_step_rows
+head = head_step_rows([6], steps=2, reps=1, device="cpu", width=64, depth=2)
+out("bench-head", methods=[r["method"] for r in head], diffs=[r["rel_diff_vs_first"] for r in head],
+    us=[r["us_per_step"] for r in head])
 """
 
 
@@ -160,6 +164,13 @@ def test_bench_case_runs_every_method(interp):
     assert r["methods"] == ["linear", "unfused", *[f"triton:{i}" for i in range(len(CANDIDATES))], "op"]
     assert r["errors"] == [None] * len(r["methods"])
     assert max(r["diffs"][1:]) < 2e-2 and r["diffs"][1] == 0.0  # the GELU'd methods agree
+
+
+def test_bench_head_step_runs_every_variant(interp):
+    r = interp["bench-head"]
+    assert r["methods"] == ["module, eager", "module, compiled", "fused, compiled"]
+    assert r["diffs"][0] == 0.0 and r["diffs"][1] == 0.0 and 0 < r["diffs"][2] < 5e-2  # fused: rounding
+    assert min(r["us"]) > 0
 
 
 def test_switch_off_by_default_and_off_keeps_the_plain_pair(monkeypatch):

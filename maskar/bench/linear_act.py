@@ -125,13 +125,80 @@ def _print_case(m: int, n: int, k: int, act: str, dtype: torch.dtype, rows: list
               f"{r['rel_diff']:9.2e} {r.get('config', '')}{r.get('chose', '')}")
 
 
+def _head_variants(net, t_emb, c_emb, mw, cuda: bool) -> dict:
+    def module(x):
+        return net.forward_embedded(x, t_emb, c_emb, mw)
+
+    def fused(x):
+        return net.forward_embedded(x, t_emb, c_emb, mw, fused=True)
+
+    return {"module, eager": module, "module, compiled": torch.compile(module, disable=not cuda),
+            "fused, compiled": torch.compile(fused, disable=not cuda)}
+
+
+def head_step_rows(
+    rows_list: list[int], steps: int, reps: int, device: str = "cuda", width: int = 1024, depth: int = 6
+) -> list[dict]:
+    """MAR-B's MLP diffusion head (width 1024, 6 blocks, z 768), ``steps`` steps of
+    ``forward_embedded`` with the batched modulation under bf16 autocast, per variant: the module
+    path's eager kernels, the same compiled (Inductor, the sampler's default), and the fused
+    residual blocks (``fused=True``, compiled). On CUDA each variant's steps are captured in one
+    CUDA graph and the replay is timed (what the sampler does); µs per step."""
+    from maskar.nn import diffloss as dl
+
+    dl.load_fused_kernels()
+    torch.manual_seed(0)
+    net = dl.DiffLoss(16, 768, depth=depth, width=width).to(device).eval().net
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    cuda = device == "cuda"
+    out = []
+    for n in rows_list:
+        x, z = torch.randn(n, 16, device=device), torch.randn(n, 768, device=device)
+        with torch.no_grad(), torch.autocast(device, torch.bfloat16):
+            c_emb, t_emb = net.cond_embed(z), net.time_embed(torch.full((1,), 5, device=device))
+            mw = net.modulation_weights(torch.bfloat16)
+
+            def chain(step, x=x):
+                for _ in range(steps):
+                    x = x + 1e-3 * step(x)[:, :16].float()
+                return x
+
+            ref = None
+            for name, fn in _head_variants(net, t_emb, c_emb, mw, cuda).items():
+                res = chain(fn)  # compiles, tunes the fused kernels (outside any capture)
+                ref = res if ref is None else ref
+                diff = float((res - ref).abs().max() / ref.abs().max())
+                if cuda:
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        chain(fn)
+                    us = _time_ms(graph.replay, reps, per_round=1) * 1e3 / steps
+                else:
+                    us = _wall_ms(lambda fn=fn: chain(fn), reps) * 1e3 / steps
+                out.append({"case": f"head step, {n} rows", "method": name, "us_per_step": us,
+                            "rel_diff_vs_first": diff})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="maskar bench linear_act", description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=DEFAULT_CASES, help=f"MxNxK:ACT,... (default {DEFAULT_CASES})")
     ap.add_argument("--dtypes", default="bf16", help="some of bf16,fp16")
     ap.add_argument("--reps", type=int, default=7, help="rounds of 10 back-to-back calls (median)")
+    ap.add_argument("--head-rows", default="128,512",
+                    help="MAR-B head step timing at these row counts (empty: skip)")
+    ap.add_argument("--head-steps", type=int, default=50, help="head steps per captured graph")
     ap.add_argument("--json", default=None, help="also write every row to this file")
     args = ap.parse_args(argv)
+    try:
+        head_rows = [int(v) for v in args.head_rows.split(",") if v]
+    except ValueError:
+        raise SystemExit(f"--head-rows: expected comma-separated counts, got {args.head_rows!r}") from None
+    if min(head_rows, default=2) < 2 or args.head_steps < 1:
+        raise SystemExit(f"--head-rows / --head-steps: expected counts >= 2 / >= 1, got "
+                         f"{args.head_rows!r}, {args.head_steps}")
     cases = _parse_cases(args.cases)
     dtypes = []
     for d in args.dtypes.split(","):
@@ -150,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
             case_rows = run_case(m, n, k, act, dtype, args.reps)
             rows += case_rows
             _print_case(m, n, k, act, dtype, case_rows)
+    if head_rows:
+        head = head_step_rows(head_rows, args.head_steps, args.reps)
+        rows += head
+        print("\nMAR-B head step (width 1024, 6 blocks), bf16 autocast, batched modulation, in a CUDA graph:")
+        for r in head:
+            print(f"  {r['case']:<22} {r['method']:<18} {r['us_per_step']:8.1f} us/step   "
+                  f"rel diff vs the first {r['rel_diff_vs_first']:.2e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
