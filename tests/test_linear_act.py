@@ -114,6 +114,26 @@ for approximate in ("none", "tanh"):
     out(f"mlp-{{approximate}}", took=took, took_grad=took_grad, diff=float((got - want).abs().max()),
         shape=list(got.shape), compiled_diff=cdiff)
 
+# the diffusion head's batched adaLN projection goes through the op (act none) when switched on
+from maskar.nn import diffloss as dl
+torch.manual_seed(1)
+net = dl.DiffLoss(16, 48, depth=2, width=64).net
+for p in net.parameters():  # not the adaLN-zero init, whose output is 0
+    torch.nn.init.normal_(p, std=0.1)
+net = net.to(torch.bfloat16)
+x, z = torch.randn(6, 16).to(torch.bfloat16), torch.randn(6, 48).to(torch.bfloat16)
+calls, orig = [], la.linear_act
+la.linear_act = lambda *a: (calls.append(a[3]), orig(*a))[1]
+with torch.no_grad():
+    c_emb, t_emb = net.cond_embed(z), net.time_embed(torch.full((1,), 2))
+    mw = net.modulation_weights(torch.bfloat16)
+    on = net.forward_embedded(x, t_emb, c_emb, mw)
+    linear_gelu.enable_triton(False)
+    off = net.forward_embedded(x, t_emb, c_emb, mw)
+    linear_gelu.enable_triton(True)
+la.linear_act = orig
+out("head-modulation", acts=calls, diff=float((on.float() - off.float()).abs().max() / off.abs().max()))
+
 # the benchmark's case runner (wall-clock timer on the CPU): one row per method, all of them run
 from maskar.bench.linear_act import run_case
 rows = run_case(40, 48, 32, "gelu_tanh", torch.bfloat16, reps=1, device="cpu")
@@ -164,6 +184,11 @@ def test_bench_case_runs_every_method(interp):
     assert r["methods"] == ["linear", "unfused", *[f"triton:{i}" for i in range(len(CANDIDATES))], "op"]
     assert r["errors"] == [None] * len(r["methods"])
     assert max(r["diffs"][1:]) < 2e-2 and r["diffs"][1] == 0.0  # the GELU'd methods agree
+
+
+def test_head_modulation_takes_the_op_when_switched_on(interp):
+    r = interp["head-modulation"]
+    assert r["acts"] == ["none"] and r["diff"] < 3e-2  # interpreter bf16 (truncating) vs F.linear
 
 
 def test_bench_head_step_runs_every_variant(interp):

@@ -200,6 +200,10 @@ CANDIDATES = [
     MMConfig(128, 256, 64, 8, 8, 3, path="tma", persistent=True),
     MMConfig(128, 128, 64, 8, 8, 4, path="tma", persistent=True),
     MMConfig(128, 128, 64, 8, 4, 3, path="tma"),
+    # few rows, many columns (the diffusion head's batched adaLN projection: 128 x 20,480 x 1,024):
+    # every weight column read once, by enough programs to fill the GPU
+    MMConfig(128, 64, 64, 8, 4, 4),
+    MMConfig(128, 64, 64, 8, 4, 4, persistent=True),
 ]
 _INTERPRET_CONFIG = MMConfig(32, 32, 32, 2, 4, 1)
 

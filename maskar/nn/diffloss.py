@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from maskar.nn import linear_gelu
 from maskar.nn.diffusion import GaussianDiffusion, create_diffusion
 from maskar.nn.graphed_chain import GraphedHead
 
@@ -193,10 +194,10 @@ class SimpleMLPAdaLN(nn.Module):
         x = self.input_proj(x)
         y = t_emb + c_emb
         if fused and fused_blocks_apply(x, modulation):
-            return self._forward_fused(x, F.linear(F.silu(y), *modulation), modulation[0].dtype)
+            return self._forward_fused(x, linear_gelu.linear(F.silu(y), *modulation), modulation[0].dtype)
         if modulation is not None:
             width = x.shape[-1]
-            mods = F.linear(F.silu(y), *modulation).split(
+            mods = linear_gelu.linear(F.silu(y), *modulation).split(
                 [3 * width] * len(self.res_blocks) + [2 * width], dim=-1
             )
             for block, mod in zip(self.res_blocks, mods):
