@@ -25,14 +25,15 @@
 #     MAR-B num_iter 256 with --linears low, the MLP head's
 #     step compiled with mode default, then max-autotune-no-cudagraphs (blocks default: their
 #     max-autotune lost on 2026-12-04); then CASMAR-B with the heads' steps so.
-#   PART=linact (about 9 min, DEADLINE=570): what the 2026-12-04 night session built for MAR-B num_iter
-#     256 (not yet run on a GPU): the GPU tests of the fused fc1 + GELU op (maskar.kernels.linear_act)
-#     and of the head's fused residual blocks (maskar.kernels.adaln_mlp); MAR-B num_iter 256 with
-#     --linears low five ways in one call (the path measured before: time table off, adds not deferred;
-#     + both, the defaults now; + --linear-act on; + --fused-head on; --fused-head on alone);
-#     `maskar bench linear_act` (every tile config against cuBLAS + the separate GELU, TFLOP/s).
-#   PART=linact2 (about 5 min): CASMAR-B without / with the switches in ON (default: --linear-act on
-#     --fused-head on); MAR-B num_iter 64 / 256 with them; the issue-15 targets.
+#   PART=linact (about 8 min, DEADLINE=570): what the 2026-12-04 night session built for MAR-B num_iter
+#     256 (not yet run on a GPU): the GPU tests of the fused fc1 + GELU op (maskar.kernels.linear_act),
+#     of the head's fused residual blocks (maskar.kernels.adaln_mlp) and of the head's time table;
+#     MAR-B num_iter 256 with --linears low four ways in one call (the path measured before: time
+#     table off, adds not deferred; + both, the defaults now; + --fused-head on; + --linear-act on).
+#   PART=linact2 (about 7 min, DEADLINE=570): `maskar bench linear_act` (every tile config against
+#     cuBLAS + the separate GELU, TFLOP/s; MAR-B's head step fused vs compiled, us per step);
+#     CASMAR-B without / with the switches in ON (default: --linear-act on --fused-head on); MAR-B
+#     num_iter 64 / 256 with them; the issue-15 targets.
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
 #     linears stored in bf16 once (cast_linears_, what `maskar sample` does since 2026-12-04), then
 #     compiled so; MAR-B num_iter 64 / 256 and CASMAR-B at the defaults with --linears low (against
@@ -180,21 +181,21 @@ elif [ "${PART}" = linact ]; then
     tests/test_cuda_graph_sampling.py -k "not test_cuda_graph_sampling or time_table or in_place_weight_updates" \
     > "$OUT/gpu_tests_linear_act.txt" 2>&1
   echo "tests rc=$?"; grep -E "tuned|rel max|passed|failed|Error" "$OUT/gpu_tests_linear_act.txt" | tail -n 10
-  # the path measured before; + time table and deferred adds (the defaults now); + linear_act;
-  # + the fused head blocks; the fused head blocks without linear_act
-  for v in "off off off off" "auto on off off" "auto on on off" "auto on on on" "auto on off on"; do
+  # the path measured before; + time table and deferred adds (the defaults now); + the fused head
+  # blocks; + linear_act (its first call compiles and times ~17 configs per shape: a longer cap)
+  for v in "off off off off" "auto on off off" "auto on off on" "auto on on on"; do
     set -- $v
     tag="tt-$1_da-$2_la-$3_fh-$4"
     el "bench mar num_iter 256, --linears low, --time-table $1 --defer-adds $2 --linear-act $3 --fused-head $4"
-    timeout $(cap 100) $PY -m maskar bench mar --batch 64 --num-iters 256 --sample-reps 1 --train-batch 0 \
+    timeout $(cap 150) $PY -m maskar bench mar --batch 64 --num-iters 256 --sample-reps 1 --train-batch 0 \
       --linears low --time-table $1 --defer-adds $2 --linear-act $3 --fused-head $4 \
       --json "$OUT/mar256_$tag.json" > "$OUT/mar256_$tag.txt" 2>&1
     echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar256_$tag.txt" | grep -E "^switches|^sample|Error" | tail -n 4
   done
-  el "bench linear_act"
-  timeout $(cap 150) $PY -m maskar bench linear_act --json "$OUT/linear_act.json" > "$OUT/linear_act.txt" 2>&1
-  echo "linear_act rc=$?"; grep -vE "$NOISE" "$OUT/linear_act.txt" | tail -n 100
 elif [ "${PART}" = linact2 ]; then
+  el "bench linear_act (tile configs vs cuBLAS + the separate GELU; the head step fused vs compiled)"
+  timeout $(cap 170) $PY -m maskar bench linear_act --json "$OUT/linear_act.json" > "$OUT/linear_act.txt" 2>&1
+  echo "linear_act rc=$?"; grep -vE "$NOISE" "$OUT/linear_act.txt" | tail -n 110
   # ON: the switches PART=linact found faster, e.g. ON="--linear-act on --fused-head on"
   for sw in "--linear-act off --fused-head off" "${ON:---linear-act on --fused-head on}"; do
     tag=$(echo "$sw" | tr -d ' -')
