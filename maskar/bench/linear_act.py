@@ -31,18 +31,9 @@ DEFAULT_CASES = "40960x3072x768:gelu,24576x3072x768:gelu,40960x768x3072:none,327
 
 
 def _time_ms(fn, reps: int, per_round: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(per_round):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / per_round)
-    return sorted(times)[len(times) // 2]
+    from maskar.kernels.tuning import time_ms
+
+    return time_ms(fn, rounds=reps, per_round=per_round)
 
 
 def _parse_cases(spec: str) -> list[tuple[int, int, int, str]]:

@@ -25,7 +25,6 @@ graph capture). Off by default until measured on a GPU (``DiffLoss.fused_blocks`
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +32,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from maskar.kernels.block_sparse import _INTERPRET, _time_ms
+from maskar.kernels.block_sparse import _INTERPRET
 from maskar.kernels.linear_act import _rows_class, _tile_origin, _tile_product
+from maskar.kernels.tuning import pick_fastest
+from maskar.kernels.tuning import time_ms as _time_ms
 
 ACTS = ("none", "silu")
 
@@ -159,21 +160,7 @@ def _config(kind: str, x: Tensor, n: int, k: int, launch_with) -> BlockConfig:
     usable = [c for c in CANDIDATES if k % c.block_k == 0]
     if torch.cuda.is_current_stream_capturing():
         return usable[0]
-    t0, best, times = time.perf_counter(), None, []
-    for c in usable:
-        try:
-            t = _time_ms(lambda c=c: launch_with(c))
-        except Exception as e:  # out of shared memory / registers: skip it
-            times.append((c, type(e).__name__))
-            continue
-        times.append((c, t))
-        if best is None or t < best[0]:
-            best = (t, c)
-    if best is None:
-        raise RuntimeError(f"adaln_mlp: no kernel config compiled for {key}")
-    _tuned[key] = best[1]
-    _tune_log[key] = {"chosen": best[1], "candidates": times, "seconds": time.perf_counter() - t0}
-    return best[1]
+    return pick_fastest(key, usable, launch_with, _tuned, _tune_log, "adaln_mlp", _time_ms)
 
 
 def tuned_configs() -> dict[tuple, BlockConfig]:

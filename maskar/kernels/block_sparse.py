@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from maskar.kernels.tuning import time_ms as _time_ms
 from maskar.nn.attention import ScalePattern, register_backend
 
 try:  # launch hooks (profilers) live here in Triton >= 3.4
@@ -442,22 +443,6 @@ _INTERPRET_FWD = FwdConfig(16, 16, 4, 1)
 _INTERPRET_BWD = BwdConfig(16, 16, 16, 16, 4, 1)
 
 _tuned: dict[tuple, object] = {}
-
-
-def _time_ms(launch, rounds: int = 5, per_round: int = 8) -> float:
-    """Median over rounds of the mean time of back-to-back launches (keeps host gaps out)."""
-    launch()  # compiles
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(per_round):
-            launch()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / per_round)
-    return sorted(times)[len(times) // 2]
 
 
 _tune_log: dict[tuple, list] = {}

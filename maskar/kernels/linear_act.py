@@ -22,7 +22,6 @@ the unfused path runs unless the key was tuned before). Inference only: no backw
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +30,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from maskar.kernels.block_sparse import _INTERPRET, _time_ms
+from maskar.kernels.block_sparse import _INTERPRET
+from maskar.kernels.tuning import pick_fastest
+from maskar.kernels.tuning import time_ms as _time_ms
 
 ACTS = ("none", "gelu", "gelu_tanh")  # F.gelu's approximate="none" / "tanh"
 _ACT_CODE = {name: i for i, name in enumerate(ACTS)}
@@ -220,20 +221,8 @@ def _rows_class(m: int) -> int:
 
 
 def _tune(key: tuple, baselines: list[MMConfig], launch_with) -> MMConfig:
-    t0 = time.perf_counter()
-    best, times = None, []
-    for c in [*baselines, *CANDIDATES]:
-        try:
-            t = _time_ms(lambda c=c: launch_with(c))
-        except Exception as e:  # out of shared memory / registers for this config: skip it
-            times.append((c, type(e).__name__))
-            continue
-        times.append((c, t))
-        if best is None or t < best[0]:
-            best = (t, c)
-    _tuned[key] = best[1]  # UNFUSED always runs, so there is a best
-    _tune_log[key] = {"chosen": best[1], "candidates": times, "seconds": time.perf_counter() - t0}
-    return best[1]
+    candidates = [*baselines, *CANDIDATES]  # the baselines always run, so there is a fastest
+    return pick_fastest(key, candidates, launch_with, _tuned, _tune_log, "linear_act", _time_ms)
 
 
 def tuned_configs() -> dict[tuple, MMConfig]:

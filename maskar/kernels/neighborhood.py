@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +69,7 @@ from maskar.kernels.block_sparse import (
     _view_spec,
     cdiv,
 )
+from maskar.kernels.tuning import pick_fastest
 
 BORDERS = ("zeros", "clamp")
 _NOWHERE = tl.constexpr(1 << 30)  # window start of a padding query: no key is ever inside its window
@@ -504,23 +504,7 @@ _tune_log: dict[tuple, dict] = {}
 
 def _tune(key: tuple, candidates: list[NaConfig], launch_with) -> NaConfig:
     """Time every candidate once for ``key`` and keep the fastest (compile errors skip one)."""
-    t0 = time.perf_counter()
-    best = None
-    times: list = []
-    for c in candidates:
-        try:
-            t = _time_ms(lambda c=c: launch_with(c))
-        except Exception as e:  # e.g. out of shared memory / registers for this config
-            times.append((c, type(e).__name__))
-            continue
-        times.append((c, t))
-        if best is None or t < best[0]:
-            best = (t, c)
-    if best is None:
-        raise RuntimeError(f"neighborhood attention: no kernel config compiled for {key}")
-    _tuned[key] = best[1]
-    _tune_log[key] = {"chosen": best[1], "candidates": times, "seconds": time.perf_counter() - t0}
-    return best[1]
+    return pick_fastest(key, candidates, launch_with, _tuned, _tune_log, "neighborhood attention", _time_ms)
 
 
 def tuned_configs() -> dict[tuple, NaConfig]:
