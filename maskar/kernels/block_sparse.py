@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from maskar.kernels.tuning import pick_fastest
 from maskar.kernels.tuning import time_ms as _time_ms
 from maskar.nn.attention import ScalePattern, register_backend
 
@@ -450,21 +451,10 @@ _tune_log: dict[tuple, list] = {}
 
 def _tune(key: tuple, candidates: list, launch_with):
     """Time every candidate once for ``key``, keep the fastest; configs that fail to compile are skipped."""
-    best = None
-    log = _tune_log[key] = []
-    for c in candidates:
-        try:
-            t = _time_ms(lambda c=c: launch_with(c))
-        except Exception as e:  # e.g. out of shared memory / registers for this config: skip it
-            log.append((c, f"{type(e).__name__}"))
-            continue
-        log.append((c, t))
-        if best is None or t < best[0]:
-            best = (t, c)
-    if best is None:
-        raise RuntimeError(f"block-sparse attention: no kernel config compiled for {key}")
-    _tuned[key] = best[1]
-    return best[1]
+    log: dict[tuple, dict] = {}
+    best = pick_fastest(key, candidates, launch_with, _tuned, log, "block-sparse attention", _time_ms)
+    _tune_log[key] = log[key]["candidates"]
+    return best
 
 
 def tuned_configs() -> dict[tuple, object]:
