@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_aot import require_aot_compiler
 from helpers_interpreter import run_under_interpreter
 
 from maskar.nn import diffloss as dl
@@ -181,14 +182,10 @@ def test_bad_inputs_are_named(call, match):
 
 def test_kernels_compile_for_sm90():
     """Every candidate of both kernels compiles for Hopper with tensor-core dots."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("interpreter enabled in this process")
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip(f"triton {triton.__version__}: no AOT compile API")
+    triton = require_aot_compiler()
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     from maskar.kernels import adaln_mlp as ah
 
     ptrs = {"X", "MOD", "LNW", "LNB", "W", "BIAS", "Y", "H"}

@@ -10,10 +10,10 @@ marked ``gpu``.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
+from helpers_aot import require_aot_compiler
 from helpers_interpreter import run_under_interpreter
 
 from maskar.config import build
@@ -431,14 +431,7 @@ def _compile_for(kernel, arch: int, dtype: str, consts: dict):
 def test_kernels_compile_to_cubin_with_vector_loads(arch, dtype, kernel, channels_last):
     """The interpreter does not compile: this catches what only the real compiler rejects, and that
     the decoder's shapes read and write 16-byte vectors."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("interpreter enabled in this process")
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError:
-        pytest.skip(f"triton {triton.__version__}: no AOT compile API")
+    require_aot_compiler()
     import maskar.kernels.group_norm as gn
 
     cfg = gn._config(160, 1024 * 1024, channels_last)

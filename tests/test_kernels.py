@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from helpers_aot import require_aot_compiler
 from helpers_interpreter import run_under_interpreter
 
 from maskar.nn.attention import ScalePattern, attention, available_backends, sdpa_attention
@@ -390,14 +391,7 @@ def _compile_for(kernel, arch: int, dtype: str, consts: dict, num_warps: int = 4
 def test_kernels_compile_to_cubin_without_a_gpu(arch, dtype, phase, part, fused):
     """The interpreter does not compile: this catches what only the real compiler rejects
     (Hopper and Ampere targets, both dtypes, one-launch and split backward)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("interpreter enabled in this process")
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError:
-        pytest.skip(f"triton {triton.__version__}: no AOT compile API")
+    require_aot_compiler()
     import maskar.kernels.block_sparse as bs
 
     if phase == "fwd":

@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_aot import require_aot_compiler
 from helpers_interpreter import run_under_interpreter
 from torch import nn
 
@@ -249,14 +250,10 @@ def test_rows_class_buckets_powers_of_two():
 def test_candidates_compile_for_sm90_with_wgmma_in_shared_memory():
     """Every tile config compiles for Hopper (Triton ships ptxas), its dots become wgmma, and its
     shared memory fits the H200's 227 KB per block."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("interpreter enabled in this process")
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip(f"triton {triton.__version__}: no AOT compile API")
+    triton = require_aot_compiler()
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     from maskar.kernels import linear_act as la
 
     for cfg in la.CANDIDATES:

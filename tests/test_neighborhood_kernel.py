@@ -17,6 +17,7 @@ import os
 
 import pytest
 import torch
+from helpers_aot import require_aot_compiler
 from helpers_interpreter import run_under_interpreter
 from test_proximal_attention import unfold_psa
 
@@ -401,14 +402,7 @@ def test_kernels_compile_to_cubin_without_a_gpu(phase, arch, dtype, head_dim, cl
     (Hopper and Ampere, both dtypes, both borders, head dims 32 / 64 / 128, several of the
     autotuner's candidates); the dots must become tensor-core instructions, wgmma on sm90
     for 64-row tiles."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("interpreter enabled in this process")
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError:
-        pytest.skip(f"triton {triton.__version__}: no AOT compile API")
+    require_aot_compiler()
     import maskar.kernels.neighborhood as nb
 
     cands = nb._fwd_candidates(head_dim) if phase == "fwd" else nb._bwd_candidates(head_dim)

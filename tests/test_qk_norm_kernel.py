@@ -10,10 +10,10 @@ triton is imported); the parametrised tests read its results. GPU tests are mark
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+from helpers_aot import require_aot_compiler
 from helpers_interpreter import run_under_interpreter
 
 from maskar.nn.blocks import SelfAttention, l2_norm_qk
@@ -349,14 +349,7 @@ def _compile_for(kernel, arch: int, dtype: str, gain_dtype: str, consts: dict, n
 )
 def test_kernels_compile_to_cubin_without_a_gpu(arch, dtype, gain_dtype, kernel, head_dim, flags):
     """The interpreter does not compile: this catches what only the real compiler rejects."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("interpreter enabled in this process")
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError:
-        pytest.skip(f"triton {triton.__version__}: no AOT compile API")
+    require_aot_compiler()
     import maskar.kernels.qk_norm as qn
 
     cfg = qn._config(head_dim) if head_dim else None
