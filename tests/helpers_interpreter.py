@@ -15,7 +15,13 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_under_interpreter(runner: str, timeout: int) -> dict:
-    """Run ``runner`` (formatted with ``tests_dir``) under the interpreter; its results by case."""
+    """Run ``runner`` (formatted with ``tests_dir``) under the interpreter; its results by case.
+    Skips where Triton is missing or this process already runs under the interpreter."""
+    import pytest
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter already enabled in this process")
+    pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     code = runner.format(tests_dir=TESTS_DIR)
     cmd = [sys.executable, "-c", code]

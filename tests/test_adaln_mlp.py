@@ -107,9 +107,6 @@ out("sample", err=rel(samples[True], samples[False]))
 
 @pytest.fixture(scope="module")
 def interp() -> dict:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("interpreter already enabled in this process")
-    pytest.importorskip("triton")
     return run_under_interpreter(_RUNNER, timeout=600)
 
 

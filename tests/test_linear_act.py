@@ -9,8 +9,6 @@ TRITON_INTERPRET=1 in one subprocess; GPU tests are marked ``gpu``.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,9 +147,6 @@ out("bench-head", methods=[r["method"] for r in head], diffs=[r["rel_diff_vs_fir
 
 @pytest.fixture(scope="module")
 def interp() -> dict:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("interpreter already enabled in this process")
-    pytest.importorskip("triton")
     return run_under_interpreter(_RUNNER, timeout=600)
 
 
