@@ -238,7 +238,7 @@ def test_bad_inputs_are_named(args, match):
 
 def test_rows_class_buckets_powers_of_two():
     la = pytest.importorskip("maskar.kernels.linear_act")
-    assert [la._rows_class(m) for m in (1, 1024, 1025, 24576, 40960, 40961)] == [1024, 1024, 2048, 32768,
+    assert [la._rows_class(m) for m in (1, 128, 129, 24576, 40960, 40961)] == [64, 128, 256, 32768,
                                                                                    65536, 65536]
 
 
