@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 import textwrap
@@ -118,6 +119,10 @@ def cmd_info(args: list[str]) -> int:
     print(f"attention backends: {', '.join(backends)} (auto picks the fastest correct one)")
     if not torch.cuda.is_available() and len(backends) > 1:
         print("  no CUDA here: auto uses sdpa; the fused/compiled backends need a GPU")
+    # opt-in fast paths not yet measured to win on a GPU (docs/kernels.md); read at import
+    switches = ("MASKAR_LINEAR_ACT", "MASKAR_HEAD_FUSED", "MASKAR_FUSED_GELU", "MASKAR_PSA_WHOLE")
+    state = ", ".join(f"{k}={'on' if os.environ.get(k, '0') == '1' else 'off'}" for k in switches)
+    print(f"opt-in fast paths (environment): {state}")
     print("architectures:")
     for arch, spec in sorted(registry.all_specs().items()):
         print(f"  {arch:10s} {spec.kind:10s} {spec.description}")

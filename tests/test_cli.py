@@ -30,6 +30,14 @@ def test_info_prints_versions_backends_presets(capsys):
     assert "hmar" in out and "presets:" in out
 
 
+def test_info_prints_the_opt_in_switches(monkeypatch, capsys):
+    monkeypatch.setenv("MASKAR_HEAD_FUSED", "1")
+    monkeypatch.delenv("MASKAR_LINEAR_ACT", raising=False)
+    assert main(["info"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("opt-in fast paths"))
+    assert "MASKAR_HEAD_FUSED=on" in line and "MASKAR_LINEAR_ACT=off" in line
+
+
 def test_info_preset_prints_resolved_config_with_overrides(capsys):
     assert main(["info", "preset=hmar-tiny", "sample.cfg=2.5"]) == 0
     out = capsys.readouterr().out
