@@ -162,6 +162,7 @@ def head_step_rows(
                 diff = float((res - ref).abs().max() / ref.abs().max())
                 if cuda:
                     torch.cuda.synchronize()
+                    torch.clear_autocast_cache()  # the eager path's weight casts: made inside the capture
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):
                         chain(fn)
