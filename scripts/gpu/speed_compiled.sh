@@ -33,7 +33,8 @@
 #   PART=linact2 (about 7 min, DEADLINE=570): `maskar bench linear_act` (every tile config against
 #     cuBLAS + the separate GELU, TFLOP/s; MAR-B's head step fused vs compiled, us per step);
 #     CASMAR-B without / with the switches in ON (default: --linear-act on --fused-head on); MAR-B
-#     num_iter 64 / 256 with them; the issue-15 targets.
+#     num_iter 64 / 256 with them; the issue-15 targets; HMAR-d16 256 px sampling without / with
+#     MASKAR_LINEAR_ACT=1 (the FFN's tanh GELU; issue 14).
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
 #     linears stored in bf16 once (cast_linears_, what `maskar sample` does since 2026-12-04), then
 #     compiled so; MAR-B num_iter 64 / 256 and CASMAR-B at the defaults with --linears low (against
@@ -208,6 +209,12 @@ elif [ "${PART}" = linact2 ]; then
   timeout $(cap 150) $PY -m maskar bench mar --batch 64 --num-iters 64,256 --sample-reps 1 --train-batch 0 \
     --linears low ${ON:---linear-act on --fused-head on} --json "$OUT/mar_la-on.json" > "$OUT/mar_la-on.txt" 2>&1
   echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar_la-on.txt" | grep -E "^switches|^sample|Error" | tail -n 4
+  for la in 0 1; do
+    el "bench sample HMAR-d16 256 px B 64, compiled-w16, MASKAR_LINEAR_ACT=$la (the FFN's tanh GELU)"
+    MASKAR_LINEAR_ACT=$la timeout $(cap 90) $PY -m maskar bench sample models=hmar-d16 cases=256x64 \
+      modes=compiled-w16 reps=5 json="$OUT/sample_hmar_la$la.json" > "$OUT/sample_hmar_la$la.txt" 2>&1
+    echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample_hmar_la$la.txt" | tail -n 4
+  done
   on=$(ls "$OUT"/casmar_*.json | grep -v "linearactofffusedheadoff" | head -n 1)
   [ -n "$on" ] && [ -f "$OUT/mar_la-on.json" ] && \
     $PY -m maskar bench masked_sampling "$on" "$OUT/mar_la-on.json" | tee "$OUT/targets.txt"
