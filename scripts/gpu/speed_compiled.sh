@@ -35,6 +35,8 @@
 #     CASMAR-B without / with the switches in ON (default: --linear-act on --fused-head on); MAR-B
 #     num_iter 64 / 256 with them; the issue-15 targets; HMAR-d16 256 px sampling without / with
 #     MASKAR_LINEAR_ACT=1 (the FFN's tanh GELU; issue 14).
+#   PART=profile2 (about 6 min): the DiT step's kernels with MASKAR_LINEAR_ACT=1 (`bench casmar_parts`);
+#     MAR-B num_iter 256 profiled with the switches in ON.
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
 #     linears stored in bf16 once (cast_linears_, what `maskar sample` does since 2026-12-04), then
 #     compiled so; MAR-B num_iter 64 / 256 and CASMAR-B at the defaults with --linears low (against
@@ -218,6 +220,18 @@ elif [ "${PART}" = linact2 ]; then
   on=$(ls "$OUT"/casmar_*.json | grep -v "linearactofffusedheadoff" | head -n 1)
   [ -n "$on" ] && [ -f "$OUT/mar_la-on.json" ] && \
     $PY -m maskar bench masked_sampling "$on" "$OUT/mar_la-on.json" | tee "$OUT/targets.txt"
+elif [ "${PART}" = profile2 ]; then
+  # where the time goes after PART=linact / linact2: the DiT step's kernels with the Triton GELU
+  # matmul, and MAR-B num_iter 256's profile with the switches in ON
+  el "casmar_parts with MASKAR_LINEAR_ACT=1 (the DiT step and its top kernels)"
+  MASKAR_LINEAR_ACT=1 timeout $(cap 200) $PY -m maskar bench casmar_parts --compare-steps 10 \
+    --json "$OUT/casmar_parts_la.json" > "$OUT/casmar_parts_la.txt" 2>&1
+  echo "parts rc=$?"; grep -vE "$NOISE" "$OUT/casmar_parts_la.txt" | head -n 45
+  el "bench mar num_iter 256 --profile, ${ON:---linear-act on --fused-head on}"
+  timeout $(cap 200) $PY -m maskar bench mar --batch 64 --num-iters 256 --sample-reps 1 --train-batch 0 \
+    --linears low ${ON:---linear-act on --fused-head on} --profile --json "$OUT/mar256_profile.json" \
+    > "$OUT/mar256_profile.txt" 2>&1
+  echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar256_profile.txt" | tail -n 30
 elif [ "${PART}" = autotune ]; then
   for mode in default max-autotune-no-cudagraphs; do
     el "bench mar num_iter 256, blocks compiled with mode $mode"
