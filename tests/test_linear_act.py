@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_aot import require_aot_compiler
+from helpers_aot import require_aot_compiler, resource_usage
 from helpers_interpreter import run_under_interpreter
 from torch import nn
 
@@ -295,6 +295,9 @@ def test_candidates_compile_for_sm90_with_wgmma_in_shared_memory():
             pytest.skip(f"no CUDA toolchain in this Triton: {e}")
         assert "wgmma.mma_async" in compiled.asm["ptx"], cfg
         assert compiled.metadata.shared <= 232448, (cfg, compiled.metadata.shared)
+        usage = resource_usage(compiled)
+        if cfg == la.CANDIDATES[0] and usage is not None:  # the exact GELU must not spill the tile
+            assert usage["STACK"] == 0, usage
 
 
 # ----------------------------------------------------------------------------- GPU
