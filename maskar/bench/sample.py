@@ -338,6 +338,18 @@ def count_flops(model, call) -> float:
     return float(fc.get_total_flops())
 
 
+def memory_by_pool(segments: list[dict]) -> dict[str, float]:
+    """GB reserved and in use, split into the caching allocator's default pool and the CUDA graphs'
+    private pools, from ``torch.cuda.memory_snapshot()``'s segments: where a graph path's reserved
+    memory goes (the graphs' pools are held between calls; replays allocate nothing)."""
+    out = {"default_reserved": 0.0, "default_in_use": 0.0, "graphs_reserved": 0.0, "graphs_in_use": 0.0}
+    for seg in segments:
+        kind = "default" if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0) else "graphs"
+        out[f"{kind}_reserved"] += seg["total_size"] / 1e9
+        out[f"{kind}_in_use"] += seg["allocated_size"] / 1e9
+    return out
+
+
 def memory_floor_gb(model, batch: int, precision: str) -> float:
     """Weights as stored (fp32; the linears bf16 after cast_linears_) plus VAR's KV cache at the
     last scale: what any call must hold."""
@@ -417,6 +429,7 @@ def run_case(
             times.append((time.perf_counter() - t) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
     reserved = torch.cuda.max_memory_reserved(device) / 1e9 if cuda else None
+    pools = memory_by_pool(torch.cuda.memory_snapshot()) if cuda else None
     same_as_public = torch.equal(out, img_a)  # the timed path produced the checked images
     tf_ok = tf is None or tf <= TF_TOLERANCE[precision]
     check_ok = deterministic and finite and in_vocab and shape_ok and same_as_public and tf_ok
@@ -435,7 +448,7 @@ def run_case(
         "memory_floor_gb": memory_floor_gb(model, batch, precision),
         "deterministic": deterministic, "tf_rel_diff": tf, "check_ok": check_ok,
         "refine_passes": refine_passes(schedule, model.patch_nums), "mask_schedule": schedule,
-        "overrides": overrides, "graph_captures": model._graphs.captures,
+        "overrides": overrides, "graph_captures": model._graphs.captures, "memory_by_pool": pools,
     }  # fmt: skip
     if not check_ok:
         row["check_failures"] = [
@@ -714,6 +727,12 @@ def _fmt(v, spec: str, width: int) -> str:
     return f"{'-':>{width}}" if v is None else f"{v:>{width}{spec}}"
 
 
+def format_pools(p: dict[str, float]) -> str:
+    return (f"  memory after the timed calls: default pool {p['default_reserved']:.2f} GB reserved "
+            f"({p['default_in_use']:.2f} in use), the CUDA graphs' pools {p['graphs_reserved']:.2f} GB "
+            f"({p['graphs_in_use']:.2f} in use)")
+
+
 def format_row(r: dict[str, Any]) -> str:
     check = "ok" if r["check_ok"] else "FAIL"
     return (
@@ -834,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 failed |= not row["check_ok"]
                 print(format_row(row), flush=True)
+                if row.get("memory_by_pool"):
+                    print(format_pools(row["memory_by_pool"]), flush=True)
                 for line in format_profile(row) + format_agree(row):
                     print(line, flush=True)
                 if not row["check_ok"]:
