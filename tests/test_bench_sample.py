@@ -188,3 +188,13 @@ def test_w16_mode_samples_what_fast_samples(tmp_path):
     assert fast["check_ok"] and w16["check_ok"], (fast.get("check_failures"), w16.get("check_failures"))
     assert built[0].head.weight.dtype == torch.bfloat16
     assert torch.equal(img_fast, img_w16)
+
+
+def test_memory_by_pool_splits_default_and_graph_pools():
+    segs = [{"segment_pool_id": (0, 0), "total_size": 2e9, "allocated_size": 1e9},
+            {"segment_pool_id": (1, 3), "total_size": 4e9, "allocated_size": 3.5e9},
+            {"segment_pool_id": [1, 4], "total_size": 1e9, "allocated_size": 0}]
+    assert bench.memory_by_pool(segs) == {"default_reserved": 2.0, "default_in_use": 1.0,
+                                          "graphs_reserved": 5.0, "graphs_in_use": 3.5}
+    assert bench.memory_by_pool([])["graphs_reserved"] == 0.0
+    assert "graphs' pools 5.00 GB (3.50 in use)" in bench.format_pools(bench.memory_by_pool(segs))
