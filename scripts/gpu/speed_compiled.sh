@@ -35,8 +35,8 @@
 #     CASMAR-B without / with the switches in ON (default: --linear-act on --fused-head on); MAR-B
 #     num_iter 64 / 256 with them; the issue-15 targets; HMAR-d16 256 px sampling without / with
 #     MASKAR_LINEAR_ACT=1 (the FFN's tanh GELU; issue 14).
-#   PART=profile2 (about 6 min): the DiT step's kernels with MASKAR_LINEAR_ACT=1 (`bench casmar_parts`);
-#     MAR-B num_iter 256 profiled with the switches in ON.
+#   PART=profile2 (about 8 min): the DiT step's kernels with MASKAR_LINEAR_ACT=1 (`bench casmar_parts`);
+#     MAR-B num_iter 256 profiled with the switches in ON; HMAR / VAR-d16 1024 px memory by pool.
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
 #     linears stored in bf16 once (cast_linears_, what `maskar sample` does since 2026-12-04), then
 #     compiled so; MAR-B num_iter 64 / 256 and CASMAR-B at the defaults with --linears low (against
@@ -232,6 +232,10 @@ elif [ "${PART}" = profile2 ]; then
     --linears low ${ON:---linear-act on --fused-head on} --profile --json "$OUT/mar256_profile.json" \
     > "$OUT/mar256_profile.txt" 2>&1
   echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar256_profile.txt" | tail -n 30
+  el "bench sample 1024 px B 8, fast-w16: memory by pool (issue 14's 3x memory target)"
+  timeout $(cap 150) $PY -m maskar bench sample models=hmar-d16,var-d16 cases=1024x8 modes=fast-w16 reps=3 \
+    json="$OUT/sample_1024_pools.json" > "$OUT/sample_1024_pools.txt" 2>&1
+  echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample_1024_pools.txt" | tail -n 12
 elif [ "${PART}" = autotune ]; then
   for mode in default max-autotune-no-cudagraphs; do
     el "bench mar num_iter 256, blocks compiled with mode $mode"
