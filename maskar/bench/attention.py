@@ -124,19 +124,11 @@ def time_ms(fn: Callable, reps: int, warmup: int) -> float:
 
 
 def time_back_to_back_ms(fn: Callable, n: int = 50, rounds: int = 5) -> float:
-    """Mean ms per call over ``n`` calls issued back to back (host runs ahead, as in a training step)."""
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(rounds):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(n):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        out.append(s.elapsed_time(e) / n)
-    return statistics.median(out)
+    """Mean ms per call over ``n`` calls issued back to back (host runs ahead, as in a training
+    step), median over ``rounds``."""
+    from maskar.kernels.tuning import time_ms
+
+    return time_ms(fn, rounds=rounds, per_round=n)
 
 
 def measure_hbm_gbs() -> float:
