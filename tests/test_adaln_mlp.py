@@ -247,12 +247,13 @@ def test_gpu_mar_b_head_step_fused_against_the_compiled_module_path(rows):
         ref = net.forward_embedded(xs, t_emb, c_emb, mw, fused=False)
         eager = net.forward_embedded(xs, t_emb, c_emb, mw, fused=True)  # tunes outside any capture
         f = torch.compile(lambda x: net.forward_embedded(x, t_emb, c_emb, mw, fused=True))
-        f(xs)
+        compiled = f(xs)  # Inductor's SiLU around the ops may round differently from eager's
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             graphed = f(xs)
     g.replay()
     torch.cuda.synchronize()
-    print(f"rows {rows}: fused vs module path rel max {rel(eager, ref):.2e}; tuned {ah.tuned_configs()}")
-    assert rel(eager, ref) < 3e-2
-    assert torch.equal(graphed, eager)
+    print(f"rows {rows}: fused vs module path rel max {rel(eager, ref):.2e}, compiled vs eager "
+          f"{rel(compiled, eager):.2e}; tuned {ah.tuned_configs()}")
+    assert rel(eager, ref) < 3e-2 and rel(compiled, eager) < 3e-2
+    assert torch.equal(graphed, compiled)
