@@ -324,7 +324,7 @@ def test_gpu_every_config_within_one_ulp(act, dt):
                    for p, q in (("triton", False), ("triton", True), ("tma", True))]
     for cfg in [*configs, *baselines]:
         y = la._launch(x, w, b, act, cfg)
-        limit = 1.0 if cfg.path == "triton" else 2.0
+        limit = 1.0 if cfg.path in ("triton", "tma") else 4.0  # cuBLAS(Lt) baselines: not under test
         assert excess(y, x, w, b, act) <= limit, cfg
 
 
