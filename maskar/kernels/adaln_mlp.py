@@ -174,7 +174,12 @@ def tuning_log() -> dict[tuple, dict]:
 # ----------------------------------------------------------------------------- host side
 
 
+K_MULTIPLE = 64  # every config's (and the interpreter's) K step divides it; the loops are unmasked
+
+
 def _check(x: Tensor, mod: Tensor, weight: Tensor, cols: tuple[int, ...], what: str) -> None:
+    if weight.dim() == 2 and weight.shape[1] % K_MULTIPLE:
+        raise ValueError(f"{what}: the input features ({weight.shape[1]}) must be a multiple of {K_MULTIPLE}")
     if x.dim() != 2 or mod.dim() != 2 or weight.dim() != 2 or mod.shape[0] != x.shape[0]:
         raise ValueError(f"{what}: expected 2-D x / mod with equal rows and a 2-D weight, got "
                          f"{tuple(x.shape)}, {tuple(mod.shape)}, {tuple(weight.shape)}")

@@ -49,10 +49,11 @@ def load_fused_kernels() -> None:
 
 def fused_blocks_apply(x: Tensor, modulation: tuple[Tensor, Tensor] | None) -> bool:
     """Whether the fused residual-block kernels can run this step: loaded, batched modulation
-    (its weight in the compute dtype fp16 / bf16), no autograd, CUDA or the Triton interpreter."""
+    (its weight in the compute dtype fp16 / bf16), a width the kernels' K steps divide, no
+    autograd, CUDA or the Triton interpreter."""
     if _fused_kernels is None or modulation is None or torch.is_grad_enabled():
         return False
-    if modulation[0].dtype not in (torch.float16, torch.bfloat16):
+    if modulation[0].dtype not in (torch.float16, torch.bfloat16) or x.shape[-1] % _fused_kernels.K_MULTIPLE:
         return False
     return x.is_cuda or _fused_kernels._INTERPRET
 
