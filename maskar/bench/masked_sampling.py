@@ -691,7 +691,8 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, torch.nn
 
 
 def apply_switches(model: torch.nn.Module, args: argparse.Namespace) -> None:
-    """``--linear-act`` and ``--time-table`` (process-wide / per head; ``env`` / ``auto`` leave them)."""
+    """``--linear-act`` (process-wide), ``--defer-adds`` (the model), ``--fused-head`` and
+    ``--time-table`` (every head); ``env`` / ``auto`` leave them as they are."""
     from maskar.nn import linear_gelu
 
     if getattr(args, "linear_act", "env") != "env":

@@ -54,22 +54,24 @@ def enable_triton(on: bool = True) -> None:
     load_kernel()
 
 
+def _low_precision(x: Tensor) -> torch.dtype | None:
+    """The dtype a linear computes in for input ``x`` (CUDA autocast's, else x's) if fp16 / bf16."""
+    dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
 def _triton_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype the Triton op computes in for input ``x``, or None where it does not apply."""
     if _kernel is None or not TRITON or torch.is_grad_enabled():
         return None
-    if not (x.is_cuda or _kernel._INTERPRET):
-        return None
-    dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
-    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+    return _low_precision(x) if x.is_cuda or _kernel._INTERPRET else None
 
 
 def _fused_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype the fused path computes in for input ``x``, or None where it does not apply."""
     if not (ENABLED and x.is_cuda) or torch.is_grad_enabled():
         return None
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+    return _low_precision(x)
 
 
 def fusable(x: Tensor) -> bool:
@@ -82,32 +84,33 @@ def takes(x: Tensor, approximate: str) -> bool:
     return _triton_dtype(x) is not None or (approximate == "tanh" and fusable(x))
 
 
+def _through_op(x: Tensor, weight: Tensor, bias: Tensor | None, act: str, dtype: torch.dtype) -> Tensor:
+    """``act(x @ weight.T + bias)`` by the Triton op over x's rows, the operands cast to ``dtype``
+    as autocast casts them."""
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    out = _kernel.linear_act_op(x2, weight.to(dtype), bias.to(dtype) if bias is not None else None, act)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, weight, bias)``, through the Triton op (no activation) where it applies: its
     tuner keeps cuBLAS where no tile config is faster. For the diffusion head's batched adaLN
     projection (128 x 20,480 x 1,024 at MAR-B num_iter 256: a weight-streaming shape where the
     tile choice decides how often each weight column is read)."""
     dtype = _triton_dtype(x)
-    if dtype is None:
-        return F.linear(x, weight, bias)
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
-    out = _kernel.linear_act_op(x2, weight.to(dtype), bias.to(dtype) if bias is not None else None, "none")
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    return F.linear(x, weight, bias) if dtype is None else _through_op(x, weight, bias, "none", dtype)
 
 
 def linear_gelu(fc: nn.Linear, x: Tensor, approximate: str = "none") -> Tensor:
     """``F.gelu(fc(x), approximate=approximate)``, through the Triton op where it applies, else
-    cuBLASLt's epilogue where :func:`fusable` (tanh), else the two kernels."""
+    cuBLASLt's epilogue where :func:`fusable` (tanh), else the two kernels (bit for bit
+    ``nn.GELU(approximate)(fc(x))``, so layers call this whatever applies)."""
     dtype = _triton_dtype(x)
-    if dtype is None:
-        if approximate == "tanh":
-            return linear_gelu_tanh(fc, x)
-        return F.gelu(fc(x), approximate=approximate)
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
-    bias = fc.bias.to(dtype) if fc.bias is not None else None
-    act = "gelu_tanh" if approximate == "tanh" else "gelu"
-    out = _kernel.linear_act_op(x2, fc.weight.to(dtype), bias, act)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    if dtype is not None:
+        return _through_op(x, fc.weight, fc.bias, "gelu_tanh" if approximate == "tanh" else "gelu", dtype)
+    if approximate == "tanh":
+        return linear_gelu_tanh(fc, x)
+    return F.gelu(fc(x), approximate=approximate)
 
 
 def linear_gelu_tanh(fc: nn.Linear, x: Tensor) -> Tensor:
