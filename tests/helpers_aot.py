@@ -3,6 +3,7 @@ compiler's rejections, shared-memory sizes, which instructions the dots become).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -39,3 +40,89 @@ def resource_usage(compiled) -> dict | None:
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+)", out)
     return None if found is None else {"REG": int(found.group(1)), "STACK": int(found.group(2))}
+
+
+# ----------------------------------------------------------------------------- per-kernel recipes
+# One place for how each Triton kernel's signature is spelled for an AOT compile: the tests and
+# scripts/aot_resource_usage.py (every tuner candidate's registers and spills, for a Triton version
+# other than this environment's too) use them.
+
+def compile_for_target(kernel, types: dict, consts: dict, num_warps: int, num_stages: int,
+                       arch: int = 90, attrs: dict | None = None):
+    """``triton.compile`` of ``kernel`` for ``cuda:arch`` with argument types ``types`` (name ->
+    Triton type string) and constexprs ``consts`` (name -> value)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in consts else types[n] for n in names}
+    src = ASTSource(fn=kernel, signature=signature, attrs=attrs or {},
+                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_attention_kernel(kernel, arch: int, dtype: str, consts: dict, num_warps: int = 4,
+                             num_stages: int = 3):
+    """A kernel of ``maskar.kernels.block_sparse`` or ``neighborhood`` (they share argument names)."""
+    fp = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
+
+    def kind(n: str) -> str:
+        if n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+            return fp
+        if n in ("LSE", "DELTA", "DQ_ACC"):
+            return "*fp32"
+        if n in ("BND", "ITEMS"):
+            return "*i32"
+        return "fp32" if n in ("qk_scale", "sm_scale") else "i32"
+
+    types = {n: kind(n) for n in kernel.arg_names if n not in consts}
+    return compile_for_target(kernel, types, consts, num_warps, num_stages, arch)
+
+
+def compile_psa(phase: str, cfg, head_dim: int = 64, dtype: str = "bf16", clamp: bool = False,
+                arch: int = 90):
+    """The neighbourhood-attention forward or backward kernel of an NaConfig."""
+    import maskar.kernels.neighborhood as nb
+
+    kernel = nb._na_fwd if phase == "fwd" else nb._na_bwd_whole if cfg.whole else nb._na_bwd
+    consts = dict(TH=cfg.th, TW=cfg.tw, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, CLAMP=clamp)
+    if phase == "bwd":
+        consts["FUSED_DELTA"] = cfg.fused_delta
+    consts |= dict(UPCAST=False, IEEE=dtype == "fp32")
+    return compile_attention_kernel(kernel, arch, dtype, consts, cfg.num_warps, cfg.num_stages)
+
+
+@contextlib.contextmanager
+def compiles_as_launched(arch: int = 90):
+    """Inside the block every JIT launch (``kernel[grid](...)``) is compiled for ``cuda:arch`` with
+    the argument specialisation Triton's own launch path would give those arguments (16-byte
+    aligned pointers, ints divisible by 16, ints equal to 1) and recorded instead of run: yields
+    the list of (kernel name, compiled kernel). Host code runs on CPU tensors of the real shapes,
+    so a compile here is the one the GPU would run, which the bare signatures of the recipes above
+    are not (they assume no alignment: scalar loads, more registers)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    found: list = []
+    original = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        binder = create_function_from_signature(self.signature, self.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization,
+                                                                options)
+        src = ASTSource(self, signature, constexprs, attrs)
+        found.append((self.__name__, triton.compile(src, target=target, options=options.__dict__)))
+        return None
+
+    JITFunction.run = run
+    try:
+        yield found
+    finally:
+        JITFunction.run = original

@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from helpers_aot import require_aot_compiler
+from helpers_aot import compile_attention_kernel, require_aot_compiler
 from helpers_interpreter import run_under_interpreter
 
 from maskar.nn.attention import ScalePattern, attention, available_backends, sdpa_attention
@@ -356,33 +356,6 @@ def test_launch_hooks_detection():
         hook.remove(fn)
 
 
-def _compile_for(kernel, arch: int, dtype: str, consts: dict, num_warps: int = 4, num_stages: int = 3):
-    """Compile a kernel of block_sparse for a CUDA target without a GPU (Triton ships ptxas)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fp = {"fp16": "*fp16", "bf16": "*bf16"}[dtype]
-    types = {}
-    for n in kernel.arg_names:
-        if n in consts:
-            types[n] = "constexpr"
-        elif n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
-            types[n] = fp
-        elif n in ("LSE", "DELTA", "DQ_ACC"):
-            types[n] = "*fp32"
-        elif n in ("BND", "ITEMS"):
-            types[n] = "*i32"
-        elif n in ("qk_scale", "sm_scale"):
-            types[n] = "fp32"
-        else:
-            types[n] = "i32"
-    src = ASTSource(fn=kernel, signature=types,
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
-
-
 @pytest.mark.parametrize(
     "arch,dtype,phase,part,fused",
     [(90, "fp16", "fwd", 0, True), (90, "fp16", "bwd", 0, True), (90, "bf16", "bwd", 1, False),
@@ -402,7 +375,7 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch, dtype, phase, part, fused)
         consts = dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, HEAD_DIM=64, FUSED_DELTA=fused,
                       PART=part, BH_FAST=False, DOT_F32=False)
     try:
-        compiled = _compile_for(kernel, arch, dtype, consts)
+        compiled = compile_attention_kernel(kernel, arch, dtype, consts)
     except FileNotFoundError as e:  # no ptxas in this Triton build
         pytest.skip(f"no CUDA toolchain in this Triton: {e}")
     assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0

@@ -425,9 +425,9 @@ def _bwd_candidates(head_dim: int, long: bool = False) -> list[BwdConfig]:
                 BwdConfig(32, 64, 64, 32, 4, 3, bh_fast=True),
                 # split launches: dQ programs compiled for their own register budget
                 BwdConfig(32, 64, 64, 32, 4, 3, True, 4),
-                # since 2026-12-04 night: the two forms of the usual tiles that compile for sm90
-                # without spilling registers (8 warps: 216 a thread; 16-row steps with a separate
-                # delta: 248), where the winner (4 warps, fused delta) spills 32 bytes a thread
+                # since 2026-12-04 night: two lower-register forms of the usual tiles (8 warps;
+                # 16-row steps with a separate delta); as launched no 256 px candidate spills
+                # (docs/kernels.md, *Register spills*)
                 BwdConfig(32, 64, 64, 32, 8, 3), BwdConfig(16, 64, 64, 16, 4, 3, False)]
     else:
         base = [BwdConfig(16, 64, 64, 16, 4, 2), BwdConfig(32, 64, 64, 32, 4, 2),

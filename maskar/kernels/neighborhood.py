@@ -461,7 +461,6 @@ def _fwd_candidates(head_dim: int) -> list[NaConfig]:
         return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 3), NaConfig(8, 16, 64, 8, 2),
                 NaConfig(16, 8, 32, 8, 2), NaConfig(8, 8, 64, 4, 3), NaConfig(4, 8, 32, 2, 2),
                 # since 2026-12-04 night (32-key chunks won from 32 x 32 up): deeper, and 16-key chunks
-                # (2 warps spill 80 B a thread in the sm90 compile: not offered)
                 NaConfig(8, 8, 32, 4, 4), NaConfig(8, 8, 16, 4, 3)]
     return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2), NaConfig(8, 16, 64, 8, 2),
             NaConfig(8, 8, 64, 8, 2)]
@@ -473,11 +472,10 @@ def _bwd_candidates(head_dim: int) -> list[NaConfig]:
                 NaConfig(8, 8, 32, 4, 2, True), NaConfig(8, 8, 64, 4, 3), NaConfig(8, 16, 64, 8, 2),
                 NaConfig(4, 8, 32, 2, 2, True), NaConfig(8, 8, 32, 4, 2, whole=True),
                 NaConfig(8, 8, 64, 4, 2, whole=True), NaConfig(8, 8, 32, 4, 2, True, whole=True),
-                # since 2026-12-04 night. In the sm90 compile every backward config that lost on the
-                # H200 spills registers (n64: 56-64 B a thread, s3: 152 B) and the winner (n32 s2)
-                # does not; these compile without spills: no pipelining, 16-key chunks, and the
-                # whole-sub-grid walk with 16-key chunks (its n32 / n64 forms spill 32-176 B).
-                # 2 warps spill 456 B: not offered.
+                # since 2026-12-04 night: low-register forms (no pipelining, 16-key chunks, the
+                # whole-sub-grid walk with 16-key chunks), none spilling in the sm90 compile as
+                # launched. Spills do not explain the measured ranking (docs/kernels.md, *Register
+                # spills*).
                 NaConfig(8, 8, 32, 4, 1), NaConfig(8, 8, 16, 4, 2), NaConfig(8, 8, 16, 4, 2, True),
                 NaConfig(8, 8, 16, 4, 2, whole=True), NaConfig(8, 8, 16, 4, 1, whole=True),
                 NaConfig(8, 8, 16, 4, 2, True, whole=True)]
