@@ -498,8 +498,15 @@ def describe_checkpoint(directory: str | os.PathLike, verify: bool = True) -> li
     model, train = cfg.model, cfg.train
     tok = getattr(model, "tokenizer", None)
     tok_ckpt = getattr(model, "tokenizer_ckpt", None)
+    pinned = read_metadata(path).get(SHARED_TOKENIZER_KEY)
     if counts["tokenizer"]:
         tok_text = f" + {_count(counts['tokenizer'])} tokenizer ({getattr(tok, 'arch', '?')}, bundled)"
+    elif pinned is not None:
+        source = shared_tokenizer_source(d, cfg)
+        src_file = source / MODEL_FILE
+        state = ("pinned file present" if src_file.is_file() and sha256_file(src_file) == pinned
+                 else "MISSING or CHANGED: this checkpoint will not load")
+        tok_text = f"; tokenizer {getattr(tok, 'arch', '?')} shared with {source} ({state})"
     elif tok is not None:
         tok_text = f"; tokenizer {getattr(tok, 'arch', '?')} not bundled (model.tokenizer_ckpt={tok_ckpt})"
     else:
@@ -520,6 +527,52 @@ def describe_checkpoint(directory: str | os.PathLike, verify: bool = True) -> li
     lines.append("sampling defaults (sample.KEY=VALUE overrides them):")
     lines += ["  " + line for line in sample.splitlines()]
     return lines
+
+
+SHARED_TOKENIZER_KEY = "shared_tokenizer_sha256"  # model.safetensors metadata: the pinned source file
+
+
+def shared_tokenizer_source(directory: str | os.PathLike, cfg: Config) -> Path:
+    """The checkpoint a tokenizer-sharing checkpoint takes its tokenizer from: ``model.tokenizer_ckpt``,
+    relative to ``directory`` unless absolute."""
+    ref = getattr(cfg.model, "tokenizer_ckpt", None)
+    if not ref:
+        raise CheckpointError(
+            f"checkpoint {directory}: its weights name a shared tokenizer but config.yaml sets no "
+            f"model.tokenizer_ckpt"
+        )
+    return (Path(directory) / ref) if not os.path.isabs(ref) else Path(ref)
+
+
+def shared_tokenizer_state(
+    directory: str | os.PathLike, cfg: Config, metadata: Mapping[str, str], verify: bool = True
+) -> dict[str, Tensor]:
+    """The ``tokenizer.*`` tensors of a checkpoint that shares another checkpoint's tokenizer
+    (written by ``maskar convert dtype shared_tokenizer=DIR``; empty for every other checkpoint).
+
+    The source is pinned: its ``model.safetensors`` must have the SHA-256 recorded when the
+    sharing checkpoint was written, so a changed source fails loudly instead of decoding with
+    another tokenizer.
+    """
+    pinned = metadata.get(SHARED_TOKENIZER_KEY)
+    if pinned is None:
+        return {}
+    source = shared_tokenizer_source(directory, cfg)
+    path = source / MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {directory}: its tokenizer is shared with {source} (model.tokenizer_ckpt), "
+            f"which has no {MODEL_FILE}"
+        )
+    if sha256_file(path) != pinned:
+        raise CheckpointError(
+            f"checkpoint {directory}: the shared tokenizer's source {path} is not the file it was written "
+            f"against (SHA-256 {pinned[:12]}...); restore that checkpoint or re-export this one"
+        )
+    tok = {k: v for k, v in load_tensors(path, verify=verify).items() if k.startswith("tokenizer.")}
+    if not tok:
+        raise CheckpointError(f"checkpoint {directory}: {path} holds no tokenizer.* weights to share")
+    return tok
 
 
 def load_model(
@@ -554,7 +607,9 @@ def load_model(
             f"{CONFIG_FILE} says model.arch={cfg.model.arch!r}"
         )
     model = build_model(cfg.model)
-    load_state_dict_checked(model, load_tensors(weights, verify=verify), context=f"checkpoint {directory}")
+    state = load_tensors(weights, verify=verify)
+    state.update(shared_tokenizer_state(directory, cfg, read_metadata(weights), verify))
+    load_state_dict_checked(model, state, context=f"checkpoint {directory}")
     if prefer_ema and (directory / EMA_FILE).is_file():
         ema = load_tensors(directory / EMA_FILE, verify=verify)
         load_subset_checked(model, ema, context=f"checkpoint {directory} ({EMA_FILE})")

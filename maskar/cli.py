@@ -411,7 +411,8 @@ COMMANDS = {
         maskar convert hmar  src=hmar-d16.pth vae=vae_ch160v4096z32.pth out=ckpt/hmar-d16
         maskar convert klvae src=kl16.ckpt out=ckpt/kl16
         maskar convert mar   src=checkpoint-last.pth vae=kl16.ckpt preset=mar-b out=ckpt/mar-b
-        maskar convert casmar src=checkpoint-last.pth vae=kl16.ckpt preset=casmar-b out=ckpt/casmar-b""",
+        maskar convert casmar src=checkpoint-last.pth vae=kl16.ckpt preset=casmar-b out=ckpt/casmar-b
+        maskar convert dtype src=runs/var out=ckpt/var dtype=bf16 [shared_tokenizer=ckpt/hmar]""",
     ),
     "info": (
         cmd_info,

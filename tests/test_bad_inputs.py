@@ -219,6 +219,7 @@ ROWS: list[Row] = [
     Row("convert vqvae src={evil} out={rodir}/v", "out: cannot write"),
     Row("convert var ckpt={var_run} out={rodir}/v.pth", "out: cannot write"),
     Row("convert dtype src={CK} out={T}/d dtype=int4", "dtype: expected one of bf16, fp16, fp32"),
+    Row("convert dtype src={CK} out={T}/d shared_tokenizer={T}/nowhere", "is not a checkpoint directory"),
     Row("convert dtype src={T}/none out={T}/d", "does not exist"),
     Row("convert var src={T}/none.pth vae={T}/none.pth out={T}/v", "does not exist"),
     Row("convert var src={T}/none.pth out={T}/v", "convert var: give vae=VAE.pth"),

@@ -290,6 +290,43 @@ def test_convert_dtype_writes_config_overrides(tmp_path, tiny_run):
     assert cli_main(["convert", "dtype", f"src={tiny_run}", f"out={tmp_path / 'x'}", "train.lr=1"]) == 2
 
 
+def test_convert_dtype_shares_a_tokenizer_pinned_by_sha256(tmp_path, tiny_run, capsys):
+    """``shared_tokenizer=DIR``: the written file holds no tokenizer.* weights, the model loads equal
+    to the bundled one from DIR's (relative path: the two directories move together), and a changed
+    or mismatched source is refused."""
+    import shutil
+
+    from maskar.checkpoint import CheckpointError, describe_checkpoint, save_tensors, update_checksums
+
+    ship = tmp_path / "ship"
+    a = cast_checkpoint(tiny_run, ship / "a", "bf16")
+    b = cast_checkpoint(tiny_run, ship / "b", "bf16", shared_tokenizer=a)
+    keys = load_tensors(b / "model.safetensors").keys()
+    assert keys and not any(k.startswith("tokenizer.") for k in keys)
+    moved = shutil.move(str(ship), str(tmp_path / "moved"))
+    a, b = Path(moved) / "a", Path(moved) / "b"
+    (ma, _), (mb, cb) = load_model(a), load_model(b)
+    assert cb.model.tokenizer_ckpt == "../a"
+    sa, sb = ma.state_dict(), mb.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any("shared with" in line and "pinned file present" in line for line in describe_checkpoint(b))
+    # another tokenizer (fp16 weights) cannot be shared with a bf16 one
+    with pytest.raises(ConfigError, match="differs"):
+        cast_checkpoint(tiny_run, tmp_path / "c", "fp16", shared_tokenizer=a)
+    assert cli_main(["convert", "dtype", f"src={tiny_run}", f"out={tmp_path / 'd'}",
+                     f"shared_tokenizer={tmp_path / 'nowhere'}"]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+    # the source rewritten (still a valid checkpoint itself): b refuses to load
+    state = load_tensors(a / "model.safetensors")
+    first = next(k for k in state if k.startswith("tokenizer."))
+    state[first] = state[first] + 1
+    update_checksums(a, {"model.safetensors": save_tensors(a / "model.safetensors", state)})
+    load_model(a)
+    with pytest.raises(CheckpointError, match="not the file it was written against"):
+        load_model(b)
+    assert any("MISSING or CHANGED" in line for line in describe_checkpoint(b))
+
+
 def test_tokenizer_ckpt_may_name_a_generator_checkpoint(tmp_path, tiny_run):
     """VAR / HMAR take the tokenizer out of another generator's checkpoint (tokenizer.* keys)."""
     from maskar.registry import build_model
