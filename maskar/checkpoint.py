@@ -541,7 +541,7 @@ def shared_tokenizer_source(directory: str | os.PathLike, cfg: Config) -> Path:
             f"checkpoint {directory}: its weights name a shared tokenizer but config.yaml sets no "
             f"model.tokenizer_ckpt"
         )
-    return (Path(directory) / ref) if not os.path.isabs(ref) else Path(ref)
+    return Path(os.path.normpath(Path(directory) / ref))  # an absolute ref replaces directory
 
 
 def shared_tokenizer_state(
