@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from helpers_aot import compile_attention_kernel, require_aot_compiler
+from helpers_aot import compile_attention_kernel, compiles_as_launched, require_aot_compiler
 from helpers_interpreter import run_under_interpreter
 
 from maskar.nn.attention import ScalePattern, attention, available_backends, sdpa_attention
@@ -379,6 +379,31 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch, dtype, phase, part, fused)
     except FileNotFoundError as e:  # no ptxas in this Triton build
         pytest.skip(f"no CUDA toolchain in this Triton: {e}")
     assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
+
+
+def test_compiles_as_launched_specialises_like_the_launcher():
+    """``helpers_aot.compiles_as_launched`` (behind every spill reading): a launch with aligned
+    tensors and ints divisible by 16 compiles with those facts (vector loads), one without does
+    not; nothing runs."""
+    require_aot_compiler()
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy(X, Y, stride, BLOCK: tl.constexpr):
+        rows = tl.arange(0, BLOCK)
+        cols = tl.arange(0, 64)
+        x = tl.load(X + rows[:, None] * stride + cols[None, :])
+        tl.store(Y + rows[:, None] * stride + cols[None, :], x)
+
+    x = torch.randn(16, 64)
+    with compiles_as_launched() as found:
+        copy[(1,)](x, torch.empty_like(x), 64, BLOCK=16)
+        odd = torch.randn(16 * 65 + 1)[1:].as_strided((16, 64), (65, 1))  # offset 4 bytes, stride 65
+        copy[(1,)](odd, torch.empty(16, 65), 65, BLOCK=16)
+    (name, aligned), (_, unaligned) = found
+    assert name == "copy"
+    assert "ld.global.v4" in aligned.asm["ptx"] and "ld.global.v4" not in unaligned.asm["ptx"]
 
 
 def test_attention_api_dispatches_to_kernel_interpreted(interpreter_results):
