@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a device call sends, and how to send less (docs/protocol.md, *What travels to the device*).
 # A device call copies the tracked files, the untracked files git does not ignore and the carried
-# paths, 64 MiB in all. The shipped checkpoints alone are ~52 MB, so a call that carries the
+# paths, 64 MiB in all. The shipped checkpoints alone are ~58 MB, so a call that carries the
 # Fashion-MNIST train split (22.6 MB) must leave a checkpoint it does not need behind:
 #   scripts/device_tree.sh size [CARRY...]   bytes that would travel with these carries, vs 64 MiB
 #   scripts/device_tree.sh aside PATH...     move tracked paths into .aside/ (git-ignored: not sent)
