@@ -20,7 +20,8 @@ eager bf16 path step by step (the LayerNorm in fp32, ``1 + scale`` rounded to th
 dtype, the linear's output rounded before SiLU / the gate, the gate product rounded, the sum
 rounded to x's dtype), so results differ from it only by the order of the matmul's and the
 norm's fp32 sums. Tile configs are timed once per shape class (nothing is timed inside a CUDA
-graph capture). Off by default until measured on a GPU (``DiffLoss.fused_blocks``).
+graph capture). Off by default (``DiffLoss.fused_blocks``): on an H200 (2026-12-05) MAR-B at
+num_iter 256 took 12.77 s with it against 10.60 s without.
 """
 
 from __future__ import annotations

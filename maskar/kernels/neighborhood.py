@@ -488,7 +488,7 @@ def _bwd_candidates(head_dim: int) -> list[NaConfig]:
 WHOLE_MAX_TILES = 4
 # The whole-sub-grid backward passes the interpreter and compiles for sm80 / sm90, but has not
 # run on a GPU yet (its dQ sums rely on barriers between tile walks, which the interpreter cannot
-# test): the tuner times it only when asked (MASKAR_PSA_WHOLE=1) until a GPU run checks and times it.
+# test): the tuner times it only when asked (MASKAR_PSA_WHOLE=1); on an H200 it lost at 16 x 16 (2026-12-05).
 TUNE_WHOLE = os.environ.get("MASKAR_PSA_WHOLE", "0") == "1"
 
 

@@ -350,8 +350,8 @@ class DiffLoss(GraphedHead):
     # row is broadcast.
 
     # Each residual block as two Triton kernels in fp16 / bf16 sampling with the batched
-    # modulation (maskar.kernels.adaln_mlp; ~31 -> ~17 kernels a step). Off until a GPU run has
-    # checked and timed it; MASKAR_HEAD_FUSED=1 or set_fused_blocks(True) turns it on.
+    # modulation (maskar.kernels.adaln_mlp; ~31 -> ~17 kernels a step). Off: slower on an H200
+    # (2026-12-05); MASKAR_HEAD_FUSED=1 or set_fused_blocks(True) turns it on.
     fused_blocks: bool = os.environ.get("MASKAR_HEAD_FUSED", "0") == "1"
 
     def set_fused_blocks(self, on: bool) -> None:

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ENABLED = os.environ.get("MASKAR_FUSED_GELU", "0") == "1"
-# Off until a GPU run has checked and timed it (tests/test_linear_act.py -m gpu).
+# Off by default: its GPU tests pass, but on an H200 (2026-12-05) MAR-B at num_iter 256 was not
+# faster with it (docs/benchmarks.md, *The 2026-12-05 switches*).
 TRITON = os.environ.get("MASKAR_LINEAR_ACT", "0") == "1"
 _kernel = None  # maskar.kernels.linear_act once loaded (stays None without Triton)
 
