@@ -502,11 +502,10 @@ def describe_checkpoint(directory: str | os.PathLike, verify: bool = True) -> li
     if counts["tokenizer"]:
         tok_text = f" + {_count(counts['tokenizer'])} tokenizer ({getattr(tok, 'arch', '?')}, bundled)"
     elif pinned is not None:
-        source = shared_tokenizer_source(d, cfg)
-        src_file = source / MODEL_FILE
-        state = ("pinned file present" if src_file.is_file() and sha256_file(src_file) == pinned
-                 else "MISSING or CHANGED: this checkpoint will not load")
-        tok_text = f"; tokenizer {getattr(tok, 'arch', '?')} shared with {source} ({state})"
+        src_file = shared_tokenizer_source(d, cfg) / MODEL_FILE
+        ok = _matches_pin(src_file, pinned)
+        state = "pinned file present" if ok else "MISSING or CHANGED: this checkpoint will not load"
+        tok_text = f"; tokenizer {getattr(tok, 'arch', '?')} shared with {src_file.parent} ({state})"
     elif tok is not None:
         tok_text = f"; tokenizer {getattr(tok, 'arch', '?')} not bundled (model.tokenizer_ckpt={tok_ckpt})"
     else:
@@ -544,15 +543,19 @@ def shared_tokenizer_source(directory: str | os.PathLike, cfg: Config) -> Path:
     return Path(os.path.normpath(Path(directory) / ref))  # an absolute ref replaces directory
 
 
+def _matches_pin(path: Path, pinned: str) -> bool:
+    return path.is_file() and sha256_file(path) == pinned
+
+
 def shared_tokenizer_state(
-    directory: str | os.PathLike, cfg: Config, metadata: Mapping[str, str], verify: bool = True
+    directory: str | os.PathLike, cfg: Config, metadata: Mapping[str, str]
 ) -> dict[str, Tensor]:
     """The ``tokenizer.*`` tensors of a checkpoint that shares another checkpoint's tokenizer
     (written by ``maskar convert dtype shared_tokenizer=DIR``; empty for every other checkpoint).
 
     The source is pinned: its ``model.safetensors`` must have the SHA-256 recorded when the
     sharing checkpoint was written, so a changed source fails loudly instead of decoding with
-    another tokenizer.
+    another tokenizer (a check stronger than the source's own SHA256SUMS, which is not read again).
     """
     pinned = metadata.get(SHARED_TOKENIZER_KEY)
     if pinned is None:
@@ -564,12 +567,12 @@ def shared_tokenizer_state(
             f"checkpoint {directory}: its tokenizer is shared with {source} (model.tokenizer_ckpt), "
             f"which has no {MODEL_FILE}"
         )
-    if sha256_file(path) != pinned:
+    if not _matches_pin(path, pinned):
         raise CheckpointError(
             f"checkpoint {directory}: the shared tokenizer's source {path} is not the file it was written "
             f"against (SHA-256 {pinned[:12]}...); restore that checkpoint or re-export this one"
         )
-    tok = {k: v for k, v in load_tensors(path, verify=verify).items() if k.startswith("tokenizer.")}
+    tok = {k: v for k, v in load_tensors(path, verify=False).items() if k.startswith("tokenizer.")}
     if not tok:
         raise CheckpointError(f"checkpoint {directory}: {path} holds no tokenizer.* weights to share")
     return tok
@@ -608,7 +611,7 @@ def load_model(
         )
     model = build_model(cfg.model)
     state = load_tensors(weights, verify=verify)
-    state.update(shared_tokenizer_state(directory, cfg, read_metadata(weights), verify))
+    state.update(shared_tokenizer_state(directory, cfg, read_metadata(weights)))
     load_state_dict_checked(model, state, context=f"checkpoint {directory}")
     if prefer_ema and (directory / EMA_FILE).is_file():
         ema = load_tensors(directory / EMA_FILE, verify=verify)

@@ -325,7 +325,7 @@ class Trainer:
             src = ckpt.resolve_checkpoint_dir(tc.init_from)
             weights = ckpt.load_tensors(src / ckpt.MODEL_FILE, verify=verify)
             meta = ckpt.read_metadata(src / ckpt.MODEL_FILE)  # a shipped checkpoint may share its tokenizer
-            weights.update(ckpt.shared_tokenizer_state(src, ckpt.read_config(src), meta, verify))
+            weights.update(ckpt.shared_tokenizer_state(src, ckpt.read_config(src), meta))
             ckpt.load_state_dict_checked(self.model, weights, f"train.init_from={tc.init_from}")
         elif hasattr(self.model, "init_pretrained"):
             _check_tokenizer_ckpt(self.model, cfg)
