@@ -407,8 +407,9 @@ def test_kernels_compile_to_cubin_without_a_gpu(phase, arch, dtype, head_dim, cl
 
 def test_the_low_register_candidates_compile_without_spills_as_launched():
     """The candidates added on 2026-12-04 night (forward 32-key chunks with 4 stages and 16-key
-    chunks; backward without pipelining and with 16-key chunks, whole-sub-grid included) are the
-    tuner's low-register forms: compiled for sm90 as CASMAR-B's launch specialises them, none
+    chunks; backward without pipelining and with 16-key chunks, whole-sub-grid included) and on
+    2026-12-05 (unpipelined forwards; unpipelined backwards with the delta fused, 16- and 64-key
+    chunks) are the tuner's low-register forms: compiled for sm90 as CASMAR-B's launch specialises them, none
     spills. (Compiled from bare signatures, without the launch's alignment facts, most backward
     configs seemed to spill: docs/kernels.md, *Register spills*.)"""
     require_aot_compiler()
@@ -420,7 +421,7 @@ def test_the_low_register_candidates_compile_without_spills_as_launched():
     q, k, v = (t.transpose(1, 2) for t in torch.randn(B, L, 3, H, D, dtype=torch.bfloat16).unbind(2))
     o, do, lse = _blhd_empty(B, H, L, D, q), _blhd_empty(B, H, L, D, q), torch.empty(B * H, L)
     added = [("fwd", c) for c in nb._fwd_candidates(D)[6:]] + [("bwd", c) for c in nb._bwd_candidates(D)[10:]]
-    assert len(added) == 8
+    assert len(added) == 14
     for phase, cfg in added:
         try:
             with compiles_as_launched() as found:

@@ -461,7 +461,10 @@ def _fwd_candidates(head_dim: int) -> list[NaConfig]:
         return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 3), NaConfig(8, 16, 64, 8, 2),
                 NaConfig(16, 8, 32, 8, 2), NaConfig(8, 8, 64, 4, 3), NaConfig(4, 8, 32, 2, 2),
                 # since 2026-12-04 night (32-key chunks won from 32 x 32 up): deeper, and 16-key chunks
-                NaConfig(8, 8, 32, 4, 4), NaConfig(8, 8, 16, 4, 3)]
+                NaConfig(8, 8, 32, 4, 4), NaConfig(8, 8, 16, 4, 3),
+                # since 2026-12-05: unpipelined, as the backward's winner (CASMAR's 16 x 16 grid
+                # gives an 8 x 8 tile two 64-key chunks: little for a pipeline to overlap)
+                NaConfig(8, 8, 64, 4, 1), NaConfig(8, 8, 32, 4, 1)]
     return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2), NaConfig(8, 16, 64, 8, 2),
             NaConfig(8, 8, 64, 8, 2)]
 
@@ -478,7 +481,12 @@ def _bwd_candidates(head_dim: int) -> list[NaConfig]:
                 # spills*).
                 NaConfig(8, 8, 32, 4, 1), NaConfig(8, 8, 16, 4, 2), NaConfig(8, 8, 16, 4, 2, True),
                 NaConfig(8, 8, 16, 4, 2, whole=True), NaConfig(8, 8, 16, 4, 1, whole=True),
-                NaConfig(8, 8, 16, 4, 2, True, whole=True)]
+                NaConfig(8, 8, 16, 4, 2, True, whole=True),
+                # since 2026-12-05: the unpipelined form won every k 7 key on the H200
+                # (8x8/n32/w4/s1); its neighbours: delta recomputed in the walk (one launch
+                # fewer), 16- and 64-key chunks
+                NaConfig(8, 8, 32, 4, 1, True), NaConfig(8, 8, 16, 4, 1), NaConfig(8, 8, 16, 4, 1, True),
+                NaConfig(8, 8, 64, 4, 1)]
     return [NaConfig(8, 8, 32, 4, 2), NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2, True),
             NaConfig(8, 8, 64, 8, 2), NaConfig(8, 16, 32, 8, 2), NaConfig(8, 8, 32, 4, 2, whole=True)]
 
