@@ -47,6 +47,10 @@ INTERPRET_CASES = [
     ("whole_clamp_dil2", (9, 7), 5, 2, "clamp", 1, 2, 32, "fp16", (4, 4, 16, "whole")),
     ("whole_per_axis_bf16", (6, 10), (3, 5), (1, 2), "zeros", 1, 1, 64, "bf16", (4, 8, 32, "whole")),
     ("whole_fused_delta", (7, 9), 5, 1, "zeros", 2, 1, 32, "fp32", (4, 4, 16, "whole", "fd")),
+    # the split backward (the dQ launch writes delta, then the dK / dV launch reads it): several
+    # tiles, both borders, dilation, a partial last tile
+    ("split_k7_four_tiles", (8, 8), 7, 1, "zeros", 2, 2, 32, "fp32", (4, 4, 16, "split")),
+    ("split_clamp_dil2_bf16", (11, 9), (5, 3), 2, "clamp", 1, 2, 32, "bf16", (4, 4, 16, "split")),
 ]
 
 
@@ -174,8 +178,10 @@ for name, grid, kernel, dil, border, B, H, D, dname, tile in T.INTERPRET_CASES:
     nb.FORCE_FWD_CONFIG = cfg
     # delta = rowsum(O * dO) recomputed in the backward programs on the other cases with a set tile
     whole = tile is not None and "whole" in tile
-    fd = tile is not None and (not whole or "fd" in tile)
-    nb.FORCE_BWD_CONFIG = nb.NaConfig(cfg.th, cfg.tw, cfg.block_n, 4, 1, fused_delta=fd, whole=whole)
+    split = tile is not None and "split" in tile
+    fd = tile is not None and not split and (not whole or "fd" in tile)
+    nb.FORCE_BWD_CONFIG = nb.NaConfig(cfg.th, cfg.tw, cfg.block_n, 4, 1, fused_delta=fd, whole=whole,
+                                      split=split)
     r = T.errors_vs_references(T._kernel_fn, grid, kernel, dil, border, B, H, D, T.DTYPES[dname], "cpu")
     print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
 nb.FORCE_FWD_CONFIG = nb.FORCE_BWD_CONFIG = None
@@ -421,7 +427,7 @@ def test_the_low_register_candidates_compile_without_spills_as_launched():
     q, k, v = (t.transpose(1, 2) for t in torch.randn(B, L, 3, H, D, dtype=torch.bfloat16).unbind(2))
     o, do, lse = _blhd_empty(B, H, L, D, q), _blhd_empty(B, H, L, D, q), torch.empty(B * H, L)
     added = [("fwd", c) for c in nb._fwd_candidates(D)[6:]] + [("bwd", c) for c in nb._bwd_candidates(D)[10:]]
-    assert len(added) == 14
+    assert len(added) == 17
     for phase, cfg in added:
         try:
             with compiles_as_launched() as found:

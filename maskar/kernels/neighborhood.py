@@ -323,8 +323,11 @@ def _dq_program(
     sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale, sm_scale,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     CLAMP: tl.constexpr, FUSED_DELTA: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    STORE_DELTA: tl.constexpr = False,
 ):
-    """dQ of a TH x TW tile of queries, walking the keys of their windows (as the forward)."""
+    """dQ of a TH x TW tile of queries, walking the keys of their windows (as the forward).
+    STORE_DELTA: delta computed here from the tile's O and dO rows and written for a later
+    dK/dV launch (each query row belongs to one tile: every row is written once)."""
     rr, rc, i0, j0, nr, nc = _tile(tile, GH, GW, DH, DW, TILES_R, TILES_C, TH, TW)
     qi, qj, q_ok = _tile_rows(i0, j0, nr, nc, TH, TW)
     q_tok = (rr + DH * qi) * GW + rc + DW * qj
@@ -332,7 +335,9 @@ def _dq_program(
     q = tl.load(q_base + q_tok[:, None] * sql + offs_d[None, :], mask=q_ok[:, None], other=0.0)
     do = tl.load(do_base + q_tok[:, None] * sdol + offs_d[None, :], mask=q_ok[:, None], other=0.0)
     lse = tl.load(lse_base + q_tok, mask=q_ok, other=0.0)
-    delta = _delta(o_base, delta_base, do, q_tok, q_ok, g_row, HEAD_DIM, FUSED_DELTA)
+    delta = _delta(o_base, delta_base, do, q_tok, q_ok, g_row, HEAD_DIM, FUSED_DELTA or STORE_DELTA)
+    if STORE_DELTA:
+        tl.store(delta_base + q_tok, delta, mask=q_ok)
     ws_r, we_r, ws_c, we_c = _windows(qi, qj, q_ok, nr, nc, KH, KW, CLAMP)
     dq = tl.zeros([TH * TW, HEAD_DIM], dtype=tl.float32)
     r0, c0, width, count = _key_rect(i0, j0, nr, nc, KH, KW, CLAMP, TH, TW)
@@ -357,14 +362,26 @@ def _na_bwd(
     H, L, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, N_TILES, qk_scale, sm_scale,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     CLAMP: tl.constexpr, FUSED_DELTA: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    PHASE: tl.constexpr = 0,
 ):
-    """Programs [0, N_TILES): dK, dV of one key tile; [N_TILES, 2 N_TILES): dQ of one query tile.
-    O (B, L, H, D) is read only with FUSED_DELTA, DELTA only without it."""
+    """PHASE 0: programs [0, N_TILES): dK, dV of one key tile; [N_TILES, 2 N_TILES): dQ of one
+    query tile. O (B, L, H, D) is read only with FUSED_DELTA, DELTA only without it.
+    PHASE 1 (the first of two launches): the dQ programs alone, each writing its rows' delta;
+    PHASE 2 (the second): the dK/dV programs alone, reading that delta."""
     pid = tl.program_id(0)
     q_base, k_base, v_base, do_base, lse_base, delta_base, g_off, g_row = _bwd_bases(
         tl.program_id(1), H, L, Q, K, V, DO, LSE, DELTA, sqb, sqh, skb, skh, svb, svh, sdob, sdoh, HEAD_DIM)
     o_base = O + g_off  # O has the gradients' layout
-    if pid < N_TILES:
+    if PHASE == 1:
+        _dq_program(pid, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DQ, g_off,
+                    g_row, sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale, sm_scale,
+                    TH, TW, BLOCK_N, HEAD_DIM, CLAMP, False, UPCAST, IEEE, True)
+    elif PHASE == 2:
+        _dkdv_program(pid, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DK, DV, g_off,
+                      g_row, sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale,
+                      sm_scale, delta_base, TH, TW, BLOCK_N, HEAD_DIM, CLAMP, False, UPCAST, IEEE,
+                      False)
+    elif pid < N_TILES:
         _dkdv_program(pid, q_base, k_base, v_base, do_base, o_base, lse_base, delta_base, DK, DV, g_off,
                       g_row, sql, skl, svl, sdol, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale,
                       sm_scale, delta_base, TH, TW, BLOCK_N, HEAD_DIM, CLAMP, FUSED_DELTA, UPCAST, IEEE,
@@ -442,6 +459,10 @@ class NaConfig:
     # backward only: one program per sub-grid and batch * head, dQ summed in an fp32 scratch
     # (``_na_bwd_whole``); offered only where a sub-grid has at most WHOLE_MAX_TILES tiles
     whole: bool = False
+    # backward only: two launches, the dQ programs first (each writes its rows' delta, from the
+    # O and dO rows it loads anyway), then the dK/dV programs: no separate delta launch (a pass
+    # over O and dO: 20 us of a 0.29 ms fwd + bwd at CASMAR-B's 16 x 16, B 64, H 16)
+    split: bool = False
 
 
 # Candidates. Every query of a tile multiplies against the whole key rectangle of the tile,
@@ -486,7 +507,11 @@ def _bwd_candidates(head_dim: int) -> list[NaConfig]:
                 # (8x8/n32/w4/s1); its neighbours: delta recomputed in the walk (one launch
                 # fewer), 16- and 64-key chunks
                 NaConfig(8, 8, 32, 4, 1, True), NaConfig(8, 8, 16, 4, 1), NaConfig(8, 8, 16, 4, 1, True),
-                NaConfig(8, 8, 64, 4, 1)]
+                NaConfig(8, 8, 64, 4, 1),
+                # since 2026-12-05 (second session): the winners' tiles with the delta written by
+                # the dQ launch (two backward launches, no delta launch)
+                NaConfig(8, 8, 16, 4, 1, split=True), NaConfig(8, 8, 32, 4, 1, split=True),
+                NaConfig(8, 8, 16, 4, 2, split=True)]
     return [NaConfig(8, 8, 32, 4, 2), NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2, True),
             NaConfig(8, 8, 64, 8, 2), NaConfig(8, 16, 32, 8, 2), NaConfig(8, 8, 32, 4, 2, whole=True)]
 
@@ -600,11 +625,11 @@ def _launch_fwd(q, k, v, o, lse, qk_scale: float, geom: Window, cfg: NaConfig) -
 
 def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, delta, qk_scale: float, scale: float, geom: Window,
                 cfg: NaConfig) -> None:
-    """The delta launch (unless ``cfg.fused_delta``), then the dK/dV + dQ launch (or the
-    whole-sub-grid launch, ``cfg.whole``)."""
+    """The delta launch (unless ``cfg.fused_delta`` or ``cfg.split``), then the dK/dV + dQ launch
+    (or the whole-sub-grid launch, ``cfg.whole``; or ``cfg.split``'s two launches)."""
     B, H, L, D = q.shape
     sdo = do.stride()
-    if not cfg.fused_delta:
+    if not (cfg.fused_delta or cfg.split):
         _launch(_bwd_delta, (cdiv(L, 64), B * H), (o, do, delta, sdo[0], sdo[1], sdo[2], H, L),
                 dict(BLOCK_M=64, HEAD_DIM=D), 4, 3)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *sdo[:3])
@@ -618,10 +643,15 @@ def _launch_bwd(q, k, v, o, do, dq, dk, dv, lse, delta, qk_scale: float, scale: 
                 (*_view_spec(q, k, v, do), strides, ints))
         return
     ints = (H, L, *ints, n_tiles)
-    _launch(_na_bwd, (2 * n_tiles, B * H),
-            (q, k, v, o, do, dq, dk, dv, lse, delta, *strides, *ints, qk_scale, scale),
-            _consts(cfg, q, geom, backward=True), cfg.num_warps, cfg.num_stages,
-            (*_view_spec(q, k, v, do), strides, ints))
+    args = (q, k, v, o, do, dq, dk, dv, lse, delta, *strides, *ints, qk_scale, scale)
+    spec = (*_view_spec(q, k, v, do), strides, ints)
+    consts = _consts(cfg, q, geom, backward=True)
+    if cfg.split:  # dQ + delta, then dK / dV
+        for phase in (1, 2):
+            _launch(_na_bwd, (n_tiles, B * H), args, consts | dict(PHASE=phase), cfg.num_warps,
+                    cfg.num_stages, spec)
+        return
+    _launch(_na_bwd, (2 * n_tiles, B * H), args, consts | dict(PHASE=0), cfg.num_warps, cfg.num_stages, spec)
 
 
 # Tests set this: fresh outputs are filled with NaN before the launches, so a row that no
