@@ -308,7 +308,8 @@ def graph_time_ms(fn: Callable, reps: int, warmup: int) -> float:
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local, as the training step's capture: the backward runs in autograd's own thread
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
     try:
         return time_ms(graph.replay, reps, warmup, "cuda")
