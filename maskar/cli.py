@@ -121,7 +121,14 @@ def cmd_info(args: list[str]) -> int:
         print("  no CUDA here: auto uses sdpa; the fused/compiled backends need a GPU")
     # opt-in fast paths not yet measured to win on a GPU (docs/kernels.md); read at import
     switches = ("MASKAR_LINEAR_ACT", "MASKAR_HEAD_FUSED", "MASKAR_FUSED_GELU", "MASKAR_PSA_WHOLE")
-    state = ", ".join(f"{k}={'on' if os.environ.get(k, '0') == '1' else 'off'}" for k in switches)
+    # MASKAR_FUSED_GELU unset: each layer's own default (on for CASMAR's DiT head)
+    unset = {"MASKAR_FUSED_GELU": "per-layer default"}
+
+    def shown(k: str) -> str:
+        v = os.environ.get(k)
+        return "on" if v == "1" else unset[k] if v is None and k in unset else "off"
+
+    state = ", ".join(f"{k}={shown(k)}" for k in switches)
     print(f"opt-in fast paths (environment): {state}")
     print("architectures:")
     for arch, spec in sorted(registry.all_specs().items()):

@@ -38,15 +38,30 @@ def test_off_by_default_and_never_on_the_cpu(enabled):
         assert torch.equal(linear_gelu.linear_gelu_tanh(mlp.fc1, x), F.gelu(mlp.fc1(x), approximate="tanh"))
 
 
-def test_default_switch_is_off(monkeypatch):
+def test_default_switch_is_per_layer(monkeypatch):
+    """Unset: each layer's default (the DiT MLP's on, the others' off); 1 / 0: on / off for all."""
     import importlib
 
     monkeypatch.delenv("MASKAR_FUSED_GELU", raising=False)
-    assert importlib.reload(linear_gelu).ENABLED is False
+    assert importlib.reload(linear_gelu).ENABLED is None
+    assert linear_gelu.epilogue_on(True) and not linear_gelu.epilogue_on(False)
     monkeypatch.setenv("MASKAR_FUSED_GELU", "1")
-    assert importlib.reload(linear_gelu).ENABLED is True
+    assert importlib.reload(linear_gelu).ENABLED is True and linear_gelu.epilogue_on(False)
+    monkeypatch.setenv("MASKAR_FUSED_GELU", "0")
+    assert importlib.reload(linear_gelu).ENABLED is False and not linear_gelu.epilogue_on(True)
     monkeypatch.delenv("MASKAR_FUSED_GELU")
     importlib.reload(linear_gelu)
+
+
+def test_layer_defaults():
+    """CASMAR's DiT MLP takes the epilogue by default, MAR's / CASMAR's ViT MLPs (exact GELU) and
+    VAR / HMAR's FFN do not."""
+    from maskar.models.casmar import DiTBlock
+
+    assert DiTBlock(32, 2, 4.0, "psa", 3, 1).mlp.gelu_epilogue is True
+    assert Mlp(32, 128).gelu_epilogue is False
+    ffn = FFN(32, 128)
+    assert not getattr(ffn, "gelu_epilogue", False)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

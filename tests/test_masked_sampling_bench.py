@@ -239,7 +239,8 @@ def test_switches_reach_the_heads_and_the_mlps_and_are_reported(monkeypatch):
     ms.apply_switches(model, argparse.Namespace(linear_act="env", time_table="off", defer_adds="off",
                                                 fused_head="off"))
     assert all(m.time_table is False for m in heads) and linear_gelu.TRITON is False
-    assert ms.switches(model) == {"linear_act": False, "fused_gelu_cublaslt": linear_gelu.ENABLED,
+    monkeypatch.setattr(linear_gelu, "ENABLED", None)  # each layer's default: the DiT MLPs' is on
+    assert ms.switches(model) == {"linear_act": False, "fused_gelu_cublaslt": [True],
                                   "time_table": "False", "defer_adds": False, "fused_head": [False]}
     monkeypatch.setattr(type(heads[0]), "set_fused_blocks", lambda m, on: setattr(m, "fused_blocks", on))
     ms.apply_switches(model, argparse.Namespace(fused_head="on"))

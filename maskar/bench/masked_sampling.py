@@ -714,9 +714,12 @@ def switches(model: torch.nn.Module) -> dict[str, Any]:
     from maskar.nn import linear_gelu
 
     tables = sorted({str(m.time_table) for m in model.modules() if hasattr(type(m), "time_table")})
+    # per tanh-GELU MLP: its default or MASKAR_FUSED_GELU's override (maskar.nn.linear_gelu)
+    epilogue = sorted({linear_gelu.epilogue_on(m.gelu_epilogue) for m in model.modules()
+                       if hasattr(m, "gelu_epilogue") and getattr(m.act, "approximate", "") == "tanh"})
     fused = sorted({bool(m.fused_blocks) for m in model.modules() if hasattr(m, "fused_blocks")})
     return {"linear_act": linear_gelu.TRITON and linear_gelu._kernel is not None,
-            "fused_gelu_cublaslt": linear_gelu.ENABLED, "time_table": ",".join(tables) or "-",
+            "fused_gelu_cublaslt": epilogue, "time_table": ",".join(tables) or "-",
             "defer_adds": getattr(model, "defer_residual_adds", None),
             "fused_head": fused}
 

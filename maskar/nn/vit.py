@@ -52,11 +52,14 @@ class Mlp(nn.Module):
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden, dim)
         self.drop2 = nn.Dropout(drop)
+        # cuBLASLt's tanh-GELU epilogue by default (CUDA inference)? A model sets it where measured
+        # faster; MASKAR_FUSED_GELU=0 / 1 overrides every layer (maskar.nn.linear_gelu)
+        self.gelu_epilogue = False
         linear_gelu.load_kernel()
 
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(self.act, nn.GELU):  # fused into fc1's matmul where linear_gelu can (inference)
-            h = linear_gelu.linear_gelu(self.fc1, x, self.act.approximate)
+            h = linear_gelu.linear_gelu(self.fc1, x, self.act.approximate, self.gelu_epilogue)
         else:
             h = self.act(self.fc1(x))
         return self.drop2(self.fc2(self.drop1(h)))
