@@ -296,20 +296,25 @@ def time_ms(fn: Callable, reps: int, warmup: int, device="cuda") -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
-def graph_time_ms(fn: Callable, reps: int, warmup: int) -> float:
-    """Median ms of one replay of ``fn`` captured in a CUDA graph: the GPU work of the call and
+def graph_time_ms(make_fn: Callable[[], Callable], reps: int, warmup: int) -> float:
+    """Median ms of one replay of a call captured in a CUDA graph: the GPU work of the call and
     the gaps between its kernels, without the host's per-call time (autograd, allocations,
     launches), as inside a training step captured as one graph (``train.cuda_graph``). Tuning
-    happened in the eager calls before, so the capture launches the tuned configs."""
+    happened in the eager calls before, so the capture launches the tuned configs.
+
+    ``make_fn`` builds the call and its inputs; it runs on the capture stream, because autograd
+    makes the stream a leaf was created on wait for the backward: for leaves of the legacy
+    default stream that wait is illegal inside a capture (H200, torch 2.11:
+    ``cudaErrorStreamCaptureImplicit``, for SDPA as for the kernel)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # capture's warm-up: allocator pools, lazy inits
-        for _ in range(3):
+    with torch.cuda.stream(side):
+        fn = make_fn()
+        for _ in range(3):  # capture's warm-up: allocator pools, lazy inits
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    # thread_local, as the training step's capture: the backward runs in autograd's own thread
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
         fn()
     try:
         return time_ms(graph.replay, reps, warmup, "cuda")
@@ -348,6 +353,12 @@ def floors_ms(p: Problem, B: int, H: int, D: int, elem: int, gbs: float, tflops:
     return f, f + b
 
 
+def _fwd_bwd_call(fn: Callable, p: Problem, qkv: list[Tensor], dout: Tensor) -> Callable[[], None]:
+    def call() -> None:
+        torch.autograd.grad(fn(*qkv, p), qkv, dout)
+    return call
+
+
 def bench_case(method: str, fn: Callable, p: Problem, B: int, H: int, D: int, dtype: torch.dtype,
                reps: int, warmup: int, device="cuda", probes: list | None = None) -> dict:
     """One table cell: first-call s, check error, fwd / fwd+bwd median ms, peak extra MiB.
@@ -383,7 +394,9 @@ def bench_case(method: str, fn: Callable, p: Problem, B: int, H: int, D: int, dt
         row["reps"] = reps
         if cuda and method != "unfold":
             try:
-                row["fwd_bwd_graph_ms"] = graph_time_ms(fwd_bwd, reps, warmup)
+                row["fwd_bwd_graph_ms"] = graph_time_ms(
+                    lambda: _fwd_bwd_call(fn, p, make_inputs(B, H, p.tokens, D, dtype, device), dout.clone()),
+                    reps, warmup)
             except Exception as e:  # a method that cannot be captured: its per-call time stands
                 row["graph_skip"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
         if cuda and method == "triton":  # kernel time per call: the median's excess over it is host time
