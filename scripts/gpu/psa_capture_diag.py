@@ -1,9 +1,18 @@
-"""Which form of fwd + bwd (torch.autograd.grad) captures in a CUDA graph: forward alone, the
-gradient seed cloned inside the capture, leaves made on the capture stream."""
+"""Which form of fwd + bwd (``torch.autograd.grad``) captures in a CUDA graph, for SDPA and the
+PSA kernel: the gradient seed cloned inside the capture, the leaves made on the capture stream,
+both. One case per process (a failed capture leaves the process's CUDA state unusable):
+
+    for i in 0 1 2 3 4 5; do PYTHONPATH=$PWD python3 scripts/gpu/psa_capture_diag.py $i; done
+
+On an H200 (torch 2.11, 2026-12-05) only the forms with the leaves on the capture stream captured
+(docs/benchmarks.md, *Runs 4-7*)."""
+
 import sys
 
 import torch
+
 import maskar.kernels.neighborhood as nb
+
 nb.FORCE_FWD_CONFIG = nb._fwd_candidates(64)[0]
 nb.FORCE_BWD_CONFIG = nb._bwd_candidates(64)[0]
 B, H, L, D = 4, 4, 256, 64
@@ -28,7 +37,6 @@ CASES = [("sdpa, seed cloned inside", True, False, False),
                                         ("psa, seed cloned inside", True, False, True),
                                         ("psa, leaves on the capture stream", False, True, True),
                                         ("psa, both", True, True, True)]
-# one case per process (a failed capture leaves the process's CUDA state unusable)
 for name, seed_inside, on_side, psa in [CASES[int(sys.argv[1])]]:
     try:
         side.wait_stream(torch.cuda.current_stream())
