@@ -25,18 +25,24 @@ def make(seed_inside: bool, psa: bool):
     dout = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
 
     def fn():
-        o = (nb.neighborhood_attention(q, k, v, (16, 16), 7, 1) if psa
-             else torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        o = (
+            nb.neighborhood_attention(q, k, v, (16, 16), 7, 1)
+            if psa
+            else torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        )
         return torch.autograd.grad(o, ls, dout.clone() if seed_inside else dout)
+
     return fn
 
 
-CASES = [("sdpa, seed cloned inside", True, False, False),
-                                        ("sdpa, leaves on the capture stream", False, True, False),
-                                        ("sdpa, both", True, True, False),
-                                        ("psa, seed cloned inside", True, False, True),
-                                        ("psa, leaves on the capture stream", False, True, True),
-                                        ("psa, both", True, True, True)]
+CASES = [
+    ("sdpa, seed cloned inside", True, False, False),
+    ("sdpa, leaves on the capture stream", False, True, False),
+    ("sdpa, both", True, True, False),
+    ("psa, seed cloned inside", True, False, True),
+    ("psa, leaves on the capture stream", False, True, True),
+    ("psa, both", True, True, True),
+]
 for name, seed_inside, on_side, psa in [CASES[int(sys.argv[1])]]:
     try:
         side.wait_stream(torch.cuda.current_stream())
