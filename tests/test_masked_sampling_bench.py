@@ -122,6 +122,35 @@ def test_kernels_are_filed_under_the_innermost_range_of_their_op():
     assert "unattributed kernels" not in got
 
 
+def test_idle_is_filed_under_the_range_open_when_each_gap_began():
+    """GPU idle by phase against a brute-force walk over every nanosecond of a small timeline."""
+    import random
+
+    rng = random.Random(1)
+    names = {"sampling", "stage1", "stage1/transformer", "stage2"}
+    spans = [(0, 300, "sampling"), (10, 120, "stage1"), (20, 60, "stage1/transformer"),
+             (130, 290, "stage2")]  # fmt: skip
+    kernels = [(a, a + rng.randint(1, 12), "k", 0) for a in (rng.randint(-5, 310) for _ in range(40))]
+
+    def innermost(t):
+        inside = [sp for sp in spans if sp[0] <= t < sp[1]]
+        best = max(inside, key=lambda sp: (sp[0], -sp[1]), default=None)
+        return ms._phase_key(None if best is None else best[2], names)
+
+    want: dict[str, float] = {}
+    gap_start = None
+    for t in range(0, 300):  # a ns is idle if no kernel covers it; a gap goes where it began
+        if any(s <= t < e for s, e, _, _ in kernels):
+            gap_start = None
+            continue
+        gap_start = t if gap_start is None else gap_start
+        key = innermost(gap_start)
+        want[key] = want.get(key, 0.0) + 1e-6
+    got = ms._idle_by_phase(spans, kernels, names, 0, 300)
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k]) for k in want)
+    assert {"stage1/other", "stage1/transformer", "stage2"} <= got.keys()
+
+
 def test_union_of_intervals():
     assert ms._union_us([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4.0
     assert ms._union_us([]) == 0.0

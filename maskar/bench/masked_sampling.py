@@ -307,6 +307,34 @@ def _kernel_time_by_phase(
     return out
 
 
+def _idle_by_phase(
+    spans: list[tuple[int, int, str]], kernels: list[tuple[int, int, str, int]], names: set[str],
+    start: int, end: int,
+) -> dict[str, float]:
+    """ms of GPU idle per phase key: every gap in the union of the kernels' intervals within
+    [start, end] (ns) goes to the innermost range open when the gap began (host work there kept
+    the GPU waiting: a synchronisation, launches slower than the kernels, Python between calls)."""
+    from bisect import bisect_right
+
+    times, inner = _innermost_range(spans)
+    out: dict[str, float] = {}
+
+    def gap(a: int, b: int) -> None:
+        if b > a:
+            i = bisect_right(times, a) - 1
+            where = _phase_key(inner[i] if i >= 0 else None, names)
+            out[where] = out.get(where, 0.0) + (b - a) / 1e6
+
+    cursor = start
+    for s, e, _, _ in sorted(kernels):
+        gap(cursor, min(s, end))
+        cursor = max(cursor, e)
+        if cursor >= end:
+            break
+    gap(cursor, end)
+    return out
+
+
 def _activity(event: Any) -> str:
     kind = getattr(event, "activity_type", None)
     return kind() if callable(kind) else ""
@@ -316,7 +344,8 @@ def profile_call(
     sampler: Sampler, labels: torch.Tensor, device: torch.device, precision: str
 ) -> dict[str, Any]:
     """One sampling call under torch.profiler: time per phase (exclusive; GPU kernel time on CUDA,
-    CPU time on the CPU), and on CUDA the GPU idle time (wall - union of kernels) and top kernels.
+    CPU time on the CPU), and on CUDA the GPU idle time (wall - union of kernels, and by the phase
+    in which each gap began) and top kernels.
 
     The profiler's raw (C++) events are read directly: ``prof.events()`` builds a Python
     FunctionEvent tree (~80 us per event on a slow CPU) and one graphed CASMAR-B / MAR-B call
@@ -381,12 +410,17 @@ def profile_call(
     for start, end, name, _ in kernels:
         by_name[name] = by_name.get(name, 0.0) + (end - start) / 1e6
     busy = _union_us([(s, e) for s, e, _, _ in kernels]) / 1e6
+    top = [sp for sp in spans if sp[2] == "sampling"]
+    idle_by_phase = (
+        _idle_by_phase(spans, kernels, names, top[0][0], top[0][1]) if on_gpu and kernels and top else {}
+    )
     return {
         "clock": "GPU" if on_gpu else "CPU",
         "wall_ms": wall,
         "busy_ms": busy if kernels else None,
         "kernel_ms": sum(by_name.values()),
         "idle_ms": wall - busy if kernels else None,
+        "idle_by_phase_ms": dict(sorted(idle_by_phase.items(), key=lambda kv: -kv[1])),
         "phases_ms": dict(sorted(exclusive.items())),
         "top_kernels_ms": sorted(by_name.items(), key=lambda kv: -kv[1])[:15],
         "kernels": len(kernels),
@@ -407,6 +441,9 @@ def print_profile(tag: str, prof: dict[str, Any]) -> None:
             f"| GPU idle (wall - union of kernels) | {prof['idle_ms']:.1f} | {prof['idle_ms'] / wall:.1%} |"
         )
         print(f"({prof['kernels']} kernels, busy {prof['busy_ms']:.1f} ms)")
+        idle = prof.get("idle_by_phase_ms") or {}
+        if idle:  # where the GPU waited: the range open when each gap between kernels began
+            print("GPU idle by phase (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in idle.items()))
     if prof["top_kernels_ms"]:
         print("top kernels (GPU ms):")
     for name, ms in prof["top_kernels_ms"]:
