@@ -33,6 +33,7 @@ the tokenizer is an extra ``tokenizer.*`` submodule.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -348,10 +349,66 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, grid: tuple[int, int], cond_tokens: Tensor) -> Tensor:
         """x (B, L, W); c (B, L, W) per-token condition; cond_tokens (B, L, W) for SALA anchors."""
+        if self.fused and _dit_fused_applies(self, x):
+            return self._forward_fused(x, c, grid)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, -1)
         h = _autocast_input(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_msa * self.attn(h, grid, cond_tokens)
         return x + gate_mlp * self.mlp(_autocast_input(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+
+    # The block as four Triton kernels (inference, opt-in: MASKAR_DIT_FUSED=1; not yet measured on a
+    # GPU): the LayerNorm + modulation in the prologue of the q/k/v and fc1 matmuls, the gated
+    # residual in the epilogue of out_proj and fc2 (maskar.kernels.adaln_mlp, MAR's head's kernels),
+    # so the (rows, 6 W) modulation is read where it is used and no normalised copy of x exists.
+    fused = os.environ.get("MASKAR_DIT_FUSED", "0") == "1"
+
+    def _forward_fused(self, x: Tensor, c: Tensor, grid: tuple[int, int]) -> Tensor:
+        """:meth:`forward` with the kernels; the eager bf16 path's rounding steps (adaln_mlp)."""
+        kern, (b, n, w), dtype = _dit_kernels, x.shape, _compute_dtype(x)
+        mod = self.adaLN_modulation(c).to(dtype).reshape(b * n, 6 * w)
+        na, mlp = self.attn.na, self.mlp
+        qkv_w = torch.cat([na.q_proj.weight, na.k_proj.weight, na.v_proj.weight]).to(dtype)
+        qkv_b = torch.cat([na.q_proj.bias, na.k_proj.bias, na.v_proj.bias]).to(dtype)
+        x2 = x.reshape(b * n, w).contiguous()  # the residual stream keeps x's dtype, as in forward
+        qkv = kern.modulated_linear_op(x2, mod, 0, w, None, None, self.norm1.eps, qkv_w, qkv_b, "none")
+        q, k, v = qkv.view(b, n, 3 * w).split(w, -1)
+        att = na.attend(q, k, v, grid).reshape(b * n, w).to(dtype).contiguous()
+        x2 = kern.gated_residual_linear_op(att, na.out_proj.weight.to(dtype), na.out_proj.bias.to(dtype), x2,
+                                           mod, 2 * w)
+        h = kern.modulated_linear_op(x2, mod, 3 * w, 4 * w, None, None, self.norm2.eps,
+                                     mlp.fc1.weight.to(dtype), mlp.fc1.bias.to(dtype), "gelu_tanh")
+        fc2_w, fc2_b = mlp.fc2.weight.to(dtype), mlp.fc2.bias.to(dtype)
+        return kern.gated_residual_linear_op(h, fc2_w, fc2_b, x2, mod, 5 * w).view(b, n, w)
+
+
+_dit_kernels = None  # maskar.kernels.adaln_mlp once a fused block needs it
+
+
+def _dit_fused_applies(block: DiTBlock, x: Tensor) -> bool:
+    """Whether :meth:`DiTBlock._forward_fused` can run: PSA (not SALA), no autograd, CUDA (or the
+    Triton interpreter), an fp16 / bf16 compute dtype, a width the kernels' K steps divide."""
+    global _dit_kernels
+    if torch.is_grad_enabled() or not isinstance(block.attn, ProximalSelfAttention):
+        return False
+    if _dit_kernels is None and not torch.compiler.is_compiling():  # never import inside a trace
+        try:
+            from maskar.kernels import adaln_mlp
+        except ImportError:  # no Triton: the module path
+            return False
+        _dit_kernels = adaln_mlp
+    if _dit_kernels is None:
+        return False
+    dtype = _compute_dtype(x)
+    if dtype not in (torch.float16, torch.bfloat16) or x.shape[-1] % _dit_kernels.K_MULTIPLE:
+        return False
+    return x.is_cuda or _dit_kernels._INTERPRET
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in for input ``x``: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _autocast_input(x: Tensor) -> Tensor:

@@ -38,6 +38,9 @@
 #   PART=gelu3 (about 7 min, DEADLINE=480): CASMAR-B with the DiT MLP's fc1 + tanh GELU as two kernels
 #     (default), through the tuned Triton op (--linear-act on), through cuBLASLt's epilogue
 #     (MASKAR_FUSED_GELU=1); two timed calls each; the default's profile.
+#   PART=ditfused (about 6 min, DEADLINE=500): the GPU test of CASMAR's DiT block as the adaln_mlp
+#     kernels (MASKAR_DIT_FUSED), then CASMAR-B with --dit-fused off / on, two timed calls each, the
+#     fused call's profile (GPU idle by phase too).
 #   PART=profile2 (about 8 min): the DiT step's kernels with MASKAR_LINEAR_ACT=1 (`bench casmar_parts`);
 #     MAR-B num_iter 256 profiled with the switches in ON; HMAR / VAR-d16 1024 px memory by pool.
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
@@ -234,6 +237,18 @@ elif [ "${PART}" = gelu3 ]; then
     env $env_sw timeout $(cap 200) $PY -m maskar bench casmar --batch 64 --sample-reps 2 --linears low \
       --linear-act $la --fused-head off $prof --json "$OUT/casmar_gelu-$sw.json" > "$OUT/casmar_gelu-$sw.txt" 2>&1
     echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_gelu-$sw.txt" | grep -E "^switches|^sample|Error" | tail -n 4
+  done
+elif [ "${PART}" = ditfused ]; then
+  el "GPU test: the DiT block as the adaln_mlp kernels against its module path, and in a CUDA graph"
+  timeout $(cap 120) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_adaln_mlp.py -k dit \
+    > "$OUT/gpu_tests_dit.txt" 2>&1
+  echo "tests rc=$?"; grep -E "rel max|passed|failed|Error" "$OUT/gpu_tests_dit.txt" | tail -n 5
+  for sw in off on; do
+    prof=""; [ "$sw" = on ] && prof="--profile"  # where the fused call's time goes
+    el "bench casmar, --linears low, --dit-fused $sw"
+    timeout $(cap 200) $PY -m maskar bench casmar --batch 64 --sample-reps 2 --linears low --dit-fused $sw \
+      $prof --json "$OUT/casmar_dit-$sw.json" > "$OUT/casmar_dit-$sw.txt" 2>&1
+    echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_dit-$sw.txt" | grep -E "^switches|^sample|idle|Error" | tail -n 5
   done
 elif [ "${PART}" = profile2 ]; then
   # where the time goes after PART=linact / linact2: the DiT step's kernels with the Triton GELU
