@@ -117,10 +117,13 @@ for name, dt in DTYPES.items():
         ref = blk(x, c, (6, 6), c)
         blk.fused = True
         got = blk(x, c, (6, 6), c)
+        torch._dynamo.reset()  # compiled whole, as the sampler's DiT step: one graph, the same bits
+        comp = torch.compile(blk, backend="aot_eager", fullgraph=True)(x, c, (6, 6), c)
     with torch.enable_grad(), ctx:  # training: the module path
         grad_path = blk(x.float().requires_grad_() if name == "bf16" else x.requires_grad_(), c, (6, 6), c)
     out(f"dit-{{name}}", err=rel(got, ref), dtypes=[str(got.dtype), str(ref.dtype)],
-        differs=bool((got != ref).any()), grad_path_equal=bool(torch.equal(grad_path.detach(), ref)))
+        differs=bool((got != ref).any()), grad_path_equal=bool(torch.equal(grad_path.detach(), ref)),
+        compiled_equal=bool(torch.equal(comp, got)))
 
 # sampling a short chain with the head switched on and off under (CPU) bf16 autocast
 head2 = dl.DiffLoss(16, 48, depth=2, width=64, num_sampling_steps="5").eval()
@@ -170,6 +173,7 @@ def test_casmar_dit_block_as_the_kernels_matches_its_module_path(interp, dt):
     r = interp[f"dit-{dt}"]
     assert r["err"] <= BOUND[dt] and r["differs"], r  # differs: the kernels ran
     assert r["dtypes"][0] == r["dtypes"][1] and r["grad_path_equal"], r  # the residual keeps x's dtype
+    assert r["compiled_equal"], r
 
 
 def test_sampling_with_the_fused_head_stays_close(interp):

@@ -345,6 +345,8 @@ class DiTBlock(nn.Module):
         # the GELU in fc1's cuBLASLt epilogue in CUDA inference: CASMAR-B sampling 8.69 -> 9.11
         # images/s on an H200 (docs/benchmarks.md, *The DiT MLP's GELU, three ways*)
         self.mlp.gelu_epilogue = True
+        if self.fused:
+            _load_dit_kernels()
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x: Tensor, c: Tensor, grid: tuple[int, int], cond_tokens: Tensor) -> Tensor:
@@ -361,7 +363,17 @@ class DiTBlock(nn.Module):
     # GPU): the LayerNorm + modulation in the prologue of the q/k/v and fc1 matmuls, the gated
     # residual in the epilogue of out_proj and fc2 (maskar.kernels.adaln_mlp, MAR's head's kernels),
     # so the (rows, 6 W) modulation is read where it is used and no normalised copy of x exists.
-    fused = os.environ.get("MASKAR_DIT_FUSED", "0") == "1"
+    fused_default = os.environ.get("MASKAR_DIT_FUSED", "0") == "1"
+
+    @property
+    def fused(self) -> bool:
+        return self.__dict__.get("_fused", DiTBlock.fused_default)
+
+    @fused.setter
+    def fused(self, on: bool) -> None:
+        self.__dict__["_fused"] = bool(on)
+        if on:
+            _load_dit_kernels()  # here, never inside a torch.compile trace
 
     def _forward_fused(self, x: Tensor, c: Tensor, grid: tuple[int, int]) -> Tensor:
         """:meth:`forward` with the kernels; the eager bf16 path's rounding steps (adaln_mlp)."""
@@ -382,22 +394,24 @@ class DiTBlock(nn.Module):
         return kern.gated_residual_linear_op(h, fc2_w, fc2_b, x2, mod, 5 * w).view(b, n, w)
 
 
-_dit_kernels = None  # maskar.kernels.adaln_mlp once a fused block needs it
+_dit_kernels = None  # maskar.kernels.adaln_mlp once a block is switched to it
+
+
+def _load_dit_kernels() -> None:
+    global _dit_kernels
+    if _dit_kernels is None:
+        try:
+            from maskar.kernels import adaln_mlp
+        except ImportError:  # no Triton on this install: the module path runs
+            return
+        _dit_kernels = adaln_mlp
 
 
 def _dit_fused_applies(block: DiTBlock, x: Tensor) -> bool:
-    """Whether :meth:`DiTBlock._forward_fused` can run: PSA (not SALA), no autograd, CUDA (or the
-    Triton interpreter), an fp16 / bf16 compute dtype, a width the kernels' K steps divide."""
-    global _dit_kernels
-    if torch.is_grad_enabled() or not isinstance(block.attn, ProximalSelfAttention):
-        return False
-    if _dit_kernels is None and not torch.compiler.is_compiling():  # never import inside a trace
-        try:
-            from maskar.kernels import adaln_mlp
-        except ImportError:  # no Triton: the module path
-            return False
-        _dit_kernels = adaln_mlp
-    if _dit_kernels is None:
+    """Whether :meth:`DiTBlock._forward_fused` can run: the kernels loaded, PSA (not SALA), no
+    autograd, CUDA (or the Triton interpreter), an fp16 / bf16 compute dtype, a width the kernels'
+    K steps divide."""
+    if _dit_kernels is None or torch.is_grad_enabled() or not isinstance(block.attn, ProximalSelfAttention):
         return False
     dtype = _compute_dtype(x)
     if dtype not in (torch.float16, torch.bfloat16) or x.shape[-1] % _dit_kernels.K_MULTIPLE:
