@@ -62,8 +62,10 @@ from maskar.nn.diffloss import (
     DiffLoss,
     FinalLayer,
     TimestepEmbedder,
+    fused_kernels,
     init_adaln_zero,
     init_linears_xavier,
+    load_fused_kernels,
     modulate,
 )
 from maskar.nn.diffusion import GaussianDiffusion, create_diffusion
@@ -346,7 +348,7 @@ class DiTBlock(nn.Module):
         # images/s on an H200 (docs/benchmarks.md, *The DiT MLP's GELU, three ways*)
         self.mlp.gelu_epilogue = True
         if self.fused:
-            _load_dit_kernels()
+            load_fused_kernels()
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x: Tensor, c: Tensor, grid: tuple[int, int], cond_tokens: Tensor) -> Tensor:
@@ -373,11 +375,11 @@ class DiTBlock(nn.Module):
     def fused(self, on: bool) -> None:
         self.__dict__["_fused"] = bool(on)
         if on:
-            _load_dit_kernels()  # here, never inside a torch.compile trace
+            load_fused_kernels()  # here, never inside a torch.compile trace
 
     def _forward_fused(self, x: Tensor, c: Tensor, grid: tuple[int, int]) -> Tensor:
         """:meth:`forward` with the kernels; the eager bf16 path's rounding steps (adaln_mlp)."""
-        kern, (b, n, w), dtype = _dit_kernels, x.shape, _compute_dtype(x)
+        kern, (b, n, w), dtype = fused_kernels(), x.shape, _compute_dtype(x)
         mod = self.adaLN_modulation(c).to(dtype).reshape(b * n, 6 * w)
         na, mlp = self.attn.na, self.mlp
         qkv_w = torch.cat([na.q_proj.weight, na.k_proj.weight, na.v_proj.weight]).to(dtype)
@@ -394,29 +396,17 @@ class DiTBlock(nn.Module):
         return kern.gated_residual_linear_op(h, fc2_w, fc2_b, x2, mod, 5 * w).view(b, n, w)
 
 
-_dit_kernels = None  # maskar.kernels.adaln_mlp once a block is switched to it
-
-
-def _load_dit_kernels() -> None:
-    global _dit_kernels
-    if _dit_kernels is None:
-        try:
-            from maskar.kernels import adaln_mlp
-        except ImportError:  # no Triton on this install: the module path runs
-            return
-        _dit_kernels = adaln_mlp
-
-
 def _dit_fused_applies(block: DiTBlock, x: Tensor) -> bool:
     """Whether :meth:`DiTBlock._forward_fused` can run: the kernels loaded, PSA (not SALA), no
     autograd, CUDA (or the Triton interpreter), an fp16 / bf16 compute dtype, a width the kernels'
     K steps divide."""
-    if _dit_kernels is None or torch.is_grad_enabled() or not isinstance(block.attn, ProximalSelfAttention):
+    kern = fused_kernels()
+    if kern is None or torch.is_grad_enabled() or not isinstance(block.attn, ProximalSelfAttention):
         return False
     dtype = _compute_dtype(x)
-    if dtype not in (torch.float16, torch.bfloat16) or x.shape[-1] % _dit_kernels.K_MULTIPLE:
+    if dtype not in (torch.float16, torch.bfloat16) or x.shape[-1] % kern.K_MULTIPLE:
         return False
-    return x.is_cuda or _dit_kernels._INTERPRET
+    return x.is_cuda or kern._INTERPRET
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
