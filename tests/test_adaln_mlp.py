@@ -360,6 +360,11 @@ def test_gpu_casmar_dit_block_fused_against_the_module_path():
         blk.fused = True
         got = blk(x, c, (16, 16), c)
         static = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # lazy set-up (cuBLAS workspaces) outside the capture
+            blk(static, c, (16, 16), c)
+        torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             graphed = blk(static, c, (16, 16), c)
