@@ -360,7 +360,6 @@ class DiTBlock(nn.Module):
         x = x + gate_msa * self.attn(h, grid, cond_tokens)
         return x + gate_mlp * self.mlp(_autocast_input(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
-
     # The block as four Triton kernels (inference, opt-in: MASKAR_DIT_FUSED=1; not yet measured on a
     # GPU): the LayerNorm + modulation in the prologue of the q/k/v and fc1 matmuls, the gated
     # residual in the epilogue of out_proj and fc2 (maskar.kernels.adaln_mlp, MAR's head's kernels),
