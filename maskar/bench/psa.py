@@ -386,9 +386,7 @@ def bench_case(method: str, fn: Callable, p: Problem, B: int, H: int, D: int, dt
         def fwd():
             return fn(q, k, v, p)
 
-        def fwd_bwd():
-            torch.autograd.grad(fn(q, k, v, p), (q, k, v), dout)
-
+        fwd_bwd = _fwd_bwd_call(fn, p, [q, k, v], dout)
         row["fwd_ms"] = time_ms(fwd, reps, warmup, device)
         row["fwd_bwd_ms"] = time_ms(fwd_bwd, reps, warmup, device)
         row["reps"] = reps

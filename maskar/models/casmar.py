@@ -418,8 +418,7 @@ def _autocast_input(x: Tensor) -> Tensor:
     """x in autocast's low-precision dtype where autocast is on: what every linear layer reading
     x would cast it to, done once (PSA's q, k and v projections read the same input; the values
     are the same, so the block's output is too)."""
-    device = x.device.type
-    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+    return x.to(_compute_dtype(x))
 
 
 class LocalDiT(nn.Module):
