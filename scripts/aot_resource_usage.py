@@ -20,8 +20,7 @@ device's compiler here, install that wheel into a side directory and put it firs
 Shapes: PSA at CASMAR-B's head (16 x 16 grid, k 7, H 16, D 64, bf16, the models' fused qkv
 layout); block-sparse attention at the 256 px schedule (L 680, H 16, D 64, block-diagonal) and,
 for the long-sequence candidates, 1024 px (L 9451); linear_act at MAR-B's fc1 (768 -> 3072, 40960
-rows), exact and tanh GELU; adaln_mlp at MAR-B's head (128 rows, width 1024) and (`adaln_dit`) at
-CASMAR-B's DiT blocks (32,768 rows, width 512).
+rows), exact and tanh GELU; adaln_mlp at MAR-B's head (128 rows, width 1024).
 """
 
 from __future__ import annotations
@@ -122,31 +121,8 @@ def adaln_mlp_launches():
         yield "adaln_mlp", i, cfg, launch
 
 
-def adaln_dit_launches():
-    """CASMAR-B's DiT blocks as the adaln_mlp kernels (MASKAR_DIT_FUSED): 32,768 rows, width 512;
-    q/k/v (1,536 x 512) and fc1 with the tanh GELU (2,048 x 512), out_proj and fc2 (512 x 2,048)."""
-    import maskar.kernels.adaln_mlp as ah
-
-    M, W = 32768, 512
-    x, mod = torch.randn(M, W, dtype=BF16), torch.randn(M, 6 * W, dtype=BF16)
-    qkv_w, qkv_b = torch.randn(3 * W, W, dtype=BF16), torch.randn(3 * W, dtype=BF16)
-    fc1_w, fc1_b = torch.randn(4 * W, W, dtype=BF16), torch.randn(4 * W, dtype=BF16)
-    fc2_w, fc2_b = torch.randn(W, 4 * W, dtype=BF16), torch.randn(W, dtype=BF16)
-    h = torch.randn(M, 4 * W, dtype=BF16)
-    for i, cfg in enumerate(ah.CANDIDATES):
-        def launch(cfg=cfg):
-            ah.FORCE_CONFIG = cfg
-            try:
-                ah.modulated_linear(x, mod, 0, W, None, None, 1e-6, qkv_w, qkv_b, "none")
-                ah.modulated_linear(x, mod, 3 * W, 4 * W, None, None, 1e-6, fc1_w, fc1_b, "gelu_tanh")
-                ah.gated_residual_linear(h, fc2_w, fc2_b, x, mod, 5 * W)
-            finally:
-                ah.FORCE_CONFIG = None
-        yield "adaln_mlp DiT", i, cfg, launch
-
-
 GROUPS = {"psa": psa_launches, "block_sparse": block_sparse_launches, "linear_act": linear_act_launches,
-          "adaln_mlp": adaln_mlp_launches, "adaln_dit": adaln_dit_launches}
+          "adaln_mlp": adaln_mlp_launches}
 
 
 def main() -> None:

@@ -366,3 +366,44 @@ def test_compiled_step_reads_weight_copies_made_once_per_chain(which):
             del head.low_precision_weights
     assert torch.equal(out[True], out[False])
     assert all(p is params[n] and p.dtype == torch.float32 for n, p in head.named_parameters())
+
+
+@pytest.mark.parametrize("attention", ["psa", "sala"])
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+@pytest.mark.parametrize(("chunks", "split"), [(2, False), (4, False), (1, True), (2, True)])
+@torch.no_grad()
+def test_dit_step_chunks_and_split_adaln_give_the_plain_samples(monkeypatch, attention, cfg, chunks, split):
+    """GlobalDiffLoss.step_chunks (the step as calls on row chunks, both CFG halves of a chunk
+    together) and DiTBlock.split_adaln (the adaLN projection's halves where they are used) give
+    the plain sampler's output, eager and through the static chain; a row count the chunks do
+    not divide runs whole."""
+    from maskar.models.casmar import DiTBlock
+
+    head = dit_head(attention)
+    n = 8
+    z, known, keep, labels = dit_inputs(n)
+    if cfg != 1.0:
+        known, keep = torch.cat([known[:4], known[:4]]), torch.cat([keep[:4], keep[:4]])
+        labels = torch.cat([labels[:4], torch.full((4,), 10)])
+    kw = dict(labels=labels, known=known, known_mask=keep)
+    plain = head.sample(z, 0.9, cfg, generator=gen(3), cuda_graph=False, **kw)
+    scale = None if cfg == 1.0 else cfg
+    x, t = torch.randn(n, 4, 4, 4, generator=gen(5)), torch.randint(0, 1000, (n,), generator=gen(6))
+    if cfg != 1.0:
+        x, t = torch.cat([x[:4], x[:4]]), torch.cat([t[:4], t[:4]])
+    one_step = head.model_fn(z, scale, labels)(x, t)
+    monkeypatch.setattr(type(head), "step_chunks", chunks)
+    monkeypatch.setattr(DiTBlock, "split_adaln", split)
+    torch.testing.assert_close(head.model_fn(z, scale, labels)(x, t), one_step, rtol=1e-5, atol=1e-6)
+    eager = head.sample(z, 0.9, cfg, generator=gen(3), cuda_graph=False, **kw)
+    static = head._sample_graphed(z, 0.9, cfg, head.gen_diffusion(), gen(3), capture=False, **kw)
+    # one step equal to float32 rounding (row chunks change the matmuls' shapes), which the
+    # chain's 50 steps carry on
+    torch.testing.assert_close(eager, plain, rtol=2e-4, atol=1e-3)
+    assert torch.equal(static, eager)
+    m = 6 if cfg != 1.0 else 5  # 4 or 2 chunks do not divide it (CFG: 3 rows a half)
+    if chunks > 1:
+        odd = head.sample(z[:m], 0.9, cfg, generator=gen(3), cuda_graph=False, labels=labels[:m])
+        monkeypatch.setattr(type(head), "step_chunks", 1)
+        assert torch.equal(odd, head.sample(z[:m], 0.9, cfg, generator=gen(3), cuda_graph=False,
+                                            labels=labels[:m]))

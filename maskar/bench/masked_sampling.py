@@ -682,14 +682,6 @@ def add_common_args(ap: argparse.ArgumentParser, preset: str) -> None:
         help="the MLP head's per-step time embedding read from a table (DiffLoss.time_table; auto: on CUDA)",
     )
     ap.add_argument(
-        "--dit-fused",
-        default="env",
-        choices=("env", "on", "off"),
-        help="CASMAR's DiT blocks as four Triton kernels (LayerNorm + modulation in the q/k/v and fc1 "
-        "matmuls' prologue, the gated residual in out_proj's and fc2's epilogue; maskar.kernels."
-        "adaln_mlp); env: as MASKAR_DIT_FUSED says (off unless 1)",
-    )
-    ap.add_argument(
         "--fused-head",
         default="env",
         choices=("env", "on", "off"),
@@ -735,25 +727,14 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, torch.nn
     return cfg, model, precision
 
 
-def _dit_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from maskar.models.casmar import DiTBlock
-
-    return [m for m in model.modules() if isinstance(m, DiTBlock)]
-
-
 def apply_switches(model: torch.nn.Module, args: argparse.Namespace) -> None:
-    """``--linear-act`` (process-wide), ``--defer-adds`` (the model), ``--dit-fused`` (CASMAR's DiT
-    blocks), ``--fused-head`` and ``--time-table`` (every head); ``env`` / ``auto`` leave them as
-    they are."""
+    """``--linear-act`` (process-wide), ``--defer-adds`` (the model), ``--fused-head`` and
+    ``--time-table`` (every head); ``env`` / ``auto`` leave them as they are."""
     from maskar.nn import linear_gelu
 
     if getattr(args, "linear_act", "env") != "env":
         linear_gelu.enable_triton(args.linear_act == "on")
     model.defer_residual_adds = getattr(args, "defer_adds", "on") == "on"
-    dit = getattr(args, "dit_fused", "env")
-    if dit != "env":
-        for m in _dit_blocks(model):
-            m.fused = dit == "on"
     fused = getattr(args, "fused_head", "env")
     if fused != "env":
         for m in model.modules():
@@ -774,11 +755,15 @@ def switches(model: torch.nn.Module) -> dict[str, Any]:
     epilogue = sorted({linear_gelu.epilogue_on(m.gelu_epilogue) for m in model.modules()
                        if hasattr(m, "gelu_epilogue") and getattr(m.act, "approximate", "") == "tanh"})
     fused = sorted({bool(m.fused_blocks) for m in model.modules() if hasattr(m, "fused_blocks")})
-    dit = sorted({bool(m.fused) for m in _dit_blocks(model)})
-    return {"linear_act": linear_gelu.TRITON and linear_gelu._kernel is not None,
-            "fused_gelu_cublaslt": epilogue, "time_table": ",".join(tables) or "-",
-            "defer_adds": getattr(model, "defer_residual_adds", None),
-            "fused_head": fused, "dit_fused": dit}
+    out = {"linear_act": linear_gelu.TRITON and linear_gelu._kernel is not None,
+           "fused_gelu_cublaslt": epilogue, "time_table": ",".join(tables) or "-",
+           "defer_adds": getattr(model, "defer_residual_adds", None),
+           "fused_head": fused}
+    if hasattr(model, "cond_diffloss"):  # CASMAR's DiT step layout (MASKAR_DIT_STEP_CHUNKS / _SPLIT_ADALN)
+        from maskar.models.casmar import DiTBlock
+
+        out.update(dit_step_chunks=model.cond_diffloss.step_chunks, dit_split_adaln=DiTBlock.split_adaln)
+    return out
 
 
 def apply_linears(model: torch.nn.Module, linears: str, precision: str) -> None:

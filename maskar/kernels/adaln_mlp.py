@@ -34,11 +34,11 @@ import triton.language as tl
 from torch import Tensor
 
 from maskar.kernels.block_sparse import _INTERPRET
-from maskar.kernels.linear_act import _gelu_tanh, _rows_class, _tile_origin, _tile_product
+from maskar.kernels.linear_act import _rows_class, _tile_origin, _tile_product
 from maskar.kernels.tuning import pick_fastest
 from maskar.kernels.tuning import time_ms as _time_ms
 
-ACTS = ("none", "silu", "gelu_tanh")  # gelu_tanh: CASMAR's DiT MLP (its fused blocks, opt-in)
+ACTS = ("none", "silu")
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -92,8 +92,6 @@ def _modulated_linear(
     t = t.to(Y.dtype.element_ty).to(tl.float32)
     if ACT == 1:
         t = t / (1.0 + tl.exp(-t))
-    elif ACT == 2:
-        t = _gelu_tanh(t)
     y_ptrs = Y + rows[:, None] * stride_ym + cols[None, :]
     tl.store(y_ptrs, t.to(Y.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
@@ -143,12 +141,6 @@ CANDIDATES = [
     BlockConfig(64, 128, 64, 4, 8, 3),
     BlockConfig(128, 64, 64, 1, 4, 3),
     BlockConfig(32, 64, 128, 4, 4, 2),
-    # many rows (CASMAR-B's DiT head: 32,768 at B 64 with CFG, widths 512-2,048): big tiles, as
-    # linear_act's for its large shapes. Compiled for sm90 as launched with Triton 3.6.0, none spills
-    # in the modulated kernel (128 x 128 with 4 warps and 4 stages did: 56-64 B, so it is not here)
-    BlockConfig(128, 128, 64, 8, 8, 3),
-    BlockConfig(128, 256, 64, 8, 8, 3),
-    BlockConfig(64, 128, 64, 8, 4, 3),
 ]
 _INTERPRET_CONFIG = BlockConfig(16, 32, 32, 2, 4, 1)
 FORCE_CONFIG: BlockConfig | None = None  # tests pin one

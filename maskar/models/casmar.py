@@ -62,10 +62,8 @@ from maskar.nn.diffloss import (
     DiffLoss,
     FinalLayer,
     TimestepEmbedder,
-    fused_kernels,
     init_adaln_zero,
     init_linears_xavier,
-    load_fused_kernels,
     modulate,
 )
 from maskar.nn.diffusion import GaussianDiffusion, create_diffusion
@@ -347,65 +345,31 @@ class DiTBlock(nn.Module):
         # the GELU in fc1's cuBLASLt epilogue in CUDA inference: CASMAR-B sampling 8.69 -> 9.11
         # images/s on an H200 (docs/benchmarks.md, *The DiT MLP's GELU, three ways*)
         self.mlp.gelu_epilogue = True
-        if self.fused:
-            load_fused_kernels()
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    # Inference only, opt-in (MASKAR_DIT_SPLIT_ADALN=1): the adaLN projection as two matmuls, the
+    # attention half's (shift, scale, gate) just before the attention and the MLP half's just
+    # before the MLP, so each (rows, 3 W) output is read back soon after it is written.
+    split_adaln = os.environ.get("MASKAR_DIT_SPLIT_ADALN", "0") == "1"
 
     def forward(self, x: Tensor, c: Tensor, grid: tuple[int, int], cond_tokens: Tensor) -> Tensor:
         """x (B, L, W); c (B, L, W) per-token condition; cond_tokens (B, L, W) for SALA anchors."""
-        if self.fused and _dit_fused_applies(self, x):
-            return self._forward_fused(x, c, grid)
+        if DiTBlock.split_adaln and not torch.is_grad_enabled():
+            return self._forward_split(x, c, grid, cond_tokens)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, -1)
         h = _autocast_input(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_msa * self.attn(h, grid, cond_tokens)
         return x + gate_mlp * self.mlp(_autocast_input(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
-    # The block as four Triton kernels (inference, opt-in: MASKAR_DIT_FUSED=1; not yet measured on a
-    # GPU): the LayerNorm + modulation in the prologue of the q/k/v and fc1 matmuls, the gated
-    # residual in the epilogue of out_proj and fc2 (maskar.kernels.adaln_mlp, MAR's head's kernels),
-    # so the (rows, 6 W) modulation is read where it is used and no normalised copy of x exists.
-    fused_default = os.environ.get("MASKAR_DIT_FUSED", "0") == "1"
-
-    @property
-    def fused(self) -> bool:
-        return self.__dict__.get("_fused", DiTBlock.fused_default)
-
-    @fused.setter
-    def fused(self, on: bool) -> None:
-        self.__dict__["_fused"] = bool(on)
-        if on:
-            load_fused_kernels()  # here, never inside a torch.compile trace
-
-    def _forward_fused(self, x: Tensor, c: Tensor, grid: tuple[int, int]) -> Tensor:
-        """:meth:`forward` with the kernels; the eager bf16 path's rounding steps (adaln_mlp)."""
-        kern, (b, n, w), dtype = fused_kernels(), x.shape, _compute_dtype(x)
-        mod = self.adaLN_modulation(c).to(dtype).reshape(b * n, 6 * w)
-        na, mlp = self.attn.na, self.mlp
-        qkv_w = torch.cat([na.q_proj.weight, na.k_proj.weight, na.v_proj.weight]).to(dtype)
-        qkv_b = torch.cat([na.q_proj.bias, na.k_proj.bias, na.v_proj.bias]).to(dtype)
-        x2 = x.reshape(b * n, w).contiguous()  # the residual stream keeps x's dtype, as in forward
-        qkv = kern.modulated_linear_op(x2, mod, 0, w, None, None, self.norm1.eps, qkv_w, qkv_b, "none")
-        q, k, v = qkv.view(b, n, 3 * w).split(w, -1)
-        att = na.attend(q, k, v, grid).reshape(b * n, w).to(dtype).contiguous()
-        x2 = kern.gated_residual_linear_op(att, na.out_proj.weight.to(dtype), na.out_proj.bias.to(dtype), x2,
-                                           mod, 2 * w)
-        h = kern.modulated_linear_op(x2, mod, 3 * w, 4 * w, None, None, self.norm2.eps,
-                                     mlp.fc1.weight.to(dtype), mlp.fc1.bias.to(dtype), "gelu_tanh")
-        fc2_w, fc2_b = mlp.fc2.weight.to(dtype), mlp.fc2.bias.to(dtype)
-        return kern.gated_residual_linear_op(h, fc2_w, fc2_b, x2, mod, 5 * w).view(b, n, w)
-
-
-def _dit_fused_applies(block: DiTBlock, x: Tensor) -> bool:
-    """Whether :meth:`DiTBlock._forward_fused` can run: the kernels loaded, PSA (not SALA), no
-    autograd, CUDA (or the Triton interpreter), an fp16 / bf16 compute dtype, a width the kernels'
-    K steps divide."""
-    kern = fused_kernels()
-    if kern is None or torch.is_grad_enabled() or not isinstance(block.attn, ProximalSelfAttention):
-        return False
-    dtype = _compute_dtype(x)
-    if dtype not in (torch.float16, torch.bfloat16) or x.shape[-1] % kern.K_MULTIPLE:
-        return False
-    return x.is_cuda or kern._INTERPRET
+    def _forward_split(self, x: Tensor, c: Tensor, grid: tuple[int, int], cond_tokens: Tensor) -> Tensor:
+        """:meth:`forward` with the adaLN projection's two halves computed where they are used
+        (each output element is the same dot product)."""
+        act, lin, w = self.adaLN_modulation[0](c), self.adaLN_modulation[1], x.shape[-1]
+        shift_msa, scale_msa, gate_msa = F.linear(act, lin.weight[: 3 * w], lin.bias[: 3 * w]).chunk(3, -1)
+        h = _autocast_input(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa * self.attn(h, grid, cond_tokens)
+        shift_mlp, scale_mlp, gate_mlp = F.linear(act, lin.weight[3 * w :], lin.bias[3 * w :]).chunk(3, -1)
+        return x + gate_mlp * self.mlp(_autocast_input(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -536,6 +500,10 @@ class GlobalDiffLoss(GraphedHead):
     """
 
     bucket_rows = False  # one row count per sampling call (B or 2B): no padding
+    # Opt-in (MASKAR_DIT_STEP_CHUNKS=k): each DiT step as k calls on equal row chunks (images),
+    # so the per-block intermediates of a chunk (adaLN output, q/k/v, fc1 output) are smaller
+    # and may be read back from L2; the rows do not interact, so the values are the same.
+    step_chunks = int(os.environ.get("MASKAR_DIT_STEP_CHUNKS", "1"))
 
     def __init__(self, net: LocalDiT, num_sampling_steps: str | int = "250"):
         super().__init__()
@@ -568,6 +536,9 @@ class GlobalDiffLoss(GraphedHead):
 
     def step(self, x: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None) -> Tensor:
         return self.net.forward_embedded(x, t, cond, labels)
+
+    def graph_key(self) -> tuple:
+        return (DiTBlock.split_adaln,)
 
     def step_cfg(
         self, x: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None, scale: float | Tensor

@@ -47,12 +47,6 @@ def load_fused_kernels() -> None:
         _fused_kernels = adaln_mlp
 
 
-def fused_kernels():
-    """``maskar.kernels.adaln_mlp`` once :func:`load_fused_kernels` has imported it, else None
-    (also what CASMAR's fused DiT blocks run)."""
-    return _fused_kernels
-
-
 def fused_blocks_apply(x: Tensor, modulation: tuple[Tensor, Tensor] | None) -> bool:
     """Whether the fused residual-block kernels can run this step: loaded, batched modulation
     (its weight in the compute dtype fp16 / bf16), a width the kernels' K steps divide, no

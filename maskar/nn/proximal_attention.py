@@ -253,11 +253,7 @@ class ProximalAttention2D(nn.Module):
 
     def local(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """Window attention before ``out_proj``: x (B, L, C) -> (B, L, C)."""
-        return self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), grid)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int]) -> Tensor:
-        """The window attention of projected q, k, v (B, L, C) -> (B, L, C), before ``out_proj``."""
-        q, k, v = (_heads(t, self.num_heads) for t in (q, k, v))
+        q, k, v = (_heads(p(x), self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
         return _merge(proximal_attention(q, k, v, grid, self.kernel_size, self.dilation,
                                          border=self.border, backend=self.attn_backend))
 

@@ -38,9 +38,11 @@
 #   PART=gelu3 (about 7 min, DEADLINE=480): CASMAR-B with the DiT MLP's fc1 + tanh GELU as two kernels
 #     (default), through the tuned Triton op (--linear-act on), through cuBLASLt's epilogue
 #     (MASKAR_FUSED_GELU=1); two timed calls each; the default's profile.
-#   PART=ditfused (about 6 min, DEADLINE=500): the GPU test of CASMAR's DiT block as the adaln_mlp
-#     kernels (MASKAR_DIT_FUSED), then CASMAR-B with --dit-fused off / on, two timed calls each, the
-#     fused call's profile (GPU idle by phase too).
+#   PART=ditchunk (about 9 min, DEADLINE=560): CASMAR-B's DiT chain (100 steps, compiled, in a CUDA
+#     graph) with the step as 1 / 2 / 4 / 8 row-chunk calls and the adaLN projection split in halves
+#     (scripts/gpu/dit_variants.py), the 256 px decode in chunks of 8 / 16 / 32 / 64 images; then
+#     CASMAR-B at the defaults and with the fastest chain layout (MASKAR_DIT_STEP_CHUNKS /
+#     MASKAR_DIT_SPLIT_ADALN), two timed calls each.
 #   PART=profile2 (about 8 min): the DiT step's kernels with MASKAR_LINEAR_ACT=1 (`bench casmar_parts`);
 #     MAR-B num_iter 256 profiled with the switches in ON; HMAR / VAR-d16 1024 px memory by pool.
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
@@ -238,17 +240,18 @@ elif [ "${PART}" = gelu3 ]; then
       --linear-act $la --fused-head off $prof --json "$OUT/casmar_gelu-$sw.json" > "$OUT/casmar_gelu-$sw.txt" 2>&1
     echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_gelu-$sw.txt" | grep -E "^switches|^sample|Error" | tail -n 4
   done
-elif [ "${PART}" = ditfused ]; then
-  el "GPU test: the DiT block as the adaln_mlp kernels against its module path, and in a CUDA graph"
-  timeout $(cap 120) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_adaln_mlp.py -k dit \
-    > "$OUT/gpu_tests_dit.txt" 2>&1
-  echo "tests rc=$?"; grep -E "rel max|passed|failed|Error" "$OUT/gpu_tests_dit.txt" | tail -n 5
-  for sw in off on; do
-    prof=""; [ "$sw" = on ] && prof="--profile"  # where the fused call's time goes
-    el "bench casmar, --linears low, --dit-fused $sw"
-    timeout $(cap 200) $PY -m maskar bench casmar --batch 64 --sample-reps 2 --linears low --dit-fused $sw \
-      $prof --json "$OUT/casmar_dit-$sw.json" > "$OUT/casmar_dit-$sw.txt" 2>&1
-    echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_dit-$sw.txt" | grep -E "^switches|^sample|idle|Error" | tail -n 5
+elif [ "${PART}" = ditchunk ]; then
+  el "DiT chain layouts and decode chunks (dit_variants.py)"
+  timeout $(cap 300) $PY scripts/gpu/dit_variants.py --json "$OUT/dit_variants.json" > "$OUT/dit_variants.txt" 2>&1
+  echo "variants rc=$?"; grep -vE "$NOISE" "$OUT/dit_variants.txt" | grep -E "^chunks|^ *256|^decode|Error" | tail -n 14
+  best=$($PY -c "import json; r=min(json.load(open('$OUT/dit_variants.json'))['dit'], key=lambda r: r['chain_ms']); print(r['chunks'], int(r['split_adaln']))" 2>/dev/null || echo "1 0")
+  runs=("1 0"); [ "$best" != "1 0" ] && runs+=("$best")
+  for v in "${runs[@]}"; do
+    set -- $v
+    el "bench casmar, --linears low, MASKAR_DIT_STEP_CHUNKS=$1 MASKAR_DIT_SPLIT_ADALN=$2"
+    MASKAR_DIT_STEP_CHUNKS=$1 MASKAR_DIT_SPLIT_ADALN=$2 timeout $(cap 200) $PY -m maskar bench casmar --batch 64 \
+      --sample-reps 2 --linears low --json "$OUT/casmar_dit-$1-$2.json" > "$OUT/casmar_dit-$1-$2.txt" 2>&1
+    echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_dit-$1-$2.txt" | grep -E "^switches|^sample|Error" | tail -n 4
   done
 elif [ "${PART}" = profile2 ]; then
   # where the time goes after PART=linact / linact2: the DiT step's kernels with the Triton GELU
