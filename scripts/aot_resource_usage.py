@@ -20,7 +20,8 @@ device's compiler here, install that wheel into a side directory and put it firs
 Shapes: PSA at CASMAR-B's head (16 x 16 grid, k 7, H 16, D 64, bf16, the models' fused qkv
 layout); block-sparse attention at the 256 px schedule (L 680, H 16, D 64, block-diagonal) and,
 for the long-sequence candidates, 1024 px (L 9451); linear_act at MAR-B's fc1 (768 -> 3072, 40960
-rows), exact and tanh GELU; adaln_mlp at MAR-B's head (128 rows, width 1024).
+rows), exact and tanh GELU; adaln_mlp at MAR-B's head (128 rows, width 1024); adaln_modulate at
+CASMAR-B's DiT blocks (32,768 rows, width 512).
 """
 
 from __future__ import annotations
@@ -121,8 +122,26 @@ def adaln_mlp_launches():
         yield "adaln_mlp", i, cfg, launch
 
 
+def adaln_modulate_launches():
+    """CASMAR-B's DiT adaLN half with the modulation (MASKAR_DIT_MODULATE): 32,768 rows, width 512."""
+    import maskar.kernels.adaln_modulate as am
+
+    M, C = 32768, 512
+    act, x = torch.randn(M, C, dtype=BF16), torch.randn(M, C)
+    w3, b3 = torch.randn(3 * C, C, dtype=BF16), torch.randn(3 * C, dtype=BF16)
+    mean, rstd = am.ln_stats(x, 1e-6)
+    for i, cfg in enumerate(am.CANDIDATES):
+        def launch(cfg=cfg):
+            am.FORCE_CONFIG = cfg
+            try:
+                am.adaln_modulate(act, w3, b3, x, mean, rstd)
+            finally:
+                am.FORCE_CONFIG = None
+        yield "adaln_modulate", i, cfg, launch
+
+
 GROUPS = {"psa": psa_launches, "block_sparse": block_sparse_launches, "linear_act": linear_act_launches,
-          "adaln_mlp": adaln_mlp_launches}
+          "adaln_mlp": adaln_mlp_launches, "adaln_modulate": adaln_modulate_launches}
 
 
 def main() -> None:

@@ -658,8 +658,9 @@ def add_common_args(ap: argparse.ArgumentParser, preset: str) -> None:
     ap.add_argument(
         "--compile-mode",
         default="default",
-        choices=("default", "max-autotune-no-cudagraphs"),
-        help="torch.compile mode of the transformer blocks",
+        choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead"),
+        help="torch.compile mode of the transformer blocks (reduce-overhead: Inductor's CUDA graphs, "
+        "one per sequence length)",
     )
     ap.add_argument(
         "--head-compile-mode",
@@ -759,10 +760,10 @@ def switches(model: torch.nn.Module) -> dict[str, Any]:
            "fused_gelu_cublaslt": epilogue, "time_table": ",".join(tables) or "-",
            "defer_adds": getattr(model, "defer_residual_adds", None),
            "fused_head": fused}
-    if hasattr(model, "cond_diffloss"):  # CASMAR's DiT step layout (MASKAR_DIT_STEP_CHUNKS / _SPLIT_ADALN)
+    if hasattr(model, "cond_diffloss"):  # CASMAR's DiT blocks (MASKAR_DIT_MODULATE)
         from maskar.models.casmar import DiTBlock
 
-        out.update(dit_step_chunks=model.cond_diffloss.step_chunks, dit_split_adaln=DiTBlock.split_adaln)
+        out["dit_modulate_kernel"] = DiTBlock.modulate_kernel
     return out
 
 

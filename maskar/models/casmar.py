@@ -73,6 +73,11 @@ from maskar.nn.sampling import SamplingTrace, make_generator
 from maskar.nn.vit import Attention, Mlp
 from maskar.tokenizers.klvae import KLVAE
 
+try:  # the opt-in DiT modulation kernel (DiTBlock.modulate_kernel) needs Triton
+    from maskar.kernels import adaln_modulate as _adaln_modulate
+except ImportError:
+    _adaln_modulate = None
+
 # ----------------------------------------------------------------------------- configs
 
 
@@ -347,29 +352,43 @@ class DiTBlock(nn.Module):
         self.mlp.gelu_epilogue = True
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    # Inference only, opt-in (MASKAR_DIT_SPLIT_ADALN=1): the adaLN projection as two matmuls, the
-    # attention half's (shift, scale, gate) just before the attention and the MLP half's just
-    # before the MLP, so each (rows, 3 W) output is read back soon after it is written.
-    split_adaln = os.environ.get("MASKAR_DIT_SPLIT_ADALN", "0") == "1"
+    # Inference, opt-in (MASKAR_DIT_MODULATE=1): each half of the adaLN projection through
+    # maskar.kernels.adaln_modulate, the LayerNorm modulation in the matmul's epilogue, so the
+    # (rows, 6 W) projection is never written (only h and the gate, 2 W per row and half).
+    modulate_kernel = os.environ.get("MASKAR_DIT_MODULATE", "0") == "1"
 
     def forward(self, x: Tensor, c: Tensor, grid: tuple[int, int], cond_tokens: Tensor) -> Tensor:
         """x (B, L, W); c (B, L, W) per-token condition; cond_tokens (B, L, W) for SALA anchors."""
-        if DiTBlock.split_adaln and not torch.is_grad_enabled():
-            return self._forward_split(x, c, grid, cond_tokens)
+        if DiTBlock.modulate_kernel and _modulate_kernel_applies(x):
+            return self._forward_modulate_kernel(x, c, grid, cond_tokens)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, -1)
         h = _autocast_input(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_msa * self.attn(h, grid, cond_tokens)
         return x + gate_mlp * self.mlp(_autocast_input(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
-    def _forward_split(self, x: Tensor, c: Tensor, grid: tuple[int, int], cond_tokens: Tensor) -> Tensor:
-        """:meth:`forward` with the adaLN projection's two halves computed where they are used
-        (each output element is the same dot product)."""
-        act, lin, w = self.adaLN_modulation[0](c), self.adaLN_modulation[1], x.shape[-1]
-        shift_msa, scale_msa, gate_msa = F.linear(act, lin.weight[: 3 * w], lin.bias[: 3 * w]).chunk(3, -1)
-        h = _autocast_input(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_msa * self.attn(h, grid, cond_tokens)
-        shift_mlp, scale_mlp, gate_mlp = F.linear(act, lin.weight[3 * w :], lin.bias[3 * w :]).chunk(3, -1)
-        return x + gate_mlp * self.mlp(_autocast_input(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+    def _forward_modulate_kernel(
+        self, x: Tensor, c: Tensor, grid: tuple[int, int], cond_tokens: Tensor
+    ) -> Tensor:
+        """:meth:`forward` with each adaLN half and the modulation it feeds as one kernel."""
+        (b, n, w), dtype, lin = x.shape, _compute_dtype(x), self.adaLN_modulation[1]
+        act = self.adaLN_modulation[0](c).to(dtype).reshape(b * n, w)
+        weight, bias = lin.weight.to(dtype), lin.bias.to(dtype)
+        x2 = x.reshape(b * n, w)
+        op, stats = _adaln_modulate.adaln_modulate_op, _adaln_modulate.ln_stats
+        h, gate = op(act, weight[: 3 * w], bias[: 3 * w], x2, *stats(x2, self.norm1.eps))
+        x2 = x2 + gate * self.attn(h.view(b, n, w), grid, cond_tokens).reshape(b * n, w)
+        h, gate = op(act, weight[3 * w :], bias[3 * w :], x2, *stats(x2, self.norm2.eps))
+        return (x2 + gate * self.mlp(h)).view(b, n, w)
+
+
+def _modulate_kernel_applies(x: Tensor) -> bool:
+    """Whether :meth:`DiTBlock._forward_modulate_kernel` can run: the kernel importable, no
+    autograd, CUDA (or the Triton interpreter), an fp16 / bf16 compute dtype."""
+    if _adaln_modulate is None or torch.is_grad_enabled():
+        return False
+    if _compute_dtype(x) not in (torch.float16, torch.bfloat16):
+        return False
+    return x.is_cuda or _adaln_modulate._INTERPRET
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -500,10 +519,6 @@ class GlobalDiffLoss(GraphedHead):
     """
 
     bucket_rows = False  # one row count per sampling call (B or 2B): no padding
-    # Opt-in (MASKAR_DIT_STEP_CHUNKS=k): each DiT step as k calls on equal row chunks (images),
-    # so the per-block intermediates of a chunk (adaLN output, q/k/v, fc1 output) are smaller
-    # and may be read back from L2; the rows do not interact, so the values are the same.
-    step_chunks = int(os.environ.get("MASKAR_DIT_STEP_CHUNKS", "1"))
 
     def __init__(self, net: LocalDiT, num_sampling_steps: str | int = "250"):
         super().__init__()
@@ -538,7 +553,7 @@ class GlobalDiffLoss(GraphedHead):
         return self.net.forward_embedded(x, t, cond, labels)
 
     def graph_key(self) -> tuple:
-        return (DiTBlock.split_adaln,)
+        return (DiTBlock.modulate_kernel,)
 
     def step_cfg(
         self, x: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None, scale: float | Tensor

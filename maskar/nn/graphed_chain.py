@@ -221,12 +221,6 @@ def _cast(out: Tensor, cast: bool) -> Tensor:
     return out.float() if cast else out
 
 
-def _row_chunks(v: Tensor | None, g: int, k: int) -> Tensor | None:
-    """Rows (g * k * c, ...) laid out as g groups (the CFG halves) -> (k, g * c, ...): chunk i
-    holds the i-th c rows of every group."""
-    return None if v is None else v.unflatten(0, (g, k, -1)).transpose(0, 1).flatten(1, 2)
-
-
 class GraphCache:
     """LRU cache of captured chains; copies and pickles as an empty cache (graphs cannot be)."""
 
@@ -307,8 +301,6 @@ class GraphedHead(nn.Module):
 
     net: nn.Module
     bucket_rows = True  # pad row counts to graph_rows() buckets (MAR: the count changes per call)
-    # sampling: the network step as this many calls on equal row chunks (1: one call on all rows)
-    step_chunks = 1
     compile_defaults: dict[str, Any] = {}
 
     def __init__(self) -> None:
@@ -398,24 +390,8 @@ class GraphedHead(nn.Module):
         cond = self.embed(z)  # constant over the diffusion steps
         step, step_cfg = self._compiled or (self.step, self.step_cfg)
         if scale is None:
-            call = step
-        else:
-            def call(x: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None) -> Tensor:
-                return step_cfg(x, t, cond, labels, scale)
-
-        k, g = self.step_chunks, 1 if scale is None else 2
-        if k > 1 and z.shape[0] % (g * k) == 0 and not torch.is_grad_enabled():
-            # row chunks of both CFG halves together: chunk i = [cond rows i | their uncond rows]
-            conds, labs = _row_chunks(cond, g, k), _row_chunks(labels, g, k)
-
-            def chunked(x: Tensor, t: Tensor) -> Tensor:
-                xs, ts = _row_chunks(x, g, k), _row_chunks(t, g, k)
-                outs = torch.stack([call(xs[i], ts[i], conds[i], None if labs is None else labs[i])
-                                    for i in range(k)])  # (k, g * c, ...)
-                return _cast(outs.unflatten(1, (g, -1)).transpose(0, 1).flatten(0, 2), cast)
-
-            return chunked
-        return lambda x, t: _cast(call(x, t, cond, labels), cast)
+            return lambda x, t: _cast(step(x, t, cond, labels), cast)
+        return lambda x, t: _cast(step_cfg(x, t, cond, labels, scale), cast)
 
     def sample_chain(
         self,
@@ -536,7 +512,6 @@ class GraphedHead(nn.Module):
             torch.is_autocast_enabled("cuda"),
             torch.get_autocast_dtype("cuda"),
             torch.get_float32_matmul_precision(),
-            self.step_chunks,
             *self.graph_key(),
         )
 

@@ -38,11 +38,10 @@
 #   PART=gelu3 (about 7 min, DEADLINE=480): CASMAR-B with the DiT MLP's fc1 + tanh GELU as two kernels
 #     (default), through the tuned Triton op (--linear-act on), through cuBLASLt's epilogue
 #     (MASKAR_FUSED_GELU=1); two timed calls each; the default's profile.
-#   PART=ditchunk (about 9 min, DEADLINE=560): CASMAR-B's DiT chain (100 steps, compiled, in a CUDA
-#     graph) with the step as 1 / 2 / 4 / 8 row-chunk calls and the adaLN projection split in halves
-#     (scripts/gpu/dit_variants.py), the 256 px decode in chunks of 8 / 16 / 32 / 64 images; then
-#     CASMAR-B at the defaults and with the fastest chain layout (MASKAR_DIT_STEP_CHUNKS /
-#     MASKAR_DIT_SPLIT_ADALN), two timed calls each.
+#   PART=modulate (about 7 min, DEADLINE=560): the GPU test of the DiT adaLN projection with the
+#     modulation in its epilogue (maskar.kernels.adaln_modulate: every candidate at CASMAR-B's shapes,
+#     the tuner's times against the unfused path); CASMAR-B at the defaults, with MASKAR_DIT_MODULATE=1
+#     (profiled), and with the transformer blocks compiled in mode reduce-overhead; two timed calls each.
 #   PART=profile2 (about 8 min): the DiT step's kernels with MASKAR_LINEAR_ACT=1 (`bench casmar_parts`);
 #     MAR-B num_iter 256 profiled with the switches in ON; HMAR / VAR-d16 1024 px memory by pool.
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
@@ -240,18 +239,19 @@ elif [ "${PART}" = gelu3 ]; then
       --linear-act $la --fused-head off $prof --json "$OUT/casmar_gelu-$sw.json" > "$OUT/casmar_gelu-$sw.txt" 2>&1
     echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_gelu-$sw.txt" | grep -E "^switches|^sample|Error" | tail -n 4
   done
-elif [ "${PART}" = ditchunk ]; then
-  el "DiT chain layouts and decode chunks (dit_variants.py)"
-  timeout $(cap 300) $PY scripts/gpu/dit_variants.py --json "$OUT/dit_variants.json" > "$OUT/dit_variants.txt" 2>&1
-  echo "variants rc=$?"; grep -vE "$NOISE" "$OUT/dit_variants.txt" | grep -E "^chunks|^ *256|^decode|Error" | tail -n 14
-  best=$($PY -c "import json; r=min(json.load(open('$OUT/dit_variants.json'))['dit'], key=lambda r: r['chain_ms']); print(r['chunks'], int(r['split_adaln']))" 2>/dev/null || echo "1 0")
-  runs=("1 0"); [ "$best" != "1 0" ] && runs+=("$best")
-  for v in "${runs[@]}"; do
-    set -- $v
-    el "bench casmar, --linears low, MASKAR_DIT_STEP_CHUNKS=$1 MASKAR_DIT_SPLIT_ADALN=$2"
-    MASKAR_DIT_STEP_CHUNKS=$1 MASKAR_DIT_SPLIT_ADALN=$2 timeout $(cap 200) $PY -m maskar bench casmar --batch 64 \
-      --sample-reps 2 --linears low --json "$OUT/casmar_dit-$1-$2.json" > "$OUT/casmar_dit-$1-$2.txt" 2>&1
-    echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_dit-$1-$2.txt" | grep -E "^switches|^sample|Error" | tail -n 4
+elif [ "${PART}" = modulate ]; then
+  el "GPU test: adaln_modulate at CASMAR-B's shapes"
+  timeout $(cap 120) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_adaln_modulate.py \
+    > "$OUT/gpu_tests_modulate.txt" 2>&1
+  echo "tests rc=$?"; grep -E "rel|passed|failed|Error" "$OUT/gpu_tests_modulate.txt" | tail -n 14
+  for v in default modulate overhead; do
+    env=(); extra=()
+    [ "$v" = modulate ] && env=(MASKAR_DIT_MODULATE=1) && extra=(--profile)
+    [ "$v" = overhead ] && extra=(--compile-mode reduce-overhead)
+    el "bench casmar, --linears low, $v"
+    env "${env[@]}" timeout $(cap 200) $PY -m maskar bench casmar --batch 64 --sample-reps 2 --linears low \
+      "${extra[@]}" --json "$OUT/casmar_$v.json" > "$OUT/casmar_$v.txt" 2>&1
+    echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_$v.txt" | grep -E "^switches|^sample|idle|Error" | tail -n 5
   done
 elif [ "${PART}" = profile2 ]; then
   # where the time goes after PART=linact / linact2: the DiT step's kernels with the Triton GELU

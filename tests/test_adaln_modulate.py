@@ -1,0 +1,207 @@
+"""The DiT block's adaLN projection with the LayerNorm modulation in its epilogue
+(maskar.kernels.adaln_modulate) against the module path.
+
+The reference takes the module path's steps: the projection rounded to the compute dtype, the
+LayerNorm in fp32, the modulation in fp32 from the rounded shift / scale, one rounding. fp16
+agrees to about one ulp of the output; under the CPU interpreter bf16 truncates where a GPU
+rounds to nearest, so its bound is looser (the GPU test holds it to the tight one). CPU:
+TRITON_INTERPRET=1 in one subprocess.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers_aot import compiles_as_launched, require_aot_compiler, resource_usage
+from helpers_interpreter import run_under_interpreter
+
+BOUND = {"fp16": 2e-3, "bf16": 3e-2}  # relative to the output's max |value|
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+gpu = pytest.mark.gpu
+
+
+def reference(act, w3, b3, x, eps):
+    """(h, gate) by the module path's steps (float64 products of the rounded operands)."""
+    c = x.shape[1]
+    mod = F.linear(act.double(), w3.double(), b3.double()).to(act.dtype)
+    shift, scale, gate = mod.chunk(3, -1)
+    ln = F.layer_norm(x.double(), (c,), eps=eps)
+    return torch.addcmul(shift.double(), ln, 1 + scale.double()).to(act.dtype), gate
+
+
+def rel(a, b) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+_RUNNER = r"""
+import json, sys, torch
+sys.path.insert(0, {tests_dir!r})
+from test_adaln_modulate import DTYPES, reference, rel
+from maskar.kernels import adaln_modulate as am
+from maskar.kernels.linear_act import MMConfig
+
+def out(case, **kw):
+    print("RESULT " + json.dumps(dict(case=case, **kw)), flush=True)
+
+torch.manual_seed(0)
+# rows and features that the tiles do not divide, K not a multiple of the block (EVEN_K False)
+M, C, K = 37, 40, 48
+for name, dt in DTYPES.items():
+    act = torch.randn(M, K).to(dt)
+    w3, b3 = (0.2 * torch.randn(3 * C, K)).to(dt), (0.2 * torch.randn(3 * C)).to(dt)
+    x = 3 + 2 * torch.randn(M, C)  # the residual stream: float32, off-centre
+    mean, rstd = am.ln_stats(x, 1e-6)
+    h_ref, g_ref = reference(act, w3, b3, x, 1e-6)
+    for label, cfg in (("tiles", MMConfig(32, 16, 32, 2, 4, 1)),
+                       ("persistent", MMConfig(16, 16, 16, 2, 4, 1, persistent=True)),
+                       ("unfused", am.UNFUSED)):
+        am.FORCE_CONFIG = cfg
+        h, g = am.adaln_modulate(act, w3, b3, x, mean, rstd)
+        out(f"op-{{name}}-{{label}}", h=rel(h, h_ref), g=rel(g, g_ref), dtypes=[str(h.dtype), str(g.dtype)])
+    am.FORCE_CONFIG = None
+
+# CASMAR's DiT block and a sampled chain with the kernel on and off, bf16 autocast on the CPU
+from test_casmar import randomize_heads, tiny_casmar
+from maskar.models.casmar import DiTBlock
+model = tiny_casmar()
+randomize_heads(model)
+head = model.cond_diffloss.eval()
+net = head.net
+z = torch.randn(4, 32, 4, 4)
+t = torch.full((4,), 100)
+x = torch.randn(4, 4, 4, 4)
+samples, steps = {{}}, {{}}
+for on in (False, True):
+    DiTBlock.modulate_kernel = on
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        cond = net.embed_condition(z)
+        steps[on] = net.forward_embedded(x, t, cond, None).float()
+        samples[on] = head.sample(z, 1.0, 2.0, generator=torch.Generator().manual_seed(0), cuda_graph=False)
+        static = head._sample_graphed(z, 1.0, 2.0, head.gen_diffusion(), torch.Generator().manual_seed(0),
+                                      capture=False)
+    out(f"chain-{{on}}", static_equals_eager=bool(torch.equal(static, samples[on])))
+DiTBlock.modulate_kernel = False
+out("dit", step=rel(steps[True], steps[False]), sample=rel(samples[True], samples[False]),
+    differs=bool(not torch.equal(steps[True], steps[False])))
+"""
+
+
+@pytest.fixture(scope="module")
+def interp() -> dict:
+    return run_under_interpreter(_RUNNER, timeout=900)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("label", ["tiles", "persistent", "unfused"])
+def test_op_follows_the_module_path(interp, dt, label):
+    r = interp[f"op-{dt}-{label}"]
+    assert r["h"] <= BOUND[dt] and r["g"] <= BOUND[dt], r
+    assert r["dtypes"] == [str(DTYPES[dt])] * 2
+
+
+def test_dit_block_with_the_kernel_stays_close_and_graphs_equal_eager(interp):
+    r = interp["dit"]
+    assert r["differs"]  # the kernel path ran
+    assert r["step"] <= BOUND["bf16"] and r["sample"] <= 5e-2, r
+    assert interp["chain-True"]["static_equals_eager"] and interp["chain-False"]["static_equals_eager"]
+
+
+def test_off_by_default_and_in_the_graph_key():
+    import os
+    import subprocess
+    import sys
+
+    from maskar.models.casmar import DiTBlock, GlobalDiffLoss
+
+    code = "from maskar.models.casmar import DiTBlock; print(DiTBlock.modulate_kernel)"
+    for env, want in (("0", "False"), ("1", "True")):  # read at import: a fresh process
+        proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MASKAR_DIT_MODULATE=env),
+                              capture_output=True, text=True, check=True)
+        assert proc.stdout.strip() == want
+    assert GlobalDiffLoss.graph_key(None) == (DiTBlock.modulate_kernel,)
+
+
+def test_fp32_and_autograd_run_the_module_path(monkeypatch):
+    from test_casmar import randomize_heads, tiny_casmar
+
+    from maskar.models.casmar import DiTBlock
+
+    model = tiny_casmar()
+    randomize_heads(model)
+    block = model.cond_diffloss.net.blocks[0]
+    x, c = torch.randn(2, 16, 16), torch.randn(2, 16, 16)
+    with torch.no_grad():
+        want = block(x, c, (4, 4), c)
+        monkeypatch.setattr(DiTBlock, "modulate_kernel", True)
+        assert torch.equal(block(x, c, (4, 4), c), want)  # fp32: not applied
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [(lambda: (torch.randn(4, 8).half(), torch.randn(9, 8).half(), torch.randn(9).half(), torch.randn(4, 4)),
+      r"w3 \(12, K\)"),
+     (lambda: (torch.randn(4, 8), torch.randn(12, 8), torch.randn(12), torch.randn(4, 4)), "fp16 / bf16"),
+     (lambda: (torch.randn(4, 8).half(), torch.randn(12, 8).half(), torch.randn(12).half(),
+               torch.randn(4, 8)[:, ::2]), "unit stride")],
+)
+def test_bad_inputs_are_named(args, match):
+    am = pytest.importorskip("maskar.kernels.adaln_modulate")
+    act, w3, b3, x = args()
+    mean, rstd = am.ln_stats(x, 1e-6)
+    with pytest.raises(ValueError, match=match):
+        am.adaln_modulate(act, w3, b3, x, mean, rstd)
+
+
+def test_kernels_compile_for_sm90():
+    """Every candidate, compiled for Hopper as launched at CASMAR-B's DiT shapes (32,768 rows,
+    width 512): tensor-core dots, shared memory within the H200's, no register spills."""
+    require_aot_compiler()
+    from maskar.kernels import adaln_modulate as am
+
+    m, c = 32768, 512
+    act = torch.randn(m, c, dtype=torch.bfloat16)
+    w3, b3 = torch.randn(3 * c, c, dtype=torch.bfloat16), torch.randn(3 * c, dtype=torch.bfloat16)
+    x = torch.randn(m, c)
+    mean, rstd = am.ln_stats(x, 1e-6)
+    for cfg in am.CANDIDATES:
+        am.FORCE_CONFIG = cfg
+        try:
+            with compiles_as_launched() as found:
+                am.adaln_modulate(act, w3, b3, x, mean, rstd)
+        except FileNotFoundError as e:
+            pytest.skip(f"no CUDA toolchain in this Triton: {e}")
+        finally:
+            am.FORCE_CONFIG = None
+        ((name, c),) = found
+        assert "mma" in c.asm["ptx"] and c.metadata.shared <= 232448, (name, cfg)
+        usage = resource_usage(c)
+        assert usage is None or usage["STACK"] == 0, (name, cfg, usage)
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_op_at_casmar_b_shapes():
+    """Every candidate at CASMAR-B's DiT shapes in bf16 against the float64 reference; the tuned
+    op; the DiT block with the kernel against the module path (compiled, bf16)."""
+    from maskar.kernels import adaln_modulate as am
+
+    torch.manual_seed(0)
+    m, c = 32768, 512
+    act = torch.randn(m, c, device="cuda").bfloat16()
+    w3 = (0.05 * torch.randn(3 * c, c, device="cuda")).bfloat16()
+    b3 = (0.05 * torch.randn(3 * c, device="cuda")).bfloat16()
+    x = 2 * torch.randn(m, c, device="cuda")
+    mean, rstd = am.ln_stats(x, 1e-6)
+    h_ref, g_ref = reference(act, w3, b3, x, 1e-6)
+    for cfg in [am.UNFUSED, *am.CANDIDATES]:
+        am.FORCE_CONFIG = cfg
+        try:
+            h, g = am.adaln_modulate(act, w3, b3, x, mean, rstd)
+        finally:
+            am.FORCE_CONFIG = None
+        print(f"{cfg}: h rel {rel(h, h_ref):.2e}, gate rel {rel(g, g_ref):.2e}")
+        assert rel(h, h_ref) <= 8e-3 and rel(g, g_ref) <= 8e-3, cfg
+    h, g = am.adaln_modulate(act, w3, b3, x, mean, rstd)
+    print("tuned:", am.tuning_log())
+    assert rel(h, h_ref) <= 8e-3 and rel(g, g_ref) <= 8e-3
