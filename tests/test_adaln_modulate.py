@@ -51,6 +51,7 @@ for name, dt in DTYPES.items():
     h_ref, g_ref = reference(act, w3, b3, x, 1e-6)
     for label, cfg in (("tiles", MMConfig(32, 16, 32, 2, 4, 1)),
                        ("persistent", MMConfig(16, 16, 16, 2, 4, 1, persistent=True)),
+                       ("tma", MMConfig(16, 16, 16, 2, 4, 1, path="tma", persistent=True)),
                        ("unfused", am.UNFUSED)):
         am.FORCE_CONFIG = cfg
         h, g = am.adaln_modulate(act, w3, b3, x, mean, rstd)
@@ -99,7 +100,7 @@ def interp() -> dict:
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("label", ["tiles", "persistent", "unfused"])
+@pytest.mark.parametrize("label", ["tiles", "persistent", "tma", "unfused"])
 def test_op_follows_the_module_path(interp, dt, label):
     r = interp[f"op-{dt}-{label}"]
     assert r["h"] <= BOUND[dt] and r["g"] <= BOUND[dt], r

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from maskar.kernels.block_sparse import _INTERPRET
-from maskar.kernels.linear_act import MMConfig, _programs, _rows_class, _tile_origin
+from maskar.kernels.linear_act import MMConfig, _descriptors, _programs, _rows_class, _tile_origin
 from maskar.kernels.tuning import pick_fastest
 from maskar.kernels.tuning import time_ms as _time_ms
 
@@ -77,6 +77,16 @@ def _modulate_tile(
             acc_gate = tl.dot(a, tl.trans(w2), acc_gate)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    _modulate_store(acc_shift, acc_scale, acc_gate, rows, cols, BIAS, X, MEAN, RSTD, H, G, M, C,
+                    stride_xm, stride_hm, stride_gm)
+
+
+@triton.jit
+def _modulate_store(
+    acc_shift, acc_scale, acc_gate, rows, cols, BIAS, X, MEAN, RSTD, H, G, M, C, stride_xm, stride_hm,
+    stride_gm,
+):  # fmt: skip
+    """The epilogue: bias, the projection rounded as stored, then h and the gate."""
     col_ok = cols < C
     ok = (rows[:, None] < M) & col_ok[None, :]
     out_ty = H.dtype.element_ty
@@ -116,6 +126,39 @@ def _adaln_modulate_persistent(
                        stride_hm, stride_gm, EVEN_K, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
+@triton.jit(do_not_specialize=["M"])
+def _adaln_modulate_tma(
+    a_desc, w_desc, BIAS, X, MEAN, RSTD, H, G, M, C, K, stride_xm, stride_hm, stride_gm, NUM_PROGS,
+    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """The operands through tensor descriptors (TMA on Hopper: the copy engine fills shared memory,
+    zero-padded past the edges); tiles NUM_PROGS apart per program."""
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(C, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles, NUM_PROGS, flatten=True):
+        row0, col0 = _tile_origin(tile, M, C, BLOCK_M, BLOCK_N, GROUP_M)
+        acc_shift = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_scale = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([row0, k * BLOCK_K])
+            w0 = w_desc.load([col0, k * BLOCK_K])
+            w1 = w_desc.load([C + col0, k * BLOCK_K])
+            w2 = w_desc.load([2 * C + col0, k * BLOCK_K])
+            if DOT_F32:  # TRITON_INTERPRET with bf16 (see _modulate_tile)
+                a = a.to(tl.float32)
+                acc_shift += tl.dot(a, tl.trans(w0.to(tl.float32)))
+                acc_scale += tl.dot(a, tl.trans(w1.to(tl.float32)))
+                acc_gate += tl.dot(a, tl.trans(w2.to(tl.float32)))
+            else:
+                acc_shift = tl.dot(a, tl.trans(w0), acc_shift)
+                acc_scale = tl.dot(a, tl.trans(w1), acc_scale)
+                acc_gate = tl.dot(a, tl.trans(w2), acc_gate)
+        rows, cols = row0 + tl.arange(0, BLOCK_M), col0 + tl.arange(0, BLOCK_N)
+        _modulate_store(acc_shift, acc_scale, acc_gate, rows, cols, BIAS, X, MEAN, RSTD, H, G, M, C,
+                        stride_xm, stride_hm, stride_gm)
+
+
 # ----------------------------------------------------------------------------- configs
 
 UNFUSED = MMConfig(path="unfused")
@@ -133,6 +176,10 @@ CANDIDATES = [
     MMConfig(128, 64, 32, 8, 8, 4),
     MMConfig(128, 64, 64, 8, 8, 3, persistent=True),
     MMConfig(128, 64, 64, 8, 8, 4, persistent=True),
+    # the operands through TMA descriptors, as linear_act's fastest forms for its large shapes
+    MMConfig(128, 64, 64, 8, 8, 3, path="tma"),
+    MMConfig(128, 64, 64, 8, 8, 3, path="tma", persistent=True),
+    MMConfig(128, 64, 64, 8, 8, 4, path="tma", persistent=True),
 ]
 _INTERPRET_CONFIG = MMConfig(32, 16, 32, 2, 4, 1)
 FORCE_CONFIG: MMConfig | None = None  # tests pin one
@@ -194,8 +241,13 @@ def _launch(act: Tensor, w3: Tensor, b3: Tensor, x: Tensor, mean: Tensor, rstd: 
     consts = dict(EVEN_K=k % cfg.block_k == 0, DOT_F32=_INTERPRET and act.dtype == torch.bfloat16,
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
-    if cfg.persistent:
-        progs = min(tiles, _programs(act.device))
+    progs = min(tiles, _programs(act.device)) if cfg.persistent else tiles
+    if cfg.path == "tma":
+        a_desc, w_desc = _descriptors(act, w3, cfg)
+        del consts["EVEN_K"]
+        _adaln_modulate_tma[(progs,)](a_desc, w_desc, b3, x, mean, rstd, h, g, m, c, k, x.stride(0),
+                                      h.stride(0), g.stride(0), progs, **consts)
+    elif cfg.persistent:
         _adaln_modulate_persistent[(progs,)](*args, progs, **consts)
     else:
         _adaln_modulate[(tiles,)](*args, **consts)
