@@ -41,7 +41,8 @@
 #   PART=modulate (about 7 min, DEADLINE=560): the GPU test of the DiT adaLN projection with the
 #     modulation in its epilogue (maskar.kernels.adaln_modulate: every candidate at CASMAR-B's shapes,
 #     the tuner's times against the unfused path); CASMAR-B at the defaults, with MASKAR_DIT_MODULATE=1
-#     (profiled), and with the transformer blocks compiled in mode reduce-overhead; two timed calls each.
+#     (profiled), MAR-B num_iter 256 (the ratio), CASMAR-B with the transformer blocks compiled in mode
+#     reduce-overhead; two timed CASMAR calls each; the issue-15 targets of both CASMAR runs.
 #   PART=profile2 (about 8 min): the DiT step's kernels with MASKAR_LINEAR_ACT=1 (`bench casmar_parts`);
 #     MAR-B num_iter 256 profiled with the switches in ON; HMAR / VAR-d16 1024 px memory by pool.
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
@@ -244,14 +245,25 @@ elif [ "${PART}" = modulate ]; then
   timeout $(cap 120) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_adaln_modulate.py \
     > "$OUT/gpu_tests_modulate.txt" 2>&1
   echo "tests rc=$?"; grep -E "rel|passed|failed|Error" "$OUT/gpu_tests_modulate.txt" | tail -n 14
-  for v in default modulate overhead; do
+  for v in default modulate mar overhead; do
     env=(); extra=()
     [ "$v" = modulate ] && env=(MASKAR_DIT_MODULATE=1) && extra=(--profile)
     [ "$v" = overhead ] && extra=(--compile-mode reduce-overhead)
+    if [ "$v" = mar ]; then  # the ratio's denominator, same machine
+      el "bench mar num_iter 256 (defaults)"
+      timeout $(cap 120) $PY -m maskar bench mar --batch 64 --num-iters 256 --sample-reps 1 --train-batch 0 \
+        --linears low --json "$OUT/mar.json" > "$OUT/mar.txt" 2>&1
+      echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar.txt" | grep -E "^sample|Error" | tail -n 3
+      continue
+    fi
     el "bench casmar, --linears low, $v"
     env "${env[@]}" timeout $(cap 200) $PY -m maskar bench casmar --batch 64 --sample-reps 2 --linears low \
       "${extra[@]}" --json "$OUT/casmar_$v.json" > "$OUT/casmar_$v.txt" 2>&1
     echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_$v.txt" | grep -E "^switches|^sample|idle|Error" | tail -n 5
+  done
+  for v in default modulate; do
+    [ -f "$OUT/casmar_$v.json" ] && [ -f "$OUT/mar.json" ] && \
+      $PY -m maskar bench masked_sampling "$OUT/casmar_$v.json" "$OUT/mar.json" | tee "$OUT/targets_$v.txt"
   done
 elif [ "${PART}" = profile2 ]; then
   # where the time goes after PART=linact / linact2: the DiT step's kernels with the Triton GELU
