@@ -127,7 +127,9 @@ def test_off_by_default_and_in_the_graph_key():
         proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MASKAR_DIT_MODULATE=env),
                               capture_output=True, text=True, check=True)
         assert proc.stdout.strip() == want
-    assert GlobalDiffLoss.graph_key(None) == (DiTBlock.modulate_kernel,)
+    from maskar.nn.proximal_attention import ProximalAttention2D
+
+    assert GlobalDiffLoss.graph_key(None) == (DiTBlock.modulate_kernel, ProximalAttention2D.fused_qkv)
 
 
 def test_fp32_and_autograd_run_the_module_path(monkeypatch):

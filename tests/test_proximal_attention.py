@@ -119,6 +119,29 @@ def test_psa_module_matches_unfold_in_fp32_and_has_official_names():
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("backend", ["auto", "sdpa"])
+def test_fused_qkv_projection_gives_the_separate_projections_result(monkeypatch, backend):
+    """MASKAR_PSA_QKV: in inference q, k and v come from one matmul on the concatenated weights
+    (strided views into it); the same values as the three projections, also for SALA."""
+    from maskar.nn.attention import set_backend
+    from maskar.nn.proximal_attention import ProximalAttention2D
+
+    torch.manual_seed(0)
+    psa, sala = ProximalSelfAttention(32, 4, kernel_size=5), SALAAttention2D(32, 4, 5, 1)
+    x, cond = torch.randn(2, 64, 32), torch.randn(2, 64, 32)
+    with torch.no_grad():
+        for m in (psa, sala):
+            set_backend(m, backend)
+        want = (psa(x, (8, 8)), sala(x, (8, 8), cond))
+        monkeypatch.setattr(ProximalAttention2D, "fused_qkv", True)
+        got = (psa(x, (8, 8)), sala(x, (8, 8), cond))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    x.requires_grad_(True)  # under autograd the separate projections run
+    psa(x, (8, 8)).sum().backward()
+    assert psa.na.q_proj.weight.grad is not None
+
+
 def test_sala_matches_reference():
     torch.manual_seed(0)
     dim, heads, grid = 16, 2, (6, 6)
@@ -153,3 +176,22 @@ def test_rectangular_and_size_errors():
     assert attn(torch.randn(1, 12, 8), (3, 4)).shape == (1, 12, 8)
     with pytest.raises(ValueError, match="grid"):
         attn(torch.randn(1, 10, 8), (3, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fused_qkv_through_the_kernel(monkeypatch):
+    """MASKAR_PSA_QKV on CUDA: the kernel reads q, k, v as strided views of one (B, L, 3C) matmul
+    output; CASMAR-B's DiT attention shapes under bf16 autocast."""
+    from maskar.nn.proximal_attention import ProximalAttention2D
+
+    torch.manual_seed(0)
+    attn = ProximalSelfAttention(512, 8, kernel_size=7).cuda()
+    x = torch.randn(16, 256, 512, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        want = attn(x, (16, 16)).float()
+        monkeypatch.setattr(ProximalAttention2D, "fused_qkv", True)
+        got = attn(x, (16, 16)).float()
+    err = float((got - want).abs().max() / want.abs().max())
+    print(f"fused qkv vs separate projections (bf16): rel max {err:.2e}")
+    assert err <= 1e-2

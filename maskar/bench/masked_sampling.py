@@ -760,10 +760,11 @@ def switches(model: torch.nn.Module) -> dict[str, Any]:
            "fused_gelu_cublaslt": epilogue, "time_table": ",".join(tables) or "-",
            "defer_adds": getattr(model, "defer_residual_adds", None),
            "fused_head": fused}
-    if hasattr(model, "cond_diffloss"):  # CASMAR's DiT blocks (MASKAR_DIT_MODULATE)
+    if hasattr(model, "cond_diffloss"):  # CASMAR's DiT blocks (MASKAR_DIT_MODULATE, MASKAR_PSA_QKV)
         from maskar.models.casmar import DiTBlock
+        from maskar.nn.proximal_attention import ProximalAttention2D
 
-        out["dit_modulate_kernel"] = DiTBlock.modulate_kernel
+        out.update(dit_modulate_kernel=DiTBlock.modulate_kernel, psa_fused_qkv=ProximalAttention2D.fused_qkv)
     return out
 
 

@@ -68,7 +68,7 @@ from maskar.nn.diffloss import (
 )
 from maskar.nn.diffusion import GaussianDiffusion, create_diffusion
 from maskar.nn.graphed_chain import GraphedHead
-from maskar.nn.proximal_attention import ProximalSelfAttention, SALAAttention2D
+from maskar.nn.proximal_attention import ProximalAttention2D, ProximalSelfAttention, SALAAttention2D
 from maskar.nn.sampling import SamplingTrace, make_generator
 from maskar.nn.vit import Attention, Mlp
 from maskar.tokenizers.klvae import KLVAE
@@ -553,7 +553,7 @@ class GlobalDiffLoss(GraphedHead):
         return self.net.forward_embedded(x, t, cond, labels)
 
     def graph_key(self) -> tuple:
-        return (DiTBlock.modulate_kernel,)
+        return (DiTBlock.modulate_kernel, ProximalAttention2D.fused_qkv)
 
     def step_cfg(
         self, x: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None, scale: float | Tensor

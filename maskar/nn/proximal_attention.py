@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -251,9 +252,19 @@ class ProximalAttention2D(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
 
+    # Inference, opt-in (MASKAR_PSA_QKV=1): q, k and v from one matmul on the concatenated
+    # weights (each output element the same dot product), read by the kernel as strided views.
+    fused_qkv = os.environ.get("MASKAR_PSA_QKV", "0") == "1"
+
     def local(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """Window attention before ``out_proj``: x (B, L, C) -> (B, L, C)."""
-        q, k, v = (_heads(p(x), self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if ProximalAttention2D.fused_qkv and not torch.is_grad_enabled():
+            bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projs])
+            qkv = F.linear(x, torch.cat([p.weight for p in projs]), bias).chunk(3, -1)
+        else:
+            qkv = tuple(p(x) for p in projs)
+        q, k, v = (_heads(t, self.num_heads) for t in qkv)
         return _merge(proximal_attention(q, k, v, grid, self.kernel_size, self.dilation,
                                          border=self.border, backend=self.attn_backend))
 

@@ -41,8 +41,9 @@
 #   PART=modulate (about 7 min, DEADLINE=560): the GPU test of the DiT adaLN projection with the
 #     modulation in its epilogue (maskar.kernels.adaln_modulate: every candidate at CASMAR-B's shapes,
 #     the tuner's times against the unfused path); CASMAR-B at the defaults, with MASKAR_DIT_MODULATE=1
-#     (profiled), MAR-B num_iter 256 (the ratio), CASMAR-B with the transformer blocks compiled in mode
-#     reduce-overhead; two timed CASMAR calls each; the issue-15 targets of both CASMAR runs.
+#     (profiled), with MASKAR_PSA_QKV=1 (q/k/v as one matmul), MAR-B num_iter 256 (the ratio), CASMAR-B
+#     with the transformer blocks compiled in mode reduce-overhead (cut first if time runs out); two
+#     timed CASMAR calls each; the issue-15 targets of the first two CASMAR runs.
 #   PART=profile2 (about 8 min): the DiT step's kernels with MASKAR_LINEAR_ACT=1 (`bench casmar_parts`);
 #     MAR-B num_iter 256 profiled with the switches in ON; HMAR / VAR-d16 1024 px memory by pool.
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
@@ -243,11 +244,12 @@ elif [ "${PART}" = gelu3 ]; then
 elif [ "${PART}" = modulate ]; then
   el "GPU test: adaln_modulate at CASMAR-B's shapes"
   timeout $(cap 120) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_adaln_modulate.py \
-    > "$OUT/gpu_tests_modulate.txt" 2>&1
+    tests/test_proximal_attention.py > "$OUT/gpu_tests_modulate.txt" 2>&1
   echo "tests rc=$?"; grep -E "rel|passed|failed|Error" "$OUT/gpu_tests_modulate.txt" | tail -n 14
-  for v in default modulate mar overhead; do
+  for v in default modulate qkv mar overhead; do
     env=(); extra=()
     [ "$v" = modulate ] && env=(MASKAR_DIT_MODULATE=1) && extra=(--profile)
+    [ "$v" = qkv ] && env=(MASKAR_PSA_QKV=1)
     [ "$v" = overhead ] && extra=(--compile-mode reduce-overhead)
     if [ "$v" = mar ]; then  # the ratio's denominator, same machine
       el "bench mar num_iter 256 (defaults)"
