@@ -282,3 +282,19 @@ def test_switches_reach_the_heads_and_the_mlps_and_are_reported(monkeypatch):
     assert model.defer_residual_adds is True  # the default
     ms.apply_switches(model, argparse.Namespace(linear_act="off", time_table="on"))
     assert linear_gelu.TRITON is False and all(m.time_table is True for m in heads)
+
+
+def test_profile_prints_the_unprofiled_idle_estimate(monkeypatch, capsys, tmp_path):
+    """With kernel times (CUDA), the profile adds median - kernel busy time as the idle of an
+    unprofiled call (the profiler slows the host, not the kernels)."""
+    prof = {"wall_ms": 130.0, "clock": "GPU", "phases_ms": {"a": 90.0}, "idle_ms": 40.0, "kernels": 7,
+            "busy_ms": 90.0, "idle_by_phase_ms": {}, "top_kernels_ms": []}
+    monkeypatch.setattr(ms, "profile_call", lambda *a: dict(prof))
+    monkeypatch.setattr(ms, "set_graphs", lambda *a: None)
+    sampler = type("S", (), {"label": "case", "model": type("M", (), {"num_classes": 10})()})()
+    rows = [{"case": "case", "graphs": True, "compiled": True, "median_ms": 100.0}]
+    args = type("A", (), {"batch": 2, "json": str(tmp_path / "r.json")})()
+    ms.profile_first(sampler, rows, args, torch.device("cpu"), "fp32", {})
+    assert "GPU idle without the profiler, estimated: median 100 ms - kernels 90 ms = 10 ms (10.0%)" in \
+        capsys.readouterr().out
+    assert rows[0]["profile"]["idle_unprofiled_est_ms"] == 10.0

@@ -569,6 +569,14 @@ def profile_first(
         print(f"\nprofile of one call, {sampler.label}: failed ({first['profile']['error']})", flush=True)
     else:
         print_profile(f"{sampler.label} ({variant_name(first)})", first["profile"])
+        busy = first["profile"].get("busy_ms")
+        if busy is not None:
+            # the profiler slows the host, not the kernels: the timed calls' median minus the
+            # profiled call's kernel time estimates the GPU idle of an unprofiled call
+            est = first["median_ms"] - busy
+            first["profile"]["idle_unprofiled_est_ms"] = est
+            print(f"GPU idle without the profiler, estimated: median {first['median_ms']:.0f} ms - kernels "
+                  f"{busy:.0f} ms = {est:.0f} ms ({est / first['median_ms']:.1%})")
     write_json(args.json, rows, meta or {})
 
 
