@@ -20,8 +20,8 @@ device's compiler here, install that wheel into a side directory and put it firs
 Shapes: PSA at CASMAR-B's head (16 x 16 grid, k 7, H 16, D 64, bf16, the models' fused qkv
 layout); block-sparse attention at the 256 px schedule (L 680, H 16, D 64, block-diagonal) and,
 for the long-sequence candidates, 1024 px (L 9451); linear_act at MAR-B's fc1 (768 -> 3072, 40960
-rows), exact and tanh GELU; adaln_mlp at MAR-B's head (128 rows, width 1024); adaln_modulate at
-CASMAR-B's DiT blocks (32,768 rows, width 512).
+rows), exact and tanh GELU; adaln_mlp at MAR-B's head (128 rows, width 1024); adaln_modulate and
+gated_residual at CASMAR-B's DiT blocks (32,768 rows, width 512).
 """
 
 from __future__ import annotations
@@ -140,8 +140,27 @@ def adaln_modulate_launches():
         yield "adaln_modulate", i, cfg, launch
 
 
+def gated_residual_launches():
+    """CASMAR-B's DiT out_proj / fc2 with the gated residual (MASKAR_DIT_RESIDUAL): 32,768 rows, width 512."""
+    import maskar.kernels.gated_residual as gr
+
+    M, C = 32768, 512
+    x, gate, b = torch.randn(M, C), torch.randn(M, C, dtype=BF16), torch.randn(C, dtype=BF16)
+    for K in (512, 2048):
+        h, w = torch.randn(M, K, dtype=BF16), torch.randn(C, K, dtype=BF16)
+        for i, cfg in enumerate(gr.CANDIDATES):
+            def launch(cfg=cfg, h=h, w=w):
+                gr.FORCE_CONFIG = cfg
+                try:
+                    gr.gated_residual_stats(h, w, b, x, gate, 1e-6)
+                finally:
+                    gr.FORCE_CONFIG = None
+            yield f"gated_residual K{K}", i, cfg, launch
+
+
 GROUPS = {"psa": psa_launches, "block_sparse": block_sparse_launches, "linear_act": linear_act_launches,
-          "adaln_mlp": adaln_mlp_launches, "adaln_modulate": adaln_modulate_launches}
+          "adaln_mlp": adaln_mlp_launches, "adaln_modulate": adaln_modulate_launches,
+          "gated_residual": gated_residual_launches}
 
 
 def main() -> None:

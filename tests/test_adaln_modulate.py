@@ -58,11 +58,12 @@ for name, dt in DTYPES.items():
         out(f"op-{{name}}-{{label}}", h=rel(h, h_ref), g=rel(g, g_ref), dtypes=[str(h.dtype), str(g.dtype)])
     am.FORCE_CONFIG = None
 
-# CASMAR's DiT block and a sampled chain with the kernel on and off, bf16 autocast on the CPU
+# CASMAR's DiT (two blocks: the residual kernel hands its statistics on) and a sampled chain with
+# the kernels off / the modulation kernel / both kernels, bf16 autocast on the CPU
 from test_casmar import randomize_heads, tiny_casmar
 from maskar.models.casmar import DiTBlock
 from maskar.nn.attention import set_backend
-model = tiny_casmar()
+model = tiny_casmar(gdm_d=2)
 randomize_heads(model)
 head = model.cond_diffloss.eval()
 net = head.net
@@ -70,17 +71,17 @@ z = torch.randn(4, 32, 4, 4)
 t = torch.full((4,), 100)
 x = torch.randn(4, 4, 4, 4)
 samples, steps = {{}}, {{}}
-for on in (False, True):
-    DiTBlock.modulate_kernel = on
+for mode in ("off", "modulate", "both"):
+    DiTBlock.modulate_kernel, DiTBlock.residual_kernel = mode != "off", mode == "both"
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         cond = net.embed_condition(z)
-        steps[on] = net.forward_embedded(x, t, cond, None).float()
-        samples[on] = head.sample(z, 1.0, 2.0, generator=torch.Generator().manual_seed(0), cuda_graph=False)
+        steps[mode] = net.forward_embedded(x, t, cond, None).float()
+        samples[mode] = head.sample(z, 1.0, 2.0, generator=torch.Generator().manual_seed(0), cuda_graph=False)
         static = head._sample_graphed(z, 1.0, 2.0, head.gen_diffusion(), torch.Generator().manual_seed(0),
                                       capture=False)
-    out(f"chain-{{on}}", static_equals_eager=bool(torch.equal(static, samples[on])))
-    if on:  # the step compiled whole (the op opaque to Dynamo, its fake giving the shapes); PSA
-        # through SDPA, as the interpreter's PSA kernel does not trace
+    compiled = None
+    if mode != "off":  # the step compiled whole (the ops opaque to Dynamo, their fakes giving the
+        # shapes); PSA through SDPA, as the interpreter's PSA kernel does not trace
         set_backend(net, "sdpa")
         torch._dynamo.reset()
         f = torch.compile(net.forward_embedded, backend="aot_eager", fullgraph=True)
@@ -88,9 +89,12 @@ for on in (False, True):
             eager = net.forward_embedded(x, t, cond, None).float()
             compiled = float((f(x, t, cond, None).float() - eager).abs().max())
         set_backend(net, "auto")
-DiTBlock.modulate_kernel = False
-out("dit", step=rel(steps[True], steps[False]), sample=rel(samples[True], samples[False]),
-    differs=bool(not torch.equal(steps[True], steps[False])), compiled=compiled)
+    out(f"dit-{{mode}}", step=rel(steps[mode], steps["off"]), sample=rel(samples[mode], samples["off"]),
+        differs=bool(not torch.equal(steps[mode], steps["off"])), compiled=compiled,
+        static_equals_eager=bool(torch.equal(static, samples[mode])))
+DiTBlock.modulate_kernel = DiTBlock.residual_kernel = False
+out("dit-residual-vs-modulate", step=rel(steps["both"], steps["modulate"]),
+    differs=bool(not torch.equal(steps["both"], steps["modulate"])))
 """
 
 
@@ -107,12 +111,18 @@ def test_op_follows_the_module_path(interp, dt, label):
     assert r["dtypes"] == [str(DTYPES[dt])] * 2
 
 
-def test_dit_block_with_the_kernel_stays_close_and_graphs_equal_eager(interp):
-    r = interp["dit"]
+@pytest.mark.parametrize("mode", ["modulate", "both"])
+def test_dit_with_the_kernels_stays_close_compiles_whole_and_graphs_equal_eager(interp, mode):
+    r = interp[f"dit-{mode}"]
     assert r["differs"]  # the kernel path ran
     assert r["step"] <= BOUND["bf16"] and r["sample"] <= 5e-2, r
     assert r["compiled"] == 0.0  # compiled whole (fullgraph): the same bits
-    assert interp["chain-True"]["static_equals_eager"] and interp["chain-False"]["static_equals_eager"]
+    assert r["static_equals_eager"] and interp["dit-off"]["static_equals_eager"]
+
+
+def test_the_residual_kernel_ran_and_stays_close(interp):
+    r = interp["dit-residual-vs-modulate"]
+    assert r["differs"] and r["step"] <= BOUND["bf16"], r  # MASKAR_DIT_RESIDUAL changed the path
 
 
 def test_off_by_default_and_in_the_graph_key():
@@ -122,14 +132,15 @@ def test_off_by_default_and_in_the_graph_key():
 
     from maskar.models.casmar import DiTBlock, GlobalDiffLoss
 
-    code = "from maskar.models.casmar import DiTBlock; print(DiTBlock.modulate_kernel)"
-    for env, want in (("0", "False"), ("1", "True")):  # read at import: a fresh process
-        proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MASKAR_DIT_MODULATE=env),
-                              capture_output=True, text=True, check=True)
+    code = "from maskar.models.casmar import DiTBlock as B; print(B.modulate_kernel, B.residual_kernel)"
+    for env, want in (("0", "False False"), ("1", "True True")):  # read at import: a fresh process
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env=dict(os.environ, MASKAR_DIT_MODULATE=env, MASKAR_DIT_RESIDUAL=env))
         assert proc.stdout.strip() == want
     from maskar.nn.proximal_attention import ProximalAttention2D
 
-    assert GlobalDiffLoss.graph_key(None) == (DiTBlock.modulate_kernel, ProximalAttention2D.fused_qkv)
+    key = (DiTBlock.modulate_kernel, DiTBlock.residual_kernel, ProximalAttention2D.fused_qkv)
+    assert GlobalDiffLoss.graph_key(None) == key
 
 
 def test_fp32_and_autograd_run_the_module_path(monkeypatch):

@@ -271,7 +271,8 @@ def test_switches_reach_the_heads_and_the_mlps_and_are_reported(monkeypatch):
     monkeypatch.setattr(linear_gelu, "ENABLED", None)  # each layer's default: the DiT MLPs' is on
     assert ms.switches(model) == {"linear_act": False, "fused_gelu_cublaslt": [True],
                                   "time_table": "False", "defer_adds": False, "fused_head": [False],
-                                  "dit_modulate_kernel": False, "psa_fused_qkv": False}
+                                  "dit_modulate_kernel": False, "dit_residual_kernel": False,
+                                  "psa_fused_qkv": False}
     monkeypatch.setattr(type(heads[0]), "set_fused_blocks", lambda m, on: setattr(m, "fused_blocks", on))
     ms.apply_switches(model, argparse.Namespace(fused_head="on"))
     assert all(m.fused_blocks is True for m in heads)

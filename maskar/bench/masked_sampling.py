@@ -768,11 +768,12 @@ def switches(model: torch.nn.Module) -> dict[str, Any]:
            "fused_gelu_cublaslt": epilogue, "time_table": ",".join(tables) or "-",
            "defer_adds": getattr(model, "defer_residual_adds", None),
            "fused_head": fused}
-    if hasattr(model, "cond_diffloss"):  # CASMAR's DiT blocks (MASKAR_DIT_MODULATE, MASKAR_PSA_QKV)
+    if hasattr(model, "cond_diffloss"):  # CASMAR's DiT blocks (MASKAR_DIT_MODULATE / _RESIDUAL, _PSA_QKV)
         from maskar.models.casmar import DiTBlock
         from maskar.nn.proximal_attention import ProximalAttention2D
 
-        out.update(dit_modulate_kernel=DiTBlock.modulate_kernel, psa_fused_qkv=ProximalAttention2D.fused_qkv)
+        out.update(dit_modulate_kernel=DiTBlock.modulate_kernel, dit_residual_kernel=DiTBlock.residual_kernel,
+                   psa_fused_qkv=ProximalAttention2D.fused_qkv)
     return out
 
 

@@ -73,10 +73,11 @@ from maskar.nn.sampling import SamplingTrace, make_generator
 from maskar.nn.vit import Attention, Mlp
 from maskar.tokenizers.klvae import KLVAE
 
-try:  # the opt-in DiT modulation kernel (DiTBlock.modulate_kernel) needs Triton
+try:  # the opt-in DiT block kernels (DiTBlock.modulate_kernel, residual_kernel) need Triton
     from maskar.kernels import adaln_modulate as _adaln_modulate
+    from maskar.kernels import gated_residual as _gated_residual
 except ImportError:
-    _adaln_modulate = None
+    _adaln_modulate = _gated_residual = None
 
 # ----------------------------------------------------------------------------- configs
 
@@ -356,29 +357,52 @@ class DiTBlock(nn.Module):
     # maskar.kernels.adaln_modulate, the LayerNorm modulation in the matmul's epilogue, so the
     # (rows, 6 W) projection is never written (only h and the gate, 2 W per row and half).
     modulate_kernel = os.environ.get("MASKAR_DIT_MODULATE", "0") == "1"
+    # With it, opt-in (MASKAR_DIT_RESIDUAL=1; PSA blocks): out_proj and fc2 through
+    # maskar.kernels.gated_residual, the gated residual add and the next LayerNorm's statistics in
+    # the matmul's epilogue, so neither matmul output is written and no pass re-reads the new x.
+    residual_kernel = os.environ.get("MASKAR_DIT_RESIDUAL", "0") == "1"
 
     def forward(self, x: Tensor, c: Tensor, grid: tuple[int, int], cond_tokens: Tensor) -> Tensor:
         """x (B, L, W); c (B, L, W) per-token condition; cond_tokens (B, L, W) for SALA anchors."""
         if DiTBlock.modulate_kernel and _modulate_kernel_applies(x):
-            return self._forward_modulate_kernel(x, c, grid, cond_tokens)
+            return self.forward_kernels(x, c, grid, cond_tokens)[0]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, -1)
         h = _autocast_input(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_msa * self.attn(h, grid, cond_tokens)
         return x + gate_mlp * self.mlp(_autocast_input(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
-    def _forward_modulate_kernel(
-        self, x: Tensor, c: Tensor, grid: tuple[int, int], cond_tokens: Tensor
-    ) -> Tensor:
-        """:meth:`forward` with each adaLN half and the modulation it feeds as one kernel."""
+    def forward_kernels(
+        self,
+        x: Tensor,
+        c: Tensor,
+        grid: tuple[int, int],
+        cond_tokens: Tensor,
+        stats: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """:meth:`forward` with each adaLN half and the modulation it feeds as one kernel (and,
+        with ``residual_kernel``, out_proj and fc2 with their gated residual add as one each).
+        ``stats``: the LayerNorm (mean, rstd) of x when known; returns the new x and, when the
+        residual kernel ran, its rows' statistics (what the next block's first LayerNorm needs:
+        every norm here has eps 1e-6)."""
         (b, n, w), dtype, lin = x.shape, _compute_dtype(x), self.adaLN_modulation[1]
         act = self.adaLN_modulation[0](c).to(dtype).reshape(b * n, w)
         weight, bias = lin.weight.to(dtype), lin.bias.to(dtype)
         x2 = x.reshape(b * n, w)
-        op, stats = _adaln_modulate.adaln_modulate_op, _adaln_modulate.ln_stats
-        h, gate = op(act, weight[: 3 * w], bias[: 3 * w], x2, *stats(x2, self.norm1.eps))
-        x2 = x2 + gate * self.attn(h.view(b, n, w), grid, cond_tokens).reshape(b * n, w)
-        h, gate = op(act, weight[3 * w :], bias[3 * w :], x2, *stats(x2, self.norm2.eps))
-        return (x2 + gate * self.mlp(h)).view(b, n, w)
+        op, ln = _adaln_modulate.adaln_modulate_op, _adaln_modulate.ln_stats
+        h, gate = op(act, weight[: 3 * w], bias[: 3 * w], x2, *(stats or ln(x2, self.norm1.eps)))
+        if not (DiTBlock.residual_kernel and _residual_kernel_applies(self, x)):
+            x2 = x2 + gate * self.attn(h.view(b, n, w), grid, cond_tokens).reshape(b * n, w)
+            h, gate = op(act, weight[3 * w :], bias[3 * w :], x2, *ln(x2, self.norm2.eps))
+            return (x2 + gate * self.mlp(h)).view(b, n, w), None
+        res, na, mlp = _gated_residual.gated_residual_stats_op, self.attn.na, self.mlp
+        att = na.local(h.view(b, n, w), grid).reshape(b * n, w).to(dtype)
+        x2, mean, rstd = res(att, na.out_proj.weight.to(dtype), na.out_proj.bias.to(dtype), x2, gate,
+                             self.norm2.eps)
+        h, gate = op(act, weight[3 * w :], bias[3 * w :], x2, mean, rstd)
+        hidden = mlp.hidden(h).to(dtype)
+        x2, mean, rstd = res(hidden, mlp.fc2.weight.to(dtype), mlp.fc2.bias.to(dtype), x2, gate,
+                             self.norm1.eps)
+        return x2.view(b, n, w), (mean, rstd)
 
 
 def _modulate_kernel_applies(x: Tensor) -> bool:
@@ -389,6 +413,13 @@ def _modulate_kernel_applies(x: Tensor) -> bool:
     if _compute_dtype(x) not in (torch.float16, torch.bfloat16):
         return False
     return x.is_cuda or _adaln_modulate._INTERPRET
+
+
+def _residual_kernel_applies(block: DiTBlock, x: Tensor) -> bool:
+    """Whether :meth:`DiTBlock.forward_kernels` can take out_proj and fc2 through the residual
+    kernel: importable, PSA attention (its out_proj last), a float32 residual stream."""
+    return _gated_residual is not None and isinstance(block.attn, ProximalSelfAttention) and \
+        x.dtype == torch.float32  # fmt: skip
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -477,9 +508,12 @@ class LocalDiT(nn.Module):
                 raise ValueError("LocalDiT (sala): class labels are required")
             extra = extra + self.y_embedder(labels)
         c = cond_tokens + extra[:, None, :]  # (B, L, W)
+        stats = None  # the kernel path's LayerNorm statistics of tokens, handed block to block
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, c, (h, w), cond_tokens, use_reentrant=False)
+            elif DiTBlock.modulate_kernel and _modulate_kernel_applies(tokens):
+                tokens, stats = block.forward_kernels(tokens, c, (h, w), cond_tokens, stats)
             else:
                 tokens = block(tokens, c, (h, w), cond_tokens)
         out = self.final_layer(tokens, c)  # (B, L, C)
@@ -553,7 +587,7 @@ class GlobalDiffLoss(GraphedHead):
         return self.net.forward_embedded(x, t, cond, labels)
 
     def graph_key(self) -> tuple:
-        return (DiTBlock.modulate_kernel, ProximalAttention2D.fused_qkv)
+        return (DiTBlock.modulate_kernel, DiTBlock.residual_kernel, ProximalAttention2D.fused_qkv)
 
     def step_cfg(
         self, x: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None, scale: float | Tensor

@@ -57,12 +57,14 @@ class Mlp(nn.Module):
         self.gelu_epilogue = False
         linear_gelu.load_kernel()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def hidden(self, x: Tensor) -> Tensor:
+        """act(fc1(x)), before dropout and fc2."""
         if isinstance(self.act, nn.GELU):  # fused into fc1's matmul where linear_gelu can (inference)
-            h = linear_gelu.linear_gelu(self.fc1, x, self.act.approximate, self.gelu_epilogue)
-        else:
-            h = self.act(self.fc1(x))
-        return self.drop2(self.fc2(self.drop1(h)))
+            return linear_gelu.linear_gelu(self.fc1, x, self.act.approximate, self.gelu_epilogue)
+        return self.act(self.fc1(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.hidden(x))))
 
 
 class Block(nn.Module):

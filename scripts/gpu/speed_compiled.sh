@@ -38,12 +38,14 @@
 #   PART=gelu3 (about 7 min, DEADLINE=480): CASMAR-B with the DiT MLP's fc1 + tanh GELU as two kernels
 #     (default), through the tuned Triton op (--linear-act on), through cuBLASLt's epilogue
 #     (MASKAR_FUSED_GELU=1); two timed calls each; the default's profile.
-#   PART=modulate (about 7 min, DEADLINE=560): the GPU test of the DiT adaLN projection with the
-#     modulation in its epilogue (maskar.kernels.adaln_modulate: every candidate at CASMAR-B's shapes,
-#     the tuner's times against the unfused path); CASMAR-B at the defaults, with MASKAR_DIT_MODULATE=1
-#     (profiled), with MASKAR_PSA_QKV=1 (q/k/v as one matmul), MAR-B num_iter 256 (the ratio), CASMAR-B
-#     with the transformer blocks compiled in mode reduce-overhead (cut first if time runs out); two
-#     timed CASMAR calls each; the issue-15 targets of the first two CASMAR runs.
+#   PART=modulate (about 8.5 min, DEADLINE=570): the GPU tests of the DiT block kernels
+#     (maskar.kernels.adaln_modulate and gated_residual: every candidate at CASMAR-B's shapes, the
+#     tuner's times against the unfused path) and of PSA's fused q/k/v; CASMAR-B at the defaults,
+#     with MASKAR_DIT_MODULATE=1 (profiled), with MASKAR_DIT_MODULATE=1 MASKAR_DIT_RESIDUAL=1; MAR-B
+#     num_iter 256 (the ratio, same machine); the issue-15 targets of the three CASMAR runs.
+#   PART=modulate2 (about 6 min, DEADLINE=570): CASMAR-B at the defaults, with MASKAR_PSA_QKV=1, and
+#     with the transformer blocks compiled in mode reduce-overhead; then with every switch on
+#     (EXTRA_ENV adds or overrides, e.g. EXTRA_ENV="MASKAR_DIT_RESIDUAL=0").
 #   PART=profile2 (about 8 min): the DiT step's kernels with MASKAR_LINEAR_ACT=1 (`bench casmar_parts`);
 #     MAR-B num_iter 256 profiled with the switches in ON; HMAR / VAR-d16 1024 px memory by pool.
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
@@ -241,32 +243,39 @@ elif [ "${PART}" = gelu3 ]; then
       --linear-act $la --fused-head off $prof --json "$OUT/casmar_gelu-$sw.json" > "$OUT/casmar_gelu-$sw.txt" 2>&1
     echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_gelu-$sw.txt" | grep -E "^switches|^sample|Error" | tail -n 4
   done
-elif [ "${PART}" = modulate ]; then
-  el "GPU test: adaln_modulate at CASMAR-B's shapes"
-  timeout $(cap 120) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_adaln_modulate.py \
-    tests/test_proximal_attention.py > "$OUT/gpu_tests_modulate.txt" 2>&1
-  echo "tests rc=$?"; grep -E "rel|passed|failed|Error" "$OUT/gpu_tests_modulate.txt" | tail -n 14
-  for v in default modulate qkv mar overhead; do
-    env=(); extra=()
-    [ "$v" = modulate ] && env=(MASKAR_DIT_MODULATE=1) && extra=(--profile)
-    [ "$v" = qkv ] && env=(MASKAR_PSA_QKV=1)
-    [ "$v" = overhead ] && extra=(--compile-mode reduce-overhead)
-    if [ "$v" = mar ]; then  # the ratio's denominator, same machine
-      el "bench mar num_iter 256 (defaults)"
-      timeout $(cap 120) $PY -m maskar bench mar --batch 64 --num-iters 256 --sample-reps 1 --train-batch 0 \
-        --linears low --json "$OUT/mar.json" > "$OUT/mar.txt" 2>&1
-      echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar.txt" | grep -E "^sample|Error" | tail -n 3
-      continue
-    fi
-    el "bench casmar, --linears low, $v"
+elif [ "${PART}" = modulate ] || [ "${PART}" = modulate2 ]; then
+  casmar_variant() {  # NAME ENV... -- EXTRA_ARGS...: one CASMAR-B bench, two timed calls
+    local v=$1; shift; local env=(); while [ $# -gt 0 ] && [ "$1" != -- ]; do env+=("$1"); shift; done
+    [ $# -gt 0 ] && shift
+    el "bench casmar, --linears low, $v: ${env[*]:-} $*"
     env "${env[@]}" timeout $(cap 200) $PY -m maskar bench casmar --batch 64 --sample-reps 2 --linears low \
-      "${extra[@]}" --json "$OUT/casmar_$v.json" > "$OUT/casmar_$v.txt" 2>&1
+      "$@" --json "$OUT/casmar_$v.json" > "$OUT/casmar_$v.txt" 2>&1
     echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_$v.txt" | grep -E "^switches|^sample|idle|Error" | tail -n 5
-  done
-  for v in default modulate; do
-    [ -f "$OUT/casmar_$v.json" ] && [ -f "$OUT/mar.json" ] && \
-      $PY -m maskar bench masked_sampling "$OUT/casmar_$v.json" "$OUT/mar.json" | tee "$OUT/targets_$v.txt"
-  done
+  }
+  if [ "$PART" = modulate ]; then
+    el "GPU tests: adaln_modulate, gated_residual, PSA fused q/k/v at CASMAR-B's shapes"
+    timeout $(cap 150) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_adaln_modulate.py \
+      tests/test_gated_residual.py tests/test_proximal_attention.py > "$OUT/gpu_tests_modulate.txt" 2>&1
+    echo "tests rc=$?"; grep -E "rel|passed|failed|Error" "$OUT/gpu_tests_modulate.txt" | tail -n 20
+    casmar_variant default
+    casmar_variant modulate MASKAR_DIT_MODULATE=1 -- --profile
+    casmar_variant residual MASKAR_DIT_MODULATE=1 MASKAR_DIT_RESIDUAL=1
+    el "bench mar num_iter 256 (defaults)"
+    timeout $(cap 120) $PY -m maskar bench mar --batch 64 --num-iters 256 --sample-reps 1 --train-batch 0 \
+      --linears low --json "$OUT/mar.json" > "$OUT/mar.txt" 2>&1
+    echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar.txt" | grep -E "^sample|Error" | tail -n 3
+    for v in default modulate residual; do
+      [ -f "$OUT/casmar_$v.json" ] && [ -f "$OUT/mar.json" ] && \
+        $PY -m maskar bench masked_sampling "$OUT/casmar_$v.json" "$OUT/mar.json" | tee "$OUT/targets_$v.txt"
+    done
+  else
+    casmar_variant default
+    casmar_variant qkv MASKAR_PSA_QKV=1
+    casmar_variant overhead -- --compile-mode reduce-overhead
+    # shellcheck disable=SC2086
+    casmar_variant all MASKAR_DIT_MODULATE=1 MASKAR_DIT_RESIDUAL=1 MASKAR_PSA_QKV=1 ${EXTRA_ENV:-} -- \
+      --compile-mode reduce-overhead
+  fi
 elif [ "${PART}" = profile2 ]; then
   # where the time goes after PART=linact / linact2: the DiT step's kernels with the Triton GELU
   # matmul, and MAR-B num_iter 256's profile with the switches in ON

@@ -1,0 +1,210 @@
+"""``x + gate * (h @ w.T + b)`` with the LayerNorm statistics of the result, in one Triton kernel.
+
+In CASMAR's DiT head each block ends its attention and its MLP with a gated residual add on a
+float32 residual stream: the matmul (out_proj, fc2) writes its (rows, W) output, then a kernel
+reads it back with x and the per-token gate, writes the new x and, for the next adaLN-modulated
+LayerNorm (:mod:`maskar.kernels.adaln_modulate`), its mean and rstd. Here one program owns whole
+rows: it walks the row's columns in chunks, each a matmul tile whose epilogue adds the gated
+output to x and stores it, and combines the chunks' statistics (Chan's parallel mean / M2), so
+the matmul output never reaches memory and no second pass reads the new x.
+
+Numerics: as the compiled module path: the matmul output rounded to the compute dtype (what the
+separate matmul stores), the gate product and the sum in fp32, mean and variance of the fp32
+result (two-pass within a chunk, Chan's combination across chunks; ``F.layer_norm`` uses
+Welford). Per shape the first call times every candidate against the unfused path (``F.linear``,
+then the add and ``torch.var_mean``) and keeps the fastest. Inference only: no backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from maskar.kernels.block_sparse import _INTERPRET
+from maskar.kernels.linear_act import MMConfig, _rows_class
+from maskar.kernels.tuning import pick_fastest
+from maskar.kernels.tuning import time_ms as _time_ms
+
+# ----------------------------------------------------------------------------- kernel
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gated_residual_stats(
+    A, W, BIAS, X, GATE, OUT, MEAN, RSTD, M, C, K, eps, stride_am, stride_wn, stride_xm, stride_gm,
+    stride_om, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One program per BLOCK_M rows, all C columns in chunks of BLOCK_N (C a multiple of it)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    ks = tl.arange(0, BLOCK_K)
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    out_ty = GATE.dtype.element_ty
+    for chunk in range(0, tl.cdiv(C, BLOCK_N)):
+        cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+        # rows past the end wrap around (never stored), so the loop's loads are unmasked
+        a_ptrs = A + (rows % M)[:, None] * stride_am + ks[None, :]
+        w_ptrs = W + cols[:, None] * stride_wn + ks[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                k_ok = ks[None, :] < K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=k_ok, other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok, other=0.0)
+            if DOT_F32:  # TRITON_INTERPRET with bf16: the CPU interpreter multiplies bf16 as integers
+                acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)))
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        ok = row_ok[:, None]
+        y = (acc + tl.load(BIAS + cols).to(tl.float32)[None, :]).to(out_ty).to(tl.float32)
+        g = tl.load(GATE + rows[:, None] * stride_gm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        xn = x + g * y
+        tl.store(OUT + rows[:, None] * stride_om + cols[None, :], xn, mask=ok)
+        # this chunk's mean and M2, then Chan's combination with the chunks before
+        c_mean = tl.sum(xn, axis=1) / BLOCK_N
+        d = xn - c_mean[:, None]
+        c_m2 = tl.sum(d * d, axis=1)
+        n_a = chunk * BLOCK_N
+        n = n_a + BLOCK_N
+        delta = c_mean - mean
+        mean = mean + delta * (BLOCK_N / n)
+        m2 = m2 + c_m2 + delta * delta * (n_a * BLOCK_N / n)
+    rstd = 1.0 / tl.sqrt(m2 / C + eps)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- configs
+
+UNFUSED = MMConfig(path="unfused")
+
+# (block_m, block_n = the column chunk, block_k, -, warps, stages); a program owns whole rows. The
+# epilogue keeps x, the gate and the output tile live beside the accumulator: with 4 warps every
+# 64-row form spills on sm90 (Triton 3.6 and 3.9 compiled as launched), so all of these have 8.
+CANDIDATES = [
+    MMConfig(64, 128, 64, 1, 8, 3),
+    MMConfig(64, 128, 64, 1, 8, 4),
+    MMConfig(64, 128, 32, 1, 8, 4),
+    MMConfig(128, 64, 64, 1, 8, 3),
+    MMConfig(128, 64, 64, 1, 8, 4),
+    MMConfig(64, 64, 64, 1, 8, 4),
+    MMConfig(32, 256, 64, 1, 8, 3),
+    MMConfig(32, 128, 64, 1, 8, 4),
+]
+_INTERPRET_CONFIG = MMConfig(16, 16, 16, 1, 4, 1)
+FORCE_CONFIG: MMConfig | None = None  # tests pin one
+
+_tuned: dict[tuple, MMConfig] = {}
+_tune_log: dict[tuple, dict] = {}
+
+
+def tuned_configs() -> dict[tuple, MMConfig]:
+    return dict(_tuned)
+
+
+def tuning_log() -> dict[tuple, dict]:
+    return {k: dict(v) for k, v in _tune_log.items()}
+
+
+def _config(h: Tensor, c: int, launch_with) -> MMConfig:
+    if FORCE_CONFIG is not None:
+        return FORCE_CONFIG
+    if _INTERPRET:
+        return _INTERPRET_CONFIG
+    key = (h.get_device(), h.dtype, c, h.shape[1], _rows_class(h.shape[0]))
+    cfg = _tuned.get(key)
+    if cfg is not None:
+        return cfg
+    if torch.cuda.is_current_stream_capturing():  # no timing inside a capture
+        return UNFUSED
+    fitting = [cfg for cfg in CANDIDATES if c % cfg.block_n == 0]  # whole chunks only
+    candidates = [UNFUSED, *fitting]  # the unfused path always runs, so there is a fastest
+    return pick_fastest(key, candidates, launch_with, _tuned, _tune_log, "gated_residual", _time_ms)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _unfused(h: Tensor, w: Tensor, b: Tensor, x: Tensor, gate: Tensor, eps: float):
+    out = x.float() + gate.float() * F.linear(h, w, b).float()
+    var, mean = torch.var_mean(out, dim=-1, correction=0)
+    return out, mean, torch.rsqrt(var + eps)
+
+
+def _launch(h: Tensor, w: Tensor, b: Tensor, x: Tensor, gate: Tensor, eps: float, cfg: MMConfig):
+    if cfg.path == "unfused" or x.shape[1] % cfg.block_n:
+        return _unfused(h, w, b, x, gate, eps)
+    m, k = h.shape
+    c = x.shape[1]
+    out = torch.empty(m, c, dtype=torch.float32, device=x.device)
+    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    _gated_residual_stats[(-(-m // cfg.block_m),)](
+        h, w, b, x, gate, out, mean, rstd, m, c, k, float(eps), h.stride(0), w.stride(0), x.stride(0),
+        gate.stride(0), out.stride(0), EVEN_K=k % cfg.block_k == 0,
+        DOT_F32=_INTERPRET and h.dtype == torch.bfloat16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out, mean, rstd
+
+
+def _check(h: Tensor, w: Tensor, b: Tensor, x: Tensor, gate: Tensor) -> str:
+    """Why the kernel cannot take this call ('' if it can)."""
+    if h.dim() != 2 or w.dim() != 2 or x.dim() != 2 or h.shape[1] != w.shape[1]:
+        shapes = ", ".join(str(tuple(t.shape)) for t in (h, w, x))
+        return f"expected h (M, K), w (C, K), x (M, C); got {shapes}"
+    m, c = x.shape
+    if w.shape[0] != c or h.shape[0] != m or tuple(b.shape) != (c,) or tuple(gate.shape) != (m, c):
+        return f"expected w ({c}, K), b ({c},), gate ({m}, {c}) and {m} rows of h for x {tuple(x.shape)}"
+    if x.dtype != torch.float32:
+        return f"expected a float32 residual stream x, got {x.dtype}"
+    if h.dtype not in (torch.float16, torch.bfloat16) or any(t.dtype != h.dtype for t in (w, b, gate)):
+        return f"expected fp16 / bf16 h, w, b and gate of one dtype, got {h.dtype}, {w.dtype}, {b.dtype}, " \
+               f"{gate.dtype}"  # fmt: skip
+    if any(t.stride(-1) != 1 for t in (h, w, b, x, gate)):
+        return "expected unit stride along the last dimension"
+    if m == 0 or c == 0:
+        return "expected at least one row and one feature"
+    return ""
+
+
+def gated_residual_stats(
+    h: Tensor, w: Tensor, b: Tensor, x: Tensor, gate: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, mean, rstd): ``out = x + gate * (h @ w.T + b)`` (float32, (M, C)) and the float32
+    LayerNorm statistics of its rows (``rstd = 1 / sqrt(var + eps)``)."""
+    problem = _check(h, w, b, x, gate)
+    if problem:
+        raise ValueError(f"gated_residual_stats: {problem}")
+    if max(h.shape[0] * h.stride(0), x.shape[0] * x.stride(0), w.numel()) >= 2**31:
+        return _unfused(h, w, b, x, gate, eps)  # the kernel indexes with 32-bit offsets
+    cfg = _config(h, x.shape[1], lambda c: _launch(h, w, b, x, gate, eps, c))
+    return _launch(h, w, b, x, gate, eps, cfg)
+
+
+@torch.library.custom_op("maskar::gated_residual_stats", mutates_args=())
+def gated_residual_stats_op(
+    h: Tensor, w: Tensor, b: Tensor, x: Tensor, gate: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`gated_residual_stats` as an opaque op, so a compiled graph calls it without a break."""
+    return gated_residual_stats(h, w, b, x, gate, eps)
+
+
+@gated_residual_stats_op.register_fake
+def _(h, w, b, x, gate, eps):
+    m = x.shape[0]
+    return x.new_empty(x.shape, dtype=torch.float32), x.new_empty(m, dtype=torch.float32), \
+        x.new_empty(m, dtype=torch.float32)  # fmt: skip
+
+
+__all__ = ["gated_residual_stats", "gated_residual_stats_op", "tuned_configs", "tuning_log", "CANDIDATES"]
