@@ -32,10 +32,24 @@ from torch import Tensor
 
 from maskar.kernels.block_sparse import _INTERPRET
 from maskar.kernels.linear_act import MMConfig, _descriptors, _programs, _rows_class, _tile_origin
-from maskar.kernels.tuning import pick_fastest
-from maskar.kernels.tuning import time_ms as _time_ms
+from maskar.kernels.tuning import Tuner
 
 # ----------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _three_dots(a, w0, w1, w2, acc0, acc1, acc2, DOT_F32: tl.constexpr):
+    """The shift, scale and gate products of one K step, sharing the A tile."""
+    if DOT_F32:  # TRITON_INTERPRET with bf16: the CPU interpreter multiplies bf16 as integers
+        a = a.to(tl.float32)
+        acc0 += tl.dot(a, tl.trans(w0.to(tl.float32)))
+        acc1 += tl.dot(a, tl.trans(w1.to(tl.float32)))
+        acc2 += tl.dot(a, tl.trans(w2.to(tl.float32)))
+    else:
+        acc0 = tl.dot(a, tl.trans(w0), acc0)
+        acc1 = tl.dot(a, tl.trans(w1), acc1)
+        acc2 = tl.dot(a, tl.trans(w2), acc2)
+    return acc0, acc1, acc2
 
 
 @triton.jit
@@ -66,15 +80,7 @@ def _modulate_tile(
             w0 = tl.load(w_ptrs, mask=k_ok, other=0.0)
             w1 = tl.load(w_ptrs + w_step, mask=k_ok, other=0.0)
             w2 = tl.load(w_ptrs + 2 * w_step, mask=k_ok, other=0.0)
-        if DOT_F32:  # TRITON_INTERPRET with bf16: the CPU interpreter multiplies bf16 as integers
-            a = a.to(tl.float32)
-            acc_shift += tl.dot(a, tl.trans(w0.to(tl.float32)))
-            acc_scale += tl.dot(a, tl.trans(w1.to(tl.float32)))
-            acc_gate += tl.dot(a, tl.trans(w2.to(tl.float32)))
-        else:
-            acc_shift = tl.dot(a, tl.trans(w0), acc_shift)
-            acc_scale = tl.dot(a, tl.trans(w1), acc_scale)
-            acc_gate = tl.dot(a, tl.trans(w2), acc_gate)
+        acc_shift, acc_scale, acc_gate = _three_dots(a, w0, w1, w2, acc_shift, acc_scale, acc_gate, DOT_F32)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     _modulate_store(acc_shift, acc_scale, acc_gate, rows, cols, BIAS, X, MEAN, RSTD, H, G, M, C,
@@ -145,15 +151,8 @@ def _adaln_modulate_tma(
             w0 = w_desc.load([col0, k * BLOCK_K])
             w1 = w_desc.load([C + col0, k * BLOCK_K])
             w2 = w_desc.load([2 * C + col0, k * BLOCK_K])
-            if DOT_F32:  # TRITON_INTERPRET with bf16 (see _modulate_tile)
-                a = a.to(tl.float32)
-                acc_shift += tl.dot(a, tl.trans(w0.to(tl.float32)))
-                acc_scale += tl.dot(a, tl.trans(w1.to(tl.float32)))
-                acc_gate += tl.dot(a, tl.trans(w2.to(tl.float32)))
-            else:
-                acc_shift = tl.dot(a, tl.trans(w0), acc_shift)
-                acc_scale = tl.dot(a, tl.trans(w1), acc_scale)
-                acc_gate = tl.dot(a, tl.trans(w2), acc_gate)
+            acc_shift, acc_scale, acc_gate = _three_dots(a, w0, w1, w2, acc_shift, acc_scale, acc_gate,
+                                                         DOT_F32)
         rows, cols = row0 + tl.arange(0, BLOCK_M), col0 + tl.arange(0, BLOCK_N)
         _modulate_store(acc_shift, acc_scale, acc_gate, rows, cols, BIAS, X, MEAN, RSTD, H, G, M, C,
                         stride_xm, stride_hm, stride_gm)
@@ -184,31 +183,14 @@ CANDIDATES = [
 _INTERPRET_CONFIG = MMConfig(32, 16, 32, 2, 4, 1)
 FORCE_CONFIG: MMConfig | None = None  # tests pin one
 
-_tuned: dict[tuple, MMConfig] = {}
-_tune_log: dict[tuple, dict] = {}
-
-
-def tuned_configs() -> dict[tuple, MMConfig]:
-    return dict(_tuned)
-
-
-def tuning_log() -> dict[tuple, dict]:
-    return {k: dict(v) for k, v in _tune_log.items()}
+_tuner = Tuner("adaln_modulate")
+tuned_configs, tuning_log = _tuner.configs, _tuner.history
 
 
 def _config(act: Tensor, c: int, launch_with) -> MMConfig:
-    if FORCE_CONFIG is not None:
-        return FORCE_CONFIG
-    if _INTERPRET:
-        return _INTERPRET_CONFIG
     key = (act.get_device(), act.dtype, c, act.shape[1], _rows_class(act.shape[0]))
-    cfg = _tuned.get(key)
-    if cfg is not None:
-        return cfg
-    if torch.cuda.is_current_stream_capturing():  # no timing inside a capture
-        return UNFUSED
-    candidates = [UNFUSED, *CANDIDATES]  # the unfused path always runs, so there is a fastest
-    return pick_fastest(key, candidates, launch_with, _tuned, _tune_log, "adaln_modulate", _time_ms)
+    interpret = _INTERPRET_CONFIG if _INTERPRET else None
+    return _tuner.choose(key, CANDIDATES, launch_with, UNFUSED, FORCE_CONFIG, interpret)
 
 
 # ----------------------------------------------------------------------------- host side

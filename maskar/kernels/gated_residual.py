@@ -24,9 +24,8 @@ import triton.language as tl
 from torch import Tensor
 
 from maskar.kernels.block_sparse import _INTERPRET
-from maskar.kernels.linear_act import MMConfig, _rows_class
-from maskar.kernels.tuning import pick_fastest
-from maskar.kernels.tuning import time_ms as _time_ms
+from maskar.kernels.linear_act import MMConfig, _rows_class, _tile_product
+from maskar.kernels.tuning import Tuner
 
 # ----------------------------------------------------------------------------- kernel
 
@@ -40,30 +39,13 @@ def _gated_residual_stats(
     """One program per BLOCK_M rows, all C columns in chunks of BLOCK_N (C a multiple of it)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    ks = tl.arange(0, BLOCK_K)
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     out_ty = GATE.dtype.element_ty
     for chunk in range(0, tl.cdiv(C, BLOCK_N)):
         cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
-        # rows past the end wrap around (never stored), so the loop's loads are unmasked
-        a_ptrs = A + (rows % M)[:, None] * stride_am + ks[None, :]
-        w_ptrs = W + cols[:, None] * stride_wn + ks[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                w = tl.load(w_ptrs)
-            else:
-                k_ok = ks[None, :] < K - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=k_ok, other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok, other=0.0)
-            if DOT_F32:  # TRITON_INTERPRET with bf16: the CPU interpreter multiplies bf16 as integers
-                acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)))
-            else:
-                acc = tl.dot(a, tl.trans(w), acc)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+        acc = _tile_product(A, W, rows, cols, M, C, K, stride_am, stride_wn, EVEN_K, DOT_F32,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
         ok = row_ok[:, None]
         y = (acc + tl.load(BIAS + cols).to(tl.float32)[None, :]).to(out_ty).to(tl.float32)
         g = tl.load(GATE + rows[:, None] * stride_gm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -104,32 +86,15 @@ CANDIDATES = [
 _INTERPRET_CONFIG = MMConfig(16, 16, 16, 1, 4, 1)
 FORCE_CONFIG: MMConfig | None = None  # tests pin one
 
-_tuned: dict[tuple, MMConfig] = {}
-_tune_log: dict[tuple, dict] = {}
-
-
-def tuned_configs() -> dict[tuple, MMConfig]:
-    return dict(_tuned)
-
-
-def tuning_log() -> dict[tuple, dict]:
-    return {k: dict(v) for k, v in _tune_log.items()}
+_tuner = Tuner("gated_residual")
+tuned_configs, tuning_log = _tuner.configs, _tuner.history
 
 
 def _config(h: Tensor, c: int, launch_with) -> MMConfig:
-    if FORCE_CONFIG is not None:
-        return FORCE_CONFIG
-    if _INTERPRET:
-        return _INTERPRET_CONFIG
     key = (h.get_device(), h.dtype, c, h.shape[1], _rows_class(h.shape[0]))
-    cfg = _tuned.get(key)
-    if cfg is not None:
-        return cfg
-    if torch.cuda.is_current_stream_capturing():  # no timing inside a capture
-        return UNFUSED
     fitting = [cfg for cfg in CANDIDATES if c % cfg.block_n == 0]  # whole chunks only
-    candidates = [UNFUSED, *fitting]  # the unfused path always runs, so there is a fastest
-    return pick_fastest(key, candidates, launch_with, _tuned, _tune_log, "gated_residual", _time_ms)
+    interpret = _INTERPRET_CONFIG if _INTERPRET else None
+    return _tuner.choose(key, fitting, launch_with, UNFUSED, FORCE_CONFIG, interpret)
 
 
 # ----------------------------------------------------------------------------- host side

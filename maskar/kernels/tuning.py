@@ -52,3 +52,38 @@ def pick_fastest(
     tuned[key] = best[1]
     log[key] = {"chosen": best[1], "candidates": times, "seconds": time.perf_counter() - t0}
     return best[1]
+
+
+class Tuner:
+    """One op's choices: ``choose`` returns the forced config (tests), the interpreter's, the
+    config tuned for ``key`` before, the ``fallback`` inside a CUDA-graph capture (nothing is
+    timed there), or else times ``fallback`` and the candidates now and keeps the fastest."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.tuned: dict[tuple, Any] = {}
+        self.log: dict[tuple, dict] = {}
+
+    def configs(self) -> dict[tuple, Any]:
+        """The configs chosen so far (benchmarks print them)."""
+        return dict(self.tuned)
+
+    def history(self) -> dict[tuple, dict]:
+        """Per tuned key: the chosen config, (config, ms or the error's name) per candidate, seconds."""
+        return {k: dict(v) for k, v in self.log.items()}
+
+    def choose(
+        self, key: tuple, candidates: Sequence[Any], launch_with: Callable[[Any], object], fallback: Any,
+        forced: Any = None, interpret: Any = None,
+    ) -> Any:  # fmt: skip
+        if forced is not None:
+            return forced
+        if interpret is not None:
+            return interpret
+        cfg = self.tuned.get(key)
+        if cfg is not None:
+            return cfg
+        if torch.cuda.is_current_stream_capturing():
+            return fallback
+        candidates = [fallback, *candidates]  # the fallback always runs, so there is a fastest
+        return pick_fastest(key, candidates, launch_with, self.tuned, self.log, self.what, time_ms)
