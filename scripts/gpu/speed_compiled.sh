@@ -38,14 +38,14 @@
 #   PART=gelu3 (about 7 min, DEADLINE=480): CASMAR-B with the DiT MLP's fc1 + tanh GELU as two kernels
 #     (default), through the tuned Triton op (--linear-act on), through cuBLASLt's epilogue
 #     (MASKAR_FUSED_GELU=1); two timed calls each; the default's profile.
-#   PART=modulate (about 8.5 min, DEADLINE=570): the GPU tests of the DiT block kernels
+#   PART=modulate (about 9 min, DEADLINE=570): the GPU tests of the DiT block kernels
 #     (maskar.kernels.adaln_modulate and gated_residual: every candidate at CASMAR-B's shapes, the
 #     tuner's times against the unfused path) and of PSA's fused q/k/v; CASMAR-B at the defaults,
-#     with MASKAR_DIT_MODULATE=1 (profiled), with MASKAR_DIT_MODULATE=1 MASKAR_DIT_RESIDUAL=1; MAR-B
-#     num_iter 256 (the ratio, same machine); the issue-15 targets of the three CASMAR runs.
-#   PART=modulate2 (about 6 min, DEADLINE=570): CASMAR-B at the defaults, with MASKAR_PSA_QKV=1, and
-#     with the transformer blocks compiled in mode reduce-overhead; then with every switch on
-#     (EXTRA_ENV adds or overrides, e.g. EXTRA_ENV="MASKAR_DIT_RESIDUAL=0").
+#     with MASKAR_DIT_MODULATE=1, with MASKAR_DIT_MODULATE=1 MASKAR_DIT_RESIDUAL=1 (profiled).
+#   PART=modulate2 (about 8.5 min, DEADLINE=570): CASMAR-B at the defaults; MAR-B num_iter 256 (the
+#     ratio, same machine); CASMAR-B with MASKAR_PSA_QKV=1, with the transformer blocks compiled in
+#     mode reduce-overhead, and with every switch on (EXTRA_ENV adds or overrides, e.g.
+#     EXTRA_ENV="MASKAR_DIT_RESIDUAL=0"); the issue-15 targets of the default and all-on runs.
 #   PART=profile2 (about 8 min): the DiT step's kernels with MASKAR_LINEAR_ACT=1 (`bench casmar_parts`);
 #     MAR-B num_iter 256 profiled with the switches in ON; HMAR / VAR-d16 1024 px memory by pool.
 #   PART=w16 (about 9 min, DEADLINE=570): `maskar bench sample` HMAR-d16 / VAR-d16 fast, then with the
@@ -258,23 +258,23 @@ elif [ "${PART}" = modulate ] || [ "${PART}" = modulate2 ]; then
       tests/test_gated_residual.py tests/test_proximal_attention.py > "$OUT/gpu_tests_modulate.txt" 2>&1
     echo "tests rc=$?"; grep -E "rel|passed|failed|Error" "$OUT/gpu_tests_modulate.txt" | tail -n 20
     casmar_variant default
-    casmar_variant modulate MASKAR_DIT_MODULATE=1 -- --profile
-    casmar_variant residual MASKAR_DIT_MODULATE=1 MASKAR_DIT_RESIDUAL=1
+    casmar_variant modulate MASKAR_DIT_MODULATE=1
+    casmar_variant residual MASKAR_DIT_MODULATE=1 MASKAR_DIT_RESIDUAL=1 -- --profile
+  else
+    casmar_variant default
     el "bench mar num_iter 256 (defaults)"
     timeout $(cap 120) $PY -m maskar bench mar --batch 64 --num-iters 256 --sample-reps 1 --train-batch 0 \
       --linears low --json "$OUT/mar.json" > "$OUT/mar.txt" 2>&1
     echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar.txt" | grep -E "^sample|Error" | tail -n 3
-    for v in default modulate residual; do
-      [ -f "$OUT/casmar_$v.json" ] && [ -f "$OUT/mar.json" ] && \
-        $PY -m maskar bench masked_sampling "$OUT/casmar_$v.json" "$OUT/mar.json" | tee "$OUT/targets_$v.txt"
-    done
-  else
-    casmar_variant default
     casmar_variant qkv MASKAR_PSA_QKV=1
     casmar_variant overhead -- --compile-mode reduce-overhead
     # shellcheck disable=SC2086
     casmar_variant all MASKAR_DIT_MODULATE=1 MASKAR_DIT_RESIDUAL=1 MASKAR_PSA_QKV=1 ${EXTRA_ENV:-} -- \
       --compile-mode reduce-overhead
+    for v in default all; do
+      [ -f "$OUT/casmar_$v.json" ] && [ -f "$OUT/mar.json" ] && \
+        $PY -m maskar bench masked_sampling "$OUT/casmar_$v.json" "$OUT/mar.json" | tee "$OUT/targets_$v.txt"
+    done
   fi
 elif [ "${PART}" = profile2 ]; then
   # where the time goes after PART=linact / linact2: the DiT step's kernels with the Triton GELU
