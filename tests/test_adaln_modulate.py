@@ -226,3 +226,31 @@ def test_gpu_op_at_casmar_b_shapes():
     h, g = am.adaln_modulate(act, w3, b3, x, mean, rstd)
     print("tuned:", am.tuning_log())
     assert rel(h, h_ref) <= 8e-3 and rel(g, g_ref) <= 8e-3
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("residual", [False, True])
+def test_gpu_dit_with_the_kernels_at_casmar_b_width(monkeypatch, residual):
+    """A two-block DiT at CASMAR-B's width (512, 8 heads, 16 x 16 grid, PSA 7 x 7) under bf16
+    autocast, with MASKAR_DIT_MODULATE (and MASKAR_DIT_RESIDUAL) against the module path."""
+    from maskar.models.casmar import DiTBlock, LocalDiT
+
+    torch.manual_seed(0)
+    net = LocalDiT(16, 768, (16, 16), 2, 512, 8, 4.0, "psa", 7, 1, 1000, 0.0).cuda().eval()
+    for p in net.parameters():  # adaLN-Zero starts at zero output: give every layer weights
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(16, 16, 16, 16, device="cuda")
+    z = torch.randn(16, 768, 16, 16, device="cuda")
+    t = torch.full((16,), 400, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        cond = net.embed_condition(z)
+        want = net.forward_embedded(x, t, cond, None).float()
+        monkeypatch.setattr(DiTBlock, "modulate_kernel", True)
+        monkeypatch.setattr(DiTBlock, "residual_kernel", residual)
+        got = net.forward_embedded(x, t, cond, None).float()
+    err = rel(got, want)
+    which = "modulate + residual kernels" if residual else "modulate kernel"
+    print(f"DiT, {which} vs module path (bf16): rel max {err:.2e}")
+    assert 0 < err <= 2e-2
