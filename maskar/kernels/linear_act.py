@@ -32,8 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from maskar.kernels.block_sparse import _INTERPRET
-from maskar.kernels.tuning import pick_fastest
-from maskar.kernels.tuning import time_ms as _time_ms
+from maskar.kernels.tuning import Tuner
 
 ACTS = ("none", "gelu", "gelu_tanh")  # F.gelu's approximate="none" / "tanh"
 _ACT_CODE = {name: i for i, name in enumerate(ACTS)}
@@ -233,8 +232,8 @@ _INTERPRET_CONFIG = MMConfig(32, 32, 32, 2, 4, 1)
 # Tests set this to pin a config (the CPU interpreter has nothing to time).
 FORCE_CONFIG: MMConfig | None = None
 
-_tuned: dict[tuple, MMConfig] = {}
-_tune_log: dict[tuple, dict] = {}
+_tuner = Tuner("linear_act")
+tuned_configs, tuning_log = _tuner.configs, _tuner.history
 
 
 def _rows_class(m: int) -> int:
@@ -244,33 +243,11 @@ def _rows_class(m: int) -> int:
     return max(64, 1 << max(0, (m - 1).bit_length()))
 
 
-def _tune(key: tuple, baselines: list[MMConfig], launch_with) -> MMConfig:
-    candidates = [*baselines, *CANDIDATES]  # the baselines always run, so there is a fastest
-    return pick_fastest(key, candidates, launch_with, _tuned, _tune_log, "linear_act", _time_ms)
-
-
-def tuned_configs() -> dict[tuple, MMConfig]:
-    """The configs chosen so far (benchmarks print them)."""
-    return dict(_tuned)
-
-
-def tuning_log() -> dict[tuple, dict]:
-    """Per tuned key: the chosen config, (config, ms or error name) per candidate, seconds taken."""
-    return {k: dict(v) for k, v in _tune_log.items()}
-
-
 def _config(x: Tensor, n: int, act: str, has_bias: bool, launch_with) -> MMConfig:
-    if FORCE_CONFIG is not None:
-        return FORCE_CONFIG
-    if _INTERPRET:
-        return _INTERPRET_CONFIG
     key = (x.get_device(), x.dtype, n, x.shape[1], act, has_bias, _rows_class(x.shape[0]))
-    cfg = _tuned.get(key)
-    if cfg is not None:
-        return cfg
-    if torch.cuda.is_current_stream_capturing():  # no timing inside a capture
-        return UNFUSED
-    return _tune(key, [UNFUSED, CUBLASLT] if act == "gelu_tanh" and has_bias else [UNFUSED], launch_with)
+    extra = [CUBLASLT] if act == "gelu_tanh" and has_bias else []  # timed after UNFUSED, before the tiles
+    interpret = _INTERPRET_CONFIG if _INTERPRET else None
+    return _tuner.choose(key, [*extra, *CANDIDATES], launch_with, UNFUSED, FORCE_CONFIG, interpret)
 
 
 # ----------------------------------------------------------------------------- host side
