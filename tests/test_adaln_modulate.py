@@ -156,6 +156,16 @@ def test_fp32_and_autograd_run_the_module_path(monkeypatch):
         want = block(x, c, (4, 4), c)
         monkeypatch.setattr(DiTBlock, "modulate_kernel", True)
         assert torch.equal(block(x, c, (4, 4), c), want)  # fp32: not applied
+    # the predicate: a low-precision compute dtype on a device the kernel runs on, and no autograd
+    from maskar.models import casmar
+
+    monkeypatch.setattr(casmar._adaln_modulate, "_INTERPRET", True)  # as under TRITON_INTERPRET
+    with torch.autocast("cpu", torch.bfloat16):
+        with torch.no_grad():
+            assert casmar._modulate_kernel_applies(x)
+        assert not casmar._modulate_kernel_applies(x)  # grad enabled
+    with torch.no_grad():
+        assert not casmar._modulate_kernel_applies(x)  # fp32
 
 
 @pytest.mark.parametrize(
