@@ -324,6 +324,111 @@ def test_gpu_captured_graphs_give_the_eager_tokens(case, precision):
         torch.testing.assert_close(images, outs[0][1], rtol=0, atol=1e-5 if precision == "fp32" else 2e-2)
 
 
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("preset", ["hmar-d16", "var-d16"])
+def test_gpu_reserved_pool_gives_the_same_tokens_in_a_smaller_pool(monkeypatch, preset):
+    """The pool reservation (scale_graphs.RESERVE_POOL) changes where tensors live, not what the
+    graphs compute, and at 256 px the graphs' pool then holds less (the allocator model:
+    scripts/graph_pool_model.py)."""
+    from maskar.bench.sample import build_case
+    from maskar.models import scale_graphs
+
+    model, _ = build_case(
+        preset, ["model.stage=2"] if preset.startswith("hmar") else [], torch.device("cuda"), "auto"
+    )
+    model.cast_linears_(torch.bfloat16)
+    lab = torch.arange(16, device="cuda") % model.num_classes
+    results = {}
+    for reserve in (False, True):
+        monkeypatch.setattr(scale_graphs, "RESERVE_POOL", reserve)
+        model._graphs.clear()
+        torch.cuda.empty_cache()
+        for _ in range(3):  # eager (first sighting), capture, replay
+            tokens: list[torch.Tensor] = []
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                args = model._sampling_args(1.5, "linear", 1.0, 900, 0.96, 0, "cuda")
+                model._autoregress(lab, args, out_indices=tokens, **model._refine_options({}, False))
+        runner = next(iter(model._graphs.entries.values()))
+        assert (runner.reserve_bytes > 0) == reserve
+        pool = sum(
+            seg["total_size"] for seg in torch.cuda.memory_snapshot()
+            if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)
+        )  # fmt: skip
+        results[reserve] = (tokens, pool)
+    for a, b in zip(results[True][0], results[False][0], strict=True):
+        assert torch.equal(a, b), preset
+    assert results[True][1] < results[False][1], (preset, results[True][1], results[False][1])
+
+
+def test_pool_reservation_is_the_peak_with_headroom_in_whole_segments():
+    from maskar.models.scale_graphs import RESERVE_MARGIN, reserve_size
+
+    assert reserve_size(0) == 0 and reserve_size(-5) == 0
+    mib2 = 2 << 20
+    for peak in (1, mib2, 10**9, 3 * 10**9 + 7):
+        r = reserve_size(peak)
+        assert r % mib2 == 0 and peak * RESERVE_MARGIN <= r < peak * RESERVE_MARGIN + mib2
+
+
+def test_recording_noise_allocates_no_rows_and_records_the_plan():
+    from maskar.models.scale_graphs import _RecordingNoise
+
+    rec = _RecordingNoise(7, torch.device("cpu"))
+    rec.begin(0)
+    a, b = rec(5), rec(3)
+    assert rec.plan == [[5, 3]] and a.shape == (5, 7) and b.shape == (3, 7)
+    assert a.stride() == (0, 1) and bool((a == 1).all())  # a view of one row: nothing per row allocated
+
+
+def _pool_model():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "scripts" / "graph_pool_model.py"
+    spec = importlib.util.spec_from_file_location("graph_pool_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_allocator_model_grows_a_segment_per_larger_request_and_reuses_a_reservation():
+    m = _pool_model()
+    mib = 1 << 20
+    # Each "scale" allocates two tensors 1.5x the last scale's and frees them: the pool model
+    # cannot fit a larger request in the freed blocks and adds segments, as the allocator does.
+    events, size = [], 12 * mib
+    for _ in range(6):
+        k = len(events)
+        events += [[size, "a"], [size, "b"], [-k - 1, ""], [-k - 2, ""]]
+        size = int(size * 1.5)
+    plain = m.replay(events)
+    assert plain["left"] == 0 and plain["peak"] == 2 * m.round_size(events[-4][0])
+    assert plain["reserved"] > 2 * plain["peak"]
+    # One segment of the live peak first: every request splits it, nothing else is added.
+    reserved = m.replay(events, reserve=plain["peak"])
+    assert reserved["reserved"] == plain["peak"]
+    # Frees merge neighbours: after everything is freed a request the size of the segment fits.
+    pool = m.Pool()
+    pool.add_segment(64 * mib)
+    hs = [pool.malloc(16 * mib) for _ in range(4)]
+    for h in (hs[1], hs[3], hs[0], hs[2]):
+        pool.release(h)
+    pool.malloc(64 * mib)
+    assert pool.reserved == 64 * mib
+    # Small requests come from their own 2 MiB segments; noise draws are skipped.
+    assert m.replay([[1000, "x"], [5 * mib, "noise"]])["reserved"] == m.SMALL_BUFFER
+
+
+def test_allocator_model_traces_a_sampling_call_on_the_meta_device():
+    m = _pool_model()
+    events = m.trace("hmar-tiny", 16, 4)
+    sizes = [n for n, _ in events if n >= 0]
+    frees = [n for n, _ in events if n < 0]
+    assert sizes and len(frees) <= len(sizes)
+    r = m.replay(events)
+    assert 0 < r["peak"] <= r["reserved"]
+
+
 def test_bench_decode_measures_bf16_against_fp32_on_real_tokens(tmp_path):
     """The shipped hmar-fmnist tokenizer on a few Fashion-MNIST test images (CPU smoke run)."""
     from maskar.bench import decode as bench_decode

@@ -20,12 +20,22 @@ memory freed inside one (a scale's activations, VAR's KV cache after the last sc
 by the next; what crosses graphs (class embeddings, f_hat, the next input, each scale's ids) is
 held by the runner's :class:`~maskar.models.var.ScaleState`.
 
+Reuse alone does not keep the pool small: the caching allocator adds a segment whenever no free
+block fits a request, and a sampler's tensors grow scale by scale, so every scale adds segments
+that the later, larger scales and the decoder cannot use whole. Replaying the allocations of
+HMAR-d16 at 1024 px B 8 through a model of the allocator (``scripts/graph_pool_model.py``) gives
+5.6 GB of segments for 1.9 GB ever live at once. So the capture first allocates and frees one
+block the size of the eager warm-up's live peak: the pool starts as one segment that every
+later request splits and every free merges back into (2.2 GB in the same model).
+``MASKAR_GRAPH_POOL_RESERVE=0`` captures without it.
+
 Without a GPU, ``ScaleGraphRunner(..., capture=False)`` runs the same bodies on the same static
 buffers eagerly: tests compare its tokens with the eager loop's.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections import OrderedDict
@@ -34,6 +44,19 @@ import torch
 from torch import Tensor
 
 from maskar.nn.sampling import exponential_noise
+
+# Reserve the graphs' pool as one segment of the warm-up's live peak (module docstring).
+RESERVE_POOL = os.environ.get("MASKAR_GRAPH_POOL_RESERVE", "1") != "0"
+# Headroom over the measured peak: the captured allocations are the warm-up's, but a best-fit
+# split can leave a hole a later request does not fit (then the pool grows by a segment anyway).
+RESERVE_MARGIN = 1.02
+_SEGMENT_ROUND = 2 << 20  # the allocator rounds large segments to 2 MiB
+
+
+def reserve_size(peak_bytes: int, margin: float = RESERVE_MARGIN) -> int:
+    """Bytes to reserve for a measured live peak: the peak with headroom, in whole 2 MiB."""
+    want = int(peak_bytes * margin)
+    return -(-want // _SEGMENT_ROUND) * _SEGMENT_ROUND if want > 0 else 0
 
 
 def mark(device: torch.device):
@@ -68,7 +91,9 @@ class _RecordingNoise:
 
     def __call__(self, rows: int) -> Tensor:
         self.plan[-1].append(int(rows))
-        return torch.ones(rows, self.vocab, device=self.device)
+        # A stride-0 view: under capture the noise is a view of StaticNoise's buffer, outside the
+        # pool, so the warm-up's live peak (the pool's reservation) must not count it either.
+        return torch.ones(1, self.vocab, device=self.device).expand(rows, self.vocab)
 
 
 class StaticNoise:
@@ -126,7 +151,10 @@ class ScaleGraphRunner:
         self.labels = torch.zeros(batch, dtype=torch.long, device=self.device)
         # Warm-up and capture run on one side stream (lazy cuBLAS / cuDNN set-up happens there first).
         self.stream = torch.cuda.Stream(self.device) if capture else None
-        self.noise = self._record_plan(model)
+        self.reserve_bytes = 0  # set by _record_plan when capturing with RESERVE_POOL
+        self.plan = self._record_plan(model)
+        # Under capture the noise buffer is allocated inside the graphs' pool (see _capture).
+        self.noise = None if capture else StaticNoise(self.plan, model.vocab_size, self.device)
         self.state = None
         self.images: Tensor | None = None
         self.graphs: list[torch.cuda.CUDAGraph] = []
@@ -146,10 +174,17 @@ class ScaleGraphRunner:
     def _decode_body(self, model) -> None:
         self.images = model.decode(self.state.f_hat, self.precision)
 
-    def _record_plan(self, model) -> StaticNoise:
+    def _record_plan(self, model) -> list[list[int]]:
         """Run the eager loop once with recording noise (also the capture's warm-up)."""
         rec = _RecordingNoise(model.vocab_size, self.device)
         marks, model.profile_marks = model.profile_marks, None
+        measure = self.capture and RESERVE_POOL
+        if measure:
+            # The device's peak statistics are reset here: there is no other way to read the peak
+            # of one stretch of work (docs/var_hmar.md says so).
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
         try:
             with _SideStream(self.device, self.stream):
                 st = model._start(self.labels)
@@ -160,9 +195,12 @@ class ScaleGraphRunner:
                 if self.capture:  # warm the decoder's kernels (cuDNN, cuBLAS) off the capture too
                     model.decode(st.f_hat, self.precision)
             del st
+            if measure:
+                torch.cuda.synchronize(self.device)
+                self.reserve_bytes = reserve_size(torch.cuda.max_memory_allocated(self.device) - base)
         finally:
             model.profile_marks = marks
-        return StaticNoise(rec.plan, model.vocab_size, self.device)
+        return rec.plan
 
     def _capture(self, model) -> None:
         dev, stream = self.device, self.stream
@@ -178,6 +216,15 @@ class ScaleGraphRunner:
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: another thread's CUDA calls (a writer thread) cannot break it
                 with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                    if si == 0:
+                        # Allocations only, no kernels. The noise buffer (filled between replays)
+                        # gets a segment of its own in the pool rather than a block of a cached
+                        # default-pool segment that it would keep from being released. Then
+                        # the reservation, freed at once: the segment every allocation of the
+                        # graphs splits.
+                        self.noise = StaticNoise(self.plan, model.vocab_size, dev)
+                        if self.reserve_bytes:
+                            torch.empty(self.reserve_bytes, dtype=torch.uint8, device=dev)
                     self._scale_body(model, si)
                 self.graphs.append(graph)
             graph = torch.cuda.CUDAGraph()

@@ -55,6 +55,9 @@
 #     its Upsample convs as 2x2 sub-pixel convs (`bench decode variants=bf16,bf16-subpixel`).
 #   PART=nextscale (about 5 min): `maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled`,
 #     then the short 256 px training-step rows of issue 13 in the time left.
+#   PART=pool (about 7 min, DEADLINE=570): the GPU tests of the graphs' pool reservation (same tokens,
+#     a smaller pool), then `maskar bench sample models=hmar-d16,var-d16 modes=compiled-w16` with
+#     MASKAR_GRAPH_POOL_RESERVE=0 and =1 (issue 14's memory figures, with the pools split out).
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -169,6 +172,17 @@ elif [ "${PART}" = w16 ]; then
   timeout $(cap 100) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --linears low \
     --json "$OUT/casmar_low.json" > "$OUT/casmar_low.txt" 2>&1
   echo "casmar rc=$?"; grep -E "^sample|Error" "$OUT/casmar_low.txt" | tail -n 4
+elif [ "${PART}" = pool ]; then
+  el "GPU tests: the graphs' pool reservation"
+  timeout $(cap 150) $PY -m pytest -q -m gpu tests/test_sampling_speed.py -k "reserved_pool or captured_graphs" \
+    > "$OUT/pool_gpu_tests.txt" 2>&1
+  echo "tests rc=$?"; tail -n 5 "$OUT/pool_gpu_tests.txt"
+  for r in 0 1; do
+    el "bench sample compiled-w16, MASKAR_GRAPH_POOL_RESERVE=$r"
+    timeout $(cap 170) env MASKAR_GRAPH_POOL_RESERVE=$r $PY -m maskar bench sample models=hmar-d16,var-d16 \
+      modes=compiled-w16 reps=5 json="$OUT/sample_pool$r.json" > "$OUT/sample_pool$r.txt" 2>&1
+    echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample_pool$r.txt" | tail -n 24
+  done
 elif [ "${PART}" = headtune ]; then
   # the heads' per-step calls alone under max-autotune (PART=autotune also tuned the blocks, which
   # lost): MAR's MLP head runs ~35 small kernels a step at 128 rows, where a Triton template with
