@@ -116,7 +116,8 @@ def casmar_sample_scaffold(
                 scaffold, big_in, full_mask, class_emb, 0, num_masked + model.seq_len
             )
             z = model.forward_decoder(x, keep, 0)[:, :s]
-            mask_next, sams = model._next_mask(z[:b], mask, step, num_iter, known_mask, generator, trace)
+            mask_next, _, sams = model._next_mask(z[:b], mask, step, num_iter, known_mask, generator, trace)
+            sams = sams if trace is not None else None
             to_pred = mask & ~mask_next
             stuck = mask.any(1) & ~to_pred.any(1)
             if bool(stuck.any()):
@@ -185,7 +186,8 @@ def casmar_refine(
                 tok_in, full_mask = torch.cat([tokens, tokens]), torch.cat([full_mask, full_mask])
             x, keep = model.forward_encoder(scaffold, tok_in, full_mask, class_emb, 1, num_masked)
             z = model.forward_decoder(x, keep, 1)[:, s:]
-            mask_next, sams = model._next_mask(z[:b], mask, step, num_iter, known_mask, generator, trace)
+            mask_next, _, sams = model._next_mask(z[:b], mask, step, num_iter, known_mask, generator, trace)
+            sams = sams if trace is not None else None
             cfg_iter = model._cfg_scale(cfg, cfg_schedule, n - int(mask_next[0].sum()), n)
             visible = _grid((~mask).float()[..., None], h, w).bool()
             known_grid = _grid(tokens, h, w)

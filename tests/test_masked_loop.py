@@ -131,6 +131,72 @@ def test_casmar_loops_are_bitwise_the_reference(case, attention, edit):
     assert_same_traces(t1, t2)
 
 
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_casmar_scaffold_fallback_for_stuck_samples_is_the_reference(monkeypatch, cfg):
+    """More scaffold steps than the AMR ratio frees tokens: some steps draw nothing for a sample,
+    and the official fallback (its most salient masked token) must fire as the reference's does;
+    the loop applies it on the GPU without reading whether any row is stuck."""
+    model = tiny_casmar()
+    randomize_heads(model)
+    labels = torch.tensor([3, 10, 1])
+    fired = []
+    scores = ref.saliency_scores
+    monkeypatch.setattr(ref, "saliency_scores", lambda x: fired.append(1) or scores(x))
+    kw = dict(num_iter=12, cfg=cfg, num_sampling_steps="3")
+    g1, g2, t1, t2 = gen(0), gen(0), SamplingTrace(), SamplingTrace()
+    got = model.sample_scaffold(labels, generator=g1, trace=t1, **kw)
+    want = ref.casmar_sample_scaffold(model, labels, generator=g2, trace=t2, **kw)
+    assert fired, "the case should make the reference take its fallback"
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    assert_same_traces(t1, t2)
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that read GPU values back to the host (each waits for the GPU's queue):
+    scalar reads, nonzero and boolean indexing; ``tolist`` is counted by the caller's patch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        if func in (aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default):
+            self.count += 1
+        elif func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default):
+            self.count += any(
+                isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1] if t is not None
+            )
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("steps", [(3, 2), (6, 2), (3, 5)], ids=lambda s: f"scaffold{s[0]}-refine{s[1]}")
+def test_casmar_sampling_reads_the_gpu_at_most_twice_a_scaffold_step(monkeypatch, steps):
+    """The AMR count (one read in SAMS) and, in the scaffold, the number of tokens the MLP head
+    draws (one read) are the only values a step needs on the host; the first step also reads the
+    caller's masked count (one per stage). It was ~12 reads a scaffold step and 5 a refine step."""
+    scaffold, refine = steps
+    model = tiny_casmar()
+    randomize_heads(model)
+    reads = _HostReads()
+    tolist = torch.Tensor.tolist
+
+    def counted(self):
+        reads.count += 1
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    with torch.no_grad(), reads:
+        model.sample_tokens(
+            torch.tensor([3, 10, 1]), num_iter=refine, scaffold_num_iter=scaffold, cfg=2.0, re_cfg=1.5,
+            num_sampling_steps="3", refine_num_sampling_steps="3", generator=gen(0),
+        )  # fmt: skip
+    # scaffold: SAMS except after the last step, the drawn count every step; refine: SAMS except last
+    assert reads.count <= (2 * scaffold - 1) + (refine - 1) + 2, reads.count
+
+
 def test_casmar_stage2_from_latents_is_the_reference():
     model = tiny_casmar()
     randomize_heads(model)

@@ -203,12 +203,26 @@ def saliency_mask(
     n, length = feats.shape[:2]
     received = affinity_column_sums(feats)
     scores = _normalise(received)
-    free = torch.ones(n, length, dtype=torch.bool, device=feats.device) if known is None else ~known
-    n_free = free.sum(1)
-    if not bool((n_free == n_free[0]).all()):
-        raise ValueError("saliency_mask: every row needs the same number of unknown tokens")
-    n_free0 = int(n_free[0])
-    salient = float(((scores > delta) & free).sum(1).float().mean()) / max(n_free0, 1)
+    # One host read per call (the AMR ratio sets the masked count, a shape): on a GPU each read
+    # waits for the queue to drain, and sampling calls this at every step.
+    if known is None:
+        free = torch.ones(n, length, dtype=torch.bool, device=feats.device)
+        n_free0 = length
+        salient_sum = float((scores > delta).sum(1).float().mean())
+    else:
+        free = ~known
+        n_free = free.sum(1)
+        same, n_free0, salient_sum = torch.stack(
+            [
+                (n_free == n_free[0]).all().float(),
+                n_free[0].float(),
+                ((scores > delta) & free).sum(1).float().mean(),
+            ]
+        ).tolist()  # float32 holds the counts exactly (L < 2^24), and the mean is the float32 value
+        if not same:
+            raise ValueError("saliency_mask: every row needs the same number of unknown tokens")
+        n_free0 = int(n_free0)
+    salient = salient_sum / max(n_free0, 1)
     ratio = min(1.0, max(0.0, base_ratio - ratio_var + 2.0 * ratio_var * salient))
     keep_free = int(n_free0 * (1.0 - ratio))
     if known is None:
@@ -396,12 +410,14 @@ class DiTBlock(nn.Module):
             return (x2 + gate * self.mlp(h)).view(b, n, w), None
         res, na, mlp = _gated_residual.gated_residual_stats_op, self.attn.na, self.mlp
         att = na.local(h.view(b, n, w), grid).reshape(b * n, w).to(dtype)
-        x2, mean, rstd = res(att, na.out_proj.weight.to(dtype), na.out_proj.bias.to(dtype), x2, gate,
-                             self.norm2.eps)
+        x2, mean, rstd = res(
+            att, na.out_proj.weight.to(dtype), na.out_proj.bias.to(dtype), x2, gate, self.norm2.eps
+        )
         h, gate = op(act, weight[3 * w :], bias[3 * w :], x2, mean, rstd)
         hidden = mlp.hidden(h).to(dtype)
-        x2, mean, rstd = res(hidden, mlp.fc2.weight.to(dtype), mlp.fc2.bias.to(dtype), x2, gate,
-                             self.norm1.eps)
+        x2, mean, rstd = res(
+            hidden, mlp.fc2.weight.to(dtype), mlp.fc2.bias.to(dtype), x2, gate, self.norm1.eps
+        )
         return x2.view(b, n, w), (mean, rstd)
 
 
@@ -1001,14 +1017,17 @@ class CASMAR(MaskedGenerator):
         known_mask: Tensor,
         generator: torch.Generator | None,
         trace: SamplingTrace | None = None,
-    ) -> tuple[Tensor, SaliencyDetails | None]:
-        """Mask after ``step``: none after the last step, else SAMS/AMR on the conditional
-        decoder features z (B, L, D) at the cosine base ratio (with its details when tracing)."""
+    ) -> tuple[Tensor, int, SaliencyDetails | None]:
+        """Mask after ``step`` and its masked count per row (known on the host: no GPU read):
+        none after the last step, else SAMS/AMR on the conditional decoder features z (B, L, D)
+        at the cosine base ratio, with its details (the saliency the scaffold's fallback reads)."""
         if step >= num_iter - 1:
-            return torch.zeros_like(mask), None
+            return torch.zeros_like(mask), 0, None
         base = cosine_mask_ratio(step, num_iter)
-        out = self._sams(z, base, known=known_mask, generator=generator, return_details=trace is not None)
-        return out[0], (out[2] if trace is not None else None)
+        mask_next, masked, details = self._sams(
+            z, base, known=known_mask, generator=generator, return_details=True
+        )
+        return mask_next, masked, details
 
     def _check_sampling(self, cfg_schedule: str, num_iter: int, scaffold_num_iter: int) -> int:
         self._check_cfg_schedule_and_steps(cfg_schedule, num_iter)
@@ -1251,9 +1270,12 @@ class _ScaffoldLoop(MaskedLoop):
         self.big = torch.zeros(b, model.seq_len, model.token_channels, device=device)  # never visible here
         self.big_masked = torch.ones(b, model.seq_len, dtype=torch.bool, device=device)
         self.class_emb = model._class_emb_cfg(labels, s.cfg)
+        self.masked_now: int | None = None  # host copy of the masked count, set by plan
 
     def num_masked(self) -> int:
-        self.masked = int(self.mask[0].sum())
+        if self.masked_now is None:  # the first step: the caller's known tokens set it (one read)
+            self.masked_now = int(self.mask[0].sum())
+        self.masked = self.masked_now
         return self.masked
 
     def transformer_pass(self) -> Tensor:
@@ -1272,29 +1294,37 @@ class _ScaffoldLoop(MaskedLoop):
 
     def plan(self, z: Tensor, step: int) -> int:
         mask, s = self.mask, self.s
-        self.mask_next, self.sams = self.model._next_mask(
+        self.mask_next, self.masked_next, self.sams = self.model._next_mask(
             z, mask, step, s.num_iter, self.known_mask, s.generator, s.trace
         )
         to_pred = mask & ~self.mask_next
-        stuck = mask.any(1) & ~to_pred.any(1)
-        if bool(stuck.any()):
-            # the official fallback: predict the most salient still-masked token
-            scores = saliency_scores(z).masked_fill(~mask, -math.inf)
-            pick = F.one_hot(scores.argmax(1), self.length).bool()
+        if self.sams is not None:
+            # The official fallback: a sample that would draw nothing predicts its most salient
+            # still-masked token. Applied on the GPU (a no-op where no row is stuck) rather than
+            # after reading whether any row is; the saliency is SAMS's own, of the same z.
+            # After the last step nothing stays masked, so no row is stuck there.
+            stuck = mask.any(1) & ~to_pred.any(1)
+            scores = self.sams.saliency.masked_fill(~mask, -math.inf)
+            # one_hot would read the indices' range back: compare with the positions instead
+            pick = torch.arange(self.length, device=mask.device) == scores.argmax(1, keepdim=True)
             to_pred = to_pred | (pick & stuck[:, None])
         self.to_pred = to_pred
-        return self.length - int(self.mask_next[0].sum())
+        return self.length - self.masked_next
 
     def draw(self, z: Tensor, cfg_scale: float) -> None:
         b, s, to_pred = self.b, self.s, self.to_pred
-        z_sel = z[:b][to_pred]  # (K, D), row-major over (sample, position)
-        if s.guided:
-            z_sel = torch.cat([z_sel, z[b:][to_pred]])
+        # The drawn positions as flat indices in row-major order, what boolean indexing would
+        # select, from one read of their count (boolean indexing reads it once per use).
+        count = int(to_pred.sum())
+        flat = torch.sort((~to_pred).flatten().to(torch.uint8), stable=True).indices[:count]
+        rows, cols = flat // self.length, flat % self.length
+        z_cond = z[rows, cols]  # (K, D)
+        z_sel = torch.cat([z_cond, z[rows + b, cols]]) if s.guided else z_cond
         new = self.model.diffloss.sample(
             z_sel, s.temperature, cfg_scale, num_sampling_steps=s.num_sampling_steps, generator=s.generator
         )
-        self.small[to_pred] = new[: int(to_pred.sum())].float()
-        self.small_z[to_pred] = z[:b][to_pred].float()
+        self.small[rows, cols] = new[:count].float()
+        self.small_z[rows, cols] = z_cond.float()
         self.predicted |= to_pred
 
     def record(self, trace: SamplingTrace, step: int, cfg_scale: float) -> None:
@@ -1304,7 +1334,7 @@ class _ScaffoldLoop(MaskedLoop):
         )  # fmt: skip
 
     def advance(self) -> None:
-        self.mask = self.mask_next
+        self.mask, self.masked_now = self.mask_next, self.masked_next
 
 
 class _RefineLoop(MaskedLoop):
@@ -1334,9 +1364,12 @@ class _RefineLoop(MaskedLoop):
         self.scaffold = s.halves(scaffold)
         null = torch.full_like(labels, model.num_classes)
         self.head_labels = torch.cat([labels, null]) if s.guided else labels
+        self.masked_now: int | None = None  # host copy of the masked count, set by plan
 
     def num_masked(self) -> int:
-        self.masked = int(self.mask[0].sum())
+        if self.masked_now is None:  # the first step: the caller's known tokens set it (one read)
+            self.masked_now = int(self.mask[0].sum())
+        self.masked = self.masked_now
         return self.masked
 
     def transformer_pass(self) -> Tensor:
@@ -1349,10 +1382,10 @@ class _RefineLoop(MaskedLoop):
 
     def plan(self, z: Tensor, step: int) -> int:
         s = self.s
-        self.mask_next, self.sams = self.model._next_mask(
+        self.mask_next, self.masked_next, self.sams = self.model._next_mask(
             z, self.mask, step, s.num_iter, self.known_mask, s.generator, s.trace
         )
-        return self.length - int(self.mask_next[0].sum())
+        return self.length - self.masked_next
 
     def draw(self, z: Tensor, cfg_scale: float) -> None:
         m, s = self.model, self.s
@@ -1376,7 +1409,7 @@ class _RefineLoop(MaskedLoop):
         )
 
     def advance(self) -> None:
-        self.mask = self.mask_next
+        self.mask, self.masked_now = self.mask_next, self.masked_next
 
 
 # ----------------------------------------------------------------------------- latent cache
