@@ -10,6 +10,13 @@ with the argument specialisation Triton's launcher would give it (16-byte aligne
 divisible by 16) instead of running it. A compile from a bare signature (no alignment known) is a
 different program: scalar loads, more registers, spills the GPU never sees.
 
+The ``wgmma`` / ``reg A`` / ``mma`` columns count, in the PTX, Hopper's warpgroup MMA
+(``wgmma.mma_async``), those of them whose A operand comes from registers rather than from a
+shared-memory descriptor, and the older warp-level ``mma.sync``. Register-A wgmma is what a
+prologue that transforms A before the dot compiles to: A's loads then bypass the shared-memory
+pipeline. The fused DiT blocks' ``_modulated_linear`` did, and ran at ~80 TFLOP/s on an H100
+(docs/kernels.md); tiles under 64 rows fall back to mma.sync.
+
 Spills also depend on the Triton version: the H200 machine runs Triton 3.6.0 (the image's; see
 docs/kernels.md, *Register spills*), this repository's environment a newer one. To read the
 device's compiler here, install that wheel into a side directory and put it first:
@@ -35,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from helpers_aot import compiles_as_launched, resource_usage  # noqa: E402
+from helpers_aot import compiles_as_launched, resource_usage, tensor_core_ops  # noqa: E402
 
 BF16 = torch.bfloat16
 
@@ -176,7 +183,8 @@ def main() -> None:
         ap.error(f"--only: unknown group(s) {unknown}; expected {list(GROUPS)}")
     where = os.path.dirname(triton.__file__)
     print(f"Triton {triton.__version__} ({where}), target sm90, compiled as launched")
-    print(f"{'kernel (shape)':<26} {'#':>2} {'launch':<22} {'REG':>4} {'STACK':>5} {'shared':>7}  config")
+    print(f"{'kernel (shape)':<26} {'#':>2} {'launch':<22} {'REG':>4} {'STACK':>5} {'shared':>7} "
+          f"{'wgmma':>5} {'reg A':>5} {'mma':>4}  config")
     out = []
     for group in groups:
         for kernel, i, cfg, launch in GROUPS[group]():
@@ -186,9 +194,11 @@ def main() -> None:
                 usage = resource_usage(compiled) or {"REG": -1, "STACK": -1}
                 shared = compiled.metadata.shared
                 reg, stack = usage["REG"], usage["STACK"]
-                print(f"{kernel:<26} {i:>2} {name:<22} {reg:>4} {stack:>5} {shared:>7}  {cfg}", flush=True)
+                tc = tensor_core_ops(compiled)
+                print(f"{kernel:<26} {i:>2} {name:<22} {reg:>4} {stack:>5} {shared:>7} {tc['wgmma']:>5} "
+                      f"{tc['wgmma_reg_a']:>5} {tc['mma']:>4}  {cfg}", flush=True)
                 out.append(dict(kernel=kernel, index=i, launch=name, config=repr(cfg), shared=shared, REG=reg,
-                                STACK=stack))
+                                STACK=stack, **tc))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "target": "sm90", "rows": out}, f, indent=1)

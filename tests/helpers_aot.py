@@ -42,6 +42,20 @@ def resource_usage(compiled) -> dict | None:
     return None if found is None else {"REG": int(found.group(1)), "STACK": int(found.group(2))}
 
 
+def tensor_core_ops(compiled) -> dict[str, int]:
+    """Tensor-core instructions in a compiled kernel's PTX: ``wgmma`` (Hopper's warpgroup MMA,
+    ``wgmma.mma_async``), of which ``wgmma_reg_a`` take their A operand from registers (a register
+    list after the accumulators, instead of a shared-memory descriptor: what a prologue that
+    transforms A in registers leads to), and ``mma`` (warp-level ``mma.sync``, the pre-Hopper path)."""
+    ptx = compiled.asm.get("ptx", "") if hasattr(compiled.asm, "get") else ""
+    wgmma = [line.split("},", 1)[-1].lstrip() for line in ptx.splitlines() if "wgmma.mma_async" in line]
+    return {
+        "wgmma": len(wgmma),
+        "wgmma_reg_a": sum(operands.startswith("{") for operands in wgmma),
+        "mma": ptx.count("mma.sync"),
+    }
+
+
 # ----------------------------------------------------------------------------- per-kernel recipes
 # One place for how each Triton kernel's signature is spelled for an AOT compile: the tests and
 # scripts/aot_resource_usage.py (every tuner candidate's registers and spills, for a Triton version

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_aot import compiles_as_launched, require_aot_compiler, resource_usage
+from helpers_aot import compiles_as_launched, require_aot_compiler, resource_usage, tensor_core_ops
 from helpers_interpreter import run_under_interpreter
 from test_adaln_mlp import DTYPES, rel
 
@@ -206,6 +206,10 @@ def test_kernels_compile_for_sm90():
             am.FORCE_CONFIG = None
         ((name, c),) = found
         assert "mma" in c.asm["ptx"] and c.metadata.shared <= 232448, (name, cfg)
+        # A from shared memory: the modulation is in the epilogue, so no wgmma takes A from
+        # registers (the prologue form that ran at ~80 TFLOP/s; scripts/aot_resource_usage.py)
+        tc = tensor_core_ops(c)
+        assert tc["wgmma"] > 0 and tc["wgmma_reg_a"] == 0, (name, cfg, tc)
         usage = resource_usage(c)
         assert usage is None or usage["STACK"] == 0, (name, cfg, usage)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_aot import compiles_as_launched, require_aot_compiler, resource_usage
+from helpers_aot import compiles_as_launched, require_aot_compiler, resource_usage, tensor_core_ops
 from helpers_interpreter import run_under_interpreter
 from test_adaln_mlp import DTYPES, rel
 
@@ -108,6 +108,9 @@ def test_kernel_compiles_for_sm90():
                 gr.FORCE_CONFIG = None
             ((name, comp),) = found
             assert "mma" in comp.asm["ptx"] and comp.metadata.shared <= 232448, (name, cfg, k)
+            # tiles of 64 rows and more use wgmma with A from shared memory (not registers)
+            tc = tensor_core_ops(comp)
+            assert tc["wgmma_reg_a"] == 0 and (tc["wgmma"] > 0 or cfg.block_m < 64), (name, cfg, k, tc)
             usage = resource_usage(comp)
             assert usage is None or usage["STACK"] == 0, (name, cfg, k, usage)
 
