@@ -536,3 +536,27 @@ def test_bench_decode_times_old_and_new_norm_variants(tmp_path, capsys):
     assert rows[3]["psnr_vs_bf16_torch_gn_mean"] > 35
     with pytest.raises(SystemExit, match="variants: expected names"):
         bench_decode.main(["speed=true", "variants=bf16,bf17"])
+
+
+def test_bench_decode_compiled_variants_compile_fhat_to_img(tmp_path, monkeypatch):
+    """bf16-compiled / bf16-autotune decode through torch.compile(fhat_to_img) in their mode (the
+    compile itself is a GPU run's business: here a recorder stands in for torch.compile)."""
+    from maskar.bench import decode as bench_decode
+
+    modes = []
+
+    def fake_compile(fn, mode=None, dynamic=None):
+        modes.append((mode, dynamic))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = tmp_path / "d.json"
+    argv = ["ckpt=none", "speed=true", "cases=32x1", "reps=1", "device=cpu",
+            "variants=bf16,bf16-compiled,bf16-autotune", f"json={out}"]  # fmt: skip
+    assert bench_decode.main(argv) == 0
+    rows = json.loads(out.read_text())["speed"]
+    assert [r["variant"] for r in rows] == ["fp32-strict", "bf16", "bf16-compiled", "bf16-autotune"]
+    assert modes == [("default", False), ("max-autotune-no-cudagraphs", False)]
+    # the compiled variants decode the same images as bf16 (the stand-in compiles nothing)
+    assert rows[2]["psnr_vs_fp32_strict_mean"] == rows[1]["psnr_vs_fp32_strict_mean"]
+    assert all(r["first_s"] >= 0 for r in rows)

@@ -28,7 +28,11 @@ channels-last memory, ``vqvae.BF16_CHANNELS_LAST``) and ``bf16-autotuned`` (``bf
 algorithm search, ``vqvae.BF16_CUDNN_BENCHMARK = True``; every other variant takes cuDNN's
 heuristic choice) and ``bf16-subpixel`` (``bf16`` with each Upsample's nearest x2 + 3x3 conv as
 one 2x2 convolution with 4x the channels, ``common.SUBPIXEL_UPSAMPLE``: 19% of the decoder's
-FLOPs shrink by 5/9). Each variant: median of ``reps``
+FLOPs shrink by 5/9) and ``bf16-compiled`` / ``bf16-autotune`` (``bf16`` through
+``torch.compile`` of ``fhat_to_img``, default mode / ``max-autotune-no-cudagraphs``: Inductor
+fuses the residual adds, casts and upsampling around the convolutions, and in the second mode
+also times its Triton convolution templates against cuDNN per shape; the compile and autotuning
+happen in the warm-up call and are printed apart). Each variant: median of ``reps``
 CUDA-event timings after one warm-up, peak allocated memory of the decode alone (GB = 1e9 B),
 PSNR against ``fp32-strict`` and, for variants listed after ``bf16-torch-gn``, against it (new
 against old decode). Floors: FLOPs / 790 TFLOP/s (bf16) and / 395 TFLOP/s (TF32), the H200's
@@ -51,15 +55,18 @@ DEFAULTS = {
 }  # fmt: skip
 
 # name -> (precision, TF32 for cuDNN (None: as configured), fused group norm, channels-last bf16,
-# cuDNN autotuning of the bf16 convolutions, the Upsample convs as one 2x2 sub-pixel conv)
+# cuDNN autotuning of the bf16 convolutions, the Upsample convs as one 2x2 sub-pixel conv,
+# torch.compile mode of fhat_to_img (None: eager))
 VARIANTS = {
-    "fp32-strict": ("fp32", False, True, False, False, False),
-    "fp32": ("fp32", None, True, False, False, False),
-    "bf16": ("bf16", None, True, False, False, False),
-    "bf16-torch-gn": ("bf16", None, False, False, False, False),
-    "bf16-cl": ("bf16", None, True, True, False, False),
-    "bf16-autotuned": ("bf16", None, True, False, True, False),
-    "bf16-subpixel": ("bf16", None, True, False, False, True),
+    "fp32-strict": ("fp32", False, True, False, False, False, None),
+    "fp32": ("fp32", None, True, False, False, False, None),
+    "bf16": ("bf16", None, True, False, False, False, None),
+    "bf16-torch-gn": ("bf16", None, False, False, False, False, None),
+    "bf16-cl": ("bf16", None, True, True, False, False, None),
+    "bf16-autotuned": ("bf16", None, True, False, True, False, None),
+    "bf16-subpixel": ("bf16", None, True, False, False, True, None),
+    "bf16-compiled": ("bf16", None, True, False, False, False, "default"),
+    "bf16-autotune": ("bf16", None, True, False, False, False, "max-autotune-no-cudagraphs"),
 }
 
 PEAK_TFLOPS = {"bf16": 790.0, "tf32": 395.0}
@@ -194,7 +201,7 @@ def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
         flops = fc.get_total_flops() * batch
         ref = old = None
         for name in variants:
-            ms, img, peak = _time_decode(tok, fhat, res, *VARIANTS[name], int(opts["reps"]), device)
+            ms, img, peak, first_s = _time_decode(tok, fhat, res, *VARIANTS[name], int(opts["reps"]), device)
             if ref is None:
                 ref = img
             per = psnr_per_image(img, ref)
@@ -205,7 +212,7 @@ def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
             peak_tf = PEAK_TFLOPS["bf16" if precision == "bf16" else "tf32"]
             rows.append({
                 "res": res, "batch": batch, "variant": name, "ms": ms, "decode_peak_gb": peak,
-                "tflop": flops / 1e12, "floor_ms": flops / (peak_tf * 1e12) * 1e3,
+                "first_s": first_s, "tflop": flops / 1e12, "floor_ms": flops / (peak_tf * 1e12) * 1e3,
                 "psnr_vs_fp32_strict_mean": per.mean().item(), "psnr_vs_fp32_strict_min": per.min().item(),
             })  # fmt: skip
             if vs_old is not None:
@@ -214,7 +221,7 @@ def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
             print(
                 f"{res:>5} {batch:>5} {name:<13} {ms:>9.1f} {_fmt(peak, '.2f', 8)} {flops / 1e12:>7.1f} "
                 f"{rows[-1]['floor_ms']:>8.1f} {per.mean().item():>8.1f} {per.min().item():>8.1f} "
-                f"{_fmt(None if vs_old is None else vs_old.mean().item(), '.1f', 9)}",
+                f"{_fmt(None if vs_old is None else vs_old.mean().item(), '.1f', 9)} {first_s:>8.1f}",
                 flush=True,
             )
         del tok, fhat, ref, img
@@ -225,9 +232,10 @@ def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
 
 def _time_decode(
     tok, fhat, res: int, precision: str, tf32: bool | None, fused_norm: bool, channels_last: bool,
-    autotune: bool, subpixel: bool, reps: int, device: torch.device,
+    autotune: bool, subpixel: bool, compile_mode: str | None, reps: int, device: torch.device,
 ):  # fmt: skip
-    """(median ms, images, peak GB above what was allocated before) of the chunked decode."""
+    """(median ms, images, peak GB above what was allocated before, seconds of the first call:
+    compiling and autotuning included) of the chunked decode."""
     from maskar.models.var import decode_in_chunks
     from maskar.tokenizers import common, vqvae
 
@@ -250,7 +258,13 @@ def _time_decode(
                 torch.cuda.empty_cache()
                 base = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            ms, img = _time(lambda: decode_in_chunks(tok, fhat, res, precision), reps, device)
+            decoder = tok if compile_mode is None else _Compiled(tok, compile_mode)
+            t0 = time.perf_counter()
+            decode_in_chunks(decoder, fhat, res, precision)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first_s = time.perf_counter() - t0
+            ms, img = _time(lambda: decode_in_chunks(decoder, fhat, res, precision), reps, device)
             peak = (torch.cuda.max_memory_allocated(device) - base) / 1e9 if device.type == "cuda" else None
     finally:
         if group_norm:
@@ -258,7 +272,14 @@ def _time_decode(
         vqvae.BF16_CHANNELS_LAST = saved[1]
         vqvae.BF16_CUDNN_BENCHMARK = saved[2]
         common.SUBPIXEL_UPSAMPLE = saved[3]
-    return ms, img, peak
+    return ms, img, peak, first_s
+
+
+class _Compiled:
+    """A tokenizer whose ``fhat_to_img`` runs through ``torch.compile`` (what decode_in_chunks calls)."""
+
+    def __init__(self, tok, mode: str) -> None:
+        self.fhat_to_img = torch.compile(tok.fhat_to_img, mode=mode, dynamic=False)
 
 
 def _fmt(v, spec: str, width: int) -> str:
@@ -297,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts["speed"]:
         print(
             f"{'res':>5} {'batch':>5} {'variant':<13} {'ms':>9} {'peak GB':>8} {'TFLOP':>7} {'floor':>8} "
-            f"{'PSNR':>8} {'min':>8} {'vs old gn':>9}"
+            f"{'PSNR':>8} {'min':>8} {'vs old gn':>9} {'first s':>8}"
         )
         out["speed"] = speed(opts, device)
     if opts["json"]:

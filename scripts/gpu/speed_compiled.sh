@@ -58,6 +58,8 @@
 #   PART=pool (about 7 min, DEADLINE=570): the GPU tests of the graphs' pool reservation (same tokens,
 #     a smaller pool), then `maskar bench sample models=hmar-d16,var-d16 modes=compiled-w16` with
 #     MASKAR_GRAPH_POOL_RESERVE=0 and =1 (issue 14's memory figures, with the pools split out).
+#   PART=decodec (about 6 min, DEADLINE=500): `maskar bench decode` of the d16 decoder eager bf16
+#     against torch.compile'd (default and max-autotune-no-cudagraphs), 256 px B 64 and 1024 px B 8.
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -172,6 +174,11 @@ elif [ "${PART}" = w16 ]; then
   timeout $(cap 100) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --linears low \
     --json "$OUT/casmar_low.json" > "$OUT/casmar_low.txt" 2>&1
   echo "casmar rc=$?"; grep -E "^sample|Error" "$OUT/casmar_low.txt" | tail -n 4
+elif [ "${PART}" = decodec ]; then
+  el "bench decode: bf16 eager, compiled, max-autotune"
+  timeout $(cap 460) $PY -m maskar bench decode quality=false speed=true cases=256x64,1024x8 \
+    variants=bf16,bf16-compiled,bf16-autotune json="$OUT/decode_compiled.json" > "$OUT/decode_compiled.txt" 2>&1
+  echo "decode rc=$?"; grep -vE "$NOISE" "$OUT/decode_compiled.txt" | tail -n 12
 elif [ "${PART}" = pool ]; then
   el "GPU tests: the graphs' pool reservation"
   timeout $(cap 150) $PY -m pytest -q -m gpu tests/test_sampling_speed.py -k "reserved_pool or captured_graphs" \
