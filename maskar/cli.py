@@ -131,6 +131,9 @@ def cmd_info(args: list[str]) -> int:
 
     state = ", ".join(f"{k}={shown(k)}" for k in switches)
     print(f"opt-in fast paths (environment): {state}")
+    # on unless turned off (=0): VAR / HMAR sampling graphs reserve their pool in one piece
+    reserve = "off" if os.environ.get("MASKAR_GRAPH_POOL_RESERVE") == "0" else "on"
+    print(f"default paths that can be turned off (environment): MASKAR_GRAPH_POOL_RESERVE={reserve}")
     print("architectures:")
     for arch, spec in sorted(registry.all_specs().items()):
         print(f"  {arch:10s} {spec.kind:10s} {spec.description}")

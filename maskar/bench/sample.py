@@ -806,6 +806,8 @@ def target_lines(rows: list[dict[str, Any]], large: dict[str, Any] | None) -> li
 
 
 def main(argv: list[str] | None = None) -> int:
+    from maskar.models import scale_graphs
+
     argv = list(argv or [])
     opts = _parse(argv)
     dev_name = opts["device"]
@@ -818,7 +820,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(
         f"device {gpu} | torch {torch.__version__} | cuda {torch.version.cuda or '-'} | "
-        f"tf32 matmul {torch.backends.cuda.matmul.allow_tf32} cudnn {torch.backends.cudnn.allow_tf32}"
+        f"tf32 matmul {torch.backends.cuda.matmul.allow_tf32} cudnn {torch.backends.cudnn.allow_tf32} | "
+        f"graph pool reserved first {scale_graphs.RESERVE_POOL} (MASKAR_GRAPH_POOL_RESERVE)"
     )
     modes = [m.strip() for m in str(opts["modes"]).split(",") if m.strip()]
     print(
@@ -852,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 if row is None:
                     continue
-                row.update(device=gpu, torch=torch.__version__)
+                row.update(device=gpu, torch=torch.__version__, graph_pool_reserve=scale_graphs.RESERVE_POOL)
                 rows.append(row)
                 failed |= not row["check_ok"]
                 print(format_row(row), flush=True)
