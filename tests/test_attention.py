@@ -83,3 +83,83 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="positive token counts"):
         ScalePattern("block_causal", (1, 0))
     assert "sdpa" in available_backends()
+
+
+# ----------------------------------------------------------------------------- cudnn-first dense backend
+
+
+def test_cudnn_backend_takes_only_enabled_dense_low_precision_inference_on_hopper(monkeypatch):
+    from maskar.nn import attention_cudnn as ac
+
+    q = torch.randn(1, 2, 4, 8, dtype=torch.bfloat16)
+    p = ScalePattern.from_sides("block_diagonal", (1, 1))
+    monkeypatch.setattr(ac, "ENABLED", False)
+    assert not ac.supports(q, q, q, None)
+    monkeypatch.setattr(ac, "ENABLED", True)
+    assert not ac.supports(q, q, q, None)  # the CPU is no Hopper GPU
+    monkeypatch.setattr(ac, "_device_ok", lambda device: True)
+    assert ac.supports(q, q, q, None)
+    assert not ac.supports(q, q, q, p)  # patterns go to the pattern backends
+    assert not ac.supports(q.float(), q.float(), q.float(), None)
+    g = q.clone().requires_grad_()
+    assert not ac.supports(g, g, g, None)  # training keeps SDPA's own order
+    with torch.no_grad():
+        assert ac.supports(g, g, g, None)
+    with pytest.raises(ValueError, match="dense calls only"):
+        ac.cudnn_first_attention(q, q, q, p)
+
+
+def test_cudnn_backend_is_what_auto_picks_for_dense_calls_and_restores_sdpa_order(monkeypatch):
+    """Wiring on the CPU (where SDPA has no cuDNN kernel and takes its next choice): auto sends a
+    dense call to the backend when it applies; the result is SDPA's; SDPA's priority order is the
+    same after the call."""
+    from maskar.nn import attention_cudnn as ac
+
+    calls = []
+    real = ac.cudnn_first_attention
+    monkeypatch.setattr(ac, "ENABLED", True)
+    monkeypatch.setattr(ac, "_device_ok", lambda device: True)
+    monkeypatch.setattr(
+        __import__("maskar.nn.attention", fromlist=["_BACKENDS"])._BACKENDS["cudnn"],
+        "fn",
+        lambda *a: calls.append(1) or real(*a),
+    )
+    before = torch._C._get_sdp_priority_order()
+    q = torch.randn(2, 4, 5, 16, dtype=torch.bfloat16)
+    k = torch.randn(2, 4, 9, 16, dtype=torch.bfloat16)
+    v = torch.randn(2, 4, 9, 16, dtype=torch.bfloat16)
+    out = attention(q, k, v, None, scale=0.3)
+    assert calls == [1]
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3))
+    assert torch._C._get_sdp_priority_order() == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "lq,lk", [(1, 1), (4, 5), (256, 256), (256, 680), (4096, 4096)], ids=lambda n: str(n)
+)
+def test_gpu_cudnn_backend_equals_fp32_attention_and_runs_cudnn(monkeypatch, lq, lk):
+    """The sampling passes' shapes (HMAR's per-scale, VAR's KV-cached: q against a slice of a
+    static cache) against fp32 attention; on Hopper the large ones must run cuDNN's kernels."""
+    from maskar.nn import attention_cudnn as ac
+
+    monkeypatch.setattr(ac, "ENABLED", True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, h, d = (16 if lq * lk < 2**20 else 2), 16, 64  # the fp32 reference's scores fit
+    q = (
+        torch.randn(b, lq, 3, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
+        .unbind(2)[0]
+        .transpose(1, 2)
+    )
+    cache = torch.randn(2, b, h, max(lk, 680) + 64, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = cache[0, :, :, :lk], cache[1, :, :, :lk]
+    with torch.no_grad():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = attention(q, k, v, None, scale=0.125)
+            torch.cuda.synchronize()
+    ref = naive_attention(q.float(), k.float(), v.float(), None, scale=0.125)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    names = [e.name.lower() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if ac._hopper(q.device) and lq >= 256:
+        assert any("cudnn" in n or "sdpa" in n and "flash" not in n for n in names), names[:20]

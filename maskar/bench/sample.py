@@ -807,6 +807,7 @@ def target_lines(rows: list[dict[str, Any]], large: dict[str, Any] | None) -> li
 
 def main(argv: list[str] | None = None) -> int:
     from maskar.models import scale_graphs
+    from maskar.nn import attention_cudnn
 
     argv = list(argv or [])
     opts = _parse(argv)
@@ -821,7 +822,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"device {gpu} | torch {torch.__version__} | cuda {torch.version.cuda or '-'} | "
         f"tf32 matmul {torch.backends.cuda.matmul.allow_tf32} cudnn {torch.backends.cudnn.allow_tf32} | "
-        f"graph pool reserved first {scale_graphs.RESERVE_POOL} (MASKAR_GRAPH_POOL_RESERVE)"
+        f"graph pool reserved first {scale_graphs.RESERVE_POOL} (MASKAR_GRAPH_POOL_RESERVE) | "
+        f"dense attention cuDNN first {attention_cudnn.ENABLED} (MASKAR_SDPA_CUDNN)"
     )
     modes = [m.strip() for m in str(opts["modes"]).split(",") if m.strip()]
     print(
@@ -855,7 +857,10 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 if row is None:
                     continue
-                row.update(device=gpu, torch=torch.__version__, graph_pool_reserve=scale_graphs.RESERVE_POOL)
+                row.update(
+                    device=gpu, torch=torch.__version__, graph_pool_reserve=scale_graphs.RESERVE_POOL,
+                    sdpa_cudnn_first=attention_cudnn.ENABLED,
+                )  # fmt: skip
                 rows.append(row)
                 failed |= not row["check_ok"]
                 print(format_row(row), flush=True)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "sdpa", "flex", "varlen", "triton", "scales")
+BACKENDS = ("auto", "sdpa", "flex", "varlen", "triton", "scales", "cudnn")
 PatternKind = Literal["block_diagonal", "block_causal"]
 
 
@@ -147,7 +147,7 @@ def _load_optional_backends() -> None:
 
     for mod in (
         "maskar.nn.attention_flex", "maskar.nn.attention_varlen", "maskar.kernels.block_sparse",
-        "maskar.nn.attention_scales",
+        "maskar.nn.attention_scales", "maskar.nn.attention_cudnn",
     ):  # fmt: skip
         try:
             importlib.import_module(mod)

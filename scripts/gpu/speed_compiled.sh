@@ -55,9 +55,10 @@
 #     its Upsample convs as 2x2 sub-pixel convs (`bench decode variants=bf16,bf16-subpixel`).
 #   PART=nextscale (about 5 min): `maskar bench sample models=hmar-d16,var-d16 modes=fast,compiled`,
 #     then the short 256 px training-step rows of issue 13 in the time left.
-#   PART=pool (about 7 min, DEADLINE=570): the GPU tests of the graphs' pool reservation (same tokens,
-#     a smaller pool), then `maskar bench sample models=hmar-d16,var-d16 modes=compiled-w16` with
-#     MASKAR_GRAPH_POOL_RESERVE=0 and =1 (issue 14's memory figures, with the pools split out).
+#   PART=pool (about 9 min, DEADLINE=570): the GPU tests of the graphs' pool reservation (same tokens,
+#     a smaller pool) and of the cuDNN-first dense attention, then `maskar bench sample
+#     models=hmar-d16,var-d16 modes=compiled-w16` with MASKAR_GRAPH_POOL_RESERVE=0, =1, and =1 with
+#     MASKAR_SDPA_CUDNN=1 (issue 14's memory figures with the pools split out; the attention A/B).
 #   PART=decodec (about 6 min, DEADLINE=500): `maskar bench decode` of the d16 decoder eager bf16
 #     against torch.compile'd (default and max-autotune-no-cudagraphs), 256 px B 64 and 1024 px B 8.
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
@@ -181,14 +182,16 @@ elif [ "${PART}" = decodec ]; then
   echo "decode rc=$?"; grep -vE "$NOISE" "$OUT/decode_compiled.txt" | tail -n 12
 elif [ "${PART}" = pool ]; then
   el "GPU tests: the graphs' pool reservation"
-  timeout $(cap 150) $PY -m pytest -q -m gpu tests/test_sampling_speed.py -k "reserved_pool or captured_graphs" \
-    > "$OUT/pool_gpu_tests.txt" 2>&1
+  timeout $(cap 120) $PY -m pytest -q -m gpu tests/test_sampling_speed.py tests/test_attention.py \
+    -k "reserved_pool or captured_graphs or cudnn" > "$OUT/pool_gpu_tests.txt" 2>&1
   echo "tests rc=$?"; tail -n 5 "$OUT/pool_gpu_tests.txt"
-  for r in 0 1; do
-    el "bench sample compiled-w16, MASKAR_GRAPH_POOL_RESERVE=$r"
-    timeout $(cap 170) env MASKAR_GRAPH_POOL_RESERVE=$r $PY -m maskar bench sample models=hmar-d16,var-d16 \
-      modes=compiled-w16 reps=5 json="$OUT/sample_pool$r.json" > "$OUT/sample_pool$r.txt" 2>&1
-    echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample_pool$r.txt" | tail -n 24
+  for run in "0 0" "1 0" "1 1"; do
+    set -- $run
+    el "bench sample compiled-w16, MASKAR_GRAPH_POOL_RESERVE=$1 MASKAR_SDPA_CUDNN=$2"
+    timeout $(cap 145) env MASKAR_GRAPH_POOL_RESERVE=$1 MASKAR_SDPA_CUDNN=$2 $PY -m maskar bench sample \
+      models=hmar-d16,var-d16 modes=compiled-w16 reps=5 json="$OUT/sample_pool$1_cudnn$2.json" \
+      > "$OUT/sample_pool$1_cudnn$2.txt" 2>&1
+    echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample_pool$1_cudnn$2.txt" | tail -n 24
   done
 elif [ "${PART}" = headtune ]; then
   # the heads' per-step calls alone under max-autotune (PART=autotune also tuned the blocks, which
