@@ -170,7 +170,7 @@ def casmar_sampler(
     t2 = model.cond_diffloss.gen_diffusion(refine_steps).num_timesteps
 
     def flops_of(trace: SamplingTrace) -> dict[str, int]:
-        stage1, stage2, fallbacks = sf.casmar_counts(trace)
+        stage1, stage2 = sf.casmar_counts(trace)
         return sf.casmar_sampling(
             model,
             batch,
@@ -182,7 +182,6 @@ def casmar_sampler(
             stage2,
             steps1,
             num_iter,
-            fallbacks=fallbacks,
         )
 
     label = f"num_iter={num_iter} ({steps1} scaffold) cfg={cfg} re_cfg={re_cfg} steps={steps}/{refine_steps}"

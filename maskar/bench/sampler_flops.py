@@ -178,15 +178,14 @@ def casmar_sampling(
     scaffold_num_iter: int,
     num_iter: int,
     dit_keys: int | None = None,
-    fallbacks: int = 0,
 ) -> dict[str, int]:
     """FLOPs of one ``CASMAR.sample_tokens`` call.
 
     ``stage1``: per scaffold step (masked scaffold tokens per sample at the step's start,
     tokens drawn in the step summed over the batch); ``stage2``: masked big tokens per sample
-    at the start of each refinement step; ``fallbacks``: stage-1 steps in which some sample
-    drew nothing (the official fallback recomputes the saliency). Keys: stage1_transformer,
-    stage1_head, stage2_transformer, dit_head, saliency, total.
+    at the start of each refinement step. (The official fallback for a scaffold sample that
+    would draw nothing reads the saliency SAMS computed for the same features: no FLOPs of its
+    own.) Keys: stage1_transformer, stage1_head, stage2_transformer, dit_head, saliency, total.
     """
     rows1, rows2 = (2 * batch if guided1 else batch), (2 * batch if guided2 else batch)
     s, n, d = model.scaffold_len, model.seq_len, model.cfg.decoder_embed_dim
@@ -198,7 +197,6 @@ def casmar_sampling(
         parts["stage1_head"] += mlp_head(model.diffloss, drawn * (2 if guided1 else 1), head_steps1)
         if step < scaffold_num_iter - 1:
             parts["saliency"] += saliency(batch, s, d)
-    parts["saliency"] += fallbacks * saliency(batch, s, d)
     if stage2:
         parts["stage2_transformer"] += casmar_refine_scaffold(model, batch)
     for step, masked in enumerate(stage2):
@@ -214,18 +212,15 @@ def mar_counts(trace: Any) -> list[int]:
     return [int(step.mask[0].sum()) for step in trace.select("mar")]
 
 
-def casmar_counts(trace: Any) -> tuple[list[tuple[int, int]], list[int], int]:
-    """(stage1, stage2, fallbacks) of :func:`casmar_sampling` from a ``SamplingTrace`` of
+def casmar_counts(trace: Any) -> tuple[list[tuple[int, int]], list[int]]:
+    """(stage1, stage2) of :func:`casmar_sampling` from a ``SamplingTrace`` of
     ``CASMAR.sample_tokens``: per scaffold step the masked tokens per sample and the tokens
-    drawn over the batch, per refinement step the masked tokens per sample, and the scaffold
-    steps in which some sample would have drawn nothing (the fallback's extra saliency)."""
-    stage1, fallbacks = [], 0
+    drawn over the batch, per refinement step the masked tokens per sample."""
+    stage1 = []
     for step in trace.select("scaffold"):
-        mask, nxt = step.info["input_mask"], step.info["next_mask"]
-        stage1.append((int(mask[0].sum()), int(step.mask.sum())))
-        fallbacks += bool((mask.any(1) & ~(mask & ~nxt).any(1)).any())
+        stage1.append((int(step.info["input_mask"][0].sum()), int(step.mask.sum())))
     stage2 = [int(step.mask[0].sum()) for step in trace.select("refine")]
-    return stage1, stage2, fallbacks
+    return stage1, stage2
 
 
 def amr_masked(length: int, base: float) -> int:
