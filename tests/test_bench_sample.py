@@ -195,6 +195,9 @@ def test_memory_by_pool_splits_default_and_graph_pools():
             {"segment_pool_id": (1, 3), "total_size": 4e9, "allocated_size": 3.5e9},
             {"segment_pool_id": [1, 4], "total_size": 1e9, "allocated_size": 0}]
     assert bench.memory_by_pool(segs) == {"default_reserved": 2.0, "default_in_use": 1.0,
-                                          "graphs_reserved": 5.0, "graphs_in_use": 3.5}
+                                          "graphs_reserved": 5.0, "graphs_in_use": 3.5,
+                                          "default_segments": 1, "default_largest_gb": [2.0],
+                                          "graphs_segments": 2, "graphs_largest_gb": [4.0, 1.0]}
     assert bench.memory_by_pool([])["graphs_reserved"] == 0.0
-    assert "graphs' pools 5.00 GB (3.50 in use)" in bench.format_pools(bench.memory_by_pool(segs))
+    line = bench.format_pools(bench.memory_by_pool(segs))
+    assert "graphs' pools 5.00 GB (3.50 in use) in 2 segments, the largest 4.00, 1.00 GB" in line

@@ -343,10 +343,16 @@ def memory_by_pool(segments: list[dict]) -> dict[str, float]:
     private pools, from ``torch.cuda.memory_snapshot()``'s segments: where a graph path's reserved
     memory goes (the graphs' pools are held between calls; replays allocate nothing)."""
     out = {"default_reserved": 0.0, "default_in_use": 0.0, "graphs_reserved": 0.0, "graphs_in_use": 0.0}
+    sizes: dict[str, list[float]] = {"default": [], "graphs": []}
     for seg in segments:
         kind = "default" if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0) else "graphs"
         out[f"{kind}_reserved"] += seg["total_size"] / 1e9
         out[f"{kind}_in_use"] += seg["allocated_size"] / 1e9
+        sizes[kind].append(seg["total_size"] / 1e9)
+    # segment counts and the largest segments: how whole a pool is (scripts/graph_pool_model.py)
+    for kind, got in sizes.items():
+        out[f"{kind}_segments"] = len(got)
+        out[f"{kind}_largest_gb"] = sorted(got, reverse=True)[:4]
     return out
 
 
@@ -733,7 +739,8 @@ def _fmt(v, spec: str, width: int) -> str:
 def format_pools(p: dict[str, float]) -> str:
     return (f"  memory after the timed calls: default pool {p['default_reserved']:.2f} GB reserved "
             f"({p['default_in_use']:.2f} in use), the CUDA graphs' pools {p['graphs_reserved']:.2f} GB "
-            f"({p['graphs_in_use']:.2f} in use)")
+            f"({p['graphs_in_use']:.2f} in use) in {p.get('graphs_segments', '?')} segments, the largest "
+            f"{', '.join(f'{g:.2f}' for g in p.get('graphs_largest_gb', []))} GB")
 
 
 def format_row(r: dict[str, Any]) -> str:
