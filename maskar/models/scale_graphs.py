@@ -91,8 +91,8 @@ class _RecordingNoise:
 
     def __call__(self, rows: int) -> Tensor:
         self.plan[-1].append(int(rows))
-        # A stride-0 view: under capture the noise is a view of StaticNoise's buffer, outside the
-        # pool, so the warm-up's live peak (the pool's reservation) must not count it either.
+        # A stride-0 view: under capture the noise is a view of StaticNoise's buffer, a segment
+        # of its own, so the warm-up's live peak (the pool's reservation) must not count it.
         return torch.ones(1, self.vocab, device=self.device).expand(rows, self.vocab)
 
 
@@ -153,8 +153,9 @@ class ScaleGraphRunner:
         self.stream = torch.cuda.Stream(self.device) if capture else None
         self.reserve_bytes = 0  # set by _record_plan when capturing with RESERVE_POOL
         self.plan = self._record_plan(model)
-        # Under capture the noise buffer is allocated inside the graphs' pool (see _capture).
-        self.noise = None if capture else StaticNoise(self.plan, model.vocab_size, self.device)
+        # Reserving, the noise buffer is allocated inside the graphs' pool (see _capture).
+        in_pool = capture and RESERVE_POOL
+        self.noise = None if in_pool else StaticNoise(self.plan, model.vocab_size, self.device)
         self.state = None
         self.images: Tensor | None = None
         self.graphs: list[torch.cuda.CUDAGraph] = []
@@ -216,12 +217,12 @@ class ScaleGraphRunner:
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: another thread's CUDA calls (a writer thread) cannot break it
                 with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                    if si == 0:
+                    if si == 0 and self.noise is None:
                         # Allocations only, no kernels. The noise buffer (filled between replays)
-                        # gets a segment of its own in the pool rather than a block of a cached
-                        # default-pool segment that it would keep from being released. Then
-                        # the reservation, freed at once: the segment every allocation of the
-                        # graphs splits.
+                        # gets a segment of its own in the pool; made before the capture, it took
+                        # a block of a segment the warm-up had cached, which it then kept from
+                        # being released. Then the reservation, freed at once: the segment every
+                        # allocation of the graphs splits.
                         self.noise = StaticNoise(self.plan, model.vocab_size, dev)
                         if self.reserve_bytes:
                             torch.empty(self.reserve_bytes, dtype=torch.uint8, device=dev)
