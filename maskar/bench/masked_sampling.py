@@ -380,8 +380,12 @@ def profile_call(
     spans: list[tuple[int, int, str]] = []  # the phase ranges (CPU side)
     op_start: dict[int, int] = {}  # correlation id of every CPU-side op / range -> its start (ns)
     kernels: list[tuple[int, int, str, int]] = []  # (start, end, name, linked op) on the GPU
+    host_waits = 0  # the host waiting for one stream: what a read of a GPU value (.item(), a
+    # count, a boolean gather) costs; the phase ranges' own syncs are device-wide, not counted
     for ev in prof.profiler.kineto_results.events():
         name, kind = ev.name(), ev.device_type()
+        if kind == DeviceType.CPU and name == "cudaStreamSynchronize":
+            host_waits += 1
         if kind == DeviceType.CPU:
             if ev.linked_correlation_id() == 0:  # an op or a range (runtime calls are linked)
                 op_start[ev.correlation_id()] = ev.start_ns()
@@ -423,6 +427,7 @@ def profile_call(
         "phases_ms": dict(sorted(exclusive.items())),
         "top_kernels_ms": sorted(by_name.items(), key=lambda kv: -kv[1])[:15],
         "kernels": len(kernels),
+        "host_waits": host_waits if on_gpu else None,
     }
 
 
@@ -439,7 +444,9 @@ def print_profile(tag: str, prof: dict[str, Any]) -> None:
         print(
             f"| GPU idle (wall - union of kernels) | {prof['idle_ms']:.1f} | {prof['idle_ms'] / wall:.1%} |"
         )
-        print(f"({prof['kernels']} kernels, busy {prof['busy_ms']:.1f} ms)")
+        waits = prof.get("host_waits")
+        print(f"({prof['kernels']} kernels, busy {prof['busy_ms']:.1f} ms; the host waited on a stream "
+              f"{'-' if waits is None else waits} times: reads of GPU values)")
         idle = prof.get("idle_by_phase_ms") or {}
         if idle:  # where the GPU waited: the range open when each gap between kernels began
             print("GPU idle by phase (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in idle.items()))
