@@ -12,10 +12,11 @@ different program: scalar loads, more registers, spills the GPU never sees.
 
 The ``wgmma`` / ``reg A`` / ``mma`` columns count, in the PTX, Hopper's warpgroup MMA
 (``wgmma.mma_async``), those of them whose A operand comes from registers rather than from a
-shared-memory descriptor, and the older warp-level ``mma.sync``. Register-A wgmma is what a
-prologue that transforms A before the dot compiles to: A's loads then bypass the shared-memory
-pipeline. The fused DiT blocks' ``_modulated_linear`` did, and ran at ~80 TFLOP/s on an H100
-(docs/kernels.md); tiles under 64 rows fall back to mma.sync.
+shared-memory descriptor, and the older warp-level ``mma.sync``. In a matmul, register-A wgmma
+is what a prologue that transforms A before the dot compiles to: A's loads then bypass the
+shared-memory pipeline. The fused DiT blocks' ``_modulated_linear`` did, and ran at ~80 TFLOP/s on
+an H100 (docs/kernels.md). In attention kernels the P @ V product takes P from registers by
+design (P is computed there, as in FlashAttention-3). Tiles under 64 rows fall back to mma.sync.
 
 Spills also depend on the Triton version: the H200 machine runs Triton 3.6.0 (the image's; see
 docs/kernels.md, *Register spills*), this repository's environment a newer one. To read the

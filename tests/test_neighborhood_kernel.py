@@ -41,6 +41,8 @@ INTERPRET_CASES = [
     ("clamp_window_larger_than_grid", (4, 6), 13, 1, "clamp", 1, 1, 64, "fp32", None),
     ("clamp_k13_dil2_shifted", (28, 8), (13, 3), (2, 1), "clamp", 1, 1, 32, "fp32", (8, 4, 32)),
     ("clamp_bf16_d128", (7, 5), 3, 1, "clamp", 1, 1, 128, "bf16", None),
+    # one 16 x 16 tile over a whole 16 x 16 grid (the forward's whole-grid candidates), four chunks
+    ("whole_grid_tile_k7", (16, 16), 7, 1, "zeros", 1, 1, 32, "fp32", (16, 16, 64)),
     # the whole-sub-grid backward (one program walks every key tile of its sub-grid, dQ summed
     # in its fp32 scratch): several tiles whose query rectangles overlap, both borders, dilation
     ("whole_k7_four_tiles", (8, 8), 7, 1, "zeros", 2, 2, 32, "fp32", (4, 4, 16, "whole")),
@@ -415,7 +417,7 @@ def test_the_low_register_candidates_compile_without_spills_as_launched():
     """The candidates added on 2026-12-04 night (forward 32-key chunks with 4 stages and 16-key
     chunks; backward without pipelining and with 16-key chunks, whole-sub-grid included) and on
     2026-12-05 (unpipelined forwards; unpipelined backwards with the delta fused, 16- and 64-key
-    chunks) are the tuner's low-register forms: compiled for sm90 as CASMAR-B's launch specialises them, none
+    chunks; the forward's whole-grid 16 x 16 tiles) are the tuner's low-register forms: compiled for sm90 as CASMAR-B's launch specialises them, none
     spills. (Compiled from bare signatures, without the launch's alignment facts, most backward
     configs seemed to spill: docs/kernels.md, *Register spills*.)"""
     require_aot_compiler()
@@ -427,7 +429,7 @@ def test_the_low_register_candidates_compile_without_spills_as_launched():
     q, k, v = (t.transpose(1, 2) for t in torch.randn(B, L, 3, H, D, dtype=torch.bfloat16).unbind(2))
     o, do, lse = _blhd_empty(B, H, L, D, q), _blhd_empty(B, H, L, D, q), torch.empty(B * H, L)
     added = [("fwd", c) for c in nb._fwd_candidates(D)[6:]] + [("bwd", c) for c in nb._bwd_candidates(D)[10:]]
-    assert len(added) == 17
+    assert len(added) == 20
     for phase, cfg in added:
         try:
             with compiles_as_launched() as found:

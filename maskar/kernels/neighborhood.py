@@ -485,7 +485,15 @@ def _fwd_candidates(head_dim: int) -> list[NaConfig]:
                 NaConfig(8, 8, 32, 4, 4), NaConfig(8, 8, 16, 4, 3),
                 # since 2026-12-05: unpipelined, as the backward's winner (CASMAR's 16 x 16 grid
                 # gives an 8 x 8 tile two 64-key chunks: little for a pipeline to overlap)
-                NaConfig(8, 8, 64, 4, 1), NaConfig(8, 8, 32, 4, 1)]
+                NaConfig(8, 8, 64, 4, 1), NaConfig(8, 8, 32, 4, 1),
+                # since 2026-12-05 (fourth session): one 16 x 16 tile covering a whole grid of at
+                # most that size (CASMAR's DiT head): every key and value is loaded once per batch
+                # and head instead of by four overlapping 8 x 8 tiles (484 key rows against 256),
+                # for 2x the pairs (256 x 256, 19% of them in a k 7 window, against 31%). The
+                # inference forward moves ~134 MB in 76 us at B 64 with CFG, about 35% of the
+                # bandwidth: fewer, fuller programs may hide more latency. Offered only where the
+                # tile covers the (sub-)grid (_offered).
+                NaConfig(16, 16, 64, 8, 2), NaConfig(16, 16, 64, 8, 1), NaConfig(16, 16, 32, 8, 2)]
     return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2), NaConfig(8, 16, 64, 8, 2),
             NaConfig(8, 8, 64, 8, 2)]
 
@@ -525,8 +533,14 @@ WHOLE_MAX_TILES = 4
 TUNE_WHOLE = os.environ.get("MASKAR_PSA_WHOLE", "0") == "1"
 
 
+WHOLE_GRID_TILE = 256  # a forward tile of this many queries is offered only as a whole grid
+
+
 def _offered(cfg: NaConfig, geom: Window) -> bool:
     """Whether the tuner times ``cfg`` for ``geom``."""
+    if cfg.th * cfg.tw >= WHOLE_GRID_TILE and not cfg.whole:
+        (_gh, _gw, _kh, _kw, _dh, _dw, tiles_r, tiles_c), _n = _geometry(geom, cfg.th, cfg.tw)
+        return tiles_r * tiles_c == 1
     if not cfg.whole:
         return True
     if not TUNE_WHOLE:
