@@ -57,8 +57,9 @@
 #     then the short 256 px training-step rows of issue 13 in the time left.
 #   PART=pool (about 9 min, DEADLINE=570): the GPU tests of the graphs' pool reservation (same tokens,
 #     a smaller pool) and of the cuDNN-first dense attention, then `maskar bench sample
-#     models=hmar-d16,var-d16 modes=compiled-w16` with MASKAR_GRAPH_POOL_RESERVE=0, =1, and =1 with
-#     MASKAR_SDPA_CUDNN=1 (issue 14's memory figures with the pools split out; the attention A/B).
+#     models=hmar-d16,var-d16 modes=compiled-w16` at 1024 px B 8 with MASKAR_GRAPH_POOL_RESERVE=0,
+#     =1, and =1 with MASKAR_SDPA_CUDNN=1 (issue 14's memory figures with the pools split out; the
+#     attention A/B), then at 256 px B 64 with the reservation.
 #   PART=decodec (about 6 min, DEADLINE=500): `maskar bench decode` of the d16 decoder eager bf16
 #     against torch.compile'd (default and max-autotune-no-cudagraphs), 256 px B 64 and 1024 px B 8.
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
@@ -185,13 +186,14 @@ elif [ "${PART}" = pool ]; then
   timeout $(cap 120) $PY -m pytest -q -m gpu tests/test_sampling_speed.py tests/test_attention.py \
     -k "reserved_pool or captured_graphs or cudnn" > "$OUT/pool_gpu_tests.txt" 2>&1
   echo "tests rc=$?"; tail -n 5 "$OUT/pool_gpu_tests.txt"
-  for run in "0 0" "1 0" "1 1"; do
+  # 1024 px first (issue 14's memory target is there), then the 256 px rows with the reservation
+  for run in "0 0 1024x8" "1 0 1024x8" "1 1 1024x8" "1 0 256x64"; do
     set -- $run
-    el "bench sample compiled-w16, MASKAR_GRAPH_POOL_RESERVE=$1 MASKAR_SDPA_CUDNN=$2"
-    timeout $(cap 145) env MASKAR_GRAPH_POOL_RESERVE=$1 MASKAR_SDPA_CUDNN=$2 $PY -m maskar bench sample \
-      models=hmar-d16,var-d16 modes=compiled-w16 reps=5 json="$OUT/sample_pool$1_cudnn$2.json" \
-      > "$OUT/sample_pool$1_cudnn$2.txt" 2>&1
-    echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample_pool$1_cudnn$2.txt" | tail -n 24
+    el "bench sample compiled-w16 $3, MASKAR_GRAPH_POOL_RESERVE=$1 MASKAR_SDPA_CUDNN=$2"
+    timeout $(cap 125) env MASKAR_GRAPH_POOL_RESERVE=$1 MASKAR_SDPA_CUDNN=$2 $PY -m maskar bench sample \
+      models=hmar-d16,var-d16 cases=$3 modes=compiled-w16 reps=5 json="$OUT/sample_pool$1_cudnn$2_$3.json" \
+      > "$OUT/sample_pool$1_cudnn$2_$3.txt" 2>&1
+    echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample_pool$1_cudnn$2_$3.txt" | tail -n 16
   done
 elif [ "${PART}" = headtune ]; then
   # the heads' per-step calls alone under max-autotune (PART=autotune also tuned the blocks, which
