@@ -417,9 +417,10 @@ def test_the_low_register_candidates_compile_without_spills_as_launched():
     """The candidates added on 2026-12-04 night (forward 32-key chunks with 4 stages and 16-key
     chunks; backward without pipelining and with 16-key chunks, whole-sub-grid included) and on
     2026-12-05 (unpipelined forwards; unpipelined backwards with the delta fused, 16- and 64-key
-    chunks; the forward's whole-grid 16 x 16 tiles) are the tuner's low-register forms: compiled for sm90 as CASMAR-B's launch specialises them, none
-    spills. (Compiled from bare signatures, without the launch's alignment facts, most backward
-    configs seemed to spill: docs/kernels.md, *Register spills*.)"""
+    chunks; the forward's whole-grid 16 x 16 tiles) are the tuner's low-register forms: compiled
+    for sm90 as CASMAR-B's launch specialises them, none spills. (Compiled from bare signatures,
+    without the launch's alignment facts, most backward configs seemed to spill: docs/kernels.md,
+    *Register spills*.)"""
     require_aot_compiler()
     import maskar.kernels.neighborhood as nb
     from maskar.kernels.block_sparse import _blhd_empty, _grads_empty

@@ -1270,7 +1270,8 @@ class _ScaffoldLoop(MaskedLoop):
         self.big = torch.zeros(b, model.seq_len, model.token_channels, device=device)  # never visible here
         self.big_masked = torch.ones(b, model.seq_len, dtype=torch.bool, device=device)
         self.class_emb = model._class_emb_cfg(labels, s.cfg)
-        self.masked_now: int | None = None  # host copy of the masked count, set by plan
+        # host copy of the masked count, set by plan; at the start all unless tokens are given
+        self.masked_now: int | None = n_s if known_mask is None else None
 
     def num_masked(self) -> int:
         if self.masked_now is None:  # the first step: the caller's known tokens set it (one read)
@@ -1364,7 +1365,8 @@ class _RefineLoop(MaskedLoop):
         self.scaffold = s.halves(scaffold)
         null = torch.full_like(labels, model.num_classes)
         self.head_labels = torch.cat([labels, null]) if s.guided else labels
-        self.masked_now: int | None = None  # host copy of the masked count, set by plan
+        # host copy of the masked count, set by plan; at the start all unless tokens are given
+        self.masked_now: int | None = n if known_mask is None else None
 
     def num_masked(self) -> int:
         if self.masked_now is None:  # the first step: the caller's known tokens set it (one read)
