@@ -261,6 +261,28 @@ def trace(preset: str, res: int, batch: int) -> list[list]:
     return tracer.events
 
 
+def _case_problem(case: str) -> str | None:
+    """Why ``case`` (preset:resolution:batch) cannot be traced, or None."""
+    from maskar.config import load_config
+    from maskar.config_base import ConfigError
+    from maskar.tokenizers.vqvae import PATCH_NUMS
+
+    parts = case.split(":")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit() or int(parts[2]) < 1:
+        return "expected preset:resolution:batch with a positive batch, e.g. hmar-d16:1024:8"
+    preset, res = parts[0], int(parts[1])
+    try:
+        cfg = load_config(preset)
+    except ConfigError as e:
+        return str(e)
+    if cfg.model.arch not in ("var", "hmar"):
+        return f"preset {preset} is a {cfg.model.arch} model; the graphs' pool is VAR / HMAR sampling's"
+    if res != int(cfg.model.tokenizer.resolution) and res not in PATCH_NUMS:
+        native = cfg.model.tokenizer.resolution
+        return f"resolution {res}: expected the preset's {native} or one of {sorted(PATCH_NUMS)}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cases", nargs="+", help="preset:resolution:batch, e.g. hmar-d16:1024:8")
@@ -272,15 +294,20 @@ def main(argv: list[str] | None = None) -> int:
     from maskar.models.scale_graphs import RESERVE_MARGIN, reserve_size
 
     margin = RESERVE_MARGIN if a.margin is None else a.margin
+    if margin < 1:
+        print(f"graph_pool_model: --margin {margin}: expected >= 1", file=sys.stderr)
+        return 2
+    cases = []
+    for case in a.cases:  # every case checked before the first trace
+        problem = _case_problem(case)
+        if problem:
+            print(f"graph_pool_model: case {case!r}: {problem}", file=sys.stderr)
+            return 2
+        preset, res, batch = case.split(":")
+        cases.append((case, preset, int(res), int(batch)))
     rows = []
     print(f"{'case':<22} {'live peak GB':>12} {'pool GB':>8} {'reserved first GB':>18} {'pool GB then':>13}")
-    for case in a.cases:
-        try:
-            preset, res, batch = case.split(":")
-            res, batch = int(res), int(batch)
-        except ValueError:
-            print(f"graph_pool_model: case {case!r}: expected preset:resolution:batch", file=sys.stderr)
-            return 2
+    for case, preset, res, batch in cases:
         events = trace(preset, res, batch)
         plain = replay(events)
         reserve = reserve_size(plain["peak"], margin)

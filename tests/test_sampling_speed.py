@@ -419,6 +419,15 @@ def test_allocator_model_grows_a_segment_per_larger_request_and_reuses_a_reserva
     assert m.replay([[1000, "x"], [5 * mib, "noise"]])["reserved"] == m.SMALL_BUFFER
 
 
+def test_allocator_model_names_a_bad_case_before_tracing(capsys):
+    m = _pool_model()
+    for case, words in [("hmar-d16:256", "preset:resolution:batch"), ("nope:256:8", "unknown preset"),
+                        ("mar-b:256:8", "VAR / HMAR"), ("hmar-d16:300:8", "resolution 300")]:  # fmt: skip
+        assert m.main(["hmar-tiny:16:2", case]) == 2  # the good first case is not traced either
+        out = capsys.readouterr()
+        assert words in out.err and case in out.err and "live peak" not in out.out
+
+
 def test_allocator_model_traces_a_sampling_call_on_the_meta_device():
     m = _pool_model()
     events = m.trace("hmar-tiny", 16, 4)
