@@ -43,3 +43,17 @@ def test_quality_false_skips_and_a_missing_root_is_reported(tmp_path, capsys):
     assert json.loads(out_json.read_text())["quality"] == {"error": "skipped (quality=false)"}
     assert bench_decode([f"root={tmp_path / 'none'}", "device=cpu"]) == 0
     assert "quality: not measured (ConfigError: data.root" in capsys.readouterr().out
+
+
+def test_bench_decode_times_every_convolution_shape_of_the_decoder(tmp_path):
+    """convs=true: every distinct convolution of one decode, in bf16, NCHW and channels-last
+    (CPU smoke run at 32 px); the shares of the convolution time add up to one."""
+    out = tmp_path / "c.json"
+    argv = ["quality=false", "convs=true", "cases=32x2", "reps=1", "device=cpu", f"json={out}"]
+    assert bench_decode(argv) == 0
+    rows = json.loads(out.read_text())["convs"]
+    assert rows and all(r["res"] == 32 and r["chunk"] == 2 for r in rows)
+    assert abs(sum(r["share_of_conv_ms"] for r in rows) - 1) < 1e-9
+    assert all(r["nchw_ms"] > 0 and r["nhwc_ms"] > 0 and r["gflop_per_call"] > 0 for r in rows)
+    # the d16 decoder's shapes: 3x3 convolutions of 160 channels at the output resolution among them
+    assert any(r["weight"][:3] == [160, 160, 3] and r["input"][2:] == [32, 32] for r in rows)

@@ -2,7 +2,7 @@
 
     maskar bench decode [ckpt=checkpoints/hmar-fmnist] [split=test] [limit=0] [batch=500] [root=DIR]
                         [quality=true] [speed=false] [cases=256x64,1024x8] [reps=5] [device=auto] [json=PATH]
-                        [variants=fp32-strict,fp32,bf16]
+                        [variants=fp32-strict,fp32,bf16] [convs=false]
 
 **Quality** (``quality=true``, the default): the tokenizer of ``ckpt`` (a generator checkpoint
 holding its tokenizer, or a tokenizer checkpoint) encodes ``split`` (default the held-out test
@@ -37,6 +37,13 @@ CUDA-event timings after one warm-up, peak allocated memory of the decode alone 
 PSNR against ``fp32-strict`` and, for variants listed after ``bf16-torch-gn``, against it (new
 against old decode). Floors: FLOPs / 790 TFLOP/s (bf16) and / 395 TFLOP/s (TF32), the H200's
 dense matmul peaks.
+
+**Convolutions** (``convs=true``): every distinct convolution shape of the d16 decoder at each
+case's resolution, on one decode chunk's images in bf16 (what the sampling path runs), timed on
+its own (``F.conv2d``, NCHW and channels-last, median of ``reps`` after a warm-up): ms a call,
+calls per decode, TFLOP/s, and each shape's share of the decode's convolution time. Which shape to
+write a kernel for, if any: 54% of the decoder's FLOPs are its 160 -> 160 3x3 convolutions at the
+top resolution.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ DEFAULTS = {
     "ckpt": "checkpoints/hmar-fmnist", "split": "test", "limit": 0, "batch": 500, "root": "",
     "quality": True, "speed": False,
     "cases": "256x64,1024x8", "reps": 5, "device": "auto", "json": "", "variants": "fp32-strict,fp32,bf16",
+    "convs": False,
 }  # fmt: skip
 
 # name -> (precision, TF32 for cuDNN (None: as configured), fused group norm, channels-last bf16,
@@ -230,6 +238,87 @@ def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
     return rows
 
 
+def _decoder_convs(tok, z: torch.Tensor):
+    """Counter of (input shape, weight shape, padding) -> calls of one decode of z (meta tensors)."""
+    from collections import Counter
+
+    import torch.nn.functional as F
+
+    shapes: Counter = Counter()
+    real = F.conv2d
+
+    def record(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+        pad = padding if isinstance(padding, int) else tuple(padding)
+        shapes[(tuple(x.shape), tuple(w.shape), pad)] += 1
+        return real(x, w, b, stride, padding, dilation, groups)
+
+    F.conv2d = record
+    try:
+        tok.decoder(tok.post_quant_conv(z))
+    finally:
+        F.conv2d = real
+    return shapes
+
+
+@torch.no_grad()
+def conv_shapes(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
+    """Every distinct convolution of the d16 decoder per case, timed alone in bf16 (NCHW, NHWC)."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from maskar.bench.sample import parse_cases
+    from maskar.config import load_config
+    from maskar.models.var import DECODE_PIXELS_BF16
+    from maskar.registry import build_model
+    from maskar.tokenizers.vqvae import PATCH_NUMS
+
+    rows = []
+    for res, batch in parse_cases(opts["cases"]):
+        base_cfg = load_config("var-d16").model.tokenizer
+        patch_nums = PATCH_NUMS.get(res, tuple(sorted({1, res // 16})))
+        cfg = dataclasses.replace(base_cfg, resolution=res, patch_nums=patch_nums)
+        with torch.device("meta"):
+            tok = build_model(cfg).eval()
+        chunk = max(1, min(batch, DECODE_PIXELS_BF16 // (res * res)))
+        side = res // int(tok.downsample)
+        shapes = _decoder_convs(tok, torch.empty(chunk, int(tok.z_channels), side, side, device="meta"))
+        total_ms = 0.0
+        case_rows = []
+        for (xs, ws, pad), calls in shapes.items():
+            x = torch.randn(xs, device=device, dtype=torch.bfloat16)
+            w = torch.randn(ws, device=device, dtype=torch.bfloat16) * 0.05
+            b = torch.zeros(ws[0], device=device, dtype=torch.bfloat16)
+            flop = 2 * xs[0] * ws[0] * ws[1] * ws[2] * ws[3] * xs[2] * xs[3]  # stride 1, "same" padding
+            row = {"res": res, "chunk": chunk, "input": list(xs), "weight": list(ws), "calls_per_decode":
+                   calls * -(-batch // chunk), "gflop_per_call": flop / 1e9}  # fmt: skip
+            for layout, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
+                xl, wl = x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
+                ms, _ = _time(
+                    lambda xl=xl, wl=wl, b=b, pad=pad: F.conv2d(xl, wl, b, 1, pad), int(opts["reps"]), device
+                )
+                row[f"{layout}_ms"] = ms
+                row[f"{layout}_tflops"] = flop / (ms * 1e9) if ms > 0 else None
+            total_ms += row["calls_per_decode"] * row["nchw_ms"]
+            case_rows.append(row)
+            del x, w, b
+        for row in sorted(case_rows, key=lambda r: -r["calls_per_decode"] * r["nchw_ms"]):
+            row["share_of_conv_ms"] = (
+                row["calls_per_decode"] * row["nchw_ms"] / total_ms if total_ms else None
+            )
+            rows.append(row)
+            weight = f"{row['weight'][1]}->{row['weight'][0]} k{row['weight'][2]}"
+            print(
+                f"{res:>5} {batch:>5} {str(row['input']):<22} {weight:<18} {row['calls_per_decode']:>5} "
+                f"{row['nchw_ms']:>8.3f} {_fmt(row['nchw_tflops'], '.0f', 7)} {row['nhwc_ms']:>8.3f} "
+                f"{_fmt(row['nhwc_tflops'], '.0f', 7)} {row['share_of_conv_ms']:>7.1%}",
+                flush=True,
+            )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def _time_decode(
     tok, fhat, res: int, precision: str, tf32: bool | None, fused_norm: bool, channels_last: bool,
     autotune: bool, subpixel: bool, compile_mode: str | None, reps: int, device: torch.device,
@@ -321,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{'PSNR':>8} {'min':>8} {'vs old gn':>9} {'first s':>8}"
         )
         out["speed"] = speed(opts, device)
+    if opts["convs"]:
+        print(
+            f"{'res':>5} {'batch':>5} {'input (chunk)':<22} {'weight':<18} {'calls':>5} {'NCHW ms':>8} "
+            f"{'TFLOP/s':>7} {'NHWC ms':>8} {'TFLOP/s':>7} {'share':>7}"
+        )
+        out["convs"] = conv_shapes(opts, device)
     if opts["json"]:
         with open(str(opts["json"]), "w") as f:
             json.dump(out, f, indent=1)

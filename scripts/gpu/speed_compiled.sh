@@ -60,8 +60,9 @@
 #     models=hmar-d16,var-d16 modes=compiled-w16` at 1024 px B 8 with MASKAR_GRAPH_POOL_RESERVE=0,
 #     =1, and =1 with MASKAR_SDPA_CUDNN=1 (issue 14's memory figures with the pools split out; the
 #     attention A/B), then at 256 px B 64 with the reservation.
-#   PART=decodec (about 6 min, DEADLINE=500): `maskar bench decode` of the d16 decoder eager bf16
-#     against torch.compile'd (default and max-autotune-no-cudagraphs), 256 px B 64 and 1024 px B 8.
+#   PART=decodec (about 7 min, DEADLINE=500): `maskar bench decode` of the d16 decoder eager bf16
+#     against torch.compile'd (default and max-autotune-no-cudagraphs), 256 px B 64 and 1024 px B 8;
+#     then every convolution shape of the decoder timed alone (convs=true).
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -178,9 +179,13 @@ elif [ "${PART}" = w16 ]; then
   echo "casmar rc=$?"; grep -E "^sample|Error" "$OUT/casmar_low.txt" | tail -n 4
 elif [ "${PART}" = decodec ]; then
   el "bench decode: bf16 eager, compiled, max-autotune"
-  timeout $(cap 460) $PY -m maskar bench decode quality=false speed=true cases=256x64,1024x8 \
+  timeout $(cap 400) $PY -m maskar bench decode quality=false speed=true cases=256x64,1024x8 \
     variants=bf16,bf16-compiled,bf16-autotune json="$OUT/decode_compiled.json" > "$OUT/decode_compiled.txt" 2>&1
   echo "decode rc=$?"; grep -vE "$NOISE" "$OUT/decode_compiled.txt" | tail -n 12
+  el "bench decode: every convolution shape alone (bf16, NCHW / NHWC)"
+  timeout $(cap 90) $PY -m maskar bench decode quality=false convs=true cases=256x64,1024x8 \
+    json="$OUT/decode_convs.json" > "$OUT/decode_convs.txt" 2>&1
+  echo "convs rc=$?"; grep -vE "$NOISE" "$OUT/decode_convs.txt" | tail -n 36
 elif [ "${PART}" = pool ]; then
   el "GPU tests: the graphs' pool reservation"
   timeout $(cap 120) $PY -m pytest -q -m gpu tests/test_sampling_speed.py tests/test_attention.py \
