@@ -178,23 +178,30 @@ def _time(fn, reps: int, device: torch.device) -> tuple[float, torch.Tensor]:
     return statistics.median(times), out
 
 
-@torch.no_grad()
-def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
+def d16_tokenizer_config(res: int):
+    """The d16 models' VQ-VAE config at ``res`` px (the official schedule; other sides: a smoke run)."""
     import dataclasses
 
+    from maskar.config import load_config
+    from maskar.tokenizers.vqvae import PATCH_NUMS
+
+    base = load_config("var-d16").model.tokenizer
+    return dataclasses.replace(
+        base, resolution=res, patch_nums=PATCH_NUMS.get(res, tuple(sorted({1, res // 16})))
+    )
+
+
+@torch.no_grad()
+def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from maskar.bench.sample import parse_cases
-    from maskar.config import load_config
     from maskar.registry import build_model
-    from maskar.tokenizers.vqvae import PATCH_NUMS
 
     variants = _variants(opts["variants"])
     rows = []
     for res, batch in parse_cases(opts["cases"]):
-        base_cfg = load_config("var-d16").model.tokenizer
-        patch_nums = PATCH_NUMS.get(res, tuple(sorted({1, res // 16})))  # other sides: a smoke run
-        cfg = dataclasses.replace(base_cfg, resolution=res, patch_nums=patch_nums)
+        cfg = d16_tokenizer_config(res)
         torch.manual_seed(0)
         with torch.device(device):
             tok = build_model(cfg).eval()
@@ -263,21 +270,15 @@ def _decoder_convs(tok, z: torch.Tensor):
 @torch.no_grad()
 def conv_shapes(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
     """Every distinct convolution of the d16 decoder per case, timed alone in bf16 (NCHW, NHWC)."""
-    import dataclasses
-
     import torch.nn.functional as F
 
     from maskar.bench.sample import parse_cases
-    from maskar.config import load_config
     from maskar.models.var import DECODE_PIXELS_BF16
     from maskar.registry import build_model
-    from maskar.tokenizers.vqvae import PATCH_NUMS
 
     rows = []
     for res, batch in parse_cases(opts["cases"]):
-        base_cfg = load_config("var-d16").model.tokenizer
-        patch_nums = PATCH_NUMS.get(res, tuple(sorted({1, res // 16})))
-        cfg = dataclasses.replace(base_cfg, resolution=res, patch_nums=patch_nums)
+        cfg = d16_tokenizer_config(res)
         with torch.device("meta"):
             tok = build_model(cfg).eval()
         chunk = max(1, min(batch, DECODE_PIXELS_BF16 // (res * res)))

@@ -1251,7 +1251,26 @@ class CASMAR(MaskedGenerator):
 # ----------------------------------------------------------------------------- the two sampling loops
 
 
-class _ScaffoldLoop(MaskedLoop):
+class _SamsLoop(MaskedLoop):
+    """What both CASMAR stages share: the masked count per sample kept on the host. SAMS returns
+    the next mask's count with the mask, so no step reads it back from the GPU; only given tokens
+    (editing) make the first step read it."""
+
+    mask: Tensor
+    masked: int | None  # tokens masked per sample now; None: not known on the host yet
+    mask_next: Tensor
+    masked_next: int
+
+    def num_masked(self) -> int:
+        if self.masked is None:
+            self.masked = int(self.mask[0].sum())
+        return self.masked
+
+    def advance(self) -> None:
+        self.mask, self.masked = self.mask_next, self.masked_next
+
+
+class _ScaffoldLoop(_SamsLoop):
     """Stage 1: the scaffold tokens (big tokens all masked), next mask by SAMS/AMR on the
     decoder features; the MLP head draws the tokens masked now and visible next (or, for a
     sample that would draw none, its most salient masked token: the official fallback)."""
@@ -1270,14 +1289,7 @@ class _ScaffoldLoop(MaskedLoop):
         self.big = torch.zeros(b, model.seq_len, model.token_channels, device=device)  # never visible here
         self.big_masked = torch.ones(b, model.seq_len, dtype=torch.bool, device=device)
         self.class_emb = model._class_emb_cfg(labels, s.cfg)
-        # host copy of the masked count, set by plan; at the start all unless tokens are given
-        self.masked_now: int | None = n_s if known_mask is None else None
-
-    def num_masked(self) -> int:
-        if self.masked_now is None:  # the first step: the caller's known tokens set it (one read)
-            self.masked_now = int(self.mask[0].sum())
-        self.masked = self.masked_now
-        return self.masked
+        self.masked = n_s if known_mask is None else None  # all masked unless tokens are given
 
     def transformer_pass(self) -> Tensor:
         m, s = self.model, self.s
@@ -1334,11 +1346,8 @@ class _ScaffoldLoop(MaskedLoop):
             input_mask=self.mask, next_mask=self.mask_next, cfg=cfg_scale, sams=self.sams,
         )  # fmt: skip
 
-    def advance(self) -> None:
-        self.mask, self.masked_now = self.mask_next, self.masked_next
 
-
-class _RefineLoop(MaskedLoop):
+class _RefineLoop(_SamsLoop):
     """Stage 2: the big tokens after the (visible, Pred-Cond) scaffold part, next mask by
     SAMS/AMR; every step the DiT head re-draws all still-masked tokens over the whole grid,
     the visible ones entering as RePaint's known tokens."""
@@ -1365,14 +1374,7 @@ class _RefineLoop(MaskedLoop):
         self.scaffold = s.halves(scaffold)
         null = torch.full_like(labels, model.num_classes)
         self.head_labels = torch.cat([labels, null]) if s.guided else labels
-        # host copy of the masked count, set by plan; at the start all unless tokens are given
-        self.masked_now: int | None = n if known_mask is None else None
-
-    def num_masked(self) -> int:
-        if self.masked_now is None:  # the first step: the caller's known tokens set it (one read)
-            self.masked_now = int(self.mask[0].sum())
-        self.masked = self.masked_now
-        return self.masked
+        self.masked = n if known_mask is None else None  # all masked unless tokens are given
 
     def transformer_pass(self) -> Tensor:
         m, s = self.model, self.s
@@ -1409,9 +1411,6 @@ class _RefineLoop(MaskedLoop):
         trace.add(
             "refine", step, self.tokens, self.mask, next_mask=self.mask_next, cfg=cfg_scale, sams=self.sams
         )
-
-    def advance(self) -> None:
-        self.mask, self.masked_now = self.mask_next, self.masked_next
 
 
 # ----------------------------------------------------------------------------- latent cache
