@@ -29,7 +29,8 @@ Shapes: PSA at CASMAR-B's head (16 x 16 grid, k 7, H 16, D 64, bf16, the models'
 layout); block-sparse attention at the 256 px schedule (L 680, H 16, D 64, block-diagonal) and,
 for the long-sequence candidates, 1024 px (L 9451); linear_act at MAR-B's fc1 (768 -> 3072, 40960
 rows), exact and tanh GELU; adaln_mlp at MAR-B's head (128 rows, width 1024); adaln_modulate and
-gated_residual at CASMAR-B's DiT blocks (32,768 rows, width 512).
+gated_residual at CASMAR-B's DiT blocks (32,768 rows, width 512); categorical (the top-k / top-p
+draw) at VAR / HMAR-d16's last 256 px scale.
 """
 
 from __future__ import annotations
@@ -166,9 +167,21 @@ def gated_residual_launches():
             yield f"gated_residual K{K}", i, cfg, launch
 
 
+def categorical_launches():
+    """The top-k / top-p draw at VAR / HMAR-d16's last 256 px scale (64 x 256 rows, vocabulary 4096,
+    k 900, p 0.96; bf16 logits, as the sampler's chunks pass them, and float32) and a 512 vocabulary."""
+    import maskar.kernels.categorical as cat
+
+    for V, dtype in ((4096, BF16), (4096, torch.float32), (512, BF16)):
+        x, noise = torch.randn(16384, V, dtype=dtype), torch.ones(16384, V)
+        cfg = cat._config(max(16, 1 << (V - 1).bit_length()))
+        name = f"categorical V{V} {str(dtype)[6:]}"
+        yield name, 0, cfg, lambda x=x, noise=noise: cat.draw(x, noise, 900, 0.96)
+
+
 GROUPS = {"psa": psa_launches, "block_sparse": block_sparse_launches, "linear_act": linear_act_launches,
           "adaln_mlp": adaln_mlp_launches, "adaln_modulate": adaln_modulate_launches,
-          "gated_residual": gated_residual_launches}
+          "gated_residual": gated_residual_launches, "categorical": categorical_launches}
 
 
 def main() -> None:

@@ -299,9 +299,11 @@ def test_labels_on_the_cpu_are_checked_there():
 @needs_cuda
 @pytest.mark.parametrize("case", [CASES[0], CASES[6]], ids=lambda c: c[0])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_gpu_captured_graphs_give_the_eager_tokens(case, precision):
+@pytest.mark.parametrize("sampler", ["fused", "triton"])
+def test_gpu_captured_graphs_give_the_eager_tokens(case, precision, sampler):
     name, arch, overrides, labels, knobs = case
     model = build_model(arch, overrides).cuda()
+    model.sampler = sampler  # triton: the one-kernel draw (maskar.kernels.categorical) inside the graphs
     knobs = dict(knobs)
     seed = knobs.pop("seed")
     lab = torch.tensor(labels, device="cuda")

@@ -6,6 +6,8 @@
                         [profile=false] [agree=false] [large_n=0] [device=auto] [json=PATH]
                         [compile_mode=default]   (the compiled modes' torch.compile mode; or
                                                   max-autotune-no-cudagraphs)
+                        [sampler=]               (every row's top-k / top-p draw: fused, reference
+                                                  or triton; empty: the mode's)
 
 One timed call = ``model.generate(labels, **knobs)`` under the precision's autocast, exactly
 what ``maskar sample`` runs per batch: every scale (VAR with its KV cache; HMAR one scale at
@@ -73,13 +75,14 @@ from typing import Any
 import torch
 
 from maskar.config import load_config
+from maskar.nn.sampling import SAMPLERS
 from maskar.sampling import autocast_for, low_precision_dtype, sampling_kwargs
 
 DEFAULTS = {
     "models": "var-d16,hmar-d16", "cases": "256x64,1024x8", "modes": "fast", "precision": "bf16", "reps": 5,
     "warmup": 1, "backend": "auto", "cfg": 1.5, "top_k": 900, "top_p": 0.96, "schedule": "preset",
     "hmar_stage": 2, "check": True, "seed": 0, "tf32": False, "profile": False, "agree": False,
-    "large_n": 0, "device": "auto", "json": "", "compile_mode": "default",
+    "large_n": 0, "device": "auto", "json": "", "compile_mode": "default", "sampler": "",
 }  # fmt: skip
 
 # Model attributes of each sampling path (maskar.models.var.NextScaleModel).
@@ -112,7 +115,7 @@ OFFICIAL_BENCH_SCHEDULES = {
 ROW_FIELDS = (
     "model", "preset", "mode", "res", "batch", "precision", "backend", "L", "params_m", "ms", "images_per_s",
     "peak_gb", "peak_reserved_gb", "first_s", "times_ms", "tflop", "floor_ms", "memory_floor_gb",
-    "deterministic", "tf_rel_diff", "check_ok", "refine_passes", "mask_schedule", "overrides",
+    "deterministic", "tf_rel_diff", "check_ok", "refine_passes", "mask_schedule", "overrides", "sampler",
 )  # fmt: skip
 
 # Relative max |logit difference| allowed between the sampling path and teacher forcing.
@@ -159,6 +162,10 @@ def _parse(argv: list[str]) -> dict[str, Any]:
         )
     if int(opts["large_n"]) < 0:
         raise SystemExit(f"bench sample: large_n: expected an integer >= 0, got {opts['large_n']!r}")
+    if opts["sampler"] and opts["sampler"] not in SAMPLERS:
+        raise SystemExit(
+            f"bench sample: sampler: expected one of {list(SAMPLERS)} (or empty), got {opts['sampler']!r}"
+        )
     return opts
 
 
@@ -385,6 +392,8 @@ def run_case(
     else:
         model, cfg, overrides = built
     set_mode(model, mode, str(opts["precision"]), str(opts["compile_mode"]))
+    if opts.get("sampler"):
+        model.sampler = str(opts["sampler"])
     knobs = sampling_knobs(model, cfg, opts)
     precision, seed = str(opts["precision"]), int(opts["seed"])
     labels = torch.arange(batch, device=device) % model.num_classes  # (B,) int64
@@ -450,7 +459,8 @@ def run_case(
     n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("tokenizer.")) / 1e6
     row = {
         "model": f"{arch}-d{model.depth}", "preset": preset, "mode": mode, "res": int(model.image_size),
-        "batch": batch, "precision": precision, "backend": str(opts["backend"]), "L": int(model.L),
+        "batch": batch, "precision": precision, "backend": str(opts["backend"]), "sampler": model.sampler,
+        "L": int(model.L),
         "params_m": round(n_params, 1), "ms": ms, "images_per_s": batch / (ms / 1e3), "peak_gb": peak,
         "peak_reserved_gb": reserved, "first_s": first_s, "times_ms": times, "tflop": flops / 1e12,
         "floor_ms": flops / (PEAK_TFLOPS * 1e12) * 1e3,
@@ -835,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in str(opts["modes"]).split(",") if m.strip()]
     print(
         f"precision {opts['precision']}, modes {','.join(modes)}, backend {opts['backend']}, "
-        f"cfg {opts['cfg']}, "
+        f"cfg {opts['cfg']}, sampler {opts['sampler'] or 'per mode'}, "
         f"top_k {opts['top_k']}, top_p {opts['top_p']}, HMAR stage {opts['hmar_stage']}, "
         f"schedule {opts['schedule']}, median of {opts['reps']} after the determinism repeat + "
         f"{opts['warmup']} warm-up; floor = counted FLOPs / {PEAK_TFLOPS:.0f} TFLOP/s; "

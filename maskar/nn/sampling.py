@@ -84,7 +84,7 @@ def draw_from_probs(probs: Tensor, noise: Tensor) -> Tensor:
     return (probs / noise).argmax(dim=-1)
 
 
-SAMPLERS = ("fused", "reference")
+SAMPLERS = ("fused", "reference", "triton")
 
 
 def sample_from_logits(
@@ -104,9 +104,20 @@ def sample_from_logits(
     :func:`filter_logits` (a full sort of the vocabulary); ``fused`` (default) gives the same
     filtered distribution through :func:`topk_topp_probs` without sorting the whole vocabulary
     when top_k is on. Both draw with the same randomness, so they agree token for token up to
-    floating-point rounding of the nucleus boundary (tests).
+    floating-point rounding of the nucleus boundary (tests). ``triton``: the whole draw as one
+    kernel (:mod:`maskar.kernels.categorical`: the same distribution, the same noise, tree-summed
+    masses) where it runs (CUDA, the Triton interpreter; vocabularies up to 8192), else ``fused``.
     """
     shape = logits.shape[:-1]
+    if method == "triton":
+        from maskar.kernels import categorical
+
+        flat = logits.reshape(-1, logits.shape[-1])
+        if noise is None:
+            noise = exponential_noise(flat.shape[0], flat.shape[1], generator, flat.device)
+        if categorical.supports(flat, noise):
+            return categorical.draw(flat, noise, top_k, top_p, temperature).view(shape)
+        method = "fused"
     x = logits.float().reshape(-1, logits.shape[-1])
     if temperature != 1.0:
         x = x / temperature
