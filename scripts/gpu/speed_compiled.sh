@@ -63,6 +63,11 @@
 #   PART=decodec (about 7 min, DEADLINE=500): `maskar bench decode` of the d16 decoder eager bf16
 #     against torch.compile'd (default and max-autotune-no-cudagraphs), 256 px B 64 and 1024 px B 8;
 #     then every convolution shape of the decoder timed alone (convs=true).
+#   PART=sampler (about 7 min, DEADLINE=500): the one-kernel top-k / top-p draw: its GPU tests (the
+#     reference's kept sets and draws at the d16 shape; captured graphs equal eager with it), the draw
+#     alone against the torch path at each launch config (scripts/gpu/sampler_speed.py), then `maskar
+#     bench sample models=hmar-d16,var-d16 modes=compiled-w16` at 256 px B 64 and 1024 px B 8 with
+#     sampler=fused and sampler=triton.
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -199,6 +204,20 @@ elif [ "${PART}" = pool ]; then
       models=hmar-d16,var-d16 cases=$3 modes=compiled-w16 reps=5 json="$OUT/sample_pool$1_cudnn$2_$3.json" \
       > "$OUT/sample_pool$1_cudnn$2_$3.txt" 2>&1
     echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample_pool$1_cudnn$2_$3.txt" | tail -n 16
+  done
+elif [ "${PART}" = sampler ]; then
+  el "GPU tests: the one-kernel draw"
+  timeout $(cap 90) $PY -m pytest -q -m gpu tests/test_categorical_kernel.py tests/test_sampling_speed.py \
+    -k "d16_shape or captured_graphs" > "$OUT/sampler_gpu_tests.txt" 2>&1
+  echo "tests rc=$?"; tail -n 5 "$OUT/sampler_gpu_tests.txt"
+  el "the draw alone: torch path vs kernel configs"
+  timeout $(cap 60) $PY scripts/gpu/sampler_speed.py --json "$OUT/sampler_speed.json" > "$OUT/sampler_speed.txt" 2>&1
+  echo "speed rc=$?"; grep -vE "$NOISE" "$OUT/sampler_speed.txt" | tail -n 18
+  for sampler in fused triton; do
+    el "bench sample compiled-w16, sampler=$sampler"
+    timeout $(cap 150) $PY -m maskar bench sample models=hmar-d16,var-d16 modes=compiled-w16 reps=5 \
+      sampler=$sampler json="$OUT/sample_$sampler.json" > "$OUT/sample_$sampler.txt" 2>&1
+    echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample_$sampler.txt" | tail -n 14
   done
 elif [ "${PART}" = headtune ]; then
   # the heads' per-step calls alone under max-autotune (PART=autotune also tuned the blocks, which
