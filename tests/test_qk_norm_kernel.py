@@ -357,9 +357,9 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch, dtype, gain_dtype, kernel,
         fn, consts = qn._qk_norm_fwd, dict(BLOCK_T=cfg.block_t, HEAD_DIM=head_dim)
     elif kernel == "bwd":
         fn, consts = qn._qk_norm_bwd, dict(BLOCK_T=cfg.block_t, HEAD_DIM=head_dim, HAS_DV=flags[0],
-                                           GAIN_GRAD=flags[1])
+                                           GAIN_GRAD=flags[1], AT_BOUND=qn.clamp_grad_at_bound())
     else:
-        fn, consts = qn._qk_norm_gain_grad, dict(BLOCK_R=256, BLOCK_H=16)
+        fn, consts = qn._qk_norm_gain_grad, dict(BLOCK_R=256, BLOCK_H=16, AT_BOUND=qn.clamp_grad_at_bound())
     try:
         compiled = _compile_for(fn, arch, dtype, gain_dtype, consts)
     except FileNotFoundError as e:  # no ptxas in this Triton build

@@ -14,7 +14,9 @@ dy = d(x_hat) * gain (gain 1 for k),
     ds_h = [s_h <= ln 100] * gain_h * sum_{B, L, d}(d(q_hat) * y_q)
 
 (clamp_min passes the gradient where n >= eps, the norm's gradient is 0 where n = 0 and
-the clamp's where s <= ln 100, as torch's formulas do; ``ln 100`` and ``gain`` are rounded
+the clamp's where s <= ln 100, as torch's formulas do up to 2.13; torch 2.14 passes neither at
+equality, n > eps and s < ln 100, and the kernels follow the torch they run with,
+:func:`clamp_grad_at_bound`; ``ln 100`` and ``gain`` are rounded
 to the parameter's dtype first, as torch computes them in it).
 
 Why a kernel: under torch.compile Inductor split this into seven kernels per block
@@ -45,6 +47,7 @@ autograd (v part of the gradient zero) for direct callers and ``opcheck``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -80,6 +83,19 @@ def _unit(x, eps):
     return tl.div_rn(x, den[:, None]), n, den
 
 
+@triton.jit
+def _passes(x, bound, at_bound: tl.constexpr, upper: tl.constexpr):
+    """Where a clamp to ``bound`` (an upper one, or a lower one) passes the gradient: strictly
+    inside, and at the bound too where ``at_bound`` (torch <= 2.13)."""
+    if upper:
+        inside = x < bound
+    else:
+        inside = x > bound
+    if at_bound:
+        inside = inside | (x == bound)
+    return inside
+
+
 @triton.jit(do_not_specialize=["n_tok", "H"])  # new batch sizes / lengths / head counts reuse the binary
 def _qk_norm_fwd(QKV, S, OUT, n_tok, H, eps, log_max, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr):
     """OUT (n_tok, 2, H, D): q_hat * gain, k_hat of QKV (n_tok, 3, H, D), BLOCK_T tokens of head h."""
@@ -105,6 +121,7 @@ def _qk_norm_bwd(
     QKV, S, DQ, DK, DV, DQKV, PART, n_tok, L, H,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, eps, log_max,
     BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DV: tl.constexpr, GAIN_GRAD: tl.constexpr,
+    AT_BOUND: tl.constexpr,
 ):
     """DQKV (n_tok, 3, H, D) of tokens [t0, t0 + BLOCK_T) of head h: dq, dk through the norm and
     the gain, dv copied (zeros without DV); PART[pid] = this program's sum of d(q_hat) * y_q."""
@@ -125,10 +142,11 @@ def _qk_norm_bwd(
 
     yq, nq, denq = _unit(xq, eps)
     pg = tl.sum(dq * yq, 1)  # d(loss)/d(gain) of each row
-    proj_q = tl.where(nq >= eps, pg * g, 0.0)  # sum_d(dy * y) with dy = dq * g; 0 where clamp_min cut
+    # sum_d(dy * y) with dy = dq * g; 0 where clamp_min cut
+    proj_q = tl.where(_passes(nq, eps, AT_BOUND, False), pg * g, 0.0)
     dxq = tl.div_rn(dq * g - proj_q[:, None] * yq, denq[:, None])
     yk, nk, denk = _unit(xk, eps)
-    proj_k = tl.where(nk >= eps, tl.sum(dk * yk, 1), 0.0)
+    proj_k = tl.where(_passes(nk, eps, AT_BOUND, False), tl.sum(dk * yk, 1), 0.0)
     dxk = tl.div_rn(dk - proj_k[:, None] * yk, denk[:, None])
 
     tl.store(DQKV + row, dxq.to(DQKV.dtype.element_ty), mask=ok)
@@ -143,8 +161,10 @@ def _qk_norm_bwd(
 
 
 @triton.jit(do_not_specialize=["n_rows", "H"])
-def _qk_norm_gain_grad(PART, S, DS, n_rows, H, log_max, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """DS[h] = [s_h <= log_max] * gain_h * sum_r PART[r, h]: the second stage, one program, fixed order."""
+def _qk_norm_gain_grad(PART, S, DS, n_rows, H, log_max, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+                      AT_BOUND: tl.constexpr):
+    """DS[h] = [s_h <= log_max] * gain_h * sum_r PART[r, h] (< where not AT_BOUND): the second
+    stage, one program, fixed order."""
     hh = tl.arange(0, BLOCK_H)
     h_ok = hh < H
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -154,7 +174,7 @@ def _qk_norm_gain_grad(PART, S, DS, n_rows, H, log_max, BLOCK_R: tl.constexpr, B
         p = tl.load(PART + r[:, None] * H + hh[None, :], mask=ok, other=0.0)
         acc += tl.sum(p, 0)
     g, s = _gain(tl.load(S + hh, mask=h_ok, other=0.0), log_max)
-    ds = tl.where(s <= log_max, acc * g, 0.0)
+    ds = tl.where(_passes(s, log_max, AT_BOUND, True), acc * g, 0.0)
     tl.store(DS + hh, ds.to(DS.dtype.element_ty), mask=h_ok)
 
 
@@ -181,6 +201,19 @@ FORCE_CONFIG: QKConfig | None = None  # tests / sweeps pin a config
 _INTERPRET_CONFIG = QKConfig(4, 1)
 
 _log_max_cache: dict[torch.dtype, float] = {}
+
+
+@functools.lru_cache(maxsize=1)
+def clamp_grad_at_bound() -> bool:
+    """Whether this torch's clamp passes the gradient where the input equals the bound.
+
+    torch 2.11-2.13 do (``x.clamp(max=b)`` has gradient 1 at x == b), torch 2.14 does not. The
+    kernels' and the reference backward's masks follow, so both equal autograd of the model's
+    torch code (``maskar.nn.blocks.l2_norm_qk``) in the torch they run with."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.ones(1, requires_grad=True)
+        (grad,) = torch.autograd.grad(x.clamp(max=1.0).sum(), x)
+    return bool(grad[0] == 1.0)
 
 
 def _log_max(dtype: torch.dtype) -> float:
@@ -218,14 +251,15 @@ def _backward(qkv: Tensor, scale_mul: Tensor, dq: Tensor, dk: Tensor, dv: Tensor
     _launch(_qk_norm_bwd, (n_tb * H,),
             (qkv, scale_mul, dq, dk, dv if dv is not None else dq, dqkv, part, B * L, L, H,
              *dq.stride()[:3], *dk.stride()[:3], *sv[:3], EPS, log_max),
-            dict(BLOCK_T=cfg.block_t, HEAD_DIM=D, HAS_DV=dv is not None, GAIN_GRAD=gain_grad),
+            dict(BLOCK_T=cfg.block_t, HEAD_DIM=D, HAS_DV=dv is not None, GAIN_GRAD=gain_grad,
+                 AT_BOUND=clamp_grad_at_bound()),
             cfg.num_warps, 1)
     if not gain_grad:
         return dqkv, torch.zeros_like(scale_mul)
     ds = torch.empty_like(scale_mul)
     block_h = next_power_of_2(H)
     _launch(_qk_norm_gain_grad, (1,), (part, scale_mul, ds, n_tb, H, log_max),
-            dict(BLOCK_R=max(4096 // block_h, 16), BLOCK_H=block_h), 4, 1)
+            dict(BLOCK_R=max(4096 // block_h, 16), BLOCK_H=block_h, AT_BOUND=clamp_grad_at_bound()), 4, 1)
     return dqkv, ds
 
 
@@ -262,14 +296,16 @@ def _reference_backward(qkv: Tensor, scale_mul: Tensor, dq: Tensor, dk: Tensor, 
     g = _reference_gain(scale_mul).to(y.dtype)  # (1, 1, H, 1)
     dhat = torch.stack([dq.transpose(1, 2), dk.transpose(1, 2)], 2).to(y.dtype)  # (B, L, 2, H, D)
     dy = torch.stack([dhat[:, :, 0] * g, dhat[:, :, 1]], 2)
-    proj = (dy * y).sum(-1, keepdim=True) * (n >= EPS)
+    at_bound = clamp_grad_at_bound()
+    proj = (dy * y).sum(-1, keepdim=True) * ((n >= EPS) if at_bound else (n > EPS))
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     dqkv[:, :, :2] = (dy - proj * y) / den
     dqkv[:, :, 2] = 0 if dv is None else dv.transpose(1, 2)
     if not gain_grad:
         return dqkv, torch.zeros_like(scale_mul)
     dgain = (dhat[:, :, 0] * y[:, :, 0]).sum((0, 1, 3)).reshape(scale_mul.shape)
-    keep = scale_mul <= MAX_LOG_GAIN  # compared in the parameter's dtype, as clamp's gradient
+    # compared in the parameter's dtype, as clamp's gradient
+    keep = (scale_mul <= MAX_LOG_GAIN) if at_bound else (scale_mul < MAX_LOG_GAIN)
     ds = torch.where(keep, dgain * g.reshape(scale_mul.shape), 0.0)
     return dqkv, ds.to(scale_mul.dtype)
 
