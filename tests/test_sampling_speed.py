@@ -179,6 +179,35 @@ def test_compiled_sampler_gives_the_recorded_samples_with_one_graph_per_part(cas
     assert 2 <= counter.frame_count <= 8 < per_block_per_scale, counter.frame_count
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[CASES[0][0], CASES[5][0]])
+def test_compiled_decoder_gives_the_recorded_images(case, monkeypatch):
+    """compile_sampler(decoder=True): the decode of every chunk (a ragged last one included) runs
+    through torch.compile (aot_eager: the functionalised, decomposed graph of the same ops) and
+    gives the recorded tokens and images to rounding (group norm's decomposition sums in another
+    order: ~2e-6)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    name, arch, overrides, labels, knobs = case
+    golden = json.loads(GOLDEN.read_text())[name]
+    model = build_model(arch, overrides)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    model.compile_sampler(decoder=True, backend=counter)
+    monkeypatch.setattr(var_mod, "DECODE_PIXELS", 2 * model.image_size**2)  # chunks of 2 and 1 images
+    tokens, images = run_case(model, labels, knobs)
+    assert [t.tolist() for t in tokens] == golden["tokens"]
+    torch.testing.assert_close(images, decoded_images(golden), rtol=0, atol=1e-5)
+    assert counter.frame_count >= 3  # the blocks' two parts and the decoder at least
+
+
+def test_bench_sample_takes_compile_decoder():
+    from maskar.bench import sample as bench
+
+    assert bench._parse(["compile_decoder=true"])["compile_decoder"] is True
+    with pytest.raises(SystemExit, match="compile_decoder"):
+        bench._parse(["compile_decoder=2"])
+
+
 def test_reference_sampler_and_chunked_rows_give_the_same_samples(monkeypatch):
     name, arch, overrides, labels, knobs = CASES[5]  # HMAR stage 2 with refinement
     model = build_model(arch, overrides)

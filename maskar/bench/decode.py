@@ -326,7 +326,7 @@ def _time_decode(
 ):  # fmt: skip
     """(median ms, images, peak GB above what was allocated before, seconds of the first call:
     compiling and autotuning included) of the chunked decode."""
-    from maskar.models.var import decode_in_chunks
+    from maskar.models.var import CompiledDecoder, decode_in_chunks
     from maskar.tokenizers import common, vqvae
 
     try:
@@ -348,7 +348,7 @@ def _time_decode(
                 torch.cuda.empty_cache()
                 base = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            decoder = tok if compile_mode is None else _Compiled(tok, compile_mode)
+            decoder = tok if compile_mode is None else CompiledDecoder(tok, mode=compile_mode)
             t0 = time.perf_counter()
             decode_in_chunks(decoder, fhat, res, precision)
             if device.type == "cuda":
@@ -363,13 +363,6 @@ def _time_decode(
         vqvae.BF16_CUDNN_BENCHMARK = saved[2]
         common.SUBPIXEL_UPSAMPLE = saved[3]
     return ms, img, peak, first_s
-
-
-class _Compiled:
-    """A tokenizer whose ``fhat_to_img`` runs through ``torch.compile`` (what decode_in_chunks calls)."""
-
-    def __init__(self, tok, mode: str) -> None:
-        self.fhat_to_img = torch.compile(tok.fhat_to_img, mode=mode, dynamic=False)
 
 
 def _fmt(v, spec: str, width: int) -> str:

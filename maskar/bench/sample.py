@@ -8,6 +8,7 @@
                                                   max-autotune-no-cudagraphs)
                         [sampler=]               (every row's top-k / top-p draw: fused, reference
                                                   or triton; empty: the mode's)
+                        [compile_decoder=false]  (compiled modes: the VQ-VAE decode compiled too)
 
 One timed call = ``model.generate(labels, **knobs)`` under the precision's autocast, exactly
 what ``maskar sample`` runs per batch: every scale (VAR with its KV cache; HMAR one scale at
@@ -83,6 +84,7 @@ DEFAULTS = {
     "warmup": 1, "backend": "auto", "cfg": 1.5, "top_k": 900, "top_p": 0.96, "schedule": "preset",
     "hmar_stage": 2, "check": True, "seed": 0, "tf32": False, "profile": False, "agree": False,
     "large_n": 0, "device": "auto", "json": "", "compile_mode": "default", "sampler": "",
+    "compile_decoder": False,
 }  # fmt: skip
 
 # Model attributes of each sampling path (maskar.models.var.NextScaleModel).
@@ -162,6 +164,10 @@ def _parse(argv: list[str]) -> dict[str, Any]:
         )
     if int(opts["large_n"]) < 0:
         raise SystemExit(f"bench sample: large_n: expected an integer >= 0, got {opts['large_n']!r}")
+    if not isinstance(opts["compile_decoder"], bool):
+        raise SystemExit(
+            f"bench sample: compile_decoder: expected true or false, got {opts['compile_decoder']!r}"
+        )
     if opts["sampler"] and opts["sampler"] not in SAMPLERS:
         raise SystemExit(
             f"bench sample: sampler: expected one of {list(SAMPLERS)} (or empty), got {opts['sampler']!r}"
@@ -316,13 +322,15 @@ def dynamo_stats() -> dict[str, int]:
     return {"graphs": int(counters["stats"]["unique_graphs"]), "recompile_limit_hits": int(hits)}
 
 
-def set_mode(model, mode: str, precision: str = "bf16", compile_mode: str = "default") -> None:
+def set_mode(
+    model, mode: str, precision: str = "bf16", compile_mode: str = "default", compile_decoder: bool = False
+) -> None:
     """Switch ``model`` to one of MODES (and drop CUDA graphs captured under another)."""
     for name, value in MODES[mode].items():
         setattr(model, name, value)
     base, w16 = mode.removesuffix("-w16"), mode.endswith("-w16")
     if base == "compiled" and not getattr(model, "_sampler_compiled", False):
-        model.compile_sampler(mode=compile_mode)
+        model.compile_sampler(decoder=compile_decoder, mode=compile_mode)
     elif base != "compiled" and getattr(model, "_sampler_compiled", False):
         raise SystemExit(f"bench sample: mode {mode} after compiled on one model (put compiled last)")
     if w16:
@@ -391,7 +399,7 @@ def run_case(
         model, cfg = build_case(preset, overrides, device, str(opts["backend"]))
     else:
         model, cfg, overrides = built
-    set_mode(model, mode, str(opts["precision"]), str(opts["compile_mode"]))
+    set_mode(model, mode, str(opts["precision"]), str(opts["compile_mode"]), bool(opts["compile_decoder"]))
     if opts.get("sampler"):
         model.sampler = str(opts["sampler"])
     knobs = sampling_knobs(model, cfg, opts)
@@ -846,6 +854,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"precision {opts['precision']}, modes {','.join(modes)}, backend {opts['backend']}, "
         f"cfg {opts['cfg']}, sampler {opts['sampler'] or 'per mode'}, "
+        f"compiled decoder {opts['compile_decoder']} (compiled modes), "
         f"top_k {opts['top_k']}, top_p {opts['top_p']}, HMAR stage {opts['hmar_stage']}, "
         f"schedule {opts['schedule']}, median of {opts['reps']} after the determinism repeat + "
         f"{opts['warmup']} warm-up; floor = counted FLOPs / {PEAK_TFLOPS:.0f} TFLOP/s; "

@@ -77,6 +77,14 @@ def decode_in_chunks(tokenizer, f_hat: Tensor, image_size: int, precision: str =
     return torch.cat([tokenizer.fhat_to_img(part, precision) for part in f_hat.split(chunk)])
 
 
+class CompiledDecoder:
+    """A tokenizer's ``fhat_to_img`` through ``torch.compile`` with static shapes (a decode chunk's;
+    a ragged last chunk compiles once more): what :func:`decode_in_chunks` calls in its place."""
+
+    def __init__(self, tokenizer, **compile_kwargs) -> None:
+        self.fhat_to_img = torch.compile(tokenizer.fhat_to_img, **{**compile_kwargs, "dynamic": False})
+
+
 # ----------------------------------------------------------------------------- configs
 
 
@@ -292,14 +300,20 @@ class NextScaleModel(nn.Module):
         self.decode_precision = "auto"  # auto (bf16 under bf16/fp16 autocast, else fp32) | fp32 | bf16
         self.cuda_graphs = True  # replay per-scale CUDA graphs for plain generation on a GPU
         self.profile_marks: list | None = None  # a list: sampling appends (region name, timestamp)
+        self._decoder: CompiledDecoder | None = None  # compile_sampler(decoder=True)
         self._graphs = GraphCache()
 
-    def compile_sampler(self, **compile_kwargs) -> None:
+    def compile_sampler(self, decoder: bool = False, **compile_kwargs) -> None:
         """Opt-in ``torch.compile`` of sampling: in every block the work around the attention
-        (:meth:`AdaLNSelfAttnBlock.compile_sampling_parts`); the per-scale CUDA graphs then
-        capture the compiled kernels. The first calls pay the compile time."""
+        (:meth:`AdaLNSelfAttnBlock.compile_sampling_parts`); with ``decoder`` also the VQ-VAE
+        decode (:class:`CompiledDecoder`: Inductor fuses its norms, residual adds and upsampling
+        and, under ``mode="max-autotune-no-cudagraphs"``, times its convolution templates against
+        cuDNN). The per-scale CUDA graphs then capture the compiled kernels. The first calls pay
+        the compile time."""
         for blk in self.repeated_blocks():
             blk.compile_sampling_parts(**compile_kwargs)
+        if decoder:
+            self._decoder = CompiledDecoder(self.tokenizer, **compile_kwargs)
         self._graphs.clear()
         self._sampler_compiled = True
 
@@ -726,7 +740,8 @@ class NextScaleModel(nn.Module):
     def decode(self, f_hat: Tensor, precision: str = "fp32") -> Tensor:
         """f_hat (B, Cz, h, w) -> images (B, C, H, W) float32 in [-1, 1], in DECODE_PIXELS chunks."""
         with self._region("decode"), no_autocast(f_hat.device):
-            return decode_in_chunks(self.tokenizer, f_hat, self.image_size, precision).float()
+            decoder = self._decoder or self.tokenizer
+            return decode_in_chunks(decoder, f_hat, self.image_size, precision).float()
 
     @torch.no_grad()
     def _autoregress(
