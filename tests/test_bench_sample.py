@@ -144,6 +144,7 @@ def test_modes_profile_agreement_and_large_n_on_the_cpu(capsys, tmp_path):
         reg = r["profile"]["regions"]
         assert sorted(reg["per_scale_ms"]) == ["s00", "s01", "s02", "s03"]
         assert reg["per_kind_ms"]["refine"] > 0 and reg["per_kind_ms"]["decode"] > 0
+        assert reg["per_kind_ms"]["prep"] > 0  # the host's work before the first scale, apart
         assert r["tflop"] > 0 and r["floor_ms"] > 0
     agree = rows[2]["agree"]
     assert 0 <= agree["token_agreement"] <= 1 and agree["decode_only_psnr_db"] > 25

@@ -505,7 +505,8 @@ def _guarded(fn):
 # ----------------------------------------------------------------------------- profile
 
 
-REGION_KINDS = ("blocks", "head", "sample", "refine", "update", "graph", "decode")
+# prep: the host's work before the first scale (argument checks, the graph lookup), GPU idle
+REGION_KINDS = ("prep", "blocks", "head", "sample", "refine", "update", "graph", "decode")
 
 
 def _region_kind(name: str) -> str:

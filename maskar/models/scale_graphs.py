@@ -241,6 +241,8 @@ class ScaleGraphRunner:
         """Images (B, C, H, W) float32 for ``labels`` (B,), with the randomness of ``generator``."""
         self.labels.copy_(labels)
         marks = model.profile_marks
+        if marks is not None:  # the host's work before the first replay (the GPU idles through it)
+            marks.append(("prep", mark(self.device)))
         for si in range(self.num_scales):
             self.noise.fill(si, generator)
             if self.capture:

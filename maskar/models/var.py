@@ -770,6 +770,8 @@ class NextScaleModel(nn.Module):
             runner = self._graphs.runner(self, labels.shape[0], args, refine_kw, precision)
             if runner is not None:
                 return runner.generate(self, labels, args.generator, out_indices)
+        if self.profile_marks is not None:
+            self.profile_marks.append(("prep", mark(labels.device)))
         st = self._start(labels)
         noise = NoiseSource(self.vocab_size, args.generator, labels.device)
         for si in range(len(self.patch_nums)):
