@@ -50,7 +50,8 @@ included, GB = 1e9 bytes. ``floor`` = the call's FLOPs (counted with FlopCounter
 eager call: linears, attention, convolutions) / 790 TFLOP/s, the H200's dense bf16 matmul peak.
 
 ``profile=true`` adds, per row, the GPU time of each region of one call (CUDA events at region
-ends: every scale's transformer blocks, head, sampling ops, refinement passes and f_hat update,
+ends: the host's preparation before the first scale, ``prep``, during which the GPU idles; every
+scale's transformer blocks, head, sampling ops, refinement passes and f_hat update,
 then the decoder; with graphs, one figure per scale) and, for the eager paths, the kernel-busy
 time from torch.profiler, so idle = span - busy. ``agree=true`` compares, for ``fast`` rows in
 bf16, the same seeds in fp32: token agreement per scale (free-running), the agreement of draws
