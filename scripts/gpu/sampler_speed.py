@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
+from maskar.bench.attention import time_ms as _time_ms
 from maskar.kernels import categorical
 from maskar.nn.sampling import exponential_noise, sample_from_logits
 
@@ -27,17 +27,7 @@ CONFIGS = [categorical.CatConfig(1, w) for w in (2, 4, 8, 16)]
 
 
 def time_ms(fn, reps: int = 50, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return _time_ms(fn, reps, warmup)
 
 
 def copy_gbps() -> float:
