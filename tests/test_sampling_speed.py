@@ -391,6 +391,31 @@ def test_gpu_reserved_pool_gives_the_same_tokens_in_a_smaller_pool(monkeypatch, 
     assert results[True][1] < results[False][1], (preset, results[True][1], results[False][1])
 
 
+@gpu
+@needs_cuda
+def test_gpu_compiled_decoder_inside_the_graphs_gives_the_eager_images():
+    """compile_sampler(decoder=True) with Inductor: the captured graphs replay the compiled decode
+    (bf16) and give the tokens and images of the same compiled code run eagerly."""
+    name, arch, overrides, labels, knobs = CASES[5]
+    model = build_model(arch, overrides).cuda()
+    lab = torch.tensor(labels, device="cuda")
+    torch._dynamo.reset()
+    model.compile_sampler(decoder=True)
+    outs = []
+    for _ in range(3):  # eager (first sighting), capture + replay, replay
+        tokens: list[torch.Tensor] = []
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            args = model._sampling_args(knobs["cfg"], "linear", 1.0, knobs["top_k"], knobs["top_p"],
+                                        seed=4, device="cuda")
+            images = model._autoregress(lab, args, out_indices=tokens, **model._refine_options({}, False))
+        outs.append((tokens, images))
+    assert model._graphs.captures == 1 and model._decoder is not None
+    for tokens, images in outs[1:]:
+        for a, b in zip(tokens, outs[0][0], strict=True):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(images, outs[0][1], rtol=0, atol=1e-5)
+
+
 def test_pool_reservation_is_the_peak_with_headroom_in_whole_segments():
     from maskar.models.scale_graphs import RESERVE_MARGIN, reserve_size
 

@@ -193,6 +193,10 @@ elif [ "${PART}" = decodec ]; then
   timeout $(cap 90) $PY -m maskar bench decode quality=false convs=true cases=256x64,1024x8 \
     json="$OUT/decode_convs.json" > "$OUT/decode_convs.txt" 2>&1
   echo "convs rc=$?"; grep -vE "$NOISE" "$OUT/decode_convs.txt" | tail -n 36
+  el "GPU test: the compiled decoder inside the sampling graphs"
+  timeout $(cap 60) $PY -m pytest -q -m gpu tests/test_sampling_speed.py -k compiled_decoder \
+    > "$OUT/decoder_gpu_test.txt" 2>&1
+  echo "test rc=$?"; tail -n 3 "$OUT/decoder_gpu_test.txt"
   for dec in true false; do
     el "bench sample HMAR-d16 256 px compiled-w16, compile_decoder=$dec"
     timeout $(cap 75) $PY -m maskar bench sample models=hmar-d16 cases=256x64 modes=compiled-w16 reps=5 \
