@@ -57,3 +57,9 @@ def test_bench_decode_times_every_convolution_shape_of_the_decoder(tmp_path):
     assert all(r["nchw_ms"] > 0 and r["nhwc_ms"] > 0 and r["gflop_per_call"] > 0 for r in rows)
     # the d16 decoder's shapes: 3x3 convolutions of 160 channels at the output resolution among them
     assert any(r["weight"][:3] == [160, 160, 3] and r["input"][2:] == [32, 32] for r in rows)
+    # output widths off a multiple of 128 also as a 128 + rest split and padded to a multiple of 64
+    odd = [r for r in rows if r["weight"][0] > 128 and r["weight"][0] % 128]
+    assert odd and all(r["split_ms"] > 0 for r in odd)
+    assert any(r["weight"][0] == 160 for r in odd)
+    assert all(r["pad64_ms"] > 0 for r in odd if r["weight"][0] % 64)
+    assert all("split_ms" not in r for r in rows if r["weight"][0] % 128 == 0 or r["weight"][0] < 128)

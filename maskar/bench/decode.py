@@ -43,7 +43,12 @@ case's resolution, on one decode chunk's images in bf16 (what the sampling path 
 its own (``F.conv2d``, NCHW and channels-last, median of ``reps`` after a warm-up): ms a call,
 calls per decode, TFLOP/s, and each shape's share of the decode's convolution time. Which shape to
 write a kernel for, if any: 54% of the decoder's FLOPs are its 160 -> 160 3x3 convolutions at the
-top resolution.
+top resolution. cuDNN's Hopper kernels tile the output channels by 128 (``tilesize128x128x64`` in
+the profile), so 160 of them fill 62.5% of two tiles; for output widths that are not a multiple of
+128, two channels-last variants say whether that waste is what costs: ``split`` (the multiple of
+128 and the rest as two convolutions, back to back, outputs apart) and, for widths off a multiple
+of 64, ``pad64`` (the output channels zero-padded to one); their TFLOP/s count the useful FLOPs
+only.
 """
 
 from __future__ import annotations
@@ -300,6 +305,26 @@ def conv_shapes(opts: dict[str, Any], device: torch.device) -> list[dict[str, An
                 )
                 row[f"{layout}_ms"] = ms
                 row[f"{layout}_tflops"] = flop / (ms * 1e9) if ms > 0 else None
+            cout, xl = ws[0], x.contiguous(memory_format=torch.channels_last)
+            if cout > 128 and cout % 128:
+                head = (cout // 128) * 128
+                w1, w2 = (t.contiguous(memory_format=torch.channels_last) for t in (w[:head], w[head:]))
+                ms, _ = _time(
+                    lambda xl=xl, w1=w1, w2=w2, b=b, pad=pad, head=head: (
+                        F.conv2d(xl, w1, b[:head], 1, pad), F.conv2d(xl, w2, b[head:], 1, pad)
+                    )[0],
+                    int(opts["reps"]), device,
+                )  # fmt: skip
+                row["split_ms"], row["split_tflops"] = ms, (flop / (ms * 1e9) if ms > 0 else None)
+            if cout > 128 and cout % 64:
+                padded = -(-cout // 64) * 64
+                wp = torch.zeros((padded, *ws[1:]), device=device, dtype=w.dtype)
+                wp[:cout] = w
+                wp = wp.contiguous(memory_format=torch.channels_last)
+                bp = torch.zeros(padded, device=device, dtype=b.dtype)
+                conv = lambda xl=xl, wp=wp, bp=bp, pad=pad: F.conv2d(xl, wp, bp, 1, pad)  # noqa: E731
+                ms, _ = _time(conv, int(opts["reps"]), device)
+                row["pad64_ms"], row["pad64_tflops"] = ms, (flop / (ms * 1e9) if ms > 0 else None)
             total_ms += row["calls_per_decode"] * row["nchw_ms"]
             case_rows.append(row)
             del x, w, b
@@ -312,7 +337,9 @@ def conv_shapes(opts: dict[str, Any], device: torch.device) -> list[dict[str, An
             print(
                 f"{res:>5} {batch:>5} {str(row['input']):<22} {weight:<18} {row['calls_per_decode']:>5} "
                 f"{row['nchw_ms']:>8.3f} {_fmt(row['nchw_tflops'], '.0f', 7)} {row['nhwc_ms']:>8.3f} "
-                f"{_fmt(row['nhwc_tflops'], '.0f', 7)} {row['share_of_conv_ms']:>7.1%}",
+                f"{_fmt(row['nhwc_tflops'], '.0f', 7)} {row['share_of_conv_ms']:>7.1%}"
+                f"{_fmt(row.get('split_ms'), '.3f', 9)} {_fmt(row.get('split_tflops'), '.0f', 7)}"
+                f"{_fmt(row.get('pad64_ms'), '.3f', 9)} {_fmt(row.get('pad64_tflops'), '.0f', 7)}",
                 flush=True,
             )
         if device.type == "cuda":
@@ -407,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts["convs"]:
         print(
             f"{'res':>5} {'batch':>5} {'input (chunk)':<22} {'weight':<18} {'calls':>5} {'NCHW ms':>8} "
-            f"{'TFLOP/s':>7} {'NHWC ms':>8} {'TFLOP/s':>7} {'share':>7}"
+            f"{'TFLOP/s':>7} {'NHWC ms':>8} {'TFLOP/s':>7} {'share':>7} {'split ms':>8} {'TFLOP/s':>7} "
+            f"{'pad64 ms':>8} {'TFLOP/s':>7}"
         )
         out["convs"] = conv_shapes(opts, device)
     if opts["json"]:
