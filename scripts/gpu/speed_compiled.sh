@@ -60,11 +60,13 @@
 #     models=hmar-d16,var-d16 modes=compiled-w16` at 1024 px B 8 with MASKAR_GRAPH_POOL_RESERVE=0,
 #     =1, and =1 with MASKAR_SDPA_CUDNN=1 (issue 14's memory figures with the pools split out; the
 #     attention A/B), then at 256 px B 64 with the reservation.
-#   PART=decodec (about 9.5 min, DEADLINE=570): `maskar bench decode` of the d16 decoder eager bf16
+#   PART=decodec (about 7.5 min, DEADLINE=540): `maskar bench decode` of the d16 decoder eager bf16
 #     against torch.compile'd (default and max-autotune-no-cudagraphs), 256 px B 64 and 1024 px B 8;
-#     then every convolution shape of the decoder timed alone (convs=true); then, in the time left,
-#     HMAR-d16 256 px B 64 compiled-w16 with the decoder compiled too (compile_decoder=true) and
-#     without, end to end.
+#     then every convolution shape of the decoder timed alone (convs=true, with the 160-channel
+#     split / padded forms).
+#   PART=decodee2e (about 5 min, DEADLINE=300): the GPU test of the compiled decoder inside the
+#     sampling graphs, then HMAR-d16 256 px B 64 compiled-w16 with the decoder compiled too
+#     (compile_decoder=true) and without, end to end.
 #   PART=sampler (about 7 min, DEADLINE=500): the one-kernel top-k / top-p draw: its GPU tests (the
 #     reference's kept sets and draws at the d16 shape; captured graphs equal eager with it), the draw
 #     alone against the torch path at each launch config (scripts/gpu/sampler_speed.py), then `maskar
@@ -193,13 +195,14 @@ elif [ "${PART}" = decodec ]; then
   timeout $(cap 90) $PY -m maskar bench decode quality=false convs=true cases=256x64,1024x8 \
     json="$OUT/decode_convs.json" > "$OUT/decode_convs.txt" 2>&1
   echo "convs rc=$?"; grep -vE "$NOISE" "$OUT/decode_convs.txt" | tail -n 36
+elif [ "${PART}" = decodee2e ]; then
   el "GPU test: the compiled decoder inside the sampling graphs"
   timeout $(cap 60) $PY -m pytest -q -m gpu tests/test_sampling_speed.py -k compiled_decoder \
     > "$OUT/decoder_gpu_test.txt" 2>&1
   echo "test rc=$?"; tail -n 3 "$OUT/decoder_gpu_test.txt"
   for dec in true false; do
     el "bench sample HMAR-d16 256 px compiled-w16, compile_decoder=$dec"
-    timeout $(cap 75) $PY -m maskar bench sample models=hmar-d16 cases=256x64 modes=compiled-w16 reps=5 \
+    timeout $(cap 115) $PY -m maskar bench sample models=hmar-d16 cases=256x64 modes=compiled-w16 reps=5 \
       compile_decoder=$dec json="$OUT/sample_dec_$dec.json" > "$OUT/sample_dec_$dec.txt" 2>&1
     echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample_dec_$dec.txt" | tail -n 6
   done
