@@ -11,6 +11,8 @@ cumulative masses of the reference's ascending order), and rows clear of it must
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers_aot import compiles_as_launched, require_aot_compiler, resource_usage
@@ -204,6 +206,23 @@ def test_triton_method_is_the_fused_path_where_the_kernel_does_not_run():
     big = torch.randn(2, categorical.MAX_VOCAB + 1)
     assert not categorical.supports(big, torch.ones_like(big))
     assert not categorical.supports(x[0], torch.ones_like(x[0]))  # a CPU tensor without the interpreter
+
+
+def test_sampler_kernel_switch_sets_new_models_sampler():
+    """MASKAR_SAMPLER_KERNEL=1 (read at import) makes "triton" the sampler of new VAR / HMAR models,
+    so `maskar sample` / `maskar eval` can take the kernel; unset, "fused"."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from sampling_golden import build_model; "
+        "print(build_model('hmar', {'stage': 2}).sampler)"
+    )
+    for env, want in (({"MASKAR_SAMPLER_KERNEL": "1"}, "triton"), ({}, "fused")):
+        full = {k: v for k, v in os.environ.items() if k != "MASKAR_SAMPLER_KERNEL"} | env
+        run = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
+                             check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert run.stdout.strip().splitlines()[-1] == want
 
 
 def test_compiles_for_sm90_without_spills_at_the_d16_shapes():

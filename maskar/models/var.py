@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,10 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 # (rows, 4096) float32 temporaries of 134 MB instead of the whole last scale's (0.5-1 GB at
 # 256 px B 64 / 1024 px B 8). Rows are independent, so the chunking changes no token.
 SAMPLE_ROWS = 8192
+# The top-k / top-p draw of new models (``model.sampler``; maskar.nn.sampling.SAMPLERS): the torch
+# path, or with MASKAR_SAMPLER_KERNEL=1 the one-kernel draw (maskar.kernels.categorical; opt-in
+# until measured on a GPU; it is the torch path wherever the kernel does not run). Read at import.
+DEFAULT_SAMPLER = "triton" if os.environ.get("MASKAR_SAMPLER_KERNEL") == "1" else "fused"
 
 # Without a KV cache (HMAR) rows never interact across samples, so the transformer runs the
 # big scales in chunks of at most this many (sample, token) rows: at 1024 px B 8 the last
@@ -296,7 +301,7 @@ class NextScaleModel(nn.Module):
 
         # Sampling switches (plain attributes, not config: the defaults are the fast paths; the
         # alternatives exist for tests and maskar.bench.sample's comparisons).
-        self.sampler = "fused"  # maskar.nn.sampling.SAMPLERS: fused top-k/top-p, or the reference filter
+        self.sampler = DEFAULT_SAMPLER  # maskar.nn.sampling.SAMPLERS: fused, triton, or the reference filter
         self.decode_precision = "auto"  # auto (bf16 under bf16/fp16 autocast, else fp32) | fp32 | bf16
         self.cuda_graphs = True  # replay per-scale CUDA graphs for plain generation on a GPU
         self.profile_marks: list | None = None  # a list: sampling appends (region name, timestamp)
