@@ -33,6 +33,30 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+class _Prefixes(torch.autograd.Function):
+    """Views x[:, :, :end] for each end (B, H, L, D); the backward adds every view's gradient into
+    one zero-filled buffer in place, where indexing would give each its own full-size zero
+    tensor for autograd to sum (block-causal keys and values are such overlapping prefixes)."""
+
+    @staticmethod
+    def forward(x: Tensor, ends: tuple[int, ...]) -> tuple[Tensor, ...]:
+        return tuple(x[:, :, :end] for end in ends)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, ends = inputs
+        ctx.ends = ends
+        ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        out = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+        for end, g in zip(ctx.ends, grads, strict=True):
+            if g is not None:
+                out[:, :, :end] += g
+        return out, None
+
+
 def scales_attention(
     q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: float | None = None
 ) -> Tensor:
@@ -47,23 +71,24 @@ def scales_attention(
     # concatenation of the calls' gradients). Indexing each range instead gives every call's
     # gradient its own full-size zero tensor, summed by autograd: at 1024 px that is ~4 GB of
     # traffic a block per backward, more than the attention saved. Block-diagonal keys and
-    # values split the same way; block-causal ones are prefixes, which overlap.
+    # values split the same way; block-causal ones are overlapping prefixes (_Prefixes).
     sizes = ([ends[n_small - 1]] if n_small else []) + list(pattern.lengths[n_small:])
     qs = q.split(sizes, dim=2)
-    diagonal = pattern.kind == "block_diagonal"
-    ks, vs = (k.split(sizes, dim=2), v.split(sizes, dim=2)) if diagonal else (None, None)
+    if pattern.kind == "block_diagonal":
+        ks, vs = k.split(sizes, dim=2), v.split(sizes, dim=2)
+    else:  # each call's keys are every key up to the end of its scale
+        call_ends = tuple(itertools.accumulate(sizes))
+        ks, vs = _Prefixes.apply(k, call_ends), _Prefixes.apply(v, call_ends)
     outs = []
     i = 0
     if n_small:  # the small leading scales: one call with their (block-diagonal / causal) mask
         head = ScalePattern(pattern.kind, pattern.lengths[:n_small])
-        kh, vh = (ks[0], vs[0]) if diagonal else (k[:, :, : sizes[0]], v[:, :, : sizes[0]])
-        outs.append(
-            F.scaled_dot_product_attention(qs[0], kh, vh, attn_mask=head.dense_mask(q.device), scale=scale)
-        )
+        outs.append(F.scaled_dot_product_attention(
+            qs[0], ks[0], vs[0], attn_mask=head.dense_mask(q.device), scale=scale
+        ))  # fmt: skip
         i = 1
-    for end in ends[n_small:]:
-        kk, vv = (ks[i], vs[i]) if diagonal else (k[:, :, :end], v[:, :, :end])
-        outs.append(_dense(qs[i], kk, vv, scale))
+    for _ in ends[n_small:]:
+        outs.append(_dense(qs[i], ks[i], vs[i], scale))
         i += 1
     return torch.cat(outs, dim=2)
 
