@@ -304,9 +304,10 @@ def conv_shapes(opts: dict[str, Any], device: torch.device) -> list[dict[str, An
                     lambda xl=xl, wl=wl, b=b, pad=pad: F.conv2d(xl, wl, b, 1, pad), int(opts["reps"]), device
                 )
                 row[f"{layout}_ms"] = ms
-                row[f"{layout}_tflops"] = flop / (ms * 1e9) if ms > 0 else None
-            cout, xl = ws[0], x.contiguous(memory_format=torch.channels_last)
-            if cout > 128 and cout % 128:
+                row[f"{layout}_tflops"] = _tflops(flop, ms)
+            cout = ws[0]
+            if cout > 128 and cout % 128:  # cuDNN's 128-wide output tiles run partly empty
+                xl = x.contiguous(memory_format=torch.channels_last)
                 head = (cout // 128) * 128
                 w1, w2 = (t.contiguous(memory_format=torch.channels_last) for t in (w[:head], w[head:]))
                 ms, _ = _time(
@@ -315,16 +316,16 @@ def conv_shapes(opts: dict[str, Any], device: torch.device) -> list[dict[str, An
                     )[0],
                     int(opts["reps"]), device,
                 )  # fmt: skip
-                row["split_ms"], row["split_tflops"] = ms, (flop / (ms * 1e9) if ms > 0 else None)
-            if cout > 128 and cout % 64:
-                padded = -(-cout // 64) * 64
-                wp = torch.zeros((padded, *ws[1:]), device=device, dtype=w.dtype)
-                wp[:cout] = w
-                wp = wp.contiguous(memory_format=torch.channels_last)
-                bp = torch.zeros(padded, device=device, dtype=b.dtype)
-                conv = lambda xl=xl, wp=wp, bp=bp, pad=pad: F.conv2d(xl, wp, bp, 1, pad)  # noqa: E731
-                ms, _ = _time(conv, int(opts["reps"]), device)
-                row["pad64_ms"], row["pad64_tflops"] = ms, (flop / (ms * 1e9) if ms > 0 else None)
+                row["split_ms"], row["split_tflops"] = ms, _tflops(flop, ms)
+                if cout % 64:
+                    padded = -(-cout // 64) * 64
+                    wp = torch.zeros((padded, *ws[1:]), device=device, dtype=w.dtype)
+                    wp[:cout] = w
+                    wp = wp.contiguous(memory_format=torch.channels_last)
+                    bp = torch.zeros(padded, device=device, dtype=b.dtype)
+                    conv = lambda xl=xl, wp=wp, bp=bp, pad=pad: F.conv2d(xl, wp, bp, 1, pad)  # noqa: E731
+                    ms, _ = _time(conv, int(opts["reps"]), device)
+                    row["pad64_ms"], row["pad64_tflops"] = ms, _tflops(flop, ms)
             total_ms += row["calls_per_decode"] * row["nchw_ms"]
             case_rows.append(row)
             del x, w, b
@@ -390,6 +391,10 @@ def _time_decode(
         vqvae.BF16_CUDNN_BENCHMARK = saved[2]
         common.SUBPIXEL_UPSAMPLE = saved[3]
     return ms, img, peak, first_s
+
+
+def _tflops(flop: float, ms: float) -> float | None:
+    return flop / (ms * 1e9) if ms > 0 else None
 
 
 def _fmt(v, spec: str, width: int) -> str:

@@ -65,14 +65,13 @@ def scales_attention(
         return _dense(q, k, v, scale)
     if q.shape[-2] != pattern.total or k.shape[-2] != pattern.total:
         raise ValueError(f"scales attention: pattern covers {pattern.total} tokens, q has {q.shape[-2]}")
-    ends = list(itertools.accumulate(pattern.lengths))
     n_small = next((i for i, n in enumerate(pattern.lengths) if n >= SMALL), len(pattern.lengths))
     # The query rows of the calls are disjoint: take them with one split (its backward is one
     # concatenation of the calls' gradients). Indexing each range instead gives every call's
     # gradient its own full-size zero tensor, summed by autograd: at 1024 px that is ~4 GB of
     # traffic a block per backward, more than the attention saved. Block-diagonal keys and
     # values split the same way; block-causal ones are overlapping prefixes (_Prefixes).
-    sizes = ([ends[n_small - 1]] if n_small else []) + list(pattern.lengths[n_small:])
+    sizes = ([sum(pattern.lengths[:n_small])] if n_small else []) + list(pattern.lengths[n_small:])
     qs = q.split(sizes, dim=2)
     if pattern.kind == "block_diagonal":
         ks, vs = k.split(sizes, dim=2), v.split(sizes, dim=2)
@@ -80,16 +79,12 @@ def scales_attention(
         call_ends = tuple(itertools.accumulate(sizes))
         ks, vs = _Prefixes.apply(k, call_ends), _Prefixes.apply(v, call_ends)
     outs = []
-    i = 0
-    if n_small:  # the small leading scales: one call with their (block-diagonal / causal) mask
-        head = ScalePattern(pattern.kind, pattern.lengths[:n_small])
-        outs.append(F.scaled_dot_product_attention(
-            qs[0], ks[0], vs[0], attn_mask=head.dense_mask(q.device), scale=scale
-        ))  # fmt: skip
-        i = 1
-    for _ in ends[n_small:]:
-        outs.append(_dense(qs[i], ks[i], vs[i], scale))
-        i += 1
+    for i in range(len(sizes)):
+        if i == 0 and n_small:  # the small leading scales: one call with their (diagonal / causal) mask
+            mask = ScalePattern(pattern.kind, pattern.lengths[:n_small]).dense_mask(q.device)
+            outs.append(F.scaled_dot_product_attention(qs[0], ks[0], vs[0], attn_mask=mask, scale=scale))
+        else:
+            outs.append(_dense(qs[i], ks[i], vs[i], scale))
     return torch.cat(outs, dim=2)
 
 

@@ -92,6 +92,11 @@ masked_defaults() {  # MAR_CAP CASMAR_CAP: MAR-B num_iter 64 / 256 and CASMAR-B 
   [ -f "$OUT/casmar.json" ] && [ -f "$OUT/mar.json" ] && \
     $PY -m maskar bench masked_sampling "$OUT/casmar.json" "$OUT/mar.json" | tee "$OUT/targets.txt"
 }
+sample_run() {  # NAME CAP TAIL ARGS...: `maskar bench sample ARGS` into $OUT/NAME.{txt,json}; rc, its tail
+  local name=$1 limit=$2 n=$3; shift 3
+  timeout $(cap $limit) $PY -m maskar bench sample "$@" json="$OUT/$name.json" > "$OUT/$name.txt" 2>&1
+  echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/$name.txt" | tail -n $n
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if [ "${PART:-masked}" = masked ]; then
   el "GPU tests: graph vs eager heads, PSA kernel dispatch"
@@ -202,9 +207,7 @@ elif [ "${PART}" = decodee2e ]; then
   echo "test rc=$?"; tail -n 3 "$OUT/decoder_gpu_test.txt"
   for dec in true false; do
     el "bench sample HMAR-d16 256 px compiled-w16, compile_decoder=$dec"
-    timeout $(cap 115) $PY -m maskar bench sample models=hmar-d16 cases=256x64 modes=compiled-w16 reps=5 \
-      compile_decoder=$dec json="$OUT/sample_dec_$dec.json" > "$OUT/sample_dec_$dec.txt" 2>&1
-    echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample_dec_$dec.txt" | tail -n 6
+    sample_run sample_dec_$dec 115 6 models=hmar-d16 cases=256x64 modes=compiled-w16 reps=5 compile_decoder=$dec
   done
 elif [ "${PART}" = pool ]; then
   el "GPU tests: the graphs' pool reservation"
@@ -230,9 +233,7 @@ elif [ "${PART}" = sampler ]; then
   echo "speed rc=$?"; grep -vE "$NOISE" "$OUT/sampler_speed.txt" | tail -n 18
   for sampler in fused triton; do
     el "bench sample compiled-w16, sampler=$sampler"
-    timeout $(cap 150) $PY -m maskar bench sample models=hmar-d16,var-d16 modes=compiled-w16 reps=5 \
-      sampler=$sampler json="$OUT/sample_$sampler.json" > "$OUT/sample_$sampler.txt" 2>&1
-    echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample_$sampler.txt" | tail -n 14
+    sample_run sample_$sampler 150 14 models=hmar-d16,var-d16 modes=compiled-w16 reps=5 sampler=$sampler
   done
 elif [ "${PART}" = headtune ]; then
   # the heads' per-step calls alone under max-autotune (PART=autotune also tuned the blocks, which
