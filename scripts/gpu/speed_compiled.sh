@@ -72,6 +72,15 @@
 #     alone against the torch path at each launch config (scripts/gpu/sampler_speed.py), then `maskar
 #     bench sample models=hmar-d16,var-d16 modes=compiled-w16` at 256 px B 64 and 1024 px B 8 with
 #     sampler=fused and sampler=triton.
+#   PART=issue14 (about 9 min, DEADLINE=560): every switch built for issue 14 in one call: the GPU
+#     tests of the one-kernel draw, the captured graphs, the pool reservation and the compiled decoder
+#     inside the graphs; the draw alone (scripts/gpu/sampler_speed.py); then `maskar bench sample
+#     models=hmar-d16,var-d16 modes=compiled-w16` at 256 px B 64 and 1024 px B 8 with sampler=fused
+#     (the earlier default) and with sampler=triton compile_decoder=true.
+#   PART=issue15 (about 9 min, DEADLINE=560): the GPU tests of the DiT block kernels and PSA's fused
+#     q/k/v; CASMAR-B at the defaults, MAR-B num_iter 256, CASMAR-B with every switch on
+#     (MASKAR_DIT_MODULATE=1 MASKAR_DIT_RESIDUAL=1 MASKAR_PSA_QKV=1, reduce-overhead), then with the
+#     block compile mode reduce-overhead alone; the issue-15 targets of each.
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -175,6 +184,43 @@ elif [ "${PART}" = pending ]; then
     rows=hmar/d16/blocks/graph,var/d16/blocks/graph,hmar/d16/blocks json="$OUT/train_graph.json" \
     > "$OUT/train_graph.txt" 2>&1
   echo "train graph rc=$?"; grep -vE "$NOISE" "$OUT/train_graph.txt" | tail -n 8
+elif [ "${PART}" = issue14 ]; then
+  el "GPU tests: one-kernel draw, captured graphs, reserved pool, compiled decoder in the graphs"
+  timeout $(cap 170) $PY -m pytest -q -m gpu tests/test_categorical_kernel.py tests/test_sampling_speed.py \
+    -k "d16_shape or captured_graphs or reserved_pool or compiled_decoder_inside" > "$OUT/issue14_gpu_tests.txt" 2>&1
+  echo "tests rc=$?"; tail -n 5 "$OUT/issue14_gpu_tests.txt"
+  el "the draw alone: torch path vs kernel configs"
+  timeout $(cap 50) $PY scripts/gpu/sampler_speed.py --json "$OUT/sampler_speed.json" > "$OUT/sampler_speed.txt" 2>&1
+  echo "speed rc=$?"; grep -vE "$NOISE" "$OUT/sampler_speed.txt" | tail -n 18
+  el "bench sample compiled-w16, sampler=fused (the earlier default)"
+  sample_run sample_fused 150 16 models=hmar-d16,var-d16 modes=compiled-w16 reps=5 sampler=fused
+  el "bench sample compiled-w16, sampler=triton compile_decoder=true"
+  sample_run sample_triton_dec 230 16 models=hmar-d16,var-d16 modes=compiled-w16 reps=5 sampler=triton \
+    compile_decoder=true
+elif [ "${PART}" = issue15 ]; then
+  casmar15() {  # NAME ENV... -- EXTRA_ARGS...: one CASMAR-B bench, two timed calls
+    local v=$1; shift; local env=(); while [ $# -gt 0 ] && [ "$1" != -- ]; do env+=("$1"); shift; done
+    [ $# -gt 0 ] && shift
+    el "bench casmar, --linears low, $v: ${env[*]:-} $*"
+    env "${env[@]}" timeout $(cap 200) $PY -m maskar bench casmar --batch 64 --sample-reps 2 --linears low \
+      "$@" --json "$OUT/casmar_$v.json" > "$OUT/casmar_$v.txt" 2>&1
+    echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_$v.txt" | grep -E "^switches|^sample|idle|Error" | tail -n 5
+  }
+  el "GPU tests: adaln_modulate, gated_residual, PSA fused q/k/v at CASMAR-B's shapes"
+  timeout $(cap 150) $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_adaln_modulate.py \
+    tests/test_gated_residual.py tests/test_proximal_attention.py > "$OUT/issue15_gpu_tests.txt" 2>&1
+  echo "tests rc=$?"; grep -E "passed|failed|Error" "$OUT/issue15_gpu_tests.txt" | tail -n 8
+  casmar15 default
+  el "bench mar num_iter 256 (defaults)"
+  timeout $(cap 120) $PY -m maskar bench mar --batch 64 --num-iters 256 --sample-reps 1 --train-batch 0 \
+    --linears low --json "$OUT/mar.json" > "$OUT/mar.txt" 2>&1
+  echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar.txt" | grep -E "^sample|Error" | tail -n 3
+  casmar15 all MASKAR_DIT_MODULATE=1 MASKAR_DIT_RESIDUAL=1 MASKAR_PSA_QKV=1 -- --compile-mode reduce-overhead
+  casmar15 overhead -- --compile-mode reduce-overhead
+  for v in default all overhead; do
+    [ -f "$OUT/casmar_$v.json" ] && [ -f "$OUT/mar.json" ] && \
+      $PY -m maskar bench masked_sampling "$OUT/casmar_$v.json" "$OUT/mar.json" | tee "$OUT/targets_$v.txt"
+  done
 elif [ "${PART}" = w16 ]; then
   el "bench decode: bf16 vs bf16 with sub-pixel upsample convs"
   timeout $(cap 90) $PY -m maskar bench decode quality=false speed=true cases=256x64,1024x8 \
