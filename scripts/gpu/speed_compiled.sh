@@ -76,7 +76,8 @@
 #     tests of the one-kernel draw, the captured graphs, the pool reservation and the compiled decoder
 #     inside the graphs; the draw alone (scripts/gpu/sampler_speed.py); then `maskar bench sample
 #     models=hmar-d16,var-d16 modes=compiled-w16` at 256 px B 64 and 1024 px B 8 with sampler=fused
-#     (the earlier default) and with sampler=triton compile_decoder=true.
+#     (the earlier default) and with sampler=triton compile_decoder=true; every convolution shape of
+#     the decoder alone (convs=true) and the draw alone in the time left.
 #   PART=issue15 (about 9 min, DEADLINE=560): the GPU tests of the DiT block kernels and PSA's fused
 #     q/k/v; CASMAR-B at the defaults, MAR-B num_iter 256, CASMAR-B with every switch on
 #     (MASKAR_DIT_MODULATE=1 MASKAR_DIT_RESIDUAL=1 MASKAR_PSA_QKV=1, reduce-overhead), then with the
@@ -186,17 +187,21 @@ elif [ "${PART}" = pending ]; then
   echo "train graph rc=$?"; grep -vE "$NOISE" "$OUT/train_graph.txt" | tail -n 8
 elif [ "${PART}" = issue14 ]; then
   el "GPU tests: one-kernel draw, captured graphs, reserved pool, compiled decoder in the graphs"
-  timeout $(cap 170) $PY -m pytest -q -m gpu tests/test_categorical_kernel.py tests/test_sampling_speed.py \
+  timeout $(cap 150) $PY -m pytest -q -m gpu tests/test_categorical_kernel.py tests/test_sampling_speed.py \
     -k "d16_shape or captured_graphs or reserved_pool or compiled_decoder_inside" > "$OUT/issue14_gpu_tests.txt" 2>&1
   echo "tests rc=$?"; tail -n 5 "$OUT/issue14_gpu_tests.txt"
-  el "the draw alone: torch path vs kernel configs"
-  timeout $(cap 50) $PY scripts/gpu/sampler_speed.py --json "$OUT/sampler_speed.json" > "$OUT/sampler_speed.txt" 2>&1
-  echo "speed rc=$?"; grep -vE "$NOISE" "$OUT/sampler_speed.txt" | tail -n 18
   el "bench sample compiled-w16, sampler=fused (the earlier default)"
   sample_run sample_fused 150 16 models=hmar-d16,var-d16 modes=compiled-w16 reps=5 sampler=fused
   el "bench sample compiled-w16, sampler=triton compile_decoder=true"
-  sample_run sample_triton_dec 230 16 models=hmar-d16,var-d16 modes=compiled-w16 reps=5 sampler=triton \
+  sample_run sample_triton_dec 200 16 models=hmar-d16,var-d16 modes=compiled-w16 reps=5 sampler=triton \
     compile_decoder=true
+  el "bench decode: every convolution shape alone (bf16, NCHW / NHWC, 160-channel split / padded)"
+  timeout $(cap 90) $PY -m maskar bench decode quality=false convs=true cases=256x64,1024x8 \
+    json="$OUT/decode_convs.json" > "$OUT/decode_convs.txt" 2>&1
+  echo "convs rc=$?"; grep -vE "$NOISE" "$OUT/decode_convs.txt" | tail -n 36
+  el "the draw alone: torch path vs kernel configs"
+  timeout $(cap 40) $PY scripts/gpu/sampler_speed.py --json "$OUT/sampler_speed.json" > "$OUT/sampler_speed.txt" 2>&1
+  echo "speed rc=$?"; grep -vE "$NOISE" "$OUT/sampler_speed.txt" | tail -n 18
 elif [ "${PART}" = issue15 ]; then
   casmar15() {  # NAME ENV... -- EXTRA_ARGS...: one CASMAR-B bench, two timed calls
     local v=$1; shift; local env=(); while [ $# -gt 0 ] && [ "$1" != -- ]; do env+=("$1"); shift; done
