@@ -72,6 +72,7 @@ import platform
 import statistics
 import tempfile
 import time
+import traceback
 from typing import Any
 
 import torch
@@ -879,6 +880,7 @@ def main(argv: list[str] | None = None) -> int:
                     msg = str(e).splitlines()[0][:140] if str(e) else ""
                     what = f"{preset:<9} {mode:<12} {res:>5} {batch:>5}"
                     print(f"{what} failed: {type(e).__name__}: {msg}", flush=True)
+                    traceback.print_exc()  # the whole cause on stderr; the table goes on
                     row = None
                 if device.type == "cuda":
                     gc.collect()
