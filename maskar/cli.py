@@ -121,8 +121,7 @@ def cmd_info(args: list[str]) -> int:
         print("  no CUDA here: auto uses sdpa; the fused/compiled backends need a GPU")
     # opt-in fast paths not yet measured to win on a GPU (docs/kernels.md); read at import
     switches = ("MASKAR_LINEAR_ACT", "MASKAR_HEAD_FUSED", "MASKAR_FUSED_GELU", "MASKAR_PSA_WHOLE",
-                "MASKAR_DIT_MODULATE", "MASKAR_DIT_RESIDUAL", "MASKAR_PSA_QKV", "MASKAR_SDPA_CUDNN",
-                "MASKAR_SAMPLER_KERNEL")
+                "MASKAR_DIT_MODULATE", "MASKAR_DIT_RESIDUAL", "MASKAR_PSA_QKV", "MASKAR_SDPA_CUDNN")
     # MASKAR_FUSED_GELU unset: each layer's own default (on for CASMAR's DiT head)
     unset = {"MASKAR_FUSED_GELU": "per-layer default"}
 
@@ -132,9 +131,11 @@ def cmd_info(args: list[str]) -> int:
 
     state = ", ".join(f"{k}={shown(k)}" for k in switches)
     print(f"opt-in fast paths (environment): {state}")
-    # on unless turned off (=0): VAR / HMAR sampling graphs reserve their pool in one piece
-    reserve = "off" if os.environ.get("MASKAR_GRAPH_POOL_RESERVE") == "0" else "on"
-    print(f"default paths that can be turned off (environment): MASKAR_GRAPH_POOL_RESERVE={reserve}")
+    # on unless turned off (=0): VAR / HMAR sampling graphs reserve their pool in one piece, and
+    # draw their tokens with the one-kernel top-k / top-p sampler
+    defaults = ("MASKAR_GRAPH_POOL_RESERVE", "MASKAR_SAMPLER_KERNEL")
+    state = ", ".join(f"{k}={'off' if os.environ.get(k) == '0' else 'on'}" for k in defaults)
+    print(f"default paths that can be turned off (environment): {state}")
     print("architectures:")
     for arch, spec in sorted(registry.all_specs().items()):
         print(f"  {arch:10s} {spec.kind:10s} {spec.description}")

@@ -36,7 +36,11 @@ def test_info_prints_the_opt_in_switches(monkeypatch, capsys):
     assert main(["info"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("opt-in fast paths"))
     assert "MASKAR_HEAD_FUSED=on" in line and "MASKAR_LINEAR_ACT=off" in line
-    assert "MASKAR_DIT_MODULATE=" in line and "MASKAR_PSA_QKV=" in line and "MASKAR_SAMPLER_KERNEL=" in line
+    assert "MASKAR_DIT_MODULATE=" in line and "MASKAR_PSA_QKV=" in line
+    monkeypatch.setenv("MASKAR_SAMPLER_KERNEL", "0")
+    assert main(["info"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("default paths"))
+    assert "MASKAR_GRAPH_POOL_RESERVE=on" in line and "MASKAR_SAMPLER_KERNEL=off" in line
 
 
 def test_info_preset_prints_resolved_config_with_overrides(capsys):

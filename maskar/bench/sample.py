@@ -26,7 +26,7 @@ no column for the official code: a peer figure belongs beside ours only when mea
 same GPU in the same run (docs/benchmarks.md gives the official code's separate measurement).
 
 ``modes`` (comma-separated) picks the sampling path, one row each, on the same model:
-``fast`` (the default path: per-scale CUDA graphs on a GPU, the fused top-k / top-p sampler,
+``fast`` (the default path: per-scale CUDA graphs on a GPU, the one-kernel top-k / top-p draw,
 the VQ-VAE decoded in bf16 under bf16 autocast), ``compiled`` (fast with each block's work
 around its attention compiled, ``model.compile_sampler()``; list it last), ``fast-w16`` /
 ``compiled-w16`` (the same after ``model.cast_linears_()``: the linears stored in the autocast
@@ -78,6 +78,7 @@ from typing import Any
 import torch
 
 from maskar.config import load_config
+from maskar.models.var import DEFAULT_SAMPLER
 from maskar.nn.sampling import SAMPLERS
 from maskar.sampling import autocast_for, low_precision_dtype, sampling_kwargs
 
@@ -91,12 +92,12 @@ DEFAULTS = {
 
 # Model attributes of each sampling path (maskar.models.var.NextScaleModel).
 MODES = {
-    "fast": {"cuda_graphs": True, "sampler": "fused", "decode_precision": "auto"},
-    "eager": {"cuda_graphs": False, "sampler": "fused", "decode_precision": "auto"},
+    "fast": {"cuda_graphs": True, "sampler": DEFAULT_SAMPLER, "decode_precision": "auto"},
+    "eager": {"cuda_graphs": False, "sampler": DEFAULT_SAMPLER, "decode_precision": "auto"},
     "legacy": {"cuda_graphs": False, "sampler": "reference", "decode_precision": "fp32"},
     # fast + torch.compile of each block's work around its attention (model.compile_sampler());
     # compiling cannot be undone, so rows of this mode run after the model's other modes
-    "compiled": {"cuda_graphs": True, "sampler": "fused", "decode_precision": "auto"},
+    "compiled": {"cuda_graphs": True, "sampler": DEFAULT_SAMPLER, "decode_precision": "auto"},
 }
 # "-w16": the same path after model.cast_linears_() (the linears stored in the autocast dtype once,
 # as `maskar sample` does on CUDA under bf16 / fp16); irreversible like compiling, so those rows

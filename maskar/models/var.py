@@ -213,10 +213,12 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 # (rows, 4096) float32 temporaries of 134 MB instead of the whole last scale's (0.5-1 GB at
 # 256 px B 64 / 1024 px B 8). Rows are independent, so the chunking changes no token.
 SAMPLE_ROWS = 8192
-# The top-k / top-p draw of new models (``model.sampler``; maskar.nn.sampling.SAMPLERS): the torch
-# path, or with MASKAR_SAMPLER_KERNEL=1 the one-kernel draw (maskar.kernels.categorical; opt-in
-# until measured on a GPU; it is the torch path wherever the kernel does not run). Read at import.
-DEFAULT_SAMPLER = "triton" if os.environ.get("MASKAR_SAMPLER_KERNEL") == "1" else "fused"
+# The top-k / top-p draw of new models (``model.sampler``; maskar.nn.sampling.SAMPLERS): the
+# one-kernel draw (maskar.kernels.categorical), which is the torch path wherever the kernel does
+# not run (CPU, no Triton). On an H200 (2026-12-05) it took 14 ms off HMAR-d16's 256 px B 64 call
+# and 16 ms off HMAR / VAR-d16 at 1024 px B 8 (docs/benchmarks.md). MASKAR_SAMPLER_KERNEL=0 keeps
+# the torch path ("fused") everywhere. Read at import.
+DEFAULT_SAMPLER = "fused" if os.environ.get("MASKAR_SAMPLER_KERNEL") == "0" else "triton"
 
 # Without a KV cache (HMAR) rows never interact across samples, so the transformer runs the
 # big scales in chunks of at most this many (sample, token) rows: at 1024 px B 8 the last

@@ -110,12 +110,11 @@ def sample_from_logits(
     """
     shape = logits.shape[:-1]
     if method == "triton":
-        from maskar.kernels import categorical
-
+        categorical = _categorical()
         flat = logits.reshape(-1, logits.shape[-1])
         if noise is None:
             noise = exponential_noise(flat.shape[0], flat.shape[1], generator, flat.device)
-        if categorical.supports(flat, noise):
+        if categorical is not None and categorical.supports(flat, noise):
             return categorical.draw(flat, noise, top_k, top_p, temperature).view(shape)
         method = "fused"
     x = logits.float().reshape(-1, logits.shape[-1])
@@ -130,6 +129,15 @@ def sample_from_logits(
     else:
         raise ConfigError(f"sampler: expected one of {list(SAMPLERS)}, got {method!r}")
     return draw_from_probs(probs, noise).view(shape)
+
+
+def _categorical():
+    """maskar.kernels.categorical, or None on an install without Triton (the torch path runs)."""
+    try:
+        from maskar.kernels import categorical
+    except ImportError:
+        return None
+    return categorical
 
 
 def topk_topp_probs(x: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:
