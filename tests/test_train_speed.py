@@ -548,3 +548,43 @@ def test_drop_path_draws_one_mask_per_branch_and_sample():
         assert set(k.round().tolist()) <= {0.0, 1.0}
         assert k.mean().item() == pytest.approx(0.5, abs=0.05)
     assert (keep_ffn != keep_attn).float().mean().item() == pytest.approx(0.5, abs=0.05)  # independent
+
+
+def test_auto_takes_scales_only_for_long_low_precision_training(monkeypatch):
+    """``auto`` picks the scales backend for long-sequence training in fp16 / bf16 on CUDA (where it
+    beat the fused kernel on the H200) and nothing else: not in inference, not in fp32, not at
+    512 px's length. The device check is the only CUDA-specific part, so it is stubbed here."""
+    from maskar.nn import attention as attn_mod
+    from maskar.nn import attention_scales
+
+    long_p = ScalePattern.from_sides("block_causal", (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64))
+    short_p = ScalePattern.from_sides("block_causal", (1, 2, 3, 4, 6, 9, 13, 18, 24, 32))
+    assert long_p.total == 9451 >= attention_scales.AUTO_MIN_TOKENS > short_p.total == 2240
+
+    class FakeCuda(torch.Tensor):  # a tensor that says it is on CUDA, for the predicate alone
+        is_cuda = True
+
+    def picked(p, dtype, grad):
+        q = torch.empty(1, 1, p.total, 16, dtype=dtype).as_subclass(FakeCuda)
+        with torch.set_grad_enabled(grad):
+            return attention_scales.picked_by_auto(q, q, q, p)
+
+    assert picked(long_p, torch.bfloat16, True) and picked(long_p, torch.float16, True)
+    assert not picked(long_p, torch.bfloat16, False)  # inference
+    assert not picked(long_p, torch.float32, True)
+    assert not picked(short_p, torch.bfloat16, True)
+    cpu = torch.empty(1, 1, long_p.total, 16, dtype=torch.bfloat16)
+    assert not attention_scales.picked_by_auto(cpu, cpu, cpu, long_p)
+
+    # the dispatch: where the predicate holds, auto runs scales ahead of every other backend
+    calls = []
+    backend = attn_mod._BACKENDS["scales"]
+    monkeypatch.setattr(backend, "auto_when", lambda *a: True)
+    monkeypatch.setattr(backend, "fn", lambda *a: calls.append("scales") or a[0])
+    q = torch.randn(1, 1, short_p.total, 16)
+    attn_mod.attention(q, q, q, short_p)
+    assert calls == ["scales"]
+    monkeypatch.setattr(backend, "auto_when", lambda *a: False)
+    ref = attn_mod.attention(q, q, q, short_p)
+    assert calls == ["scales"]
+    torch.testing.assert_close(ref, attn_mod.sdpa_attention(q, q, q, short_p))

@@ -98,6 +98,8 @@ class Backend:
     supports: Callable[[Tensor, Tensor, Tensor, ScalePattern | None], bool]
     priority: int  # lower is tried first by ``auto``
     auto: bool = True  # False: only used when asked for by name
+    # where ``auto`` may pick it (besides ``supports``); None: wherever it supports the call
+    auto_when: Callable[[Tensor, Tensor, Tensor, ScalePattern | None], bool] | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -110,14 +112,17 @@ def register_backend(
     supports: Callable[[Tensor, Tensor, Tensor, ScalePattern | None], bool],
     priority: int,
     auto: bool = True,
+    auto_when: Callable[[Tensor, Tensor, Tensor, ScalePattern | None], bool] | None = None,
 ) -> None:
     """Add a backend. ``supports`` must be cheap: it is called on every ``auto`` dispatch.
 
-    ``auto=False``: never chosen by ``backend="auto"``, only by name.
+    ``auto=False``: never chosen by ``backend="auto"``, only by name. ``auto_when``: ``auto``
+    picks it only for calls it also accepts (a backend faster only for some calls), while by
+    name it takes every call ``supports`` accepts.
     """
     if name not in BACKENDS or name == "auto":
         raise ValueError(f"backend name must be one of {BACKENDS[1:]}, got {name!r}")
-    _BACKENDS[name] = Backend(name, fn, supports, priority, auto)
+    _BACKENDS[name] = Backend(name, fn, supports, priority, auto, auto_when)
     _BY_PRIORITY[:] = sorted((b for b in _BACKENDS.values() if b.auto), key=lambda b: b.priority)
 
 
@@ -194,7 +199,7 @@ def attention(
         _load_optional_backends()
     if backend == "auto":
         for b in _BY_PRIORITY:
-            if b.supports(q, k, v, pattern):
+            if b.supports(q, k, v, pattern) and (b.auto_when is None or b.auto_when(q, k, v, pattern)):
                 return b.fn(q, k, v, pattern, scale)
         return sdpa_attention(q, k, v, pattern, scale)
     if backend not in _BACKENDS:

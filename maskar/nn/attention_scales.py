@@ -8,9 +8,12 @@ torch.compile traces it) for fp16 / bf16 on CUDA, SDPA's default choice elsewher
 leading scales with fewer than ``SMALL`` tokens each are one masked SDPA call together (their
 calls would cost more in launches than in work).
 
-Not picked by ``auto``: it pays only where the large scales dominate and cuDNN beats the
-fused block-sparse kernel on them (1024 px; docs/benchmarks.md), so it is an explicit choice
-(``attention_backend=scales``) until measured to win.
+``auto`` picks it only where it was measured to win: training (autograd on) in fp16 / bf16 on
+CUDA over at least ``AUTO_MIN_TOKENS`` tokens, where the large scales dominate and cuDNN's
+dense kernels beat the fused block-sparse kernel on them. On an H200 (2026-12-05, the step as
+one CUDA graph, 1024 px B 2, L 9451): HMAR-d16 90.2 ms against 93.3 with the fused kernel, VAR-d16
+130.2 against 138.6 (docs/benchmarks.md). Elsewhere (256 / 512 px, inference) it is taken only by
+name (``attention_backend=scales``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import Tensor
 from maskar.nn.attention import ScalePattern, register_backend
 
 SMALL = 64  # scales below this many tokens (the first few) are attended together, masked
+AUTO_MIN_TOKENS = 8192  # 1024 px (9451 tokens) is in, 512 px (2240) is not: only 1024 px was measured
 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
@@ -94,5 +98,13 @@ def supports(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern | None) -> b
     return pattern is None or (q.shape == k.shape and q.shape == v.shape and q.shape[-2] == pattern.total)
 
 
-# by name only (``auto`` never picks it; see the module docstring)
-register_backend("scales", scales_attention, supports, priority=90, auto=False)
+def picked_by_auto(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern | None) -> bool:
+    """Where ``auto`` takes this backend: long-sequence training in fp16 / bf16 on CUDA."""
+    return (
+        pattern is not None and pattern.total >= AUTO_MIN_TOKENS and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16) and torch.is_grad_enabled()
+    )  # fmt: skip
+
+
+# ahead of the fused kernel (10) and cuDNN-first (5), but only where picked_by_auto holds (module docstring)
+register_backend("scales", scales_attention, supports, priority=4, auto_when=picked_by_auto)
