@@ -395,3 +395,31 @@ def test_convert_cli_patch_nums_override(tmp_path, tiny):
     for k, v in tiny.state_dict().items():
         if "ema_vocab_hit" not in k:  # per-scale statistics: zeroed for another schedule
             assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_channels_last_bf16_decode_runs_the_output_conv_in_nchw(tiny, monkeypatch):
+    """With the bf16 decoder in channels-last memory, the 3-channel output conv still gets an NCHW
+    input (cuDNN's channels-last kernel for it was 6x slower on the H200), and the images equal the
+    NCHW decode's to bf16 rounding."""
+    import maskar.tokenizers.vqvae as vq
+
+    seen = []
+    hook = tiny.decoder.conv_out.register_forward_pre_hook(
+        lambda mod, args: seen.append((args[0].is_contiguous(), args[0].dtype))
+    )
+    g = torch.Generator().manual_seed(0)
+    fhat = torch.randn(2, tiny.z_channels, tiny.latent_side, tiny.latent_side, generator=g)
+    try:
+        with torch.no_grad():
+            exact = tiny.fhat_to_img(fhat, "fp32")
+            ref = tiny.fhat_to_img(fhat, "bf16")
+            monkeypatch.setattr(vq, "BF16_CHANNELS_LAST", True)
+            got = tiny.fhat_to_img(fhat, "bf16")
+    finally:
+        hook.remove()
+    assert seen[1:] == [(True, torch.bfloat16)] * 2
+
+    def err(x):
+        return float((x - exact).norm() / exact.norm())
+
+    assert err(got) < 1.5 * err(ref) + 1e-3, (err(got), err(ref))  # bf16 rounding, in another order

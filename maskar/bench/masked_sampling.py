@@ -672,9 +672,8 @@ def add_common_args(ap: argparse.ArgumentParser, preset: str) -> None:
     ap.add_argument(
         "--compile-mode",
         default="default",
-        choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead"),
-        help="torch.compile mode of the transformer blocks (reduce-overhead: Inductor's CUDA graphs, "
-        "one per sequence length)",
+        choices=("default", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode of the transformer blocks",
     )
     ap.add_argument(
         "--head-compile-mode",

@@ -354,7 +354,13 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(norm_act(self.norm_out, h))
+        h = norm_act(self.norm_out, h)
+        if self.conv_out.out_channels < 8:
+            # In channels-last memory cuDNN runs this conv (3 output channels) 6x slower than in
+            # NCHW (H200, bf16: 3.1 against 0.5 ms per 8 x 256^2 chunk), more than the rest of the
+            # decoder gains from the layout; the copy to NCHW costs one pass over h. No-op on NCHW.
+            h = h.contiguous()
+        return self.conv_out(h)
 
     @property
     def last_layer_weight(self) -> torch.Tensor:
