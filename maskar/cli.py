@@ -121,7 +121,8 @@ def cmd_info(args: list[str]) -> int:
         print("  no CUDA here: auto uses sdpa; the fused/compiled backends need a GPU")
     # opt-in fast paths not yet measured to win on a GPU (docs/kernels.md); read at import
     switches = ("MASKAR_LINEAR_ACT", "MASKAR_HEAD_FUSED", "MASKAR_FUSED_GELU", "MASKAR_PSA_WHOLE",
-                "MASKAR_DIT_MODULATE", "MASKAR_DIT_RESIDUAL", "MASKAR_PSA_QKV", "MASKAR_SDPA_CUDNN")
+                "MASKAR_DIT_MODULATE", "MASKAR_DIT_RESIDUAL", "MASKAR_PSA_QKV", "MASKAR_SDPA_CUDNN",
+                "MASKAR_DECODE_CHANNELS_LAST")
     # MASKAR_FUSED_GELU unset: each layer's own default (on for CASMAR's DiT head)
     unset = {"MASKAR_FUSED_GELU": "per-layer default"}
 

@@ -81,10 +81,11 @@
 #   PART=issue15 (about 8 min, DEADLINE=560): CASMAR-B at the defaults, with MASKAR_PSA_QKV=1, at the
 #     defaults again (the drift between calls), with MASKAR_DIT_MODULATE=1 alone; MAR-B num_iter
 #     256; the issue-15 targets of each.
-#   PART=decodecl (about 4 min, DEADLINE=300): the bf16 decoder in NCHW, channels-last (its output
+#   PART=decodecl (about 6 min, DEADLINE=400): the bf16 decoder in NCHW, channels-last (its output
 #     conv back in NCHW since 2026-12-05: the per-conv table predicts -31 ms of convolutions at 256
-#     px B 64 and -51 at 1024 px B 8) and compiled; then the compiled sampler at 1024 px with the
-#     failing row's traceback (bench sample prints it since 2026-12-05).
+#     px B 64 and -51 at 1024 px B 8) and compiled; HMAR-d16 fast-w16 end to end without and with
+#     MASKAR_DECODE_CHANNELS_LAST=1; then the compiled sampler at 1024 px with the failing row's
+#     traceback (bench sample prints it since 2026-12-05).
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -234,6 +235,10 @@ elif [ "${PART}" = decodecl ]; then
   timeout $(cap 200) $PY -m maskar bench decode quality=false speed=true cases=256x64,1024x8 \
     variants=bf16,bf16-cl,bf16-compiled json="$OUT/decode_cl.json" > "$OUT/decode_cl.txt" 2>&1
   echo "decode rc=$?"; grep -vE "$NOISE" "$OUT/decode_cl.txt" | tail -n 10
+  for cl in 0 1; do
+    el "bench sample fast-w16, MASKAR_DECODE_CHANNELS_LAST=$cl"
+    MASKAR_DECODE_CHANNELS_LAST=$cl sample_run sample_cl$cl 90 8 models=hmar-d16 modes=fast-w16 reps=5
+  done
   el "bench sample var-d16 compiled-w16 at 1024 px (the failure's traceback)"
   sample_run sample_1024_compiled 120 40 models=var-d16 cases=1024x8 modes=compiled-w16 reps=1 warmup=0 check=false
 elif [ "${PART}" = w16 ]; then
