@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -424,6 +425,28 @@ def test_pool_reservation_is_the_peak_with_headroom_in_whole_segments():
     for peak in (1, mib2, 10**9, 3 * 10**9 + 7):
         r = reserve_size(peak)
         assert r % mib2 == 0 and peak * RESERVE_MARGIN <= r < peak * RESERVE_MARGIN + mib2
+        assert peak * 1.25 <= reserve_size(peak, 1.25) < peak * 1.25 + mib2
+
+
+def test_pool_margin_switch_is_read_at_import_and_checked():
+    """MASKAR_GRAPH_POOL_MARGIN sets the headroom (a sweep in one run); a bad value is named."""
+    import subprocess
+    import sys
+
+    code = "import maskar.models.scale_graphs as g; print(g.RESERVE_MARGIN)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for value, want in (("1.25", "1.25"), (None, "1.02")):
+        env = {k: v for k, v in os.environ.items() if k != "MASKAR_GRAPH_POOL_MARGIN"}
+        if value is not None:
+            env["MASKAR_GRAPH_POOL_MARGIN"] = value
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             check=True, cwd=root)
+        assert run.stdout.strip().splitlines()[-1] == want
+    from maskar.models.scale_graphs import _margin
+
+    for bad in ("0.9", "nan", "big"):
+        with pytest.raises(ValueError, match=f"MASKAR_GRAPH_POOL_MARGIN: .*got '{bad}'"):
+            _margin(bad)
 
 
 def test_recording_noise_allocates_no_rows_and_records_the_plan():

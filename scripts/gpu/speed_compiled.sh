@@ -86,6 +86,10 @@
 #     px B 64 and -51 at 1024 px B 8) and compiled; HMAR-d16 fast-w16 end to end without and with
 #     MASKAR_DECODE_CHANNELS_LAST=1; then the compiled sampler at 1024 px with the failing row's
 #     traceback (bench sample prints it since 2026-12-05).
+#   PART=pool2 (about 4 min, DEADLINE=300): issue 14's memory ratio against the pool reservation's
+#     headroom: HMAR-d16 1024 px B 8 fast-w16 with MASKAR_GRAPH_POOL_MARGIN 1.02 (the default), 1.10,
+#     1.25, 1.5 (each row's memory_by_pool line: does the extra 0.67 GB segment go away?), then
+#     VAR-d16 once (the denominator).
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -241,6 +245,13 @@ elif [ "${PART}" = decodecl ]; then
   done
   el "bench sample var-d16 compiled-w16 at 1024 px (the failure's traceback)"
   sample_run sample_1024_compiled 120 40 models=var-d16 cases=1024x8 modes=compiled-w16 reps=1 warmup=0 check=false
+elif [ "${PART}" = pool2 ]; then
+  for m in 1.02 1.10 1.25 1.5; do
+    el "bench sample hmar-d16 1024 px fast-w16, MASKAR_GRAPH_POOL_MARGIN=$m"
+    MASKAR_GRAPH_POOL_MARGIN=$m sample_run sample_margin$m 60 3 models=hmar-d16 cases=1024x8 modes=fast-w16 reps=3 check=false
+  done
+  el "bench sample var-d16 1024 px fast-w16 (the denominator)"
+  sample_run sample_var1024 70 3 models=var-d16 cases=1024x8 modes=fast-w16 reps=3 check=false
 elif [ "${PART}" = w16 ]; then
   el "bench decode: bf16 vs bf16 with sub-pixel upsample convs"
   timeout $(cap 90) $PY -m maskar bench decode quality=false speed=true cases=256x64,1024x8 \
