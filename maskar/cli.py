@@ -137,6 +137,8 @@ def cmd_info(args: list[str]) -> int:
     defaults = ("MASKAR_GRAPH_POOL_RESERVE", "MASKAR_SAMPLER_KERNEL")
     state = ", ".join(f"{k}={'off' if os.environ.get(k) == '0' else 'on'}" for k in defaults)
     print(f"default paths that can be turned off (environment): {state}")
+    margin = os.environ.get("MASKAR_GRAPH_POOL_MARGIN", "1.02 (default)")
+    print(f"graph pool reservation headroom (environment): MASKAR_GRAPH_POOL_MARGIN={margin}")
     print("architectures:")
     for arch, spec in sorted(registry.all_specs().items()):
         print(f"  {arch:10s} {spec.kind:10s} {spec.description}")

@@ -41,6 +41,9 @@ def test_info_prints_the_opt_in_switches(monkeypatch, capsys):
     assert main(["info"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("default paths"))
     assert "MASKAR_GRAPH_POOL_RESERVE=on" in line and "MASKAR_SAMPLER_KERNEL=off" in line
+    monkeypatch.setenv("MASKAR_GRAPH_POOL_MARGIN", "1.25")
+    assert main(["info"]) == 0
+    assert "MASKAR_GRAPH_POOL_MARGIN=1.25" in capsys.readouterr().out
 
 
 def test_info_preset_prints_resolved_config_with_overrides(capsys):
