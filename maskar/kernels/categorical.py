@@ -131,8 +131,9 @@ FORCE_CONFIG: CatConfig | None = None  # tests / sweeps pin a config
 
 def _config(block_v: int) -> CatConfig:
     # A row per program, its 32 + 32 block-wide reductions on registers: enough warps to spread
-    # the row (16-32 values a thread), few enough that each reduction's barrier stays cheap. Not
-    # yet timed on a GPU (scripts/gpu/speed_compiled.sh PART=sampler sweeps it).
+    # the row (16-32 values a thread), few enough that each reduction's barrier stays cheap. On the
+    # H200 (scripts/gpu/sampler_speed.py, 2026-12-05) 8 warps at V 4096 beat 2 / 4 / 16 by 1.5x;
+    # at 128 rows 4-16 warps tie.
     if FORCE_CONFIG is not None:
         return FORCE_CONFIG
     if _INTERPRET:  # the interpreter's cost is per program, not per element

@@ -67,11 +67,6 @@
 #   PART=decodee2e (about 5 min, DEADLINE=300): the GPU test of the compiled decoder inside the
 #     sampling graphs, then HMAR-d16 256 px B 64 compiled-w16 with the decoder compiled too
 #     (compile_decoder=true) and without, end to end.
-#   PART=sampler (about 7 min, DEADLINE=500): the one-kernel top-k / top-p draw: its GPU tests (the
-#     reference's kept sets and draws at the d16 shape; captured graphs equal eager with it), the draw
-#     alone against the torch path at each launch config (scripts/gpu/sampler_speed.py), then `maskar
-#     bench sample models=hmar-d16,var-d16 modes=compiled-w16` at 256 px B 64 and 1024 px B 8 with
-#     sampler=fused and sampler=triton.
 #   PART=issue14 (about 9 min, DEADLINE=560): every switch built for issue 14 in one call: the GPU
 #     tests of the one-kernel draw, the captured graphs, the pool reservation and the compiled decoder
 #     inside the graphs; the draw alone (scripts/gpu/sampler_speed.py); then `maskar bench sample
@@ -114,6 +109,14 @@ sample_run() {  # NAME CAP TAIL ARGS...: `maskar bench sample ARGS` into $OUT/NA
   local name=$1 limit=$2 n=$3; shift 3
   timeout $(cap $limit) $PY -m maskar bench sample "$@" json="$OUT/$name.json" > "$OUT/$name.txt" 2>&1
   echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/$name.txt" | tail -n $n
+}
+casmar_variant() {  # NAME ENV... -- EXTRA_ARGS...: one CASMAR-B bench, two timed calls
+  local v=$1; shift; local env=(); while [ $# -gt 0 ] && [ "$1" != -- ]; do env+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  el "bench casmar, --linears low, $v: ${env[*]:-} $*"
+  env "${env[@]}" timeout $(cap 200) $PY -m maskar bench casmar --batch 64 --sample-reps 2 --linears low \
+    "$@" --json "$OUT/casmar_$v.json" > "$OUT/casmar_$v.txt" 2>&1
+  echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_$v.txt" | grep -E "^switches|^sample|idle|Error" | tail -n 5
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if [ "${PART:-masked}" = masked ]; then
@@ -211,21 +214,13 @@ elif [ "${PART}" = issue14 ]; then
   timeout $(cap 40) $PY scripts/gpu/sampler_speed.py --json "$OUT/sampler_speed.json" > "$OUT/sampler_speed.txt" 2>&1
   echo "speed rc=$?"; grep -vE "$NOISE" "$OUT/sampler_speed.txt" | tail -n 18
 elif [ "${PART}" = issue15 ]; then
-  casmar15() {  # NAME ENV... -- EXTRA_ARGS...: one CASMAR-B bench, two timed calls
-    local v=$1; shift; local env=(); while [ $# -gt 0 ] && [ "$1" != -- ]; do env+=("$1"); shift; done
-    [ $# -gt 0 ] && shift
-    el "bench casmar, --linears low, $v: ${env[*]:-} $*"
-    env "${env[@]}" timeout $(cap 200) $PY -m maskar bench casmar --batch 64 --sample-reps 2 --linears low \
-      "$@" --json "$OUT/casmar_$v.json" > "$OUT/casmar_$v.txt" 2>&1
-    echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_$v.txt" | grep -E "^switches|^sample|idle|Error" | tail -n 5
-  }
   # 2026-12-05 (sixth session): default 9.38, MASKAR_PSA_QKV=1 9.48, MODULATE + RESIDUAL 7.76 images/s
   # in separate calls; now the q/k/v A/B bracketed by two default runs (the drift between calls) and
   # the modulation kernel alone (which of the two lost)
-  casmar15 default
-  casmar15 qkv MASKAR_PSA_QKV=1
-  casmar15 default2
-  casmar15 modulate MASKAR_DIT_MODULATE=1
+  casmar_variant default
+  casmar_variant qkv MASKAR_PSA_QKV=1
+  casmar_variant default2
+  casmar_variant modulate MASKAR_DIT_MODULATE=1
   el "bench mar num_iter 256 (defaults)"
   timeout $(cap 120) $PY -m maskar bench mar --batch 64 --num-iters 256 --sample-reps 1 --train-batch 0 \
     --linears low --json "$OUT/mar.json" > "$OUT/mar.txt" 2>&1
@@ -299,18 +294,6 @@ elif [ "${PART}" = pool ]; then
       models=hmar-d16,var-d16 cases=$3 modes=compiled-w16 reps=5 json="$OUT/sample_pool$1_cudnn$2_$3.json" \
       > "$OUT/sample_pool$1_cudnn$2_$3.txt" 2>&1
     echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/sample_pool$1_cudnn$2_$3.txt" | tail -n 16
-  done
-elif [ "${PART}" = sampler ]; then
-  el "GPU tests: the one-kernel draw"
-  timeout $(cap 90) $PY -m pytest -q -m gpu tests/test_categorical_kernel.py tests/test_sampling_speed.py \
-    -k "d16_shape or captured_graphs" > "$OUT/sampler_gpu_tests.txt" 2>&1
-  echo "tests rc=$?"; tail -n 5 "$OUT/sampler_gpu_tests.txt"
-  el "the draw alone: torch path vs kernel configs"
-  timeout $(cap 60) $PY scripts/gpu/sampler_speed.py --json "$OUT/sampler_speed.json" > "$OUT/sampler_speed.txt" 2>&1
-  echo "speed rc=$?"; grep -vE "$NOISE" "$OUT/sampler_speed.txt" | tail -n 18
-  for sampler in fused triton; do
-    el "bench sample compiled-w16, sampler=$sampler"
-    sample_run sample_$sampler 150 14 models=hmar-d16,var-d16 modes=compiled-w16 reps=5 sampler=$sampler
   done
 elif [ "${PART}" = headtune ]; then
   # the heads' per-step calls alone under max-autotune (PART=autotune also tuned the blocks, which
@@ -387,14 +370,6 @@ elif [ "${PART}" = gelu3 ]; then
     echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_gelu-$sw.txt" | grep -E "^switches|^sample|Error" | tail -n 4
   done
 elif [ "${PART}" = modulate ] || [ "${PART}" = modulate2 ]; then
-  casmar_variant() {  # NAME ENV... -- EXTRA_ARGS...: one CASMAR-B bench, two timed calls
-    local v=$1; shift; local env=(); while [ $# -gt 0 ] && [ "$1" != -- ]; do env+=("$1"); shift; done
-    [ $# -gt 0 ] && shift
-    el "bench casmar, --linears low, $v: ${env[*]:-} $*"
-    env "${env[@]}" timeout $(cap 200) $PY -m maskar bench casmar --batch 64 --sample-reps 2 --linears low \
-      "$@" --json "$OUT/casmar_$v.json" > "$OUT/casmar_$v.txt" 2>&1
-    echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_$v.txt" | grep -E "^switches|^sample|idle|Error" | tail -n 5
-  }
   if [ "$PART" = modulate ]; then
     el "GPU tests: adaln_modulate, gated_residual, PSA fused q/k/v at CASMAR-B's shapes"
     timeout $(cap 150) $PY -m pytest -q -rP -m gpu -p no:cacheprovider tests/test_adaln_modulate.py \
