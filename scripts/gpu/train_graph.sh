@@ -6,8 +6,8 @@
 #      fresh random numbers, HMAR stage 2 draws a new mask ratio per replay; and every tuning
 #      candidate of the block-sparse kernel, the 1024 px (long-sequence) ones included.
 #   2. `maskar bench train_step` at 1024 px B 2 with the whole step as one CUDA graph (HMAR and VAR
-#      with the fused kernel and with cuDNN per scale, the `scales` backend, whose backward since
-#      2026-12-05 splits instead of slicing), against 95.2 / 130.1 ms (run 7, 2026-12-05).
+#      with `auto`, which takes cuDNN per scale, the `scales` backend, there since 2026-12-05, and
+#      with the fused kernel), against 90.2 / 130.2 ms and 93.3 / 138.6 (run 8, 2026-12-05).
 #   3. `maskar train` on random cached token pyramids, B 32, 60 steps, log every 20: VAR-d16 without
 #      and with train.cuda_graph=true, HMAR-d16 with it; the logged step_ms after the first window
 #      against the bench's back-to-back rows (2026-12-04: VAR 77.0, HMAR 72.1 ms with the graph).
@@ -36,7 +36,7 @@ echo "tests rc=$?"; grep -E "rel max|passed|failed|Error" "$OUT/gpu_tests.txt" |
 stage2() {
 el "2. bench train_step 1024 px, the step as one CUDA graph"
 timeout $(cap 230) python3 -m maskar bench train_step res=1024 steps=20 warmup=3 \
-  rows=hmar/d16/blocks/graph,hmar/d16/blocks/graph/attn-scales,var/d16/blocks/graph/attn-scales,var/d16/blocks/graph \
+  rows=hmar/d16/blocks/graph,hmar/d16/blocks/graph/attn-triton,var/d16/blocks/graph,var/d16/blocks/graph/attn-triton \
   json="$OUT/train_1024.json" > "$OUT/train_1024.txt" 2>&1
 echo "rc=$?"; grep -vE "$NOISE" "$OUT/train_1024.txt" | tail -n 8
 
