@@ -18,9 +18,10 @@ Two parts:
 
     .venv/bin/python scripts/graph_pool_model.py hmar-d16:1024:8 var-d16:1024:8 hmar-d16:256:64 var-d16:256:64
 
-What it leaves out: Inductor's fusions (``compile_sampler``: fewer, not larger, temporaries), the
-fused GroupNorm + SiLU (one output instead of two), cuBLAS / cuDNN workspaces, and the default
-pool (weights, the noise buffer, the returned images). Its figures are the pool's, to be compared
+What it leaves out: Inductor's fusions (``compile_sampler``: fewer, not larger, temporaries),
+cuBLAS / cuDNN workspaces, and the default pool (weights, the noise buffer, the returned images).
+Since 2026-12-05 it runs what the GPU runs by default where that differs from the CPU: the fused
+GroupNorm + SiLU (one output) and the one-kernel draw (ids out, no temporaries). Its figures are the pool's, to be compared
 with the ``memory_by_pool`` line of ``maskar bench sample`` on a GPU.
 """
 
@@ -196,6 +197,8 @@ def trace(preset: str, res: int, batch: int) -> list[list]:
     """Allocation events of one eager bf16 sampling call: [bytes, op] or [-(k + 1), ''] (free of k)."""
     import maskar.models.scale_graphs as scale_graphs
     import maskar.models.var as var
+    import maskar.nn.sampling as sampling
+    import maskar.tokenizers.common as common
     from maskar.bench.sample import _parse, build_case, case_overrides, sampling_knobs
 
     opts = _parse([])
@@ -241,11 +244,31 @@ def trace(preset: str, res: int, batch: int) -> list[list]:
         finally:
             tracer.tag = None
 
+    class FusedGroupNorm:  # the CUDA op's one output (the torch path makes two: norm, SiLU)
+        @staticmethod
+        def supports(x, *args):
+            return True
+
+        @staticmethod
+        def group_norm_act(x, *args):
+            return torch.empty_like(x)
+
+    class KernelDraw:  # the one-kernel draw reads logits and noise and writes the ids alone
+        @staticmethod
+        def supports(x, noise):
+            return True
+
+        @staticmethod
+        def draw(x, noise, *args, **kwargs):
+            return torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+
     patches = [
         (torch, "autocast", MetaAutocast),
         (F, "scaled_dot_product_attention", attention),
         (var, "make_generator", lambda seed, device: None),
         (scale_graphs.NoiseSource, "__call__", tagged_noise),
+        (common, "_group_norm_kernel", FusedGroupNorm),
+        (sampling, "_categorical", lambda: KernelDraw if model.sampler == "triton" else None),
     ]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     try:
