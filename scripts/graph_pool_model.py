@@ -21,8 +21,8 @@ Two parts:
 What it leaves out: Inductor's fusions (``compile_sampler``: fewer, not larger, temporaries),
 cuBLAS / cuDNN workspaces, and the default pool (weights, the noise buffer, the returned images).
 Since 2026-12-05 it runs what the GPU runs by default where that differs from the CPU: the fused
-GroupNorm + SiLU (one output) and the one-kernel draw (ids out, no temporaries). Its figures are the pool's, to be compared
-with the ``memory_by_pool`` line of ``maskar bench sample`` on a GPU.
+GroupNorm + SiLU (one output) and the one-kernel draw (ids out, no temporaries). Its figures are
+the pool's, to be compared with the ``memory_by_pool`` line of ``maskar bench sample`` on a GPU.
 """
 
 from __future__ import annotations
