@@ -460,13 +460,9 @@ def test_recording_noise_allocates_no_rows_and_records_the_plan():
 
 
 def _pool_model():
-    import importlib.util
+    from helpers_scripts import load_script
 
-    path = Path(__file__).parents[1] / "scripts" / "graph_pool_model.py"
-    spec = importlib.util.spec_from_file_location("graph_pool_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("graph_pool_model")
 
 
 def test_allocator_model_grows_a_segment_per_larger_request_and_reuses_a_reservation():

@@ -441,38 +441,16 @@ def test_decode_channels_last_switch_is_read_at_import():
 
 
 def _peak_live_bytes(fn) -> tuple[torch.Tensor, int]:
-    """(fn()'s output, the most bytes of tensors created inside fn alive at once), tracked per
-    storage from its creation to its release."""
-    import weakref
+    """(fn()'s output, the most bytes of tensors created inside fn alive at once), by the allocation
+    trace of scripts/graph_pool_model.py (without its autocast emulation)."""
+    from helpers_scripts import load_script
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    state = {"live": 0, "peak": 0}
-    seen: set[int] = set()
-
-    def freed(key: int, n: int) -> None:
-        state["live"] -= n
-        seen.discard(key)  # the address may come back for a new storage
-
-    class Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ins = {x.untyped_storage()._cdata for x in tree_flatten((args, kwargs or {}))[0]
-                   if isinstance(x, torch.Tensor)}  # fmt: skip
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    st = t.untyped_storage()
-                    if st._cdata not in ins and st._cdata not in seen:
-                        seen.add(st._cdata)
-                        state["live"] += st.nbytes()
-                        state["peak"] = max(state["peak"], state["live"])
-                        weakref.finalize(st, freed, st._cdata, st.nbytes())
-            return out
-
-    with Track():
+    model = load_script("graph_pool_model")
+    tracer = model._Tracer()
+    tracer.autocast = [False]
+    with tracer:
         out = fn()
-    return out, state["peak"]
+    return out, model.replay(tracer.events)["peak"]
 
 
 def test_decoder_frees_each_activation_as_soon_as_the_next_exists():
