@@ -85,6 +85,11 @@
 #     headroom: HMAR-d16 1024 px B 8 fast-w16 with MASKAR_GRAPH_POOL_MARGIN 1.02 (the default), 1.10,
 #     1.25, 1.5 (each row's memory_by_pool line: does the extra 0.67 GB segment go away?), then
 #     VAR-d16 once (the denominator).
+#   PART=s7b (about 9 min, DEADLINE=570): PART=decodecl and PART=pool2 in one call, trimmed: the
+#     decoder NCHW against channels-last (no compiled variant); HMAR-d16 fast-w16 at both sizes with
+#     MASKAR_DECODE_CHANNELS_LAST=0 / 1; HMAR-d16 1024 px with pool margins 1.02 and 1.25 and VAR-d16
+#     (the memory denominator); then VAR-d16 compiled-w16 at 256 then 1024 px in one process (the
+#     order that failed on 2026-12-05), printing the failing row's traceback.
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -240,6 +245,21 @@ elif [ "${PART}" = decodecl ]; then
   done
   el "bench sample var-d16 compiled-w16 at 1024 px (the failure's traceback)"
   sample_run sample_1024_compiled 120 40 models=var-d16 cases=1024x8 modes=compiled-w16 reps=1 warmup=0 check=false
+elif [ "${PART}" = s7b ]; then
+  el "bench decode: bf16 NCHW, channels-last"
+  timeout $(cap 120) $PY -m maskar bench decode quality=false speed=true cases=256x64,1024x8 \
+    variants=bf16,bf16-cl json="$OUT/decode_cl.json" > "$OUT/decode_cl.txt" 2>&1
+  echo "decode rc=$?"; grep -vE "$NOISE" "$OUT/decode_cl.txt" | tail -n 8
+  for cl in 0 1; do
+    el "bench sample hmar-d16 fast-w16, MASKAR_DECODE_CHANNELS_LAST=$cl"
+    MASKAR_DECODE_CHANNELS_LAST=$cl sample_run sample_cl$cl 100 8 models=hmar-d16 modes=fast-w16 reps=5
+  done
+  el "bench sample hmar-d16 1024 px fast-w16, pool margin 1.25"
+  MASKAR_GRAPH_POOL_MARGIN=1.25 sample_run sample_margin1.25 60 4 models=hmar-d16 cases=1024x8 modes=fast-w16 reps=3 check=false
+  el "bench sample var-d16 1024 px fast-w16 (the denominator)"
+  sample_run sample_var1024 70 4 models=var-d16 cases=1024x8 modes=fast-w16 reps=3 check=false
+  el "bench sample var-d16 compiled-w16 256 then 1024 px (the failure's traceback)"
+  sample_run sample_compiled_both 150 60 models=var-d16 cases=256x64,1024x8 modes=compiled-w16 reps=1 check=false
 elif [ "${PART}" = pool2 ]; then
   for m in 1.02 1.10 1.25 1.5; do
     el "bench sample hmar-d16 1024 px fast-w16, MASKAR_GRAPH_POOL_MARGIN=$m"
