@@ -666,7 +666,8 @@ class NextScaleModel(nn.Module):
         """Scale si: next-scale pass, draw, (HMAR) refinement, then f_hat and the next input.
 
         ``noise(rows)`` returns the (rows, V) Exp(1) draws of each categorical draw, in call
-        order (:class:`NoiseSource`, or pre-drawn static buffers under CUDA graphs).
+        order (:class:`NoiseSource`; under CUDA graphs the runner's own generator's, through
+        :class:`~maskar.models.scale_graphs.PlannedNoise`).
         """
         B = st.f_hat.shape[0]
         t = self.guidance(args.cfg, si, args.cfg_schedule)
