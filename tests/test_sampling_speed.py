@@ -331,6 +331,29 @@ def test_graph_path_names_a_draw_that_departs_from_the_plan():
         runner.generate(model, lab, torch.Generator().manual_seed(seed), None)
 
 
+def test_each_chunk_draws_its_own_noise_and_the_cpu_samples_stay(monkeypatch):
+    """The head and the sampler run in chunks of SAMPLE_ROWS rows and each chunk draws its own
+    (rows, V) noise, so a large scale's whole noise never exists at once; a CPU generator gives
+    the same numbers split or not, so the samples are the unchunked eager loop's."""
+    name, arch, overrides, labels, knobs = CASES[0]
+    model = build_model(arch, overrides)
+    want_tokens, want_images = run_case(model, labels, knobs)
+    monkeypatch.setattr(var_mod, "SAMPLE_ROWS", 5)  # chunks of 1-2 samples on the larger scales
+    knobs = dict(knobs)
+    seed = knobs.pop("seed")
+    args, refine_kw = _runner_args(model, knobs, seed)
+    runner = ScaleGraphRunner(model, len(labels), args, refine_kw, "fp32", capture=False)
+    B = len(labels)
+    for si, pn in enumerate(model.patch_nums):
+        per = max(1, 5 // (pn * pn))
+        assert runner.plan[si] == [min(per, B - b0) * pn * pn for b0 in range(0, B, per)], si
+    assert max(len(p) for p in runner.plan) == B  # one sample per chunk on the large scales
+    tokens: list[torch.Tensor] = []
+    images = runner.generate(model, torch.tensor(labels), torch.Generator().manual_seed(seed), tokens)
+    assert all(torch.equal(a, b) for a, b in zip(tokens, want_tokens, strict=True))
+    assert torch.equal(images, want_images)  # the images depend on the tokens alone
+
+
 def test_graph_cache_is_cpu_free_and_copies_empty():
     model = build_model("hmar", {"stage": 2})
     assert not graphs_usable(model, torch.device("cpu"))

@@ -19,7 +19,8 @@ by the graph's whole increment, as the eager calls would (CUDA's graph-safe Phil
 into the runner's before the first replay and back after the last scale, so a call gives the
 eager loop's tokens and leaves the caller's generator where the eager loop would. Each draw is a
 transient tensor of the pool, freed after the draw, so the noise costs one draw's (rows, V) at
-a time, counted in the warm-up's live peak. (The draws used to be made on the host side, into one
+a time (on the large scales one head / sampler chunk's, ``SAMPLE_ROWS`` rows), counted in the
+warm-up's live peak. (The draws used to be made on the host side, into one
 static buffer before each replay: for memory, since that buffer held every draw of the largest
 scale in a segment of its own, 0.54 GB at HMAR-d16 1024 px B 8.)
 
@@ -32,9 +33,9 @@ Reuse alone does not keep the pool small: the caching allocator adds a segment w
 block fits a request, and a sampler's tensors grow scale by scale, so every scale adds segments
 that the later, larger scales and the decoder cannot use whole. Replaying the allocations of
 HMAR-d16 at 1024 px B 8 through a model of the allocator (``scripts/graph_pool_model.py``) gives
-5.2 GB of segments for 2.0 GB ever live at once (the noise draws included). So the capture first
-allocates and frees one block the size of the eager warm-up's live peak: the pool starts as one
-segment that every later request splits and every free merges back into (2.2 GB in the same
+4.6 GB of segments for 1.45 GB ever live at once (the noise draws included). So the capture
+first allocates and frees one block the size of the eager warm-up's live peak: the pool starts as
+one segment that every later request splits and every free merges back into (1.8 GB in the same
 model).
 ``MASKAR_GRAPH_POOL_RESERVE=0`` captures without it.
 
