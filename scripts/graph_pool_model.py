@@ -7,8 +7,9 @@ Two parts:
    bf16 autocast does not exist on ``meta``, so it is emulated at the aten level: the matmuls and
    convolutions get bf16 copies of their float inputs, the norms and softmaxes float32 ones, as
    autocast's cast lists do. The attention call is replaced by an output of its size (what the
-   fused kernels allocate); the noise of the categorical draws is tagged, because under the graphs
-   it lives in a static buffer outside the pool.
+   fused kernels allocate); the noise of the categorical draws is tagged ("noise"), so that its
+   share can be reported (the graphs draw it inside the pool, one transient (rows, V) tensor per
+   draw, so a replay counts it; it used to live in a static buffer outside the pool).
 2. ``Pool``: a model of PyTorch's CUDA caching allocator for one pool and one stream (512 B
    rounding; blocks of at most 1 MiB from 2 MiB segments; larger requests from 20 MiB segments
    below 10 MiB and from segments rounded to 2 MiB above; best fit; a split when more than the
@@ -19,7 +20,7 @@ Two parts:
     .venv/bin/python scripts/graph_pool_model.py hmar-d16:1024:8 var-d16:1024:8 hmar-d16:256:64 var-d16:256:64
 
 What it leaves out: Inductor's fusions (``compile_sampler``: fewer, not larger, temporaries),
-cuBLAS / cuDNN workspaces, and the default pool (weights, the noise buffer, the returned images).
+cuBLAS / cuDNN workspaces, and the default pool (weights, the returned images).
 Since 2026-12-05 it runs what the GPU runs by default where that differs from the CPU: the fused
 GroupNorm + SiLU (one output) and the one-kernel draw (ids out, no temporaries). Its figures are
 the pool's, to be compared with the ``memory_by_pool`` line of ``maskar bench sample`` on a GPU.
@@ -114,8 +115,10 @@ class Pool:
         bisect.insort(free, (size, seg, off))
 
 
-def replay(events: list, reserve: int = 0, skip: tuple[str, ...] = ("noise",)) -> dict[str, int]:
-    """Run a trace through a fresh pool: the pool's reserved bytes and the live peak."""
+def replay(events: list, reserve: int = 0, skip: tuple[str, ...] = ()) -> dict[str, int]:
+    """Run a trace through a fresh pool: the pool's reserved bytes and the live peak. Allocations
+    tagged with a name in ``skip`` are left out (``skip=("noise",)``: the pool as it was while
+    the noise lived outside it)."""
     pool, handles, sizes, live, peak = Pool(), {}, {}, 0, 0
     if reserve:
         pool.add_segment(reserve)

@@ -6,13 +6,15 @@
 - seeded fp32 CPU samples of tiny VAR / HMAR models equal those recorded from main before this
   work (tests/sampling_golden.py);
 - the CUDA-graph path's bodies, run on their static buffers without capture, give the eager
-  loop's tokens and images; on a GPU the captured graphs do too;
+  loop's tokens and images and leave the caller's generator (or the default one) where the eager
+  loop does; on a GPU the captured graphs do too;
 - the bf16 decoder stays close to the fp32 one; chunked sampling changes nothing.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import os
@@ -254,7 +256,7 @@ def test_graph_structured_path_gives_the_eager_tokens(case):
         [len(labels) * pn * pn] * (len(schedule[si]) if schedule and refine_kw["refine_on"] and pn > 1 else 1)
         for si, pn in enumerate(model.patch_nums)
     ]
-    assert runner.noise.plan == want_plan
+    assert runner.plan == want_plan
     for call, (lab, s) in enumerate([(labels, seed), (labels[::-1], seed + 11), (labels, seed)]):
         want_tokens, want_images = _eager(model, lab, knobs, s)
         got_tokens: list[torch.Tensor] = []
@@ -262,6 +264,94 @@ def test_graph_structured_path_gives_the_eager_tokens(case):
         for a, b in zip(got_tokens, want_tokens, strict=True):
             assert torch.equal(a, b), (name, call)
         assert torch.equal(got, want_images), (name, call)
+
+
+def _runner_and_args(case):
+    name, arch, overrides, labels, knobs = case
+    model = build_model(arch, overrides)
+    knobs = dict(knobs)
+    seed = knobs.pop("seed")
+    args, refine_kw = _runner_args(model, knobs, seed)
+    runner = ScaleGraphRunner(model, len(labels), args, refine_kw, "fp32", capture=False)
+    return model, runner, args, refine_kw, torch.tensor(labels), seed
+
+
+def _two_calls(call) -> list[list[torch.Tensor]]:
+    out = []
+    for _ in range(2):
+        tokens: list[torch.Tensor] = []
+        with torch.no_grad():
+            call(tokens)
+        out.append(tokens)
+    return out
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[6]], ids=lambda c: c[0])
+def test_graph_path_advances_one_generator_as_the_eager_loop(case):
+    """Two calls with one generator give the eager loop's two batches (different ones), and the
+    generator ends where the eager loop leaves it: the runner hands its state over and back."""
+    model, runner, args, refine_kw, lab, seed = _runner_and_args(case)
+    assert args.generator is not None
+    want = _two_calls(lambda t: model._autoregress(lab, args, out_indices=t, **refine_kw))
+    gen = torch.Generator().manual_seed(seed)
+    got = _two_calls(lambda t: runner.generate(model, lab, gen, t))
+    for g, w in zip(got, want, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(g, w, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(got[0], got[1], strict=True))
+    assert torch.equal(gen.get_state(), args.generator.get_state())
+
+
+def test_graph_path_without_a_generator_draws_from_the_default_one():
+    """generator=None: the eager loop draws from the device's default generator, so the runner
+    does too (seeded by torch.manual_seed) and advances it alike."""
+    model, runner, args, refine_kw, lab, _ = _runner_and_args(CASES[6])
+    args = dataclasses.replace(args, generator=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        want = _two_calls(lambda t: model._autoregress(lab, args, out_indices=t, **refine_kw))
+        want_state = torch.default_generator.get_state()
+        torch.manual_seed(123)
+        got = _two_calls(lambda t: runner.generate(model, lab, None, t))
+        assert torch.equal(torch.default_generator.get_state(), want_state)
+    for g, w in zip(got, want, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(g, w, strict=True))
+
+
+def test_graph_path_names_a_draw_that_departs_from_the_plan():
+    model, runner, _, _, lab, seed = _runner_and_args(CASES[6])
+    noise = runner.noise
+    noise.begin(0)
+    noise(runner.plan[0][0])
+    with pytest.raises(RuntimeError, match=r"scale 0 asked for draw 1 of .* the recorded plan is \["):
+        noise(runner.plan[0][0])  # one draw more than recorded
+    rows = runner.plan[2][0]
+    runner.plan[2][0] = rows + 1  # the bodies now ask scale 2 for other rows than the plan says
+    with pytest.raises(RuntimeError, match=rf"scale 2 asked for draw 0 of {rows} rows; the recorded plan "
+                                           rf"is \[{rows + 1}"):  # fmt: skip
+        runner.generate(model, lab, torch.Generator().manual_seed(seed), None)
+
+
+def test_each_chunk_draws_its_own_noise_and_the_cpu_samples_stay(monkeypatch):
+    """The head and the sampler run in chunks of SAMPLE_ROWS rows and each chunk draws its own
+    (rows, V) noise, so a large scale's whole noise never exists at once; a CPU generator gives
+    the same numbers split or not, so the samples are the unchunked eager loop's."""
+    name, arch, overrides, labels, knobs = CASES[0]
+    model = build_model(arch, overrides)
+    want_tokens, want_images = run_case(model, labels, knobs)
+    monkeypatch.setattr(var_mod, "SAMPLE_ROWS", 5)  # chunks of 1-2 samples on the larger scales
+    knobs = dict(knobs)
+    seed = knobs.pop("seed")
+    args, refine_kw = _runner_args(model, knobs, seed)
+    runner = ScaleGraphRunner(model, len(labels), args, refine_kw, "fp32", capture=False)
+    B = len(labels)
+    for si, pn in enumerate(model.patch_nums):
+        per = max(1, 5 // (pn * pn))
+        assert runner.plan[si] == [min(per, B - b0) * pn * pn for b0 in range(0, B, per)], si
+    assert max(len(p) for p in runner.plan) == B  # one sample per chunk on the large scales
+    tokens: list[torch.Tensor] = []
+    images = runner.generate(model, torch.tensor(labels), torch.Generator().manual_seed(seed), tokens)
+    assert all(torch.equal(a, b) for a, b in zip(tokens, want_tokens, strict=True))
+    assert torch.equal(images, want_images)  # the images depend on the tokens alone
 
 
 def test_graph_cache_is_cpu_free_and_copies_empty():
@@ -358,6 +448,54 @@ def test_gpu_captured_graphs_give_the_eager_tokens(case, precision, sampler):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("case", [CASES[0], CASES[6]], ids=lambda c: c[0])
+def test_gpu_captured_graphs_advance_the_generator_as_the_eager_loop(case):
+    """The graphs draw from the runner's generator, registered with each graph before its capture:
+    consecutive calls with one generator, or with none (the default CUDA generator), give the
+    eager loop's tokens, and the generator ends where the eager loop leaves it. The first graphs
+    call is eager (the key's first sighting), the second captures and replays."""
+    name, arch, overrides, labels, knobs = case
+    model = build_model(arch, overrides).cuda()
+    knobs = dict(knobs)
+    seed = knobs.pop("seed")
+    lab = torch.tensor(labels, device="cuda")
+    rest = {k: v for k, v in knobs.items() if k not in ("cfg", "top_k", "top_p")}
+
+    def calls(graphs: bool, seed: int | None, n: int = 2):
+        model.cuda_graphs = graphs
+        args = model._sampling_args(knobs.get("cfg", 1.5), "linear", 1.0, knobs["top_k"], knobs["top_p"],
+                                    seed, "cuda")  # fmt: skip
+        out = []
+        for _ in range(n):
+            tokens: list[torch.Tensor] = []
+            with torch.no_grad():
+                model._autoregress(lab, args, out_indices=tokens, **model._refine_options(rest, False))
+            out.append(tokens)
+        gen = args.generator if args.generator is not None else torch.cuda.default_generators[0]
+        return out, gen.get_state()
+
+    def same(a, b):
+        pairs = (xy for ta, tb in zip(a, b, strict=True) for xy in zip(ta, tb, strict=True))
+        return all(torch.equal(x, y) for x, y in pairs)
+
+    with torch.cuda.device(0), torch.random.fork_rng(devices=[0]):
+        want, want_state = calls(False, seed, 3)
+        first, first_state = calls(True, seed)  # eager, then capture + replay
+        assert model._graphs.captures == 1
+        assert same(first, want[:2]) and torch.equal(first_state, calls(False, seed)[1])
+        got, got_state = calls(True, seed, 3)  # replays
+        assert model._graphs.captures == 1
+        assert same(got, want) and torch.equal(got_state, want_state), name
+        torch.cuda.manual_seed(123)
+        want, want_state = calls(False, None)
+        torch.cuda.manual_seed(123)
+        got, got_state = calls(True, None)
+        assert model._graphs.captures == 1
+        assert same(got, want) and torch.equal(got_state, want_state), name
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("preset", ["hmar-d16", "var-d16"])
 def test_gpu_reserved_pool_gives_the_same_tokens_in_a_smaller_pool(monkeypatch, preset):
     """The pool reservation (scale_graphs.RESERVE_POOL) changes where tensors live, not what the
@@ -383,8 +521,8 @@ def test_gpu_reserved_pool_gives_the_same_tokens_in_a_smaller_pool(monkeypatch, 
                 model._autoregress(lab, args, out_indices=tokens, **model._refine_options({}, False))
         runner = next(iter(model._graphs.entries.values()))
         assert (runner.reserve_bytes > 0) == reserve
-        # everything reserved once the cache is emptied: the noise buffer sits in the default pool
-        # without the reservation and in the graphs' pool with it, so compare the sum
+        # everything reserved once the cache is emptied (the graphs' pool, the weights, the
+        # returned images): both ways the noise is drawn inside the graphs, in their pool
         torch.cuda.empty_cache()
         results[reserve] = (tokens, torch.cuda.memory_reserved())
     for a, b in zip(results[True][0], results[False][0], strict=True):
@@ -449,14 +587,19 @@ def test_pool_margin_switch_is_read_at_import_and_checked():
             _margin(bad)
 
 
-def test_recording_noise_allocates_no_rows_and_records_the_plan():
+def test_recording_noise_allocates_every_draw_and_records_the_plan():
+    """The warm-up's noise is a whole (rows, V) float32 tensor per draw, as the graphs' draws are
+    (transient blocks of their pool, so the warm-up's live peak must count them), and touches no
+    generator."""
     from maskar.models.scale_graphs import _RecordingNoise
 
     rec = _RecordingNoise(7, torch.device("cpu"))
+    state = torch.default_generator.get_state()
     rec.begin(0)
     a, b = rec(5), rec(3)
     assert rec.plan == [[5, 3]] and a.shape == (5, 7) and b.shape == (3, 7)
-    assert a.stride() == (0, 1) and bool((a == 1).all())  # a view of one row: nothing per row allocated
+    assert a.dtype == torch.float32 and a.is_contiguous() and a.untyped_storage().nbytes() == 5 * 7 * 4
+    assert bool((a == 1).all()) and torch.equal(torch.default_generator.get_state(), state)
 
 
 def _pool_model():
@@ -489,8 +632,11 @@ def test_allocator_model_grows_a_segment_per_larger_request_and_reuses_a_reserva
         pool.release(h)
     pool.malloc(64 * mib)
     assert pool.reserved == 64 * mib
-    # Small requests come from their own 2 MiB segments; noise draws are skipped.
-    assert m.replay([[1000, "x"], [5 * mib, "noise"]])["reserved"] == m.SMALL_BUFFER
+    # Small requests come from their own 2 MiB segments, 5 MiB ones from 20 MiB segments; noise
+    # draws are counted (the graphs draw them in their pool) unless skipped.
+    events = [[1000, "x"], [5 * mib, "noise"]]
+    assert m.replay(events)["reserved"] == m.SMALL_BUFFER + m.LARGE_BUFFER
+    assert m.replay(events, skip=("noise",))["reserved"] == m.SMALL_BUFFER
 
 
 def test_allocator_model_names_a_bad_case_before_tracing(capsys):

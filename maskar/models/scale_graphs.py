@@ -9,11 +9,20 @@ per-kernel launch cost that dominates the small scales (~400 kernels per transfo
 A key is captured at its second call: a one-off call (the last, smaller batch of a run)
 stays eager instead of paying a capture.
 
-What a graph cannot do is draw random numbers from the caller's ``torch.Generator``. The
-sampler's randomness is one (rows, V) tensor of Exp(1) draws per categorical draw
-(:func:`maskar.nn.sampling.exponential_noise`); :class:`StaticNoise` draws them with the
-generator into static buffers just before each scale's replay, in the order the eager loop
-draws them, so the graphs give the eager loop's tokens for the same seed.
+The sampler's randomness is one (rows, V) tensor of Exp(1) draws per categorical draw
+(:func:`maskar.nn.sampling.exponential_noise`). A graph cannot read the caller's
+``torch.Generator``, so each runner owns a generator (``ScaleGraphRunner.gen``) registered with
+every graph before its capture (``CUDAGraph.register_generator_state``): the draws are captured
+inside the graphs, and each replay reads the generator's seed and offset and advances the offset
+by the graph's whole increment, as the eager calls would (CUDA's graph-safe Philox state).
+``generate`` copies the caller's generator state (the device's default generator without one)
+into the runner's before the first replay and back after the last scale, so a call gives the
+eager loop's tokens and leaves the caller's generator where the eager loop would. Each draw is a
+transient tensor of the pool, freed after the draw, so the noise costs one draw's (rows, V) at
+a time (on the large scales one head / sampler chunk's, ``SAMPLE_ROWS`` rows), counted in the
+warm-up's live peak. (The draws used to be made on the host side, into one
+static buffer before each replay: for memory, since that buffer held every draw of the largest
+scale in a segment of its own, 0.54 GB at HMAR-d16 1024 px B 8.)
 
 The graphs of one runner share one memory pool and are captured in the order they replay, so
 memory freed inside one (a scale's activations, VAR's KV cache after the last scale) is reused
@@ -24,13 +33,14 @@ Reuse alone does not keep the pool small: the caching allocator adds a segment w
 block fits a request, and a sampler's tensors grow scale by scale, so every scale adds segments
 that the later, larger scales and the decoder cannot use whole. Replaying the allocations of
 HMAR-d16 at 1024 px B 8 through a model of the allocator (``scripts/graph_pool_model.py``) gives
-5.6 GB of segments for 1.9 GB ever live at once. So the capture first allocates and frees one
-block the size of the eager warm-up's live peak: the pool starts as one segment that every
-later request splits and every free merges back into (2.2 GB in the same model).
+4.6 GB of segments for 1.45 GB ever live at once (the noise draws included). So the capture
+first allocates and frees one block the size of the eager warm-up's live peak: the pool starts as
+one segment that every later request splits and every free merges back into (1.8 GB in the same
+model).
 ``MASKAR_GRAPH_POOL_RESERVE=0`` captures without it.
 
 Without a GPU, ``ScaleGraphRunner(..., capture=False)`` runs the same bodies on the same static
-buffers eagerly: tests compare its tokens with the eager loop's.
+buffers eagerly, with the same generator hand-over: tests compare its tokens with the eager loop's.
 """
 
 from __future__ import annotations
@@ -106,48 +116,49 @@ class _RecordingNoise:
 
     def __call__(self, rows: int) -> Tensor:
         self.plan[-1].append(int(rows))
-        # A stride-0 view: under capture the noise is a view of StaticNoise's buffer, a segment
-        # of its own, so the warm-up's live peak (the pool's reservation) must not count it.
-        return torch.ones(1, self.vocab, device=self.device).expand(rows, self.vocab)
+        # A whole (rows, V) tensor, as a real draw allocates: under capture each draw is a
+        # transient block of the graphs' pool, so the warm-up's live peak (the pool's
+        # reservation) must count it. Ones, not Exp(1) draws: the warm-up's tokens do not matter.
+        return torch.ones(rows, self.vocab, device=self.device)
 
 
-class StaticNoise:
-    """Static (rows, V) noise views, one per draw of each scale, filled before the scale runs.
+class PlannedNoise:
+    """The runner's randomness: fresh (rows, V) Exp(1) draws from ``generator`` (the runner's own),
+    checked against the warm-up's plan.
 
-    ``plan[si]`` lists the rows of the draws of scale si in call order. The scales share one
-    buffer (a scale's draws are consumed before the next scale's are drawn).
+    ``plan[si]`` lists the rows of the draws of scale si in call order. The captured graphs hold
+    exactly these draws (their sizes fix the generator's offset increments), so a body that asks
+    for another draw would give other random numbers than the eager loop: an error.
     """
 
-    def __init__(self, plan: list[list[int]], vocab: int, device: torch.device) -> None:
-        self.plan = plan
-        rows = max((sum(p) for p in plan), default=0)
-        self.buf = torch.empty(rows * vocab, device=device)  # float32
-        self.views: list[list[Tensor]] = []
-        for draws in plan:
-            views, off = [], 0
-            for r in draws:
-                views.append(self.buf[off * vocab : (off + r) * vocab].view(r, vocab))
-                off += r
-            self.views.append(views)
+    def __init__(
+        self, plan: list[list[int]], vocab: int, generator: torch.Generator, device: torch.device
+    ) -> None:
+        self.plan, self.vocab, self.generator, self.device = plan, vocab, generator, device
         self.si, self.k = 0, 0
 
     def begin(self, si: int) -> None:
         self.si, self.k = si, 0
 
     def __call__(self, rows: int) -> Tensor:
-        views = self.views[self.si]
-        if self.k >= len(views) or views[self.k].shape[0] != rows:
+        draws = self.plan[self.si]
+        if self.k >= len(draws) or draws[self.k] != rows:
             raise RuntimeError(
                 f"sampling graph: scale {self.si} asked for draw {self.k} of {rows} rows; the recorded "
-                f"plan is {self.plan[self.si]}"
+                f"plan is {draws}"
             )
         self.k += 1
-        return views[self.k - 1]
+        return exponential_noise(rows, self.vocab, self.generator, self.device)
 
-    def fill(self, si: int, generator: torch.Generator | None) -> None:
-        """Draw scale si's noise exactly as :class:`NoiseSource` would (same calls, same order)."""
-        for view in self.views[si]:
-            view.exponential_(generator=generator)
+
+def default_generator(device: torch.device) -> torch.Generator:
+    """The generator ``exponential_(generator=None)`` draws from on ``device``."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+    if device.type == "cpu":
+        return torch.default_generator
+    raise ValueError(f"sampling graphs: no default generator for device {device}")
 
 
 class ScaleGraphRunner:
@@ -157,7 +168,7 @@ class ScaleGraphRunner:
         import dataclasses
 
         self.batch = batch
-        self.args = dataclasses.replace(args, generator=None)  # randomness comes from StaticNoise
+        self.args = dataclasses.replace(args, generator=None)  # randomness comes from self.gen
         self.refine_kw = dict(refine_kw)
         self.precision = precision
         self.capture = capture
@@ -168,9 +179,10 @@ class ScaleGraphRunner:
         self.stream = torch.cuda.Stream(self.device) if capture else None
         self.reserve_bytes = 0  # set by _record_plan when capturing with RESERVE_POOL
         self.plan = self._record_plan(model)
-        # Reserving, the noise buffer is allocated inside the graphs' pool (see _capture).
-        in_pool = capture and RESERVE_POOL
-        self.noise = None if in_pool else StaticNoise(self.plan, model.vocab_size, self.device)
+        # The draws' generator: the graphs read its state at each replay (module docstring);
+        # generate() hands the caller's state over to it and back.
+        self.gen = torch.Generator(device=self.device)
+        self.noise = PlannedNoise(self.plan, model.vocab_size, self.gen, self.device)
         self.state = None
         self.images: Tensor | None = None
         self.graphs: list[torch.cuda.CUDAGraph] = []
@@ -230,17 +242,15 @@ class ScaleGraphRunner:
         try:
             for si in range(self.num_scales):
                 graph = torch.cuda.CUDAGraph()
+                # Before the capture (it cannot be done during one): the graph's draws take their
+                # seed and offset from self.gen at each replay and advance its offset.
+                graph.register_generator_state(self.gen)
                 # thread_local: another thread's CUDA calls (a writer thread) cannot break it
                 with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                    if si == 0 and self.noise is None:
-                        # Allocations only, no kernels. The noise buffer (filled between replays)
-                        # gets a segment of its own in the pool; made before the capture, it took
-                        # a block of a segment the warm-up had cached, which it then kept from
-                        # being released. Then the reservation, freed at once: the segment every
-                        # allocation of the graphs splits.
-                        self.noise = StaticNoise(self.plan, model.vocab_size, dev)
-                        if self.reserve_bytes:
-                            torch.empty(self.reserve_bytes, dtype=torch.uint8, device=dev)
+                    if si == 0 and self.reserve_bytes:
+                        # An allocation only, no kernel, freed at once: the segment every
+                        # allocation of the graphs splits (module docstring).
+                        torch.empty(self.reserve_bytes, dtype=torch.uint8, device=dev)
                     self._scale_body(model, si)
                 self.graphs.append(graph)
             graph = torch.cuda.CUDAGraph()
@@ -252,20 +262,27 @@ class ScaleGraphRunner:
             model.profile_marks = marks
         torch.cuda.current_stream(dev).wait_stream(stream)
 
-    def generate(self, model, labels: Tensor, generator, out_indices: list[Tensor] | None) -> Tensor:
-        """Images (B, C, H, W) float32 for ``labels`` (B,), with the randomness of ``generator``."""
+    def generate(
+        self, model, labels: Tensor, generator: torch.Generator | None, out_indices: list[Tensor] | None
+    ) -> Tensor:
+        """Images (B, C, H, W) float32 for ``labels`` (B,), with the randomness of ``generator``
+        (the device's default generator when None), which advances as the eager loop's would."""
         self.labels.copy_(labels)
         marks = model.profile_marks
         if marks is not None:  # the host's work before the first replay (the GPU idles through it)
             marks.append(("prep", mark(self.device)))
+        source = generator if generator is not None else default_generator(self.device)
+        self.gen.set_state(source.get_state())
         for si in range(self.num_scales):
-            self.noise.fill(si, generator)
             if self.capture:
                 self.graphs[si].replay()
             else:
                 self._scale_body(model, si)
             if marks is not None:
                 marks.append((f"s{si:02d} graph", mark(self.device)))
+        # Each replay advanced self.gen by its graph's draws: the caller's generator continues from
+        # there, as after the eager loop (the decoder draws nothing).
+        source.set_state(self.gen.get_state())
         if self.capture:
             self.graphs[-1].replay()
         else:

@@ -629,11 +629,14 @@ class NextScaleModel(nn.Module):
 
         h (2B, n, C) -> ids (B, n). Each chunk of samples runs the head on its conditional and
         null-class rows and samples them, so neither the (2B, n, V) logits nor the sampler's
-        temporaries exist for the whole batch at once (1 GB each at 1024 px, B 8). Rows are
-        independent, and the noise is drawn for all rows first, so chunking changes nothing.
+        temporaries exist for the whole batch at once (1 GB each at 1024 px, B 8). Each chunk draws
+        its own noise, so neither does the noise (0.54 GB for a whole scale at 1024 px B 8; under
+        CUDA graphs each draw is a transient block of their pool). Rows are independent, and a CPU
+        generator gives the same numbers split into chunks or not, so on the CPU chunking changes
+        nothing; a CUDA generator's numbers depend on the calls' sizes (Philox offsets per call),
+        so there a seed's samples at scales over SAMPLE_ROWS rows depend on SAMPLE_ROWS.
         """
         B, n = h.shape[0] // 2, h.shape[1]
-        draws = noise(B * n)  # (B*n, V) Exp(1)
         per = max(1, SAMPLE_ROWS // n)  # samples per chunk
         out = []
         for b0 in range(0, B, per):
@@ -646,7 +649,7 @@ class NextScaleModel(nn.Module):
                 out.append(
                     sample_from_logits(
                         guided, args.top_k, args.top_p, args.temperature,
-                        noise=draws[b0 * n : b1 * n], method=args.sampler,
+                        noise=noise((b1 - b0) * n), method=args.sampler,  # (rows, V) Exp(1)
                     )  # fmt: skip
                 )
         return out[0] if len(out) == 1 else torch.cat(out)
@@ -666,7 +669,8 @@ class NextScaleModel(nn.Module):
         """Scale si: next-scale pass, draw, (HMAR) refinement, then f_hat and the next input.
 
         ``noise(rows)`` returns the (rows, V) Exp(1) draws of each categorical draw, in call
-        order (:class:`NoiseSource`, or pre-drawn static buffers under CUDA graphs).
+        order (:class:`NoiseSource`; under CUDA graphs the runner's own generator's, through
+        :class:`~maskar.models.scale_graphs.PlannedNoise`).
         """
         B = st.f_hat.shape[0]
         t = self.guidance(args.cfg, si, args.cfg_schedule)
