@@ -85,7 +85,8 @@
 #     headroom: HMAR-d16 1024 px B 8 fast-w16 with MASKAR_GRAPH_POOL_MARGIN 1.02 (the default), 1.10,
 #     1.25, 1.5 (each row's memory_by_pool line: does the extra 0.67 GB segment go away?), then
 #     VAR-d16 once (the denominator).
-#   PART=s7b (about 9 min, DEADLINE=570): PART=decodecl and PART=pool2 in one call, trimmed: the
+#   PART=s7b (about 9.5 min, DEADLINE=570): the GPU tests of the in-graph noise (2026-12-05, seventh
+#     session) and the kernel draw; PART=decodecl and PART=pool2 in one call, trimmed: the
 #     decoder NCHW against channels-last (no compiled variant); HMAR-d16 fast-w16 at both sizes with
 #     MASKAR_DECODE_CHANNELS_LAST=0 / 1; HMAR-d16 1024 px with pool margins 1.02 and 1.25 and VAR-d16
 #     (the memory denominator); then VAR-d16 compiled-w16 at 256 then 1024 px in one process (the
@@ -246,6 +247,10 @@ elif [ "${PART}" = decodecl ]; then
   el "bench sample var-d16 compiled-w16 at 1024 px (the failure's traceback)"
   sample_run sample_1024_compiled 120 40 models=var-d16 cases=1024x8 modes=compiled-w16 reps=1 warmup=0 check=false
 elif [ "${PART}" = s7b ]; then
+  el "GPU tests: the graphs' in-graph noise, the pool, the kernel draw at the d16 shape"
+  timeout $(cap 150) $PY -m pytest -q -m gpu -x tests/test_sampling_speed.py tests/test_categorical_kernel.py \
+    -k "captured_graphs or reserved_pool or d16_shape" > "$OUT/gpu_tests.txt" 2>&1
+  echo "tests rc=$?"; tail -n 6 "$OUT/gpu_tests.txt"
   el "bench decode: bf16 NCHW, channels-last"
   timeout $(cap 120) $PY -m maskar bench decode quality=false speed=true cases=256x64,1024x8 \
     variants=bf16,bf16-cl json="$OUT/decode_cl.json" > "$OUT/decode_cl.txt" 2>&1
