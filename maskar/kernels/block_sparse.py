@@ -549,10 +549,20 @@ def _launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_
             except Exception:  # launcher convention of another Triton version: use the JIT path
                 _fast_failed = True
                 fast = False
-    ck = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+    ck = _jit_launch(kernel, grid, args, consts, num_warps, num_stages)
     names = getattr(kernel, "arg_names", None)  # the launcher takes every parameter in this order
     if fast and ck is not None and names is not None and list(names[len(args):]) == list(consts):
         _compiled[key] = ck
+
+
+@torch.compiler.disable
+def _jit_launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_stages: int):
+    """Triton's JIT launch, which Dynamo must not compile as a frame of its own: run eagerly after
+    a graph break inside a compiled function (the sampler's compiled blocks), its frame would be
+    compiled with the grid as a symbolic int once sizes vary, which Dynamo's Triton support
+    cannot launch ("'SymNodeVariable' object has no attribute 'value'": VAR / HMAR compiled
+    sampling at 1024 px after 256 px in one process, H200, 2026-12-05)."""
+    return kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
 
 
 def _current_stream() -> int:
