@@ -121,7 +121,7 @@ def cmd_info(args: list[str]) -> int:
         print("  no CUDA here: auto uses sdpa; the fused/compiled backends need a GPU")
     # opt-in fast paths not yet measured to win on a GPU (docs/kernels.md); read at import
     switches = ("MASKAR_LINEAR_ACT", "MASKAR_HEAD_FUSED", "MASKAR_FUSED_GELU", "MASKAR_PSA_WHOLE",
-                "MASKAR_DIT_MODULATE", "MASKAR_DIT_RESIDUAL", "MASKAR_PSA_QKV", "MASKAR_SDPA_CUDNN",
+                "MASKAR_DIT_MODULATE", "MASKAR_DIT_RESIDUAL", "MASKAR_SDPA_CUDNN",
                 "MASKAR_DECODE_CHANNELS_LAST")
     # MASKAR_FUSED_GELU unset: each layer's own default (on for CASMAR's DiT head)
     unset = {"MASKAR_FUSED_GELU": "per-layer default"}
@@ -133,9 +133,16 @@ def cmd_info(args: list[str]) -> int:
     state = ", ".join(f"{k}={shown(k)}" for k in switches)
     print(f"opt-in fast paths (environment): {state}")
     # on unless turned off (=0): VAR / HMAR sampling graphs reserve their pool in one piece, and
-    # draw their tokens with the one-kernel top-k / top-p sampler
-    defaults = ("MASKAR_GRAPH_POOL_RESERVE", "MASKAR_SAMPLER_KERNEL")
-    state = ", ".join(f"{k}={'off' if os.environ.get(k) == '0' else 'on'}" for k in defaults)
+    # draw their tokens with the one-kernel top-k / top-p sampler; CASMAR's PSA projects q, k and
+    # v with one matmul in CUDA inference (=1: on the CPU too)
+    defaults = ("MASKAR_GRAPH_POOL_RESERVE", "MASKAR_SAMPLER_KERNEL", "MASKAR_PSA_QKV")
+    unset_default = {"MASKAR_PSA_QKV": "on in CUDA inference"}
+
+    def default_shown(k: str) -> str:
+        v = os.environ.get(k)
+        return "off" if v == "0" else unset_default.get(k, "on") if v is None else "on"
+
+    state = ", ".join(f"{k}={default_shown(k)}" for k in defaults)
     print(f"default paths that can be turned off (environment): {state}")
     margin = os.environ.get("MASKAR_GRAPH_POOL_MARGIN", "1.02 (default)")
     print(f"graph pool reservation headroom (environment): MASKAR_GRAPH_POOL_MARGIN={margin}")

@@ -36,11 +36,13 @@ def test_info_prints_the_opt_in_switches(monkeypatch, capsys):
     assert main(["info"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("opt-in fast paths"))
     assert "MASKAR_HEAD_FUSED=on" in line and "MASKAR_LINEAR_ACT=off" in line
-    assert "MASKAR_DIT_MODULATE=" in line and "MASKAR_PSA_QKV=" in line
+    assert "MASKAR_DIT_MODULATE=" in line and "MASKAR_PSA_QKV" not in line
     monkeypatch.setenv("MASKAR_SAMPLER_KERNEL", "0")
+    monkeypatch.delenv("MASKAR_PSA_QKV", raising=False)
     assert main(["info"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("default paths"))
     assert "MASKAR_GRAPH_POOL_RESERVE=on" in line and "MASKAR_SAMPLER_KERNEL=off" in line
+    assert "MASKAR_PSA_QKV=on in CUDA inference" in line
     monkeypatch.setenv("MASKAR_GRAPH_POOL_MARGIN", "1.25")
     assert main(["info"]) == 0
     assert "MASKAR_GRAPH_POOL_MARGIN=1.25" in capsys.readouterr().out

@@ -252,14 +252,18 @@ class ProximalAttention2D(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
 
-    # Inference, opt-in (MASKAR_PSA_QKV=1): q, k and v from one matmul on the concatenated
-    # weights (each output element the same dot product), read by the kernel as strided views.
-    fused_qkv = os.environ.get("MASKAR_PSA_QKV", "0") == "1"
+    # Inference: q, k and v from one matmul on the concatenated weights (each output element the
+    # same dot product), read by the kernel as strided views. On CUDA by default: CASMAR-B sampled
+    # 0.5-1% faster with it on an H200, beyond the spread of the default's calls (2026-12-05,
+    # docs/benchmarks.md). MASKAR_PSA_QKV=1 / 0 turns it on / off everywhere; None: CUDA only
+    # (the CPU keeps the three projections and its samples).
+    fused_qkv: bool | None = {"1": True, "0": False}.get(os.environ.get("MASKAR_PSA_QKV", ""))
 
     def local(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """Window attention before ``out_proj``: x (B, L, C) -> (B, L, C)."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        if ProximalAttention2D.fused_qkv and not torch.is_grad_enabled():
+        fused = ProximalAttention2D.fused_qkv
+        if (x.is_cuda if fused is None else fused) and not torch.is_grad_enabled():
             bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projs])
             qkv = F.linear(x, torch.cat([p.weight for p in projs]), bias).chunk(3, -1)
         else:
