@@ -75,9 +75,10 @@ DECODE_PRECISIONS = ("fp32", "bf16")
 # The bf16 decode in channels-last memory (cuDNN's NHWC kernels take it without transposes; the
 # fused group norm reads it directly). Off: the whole decode measured 145.6 against 142.6 ms on the
 # H200 (2026-12-03), when the 3-channel output conv still ran channels-last (6x slower there; it
-# runs NCHW since 2026-12-05, and the per-conv table predicts -31 ms of convolutions at 256 px B 64).
-# MASKAR_DECODE_CHANNELS_LAST=1 turns it on for a whole process (maskar sample / bench sample),
-# until the end-to-end A/B decides. Read at import.
+# runs NCHW since 2026-12-05), and again with conv_out in NCHW: 144.7 against 144.5 ms (H200,
+# 2026-12-05), although the per-conv table predicted -31 ms of convolutions at 256 px B 64.
+# MASKAR_DECODE_CHANNELS_LAST=1 turns it on for a whole process (maskar sample / bench sample).
+# Read at import.
 BF16_CHANNELS_LAST = os.environ.get("MASKAR_DECODE_CHANNELS_LAST", "0") == "1"
 # cuDNN autotuning (``cudnn.benchmark``) for the bf16 decode on CUDA. Off: on the H200 its search
 # found nothing faster than cuDNN's heuristic choice (256 px B 64: 142.8 vs 143.4 ms; 1024 px B 8:
