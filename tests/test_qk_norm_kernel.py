@@ -137,6 +137,21 @@ def f(qkv, s):
     return qn.qk_norm(qkv, s)
 r = T.errors_vs_reference(torch.compile(f, backend="aot_eager", fullgraph=True), 2, 5, 6, 64, torch.float16)
 print("RESULT " + json.dumps({{"case": "compiled", **r}}), flush=True)
+# a graph break before the launch: the kernel runs eagerly inside a compiled function, called
+# with many sizes. Dynamo once compiled Triton's launcher as a frame of its own there (on a GPU:
+# a symbolic grid it could not launch, VAR / HMAR compiled sampling at 1024 px after 256 px);
+# the launch now runs behind torch.compiler.disable.
+def broken(qkv, s):
+    y = qkv * 1.0
+    torch._dynamo.graph_break()
+    return qn._forward(y.contiguous(), s).float().sum()
+g = torch.compile(broken, backend="eager")
+ok = True
+for L in (3, 5, 7, 9, 11, 13):
+    qkv, s = T.make_inputs(2, L, 2, 32, torch.float16)
+    want = qn._forward(qkv, s).float().sum()
+    ok = ok and bool(torch.allclose(g(qkv, s), want))
+print("RESULT " + json.dumps({{"case": "launch_after_graph_break", "ok": ok}}), flush=True)
 attn = T.SelfAttention(6 * 64, 6).to(torch.bfloat16)
 x = torch.randn(2, 5, 6 * 64, dtype=torch.bfloat16)
 assert qn.supports(attn.mat_qkv(x).view(2, 5, 3, 6, 64), attn.scale_mul_1H11.float())
@@ -192,6 +207,11 @@ def test_kernel_is_deterministic_interpreted(interpreter_results):
 
 def test_compiled_custom_ops_run_the_kernels_interpreted(interpreter_results):
     _check(interpreter_results["compiled"], TOL["fp16"])
+
+
+def test_kernel_launch_after_a_graph_break_in_compiled_code_interpreted(interpreter_results):
+    """Triton's launcher is never compiled as a frame of its own (maskar.kernels.block_sparse._jit_launch)."""
+    assert interpreter_results["launch_after_graph_break"]["ok"]
 
 
 def test_attention_block_dispatches_to_the_kernel_interpreted(interpreter_results):
