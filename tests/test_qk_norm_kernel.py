@@ -146,12 +146,15 @@ def broken(qkv, s):
     torch._dynamo.graph_break()
     return qn._forward(y.contiguous(), s).float().sum()
 g = torch.compile(broken, backend="eager")
-ok = True
-for L in (3, 5, 7, 9, 11, 13):
-    qkv, s = T.make_inputs(2, L, 2, 32, torch.float16)
-    want = qn._forward(qkv, s).float().sum()
-    ok = ok and bool(torch.allclose(g(qkv, s), want))
-print("RESULT " + json.dumps({{"case": "launch_after_graph_break", "ok": ok}}), flush=True)
+ok, err = True, ""
+try:
+    for L in (3, 5, 7, 9, 11, 13):
+        qkv, s = T.make_inputs(2, L, 2, 32, torch.float16)
+        want = qn._forward(qkv, s).float().sum()
+        ok = ok and bool(torch.allclose(g(qkv, s), want))
+except Exception as e:  # only this case fails, not the module's other results
+    ok, err = False, repr(e)[:300]
+print("RESULT " + json.dumps({{"case": "launch_after_graph_break", "ok": ok, "err": err}}), flush=True)
 attn = T.SelfAttention(6 * 64, 6).to(torch.bfloat16)
 x = torch.randn(2, 5, 6 * 64, dtype=torch.bfloat16)
 assert qn.supports(attn.mat_qkv(x).view(2, 5, 3, 6, 64), attn.scale_mul_1H11.float())
@@ -211,7 +214,8 @@ def test_compiled_custom_ops_run_the_kernels_interpreted(interpreter_results):
 
 def test_kernel_launch_after_a_graph_break_in_compiled_code_interpreted(interpreter_results):
     """Triton's launcher is never compiled as a frame of its own (maskar.kernels.block_sparse._jit_launch)."""
-    assert interpreter_results["launch_after_graph_break"]["ok"]
+    r = interpreter_results["launch_after_graph_break"]
+    assert r["ok"], r["err"]
 
 
 def test_attention_block_dispatches_to_the_kernel_interpreted(interpreter_results):
