@@ -242,14 +242,21 @@ def _runner_args(model, knobs: dict, seed: int):
     return model._sampling_args(*args.values(), seed, "cpu"), model._refine_options(knobs, editing=False)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4], CASES[6], CASES[7]], ids=lambda c: c[0])
-def test_graph_structured_path_gives_the_eager_tokens(case):
+def _runner_and_args(case):
     name, arch, overrides, labels, knobs = case
     model = build_model(arch, overrides)
     knobs = dict(knobs)
     seed = knobs.pop("seed")
     args, refine_kw = _runner_args(model, knobs, seed)
     runner = ScaleGraphRunner(model, len(labels), args, refine_kw, "fp32", capture=False)
+    return model, runner, args, refine_kw, torch.tensor(labels), seed
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4], CASES[6], CASES[7]], ids=lambda c: c[0])
+def test_graph_structured_path_gives_the_eager_tokens(case):
+    name, labels = case[0], case[3]
+    knobs = {k: v for k, v in case[4].items() if k != "seed"}
+    model, runner, args, refine_kw, _, seed = _runner_and_args(case)
     # the noise plan: one draw per scale, plus one per refinement pass
     schedule = refine_kw.get("schedule")
     want_plan = [
@@ -264,16 +271,6 @@ def test_graph_structured_path_gives_the_eager_tokens(case):
         for a, b in zip(got_tokens, want_tokens, strict=True):
             assert torch.equal(a, b), (name, call)
         assert torch.equal(got, want_images), (name, call)
-
-
-def _runner_and_args(case):
-    name, arch, overrides, labels, knobs = case
-    model = build_model(arch, overrides)
-    knobs = dict(knobs)
-    seed = knobs.pop("seed")
-    args, refine_kw = _runner_args(model, knobs, seed)
-    runner = ScaleGraphRunner(model, len(labels), args, refine_kw, "fp32", capture=False)
-    return model, runner, args, refine_kw, torch.tensor(labels), seed
 
 
 def _two_calls(call) -> list[list[torch.Tensor]]:

@@ -76,17 +76,8 @@
 #   PART=issue15 (about 8 min, DEADLINE=560): CASMAR-B at the defaults, with MASKAR_PSA_QKV=1, at the
 #     defaults again (the drift between calls), with MASKAR_DIT_MODULATE=1 alone; MAR-B num_iter
 #     256; the issue-15 targets of each.
-#   PART=decodecl (about 6 min, DEADLINE=400): the bf16 decoder in NCHW, channels-last (its output
-#     conv back in NCHW since 2026-12-05: the per-conv table predicts -31 ms of convolutions at 256
-#     px B 64 and -51 at 1024 px B 8) and compiled; HMAR-d16 fast-w16 end to end without and with
-#     MASKAR_DECODE_CHANNELS_LAST=1; then the compiled sampler at 1024 px with the failing row's
-#     traceback (bench sample prints it since 2026-12-05).
-#   PART=pool2 (about 4 min, DEADLINE=300): issue 14's memory ratio against the pool reservation's
-#     headroom: HMAR-d16 1024 px B 8 fast-w16 with MASKAR_GRAPH_POOL_MARGIN 1.02 (the default), 1.10,
-#     1.25, 1.5 (each row's memory_by_pool line: does the extra 0.67 GB segment go away?), then
-#     VAR-d16 once (the denominator).
 #   PART=s7b (about 9.5 min, DEADLINE=570): the GPU tests of the in-graph noise (2026-12-05, seventh
-#     session) and the kernel draw; PART=decodecl and PART=pool2 in one call, trimmed: the
+#     session) and the kernel draw; then (what PART=decodecl and PART=pool2 were, trimmed) the
 #     decoder NCHW against channels-last (no compiled variant); HMAR-d16 fast-w16 at both sizes with
 #     MASKAR_DECODE_CHANNELS_LAST=0 / 1; HMAR-d16 1024 px with pool margins 1.02 and 1.25 and VAR-d16
 #     (the memory denominator); then VAR-d16 compiled-w16 at 256 then 1024 px in one process (the
@@ -235,17 +226,6 @@ elif [ "${PART}" = issue15 ]; then
     [ -f "$OUT/casmar_$v.json" ] && [ -f "$OUT/mar.json" ] && \
       $PY -m maskar bench masked_sampling "$OUT/casmar_$v.json" "$OUT/mar.json" | tee "$OUT/targets_$v.txt"
   done
-elif [ "${PART}" = decodecl ]; then
-  el "bench decode: bf16 NCHW, channels-last, compiled"
-  timeout $(cap 200) $PY -m maskar bench decode quality=false speed=true cases=256x64,1024x8 \
-    variants=bf16,bf16-cl,bf16-compiled json="$OUT/decode_cl.json" > "$OUT/decode_cl.txt" 2>&1
-  echo "decode rc=$?"; grep -vE "$NOISE" "$OUT/decode_cl.txt" | tail -n 10
-  for cl in 0 1; do
-    el "bench sample fast-w16, MASKAR_DECODE_CHANNELS_LAST=$cl"
-    MASKAR_DECODE_CHANNELS_LAST=$cl sample_run sample_cl$cl 90 8 models=hmar-d16 modes=fast-w16 reps=5
-  done
-  el "bench sample var-d16 compiled-w16 at 1024 px (the failure's traceback)"
-  sample_run sample_1024_compiled 120 40 models=var-d16 cases=1024x8 modes=compiled-w16 reps=1 warmup=0 check=false
 elif [ "${PART}" = s7b ]; then
   el "GPU tests: the graphs' in-graph noise, the pool, the kernel draw at the d16 shape"
   timeout $(cap 150) $PY -m pytest -q -m gpu -x tests/test_sampling_speed.py tests/test_categorical_kernel.py \
@@ -265,13 +245,6 @@ elif [ "${PART}" = s7b ]; then
   sample_run sample_var1024 70 4 models=var-d16 cases=1024x8 modes=fast-w16 reps=3 check=false
   el "bench sample var-d16 compiled-w16 256 then 1024 px (the failure's traceback)"
   sample_run sample_compiled_both 150 60 models=var-d16 cases=256x64,1024x8 modes=compiled-w16 reps=1 check=false
-elif [ "${PART}" = pool2 ]; then
-  for m in 1.02 1.10 1.25 1.5; do
-    el "bench sample hmar-d16 1024 px fast-w16, MASKAR_GRAPH_POOL_MARGIN=$m"
-    MASKAR_GRAPH_POOL_MARGIN=$m sample_run sample_margin$m 60 3 models=hmar-d16 cases=1024x8 modes=fast-w16 reps=3 check=false
-  done
-  el "bench sample var-d16 1024 px fast-w16 (the denominator)"
-  sample_run sample_var1024 70 3 models=var-d16 cases=1024x8 modes=fast-w16 reps=3 check=false
 elif [ "${PART}" = w16 ]; then
   el "bench decode: bf16 vs bf16 with sub-pixel upsample convs"
   timeout $(cap 90) $PY -m maskar bench decode quality=false speed=true cases=256x64,1024x8 \
