@@ -73,9 +73,10 @@
 #     models=hmar-d16,var-d16 modes=compiled-w16` at 256 px B 64 and 1024 px B 8 with sampler=fused
 #     (the earlier default) and with sampler=triton compile_decoder=true; every convolution shape of
 #     the decoder alone (convs=true) and the draw alone in the time left.
-#   PART=issue15 (about 8 min, DEADLINE=560): CASMAR-B at the defaults, with MASKAR_PSA_QKV=1, at the
-#     defaults again (the drift between calls), with MASKAR_DIT_MODULATE=1 alone; MAR-B num_iter
-#     256; the issue-15 targets of each.
+#   PART=issue15 (about 8 min, DEADLINE=560): CASMAR-B at the defaults, with MASKAR_PSA_QKV=0 (the
+#     three projections; the one matmul is the CUDA default since the seventh session of 2026-12-05,
+#     when this part ran it as =1), at the defaults again (the drift between calls), with
+#     MASKAR_DIT_MODULATE=1 alone; MAR-B num_iter 256; the issue-15 targets of each.
 #   PART=s7b (about 9.5 min, DEADLINE=570): the GPU tests of the in-graph noise (2026-12-05, seventh
 #     session) and the kernel draw; then (what PART=decodecl and PART=pool2 were, trimmed) the
 #     decoder NCHW against channels-last (no compiled variant); HMAR-d16 fast-w16 at both sizes with
@@ -215,14 +216,14 @@ elif [ "${PART}" = issue15 ]; then
   # in separate calls; now the q/k/v A/B bracketed by two default runs (the drift between calls) and
   # the modulation kernel alone (which of the two lost)
   casmar_variant default
-  casmar_variant qkv MASKAR_PSA_QKV=1
+  casmar_variant noqkv MASKAR_PSA_QKV=0
   casmar_variant default2
   casmar_variant modulate MASKAR_DIT_MODULATE=1
   el "bench mar num_iter 256 (defaults)"
   timeout $(cap 120) $PY -m maskar bench mar --batch 64 --num-iters 256 --sample-reps 1 --train-batch 0 \
     --linears low --json "$OUT/mar.json" > "$OUT/mar.txt" 2>&1
   echo "mar rc=$?"; grep -vE "$NOISE" "$OUT/mar.txt" | grep -E "^sample|Error" | tail -n 3
-  for v in default qkv default2 modulate; do
+  for v in default noqkv default2 modulate; do
     [ -f "$OUT/casmar_$v.json" ] && [ -f "$OUT/mar.json" ] && \
       $PY -m maskar bench masked_sampling "$OUT/casmar_$v.json" "$OUT/mar.json" | tee "$OUT/targets_$v.txt"
   done
