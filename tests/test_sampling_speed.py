@@ -332,14 +332,10 @@ def test_each_chunk_draws_its_own_noise_and_the_cpu_samples_stay(monkeypatch):
     """The head and the sampler run in chunks of SAMPLE_ROWS rows and each chunk draws its own
     (rows, V) noise, so a large scale's whole noise never exists at once; a CPU generator gives
     the same numbers split or not, so the samples are the unchunked eager loop's."""
-    name, arch, overrides, labels, knobs = CASES[0]
-    model = build_model(arch, overrides)
-    want_tokens, want_images = run_case(model, labels, knobs)
+    labels = CASES[0][3]
+    want_tokens, want_images = run_case(build_model(*CASES[0][1:3]), labels, CASES[0][4])
     monkeypatch.setattr(var_mod, "SAMPLE_ROWS", 5)  # chunks of 1-2 samples on the larger scales
-    knobs = dict(knobs)
-    seed = knobs.pop("seed")
-    args, refine_kw = _runner_args(model, knobs, seed)
-    runner = ScaleGraphRunner(model, len(labels), args, refine_kw, "fp32", capture=False)
+    model, runner, _, _, _, seed = _runner_and_args(CASES[0])
     B = len(labels)
     for si, pn in enumerate(model.patch_nums):
         per = max(1, 5 // (pn * pn))
