@@ -664,3 +664,36 @@ def test_bench_decode_measures_bf16_against_fp32_on_real_tokens(tmp_path):
     assert q["images"] == 16 and q["image_shape"] == [1, 32, 32]
     assert q["psnr_bf16_vs_fp32_min"] > 45  # dB (measured 57-61 on the CPU)
     assert abs(q["psnr_bf16_vs_original"] - q["psnr_fp32_vs_original"]) < 0.1
+
+
+def test_generate_compile_option_compiles_once_and_names_a_bad_value(monkeypatch):
+    """``sample.compile`` (VAR / HMAR): true compiles the sampler with its decoder before the
+    first call and never again; auto and false leave it uncompiled; anything else is named."""
+    from maskar.config import ConfigError
+
+    name, arch, overrides, labels, knobs = CASES[6]
+    model = build_model(arch, overrides)
+    calls: list[bool] = []
+
+    def fake_compile(self, decoder: bool = False, **kw) -> None:
+        calls.append(decoder)
+        self._sampler_compiled = True
+
+    monkeypatch.setattr(type(model), "compile_sampler", fake_compile)
+    lab = torch.tensor(labels)
+    for compile, want in (("auto", []), (False, []), (True, [True]), (True, [True])):
+        model.generate(lab, seed=0, compile=compile)
+        assert calls == want, compile
+    model._sampler_compiled = False
+    with pytest.raises(ConfigError, match="compile: expected auto, true or false, got 'yes'"):
+        model.generate(lab, seed=0, compile="yes")
+    assert calls == [True]  # checked before any work
+
+
+def test_sample_config_takes_the_compile_switch(capsys):
+    from maskar.cli import main
+
+    assert main(["info", "preset=hmar-tiny", "sample.compile=true"]) == 0
+    assert "compile: true" in capsys.readouterr().out
+    assert main(["info", "preset=var-tiny", "sample.compile=maybe"]) == 2
+    assert "compile" in capsys.readouterr().err
