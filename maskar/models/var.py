@@ -153,8 +153,8 @@ class VARSampleConfig(SampleConfig):
         "auto",
         choices=("auto", True, False),
         help="torch.compile the blocks' work around attention and the VQ-VAE decode, inside the "
-        "per-scale CUDA graphs (the first call compiles, ~20 s; H200, HMAR-d16 256 px B 64: 247 -> "
-        "229.5 ms a batch); auto = false: a run of a few batches does not earn the compile back",
+        "per-scale CUDA graphs (the first call compiles, ~20 s; H200, HMAR-d16 256 px B 64: 229.5 ms "
+        "a batch, 281.4 uncompiled); auto = false: a run of a few batches does not earn it back",
     )
 
 
