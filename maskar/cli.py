@@ -119,33 +119,14 @@ def cmd_info(args: list[str]) -> int:
     print(f"attention backends: {', '.join(backends)} (auto picks the fastest correct one)")
     if not torch.cuda.is_available() and len(backends) > 1:
         print("  no CUDA here: auto uses sdpa; the fused/compiled backends need a GPU")
-    # opt-in fast paths not yet measured to win on a GPU (docs/kernels.md); read at import
-    switches = ("MASKAR_LINEAR_ACT", "MASKAR_HEAD_FUSED", "MASKAR_FUSED_GELU", "MASKAR_PSA_WHOLE",
-                "MASKAR_DIT_MODULATE", "MASKAR_DIT_RESIDUAL", "MASKAR_SDPA_CUDNN",
-                "MASKAR_DECODE_CHANNELS_LAST")
-    # MASKAR_FUSED_GELU unset: each layer's own default (on for CASMAR's DiT head)
-    unset = {"MASKAR_FUSED_GELU": "per-layer default"}
+    # the MASKAR_* switches (maskar.env; read at import by the modules that own them)
+    from maskar import env
 
-    def shown(k: str) -> str:
-        v = os.environ.get(k)
-        return "on" if v == "1" else unset[k] if v is None and k in unset else "off"
-
-    state = ", ".join(f"{k}={shown(k)}" for k in switches)
-    print(f"opt-in fast paths (environment): {state}")
-    # on unless turned off (=0): VAR / HMAR sampling graphs reserve their pool in one piece, and
-    # draw their tokens with the one-kernel top-k / top-p sampler; CASMAR's PSA projects q, k and
-    # v with one matmul in CUDA inference (=1: on the CPU too)
-    defaults = ("MASKAR_GRAPH_POOL_RESERVE", "MASKAR_SAMPLER_KERNEL", "MASKAR_PSA_QKV")
-    unset_default = {"MASKAR_PSA_QKV": "on in CUDA inference"}
-
-    def default_shown(k: str) -> str:
-        v = os.environ.get(k)
-        return "off" if v == "0" else unset_default.get(k, "on") if v is None else "on"
-
-    state = ", ".join(f"{k}={default_shown(k)}" for k in defaults)
-    print(f"default paths that can be turned off (environment): {state}")
-    margin = os.environ.get("MASKAR_GRAPH_POOL_MARGIN", "1.02 (default)")
-    print(f"graph pool reservation headroom (environment): MASKAR_GRAPH_POOL_MARGIN={margin}")
+    print("environment switches (0 / 1; docs/kernels.md):")
+    for name, (_, what) in env.SWITCHES.items():
+        print(f"  {name}={env.shown(name)}  ({what.split('; unset: ')[0]})")
+    margin = os.environ.get(env.MARGIN) or f"{env.MARGIN_DEFAULT} (default)"
+    print(f"graph pool reservation headroom (environment): {env.MARGIN}={margin}")
     print("architectures:")
     for arch, spec in sorted(registry.all_specs().items()):
         print(f"  {arch:10s} {spec.kind:10s} {spec.description}")
@@ -476,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     fn = COMMANDS[ns.command][0]
     try:
+        from maskar import env
+
+        env.check()  # a mistyped MASKAR_* switch stops here, before any work
         return fn(list(ns.args))
     except ConfigError as e:
         print(f"maskar {ns.command}: error: {e}", file=sys.stderr)

@@ -30,22 +30,38 @@ def test_info_prints_versions_backends_presets(capsys):
     assert "hmar" in out and "presets:" in out
 
 
-def test_info_prints_the_opt_in_switches(monkeypatch, capsys):
+def test_info_prints_the_environment_switches(monkeypatch, capsys):
+    from maskar import env
+
+    for name in env.SWITCHES:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MASKAR_HEAD_FUSED", "1")
-    monkeypatch.delenv("MASKAR_LINEAR_ACT", raising=False)
-    assert main(["info"]) == 0
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("opt-in fast paths"))
-    assert "MASKAR_HEAD_FUSED=on" in line and "MASKAR_LINEAR_ACT=off" in line
-    assert "MASKAR_DIT_MODULATE=" in line and "MASKAR_PSA_QKV" not in line
     monkeypatch.setenv("MASKAR_SAMPLER_KERNEL", "0")
-    monkeypatch.delenv("MASKAR_PSA_QKV", raising=False)
     assert main(["info"]) == 0
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("default paths"))
-    assert "MASKAR_GRAPH_POOL_RESERVE=on" in line and "MASKAR_SAMPLER_KERNEL=off" in line
-    assert "MASKAR_PSA_QKV=on in CUDA inference" in line
+    lines = {ln.split("=")[0].strip(): ln for ln in capsys.readouterr().out.splitlines() if "MASKAR_" in ln}
+    assert set(env.SWITCHES) <= set(lines)
+    assert "MASKAR_HEAD_FUSED=on" in lines["MASKAR_HEAD_FUSED"]
+    assert "MASKAR_LINEAR_ACT=off" in lines["MASKAR_LINEAR_ACT"]
+    assert "MASKAR_SAMPLER_KERNEL=off" in lines["MASKAR_SAMPLER_KERNEL"]
+    assert "MASKAR_GRAPH_POOL_RESERVE=on" in lines["MASKAR_GRAPH_POOL_RESERVE"]
+    assert "MASKAR_PSA_QKV=in CUDA inference" in lines["MASKAR_PSA_QKV"]
+    assert "MASKAR_FUSED_GELU=each layer's default" in lines["MASKAR_FUSED_GELU"]
     monkeypatch.setenv("MASKAR_GRAPH_POOL_MARGIN", "1.25")
     assert main(["info"]) == 0
     assert "MASKAR_GRAPH_POOL_MARGIN=1.25" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("name", "value", "words"), [
+    ("MASKAR_PSA_QKV", "yes", "MASKAR_PSA_QKV: expected 0 or 1 (or unset), got 'yes'"),
+    ("MASKAR_SAMPLER_KERNEL", "off", "MASKAR_SAMPLER_KERNEL: expected 0 or 1 (or unset), got 'off'"),
+    ("MASKAR_GRAPH_POOL_MARGIN", "0.9", "MASKAR_GRAPH_POOL_MARGIN: expected a number >= 1, got '0.9'"),
+])  # fmt: skip
+def test_a_mistyped_switch_stops_a_command_before_its_work(monkeypatch, capsys, tmp_path, name, value, words):
+    monkeypatch.setenv(name, value)
+    out = tmp_path / "never.png"
+    assert main(["sample", f"ckpt={tmp_path}", f"out={out}"]) == 2  # checked before the checkpoint
+    assert words in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_info_preset_prints_resolved_config_with_overrides(capsys):

@@ -573,11 +573,11 @@ def test_pool_margin_switch_is_read_at_import_and_checked():
         run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                              check=True, cwd=root)
         assert run.stdout.strip().splitlines()[-1] == want
-    from maskar.models.scale_graphs import _margin
+    from maskar.env import margin
 
     for bad in ("0.9", "nan", "big"):
         with pytest.raises(ValueError, match=f"MASKAR_GRAPH_POOL_MARGIN: .*got '{bad}'"):
-            _margin(bad)
+            margin(bad)
 
 
 def test_recording_noise_allocates_every_draw_and_records_the_plan():

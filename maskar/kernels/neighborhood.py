@@ -47,7 +47,6 @@ grids, windows or batch sizes re-time but never recompile.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +56,7 @@ from torch import Tensor
 
 # Shared with the block-sparse kernel: its launch path (direct launcher calls, little
 # host time), its delta kernel, its (B, L, H, D) allocations and its interpreter switch.
+from maskar import env
 from maskar.kernels.block_sparse import (
     _INTERPRET,
     LOG2E,
@@ -530,7 +530,7 @@ WHOLE_MAX_TILES = 4
 # The whole-sub-grid backward passes the interpreter and compiles for sm80 / sm90, but has not
 # run on a GPU yet (its dQ sums rely on barriers between tile walks, which the interpreter cannot
 # test): the tuner times it only when asked (MASKAR_PSA_WHOLE=1); on an H200 it lost at 16 x 16 (2026-12-05).
-TUNE_WHOLE = os.environ.get("MASKAR_PSA_WHOLE", "0") == "1"
+TUNE_WHOLE = bool(env.switch("MASKAR_PSA_WHOLE"))
 
 
 WHOLE_GRID_TILE = 256  # a forward tile of this many queries is offered only as a whole grid

@@ -33,7 +33,6 @@ the tokenizer is an extra ``tokenizer.*`` submodule.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from maskar import registry
+from maskar import env, registry
 from maskar.config import field
 from maskar.models.mar import (
     LoopSettings,
@@ -370,11 +369,11 @@ class DiTBlock(nn.Module):
     # Inference, opt-in (MASKAR_DIT_MODULATE=1): each half of the adaLN projection through
     # maskar.kernels.adaln_modulate, the LayerNorm modulation in the matmul's epilogue, so the
     # (rows, 6 W) projection is never written (only h and the gate, 2 W per row and half).
-    modulate_kernel = os.environ.get("MASKAR_DIT_MODULATE", "0") == "1"
+    modulate_kernel = bool(env.switch("MASKAR_DIT_MODULATE"))
     # With it, opt-in (MASKAR_DIT_RESIDUAL=1; PSA blocks): out_proj and fc2 through
     # maskar.kernels.gated_residual, the gated residual add and the next LayerNorm's statistics in
     # the matmul's epilogue, so neither matmul output is written and no pass re-reads the new x.
-    residual_kernel = os.environ.get("MASKAR_DIT_RESIDUAL", "0") == "1"
+    residual_kernel = bool(env.switch("MASKAR_DIT_RESIDUAL"))
 
     def forward(self, x: Tensor, c: Tensor, grid: tuple[int, int], cond_tokens: Tensor) -> Tensor:
         """x (B, L, W); c (B, L, W) per-token condition; cond_tokens (B, L, W) for SALA anchors."""

@@ -45,7 +45,6 @@ buffers eagerly, with the same generator hand-over: tests compare its tokens wit
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections import OrderedDict
@@ -53,27 +52,19 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from maskar import env
 from maskar.nn.sampling import exponential_noise
 
 # Reserve the graphs' pool as one segment of the warm-up's live peak (module docstring).
-RESERVE_POOL = os.environ.get("MASKAR_GRAPH_POOL_RESERVE", "1") != "0"
-
-
-def _margin(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value >= 1.0:  # also catches nan
-        raise ValueError(f"MASKAR_GRAPH_POOL_MARGIN: expected a number >= 1, got {text!r}")
-    return value
+RESERVE_POOL = bool(env.switch("MASKAR_GRAPH_POOL_RESERVE"))
 
 
 # Headroom over the measured peak: the captured allocations are the warm-up's, but a best-fit
 # split can leave a hole a later request does not fit (then the pool grows by a segment anyway:
-# on the H200, 2026-12-05, HMAR-d16 at 1024 px B 8 still added one of 0.67 GB at 1.02).
-# MASKAR_GRAPH_POOL_MARGIN overrides it (read at import), so a run can sweep it.
-RESERVE_MARGIN = _margin(os.environ.get("MASKAR_GRAPH_POOL_MARGIN", "1.02"))
+# on the H200, 2026-12-05, HMAR-d16 at 1024 px B 8 still added one of 0.67 GB at 1.02; 1.25
+# removes it there but would add a quarter of VAR's 12 GB peak). MASKAR_GRAPH_POOL_MARGIN
+# overrides it (read at import, maskar.env), so a run can sweep it.
+RESERVE_MARGIN = env.margin()
 _SEGMENT_ROUND = 2 << 20  # the allocator rounds large segments to 2 MiB
 
 

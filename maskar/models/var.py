@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskar import registry
+from maskar import env, registry
 from maskar.config import ConfigError, ModelConfig, SampleConfig, field
 from maskar.models.scale_graphs import GraphCache, NoiseSource, graphs_usable, mark
 from maskar.nn.attention import ScalePattern
@@ -225,7 +224,7 @@ SAMPLE_ROWS = 8192
 # not run (CPU, no Triton). On an H200 (2026-12-05) it took 14 ms off HMAR-d16's 256 px B 64 call
 # and 16 ms off HMAR / VAR-d16 at 1024 px B 8 (docs/benchmarks.md). MASKAR_SAMPLER_KERNEL=0 keeps
 # the torch path ("fused") everywhere. Read at import.
-DEFAULT_SAMPLER = "fused" if os.environ.get("MASKAR_SAMPLER_KERNEL") == "0" else "triton"
+DEFAULT_SAMPLER = "triton" if env.switch("MASKAR_SAMPLER_KERNEL") else "fused"
 
 # Without a KV cache (HMAR) rows never interact across samples, so the transformer runs the
 # big scales in chunks of at most this many (sample, token) rows: at 1024 px B 8 the last

@@ -16,16 +16,16 @@ whose attention is 26-60 TFLOP of a 1024 px B 8 call), on Hopper, without autogr
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from maskar import env
 from maskar.nn.attention import ScalePattern, register_backend
 
-ENABLED = os.environ.get("MASKAR_SDPA_CUDNN", "0") == "1"
+ENABLED = bool(env.switch("MASKAR_SDPA_CUDNN"))
 
 _CUDNN_FIRST = [
     SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,

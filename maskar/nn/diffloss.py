@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from maskar import env
 from maskar.nn import linear_gelu
 from maskar.nn.diffusion import GaussianDiffusion, create_diffusion
 from maskar.nn.graphed_chain import GraphedHead
@@ -352,7 +352,7 @@ class DiffLoss(GraphedHead):
     # Each residual block as two Triton kernels in fp16 / bf16 sampling with the batched
     # modulation (maskar.kernels.adaln_mlp; ~31 -> ~17 kernels a step). Off: slower on an H200
     # (2026-12-05); MASKAR_HEAD_FUSED=1 or set_fused_blocks(True) turns it on.
-    fused_blocks: bool = os.environ.get("MASKAR_HEAD_FUSED", "0") == "1"
+    fused_blocks: bool = bool(env.switch("MASKAR_HEAD_FUSED"))
 
     def set_fused_blocks(self, on: bool) -> None:
         """Switch this head's fused residual blocks on / off (loads the kernels)."""

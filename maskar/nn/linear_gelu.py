@@ -27,16 +27,16 @@ turns it on / off for every layer; unset (None), each layer's default holds.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ENABLED: bool | None = {"1": True, "0": False}.get(os.environ.get("MASKAR_FUSED_GELU", ""))
+from maskar import env
+
+ENABLED: bool | None = env.switch("MASKAR_FUSED_GELU")
 # Off by default: its GPU tests pass, but on an H200 (2026-12-05) MAR-B at num_iter 256 was not
 # faster with it (docs/benchmarks.md, *The 2026-12-05 switches*).
-TRITON = os.environ.get("MASKAR_LINEAR_ACT", "0") == "1"
+TRITON = bool(env.switch("MASKAR_LINEAR_ACT"))
 _kernel = None  # maskar.kernels.linear_act once loaded (stays None without Triton)
 
 

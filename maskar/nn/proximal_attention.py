@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from maskar import env
 
 Pair = tuple[int, int]
 
@@ -257,7 +258,7 @@ class ProximalAttention2D(nn.Module):
     # 0.5-1% faster with it on an H200, beyond the spread of the default's calls (2026-12-05,
     # docs/benchmarks.md). MASKAR_PSA_QKV=1 / 0 turns it on / off everywhere; None: CUDA only
     # (the CPU keeps the three projections and its samples).
-    fused_qkv: bool | None = {"1": True, "0": False}.get(os.environ.get("MASKAR_PSA_QKV", ""))
+    fused_qkv: bool | None = env.switch("MASKAR_PSA_QKV")
 
     def local(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """Window attention before ``out_proj``: x (B, L, C) -> (B, L, C)."""

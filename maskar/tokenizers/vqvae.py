@@ -12,7 +12,6 @@ HMAR's own-residual input). Module and buffer names match the official checkpoin
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskar import registry
+from maskar import env, registry
 from maskar.config import field
 from maskar.tokenizers import resample
 from maskar.tokenizers.common import ConvAutoencoderConfig, build_encoder_decoder
@@ -79,7 +78,7 @@ DECODE_PRECISIONS = ("fp32", "bf16")
 # 2026-12-05), although the per-conv table predicted -31 ms of convolutions at 256 px B 64.
 # MASKAR_DECODE_CHANNELS_LAST=1 turns it on for a whole process (maskar sample / bench sample).
 # Read at import.
-BF16_CHANNELS_LAST = os.environ.get("MASKAR_DECODE_CHANNELS_LAST", "0") == "1"
+BF16_CHANNELS_LAST = bool(env.switch("MASKAR_DECODE_CHANNELS_LAST"))
 # cuDNN autotuning (``cudnn.benchmark``) for the bf16 decode on CUDA. Off: on the H200 its search
 # found nothing faster than cuDNN's heuristic choice (256 px B 64: 142.8 vs 143.4 ms; 1024 px B 8:
 # 293.7 vs 293.9 ms, docs/benchmarks.md), and the first decode of each shape would pay for it.

@@ -1,0 +1,74 @@
+"""The MASKAR_* environment switches: one reader, so a mistyped value stops with a message.
+
+Each switch is read once, when the module that owns it is imported, into a module or class
+attribute (tests and benchmarks set that attribute for an A/B in one process). A value other
+than the ones a switch takes is a :class:`~maskar.config_base.ConfigError` naming the variable
+and the value, not a silent fallback to the default: ``MASKAR_PSA_QKV=yes`` would otherwise run
+the default path and its timing would be credited to the switch. :func:`check` reads every
+switch at once; the CLI calls it before any command's work (exit 2 on a bad value), and
+``maskar info`` lists the switches and their state.
+"""
+
+from __future__ import annotations
+
+import os
+
+from maskar.config_base import ConfigError
+
+# Every 0 / 1 switch: its default when unset (None: the owner decides per call, as the note
+# says) and what it does. docs/kernels.md, docs/var_hmar.md and docs/casmar.md describe each;
+# `maskar info` prints them from here.
+SWITCHES: dict[str, tuple[bool | None, str]] = {
+    "MASKAR_LINEAR_ACT": (False, "Triton fc1 + GELU matmul, tuned per shape"),
+    "MASKAR_HEAD_FUSED": (False, "MAR / CASMAR MLP head's residual blocks as Triton kernels"),
+    "MASKAR_FUSED_GELU": (None, "tanh GELU in cuBLASLt's epilogue; unset: each layer's default"),
+    "MASKAR_PSA_WHOLE": (False, "PSA backward over whole sub-grids in the tuner"),
+    "MASKAR_DIT_MODULATE": (False, "CASMAR DiT adaLN projection with the modulation in its epilogue"),
+    "MASKAR_DIT_RESIDUAL": (False, "CASMAR DiT out_proj / fc2 with the gated residual in their epilogue"),
+    "MASKAR_SDPA_CUDNN": (False, "VAR / HMAR dense sampling attention asks for cuDNN first"),
+    "MASKAR_DECODE_CHANNELS_LAST": (False, "bf16 VQ-VAE decode in channels-last memory"),
+    "MASKAR_GRAPH_POOL_RESERVE": (True, "VAR / HMAR sampling graphs reserve their pool in one piece"),
+    "MASKAR_SAMPLER_KERNEL": (True, "VAR / HMAR top-k / top-p draw as one Triton kernel"),
+    "MASKAR_PSA_QKV": (None, "PSA's q, k, v as one matmul; unset: in CUDA inference"),
+}
+MARGIN = "MASKAR_GRAPH_POOL_MARGIN"  # a number >= 1 (maskar.models.scale_graphs)
+MARGIN_DEFAULT = 1.02
+
+
+def switch(name: str) -> bool | None:
+    """The switch ``name``: "1" True, "0" False, unset or empty its default (:data:`SWITCHES`)."""
+    default = SWITCHES[name][0]
+    value = os.environ.get(name, "")
+    if value == "":
+        return default
+    if value not in ("0", "1"):
+        raise ConfigError(f"{name}: expected 0 or 1 (or unset), got {value!r}")
+    return value == "1"
+
+
+def margin(text: str | None = None) -> float:
+    """The graphs' pool headroom: ``text`` (default: ``MASKAR_GRAPH_POOL_MARGIN``), a number >= 1."""
+    if text is None:
+        text = os.environ.get(MARGIN, "") or str(MARGIN_DEFAULT)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 1.0:  # also catches nan
+        raise ConfigError(f"{MARGIN}: expected a number >= 1, got {text!r}")
+    return value
+
+
+def check() -> None:
+    """Read every switch (and the margin): a bad value raises its ConfigError now."""
+    for name in SWITCHES:
+        switch(name)
+    margin()
+
+
+def shown(name: str) -> str:
+    """A switch's state for ``maskar info``: on / off, or what unset means for it."""
+    value = switch(name)
+    if value is None:
+        return SWITCHES[name][1].split("; unset: ")[1]
+    return "on" if value else "off"
