@@ -83,6 +83,11 @@
 #     MASKAR_DECODE_CHANNELS_LAST=0 / 1; HMAR-d16 1024 px with pool margins 1.02 and 1.25 and VAR-d16
 #     (the memory denominator); then VAR-d16 compiled-w16 at 256 then 1024 px in one process (the
 #     order that failed on 2026-12-05), printing the failing row's traceback.
+#   PART=s8 (about 8 min, DEADLINE=560): where the time goes now, for the next round of work:
+#     `maskar bench sample models=hmar-d16,var-d16 cases=256x64 modes=compiled-w16
+#     compile_decoder=true profile=true` (per-scale graph replays, decode; the noise drawn inside the
+#     graphs since 2026-12-05), then CASMAR-B at the defaults with `--profile` (its phases and the
+#     GPU idle per phase: is a stage-1 graph worth building?).
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -227,6 +232,14 @@ elif [ "${PART}" = issue15 ]; then
     [ -f "$OUT/casmar_$v.json" ] && [ -f "$OUT/mar.json" ] && \
       $PY -m maskar bench masked_sampling "$OUT/casmar_$v.json" "$OUT/mar.json" | tee "$OUT/targets_$v.txt"
   done
+elif [ "${PART}" = s8 ]; then
+  el "bench sample 256 px compiled-w16 + compiled decoder, profiled"
+  sample_run sample_profile 300 40 models=hmar-d16,var-d16 cases=256x64 modes=compiled-w16 reps=5 \
+    compile_decoder=true profile=true
+  el "bench casmar at the defaults, profiled"
+  timeout $(cap 230) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --linears low --profile \
+    --json "$OUT/casmar_profile.json" > "$OUT/casmar_profile.txt" 2>&1
+  echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_profile.txt" | tail -n 40
 elif [ "${PART}" = s7b ]; then
   el "GPU tests: the graphs' in-graph noise, the pool, the kernel draw at the d16 shape"
   timeout $(cap 150) $PY -m pytest -q -m gpu -x tests/test_sampling_speed.py tests/test_categorical_kernel.py \
