@@ -235,6 +235,7 @@ def sampling_knobs(model, cfg, opts: dict[str, Any]) -> dict[str, Any]:
     """The preset's sample config with the options' cfg / top_k / top_p and the chosen mask schedule."""
     knobs = sampling_kwargs(cfg.sample)
     knobs.pop("seed", None)
+    knobs.pop("compile", None)  # the bench compiles per mode (modes=compiled*), not per config
     knobs.update(cfg=float(opts["cfg"]), top_k=int(opts["top_k"]), top_p=float(opts["top_p"]))
     if "mask_schedule" in knobs and opts["schedule"] == "official_bench":
         table = OFFICIAL_BENCH_SCHEDULES.get(tuple(model.patch_nums))
