@@ -697,3 +697,19 @@ def test_sample_config_takes_the_compile_switch(capsys):
     assert "compile: true" in capsys.readouterr().out
     assert main(["info", "preset=var-tiny", "sample.compile=maybe"]) == 2
     assert "compile" in capsys.readouterr().err
+
+
+def test_op_count_script_counts_each_region_of_a_call():
+    """scripts/sampling_op_counts.py: HMAR-d16's structure at B 2; the refinement passes show as
+    whole transformer passes at s01 (one) and s02 (three), every other scale one pass."""
+    from helpers_scripts import load_script
+
+    m = load_script("sampling_op_counts")
+    regions = m.count("hmar-d16", 256, 2)
+    scales = m.per_scale(regions)
+    assert list(scales)[1:] == [f"s{i:02d}" for i in range(10)] + ["decode"]
+    assert all(n > 0 for n in regions.values())
+    assert [k for k in regions if k.startswith("s02 refine")] == ["s02 refine1", "s02 refine2", "s02 refine3"]
+    plain = scales["s03"]
+    assert scales["s01"] > 1.8 * plain and scales["s02"] > 3.6 * plain
+    assert m.main(["hmar-d16", "--batch", "0"]) == 2
