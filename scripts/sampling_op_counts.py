@@ -1,4 +1,4 @@
-"""ATen operations per region of one VAR / HMAR sampling call, counted on the CPU.
+"""ATen operations that launch a kernel, per region of one VAR / HMAR sampling call, on the CPU.
 
 In a CUDA-graph replay every operation is still one kernel of at least a few microseconds, so at
 the small scales (a handful of tokens) a scale's time is about its operation count times that
@@ -8,8 +8,9 @@ row chunks, not on the width, so a narrow model of the same structure counts in 
     .venv/bin/python scripts/sampling_op_counts.py hmar-d16 var-d16      # 256 px, B 64
 
 prints, per model, the operations of each scale (s00 ... s09) and of the decode, then the
-regions of the scales with refinement passes. This counts the torch path the CPU runs (the GPU's
-fused q/k norm, GroupNorm and draw make a few operations fewer; `modes=compiled` far fewer).
+regions of the scales with refinement passes. Views and allocations are not counted (they launch
+nothing). This counts the torch path the CPU runs (the GPU's fused q/k norm, GroupNorm and draw
+make a few operations fewer; `modes=compiled` far fewer).
 """
 
 from __future__ import annotations
@@ -25,13 +26,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 NARROW = ["model.width=64", "model.heads=2", "model.tokenizer.ch=32", "model.num_classes=10"]
 
 
+# Operations that launch no kernel: allocations and aliases (views are skipped by their schema).
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
+              "lift_fresh"}  # fmt: skip
+
+
 class _Count(TorchDispatchMode):
+    """Counts the operations that would launch a kernel: not a view, not an allocation."""
+
     def __init__(self) -> None:
         super().__init__()
         self.n = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
+        if not func.is_view and func.overloadpacket.__name__ not in _NO_KERNEL:
+            self.n += 1
         return func(*args, **(kwargs or {}))
 
 
