@@ -123,8 +123,8 @@ def cmd_info(args: list[str]) -> int:
     from maskar import env
 
     print("environment switches (0 / 1; docs/kernels.md):")
-    for name, (_, what) in env.SWITCHES.items():
-        print(f"  {name}={env.shown(name)}  ({what.split('; unset: ')[0]})")
+    for name, sw in env.SWITCHES.items():
+        print(f"  {name}={env.shown(name)}  ({sw.what})")
     margin = os.environ.get(env.MARGIN) or f"{env.MARGIN_DEFAULT} (default)"
     print(f"graph pool reservation headroom (environment): {env.MARGIN}={margin}")
     print("architectures:")

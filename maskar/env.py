@@ -12,24 +12,31 @@ switch at once; the CLI calls it before any command's work (exit 2 on a bad valu
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 from maskar.config_base import ConfigError
 
-# Every 0 / 1 switch: its default when unset (None: the owner decides per call, as the note
-# says) and what it does. docs/kernels.md, docs/var_hmar.md and docs/casmar.md describe each;
+
+class Switch(NamedTuple):
+    default: bool | None  # when unset; None: the owner decides per call, as ``unset`` says
+    what: str
+    unset: str = ""  # what unset means where ``default`` is None
+
+
+# Every 0 / 1 switch. docs/kernels.md, docs/var_hmar.md and docs/casmar.md describe each;
 # `maskar info` prints them from here.
-SWITCHES: dict[str, tuple[bool | None, str]] = {
-    "MASKAR_LINEAR_ACT": (False, "Triton fc1 + GELU matmul, tuned per shape"),
-    "MASKAR_HEAD_FUSED": (False, "MAR / CASMAR MLP head's residual blocks as Triton kernels"),
-    "MASKAR_FUSED_GELU": (None, "tanh GELU in cuBLASLt's epilogue; unset: each layer's default"),
-    "MASKAR_PSA_WHOLE": (False, "PSA backward over whole sub-grids in the tuner"),
-    "MASKAR_DIT_MODULATE": (False, "CASMAR DiT adaLN projection with the modulation in its epilogue"),
-    "MASKAR_DIT_RESIDUAL": (False, "CASMAR DiT out_proj / fc2 with the gated residual in their epilogue"),
-    "MASKAR_SDPA_CUDNN": (False, "VAR / HMAR dense sampling attention asks for cuDNN first"),
-    "MASKAR_DECODE_CHANNELS_LAST": (False, "bf16 VQ-VAE decode in channels-last memory"),
-    "MASKAR_GRAPH_POOL_RESERVE": (True, "VAR / HMAR sampling graphs reserve their pool in one piece"),
-    "MASKAR_SAMPLER_KERNEL": (True, "VAR / HMAR top-k / top-p draw as one Triton kernel"),
-    "MASKAR_PSA_QKV": (None, "PSA's q, k, v as one matmul; unset: in CUDA inference"),
+SWITCHES: dict[str, Switch] = {
+    "MASKAR_LINEAR_ACT": Switch(False, "Triton fc1 + GELU matmul, tuned per shape"),
+    "MASKAR_HEAD_FUSED": Switch(False, "MAR / CASMAR MLP head's residual blocks as Triton kernels"),
+    "MASKAR_FUSED_GELU": Switch(None, "tanh GELU in cuBLASLt's epilogue", "each layer's default"),
+    "MASKAR_PSA_WHOLE": Switch(False, "PSA backward over whole sub-grids in the tuner"),
+    "MASKAR_DIT_MODULATE": Switch(False, "CASMAR DiT adaLN projection with the modulation in its epilogue"),
+    "MASKAR_DIT_RESIDUAL": Switch(False, "CASMAR DiT out_proj / fc2 with the gated residual in the epilogue"),
+    "MASKAR_SDPA_CUDNN": Switch(False, "VAR / HMAR dense sampling attention asks for cuDNN first"),
+    "MASKAR_DECODE_CHANNELS_LAST": Switch(False, "bf16 VQ-VAE decode in channels-last memory"),
+    "MASKAR_GRAPH_POOL_RESERVE": Switch(True, "VAR / HMAR sampling graphs reserve their pool in one piece"),
+    "MASKAR_SAMPLER_KERNEL": Switch(True, "VAR / HMAR top-k / top-p draw as one Triton kernel"),
+    "MASKAR_PSA_QKV": Switch(None, "PSA's q, k, v as one matmul", "in CUDA inference"),
 }
 MARGIN = "MASKAR_GRAPH_POOL_MARGIN"  # a number >= 1 (maskar.models.scale_graphs)
 MARGIN_DEFAULT = 1.02
@@ -37,7 +44,7 @@ MARGIN_DEFAULT = 1.02
 
 def switch(name: str) -> bool | None:
     """The switch ``name``: "1" True, "0" False, unset or empty its default (:data:`SWITCHES`)."""
-    default = SWITCHES[name][0]
+    default = SWITCHES[name].default
     value = os.environ.get(name, "")
     if value == "":
         return default
@@ -70,5 +77,5 @@ def shown(name: str) -> str:
     """A switch's state for ``maskar info``: on / off, or what unset means for it."""
     value = switch(name)
     if value is None:
-        return SWITCHES[name][1].split("; unset: ")[1]
+        return SWITCHES[name].unset
     return "on" if value else "off"

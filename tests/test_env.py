@@ -9,7 +9,8 @@ from maskar.config_base import ConfigError
 
 
 def test_switches_take_0_1_or_unset_and_name_anything_else(monkeypatch):
-    for name, (default, _) in env.SWITCHES.items():
+    for name, sw in env.SWITCHES.items():
+        default = sw.default
         monkeypatch.delenv(name, raising=False)
         assert env.switch(name) is default
         monkeypatch.setenv(name, "")

@@ -777,10 +777,9 @@ def switches(model: torch.nn.Module) -> dict[str, Any]:
         from maskar.models.casmar import DiTBlock
         from maskar.nn.proximal_attention import ProximalAttention2D
 
-        qkv = ProximalAttention2D.fused_qkv  # None: CUDA inference only
         on_cuda = next(model.parameters()).is_cuda
         out.update(dit_modulate_kernel=DiTBlock.modulate_kernel, dit_residual_kernel=DiTBlock.residual_kernel,
-                   psa_fused_qkv=on_cuda if qkv is None else qkv)
+                   psa_fused_qkv=ProximalAttention2D.uses_fused_qkv(on_cuda))
     return out
 
 

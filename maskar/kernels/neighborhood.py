@@ -54,9 +54,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from maskar import env
+
 # Shared with the block-sparse kernel: its launch path (direct launcher calls, little
 # host time), its delta kernel, its (B, L, H, D) allocations and its interpreter switch.
-from maskar import env
 from maskar.kernels.block_sparse import (
     _INTERPRET,
     LOG2E,

@@ -260,11 +260,15 @@ class ProximalAttention2D(nn.Module):
     # (the CPU keeps the three projections and its samples).
     fused_qkv: bool | None = env.switch("MASKAR_PSA_QKV")
 
+    @classmethod
+    def uses_fused_qkv(cls, on_cuda: bool) -> bool:
+        """Whether inference on a CUDA (or CPU) tensor takes the one matmul (``fused_qkv``)."""
+        return on_cuda if cls.fused_qkv is None else cls.fused_qkv
+
     def local(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """Window attention before ``out_proj``: x (B, L, C) -> (B, L, C)."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        fused = ProximalAttention2D.fused_qkv
-        if (x.is_cuda if fused is None else fused) and not torch.is_grad_enabled():
+        if ProximalAttention2D.uses_fused_qkv(x.is_cuda) and not torch.is_grad_enabled():
             bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projs])
             qkv = F.linear(x, torch.cat([p.weight for p in projs]), bias).chunk(3, -1)
         else:
