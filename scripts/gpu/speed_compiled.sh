@@ -88,6 +88,9 @@
 #     compile_decoder=true profile=true` (per-scale graph replays, decode; the noise drawn inside the
 #     graphs since 2026-12-05), then CASMAR-B at the defaults with `--profile` (its phases and the
 #     GPU idle per phase: is a stage-1 graph worth building?).
+#   PART=casmarh (about 5 min, DEADLINE=560): CASMAR-H at its FID setting (num_iter 12), B 64, the
+#     defaults: `maskar bench casmar --preset casmar-h --num-iters 12 --batch 64 --sample-reps 1
+#     --linears low` (a warm-up call, then one timed call; its floor is 1.8 images/s).
 # Run from the repository root: OUT=/tmp/out PART=masked bash scripts/gpu/speed_compiled.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -240,6 +243,11 @@ elif [ "${PART}" = s8 ]; then
   timeout $(cap 230) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --linears low --profile \
     --json "$OUT/casmar_profile.json" > "$OUT/casmar_profile.txt" 2>&1
   echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_profile.txt" | tail -n 40
+elif [ "${PART}" = casmarh ]; then
+  el "bench casmar CASMAR-H, num_iter 12 (issue 15's CASMAR-H row)"
+  timeout $(cap 480) $PY -m maskar bench casmar --preset casmar-h --num-iters 12 --batch 64 --sample-reps 1 \
+    --linears low --json "$OUT/casmar_h.json" > "$OUT/casmar_h.txt" 2>&1
+  echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_h.txt" | tail -n 20
 elif [ "${PART}" = s7b ]; then
   el "GPU tests: the graphs' in-graph noise, the pool, the kernel draw at the d16 shape"
   timeout $(cap 150) $PY -m pytest -q -m gpu -x tests/test_sampling_speed.py tests/test_categorical_kernel.py \
