@@ -344,7 +344,7 @@ def _sources(peers_dir: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--peers-dir", default=".carry/peers", help="folder holding the extracted official code")
     ap.add_argument("--cases", default="all", help="comma-separated names, aliases or globs (see --list)")
     ap.add_argument("--tiny", action="store_true", help="small configs: check that every case runs")

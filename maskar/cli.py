@@ -8,11 +8,13 @@ Every subcommand takes ``key=value`` arguments. Dotted keys (``train.lr=3e-4``,
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import os
 import platform
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 from maskar.cli_args import (
@@ -75,13 +77,54 @@ def _output_file(value: object, key: str, suffixes: tuple[str, ...] | None = Non
     return path
 
 
+# ----------------------------------------------------------------------------- own options
+
+# Each subcommand's own key=value options and their defaults (every other key=value is a config
+# override); `eval`'s are maskar.eval.run.OPTIONS. Tests check documented commands against them.
+INFO_OPTIONS: dict[str, object] = {"preset": None, "config": None, "ckpt": None, "verify": True}
+TRAIN_OPTIONS: dict[str, object] = {"preset": None, "config": None}
+SAMPLE_OPTIONS: dict[str, object] = {
+    "ckpt": None,
+    "out": "samples.png",
+    "labels": None,
+    "per_class": 4,
+    "npz": None,
+    "batch_size": 64,
+    "device": "auto",
+    "precision": "auto",
+    "ema": True,
+    "verify": True,
+    "nrow": None,
+}
+EDIT_OPTIONS: dict[str, object] = {
+    "ckpt": None,
+    "image": None,
+    "mask": None,
+    "label": None,
+    "out": "edited.png",
+    "n": 4,
+    "device": "auto",
+    "precision": "auto",
+    "ema": True,
+    "verify": True,
+}
+CACHE_OPTIONS: dict[str, object] = {
+    "preset": None,
+    "config": None,
+    "out": None,
+    "batch_size": 64,
+    "device": "auto",
+    "overwrite": False,
+}
+
+
 # ----------------------------------------------------------------------------- info
 
 
 def cmd_info(args: list[str]) -> int:
     import torch
 
-    opts, overrides = _split_args(args, {"preset": None, "config": None, "ckpt": None, "verify": True})
+    opts, overrides = _split_args(args, INFO_OPTIONS)
     if opts["ckpt"] is not None:
         if opts["preset"] is not None or opts["config"] is not None or overrides:
             raise ConfigError("info: ckpt=DIR describes a checkpoint; give it alone (with verify=true|false)")
@@ -139,7 +182,7 @@ def cmd_info(args: list[str]) -> int:
 
 
 def cmd_train(args: list[str]) -> int:
-    opts, overrides = _split_args(args, {"preset": None, "config": None})
+    opts, overrides = _split_args(args, TRAIN_OPTIONS)
     source = _config_source(opts, "train")
     if source is None:
         raise ConfigError("train: give preset=NAME (see `maskar info`) or config=path.yaml")
@@ -168,33 +211,26 @@ def _sampling_options(opts: dict[str, object]) -> dict[str, object]:
     }
 
 
+def sample_values(opts: dict[str, object]) -> dict[str, object]:
+    """sample's own options that need no file or model, checked (labels: the syntax only)."""
+    values = {
+        "per_class": int_option(opts["per_class"], "per_class", min=1),
+        "batch_size": int_option(opts["batch_size"], "batch_size", min=1),
+        "nrow": None if opts["nrow"] is None else int_option(opts["nrow"], "nrow", min=1),
+    }
+    parse_labels(opts["labels"], None)  # the syntax now; the range once the model is known
+    return values | _sampling_options(opts)
+
+
 def cmd_sample(args: list[str]) -> int:
     from maskar import sampling
 
-    opts, overrides = _split_args(
-        args,
-        {
-            "ckpt": None,
-            "out": "samples.png",
-            "labels": None,
-            "per_class": 4,
-            "npz": None,
-            "batch_size": 64,
-            "device": "auto",
-            "precision": "auto",
-            "ema": True,
-            "verify": True,
-            "nrow": None,
-        },
-    )
+    opts, overrides = _split_args(args, SAMPLE_OPTIONS)
     if opts["ckpt"] is None:
         raise ConfigError("sample: give ckpt=DIR (a maskar checkpoint directory)")
     ckpt = str_option(opts["ckpt"], "ckpt", "a checkpoint directory")
-    per_class = int_option(opts["per_class"], "per_class", min=1)
-    batch_size = int_option(opts["batch_size"], "batch_size", min=1)
-    nrow = None if opts["nrow"] is None else int_option(opts["nrow"], "nrow", min=1)
-    parse_labels(opts["labels"], None)  # the syntax now; the range once the model is known
-    run = _sampling_options(opts)
+    run = sample_values(opts)
+    per_class, batch_size, nrow = run["per_class"], run["batch_size"], run["nrow"]
     out = _output_file(opts["out"], "out")
     sampling.image_format(out)
     npz = None if opts["npz"] is None else _output_file(opts["npz"], "npz", (".npz",))
@@ -212,24 +248,19 @@ def cmd_sample(args: list[str]) -> int:
     return 0
 
 
+def edit_values(opts: dict[str, object]) -> dict[str, object]:
+    """edit's own options that need no file or model, checked (not image= and mask=)."""
+    values = {
+        "n": int_option(opts["n"], "n", min=1),
+        "label": None if opts["label"] is None else int_option(opts["label"], "label", min=0),
+    }
+    return values | _sampling_options(opts)
+
+
 def cmd_edit(args: list[str]) -> int:
     from maskar import sampling
 
-    opts, overrides = _split_args(
-        args,
-        {
-            "ckpt": None,
-            "image": None,
-            "mask": None,
-            "label": None,
-            "out": "edited.png",
-            "n": 4,
-            "device": "auto",
-            "precision": "auto",
-            "ema": True,
-            "verify": True,
-        },
-    )
+    opts, overrides = _split_args(args, EDIT_OPTIONS)
     for k in ("ckpt", "image", "mask"):
         if opts[k] is None:
             raise ConfigError(f"edit: give {k}=... (see `maskar edit --help`)")
@@ -240,9 +271,8 @@ def cmd_edit(args: list[str]) -> int:
     sampling.load_image(image, 16)  # readable and finite now; at the model's size below
     mask = str_option(opts["mask"], "mask", "box:X0,Y0,X1,Y1, outpaint:X0,Y0,X1,Y1 or a mask image")
     sampling.parse_mask(mask, 16)  # the syntax now; at the model's size below
-    n = int_option(opts["n"], "n", min=1)
-    label = None if opts["label"] is None else int_option(opts["label"], "label", min=0)
-    run = _sampling_options(opts)
+    run = edit_values(opts)
+    n, label = run["n"], run["label"]
     out_path = _output_file(opts["out"], "out")
     sampling.image_format(out_path)
     model, cfg = sampling.load_for_sampling(ckpt, overrides, run["device"], run["ema"], run["verify"])
@@ -260,6 +290,15 @@ def cmd_edit(args: list[str]) -> int:
 # ----------------------------------------------------------------------------- cache
 
 
+def cache_values(opts: dict[str, object]) -> dict[str, object]:
+    """cache's own options that need no file, checked (not out=)."""
+    return {
+        "batch_size": int_option(opts["batch_size"], "batch_size", min=1),
+        "overwrite": bool_option(opts["overwrite"], "overwrite"),
+        "device": check_device_name(opts["device"], "device"),
+    }
+
+
 def cmd_cache(args: list[str]) -> int:
     import dataclasses
 
@@ -267,16 +306,13 @@ def cmd_cache(args: list[str]) -> int:
     from maskar.data import build_dataset
     from maskar.sampling import pick_device
 
-    opts, overrides = _split_args(
-        args,
-        {"preset": None, "config": None, "out": None, "batch_size": 64, "device": "auto", "overwrite": False},
-    )
+    opts, overrides = _split_args(args, CACHE_OPTIONS)
     source = _config_source(opts, "cache")
     if source is None or opts["out"] is None:
         raise ConfigError("cache: give preset=NAME (or config=FILE) and out=DIR")
-    batch_size = int_option(opts["batch_size"], "batch_size", min=1)
-    overwrite = bool_option(opts["overwrite"], "overwrite")
-    device = pick_device(check_device_name(opts["device"], "device"))
+    values = cache_values(opts)
+    batch_size, overwrite = values["batch_size"], values["overwrite"]
+    device = pick_device(values["device"])
     out = str(check_writable(str_option(opts["out"], "out", "a directory"), "out", directory=True))
     cfg = load_config(source, overrides)
     cache_fn = None
@@ -305,33 +341,66 @@ def cmd_eval(args: list[str]) -> int:
     return run.run(opts, overrides)
 
 
-def _run_module(package: str, name: str | None, args: list[str], what: str) -> int:
-    pkg = importlib.import_module(package)
-    available = sorted(p.stem for p in Path(pkg.__file__).parent.glob("*.py") if p.stem != "__init__")
+# The function a module of each package must define to be a command; the package's other
+# modules (maskar.bench.kernel_time, maskar.convert.common ...) are helpers, not commands.
+COMMAND_ENTRY = {"maskar.bench": "main", "maskar.convert": "cli"}
+
+
+def _binds(tree: ast.Module, name: str) -> bool:
+    """Whether a module's top level defines, imports or assigns ``name``."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+            return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any((alias.asname or alias.name) == name for alias in node.names):
+                return True
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == name for t in node.targets
+        ):
+            return True
+    return False
+
+
+def command_names(package: str) -> list[str]:
+    """The command modules of ``maskar.bench`` / ``maskar.convert`` (those defining the
+    package's :data:`COMMAND_ENTRY`), read from their source: listing them imports none."""
+    entry = COMMAND_ENTRY[package]
+    folder = Path(importlib.import_module(package).__file__).parent
+    return sorted(
+        p.stem
+        for p in folder.glob("*.py")
+        if p.stem != "__init__" and _binds(ast.parse(p.read_text(encoding="utf-8")), entry)
+    )
+
+
+def _command(package: str, name: str | None, what: str) -> Callable[[list[str]], object]:
+    """The entry function of command ``name`` of ``package``; any other name (a helper module
+    included) is refused with the list of commands."""
+    available = command_names(package)
     if not name or name not in available:
-        raise ConfigError(f"{what}: expected one of {available}, got {name!r}")
-    mod = importlib.import_module(f"{package}.{name}")
-    entry = getattr(mod, "cli", None) or mod.main
-    result = entry(args)
-    return int(result or 0)
+        raise ConfigError(f"{what}: expected one of {', '.join(available)}, got {name!r}")
+    entry = getattr(importlib.import_module(f"{package}.{name}"), COMMAND_ENTRY[package], None)
+    if not callable(entry):
+        raise ConfigError(f"{what}: expected one of {', '.join(available)}, got {name!r}")
+    return entry
 
 
 def cmd_bench(args: list[str]) -> int:
-    name = args[0] if args else None
-    return _run_module("maskar.bench", name, args[1:], "bench")
+    entry = _command("maskar.bench", args[0] if args else None, "bench")
+    return int(entry(args[1:]) or 0)
 
 
 def cmd_convert(args: list[str]) -> int:
     from maskar.checkpoint import check_writable
 
-    name = args[0] if args else None
+    entry = _command("maskar.convert", args[0] if args else None, "convert")
     for item in args[1:]:  # every converter writes out=: a file (.pth/.ckpt/...) or a directory
         key, _, value = item.partition("=")
         if key == "out" and value:
             check_writable(
                 value, "out", directory=not value.endswith((".pth", ".pt", ".ckpt", ".safetensors"))
             )
-    return _run_module("maskar.convert", name, args[1:], "convert")
+    return int(entry(args[1:]) or 0)
 
 
 # ----------------------------------------------------------------------------- main

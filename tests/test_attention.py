@@ -4,6 +4,7 @@ import torch
 from maskar.nn.attention import (
     ScalePattern,
     attention,
+    auto_backend_name,
     available_backends,
     naive_attention,
     sdpa_attention,
@@ -69,6 +70,17 @@ def test_auto_on_cpu_matches_reference_and_dense_kv_cache_shape():
     out = attention(q, k, k)
     assert out.shape == (1, 2, 4, 8)
     torch.testing.assert_close(out, naive_attention(q, k, k), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_backend_name_is_the_backend_auto_runs():
+    """On the CPU the pattern backends that need CUDA decline, `scales` (long-sequence CUDA
+    training only) too: auto's name is a registered backend whose output auto returns."""
+    p = ScalePattern.from_sides("block_causal", (1, 2, 3))
+    q = torch.randn(1, 2, p.total, 8)
+    name = auto_backend_name(q, q, q, p)
+    assert name != "scales" and name in available_backends()
+    assert torch.equal(attention(q, q, q, p), attention(q, q, q, p, backend=name))
+    assert auto_backend_name(q, q, q) in available_backends()
 
 
 def test_errors_are_clear():

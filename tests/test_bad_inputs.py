@@ -215,7 +215,23 @@ ROWS: list[Row] = [
     Row("eval train_classifier=true data.name=digits out={T}/clf lr=.nan", "lr: expected a finite number"),
     Row("bench", "bench: expected one of"),
     Row("bench nosuch", "bench: expected one of"),
+    Row("bench kernel_time", "bench: expected one of attention, casmar, casmar_parts, decode, linear_act"),
+    Row("bench mar --num-iter 4", "unrecognized arguments: --num-iter 4"),
     Row("convert nosuch", "convert: expected one of"),
+    Row(
+        "convert common src={evil} out={T}/cc",
+        "convert: expected one of casmar, dtype, hmar, klvae, mar, var, vqvae, got 'common'",
+    ),
+    Row("convert vqvae src={evil} out={T}/cv pn=300", "pn: expected one of 256, 512, 1024, got '300'"),
+    Row("convert vqvae src={evil} out={T}/cv pn=abc", "pn: expected one of 256, 512, 1024, got 'abc'"),
+    Row(
+        "convert mar src={evil} out={T}/cm trust_pickle=ture",
+        "convert mar: trust_pickle: expected true or false, got 'ture'",
+    ),
+    Row(
+        "convert casmar {evil} {T}/cc trust_pickle=maybe",
+        "convert casmar: trust_pickle: expected true or false, got 'maybe'",
+    ),
     Row("convert vqvae src={evil} out={rodir}/v", "out: cannot write"),
     Row("convert var ckpt={var_run} out={rodir}/v.pth", "out: cannot write"),
     Row("convert dtype src={CK} out={T}/d dtype=int4", "dtype: expected one of bf16, fp16, fp32"),

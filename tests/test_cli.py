@@ -103,6 +103,25 @@ def test_unknown_bench_and_convert_names(capsys):
     assert main(["convert"]) == 2
 
 
+def test_only_command_modules_are_bench_and_convert_names(capsys):
+    import importlib
+
+    from maskar.cli import COMMAND_ENTRY, command_names
+
+    for package, entry in COMMAND_ENTRY.items():
+        names = command_names(package)
+        for name in names:  # the listing (read from the source) matches the modules
+            assert callable(getattr(importlib.import_module(f"{package}.{name}"), entry)), name
+    assert "kernel_time" not in command_names("maskar.bench")  # helpers, not commands
+    assert {"attention", "quality"} <= set(command_names("maskar.bench"))  # quality imports its main
+    assert "common" not in command_names("maskar.convert")
+    assert main(["bench", "kernel_time"]) == 2
+    assert "bench: expected one of attention, casmar," in capsys.readouterr().err
+    assert main(["convert", "common", "src=a.pth", "out=b"]) == 2
+    err = capsys.readouterr().err
+    assert "expected one of casmar, dtype, hmar, klvae, mar, var, vqvae, got 'common'" in err
+
+
 def test_sample_requires_ckpt(capsys):
     assert main(["sample"]) == 2
     assert "ckpt=DIR" in capsys.readouterr().err

@@ -237,8 +237,11 @@ def _fmt(row: dict) -> str:
     return f"{row['fwd_ms']:.3f} / {row['fwd_bwd_ms']:.3f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="benchmarks/attention.py", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main` (tests parse documented commands with it)."""
+    ap = argparse.ArgumentParser(
+        prog="benchmarks/attention.py", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     ap.add_argument("--patterns", default="block_diagonal,block_causal")
     ap.add_argument("--dtypes", default="fp16,bf16")
     ap.add_argument("--cases", default=DEFAULT_CASES, help="L:B:H,... with L one of 680, 2240, 9451")
@@ -254,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="print the triton tuner's time of every candidate")
     ap.add_argument("--profile", type=int, default=0,
                     help="instead of the table: cProfile N fwd+bwd calls per method at the first case")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/attention.py: needs a CUDA GPU", file=sys.stderr)
         return 2

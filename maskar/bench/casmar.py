@@ -19,8 +19,11 @@ import argparse
 from maskar.bench import masked_sampling as ms
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="maskar bench casmar", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main` (tests parse documented commands with it)."""
+    ap = argparse.ArgumentParser(
+        prog="maskar bench casmar", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     ms.add_common_args(ap, "casmar-b")
     ap.add_argument("--num-iters", default="4", help="comma-separated refinement step counts")
     ap.add_argument("--cfg", type=float, default=2.5, help="stage-2 guidance (README eval: 2.5)")
@@ -29,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         "--refine-num-sampling-steps", default=None, help="DiT-head steps (default: the preset's)"
     )
     ap.add_argument("--scaffold-num-iter", type=int, default=0, help="stage-1 steps (0 = 4 x cond_scale)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     ms.check_args(ap, args)
     try:

@@ -62,8 +62,11 @@ def _print_top_kernels(
     rows.setdefault(name, {})["kernels_ms_per_call"] = dict(list(per.items())[:40])
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="maskar bench casmar_parts", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main` (tests parse documented commands with it)."""
+    ap = argparse.ArgumentParser(
+        prog="maskar bench casmar_parts", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     ap.add_argument("--preset", default="casmar-b")
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
     ap.add_argument("--batch", type=int, default=64, help="images (CFG doubles the rows)")
@@ -75,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-steps", default="50", help="DiT steps of the stage-2 token comparisons")
     ap.add_argument("--peak-tflops", type=float, default=790.0)
     ap.add_argument("--json", default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.batch < 1 or args.reps < 1:
         ap.error(f"--batch / --reps: expected >= 1, got {args.batch} / {args.reps}")

@@ -174,8 +174,11 @@ def head_step_rows(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="maskar bench linear_act", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main` (tests parse documented commands with it)."""
+    ap = argparse.ArgumentParser(
+        prog="maskar bench linear_act", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     ap.add_argument("--cases", default=DEFAULT_CASES, help=f"MxNxK:ACT,... (default {DEFAULT_CASES})")
     ap.add_argument("--dtypes", default="bf16", help="some of bf16,fp16")
     ap.add_argument("--reps", type=int, default=7, help="rounds of 10 back-to-back calls (median)")
@@ -183,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="MAR-B head step timing at these row counts (empty: skip)")
     ap.add_argument("--head-steps", type=int, default=50, help="head steps per captured graph")
     ap.add_argument("--json", default=None, help="also write every row to this file")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         head_rows = [int(v) for v in args.head_rows.split(",") if v]
     except ValueError:

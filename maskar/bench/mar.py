@@ -84,8 +84,11 @@ def train_rows(model, cfg, args, device: torch.device, precision: str) -> list[d
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="maskar bench mar", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main` (tests parse documented commands with it)."""
+    ap = argparse.ArgumentParser(
+        prog="maskar bench mar", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     ms.add_common_args(ap, "mar-b")
     ap.add_argument("--num-iters", default="64,256", help="comma-separated AR iteration counts")
     ap.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the preset's sample.cfg)")
@@ -99,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--compile-head", action="store_true", help="torch.compile the diffusion head for sampling"
     )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     ms.check_args(ap, args)
     if args.train_batch < 0:

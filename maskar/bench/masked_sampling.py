@@ -871,14 +871,19 @@ def print_targets(paths: list[str]) -> None:
             )
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main` (tests parse documented commands with it)."""
+    ap = argparse.ArgumentParser(
+        prog="maskar bench masked_sampling", description=main.__doc__.splitlines()[0], allow_abbrev=False
+    )
+    ap.add_argument("files", nargs="+")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
     """``maskar bench masked_sampling FILE.json ...``: the sampling targets (issue 15) against
     the ``--json`` rows of ``maskar bench mar`` / ``maskar bench casmar``."""
-    ap = argparse.ArgumentParser(
-        prog="maskar bench masked_sampling", description=main.__doc__.splitlines()[0]
-    )
-    ap.add_argument("files", nargs="+")
-    print_targets(ap.parse_args(argv).files)
+    print_targets(build_parser().parse_args(argv).files)
     return 0
 
 

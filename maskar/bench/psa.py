@@ -633,8 +633,11 @@ def parse_case(case: str) -> tuple[tuple[int, int], int, int]:
         raise SystemExit(f"--cases: expected GRIDxGRID:B:H such as 16x16:64:16, got {case!r}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="benchmarks/psa.py", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main` (tests parse documented commands with it)."""
+    ap = argparse.ArgumentParser(
+        prog="benchmarks/psa.py", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                     help="cpu: a smoke run (fp32, tiny cases, flex forward only, eager)")
     ap.add_argument("--dtypes", default=None, help="some of fp16,bf16,fp32 (default bf16,fp16; cpu fp32)")
@@ -649,7 +652,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=100)  # the protocol: median of >= 100 runs
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--json", default=None, help="also write all rows to this file")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         print("benchmarks/psa.py: needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)

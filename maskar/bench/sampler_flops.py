@@ -255,19 +255,27 @@ def casmar_nominal_counts(
 # ----------------------------------------------------------------------------- command line
 
 
+def build_parser():
+    """The command line of :func:`main` (tests parse documented commands with it)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="maskar bench sampler_flops", description=main.__doc__.splitlines()[0], allow_abbrev=False
+    )
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--peak-tflops", type=float, default=790.0, help="for the floor in images/s")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
     """``maskar bench sampler_flops``: the FLOP model of the sampling settings the targets use
     (no GPU, no weights: the models are built on the meta device)."""
-    import argparse
-
     import torch
 
     from maskar.config import load_config
     from maskar.registry import build_model
 
-    ap = argparse.ArgumentParser(prog="maskar bench sampler_flops", description=main.__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--peak-tflops", type=float, default=790.0, help="for the floor in images/s")
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.batch < 1 or args.peak_tflops <= 0:
         ap.error("--batch: expected >= 1; --peak-tflops: expected > 0")

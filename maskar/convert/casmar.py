@@ -29,7 +29,7 @@ from torch import Tensor
 from maskar.checkpoint import CheckpointError, load_state_dict_checked
 from maskar.checkpoint import load_official as read_official_file
 from maskar.convert.common import parse_cli_args, resolve_config
-from maskar.convert.mar import KEYS, finish_conversion, load_official_from_args, save_official
+from maskar.convert.mar import KEYS, check_args, finish_conversion, load_official_from_args, save_official
 from maskar.convert.mar import load_official as _load_mar_format
 
 __all__ = ["cli", "head_variant", "load_dit_head", "load_official", "load_psa", "save_official"]
@@ -154,15 +154,25 @@ def load_psa(
     return psa.eval()
 
 
-def cli(argv: list[str]) -> int:
-    from maskar.models.casmar import CASMAR
+DEFAULT_PRESET = "casmar-b"  # the architecture of an official file when no preset= is given
 
+
+def parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The argument checks of :func:`cli`, reading no file: ``(args, overrides)``."""
     usage = (
         "usage: maskar convert casmar src=checkpoint-last.pth out=DIR [vae=kl16.ckpt|KLVAE_DIR] "
         "[preset=casmar-b] [entry=model_ema|model] [trust_pickle=false] [model.KEY=VALUE ...] "
         "(or: maskar convert casmar SRC DST key=value ...)"
     )
     args, overrides = parse_cli_args(argv, usage, KEYS, positional=("src", "out"))
+    check_args(args, usage, "casmar")
+    return args, overrides
+
+
+def cli(argv: list[str]) -> int:
+    from maskar.models.casmar import CASMAR
+
+    args, overrides = parse(argv)
     state = load_official_from_args(args, kind="CASMAR")
     variant = head_variant(state)
     asked = [o.split("=", 1)[1] for o in overrides if o.startswith("model.head_attention=")]
@@ -171,6 +181,6 @@ def cli(argv: list[str]) -> int:
             f"convert casmar: model.head_attention={asked[-1]} but {args['src']} holds a {variant} head"
         )
     overrides = [*overrides, f"model.head_attention={variant}"]
-    cfg = resolve_config("casmar", args.get("preset", "casmar-b"), overrides)
+    cfg = resolve_config("casmar", args.get("preset", DEFAULT_PRESET), overrides)
     finish_conversion(CASMAR(cfg.model), cfg, state, args, "CASMAR", f"casmar, {variant} head")
     return 0

@@ -115,7 +115,9 @@ def _without_shared_tokenizer(state: dict[str, torch.Tensor], shared: Path) -> d
     return {k: v for k, v in state.items() if not k.startswith("tokenizer.")}
 
 
-def cli(argv: list[str]) -> int:
+def parse(argv: list[str]) -> tuple[dict[str, object], list[str]]:
+    """The argument checks of :func:`cli`, reading no file: ``(options, overrides)``; the
+    overrides are validated against the source's config by :func:`cast_checkpoint`."""
     opts = {"src": None, "out": None, "dtype": "bf16", "ema": True, "shared_tokenizer": None}
     overrides = []
     for item in argv:
@@ -130,9 +132,22 @@ def cli(argv: list[str]) -> int:
         opts[path[0]] = value
     if not opts["src"] or not opts["out"]:
         raise ConfigError("convert dtype: give src=DIR and out=DIR")
-    src, out_dir = str_option(opts["src"], "src"), str_option(opts["out"], "out")
-    dtype = choice_option(opts["dtype"], "dtype", tuple(DTYPES))
-    shared = str_option(opts["shared_tokenizer"], "shared_tokenizer") if opts["shared_tokenizer"] else None
-    out = cast_checkpoint(src, out_dir, dtype, bool_option(opts["ema"], "ema"), overrides, shared)
+    checked = {  # checked in this order
+        "src": str_option(opts["src"], "src"),
+        "out": str_option(opts["out"], "out"),
+        "dtype": choice_option(opts["dtype"], "dtype", tuple(DTYPES)),
+        "shared_tokenizer": (
+            str_option(opts["shared_tokenizer"], "shared_tokenizer") if opts["shared_tokenizer"] else None
+        ),
+        "ema": bool_option(opts["ema"], "ema"),
+    }
+    return checked, overrides
+
+
+def cli(argv: list[str]) -> int:
+    opts, overrides = parse(argv)
+    out = cast_checkpoint(
+        opts["src"], opts["out"], opts["dtype"], opts["ema"], overrides, opts["shared_tokenizer"]
+    )
     print(f"wrote {out} ({opts['dtype']}{'; ' + ' '.join(overrides) if overrides else ''})")
     return 0

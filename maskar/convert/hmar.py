@@ -31,13 +31,13 @@ from torch import Tensor
 
 from maskar.checkpoint import CheckpointError, load_state_dict_checked
 from maskar.config import to_dict
-from maskar.convert.common import parse_cli_args, resolve_config
+from maskar.convert.common import resolve_config
 from maskar.convert.var import (
-    EXPORT_KEYS,
     check_and_drop_buffers,
     detached,
     export_cli,
     official_buffers,
+    parse_import_or_export,
     patch_nums_for_length,
     read_state_dict,
     save_converted,
@@ -226,22 +226,28 @@ def export_official(model, combined: bool = True) -> tuple[dict[str, Tensor], di
     return out, vae
 
 
+USAGE = (
+    "maskar convert hmar src=hmar-dNN.pth vae=vae_ch160v4096z32.pth out=DIR [stage=2|1] [preset=P] "
+    "[model.K=V ...]\n"
+    "       maskar convert hmar src=nsp.pth mp=mp.pth vae=vae.pth out=DIR\n"
+    "       maskar convert hmar ckpt=DIR out=hmar-dNN.pth [vae_out=vae.pth]"
+)
+
+
+def parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The argument checks of :func:`cli`, reading no file (``parse_import_or_export``)."""
+    keys = ("src", "vae", "out", "stage", "mp", "preset")
+    args, overrides = parse_import_or_export(argv, "hmar", USAGE, keys)
+    if args.get("stage") not in (None, "1", "2"):
+        raise SystemExit(f"convert hmar: stage must be 1 or 2, got {args['stage']!r}")
+    return args, overrides
+
+
 def cli(argv: list[str]) -> int:
-    usage = (
-        "maskar convert hmar src=hmar-dNN.pth vae=vae_ch160v4096z32.pth out=DIR [stage=2|1] [preset=P] "
-        "[model.K=V ...]\n"
-        "       maskar convert hmar src=nsp.pth mp=mp.pth vae=vae.pth out=DIR\n"
-        "       maskar convert hmar ckpt=DIR out=hmar-dNN.pth [vae_out=vae.pth]"
-    )
-    if any(a.startswith("ckpt=") for a in argv):
-        args, _ = parse_cli_args(argv, f"usage: {usage}", EXPORT_KEYS, required=("ckpt", "out"))
+    args, overrides = parse(argv)
+    if "ckpt" in args:
         return export_cli(args, "hmar", export_official)
-    args, overrides = parse_cli_args(argv, f"usage: {usage}", ("src", "vae", "out", "stage", "mp", "preset"))
-    if "vae" not in args:
-        raise SystemExit(f"convert hmar: give vae=VAE.pth (tokenizer weights)\nusage: {usage}")
     stage = args.get("stage")
-    if stage not in (None, "1", "2"):
-        raise SystemExit(f"convert hmar: stage must be 1 or 2, got {stage!r}")
     stage = None if stage is None else int(stage)
     if args.get("preset"):  # the preset's architecture; the file decides the stage
         cfg = resolve_config("hmar", args["preset"], overrides)

@@ -63,12 +63,19 @@ def save_official(model: KLVAE, path: str | os.PathLike) -> None:
     torch.save({"model": export_official(model)}, path)
 
 
-def cli(argv: list[str]) -> int:
-    from maskar.checkpoint import save_model
-    from maskar.convert.common import parse_cli_args, resolve_config
+def parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The argument checks of :func:`cli`, reading no file: ``(args, overrides)``."""
+    from maskar.convert.common import parse_cli_args
 
     usage = "usage: maskar convert klvae src=kl16.ckpt out=DIR [preset=NAME] [model.KEY=VALUE ...]"
-    args, overrides = parse_cli_args(argv, usage, ("src", "out", "preset"))
+    return parse_cli_args(argv, usage, ("src", "out", "preset"))
+
+
+def cli(argv: list[str]) -> int:
+    from maskar.checkpoint import save_model
+    from maskar.convert.common import resolve_config
+
+    args, overrides = parse(argv)
     cfg = resolve_config("klvae", args.get("preset"), overrides, official_config())
     model = load_official(args["src"], cfg.model)
     save_model(args["out"], model, cfg)

@@ -109,7 +109,16 @@ def save_official(
 # ----------------------------------------------------------------------------- CLI (MAR and CASMAR)
 
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 KEYS = ("src", "out", "vae", "preset", "entry", "trust_pickle")
+
+
+def check_args(args: Mapping[str, str], usage: str, arch: str = "mar") -> None:
+    """The values :func:`load_official_from_args` reads, checked before any file is: a
+    ``trust_pickle`` that is neither true nor false is refused (never read as false)."""
+    flag = args.get("trust_pickle")
+    if flag is not None and flag.lower() not in _TRUE + _FALSE:
+        raise SystemExit(f"convert {arch}: trust_pickle: expected true or false, got {flag!r}\n{usage}")
 
 
 def load_official_from_args(args: Mapping[str, str], kind: str = "MAR") -> dict[str, Tensor]:
@@ -147,15 +156,25 @@ def finish_conversion(
     print(f"wrote {args['out']} ({label}, {n / 1e6:.1f}M params from {args['src']}, tokenizer from {vae})")
 
 
-def cli(argv: list[str]) -> int:
-    from maskar.models.mar import MAR
+DEFAULT_PRESET = "mar-b"  # the architecture of an official file when no preset= is given
 
+
+def parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The argument checks of :func:`cli`, reading no file: ``(args, overrides)``."""
     usage = (
         "usage: maskar convert mar src=checkpoint-last.pth out=DIR [vae=kl16.ckpt|KLVAE_DIR] "
         "[preset=mar-b] [entry=model_ema|model] [trust_pickle=false] [model.KEY=VALUE ...]"
     )
     args, overrides = parse_cli_args(argv, usage, KEYS)
-    cfg = resolve_config("mar", args.get("preset", "mar-b"), overrides)
+    check_args(args, usage)
+    return args, overrides
+
+
+def cli(argv: list[str]) -> int:
+    from maskar.models.mar import MAR
+
+    args, overrides = parse(argv)
+    cfg = resolve_config("mar", args.get("preset", DEFAULT_PRESET), overrides)
     state = load_official_from_args(args)
     finish_conversion(MAR(cfg.model), cfg, state, args, "MAR", "mar")
     return 0

@@ -176,19 +176,37 @@ def save_converted(model, out: str, sample: Mapping | None = None) -> None:
 EXPORT_KEYS = ("ckpt", "out", "vae_out")
 
 
-def cli(argv: list[str]) -> int:
-    usage = (
-        "maskar convert var src=var_dNN.pth vae=vae_ch160v4096z32.pth out=DIR [preset=NAME] [model.K=V ...]\n"
-        "       maskar convert var ckpt=DIR out=var_dNN.pth [vae_out=vae.pth]   # to the official layout\n"
-        "preset= gives the architecture of a non-official file (default: read from the file); model.* /\n"
-        "sample.* overrides apply on top of it"
-    )
+USAGE = (
+    "maskar convert var src=var_dNN.pth vae=vae_ch160v4096z32.pth out=DIR [preset=NAME] [model.K=V ...]\n"
+    "       maskar convert var ckpt=DIR out=var_dNN.pth [vae_out=vae.pth]   # to the official layout\n"
+    "preset= gives the architecture of a non-official file (default: read from the file); model.* /\n"
+    "sample.* overrides apply on top of it"
+)
+
+
+def parse_import_or_export(
+    argv: list[str], name: str, usage: str, keys: tuple[str, ...]
+) -> tuple[dict[str, str], list[str]]:
+    """The argument checks of a VAR-family converter, reading no file: ``(args, overrides)``;
+    ``ckpt`` in ``args`` means an export to the official layout, else an import needing vae=."""
     if any(a.startswith("ckpt=") for a in argv):
         args, _ = parse_cli_args(argv, f"usage: {usage}", EXPORT_KEYS, required=("ckpt", "out"))
-        return export_cli(args, "var")
-    args, overrides = parse_cli_args(argv, f"usage: {usage}", ("src", "vae", "out", "preset"))
+        return args, []
+    args, overrides = parse_cli_args(argv, f"usage: {usage}", keys)
     if "vae" not in args:
-        raise SystemExit(f"convert var: give vae=VAE.pth (tokenizer weights)\nusage: {usage}")
+        raise SystemExit(f"convert {name}: give vae=VAE.pth (tokenizer weights)\nusage: {usage}")
+    return args, overrides
+
+
+def parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The argument checks of :func:`cli`, reading no file (:func:`parse_import_or_export`)."""
+    return parse_import_or_export(argv, "var", USAGE, ("src", "vae", "out", "preset"))
+
+
+def cli(argv: list[str]) -> int:
+    args, overrides = parse(argv)
+    if "ckpt" in args:
+        return export_cli(args, "var")
     sd = read_state_dict(args["src"], "official VAR checkpoint")
     inferred = None if args.get("preset") else infer_var_config(sd)
     cfg = resolve_config("var", args.get("preset"), overrides, inferred, VAR_SAMPLE_DEFAULTS)

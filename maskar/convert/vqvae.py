@@ -71,12 +71,26 @@ def export_official(model: MultiScaleVQVAE) -> dict[str, torch.Tensor]:
     }
 
 
-def cli(argv: list[str]) -> int:
-    from maskar.checkpoint import save_model
-    from maskar.convert.common import parse_cli_args, resolve_config
+def parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The argument checks of :func:`cli`, reading no file: ``(args, overrides)``."""
+    from maskar.convert.common import parse_cli_args
 
     usage = "usage: maskar convert vqvae src=FILE out=DIR [pn=256|512|1024] [preset=NAME] [model.K=V ...]"
     args, overrides = parse_cli_args(argv, usage, ("src", "out", "pn", "preset"))
+    if "pn" in args:  # the image size of an official patch schedule, checked before any file is read
+        sizes = [str(n) for n in sorted(PATCH_NUMS)]
+        pn = args["pn"]
+        if pn.strip() not in sizes:
+            raise SystemExit(f"convert vqvae: pn: expected one of {', '.join(sizes)}, got {pn!r}\n{usage}")
+        args["pn"] = pn.strip()
+    return args, overrides
+
+
+def cli(argv: list[str]) -> int:
+    from maskar.checkpoint import save_model
+    from maskar.convert.common import resolve_config
+
+    args, overrides = parse(argv)
     base = None if args.get("preset") else official_config(int(args.get("pn", 256)))
     cfg = resolve_config("vqvae", args.get("preset"), overrides, base)
     model = load_official(args["src"], cfg.model)

@@ -239,8 +239,9 @@ def _class_order_labels(per_class: int, labels: object, num_classes: int | None,
     return out
 
 
-def _options(opts: dict[str, Any]) -> dict[str, Any]:
-    """Every scalar option checked (type and range) before anything is loaded or computed."""
+def _options(opts: dict[str, Any], writable: bool = True) -> dict[str, Any]:
+    """Every scalar option checked (type and range) before anything is loaded or computed;
+    ``writable=False`` leaves out the probe that json= / save_samples= can be written (parse only)."""
     o = dict(opts)
     for key in ("batch_size", "sample_batch_size", "pr_batch", "steps"):
         o[key] = int_option(opts[key], key, min=1)
@@ -263,7 +264,7 @@ def _options(opts: dict[str, Any]) -> dict[str, Any]:
             path = str_option(opts[key], key, "a file name")
             if not path.lower().endswith(suffix):
                 raise ConfigError(f"{key}: expected a file name ending in {suffix}, got {path!r}")
-            o[key] = str(check_writable(path, key))
+            o[key] = str(check_writable(path, key)) if writable else path
     return o
 
 

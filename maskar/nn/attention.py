@@ -198,10 +198,8 @@ def attention(
     if not _optional_loaded and not torch.compiler.is_compiling():
         _load_optional_backends()
     if backend == "auto":
-        for b in _BY_PRIORITY:
-            if b.supports(q, k, v, pattern) and (b.auto_when is None or b.auto_when(q, k, v, pattern)):
-                return b.fn(q, k, v, pattern, scale)
-        return sdpa_attention(q, k, v, pattern, scale)
+        b = _auto_backend(q, k, v, pattern)
+        return sdpa_attention(q, k, v, pattern, scale) if b is None else b.fn(q, k, v, pattern, scale)
     if backend not in _BACKENDS:
         raise RuntimeError(
             f"attention backend {backend!r} is not available here (registered: {available_backends()})"
@@ -214,6 +212,21 @@ def attention(
             "use backend=auto or sdpa"
         )
     return b.fn(q, k, v, pattern, scale)
+
+
+def _auto_backend(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern | None) -> Backend | None:
+    for b in _BY_PRIORITY:
+        if b.supports(q, k, v, pattern) and (b.auto_when is None or b.auto_when(q, k, v, pattern)):
+            return b
+    return None
+
+
+def auto_backend_name(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern | None = None) -> str:
+    """The backend ``backend="auto"`` runs for this call (grad mode, device and dtype included)."""
+    if not _optional_loaded:
+        _load_optional_backends()
+    b = _auto_backend(q, k, v, pattern)
+    return "sdpa" if b is None else b.name
 
 
 def naive_attention(
