@@ -159,7 +159,11 @@ def cmd_info(args: list[str]) -> int:
     else:
         print(f"device cpu  ({torch.get_num_threads()} threads); no CUDA device")
     backends = available_backends()
-    print(f"attention backends: {', '.join(backends)} (auto picks the fastest correct one)")
+    print(
+        f"attention backends: {', '.join(backends)} (auto takes the first that supports the call, in "
+        "this order; scales only for fp16 / bf16 CUDA training over 8,192 tokens, cudnn only for "
+        "dense inference calls with MASKAR_SDPA_CUDNN=1)"
+    )
     if not torch.cuda.is_available() and len(backends) > 1:
         print("  no CUDA here: auto uses sdpa; the fused/compiled backends need a GPU")
     # the MASKAR_* switches (maskar.env; read at import by the modules that own them)
