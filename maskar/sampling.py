@@ -159,7 +159,8 @@ def generate(
         with step_progress(model, "sampling") as bar:
             for i, start in enumerate(starts):
                 if len(starts) > 1:
-                    bar.set_description(f"sampling batch {i + 1}/{len(starts)}")
+                    # refresh=False: a forced redraw would show the bar before its 2 s delay
+                    bar.set_description(f"sampling batch {i + 1}/{len(starts)}", refresh=False)
                 ticks = getattr(bar, "n", None)
                 batch = all_labels[start : start + batch_size]
                 chunk = torch.tensor(batch, dtype=torch.long, device=label_device)
@@ -169,6 +170,10 @@ def generate(
                 pipe.put(start, imgs)
                 if ticks is not None and bar.n == ticks:  # replayed CUDA graphs run no hooks: count the steps
                     bar.update(len(getattr(model, "patch_nums", ())) or 1)
+                if i == 0 and len(starts) > 1 and ticks is not None:
+                    # every batch takes as many steps as the first (the schedule does not depend on
+                    # the batch size): the bar gets its total, and so an ETA, from here on
+                    bar.total = bar.n * len(starts)
         images = pipe.finish()
     except BaseException:
         pipe.abort()

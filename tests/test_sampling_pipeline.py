@@ -101,3 +101,31 @@ def test_labels_go_to_next_scale_models_on_the_cpu(tiny, monkeypatch):
     )
     sampling.generate(model, cfg, [1], 2, 2, "fp32")
     assert seen == [torch.device("cpu")] and model.takes_host_labels
+
+
+def test_progress_bar_gets_its_total_after_the_first_batch(tiny, monkeypatch):
+    """After the first batch the bar knows the whole run's steps (every batch takes as many), and
+    the total is what it counts by the end: the ETA is right from the second batch on."""
+    model, cfg = tiny
+    bars = []
+    real = sampling.step_progress
+
+    def spy(model, desc):
+        ctx = real(model, desc)
+
+        class Wrapped:
+            def __enter__(self):
+                bars.append(ctx.__enter__())
+                return bars[-1]
+
+            def __exit__(self, *exc):
+                bar = bars[-1]
+                bars[-1] = (bar.n, bar.total)  # read before close
+                return ctx.__exit__(*exc)
+
+        return Wrapped()
+
+    monkeypatch.setattr(sampling, "step_progress", spy)
+    sampling.generate(model, cfg, [0, 3, 7], 3, 4, "fp32")  # batches of 4, 4, 1
+    (n, total), = bars
+    assert total == n and n > 0 and n % 3 == 0
