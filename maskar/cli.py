@@ -379,13 +379,13 @@ def command_names(package: str) -> list[str]:
 
 def _command(package: str, name: str | None, what: str) -> Callable[[list[str]], object]:
     """The entry function of command ``name`` of ``package``; any other name (a helper module
-    included) is refused with the list of commands."""
-    available = command_names(package)
-    if not name or name not in available:
-        raise ConfigError(f"{what}: expected one of {', '.join(available)}, got {name!r}")
-    entry = getattr(importlib.import_module(f"{package}.{name}"), COMMAND_ENTRY[package], None)
+    included) is refused with the list of commands (read from the sources only then)."""
+    folder = Path(importlib.import_module(package).__file__).parent
+    entry = None
+    if name and name.isidentifier() and name != "__init__" and (folder / f"{name}.py").is_file():
+        entry = getattr(importlib.import_module(f"{package}.{name}"), COMMAND_ENTRY[package], None)
     if not callable(entry):
-        raise ConfigError(f"{what}: expected one of {', '.join(available)}, got {name!r}")
+        raise ConfigError(f"{what}: expected one of {', '.join(command_names(package))}, got {name!r}")
     return entry
 
 
