@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import inspect
 import os
 import platform
 import sys
@@ -389,8 +390,28 @@ def _command(package: str, name: str | None, what: str) -> Callable[[list[str]],
     return entry
 
 
+HELP_FLAGS = ("-h", "--help")
+
+
+def _usage_help(package: str, name: str, what: str, args: list[str]) -> bool:
+    """Print the usage of a ``key=value`` command (its module docstring) for ``-h`` / ``--help``.
+
+    Benchmarks built on argparse answer ``--help`` themselves; the others (and every converter)
+    read ``key=value`` only and would refuse the flag as a bad argument."""
+    if not any(a in HELP_FLAGS for a in args):
+        return False
+    module = importlib.import_module(f"{package}.{name}")
+    if hasattr(module, "build_parser"):
+        return False
+    doc = inspect.cleandoc(module.__doc__ or f"maskar {what} {name} [key=value ...]")
+    print(f"maskar {what} {name}: {doc}")
+    return True
+
+
 def cmd_bench(args: list[str]) -> int:
     entry = _command("maskar.bench", args[0] if args else None, "bench")
+    if _usage_help("maskar.bench", args[0], "bench", args[1:]):
+        return 0
     return int(entry(args[1:]) or 0)
 
 
@@ -398,6 +419,8 @@ def cmd_convert(args: list[str]) -> int:
     from maskar.checkpoint import check_writable
 
     entry = _command("maskar.convert", args[0] if args else None, "convert")
+    if _usage_help("maskar.convert", args[0], "convert", args[1:]):
+        return 0
     for item in args[1:]:  # every converter writes out=: a file (.pth/.ckpt/...) or a directory
         key, _, value = item.partition("=")
         if key == "out" and value:

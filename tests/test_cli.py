@@ -2,7 +2,7 @@
 
 import pytest
 
-from maskar.cli import COMMANDS, main
+from maskar.cli import COMMANDS, command_names, main
 
 
 @pytest.mark.parametrize("cmd", sorted(COMMANDS))
@@ -13,6 +13,24 @@ def test_every_subcommand_has_informative_help(cmd, capsys):
     out = capsys.readouterr().out
     assert f"maskar {cmd}" in out
     assert len(out.splitlines()) >= 5
+
+
+@pytest.mark.parametrize(
+    "what,name",
+    [("bench", n) for n in command_names("maskar.bench")]
+    + [("convert", n) for n in command_names("maskar.convert")],
+)
+def test_every_bench_and_converter_answers_help(what, name, capsys):
+    """``maskar bench NAME --help`` / ``maskar convert NAME --help`` print the usage and exit 0,
+    whether the command parses with argparse or reads ``key=value`` only."""
+    try:
+        code = main([what, name, "--help"])
+    except SystemExit as e:  # argparse's own --help
+        code = e.code
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"maskar {what} {name}" in out
+    assert len(out.splitlines()) >= 3
 
 
 def test_top_level_help_lists_commands(capsys):

@@ -142,7 +142,7 @@ def test_cli_errors_and_help(capsys):
         bench.methods(["nope"])
     with pytest.raises(SystemExit) as e:
         bench.main(["--help"])
-    assert e.value.code == 0 and "benchmarks/psa.py" in capsys.readouterr().out
+    assert e.value.code == 0 and "maskar bench psa" in capsys.readouterr().out
     if not torch.cuda.is_available():
         assert bench.main([]) == 2
 

@@ -240,7 +240,7 @@ def _fmt(row: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command line of :func:`main` (tests parse documented commands with it)."""
     ap = argparse.ArgumentParser(
-        prog="benchmarks/attention.py", description=__doc__.splitlines()[0], allow_abbrev=False
+        prog="maskar bench attention", description=__doc__.splitlines()[0], allow_abbrev=False
     )
     ap.add_argument("--patterns", default="block_diagonal,block_causal")
     ap.add_argument("--dtypes", default="fp16,bf16")

@@ -636,7 +636,7 @@ def parse_case(case: str) -> tuple[tuple[int, int], int, int]:
 def build_parser() -> argparse.ArgumentParser:
     """The command line of :func:`main` (tests parse documented commands with it)."""
     ap = argparse.ArgumentParser(
-        prog="benchmarks/psa.py", description=__doc__.splitlines()[0], allow_abbrev=False
+        prog="maskar bench psa", description=__doc__.splitlines()[0], allow_abbrev=False
     )
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                     help="cpu: a smoke run (fp32, tiny cases, flex forward only, eager)")

@@ -1,7 +1,7 @@
 """Reconstruction quality of a trained tokenizer on a held-out split.
 
-    python -m maskar.bench.tokenizer_quality CKPT_DIR [split=test] [limit=N] [batch_size=256]
-                                             [device=auto] [json=out.json]
+    maskar bench tokenizer_quality CKPT_DIR [split=test] [limit=N] [batch_size=256]
+                                   [device=auto] [json=out.json]
 
 Reads the model and its data section from the checkpoint directory. Prints mean per-image
 PSNR (images in [-1, 1], peak-to-peak 2), and
