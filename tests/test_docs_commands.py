@@ -406,8 +406,8 @@ class Checker:
             if '__name__ == "__main__"' not in (ROOT / "maskar" / "bench" / f"{name}.py").read_text():
                 raise DocCommandError(f"python -m {script}: the module does not run as a script")
         mod = importlib.import_module(f"maskar.bench.{name}")
-        if not rest:
-            return  # the doc names the benchmark (or runs it with its defaults)
+        if not rest or set(rest) & set(cli.HELP_FLAGS):
+            return  # the doc names the benchmark, runs its defaults or asks its usage (test_cli)
         if hasattr(mod, "build_parser"):
             ns = _argparse(lambda: mod.build_parser().parse_args(rest))
             if getattr(ns, "preset", None) is not None:
@@ -443,8 +443,8 @@ class Checker:
         available = cli.command_names("maskar.convert")  # what `maskar convert` accepts
         if name not in available:
             raise DocCommandError(f"convert: expected one of {available}, got {name!r}")
-        if not rest:
-            return  # the doc names the converter
+        if not rest or set(rest) & set(cli.HELP_FLAGS):
+            return  # the doc names the converter or asks its usage (test_cli)
         mod = importlib.import_module(f"maskar.convert.{name}")
         parsed, overrides = mod.parse(rest)
         if name == "dtype":
