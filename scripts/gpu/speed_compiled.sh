@@ -88,6 +88,9 @@
 #     compile_decoder=true profile=true` (per-scale graph replays, decode; the noise drawn inside the
 #     graphs since 2026-12-05), then CASMAR-B at the defaults with `--profile` (its phases and the
 #     GPU idle per phase: is a stage-1 graph worth building?).
+#   PART=s9 (about 9.5 min, DEADLINE=570): the GPU test of `attention.auto_backend_name`; PART=s8's
+#     sample row with the models in the other order (VAR-d16 first: its decode was 18 ms slower than
+#     HMAR's, run second, on both GPUs); MAR-B num_iter 64 / 256 and CASMAR-B at the defaults.
 #   PART=casmarh (about 5 min, DEADLINE=560): CASMAR-H at its FID setting (num_iter 12), B 64, the
 #     defaults: `maskar bench casmar --preset casmar-h --num-iters 12 --batch 64 --sample-reps 1
 #     --linears low` (a warm-up call, then one timed call; its floor is 1.8 images/s).
@@ -243,6 +246,14 @@ elif [ "${PART}" = s8 ]; then
   timeout $(cap 230) $PY -m maskar bench casmar --batch 64 --sample-reps 1 --linears low --profile \
     --json "$OUT/casmar_profile.json" > "$OUT/casmar_profile.txt" 2>&1
   echo "casmar rc=$?"; grep -vE "$NOISE" "$OUT/casmar_profile.txt" | tail -n 40
+elif [ "${PART}" = s9 ]; then
+  el "GPU test: which backend auto runs (the fixed test of 2026-12-05)"
+  timeout $(cap 90) $PY -m pytest -q -m gpu tests/test_kernels.py -k auto_picks > "$OUT/gpu_tests.txt" 2>&1
+  echo "tests rc=$?"; tail -n 4 "$OUT/gpu_tests.txt"
+  el "bench sample 256 px, VAR first this time (is VAR's slower decode an effect of the order?)"
+  sample_run sample_order 280 40 models=var-d16,hmar-d16 cases=256x64 modes=compiled-w16 reps=5 \
+    compile_decoder=true profile=true
+  masked_defaults 120 150
 elif [ "${PART}" = casmarh ]; then
   el "bench casmar CASMAR-H, num_iter 12 (issue 15's CASMAR-H row)"
   timeout $(cap 480) $PY -m maskar bench casmar --preset casmar-h --num-iters 12 --batch 64 --sample-reps 1 \
