@@ -263,7 +263,7 @@ elif [ "${PART}" = order ]; then
     --format=csv,noheader -lms 250 > "$OUT/clocks.csv" 2>&1 &
   SMI=$!
   timeout $(cap 330) $PY -m maskar bench sample models=hmar-d16,var-d16,hmar-d16 cases=256x64 modes=compiled-w16 \
-    reps=5 compile_decoder=true profile=true json="$OUT/order3.json" 2>&1 \
+    reps=${REPS:-5} compile_decoder=true profile=true json="$OUT/order3.json" 2>&1 \
     | while IFS= read -r l; do echo "$(date +%H:%M:%S.%N | cut -c1-12) $l"; done > "$OUT/order3.txt"
   kill $SMI
   grep -vE "$NOISE" "$OUT/order3.txt" | grep -E " (hmar|var)-d16 |span|per scale"
