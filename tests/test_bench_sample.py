@@ -106,6 +106,7 @@ def test_row_lines_up_with_the_header_and_holds_only_this_run():
         ["modes=compiled-w16,compiled"],
         ["modes=fast-w16", "precision=fp32"],
         ["compile_mode=fastest"],
+        ["fresh_compile=maybe"],
     ],
 )
 def test_bad_arguments_stop_with_a_message(argv):
@@ -174,6 +175,34 @@ def test_compiled_mode_runs_after_fast_and_checks(monkeypatch, tmp_path):
     assert calls == [1]
     assert rows[1]["dynamo"]["graphs"] >= 2 and rows[1]["dynamo"]["recompile_limit_hits"] == 0
     assert "dynamo" not in rows[0]
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_each_model_compiles_afresh_unless_told_otherwise(monkeypatch, tmp_path, fresh):
+    """Several models with a compiled mode: Dynamo is reset before each model is built
+    (fresh_compile=true, the default), so no model times code compiled for another; not at all
+    for fresh_compile=false or without a compiled mode."""
+    from maskar.models import var as var_mod
+
+    compile_sampler = var_mod.NextScaleModel.compile_sampler
+    monkeypatch.setattr(
+        var_mod.NextScaleModel, "compile_sampler", lambda self, **kw: compile_sampler(self, backend="eager")
+    )
+    events = []
+    reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: (events.append("reset"), reset()))
+    build = bench.build_case
+    monkeypatch.setattr(bench, "build_case", lambda preset, *a: (events.append(preset), build(preset, *a))[1])
+    argv = ["models=var-tiny,hmar-tiny", "cases=16x2", "modes=compiled", "reps=1", "warmup=0",
+            "device=cpu", "check=false", f"fresh_compile={str(fresh).lower()}",
+            f"json={tmp_path / 'rows.json'}"]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert events == (["reset", "var-tiny", "reset", "hmar-tiny"] if fresh else ["var-tiny", "hmar-tiny"])
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["compiled", "compiled"] and all("dynamo" in r for r in rows)
+    events.clear()
+    assert bench.main(argv[:2] + ["modes=fast", "reps=1", "warmup=0", "device=cpu", "check=false"]) == 0
+    assert events == ["var-tiny", "hmar-tiny"]
 
 
 def test_w16_mode_samples_what_fast_samples(tmp_path):

@@ -9,6 +9,8 @@
                         [sampler=]               (every row's top-k / top-p draw: fused, reference
                                                   or triton; empty: the mode's)
                         [compile_decoder=false]  (compiled modes: the VQ-VAE decode compiled too)
+                        [fresh_compile=true]     (torch._dynamo.reset() before each model: its
+                                                  compiled rows run code compiled for it)
 
 One timed call = ``model.generate(labels, **knobs)`` under the precision's autocast, exactly
 what ``maskar sample`` runs per batch: every scale (VAR with its KV cache; HMAR one scale at
@@ -49,6 +51,15 @@ which replays use without allocating, so it is the honest figure for ``fast``), 
 included, GB = 1e9 bytes. ``floor`` = the call's FLOPs (counted with FlopCounterMode on one
 eager call: linears, attention, convolutions) / 790 TFLOP/s, the H200's dense bf16 matmul peak.
 
+Several models in one call with a compiled mode: ``fresh_compile=true`` (the default) resets
+Dynamo before each model, so each compiles its own code (its ``first s`` includes that compile).
+Without it a later model reuses the code compiled for the first (same structure, no recompile) and
+timed no faster than its uncompiled rows: VAR-d16 after HMAR-d16 on an H200 (2026-12-03/04:
+compiled 292.8 against fast 291.9 ms at 256 px B 64, while HMAR gained 33 ms), and whichever model
+ran second on an H100 (2026-12-05: 1.33-1.40x slower per scale in the graphs, 1.15x in the
+compiled decode). Why the reused code runs slower is not established; ``fresh_compile=false``
+reproduces it.
+
 ``profile=true`` adds, per row, the GPU time of each region of one call (CUDA events at region
 ends: the host's preparation before the first scale, ``prep``, during which the GPU idles; every
 scale's transformer blocks, head, sampling ops, refinement passes and f_hat update,
@@ -87,7 +98,7 @@ DEFAULTS = {
     "warmup": 1, "backend": "auto", "cfg": 1.5, "top_k": 900, "top_p": 0.96, "schedule": "preset",
     "hmar_stage": 2, "check": True, "seed": 0, "tf32": False, "profile": False, "agree": False,
     "large_n": 0, "device": "auto", "json": "", "compile_mode": "default", "sampler": "",
-    "compile_decoder": False,
+    "compile_decoder": False, "fresh_compile": True,
 }  # fmt: skip
 
 # Model attributes of each sampling path (maskar.models.var.NextScaleModel).
@@ -167,10 +178,9 @@ def _parse(argv: list[str]) -> dict[str, Any]:
         )
     if int(opts["large_n"]) < 0:
         raise SystemExit(f"bench sample: large_n: expected an integer >= 0, got {opts['large_n']!r}")
-    if not isinstance(opts["compile_decoder"], bool):
-        raise SystemExit(
-            f"bench sample: compile_decoder: expected true or false, got {opts['compile_decoder']!r}"
-        )
+    for key in ("compile_decoder", "fresh_compile"):
+        if not isinstance(opts[key], bool):
+            raise SystemExit(f"bench sample: {key}: expected true or false, got {opts[key]!r}")
     if opts["sampler"] and opts["sampler"] not in SAMPLERS:
         raise SystemExit(
             f"bench sample: sampler: expected one of {list(SAMPLERS)} (or empty), got {opts['sampler']!r}"
@@ -489,7 +499,7 @@ def run_case(
                 (f"teacher forcing (rel diff {tf} > {TF_TOLERANCE[precision]})", tf_ok),
             ] if not ok
         ]  # fmt: skip
-    if mode == "compiled":
+    if mode.startswith("compiled"):
         row["dynamo"] = dynamo_stats()
     if opts["profile"]:
         row["profile"] = _guarded(lambda: profile_call(model, public_call, device))
@@ -860,6 +870,7 @@ def main(argv: list[str] | None = None) -> int:
         f"precision {opts['precision']}, modes {','.join(modes)}, backend {opts['backend']}, "
         f"cfg {opts['cfg']}, sampler {opts['sampler'] or 'per mode'}, "
         f"compiled decoder {opts['compile_decoder']} (compiled modes), "
+        f"fresh compile {opts['fresh_compile']}, "
         f"top_k {opts['top_k']}, top_p {opts['top_p']}, HMAR stage {opts['hmar_stage']}, "
         f"schedule {opts['schedule']}, median of {opts['reps']} after the determinism repeat + "
         f"{opts['warmup']} warm-up; floor = counted FLOPs / {PEAK_TFLOPS:.0f} TFLOP/s; "
@@ -874,6 +885,11 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes:
                 try:
                     if built is None:
+                        if opts["fresh_compile"] and any(m.startswith("compiled") for m in modes):
+                            # A model compiled after another in one process reused the first
+                            # one's compiled code and timed like its uncompiled rows (H200,
+                            # 2026-12-03/04; H100, 2026-12-05): each model compiles afresh.
+                            torch._dynamo.reset()
                         overrides = case_overrides(preset, res, int(opts["hmar_stage"]))
                         built = (*build_case(preset, overrides, device, str(opts["backend"])), overrides)
                     row, _ = run_case(preset, res, batch, opts, device, mode, built)

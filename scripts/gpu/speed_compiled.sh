@@ -91,10 +91,11 @@
 #   PART=s9 (about 9.5 min, DEADLINE=570): the GPU test of `attention.auto_backend_name`; PART=s8's
 #     sample row with the models in the other order (VAR-d16 first: its decode was 18 ms slower than
 #     HMAR's, run second, on both GPUs); MAR-B num_iter 64 / 256 and CASMAR-B at the defaults.
-#   PART=order (about 4 min, DEADLINE=300): PART=s9's finding checked: HMAR-d16, VAR-d16 and HMAR-d16
-#     again in one process (256 px B 64 compiled-w16, compiled decoder), without then with
-#     profile=true, the GPU's SM clock, power and temperature logged every 250 ms: is a model timed
-#     after another's profiled calls slower (the profiler's CUPTI still loaded), or is it the GPU's state?
+#   PART=order (about 5 min, DEADLINE=360): PART=s9's finding checked: HMAR-d16, VAR-d16 and HMAR-d16
+#     again in one process (256 px B 64 compiled-w16, compiled decoder), with fresh_compile=false
+#     (a later model reuses the first one's compiled code, as in every run before) then =true
+#     (Dynamo reset before each model), the GPU's SM clock, power and temperature logged every
+#     250 ms: is the later model slower for the reused code or for the GPU's state?
 #   PART=casmarh (about 5 min, DEADLINE=560): CASMAR-H at its FID setting (num_iter 12), B 64, the
 #     defaults: `maskar bench casmar --preset casmar-h --num-iters 12 --batch 64 --sample-reps 1
 #     --linears low` (a warm-up call, then one timed call; its floor is 1.8 images/s).
@@ -259,16 +260,17 @@ elif [ "${PART}" = s9 ]; then
     compile_decoder=true profile=true
   masked_defaults 120 150
 elif [ "${PART}" = order ]; then
-  # profile=false first: does a model timed after another model's profiled calls (CUPTI loaded) slow down?
+  # Is a model compiled after another in one process slow because it reuses the first one's
+  # compiled code (fresh_compile=false: as every run before 2026-12-05 late), or for the GPU's state?
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
     --format=csv,noheader -lms 250 > "$OUT/clocks.csv" 2>&1 &
   SMI=$!
-  for prof in false true; do
-    el "bench sample 256 px: HMAR, VAR, HMAR again in one process, profile=$prof"
-    timeout $(cap 200) $PY -m maskar bench sample models=hmar-d16,var-d16,hmar-d16 cases=256x64 modes=compiled-w16 \
-      reps=${REPS:-5} compile_decoder=true profile=$prof check=false json="$OUT/order3_$prof.json" 2>&1 \
-      | while IFS= read -r l; do echo "$(date +%H:%M:%S.%N | cut -c1-12) $l"; done > "$OUT/order3_$prof.txt"
-    grep -vE "$NOISE" "$OUT/order3_$prof.txt" | grep -E " (hmar|var)-d16 |span|per scale"
+  for fresh in false true; do
+    el "bench sample 256 px: HMAR, VAR, HMAR again in one process, fresh_compile=$fresh"
+    timeout $(cap 240) $PY -m maskar bench sample models=hmar-d16,var-d16,hmar-d16 cases=256x64 modes=compiled-w16 \
+      reps=${REPS:-5} compile_decoder=true fresh_compile=$fresh check=false json="$OUT/order3_$fresh.json" 2>&1 \
+      | while IFS= read -r l; do echo "$(date +%H:%M:%S.%N | cut -c1-12) $l"; done > "$OUT/order3_$fresh.txt"
+    grep -vE "$NOISE" "$OUT/order3_$fresh.txt" | grep -E " (hmar|var)-d16 |dynamo"
   done
   kill $SMI
   head -n 2 "$OUT/clocks.csv"; wc -l < "$OUT/clocks.csv"
