@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -196,8 +197,12 @@ def test_each_model_compiles_afresh_unless_told_otherwise(monkeypatch, tmp_path,
     argv = ["models=var-tiny,hmar-tiny", "cases=16x2", "modes=compiled", "reps=1", "warmup=0",
             "device=cpu", "check=false", f"fresh_compile={str(fresh).lower()}",
             f"json={tmp_path / 'rows.json'}"]  # fmt: skip
-    assert bench.main(argv) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert bench.main(argv) == 0
     assert events == (["reset", "var-tiny", "reset", "hmar-tiny"] if fresh else ["var-tiny", "hmar-tiny"])
+    # without the reset the second model reuses the first one's compiled code, and is told so
+    assert any("compile_sampler" in str(w.message) for w in caught) is (not fresh)
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert [r["mode"] for r in rows] == ["compiled", "compiled"] and all("dynamo" in r for r in rows)
     events.clear()

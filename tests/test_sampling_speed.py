@@ -203,6 +203,30 @@ def test_compiled_decoder_gives_the_recorded_images(case, monkeypatch):
     assert counter.frame_count >= 3  # the blocks' two parts and the decoder at least
 
 
+def test_compiling_a_second_model_in_a_process_warns_until_dynamo_is_reset():
+    """compile_sampler() on a model while Dynamo holds sampling code compiled for another model:
+    a warning (the second model would reuse that code; such a model sampled as slowly as
+    uncompiled on the GPU); none for the first model, none again for the same model, none after
+    torch._dynamo.reset()."""
+    import warnings
+
+    name, arch, overrides, labels, knobs = CASES[0]
+    first, second = build_model(arch, overrides), build_model(arch, overrides)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first.compile_sampler(decoder=True, backend="eager")
+        run_case(first, labels, knobs)  # compiles: Dynamo now holds code for `first`
+        first.compile_sampler(decoder=True, backend="eager")  # the same model again: no warning
+    with pytest.warns(UserWarning, match=r"torch._dynamo.reset\(\)"):
+        second.compile_sampler(decoder=True, backend="eager")
+    torch._dynamo.reset()
+    third = build_model(arch, overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        third.compile_sampler(decoder=True, backend="eager")
+
+
 def test_bench_sample_takes_compile_decoder():
     from maskar.bench import sample as bench
 

@@ -77,6 +77,28 @@ def decode_in_chunks(tokenizer, f_hat: Tensor, image_size: int, precision: str =
     return torch.cat([tokenizer.fhat_to_img(part, precision) for part in f_hat.split(chunk)])
 
 
+def _warn_if_compiled_before(model: nn.Module, decoder: bool) -> None:
+    """Warn when Dynamo already holds sampling code compiled for another model of this process:
+    ``compile_sampler`` would reuse it (same structure, no recompile), and such a model has sampled
+    as slowly as uncompiled (docs/var_hmar.md, *Compiled blocks*)."""
+    codes = [AdaLNSelfAttnBlock._pre_attention.__code__, AdaLNSelfAttnBlock._post_attention.__code__]
+    if decoder:
+        codes.append(type(model.tokenizer).fhat_to_img.__code__)
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        held = any(_debug_get_cache_entry_list(code) for code in codes)
+    except (ImportError, AttributeError, TypeError):  # a private API: never fail sampling over it
+        return
+    if held:
+        warnings.warn(
+            "compile_sampler: this process already holds sampling code compiled for another model, "
+            "which this model will reuse; a model compiled that way has sampled as slowly as "
+            "uncompiled. Call torch._dynamo.reset() before compile_sampler() to compile it afresh.",
+            stacklevel=3,
+        )
+
+
 class CompiledDecoder:
     """A tokenizer's ``fhat_to_img`` through ``torch.compile`` with static shapes (a decode chunk's;
     a ragged last chunk compiles once more): what :func:`decode_in_chunks` calls in its place."""
@@ -323,6 +345,8 @@ class NextScaleModel(nn.Module):
         and, under ``mode="max-autotune-no-cudagraphs"``, times its convolution templates against
         cuDNN). The per-scale CUDA graphs then capture the compiled kernels. The first calls pay
         the compile time."""
+        if not getattr(self, "_sampler_compiled", False):
+            _warn_if_compiled_before(self, decoder)
         for blk in self.repeated_blocks():
             blk.compile_sampling_parts(**compile_kwargs)
         if decoder:
