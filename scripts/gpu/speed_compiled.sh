@@ -96,6 +96,9 @@
 #     (a later model reuses the first one's compiled code, as in every run before) then =true
 #     (Dynamo reset before each model), the GPU's SM clock, power and temperature logged every
 #     250 ms: is the later model slower for the reused code or for the GPU's state?
+#   PART=c1024 (about 8 min, DEADLINE=570): issue 14's compiled rows with a fresh compile, each model
+#     in its own process: HMAR-d16 and VAR-d16 at 1024 px B 8 (fast-w16 then compiled-w16 with the
+#     decoder compiled), then VAR-d16 at 256 px B 64 the same way.
 #   PART=casmarh (about 5 min, DEADLINE=560): CASMAR-H at its FID setting (num_iter 12), B 64, the
 #     defaults: `maskar bench casmar --preset casmar-h --num-iters 12 --batch 64 --sample-reps 1
 #     --linears low` (a warm-up call, then one timed call; its floor is 1.8 images/s).
@@ -274,6 +277,15 @@ elif [ "${PART}" = order ]; then
   done
   kill $SMI
   head -n 2 "$OUT/clocks.csv"; wc -l < "$OUT/clocks.csv"
+elif [ "${PART}" = c1024 ]; then
+  # The compiled sampler with a fresh compile, each model in its own process (never measured so
+  # before 2026-12-05 late): fast-w16 then compiled-w16 + compiled decoder on the same model.
+  for m in hmar-d16 var-d16; do
+    el "bench sample $m 1024 px B 8: fast-w16, then compiled-w16 compiled afresh"
+    sample_run "c1024_$m" 200 6 models=$m cases=1024x8 modes=fast-w16,compiled-w16 reps=5 compile_decoder=true
+  done
+  el "bench sample var-d16 256 px B 64: fast-w16, then compiled-w16 compiled afresh"
+  sample_run c256_var-d16 150 6 models=var-d16 cases=256x64 modes=fast-w16,compiled-w16 reps=5 compile_decoder=true
 elif [ "${PART}" = casmarh ]; then
   el "bench casmar CASMAR-H, num_iter 12 (issue 15's CASMAR-H row)"
   timeout $(cap 480) $PY -m maskar bench casmar --preset casmar-h --num-iters 12 --batch 64 --sample-reps 1 \
