@@ -305,6 +305,54 @@ def test_decoder_traces_the_op_without_graph_break(cpu_reference):
     torch._dynamo.reset()
 
 
+def test_channels_last_bf16_decode_compiles_to_the_eager_images(cpu_reference, monkeypatch):
+    """`bench decode variants=bf16-cl-compiled`: the bf16 decode traced in channels-last memory
+    hands the op channels-last tensors (no layout copies around it) and compiles to the eager
+    images (aot_eager: the graph, not Inductor's kernels)."""
+    from maskar.tokenizers import vqvae
+
+    monkeypatch.setattr(vqvae, "BF16_CHANNELS_LAST", True)
+    m = tiny_vqvae()
+    fhat = torch.randn(2, m.z_channels, m.latent_side, m.latent_side)
+    seen = []
+    real = cpu_reference.group_norm_act_op
+
+    def record(x, *args):
+        seen.append(cpu_reference._is_channels_last(x))
+        return real(x, *args)
+
+    monkeypatch.setattr(cpu_reference, "group_norm_act_op", record)
+    with torch.no_grad():
+        want = m.fhat_to_img(fhat, precision="bf16")
+        assert seen and all(seen)
+        torch._dynamo.reset()
+        got = torch.compile(m.fhat_to_img, backend="aot_eager", fullgraph=True)(fhat, precision="bf16")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gpu_inductor_decode_matches_eager(channels_last, monkeypatch):
+    """The compiled decoder (`bench decode variants=bf16-compiled / bf16-cl-compiled`, the
+    sampler's compile_decoder) against the same bf16 decode run eagerly, on CUDA with Inductor:
+    the same images up to bf16 rounding (fused kernels round at other points)."""
+    from maskar.tokenizers import vqvae
+
+    monkeypatch.setattr(vqvae, "BF16_CHANNELS_LAST", channels_last)
+    m = tiny_vqvae(ch=32, norm_groups=8, resolution=32, patch_nums=(1, 2, 4, 8, 16)).cuda()
+    fhat = torch.randn(4, m.z_channels, m.latent_side, m.latent_side, device="cuda")
+    with torch.no_grad():
+        want = m.fhat_to_img(fhat, precision="bf16")
+        torch._dynamo.reset()
+        got = torch.compile(m.fhat_to_img, dynamic=False)(fhat, precision="bf16")
+    torch._dynamo.reset()
+    assert got.is_contiguous() and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=4e-2)
+    assert (got - want).abs().mean() < 4e-3
+
+
 def test_cpu_model_never_takes_the_op_by_default(monkeypatch):
     """The op is CUDA-only: CPU outputs (and every recorded fixture) run the torch code."""
     gn = pytest.importorskip("maskar.kernels.group_norm")
@@ -552,11 +600,34 @@ def test_bench_decode_compiled_variants_compile_fhat_to_img(tmp_path, monkeypatc
     monkeypatch.setattr(torch, "compile", fake_compile)
     out = tmp_path / "d.json"
     argv = ["ckpt=none", "speed=true", "cases=32x1", "reps=1", "device=cpu",
-            "variants=bf16,bf16-compiled,bf16-autotune", f"json={out}"]  # fmt: skip
+            "variants=bf16,bf16-compiled,bf16-autotune,bf16-cl-compiled", f"json={out}"]  # fmt: skip
     assert bench_decode.main(argv) == 0
     rows = json.loads(out.read_text())["speed"]
-    assert [r["variant"] for r in rows] == ["fp32-strict", "bf16", "bf16-compiled", "bf16-autotune"]
-    assert modes == [("default", False), ("max-autotune-no-cudagraphs", False)]
+    assert [r["variant"] for r in rows] == ["fp32-strict", "bf16", "bf16-compiled", "bf16-autotune",
+                                            "bf16-cl-compiled"]  # fmt: skip
+    assert modes == [("default", False), ("max-autotune-no-cudagraphs", False), ("default", False)]
     # the compiled variants decode the same images as bf16 (the stand-in compiles nothing)
     assert rows[2]["psnr_vs_fp32_strict_mean"] == rows[1]["psnr_vs_fp32_strict_mean"]
     assert all(r["first_s"] >= 0 for r in rows)
+    assert rows[4]["psnr_vs_fp32_strict_mean"] > 35  # channels-last: the same decode, other rounding
+    assert all("kernel_groups_ms" not in r for r in rows)  # profile=false (and no CUDA here)
+
+
+def test_bench_decode_groups_kernels_by_name():
+    """profile=true's grouping: cuDNN's convolutions and transposes, the norm, Inductor, attention."""
+    from maskar.bench.decode import group_kernels
+
+    per = {
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": 5.0,
+        "void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16>": 1.0,
+        "void nhwcToNchwKernel<float>": 0.5,
+        "_gn_apply": 2.0, "_gn_stats": 1.0, "_gn_finalize": 0.1,
+        "triton_poi_fused_add_convolution_0": 3.0,
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": 0.2,
+        "elementwise_kernel": 0.7,
+    }  # fmt: skip
+    got = group_kernels(per)
+    assert got == pytest.approx({"layout transposes": 1.5, "fused group norm": 3.1, "attention": 0.2,
+                                 "inductor conv templates": 0.0, "inductor kernels": 3.0,
+                                 "convolutions": 5.0, "other": 0.7})  # fmt: skip
+    assert sum(got.values()) == pytest.approx(sum(per.values()))

@@ -2,7 +2,7 @@
 
     maskar bench decode [ckpt=checkpoints/hmar-fmnist] [split=test] [limit=0] [batch=500] [root=DIR]
                         [quality=true] [speed=false] [cases=256x64,1024x8] [reps=5] [device=auto] [json=PATH]
-                        [variants=fp32-strict,fp32,bf16] [convs=false]
+                        [variants=fp32-strict,fp32,bf16] [convs=false] [profile=false]
 
 **Quality** (``quality=true``, the default): the tokenizer of ``ckpt`` (a generator checkpoint
 holding its tokenizer, or a tokenizer checkpoint) encodes ``split`` (default the held-out test
@@ -32,11 +32,16 @@ FLOPs shrink by 5/9) and ``bf16-compiled`` / ``bf16-autotune`` (``bf16`` through
 ``torch.compile`` of ``fhat_to_img``, default mode / ``max-autotune-no-cudagraphs``: Inductor
 fuses the residual adds, casts and upsampling around the convolutions, and in the second mode
 also times its Triton convolution templates against cuDNN per shape; the compile and autotuning
-happen in the warm-up call and are printed apart). Each variant: median of ``reps``
+happen in the warm-up call and are printed apart) and ``bf16-cl-compiled`` (``bf16-compiled``
+traced in channels-last memory: Inductor's layout optimisation already hands cuDNN channels-last
+tensors, but the fused GroupNorm, an opaque op, keeps the layout it was traced with, so an NCHW
+trace may pay a layout copy on each side of every norm). Each variant: median of ``reps``
 CUDA-event timings after one warm-up, peak allocated memory of the decode alone (GB = 1e9 B),
 PSNR against ``fp32-strict`` and, for variants listed after ``bf16-torch-gn``, against it (new
 against old decode). Floors: FLOPs / 790 TFLOP/s (bf16) and / 395 TFLOP/s (TF32), the H200's
-dense matmul peaks.
+dense matmul peaks. ``profile=true`` (CUDA): one more decode of each variant under the profiler,
+its GPU kernel time grouped (convolutions, cuDNN's layout transposes, the fused GroupNorm,
+Inductor's kernels, other) and its ten longest kernels: where a variant's time goes.
 
 **Convolutions** (``convs=true``): every distinct convolution shape of the d16 decoder at each
 case's resolution, on one decode chunk's images in bf16 (what the sampling path runs), timed on
@@ -64,7 +69,7 @@ DEFAULTS = {
     "ckpt": "checkpoints/hmar-fmnist", "split": "test", "limit": 0, "batch": 500, "root": "",
     "quality": True, "speed": False,
     "cases": "256x64,1024x8", "reps": 5, "device": "auto", "json": "", "variants": "fp32-strict,fp32,bf16",
-    "convs": False,
+    "convs": False, "profile": False,
 }  # fmt: skip
 
 # name -> (precision, TF32 for cuDNN (None: as configured), fused group norm, channels-last bf16,
@@ -80,7 +85,29 @@ VARIANTS = {
     "bf16-subpixel": ("bf16", None, True, False, False, True, None),
     "bf16-compiled": ("bf16", None, True, False, False, False, "default"),
     "bf16-autotune": ("bf16", None, True, False, False, False, "max-autotune-no-cudagraphs"),
+    "bf16-cl-compiled": ("bf16", None, True, True, False, False, "default"),
 }
+
+# Kernel-name groups of ``profile=true``, first match wins (cuDNN's / CUTLASS's Hopper convolution
+# kernels are named after their implicit GEMM; its NCHW <-> NHWC transposes after the layouts).
+KERNEL_GROUPS = (
+    ("layout transposes", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("fused group norm", ("_gn_stats", "_gn_finalize", "_gn_apply")),
+    ("attention", ("fmha", "flash", "attention")),
+    ("inductor conv templates", ("triton_tem",)),
+    ("inductor kernels", ("triton_",)),  # its pointwise / reduction kernels (names list the fused ops)
+    ("convolutions", ("conv", "fprop", "implicit", "xmma", "cutlass", "gemm", "sm90", "cudnn")),
+)
+
+
+def group_kernels(per_kernel: dict[str, float]) -> dict[str, float]:
+    """ms per group of :data:`KERNEL_GROUPS` (the rest under ``other``), by kernel name."""
+    groups = dict.fromkeys([g for g, _ in KERNEL_GROUPS] + ["other"], 0.0)
+    for name, ms in per_kernel.items():
+        low = name.lower()
+        key = next((g for g, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
+        groups[key] += ms
+    return groups
 
 PEAK_TFLOPS = {"bf16": 790.0, "tf32": 395.0}
 
@@ -221,7 +248,9 @@ def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
         flops = fc.get_total_flops() * batch
         ref = old = None
         for name in variants:
-            ms, img, peak, first_s = _time_decode(tok, fhat, res, *VARIANTS[name], int(opts["reps"]), device)
+            ms, img, peak, first_s, kernels = _time_decode(
+                tok, fhat, res, *VARIANTS[name], int(opts["reps"]), device, bool(opts["profile"])
+            )
             if ref is None:
                 ref = img
             per = psnr_per_image(img, ref)
@@ -238,16 +267,29 @@ def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
             if vs_old is not None:
                 rows[-1]["psnr_vs_bf16_torch_gn_mean"] = vs_old.mean().item()
                 rows[-1]["psnr_vs_bf16_torch_gn_min"] = vs_old.min().item()
+            if kernels is not None:
+                rows[-1]["kernel_groups_ms"] = group_kernels(kernels)
+                rows[-1]["kernels_top_ms"] = dict(list(kernels.items())[:10])
             print(
-                f"{res:>5} {batch:>5} {name:<13} {ms:>9.1f} {_fmt(peak, '.2f', 8)} {flops / 1e12:>7.1f} "
+                f"{res:>5} {batch:>5} {name:<16} {ms:>9.1f} {_fmt(peak, '.2f', 8)} {flops / 1e12:>7.1f} "
                 f"{rows[-1]['floor_ms']:>8.1f} {per.mean().item():>8.1f} {per.min().item():>8.1f} "
                 f"{_fmt(None if vs_old is None else vs_old.mean().item(), '.1f', 9)} {first_s:>8.1f}",
                 flush=True,
             )
+            if kernels is not None:
+                _print_kernels(name, rows[-1]["kernel_groups_ms"], rows[-1]["kernels_top_ms"])
         del tok, fhat, ref, img
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _print_kernels(name: str, groups: dict[str, float], top: dict[str, float]) -> None:
+    total = sum(groups.values())
+    parts = ", ".join(f"{g} {ms:.1f}" for g, ms in groups.items())
+    print(f"      {name}: GPU kernels {total:.1f} ms a decode: {parts}", flush=True)
+    for kname, ms in top.items():
+        print(f"        {ms:8.2f} ms  {kname[:110]}", flush=True)
 
 
 def _decoder_convs(tok, z: torch.Tensor):
@@ -351,9 +393,11 @@ def conv_shapes(opts: dict[str, Any], device: torch.device) -> list[dict[str, An
 def _time_decode(
     tok, fhat, res: int, precision: str, tf32: bool | None, fused_norm: bool, channels_last: bool,
     autotune: bool, subpixel: bool, compile_mode: str | None, reps: int, device: torch.device,
+    profile: bool = False,
 ):  # fmt: skip
     """(median ms, images, peak GB above what was allocated before, seconds of the first call:
-    compiling and autotuning included) of the chunked decode."""
+    compiling and autotuning included, GPU ms by kernel name of one more decode when ``profile``
+    on CUDA else None) of the chunked decode."""
     from maskar.models.var import CompiledDecoder, decode_in_chunks
     from maskar.tokenizers import common, vqvae
 
@@ -384,13 +428,18 @@ def _time_decode(
             first_s = time.perf_counter() - t0
             ms, img = _time(lambda: decode_in_chunks(decoder, fhat, res, precision), reps, device)
             peak = (torch.cuda.max_memory_allocated(device) - base) / 1e9 if device.type == "cuda" else None
+            kernels = None
+            if profile and device.type == "cuda":
+                from maskar.bench.kernel_time import kernel_ms_per_call
+
+                kernels = kernel_ms_per_call(lambda: decode_in_chunks(decoder, fhat, res, precision), calls=2)
     finally:
         if group_norm:
             group_norm.ENABLED = saved[0]
         vqvae.BF16_CHANNELS_LAST = saved[1]
         vqvae.BF16_CUDNN_BENCHMARK = saved[2]
         common.SUBPIXEL_UPSAMPLE = saved[3]
-    return ms, img, peak, first_s
+    return ms, img, peak, first_s, kernels
 
 
 def _tflops(flop: float, ms: float) -> float | None:
@@ -432,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if opts["speed"]:
         print(
-            f"{'res':>5} {'batch':>5} {'variant':<13} {'ms':>9} {'peak GB':>8} {'TFLOP':>7} {'floor':>8} "
+            f"{'res':>5} {'batch':>5} {'variant':<16} {'ms':>9} {'peak GB':>8} {'TFLOP':>7} {'floor':>8} "
             f"{'PSNR':>8} {'min':>8} {'vs old gn':>9} {'first s':>8}"
         )
         out["speed"] = speed(opts, device)
