@@ -10,6 +10,7 @@ marked ``gpu``.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -192,6 +193,15 @@ for name, N, C, H, W, G, dn, cl, silu, off in T.INTERPRET_CASES:
 x, w, b = T.make_inputs(2, 12, 5, 7, torch.bfloat16, False)
 same = torch.equal(gn.group_norm_act(x, w, b, 4, 1e-6, True), gn.group_norm_act(x, w, b, 4, 1e-6, True))
 print("RESULT " + json.dumps({{"case": "deterministic", "same": same}}), flush=True)
+# a non-dense x (what a flexible layout may hand the op): y laid out as empty_like(x), as the fake says
+x, w, b = T.make_inputs(2, 12, 5, 9, torch.bfloat16, True)
+xs = x[..., 1:8]
+y = gn.group_norm_act_op(xs, w, b, 4, 1e-6, True)
+ref = gn.reference(xs.float(), w.float(), b.float(), 4, 1e-6, True)
+dense_in = xs.is_contiguous(memory_format=torch.channels_last)
+print("RESULT " + json.dumps({{"case": "non-dense", "dense_in": dense_in,
+      "strides": list(y.stride()), "fake_strides": list(torch.empty_like(xs).stride()),
+      "err": (y.float() - ref).abs().max().item()}}), flush=True)
 # the GPU's tile sizes too, at shapes with two statistics chunks and a tail
 gn._INTERPRET = False
 cfg_nchw, cfg_cl = gn._config(4, 136 * 136, False), gn._config(24, 33 * 37, True)
@@ -240,6 +250,31 @@ def test_kernel_matches_torch_interpreted(interpreter_results, case):
 @pytest.mark.parametrize("case", ["gpu-config-nchw", "gpu-config-cl", "compiled"])
 def test_gpu_tile_sizes_and_compiled_op_interpreted(interpreter_results, case):
     _check(interpreter_results[case])
+
+
+def test_op_lays_out_a_non_dense_input_as_its_fake_says_interpreted(interpreter_results):
+    r = interpreter_results["non-dense"]
+    assert not r["dense_in"] and r["strides"] == r["fake_strides"], r
+    assert r["err"] < 0.05, r  # bf16 output
+
+
+def test_flexible_layout_switch_tags_the_op():
+    """MASKAR_GN_FLEXIBLE_LAYOUT=1 (read at import) declares the op's layout flexible for
+    Inductor; unset, the op keeps torch's default (the strides it was traced with)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = ("import torch, maskar.kernels.group_norm as gn; "
+            "print(torch.Tag.flexible_layout in torch.ops.maskar.group_norm_act.default.tags)")  # fmt: skip
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for value, want in (("1", "True"), (None, "False")):
+        env = {k: v for k, v in os.environ.items() if k != "MASKAR_GN_FLEXIBLE_LAYOUT"}
+        if value is not None:
+            env["MASKAR_GN_FLEXIBLE_LAYOUT"] = value
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             check=True, cwd=root)  # fmt: skip
+        assert run.stdout.strip().splitlines()[-1] == want
 
 
 def test_kernel_is_deterministic_interpreted(interpreter_results):

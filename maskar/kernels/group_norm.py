@@ -47,6 +47,7 @@ from torch import Tensor
 
 # Shared with the block-sparse kernel: its launch path (direct launcher calls, little host
 # time), its GPU capability check, and its interpreter / CPU-reference switch.
+from maskar import env
 from maskar.kernels.block_sparse import _INTERPRET, _device_ok, _launch, _on_reference, cdiv, next_power_of_2
 
 # ----------------------------------------------------------------------------- kernels
@@ -261,12 +262,26 @@ def reference(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, 
 # ----------------------------------------------------------------------------- custom op
 
 
-@torch.library.custom_op("maskar::group_norm_act", mutates_args=())
+# Inductor hands a custom op the strides it was traced with (torch's default layout constraint for
+# custom ops, ``needs_exact_strides``), while its layout optimisation gives cuDNN channels-last
+# tensors: a decoder traced in NCHW then pays a layout copy on each side of every norm. The op
+# takes either layout, so it may declare ``flexible_layout`` and read whatever Inductor has.
+# MASKAR_GN_FLEXIBLE_LAYOUT=1 (read at import); off until measured (docs/benchmarks.md).
+FLEXIBLE_LAYOUT = bool(env.switch("MASKAR_GN_FLEXIBLE_LAYOUT"))
+
+
+@torch.library.custom_op(
+    "maskar::group_norm_act", mutates_args=(), tags=(torch.Tag.flexible_layout,) if FLEXIBLE_LAYOUT else ()
+)
 def group_norm_act_op(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool) -> Tensor:
-    """GroupNorm(groups, eps, affine) of (N, C, H, W) x, then SiLU if ``silu``; x's dtype and layout."""
+    """GroupNorm(groups, eps, affine) of (N, C, H, W) x, then SiLU if ``silu``; x's dtype and layout
+    (``torch.empty_like(x)``'s strides, as the fake promises, whatever strides x has)."""
     if _on_reference(x):
         return torch.empty_like(x).copy_(reference(x, weight, bias, groups, eps, silu))
-    return _forward(_dense(x), weight.contiguous(), bias.contiguous(), groups, eps, silu)
+    dense = _dense(x)
+    y = _forward(dense, weight.contiguous(), bias.contiguous(), groups, eps, silu)
+    # a non-dense x (a flexible layout may hand one) ran on a contiguous copy: lay y out as promised
+    return y if dense is x else torch.empty_like(x).copy_(y)
 
 
 @group_norm_act_op.register_fake
