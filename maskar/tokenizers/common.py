@@ -86,6 +86,21 @@ def _load_group_norm_kernel() -> None:
         _group_norm_kernel = group_norm
 
 
+@torch.library.custom_op("maskar::conv2d_nchw", mutates_args=())
+def conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> torch.Tensor:
+    """``F.conv2d`` (stride 1) of NCHW x, opaque to Inductor. Inductor's layout optimisation turns
+    every convolution's input channels-last, and for the decoder's 3-channel output conv cuDNN's
+    channels-last kernel is 6x slower than its NCHW one (an H100, bf16, 256 px B 64: 24.6 of a
+    compiled decode's 125 ms, docs/benchmarks.md). A custom op keeps the layout it was traced
+    with (torch's default constraint for custom ops), so Inductor hands it NCHW."""
+    return F.conv2d(x.contiguous(), weight.contiguous(), bias, 1, padding)
+
+
+@conv2d_nchw.register_fake
+def _(x, weight, bias, padding):
+    return F.conv2d(x.contiguous(), weight, bias, 1, padding).contiguous()
+
+
 def norm_act(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Tensor:
     """``norm(x)`` then, if ``silu``, SiLU.
 
@@ -374,6 +389,10 @@ class Decoder(nn.Module):
             # In channels-last memory cuDNN runs this conv (3 output channels) 6x slower than in
             # NCHW (H200, bf16: 3.1 against 0.5 ms per 8 x 256^2 chunk), more than the rest of the
             # decoder gains from the layout; the copy to NCHW costs one pass over h. No-op on NCHW.
+            # Compiled, Inductor would make it channels-last again: the opaque op keeps NCHW.
+            if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+                conv = self.conv_out
+                return conv2d_nchw(h, conv.weight, conv.bias, int(conv.padding[0]))
             h = h.contiguous()
         return self.conv_out(h)
 
