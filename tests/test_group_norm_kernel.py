@@ -674,12 +674,14 @@ def test_bench_decode_compiled_variants_compile_fhat_to_img(tmp_path, monkeypatc
     monkeypatch.setattr(torch, "compile", fake_compile)
     out = tmp_path / "d.json"
     argv = ["ckpt=none", "speed=true", "cases=32x1", "reps=1", "device=cpu",
-            "variants=bf16,bf16-compiled,bf16-autotune,bf16-cl-compiled", f"json={out}"]  # fmt: skip
+            "variants=bf16,bf16-compiled,bf16-autotune,bf16-cl-compiled,bf16-torch-gn-compiled",
+            f"json={out}"]  # fmt: skip
     assert bench_decode.main(argv) == 0
     rows = json.loads(out.read_text())["speed"]
     assert [r["variant"] for r in rows] == ["fp32-strict", "bf16", "bf16-compiled", "bf16-autotune",
-                                            "bf16-cl-compiled"]  # fmt: skip
-    assert modes == [("default", False), ("max-autotune-no-cudagraphs", False), ("default", False)]
+                                            "bf16-cl-compiled", "bf16-torch-gn-compiled"]  # fmt: skip
+    assert modes == [("default", False), ("max-autotune-no-cudagraphs", False), ("default", False),
+                     ("default", False)]  # fmt: skip
     # the compiled variants decode the same images as bf16 (the stand-in compiles nothing)
     assert rows[2]["psnr_vs_fp32_strict_mean"] == rows[1]["psnr_vs_fp32_strict_mean"]
     assert all(r["first_s"] >= 0 for r in rows)

@@ -35,13 +35,16 @@ also times its Triton convolution templates against cuDNN per shape; the compile
 happen in the warm-up call and are printed apart) and ``bf16-cl-compiled`` (``bf16-compiled``
 traced in channels-last memory: Inductor's layout optimisation already hands cuDNN channels-last
 tensors, but the fused GroupNorm, an opaque op, keeps the layout it was traced with, so an NCHW
-trace may pay a layout copy on each side of every norm). Each variant: median of ``reps``
-CUDA-event timings after one warm-up, peak allocated memory of the decode alone (GB = 1e9 B),
-PSNR against ``fp32-strict`` and, for variants listed after ``bf16-torch-gn``, against it (new
-against old decode). Floors: FLOPs / 790 TFLOP/s (bf16) and / 395 TFLOP/s (TF32), the H200's
-dense matmul peaks. ``profile=true`` (CUDA): one more decode of each variant under the profiler,
-its GPU kernel time grouped (convolutions, cuDNN's layout transposes, the fused GroupNorm,
-Inductor's kernels, other) and its ten longest kernels: where a variant's time goes.
+trace may pay a layout copy on each side of every norm; measured: it does not) and
+``bf16-torch-gn-compiled`` (``bf16-compiled`` with torch's group norm, which Inductor can fuse
+with the bias add before it and the SiLU after it, where the fused kernel is opaque to it).
+Each variant: median of ``reps`` CUDA-event timings after one warm-up, peak allocated memory
+of the decode alone (GB = 1e9 B), PSNR against ``fp32-strict`` and, for variants listed after
+``bf16-torch-gn``, against it (new against old decode). Floors: FLOPs / 790 TFLOP/s (bf16) and
+/ 395 TFLOP/s (TF32), the H200's dense matmul peaks. ``profile=true`` (CUDA): one more decode of
+each variant under the profiler, its GPU kernel time grouped (convolutions, cuDNN's layout
+transposes, the fused GroupNorm, Inductor's kernels, other) and its ten longest kernels: where a
+variant's time goes.
 
 **Convolutions** (``convs=true``): every distinct convolution shape of the d16 decoder at each
 case's resolution, on one decode chunk's images in bf16 (what the sampling path runs), timed on
@@ -86,6 +89,7 @@ VARIANTS = {
     "bf16-compiled": ("bf16", None, True, False, False, False, "default"),
     "bf16-autotune": ("bf16", None, True, False, False, False, "max-autotune-no-cudagraphs"),
     "bf16-cl-compiled": ("bf16", None, True, True, False, False, "default"),
+    "bf16-torch-gn-compiled": ("bf16", None, False, False, False, False, "default"),
 }
 
 # Kernel-name groups of ``profile=true``, first match wins (cuDNN's / CUTLASS's Hopper convolution
