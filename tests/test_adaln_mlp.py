@@ -130,14 +130,11 @@ def test_sampling_with_the_fused_head_stays_close(interp):
 
 
 def test_off_by_default_and_the_graph_key_tells_the_paths_apart():
-    import subprocess
-    import sys
+    from helpers_env import last_line_with
 
     code = "from maskar.nn.diffloss import DiffLoss; print(DiffLoss.fused_blocks)"
-    for env, want in (("0", "False"), ("1", "True")):  # the switch is read at import: a fresh process
-        proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MASKAR_HEAD_FUSED=env),
-                              capture_output=True, text=True, check=True)
-        assert proc.stdout.strip() == want
+    for value, want in (("0", "False"), ("1", "True")):  # the switch is read at import: a fresh process
+        assert last_line_with("MASKAR_HEAD_FUSED", value, code) == want
     head = dl.DiffLoss(16, 48, depth=2, width=64)
     assert head.fused_blocks is (os.environ.get("MASKAR_HEAD_FUSED", "0") == "1")
     before = head.graph_key()

@@ -10,7 +10,6 @@ marked ``gpu``.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -261,20 +260,13 @@ def test_op_lays_out_a_non_dense_input_as_its_fake_says_interpreted(interpreter_
 def test_flexible_layout_switch_tags_the_op():
     """MASKAR_GN_FLEXIBLE_LAYOUT=1 (read at import) declares the op's layout flexible for
     Inductor; unset, the op keeps torch's default (the strides it was traced with)."""
-    import subprocess
-    import sys
+    from helpers_env import last_line_with
 
     pytest.importorskip("triton")
     code = ("import torch, maskar.kernels.group_norm as gn; "
             "print(torch.Tag.flexible_layout in torch.ops.maskar.group_norm_act.default.tags)")  # fmt: skip
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for value, want in (("1", "True"), (None, "False")):
-        env = {k: v for k, v in os.environ.items() if k != "MASKAR_GN_FLEXIBLE_LAYOUT"}
-        if value is not None:
-            env["MASKAR_GN_FLEXIBLE_LAYOUT"] = value
-        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                             check=True, cwd=root)  # fmt: skip
-        assert run.stdout.strip().splitlines()[-1] == want
+        assert last_line_with("MASKAR_GN_FLEXIBLE_LAYOUT", value, code) == want
 
 
 def test_kernel_is_deterministic_interpreted(interpreter_results):

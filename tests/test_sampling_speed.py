@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import itertools
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -585,18 +584,11 @@ def test_pool_reservation_is_the_peak_with_headroom_in_whole_segments():
 
 def test_pool_margin_switch_is_read_at_import_and_checked():
     """MASKAR_GRAPH_POOL_MARGIN sets the headroom (a sweep in one run); a bad value is named."""
-    import subprocess
-    import sys
+    from helpers_env import last_line_with
 
     code = "import maskar.models.scale_graphs as g; print(g.RESERVE_MARGIN)"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for value, want in (("1.25", "1.25"), (None, "1.02")):
-        env = {k: v for k, v in os.environ.items() if k != "MASKAR_GRAPH_POOL_MARGIN"}
-        if value is not None:
-            env["MASKAR_GRAPH_POOL_MARGIN"] = value
-        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                             check=True, cwd=root)
-        assert run.stdout.strip().splitlines()[-1] == want
+        assert last_line_with("MASKAR_GRAPH_POOL_MARGIN", value, code) == want
     from maskar.env import margin
 
     for bad in ("0.9", "nan", "big"):

@@ -427,17 +427,11 @@ def test_channels_last_bf16_decode_runs_the_output_conv_in_nchw(tiny, monkeypatc
 
 def test_decode_channels_last_switch_is_read_at_import():
     """MASKAR_DECODE_CHANNELS_LAST=1 turns the channels-last bf16 decode on for the process."""
-    import os
-    import subprocess
-    import sys
+    from helpers_env import last_line_with
 
     code = "import maskar.tokenizers.vqvae as v; print(v.BF16_CHANNELS_LAST)"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for env, want in (({"MASKAR_DECODE_CHANNELS_LAST": "1"}, "True"), ({}, "False")):
-        full = {k: v for k, v in os.environ.items() if k != "MASKAR_DECODE_CHANNELS_LAST"} | env
-        run = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
-                             check=True, cwd=root)
-        assert run.stdout.strip().splitlines()[-1] == want
+    for value, want in (("1", "True"), (None, "False")):
+        assert last_line_with("MASKAR_DECODE_CHANNELS_LAST", value, code) == want
 
 
 def _peak_live_bytes(fn) -> tuple[torch.Tensor, int]:
