@@ -45,9 +45,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from maskar import env
+
 # Shared with the block-sparse kernel: its launch path (direct launcher calls, little host
 # time), its GPU capability check, and its interpreter / CPU-reference switch.
-from maskar import env
 from maskar.kernels.block_sparse import _INTERPRET, _device_ok, _launch, _on_reference, cdiv, next_power_of_2
 
 # ----------------------------------------------------------------------------- kernels
@@ -264,9 +265,10 @@ def reference(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, 
 
 # Inductor hands a custom op the strides it was traced with (torch's default layout constraint for
 # custom ops, ``needs_exact_strides``), while its layout optimisation gives cuDNN channels-last
-# tensors: a decoder traced in NCHW then pays a layout copy on each side of every norm. The op
-# takes either layout, so it may declare ``flexible_layout`` and read whatever Inductor has.
-# MASKAR_GN_FLEXIBLE_LAYOUT=1 (read at import); off until measured (docs/benchmarks.md).
+# tensors. The op takes either layout, so it may declare ``flexible_layout`` and read whatever
+# Inductor has: MASKAR_GN_FLEXIBLE_LAYOUT=1 (read at import). Off: the compiled decode has no
+# separate layout copies to save, and was no faster with it (H100, 2026-12-06: 134.9 against
+# 136.2 ms at 256 px B 64; docs/benchmarks.md, *Where the compiled decoder's time goes*).
 FLEXIBLE_LAYOUT = bool(env.switch("MASKAR_GN_FLEXIBLE_LAYOUT"))
 
 
