@@ -35,6 +35,7 @@ SWITCHES: dict[str, Switch] = {
     "MASKAR_SDPA_CUDNN": Switch(False, "VAR / HMAR dense sampling attention asks for cuDNN first"),
     "MASKAR_DECODE_CHANNELS_LAST": Switch(False, "bf16 VQ-VAE decode in channels-last memory"),
     "MASKAR_GN_FLEXIBLE_LAYOUT": Switch(False, "fused GroupNorm op: any layout Inductor picks"),
+    "MASKAR_GN_CONV_BIAS": Switch(False, "bf16 decode: the fused GroupNorm adds the conv bias before it"),
     "MASKAR_GRAPH_POOL_RESERVE": Switch(True, "VAR / HMAR sampling graphs reserve their pool in one piece"),
     "MASKAR_SAMPLER_KERNEL": Switch(True, "VAR / HMAR top-k / top-p draw as one Triton kernel"),
     "MASKAR_PSA_QKV": Switch(None, "PSA's q, k, v as one matmul", "in CUDA inference"),

@@ -60,10 +60,11 @@ def truth(x, w, b, groups: int, silu: bool):
     return y, scale
 
 
-def excess(got, x, w, b, groups: int, silu: bool, ulps: float = 2.0, rel: float = 1e-5) -> float:
+def excess(got, x, w, b, groups: int, silu: bool, ulps: float = 2.0, rel: float = 1e-5, x_bias=None) -> float:
     """Largest |got - truth| / (ulps units in the last place of x's dtype at |truth| + rel * scale);
-    <= 1 passes."""
-    y, scale = truth(x, w, b, groups, silu)
+    <= 1 passes. ``x_bias``: the truth of the norm of x + x_bias (per channel, exact in float64)."""
+    xs = x if x_bias is None else x.double() + x_bias.double().view(1, -1, 1, 1)
+    y, scale = truth(xs, w, b, groups, silu)
     ulp = torch.exp2(torch.floor(torch.log2(y.abs().clamp_min(1e-30))) - MANTISSA[x.dtype])
     return float(((got.double() - y).abs() / (ulps * ulp + rel * scale + 1e-30)).max())
 
@@ -84,6 +85,35 @@ def check_call(fn, N, C, H, W, G, dtype, channels_last, silu, seed=0, offset=2.0
         and tuple(got.shape) == tuple(x.shape),
         "finite": bool(torch.isfinite(got).all()),
     }
+
+
+def check_call_x_bias(
+    fn, N, C, H, W, G, dtype, channels_last, bias_scale: float, seed=0, device="cpu"
+) -> dict:
+    """fn(x, w, b, G, eps, True, x_bias=...) vs the float64 norm of x + x_bias: a convolution's
+    bias the norm adds (``bias_scale`` large: a masked-off element that took it would move the
+    tile means far off)."""
+    x, w, b = make_inputs(N, C, H, W, dtype, channels_last, seed, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    xb = (torch.randn(C, generator=g) * bias_scale).to(dtype).to(device)
+    got = fn(x, w, b, G, EPS, True, x_bias=xb)
+    return {
+        "excess": excess(got, x, w, b, G, True, x_bias=xb),
+        "torch_excess": 0.0,  # no torch counterpart rounds once: the float64 bound alone
+        "same_layout": got.stride() == x.stride()
+        and got.dtype == x.dtype
+        and tuple(got.shape) == tuple(x.shape),
+        "finite": bool(torch.isfinite(got).all()),
+    }
+
+
+# (name, N, C, H, W, groups, dtype, channels_last, bias scale): tails in every direction, as above.
+X_BIAS_CASES = [
+    ("xbias-bf16-nchw", 2, 12, 5, 7, 4, "bf16", False, 3.0),
+    ("xbias-bf16-cl", 2, 12, 5, 7, 4, "bf16", True, 3.0),
+    ("xbias-fp32-nchw-odd", 2, 15, 7, 9, 5, "fp32", False, 50.0),
+    ("xbias-fp32-cl-odd", 1, 15, 11, 9, 3, "fp32", True, 50.0),
+]
 
 
 def tiny_vqvae(seed: int = 0, **kw) -> MultiScaleVQVAE:
@@ -117,8 +147,11 @@ def decoder_vs_torch(
     calls = []
     real = gn._forward
 
+    xbias_calls = []
+
     def counting(x, *a):
         calls.append(_is_cl(x))
+        xbias_calls.append(len(a) > 5 and a[5] is not None)
         return real(x, *a)
 
     out = {}
@@ -144,6 +177,8 @@ def decoder_vs_torch(
         "calls": len(calls),
         "norms": n_norms,
         "channels_last_calls": sum(calls),
+        "x_bias_calls": sum(xbias_calls),  # norms that added a conv's bias (of the fused decode)
+        "res_blocks": sum(type(mod).__name__ == "ResnetBlock" for mod in m.decoder.modules()),
         "contiguous_out": out["fused"].is_contiguous(),
     }
 
@@ -188,6 +223,9 @@ torch.manual_seed(0)
 for name, N, C, H, W, G, dn, cl, silu, off in T.INTERPRET_CASES:
     r = T.check_call(gn.group_norm_act, N, C, H, W, G, T.DTYPES[dn], cl, silu, offset=off)
     print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
+for name, N, C, H, W, G, dn, cl, scale in T.X_BIAS_CASES:
+    r = T.check_call_x_bias(gn.group_norm_act, N, C, H, W, G, T.DTYPES[dn], cl, scale)
+    print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
 # the same call twice: the same bits (no atomics)
 x, w, b = T.make_inputs(2, 12, 5, 7, torch.bfloat16, False)
 same = torch.equal(gn.group_norm_act(x, w, b, 4, 1e-6, True), gn.group_norm_act(x, w, b, 4, 1e-6, True))
@@ -225,6 +263,14 @@ for prec in ("fp32", "bf16"):
         r = T.decoder_vs_torch(m, prec, cl, B=1)
         name = f"decoder-{{prec}}-{{'cl' if cl else 'nchw'}}"
         print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
+# the decoder with each ResnetBlock's conv1 bias added by the norm after it (MASKAR_GN_CONV_BIAS)
+from maskar.tokenizers import common
+common.NORM_TAKES_CONV_BIAS = True
+for cl in (False, True):
+    r = T.decoder_vs_torch(m, "bf16", cl, B=1)
+    name = f"decoder-bf16-{{'cl' if cl else 'nchw'}}-gnbias"
+    print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
+common.NORM_TAKES_CONV_BIAS = False
 """
 
 
@@ -244,6 +290,11 @@ def _check(r: dict, torch_within: float | None = 2.0) -> None:
 @pytest.mark.parametrize("case", [c[0] for c in INTERPRET_CASES])
 def test_kernel_matches_torch_interpreted(interpreter_results, case):
     _check(interpreter_results[case])
+
+
+@pytest.mark.parametrize("case", [c[0] for c in X_BIAS_CASES])
+def test_kernel_adds_x_bias_before_the_norm_interpreted(interpreter_results, case):
+    _check(interpreter_results[case], torch_within=None)
 
 
 @pytest.mark.parametrize("case", ["gpu-config-nchw", "gpu-config-cl", "compiled"])
@@ -273,11 +324,22 @@ def test_kernel_is_deterministic_interpreted(interpreter_results):
     assert interpreter_results["deterministic"]["same"]
 
 
-@pytest.mark.parametrize("case", ["decoder-fp32-nchw", "decoder-bf16-nchw", "decoder-bf16-cl"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "decoder-fp32-nchw",
+        "decoder-bf16-nchw",
+        "decoder-bf16-cl",
+        "decoder-bf16-nchw-gnbias",
+        "decoder-bf16-cl-gnbias",
+    ],
+)
 def test_decoder_with_the_kernel_matches_torch_decoder_interpreted(interpreter_results, case):
     r = interpreter_results[case]
     assert r["calls"] == r["norms"] > 0, r  # every norm of the decoder took the kernel
-    assert r["channels_last_calls"] == (r["calls"] if case.endswith("-cl") else 0), r
+    assert r["channels_last_calls"] == (r["calls"] if "-cl" in case else 0), r
+    # with MASKAR_GN_CONV_BIAS every ResnetBlock's second norm took its conv1's bias
+    assert r["x_bias_calls"] == (r["res_blocks"] if case.endswith("-gnbias") else 0), r
     assert r["contiguous_out"], r
     if "fp32" in case:
         assert r["rel"] < 1e-5, r  # reduction order only
@@ -311,6 +373,75 @@ def test_op_reference_is_the_torch_code_bit_for_bit(cpu_reference):
         got = cpu_reference.group_norm_act(x, w, b, 4, EPS, True)
         assert torch.equal(got, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4, w, b, EPS)))
         assert got.stride() == x.stride()
+
+
+def test_opcheck_with_x_bias(cpu_reference):
+    for cl in (False, True):
+        x, w, b = make_inputs(2, 8, 3, 5, torch.bfloat16, cl)
+        torch.library.opcheck(cpu_reference.group_norm_act_op, (x, w, b, 4, EPS, True, torch.randn(8)))
+
+
+def test_op_reference_with_x_bias_rounds_once(cpu_reference):
+    """The reference of x + x_bias: sum and norm in float32, one rounding to x's dtype."""
+    x, w, b = make_inputs(2, 8, 3, 5, torch.bfloat16, True)
+    xb = torch.randn(8).to(torch.bfloat16) * 4
+    got = cpu_reference.group_norm_act(x, w, b, 4, EPS, True, x_bias=xb)
+    xs = x.float() + xb.float().view(1, -1, 1, 1)
+    want = torch.nn.functional.silu(torch.nn.functional.group_norm(xs, 4, w.float(), b.float(), EPS))
+    assert torch.equal(got, want.to(torch.bfloat16)) and got.stride() == x.stride()
+    with pytest.raises(ValueError, match="x_bias of C values|x_bias"):
+        cpu_reference.group_norm_act(x, w, b, 4, EPS, True, x_bias=torch.ones(3))
+
+
+def test_conv_bias_switch_leaves_paths_without_the_fused_norm_bit_for_bit(monkeypatch):
+    """MASKAR_GN_CONV_BIAS changes only the fused-norm path: the CPU decode (fp32 and bf16, the torch
+    norm) and the training forward stay the same bits."""
+    from maskar.tokenizers import common
+
+    m = tiny_vqvae()
+    fhat = torch.randn(2, m.z_channels, m.latent_side, m.latent_side)
+    img = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        want = [m.fhat_to_img(fhat), m.fhat_to_img(fhat, "bf16")]
+    want_train = m(img)
+    monkeypatch.setattr(common, "NORM_TAKES_CONV_BIAS", True)
+    with torch.no_grad():
+        got = [m.fhat_to_img(fhat), m.fhat_to_img(fhat, "bf16")]
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert torch.equal(m(img), want_train)
+
+
+def test_decoder_with_conv_bias_in_the_norm_compiles_to_the_eager_images(cpu_reference, monkeypatch):
+    """With MASKAR_GN_CONV_BIAS the traced decode holds one op call with the conv's bias per
+    ResnetBlock (the convolution before it has none) and compiles to the eager images (aot_eager)."""
+    from maskar.tokenizers import common
+
+    monkeypatch.setattr(common, "NORM_TAKES_CONV_BIAS", True)
+    m = tiny_vqvae()
+    fhat = torch.randn(2, m.z_channels, m.latent_side, m.latent_side)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    with torch.no_grad():
+        want = m.fhat_to_img(fhat, precision="bf16")
+        torch._dynamo.reset()
+        got = torch.compile(m.fhat_to_img, backend=backend, fullgraph=True)(fhat, precision="bf16")
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ops = [n for g in graphs for n in g.graph.nodes if "group_norm_act" in str(n.target)]
+    with_bias = [n for n in ops if len(n.args) > 6 and n.args[6] is not None]
+    blocks = sum(type(mod).__name__ == "ResnetBlock" for mod in m.decoder.modules())
+    assert len(ops) == sum(isinstance(mod, torch.nn.GroupNorm) for mod in m.decoder.modules())
+    assert len(with_bias) == blocks > 0
+    for n in with_bias:  # fed straight by a convolution without its bias
+        conv = n.args[0]
+        assert "conv2d" in str(conv.target) and (len(conv.args) < 3 or conv.args[2] is None), (
+            conv.format_node()
+        )
 
 
 def test_decoder_traces_the_op_without_graph_break(cpu_reference):
@@ -360,14 +491,23 @@ def test_channels_last_bf16_decode_compiles_to_the_eager_images(cpu_reference, m
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_gpu_inductor_decode_matches_eager(channels_last, monkeypatch):
-    """The compiled decoder (`bench decode variants=bf16-compiled / bf16-cl-compiled`, the
-    sampler's compile_decoder) against the same bf16 decode run eagerly, on CUDA with Inductor:
-    the same images up to bf16 rounding (fused kernels round at other points)."""
-    from maskar.tokenizers import vqvae
+@pytest.mark.parametrize(
+    "channels_last,conv_bias", [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_gpu_inductor_decode_matches_eager(channels_last, conv_bias, monkeypatch):
+    """The compiled decoder (`bench decode variants=bf16-compiled / bf16-cl-compiled /
+    bf16-gnbias-compiled`, the sampler's compile_decoder) against the same bf16 decode run
+    eagerly, on CUDA with Inductor: the same images up to bf16 rounding (fused kernels round at
+    other points). With ``conv_bias`` (MASKAR_GN_CONV_BIAS) every norm takes the fused kernel, so
+    the conv biases really move into it."""
+    from maskar.tokenizers import common, vqvae
 
     monkeypatch.setattr(vqvae, "BF16_CHANNELS_LAST", channels_last)
+    monkeypatch.setattr(common, "NORM_TAKES_CONV_BIAS", conv_bias)
+    if conv_bias:
+        gn = pytest.importorskip("maskar.kernels.group_norm")
+        monkeypatch.setattr(gn, "TORCH_BELOW", 0)
+        monkeypatch.setattr(gn, "TORCH_BELOW_MANY", 0)
     m = tiny_vqvae(ch=32, norm_groups=8, resolution=32, patch_nums=(1, 2, 4, 8, 16)).cuda()
     fhat = torch.randn(4, m.z_channels, m.latent_side, m.latent_side, device="cuda")
     with torch.no_grad():
@@ -530,7 +670,7 @@ def _compile_for(kernel, arch: int, dtype: str, consts: dict):
     from triton.compiler import ASTSource
 
     fp = {"fp16": "*fp16", "bf16": "*bf16"}[dtype]
-    pointers = {"X": fp, "Y": fp, "W": fp, "B": fp, "PART": "*fp32", "STATS": "*fp32"}
+    pointers = {"X": fp, "XB": fp, "Y": fp, "W": fp, "B": fp, "PART": "*fp32", "STATS": "*fp32"}
     types = {}
     for n in kernel.arg_names:
         types[n] = "constexpr" if n in consts else pointers.get(n, "fp32" if n == "eps" else "i32")
@@ -542,18 +682,20 @@ def _compile_for(kernel, arch: int, dtype: str, consts: dict):
 
 
 @pytest.mark.parametrize(
-    "arch,dtype,kernel,channels_last",
-    [(90, "bf16", "stats", False), (90, "bf16", "stats", True), (90, "bf16", "apply", False),
-     (90, "bf16", "apply", True), (80, "fp16", "apply", False), (90, "bf16", "finalize", False)],
+    "arch,dtype,kernel,channels_last,x_bias",
+    [(90, "bf16", "stats", False, False), (90, "bf16", "stats", True, False),
+     (90, "bf16", "apply", False, False), (90, "bf16", "apply", True, False),
+     (80, "fp16", "apply", False, False), (90, "bf16", "finalize", False, False),
+     (90, "bf16", "stats", False, True), (90, "bf16", "apply", True, True)],
 )  # fmt: skip
-def test_kernels_compile_to_cubin_with_vector_loads(arch, dtype, kernel, channels_last):
+def test_kernels_compile_to_cubin_with_vector_loads(arch, dtype, kernel, channels_last, x_bias):
     """The interpreter does not compile: this catches what only the real compiler rejects, and that
-    the decoder's shapes read and write 16-byte vectors."""
+    the decoder's shapes read and write 16-byte vectors (also with a conv's bias added, x_bias)."""
     require_aot_compiler()
     import maskar.kernels.group_norm as gn
 
     cfg = gn._config(160, 1024 * 1024, channels_last)
-    tiles = dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=channels_last)
+    tiles = dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=channels_last, HAS_XB=x_bias)
     fn, consts = {
         "stats": (gn._gn_stats, tiles),
         "apply": (gn._gn_apply, {**tiles, "SILU": True}),
@@ -596,13 +738,33 @@ def test_kernel_matches_torch_gpu(shape, dname, channels_last):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_decoder_with_the_kernel_matches_torch_decoder_gpu(channels_last, monkeypatch):
+@pytest.mark.parametrize(
+    "shape", [GPU_SHAPES[0], GPU_SHAPES[1], GPU_SHAPES[4]], ids=lambda s: "x".join(map(str, s))
+)
+def test_kernel_adds_x_bias_gpu(shape, channels_last):
+    """A conv's bias added inside the kernels (MASKAR_GN_CONV_BIAS) at the decoder's shapes."""
+    import maskar.kernels.group_norm as gn
+
+    N, C, H, W = shape
+    _check(check_call_x_bias(gn.group_norm_act, N, C, H, W, 32, torch.bfloat16, channels_last, 3.0,
+                             device="cuda"), torch_within=None)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_decoder_with_the_kernel_matches_torch_decoder_gpu(channels_last, conv_bias, monkeypatch):
+    from maskar.tokenizers import common
+
     gn = pytest.importorskip("maskar.kernels.group_norm")
     monkeypatch.setattr(gn, "TORCH_BELOW", 0)  # every norm of this tiny decoder takes the kernel
     monkeypatch.setattr(gn, "TORCH_BELOW_MANY", 0)
+    monkeypatch.setattr(common, "NORM_TAKES_CONV_BIAS", conv_bias)
     m = tiny_vqvae(ch=32, norm_groups=8, resolution=32, patch_nums=(1, 2, 4, 8, 16)).cuda()
     r = decoder_vs_torch(m, "bf16", channels_last, B=4, device="cuda")
     assert r["calls"] == r["norms"] > 0, r
+    assert r["x_bias_calls"] == (r["res_blocks"] if conv_bias else 0), r
     assert r["fused_vs_fp32"] < 1.25 * r["torch_vs_fp32"], r
 
 

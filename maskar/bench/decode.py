@@ -64,7 +64,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -75,21 +75,35 @@ DEFAULTS = {
     "convs": False, "profile": False,
 }  # fmt: skip
 
-# name -> (precision, TF32 for cuDNN (None: as configured), fused group norm, channels-last bf16,
-# cuDNN autotuning of the bf16 convolutions, the Upsample convs as one 2x2 sub-pixel conv,
-# torch.compile mode of fhat_to_img (None: eager))
+
+class Variant(NamedTuple):
+    """One way of decoding, as ``bench decode`` times it."""
+
+    precision: str
+    tf32: bool | None = None  # TF32 for cuDNN (None: as configured)
+    fused_norm: bool = True  # the fused GroupNorm(+SiLU) kernel
+    channels_last: bool = False  # bf16 in channels-last memory
+    autotune: bool = False  # cuDNN's algorithm search for the bf16 convolutions
+    subpixel: bool = False  # the Upsample convs as one 2x2 sub-pixel conv
+    compile_mode: str | None = None  # torch.compile mode of fhat_to_img (None: eager)
+    norm_conv_bias: bool = False  # the fused norm adds conv1's bias (common.NORM_TAKES_CONV_BIAS)
+
+
 VARIANTS = {
-    "fp32-strict": ("fp32", False, True, False, False, False, None),
-    "fp32": ("fp32", None, True, False, False, False, None),
-    "bf16": ("bf16", None, True, False, False, False, None),
-    "bf16-torch-gn": ("bf16", None, False, False, False, False, None),
-    "bf16-cl": ("bf16", None, True, True, False, False, None),
-    "bf16-autotuned": ("bf16", None, True, False, True, False, None),
-    "bf16-subpixel": ("bf16", None, True, False, False, True, None),
-    "bf16-compiled": ("bf16", None, True, False, False, False, "default"),
-    "bf16-autotune": ("bf16", None, True, False, False, False, "max-autotune-no-cudagraphs"),
-    "bf16-cl-compiled": ("bf16", None, True, True, False, False, "default"),
-    "bf16-torch-gn-compiled": ("bf16", None, False, False, False, False, "default"),
+    "fp32-strict": Variant("fp32", tf32=False),
+    "fp32": Variant("fp32"),
+    "bf16": Variant("bf16"),
+    "bf16-torch-gn": Variant("bf16", fused_norm=False),
+    "bf16-cl": Variant("bf16", channels_last=True),
+    "bf16-autotuned": Variant("bf16", autotune=True),
+    "bf16-subpixel": Variant("bf16", subpixel=True),
+    "bf16-gnbias": Variant("bf16", norm_conv_bias=True),
+    "bf16-cl-gnbias": Variant("bf16", channels_last=True, norm_conv_bias=True),
+    "bf16-compiled": Variant("bf16", compile_mode="default"),
+    "bf16-autotune": Variant("bf16", compile_mode="max-autotune-no-cudagraphs"),
+    "bf16-cl-compiled": Variant("bf16", channels_last=True, compile_mode="default"),
+    "bf16-torch-gn-compiled": Variant("bf16", fused_norm=False, compile_mode="default"),
+    "bf16-gnbias-compiled": Variant("bf16", compile_mode="default", norm_conv_bias=True),
 }
 
 # Kernel-name groups of ``profile=true``, first match wins (cuDNN's / CUTLASS's Hopper convolution
@@ -112,6 +126,7 @@ def group_kernels(per_kernel: dict[str, float]) -> dict[str, float]:
         key = next((g for g, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
         groups[key] += ms
     return groups
+
 
 PEAK_TFLOPS = {"bf16": 790.0, "tf32": 395.0}
 
@@ -253,7 +268,7 @@ def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
         ref = old = None
         for name in variants:
             ms, img, peak, first_s, kernels = _time_decode(
-                tok, fhat, res, *VARIANTS[name], int(opts["reps"]), device, bool(opts["profile"])
+                tok, fhat, res, VARIANTS[name], int(opts["reps"]), device, bool(opts["profile"])
             )
             if ref is None:
                 ref = img
@@ -261,7 +276,7 @@ def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
             vs_old = psnr_per_image(img, old) if old is not None else None
             if name == "bf16-torch-gn":
                 old = img
-            precision = VARIANTS[name][0]
+            precision = VARIANTS[name].precision
             peak_tf = PEAK_TFLOPS["bf16" if precision == "bf16" else "tf32"]
             rows.append({
                 "res": res, "batch": batch, "variant": name, "ms": ms, "decode_peak_gb": peak,
@@ -395,9 +410,7 @@ def conv_shapes(opts: dict[str, Any], device: torch.device) -> list[dict[str, An
 
 
 def _time_decode(
-    tok, fhat, res: int, precision: str, tf32: bool | None, fused_norm: bool, channels_last: bool,
-    autotune: bool, subpixel: bool, compile_mode: str | None, reps: int, device: torch.device,
-    profile: bool = False,
+    tok, fhat, res: int, v: Variant, reps: int, device: torch.device, profile: bool = False
 ):  # fmt: skip
     """(median ms, images, peak GB above what was allocated before, seconds of the first call:
     compiling and autotuning included, GPU ms by kernel name of one more decode when ``profile``
@@ -410,14 +423,16 @@ def _time_decode(
     except ImportError:  # no Triton: the torch norm is all there is
         group_norm = None
     saved = (group_norm.ENABLED if group_norm else None, vqvae.BF16_CHANNELS_LAST, vqvae.BF16_CUDNN_BENCHMARK,
-             common.SUBPIXEL_UPSAMPLE)  # fmt: skip
-    allow = torch.backends.cudnn.allow_tf32 if tf32 is None else tf32
+             common.SUBPIXEL_UPSAMPLE, common.NORM_TAKES_CONV_BIAS)  # fmt: skip
+    allow = torch.backends.cudnn.allow_tf32 if v.tf32 is None else v.tf32
+    precision, compile_mode = v.precision, v.compile_mode
     try:
         if group_norm:
-            group_norm.ENABLED = fused_norm
-        vqvae.BF16_CHANNELS_LAST = channels_last
-        vqvae.BF16_CUDNN_BENCHMARK = autotune
-        common.SUBPIXEL_UPSAMPLE = subpixel
+            group_norm.ENABLED = v.fused_norm
+        vqvae.BF16_CHANNELS_LAST = v.channels_last
+        vqvae.BF16_CUDNN_BENCHMARK = v.autotune
+        common.SUBPIXEL_UPSAMPLE = v.subpixel
+        common.NORM_TAKES_CONV_BIAS = v.norm_conv_bias
         with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=allow):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -443,6 +458,7 @@ def _time_decode(
         vqvae.BF16_CHANNELS_LAST = saved[1]
         vqvae.BF16_CUDNN_BENCHMARK = saved[2]
         common.SUBPIXEL_UPSAMPLE = saved[3]
+        common.NORM_TAKES_CONV_BIAS = saved[4]
     return ms, img, peak, first_s, kernels
 
 

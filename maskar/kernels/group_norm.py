@@ -69,6 +69,7 @@ def _tile_offsets(n, c, p, C, HW, CHANNELS_LAST: tl.constexpr):
 @triton.jit
 def _gn_stats(
     X,
+    XB,
     PART,
     C,
     HW,
@@ -76,12 +77,16 @@ def _gn_stats(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    HAS_XB: tl.constexpr,
 ):
-    """PART[0 | 1, n, chunk, c] = mean | M2 of channel c over pixels [chunk * chunk_p, + chunk_p)."""
+    """PART[0 | 1, n, chunk, c] = mean | M2 of channel c (plus XB[c] if HAS_XB) over pixels
+    [chunk * chunk_p, + chunk_p)."""
     pc = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.program_id(2)
     c_ok = c < C
+    if HAS_XB:
+        xb = tl.load(XB + c, mask=c_ok, other=0.0).to(tl.float32)
     p_lo = pc * chunk_p
     p_hi = tl.minimum(p_lo + chunk_p, HW)
     cnt = 0.0
@@ -91,6 +96,8 @@ def _gn_stats(
         p = p0 + tl.arange(0, BLOCK_P)
         ok = c_ok[:, None] & (p < p_hi)[None, :]
         x = tl.load(X + _tile_offsets(n, c, p, C, HW, CHANNELS_LAST), mask=ok, other=0.0).to(tl.float32)
+        if HAS_XB:  # the masked-off elements must stay 0: the tile mean sums them
+            x = tl.where(ok, x + xb[:, None], 0.0)
         nb = tl.minimum(p_hi - p0, BLOCK_P).to(tl.float32)
         t_mean = tl.sum(x, 1) / nb
         d = tl.where(ok, x - t_mean[:, None], 0.0)
@@ -145,6 +152,7 @@ def _gn_finalize(PART, STATS, C, HW, G, chunk_p, n_chunks, N, eps, BLOCK_F: tl.c
 @triton.jit(do_not_specialize=["G"])
 def _gn_apply(
     X,
+    XB,
     Y,
     W,
     B,
@@ -156,8 +164,10 @@ def _gn_apply(
     BLOCK_P: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     SILU: tl.constexpr,
+    HAS_XB: tl.constexpr,
 ):
-    """Y = x * (rstd * gamma) + (beta - mean * rstd * gamma), then SiLU, over one tile."""
+    """Y = x * (rstd * gamma) + (beta - mean * rstd * gamma), then SiLU, over one tile; with
+    HAS_XB, x + XB[c] in place of x (its term folded into the shift: no more work per element)."""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.program_id(2)
@@ -168,6 +178,8 @@ def _gn_apply(
     rstd = tl.load(STATS + ng * 2 + 1, mask=c_ok, other=0.0)
     scale = rstd * tl.load(W + c, mask=c_ok, other=0.0).to(tl.float32)
     shift = tl.load(B + c, mask=c_ok, other=0.0).to(tl.float32) - mean * scale
+    if HAS_XB:
+        shift += tl.load(XB + c, mask=c_ok, other=0.0).to(tl.float32) * scale
     off = _tile_offsets(n, c, p, C, HW, CHANNELS_LAST)
     x = tl.load(X + off, mask=ok, other=0.0).to(tl.float32)
     y = x * scale[:, None] + shift[:, None]
@@ -212,8 +224,11 @@ def _is_channels_last(x: Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool) -> Tensor:
-    """Kernel launches: y in x's dtype and layout (x contiguous or channels-last)."""
+def _forward(
+    x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool, x_bias: Tensor | None = None
+) -> Tensor:
+    """Kernel launches: y in x's dtype and layout (x contiguous or channels-last); ``x_bias`` (C
+    values, contiguous) is added to x per channel first."""
     N, C, H, W = x.shape
     HW = H * W
     if x.numel() == 0:
@@ -226,11 +241,13 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, s
     part = torch.empty((2, N, n_chunks, C), dtype=torch.float32, device=x.device)
     stats = torch.empty((N, groups, 2), dtype=torch.float32, device=x.device)
     y = torch.empty_like(x)
+    has_xb = x_bias is not None
+    xb = x_bias if has_xb else bias  # a pointer the kernels never read without HAS_XB
     _launch(
         _gn_stats,
         (n_chunks, n_cb, N),
-        (x, part, C, HW, chunk_p),
-        dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=cl),
+        (x, xb, part, C, HW, chunk_p),
+        dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=cl, HAS_XB=has_xb),
         cfg.num_warps,
         1,
     )
@@ -246,16 +263,24 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, s
     _launch(
         _gn_apply,
         (cdiv(HW, cfg.block_p), n_cb, N),
-        (x, y, weight, bias, stats, C, HW, groups),
-        dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=cl, SILU=silu),
+        (x, xb, y, weight, bias, stats, C, HW, groups),
+        dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=cl, SILU=silu, HAS_XB=has_xb),
         cfg.num_warps,
         1,
     )
     return y
 
 
-def reference(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool) -> Tensor:
-    """The torch code the decoder ran before: F.group_norm, then F.silu."""
+def reference(
+    x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool, x_bias: Tensor | None = None
+) -> Tensor:
+    """The torch code the decoder ran before: F.group_norm, then F.silu. With ``x_bias`` (what the
+    kernels add to x per channel, unrounded) the sum and the norm in float32 (at least), rounded
+    once to x's dtype."""
+    if x_bias is not None:
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xs = x.to(acc) + x_bias.to(acc).view(1, -1, 1, 1)
+        return reference(xs, weight.to(acc), bias.to(acc), groups, eps, silu).to(x.dtype)
     y = F.group_norm(x, groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
@@ -275,19 +300,23 @@ FLEXIBLE_LAYOUT = bool(env.switch("MASKAR_GN_FLEXIBLE_LAYOUT"))
 @torch.library.custom_op(
     "maskar::group_norm_act", mutates_args=(), tags=(torch.Tag.flexible_layout,) if FLEXIBLE_LAYOUT else ()
 )
-def group_norm_act_op(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool) -> Tensor:
-    """GroupNorm(groups, eps, affine) of (N, C, H, W) x, then SiLU if ``silu``; x's dtype and layout
-    (``torch.empty_like(x)``'s strides, as the fake promises, whatever strides x has)."""
+def group_norm_act_op(
+    x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool, x_bias: Tensor | None = None
+) -> Tensor:
+    """GroupNorm(groups, eps, affine) of (N, C, H, W) x (plus ``x_bias`` per channel, if given),
+    then SiLU if ``silu``; x's dtype and layout (``torch.empty_like(x)``'s strides, as the fake
+    promises, whatever strides x has)."""
     if _on_reference(x):
-        return torch.empty_like(x).copy_(reference(x, weight, bias, groups, eps, silu))
+        return torch.empty_like(x).copy_(reference(x, weight, bias, groups, eps, silu, x_bias))
     dense = _dense(x)
-    y = _forward(dense, weight.contiguous(), bias.contiguous(), groups, eps, silu)
+    xb = None if x_bias is None else x_bias.contiguous()
+    y = _forward(dense, weight.contiguous(), bias.contiguous(), groups, eps, silu, xb)
     # a non-dense x (a flexible layout may hand one) ran on a contiguous copy: lay y out as promised
     return y if dense is x else torch.empty_like(x).copy_(y)
 
 
 @group_norm_act_op.register_fake
-def _(x, weight, bias, groups, eps, silu):
+def _(x, weight, bias, groups, eps, silu, x_bias=None):
     return torch.empty_like(x)
 
 
@@ -298,18 +327,29 @@ def _dense(x: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- model entry
 
 
-def group_norm_act(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool) -> Tensor:
-    """GroupNorm then (``silu``) SiLU in one fused pass; check :func:`supports` first (inference only)."""
+def group_norm_act(
+    x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool, x_bias: Tensor | None = None
+) -> Tensor:
+    """GroupNorm then (``silu``) SiLU in one fused pass; check :func:`supports` first (inference only).
+
+    ``x_bias``: C values added to x per channel before the norm, in float32 inside the kernels
+    (a convolution's bias: the decoder then runs that convolution without it, and no pass over
+    its output adds it)."""
     C = x.shape[1] if x.dim() == 4 else -1
-    if C < 0 or C % groups or weight.numel() != C or bias.numel() != C:
+    if (
+        C < 0 or C % groups or weight.numel() != C or bias.numel() != C
+        or (x_bias is not None and x_bias.numel() != C)
+    ):  # fmt: skip
+        xb = "none" if x_bias is None else tuple(x_bias.shape)
         raise ValueError(
-            f"group_norm_act: expected x (N, C, H, W) with C divisible by groups={groups} and a weight "
-            f"and bias of C values; got x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
-            f"bias {tuple(bias.shape)}"
+            f"group_norm_act: expected x (N, C, H, W) with C divisible by groups={groups} and a weight, "
+            f"bias (and x_bias) of C values; got x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+            f"bias {tuple(bias.shape)}, x_bias {xb}"
         )
     if torch.compiler.is_compiling() or _on_reference(x):
-        return group_norm_act_op(x, weight, bias, groups, float(eps), silu)
-    return _forward(_dense(x), weight.contiguous(), bias.contiguous(), groups, float(eps), silu)
+        return group_norm_act_op(x, weight, bias, groups, float(eps), silu, x_bias)
+    xb = None if x_bias is None else x_bias.contiguous()
+    return _forward(_dense(x), weight.contiguous(), bias.contiguous(), groups, float(eps), silu, xb)
 
 
 # ----------------------------------------------------------------------------- support
@@ -342,14 +382,23 @@ def torch_is_faster(shape: tuple[int, ...], groups: int) -> bool:
     return n <= TORCH_BELOW or (n <= TORCH_BELOW_MANY and int(shape[0]) * groups >= 256)
 
 
-def supports(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int | None = None) -> bool:
+def supports(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    groups: int | None = None,
+    shape: tuple[int, ...] | None = None,
+) -> bool:
     """Whether the decoder takes the fused op for this call: CUDA sm80+ with fp16 / bf16 x (or the
     interpreter / the CPU reference in tests), an affine norm, no gradient wanted, no autocast;
-    given ``groups``, on CUDA not where PyTorch's own kernel is faster (:func:`torch_is_faster`)."""
+    given ``groups``, on CUDA not where PyTorch's own kernel is faster (:func:`torch_is_faster`).
+    ``shape``: the norm's input shape where x is not that input yet (a convolution's input, whose
+    output the norm will take: same device, dtype and gradient state)."""
     if not ENABLED or weight is None or bias is None or x.dim() != 4:
         return False
+    shape = tuple(x.shape) if shape is None else tuple(shape)
     if x.is_cuda:
-        if groups is not None and torch_is_faster(tuple(x.shape), groups):
+        if groups is not None and torch_is_faster(shape, groups):
             return False
         device_ok = x.dtype in _DTYPES and _device_ok(x.device)
     elif x.is_cpu:
@@ -364,7 +413,10 @@ def supports(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int 
         return False  # training: torch's norm has the backward
     if torch.is_autocast_enabled(x.device.type):
         return False  # autocast runs group norm in fp32: keep its result dtype
-    return x.numel() // max(x.shape[0], 1) < 2**31  # one sample's offsets in int32
+    per_sample = 1
+    for d in shape[1:]:
+        per_sample *= int(d)
+    return per_sample < 2**31  # one sample's offsets in int32
 
 
 __all__ = ["group_norm_act", "group_norm_act_op", "reference", "supports", "torch_is_faster", "GNConfig"]

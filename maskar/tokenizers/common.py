@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskar import env
 from maskar.config import ModelConfig, field
 from maskar.tokenizers.losses import TokenizerLossConfig
 
@@ -116,6 +117,36 @@ def norm_act(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Te
     return F.silu(h) if silu else h
 
 
+# Where the fused GroupNorm runs (CUDA bf16 / fp16 inference), each ResnetBlock's conv1 runs without
+# its bias and the norm after it adds the bias inside its kernels (float32, unrounded): one pass
+# over the conv's output fewer, eagerly (PyTorch adds a cuDNN convolution's bias as a pass of its
+# own) and compiled (Inductor's bias kernel before the opaque norm). MASKAR_GN_CONV_BIAS (read at
+# import), off until measured on a GPU (`maskar bench decode variants=bf16,bf16-gnbias,...`).
+NORM_TAKES_CONV_BIAS = bool(env.switch("MASKAR_GN_CONV_BIAS"))
+
+
+def conv_norm_act(conv: nn.Conv2d, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm_act(norm, conv(x))``; with :data:`NORM_TAKES_CONV_BIAS`, where the fused norm runs,
+    the convolution's bias added by the norm's kernels instead of a pass of its own. Decided
+    before the convolution runs (from its input and output shape), so every other path computes
+    exactly ``conv(x)`` as before."""
+    fused = _group_norm_kernel
+    plain = conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)  # not padding="same"
+    if NORM_TAKES_CONV_BIAS and fused is not None and conv.bias is not None and plain and x.dim() == 4:
+        out_shape = (x.shape[0], conv.out_channels, *_conv_out_hw(conv, x))
+        if fused.supports(x, norm.weight, norm.bias, norm.num_groups, shape=out_shape):
+            h = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+            g = norm.num_groups
+            return fused.group_norm_act(h, norm.weight, norm.bias, g, norm.eps, True, x_bias=conv.bias)
+    return norm_act(norm, conv(x))
+
+
+def _conv_out_hw(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
+    (ph, pw), (dh, dw), (kh, kw), (sh, sw) = conv.padding, conv.dilation, conv.kernel_size, conv.stride
+    h, w = x.shape[2], x.shape[3]
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
 class ResnetBlock(nn.Module):
     """GN -> SiLU -> conv3 -> GN -> SiLU -> dropout -> conv3, plus a 1x1 shortcut if widths differ."""
 
@@ -133,8 +164,7 @@ class ResnetBlock(nn.Module):
         # One name for the running tensor, so each intermediate is freed as soon as the next one
         # exists: at most x and two more full-size tensors live at once (the 1024 px decode's
         # peak, 335 MB each at 160 x 1024^2 bf16), not x and three.
-        h = self.conv1(norm_act(self.norm1, x))
-        h = norm_act(self.norm2, h)
+        h = conv_norm_act(self.conv1, self.norm2, norm_act(self.norm1, x))
         h = self.conv2(self.dropout(h))
         if torch.is_grad_enabled():
             return self.nin_shortcut(x) + h
