@@ -1,10 +1,12 @@
 # Issue 14's rows on the issue's GPU with the compiled decoder's output conv kept NCHW (2026-12-06;
 # measured before on H100s only), each model in its own process so each compiles afresh:
-#   PART=a (about 5 min, DEADLINE=560): `maskar bench decode` bf16 / bf16-cl (eager, channels-last) /
-#     bf16-compiled, profiled, with Inductor's output code kept (decode_code.log.gz: what its
-#     elementwise kernels around the convolutions do); HMAR-d16 and VAR-d16 256 px B 64
-#     compiled-w16 + compiled decoder.
-#   PART=b (about 5 min, DEADLINE=560): the same two models at 1024 px B 8.
+#   PART=a (about 8 min, DEADLINE=570): the GPU tests of the fused norm with a conv's bias
+#     (MASKAR_GN_CONV_BIAS); `maskar bench decode` bf16 / bf16-gnbias / bf16-cl (eager,
+#     channels-last) / bf16-cl-gnbias / bf16-compiled / bf16-gnbias-compiled, profiled, with
+#     Inductor's output code kept (decode_code.log.gz: what its elementwise kernels around the
+#     convolutions do); HMAR-d16 256 px B 64 compiled-w16 + compiled decoder, at the defaults and
+#     with MASKAR_GN_CONV_BIAS=1.
+#   PART=b (about 7 min, DEADLINE=570): VAR-d16 256 px B 64 the same way; both models at 1024 px B 8.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -19,20 +21,28 @@ sample_run() {  # NAME CAP ARGS...: `maskar bench sample ARGS` into $OUT/NAME.{t
   echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/$name.txt" | tail -n 5
 }
 if [ "${PART:-a}" = a ]; then
-  el "bench decode 256 px B 64: bf16, bf16-cl, bf16-compiled, profiled; Inductor's output code"
-  TORCH_LOGS=output_code timeout $(cap 180) $PY -m maskar bench decode quality=false speed=true \
-    cases=256x64 variants=bf16,bf16-cl,bf16-compiled profile=true json="$OUT/decode.json" \
-    > "$OUT/decode.txt" 2> "$OUT/decode_code.log"
-  echo "decode rc=$?"; grep -vE "$NOISE" "$OUT/decode.txt" | grep -v "fp32-strict\|sm80\|DSE::\|pointwise_mult" | tail -n 40
+  el "GPU tests: the fused norm adding a conv's bias, alone, in the decoder, compiled"
+  timeout $(cap 120) $PY -m pytest -q -m gpu tests/test_group_norm_kernel.py \
+    -k "x_bias or inductor_decode or decoder_with_the_kernel" > "$OUT/gpu_tests.txt" 2>&1
+  echo "tests rc=$?"; tail -n 3 "$OUT/gpu_tests.txt"
+  el "bench decode 256 px B 64, profiled; Inductor's output code"
+  TORCH_LOGS=output_code timeout $(cap 210) $PY -m maskar bench decode quality=false speed=true \
+    cases=256x64 variants=bf16,bf16-gnbias,bf16-cl,bf16-cl-gnbias,bf16-compiled,bf16-gnbias-compiled \
+    profile=true json="$OUT/decode.json" > "$OUT/decode.txt" 2> "$OUT/decode_code.log"
+  echo "decode rc=$?"; grep -vE "$NOISE" "$OUT/decode.txt" | grep -v "fp32-strict\|sm80\|DSE::\|pointwise_mult" \
+    | grep -v "^        " | tail -n 16
   gzip -9 "$OUT/decode_code.log"
-  for m in hmar-d16 var-d16; do
-    el "bench sample $m 256 px B 64 compiled-w16 + compiled decoder (compiled afresh)"
-    sample_run "s256_$m" 170 models=$m cases=256x64 modes=compiled-w16 reps=5 compile_decoder=true
-  done
+  el "bench sample hmar-d16 256 px B 64 compiled-w16 + compiled decoder (compiled afresh)"
+  sample_run s256_hmar-d16 130 models=hmar-d16 cases=256x64 modes=compiled-w16 reps=5 compile_decoder=true
+  el "the same with MASKAR_GN_CONV_BIAS=1"
+  MASKAR_GN_CONV_BIAS=1 sample_run s256_hmar-d16-gnbias 130 models=hmar-d16 cases=256x64 modes=compiled-w16 \
+    reps=5 compile_decoder=true
 else
+  el "bench sample var-d16 256 px B 64 compiled-w16 + compiled decoder (compiled afresh)"
+  sample_run s256_var-d16 130 models=var-d16 cases=256x64 modes=compiled-w16 reps=5 compile_decoder=true
   for m in hmar-d16 var-d16; do
     el "bench sample $m 1024 px B 8 compiled-w16 + compiled decoder (compiled afresh)"
-    sample_run "s1024_$m" 260 models=$m cases=1024x8 modes=compiled-w16 reps=5 compile_decoder=true
+    sample_run "s1024_$m" 220 models=$m cases=1024x8 modes=compiled-w16 reps=5 compile_decoder=true
   done
 fi
 el done
