@@ -236,3 +236,24 @@ def test_memory_by_pool_splits_default_and_graph_pools():
     assert bench.memory_by_pool([])["graphs_reserved"] == 0.0
     line = bench.format_pools(bench.memory_by_pool(segs))
     assert "graphs' pools 5.00 GB (3.50 in use) in 2 segments, the largest 4.00, 1.00 GB" in line
+
+
+def test_profile_groups_the_graphed_calls_kernels_by_name():
+    """profile=true's kernel groups: cuDNN's convolutions (implicit GEMMs) before the matmuls,
+    the draw, the norm and q/k norm kernels, attention, Inductor's kernels."""
+    from maskar.bench.sample import group_kernels
+
+    per = {
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": 5.0,
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1": 4.0,
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNN": 1.0,
+        "_categorical": 0.5, "_gn_apply": 0.25, "_qk_norm_fwd": 0.125,
+        "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": 2.0,
+        "triton_poi_fused_add_mul_0": 0.75, "void at::native::elementwise_kernel<128, 2>": 0.0625,
+    }  # fmt: skip
+    got = group_kernels(per)
+    assert got == pytest.approx({
+        "decoder convolutions": 5.0, "layout transposes": 0.0, "fused group norm": 0.25, "attention": 2.0,
+        "q/k norm": 0.125, "draw (top-k / top-p)": 0.5, "matmuls": 5.0, "inductor kernels": 0.75,
+        "other": 0.0625,
+    })  # fmt: skip

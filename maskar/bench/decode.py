@@ -120,12 +120,9 @@ KERNEL_GROUPS = (
 
 def group_kernels(per_kernel: dict[str, float]) -> dict[str, float]:
     """ms per group of :data:`KERNEL_GROUPS` (the rest under ``other``), by kernel name."""
-    groups = dict.fromkeys([g for g, _ in KERNEL_GROUPS] + ["other"], 0.0)
-    for name, ms in per_kernel.items():
-        low = name.lower()
-        key = next((g for g, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
-        groups[key] += ms
-    return groups
+    from maskar.bench.kernel_time import group_by_name
+
+    return group_by_name(per_kernel, KERNEL_GROUPS)
 
 
 PEAK_TFLOPS = {"bf16": 790.0, "tf32": 395.0}

@@ -25,3 +25,16 @@ def kernel_ms_per_call(fn: Callable[[], object], calls: int = 10) -> dict[str, f
         if ev.device_type() == torch.autograd.DeviceType.CUDA:
             per[ev.name()] = per.get(ev.name(), 0.0) + (ev.end_ns() - ev.start_ns()) / 1e6 / calls
     return dict(sorted(per.items(), key=lambda kv: -kv[1]))
+
+
+def group_by_name(
+    per_kernel: dict[str, float], groups: tuple[tuple[str, tuple[str, ...]], ...]
+) -> dict[str, float]:
+    """ms per group of ``groups`` ((name, lower-case substrings), first match wins; the rest under
+    ``other``), from ms per kernel name."""
+    out = dict.fromkeys([g for g, _ in groups] + ["other"], 0.0)
+    for name, ms in per_kernel.items():
+        low = name.lower()
+        key = next((g for g, keys in groups if any(k in low for k in keys)), "other")
+        out[key] += ms
+    return out

@@ -592,10 +592,38 @@ def kernel_busy(model, call, device: torch.device) -> dict[str, Any]:
     return {"busy_ms": busy, "busy_per_kind_ms": per_kind, "top_ops_ms": top}
 
 
+# Kernel-name groups of one call on the row's own path (graph replays included: CUPTI records the
+# kernels inside a CUDA graph one by one), first match wins. cuDNN's convolution kernels are implicit
+# GEMMs (``..._xmma_fprop_implicit_gemm_...``), so they are matched before the matmuls.
+KERNEL_GROUPS = (
+    ("decoder convolutions", ("fprop", "conv")),
+    ("layout transposes", ("nchwtonhwc", "nhwctonchw")),
+    ("fused group norm", ("_gn_stats", "_gn_finalize", "_gn_apply")),
+    ("attention", ("fmha", "flash", "attention", "_attn_fwd", "sdpa")),
+    ("q/k norm", ("_qk_norm",)),
+    ("draw (top-k / top-p)", ("_categorical", "sort", "topk", "multinomial", "cumsum")),
+    ("matmuls", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_", "cublas")),
+    ("inductor kernels", ("triton_",)),
+)
+
+
+def group_kernels(per_kernel: dict[str, float]) -> dict[str, float]:
+    """ms per group of :data:`KERNEL_GROUPS` (the rest under ``other``), by kernel name."""
+    from maskar.bench.kernel_time import group_by_name
+
+    return group_by_name(per_kernel, KERNEL_GROUPS)
+
+
 def profile_call(model, call, device: torch.device) -> dict[str, Any]:
-    """Region times of one call on this row's path; for graph rows also of the eager path with
-    kernel-busy times, so the idle share of the eager path is known."""
+    """Region times of one call on this row's path, and on CUDA its GPU kernel time by kernel
+    group (:data:`KERNEL_GROUPS`) with the longest kernels; for graph rows also the region times
+    of the eager path with kernel-busy times, so the idle share of the eager path is known."""
     out = {"regions": region_times(model, call, device)}
+    if device.type == "cuda":
+        from maskar.bench.kernel_time import kernel_ms_per_call
+
+        per = kernel_ms_per_call(call, calls=1)
+        out["kernels"] = {"groups_ms": group_kernels(per), "top_ms": dict(list(per.items())[:15])}
     graphs, model.cuda_graphs = model.cuda_graphs, False
     try:
         if graphs and device.type == "cuda":
@@ -626,6 +654,12 @@ def format_profile(r: dict[str, Any]) -> list[str]:
         lines.append(f"{tag} [{label}]: span {reg['span_ms']:.1f} ms = {kinds}")
         scales = " ".join(f"{k} {v:.1f}" for k, v in reg["per_scale_ms"].items())
         lines.append(f"      per scale ms: {scales}")
+    kern = prof.get("kernels")
+    if kern:
+        groups = ", ".join(f"{g} {ms:.1f}" for g, ms in kern["groups_ms"].items() if ms >= 0.05)
+        lines.append(f"      GPU kernels of this path {sum(kern['groups_ms'].values()):.1f} ms: {groups}")
+        for name, ms in list(kern["top_ms"].items())[:10]:
+            lines.append(f"        {ms:8.2f} ms  {name[:110]}")
     busy = prof.get("eager_busy")
     if busy:
         kinds = " ".join(f"{k} {v:.1f}" for k, v in busy["busy_per_kind_ms"].items() if v >= 0.05)

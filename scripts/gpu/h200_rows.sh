@@ -5,7 +5,7 @@
 #     channels-last) / bf16-cl-gnbias / bf16-compiled / bf16-gnbias-compiled, profiled, with
 #     Inductor's output code kept (decode_code.log.gz: what its elementwise kernels around the
 #     convolutions do); HMAR-d16 256 px B 64 compiled-w16 + compiled decoder, at the defaults and
-#     with MASKAR_GN_CONV_BIAS=1.
+#     with MASKAR_GN_CONV_BIAS=1 (the first profiled: GPU time of the graphed call by kernel group).
 #   PART=b (about 7 min, DEADLINE=570): VAR-d16 256 px B 64 the same way; both models at 1024 px B 8.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
@@ -33,7 +33,8 @@ if [ "${PART:-a}" = a ]; then
     | grep -v "^        " | tail -n 16
   gzip -9 "$OUT/decode_code.log"
   el "bench sample hmar-d16 256 px B 64 compiled-w16 + compiled decoder (compiled afresh)"
-  sample_run s256_hmar-d16 130 models=hmar-d16 cases=256x64 modes=compiled-w16 reps=5 compile_decoder=true
+  sample_run s256_hmar-d16 150 models=hmar-d16 cases=256x64 modes=compiled-w16 reps=5 compile_decoder=true \
+    profile=true
   el "the same with MASKAR_GN_CONV_BIAS=1"
   MASKAR_GN_CONV_BIAS=1 sample_run s256_hmar-d16-gnbias 130 models=hmar-d16 cases=256x64 modes=compiled-w16 \
     reps=5 compile_decoder=true
