@@ -621,6 +621,53 @@ def test_cuda_routing_follows_the_measured_crossover(case):
     gn = pytest.importorskip("maskar.kernels.group_norm")
     *shape, groups, torch_faster = case
     assert gn.torch_is_faster(tuple(shape), groups) is torch_faster
+    # channels-last x always takes the fused op: PyTorch's CUDA norm would hand back NCHW
+    assert gn.torch_is_faster(tuple(shape), groups, channels_last=True) is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_channels_last_decode_stays_channels_last_gpu(compiled, monkeypatch):
+    """MASKAR_DECODE_CHANNELS_LAST on CUDA, with the real routing (small norms included): every
+    convolution but the 3-channel output one reads channels-last memory (eagerly: no cuDNN
+    transposes), and, traced, every norm is the fused op on channels-last tensors (Inductor then
+    has no NCHW layout to convert to and from around the convolutions)."""
+    from maskar.tokenizers import vqvae
+
+    monkeypatch.setattr(vqvae, "BF16_CHANNELS_LAST", True)
+    m = tiny_vqvae(ch=32, norm_groups=8, resolution=32, patch_nums=(1, 2, 4, 8, 16)).cuda()
+    fhat = torch.randn(4, m.z_channels, m.latent_side, m.latent_side, device="cuda")
+    layouts = {}
+
+    def hook(mod, inp, out):
+        layouts[mod] = _is_cl(inp[0])
+
+    convs = [mod for mod in m.decoder.modules() if isinstance(mod, torch.nn.Conv2d)]
+    handles = [c.register_forward_hook(hook) for c in convs]
+    with torch.no_grad():
+        want = m.fhat_to_img(fhat, precision="bf16")
+    for h in handles:
+        h.remove()
+    assert all(layouts[c] for c in convs if c is not m.decoder.conv_out and c.kernel_size != (1, 1)), layouts
+    if compiled:
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs)
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got = torch.compile(m.fhat_to_img, backend=backend, dynamic=False)(fhat, precision="bf16")
+        torch._dynamo.reset()
+        nodes = [n for g in graphs for n in g.graph.nodes]
+        norms = [n for n in nodes if "group_norm_act" in str(n.target)]
+        assert len(norms) == sum(isinstance(mod, torch.nn.GroupNorm) for mod in m.decoder.modules())
+        assert not [n for n in nodes if "group_norm" in str(n.target) and n not in norms]
+        torch.testing.assert_close(got, want, rtol=0, atol=4e-2)
 
 
 def test_training_decoder_keeps_the_torch_path_and_its_gradients(cpu_reference):

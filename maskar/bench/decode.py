@@ -37,7 +37,10 @@ traced in channels-last memory: Inductor's layout optimisation already hands cuD
 tensors, but the fused GroupNorm, an opaque op, keeps the layout it was traced with, so an NCHW
 trace may pay a layout copy on each side of every norm; measured: it does not) and
 ``bf16-torch-gn-compiled`` (``bf16-compiled`` with torch's group norm, which Inductor can fuse
-with the bias add before it and the SiLU after it, where the fused kernel is opaque to it).
+with the bias add before it and the SiLU after it, where the fused kernel is opaque to it), and
+``bf16-gnbias`` / ``bf16-cl-gnbias`` / ``bf16-gnbias-compiled`` / ``bf16-cl-gnbias-compiled`` (the
+same with each ResnetBlock's conv1 bias added inside the fused norm after it,
+``common.NORM_TAKES_CONV_BIAS``).
 Each variant: median of ``reps`` CUDA-event timings after one warm-up, peak allocated memory
 of the decode alone (GB = 1e9 B), PSNR against ``fp32-strict`` and, for variants listed after
 ``bf16-torch-gn``, against it (new against old decode). Floors: FLOPs / 790 TFLOP/s (bf16) and
@@ -104,6 +107,9 @@ VARIANTS = {
     "bf16-cl-compiled": Variant("bf16", channels_last=True, compile_mode="default"),
     "bf16-torch-gn-compiled": Variant("bf16", fused_norm=False, compile_mode="default"),
     "bf16-gnbias-compiled": Variant("bf16", compile_mode="default", norm_conv_bias=True),
+    "bf16-cl-gnbias-compiled": Variant(
+        "bf16", channels_last=True, compile_mode="default", norm_conv_bias=True
+    ),
 }
 
 # Kernel-name groups of ``profile=true``, first match wins (cuDNN's / CUTLASS's Hopper convolution

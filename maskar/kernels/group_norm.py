@@ -374,8 +374,15 @@ TORCH_BELOW = 2_700_000
 TORCH_BELOW_MANY = 5_300_000
 
 
-def torch_is_faster(shape: tuple[int, ...], groups: int) -> bool:
-    """Whether a CUDA call of this (N, C, H, W) shape and group count is faster in PyTorch."""
+def torch_is_faster(shape: tuple[int, ...], groups: int, channels_last: bool = False) -> bool:
+    """Whether a CUDA call of this (N, C, H, W) shape and group count is faster in PyTorch. Never
+    for channels-last x: PyTorch's CUDA group norm returns NCHW whatever its input
+    (pytorch/pytorch#111824), so one small norm would turn the rest of a channels-last decode
+    NCHW (eagerly: cuDNN transposing around every convolution after it; compiled: a traced NCHW
+    layout that Inductor converts to and from channels-last around every convolution), which
+    is what happened to ``MASKAR_DECODE_CHANNELS_LAST=1`` until 2026-12-06."""
+    if channels_last:
+        return False
     n = 1
     for d in shape:
         n *= int(d)
@@ -398,7 +405,7 @@ def supports(
         return False
     shape = tuple(x.shape) if shape is None else tuple(shape)
     if x.is_cuda:
-        if groups is not None and torch_is_faster(shape, groups):
+        if groups is not None and torch_is_faster(shape, groups, _is_channels_last(x)):
             return False
         device_ok = x.dtype in _DTYPES and _device_ok(x.device)
     elif x.is_cpu:

@@ -7,6 +7,12 @@
 #     convolutions do); HMAR-d16 256 px B 64 compiled-w16 + compiled decoder, at the defaults and
 #     with MASKAR_GN_CONV_BIAS=1 (the first profiled: GPU time of the graphed call by kernel group).
 #   PART=b (about 7 min, DEADLINE=570): VAR-d16 256 px B 64 the same way; both models at 1024 px B 8.
+#   PART=cl (about 8.5 min, DEADLINE=570): after the fix that keeps a channels-last decode channels-last
+#     (small norms no longer go to PyTorch's CUDA group norm, which returns NCHW): its GPU tests;
+#     `bench decode` bf16 / bf16-cl / bf16-cl-gnbias / bf16-compiled / bf16-cl-compiled /
+#     bf16-cl-gnbias-compiled, profiled; HMAR-d16 256 px B 64 fast-w16 (the eager decoder of `maskar
+#     sample`) and compiled-w16 + compiled decoder, each at the defaults and with
+#     MASKAR_DECODE_CHANNELS_LAST=1 MASKAR_GN_CONV_BIAS=1.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -38,6 +44,25 @@ if [ "${PART:-a}" = a ]; then
   el "the same with MASKAR_GN_CONV_BIAS=1"
   MASKAR_GN_CONV_BIAS=1 sample_run s256_hmar-d16-gnbias 130 models=hmar-d16 cases=256x64 modes=compiled-w16 \
     reps=5 compile_decoder=true
+elif [ "${PART}" = cl ]; then
+  el "GPU tests: the channels-last decode stays channels-last; conv bias in the norm"
+  timeout $(cap 120) $PY -m pytest -q -m gpu tests/test_group_norm_kernel.py \
+    -k "channels_last_decode_stays or x_bias or inductor_decode" > "$OUT/gpu_tests.txt" 2>&1
+  echo "tests rc=$?"; tail -n 3 "$OUT/gpu_tests.txt"
+  el "bench decode 256 px B 64, profiled"
+  timeout $(cap 200) $PY -m maskar bench decode quality=false speed=true cases=256x64 \
+    variants=bf16,bf16-cl,bf16-cl-gnbias,bf16-compiled,bf16-cl-compiled,bf16-cl-gnbias-compiled \
+    profile=true json="$OUT/decode.json" > "$OUT/decode.txt" 2>&1
+  echo "decode rc=$?"; grep -vE "$NOISE" "$OUT/decode.txt" | grep -v "fp32-strict\|sm80\|DSE::\|pointwise_mult" \
+    | tail -n 68 | grep -v "^        .* ms  [^t_]" | head -n 50
+  for env in "" "MASKAR_DECODE_CHANNELS_LAST=1 MASKAR_GN_CONV_BIAS=1"; do
+    tag=$([ -z "$env" ] && echo default || echo cl-gnbias)
+    el "bench sample hmar-d16 256 px B 64 fast-w16, then compiled-w16 + compiled decoder: $tag"
+    env $env timeout $(cap 150) $PY -m maskar bench sample models=hmar-d16 cases=256x64 \
+      modes=fast-w16,compiled-w16 reps=5 compile_decoder=true json="$OUT/s256_hmar_$tag.json" \
+      > "$OUT/s256_hmar_$tag.txt" 2>&1
+    echo "sample rc=$?"; grep -E "^hmar-d16 " "$OUT/s256_hmar_$tag.txt"
+  done
 else
   el "bench sample var-d16 256 px B 64 compiled-w16 + compiled decoder (compiled afresh)"
   sample_run s256_var-d16 130 models=var-d16 cases=256x64 modes=compiled-w16 reps=5 compile_decoder=true
