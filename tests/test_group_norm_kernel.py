@@ -226,6 +226,13 @@ for name, N, C, H, W, G, dn, cl, silu, off in T.INTERPRET_CASES:
 for name, N, C, H, W, G, dn, cl, scale in T.X_BIAS_CASES:
     r = T.check_call_x_bias(gn.group_norm_act, N, C, H, W, G, T.DTYPES[dn], cl, scale)
     print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
+# a channels-last x written out NCHW (the decoder's last norm): contiguous y, the same values
+for name, N, C, H, W, G in (("nchw-out", 2, 12, 5, 7, 4), ("nchw-out-odd", 1, 15, 11, 9, 3)):
+    x, w, b = T.make_inputs(N, C, H, W, torch.bfloat16, True)
+    y = gn.group_norm_act(x, w, b, G, 1e-6, True, nchw_out=True)
+    y_cl = gn.group_norm_act(x, w, b, G, 1e-6, True)
+    print("RESULT " + json.dumps({{"case": name, "contiguous": y.is_contiguous(),
+          "same_values": torch.equal(y, y_cl)}}), flush=True)
 # the same call twice: the same bits (no atomics)
 x, w, b = T.make_inputs(2, 12, 5, 7, torch.bfloat16, False)
 same = torch.equal(gn.group_norm_act(x, w, b, 4, 1e-6, True), gn.group_norm_act(x, w, b, 4, 1e-6, True))
@@ -318,6 +325,12 @@ def test_flexible_layout_switch_tags_the_op():
             "print(torch.Tag.flexible_layout in torch.ops.maskar.group_norm_act.default.tags)")  # fmt: skip
     for value, want in (("1", "True"), (None, "False")):
         assert last_line_with("MASKAR_GN_FLEXIBLE_LAYOUT", value, code) == want
+
+
+@pytest.mark.parametrize("case", ["nchw-out", "nchw-out-odd"])
+def test_kernel_writes_a_channels_last_input_out_nchw_interpreted(interpreter_results, case):
+    r = interpreter_results[case]
+    assert r["contiguous"] and r["same_values"], r
 
 
 def test_kernel_is_deterministic_interpreted(interpreter_results):
@@ -733,11 +746,15 @@ def _compile_for(kernel, arch: int, dtype: str, consts: dict):
     [(90, "bf16", "stats", False, False), (90, "bf16", "stats", True, False),
      (90, "bf16", "apply", False, False), (90, "bf16", "apply", True, False),
      (80, "fp16", "apply", False, False), (90, "bf16", "finalize", False, False),
-     (90, "bf16", "stats", False, True), (90, "bf16", "apply", True, True)],
+     (90, "bf16", "stats", False, True), (90, "bf16", "apply", True, True),
+     (90, "bf16", "apply", True, "nchw_out")],
 )  # fmt: skip
 def test_kernels_compile_to_cubin_with_vector_loads(arch, dtype, kernel, channels_last, x_bias):
     """The interpreter does not compile: this catches what only the real compiler rejects, and that
-    the decoder's shapes read and write 16-byte vectors (also with a conv's bias added, x_bias)."""
+    the decoder's shapes read and write 16-byte vectors (also with a conv's bias added, x_bias, and
+    a channels-last x written out NCHW)."""
+    nchw_out = x_bias == "nchw_out"
+    x_bias = x_bias is True
     require_aot_compiler()
     import maskar.kernels.group_norm as gn
 
@@ -745,7 +762,7 @@ def test_kernels_compile_to_cubin_with_vector_loads(arch, dtype, kernel, channel
     tiles = dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=channels_last, HAS_XB=x_bias)
     fn, consts = {
         "stats": (gn._gn_stats, tiles),
-        "apply": (gn._gn_apply, {**tiles, "SILU": True}),
+        "apply": (gn._gn_apply, {**tiles, "SILU": True, "Y_CHANNELS_LAST": channels_last and not nchw_out}),
         "finalize": (gn._gn_finalize, {"BLOCK_F": 512}),
     }[kernel]
     try:

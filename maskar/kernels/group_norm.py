@@ -165,9 +165,11 @@ def _gn_apply(
     CHANNELS_LAST: tl.constexpr,
     SILU: tl.constexpr,
     HAS_XB: tl.constexpr,
+    Y_CHANNELS_LAST: tl.constexpr,
 ):
     """Y = x * (rstd * gamma) + (beta - mean * rstd * gamma), then SiLU, over one tile; with
-    HAS_XB, x + XB[c] in place of x (its term folded into the shift: no more work per element)."""
+    HAS_XB, x + XB[c] in place of x (its term folded into the shift: no more work per element).
+    Y's layout may differ from X's (channels-last x, NCHW y: the tile is transposed on chip)."""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.program_id(2)
@@ -185,6 +187,8 @@ def _gn_apply(
     y = x * scale[:, None] + shift[:, None]
     if SILU:
         y = y / (1.0 + tl.exp(-y))
+    if Y_CHANNELS_LAST != CHANNELS_LAST:
+        off = _tile_offsets(n, c, p, C, HW, Y_CHANNELS_LAST)
     tl.store(Y + off, y.to(Y.dtype.element_ty), mask=ok)
 
 
@@ -225,14 +229,21 @@ def _is_channels_last(x: Tensor) -> bool:
 
 
 def _forward(
-    x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool, x_bias: Tensor | None = None
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    groups: int,
+    eps: float,
+    silu: bool,
+    x_bias: Tensor | None = None,
+    nchw_out: bool = False,
 ) -> Tensor:
-    """Kernel launches: y in x's dtype and layout (x contiguous or channels-last); ``x_bias`` (C
-    values, contiguous) is added to x per channel first."""
+    """Kernel launches: y in x's dtype and layout (x contiguous or channels-last), or contiguous
+    (NCHW) with ``nchw_out``; ``x_bias`` (C values, contiguous) is added to x per channel first."""
     N, C, H, W = x.shape
     HW = H * W
     if x.numel() == 0:
-        return torch.empty_like(x)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device) if nchw_out else torch.empty_like(x)
     cl = _is_channels_last(x)
     cfg = _config(C, HW, cl)
     chunk_p = cfg.block_p * cfg.chunk_tiles
@@ -240,7 +251,7 @@ def _forward(
     n_cb = cdiv(C, cfg.block_c)
     part = torch.empty((2, N, n_chunks, C), dtype=torch.float32, device=x.device)
     stats = torch.empty((N, groups, 2), dtype=torch.float32, device=x.device)
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if nchw_out else torch.empty_like(x)
     has_xb = x_bias is not None
     xb = x_bias if has_xb else bias  # a pointer the kernels never read without HAS_XB
     _launch(
@@ -264,7 +275,14 @@ def _forward(
         _gn_apply,
         (cdiv(HW, cfg.block_p), n_cb, N),
         (x, xb, y, weight, bias, stats, C, HW, groups),
-        dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=cl, SILU=silu, HAS_XB=has_xb),
+        dict(
+            BLOCK_C=cfg.block_c,
+            BLOCK_P=cfg.block_p,
+            CHANNELS_LAST=cl,
+            SILU=silu,
+            HAS_XB=has_xb,
+            Y_CHANNELS_LAST=cl and not nchw_out,
+        ),  # fmt: skip
         cfg.num_warps,
         1,
     )
@@ -301,23 +319,34 @@ FLEXIBLE_LAYOUT = bool(env.switch("MASKAR_GN_FLEXIBLE_LAYOUT"))
     "maskar::group_norm_act", mutates_args=(), tags=(torch.Tag.flexible_layout,) if FLEXIBLE_LAYOUT else ()
 )
 def group_norm_act_op(
-    x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool, x_bias: Tensor | None = None
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    groups: int,
+    eps: float,
+    silu: bool,
+    x_bias: Tensor | None = None,
+    nchw_out: bool = False,
 ) -> Tensor:
     """GroupNorm(groups, eps, affine) of (N, C, H, W) x (plus ``x_bias`` per channel, if given),
     then SiLU if ``silu``; x's dtype and layout (``torch.empty_like(x)``'s strides, as the fake
-    promises, whatever strides x has)."""
+    promises, whatever strides x has), or contiguous with ``nchw_out``."""
     if _on_reference(x):
-        return torch.empty_like(x).copy_(reference(x, weight, bias, groups, eps, silu, x_bias))
+        return _like(x, nchw_out).copy_(reference(x, weight, bias, groups, eps, silu, x_bias))
     dense = _dense(x)
     xb = None if x_bias is None else x_bias.contiguous()
-    y = _forward(dense, weight.contiguous(), bias.contiguous(), groups, eps, silu, xb)
+    y = _forward(dense, weight.contiguous(), bias.contiguous(), groups, eps, silu, xb, nchw_out)
     # a non-dense x (a flexible layout may hand one) ran on a contiguous copy: lay y out as promised
-    return y if dense is x else torch.empty_like(x).copy_(y)
+    return y if dense is x or nchw_out else torch.empty_like(x).copy_(y)
 
 
 @group_norm_act_op.register_fake
-def _(x, weight, bias, groups, eps, silu, x_bias=None):
-    return torch.empty_like(x)
+def _(x, weight, bias, groups, eps, silu, x_bias=None, nchw_out=False):
+    return _like(x, nchw_out)
+
+
+def _like(x: Tensor, nchw_out: bool) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device) if nchw_out else torch.empty_like(x)
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -328,13 +357,21 @@ def _dense(x: Tensor) -> Tensor:
 
 
 def group_norm_act(
-    x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool, x_bias: Tensor | None = None
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    groups: int,
+    eps: float,
+    silu: bool,
+    x_bias: Tensor | None = None,
+    nchw_out: bool = False,
 ) -> Tensor:
     """GroupNorm then (``silu``) SiLU in one fused pass; check :func:`supports` first (inference only).
 
     ``x_bias``: C values added to x per channel before the norm, in float32 inside the kernels
     (a convolution's bias: the decoder then runs that convolution without it, and no pass over
-    its output adds it)."""
+    its output adds it). ``nchw_out``: y contiguous (NCHW) whatever x's layout, written so by
+    the kernel (the channels-last decoder's last norm feeds its NCHW output convolution)."""
     C = x.shape[1] if x.dim() == 4 else -1
     if (
         C < 0 or C % groups or weight.numel() != C or bias.numel() != C
@@ -347,9 +384,9 @@ def group_norm_act(
             f"bias {tuple(bias.shape)}, x_bias {xb}"
         )
     if torch.compiler.is_compiling() or _on_reference(x):
-        return group_norm_act_op(x, weight, bias, groups, float(eps), silu, x_bias)
+        return group_norm_act_op(x, weight, bias, groups, float(eps), silu, x_bias, nchw_out)
     xb = None if x_bias is None else x_bias.contiguous()
-    return _forward(_dense(x), weight.contiguous(), bias.contiguous(), groups, float(eps), silu, xb)
+    return _forward(_dense(x), weight.contiguous(), bias.contiguous(), groups, float(eps), silu, xb, nchw_out)
 
 
 # ----------------------------------------------------------------------------- support

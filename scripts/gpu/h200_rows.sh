@@ -13,6 +13,10 @@
 #     bf16-cl-gnbias-compiled, profiled; HMAR-d16 256 px B 64 fast-w16 (the eager decoder of `maskar
 #     sample`) and compiled-w16 + compiled decoder, each at the defaults and with
 #     MASKAR_DECODE_CHANNELS_LAST=1 MASKAR_GN_CONV_BIAS=1.
+#   PART=sweep (about 6 min, DEADLINE=570): the GPU tests of the channels-last decode (its last norm now
+#     writes NCHW for the output conv); scripts/gpu/gn_cl_sweep.py (the norm's channels-last tiles at
+#     the decode's calls, then the compiled channels-last decode with the winners); HMAR-d16 256 px B 64
+#     compiled-w16 + compiled decoder with MASKAR_DECODE_CHANNELS_LAST=1 MASKAR_GN_CONV_BIAS=1.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -63,6 +67,17 @@ elif [ "${PART}" = cl ]; then
       > "$OUT/s256_hmar_$tag.txt" 2>&1
     echo "sample rc=$?"; grep -E "^hmar-d16 " "$OUT/s256_hmar_$tag.txt"
   done
+elif [ "${PART}" = sweep ]; then
+  el "GPU tests: the channels-last decode"
+  timeout $(cap 100) $PY -m pytest -q -m gpu tests/test_group_norm_kernel.py \
+    -k "channels_last_decode_stays or inductor_decode" > "$OUT/gpu_tests.txt" 2>&1
+  echo "tests rc=$?"; tail -n 3 "$OUT/gpu_tests.txt"
+  el "the norm's channels-last tiles swept; the compiled channels-last decode with the winners"
+  timeout $(cap 300) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep.txt" 2>&1
+  echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep.txt" | grep -v "^  GNConfig" | tail -n 24
+  el "bench sample hmar-d16 256 px B 64 compiled-w16 + compiled decoder, channels-last + conv bias in the norm"
+  MASKAR_DECODE_CHANNELS_LAST=1 MASKAR_GN_CONV_BIAS=1 sample_run s256_hmar_cl_nchwout 120 models=hmar-d16 \
+    cases=256x64 modes=compiled-w16 reps=5 compile_decoder=true
 else
   el "bench sample var-d16 256 px B 64 compiled-w16 + compiled decoder (compiled afresh)"
   sample_run s256_var-d16 130 models=var-d16 cases=256x64 modes=compiled-w16 reps=5 compile_decoder=true
