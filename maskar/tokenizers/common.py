@@ -140,9 +140,12 @@ def conv_norm_act(conv: nn.Conv2d, norm: nn.GroupNorm, x: torch.Tensor) -> torch
         out_shape = (x.shape[0], conv.out_channels, *_conv_out_hw(conv, x))
         if fused.supports(x, norm.weight, norm.bias, norm.num_groups, shape=out_shape):
             h = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+            del x  # the caller's temporary: freed before the norm runs (the decode's memory peak)
             g = norm.num_groups
             return fused.group_norm_act(h, norm.weight, norm.bias, g, norm.eps, True, x_bias=conv.bias)
-    return norm_act(norm, conv(x))
+    h = conv(x)
+    del x
+    return norm_act(norm, h)
 
 
 def _conv_out_hw(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
