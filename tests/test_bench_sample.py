@@ -239,8 +239,9 @@ def test_memory_by_pool_splits_default_and_graph_pools():
 
 
 def test_profile_groups_the_graphed_calls_kernels_by_name():
-    """profile=true's kernel groups: cuDNN's convolutions (implicit GEMMs) before the matmuls,
-    the draw, the norm and q/k norm kernels, attention, Inductor's kernels."""
+    """profile=true's kernel groups: cuDNN's attention (``..._flash_fprop_...``) and Inductor's
+    kernels named after a convolution they follow before the convolutions, cuDNN's convolutions
+    (implicit GEMMs) before the matmuls, the draw, the norm and q/k norm kernels."""
     from maskar.bench.sample import group_kernels
 
     per = {
@@ -250,10 +251,12 @@ def test_profile_groups_the_graphed_calls_kernels_by_name():
         "_categorical": 0.5, "_gn_apply": 0.25, "_qk_norm_fwd": 0.125,
         "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": 2.0,
         "triton_poi_fused_add_mul_0": 0.75, "void at::native::elementwise_kernel<128, 2>": 0.0625,
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64": 1.0,
+        "triton_poi_fused__to_copy_convolution_64": 0.25,
     }  # fmt: skip
     got = group_kernels(per)
     assert got == pytest.approx({
-        "decoder convolutions": 5.0, "layout transposes": 0.0, "fused group norm": 0.25, "attention": 2.0,
-        "q/k norm": 0.125, "draw (top-k / top-p)": 0.5, "matmuls": 5.0, "inductor kernels": 0.75,
+        "decoder convolutions": 5.0, "layout transposes": 0.0, "fused group norm": 0.25, "attention": 3.0,
+        "q/k norm": 0.125, "draw (top-k / top-p)": 0.5, "matmuls": 5.0, "inductor kernels": 1.0,
         "other": 0.0625,
     })  # fmt: skip

@@ -593,17 +593,19 @@ def kernel_busy(model, call, device: torch.device) -> dict[str, Any]:
 
 
 # Kernel-name groups of one call on the row's own path (graph replays included: CUPTI records the
-# kernels inside a CUDA graph one by one), first match wins. cuDNN's convolution kernels are implicit
-# GEMMs (``..._xmma_fprop_implicit_gemm_...``), so they are matched before the matmuls.
+# kernels inside a CUDA graph one by one), first match wins. cuDNN names its attention kernels
+# ``..._sdpa_..._flash_fprop_...`` and its convolutions ``..._xmma_fprop_implicit_gemm_...``, and
+# Inductor names its kernels after the ops they fuse (``triton_poi_fused_..._convolution_...``):
+# attention first, then Inductor's kernels, then the convolutions, the matmuls last.
 KERNEL_GROUPS = (
+    ("attention", ("fmha", "flash", "attention", "_attn_fwd", "sdpa")),
+    ("inductor kernels", ("triton_",)),
     ("decoder convolutions", ("fprop", "conv")),
     ("layout transposes", ("nchwtonhwc", "nhwctonchw")),
     ("fused group norm", ("_gn_stats", "_gn_finalize", "_gn_apply")),
-    ("attention", ("fmha", "flash", "attention", "_attn_fwd", "sdpa")),
     ("q/k norm", ("_qk_norm",)),
     ("draw (top-k / top-p)", ("_categorical", "sort", "topk", "multinomial", "cumsum")),
     ("matmuls", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_", "cublas")),
-    ("inductor kernels", ("triton_",)),
 )
 
 
