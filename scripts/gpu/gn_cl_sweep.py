@@ -12,7 +12,8 @@ decode is printed for the default, the per-shape best and the NCHW default on th
 Then the compiled channels-last decode (`MASKAR_GN_CONV_BIAS` on) with the default configs and with
 the per-shape winners, GPU kernel time by group, and its wall time.
 
-OUT=/tmp/out python3 scripts/gpu/gn_cl_sweep.py   (about 3 min on an H100)
+OUT=/tmp/out python3 scripts/gpu/gn_cl_sweep.py   (about 3 min on an H100); SWEEP_BLOCK_C, SWEEP_TILE,
+SWEEP_CHUNK_TILES, SWEEP_WARPS (comma-separated) and SWEEP_MIN_ELEMENTS narrow it.
 """
 
 from __future__ import annotations
@@ -64,8 +65,17 @@ gn._forward = real
 print("calls of one decode:", {f"{'x'.join(map(str, k[0]))} silu={k[1]} xb={k[2]} cl={k[3]}": n
                                for k, n in calls.items()}, flush=True)  # fmt: skip
 
+
+def _ints(name: str, default: str) -> list[int]:
+    """A comma-separated list from the environment (a smaller grid when device time is short)."""
+    return [int(v) for v in os.environ.get(f"SWEEP_{name}", default).split(",")]
+
+
+MIN_ELEMENTS = int(os.environ.get("SWEEP_MIN_ELEMENTS", "0"))  # sweep only calls at least this big
+_AXES = (_ints("BLOCK_C", "32,64,128,256"), _ints("TILE", "2048,4096,8192"), _ints("CHUNK_TILES", "4,8,16"),
+         _ints("WARPS", "4,8"))  # fmt: skip
 GRID = [gn.GNConfig(bc, tile // bc, ct, nw)
-        for bc, tile, ct, nw in itertools.product((32, 64, 128, 256), (2048, 4096, 8192), (4, 8, 16), (4, 8))
+        for bc, tile, ct, nw in itertools.product(*_AXES)
         if tile // bc >= 8]  # fmt: skip
 
 
@@ -85,6 +95,8 @@ for (shape, silu, has_xb, cl), n in sorted(
     calls.items(), key=lambda kv: -kv[1] * torch.Size(kv[0][0]).numel()
 ):
     N, C, H, W = shape
+    if N * C * H * W < MIN_ELEMENTS:
+        continue
     x = torch.randn(shape, device=dev).mul_(3).add_(1).to(torch.bfloat16)
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
