@@ -249,12 +249,12 @@ def trace(preset: str, res: int, batch: int) -> list[list]:
 
     class FusedGroupNorm:  # the CUDA op's one output (the torch path makes two: norm, SiLU)
         @staticmethod
-        def supports(x, *args):
+        def supports(x, *args, **kwargs):
             return True
 
         @staticmethod
-        def group_norm_act(x, *args):
-            return torch.empty_like(x)
+        def group_norm_act(x, *args, nchw_out=False, **kwargs):
+            return torch.empty(x.shape, dtype=x.dtype, device=x.device) if nchw_out else torch.empty_like(x)
 
     class KernelDraw:  # the one-kernel draw reads logits and noise and writes the ids alone
         @staticmethod

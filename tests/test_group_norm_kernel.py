@@ -218,7 +218,9 @@ import json, sys, torch
 sys.path.insert(0, {tests_dir!r})
 import test_group_norm_kernel as T
 import maskar.kernels.group_norm as gn
+from maskar.tokenizers import common
 assert gn._INTERPRET
+common.NORM_TAKES_CONV_BIAS = False  # the cases below choose it (on by default)
 torch.manual_seed(0)
 for name, N, C, H, W, G, dn, cl, silu, off in T.INTERPRET_CASES:
     r = T.check_call(gn.group_norm_act, N, C, H, W, G, T.DTYPES[dn], cl, silu, offset=off)
@@ -271,7 +273,6 @@ for prec in ("fp32", "bf16"):
         name = f"decoder-{{prec}}-{{'cl' if cl else 'nchw'}}"
         print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
 # the decoder with each ResnetBlock's conv1 bias added by the norm after it (MASKAR_GN_CONV_BIAS)
-from maskar.tokenizers import common
 common.NORM_TAKES_CONV_BIAS = True
 for cl in (False, True):
     r = T.decoder_vs_torch(m, "bf16", cl, B=1)
@@ -414,6 +415,7 @@ def test_conv_bias_switch_leaves_paths_without_the_fused_norm_bit_for_bit(monkey
     m = tiny_vqvae()
     fhat = torch.randn(2, m.z_channels, m.latent_side, m.latent_side)
     img = torch.rand(1, 3, 16, 16) * 2 - 1
+    monkeypatch.setattr(common, "NORM_TAKES_CONV_BIAS", False)
     with torch.no_grad():
         want = [m.fhat_to_img(fhat), m.fhat_to_img(fhat, "bf16")]
     want_train = m(img)
@@ -423,6 +425,15 @@ def test_conv_bias_switch_leaves_paths_without_the_fused_norm_bit_for_bit(monkey
     for g, w in zip(got, want):
         assert torch.equal(g, w)
     assert torch.equal(m(img), want_train)
+
+
+def test_conv_bias_switch_is_read_at_import():
+    """MASKAR_GN_CONV_BIAS (read at import): the conv bias in the norm, on unless 0."""
+    from helpers_env import last_line_with
+
+    code = "import maskar.tokenizers.common as c; print(c.NORM_TAKES_CONV_BIAS)"
+    for value, want in (("1", "True"), (None, "True"), ("0", "False")):
+        assert last_line_with("MASKAR_GN_CONV_BIAS", value, code) == want
 
 
 def test_decoder_with_conv_bias_in_the_norm_compiles_to_the_eager_images(cpu_reference, monkeypatch):

@@ -426,11 +426,11 @@ def test_channels_last_bf16_decode_runs_the_output_conv_in_nchw(tiny, monkeypatc
 
 
 def test_decode_channels_last_switch_is_read_at_import():
-    """MASKAR_DECODE_CHANNELS_LAST=1 turns the channels-last bf16 decode on for the process."""
+    """MASKAR_DECODE_CHANNELS_LAST (read at import): the channels-last bf16 decode, on unless 0."""
     from helpers_env import last_line_with
 
     code = "import maskar.tokenizers.vqvae as v; print(v.BF16_CHANNELS_LAST)"
-    for value, want in (("1", "True"), (None, "False")):
+    for value, want in (("1", "True"), (None, "True"), ("0", "False")):
         assert last_line_with("MASKAR_DECODE_CHANNELS_LAST", value, code) == want
 
 

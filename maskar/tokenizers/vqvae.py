@@ -72,12 +72,13 @@ class VQVAEConfig(ConvAutoencoderConfig):
 # Decoder precisions of :meth:`MultiScaleVQVAE.fhat_to_img` (docs/var_hmar.md, *Memory and speed*).
 DECODE_PRECISIONS = ("fp32", "bf16")
 # The bf16 decode in channels-last memory (cuDNN's NHWC kernels take it without transposes; the
-# fused group norm reads it directly). Off: the whole decode measured 145.6 against 142.6 ms on the
-# H200 (2026-12-03), when the 3-channel output conv still ran channels-last (6x slower there; it
-# runs NCHW since 2026-12-05), and again with conv_out in NCHW: 144.7 against 144.5 ms (H200,
-# 2026-12-05), although the per-conv table predicted -31 ms of convolutions at 256 px B 64.
-# MASKAR_DECODE_CHANNELS_LAST=1 turns it on for a whole process (maskar sample / bench sample).
-# Read at import.
+# fused group norm reads it directly and writes the last norm NCHW for the 3-channel output conv,
+# 6x slower in channels-last). On since 2026-12-06: until then the first norm small enough for
+# PyTorch's CUDA group norm turned the rest of the decode NCHW, and the switch measured no gain.
+# Kept channels-last, the eager 256 px B 64 decode takes 122.4 ms against 153.3 NCHW (both with
+# the conv bias in the norm: 144.6 NCHW), the compiled one 100.5 against 106.2 (H100;
+# docs/benchmarks.md, *The layout copies found, the channels-last decode repaired*).
+# MASKAR_DECODE_CHANNELS_LAST=0 restores NCHW for a whole process. Read at import.
 BF16_CHANNELS_LAST = bool(env.switch("MASKAR_DECODE_CHANNELS_LAST"))
 # cuDNN autotuning (``cudnn.benchmark``) for the bf16 decode on CUDA. Off: on the H200 its search
 # found nothing faster than cuDNN's heuristic choice (256 px B 64: 142.8 vs 143.4 ms; 1024 px B 8:
