@@ -21,8 +21,9 @@ tokenizer's own error, for scale).
 official init; at 1024 px the official 1024 px schedule) decodes the f_hat of random token
 pyramids of B images, chunked as sampling does (``maskar.models.var.decode_in_chunks``), in
 each of the ``variants``: ``fp32-strict`` (TF32 off; always run first, the reference),
-``fp32`` (cuDNN as configured: it allows TF32 by default), ``bf16`` (the sampling path: on
-CUDA the fused GroupNorm+SiLU of ``maskar.kernels.group_norm``), ``bf16-torch-gn`` (bf16 with
+``fp32`` (cuDNN as configured: it allows TF32 by default), ``bf16`` (NCHW, on CUDA the fused
+GroupNorm+SiLU of ``maskar.kernels.group_norm``: the sampling path's decode until 2026-12-06;
+since then it is ``bf16-cl-gnbias``, below), ``bf16-torch-gn`` (bf16 with
 torch's group norm and SiLU: the decode before that kernel) and ``bf16-cl`` (``bf16`` in
 channels-last memory, ``vqvae.BF16_CHANNELS_LAST``) and ``bf16-autotuned`` (``bf16`` with cuDNN's
 algorithm search, ``vqvae.BF16_CUDNN_BENCHMARK = True``; every other variant takes cuDNN's
@@ -74,7 +75,8 @@ import torch
 DEFAULTS = {
     "ckpt": "checkpoints/hmar-fmnist", "split": "test", "limit": 0, "batch": 500, "root": "",
     "quality": True, "speed": False,
-    "cases": "256x64,1024x8", "reps": 5, "device": "auto", "json": "", "variants": "fp32-strict,fp32,bf16",
+    "cases": "256x64,1024x8", "reps": 5, "device": "auto", "json": "",
+    "variants": "fp32-strict,fp32,bf16,bf16-cl-gnbias",
     "convs": False, "profile": False,
 }  # fmt: skip
 
