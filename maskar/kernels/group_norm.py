@@ -243,7 +243,7 @@ def _forward(
     N, C, H, W = x.shape
     HW = H * W
     if x.numel() == 0:
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device) if nchw_out else torch.empty_like(x)
+        return _like(x, nchw_out)
     cl = _is_channels_last(x)
     cfg = _config(C, HW, cl)
     chunk_p = cfg.block_p * cfg.chunk_tiles
@@ -251,7 +251,7 @@ def _forward(
     n_cb = cdiv(C, cfg.block_c)
     part = torch.empty((2, N, n_chunks, C), dtype=torch.float32, device=x.device)
     stats = torch.empty((N, groups, 2), dtype=torch.float32, device=x.device)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if nchw_out else torch.empty_like(x)
+    y = _like(x, nchw_out)
     has_xb = x_bias is not None
     xb = x_bias if has_xb else bias  # a pointer the kernels never read without HAS_XB
     _launch(
@@ -346,6 +346,7 @@ def _(x, weight, bias, groups, eps, silu, x_bias=None, nchw_out=False):
 
 
 def _like(x: Tensor, nchw_out: bool) -> Tensor:
+    """The output of a norm of x: x's layout (``empty_like``), or contiguous with ``nchw_out``."""
     return torch.empty(x.shape, dtype=x.dtype, device=x.device) if nchw_out else torch.empty_like(x)
 
 
