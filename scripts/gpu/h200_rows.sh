@@ -17,6 +17,14 @@
 #     writes NCHW for the output conv); scripts/gpu/gn_cl_sweep.py (the norm's channels-last tiles at
 #     the decode's calls, then the compiled channels-last decode with the winners); HMAR-d16 256 px B 64
 #     compiled-w16 + compiled decoder with MASKAR_DECODE_CHANNELS_LAST=1 MASKAR_GN_CONV_BIAS=1.
+#   PART=next (about 6.5 min, DEADLINE=570): the decode's defaults since 2026-12-06 (channels-last,
+#     the conv bias in the norm) on the issue's GPU: every GPU test of the fused norm; `bench decode`
+#     bf16 (NCHW, the old decode) / bf16-cl-gnbias (the default) / bf16-compiled /
+#     bf16-cl-gnbias-compiled, profiled; HMAR-d16 and VAR-d16 256 px B 64, fast-w16 then
+#     compiled-w16 + compiled decoder, each model in its own process. Then PART=b1024 (about 5 min):
+#     both models at 1024 px B 8, compiled.
+#   PART=lane (about 4 min): scripts/gpu/gn_cl_sweep.py with the per-lane statistics scheme
+#     (SWEEP_LANE_MOMENTS=0,1) at the decode's calls of at least 5M elements.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -78,6 +86,29 @@ elif [ "${PART}" = sweep ]; then
   el "bench sample hmar-d16 256 px B 64 compiled-w16 + compiled decoder, channels-last + conv bias in the norm"
   MASKAR_DECODE_CHANNELS_LAST=1 MASKAR_GN_CONV_BIAS=1 sample_run s256_hmar_cl_nchwout 120 models=hmar-d16 \
     cases=256x64 modes=compiled-w16 reps=5 compile_decoder=true
+elif [ "${PART}" = next ]; then
+  el "GPU tests: the fused norm"
+  timeout $(cap 120) $PY -m pytest -q -m gpu tests/test_group_norm_kernel.py > "$OUT/gpu_tests.txt" 2>&1
+  echo "tests rc=$?"; tail -n 3 "$OUT/gpu_tests.txt"
+  el "bench decode 256 px B 64, profiled: the old decode and the default, eager and compiled"
+  timeout $(cap 150) $PY -m maskar bench decode quality=false speed=true cases=256x64 \
+    variants=bf16,bf16-cl-gnbias,bf16-compiled,bf16-cl-gnbias-compiled profile=true \
+    json="$OUT/decode.json" > "$OUT/decode.txt" 2>&1
+  echo "decode rc=$?"; grep -E "^  256|GPU kernels" "$OUT/decode.txt"
+  for m in hmar-d16 var-d16; do
+    el "bench sample $m 256 px B 64: fast-w16, then compiled-w16 + compiled decoder (compiled afresh)"
+    sample_run "s256_$m" 130 models=$m cases=256x64 modes=fast-w16,compiled-w16 reps=5 compile_decoder=true
+  done
+elif [ "${PART}" = b1024 ]; then
+  for m in hmar-d16 var-d16; do
+    el "bench sample $m 1024 px B 8 compiled-w16 + compiled decoder (compiled afresh)"
+    sample_run "s1024_$m" 150 models=$m cases=1024x8 modes=compiled-w16 reps=5 compile_decoder=true
+  done
+elif [ "${PART}" = lane ]; then
+  el "the channels-last norm's statistics: the per-lane scheme against the default, swept"
+  SWEEP_BLOCK_C=64,128 SWEEP_TILE=2048,4096 SWEEP_CHUNK_TILES=4,8 SWEEP_WARPS=4 SWEEP_LANE_MOMENTS=0,1 \
+    SWEEP_MIN_ELEMENTS=5000000 timeout $(cap 240) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep.txt" 2>&1
+  echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep.txt" | grep -v "^  GNConfig" | tail -n 14
 else
   el "bench sample var-d16 256 px B 64 compiled-w16 + compiled decoder (compiled afresh)"
   sample_run s256_var-d16 130 models=var-d16 cases=256x64 modes=compiled-w16 reps=5 compile_decoder=true
