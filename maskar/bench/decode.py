@@ -427,17 +427,17 @@ def _time_decode(
         from maskar.kernels import group_norm
     except ImportError:  # no Triton: the torch norm is all there is
         group_norm = None
-    saved = (group_norm.ENABLED if group_norm else None, vqvae.BF16_CHANNELS_LAST, vqvae.BF16_CUDNN_BENCHMARK,
-             common.SUBPIXEL_UPSAMPLE, common.NORM_TAKES_CONV_BIAS)  # fmt: skip
+    # (module, attribute, the variant's value): set for this variant, restored after it
+    flags = [(vqvae, "BF16_CHANNELS_LAST", v.channels_last), (vqvae, "BF16_CUDNN_BENCHMARK", v.autotune),
+             (common, "SUBPIXEL_UPSAMPLE", v.subpixel), (common, "NORM_TAKES_CONV_BIAS", v.norm_conv_bias)]
+    if group_norm:
+        flags.append((group_norm, "ENABLED", v.fused_norm))
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in flags]
     allow = torch.backends.cudnn.allow_tf32 if v.tf32 is None else v.tf32
     precision, compile_mode = v.precision, v.compile_mode
     try:
-        if group_norm:
-            group_norm.ENABLED = v.fused_norm
-        vqvae.BF16_CHANNELS_LAST = v.channels_last
-        vqvae.BF16_CUDNN_BENCHMARK = v.autotune
-        common.SUBPIXEL_UPSAMPLE = v.subpixel
-        common.NORM_TAKES_CONV_BIAS = v.norm_conv_bias
+        for mod, name, value in flags:
+            setattr(mod, name, value)
         with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=allow):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -458,12 +458,8 @@ def _time_decode(
 
                 kernels = kernel_ms_per_call(lambda: decode_in_chunks(decoder, fhat, res, precision), calls=2)
     finally:
-        if group_norm:
-            group_norm.ENABLED = saved[0]
-        vqvae.BF16_CHANNELS_LAST = saved[1]
-        vqvae.BF16_CUDNN_BENCHMARK = saved[2]
-        common.SUBPIXEL_UPSAMPLE = saved[3]
-        common.NORM_TAKES_CONV_BIAS = saved[4]
+        for mod, name, value in saved:
+            setattr(mod, name, value)
     return ms, img, peak, first_s, kernels
 
 

@@ -101,30 +101,22 @@ def _gn_stats(
         lane_n = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
         lane_mean = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
         lane_m2 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-        for p0 in range(p_lo, p_hi, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            ok = c_ok[:, None] & (p < p_hi)[None, :]
-            x = tl.load(X + _tile_offsets(n, c, p, C, HW, CHANNELS_LAST), mask=ok, other=0.0).to(tl.float32)
-            if HAS_XB:
-                x = x + xb[:, None]
-            lane_n += ok.to(tl.float32)
-            delta = tl.where(ok, x - lane_mean, 0.0)
-            lane_mean += delta / tl.maximum(lane_n, 1.0)
-            lane_m2 += tl.where(ok, delta * (x - lane_mean), 0.0)
-        cnt_c = tl.sum(lane_n, 1)
-        mean = tl.sum(lane_n * lane_mean, 1) / tl.maximum(cnt_c, 1.0)
-        d = lane_mean - mean[:, None]
-        m2 = tl.sum(lane_m2 + lane_n * d * d, 1)
     else:
         cnt = 0.0
         mean = tl.zeros([BLOCK_C], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for p0 in range(p_lo, p_hi, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            ok = c_ok[:, None] & (p < p_hi)[None, :]
-            x = tl.load(X + _tile_offsets(n, c, p, C, HW, CHANNELS_LAST), mask=ok, other=0.0).to(tl.float32)
-            if HAS_XB:  # the masked-off elements must stay 0: the tile mean sums them
-                x = tl.where(ok, x + xb[:, None], 0.0)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ok = c_ok[:, None] & (p < p_hi)[None, :]
+        x = tl.load(X + _tile_offsets(n, c, p, C, HW, CHANNELS_LAST), mask=ok, other=0.0).to(tl.float32)
+        if HAS_XB:  # the masked-off elements must stay 0: the tile mean sums them
+            x = tl.where(ok, x + xb[:, None], 0.0)
+        if LANE_MOMENTS:  # Welford per element position
+            lane_n += ok.to(tl.float32)
+            delta = tl.where(ok, x - lane_mean, 0.0)
+            lane_mean += delta / tl.maximum(lane_n, 1.0)
+            lane_m2 += tl.where(ok, delta * (x - lane_mean), 0.0)
+        else:
             nb = tl.minimum(p_hi - p0, BLOCK_P).to(tl.float32)
             t_mean = tl.sum(x, 1) / nb
             d = tl.where(ok, x - t_mean[:, None], 0.0)
@@ -134,6 +126,10 @@ def _gn_stats(
             mean += delta * (nb / tot)
             m2 += t_m2 + delta * delta * (cnt * nb / tot)
             cnt = tot
+    if LANE_MOMENTS:  # the lanes merged across the pixel axis, once
+        mean = tl.sum(lane_n * lane_mean, 1) / tl.maximum(tl.sum(lane_n, 1), 1.0)
+        d = lane_mean - mean[:, None]
+        m2 = tl.sum(lane_m2 + lane_n * d * d, 1)
     n_chunks = tl.num_programs(0)
     dst = PART + (n * n_chunks + pc).to(tl.int64) * C + c
     half = tl.num_programs(2).to(tl.int64) * n_chunks * C  # PART[1] follows PART[0]
@@ -267,7 +263,9 @@ def _forward(
     nchw_out: bool = False,
 ) -> Tensor:
     """Kernel launches: y in x's dtype and layout (x contiguous or channels-last), or contiguous
-    (NCHW) with ``nchw_out``; ``x_bias`` (C values, contiguous) is added to x per channel first."""
+    (NCHW) with ``nchw_out``; ``x_bias`` (C values) is added to x per channel first."""
+    weight, bias = weight.contiguous(), bias.contiguous()
+    x_bias = None if x_bias is None else x_bias.contiguous()
     N, C, H, W = x.shape
     HW = H * W
     if x.numel() == 0:
@@ -363,8 +361,7 @@ def group_norm_act_op(
     if _on_reference(x):
         return _like(x, nchw_out).copy_(reference(x, weight, bias, groups, eps, silu, x_bias))
     dense = _dense(x)
-    xb = None if x_bias is None else x_bias.contiguous()
-    y = _forward(dense, weight.contiguous(), bias.contiguous(), groups, eps, silu, xb, nchw_out)
+    y = _forward(dense, weight, bias, groups, eps, silu, x_bias, nchw_out)
     # a non-dense x (a flexible layout may hand one) ran on a contiguous copy: lay y out as promised
     return y if dense is x or nchw_out else torch.empty_like(x).copy_(y)
 
@@ -415,8 +412,7 @@ def group_norm_act(
         )
     if torch.compiler.is_compiling() or _on_reference(x):
         return group_norm_act_op(x, weight, bias, groups, float(eps), silu, x_bias, nchw_out)
-    xb = None if x_bias is None else x_bias.contiguous()
-    return _forward(_dense(x), weight.contiguous(), bias.contiguous(), groups, float(eps), silu, xb, nchw_out)
+    return _forward(_dense(x), weight, bias, groups, float(eps), silu, x_bias, nchw_out)
 
 
 # ----------------------------------------------------------------------------- support
@@ -487,7 +483,7 @@ def supports(
         return False  # training: torch's norm has the backward
     if torch.is_autocast_enabled(x.device.type):
         return False  # autocast runs group norm in fp32: keep its result dtype
-    per_sample = 1
+    per_sample = 1  # a plain loop: Dynamo traces this (the decoder's compiled calls)
     for d in shape[1:]:
         per_sample *= int(d)
     return per_sample < 2**31  # one sample's offsets in int32

@@ -6,7 +6,6 @@
 #     Inductor's output code kept (decode_code.log.gz: what its elementwise kernels around the
 #     convolutions do); HMAR-d16 256 px B 64 compiled-w16 + compiled decoder, at the defaults and
 #     with MASKAR_GN_CONV_BIAS=1 (the first profiled: GPU time of the graphed call by kernel group).
-#   PART=b (about 7 min, DEADLINE=570): VAR-d16 256 px B 64 the same way; both models at 1024 px B 8.
 #   PART=cl (about 8.5 min, DEADLINE=570): after the fix that keeps a channels-last decode channels-last
 #     (small norms no longer go to PyTorch's CUDA group norm, which returns NCHW): its GPU tests;
 #     `bench decode` bf16 / bf16-cl / bf16-cl-gnbias / bf16-compiled / bf16-cl-compiled /
@@ -110,11 +109,6 @@ elif [ "${PART}" = lane ]; then
     SWEEP_MIN_ELEMENTS=5000000 timeout $(cap 240) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep.txt" 2>&1
   echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep.txt" | grep -v "^  GNConfig" | tail -n 14
 else
-  el "bench sample var-d16 256 px B 64 compiled-w16 + compiled decoder (compiled afresh)"
-  sample_run s256_var-d16 130 models=var-d16 cases=256x64 modes=compiled-w16 reps=5 compile_decoder=true
-  for m in hmar-d16 var-d16; do
-    el "bench sample $m 1024 px B 8 compiled-w16 + compiled decoder (compiled afresh)"
-    sample_run "s1024_$m" 220 models=$m cases=1024x8 modes=compiled-w16 reps=5 compile_decoder=true
-  done
+  echo "PART: expected a, cl, sweep, next, b1024 or lane; got ${PART}" >&2; exit 2
 fi
 el done
