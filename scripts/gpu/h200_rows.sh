@@ -22,6 +22,8 @@
 #     bf16-cl-gnbias-compiled, profiled; HMAR-d16 and VAR-d16 256 px B 64, fast-w16 then
 #     compiled-w16 + compiled decoder, each model in its own process. Then PART=b1024 (about 5 min):
 #     both models at 1024 px B 8, compiled.
+#   PART=mm (about 2 min): scripts/gpu/matmul_shapes.py, CASMAR-B's matmul shapes one by one, with
+#     cuBLASLt's default workspace and with 64 MiB.
 #   PART=lane (about 4 min): scripts/gpu/gn_cl_sweep.py with the per-lane statistics scheme
 #     (SWEEP_LANE_MOMENTS=0,1) at the decode's calls of at least 5M elements.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
@@ -103,12 +105,19 @@ elif [ "${PART}" = b1024 ]; then
     el "bench sample $m 1024 px B 8 compiled-w16 + compiled decoder (compiled afresh)"
     sample_run "s1024_$m" 150 models=$m cases=1024x8 modes=compiled-w16 reps=5 compile_decoder=true
   done
+elif [ "${PART}" = mm ]; then
+  el "CASMAR-B's matmul shapes, one by one"
+  TAG=default timeout $(cap 150) $PY scripts/gpu/matmul_shapes.py > "$OUT/mm.txt" 2>&1
+  echo "mm rc=$?"; grep -vE "$NOISE" "$OUT/mm.txt"
+  el "the same with a 64 MiB cuBLASLt workspace"
+  CUBLASLT_WORKSPACE_SIZE=65536 TAG=ws64 timeout $(cap 150) $PY scripts/gpu/matmul_shapes.py > "$OUT/mm_ws64.txt" 2>&1
+  echo "mm rc=$?"; grep -vE "$NOISE" "$OUT/mm_ws64.txt" | tail -n +2 | cut -c1-80
 elif [ "${PART}" = lane ]; then
   el "the channels-last norm's statistics: the per-lane scheme against the default, swept"
   SWEEP_BLOCK_C=64,128 SWEEP_TILE=2048,4096 SWEEP_CHUNK_TILES=4,8 SWEEP_WARPS=4 SWEEP_LANE_MOMENTS=0,1 \
     SWEEP_MIN_ELEMENTS=5000000 timeout $(cap 240) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep.txt" 2>&1
   echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep.txt" | grep -v "^  GNConfig" | tail -n 14
 else
-  echo "PART: expected a, cl, sweep, next, b1024 or lane; got ${PART}" >&2; exit 2
+  echo "PART: expected a, cl, sweep, next, b1024, mm or lane; got ${PART}" >&2; exit 2
 fi
 el done
