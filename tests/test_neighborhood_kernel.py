@@ -53,6 +53,12 @@ INTERPRET_CASES = [
     # tiles, both borders, dilation, a partial last tile
     ("split_k7_four_tiles", (8, 8), 7, 1, "zeros", 2, 2, 32, "fp32", (4, 4, 16, "split")),
     ("split_clamp_dil2_bf16", (11, 9), (5, 3), 2, "clamp", 1, 2, 32, "bf16", (4, 4, 16, "split")),
+    # forwards that take several heads per program ("headsN"): the key rectangle in one chunk
+    # (its positions and window tests worked out once per program), with a partial last tile and
+    # dilation, and walked in chunks
+    ("heads4_one_chunk_k7", (8, 8), 7, 1, "zeros", 2, 4, 32, "fp32", (4, 4, 128, "heads4")),
+    ("heads2_one_chunk_dil2", (9, 6), 3, 2, "zeros", 2, 2, 32, "fp16", (4, 8, 64, "heads2")),
+    ("heads2_chunks_clamp_dil2", (11, 9), (5, 3), 2, "clamp", 1, 4, 32, "bf16", (4, 4, 16, "heads2")),
 ]
 
 
@@ -176,7 +182,8 @@ from maskar.nn.proximal_attention import proximal_attention, ProximalSelfAttenti
 nb.POISON_OUTPUTS = True
 torch.manual_seed(0)
 for name, grid, kernel, dil, border, B, H, D, dname, tile in T.INTERPRET_CASES:
-    cfg = nb._INTERPRET_CONFIG if tile is None else nb.NaConfig(*tile[:3], 4, 1)
+    heads = next((int(f[5:]) for f in (tile or ())[3:] if f.startswith("heads")), 1)
+    cfg = nb._INTERPRET_CONFIG if tile is None else nb.NaConfig(*tile[:3], 4, 1, heads=heads)
     nb.FORCE_FWD_CONFIG = cfg
     # delta = rowsum(O * dO) recomputed in the backward programs on the other cases with a set tile
     whole = tile is not None and "whole" in tile

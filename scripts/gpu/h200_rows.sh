@@ -24,6 +24,8 @@
 #     both models at 1024 px B 8, compiled.
 #   PART=mm (about 2 min): scripts/gpu/matmul_shapes.py, CASMAR-B's matmul shapes one by one, with
 #     cuBLASLt's default workspace and with 64 MiB.
+#   PART=psa (about 2 min): scripts/gpu/psa_fwd_sweep.py, PSA's inference forward at CASMAR-B's DiT
+#     call config by config (the head-grouped forwards among them); the GPU tests of the kernel.
 #   PART=lane (about 4 min): scripts/gpu/gn_cl_sweep.py with the per-lane statistics scheme
 #     (SWEEP_LANE_MOMENTS=0,1) at the decode's calls of at least 5M elements.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
@@ -112,12 +114,19 @@ elif [ "${PART}" = mm ]; then
   el "the same with a 64 MiB cuBLASLt workspace"
   CUBLASLT_WORKSPACE_SIZE=65536 TAG=ws64 timeout $(cap 150) $PY scripts/gpu/matmul_shapes.py > "$OUT/mm_ws64.txt" 2>&1
   echo "mm rc=$?"; grep -vE "$NOISE" "$OUT/mm_ws64.txt" | tail -n +2 | cut -c1-80
+elif [ "${PART}" = psa ]; then
+  el "PSA's inference forward at CASMAR-B's DiT call, config by config"
+  timeout $(cap 200) $PY scripts/gpu/psa_fwd_sweep.py > "$OUT/psa_sweep.txt" 2>&1
+  echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/psa_sweep.txt" | cut -c1-190
+  el "GPU tests: the PSA kernel"
+  timeout $(cap 200) $PY -m pytest -q -m gpu tests/test_neighborhood_kernel.py > "$OUT/psa_tests.txt" 2>&1
+  echo "tests rc=$?"; tail -n 3 "$OUT/psa_tests.txt"
 elif [ "${PART}" = lane ]; then
   el "the channels-last norm's statistics: the per-lane scheme against the default, swept"
   SWEEP_BLOCK_C=64,128 SWEEP_TILE=2048,4096 SWEEP_CHUNK_TILES=4,8 SWEEP_WARPS=4 SWEEP_LANE_MOMENTS=0,1 \
     SWEEP_MIN_ELEMENTS=5000000 timeout $(cap 240) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep.txt" 2>&1
   echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep.txt" | grep -v "^  GNConfig" | tail -n 14
 else
-  echo "PART: expected a, cl, sweep, next, b1024, mm or lane; got ${PART}" >&2; exit 2
+  echo "PART: expected a, cl, sweep, next, b1024, mm, psa or lane; got ${PART}" >&2; exit 2
 fi
 el done
