@@ -258,17 +258,6 @@ for name, cfg, args in (("gpu-config-nchw", cfg_nchw, (1, 4, 136, 136, 2, torch.
     r = T.check_call(gn.group_norm_act, *args)
     print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
 gn.FORCE_CONFIG = None
-# the statistics kernel's per-lane scheme (GNConfig.lane_moments): tails, x_bias, a far-off mean
-gn.FORCE_CONFIG = gn.GNConfig(2, 8, 2, 1, lane_moments=True)
-for name, args in (("lane-bf16-nchw", (2, 12, 5, 7, 4, torch.bfloat16, False, True)),
-                   ("lane-bf16-cl-odd", (1, 15, 11, 9, 3, torch.bfloat16, True, True)),
-                   ("lane-fp32-offset-1e3", (2, 8, 6, 6, 2, torch.float32, True, True))):
-    off = 1000.0 if "1e3" in name else 2.0
-    r = T.check_call(gn.group_norm_act, *args, offset=off)
-    print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
-r = T.check_call_x_bias(gn.group_norm_act, 2, 15, 7, 9, 5, torch.float32, True, 50.0)
-print("RESULT " + json.dumps({{"case": "lane-xbias-fp32-cl", **r}}), flush=True)
-gn.FORCE_CONFIG = None
 # through the custom op as torch.compile calls it (kernels interpreted)
 f = torch.compile(gn.group_norm_act, backend="aot_eager", fullgraph=True)
 r = T.check_call(f, 2, 12, 5, 7, 4, torch.bfloat16, True, True)
@@ -314,14 +303,6 @@ def test_kernel_matches_torch_interpreted(interpreter_results, case):
 @pytest.mark.parametrize("case", [c[0] for c in X_BIAS_CASES])
 def test_kernel_adds_x_bias_before_the_norm_interpreted(interpreter_results, case):
     _check(interpreter_results[case], torch_within=None)
-
-
-@pytest.mark.parametrize(
-    "case", ["lane-bf16-nchw", "lane-bf16-cl-odd", "lane-fp32-offset-1e3", "lane-xbias-fp32-cl"]
-)
-def test_lane_moments_statistics_interpreted(interpreter_results, case):
-    """GNConfig.lane_moments: per-lane running moments, merged once per program."""
-    _check(interpreter_results[case], torch_within=None if "xbias" in case else 2.0)
 
 
 @pytest.mark.parametrize("case", ["gpu-config-nchw", "gpu-config-cl", "compiled"])
@@ -778,18 +759,6 @@ def _compile_for(kernel, arch: int, dtype: str, consts: dict):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 1})
 
 
-def test_lane_moments_stats_compile_to_cubin_with_vector_loads():
-    require_aot_compiler()
-    import maskar.kernels.group_norm as gn
-
-    consts = dict(BLOCK_C=64, BLOCK_P=64, CHANNELS_LAST=True, HAS_XB=True, LANE_MOMENTS=True)
-    try:
-        compiled = _compile_for(gn._gn_stats, 90, "bf16", consts)
-    except FileNotFoundError as e:
-        pytest.skip(f"no CUDA toolchain in this Triton: {e}")
-    assert "ld.global.v4" in compiled.asm["ptx"]
-
-
 @pytest.mark.parametrize(
     "arch,dtype,kernel,channels_last,x_bias",
     [(90, "bf16", "stats", False, False), (90, "bf16", "stats", True, False),
@@ -810,7 +779,7 @@ def test_kernels_compile_to_cubin_with_vector_loads(arch, dtype, kernel, channel
     cfg = gn._config(160, 1024 * 1024, channels_last)
     tiles = dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=channels_last, HAS_XB=x_bias)
     fn, consts = {
-        "stats": (gn._gn_stats, {**tiles, "LANE_MOMENTS": False}),
+        "stats": (gn._gn_stats, tiles),
         "apply": (gn._gn_apply, {**tiles, "SILU": True, "Y_CHANNELS_LAST": channels_last and not nchw_out}),
         "finalize": (gn._gn_finalize, {"BLOCK_F": 512}),
     }[kernel]

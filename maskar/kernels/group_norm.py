@@ -78,17 +78,11 @@ def _gn_stats(
     BLOCK_P: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     HAS_XB: tl.constexpr,
-    LANE_MOMENTS: tl.constexpr = False,
 ):
     """PART[0 | 1, n, chunk, c] = mean | M2 of channel c (plus XB[c] if HAS_XB) over pixels
-    [chunk * chunk_p, + chunk_p).
-
-    Two schemes. Default: each tile's exact moments (two reductions across the tile's pixel
-    axis) merged into the running ones (Chan). LANE_MOMENTS: every element position of the tile
-    keeps its own running count, mean and M2 over the tiles (Welford, no reduction inside the
-    loop), merged across the pixel axis once at the end. Meant for the channels-last tiles, whose
-    statistics take 2.5x NCHW's time on an H100 (2026-12-06) with no tile size doing better; not
-    yet timed (``GNConfig.lane_moments``, off)."""
+    [chunk * chunk_p, + chunk_p): each tile's exact moments (two reductions across the tile's
+    pixel axis) merged into the running ones (Chan). (Per-lane Welford moments merged once per
+    program did no better on the channels-last tiles, H100 2026-12-06: docs/kernels.md.)"""
     pc = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.program_id(2)
@@ -97,39 +91,24 @@ def _gn_stats(
         xb = tl.load(XB + c, mask=c_ok, other=0.0).to(tl.float32)
     p_lo = pc * chunk_p
     p_hi = tl.minimum(p_lo + chunk_p, HW)
-    if LANE_MOMENTS:
-        lane_n = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-        lane_mean = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-        lane_m2 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-    else:
-        cnt = 0.0
-        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    cnt = 0.0
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for p0 in range(p_lo, p_hi, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         ok = c_ok[:, None] & (p < p_hi)[None, :]
         x = tl.load(X + _tile_offsets(n, c, p, C, HW, CHANNELS_LAST), mask=ok, other=0.0).to(tl.float32)
         if HAS_XB:  # the masked-off elements must stay 0: the tile mean sums them
             x = tl.where(ok, x + xb[:, None], 0.0)
-        if LANE_MOMENTS:  # Welford per element position
-            lane_n += ok.to(tl.float32)
-            delta = tl.where(ok, x - lane_mean, 0.0)
-            lane_mean += delta / tl.maximum(lane_n, 1.0)
-            lane_m2 += tl.where(ok, delta * (x - lane_mean), 0.0)
-        else:
-            nb = tl.minimum(p_hi - p0, BLOCK_P).to(tl.float32)
-            t_mean = tl.sum(x, 1) / nb
-            d = tl.where(ok, x - t_mean[:, None], 0.0)
-            t_m2 = tl.sum(d * d, 1)
-            tot = cnt + nb  # Chan et al.: merge (cnt, mean, m2) with the tile's (nb, t_mean, t_m2)
-            delta = t_mean - mean
-            mean += delta * (nb / tot)
-            m2 += t_m2 + delta * delta * (cnt * nb / tot)
-            cnt = tot
-    if LANE_MOMENTS:  # the lanes merged across the pixel axis, once
-        mean = tl.sum(lane_n * lane_mean, 1) / tl.maximum(tl.sum(lane_n, 1), 1.0)
-        d = lane_mean - mean[:, None]
-        m2 = tl.sum(lane_m2 + lane_n * d * d, 1)
+        nb = tl.minimum(p_hi - p0, BLOCK_P).to(tl.float32)
+        t_mean = tl.sum(x, 1) / nb
+        d = tl.where(ok, x - t_mean[:, None], 0.0)
+        t_m2 = tl.sum(d * d, 1)
+        tot = cnt + nb  # Chan et al.: merge (cnt, mean, m2) with the tile's (nb, t_mean, t_m2)
+        delta = t_mean - mean
+        mean += delta * (nb / tot)
+        m2 += t_m2 + delta * delta * (cnt * nb / tot)
+        cnt = tot
     n_chunks = tl.num_programs(0)
     dst = PART + (n * n_chunks + pc).to(tl.int64) * C + c
     half = tl.num_programs(2).to(tl.int64) * n_chunks * C  # PART[1] follows PART[0]
@@ -224,7 +203,6 @@ class GNConfig:
     block_p: int  # pixels per tile
     chunk_tiles: int  # tiles per statistics program
     num_warps: int
-    lane_moments: bool = False  # the statistics kernel's per-lane scheme (``_gn_stats``); untimed
 
 
 TILE = 4096  # elements per tile: 8 KB of bf16, 32 per thread at 4 warps (16-byte vectors)
@@ -284,8 +262,7 @@ def _forward(
         _gn_stats,
         (n_chunks, n_cb, N),
         (x, xb, part, C, HW, chunk_p),
-        dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=cl, HAS_XB=has_xb,
-             LANE_MOMENTS=cfg.lane_moments),  # fmt: skip
+        dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=cl, HAS_XB=has_xb),
         cfg.num_warps,
         1,
     )

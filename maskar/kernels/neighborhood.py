@@ -519,7 +519,12 @@ def _fwd_candidates(head_dim: int) -> list[NaConfig]:
                 # inference forward moves ~134 MB in 76 us at B 64 with CFG, about 35% of the
                 # bandwidth: fewer, fuller programs may hide more latency. Offered only where the
                 # tile covers the (sub-)grid (_offered).
-                NaConfig(16, 16, 64, 8, 2), NaConfig(16, 16, 64, 8, 1), NaConfig(16, 16, 32, 8, 2)]
+                NaConfig(16, 16, 64, 8, 2), NaConfig(16, 16, 64, 8, 1), NaConfig(16, 16, 32, 8, 2),
+                # since 2026-12-06: an 8 x 8 tile of 4 or 8 heads a program, its key rectangle
+                # one 128-key chunk (11 x 11 keys on the 16 x 16 grid): 63.0 us against 73.7 for
+                # the default at CASMAR-B's DiT call on an H100 (scripts/gpu/psa_fwd_sweep.py)
+                NaConfig(8, 8, 128, 4, 2, heads=8), NaConfig(8, 8, 128, 4, 2, heads=4),
+                NaConfig(8, 8, 128, 4, 3, heads=8)]
     return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2), NaConfig(8, 16, 64, 8, 2),
             NaConfig(8, 8, 64, 8, 2)]
 

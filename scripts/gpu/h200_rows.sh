@@ -26,8 +26,6 @@
 #     cuBLASLt's default workspace and with 64 MiB.
 #   PART=psa (about 2 min): scripts/gpu/psa_fwd_sweep.py, PSA's inference forward at CASMAR-B's DiT
 #     call config by config (the head-grouped forwards among them); the GPU tests of the kernel.
-#   PART=lane (about 4 min): scripts/gpu/gn_cl_sweep.py with the per-lane statistics scheme
-#     (SWEEP_LANE_MOMENTS=0,1) at the decode's calls of at least 5M elements.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -121,12 +119,7 @@ elif [ "${PART}" = psa ]; then
   el "GPU tests: the PSA kernel"
   timeout $(cap 200) $PY -m pytest -q -m gpu tests/test_neighborhood_kernel.py > "$OUT/psa_tests.txt" 2>&1
   echo "tests rc=$?"; tail -n 3 "$OUT/psa_tests.txt"
-elif [ "${PART}" = lane ]; then
-  el "the channels-last norm's statistics: the per-lane scheme against the default, swept"
-  SWEEP_BLOCK_C=64,128 SWEEP_TILE=2048,4096 SWEEP_CHUNK_TILES=4,8 SWEEP_WARPS=4 SWEEP_LANE_MOMENTS=0,1 \
-    SWEEP_MIN_ELEMENTS=5000000 timeout $(cap 240) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep.txt" 2>&1
-  echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep.txt" | grep -v "^  GNConfig" | tail -n 14
 else
-  echo "PART: expected a, cl, sweep, next, b1024, mm, psa or lane; got ${PART}" >&2; exit 2
+  echo "PART: expected a, cl, sweep, next, b1024, mm or psa; got ${PART}" >&2; exit 2
 fi
 el done

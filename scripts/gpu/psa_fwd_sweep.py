@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 
@@ -29,8 +30,17 @@ OUT = os.environ.get("OUT", "/tmp/out")
 B, GRID, H, D, K = 128, (16, 16), 8, 64, 7
 L = GRID[0] * GRID[1]
 torch.manual_seed(0)
+# PSA_LAYOUT: fused (the strided thirds of one projection, the default), blhd (three (B, L, H, D)
+# tensors) or bhld (three contiguous (B, H, L, D) tensors)
+LAYOUT = os.environ.get("PSA_LAYOUT", "fused")
 qkv = torch.randn(B, L, 3 * H * D, device="cuda", dtype=torch.bfloat16)
 q, k, v = (t.reshape(B, L, H, D).transpose(1, 2) for t in qkv.chunk(3, -1))
+if LAYOUT == "blhd":
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+elif LAYOUT == "bhld":
+    q, k, v = (t.contiguous() for t in (q, k, v))
+elif LAYOUT != "fused":
+    sys.exit(f"PSA_LAYOUT: expected fused, blhd or bhld, got {LAYOUT!r}")
 geom = nb.Window(GRID, (K, K), (1, 1), "zeros")
 scale = D**-0.5
 moved = 4 * B * L * H * D * 2 + B * H * L * 4  # q, k, v read, o written (bf16); lse written (fp32)
@@ -47,9 +57,11 @@ configs += [nb.NaConfig(8, 16, 256, 8, 1, heads=h) for h in (1, 2, 4)]
 configs += [nb.NaConfig(8, 8, 16, 4, s) for s in (1, 2, 4)] + [nb.NaConfig(8, 8, 32, 4, 2),
                                                                nb.NaConfig(8, 8, 16, 8, 2)]
 configs = [c for c in dict.fromkeys(configs) if nb._offered(c, geom)]
+if os.environ.get("SWEEP_FEW"):  # the default and the tuner's candidates only
+    configs = [c for c in nb._fwd_candidates(D) if nb._offered(c, geom)]
 
-print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  B {B} grid {GRID} H {H} D {D} k {K}; "
-      f"{moved / 1e6:.0f} MB moved a call")
+print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  B {B} grid {GRID} H {H} D {D} k {K} "
+      f"{LAYOUT}; {moved / 1e6:.0f} MB moved a call")
 ref = None
 rows = []
 for cfg in configs:
@@ -75,5 +87,5 @@ print("fastest (kernel time):")
 for r in rows[:6]:
     print(f"  {r['kernel_ms'] * 1e3:6.1f} us  {r['config']}")
 os.makedirs(OUT, exist_ok=True)
-with open(os.path.join(OUT, "psa_fwd_sweep.json"), "w") as f:
+with open(os.path.join(OUT, f"psa_fwd_sweep_{LAYOUT}.json"), "w") as f:
     json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
