@@ -104,9 +104,6 @@ def compile_psa(phase: str, cfg, head_dim: int = 64, dtype: str = "bf16", clamp:
     consts = dict(TH=cfg.th, TW=cfg.tw, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, CLAMP=clamp)
     if phase == "bwd":
         consts["FUSED_DELTA"] = cfg.fused_delta
-    else:  # one chunk or a walk as on CASMAR's 16 x 16 grid with k 7
-        casmar = nb.Window((16, 16), (7, 7), (1, 1), "clamp" if clamp else "zeros")
-        consts |= dict(HEADS=cfg.heads, SINGLE=nb._one_chunk(casmar, cfg))
     consts |= dict(UPCAST=False, IEEE=dtype == "fp32")
     return compile_attention_kernel(kernel, arch, dtype, consts, cfg.num_warps, cfg.num_stages)
 

@@ -53,12 +53,6 @@ INTERPRET_CASES = [
     # tiles, both borders, dilation, a partial last tile
     ("split_k7_four_tiles", (8, 8), 7, 1, "zeros", 2, 2, 32, "fp32", (4, 4, 16, "split")),
     ("split_clamp_dil2_bf16", (11, 9), (5, 3), 2, "clamp", 1, 2, 32, "bf16", (4, 4, 16, "split")),
-    # forwards that take several heads per program ("headsN"): the key rectangle in one chunk
-    # (its positions and window tests worked out once per program), with a partial last tile and
-    # dilation, and walked in chunks
-    ("heads4_one_chunk_k7", (8, 8), 7, 1, "zeros", 2, 4, 32, "fp32", (4, 4, 128, "heads4")),
-    ("heads2_one_chunk_dil2", (9, 6), 3, 2, "zeros", 2, 2, 32, "fp16", (4, 8, 64, "heads2")),
-    ("heads2_chunks_clamp_dil2", (11, 9), (5, 3), 2, "clamp", 1, 4, 32, "bf16", (4, 4, 16, "heads2")),
 ]
 
 
@@ -182,8 +176,7 @@ from maskar.nn.proximal_attention import proximal_attention, ProximalSelfAttenti
 nb.POISON_OUTPUTS = True
 torch.manual_seed(0)
 for name, grid, kernel, dil, border, B, H, D, dname, tile in T.INTERPRET_CASES:
-    heads = next((int(f[5:]) for f in (tile or ())[3:] if f.startswith("heads")), 1)
-    cfg = nb._INTERPRET_CONFIG if tile is None else nb.NaConfig(*tile[:3], 4, 1, heads=heads)
+    cfg = nb._INTERPRET_CONFIG if tile is None else nb.NaConfig(*tile[:3], 4, 1)
     nb.FORCE_FWD_CONFIG = cfg
     # delta = rowsum(O * dO) recomputed in the backward programs on the other cases with a set tile
     whole = tile is not None and "whole" in tile
@@ -345,8 +338,7 @@ def test_tuning_picks_fastest_candidate_once_per_key(monkeypatch):
     monkeypatch.setattr(nb, "_tuned", {})
     monkeypatch.setattr(nb, "_tune_log", {})
     monkeypatch.setattr(nb, "TUNE_WHOLE", True)  # every candidate offered on this 8 x 8 grid
-    # H 8: the head-grouped forwards (4 or 8 heads a program) are offered too
-    leaves = [torch.randn(2, 64, 8, 64, dtype=torch.float16, requires_grad=True) for _ in range(3)]
+    leaves = [torch.randn(2, 64, 3, 64, dtype=torch.float16, requires_grad=True) for _ in range(3)]
     q, k, v = (x.transpose(1, 2) for x in leaves)
     geom = nb.Window((8, 8), (7, 7), (1, 1))
     counts = []
@@ -425,8 +417,7 @@ def test_the_low_register_candidates_compile_without_spills_as_launched():
     """The candidates added on 2026-12-04 night (forward 32-key chunks with 4 stages and 16-key
     chunks; backward without pipelining and with 16-key chunks, whole-sub-grid included) and on
     2026-12-05 (unpipelined forwards; unpipelined backwards with the delta fused, 16- and 64-key
-    chunks; the forward's whole-grid 16 x 16 tiles; on 2026-12-06 the head-grouped one-chunk
-    forwards) are the tuner's low-register forms: compiled
+    chunks; the forward's whole-grid 16 x 16 tiles) are the tuner's low-register forms: compiled
     for sm90 as CASMAR-B's launch specialises them, none spills. (Compiled from bare signatures,
     without the launch's alignment facts, most backward configs seemed to spill: docs/kernels.md,
     *Register spills*.)"""
@@ -439,7 +430,7 @@ def test_the_low_register_candidates_compile_without_spills_as_launched():
     q, k, v = (t.transpose(1, 2) for t in torch.randn(B, L, 3, H, D, dtype=torch.bfloat16).unbind(2))
     o, do, lse = _blhd_empty(B, H, L, D, q), _blhd_empty(B, H, L, D, q), torch.empty(B * H, L)
     added = [("fwd", c) for c in nb._fwd_candidates(D)[6:]] + [("bwd", c) for c in nb._bwd_candidates(D)[10:]]
-    assert len(added) == 23
+    assert len(added) == 20
     for phase, cfg in added:
         try:
             with compiles_as_launched() as found:

@@ -210,25 +210,39 @@ def _inside(ki, kj, ws_r, we_r, ws_c, we_c, Q_ROWS: tl.constexpr):
                 & (kj[:, None] >= ws_c[None, :]) & (kj[:, None] < we_c[None, :]))
 
 
-@triton.jit
-def _na_fwd_head(q, k_base, v_base, skl, svl, offs_d, ki, kj, k_tok, k_in, ws_r, we_r, ws_c, we_c,
-                 r0, c0, width, count, rr, rc, GW, DH, DW, n_pad, q_ok, qk_scale,
-                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CLAMP: tl.constexpr, SINGLE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """One head of a query tile: (unnormalised acc, l, m). SINGLE: the whole key rectangle is one
-    chunk whose positions and window mask (ki, kj, k_tok, k_in) the caller computed once for all
-    its heads; else the rectangle is walked in chunks here."""
+@triton.jit(do_not_specialize=["H", "L", "GH", "GW", "KH", "KW", "DH", "DW", "TILES_R", "TILES_C"])
+def _na_fwd(
+    Q, K, V, O, LSE,
+    sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
+    H, L, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CLAMP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rr, rc, i0, j0, nr, nc = _tile(tl.program_id(0), GH, GW, DH, DW, TILES_R, TILES_C, TH, TW)
+    qi, qj, q_ok = _tile_rows(i0, j0, nr, nc, TH, TW)
+    q_tok = (rr + DH * qi) * GW + rc + DW * qj
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sql + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    ws_r, we_r, ws_c, we_c = _windows(qi, qj, q_ok, nr, nc, KH, KW, CLAMP)
     if CLAMP:
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([TH * TW], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([TH * TW], dtype=tl.float32)
     else:
         # the padded slots as the first softmax terms: logit 0, so m = 0 and l = n_pad
+        n_pad = tl.where(q_ok, KH * KW - (we_r - ws_r) * (we_c - ws_c), 0).to(tl.float32)
         m_i = tl.where(n_pad > 0, 0.0, -1.0e30)
         l_i = n_pad
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start in range(0, 1 if SINGLE else count, BLOCK_N):
-        if not SINGLE:
-            ki, kj, k_tok, k_in = _rect_chunk(start, r0, c0, width, count, rr, rc, GW, DH, DW, BLOCK_N)
+    acc = tl.zeros([TH * TW, HEAD_DIM], dtype=tl.float32)
+
+    r0, c0, width, count = _key_rect(i0, j0, nr, nc, KH, KW, CLAMP, TH, TW)
+    for start in range(0, count, BLOCK_N):
+        ki, kj, k_tok, k_in = _rect_chunk(start, r0, c0, width, count, rr, rc, GW, DH, DW, BLOCK_N)
         k = tl.load(k_base + k_tok[:, None] * skl + offs_d[None, :], mask=k_in[:, None], other=0.0)
         v = tl.load(v_base + k_tok[:, None] * svl + offs_d[None, :], mask=k_in[:, None], other=0.0)
         s = _mm(q, tl.trans(k), UPCAST, IEEE) * qk_scale
@@ -240,46 +254,11 @@ def _na_fwd_head(q, k_base, v_base, skl, svl, offs_d, ki, kj, k_tok, k_in, ws_r,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, IEEE)
         m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit(do_not_specialize=["H", "L", "GH", "GW", "KH", "KW", "DH", "DW", "TILES_R", "TILES_C"])
-def _na_fwd(
-    Q, K, V, O, LSE,
-    sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
-    H, L, GH, GW, KH, KW, DH, DW, TILES_R, TILES_C, qk_scale,
-    TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEADS: tl.constexpr, SINGLE: tl.constexpr,
-    CLAMP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):
-    # a program: one query tile of HEADS consecutive heads of one batch row; the tile's
-    # geometry (windows, key rectangle, and with SINGLE the chunk's positions) is worked out
-    # once for all of them
-    bg = tl.program_id(1)
-    groups = H // HEADS
-    b = (bg // groups).to(tl.int64)
-    h_first = (bg % groups).to(tl.int64) * HEADS
-    rr, rc, i0, j0, nr, nc = _tile(tl.program_id(0), GH, GW, DH, DW, TILES_R, TILES_C, TH, TW)
-    qi, qj, q_ok = _tile_rows(i0, j0, nr, nc, TH, TW)
-    q_tok = (rr + DH * qi) * GW + rc + DW * qj
-    offs_d = tl.arange(0, HEAD_DIM)
-    ws_r, we_r, ws_c, we_c = _windows(qi, qj, q_ok, nr, nc, KH, KW, CLAMP)
-    n_pad = tl.where(q_ok, KH * KW - (we_r - ws_r) * (we_c - ws_c), 0).to(tl.float32)
-    r0, c0, width, count = _key_rect(i0, j0, nr, nc, KH, KW, CLAMP, TH, TW)
-    ki, kj, k_tok, k_in = _rect_chunk(0, r0, c0, width, count, rr, rc, GW, DH, DW, BLOCK_N)
-    for hh in range(0, HEADS):
-        h = h_first + hh
-        q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sql + offs_d[None, :], mask=q_ok[:, None],
-                    other=0.0)
-        acc, l_i, m_i = _na_fwd_head(
-            q, K + b * skb + h * skh, V + b * svb + h * svh, skl, svl, offs_d, ki, kj, k_tok, k_in,
-            ws_r, we_r, ws_c, we_c, r0, c0, width, count, rr, rc, GW, DH, DW, n_pad, q_ok, qk_scale,
-            HEAD_DIM, TH * TW, BLOCK_N, CLAMP, SINGLE, UPCAST, IEEE)
-        l_i = tl.where(l_i > 0, l_i, 1.0)  # padding rows only
-        # O is written (B, L, H, D) contiguous
-        o_ptrs = O + (b * L * H + h) * HEAD_DIM + q_tok[:, None] * (H * HEAD_DIM) + offs_d[None, :]
-        tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=q_ok[:, None])
-        tl.store(LSE + (b * H + h) * L + q_tok, m_i + tl.log2(l_i), mask=q_ok)
+    l_i = tl.where(l_i > 0, l_i, 1.0)  # padding rows only
+    # O is written (B, L, H, D) contiguous
+    o_ptrs = O + (b * L * H + h) * HEAD_DIM + q_tok[:, None] * (H * HEAD_DIM) + offs_d[None, :]
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=q_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * L + q_tok, m_i + tl.log2(l_i), mask=q_ok)
 
 
 @triton.jit
@@ -485,10 +464,6 @@ class NaConfig:
     # O and dO rows it loads anyway), then the dK/dV programs: no separate delta launch (a pass
     # over O and dO: 20 us of a 0.29 ms fwd + bwd at CASMAR-B's 16 x 16, B 64, H 16)
     split: bool = False
-    # forward only: one program per query tile and this many consecutive heads, the tile's
-    # geometry worked out once for all of them (with a chunk holding the whole key rectangle,
-    # the chunk's positions and window tests too)
-    heads: int = 1
 
 
 # Candidates. Every query of a tile multiplies against the whole key rectangle of the tile,
@@ -519,12 +494,7 @@ def _fwd_candidates(head_dim: int) -> list[NaConfig]:
                 # inference forward moves ~134 MB in 76 us at B 64 with CFG, about 35% of the
                 # bandwidth: fewer, fuller programs may hide more latency. Offered only where the
                 # tile covers the (sub-)grid (_offered).
-                NaConfig(16, 16, 64, 8, 2), NaConfig(16, 16, 64, 8, 1), NaConfig(16, 16, 32, 8, 2),
-                # since 2026-12-06: an 8 x 8 tile of 4 or 8 heads a program, its key rectangle
-                # one 128-key chunk (11 x 11 keys on the 16 x 16 grid): 63.0 us against 73.7 for
-                # the default at CASMAR-B's DiT call on an H100 (scripts/gpu/psa_fwd_sweep.py)
-                NaConfig(8, 8, 128, 4, 2, heads=8), NaConfig(8, 8, 128, 4, 2, heads=4),
-                NaConfig(8, 8, 128, 4, 3, heads=8)]
+                NaConfig(16, 16, 64, 8, 2), NaConfig(16, 16, 64, 8, 1), NaConfig(16, 16, 32, 8, 2)]
     return [NaConfig(8, 8, 64, 4, 2), NaConfig(8, 8, 32, 4, 2), NaConfig(8, 16, 64, 8, 2),
             NaConfig(8, 8, 64, 8, 2)]
 
@@ -610,24 +580,20 @@ def _capturing(q: Tensor) -> bool:
 
 
 def _config(phase: str, q: Tensor, geom: Window, launch_with) -> NaConfig:
-    B, H, L, D = q.shape
     forced = FORCE_FWD_CONFIG if phase == "fwd" else FORCE_BWD_CONFIG
     if forced is not None:
-        if H % forced.heads:
-            raise ValueError(f"neighborhood attention: {forced} groups heads by {forced.heads}, got H {H}")
         return forced
     if _INTERPRET:
         return _INTERPRET_CONFIG
+    B, H, L, D = q.shape
     # not keyed on B or H: a coarse "few vs many programs" class, so a new batch size
-    # re-times at most once per class, and the kernels never recompile for it; the largest
-    # head group that divides H keeps a config that groups heads where it fits
-    groups = max(g for g in (1, 2, 4, 8) if H % g == 0)
-    key = (phase, q.get_device(), q.dtype, D, geom, B * H >= 256, groups)
+    # re-times at most once per class, and the kernels never recompile for it
+    key = (phase, q.get_device(), q.dtype, D, geom, B * H >= 256)
     cfg = _tuned.get(key)
     if cfg is not None:
         return cfg
     every = _fwd_candidates(D) if phase == "fwd" else _bwd_candidates(D)
-    candidates = [c for c in every if _offered(c, geom) and groups % c.heads == 0]
+    candidates = [c for c in every if _offered(c, geom)]
     if _capturing(q):  # no timing inside a CUDA-graph capture
         return candidates[0]
     return _tune(key, candidates, launch_with)
@@ -655,41 +621,10 @@ def _geometry(geom: Window, th: int, tw: int) -> tuple[tuple[int, ...], int]:
     return (*geom.grid, *geom.kernel, *geom.dilation, tr, tc), dh * tr * dw * tc
 
 
-def _axis_span(n: int, k: int, d: int, t: int, clamp: bool) -> int:
-    """The most key positions along one axis that the windows of a tile of t query positions
-    cover, over every sub-grid (residue mod d) and tile position: ``_key_rect``'s extent, where
-    the grid's edges clip it (11 rows for an 8-row tile with k 7 on a 16-row grid, not 14)."""
-
-    def window(i: int, m: int) -> tuple[int, int]:  # _window on the host
-        r = k // 2
-        if clamp:
-            kk = min(k, m)
-            start = min(max(i - r, 0), m - kk)
-            return start, start + kk
-        return max(i - r, 0), min(i + r + 1, m)
-
-    span = 0
-    for residue in range(d):
-        m = cdiv(n - residue, d)
-        for i0 in range(0, m, t):
-            span = max(span, window(min(i0 + t, m) - 1, m)[1] - window(i0, m)[0])
-    return span
-
-
-@functools.lru_cache(maxsize=256)
-def _one_chunk(geom: Window, cfg: NaConfig) -> bool:
-    """Whether every query tile's key rectangle fits in one chunk of ``cfg.block_n`` keys."""
-    (h, w), (kh, kw), (dh, dw) = geom.grid, geom.kernel, geom.dilation
-    clamp = geom.border == "clamp"
-    return _axis_span(h, kh, dh, cfg.th, clamp) * _axis_span(w, kw, dw, cfg.tw, clamp) <= cfg.block_n
-
-
 def _consts(cfg: NaConfig, q: Tensor, geom: Window, backward: bool = False) -> dict:
     c = dict(TH=cfg.th, TW=cfg.tw, BLOCK_N=cfg.block_n, HEAD_DIM=q.shape[-1], CLAMP=geom.border == "clamp")
     if backward:
         c["FUSED_DELTA"] = cfg.fused_delta
-    else:
-        c |= dict(HEADS=cfg.heads, SINGLE=_one_chunk(geom, cfg))
     return c | dict(UPCAST=_INTERPRET and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32)
 
 
@@ -698,7 +633,7 @@ def _launch_fwd(q, k, v, o, lse, qk_scale: float, geom: Window, cfg: NaConfig) -
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     ints, n_tiles = _geometry(geom, cfg.th, cfg.tw)
     ints = (H, L, *ints)
-    _launch(_na_fwd, (n_tiles, B * H // cfg.heads), (q, k, v, o, lse, *strides, *ints, qk_scale),
+    _launch(_na_fwd, (n_tiles, B * H), (q, k, v, o, lse, *strides, *ints, qk_scale),
             _consts(cfg, q, geom), cfg.num_warps, cfg.num_stages,
             (*_view_spec(q, k, v), strides, ints))  # o, lse: fresh allocations
 

@@ -24,10 +24,6 @@
 #     both models at 1024 px B 8, compiled.
 #   PART=mm (about 2 min): scripts/gpu/matmul_shapes.py, CASMAR-B's matmul shapes one by one, with
 #     cuBLASLt's default workspace and with 64 MiB.
-#   PART=psa (about 2 min): scripts/gpu/psa_fwd_sweep.py, PSA's inference forward at CASMAR-B's DiT
-#     call config by config (the head-grouped forwards among them); the GPU tests of the kernel.
-#   PART=psa2 (about 3.5 min): scripts/gpu/casmar_psa_ab.py, CASMAR-B profiled with PSA's forward
-#     pinned to the default config, then to the head-grouped one, each in its own process.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -114,20 +110,7 @@ elif [ "${PART}" = mm ]; then
   el "the same with a 64 MiB cuBLASLt workspace"
   CUBLASLT_WORKSPACE_SIZE=65536 TAG=ws64 timeout $(cap 150) $PY scripts/gpu/matmul_shapes.py > "$OUT/mm_ws64.txt" 2>&1
   echo "mm rc=$?"; grep -vE "$NOISE" "$OUT/mm_ws64.txt" | tail -n +2 | cut -c1-80
-elif [ "${PART}" = psa ]; then
-  el "PSA's inference forward at CASMAR-B's DiT call, config by config"
-  timeout $(cap 200) $PY scripts/gpu/psa_fwd_sweep.py > "$OUT/psa_sweep.txt" 2>&1
-  echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/psa_sweep.txt" | cut -c1-190
-  el "GPU tests: the PSA kernel"
-  timeout $(cap 200) $PY -m pytest -q -m gpu tests/test_neighborhood_kernel.py > "$OUT/psa_tests.txt" 2>&1
-  echo "tests rc=$?"; tail -n 3 "$OUT/psa_tests.txt"
-elif [ "${PART}" = psa2 ]; then
-  for c in default heads8; do
-    el "CASMAR-B profiled, PSA's forward pinned to $c"
-    PSA_FWD=$c timeout $(cap 150) $PY scripts/gpu/casmar_psa_ab.py > "$OUT/casmar_psa_$c.txt" 2>&1
-    echo "casmar rc=$?"; grep -E "img/s|_na_fwd|dit_head \|" "$OUT/casmar_psa_$c.txt" | head -n 4
-  done
 else
-  echo "PART: expected a, cl, sweep, next, b1024, mm, psa or psa2; got ${PART}" >&2; exit 2
+  echo "PART: expected a, cl, sweep, next, b1024 or mm; got ${PART}" >&2; exit 2
 fi
 el done
