@@ -9,7 +9,9 @@ marked ``gpu``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -258,6 +260,17 @@ for name, cfg, args in (("gpu-config-nchw", cfg_nchw, (1, 4, 136, 136, 2, torch.
     r = T.check_call(gn.group_norm_act, *args)
     print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
 gn.FORCE_CONFIG = None
+# the statistics kernel's per-lane shifted sums (GNConfig.sums): tails, x_bias, a mean 10^3 off zero
+gn.FORCE_CONFIG = gn.GNConfig(2, 8, 2, 1, sums=True)
+for name, args in (("sums-bf16-nchw", (2, 12, 5, 7, 4, torch.bfloat16, False, True)),
+                   ("sums-bf16-cl-odd", (1, 15, 11, 9, 3, torch.bfloat16, True, True)),
+                   ("sums-fp32-offset-1e3", (2, 8, 6, 6, 2, torch.float32, True, True))):
+    off = 1000.0 if "1e3" in name else 2.0
+    r = T.check_call(gn.group_norm_act, *args, offset=off)
+    print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
+r = T.check_call_x_bias(gn.group_norm_act, 2, 15, 7, 9, 5, torch.float32, True, 50.0)
+print("RESULT " + json.dumps({{"case": "sums-xbias-fp32-cl", **r}}), flush=True)
+gn.FORCE_CONFIG = None
 # through the custom op as torch.compile calls it (kernels interpreted)
 f = torch.compile(gn.group_norm_act, backend="aot_eager", fullgraph=True)
 r = T.check_call(f, 2, 12, 5, 7, 4, torch.bfloat16, True, True)
@@ -303,6 +316,14 @@ def test_kernel_matches_torch_interpreted(interpreter_results, case):
 @pytest.mark.parametrize("case", [c[0] for c in X_BIAS_CASES])
 def test_kernel_adds_x_bias_before_the_norm_interpreted(interpreter_results, case):
     _check(interpreter_results[case], torch_within=None)
+
+
+@pytest.mark.parametrize(
+    "case", ["sums-bf16-nchw", "sums-bf16-cl-odd", "sums-fp32-offset-1e3", "sums-xbias-fp32-cl"]
+)
+def test_shifted_sums_statistics_interpreted(interpreter_results, case):
+    """GNConfig.sums: per-lane sums of x - shift and its square, reduced once per program."""
+    _check(interpreter_results[case], torch_within=None if "xbias" in case else 2.0)
 
 
 @pytest.mark.parametrize("case", ["gpu-config-nchw", "gpu-config-cl", "compiled"])
@@ -759,6 +780,39 @@ def _compile_for(kernel, arch: int, dtype: str, consts: dict):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 1})
 
 
+def test_shifted_sums_stats_loop_has_no_barrier_on_sm90():
+    """The point of GNConfig.sums: on channels-last tiles the statistics loop reads 16-byte
+    vectors and synchronises nothing (the default scheme reduces across the strided pixel axis
+    through shared memory twice a tile)."""
+    require_aot_compiler()
+    import maskar.kernels.group_norm as gn
+
+    cfg = gn._config(160, 256 * 256, True)
+    tiles = dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=True, HAS_XB=True)
+    try:
+        ptx = {sums: _compile_for(gn._gn_stats, 90, "bf16", {**tiles, "SUMS": sums}).asm["ptx"]
+               for sums in (False, True)}  # fmt: skip
+    except FileNotFoundError as e:
+        pytest.skip(f"no CUDA toolchain in this Triton: {e}")
+    loops = {sums: _loop_bodies(code) for sums, code in ptx.items()}
+    assert len(loops[True]) == 1 and "ld.global.v4" in loops[True][0], loops[True]
+    assert "bar.sync" not in loops[True][0]
+    assert any("bar.sync" in body for body in loops[False])  # what the scheme removes
+
+
+def _loop_bodies(ptx: str) -> list[str]:
+    """The PTX between each loop's label and its backward branch."""
+    lines = ptx.split("\n")
+    label = re.compile(r"^(\$L__BB\d+_\d+):")
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := label.match(line.strip()))}
+    bodies = []
+    for i, line in enumerate(lines):
+        m = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            bodies.append("\n".join(lines[labels[m.group(1)] : i]))
+    return bodies
+
+
 @pytest.mark.parametrize(
     "arch,dtype,kernel,channels_last,x_bias",
     [(90, "bf16", "stats", False, False), (90, "bf16", "stats", True, False),
@@ -779,7 +833,7 @@ def test_kernels_compile_to_cubin_with_vector_loads(arch, dtype, kernel, channel
     cfg = gn._config(160, 1024 * 1024, channels_last)
     tiles = dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=channels_last, HAS_XB=x_bias)
     fn, consts = {
-        "stats": (gn._gn_stats, tiles),
+        "stats": (gn._gn_stats, {**tiles, "SUMS": False}),
         "apply": (gn._gn_apply, {**tiles, "SILU": True, "Y_CHANNELS_LAST": channels_last and not nchw_out}),
         "finalize": (gn._gn_finalize, {"BLOCK_F": 512}),
     }[kernel]
@@ -830,6 +884,24 @@ def test_kernel_adds_x_bias_gpu(shape, channels_last):
     N, C, H, W = shape
     _check(check_call_x_bias(gn.group_norm_act, N, C, H, W, 32, torch.bfloat16, channels_last, 3.0,
                              device="cuda"), torch_within=None)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("x_bias", [False, True])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_shifted_sums_statistics_gpu(shape, x_bias, monkeypatch):
+    """GNConfig.sums with the channels-last tiles the decoder runs, at its real shapes."""
+    import maskar.kernels.group_norm as gn
+
+    N, C, H, W = shape
+    monkeypatch.setattr(gn, "FORCE_CONFIG", dataclasses.replace(gn._config(C, H * W, True), sums=True))
+    if x_bias:
+        r = check_call_x_bias(gn.group_norm_act, N, C, H, W, 32, torch.bfloat16, True, 3.0, device="cuda")
+    else:
+        r = check_call(gn.group_norm_act, N, C, H, W, 32, torch.bfloat16, True, True, offset=50.0,
+                       device="cuda")  # fmt: skip
+    _check(r, torch_within=None)
 
 
 @pytest.mark.gpu

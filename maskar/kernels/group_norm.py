@@ -78,11 +78,19 @@ def _gn_stats(
     BLOCK_P: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     HAS_XB: tl.constexpr,
+    SUMS: tl.constexpr = False,
 ):
     """PART[0 | 1, n, chunk, c] = mean | M2 of channel c (plus XB[c] if HAS_XB) over pixels
-    [chunk * chunk_p, + chunk_p): each tile's exact moments (two reductions across the tile's
-    pixel axis) merged into the running ones (Chan). (Per-lane Welford moments merged once per
-    program did no better on the channels-last tiles, H100 2026-12-06: docs/kernels.md.)"""
+    [chunk * chunk_p, + chunk_p).
+
+    Default: each tile's exact moments (two reductions across the tile's pixel axis) merged into
+    the running ones (Chan). SUMS: every element position of the tile sums x - shift and its
+    square (shift: the channel's value at the chunk's first pixel, so the sums stay of the
+    order of the spread, not of the mean), reduced across the pixel axis once at the end. In
+    channels-last the pixel axis is the strided one, and its two reductions a tile go through
+    shared memory (12 barriers a tile in the sm90 code against 4 in NCHW); SUMS has none inside
+    the loop and no division either (the per-lane Welford scheme measured on 2026-12-06 had one
+    an element, and no gain: docs/kernels.md)."""
     pc = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.program_id(2)
@@ -91,24 +99,42 @@ def _gn_stats(
         xb = tl.load(XB + c, mask=c_ok, other=0.0).to(tl.float32)
     p_lo = pc * chunk_p
     p_hi = tl.minimum(p_lo + chunk_p, HW)
-    cnt = 0.0
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if SUMS:
+        first = n.to(tl.int64) * C * HW + (p_lo * C + c if CHANNELS_LAST else c * HW + p_lo)
+        shift = tl.load(X + first, mask=c_ok, other=0.0).to(tl.float32)
+        if HAS_XB:
+            shift += xb
+        sum_d = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        sum_dd = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    else:
+        cnt = 0.0
+        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for p0 in range(p_lo, p_hi, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         ok = c_ok[:, None] & (p < p_hi)[None, :]
         x = tl.load(X + _tile_offsets(n, c, p, C, HW, CHANNELS_LAST), mask=ok, other=0.0).to(tl.float32)
         if HAS_XB:  # the masked-off elements must stay 0: the tile mean sums them
             x = tl.where(ok, x + xb[:, None], 0.0)
-        nb = tl.minimum(p_hi - p0, BLOCK_P).to(tl.float32)
-        t_mean = tl.sum(x, 1) / nb
-        d = tl.where(ok, x - t_mean[:, None], 0.0)
-        t_m2 = tl.sum(d * d, 1)
-        tot = cnt + nb  # Chan et al.: merge (cnt, mean, m2) with the tile's (nb, t_mean, t_m2)
-        delta = t_mean - mean
-        mean += delta * (nb / tot)
-        m2 += t_m2 + delta * delta * (cnt * nb / tot)
-        cnt = tot
+        if SUMS:
+            d = tl.where(ok, x - shift[:, None], 0.0)
+            sum_d += d
+            sum_dd += d * d
+        else:
+            nb = tl.minimum(p_hi - p0, BLOCK_P).to(tl.float32)
+            t_mean = tl.sum(x, 1) / nb
+            d = tl.where(ok, x - t_mean[:, None], 0.0)
+            t_m2 = tl.sum(d * d, 1)
+            tot = cnt + nb  # Chan et al.: merge (cnt, mean, m2) with the tile's (nb, t_mean, t_m2)
+            delta = t_mean - mean
+            mean += delta * (nb / tot)
+            m2 += t_m2 + delta * delta * (cnt * nb / tot)
+            cnt = tot
+    if SUMS:  # across the pixel axis, once
+        count = (p_hi - p_lo).to(tl.float32)
+        s1 = tl.sum(sum_d, 1)
+        mean = shift + s1 / count
+        m2 = tl.maximum(tl.sum(sum_dd, 1) - s1 * (s1 / count), 0.0)
     n_chunks = tl.num_programs(0)
     dst = PART + (n * n_chunks + pc).to(tl.int64) * C + c
     half = tl.num_programs(2).to(tl.int64) * n_chunks * C  # PART[1] follows PART[0]
@@ -203,6 +229,7 @@ class GNConfig:
     block_p: int  # pixels per tile
     chunk_tiles: int  # tiles per statistics program
     num_warps: int
+    sums: bool = False  # the statistics kernel's per-lane shifted sums (``_gn_stats``); untimed
 
 
 TILE = 4096  # elements per tile: 8 KB of bf16, 32 per thread at 4 warps (16-byte vectors)
@@ -262,7 +289,7 @@ def _forward(
         _gn_stats,
         (n_chunks, n_cb, N),
         (x, xb, part, C, HW, chunk_p),
-        dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=cl, HAS_XB=has_xb),
+        dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=cl, HAS_XB=has_xb, SUMS=cfg.sums),
         cfg.num_warps,
         1,
     )

@@ -13,8 +13,9 @@ Then the compiled channels-last decode (`MASKAR_GN_CONV_BIAS` on) with the defau
 the per-shape winners, GPU kernel time by group, and its wall time.
 
 OUT=/tmp/out python3 scripts/gpu/gn_cl_sweep.py   (about 3 min on an H100); SWEEP_BLOCK_C, SWEEP_TILE,
-SWEEP_CHUNK_TILES, SWEEP_WARPS (comma-separated) and SWEEP_MIN_ELEMENTS narrow it. (A per-lane
-statistics scheme, swept with it on 2026-12-06, did no better and is gone: docs/kernels.md.)
+SWEEP_CHUNK_TILES, SWEEP_WARPS, SWEEP_SUMS (0 / 1: the statistics kernel's per-lane shifted sums,
+GNConfig.sums) (comma-separated) and SWEEP_MIN_ELEMENTS narrow it. (A per-lane Welford scheme,
+swept with it on 2026-12-06, did no better and is gone: docs/kernels.md.)
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ def _ints(name: str, default: str) -> list[int]:
 
 MIN_ELEMENTS = int(os.environ.get("SWEEP_MIN_ELEMENTS", "0"))  # sweep only calls at least this big
 _AXES = (_ints("BLOCK_C", "32,64,128,256"), _ints("TILE", "2048,4096,8192"), _ints("CHUNK_TILES", "4,8,16"),
-         _ints("WARPS", "4,8"))  # fmt: skip
-GRID = [gn.GNConfig(bc, tile // bc, ct, nw)
-        for bc, tile, ct, nw in itertools.product(*_AXES)
+         _ints("WARPS", "4,8"), _ints("SUMS", "0,1"))  # fmt: skip
+GRID = [gn.GNConfig(bc, tile // bc, ct, nw, bool(sums))
+        for bc, tile, ct, nw, sums in itertools.product(*_AXES)
         if tile // bc >= 8]  # fmt: skip
 
 

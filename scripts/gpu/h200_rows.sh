@@ -24,6 +24,9 @@
 #     both models at 1024 px B 8, compiled.
 #   PART=mm (about 2 min): scripts/gpu/matmul_shapes.py, CASMAR-B's matmul shapes one by one, with
 #     cuBLASLt's default workspace and with 64 MiB.
+#   PART=sums (about 4 min): the fused norm's GPU tests of the shifted-sums statistics
+#     (GNConfig.sums), then scripts/gpu/gn_cl_sweep.py with SWEEP_SUMS=0,1 at the decode's calls of
+#     at least 5M elements, and the compiled channels-last decode with the per-shape winners.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -110,7 +113,15 @@ elif [ "${PART}" = mm ]; then
   el "the same with a 64 MiB cuBLASLt workspace"
   CUBLASLT_WORKSPACE_SIZE=65536 TAG=ws64 timeout $(cap 150) $PY scripts/gpu/matmul_shapes.py > "$OUT/mm_ws64.txt" 2>&1
   echo "mm rc=$?"; grep -vE "$NOISE" "$OUT/mm_ws64.txt" | tail -n +2 | cut -c1-80
+elif [ "${PART}" = sums ]; then
+  el "GPU tests: the shifted-sums statistics"
+  timeout $(cap 120) $PY -m pytest -q -m gpu tests/test_group_norm_kernel.py -k shifted_sums > "$OUT/sums_tests.txt" 2>&1
+  echo "tests rc=$?"; tail -n 3 "$OUT/sums_tests.txt"
+  el "the channels-last norm's statistics: shifted sums against the default, swept"
+  SWEEP_BLOCK_C=64,128 SWEEP_TILE=2048,4096 SWEEP_CHUNK_TILES=4,8 SWEEP_WARPS=4 SWEEP_SUMS=0,1 \
+    SWEEP_MIN_ELEMENTS=5000000 timeout $(cap 240) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep.txt" 2>&1
+  echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep.txt" | grep -v "^  GNConfig" | tail -n 14
 else
-  echo "PART: expected a, cl, sweep, next, b1024 or mm; got ${PART}" >&2; exit 2
+  echo "PART: expected a, cl, sweep, next, b1024, mm or sums; got ${PART}" >&2; exit 2
 fi
 el done
