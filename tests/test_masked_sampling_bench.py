@@ -9,6 +9,7 @@ import torch
 
 from maskar.bench import masked_sampling as ms
 from maskar.bench.casmar import main as bench_casmar
+from maskar.bench.kernel_time import group_of
 from maskar.bench.mar import main as bench_mar
 
 
@@ -120,6 +121,17 @@ def test_kernels_are_filed_under_the_innermost_range_of_their_op():
     got = ms._kernel_time_by_phase(spans, op_start, timed, names, unlinked_by_start=True)
     assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k]) for k in want)
     assert "unattributed kernels" not in got
+    # split by kernel group: the same phases, each summed from its groups
+    named = [(s, e, rng.choice(["nvjet_sm90_tst", "_na_fwd", "triton_per_fused_x", "memcpy"]), linked)
+             for s, e, _, linked in timed]  # fmt: skip
+    split = ms._kernel_time_by_phase(spans, op_start, named, names, unlinked_by_start=True,
+                                     group=lambda n: group_of(n, ms.KERNEL_GROUPS))  # fmt: skip
+    want = {}
+    for start, end, name, linked in named:
+        where = f"{brute(op_start.get(linked, start))} / {group_of(name, ms.KERNEL_GROUPS)}"
+        want[where] = want.get(where, 0.0) + (end - start) / 1e6
+    assert split.keys() == want.keys() and all(split[k] == pytest.approx(want[k]) for k in want)
+    assert {k.split(" / ")[1] for k in split} == {"matmuls", "attention", "inductor kernels", "other"}
 
 
 def test_idle_is_filed_under_the_range_open_when_each_gap_began():

@@ -27,14 +27,20 @@ def kernel_ms_per_call(fn: Callable[[], object], calls: int = 10) -> dict[str, f
     return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
-def group_by_name(
-    per_kernel: dict[str, float], groups: tuple[tuple[str, tuple[str, ...]], ...]
-) -> dict[str, float]:
-    """ms per group of ``groups`` ((name, lower-case substrings), first match wins; the rest under
-    ``other``), from ms per kernel name."""
+Groups = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def group_of(name: str, groups: Groups) -> str:
+    """The first group of ``groups`` ((name, lower-case substrings)) whose substring is in the
+    kernel's name, else ``other``."""
+    low = name.lower()
+    return next((g for g, keys in groups if any(k in low for k in keys)), "other")
+
+
+def group_by_name(per_kernel: dict[str, float], groups: Groups) -> dict[str, float]:
+    """ms per group of ``groups`` (first match wins; the rest under ``other``), from ms per
+    kernel name."""
     out = dict.fromkeys([g for g, _ in groups] + ["other"], 0.0)
     for name, ms in per_kernel.items():
-        low = name.lower()
-        key = next((g for g, keys in groups if any(k in low for k in keys)), "other")
-        out[key] += ms
+        out[group_of(name, groups)] += ms
     return out

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from maskar.bench import sampler_flops as sf
+from maskar.bench.kernel_time import group_of
 from maskar.config import load_config
 from maskar.nn.sampling import SamplingTrace
 from maskar.registry import build_model
@@ -285,23 +286,27 @@ def _kernel_time_by_phase(
     kernels: list[tuple[int, int, str, int]],
     names: set[str],
     unlinked_by_start: bool = False,
+    group: Callable[[str], str] | None = None,
 ) -> dict[str, float]:
     """ms of kernel time per phase key: each kernel (start, end, name, linked op id; ns) goes to the
     innermost range of ``spans`` open when its linked CPU-side op started. A kernel linked to no
     op (those of CUDA-graph replays) goes, with ``unlinked_by_start``, to the range open when it
     started on the GPU (right when every range synchronises before it closes), else under
-    "unattributed kernels"."""
+    "unattributed kernels". With ``group`` (kernel name -> group) the keys are
+    "phase / group"."""
     from bisect import bisect_right
 
     times, inner = _innermost_range(spans)
     out: dict[str, float] = {}
-    for start, end, _, linked in kernels:
+    for start, end, name, linked in kernels:
         t = op_start.get(linked, start if unlinked_by_start else None)
         if t is None:
             where = "unattributed kernels"
         else:
             i = bisect_right(times, t) - 1
             where = _phase_key(inner[i] if i >= 0 else None, names)
+        if group is not None:
+            where = f"{where} / {group(name)}"
         out[where] = out.get(where, 0.0) + (end - start) / 1e6
     return out
 
@@ -337,6 +342,16 @@ def _idle_by_phase(
 def _activity(event: Any) -> str:
     kind = getattr(event, "activity_type", None)
     return kind() if callable(kind) else ""
+
+
+# Kernel-name groups of a masked sampler's call (first match wins; the rest under ``other``):
+# attention first (PSA's ``_na_fwd``; cuDNN's ``..._sdpa_..._flash_...`` kernels also carry
+# ``sm90``), then Inductor's fused elementwise kernels, then the matmuls.
+KERNEL_GROUPS = (
+    ("attention", ("_na_fwd", "sdpa", "flash", "fmha", "attention")),
+    ("inductor kernels", ("triton_",)),
+    ("matmuls", ("nvjet", "gemm", "cutlass", "cublas", "xmma", "sm90_", "sm80_")),
+)
 
 
 def profile_call(
@@ -397,8 +412,11 @@ def profile_call(
             start = ev.start_ns()
             kernels.append((start, start + ev.duration_ns(), name, ev.linked_correlation_id()))
     exclusive: dict[str, float] = {}
+    by_group: dict[str, float] = {}
     if on_gpu:
         exclusive = _kernel_time_by_phase(spans, op_start, kernels, names, unlinked_by_start=True)
+        by_group = _kernel_time_by_phase(spans, op_start, kernels, names, unlinked_by_start=True,
+                                         group=lambda name: group_of(name, KERNEL_GROUPS))  # fmt: skip
     else:
         totals: dict[str, float] = {}
         for start, end, name in spans:
@@ -425,6 +443,7 @@ def profile_call(
         "idle_ms": wall - busy if kernels else None,
         "idle_by_phase_ms": dict(sorted(idle_by_phase.items(), key=lambda kv: -kv[1])),
         "phases_ms": dict(sorted(exclusive.items())),
+        "phase_groups_ms": dict(sorted(by_group.items())),
         "top_kernels_ms": sorted(by_name.items(), key=lambda kv: -kv[1])[:15],
         "kernels": len(kernels),
         "host_waits": host_waits if on_gpu else None,
@@ -450,6 +469,9 @@ def print_profile(tag: str, prof: dict[str, Any]) -> None:
         idle = prof.get("idle_by_phase_ms") or {}
         if idle:  # where the GPU waited: the range open when each gap between kernels began
             print("GPU idle by phase (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in idle.items()))
+    groups = {k: v for k, v in (prof.get("phase_groups_ms") or {}).items() if v >= 1.0}
+    if groups:  # what each phase's kernel time is made of
+        print("GPU ms by phase and kernel group: " + ", ".join(f"{k} {v:.1f}" for k, v in groups.items()))
     if prof["top_kernels_ms"]:
         print("top kernels (GPU ms):")
     for name, ms in prof["top_kernels_ms"]:
