@@ -413,10 +413,12 @@ def profile_call(
             kernels.append((start, start + ev.duration_ns(), name, ev.linked_correlation_id()))
     exclusive: dict[str, float] = {}
     by_group: dict[str, float] = {}
-    if on_gpu:
-        exclusive = _kernel_time_by_phase(spans, op_start, kernels, names, unlinked_by_start=True)
+    if on_gpu:  # one walk over the kernels: each phase's time is the sum of its groups
         by_group = _kernel_time_by_phase(spans, op_start, kernels, names, unlinked_by_start=True,
                                          group=lambda name: group_of(name, KERNEL_GROUPS))  # fmt: skip
+        for key, ms in by_group.items():
+            phase = key.rpartition(" / ")[0]
+            exclusive[phase] = exclusive.get(phase, 0.0) + ms
     else:
         totals: dict[str, float] = {}
         for start, end, name in spans:
