@@ -166,7 +166,10 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
-    attention_backend: str = field("auto", choices=("auto", "sdpa", "flex", "varlen", "triton", "scales"))
+    attention_backend: str = field(
+        "auto", choices=("auto", "sdpa", "flex", "varlen", "triton", "scales", "fa4"),
+        help="fa4 needs flash-attn-4 installed (docs/kernels.md)",
+    )  # fmt: skip
     device: str = field("auto", help="auto | cpu | cuda | cuda:N")
 
     def validate(self) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "sdpa", "flex", "varlen", "triton", "scales", "cudnn")
+BACKENDS = ("auto", "sdpa", "flex", "varlen", "triton", "scales", "cudnn", "fa4")
 PatternKind = Literal["block_diagonal", "block_causal"]
 
 
@@ -152,7 +152,7 @@ def _load_optional_backends() -> None:
 
     for mod in (
         "maskar.nn.attention_flex", "maskar.nn.attention_varlen", "maskar.kernels.block_sparse",
-        "maskar.nn.attention_scales", "maskar.nn.attention_cudnn",
+        "maskar.nn.attention_scales", "maskar.nn.attention_cudnn", "maskar.nn.attention_fa4",
     ):  # fmt: skip
         try:
             importlib.import_module(mod)

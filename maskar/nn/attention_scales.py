@@ -19,6 +19,7 @@ name (``attention_backend=scales``).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,11 +63,16 @@ class _Prefixes(torch.autograd.Function):
 
 
 def scales_attention(
-    q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: float | None = None
-) -> Tensor:
-    """Attention under ``pattern`` scale by scale. q, k, v: (B, H, L, D) -> (B, H, L, D)."""
+    q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: float | None = None,
+    dense: Callable[[Tensor, Tensor, Tensor, float | None], Tensor] | None = None,
+) -> Tensor:  # fmt: skip
+    """Attention under ``pattern`` scale by scale. q, k, v: (B, H, L, D) -> (B, H, L, D).
+
+    ``dense(q, k, v, scale)`` runs each scale's unmasked call (cuDNN's by default; the ``fa4``
+    backend passes FlashAttention-4's)."""
+    dense = _dense if dense is None else dense
     if pattern is None:  # dense (e.g. a KV-cached sampling step)
-        return _dense(q, k, v, scale)
+        return dense(q, k, v, scale)
     if q.shape[-2] != pattern.total or k.shape[-2] != pattern.total:
         raise ValueError(f"scales attention: pattern covers {pattern.total} tokens, q has {q.shape[-2]}")
     n_small = next((i for i, n in enumerate(pattern.lengths) if n >= SMALL), len(pattern.lengths))
@@ -88,7 +94,7 @@ def scales_attention(
             mask = ScalePattern(pattern.kind, pattern.lengths[:n_small]).dense_mask(q.device)
             outs.append(F.scaled_dot_product_attention(qs[0], ks[0], vs[0], attn_mask=mask, scale=scale))
         else:
-            outs.append(_dense(qs[i], ks[i], vs[i], scale))
+            outs.append(dense(qs[i], ks[i], vs[i], scale))
     return torch.cat(outs, dim=2)
 
 
