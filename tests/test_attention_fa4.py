@@ -34,7 +34,8 @@ def _attend(q, k, v, scale):  # (L, H, D) -> out (L, H, D), lse (H, L)
 def _fake_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
               softmax_scale=None, return_lse=False, **_):  # fmt: skip
     vs = [b for _, b in _sequences(v, v, cu_seqlens_q, cu_seqlens_k)]
-    res = [_attend(qi, ki, vi, softmax_scale) for (qi, ki), vi in zip(_sequences(q, k, cu_seqlens_q, cu_seqlens_k), vs)]
+    qks = _sequences(q, k, cu_seqlens_q, cu_seqlens_k)
+    res = [_attend(qi, ki, vi, softmax_scale) for (qi, ki), vi in zip(qks, vs, strict=True)]
     if cu_seqlens_q is None:
         out, lse = torch.stack([o for o, _ in res]), torch.stack([s for _, s in res])
     else:
@@ -123,16 +124,18 @@ def test_dense_with_longer_keys(fa4):
 def test_custom_ops_fake_shapes(fa4):
     """opcheck: the fake implementations' shapes and strides equal the real ones, batched and packed."""
     q, k, v = (torch.randn(2, 7, 3, 8, dtype=torch.float32) for _ in range(3))
-    torch.library.opcheck(fa4.fa4_fwd, (q, k, v, None, None, 0, 0, 0.35), test_utils=("test_schema", "test_faketensor"))
-    cu = torch.tensor([0, 3, 7, 10, 14], dtype=torch.int32)
-    qp, kp, vp = (x.reshape(14, 3, 8) for x in (q, k, v))
-    torch.library.opcheck(fa4.fa4_fwd, (qp, kp, vp, cu, cu, 4, 4, 0.35), test_utils=("test_schema", "test_faketensor"))
-    out, lse = fa4.fa4_fwd(qp, kp, vp, cu, cu, 4, 4, 0.35)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(fa4.fa4_fwd, (q, k, v, [], 0.35), test_utils=checks)
+    qp, kp, vp = (x.reshape(14, 3, 8) for x in (q, k, v))  # sequences 3, 4, 3, 4
+    torch.library.opcheck(fa4.fa4_fwd, (qp, kp, vp, [3, 4], 0.35), test_utils=checks)
+    out, lse = fa4.fa4_fwd(qp, kp, vp, [3, 4], 0.35)
     assert lse.shape == (3, 14) and out.shape == qp.shape
-    torch.library.opcheck(
-        fa4.fa4_bwd, (qp, kp, vp, out, torch.randn_like(out), lse, cu, cu, 4, 4, 0.35),
-        test_utils=("test_schema", "test_faketensor"),
-    )  # fmt: skip
+    cu = fa4._cu_seqlens([3, 4], 14, qp.device)
+    assert cu.tolist() == [0, 3, 7, 10, 14] and cu.dtype == torch.int32
+    args = (qp, kp, vp, out, torch.randn_like(out), lse, [3, 4], 0.35)
+    torch.library.opcheck(fa4.fa4_bwd, args, test_utils=checks)
+    with pytest.raises(ValueError, match="whole repeats"):
+        fa4._cu_seqlens([3, 4], 15, qp.device)
 
 
 def test_compiles_without_graph_breaks(fa4):

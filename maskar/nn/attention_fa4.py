@@ -21,12 +21,13 @@ Only picked by name (``attention_backend=fa4``) until it is measured to win.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
 from maskar.nn.attention import ScalePattern, register_backend
 from maskar.nn.attention_scales import scales_attention
-from maskar.nn.attention_varlen import _cu_seqlens
 
 try:
     from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
@@ -34,61 +35,82 @@ except Exception as e:  # not installed, or its DSL cannot load here: leave the 
     raise ImportError(f"maskar fa4 backend needs flash-attn-4 (flash_attn.cute): {e}") from e
 
 
-def _lse_shape(q: Tensor, cu_q: Tensor | None) -> tuple[int, ...]:
-    if cu_q is None:  # (B, Lq, H, D)
+_CU_SEQLENS: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _cu_seqlens(seq_lens: list[int], total: int, device: torch.device) -> Tensor:
+    """(n + 1,) int32 starts of ``seq_lens`` repeated to cover ``total`` rows, cached per device.
+
+    Built inside the op (not traced): under torch.compile a tensor made from host values is a
+    copy in the graph, which CUDA graph capture refuses from pageable memory. The host side is
+    pinned and kept, so even a first call during capture is a legal copy."""
+    key = (tuple(seq_lens), total, str(device))
+    if key not in _CU_SEQLENS:
+        reps, rest = divmod(total, sum(seq_lens))
+        if rest:
+            raise ValueError(f"fa4 attention: {total} rows are not whole repeats of sequences {seq_lens}")
+        starts = torch.tensor([0, *itertools.accumulate(seq_lens * reps)], dtype=torch.int32)
+        if device.type == "cuda":
+            starts = starts.pin_memory()
+        _CU_SEQLENS[key] = (starts, starts.to(device, non_blocking=True))
+    return _CU_SEQLENS[key][1]
+
+
+def _lse_shape(q: Tensor, seq_lens: list[int]) -> tuple[int, ...]:
+    if not seq_lens:  # (B, Lq, H, D)
         return (q.shape[0], q.shape[2], q.shape[1])
-    return (q.shape[1], q.shape[0])  # (total_q, H, D)
+    return (q.shape[1], q.shape[0])  # (total, H, D)
+
+
+def _varlen_args(q: Tensor, k: Tensor, seq_lens: list[int]) -> dict:
+    if not seq_lens:
+        return {}
+    cu_q, cu_k = _cu_seqlens(seq_lens, q.shape[0], q.device), _cu_seqlens(seq_lens, k.shape[0], k.device)
+    n = max(seq_lens)
+    return dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=n, max_seqlen_k=n)
 
 
 @torch.library.custom_op("maskar::fa4_fwd", mutates_args=())
-def fa4_fwd(
-    q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor | None, cu_k: Tensor | None,
-    max_q: int, max_k: int, scale: float,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """out, lse of softmax attention. Batched: q (B, Lq, H, D); packed: q (total, H, D) with cu_q."""
-    varlen = cu_q is not None
+def fa4_fwd(q: Tensor, k: Tensor, v: Tensor, seq_lens: list[int], scale: float) -> tuple[Tensor, Tensor]:
+    """out, lse of softmax attention. ``seq_lens`` empty: batched, q (B, Lq, H, D), k / v
+    (B, Lk, H, D). Else packed: q, k, v (total, H, D), sequences of ``seq_lens`` repeated."""
     out, lse, *_ = _flash_attn_fwd(
-        q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-        max_seqlen_q=max_q if varlen else None, max_seqlen_k=max_k if varlen else None,
-        softmax_scale=scale, return_lse=True,
+        q, k, v, softmax_scale=scale, return_lse=True, **_varlen_args(q, k, seq_lens)
     )  # fmt: skip
     return out, lse
 
 
 @fa4_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(_lse_shape(q, cu_q), dtype=torch.float32)
+def _(q, k, v, seq_lens, scale):
+    return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(_lse_shape(q, seq_lens), dtype=torch.float32)
 
 
 @torch.library.custom_op("maskar::fa4_bwd", mutates_args=())
 def fa4_bwd(
-    q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
-    cu_q: Tensor | None, cu_k: Tensor | None, max_q: int, max_k: int, scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    varlen = cu_q is not None
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, seq_lens: list[int], scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _flash_attn_bwd(
-        q, k, v, out, dout.contiguous(), lse, scale, False, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-        max_seqlen_q=max_q if varlen else None, max_seqlen_k=max_k if varlen else None,
+        q, k, v, out, dout.contiguous(), lse, scale, False, **_varlen_args(q, k, seq_lens)
     )[:3]  # fmt: skip
     return dq, dk, dv
 
 
 @fa4_bwd.register_fake
-def _(q, k, v, out, dout, lse, cu_q, cu_k, max_q, max_k, scale):
+def _(q, k, v, out, dout, lse, seq_lens, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
+    q, k, v, seq_lens, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.seq_lens, ctx.scale = seq_lens, scale
 
 
 def _backward(ctx, dout: Tensor, dlse: Tensor | None):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = fa4_bwd(q, k, v, out, dout, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = fa4_bwd(q, k, v, out, dout, lse, ctx.seq_lens, ctx.scale)
+    return dq, dk, dv, None, None
 
 
 fa4_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -97,7 +119,7 @@ fa4_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _dense(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
     """Dense attention, (B, H, L, D) in and out, through (B, L, H, D) views."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, _ = fa4_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, 0, 0, scale)
+    out, _ = fa4_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), [], scale)
     return out.transpose(1, 2)
 
 
@@ -114,9 +136,7 @@ def fa4_attention(
         raise ValueError(f"fa4 attention: pattern covers {pattern.total} tokens but q has {L}")
     # (B, H, L, D) -> (B*L, H, D): a view when the memory is (B, L, ..., H, D)
     qp, kp, vp = (x.transpose(1, 2).reshape(B * L, H, D) for x in (q, k, v))
-    cu = _cu_seqlens(pattern, B, str(q.device))
-    n = max(pattern.lengths)
-    out, _ = fa4_fwd(qp, kp, vp, cu, cu, n, n, D**-0.5 if scale is None else scale)
+    out, _ = fa4_fwd(qp, kp, vp, list(pattern.lengths), D**-0.5 if scale is None else scale)
     return out.view(B, L, H, D).transpose(1, 2)
 
 
