@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# FlashAttention-4 (the fa4 attention backend) against the training backends, on one device
+# machine that holds scripts/fa4_bundle.sh's two parts (.persist/fa4a from the call before,
+# .carry/fa4b carried by this one):
+#   OUT=$OUT bash scripts/gpu/fa4_rows.sh
+# 1. scripts/gpu/fa4_probe.py: attention alone, fwd and fwd + bwd, errors against fp32, a graph;
+# 2. maskar bench train_step at 1024 px B 2, the step as one CUDA graph: HMAR-d16 and VAR-d16
+#    with fa4 and with scales (what auto takes there), side by side in one process;
+# 3. the same at 256 px B 32 with fa4 and with auto (the fused kernel).
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+source scripts/gpu/fa4_install.sh || exit 1
+mkdir -p "$OUT"
+NOISE="UserWarning|generate_mlir_function_types|JitArgument|^\s*$|warn_once|This call originates|cu_seqlens = "
+echo "== 1. probe"
+OUT=$OUT timeout "${PROBE_S:-200}" python3 scripts/gpu/fa4_probe.py > "$OUT/fa4-probe-console.txt" 2>&1
+echo "rc=$?"; grep "^{" "$OUT/fa4-probe-console.txt" | python3 -c "
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    if 'rows' in r or 'res' not in r: print(line.strip()[:300]); continue
+    print(r['res'], r['batch'], r['kind'][:10], r['backend'], *(f'{k}={r[k]:.4g}' for k in
+          ('fwd_ms', 'fwd_bwd_ms', 'fwd_tflops', 'fwd_bwd_tflops', 'graph_fwd_bwd_ms', 'graph_vs_eager_grad', 'err_out', 'err_dq', 'err_dk') if k in r), r.get('error', '')[:200])
+"
+echo "== 2. train_step 1024 px"
+timeout "${T1024_S:-200}" python3 -m maskar bench train_step res=1024 steps=20 warmup=3 \
+  rows=hmar/d16/blocks/graph/attn-fa4,hmar/d16/blocks/graph/attn-scales,var/d16/blocks/graph/attn-fa4,var/d16/blocks/graph/attn-scales \
+  json="$OUT/train_1024_fa4.json" > "$OUT/train_1024_fa4.txt" 2>&1
+echo "rc=$?"; grep -vE "$NOISE" "$OUT/train_1024_fa4.txt" | tail -n 9
+echo "== 3. train_step 256 px"
+timeout "${T256_S:-150}" python3 -m maskar bench train_step res=256 steps=25 warmup=5 \
+  rows=hmar/d16/blocks/graph/attn-fa4,hmar/d16/blocks/graph,var/d16/blocks/graph/attn-fa4,var/d16/blocks/graph \
+  json="$OUT/train_256_fa4.json" > "$OUT/train_256_fa4.txt" 2>&1
+echo "rc=$?"; grep -vE "$NOISE" "$OUT/train_256_fa4.txt" | tail -n 9
