@@ -7,11 +7,25 @@
 # 2. maskar bench train_step at 1024 px B 2, the step as one CUDA graph: HMAR-d16 and VAR-d16
 #    with fa4 and with scales (what auto takes there), side by side in one process;
 # 3. the same at 256 px B 32 with fa4 and with auto (the fused kernel).
+# PART=sample1024 instead: maskar bench sample at 1024 px B 8 (compiled-w16 + compiled decoder,
+# each row in its own process): HMAR-d16 with fa4 and with auto (both profiled: attention's
+# GPU time), then VAR-d16 with fa4.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 source scripts/gpu/fa4_install.sh || exit 1
 mkdir -p "$OUT"
 NOISE="UserWarning|generate_mlir_function_types|JitArgument|^\s*$|warn_once|This call originates|cu_seqlens = "
+if [ "${PART:-train}" = sample1024 ]; then
+  for row in hmar-d16:fa4 hmar-d16:auto var-d16:fa4; do
+    m=${row%%:*}; b=${row##*:}
+    echo "== bench sample $m 1024 px B 8 backend=$b"
+    timeout "${SAMPLE_S:-150}" python3 -m maskar bench sample models=$m cases=1024x8 modes=compiled-w16 reps=5 \
+      compile_decoder=true backend=$b profile=$([ $m = hmar-d16 ] && echo true || echo false) \
+      json="$OUT/s1024_${m}_$b.json" > "$OUT/s1024_${m}_$b.txt" 2>&1
+    echo "rc=$?"; grep -vE "$NOISE" "$OUT/s1024_${m}_$b.txt" | grep -v "^        " | tail -n 12
+  done
+  exit 0
+fi
 echo "== 1. probe"
 OUT=$OUT timeout "${PROBE_S:-200}" python3 scripts/gpu/fa4_probe.py > "$OUT/fa4-probe-console.txt" 2>&1
 echo "rc=$?"; grep "^{" "$OUT/fa4-probe-console.txt" | python3 -c "
