@@ -152,3 +152,14 @@ def test_compiles_without_graph_breaks(fa4):
     (gc,) = torch.autograd.grad(compiled(q, k, v), buf)
     (ge,) = torch.autograd.grad(f(q, k, v), buf)
     torch.testing.assert_close(gc, ge)
+
+
+def test_auto_takes_it_only_where_scales_would(fa4):
+    """auto's condition is the scales backend's (long-sequence fp16 / bf16 training on CUDA), and
+    fa4 is ahead of scales there: both measured at 1024 px (docs/benchmarks.md)."""
+    from maskar.nn import attention as attn
+    from maskar.nn.attention_scales import picked_by_auto
+
+    b = attn._BACKENDS["fa4"]
+    assert b.auto and b.auto_when is picked_by_auto
+    assert b.priority < attn._BACKENDS["scales"].priority
