@@ -67,6 +67,9 @@ def fa4():
     """maskar.nn.attention_fa4 imported against the stand-in (its custom ops register once)."""
     names = ("flash_attn", "flash_attn.cute", "flash_attn.cute.interface")
     saved = {n: sys.modules.get(n) for n in names}
+    from maskar.nn import attention as attn
+
+    registered_before = "fa4" in attn._BACKENDS
     if "maskar.nn.attention_fa4" not in sys.modules:
         iface = types.ModuleType("flash_attn.cute.interface")
         iface._flash_attn_fwd, iface._flash_attn_bwd = _fake_fwd, _fake_bwd
@@ -79,6 +82,12 @@ def fa4():
     mod._flash_attn_fwd, mod._flash_attn_bwd = _fake_fwd, _fake_bwd
     yield mod
     mod._flash_attn_fwd, mod._flash_attn_bwd = real
+    # the stand-in must not stay a registered backend for the tests after these
+    from maskar.nn import attention as attn
+
+    if not registered_before:
+        attn._BACKENDS.pop("fa4", None)
+        attn._BY_PRIORITY[:] = [b for b in attn._BY_PRIORITY if b.name != "fa4"]
     for n, m in saved.items():
         if m is None:
             sys.modules.pop(n, None)
