@@ -1019,3 +1019,16 @@ def test_bench_decode_groups_kernels_by_name():
                                  "inductor conv templates": 0.0, "inductor kernels": 3.0,
                                  "convolutions": 5.0, "other": 0.7})  # fmt: skip
     assert sum(got.values()) == pytest.approx(sum(per.values()))
+
+
+def test_default_config_takes_shifted_sums_only_for_large_channels_last_images(monkeypatch):
+    """The measured rule: per-lane shifted sums for channels-last images of >= 2^23 elements
+    (the decoder's 160 x 256^2 calls won on an H100), the older statistics below and in NCHW."""
+    import maskar.kernels.group_norm as gn
+
+    monkeypatch.setattr(gn, "_INTERPRET", False)
+    monkeypatch.setattr(gn, "FORCE_CONFIG", None)
+    assert gn._config(160, 256 * 256, True).sums
+    assert not gn._config(320, 128 * 128, True).sums
+    assert not gn._config(160, 256 * 256, False).sums
+    assert gn._config(160, 256 * 256, True) == gn.GNConfig(64, 64, 8, 4, sums=True)

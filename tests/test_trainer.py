@@ -483,3 +483,30 @@ def test_sigterm_to_process_group_with_data_workers_saves(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert "stopped by SIGTERM" in output, output[-2000:]
     assert (out / "latest").exists()
+
+
+def _sigterm_then_seed(worker_id: int) -> None:
+    """A SIGTERM that reaches a new worker before ``seed_worker`` made it ignore SIGTERM."""
+    import os
+    import signal
+
+    from maskar.train.distributed import seed_worker
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    seed_worker(worker_id)
+
+
+def test_workers_started_shielded_survive_an_early_sigterm():
+    """The window `test_sigterm_to_process_group_with_data_workers_saves` hit now and then: a
+    group SIGTERM while an epoch's workers start. Started through iter_with_workers_shielded,
+    the signal waits blocked until the worker ignores it; the loader delivers every batch."""
+    import signal
+
+    from torch.utils.data import DataLoader
+
+    from maskar.train.distributed import iter_with_workers_shielded
+
+    loader = DataLoader(list(range(6)), batch_size=2, num_workers=1, worker_init_fn=_sigterm_then_seed)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert [b.tolist() for b in iter_with_workers_shielded(loader)] == [[0, 1], [2, 3], [4, 5]]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # the main process's mask is back

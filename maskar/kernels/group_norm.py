@@ -229,10 +229,14 @@ class GNConfig:
     block_p: int  # pixels per tile
     chunk_tiles: int  # tiles per statistics program
     num_warps: int
-    sums: bool = False  # the statistics kernel's per-lane shifted sums (``_gn_stats``); untimed
+    sums: bool = False  # the statistics kernel's per-lane shifted sums (``_gn_stats``)
 
 
 TILE = 4096  # elements per tile: 8 KB of bf16, 32 per thread at 4 warps (16-byte vectors)
+# Channels-last images of at least this many elements take the shifted sums: measured faster at
+# the decoder's 160 x 256^2 calls (0.274 -> 0.248 ms, 0.284 -> 0.225 with the conv bias, H100,
+# 2026-12-06), not at its smaller ones (docs/kernels.md).
+SUMS_MIN_ELEMENTS = 1 << 23
 FORCE_CONFIG: GNConfig | None = None  # tests / sweeps pin a config
 _INTERPRET_CONFIG = GNConfig(2, 8, 2, 1)  # tiny tiles: tail, multi-tile and multi-chunk paths
 
@@ -240,14 +244,15 @@ _INTERPRET_CONFIG = GNConfig(2, 8, 2, 1)  # tiny tiles: tail, multi-tile and mul
 def _config(C: int, HW: int, channels_last: bool) -> GNConfig:
     # Memory-bound: the tile runs along the contiguous axis (pixels in NCHW, channels in
     # channels-last); a statistics program reads 8 tiles (64 KB of bf16), which keeps ~5k
-    # programs in flight for one 160 x 1024^2 image. Not yet timed on a GPU.
+    # programs in flight for one 160 x 1024^2 image. Channels-last tiles: 64 channels x 64 pixels,
+    # the best of the sweeps at the decoder's large calls (docs/benchmarks.md).
     if FORCE_CONFIG is not None:
         return FORCE_CONFIG
     if _INTERPRET:
         return _INTERPRET_CONFIG
     if channels_last:
         bc = min(next_power_of_2(C), 64)
-        return GNConfig(bc, TILE // bc, 8, 4)
+        return GNConfig(bc, TILE // bc, 8, 4, sums=C * HW >= SUMS_MIN_ELEMENTS)
     bp = min(next_power_of_2(HW), 2048)
     return GNConfig(TILE // bp, bp, 8, 4)
 

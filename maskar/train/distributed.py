@@ -196,12 +196,34 @@ class EpochBatchSampler(Sampler[list[int]]):
             yield perm[start : start + self.per_rank]
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def iter_with_workers_shielded(loader):
+    """``iter(loader)`` with SIGINT / SIGTERM blocked while its workers start.
+
+    A worker ignores both from ``seed_worker`` on, but one that is signalled before that (a
+    new epoch's workers starting as the whole group gets SIGTERM) died, and the DataLoader's
+    SIGCHLD handler then raised in the main process before its clean stop. Children inherit
+    the blocked mask, so the signal waits in each worker until it is ignored (and dropped);
+    the main process gets it once the workers exist, then stops cleanly."""
+    if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def seed_worker(worker_id: int) -> None:
     # Ctrl-C, `timeout` and batch schedulers signal the whole process group; the main process
     # saves and stops the workers, which must not die first (it would fail fetching the next
     # batch). Workers still exit on their own when the main process is gone (torch's watchdog).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked while it started (iter_with_workers_shielded)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     # torch seeds each worker from the loader generator; numpy and random follow it.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)

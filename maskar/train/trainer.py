@@ -791,7 +791,7 @@ class Trainer:
             self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
             # Worker seeds (augmentation with num_workers > 0) depend only on (seed, epoch, rank).
             self.loader_generator.manual_seed(D.mix_seed(self.cfg.train.seed, self.epoch, self.dist.rank))
-            yield from self.loader
+            yield from D.iter_with_workers_shielded(self.loader)
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def _log_metrics(
