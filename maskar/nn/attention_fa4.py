@@ -1,6 +1,6 @@
 """``fa4`` attention backend: FlashAttention-4's Hopper kernels (CuTe DSL), optional.
 
-FlashAttention-4 (``pip install flash-attn-4``, package ``flash_attn.cute``) ships
+FlashAttention-4 (``pip install 'maskar[fa4]'``, package ``flash_attn.cute``) ships
 warp-specialised forward and backward kernels for sm90 written in CUTLASS's Python DSL and
 compiled on first use. Where it is installed this backend registers itself; nothing in
 maskar needs it, and without it the backend is simply absent (``available_backends()``).
@@ -146,8 +146,11 @@ def fa4_attention(
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern | None) -> bool:
+    # Its backward accumulates dq with atomics: under torch.use_deterministic_algorithms the
+    # call goes to a backend torch can vouch for (or, asked for by name, fails with a message).
     return (
-        q.is_cuda and q.dim() == 4 and q.dtype in (torch.float16, torch.bfloat16)
+        not torch.are_deterministic_algorithms_enabled()
+        and q.is_cuda and q.dim() == 4 and q.dtype in (torch.float16, torch.bfloat16)
         and k.dtype == q.dtype and v.dtype == q.dtype
         and torch.cuda.get_device_capability(q.device)[0] == 9
         and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
