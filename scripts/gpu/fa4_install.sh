@@ -7,7 +7,7 @@ if [ ! -d "$S/flash_attn" ]; then
     mkdir -p "$S"
     for w in "$R"/.carry/fa4b/*.whl; do python3 -m zipfile -e "$w" "$S"; done
     cat "$R"/.persist/fa4a/cu13.tar.xz.part* "$R"/.carry/fa4b/cu13.tar.xz.part* \
-        | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('$S')"
+        | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('$S', filter='data')"
 fi
 # the wheels' .pth (which puts the DSL's packages on sys.path) is not read from PYTHONPATH
 export PYTHONPATH="$S:$S/nvidia_cutlass_dsl/dsl_packages:$R${PYTHONPATH:+:$PYTHONPATH}"
