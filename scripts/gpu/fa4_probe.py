@@ -106,6 +106,14 @@ def measure(row: dict, be: str, buf, p: ScalePattern, dout, ref, flop_f: float) 
         # a fresh leaf and autograd.grad: no AccumulateGrad node left from the default stream
         leaf = buf.detach().clone().requires_grad_()
         q2, k2, v2 = (leaf[:, :, i].transpose(1, 2) for i in range(3))
+        # warm up on a side stream first, as the training step does: a capture without it failed
+        # in the backward ("legacy stream"), on 2026-12-06
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                torch.autograd.grad(attention(q2, k2, v2, p, backend=be), leaf, dout)
+        torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             (grad,) = torch.autograd.grad(attention(q2, k2, v2, p, backend=be), leaf, dout)
