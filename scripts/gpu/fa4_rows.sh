@@ -7,6 +7,7 @@
 # 2. maskar bench train_step at 1024 px B 2, the step as one CUDA graph: HMAR-d16 and VAR-d16
 #    with fa4 and with scales (what auto takes there), side by side in one process;
 # 3. the same at 256 px B 32 with fa4 and with auto (the fused kernel).
+# PART=profile1024 instead: HMAR-d16 and VAR-d16 at 1024 px with fa4, the step profiled.
 # PART=auto1024 instead: the 1024 px rows at attention auto (which takes fa4 where installed).
 # PART=sample1024 instead: maskar bench sample at 1024 px B 8 (compiled-w16 + compiled decoder,
 # each row in its own process): HMAR-d16 with fa4 and with auto (both profiled: attention's
@@ -16,6 +17,14 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 source scripts/gpu/fa4_install.sh || exit 1
 mkdir -p "$OUT"
 NOISE="UserWarning|generate_mlir_function_types|JitArgument|^\s*$|warn_once|This call originates|cu_seqlens = "
+if [ "${PART:-train}" = profile1024 ]; then
+  echo "== train_step 1024 px HMAR-d16 with fa4, profiled (where the step's time goes)"
+  timeout "${T1024_S:-200}" python3 -m maskar bench train_step res=1024 steps=20 warmup=3 \
+    rows=hmar/d16/blocks/graph/attn-fa4,var/d16/blocks/graph/attn-fa4 profile="$OUT/train_1024_fa4_profile.txt" \
+    json="$OUT/train_1024_fa4_profiled.json" > "$OUT/train_1024_fa4_profiled.txt" 2>&1
+  echo "rc=$?"; grep -vE "$NOISE" "$OUT/train_1024_fa4_profiled.txt" | tail -n 5; head -n 40 "$OUT/train_1024_fa4_profile.txt"
+  exit 0
+fi
 if [ "${PART:-train}" = auto1024 ]; then
   echo "== train_step 1024 px, auto (fa4 where installed)"
   timeout "${T1024_S:-150}" python3 -m maskar bench train_step res=1024 steps=20 warmup=3 \
