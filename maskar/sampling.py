@@ -108,10 +108,11 @@ def load_for_sampling(
     """Load a generator checkpoint dir; apply ``sample.*`` / ``attention_backend`` overrides to
     its config. Everything is validated before any weight is read."""
     from maskar.checkpoint import load_model
-    from maskar.nn.attention import set_backend
+    from maskar.nn.attention import check_backend, set_backend
 
     cfg = read_generator_config(ckpt, overrides)
     dev = pick_device(device)
+    check_backend(cfg.attention_backend, dev)
     model, _ = load_model(ckpt, device="cpu", prefer_ema=ema, verify=verify)
     set_backend(model, cfg.attention_backend)
     model.to(dev).eval()

@@ -191,6 +191,9 @@ ROWS: list[Row] = [
     Row("sample ckpt={CK} npz={T}/s.npy", "npz: expected a file name ending in .npz"),
     Row("sample ckpt={CK} train.lr=1", "only sample.* and attention_backend can be overridden"),
     Row("sample ckpt={CK} sample.mask_schedule=[[1],[4]]", "mask_schedule: expected 6 lists"),
+    Row("sample ckpt={CK} device=cpu attention_backend=varlen", "'varlen' does not run on the CPU"),
+    # without FlashAttention-4 "is not available here"; with it "does not run on the CPU"
+    Row("train preset=var-tiny device=cpu attention_backend=fa4 train.out_dir={T}/f4", "backend: 'fa4'"),
     Row("sample ckpt={CK} sample.top_k=-1", "sample.top_k: expected a value >= 0"),
     Row("sample ckpt={CK} verify=perhaps", "verify: expected true or false"),
     Row("edit ckpt={CK}", "edit: give image="),

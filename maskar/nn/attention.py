@@ -241,6 +241,35 @@ def naive_attention(
     return (s.softmax(-1) @ v.to(acc)).to(q.dtype)
 
 
+# How to get a backend that is not registered here
+_INSTALL_HINTS = {
+    "fa4": "; it needs FlashAttention-4 on an sm90 GPU: pip install 'maskar[fa4]'",
+    "triton": "; it needs Triton (pip install triton) and a CUDA GPU",
+    "varlen": "; it needs torch >= 2.10 with CUDA",
+}
+
+
+def check_backend(name: str, device: torch.device | str) -> None:
+    """Refuse, before any work, an ``attention_backend`` that is not installed here or that
+    cannot run on ``device`` (checked with a small CPU call; CUDA calls are checked per call)."""
+    from maskar.config_base import ConfigError
+
+    if name not in BACKENDS:
+        raise ConfigError(f"attention_backend: expected one of {list(BACKENDS)}, got {name!r}")
+    if name == "auto":
+        return
+    _load_optional_backends()
+    if name not in _BACKENDS:
+        raise ConfigError(
+            f"attention_backend: {name!r} is not available here (available: {available_backends()})"
+            + _INSTALL_HINTS.get(name, "")
+        )
+    if torch.device(device).type == "cpu":
+        q = torch.zeros(1, 1, 4, 64)
+        if not _BACKENDS[name].supports(q, q, q, ScalePattern("block_diagonal", (1, 3))):
+            raise ConfigError(f"attention_backend: {name!r} does not run on the CPU; use auto or sdpa")
+
+
 def set_backend(module: torch.nn.Module, name: str) -> None:
     """Set ``attn_backend`` on every submodule that calls :func:`attention`."""
     if name not in BACKENDS:

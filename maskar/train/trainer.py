@@ -266,6 +266,9 @@ class Trainer:
             D.init_distributed(cfg.device, need_group=True) if sharded else D.init_distributed(cfg.device)
         )
         self.device = self.dist.device
+        from maskar.nn.attention import check_backend
+
+        check_backend(cfg.attention_backend, self.device)
         if tc.batch_size % self.dist.world_size:
             raise ConfigError(
                 f"train.batch_size: {tc.batch_size} is not divisible by the {self.dist.world_size} "
