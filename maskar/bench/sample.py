@@ -891,6 +891,13 @@ def main(argv: list[str] | None = None) -> int:
     if dev_name == "auto":
         dev_name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(dev_name)
+    from maskar.config_base import ConfigError
+    from maskar.nn.attention import check_backend
+
+    try:  # a backend not installed here (or CPU-incapable on the CPU) stops before any model is built
+        check_backend(str(opts["backend"]), device)
+    except ConfigError as e:
+        raise SystemExit(f"bench sample: {e}") from None
     if device.type == "cuda" and opts["tf32"]:
         torch.backends.cuda.matmul.allow_tf32 = True
     print(f"command: maskar bench sample {' '.join(argv)}")

@@ -107,9 +107,15 @@ def _parse(argv: list[str]) -> dict:
         for a in opts["models"] for s in opts["stage"] for d in opts["depth"] for c in opts["compile"]
         for b in opts["backend"] if a == "hmar" or int(s) == 1
     ]  # fmt: skip
+    from maskar.nn.attention import BACKENDS
+
     for r in opts["row_specs"]:
         if r["mode"] not in ("false", "blocks", "full"):
             raise SystemExit(f"bench train_step: compile: expected false, blocks or full, got {r['mode']!r}")
+        if r["attn"] is not None and r["attn"] not in BACKENDS:
+            raise SystemExit(
+                f"bench train_step: attention backend: expected one of {BACKENDS}, got {r['attn']!r}"
+            )
     for par in opts["parallel"]:
         if par not in PARALLEL:
             raise SystemExit(f"bench train_step: parallel: expected a list of {PARALLEL}, got {par!r}")
@@ -679,6 +685,14 @@ def main(argv: list[str] | None = None) -> int:
     dev_name = opts["device"]
     if dev_name == "auto":
         dev_name = "cuda" if torch.cuda.is_available() else "cpu"
+    from maskar.config_base import ConfigError
+    from maskar.nn.attention import check_backend
+
+    for attn in sorted({r["attn"] or "auto" for r in opts["row_specs"]}):
+        try:  # a backend not installed here stops before any model is built
+            check_backend(attn, torch.device(dev_name))
+        except ConfigError as e:
+            raise SystemExit(f"bench train_step: {e}") from None
     info = None
     if opts["parallel"] != ["none"]:
         info = D.init_distributed(dev_name, need_group=True)  # one rank still gets a group (FSDP2)
