@@ -243,6 +243,8 @@ ROWS: list[Row] = [
     Row("convert var src={T}/none.pth vae={T}/none.pth out={T}/v", "does not exist"),
     Row("convert var src={T}/none.pth out={T}/v", "convert var: give vae=VAE.pth"),
     Row("bench attention --nosuch", "unrecognized arguments: --nosuch"),
+    Row("bench train_step rows=hmar/d16/blocks/attn-nosuch", "attention backend: expected one of"),
+    Row("bench sample backend=fa4 device=cpu", "attention_backend: 'fa4'"),
 ]
 
 
