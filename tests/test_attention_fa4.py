@@ -172,3 +172,12 @@ def test_auto_takes_it_only_where_scales_would(fa4):
     b = attn._BACKENDS["fa4"]
     assert b.auto and b.auto_when is picked_by_auto
     assert b.priority < attn._BACKENDS["scales"].priority
+
+
+def test_check_backend_refuses_it_on_the_cpu(fa4):
+    """Installed (the stand-in here), it still cannot run on the CPU: refused before any work."""
+    from maskar.config_base import ConfigError
+    from maskar.nn.attention import check_backend
+
+    with pytest.raises(ConfigError, match="'fa4' does not run on the CPU"):
+        check_backend("fa4", "cpu")
