@@ -688,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     from maskar.config_base import ConfigError
     from maskar.nn.attention import check_backend
 
-    for attn in sorted({r["attn"] or "auto" for r in opts["row_specs"]}):
+    for attn in sorted({r["attn"] or opts["backend"][0] for r in opts["row_specs"]}):
         try:  # a backend not installed here stops before any model is built
             check_backend(attn, torch.device(dev_name))
         except ConfigError as e:
