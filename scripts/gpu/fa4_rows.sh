@@ -8,6 +8,7 @@
 #    with fa4 and with scales (what auto takes there), side by side in one process;
 # 3. the same at 256 px B 32 with fa4 and with auto (the fused kernel).
 # PART=profile1024 instead: HMAR-d16 and VAR-d16 at 1024 px with fa4, the step profiled.
+# PART=bwdsweep instead: scripts/gpu/fa4_bwd_sweep.py, FA4's sm90 backward configurations at 1024 px.
 # PART=auto1024 instead: the 1024 px rows at attention auto (which takes fa4 where installed).
 # PART=sample1024 instead: maskar bench sample at 1024 px B 8 (compiled-w16 + compiled decoder,
 # each row in its own process): HMAR-d16 with fa4 and with auto (both profiled: attention's
@@ -23,6 +24,19 @@ if [ "${PART:-train}" = profile1024 ]; then
     rows=hmar/d16/blocks/graph/attn-fa4,var/d16/blocks/graph/attn-fa4 profile="$OUT/train_1024_fa4_profile.txt" \
     json="$OUT/train_1024_fa4_profiled.json" > "$OUT/train_1024_fa4_profiled.txt" 2>&1
   echo "rc=$?"; grep -vE "$NOISE" "$OUT/train_1024_fa4_profiled.txt" | tail -n 5; head -n 40 "$OUT/train_1024_fa4_profile.txt"
+  exit 0
+fi
+if [ "${PART:-train}" = bwdsweep ]; then
+  echo "== FA4's backward configurations at 1024 px B 2"
+  OUT=$OUT timeout "${SWEEP_S:-240}" python3 scripts/gpu/fa4_bwd_sweep.py > "$OUT/fa4-bwd-sweep-console.txt" 2>&1
+  echo "rc=$?"; grep "^{" "$OUT/fa4-bwd-sweep-console.txt" | python3 -c "
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    if 'config' not in r: print(line.strip()[:300]); continue
+    print(r['kind'][:10], r['config'], *(f'{k}={r[k]:.4g}' for k in
+          ('fwd_ms', 'bwd_ms', 'bwd_tflops', 'err_vs_fp32', 'diff_vs_default', 'first_call_s') if k in r), r.get('error', '')[:200])
+"
   exit 0
 fi
 if [ "${PART:-train}" = auto1024 ]; then
