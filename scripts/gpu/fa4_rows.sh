@@ -9,6 +9,9 @@
 # 3. the same at 256 px B 32 with fa4 and with auto (the fused kernel).
 # PART=profile1024 instead: HMAR-d16 and VAR-d16 at 1024 px with fa4, the step profiled.
 # PART=bwdsweep instead: scripts/gpu/fa4_bwd_sweep.py, FA4's sm90 backward configurations at 1024 px.
+# PART=cdt instead: Inductor's coordinate-descent tuning of its kernels (the norms and elementwise
+# work: ≈ 23 of HMAR's 86 ms at 1024 px) A/B, each side in its own process: 1024 px HMAR-d16 and
+# VAR-d16 with fa4 (the CDT side profiled), then 256 px with auto.
 # PART=auto1024 instead: the 1024 px rows at attention auto (which takes fa4 where installed).
 # PART=sample1024 instead: maskar bench sample at 1024 px B 8 (compiled-w16 + compiled decoder,
 # each row in its own process): HMAR-d16 with fa4 and with auto (both profiled: attention's
@@ -37,6 +40,21 @@ for line in sys.stdin:
     print(r['kind'][:10], r['config'], *(f'{k}={r[k]:.4g}' for k in
           ('fwd_ms', 'bwd_ms', 'bwd_tflops', 'err_vs_fp32', 'diff_vs_default', 'first_call_s') if k in r), r.get('error', '')[:200])
 "
+  exit 0
+fi
+if [ "${PART:-train}" = cdt ]; then
+  for res in ${RESES:-1024 256}; do
+    if [ $res = 1024 ]; then rows=hmar/d16/blocks/graph/attn-fa4,var/d16/blocks/graph/attn-fa4; st=20; wu=3
+    else rows=hmar/d16/blocks/graph,var/d16/blocks/graph; st=25; wu=5; fi
+    for cdt in 0 1; do
+      echo "== train_step $res px, TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=$cdt"
+      extra=""; [ $cdt = 1 ] && [ $res = 1024 ] && extra="profile=$OUT/train_${res}_cdt1_profile.txt"
+      TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=$cdt timeout "${CDT_S:-200}" python3 -m maskar bench train_step \
+        res=$res steps=$st warmup=$wu rows=$rows $extra json="$OUT/train_${res}_cdt$cdt.json" > "$OUT/train_${res}_cdt$cdt.txt" 2>&1
+      echo "rc=$?"; grep -vE "$NOISE" "$OUT/train_${res}_cdt$cdt.txt" | grep -E "^(hmar|var)-" | tail -n 2
+    done
+  done
+  [ -f "$OUT/train_1024_cdt1_profile.txt" ] && head -n 12 "$OUT/train_1024_cdt1_profile.txt"
   exit 0
 fi
 if [ "${PART:-train}" = auto1024 ]; then
