@@ -5,7 +5,7 @@ q (B, Lq, H, D) with lse (B, H, Lq), packed q (total, H, D) with cu_seqlens and 
 What this checks: the packing of the scale patterns into one variable-length call (HMAR) or one
 call per scale (VAR), the custom ops' fake shapes (``opcheck``), their autograd (the gradients of
 every pattern against the masked SDPA reference) and a compiled call without graph breaks. The
-real kernels are checked on the GPU by scripts/gpu/fa4_probe.py.
+real kernels are checked on the GPU by tests/test_attention_fa4_gpu.py and scripts/gpu/fa4_probe.py.
 """
 
 from __future__ import annotations

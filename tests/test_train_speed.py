@@ -526,6 +526,25 @@ def test_scales_backend_backward_splits_instead_of_zero_filling(kind):
     torch.testing.assert_close(torch.autograd.grad(got, q64, do)[0], torch.autograd.grad(ref, q64, do)[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scales_backend_sums_prefix_gradients_in_fp32(dtype):
+    """Block-causal keys and values get one gradient per later scale; in bf16 they are summed in
+    fp32 and rounded once, as one masked SDPA call would (not rounded after every call)."""
+    from maskar.nn.attention_scales import _Prefixes
+
+    ends = (3, 7, 20, 40, 64, 100, 150, 200)
+    x = torch.randn(2, 3, ends[-1], 8, dtype=dtype, requires_grad=True)
+    views = _Prefixes.apply(x, ends)
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(v.shape, generator=g).to(dtype) for v in views]
+    (got,) = torch.autograd.grad(views, x, grads)
+    want = torch.zeros(x.shape)
+    for end, gi in zip(ends, grads, strict=True):
+        want[:, :, :end] += gi.float()
+    assert got.dtype == dtype
+    assert torch.equal(got, want.to(dtype))
+
+
 def test_drop_path_draws_one_mask_per_branch_and_sample():
     """Attention and FFN updates are dropped independently (two draws, as the official block)."""
     from maskar.nn.blocks import AdaLNSelfAttnBlock

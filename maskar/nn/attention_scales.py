@@ -41,7 +41,11 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
 class _Prefixes(torch.autograd.Function):
     """Views x[:, :, :end] for each end (B, H, L, D); the backward adds every view's gradient into
     one zero-filled buffer in place, where indexing would give each its own full-size zero
-    tensor for autograd to sum (block-causal keys and values are such overlapping prefixes)."""
+    tensor for autograd to sum (block-causal keys and values are such overlapping prefixes).
+
+    The buffer is fp32 for fp16 / bf16 inputs: the first scale's keys take a gradient from every
+    call, and summing a dozen of them in bf16 made dk / dv three times less accurate than one
+    masked SDPA call, which accumulates in fp32 (tests/test_attention_fa4_gpu.py)."""
 
     @staticmethod
     def forward(x: Tensor, ends: tuple[int, ...]) -> tuple[Tensor, ...]:
@@ -55,11 +59,12 @@ class _Prefixes(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        out = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+        acc = torch.float32 if ctx.dtype in (torch.float16, torch.bfloat16) else ctx.dtype
+        out = torch.zeros(ctx.shape, dtype=acc, device=ctx.device)
         for end, g in zip(ctx.ends, grads, strict=True):
             if g is not None:
                 out[:, :, :end] += g
-        return out, None
+        return out.to(ctx.dtype), None
 
 
 def scales_attention(
