@@ -41,3 +41,14 @@ def test_unpack_idx_restores_the_carried_split(tmp_path: Path) -> None:
     assert (dst / "t10k-images-idx3-ubyte").read_bytes() == payload
     assert (dst / "t10k-labels-idx1-ubyte.gz").read_bytes() == b"labels"
     assert "data: ['t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte.gz']" in r.stdout
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_fa4_rows_refuses_an_unknown_part_before_installing(tmp_path: Path) -> None:
+    """A misspelt PART stops scripts/gpu/fa4_rows.sh at once (exit 2, the parts named), before
+    the FlashAttention-4 unpack that needs both carried parts, not after minutes of the default."""
+    env = {"PATH": "/usr/bin:/bin", "PART": "profile-1024", "OUT": str(tmp_path)}
+    r = subprocess.run([BASH, "scripts/gpu/fa4_rows.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "profile1024" in r.stderr and "got profile-1024" in r.stderr
+    assert "fa4_install" not in r.stderr

@@ -18,6 +18,10 @@
 # GPU time), then VAR-d16 with fa4.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+case "${PART:-train}" in
+  train|profile1024|bwdsweep|cdt|auto1024|sample1024) ;;
+  *) echo "PART: expected train, profile1024, bwdsweep, cdt, auto1024 or sample1024; got ${PART}" >&2; exit 2 ;;
+esac
 source scripts/gpu/fa4_install.sh || exit 1
 mkdir -p "$OUT"
 NOISE="UserWarning|generate_mlir_function_types|JitArgument|^\s*$|warn_once|This call originates|cu_seqlens = "
