@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 import traceback
 
@@ -27,6 +28,9 @@ import torch
 
 from maskar.kernels.tuning import time_ms
 from maskar.nn.attention import ScalePattern, attention
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fa4_probe import reference  # noqa: E402 - the probe's fp32 per-scale attention
 
 OUT = os.environ.get("OUT", "/tmp/out")
 DEADLINE_S = float(os.environ.get("DEADLINE_S", "200"))
@@ -56,30 +60,6 @@ CANDIDATES: dict[str, dict] = {
 }  # fmt: skip
 
 
-def pairs(p: ScalePattern) -> int:
-    if p.kind == "block_diagonal":
-        return sum(n * n for n in p.lengths)
-    total, out = 0, 0
-    for n in p.lengths:
-        total += n
-        out += n * total
-    return out
-
-
-def reference_grads(q, k, v, p: ScalePattern, dout):
-    """fp32 attention per scale (exact) and the gradients of q, k, v."""
-    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
-    outs, start = [], 0
-    for n in p.lengths:
-        end = start + n
-        k0 = start if p.kind == "block_diagonal" else 0
-        s = (q32[:, :, start:end] @ k32[:, :, k0:end].transpose(-1, -2)) * D**-0.5
-        outs.append(s.softmax(-1) @ v32[:, :, k0:end])
-        start = end
-    torch.cat(outs, 2).backward(dout.float())
-    return q32.grad, k32.grad, v32.grad
-
-
 def sweep(kind: str, rows: list, t_start: float) -> None:
     """Every candidate on one 1024 px pattern; rows get one dict per candidate."""
     import flash_attn.cute.interface as fa_interface
@@ -90,8 +70,8 @@ def sweep(kind: str, rows: list, t_start: float) -> None:
     buf = torch.randn(B, p.total, 3, H, D, device=dev, dtype=dt, requires_grad=True)
     q, k, v = (buf[:, :, i].transpose(1, 2) for i in range(3))
     dout = torch.randn(B, H, p.total, D, device=dev, dtype=dt)
-    ref = reference_grads(q, k, v, p, dout)
-    flop_f = 4 * pairs(p) * D * H * B
+    ref = reference(q, k, v, p, dout)[1:]  # the fp32 gradients of q, k, v
+    flop_f = 4 * p.density() * p.total**2 * D * H * B
     base = None
 
     def fwd():
