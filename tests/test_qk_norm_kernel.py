@@ -132,6 +132,13 @@ for _ in range(2):
     runs.append(torch.autograd.grad(out, (x, g), [torch.ones_like(o) for o in out]))
 same = all(torch.equal(a, b) for a, b in zip(*runs))
 print("RESULT " + json.dumps({{"case": "deterministic", "same": same}}), flush=True)
+# the projection's bias gradient from the backward launch: the column sums of d qkv as stored
+for name, B, L, H, D, dn, bt in (("bias-bf16", 2, 7, 3, 64, "bf16", 4),
+                                 ("bias-fp32", 3, 5, 2, 32, "fp32", 8)):
+    qn.FORCE_CONFIG = qn.QKConfig(bt, 4)
+    r = T.bias_grad_errors(qn, B, L, H, D, T.DTYPES[dn])
+    print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
+qn.FORCE_CONFIG = qn.QKConfig(4, 4)
 # through the custom ops as torch.compile calls them (kernels interpreted), and the model's block
 def f(qkv, s):
     return qn.qk_norm(qkv, s)
@@ -162,6 +169,28 @@ print("RESULT " + json.dumps({{"case": "block", **T.block_vs_torch(attn, x)}}), 
 """
 
 
+def bias_grad_errors(qn, B, L, H, D, dtype, device="cpu") -> dict:
+    """The bias gradient :func:`qk_norm` returns for ``bias`` against d qkv summed over its rows
+    (fp32 sums rounded to qkv's dtype, as the linear's own bias gradient), and the other
+    gradients unchanged by passing it."""
+    qkv0, s0 = (t.to(device) for t in make_inputs(B, L, H, D, dtype))
+    bias0 = torch.randn(3 * H * D, device=device)
+    g = torch.Generator().manual_seed(3)
+    douts = [torch.randn((B, H, L, D), generator=g).to(device, dtype) for _ in range(3)]
+    qkv, s, bias = qkv0.clone().requires_grad_(), s0.clone().requires_grad_(), bias0.clone().requires_grad_()
+    dqkv, ds, dbias = torch.autograd.grad(qn.qk_norm(qkv, s, bias), (qkv, s, bias), douts)
+    qkv, s = qkv0.clone().requires_grad_(), s0.clone().requires_grad_()
+    dqkv0, ds0 = torch.autograd.grad(qn.qk_norm(qkv, s), (qkv, s), douts)
+    acc = torch.promote_types(dtype, torch.float32)
+    want = dqkv.to(acc).sum((0, 1)).reshape(-1).to(dtype).float()
+    return {
+        "dbias": _rel(dbias, want),
+        "dbias_dtype": str(dbias.dtype),
+        "same_dqkv": bool(torch.equal(dqkv, dqkv0)),
+        "same_ds": bool(torch.equal(ds, ds0)),
+    }
+
+
 def block_vs_torch(attn: SelfAttention, x: torch.Tensor) -> dict:
     """Output and gradients of one SelfAttention with the fused op (as dispatched) vs with the
     torch code (the kernel module hidden from the block)."""
@@ -175,11 +204,12 @@ def block_vs_torch(attn: SelfAttention, x: torch.Tensor) -> dict:
         try:
             xi = x.clone().requires_grad_()
             out = attn(xi)
-            params = [xi, attn.mat_qkv.weight, attn.scale_mul_1H11]
-            res[name] = (out, *torch.autograd.grad(out, params, torch.ones_like(out)))
+            params = [xi, attn.mat_qkv.weight, attn.scale_mul_1H11, attn.q_bias, attn.v_bias]
+            g = torch.Generator().manual_seed(2)
+            res[name] = (out, *torch.autograd.grad(out, params, torch.randn(out.shape, generator=g).to(out)))
         finally:
             blocks._qk_norm_kernel = saved
-    names = ("out", "dx", "dw_qkv", "dgain")
+    names = ("out", "dx", "dw_qkv", "dgain", "dq_bias", "dv_bias")
     return {n: _rel(a, b) for n, a, b in zip(names, res["fused"], res["torch"])}
 
 
@@ -204,6 +234,14 @@ def test_kernel_matches_torch_code_interpreted(interpreter_results, case):
     _check(interpreter_results[case], TOL[dn], gain_grad, TOL[gdn] if gdn == "bf16" else 1e-5)
 
 
+@pytest.mark.parametrize("case", ["bias-bf16", "bias-fp32"])
+def test_kernel_sums_the_bias_gradient_interpreted(interpreter_results, case):
+    r = interpreter_results[case]
+    assert r["same_dqkv"] and r["same_ds"] and r["dbias_dtype"] == "torch.float32", r
+    # the same sums in another order; one bf16 rounding at most
+    assert r["dbias"] < (8e-3 if case == "bias-bf16" else 1e-6), r
+
+
 def test_kernel_is_deterministic_interpreted(interpreter_results):
     assert interpreter_results["deterministic"]["same"]
 
@@ -221,7 +259,7 @@ def test_kernel_launch_after_a_graph_break_in_compiled_code_interpreted(interpre
 def test_attention_block_dispatches_to_the_kernel_interpreted(interpreter_results):
     r = interpreter_results["block"]
     # bf16 end to end (the block's projection and attention too): the same function to bf16 rounding
-    for k in ("out", "dx", "dw_qkv", "dgain"):
+    for k in ("out", "dx", "dw_qkv", "dgain", "dq_bias", "dv_bias"):
         assert r[k] < 2e-2, (k, r)
 
 
@@ -246,6 +284,33 @@ def test_op_reference_matches_torch_code(cpu_reference, dtype, gain_grad):
     assert r["q"] == 0.0 and r["k"] == 0.0  # the forward: the same torch ops, the same bits
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_op_reference_bias_gradient(cpu_reference, dtype):
+    r = bias_grad_errors(cpu_reference, 2, 5, 3, 64, dtype)
+    assert r["same_dqkv"] and r["same_ds"], r
+    assert r["dbias"] == 0.0, r  # the same sums
+
+
+def test_projection_check_predicts_supports(cpu_reference, monkeypatch):
+    """The block decides before its linear (whose bias it then detaches) what supports() says after it."""
+    qn = cpu_reference
+    attn = SelfAttention(128, 2)
+    s = attn.scale_mul_1H11
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for autocast in (False, True):
+            x = torch.randn(2, 5, 128, dtype=dtype)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                qkv = attn.mat_qkv.to(dtype)(x).view(2, 5, 3, 2, 64)
+                assert qn.supports_projection(x, attn.mat_qkv.weight, 2, s) == qn.supports(qkv, s)
+    x = torch.randn(2, 5, 128)
+    assert not qn.supports_projection(x, torch.zeros(3 * 96, 128), 2, s)  # head dim 48
+    assert not qn.supports_projection(x, attn.mat_qkv.weight, 2, torch.zeros(1, 3, 1, 1))  # 3 gains
+    monkeypatch.setattr(qn, "CPU_REFERENCE", False)
+    assert not qn.supports_projection(x, attn.mat_qkv.weight, 2, s)
+    with pytest.raises(ValueError, match="qk_norm: bias"):
+        qn.qk_norm(torch.zeros(1, 4, 3, 2, 64), torch.zeros(1, 2, 1, 1), torch.zeros(64))
+
+
 def test_opcheck(cpu_reference):
     qn = cpu_reference
     qkv, s = make_inputs(2, 3, 6, 32, torch.float32)
@@ -253,7 +318,9 @@ def test_opcheck(cpu_reference):
     dq, dk, dv = torch.randn(3, 2, 6, 3, 32).unbind(0)
     for dv_ in (dv, None):
         for gain_grad in (True, False):
-            torch.library.opcheck(qn.qk_norm_bwd_op, (qkv.detach(), s.detach(), dq, dk, dv_, gain_grad))
+            for bias_grad in (True, False):
+                args = (qkv.detach(), s.detach(), dq, dk, dv_, gain_grad, bias_grad)
+                torch.library.opcheck(qn.qk_norm_bwd_op, args)
 
 
 def test_op_autograd_alone_gives_zero_v_gradient(cpu_reference):
@@ -290,7 +357,10 @@ def test_cpu_model_never_takes_the_op_by_default(monkeypatch):
         attn(x)
 
 
-def test_block_with_op_reference_equals_torch_code_and_traces_without_break(cpu_reference):
+@pytest.mark.parametrize("bias_grad", [True, False])
+def test_block_with_op_reference_equals_torch_code_and_traces_without_break(cpu_reference, monkeypatch,
+                                                                            bias_grad):
+    monkeypatch.setattr(cpu_reference, "BIAS_GRAD", bias_grad)
     torch.manual_seed(0)
     attn = SelfAttention(128, 2)
     with torch.no_grad():
@@ -307,7 +377,7 @@ def test_block_with_op_reference_equals_torch_code_and_traces_without_break(cpu_
     nodes = [n for g in ex.graphs for m in g.modules() if hasattr(m, "graph") for n in m.graph.nodes]
     assert any("qk_norm" in str(n.target) for n in nodes)
     compiled = torch.compile(lambda x: attn(x).square().sum(), backend="aot_eager", fullgraph=True)
-    params = [attn.mat_qkv.weight, attn.scale_mul_1H11]
+    params = [attn.mat_qkv.weight, attn.scale_mul_1H11, attn.q_bias, attn.v_bias]
     got = torch.autograd.grad(compiled(x), params)
     want = torch.autograd.grad(attn(x).square().sum(), params)
     for a, b in zip(got, want):
@@ -344,7 +414,7 @@ def _compile_for(kernel, arch: int, dtype: str, gain_dtype: str, consts: dict, n
     fp = {"fp16": "*fp16", "bf16": "*bf16"}[dtype]
     gp = {"fp32": "*fp32", "bf16": "*bf16"}[gain_dtype]
     pointers = {"QKV": fp, "OUT": fp, "DQ": fp, "DK": fp, "DV": fp, "DQKV": fp, "PART": "*fp32",
-                "S": gp, "DS": gp}
+                "BPART": "*fp32", "S": gp, "DS": gp}
     types = {}
     for n in kernel.arg_names:
         if n in consts:
@@ -368,8 +438,9 @@ def _compile_for(kernel, arch: int, dtype: str, gain_dtype: str, consts: dict, n
 @pytest.mark.parametrize(
     "arch,dtype,gain_dtype,kernel,head_dim,flags",
     [(90, "bf16", "fp32", "fwd", 64, None), (90, "fp16", "bf16", "fwd", 128, None),
-     (90, "bf16", "fp32", "bwd", 64, (True, True)), (90, "fp16", "fp32", "bwd", 128, (False, False)),
-     (90, "bf16", "bf16", "gain", 0, None), (80, "bf16", "fp32", "bwd", 64, (True, True))],
+     (90, "bf16", "fp32", "bwd", 64, (True, True, True)),
+     (90, "fp16", "fp32", "bwd", 128, (False, False, False)),
+     (90, "bf16", "bf16", "gain", 0, None), (80, "bf16", "fp32", "bwd", 64, (True, True, True))],
 )
 def test_kernels_compile_to_cubin_without_a_gpu(arch, dtype, gain_dtype, kernel, head_dim, flags):
     """The interpreter does not compile: this catches what only the real compiler rejects."""
@@ -381,7 +452,8 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch, dtype, gain_dtype, kernel,
         fn, consts = qn._qk_norm_fwd, dict(BLOCK_T=cfg.block_t, HEAD_DIM=head_dim)
     elif kernel == "bwd":
         fn, consts = qn._qk_norm_bwd, dict(BLOCK_T=cfg.block_t, HEAD_DIM=head_dim, HAS_DV=flags[0],
-                                           GAIN_GRAD=flags[1], AT_BOUND=qn.clamp_grad_at_bound())
+                                           GAIN_GRAD=flags[1], AT_BOUND=qn.clamp_grad_at_bound(),
+                                           BIAS_GRAD=flags[2])
     else:
         fn, consts = qn._qk_norm_gain_grad, dict(BLOCK_R=256, BLOCK_H=16, AT_BOUND=qn.clamp_grad_at_bound())
     try:
@@ -406,3 +478,14 @@ def test_kernel_matches_torch_code_gpu(dname, D, gain_dtype):
 
     r = errors_vs_reference(qn.qk_norm, 4, 37, 6, D, DTYPES[dname], DTYPES[gain_dtype], device="cuda")
     _check(r, TOL[dname], gain_tol=TOL[gain_dtype] if gain_dtype == "bf16" else 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dname", ["bf16", "fp16"])
+def test_kernel_bias_gradient_gpu(dname):
+    import maskar.kernels.qk_norm as qn
+
+    r = bias_grad_errors(qn, 3, 301, 16, 64, DTYPES[dname], device="cuda")
+    assert r["same_dqkv"] and r["same_ds"] and r["dbias_dtype"] == "torch.float32", r
+    assert r["dbias"] < 8e-3, r  # the same fp32 sums in another order, one rounding to qkv's dtype

@@ -69,6 +69,7 @@ from maskar.config import build
 from maskar.nn.attention import available_backends, set_backend
 from maskar.train import distributed as D
 from maskar.train import parallelize as P
+from maskar.train.clipping import clip_and_step
 from maskar.train.graph_step import GraphedStep, prepare_for_graph, set_lr
 from maskar.train.trainer import _LossCall, param_groups
 
@@ -304,9 +305,9 @@ def make_step(model, params, batch, opts, device, loss_call=None, info=None):
         _loss_backward(loss_call, batch, opts, device)
         if info is not None and D.is_sharded(params[0]):
             D.clip_grad_norm(params, 2.0, info)
+            opt.step()
         else:
-            torch.nn.utils.clip_grad_norm_(params, 2.0)
-        opt.step()
+            clip_and_step(opt, params, 2.0)  # as the trainer clips (maskar.train.clipping)
         opt.zero_grad(set_to_none=True)
 
     return step

@@ -118,13 +118,15 @@ def _qk_norm_fwd(QKV, S, OUT, n_tok, H, eps, log_max, BLOCK_T: tl.constexpr, HEA
 
 @triton.jit(do_not_specialize=["n_tok", "L", "H"])  # strides: specialised (16-divisible ones vectorise)
 def _qk_norm_bwd(
-    QKV, S, DQ, DK, DV, DQKV, PART, n_tok, L, H,
+    QKV, S, DQ, DK, DV, DQKV, PART, BPART, n_tok, L, H,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, eps, log_max,
     BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DV: tl.constexpr, GAIN_GRAD: tl.constexpr,
-    AT_BOUND: tl.constexpr,
+    AT_BOUND: tl.constexpr, BIAS_GRAD: tl.constexpr,
 ):
     """DQKV (n_tok, 3, H, D) of tokens [t0, t0 + BLOCK_T) of head h: dq, dk through the norm and
-    the gain, dv copied (zeros without DV); PART[pid] = this program's sum of d(q_hat) * y_q."""
+    the gain, dv copied (zeros without DV); PART[pid] = this program's sum of d(q_hat) * y_q;
+    with BIAS_GRAD, BPART[t0 / BLOCK_T, :, h, :] = the column sums of the tile's DQKV rows as
+    stored (the projection's bias gradient, first stage)."""
     pid = tl.program_id(0)
     h = pid % H
     t = (pid // H).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -149,15 +151,24 @@ def _qk_norm_bwd(
     proj_k = tl.where(_passes(nk, eps, AT_BOUND, False), tl.sum(dk * yk, 1), 0.0)
     dxk = tl.div_rn(dk - proj_k[:, None] * yk, denk[:, None])
 
-    tl.store(DQKV + row, dxq.to(DQKV.dtype.element_ty), mask=ok)
-    tl.store(DQKV + row + hd, dxk.to(DQKV.dtype.element_ty), mask=ok)
+    dxq = dxq.to(DQKV.dtype.element_ty)
+    dxk = dxk.to(DQKV.dtype.element_ty)
+    tl.store(DQKV + row, dxq, mask=ok)
+    tl.store(DQKV + row + hd, dxk, mask=ok)
     if HAS_DV:
         dv = tl.load(DV + (b * svb + h * svh + l_ * svl)[:, None] + offs_d, mask=ok, other=0.0)
-        tl.store(DQKV + row + 2 * hd, dv.to(DQKV.dtype.element_ty), mask=ok)
+        dv = dv.to(DQKV.dtype.element_ty)
     else:
-        tl.store(DQKV + row + 2 * hd, tl.zeros([BLOCK_T, HEAD_DIM], DQKV.dtype.element_ty), mask=ok)
+        dv = tl.zeros([BLOCK_T, HEAD_DIM], DQKV.dtype.element_ty)
+    tl.store(DQKV + row + 2 * hd, dv, mask=ok)
     if GAIN_GRAD:
         tl.store(PART + pid, tl.sum(pg, 0))
+    if BIAS_GRAD:
+        # rows past n_tok loaded zeros and give zeros: no mask needed in the sums
+        col = (pid // H).to(tl.int64) * (3 * hd) + h * HEAD_DIM + tl.arange(0, HEAD_DIM)
+        tl.store(BPART + col, tl.sum(dxq.to(tl.float32), 0))
+        tl.store(BPART + col + hd, tl.sum(dxk.to(tl.float32), 0))
+        tl.store(BPART + col + 2 * hd, tl.sum(dv.to(tl.float32), 0))
 
 
 @triton.jit(do_not_specialize=["n_rows", "H"])
@@ -236,8 +247,9 @@ def _forward(qkv: Tensor, scale_mul: Tensor) -> Tensor:
 
 
 def _backward(qkv: Tensor, scale_mul: Tensor, dq: Tensor, dk: Tensor, dv: Tensor | None,
-              gain_grad: bool) -> tuple[Tensor, Tensor]:
-    """Kernel launches: (d qkv (B, L, 3, H, D), d scale_mul (zeros unless ``gain_grad``))."""
+              gain_grad: bool, bias_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Kernel launches: (d qkv (B, L, 3, H, D), d scale_mul (zeros unless ``gain_grad``), the
+    column sums of d qkv (3 H D,) in its dtype where ``bias_grad``, else an empty tensor)."""
     B, L, _, H, D = qkv.shape
     dq, dk = (t if t.stride(-1) == 1 else t.contiguous() for t in (dq, dk))
     if dv is not None and dv.stride(-1) != 1:
@@ -247,20 +259,24 @@ def _backward(qkv: Tensor, scale_mul: Tensor, dq: Tensor, dk: Tensor, dv: Tensor
     n_tb = cdiv(B * L, cfg.block_t)
     log_max = _log_max(scale_mul.dtype)
     part = torch.empty((n_tb, H), dtype=torch.float32, device=qkv.device) if gain_grad else dqkv
+    bpart = torch.empty((n_tb, 3 * H * D), dtype=torch.float32, device=qkv.device) if bias_grad else dqkv
     sv = dv.stride() if dv is not None else (0, 0, 0, 1)
     _launch(_qk_norm_bwd, (n_tb * H,),
-            (qkv, scale_mul, dq, dk, dv if dv is not None else dq, dqkv, part, B * L, L, H,
+            (qkv, scale_mul, dq, dk, dv if dv is not None else dq, dqkv, part, bpart, B * L, L, H,
              *dq.stride()[:3], *dk.stride()[:3], *sv[:3], EPS, log_max),
             dict(BLOCK_T=cfg.block_t, HEAD_DIM=D, HAS_DV=dv is not None, GAIN_GRAD=gain_grad,
-                 AT_BOUND=clamp_grad_at_bound()),
+                 AT_BOUND=clamp_grad_at_bound(), BIAS_GRAD=bias_grad),
             cfg.num_warps, 1)
+    # the second stage: a fixed-order sum over the tiles (deterministic), rounded as the
+    # projection's own bias gradient would be (its dtype)
+    dbias = bpart.sum(0).to(qkv.dtype) if bias_grad else qkv.new_empty(0)
     if not gain_grad:
-        return dqkv, torch.zeros_like(scale_mul)
+        return dqkv, torch.zeros_like(scale_mul), dbias
     ds = torch.empty_like(scale_mul)
     block_h = next_power_of_2(H)
     _launch(_qk_norm_gain_grad, (1,), (part, scale_mul, ds, n_tb, H, log_max),
             dict(BLOCK_R=max(4096 // block_h, 16), BLOCK_H=block_h, AT_BOUND=clamp_grad_at_bound()), 4, 1)
-    return dqkv, ds
+    return dqkv, ds, dbias
 
 
 # ----------------------------------------------------------------------------- reference
@@ -291,7 +307,7 @@ def _reference_forward(qkv: Tensor, scale_mul: Tensor) -> Tensor:
 
 
 def _reference_backward(qkv: Tensor, scale_mul: Tensor, dq: Tensor, dk: Tensor, dv: Tensor | None,
-                        gain_grad: bool) -> tuple[Tensor, Tensor]:
+                        gain_grad: bool, bias_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     y, n, den = _reference_unit(qkv)
     g = _reference_gain(scale_mul).to(y.dtype)  # (1, 1, H, 1)
     dhat = torch.stack([dq.transpose(1, 2), dk.transpose(1, 2)], 2).to(y.dtype)  # (B, L, 2, H, D)
@@ -301,13 +317,14 @@ def _reference_backward(qkv: Tensor, scale_mul: Tensor, dq: Tensor, dk: Tensor, 
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     dqkv[:, :, :2] = (dy - proj * y) / den
     dqkv[:, :, 2] = 0 if dv is None else dv.transpose(1, 2)
+    dbias = dqkv.to(y.dtype).sum((0, 1)).reshape(-1).to(qkv.dtype) if bias_grad else qkv.new_empty(0)
     if not gain_grad:
-        return dqkv, torch.zeros_like(scale_mul)
+        return dqkv, torch.zeros_like(scale_mul), dbias
     dgain = (dhat[:, :, 0] * y[:, :, 0]).sum((0, 1, 3)).reshape(scale_mul.shape)
     # compared in the parameter's dtype, as clamp's gradient
     keep = (scale_mul <= MAX_LOG_GAIN) if at_bound else (scale_mul < MAX_LOG_GAIN)
     ds = torch.where(keep, dgain * g.reshape(scale_mul.shape), 0.0)
-    return dqkv, ds.to(scale_mul.dtype)
+    return dqkv, ds.to(scale_mul.dtype), dbias
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -329,18 +346,21 @@ def _(qkv, scale_mul):
 
 @torch.library.custom_op("maskar::qk_norm_bwd", mutates_args=())
 def qk_norm_bwd_op(
-    qkv: Tensor, scale_mul: Tensor, dq: Tensor, dk: Tensor, dv: Tensor | None, gain_grad: bool
-) -> tuple[Tensor, Tensor]:
+    qkv: Tensor, scale_mul: Tensor, dq: Tensor, dk: Tensor, dv: Tensor | None, gain_grad: bool,
+    bias_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(d qkv (B, L, 3, H, D) contiguous, with dv (B, H, L, D) in its v slot or zeros without it;
-    d scale_mul, zeros unless ``gain_grad``)."""
+    d scale_mul, zeros unless ``gain_grad``; d qkv summed over its rows, (3 H D,) in its dtype,
+    where ``bias_grad``, else empty)."""
     if _on_reference(qkv):
-        return _reference_backward(qkv, scale_mul, dq, dk, dv, gain_grad)
-    return _backward(qkv.contiguous(), scale_mul.contiguous(), dq, dk, dv, gain_grad)
+        return _reference_backward(qkv, scale_mul, dq, dk, dv, gain_grad, bias_grad)
+    return _backward(qkv.contiguous(), scale_mul.contiguous(), dq, dk, dv, gain_grad, bias_grad)
 
 
 @qk_norm_bwd_op.register_fake
-def _(qkv, scale_mul, dq, dk, dv, gain_grad):
-    return qkv.new_empty(qkv.shape), scale_mul.new_empty(scale_mul.shape)
+def _(qkv, scale_mul, dq, dk, dv, gain_grad, bias_grad=False):
+    n = qkv.shape[2] * qkv.shape[3] * qkv.shape[4] if bias_grad else 0
+    return qkv.new_empty(qkv.shape), scale_mul.new_empty(scale_mul.shape), qkv.new_empty(n)
 
 
 def _op_setup_context(ctx, inputs, output) -> None:
@@ -352,7 +372,7 @@ def _op_backward(ctx, dqk: Tensor):
     qkv, scale_mul = ctx.saved_tensors
     dq, dk = dqk.permute(2, 0, 3, 1, 4).unbind(0)
     gain_grad = ctx.needs_input_grad[1]
-    dqkv, ds = qk_norm_bwd_op(qkv, scale_mul, dq, dk, None, gain_grad)
+    dqkv, ds, _ = qk_norm_bwd_op(qkv, scale_mul, dq, dk, None, gain_grad)
     return dqkv, ds if gain_grad else None
 
 
@@ -368,29 +388,36 @@ def _via_ops(qkv: Tensor) -> bool:
 
 
 class _QKNorm(torch.autograd.Function):
-    """q_hat, k_hat and v: the v output (a view of the input) routes dv into the one backward launch."""
+    """q_hat, k_hat and v: the v output (a view of the input) routes dv into the one backward
+    launch. ``bias`` (the projection's (3 H D,) bias, or None) is not used forward: its gradient,
+    the column sums of d qkv, comes from the same launch (the caller added a detached copy)."""
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, scale_mul: Tensor):
+    def forward(ctx, qkv: Tensor, scale_mul: Tensor, bias: Tensor | None):
         qk = qk_norm_op(qkv, scale_mul) if _via_ops(qkv) else _forward(qkv, scale_mul)
         ctx.save_for_backward(qkv, scale_mul)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, qkv.select(2, 2).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor):
         qkv, scale_mul = ctx.saved_tensors
-        gain_grad = ctx.needs_input_grad[1]
+        gain_grad, bias_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         bwd = qk_norm_bwd_op if _via_ops(qkv) else _backward
-        dqkv, ds = bwd(qkv, scale_mul, dq, dk, dv, gain_grad)
-        return dqkv, ds if gain_grad else None
+        dqkv, ds, dbias = bwd(qkv, scale_mul, dq, dk, dv, gain_grad, bias_grad)
+        return dqkv, ds if gain_grad else None, dbias.to(ctx.bias_dtype) if bias_grad else None
 
 
-def qk_norm(qkv: Tensor, scale_mul: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def qk_norm(qkv: Tensor, scale_mul: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """q_hat * exp(min(scale_mul, ln 100)), k_hat (L2-normalised per head, fp32 inside) and v.
 
     qkv: the (B, L, 3, H, D) output of the fused projection; scale_mul (1, H, 1, 1). Returns
     (B, H, L, D) views: q_hat and k_hat of one fresh (B, L, 2, H, D) buffer, v of ``qkv``.
+    ``bias``: the projection's (3 H D,) bias where the caller computed ``qkv`` with a detached
+    copy of it; its gradient (the column sums of d qkv, rounded to qkv's dtype as the linear's
+    own bias gradient is) then comes from the backward launch instead of a separate pass over
+    d qkv (0.66 of HMAR-d16's 86 ms at 1024 px B 2 on an H100, docs/benchmarks.md).
     """
     if not _shape_ok(qkv, scale_mul):
         raise ValueError(
@@ -398,7 +425,9 @@ def qk_norm(qkv: Tensor, scale_mul: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             f"(1, H, 1, 1) scale_mul of a float dtype; got qkv {tuple(qkv.shape)} {qkv.dtype} strides "
             f"{qkv.stride()}, scale_mul {tuple(scale_mul.shape)} {scale_mul.dtype}"
         )
-    return _QKNorm.apply(qkv, scale_mul)
+    if bias is not None and bias.shape != (qkv.shape[2] * qkv.shape[3] * qkv.shape[4],):
+        raise ValueError(f"qk_norm: bias {tuple(bias.shape)} for a (B, L, 3, H, D) qkv {tuple(qkv.shape)}")
+    return _QKNorm.apply(qkv, scale_mul, bias)
 
 
 # ----------------------------------------------------------------------------- support
@@ -412,6 +441,9 @@ _REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 CPU_REFERENCE = False
 # False: the model runs its torch code on every device (A/B timing, or ruling the op out).
 ENABLED = True
+# False: the block's linear keeps its bias and sums its gradient itself (A/B timing of the
+# kernel's bias-gradient sums).
+BIAS_GRAD = True
 
 
 def _shape_ok(qkv: Tensor, scale_mul: Tensor) -> bool:
@@ -428,16 +460,43 @@ def _shape_ok(qkv: Tensor, scale_mul: Tensor) -> bool:
     )
 
 
+def _dtype_device_ok(dtype: torch.dtype, device: torch.device) -> bool:
+    if device.type == "cuda":
+        return dtype in _DTYPES and _device_ok(device)
+    if device.type != "cpu":
+        return False
+    if CPU_REFERENCE and not _INTERPRET:
+        return dtype in _REFERENCE_DTYPES
+    return _INTERPRET and dtype in _DTYPES
+
+
 def supports(qkv: Tensor, scale_mul: Tensor) -> bool:
     """Whether the model uses the fused op: CUDA sm80+ with fp16 / bf16 qkv (or the interpreter on
     the CPU); on the CPU reference (tests) any float dtype. Otherwise the torch code runs."""
-    if not ENABLED or not _shape_ok(qkv, scale_mul):
+    return ENABLED and _shape_ok(qkv, scale_mul) and _dtype_device_ok(qkv.dtype, qkv.device)
+
+
+def supports_projection(x: Tensor, weight: Tensor, num_heads: int, scale_mul: Tensor) -> bool:
+    """:func:`supports` of ``F.linear(x, weight, bias).view(B, L, 3, H, D)`` without computing it:
+    the caller decides before the linear whether its bias gradient comes from the kernel. The
+    linear's output is contiguous and in autocast's dtype where autocast is on for x's device."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    out = weight.shape[0]
+    if x.dim() != 3 or out % (3 * num_heads):
         return False
-    if qkv.is_cuda:
-        return qkv.dtype in _DTYPES and _device_ok(qkv.device)
-    if CPU_REFERENCE and not _INTERPRET:
-        return qkv.dtype in _REFERENCE_DTYPES
-    return _INTERPRET and qkv.dtype in _DTYPES
+    head_dim = out // (3 * num_heads)
+    return (
+        ENABLED
+        and head_dim in _HEAD_DIMS
+        and scale_mul.is_contiguous()
+        and scale_mul.numel() == num_heads
+        and scale_mul.dim() == 4
+        and scale_mul.is_floating_point()
+        and scale_mul.device == x.device
+        and _dtype_device_ok(dtype, x.device)
+    )
 
 
-__all__ = ["qk_norm", "qk_norm_op", "qk_norm_bwd_op", "supports", "QKConfig", "EPS", "MAX_LOG_GAIN"]
+__all__ = ["qk_norm", "qk_norm_op", "qk_norm_bwd_op", "supports", "supports_projection", "QKConfig", "EPS",
+           "MAX_LOG_GAIN"]

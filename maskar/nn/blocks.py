@@ -179,16 +179,21 @@ class SelfAttention(nn.Module):
         """(B, L, C) -> q, k, v (B, H, L, D), q/k normalised where the model does."""
         B, L, C = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
         fused = _qk_norm_kernel
-        if self.attn_l2_norm and fused is not None and fused.supports(qkv, self.scale_mul_1H11):
-            # CUDA fp16 / bf16: one kernel each way (the same math; maskar.kernels.qk_norm)
-            q, k, v = fused.qk_norm(qkv, self.scale_mul_1H11)
-        else:
-            # (B, H, L, D) strided views of the fused projection, no copies.
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            if self.attn_l2_norm:
-                q, k = l2_norm_qk(q, k, self.scale_mul_1H11, v.dtype)
+        w = self.mat_qkv.weight
+        H, D, gain = self.num_heads, self.head_dim, getattr(self, "scale_mul_1H11", None)
+        if self.attn_l2_norm and fused is not None and fused.supports_projection(x, w, H, gain):
+            # CUDA fp16 / bf16: one kernel each way (the same math; maskar.kernels.qk_norm). Its
+            # backward also sums d qkv's columns, so the linear takes a detached bias and the
+            # bias gradient comes from that launch instead of one more pass over d qkv.
+            if not fused.BIAS_GRAD:
+                return fused.qk_norm(F.linear(x, w, bias).view(B, L, 3, H, D), gain)
+            qkv = F.linear(x, w, bias.detach()).view(B, L, 3, H, D)
+            return fused.qk_norm(qkv, gain, bias)
+        # (B, H, L, D) strided views of the fused projection, no copies.
+        q, k, v = F.linear(x, w, bias).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.attn_l2_norm:
+            q, k = l2_norm_qk(q, k, self.scale_mul_1H11, v.dtype)
         return q, k, v
 
 

@@ -32,6 +32,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from maskar.train.clipping import clip_and_step
+
 WARMUP_STEPS = 3
 
 
@@ -105,11 +107,7 @@ class GraphedStep:
         with self.autocast():
             out = self.loss_fn(batch)
         out["loss"].backward()
-        if self.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        self.optimizer.step()
+        norm = clip_and_step(self.optimizer, self.params, self.grad_clip)
         return {k: v.detach().float() for k, v in out.items()}, norm.detach().float()
 
     def _eager(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:

@@ -44,6 +44,7 @@ from maskar import checkpoint as ckpt
 from maskar.config import Config, ConfigError, dump_yaml
 from maskar.train import distributed as D
 from maskar.train import parallelize as P
+from maskar.train.clipping import clip_and_step, total_norm
 from maskar.train.ema import EMA
 from maskar.train.graph_step import GraphedStep, portable_state_dict, prepare_for_graph, set_lr
 from maskar.train.logging import RunLogger, max_memory_gb
@@ -724,16 +725,23 @@ class Trainer:
         self, optimizer: torch.optim.Optimizer, params: list[Tensor], want_norm: bool
     ) -> Tensor | None:
         clip = self.cfg.train.grad_clip
+        norm = None
+        if self.scaler is None and not self.sharded:
+            if clip > 0 or want_norm:
+                # the clipping inside fused AdamW's pass where it can (maskar.train.clipping)
+                norm = clip_and_step(optimizer, params, clip)
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return norm
         if self.scaler is not None and (clip > 0 or want_norm):
             self.scaler.unscale_(optimizer)
-        norm = None
         if self.sharded and (clip > 0 or want_norm):
             norm = D.clip_grad_norm(params, clip, self.dist)  # sharded gradients, maybe in CPU memory
         elif clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
         elif want_norm:
-            grads = [p.grad for p in params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+            norm = total_norm(params, self.device)
         if self.scaler is not None:
             self.scaler.step(optimizer)
         else:

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The training step's memory-bound cuts of 2026-12-06 (gradient clipping inside fused AdamW's pass,
+# maskar.train.clipping; the qkv bias gradient summed by the q/k norm's backward launch,
+# maskar.kernels.qk_norm.BIAS_GRAD) measured on one device machine:
+#   PART=sweep  (about 7 min, DEADLINE=560): scripts/gpu/qk_norm_sweep.py (the q/k norm's launch
+#               configs at HMAR-d16's 1024 px B 2 and 256 px B 32 shapes, the bias gradient checked);
+#               then the GPU tests the last full run did not reach (tests/test_neighborhood_kernel.py
+#               on, alphabetically) and the q/k norm's.
+#   PART=ab256  (about 5 min): 256 px B 32 HMAR-d16 and VAR-d16 (the step as one CUDA graph, auto
+#               attention) with the cuts (the defaults) and without, each side in its own process.
+#   PART=ab1024 (about 6 min): the same at 1024 px B 2 with FlashAttention-4 (needs scripts/fa4_bundle.sh's
+#               first part in .persist/fa4a from the call before and .carry/fa4b carried by this one);
+#               the side with the cuts profiled (where the step's time goes).
+# Run from the repository root: OUT=/tmp/out PART=sweep bash scripts/gpu/membound_rows.sh
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+case "${PART:-}" in
+  sweep|ab256|ab1024) ;;
+  *) echo "PART: expected sweep, ab256 or ab1024; got '${PART:-}'" >&2; exit 2 ;;
+esac
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source "$(dirname "$0")/clock.sh"
+NOISE="UserWarning|generate_mlir_function_types|JitArgument|^\s*$|warn_once|This call originates|cu_seqlens = "
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# the old path: clipping by clip_grad_norm_, the qkv bias gradient summed by the linear's backward
+OLD="import maskar.train.clipping as c, maskar.kernels.qk_norm as q; c.ENABLED = False; q.BIAS_GRAD = False"
+ab() {  # RES STEPS WARMUP ROWS: both sides, each in its own process
+  local res=$1 st=$2 wu=$3 rows=$4 side
+  for side in new old; do
+    el "train_step $res px, $side path"
+    local pre="import sys"; [ $side = old ] && pre="import sys; $OLD"
+    local extra=""; [ $side = new ] && [ "$res" = 1024 ] && extra="profile=$OUT/train_${res}_new_profile.txt"
+    timeout $(cap "${AB_S:-200}") python3 -c "$pre
+from maskar.cli import main
+raise SystemExit(main(sys.argv[1:]))" bench train_step res=$res steps=$st warmup=$wu rows=$rows $extra \
+      json="$OUT/train_${res}_$side.json" > "$OUT/train_${res}_$side.txt" 2>&1
+    echo "rc=$?"; grep -vE "$NOISE" "$OUT/train_${res}_$side.txt" | grep -E "^(hmar|var)-|rror" | tail -n 4
+  done
+  [ -f "$OUT/train_${res}_new_profile.txt" ] && head -n 12 "$OUT/train_${res}_new_profile.txt"
+}
+if [ "$PART" = sweep ]; then
+  el "q/k norm launch configs"
+  OUT=$OUT timeout $(cap 200) python3 scripts/gpu/qk_norm_sweep.py > "$OUT/qk_norm_sweep.txt" 2>&1
+  echo "rc=$?"; python3 - "$OUT/qk_norm_sweep.txt" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    if not line.startswith("{"): print(line.rstrip()[:200]); continue
+    r = json.loads(line)
+    if "block_t" in r:
+        print(r["shape"], r["block_t"], r["num_warps"], "sums" if r["bias_sums"] else "no-sums",
+              f"fwd {r['fwd_ms']:.4f} ({r['fwd_tbs']:.2f} TB/s) bwd {r['bwd_ms']:.4f} ({r['bwd_tbs']:.2f} TB/s)")
+    else:
+        print(line.strip()[:300])
+PY
+  el "GPU tests: the q/k norm, then the files the last full run did not reach"
+  timeout $(cap 330) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_qk_norm_kernel.py \
+    tests/test_train_cuda_graph.py tests/test_neighborhood_kernel.py tests/test_proximal_attention.py \
+    tests/test_psa_bench.py tests/test_resample.py tests/test_sampling_speed.py tests/test_var.py \
+    > "$OUT/gpu_tests.txt" 2>&1
+  echo "rc=$?"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_tests.txt" | tail -n 12
+  exit 0
+fi
+if [ "$PART" = ab256 ]; then
+  ab 256 25 5 hmar/d16/blocks/graph,var/d16/blocks/graph
+  exit 0
+fi
+source scripts/gpu/fa4_install.sh || exit 1
+ab 1024 20 3 hmar/d16/blocks/graph/attn-fa4,var/d16/blocks/graph/attn-fa4

@@ -1,0 +1,68 @@
+"""The fused q/k norm's launch configs at HMAR-d16's training shapes, on a GPU (one JSON line each).
+
+For each shape (1024 px B 2 and 256 px B 32) and each (block_t, num_warps): the forward and the
+backward with the bias-gradient sums (what a training step runs), the median of back-to-back
+calls, and the bandwidth each reaches (forward: 4 (B, L, H, D) bf16 tensors of traffic; backward:
+8, and the sums' partials). Then the default config without the sums, and the bias gradient
+checked against d qkv summed by torch. Run: OUT=/tmp/out python3 scripts/gpu/qk_norm_sweep.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
+from test_qk_norm_kernel import bias_grad_errors, make_inputs  # noqa: E402
+
+import maskar.kernels.qk_norm as qn  # noqa: E402
+from maskar.bench.attention import time_back_to_back_ms  # noqa: E402
+
+SHAPES = {"1024px-B2": (2, 9451, 16, 64), "256px-B32": (32, 680, 16, 64)}
+CONFIGS = [(bt, w) for bt in (16, 32, 64, 128) for w in (2, 4, 8)]
+PEAK = float(os.environ.get("PEAK_TBS", "3.35"))  # H100 SXM; 4.8 on an H200
+
+
+def emit(rec: dict) -> None:
+    print(json.dumps(rec), flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "qk_norm_sweep.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def main() -> None:
+    emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "peak_tbs": PEAK,
+          "default": [qn._config(64).block_t, qn._config(64).num_warps]})
+    for name, (B, L, H, D) in SHAPES.items():
+        qkv, s = (t.cuda() for t in make_inputs(B, L, H, D, torch.bfloat16))
+        # dq, dk, dv as the attention backward gives them: (B, H, L, D) views of (B, L, H, D) memory
+        grads = [torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                 for _ in range(3)]
+        unit = B * L * H * D * 2
+        rows = []
+        for bt, w in CONFIGS + [None]:
+            cfg = qn._config(D) if bt is None else qn.QKConfig(bt, w)
+            qn.FORCE_CONFIG = cfg
+            sums = bt is not None
+            f = time_back_to_back_ms(lambda: qn._forward(qkv, s), n=10, rounds=15)  # noqa: B023
+            b = time_back_to_back_ms(lambda: qn._backward(qkv, s, *grads, True, sums), n=10, rounds=15)  # noqa: B023
+            rec = {"shape": name, "block_t": cfg.block_t, "num_warps": cfg.num_warps, "bias_sums": sums,
+                   "fwd_ms": f, "bwd_ms": b, "fwd_tbs": 4 * unit / f / 1e9, "bwd_tbs": 8 * unit / b / 1e9}
+            rec["bwd_pct_peak"] = 100 * rec["bwd_tbs"] / PEAK
+            emit(rec)
+            rows.append(rec)
+        qn.FORCE_CONFIG = None
+        best = min((r for r in rows if r["bias_sums"]), key=lambda r: r["fwd_ms"] + r["bwd_ms"])
+        emit({"shape": name, "fastest": [best["block_t"], best["num_warps"]], "fwd_ms": best["fwd_ms"],
+              "bwd_ms": best["bwd_ms"], "floor_fwd_bwd_ms": 12 * unit / PEAK / 1e9})
+    for dn in ("bf16", "fp16"):
+        r = bias_grad_errors(qn, 2, 9451, 16, 64, {"bf16": torch.bfloat16, "fp16": torch.float16}[dn], "cuda")
+        emit({"check": f"bias gradient {dn} 1024 px B 2", **r})
+
+
+if __name__ == "__main__":
+    main()
