@@ -11,6 +11,7 @@
 #   PART=ab1024 (about 6 min): the same at 1024 px B 2 with FlashAttention-4 (needs scripts/fa4_bundle.sh's
 #               first part in .persist/fa4a from the call before and .carry/fa4b carried by this one);
 #               the side with the cuts profiled (where the step's time goes).
+# QK_CFG=BLOCK_T,WARPS (ab256, ab1024): the q/k norm's launch config on both sides.
 # Run from the repository root: OUT=/tmp/out PART=sweep bash scripts/gpu/membound_rows.sh
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -29,6 +30,8 @@ ab() {  # RES STEPS WARMUP ROWS: both sides, each in its own process
   for side in new old; do
     el "train_step $res px, $side path"
     local pre="import sys"; [ $side = old ] && pre="import sys; $OLD"
+    # QK_CFG=BLOCK_T,WARPS: the q/k norm's launch config on both sides (from PART=sweep)
+    [ -n "${QK_CFG:-}" ] && pre="$pre; import maskar.kernels.qk_norm as q; q.FORCE_CONFIG = q.QKConfig($QK_CFG)"
     local extra=""; [ $side = new ] && [ "$res" = 1024 ] && extra="profile=$OUT/train_${res}_new_profile.txt"
     timeout $(cap "${AB_S:-200}") python3 -c "$pre
 from maskar.cli import main

@@ -1,10 +1,12 @@
 """The fused q/k norm's launch configs at HMAR-d16's training shapes, on a GPU (one JSON line each).
 
 For each shape (1024 px B 2 and 256 px B 32) and each (block_t, num_warps): the forward and the
-backward with the bias-gradient sums (what a training step runs), the median of back-to-back
-calls, and the bandwidth each reaches (forward: 4 (B, L, H, D) bf16 tensors of traffic; backward:
-8, and the sums' partials). Then the default config without the sums, and the bias gradient
-checked against d qkv summed by torch. Run: OUT=/tmp/out python3 scripts/gpu/qk_norm_sweep.py
+backward with the bias-gradient sums (what a training step runs), GPU time per call (ten calls
+captured in one CUDA graph, as inside the training step's graph: eager calls here are bound by
+their host time), the median of replays, and the bandwidth each reaches (forward: 4 (B, L, H, D)
+bf16 tensors of traffic; backward: 8, and the sums' partials). Then the default config without
+the sums, and the bias gradient checked against d qkv summed by torch.
+Run: OUT=/tmp/out python3 scripts/gpu/qk_norm_sweep.py
 """
 
 from __future__ import annotations
@@ -19,11 +21,33 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 from test_qk_norm_kernel import bias_grad_errors, make_inputs  # noqa: E402
 
 import maskar.kernels.qk_norm as qn  # noqa: E402
-from maskar.bench.attention import time_back_to_back_ms  # noqa: E402
 
 SHAPES = {"1024px-B2": (2, 9451, 16, 64), "256px-B32": (32, 680, 16, 64)}
 CONFIGS = [(bt, w) for bt in (16, 32, 64, 128) for w in (2, 4, 8)]
 PEAK = float(os.environ.get("PEAK_TBS", "3.35"))  # H100 SXM; 4.8 on an H200
+
+
+def graph_ms(fn, calls: int = 10, rounds: int = 15) -> float:
+    """GPU ms per call of ``fn``: ``calls`` calls captured in one CUDA graph, median of replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compile and allocate outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(rounds):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    return sorted(times)[len(times) // 2]
 
 
 def emit(rec: dict) -> None:
@@ -44,12 +68,12 @@ def main() -> None:
                  for _ in range(3)]
         unit = B * L * H * D * 2
         rows = []
-        for bt, w in CONFIGS + [None]:
+        for bt, w in CONFIGS + [(None, None)]:
             cfg = qn._config(D) if bt is None else qn.QKConfig(bt, w)
             qn.FORCE_CONFIG = cfg
             sums = bt is not None
-            f = time_back_to_back_ms(lambda: qn._forward(qkv, s), n=10, rounds=15)  # noqa: B023
-            b = time_back_to_back_ms(lambda: qn._backward(qkv, s, *grads, True, sums), n=10, rounds=15)  # noqa: B023
+            f = graph_ms(lambda: qn._forward(qkv, s))  # noqa: B023
+            b = graph_ms(lambda: qn._backward(qkv, s, *grads, True, sums))  # noqa: B023
             rec = {"shape": name, "block_t": cfg.block_t, "num_warps": cfg.num_warps, "bias_sums": sums,
                    "fwd_ms": f, "bwd_ms": b, "fwd_tbs": 4 * unit / f / 1e9, "bwd_tbs": 8 * unit / b / 1e9}
             rec["bwd_pct_peak"] = 100 * rec["bwd_tbs"] / PEAK
