@@ -121,54 +121,63 @@ def _qk_norm_bwd(
     QKV, S, DQ, DK, DV, DQKV, PART, BPART, n_tok, L, H,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, eps, log_max,
     BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DV: tl.constexpr, GAIN_GRAD: tl.constexpr,
-    AT_BOUND: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    AT_BOUND: tl.constexpr, BIAS_GRAD: tl.constexpr, ITERS: tl.constexpr,
 ):
-    """DQKV (n_tok, 3, H, D) of tokens [t0, t0 + BLOCK_T) of head h: dq, dk through the norm and
-    the gain, dv copied (zeros without DV); PART[pid] = this program's sum of d(q_hat) * y_q;
-    with BIAS_GRAD, BPART[t0 / BLOCK_T, :, h, :] = the column sums of the tile's DQKV rows as
-    stored (the projection's bias gradient, first stage)."""
+    """DQKV (n_tok, 3, H, D) of tokens [t0, t0 + ITERS * BLOCK_T) of head h, BLOCK_T at a time: dq,
+    dk through the norm and the gain, dv copied (zeros without DV); PART[pid] = this program's sum
+    of d(q_hat) * y_q; with BIAS_GRAD, BPART[t0 / (ITERS * BLOCK_T), :, h, :] = the column sums of
+    its DQKV rows as stored (the projection's bias gradient, first stage). The sums accumulate
+    elementwise in registers and reduce across the tile once, at the end."""
     pid = tl.program_id(0)
     h = pid % H
-    t = (pid // H).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    ok = (t < n_tok)[:, None]
-    b = t // L
-    l_ = t - b * L
     hd = H * HEAD_DIM
     offs_d = tl.arange(0, HEAD_DIM)[None, :]
-    row = t[:, None] * (3 * hd) + h * HEAD_DIM + offs_d
-    xq = tl.load(QKV + row, mask=ok, other=0.0).to(tl.float32)
-    xk = tl.load(QKV + row + hd, mask=ok, other=0.0).to(tl.float32)
-    dq = tl.load(DQ + (b * sqb + h * sqh + l_ * sql)[:, None] + offs_d, mask=ok, other=0.0).to(tl.float32)
-    dk = tl.load(DK + (b * skb + h * skh + l_ * skl)[:, None] + offs_d, mask=ok, other=0.0).to(tl.float32)
     g, _ = _gain(tl.load(S + h), log_max)
+    acc_g = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc_q = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
+    acc_k = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
+    for i in range(ITERS):
+        t = ((pid // H).to(tl.int64) * ITERS + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        ok = (t < n_tok)[:, None]
+        b = t // L
+        l_ = t - b * L
+        row = t[:, None] * (3 * hd) + h * HEAD_DIM + offs_d
+        xq = tl.load(QKV + row, mask=ok, other=0.0).to(tl.float32)
+        xk = tl.load(QKV + row + hd, mask=ok, other=0.0).to(tl.float32)
+        dq = tl.load(DQ + (b * sqb + h * sqh + l_ * sql)[:, None] + offs_d, mask=ok, other=0.0).to(tl.float32)
+        dk = tl.load(DK + (b * skb + h * skh + l_ * skl)[:, None] + offs_d, mask=ok, other=0.0).to(tl.float32)
 
-    yq, nq, denq = _unit(xq, eps)
-    pg = tl.sum(dq * yq, 1)  # d(loss)/d(gain) of each row
-    # sum_d(dy * y) with dy = dq * g; 0 where clamp_min cut
-    proj_q = tl.where(_passes(nq, eps, AT_BOUND, False), pg * g, 0.0)
-    dxq = tl.div_rn(dq * g - proj_q[:, None] * yq, denq[:, None])
-    yk, nk, denk = _unit(xk, eps)
-    proj_k = tl.where(_passes(nk, eps, AT_BOUND, False), tl.sum(dk * yk, 1), 0.0)
-    dxk = tl.div_rn(dk - proj_k[:, None] * yk, denk[:, None])
+        yq, nq, denq = _unit(xq, eps)
+        pg = tl.sum(dq * yq, 1)  # d(loss)/d(gain) of each row
+        # sum_d(dy * y) with dy = dq * g; 0 where clamp_min cut
+        proj_q = tl.where(_passes(nq, eps, AT_BOUND, False), pg * g, 0.0)
+        dxq = tl.div_rn(dq * g - proj_q[:, None] * yq, denq[:, None]).to(DQKV.dtype.element_ty)
+        yk, nk, denk = _unit(xk, eps)
+        proj_k = tl.where(_passes(nk, eps, AT_BOUND, False), tl.sum(dk * yk, 1), 0.0)
+        dxk = tl.div_rn(dk - proj_k[:, None] * yk, denk[:, None]).to(DQKV.dtype.element_ty)
 
-    dxq = dxq.to(DQKV.dtype.element_ty)
-    dxk = dxk.to(DQKV.dtype.element_ty)
-    tl.store(DQKV + row, dxq, mask=ok)
-    tl.store(DQKV + row + hd, dxk, mask=ok)
-    if HAS_DV:
-        dv = tl.load(DV + (b * svb + h * svh + l_ * svl)[:, None] + offs_d, mask=ok, other=0.0)
-        dv = dv.to(DQKV.dtype.element_ty)
-    else:
-        dv = tl.zeros([BLOCK_T, HEAD_DIM], DQKV.dtype.element_ty)
-    tl.store(DQKV + row + 2 * hd, dv, mask=ok)
-    if GAIN_GRAD:
-        tl.store(PART + pid, tl.sum(pg, 0))
-    if BIAS_GRAD:
+        tl.store(DQKV + row, dxq, mask=ok)
+        tl.store(DQKV + row + hd, dxk, mask=ok)
+        if HAS_DV:
+            dv = tl.load(DV + (b * svb + h * svh + l_ * svl)[:, None] + offs_d, mask=ok, other=0.0)
+            dv = dv.to(DQKV.dtype.element_ty)
+        else:
+            dv = tl.zeros([BLOCK_T, HEAD_DIM], DQKV.dtype.element_ty)
+        tl.store(DQKV + row + 2 * hd, dv, mask=ok)
         # rows past n_tok loaded zeros and give zeros: no mask needed in the sums
+        acc_g += pg
+        if BIAS_GRAD:
+            acc_q += dxq.to(tl.float32)
+            acc_k += dxk.to(tl.float32)
+            acc_v += dv.to(tl.float32)
+    if GAIN_GRAD:
+        tl.store(PART + pid, tl.sum(acc_g, 0))
+    if BIAS_GRAD:
         col = (pid // H).to(tl.int64) * (3 * hd) + h * HEAD_DIM + tl.arange(0, HEAD_DIM)
-        tl.store(BPART + col, tl.sum(dxq.to(tl.float32), 0))
-        tl.store(BPART + col + hd, tl.sum(dxk.to(tl.float32), 0))
-        tl.store(BPART + col + 2 * hd, tl.sum(dv.to(tl.float32), 0))
+        tl.store(BPART + col, tl.sum(acc_q, 0))
+        tl.store(BPART + col + hd, tl.sum(acc_k, 0))
+        tl.store(BPART + col + 2 * hd, tl.sum(acc_v, 0))
 
 
 @triton.jit(do_not_specialize=["n_rows", "H"])
@@ -194,8 +203,9 @@ def _qk_norm_gain_grad(PART, S, DS, n_rows, H, log_max, BLOCK_R: tl.constexpr, B
 
 @dataclass(frozen=True)
 class QKConfig:
-    block_t: int  # tokens per program (each program: one head)
+    block_t: int  # tokens per tile (each program: one head)
     num_warps: int
+    iters: int = 1  # backward: tiles per program (fewer bias / gain partial sums to write)
 
 
 def _config(head_dim: int) -> QKConfig:
@@ -256,7 +266,7 @@ def _backward(qkv: Tensor, scale_mul: Tensor, dq: Tensor, dk: Tensor, dv: Tensor
         dv = dv.contiguous()
     dqkv = torch.empty((B, L, 3, H, D), dtype=qkv.dtype, device=qkv.device)
     cfg = _config(D)
-    n_tb = cdiv(B * L, cfg.block_t)
+    n_tb = cdiv(B * L, cfg.block_t * cfg.iters)  # programs per head
     log_max = _log_max(scale_mul.dtype)
     part = torch.empty((n_tb, H), dtype=torch.float32, device=qkv.device) if gain_grad else dqkv
     bpart = torch.empty((n_tb, 3 * H * D), dtype=torch.float32, device=qkv.device) if bias_grad else dqkv
@@ -265,7 +275,7 @@ def _backward(qkv: Tensor, scale_mul: Tensor, dq: Tensor, dk: Tensor, dv: Tensor
             (qkv, scale_mul, dq, dk, dv if dv is not None else dq, dqkv, part, bpart, B * L, L, H,
              *dq.stride()[:3], *dk.stride()[:3], *sv[:3], EPS, log_max),
             dict(BLOCK_T=cfg.block_t, HEAD_DIM=D, HAS_DV=dv is not None, GAIN_GRAD=gain_grad,
-                 AT_BOUND=clamp_grad_at_bound(), BIAS_GRAD=bias_grad),
+                 AT_BOUND=clamp_grad_at_bound(), BIAS_GRAD=bias_grad, ITERS=cfg.iters),
             cfg.num_warps, 1)
     # the second stage: a fixed-order sum over the tiles (deterministic), rounded as the
     # projection's own bias gradient would be (its dtype)

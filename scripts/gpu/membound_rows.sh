@@ -11,7 +11,8 @@
 #   PART=ab1024 (about 6 min): the same at 1024 px B 2 with FlashAttention-4 (needs scripts/fa4_bundle.sh's
 #               first part in .persist/fa4a from the call before and .carry/fa4b carried by this one);
 #               the side with the cuts profiled (where the step's time goes).
-# QK_CFG=BLOCK_T,WARPS (ab256, ab1024): the q/k norm's launch config on both sides.
+# QK_CFG=BLOCK_T,WARPS,ITERS (ab256, ab1024): the q/k norm's launch config on both sides (the sweep
+# writes its fastest to BEST=PATH).
 # Run from the repository root: OUT=/tmp/out PART=sweep bash scripts/gpu/membound_rows.sh
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -30,7 +31,7 @@ ab() {  # RES STEPS WARMUP ROWS: both sides, each in its own process
   for side in new old; do
     el "train_step $res px, $side path"
     local pre="import sys"; [ $side = old ] && pre="import sys; $OLD"
-    # QK_CFG=BLOCK_T,WARPS: the q/k norm's launch config on both sides (from PART=sweep)
+    # QK_CFG=BLOCK_T,WARPS,ITERS: the q/k norm's launch config on both sides (from PART=sweep)
     [ -n "${QK_CFG:-}" ] && pre="$pre; import maskar.kernels.qk_norm as q; q.FORCE_CONFIG = q.QKConfig($QK_CFG)"
     local extra=""; [ $side = new ] && [ "$res" = 1024 ] && extra="profile=$OUT/train_${res}_new_profile.txt"
     timeout $(cap "${AB_S:-200}") python3 -c "$pre
@@ -43,14 +44,14 @@ raise SystemExit(main(sys.argv[1:]))" bench train_step res=$res steps=$st warmup
 }
 if [ "$PART" = sweep ]; then
   el "q/k norm launch configs"
-  OUT=$OUT timeout $(cap 200) python3 scripts/gpu/qk_norm_sweep.py > "$OUT/qk_norm_sweep.txt" 2>&1
+  OUT=$OUT timeout $(cap 240) python3 scripts/gpu/qk_norm_sweep.py > "$OUT/qk_norm_sweep.txt" 2>&1
   echo "rc=$?"; python3 - "$OUT/qk_norm_sweep.txt" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
     if not line.startswith("{"): print(line.rstrip()[:200]); continue
     r = json.loads(line)
     if "block_t" in r:
-        print(r["shape"], r["block_t"], r["num_warps"], "sums" if r["bias_sums"] else "no-sums",
+        print(r["shape"], r["block_t"], r["num_warps"], r["iters"], "sums" if r["bias_sums"] else "no-sums",
               f"fwd {r['fwd_ms']:.4f} ({r['fwd_tbs']:.2f} TB/s) bwd {r['bwd_ms']:.4f} ({r['bwd_tbs']:.2f} TB/s)")
     else:
         print(line.strip()[:300])
