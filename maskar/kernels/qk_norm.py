@@ -209,13 +209,15 @@ class QKConfig:
 
 
 def _config(head_dim: int) -> QKConfig:
-    # The kernels are memory-bound; ~4k elements per tile. Not yet timed on a GPU:
-    # scripts/gpu/train_speed.sh step 0b sweeps block_t and prints the fastest.
+    # The kernels are memory-bound. Tiles of 16 tokens, 16 tiles per backward program: the
+    # fastest of 27 configs for HMAR-d16's 1024 px B 2 call with the bias sums on an H100
+    # (scripts/gpu/qk_norm_sweep.py, 2026-12-06: 0.155 ms against 0.179 for the earlier 32 / 4 / 1;
+    # the forward is within 2% across block_t 16-32 with 4 warps). D 32 keeps 2 KiB rows per tile.
     if FORCE_CONFIG is not None:
         return FORCE_CONFIG
     if _INTERPRET:
         return _INTERPRET_CONFIG
-    return QKConfig(max(4096 // (2 * head_dim), 8), 4)
+    return QKConfig(max(1024 // head_dim, 16), 4, 16)
 
 
 FORCE_CONFIG: QKConfig | None = None  # tests / sweeps pin a config
