@@ -316,6 +316,8 @@ def test_projection_check_predicts_supports(cpu_reference, monkeypatch):
     x = torch.randn(2, 5, 128)
     assert not qn.supports_projection(x, torch.zeros(3 * 96, 128), 2, s)  # head dim 48
     assert not qn.supports_projection(x, attn.mat_qkv.weight, 2, torch.zeros(1, 3, 1, 1))  # 3 gains
+    meta = torch.empty(2, 5, 128, device="meta")  # the pool model traces on meta: no autocast to ask
+    assert not qn.supports_projection(meta, attn.mat_qkv.weight, 2, s.to("meta"))
     monkeypatch.setattr(qn, "CPU_REFERENCE", False)
     assert not qn.supports_projection(x, attn.mat_qkv.weight, 2, s)
     with pytest.raises(ValueError, match="qk_norm: bias"):

@@ -994,6 +994,15 @@ def _device_ok(device: torch.device) -> bool:
     return _device_ok_cached(device) if device.type == "cuda" else _device_ok_uncached(device)
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a linear of input ``x`` computes in: autocast's where it is on for x's device (CUDA,
+    CPU), else x's own (a meta tensor has no autocast to ask)."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
 def supports(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern | None) -> bool:
     return pattern is not None and _device_ok(q.device) and _shapes_ok(q, k, v, pattern)
 

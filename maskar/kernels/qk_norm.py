@@ -58,7 +58,15 @@ from torch import Tensor
 
 # Shared with the block-sparse kernel: its launch path (direct launcher calls, little host
 # time), its GPU capability check, and its interpreter / CPU-reference switch.
-from maskar.kernels.block_sparse import _INTERPRET, _device_ok, _launch, _on_reference, cdiv, next_power_of_2
+from maskar.kernels.block_sparse import (
+    _INTERPRET,
+    _device_ok,
+    _launch,
+    _on_reference,
+    cdiv,
+    compute_dtype,
+    next_power_of_2,
+)
 
 EPS = 1e-12  # F.normalize's
 MAX_LOG_GAIN = math.log(100.0)
@@ -492,8 +500,7 @@ def supports_projection(x: Tensor, weight: Tensor, num_heads: int, scale_mul: Te
     """:func:`supports` of ``F.linear(x, weight, bias).view(B, L, 3, H, D)`` without computing it:
     the caller decides before the linear whether its bias gradient comes from the kernel. The
     linear's output is contiguous and in autocast's dtype where autocast is on for x's device."""
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    dtype = compute_dtype(x)
     out = weight.shape[0]
     if x.dim() != 3 or out % (3 * num_heads):
         return False
