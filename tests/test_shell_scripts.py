@@ -52,3 +52,16 @@ def test_fa4_rows_refuses_an_unknown_part_before_installing(tmp_path: Path) -> N
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "profile1024" in r.stderr and "got profile-1024" in r.stderr
     assert "fa4_install" not in r.stderr
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+@pytest.mark.parametrize("part", ["", "ab-1024"])
+def test_membound_rows_refuses_a_missing_or_unknown_part(tmp_path: Path, part: str) -> None:
+    """scripts/gpu/membound_rows.sh has no default part: a missing or misspelt PART stops at once
+    (exit 2, the parts named) before nvidia-smi or any run."""
+    env = {"PATH": "/usr/bin:/bin", "PART": part, "OUT": str(tmp_path)}
+    script = "scripts/gpu/membound_rows.sh"
+    r = subprocess.run([BASH, script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "sweep, ab256, ab1024 or gelu" in r.stderr and f"got '{part}'" in r.stderr
+    assert r.stdout == ""

@@ -52,13 +52,16 @@ def loss_grads(model, batch, seed: int = 5):
 
 @pytest.fixture
 def cpu_reference(monkeypatch):
-    """Route ``auto`` attention on the CPU to the block-sparse custom op (its SDPA reference), and the
-    q/k norm to the ``maskar::qk_norm`` ops (their torch reference): the graph a GPU run compiles."""
+    """Route ``auto`` attention on the CPU to the block-sparse custom op (its SDPA reference), the
+    q/k norm to the ``maskar::qk_norm`` ops and the FFN's GELU to the ``maskar::gelu_tanh`` ops
+    (their torch references): the graph a GPU run compiles."""
     import maskar.kernels.block_sparse as bs
+    import maskar.kernels.gelu_bias as gb
     import maskar.kernels.qk_norm as qn
 
     monkeypatch.setattr(bs, "CPU_REFERENCE", True)
     monkeypatch.setattr(qn, "CPU_REFERENCE", True)
+    monkeypatch.setattr(gb, "CPU_REFERENCE", True)
     bs._device_ok_cached.cache_clear()
     yield bs
     bs._device_ok_cached.cache_clear()
@@ -244,6 +247,7 @@ def test_whole_step_traces_as_one_graph(arch, stage, attn, request):
     graphs = [m.graph for g in ex.graphs for m in g.modules() if hasattr(m, "graph")]
     nested = [str(n.target) for graph in graphs for n in graph.nodes]
     assert any("maskar.qk_norm" in o for o in nested) == (attn == "triton-op")
+    assert any("maskar.gelu_tanh" in o for o in nested) == (attn == "triton-op")  # the FFN's GELU op
 
 
 @pytest.mark.parametrize("mode", ["blocks", "full"])

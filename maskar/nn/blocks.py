@@ -64,6 +64,20 @@ class DropPath(nn.Module):
         return f"p={self.p:.4g}"
 
 
+_gelu_bias_kernel = None  # maskar.kernels.gelu_bias once loaded (stays None without Triton)
+
+
+def _load_gelu_bias_kernel() -> None:
+    """Import the training GELU op (when a model is built, never inside a torch.compile trace)."""
+    global _gelu_bias_kernel
+    if _gelu_bias_kernel is None:
+        try:
+            from maskar.kernels import gelu_bias
+        except ImportError:  # no Triton on this install: F.gelu runs everywhere
+            return
+        _gelu_bias_kernel = gelu_bias
+
+
 class FFN(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -71,8 +85,16 @@ class FFN(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, dim)
         linear_gelu.load_kernel()
+        _load_gelu_bias_kernel()
 
     def forward(self, x: Tensor) -> Tensor:
+        gb = _gelu_bias_kernel
+        tanh = self.act.approximate == "tanh"
+        if gb is not None and tanh and self.fc1.bias is not None and gb.supports_linear(x):
+            # training on CUDA: the GELU's backward launch also sums fc1's bias gradient
+            # (maskar.kernels.gelu_bias), so fc1 takes a detached bias
+            pre = F.linear(x, self.fc1.weight, self.fc1.bias.detach())
+            return self.fc2(gb.gelu_with_bias_grad(pre, self.fc1.bias))
         # the GELU in fc1's epilogue where linear_gelu can (inference on CUDA, opt-in)
         return self.fc2(linear_gelu.linear_gelu(self.fc1, x, self.act.approximate))
 

@@ -11,14 +11,18 @@
 #   PART=ab1024 (about 6 min): the same at 1024 px B 2 with FlashAttention-4 (needs scripts/fa4_bundle.sh's
 #               first part in .persist/fa4a from the call before and .carry/fa4b carried by this one);
 #               the side with the cuts profiled (where the step's time goes).
+#   PART=gelu   (about 5 min): the training GELU with fc1's bias sums (maskar.kernels.gelu_bias): its GPU
+#               tests, scripts/gpu/gelu_bias_sweep.py (configs, Inductor's pair, errors), then HMAR-d16
+#               1024 px B 2 with attention scales and 256 px B 32, with it and without
+#               (gelu_bias.ENABLED = False), each side in its own process at the sweep's fastest config.
 # QK_CFG=BLOCK_T,WARPS,ITERS (ab256, ab1024): the q/k norm's launch config on both sides (the sweep
 # writes its fastest to BEST=PATH).
 # Run from the repository root: OUT=/tmp/out PART=sweep bash scripts/gpu/membound_rows.sh
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 case "${PART:-}" in
-  sweep|ab256|ab1024) ;;
-  *) echo "PART: expected sweep, ab256 or ab1024; got '${PART:-}'" >&2; exit 2 ;;
+  sweep|ab256|ab1024|gelu) ;;
+  *) echo "PART: expected sweep, ab256, ab1024 or gelu; got '${PART:-}'" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source "$(dirname "$0")/clock.sh"
@@ -62,6 +66,28 @@ PY
     tests/test_psa_bench.py tests/test_resample.py tests/test_sampling_speed.py tests/test_var.py \
     > "$OUT/gpu_tests.txt" 2>&1
   echo "rc=$?"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_tests.txt" | tail -n 12
+  exit 0
+fi
+if [ "$PART" = gelu ]; then
+  el "GPU tests of the training GELU"
+  timeout $(cap 90) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gelu_bias_kernel.py > "$OUT/gpu_tests_gelu.txt" 2>&1
+  echo "rc=$?"; tail -n 2 "$OUT/gpu_tests_gelu.txt"
+  el "GELU launch configs"
+  BEST=$OUT/gelu_best OUT=$OUT timeout $(cap 150) python3 scripts/gpu/gelu_bias_sweep.py > "$OUT/gelu_sweep.txt" 2>&1
+  echo "rc=$?"; grep -E "fastest|inductor|check|Error" "$OUT/gelu_sweep.txt" | cut -c1-300
+  GB="import maskar.kernels.gelu_bias as g; g.FORCE_CONFIG = g.GeluConfig($(cat "$OUT/gelu_best" 2>/dev/null || echo 4096, 16, 128, 16, 4))"
+  for res in ${GELU_RES:-1024 256}; do
+    if [ $res = 1024 ]; then rows=hmar/d16/blocks/graph/attn-scales; st=20; wu=3; else rows=hmar/d16/blocks/graph; st=25; wu=5; fi
+    for side in new old; do
+      el "train_step $res px, GELU op $side"
+      pre="import sys; $GB"; [ $side = old ] && pre="$pre; g.ENABLED = False"
+      timeout $(cap 120) python3 -c "$pre
+from maskar.cli import main
+raise SystemExit(main(sys.argv[1:]))" bench train_step res=$res steps=$st warmup=$wu rows=$rows \
+        json="$OUT/gelu_${res}_$side.json" > "$OUT/gelu_${res}_$side.txt" 2>&1
+      echo "rc=$?"; grep -vE "$NOISE" "$OUT/gelu_${res}_$side.txt" | grep -E "^(hmar|var)-|rror" | tail -n 3
+    done
+  done
   exit 0
 fi
 if [ "$PART" = ab256 ]; then
