@@ -11,7 +11,6 @@ Run: OUT=/tmp/out python3 scripts/gpu/gelu_bias_sweep.py
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 sys.path.insert(0, os.path.dirname(__file__))
+from qk_norm_sweep import emit as emit_line  # noqa: E402
 from qk_norm_sweep import graph_ms  # noqa: E402
 from test_gelu_bias_kernel import op_vs_torch  # noqa: E402
 
@@ -31,11 +31,7 @@ CONFIGS = [gb.GeluConfig(4096, m, n, it, w) for m in (8, 16, 32) for n in (64, 1
 
 
 def emit(rec: dict) -> None:
-    print(json.dumps(rec), flush=True)
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "gelu_bias_sweep.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
+    emit_line(rec, "gelu_bias_sweep.jsonl")
 
 
 def main() -> None:

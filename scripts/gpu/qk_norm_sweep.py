@@ -52,11 +52,12 @@ def graph_ms(fn, calls: int = 10, rounds: int = 15) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def emit(rec: dict) -> None:
+def emit(rec: dict, name: str = "qk_norm_sweep.jsonl") -> None:
+    """Print ``rec`` as one JSON line and append it to $OUT/``name``."""
     print(json.dumps(rec), flush=True)
     out = os.environ.get("OUT")
     if out:
-        with open(os.path.join(out, "qk_norm_sweep.jsonl"), "a") as f:
+        with open(os.path.join(out, name), "a") as f:
             f.write(json.dumps(rec) + "\n")
 
 
