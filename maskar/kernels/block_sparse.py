@@ -994,6 +994,29 @@ def _device_ok(device: torch.device) -> bool:
     return _device_ok_cached(device) if device.type == "cuda" else _device_ok_uncached(device)
 
 
+def _via_ops(x: Tensor) -> bool:
+    """Whether a kernel module calls its custom ops rather than its launches: under torch.compile
+    (Dynamo traces the ops, never the launches) and on the CPU reference."""
+    return torch.compiler.is_compiling() or _on_reference(x)
+
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+_REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def kernel_dtype_ok(dtype: torch.dtype, device: torch.device, cpu_reference: bool) -> bool:
+    """Whether an elementwise kernel module (q/k norm, training GELU) runs for tensors of ``dtype``
+    on ``device``: CUDA sm80+ in fp16 / bf16, or the interpreter on the CPU; with the module's
+    ``cpu_reference`` switch (tests) its CPU torch body in any float dtype."""
+    if device.type == "cuda":
+        return dtype in _KERNEL_DTYPES and _device_ok(device)
+    if device.type != "cpu":
+        return False
+    if cpu_reference and not _INTERPRET:
+        return dtype in _REFERENCE_DTYPES
+    return _INTERPRET and dtype in _KERNEL_DTYPES
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype a linear of input ``x`` computes in: autocast's where it is on for x's device (CUDA,
     CPU), else x's own (a meta tensor has no autocast to ask)."""

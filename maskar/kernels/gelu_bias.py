@@ -34,7 +34,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from maskar.kernels.block_sparse import _INTERPRET, _device_ok, _launch, _on_reference, cdiv, compute_dtype
+from maskar.kernels.block_sparse import (
+    _INTERPRET,
+    _launch,
+    _on_reference,
+    _via_ops,
+    cdiv,
+    compute_dtype,
+    kernel_dtype_ok,
+)
 
 _BETA = math.sqrt(2.0 / math.pi)
 _KAPPA = 0.044715
@@ -183,10 +191,6 @@ def _(x, dy, bias_grad):
     return torch.empty_like(x), x.new_empty(x.shape[-1] if bias_grad else 0)
 
 
-def _via_ops(x: Tensor) -> bool:
-    return torch.compiler.is_compiling() or _on_reference(x)
-
-
 class _GeluBias(torch.autograd.Function):
     """gelu_tanh(pre); ``bias`` (fc1's, or None) is not used forward: its gradient, d pre summed
     over the rows, comes from the backward launch (the caller's linear took a detached copy)."""
@@ -221,8 +225,6 @@ def gelu_with_bias_grad(pre: Tensor, bias: Tensor | None = None) -> Tensor:
 
 # ----------------------------------------------------------------------------- support
 
-_DTYPES = (torch.float16, torch.bfloat16)
-_REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CPU_REFERENCE = False  # tests: CPU calls go to the ops' torch bodies
 ENABLED = True  # False: the FFN keeps F.gelu and the linear's own bias gradient (A/B)
 
@@ -233,14 +235,7 @@ def supports_linear(x: Tensor) -> bool:
     on the CPU reference (tests) any float dtype."""
     if not ENABLED or not torch.is_grad_enabled():
         return False
-    dtype = compute_dtype(x)
-    if x.is_cuda:
-        return dtype in _DTYPES and _device_ok(x.device)
-    if x.device.type != "cpu":
-        return False
-    if CPU_REFERENCE and not _INTERPRET:
-        return dtype in _REFERENCE_DTYPES
-    return _INTERPRET and dtype in _DTYPES
+    return kernel_dtype_ok(compute_dtype(x), x.device, CPU_REFERENCE)
 
 
 __all__ = ["gelu_with_bias_grad", "gelu_tanh_op", "gelu_tanh_bwd_op", "supports_linear", "GeluConfig"]

@@ -60,11 +60,12 @@ from torch import Tensor
 # time), its GPU capability check, and its interpreter / CPU-reference switch.
 from maskar.kernels.block_sparse import (
     _INTERPRET,
-    _device_ok,
     _launch,
     _on_reference,
+    _via_ops,
     cdiv,
     compute_dtype,
+    kernel_dtype_ok,
     next_power_of_2,
 )
 
@@ -402,11 +403,6 @@ qk_norm_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 # ----------------------------------------------------------------------------- model entry
 
 
-def _via_ops(qkv: Tensor) -> bool:
-    """Under torch.compile (Dynamo traces the ops, never the launches) and on the CPU reference."""
-    return torch.compiler.is_compiling() or _on_reference(qkv)
-
-
 class _QKNorm(torch.autograd.Function):
     """q_hat, k_hat and v: the v output (a view of the input) routes dv into the one backward
     launch. ``bias`` (the projection's (3 H D,) bias, or None) is not used forward: its gradient,
@@ -453,8 +449,6 @@ def qk_norm(qkv: Tensor, scale_mul: Tensor, bias: Tensor | None = None) -> tuple
 # ----------------------------------------------------------------------------- support
 
 _HEAD_DIMS = (32, 64, 128)
-_DTYPES = (torch.float16, torch.bfloat16)
-_REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Tests set this to send CPU calls of the model's q/k norm to the custom op's reference body
 # (so a CPU-compiled model traces the op a GPU run would); off, the CPU runs the torch code.
@@ -480,20 +474,10 @@ def _shape_ok(qkv: Tensor, scale_mul: Tensor) -> bool:
     )
 
 
-def _dtype_device_ok(dtype: torch.dtype, device: torch.device) -> bool:
-    if device.type == "cuda":
-        return dtype in _DTYPES and _device_ok(device)
-    if device.type != "cpu":
-        return False
-    if CPU_REFERENCE and not _INTERPRET:
-        return dtype in _REFERENCE_DTYPES
-    return _INTERPRET and dtype in _DTYPES
-
-
 def supports(qkv: Tensor, scale_mul: Tensor) -> bool:
     """Whether the model uses the fused op: CUDA sm80+ with fp16 / bf16 qkv (or the interpreter on
     the CPU); on the CPU reference (tests) any float dtype. Otherwise the torch code runs."""
-    return ENABLED and _shape_ok(qkv, scale_mul) and _dtype_device_ok(qkv.dtype, qkv.device)
+    return ENABLED and _shape_ok(qkv, scale_mul) and kernel_dtype_ok(qkv.dtype, qkv.device, CPU_REFERENCE)
 
 
 def supports_projection(x: Tensor, weight: Tensor, num_heads: int, scale_mul: Tensor) -> bool:
@@ -513,7 +497,7 @@ def supports_projection(x: Tensor, weight: Tensor, num_heads: int, scale_mul: Te
         and scale_mul.dim() == 4
         and scale_mul.is_floating_point()
         and scale_mul.device == x.device
-        and _dtype_device_ok(dtype, x.device)
+        and kernel_dtype_ok(dtype, x.device, CPU_REFERENCE)
     )
 
 

@@ -28,24 +28,28 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source "$(dirname "$0")/clock.sh"
 NOISE="UserWarning|generate_mlir_function_types|JitArgument|^\s*$|warn_once|This call originates|cu_seqlens = "
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-# the old path: clipping by clip_grad_norm_, the qkv bias gradient summed by the linear's backward
-OLD="import maskar.train.clipping as c, maskar.kernels.qk_norm as q; c.ENABLED = False; q.BIAS_GRAD = False"
-ab() {  # RES STEPS WARMUP ROWS: both sides, each in its own process
-  local res=$1 st=$2 wu=$3 rows=$4 side
+# ab TAG RES STEPS WARMUP ROWS: `maskar bench train_step` with the defaults (new) and with $OFF run
+# first (old), each side in its own process, both after $BOTH; into $OUT/TAG_RES_SIDE.{txt,json}
+# (TAG train at 1024 px: the new side profiled too)
+ab() {
+  local tag=$1 res=$2 st=$3 wu=$4 rows=$5 side
   for side in new old; do
-    el "train_step $res px, $side path"
-    local pre="import sys"; [ $side = old ] && pre="import sys; $OLD"
-    # QK_CFG=BLOCK_T,WARPS,ITERS: the q/k norm's launch config on both sides (from PART=sweep)
-    [ -n "${QK_CFG:-}" ] && pre="$pre; import maskar.kernels.qk_norm as q; q.FORCE_CONFIG = q.QKConfig($QK_CFG)"
-    local extra=""; [ $side = new ] && [ "$res" = 1024 ] && extra="profile=$OUT/train_${res}_new_profile.txt"
+    el "train_step $res px, $tag, $side path"
+    local pre="import sys; ${BOTH:-pass}"; [ $side = old ] && pre="$pre; $OFF"
+    local extra=""; [ $side = new ] && [ "$tag$res" = train1024 ] && extra="profile=$OUT/train_${res}_new_profile.txt"
     timeout $(cap "${AB_S:-200}") python3 -c "$pre
 from maskar.cli import main
 raise SystemExit(main(sys.argv[1:]))" bench train_step res=$res steps=$st warmup=$wu rows=$rows $extra \
-      json="$OUT/train_${res}_$side.json" > "$OUT/train_${res}_$side.txt" 2>&1
-    echo "rc=$?"; grep -vE "$NOISE" "$OUT/train_${res}_$side.txt" | grep -E "^(hmar|var)-|rror" | tail -n 4
+      json="$OUT/${tag}_${res}_$side.json" > "$OUT/${tag}_${res}_$side.txt" 2>&1
+    echo "rc=$?"; grep -vE "$NOISE" "$OUT/${tag}_${res}_$side.txt" | grep -E "^(hmar|var)-|rror" | tail -n 4
   done
-  [ -f "$OUT/train_${res}_new_profile.txt" ] && head -n 12 "$OUT/train_${res}_new_profile.txt"
+  [ -f "$OUT/${tag}_${res}_new_profile.txt" ] && head -n 12 "$OUT/${tag}_${res}_new_profile.txt"
 }
+# the old path of PART=ab256 / ab1024: clipping by clip_grad_norm_, the qkv bias gradient summed by
+# the linear's backward; QK_CFG=BLOCK_T,WARPS,ITERS: the q/k norm's launch config on both sides
+OFF="import maskar.train.clipping as c, maskar.kernels.qk_norm as q; c.ENABLED = False; q.BIAS_GRAD = False"
+BOTH=""
+[ -n "${QK_CFG:-}" ] && BOTH="import maskar.kernels.qk_norm as q; q.FORCE_CONFIG = q.QKConfig($QK_CFG)"
 if [ "$PART" = sweep ]; then
   el "q/k norm launch configs"
   OUT=$OUT timeout $(cap 240) python3 scripts/gpu/qk_norm_sweep.py > "$OUT/qk_norm_sweep.txt" 2>&1
@@ -75,24 +79,17 @@ if [ "$PART" = gelu ]; then
   el "GELU launch configs"
   BEST=$OUT/gelu_best OUT=$OUT timeout $(cap 150) python3 scripts/gpu/gelu_bias_sweep.py > "$OUT/gelu_sweep.txt" 2>&1
   echo "rc=$?"; grep -E "fastest|inductor|check|Error" "$OUT/gelu_sweep.txt" | cut -c1-300
-  GB="import maskar.kernels.gelu_bias as g; g.FORCE_CONFIG = g.GeluConfig($(cat "$OUT/gelu_best" 2>/dev/null || echo 4096, 16, 128, 16, 4))"
+  BOTH=""  # the sweep's fastest config on both sides, where it wrote one
+  [ -f "$OUT/gelu_best" ] && BOTH="import maskar.kernels.gelu_bias as g; g.FORCE_CONFIG = g.GeluConfig($(cat "$OUT/gelu_best"))"
+  OFF="import maskar.kernels.gelu_bias as g; g.ENABLED = False"
   for res in ${GELU_RES:-1024 256}; do
-    if [ $res = 1024 ]; then rows=hmar/d16/blocks/graph/attn-scales; st=20; wu=3; else rows=hmar/d16/blocks/graph; st=25; wu=5; fi
-    for side in new old; do
-      el "train_step $res px, GELU op $side"
-      pre="import sys; $GB"; [ $side = old ] && pre="$pre; g.ENABLED = False"
-      timeout $(cap 120) python3 -c "$pre
-from maskar.cli import main
-raise SystemExit(main(sys.argv[1:]))" bench train_step res=$res steps=$st warmup=$wu rows=$rows \
-        json="$OUT/gelu_${res}_$side.json" > "$OUT/gelu_${res}_$side.txt" 2>&1
-      echo "rc=$?"; grep -vE "$NOISE" "$OUT/gelu_${res}_$side.txt" | grep -E "^(hmar|var)-|rror" | tail -n 3
-    done
+    if [ $res = 1024 ]; then ab gelu 1024 20 3 hmar/d16/blocks/graph/attn-scales; else ab gelu 256 25 5 hmar/d16/blocks/graph; fi
   done
   exit 0
 fi
 if [ "$PART" = ab256 ]; then
-  ab 256 25 5 hmar/d16/blocks/graph,var/d16/blocks/graph
+  ab train 256 25 5 hmar/d16/blocks/graph,var/d16/blocks/graph
   exit 0
 fi
 source scripts/gpu/fa4_install.sh || exit 1
-ab 1024 20 3 hmar/d16/blocks/graph/attn-fa4,var/d16/blocks/graph/attn-fa4
+ab train 1024 20 3 hmar/d16/blocks/graph/attn-fa4,var/d16/blocks/graph/attn-fa4
