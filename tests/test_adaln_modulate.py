@@ -139,7 +139,8 @@ def test_off_by_default_and_in_the_graph_key():
         assert proc.stdout.strip() == want
     from maskar.nn.proximal_attention import ProximalAttention2D
 
-    key = (DiTBlock.modulate_kernel, DiTBlock.residual_kernel, ProximalAttention2D.fused_qkv)
+    key = (DiTBlock.modulate_kernel, DiTBlock.residual_kernel, ProximalAttention2D.fused_qkv,
+           DiTBlock.low_residual)
     assert GlobalDiffLoss.graph_key(None) == key
 
 

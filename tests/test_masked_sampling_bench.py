@@ -284,7 +284,7 @@ def test_switches_reach_the_heads_and_the_mlps_and_are_reported(monkeypatch):
     assert ms.switches(model) == {"linear_act": False, "fused_gelu_cublaslt": [True],
                                   "time_table": "False", "defer_adds": False, "fused_head": [False],
                                   "dit_modulate_kernel": False, "dit_residual_kernel": False,
-                                  "psa_fused_qkv": False}
+                                  "psa_fused_qkv": False, "dit_low_residual": False}
     monkeypatch.setattr(type(heads[0]), "set_fused_blocks", lambda m, on: setattr(m, "fused_blocks", on))
     ms.apply_switches(model, argparse.Namespace(fused_head="on"))
     assert all(m.fused_blocks is True for m in heads)

@@ -797,13 +797,14 @@ def switches(model: torch.nn.Module) -> dict[str, Any]:
            "fused_gelu_cublaslt": epilogue, "time_table": ",".join(tables) or "-",
            "defer_adds": getattr(model, "defer_residual_adds", None),
            "fused_head": fused}
-    if hasattr(model, "cond_diffloss"):  # CASMAR's DiT blocks (MASKAR_DIT_MODULATE / _RESIDUAL, _PSA_QKV)
+    if hasattr(model, "cond_diffloss"):  # CASMAR's DiT blocks (MASKAR_DIT_* switches, _PSA_QKV)
         from maskar.models.casmar import DiTBlock
         from maskar.nn.proximal_attention import ProximalAttention2D
 
         on_cuda = next(model.parameters()).is_cuda
         out.update(dit_modulate_kernel=DiTBlock.modulate_kernel, dit_residual_kernel=DiTBlock.residual_kernel,
-                   psa_fused_qkv=ProximalAttention2D.uses_fused_qkv(on_cuda))
+                   psa_fused_qkv=ProximalAttention2D.uses_fused_qkv(on_cuda),
+                   dit_low_residual=DiTBlock.low_residual)
     return out
 
 

@@ -27,6 +27,11 @@
 #   PART=sums (about 4 min): the fused norm's GPU tests of the shifted-sums statistics
 #     (GNConfig.sums), then scripts/gpu/gn_cl_sweep.py with SWEEP_SUMS=0,1 at the decode's calls of
 #     at least 5M elements, and the compiled channels-last decode with the per-shape winners.
+#   PART=p1024 (about 4 min): HMAR-d16 at 1024 px B 8, compiled-w16 + compiled decoder, profiled
+#     (per scale, decode, GPU kernels by group): where issue 14's 1024 px call goes.
+#   PART=lowres (about 5 min): CASMAR's DiT head with its residual stream in bf16
+#     (MASKAR_DIT_LOW_RESIDUAL): its GPU test (eps against fp32 with either stream), then `maskar
+#     bench casmar --batch 64` with the switch off and on, each in its own process.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -113,6 +118,21 @@ elif [ "${PART}" = mm ]; then
   el "the same with a 64 MiB cuBLASLt workspace"
   CUBLASLT_WORKSPACE_SIZE=65536 TAG=ws64 timeout $(cap 150) $PY scripts/gpu/matmul_shapes.py > "$OUT/mm_ws64.txt" 2>&1
   echo "mm rc=$?"; grep -vE "$NOISE" "$OUT/mm_ws64.txt" | tail -n +2 | cut -c1-80
+elif [ "${PART}" = p1024 ]; then
+  el "bench sample hmar-d16 1024 px B 8 compiled-w16 + compiled decoder, profiled"
+  sample_run p1024_hmar-d16 300 models=hmar-d16 cases=1024x8 modes=compiled-w16 reps=5 compile_decoder=true \
+    profile=true
+  grep -E "profile|per scale|GPU kernels|^        " "$OUT/p1024_hmar-d16.txt" | head -n 30
+elif [ "${PART}" = lowres ]; then
+  el "GPU test: the DiT head's bf16 residual stream"
+  timeout $(cap 90) $PY -m pytest -q -s -m gpu tests/test_dit_low_residual.py > "$OUT/lowres_tests.txt" 2>&1
+  echo "tests rc=$?"; grep -E "DiT head|passed|failed" "$OUT/lowres_tests.txt"
+  for low in 0 1; do
+    el "bench casmar B 64, MASKAR_DIT_LOW_RESIDUAL=$low"
+    MASKAR_DIT_LOW_RESIDUAL=$low timeout $(cap 170) $PY -m maskar bench casmar --batch 64 --sample-reps 2 \
+      --json "$OUT/casmar_lowres$low.json" > "$OUT/casmar_lowres$low.txt" 2>&1
+    echo "casmar rc=$?"; grep -E "^switches|^sample " "$OUT/casmar_lowres$low.txt"
+  done
 elif [ "${PART}" = sums ]; then
   el "GPU tests: the shifted-sums statistics"
   timeout $(cap 120) $PY -m pytest -q -m gpu tests/test_group_norm_kernel.py -k shifted_sums > "$OUT/sums_tests.txt" 2>&1
@@ -122,6 +142,6 @@ elif [ "${PART}" = sums ]; then
     SWEEP_MIN_ELEMENTS=5000000 timeout $(cap 240) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep.txt" 2>&1
   echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep.txt" | grep -v "^  GNConfig" | tail -n 14
 else
-  echo "PART: expected a, cl, sweep, next, b1024, mm or sums; got ${PART}" >&2; exit 2
+  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024 or lowres; got ${PART}" >&2; exit 2
 fi
 el done
