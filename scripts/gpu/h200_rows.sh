@@ -27,8 +27,8 @@
 #   PART=sums (about 4 min): the fused norm's GPU tests of the shifted-sums statistics
 #     (GNConfig.sums), then scripts/gpu/gn_cl_sweep.py with SWEEP_SUMS=0,1 at the decode's calls of
 #     at least 5M elements, and the compiled channels-last decode with the per-shape winners.
-#   PART=p1024 (about 4 min): HMAR-d16 at 1024 px B 8, compiled-w16 + compiled decoder, profiled
-#     (per scale, decode, GPU kernels by group): where issue 14's 1024 px call goes.
+#   PART=p1024 (about 5 min): HMAR-d16 at 256 px B 64 and 1024 px B 8, compiled-w16 + compiled
+#     decoder, profiled (per scale, decode, GPU kernels by group): where issue 14's calls go.
 #   PART=lowres (about 5 min): CASMAR's DiT head with its residual stream in bf16
 #     (MASKAR_DIT_LOW_RESIDUAL): its GPU test (eps against fp32 with either stream), then `maskar
 #     bench casmar --batch 64` with the switch off and on, each in its own process.
@@ -119,10 +119,10 @@ elif [ "${PART}" = mm ]; then
   CUBLASLT_WORKSPACE_SIZE=65536 TAG=ws64 timeout $(cap 150) $PY scripts/gpu/matmul_shapes.py > "$OUT/mm_ws64.txt" 2>&1
   echo "mm rc=$?"; grep -vE "$NOISE" "$OUT/mm_ws64.txt" | tail -n +2 | cut -c1-80
 elif [ "${PART}" = p1024 ]; then
-  el "bench sample hmar-d16 1024 px B 8 compiled-w16 + compiled decoder, profiled"
-  sample_run p1024_hmar-d16 300 models=hmar-d16 cases=1024x8 modes=compiled-w16 reps=5 compile_decoder=true \
-    profile=true
-  grep -E "profile|per scale|GPU kernels|^        " "$OUT/p1024_hmar-d16.txt" | head -n 30
+  el "bench sample hmar-d16 256 px B 64 and 1024 px B 8 compiled-w16 + compiled decoder, profiled"
+  sample_run p1024_hmar-d16 330 models=hmar-d16 cases=256x64,1024x8 modes=compiled-w16 reps=5 \
+    compile_decoder=true profile=true
+  grep -E "profile|per scale|GPU kernels|^        " "$OUT/p1024_hmar-d16.txt" | head -n 60
 elif [ "${PART}" = lowres ]; then
   el "GPU test: the DiT head's bf16 residual stream"
   timeout $(cap 90) $PY -m pytest -q -s -m gpu tests/test_dit_low_residual.py > "$OUT/lowres_tests.txt" 2>&1
