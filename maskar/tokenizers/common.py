@@ -23,6 +23,7 @@ from torch import nn
 
 from maskar import env
 from maskar.config import ModelConfig, field
+from maskar.tokenizers import wide_attention
 from maskar.tokenizers.losses import TokenizerLossConfig
 
 
@@ -207,7 +208,10 @@ class AttnBlock(nn.Module):
             q, k, v = (m(h).view(B, C, H * W) for m in (self.q, self.k, self.v))
         # (B, 1, HW, C): one head of width C; SDPA's default scale is C^-0.5.
         q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        if wide_attention.applies(q):  # a head wider than SDPA's fused kernels take (CUDA inference)
+            out = wide_attention.attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         out = out.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(out)
 

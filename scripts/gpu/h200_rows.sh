@@ -32,6 +32,10 @@
 #   PART=lowres (about 5 min): CASMAR's DiT head with its residual stream in bf16
 #     (MASKAR_DIT_LOW_RESIDUAL): its GPU test (eps against fp32 with either stream), then `maskar
 #     bench casmar --batch 64` with the switch off and on, each in its own process.
+#   PART=wide (about 7 min): the GPU tests of the tokenizers' wide-head attention as two matmuls
+#     (MASKAR_DECODE_WIDE_ATTN); HMAR-d16 256 px B 64 and 1024 px B 8 compiled-w16 + compiled decoder
+#     at the defaults, with MASKAR_DECODE_WIDE_ATTN=1, and with it and MASKAR_FUSED_GELU=1 (the FFN's
+#     GELU in fc1's cuBLASLt epilogue), each in its own process.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -133,6 +137,17 @@ elif [ "${PART}" = lowres ]; then
       --json "$OUT/casmar_lowres$low.json" > "$OUT/casmar_lowres$low.txt" 2>&1
     echo "casmar rc=$?"; grep -E "^switches|^sample " "$OUT/casmar_lowres$low.txt"
   done
+elif [ "${PART}" = wide ]; then
+  el "GPU tests: the wide-head attention"
+  timeout $(cap 90) $PY -m pytest -q -s -m gpu tests/test_wide_attention.py > "$OUT/wide_tests.txt" 2>&1
+  echo "tests rc=$?"; grep -E "against fp32|passed|failed" "$OUT/wide_tests.txt"
+  for env in "MASKAR_DECODE_WIDE_ATTN=0" "MASKAR_DECODE_WIDE_ATTN=1" "MASKAR_DECODE_WIDE_ATTN=1 MASKAR_FUSED_GELU=1"; do
+    tag=$(echo "$env" | tr -d ' ' | sed 's/MASKAR_//g; s/DECODE_WIDE_ATTN/wide/; s/FUSED_GELU/gelu/')
+    el "bench sample hmar-d16 256 px B 64 and 1024 px B 8 compiled-w16 + compiled decoder: $env"
+    env $env timeout $(cap 170) $PY -m maskar bench sample models=hmar-d16 cases=256x64,1024x8 \
+      modes=compiled-w16 reps=5 compile_decoder=true json="$OUT/s_hmar_$tag.json" > "$OUT/s_hmar_$tag.txt" 2>&1
+    echo "sample rc=$?"; grep -E "^hmar-d16 " "$OUT/s_hmar_$tag.txt"
+  done
 elif [ "${PART}" = sums ]; then
   el "GPU tests: the shifted-sums statistics"
   timeout $(cap 120) $PY -m pytest -q -m gpu tests/test_group_norm_kernel.py -k shifted_sums > "$OUT/sums_tests.txt" 2>&1
@@ -142,6 +157,6 @@ elif [ "${PART}" = sums ]; then
     SWEEP_MIN_ELEMENTS=5000000 timeout $(cap 240) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep.txt" 2>&1
   echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep.txt" | grep -v "^  GNConfig" | tail -n 14
 else
-  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024 or lowres; got ${PART}" >&2; exit 2
+  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres or wide; got ${PART}" >&2; exit 2
 fi
 el done
