@@ -35,7 +35,7 @@
 #   PART=wide (about 7 min): the GPU tests of the tokenizers' wide-head attention as two matmuls
 #     (MASKAR_DECODE_WIDE_ATTN); HMAR-d16 256 px B 64 and 1024 px B 8 compiled-w16 + compiled decoder
 #     at the defaults, with MASKAR_DECODE_WIDE_ATTN=1, and with it and MASKAR_FUSED_GELU=1 (the FFN's
-#     GELU in fc1's cuBLASLt epilogue), each in its own process.
+#     GELU in fc1's cuBLASLt epilogue), each in its own process (WIDE_CASES=1024x8: that case only).
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -144,7 +144,7 @@ elif [ "${PART}" = wide ]; then
   for env in "MASKAR_DECODE_WIDE_ATTN=0" "MASKAR_DECODE_WIDE_ATTN=1" "MASKAR_DECODE_WIDE_ATTN=1 MASKAR_FUSED_GELU=1"; do
     tag=$(echo "$env" | tr -d ' ' | sed 's/MASKAR_//g; s/DECODE_WIDE_ATTN/wide/; s/FUSED_GELU/gelu/')
     el "bench sample hmar-d16 256 px B 64 and 1024 px B 8 compiled-w16 + compiled decoder: $env"
-    env $env timeout $(cap 170) $PY -m maskar bench sample models=hmar-d16 cases=256x64,1024x8 \
+    env $env timeout $(cap 170) $PY -m maskar bench sample models=hmar-d16 cases=${WIDE_CASES:-256x64,1024x8} \
       modes=compiled-w16 reps=5 compile_decoder=true json="$OUT/s_hmar_$tag.json" > "$OUT/s_hmar_$tag.txt" 2>&1
     echo "sample rc=$?"; grep -E "^hmar-d16 " "$OUT/s_hmar_$tag.txt"
   done
