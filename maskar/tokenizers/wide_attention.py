@@ -4,8 +4,8 @@ The tokenizers' ``AttnBlock`` attends over the H*W positions with one head as wi
 block's channels: 512 (LDM / MAR's KL-16) or 640 (VAR's VQ-VAE) at the lowest resolution. SDPA's
 fused kernels on Hopper take heads up to 256 wide (FlashAttention-2 and cuDNN), so a bf16 call of
 that width falls to the memory-efficient kernel, an sm80 CUTLASS kernel that runs it at
-≈ 36 TFLOP/s on an H100: 15.1 ms of HMAR-d16's 1024 px B 8 decode for ≈ 0.55 TFLOP
-(docs/benchmarks.md, *Where issue 14's 1024 px call goes*).
+≈ 91 TFLOP/s on an H100: 15.1 ms of HMAR-d16's 1024 px B 8 decode for 1.37 TFLOP (four calls an
+image; docs/benchmarks.md, *Where issue 14's calls go, profiled at 256 and 1024 px*).
 
 Here the same attention is ``S = q k^T`` by cuBLAS with bf16 / fp16 operands and a float32 output
 (``torch.bmm(..., out_dtype=torch.float32)``), the softmax of ``S * scale`` in float32 rounded
