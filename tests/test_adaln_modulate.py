@@ -249,13 +249,11 @@ def test_gpu_op_at_casmar_b_shapes():
 def test_gpu_dit_with_the_kernels_at_casmar_b_width(monkeypatch, residual):
     """A two-block DiT at CASMAR-B's width (512, 8 heads, 16 x 16 grid, PSA 7 x 7) under bf16
     autocast, with MASKAR_DIT_MODULATE (and MASKAR_DIT_RESIDUAL) against the module path."""
-    from maskar.models.casmar import DiTBlock, LocalDiT
+    from test_casmar import casmar_b_dit
 
-    torch.manual_seed(0)
-    net = LocalDiT(16, 768, (16, 16), 2, 512, 8, 4.0, "psa", 7, 1, 1000, 0.0).cuda().eval()
-    for p in net.parameters():  # adaLN-Zero starts at zero output: give every layer weights
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.02)
+    from maskar.models.casmar import DiTBlock
+
+    net = casmar_b_dit(2)
     x = torch.randn(16, 16, 16, 16, device="cuda")
     z = torch.randn(16, 768, 16, 16, device="cuda")
     t = torch.full((16,), 400, device="cuda")

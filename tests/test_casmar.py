@@ -56,6 +56,19 @@ def randomize_heads(model: CASMAR) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+def casmar_b_dit(depth: int, device: str = "cuda"):
+    """A LocalDiT at CASMAR-B's width (512, 8 heads, 16 x 16 grid, PSA 7 x 7), every trainable
+    weight N(0, 0.02): adaLN-Zero would start each block at zero output."""
+    from maskar.models.casmar import LocalDiT
+
+    torch.manual_seed(0)
+    net = LocalDiT(16, 768, (16, 16), depth, 512, 8, 4.0, "psa", 7, 1, 1000, 0.0).to(device).eval()
+    for p in net.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    return net
+
+
 SAMPLE = dict(num_iter=2, scaffold_num_iter=2, num_sampling_steps="3", refine_num_sampling_steps="3")
 
 # ----------------------------------------------------------------------------- official layout

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_casmar import randomize_heads, tiny_casmar
+from test_casmar import casmar_b_dit, randomize_heads, tiny_casmar
 
 from maskar.models import casmar
 from maskar.models.casmar import DiTBlock, LocalDiT
@@ -91,11 +91,7 @@ def test_low_residual_sample_chain_static_equals_eager(monkeypatch):
 def test_gpu_low_residual_at_casmar_b_width(monkeypatch):
     """CASMAR-B's DiT head (6 blocks, 512 wide, 8 heads, 16 x 16, PSA 7 x 7) with weights
     everywhere: eps under bf16 autocast against fp32, with the float32 and the bf16 stream."""
-    torch.manual_seed(0)
-    net = LocalDiT(16, 768, (16, 16), 6, 512, 8, 4.0, "psa", 7, 1, 1000, 0.0).cuda().eval()
-    for p in net.parameters():  # adaLN-Zero starts at zero output: give every layer weights
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.02)
+    net = casmar_b_dit(6)
     x = torch.randn(32, 16, 16, 16, device="cuda")
     z = torch.randn(32, 768, 16, 16, device="cuda")
     t = torch.randint(0, 1000, (32,), device="cuda")
