@@ -145,7 +145,7 @@ elif [ "${PART}" = wide ]; then
     tag=$(echo "$env" | tr -d ' ' | sed 's/MASKAR_//g; s/DECODE_WIDE_ATTN/wide/; s/FUSED_GELU/gelu/')
     el "bench sample hmar-d16 256 px B 64 and 1024 px B 8 compiled-w16 + compiled decoder: $env"
     env $env timeout $(cap 170) $PY -m maskar bench sample models=hmar-d16 cases=${WIDE_CASES:-256x64,1024x8} \
-      modes=compiled-w16 reps=5 compile_decoder=true json="$OUT/s_hmar_$tag.json" > "$OUT/s_hmar_$tag.txt" 2>&1
+      modes=compiled-w16 reps=${WIDE_REPS:-5} compile_decoder=true json="$OUT/s_hmar_$tag.json" > "$OUT/s_hmar_$tag.txt" 2>&1
     echo "sample rc=$?"; grep -E "^hmar-d16 " "$OUT/s_hmar_$tag.txt"
   done
 elif [ "${PART}" = sums ]; then
