@@ -39,7 +39,7 @@ SWITCHES: dict[str, Switch] = {
     "MASKAR_GRAPH_POOL_RESERVE": Switch(True, "VAR / HMAR sampling graphs reserve their pool in one piece"),
     "MASKAR_SAMPLER_KERNEL": Switch(True, "VAR / HMAR top-k / top-p draw as one Triton kernel"),
     "MASKAR_PSA_QKV": Switch(None, "PSA's q, k, v as one matmul", "in CUDA inference"),
-    "MASKAR_DECODE_WIDE_ATTN": Switch(False, "tokenizer attention, heads > 256 wide, as two cuBLAS matmuls"),
+    "MASKAR_DECODE_WIDE_ATTN": Switch(True, "tokenizer attention, heads > 256 wide, as two cuBLAS matmuls"),
     "MASKAR_DIT_LOW_RESIDUAL": Switch(False, "CASMAR DiT head's residual stream in bf16 / fp16 (inference)"),
 }
 MARGIN = "MASKAR_GRAPH_POOL_MARGIN"  # a number >= 1 (maskar.models.scale_graphs)

@@ -54,14 +54,13 @@ def test_default_switch_is_per_layer(monkeypatch):
 
 
 def test_layer_defaults():
-    """CASMAR's DiT MLP takes the epilogue by default, MAR's / CASMAR's ViT MLPs (exact GELU) and
-    VAR / HMAR's FFN do not."""
+    """CASMAR's DiT MLP and VAR / HMAR's FFN take the epilogue by default, MAR's / CASMAR's ViT
+    MLPs (exact GELU) do not."""
     from maskar.models.casmar import DiTBlock
 
     assert DiTBlock(32, 2, 4.0, "psa", 3, 1).mlp.gelu_epilogue is True
     assert Mlp(32, 128).gelu_epilogue is False
-    ffn = FFN(32, 128)
-    assert not getattr(ffn, "gelu_epilogue", False)
+    assert FFN(32, 128).gelu_epilogue is True
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

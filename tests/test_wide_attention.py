@@ -82,3 +82,22 @@ def test_gpu_wide_head_at_the_vq_vae_width(dtype):
         sdpa = F.scaled_dot_product_attention(q, k, v)
     print(f"{dtype}: ours {rel(got, want):.2e}, SDPA (memory-efficient) {rel(sdpa, want):.2e} against fp32")
     assert rel(got, want) <= 2 * rel(sdpa, want) + 1e-3
+
+
+def test_flop_counter_counts_the_fused_ops():
+    """The bench's FLOP counts include the wide-head op and cuBLASLt's GELU epilogue
+    (maskar.bench.flops): 4 B L^2 D for the attention, addmm's 2 M N K for the epilogue."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import maskar.bench.flops  # noqa: F401
+
+    def count(fn) -> int:
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops()
+
+    q, k, v = qkv(2, 24, 272)
+    assert count(lambda: wide_attention.attention(q, k, v)) == 2 * 2 * 24 * 24 * (272 + 272)  # q k^T, P v
+    x, w, b = torch.randn(5, 8), torch.randn(8, 12), torch.randn(12)
+    assert count(lambda: torch.ops.aten._addmm_activation(b, x, w, use_gelu=True)) == \
+        count(lambda: torch.addmm(b, x, w)) == 2 * 5 * 12 * 8  # fmt: skip

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import maskar.bench.flops  # noqa: F401  (formulas for the fused ops)
 from maskar.bench import masked_sampling as ms
 from maskar.bench.kernel_time import kernel_ms_per_call
 from maskar.nn.attention import set_backend

@@ -251,6 +251,7 @@ def d16_tokenizer_config(res: int):
 def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
     from torch.utils.flop_counter import FlopCounterMode
 
+    import maskar.bench.flops  # noqa: F401  (formulas for the fused ops)
     from maskar.bench.sample import parse_cases
     from maskar.registry import build_model
 

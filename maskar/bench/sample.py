@@ -358,6 +358,8 @@ def count_flops(model, call) -> float:
     """FLOPs of one eager ``call`` (linears, attention, convolutions), graphs off while counting."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    import maskar.bench.flops  # noqa: F401  (formulas for the fused ops)
+
     graphs, model.cuda_graphs = model.cuda_graphs, False
     try:
         with FlopCounterMode(display=False) as fc:

@@ -84,6 +84,10 @@ class FFN(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, dim)
+        # the GELU in fc1's cuBLASLt epilogue in CUDA inference: HMAR-d16 1024 px B 8 416.7 ->
+        # 403.1 ms, 256 px B 64 with it and the decoder's wide attention 208.3 -> 203.0 (H100,
+        # 2026-12-06; docs/benchmarks.md, *The decoder's wide attention and the FFN's GELU*)
+        self.gelu_epilogue = True
         linear_gelu.load_kernel()
         _load_gelu_bias_kernel()
 
@@ -95,8 +99,8 @@ class FFN(nn.Module):
             # (maskar.kernels.gelu_bias), so fc1 takes a detached bias
             pre = F.linear(x, self.fc1.weight, self.fc1.bias.detach())
             return self.fc2(gb.gelu_with_bias_grad(pre, self.fc1.bias))
-        # the GELU in fc1's epilogue where linear_gelu can (inference on CUDA, opt-in)
-        return self.fc2(linear_gelu.linear_gelu(self.fc1, x, self.act.approximate))
+        # the GELU in fc1's epilogue where linear_gelu can (inference on CUDA)
+        return self.fc2(linear_gelu.linear_gelu(self.fc1, x, self.act.approximate, self.gelu_epilogue))
 
 
 @dataclass

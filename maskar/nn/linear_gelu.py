@@ -1,9 +1,9 @@
-"""``gelu(fc(x))`` with the GELU in the matmul's epilogue on CUDA (opt-in, inference only).
+"""``gelu(fc(x))`` with the GELU in the matmul's epilogue on CUDA (inference only).
 
-Two fused paths, both off by default. The Triton one (``MASKAR_LINEAR_ACT=1`` or
-:func:`enable_triton`) takes the exact GELU as well as the tanh one and picks, per shape, the
-fastest of its own tile configs, cuBLASLt's tanh epilogue and the unfused pair
-(``maskar.kernels.linear_act``); it comes first where both are on. The cuBLASLt one below is
+Two fused paths: the Triton one off by default, the cuBLASLt one per layer (below). The Triton
+one (``MASKAR_LINEAR_ACT=1`` or :func:`enable_triton`) takes the exact GELU as well as the tanh
+one and picks, per shape, the fastest of its own tile configs, cuBLASLt's tanh epilogue and the
+unfused pair (``maskar.kernels.linear_act``); it comes first where both are on. The cuBLASLt one below is
 tanh-only.
 
 A transformer MLP's first linear writes a (rows, 4 W) activation that a separate elementwise
@@ -19,10 +19,13 @@ MAR's exact-GELU ViT blocks), only on CUDA (``_addmm_activation`` applies the ex
 CPU), only without autograd (it has no fused backward), and only in fp16 / bf16
 (tests/test_linear_gelu.py has the GPU check).
 
-Where it is on: a layer passes its own default (``epilogue``; CASMAR's DiT head says yes: on an
-H200 its sampling ran 8.69 -> 9.11 images/s with it, 2026-12-05; VAR / HMAR leave it off, 1.5-2.6%
-slower with it, 2026-12-04). ``MASKAR_FUSED_GELU=1`` / ``=0`` (or :data:`ENABLED` True / False)
-turns it on / off for every layer; unset (None), each layer's default holds.
+Where it is on: a layer passes its own default (``epilogue``). CASMAR's DiT head says yes: on an
+H200 its sampling ran 8.69 -> 9.11 images/s with it, 2026-12-05. VAR / HMAR's FFN says yes since
+2026-12-06: HMAR-d16's compiled sampler at 1024 px B 8 416.7 -> 403.1 ms on an H100, each side in
+its own process (1.5-2.6% slower a session apart on 2026-12-04, before the compiled sampler's
+later changes). MAR's exact-GELU ViT MLPs cannot take it. ``MASKAR_FUSED_GELU=1`` / ``=0`` (or
+:data:`ENABLED` True / False) turns it on / off for every layer; unset (None), each layer's default
+holds.
 """
 
 from __future__ import annotations

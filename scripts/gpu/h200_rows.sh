@@ -142,7 +142,7 @@ elif [ "${PART}" = wide ]; then
   timeout $(cap 90) $PY -m pytest -q -s -m gpu tests/test_wide_attention.py > "$OUT/wide_tests.txt" 2>&1
   echo "tests rc=$?"; grep -E "against fp32|passed|failed" "$OUT/wide_tests.txt"
   for env in "MASKAR_DECODE_WIDE_ATTN=0" "MASKAR_DECODE_WIDE_ATTN=1" "MASKAR_DECODE_WIDE_ATTN=1 MASKAR_FUSED_GELU=1"; do
-    tag=$(echo "$env" | tr -d ' ' | sed 's/MASKAR_//g; s/DECODE_WIDE_ATTN/wide/; s/FUSED_GELU/gelu/')
+    tag=$(echo "$env" | tr -d ' ' | sed 's/MASKAR_//g; s/DECODE_WIDE_ATTN/wide/; s/FUSED_GELU/-gelu/; s/=//g')
     el "bench sample hmar-d16 256 px B 64 and 1024 px B 8 compiled-w16 + compiled decoder: $env"
     env $env timeout $(cap 170) $PY -m maskar bench sample models=hmar-d16 cases=${WIDE_CASES:-256x64,1024x8} \
       modes=compiled-w16 reps=${WIDE_REPS:-5} compile_decoder=true json="$OUT/s_hmar_$tag.json" > "$OUT/s_hmar_$tag.txt" 2>&1
