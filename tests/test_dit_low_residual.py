@@ -16,15 +16,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
-def block_input_dtypes(net: LocalDiT, run) -> set[torch.dtype]:
+def forward_seeing_block_dtypes(net: LocalDiT, *args) -> tuple[torch.Tensor, set[torch.dtype]]:
+    """``net.forward_embedded(*args)`` and the dtypes its blocks were given."""
     seen: set[torch.dtype] = set()
-    hooks = [b.register_forward_pre_hook(lambda m, args: seen.add(args[0].dtype)) for b in net.blocks]
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.add(a[0].dtype)) for b in net.blocks]
     try:
-        run()
+        out = net.forward_embedded(*args)
     finally:
         for h in hooks:
             h.remove()
-    return seen
+    return out, seen
 
 
 def errors_against_fp32(net: LocalDiT, x, t, z, device_type: str, monkeypatch) -> dict[str, float]:
@@ -36,9 +37,7 @@ def errors_against_fp32(net: LocalDiT, x, t, z, device_type: str, monkeypatch) -
         for low in (False, True):
             monkeypatch.setattr(DiTBlock, "low_residual", low)
             with torch.autocast(device_type, torch.bfloat16):
-                cond = net.embed_condition(z)
-                got = net.forward_embedded(x, t, cond, None)
-                dtypes = block_input_dtypes(net, lambda c=cond: net.forward_embedded(x, t, c, None))
+                got, dtypes = forward_seeing_block_dtypes(net, x, t, net.embed_condition(z), None)
             out["low" if low else "fp32_stream"] = rel(got, want)
             out[f"dtypes_{low}"] = dtypes
     return out
