@@ -40,6 +40,7 @@ SWITCHES: dict[str, Switch] = {
     "MASKAR_SAMPLER_KERNEL": Switch(True, "VAR / HMAR top-k / top-p draw as one Triton kernel"),
     "MASKAR_PSA_QKV": Switch(None, "PSA's q, k, v as one matmul", "in CUDA inference"),
     "MASKAR_DECODE_WIDE_ATTN": Switch(True, "tokenizer attention, heads > 256 wide, as two cuBLAS matmuls"),
+    "MASKAR_WIDE_SOFTMAX_KERNEL": Switch(False, "wide-head attention's softmax as one Triton pass"),
     "MASKAR_DIT_LOW_RESIDUAL": Switch(False, "CASMAR DiT head's residual stream in bf16 / fp16 (inference)"),
 }
 MARGIN = "MASKAR_GRAPH_POOL_MARGIN"  # a number >= 1 (maskar.models.scale_graphs)

@@ -270,6 +270,16 @@ for name, args in (("sums-bf16-nchw", (2, 12, 5, 7, 4, torch.bfloat16, False, Tr
     print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
 r = T.check_call_x_bias(gn.group_norm_act, 2, 15, 7, 9, 5, torch.float32, True, 50.0)
 print("RESULT " + json.dumps({{"case": "sums-xbias-fp32-cl", **r}}), flush=True)
+# the channel blocks on the grid's first axis (GNConfig.cb_fast), with either statistics scheme
+for sums in (False, True):
+    gn.FORCE_CONFIG = gn.GNConfig(2, 8, 2, 1, sums=sums, cb_fast=True, stages=2)
+    for name, args in (("cbfast-bf16-nchw", (2, 12, 5, 7, 4, torch.bfloat16, False, True)),
+                       ("cbfast-bf16-cl-odd", (1, 15, 11, 9, 3, torch.bfloat16, True, True))):
+        r = T.check_call(gn.group_norm_act, *args)
+        print("RESULT " + json.dumps({{"case": name + ("-sums" if sums else ""), **r}}), flush=True)
+    r = T.check_call_x_bias(gn.group_norm_act, 2, 15, 7, 9, 5, torch.float32, True, 50.0)
+    name = "cbfast-xbias-fp32-cl" + ("-sums" if sums else "")
+    print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
 gn.FORCE_CONFIG = None
 # through the custom op as torch.compile calls it (kernels interpreted)
 f = torch.compile(gn.group_norm_act, backend="aot_eager", fullgraph=True)
@@ -323,6 +333,15 @@ def test_kernel_adds_x_bias_before_the_norm_interpreted(interpreter_results, cas
 )
 def test_shifted_sums_statistics_interpreted(interpreter_results, case):
     """GNConfig.sums: per-lane sums of x - shift and its square, reduced once per program."""
+    _check(interpreter_results[case], torch_within=None if "xbias" in case else 2.0)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [f"cbfast-{c}{s}" for c in ("bf16-nchw", "bf16-cl-odd", "xbias-fp32-cl") for s in ("", "-sums")],
+)
+def test_channel_blocks_first_grid_interpreted(interpreter_results, case):
+    """GNConfig.cb_fast: the grid's axes swapped (the chunk count read from the other axis)."""
     _check(interpreter_results[case], torch_within=None if "xbias" in case else 2.0)
 
 
@@ -790,8 +809,8 @@ def test_shifted_sums_stats_loop_has_no_barrier_on_sm90():
     cfg = gn._config(160, 256 * 256, True)
     tiles = dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=True, HAS_XB=True)
     try:
-        ptx = {sums: _compile_for(gn._gn_stats, 90, "bf16", {**tiles, "SUMS": sums}).asm["ptx"]
-               for sums in (False, True)}  # fmt: skip
+        ptx = {sums: _compile_for(gn._gn_stats, 90, "bf16", {**tiles, "SUMS": sums, "CB_FAST": False})
+               .asm["ptx"] for sums in (False, True)}  # fmt: skip
     except FileNotFoundError as e:
         pytest.skip(f"no CUDA toolchain in this Triton: {e}")
     loops = {sums: _loop_bodies(code) for sums, code in ptx.items()}
@@ -819,13 +838,14 @@ def _loop_bodies(ptx: str) -> list[str]:
      (90, "bf16", "apply", False, False), (90, "bf16", "apply", True, False),
      (80, "fp16", "apply", False, False), (90, "bf16", "finalize", False, False),
      (90, "bf16", "stats", False, True), (90, "bf16", "apply", True, True),
-     (90, "bf16", "apply", True, "nchw_out")],
+     (90, "bf16", "apply", True, "nchw_out"), (90, "bf16", "stats", True, "cb_fast"),
+     (90, "bf16", "apply", True, "cb_fast")],
 )  # fmt: skip
 def test_kernels_compile_to_cubin_with_vector_loads(arch, dtype, kernel, channels_last, x_bias):
     """The interpreter does not compile: this catches what only the real compiler rejects, and that
     the decoder's shapes read and write 16-byte vectors (also with a conv's bias added, x_bias, and
     a channels-last x written out NCHW)."""
-    nchw_out = x_bias == "nchw_out"
+    nchw_out, cb_fast = x_bias == "nchw_out", x_bias == "cb_fast"
     x_bias = x_bias is True
     require_aot_compiler()
     import maskar.kernels.group_norm as gn
@@ -833,8 +853,9 @@ def test_kernels_compile_to_cubin_with_vector_loads(arch, dtype, kernel, channel
     cfg = gn._config(160, 1024 * 1024, channels_last)
     tiles = dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=channels_last, HAS_XB=x_bias)
     fn, consts = {
-        "stats": (gn._gn_stats, {**tiles, "SUMS": False}),
-        "apply": (gn._gn_apply, {**tiles, "SILU": True, "Y_CHANNELS_LAST": channels_last and not nchw_out}),
+        "stats": (gn._gn_stats, {**tiles, "SUMS": False, "CB_FAST": cb_fast}),
+        "apply": (gn._gn_apply, {**tiles, "SILU": True, "Y_CHANNELS_LAST": channels_last and not nchw_out,
+                                 "CB_FAST": cb_fast}),
         "finalize": (gn._gn_finalize, {"BLOCK_F": 512}),
     }[kernel]
     try:

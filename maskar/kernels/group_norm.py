@@ -37,6 +37,7 @@ autocast regions (torch runs group norm in fp32 there), takes the torch code.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,7 @@ def _gn_stats(
     CHANNELS_LAST: tl.constexpr,
     HAS_XB: tl.constexpr,
     SUMS: tl.constexpr = False,
+    CB_FAST: tl.constexpr = False,
 ):
     """PART[0 | 1, n, chunk, c] = mean | M2 of channel c (plus XB[c] if HAS_XB) over pixels
     [chunk * chunk_p, + chunk_p).
@@ -90,9 +92,10 @@ def _gn_stats(
     channels-last the pixel axis is the strided one, and its two reductions a tile go through
     shared memory (12 barriers a tile in the sm90 code against 4 in NCHW); SUMS has none inside
     the loop and no division either (the per-lane Welford scheme measured on 2026-12-06 had one
-    an element, and no gain: docs/kernels.md)."""
-    pc = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    an element, and no gain: docs/kernels.md). CB_FAST: the grid's first axis runs over the channel
+    blocks, so the programs reading one chunk's pixels (all its channels) are launched together."""
+    pc = tl.program_id(1) if CB_FAST else tl.program_id(0)
+    c = (tl.program_id(0) if CB_FAST else tl.program_id(1)) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.program_id(2)
     c_ok = c < C
     if HAS_XB:
@@ -135,7 +138,7 @@ def _gn_stats(
         s1 = tl.sum(sum_d, 1)
         mean = shift + s1 / count
         m2 = tl.maximum(tl.sum(sum_dd, 1) - s1 * (s1 / count), 0.0)
-    n_chunks = tl.num_programs(0)
+    n_chunks = tl.num_programs(1) if CB_FAST else tl.num_programs(0)
     dst = PART + (n * n_chunks + pc).to(tl.int64) * C + c
     half = tl.num_programs(2).to(tl.int64) * n_chunks * C  # PART[1] follows PART[0]
     tl.store(dst, mean, mask=c_ok)
@@ -194,12 +197,14 @@ def _gn_apply(
     SILU: tl.constexpr,
     HAS_XB: tl.constexpr,
     Y_CHANNELS_LAST: tl.constexpr,
+    CB_FAST: tl.constexpr = False,
 ):
     """Y = x * (rstd * gamma) + (beta - mean * rstd * gamma), then SiLU, over one tile; with
     HAS_XB, x + XB[c] in place of x (its term folded into the shift: no more work per element).
-    Y's layout may differ from X's (channels-last x, NCHW y: the tile is transposed on chip)."""
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    Y's layout may differ from X's (channels-last x, NCHW y: the tile is transposed on chip).
+    CB_FAST: the grid's first axis runs over the channel blocks (as in ``_gn_stats``)."""
+    p = (tl.program_id(1) if CB_FAST else tl.program_id(0)) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = (tl.program_id(0) if CB_FAST else tl.program_id(1)) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.program_id(2)
     c_ok = c < C
     ok = c_ok[:, None] & (p < HW)[None, :]
@@ -230,6 +235,8 @@ class GNConfig:
     chunk_tiles: int  # tiles per statistics program
     num_warps: int
     sums: bool = False  # the statistics kernel's per-lane shifted sums (``_gn_stats``)
+    cb_fast: bool = False  # channel blocks on the grid's fastest axis (a chunk's channels launched together)
+    stages: int = 1  # software-pipelining stages of the statistics loop (Triton's num_stages)
 
 
 TILE = 4096  # elements per tile: 8 KB of bf16, 32 per thread at 4 warps (16-byte vectors)
@@ -290,13 +297,19 @@ def _forward(
     y = _like(x, nchw_out)
     has_xb = x_bias is not None
     xb = x_bias if has_xb else bias  # a pointer the kernels never read without HAS_XB
+    n_pb = cdiv(HW, cfg.block_p)
+    if cfg.cb_fast and max(n_chunks, n_pb) > 65535:  # CUDA's limit on a grid's second axis
+        cfg = dataclasses.replace(cfg, cb_fast=False)
     _launch(
         _gn_stats,
-        (n_chunks, n_cb, N),
+        (n_cb, n_chunks, N) if cfg.cb_fast else (n_chunks, n_cb, N),
         (x, xb, part, C, HW, chunk_p),
-        dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=cl, HAS_XB=has_xb, SUMS=cfg.sums),
+        dict(
+            BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=cl, HAS_XB=has_xb, SUMS=cfg.sums,
+            CB_FAST=cfg.cb_fast,
+        ),  # fmt: skip
         cfg.num_warps,
-        1,
+        cfg.stages,
     )
     block_f = min(next_power_of_2(C // groups * n_chunks), 1024)
     _launch(
@@ -309,7 +322,7 @@ def _forward(
     )
     _launch(
         _gn_apply,
-        (cdiv(HW, cfg.block_p), n_cb, N),
+        (n_cb, n_pb, N) if cfg.cb_fast else (n_pb, n_cb, N),
         (x, xb, y, weight, bias, stats, C, HW, groups),
         dict(
             BLOCK_C=cfg.block_c,
@@ -318,6 +331,7 @@ def _forward(
             SILU=silu,
             HAS_XB=has_xb,
             Y_CHANNELS_LAST=cl and not nchw_out,
+            CB_FAST=cfg.cb_fast,
         ),  # fmt: skip
         cfg.num_warps,
         1,

@@ -30,6 +30,10 @@ from torch import Tensor
 from maskar import env
 
 ENABLED = bool(env.switch("MASKAR_DECODE_WIDE_ATTN"))
+# The softmax of the float32 scores as one Triton pass that writes P in the operands' dtype
+# (maskar.kernels.softmax_rows): one read of the scores instead of torch's scale, softmax and
+# cast passes (≈ 370 -> 100 MB an image at 1024 px). MASKAR_WIDE_SOFTMAX_KERNEL, read at import.
+SOFTMAX_KERNEL = bool(env.switch("MASKAR_WIDE_SOFTMAX_KERNEL"))
 MIN_WIDTH = 257  # SDPA's fused Hopper kernels take heads up to 256 wide
 MAX_SCORE_BYTES = 1 << 30  # float32 scores held at once: batches are split above this
 
@@ -55,6 +59,18 @@ def _values(p: Tensor, v: Tensor) -> Tensor:
     return torch.bmm(p.float(), v.float()).to(v.dtype)
 
 
+def _probabilities(s: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """softmax(s * scale) over the last dim in float32, rounded once to ``dtype`` (s is consumed)."""
+    if SOFTMAX_KERNEL:
+        try:
+            from maskar.kernels import softmax_rows
+        except ImportError:  # no Triton on this install
+            softmax_rows = None
+        if softmax_rows is not None and softmax_rows.applies(s):
+            return softmax_rows.softmax_rows(s, scale, dtype)
+    return torch.softmax(s.mul_(scale), dim=-1).to(dtype)
+
+
 @torch.library.custom_op("maskar::wide_head_attention", mutates_args=())
 def wide_head_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """softmax(q k^T * scale) v for q, k, v (B, L, D) in one dtype, in batch chunks."""
@@ -64,7 +80,7 @@ def wide_head_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor
     outs = []
     for i in range(0, b, step):
         s = _scores(q[i : i + step], k[i : i + step])
-        p = torch.softmax(s.mul_(scale), dim=-1).to(q.dtype)
+        p = _probabilities(s, scale, q.dtype)
         del s
         outs.append(_values(p, v[i : i + step]))
     return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -14,7 +14,9 @@ the per-shape winners, GPU kernel time by group, and its wall time.
 
 OUT=/tmp/out python3 scripts/gpu/gn_cl_sweep.py   (about 3 min on an H100); SWEEP_BLOCK_C, SWEEP_TILE,
 SWEEP_CHUNK_TILES, SWEEP_WARPS, SWEEP_SUMS (0 / 1: the statistics kernel's per-lane shifted sums,
-GNConfig.sums) (comma-separated) and SWEEP_MIN_ELEMENTS narrow it. (A per-lane Welford scheme,
+GNConfig.sums), SWEEP_CB_FAST (0 / 1: the channel blocks on the grid's first axis), SWEEP_STAGES
+(the statistics loop's num_stages) (comma-separated) and SWEEP_MIN_ELEMENTS narrow it; SWEEP_CASE
+(default 256x64; 1024x8) picks the decode whose calls are swept. (A per-lane Welford scheme,
 swept with it on 2026-12-06, did no better and is gone: docs/kernels.md.)
 """
 
@@ -41,7 +43,8 @@ OUT = os.environ.get("OUT", "/tmp/out")
 dev = torch.device("cuda")
 vqvae.BF16_CHANNELS_LAST = True
 common.NORM_TAKES_CONV_BIAS = True
-res, batch = 256, 64
+# SWEEP_CASE=1024x8: the calls of a 1024 px B 8 decode (one image a chunk) instead of 256 px B 64
+res, batch = (int(v) for v in os.environ.get("SWEEP_CASE", "256x64").split("x"))
 torch.manual_seed(0)
 with torch.device(dev):
     tok = build_model(d16_tokenizer_config(res)).eval()
@@ -75,9 +78,10 @@ def _ints(name: str, default: str) -> list[int]:
 
 MIN_ELEMENTS = int(os.environ.get("SWEEP_MIN_ELEMENTS", "0"))  # sweep only calls at least this big
 _AXES = (_ints("BLOCK_C", "32,64,128,256"), _ints("TILE", "2048,4096,8192"), _ints("CHUNK_TILES", "4,8,16"),
-         _ints("WARPS", "4,8"), _ints("SUMS", "0,1"))  # fmt: skip
-GRID = [gn.GNConfig(bc, tile // bc, ct, nw, bool(sums))
-        for bc, tile, ct, nw, sums in itertools.product(*_AXES)
+         _ints("WARPS", "4,8"), _ints("SUMS", "0,1"), _ints("CB_FAST", "0"),
+         _ints("STAGES", "1"))  # fmt: skip
+GRID = [gn.GNConfig(bc, tile // bc, ct, nw, bool(sums), bool(cbf), st)
+        for bc, tile, ct, nw, sums, cbf, st in itertools.product(*_AXES)
         if tile // bc >= 8]  # fmt: skip
 
 
@@ -146,7 +150,7 @@ os.makedirs(OUT, exist_ok=True)
 
 def dump() -> None:
     with open(os.path.join(OUT, "gn_cl_sweep.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=str)
+        json.dump({"case": f"{res}x{batch}", **summary}, f, indent=1, default=str)
 
 
 dump()  # the sweep kept if the compiled decodes below run out of time

@@ -36,6 +36,11 @@
 #     (MASKAR_DECODE_WIDE_ATTN); HMAR-d16 256 px B 64 and 1024 px B 8 compiled-w16 + compiled decoder
 #     at the defaults, with MASKAR_DECODE_WIDE_ATTN=1, and with it and MASKAR_FUSED_GELU=1 (the FFN's
 #     GELU in fc1's cuBLASLt epilogue), each in its own process (WIDE_CASES=1024x8: that case only).
+#   PART=softgn (about 9 min, DEADLINE=570): the GPU tests of the wide attention's softmax kernel
+#     (MASKAR_WIDE_SOFTMAX_KERNEL) and of the fused norm; HMAR-d16 1024 px B 8 compiled-w16 + compiled
+#     decoder with the softmax kernel off and on, each in its own process (reps ${SOFTGN_REPS:-3});
+#     then scripts/gpu/gn_cl_sweep.py at the 1024 px B 8 decode's calls of at least 5M elements,
+#     with the grid's channel blocks first (cb_fast) and the statistics loop pipelined (stages).
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -156,7 +161,26 @@ elif [ "${PART}" = sums ]; then
   SWEEP_BLOCK_C=64,128 SWEEP_TILE=2048,4096 SWEEP_CHUNK_TILES=4,8 SWEEP_WARPS=4 SWEEP_SUMS=0,1 \
     SWEEP_MIN_ELEMENTS=5000000 timeout $(cap 240) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep.txt" 2>&1
   echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep.txt" | grep -v "^  GNConfig" | tail -n 14
+elif [ "${PART}" = softgn ]; then
+  el "GPU tests: the softmax kernel, the fused norm"
+  timeout $(cap 100) $PY -m pytest -q -s -m gpu tests/test_softmax_rows.py tests/test_wide_attention.py \
+    tests/test_group_norm_kernel.py -k "softmax or wide or kernel_matches_torch_gpu or x_bias_gpu" \
+    > "$OUT/softgn_tests.txt" 2>&1
+  echo "tests rc=$?"; grep -E "softmax rows|against fp32|passed|failed" "$OUT/softgn_tests.txt"
+  for k in 0 1; do
+    el "bench sample hmar-d16 1024 px B 8 compiled-w16 + compiled decoder: MASKAR_WIDE_SOFTMAX_KERNEL=$k"
+    MASKAR_WIDE_SOFTMAX_KERNEL=$k timeout $(cap 150) $PY -m maskar bench sample models=hmar-d16 cases=1024x8 \
+      modes=compiled-w16 reps=${SOFTGN_REPS:-3} compile_decoder=true json="$OUT/s1024_hmar_softmax$k.json" \
+      > "$OUT/s1024_hmar_softmax$k.txt" 2>&1
+    echo "sample rc=$?"; grep -E "^hmar-d16 " "$OUT/s1024_hmar_softmax$k.txt"
+  done
+  el "the norm at the 1024 px decode's calls: channel blocks first, pipelined statistics, swept"
+  SWEEP_CASE=1024x8 SWEEP_BLOCK_C=64,128 SWEEP_TILE=4096 SWEEP_CHUNK_TILES=8,16 SWEEP_WARPS=4,8 SWEEP_SUMS=0,1 \
+    SWEEP_CB_FAST=0,1 SWEEP_STAGES=1,3 SWEEP_MIN_ELEMENTS=5000000 \
+    timeout $(cap 330) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep1024.txt" 2>&1
+  echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep1024.txt" | grep -v "^  GNConfig" | tail -n 16
 else
-  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres or wide; got ${PART}" >&2; exit 2
+  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide or softgn; got ${PART}" >&2
+  exit 2
 fi
 el done
