@@ -35,12 +35,13 @@ SWITCHES: dict[str, Switch] = {
     "MASKAR_SDPA_CUDNN": Switch(False, "VAR / HMAR dense sampling attention asks for cuDNN first"),
     "MASKAR_DECODE_CHANNELS_LAST": Switch(True, "bf16 VQ-VAE decode in channels-last memory"),
     "MASKAR_GN_FLEXIBLE_LAYOUT": Switch(False, "fused GroupNorm op: any layout Inductor picks"),
+    "MASKAR_GN_CB_FAST": Switch(True, "fused GroupNorm: large channels-last calls, channel blocks first"),
     "MASKAR_GN_CONV_BIAS": Switch(True, "bf16 decode: the fused GroupNorm adds the conv bias before it"),
     "MASKAR_GRAPH_POOL_RESERVE": Switch(True, "VAR / HMAR sampling graphs reserve their pool in one piece"),
     "MASKAR_SAMPLER_KERNEL": Switch(True, "VAR / HMAR top-k / top-p draw as one Triton kernel"),
     "MASKAR_PSA_QKV": Switch(None, "PSA's q, k, v as one matmul", "in CUDA inference"),
     "MASKAR_DECODE_WIDE_ATTN": Switch(True, "tokenizer attention, heads > 256 wide, as two cuBLAS matmuls"),
-    "MASKAR_WIDE_SOFTMAX_KERNEL": Switch(False, "wide-head attention's softmax as one Triton pass"),
+    "MASKAR_WIDE_SOFTMAX_KERNEL": Switch(True, "wide-head attention's softmax as one Triton pass"),
     "MASKAR_DIT_LOW_RESIDUAL": Switch(False, "CASMAR DiT head's residual stream in bf16 / fp16 (inference)"),
 }
 MARGIN = "MASKAR_GRAPH_POOL_MARGIN"  # a number >= 1 (maskar.models.scale_graphs)

@@ -1049,7 +1049,25 @@ def test_default_config_takes_shifted_sums_only_for_large_channels_last_images(m
 
     monkeypatch.setattr(gn, "_INTERPRET", False)
     monkeypatch.setattr(gn, "FORCE_CONFIG", None)
+    monkeypatch.setattr(gn, "CB_FAST", False)  # the rule before 2026-12-06's grid sweep
     assert gn._config(160, 256 * 256, True).sums
     assert not gn._config(320, 128 * 128, True).sums
     assert not gn._config(160, 256 * 256, False).sums
     assert gn._config(160, 256 * 256, True) == gn.GNConfig(64, 64, 8, 4, sums=True)
+
+
+def test_default_config_puts_large_channels_last_calls_channel_blocks_first(monkeypatch):
+    """MASKAR_GN_CB_FAST (on): channels-last images of >= 2^22 elements take 128 x 32 tiles, 16 a
+    statistics program, the shifted sums and the channel blocks first; smaller ones and NCHW as
+    before."""
+    import maskar.kernels.group_norm as gn
+
+    monkeypatch.setattr(gn, "_INTERPRET", False)
+    monkeypatch.setattr(gn, "FORCE_CONFIG", None)
+    monkeypatch.setattr(gn, "CB_FAST", True)
+    want = gn.GNConfig(128, 32, 16, 4, sums=True, cb_fast=True)
+    assert gn._config(160, 1024 * 1024, True) == want
+    assert gn._config(320, 128 * 128, True) == want
+    assert gn._config(640, 64 * 64, True) == gn.GNConfig(64, 64, 8, 4)
+    assert not gn._config(160, 1024 * 1024, False).cb_fast
+    assert gn.CB_FAST_MIN_ELEMENTS == 1 << 22

@@ -244,6 +244,15 @@ TILE = 4096  # elements per tile: 8 KB of bf16, 32 per thread at 4 warps (16-byt
 # the decoder's 160 x 256^2 calls (0.274 -> 0.248 ms, 0.284 -> 0.225 with the conv bias, H100,
 # 2026-12-06), not at its smaller ones (docs/kernels.md).
 SUMS_MIN_ELEMENTS = 1 << 23
+# Channels-last images of at least CB_FAST_MIN_ELEMENTS take 128-channel x 32-pixel tiles, 16 a
+# statistics program, the shifted sums, and the channel blocks on the grid's first axis, so the
+# programs that read one chunk's pixels (every channel of them) run together: the per-shape winner
+# at six of the ten calls of a 1024 px decode of at least 5M elements, within 0.033 ms of it at the
+# others (H100, 2026-12-06: the norm 41.4 -> 36.6 ms of a compiled 1024 px B 8 decode with the
+# winners; docs/benchmarks.md, *The wide attention's softmax and the norm's grid*).
+# MASKAR_GN_CB_FAST=0 (read at import) restores the rule before.
+CB_FAST_MIN_ELEMENTS = 1 << 22
+CB_FAST = bool(env.switch("MASKAR_GN_CB_FAST"))
 FORCE_CONFIG: GNConfig | None = None  # tests / sweeps pin a config
 _INTERPRET_CONFIG = GNConfig(2, 8, 2, 1)  # tiny tiles: tail, multi-tile and multi-chunk paths
 
@@ -258,6 +267,9 @@ def _config(C: int, HW: int, channels_last: bool) -> GNConfig:
     if _INTERPRET:
         return _INTERPRET_CONFIG
     if channels_last:
+        if CB_FAST and C * HW >= CB_FAST_MIN_ELEMENTS:
+            bc = min(next_power_of_2(C), 128)
+            return GNConfig(bc, TILE // bc, 16, 4, sums=True, cb_fast=True)
         bc = min(next_power_of_2(C), 64)
         return GNConfig(bc, TILE // bc, 8, 4, sums=C * HW >= SUMS_MIN_ELEMENTS)
     bp = min(next_power_of_2(HW), 2048)

@@ -27,7 +27,7 @@ from maskar.kernels.block_sparse import _INTERPRET, _launch, next_power_of_2
 
 ONE_PASS_MAX = 8192  # longest row held in registers (32 KB of float32 over 8 warps)
 LOOP_BLOCK = 4096  # columns a step for longer rows
-_FLOOR = -3.0e38  # a finite "minus infinity": masked lanes never make exp(nan)
+_FLOOR = tl.constexpr(-3.0e38)  # a finite "minus infinity": masked lanes never make exp(nan)
 
 
 @triton.jit(do_not_specialize=["scale"])

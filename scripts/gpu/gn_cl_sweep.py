@@ -9,8 +9,9 @@ is checked against the default's output (the same statistics up to summation ord
 within 1% of the largest output)
 and timed (stats + finalize + apply, median of 5 rounds of 10 back-to-back calls); the sum over one
 decode is printed for the default, the per-shape best and the NCHW default on the same shapes.
-Then the compiled channels-last decode (`MASKAR_GN_CONV_BIAS` on) with the default configs and with
-the per-shape winners, GPU kernel time by group, and its wall time.
+Then the compiled channels-last decode (`MASKAR_GN_CONV_BIAS` on) with the rule before
+MASKAR_GN_CB_FAST, with the default configs and with the per-shape winners, GPU kernel time by
+group, and its wall time.
 
 OUT=/tmp/out python3 scripts/gpu/gn_cl_sweep.py   (about 3 min on an H100); SWEEP_BLOCK_C, SWEEP_TILE,
 SWEEP_CHUNK_TILES, SWEEP_WARPS, SWEEP_SUMS (0 / 1: the statistics kernel's per-lane shifted sums,
@@ -134,7 +135,8 @@ for (shape, silu, has_xb, cl), n in sorted(
            "default_ms": base_ms, "nchw_default_ms": nchw_ms, "best": dataclasses.asdict(cfg_best),
            "best_ms": ms_best,
            "best_err": err_best, "floor_ms_at_3.35TB": bytes_floor / 3.35e12 * 1e3,
-           "rejected_or_off": len(GRID) - len(ok)}  # fmt: skip
+           "rejected_or_off": len(GRID) - len(ok),
+           "candidates": [[dataclasses.asdict(c), m, e] for m, c, e in cands]}  # fmt: skip
     rows.append(row)
     print(f"{'x'.join(map(str, shape)):<16} silu={int(silu)} xb={int(has_xb)} x{n:<3} "
           f"default {base_ms:.3f} ms, "
@@ -161,7 +163,17 @@ def tuned_config(C, HW, channels_last):
     return best.get((C, HW, channels_last)) or real_config(C, HW, channels_last)
 
 
-for label, cfg_fn in (("default configs", real_config), ("swept configs", tuned_config)):
+def previous_config(C, HW, channels_last):
+    """The rule before MASKAR_GN_CB_FAST (2026-12-06)."""
+    saved, gn.CB_FAST = gn.CB_FAST, False
+    try:
+        return real_config(C, HW, channels_last)
+    finally:
+        gn.CB_FAST = saved
+
+
+for label, cfg_fn in (("previous rule", previous_config), ("default configs", real_config),
+                      ("swept configs", tuned_config)):  # fmt: skip
     gn._config = cfg_fn
     try:
         torch._dynamo.reset()

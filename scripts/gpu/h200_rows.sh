@@ -41,6 +41,12 @@
 #     decoder with the softmax kernel off and on, each in its own process (reps ${SOFTGN_REPS:-3});
 #     then scripts/gpu/gn_cl_sweep.py at the 1024 px B 8 decode's calls of at least 5M elements,
 #     with the grid's channel blocks first (cb_fast) and the statistics loop pipelined (stages).
+#   PART=softgn2 (about 9.5 min, DEADLINE=570): with the softmax kernel and the norm's new channels-last
+#     rule on by default (MASKAR_WIDE_SOFTMAX_KERNEL, MASKAR_GN_CB_FAST): the fused norm's and the
+#     softmax's GPU tests; HMAR-d16 1024 px B 8, then 256 px B 64, compiled-w16 + compiled decoder, at
+#     the defaults and with both switches off, each in its own process; the norm swept at the 1024 px
+#     decode's calls around the new rule (every candidate's time kept), and the compiled decode with
+#     the rule before, the default and the winners.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -179,8 +185,27 @@ elif [ "${PART}" = softgn ]; then
     SWEEP_CB_FAST=0,1 SWEEP_STAGES=1,3 SWEEP_MIN_ELEMENTS=5000000 \
     timeout $(cap 330) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep1024.txt" 2>&1
   echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep1024.txt" | grep -v "^  GNConfig" | tail -n 16
+elif [ "${PART}" = softgn2 ]; then
+  el "GPU tests: the fused norm (new channels-last rule), the softmax kernel"
+  timeout $(cap 100) $PY -m pytest -q -s -m gpu tests/test_softmax_rows.py tests/test_group_norm_kernel.py \
+    > "$OUT/softgn2_tests.txt" 2>&1
+  echo "tests rc=$?"; grep -E "softmax rows|passed|failed" "$OUT/softgn2_tests.txt"
+  for case in 1024x8 256x64; do
+    for env in "MASKAR_GN_CB_FAST=1" "MASKAR_GN_CB_FAST=0 MASKAR_WIDE_SOFTMAX_KERNEL=0"; do
+      tag=$(echo "$env" | tr -d ' ' | sed 's/MASKAR_//g; s/GN_CB_FAST/cbfast/; s/WIDE_SOFTMAX_KERNEL/-softmax/; s/=//g')
+      el "bench sample hmar-d16 $case compiled-w16 + compiled decoder: $env"
+      env $env timeout $(cap 100) $PY -m maskar bench sample models=hmar-d16 cases=$case modes=compiled-w16 \
+        reps=5 compile_decoder=true json="$OUT/s${case}_hmar_$tag.json" > "$OUT/s${case}_hmar_$tag.txt" 2>&1
+      echo "sample rc=$?"; grep -E "^hmar-d16 " "$OUT/s${case}_hmar_$tag.txt"
+    done
+  done
+  el "the norm at the 1024 px decode's calls around the new rule"
+  SWEEP_CASE=1024x8 SWEEP_BLOCK_C=64,128 SWEEP_TILE=4096 SWEEP_CHUNK_TILES=8,16 SWEEP_WARPS=4 SWEEP_SUMS=1 \
+    SWEEP_CB_FAST=1 SWEEP_STAGES=1,3 SWEEP_MIN_ELEMENTS=4000000 \
+    timeout $(cap 200) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep1024b.txt" 2>&1
+  echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep1024b.txt" | grep -v "^  GNConfig" | tail -n 16
 else
-  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide or softgn; got ${PART}" >&2
+  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn or softgn2; got ${PART}" >&2
   exit 2
 fi
 el done
