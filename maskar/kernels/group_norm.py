@@ -246,10 +246,10 @@ TILE = 4096  # elements per tile: 8 KB of bf16, 32 per thread at 4 warps (16-byt
 SUMS_MIN_ELEMENTS = 1 << 23
 # Channels-last images of at least CB_FAST_MIN_ELEMENTS take 128-channel x 32-pixel tiles, 16 a
 # statistics program, the shifted sums, and the channel blocks on the grid's first axis, so the
-# programs that read one chunk's pixels (every channel of them) run together: the per-shape winner
-# at six of the ten calls of a 1024 px decode of at least 5M elements, within 0.033 ms of it at the
-# others (H100, 2026-12-06: the norm 41.4 -> 36.6 ms of a compiled 1024 px B 8 decode with the
-# winners; docs/benchmarks.md, *The wide attention's softmax and the norm's grid*).
+# programs that read one chunk's pixels (every channel of them) run together. Swept at the ten
+# calls of a 1024 px decode of at least 4M elements, it is within 0.042 ms of each call's best
+# config (H100, 2026-12-06: the norm's GPU time in a compiled 1024 px B 8 decode 41.8 -> 38.0 ms;
+# docs/benchmarks.md, *The wide attention's softmax and the norm's grid*).
 # MASKAR_GN_CB_FAST=0 (read at import) restores the rule before.
 CB_FAST_MIN_ELEMENTS = 1 << 22
 CB_FAST = bool(env.switch("MASKAR_GN_CB_FAST"))
