@@ -47,6 +47,10 @@
 #     the defaults and with both switches off, each in its own process; the norm swept at the 1024 px
 #     decode's calls around the new rule (every candidate's time kept), and the compiled decode with
 #     the rule before, the default and the winners.
+#   PART=gn3 (about 3 min): scripts/gpu/gn_cl_sweep.py at the 1024 px B 8 decode's calls of at least
+#     4M elements, channel blocks first and shifted sums, over 32- to 256-channel tiles, 16 or 32 tiles
+#     a statistics program, 4 or 8 warps; the compiled decode with the rule before, the default and
+#     the winners.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -204,8 +208,14 @@ elif [ "${PART}" = softgn2 ]; then
     SWEEP_CB_FAST=1 SWEEP_STAGES=1,3 SWEEP_MIN_ELEMENTS=4000000 \
     timeout $(cap 200) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep1024b.txt" 2>&1
   echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep1024b.txt" | grep -v "^  GNConfig" | tail -n 16
+elif [ "${PART}" = gn3 ]; then
+  el "the norm at the 1024 px decode's calls: tile widths and chunk lengths, channel blocks first"
+  SWEEP_CASE=1024x8 SWEEP_BLOCK_C=32,64,128,256 SWEEP_TILE=4096 SWEEP_CHUNK_TILES=16,32 SWEEP_WARPS=4,8 \
+    SWEEP_SUMS=1 SWEEP_CB_FAST=1 SWEEP_STAGES=1 SWEEP_MIN_ELEMENTS=4000000 \
+    timeout $(cap 400) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep1024c.txt" 2>&1
+  echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep1024c.txt" | grep -v "^  GNConfig" | tail -n 16
 else
-  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn or softgn2; got ${PART}" >&2
+  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn, softgn2 or gn3; got ${PART}" >&2
   exit 2
 fi
 el done
