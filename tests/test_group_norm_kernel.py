@@ -281,6 +281,30 @@ for sums in (False, True):
     name = "cbfast-xbias-fp32-cl" + ("-sums" if sums else "")
     print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
 gn.FORCE_CONFIG = None
+# a residual block's sum made by the statistics pass (sum_norm_act): tails, both layouts, the
+# shifted sums and the channel-blocks-first grid, without x_bias, fp32
+for name, cfg, (N, C, H, W, G, dt, cl, has_xb) in (
+    ("sum-bf16-nchw", None, (2, 12, 5, 7, 4, torch.bfloat16, False, True)),
+    ("sum-bf16-cl-odd", None, (1, 15, 11, 9, 3, torch.bfloat16, True, True)),
+    ("sum-bf16-cl-sums-cbfast", gn.GNConfig(2, 8, 2, 1, sums=True, cb_fast=True),
+     (2, 15, 7, 9, 5, torch.bfloat16, True, True)),
+    ("sum-fp32-nchw-sums-no-bias", gn.GNConfig(2, 8, 2, 1, sums=True),
+     (2, 12, 5, 7, 4, torch.float32, False, False)),
+):
+    gn.FORCE_CONFIG = cfg
+    x, w, b = T.make_inputs(N, C, H, W, dt, cl)
+    r, _, _ = T.make_inputs(N, C, H, W, dt, cl, seed=5, offset=5.0)
+    xb = (torch.randn(C) * 3).to(dt) if has_xb else None
+    s_, y_ = gn.sum_norm_act(x, xb, r, w, b, G, 1e-6, True)
+    v = x.float() + (0.0 if xb is None else xb.float().view(1, -1, 1, 1))
+    want_s = (v + r.float()).to(dt)
+    # in ulps of s (the interpreter's cast to bf16 may truncate where the GPU's rounds to nearest)
+    ulp = torch.exp2(torch.floor(torch.log2(want_s.double().abs().clamp_min(1e-30))) - T.MANTISSA[dt])
+    s_ulps = float(((s_.double() - want_s.double()).abs() / ulp).max())
+    print("RESULT " + json.dumps({{"case": name, "s_ulps": s_ulps,
+          "s_layout": s_.stride() == x.stride(), "y_layout": y_.stride() == x.stride(),
+          "excess": T.excess(y_, s_, w, b, G, True), "finite": bool(torch.isfinite(y_).all())}}), flush=True)
+gn.FORCE_CONFIG = None
 # through the custom op as torch.compile calls it (kernels interpreted)
 f = torch.compile(gn.group_norm_act, backend="aot_eager", fullgraph=True)
 r = T.check_call(f, 2, 12, 5, 7, 4, torch.bfloat16, True, True)
@@ -301,6 +325,27 @@ for cl in (False, True):
     r = T.decoder_vs_torch(m, "bf16", cl, B=1)
     name = f"decoder-bf16-{{'cl' if cl else 'nchw'}}-gnbias"
     print("RESULT " + json.dumps({{"case": name, **r}}), flush=True)
+# the decoder with the residual sums made by the next norm (MASKAR_GN_RESIDUAL), conv bias on
+common.NORM_TAKES_CONV_BIAS = True
+for cl in (False, True):
+    import maskar.tokenizers.vqvae as vq
+    vq.BF16_CHANNELS_LAST = cl
+    g = torch.Generator().manual_seed(3)
+    fhat = torch.randn(1, m.z_channels, m.latent_side, m.latent_side, generator=g)
+    sums = []
+    real_stats = gn._stats
+    gn._stats = lambda x, xb, r, *a: sums.append(r is not None) or real_stats(x, xb, r, *a)
+    with torch.no_grad():
+        common.NORM_TAKES_RESIDUAL = True
+        on = m.fhat_to_img(fhat, "bf16").double()
+        common.NORM_TAKES_RESIDUAL = False
+        off = m.fhat_to_img(fhat, "bf16").double()
+        fp32 = m.fhat_to_img(fhat, "fp32").double()
+    gn._stats = real_stats
+    vq.BF16_CHANNELS_LAST = False
+    print("RESULT " + json.dumps({{"case": f"decoder-residual-{{'cl' if cl else 'nchw'}}",
+          "sum_calls": sum(sums), "on_vs_fp32": T._rel(on, fp32), "off_vs_fp32": T._rel(off, fp32),
+          "on_vs_off": T._rel(on, off)}}), flush=True)
 common.NORM_TAKES_CONV_BIAS = False
 """
 
@@ -343,6 +388,28 @@ def test_shifted_sums_statistics_interpreted(interpreter_results, case):
 def test_channel_blocks_first_grid_interpreted(interpreter_results, case):
     """GNConfig.cb_fast: the grid's axes swapped (the chunk count read from the other axis)."""
     _check(interpreter_results[case], torch_within=None if "xbias" in case else 2.0)
+
+
+@pytest.mark.parametrize(
+    "case", ["sum-bf16-nchw", "sum-bf16-cl-odd", "sum-bf16-cl-sums-cbfast", "sum-fp32-nchw-sums-no-bias"]
+)
+def test_sum_norm_act_sums_in_the_statistics_pass_interpreted(interpreter_results, case):
+    """sum_norm_act: s = x + x_bias + residual rounded once (within one ulp: the interpreter's
+    cast; bit for bit on the GPU), y the norm of s as stored."""
+    r = interpreter_results[case]
+    assert r["s_ulps"] <= 1.0 and r["s_layout"] and r["y_layout"] and r["finite"], r
+    assert r["excess"] <= 1.0, r
+
+
+@pytest.mark.parametrize("case", ["decoder-residual-nchw", "decoder-residual-cl"])
+def test_decoder_with_residual_sums_in_the_norm_interpreted(interpreter_results, case):
+    """MASKAR_GN_RESIDUAL: the tiny decoder's blocks that feed a norm leave their sums to it (at
+    full resolution block 0 into block 1, block 1 into norm_out; the lower level's blocks feed its
+    attention), and the images stay as close to the fp32 decode as without it."""
+    r = interpreter_results[case]
+    assert r["sum_calls"] == 2, r
+    assert r["on_vs_fp32"] <= 1.5 * r["off_vs_fp32"] + 1e-3, r
+    assert r["on_vs_off"] < 2e-2, r
 
 
 @pytest.mark.parametrize("case", ["gpu-config-nchw", "gpu-config-cl", "compiled"])
@@ -506,6 +573,68 @@ def test_decoder_with_conv_bias_in_the_norm_compiles_to_the_eager_images(cpu_ref
         assert "conv2d" in str(conv.target) and (len(conv.args) < 3 or conv.args[2] is None), (
             conv.format_node()
         )
+
+
+def test_opcheck_sum_stats_and_apply(cpu_reference):
+    gn = cpu_reference
+    for cl in (False, True):
+        x, w, b = make_inputs(2, 8, 3, 5, torch.float32, cl)
+        r, _, _ = make_inputs(2, 8, 3, 5, torch.float32, cl, seed=4)
+        for xb in (None, torch.randn(8)):
+            torch.library.opcheck(gn.group_norm_sum_stats_op, (x, xb, r, 4, EPS))
+        s, stats = gn.group_norm_sum_stats_op(x, None, r, 4, EPS)
+        for silu, nchw_out in ((True, False), (False, True)):
+            torch.library.opcheck(gn.group_norm_apply_op, (s, stats, w, b, silu, nchw_out))
+
+
+def test_sum_norm_act_reference_is_the_norm_of_the_sum(cpu_reference):
+    """The ops' CPU bodies: s rounded once from the float32 sum, y = the torch norm of s (to the
+    rounding of the statistics), x's layout; a bad shape is refused by name."""
+    gn = cpu_reference
+    for cl in (False, True):
+        x, w, b = make_inputs(2, 8, 3, 5, torch.bfloat16, cl)
+        r, _, _ = make_inputs(2, 8, 3, 5, torch.bfloat16, cl, seed=4)
+        xb = torch.randn(8).bfloat16()
+        s, y = gn.sum_norm_act(x, xb, r, w, b, 4, EPS, True)
+        assert torch.equal(s, (x.float() + xb.float().view(1, -1, 1, 1) + r.float()).bfloat16())
+        assert s.stride() == x.stride() and y.stride() == x.stride()
+        torch.testing.assert_close(y, gn.reference(s, w, b, 4, EPS, True), rtol=0, atol=2 ** -6)
+    with pytest.raises(ValueError, match="residual"):
+        gn.sum_norm_act(x, xb, r[:1], w, b, 4, EPS, True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_decoder_with_residual_sums_compiles_to_the_eager_images(cpu_reference, monkeypatch, channels_last):
+    """MASKAR_GN_RESIDUAL: the traced decode has one sum-and-statistics op per block that feeds a
+    norm, fed by a convolution without its bias, no graph break, and the eager images (aot_eager);
+    the images are the switch-off decode's to the rounding of the sums."""
+    from maskar.tokenizers import common, vqvae
+
+    monkeypatch.setattr(common, "NORM_TAKES_CONV_BIAS", True)
+    monkeypatch.setattr(vqvae, "BF16_CHANNELS_LAST", channels_last)
+    m = tiny_vqvae()
+    fhat = torch.randn(2, m.z_channels, m.latent_side, m.latent_side)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    with torch.no_grad():
+        off = m.fhat_to_img(fhat, precision="bf16")
+        monkeypatch.setattr(common, "NORM_TAKES_RESIDUAL", True)
+        want = m.fhat_to_img(fhat, precision="bf16")
+        torch._dynamo.reset()
+        got = torch.compile(m.fhat_to_img, backend=backend, fullgraph=True)(fhat, precision="bf16")
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (want.float() - off.float()).abs().max() < 0.05
+    sums = [n for g in graphs for n in g.graph.nodes if "group_norm_sum_stats" in str(n.target)]
+    assert len(sums) == 2
+    for n in sums:
+        conv = n.args[0]
+        no_bias = len(conv.args) < 3 or conv.args[2] is None
+        assert "conv2d" in str(conv.target) and no_bias, conv.format_node()
 
 
 def test_decoder_traces_the_op_without_graph_break(cpu_reference):
@@ -788,7 +917,8 @@ def _compile_for(kernel, arch: int, dtype: str, consts: dict):
     from triton.compiler import ASTSource
 
     fp = {"fp16": "*fp16", "bf16": "*bf16"}[dtype]
-    pointers = {"X": fp, "XB": fp, "Y": fp, "W": fp, "B": fp, "PART": "*fp32", "STATS": "*fp32"}
+    pointers = {"X": fp, "XB": fp, "R": fp, "S": fp, "Y": fp, "W": fp, "B": fp}
+    pointers.update(PART="*fp32", STATS="*fp32")
     types = {}
     for n in kernel.arg_names:
         types[n] = "constexpr" if n in consts else pointers.get(n, "fp32" if n == "eps" else "i32")
@@ -809,8 +939,9 @@ def test_shifted_sums_stats_loop_has_no_barrier_on_sm90():
     cfg = gn._config(160, 256 * 256, True)
     tiles = dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=True, HAS_XB=True)
     try:
-        ptx = {sums: _compile_for(gn._gn_stats, 90, "bf16", {**tiles, "SUMS": sums, "CB_FAST": False})
-               .asm["ptx"] for sums in (False, True)}  # fmt: skip
+        flags = dict(CB_FAST=False, HAS_RES=False)
+        ptx = {sums: _compile_for(gn._gn_stats, 90, "bf16", {**tiles, "SUMS": sums, **flags}).asm["ptx"]
+               for sums in (False, True)}  # fmt: skip
     except FileNotFoundError as e:
         pytest.skip(f"no CUDA toolchain in this Triton: {e}")
     loops = {sums: _loop_bodies(code) for sums, code in ptx.items()}
@@ -839,21 +970,21 @@ def _loop_bodies(ptx: str) -> list[str]:
      (80, "fp16", "apply", False, False), (90, "bf16", "finalize", False, False),
      (90, "bf16", "stats", False, True), (90, "bf16", "apply", True, True),
      (90, "bf16", "apply", True, "nchw_out"), (90, "bf16", "stats", True, "cb_fast"),
-     (90, "bf16", "apply", True, "cb_fast")],
+     (90, "bf16", "apply", True, "cb_fast"), (90, "bf16", "stats", True, "residual")],
 )  # fmt: skip
 def test_kernels_compile_to_cubin_with_vector_loads(arch, dtype, kernel, channels_last, x_bias):
     """The interpreter does not compile: this catches what only the real compiler rejects, and that
     the decoder's shapes read and write 16-byte vectors (also with a conv's bias added, x_bias, and
     a channels-last x written out NCHW)."""
-    nchw_out, cb_fast = x_bias == "nchw_out", x_bias == "cb_fast"
-    x_bias = x_bias is True
+    nchw_out, cb_fast, has_res = x_bias == "nchw_out", x_bias == "cb_fast", x_bias == "residual"
+    x_bias = x_bias is True or has_res  # the residual case: a block's conv2 bias and shortcut
     require_aot_compiler()
     import maskar.kernels.group_norm as gn
 
     cfg = gn._config(160, 1024 * 1024, channels_last)
     tiles = dict(BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=channels_last, HAS_XB=x_bias)
     fn, consts = {
-        "stats": (gn._gn_stats, {**tiles, "SUMS": False, "CB_FAST": cb_fast}),
+        "stats": (gn._gn_stats, {**tiles, "SUMS": has_res, "CB_FAST": cb_fast, "HAS_RES": has_res}),
         "apply": (gn._gn_apply, {**tiles, "SILU": True, "Y_CHANNELS_LAST": channels_last and not nchw_out,
                                  "CB_FAST": cb_fast}),
         "finalize": (gn._gn_finalize, {"BLOCK_F": 512}),
@@ -941,6 +1072,48 @@ def test_decoder_with_the_kernel_matches_torch_decoder_gpu(channels_last, conv_b
     assert r["calls"] == r["norms"] > 0, r
     assert r["x_bias_calls"] == (r["res_blocks"] if conv_bias else 0), r
     assert r["fused_vs_fp32"] < 1.25 * r["torch_vs_fp32"], r
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "shape", [(1, 160, 1024, 1024), (8, 160, 256, 256), (1, 320, 256, 256), (3, 96, 17, 33)]
+)
+def test_sum_norm_act_gpu(shape):
+    """The residual sum made by the statistics pass at the decoder's shapes (channels-last, the
+    default rule's configs): s bit for bit the float32 sum rounded to nearest, y the norm of s."""
+    gn = pytest.importorskip("maskar.kernels.group_norm")
+    x, w, b = make_inputs(*shape, torch.bfloat16, True, device="cuda")
+    r, _, _ = make_inputs(*shape, torch.bfloat16, True, seed=4, device="cuda")
+    xb = torch.randn(shape[1], device="cuda").bfloat16()
+    s, y = gn.sum_norm_act(x, xb, r, w, b, 32 if shape[1] % 32 == 0 else 8, EPS, True)
+    want = (x.float() + xb.float().view(1, -1, 1, 1) + r.float()).bfloat16()
+    assert torch.equal(s, want) and s.stride() == x.stride() and y.stride() == x.stride()
+    assert excess(y, s, w, b, 32 if shape[1] % 32 == 0 else 8, True) <= 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_decoder_with_residual_sums_in_the_norm_gpu(channels_last, monkeypatch):
+    """MASKAR_GN_RESIDUAL on a GPU: the bf16 decode as close to the fp32 one as with the switch off."""
+    from maskar.tokenizers import common, vqvae
+
+    gn = pytest.importorskip("maskar.kernels.group_norm")
+    monkeypatch.setattr(gn, "TORCH_BELOW", 0)
+    monkeypatch.setattr(gn, "TORCH_BELOW_MANY", 0)
+    monkeypatch.setattr(common, "NORM_TAKES_CONV_BIAS", True)
+    monkeypatch.setattr(vqvae, "BF16_CHANNELS_LAST", channels_last)
+    m = tiny_vqvae(ch=32, norm_groups=8, resolution=32, patch_nums=(1, 2, 4, 8, 16)).cuda()
+    fhat = torch.randn(4, m.z_channels, m.latent_side, m.latent_side, device="cuda")
+    with torch.no_grad():
+        fp32 = m.fhat_to_img(fhat, "fp32").double()
+        off = m.fhat_to_img(fhat, "bf16").double()
+        monkeypatch.setattr(common, "NORM_TAKES_RESIDUAL", True)
+        on = m.fhat_to_img(fhat, "bf16").double()
+    e_on, e_off = _rel(on, fp32), _rel(off, fp32)
+    print(f"decode with residual sums in the norm: {e_on:.2e} from fp32 (off {e_off:.2e})")
+    assert e_on < 1.25 * e_off + 1e-4
 
 
 @pytest.mark.gpu

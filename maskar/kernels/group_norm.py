@@ -71,6 +71,8 @@ def _tile_offsets(n, c, p, C, HW, CHANNELS_LAST: tl.constexpr):
 def _gn_stats(
     X,
     XB,
+    R,
+    S,
     PART,
     C,
     HW,
@@ -81,9 +83,14 @@ def _gn_stats(
     HAS_XB: tl.constexpr,
     SUMS: tl.constexpr = False,
     CB_FAST: tl.constexpr = False,
+    HAS_RES: tl.constexpr = False,
 ):
     """PART[0 | 1, n, chunk, c] = mean | M2 of channel c (plus XB[c] if HAS_XB) over pixels
     [chunk * chunk_p, + chunk_p).
+
+    HAS_RES: the normalised tensor is s = x (+ XB[c]) + R, rounded once to x's dtype, which this
+    kernel also writes to S (R and S laid out as X): a residual block's sum, made in the same pass
+    as its statistics instead of a pass of its own before them.
 
     Default: each tile's exact moments (two reductions across the tile's pixel axis) merged into
     the running ones (Chan). SUMS: every element position of the tile sums x - shift and its
@@ -107,6 +114,8 @@ def _gn_stats(
         shift = tl.load(X + first, mask=c_ok, other=0.0).to(tl.float32)
         if HAS_XB:
             shift += xb
+        if HAS_RES:  # any shift near the data will do: the sum's unrounded value
+            shift += tl.load(R + first, mask=c_ok, other=0.0).to(tl.float32)
         sum_d = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
         sum_dd = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     else:
@@ -116,9 +125,14 @@ def _gn_stats(
     for p0 in range(p_lo, p_hi, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         ok = c_ok[:, None] & (p < p_hi)[None, :]
-        x = tl.load(X + _tile_offsets(n, c, p, C, HW, CHANNELS_LAST), mask=ok, other=0.0).to(tl.float32)
+        off = _tile_offsets(n, c, p, C, HW, CHANNELS_LAST)
+        x = tl.load(X + off, mask=ok, other=0.0).to(tl.float32)
         if HAS_XB:  # the masked-off elements must stay 0: the tile mean sums them
             x = tl.where(ok, x + xb[:, None], 0.0)
+        if HAS_RES:  # the statistics of s as stored, so the apply pass normalises what it reads
+            s_t = (x + tl.load(R + off, mask=ok, other=0.0).to(tl.float32)).to(S.dtype.element_ty)
+            tl.store(S + off, s_t, mask=ok)
+            x = tl.where(ok, s_t.to(tl.float32), 0.0)
         if SUMS:
             d = tl.where(ok, x - shift[:, None], 0.0)
             sum_d += d
@@ -293,32 +307,48 @@ def _forward(
 ) -> Tensor:
     """Kernel launches: y in x's dtype and layout (x contiguous or channels-last), or contiguous
     (NCHW) with ``nchw_out``; ``x_bias`` (C values) is added to x per channel first."""
-    weight, bias = weight.contiguous(), bias.contiguous()
-    x_bias = None if x_bias is None else x_bias.contiguous()
-    N, C, H, W = x.shape
-    HW = H * W
     if x.numel() == 0:
         return _like(x, nchw_out)
+    x_bias = None if x_bias is None else x_bias.contiguous()
+    stats, _ = _stats(x, x_bias, None, groups, eps)
+    return _apply(x, stats, weight, bias, silu, x_bias, nchw_out)
+
+
+def _launch_config(x: Tensor) -> tuple[GNConfig, bool, int, int, int]:
+    """(config, channels-last, chunk length, statistics chunks, pixel blocks) of a call on x."""
+    N, C, H, W = x.shape
+    HW = H * W
     cl = _is_channels_last(x)
     cfg = _config(C, HW, cl)
     chunk_p = cfg.block_p * cfg.chunk_tiles
-    n_chunks = cdiv(HW, chunk_p)
+    n_chunks, n_pb = cdiv(HW, chunk_p), cdiv(HW, cfg.block_p)
+    if cfg.cb_fast and max(n_chunks, n_pb) > 65535:  # CUDA's limit on a grid's second axis
+        cfg = dataclasses.replace(cfg, cb_fast=False)
+    return cfg, cl, chunk_p, n_chunks, n_pb
+
+
+def _stats(
+    x: Tensor, x_bias: Tensor | None, residual: Tensor | None, groups: int, eps: float
+) -> tuple[Tensor, Tensor | None]:
+    """(N, groups, 2) float32 (mean, rstd) of x (+ x_bias per channel) (+ residual), and with a
+    residual the sum s it normalised (x's dtype and layout; rounded once)."""
+    N, C, H, W = x.shape
+    HW = H * W
+    cfg, cl, chunk_p, n_chunks, _ = _launch_config(x)
     n_cb = cdiv(C, cfg.block_c)
     part = torch.empty((2, N, n_chunks, C), dtype=torch.float32, device=x.device)
     stats = torch.empty((N, groups, 2), dtype=torch.float32, device=x.device)
-    y = _like(x, nchw_out)
-    has_xb = x_bias is not None
-    xb = x_bias if has_xb else bias  # a pointer the kernels never read without HAS_XB
-    n_pb = cdiv(HW, cfg.block_p)
-    if cfg.cb_fast and max(n_chunks, n_pb) > 65535:  # CUDA's limit on a grid's second axis
-        cfg = dataclasses.replace(cfg, cb_fast=False)
+    s = None if residual is None else torch.empty_like(x)
+    # pointers the kernel never reads without HAS_XB / HAS_RES
+    xb = x if x_bias is None else x_bias
+    r, s_ptr = (x, x) if residual is None else (residual, s)
     _launch(
         _gn_stats,
         (n_cb, n_chunks, N) if cfg.cb_fast else (n_chunks, n_cb, N),
-        (x, xb, part, C, HW, chunk_p),
+        (x, xb, r, s_ptr, part, C, HW, chunk_p),
         dict(
-            BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=cl, HAS_XB=has_xb, SUMS=cfg.sums,
-            CB_FAST=cfg.cb_fast,
+            BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, CHANNELS_LAST=cl, HAS_XB=x_bias is not None,
+            SUMS=cfg.sums, CB_FAST=cfg.cb_fast, HAS_RES=residual is not None,
         ),  # fmt: skip
         cfg.num_warps,
         cfg.stages,
@@ -332,16 +362,28 @@ def _forward(
         4 if block_f >= 512 else 1,
         1,
     )
+    return stats, s
+
+
+def _apply(
+    x: Tensor, stats: Tensor, weight: Tensor, bias: Tensor, silu: bool, x_bias: Tensor | None, nchw_out: bool
+) -> Tensor:
+    """y = the norm of x (+ x_bias) with ``stats`` from :func:`_stats`, affine, SiLU if ``silu``."""
+    N, C, H, W = x.shape
+    weight, bias = weight.contiguous(), bias.contiguous()
+    cfg, cl, _, _, n_pb = _launch_config(x)
+    n_cb = cdiv(C, cfg.block_c)
+    y = _like(x, nchw_out)
     _launch(
         _gn_apply,
         (n_cb, n_pb, N) if cfg.cb_fast else (n_pb, n_cb, N),
-        (x, xb, y, weight, bias, stats, C, HW, groups),
+        (x, bias if x_bias is None else x_bias, y, weight, bias, stats, C, H * W, stats.shape[1]),
         dict(
             BLOCK_C=cfg.block_c,
             BLOCK_P=cfg.block_p,
             CHANNELS_LAST=cl,
             SILU=silu,
-            HAS_XB=has_xb,
+            HAS_XB=x_bias is not None,
             Y_CHANNELS_LAST=cl and not nchw_out,
             CB_FAST=cfg.cb_fast,
         ),  # fmt: skip
@@ -404,6 +446,97 @@ def group_norm_act_op(
 @group_norm_act_op.register_fake
 def _(x, weight, bias, groups, eps, silu, x_bias=None, nchw_out=False):
     return _like(x, nchw_out)
+
+
+# A residual block's output summed in the statistics pass of the norm that reads it next: two ops,
+# so that under Inductor (and eagerly) the block's two terms are freed before the apply pass, and
+# the decode's peak stays at three full-size tensors.
+@torch.library.custom_op("maskar::group_norm_sum_stats", mutates_args=())
+def group_norm_sum_stats_op(
+    x: Tensor, x_bias: Tensor | None, residual: Tensor, groups: int, eps: float
+) -> tuple[Tensor, Tensor]:
+    """(s, stats): s = x (+ x_bias per channel) + residual, computed in float32 and rounded once to
+    x's dtype, in x's layout; stats (N, groups, 2) float32 = (mean, rstd) of s's groups."""
+    if _on_reference(x):
+        return _sum_stats_reference(x, x_bias, residual, groups, eps)
+    x = _dense(x)
+    residual = residual if residual.stride() == x.stride() else torch.empty_like(x).copy_(residual)
+    stats, s = _stats(x, None if x_bias is None else x_bias.contiguous(), residual, groups, eps)
+    return s, stats
+
+
+@group_norm_sum_stats_op.register_fake
+def _(x, x_bias, residual, groups, eps):
+    return torch.empty_like(x), x.new_empty((x.shape[0], groups, 2), dtype=torch.float32)
+
+
+@torch.library.custom_op("maskar::group_norm_apply", mutates_args=())
+def group_norm_apply_op(
+    s: Tensor, stats: Tensor, weight: Tensor, bias: Tensor, silu: bool, nchw_out: bool = False
+) -> Tensor:
+    """The norm of s with ``stats`` from ``maskar::group_norm_sum_stats``: affine, SiLU if ``silu``,
+    in s's dtype and layout (contiguous with ``nchw_out``)."""
+    if _on_reference(s):
+        return _like(s, nchw_out).copy_(_apply_reference(s, stats, weight, bias, silu))
+    return _apply(_dense(s), stats, weight, bias, silu, None, nchw_out)
+
+
+@group_norm_apply_op.register_fake
+def _(s, stats, weight, bias, silu, nchw_out=False):
+    return _like(s, nchw_out)
+
+
+def _sum_stats_reference(
+    x: Tensor, x_bias: Tensor | None, residual: Tensor, groups: int, eps: float
+) -> tuple[Tensor, Tensor]:
+    """The sum and its statistics in torch, float32 at least (the CPU body of the op, and the tests')."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    v = x.to(acc) if x_bias is None else x.to(acc) + x_bias.to(acc).view(1, -1, 1, 1)
+    s = (v + residual.to(acc)).to(x.dtype)
+    sg = s.to(acc).reshape(s.shape[0], groups, -1)
+    mean = sg.mean(-1)
+    rstd = (sg.var(-1, unbiased=False) + eps).rsqrt()
+    return torch.empty_like(x).copy_(s), torch.stack([mean, rstd], -1).float()
+
+
+def _apply_reference(s: Tensor, stats: Tensor, weight: Tensor, bias: Tensor, silu: bool) -> Tensor:
+    acc = torch.promote_types(s.dtype, torch.float32)
+    N, C = s.shape[:2]
+    G = stats.shape[1]
+    sg = s.to(acc).reshape(N, G, -1)
+    y = ((sg - stats[..., 0:1].to(acc)) * stats[..., 1:2].to(acc)).reshape(s.shape)
+    y = y * weight.to(acc).view(1, C, 1, 1) + bias.to(acc).view(1, C, 1, 1)
+    return (F.silu(y) if silu else y).to(s.dtype)
+
+
+def sum_norm_act(
+    x: Tensor,
+    x_bias: Tensor | None,
+    residual: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    groups: int,
+    eps: float,
+    silu: bool,
+    nchw_out: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """(s, y): s = x (+ ``x_bias`` per channel) + ``residual`` rounded once to x's dtype (a residual
+    block's output: a convolution run without its bias, the bias, the shortcut), and y = GroupNorm
+    (groups, eps, affine) of s then SiLU if ``silu``, as :func:`group_norm_act` of s would give up
+    to the rounding of the statistics' summation order. The sum is made in the statistics pass:
+    one read of s fewer than summing first (check :func:`supports` first; inference only)."""
+    C = x.shape[1] if x.dim() == 4 else -1
+    if (
+        C < 0 or C % groups or weight.numel() != C or bias.numel() != C or residual.shape != x.shape
+        or (x_bias is not None and x_bias.numel() != C)
+    ):  # fmt: skip
+        raise ValueError(
+            f"sum_norm_act: expected x and residual (N, C, H, W) of one shape with C divisible by "
+            f"groups={groups} and a weight, bias (and x_bias) of C values; got x {tuple(x.shape)}, "
+            f"residual {tuple(residual.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}"
+        )
+    s, stats = group_norm_sum_stats_op(x, x_bias, residual, groups, float(eps))
+    return s, group_norm_apply_op(s, stats, weight, bias, silu, nchw_out)
 
 
 def _like(x: Tensor, nchw_out: bool) -> Tensor:
@@ -524,4 +657,7 @@ def supports(
     return per_sample < 2**31  # one sample's offsets in int32
 
 
-__all__ = ["group_norm_act", "group_norm_act_op", "reference", "supports", "torch_is_faster", "GNConfig"]
+__all__ = [
+    "group_norm_act", "group_norm_act_op", "sum_norm_act", "group_norm_sum_stats_op", "group_norm_apply_op",
+    "reference", "supports", "torch_is_faster", "GNConfig",
+]  # fmt: skip

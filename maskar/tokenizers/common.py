@@ -156,6 +156,28 @@ def _conv_out_hw(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
     return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
 
+# Where the fused GroupNorm runs, a ResnetBlock whose output goes straight into another norm (the
+# next block's first, or the decoder's last) leaves its sum to that norm: conv2 runs without its
+# bias, and the norm's statistics pass adds the bias and the shortcut, writes the sum, and takes
+# its statistics (``maskar.kernels.group_norm.sum_norm_act``), one read of the block's output
+# fewer than a separate sum. MASKAR_GN_RESIDUAL (read at import).
+NORM_TAKES_RESIDUAL = bool(env.switch("MASKAR_GN_RESIDUAL"))
+
+
+def _norm_takes_sum(block: nn.Module, nxt: nn.Module | None, x: torch.Tensor) -> bool:
+    """Whether ``block`` (a ResnetBlock taking x) leaves its sum to the norm ``nxt`` reads it with:
+    the switch on, ``nxt`` a ResnetBlock's first norm or a GroupNorm with SiLU after it, and the
+    fused op taking that norm's call (CUDA bf16 / fp16 inference, as :func:`norm_act`)."""
+    fused = _group_norm_kernel
+    if not NORM_TAKES_RESIDUAL or fused is None or not isinstance(block, ResnetBlock) or x.dim() != 4:
+        return False
+    norm = nxt.norm1 if isinstance(nxt, ResnetBlock) else nxt
+    if not isinstance(norm, nn.GroupNorm):
+        return False
+    out_shape = (x.shape[0], block.conv2.out_channels, *_conv_out_hw(block.conv2, x))
+    return fused.supports(x, norm.weight, norm.bias, norm.num_groups, shape=out_shape)
+
+
 class ResnetBlock(nn.Module):
     """GN -> SiLU -> conv3 -> GN -> SiLU -> dropout -> conv3, plus a 1x1 shortcut if widths differ."""
 
@@ -178,6 +200,38 @@ class ResnetBlock(nn.Module):
         if torch.is_grad_enabled():
             return self.nin_shortcut(x) + h
         return h.add_(self.nin_shortcut(x))  # inference: the sum in conv2's output (the same bits)
+
+    def forward_unsummed(self, x: torch.Tensor | None, pending: list) -> tuple:
+        """The block for a caller that sums through the fused norm (:data:`NORM_TAKES_RESIDUAL`):
+        its input is x, or the previous block's parts still to be summed (by this block's first
+        norm), handed over in ``pending`` (a list this call empties, so that the parts are freed
+        once summed); it returns its own output as parts (conv2's output without the bias, the
+        bias, the shortcut), for the norm that reads it next."""
+        if not pending:
+            h = norm_act(self.norm1, x)
+        else:
+            x, h = self._sum_norm(self.norm1, pending)
+        h = conv_norm_act(self.conv1, self.norm2, h)
+        c = self.conv2
+        h = F.conv2d(self.dropout(h), c.weight, None, c.stride, c.padding, c.dilation, c.groups)
+        return h, c.bias, self.nin_shortcut(x)
+
+    @staticmethod
+    def _sum_norm(norm: nn.GroupNorm, pending: list, nchw_out: bool = False) -> tuple:
+        """(sum, SiLU(norm(sum))) of the block parts popped from ``pending``, through the fused ops
+        (``maskar.kernels.group_norm.sum_norm_act``'s two steps), the parts freed between them."""
+        gn = _group_norm_kernel
+        h, b, r = pending.pop()
+        s, stats = gn.group_norm_sum_stats_op(h, b, r, norm.num_groups, float(norm.eps))
+        del h, r  # before the apply pass allocates its output: three full-size tensors at most
+        return s, gn.group_norm_apply_op(s, stats, norm.weight, norm.bias, True, nchw_out)
+
+    @staticmethod
+    def _sum(pending: list) -> torch.Tensor:
+        """The block parts popped from ``pending`` summed (inference: into conv2's output), where
+        the next module is not a norm that can take them."""
+        h, b, r = pending.pop()
+        return h.add_(b.view(1, -1, 1, 1)).add_(r)
 
 
 class AttnBlock(nn.Module):
@@ -423,12 +477,28 @@ class Decoder(nn.Module):
         # The levels' steps one by one rather than ``h = level(h)``: a level call would keep its
         # input alive (as this frame's h) until the level returns, one full-size tensor more at
         # the decode's memory peak (335 MB per 1024 px image in bf16).
-        for level in reversed(self.up):
-            for step in level.steps():
+        steps = [step for level in reversed(self.up) for step in level.steps()]
+        parts = None  # the last ResnetBlock's output, not yet summed (NORM_TAKES_RESIDUAL)
+        for i, step in enumerate(steps):
+            nxt = steps[i + 1] if i + 1 < len(steps) else self.norm_out
+            defer = _norm_takes_sum(step, nxt, h if parts is None else parts[0])
+            if parts is None and not defer:
                 h = step(h)
+                continue
+            # a ResnetBlock (only one leaves parts, only for a ResnetBlock or norm_out after it)
+            pending, parts = ([] if parts is None else [parts]), None
+            parts, h = step.forward_unsummed(h, pending), None
+            if not defer:  # its output goes elsewhere first (attention, upsampling): summed now
+                pending, parts = [parts], None
+                h = ResnetBlock._sum(pending)
         # The output conv's NCHW input (below) written by the norm itself: no copy of the
         # channels-last decode's top-level activation (5.2 ms of a compiled 256 px B 64 decode on an H100).
-        h = norm_act(self.norm_out, h, nchw_out=self.conv_out.out_channels < 8)
+        nchw_out = self.conv_out.out_channels < 8
+        if parts is not None:
+            pending, parts = [parts], None
+            _, h = ResnetBlock._sum_norm(self.norm_out, pending, nchw_out)
+        else:
+            h = norm_act(self.norm_out, h, nchw_out=nchw_out)
         if self.conv_out.out_channels < 8:
             # In channels-last memory cuDNN runs this conv (3 output channels) 6x slower than in
             # NCHW (H200, bf16: 3.1 against 0.5 ms per 8 x 256^2 chunk), more than the rest of the

@@ -51,6 +51,10 @@
 #     4M elements, channel blocks first and shifted sums, over 32- to 256-channel tiles, 16 or 32 tiles
 #     a statistics program, 4 or 8 warps; the compiled decode with the rule before, the default and
 #     the winners.
+#   PART=resid (about 9 min, DEADLINE=570): the residual block's sum made by the next fused norm's
+#     statistics pass (MASKAR_GN_RESIDUAL): its GPU tests and the norm's; HMAR-d16 1024 px B 8, then
+#     256 px B 64, compiled-w16 + compiled decoder with the switch off and on, each in its own
+#     process; then PART=gn3's sweep in the time left.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -63,6 +67,13 @@ sample_run() {  # NAME CAP ARGS...: `maskar bench sample ARGS` into $OUT/NAME.{t
   local name=$1 limit=$2; shift 2
   timeout $(cap $limit) $PY -m maskar bench sample "$@" json="$OUT/$name.json" > "$OUT/$name.txt" 2>&1
   echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/$name.txt" | tail -n 5
+}
+gn3_sweep() {  # PART=gn3's sweep (also the end of PART=resid)
+  el "the norm at the 1024 px decode's calls: tile widths and chunk lengths, channel blocks first"
+  SWEEP_CASE=1024x8 SWEEP_BLOCK_C=32,64,128,256 SWEEP_TILE=4096 SWEEP_CHUNK_TILES=16,32 SWEEP_WARPS=4,8 \
+    SWEEP_SUMS=1 SWEEP_CB_FAST=1 SWEEP_STAGES=1 SWEEP_MIN_ELEMENTS=4000000 \
+    timeout $(cap 400) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep1024c.txt" 2>&1
+  echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep1024c.txt" | grep -v "^  GNConfig" | tail -n 16
 }
 if [ "${PART:-a}" = a ]; then
   el "GPU tests: the fused norm adding a conv's bias, alone, in the decoder, compiled"
@@ -208,14 +219,23 @@ elif [ "${PART}" = softgn2 ]; then
     SWEEP_CB_FAST=1 SWEEP_STAGES=1,3 SWEEP_MIN_ELEMENTS=4000000 \
     timeout $(cap 200) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep1024b.txt" 2>&1
   echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep1024b.txt" | grep -v "^  GNConfig" | tail -n 16
+elif [ "${PART}" = resid ]; then
+  el "GPU tests: the residual sums in the norm, the fused norm"
+  timeout $(cap 110) $PY -m pytest -q -s -m gpu tests/test_group_norm_kernel.py > "$OUT/resid_tests.txt" 2>&1
+  echo "tests rc=$?"; grep -E "residual sums|passed|failed" "$OUT/resid_tests.txt"
+  for case in 1024x8 256x64; do
+    for k in 0 1; do
+      el "bench sample hmar-d16 $case compiled-w16 + compiled decoder: MASKAR_GN_RESIDUAL=$k"
+      MASKAR_GN_RESIDUAL=$k timeout $(cap 100) $PY -m maskar bench sample models=hmar-d16 cases=$case \
+        modes=compiled-w16 reps=5 compile_decoder=true > "$OUT/s${case}_resid$k.txt" 2>&1  # no json: 8 files come back
+      echo "sample rc=$?"; grep -E "^hmar-d16 " "$OUT/s${case}_resid$k.txt"
+    done
+  done
+  gn3_sweep
 elif [ "${PART}" = gn3 ]; then
-  el "the norm at the 1024 px decode's calls: tile widths and chunk lengths, channel blocks first"
-  SWEEP_CASE=1024x8 SWEEP_BLOCK_C=32,64,128,256 SWEEP_TILE=4096 SWEEP_CHUNK_TILES=16,32 SWEEP_WARPS=4,8 \
-    SWEEP_SUMS=1 SWEEP_CB_FAST=1 SWEEP_STAGES=1 SWEEP_MIN_ELEMENTS=4000000 \
-    timeout $(cap 400) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/sweep1024c.txt" 2>&1
-  echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep1024c.txt" | grep -v "^  GNConfig" | tail -n 16
+  gn3_sweep
 else
-  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn, softgn2 or gn3; got ${PART}" >&2
+  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn, softgn2, resid or gn3; got ${PART}" >&2
   exit 2
 fi
 el done
