@@ -51,8 +51,8 @@
 #     4M elements, channel blocks first and shifted sums, over 32- to 256-channel tiles, 16 or 32 tiles
 #     a statistics program, 4 or 8 warps; the compiled decode with the rule before, the default and
 #     the winners.
-#   PART=resid (about 9 min, DEADLINE=570): the residual block's sum made by the next fused norm's
-#     statistics pass (MASKAR_GN_RESIDUAL): its GPU tests and the norm's; HMAR-d16 1024 px B 8, then
+#   PART=resid (about 6 min, DEADLINE=570): the residual block's sum made by the next fused norm's
+#     statistics pass (MASKAR_GN_RESIDUAL): its GPU tests; HMAR-d16 1024 px B 8, then
 #     256 px B 64, compiled-w16 + compiled decoder with the switch off and on, each in its own
 #     process; then PART=gn3's sweep in the time left.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
@@ -221,7 +221,8 @@ elif [ "${PART}" = softgn2 ]; then
   echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep1024b.txt" | grep -v "^  GNConfig" | tail -n 16
 elif [ "${PART}" = resid ]; then
   el "GPU tests: the residual sums in the norm, the fused norm"
-  timeout $(cap 110) $PY -m pytest -q -s -m gpu tests/test_group_norm_kernel.py > "$OUT/resid_tests.txt" 2>&1
+  timeout $(cap 110) $PY -m pytest -q -s -m gpu tests/test_group_norm_kernel.py -k "sum_norm_act or residual" \
+    > "$OUT/resid_tests.txt" 2>&1
   echo "tests rc=$?"; grep -E "residual sums|passed|failed" "$OUT/resid_tests.txt"
   for case in 1024x8 256x64; do
     for k in 0 1; do
