@@ -551,28 +551,38 @@ def test_decoder_with_conv_bias_in_the_norm_compiles_to_the_eager_images(cpu_ref
     monkeypatch.setattr(common, "NORM_TAKES_CONV_BIAS", True)
     m = tiny_vqvae()
     fhat = torch.randn(2, m.z_channels, m.latent_side, m.latent_side)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
     with torch.no_grad():
         want = m.fhat_to_img(fhat, precision="bf16")
-        torch._dynamo.reset()
-        got = torch.compile(m.fhat_to_img, backend=backend, fullgraph=True)(fhat, precision="bf16")
-    torch._dynamo.reset()
+    got, graphs = _compiled_decode(m, fhat)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     ops = [n for g in graphs for n in g.graph.nodes if "group_norm_act" in str(n.target)]
     with_bias = [n for n in ops if len(n.args) > 6 and n.args[6] is not None]
     blocks = sum(type(mod).__name__ == "ResnetBlock" for mod in m.decoder.modules())
     assert len(ops) == sum(isinstance(mod, torch.nn.GroupNorm) for mod in m.decoder.modules())
     assert len(with_bias) == blocks > 0
-    for n in with_bias:  # fed straight by a convolution without its bias
+    _assert_fed_by_a_conv_without_bias(with_bias)
+
+
+def _compiled_decode(m, fhat) -> tuple[torch.Tensor, list]:
+    """The bf16 decode of ``fhat`` compiled whole (no graph break allowed), and the traced graphs."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(m.fhat_to_img, backend=backend, fullgraph=True)(fhat, precision="bf16")
+    torch._dynamo.reset()
+    return got, graphs
+
+
+def _assert_fed_by_a_conv_without_bias(nodes) -> None:
+    for n in nodes:  # the first argument straight from a convolution that left its bias to the op
         conv = n.args[0]
-        assert "conv2d" in str(conv.target) and (len(conv.args) < 3 or conv.args[2] is None), (
-            conv.format_node()
-        )
+        no_bias = len(conv.args) < 3 or conv.args[2] is None
+        assert "conv2d" in str(conv.target) and no_bias, conv.format_node()
 
 
 def test_opcheck_sum_stats_and_apply(cpu_reference):
@@ -614,27 +624,16 @@ def test_decoder_with_residual_sums_compiles_to_the_eager_images(cpu_reference, 
     monkeypatch.setattr(vqvae, "BF16_CHANNELS_LAST", channels_last)
     m = tiny_vqvae()
     fhat = torch.randn(2, m.z_channels, m.latent_side, m.latent_side)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
     with torch.no_grad():
         off = m.fhat_to_img(fhat, precision="bf16")
         monkeypatch.setattr(common, "NORM_TAKES_RESIDUAL", True)
         want = m.fhat_to_img(fhat, precision="bf16")
-        torch._dynamo.reset()
-        got = torch.compile(m.fhat_to_img, backend=backend, fullgraph=True)(fhat, precision="bf16")
-    torch._dynamo.reset()
+    got, graphs = _compiled_decode(m, fhat)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert (want.float() - off.float()).abs().max() < 0.05
     sums = [n for g in graphs for n in g.graph.nodes if "group_norm_sum_stats" in str(n.target)]
     assert len(sums) == 2
-    for n in sums:
-        conv = n.args[0]
-        no_bias = len(conv.args) < 3 or conv.args[2] is None
-        assert "conv2d" in str(conv.target) and no_bias, conv.format_node()
+    _assert_fed_by_a_conv_without_bias(sums)
 
 
 def test_decoder_traces_the_op_without_graph_break(cpu_reference):
