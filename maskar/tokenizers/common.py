@@ -160,7 +160,9 @@ def _conv_out_hw(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
 # next block's first, or the decoder's last) leaves its sum to that norm: conv2 runs without its
 # bias, and the norm's statistics pass adds the bias and the shortcut, writes the sum, and takes
 # its statistics (``maskar.kernels.group_norm.sum_norm_act``), one read of the block's output
-# fewer than a separate sum. MASKAR_GN_RESIDUAL (read at import).
+# fewer than a separate sum. MASKAR_GN_RESIDUAL (read at import), opt-in: on an H100 it took
+# HMAR-d16's 256 px B 64 call 203.8 -> 201.6 ms but its 1024 px B 8 call 400.7 -> 406.1
+# (docs/benchmarks.md, *The wide attention's softmax and the norm's grid*).
 NORM_TAKES_RESIDUAL = bool(env.switch("MASKAR_GN_RESIDUAL"))
 
 
