@@ -3,7 +3,7 @@
 # stack (torch 2.11.0 + Triton 3.6.0), before a device session runs new code there:
 #
 #   scripts/compat_env.sh                          # torch 2.11.0, triton 3.6.0 in /tmp/maskar-compat
-#   TORCH=2.14.0 TRITON=3.7.0 VENV=/tmp/c214 scripts/compat_env.sh -k linear_act   # pytest args pass on
+#   TORCH=2.14.0 TRITON=3.8.0 VENV=/tmp/c214 scripts/compat_env.sh -k linear_act   # pytest args pass on (2.14 pins Triton 3.8)
 #
 # PyPI's Linux torch wheels are CUDA builds: the venv pulls their NVIDIA libraries (about 4.5 GB)
 # but runs everything on the CPU. numpy stays below 2.3 for Triton 3.6's interpreter (it converts

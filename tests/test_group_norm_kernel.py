@@ -611,6 +611,8 @@ def test_sum_norm_act_reference_is_the_norm_of_the_sum(cpu_reference):
         torch.testing.assert_close(y, gn.reference(s, w, b, 4, EPS, True), rtol=0, atol=2 ** -6)
     with pytest.raises(ValueError, match="residual"):
         gn.sum_norm_act(x, xb, r[:1], w, b, 4, EPS, True)
+    s, y = gn.sum_norm_act(x[:0], xb, r[:0], w, b, 4, EPS, True)  # an empty batch: empty results
+    assert s.shape == y.shape == (0, 8, 3, 5)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -457,7 +457,7 @@ def group_norm_sum_stats_op(
 ) -> tuple[Tensor, Tensor]:
     """(s, stats): s = x (+ x_bias per channel) + residual, computed in float32 and rounded once to
     x's dtype, in x's layout; stats (N, groups, 2) float32 = (mean, rstd) of s's groups."""
-    if _on_reference(x):
+    if _on_reference(x) or x.numel() == 0:
         return _sum_stats_reference(x, x_bias, residual, groups, eps)
     x = _dense(x)
     residual = residual if residual.stride() == x.stride() else torch.empty_like(x).copy_(residual)
@@ -476,7 +476,7 @@ def group_norm_apply_op(
 ) -> Tensor:
     """The norm of s with ``stats`` from ``maskar::group_norm_sum_stats``: affine, SiLU if ``silu``,
     in s's dtype and layout (contiguous with ``nchw_out``)."""
-    if _on_reference(s):
+    if _on_reference(s) or s.numel() == 0:
         return _like(s, nchw_out).copy_(_apply_reference(s, stats, weight, bias, silu))
     return _apply(_dense(s), stats, weight, bias, silu, None, nchw_out)
 
@@ -493,7 +493,7 @@ def _sum_stats_reference(
     acc = torch.promote_types(x.dtype, torch.float32)
     v = x.to(acc) if x_bias is None else x.to(acc) + x_bias.to(acc).view(1, -1, 1, 1)
     s = (v + residual.to(acc)).to(x.dtype)
-    sg = s.to(acc).reshape(s.shape[0], groups, -1)
+    sg = s.to(acc).reshape(s.shape[0], groups, (s.shape[1] // groups) * s.shape[2] * s.shape[3])
     mean = sg.mean(-1)
     rstd = (sg.var(-1, unbiased=False) + eps).rsqrt()
     return torch.empty_like(x).copy_(s), torch.stack([mean, rstd], -1).float()
@@ -503,7 +503,7 @@ def _apply_reference(s: Tensor, stats: Tensor, weight: Tensor, bias: Tensor, sil
     acc = torch.promote_types(s.dtype, torch.float32)
     N, C = s.shape[:2]
     G = stats.shape[1]
-    sg = s.to(acc).reshape(N, G, -1)
+    sg = s.to(acc).reshape(N, G, (C // G) * s.shape[2] * s.shape[3])
     y = ((sg - stats[..., 0:1].to(acc)) * stats[..., 1:2].to(acc)).reshape(s.shape)
     y = y * weight.to(acc).view(1, C, 1, 1) + bias.to(acc).view(1, C, 1, 1)
     return (F.silu(y) if silu else y).to(s.dtype)
