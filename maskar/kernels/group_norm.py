@@ -267,11 +267,17 @@ SUMS_MIN_ELEMENTS = 1 << 23
 # MASKAR_GN_CB_FAST=0 (read at import) restores the rule before.
 CB_FAST_MIN_ELEMENTS = 1 << 22
 CB_FAST = bool(env.switch("MASKAR_GN_CB_FAST"))
+# Among those, the largest maps (the 160 x 1024^2 ones of a 1024 px decode) take narrower tiles:
+# 64 channels x 64 pixels where the norm adds a conv's bias (0.411 against 0.453 ms a call in two
+# sweeps on two H100s), 32 x 128 at 8 warps where it does not (0.404 against 0.445, one sweep);
+# docs/benchmarks.md, *The wide attention's softmax and the norm's grid*. WIDE_MAPS_MIN_ELEMENTS
+# = None restores the 128 x 32 tiles for them (the sweep's A/B).
+WIDE_MAPS_MIN_ELEMENTS: int | None = 1 << 27
 FORCE_CONFIG: GNConfig | None = None  # tests / sweeps pin a config
 _INTERPRET_CONFIG = GNConfig(2, 8, 2, 1)  # tiny tiles: tail, multi-tile and multi-chunk paths
 
 
-def _config(C: int, HW: int, channels_last: bool) -> GNConfig:
+def _config(C: int, HW: int, channels_last: bool, x_bias: bool = False) -> GNConfig:
     # Memory-bound: the tile runs along the contiguous axis (pixels in NCHW, channels in
     # channels-last); a statistics program reads 8 tiles (64 KB of bf16), which keeps ~5k
     # programs in flight for one 160 x 1024^2 image. Channels-last tiles: 64 channels x 64 pixels,
@@ -282,6 +288,9 @@ def _config(C: int, HW: int, channels_last: bool) -> GNConfig:
         return _INTERPRET_CONFIG
     if channels_last:
         if CB_FAST and C * HW >= CB_FAST_MIN_ELEMENTS:
+            if WIDE_MAPS_MIN_ELEMENTS is not None and C * HW >= WIDE_MAPS_MIN_ELEMENTS:
+                bc, warps = (64, 4) if x_bias else (32, 8)
+                return GNConfig(bc, TILE // bc, 16, warps, sums=True, cb_fast=True)
             bc = min(next_power_of_2(C), 128)
             return GNConfig(bc, TILE // bc, 16, 4, sums=True, cb_fast=True)
         bc = min(next_power_of_2(C), 64)
@@ -314,12 +323,12 @@ def _forward(
     return _apply(x, stats, weight, bias, silu, x_bias, nchw_out)
 
 
-def _launch_config(x: Tensor) -> tuple[GNConfig, bool, int, int, int]:
+def _launch_config(x: Tensor, x_bias: bool) -> tuple[GNConfig, bool, int, int, int]:
     """(config, channels-last, chunk length, statistics chunks, pixel blocks) of a call on x."""
     N, C, H, W = x.shape
     HW = H * W
     cl = _is_channels_last(x)
-    cfg = _config(C, HW, cl)
+    cfg = _config(C, HW, cl, x_bias)
     chunk_p = cfg.block_p * cfg.chunk_tiles
     n_chunks, n_pb = cdiv(HW, chunk_p), cdiv(HW, cfg.block_p)
     if cfg.cb_fast and max(n_chunks, n_pb) > 65535:  # CUDA's limit on a grid's second axis
@@ -334,7 +343,7 @@ def _stats(
     residual the sum s it normalised (x's dtype and layout; rounded once)."""
     N, C, H, W = x.shape
     HW = H * W
-    cfg, cl, chunk_p, n_chunks, _ = _launch_config(x)
+    cfg, cl, chunk_p, n_chunks, _ = _launch_config(x, x_bias is not None)
     n_cb = cdiv(C, cfg.block_c)
     part = torch.empty((2, N, n_chunks, C), dtype=torch.float32, device=x.device)
     stats = torch.empty((N, groups, 2), dtype=torch.float32, device=x.device)
@@ -371,7 +380,7 @@ def _apply(
     """y = the norm of x (+ x_bias) with ``stats`` from :func:`_stats`, affine, SiLU if ``silu``."""
     N, C, H, W = x.shape
     weight, bias = weight.contiguous(), bias.contiguous()
-    cfg, cl, _, _, n_pb = _launch_config(x)
+    cfg, cl, _, _, n_pb = _launch_config(x, x_bias is not None)
     n_cb = cdiv(C, cfg.block_c)
     y = _like(x, nchw_out)
     _launch(

@@ -17,7 +17,9 @@ OUT=/tmp/out python3 scripts/gpu/gn_cl_sweep.py   (about 3 min on an H100); SWEE
 SWEEP_CHUNK_TILES, SWEEP_WARPS, SWEEP_SUMS (0 / 1: the statistics kernel's per-lane shifted sums,
 GNConfig.sums), SWEEP_CB_FAST (0 / 1: the channel blocks on the grid's first axis), SWEEP_STAGES
 (the statistics loop's num_stages) (comma-separated) and SWEEP_MIN_ELEMENTS narrow it; SWEEP_CASE
-(default 256x64; 1024x8) picks the decode whose calls are swept. (A per-lane Welford scheme,
+(default 256x64; 1024x8) picks the decode whose calls are swept; SWEEP_DECODES (comma-separated
+labels of the compiled decodes timed after it: "previous rule", "without the largest maps' tiles",
+"default configs", "swept configs"; default all) the decodes. (A per-lane Welford scheme,
 swept with it on 2026-12-06, did no better and is gone: docs/kernels.md.)
 """
 
@@ -109,9 +111,9 @@ for (shape, silu, has_xb, cl), n in sorted(
         x = x.contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(C, device=dev).bfloat16(), torch.randn(C, device=dev).bfloat16()
     xb = torch.randn(C, device=dev).bfloat16() if has_xb else None
-    default_cfg = gn._config(C, H * W, cl)
+    default_cfg = gn._config(C, H * W, cl, has_xb)
     base_ms, ref = timed(x, w, b, xb, silu, default_cfg)
-    nchw_ms, _ = timed(x.contiguous(), w, b, xb, silu, gn._config(C, H * W, False))
+    nchw_ms, _ = timed(x.contiguous(), w, b, xb, silu, gn._config(C, H * W, False, has_xb))
     cands = []
     for cfg in GRID:
         if cfg.block_c > max(32, 2 ** (C - 1).bit_length()):
@@ -128,7 +130,7 @@ for (shape, silu, has_xb, cl), n in sorted(
         print(f"{'x'.join(map(str, shape))}: no config ran and agreed with the default", flush=True)
         continue
     ms_best, cfg_best, err_best = min(ok, key=lambda c: c[0])
-    best[(C, H * W, cl)] = cfg_best
+    best[(C, H * W, cl, has_xb)] = cfg_best
     bytes_floor = 3 * x.numel() * 2  # read twice, write once
     row = {"shape": shape, "silu": silu, "x_bias": has_xb, "channels_last": cl, "calls": n,
            "default": dataclasses.asdict(default_cfg),
@@ -159,21 +161,32 @@ dump()  # the sweep kept if the compiled decodes below run out of time
 real_config = gn._config
 
 
-def tuned_config(C, HW, channels_last):
-    return best.get((C, HW, channels_last)) or real_config(C, HW, channels_last)
+def tuned_config(C, HW, channels_last, x_bias=False):
+    return best.get((C, HW, channels_last, x_bias)) or real_config(C, HW, channels_last, x_bias)
 
 
-def previous_config(C, HW, channels_last):
+def previous_config(C, HW, channels_last, x_bias=False):
     """The rule before MASKAR_GN_CB_FAST (2026-12-06)."""
     saved, gn.CB_FAST = gn.CB_FAST, False
     try:
-        return real_config(C, HW, channels_last)
+        return real_config(C, HW, channels_last, x_bias)
     finally:
         gn.CB_FAST = saved
 
 
-for label, cfg_fn in (("previous rule", previous_config), ("default configs", real_config),
-                      ("swept configs", tuned_config)):  # fmt: skip
+def no_wide_maps_config(C, HW, channels_last, x_bias=False):
+    """The default rule without its tiles for the largest maps (WIDE_MAPS_MIN_ELEMENTS None)."""
+    saved, gn.WIDE_MAPS_MIN_ELEMENTS = gn.WIDE_MAPS_MIN_ELEMENTS, None
+    try:
+        return real_config(C, HW, channels_last, x_bias)
+    finally:
+        gn.WIDE_MAPS_MIN_ELEMENTS = saved
+
+
+LABELS = {"previous rule": previous_config, "without the largest maps' tiles": no_wide_maps_config,
+          "default configs": real_config, "swept configs": tuned_config}  # fmt: skip
+for label in os.environ.get("SWEEP_DECODES", ",".join(LABELS)).split(","):
+    cfg_fn = LABELS[label]
     gn._config = cfg_fn
     try:
         torch._dynamo.reset()
