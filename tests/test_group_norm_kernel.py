@@ -1242,11 +1242,12 @@ def test_default_config_puts_large_channels_last_calls_channel_blocks_first(monk
     want = gn.GNConfig(128, 32, 16, 4, sums=True, cb_fast=True)
     assert gn._config(160, 512 * 512, True) == want
     assert gn._config(320, 128 * 128, True) == want
-    # the largest maps (>= 2^27 elements: 160 x 1024^2) take narrower tiles, by whether x_bias is added
+    assert gn._config(160, 1024 * 1024, True, True) == want
+    # opt-in: the largest maps (>= 2^27 elements: 160 x 1024^2) in narrower tiles, by whether x_bias is added
+    monkeypatch.setattr(gn, "WIDE_MAPS_MIN_ELEMENTS", gn.WIDE_MAPS_TRIAL)
     assert gn._config(160, 1024 * 1024, True) == gn.GNConfig(32, 128, 16, 8, sums=True, cb_fast=True)
     assert gn._config(160, 1024 * 1024, True, True) == gn.GNConfig(64, 64, 16, 4, sums=True, cb_fast=True)
-    monkeypatch.setattr(gn, "WIDE_MAPS_MIN_ELEMENTS", None)
-    assert gn._config(160, 1024 * 1024, True, True) == want
+    assert gn._config(160, 512 * 512, True, True) == want
     assert gn._config(640, 64 * 64, True) == gn.GNConfig(64, 64, 8, 4)
     assert not gn._config(160, 1024 * 1024, False).cb_fast
     assert gn.CB_FAST_MIN_ELEMENTS == 1 << 22

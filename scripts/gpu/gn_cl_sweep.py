@@ -18,8 +18,8 @@ SWEEP_CHUNK_TILES, SWEEP_WARPS, SWEEP_SUMS (0 / 1: the statistics kernel's per-l
 GNConfig.sums), SWEEP_CB_FAST (0 / 1: the channel blocks on the grid's first axis), SWEEP_STAGES
 (the statistics loop's num_stages) (comma-separated) and SWEEP_MIN_ELEMENTS narrow it; SWEEP_CASE
 (default 256x64; 1024x8) picks the decode whose calls are swept; SWEEP_DECODES (comma-separated
-labels of the compiled decodes timed after it: "previous rule", "without the largest maps' tiles",
-"default configs", "swept configs"; default all) the decodes. (A per-lane Welford scheme,
+labels of the compiled decodes timed after it: "previous rule", "default configs", "with the
+largest maps' tiles", "swept configs"; default all) the decodes. (A per-lane Welford scheme,
 swept with it on 2026-12-06, did no better and is gone: docs/kernels.md.)
 """
 
@@ -174,17 +174,17 @@ def previous_config(C, HW, channels_last, x_bias=False):
         gn.CB_FAST = saved
 
 
-def no_wide_maps_config(C, HW, channels_last, x_bias=False):
-    """The default rule without its tiles for the largest maps (WIDE_MAPS_MIN_ELEMENTS None)."""
-    saved, gn.WIDE_MAPS_MIN_ELEMENTS = gn.WIDE_MAPS_MIN_ELEMENTS, None
+def wide_maps_config(C, HW, channels_last, x_bias=False):
+    """The default rule with the largest maps' narrower tiles (WIDE_MAPS_MIN_ELEMENTS = WIDE_MAPS_TRIAL)."""
+    saved, gn.WIDE_MAPS_MIN_ELEMENTS = gn.WIDE_MAPS_MIN_ELEMENTS, gn.WIDE_MAPS_TRIAL
     try:
         return real_config(C, HW, channels_last, x_bias)
     finally:
         gn.WIDE_MAPS_MIN_ELEMENTS = saved
 
 
-LABELS = {"previous rule": previous_config, "without the largest maps' tiles": no_wide_maps_config,
-          "default configs": real_config, "swept configs": tuned_config}  # fmt: skip
+LABELS = {"previous rule": previous_config, "default configs": real_config,
+          "with the largest maps' tiles": wide_maps_config, "swept configs": tuned_config}  # fmt: skip
 for label in os.environ.get("SWEEP_DECODES", ",".join(LABELS)).split(","):
     cfg_fn = LABELS[label]
     gn._config = cfg_fn

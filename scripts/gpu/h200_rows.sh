@@ -55,9 +55,10 @@
 #     statistics pass (MASKAR_GN_RESIDUAL): its GPU tests; HMAR-d16 1024 px B 8, then
 #     256 px B 64, compiled-w16 + compiled decoder with the switch off and on, each in its own
 #     process; then PART=gn3's sweep in the time left.
-#   PART=gn4 (about 3 min): the norm's narrower tiles for the largest maps (WIDE_MAPS_MIN_ELEMENTS):
-#     the fused norm's GPU tests at the decoder's shapes; the compiled 1024 px B 8 decode without and
-#     with them (scripts/gpu/gn_cl_sweep.py, no sweep); HMAR-d16 1024 px B 8 at the defaults.
+#   PART=gn4 (about 3 min): the norm's narrower tiles for the largest maps (WIDE_MAPS_MIN_ELEMENTS,
+#     off by default): the fused norm's GPU tests at the decoder's shapes; the compiled 1024 px B 8
+#     decode at the defaults and with them (scripts/gpu/gn_cl_sweep.py, no sweep); HMAR-d16 1024 px
+#     B 8 at the defaults.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -241,8 +242,8 @@ elif [ "${PART}" = gn4 ]; then
   timeout $(cap 90) $PY -m pytest -q -m gpu tests/test_group_norm_kernel.py \
     -k "kernel_matches_torch_gpu or x_bias_gpu or sum_norm_act_gpu" > "$OUT/gn4_tests.txt" 2>&1
   echo "tests rc=$?"; tail -n 2 "$OUT/gn4_tests.txt"
-  el "the compiled 1024 px decode without and with the largest maps' tiles"
-  SWEEP_CASE=1024x8 SWEEP_MIN_ELEMENTS=1000000000000 SWEEP_DECODES="without the largest maps' tiles,default configs" \
+  el "the compiled 1024 px decode at the defaults and with the largest maps' tiles"
+  SWEEP_CASE=1024x8 SWEEP_MIN_ELEMENTS=1000000000000 SWEEP_DECODES="default configs,with the largest maps' tiles" \
     timeout $(cap 150) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/gn4_decodes.txt" 2>&1
   echo "decodes rc=$?"; grep "^compiled" "$OUT/gn4_decodes.txt"
   el "bench sample hmar-d16 1024 px B 8 compiled-w16 + compiled decoder at the defaults"
