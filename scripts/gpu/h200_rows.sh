@@ -72,6 +72,11 @@ sample_run() {  # NAME CAP ARGS...: `maskar bench sample ARGS` into $OUT/NAME.{t
   timeout $(cap $limit) $PY -m maskar bench sample "$@" json="$OUT/$name.json" > "$OUT/$name.txt" 2>&1
   echo "sample rc=$?"; grep -vE "$NOISE" "$OUT/$name.txt" | tail -n 5
 }
+gpu_tests() {  # NAME CAP PYTEST_ARGS...: `pytest -q -s -m gpu ARGS` into $OUT/NAME.txt; rc, its summary
+  local name=$1 limit=$2; shift 2
+  timeout $(cap $limit) $PY -m pytest -q -s -m gpu "$@" > "$OUT/$name.txt" 2>&1
+  echo "tests rc=$?"; grep -E "softmax rows|residual sums|passed|failed" "$OUT/$name.txt"
+}
 gn3_sweep() {  # PART=gn3's sweep (also the end of PART=resid)
   el "the norm at the 1024 px decode's calls: tile widths and chunk lengths, channel blocks first"
   SWEEP_CASE=1024x8 SWEEP_BLOCK_C=32,64,128,256 SWEEP_TILE=4096 SWEEP_CHUNK_TILES=16,32 SWEEP_WARPS=4,8 \
@@ -188,10 +193,8 @@ elif [ "${PART}" = sums ]; then
   echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep.txt" | grep -v "^  GNConfig" | tail -n 14
 elif [ "${PART}" = softgn ]; then
   el "GPU tests: the softmax kernel, the fused norm"
-  timeout $(cap 100) $PY -m pytest -q -s -m gpu tests/test_softmax_rows.py tests/test_wide_attention.py \
-    tests/test_group_norm_kernel.py -k "softmax or wide or kernel_matches_torch_gpu or x_bias_gpu" \
-    > "$OUT/softgn_tests.txt" 2>&1
-  echo "tests rc=$?"; grep -E "softmax rows|against fp32|passed|failed" "$OUT/softgn_tests.txt"
+  gpu_tests softgn_tests 100 tests/test_softmax_rows.py tests/test_wide_attention.py \
+    tests/test_group_norm_kernel.py -k "softmax or wide or kernel_matches_torch_gpu or x_bias_gpu"
   for k in 0 1; do
     el "bench sample hmar-d16 1024 px B 8 compiled-w16 + compiled decoder: MASKAR_WIDE_SOFTMAX_KERNEL=$k"
     MASKAR_WIDE_SOFTMAX_KERNEL=$k timeout $(cap 150) $PY -m maskar bench sample models=hmar-d16 cases=1024x8 \
@@ -206,9 +209,7 @@ elif [ "${PART}" = softgn ]; then
   echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep1024.txt" | grep -v "^  GNConfig" | tail -n 16
 elif [ "${PART}" = softgn2 ]; then
   el "GPU tests: the fused norm (new channels-last rule), the softmax kernel"
-  timeout $(cap 100) $PY -m pytest -q -s -m gpu tests/test_softmax_rows.py tests/test_group_norm_kernel.py \
-    > "$OUT/softgn2_tests.txt" 2>&1
-  echo "tests rc=$?"; grep -E "softmax rows|passed|failed" "$OUT/softgn2_tests.txt"
+  gpu_tests softgn2_tests 100 tests/test_softmax_rows.py tests/test_group_norm_kernel.py
   for case in 1024x8 256x64; do
     for env in "MASKAR_GN_CB_FAST=1" "MASKAR_GN_CB_FAST=0 MASKAR_WIDE_SOFTMAX_KERNEL=0"; do
       tag=$(echo "$env" | tr -d ' ' | sed 's/MASKAR_//g; s/GN_CB_FAST/cbfast/; s/WIDE_SOFTMAX_KERNEL/-softmax/; s/=//g')
@@ -225,9 +226,7 @@ elif [ "${PART}" = softgn2 ]; then
   echo "sweep rc=$?"; grep -vE "$NOISE" "$OUT/sweep1024b.txt" | grep -v "^  GNConfig" | tail -n 16
 elif [ "${PART}" = resid ]; then
   el "GPU tests: the residual sums in the norm, the fused norm"
-  timeout $(cap 110) $PY -m pytest -q -s -m gpu tests/test_group_norm_kernel.py -k "sum_norm_act or residual" \
-    > "$OUT/resid_tests.txt" 2>&1
-  echo "tests rc=$?"; grep -E "residual sums|passed|failed" "$OUT/resid_tests.txt"
+  gpu_tests resid_tests 110 tests/test_group_norm_kernel.py -k "sum_norm_act or residual"
   for case in 1024x8 256x64; do
     for k in 0 1; do
       el "bench sample hmar-d16 $case compiled-w16 + compiled decoder: MASKAR_GN_RESIDUAL=$k"
@@ -239,9 +238,7 @@ elif [ "${PART}" = resid ]; then
   gn3_sweep
 elif [ "${PART}" = gn4 ]; then
   el "GPU tests: the fused norm at the decoder's shapes"
-  timeout $(cap 90) $PY -m pytest -q -m gpu tests/test_group_norm_kernel.py \
-    -k "kernel_matches_torch_gpu or x_bias_gpu or sum_norm_act_gpu" > "$OUT/gn4_tests.txt" 2>&1
-  echo "tests rc=$?"; tail -n 2 "$OUT/gn4_tests.txt"
+  gpu_tests gn4_tests 90 tests/test_group_norm_kernel.py -k "kernel_matches_torch_gpu or x_bias_gpu or sum_norm_act_gpu"
   el "the compiled 1024 px decode at the defaults and with the largest maps' tiles"
   SWEEP_CASE=1024x8 SWEEP_MIN_ELEMENTS=1000000000000 SWEEP_DECODES="default configs,with the largest maps' tiles" \
     timeout $(cap 150) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/gn4_decodes.txt" 2>&1
