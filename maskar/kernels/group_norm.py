@@ -536,18 +536,30 @@ def sum_norm_act(
     (groups, eps, affine) of s then SiLU if ``silu``, as :func:`group_norm_act` of s would give up
     to the rounding of the statistics' summation order. The sum is made in the statistics pass:
     one read of s fewer than summing first (check :func:`supports` first; inference only)."""
-    C = x.shape[1] if x.dim() == 4 else -1
-    if (
-        C < 0 or C % groups or weight.numel() != C or bias.numel() != C or residual.shape != x.shape
-        or (x_bias is not None and x_bias.numel() != C)
-    ):  # fmt: skip
-        raise ValueError(
-            f"sum_norm_act: expected x and residual (N, C, H, W) of one shape with C divisible by "
-            f"groups={groups} and a weight, bias (and x_bias) of C values; got x {tuple(x.shape)}, "
-            f"residual {tuple(residual.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}"
-        )
+    _check_args("sum_norm_act", x, weight, bias, groups, x_bias, residual)
     s, stats = group_norm_sum_stats_op(x, x_bias, residual, groups, float(eps))
     return s, group_norm_apply_op(s, stats, weight, bias, silu, nchw_out)
+
+
+def _check_args(
+    name: str, x: Tensor, weight: Tensor, bias: Tensor, groups: int, x_bias: Tensor | None,
+    residual: Tensor | None = None,
+) -> None:  # fmt: skip
+    """ValueError naming every shape unless x is (N, C, H, W) with C divisible by ``groups``, the
+    weight, bias (and x_bias) hold C values, and a ``residual`` has x's shape."""
+    C = x.shape[1] if x.dim() == 4 else -1
+    if (
+        C < 0 or C % groups or weight.numel() != C or bias.numel() != C
+        or (x_bias is not None and x_bias.numel() != C)
+        or (residual is not None and residual.shape != x.shape)
+    ):  # fmt: skip
+        xb = "none" if x_bias is None else tuple(x_bias.shape)
+        res = "" if residual is None else f", residual {tuple(residual.shape)} (x's shape)"
+        raise ValueError(
+            f"{name}: expected x (N, C, H, W) with C divisible by groups={groups} and a weight, "
+            f"bias (and x_bias) of C values; got x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+            f"bias {tuple(bias.shape)}, x_bias {xb}{res}"
+        )
 
 
 def _like(x: Tensor, nchw_out: bool) -> Tensor:
@@ -578,17 +590,7 @@ def group_norm_act(
     (a convolution's bias: the decoder then runs that convolution without it, and no pass over
     its output adds it). ``nchw_out``: y contiguous (NCHW) whatever x's layout, written so by
     the kernel (the channels-last decoder's last norm feeds its NCHW output convolution)."""
-    C = x.shape[1] if x.dim() == 4 else -1
-    if (
-        C < 0 or C % groups or weight.numel() != C or bias.numel() != C
-        or (x_bias is not None and x_bias.numel() != C)
-    ):  # fmt: skip
-        xb = "none" if x_bias is None else tuple(x_bias.shape)
-        raise ValueError(
-            f"group_norm_act: expected x (N, C, H, W) with C divisible by groups={groups} and a weight, "
-            f"bias (and x_bias) of C values; got x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
-            f"bias {tuple(bias.shape)}, x_bias {xb}"
-        )
+    _check_args("group_norm_act", x, weight, bias, groups, x_bias)
     if torch.compiler.is_compiling() or _on_reference(x):
         return group_norm_act_op(x, weight, bias, groups, float(eps), silu, x_bias, nchw_out)
     return _forward(_dense(x), weight, bias, groups, float(eps), silu, x_bias, nchw_out)
