@@ -58,7 +58,7 @@
 #   PART=gn4 (about 3 min): the norm's narrower tiles for the largest maps (WIDE_MAPS_MIN_ELEMENTS,
 #     off by default): the fused norm's GPU tests at the decoder's shapes; the compiled 1024 px B 8
 #     decode at the defaults and with them (scripts/gpu/gn_cl_sweep.py, no sweep); HMAR-d16 1024 px
-#     B 8 at the defaults.
+#     B 8 at the defaults, then profiled (where the call's time goes now); GN4_VAR=1: VAR-d16 too.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -243,10 +243,14 @@ elif [ "${PART}" = gn4 ]; then
   SWEEP_CASE=1024x8 SWEEP_MIN_ELEMENTS=1000000000000 SWEEP_DECODES="default configs,with the largest maps' tiles" \
     timeout $(cap 150) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/gn4_decodes.txt" 2>&1
   echo "decodes rc=$?"; grep "^compiled" "$OUT/gn4_decodes.txt"
-  el "bench sample hmar-d16 1024 px B 8 compiled-w16 + compiled decoder at the defaults"
-  timeout $(cap 100) $PY -m maskar bench sample models=hmar-d16 cases=1024x8 modes=compiled-w16 reps=5 \
-    compile_decoder=true json="$OUT/s1024x8_hmar_gn4.json" > "$OUT/s1024x8_hmar_gn4.txt" 2>&1
-  echo "sample rc=$?"; grep -E "^hmar-d16 " "$OUT/s1024x8_hmar_gn4.txt"
+  el "bench sample hmar-d16 1024 px B 8 compiled-w16 + compiled decoder at the defaults, profiled"
+  timeout $(cap 150) $PY -m maskar bench sample models=hmar-d16 cases=1024x8 modes=compiled-w16 reps=5 \
+    compile_decoder=true profile=true json="$OUT/s1024x8_hmar_gn4.json" > "$OUT/s1024x8_hmar_gn4.txt" 2>&1
+  echo "sample rc=$?"; grep -E "^hmar-d16 |profile|per scale|GPU kernels|^        " "$OUT/s1024x8_hmar_gn4.txt" | head -n 30
+  if [ -n "${GN4_VAR:-}" ]; then
+    el "bench sample var-d16 1024 px B 8 compiled-w16 + compiled decoder at the defaults"
+    sample_run s1024x8_var_gn4 150 models=var-d16 cases=1024x8 modes=compiled-w16 reps=5 compile_decoder=true
+  fi
 elif [ "${PART}" = gn3 ]; then
   gn3_sweep
 else
