@@ -59,6 +59,8 @@
 #     off by default): the fused norm's GPU tests at the decoder's shapes; the compiled 1024 px B 8
 #     decode at the defaults and with them (scripts/gpu/gn_cl_sweep.py, no sweep); HMAR-d16 1024 px
 #     B 8 at the defaults, then profiled (where the call's time goes now); GN4_VAR=1: VAR-d16 too.
+#   PART=draw (about 1.5 min): the one-kernel draw's GPU tests, then scripts/gpu/sampler_speed.py (its
+#     launch configs: rows a program, warps, threshold bits found a round).
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -251,10 +253,16 @@ elif [ "${PART}" = gn4 ]; then
     el "bench sample var-d16 1024 px B 8 compiled-w16 + compiled decoder at the defaults"
     sample_run s1024x8_var_gn4 150 models=var-d16 cases=1024x8 modes=compiled-w16 reps=5 compile_decoder=true
   fi
+elif [ "${PART}" = draw ]; then
+  el "GPU tests: the one-kernel draw"
+  gpu_tests draw_tests 60 tests/test_categorical_kernel.py
+  el "the draw alone: rows a program, warps, threshold bits a round"
+  timeout $(cap 150) $PY scripts/gpu/sampler_speed.py --json "$OUT/draw_speed.json" > "$OUT/draw_speed.txt" 2>&1
+  echo "draw rc=$?"; grep -vE "$NOISE" "$OUT/draw_speed.txt"
 elif [ "${PART}" = gn3 ]; then
   gn3_sweep
 else
-  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn, softgn2, resid, gn3 or gn4; got ${PART}" >&2
+  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn, softgn2, resid, gn3, gn4 or draw; got ${PART}" >&2
   exit 2
 fi
 el done
