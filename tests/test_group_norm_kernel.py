@@ -1230,20 +1230,32 @@ def test_default_config_takes_shifted_sums_only_for_large_channels_last_images(m
     assert gn._config(160, 256 * 256, True) == gn.GNConfig(64, 64, 8, 4, sums=True)
 
 
+def test_wide_maps_switch_sets_the_threshold():
+    """MASKAR_GN_WIDE_MAPS (read at import): the largest maps' tiles on by default, off with 0."""
+    from helpers_env import last_line_with
+
+    pytest.importorskip("triton")
+    code = "import maskar.kernels.group_norm as gn; print(gn.WIDE_MAPS_MIN_ELEMENTS)"
+    for value, want in ((None, str(1 << 27)), ("0", "None")):
+        assert last_line_with("MASKAR_GN_WIDE_MAPS", value, code) == want
+
+
 def test_default_config_puts_large_channels_last_calls_channel_blocks_first(monkeypatch):
     """MASKAR_GN_CB_FAST (on): channels-last images of >= 2^22 elements take 128 x 32 tiles, 16 a
     statistics program, the shifted sums and the channel blocks first; smaller ones and NCHW as
-    before."""
+    before. MASKAR_GN_WIDE_MAPS (on): the largest maps in narrower tiles."""
     import maskar.kernels.group_norm as gn
 
     monkeypatch.setattr(gn, "_INTERPRET", False)
     monkeypatch.setattr(gn, "FORCE_CONFIG", None)
     monkeypatch.setattr(gn, "CB_FAST", True)
+    assert gn.WIDE_MAPS_MIN_ELEMENTS == gn.WIDE_MAPS_TRIAL == 1 << 27  # the default
+    monkeypatch.setattr(gn, "WIDE_MAPS_MIN_ELEMENTS", None)
     want = gn.GNConfig(128, 32, 16, 4, sums=True, cb_fast=True)
     assert gn._config(160, 512 * 512, True) == want
     assert gn._config(320, 128 * 128, True) == want
     assert gn._config(160, 1024 * 1024, True, True) == want
-    # opt-in: the largest maps (>= 2^27 elements: 160 x 1024^2) in narrower tiles, by whether x_bias is added
+    # the largest maps (>= 2^27 elements: 160 x 1024^2) in narrower tiles, by whether x_bias is added
     monkeypatch.setattr(gn, "WIDE_MAPS_MIN_ELEMENTS", gn.WIDE_MAPS_TRIAL)
     assert gn._config(160, 1024 * 1024, True) == gn.GNConfig(32, 128, 16, 8, sums=True, cb_fast=True)
     assert gn._config(160, 1024 * 1024, True, True) == gn.GNConfig(64, 64, 16, 4, sums=True, cb_fast=True)

@@ -57,13 +57,12 @@ def _keys(x):
 def _categorical(
     X, NOISE, OUT, PROBS, R, V, sx, sn, top_k, temp, thr,
     ROWS: tl.constexpr, BLOCK_V: tl.constexpr, K_ON: tl.constexpr, P_ON: tl.constexpr,
-    TEMP: tl.constexpr, WRITE_PROBS: tl.constexpr, DIGIT: tl.constexpr,
+    TEMP: tl.constexpr, WRITE_PROBS: tl.constexpr,
 ):
     """OUT[r] = argmax(probs / noise) with probs the softmax of row r's top-k / top-p kept set,
     for ROWS rows per program (one for a GPU-sized vocabulary; more for small ones and tests).
 
     ``temp`` is the temperature (the reference divides by it); ``thr`` is float32(1 - top_p).
-    DIGIT (1, 2 or 4): bits of a threshold found per round of the two searches; above 1, ROWS is 1.
     PROBS (R, V) contiguous gets the probabilities where WRITE_PROBS (tests).
     """
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -76,29 +75,15 @@ def _categorical(
     key = tl.where(ok, _keys(x), 0)  # the padding: below every real value (-inf has key 0x007FFFFF)
     one = tl.full([ROWS], 1, tl.uint32)
 
-    digits = tl.arange(0, 1 << DIGIT).to(tl.uint32)[:, None]  # a round's candidates (DIGIT > 1)
     keep = ok
     if K_ON:
         # the k-th largest key: the largest T with count(key >= T) >= k (monotone in T)
-        if DIGIT == 1:
-            t = tl.zeros([ROWS], tl.uint32)
-            for b in tl.static_range(32):
-                cand = t | (one << (31 - b))
-                n_ge = tl.sum((key >= cand[:, None]).to(tl.int32), 1)
-                t = tl.where(n_ge >= top_k, cand, t)
-            t = t[:, None]
-        else:
-            # DIGIT bits a round, one row a program (ROWS 1, T a scalar): every value of the next
-            # digit counted in one reduction, so fewer block-wide round trips for more compares.
-            # The count falls as the digit grows and digit 0 (T so far) always holds, so the
-            # digit is the number that hold, less one
-            t = 0
-            for r in tl.static_range(32 // DIGIT):
-                cand = t | (digits << (32 - DIGIT * (r + 1)))
-                n_ge = tl.sum((key >= cand).to(tl.int32), 1)
-                d = tl.sum((n_ge >= top_k).to(tl.int32), 0) - 1
-                t = t | (d.to(tl.uint32) << (32 - DIGIT * (r + 1)))
-        keep = key >= t
+        t = tl.zeros([ROWS], tl.uint32)
+        for b in tl.static_range(32):
+            cand = t | (one << (31 - b))
+            n_ge = tl.sum((key >= cand[:, None]).to(tl.int32), 1)
+            t = tl.where(n_ge >= top_k, cand, t)
+        keep = key >= t[:, None]
 
     # the largest value is always kept, so it is the filtered max as well (padding rows: 0, so
     # that nothing there computes a NaN)
@@ -107,24 +92,15 @@ def _categorical(
     if P_ON:
         p = tl.div_rn(e, tl.where(row_ok, tl.sum(e, 1), 1.0)[:, None])
         # the largest T2 with G(T2) = mass of keys <= T2 still <= thr (G grows with T2)
-        if DIGIT == 1:
-            t2 = tl.zeros([ROWS], tl.uint32)
-            for b in tl.static_range(32):
-                cand = t2 | (one << (31 - b))
-                g = tl.sum(tl.where(key <= cand[:, None], p, 0.0), 1)
-                t2 = tl.where(g <= thr, cand, t2)
-            t2 = t2[:, None]
-        else:  # as the k-th key's search: the mass grows with the digit, digit 0 always holds
-            t2 = 0
-            for r in tl.static_range(32 // DIGIT):
-                cand = t2 | (digits << (32 - DIGIT * (r + 1)))
-                g = tl.sum(tl.where(key <= cand, p, 0.0), 1)
-                d = tl.sum((g <= thr).to(tl.int32), 0) - 1
-                t2 = t2 | (d.to(tl.uint32) << (32 - DIGIT * (r + 1)))
-        below = tl.sum(tl.where(key <= t2, p, 0.0), 1)
+        t2 = tl.zeros([ROWS], tl.uint32)
+        for b in tl.static_range(32):
+            cand = t2 | (one << (31 - b))
+            g = tl.sum(tl.where(key <= cand[:, None], p, 0.0), 1)
+            t2 = tl.where(g <= thr, cand, t2)
+        below = tl.sum(tl.where(key <= t2[:, None], p, 0.0), 1)
         # the first key above T2: its ties are kept from the highest id down while the running
         # ascending mass (below, then the lower-id ties, then the entry itself) stays above thr
-        k_first = tl.min(tl.where(key > t2, key, 0xFFFFFFFF), 1)
+        k_first = tl.min(tl.where(key > t2[:, None], key, 0xFFFFFFFF), 1)
         tie = key == k_first[:, None]
         run = below[:, None] + tl.cumsum(tl.where(tie, p, 0.0), 1)
         keep_p = (key > k_first[:, None]) | (tie & (run > thr))
@@ -148,7 +124,6 @@ def _categorical(
 class CatConfig:
     rows: int  # rows per program
     num_warps: int
-    digit: int = 1  # bits of each threshold found per round (1, 2 or 4; above 1, rows is 1)
 
 
 FORCE_CONFIG: CatConfig | None = None  # tests / sweeps pin a config
@@ -205,7 +180,7 @@ def draw(
         (x, noise, out, probs if probs is not None else out, R, V, x.stride(0), noise.stride(0),
          top_k if k_on else 0, temp, thr),
         dict(ROWS=cfg.rows, BLOCK_V=block_v, K_ON=k_on, P_ON=p_on, TEMP=temperature != 1.0,
-             WRITE_PROBS=probs is not None, DIGIT=cfg.digit),
+             WRITE_PROBS=probs is not None),
         cfg.num_warps, 1,
     )
     return out

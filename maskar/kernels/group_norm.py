@@ -267,14 +267,15 @@ SUMS_MIN_ELEMENTS = 1 << 23
 # MASKAR_GN_CB_FAST=0 (read at import) restores the rule before.
 CB_FAST_MIN_ELEMENTS = 1 << 22
 CB_FAST = bool(env.switch("MASKAR_GN_CB_FAST"))
-# Among those, the largest maps (the 160 x 1024^2 ones of a 1024 px decode) may take narrower
-# tiles: 64 channels x 64 pixels where the norm adds a conv's bias (0.411 against 0.453 ms a call
-# in two sweeps on two H100s), 32 x 128 at 8 warps where it does not (0.404 against 0.445, one
-# sweep); docs/benchmarks.md, *The wide attention's softmax and the norm's grid*. Off (None) until
-# a decode is timed with them: WIDE_MAPS_MIN_ELEMENTS = WIDE_MAPS_TRIAL (maps of >= 2^27 elements)
-# turns them on (scripts/gpu/gn_cl_sweep.py's SWEEP_DECODES label "with the largest maps' tiles").
+# Among those, the largest maps (the 160 x 1024^2 ones of a 1024 px decode, >= 2^27 elements)
+# take narrower tiles: 64 channels x 64 pixels where the norm adds a conv's bias (0.411 against
+# 0.453 ms a call in two sweeps on two H100s), 32 x 128 at 8 warps where it does not (0.404
+# against 0.445, one sweep). The compiled 1024 px B 8 decode with them: 184.4 against 186.2 ms,
+# the norm's GPU time 35.3 against 37.6 (H100, 2026-12-06; docs/benchmarks.md, *The largest
+# maps' tiles and the draw's digits*). MASKAR_GN_WIDE_MAPS=0 (read at import) turns them off;
+# WIDE_MAPS_TRIAL is the threshold scripts/gpu/gn_cl_sweep.py sets to compare.
 WIDE_MAPS_TRIAL = 1 << 27
-WIDE_MAPS_MIN_ELEMENTS: int | None = None
+WIDE_MAPS_MIN_ELEMENTS: int | None = WIDE_MAPS_TRIAL if env.switch("MASKAR_GN_WIDE_MAPS") else None
 FORCE_CONFIG: GNConfig | None = None  # tests / sweeps pin a config
 _INTERPRET_CONFIG = GNConfig(2, 8, 2, 1)  # tiny tiles: tail, multi-tile and multi-chunk paths
 

@@ -60,7 +60,8 @@
 #     decode at the defaults and with them (scripts/gpu/gn_cl_sweep.py, no sweep); HMAR-d16 1024 px
 #     B 8 at the defaults, then profiled (where the call's time goes now); GN4_VAR=1: VAR-d16 too.
 #   PART=draw (about 2 min): the one-kernel draw's GPU tests, then scripts/gpu/sampler_speed.py (its
-#     launch configs: rows a program, warps, threshold bits found a round).
+#     launch configs; on 2026-12-06, ninth session, at commit 21a310d it also swept the thresholds
+#     found 2 or 4 bits a round, which lost and were removed).
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -256,7 +257,7 @@ elif [ "${PART}" = gn4 ]; then
 elif [ "${PART}" = draw ]; then
   el "GPU tests: the one-kernel draw"
   gpu_tests draw_tests 90 tests/test_categorical_kernel.py
-  el "the draw alone: rows a program, warps, threshold bits a round"
+  el "the draw alone at each launch config"
   timeout $(cap 150) $PY scripts/gpu/sampler_speed.py --json "$OUT/draw_speed.json" > "$OUT/draw_speed.txt" 2>&1
   echo "draw rc=$?"; grep -vE "$NOISE" "$OUT/draw_speed.txt"
 elif [ "${PART}" = gn3 ]; then
