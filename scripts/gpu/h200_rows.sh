@@ -62,6 +62,9 @@
 #   PART=draw (about 2 min): the one-kernel draw's GPU tests, then scripts/gpu/sampler_speed.py (its
 #     launch configs; on 2026-12-06, ninth session, at commit 21a310d it also swept the thresholds
 #     found 2 or 4 bits a round, which lost and were removed).
+#   PART=rows (about 8 min, DEADLINE=570): issue 14's and 15's rows at the defaults, each in its own
+#     process: HMAR-d16 and VAR-d16 at 1024 px B 8, then 256 px B 64, compiled-w16 + compiled decoder;
+#     `maskar bench casmar --batch 64 --sample-reps 2`. For the H200, where they are defined.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -260,10 +263,27 @@ elif [ "${PART}" = draw ]; then
   el "the draw alone at each launch config"
   timeout $(cap 150) $PY scripts/gpu/sampler_speed.py --json "$OUT/draw_speed.json" > "$OUT/draw_speed.txt" 2>&1
   echo "draw rc=$?"; grep -vE "$NOISE" "$OUT/draw_speed.txt"
+elif [ "${PART}" = rows ]; then
+  for case in 1024x8 256x64; do
+    for m in hmar-d16 var-d16; do
+      el "bench sample $m $case compiled-w16 + compiled decoder at the defaults (compiled afresh)"
+      if [ $case = 1024x8 ]; then  # json for these two only: about 8 files come back
+        sample_run "s${case}_$m" 150 models=$m cases=$case modes=compiled-w16 reps=5 compile_decoder=true
+      else
+        timeout $(cap 120) $PY -m maskar bench sample models=$m cases=$case modes=compiled-w16 reps=5 \
+          compile_decoder=true > "$OUT/s${case}_$m.txt" 2>&1
+        echo "sample rc=$?"; grep -E "^$m " "$OUT/s${case}_$m.txt"
+      fi
+    done
+  done
+  el "bench casmar B 64 at the defaults"
+  timeout $(cap 200) $PY -m maskar bench casmar --batch 64 --sample-reps 2 --json "$OUT/casmar.json" \
+    > "$OUT/casmar.txt" 2>&1
+  echo "casmar rc=$?"; grep -E "^switches|^sample " "$OUT/casmar.txt"
 elif [ "${PART}" = gn3 ]; then
   gn3_sweep
 else
-  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn, softgn2, resid, gn3, gn4 or draw; got ${PART}" >&2
+  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn, softgn2, resid, gn3, gn4, draw or rows; got ${PART}" >&2
   exit 2
 fi
 el done
