@@ -272,7 +272,7 @@ CB_FAST = bool(env.switch("MASKAR_GN_CB_FAST"))
 # 0.453 ms a call in two sweeps on two H100s), 32 x 128 at 8 warps where it does not (0.404
 # against 0.445, one sweep). The compiled 1024 px B 8 decode with them: 184.4 against 186.2 ms,
 # the norm's GPU time 35.3 against 37.6 (H100, 2026-12-06; docs/benchmarks.md, *The largest
-# maps' tiles and the draw's digits*). MASKAR_GN_WIDE_MAPS=0 (read at import) turns them off;
+# maps' tiles, the draw's digits, ...*). MASKAR_GN_WIDE_MAPS=0 (read at import) turns them off;
 # WIDE_MAPS_TRIAL is the threshold scripts/gpu/gn_cl_sweep.py sets to compare.
 WIDE_MAPS_TRIAL = 1 << 27
 WIDE_MAPS_MIN_ELEMENTS: int | None = WIDE_MAPS_TRIAL if env.switch("MASKAR_GN_WIDE_MAPS") else None
