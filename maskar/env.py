@@ -37,6 +37,7 @@ SWITCHES: dict[str, Switch] = {
     "MASKAR_GN_FLEXIBLE_LAYOUT": Switch(False, "fused GroupNorm op: any layout Inductor picks"),
     "MASKAR_GN_CB_FAST": Switch(True, "fused GroupNorm: large channels-last calls, channel blocks first"),
     "MASKAR_GN_WIDE_MAPS": Switch(True, "fused GroupNorm: the largest channels-last maps in narrower tiles"),
+    "MASKAR_CONV_OUT_KERNEL": Switch(False, "bf16 decode: the 3-channel output conv as one Triton kernel"),
     "MASKAR_GN_RESIDUAL": Switch(False, "bf16 decode: residual sums made by the next fused GroupNorm"),
     "MASKAR_GN_CONV_BIAS": Switch(True, "bf16 decode: the fused GroupNorm adds the conv bias before it"),
     "MASKAR_GRAPH_POOL_RESERVE": Switch(True, "VAR / HMAR sampling graphs reserve their pool in one piece"),

@@ -88,6 +88,20 @@ def _load_group_norm_kernel() -> None:
         _group_norm_kernel = group_norm
 
 
+_conv_out_kernel = None  # maskar.kernels.conv3x3_narrow once loaded, if MASKAR_CONV_OUT_KERNEL is on
+
+
+def _load_conv_out_kernel() -> None:
+    """Import the few-output-channel 3x3 conv kernel where it is switched on (when a decoder is built)."""
+    global _conv_out_kernel
+    if _conv_out_kernel is None and env.switch("MASKAR_CONV_OUT_KERNEL"):
+        try:
+            from maskar.kernels import conv3x3_narrow
+        except ImportError:  # no Triton on this install
+            return
+        _conv_out_kernel = conv3x3_narrow
+
+
 @torch.library.custom_op("maskar::conv2d_nchw", mutates_args=())
 def conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> torch.Tensor:
     """``F.conv2d`` (stride 1) of NCHW x, opaque to Inductor. Inductor's layout optimisation turns
@@ -428,6 +442,7 @@ class Encoder(nn.Module):
         self.mid = _Mid(c_in, norm_groups, dropout, mid_attn, fused_attn)
         self.norm_out = group_norm(c_in, norm_groups)
         self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
+        _load_conv_out_kernel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -495,12 +510,22 @@ class Decoder(nn.Module):
                 h = ResnetBlock._sum(pending)
         # The output conv's NCHW input (below) written by the norm itself: no copy of the
         # channels-last decode's top-level activation (5.2 ms of a compiled 256 px B 64 decode on an H100).
-        nchw_out = self.conv_out.out_channels < 8
+        # The Triton kernel (MASKAR_CONV_OUT_KERNEL) takes either layout.
+        conv = self.conv_out
+        kernel = _conv_out_kernel
+        narrow = (
+            kernel is not None and conv.out_channels < 8 and conv.padding == (1, 1) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1
+            and kernel.applies(h if parts is None else parts[0], conv.weight, conv.bias)
+        )  # fmt: skip
+        nchw_out = conv.out_channels < 8 and not narrow
         if parts is not None:
             pending, parts = [parts], None
             _, h = ResnetBlock._sum_norm(self.norm_out, pending, nchw_out)
         else:
             h = norm_act(self.norm_out, h, nchw_out=nchw_out)
+        if narrow:
+            return kernel.conv3x3_narrow_op(h, conv.weight, conv.bias)
         if self.conv_out.out_channels < 8:
             # In channels-last memory cuDNN runs this conv (3 output channels) 6x slower than in
             # NCHW (H200, bf16: 3.1 against 0.5 ms per 8 x 256^2 chunk), more than the rest of the

@@ -65,6 +65,9 @@
 #   PART=rows (about 8 min, DEADLINE=570): issue 14's and 15's rows at the defaults, each in its own
 #     process: HMAR-d16 and VAR-d16 at 1024 px B 8, then 256 px B 64, compiled-w16 + compiled decoder;
 #     `maskar bench casmar --batch 64 --sample-reps 2`. For the H200, where they are defined.
+#   PART=conv (about 5 min): the decoders' 3-channel output conv as one Triton kernel
+#     (MASKAR_CONV_OUT_KERNEL): its GPU tests (against cuDNN, both timed); HMAR-d16 1024 px B 8 and
+#     256 px B 64, compiled-w16 + compiled decoder, with the switch off and on, each in its own process.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -280,10 +283,22 @@ elif [ "${PART}" = rows ]; then
   timeout $(cap 200) $PY -m maskar bench casmar --batch 64 --sample-reps 2 --json "$OUT/casmar.json" \
     > "$OUT/casmar.txt" 2>&1
   echo "casmar rc=$?"; grep -E "^switches|^sample " "$OUT/casmar.txt"
+elif [ "${PART}" = conv ]; then
+  el "GPU tests: the few-output-channel 3x3 conv kernel (its times against cuDNN printed)"
+  timeout $(cap 90) $PY -m pytest -q -s -m gpu tests/test_conv3x3_narrow.py > "$OUT/conv_tests.txt" 2>&1
+  echo "tests rc=$?"; grep -E "conv3x3 narrow|passed|failed" "$OUT/conv_tests.txt"
+  for case in 1024x8 256x64; do
+    for k in 0 1; do
+      el "bench sample hmar-d16 $case compiled-w16 + compiled decoder: MASKAR_CONV_OUT_KERNEL=$k"
+      MASKAR_CONV_OUT_KERNEL=$k timeout $(cap 100) $PY -m maskar bench sample models=hmar-d16 cases=$case \
+        modes=compiled-w16 reps=5 compile_decoder=true > "$OUT/s${case}_convout$k.txt" 2>&1
+      echo "sample rc=$?"; grep -E "^hmar-d16 " "$OUT/s${case}_convout$k.txt"
+    done
+  done
 elif [ "${PART}" = gn3 ]; then
   gn3_sweep
 else
-  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn, softgn2, resid, gn3, gn4, draw or rows; got ${PART}" >&2
+  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn, softgn2, resid, gn3, gn4, draw, rows or conv; got ${PART}" >&2
   exit 2
 fi
 el done
