@@ -23,14 +23,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from maskar import env
 from maskar.kernels.block_sparse import _INTERPRET, _device_ok, _dot, _launch
 
 CO_PAD = 16  # the weight's columns: the smallest N of a tensor-core dot
 BLOCK_C = 32  # input channels a dot
-# CUDA inference takes the kernel in the decoders' conv_out where it applies (MASKAR_CONV_OUT_KERNEL,
-# read at import; off until measured on a GPU end to end).
-ENABLED = bool(env.switch("MASKAR_CONV_OUT_KERNEL"))
 
 
 @triton.jit
@@ -113,4 +109,4 @@ def _(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
 
 
-__all__ = ["conv3x3_narrow", "conv3x3_narrow_op", "applies", "ENABLED"]
+__all__ = ["conv3x3_narrow", "conv3x3_narrow_op", "applies"]

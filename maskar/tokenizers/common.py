@@ -442,7 +442,6 @@ class Encoder(nn.Module):
         self.mid = _Mid(c_in, norm_groups, dropout, mid_attn, fused_attn)
         self.norm_out = group_norm(c_in, norm_groups)
         self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
-        _load_conv_out_kernel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -488,6 +487,7 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(reversed(levels))
         self.norm_out = group_norm(c_in, norm_groups)
         self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
+        _load_conv_out_kernel()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
