@@ -19,7 +19,9 @@ GNConfig.sums), SWEEP_CB_FAST (0 / 1: the channel blocks on the grid's first axi
 (the statistics loop's num_stages) (comma-separated) and SWEEP_MIN_ELEMENTS narrow it; SWEEP_CASE
 (default 256x64; 1024x8) picks the decode whose calls are swept; SWEEP_DECODES (comma-separated
 labels of the compiled decodes timed after it: "previous rule", "default configs", "with the
-largest maps' tiles", "swept configs"; default all) the decodes. (A per-lane Welford scheme,
+largest maps' tiles", "swept configs", "with the conv_out kernel" (the default configs and the
+3-channel output conv as one Triton kernel, MASKAR_CONV_OUT_KERNEL's path); default all) the
+decodes. (A per-lane Welford scheme,
 swept with it on 2026-12-06, did no better and is gone: docs/kernels.md.)
 """
 
@@ -37,6 +39,7 @@ import torch
 import maskar.kernels.group_norm as gn
 from maskar.bench.decode import d16_tokenizer_config, group_kernels
 from maskar.bench.kernel_time import kernel_ms_per_call
+from maskar.kernels import conv3x3_narrow
 from maskar.kernels.tuning import time_ms
 from maskar.models.var import CompiledDecoder, decode_in_chunks
 from maskar.registry import build_model
@@ -184,10 +187,13 @@ def wide_maps_config(C, HW, channels_last, x_bias=False):
 
 
 LABELS = {"previous rule": previous_config, "default configs": real_config,
-          "with the largest maps' tiles": wide_maps_config, "swept configs": tuned_config}  # fmt: skip
+          "with the largest maps' tiles": wide_maps_config, "swept configs": tuned_config,
+          "with the conv_out kernel": real_config}  # fmt: skip
 for label in os.environ.get("SWEEP_DECODES", ",".join(LABELS)).split(","):
     cfg_fn = LABELS[label]
     gn._config = cfg_fn
+    # the decoders' 3-channel output conv as one Triton kernel (MASKAR_CONV_OUT_KERNEL's path)
+    common._conv_out_kernel = conv3x3_narrow if label == "with the conv_out kernel" else None
     try:
         torch._dynamo.reset()
         dec = CompiledDecoder(tok)
@@ -212,5 +218,6 @@ for label in os.environ.get("SWEEP_DECODES", ",".join(LABELS)).split(","):
               + ", ".join(f"{k} {v:.1f}" for k, v in groups.items()), flush=True)  # fmt: skip
     finally:
         gn._config = real_config
+        common._conv_out_kernel = None
     dump()
 sys.exit(0)

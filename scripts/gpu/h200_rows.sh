@@ -68,6 +68,9 @@
 #   PART=conv (about 5 min): the decoders' 3-channel output conv as one Triton kernel
 #     (MASKAR_CONV_OUT_KERNEL): its GPU tests (against cuDNN, both timed); HMAR-d16 1024 px B 8 and
 #     256 px B 64, compiled-w16 + compiled decoder, with the switch off and on, each in its own process.
+#   PART=conv2 (about 3 min): the compiled 1024 px B 8 and 256 px B 64 decodes alone, each in one
+#     process with the default configs and then with the conv_out kernel (scripts/gpu/gn_cl_sweep.py,
+#     no sweep): the comparison PART=conv's end-to-end rows were too noisy for.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -295,10 +298,18 @@ elif [ "${PART}" = conv ]; then
       echo "sample rc=$?"; grep -E "^hmar-d16 " "$OUT/s${case}_convout$k.txt"
     done
   done
+elif [ "${PART}" = conv2 ]; then
+  for case in 1024x8 256x64; do
+    el "the compiled $case decode alone, in one process: the default configs, then with the conv_out kernel"
+    OUT=$OUT/conv2_$case SWEEP_CASE=$case SWEEP_MIN_ELEMENTS=1000000000000 \
+      SWEEP_DECODES="default configs,with the conv_out kernel" \
+      timeout $(cap 200) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/conv2_$case.txt" 2>&1
+    echo "decodes rc=$?"; grep "^compiled" "$OUT/conv2_$case.txt"
+  done
 elif [ "${PART}" = gn3 ]; then
   gn3_sweep
 else
-  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn, softgn2, resid, gn3, gn4, draw, rows or conv; got ${PART}" >&2
+  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn, softgn2, resid, gn3, gn4, draw, rows, conv or conv2; got ${PART}" >&2
   exit 2
 fi
 el done
