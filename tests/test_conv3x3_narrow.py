@@ -100,7 +100,7 @@ def test_decoder_takes_the_kernel_and_decodes_as_before(interp, layout):
     assert r["err"] <= 1.25 * r["ref_err"] + 2 ** -8, r
 
 
-def test_applies_only_to_what_the_kernel_computes():
+def test_applies_only_to_what_the_kernel_computes(monkeypatch):
     from maskar.kernels import conv3x3_narrow as K
 
     g = torch.Generator().manual_seed(0)
@@ -108,20 +108,15 @@ def test_applies_only_to_what_the_kernel_computes():
     assert not K.applies(x, w, b)  # the CPU without the interpreter: torch
     out = K.conv3x3_narrow(x, w, b)
     assert out.is_contiguous() and torch.equal(out, F.conv2d(x, w, b, 1, 1))
-    K_applies = K.applies
-    old = K._INTERPRET
-    try:
-        K._INTERPRET = True  # the checks other than the device
-        assert K_applies(x, w, b)
-        assert not K_applies(x.float(), w.float(), b.float())  # fp32: torch
-        assert not K_applies(x, w[:, :, :2], b)  # not 3x3
-        assert not K_applies(x, torch.cat([w] * 6), torch.cat([b] * 6))  # 18 output channels
-        assert not K_applies(x, w, None)
-        assert not K_applies(x, w.float(), b)
-        with torch.enable_grad():
-            assert not K_applies(x.requires_grad_(), w, b)
-    finally:
-        K._INTERPRET = old
+    monkeypatch.setattr(K, "_INTERPRET", True)  # the checks other than the device
+    assert K.applies(x, w, b)
+    assert not K.applies(x.float(), w.float(), b.float())  # fp32: torch
+    assert not K.applies(x, w[:, :, :2], b)  # not 3x3
+    assert not K.applies(x, torch.cat([w] * 6), torch.cat([b] * 6))  # 18 output channels
+    assert not K.applies(x, w, None)
+    assert not K.applies(x, w.float(), b)
+    with torch.enable_grad():
+        assert not K.applies(x.requires_grad_(), w, b)
 
 
 def test_op_is_opaque_with_a_fake_shape():
@@ -154,26 +149,13 @@ def test_compiles_for_sm90_on_tensor_cores_without_spills():
     for cl in (False, True):
         x, w, b = make_inputs(1, 160, 4, 256, 3, "bf16", cl, g)
         with compiles_as_launched() as found:
-            _launch_on_cpu(K, x, w, b)
+            K._run(x, w, b, 128)  # as conv3x3_narrow launches it on a GPU
         assert [name for name, _ in found] == ["_conv3x3_narrow"]
         usage = resource_usage(found[0][1])
         if usage is not None:
             assert usage["STACK"] == 0, usage
         ops = tensor_core_ops(found[0][1])
         assert ops["wgmma"] + ops["mma"] > 0, ops
-
-
-def _launch_on_cpu(K, x, w, b):
-    """The kernel's launch as :func:`conv3x3_narrow` makes it, on CPU tensors (compiled, not run)."""
-    import triton
-
-    N, C, H, W = x.shape
-    out = torch.empty(N, w.shape[0], H, W, dtype=x.dtype)
-    K._launch(
-        K._conv3x3_narrow, (triton.cdiv(W, 128), H, N),
-        (x, K._taps(w), b.float(), out, C, H, W, w.shape[0], *x.stride()),
-        dict(BLOCK_P=128, BLOCK_C=K.BLOCK_C, CO_PAD=K.CO_PAD, DOT_F32=False), 4, 1,
-    )  # fmt: skip
 
 
 @pytest.mark.gpu

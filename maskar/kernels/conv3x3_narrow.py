@@ -84,10 +84,14 @@ def conv3x3_narrow(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` as NCHW: one kernel where :func:`applies`, else torch."""
     if not applies(x, weight, bias):
         return F.conv2d(x, weight, bias, 1, 1).contiguous()
+    return _run(x, weight, bias, 16 if _INTERPRET else 128)
+
+
+def _run(x: Tensor, weight: Tensor, bias: Tensor, block_p: int) -> Tensor:
+    """The kernel's launch (no checks: the sm90 compile test launches it on CPU tensors too)."""
     N, C, H, W = x.shape
     CO = weight.shape[0]
     out = torch.empty(N, CO, H, W, dtype=x.dtype, device=x.device)
-    block_p = 16 if _INTERPRET else 128
     _launch(
         _conv3x3_narrow, (triton.cdiv(W, block_p), H, N),
         (x, _taps(weight), bias.float().contiguous(), out, C, H, W, CO, *x.stride()),

@@ -526,16 +526,15 @@ class Decoder(nn.Module):
             h = norm_act(self.norm_out, h, nchw_out=nchw_out)
         if narrow:
             return kernel.conv3x3_narrow_op(h, conv.weight, conv.bias)
-        if self.conv_out.out_channels < 8:
+        if conv.out_channels < 8:
             # In channels-last memory cuDNN runs this conv (3 output channels) 6x slower than in
             # NCHW (H200, bf16: 3.1 against 0.5 ms per 8 x 256^2 chunk), more than the rest of the
             # decoder gains from the layout; the copy to NCHW costs one pass over h. No-op on NCHW.
             # Compiled, Inductor would make it channels-last again: the opaque op keeps NCHW.
             if torch.compiler.is_compiling() and not torch.is_grad_enabled():
-                conv = self.conv_out
                 return conv2d_nchw(h, conv.weight, conv.bias, int(conv.padding[0]))
             h = h.contiguous()
-        return self.conv_out(h)
+        return conv(h)
 
     @property
     def last_layer_weight(self) -> torch.Tensor:
