@@ -41,6 +41,7 @@ SWITCHES: dict[str, Switch] = {
     "MASKAR_GN_RESIDUAL": Switch(False, "bf16 decode: residual sums made by the next fused GroupNorm"),
     "MASKAR_GN_CONV_BIAS": Switch(True, "bf16 decode: the fused GroupNorm adds the conv bias before it"),
     "MASKAR_GRAPH_POOL_RESERVE": Switch(True, "VAR / HMAR sampling graphs reserve their pool in one piece"),
+    "MASKAR_DEFER_RESIDUAL": Switch(False, "VAR / HMAR compiled sampling: FFN residual in the next graph"),
     "MASKAR_SAMPLER_KERNEL": Switch(True, "VAR / HMAR top-k / top-p draw as one Triton kernel"),
     "MASKAR_PSA_QKV": Switch(None, "PSA's q, k, v as one matmul", "in CUDA inference"),
     "MASKAR_DECODE_WIDE_ATTN": Switch(True, "tokenizer attention, heads > 256 wide, as two cuBLAS matmuls"),

@@ -181,6 +181,48 @@ def test_compiled_sampler_gives_the_recorded_samples_with_one_graph_per_part(cas
     assert 2 <= counter.frame_count <= 8 < per_block_per_scale, counter.frame_count
 
 
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[CASES[0][0], CASES[5][0]])
+def test_deferred_residual_adds_give_the_recorded_samples(case, backend, monkeypatch):
+    """MASKAR_DEFER_RESIDUAL: each block's FFN residual add made in the next block's compiled
+    graph (the last block's in its own) gives the recorded fp32 samples, VAR's KV cache and
+    HMAR's refinement passes included; every block but the first takes a pending add and every
+    block but the last leaves one; four compiled functions, each within Dynamo's limit."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from maskar.nn.blocks import AdaLNSelfAttnBlock
+
+    name, arch, overrides, labels, knobs = case
+    golden = json.loads(GOLDEN.read_text())[name]
+    model = build_model(arch, overrides)
+    monkeypatch.setattr(var_mod.NextScaleModel, "defer_residual_adds", True)
+    calls: list[tuple[bool, bool]] = []
+    forward = AdaLNSelfAttnBlock.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs.get("pending") is not None, bool(kwargs.get("defer"))))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdaLNSelfAttnBlock, "forward", spy)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    model.compile_sampler(backend=counter)
+    tokens, images = run_case(model, labels, knobs)
+    assert [t.tolist() for t in tokens] == golden["tokens"]
+    torch.testing.assert_close(images, decoded_images(golden), rtol=0, atol=1e-6)
+    depth = len(model.blocks)
+    passes = len(calls) // depth
+    assert passes >= len(golden["tokens"]) and len(calls) == passes * depth
+    want = [(i > 0, i < depth - 1) for i in range(depth)]
+    assert all(calls[j * depth : (j + 1) * depth] == want for j in range(passes)), calls[: 2 * depth]
+    assert 4 <= counter.frame_count <= 16, counter.frame_count
+    # the eager block refuses what only the compiled parts can do
+    model2 = build_model(arch, overrides)
+    x = torch.zeros(1, 1, model2.C)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="compile_sampling_parts"):
+        model2.blocks[0](x, torch.zeros(1, model2.C), defer=True)
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[CASES[0][0], CASES[5][0]])
 def test_compiled_decoder_gives_the_recorded_images(case, monkeypatch):
     """compile_sampler(decoder=True): the decode of every chunk (a ragged last one included) runs
@@ -569,6 +611,34 @@ def test_gpu_compiled_decoder_inside_the_graphs_gives_the_eager_images():
         for a, b in zip(tokens, outs[0][0], strict=True):
             assert torch.equal(a, b)
         torch.testing.assert_close(images, outs[0][1], rtol=0, atol=1e-5)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[CASES[0][0], CASES[5][0]])
+def test_gpu_deferred_residual_adds_give_the_undeferred_samples(case, monkeypatch):
+    """MASKAR_DEFER_RESIDUAL under Inductor, bf16, inside the captured graphs: the same tokens as
+    the blocks' own adds, images to rounding (the sum and the norm's statistics made in one
+    kernel instead of two)."""
+    name, arch, overrides, labels, knobs = case
+    lab = torch.tensor(labels, device="cuda")
+    outs = {}
+    for defer in (False, True):
+        monkeypatch.setattr(var_mod.NextScaleModel, "defer_residual_adds", defer)
+        model = build_model(arch, overrides).cuda()
+        torch._dynamo.reset()
+        model.compile_sampler()
+        for _ in range(2):  # eager (first sighting), then capture + replay
+            tokens: list[torch.Tensor] = []
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                args = model._sampling_args(knobs["cfg"], "linear", 1.0, knobs["top_k"], knobs["top_p"],
+                                            seed=4, device="cuda")
+                images = model._autoregress(lab, args, out_indices=tokens, **model._refine_options({}, False))
+        outs[defer] = (tokens, images)
+    agree = [float((a == b).float().mean()) for a, b in zip(outs[True][0], outs[False][0], strict=True)]
+    print(f"{name}: token agreement per scale {agree}")
+    assert min(agree) == 1.0
+    torch.testing.assert_close(outs[True][1], outs[False][1], rtol=0, atol=1e-3)
 
 
 def test_pool_reservation_is_the_peak_with_headroom_in_whole_segments():

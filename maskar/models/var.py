@@ -81,7 +81,10 @@ def _warn_if_compiled_before(model: nn.Module, decoder: bool) -> None:
     """Warn when Dynamo already holds sampling code compiled for another model of this process:
     ``compile_sampler`` would reuse it (same structure, no recompile), and such a model has sampled
     as slowly as uncompiled (docs/var_hmar.md, *Compiled blocks*)."""
-    codes = [AdaLNSelfAttnBlock._pre_attention.__code__, AdaLNSelfAttnBlock._post_attention.__code__]
+    codes = [
+        getattr(AdaLNSelfAttnBlock, name).__code__
+        for name in ("_pre_attention", "_post_attention", "_pre_attention_after", "_post_attention_deferred")
+    ]
     if decoder:
         codes.append(type(model.tokenizer).fhat_to_img.__code__)
     try:
@@ -472,6 +475,12 @@ class NextScaleModel(nn.Module):
         sos = cond.unsqueeze(1) + self.pos_start
         return torch.cat([sos, token_emb], dim=1) + self.lvl_pos(), cond
 
+    # Compiled sampling: each block's FFN residual add made in the next block's compiled graph,
+    # where Inductor fuses it with that block's first LayerNorm (one pass over the fp32 stream
+    # instead of a write and a read back; MAR's blocks do the same). Same operations on the same
+    # values; MASKAR_DEFER_RESIDUAL, read at import.
+    defer_residual_adds: bool = bool(env.switch("MASKAR_DEFER_RESIDUAL"))
+
     def run_blocks(
         self,
         h: Tensor,
@@ -481,8 +490,21 @@ class NextScaleModel(nn.Module):
         caches: list[StaticKVCache] | None = None,
     ) -> Tensor:
         ada = self.ada_cond(cond)
+        deferring = (
+            self.defer_residual_adds
+            and not self.training
+            and not torch.is_grad_enabled()
+            and all(getattr(b, "_compiled_parts", None) is not None for b in blocks)
+        )
+        pending = None
         for i, block in enumerate(blocks):
-            h = block(h, ada, pattern, None if caches is None else caches[i])
+            cache = None if caches is None else caches[i]
+            if deferring and i < len(blocks) - 1:
+                h, pending = block(h, ada, pattern, cache, pending=pending, defer=True)
+            elif deferring:
+                h = block(h, ada, pattern, cache, pending=pending)
+            else:
+                h = block(h, ada, pattern, cache)
         return h
 
     def logits(self, h: Tensor, cond: Tensor, head: nn.Linear | None = None, head_nm=None) -> Tensor:

@@ -281,6 +281,8 @@ class AdaLNSelfAttnBlock(nn.Module):
         self._compiled_parts = (
             torch.compile(self._pre_attention, **kw),
             torch.compile(self._post_attention, **kw),
+            torch.compile(self._pre_attention_after, **kw),
+            torch.compile(self._post_attention_deferred, **kw),
         )
 
     def _pre_attention(self, x: Tensor, cond: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -290,10 +292,29 @@ class AdaLNSelfAttnBlock(nn.Module):
         return q, k, v, mod
 
     def _post_attention(self, x: Tensor, out: Tensor, mod: Tensor) -> Tensor:
-        gamma1, gamma2, _, scale2, _, shift2 = mod.unbind(2)
+        x, f = self._post_attention_deferred(x, out, mod)
+        return self.finish(x, (f, mod))
+
+    def _post_attention_deferred(self, x: Tensor, out: Tensor, mod: Tensor) -> tuple[Tensor, Tensor]:
+        """The work after the attention up to the FFN's output, its residual add left pending."""
+        gamma1, _, _, scale2, _, shift2 = mod.unbind(2)
         x = torch.addcmul(x, self.attn.project(out), gamma1)
         h = torch.addcmul(shift2, self.ln_wo_grad(x), 1 + scale2)
-        return torch.addcmul(x, self.ffn(h), gamma2)
+        return x, self.ffn(h)
+
+    def _pre_attention_after(
+        self, x: Tensor, f: Tensor, pending_mod: Tensor, cond: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The previous block's pending FFN residual add, then :meth:`_pre_attention`: in one
+        graph, so Inductor makes the sum and this block's LayerNorm in one pass over x."""
+        x = self.finish(x, (f, pending_mod))
+        return (x, *self._pre_attention(x, cond))
+
+    @staticmethod
+    def finish(x: Tensor, pending: tuple[Tensor, Tensor]) -> Tensor:
+        """The FFN residual add a deferring block left pending: x + f * gamma2."""
+        f, mod = pending
+        return torch.addcmul(x, f, mod[:, :, 1])
 
     def _modulation(self, cond: Tensor) -> Tensor:
         if self.shared_aln:
@@ -301,18 +322,37 @@ class AdaLNSelfAttnBlock(nn.Module):
         return self.ada_lin(cond).view(-1, 1, 6, self.dim)
 
     def forward(
-        self, x: Tensor, cond: Tensor, pattern: ScalePattern | None = None, cache: KVCache | None = None
-    ) -> Tensor:
-        """x (B, L, C); cond (B, D), or (B, 1, 6, C) from the shared projection when shared_aln."""
+        self,
+        x: Tensor,
+        cond: Tensor,
+        pattern: ScalePattern | None = None,
+        cache: KVCache | None = None,
+        pending: tuple[Tensor, Tensor] | None = None,
+        defer: bool = False,
+    ):
+        """x (B, L, C); cond (B, D), or (B, 1, 6, C) from the shared projection when shared_aln.
+
+        Compiled sampling only (:meth:`compile_sampling_parts`): ``defer`` returns ``(x, pending)``
+        with the FFN's residual add left to the next block, which takes it as ``pending`` and
+        makes it in the graph of its own first LayerNorm (``NextScaleModel.run_blocks``)."""
         if self._compiled_parts is not None and not self.training and not torch.is_grad_enabled():
-            pre, post = self._compiled_parts
-            _dynamic_rows_and_tokens(x, cond)
-            q, k, v, mod = pre(x, cond)
+            pre, post, pre_after, post_deferred = self._compiled_parts
+            if pending is None:
+                _dynamic_rows_and_tokens(x, cond)
+                q, k, v, mod = pre(x, cond)
+            else:
+                _dynamic_rows_and_tokens(x, pending[0], cond, pending[1])
+                x, q, k, v, mod = pre_after(x, *pending, cond)
             if cache is not None:
                 k, v = cache.append(k, v)
             out = self.attn.attend(q, k, v, pattern)
             _dynamic_rows_and_tokens(x, out, mod)
+            if defer:
+                x, f = post_deferred(x, out, mod)
+                return x, (f, mod)
             return post(x, out, mod)
+        if pending is not None or defer:
+            raise RuntimeError("deferred residual adds need compiled sampling (compile_sampling_parts)")
         if self.checkpoint and self.training and torch.is_grad_enabled() and cache is None:
             # recompute this block's activations in the backward pass (train.activation_checkpointing)
             return torch.utils.checkpoint.checkpoint(

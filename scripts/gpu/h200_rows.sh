@@ -71,6 +71,10 @@
 #   PART=conv2 (about 3 min): the compiled 1024 px B 8 and 256 px B 64 decodes alone, each in one
 #     process with the default configs and then with the conv_out kernel (scripts/gpu/gn_cl_sweep.py,
 #     no sweep): the comparison PART=conv's end-to-end rows were too noisy for.
+#   PART=defer (about 6 min): the blocks' FFN residual adds made in the next block's compiled graph
+#     (MASKAR_DEFER_RESIDUAL): its GPU tests (tokens against the blocks' own adds); HMAR-d16 1024 px B 8
+#     and 256 px B 64, compiled-w16 + compiled decoder, with the switch off and on, each in its own
+#     process.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -87,7 +91,7 @@ sample_run() {  # NAME CAP ARGS...: `maskar bench sample ARGS` into $OUT/NAME.{t
 gpu_tests() {  # NAME CAP PYTEST_ARGS...: `pytest -q -s -m gpu ARGS` into $OUT/NAME.txt; rc, its summary
   local name=$1 limit=$2; shift 2
   timeout $(cap $limit) $PY -m pytest -q -s -m gpu "$@" > "$OUT/$name.txt" 2>&1
-  echo "tests rc=$?"; grep -E "softmax rows|residual sums|passed|failed" "$OUT/$name.txt"
+  echo "tests rc=$?"; grep -E "softmax rows|residual sums|token agreement|passed|failed" "$OUT/$name.txt"
 }
 gn3_sweep() {  # PART=gn3's sweep (also the end of PART=resid)
   el "the norm at the 1024 px decode's calls: tile widths and chunk lengths, channel blocks first"
@@ -306,10 +310,21 @@ elif [ "${PART}" = conv2 ]; then
       timeout $(cap 200) $PY scripts/gpu/gn_cl_sweep.py > "$OUT/conv2_$case.txt" 2>&1
     echo "decodes rc=$?"; grep "^compiled" "$OUT/conv2_$case.txt"
   done
+elif [ "${PART}" = defer ]; then
+  el "GPU tests: the blocks' FFN residual adds deferred into the next block's graph, against not deferred"
+  gpu_tests defer_tests 150 tests/test_sampling_speed.py -k deferred
+  for case in 1024x8 256x64; do
+    for d in 0 1; do
+      el "bench sample hmar-d16 $case compiled-w16 + compiled decoder: MASKAR_DEFER_RESIDUAL=$d"
+      MASKAR_DEFER_RESIDUAL=$d timeout $(cap 110) $PY -m maskar bench sample models=hmar-d16 cases=$case \
+        modes=compiled-w16 reps=5 compile_decoder=true > "$OUT/s${case}_defer$d.txt" 2>&1
+      echo "sample rc=$?"; grep -E "^hmar-d16 " "$OUT/s${case}_defer$d.txt"
+    done
+  done
 elif [ "${PART}" = gn3 ]; then
   gn3_sweep
 else
-  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn, softgn2, resid, gn3, gn4, draw, rows, conv or conv2; got ${PART}" >&2
+  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn, softgn2, resid, gn3, gn4, draw, rows, conv, conv2 or defer; got ${PART}" >&2
   exit 2
 fi
 el done
