@@ -187,7 +187,8 @@ def test_deferred_residual_adds_give_the_recorded_samples(case, backend, monkeyp
     """MASKAR_DEFER_RESIDUAL: each block's FFN residual add made in the next block's compiled
     graph (the last block's in its own) gives the recorded fp32 samples, VAR's KV cache and
     HMAR's refinement passes included; every block but the first takes a pending add and every
-    block but the last leaves one; four compiled functions, each within Dynamo's limit."""
+    block but the last leaves one; four compiled functions, each within Dynamo's limit. Off, every
+    block runs the same step with its own add."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from maskar.nn.blocks import AdaLNSelfAttnBlock
@@ -197,13 +198,14 @@ def test_deferred_residual_adds_give_the_recorded_samples(case, backend, monkeyp
     model = build_model(arch, overrides)
     monkeypatch.setattr(var_mod.NextScaleModel, "defer_residual_adds", True)
     calls: list[tuple[bool, bool]] = []
-    forward = AdaLNSelfAttnBlock.forward
+    step = AdaLNSelfAttnBlock.deferred_step
 
-    def spy(self, *args, **kwargs):
-        calls.append((kwargs.get("pending") is not None, bool(kwargs.get("defer"))))
-        return forward(self, *args, **kwargs)
+    def spy(self, carry, cond, pattern=None, cache=None, defer=False):
+        calls.append((carry[1] is not None, defer))
+        step(self, carry, cond, pattern, cache, defer)
+        assert len(carry) == 2 and (carry[1] is not None) == defer
 
-    monkeypatch.setattr(AdaLNSelfAttnBlock, "forward", spy)
+    monkeypatch.setattr(AdaLNSelfAttnBlock, "deferred_step", spy)
     torch._dynamo.reset()
     counter = CompileCounterWithBackend(backend)
     model.compile_sampler(backend=counter)
@@ -216,11 +218,12 @@ def test_deferred_residual_adds_give_the_recorded_samples(case, backend, monkeyp
     want = [(i > 0, i < depth - 1) for i in range(depth)]
     assert all(calls[j * depth : (j + 1) * depth] == want for j in range(passes)), calls[: 2 * depth]
     assert 4 <= counter.frame_count <= 16, counter.frame_count
-    # the eager block refuses what only the compiled parts can do
-    model2 = build_model(arch, overrides)
-    x = torch.zeros(1, 1, model2.C)
-    with torch.no_grad(), pytest.raises(RuntimeError, match="compile_sampling_parts"):
-        model2.blocks[0](x, torch.zeros(1, model2.C), defer=True)
+    # switched off: every block's own add, through the same step
+    calls.clear()
+    monkeypatch.setattr(var_mod.NextScaleModel, "defer_residual_adds", False)
+    tokens, _ = run_case(model, labels, knobs)
+    assert [t.tolist() for t in tokens] == golden["tokens"]
+    assert calls and set(calls) == {(False, False)}
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[CASES[0][0], CASES[5][0]])

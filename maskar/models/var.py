@@ -496,15 +496,15 @@ class NextScaleModel(nn.Module):
             and not torch.is_grad_enabled()
             and all(getattr(b, "_compiled_parts", None) is not None for b in blocks)
         )
-        pending = None
+        if deferring:
+            carry = [h, None]  # AdaLNSelfAttnBlock.deferred_step: x and the pending add
+            del h
+            for i, block in enumerate(blocks):
+                cache = None if caches is None else caches[i]
+                block.deferred_step(carry, ada, pattern, cache, defer=i < len(blocks) - 1)
+            return carry[0]
         for i, block in enumerate(blocks):
-            cache = None if caches is None else caches[i]
-            if deferring and i < len(blocks) - 1:
-                h, pending = block(h, ada, pattern, cache, pending=pending, defer=True)
-            elif deferring:
-                h = block(h, ada, pattern, cache, pending=pending)
-            else:
-                h = block(h, ada, pattern, cache)
+            h = block(h, ada, pattern, None if caches is None else caches[i])
         return h
 
     def logits(self, h: Tensor, cond: Tensor, head: nn.Linear | None = None, head_nm=None) -> Tensor:

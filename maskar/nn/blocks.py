@@ -285,6 +285,43 @@ class AdaLNSelfAttnBlock(nn.Module):
             torch.compile(self._post_attention_deferred, **kw),
         )
 
+    def deferred_step(
+        self,
+        carry: list,
+        cond: Tensor,
+        pattern: ScalePattern | None = None,
+        cache: KVCache | None = None,
+        defer: bool = False,
+    ) -> None:
+        """Compiled sampling (:meth:`compile_sampling_parts`): this block on ``carry = [x, pending]``,
+        in place. ``pending`` is None or the previous block's FFN output and modulation, whose
+        residual add this block makes in the graph of its own first LayerNorm; with ``defer``
+        this block leaves its own add pending in turn (``NextScaleModel.run_blocks``).
+
+        The carry is a list the step empties, so that no caller's reference keeps the block's
+        input, the pending FFN output or q / k / v alive through the FFN, where the pass's memory
+        peaks (each is a (rows, tokens, C) tensor, 134 MB at 1024 px B 8's last scale)."""
+        pre, post, pre_after, post_deferred = self._compiled_parts
+        x, pending = carry
+        carry.clear()
+        if pending is None:
+            _dynamic_rows_and_tokens(x, cond)
+            q, k, v, mod = pre(x, cond)
+        else:
+            _dynamic_rows_and_tokens(x, pending[0], cond, pending[1])
+            x, q, k, v, mod = pre_after(x, *pending, cond)
+            del pending
+        if cache is not None:
+            k, v = cache.append(k, v)
+        out = self.attn.attend(q, k, v, pattern)
+        del q, k, v
+        _dynamic_rows_and_tokens(x, out, mod)
+        if defer:
+            x, f = post_deferred(x, out, mod)
+            carry.extend((x, (f, mod)))
+        else:
+            carry.extend((post(x, out, mod), None))
+
     def _pre_attention(self, x: Tensor, cond: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         mod = self._modulation(cond)
         _, _, scale1, _, shift1, _ = mod.unbind(2)
@@ -322,37 +359,14 @@ class AdaLNSelfAttnBlock(nn.Module):
         return self.ada_lin(cond).view(-1, 1, 6, self.dim)
 
     def forward(
-        self,
-        x: Tensor,
-        cond: Tensor,
-        pattern: ScalePattern | None = None,
-        cache: KVCache | None = None,
-        pending: tuple[Tensor, Tensor] | None = None,
-        defer: bool = False,
-    ):
-        """x (B, L, C); cond (B, D), or (B, 1, 6, C) from the shared projection when shared_aln.
-
-        Compiled sampling only (:meth:`compile_sampling_parts`): ``defer`` returns ``(x, pending)``
-        with the FFN's residual add left to the next block, which takes it as ``pending`` and
-        makes it in the graph of its own first LayerNorm (``NextScaleModel.run_blocks``)."""
+        self, x: Tensor, cond: Tensor, pattern: ScalePattern | None = None, cache: KVCache | None = None
+    ) -> Tensor:
+        """x (B, L, C); cond (B, D), or (B, 1, 6, C) from the shared projection when shared_aln."""
         if self._compiled_parts is not None and not self.training and not torch.is_grad_enabled():
-            pre, post, pre_after, post_deferred = self._compiled_parts
-            if pending is None:
-                _dynamic_rows_and_tokens(x, cond)
-                q, k, v, mod = pre(x, cond)
-            else:
-                _dynamic_rows_and_tokens(x, pending[0], cond, pending[1])
-                x, q, k, v, mod = pre_after(x, *pending, cond)
-            if cache is not None:
-                k, v = cache.append(k, v)
-            out = self.attn.attend(q, k, v, pattern)
-            _dynamic_rows_and_tokens(x, out, mod)
-            if defer:
-                x, f = post_deferred(x, out, mod)
-                return x, (f, mod)
-            return post(x, out, mod)
-        if pending is not None or defer:
-            raise RuntimeError("deferred residual adds need compiled sampling (compile_sampling_parts)")
+            carry = [x, None]
+            del x
+            self.deferred_step(carry, cond, pattern, cache, defer=False)
+            return carry[0]
         if self.checkpoint and self.training and torch.is_grad_enabled() and cache is None:
             # recompute this block's activations in the backward pass (train.activation_checkpointing)
             return torch.utils.checkpoint.checkpoint(
