@@ -130,14 +130,14 @@ def test_op_is_opaque_with_a_fake_shape():
 
 
 def test_switch_loads_the_kernel_into_the_decoder():
-    """MASKAR_CONV_OUT_KERNEL (read when a decoder is built; off by default)."""
+    """MASKAR_CONV_OUT_KERNEL (read when a decoder is built; on by default, off with 0)."""
     from helpers_env import last_line_with
 
     pytest.importorskip("triton")
     code = ("import sys; sys.path.insert(0, 'tests'); from test_group_norm_kernel import tiny_vqvae; "
             "from maskar.tokenizers import common; tiny_vqvae(); "
             "print(common._conv_out_kernel is not None)")  # fmt: skip
-    for value, want in ((None, "False"), ("1", "True")):
+    for value, want in ((None, "True"), ("0", "False"), ("1", "True")):
         assert last_line_with("MASKAR_CONV_OUT_KERNEL", value, code) == want
 
 

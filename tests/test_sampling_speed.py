@@ -176,9 +176,11 @@ def test_compiled_sampler_gives_the_recorded_samples_with_one_graph_per_part(cas
     # refinement rows, or an AOT guard), times two for HMAR stage 2 (frozen and trainable
     # blocks' parameters differ in requires_grad, which Dynamo guards): within Dynamo's limit
     # of 8 per function (past it, calls would fall back to eager), far below the 2 x blocks x
-    # scales graphs a per-block or per-scale compile would make
+    # scales graphs a per-block or per-scale compile would make. Four parts with the residual
+    # adds deferred (the default), two without.
+    parts = 4 if var_mod.NextScaleModel.defer_residual_adds else 2
     per_block_per_scale = 2 * len(model.repeated_blocks()) * len(golden["tokens"])
-    assert 2 <= counter.frame_count <= 8 < per_block_per_scale, counter.frame_count
+    assert parts <= counter.frame_count <= 4 * parts < per_block_per_scale, counter.frame_count
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
@@ -224,6 +226,15 @@ def test_deferred_residual_adds_give_the_recorded_samples(case, backend, monkeyp
     tokens, _ = run_case(model, labels, knobs)
     assert [t.tolist() for t in tokens] == golden["tokens"]
     assert calls and set(calls) == {(False, False)}
+
+
+def test_defer_residual_switch_is_read_at_import():
+    """MASKAR_DEFER_RESIDUAL: on by default, off with 0."""
+    from helpers_env import last_line_with
+
+    code = "import maskar.models.var as v; print(v.NextScaleModel.defer_residual_adds)"
+    for value, want in ((None, "True"), ("0", "False"), ("1", "True")):
+        assert last_line_with("MASKAR_DEFER_RESIDUAL", value, code) == want
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[CASES[0][0], CASES[5][0]])
