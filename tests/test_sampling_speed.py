@@ -154,43 +154,17 @@ def test_seeded_fp32_samples_equal_the_recorded_main(case):
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[CASES[0][0], CASES[5][0]])
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_compiled_sampler_gives_the_recorded_samples_with_one_graph_per_part(case, backend):
+@pytest.mark.parametrize("defer", [True, False], ids=["deferred", "own_adds"])
+def test_compiled_sampler_gives_the_recorded_samples_with_one_graph_per_part(
+    case, backend, defer, monkeypatch
+):
     """compile_sampler(): each block's work before and after its attention runs as one traced
     graph for every scale (VAR's KV cache, HMAR's refinement passes and chunks included), and
     the seeded fp32 samples stay the recorded ones (eager backend: the same kernels; aot_eager:
-    functionalised graphs)."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    name, arch, overrides, labels, knobs = case
-    golden = json.loads(GOLDEN.read_text())[name]
-    model = build_model(arch, overrides)
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend(backend)
-    model.compile_sampler(backend=counter)
-    tokens, images = run_case(model, labels, knobs)
-    assert [t.tolist() for t in tokens] == golden["tokens"]
-    torch.testing.assert_close(images, decoded_images(golden), rtol=0, atol=1e-6)
-    # one graph per part, shared by every block (Dynamo inlines the modules: weights are graph
-    # inputs), never one per block or per scale: at most one more for the first scale's single
-    # token (sizes of 1 are always specialised) and one for a later batch size (HMAR's
-    # refinement rows, or an AOT guard), times two for HMAR stage 2 (frozen and trainable
-    # blocks' parameters differ in requires_grad, which Dynamo guards): within Dynamo's limit
-    # of 8 per function (past it, calls would fall back to eager), far below the 2 x blocks x
-    # scales graphs a per-block or per-scale compile would make. Four parts with the residual
-    # adds deferred (the default), two without.
-    parts = 4 if var_mod.NextScaleModel.defer_residual_adds else 2
-    per_block_per_scale = 2 * len(model.repeated_blocks()) * len(golden["tokens"])
-    assert parts <= counter.frame_count <= 4 * parts < per_block_per_scale, counter.frame_count
-
-
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-@pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[CASES[0][0], CASES[5][0]])
-def test_deferred_residual_adds_give_the_recorded_samples(case, backend, monkeypatch):
-    """MASKAR_DEFER_RESIDUAL: each block's FFN residual add made in the next block's compiled
-    graph (the last block's in its own) gives the recorded fp32 samples, VAR's KV cache and
-    HMAR's refinement passes included; every block but the first takes a pending add and every
-    block but the last leaves one; four compiled functions, each within Dynamo's limit. Off, every
-    block runs the same step with its own add."""
+    functionalised graphs). MASKAR_DEFER_RESIDUAL (``defer``, the default): each block's FFN
+    residual add made in the next block's first graph (the last block's in its own): every block
+    but the first takes a pending add and every block but the last leaves one; off, every block
+    runs the same step with its own add."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from maskar.nn.blocks import AdaLNSelfAttnBlock
@@ -198,7 +172,7 @@ def test_deferred_residual_adds_give_the_recorded_samples(case, backend, monkeyp
     name, arch, overrides, labels, knobs = case
     golden = json.loads(GOLDEN.read_text())[name]
     model = build_model(arch, overrides)
-    monkeypatch.setattr(var_mod.NextScaleModel, "defer_residual_adds", True)
+    monkeypatch.setattr(var_mod.NextScaleModel, "defer_residual_adds", defer)
     calls: list[tuple[bool, bool]] = []
     step = AdaLNSelfAttnBlock.deferred_step
 
@@ -217,15 +191,18 @@ def test_deferred_residual_adds_give_the_recorded_samples(case, backend, monkeyp
     depth = len(model.blocks)
     passes = len(calls) // depth
     assert passes >= len(golden["tokens"]) and len(calls) == passes * depth
-    want = [(i > 0, i < depth - 1) for i in range(depth)]
+    want = [(defer and i > 0, defer and i < depth - 1) for i in range(depth)]
     assert all(calls[j * depth : (j + 1) * depth] == want for j in range(passes)), calls[: 2 * depth]
-    assert 4 <= counter.frame_count <= 16, counter.frame_count
-    # switched off: every block's own add, through the same step
-    calls.clear()
-    monkeypatch.setattr(var_mod.NextScaleModel, "defer_residual_adds", False)
-    tokens, _ = run_case(model, labels, knobs)
-    assert [t.tolist() for t in tokens] == golden["tokens"]
-    assert calls and set(calls) == {(False, False)}
+    # one graph per part, shared by every block (Dynamo inlines the modules: weights are graph
+    # inputs), never one per block or per scale: at most one more for the first scale's single
+    # token (sizes of 1 are always specialised) and one for a later batch size (HMAR's
+    # refinement rows, or an AOT guard), times two for HMAR stage 2 (frozen and trainable
+    # blocks' parameters differ in requires_grad, which Dynamo guards): within Dynamo's limit
+    # of 8 per function (past it, calls would fall back to eager), far below the 2 x blocks x
+    # scales graphs a per-block or per-scale compile would make. Four parts deferring, two not.
+    parts = 4 if defer else 2
+    per_block_per_scale = 2 * len(model.repeated_blocks()) * len(golden["tokens"])
+    assert parts <= counter.frame_count <= 4 * parts < per_block_per_scale, counter.frame_count
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[CASES[0][0], CASES[5][0]])

@@ -93,6 +93,17 @@ gpu_tests() {  # NAME CAP PYTEST_ARGS...: `pytest -q -s -m gpu ARGS` into $OUT/N
   timeout $(cap $limit) $PY -m pytest -q -s -m gpu "$@" > "$OUT/$name.txt" 2>&1
   echo "tests rc=$?"; grep -E "softmax rows|residual sums|token agreement|passed|failed" "$OUT/$name.txt"
 }
+switch_ab() {  # VAR TAG CAP: HMAR-d16 1024 px B 8 and 256 px B 64 with VAR=0 then 1, each in its own process
+  local var=$1 tag=$2 limit=$3 case v
+  for case in 1024x8 256x64; do
+    for v in 0 1; do
+      el "bench sample hmar-d16 $case compiled-w16 + compiled decoder: $var=$v"
+      env "$var=$v" timeout $(cap $limit) $PY -m maskar bench sample models=hmar-d16 cases=$case \
+        modes=compiled-w16 reps=5 compile_decoder=true > "$OUT/s${case}_$tag$v.txt" 2>&1
+      echo "sample rc=$?"; grep -E "^hmar-d16 " "$OUT/s${case}_$tag$v.txt"
+    done
+  done
+}
 gn3_sweep() {  # PART=gn3's sweep (also the end of PART=resid)
   el "the norm at the 1024 px decode's calls: tile widths and chunk lengths, channel blocks first"
   SWEEP_CASE=1024x8 SWEEP_BLOCK_C=32,64,128,256 SWEEP_TILE=4096 SWEEP_CHUNK_TILES=16,32 SWEEP_WARPS=4,8 \
@@ -294,14 +305,7 @@ elif [ "${PART}" = conv ]; then
   el "GPU tests: the few-output-channel 3x3 conv kernel (its times against cuDNN printed)"
   timeout $(cap 90) $PY -m pytest -q -s -m gpu tests/test_conv3x3_narrow.py > "$OUT/conv_tests.txt" 2>&1
   echo "tests rc=$?"; grep -E "conv3x3 narrow|passed|failed" "$OUT/conv_tests.txt"
-  for case in 1024x8 256x64; do
-    for k in 0 1; do
-      el "bench sample hmar-d16 $case compiled-w16 + compiled decoder: MASKAR_CONV_OUT_KERNEL=$k"
-      MASKAR_CONV_OUT_KERNEL=$k timeout $(cap 100) $PY -m maskar bench sample models=hmar-d16 cases=$case \
-        modes=compiled-w16 reps=5 compile_decoder=true > "$OUT/s${case}_convout$k.txt" 2>&1
-      echo "sample rc=$?"; grep -E "^hmar-d16 " "$OUT/s${case}_convout$k.txt"
-    done
-  done
+  switch_ab MASKAR_CONV_OUT_KERNEL convout 100
 elif [ "${PART}" = conv2 ]; then
   for case in 1024x8 256x64; do
     el "the compiled $case decode alone, in one process: the default configs, then with the conv_out kernel"
@@ -313,14 +317,7 @@ elif [ "${PART}" = conv2 ]; then
 elif [ "${PART}" = defer ]; then
   el "GPU tests: the blocks' FFN residual adds deferred into the next block's graph, against not deferred"
   gpu_tests defer_tests 150 tests/test_sampling_speed.py -k deferred
-  for case in 1024x8 256x64; do
-    for d in 0 1; do
-      el "bench sample hmar-d16 $case compiled-w16 + compiled decoder: MASKAR_DEFER_RESIDUAL=$d"
-      MASKAR_DEFER_RESIDUAL=$d timeout $(cap 110) $PY -m maskar bench sample models=hmar-d16 cases=$case \
-        modes=compiled-w16 reps=5 compile_decoder=true > "$OUT/s${case}_defer$d.txt" 2>&1
-      echo "sample rc=$?"; grep -E "^hmar-d16 " "$OUT/s${case}_defer$d.txt"
-    done
-  done
+  switch_ab MASKAR_DEFER_RESIDUAL defer 110
 elif [ "${PART}" = gn3 ]; then
   gn3_sweep
 else
