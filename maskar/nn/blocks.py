@@ -276,7 +276,9 @@ class AdaLNSelfAttnBlock(nn.Module):
         norm, modulate, qkv, q/k norm) and after it (projection, residuals, norm, FFN) each one
         compiled graph (dynamic shapes: every scale and chunk reuses it), the attention and the
         KV cache eager in between, so VAR's cache and HMAR's patterns need no tracing. Used
-        in eval mode without autograd; outputs equal the eager block's to rounding."""
+        in eval mode without autograd; outputs equal the eager block's to rounding. Two more
+        parts serve :meth:`deferred_step`: the work before the attention with the previous
+        block's pending FFN residual add in front, and the work after it without its own."""
         kw = {"dynamic": True, **compile_kwargs}
         self._compiled_parts = (
             torch.compile(self._pre_attention, **kw),
