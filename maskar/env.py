@@ -43,6 +43,7 @@ SWITCHES: dict[str, Switch] = {
     "MASKAR_GRAPH_POOL_RESERVE": Switch(True, "VAR / HMAR sampling graphs reserve their pool in one piece"),
     "MASKAR_DEFER_RESIDUAL": Switch(True, "VAR / HMAR compiled sampling: FFN residual in the next graph"),
     "MASKAR_SAMPLER_KERNEL": Switch(True, "VAR / HMAR top-k / top-p draw as one Triton kernel"),
+    "MASKAR_DRAW_GUIDANCE": Switch(True, "VAR / HMAR one-kernel draw makes the CFG guidance itself"),
     "MASKAR_PSA_QKV": Switch(None, "PSA's q, k, v as one matmul", "in CUDA inference"),
     "MASKAR_DECODE_WIDE_ATTN": Switch(True, "tokenizer attention, heads > 256 wide, as two cuBLAS matmuls"),
     "MASKAR_WIDE_SOFTMAX_KERNEL": Switch(True, "wide-head attention's softmax as one Triton pass"),

@@ -258,7 +258,7 @@ def trace(preset: str, res: int, batch: int) -> list[list]:
 
     class KernelDraw:  # the one-kernel draw reads logits and noise and writes the ids alone
         @staticmethod
-        def supports(x, noise):
+        def supports(x, noise, uncond=None):
             return True
 
         @staticmethod

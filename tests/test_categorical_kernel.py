@@ -82,6 +82,31 @@ ids = C.draw(x, noise, 40, 0.9)
 want = sample_from_logits(x.contiguous(), 40, 0.9, noise=noise.contiguous(), method="fused")
 emit("strided", same=int((ids == want).sum()), rows=int(ids.numel()), dtype=str(ids.dtype))
 
+# the guidance inside the draw: the same kept distribution, bit for bit, and the same draws as
+# the kernel on torch's float32 guided logits (bf16 and float32 heads, several weights, the
+# temperature, t 0 reading the cond rows only), and sample_guided as the two steps it replaces
+from maskar.nn.sampling import guided_logits, sample_guided
+agg = dict(cases=0, same_ids=0, same_probs=0)
+for dtype in (torch.bfloat16, torch.float32):
+    both = (torch.randn(2 * 40, 700, generator=g) * 3).to(dtype)
+    noise = exponential_noise(40, 700, g, "cpu")
+    for t, k, p, temp in [(1.5, 90, 0.96, 1.0), (0.37, 0, 0.8, 1.0), (4.0, 300, 0.0, 0.7),
+                          (0.0, 50, 0.9, 1.0), (1.0, 0, 0.0, 1.3)]:
+        p1, p2 = torch.empty(40, 700), torch.empty(40, 700)
+        unc = None if t == 0.0 else both[40:]
+        a = C.draw(both[:40], noise, k, p, temp, probs=p1, uncond=unc, guidance=t)
+        b = C.draw(guided_logits(both.float(), 40, t), noise, k, p, temp, probs=p2)
+        agg["cases"] += 1
+        agg["same_ids"] += int(torch.equal(a, b))
+        agg["same_probs"] += int(torch.equal(p1, p2))
+x3 = (torch.randn(2 * 3, 11, 70, generator=g) * 3).bfloat16()
+noise = exponential_noise(33, 70, g, "cpu")
+a = sample_guided(x3, 3, 1.5, 9, 0.8, 1.0, noise=noise, method="triton")
+b = sample_from_logits(guided_logits(x3.float(), 3, 1.5), 9, 0.8, 1.0, noise=noise, method="triton")
+c = sample_guided(x3, 3, 1.5, 9, 0.8, 1.0, noise=noise, method="fused")
+emit("guided", **agg, sample_guided=bool(torch.equal(a, b)), shape=list(a.shape),
+     fused_agrees=int((a == c).sum()))
+
 # sample_from_logits(method="triton") takes any leading shape and draws its own noise from the
 # generator exactly as the torch path does
 x = torch.randn(3, 11, 70, generator=g) * 3
@@ -169,6 +194,17 @@ def test_strided_views_and_a_ragged_last_program(interp):
     assert r["same"] == 131, r
 
 
+def test_guidance_inside_the_draw_equals_the_draw_of_the_guided_logits(interp):
+    """draw(cond, uncond=..., guidance=t) against draw(guided_logits(...)): the same ids and the
+    same kept probabilities bit for bit (bf16 / float32 heads, four weights and t 0, with and
+    without top-k / top-p / temperature); sample_guided as the two steps it replaces, and its
+    torch fallback ("fused") on the same draws."""
+    r = interp["guided"]
+    assert r["cases"] == 10 and r["same_ids"] == 10 and r["same_probs"] == 10, r
+    assert r["sample_guided"] and r["shape"] == [3, 11], r
+    assert r["fused_agrees"] >= 30, r  # the torch path: the same draws up to boundary rounding
+
+
 def test_sample_from_logits_triton_method_keeps_shape_and_generator_use(interp):
     assert interp["method"] == {"same": True, "shape": [3, 11]}
 
@@ -219,18 +255,51 @@ def test_sampler_kernel_switch_sets_new_models_sampler():
         assert last_line_with("MASKAR_SAMPLER_KERNEL", value, code) == want
 
 
+def test_draw_guidance_switch_is_read_at_import():
+    """MASKAR_DRAW_GUIDANCE: the guidance inside the draw on by default, off with 0."""
+    from helpers_env import last_line_with
+
+    code = "import maskar.nn.sampling as s; print(s.GUIDANCE_IN_DRAW)"
+    for value, want in ((None, "True"), ("0", "False")):
+        assert last_line_with("MASKAR_DRAW_GUIDANCE", value, code) == want
+
+
+def test_sample_guided_without_the_kernel_is_the_two_steps(monkeypatch):
+    """Switched off, or where the kernel does not run (a CPU without the interpreter): guided_logits
+    of the float32 logits, then sample_from_logits, exactly."""
+    from maskar.kernels import categorical
+    from maskar.nn import sampling
+
+    if categorical._INTERPRET:
+        pytest.skip("interpreter enabled in this process")
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 5, 300, generator=g) * 3).bfloat16()
+    noise = exponential_noise(10, 300, g, "cpu")
+    guided = sampling.guided_logits(x.float(), 2, 1.5)
+    want = sample_from_logits(guided, 20, 0.9, 1.0, noise=noise, method="fused")
+    for switch in (True, False):
+        monkeypatch.setattr(sampling, "GUIDANCE_IN_DRAW", switch)
+        for method in ("fused", "triton"):
+            got = sampling.sample_guided(x, 2, 1.5, 20, 0.9, 1.0, noise=noise, method=method)
+            assert torch.equal(got, want), (switch, method)
+
+
 def test_compiles_for_sm90_without_spills_at_the_d16_shapes():
     require_aot_compiler()
     from maskar.kernels import categorical
 
-    for V, dtype in ((4096, torch.bfloat16), (4096, torch.float32), (512, torch.bfloat16)):
+    for V, dtype, guided in ((4096, torch.bfloat16, False), (4096, torch.float32, False),
+                             (512, torch.bfloat16, False), (4096, torch.bfloat16, True)):
         x, noise = torch.randn(64, V, dtype=dtype), torch.ones(64, V)
         with compiles_as_launched() as found:
-            categorical.draw(x, noise, 900, 0.96)
+            categorical.draw(x, noise, 900, 0.96, uncond=x.clone() if guided else None, guidance=1.5)
         assert [name for name, _ in found] == ["_categorical"]
         usage = resource_usage(found[0][1])
         if usage is not None:
             assert usage["STACK"] == 0, (V, dtype, usage)
+        if guided:  # torch's roundings: each product rounded (mul.rn, no FMA), denormals kept (no ftz)
+            ops = [line.split()[0] for line in found[0][1].asm["ptx"].splitlines() if line.strip()]
+            assert "mul.rn.f32" in ops and not any(op.startswith("fma") or "ftz" in op for op in ops)
 
 
 def test_bench_sample_takes_a_sampler():
@@ -257,6 +326,25 @@ def test_gpu_kernel_against_the_reference_at_the_d16_shape(dtype):
     # The share of rows whose nucleus boundary lies within the margin depends on the logits' spread:
     # 1.1% here on the H200 (2026-12-05: 16,199 and 16,205 of 16,384 clear, none of them wrong).
     assert r["clear"] >= 0.97 * r["rows"], r
+
+
+@gpu
+@needs_cuda
+def test_gpu_guidance_inside_the_draw_at_the_d16_shape():
+    """The d16 sampler's call: bf16 head logits of 2 x 8,192 rows, vocabulary 4096, k 900, p 0.96,
+    cfg weight 1.5: the guidance inside the draw gives the same ids and kept probabilities as
+    the draw of torch's float32 guided logits, bit for bit."""
+    from maskar.kernels import categorical
+    from maskar.nn.sampling import guided_logits
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    both = (torch.randn(2 * 8192, 4096, device="cuda", generator=g) * 3).bfloat16()
+    noise = exponential_noise(8192, 4096, g, "cuda")
+    p1, p2 = (torch.empty(8192, 4096, device="cuda") for _ in range(2))
+    a = categorical.draw(both[:8192], noise, 900, 0.96, probs=p1, uncond=both[8192:], guidance=1.5)
+    b = categorical.draw(guided_logits(both.float(), 8192, 1.5), noise, 900, 0.96, probs=p2)
+    print(f"guided draw: {int((a == b).sum())} of 8192 ids equal, probs equal {torch.equal(p1, p2)}")
+    assert torch.equal(a, b) and torch.equal(p1, p2)
 
 
 def check_rows_cuda(x: torch.Tensor, noise: torch.Tensor) -> dict:

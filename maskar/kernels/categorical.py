@@ -53,23 +53,47 @@ def _keys(x):
     return tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
 
 
+@triton.jit
+def _mul_rn(x, c):
+    """x * c rounded once, never fused with a later add (PTX mul.rn.f32: an explicit rounding
+    mode, which ptxas does not contract; inline, so LLVM cannot either). Denormals are kept, as
+    torch keeps them (libdevice's mul_rn compiles to the flush-to-zero form here)."""
+    return tl.inline_asm_elementwise(
+        "mul.rn.f32 $0, $1, $2;", "=f,f,f", [x, tl.zeros_like(x) + c], dtype=tl.float32, is_pure=True, pack=1
+    )
+
+
 @triton.jit(do_not_specialize=["R", "top_k"])
 def _categorical(
-    X, NOISE, OUT, PROBS, R, V, sx, sn, top_k, temp, thr,
+    X, U, NOISE, OUT, PROBS, R, V, sx, su, sn, top_k, temp, thr, cfg_a, cfg_b,
     ROWS: tl.constexpr, BLOCK_V: tl.constexpr, K_ON: tl.constexpr, P_ON: tl.constexpr,
-    TEMP: tl.constexpr, WRITE_PROBS: tl.constexpr,
+    TEMP: tl.constexpr, WRITE_PROBS: tl.constexpr, CFG: tl.constexpr, MUL_RN: tl.constexpr,
 ):
     """OUT[r] = argmax(probs / noise) with probs the softmax of row r's top-k / top-p kept set,
     for ROWS rows per program (one for a GPU-sized vocabulary; more for small ones and tests).
 
     ``temp`` is the temperature (the reference divides by it); ``thr`` is float32(1 - top_p).
-    PROBS (R, V) contiguous gets the probabilities where WRITE_PROBS (tests).
+    PROBS (R, V) contiguous gets the probabilities where WRITE_PROBS (tests). CFG: row r's logits
+    are ``cfg_a * X[r] - cfg_b * U[r]`` (float32(1 + t), float32(t)), as torch computes them.
     """
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_V)
     row_ok = rows < R
     ok = row_ok[:, None] & (cols < V)[None, :]
     x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+    if CFG:
+        u = tl.load(U + rows[:, None] * su + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        # each product rounded before the difference, as torch's three passes round them: LLVM
+        # would fuse a plain product and the difference into one FMA (one rounding fewer), so
+        # the compiled kernel multiplies with PTX's mul.rn.f32 (the interpreter's numpy does not
+        # fuse, and runs no PTX)
+        if MUL_RN:
+            a = _mul_rn(x, cfg_a)
+            b = _mul_rn(u, cfg_b)
+        else:
+            a = x * cfg_a
+            b = u * cfg_b
+        x = tl.where(ok, a - b, float("-inf"))
     if TEMP:
         x = tl.div_rn(x, temp)
     key = tl.where(ok, _keys(x), 0)  # the padding: below every real value (-inf has key 0x007FFFFF)
@@ -141,13 +165,17 @@ def _config(block_v: int) -> CatConfig:
     return CatConfig(max(1, 2048 // block_v), 8 if block_v >= 4096 else 4)
 
 
-def supports(x: Tensor, noise: Tensor) -> bool:
-    """Whether :func:`draw` takes these (rows, V) logits and (rows, V) float32 noise."""
+def supports(x: Tensor, noise: Tensor, uncond: Tensor | None = None) -> bool:
+    """Whether :func:`draw` takes these (rows, V) logits and (rows, V) float32 noise (and
+    null-class logits ``uncond`` of x's shape and dtype)."""
     return (
         x.dim() == 2 and noise.shape == x.shape and 0 < x.shape[1] <= MAX_VOCAB and x.shape[0] > 0
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and noise.dtype == torch.float32
         and x.device == noise.device and x.stride(1) == 1 and noise.stride(1) == 1
         and not x.requires_grad and (_device_ok(x.device) if x.is_cuda else _INTERPRET)
+        and (uncond is None or (uncond.shape == x.shape and uncond.dtype == x.dtype
+                                and uncond.device == x.device and uncond.stride(1) == 1
+                                and not uncond.requires_grad))
     )  # fmt: skip
 
 
@@ -158,15 +186,18 @@ def _f32(v: float) -> float:
 
 def draw(
     x: Tensor, noise: Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
-    probs: Tensor | None = None,
+    probs: Tensor | None = None, uncond: Tensor | None = None, guidance: float = 0.0,
 ) -> Tensor:
     """(R, V) logits (any float dtype, read as float32), (R, V) Exp(1) noise -> (R,) int64 ids.
 
     The same draw as ``sample_from_logits(x, top_k, top_p, temperature, noise=noise)`` up to the
     rounding described in the module docstring. ``probs`` (R, V) float32 contiguous, if given,
-    receives the kept distribution (tests).
+    receives the kept distribution (tests). ``uncond`` (R, V), the null-class rows: the draw is
+    from the guided logits ``(1 + guidance) * x - guidance * uncond`` (:func:`maskar.nn.sampling.
+    guided_logits` of the float32 logits, the same values), which are never written.
     """
     R, V = x.shape
+    cfg_on = uncond is not None
     k_on, p_on = 0 < top_k < V, 0.0 < top_p < 1.0
     out = torch.empty(R, dtype=torch.int64, device=x.device)
     block_v = max(16, next_power_of_2(V))
@@ -177,10 +208,11 @@ def draw(
     temp = _f32(temperature)
     _launch(
         _categorical, (-(-R // cfg.rows),),
-        (x, noise, out, probs if probs is not None else out, R, V, x.stride(0), noise.stride(0),
-         top_k if k_on else 0, temp, thr),
+        (x, uncond if cfg_on else x, noise, out, probs if probs is not None else out, R, V, x.stride(0),
+         uncond.stride(0) if cfg_on else 0, noise.stride(0), top_k if k_on else 0, temp, thr,
+         _f32(1.0 + guidance) if cfg_on else 1.0, _f32(guidance) if cfg_on else 0.0),
         dict(ROWS=cfg.rows, BLOCK_V=block_v, K_ON=k_on, P_ON=p_on, TEMP=temperature != 1.0,
-             WRITE_PROBS=probs is not None),
+             WRITE_PROBS=probs is not None, CFG=cfg_on, MUL_RN=cfg_on and not _INTERPRET),
         cfg.num_warps, 1,
     )
     return out

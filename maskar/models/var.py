@@ -45,6 +45,7 @@ from maskar.nn.sampling import (
     guided_logits,
     make_generator,
     sample_from_logits,
+    sample_guided,
 )
 from maskar.tokenizers.vqvae import VQVAEConfig
 
@@ -507,10 +508,14 @@ class NextScaleModel(nn.Module):
             h = block(h, ada, pattern, None if caches is None else caches[i])
         return h
 
-    def logits(self, h: Tensor, cond: Tensor, head: nn.Linear | None = None, head_nm=None) -> Tensor:
+    def logits(
+        self, h: Tensor, cond: Tensor, head: nn.Linear | None = None, head_nm=None, to_float: bool = True
+    ) -> Tensor:
+        """The head's logits (B, L, V), float32 unless ``to_float`` is False (then the head's dtype)."""
         head = self.head if head is None else head
         head_nm = self.head_nm if head_nm is None else head_nm
-        return head(head_nm(h, cond)).float()
+        out = head(head_nm(h, cond))
+        return out.float() if to_float else out
 
     def hidden(self, labels: Tensor, x_in: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher forcing up to the head: hidden states (B, L, C) and the class embedding (B, C)."""
@@ -704,11 +709,11 @@ class NextScaleModel(nn.Module):
             with self._region(f"s{si:02d} head"):
                 rows = torch.cat([h[b0:b1], h[B + b0 : B + b1]]) if per < B else h  # [cond; null]
                 crow = torch.cat([cond[b0:b1], cond[B + b0 : B + b1]]) if per < B else cond
-                guided = guided_logits(self.logits(rows, crow), b1 - b0, t)
+                logits2 = self.logits(rows, crow, to_float=False)  # the head's dtype: the draw reads it
             with self._region(f"s{si:02d} sample"):
                 out.append(
-                    sample_from_logits(
-                        guided, args.top_k, args.top_p, args.temperature,
+                    sample_guided(
+                        logits2, b1 - b0, t, args.top_k, args.top_p, args.temperature,
                         noise=noise((b1 - b0) * n), method=args.sampler,  # (rows, V) Exp(1)
                     )  # fmt: skip
                 )

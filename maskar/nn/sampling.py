@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from maskar import env
 from maskar.config import ConfigError
 
 CONFIDENCE_RULES = ("official", "unfiltered")
@@ -129,6 +130,43 @@ def sample_from_logits(
     else:
         raise ConfigError(f"sampler: expected one of {list(SAMPLERS)}, got {method!r}")
     return draw_from_probs(probs, noise).view(shape)
+
+
+# sample_guided: the guidance inside the one-kernel draw (MASKAR_DRAW_GUIDANCE, read at import;
+# 0: the float32 guided logits written first, as before 2026-12-06's tenth session)
+GUIDANCE_IN_DRAW = bool(env.switch("MASKAR_DRAW_GUIDANCE"))
+
+
+def sample_guided(
+    logits2: Tensor,
+    batch: int,
+    t: float,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    temperature: float = 1.0,
+    *,
+    noise: Tensor,
+    method: str = "fused",
+) -> Tensor:
+    """``sample_from_logits(guided_logits(logits2.float(), batch, t), ...)`` for a doubled batch
+    [cond; uncond] of logits (2 batch, ..., V) in any float dtype -> ids (batch, ...).
+
+    With ``method="triton"`` where the kernel runs, the guidance is made inside the draw: the
+    kernel reads the cond and null-class rows as they are (bf16 straight from the head) and
+    computes the same float32 guided logits, which are never written; the float32 copy and
+    the guidance's three passes over the doubled batch (≈ 40 bytes an entry) are saved.
+    Elsewhere, and for every other method, the two steps as written above."""
+    cond, uncond = logits2[:batch], logits2[batch:]
+    if method == "triton" and GUIDANCE_IN_DRAW:
+        categorical = _categorical()
+        flat = cond.reshape(-1, cond.shape[-1])
+        flat_u = None if t == 0.0 else uncond.reshape(-1, uncond.shape[-1])
+        if categorical is not None and categorical.supports(flat, noise, flat_u):
+            return categorical.draw(
+                flat, noise, top_k, top_p, temperature, uncond=flat_u, guidance=t
+            ).view(cond.shape[:-1])
+    guided = guided_logits(logits2.float(), batch, t)
+    return sample_from_logits(guided, top_k, top_p, temperature, noise=noise, method=method)
 
 
 def _categorical():

@@ -75,6 +75,9 @@
 #     (MASKAR_DEFER_RESIDUAL): its GPU tests (tokens against the blocks' own adds); HMAR-d16 1024 px B 8
 #     and 256 px B 64, compiled-w16 + compiled decoder, with the switch off and on, each in its own
 #     process.
+#   PART=guide (about 6 min): the CFG guidance made inside the one-kernel draw (MASKAR_DRAW_GUIDANCE):
+#     the draw's GPU tests (its ids and kept probabilities against the draw of torch's guided logits);
+#     HMAR-d16 1024 px B 8 and 256 px B 64 with the switch off and on, each in its own process.
 # Run from the repository root: OUT=/tmp/out PART=a bash scripts/gpu/h200_rows.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -91,7 +94,7 @@ sample_run() {  # NAME CAP ARGS...: `maskar bench sample ARGS` into $OUT/NAME.{t
 gpu_tests() {  # NAME CAP PYTEST_ARGS...: `pytest -q -s -m gpu ARGS` into $OUT/NAME.txt; rc, its summary
   local name=$1 limit=$2; shift 2
   timeout $(cap $limit) $PY -m pytest -q -s -m gpu "$@" > "$OUT/$name.txt" 2>&1
-  echo "tests rc=$?"; grep -E "softmax rows|residual sums|token agreement|passed|failed" "$OUT/$name.txt"
+  echo "tests rc=$?"; grep -E "softmax rows|residual sums|token agreement|guided draw|passed|failed" "$OUT/$name.txt"
 }
 switch_ab() {  # VAR TAG CAP: HMAR-d16 1024 px B 8 and 256 px B 64 with VAR=0 then 1, each in its own process
   local var=$1 tag=$2 limit=$3 case v
@@ -318,10 +321,14 @@ elif [ "${PART}" = defer ]; then
   el "GPU tests: the blocks' FFN residual adds deferred into the next block's graph, against not deferred"
   gpu_tests defer_tests 150 tests/test_sampling_speed.py -k deferred
   switch_ab MASKAR_DEFER_RESIDUAL defer 110
+elif [ "${PART}" = guide ]; then
+  el "GPU tests: the draw with the guidance inside against the draw of torch's guided logits"
+  gpu_tests guide_tests 120 tests/test_categorical_kernel.py
+  switch_ab MASKAR_DRAW_GUIDANCE guide 110
 elif [ "${PART}" = gn3 ]; then
   gn3_sweep
 else
-  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn, softgn2, resid, gn3, gn4, draw, rows, conv, conv2 or defer; got ${PART}" >&2
+  echo "PART: expected a, cl, sweep, next, b1024, mm, sums, p1024, lowres, wide, softgn, softgn2, resid, gn3, gn4, draw, rows, conv, conv2, defer or guide; got ${PART}" >&2
   exit 2
 fi
 el done
