@@ -183,13 +183,20 @@ def _spy_refinement(monkeypatch, m):
     """Record the next-scale draws (guided logits, ids), refinement draws and masked sets."""
     import maskar.models.hmar as hmar_mod
     import maskar.models.var as var_mod
+    from maskar.nn.sampling import guided_logits
 
     rec = {"ns": [], "refine": [], "masked": []}
     real_ns, real_ref = var_mod.sample_from_logits, hmar_mod.sample_from_logits
+    real_guided = var_mod.sample_guided
 
     def ns(logits, *a, **k):
         out = real_ns(logits, *a, **k)
         rec["ns"].append((logits.clone(), out.clone()))
+        return out
+
+    def ns_guided(logits2, batch, t, *a, **k):  # the scales whose draw makes the guidance itself
+        out = real_guided(logits2, batch, t, *a, **k)
+        rec["ns"].append((guided_logits(logits2.float(), batch, t), out.clone()))
         return out
 
     def ref(logits, *a, **k):
@@ -198,6 +205,7 @@ def _spy_refinement(monkeypatch, m):
         return out
 
     monkeypatch.setattr(var_mod, "sample_from_logits", ns)
+    monkeypatch.setattr(var_mod, "sample_guided", ns_guided)
     monkeypatch.setattr(hmar_mod, "sample_from_logits", ref)
     real_mask = m._mask_logits
 
