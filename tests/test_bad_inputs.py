@@ -245,6 +245,11 @@ ROWS: list[Row] = [
     Row("bench attention --nosuch", "unrecognized arguments: --nosuch"),
     Row("bench train_step rows=hmar/d16/blocks/attn-nosuch", "attention backend: expected one of"),
     Row("bench sample backend=fa4 device=cpu", "attention_backend: 'fa4'"),
+    Row("bench sample models=hmar-d99 device=cpu", "bench sample: preset: unknown preset 'hmar-d99'"),
+    Row("bench sample models=mar-b device=cpu", "VAR / HMAR presets only"),
+    Row("bench sample models=hmar-d16 cases=33x8 device=cpu", "need an official patch schedule"),
+    Row("bench sample cases=256x device=cpu", "bench sample: cases: expected RESxBATCH"),
+    Row("bench decode cases=abc device=cpu", "bench decode: cases: expected RESxBATCH"),
 ]
 
 

@@ -257,7 +257,7 @@ def speed(opts: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
 
     variants = _variants(opts["variants"])
     rows = []
-    for res, batch in parse_cases(opts["cases"]):
+    for res, batch in parse_cases(opts["cases"], "bench decode"):
         cfg = d16_tokenizer_config(res)
         torch.manual_seed(0)
         with torch.device(device):
@@ -349,7 +349,7 @@ def conv_shapes(opts: dict[str, Any], device: torch.device) -> list[dict[str, An
     from maskar.registry import build_model
 
     rows = []
-    for res, batch in parse_cases(opts["cases"]):
+    for res, batch in parse_cases(opts["cases"], "bench decode"):
         cfg = d16_tokenizer_config(res)
         with torch.device("meta"):
             tok = build_model(cfg).eval()
@@ -475,6 +475,9 @@ def _fmt(v, spec: str, width: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     opts = _parse(list(argv or []))
     _variants(opts["variants"])  # a bad name fails now, not after the quality pass
+    from maskar.bench.sample import parse_cases
+
+    parse_cases(opts["cases"], "bench decode")  # so does a bad case
     name = str(opts["device"])
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     print(f"command: maskar bench decode {' '.join(argv or [])}")

@@ -188,18 +188,19 @@ def _parse(argv: list[str]) -> dict[str, Any]:
     return opts
 
 
-def parse_cases(spec: str) -> list[tuple[int, int]]:
-    """``"256x64,1024x8"`` -> [(256, 64), (1024, 8)] (resolution x batch)."""
+def parse_cases(spec: str, what: str = "bench sample") -> list[tuple[int, int]]:
+    """``"256x64,1024x8"`` -> [(256, 64), (1024, 8)] (resolution x batch); ``what`` names the
+    command in the error."""
     out = []
     for item in (s.strip() for s in str(spec).split(",") if s.strip()):
         try:
             res, batch = (int(v) for v in item.lower().split("x"))
         except ValueError:
             raise SystemExit(
-                f"bench sample: cases: expected RESxBATCH items such as 256x64, got {item!r}"
+                f"{what}: cases: expected RESxBATCH items such as 256x64, got {item!r}"
             ) from None
         if res < 1 or batch < 1:
-            raise SystemExit(f"bench sample: cases: resolution and batch must be >= 1, got {item!r}")
+            raise SystemExit(f"{what}: cases: resolution and batch must be >= 1, got {item!r}")
         out.append((res, batch))
     return out
 
@@ -209,6 +210,11 @@ def case_overrides(preset: str, res: int, hmar_stage: int) -> list[str]:
     from maskar.tokenizers.vqvae import PATCH_NUMS
 
     base = load_config(preset)
+    if base.model.arch not in ("var", "hmar"):
+        raise SystemExit(
+            f"bench sample: models: VAR / HMAR presets only (`maskar bench mar` / `bench casmar` "
+            f"time the others), got {preset} ({base.model.arch})"
+        )
     over = []
     if base.model.arch == "hmar" and int(hmar_stage) != base.model.stage:
         over.append(f"model.stage={int(hmar_stage)}")
@@ -898,6 +904,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # a backend not installed here (or CPU-incapable on the CPU) stops before any model is built
         check_backend(str(opts["backend"]), device)
+        # as do an unknown preset, a bad case or a resolution without an official schedule
+        for preset in [m.strip() for m in str(opts["models"]).split(",") if m.strip()]:
+            for res, _ in parse_cases(opts["cases"]):
+                case_overrides(preset, res, int(opts["hmar_stage"]))
     except ConfigError as e:
         raise SystemExit(f"bench sample: {e}") from None
     if device.type == "cuda" and opts["tf32"]:
