@@ -250,6 +250,13 @@ ROWS: list[Row] = [
     Row("bench sample models=hmar-d16 cases=33x8 device=cpu", "need an official patch schedule"),
     Row("bench sample cases=256x device=cpu", "bench sample: cases: expected RESxBATCH"),
     Row("bench decode cases=abc device=cpu", "bench decode: cases: expected RESxBATCH"),
+    Row("bench train_step res=33 device=cpu", "bench train_step: res: expected one of [256, 512, 1024]"),
+    Row("bench train_step models=foo device=cpu", "models: expected hmar or var, got 'foo'"),
+    Row("bench train_step depth=abc device=cpu", "depth: expected an integer, got 'abc'"),
+    Row("bench train_step batch=-3 device=cpu", "batch: expected >= 1, got -3"),
+    Row("bench train_step models=var stage=2 device=cpu", "no rows to run"),
+    Row("bench train_step rows=hmar-s3/d16/full device=cpu", "stage: expected 1 (or 2 for hmar)"),
+    Row("bench train_step rows=hmar/d16/full/b0 device=cpu", "rows: batch: expected >= 1, got 0"),
 ]
 
 

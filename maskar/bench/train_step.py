@@ -103,6 +103,12 @@ def _parse(argv: list[str]) -> dict:
         opts[k] = v if isinstance(DEFAULTS[k], str) else yaml.safe_load(v)
     for k in LIST_KEYS:
         opts[k] = [x.strip() for x in str(opts[k]).split(",") if x.strip()]
+    for k in ("stage", "depth"):
+        opts[k] = [str(_positive(k, v)) for v in opts[k]]
+    _positive("steps", opts["steps"])
+    _positive("warmup", opts["warmup"], minimum=0)
+    if str(opts["batch"]) != "auto":
+        _positive("batch", opts["batch"])
     opts["row_specs"] = [parse_row(r) for r in opts["rows"].split(",") if r.strip()] or [
         dict(arch=a, stage=int(s), depth=int(d), mode=c, ac=bool(opts["ac"]), batch=None, attn=b)
         for a in opts["models"] for s in opts["stage"] for d in opts["depth"] for c in opts["compile"]
@@ -110,7 +116,19 @@ def _parse(argv: list[str]) -> dict:
     ]  # fmt: skip
     from maskar.nn.attention import BACKENDS
 
+    if not opts["row_specs"]:
+        raise SystemExit("bench train_step: no rows to run (stage 2 exists only for hmar)")
+    from maskar.tokenizers.vqvae import PATCH_NUMS
+
+    if not opts["tiny"] and _positive("res", opts["res"]) not in PATCH_NUMS:
+        raise SystemExit(f"bench train_step: res: expected one of {sorted(PATCH_NUMS)}, got {opts['res']!r}")
     for r in opts["row_specs"]:
+        if r["arch"] not in ("hmar", "var"):
+            raise SystemExit(f"bench train_step: models: expected hmar or var, got {r['arch']!r}")
+        if r["stage"] not in (1, 2) or (r["stage"] == 2 and r["arch"] != "hmar"):
+            raise SystemExit(
+                f"bench train_step: stage: expected 1 (or 2 for hmar), got {r['stage']} for {r['arch']}"
+            )
         if r["mode"] not in ("false", "blocks", "full"):
             raise SystemExit(f"bench train_step: compile: expected false, blocks or full, got {r['mode']!r}")
         if r["attn"] is not None and r["attn"] not in BACKENDS:
@@ -141,8 +159,9 @@ def parse_row(spec: str) -> dict:
     if len(parts) < 3 or not parts[1].startswith("d"):
         raise SystemExit(f"bench train_step: rows: expected ARCH[-s2]/dDEPTH/MODE[/...], got {spec!r}")
     arch, _, st = parts[0].partition("-s")
-    row = dict(arch=arch, stage=int(st or 1), depth=int(parts[1][1:]), mode=parts[2], ac=False, batch=None,
-               attn=None, graph=False)  # fmt: skip
+    stage, depth = _positive("rows: stage", st or 1), _positive("rows: depth", parts[1][1:])
+    row = dict(arch=arch, stage=stage, depth=depth, mode=parts[2], ac=False, batch=None, attn=None,
+               graph=False)  # fmt: skip
     for extra in parts[3:]:
         if extra == "ac":
             row["ac"] = True
@@ -151,10 +170,21 @@ def parse_row(spec: str) -> dict:
         elif extra.startswith("attn-"):
             row["attn"] = extra[5:]
         elif extra.startswith("b"):
-            row["batch"] = int(extra[1:])
+            row["batch"] = _positive("rows: batch", extra[1:])
         else:
             raise SystemExit(f"bench train_step: rows: unknown suffix {extra!r} in {spec!r}")
     return row
+
+
+def _positive(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``, or exit 2 naming it."""
+    try:
+        n = int(str(value))
+    except ValueError:
+        raise SystemExit(f"bench train_step: {name}: expected an integer, got {value!r}") from None
+    if n < minimum:
+        raise SystemExit(f"bench train_step: {name}: expected >= {minimum}, got {n}")
+    return n
 
 
 def default_batch(res: int, depth: int) -> int:
