@@ -250,6 +250,7 @@ ROWS: list[Row] = [
     Row("bench sample models=hmar-d16 cases=33x8 device=cpu", "need an official patch schedule"),
     Row("bench sample cases=256x device=cpu", "bench sample: cases: expected RESxBATCH"),
     Row("bench decode cases=abc device=cpu", "bench decode: cases: expected RESxBATCH"),
+    Row("bench masked_sampling {T}/none.json", "bench masked_sampling: no such --json file"),
     Row("bench train_step res=33 device=cpu", "bench train_step: res: expected one of [256, 512, 1024]"),
     Row("bench train_step models=foo device=cpu", "models: expected hmar or var, got 'foo'"),
     Row("bench train_step depth=abc device=cpu", "depth: expected an integer, got 'abc'"),

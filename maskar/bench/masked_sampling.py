@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -908,7 +909,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``maskar bench masked_sampling FILE.json ...``: the sampling targets (issue 15) against
     the ``--json`` rows of ``maskar bench mar`` / ``maskar bench casmar``."""
-    print_targets(build_parser().parse_args(argv).files)
+    files = build_parser().parse_args(argv).files
+    if not any(os.path.isfile(f) for f in files):  # one missing file of several is reported inline
+        raise SystemExit(f"bench masked_sampling: no such --json file: {', '.join(files)}")
+    print_targets(files)
     return 0
 
 
