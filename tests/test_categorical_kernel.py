@@ -331,20 +331,38 @@ def test_gpu_kernel_against_the_reference_at_the_d16_shape(dtype):
 @gpu
 @needs_cuda
 def test_gpu_guidance_inside_the_draw_at_the_d16_shape():
-    """The d16 sampler's call: bf16 head logits of 2 x 8,192 rows, vocabulary 4096, k 900, p 0.96,
-    cfg weight 1.5: the guidance inside the draw gives the same ids and kept probabilities as
-    the draw of torch's float32 guided logits, bit for bit."""
+    """The d16 sampler's call: head logits of 2 x 8,192 rows, vocabulary 4096, k 900, p 0.96, cfg
+    weight 1.5, the guidance inside the draw against the draw of torch's float32 guided logits.
+
+    With float32 halves both launches load 4-byte rows in the same register layout, so any
+    difference is the guidance's arithmetic: ids and kept probabilities must be equal bit for bit.
+    With the bf16 halves the sampler hands over, the compiled kernel holds a row in the layout of a
+    2-byte load and its row sums (softmax, nucleus mass) add in another order: the kept sets must
+    be equal and the probabilities within a few float32 ulps (on an H100, 2026-12-06: 1,478 of
+    8,192 rows differ, by at most 1.8e-7; every id equal). The draw of bf16 logits without
+    guidance differs from the draw of their float32 copy in the same way; the interpreter has no
+    layouts, and its tests are bit for bit either way."""
     from maskar.kernels import categorical
     from maskar.nn.sampling import guided_logits
 
     g = torch.Generator(device="cuda").manual_seed(0)
     both = (torch.randn(2 * 8192, 4096, device="cuda", generator=g) * 3).bfloat16()
     noise = exponential_noise(8192, 4096, g, "cuda")
-    p1, p2 = (torch.empty(8192, 4096, device="cuda") for _ in range(2))
-    a = categorical.draw(both[:8192], noise, 900, 0.96, probs=p1, uncond=both[8192:], guidance=1.5)
-    b = categorical.draw(guided_logits(both.float(), 8192, 1.5), noise, 900, 0.96, probs=p2)
-    print(f"guided draw: {int((a == b).sum())} of 8192 ids equal, probs equal {torch.equal(p1, p2)}")
-    assert torch.equal(a, b) and torch.equal(p1, p2)
+    ref_p = torch.empty(8192, 4096, device="cuda")
+    ref = categorical.draw(guided_logits(both.float(), 8192, 1.5), noise, 900, 0.96, probs=ref_p)
+    for halves in (both.float(), both):
+        p = torch.empty(8192, 4096, device="cuda")
+        ids = categorical.draw(halves[:8192], noise, 900, 0.96, probs=p, uncond=halves[8192:], guidance=1.5)
+        rows = int((p != ref_p).any(1).sum())
+        err = float(((p - ref_p).abs() / ref_p.clamp_min(1e-30)).max())
+        same_ids = int((ids == ref).sum())
+        print(f"guided draw, {halves.dtype} halves: {same_ids} of 8192 ids equal, probabilities of "
+              f"{rows} rows differ, max rel {err:.1e}")  # fmt: skip
+        if halves.dtype == torch.float32:
+            assert torch.equal(ids, ref) and torch.equal(p, ref_p)
+        else:
+            assert torch.equal(p > 0, ref_p > 0) and err <= 1e-6
+            assert same_ids >= 8192 - 8  # an ulp can turn a near-tie of the race; none seen
 
 
 def check_rows_cuda(x: torch.Tensor, noise: torch.Tensor) -> dict:
