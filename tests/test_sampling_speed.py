@@ -36,6 +36,10 @@ from maskar.nn.sampling import (
 )
 
 GOLDEN = Path(__file__).parent / "data" / "sampling_golden.json"
+# The recorded tokens must come back exactly; the recorded images are the recording CPU's fp32
+# decode, and another CPU's convolution kernels round differently: up to 1.3e-6 on an AMD EPYC
+# with AVX2 (2026-12-06) against the recording machine's, tokens equal. Hence 1e-5 for images.
+IMAGE_ATOL = 1e-5
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -149,7 +153,7 @@ def test_seeded_fp32_samples_equal_the_recorded_main(case):
     model = build_model(arch, overrides)
     tokens, images = run_case(model, labels, knobs)
     assert [t.tolist() for t in tokens] == golden["tokens"]
-    torch.testing.assert_close(images, decoded_images(golden), rtol=0, atol=1e-6)
+    torch.testing.assert_close(images, decoded_images(golden), rtol=0, atol=IMAGE_ATOL)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[CASES[0][0], CASES[5][0]])
@@ -187,7 +191,7 @@ def test_compiled_sampler_gives_the_recorded_samples_with_one_graph_per_part(
     model.compile_sampler(backend=counter)
     tokens, images = run_case(model, labels, knobs)
     assert [t.tolist() for t in tokens] == golden["tokens"]
-    torch.testing.assert_close(images, decoded_images(golden), rtol=0, atol=1e-6)
+    torch.testing.assert_close(images, decoded_images(golden), rtol=0, atol=IMAGE_ATOL)
     depth = len(model.blocks)
     passes = len(calls) // depth
     assert passes >= len(golden["tokens"]) and len(calls) == passes * depth
