@@ -1150,11 +1150,11 @@ def test_kernel_in_a_cuda_graph_and_compiled_gpu():
 
 def test_bench_decode_times_old_and_new_norm_variants(tmp_path, capsys):
     """`maskar bench decode speed=true variants=...` runs fp32-strict first, then the listed
-    variants, and compares the ones after bf16-torch-gn against it (CPU smoke run, 32 px)."""
+    variants, and compares the ones after bf16-torch-gn against it (CPU smoke run, 16 px)."""
     from maskar.bench import decode as bench_decode
 
     out = tmp_path / "d.json"
-    argv = ["ckpt=none", "speed=true", "cases=32x1", "reps=1", "device=cpu",
+    argv = ["ckpt=none", "speed=true", "cases=16x1", "reps=1", "device=cpu",
             "variants=bf16-torch-gn,bf16,bf16-cl", f"json={out}"]  # fmt: skip
     assert bench_decode.main(argv) == 0
     rows = json.loads(out.read_text())["speed"]
@@ -1180,7 +1180,7 @@ def test_bench_decode_compiled_variants_compile_fhat_to_img(tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     out = tmp_path / "d.json"
-    argv = ["ckpt=none", "speed=true", "cases=32x1", "reps=1", "device=cpu",
+    argv = ["ckpt=none", "speed=true", "cases=16x1", "reps=1", "device=cpu",
             "variants=bf16,bf16-compiled,bf16-autotune,bf16-cl-compiled,bf16-torch-gn-compiled",
             f"json={out}"]  # fmt: skip
     assert bench_decode.main(argv) == 0
