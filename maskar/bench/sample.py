@@ -905,8 +905,10 @@ def main(argv: list[str] | None = None) -> int:
     try:  # a backend not installed here (or CPU-incapable on the CPU) stops before any model is built
         check_backend(str(opts["backend"]), device)
         # as do an unknown preset, a bad case or a resolution without an official schedule
-        for preset in [m.strip() for m in str(opts["models"]).split(",") if m.strip()]:
-            for res, _ in parse_cases(opts["cases"]):
+        presets = [m.strip() for m in str(opts["models"]).split(",") if m.strip()]
+        cases = parse_cases(opts["cases"])
+        for preset in presets:
+            for res, _ in cases:
                 case_overrides(preset, res, int(opts["hmar_stage"]))
     except ConfigError as e:
         raise SystemExit(f"bench sample: {e}") from None
@@ -934,8 +936,8 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     print("-" * len(HEADER))
     rows, failed, large = [], False, None
-    for preset in [m.strip() for m in str(opts["models"]).split(",") if m.strip()]:
-        for res, batch in parse_cases(opts["cases"]):
+    for preset in presets:
+        for res, batch in cases:
             built = None
             for mode in modes:
                 try:
