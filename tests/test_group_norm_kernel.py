@@ -846,10 +846,29 @@ def test_channels_last_decode_stays_channels_last_gpu(compiled, monkeypatch):
         return conv2d(x, weight, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "conv2d", recording)
+    # The 3-channel output conv runs as the Triton kernel where MASKAR_CONV_OUT_KERNEL (on by
+    # default) loaded it, never through F.conv2d: record that call too.
+    from maskar.tokenizers import common
+
+    kernel = common._conv_out_kernel
+    through_kernel = []
+    if kernel is not None:
+        narrow_op = kernel.conv3x3_narrow_op
+
+        def recording_kernel(x, weight, bias):
+            through_kernel.append(weight is m.decoder.conv_out.weight)
+            return narrow_op(x, weight, bias)
+
+        monkeypatch.setattr(kernel, "conv3x3_narrow_op", recording_kernel)
     with torch.no_grad():
         want = m.fhat_to_img(fhat, precision="bf16")
     monkeypatch.setattr(torch.nn.functional, "conv2d", conv2d)
-    assert set(layouts) == set(convs)
+    if kernel is not None:
+        monkeypatch.setattr(kernel, "conv3x3_narrow_op", narrow_op)
+        assert through_kernel == [True]
+        assert set(layouts) == set(convs) - {m.decoder.conv_out}
+    else:
+        assert set(layouts) == set(convs)
     assert all(layouts[c] for c in convs if c is not m.decoder.conv_out and c.kernel_size != (1, 1)), layouts
     if compiled:
         graphs = []
