@@ -69,12 +69,15 @@ def compile_for_target(kernel, types: dict, consts: dict, num_warps: int, num_st
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from maskar.kernels.block_sparse import FP_FUSION
+
     names = kernel.arg_names
     signature = {n: "constexpr" if n in consts else types[n] for n in names}
     src = ASTSource(fn=kernel, signature=signature, attrs=attrs or {},
                     constexprs={(names.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages,
+                                   "enable_fp_fusion": FP_FUSION})
 
 
 def compile_attention_kernel(kernel, arch: int, dtype: str, consts: dict, num_warps: int = 4,
@@ -115,7 +118,8 @@ def compiles_as_launched(arch: int = 90):
     aligned pointers, ints divisible by 16, ints equal to 1) and recorded instead of run: yields
     the list of (kernel name, compiled kernel). Host code runs on CPU tensors of the real shapes,
     so a compile here is the one the GPU would run, which the bare signatures of the recipes above
-    are not (they assume no alignment: scalar loads, more registers)."""
+    are not (they assume no alignment: scalar loads, more registers). A launch that does not ask
+    for ``enable_fp_fusion=True`` fails."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -127,6 +131,10 @@ def compiles_as_launched(arch: int = 90):
     original = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
+        # every maskar launch states its FMA contraction (block_sparse.FP_FUSION): Triton 3.10
+        # turns the unstated default off
+        if kwargs.get("enable_fp_fusion") is not True:
+            raise AssertionError(f"{self.__name__} launched without enable_fp_fusion=True")
         binder = create_function_from_signature(self.signature, self.params, backend)
         bound, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization,

@@ -205,6 +205,7 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch, kernel):
     from triton.compiler import ASTSource
 
     import maskar.kernels.gelu_bias as gb
+    from maskar.kernels.block_sparse import FP_FUSION
 
     cfg = gb._DEFAULT
     if kernel == "fwd":
@@ -223,7 +224,8 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch, kernel):
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": cfg.num_warps, "num_stages": 1})
+                                  options={"num_warps": cfg.num_warps, "num_stages": 1,
+                                           "enable_fp_fusion": FP_FUSION})
     except FileNotFoundError as e:
         pytest.skip(f"no CUDA toolchain in this Triton: {e}")
     assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0

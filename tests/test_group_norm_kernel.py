@@ -936,6 +936,8 @@ def _compile_for(kernel, arch: int, dtype: str, consts: dict):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from maskar.kernels.block_sparse import FP_FUSION
+
     fp = {"fp16": "*fp16", "bf16": "*bf16"}[dtype]
     pointers = {"X": fp, "XB": fp, "R": fp, "S": fp, "Y": fp, "W": fp, "B": fp}
     pointers.update(PART="*fp32", STATS="*fp32")
@@ -946,7 +948,8 @@ def _compile_for(kernel, arch: int, dtype: str, consts: dict):
                if n in pointers or n in ("C", "HW", "chunk_p")}  # fmt: skip
     src = ASTSource(fn=kernel, signature=types, attrs=aligned,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})  # fmt: skip
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 1})
+    options = {"num_warps": 4, "num_stages": 1, "enable_fp_fusion": FP_FUSION}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def test_shifted_sums_stats_loop_has_no_barrier_on_sm90():

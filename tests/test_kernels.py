@@ -325,7 +325,7 @@ def test_direct_launch_path_reuses_compiled_kernel_only_for_the_same_specialisat
     monkeypatch.setattr(bs, "_launch_hooks_set", lambda: True)
     bs._launch(kern, (5, 1), (x, 32, 0.7), {"BLOCK": 16}, 4, 2)  # hooks registered: the runner
     assert [c[0] for c in calls] == ["jit", "direct", "jit", "jit", "jit", "jit", "runner"]
-    assert calls[0][3] == {"BLOCK": 16, "num_warps": 4, "num_stages": 2}
+    assert calls[0][3] == {"BLOCK": 16, "num_warps": 4, "num_stages": 2, "enable_fp_fusion": True}
     assert calls[1][1] == (5, 1, 1) and calls[1][2] == (x, 32, 0.7, 16)
     assert calls[-1][1] == (5, 1, 1) and calls[-1][2] == (x, 32, 0.7, 16)
     assert not bs._fast_failed
@@ -398,12 +398,14 @@ def test_compiles_as_launched_specialises_like_the_launcher():
 
     x = torch.randn(16, 64)
     with compiles_as_launched() as found:
-        copy[(1,)](x, torch.empty_like(x), 64, BLOCK=16)
+        copy[(1,)](x, torch.empty_like(x), 64, BLOCK=16, enable_fp_fusion=True)  # as maskar launches
         odd = torch.randn(16 * 65 + 1)[1:].as_strided((16, 64), (65, 1))  # offset 4 bytes, stride 65
-        copy[(1,)](odd, torch.empty(16, 65), 65, BLOCK=16)
+        copy[(1,)](odd, torch.empty(16, 65), 65, BLOCK=16, enable_fp_fusion=True)
     (name, aligned), (_, unaligned) = found
     assert name == "copy"
     assert "ld.global.v4" in aligned.asm["ptx"] and "ld.global.v4" not in unaligned.asm["ptx"]
+    with pytest.raises(AssertionError, match="enable_fp_fusion"), compiles_as_launched():
+        copy[(1,)](x, torch.empty_like(x), 64, BLOCK=16)  # Triton's default, which 3.10 changes
 
 
 def test_attention_api_dispatches_to_kernel_interpreted(interpreter_results):

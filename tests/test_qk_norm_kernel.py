@@ -424,6 +424,8 @@ def _compile_for(kernel, arch: int, dtype: str, gain_dtype: str, consts: dict, n
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from maskar.kernels.block_sparse import FP_FUSION
+
     fp = {"fp16": "*fp16", "bf16": "*bf16"}[dtype]
     gp = {"fp32": "*fp32", "bf16": "*bf16"}[gain_dtype]
     pointers = {"QKV": fp, "OUT": fp, "DQ": fp, "DK": fp, "DV": fp, "DQKV": fp, "PART": "*fp32",
@@ -444,7 +446,7 @@ def _compile_for(kernel, arch: int, dtype: str, gain_dtype: str, consts: dict, n
                if n in pointers or (n.startswith("s") and len(n) == 3)}
     src = ASTSource(fn=kernel, signature=types, attrs=aligned,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    options = {"num_warps": num_warps, "num_stages": 1}
+    options = {"num_warps": num_warps, "num_stages": 1, "enable_fp_fusion": FP_FUSION}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 

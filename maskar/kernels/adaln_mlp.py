@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from maskar.kernels.block_sparse import _INTERPRET
+from maskar.kernels.block_sparse import _INTERPRET, FP_FUSION
 from maskar.kernels.linear_act import _rows_class, _tile_origin, _tile_product
 from maskar.kernels.tuning import pick_fastest
 from maskar.kernels.tuning import time_ms as _time_ms
@@ -218,7 +218,7 @@ def modulated_linear(
             LN_AFFINE=ln_weight is not None, ACT=ACTS.index(act),
             DOT_F32=_INTERPRET and weight.dtype == torch.bfloat16,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
         )
         return out
 
@@ -247,7 +247,7 @@ def gated_residual_linear(
             h.stride(0), weight.stride(0), x.stride(0), mod.stride(0), out.stride(0), gate_col,
             DOT_F32=_INTERPRET and h.dtype == torch.bfloat16,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
         )
         return out
 

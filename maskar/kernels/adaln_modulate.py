@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from maskar.kernels.block_sparse import _INTERPRET
+from maskar.kernels.block_sparse import _INTERPRET, FP_FUSION
 from maskar.kernels.linear_act import MMConfig, _descriptors, _programs, _rows_class, _tile_origin
 from maskar.kernels.tuning import Tuner
 
@@ -222,7 +222,7 @@ def _launch(act: Tensor, w3: Tensor, b3: Tensor, x: Tensor, mean: Tensor, rstd: 
             h.stride(0), g.stride(0))  # fmt: skip
     consts = dict(EVEN_K=k % cfg.block_k == 0, DOT_F32=_INTERPRET and act.dtype == torch.bfloat16,
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)  # fmt: skip
     progs = min(tiles, _programs(act.device)) if cfg.persistent else tiles
     if cfg.path == "tma":
         a_desc, w_desc = _descriptors(act, w3, cfg)

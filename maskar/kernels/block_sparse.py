@@ -517,6 +517,14 @@ def next_power_of_2(n: int) -> int:
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
+# Every maskar kernel compiles with fused multiply-adds allowed, stated at each launch: what every
+# kernel was written, timed and tested with (bit-for-bit tests against torch keep an explicit
+# round-to-nearest multiply where contraction would change a result, categorical._mul_rn). Triton
+# 3.9 warns that its default turns to no fusion in 3.10; an explicit request keeps these kernels
+# as they are there and leaves other code's kernels to Triton's default.
+FP_FUSION = True
+
+
 def _launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, num_stages: int,
             spec: tuple | None = None) -> None:
     """``kernel[grid](*args, **consts, num_warps=..., num_stages=...)``; args are the runtime
@@ -562,7 +570,8 @@ def _jit_launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, 
     compiled with the grid as a symbolic int once sizes vary, which Dynamo's Triton support
     cannot launch ("'SymNodeVariable' object has no attribute 'value'": VAR / HMAR compiled
     sampling at 1024 px after 256 px in one process, H200, 2026-12-05)."""
-    return kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+    return kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages,
+                        enable_fp_fusion=FP_FUSION)
 
 
 def _current_stream() -> int:

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from maskar.kernels.block_sparse import _INTERPRET
+from maskar.kernels.block_sparse import _INTERPRET, FP_FUSION
 from maskar.kernels.linear_act import MMConfig, _rows_class, _tile_product
 from maskar.kernels.tuning import Tuner
 
@@ -118,7 +118,7 @@ def _launch(h: Tensor, w: Tensor, b: Tensor, x: Tensor, gate: Tensor, eps: float
         h, w, b, x, gate, out, mean, rstd, m, c, k, float(eps), h.stride(0), w.stride(0), x.stride(0),
         gate.stride(0), out.stride(0), EVEN_K=k % cfg.block_k == 0,
         DOT_F32=_INTERPRET and h.dtype == torch.bfloat16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return out, mean, rstd
 

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from maskar.kernels.block_sparse import _INTERPRET
+from maskar.kernels.block_sparse import _INTERPRET, FP_FUSION
 from maskar.kernels.tuning import Tuner
 
 ACTS = ("none", "gelu", "gelu_tanh")  # F.gelu's approximate="none" / "tanh"
@@ -280,7 +280,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, act: str, cfg: MMCon
     consts = dict(HAS_BIAS=bias is not None, ACT=_ACT_CODE[act],
                   DOT_F32=_INTERPRET and x.dtype == torch.bfloat16,
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)
     if cfg.path == "tma":
         x_desc, w_desc = _descriptors(x, weight, cfg)
         _linear_act_tma[(progs,)](x_desc, w_desc, b, out, m, n, k, out.stride(0), progs, **consts)
