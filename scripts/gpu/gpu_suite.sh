@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU test suite (`pytest -m gpu`, one process, no xdist) in two device calls, split
-# by file at tests/test_linear_gelu.py | tests/test_neighborhood_kernel.py (alphabetical; about 196
-# and 75 tests: 5.1 and 4.0 min on an H100 on 2026-12-07, docs/results/gpu-suite-*_h100_2026-12-07a.txt):
+# by file at tests/test_linear_gelu.py | tests/test_neighborhood_kernel.py (alphabetical; 209
+# and 62 tests: 5.1 and 4.0 min on an H100 on 2026-12-07, docs/results/gpu-suite-*_h100_2026-12-07a.txt):
 #   OUT=$OUT PART=1 bash scripts/gpu/gpu_suite.sh     # then PART=2
 # checkpoints/hmar-fmnist and checkpoints/fmnist-classifier must travel with the tree (the
 # bad-input tests' GPU case reads them); the other checkpoints may stay behind.
