@@ -56,6 +56,18 @@ def tensor_core_ops(compiled) -> dict[str, int]:
     }
 
 
+def compile_source(src, arch: int, num_warps: int, num_stages: int):
+    """``triton.compile`` of an ``ASTSource`` for ``cuda:arch`` with the options maskar's launches
+    give (their stated FMA contraction, ``block_sparse.FP_FUSION``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from maskar.kernels.block_sparse import FP_FUSION
+
+    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": FP_FUSION}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
 # ----------------------------------------------------------------------------- per-kernel recipes
 # One place for how each Triton kernel's signature is spelled for an AOT compile: the tests and
 # scripts/aot_resource_usage.py (every tuner candidate's registers and spills, for a Triton version
@@ -65,19 +77,13 @@ def compile_for_target(kernel, types: dict, consts: dict, num_warps: int, num_st
                        arch: int = 90, attrs: dict | None = None):
     """``triton.compile`` of ``kernel`` for ``cuda:arch`` with argument types ``types`` (name ->
     Triton type string) and constexprs ``consts`` (name -> value)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from maskar.kernels.block_sparse import FP_FUSION
 
     names = kernel.arg_names
     signature = {n: "constexpr" if n in consts else types[n] for n in names}
     src = ASTSource(fn=kernel, signature=signature, attrs=attrs or {},
                     constexprs={(names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages,
-                                   "enable_fp_fusion": FP_FUSION})
+    return compile_source(src, arch, num_warps, num_stages)
 
 
 def compile_attention_kernel(kernel, arch: int, dtype: str, consts: dict, num_warps: int = 4,

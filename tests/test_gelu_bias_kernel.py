@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_aot import require_aot_compiler
+from helpers_aot import compile_source, require_aot_compiler
 from helpers_interpreter import run_under_interpreter
 
 from maskar.nn.blocks import FFN
@@ -200,12 +200,9 @@ def test_bad_inputs_are_refused_by_name():
 @pytest.mark.parametrize("kernel", ["fwd", "bwd"])
 def test_kernels_compile_to_cubin_without_a_gpu(arch, kernel):
     require_aot_compiler()
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     import maskar.kernels.gelu_bias as gb
-    from maskar.kernels.block_sparse import FP_FUSION
 
     cfg = gb._DEFAULT
     if kernel == "fwd":
@@ -223,9 +220,7 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch, kernel):
     src = ASTSource(fn=fn, signature=sig, attrs=aligned,
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": cfg.num_warps, "num_stages": 1,
-                                           "enable_fp_fusion": FP_FUSION})
+        compiled = compile_source(src, arch, cfg.num_warps, 1)
     except FileNotFoundError as e:
         pytest.skip(f"no CUDA toolchain in this Triton: {e}")
     assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0

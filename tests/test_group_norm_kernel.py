@@ -15,7 +15,7 @@ import re
 
 import pytest
 import torch
-from helpers_aot import require_aot_compiler
+from helpers_aot import compile_source, require_aot_compiler
 from helpers_interpreter import run_under_interpreter
 
 from maskar.config import build
@@ -932,11 +932,7 @@ def test_channels_last_bf16_decode_equals_nchw_on_the_torch_path(monkeypatch):
 def _compile_for(kernel, arch: int, dtype: str, consts: dict):
     """Compile one kernel for a CUDA target without a GPU (Triton ships ptxas), with the pointers
     and C / HW / chunk_p 16-divisible as the JIT specialises them for every decoder shape."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from maskar.kernels.block_sparse import FP_FUSION
 
     fp = {"fp16": "*fp16", "bf16": "*bf16"}[dtype]
     pointers = {"X": fp, "XB": fp, "R": fp, "S": fp, "Y": fp, "W": fp, "B": fp}
@@ -948,8 +944,7 @@ def _compile_for(kernel, arch: int, dtype: str, consts: dict):
                if n in pointers or n in ("C", "HW", "chunk_p")}  # fmt: skip
     src = ASTSource(fn=kernel, signature=types, attrs=aligned,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})  # fmt: skip
-    options = {"num_warps": 4, "num_stages": 1, "enable_fp_fusion": FP_FUSION}
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return compile_source(src, arch, 4, 1)
 
 
 def test_shifted_sums_stats_loop_has_no_barrier_on_sm90():

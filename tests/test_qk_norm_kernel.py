@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers_aot import require_aot_compiler
+from helpers_aot import compile_source, require_aot_compiler
 from helpers_interpreter import run_under_interpreter
 
 from maskar.nn.blocks import SelfAttention, l2_norm_qk
@@ -420,11 +420,7 @@ def test_disabled_op_is_never_taken(cpu_reference, monkeypatch):
 
 def _compile_for(kernel, arch: int, dtype: str, gain_dtype: str, consts: dict, num_warps: int = 4):
     """Compile one of the q/k-norm kernels for a CUDA target without a GPU (Triton ships ptxas)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from maskar.kernels.block_sparse import FP_FUSION
 
     fp = {"fp16": "*fp16", "bf16": "*bf16"}[dtype]
     gp = {"fp32": "*fp32", "bf16": "*bf16"}[gain_dtype]
@@ -446,8 +442,7 @@ def _compile_for(kernel, arch: int, dtype: str, gain_dtype: str, consts: dict, n
                if n in pointers or (n.startswith("s") and len(n) == 3)}
     src = ASTSource(fn=kernel, signature=types, attrs=aligned,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    options = {"num_warps": num_warps, "num_stages": 1, "enable_fp_fusion": FP_FUSION}
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return compile_source(src, arch, num_warps, 1)
 
 
 @pytest.mark.parametrize(
