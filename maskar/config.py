@@ -101,6 +101,11 @@ class TrainConfig:
         "3 eager steps and replay it: one CUDA process, grad_accum 1, bf16 / fp32, models whose step "
         "is graph-safe (VAR, HMAR)",
     )
+    master_weights: bool = field(
+        False,
+        help="with cuda_graph and bf16: the linears compute with bf16 copies of their weights that "
+        "AdamW writes beside the fp32 masters (no casts in the step, bf16 gradients; docs/training.md)",
+    )
     peak_tflops: float = field(0.0, min=0.0, help="bf16 peak per GPU for the logged MFU; 0: known GPUs")
     disc_lr: float | None = field(None, min=0.0, help="discriminator lr (tokenizer GAN); default lr")
     tensorboard: bool = field(True)
@@ -153,6 +158,11 @@ class TrainConfig:
                 )
             if self.activation_checkpointing:
                 raise ValueError("cuda_graph: not supported with activation_checkpointing=true")
+        if self.master_weights:
+            if not self.cuda_graph:
+                raise ValueError("master_weights: needs cuda_graph=true (the step it is built into)")
+            if self.precision not in ("auto", "bf16"):
+                raise ValueError(f"master_weights: needs precision bf16, got {self.precision}")
         if self.parallel == "fsdp2" and self.precision == "fp16":
             raise ValueError(
                 "precision: fp16 is not supported with parallel=fsdp2 (its loss scaler is not sharded); "

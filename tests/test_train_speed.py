@@ -387,6 +387,9 @@ def test_bench_train_step_graph_rows_parse_and_need_cuda(tmp_path, capsys):
 
     assert train_step.parse_row("hmar/d16/blocks/graph")["graph"] is True
     assert train_step.parse_row("var/d16/blocks")["graph"] is False
+    assert train_step.parse_row("hmar/d16/blocks/graph/master")["master"] is True
+    with pytest.raises(SystemExit, match="/master needs /graph"):
+        train_step.parse_row("hmar/d16/blocks/master")
     out = tmp_path / "rows.json"
     rc = train_step.main(["tiny=true", "rows=hmar/d1/false/graph,hmar/d1/false", "steps=1", "warmup=0",
                           f"json={out}"])  # fmt: skip

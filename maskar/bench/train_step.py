@@ -9,12 +9,13 @@
 
 ``models``, ``stage``, ``depth``, ``compile`` and ``backend`` (the attention backend) take
 comma-separated lists; every combination is one row. ``rows`` lists the rows instead, each
-``ARCH[-s2]/dDEPTH/MODE[/ac][/graph][/bBATCH][/attn-BACKEND]`` (e.g.
+``ARCH[-s2]/dDEPTH/MODE[/ac][/graph[/master]][/bBATCH][/attn-BACKEND]`` (e.g.
 ``hmar/d16/blocks,hmar-s2/d16/blocks,hmar/d30/blocks/ac,var/d16/false/attn-scales``). ``/graph``
 times the whole step as ``train.cuda_graph=true`` runs it, captured once as a CUDA graph
 (:func:`make_graph_step`; CUDA, one process, drop path and label dropout off; its check: the
 graph's gradients against the same step without it, meaningful where the step draws no random
-numbers, i.e. stage 1).
+numbers, i.e. stage 1). ``/master`` with ``/graph``: as ``train.master_weights=true``, the
+linears compute with bf16 copies that the AdamW pass writes (:mod:`maskar.train.master_weights`).
 
 One step is what ``maskar train`` does per step: ``model.loss(batch)`` under autocast
 (teacher-forcing inputs from the frozen tokenizer, label dropout, the fused head + weighted
@@ -70,7 +71,8 @@ from maskar.nn.attention import available_backends, set_backend
 from maskar.train import distributed as D
 from maskar.train import parallelize as P
 from maskar.train.clipping import clip_and_step
-from maskar.train.graph_step import GraphedStep, prepare_for_graph, set_lr
+from maskar.train.graph_step import GraphedStep, as_capturable, prepare_for_graph, set_lr
+from maskar.train.master_weights import MasterWeights
 from maskar.train.trainer import _LossCall, param_groups
 
 DEFAULTS = {
@@ -154,25 +156,31 @@ def _parse(argv: list[str]) -> dict:
 
 
 def parse_row(spec: str) -> dict:
-    """``ARCH[-s2]/dDEPTH/MODE[/ac][/graph][/bBATCH][/attn-BACKEND]`` -> row settings."""
+    """``ARCH[-s2]/dDEPTH/MODE[/ac][/graph[/master]][/bBATCH][/attn-BACKEND]`` -> row settings."""
     parts = spec.strip().split("/")
     if len(parts) < 3 or not parts[1].startswith("d"):
         raise SystemExit(f"bench train_step: rows: expected ARCH[-s2]/dDEPTH/MODE[/...], got {spec!r}")
     arch, _, st = parts[0].partition("-s")
     stage, depth = _positive("rows: stage", st or 1), _positive("rows: depth", parts[1][1:])
     row = dict(arch=arch, stage=stage, depth=depth, mode=parts[2], ac=False, batch=None, attn=None,
-               graph=False)  # fmt: skip
+               graph=False, master=False)  # fmt: skip
     for extra in parts[3:]:
         if extra == "ac":
             row["ac"] = True
         elif extra == "graph":
             row["graph"] = True
+        elif extra == "master":
+            row["master"] = True
         elif extra.startswith("attn-"):
             row["attn"] = extra[5:]
         elif extra.startswith("b"):
             row["batch"] = _positive("rows: batch", extra[1:])
         else:
             raise SystemExit(f"bench train_step: rows: unknown suffix {extra!r} in {spec!r}")
+    if row["master"] and not row["graph"]:
+        raise SystemExit(
+            f"bench train_step: rows: /master needs /graph (train.master_weights lives in it): {spec!r}"
+        )
     return row
 
 
@@ -343,7 +351,8 @@ def make_step(model, params, batch, opts, device, loss_call=None, info=None):
     return step
 
 
-def make_graph_step(model, params, batch, opts, device, check_grads: list[torch.Tensor] | None = None):
+def make_graph_step(model, params, batch, opts, device, check_grads: list[torch.Tensor] | None = None,
+                    master: bool = False):
     """The trainer's ``train.cuda_graph`` step (:class:`maskar.train.graph_step.GraphedStep`:
     three eager warm-up steps on a side stream, then one capture and one replay per step, the batch
     copied into the capture's buffers, AdamW ``capturable``) on this row's model and batch; returns
@@ -351,19 +360,31 @@ def make_graph_step(model, params, batch, opts, device, check_grads: list[torch.
     without random draws. ``check_grads`` (the same step's gradients without a graph, on the same
     weights and batch): the warm-up and the first replay run at learning rate 0, so the weights do
     not move, and the graph's own gradient buffers after that replay are compared with them; the
-    rate is 1e-4 from then on."""
+    rate is 1e-4 from then on. ``master``: with bf16 working copies of the linears
+    (``train.master_weights``); their gradients are the copies'."""
     if device.type != "cuda":
         raise ValueError("the graph suffix needs a CUDA device")
     problem = prepare_for_graph(model)  # as the trainer does (HMAR stage 2: mask draws on the GPU)
     if problem is not None:
         raise ValueError(f"the graph suffix: {problem}")
     opt = _adamw(model, 0.0 if check_grads is not None else 1e-4, fused=True)
-    graphed = GraphedStep(model.loss, opt, params, 2.0, lambda: _autocast(device, opts["precision"]), device)
+    mw = None
+    if master:
+        as_capturable(opt, device)
+        mw = MasterWeights(model, opt)
+    graphed = GraphedStep(model.loss, opt, params, 2.0, lambda: _autocast(device, opts["precision"]), device,
+                          master=mw)  # fmt: skip
     rel = None
     if check_grads is not None:
         for _ in range(graphed.warmup + 1):  # the eager warm-up steps, then the capture and its replay
             graphed(batch)
-        rel = rel_diff([p.grad.detach().float() for p in params], check_grads)
+        if mw is not None:
+            in_opt = [p for g in opt.param_groups for p in g["params"]]
+            by_param = {id(p): g for p, g in zip(in_opt, mw.grads())}
+            got = [by_param[id(p)].detach().float() for p in params]
+        else:
+            got = [p.grad.detach().float() for p in params]
+        rel = rel_diff(got, check_grads)
         set_lr(opt, 1e-4)
     return lambda: graphed(batch), rel
 
@@ -642,7 +663,8 @@ def run_row(
             if device.type == "cuda":  # (make_graph_step refuses other devices)
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            step, rel = make_graph_step(model, params, batch, opts, device, grads_ref)
+            master = spec.get("master", False)
+            step, rel = make_graph_step(model, params, batch, opts, device, grads_ref, master)
             row["capture_s"] = time.perf_counter() - t0
             # replays allocate nothing: the graph's pool (activations, gradients) is allocated
             # while capturing, so the step's peak is the capture's
@@ -653,7 +675,7 @@ def run_row(
         if rel is not None:
             row["graph_grad_rel"] = rel
             row["check"] = f"{row.get('check', '')}; graph grads rel {rel:.1e}".lstrip("; ")
-        row["compile"] = f"{mode}+g"
+        row["compile"] = f"{mode}+g" + ("m" if spec.get("master") else "")
     else:
         step = make_step(model, params, batch, opts, device, loss_call, info)
         ms, b2b_ms, peak_gb, first = time_steps(step, opts, device, info)

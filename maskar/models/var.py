@@ -460,6 +460,12 @@ class NextScaleModel(nn.Module):
     def no_weight_decay_keywords(self) -> set[str]:
         return set(NO_WEIGHT_DECAY)
 
+    def fp32_gradient_linears(self) -> set[str]:
+        """The heads, whose weight and bias gradients the fused cross-entropy sums in fp32
+        (:mod:`maskar.nn.losses`): bf16 working copies (:mod:`maskar.train.master_weights`)
+        would round those sums, so the heads keep their fp32 weights there."""
+        return {n for n in ("head", "mask_head") if isinstance(getattr(self, n, None), nn.Linear)}
+
     # ------------------------------------------------------------------ transformer
 
     def ada_cond(self, cond: Tensor) -> Tensor:

@@ -21,7 +21,10 @@ What a graph needs and how this meets it:
   captured values, so a model makes its step graph-safe or says why it cannot
   (``prepare_graph_step()``, None when it is);
 - the first ``warmup`` steps run eagerly on a side stream (compilation, autotuning and lazy
-  initialisation stay out of the capture); they are real training steps.
+  initialisation stay out of the capture); they are real training steps;
+- with ``master`` (:class:`maskar.train.master_weights.MasterWeights`, ``train.master_weights``)
+  the linears compute with bf16 copies that the AdamW pass writes; the pass reads its gradients'
+  addresses from a table, filled after the capture from the graph pool's gradients.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from torch import Tensor
 
 from maskar.train.clipping import clip_and_step
+from maskar.train.master_weights import MasterWeights
 
 WARMUP_STEPS = 3
 
@@ -90,12 +94,13 @@ class GraphedStep:
         autocast: Callable[[], contextlib.AbstractContextManager],
         device: torch.device,
         warmup: int = WARMUP_STEPS,
+        master: MasterWeights | None = None,
     ) -> None:
         if device.type != "cuda":
             raise ValueError(f"a CUDA graph step needs a CUDA device, got {device}")
         self.loss_fn, self.optimizer, self.params = loss_fn, optimizer, params
         self.grad_clip, self.autocast, self.device = grad_clip, autocast, device
-        self.warmup = warmup
+        self.warmup, self.master = warmup, master
         self.eager_steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_batch: dict[str, Tensor] = {}
@@ -104,18 +109,29 @@ class GraphedStep:
         as_capturable(optimizer, device)
 
     def _body(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
-        with self.autocast():
-            out = self.loss_fn(batch)
-        out["loss"].backward()
-        norm = clip_and_step(self.optimizer, self.params, self.grad_clip)
+        master = self.master
+        with master.swapped() if master is not None else contextlib.nullcontext():
+            with self.autocast():
+                out = self.loss_fn(batch)
+            out["loss"].backward()
+        if master is not None:
+            norm = master.step(self.grad_clip)
+        else:
+            norm = clip_and_step(self.optimizer, self.params, self.grad_clip)
         return {k: v.detach().float() for k, v in out.items()}, norm.detach().float()
+
+    def _zero_grad(self) -> None:
+        if self.master is not None:
+            self.master.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _eager(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         main = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             out, norm = self._body(batch)
         main.wait_stream(side)
         self.eager_steps += 1
@@ -123,11 +139,13 @@ class GraphedStep:
 
     def _capture(self, batch: dict[str, Tensor]) -> None:
         self.static_batch = {k: v.clone() for k, v in batch.items()}
-        self.optimizer.zero_grad(set_to_none=True)  # backward then allocates the gradients in the pool
+        self._zero_grad()  # backward then allocates the gradients in the pool
         graph = torch.cuda.CUDAGraph()
         # thread_local: the data loader's pin-memory thread keeps working during the capture
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.static_out, self.static_norm = self._body(self.static_batch)
+        if self.master is not None:
+            self.master.fill_pending()  # the pool's gradient addresses, for the replays
         self.graph = graph
 
     def _load(self, batch: dict[str, Tensor]) -> None:

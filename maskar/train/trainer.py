@@ -46,8 +46,9 @@ from maskar.train import distributed as D
 from maskar.train import parallelize as P
 from maskar.train.clipping import clip_and_step, total_norm
 from maskar.train.ema import EMA
-from maskar.train.graph_step import GraphedStep, portable_state_dict, prepare_for_graph, set_lr
+from maskar.train.graph_step import GraphedStep, as_capturable, portable_state_dict, prepare_for_graph, set_lr
 from maskar.train.logging import RunLogger, max_memory_gb
+from maskar.train.master_weights import MasterWeights
 from maskar.train.schedule import lr_from_config
 
 # ----------------------------------------------------------------------------- model pieces
@@ -424,18 +425,21 @@ class Trainer:
         else:
             # Training randomness (augmentation, masking, noise) differs per rank.
             D.seed_everything(tc.seed + self.dist.rank)
-        self.graph_step = (
-            GraphedStep(
+        self.graph_step = None
+        if tc.cuda_graph:
+            master = None
+            if tc.master_weights:
+                as_capturable(self.optimizer, self.device)  # the step reads device-tensor rates
+                master = MasterWeights(self.model, self.optimizer)
+            self.graph_step = GraphedStep(
                 functools.partial(self.wrapped, fn="loss"),
                 self.optimizer,
                 self.main_params,
                 tc.grad_clip,
                 self._autocast,
                 self.device,
+                master=master,
             )
-            if tc.cuda_graph
-            else None
-        )
 
     def _build_dataset(self) -> Dataset:
         from maskar.data import build_dataset
