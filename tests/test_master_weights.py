@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_aot import compiles_as_launched, require_aot_compiler, resource_usage
 from helpers_interpreter import run_under_interpreter
 
 from maskar.config import ConfigError, load_config
@@ -138,6 +139,24 @@ def test_launch_fills_the_address_table_after_a_capture(monkeypatch) -> None:
     assert len(launches) == 2
     with pytest.raises(ValueError, match="differ from the ones the launch was built for"):
         launch(make_tensors([(3, 4)], low=True, seed=3), 0.9, 0.95, 1e-8)
+
+
+@pytest.mark.parametrize("low", [False, True])
+def test_kernel_compiles_for_sm90_as_launched(low) -> None:
+    """The launch as a GPU would compile it (Hopper, maskar's launch options): it compiles without
+    spills, and the addresses read from the table (aligned, checked on the host) give vector
+    loads and stores."""
+    require_aot_compiler()
+    ts = make_tensors([(64, 96), (4096,)], low=low, seed=6)
+    with compiles_as_launched() as found:
+        K.AdamWLaunch(ts)(ts, 0.9, 0.95, 1e-8, torch.tensor(1.5))
+    [(name, compiled)] = found
+    assert name == "_adamw_master"
+    ptx = compiled.asm["ptx"]  # whole blocks load and store 16 bytes a thread at a time
+    assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+    usage = resource_usage(compiled)
+    if usage is not None:
+        assert usage["STACK"] == 0, usage
 
 
 def test_tensor_checks_name_the_problem() -> None:

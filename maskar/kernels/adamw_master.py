@@ -48,16 +48,21 @@ _ADDRS = 7
 @triton.jit
 def _adamw_master(ADDRS, NUMEL, WD, CHUNK_T, CHUNK_O, GRAD_SCALE, beta1, beta2, eps,
                   GRAD_T: tl.constexpr, LOW: tl.constexpr, HAS_SCALE: tl.constexpr,
-                  BLOCK: tl.constexpr):  # fmt: skip
+                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
     t = tl.load(CHUNK_T + pid)
-    start = tl.load(CHUNK_O + pid)
+    start = tl.multiple_of(tl.load(CHUNK_O + pid), BLOCK)
     n = tl.load(NUMEL + t)
     row = ADDRS + t * 7
     p_ptr = tl.load(row + 0).to(tl.pointer_type(tl.float32))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(GRAD_T))
     m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
     v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    low_ptr = tl.load(row + 4).to(tl.pointer_type(tl.bfloat16))
+    if ALIGNED:  # the addresses come from memory: say what the host checked, for vector access
+        p_ptr, g_ptr = tl.multiple_of(p_ptr, 16), tl.multiple_of(g_ptr, 16)
+        m_ptr, v_ptr = tl.multiple_of(m_ptr, 16), tl.multiple_of(v_ptr, 16)
+        low_ptr = tl.multiple_of(low_ptr, 16)
     lr = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
     step = tl.load(tl.load(row + 6).to(tl.pointer_type(tl.float32)))
     wd = tl.load(WD + t)
@@ -65,27 +70,53 @@ def _adamw_master(ADDRS, NUMEL, WD, CHUNK_T, CHUNK_O, GRAD_SCALE, beta1, beta2, 
     bc2_sqrt = tl.sqrt(1.0 - tl.exp(step * tl.log(beta2)))
     step_size = lr / bc1
 
+    scale = tl.load(GRAD_SCALE) if HAS_SCALE else 1.0
     offs = start + tl.arange(0, BLOCK)
-    ok = offs < n
-    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if start + BLOCK <= n:  # a whole block: no mask, so the accesses vectorise
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, offs, offs >= 0, lr, wd, scale, step_size, bc2_sqrt,
+                     beta1, beta2, eps, LOW, HAS_SCALE, False)  # fmt: skip
+    else:
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, offs, offs < n, lr, wd, scale, step_size, bc2_sqrt,
+                     beta1, beta2, eps, LOW, HAS_SCALE, True)  # fmt: skip
+
+
+@triton.jit
+def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, offs, ok, lr, wd, scale, step_size, bc2_sqrt,
+                 beta1, beta2, eps,
+                 LOW: tl.constexpr, HAS_SCALE: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    if MASKED:
+        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        p = tl.load(p_ptr + offs, mask=ok, other=0.0)
+        m = tl.load(m_ptr + offs, mask=ok, other=0.0)
+        v = tl.load(v_ptr + offs, mask=ok, other=0.0)
+    else:
+        g = tl.load(g_ptr + offs).to(tl.float32)
+        p = tl.load(p_ptr + offs)
+        m = tl.load(m_ptr + offs)
+        v = tl.load(v_ptr + offs)
     if HAS_SCALE:
-        g = g / tl.load(GRAD_SCALE)
-    p = tl.load(p_ptr + offs, mask=ok, other=0.0)
-    m = tl.load(m_ptr + offs, mask=ok, other=0.0)
-    v = tl.load(v_ptr + offs, mask=ok, other=0.0)
+        g = g / scale
     p = p - lr * wd * p
     m = beta1 * m + (1.0 - beta1) * g
     v = beta2 * v + (1.0 - beta2) * g * g
     p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
-    tl.store(p_ptr + offs, p, mask=ok)
-    tl.store(m_ptr + offs, m, mask=ok)
-    tl.store(v_ptr + offs, v, mask=ok)
     if LOW:
-        low_ptr = tl.load(row + 4).to(tl.pointer_type(tl.bfloat16))
         # round to nearest even by hand: the interpreter's cast truncates, the GPU's rounds
         bits = p.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(low_ptr + offs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=ok)
+        low = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    if MASKED:
+        tl.store(p_ptr + offs, p, mask=ok)
+        tl.store(m_ptr + offs, m, mask=ok)
+        tl.store(v_ptr + offs, v, mask=ok)
+        if LOW:
+            tl.store(low_ptr + offs, low, mask=ok)
+    else:
+        tl.store(p_ptr + offs, p)
+        tl.store(m_ptr + offs, m)
+        tl.store(v_ptr + offs, v)
+        if LOW:
+            tl.store(low_ptr + offs, low)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -183,6 +214,7 @@ class AdamWLaunch:
         if [tuple(p.shape) for p in ts.params] != self.shapes or (ts.lows is not None) != self.low:
             raise ValueError("adamw_master: the tensors differ from the ones the launch was built for")
         host = _addresses(ts)
+        aligned = bool((host % 16 == 0).all())  # zeros (no copies) count as aligned
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if capturing:
             self._pending = host  # read by the replays: filled in after the capture
@@ -196,7 +228,8 @@ class AdamWLaunch:
         _launch(
             _adamw_master, (self.n_chunks,),
             (self.addrs, self.numel, self.wd, self.chunk_t, self.chunk_o, scale, beta1, beta2, eps),
-            dict(GRAD_T=grad_t, LOW=self.low, HAS_SCALE=grad_scale is not None, BLOCK=self.block),
+            dict(GRAD_T=grad_t, LOW=self.low, HAS_SCALE=grad_scale is not None, ALIGNED=aligned,
+                 BLOCK=self.block),
             NUM_WARPS, 1,
         )  # fmt: skip
 
