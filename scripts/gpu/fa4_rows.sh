@@ -13,14 +13,16 @@
 # work: ≈ 23 of HMAR's 86 ms at 1024 px) A/B, each side in its own process: 1024 px HMAR-d16 and
 # VAR-d16 with fa4 (the CDT side profiled), then 256 px with auto.
 # PART=auto1024 instead: the 1024 px rows at attention auto (which takes fa4 where installed).
+# PART=master1024 instead: the same rows without and with train.master_weights (/graph/master: bf16
+# copies of the linears, fp32 masters), HMAR then VAR, each pair in one process.
 # PART=sample1024 instead: maskar bench sample at 1024 px B 8 (compiled-w16 + compiled decoder,
 # each row in its own process): HMAR-d16 with fa4 and with auto (both profiled: attention's
 # GPU time), then VAR-d16 with fa4.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 case "${PART:-train}" in
-  train|profile1024|bwdsweep|cdt|auto1024|sample1024) ;;
-  *) echo "PART: expected train, profile1024, bwdsweep, cdt, auto1024 or sample1024; got ${PART}" >&2; exit 2 ;;
+  train|profile1024|bwdsweep|cdt|auto1024|master1024|sample1024) ;;
+  *) echo "PART: expected train, profile1024, bwdsweep, cdt, auto1024, master1024 or sample1024; got ${PART}" >&2; exit 2 ;;
 esac
 source scripts/gpu/fa4_install.sh || exit 1
 mkdir -p "$OUT"
@@ -66,6 +68,16 @@ if [ "${PART:-train}" = auto1024 ]; then
   timeout "${T1024_S:-150}" python3 -m maskar bench train_step res=1024 steps=20 warmup=3 \
     rows=hmar/d16/blocks/graph,var/d16/blocks/graph json="$OUT/train_1024_auto_fa4.json" > "$OUT/train_1024_auto_fa4.txt" 2>&1
   echo "rc=$?"; grep -vE "$NOISE" "$OUT/train_1024_auto_fa4.txt" | tail -n 5
+  exit 0
+fi
+if [ "${PART:-train}" = master1024 ]; then
+  for m in hmar var; do
+    echo "== train_step 1024 px $m-d16, auto (fa4 where installed), without and with /master"
+    timeout "${T1024_S:-140}" python3 -m maskar bench train_step res=1024 steps=20 warmup=3 \
+      rows=$m/d16/blocks/graph,$m/d16/blocks/graph/master json="$OUT/train_1024_master_$m.json" \
+      > "$OUT/train_1024_master_$m.txt" 2>&1
+    echo "rc=$?"; grep -vE "$NOISE" "$OUT/train_1024_master_$m.txt" | tail -n 4
+  done
   exit 0
 fi
 if [ "${PART:-train}" = sample1024 ]; then
