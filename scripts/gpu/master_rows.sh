@@ -20,8 +20,9 @@ source "$(dirname "$0")/clock.sh"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 el "GPU tests: master weights; kernels as launched"
+# QUICK=1 (a short call): the compiled-blocks trainer case is left out
 timeout $(cap 200) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_master_weights.py \
-  > "$OUT/master-gpu-tests.txt" 2>&1
+  $([ -n "${QUICK:-}" ] && echo "-k not blocks") > "$OUT/master-gpu-tests.txt" 2>&1
 echo "rc=$?"; grep -E "copies vs|passed|failed|FAILED|ERROR" "$OUT/master-gpu-tests.txt" | tail -n 8
 bench() {  # tag res steps warmup rows [extra]
   local tag=$1 res=$2 st=$3 wu=$4 rows=$5 extra=${6:-}
