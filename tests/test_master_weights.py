@@ -199,8 +199,10 @@ def _batch(model, seed: int) -> dict:
 @pytest.mark.parametrize("preset", ["var-tiny", "hmar-tiny"])
 def test_bf16_copies_give_autocasts_loss_and_gradients(preset) -> None:
     """The swapped step computes what CPU bf16 autocast computes with fp32 weights: the same loss
-    and gradients bit for bit; after three AdamW steps the weights agree to rounding, the copies
-    are the masters rounded, and outside the step the model holds its fp32 parameters."""
+    and gradients bit for bit; after the first AdamW step the weights agree to its rounding (later
+    steps see weights a rounding apart, which Adam's normalised update can grow to a learning rate
+    where a gradient is near zero, so they are held to the loss only); the copies are the masters
+    rounded, and outside the step the model holds its fp32 parameters."""
     ref = _tiny(preset)
     new = copy.deepcopy(ref)
     ref_opt, ref_params = _opt(ref, False)
@@ -228,11 +230,14 @@ def test_bf16_copies_give_autocasts_loss_and_gradients(preset) -> None:
             assert torch.equal(loss, ref_loss)
             assert all(torch.equal(g.float(), r) for g, r in zip(grads, ref_grads))
             assert sum(g.dtype == torch.bfloat16 for g in grads) == len(master.lows)
+        else:
+            assert abs(loss.item() - ref_loss.item()) < 1e-3 * abs(ref_loss.item())
         norm = master.step(0.5)
         assert norm.item() > 0.5
-    ref_w = [p.detach() for g in ref_opt.param_groups for p in g["params"]]
-    new_w = [p.detach() for g in new_opt.param_groups for p in g["params"]]
-    assert max_rel(new_w, ref_w) < 1e-4
+        if step == 0:
+            ref_w = [p.detach() for g in ref_opt.param_groups for p in g["params"]]
+            new_w = [p.detach() for g in new_opt.param_groups for p in g["params"]]
+            assert max_rel(new_w, ref_w) < 1e-6
     assert all(torch.equal(lo, p.to(torch.bfloat16)) for lo, p in zip(master.lows, master.masters))
     assert {k: v.dtype for k, v in new.state_dict().items()} == fp32_before
     assert new_opt.state_dict()["state"][0]["step"].item() == 3.0
