@@ -41,8 +41,7 @@ from maskar.kernels.block_sparse import _INTERPRET, _launch
 
 # ----------------------------------------------------------------------------- kernel
 
-_P, _G, _M, _V, _LOW, _LR, _STEP = range(7)
-_ADDRS = 7
+_ADDRS = 7  # a table row: master, gradient, exp_avg, exp_avg_sq, copy, rate, step (the kernel's 0..6)
 
 
 @triton.jit
@@ -213,6 +212,8 @@ class AdamWLaunch:
                  grad_scale: Tensor | None = None) -> None:  # fmt: skip
         if [tuple(p.shape) for p in ts.params] != self.shapes or (ts.lows is not None) != self.low:
             raise ValueError("adamw_master: the tensors differ from the ones the launch was built for")
+        if grad_scale is not None and (grad_scale.dtype != torch.float32 or grad_scale.numel() != 1):
+            raise ValueError(f"adamw_master: grad_scale must be an fp32 scalar, got {grad_scale.dtype}")
         host = _addresses(ts)
         aligned = bool((host % 16 == 0).all())  # zeros (no copies) count as aligned
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -220,8 +221,6 @@ class AdamWLaunch:
             self._pending = host  # read by the replays: filled in after the capture
         else:
             self.addrs.copy_(host)
-        if grad_scale is not None and (grad_scale.dtype != torch.float32 or grad_scale.numel() != 1):
-            raise ValueError(f"adamw_master: grad_scale must be an fp32 scalar, got {grad_scale.dtype}")
         torch._foreach_add_(ts.steps, 1.0)
         scale = grad_scale if grad_scale is not None else self.wd  # any fp32 pointer when unused
         grad_t = tl.bfloat16 if self.low else tl.float32
