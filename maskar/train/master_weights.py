@@ -16,8 +16,9 @@ What stays as before, so checkpoints, EMA and resume do not know the difference:
   state (``exp_avg``, ``exp_avg_sq``, ``step``) and state dict are what an ordinary run has;
 - the forward and backward compute exactly what autocast computes: the copies hold the values
   autocast's casts give (``Tensor.to`` rounding, written by the kernel with the same rounding),
-  and a bf16 gradient is the value autocast's cast back to fp32 receives. Only the optimizer's
-  arithmetic differs from torch's fused kernel, by rounding (its own ``b^t``).
+  and a bf16 gradient is the value autocast's cast back to fp32 receives (eagerly; under
+  torch.compile Inductor may leave a bias gradient of autocast's graph unrounded in fp32). Only
+  the optimizer's arithmetic differs from torch's fused kernel, by rounding (its own ``b^t``).
 
 Parameters the step does not swap (norms, embeddings, positional tables, AdaLN tables, and the
 heads, whose gradients the fused cross-entropy sums in fp32: ``fp32_gradient_linears()``) keep
