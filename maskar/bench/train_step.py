@@ -378,13 +378,8 @@ def make_graph_step(model, params, batch, opts, device, check_grads: list[torch.
     if check_grads is not None:
         for _ in range(graphed.warmup + 1):  # the eager warm-up steps, then the capture and its replay
             graphed(batch)
-        if mw is not None:
-            in_opt = [p for g in opt.param_groups for p in g["params"]]
-            by_param = {id(p): g for p, g in zip(in_opt, mw.grads())}
-            got = [by_param[id(p)].detach().float() for p in params]
-        else:
-            got = [p.grad.detach().float() for p in params]
-        rel = rel_diff(got, check_grads)
+        grads = [mw.grad(p) if mw is not None else p.grad for p in params]
+        rel = rel_diff([g.detach().float() for g in grads], check_grads)
         set_lr(opt, 1e-4)
     return lambda: graphed(batch), rel
 

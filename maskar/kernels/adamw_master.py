@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from maskar.kernels.block_sparse import _INTERPRET, _launch
+from maskar.kernels.block_sparse import _launch
 
 # ----------------------------------------------------------------------------- kernel
 
@@ -239,11 +239,6 @@ class AdamWLaunch:
             self._pending = None
 
 
-def supported(device: torch.device) -> bool:
-    """Where the kernel runs: CUDA, or the CPU under the Triton interpreter."""
-    return device.type == "cuda" or (device.type == "cpu" and _INTERPRET)
-
-
 # ----------------------------------------------------------------------------- reference
 
 
@@ -269,4 +264,4 @@ def adamw_reference_(ts: AdamWTensors, beta1: float, beta2: float, eps: float,
             ts.lows[i].copy_(p)
 
 
-__all__ = ["AdamWTensors", "AdamWLaunch", "adamw_reference_", "supported", "BLOCK"]
+__all__ = ["AdamWTensors", "AdamWLaunch", "adamw_reference_", "BLOCK"]

@@ -38,6 +38,12 @@ def total_norm(params: list[Tensor], device: torch.device) -> Tensor:
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
 
 
+def clip_divisor(norm: Tensor, max_norm: float) -> Tensor:
+    """``clip_grad_norm_``'s factor for total norm ``norm``, inverted: what a fused pass divides
+    the gradients by (1 where the norm is below ``max_norm``)."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0).reciprocal()
+
+
 @torch.no_grad()
 def clip_and_step(optimizer: torch.optim.Optimizer, params: list[Tensor], max_norm: float) -> Tensor:
     """Clip the gradients of ``params`` to total norm ``max_norm`` (``<= 0``: no clipping) and take
@@ -47,9 +53,7 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: list[Tensor], max_no
     device = params[0].device if params else torch.device("cpu")
     norm = total_norm(params, device)
     if max_norm > 0 and folds_clipping(optimizer):
-        # clip_grad_norm_'s factor, inverted: the kernel divides by its grad_scale
-        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        optimizer.grad_scale = factor.reciprocal()
+        optimizer.grad_scale = clip_divisor(norm, max_norm)  # the kernel divides by its grad_scale
         try:
             optimizer.step()
         finally:

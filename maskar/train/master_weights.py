@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from maskar.kernels import adamw_master as K
+from maskar.train.clipping import clip_divisor
 
 
 def swappable(model: nn.Module, skip: tuple[str, ...] = ("tokenizer",)) -> list[tuple[nn.Module, str]]:
@@ -90,12 +91,6 @@ class MasterWeights:
                 return f"param group {i}: lr must be a device tensor (maskar.train.graph_step.as_capturable)"
         return None
 
-    def refresh(self) -> None:
-        """Copy the masters into the bf16 copies: after the masters changed outside the step (a load)."""
-        with torch.no_grad():
-            for low, p in zip(self.lows, self.masters):
-                low.copy_(p)
-
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
         """Inside: the linears hold the bf16 copies (their gradients land there)."""
@@ -113,14 +108,14 @@ class MasterWeights:
         for low in self.lows:
             low.grad = None
 
+    def grad(self, p: Tensor) -> Tensor | None:
+        """Optimizer parameter ``p``'s gradient: its copy's where ``p`` is swapped."""
+        i = self._low_of.get(id(p))
+        return self.lows[i].grad if i is not None else p.grad
+
     def grads(self) -> list[Tensor | None]:
-        """Each optimizer parameter's gradient, in ``param_groups`` order: its copy's for a swapped one."""
-        out = []
-        for g in self.optimizer.param_groups:
-            for p in g["params"]:
-                i = self._low_of.get(id(p))
-                out.append(self.lows[i].grad if i is not None else p.grad)
-        return out
+        """Each optimizer parameter's gradient, in ``param_groups`` order."""
+        return [self.grad(p) for g in self.optimizer.param_groups for p in g["params"]]
 
     def _state(self, p: Tensor) -> dict:
         st = self.optimizer.state[p]
@@ -139,11 +134,11 @@ class MasterWeights:
         for g in self.optimizer.param_groups:
             betas.add((float(g["betas"][0]), float(g["betas"][1]), float(g["eps"])))
             for p in g["params"]:
-                i = self._low_of.get(id(p))
-                grad = self.lows[i].grad if i is not None else p.grad
+                grad = self.grad(p)
                 if grad is None:
                     continue
                 st = self._state(p)
+                i = self._low_of.get(id(p))
                 swapped = i is not None
                 if swapped not in parts:
                     parts[swapped] = K.AdamWTensors([], [], [], [], [], [], [], [] if swapped else None)
@@ -164,9 +159,7 @@ class MasterWeights:
         if not grads:
             return torch.zeros((), device=device)
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
-        scale = None
-        if max_norm > 0:  # clip_grad_norm_'s factor, inverted: the kernel divides by it
-            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0).reciprocal()
+        scale = clip_divisor(norm, max_norm) if max_norm > 0 else None
         b1, b2, eps = betas.pop()
         for low, ts in parts.items():
             if self.kernel:
@@ -184,8 +177,4 @@ class MasterWeights:
             launch.fill_pending()
 
 
-def supported(device: torch.device) -> bool:
-    return K.supported(device)
-
-
-__all__ = ["MasterWeights", "swappable", "supported"]
+__all__ = ["MasterWeights", "swappable"]
