@@ -69,11 +69,16 @@ for case, low, scale, block in [("fp32", False, None, 64), ("fp32-clip", False, 
     a = make_tensors(shapes, low, seed=len(case))
     b = clone_tensors(a)
     gs = None if scale is None else torch.tensor(scale)
-    K.AdamWLaunch(a, block=block)(a, 0.9, 0.95, 1e-8, gs)
+    launch = K.AdamWLaunch(a, block=block)
+    parts = launch.sum_squares(a)
+    want_sq = sum(float(g.double().pow(2).sum()) for g in a.grads)
+    rel = abs(float(parts.double().sum()) - want_sq) / want_sq
+    sq = dict(n=parts.numel(), n_chunks=launch.n_chunks, rel=rel)
+    launch(a, 0.9, 0.95, 1e-8, gs, bound=True)
     K.adamw_reference_(b, 0.9, 0.95, 1e-8, gs)
     out = dict(case=case, p=max_rel(a.params, b.params), m=max_rel(a.exp_avgs, b.exp_avgs),
                v=max_rel(a.exp_avg_sqs, b.exp_avg_sqs), steps=[float(s) for s in a.steps],
-               want_steps=[float(s) for s in b.steps])
+               want_steps=[float(s) for s in b.steps], sq=sq)
     if low:
         out["low_rounded"] = all(torch.equal(lo, p.to(torch.bfloat16)) for lo, p in zip(a.lows, a.params))
     print("RESULT " + json.dumps(out))
@@ -86,8 +91,47 @@ def test_kernel_equals_its_reference_under_the_interpreter() -> None:
     for case, r in res.items():
         assert r["steps"] == r["want_steps"], case
         assert r["p"] < 1e-6 and r["m"] < 1e-6 and r["v"] < 1e-6, (case, r)
+        assert r["sq"]["n"] == r["sq"]["n_chunks"] and r["sq"]["rel"] < 1e-6, (case, r["sq"])
         if case.startswith("bf16"):
             assert r["low_rounded"], case  # the copy is the master rounded to nearest even
+
+
+_STEP_RUNNER = """
+import json, sys, copy, torch
+sys.path.insert(0, {tests_dir!r})
+from test_master_weights import max_rel
+from maskar.train.master_weights import MasterWeights
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(40, 72), torch.nn.LayerNorm(72), torch.nn.Linear(72, 3))
+for max_norm in (0.5, 0.0, 1e9):
+    runs = []
+    for kernel in (True, False):
+        m = copy.deepcopy(model)
+        rest = [m[0].bias, m[1].weight, m[1].bias, m[2].bias]
+        groups = [dict(params=[m[0].weight, m[2].weight], weight_decay=0.05, lr=torch.tensor(1e-2)),
+                  dict(params=rest, weight_decay=0.0, lr=torch.tensor(1e-2))]
+        mw = MasterWeights(m, torch.optim.AdamW(groups, betas=(0.9, 0.95)), kernel=kernel)
+        g = torch.Generator().manual_seed(1)
+        for low in mw.lows:
+            low.grad = (torch.randn(low.shape, generator=g) * 2).to(torch.bfloat16)
+        m[1].weight.grad = torch.randn(72, generator=g)
+        m[1].bias.grad = torch.randn(72, generator=g)
+        norm = mw.step(max_norm)
+        runs.append((float(norm), [p.detach().clone() for p in m.parameters()]))
+    (nk, pk), (nr, pr) = runs
+    print("RESULT " + json.dumps(dict(case=str(max_norm), norm=nk, want=nr, p=max_rel(pk, pr))))
+"""
+
+
+def test_master_step_with_kernels_equals_the_reference_path_under_the_interpreter() -> None:
+    """:meth:`MasterWeights.step` through the kernels (the norm from the block sums of both
+    launches, bf16 and fp32 gradients, then AdamW) against its torch path (``_foreach_norm``, the
+    reference step), clipped, unclipped and with clipping off."""
+    res = run_under_interpreter(_STEP_RUNNER, timeout=600)
+    assert set(res) == {"0.5", "0.0", "1000000000.0"}
+    for case, r in res.items():
+        assert abs(r["norm"] - r["want"]) <= 1e-6 * r["want"] and r["want"] > 1.0, (case, r)
+        assert r["p"] < 1e-6, (case, r)
 
 
 def test_reference_equals_torch_adamw_over_steps() -> None:
@@ -132,11 +176,13 @@ def test_launch_fills_the_address_table_after_a_capture(monkeypatch) -> None:
     ts.grads = [g.clone() for g in ts.grads]  # what a capture's backward allocates
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     launch.device = torch.device("cuda")  # the capture check asks CUDA only
-    launch(ts, 0.9, 0.95, 1e-8)
+    launch.sum_squares(ts)  # the norm's launch binds as the step's does
+    assert torch.equal(launch.addrs, first)
+    launch(ts, 0.9, 0.95, 1e-8, bound=True)
     assert torch.equal(launch.addrs, first)
     launch.fill_pending()
     assert launch.addrs[:, 1].tolist() == [g.data_ptr() for g in ts.grads]
-    assert len(launches) == 2
+    assert [a[0].__name__ for a in launches] == ["_adamw_master", "_sum_squares", "_adamw_master"]
     with pytest.raises(ValueError, match="differ from the ones the launch was built for"):
         launch(make_tensors([(3, 4)], low=True, seed=3), 0.9, 0.95, 1e-8)
 
@@ -149,14 +195,18 @@ def test_kernel_compiles_for_sm90_as_launched(low) -> None:
     require_aot_compiler()
     ts = make_tensors([(64, 96), (4096,)], low=low, seed=6)
     with compiles_as_launched() as found:
-        K.AdamWLaunch(ts)(ts, 0.9, 0.95, 1e-8, torch.tensor(1.5))
-    [(name, compiled)] = found
-    assert name == "_adamw_master"
-    ptx = compiled.asm["ptx"]  # whole blocks load and store 16 bytes a thread at a time
-    assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
-    usage = resource_usage(compiled)
-    if usage is not None:
-        assert usage["STACK"] == 0, usage
+        launch = K.AdamWLaunch(ts)
+        launch.sum_squares(ts)
+        launch(ts, 0.9, 0.95, 1e-8, torch.tensor(1.5), bound=True)
+    assert [name for name, _ in found] == ["_sum_squares", "_adamw_master"]
+    for name, compiled in found:
+        ptx = compiled.asm["ptx"]  # whole blocks load (and store) 16 bytes a thread at a time
+        assert "ld.global.v4.b32" in ptx, name
+        if name == "_adamw_master":
+            assert "st.global.v4.b32" in ptx
+        usage = resource_usage(compiled)
+        if usage is not None:
+            assert usage["STACK"] == 0, (name, usage)
 
 
 def test_tensor_checks_name_the_problem() -> None:
@@ -311,7 +361,11 @@ def test_gpu_kernel_equals_its_reference() -> None:
                            cuda(a.steps), a.weight_decays, cuda(a.lows))  # fmt: skip
         b = clone_tensors(a)
         scale = torch.tensor(1.3, device="cuda")
-        K.AdamWLaunch(a)(a, 0.9, 0.95, 1e-8, scale)
+        launch = K.AdamWLaunch(a)
+        sq = launch.sum_squares(a).sum()
+        want = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(a.grads, 2, dtype=torch.float32)))
+        assert abs(float(sq.sqrt()) - float(want)) <= 1e-6 * float(want)
+        launch(a, 0.9, 0.95, 1e-8, scale, bound=True)
         K.adamw_reference_(b, 0.9, 0.95, 1e-8, scale)
         assert max_rel(a.params, b.params) < 1e-6
         assert max_rel(a.exp_avg_sqs, b.exp_avg_sqs) < 1e-6

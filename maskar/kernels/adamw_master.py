@@ -26,6 +26,11 @@ element). The tables are plain device memory read when the kernel runs, not when
 inside a CUDA graph capture the gradients' addresses (the graph pool's) are only known at the
 capture, so :class:`AdamWLaunch` fills the address table after the capture ends
 (:meth:`AdamWLaunch.fill_pending`), before the first replay.
+
+The clipping norm reads the same tables (:meth:`AdamWLaunch.sum_squares`): one program a block
+writes its block's sum of squared gradient elements in fp32, and the caller sums the partials
+(a fixed order: the same norm at every replay, no atomics). torch's ``_foreach_norm`` over bf16
+gradients with an fp32 result runs one reduction kernel a tensor instead (≈ 150 at d16).
 """
 
 from __future__ import annotations
@@ -118,6 +123,25 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, offs, ok, lr, wd, scale, s
             tl.store(low_ptr + offs, low)
 
 
+@triton.jit
+def _sum_squares(ADDRS, NUMEL, CHUNK_T, CHUNK_O, PART, GRAD_T: tl.constexpr, ALIGNED: tl.constexpr,
+                 BLOCK: tl.constexpr):  # fmt: skip
+    """PART[pid] = sum of the squares of program pid's block of its tensor's gradient, in fp32."""
+    pid = tl.program_id(0)
+    t = tl.load(CHUNK_T + pid)
+    start = tl.multiple_of(tl.load(CHUNK_O + pid), BLOCK)
+    n = tl.load(NUMEL + t)
+    g_ptr = tl.load(ADDRS + t * 7 + 1).to(tl.pointer_type(GRAD_T))
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+    offs = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= n:
+        g = tl.load(g_ptr + offs).to(tl.float32)
+    else:
+        g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(PART + pid, tl.sum(g * g, 0))
+
+
 # ----------------------------------------------------------------------------- launch
 
 BLOCK = 2048  # elements a program: 16 a thread at 4 warps, vectorised loads of 4 fp32
@@ -184,9 +208,10 @@ def _addresses(ts: AdamWTensors) -> Tensor:
 
 
 class AdamWLaunch:
-    """The launch tables of one list of tensors (shapes, weight decays: fixed at construction) and
-    the launch; :meth:`__call__` refreshes the address table from the tensors it is given, at once
-    or, inside a CUDA graph capture, once the capture has ended (:meth:`fill_pending`)."""
+    """The launch tables of one list of tensors (shapes, weight decays: fixed at construction), the
+    AdamW launch (:meth:`__call__`) and the gradients' squared norm (:meth:`sum_squares`). Each
+    refreshes the address table from the tensors it is given (:meth:`bind`): at once or, inside a
+    CUDA graph capture, once the capture has ended (:meth:`fill_pending`)."""
 
     def __init__(self, ts: AdamWTensors, block: int = BLOCK) -> None:
         ts.check()
@@ -206,28 +231,50 @@ class AdamWLaunch:
         self.chunk_t = torch.tensor(chunk_t, dtype=torch.int32, device=device)
         self.chunk_o = torch.tensor(chunk_o, dtype=torch.int64, device=device)
         self.addrs = torch.zeros((len(numel), _ADDRS), dtype=torch.int64, device=device)
+        self.partials = torch.zeros(self.n_chunks, dtype=torch.float32, device=device)
+        self.aligned = False
         self._pending: Tensor | None = None
 
-    def __call__(self, ts: AdamWTensors, beta1: float, beta2: float, eps: float,
-                 grad_scale: Tensor | None = None) -> None:  # fmt: skip
+    def bind(self, ts: AdamWTensors) -> None:
+        """Point the address table at ``ts``' tensors: now, or inside a CUDA graph capture once it
+        has ended (:meth:`fill_pending`)."""
         if [tuple(p.shape) for p in ts.params] != self.shapes or (ts.lows is not None) != self.low:
             raise ValueError("adamw_master: the tensors differ from the ones the launch was built for")
-        if grad_scale is not None and (grad_scale.dtype != torch.float32 or grad_scale.numel() != 1):
-            raise ValueError(f"adamw_master: grad_scale must be an fp32 scalar, got {grad_scale.dtype}")
         host = _addresses(ts)
-        aligned = bool((host % 16 == 0).all())  # zeros (no copies) count as aligned
+        self.aligned = bool((host % 16 == 0).all())  # zeros (no copies) count as aligned
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if capturing:
             self._pending = host  # read by the replays: filled in after the capture
         else:
             self.addrs.copy_(host)
+
+    def sum_squares(self, ts: AdamWTensors) -> Tensor:
+        """Bind ``ts`` and return its gradients' sum of squares by block (fp32, ``n_chunks``): the
+        squared norm is their sum. The buffer is reused by the next call."""
+        self.bind(ts)
+        grad_t = tl.bfloat16 if self.low else tl.float32
+        _launch(
+            _sum_squares, (self.n_chunks,),
+            (self.addrs, self.numel, self.chunk_t, self.chunk_o, self.partials),
+            dict(GRAD_T=grad_t, ALIGNED=self.aligned, BLOCK=self.block), NUM_WARPS, 1,
+        )  # fmt: skip
+        return self.partials
+
+    def __call__(self, ts: AdamWTensors, beta1: float, beta2: float, eps: float,
+                 grad_scale: Tensor | None = None, bound: bool = False) -> None:  # fmt: skip
+        """One AdamW step over ``ts`` (``bound``: :meth:`bind` or :meth:`sum_squares` was just
+        called with the same tensors)."""
+        if grad_scale is not None and (grad_scale.dtype != torch.float32 or grad_scale.numel() != 1):
+            raise ValueError(f"adamw_master: grad_scale must be an fp32 scalar, got {grad_scale.dtype}")
+        if not bound:
+            self.bind(ts)
         torch._foreach_add_(ts.steps, 1.0)
         scale = grad_scale if grad_scale is not None else self.wd  # any fp32 pointer when unused
         grad_t = tl.bfloat16 if self.low else tl.float32
         _launch(
             _adamw_master, (self.n_chunks,),
             (self.addrs, self.numel, self.wd, self.chunk_t, self.chunk_o, scale, beta1, beta2, eps),
-            dict(GRAD_T=grad_t, LOW=self.low, HAS_SCALE=grad_scale is not None, ALIGNED=aligned,
+            dict(GRAD_T=grad_t, LOW=self.low, HAS_SCALE=grad_scale is not None, ALIGNED=self.aligned,
                  BLOCK=self.block),
             NUM_WARPS, 1,
         )  # fmt: skip

@@ -158,17 +158,24 @@ class MasterWeights:
         device = self.masters[0].device
         if not grads:
             return torch.zeros((), device=device)
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
-        scale = clip_divisor(norm, max_norm) if max_norm > 0 else None
         b1, b2, eps = betas.pop()
-        for low, ts in parts.items():
-            if self.kernel:
-                launch = self._launches.get(low)
-                if launch is None or launch.shapes != [tuple(p.shape) for p in ts.params]:
-                    launch = self._launches[low] = K.AdamWLaunch(ts)
-                launch(ts, b1, b2, eps, scale)
-            else:
+        if not self.kernel:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+            scale = clip_divisor(norm, max_norm) if max_norm > 0 else None
+            for ts in parts.values():
                 K.adamw_reference_(ts, b1, b2, eps, scale)
+            return norm
+        launches = []
+        for low, ts in parts.items():
+            launch = self._launches.get(low)
+            if launch is None or launch.shapes != [tuple(p.shape) for p in ts.params]:
+                launch = self._launches[low] = K.AdamWLaunch(ts)
+            launches.append((launch, ts))
+        # the launches' block sums, added in a fixed order: one kernel a launch, not one a tensor
+        norm = torch.stack([launch.sum_squares(ts).sum() for launch, ts in launches]).sum().sqrt()
+        scale = clip_divisor(norm, max_norm) if max_norm > 0 else None
+        for launch, ts in launches:
+            launch(ts, b1, b2, eps, scale, bound=True)
         return norm
 
     def fill_pending(self) -> None:
