@@ -101,10 +101,12 @@ class TrainConfig:
         "3 eager steps and replay it: one CUDA process, grad_accum 1, bf16 / fp32, models whose step "
         "is graph-safe (VAR, HMAR)",
     )
-    master_weights: bool = field(
-        False,
+    master_weights: bool | str = field(
+        "auto",
+        choices=("auto", True, False),
         help="with cuda_graph and bf16: the linears compute with bf16 copies of their weights that "
-        "AdamW writes beside the fp32 masters (no casts in the step, bf16 gradients; docs/training.md)",
+        "AdamW writes beside the fp32 masters (no casts in the step, bf16 gradients; docs/training.md); "
+        "auto = on wherever cuda_graph runs under bf16",
     )
     peak_tflops: float = field(0.0, min=0.0, help="bf16 peak per GPU for the logged MFU; 0: known GPUs")
     disc_lr: float | None = field(None, min=0.0, help="discriminator lr (tokenizer GAN); default lr")
@@ -158,7 +160,7 @@ class TrainConfig:
                 )
             if self.activation_checkpointing:
                 raise ValueError("cuda_graph: not supported with activation_checkpointing=true")
-        if self.master_weights:
+        if self.master_weights is True:
             if not self.cuda_graph:
                 raise ValueError("master_weights: needs cuda_graph=true (the step it is built into)")
             if self.precision not in ("auto", "bf16"):

@@ -21,7 +21,7 @@ from maskar.kernels import adamw_master as K
 from maskar.train import graph_step as G
 from maskar.train.clipping import clip_and_step
 from maskar.train.master_weights import MasterWeights, swappable
-from maskar.train.trainer import param_groups
+from maskar.train.trainer import master_weights_on, param_groups
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -312,6 +312,23 @@ def test_config_refuses_master_weights_without_its_step(tmp_path, overrides, nee
     with pytest.raises(ConfigError, match="master_weights") as e:
         load_config("hmar-tiny", [f"train.out_dir={tmp_path}", "train.master_weights=true", *overrides])
     assert needle in str(e.value)
+
+
+def test_master_weights_auto_is_on_with_the_graphed_bf16_step(tmp_path) -> None:
+    def on(*overrides: str, amp=torch.bfloat16) -> bool:
+        cfg = load_config("hmar-tiny", [f"train.out_dir={tmp_path}", *overrides])
+        return master_weights_on(cfg.train, amp)
+
+    assert cfg_default(tmp_path) == "auto"
+    assert on("train.cuda_graph=true")
+    assert not on("train.cuda_graph=true", amp=None)  # fp32: nothing to copy
+    assert not on()  # no graph, no copies
+    assert not on("train.cuda_graph=true", "train.master_weights=false")
+    assert on("train.cuda_graph=true", "train.master_weights=true", "train.precision=bf16")
+
+
+def cfg_default(tmp_path) -> object:
+    return load_config("hmar-tiny", [f"train.out_dir={tmp_path}"]).train.master_weights
 
 
 # ----------------------------------------------------------------------------- GPU

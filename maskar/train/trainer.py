@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from maskar import checkpoint as ckpt
-from maskar.config import Config, ConfigError, dump_yaml
+from maskar.config import Config, ConfigError, TrainConfig, dump_yaml
 from maskar.train import distributed as D
 from maskar.train import parallelize as P
 from maskar.train.clipping import clip_and_step, total_norm
@@ -119,6 +119,16 @@ def build_optimizer(
     if device.type == "cuda" and not offloaded:
         kwargs["fused"] = True
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def master_weights_on(tc: TrainConfig, amp_dtype: torch.dtype | None) -> bool:
+    """``train.master_weights`` resolved: ``auto`` is on wherever the step is a CUDA graph under
+    bf16 autocast (faster in every pair measured: docs/benchmarks.md)."""
+    if not tc.cuda_graph:
+        return False
+    if tc.master_weights == "auto":
+        return amp_dtype == torch.bfloat16
+    return bool(tc.master_weights)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -428,7 +438,7 @@ class Trainer:
         self.graph_step = None
         if tc.cuda_graph:
             master = None
-            if tc.master_weights:
+            if master_weights_on(tc, self.amp_dtype):
                 as_capturable(self.optimizer, self.device)  # the step reads device-tensor rates
                 master = MasterWeights(self.model, self.optimizer)
             self.graph_step = GraphedStep(
