@@ -223,11 +223,12 @@ def test_tensor_checks_name_the_problem() -> None:
 # ----------------------------------------------------------------------------- CPU: the training step
 
 
-def _tiny(preset: str):
+def _tiny(preset: str, *overrides: str):
     from maskar.registry import build_model
 
     torch.manual_seed(0)
-    model = build_model(load_config(preset, ["model.cond_drop_rate=0", "model.drop_path_rate=0"]).model)
+    cfg = load_config(preset, ["model.cond_drop_rate=0", "model.drop_path_rate=0", *overrides])
+    model = build_model(cfg.model)
     return model.train()
 
 
@@ -246,14 +247,14 @@ def _batch(model, seed: int) -> dict:
             "label": torch.randint(0, 10, (4,), generator=g)}  # fmt: skip
 
 
-@pytest.mark.parametrize("preset", ["var-tiny", "hmar-tiny"])
+@pytest.mark.parametrize("preset", ["var-tiny", "hmar-tiny", "hmar-tiny:model.stage=2"])
 def test_bf16_copies_give_autocasts_loss_and_gradients(preset) -> None:
     """The swapped step computes what CPU bf16 autocast computes with fp32 weights: the same loss
     and gradients bit for bit; after the first AdamW step the weights agree to its rounding (later
     steps see weights a rounding apart, which Adam's normalised update can grow to a learning rate
     where a gradient is near zero, so they are held to the loss only); the copies are the masters
     rounded, and outside the step the model holds its fp32 parameters."""
-    ref = _tiny(preset)
+    ref = _tiny(*preset.split(":"))  # stage 2: frozen linears stay fp32 (autocast casts them)
     new = copy.deepcopy(ref)
     ref_opt, ref_params = _opt(ref, False)
     new_opt, _ = _opt(new, True)
