@@ -351,7 +351,7 @@ def _train(preset: str, out: Path, *overrides: str) -> dict[str, torch.Tensor]:
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("compile_mode", ["false", "blocks"])
+@pytest.mark.parametrize("compile_mode", ["false", "blocks", "full"])
 def test_gpu_graphed_step_with_copies_equals_the_graphed_step(tmp_path, compile_mode) -> None:
     """8 steps (3 eager, the capture, 5 replays) with the bf16 copies against the same run
     without them: the weights agree to rounding (the AdamW kernels' arithmetic), the checkpoint
