@@ -18,13 +18,7 @@ el "GPU tests: master weights, the graphed step (copies on by default under bf16
 timeout $(cap 240) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs -s tests/test_master_weights.py \
   tests/test_train_cuda_graph.py > "$OUT/md-gpu-tests.txt" 2>&1
 echo "rc=$?"; grep -E "rel max|passed|failed|FAILED|ERROR|Error" "$OUT/md-gpu-tests.txt" | cut -c1-200 | tail -n 16
-bench() {  # tag res steps warmup rows [extra]
-  local tag=$1 res=$2 st=$3 wu=$4 rows=$5 extra=${6:-}
-  el "train_step $res px: $rows"
-  timeout $(cap "${BENCH_S:-150}") python3 -m maskar bench train_step res=$res steps=$st warmup=$wu rows=$rows \
-    $extra json="$OUT/md-$tag.json" > "$OUT/md-$tag.txt" 2>&1
-  echo "rc=$?"; grep -E "^(hmar|var)|rror" "$OUT/md-$tag.txt" | cut -c1-230 | tail -n 4
-}
+PREFIX=md; source "$(dirname "$0")/train_bench.sh"
 H=hmar/d16/blocks/graph; V=var/d16/blocks/graph
 bench 1024 1024 20 3 "$H/attn-scales,$H/master/attn-scales" "profile=$OUT/md-1024-profile.txt"
 if [ -f "$OUT/md-1024-profile.txt" ]; then

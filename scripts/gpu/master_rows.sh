@@ -24,13 +24,7 @@ el "GPU tests: master weights; kernels as launched"
 timeout $(cap 200) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_master_weights.py \
   $([ -n "${QUICK:-}" ] && echo "-k not blocks") > "$OUT/master-gpu-tests.txt" 2>&1
 echo "rc=$?"; grep -E "copies vs|passed|failed|FAILED|ERROR" "$OUT/master-gpu-tests.txt" | tail -n 8
-bench() {  # tag res steps warmup rows [extra]
-  local tag=$1 res=$2 st=$3 wu=$4 rows=$5 extra=${6:-}
-  el "train_step $res px: $rows"
-  timeout $(cap "${BENCH_S:-150}") python3 -m maskar bench train_step res=$res steps=$st warmup=$wu rows=$rows \
-    $extra json="$OUT/master-$tag.json" > "$OUT/master-$tag.txt" 2>&1
-  echo "rc=$?"; grep -E "^(hmar|var)|rror" "$OUT/master-$tag.txt" | cut -c1-230 | tail -n 4
-}
+PREFIX=master; source "$(dirname "$0")/train_bench.sh"
 H=hmar/d16/blocks/graph; V=var/d16/blocks/graph
 # in order of need: a stage the deadline reaches last is the one cut
 bench 1024-a 1024 20 3 "$H/attn-scales,$H/master/attn-scales" "profile=$OUT/master-1024-a-profile.txt"
