@@ -440,7 +440,13 @@ class Trainer:
             master = None
             if master_weights_on(tc, self.amp_dtype):
                 as_capturable(self.optimizer, self.device)  # the step reads device-tensor rates
-                master = MasterWeights(self.model, self.optimizer)
+                try:
+                    master = MasterWeights(self.model, self.optimizer)
+                except ValueError as e:  # auto steps aside for what the copies cannot step
+                    why = str(e).removeprefix("master weights: ")
+                    if tc.master_weights is True:
+                        raise ConfigError(f"train.master_weights: {why}") from None
+                    self.log.info(f"train.master_weights=auto: off ({why})")
             self.graph_step = GraphedStep(
                 functools.partial(self.wrapped, fn="loss"),
                 self.optimizer,
