@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # train.master_weights=auto (on with the graphed bf16 step) and its block-sum clipping norm on a GPU,
-# in one device call (about 8 min, DEADLINE=560):
+# in one device call (about 8 min, DEADLINE=560). To check auto as the default, set the field's
+# default to "auto" in maskar/config.py first (the graphed-step tests then run with the copies):
 #   OUT=$OUT bash scripts/gpu/master_default.sh
-# 1. the GPU tests of the copies and of the graphed step, which now run with the copies wherever
-#    they train in bf16 (tests/test_master_weights.py, tests/test_train_cuda_graph.py);
+# 1. the GPU tests of the copies (the one-pass norm, compile false / blocks / full) and of the
+#    graphed step (tests/test_master_weights.py, tests/test_train_cuda_graph.py);
 # 2. `maskar bench train_step` HMAR-d16 at 1024 px B 2 (`scales`), /graph against /graph/master in
 #    one process, profiled (the optimizer's and the norm's kernels); 256 px B 32 HMAR and VAR pairs;
 #    VAR-d16 1024 px pair. Stages in order of need, so a shorter DEADLINE cuts the last ones.
@@ -14,7 +15,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source "$(dirname "$0")/clock.sh"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-el "GPU tests: master weights, the graphed step (copies on by default under bf16)"
+el "GPU tests: master weights, the graphed step"
 timeout $(cap 240) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs -s tests/test_master_weights.py \
   tests/test_train_cuda_graph.py > "$OUT/md-gpu-tests.txt" 2>&1
 echo "rc=$?"; grep -E "rel max|passed|failed|FAILED|ERROR|Error" "$OUT/md-gpu-tests.txt" | cut -c1-200 | tail -n 16
