@@ -369,6 +369,39 @@ def test_gpu_graphed_step_with_copies_equals_the_graphed_step(tmp_path, compile_
 
 @gpu
 @needs_cuda
+def test_gpu_stage2_graphed_step_with_copies_equals_the_graphed_step(tmp_path) -> None:
+    """HMAR stage 2 (frozen stage-1 blocks; the mask ratio drawn on the GPU at every replay, the
+    same stream either way): with ``auto`` copies against the same run without them."""
+    common = ("model.stage=2", "train.compile=false")
+    base = _train("hmar-tiny", tmp_path / "base", *common)
+    new = _train("hmar-tiny", tmp_path / "master", *common, "train.master_weights=auto")
+    worst = max(float((new[k].float() - base[k].float()).norm() / base[k].float().norm().clamp_min(1e-12))
+                for k in base)  # fmt: skip
+    print(f"hmar-tiny stage 2: copies vs fp32 weights, 8 graphed steps, rel max {worst:.1e}")
+    assert worst < 2e-2
+
+
+@gpu
+@needs_cuda
+def test_gpu_run_with_copies_resumes_with_and_without_them(tmp_path) -> None:
+    """A run with the copies writes an ordinary checkpoint (fp32 weights, float rates, capturable
+    off): an eager run continues it, and a graphed run with the copies continues that."""
+    from maskar import checkpoint as ck
+
+    run = tmp_path / "run"
+    _train("var-tiny", run, "train.compile=false", "train.master_weights=auto", "train.ckpt_every=8")
+    state = ck.load_trainer_state(ck.latest_checkpoint(run))
+    assert all(isinstance(g["lr"], float) and not g["capturable"] for g in state["optimizer"]["param_groups"])
+    _train("var-tiny", run, "train.compile=false", "train.cuda_graph=false", "train.steps=10")
+    assert ck.load_trainer_state(ck.latest_checkpoint(run))["step"] == 10
+    w = _train("var-tiny", run, "train.compile=false", "train.master_weights=true", "train.steps=16")
+    assert ck.load_trainer_state(ck.latest_checkpoint(run))["step"] == 16
+    floats = [v for v in w.values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in floats)
+
+
+@gpu
+@needs_cuda
 def test_gpu_kernel_equals_its_reference() -> None:
     for low in (False, True):
         a = make_tensors([(1024, 3072), (4097,), (7, 5)], low=low, seed=5)

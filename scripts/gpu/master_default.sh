@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # train.master_weights=auto (on with the graphed bf16 step) and its block-sum clipping norm on a GPU,
-# in one device call (about 8 min, DEADLINE=560). To check auto as the default, set the field's
-# default to "auto" in maskar/config.py first (the graphed-step tests then run with the copies):
+# in one device call (about 8 min, DEADLINE=560); what `auto` as the default needs to have run:
 #   OUT=$OUT bash scripts/gpu/master_default.sh
-# 1. the GPU tests of the copies (the one-pass norm, compile false / blocks / full) and of the
-#    graphed step (tests/test_master_weights.py, tests/test_train_cuda_graph.py);
+# 1. the GPU tests of the copies (the one-pass norm; compile false / blocks / full; HMAR stage 2;
+#    resume with and without them) and of the graphed step (tests/test_master_weights.py,
+#    tests/test_train_cuda_graph.py);
 # 2. `maskar bench train_step` HMAR-d16 at 1024 px B 2 (`scales`), /graph against /graph/master in
 #    one process, profiled (the optimizer's and the norm's kernels); 256 px B 32 HMAR and VAR pairs;
 #    VAR-d16 1024 px pair. Stages in order of need, so a shorter DEADLINE cuts the last ones.
