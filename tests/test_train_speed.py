@@ -380,9 +380,9 @@ def test_bench_train_step_cpu_smoke(tmp_path, capsys):
     assert "MFU =" in text and (tmp_path / "prof.txt").is_file()
 
 
-def test_bench_train_step_graph_rows_parse_and_need_cuda(tmp_path, capsys):
-    """The ``/graph`` suffix (the whole step as one CUDA graph) parses, and on a CPU the row
-    fails with its reason while the others still run."""
+def test_bench_train_step_graph_rows_parse_and_need_cuda(tmp_path) -> None:
+    """The ``/graph`` suffix (the whole step as one CUDA graph) parses, and without a CUDA device
+    a run with such a row stops (exit 2) before any model is built, writing nothing."""
     from maskar.bench import train_step
 
     assert train_step.parse_row("hmar/d16/blocks/graph")["graph"] is True
@@ -391,13 +391,10 @@ def test_bench_train_step_graph_rows_parse_and_need_cuda(tmp_path, capsys):
     with pytest.raises(SystemExit, match="/master needs /graph"):
         train_step.parse_row("hmar/d16/blocks/master")
     out = tmp_path / "rows.json"
-    rc = train_step.main(["tiny=true", "rows=hmar/d1/false/graph,hmar/d1/false", "steps=1", "warmup=0",
-                          f"json={out}"])  # fmt: skip
-    text = capsys.readouterr().out
-    import json
-
-    rows = json.loads(out.read_text())["rows"]
-    assert rc == 1 and "needs a CUDA device" in rows[0]["error"] and rows[1]["step_ms"] > 0, text
+    with pytest.raises(SystemExit, match="/graph needs a CUDA device, got cpu"):
+        rows = "rows=hmar/d1/false,hmar/d16/blocks/graph"
+        train_step.main(["tiny=true", rows, "device=cpu", f"json={out}"])
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- the trainer

@@ -736,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
     from maskar.config_base import ConfigError
     from maskar.nn.attention import check_backend
 
+    if any(r.get("graph") for r in opts["row_specs"]) and not dev_name.startswith("cuda"):  # before any model
+        raise SystemExit(f"bench train_step: rows: /graph needs a CUDA device, got {dev_name}")
     for attn in sorted({r["attn"] or opts["backend"][0] for r in opts["row_specs"]}):
         try:  # a backend not installed here stops before any model is built
             check_backend(attn, torch.device(dev_name))
