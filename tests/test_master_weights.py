@@ -320,8 +320,9 @@ def test_master_weights_auto_is_on_with_the_graphed_bf16_step_only(tmp_path) -> 
         cfg = load_config("hmar-tiny", [f"train.out_dir={tmp_path}", *overrides])
         return master_weights_on(cfg.train, amp)
 
-    assert cfg_default(tmp_path) is False  # until the GPU tests have run with auto as the default
-    assert not on("train.cuda_graph=true")
+    assert cfg_default(tmp_path) == "auto"
+    assert on("train.cuda_graph=true")
+    assert not on("train.cuda_graph=true", amp=None)
     assert on("train.cuda_graph=true", "train.master_weights=auto")
     assert not on("train.cuda_graph=true", "train.master_weights=auto", amp=None)  # fp32: nothing to copy
     assert not on("train.master_weights=auto")  # no graph, no copies
@@ -358,7 +359,7 @@ def test_gpu_graphed_step_with_copies_equals_the_graphed_step(tmp_path, compile_
     without them: the weights agree to rounding (the AdamW kernels' arithmetic), the checkpoint
     holds fp32 weights."""
     common = (f"train.compile={compile_mode}",)
-    base = _train("hmar-tiny", tmp_path / "base", *common)
+    base = _train("hmar-tiny", tmp_path / "base", *common, "train.master_weights=false")
     new = _train("hmar-tiny", tmp_path / "master", *common, "train.master_weights=true")
     worst = max(float((new[k].float() - base[k].float()).norm() / base[k].float().norm().clamp_min(1e-12))
                 for k in base)  # fmt: skip
@@ -373,8 +374,8 @@ def test_gpu_stage2_graphed_step_with_copies_equals_the_graphed_step(tmp_path) -
     """HMAR stage 2 (frozen stage-1 blocks; the mask ratio drawn on the GPU at every replay, the
     same stream either way): with ``auto`` copies against the same run without them."""
     common = ("model.stage=2", "train.compile=false")
-    base = _train("hmar-tiny", tmp_path / "base", *common)
-    new = _train("hmar-tiny", tmp_path / "master", *common, "train.master_weights=auto")
+    base = _train("hmar-tiny", tmp_path / "base", *common, "train.master_weights=false")
+    new = _train("hmar-tiny", tmp_path / "master", *common)  # auto: the default
     worst = max(float((new[k].float() - base[k].float()).norm() / base[k].float().norm().clamp_min(1e-12))
                 for k in base)  # fmt: skip
     print(f"hmar-tiny stage 2: copies vs fp32 weights, 8 graphed steps, rel max {worst:.1e}")
