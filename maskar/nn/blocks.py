@@ -152,6 +152,18 @@ def l2_norm_qk(q: Tensor, k: Tensor, scale_mul_1H11: Tensor, dtype: torch.dtype)
 
 
 _qk_norm_kernel = None  # maskar.kernels.qk_norm once loaded (stays None without Triton)
+_adaln_norm_kernel = None  # maskar.kernels.adaln_norm once loaded (stays None without Triton)
+
+
+def _load_adaln_norm_kernel() -> None:
+    """Import the training LayerNorm + modulate op (when a model is built, never inside a trace)."""
+    global _adaln_norm_kernel
+    if _adaln_norm_kernel is None:
+        try:
+            from maskar.kernels import adaln_norm
+        except ImportError:  # no Triton on this install: LayerNorm and addcmul run everywhere
+            return
+        _adaln_norm_kernel = adaln_norm
 
 
 def _load_qk_norm_kernel() -> None:
@@ -270,6 +282,7 @@ class AdaLNSelfAttnBlock(nn.Module):
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
         self.checkpoint = False  # activation checkpointing (set by maskar.train.parallelize)
         self._compiled_parts: tuple | None = None  # compile_sampling_parts()
+        _load_adaln_norm_kernel()
 
     def compile_sampling_parts(self, **compile_kwargs) -> None:
         """Sampling under ``torch.compile`` around the attention: the work before it (AdaLN,
@@ -388,6 +401,15 @@ class AdaLNSelfAttnBlock(nn.Module):
         if keep1 is not None:
             gamma1 = gamma1 * keep1
             gamma2 = gamma2 * self.drop_path.keep_scale(x.shape[0], x.device)
+        an = _adaln_norm_kernel
+        if an is not None and cache is None and an.supports(x):
+            # training on CUDA: each norm + modulate (the attention's residual add in front of the
+            # second) one launch each way, the modulation's sums inside the backward launch
+            # (maskar.kernels.adaln_norm); the same math
+            eps = self.ln_wo_grad.eps
+            h, x = an.adaln_norm(x, None, None, scale1, shift1, eps)
+            h, x = an.adaln_norm(x, self.attn(h, pattern), gamma1, scale2, shift2, eps)
+            return torch.addcmul(x, self.ffn(h), gamma2)
         h = torch.addcmul(shift1, self.ln_wo_grad(x), 1 + scale1)
         x = torch.addcmul(x, self.attn(h, pattern, cache), gamma1)
         h = torch.addcmul(shift2, self.ln_wo_grad(x), 1 + scale2)

@@ -1,0 +1,348 @@
+"""An AdaLN block's LayerNorm + modulate, with the gated residual add in front, forward and
+backward in one pass each (Triton): the training path of VAR / HMAR blocks.
+
+Each ``AdaLNSelfAttnBlock`` (``maskar.nn.blocks``) computes, with x the fp32 residual stream
+(B, L, C), o the attention's projected output, and per-sample (B, 1, C) modulation vectors,
+
+    h1 = LN(x) (1 + scale1) + shift1                  -> qkv
+    x2 = x + o * gamma1,  h2 = LN(x2) (1 + scale2) + shift2   -> FFN
+
+LN without affine parameters (eps 1e-6), everything in fp32, h cast to the linears' compute
+dtype. Under torch.compile Inductor makes the forward two passes, but the backward of the
+pair nine kernels a block: the LayerNorm's row reductions and the modulation's per-sample
+column sums (over L) go to separate kernels, each reading the fp32 stream again (≈ 480 µs
+of a 1024 px B 2 block's backward against ≈ 185 µs of traffic on an H100, docs/benchmarks.md).
+Here one backward program walks ``ITERS`` row tiles of one sample, keeps each row's C values
+in registers for both row reductions, writes d x (and d o = gamma d x2), and accumulates
+d scale = Σ_L dh · x̂, d shift = Σ_L dh and d gamma = Σ_L d x2 · o in registers; one fp32
+partial row per program, summed in a fixed order after (deterministic, no atomics).
+
+Math, with x̂ = (x - μ) r, r = 1 / sqrt(var + eps), g = dh (1 + scale):
+
+    d x  = d x_out + r (g - mean_C(g) - x̂ mean_C(g x̂))
+
+where d x_out is the gradient that reaches the residual stream past the norm: for h1 the
+gradient of x itself (the op returns x as a view so that it arrives here, not in one more
+autograd sum over (B, L, C), the trick of ``maskar.kernels.qk_norm``'s v), for h2 that of x2.
+
+Autograd and torch.compile as ``maskar.kernels.gelu_bias``: ``maskar::adaln_norm`` and
+``maskar::adaln_norm_bwd`` are custom ops with fake implementations and a CPU body (the same
+formulas in torch: the reference the kernels are tested against); an autograd.Function calls
+the launches eagerly and the ops under compile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from maskar.kernels.block_sparse import (
+    _INTERPRET,
+    _launch,
+    _on_reference,
+    _via_ops,
+    cdiv,
+    compute_dtype,
+    kernel_dtype_ok,
+    next_power_of_2,
+)
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit(do_not_specialize=["L"])
+def _adaln_norm_fwd(X, O, G, S, SH, X2, H, MEAN, RSTD, L, C, sg, ss, ssh, eps,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Rows [pm BLOCK_M, +BLOCK_M) of sample b: (x2 = x + o g), H = LN(x2) (1 + s) + sh, and the
+    rows' mean and 1/std. X, O, X2, H (B L, C) contiguous; G, S, SH rows of stride sg, ss, ssh."""
+    pm = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < L
+    col_ok = cols < C
+    ok = row_ok[:, None] & col_ok[None, :]
+    grow = b * L + rows
+    at = grow[:, None] * C + cols[None, :]
+    x = tl.load(X + at, mask=ok, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        g = tl.load(G + b * sg + cols, mask=col_ok, other=0.0).to(tl.float32)
+        x = x + tl.load(O + at, mask=ok, other=0.0).to(tl.float32) * g[None, :]
+        tl.store(X2 + at, x.to(X2.dtype.element_ty), mask=ok)
+    mean = tl.sum(x, 1) / C
+    xc = tl.where(ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
+    s = tl.load(S + b * ss + cols, mask=col_ok, other=0.0).to(tl.float32)
+    sh = tl.load(SH + b * ssh + cols, mask=col_ok, other=0.0).to(tl.float32)
+    h = xc * rstd[:, None] * (1.0 + s)[None, :] + sh[None, :]
+    tl.store(H + at, h.to(H.dtype.element_ty), mask=ok)
+    tl.store(MEAN + grow, mean, mask=row_ok)
+    tl.store(RSTD + grow, rstd, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["L"])
+def _adaln_norm_bwd(DH, X2, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, L, C, sg, ss, n_chunks,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
+                    RESIDUAL: tl.constexpr, HAS_DXO: tl.constexpr):
+    """Rows [pm ITERS BLOCK_M, +ITERS BLOCK_M) of sample b: DX (and DO = g DX), and one partial
+    row each of Σ dh x̂ (PS), Σ dh (PSH) and Σ DX o (PG) at [b n_chunks + pm]."""
+    pm = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    s1 = 1.0 + tl.load(S + b * ss + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        g = tl.load(G + b * sg + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc_s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    acc_sh = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for i in range(ITERS):
+        rows = (pm * ITERS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < L
+        ok = row_ok[:, None] & col_ok[None, :]
+        grow = b * L + rows
+        at = grow[:, None] * C + cols[None, :]
+        dh = tl.load(DH + at, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(X2 + at, mask=ok, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + grow, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + grow, mask=row_ok, other=0.0)
+        xh = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+        gh = dh * s1[None, :]
+        c1 = tl.sum(gh * xh, 1) / C
+        c2 = tl.sum(gh, 1) / C
+        dx = rstd[:, None] * (gh - c2[:, None] - xh * c1[:, None])
+        if HAS_DXO:
+            dx += tl.load(DXO + at, mask=ok, other=0.0).to(tl.float32)
+        dx = tl.where(ok, dx, 0.0)
+        tl.store(DX + at, dx.to(DX.dtype.element_ty), mask=ok)
+        acc_s += dh * xh
+        acc_sh += dh
+        if RESIDUAL:
+            tl.store(DO + at, (dx * g[None, :]).to(DO.dtype.element_ty), mask=ok)
+            acc_g += dx * tl.load(O + at, mask=ok, other=0.0).to(tl.float32)
+    part = (b * n_chunks + pm) * C + cols
+    tl.store(PS + part, tl.sum(acc_s, 0), mask=col_ok)
+    tl.store(PSH + part, tl.sum(acc_sh, 0), mask=col_ok)
+    if RESIDUAL:
+        tl.store(PG + part, tl.sum(acc_g, 0), mask=col_ok)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+@dataclass(frozen=True)
+class AdaLNNormConfig:
+    fwd_block_m: int  # forward: rows per program
+    fwd_warps: int
+    bwd_block_m: int  # backward: rows per tile
+    bwd_iters: int  # backward: row tiles per program (one partial row each of the three sums)
+    bwd_warps: int
+
+
+FORCE_CONFIG: AdaLNNormConfig | None = None  # tests / sweeps pin a config
+_DEFAULT = AdaLNNormConfig(4, 8, 4, 8, 8)  # not yet swept on a GPU (scripts/gpu/adaln_norm_sweep.py)
+_INTERPRET_CONFIG = AdaLNNormConfig(2, 1, 2, 2, 1)
+
+
+def _config() -> AdaLNNormConfig:
+    if FORCE_CONFIG is not None:
+        return FORCE_CONFIG
+    return _INTERPRET_CONFIG if _INTERPRET else _DEFAULT
+
+
+def _rows(t: Tensor | None, B: int, C: int) -> tuple[Tensor | None, int]:
+    """A (B | 1, 1, C) modulation vector as (B, C) rows with unit column stride, and its row stride."""
+    if t is None:
+        return None, 0
+    t = t.reshape(t.shape[0], C) if t.shape[0] == B else t.reshape(1, C).expand(B, C)
+    if t.stride(1) != 1:
+        t = t.contiguous()
+    return t, t.stride(0)
+
+
+def _forward(x: Tensor, o: Tensor | None, gate: Tensor | None, scale: Tensor, shift: Tensor, eps: float,
+             out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, L, C = x.shape
+    cfg = _config()
+    h = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    x2 = torch.empty_like(x) if o is not None else x.new_empty(0)
+    mean = torch.empty((B, L), dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    g, sg = _rows(gate, B, C)
+    s, ss = _rows(scale, B, C)
+    sh, ssh = _rows(shift, B, C)
+    res = o is not None
+    _launch(_adaln_norm_fwd, (cdiv(L, cfg.fwd_block_m), B),
+            (x, o.contiguous() if res else x, g if res else s, s, sh, x2 if res else h, h, mean, rstd,
+             L, C, sg, ss, ssh, eps),
+            dict(BLOCK_M=cfg.fwd_block_m, BLOCK_C=next_power_of_2(C), RESIDUAL=res), cfg.fwd_warps, 1)
+    return h, x2, mean, rstd
+
+
+def _backward(dh: Tensor, x2: Tensor, dx_out: Tensor | None, o: Tensor | None, gate: Tensor | None,
+              scale: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(d x, d o, d scale, d shift, d gate); d scale / d shift / d gate as (B, 1, C) fp32 sums,
+    d o and d gate empty without the residual."""
+    B, L, C = x2.shape
+    cfg = _config()
+    res = o is not None
+    dh = dh.contiguous()
+    dx = torch.empty_like(x2)
+    do = torch.empty_like(o) if res else dx.new_empty(0)
+    n_chunks = cdiv(L, cfg.bwd_block_m * cfg.bwd_iters)
+    parts = torch.empty((3 if res else 2, B, n_chunks, C), dtype=torch.float32, device=x2.device)
+    g, sg = _rows(gate, B, C)
+    s, ss = _rows(scale, B, C)
+    dxo = dx_out.contiguous() if dx_out is not None else None
+    _launch(_adaln_norm_bwd, (n_chunks, B),
+            (dh, x2, dxo if dxo is not None else dh, o.contiguous() if res else dh, g if res else s, s,
+             mean, rstd, dx, do if res else dx, parts[0], parts[1], parts[2] if res else parts[1],
+             L, C, sg, ss, n_chunks),
+            dict(BLOCK_M=cfg.bwd_block_m, BLOCK_C=next_power_of_2(C), ITERS=cfg.bwd_iters, RESIDUAL=res,
+                 HAS_DXO=dxo is not None),
+            cfg.bwd_warps, 1)
+    sums = parts.sum(2).unsqueeze(2)  # (k, B, 1, C), a fixed order
+    return dx, do, sums[0], sums[1], sums[2] if res else dx.new_empty(0)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _reference_forward(x: Tensor, o: Tensor | None, gate: Tensor | None, scale: Tensor, shift: Tensor,
+                       eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    if o is not None:
+        xf = xf + o.to(acc) * gate.to(acc)
+    var, mean = torch.var_mean(xf, -1, unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    h = (xf - mean.unsqueeze(-1)) * rstd.unsqueeze(-1) * (1 + scale.to(acc)) + shift.to(acc)
+    x2 = xf.to(x.dtype) if o is not None else x.new_empty(0)
+    return h.to(out_dtype), x2, mean.float(), rstd.float()
+
+
+def _reference_backward(dh: Tensor, x2: Tensor, dx_out: Tensor | None, o: Tensor | None,
+                        gate: Tensor | None, scale: Tensor, mean: Tensor, rstd: Tensor):
+    acc = torch.promote_types(x2.dtype, torch.float32)
+    dhf, r = dh.to(acc), rstd.to(acc).unsqueeze(-1)
+    xh = (x2.to(acc) - mean.to(acc).unsqueeze(-1)) * r
+    gh = dhf * (1 + scale.to(acc))
+    dx = r * (gh - gh.mean(-1, keepdim=True) - xh * (gh * xh).mean(-1, keepdim=True))
+    if dx_out is not None:
+        dx = dx + dx_out.to(acc)
+    dscale = (dhf * xh).sum(1, keepdim=True)
+    dshift = dhf.sum(1, keepdim=True)
+    if o is None:
+        return dx.to(x2.dtype), x2.new_empty(0), dscale, dshift, x2.new_empty(0)
+    do = (dx * gate.to(acc)).to(o.dtype)
+    dgate = (dx * o.to(acc)).sum(1, keepdim=True)
+    return dx.to(x2.dtype), do, dscale, dshift, dgate
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("maskar::adaln_norm", mutates_args=())
+def adaln_norm_op(x: Tensor, o: Tensor | None, gate: Tensor | None, scale: Tensor, shift: Tensor, eps: float,
+                  out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(h, x2 or empty, mean, 1/std): x2 = x + o gate where o is given, h = LN(x2) (1 + scale) +
+    shift in ``out_dtype``; x (B, L, C), the vectors (B | 1, 1, C)."""
+    if _on_reference(x):
+        return _reference_forward(x, o, gate, scale, shift, eps, out_dtype)
+    return _forward(x.contiguous(), o, gate, scale, shift, eps, out_dtype)
+
+
+@adaln_norm_op.register_fake
+def _(x, o, gate, scale, shift, eps, out_dtype):
+    B, L, _ = x.shape
+    mean = x.new_empty((B, L), dtype=torch.float32)
+    x2 = torch.empty_like(x) if o is not None else x.new_empty(0)
+    return torch.empty_like(x, dtype=out_dtype), x2, mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("maskar::adaln_norm_bwd", mutates_args=())
+def adaln_norm_bwd_op(
+    dh: Tensor, x2: Tensor, dx_out: Tensor | None, o: Tensor | None, gate: Tensor | None, scale: Tensor,
+    mean: Tensor, rstd: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(d x, d o, d scale, d shift, d gate) of :func:`adaln_norm_op` at its output x2 (x without
+    the residual); the three sums (B, 1, C) fp32; d o and d gate empty without o."""
+    if _on_reference(x2):
+        return _reference_backward(dh, x2, dx_out, o, gate, scale, mean, rstd)
+    return _backward(dh, x2.contiguous(), dx_out, o, gate, scale, mean, rstd)
+
+
+@adaln_norm_bwd_op.register_fake
+def _(dh, x2, dx_out, o, gate, scale, mean, rstd):
+    B, _, C = x2.shape
+    vec = x2.new_empty((B, 1, C), dtype=torch.float32)
+    res = o is not None
+    return (torch.empty_like(x2), torch.empty_like(o) if res else x2.new_empty(0), vec, torch.empty_like(vec),
+            torch.empty_like(vec) if res else x2.new_empty(0))
+
+
+def _sum_to(grad: Tensor, meta: tuple[torch.Size, torch.dtype]) -> Tensor:
+    """A (B, 1, C) fp32 sum as the gradient of a (B | 1, 1, C) vector of shape and dtype ``meta``."""
+    shape, dtype = meta
+    if shape[0] != grad.shape[0]:
+        grad = grad.sum(0, keepdim=True)
+    return grad.reshape(shape).to(dtype)
+
+
+class _AdaLNNorm(torch.autograd.Function):
+    """(h, x_out): without o, x_out is x itself (a view), with o the new stream x + o gate. Either
+    way x_out's gradient comes back into this backward's launch."""
+
+    @staticmethod
+    def forward(ctx, x, o, gate, scale, shift, eps, out_dtype):
+        fwd = adaln_norm_op if _via_ops(x) else _forward
+        h, x2, mean, rstd = fwd(x, o, gate, scale, shift, eps, out_dtype)
+        res = o is not None
+        ctx.save_for_backward(x2 if res else x, o, gate, scale, mean, rstd)
+        ctx.meta = [None if t is None else (t.shape, t.dtype) for t in (gate, scale, shift)]
+        return h, (x2 if res else x.view_as(x))
+
+    @staticmethod
+    def backward(ctx, dh, dx_out):
+        x2, o, gate, scale, mean, rstd = ctx.saved_tensors
+        bwd = adaln_norm_bwd_op if _via_ops(x2) else _backward
+        dx, do, dscale, dshift, dgate = bwd(dh, x2, dx_out, o, gate, scale, mean, rstd)
+        mg, ms, msh = ctx.meta
+        res = o is not None
+        return (dx, do if res else None, _sum_to(dgate, mg) if res else None, _sum_to(dscale, ms),
+                _sum_to(dshift, msh), None, None)
+
+
+def adaln_norm(x: Tensor, o: Tensor | None, gate: Tensor | None, scale: Tensor, shift: Tensor,
+               eps: float) -> tuple[Tensor, Tensor]:
+    """``(h, x2)``: x2 = x + o * gate (x itself where o is None), h = LN(x2) (1 + scale) + shift
+    in the linears' compute dtype (autocast's). x (B, L, C) float32, o (B, L, C), the vectors
+    (B | 1, 1, C)."""
+    return _AdaLNNorm.apply(x, o, gate, scale, shift, eps, compute_dtype(x))
+
+
+# ----------------------------------------------------------------------------- support
+
+CPU_REFERENCE = False  # tests: CPU calls go to the ops' torch bodies
+# off until measured on a GPU (scripts/gpu/adaln_norm_rows.sh); False: the block keeps torch's
+# LayerNorm and addcmul
+ENABLED = False
+MAX_WIDTH = 4096  # a row's C values stay in one program's registers
+
+
+def supports(x: Tensor) -> bool:
+    """Whether a block takes this path for its residual stream ``x``: training (autograd on), x a
+    contiguous fp32 (B, L, C) stream computing in fp16 / bf16 (autocast's dtype) on CUDA sm80+ or
+    the interpreter; on the CPU reference (tests) any float dtype."""
+    if not ENABLED or not torch.is_grad_enabled() or x.ndim != 3 or x.shape[-1] > MAX_WIDTH:
+        return False
+    if not x.is_contiguous() or (x.dtype != torch.float32 and not (CPU_REFERENCE and x.is_cpu)):
+        return False
+    return kernel_dtype_ok(compute_dtype(x), x.device, CPU_REFERENCE)
+
+
+__all__ = ["adaln_norm", "adaln_norm_op", "adaln_norm_bwd_op", "supports", "AdaLNNormConfig"]
