@@ -97,8 +97,8 @@ x = torch.randn(2, 11, 24)
 o, dh, dxo = torch.randn_like(x), torch.randn_like(x), torch.randn_like(x)
 v = [torch.randn(2, 1, 24) for _ in range(3)]
 h, x2, mean, rstd = an._forward(x, o, v[0], v[1], v[2], 1e-6, torch.float32)
-a = an._backward(dh, x2, dxo, o, v[0], v[1], mean, rstd)
-b = an._backward(dh, x2, dxo, o, v[0], v[1], mean, rstd)
+a = an._backward(dh, x, dxo, o, v[0], v[1], mean, rstd)
+b = an._backward(dh, x, dxo, o, v[0], v[1], mean, rstd)
 same = all(bool(torch.equal(p, q)) for p, q in zip(a, b))
 print("RESULT " + json.dumps({{"case": "deterministic", "same": same}}))
 """
@@ -156,7 +156,7 @@ def test_opcheck(cpu_reference):
     torch.library.opcheck(an.adaln_norm_op, (x, o, v[0], v[1], v[2], EPS, torch.float32))
     torch.library.opcheck(an.adaln_norm_op, (x, None, None, v[1], v[2], EPS, torch.float32))
     h, x2, mean, rstd = an.adaln_norm_op(x, o, v[0], v[1], v[2], EPS, torch.float32)
-    torch.library.opcheck(an.adaln_norm_bwd_op, (torch.randn_like(h), x2, torch.randn_like(x), o, v[0], v[1],
+    torch.library.opcheck(an.adaln_norm_bwd_op, (torch.randn_like(h), x, torch.randn_like(x), o, v[0], v[1],
                                                  mean, rstd))  # fmt: skip
     _, _, mean, rstd = an.adaln_norm_op(x, None, None, v[1], v[2], EPS, torch.float32)
     torch.library.opcheck(an.adaln_norm_bwd_op, (torch.randn_like(x), x, None, None, None, v[1], mean, rstd))

@@ -89,7 +89,9 @@ def _adaln_norm_bwd(DH, X2, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, L, C,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
                     RESIDUAL: tl.constexpr, HAS_DXO: tl.constexpr):
     """Rows [pm ITERS BLOCK_M, +ITERS BLOCK_M) of sample b: DX (and DO = g DX), and one partial
-    row each of Σ dh x̂ (PS), Σ dh (PSH) and Σ DX o (PG) at [b n_chunks + pm]."""
+    row each of Σ dh x̂ (PS), Σ dh (PSH) and Σ DX o (PG) at [b n_chunks + pm]. X2 holds the op's
+    input x: with the residual, x2 = x + o g is made again here, as the forward made it, so the
+    step keeps one fp32 stream a block saved instead of two."""
     pm = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
@@ -108,6 +110,9 @@ def _adaln_norm_bwd(DH, X2, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, L, C,
         at = grow[:, None] * C + cols[None, :]
         dh = tl.load(DH + at, mask=ok, other=0.0).to(tl.float32)
         x = tl.load(X2 + at, mask=ok, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            o = tl.load(O + at, mask=ok, other=0.0).to(tl.float32)
+            x = x + o * g[None, :]
         mean = tl.load(MEAN + grow, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD + grow, mask=row_ok, other=0.0)
         xh = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -123,7 +128,7 @@ def _adaln_norm_bwd(DH, X2, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, L, C,
         acc_sh += dh
         if RESIDUAL:
             tl.store(DO + at, (dx * g[None, :]).to(DO.dtype.element_ty), mask=ok)
-            acc_g += dx * tl.load(O + at, mask=ok, other=0.0).to(tl.float32)
+            acc_g += dx * o
     part = (b * n_chunks + pm) * C + cols
     tl.store(PS + part, tl.sum(acc_s, 0), mask=col_ok)
     tl.store(PSH + part, tl.sum(acc_sh, 0), mask=col_ok)
@@ -144,7 +149,9 @@ class AdaLNNormConfig:
 
 
 FORCE_CONFIG: AdaLNNormConfig | None = None  # tests / sweeps pin a config
-_DEFAULT = AdaLNNormConfig(4, 8, 4, 8, 8)  # not yet swept on a GPU (scripts/gpu/adaln_norm_sweep.py)
+# the fastest at HMAR-d16's 1024 px B 2 on an H100 (scripts/gpu/adaln_norm_sweep.py, 2026-12-07): forward
+# 8 configs within 8%, backward 10 configs from 121 to 190 us (without the residual)
+_DEFAULT = AdaLNNormConfig(1, 4, 1, 32, 4)
 _INTERPRET_CONFIG = AdaLNNormConfig(2, 1, 2, 2, 1)
 
 
@@ -205,8 +212,9 @@ def _backward(dh: Tensor, x2: Tensor, dx_out: Tensor | None, o: Tensor | None, g
             dict(BLOCK_M=cfg.bwd_block_m, BLOCK_C=next_power_of_2(C), ITERS=cfg.bwd_iters, RESIDUAL=res,
                  HAS_DXO=dxo is not None),
             cfg.bwd_warps, 1)
-    sums = parts.sum(2).unsqueeze(2)  # (k, B, 1, C), a fixed order
-    return dx, do, sums[0], sums[1], sums[2] if res else dx.new_empty(0)
+    # (B, 1, C) each, in a fixed order; separate tensors (a custom op's outputs may not alias)
+    dscale, dshift = parts[0].sum(1, keepdim=True), parts[1].sum(1, keepdim=True)
+    return dx, do, dscale, dshift, parts[2].sum(1, keepdim=True) if res else dx.new_empty(0)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -229,7 +237,8 @@ def _reference_backward(dh: Tensor, x2: Tensor, dx_out: Tensor | None, o: Tensor
                         gate: Tensor | None, scale: Tensor, mean: Tensor, rstd: Tensor):
     acc = torch.promote_types(x2.dtype, torch.float32)
     dhf, r = dh.to(acc), rstd.to(acc).unsqueeze(-1)
-    xh = (x2.to(acc) - mean.to(acc).unsqueeze(-1)) * r
+    xs = x2.to(acc) if o is None else x2.to(acc) + o.to(acc) * gate.to(acc)  # x2 holds the op's input
+    xh = (xs - mean.to(acc).unsqueeze(-1)) * r
     gh = dhf * (1 + scale.to(acc))
     dx = r * (gh - gh.mean(-1, keepdim=True) - xh * (gh * xh).mean(-1, keepdim=True))
     if dx_out is not None:
@@ -269,8 +278,9 @@ def adaln_norm_bwd_op(
     dh: Tensor, x2: Tensor, dx_out: Tensor | None, o: Tensor | None, gate: Tensor | None, scale: Tensor,
     mean: Tensor, rstd: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(d x, d o, d scale, d shift, d gate) of :func:`adaln_norm_op` at its output x2 (x without
-    the residual); the three sums (B, 1, C) fp32; d o and d gate empty without o."""
+    """(d x, d o, d scale, d shift, d gate) of :func:`adaln_norm_op` at its input x (passed as
+    ``x2``; the stream x + o gate is made again from it); the three sums (B, 1, C) fp32; d o and
+    d gate empty without o."""
     if _on_reference(x2):
         return _reference_backward(dh, x2, dx_out, o, gate, scale, mean, rstd)
     return _backward(dh, x2.contiguous(), dx_out, o, gate, scale, mean, rstd)
@@ -302,7 +312,8 @@ class _AdaLNNorm(torch.autograd.Function):
         fwd = adaln_norm_op if _via_ops(x) else _forward
         h, x2, mean, rstd = fwd(x, o, gate, scale, shift, eps, out_dtype)
         res = o is not None
-        ctx.save_for_backward(x2 if res else x, o, gate, scale, mean, rstd)
+        # x, not x2: the backward makes x2 again (x is saved for the block anyway)
+        ctx.save_for_backward(x, o, gate, scale, mean, rstd)
         ctx.meta = [None if t is None else (t.shape, t.dtype) for t in (gate, scale, shift)]
         return h, (x2 if res else x.view_as(x))
 

@@ -18,6 +18,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source "$(dirname "$0")/clock.sh"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+if [ -z "${BEST:-}" ]; then
 el "GPU tests: adaln_norm"
 timeout $(cap 150) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs -s tests/test_adaln_norm_kernel.py \
   > "$OUT/an-gpu-tests.txt" 2>&1
@@ -26,6 +27,7 @@ el "launch configs and the pair against Inductor"
 timeout $(cap 150) python3 scripts/gpu/adaln_norm_sweep.py > "$OUT/an-sweep.txt" 2>&1
 echo "rc=$?"; grep -E '"best"|"pair"|BEST|rror' "$OUT/an-sweep.txt" | cut -c1-200
 BEST=$(grep "^BEST" "$OUT/an-sweep.txt" | cut -d' ' -f2- | tr ' ' ',')
+fi  # BEST=m,w,m,i,w given: straight to the A/B rows with that config (ONLY=tag,... picks rows)
 SET="import maskar.kernels.adaln_norm as an; an.ENABLED = True"
 [ -n "$BEST" ] && SET="$SET; an.FORCE_CONFIG = an.AdaLNNormConfig($BEST)"
 ab() {  # ab TAG RES STEPS WARMUP ROWS
@@ -41,9 +43,10 @@ raise SystemExit(main(sys.argv[1:]))" bench train_step res=$res steps=$st warmup
     echo "rc=$?"; grep -E "^(hmar|var)-|rror" "$OUT/an-$tag-$side.txt" | cut -c1-230 | tail -n 3
   done
 }
-ab hmar1024 1024 20 3 hmar/d16/blocks/graph/master/attn-scales
+want() { [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+want hmar1024 && ab hmar1024 1024 20 3 hmar/d16/blocks/graph/master/attn-scales
 [ -f "$OUT/an-hmar1024-new-profile.txt" ] && grep -E "^(==|class|matmul|attention|other|norms|optimizer|cross|idle)|_adaln" \
   "$OUT/an-hmar1024-new-profile.txt" | cut -c1-160 | head -n 14
-ab var1024 1024 20 3 var/d16/blocks/graph/master/attn-scales
-ab 256 256 25 5 hmar/d16/blocks/graph/master,var/d16/blocks/graph/master
+want var1024 && [ "${QUICK:-0}" != 1 ] && ab var1024 1024 20 3 var/d16/blocks/graph/master/attn-scales
+want 256 && [ "${QUICK:-0}" != 1 ] && ab 256 256 25 5 hmar/d16/blocks/graph/master,var/d16/blocks/graph/master
 el done
