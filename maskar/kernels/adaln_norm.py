@@ -191,9 +191,9 @@ def _forward(x: Tensor, o: Tensor | None, gate: Tensor | None, scale: Tensor, sh
 
 
 def _backward(dh: Tensor, x2: Tensor, dx_out: Tensor | None, o: Tensor | None, gate: Tensor | None,
-              scale: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(d x, d o, d scale, d shift, d gate); d scale / d shift / d gate as (B, 1, C) fp32 sums,
-    d o and d gate empty without the residual."""
+              scale: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(d x, d o, sums): sums (k, B, 1, C) fp32 holds d scale, d shift and (with the residual,
+    k = 3) d gate; d o empty without the residual."""
     B, L, C = x2.shape
     cfg = _config()
     res = o is not None
@@ -212,9 +212,9 @@ def _backward(dh: Tensor, x2: Tensor, dx_out: Tensor | None, o: Tensor | None, g
             dict(BLOCK_M=cfg.bwd_block_m, BLOCK_C=next_power_of_2(C), ITERS=cfg.bwd_iters, RESIDUAL=res,
                  HAS_DXO=dxo is not None),
             cfg.bwd_warps, 1)
-    # (B, 1, C) each, in a fixed order; separate tensors (a custom op's outputs may not alias)
-    dscale, dshift = parts[0].sum(1, keepdim=True), parts[1].sum(1, keepdim=True)
-    return dx, do, dscale, dshift, parts[2].sum(1, keepdim=True) if res else dx.new_empty(0)
+    # one reduction for the two or three sums, in a fixed order (one tensor: a custom op's
+    # outputs may not alias each other, so the caller splits it)
+    return dx, do, parts.sum(2, keepdim=True)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -243,13 +243,12 @@ def _reference_backward(dh: Tensor, x2: Tensor, dx_out: Tensor | None, o: Tensor
     dx = r * (gh - gh.mean(-1, keepdim=True) - xh * (gh * xh).mean(-1, keepdim=True))
     if dx_out is not None:
         dx = dx + dx_out.to(acc)
-    dscale = (dhf * xh).sum(1, keepdim=True)
-    dshift = dhf.sum(1, keepdim=True)
+    sums = [(dhf * xh).sum(1, keepdim=True), dhf.sum(1, keepdim=True)]
     if o is None:
-        return dx.to(x2.dtype), x2.new_empty(0), dscale, dshift, x2.new_empty(0)
+        return dx.to(x2.dtype), x2.new_empty(0), torch.stack(sums).float()
     do = (dx * gate.to(acc)).to(o.dtype)
-    dgate = (dx * o.to(acc)).sum(1, keepdim=True)
-    return dx.to(x2.dtype), do, dscale, dshift, dgate
+    sums.append((dx * o.to(acc)).sum(1, keepdim=True))
+    return dx.to(x2.dtype), do, torch.stack(sums).float()
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -277,10 +276,10 @@ def _(x, o, gate, scale, shift, eps, out_dtype):
 def adaln_norm_bwd_op(
     dh: Tensor, x2: Tensor, dx_out: Tensor | None, o: Tensor | None, gate: Tensor | None, scale: Tensor,
     mean: Tensor, rstd: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(d x, d o, d scale, d shift, d gate) of :func:`adaln_norm_op` at its input x (passed as
-    ``x2``; the stream x + o gate is made again from it); the three sums (B, 1, C) fp32; d o and
-    d gate empty without o."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(d x, d o, sums) of :func:`adaln_norm_op` at its input x (passed as ``x2``; the stream
+    x + o gate is made again from it): sums (k, B, 1, C) fp32 stacks d scale, d shift and, with o
+    (k = 3), d gate; d o empty without o."""
     if _on_reference(x2):
         return _reference_backward(dh, x2, dx_out, o, gate, scale, mean, rstd)
     return _backward(dh, x2.contiguous(), dx_out, o, gate, scale, mean, rstd)
@@ -289,10 +288,9 @@ def adaln_norm_bwd_op(
 @adaln_norm_bwd_op.register_fake
 def _(dh, x2, dx_out, o, gate, scale, mean, rstd):
     B, _, C = x2.shape
-    vec = x2.new_empty((B, 1, C), dtype=torch.float32)
     res = o is not None
-    return (torch.empty_like(x2), torch.empty_like(o) if res else x2.new_empty(0), vec, torch.empty_like(vec),
-            torch.empty_like(vec) if res else x2.new_empty(0))
+    sums = x2.new_empty((3 if res else 2, B, 1, C), dtype=torch.float32)
+    return torch.empty_like(x2), torch.empty_like(o) if res else x2.new_empty(0), sums
 
 
 def _sum_to(grad: Tensor, meta: tuple[torch.Size, torch.dtype]) -> Tensor:
@@ -321,11 +319,11 @@ class _AdaLNNorm(torch.autograd.Function):
     def backward(ctx, dh, dx_out):
         x2, o, gate, scale, mean, rstd = ctx.saved_tensors
         bwd = adaln_norm_bwd_op if _via_ops(x2) else _backward
-        dx, do, dscale, dshift, dgate = bwd(dh, x2, dx_out, o, gate, scale, mean, rstd)
+        dx, do, sums = bwd(dh, x2, dx_out, o, gate, scale, mean, rstd)
         mg, ms, msh = ctx.meta
         res = o is not None
-        return (dx, do if res else None, _sum_to(dgate, mg) if res else None, _sum_to(dscale, ms),
-                _sum_to(dshift, msh), None, None)
+        return (dx, do if res else None, _sum_to(sums[2], mg) if res else None, _sum_to(sums[0], ms),
+                _sum_to(sums[1], msh), None, None)
 
 
 def adaln_norm(x: Tensor, o: Tensor | None, gate: Tensor | None, scale: Tensor, shift: Tensor,
