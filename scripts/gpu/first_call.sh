@@ -3,13 +3,14 @@
 # that does the most for whichever card it gets):
 #   OUT=$OUT bash scripts/gpu/first_call.sh
 # H200 (the issues' GPU): issue 14's and 15's rows at the defaults (h200_rows.sh PART=rows).
-# Anything else (an H100): train.master_weights' GPU tests (the one-pass norm; compile full,
-# HMAR stage 2 and resume with the copies) and its A/B rows (master_default.sh), which an H100 can
-# settle as well as an H200. DEADLINE passes on (default 560 s).
+# Anything else (an H100): maskar.kernels.adaln_norm's GPU tests, launch configs and A/B rows in
+# the form that recomputes the stream (adaln_norm_rows.sh), what its switch needs before it goes
+# on by default; an H100 settles that as well as an H200. DEADLINE passes on (default 560 s).
+# (train.master_weights' script, master_default.sh, ran on 2026-12-07: auto is the default since.)
 set -uo pipefail
 g=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
 echo "GPU: $g"
 case "$g" in
   *H200*) PART=rows DEADLINE=${DEADLINE:-560} bash "$(dirname "$0")/h200_rows.sh" ;;
-  *) DEADLINE=${DEADLINE:-560} bash "$(dirname "$0")/master_default.sh" ;;
+  *) DEADLINE=${DEADLINE:-560} bash "$(dirname "$0")/adaln_norm_rows.sh" ;;
 esac
