@@ -252,7 +252,7 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch, kernel):
         fn, warps = an._adaln_norm_bwd, cfg.bwd_warps
         consts = {"BLOCK_M": cfg.bwd_block_m, "BLOCK_C": 1024, "ITERS": cfg.bwd_iters, "RESIDUAL": True,
                   "HAS_DXO": True}
-        types = {"DH": "*bf16", "X2": "*fp32", "DXO": "*fp32", "O": "*bf16", "G": "*bf16", "S": "*bf16",
+        types = {"DH": "*bf16", "X": "*fp32", "DXO": "*fp32", "O": "*bf16", "G": "*bf16", "S": "*bf16",
                  "MEAN": "*fp32", "RSTD": "*fp32", "DX": "*fp32", "DO": "*bf16", "PS": "*fp32",
                  "PSH": "*fp32", "PG": "*fp32", "L": "i32", "C": "i32", "sg": "i32", "ss": "i32",
                  "n_chunks": "i32"}

@@ -85,12 +85,12 @@ def _adaln_norm_fwd(X, O, G, S, SH, X2, H, MEAN, RSTD, L, C, sg, ss, ssh, eps,
 
 
 @triton.jit(do_not_specialize=["L"])
-def _adaln_norm_bwd(DH, X2, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, L, C, sg, ss, n_chunks,
+def _adaln_norm_bwd(DH, X, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, L, C, sg, ss, n_chunks,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
                     RESIDUAL: tl.constexpr, HAS_DXO: tl.constexpr):
     """Rows [pm ITERS BLOCK_M, +ITERS BLOCK_M) of sample b: DX (and DO = g DX), and one partial
-    row each of Σ dh x̂ (PS), Σ dh (PSH) and Σ DX o (PG) at [b n_chunks + pm]. X2 holds the op's
-    input x: with the residual, x2 = x + o g is made again here, as the forward made it, so the
+    row each of Σ dh x̂ (PS), Σ dh (PSH) and Σ DX o (PG) at [b n_chunks + pm]. X is the op's
+    input: with the residual, x2 = x + o g is made again here, as the forward made it, so the
     step keeps one fp32 stream a block saved instead of two."""
     pm = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -109,7 +109,7 @@ def _adaln_norm_bwd(DH, X2, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, L, C,
         grow = b * L + rows
         at = grow[:, None] * C + cols[None, :]
         dh = tl.load(DH + at, mask=ok, other=0.0).to(tl.float32)
-        x = tl.load(X2 + at, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(X + at, mask=ok, other=0.0).to(tl.float32)
         if RESIDUAL:
             o = tl.load(O + at, mask=ok, other=0.0).to(tl.float32)
             x = x + o * g[None, :]
@@ -190,23 +190,23 @@ def _forward(x: Tensor, o: Tensor | None, gate: Tensor | None, scale: Tensor, sh
     return h, x2, mean, rstd
 
 
-def _backward(dh: Tensor, x2: Tensor, dx_out: Tensor | None, o: Tensor | None, gate: Tensor | None,
+def _backward(dh: Tensor, x: Tensor, dx_out: Tensor | None, o: Tensor | None, gate: Tensor | None,
               scale: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(d x, d o, sums): sums (k, B, 1, C) fp32 holds d scale, d shift and (with the residual,
     k = 3) d gate; d o empty without the residual."""
-    B, L, C = x2.shape
+    B, L, C = x.shape
     cfg = _config()
     res = o is not None
     dh = dh.contiguous()
-    dx = torch.empty_like(x2)
+    dx = torch.empty_like(x)
     do = torch.empty_like(o) if res else dx.new_empty(0)
     n_chunks = cdiv(L, cfg.bwd_block_m * cfg.bwd_iters)
-    parts = torch.empty((3 if res else 2, B, n_chunks, C), dtype=torch.float32, device=x2.device)
+    parts = torch.empty((3 if res else 2, B, n_chunks, C), dtype=torch.float32, device=x.device)
     g, sg = _rows(gate, B, C)
     s, ss = _rows(scale, B, C)
     dxo = dx_out.contiguous() if dx_out is not None else None
     _launch(_adaln_norm_bwd, (n_chunks, B),
-            (dh, x2, dxo if dxo is not None else dh, o.contiguous() if res else dh, g if res else s, s,
+            (dh, x, dxo if dxo is not None else dh, o.contiguous() if res else dh, g if res else s, s,
              mean, rstd, dx, do if res else dx, parts[0], parts[1], parts[2] if res else parts[1],
              L, C, sg, ss, n_chunks),
             dict(BLOCK_M=cfg.bwd_block_m, BLOCK_C=next_power_of_2(C), ITERS=cfg.bwd_iters, RESIDUAL=res,
@@ -233,11 +233,11 @@ def _reference_forward(x: Tensor, o: Tensor | None, gate: Tensor | None, scale: 
     return h.to(out_dtype), x2, mean.float(), rstd.float()
 
 
-def _reference_backward(dh: Tensor, x2: Tensor, dx_out: Tensor | None, o: Tensor | None,
+def _reference_backward(dh: Tensor, x: Tensor, dx_out: Tensor | None, o: Tensor | None,
                         gate: Tensor | None, scale: Tensor, mean: Tensor, rstd: Tensor):
-    acc = torch.promote_types(x2.dtype, torch.float32)
+    acc = torch.promote_types(x.dtype, torch.float32)
     dhf, r = dh.to(acc), rstd.to(acc).unsqueeze(-1)
-    xs = x2.to(acc) if o is None else x2.to(acc) + o.to(acc) * gate.to(acc)  # x2 holds the op's input
+    xs = x.to(acc) if o is None else x.to(acc) + o.to(acc) * gate.to(acc)  # the stream, made again
     xh = (xs - mean.to(acc).unsqueeze(-1)) * r
     gh = dhf * (1 + scale.to(acc))
     dx = r * (gh - gh.mean(-1, keepdim=True) - xh * (gh * xh).mean(-1, keepdim=True))
@@ -245,10 +245,10 @@ def _reference_backward(dh: Tensor, x2: Tensor, dx_out: Tensor | None, o: Tensor
         dx = dx + dx_out.to(acc)
     sums = [(dhf * xh).sum(1, keepdim=True), dhf.sum(1, keepdim=True)]
     if o is None:
-        return dx.to(x2.dtype), x2.new_empty(0), torch.stack(sums).float()
+        return dx.to(x.dtype), x.new_empty(0), torch.stack(sums).float()
     do = (dx * gate.to(acc)).to(o.dtype)
     sums.append((dx * o.to(acc)).sum(1, keepdim=True))
-    return dx.to(x2.dtype), do, torch.stack(sums).float()
+    return dx.to(x.dtype), do, torch.stack(sums).float()
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -274,23 +274,23 @@ def _(x, o, gate, scale, shift, eps, out_dtype):
 
 @torch.library.custom_op("maskar::adaln_norm_bwd", mutates_args=())
 def adaln_norm_bwd_op(
-    dh: Tensor, x2: Tensor, dx_out: Tensor | None, o: Tensor | None, gate: Tensor | None, scale: Tensor,
+    dh: Tensor, x: Tensor, dx_out: Tensor | None, o: Tensor | None, gate: Tensor | None, scale: Tensor,
     mean: Tensor, rstd: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(d x, d o, sums) of :func:`adaln_norm_op` at its input x (passed as ``x2``; the stream
-    x + o gate is made again from it): sums (k, B, 1, C) fp32 stacks d scale, d shift and, with o
+    """(d x, d o, sums) of :func:`adaln_norm_op` at its input x (the stream x + o gate is made
+    again from it): sums (k, B, 1, C) fp32 stacks d scale, d shift and, with o
     (k = 3), d gate; d o empty without o."""
-    if _on_reference(x2):
-        return _reference_backward(dh, x2, dx_out, o, gate, scale, mean, rstd)
-    return _backward(dh, x2.contiguous(), dx_out, o, gate, scale, mean, rstd)
+    if _on_reference(x):
+        return _reference_backward(dh, x, dx_out, o, gate, scale, mean, rstd)
+    return _backward(dh, x.contiguous(), dx_out, o, gate, scale, mean, rstd)
 
 
 @adaln_norm_bwd_op.register_fake
-def _(dh, x2, dx_out, o, gate, scale, mean, rstd):
-    B, _, C = x2.shape
+def _(dh, x, dx_out, o, gate, scale, mean, rstd):
+    B, _, C = x.shape
     res = o is not None
-    sums = x2.new_empty((3 if res else 2, B, 1, C), dtype=torch.float32)
-    return torch.empty_like(x2), torch.empty_like(o) if res else x2.new_empty(0), sums
+    sums = x.new_empty((3 if res else 2, B, 1, C), dtype=torch.float32)
+    return torch.empty_like(x), torch.empty_like(o) if res else x.new_empty(0), sums
 
 
 def _sum_to(grad: Tensor, meta: tuple[torch.Size, torch.dtype]) -> Tensor:
@@ -317,9 +317,9 @@ class _AdaLNNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, dx_out):
-        x2, o, gate, scale, mean, rstd = ctx.saved_tensors
-        bwd = adaln_norm_bwd_op if _via_ops(x2) else _backward
-        dx, do, sums = bwd(dh, x2, dx_out, o, gate, scale, mean, rstd)
+        x, o, gate, scale, mean, rstd = ctx.saved_tensors
+        bwd = adaln_norm_bwd_op if _via_ops(x) else _backward
+        dx, do, sums = bwd(dh, x, dx_out, o, gate, scale, mean, rstd)
         mg, ms, msh = ctx.meta
         res = o is not None
         return (dx, do if res else None, _sum_to(sums[2], mg) if res else None, _sum_to(sums[0], ms),

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from maskar.kernels import optional_kernel
 from maskar.nn import linear_gelu
 from maskar.nn.attention import ScalePattern, attention, load_backends
 
@@ -68,14 +69,10 @@ _gelu_bias_kernel = None  # maskar.kernels.gelu_bias once loaded (stays None wit
 
 
 def _load_gelu_bias_kernel() -> None:
-    """Import the training GELU op (when a model is built, never inside a torch.compile trace)."""
+    """Import the training GELU op (without Triton F.gelu runs everywhere)."""
     global _gelu_bias_kernel
     if _gelu_bias_kernel is None:
-        try:
-            from maskar.kernels import gelu_bias
-        except ImportError:  # no Triton on this install: F.gelu runs everywhere
-            return
-        _gelu_bias_kernel = gelu_bias
+        _gelu_bias_kernel = optional_kernel("gelu_bias")
 
 
 class FFN(nn.Module):
@@ -156,25 +153,17 @@ _adaln_norm_kernel = None  # maskar.kernels.adaln_norm once loaded (stays None w
 
 
 def _load_adaln_norm_kernel() -> None:
-    """Import the training LayerNorm + modulate op (when a model is built, never inside a trace)."""
+    """Import the training LayerNorm + modulate op (without Triton the torch code runs everywhere)."""
     global _adaln_norm_kernel
     if _adaln_norm_kernel is None:
-        try:
-            from maskar.kernels import adaln_norm
-        except ImportError:  # no Triton on this install: LayerNorm and addcmul run everywhere
-            return
-        _adaln_norm_kernel = adaln_norm
+        _adaln_norm_kernel = optional_kernel("adaln_norm")
 
 
 def _load_qk_norm_kernel() -> None:
-    """Import the fused q/k-norm op (when a model is built, never inside a torch.compile trace)."""
+    """Import the fused q/k-norm op (without Triton the torch code runs everywhere)."""
     global _qk_norm_kernel
     if _qk_norm_kernel is None:
-        try:
-            from maskar.kernels import qk_norm
-        except ImportError:  # no Triton on this install: the torch code runs everywhere
-            return
-        _qk_norm_kernel = qk_norm
+        _qk_norm_kernel = optional_kernel("qk_norm")
 
 
 class SelfAttention(nn.Module):

@@ -23,6 +23,7 @@ from torch import nn
 
 from maskar import env
 from maskar.config import ModelConfig, field
+from maskar.kernels import optional_kernel
 from maskar.tokenizers import wide_attention
 from maskar.tokenizers.losses import TokenizerLossConfig
 
@@ -80,12 +81,8 @@ _group_norm_kernel = None  # maskar.kernels.group_norm once loaded (stays None w
 def _load_group_norm_kernel() -> None:
     """Import the fused GroupNorm(+SiLU) op (when a model is built, never inside a torch.compile trace)."""
     global _group_norm_kernel
-    if _group_norm_kernel is None:
-        try:
-            from maskar.kernels import group_norm
-        except ImportError:  # no Triton on this install: the torch code runs everywhere
-            return
-        _group_norm_kernel = group_norm
+    if _group_norm_kernel is None:  # without Triton the torch code runs everywhere
+        _group_norm_kernel = optional_kernel("group_norm")
 
 
 _conv_out_kernel = None  # maskar.kernels.conv3x3_narrow once loaded, if MASKAR_CONV_OUT_KERNEL is on
@@ -95,11 +92,7 @@ def _load_conv_out_kernel() -> None:
     """Import the few-output-channel 3x3 conv kernel where it is switched on (when a decoder is built)."""
     global _conv_out_kernel
     if _conv_out_kernel is None and env.switch("MASKAR_CONV_OUT_KERNEL"):
-        try:
-            from maskar.kernels import conv3x3_narrow
-        except ImportError:  # no Triton on this install
-            return
-        _conv_out_kernel = conv3x3_narrow
+        _conv_out_kernel = optional_kernel("conv3x3_narrow")
 
 
 @torch.library.custom_op("maskar::conv2d_nchw", mutates_args=())
