@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from maskar import env
 from maskar.kernels.block_sparse import (
     _INTERPRET,
     _launch,
@@ -337,9 +338,9 @@ def adaln_norm(x: Tensor, o: Tensor | None, gate: Tensor | None, scale: Tensor, 
 # ----------------------------------------------------------------------------- support
 
 CPU_REFERENCE = False  # tests: CPU calls go to the ops' torch bodies
-# off until measured on a GPU (scripts/gpu/adaln_norm_rows.sh); False: the block keeps torch's
-# LayerNorm and addcmul
-ENABLED = False
+# MASKAR_ADALN_NORM=1 turns it on; off by default until this form is measured on a GPU
+# (scripts/gpu/adaln_norm_rows.sh). False: the block keeps torch's LayerNorm and addcmul.
+ENABLED = bool(env.switch("MASKAR_ADALN_NORM"))
 MAX_WIDTH = 4096  # a row's C values stay in one program's registers
 
 
