@@ -204,6 +204,19 @@ def test_block_with_the_op_equals_torch_code_and_traces_without_break(cpu_refere
     torch._dynamo.reset()
 
 
+def test_block_with_the_op_under_activation_checkpointing(cpu_reference):
+    """train.activation_checkpointing recomputes the block's forward in the backward: the op's
+    saved tensors and the stream it returns as a view come back the same."""
+    torch.manual_seed(0)
+    block = AdaLNSelfAttnBlock(32, 24, 4).train()
+    x, cond = torch.randn(2, 5, 32), torch.randn(2, 24)
+    want = _block_grads(block, x, cond)
+    block.checkpoint = True
+    got = _block_grads(block, x, cond)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_block_takes_the_op_only_with_autograd(cpu_reference, monkeypatch):
     calls = []
     real = cpu_reference.adaln_norm

@@ -22,9 +22,11 @@ import torch.nn.functional as F
 import maskar.kernels.adaln_norm as an
 
 SHAPES = {"1024px-B2": (2, 9451, 1024), "256px-B32": (32, 680, 1024)}
-FWD = [(m, w) for m in (1, 2, 4, 8) for w in (4, 8)]
+# the first sweep's grid (2026-12-07) and, around its fastest (forward 1 row / 4 warps, backward
+# 1 row x 32 / 4 warps, both at the grid's edge), fewer warps and longer walks
+FWD = [(m, w) for m in (1, 2, 4, 8) for w in (4, 8)] + [(1, 2), (2, 2), (4, 2)]
 BWD = [(1, 16, 4), (1, 32, 4), (2, 8, 4), (2, 16, 4), (2, 8, 8), (4, 4, 8), (4, 8, 8), (4, 16, 8), (8, 4, 8),
-       (8, 4, 16)]
+       (8, 4, 16), (1, 64, 4), (1, 32, 2), (1, 64, 2), (1, 32, 8), (2, 16, 2), (2, 32, 4)]
 BYTES = {("fwd", False): 6, ("fwd", True): 12, ("bwd", False): 14, ("bwd", True): 18}
 
 
