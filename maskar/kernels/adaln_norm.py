@@ -85,10 +85,15 @@ def _adaln_norm_fwd(X, O, G, S, SH, X2, H, MEAN, RSTD, L, C, sg, ss, ssh, eps,
     tl.store(RSTD + grow, rstd, mask=row_ok)
 
 
+@triton.jit
+def _add_pair(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
 @triton.jit(do_not_specialize=["L"])
 def _adaln_norm_bwd(DH, X, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, L, C, sg, ss, n_chunks,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
-                    RESIDUAL: tl.constexpr, HAS_DXO: tl.constexpr):
+                    RESIDUAL: tl.constexpr, HAS_DXO: tl.constexpr, PAIRED: tl.constexpr):
     """Rows [pm ITERS BLOCK_M, +ITERS BLOCK_M) of sample b: DX (and DO = g DX), and one partial
     row each of Σ dh x̂ (PS), Σ dh (PSH) and Σ DX o (PG) at [b n_chunks + pm]. X is the op's
     input: with the residual, x2 = x + o g is made again here, as the forward made it, so the
@@ -111,6 +116,8 @@ def _adaln_norm_bwd(DH, X, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, L, C, 
         at = grow[:, None] * C + cols[None, :]
         dh = tl.load(DH + at, mask=ok, other=0.0).to(tl.float32)
         x = tl.load(X + at, mask=ok, other=0.0).to(tl.float32)
+        if HAS_DXO:  # every load of the row before the reductions' barriers
+            dxo = tl.load(DXO + at, mask=ok, other=0.0).to(tl.float32)
         if RESIDUAL:
             o = tl.load(O + at, mask=ok, other=0.0).to(tl.float32)
             x = x + o * g[None, :]
@@ -118,11 +125,13 @@ def _adaln_norm_bwd(DH, X, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, L, C, 
         rstd = tl.load(RSTD + grow, mask=row_ok, other=0.0)
         xh = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
         gh = dh * s1[None, :]
-        c1 = tl.sum(gh * xh, 1) / C
-        c2 = tl.sum(gh, 1) / C
-        dx = rstd[:, None] * (gh - c2[:, None] - xh * c1[:, None])
+        if PAIRED:  # both row sums in one reduction (one round of cross-warp exchange)
+            c1, c2 = tl.reduce((gh * xh, gh), 1, _add_pair)
+        else:
+            c1, c2 = tl.sum(gh * xh, 1), tl.sum(gh, 1)
+        dx = rstd[:, None] * (gh - (c2 / C)[:, None] - xh * (c1 / C)[:, None])
         if HAS_DXO:
-            dx += tl.load(DXO + at, mask=ok, other=0.0).to(tl.float32)
+            dx += dxo
         dx = tl.where(ok, dx, 0.0)
         tl.store(DX + at, dx.to(DX.dtype.element_ty), mask=ok)
         acc_s += dh * xh
@@ -150,6 +159,9 @@ class AdaLNNormConfig:
 
 
 FORCE_CONFIG: AdaLNNormConfig | None = None  # tests / sweeps pin a config
+# the backward's two row sums in one tl.reduce over a pair; not yet timed against two tl.sum
+# (scripts/gpu/adaln_norm_sweep.py times both at its fastest config)
+PAIRED_REDUCE = True
 # the fastest at HMAR-d16's 1024 px B 2 on an H100 (scripts/gpu/adaln_norm_sweep.py, 2026-12-07): forward
 # 8 configs within 8%, backward 10 configs from 121 to 190 us (without the residual)
 _DEFAULT = AdaLNNormConfig(1, 4, 1, 32, 4)
@@ -211,7 +223,7 @@ def _backward(dh: Tensor, x: Tensor, dx_out: Tensor | None, o: Tensor | None, ga
              mean, rstd, dx, do if res else dx, parts[0], parts[1], parts[2] if res else parts[1],
              L, C, sg, ss, n_chunks),
             dict(BLOCK_M=cfg.bwd_block_m, BLOCK_C=next_power_of_2(C), ITERS=cfg.bwd_iters, RESIDUAL=res,
-                 HAS_DXO=dxo is not None),
+                 HAS_DXO=dxo is not None, PAIRED=PAIRED_REDUCE),
             cfg.bwd_warps, 1)
     # one reduction for the two or three sums, in a fixed order (one tensor: a custom op's
     # outputs may not alias each other, so the caller splits it)

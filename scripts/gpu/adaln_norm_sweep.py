@@ -69,14 +69,13 @@ def sweep(name: str, t: dict) -> dict:
                 full = (cfg[0], cfg[1], 4, 8, 8) if kind == "fwd" else (4, 8, *cfg)
                 an.FORCE_CONFIG = an.AdaLNNormConfig(*full)
                 try:
-                    h, x2, mean, rstd = an._forward(t["x"], o, g, t["s1"], t["sh1"], 1e-6, torch.bfloat16)
-                    xs = x2 if res else t["x"]
+                    _, _, mean, rstd = an._forward(t["x"], o, g, t["s1"], t["sh1"], 1e-6, torch.bfloat16)
                     if kind == "fwd":
                         us = graph_us(lambda o=o, g=g: an._forward(t["x"], o, g, t["s1"], t["sh1"], 1e-6,
                                                                      torch.bfloat16))
                     else:
-                        us = graph_us(lambda o=o, g=g, xs=xs, mean=mean, rstd=rstd: an._backward(
-                            t["dh"], xs, t["dxo"], o, g, t["s1"], mean, rstd))
+                        us = graph_us(lambda o=o, g=g, mean=mean, rstd=rstd: an._backward(
+                            t["dh"], t["x"], t["dxo"], o, g, t["s1"], mean, rstd))  # x: the op's input
                 except Exception as e:  # a config that does not compile or fit
                     print(json.dumps({"shape": name, "kind": kind, "config": cfg, "error": str(e)[:200]}))
                     total = float("inf")
@@ -89,6 +88,22 @@ def sweep(name: str, t: dict) -> dict:
                 best[kind] = (total, cfg)
     an.FORCE_CONFIG = None
     return best
+
+
+def paired_ab(name: str, t: dict, cfg: tuple) -> None:
+    """The backward at ``cfg`` with its two row sums as one paired reduction and as two tl.sum."""
+    an.FORCE_CONFIG = an.AdaLNNormConfig(4, 8, *cfg)
+    for paired in (True, False):
+        an.PAIRED_REDUCE = paired
+        for res in (False, True):
+            o, g = (t["o"], t["g"]) if res else (None, None)
+            _, _, mean, rstd = an._forward(t["x"], o, g, t["s1"], t["sh1"], 1e-6, torch.bfloat16)
+            us = graph_us(lambda o=o, g=g, mean=mean, rstd=rstd: an._backward(
+                t["dh"], t["x"], t["dxo"], o, g, t["s1"], mean, rstd))
+            print(json.dumps({"shape": name, "kind": "bwd", "paired": paired, "residual": res, "config": cfg,
+                              "us": round(us, 2)}), flush=True)
+    an.PAIRED_REDUCE = True
+    an.FORCE_CONFIG = None
 
 
 def pair(kernels: bool):
@@ -140,6 +155,7 @@ def main() -> int:
             best = b  # the 1024 px shape decides (#13's open rows)
         print(json.dumps({"shape": name, "best": {k: v[1] for k, v in b.items()},
                           "best_us": {k: round(v[0], 2) for k, v in b.items()}}))
+        paired_ab(name, t, b["bwd"][1])
         an.FORCE_CONFIG = an.AdaLNNormConfig(*best["fwd"][1], *best["bwd"][1])
         time_pair(name, t, True)
         an.FORCE_CONFIG = None
