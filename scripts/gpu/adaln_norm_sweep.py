@@ -4,7 +4,8 @@ as `maskar train` compiles it, with the kernels against Inductor's code for the 
 
     python3 scripts/gpu/adaln_norm_sweep.py      # one JSON line per result, then "BEST ..."
 
-Kernel times are CUDA-graph replays of 10 launches (median of 5 replays, per launch). GB/s counts
+Kernel times are CUDA-graph replays of 10 launches (median of 15 replays, per launch;
+``qk_norm_sweep.graph_ms``). GB/s counts
 the bytes each launch must move: forward 6 (12 with the residual) bytes an element, backward 14
 (18). The pair is timed with CUDA events over 20 back-to-back forward + backward calls of the
 compiled function (the host's share hides behind the GPU's at these sizes).
@@ -13,13 +14,18 @@ compiled function (the host's share hides behind the GPU's at these sizes).
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
+from qk_norm_sweep import graph_ms  # scripts/gpu: CUDA-graph replay timing of a launch
 
 import maskar.kernels.adaln_norm as an
+
+
+def graph_us(fn) -> float:
+    return graph_ms(fn) * 1000
+
 
 SHAPES = {"1024px-B2": (2, 9451, 1024), "256px-B32": (32, 680, 1024)}
 # the first sweep's grid (2026-12-07) and, around its fastest (forward 1 row / 4 warps, backward
@@ -28,24 +34,6 @@ FWD = [(m, w) for m in (1, 2, 4, 8) for w in (4, 8)] + [(1, 2), (2, 2), (4, 2)]
 BWD = [(1, 16, 4), (1, 32, 4), (2, 8, 4), (2, 16, 4), (2, 8, 8), (4, 4, 8), (4, 8, 8), (4, 16, 8), (8, 4, 8),
        (8, 4, 16), (1, 64, 4), (1, 32, 2), (1, 64, 2), (1, 32, 8), (2, 16, 2), (2, 32, 4)]
 BYTES = {("fwd", False): 6, ("fwd", True): 12, ("bwd", False): 14, ("bwd", True): 18}
-
-
-def graph_us(fn, launches: int = 10, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(launches):
-            fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / launches)
-    return statistics.median(times)
 
 
 def inputs(B: int, L: int, C: int) -> dict:
