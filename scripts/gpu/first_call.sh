@@ -14,3 +14,6 @@ case "$g" in
   *H200*) PART=rows DEADLINE=${DEADLINE:-560} bash "$(dirname "$0")/h200_rows.sh" ;;
   *) DEADLINE=${DEADLINE:-560} bash "$(dirname "$0")/adaln_norm_rows.sh" ;;
 esac
+# only 8 files under $OUT come back from a device call: pack them all into one
+( cd "${OUT:-/tmp/out}" && n=$(ls | wc -l) && [ "$n" -gt 8 ] && tar czf results.tgz --exclude results.tgz . \
+  && find . -type f ! -name results.tgz -delete && echo "packed $n files into results.tgz" )
