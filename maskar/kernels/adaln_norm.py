@@ -159,12 +159,12 @@ class AdaLNNormConfig:
 
 
 FORCE_CONFIG: AdaLNNormConfig | None = None  # tests / sweeps pin a config
-# the backward's two row sums in one tl.reduce over a pair; not yet timed against two tl.sum
-# (scripts/gpu/adaln_norm_sweep.py times both at its fastest config)
+# the backward's two row sums in one tl.reduce over a pair: as fast as two tl.sum on an H100
+# (102.9 / 103.2 us without the residual, 159.6 / 155.5 with; scripts/gpu/adaln_norm_sweep.py)
 PAIRED_REDUCE = True
-# the fastest at HMAR-d16's 1024 px B 2 on an H100 (scripts/gpu/adaln_norm_sweep.py, 2026-12-07): forward
-# 8 configs within 8%, backward 10 configs from 121 to 190 us (without the residual)
-_DEFAULT = AdaLNNormConfig(1, 4, 1, 32, 4)
+# the fastest at HMAR-d16's 1024 px B 2 on an H100 (scripts/gpu/adaln_norm_sweep.py, the shipped form,
+# 2026-12-07): forward 11 configs within 10%, backward 103.8 / 160.4 us (78% / 65% of the bandwidth)
+_DEFAULT = AdaLNNormConfig(1, 4, 1, 32, 8)
 _INTERPRET_CONFIG = AdaLNNormConfig(2, 1, 2, 2, 1)
 
 
@@ -350,8 +350,8 @@ def adaln_norm(x: Tensor, o: Tensor | None, gate: Tensor | None, scale: Tensor, 
 # ----------------------------------------------------------------------------- support
 
 CPU_REFERENCE = False  # tests: CPU calls go to the ops' torch bodies
-# MASKAR_ADALN_NORM=1 turns it on; off by default until this form is measured on a GPU
-# (scripts/gpu/adaln_norm_rows.sh). False: the block keeps torch's LayerNorm and addcmul.
+# on by default since the H100 A/B (scripts/gpu/adaln_norm_rows.sh, 2026-12-07: 1.5 to 1.8 ms a step
+# faster, peak memory level or lower); MASKAR_ADALN_NORM=0 keeps torch's LayerNorm and addcmul.
 ENABLED = bool(env.switch("MASKAR_ADALN_NORM"))
 MAX_WIDTH = 4096  # a row's C values stay in one program's registers
 

@@ -10,7 +10,8 @@
 # 3. `maskar bench train_step` A/B, each side in its own process (new: adaln_norm.ENABLED = True,
 #    old: False):
 #    HMAR-d16 1024 px B 2 (`scales`, the step as one CUDA graph with the bf16 copies; new side
-#    profiled), then VAR-d16 1024 px, then HMAR-d16 and VAR-d16 256 px B 32.
+#    profiled), then VAR-d16 1024 px, then HMAR-d16 and VAR-d16 256 px B 32; ONLY=nograph: the
+#    rows without the CUDA graph.
 # Writes $OUT/an-*.txt / .json.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -49,4 +50,10 @@ want hmar1024 && ab hmar1024 1024 20 3 hmar/d16/blocks/graph/master/attn-scales
   "$OUT/an-hmar1024-new-profile.txt" | cut -c1-160 | head -n 14
 want var1024 && [ "${QUICK:-0}" != 1 ] && ab var1024 1024 20 3 var/d16/blocks/graph/master/attn-scales
 want 256 && [ "${QUICK:-0}" != 1 ] && ab 256 256 25 5 hmar/d16/blocks/graph/master,var/d16/blocks/graph/master
+# ONLY=nograph (only when named): the same A/B without the step's CUDA graph (train.cuda_graph off,
+# maskar train's default), where the ops' host work is not hidden by a graph
+if [[ ",${ONLY:-}," == *",nograph,"* ]]; then
+  ab nograph1024 1024 20 3 hmar/d16/blocks/attn-scales
+  ab nograph256 256 25 5 hmar/d16/blocks,var/d16/blocks
+fi
 el done

@@ -15,5 +15,5 @@ case "$g" in
   *) DEADLINE=${DEADLINE:-560} bash "$(dirname "$0")/adaln_norm_rows.sh" ;;
 esac
 # only 8 files under $OUT come back from a device call: pack them all into one
-( cd "${OUT:-/tmp/out}" && n=$(ls | wc -l) && [ "$n" -gt 8 ] && tar czf results.tgz --exclude results.tgz . \
-  && find . -type f ! -name results.tgz -delete && echo "packed $n files into results.tgz" )
+( cd "${OUT:-/tmp/out}" && n=$(ls | wc -l) && [ "$n" -gt 8 ] && tar czf /tmp/results.tgz . \
+  && find . -type f -delete && mv /tmp/results.tgz . && echo "packed $n files into results.tgz" )
