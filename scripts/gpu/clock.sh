@@ -6,3 +6,6 @@
 T0=$(date +%s); el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
 DEADLINE=${DEADLINE:-570}
 cap() { local s=$(( T0 + DEADLINE - $(date +%s) )); [ $s -lt 5 ] && s=5; echo $(( $1 < s ? $1 : s )); }
+# pack_out DIR: only 8 files under $OUT come back from a device call; with more, one tarball holds them
+pack_out() { ( cd "$1" && n=$(ls | wc -l) && [ "$n" -gt 8 ] && tar czf /tmp/results.tgz . \
+  && find . -type f -delete && mv /tmp/results.tgz . && echo "packed $n files into results.tgz" ); }

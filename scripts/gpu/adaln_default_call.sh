@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# After maskar.kernels.adaln_norm went on by default (2026-12-07, fifth session), one device call:
+#   OUT=$OUT bash scripts/gpu/adaln_default_call.sh
+# Both GPUs: the GPU tests of the VAR / HMAR training paths with the kernels in them by default
+# (CUDA-graph step, bf16 copies, VAR, HMAR, the kernels' own).
+# H200 (issue 13's GPU): then the 1024 px B 2 and 256 px B 32 rows at the defaults (`scales` at
+# 1024 px; FlashAttention-4 needs its bundle: fa4_rows.sh PART=master1024 in the next call).
+# Anything else (an H100): the A/B without the step's CUDA graph (adaln_norm_rows.sh ONLY=nograph),
+# where the ops' host work is not hidden by a graph.
+# Copies .carry/fa4a to .persist/ where it was carried (fa4_rows.sh's first part).
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source "$(dirname "$0")/clock.sh"
+g=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1); echo "GPU: $g"
+[ -d .carry/fa4a ] && mkdir -p .persist && cp -r .carry/fa4a .persist/ && echo "fa4a kept in .persist/"
+el "GPU tests, adaln_norm on by default"
+timeout $(cap 230) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_train_cuda_graph.py \
+  tests/test_master_weights.py tests/test_hmar.py tests/test_var.py tests/test_adaln_norm_kernel.py \
+  > "$OUT/gpu-tests.txt" 2>&1
+echo "rc=$?"; tail -n 4 "$OUT/gpu-tests.txt" | cut -c1-300
+case "$g" in
+  *H200*)
+    for res in 1024 256; do
+      el "train_step $res px at the defaults"
+      rows=hmar/d16/blocks/graph/master/attn-scales,var/d16/blocks/graph/master/attn-scales; st=20; wu=3
+      [ $res = 256 ] && rows=hmar/d16/blocks/graph/master,var/d16/blocks/graph/master && st=25 && wu=5
+      timeout $(cap 160) python3 -m maskar bench train_step res=$res steps=$st warmup=$wu rows=$rows \
+        json="$OUT/train-$res.json" > "$OUT/train-$res.txt" 2>&1
+      echo "rc=$?"; grep -E "^(hmar|var)-|rror" "$OUT/train-$res.txt" | cut -c1-230 | tail -n 3
+    done ;;
+  *) BEST=1,4,1,32,8 ONLY=nograph AB_S=120 DEADLINE=$(( T0 + DEADLINE - $(date +%s) )) \
+       bash "$(dirname "$0")/adaln_norm_rows.sh" ;;
+esac
+el done
+pack_out "$OUT"
