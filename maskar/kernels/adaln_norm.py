@@ -25,10 +25,18 @@ where d x_out is the gradient that reaches the residual stream past the norm: fo
 gradient of x itself (the op returns x as a view so that it arrives here, not in one more
 autograd sum over (B, L, C), the trick of ``maskar.kernels.qk_norm``'s v), for h2 that of x2.
 
-Autograd and torch.compile as ``maskar.kernels.gelu_bias``: ``maskar::adaln_norm`` and
-``maskar::adaln_norm_bwd`` are custom ops with fake implementations and a CPU body (the same
-formulas in torch: the reference the kernels are tested against); an autograd.Function calls
-the launches eagerly and the ops under compile.
+With ``MASKAR_ADALN_SUMS`` (opt-in, :data:`SUMS`) four of Inductor's passes over the stream's
+gradient a block become one: the FFN residual add x3 = x2 + f gamma2 runs through
+:func:`gated_add`, whose backward is one launch (d f = gamma2 d x3, d gamma2 = Σ_L d x3 f, and
+fc2's bias gradient) where Inductor made a pointwise pass and two reductions; and the proj bias's
+gradient is one more partial row of the norm's backward, not one more reduction. Both linears add
+their biases detached (the trick of ``maskar.kernels.gelu_bias`` for fc1's); a bias added before
+the gate has the gradient Σ_{B,L} gamma d x = Σ_B gamma Σ_L d x.
+
+Autograd and torch.compile as ``maskar.kernels.gelu_bias``: ``maskar::adaln_norm``,
+``maskar::adaln_norm_bwd`` and ``maskar::gated_add_bwd`` are custom ops with fake implementations
+and a CPU body (the same formulas in torch: the reference the kernels are tested against); an
+autograd.Function calls the launches eagerly and the ops under compile.
 """
 
 from __future__ import annotations
@@ -91,13 +99,14 @@ def _add_pair(a0, a1, b0, b1):
 
 
 @triton.jit(do_not_specialize=["L"])
-def _adaln_norm_bwd(DH, X, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, L, C, sg, ss, n_chunks,
+def _adaln_norm_bwd(DH, X, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, PB, L, C, sg, ss, n_chunks,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
-                    RESIDUAL: tl.constexpr, HAS_DXO: tl.constexpr, PAIRED: tl.constexpr):
+                    RESIDUAL: tl.constexpr, HAS_DXO: tl.constexpr, PAIRED: tl.constexpr,
+                    BIAS_SUM: tl.constexpr):
     """Rows [pm ITERS BLOCK_M, +ITERS BLOCK_M) of sample b: DX (and DO = g DX), and one partial
-    row each of Σ dh x̂ (PS), Σ dh (PSH) and Σ DX o (PG) at [b n_chunks + pm]. X is the op's
-    input: with the residual, x2 = x + o g is made again here, as the forward made it, so the
-    step keeps one fp32 stream a block saved instead of two."""
+    row each of Σ dh x̂ (PS), Σ dh (PSH), Σ DX o (PG) and (BIAS_SUM) Σ DO = g Σ DX (PB) at
+    [b n_chunks + pm]. X is the op's input: with the residual, x2 = x + o g is made again here,
+    as the forward made it, so the step keeps one fp32 stream a block saved instead of two."""
     pm = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
@@ -108,6 +117,7 @@ def _adaln_norm_bwd(DH, X, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, L, C, 
     acc_s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     acc_sh = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for i in range(ITERS):
         rows = (pm * ITERS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < L
@@ -139,11 +149,44 @@ def _adaln_norm_bwd(DH, X, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, L, C, 
         if RESIDUAL:
             tl.store(DO + at, (dx * g[None, :]).to(DO.dtype.element_ty), mask=ok)
             acc_g += dx * o
+            if BIAS_SUM:
+                acc_b += dx
     part = (b * n_chunks + pm) * C + cols
     tl.store(PS + part, tl.sum(acc_s, 0), mask=col_ok)
     tl.store(PSH + part, tl.sum(acc_sh, 0), mask=col_ok)
     if RESIDUAL:
         tl.store(PG + part, tl.sum(acc_g, 0), mask=col_ok)
+        if BIAS_SUM:
+            tl.store(PB + part, tl.sum(acc_b, 0) * g, mask=col_ok)
+
+
+@triton.jit(do_not_specialize=["L"])
+def _gated_add_bwd(DY, F, G, DF, PG, PB, L, C, sg, n_chunks, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                   ITERS: tl.constexpr, BIAS_SUM: tl.constexpr):
+    """The backward of y = x + f g (g per sample) over rows [pm ITERS BLOCK_M, +ITERS BLOCK_M) of
+    sample b: DF = g DY, and one partial row each of Σ DY f (PG) and (BIAS_SUM) Σ DF = g Σ DY
+    (PB) at [b n_chunks + pm]. d x is DY itself (no launch)."""
+    pm = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    g = tl.load(G + b * sg + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for i in range(ITERS):
+        rows = (pm * ITERS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok = (rows < L)[:, None] & col_ok[None, :]
+        at = (b * L + rows)[:, None] * C + cols[None, :]
+        dy = tl.load(DY + at, mask=ok, other=0.0).to(tl.float32)
+        f = tl.load(F + at, mask=ok, other=0.0).to(tl.float32)
+        tl.store(DF + at, (dy * g[None, :]).to(DF.dtype.element_ty), mask=ok)
+        acc_g += dy * f
+        if BIAS_SUM:
+            acc_b += dy
+    part = (b * n_chunks + pm) * C + cols
+    tl.store(PG + part, tl.sum(acc_g, 0), mask=col_ok)
+    if BIAS_SUM:
+        tl.store(PB + part, tl.sum(acc_b, 0) * g, mask=col_ok)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -172,6 +215,26 @@ def _config() -> AdaLNNormConfig:
     if FORCE_CONFIG is not None:
         return FORCE_CONFIG
     return _INTERPRET_CONFIG if _INTERPRET else _DEFAULT
+
+
+@dataclass(frozen=True)
+class GatedAddConfig:
+    block_m: int  # rows a tile
+    iters: int  # row tiles a program (one partial row each of the sums)
+    warps: int
+
+
+GATED_FORCE_CONFIG: GatedAddConfig | None = None
+# not yet swept on a GPU (scripts/gpu/adaln_norm_sweep.py times a grid): 32 rows a program, as the
+# norm's backward
+_GATED_DEFAULT = GatedAddConfig(2, 16, 8)
+_GATED_INTERPRET_CONFIG = GatedAddConfig(2, 2, 1)
+
+
+def _gated_config() -> GatedAddConfig:
+    if GATED_FORCE_CONFIG is not None:
+        return GATED_FORCE_CONFIG
+    return _GATED_INTERPRET_CONFIG if _INTERPRET else _GATED_DEFAULT
 
 
 def _rows(t: Tensor | None, B: int, C: int) -> tuple[Tensor | None, int]:
@@ -203,31 +266,53 @@ def _forward(x: Tensor, o: Tensor | None, gate: Tensor | None, scale: Tensor, sh
     return h, x2, mean, rstd
 
 
+def _n_sums(res: bool, bias_sum: bool) -> int:
+    return 2 + res + (res and bias_sum)
+
+
 def _backward(dh: Tensor, x: Tensor, dx_out: Tensor | None, o: Tensor | None, gate: Tensor | None,
-              scale: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(d x, d o, sums): sums (k, B, 1, C) fp32 holds d scale, d shift and (with the residual,
-    k = 3) d gate; d o empty without the residual."""
+              scale: Tensor, mean: Tensor, rstd: Tensor,
+              bias_sum: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(d x, d o, sums): sums (k, B, 1, C) fp32 holds d scale, d shift and, with the residual,
+    d gate (k = 3) and with ``bias_sum`` Σ_L d o (k = 4); d o empty without the residual."""
     B, L, C = x.shape
     cfg = _config()
     res = o is not None
+    bias_sum = bias_sum and res
     dh = dh.contiguous()
     dx = torch.empty_like(x)
     do = torch.empty_like(o) if res else dx.new_empty(0)
     n_chunks = cdiv(L, cfg.bwd_block_m * cfg.bwd_iters)
-    parts = torch.empty((3 if res else 2, B, n_chunks, C), dtype=torch.float32, device=x.device)
+    parts = torch.empty((_n_sums(res, bias_sum), B, n_chunks, C), dtype=torch.float32, device=x.device)
     g, sg = _rows(gate, B, C)
     s, ss = _rows(scale, B, C)
     dxo = dx_out.contiguous() if dx_out is not None else None
     _launch(_adaln_norm_bwd, (n_chunks, B),
             (dh, x, dxo if dxo is not None else dh, o.contiguous() if res else dh, g if res else s, s,
              mean, rstd, dx, do if res else dx, parts[0], parts[1], parts[2] if res else parts[1],
-             L, C, sg, ss, n_chunks),
+             parts[-1], L, C, sg, ss, n_chunks),
             dict(BLOCK_M=cfg.bwd_block_m, BLOCK_C=next_power_of_2(C), ITERS=cfg.bwd_iters, RESIDUAL=res,
-                 HAS_DXO=dxo is not None, PAIRED=PAIRED_REDUCE),
+                 HAS_DXO=dxo is not None, PAIRED=PAIRED_REDUCE, BIAS_SUM=bias_sum),
             cfg.bwd_warps, 1)
-    # one reduction for the two or three sums, in a fixed order (one tensor: a custom op's
-    # outputs may not alias each other, so the caller splits it)
+    # one reduction for all the sums, in a fixed order (one tensor: a custom op's outputs may not
+    # alias each other, so the caller splits it)
     return dx, do, parts.sum(2, keepdim=True)
+
+
+def _gated_add_backward(dy: Tensor, f: Tensor, gate: Tensor, bias_sum: bool) -> tuple[Tensor, Tensor]:
+    """(d f, sums) of y = x + f gate: sums (k, B, 1, C) fp32 holds d gate and, with ``bias_sum``
+    (k = 2), Σ_L d f (a bias added to f before the gate gets its sum over B)."""
+    B, L, C = f.shape
+    cfg = _gated_config()
+    dy, f = dy.contiguous(), f.contiguous()
+    df = torch.empty_like(f)
+    n_chunks = cdiv(L, cfg.block_m * cfg.iters)
+    parts = torch.empty((1 + bias_sum, B, n_chunks, C), dtype=torch.float32, device=f.device)
+    g, sg = _rows(gate, B, C)
+    _launch(_gated_add_bwd, (n_chunks, B), (dy, f, g, df, parts[0], parts[-1], L, C, sg, n_chunks),
+            dict(BLOCK_M=cfg.block_m, BLOCK_C=next_power_of_2(C), ITERS=cfg.iters, BIAS_SUM=bias_sum),
+            cfg.warps, 1)
+    return df, parts.sum(2, keepdim=True)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -247,7 +332,8 @@ def _reference_forward(x: Tensor, o: Tensor | None, gate: Tensor | None, scale: 
 
 
 def _reference_backward(dh: Tensor, x: Tensor, dx_out: Tensor | None, o: Tensor | None,
-                        gate: Tensor | None, scale: Tensor, mean: Tensor, rstd: Tensor):
+                        gate: Tensor | None, scale: Tensor, mean: Tensor, rstd: Tensor,
+                        bias_sum: bool = False):
     acc = torch.promote_types(x.dtype, torch.float32)
     dhf, r = dh.to(acc), rstd.to(acc).unsqueeze(-1)
     xs = x.to(acc) if o is None else x.to(acc) + o.to(acc) * gate.to(acc)  # the stream, made again
@@ -259,9 +345,20 @@ def _reference_backward(dh: Tensor, x: Tensor, dx_out: Tensor | None, o: Tensor 
     sums = [(dhf * xh).sum(1, keepdim=True), dhf.sum(1, keepdim=True)]
     if o is None:
         return dx.to(x.dtype), x.new_empty(0), torch.stack(sums).float()
-    do = (dx * gate.to(acc)).to(o.dtype)
+    do = dx * gate.to(acc)
     sums.append((dx * o.to(acc)).sum(1, keepdim=True))
-    return dx.to(x.dtype), do, torch.stack(sums).float()
+    if bias_sum:
+        sums.append(do.sum(1, keepdim=True))
+    return dx.to(x.dtype), do.to(o.dtype), torch.stack(sums).float()
+
+
+def _reference_gated_add_backward(dy: Tensor, f: Tensor, gate: Tensor, bias_sum: bool):
+    acc = torch.promote_types(dy.dtype, torch.float32)
+    df = dy.to(acc) * gate.to(acc)
+    sums = [(dy.to(acc) * f.to(acc)).sum(1, keepdim=True)]
+    if bias_sum:
+        sums.append(df.sum(1, keepdim=True))
+    return df.to(f.dtype), torch.stack(sums).float()
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -288,22 +385,37 @@ def _(x, o, gate, scale, shift, eps, out_dtype):
 @torch.library.custom_op("maskar::adaln_norm_bwd", mutates_args=())
 def adaln_norm_bwd_op(
     dh: Tensor, x: Tensor, dx_out: Tensor | None, o: Tensor | None, gate: Tensor | None, scale: Tensor,
-    mean: Tensor, rstd: Tensor,
+    mean: Tensor, rstd: Tensor, bias_sum: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(d x, d o, sums) of :func:`adaln_norm_op` at its input x (the stream x + o gate is made
-    again from it): sums (k, B, 1, C) fp32 stacks d scale, d shift and, with o
-    (k = 3), d gate; d o empty without o."""
+    again from it): sums (k, B, 1, C) fp32 stacks d scale, d shift and, with o, d gate (k = 3)
+    and with ``bias_sum`` Σ_L d o (k = 4); d o empty without o."""
     if _on_reference(x):
-        return _reference_backward(dh, x, dx_out, o, gate, scale, mean, rstd)
-    return _backward(dh, x.contiguous(), dx_out, o, gate, scale, mean, rstd)
+        return _reference_backward(dh, x, dx_out, o, gate, scale, mean, rstd, bias_sum and o is not None)
+    return _backward(dh, x.contiguous(), dx_out, o, gate, scale, mean, rstd, bias_sum)
 
 
 @adaln_norm_bwd_op.register_fake
-def _(dh, x, dx_out, o, gate, scale, mean, rstd):
+def _(dh, x, dx_out, o, gate, scale, mean, rstd, bias_sum=False):
     B, _, C = x.shape
     res = o is not None
-    sums = x.new_empty((3 if res else 2, B, 1, C), dtype=torch.float32)
+    sums = x.new_empty((_n_sums(res, bias_sum), B, 1, C), dtype=torch.float32)
     return torch.empty_like(x), torch.empty_like(o) if res else x.new_empty(0), sums
+
+
+@torch.library.custom_op("maskar::gated_add_bwd", mutates_args=())
+def gated_add_bwd_op(dy: Tensor, f: Tensor, gate: Tensor, bias_sum: bool) -> tuple[Tensor, Tensor]:
+    """(d f, sums) of y = x + f gate (f (B, L, C), gate (B | 1, 1, C)): sums (k, B, 1, C) fp32
+    stacks d gate and, with ``bias_sum`` (k = 2), Σ_L d f."""
+    if _on_reference(f):
+        return _reference_gated_add_backward(dy, f, gate, bias_sum)
+    return _gated_add_backward(dy, f, gate, bias_sum)
+
+
+@gated_add_bwd_op.register_fake
+def _(dy, f, gate, bias_sum):
+    B, _, C = f.shape
+    return torch.empty_like(f), f.new_empty((1 + bias_sum, B, 1, C), dtype=torch.float32)
 
 
 def _sum_to(grad: Tensor, meta: tuple[torch.Size, torch.dtype]) -> Tensor:
@@ -316,35 +428,70 @@ def _sum_to(grad: Tensor, meta: tuple[torch.Size, torch.dtype]) -> Tensor:
 
 class _AdaLNNorm(torch.autograd.Function):
     """(h, x_out): without o, x_out is x itself (a view), with o the new stream x + o gate. Either
-    way x_out's gradient comes back into this backward's launch."""
+    way x_out's gradient comes back into this backward's launch. ``bias``, where given, is the
+    bias o's linear added with a detached copy: its gradient (Σ d o) comes from this launch."""
 
     @staticmethod
-    def forward(ctx, x, o, gate, scale, shift, eps, out_dtype):
+    def forward(ctx, x, o, gate, scale, shift, eps, out_dtype, bias=None):
         fwd = adaln_norm_op if _via_ops(x) else _forward
         h, x2, mean, rstd = fwd(x, o, gate, scale, shift, eps, out_dtype)
         res = o is not None
         # x, not x2: the backward makes x2 again (x is saved for the block anyway)
         ctx.save_for_backward(x, o, gate, scale, mean, rstd)
-        ctx.meta = [None if t is None else (t.shape, t.dtype) for t in (gate, scale, shift)]
+        ctx.meta = [None if t is None else (t.shape, t.dtype) for t in (gate, scale, shift, bias)]
         return h, (x2 if res else x.view_as(x))
 
     @staticmethod
     def backward(ctx, dh, dx_out):
         x, o, gate, scale, mean, rstd = ctx.saved_tensors
-        bwd = adaln_norm_bwd_op if _via_ops(x) else _backward
-        dx, do, sums = bwd(dh, x, dx_out, o, gate, scale, mean, rstd)
-        mg, ms, msh = ctx.meta
+        mg, ms, msh, mb = ctx.meta
         res = o is not None
+        bias_sum = res and mb is not None
+        bwd = adaln_norm_bwd_op if _via_ops(x) else _backward
+        dx, do, sums = bwd(dh, x, dx_out, o, gate, scale, mean, rstd, bias_sum)
         return (dx, do if res else None, _sum_to(sums[2], mg) if res else None, _sum_to(sums[0], ms),
-                _sum_to(sums[1], msh), None, None)
+                _sum_to(sums[1], msh), None, None, _bias_grad(sums[3], mb) if bias_sum else None)
+
+
+def _bias_grad(sums: Tensor, meta: tuple[torch.Size, torch.dtype]) -> Tensor:
+    """The gradient of a (C,) bias added before the gate, from the (B, 1, C) per-sample sums of
+    the gated tensor's gradient."""
+    shape, dtype = meta
+    return sums.sum(0).reshape(shape).to(dtype)
 
 
 def adaln_norm(x: Tensor, o: Tensor | None, gate: Tensor | None, scale: Tensor, shift: Tensor,
-               eps: float) -> tuple[Tensor, Tensor]:
+               eps: float, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(h, x2)``: x2 = x + o * gate (x itself where o is None), h = LN(x2) (1 + scale) + shift
     in the linears' compute dtype (autocast's). x (B, L, C) float32, o (B, L, C), the vectors
-    (B | 1, 1, C)."""
-    return _AdaLNNorm.apply(x, o, gate, scale, shift, eps, compute_dtype(x))
+    (B | 1, 1, C). ``bias``: the bias of o's linear where that linear added it detached (its
+    gradient comes from this backward's launch, not from one more pass over d o)."""
+    return _AdaLNNorm.apply(x, o, gate, scale, shift, eps, compute_dtype(x), bias)
+
+
+class _GatedAdd(torch.autograd.Function):
+    """y = x + f gate as torch computes it (Inductor makes the forward one pass at the
+    bandwidth); the backward in one launch: d f, d gate's sums and, with ``bias``, its gradient."""
+
+    @staticmethod
+    def forward(ctx, x, f, gate, bias=None):
+        ctx.save_for_backward(f, gate)
+        ctx.meta = (gate.shape, gate.dtype), None if bias is None else (bias.shape, bias.dtype)
+        return torch.addcmul(x, f, gate)
+
+    @staticmethod
+    def backward(ctx, dy):
+        f, gate = ctx.saved_tensors
+        mg, mb = ctx.meta
+        bwd = gated_add_bwd_op if _via_ops(f) else _gated_add_backward
+        df, sums = bwd(dy, f, gate, mb is not None)
+        return dy, df, _sum_to(sums[0], mg), _bias_grad(sums[1], mb) if mb is not None else None
+
+
+def gated_add(x: Tensor, f: Tensor, gate: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x + f * gate (the block's FFN residual add): x (B, L, C) float32, f (B, L, C) in the
+    linears' dtype, gate (B | 1, 1, C). ``bias``: as :func:`adaln_norm`'s, for f's linear."""
+    return _GatedAdd.apply(x, f, gate, bias)
 
 
 # ----------------------------------------------------------------------------- support
@@ -353,6 +500,10 @@ CPU_REFERENCE = False  # tests: CPU calls go to the ops' torch bodies
 # on by default since the H100 A/B (scripts/gpu/adaln_norm_rows.sh, 2026-12-07: 1.5 to 1.8 ms a step
 # faster, peak memory level or lower); MASKAR_ADALN_NORM=0 keeps torch's LayerNorm and addcmul.
 ENABLED = bool(env.switch("MASKAR_ADALN_NORM"))
+# MASKAR_ADALN_SUMS=1 (with ENABLED): the block's FFN residual add goes through gated_add (its
+# backward one launch) and the proj / fc2 bias gradients come from the launches that make d o and
+# d f; off until measured on a GPU (scripts/gpu/adaln_norm_rows.sh)
+SUMS = bool(env.switch("MASKAR_ADALN_SUMS"))
 MAX_WIDTH = 4096  # a row's C values stay in one program's registers
 
 
@@ -367,4 +518,5 @@ def supports(x: Tensor) -> bool:
     return kernel_dtype_ok(compute_dtype(x), x.device, CPU_REFERENCE)
 
 
-__all__ = ["adaln_norm", "adaln_norm_op", "adaln_norm_bwd_op", "supports", "AdaLNNormConfig"]
+__all__ = ["adaln_norm", "gated_add", "adaln_norm_op", "adaln_norm_bwd_op", "gated_add_bwd_op", "supports",
+           "AdaLNNormConfig", "GatedAddConfig"]

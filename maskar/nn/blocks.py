@@ -88,16 +88,26 @@ class FFN(nn.Module):
         linear_gelu.load_kernel()
         _load_gelu_bias_kernel()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, detach_out_bias: bool = False) -> Tensor:
+        """``detach_out_bias``: fc2 adds a detached bias, for a caller whose kernel sums fc2's
+        bias gradient itself (maskar.kernels.adaln_norm.gated_add)."""
         gb = _gelu_bias_kernel
         tanh = self.act.approximate == "tanh"
         if gb is not None and tanh and self.fc1.bias is not None and gb.supports_linear(x):
             # training on CUDA: the GELU's backward launch also sums fc1's bias gradient
             # (maskar.kernels.gelu_bias), so fc1 takes a detached bias
             pre = F.linear(x, self.fc1.weight, self.fc1.bias.detach())
-            return self.fc2(gb.gelu_with_bias_grad(pre, self.fc1.bias))
+            return _linear(self.fc2, gb.gelu_with_bias_grad(pre, self.fc1.bias), detach_out_bias)
         # the GELU in fc1's epilogue where linear_gelu can (inference on CUDA)
-        return self.fc2(linear_gelu.linear_gelu(self.fc1, x, self.act.approximate, self.gelu_epilogue))
+        y = linear_gelu.linear_gelu(self.fc1, x, self.act.approximate, self.gelu_epilogue)
+        return _linear(self.fc2, y, detach_out_bias)
+
+
+def _linear(layer: nn.Linear, x: Tensor, detach_bias: bool) -> Tensor:
+    """``layer(x)``, its bias detached where asked (its gradient then comes from elsewhere)."""
+    if detach_bias and layer.bias is not None:
+        return F.linear(x, layer.weight, layer.bias.detach())
+    return layer(x)
 
 
 @dataclass
@@ -188,19 +198,21 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(dim), persistent=False)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, pattern: ScalePattern | None = None, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, pattern: ScalePattern | None = None, cache: KVCache | None = None,
+                detach_out_bias: bool = False) -> Tensor:
+        """``detach_out_bias``: the output projection adds a detached bias (as FFN's)."""
         q, k, v = self.qkv(x)
         if cache is not None:
             k, v = cache.append(k, v)  # current scale attends to all cached scales: dense
-        return self.project(self.attend(q, k, v, pattern))
+        return self.project(self.attend(q, k, v, pattern), detach_out_bias)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern | None) -> Tensor:
         return attention(q, k, v, pattern, backend=self.attn_backend, scale=self.scale)
 
-    def project(self, out: Tensor) -> Tensor:
+    def project(self, out: Tensor, detach_bias: bool = False) -> Tensor:
         """(B, H, L, D) attention output -> (B, L, C) after the output projection."""
         B, H, L, D = out.shape
-        return self.proj(out.transpose(1, 2).reshape(B, L, H * D))
+        return _linear(self.proj, out.transpose(1, 2).reshape(B, L, H * D), detach_bias)
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, L, C) -> q, k, v (B, H, L, D), q/k normalised where the model does."""
@@ -397,8 +409,15 @@ class AdaLNSelfAttnBlock(nn.Module):
             # (maskar.kernels.adaln_norm); the same math
             eps = self.ln_wo_grad.eps
             h, x = an.adaln_norm(x, None, None, scale1, shift1, eps)
-            h, x = an.adaln_norm(x, self.attn(h, pattern), gamma1, scale2, shift2, eps)
-            return torch.addcmul(x, self.ffn(h), gamma2)
+            if not an.SUMS:
+                h, x = an.adaln_norm(x, self.attn(h, pattern), gamma1, scale2, shift2, eps)
+                return torch.addcmul(x, self.ffn(h), gamma2)
+            # MASKAR_ADALN_SUMS: the FFN residual's backward in one launch too, and the proj / fc2
+            # bias gradients summed in the launches that make d o and d f (the linears add
+            # detached biases), instead of three more passes over the fp32 stream's gradient
+            o = self.attn(h, pattern, detach_out_bias=True)
+            h, x = an.adaln_norm(x, o, gamma1, scale2, shift2, eps, self.attn.proj.bias)
+            return an.gated_add(x, self.ffn(h, detach_out_bias=True), gamma2, self.ffn.fc2.bias)
         h = torch.addcmul(shift1, self.ln_wo_grad(x), 1 + scale1)
         x = torch.addcmul(x, self.attn(h, pattern, cache), gamma1)
         h = torch.addcmul(shift2, self.ln_wo_grad(x), 1 + scale2)

@@ -12,6 +12,9 @@
 #    HMAR-d16 1024 px B 2 (`scales`, the step as one CUDA graph with the bf16 copies; new side
 #    profiled), then VAR-d16 1024 px, then HMAR-d16 and VAR-d16 256 px B 32; ONLY=nograph: the
 #    rows without the CUDA graph.
+# SUMS=1: the same for MASKAR_ADALN_SUMS (the FFN residual's backward and the proj / fc2 bias sums
+# in the kernels' launches): GPU tests, scripts/gpu/adaln_sums_sweep.py (its GATED_BEST config, or
+# BEST=m,i,w), then the rows with an.SUMS True (new) and False (old), both with the kernels on.
 # Writes $OUT/an-*.txt / .json.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -19,7 +22,22 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source "$(dirname "$0")/clock.sh"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-if [ -z "${BEST:-}" ]; then
+if [ "${SUMS:-0}" = 1 ]; then  # MASKAR_ADALN_SUMS: its launches swept, then the rows with it / without
+  if [ -z "${BEST:-}" ]; then
+    el "GPU tests: adaln_norm"
+    timeout $(cap 150) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs -s tests/test_adaln_norm_kernel.py \
+      > "$OUT/an-gpu-tests.txt" 2>&1
+    echo "rc=$?"; grep -E "adaln_norm res|gated_add|block grads|passed|failed|FAILED|ERROR|Error" "$OUT/an-gpu-tests.txt" \
+      | cut -c1-300 | tail -n 12
+    el "MASKAR_ADALN_SUMS's launches"
+    timeout $(cap 120) python3 scripts/gpu/adaln_sums_sweep.py > "$OUT/an-sums-sweep.txt" 2>&1
+    echo "rc=$?"; grep -E '"best"|norm_bwd|inductor|BEST|rror' "$OUT/an-sums-sweep.txt" | cut -c1-200
+    BEST=$(grep "^GATED_BEST" "$OUT/an-sums-sweep.txt" | cut -d' ' -f2- | tr ' ' ',')
+  fi
+  SET="import maskar.kernels.adaln_norm as an; an.ENABLED = True; an.SUMS = True"
+  [ -n "$BEST" ] && SET="$SET; an.GATED_FORCE_CONFIG = an.GatedAddConfig($BEST)"
+  OLD_SET="an.SUMS = False"
+elif [ -z "${BEST:-}" ]; then
 el "GPU tests: adaln_norm"
 timeout $(cap 150) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs -s tests/test_adaln_norm_kernel.py \
   > "$OUT/an-gpu-tests.txt" 2>&1
@@ -29,13 +47,16 @@ timeout $(cap 150) python3 scripts/gpu/adaln_norm_sweep.py > "$OUT/an-sweep.txt"
 echo "rc=$?"; grep -E '"best"|"pair"|BEST|rror' "$OUT/an-sweep.txt" | cut -c1-200
 BEST=$(grep "^BEST" "$OUT/an-sweep.txt" | cut -d' ' -f2- | tr ' ' ',')
 fi  # BEST=m,w,m,i,w given: straight to the A/B rows with that config (ONLY=tag,... picks rows)
-SET="import maskar.kernels.adaln_norm as an; an.ENABLED = True"
-[ -n "$BEST" ] && SET="$SET; an.FORCE_CONFIG = an.AdaLNNormConfig($BEST)"
+if [ "${SUMS:-0}" != 1 ]; then
+  SET="import maskar.kernels.adaln_norm as an; an.ENABLED = True"
+  [ -n "$BEST" ] && SET="$SET; an.FORCE_CONFIG = an.AdaLNNormConfig($BEST)"
+  OLD_SET="an.ENABLED = False"
+fi
 ab() {  # ab TAG RES STEPS WARMUP ROWS
   local tag=$1 res=$2 st=$3 wu=$4 rows=$5 side
   for side in new old; do
     el "train_step $res px $tag, $side"
-    local pre="import sys; $SET"; [ $side = old ] && pre="$pre; an.ENABLED = False"
+    local pre="import sys; $SET"; [ $side = old ] && pre="$pre; $OLD_SET"
     local extra=""; [ $side = new ] && [ "$tag" = hmar1024 ] && extra="profile=$OUT/an-$tag-new-profile.txt"
     timeout $(cap "${AB_S:-130}") python3 -c "$pre
 from maskar.cli import main
