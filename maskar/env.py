@@ -49,7 +49,7 @@ SWITCHES: dict[str, Switch] = {
     "MASKAR_WIDE_SOFTMAX_KERNEL": Switch(True, "wide-head attention's softmax as one Triton pass"),
     "MASKAR_DIT_LOW_RESIDUAL": Switch(False, "CASMAR DiT head's residual stream in bf16 / fp16 (inference)"),
     "MASKAR_ADALN_NORM": Switch(True, "VAR / HMAR training: LayerNorm + modulate, one Triton launch a way"),
-    "MASKAR_ADALN_SUMS": Switch(False, "VAR / HMAR training: FFN residual bwd and bias sums in adaln launches"),
+    "MASKAR_ADALN_SUMS": Switch(True, "VAR / HMAR training: FFN residual bwd, bias sums in adaln launches"),
 }
 MARGIN = "MASKAR_GRAPH_POOL_MARGIN"  # a number >= 1 (maskar.models.scale_graphs)
 MARGIN_DEFAULT = 1.02

@@ -25,7 +25,7 @@ where d x_out is the gradient that reaches the residual stream past the norm: fo
 gradient of x itself (the op returns x as a view so that it arrives here, not in one more
 autograd sum over (B, L, C), the trick of ``maskar.kernels.qk_norm``'s v), for h2 that of x2.
 
-With ``MASKAR_ADALN_SUMS`` (opt-in, :data:`SUMS`) four of Inductor's passes over the stream's
+With ``MASKAR_ADALN_SUMS`` (on by default, :data:`SUMS`) four of Inductor's passes over the stream's
 gradient a block become one: the FFN residual add x3 = x2 + f gamma2 runs through
 :func:`gated_add`, whose backward is one launch (d f = gamma2 d x3, d gamma2 = Σ_L d x3 f, and
 fc2's bias gradient) where Inductor made a pointwise pass and two reductions; and the proj bias's
@@ -225,9 +225,9 @@ class GatedAddConfig:
 
 
 GATED_FORCE_CONFIG: GatedAddConfig | None = None
-# not yet swept on a GPU (scripts/gpu/adaln_norm_sweep.py times a grid): 32 rows a program, as the
-# norm's backward
-_GATED_DEFAULT = GatedAddConfig(2, 16, 8)
+# the fastest of 12 at HMAR-d16's 1024 px B 2 on an H100 (scripts/gpu/adaln_sums_sweep.py,
+# 2026-12-07): 62.2 us, 74% of the bandwidth (Inductor's code for the same results: 112.8)
+_GATED_DEFAULT = GatedAddConfig(2, 16, 4)
 _GATED_INTERPRET_CONFIG = GatedAddConfig(2, 2, 1)
 
 
@@ -500,9 +500,10 @@ CPU_REFERENCE = False  # tests: CPU calls go to the ops' torch bodies
 # on by default since the H100 A/B (scripts/gpu/adaln_norm_rows.sh, 2026-12-07: 1.5 to 1.8 ms a step
 # faster, peak memory level or lower); MASKAR_ADALN_NORM=0 keeps torch's LayerNorm and addcmul.
 ENABLED = bool(env.switch("MASKAR_ADALN_NORM"))
-# MASKAR_ADALN_SUMS=1 (with ENABLED): the block's FFN residual add goes through gated_add (its
-# backward one launch) and the proj / fc2 bias gradients come from the launches that make d o and
-# d f; off until measured on a GPU (scripts/gpu/adaln_norm_rows.sh)
+# MASKAR_ADALN_SUMS (with ENABLED; on by default, =0 turns it off): the block's FFN residual add
+# goes through gated_add (its backward one launch) and the proj / fc2 bias gradients come from the
+# launches that make d o and d f. H100 A/B (SUMS=1 scripts/gpu/adaln_norm_rows.sh, 2026-12-07):
+# 0.3 ms a step faster at 1024 px B 2, 0.8-0.9 at 256 px B 32, peak memory level
 SUMS = bool(env.switch("MASKAR_ADALN_SUMS"))
 MAX_WIDTH = 4096  # a row's C values stay in one program's registers
 
