@@ -5,8 +5,11 @@
 # (CUDA-graph step, bf16 copies, VAR, HMAR, the kernels' own).
 # H200 (issue 13's GPU): then the 1024 px B 2 and 256 px B 32 rows at the defaults (`scales` at
 # 1024 px; FlashAttention-4 needs its bundle: fa4_rows.sh PART=master1024 in the next call).
-# Anything else (an H100): the A/B without the step's CUDA graph (adaln_norm_rows.sh ONLY=nograph),
-# where the ops' host work is not hidden by a graph.
+# Anything else (an H100): the A/B without the step's CUDA graph of MASKAR_ADALN_SUMS (on / off,
+# the LayerNorm kernels on both sides; adaln_norm_rows.sh SUMS=1 ONLY=nograph), where the ops' host
+# work is not hidden by a graph. (The same A/B of MASKAR_ADALN_NORM ran on 2026-12-07, fifth session.)
+# Then, carrying .carry/fa4b: PART=switch1024 bash scripts/gpu/fa4_rows.sh (MASKAR_ADALN_SUMS with
+# FlashAttention-4).
 # Copies .carry/fa4a to .persist/ where it was carried (fa4_rows.sh's first part).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -29,7 +32,7 @@ case "$g" in
         json="$OUT/train-$res.json" > "$OUT/train-$res.txt" 2>&1
       echo "rc=$?"; grep -E "^(hmar|var)-|rror" "$OUT/train-$res.txt" | cut -c1-230 | tail -n 3
     done ;;
-  *) BEST=1,4,1,32,8 ONLY=nograph AB_S=120 DEADLINE=$(( T0 + DEADLINE - $(date +%s) )) \
+  *) SUMS=1 BEST=2,16,4 ONLY=nograph AB_S=120 DEADLINE=$(( T0 + DEADLINE - $(date +%s) )) \
        bash "$(dirname "$0")/adaln_norm_rows.sh" ;;
 esac
 el done

@@ -18,11 +18,15 @@
 # PART=sample1024 instead: maskar bench sample at 1024 px B 8 (compiled-w16 + compiled decoder,
 # each row in its own process): HMAR-d16 with fa4 and with auto (both profiled: attention's
 # GPU time), then VAR-d16 with fa4.
+# PART=switch1024 instead: the /graph/master rows (fa4 through auto) with the environment switch
+# SWITCH (default MASKAR_ADALN_SUMS) at 1 and at 0, HMAR then VAR, each row in its own process
+# (files fa4-<m>-<switch>1 / 0).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 case "${PART:-train}" in
-  train|profile1024|bwdsweep|cdt|auto1024|master1024|sample1024) ;;
-  *) echo "PART: expected train, profile1024, bwdsweep, cdt, auto1024, master1024 or sample1024; got ${PART}" >&2; exit 2 ;;
+  train|profile1024|bwdsweep|cdt|auto1024|master1024|sample1024|switch1024) ;;
+  *) echo "PART: expected train, profile1024, bwdsweep, cdt, auto1024, master1024, sample1024 or switch1024;" \
+       "got ${PART}" >&2; exit 2 ;;
 esac
 source scripts/gpu/fa4_install.sh || exit 1
 mkdir -p "$OUT"
@@ -77,6 +81,18 @@ if [ "${PART:-train}" = master1024 ]; then
       rows=$m/d16/blocks/graph,$m/d16/blocks/graph/master json="$OUT/train_1024_master_$m.json" \
       > "$OUT/train_1024_master_$m.txt" 2>&1
     echo "rc=$?"; grep -vE "$NOISE" "$OUT/train_1024_master_$m.txt" | tail -n 4
+  done
+  exit 0
+fi
+if [ "${PART:-train}" = switch1024 ]; then
+  sw=${SWITCH:-MASKAR_ADALN_SUMS}; tag=$(echo "${sw#MASKAR_}" | tr 'A-Z_' 'a-z-')
+  for m in hmar var; do
+    for a in 1 0; do
+      echo "== train_step 1024 px $m-d16 /graph/master, $sw=$a"
+      env "$sw=$a" timeout "${T1024_S:-120}" python3 -m maskar bench train_step res=1024 steps=20 warmup=3 \
+        rows=$m/d16/blocks/graph/master json="$OUT/fa4-$m-$tag$a.json" > "$OUT/fa4-$m-$tag$a.txt" 2>&1
+      echo "rc=$?"; grep -E "^(hmar|var)-|rror" "$OUT/fa4-$m-$tag$a.txt" | cut -c1-230 | tail -n 2
+    done
   done
   exit 0
 fi

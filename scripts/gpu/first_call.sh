@@ -3,9 +3,10 @@
 # that does the most for whichever card it gets):
 #   OUT=$OUT bash scripts/gpu/first_call.sh
 # H200 (the issues' GPU): issue 14's and 15's rows at the defaults (h200_rows.sh PART=rows).
-# Anything else (an H100): the GPU tests of the training paths with maskar.kernels.adaln_norm on by
-# default and its A/B without the step's CUDA graph (adaln_default_call.sh). DEADLINE passes on
-# (default 560 s). (adaln_norm_rows.sh ran on 2026-12-07, fifth session: the switch is on since.)
+# Anything else (an H100): the GPU tests of the training paths with maskar.kernels.adaln_norm and
+# MASKAR_ADALN_SUMS on (the defaults) and the latter's A/B without the step's CUDA graph
+# (adaln_default_call.sh; carry .carry/fa4a to keep FlashAttention-4's first part for a second call,
+# PART=switch1024 bash scripts/gpu/fa4_rows.sh). DEADLINE passes on (default 560 s).
 # (train.master_weights' script, master_default.sh, ran on 2026-12-07: auto is the default since.)
 set -uo pipefail
 g=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
