@@ -143,6 +143,11 @@ for name, B, L, H, D, dn, bt, it in (("bias-bf16", 2, 7, 3, 64, "bf16", 4, 1),
 qn.FORCE_CONFIG = qn.QKConfig(4, 4, 3)
 r = T.errors_vs_reference(qn.qk_norm, 2, 9, 6, 64, torch.bfloat16)
 print("RESULT " + json.dumps({{"case": "iters", **r}}), flush=True)
+# the backward's reciprocal instead of IEEE division (exact_div=False), fp32 (the math) and bf16
+for dn in ("fp32", "bf16"):
+    qn.FORCE_CONFIG = qn.QKConfig(4, 4, 3, False)
+    r = T.errors_vs_reference(qn.qk_norm, 2, 9, 6, 64, T.DTYPES[dn])
+    print("RESULT " + json.dumps({{"case": "reciprocal-" + dn, **r}}), flush=True)
 qn.FORCE_CONFIG = qn.QKConfig(4, 4)
 # through the custom ops as torch.compile calls them (kernels interpreted), and the model's block
 def f(qkv, s):
@@ -243,6 +248,11 @@ def test_kernel_matches_torch_code_interpreted(interpreter_results, case):
 
 def test_backward_programs_over_several_tiles_interpreted(interpreter_results):
     _check(interpreter_results["iters"], TOL["bf16"])
+
+
+@pytest.mark.parametrize("dn", ["fp32", "bf16"])
+def test_backward_with_reciprocal_instead_of_division_interpreted(interpreter_results, dn):
+    _check(interpreter_results["reciprocal-" + dn], TOL[dn])
 
 
 @pytest.mark.parametrize("case", ["bias-bf16", "bias-fp32", "bias-bf16-iters"])

@@ -93,6 +93,15 @@ def _unit(x, eps):
 
 
 @triton.jit
+def _over(x, den, exact: tl.constexpr):
+    """x / den per row of a (rows, D) tile: IEEE division (torch's), or with ``exact`` False a
+    multiply by the row's reciprocal (one division a row; within an ulp of fp32)."""
+    if exact:
+        return tl.div_rn(x, den[:, None])
+    return x * (1.0 / den)[:, None]
+
+
+@triton.jit
 def _passes(x, bound, at_bound: tl.constexpr, upper: tl.constexpr):
     """Where a clamp to ``bound`` (an upper one, or a lower one) passes the gradient: strictly
     inside, and at the bound too where ``at_bound`` (torch <= 2.13)."""
@@ -130,7 +139,7 @@ def _qk_norm_bwd(
     QKV, S, DQ, DK, DV, DQKV, PART, BPART, n_tok, L, H,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, eps, log_max,
     BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DV: tl.constexpr, GAIN_GRAD: tl.constexpr,
-    AT_BOUND: tl.constexpr, BIAS_GRAD: tl.constexpr, ITERS: tl.constexpr,
+    AT_BOUND: tl.constexpr, BIAS_GRAD: tl.constexpr, ITERS: tl.constexpr, EXACT_DIV: tl.constexpr = True,
 ):
     """DQKV (n_tok, 3, H, D) of tokens [t0, t0 + ITERS * BLOCK_T) of head h, BLOCK_T at a time: dq,
     dk through the norm and the gain, dv copied (zeros without DV); PART[pid] = this program's sum
@@ -157,14 +166,18 @@ def _qk_norm_bwd(
         dq = tl.load(DQ + (b * sqb + h * sqh + l_ * sql)[:, None] + offs_d, mask=ok, other=0.0).to(tl.float32)
         dk = tl.load(DK + (b * skb + h * skh + l_ * skl)[:, None] + offs_d, mask=ok, other=0.0).to(tl.float32)
 
-        yq, nq, denq = _unit(xq, eps)
+        nq = tl.sqrt_rn(tl.sum(xq * xq, 1))
+        denq = tl.maximum(nq, eps)
+        yq = _over(xq, denq, EXACT_DIV)
         pg = tl.sum(dq * yq, 1)  # d(loss)/d(gain) of each row
         # sum_d(dy * y) with dy = dq * g; 0 where clamp_min cut
         proj_q = tl.where(_passes(nq, eps, AT_BOUND, False), pg * g, 0.0)
-        dxq = tl.div_rn(dq * g - proj_q[:, None] * yq, denq[:, None]).to(DQKV.dtype.element_ty)
-        yk, nk, denk = _unit(xk, eps)
+        dxq = _over(dq * g - proj_q[:, None] * yq, denq, EXACT_DIV).to(DQKV.dtype.element_ty)
+        nk = tl.sqrt_rn(tl.sum(xk * xk, 1))
+        denk = tl.maximum(nk, eps)
+        yk = _over(xk, denk, EXACT_DIV)
         proj_k = tl.where(_passes(nk, eps, AT_BOUND, False), tl.sum(dk * yk, 1), 0.0)
-        dxk = tl.div_rn(dk - proj_k[:, None] * yk, denk[:, None]).to(DQKV.dtype.element_ty)
+        dxk = _over(dk - proj_k[:, None] * yk, denk, EXACT_DIV).to(DQKV.dtype.element_ty)
 
         tl.store(DQKV + row, dxq, mask=ok)
         tl.store(DQKV + row + hd, dxk, mask=ok)
@@ -215,6 +228,9 @@ class QKConfig:
     block_t: int  # tokens per tile (each program: one head)
     num_warps: int
     iters: int = 1  # backward: tiles per program (fewer bias / gain partial sums to write)
+    # backward: IEEE divisions by the row's norm (torch's), or False: one reciprocal a row and
+    # multiplies (within an ulp of fp32; 19 fewer registers, 32 fewer div.rn a tile at D 64)
+    exact_div: bool = True
 
 
 def _config(head_dim: int) -> QKConfig:
@@ -286,7 +302,8 @@ def _backward(qkv: Tensor, scale_mul: Tensor, dq: Tensor, dk: Tensor, dv: Tensor
             (qkv, scale_mul, dq, dk, dv if dv is not None else dq, dqkv, part, bpart, B * L, L, H,
              *dq.stride()[:3], *dk.stride()[:3], *sv[:3], EPS, log_max),
             dict(BLOCK_T=cfg.block_t, HEAD_DIM=D, HAS_DV=dv is not None, GAIN_GRAD=gain_grad,
-                 AT_BOUND=clamp_grad_at_bound(), BIAS_GRAD=bias_grad, ITERS=cfg.iters),
+                 AT_BOUND=clamp_grad_at_bound(), BIAS_GRAD=bias_grad, ITERS=cfg.iters,
+                 EXACT_DIV=cfg.exact_div),
             cfg.num_warps, 1)
     # the second stage: a fixed-order sum over the tiles (deterministic), rounded as the
     # projection's own bias gradient would be (its dtype)

@@ -2,7 +2,8 @@
 # After maskar.kernels.adaln_norm went on by default (2026-12-07, fifth session), one device call:
 #   OUT=$OUT bash scripts/gpu/adaln_default_call.sh
 # Both GPUs: the GPU tests of the VAR / HMAR training paths with the kernels in them by default
-# (CUDA-graph step, bf16 copies, VAR, HMAR, the kernels' own).
+# (CUDA-graph step, bf16 copies, VAR, HMAR, the kernels' own); the q/k norm's backward with IEEE
+# division against a reciprocal (qk_norm_sweep.py SUBSET=div: QKConfig.exact_div).
 # H200 (issue 13's GPU): then the 1024 px B 2 and 256 px B 32 rows at the defaults (`scales` at
 # 1024 px; FlashAttention-4 needs its bundle: fa4_rows.sh PART=master1024 in the next call).
 # Anything else (an H100): the A/B without the step's CUDA graph of MASKAR_ADALN_SUMS (on / off,
@@ -22,6 +23,9 @@ timeout $(cap 230) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/t
   tests/test_master_weights.py tests/test_hmar.py tests/test_var.py tests/test_adaln_norm_kernel.py \
   > "$OUT/gpu-tests.txt" 2>&1
 echo "rc=$?"; tail -n 4 "$OUT/gpu-tests.txt" | cut -c1-300
+el "the q/k norm's backward: IEEE division by the norm against a reciprocal (qk_norm_sweep.py SUBSET=div)"
+SUBSET=div timeout $(cap 90) python3 scripts/gpu/qk_norm_sweep.py > "$OUT/qk-div-sweep.txt" 2>&1
+echo "rc=$?"; grep -E '"fastest"|rror' "$OUT/qk-div-sweep.txt" | cut -c1-200
 case "$g" in
   *H200*)
     for res in 1024 256; do

@@ -7,7 +7,9 @@ captured in one CUDA graph, as inside the training step's graph: eager calls her
 their host time), the median of replays, and the bandwidth each reaches (forward: 4 (B, L, H, D)
 bf16 tensors of traffic; backward: 8, and the sums' partials). Then the default config without
 the sums, and the bias gradient checked against d qkv summed by torch. BEST=PATH: the first
-shape's fastest config written there as "block_t, num_warps, iters" (membound_rows.sh's QK_CFG).
+shape's fastest config written there as "block_t, num_warps, iters[, False]" (membound_rows.sh's
+QK_CFG; False: the backward's reciprocal instead of IEEE division). SUBSET=div: five configs
+around the default, each with and without IEEE division.
 Run: OUT=/tmp/out python3 scripts/gpu/qk_norm_sweep.py
 """
 
@@ -25,7 +27,10 @@ from test_qk_norm_kernel import bias_grad_errors, make_inputs  # noqa: E402
 import maskar.kernels.qk_norm as qn  # noqa: E402
 
 SHAPES = {"1024px-B2": (2, 9451, 16, 64), "256px-B32": (32, 680, 16, 64)}
-CONFIGS = [(bt, w, it) for bt in (16, 32, 64) for w in (2, 4, 8) for it in (1, 4, 16)]
+CONFIGS = [(bt, w, it, True) for bt in (16, 32, 64) for w in (2, 4, 8) for it in (1, 4, 16)]
+if os.environ.get("SUBSET") == "div":  # the backward's division by the norm: IEEE or a reciprocal
+    CONFIGS = [(*c, ex) for c in ((16, 4, 16), (16, 4, 4), (32, 4, 16), (16, 8, 16), (16, 2, 16))
+               for ex in (True, False)]
 PEAK = float(os.environ.get("PEAK_TBS", "3.35"))  # H100 SXM; 4.8 on an H200
 
 
@@ -73,14 +78,14 @@ def main() -> None:
                  for _ in range(3)]
         unit = B * L * H * D * 2
         rows = []
-        for bt, w, it in CONFIGS + [(None, None, None)]:
-            cfg = qn._config(D) if bt is None else qn.QKConfig(bt, w, it)
+        for bt, w, it, ex in CONFIGS + [(None, None, None, None)]:
+            cfg = qn._config(D) if bt is None else qn.QKConfig(bt, w, it, ex)
             qn.FORCE_CONFIG = cfg
             sums = bt is not None
             f = graph_ms(lambda: qn._forward(qkv, s))  # noqa: B023
             b = graph_ms(lambda: qn._backward(qkv, s, *grads, True, sums))  # noqa: B023
             rec = {"shape": name, "block_t": cfg.block_t, "num_warps": cfg.num_warps, "iters": cfg.iters,
-                   "bias_sums": sums,
+                   "exact_div": cfg.exact_div, "bias_sums": sums,
                    "fwd_ms": f, "bwd_ms": b, "fwd_tbs": 4 * unit / f / 1e9, "bwd_tbs": 8 * unit / b / 1e9}
             rec["bwd_pct_peak"] = 100 * rec["bwd_tbs"] / PEAK
             emit(rec)
@@ -88,6 +93,7 @@ def main() -> None:
         qn.FORCE_CONFIG = None
         best = min((r for r in rows if r["bias_sums"]), key=lambda r: r["fwd_ms"] + r["bwd_ms"])
         fastest = [best["block_t"], best["num_warps"], best["iters"]]
+        fastest += [] if best["exact_div"] else [False]
         emit({"shape": name, "fastest": fastest, "fwd_ms": best["fwd_ms"],
               "bwd_ms": best["bwd_ms"], "floor_fwd_bwd_ms": 12 * unit / PEAK / 1e9})
         if os.environ.get("BEST") and name == names[0]:
