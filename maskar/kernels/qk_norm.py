@@ -95,7 +95,7 @@ def _unit(x, eps):
 @triton.jit
 def _over(x, den, exact: tl.constexpr):
     """x / den per row of a (rows, D) tile: IEEE division (torch's), or with ``exact`` False a
-    multiply by the row's reciprocal (one division a row; within an ulp of fp32)."""
+    multiply by the row's reciprocal (one division a row; within a few ulp of fp32)."""
     if exact:
         return tl.div_rn(x, den[:, None])
     return x * (1.0 / den)[:, None]
@@ -229,7 +229,7 @@ class QKConfig:
     num_warps: int
     iters: int = 1  # backward: tiles per program (fewer bias / gain partial sums to write)
     # backward: IEEE divisions by the row's norm (torch's), or False: one reciprocal a row and
-    # multiplies (within an ulp of fp32; 19 fewer registers, 32 fewer div.rn a tile at D 64)
+    # multiplies (within a few ulp of fp32; 19 fewer registers, 32 fewer div.rn a tile at D 64)
     exact_div: bool = True
 
 
