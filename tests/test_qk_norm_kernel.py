@@ -460,7 +460,8 @@ def _compile_for(kernel, arch: int, dtype: str, gain_dtype: str, consts: dict, n
     [(90, "bf16", "fp32", "fwd", 64, None), (90, "fp16", "bf16", "fwd", 128, None),
      (90, "bf16", "fp32", "bwd", 64, (True, True, True)),
      (90, "fp16", "fp32", "bwd", 128, (False, False, False)),
-     (90, "bf16", "bf16", "gain", 0, None), (80, "bf16", "fp32", "bwd", 64, (True, True, True))],
+     (90, "bf16", "bf16", "gain", 0, None), (80, "bf16", "fp32", "bwd", 64, (True, True, True)),
+     (90, "bf16", "fp32", "bwd", 64, (True, True, True, False))],  # the reciprocal (exact_div False)
 )
 def test_kernels_compile_to_cubin_without_a_gpu(arch, dtype, gain_dtype, kernel, head_dim, flags):
     """The interpreter does not compile: this catches what only the real compiler rejects."""
@@ -473,7 +474,7 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch, dtype, gain_dtype, kernel,
     elif kernel == "bwd":
         fn, consts = qn._qk_norm_bwd, dict(BLOCK_T=cfg.block_t, HEAD_DIM=head_dim, HAS_DV=flags[0],
                                            GAIN_GRAD=flags[1], AT_BOUND=qn.clamp_grad_at_bound(),
-                                           BIAS_GRAD=flags[2], ITERS=2)
+                                           BIAS_GRAD=flags[2], ITERS=2, EXACT_DIV=flags[3:] != (False,))
     else:
         fn, consts = qn._qk_norm_gain_grad, dict(BLOCK_R=256, BLOCK_H=16, AT_BOUND=qn.clamp_grad_at_bound())
     try:

@@ -96,9 +96,11 @@ def _unit(x, eps):
 def _over(x, den, exact: tl.constexpr):
     """x / den per row of a (rows, D) tile: IEEE division (torch's), or with ``exact`` False a
     multiply by the row's reciprocal (one division a row; within a few ulp of fp32)."""
-    if exact:
-        return tl.div_rn(x, den[:, None])
-    return x * (1.0 / den)[:, None]
+    if exact:  # one return: Triton 3.6 cannot lower a helper that returns from both branches
+        y = tl.div_rn(x, den[:, None])
+    else:
+        y = x * (1.0 / den)[:, None]
+    return y
 
 
 @triton.jit
