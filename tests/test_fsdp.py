@@ -166,12 +166,28 @@ def _composed_gradients(info: D.DistInfo, out: Path) -> None:
 
     from test_train_speed import batch_of, tiny
 
+    import maskar.kernels.adaln_norm as an
     import maskar.kernels.block_sparse as bs
     from maskar.train import parallelize as P
     from maskar.train.trainer import _LossCall
 
     bs.CPU_REFERENCE = True  # the fused attention's custom op (its SDPA reference on the CPU)
     bs._device_ok_cached.cache_clear()
+    # the sharded model's blocks run the LayerNorm ops with the FFN residual's and the biases' sums
+    # (their CPU bodies: the biases' gradients come from the ops, through checkpointing, compile
+    # and FSDP2); the eager reference runs the torch code
+    an.CPU_REFERENCE, an.SUMS = True, True
+    # counted inside the custom ops' CPU bodies (they run, not traced, under compile)
+    calls = {"_reference_forward": 0, "_reference_gated_add_backward": 0}
+
+    def counted(name, real):
+        def call(*a):
+            calls[name] += 1
+            return real(*a)
+        return call
+
+    for name in calls:
+        setattr(an, name, counted(name, getattr(an, name)))
     errors = {}
     for stage in (1, 2):
         torch._dynamo.reset()
@@ -179,7 +195,9 @@ def _composed_gradients(info: D.DistInfo, out: Path) -> None:
         model = copy.deepcopy(ref)
         batch = batch_of(ref, B=4, seed=1)
         torch.manual_seed(5)  # stage 2's mask (shared by the batch: the same on both halves)
+        an.ENABLED = False
         ref.loss(batch)["loss"].backward()
+        an.ENABLED = True
         P.apply_activation_checkpointing(model)
         P.apply_compile(model, "blocks", backend="aot_eager")
         root = P.apply_fsdp(_LossCall(model), model, info, param_dtype=None)
@@ -194,6 +212,7 @@ def _composed_gradients(info: D.DistInfo, out: Path) -> None:
         errors[stage] = worst
     if info.rank == 0:
         (out / "composed.json").write_text(json.dumps(errors))
+        (out / "composed-calls.json").write_text(json.dumps(calls))
 
 
 def _descendants(pid: int) -> list[int]:
@@ -261,6 +280,8 @@ def test_checkpointing_compile_and_fsdp2_compose_on_hmar(spawned_runs: Path) -> 
     errors = json.loads((spawned_runs / "composed.json").read_text())
     assert set(errors) == {"1", "2"}
     assert all(e < 5e-5 for e in errors.values()), errors  # measured: 7e-6 (stage 1), 6e-6 (stage 2)
+    calls = json.loads((spawned_runs / "composed-calls.json").read_text())
+    assert all(n > 0 for n in calls.values()), calls  # the sharded blocks ran the ops
 
 
 def test_gradient_accumulation_under_fsdp2_equals_the_whole_batch(spawned_runs: Path) -> None:
