@@ -14,7 +14,7 @@ echo "GPU: $g"
 # FlashAttention-4's first part, where carried, kept for the next call on this machine (then,
 # carrying .carry/fa4b: PART=switch1024 bash scripts/gpu/fa4_rows.sh; on an H200 that gives issue
 # 13's 1024 px rows on their own GPU for the first time)
-[ -d .carry/fa4a ] && mkdir -p .persist && cp -r .carry/fa4a .persist/ && echo "fa4a kept in .persist/"
+[ -d .carry/fa4a ] && [ ! -d .persist/fa4a ] && mkdir -p .persist && cp -r .carry/fa4a .persist/ && echo "fa4a kept in .persist/"
 case "$g" in
   *H200*) PART=rows DEADLINE=${DEADLINE:-560} bash "$(dirname "$0")/h200_rows.sh" ;;
   *) DEADLINE=${DEADLINE:-560} bash "$(dirname "$0")/adaln_default_call.sh" ;;
