@@ -103,6 +103,11 @@ class FFN(nn.Module):
         return _linear(self.fc2, y, detach_out_bias)
 
 
+def _trained(p: Tensor | None) -> Tensor | None:
+    """``p`` where it takes a gradient (a frozen block's bias: no sum to make)."""
+    return p if p is not None and p.requires_grad else None
+
+
 def _linear(layer: nn.Linear, x: Tensor, detach_bias: bool) -> Tensor:
     """``layer(x)``, its bias detached where asked (its gradient then comes from elsewhere)."""
     if detach_bias and layer.bias is not None:
@@ -416,8 +421,8 @@ class AdaLNSelfAttnBlock(nn.Module):
             # bias gradients summed in the launches that make d o and d f (the linears add
             # detached biases), instead of three more passes over the fp32 stream's gradient
             o = self.attn(h, pattern, detach_out_bias=True)
-            h, x = an.adaln_norm(x, o, gamma1, scale2, shift2, eps, self.attn.proj.bias)
-            return an.gated_add(x, self.ffn(h, detach_out_bias=True), gamma2, self.ffn.fc2.bias)
+            h, x = an.adaln_norm(x, o, gamma1, scale2, shift2, eps, _trained(self.attn.proj.bias))
+            return an.gated_add(x, self.ffn(h, detach_out_bias=True), gamma2, _trained(self.ffn.fc2.bias))
         h = torch.addcmul(shift1, self.ln_wo_grad(x), 1 + scale1)
         x = torch.addcmul(x, self.attn(h, pattern, cache), gamma1)
         h = torch.addcmul(shift2, self.ln_wo_grad(x), 1 + scale2)
