@@ -79,6 +79,22 @@ def op_vs_torch(an, B, L, C, dtype, residual, out_dtype=None, device="cpu", seed
     return out
 
 
+def count_calls(module, names, patch=setattr) -> dict[str, int]:
+    """Wrap ``module``'s functions ``names`` (through ``patch``, e.g. monkeypatch.setattr) to count
+    their calls: the returned dict, updated as they run."""
+    calls = dict.fromkeys(names, 0)
+
+    def counted(name, real):
+        def call(*a):
+            calls[name] += 1
+            return real(*a)
+        return call
+
+    for name in names:
+        patch(module, name, counted(name, getattr(module, name)))
+    return calls
+
+
 def gated_add_vs_torch(an, B, L, C, dtype, device="cpu", seed=0, batch1_gate=False, bias=True) -> dict:
     """y and every gradient of ``gated_add`` (f's linear adding ``bias`` detached) against
     ``torch.addcmul(x, f + bias, gate)`` in float64; x float32, f, gate and bias ``dtype``."""
@@ -332,15 +348,7 @@ def test_whole_model_gradients_with_the_ops_equal_torch_code(cpu_reference, monk
 
     model = tiny(arch, stage=stage, drop_path_rate=0.2)
     batch = batch_of(model)
-    calls = {"adaln_norm": 0, "gated_add": 0}
-    def counted(name, real):
-        def call(*a):
-            calls[name] += 1
-            return real(*a)
-        return call
-
-    for fn in calls:
-        monkeypatch.setattr(cpu_reference, fn, counted(fn, getattr(cpu_reference, fn)))
+    calls = count_calls(cpu_reference, ("adaln_norm", "gated_add"), monkeypatch.setattr)
     grads, seen = {}, {}
     for name, enabled, sums in [("torch", False, False), ("ops", True, False), ("sums", True, True)]:
         monkeypatch.setattr(cpu_reference, "ENABLED", enabled)

@@ -164,6 +164,7 @@ def _composed_gradients(info: D.DistInfo, out: Path) -> None:
     import copy
     import json
 
+    from test_adaln_norm_kernel import count_calls
     from test_train_speed import batch_of, tiny
 
     import maskar.kernels.adaln_norm as an
@@ -178,16 +179,7 @@ def _composed_gradients(info: D.DistInfo, out: Path) -> None:
     # and FSDP2); the eager reference runs the torch code
     an.CPU_REFERENCE, an.SUMS = True, True
     # counted inside the custom ops' CPU bodies (they run, not traced, under compile)
-    calls = {"_reference_forward": 0, "_reference_gated_add_backward": 0}
-
-    def counted(name, real):
-        def call(*a):
-            calls[name] += 1
-            return real(*a)
-        return call
-
-    for name in calls:
-        setattr(an, name, counted(name, getattr(an, name)))
+    calls = count_calls(an, ("_reference_forward", "_reference_gated_add_backward"))
     errors = {}
     for stage in (1, 2):
         torch._dynamo.reset()

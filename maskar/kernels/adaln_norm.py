@@ -391,7 +391,7 @@ def adaln_norm_bwd_op(
     again from it): sums (k, B, 1, C) fp32 stacks d scale, d shift and, with o, d gate (k = 3)
     and with ``bias_sum`` Σ_L d o (k = 4); d o empty without o."""
     if _on_reference(x):
-        return _reference_backward(dh, x, dx_out, o, gate, scale, mean, rstd, bias_sum and o is not None)
+        return _reference_backward(dh, x, dx_out, o, gate, scale, mean, rstd, bias_sum)
     return _backward(dh, x.contiguous(), dx_out, o, gate, scale, mean, rstd, bias_sum)
 
 

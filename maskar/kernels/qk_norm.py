@@ -85,11 +85,12 @@ def _gain(s_raw, log_max):
 
 
 @triton.jit
-def _unit(x, eps):
-    """(x / max(|x|, eps), |x|, max(|x|, eps)) per row of a (rows, D) fp32 tile."""
+def _unit(x, eps, exact: tl.constexpr):
+    """(x / max(|x|, eps), |x|, max(|x|, eps)) per row of a (rows, D) fp32 tile (the division as
+    :func:`_over` makes it)."""
     n = tl.sqrt_rn(tl.sum(x * x, 1))
     den = tl.maximum(n, eps)
-    return tl.div_rn(x, den[:, None]), n, den
+    return _over(x, den, exact), n, den
 
 
 @triton.jit
@@ -129,8 +130,8 @@ def _qk_norm_fwd(QKV, S, OUT, n_tok, H, eps, log_max, BLOCK_T: tl.constexpr, HEA
     xq = tl.load(src, mask=ok, other=0.0).to(tl.float32)
     xk = tl.load(src + hd, mask=ok, other=0.0).to(tl.float32)
     g, _ = _gain(tl.load(S + h), log_max)
-    yq, _, _ = _unit(xq, eps)
-    yk, _, _ = _unit(xk, eps)
+    yq, _, _ = _unit(xq, eps, True)
+    yk, _, _ = _unit(xk, eps, True)
     dst = OUT + t[:, None] * (2 * hd) + col
     tl.store(dst, (yq * g).to(OUT.dtype.element_ty), mask=ok)
     tl.store(dst + hd, yk.to(OUT.dtype.element_ty), mask=ok)
@@ -168,16 +169,12 @@ def _qk_norm_bwd(
         dq = tl.load(DQ + (b * sqb + h * sqh + l_ * sql)[:, None] + offs_d, mask=ok, other=0.0).to(tl.float32)
         dk = tl.load(DK + (b * skb + h * skh + l_ * skl)[:, None] + offs_d, mask=ok, other=0.0).to(tl.float32)
 
-        nq = tl.sqrt_rn(tl.sum(xq * xq, 1))
-        denq = tl.maximum(nq, eps)
-        yq = _over(xq, denq, EXACT_DIV)
+        yq, nq, denq = _unit(xq, eps, EXACT_DIV)
         pg = tl.sum(dq * yq, 1)  # d(loss)/d(gain) of each row
         # sum_d(dy * y) with dy = dq * g; 0 where clamp_min cut
         proj_q = tl.where(_passes(nq, eps, AT_BOUND, False), pg * g, 0.0)
         dxq = _over(dq * g - proj_q[:, None] * yq, denq, EXACT_DIV).to(DQKV.dtype.element_ty)
-        nk = tl.sqrt_rn(tl.sum(xk * xk, 1))
-        denk = tl.maximum(nk, eps)
-        yk = _over(xk, denk, EXACT_DIV)
+        yk, nk, denk = _unit(xk, eps, EXACT_DIV)
         proj_k = tl.where(_passes(nk, eps, AT_BOUND, False), tl.sum(dk * yk, 1), 0.0)
         dxk = _over(dk - proj_k[:, None] * yk, denk, EXACT_DIV).to(DQKV.dtype.element_ty)
 

@@ -22,35 +22,31 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source "$(dirname "$0")/clock.sh"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-if [ "${SUMS:-0}" = 1 ]; then  # MASKAR_ADALN_SUMS: its launches swept, then the rows with it / without
-  if [ -z "${BEST:-}" ]; then
-    el "GPU tests: adaln_norm"
-    timeout $(cap 150) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs -s tests/test_adaln_norm_kernel.py \
-      > "$OUT/an-gpu-tests.txt" 2>&1
-    echo "rc=$?"; grep -E "adaln_norm res|gated_add|block grads|passed|failed|FAILED|ERROR|Error" "$OUT/an-gpu-tests.txt" \
-      | cut -c1-300 | tail -n 12
+if [ -z "${BEST:-}" ]; then  # BEST given: straight to the A/B rows with that config (ONLY=tag,... picks rows)
+  el "GPU tests: adaln_norm"
+  timeout $(cap 150) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs -s tests/test_adaln_norm_kernel.py \
+    > "$OUT/an-gpu-tests.txt" 2>&1
+  echo "rc=$?"; grep -E "adaln_norm res|gated_add|block grads|passed|failed|FAILED|ERROR|Error" "$OUT/an-gpu-tests.txt" \
+    | cut -c1-300 | tail -n 12
+  if [ "${SUMS:-0}" = 1 ]; then  # MASKAR_ADALN_SUMS's launches; BEST: gated_add's m,i,w
     el "MASKAR_ADALN_SUMS's launches"
     timeout $(cap 120) python3 scripts/gpu/adaln_sums_sweep.py > "$OUT/an-sums-sweep.txt" 2>&1
     echo "rc=$?"; grep -E '"best"|norm_bwd|inductor|BEST|rror' "$OUT/an-sums-sweep.txt" | cut -c1-200
     BEST=$(grep "^GATED_BEST" "$OUT/an-sums-sweep.txt" | cut -d' ' -f2- | tr ' ' ',')
+  else  # the norm's launch configs; BEST: m,w,m,i,w
+    el "launch configs and the pair against Inductor"
+    timeout $(cap 150) python3 scripts/gpu/adaln_norm_sweep.py > "$OUT/an-sweep.txt" 2>&1
+    echo "rc=$?"; grep -E '"best"|"pair"|BEST|rror' "$OUT/an-sweep.txt" | cut -c1-200
+    BEST=$(grep "^BEST" "$OUT/an-sweep.txt" | cut -d' ' -f2- | tr ' ' ',')
   fi
-  SET="import maskar.kernels.adaln_norm as an; an.ENABLED = True; an.SUMS = True"
+fi
+SET="import maskar.kernels.adaln_norm as an; an.ENABLED = True"
+if [ "${SUMS:-0}" = 1 ]; then  # new: with MASKAR_ADALN_SUMS, old: without (the kernels on both sides)
+  SET="$SET; an.SUMS = True"; OLD_SET="an.SUMS = False"
   [ -n "$BEST" ] && SET="$SET; an.GATED_FORCE_CONFIG = an.GatedAddConfig($BEST)"
-  OLD_SET="an.SUMS = False"
-elif [ -z "${BEST:-}" ]; then
-el "GPU tests: adaln_norm"
-timeout $(cap 150) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs -s tests/test_adaln_norm_kernel.py \
-  > "$OUT/an-gpu-tests.txt" 2>&1
-echo "rc=$?"; grep -E "adaln_norm res|block grads|passed|failed|FAILED|ERROR|Error" "$OUT/an-gpu-tests.txt" | cut -c1-300 | tail -n 12
-el "launch configs and the pair against Inductor"
-timeout $(cap 150) python3 scripts/gpu/adaln_norm_sweep.py > "$OUT/an-sweep.txt" 2>&1
-echo "rc=$?"; grep -E '"best"|"pair"|BEST|rror' "$OUT/an-sweep.txt" | cut -c1-200
-BEST=$(grep "^BEST" "$OUT/an-sweep.txt" | cut -d' ' -f2- | tr ' ' ',')
-fi  # BEST=m,w,m,i,w given: straight to the A/B rows with that config (ONLY=tag,... picks rows)
-if [ "${SUMS:-0}" != 1 ]; then
-  SET="import maskar.kernels.adaln_norm as an; an.ENABLED = True"
-  [ -n "$BEST" ] && SET="$SET; an.FORCE_CONFIG = an.AdaLNNormConfig($BEST)"
+else  # new: the kernels, old: Inductor's code
   OLD_SET="an.ENABLED = False"
+  [ -n "$BEST" ] && SET="$SET; an.FORCE_CONFIG = an.AdaLNNormConfig($BEST)"
 fi
 ab() {  # ab TAG RES STEPS WARMUP ROWS
   local tag=$1 res=$2 st=$3 wu=$4 rows=$5 side
