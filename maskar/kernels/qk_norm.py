@@ -58,6 +58,7 @@ from torch import Tensor
 
 # Shared with the block-sparse kernel: its launch path (direct launcher calls, little host
 # time), its GPU capability check, and its interpreter / CPU-reference switch.
+from maskar import env
 from maskar.kernels.block_sparse import (
     _INTERPRET,
     _launch,
@@ -239,13 +240,16 @@ def _config(head_dim: int) -> QKConfig:
     # the forward is within 2% across block_t 16-32 with 4 warps). D 32 keeps 2 KiB rows per tile.
     if FORCE_CONFIG is not None:
         return FORCE_CONFIG
+    # MASKAR_QK_RECIPROCAL (on by default): the backward multiplies by one reciprocal a row,
+    # 132.7 against 154.0 us at 1024 px B 2 and 147.0 against 189.9 at 256 px B 32 on an H100
+    # (qk_norm_sweep.py SUBSET=div, 2026-12-07); 0.4-0.8 ms a d16 training step.
     if _INTERPRET:
-        return _INTERPRET_CONFIG
-    return QKConfig(max(1024 // head_dim, 16), 4, 16)
+        return QKConfig(4, 1, exact_div=not RECIPROCAL)
+    return QKConfig(max(1024 // head_dim, 16), 4, 16, exact_div=not RECIPROCAL)
 
 
 FORCE_CONFIG: QKConfig | None = None  # tests / sweeps pin a config
-_INTERPRET_CONFIG = QKConfig(4, 1)
+RECIPROCAL = bool(env.switch("MASKAR_QK_RECIPROCAL"))
 
 _log_max_cache: dict[torch.dtype, float] = {}
 
