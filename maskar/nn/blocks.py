@@ -26,7 +26,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from maskar.kernels import optional_kernel
-from maskar.nn import linear_gelu
+from maskar.nn import ffn_epilogue, linear_gelu
 from maskar.nn.attention import ScalePattern, attention, load_backends
 
 _MAX_LOG_SCALE = math.log(100.0)
@@ -91,6 +91,10 @@ class FFN(nn.Module):
     def forward(self, x: Tensor, detach_out_bias: bool = False) -> Tensor:
         """``detach_out_bias``: fc2 adds a detached bias, for a caller whose kernel sums fc2's
         bias gradient itself (maskar.kernels.adaln_norm.gated_add)."""
+        if ffn_epilogue.supports(x, self.fc1, self.fc2, self.act.approximate):
+            # training with MASKAR_FFN_EPILOGUE: the GELU inside fc1's and fc2's cuBLASLt
+            # epilogues, d act never stored (maskar.nn.ffn_epilogue)
+            return ffn_epilogue.ffn(x, self.fc1, self.fc2, detach_out_bias)
         gb = _gelu_bias_kernel
         tanh = self.act.approximate == "tanh"
         if gb is not None and tanh and self.fc1.bias is not None and gb.supports_linear(x):

@@ -1,0 +1,144 @@
+"""VAR / HMAR's FFN in training with its tanh GELU inside cuBLASLt's epilogues (``MASKAR_FFN_EPILOGUE``).
+
+The FFN is ``fc2(gelu_tanh(fc1(x)))``. Trained with separate kernels, the GELU costs two passes
+over the (rows, 4 W) activation: forward, a kernel reads fc1's output ``pre`` and writes ``act``;
+backward, fc2's input-gradient matmul writes ``d act``, and a kernel reads it with ``pre`` and
+writes ``d pre`` (summing fc1's bias gradient, ``maskar.kernels.gelu_bias``). Here the forward is
+one matmul that writes both ``act`` and ``pre`` (cuBLASLt's ``GELU_AUX_BIAS``), and fc2's
+input-gradient matmul applies the GELU's derivative and sums fc1's bias gradient in its epilogue
+(``DGELU_BGRAD``): ``d act`` is never stored. Per FFN that saves one read of ``pre`` forward and a
+write and read of ``d act`` backward (3 x 2 bytes x rows x 4 W: 0.46 GB a step for HMAR-d16's 16
+blocks at 1024 px B 2) and two launches.
+
+The math is the unfused FFN's up to rounding: the epilogue applies the GELU to the fp32
+accumulator plus bias where the unfused path rounds ``pre`` to bf16 first, and the backward's
+derivative and bias sum see the fp32 ``d act`` before its rounding. Saved for the backward: x,
+``pre``, ``act`` and the weights, as autograd saves for the unfused FFN.
+
+Autograd and torch.compile: ``maskar::ffn_fc1_gelu`` and ``maskar::ffn_fc2_dgelu`` are custom ops
+with fake implementations; their bodies call :mod:`maskar.nn.cublaslt` where the operands suit it
+(CUDA, fp16 / bf16, 256-byte aligned) and otherwise run the same math in torch (the CPU reference
+the tests compare against; on CUDA each such call is counted in :data:`FALLBACKS`). The
+autograd.Function around them casts its inputs to the linear's compute dtype as autocast would.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from maskar import env
+from maskar.nn import cublaslt
+
+ENABLED = bool(env.switch("MASKAR_FFN_EPILOGUE"))
+CPU_REFERENCE = False  # tests: CPU calls take this path through the ops' torch bodies
+FALLBACKS = 0  # CUDA calls whose operands did not suit cuBLASLt (the torch body ran instead)
+
+
+def _torch_fc1_gelu(x: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    pre = F.linear(x, w, b)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return F.gelu(pre.to(acc), approximate="tanh").to(x.dtype), pre
+
+
+def _torch_fc2_dgelu(dy: Tensor, w: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
+    acc = torch.promote_types(dy.dtype, torch.float32)
+    d_act = (dy @ w).to(acc)
+    dpre = torch.ops.aten.gelu_backward(d_act, pre.to(acc), approximate="tanh")
+    return dpre.to(dy.dtype), dpre.sum(0).to(dy.dtype)
+
+
+def _count_fallback(x: Tensor) -> None:
+    global FALLBACKS
+    if x.is_cuda:
+        FALLBACKS += 1
+
+
+@torch.library.custom_op("maskar::ffn_fc1_gelu", mutates_args=())
+def fc1_gelu_op(x: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(gelu_tanh(x @ w.T + b), x @ w.T + b) for x (M, K), w (N, K), b (N,)."""
+    if x.is_cuda and b.data_ptr() % 256:
+        b = b.clone()  # a bias viewed out of a larger buffer: 2 N bytes to copy
+    if x.is_cuda and cublaslt.fits(x, w, b):
+        return cublaslt.linear_gelu_aux(x, w, b)
+    _count_fallback(x)
+    return _torch_fc1_gelu(x, w, b)
+
+
+@fc1_gelu_op.register_fake
+def _(x, w, b):
+    return x.new_empty((x.shape[0], w.shape[0])), x.new_empty((x.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op("maskar::ffn_fc2_dgelu", mutates_args=())
+def fc2_dgelu_op(dy: Tensor, w: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
+    """((dy @ w) * gelu_tanh'(pre), its column sums (N,)) for dy (M, K), w (K, N), pre (M, N)."""
+    if dy.is_cuda and cublaslt.fits(dy, w, pre):
+        return cublaslt.matmul_dgelu_bgrad(dy, w, pre)
+    _count_fallback(dy)
+    return _torch_fc2_dgelu(dy, w, pre)
+
+
+@fc2_dgelu_op.register_fake
+def _(dy, w, pre):
+    return torch.empty_like(pre), pre.new_empty(pre.shape[1])
+
+
+class _FFN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, dtype):
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+        w1c, w2c = w1.to(dtype).contiguous(), w2.to(dtype).contiguous()
+        act, pre = fc1_gelu_op(x2, w1c, b1.to(dtype).contiguous())
+        y = F.linear(act, w2c, None if b2 is None else b2.to(dtype))
+        ctx.save_for_backward(x2, w1c, act, pre, w2c)
+        ctx.x_shape, ctx.x_dtype, ctx.dtype = x.shape, x.dtype, dtype
+        ctx.param_dtypes = (w1.dtype, b1.dtype, w2.dtype, None if b2 is None else b2.dtype)
+        return y.reshape(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w1c, act, pre, w2c = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.dtype).contiguous()
+        dpre, db1 = fc2_dgelu_op(dy2, w2c, pre)
+        t1, tb1, t2, tb2 = ctx.param_dtypes
+        dx = (dpre @ w1c).reshape(ctx.x_shape).to(ctx.x_dtype) if need[0] else None
+        dw1 = (dpre.t() @ x2).to(t1) if need[1] else None
+        dw2 = (dy2.t() @ act).to(t2) if need[3] else None
+        db2 = dy2.sum(0).to(tb2) if need[4] else None
+        return dx, dw1, db1.to(tb1) if need[2] else None, dw2, db2, None
+
+
+def ffn(x: Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, detach_out_bias: bool = False) -> Tensor:
+    """``fc2(gelu_tanh(fc1(x)))`` through the epilogues (caller checks :func:`supports`);
+    ``detach_out_bias``: fc2's bias is added but takes no gradient here (a kernel sums it)."""
+    b2 = fc2.bias
+    if b2 is not None and detach_out_bias:
+        b2 = b2.detach()
+    dtype = _compute_dtype(x)
+    return _FFN.apply(x, fc1.weight, fc1.bias, fc2.weight, b2, dtype)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def supports(x: Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, approximate: str) -> bool:
+    """Whether the FFN of ``fc1``, tanh GELU, ``fc2`` takes this path for input ``x``: switched on,
+    training (autograd on), fc1 with a bias, widths divisible by 8; on CUDA in fp16 / bf16 with
+    cuBLASLt found, or on the CPU where :data:`CPU_REFERENCE` (tests) in any float dtype."""
+    if not ENABLED or not torch.is_grad_enabled() or approximate != "tanh" or fc1.bias is None:
+        return False
+    if fc1.in_features % 8 or fc1.out_features % 8 or fc2.out_features % 8:
+        return False
+    if x.is_cuda:
+        return _compute_dtype(x) in (torch.float16, torch.bfloat16) and cublaslt.available(x.device)
+    return x.is_cpu and CPU_REFERENCE and x.is_floating_point()
+
+
+__all__ = ["ffn", "supports", "fc1_gelu_op", "fc2_dgelu_op"]
