@@ -45,7 +45,8 @@ def _plain(ffn: FFN, x: torch.Tensor) -> torch.Tensor:
 def _grads(f, ffn: FFN, x: torch.Tensor, seed: int = 1):
     xi = x.clone().requires_grad_()
     y = f(xi)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(y.dtype)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    g = g.to(y.device, y.dtype)
     params = [p for p in ffn.parameters() if p.requires_grad]
     return (y, *torch.autograd.grad(y, [xi, *params], g, allow_unused=True))
 

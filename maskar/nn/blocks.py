@@ -87,6 +87,7 @@ class FFN(nn.Module):
         self.gelu_epilogue = True
         linear_gelu.load_kernel()
         _load_gelu_bias_kernel()
+        ffn_epilogue.load()
 
     def forward(self, x: Tensor, detach_out_bias: bool = False) -> Tensor:
         """``detach_out_bias``: fc2 adds a detached bias, for a caller whose kernel sums fc2's

@@ -35,7 +35,9 @@ _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8
 _DESC_AUX_POINTER, _DESC_AUX_LD = 11, 12
 _PREF_MAX_WORKSPACE = 1
 GELU_AUX_BIAS = 32 | 128 | 4
+DGELU = 64 | 128
 DGELU_BGRAD = 64 | 128 | 16
+ALGO_INDEX: dict[int, int] = {}  # epilogue -> which of the heuristic's answers (default its first)
 _WORKSPACE_BYTES = 32 << 20
 _DTYPES = {torch.float16: _R_16F, torch.bfloat16: _R_16BF}
 
@@ -75,9 +77,19 @@ def _lib() -> ctypes.CDLL | None:
     return None
 
 
+LOADED = False  # the library found (load()); a plain flag that compiled code may read
+
+
+def load() -> bool:
+    """Find the library (layers call this when built, never inside a torch.compile trace)."""
+    global LOADED
+    LOADED = torch.version.cuda is not None and _lib() is not None
+    return LOADED
+
+
 def available(device: torch.device) -> bool:
-    """Whether the epilogue matmuls can run on ``device`` (CUDA, the library found)."""
-    return device.type == "cuda" and torch.version.cuda is not None and _lib() is not None
+    """Whether the epilogue matmuls can run on ``device`` (CUDA, :func:`load` found the library)."""
+    return device.type == "cuda" and LOADED
 
 
 def _check(status: int, what: str) -> None:
@@ -126,14 +138,15 @@ class _Plan:
         _check(lib.cublasLtMatmulPreferenceSetAttribute(pref, _PREF_MAX_WORKSPACE, ctypes.byref(wsb),
                                                         ctypes.sizeof(wsb)), "PreferenceSetAttribute")
         self._pointers(*ptrs[4:])  # the heuristic reads the pointers' alignment
-        result, count = _HeuristicResult(), ctypes.c_int(0)
+        results, count = (_HeuristicResult * 8)(), ctypes.c_int(0)
         _check(lib.cublasLtMatmulAlgoGetHeuristic(self.handle, self.desc, self.a, self.b, self.d, self.d,
-                                                  pref, 1, ctypes.byref(result), ctypes.byref(count)),
+                                                  pref, 8, results, ctypes.byref(count)),
                "MatmulAlgoGetHeuristic")
         if count.value < 1:
             raise RuntimeError(f"cuBLASLt has no algorithm for epilogue {epilogue}, {dtype}, "
                                f"M {m} N {n} K {k}")
-        self.algo = result.algo
+        self.count = count.value
+        self.algo = results[min(ALGO_INDEX.get(epilogue, 0), count.value - 1)].algo
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
     def _pointers(self, bias: int, aux: int) -> None:
@@ -155,7 +168,7 @@ def _run(epilogue: int, transa: int, w: Tensor, x: Tensor, out: Tensor, bias: Te
     m, k = x.shape
     n = out.shape[1]
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    key = (dev, epilogue, x.dtype, m, n, k, transa)
+    key = (dev, epilogue, x.dtype, m, n, k, transa, ALGO_INDEX.get(epilogue, 0))
     ptrs = (w.data_ptr(), x.data_ptr(), out.data_ptr(), out.data_ptr(), bias.data_ptr(), aux.data_ptr())
     plan = _plans.get(key)
     if plan is None:
@@ -186,13 +199,20 @@ def linear_gelu_aux(x: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return act, pre
 
 
-def matmul_dgelu_bgrad(dy: Tensor, w: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
-    """((dy @ w) * gelu_tanh'(pre), its column sums) for dy (M, K), w (K, N), pre (M, N)."""
+def matmul_dgelu_bgrad(dy: Tensor, w: Tensor, pre: Tensor,
+                       bgrad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """((dy @ w) * gelu_tanh'(pre), its column sums where ``bgrad`` else None) for dy (M, K),
+    w (K, N), pre (M, N)."""
     _check_operands("matmul_dgelu_bgrad", dy, w, pre)
     dpre = torch.empty_like(pre)
-    dbias = pre.new_empty(pre.shape[1])
-    _run(DGELU_BGRAD, _OP_N, w, dy, dpre, dbias, pre)
-    return dpre, dbias
+    dbias = pre.new_empty(pre.shape[1]) if bgrad else pre
+    _run(DGELU_BGRAD if bgrad else DGELU, _OP_N, w, dy, dpre, dbias, pre)
+    return dpre, dbias if bgrad else None
+
+
+def algo_count(epilogue: int) -> int:
+    """How many algorithms the heuristic offered for the last plan made with ``epilogue``."""
+    return max((p.count for k, p in _plans.items() if k[1] == epilogue), default=0)
 
 
 def plans_made() -> int:

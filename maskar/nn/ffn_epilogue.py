@@ -34,6 +34,15 @@ from maskar.nn import cublaslt
 ENABLED = bool(env.switch("MASKAR_FFN_EPILOGUE"))
 CPU_REFERENCE = False  # tests: CPU calls take this path through the ops' torch bodies
 FALLBACKS = 0  # CUDA calls whose operands did not suit cuBLASLt (the torch body ran instead)
+# fc1's bias gradient: in the DGELU matmul's epilogue (DGELU_BGRAD), or False: DGELU, then a
+# column sum of d pre
+BGRAD_EPILOGUE = True
+
+
+def load() -> None:
+    """Find cuBLASLt (layers call this when built, never inside a torch.compile trace)."""
+    if not cublaslt.LOADED:
+        cublaslt.load()
 
 
 def _torch_fc1_gelu(x: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,7 +84,8 @@ def _(x, w, b):
 def fc2_dgelu_op(dy: Tensor, w: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
     """((dy @ w) * gelu_tanh'(pre), its column sums (N,)) for dy (M, K), w (K, N), pre (M, N)."""
     if dy.is_cuda and cublaslt.fits(dy, w, pre):
-        return cublaslt.matmul_dgelu_bgrad(dy, w, pre)
+        dpre, dbias = cublaslt.matmul_dgelu_bgrad(dy, w, pre, BGRAD_EPILOGUE)
+        return dpre, dbias if dbias is not None else dpre.sum(0)
     _count_fallback(dy)
     return _torch_fc2_dgelu(dy, w, pre)
 

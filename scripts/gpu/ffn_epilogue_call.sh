@@ -18,11 +18,16 @@ echo "rc=$?"; grep -E "Error|assert|passed|failed" "$OUT/ffe-gpu-tests.txt" | he
 el "ffn_epilogue_check.py"
 (cd scripts/gpu && timeout $(cap 90) python3 ffn_epilogue_check.py) > "$OUT/ffe-check.jsonl" 2>&1
 echo "rc=$?"; cut -c1-600 "$OUT/ffe-check.jsonl" | tail -n 8
-for a in 1 0; do
+# rows: on with fc1's bias sum in the epilogue (1), on with DGELU + a column sum (1s), off (0)
+for a in 1s 1 0; do
   el "train_step 256 px B 32, MASKAR_FFN_EPILOGUE=$a"
-  MASKAR_FFN_EPILOGUE=$a timeout $(cap 120) python3 -m maskar bench train_step res=256 steps=25 warmup=5 \
+  MASKAR_FFN_EPILOGUE=${a%s} timeout $(cap 120) python3 -c "import sys; import maskar.nn.ffn_epilogue as f
+f.BGRAD_EPILOGUE = '$a' != '1s'
+from maskar.cli import main
+sys.exit(main(sys.argv[1:]))" bench train_step res=256 steps=25 warmup=5 \
     rows=hmar/d16/blocks/graph/master,var/d16/blocks/graph/master json="$OUT/ffe-256-$a.json" \
     > "$OUT/ffe-256-$a.txt" 2>&1
   echo "rc=$?"; grep -E "^(hmar|var)-|rror" "$OUT/ffe-256-$a.txt" | cut -c1-230 | tail -n 3
 done
 el done
+pack_out "$OUT"

@@ -81,12 +81,52 @@ def one_shape(name: str, M: int) -> None:
                                                      + t["bwd_unfused"] - t["bwd_fused"]), 3)})
 
 
+def algos(name: str, M: int) -> None:
+    """Every algorithm the heuristic offers (up to 8) for each epilogue, and the backward without
+    the bias sum in the epilogue (DGELU, then ``d pre.sum(0)``)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(torch.bfloat16)
+
+    x, w1, b1 = r(M, C), r(N, C, scale=C ** -0.5), r(N, scale=0.1)
+    w2, dy = r(C, N, scale=N ** -0.5), r(M, C)
+    _, pre = cublaslt.linear_gelu_aux(x, w1, b1)
+    want, want_b = cublaslt.matmul_dgelu_bgrad(dy, w2, pre)
+    for ep, label in ((cublaslt.GELU_AUX_BIAS, "fwd"), (cublaslt.DGELU_BGRAD, "bwd_bgrad"),
+                      (cublaslt.DGELU, "bwd_dgelu")):
+        for i in range(8):
+            cublaslt.ALGO_INDEX[ep] = i
+            try:
+                if label == "fwd":
+                    fn = lambda: cublaslt.linear_gelu_aux(x, w1, b1)  # noqa: E731
+                elif label == "bwd_bgrad":
+                    fn = lambda: cublaslt.matmul_dgelu_bgrad(dy, w2, pre)  # noqa: E731
+                else:
+                    fn = lambda: cublaslt.matmul_dgelu_bgrad(dy, w2, pre, False)  # noqa: E731
+                out = fn()
+                err = rel(out[0], want) if label != "fwd" else 0.0
+                rec = {"shape": name, "algos": label, "index": i, "count": cublaslt.algo_count(ep),
+                       "ms": round(graph_ms(fn), 4), "rel_to_index0": err}
+                if label == "bwd_dgelu":
+                    rec["with_sum_ms"] = round(graph_ms(lambda f=fn: f()[0].sum(0)), 4)
+                emit(rec)
+                if i + 1 >= cublaslt.algo_count(ep):
+                    break
+            except RuntimeError as e:
+                emit({"shape": name, "algos": label, "index": i, "error": str(e)[:200]})
+                break
+        cublaslt.ALGO_INDEX.pop(ep, None)
+    del want_b
+
+
 def main() -> None:
     p = torch.cuda.get_device_properties(0)
     emit({"device": p.name, "torch": torch.__version__, "cuda": torch.version.cuda,
           "lib": str(cublaslt._lib())})
     for name, M in SHAPES.items():
         one_shape(name, M)
+    algos("1024px-B2", SHAPES["1024px-B2"])
 
 
 if __name__ == "__main__":
