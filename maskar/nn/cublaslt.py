@@ -1,22 +1,26 @@
-"""Two cuBLASLt matmuls with GELU epilogues that torch does not expose, called through ctypes.
+"""cuBLASLt matmuls with epilogues that torch does not expose, called through ctypes.
 
 ``torch._addmm_activation`` reaches cuBLASLt's GELU epilogue without its auxiliary output, so a
-training step cannot use it: the backward needs the GELU's input. cuBLASLt has the pair a
-transformer MLP needs (TransformerEngine's LayerNormMLP uses the same two):
+training step cannot use it: the backward needs the GELU's input. cuBLASLt has what a transformer
+MLP's training needs (TransformerEngine's LayerNormMLP uses the same epilogues):
 
 - ``GELU_AUX_BIAS`` (:func:`linear_gelu_aux`): ``pre = x @ w.T + b`` rounded to the output dtype
   and stored as the auxiliary output, ``act = gelu_tanh(pre)`` (applied to the fp32 accumulator
   plus bias) stored as the result, in one kernel;
-- ``DGELU_BGRAD`` (:func:`matmul_dgelu_bgrad`): ``d pre = (dy @ w) * gelu_tanh'(pre)`` and the
-  column sums of ``d pre`` (the bias gradient of the layer that made ``pre``), in one kernel.
+- ``DGELU`` (:func:`matmul_dgelu_bgrad`): ``d pre = (dy @ w) * gelu_tanh'(pre)`` in one kernel;
+  ``DGELU_BGRAD`` adds the column sums of ``d pre``, but ran at 0.91 ms against 0.26 without
+  them on an H100 at HMAR-d16's 1024 px shape, every algorithm the heuristic offered (2026-12-07);
+- ``BGRADB`` (:func:`weight_grad_bgrad`): a linear's weight gradient ``d out.T @ x`` and its bias
+  gradient, the column sums of ``d out``, in one kernel.
 
 The library is the one torch already loaded (found in ``/proc/self/maps``, else by soname).
-Row-major ``out (M, N) = a (M, K) @ b`` is cuBLAS's column-major ``out^T = b^T a^T``: a
-``(N, K)`` weight is matrix A with ``transa = T``, an ``(K, N)`` one with ``transa = N``, and
-the activation ``(M, K)`` is matrix B untransposed; the epilogue's vectors run along D's rows
-(N). Each shape's plan (descriptors, the heuristic's first algorithm, a workspace) is made once;
-the per-call pointers are set on the plan's descriptor before each launch, on the current stream,
-so CUDA graphs capture the calls. CUDA only; callers check :func:`available`.
+Row-major ``out (M, N) = op(L) @ op(R)`` is cuBLAS's column-major ``out^T = op(R)^T op(L)^T``:
+R is matrix A, L matrix B (:class:`_Plan`). Each shape's plan (descriptors, the heuristic's first
+algorithm, a workspace) is made once; the per-call pointers are set on the plan's descriptor
+before each launch, on the current stream, so CUDA graphs capture the calls (with
+``capture_error_mode="thread_local"``, as the training step captures: cuBLASLt's first call of a
+kernel in the backward's thread makes calls the global mode refuses). CUDA only; callers check
+:func:`available`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ _PREF_MAX_WORKSPACE = 1
 GELU_AUX_BIAS = 32 | 128 | 4
 DGELU = 64 | 128
 DGELU_BGRAD = 64 | 128 | 16
+BGRADB = 512
 ALGO_INDEX: dict[int, int] = {}  # epilogue -> which of the heuristic's answers (default its first)
 _WORKSPACE_BYTES = 32 << 20
 _DTYPES = {torch.float16: _R_16F, torch.bfloat16: _R_16BF}
@@ -112,32 +117,35 @@ def _handle(device_index: int) -> tuple[ctypes.c_void_p, Tensor]:
 
 
 class _Plan:
-    """Descriptors and algorithm of one (epilogue, dtype, M, N, K, transa) matmul."""
+    """Descriptors and algorithm of one row-major ``out (M, N) = op(L) (M, K) @ op(R) (K, N)``:
+    column-major ``out^T = op(R)^T op(L)^T``, so R is cuBLAS's A and L its B."""
 
     def __init__(self, device_index: int, epilogue: int, dtype: torch.dtype, m: int, n: int, k: int,
-                 transa: int, ptrs: tuple[int, int, int, int, int, int]) -> None:
+                 l_t: bool, r_t: bool, bias: int, aux: int) -> None:
         lib, dt = _lib(), _DTYPES[dtype]
+        self.epilogue = epilogue
         self.handle, self.ws = _handle(device_index)
         self.desc = ctypes.c_void_p()
         _check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _COMPUTE_32F, _R_32F),
                "MatmulDescCreate")
-        _set(self.desc, _DESC_TRANSA, ctypes.c_int32(transa))
-        _set(self.desc, _DESC_TRANSB, ctypes.c_int32(_OP_N))
+        _set(self.desc, _DESC_TRANSA, ctypes.c_int32(_OP_T if r_t else _OP_N))
+        _set(self.desc, _DESC_TRANSB, ctypes.c_int32(_OP_T if l_t else _OP_N))
         _set(self.desc, _DESC_EPILOGUE, ctypes.c_uint32(epilogue))
-        _set(self.desc, _DESC_AUX_LD, ctypes.c_int64(n))
+        if epilogue & 128:
+            _set(self.desc, _DESC_AUX_LD, ctypes.c_int64(n))
         self.a, self.b, self.d = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
-        # A: the weight as stored, (N, K) row-major = (K, N) column-major, or (K, N) = (N, K)
-        a_rows, a_cols = (k, n) if transa == _OP_T else (n, k)
-        _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(self.a), dt, a_rows, a_cols, a_rows),
-               "LayoutCreate(A)")
-        _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(self.b), dt, k, m, k), "LayoutCreate(B)")
-        _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(self.d), dt, n, m, n), "LayoutCreate(D)")
+        # R stored (K, N) row-major is (N, K) column-major: A itself; stored (N, K) (r_t): A^T.
+        # L stored (M, K) is (K, M) column-major: B itself; stored (K, M) (l_t): B^T.
+        a_shape = (k, n) if r_t else (n, k)
+        b_shape = (m, k) if l_t else (k, m)
+        for layout, (rows, cols) in ((self.a, a_shape), (self.b, b_shape), (self.d, (n, m))):
+            _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), dt, rows, cols, rows), "LayoutCreate")
         pref = ctypes.c_void_p()
         _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "PreferenceCreate")
         wsb = ctypes.c_uint64(_WORKSPACE_BYTES)
         _check(lib.cublasLtMatmulPreferenceSetAttribute(pref, _PREF_MAX_WORKSPACE, ctypes.byref(wsb),
                                                         ctypes.sizeof(wsb)), "PreferenceSetAttribute")
-        self._pointers(*ptrs[4:])  # the heuristic reads the pointers' alignment
+        self._pointers(bias, aux)  # the heuristic reads the pointers' alignment
         results, count = (_HeuristicResult * 8)(), ctypes.c_int(0)
         _check(lib.cublasLtMatmulAlgoGetHeuristic(self.handle, self.desc, self.a, self.b, self.d, self.d,
                                                   pref, 8, results, ctypes.byref(count)),
@@ -150,31 +158,39 @@ class _Plan:
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
     def _pointers(self, bias: int, aux: int) -> None:
-        _set(self.desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias))
-        _set(self.desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux))
+        # a pointer the epilogue does not take is an INVALID_VALUE at the call
+        if self.epilogue & (4 | 16 | 256 | 512):
+            _set(self.desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias))
+        if self.epilogue & 128:
+            _set(self.desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux))
 
-    def run(self, a: int, b: int, d: int, bias: int, aux: int) -> None:
+    def run(self, r: int, left: int, d: int, bias: int, aux: int) -> None:
         self._pointers(bias, aux)
         stream = torch.cuda.current_stream().cuda_stream
-        _check(_lib().cublasLtMatmul(self.handle, self.desc, ctypes.byref(self.alpha), a, self.a, b, self.b,
-                                     ctypes.byref(self.beta), d, self.d, d, self.d, ctypes.byref(self.algo),
-                                     self.ws.data_ptr(), _WORKSPACE_BYTES, stream), "Matmul")
+        _check(_lib().cublasLtMatmul(self.handle, self.desc, ctypes.byref(self.alpha), r, self.a, left,
+                                     self.b, ctypes.byref(self.beta), d, self.d, d, self.d,
+                                     ctypes.byref(self.algo), self.ws.data_ptr(), _WORKSPACE_BYTES, stream),
+               "Matmul")
 
 
 _plans: dict[tuple, _Plan] = {}
 
 
-def _run(epilogue: int, transa: int, w: Tensor, x: Tensor, out: Tensor, bias: Tensor, aux: Tensor) -> None:
-    m, k = x.shape
-    n = out.shape[1]
-    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    key = (dev, epilogue, x.dtype, m, n, k, transa, ALGO_INDEX.get(epilogue, 0))
-    ptrs = (w.data_ptr(), x.data_ptr(), out.data_ptr(), out.data_ptr(), bias.data_ptr(), aux.data_ptr())
+def _mm(epilogue: int, out: Tensor, left: Tensor, l_t: bool, right: Tensor, r_t: bool,
+        bias: Tensor | None = None, aux: Tensor | None = None) -> None:
+    """``out = op(left) @ op(right)`` row-major, ``op`` a transpose where ``l_t`` / ``r_t``, with
+    ``epilogue``'s bias / aux pointers."""
+    m, n = out.shape
+    k = left.shape[0] if l_t else left.shape[1]
+    dev = out.device.index if out.device.index is not None else torch.cuda.current_device()
+    key = (dev, epilogue, out.dtype, m, n, k, l_t, r_t, ALGO_INDEX.get(epilogue, 0))
+    bias_p = bias.data_ptr() if bias is not None else 0
+    aux_p = aux.data_ptr() if aux is not None else 0
     plan = _plans.get(key)
     if plan is None:
         with torch.cuda.device(dev):
-            plan = _plans[key] = _Plan(dev, epilogue, x.dtype, m, n, k, transa, ptrs)
-    plan.run(ptrs[0], ptrs[1], ptrs[2], ptrs[4], ptrs[5])
+            plan = _plans[key] = _Plan(dev, epilogue, out.dtype, m, n, k, l_t, r_t, bias_p, aux_p)
+    plan.run(right.data_ptr(), left.data_ptr(), out.data_ptr(), bias_p, aux_p)
 
 
 def fits(*ts: Tensor) -> bool:
@@ -195,7 +211,7 @@ def linear_gelu_aux(x: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     _check_operands("linear_gelu_aux", x, w, b)
     act = x.new_empty((x.shape[0], w.shape[0]))
     pre = torch.empty_like(act)
-    _run(GELU_AUX_BIAS, _OP_T, w, x, act, b, pre)
+    _mm(GELU_AUX_BIAS, act, x, False, w, True, b, pre)
     return act, pre
 
 
@@ -205,9 +221,19 @@ def matmul_dgelu_bgrad(dy: Tensor, w: Tensor, pre: Tensor,
     w (K, N), pre (M, N)."""
     _check_operands("matmul_dgelu_bgrad", dy, w, pre)
     dpre = torch.empty_like(pre)
-    dbias = pre.new_empty(pre.shape[1]) if bgrad else pre
-    _run(DGELU_BGRAD if bgrad else DGELU, _OP_N, w, dy, dpre, dbias, pre)
-    return dpre, dbias if bgrad else None
+    dbias = pre.new_empty(pre.shape[1]) if bgrad else None
+    _mm(DGELU_BGRAD if bgrad else DGELU, dpre, dy, False, w, False, dbias, pre)
+    return dpre, dbias
+
+
+def weight_grad_bgrad(dout: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(dout.T @ x, dout's column sums) for dout (M, N), x (M, K): a linear's weight and bias
+    gradients in one call (``BGRADB``: the sum over the matmul's reduction dimension of its B)."""
+    _check_operands("weight_grad_bgrad", dout, x)
+    dw = dout.new_empty((dout.shape[1], x.shape[1]))
+    db = dout.new_empty(dout.shape[1])
+    _mm(BGRADB, dw, dout, True, x, False, db)
+    return dw, db
 
 
 def algo_count(epilogue: int) -> int:

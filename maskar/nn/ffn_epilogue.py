@@ -4,22 +4,24 @@ The FFN is ``fc2(gelu_tanh(fc1(x)))``. Trained with separate kernels, the GELU c
 over the (rows, 4 W) activation: forward, a kernel reads fc1's output ``pre`` and writes ``act``;
 backward, fc2's input-gradient matmul writes ``d act``, and a kernel reads it with ``pre`` and
 writes ``d pre`` (summing fc1's bias gradient, ``maskar.kernels.gelu_bias``). Here the forward is
-one matmul that writes both ``act`` and ``pre`` (cuBLASLt's ``GELU_AUX_BIAS``), and fc2's
-input-gradient matmul applies the GELU's derivative and sums fc1's bias gradient in its epilogue
-(``DGELU_BGRAD``): ``d act`` is never stored. Per FFN that saves one read of ``pre`` forward and a
-write and read of ``d act`` backward (3 x 2 bytes x rows x 4 W: 0.46 GB a step for HMAR-d16's 16
-blocks at 1024 px B 2) and two launches.
+one matmul that writes both ``act`` and ``pre`` (cuBLASLt's ``GELU_AUX_BIAS``); fc2's
+input-gradient matmul applies the GELU's derivative in its epilogue (``DGELU``), so ``d act`` is
+never stored; and fc1's bias gradient comes from fc1's weight-gradient matmul (``BGRADB``). Per
+FFN that saves a read of ``pre`` forward and a write and two reads of (rows, 4 W) backward, and
+two launches a way (:data:`BIAS_GRAD` picks where the bias sum runs; docs/kernels.md has the
+times).
 
 The math is the unfused FFN's up to rounding: the epilogue applies the GELU to the fp32
-accumulator plus bias where the unfused path rounds ``pre`` to bf16 first, and the backward's
-derivative and bias sum see the fp32 ``d act`` before its rounding. Saved for the backward: x,
-``pre``, ``act`` and the weights, as autograd saves for the unfused FFN.
+accumulator plus bias where the unfused path rounds ``pre`` to bf16 first, and the derivative
+multiplies the fp32 ``d act`` before its rounding. Saved for the backward: x, ``pre``, ``act`` and
+the weights, as autograd saves for the unfused FFN.
 
-Autograd and torch.compile: ``maskar::ffn_fc1_gelu`` and ``maskar::ffn_fc2_dgelu`` are custom ops
-with fake implementations; their bodies call :mod:`maskar.nn.cublaslt` where the operands suit it
-(CUDA, fp16 / bf16, 256-byte aligned) and otherwise run the same math in torch (the CPU reference
-the tests compare against; on CUDA each such call is counted in :data:`FALLBACKS`). The
-autograd.Function around them casts its inputs to the linear's compute dtype as autocast would.
+Autograd and torch.compile: ``maskar::ffn_fc1_gelu``, ``maskar::ffn_fc2_dgelu`` and
+``maskar::ffn_fc1_wgrad`` are custom ops with fake implementations; their bodies call
+:mod:`maskar.nn.cublaslt` where the operands suit it (CUDA, fp16 / bf16, 256-byte aligned) and
+otherwise run the same math in torch (the CPU reference the tests compare against; on CUDA each
+such call is counted in :data:`FALLBACKS`). The autograd.Function around them casts its inputs to
+the linear's compute dtype as autocast would.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from maskar.nn import cublaslt
 ENABLED = bool(env.switch("MASKAR_FFN_EPILOGUE"))
 CPU_REFERENCE = False  # tests: CPU calls take this path through the ops' torch bodies
 FALLBACKS = 0  # CUDA calls whose operands did not suit cuBLASLt (the torch body ran instead)
-# fc1's bias gradient: in the DGELU matmul's epilogue (DGELU_BGRAD), or False: DGELU, then a
-# column sum of d pre
-BGRAD_EPILOGUE = True
+# fc1's bias gradient: "wgrad", in fc1's weight-gradient matmul (BGRADB); "dgelu", in the DGELU
+# matmul's epilogue (DGELU_BGRAD: 0.91 ms against 0.26 without it at 1024 px on an H100); "sum",
+# d pre.sum(0) after DGELU (0.09 ms more)
+BIAS_GRAD = "wgrad"
 
 
 def load() -> None:
@@ -81,18 +84,37 @@ def _(x, w, b):
 
 
 @torch.library.custom_op("maskar::ffn_fc2_dgelu", mutates_args=())
-def fc2_dgelu_op(dy: Tensor, w: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
-    """((dy @ w) * gelu_tanh'(pre), its column sums (N,)) for dy (M, K), w (K, N), pre (M, N)."""
+def fc2_dgelu_op(dy: Tensor, w: Tensor, pre: Tensor, with_sum: bool) -> tuple[Tensor, Tensor]:
+    """((dy @ w) * gelu_tanh'(pre), and where ``with_sum`` its column sums (N,), else empty) for
+    dy (M, K), w (K, N), pre (M, N)."""
     if dy.is_cuda and cublaslt.fits(dy, w, pre):
-        dpre, dbias = cublaslt.matmul_dgelu_bgrad(dy, w, pre, BGRAD_EPILOGUE)
-        return dpre, dbias if dbias is not None else dpre.sum(0)
+        dpre, dbias = cublaslt.matmul_dgelu_bgrad(dy, w, pre, with_sum and BIAS_GRAD == "dgelu")
+        if dbias is None:
+            dbias = dpre.sum(0) if with_sum else dpre.new_empty(0)
+        return dpre, dbias
     _count_fallback(dy)
-    return _torch_fc2_dgelu(dy, w, pre)
+    dpre, dbias = _torch_fc2_dgelu(dy, w, pre)
+    return dpre, dbias if with_sum else dpre.new_empty(0)
 
 
 @fc2_dgelu_op.register_fake
-def _(dy, w, pre):
-    return torch.empty_like(pre), pre.new_empty(pre.shape[1])
+def _(dy, w, pre, with_sum):
+    return torch.empty_like(pre), pre.new_empty(pre.shape[1] if with_sum else 0)
+
+
+@torch.library.custom_op("maskar::ffn_fc1_wgrad", mutates_args=())
+def fc1_wgrad_op(dpre: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(dpre.T @ x, dpre's column sums): fc1's weight and bias gradients."""
+    if dpre.is_cuda and cublaslt.fits(dpre, x):
+        return cublaslt.weight_grad_bgrad(dpre, x)
+    _count_fallback(dpre)
+    acc = torch.promote_types(dpre.dtype, torch.float32)
+    return dpre.t() @ x, dpre.to(acc).sum(0).to(dpre.dtype)
+
+
+@fc1_wgrad_op.register_fake
+def _(dpre, x):
+    return dpre.new_empty((dpre.shape[1], x.shape[1])), dpre.new_empty(dpre.shape[1])
 
 
 class _FFN(torch.autograd.Function):
@@ -112,13 +134,19 @@ class _FFN(torch.autograd.Function):
         x2, w1c, act, pre, w2c = ctx.saved_tensors
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.dtype).contiguous()
-        dpre, db1 = fc2_dgelu_op(dy2, w2c, pre)
+        # fc1's bias gradient from its weight-gradient matmul where that runs (BIAS_GRAD "wgrad")
+        in_wgrad = BIAS_GRAD == "wgrad" and need[1] and need[2]
+        dpre, db1 = fc2_dgelu_op(dy2, w2c, pre, need[2] and not in_wgrad)
         t1, tb1, t2, tb2 = ctx.param_dtypes
         dx = (dpre @ w1c).reshape(ctx.x_shape).to(ctx.x_dtype) if need[0] else None
-        dw1 = (dpre.t() @ x2).to(t1) if need[1] else None
+        dw1 = None
+        if in_wgrad:
+            dw1, db1 = fc1_wgrad_op(dpre, x2)
+        elif need[1]:
+            dw1 = dpre.t() @ x2
         dw2 = (dy2.t() @ act).to(t2) if need[3] else None
         db2 = dy2.sum(0).to(tb2) if need[4] else None
-        return dx, dw1, db1.to(tb1) if need[2] else None, dw2, db2, None
+        return (dx, None if dw1 is None else dw1.to(t1), db1.to(tb1) if need[2] else None, dw2, db2, None)
 
 
 def ffn(x: Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, detach_out_bias: bool = False) -> Tensor:

@@ -8,8 +8,10 @@ beside it), then CUDA-graph replay times (``qk_norm_sweep.graph_ms``: 10 calls a
 15 replays, per call) of
 - forward: fc1 with its bias in cuBLAS's epilogue + the Triton GELU (maskar.kernels.gelu_bias),
   against one GELU_AUX_BIAS call; fc1 alone for the epilogue's own cost;
-- backward's GELU part: fc2's input gradient (dy @ W2) + the GELU's backward with fc1's bias sum,
-  against one DGELU_BGRAD call; the matmul alone;
+- backward: fc2's input gradient (dy @ W2) + the GELU's backward with fc1's bias sum + fc1's weight
+  gradient, against a DGELU call + a BGRADB call (fc1's weight and bias gradients); each matmul
+  alone, DGELU_BGRAD, and torch's column sum;
+then every algorithm the heuristic offers for the three epilogues at 1024 px;
 with the floors: the matmul's FLOPs at the step's measured ≈ 750 TFLOP/s and the bytes the fused
 call must move at 3.35 TB/s (H100) / 4.8 (H200).
 """
@@ -56,27 +58,45 @@ def one_shape(name: str, M: int) -> None:
     p = pre.double().requires_grad_()
     (dpre64,) = torch.autograd.grad(F.gelu(p, approximate="tanh"), p, dy.double() @ w2.double())
     dpre_u, dbias_u = gb._backward(pre, dy @ w2, True)
-    emit({"shape": name, "M": M, "check": "float64",
+    dpre_d, _ = cublaslt.matmul_dgelu_bgrad(dy, w2, pre, False)  # DGELU alone: the default path
+    emit({"shape": name, "M": M, "check": "float64", "dpre_dgelu": rel(dpre_d, dpre64),
           "pre": rel(pre, pre64), "act": rel(act, act64), "act_unfused": rel(act_u, act64),
           "dpre": rel(dpre, dpre64), "dpre_unfused": rel(dpre_u, dpre64),
           "dbias": rel(dbias, dpre64.sum(0)), "dbias_unfused": rel(dbias_u, dpre64.sum(0)),
           "fallbacks": ffn_epilogue.FALLBACKS, "plans": cublaslt.plans_made()})
+    dpre = dpre_d
+    dw, db = cublaslt.weight_grad_bgrad(dpre, x)
+    emit({"shape": name, "M": M, "check": "float64 wgrad",
+          "dw1": rel(dw, dpre.double().T @ x.double()), "db1": rel(db, dpre.double().sum(0))})
     flop = 2 * M * C * N
     act_bytes = 2 * M * N
+
+    def bwd_unfused():  # fc2's input gradient, the GELU's backward with fc1's bias sum, fc1's wgrad
+        d, _ = gb._backward(pre, dy @ w2, True)
+        return d.t() @ x
+
+    def bwd_fused():
+        d, _ = cublaslt.matmul_dgelu_bgrad(dy, w2, pre, False)
+        return cublaslt.weight_grad_bgrad(d, x)
+
     t = {
         "fwd_unfused": graph_ms(lambda: gb._forward(F.linear(x, w1, b1))),
         "fwd_fused": graph_ms(lambda: cublaslt.linear_gelu_aux(x, w1, b1)),
         "fc1_alone": graph_ms(lambda: F.linear(x, w1, b1)),
-        "bwd_unfused": graph_ms(lambda: gb._backward(pre, dy @ w2, True)),
-        "bwd_fused": graph_ms(lambda: cublaslt.matmul_dgelu_bgrad(dy, w2, pre)),
+        "bwd_unfused": graph_ms(bwd_unfused),
+        "bwd_fused": graph_ms(bwd_fused),
         "dgrad_alone": graph_ms(lambda: dy @ w2),
+        "dgelu": graph_ms(lambda: cublaslt.matmul_dgelu_bgrad(dy, w2, pre, False)),
+        "dgelu_bgrad": graph_ms(lambda: cublaslt.matmul_dgelu_bgrad(dy, w2, pre, True)),
+        "wgrad_alone": graph_ms(lambda: dpre.t() @ x),
+        "wgrad_bgradb": graph_ms(lambda: cublaslt.weight_grad_bgrad(dpre, x)),
+        "column_sum_torch": graph_ms(lambda: dpre.sum(0)),
     }
     emit({"shape": name, "M": M, **{k: round(v, 4) for k, v in t.items()},
           "fwd_saved_ms": round(t["fwd_unfused"] - t["fwd_fused"], 4),
           "bwd_saved_ms": round(t["bwd_unfused"] - t["bwd_fused"], 4),
           "matmul_floor_ms_750tf": round(flop / 750e12 * 1e3, 4),
           "fused_fwd_bytes_floor_ms_h100": round((2 * M * C + 2 * act_bytes) / 3.35e12 * 1e3, 4),
-          "fused_bwd_bytes_floor_ms_h100": round((2 * M * C + 2 * act_bytes) / 3.35e12 * 1e3, 4),
           "per_step_saved_ms_16_blocks": round(16 * (t["fwd_unfused"] - t["fwd_fused"]
                                                      + t["bwd_unfused"] - t["bwd_fused"]), 3)})
 
@@ -92,20 +112,20 @@ def algos(name: str, M: int) -> None:
     x, w1, b1 = r(M, C), r(N, C, scale=C ** -0.5), r(N, scale=0.1)
     w2, dy = r(C, N, scale=N ** -0.5), r(M, C)
     _, pre = cublaslt.linear_gelu_aux(x, w1, b1)
-    want, want_b = cublaslt.matmul_dgelu_bgrad(dy, w2, pre)
-    for ep, label in ((cublaslt.GELU_AUX_BIAS, "fwd"), (cublaslt.DGELU_BGRAD, "bwd_bgrad"),
-                      (cublaslt.DGELU, "bwd_dgelu")):
+    want, _ = cublaslt.matmul_dgelu_bgrad(dy, w2, pre, False)
+    eps = ((cublaslt.GELU_AUX_BIAS, "fwd"), (cublaslt.DGELU, "bwd_dgelu"), (cublaslt.BGRADB, "wgrad_bgradb"))
+    for ep, label in eps:
         for i in range(8):
             cublaslt.ALGO_INDEX[ep] = i
             try:
                 if label == "fwd":
                     fn = lambda: cublaslt.linear_gelu_aux(x, w1, b1)  # noqa: E731
-                elif label == "bwd_bgrad":
-                    fn = lambda: cublaslt.matmul_dgelu_bgrad(dy, w2, pre)  # noqa: E731
+                elif label == "wgrad_bgradb":
+                    fn = lambda: cublaslt.weight_grad_bgrad(want, x)  # noqa: E731
                 else:
                     fn = lambda: cublaslt.matmul_dgelu_bgrad(dy, w2, pre, False)  # noqa: E731
                 out = fn()
-                err = rel(out[0], want) if label != "fwd" else 0.0
+                err = rel(out[0], want) if label == "bwd_dgelu" else 0.0
                 rec = {"shape": name, "algos": label, "index": i, "count": cublaslt.algo_count(ep),
                        "ms": round(graph_ms(fn), 4), "rel_to_index0": err}
                 if label == "bwd_dgelu":
@@ -117,7 +137,6 @@ def algos(name: str, M: int) -> None:
                 emit({"shape": name, "algos": label, "index": i, "error": str(e)[:200]})
                 break
         cublaslt.ALGO_INDEX.pop(ep, None)
-    del want_b
 
 
 def main() -> None:
