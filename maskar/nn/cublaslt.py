@@ -17,10 +17,8 @@ The library is the one torch already loaded (found in ``/proc/self/maps``, else 
 Row-major ``out (M, N) = op(L) @ op(R)`` is cuBLAS's column-major ``out^T = op(R)^T op(L)^T``:
 R is matrix A, L matrix B (:class:`_Plan`). Each shape's plan (descriptors, the heuristic's first
 algorithm, a workspace) is made once; the per-call pointers are set on the plan's descriptor
-before each launch, on the current stream, so CUDA graphs capture the calls (with
-``capture_error_mode="thread_local"``, as the training step captures: cuBLASLt's first call of a
-kernel in the backward's thread makes calls the global mode refuses). CUDA only; callers check
-:func:`available`.
+before each launch, on the current stream, so CUDA graphs capture the calls. CUDA only; callers
+check :func:`available`.
 """
 
 from __future__ import annotations

@@ -6,10 +6,9 @@ backward, fc2's input-gradient matmul writes ``d act``, and a kernel reads it wi
 writes ``d pre`` (summing fc1's bias gradient, ``maskar.kernels.gelu_bias``). Here the forward is
 one matmul that writes both ``act`` and ``pre`` (cuBLASLt's ``GELU_AUX_BIAS``); fc2's
 input-gradient matmul applies the GELU's derivative in its epilogue (``DGELU``), so ``d act`` is
-never stored; and fc1's bias gradient comes from fc1's weight-gradient matmul (``BGRADB``). Per
-FFN that saves a read of ``pre`` forward and a write and two reads of (rows, 4 W) backward, and
-two launches a way (:data:`BIAS_GRAD` picks where the bias sum runs; docs/kernels.md has the
-times).
+never stored; and fc1's bias gradient is one column sum of ``d pre`` (:data:`BIAS_GRAD`). Per
+FFN that saves a read of ``pre`` forward and a write and a read of (rows, 4 W) backward, and a
+launch a way (docs/kernels.md has the times).
 
 The math is the unfused FFN's up to rounding: the epilogue applies the GELU to the fp32
 accumulator plus bias where the unfused path rounds ``pre`` to bf16 first, and the derivative
@@ -36,10 +35,10 @@ from maskar.nn import cublaslt
 ENABLED = bool(env.switch("MASKAR_FFN_EPILOGUE"))
 CPU_REFERENCE = False  # tests: CPU calls take this path through the ops' torch bodies
 FALLBACKS = 0  # CUDA calls whose operands did not suit cuBLASLt (the torch body ran instead)
-# fc1's bias gradient: "wgrad", in fc1's weight-gradient matmul (BGRADB); "dgelu", in the DGELU
-# matmul's epilogue (DGELU_BGRAD: 0.91 ms against 0.26 without it at 1024 px on an H100); "sum",
-# d pre.sum(0) after DGELU (0.09 ms more)
-BIAS_GRAD = "wgrad"
+# fc1's bias gradient (H100, HMAR-d16 1024 px B 2, scripts/gpu/ffn_epilogue_check.py): "sum",
+# torch's d pre.sum(0) after DGELU (0.067 ms); "wgrad", in fc1's weight-gradient matmul (BGRADB:
+# 0.296 ms against 0.195 without it); "dgelu", in the DGELU matmul (DGELU_BGRAD: 0.91 against 0.28)
+BIAS_GRAD = "sum"
 
 
 def load() -> None:
