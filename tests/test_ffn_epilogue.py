@@ -151,10 +151,13 @@ def test_op_bodies_against_float64_math():
 def test_supports():
     ffn = FFN(32, 128)
     x = torch.randn(2, 3, 32)
-    assert not ffn_epilogue.supports(x, ffn.fc1, ffn.fc2, "tanh")  # off by default, and CPU
     odd = FFN(20, 80)
     exact = nn.GELU()
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ffn_epilogue, "ENABLED", False)
+        mp.setattr(ffn_epilogue, "CPU_REFERENCE", True)
+        assert not ffn_epilogue.supports(x, ffn.fc1, ffn.fc2, "tanh")  # switched off
+        mp.setattr(ffn_epilogue, "CPU_REFERENCE", False)
         mp.setattr(ffn_epilogue, "ENABLED", True)
         assert not ffn_epilogue.supports(x, ffn.fc1, ffn.fc2, "tanh")  # CPU without CPU_REFERENCE
         mp.setattr(ffn_epilogue, "CPU_REFERENCE", True)
@@ -176,6 +179,30 @@ def test_fits_names_what_the_plans_need():
     assert not cublaslt.fits(torch.zeros(4, 12, dtype=torch.bfloat16))  # width not a multiple of 8
     with pytest.raises(ValueError, match="256-byte aligned"):
         cublaslt.linear_gelu_aux(t[1:], t[:8], t[0, :8])
+
+
+def test_block_under_activation_checkpointing(on):
+    """train.activation_checkpointing recomputes the block's forward (the op's saved pre and act)
+    in the backward: the same gradients."""
+    from maskar.nn.blocks import AdaLNSelfAttnBlock
+
+    torch.manual_seed(0)
+    block = AdaLNSelfAttnBlock(32, 24, 4).train()
+    x, cond = torch.randn(2, 5, 32), torch.randn(2, 24)
+
+    def grads():
+        xi = x.clone().requires_grad_()
+        loss = block(xi, cond).square().sum()
+        return torch.autograd.grad(loss, [xi, *block.parameters()], allow_unused=True)
+
+    want = grads()
+    block.checkpoint = True
+    got = grads()
+    assert on["fc1"] == 3 and on["fc2"] == 2  # the recompute ran the forward op again
+    for a, b in zip(got, want, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch,stage", [("var", 1), ("hmar", 1), ("hmar", 2)])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MASKAR_FFN_EPILOGUE (the training FFN's GELU in cuBLASLt's epilogues, maskar.nn.ffn_epilogue), one call:
 #   OUT=$OUT bash scripts/gpu/ffn_epilogue_call.sh      (carry .carry/fa4a to keep it for call 2)
-# Its GPU tests, scripts/gpu/ffn_epilogue_check.py (accuracy against float64 and the launches'
+# Its GPU tests and the training paths' with it on, scripts/gpu/ffn_epilogue_check.py (accuracy against float64 and the launches'
 # times against the unfused pair's), then the 256 px B 32 rows (HMAR-d16, VAR-d16, /graph/master)
 # with it on and off, each side in its own process.
 # Then, carrying .carry/fa4b: SWITCH=MASKAR_FFN_EPILOGUE PART=switch1024 bash scripts/gpu/fa4_rows.sh
@@ -12,8 +12,10 @@ source "$(dirname "$0")/clock.sh"
 g=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1); echo "GPU: $g"
 [ -d .carry/fa4a ] && [ ! -d .persist/fa4a ] && mkdir -p .persist && cp -r .carry/fa4a .persist/ && echo "fa4a kept in .persist/"
 [ "${SKIP_TESTS:-0}" = 1 ] || { el "GPU tests of maskar.nn.ffn_epilogue"
-timeout $(cap 120) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_ffn_epilogue.py \
-  > "$OUT/ffe-gpu-tests.txt" 2>&1
+# the op's own tests, then the training paths' with it on (CUDA-graph step, bf16 copies, VAR, HMAR)
+MASKAR_FFN_EPILOGUE=1 timeout $(cap 220) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs \
+  tests/test_ffn_epilogue.py tests/test_train_cuda_graph.py tests/test_master_weights.py tests/test_hmar.py \
+  tests/test_var.py > "$OUT/ffe-gpu-tests.txt" 2>&1
 echo "rc=$?"; grep -E "Error|assert|passed|failed" "$OUT/ffe-gpu-tests.txt" | head -n 12 | cut -c1-300; }
 el "ffn_epilogue_check.py"
 (cd scripts/gpu && timeout $(cap 90) python3 ffn_epilogue_check.py) > "$OUT/ffe-check.jsonl" 2>&1

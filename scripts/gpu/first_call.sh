@@ -3,10 +3,11 @@
 # that does the most for whichever card it gets):
 #   OUT=$OUT bash scripts/gpu/first_call.sh
 # H200 (the issues' GPU): issue 14's and 15's rows at the defaults (h200_rows.sh PART=rows).
-# Anything else (an H100): the GPU tests of the training paths with maskar.kernels.adaln_norm and
-# MASKAR_ADALN_SUMS on (the defaults) and the latter's A/B without the step's CUDA graph
-# (adaln_default_call.sh; carry .carry/fa4a to keep FlashAttention-4's first part for a second call,
-# PART=switch1024 bash scripts/gpu/fa4_rows.sh). DEADLINE passes on (default 560 s).
+# Anything else (an H100): MASKAR_FFN_EPILOGUE's GPU tests (its own, the training paths' with it on),
+# its launches' check and its 256 px A/B (ffn_epilogue_call.sh; carry .carry/fa4a to keep
+# FlashAttention-4's first part for a second call, SWITCH=MASKAR_FFN_EPILOGUE PART=switch1024 bash
+# scripts/gpu/fa4_rows.sh). DEADLINE passes on (default 560 s).
+# (adaln_default_call.sh ran on 2026-12-07, sixth session.)
 # (train.master_weights' script, master_default.sh, ran on 2026-12-07: auto is the default since.)
 set -uo pipefail
 g=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
@@ -17,6 +18,6 @@ echo "GPU: $g"
 [ -d .carry/fa4a ] && [ ! -d .persist/fa4a ] && mkdir -p .persist && cp -r .carry/fa4a .persist/ && echo "fa4a kept in .persist/"
 case "$g" in
   *H200*) PART=rows DEADLINE=${DEADLINE:-560} bash "$(dirname "$0")/h200_rows.sh" ;;
-  *) DEADLINE=${DEADLINE:-560} bash "$(dirname "$0")/adaln_default_call.sh" ;;
+  *) DEADLINE=${DEADLINE:-560} bash "$(dirname "$0")/ffn_epilogue_call.sh" ;;
 esac
 source "$(dirname "$0")/clock.sh"; pack_out "${OUT:-/tmp/out}"
