@@ -13,11 +13,8 @@
 # FlashAttention-4).
 # Copies .carry/fa4a to .persist/ where it was carried (fa4_rows.sh's first part).
 set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source "$(dirname "$0")/clock.sh"
-g=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1); echo "GPU: $g"
-[ -d .carry/fa4a ] && [ ! -d .persist/fa4a ] && mkdir -p .persist && cp -r .carry/fa4a .persist/ && echo "fa4a kept in .persist/"
+prelude
 el "GPU tests, adaln_norm on by default"
 timeout $(cap 230) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_train_cuda_graph.py \
   tests/test_master_weights.py tests/test_hmar.py tests/test_var.py tests/test_adaln_norm_kernel.py \

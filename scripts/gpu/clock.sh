@@ -9,3 +9,14 @@ cap() { local s=$(( T0 + DEADLINE - $(date +%s) )); [ $s -lt 5 ] && s=5; echo $(
 # pack_out DIR: only 8 files under $OUT come back from a device call; with more, one tarball holds them
 pack_out() { ( cd "$1" && n=$(ls | wc -l) && [ "$n" -gt 8 ] && tar czf /tmp/results.tgz . \
   && find . -type f -delete && mv /tmp/results.tgz . && echo "packed $n files into results.tgz" ); }
+# prelude: what every device call script does first: PYTHONPATH, OUT made, the GPU's name printed
+# (and left in $g), FlashAttention-4's first part kept in .persist/ where carried (for a second call
+# that carries .carry/fa4b: scripts/gpu/fa4_rows.sh)
+prelude() {
+  export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+  g=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1); echo "GPU: $g"
+  if [ -d .carry/fa4a ] && [ ! -d .persist/fa4a ]; then
+    mkdir -p .persist && cp -r .carry/fa4a .persist/ && echo "fa4a kept in .persist/"
+  fi
+}

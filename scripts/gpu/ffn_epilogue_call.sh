@@ -6,11 +6,8 @@
 # with it on and off, each side in its own process.
 # Then, carrying .carry/fa4b: SWITCH=MASKAR_FFN_EPILOGUE PART=switch1024 bash scripts/gpu/fa4_rows.sh
 set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source "$(dirname "$0")/clock.sh"
-g=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1); echo "GPU: $g"
-[ -d .carry/fa4a ] && [ ! -d .persist/fa4a ] && mkdir -p .persist && cp -r .carry/fa4a .persist/ && echo "fa4a kept in .persist/"
+prelude
 [ "${SKIP_TESTS:-0}" = 1 ] || { el "GPU tests of maskar.nn.ffn_epilogue"
 # the op's own tests, then the training paths' with it on (CUDA-graph step, bf16 copies, VAR, HMAR)
 MASKAR_FFN_EPILOGUE=1 timeout $(cap 220) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs \

@@ -40,14 +40,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def one_shape(name: str, M: int) -> None:
-    g = torch.Generator(device="cuda").manual_seed(0)
+def operands(M: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """bf16 x (M, C), fc1's w1 (N, C) and b1, fc2's w2 (C, N), and dy (M, C)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
 
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, device="cuda") * scale).to(torch.bfloat16)
 
-    x, w1, b1 = r(M, C), r(N, C, scale=C ** -0.5), r(N, scale=0.1)
-    w2, dy = r(C, N, scale=N ** -0.5), r(M, C)
+    return r(M, C), r(N, C, scale=C ** -0.5), r(N, scale=0.1), r(C, N, scale=N ** -0.5), r(M, C)
+
+
+def one_shape(name: str, M: int) -> None:
+    x, w1, b1, w2, dy = operands(M, 0)
     # accuracy against float64
     act, pre = cublaslt.linear_gelu_aux(x, w1, b1)
     pre64 = x.double() @ w1.double().T + b1.double()
@@ -102,15 +106,9 @@ def one_shape(name: str, M: int) -> None:
 
 
 def algos(name: str, M: int) -> None:
-    """Every algorithm the heuristic offers (up to 8) for each epilogue, and the backward without
-    the bias sum in the epilogue (DGELU, then ``d pre.sum(0)``)."""
-    g = torch.Generator(device="cuda").manual_seed(1)
-
-    def r(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(torch.bfloat16)
-
-    x, w1, b1 = r(M, C), r(N, C, scale=C ** -0.5), r(N, scale=0.1)
-    w2, dy = r(C, N, scale=N ** -0.5), r(M, C)
+    """Every algorithm the heuristic offers (up to 8) for GELU_AUX_BIAS, DGELU (with torch's column
+    sum after it too) and BGRADB."""
+    x, w1, b1, w2, dy = operands(M, 1)
     _, pre = cublaslt.linear_gelu_aux(x, w1, b1)
     want, _ = cublaslt.matmul_dgelu_bgrad(dy, w2, pre, False)
     eps = ((cublaslt.GELU_AUX_BIAS, "fwd"), (cublaslt.DGELU, "bwd_dgelu"), (cublaslt.BGRADB, "wgrad_bgradb"))

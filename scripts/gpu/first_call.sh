@@ -10,14 +10,14 @@
 # (adaln_default_call.sh ran on 2026-12-07, sixth session.)
 # (train.master_weights' script, master_default.sh, ran on 2026-12-07: auto is the default since.)
 set -uo pipefail
-g=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
-echo "GPU: $g"
-# FlashAttention-4's first part, where carried, kept for the next call on this machine (then,
+DEADLINE=${DEADLINE:-560}
+source "$(dirname "$0")/clock.sh"
+# keeps FlashAttention-4's first part where carried, for the next call on this machine (then,
 # carrying .carry/fa4b: PART=switch1024 bash scripts/gpu/fa4_rows.sh; on an H200 that gives issue
 # 13's 1024 px rows on their own GPU for the first time)
-[ -d .carry/fa4a ] && [ ! -d .persist/fa4a ] && mkdir -p .persist && cp -r .carry/fa4a .persist/ && echo "fa4a kept in .persist/"
+prelude
 case "$g" in
   *H200*) PART=rows DEADLINE=${DEADLINE:-560} bash "$(dirname "$0")/h200_rows.sh" ;;
   *) DEADLINE=${DEADLINE:-560} bash "$(dirname "$0")/ffn_epilogue_call.sh" ;;
 esac
-source "$(dirname "$0")/clock.sh"; pack_out "${OUT:-/tmp/out}"
+pack_out "$OUT"

@@ -6,11 +6,8 @@
 # rows (HMAR-d16, VAR-d16, /graph/master) with it on and off, each side in its own process.
 # Then, carrying .carry/fa4b: SWITCH=MASKAR_QK_RECIPROCAL PART=switch1024 bash scripts/gpu/fa4_rows.sh
 set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source "$(dirname "$0")/clock.sh"
-g=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1); echo "GPU: $g"
-[ -d .carry/fa4a ] && [ ! -d .persist/fa4a ] && mkdir -p .persist && cp -r .carry/fa4a .persist/ && echo "fa4a kept in .persist/"
+prelude
 el "GPU tests, MASKAR_QK_RECIPROCAL=1"
 MASKAR_QK_RECIPROCAL=1 timeout $(cap 200) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs \
   tests/test_qk_norm_kernel.py tests/test_train_cuda_graph.py tests/test_hmar.py tests/test_var.py \
