@@ -169,6 +169,7 @@ def _composed_gradients(info: D.DistInfo, out: Path) -> None:
 
     import maskar.kernels.adaln_norm as an
     import maskar.kernels.block_sparse as bs
+    from maskar.nn import ffn_epilogue as fe
     from maskar.train import parallelize as P
     from maskar.train.trainer import _LossCall
 
@@ -178,8 +179,10 @@ def _composed_gradients(info: D.DistInfo, out: Path) -> None:
     # (their CPU bodies: the biases' gradients come from the ops, through checkpointing, compile
     # and FSDP2); the eager reference runs the torch code
     an.CPU_REFERENCE, an.SUMS = True, True
+    fe.CPU_REFERENCE = True  # and the FFN through MASKAR_FFN_EPILOGUE's ops
     # counted inside the custom ops' CPU bodies (they run, not traced, under compile)
     calls = count_calls(an, ("_reference_forward", "_reference_gated_add_backward"))
+    ffn_calls = count_calls(fe, ("_torch_fc1_gelu", "_torch_fc2_dgelu"))
     errors = {}
     for stage in (1, 2):
         torch._dynamo.reset()
@@ -187,9 +190,9 @@ def _composed_gradients(info: D.DistInfo, out: Path) -> None:
         model = copy.deepcopy(ref)
         batch = batch_of(ref, B=4, seed=1)
         torch.manual_seed(5)  # stage 2's mask (shared by the batch: the same on both halves)
-        an.ENABLED = False
+        an.ENABLED = fe.ENABLED = False
         ref.loss(batch)["loss"].backward()
-        an.ENABLED = True
+        an.ENABLED = fe.ENABLED = True
         P.apply_activation_checkpointing(model)
         P.apply_compile(model, "blocks", backend="aot_eager")
         root = P.apply_fsdp(_LossCall(model), model, info, param_dtype=None)
@@ -204,7 +207,7 @@ def _composed_gradients(info: D.DistInfo, out: Path) -> None:
         errors[stage] = worst
     if info.rank == 0:
         (out / "composed.json").write_text(json.dumps(errors))
-        (out / "composed-calls.json").write_text(json.dumps(calls))
+        (out / "composed-calls.json").write_text(json.dumps({**calls, **ffn_calls}))
 
 
 def _descendants(pid: int) -> list[int]:
