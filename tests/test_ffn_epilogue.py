@@ -53,7 +53,7 @@ def _grads(f, ffn: FFN, x: torch.Tensor, seed: int = 1):
     return (y, *torch.autograd.grad(y, [xi, *params], g, allow_unused=True))
 
 
-@pytest.mark.parametrize("bias_grad", ["wgrad", "dgelu", "sum"])
+@pytest.mark.parametrize("bias_grad", ["wgrad", "wgrad_t", "dgelu", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_ffn_equals_the_torch_code(on, monkeypatch, dtype, bias_grad):
     monkeypatch.setattr(ffn_epilogue, "BIAS_GRAD", bias_grad)
@@ -235,7 +235,7 @@ def _gpu_case(M: int, K: int, N: int, dtype: torch.dtype, seed: int = 0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bias_grad", ["dgelu", "sum"])
+@pytest.mark.parametrize("bias_grad", ["dgelu", "sum", "wgrad_t"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1031 * 2, 4096])
 def test_epilogues_match_float64_gpu(monkeypatch, dtype, M, bias_grad):
@@ -251,7 +251,7 @@ def test_epilogues_match_float64_gpu(monkeypatch, dtype, M, bias_grad):
     p = pre.double().requires_grad_()
     (dpre64,) = torch.autograd.grad(F.gelu(p, approximate="tanh"), p, dy.double() @ w2.double())
     assert _rel(dpre, dpre64) < tol and _rel(dbias, dpre64.sum(0)) < tol
-    dw, db = ffn_epilogue.fc1_wgrad_op(dpre, x)  # BGRADB: the sums of the matmul's own operand
+    dw, db = ffn_epilogue.fc1_wgrad_op(dpre, x)  # BGRADB / BGRADA: the sums of the matmul's operand
     assert _rel(dw, dpre.double().T @ x.double()) < tol and _rel(db, dpre.double().sum(0)) < tol
     assert ffn_epilogue.FALLBACKS == before  # the cuBLASLt calls ran
     assert dbias.dtype == dtype and dpre.dtype == dtype

@@ -11,7 +11,8 @@ MLP's training needs (TransformerEngine's LayerNormMLP uses the same epilogues):
   ``DGELU_BGRAD`` adds the column sums of ``d pre``, but ran at 0.91 ms against 0.26 without
   them on an H100 at HMAR-d16's 1024 px shape, every algorithm the heuristic offered (2026-12-07);
 - ``BGRADB`` (:func:`weight_grad_bgrad`): a linear's weight gradient ``d out.T @ x`` and its bias
-  gradient, the column sums of ``d out``, in one kernel.
+  gradient, the column sums of ``d out``, in one kernel; ``BGRADA`` (:func:`weight_grad_t_bgrad`)
+  the same for the transposed weight gradient ``x.T @ d out``.
 
 The library is the one torch already loaded (found in ``/proc/self/maps``, else by soname).
 Row-major ``out (M, N) = op(L) @ op(R)`` is cuBLAS's column-major ``out^T = op(R)^T op(L)^T``:
@@ -39,6 +40,7 @@ _PREF_MAX_WORKSPACE = 1
 GELU_AUX_BIAS = 32 | 128 | 4
 DGELU = 64 | 128
 DGELU_BGRAD = 64 | 128 | 16
+BGRADA = 256
 BGRADB = 512
 ALGO_INDEX: dict[int, int] = {}  # epilogue -> which of the heuristic's answers (default its first)
 _WORKSPACE_BYTES = 32 << 20
@@ -232,6 +234,17 @@ def weight_grad_bgrad(dout: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     db = dout.new_empty(dout.shape[1])
     _mm(BGRADB, dw, dout, True, x, False, db)
     return dw, db
+
+
+def weight_grad_t_bgrad(dout: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(x.T @ dout, dout's column sums) for dout (M, N), x (M, K): the transposed weight gradient
+    with the bias gradient as ``BGRADA`` (d out as cuBLAS's untransposed A, where
+    :func:`weight_grad_bgrad` has it as a transposed B)."""
+    _check_operands("weight_grad_t_bgrad", dout, x)
+    dw_t = dout.new_empty((x.shape[1], dout.shape[1]))
+    db = dout.new_empty(dout.shape[1])
+    _mm(BGRADA, dw_t, x, True, dout, False, db)
+    return dw_t, db
 
 
 def algo_count(epilogue: int) -> int:

@@ -37,7 +37,9 @@ CPU_REFERENCE = False  # tests: CPU calls take this path through the ops' torch 
 FALLBACKS = 0  # CUDA calls whose operands did not suit cuBLASLt (the torch body ran instead)
 # fc1's bias gradient (H100, HMAR-d16 1024 px B 2, scripts/gpu/ffn_epilogue_check.py): "sum",
 # torch's d pre.sum(0) after DGELU (0.067 ms); "wgrad", in fc1's weight-gradient matmul (BGRADB:
-# 0.296 ms against 0.195 without it); "dgelu", in the DGELU matmul (DGELU_BGRAD: 0.91 against 0.28)
+# 0.296 ms against 0.195 without it); "wgrad_t", in the transposed weight gradient's matmul
+# (BGRADA, then a transposing copy of the 8 MB weight gradient; not yet timed); "dgelu", in the
+# DGELU matmul (DGELU_BGRAD: 0.91 against 0.28)
 BIAS_GRAD = "sum"
 
 
@@ -105,6 +107,9 @@ def _(dy, w, pre, with_sum):
 def fc1_wgrad_op(dpre: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """(dpre.T @ x, dpre's column sums): fc1's weight and bias gradients."""
     if dpre.is_cuda and cublaslt.fits(dpre, x):
+        if BIAS_GRAD == "wgrad_t":
+            dw_t, db = cublaslt.weight_grad_t_bgrad(dpre, x)
+            return dw_t.t().contiguous(), db
         return cublaslt.weight_grad_bgrad(dpre, x)
     _count_fallback(dpre)
     acc = torch.promote_types(dpre.dtype, torch.float32)
@@ -134,7 +139,7 @@ class _FFN(torch.autograd.Function):
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.dtype).contiguous()
         # fc1's bias gradient from its weight-gradient matmul where that runs (BIAS_GRAD "wgrad")
-        in_wgrad = BIAS_GRAD == "wgrad" and need[1] and need[2]
+        in_wgrad = BIAS_GRAD in ("wgrad", "wgrad_t") and need[1] and need[2]
         dpre, db1 = fc2_dgelu_op(dy2, w2c, pre, need[2] and not in_wgrad)
         t1, tb1, t2, tb2 = ctx.param_dtypes
         dx = (dpre @ w1c).reshape(ctx.x_shape).to(ctx.x_dtype) if need[0] else None

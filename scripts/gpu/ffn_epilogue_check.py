@@ -70,8 +70,10 @@ def one_shape(name: str, M: int) -> None:
           "fallbacks": ffn_epilogue.FALLBACKS, "plans": cublaslt.plans_made()})
     dpre = dpre_d
     dw, db = cublaslt.weight_grad_bgrad(dpre, x)
+    dwt, dbt = cublaslt.weight_grad_t_bgrad(dpre, x)
     emit({"shape": name, "M": M, "check": "float64 wgrad",
-          "dw1": rel(dw, dpre.double().T @ x.double()), "db1": rel(db, dpre.double().sum(0))})
+          "dw1": rel(dw, dpre.double().T @ x.double()), "db1": rel(db, dpre.double().sum(0)),
+          "dw1_t": rel(dwt.t(), dpre.double().T @ x.double()), "db1_t": rel(dbt, dpre.double().sum(0))})
     flop = 2 * M * C * N
     act_bytes = 2 * M * N
 
@@ -94,6 +96,9 @@ def one_shape(name: str, M: int) -> None:
         "dgelu_bgrad": graph_ms(lambda: cublaslt.matmul_dgelu_bgrad(dy, w2, pre, True)),
         "wgrad_alone": graph_ms(lambda: dpre.t() @ x),
         "wgrad_bgradb": graph_ms(lambda: cublaslt.weight_grad_bgrad(dpre, x)),
+        "wgrad_t_bgrada": graph_ms(lambda: cublaslt.weight_grad_t_bgrad(dpre, x)),
+        "wgrad_t_bgrada_and_transpose":
+            graph_ms(lambda: cublaslt.weight_grad_t_bgrad(dpre, x)[0].t().contiguous()),
         "column_sum_torch": graph_ms(lambda: dpre.sum(0)),
     }
     emit({"shape": name, "M": M, **{k: round(v, 4) for k, v in t.items()},
@@ -107,11 +112,12 @@ def one_shape(name: str, M: int) -> None:
 
 def algos(name: str, M: int) -> None:
     """Every algorithm the heuristic offers (up to 8) for GELU_AUX_BIAS, DGELU (with torch's column
-    sum after it too) and BGRADB."""
+    sum after it too), BGRADB and BGRADA."""
     x, w1, b1, w2, dy = operands(M, 1)
     _, pre = cublaslt.linear_gelu_aux(x, w1, b1)
     want, _ = cublaslt.matmul_dgelu_bgrad(dy, w2, pre, False)
-    eps = ((cublaslt.GELU_AUX_BIAS, "fwd"), (cublaslt.DGELU, "bwd_dgelu"), (cublaslt.BGRADB, "wgrad_bgradb"))
+    eps = ((cublaslt.GELU_AUX_BIAS, "fwd"), (cublaslt.DGELU, "bwd_dgelu"), (cublaslt.BGRADB, "wgrad_bgradb"),
+           (cublaslt.BGRADA, "wgrad_t_bgrada"))
     for ep, label in eps:
         for i in range(8):
             cublaslt.ALGO_INDEX[ep] = i
@@ -120,6 +126,8 @@ def algos(name: str, M: int) -> None:
                     fn = lambda: cublaslt.linear_gelu_aux(x, w1, b1)  # noqa: E731
                 elif label == "wgrad_bgradb":
                     fn = lambda: cublaslt.weight_grad_bgrad(want, x)  # noqa: E731
+                elif label == "wgrad_t_bgrada":
+                    fn = lambda: cublaslt.weight_grad_t_bgrad(want, x)  # noqa: E731
                 else:
                     fn = lambda: cublaslt.matmul_dgelu_bgrad(dy, w2, pre, False)  # noqa: E731
                 out = fn()
