@@ -67,6 +67,7 @@ import torch
 import torch._dynamo
 
 from maskar.config import build
+from maskar.nn import ffn_epilogue
 from maskar.nn.attention import available_backends, set_backend
 from maskar.train import distributed as D
 from maskar.train import parallelize as P
@@ -612,6 +613,7 @@ def run_row(
         row["explain"] = explain_step(model, batch, opts, device)
         print(f"  explain {row['model']} stage {stage}: {row['explain']}")
     check = bool(opts["check"])
+    fallbacks = ffn_epilogue.FALLBACKS
     if parallel != "none" and check:
         grads_ref = parallel_reference(model, params, B, world, opts, device)
     if spec["ac"]:
@@ -676,6 +678,9 @@ def run_row(
         ms, b2b_ms, peak_gb, first = time_steps(step, opts, device, info)
     graphs = _dynamo_graphs() - graphs_before
     row.update(step_ms=ms, b2b_ms=b2b_ms, peak_gb=peak_gb, first_s=first, graphs=graphs)
+    if ffn_epilogue.FALLBACKS > fallbacks:  # MASKAR_FFN_EPILOGUE's calls that ran torch's code
+        row["ffn_fallbacks"] = ffn_epilogue.FALLBACKS - fallbacks
+        row["check"] = f"{row.get('check', '')}; FFN epilogue fell back {row['ffn_fallbacks']}x".lstrip("; ")
     row["images_s"] = world * B / ms * 1e3
     row["tokens_s"] = world * B * model.L / ms * 1e3
     row["tflops"] = model.train_flops_per_sample() * B / ms / 1e9  # per GPU
