@@ -138,7 +138,8 @@ class _FFN(torch.autograd.Function):
         x2, w1c, act, pre, w2c = ctx.saved_tensors
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.dtype).contiguous()
-        # fc1's bias gradient from its weight-gradient matmul where that runs (BIAS_GRAD "wgrad")
+        # fc1's bias gradient from its weight-gradient matmul where that runs (BIAS_GRAD "wgrad" /
+        # "wgrad_t"), else beside d pre
         in_wgrad = BIAS_GRAD in ("wgrad", "wgrad_t") and need[1] and need[2]
         dpre, db1 = fc2_dgelu_op(dy2, w2c, pre, need[2] and not in_wgrad)
         t1, tb1, t2, tb2 = ctx.param_dtypes
@@ -183,4 +184,4 @@ def supports(x: Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, approximate:
     return x.is_cpu and CPU_REFERENCE and x.is_floating_point()
 
 
-__all__ = ["ffn", "supports", "fc1_gelu_op", "fc2_dgelu_op"]
+__all__ = ["ffn", "supports", "load", "fc1_gelu_op", "fc2_dgelu_op", "fc1_wgrad_op"]
