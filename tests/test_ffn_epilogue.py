@@ -53,7 +53,7 @@ def _grads(f, ffn: FFN, x: torch.Tensor, seed: int = 1):
     return (y, *torch.autograd.grad(y, [xi, *params], g, allow_unused=True))
 
 
-@pytest.mark.parametrize("bias_grad", ["wgrad", "wgrad_t", "dgelu", "sum"])
+@pytest.mark.parametrize("bias_grad", ["wgrad", "wgrad_t", "ones", "dgelu", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_ffn_equals_the_torch_code(on, monkeypatch, dtype, bias_grad):
     monkeypatch.setattr(ffn_epilogue, "BIAS_GRAD", bias_grad)
@@ -235,7 +235,7 @@ def _gpu_case(M: int, K: int, N: int, dtype: torch.dtype, seed: int = 0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bias_grad", ["dgelu", "sum", "wgrad_t"])
+@pytest.mark.parametrize("bias_grad", ["dgelu", "sum", "wgrad_t", "ones"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1031 * 2, 4096])
 def test_epilogues_match_float64_gpu(monkeypatch, dtype, M, bias_grad):

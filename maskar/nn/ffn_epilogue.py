@@ -38,8 +38,10 @@ FALLBACKS = 0  # CUDA calls whose operands did not suit cuBLASLt (the torch body
 # fc1's bias gradient (H100, HMAR-d16 1024 px B 2, scripts/gpu/ffn_epilogue_check.py): "sum",
 # torch's d pre.sum(0) after DGELU (0.067 ms); "wgrad", in fc1's weight-gradient matmul (BGRADB:
 # 0.296 ms against 0.195 without it); "wgrad_t", in the transposed weight gradient's matmul
-# (BGRADA, then a transposing copy of the 8 MB weight gradient; not yet timed); "dgelu", in the
-# DGELU matmul (DGELU_BGRAD: 0.91 against 0.28)
+# (BGRADA, then a transposing copy of the 8 MB weight gradient; not yet timed); "ones", as one
+# more column of fc1's weight-gradient matmul, d pre.T @ [x | 1] (a copy of x with a ones column:
+# ~0.03 ms by the bytes against the sum's 0.067; not yet timed); "dgelu", in the DGELU matmul
+# (DGELU_BGRAD: 0.91 against 0.28)
 BIAS_GRAD = "sum"
 
 
@@ -110,10 +112,24 @@ def fc1_wgrad_op(dpre: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         if BIAS_GRAD == "wgrad_t":
             dw_t, db = cublaslt.weight_grad_t_bgrad(dpre, x)
             return dw_t.t().contiguous(), db
-        return cublaslt.weight_grad_bgrad(dpre, x)
+        if BIAS_GRAD == "wgrad":
+            return cublaslt.weight_grad_bgrad(dpre, x)
+    if BIAS_GRAD == "ones":
+        return _weight_grad_ones(dpre, x)
     _count_fallback(dpre)
     acc = torch.promote_types(dpre.dtype, torch.float32)
     return dpre.t() @ x, dpre.to(acc).sum(0).to(dpre.dtype)
+
+
+def _weight_grad_ones(dpre: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(dpre.T @ x, dpre's column sums) as one matmul, dpre.T @ [x | 1 | 0 ...]: the sum is the
+    matmul's own fp32 accumulation, the ones column padded to 8 for 16-byte rows."""
+    m, k = x.shape
+    x_aug = x.new_zeros((m, k + 8))
+    x_aug[:, :k] = x
+    x_aug[:, k] = 1
+    dw_aug = dpre.t() @ x_aug
+    return dw_aug[:, :k].contiguous(), dw_aug[:, k].contiguous()
 
 
 @fc1_wgrad_op.register_fake
@@ -138,9 +154,9 @@ class _FFN(torch.autograd.Function):
         x2, w1c, act, pre, w2c = ctx.saved_tensors
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.dtype).contiguous()
-        # fc1's bias gradient from its weight-gradient matmul where that runs (BIAS_GRAD "wgrad" /
-        # "wgrad_t"), else beside d pre
-        in_wgrad = BIAS_GRAD in ("wgrad", "wgrad_t") and need[1] and need[2]
+        # fc1's bias gradient from its weight-gradient matmul where that runs (BIAS_GRAD "wgrad",
+        # "wgrad_t", "ones"), else beside d pre
+        in_wgrad = BIAS_GRAD in ("wgrad", "wgrad_t", "ones") and need[1] and need[2]
         dpre, db1 = fc2_dgelu_op(dy2, w2c, pre, need[2] and not in_wgrad)
         t1, tb1, t2, tb2 = ctx.param_dtypes
         dx = (dpre @ w1c).reshape(ctx.x_shape).to(ctx.x_dtype) if need[0] else None

@@ -18,11 +18,11 @@ el "ffn_epilogue_check.py"
 (cd scripts/gpu && timeout $(cap 90) python3 ffn_epilogue_check.py) > "$OUT/ffe-check.jsonl" 2>&1
 echo "rc=$?"; cut -c1-600 "$OUT/ffe-check.jsonl" | tail -n 8
 # rows: on (1: DGELU, then torch's column sum for fc1's bias), on with the sum in fc1's transposed
-# weight-gradient matmul (1t: BGRADA), off (0)
-for a in ${ROWS:-1 1t 0}; do
+# weight-gradient matmul (1t: BGRADA), on with it as a ones column of that matmul (1o), off (0)
+for a in ${ROWS:-1 1t 1o 0}; do
   el "train_step 256 px B 32, MASKAR_FFN_EPILOGUE=$a"
-  MASKAR_FFN_EPILOGUE=${a%t} timeout $(cap 120) python3 -c "import sys; import maskar.nn.ffn_epilogue as f
-f.BIAS_GRAD = 'wgrad_t' if '$a' == '1t' else 'sum'
+  MASKAR_FFN_EPILOGUE=${a:0:1} timeout $(cap 120) python3 -c "import sys; import maskar.nn.ffn_epilogue as f
+f.BIAS_GRAD = {'1t': 'wgrad_t', '1o': 'ones'}.get('$a', 'sum')
 from maskar.cli import main
 sys.exit(main(sys.argv[1:]))" bench train_step res=256 steps=25 warmup=5 \
     rows=hmar/d16/blocks/graph/master,var/d16/blocks/graph/master json="$OUT/ffe-256-$a.json" \

@@ -71,9 +71,11 @@ def one_shape(name: str, M: int) -> None:
     dpre = dpre_d
     dw, db = cublaslt.weight_grad_bgrad(dpre, x)
     dwt, dbt = cublaslt.weight_grad_t_bgrad(dpre, x)
+    dwo, dbo = ffn_epilogue._weight_grad_ones(dpre, x)
     emit({"shape": name, "M": M, "check": "float64 wgrad",
           "dw1": rel(dw, dpre.double().T @ x.double()), "db1": rel(db, dpre.double().sum(0)),
-          "dw1_t": rel(dwt.t(), dpre.double().T @ x.double()), "db1_t": rel(dbt, dpre.double().sum(0))})
+          "dw1_t": rel(dwt.t(), dpre.double().T @ x.double()), "db1_t": rel(dbt, dpre.double().sum(0)),
+          "dw1_ones": rel(dwo, dpre.double().T @ x.double()), "db1_ones": rel(dbo, dpre.double().sum(0))})
     flop = 2 * M * C * N
     act_bytes = 2 * M * N
 
@@ -100,6 +102,7 @@ def one_shape(name: str, M: int) -> None:
         "wgrad_t_bgrada_and_transpose":
             graph_ms(lambda: cublaslt.weight_grad_t_bgrad(dpre, x)[0].t().contiguous()),
         "column_sum_torch": graph_ms(lambda: dpre.sum(0)),
+        "wgrad_ones_column": graph_ms(lambda: ffn_epilogue._weight_grad_ones(dpre, x)),
     }
     emit({"shape": name, "M": M, **{k: round(v, 4) for k, v in t.items()},
           "fwd_saved_ms": round(t["fwd_unfused"] - t["fwd_fused"], 4),
