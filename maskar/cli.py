@@ -175,6 +175,11 @@ def cmd_info(args: list[str]) -> int:
     print("environment switches (0 / 1; docs/kernels.md):")
     for name, sw in env.SWITCHES.items():
         print(f"  {name}={env.shown(name)}  ({sw.what})")
+    if env.switch("MASKAR_FFN_EPILOGUE") and torch.cuda.is_available():
+        from maskar.nn import cublaslt
+
+        found = "found" if cublaslt.load() else "not found: the FFN keeps its separate GELU launches"
+        print(f"  (MASKAR_FFN_EPILOGUE: cuBLASLt {found})")
     margin = os.environ.get(env.MARGIN) or f"{env.MARGIN_DEFAULT} (default)"
     print(f"graph pool reservation headroom (environment): {env.MARGIN}={margin}")
     print("architectures:")

@@ -300,3 +300,15 @@ def test_ffn_under_autocast_and_graph_capture_gpu(monkeypatch):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         fg(xe).float().square().sum().backward()
     assert _rel(xs.grad, xe.grad) < 1e-6
+
+
+def test_info_says_whether_cublaslt_was_found(monkeypatch, capsys):
+    from maskar.cli import main
+
+    monkeypatch.setenv("MASKAR_FFN_EPILOGUE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for found, words in ((False, "cuBLASLt not found: the FFN keeps its separate GELU launches"),
+                         (True, "cuBLASLt found")):
+        monkeypatch.setattr(cublaslt, "load", lambda f=found: f)
+        assert main(["info"]) == 0
+        assert f"(MASKAR_FFN_EPILOGUE: {words})" in capsys.readouterr().out
