@@ -1026,15 +1026,6 @@ def kernel_dtype_ok(dtype: torch.dtype, device: torch.device, cpu_reference: boo
     return _INTERPRET and dtype in _KERNEL_DTYPES
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a linear of input ``x`` computes in: autocast's where it is on for x's device (CUDA,
-    CPU), else x's own (a meta tensor has no autocast to ask)."""
-    dev = x.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
-
-
 def supports(q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern | None) -> bool:
     return pattern is not None and _device_ok(q.device) and _shapes_ok(q, k, v, pattern)
 

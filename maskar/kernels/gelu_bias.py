@@ -40,9 +40,9 @@ from maskar.kernels.block_sparse import (
     _on_reference,
     _via_ops,
     cdiv,
-    compute_dtype,
     kernel_dtype_ok,
 )
+from maskar.nn.precision import compute_dtype
 
 _BETA = math.sqrt(2.0 / math.pi)
 _KAPPA = 0.044715

@@ -65,10 +65,10 @@ from maskar.kernels.block_sparse import (
     _on_reference,
     _via_ops,
     cdiv,
-    compute_dtype,
     kernel_dtype_ok,
     next_power_of_2,
 )
+from maskar.nn.precision import compute_dtype
 
 EPS = 1e-12  # F.normalize's
 MAX_LOG_GAIN = math.log(100.0)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from maskar import env
 from maskar.nn import cublaslt
+from maskar.nn.precision import compute_dtype
 
 ENABLED = bool(env.switch("MASKAR_FFN_EPILOGUE"))
 CPU_REFERENCE = False  # tests: CPU calls take this path through the ops' torch bodies
@@ -176,15 +177,8 @@ def ffn(x: Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, detach_out_bias: 
     b2 = fc2.bias
     if b2 is not None and detach_out_bias:
         b2 = b2.detach()
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     return _FFN.apply(x, fc1.weight, fc1.bias, fc2.weight, b2, dtype)
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    dev = x.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
 
 
 def supports(x: Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, approximate: str) -> bool:
@@ -196,7 +190,7 @@ def supports(x: Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, approximate:
     if fc1.in_features % 8 or fc1.out_features % 8 or fc2.out_features % 8:
         return False
     if x.is_cuda:
-        return _compute_dtype(x) in (torch.float16, torch.bfloat16) and cublaslt.available(x.device)
+        return compute_dtype(x) in (torch.float16, torch.bfloat16) and cublaslt.available(x.device)
     return x.is_cpu and CPU_REFERENCE and x.is_floating_point()
 
 
