@@ -36,13 +36,12 @@ from maskar.nn.precision import compute_dtype
 ENABLED = bool(env.switch("MASKAR_FFN_EPILOGUE"))
 CPU_REFERENCE = False  # tests: CPU calls take this path through the ops' torch bodies
 FALLBACKS = 0  # CUDA calls whose operands did not suit cuBLASLt (the torch body ran instead)
-# fc1's bias gradient (H100, HMAR-d16 1024 px B 2, scripts/gpu/ffn_epilogue_check.py): "sum",
-# torch's d pre.sum(0) after DGELU (0.067 ms); "wgrad", in fc1's weight-gradient matmul (BGRADB:
-# 0.296 ms against 0.195 without it); "wgrad_t", in the transposed weight gradient's matmul
-# (BGRADA, then a transposing copy of the 8 MB weight gradient; not yet timed); "ones", as one
-# more column of fc1's weight-gradient matmul, d pre.T @ [x | 1] (a copy of x with a ones column:
-# ~0.03 ms by the bytes against the sum's 0.067; not yet timed); "dgelu", in the DGELU matmul
-# (DGELU_BGRAD: 0.91 against 0.28)
+# fc1's bias gradient, each way with its weight gradient (H100, HMAR-d16 1024 px B 2,
+# scripts/gpu/ffn_epilogue_check.py, 2026-12-07): "sum", torch's d pre.sum(0) after DGELU (0.195 ms
+# weight gradient + 0.066 sum, the fastest); "wgrad", in fc1's weight-gradient matmul (BGRADB: 0.286);
+# "wgrad_t", in the transposed weight gradient's matmul (BGRADA, 0.287, then a transposing copy:
+# 0.313); "ones", as one more column of that matmul, d pre.T @ [x | 1] (0.333 with x's copy);
+# "dgelu", in the DGELU matmul (DGELU_BGRAD: 0.91 against 0.29 without)
 BIAS_GRAD = "sum"
 
 
@@ -117,7 +116,8 @@ def fc1_wgrad_op(dpre: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
             return cublaslt.weight_grad_bgrad(dpre, x)
     if BIAS_GRAD == "ones":
         return _weight_grad_ones(dpre, x)
-    _count_fallback(dpre)
+    if BIAS_GRAD in ("wgrad", "wgrad_t"):  # "sum" / "dgelu" compute it here by design
+        _count_fallback(dpre)
     acc = torch.promote_types(dpre.dtype, torch.float32)
     return dpre.t() @ x, dpre.to(acc).sum(0).to(dpre.dtype)
 

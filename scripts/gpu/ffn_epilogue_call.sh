@@ -19,7 +19,7 @@ el "ffn_epilogue_check.py"
 echo "rc=$?"; cut -c1-600 "$OUT/ffe-check.jsonl" | tail -n 8
 # rows: on (1: DGELU, then torch's column sum for fc1's bias), on with the sum in fc1's transposed
 # weight-gradient matmul (1t: BGRADA), on with it as a ones column of that matmul (1o), off (0)
-for a in ${ROWS:-1 1t 1o 0}; do
+for a in ${ROWS-1 1t 1o 0}; do  # ROWS="": none
   el "train_step 256 px B 32, MASKAR_FFN_EPILOGUE=$a"
   MASKAR_FFN_EPILOGUE=${a:0:1} timeout $(cap 120) python3 -c "import sys; import maskar.nn.ffn_epilogue as f
 f.BIAS_GRAD = {'1t': 'wgrad_t', '1o': 'ones'}.get('$a', 'sum')
