@@ -50,6 +50,7 @@ SWITCHES: dict[str, Switch] = {
     "MASKAR_DIT_LOW_RESIDUAL": Switch(False, "CASMAR DiT head's residual stream in bf16 / fp16 (inference)"),
     "MASKAR_ADALN_NORM": Switch(True, "VAR / HMAR training: LayerNorm + modulate, one Triton launch a way"),
     "MASKAR_ADALN_SUMS": Switch(True, "VAR / HMAR training: FFN residual bwd, bias sums in adaln launches"),
+    "MASKAR_ADALN_PREFETCH": Switch(False, "VAR / HMAR training: adaln backward loads one row tile ahead"),
     "MASKAR_FFN_EPILOGUE": Switch(True, "VAR / HMAR training: the FFN's GELU in cuBLASLt's epilogues"),
     "MASKAR_QK_RECIPROCAL": Switch(True, "VAR / HMAR training: q/k norm backward multiplies by 1 / norm"),
 }

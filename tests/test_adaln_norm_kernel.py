@@ -181,6 +181,24 @@ c = an._backward(dh, x, dxo, o, v[0], v[1], mean, rstd)
 an.PAIRED_REDUCE = True
 paired = max(float((p - q).abs().max()) for p, q in zip(a, c) if p.numel())
 print("RESULT " + json.dumps({{"case": "deterministic", "same": same, "paired_vs_two_sums": paired}}))
+# the loads one tile ahead: the same results bit for bit, with several tiles a program, a partial
+# last tile and a program cut short by L, for both backward kernels
+same_pf = []
+for cfg in [(2, 1, 2, 3, 1), (2, 1, 4, 2, 1), (2, 1, 1, 4, 1)]:
+    an.FORCE_CONFIG = an.AdaLNNormConfig(*cfg)
+    an.GATED_FORCE_CONFIG = an.GatedAddConfig(*cfg[2:])
+    for res in (False, True):
+        oo, gg = (o, v[0]) if res else (None, None)
+        h, x2, mean, rstd = an._forward(x, oo, gg, v[1], v[2], 1e-6, torch.float32)
+        out = []
+        for pf in (False, True):
+            an.PREFETCH = pf
+            out.append(an._backward(dh, x, dxo, oo, gg, v[1], mean, rstd, bias_sum=res)
+                       + an._gated_add_backward(dh, o, v[0], True))
+        an.PREFETCH = False
+        same_pf.append(all(bool(torch.equal(p, q)) for p, q in zip(*out)))
+an.FORCE_CONFIG = an.GATED_FORCE_CONFIG = None
+print("RESULT " + json.dumps({{"case": "prefetch", "same": same_pf}}))
 """
 
 
@@ -219,6 +237,11 @@ def test_gated_add_matches_torch_interpreted(interpreter_results, case):
     assert all(v < tol for k, v in r.items() if not k.endswith("_dtype")), r
     assert r["y_dtype"] == "torch.float32" and r["dx_dtype"] == "torch.float32", r
     assert r["df_dtype"] == str(DTYPES[spec[4]]) and ("db" in r) == spec[7], r
+
+
+def test_prefetched_loads_give_the_same_bits_interpreted(interpreter_results):
+    r = interpreter_results["prefetch"]
+    assert len(r["same"]) == 6 and all(r["same"]), r
 
 
 def test_backward_is_deterministic_interpreted(interpreter_results):
@@ -394,7 +417,8 @@ def test_cpu_never_takes_the_op_by_default(monkeypatch):
 
 @pytest.mark.parametrize("arch", [90, 80])
 @pytest.mark.parametrize("kernel", ["fwd", "bwd", "gated_add_bwd"])
-def test_kernels_compile_to_cubin_without_a_gpu(arch, kernel):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_kernels_compile_to_cubin_without_a_gpu(arch, kernel, prefetch):
     require_aot_compiler()
     from triton.compiler import ASTSource
 
@@ -410,7 +434,7 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch, kernel):
     elif kernel == "bwd":  # with every sum (the bias's too)
         fn, warps = an._adaln_norm_bwd, cfg.bwd_warps
         consts = {"BLOCK_M": cfg.bwd_block_m, "BLOCK_C": 1024, "ITERS": cfg.bwd_iters, "RESIDUAL": True,
-                  "HAS_DXO": True, "PAIRED": an.PAIRED_REDUCE, "BIAS_SUM": True}
+                  "HAS_DXO": True, "PAIRED": an.PAIRED_REDUCE, "BIAS_SUM": True, "PREFETCH": prefetch}
         types = {"DH": "*bf16", "X": "*fp32", "DXO": "*fp32", "O": "*bf16", "G": "*bf16", "S": "*bf16",
                  "MEAN": "*fp32", "RSTD": "*fp32", "DX": "*fp32", "DO": "*bf16", "PS": "*fp32",
                  "PSH": "*fp32", "PG": "*fp32", "PB": "*fp32", "L": "i32", "C": "i32", "sg": "i32",
@@ -418,7 +442,8 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch, kernel):
     else:
         gcfg = an._GATED_DEFAULT
         fn, warps = an._gated_add_bwd, gcfg.warps
-        consts = {"BLOCK_M": gcfg.block_m, "BLOCK_C": 1024, "ITERS": gcfg.iters, "BIAS_SUM": True}
+        consts = {"BLOCK_M": gcfg.block_m, "BLOCK_C": 1024, "ITERS": gcfg.iters, "BIAS_SUM": True,
+                  "PREFETCH": prefetch}
         types = {"DY": "*fp32", "F": "*bf16", "G": "*fp32", "DF": "*bf16", "PG": "*fp32", "PB": "*fp32",
                  "L": "i32", "C": "i32", "sg": "i32", "n_chunks": "i32"}
     sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
@@ -435,7 +460,7 @@ def test_kernels_compile_to_cubin_without_a_gpu(arch, kernel):
     assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
     assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx
     usage = resource_usage(compiled)
-    print(f"adaln_norm {kernel} sm{arch}: {usage}")
+    print(f"adaln_norm {kernel} sm{arch} prefetch={prefetch}: {usage}")
     assert usage is None or usage["STACK"] == 0, usage  # no register spills
 
 

@@ -98,15 +98,38 @@ def _add_pair(a0, a1, b0, b1):
     return a0 + b0, a1 + b1
 
 
+@triton.jit
+def _bwd_tile(DH, X, DXO, O, MEAN, RSTD, b, rows, end, L, C, cols, col_ok,
+              RESIDUAL: tl.constexpr, HAS_DXO: tl.constexpr):
+    """The backward's loads of rows ``rows`` (those below ``end``) of sample b; d x_out and o are
+    dh where the kernel has none (never read then)."""
+    row_ok = rows < end
+    ok = row_ok[:, None] & col_ok[None, :]
+    at = (b * L + rows)[:, None] * C + cols[None, :]
+    dh = tl.load(DH + at, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(X + at, mask=ok, other=0.0).to(tl.float32)
+    dxo = dh
+    if HAS_DXO:
+        dxo = tl.load(DXO + at, mask=ok, other=0.0).to(tl.float32)
+    o = dh
+    if RESIDUAL:
+        o = tl.load(O + at, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.load(MEAN + b * L + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(RSTD + b * L + rows, mask=row_ok, other=0.0)
+    return dh, x, dxo, o, mean, rstd
+
+
 @triton.jit(do_not_specialize=["L"])
 def _adaln_norm_bwd(DH, X, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, PB, L, C, sg, ss, n_chunks,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERS: tl.constexpr,
                     RESIDUAL: tl.constexpr, HAS_DXO: tl.constexpr, PAIRED: tl.constexpr,
-                    BIAS_SUM: tl.constexpr):
+                    BIAS_SUM: tl.constexpr, PREFETCH: tl.constexpr):
     """Rows [pm ITERS BLOCK_M, +ITERS BLOCK_M) of sample b: DX (and DO = g DX), and one partial
     row each of Σ dh x̂ (PS), Σ dh (PSH), Σ DX o (PG) and (BIAS_SUM) Σ DO = g Σ DX (PB) at
     [b n_chunks + pm]. X is the op's input: with the residual, x2 = x + o g is made again here,
-    as the forward made it, so the step keeps one fp32 stream a block saved instead of two."""
+    as the forward made it, so the step keeps one fp32 stream a block saved instead of two.
+    PREFETCH: each tile's loads are issued one tile ahead, before the current tile's reductions,
+    so a program's reads overlap its cross-warp exchanges (the same values, the same order)."""
     pm = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
@@ -118,21 +141,26 @@ def _adaln_norm_bwd(DH, X, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, PB, L,
     acc_sh = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    end = tl.minimum(L, (pm + 1) * ITERS * BLOCK_M)
+    if PREFETCH:
+        n_dh, n_x, n_dxo, n_o, n_mean, n_rstd = _bwd_tile(
+            DH, X, DXO, O, MEAN, RSTD, b, pm * ITERS * BLOCK_M + tl.arange(0, BLOCK_M), end, L, C, cols,
+            col_ok, RESIDUAL, HAS_DXO)
     for i in range(ITERS):
         rows = (pm * ITERS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < L
         ok = row_ok[:, None] & col_ok[None, :]
-        grow = b * L + rows
-        at = grow[:, None] * C + cols[None, :]
-        dh = tl.load(DH + at, mask=ok, other=0.0).to(tl.float32)
-        x = tl.load(X + at, mask=ok, other=0.0).to(tl.float32)
-        if HAS_DXO:  # every load of the row before the reductions' barriers
-            dxo = tl.load(DXO + at, mask=ok, other=0.0).to(tl.float32)
+        at = (b * L + rows)[:, None] * C + cols[None, :]
+        # every load of the row before the reductions' barriers
+        if PREFETCH:
+            dh, x, dxo, o, mean, rstd = n_dh, n_x, n_dxo, n_o, n_mean, n_rstd
+            n_dh, n_x, n_dxo, n_o, n_mean, n_rstd = _bwd_tile(
+                DH, X, DXO, O, MEAN, RSTD, b, rows + BLOCK_M, end, L, C, cols, col_ok, RESIDUAL, HAS_DXO)
+        else:
+            dh, x, dxo, o, mean, rstd = _bwd_tile(DH, X, DXO, O, MEAN, RSTD, b, rows, end, L, C, cols,
+                                                  col_ok, RESIDUAL, HAS_DXO)
         if RESIDUAL:
-            o = tl.load(O + at, mask=ok, other=0.0).to(tl.float32)
             x = x + o * g[None, :]
-        mean = tl.load(MEAN + grow, mask=row_ok, other=0.0)
-        rstd = tl.load(RSTD + grow, mask=row_ok, other=0.0)
         xh = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
         gh = dh * s1[None, :]
         if PAIRED:  # both row sums in one reduction (one round of cross-warp exchange)
@@ -160,12 +188,21 @@ def _adaln_norm_bwd(DH, X, DXO, O, G, S, MEAN, RSTD, DX, DO, PS, PSH, PG, PB, L,
             tl.store(PB + part, tl.sum(acc_b, 0) * g, mask=col_ok)
 
 
+@triton.jit
+def _pair_tile(A, B_, b, rows, end, L, C, cols, col_ok):
+    """Rows ``rows`` (those below ``end``) of sample b of two (B, L, C) tensors, in fp32."""
+    ok = (rows < end)[:, None] & col_ok[None, :]
+    at = (b * L + rows)[:, None] * C + cols[None, :]
+    a = tl.load(A + at, mask=ok, other=0.0).to(tl.float32)
+    return a, tl.load(B_ + at, mask=ok, other=0.0).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["L"])
 def _gated_add_bwd(DY, F, G, DF, PG, PB, L, C, sg, n_chunks, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                   ITERS: tl.constexpr, BIAS_SUM: tl.constexpr):
+                   ITERS: tl.constexpr, BIAS_SUM: tl.constexpr, PREFETCH: tl.constexpr):
     """The backward of y = x + f g (g per sample) over rows [pm ITERS BLOCK_M, +ITERS BLOCK_M) of
     sample b: DF = g DY, and one partial row each of Σ DY f (PG) and (BIAS_SUM) Σ DF = g Σ DY
-    (PB) at [b n_chunks + pm]. d x is DY itself (no launch)."""
+    (PB) at [b n_chunks + pm]. d x is DY itself (no launch). PREFETCH as in the norm's backward."""
     pm = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
@@ -173,12 +210,19 @@ def _gated_add_bwd(DY, F, G, DF, PG, PB, L, C, sg, n_chunks, BLOCK_M: tl.constex
     g = tl.load(G + b * sg + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    end = tl.minimum(L, (pm + 1) * ITERS * BLOCK_M)
+    if PREFETCH:
+        first = pm * ITERS * BLOCK_M + tl.arange(0, BLOCK_M)
+        n_dy, n_f = _pair_tile(DY, F, b, first, end, L, C, cols, col_ok)
     for i in range(ITERS):
         rows = (pm * ITERS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         ok = (rows < L)[:, None] & col_ok[None, :]
         at = (b * L + rows)[:, None] * C + cols[None, :]
-        dy = tl.load(DY + at, mask=ok, other=0.0).to(tl.float32)
-        f = tl.load(F + at, mask=ok, other=0.0).to(tl.float32)
+        if PREFETCH:
+            dy, f = n_dy, n_f
+            n_dy, n_f = _pair_tile(DY, F, b, rows + BLOCK_M, end, L, C, cols, col_ok)
+        else:
+            dy, f = _pair_tile(DY, F, b, rows, end, L, C, cols, col_ok)
         tl.store(DF + at, (dy * g[None, :]).to(DF.dtype.element_ty), mask=ok)
         acc_g += dy * f
         if BIAS_SUM:
@@ -205,6 +249,9 @@ FORCE_CONFIG: AdaLNNormConfig | None = None  # tests / sweeps pin a config
 # the backward's two row sums in one tl.reduce over a pair: as fast as two tl.sum on an H100
 # (102.9 / 103.2 us without the residual, 159.6 / 155.5 with; scripts/gpu/adaln_norm_sweep.py)
 PAIRED_REDUCE = True
+# MASKAR_ADALN_PREFETCH: the backward kernels' loads issued one row tile ahead (both kernels; the
+# same results bit for bit); off until timed on a GPU (scripts/gpu/adaln_prefetch_sweep.py)
+PREFETCH = bool(env.switch("MASKAR_ADALN_PREFETCH"))
 # the fastest at HMAR-d16's 1024 px B 2 on an H100 (scripts/gpu/adaln_norm_sweep.py, the shipped form,
 # 2026-12-07): forward 11 configs within 10%, backward 103.8 / 160.4 us (78% / 65% of the bandwidth)
 _DEFAULT = AdaLNNormConfig(1, 4, 1, 32, 8)
@@ -292,7 +339,7 @@ def _backward(dh: Tensor, x: Tensor, dx_out: Tensor | None, o: Tensor | None, ga
              mean, rstd, dx, do if res else dx, parts[0], parts[1], parts[2] if res else parts[1],
              parts[-1], L, C, sg, ss, n_chunks),
             dict(BLOCK_M=cfg.bwd_block_m, BLOCK_C=next_power_of_2(C), ITERS=cfg.bwd_iters, RESIDUAL=res,
-                 HAS_DXO=dxo is not None, PAIRED=PAIRED_REDUCE, BIAS_SUM=bias_sum),
+                 HAS_DXO=dxo is not None, PAIRED=PAIRED_REDUCE, BIAS_SUM=bias_sum, PREFETCH=PREFETCH),
             cfg.bwd_warps, 1)
     # one reduction for all the sums, in a fixed order (one tensor: a custom op's outputs may not
     # alias each other, so the caller splits it)
@@ -310,7 +357,8 @@ def _gated_add_backward(dy: Tensor, f: Tensor, gate: Tensor, bias_sum: bool) -> 
     parts = torch.empty((1 + bias_sum, B, n_chunks, C), dtype=torch.float32, device=f.device)
     g, sg = _rows(gate, B, C)
     _launch(_gated_add_bwd, (n_chunks, B), (dy, f, g, df, parts[0], parts[-1], L, C, sg, n_chunks),
-            dict(BLOCK_M=cfg.block_m, BLOCK_C=next_power_of_2(C), ITERS=cfg.iters, BIAS_SUM=bias_sum),
+            dict(BLOCK_M=cfg.block_m, BLOCK_C=next_power_of_2(C), ITERS=cfg.iters, BIAS_SUM=bias_sum,
+                 PREFETCH=PREFETCH),
             cfg.warps, 1)
     return df, parts.sum(2, keepdim=True)
 
