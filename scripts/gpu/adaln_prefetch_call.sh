@@ -4,9 +4,11 @@
 # The GPU tests of the adaln kernels with it on, with the FFN epilogue's and the CUDA-graph step's
 # (MASKAR_FFN_EPILOGUE's fallback count fixed since its last run); then
 # scripts/gpu/adaln_prefetch_sweep.py (same bits with and without; each launch config timed both ways).
+# then (ROWS=1, the default) the 256 px B 32 rows (HMAR-d16, VAR-d16, /graph/master) with it on and
+# off, each side in its own process (no FlashAttention-4 needed).
 # Then, carrying .carry/fa4b: SWITCH=MASKAR_ADALN_PREFETCH PART=switch1024 bash scripts/gpu/fa4_rows.sh
 set -uo pipefail
-DEADLINE=${DEADLINE:-330}
+DEADLINE=${DEADLINE:-450}
 source "$(dirname "$0")/clock.sh"
 prelude
 el "GPU tests with MASKAR_ADALN_PREFETCH=1"
@@ -17,5 +19,14 @@ echo "rc=$?"; grep -E "Error|assert|passed|failed" "$OUT/apf-gpu-tests.txt" | he
 el "adaln_prefetch_sweep.py"
 (cd scripts/gpu && timeout $(cap 150) python3 adaln_prefetch_sweep.py) > "$OUT/apf-sweep.jsonl" 2>&1
 echo "rc=$?"; grep -E "^BEST|same_bits\": false|rror" "$OUT/apf-sweep.jsonl" | cut -c1-300
+if [ "${ROWS:-1}" = 1 ]; then
+  for a in 1 0; do
+    el "train_step 256 px B 32, MASKAR_ADALN_PREFETCH=$a"
+    MASKAR_ADALN_PREFETCH=$a timeout $(cap 110) python3 -m maskar bench train_step res=256 steps=25 warmup=5 \
+      rows=hmar/d16/blocks/graph/master,var/d16/blocks/graph/master json="$OUT/apf-256-$a.json" \
+      > "$OUT/apf-256-$a.txt" 2>&1
+    echo "rc=$?"; grep -E "^(hmar|var)-|rror" "$OUT/apf-256-$a.txt" | cut -c1-230 | tail -n 3
+  done
+fi
 el done
 pack_out "$OUT"
