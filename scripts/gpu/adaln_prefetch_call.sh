@@ -17,7 +17,7 @@ MASKAR_ADALN_PREFETCH=1 timeout $(cap 170) python3 -m pytest -q -m gpu -p no:cac
   > "$OUT/apf-gpu-tests.txt" 2>&1
 echo "rc=$?"; grep -E "Error|assert|passed|failed" "$OUT/apf-gpu-tests.txt" | head -n 12 | cut -c1-300; }
 el "adaln_prefetch_sweep.py"
-(cd scripts/gpu && timeout $(cap 150) python3 adaln_prefetch_sweep.py) > "$OUT/apf-sweep.jsonl" 2>&1
+(cd scripts/gpu && APF_SHAPES=${APF_SHAPES:-} timeout $(cap 150) python3 adaln_prefetch_sweep.py) > "$OUT/apf-sweep.jsonl" 2>&1
 echo "rc=$?"; grep -E "^BEST|same_bits\": false|rror" "$OUT/apf-sweep.jsonl" | cut -c1-300
 if [ "${ROWS:-1}" = 1 ]; then
   for a in 1 0; do

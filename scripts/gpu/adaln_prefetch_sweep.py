@@ -3,6 +3,7 @@ backward (maskar.kernels.adaln_norm) with each row tile's loads issued one tile 
 kernels as they are, at HMAR-d16's training shapes and around their default launch configs.
 
     python3 scripts/gpu/adaln_prefetch_sweep.py      # one JSON line per result, then "BEST ..." lines
+    APF_SHAPES=1024px-B2 python3 scripts/gpu/adaln_prefetch_sweep.py      # one shape only
     TRITON_INTERPRET=1 python3 scripts/gpu/adaln_prefetch_sweep.py --dry   # the logic on a CPU, tiny
 
 Each launch is first checked to give the same bits with and without the prefetch. Times are
@@ -15,6 +16,7 @@ gated add's 8 (dy fp32, f bf16 read; d f bf16 written), as in training (bias sum
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -40,6 +42,8 @@ if DRY:
         return (time.perf_counter() - t) * 1e3
 else:
     from qk_norm_sweep import graph_ms  # scripts/gpu: CUDA-graph replay timing of a launch
+if os.environ.get("APF_SHAPES"):  # e.g. APF_SHAPES=1024px-B2: those shapes only
+    SHAPES = {k: SHAPES[k] for k in os.environ["APF_SHAPES"].split(",")}
 
 
 def emit(rec: dict) -> None:
