@@ -19,14 +19,6 @@ echo "rc=$?"; grep -E "Error|assert|passed|failed" "$OUT/apf-gpu-tests.txt" | he
 el "adaln_prefetch_sweep.py"
 (cd scripts/gpu && APF_SHAPES=${APF_SHAPES:-} timeout $(cap 150) python3 adaln_prefetch_sweep.py) > "$OUT/apf-sweep.jsonl" 2>&1
 echo "rc=$?"; grep -E "^BEST|same_bits\": false|rror" "$OUT/apf-sweep.jsonl" | cut -c1-300
-if [ "${ROWS:-1}" = 1 ]; then
-  for a in 1 0; do
-    el "train_step 256 px B 32, MASKAR_ADALN_PREFETCH=$a"
-    MASKAR_ADALN_PREFETCH=$a timeout $(cap 110) python3 -m maskar bench train_step res=256 steps=25 warmup=5 \
-      rows=hmar/d16/blocks/graph/master,var/d16/blocks/graph/master json="$OUT/apf-256-$a.json" \
-      > "$OUT/apf-256-$a.txt" 2>&1
-    echo "rc=$?"; grep -E "^(hmar|var)-|rror" "$OUT/apf-256-$a.txt" | cut -c1-230 | tail -n 3
-  done
-fi
+[ "${ROWS:-1}" = 1 ] && switch_rows256 MASKAR_ADALN_PREFETCH apf 110 1 0
 el done
 pack_out "$OUT"

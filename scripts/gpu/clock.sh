@@ -20,3 +20,16 @@ prelude() {
     mkdir -p .persist && cp -r .carry/fa4a .persist/ && echo "fa4a kept in .persist/"
   fi
 }
+# switch_rows256 SWITCH TAG LIMIT VALUES...: the 256 px B 32 training-step rows (HMAR-d16, VAR-d16,
+# /graph/master) with the environment switch at each value, each side in its own process:
+# $OUT/TAG-256-VALUE.txt / .json
+switch_rows256() {
+  local sw=$1 tag=$2 lim=$3 a; shift 3
+  for a in "$@"; do
+    el "train_step 256 px B 32, $sw=$a"
+    env "$sw=$a" timeout $(cap "$lim") python3 -m maskar bench train_step res=256 steps=25 warmup=5 \
+      rows=hmar/d16/blocks/graph/master,var/d16/blocks/graph/master json="$OUT/$tag-256-$a.json" \
+      > "$OUT/$tag-256-$a.txt" 2>&1
+    echo "rc=$?"; grep -E "^(hmar|var)-|rror" "$OUT/$tag-256-$a.txt" | cut -c1-230 | tail -n 3
+  done
+}

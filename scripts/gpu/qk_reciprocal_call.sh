@@ -13,11 +13,5 @@ MASKAR_QK_RECIPROCAL=1 timeout $(cap 200) python3 -m pytest -q -m gpu -p no:cach
   tests/test_qk_norm_kernel.py tests/test_train_cuda_graph.py tests/test_hmar.py tests/test_var.py \
   > "$OUT/qkr-gpu-tests.txt" 2>&1
 echo "rc=$?"; tail -n 3 "$OUT/qkr-gpu-tests.txt" | cut -c1-300
-for a in 1 0; do
-  el "train_step 256 px B 32, MASKAR_QK_RECIPROCAL=$a"
-  MASKAR_QK_RECIPROCAL=$a timeout $(cap 120) python3 -m maskar bench train_step res=256 steps=25 warmup=5 \
-    rows=hmar/d16/blocks/graph/master,var/d16/blocks/graph/master json="$OUT/qkr-256-$a.json" \
-    > "$OUT/qkr-256-$a.txt" 2>&1
-  echo "rc=$?"; grep -E "^(hmar|var)-|rror" "$OUT/qkr-256-$a.txt" | cut -c1-230 | tail -n 3
-done
+switch_rows256 MASKAR_QK_RECIPROCAL qkr 120 1 0
 el done
