@@ -1,26 +1,22 @@
 #!/usr/bin/env bash
-# The first device call of a session, chosen by the GPU that came (starts are scarce: one script
-# that does the most for whichever card it gets):
+# The first device call of a session (starts are scarce: one script that does the most next):
 #   OUT=$OUT bash scripts/gpu/first_call.sh
-# H200 (the issues' GPU): issue 14's and 15's rows at the defaults (h200_rows.sh PART=rows).
-# Anything else (an H100): MASKAR_FFN_EPILOGUE's GPU tests (on by default since 2026-12-07, seventh
-# session: its own, the training paths') and its launches' check, no rows (ROWS= ffn_epilogue_call.sh);
-# carry .carry/fa4a to keep FlashAttention-4's first part for a second call (carrying .carry/fa4b:
-# PART=profile1024 bash scripts/gpu/fa4_rows.sh on an H100, where the 1024 px step's time goes now;
-# on an H200 SWITCH=MASKAR_FFN_EPILOGUE PART=switch1024, issue 13's 1024 px rows on its GPU).
-# DEADLINE passes on (default 560 s).
-# (ffn_epilogue_call.sh with its 256 px rows ran on 2026-12-07, seventh session.)
+# Any GPU: MASKAR_ADALN_PREFETCH's GPU tests (with the FFN epilogue's, whose fallback count was fixed
+# after its last GPU run), its launch sweep and its 256 px A/B (adaln_prefetch_call.sh). Carry
+# .carry/fa4a, so that the second call, carrying .carry/fa4b, can run
+#   SWITCH=MASKAR_ADALN_PREFETCH PART=switch1024 bash scripts/gpu/fa4_rows.sh
+# whose =0 rows are issue 13's 1024 px rows at the defaults (on an H200: on its GPU for the first
+# time). Then, on an H200 with time left: PART=rows bash scripts/gpu/h200_rows.sh (issues 14 and 15).
+# DEADLINE passes on (default 450 s).
+# (ffn_epilogue_call.sh ran on 2026-12-07, seventh session: MASKAR_FFN_EPILOGUE on by default since.)
 # (adaln_default_call.sh ran on 2026-12-07, sixth session.)
 # (train.master_weights' script, master_default.sh, ran on 2026-12-07: auto is the default since.)
 set -uo pipefail
-DEADLINE=${DEADLINE:-560}
+DEADLINE=${DEADLINE:-450}
 source "$(dirname "$0")/clock.sh"
 # keeps FlashAttention-4's first part where carried, for the next call on this machine (then,
 # carrying .carry/fa4b: PART=switch1024 bash scripts/gpu/fa4_rows.sh; on an H200 that gives issue
 # 13's 1024 px rows on their own GPU for the first time)
 prelude
-case "$g" in
-  *H200*) PART=rows DEADLINE=${DEADLINE:-560} bash "$(dirname "$0")/h200_rows.sh" ;;
-  *) ROWS="" DEADLINE=${DEADLINE:-560} bash "$(dirname "$0")/ffn_epilogue_call.sh" ;;
-esac
+DEADLINE=${DEADLINE:-450} bash "$(dirname "$0")/adaln_prefetch_call.sh"
 pack_out "$OUT"
