@@ -148,6 +148,21 @@ def test_op_bodies_against_float64_math():
     torch.testing.assert_close(db, d_pre_want.sum(0))
 
 
+@pytest.mark.parametrize("bias_grad", ["sum", "dgelu", "ones", "wgrad", "wgrad_t"])
+def test_weight_gradient_op_counts_a_fallback_only_where_an_epilogue_was_meant(monkeypatch, bias_grad):
+    """fc1's weight-gradient op runs torch's column sum by design in the "sum" / "dgelu" forms
+    (the GPU check once counted that as cuBLASLt falling back); on the CPU every form takes the
+    torch body, which is a fallback only for the two forms that mean an epilogue there."""
+    calls = []
+    monkeypatch.setattr(ffn_epilogue, "_count_fallback", calls.append)
+    monkeypatch.setattr(ffn_epilogue, "BIAS_GRAD", bias_grad)
+    dpre, x = torch.randn(6, 16), torch.randn(6, 8)
+    dw, db = ffn_epilogue.fc1_wgrad_op(dpre, x)
+    torch.testing.assert_close(dw, dpre.T @ x)
+    torch.testing.assert_close(db, dpre.sum(0))
+    assert len(calls) == (bias_grad in ("wgrad", "wgrad_t"))
+
+
 def test_supports():
     ffn = FFN(32, 128)
     x = torch.randn(2, 3, 32)
