@@ -163,6 +163,17 @@ def test_weight_gradient_op_counts_a_fallback_only_where_an_epilogue_was_meant(m
     assert len(calls) == (bias_grad in ("wgrad", "wgrad_t"))
 
 
+def test_cublaslt_plans_need_ampere_or_later(monkeypatch):
+    """The ops' bodies take cuBLASLt only on sm80+ (older GPUs run the torch body, counted)."""
+    caps = {0: (7, 5), 1: (8, 0), 2: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: caps[index])
+    cublaslt.arch_ok.cache_clear()
+    try:
+        assert [cublaslt.arch_ok(i) for i in caps] == [False, True, True]
+    finally:
+        cublaslt.arch_ok.cache_clear()
+
+
 def test_supports():
     ffn = FFN(32, 128)
     x = torch.randn(2, 3, 32)

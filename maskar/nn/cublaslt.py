@@ -193,6 +193,17 @@ def _mm(epilogue: int, out: Tensor, left: Tensor, l_t: bool, right: Tensor, r_t:
     plan.run(right.data_ptr(), left.data_ptr(), out.data_ptr(), bias_p, aux_p)
 
 
+# the plans' fp16 / bf16 epilogues: Ampere and later (measured and GPU-tested on sm90 only)
+MIN_CAPABILITY = (8, 0)
+
+
+@functools.cache
+def arch_ok(index: int) -> bool:
+    """Whether CUDA device ``index`` is new enough for the plans (call it outside a torch.compile
+    trace: the custom ops' bodies do)."""
+    return tuple(torch.cuda.get_device_capability(index)) >= MIN_CAPABILITY
+
+
 def fits(*ts: Tensor) -> bool:
     """Whether the operands suit the plans: one fp16 / bf16 dtype, contiguous, 256-byte aligned
     (the heuristic's default assumption for A, B, C, D), every dimension a multiple of 8."""
