@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The quality study's steps on this machine (docs/quality.md), around the three device calls:
+#   scripts/quality_collect.sh loss_curve     .carry/fmnist and .carry/vq only (what the training loss-curve
+#                                             recheck carries: scripts/gpu/train_speed_more.sh STAGES="3 4")
 #   scripts/quality_collect.sh prepare        .carry/fmnist: the Fashion-MNIST train split to carry
 #                                             (train images xz-compressed: 22.6 MB; ~1 min); .carry/fmnist-test:
 #                                             the test split (4 MB); .carry/vq: the VQ tokenizer alone (9.5 MB);
@@ -73,6 +75,12 @@ PY
 }
 
 case "${1:-}" in
+  loss_curve)  # only what the loss-curve recheck carries (scripts/gpu/train_speed_more.sh STAGES="3 4")
+    mkdir -p .carry/fmnist
+    zcat $DATA_ROOT/train-images-idx3-ubyte.gz | xz -9e -T2 > .carry/fmnist/train-images-idx3-ubyte.xz
+    cp $DATA_ROOT/train-labels-idx1-ubyte.gz .carry/fmnist/
+    extract_tokenizer checkpoints/hmar-fmnist .carry/vq
+    ;;
   prepare)
     mkdir -p .carry/fmnist
     zcat $DATA_ROOT/train-images-idx3-ubyte.gz | xz -9e -T2 > .carry/fmnist/train-images-idx3-ubyte.xz

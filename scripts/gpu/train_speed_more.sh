@@ -9,9 +9,13 @@
 #      VAR-d16 eager.
 #   3. HMAR stage 1 on Fashion-MNIST, the shipped demo's recipe (depth 6, width 256, batch 256, 6000-step
 #      lin0 schedule, warm-up 300), stopped at step 2000, default train.compile (blocks on CUDA), with
-#      the tokenizer of checkpoints/hmar-fmnist; its loss against docs/results/hmar-fmnist-stage1-log.txt.
+#      the tokenizer of checkpoints/hmar-fmnist (or $TOKENIZER, e.g. .carry/vq where the checkpoints stay
+#      out of the tree); its loss against docs/results/hmar-fmnist-stage1-log.txt.
 #      Needs Fashion-MNIST's train-{images-idx3,labels-idx1}-ubyte.gz under $DATA (default
 #      /usr/share/datasets/fashion-mnist, else .carry/fmnist: carry it with the run).
+#      The recheck alone at today's defaults: `scripts/quality_collect.sh loss_curve` here (makes
+#      .carry/fmnist and .carry/vq), then carrying both, checkpoints out of the tree:
+#        TOKENIZER=.carry/vq OUT=$OUT STAGES="3 4" bash scripts/gpu/train_speed_more.sh
 # Writes to $OUT (8 files): bench_more_256.{txt,json}, bench_more_512_1024.{txt,json},
 # fmnist_s1_log.txt, fmnist_loss.png (if matplotlib is installed), summary_more.txt.
 # STAGES (default "1 2 3 4") picks the stages and their order, e.g. STAGES="3 1 4" when the call has
@@ -50,7 +54,7 @@ json.dump({'rows': rows}, open(sys.argv[1], 'w'), indent=1)" "$OUT/bench_more_51
 stage3() {
 el "3. Fashion-MNIST HMAR stage 1, 2000 steps (data: $DATA)"
 rm -rf /tmp/runs/fm1
-timeout ${FM_TIMEOUT:-240} python3 - "$DATA" <<'EOF'
+timeout ${FM_TIMEOUT:-240} python3 - "$DATA" "${TOKENIZER:-checkpoints/hmar-fmnist}" <<'EOF'
 import sys
 from maskar.config import load_config
 from maskar.train.trainer import train
@@ -58,7 +62,7 @@ cfg = load_config("hmar-fmnist", [
     f"data.root={sys.argv[1]}", "data.num_workers=8", "train.batch_size=256", "train.steps=6000",
     "train.warmup_steps=300", "train.log_every=100", "train.ckpt_every=0", "train.progress=false",
     "train.tensorboard=false", "train.out_dir=/tmp/runs/fm1", "model.depth=6", "model.width=256",
-    "model.heads=4", "model.tokenizer_ckpt=checkpoints/hmar-fmnist",
+    "model.heads=4", f"model.tokenizer_ckpt={sys.argv[2]}",
 ])
 train(cfg, stop_at=2000)  # the 6000-step schedule of the old run, stopped where the comparison ends
 EOF
