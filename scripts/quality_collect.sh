@@ -74,17 +74,19 @@ with open(f"{dst}/SHA256SUMS", "w") as f:
 PY
 }
 
-case "${1:-}" in
-  loss_curve)  # only what the loss-curve recheck carries (scripts/gpu/train_speed_more.sh STAGES="3 4")
+carry_train_split() {  # .carry/fmnist: the train split, its images xz-compressed (22.6 MB)
     mkdir -p .carry/fmnist
     zcat $DATA_ROOT/train-images-idx3-ubyte.gz | xz -9e -T2 > .carry/fmnist/train-images-idx3-ubyte.xz
     cp $DATA_ROOT/train-labels-idx1-ubyte.gz .carry/fmnist/
+}
+
+case "${1:-}" in
+  loss_curve)  # only what the loss-curve recheck carries (scripts/gpu/train_speed_more.sh STAGES="3 4")
+    carry_train_split
     extract_tokenizer checkpoints/hmar-fmnist .carry/vq
     ;;
   prepare)
-    mkdir -p .carry/fmnist
-    zcat $DATA_ROOT/train-images-idx3-ubyte.gz | xz -9e -T2 > .carry/fmnist/train-images-idx3-ubyte.xz
-    cp $DATA_ROOT/train-labels-idx1-ubyte.gz .carry/fmnist/
+    carry_train_split
     # the test split alone (4 MB): what scripts/gpu/bench_sampling.sh's decode-quality line carries
     mkdir -p .carry/fmnist-test
     zcat $DATA_ROOT/t10k-images-idx3-ubyte.gz | xz -9e -T2 > .carry/fmnist-test/t10k-images-idx3-ubyte.xz

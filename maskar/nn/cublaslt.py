@@ -211,6 +211,12 @@ def fits(*ts: Tensor) -> bool:
                and t.data_ptr() % 256 == 0 and all(s % 8 == 0 for s in t.shape[1:]) for t in ts)
 
 
+def usable(*ts: Tensor) -> bool:
+    """Whether the plans can take these operands here: CUDA, sm80 or later, :func:`fits` (the ops'
+    bodies ask, outside any torch.compile trace)."""
+    return ts[0].is_cuda and arch_ok(ts[0].device.index) and fits(*ts)
+
+
 def _check_operands(name: str, *ts: Tensor) -> None:
     if not fits(*ts):
         raise ValueError(f"{name}: operands {[(tuple(t.shape), t.dtype, t.stride()) for t in ts]} need one "

@@ -75,7 +75,7 @@ def fc1_gelu_op(x: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """(gelu_tanh(x @ w.T + b), x @ w.T + b) for x (M, K), w (N, K), b (N,)."""
     if x.is_cuda and b.data_ptr() % 256:
         b = b.clone()  # a bias viewed out of a larger buffer: 2 N bytes to copy
-    if x.is_cuda and cublaslt.arch_ok(x.device.index) and cublaslt.fits(x, w, b):
+    if cublaslt.usable(x, w, b):
         return cublaslt.linear_gelu_aux(x, w, b)
     _count_fallback(x)
     return _torch_fc1_gelu(x, w, b)
@@ -90,7 +90,7 @@ def _(x, w, b):
 def fc2_dgelu_op(dy: Tensor, w: Tensor, pre: Tensor, with_sum: bool) -> tuple[Tensor, Tensor]:
     """((dy @ w) * gelu_tanh'(pre), and where ``with_sum`` its column sums (N,), else empty) for
     dy (M, K), w (K, N), pre (M, N)."""
-    if dy.is_cuda and cublaslt.arch_ok(dy.device.index) and cublaslt.fits(dy, w, pre):
+    if cublaslt.usable(dy, w, pre):
         dpre, dbias = cublaslt.matmul_dgelu_bgrad(dy, w, pre, with_sum and BIAS_GRAD == "dgelu")
         if dbias is None:
             dbias = dpre.sum(0) if with_sum else dpre.new_empty(0)
@@ -108,7 +108,7 @@ def _(dy, w, pre, with_sum):
 @torch.library.custom_op("maskar::ffn_fc1_wgrad", mutates_args=())
 def fc1_wgrad_op(dpre: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """(dpre.T @ x, dpre's column sums): fc1's weight and bias gradients."""
-    if dpre.is_cuda and cublaslt.arch_ok(dpre.device.index) and cublaslt.fits(dpre, x):
+    if cublaslt.usable(dpre, x):
         if BIAS_GRAD == "wgrad_t":
             dw_t, db = cublaslt.weight_grad_t_bgrad(dpre, x)
             return dw_t.t().contiguous(), db

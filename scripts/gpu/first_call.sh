@@ -12,11 +12,6 @@
 # (adaln_default_call.sh ran on 2026-12-07, sixth session.)
 # (train.master_weights' script, master_default.sh, ran on 2026-12-07: auto is the default since.)
 set -uo pipefail
-DEADLINE=${DEADLINE:-450}
-source "$(dirname "$0")/clock.sh"
-# keeps FlashAttention-4's first part where carried, for the next call on this machine (then,
-# carrying .carry/fa4b: PART=switch1024 bash scripts/gpu/fa4_rows.sh; on an H200 that gives issue
-# 13's 1024 px rows on their own GPU for the first time)
-prelude
-DEADLINE=${DEADLINE:-450} bash "$(dirname "$0")/adaln_prefetch_call.sh"
-pack_out "$OUT"
+# adaln_prefetch_call.sh makes the prelude (which keeps .carry/fa4a in .persist/ for the second call)
+# and packs $OUT itself
+DEADLINE=${DEADLINE:-450} exec bash "$(dirname "$0")/adaln_prefetch_call.sh"
