@@ -155,6 +155,7 @@ def test_gpu_graphed_training_equals_eager(tmp_path, preset, precision) -> None:
     print(f"{preset} {precision}: graphed vs eager weights after 8 steps, rel max {worst:.1e}")
     assert worst < (1e-5 if precision == "fp32" else 2e-2)
     assert len(_log_losses(tmp_path / "graph")) == 4
+    assert "one CUDA graph (train.cuda_graph), autocast" in (tmp_path / "graph" / "log.txt").read_text()
 
 
 @gpu

@@ -193,6 +193,7 @@ def test_train_writes_checkpoints_logs_and_learns(tmp_path: Path) -> None:
     lines = (out / "log.txt").read_text().splitlines()
     steps = [line for line in lines if "| loss " in line]
     assert len(steps) == 3 and "step 6/6 | loss" in steps[-1]
+    assert "step: train.compile=none, eager launches" in lines[2]  # how the steps ran, for comparisons
     for key in ("lr", "grad_norm", "it_per_s", "samples_per_s", "max_mem_gb", "mse_noisy"):
         assert f"| {key} " in steps[-1]
     model, cfg2 = ck.load_model(out)

@@ -853,6 +853,15 @@ class Trainer:
         self.check_finite_loss()
         return out
 
+    def step_mode(self) -> str:
+        """How each step runs, for the log: a comparison of two runs' losses or speeds names it."""
+        compiled = f"train.compile={self.compile_mode}"
+        if self.graph_step is None:
+            return f"{compiled}, eager launches"
+        master = self.graph_step.master is not None
+        weights = "bf16 copies of the linears, fp32 masters" if master else "autocast"
+        return f"{compiled}, one CUDA graph (train.cuda_graph), {weights}"
+
     def run(self, stop_at: int | None = None) -> Path:
         """Train to ``train.steps`` (or stop early at ``stop_at``, saving, as an interruption would)."""
         tc = self.cfg.train
@@ -868,6 +877,7 @@ class Trainer:
                 f"precision {tc.precision}, out_dir {self.out_dir}"
             )
             self.log.info(batch_rule(tc.batch_size, tc.lr, self.dist.world_size, tc.grad_accum, tc.parallel))
+            self.log.info(f"step: {self.step_mode()}")
         self._last_saved = self.step if self.resume_dir is not None else -1
         if not tc.resume and ckpt.latest_checkpoint(self.out_dir) is not None:
             self.log.info(

@@ -16,6 +16,9 @@
 #      The recheck alone at today's defaults: `scripts/quality_collect.sh loss_curve` here (makes
 #      .carry/fmnist and .carry/vq), then carrying both, checkpoints out of the tree:
 #        TOKENIZER=.carry/vq OUT=$OUT STAGES="3 4" bash scripts/gpu/train_speed_more.sh
+#      FM_OVERRIDES adds key=value overrides to that run, e.g. FM_OVERRIDES=train.cuda_graph=true (the
+#      step as one CUDA graph, where train.master_weights=auto takes the bf16 copies: the benchmark's
+#      /graph/master step); the log names them.
 # Writes to $OUT (8 files): bench_more_256.{txt,json}, bench_more_512_1024.{txt,json},
 # fmnist_s1_log.txt, fmnist_loss.png (if matplotlib is installed), summary_more.txt.
 # STAGES (default "1 2 3 4") picks the stages and their order, e.g. STAGES="3 1 4" when the call has
@@ -54,7 +57,8 @@ json.dump({'rows': rows}, open(sys.argv[1], 'w'), indent=1)" "$OUT/bench_more_51
 stage3() {
 el "3. Fashion-MNIST HMAR stage 1, 2000 steps (data: $DATA)"
 rm -rf /tmp/runs/fm1
-timeout ${FM_TIMEOUT:-240} python3 - "$DATA" "${TOKENIZER:-checkpoints/hmar-fmnist}" <<'EOF'
+echo "overrides: ${FM_OVERRIDES:-none}"
+timeout ${FM_TIMEOUT:-240} python3 - "$DATA" "${TOKENIZER:-checkpoints/hmar-fmnist}" ${FM_OVERRIDES:-} <<'EOF'
 import sys
 from maskar.config import load_config
 from maskar.train.trainer import train
@@ -62,7 +66,7 @@ cfg = load_config("hmar-fmnist", [
     f"data.root={sys.argv[1]}", "data.num_workers=8", "train.batch_size=256", "train.steps=6000",
     "train.warmup_steps=300", "train.log_every=100", "train.ckpt_every=0", "train.progress=false",
     "train.tensorboard=false", "train.out_dir=/tmp/runs/fm1", "model.depth=6", "model.width=256",
-    "model.heads=4", f"model.tokenizer_ckpt={sys.argv[2]}",
+    "model.heads=4", f"model.tokenizer_ckpt={sys.argv[2]}", *sys.argv[3:],
 ])
 train(cfg, stop_at=2000)  # the 6000-step schedule of the old run, stopped where the comparison ends
 EOF
