@@ -21,11 +21,14 @@
 # PART=switch1024 instead: the /graph/master rows (fa4 through auto) with the environment switch
 # SWITCH (default MASKAR_ADALN_SUMS) at 1 and at 0, HMAR then VAR, each row in its own process
 # (files fa4-<m>-<switch>1 / 0).
+# PART=defaults1024 instead: the /graph/master rows at every default (issue 13's 1024 px rows), HMAR
+# then VAR, each in its own process (files fa4-<m>-defaults).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 case "${PART:-train}" in
-  train|profile1024|bwdsweep|cdt|auto1024|master1024|sample1024|switch1024) ;;
-  *) echo "PART: expected train, profile1024, bwdsweep, cdt, auto1024, master1024, sample1024 or switch1024;" \
+  train|profile1024|bwdsweep|cdt|auto1024|master1024|sample1024|switch1024|defaults1024) ;;
+  *) echo "PART: expected train, profile1024, bwdsweep, cdt, auto1024, master1024, sample1024, switch1024" \
+       "or defaults1024;" \
        "got ${PART}" >&2; exit 2 ;;
 esac
 source scripts/gpu/fa4_install.sh || exit 1
@@ -93,6 +96,15 @@ if [ "${PART:-train}" = switch1024 ]; then
         rows=$m/d16/blocks/graph/master json="$OUT/fa4-$m-$tag$a.json" > "$OUT/fa4-$m-$tag$a.txt" 2>&1
       echo "rc=$?"; grep -E "^(hmar|var)-|rror" "$OUT/fa4-$m-$tag$a.txt" | cut -c1-230 | tail -n 2
     done
+  done
+  exit 0
+fi
+if [ "${PART:-train}" = defaults1024 ]; then
+  for m in hmar var; do
+    echo "== train_step 1024 px $m-d16 /graph/master, every default"
+    timeout "${T1024_S:-120}" python3 -m maskar bench train_step res=1024 steps=20 warmup=3 \
+      rows=$m/d16/blocks/graph/master json="$OUT/fa4-$m-defaults.json" > "$OUT/fa4-$m-defaults.txt" 2>&1
+    echo "rc=$?"; grep -E "^(hmar|var)-|rror" "$OUT/fa4-$m-defaults.txt" | cut -c1-230 | tail -n 2
   done
   exit 0
 fi
