@@ -95,11 +95,13 @@ class TrainConfig:
         "false; auto = blocks on CUDA for models with repeated blocks (VAR, HMAR), else false",
     )
     activation_checkpointing: bool = field(False, help="recompute each block's activations in the backward")
-    cuda_graph: bool = field(
-        False,
+    cuda_graph: bool | str = field(
+        "auto",
+        choices=("auto", True, False),
         help="capture the whole step (loss, backward, clipping, AdamW) as one CUDA graph after "
-        "3 eager steps and replay it: one CUDA process, grad_accum 1, bf16 / fp32, models whose step "
-        "is graph-safe (VAR, HMAR)",
+        "3 eager steps and replay it: one CUDA process, grad_accum 1, bf16 / fp32, no activation "
+        "checkpointing, models whose step is graph-safe (VAR, HMAR); auto = on wherever all of that "
+        "holds (the log's step: line says which), true = refuse to run otherwise, false = eager launches",
     )
     master_weights: bool | str = field(
         "auto",
@@ -151,7 +153,7 @@ class TrainConfig:
                 f"compile: {self.compile!r} compiles the whole step, which parallel=fsdp2 does not support; "
                 "use compile=blocks (or auto: blocks on CUDA)"
             )
-        if self.cuda_graph:
+        if self.cuda_graph is True:  # auto steps aside instead (maskar.train.trainer.graph_refusal)
             if self.grad_accum != 1:
                 raise ValueError(f"cuda_graph: needs grad_accum=1, got {self.grad_accum}")
             if self.precision == "fp16":
@@ -162,7 +164,7 @@ class TrainConfig:
             if self.activation_checkpointing:
                 raise ValueError("cuda_graph: not supported with activation_checkpointing=true")
         if self.master_weights is True:
-            if not self.cuda_graph:
+            if self.cuda_graph is False:
                 raise ValueError("master_weights: needs cuda_graph=true (the step it is built into)")
             if self.precision not in ("auto", "bf16"):
                 raise ValueError(f"master_weights: needs precision bf16, got {self.precision}")

@@ -305,7 +305,7 @@ def test_master_weights_refuses_what_it_cannot_step() -> None:
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        ((), "master_weights: needs cuda_graph=true"),
+        (("train.cuda_graph=false",), "master_weights: needs cuda_graph=true"),
         (("train.cuda_graph=true", "train.precision=fp32"), "master_weights: needs precision bf16, got fp32"),
     ],
 )
@@ -321,11 +321,13 @@ def test_master_weights_auto_is_on_with_the_graphed_bf16_step_only(tmp_path) -> 
         return master_weights_on(cfg.train, amp)
 
     assert cfg_default(tmp_path) == "auto"
+    assert on() and on("train.cuda_graph=auto")  # auto, where the step turns out to be a graph
+    assert not on("train.cuda_graph=auto", amp=None)
     assert on("train.cuda_graph=true")
     assert not on("train.cuda_graph=true", amp=None)
     assert on("train.cuda_graph=true", "train.master_weights=auto")
     assert not on("train.cuda_graph=true", "train.master_weights=auto", amp=None)  # fp32: nothing to copy
-    assert not on("train.master_weights=auto")  # no graph, no copies
+    assert not on("train.cuda_graph=false", "train.master_weights=auto")  # no graph, no copies
     assert not on("train.cuda_graph=true", "train.master_weights=false")
     assert on("train.cuda_graph=true", "train.master_weights=true", "train.precision=bf16")
 

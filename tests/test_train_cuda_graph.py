@@ -46,6 +46,56 @@ def test_config_refuses_what_a_graph_cannot_replay(tmp_path, overrides, needle) 
     assert needle in str(e.value)
 
 
+def test_auto_is_the_default_and_steps_aside_where_a_graph_cannot_replay(tmp_path) -> None:
+    from maskar.train.trainer import graph_refusal
+
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    tc = _cfg("hmar-tiny", tmp_path).train
+    assert tc.cuda_graph == "auto" and graph_refusal(tc, cuda, 1) is None
+    for overrides, needle in [
+        (("train.grad_accum=2",), "grad_accum=1, got 2"),
+        (("train.precision=fp16",), "precision fp16"),
+        (("train.activation_checkpointing=true",), "activation_checkpointing"),
+    ]:
+        tc = _cfg("hmar-tiny", tmp_path, *overrides).train  # auto: no refusal at load
+        assert needle in graph_refusal(tc, cuda, 1)
+    tc = _cfg("hmar-tiny", tmp_path).train
+    assert graph_refusal(tc, cuda, 2) == "needs one process on a CUDA device, got 2 processes"
+    assert "got device cpu" in graph_refusal(tc, torch.device("cpu"), 1)
+
+
+@pytest.mark.filterwarnings("ignore:model.tokenizer_ckpt is not set")
+def test_auto_trains_eagerly_on_the_cpu_and_logs_why(tmp_path) -> None:
+    train(_cfg("hmar-tiny", tmp_path / "run", "device=cpu", "train.steps=2", "train.compile=false"))
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "eager launches (train.cuda_graph=auto: needs one process on a CUDA device, got device cpu)" in log
+
+
+def test_auto_steps_aside_for_a_model_that_is_not_graph_safe(tmp_path, monkeypatch) -> None:
+    from maskar.train import trainer as T
+
+    monkeypatch.setattr(T, "graph_refusal", lambda *a: None)  # as if on one GPU: the model decides
+    toy = ["model.arch=toy", "model.resolution=8", "model.width=8", "model.num_classes=4",
+           "data.name=synthetic", "data.resolution=8", "data.synthetic_size=16", "data.synthetic_classes=4",
+           "train.batch_size=8", "train.steps=2", "train.progress=false", "train.tensorboard=false",
+           "device=cpu"]  # fmt: skip
+    train(load_config("toy", [*toy, f"train.out_dir={tmp_path / 'run'}"]))
+    log = (tmp_path / "run" / "log.txt").read_text()
+    why = "ToyDenoiser does not declare its training step graph-safe"
+    assert f"eager launches (train.cuda_graph=auto: {why})" in log
+    with pytest.raises(ConfigError, match=rf"train.master_weights: needs the step as one CUDA graph \({why}"):
+        train(load_config("toy", [*toy, f"train.out_dir={tmp_path / 'run2'}", "train.master_weights=true"]))
+
+
+def test_master_weights_true_needs_a_graph_before_touching_the_run_dir(tmp_path) -> None:
+    cfg = _cfg("hmar-tiny", tmp_path / "run", "device=cpu", "train.master_weights=true",
+               "train.precision=bf16")  # fmt: skip
+    needle = r"train.master_weights: needs the step as one CUDA graph \(train.cuda_graph=auto: needs one"
+    with pytest.raises(ConfigError, match=needle):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_trainer_refuses_cpu_before_touching_the_run_dir(tmp_path) -> None:
     cfg = _cfg("hmar-tiny", tmp_path / "run", "train.cuda_graph=true", "device=cpu")
     with pytest.raises(ConfigError, match=r"cuda_graph: needs one process on a CUDA device, got device cpu"):
@@ -144,7 +194,8 @@ def test_gpu_graphed_training_equals_eager(tmp_path, preset, precision) -> None:
     """8 steps (3 eager warm-up, capture, 5 replays) with no random draws in the step: the same
     weights as the run without the graph, to rounding (capturable AdamW's arithmetic)."""
     common = (*DETERMINISTIC, f"train.precision={precision}", "device=cuda")
-    train(_cfg(preset, tmp_path / "eager", *common))
+    train(_cfg(preset, tmp_path / "eager", *common, "train.cuda_graph=false"))
+    assert "eager launches (train.cuda_graph=false)" in (tmp_path / "eager" / "log.txt").read_text()
     # the copies (train.master_weights=auto) change the arithmetic; tests/test_master_weights.py has them
     train(_cfg(preset, tmp_path / "graph", *common, "train.cuda_graph=true", "train.master_weights=false"))
     eager, graph = _weights(tmp_path / "eager"), _weights(tmp_path / "graph")
@@ -164,7 +215,7 @@ def test_gpu_graphed_compiled_blocks_equal_the_compiled_step(tmp_path) -> None:
     """The configuration `maskar train` runs on CUDA: compiled blocks (train.compile=auto) and the
     fused attention kernel inside the captured step, against the same run without the graph."""
     common = ("model.cond_drop_rate=0", "model.drop_path_rate=0", "train.compile=blocks", "device=cuda")
-    train(_cfg("hmar-tiny", tmp_path / "eager", *common))
+    train(_cfg("hmar-tiny", tmp_path / "eager", *common, "train.cuda_graph=false"))
     graph_only = ("train.cuda_graph=true", "train.master_weights=false")  # the copies: test_master_weights.py
     train(_cfg("hmar-tiny", tmp_path / "graph", *common, *graph_only))
     eager, graph = _weights(tmp_path / "eager"), _weights(tmp_path / "graph")
@@ -209,7 +260,7 @@ def test_gpu_graph_run_resumes_in_an_eager_run(tmp_path) -> None:
     train(_cfg("var-tiny", run, *noisy, "train.cuda_graph=true", "train.ckpt_every=8"))
     state = ck.load_trainer_state(ck.latest_checkpoint(run))
     assert all(isinstance(g["lr"], float) and not g["capturable"] for g in state["optimizer"]["param_groups"])
-    train(_cfg("var-tiny", run, *noisy, "train.steps=10"))
+    train(_cfg("var-tiny", run, *noisy, "train.steps=10", "train.cuda_graph=false"))
     assert ck.load_trainer_state(ck.latest_checkpoint(run))["step"] == 10
 
 

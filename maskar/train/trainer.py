@@ -121,10 +121,27 @@ def build_optimizer(
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def master_weights_on(tc: TrainConfig, amp_dtype: torch.dtype | None) -> bool:
+def graph_refusal(tc: TrainConfig, device: torch.device, world_size: int) -> str | None:
+    """Why the settings and the device keep the step from one CUDA graph (``train.cuda_graph``),
+    or None; the model answers for itself later (:func:`prepare_for_graph`). ``true`` turns a
+    reason into an error, ``auto`` into eager launches."""
+    if device.type != "cuda" or world_size > 1:
+        where = f"{world_size} processes" if world_size > 1 else f"device {device}"
+        return f"needs one process on a CUDA device, got {where}"
+    if tc.grad_accum != 1:
+        return f"needs grad_accum=1, got {tc.grad_accum}"
+    if autocast_dtype(tc.precision, device) == torch.float16:
+        return "precision fp16 (its loss scaler steps on the host) is not supported; use bf16 or fp32"
+    if tc.activation_checkpointing:
+        return "not supported with activation_checkpointing=true"
+    return None
+
+
+def master_weights_on(tc: TrainConfig, amp_dtype: torch.dtype | None, graph: bool | None = None) -> bool:
     """``train.master_weights`` resolved: ``auto`` is on wherever the step is a CUDA graph under
-    bf16 autocast (faster in every pair measured: docs/benchmarks.md)."""
-    if not tc.cuda_graph:
+    bf16 autocast (faster in every pair measured: docs/benchmarks.md). ``graph``: whether the
+    step runs as one (default: ``train.cuda_graph`` is not false)."""
+    if not (tc.cuda_graph is not False if graph is None else graph):
         return False
     if tc.master_weights == "auto":
         return amp_dtype == torch.bfloat16
@@ -292,10 +309,14 @@ class Trainer:
                 f"train.batch_size: {tc.batch_size} is not divisible by {self.dist.world_size} processes x "
                 f"train.grad_accum {tc.grad_accum}; use a multiple of {parts}"
             )
-        if tc.cuda_graph and (self.device.type != "cuda" or self.dist.world_size > 1):
-            world = self.dist.world_size
-            where = f"{world} processes" if world > 1 else f"device {self.device}"
-            raise ConfigError(f"train.cuda_graph: needs one process on a CUDA device, got {where}")
+        # Why the step runs eagerly (None: as one CUDA graph); the model may still add a reason.
+        self.graph_off: str | None = "train.cuda_graph=false" if tc.cuda_graph is False else None
+        if tc.cuda_graph is not False and (why := graph_refusal(tc, self.device, self.dist.world_size)):
+            if tc.cuda_graph is True:
+                raise ConfigError(f"train.cuda_graph: {why}")
+            self.graph_off = f"train.cuda_graph=auto: {why}"
+        if tc.master_weights is True and self.graph_off is not None:
+            raise ConfigError(f"train.master_weights: needs the step as one CUDA graph ({self.graph_off})")
         self.sharded = sharded
         self.out_dir = Path(tc.out_dir)
         self.lock: ckpt.RunLock | None = None
@@ -326,8 +347,12 @@ class Trainer:
         from maskar.registry import build_model
 
         self.model = build_model(cfg.model)
-        if tc.cuda_graph and (problem := prepare_for_graph(self.model)) is not None:
-            raise ConfigError(f"train.cuda_graph: {problem}")
+        if self.graph_off is None and (problem := prepare_for_graph(self.model)) is not None:
+            if tc.cuda_graph is True:
+                raise ConfigError(f"train.cuda_graph: {problem}")
+            self.graph_off = f"train.cuda_graph=auto: {problem}"
+            if tc.master_weights is True:
+                raise ConfigError(f"train.master_weights: needs the step as one CUDA graph ({problem})")
         resume_dir = ckpt.latest_checkpoint(self.out_dir) if tc.resume else None
         self.resume_dir = resume_dir
         verify = tc.verify_checkpoints
@@ -436,9 +461,9 @@ class Trainer:
             # Training randomness (augmentation, masking, noise) differs per rank.
             D.seed_everything(tc.seed + self.dist.rank)
         self.graph_step = None
-        if tc.cuda_graph:
+        if self.graph_off is None:
             master = None
-            if master_weights_on(tc, self.amp_dtype):
+            if master_weights_on(tc, self.amp_dtype, graph=True):
                 as_capturable(self.optimizer, self.device)  # the step reads device-tensor rates
                 try:
                     master = MasterWeights(self.model, self.optimizer)
@@ -857,7 +882,7 @@ class Trainer:
         """How each step runs, for the log: a comparison of two runs' losses or speeds names it."""
         compiled = f"train.compile={self.compile_mode}"
         if self.graph_step is None:
-            return f"{compiled}, eager launches"
+            return f"{compiled}, eager launches ({self.graph_off})"
         master = self.graph_step.master is not None
         weights = "bf16 copies of the linears, fp32 masters" if master else "autocast"
         return f"{compiled}, one CUDA graph (train.cuda_graph), {weights}"
