@@ -152,14 +152,15 @@ class GraphedStep:
         if batch.keys() != self.static_batch.keys():
             raise ValueError(
                 f"train.cuda_graph: batch keys {sorted(batch)} differ from the captured "
-                f"{sorted(self.static_batch)}"
+                f"{sorted(self.static_batch)} (train.cuda_graph=false launches the step eagerly)"
             )
         for k, v in batch.items():
             s = self.static_batch[k]
             if v.shape != s.shape or v.dtype != s.dtype:
                 raise ValueError(
                     f"train.cuda_graph: batch[{k!r}] is {tuple(v.shape)} {v.dtype}, the graph was "
-                    f"captured for {tuple(s.shape)} {s.dtype}; every batch must have one shape"
+                    f"captured for {tuple(s.shape)} {s.dtype}; every batch must have one shape "
+                    "(train.cuda_graph=false launches the step eagerly)"
                 )
             s.copy_(v, non_blocking=True)
 
