@@ -250,6 +250,9 @@ def test_whole_model_gradients_equal_torch_code(on, monkeypatch, arch, stage):
 # ----------------------------------------------------------------------------- GPU
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
 def _gpu_case(M: int, K: int, N: int, dtype: torch.dtype, seed: int = 0):
     """x (M, K), fc1's w (N, K) and b (N,), and for the backward dy (M, 96) and fc2's w (96, N)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -261,6 +264,7 @@ def _gpu_case(M: int, K: int, N: int, dtype: torch.dtype, seed: int = 0):
 
 
 @pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("bias_grad", ["dgelu", "sum", "wgrad_t", "ones"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1031 * 2, 4096])
@@ -284,6 +288,7 @@ def test_epilogues_match_float64_gpu(monkeypatch, dtype, M, bias_grad):
 
 
 @pytest.mark.gpu
+@needs_cuda
 def test_ffn_under_autocast_and_graph_capture_gpu(monkeypatch):
     monkeypatch.setattr(ffn_epilogue, "ENABLED", True)
     torch.manual_seed(0)
