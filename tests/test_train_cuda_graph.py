@@ -65,6 +65,21 @@ def test_auto_is_the_default_and_steps_aside_where_a_graph_cannot_replay(tmp_pat
 
 
 @pytest.mark.filterwarnings("ignore:model.tokenizer_ckpt is not set")
+def test_auto_leaves_the_whole_compiled_step_uncaptured(tmp_path, monkeypatch) -> None:
+    from maskar.train import trainer as T
+
+    monkeypatch.setattr(T, "graph_refusal", lambda *a: None)  # as if on one GPU
+    cfg = _cfg("hmar-tiny", tmp_path / "run", "device=cpu", "train.steps=1", "train.compile=full")
+    trainer = T.Trainer(cfg)
+    try:
+        why = "not with train.compile=full (true captures it anyway)"
+        assert trainer.graph_off == f"train.cuda_graph=auto: {why}"
+        assert trainer.graph_step is None
+    finally:
+        trainer.close()
+
+
+@pytest.mark.filterwarnings("ignore:model.tokenizer_ckpt is not set")
 def test_auto_trains_eagerly_on_the_cpu_and_logs_why(tmp_path) -> None:
     train(_cfg("hmar-tiny", tmp_path / "run", "device=cpu", "train.steps=2", "train.compile=false"))
     log = (tmp_path / "run" / "log.txt").read_text()

@@ -315,6 +315,10 @@ class Trainer:
             if tc.cuda_graph is True:
                 raise ConfigError(f"train.cuda_graph: {why}")
             self.graph_off = f"train.cuda_graph=auto: {why}"
+        elif tc.cuda_graph == "auto" and (tc.compile is True or tc.compile == "full"):
+            # the whole step compiled and then captured was never tested on a GPU: only on request
+            why = f"not with train.compile={tc.compile} (true captures it anyway)"
+            self.graph_off = f"train.cuda_graph=auto: {why}"
         if tc.master_weights is True and self.graph_off is not None:
             raise ConfigError(f"train.master_weights: needs the step as one CUDA graph ({self.graph_off})")
         self.sharded = sharded
