@@ -100,8 +100,9 @@ class TrainConfig:
         choices=("auto", True, False),
         help="capture the whole step (loss, backward, clipping, AdamW) as one CUDA graph after "
         "3 eager steps and replay it: one CUDA process, grad_accum 1, bf16 / fp32, no activation "
-        "checkpointing, models whose step is graph-safe (VAR, HMAR); auto = on wherever all of that "
-        "holds (the log's step: line says which), true = refuse to run otherwise, false = eager launches",
+        "checkpointing, not fsdp2, models whose step is graph-safe (VAR, HMAR); auto = on wherever all "
+        "of that holds (the log's step: line says which), true = refuse to run otherwise, false = eager "
+        "launches",
     )
     master_weights: bool | str = field(
         "auto",

@@ -56,6 +56,7 @@ def test_auto_is_the_default_and_steps_aside_where_a_graph_cannot_replay(tmp_pat
         (("train.grad_accum=2",), "grad_accum=1, got 2"),
         (("train.precision=fp16",), "precision fp16"),
         (("train.activation_checkpointing=true",), "activation_checkpointing"),
+        (("train.parallel=fsdp2",), "not supported with parallel=fsdp2"),
     ]:
         tc = _cfg("hmar-tiny", tmp_path, *overrides).train  # auto: no refusal at load
         assert needle in graph_refusal(tc, cuda, 1)

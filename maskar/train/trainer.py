@@ -134,6 +134,8 @@ def graph_refusal(tc: TrainConfig, device: torch.device, world_size: int) -> str
         return "precision fp16 (its loss scaler steps on the host) is not supported; use bf16 or fp32"
     if tc.activation_checkpointing:
         return "not supported with activation_checkpointing=true"
+    if tc.parallel == "fsdp2":  # even one process: FSDP2's hooks gather and free on the host
+        return "not supported with parallel=fsdp2"
     return None
 
 
