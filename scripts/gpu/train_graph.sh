@@ -52,7 +52,7 @@ run_train() {  # NAME PRESET [overrides...]
     train.progress=false train.tensorboard=false train.out_dir=/tmp/runs/$name "$@" > "$OUT/train_$name.log" 2>&1
   echo "$name rc=$?"; grep -E "step_ms|Error" "$OUT/train_$name.log" | tail -n 3
 }
-run_train var var-d16
+run_train var var-d16 train.cuda_graph=false  # eager launches (auto, the default since 2026-12-07, would capture)
 run_train var_graph var-d16 train.cuda_graph=true
 run_train hmar_graph hmar-d16 train.cuda_graph=true
 
