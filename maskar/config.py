@@ -138,6 +138,19 @@ class TrainConfig:
         True, help="fsdp2: free each block's gathered weights after its forward (gathered again in backward)"
     )
 
+    def graph_refusal(self) -> str | None:
+        """Why these settings keep the step from one CUDA graph (``cuda_graph``), or None; the
+        trainer adds the device's and the model's reasons (maskar.train.trainer.graph_refusal)."""
+        if self.grad_accum != 1:
+            return f"needs grad_accum=1, got {self.grad_accum}"
+        if self.precision == "fp16":  # auto is bf16 on CUDA
+            return "precision fp16 (its loss scaler steps on the host) is not supported; use bf16 or fp32"
+        if self.activation_checkpointing:
+            return "not supported with activation_checkpointing=true"
+        if self.parallel == "fsdp2":  # even one process: FSDP2's hooks gather and free on the host
+            return "not supported with parallel=fsdp2"
+        return None
+
     def validate(self) -> None:
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas: expected two values in [0, 1), got {list(self.betas)}")
@@ -154,16 +167,8 @@ class TrainConfig:
                 f"compile: {self.compile!r} compiles the whole step, which parallel=fsdp2 does not support; "
                 "use compile=blocks (or auto: blocks on CUDA)"
             )
-        if self.cuda_graph is True:  # auto steps aside instead (maskar.train.trainer.graph_refusal)
-            if self.grad_accum != 1:
-                raise ValueError(f"cuda_graph: needs grad_accum=1, got {self.grad_accum}")
-            if self.precision == "fp16":
-                raise ValueError(
-                    "cuda_graph: precision fp16 (its loss scaler steps on the host) is not "
-                    "supported; use bf16 or fp32"
-                )
-            if self.activation_checkpointing:
-                raise ValueError("cuda_graph: not supported with activation_checkpointing=true")
+        if self.cuda_graph is True and (why := self.graph_refusal()):  # auto steps aside instead
+            raise ValueError(f"cuda_graph: {why}")
         if self.master_weights is True:
             if self.cuda_graph is False:
                 raise ValueError("master_weights: needs cuda_graph=true (the step it is built into)")

@@ -128,15 +128,7 @@ def graph_refusal(tc: TrainConfig, device: torch.device, world_size: int) -> str
     if device.type != "cuda" or world_size > 1:
         where = f"{world_size} processes" if world_size > 1 else f"device {device}"
         return f"needs one process on a CUDA device, got {where}"
-    if tc.grad_accum != 1:
-        return f"needs grad_accum=1, got {tc.grad_accum}"
-    if autocast_dtype(tc.precision, device) == torch.float16:
-        return "precision fp16 (its loss scaler steps on the host) is not supported; use bf16 or fp32"
-    if tc.activation_checkpointing:
-        return "not supported with activation_checkpointing=true"
-    if tc.parallel == "fsdp2":  # even one process: FSDP2's hooks gather and free on the host
-        return "not supported with parallel=fsdp2"
-    return None
+    return tc.graph_refusal()
 
 
 def master_weights_on(tc: TrainConfig, amp_dtype: torch.dtype | None, graph: bool | None = None) -> bool:
