@@ -22,7 +22,10 @@
 # SWITCH (default MASKAR_ADALN_SUMS) at 1 and at 0, HMAR then VAR, each row in its own process
 # (files fa4-<m>-<switch>1 / 0).
 # PART=defaults1024 instead: the /graph/master rows at every default (issue 13's 1024 px rows), HMAR
-# then VAR, each in its own process (files fa4-<m>-defaults).
+# then VAR, each in its own process (files fa4-<m>-defaults); then (TRAIN=0 skips it) `maskar train`
+# at its defaults on random 1024 px token pyramids, B 2, 60 steps, log every 20 (files
+# train-1024-<m>.log): the logged step against the bench row of the same call (issue 13's "a real
+# run's logged step time matches the benchmark within 10%", measured before at 256 px only).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 case "${PART:-train}" in
@@ -105,6 +108,18 @@ if [ "${PART:-train}" = defaults1024 ]; then
     timeout "${T1024_S:-120}" python3 -m maskar bench train_step res=1024 steps=20 warmup=3 \
       rows=$m/d16/blocks/graph/master json="$OUT/fa4-$m-defaults.json" > "$OUT/fa4-$m-defaults.txt" 2>&1
     echo "rc=$?"; grep -E "^(hmar|var)-|rror" "$OUT/fa4-$m-defaults.txt" | cut -c1-230 | tail -n 2
+  done
+  [ "${TRAIN:-1}" = 0 ] && exit 0
+  rm -rf /tmp/lat1024 /tmp/runs1024
+  python3 scripts/gpu/random_latents.py /tmp/lat1024 1024 512 || exit 1
+  for m in hmar var; do
+    echo "== maskar train $m-d16 at 1024 px B 2, every default, 60 steps on random token pyramids"
+    timeout "${TRAIN_S:-130}" python3 -m maskar train preset=$m-d16 data.name=latents data.root=/tmp/lat1024 \
+      data.resolution=1024 model.tokenizer.resolution=1024 \
+      'model.tokenizer.patch_nums=[1,2,3,4,5,7,9,12,16,21,27,36,48,64]' data.num_workers=4 \
+      train.batch_size=2 train.steps=60 train.log_every=20 train.ckpt_every=0 train.progress=false \
+      train.tensorboard=false train.out_dir=/tmp/runs1024/$m > "$OUT/train-1024-$m.log" 2>&1
+    echo "rc=$?"; grep -E "step: |step_ms|rror" "$OUT/train-1024-$m.log" | cut -c1-260 | tail -n 4
   done
   exit 0
 fi
