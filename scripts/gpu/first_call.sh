@@ -4,9 +4,11 @@
 # Any GPU: keeps .carry/fa4a in .persist/ and runs the GPU tests of the training paths at today's
 # defaults (train.cuda_graph=auto since 2026-12-07: the graph step and the bf16 copies; the adaln
 # kernels; the FFN epilogue), about 4 min. Then at once, carrying .carry/fa4b:
-#   PART=defaults1024 bash scripts/gpu/fa4_rows.sh
+#   PART=defaults1024 bash scripts/gpu/fa4_rows.sh      (about 9 min)
 # issue 13's 1024 px rows at every default (on an H200: on its GPU for the first time, which decides
-# issue 13; on an H100: the rows again). With time left on an H200:
+# issue 13; on an H100: the rows again), then `maskar train` at its defaults at 1024 px beside them.
+# (With DEADLINE=150 this call keeps fa4a and runs what of the tests fits: on an H200 the
+# device time is better spent on the rows.) With time left on an H200:
 #   PART=rows bash scripts/gpu/h200_rows.sh      (issues 14 and 15)
 # (The loss-curve recheck ran on 2026-12-07, eighth session: TOKENIZER=.carry/vq STAGES="3 4"
 #  bash scripts/gpu/train_speed_more.sh, carrying .carry/fmnist and .carry/vq.)
