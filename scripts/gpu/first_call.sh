@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # The first device call of a session (starts are scarce: one script that does the most next):
-#   OUT=$OUT bash scripts/gpu/first_call.sh      (carry .carry/fa4a, checkpoints out of the tree)
-# Any GPU: keeps .carry/fa4a in .persist/ and runs the GPU tests of the training paths at today's
-# defaults (train.cuda_graph=auto since 2026-12-07: the graph step and the bf16 copies; the adaln
-# kernels; the FFN epilogue), about 4 min. Then at once, carrying .carry/fa4b:
-#   PART=defaults1024 bash scripts/gpu/fa4_rows.sh      (about 9 min)
+#   TESTS=0 OUT=$OUT bash scripts/gpu/first_call.sh      (carry .carry/fa4a, checkpoints out of the tree)
+# Any GPU: keeps .carry/fa4a in .persist/ (seconds); without TESTS=0 it also runs the GPU tests of
+# the training paths at the defaults (about 2.5 min; 38 passed on an H100 on 2026-12-07, ninth
+# session, so TESTS=0 is the choice while an H200's time is short). Then at once, carrying .carry/fa4b:
+#   PART=defaults1024 bash scripts/gpu/fa4_rows.sh      (about 5 min)
 # issue 13's 1024 px rows at every default (on an H200: on its GPU for the first time, which decides
-# issue 13; on an H100: the rows again), then `maskar train` at its defaults at 1024 px beside them.
-# (With DEADLINE=150 this call keeps fa4a and runs what of the tests fits: on an H200 the
-# device time is better spent on the rows.) With time left on an H200:
+# issue 13; on an H100: the rows again, 78.7-79.6 / 112.4-113.6 ms over three H100s), then
+# `maskar train` at its defaults at 1024 px beside them (TRAIN=0 skips it). With time left on an H200:
 #   PART=rows bash scripts/gpu/h200_rows.sh      (issues 14 and 15)
 # (The loss-curve recheck ran on 2026-12-07, eighth session: TOKENIZER=.carry/vq STAGES="3 4"
 #  bash scripts/gpu/train_speed_more.sh, carrying .carry/fmnist and .carry/vq.)
@@ -17,6 +16,7 @@ set -uo pipefail
 DEADLINE=${DEADLINE:-300}
 source "$(dirname "$0")/clock.sh"
 prelude
+[ "${TESTS:-1}" = 0 ] && exit 0
 el "GPU tests of the training paths at the defaults"
 timeout $(cap 280) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs \
   tests/test_train_cuda_graph.py tests/test_master_weights.py tests/test_adaln_norm_kernel.py \
