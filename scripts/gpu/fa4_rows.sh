@@ -26,12 +26,15 @@
 # at its defaults on random 1024 px token pyramids, B 2, 60 steps, log every 20 (files
 # train-1024-<m>.log): the logged step against the bench row of the same call (issue 13's "a real
 # run's logged step time matches the benchmark within 10%", measured before at 256 px only).
+# PART=profiledefaults instead: the final step profiled (issue 13's deliverable 4), every default
+# (/graph/master, attention auto: fa4 at 1024 px, the fused kernel at 256 px): HMAR-d16 and VAR-d16
+# at 1024 px B 2, then at 256 px B 32, each pair in one process (files profile-<res>.txt / -rows).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 case "${PART:-train}" in
-  train|profile1024|bwdsweep|cdt|auto1024|master1024|sample1024|switch1024|defaults1024) ;;
+  train|profile1024|bwdsweep|cdt|auto1024|master1024|sample1024|switch1024|defaults1024|profiledefaults) ;;
   *) echo "PART: expected train, profile1024, bwdsweep, cdt, auto1024, master1024, sample1024, switch1024" \
-       "or defaults1024;" \
+       "defaults1024 or profiledefaults;" \
        "got ${PART}" >&2; exit 2 ;;
 esac
 source scripts/gpu/fa4_install.sh || exit 1
@@ -43,6 +46,18 @@ if [ "${PART:-train}" = profile1024 ]; then
     rows=hmar/d16/blocks/graph/attn-fa4,var/d16/blocks/graph/attn-fa4 profile="$OUT/train_1024_fa4_profile.txt" \
     json="$OUT/train_1024_fa4_profiled.json" > "$OUT/train_1024_fa4_profiled.txt" 2>&1
   echo "rc=$?"; grep -vE "$NOISE" "$OUT/train_1024_fa4_profiled.txt" | tail -n 5; head -n 40 "$OUT/train_1024_fa4_profile.txt"
+  exit 0
+fi
+if [ "${PART:-train}" = profiledefaults ]; then
+  for res in 1024 256; do
+    echo "== train_step $res px HMAR-d16 and VAR-d16 /graph/master, every default, profiled"
+    timeout "${TPROF_S:-200}" python3 -m maskar bench train_step res=$res steps=20 warmup=3 \
+      batch=$([ $res = 1024 ] && echo 2 || echo 32) \
+      rows=hmar/d16/blocks/graph/master,var/d16/blocks/graph/master profile="$OUT/profile-$res.txt" \
+      json="$OUT/profile-$res-rows.json" > "$OUT/profile-$res-rows.txt" 2>&1
+    echo "rc=$?"; grep -vE "$NOISE" "$OUT/profile-$res-rows.txt" | grep -E "^(hmar|var)-|rror" | cut -c1-230 | tail -n 3
+    grep -E "^(==|[0-9]+ steps|class|matmul|attention|other|norms|optimizer|cross|idle)" "$OUT/profile-$res.txt"
+  done
   exit 0
 fi
 if [ "${PART:-train}" = bwdsweep ]; then
