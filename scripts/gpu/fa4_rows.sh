@@ -29,12 +29,14 @@
 # PART=profiledefaults instead: the final step profiled (issue 13's deliverable 4), every default
 # (/graph/master, attention auto: fa4 at 1024 px, the fused kernel at 256 px): HMAR-d16 and VAR-d16
 # at 1024 px B 2, then at 256 px B 32, each pair in one process (files profile-<res>.txt / -rows).
+# PART=blockcausal instead: scripts/gpu/fa4_block_causal_probe.py, VAR's 1024 px attention as one
+# FA4 call (mask_mod + block sparsity) against the fa4 backend's per-scale calls, fwd + bwd.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 case "${PART:-train}" in
-  train|profile1024|bwdsweep|cdt|auto1024|master1024|sample1024|switch1024|defaults1024|profiledefaults) ;;
+  train|profile1024|bwdsweep|cdt|auto1024|master1024|sample1024|switch1024|defaults1024|profiledefaults|blockcausal) ;;
   *) echo "PART: expected train, profile1024, bwdsweep, cdt, auto1024, master1024, sample1024, switch1024" \
-       "defaults1024 or profiledefaults;" \
+       "defaults1024, profiledefaults or blockcausal;" \
        "got ${PART}" >&2; exit 2 ;;
 esac
 source scripts/gpu/fa4_install.sh || exit 1
@@ -46,6 +48,13 @@ if [ "${PART:-train}" = profile1024 ]; then
     rows=hmar/d16/blocks/graph/attn-fa4,var/d16/blocks/graph/attn-fa4 profile="$OUT/train_1024_fa4_profile.txt" \
     json="$OUT/train_1024_fa4_profiled.json" > "$OUT/train_1024_fa4_profiled.txt" 2>&1
   echo "rc=$?"; grep -vE "$NOISE" "$OUT/train_1024_fa4_profiled.txt" | tail -n 5; head -n 40 "$OUT/train_1024_fa4_profile.txt"
+  exit 0
+fi
+if [ "${PART:-train}" = blockcausal ]; then
+  echo "== VAR's block-causal attention at 1024 px B 2: one FA4 call against the per-scale calls"
+  OUT=$OUT timeout "${PROBE_S:-300}" python3 scripts/gpu/fa4_block_causal_probe.py > "$OUT/fa4-block-causal-console.txt" 2>&1
+  echo "rc=$?"; grep "^{" "$OUT/fa4-block-causal-console.txt" | cut -c1-400
+  grep -vE "$NOISE" "$OUT/fa4-block-causal-console.txt" | grep -v "^{" | tail -n 15 | cut -c1-300
   exit 0
 fi
 if [ "${PART:-train}" = profiledefaults ]; then
