@@ -4,11 +4,15 @@
 # Any GPU: keeps .carry/fa4a in .persist/ (seconds); without TESTS=0 it also runs the GPU tests of
 # the training paths at the defaults (about 2.5 min; 38 passed on an H100 on 2026-12-07, ninth
 # session, so TESTS=0 is the choice while an H200's time is short). Then at once, carrying .carry/fa4b:
-#   PART=defaults1024 bash scripts/gpu/fa4_rows.sh      (about 5 min)
-# issue 13's 1024 px rows at every default (on an H200: on its GPU for the first time, which decides
-# issue 13; on an H100: the rows again, 78.7-79.6 / 112.4-113.6 ms over three H100s), then
-# `maskar train` at its defaults at 1024 px beside them (TRAIN=0 skips it). With time left on an H200:
+#   on an H200: PART=defaults1024 TRAIN=0 bash scripts/gpu/fa4_rows.sh      (about 2.5 min)
+# issue 13's 1024 px rows at every default, on its GPU for the first time, which decides issue 13
+# (on H100s: 78.7-79.6 / 112.4-113.6 ms over four machines; without TRAIN=0 it also runs
+# `maskar train` at its defaults at 1024 px beside them, done on an H100 in Run 19). With time left:
 #   PART=rows bash scripts/gpu/h200_rows.sh      (issues 14 and 15)
+#   on an H100: PART=blockcausal bash scripts/gpu/fa4_rows.sh      (at most 5 min)
+# VAR's 1024 px attention as one FA4 call with a mask_mod and block sparsity against the per-scale
+# calls (scripts/gpu/fa4_block_causal_probe.py; written 2026-12-07, tenth session, not yet run).
+# (The final step's profile at every default ran on 2026-12-07, tenth session: PART=profiledefaults.)
 # (The loss-curve recheck ran on 2026-12-07, eighth session: TOKENIZER=.carry/vq STAGES="3 4"
 #  bash scripts/gpu/train_speed_more.sh, carrying .carry/fmnist and .carry/vq.)
 # (adaln_prefetch_call.sh ran on 2026-12-07, eighth session: MASKAR_ADALN_PREFETCH stays off.)
