@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fa4_probe import SIDES, pairs, reference, rel  # noqa: E402 - the sibling probe's helpers
 
+from maskar.bench.psa import graph_time_ms  # noqa: E402
 from maskar.kernels.tuning import time_ms  # noqa: E402
 from maskar.nn.attention import ScalePattern, attention  # noqa: E402
 
@@ -217,25 +218,19 @@ def main() -> None:
 
 
 def graph_ms(fn) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return time_ms(graph.replay)
+    return graph_time_ms(lambda: fn, reps=20, warmup=3)
 
 
 def graph_ms_autograd(buf: torch.Tensor, p: ScalePattern, dout: torch.Tensor) -> float:
-    """The per-scale path's fwd + bwd as one CUDA graph (fresh leaf, autograd.grad), as in fa4_probe."""
-    leaf = buf.detach().clone().requires_grad_()
-    q, k, v = (leaf[:, :, i].transpose(1, 2) for i in range(3))
-    return graph_ms(lambda: torch.autograd.grad(attention(q, k, v, p, backend="fa4"), leaf, dout))
+    """The per-scale path's fwd + bwd as one CUDA graph (a fresh leaf made on the capture stream,
+    autograd.grad), as the training step captures it."""
+
+    def make():
+        leaf = buf.detach().clone().requires_grad_()
+        q, k, v = (leaf[:, :, i].transpose(1, 2) for i in range(3))
+        return lambda: torch.autograd.grad(attention(q, k, v, p, backend="fa4"), leaf, dout)
+
+    return graph_time_ms(make, reps=20, warmup=3)
 
 
 def finish() -> None:
