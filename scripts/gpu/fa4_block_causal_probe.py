@@ -139,7 +139,7 @@ def main() -> None:
         buf.grad = None
         attention(q, k, v, p, backend="fa4").backward(dout_bhld)
 
-    row = {"path": "fa4 per scale (the backend)"}
+    row = old_row = {"path": "fa4 per scale (the backend)"}
     try:
         with torch.no_grad():
             out_old = attention(q, k, v, p, backend="fa4")
@@ -159,47 +159,52 @@ def main() -> None:
     # the one-call path: (B, L, H, D) views of the same buffer
     qs, ks, vs = (buf.detach()[:, :, i] for i in range(3))
     dout = dout_bhld.transpose(1, 2).contiguous()
-    fwd_bs = None
-    for bm, bn in FWD_BLOCKS:
-        try:
-            bs = sparse_tensors(ends_cpu, bm, bn, q_direction=False)
-            out, lse, *_ = _flash_attn_fwd(qs, ks, vs, softmax_scale=scale, mask_mod=mod, aux_tensors=[ends],
-                                           block_sparse_tensors=bs, return_lse=True)
-            torch.cuda.synchronize()
-            fwd_bs = bs
-            emit({"fwd_block": [bm, bn], "accepted": True, "err_out": rel(out.transpose(1, 2), ref[0])})
-            break
-        except Exception as e:  # noqa: BLE001 - the refusal names the sizes it wants
-            emit({"fwd_block": [bm, bn], "accepted": False, "error": f"{type(e).__name__}: {e}"[:600]})
+
+    def fwd(bs):
+        return _flash_attn_fwd(qs, ks, vs, softmax_scale=scale, mask_mod=mod, aux_tensors=[ends],
+                               block_sparse_tensors=bs, return_lse=True)[:2]
+
+    def bwd(o, s, bs):
+        return _flash_attn_bwd(qs, ks, vs, o, dout, s, scale, False, mask_mod=mod, aux_tensors=[ends],
+                               block_sparse_tensors=bs)[:3]
+
+    def accepted(kind: str, blocks, run):
+        """The first block size FA4 takes for ``kind`` (every refusal printed: it names the sizes it
+        wants), and the errors of its result against the reference."""
+        for bm, bn in blocks:
+            try:
+                bs = sparse_tensors(ends_cpu, bm, bn, q_direction=kind == "bwd")
+                errs = run(bs)
+                torch.cuda.synchronize()
+                emit({f"{kind}_block": [bm, bn], "accepted": True, **errs})
+                return bs
+            except Exception as e:  # noqa: BLE001
+                err = f"{type(e).__name__}: {e}"[:600]
+                emit({f"{kind}_block": [bm, bn], "accepted": False, "error": err})
+        return None
+
+    out, lse = None, None
+
+    def run_fwd(bs):
+        nonlocal out, lse
+        out, lse = fwd(bs)
+        return {"err_out": rel(out.transpose(1, 2), ref[0])}
+
+    def run_bwd(bs):
+        grads = bwd(out, lse, bs)
+        return {f"err_{n}": rel(g.transpose(1, 2), r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref[1:])}
+
+    fwd_bs = accepted("fwd", FWD_BLOCKS, run_fwd)
     if fwd_bs is None:
         return finish()
-    bwd_bs = None
-    for bm, bn in BWD_BLOCKS:
-        try:
-            bs = sparse_tensors(ends_cpu, bm, bn, q_direction=True)
-            dq, dk, dv = _flash_attn_bwd(qs, ks, vs, out, dout, lse, scale, False, mask_mod=mod,
-                                         aux_tensors=[ends], block_sparse_tensors=bs)[:3]
-            torch.cuda.synchronize()
-            bwd_bs = bs
-            emit({"bwd_block": [bm, bn], "accepted": True,
-                  **{f"err_{n}": rel(g.transpose(1, 2), ref[1 + i]) for i, (n, g) in enumerate(
-                      (("dq", dq), ("dk", dk), ("dv", dv)))}})
-            break
-        except Exception as e:  # noqa: BLE001
-            emit({"bwd_block": [bm, bn], "accepted": False, "error": f"{type(e).__name__}: {e}"[:600]})
+    bwd_bs = accepted("bwd", BWD_BLOCKS, run_bwd)
     row = {"path": "fa4 one call, mask_mod + block sparsity", "fwd_block": list(fwd_bs.block_size)}
 
-    def new_fwd():
-        return _flash_attn_fwd(qs, ks, vs, softmax_scale=scale, mask_mod=mod, aux_tensors=[ends],
-                               block_sparse_tensors=fwd_bs, return_lse=True)[:2]
-
     def new_fwd_bwd():
-        o, s = new_fwd()
-        return _flash_attn_bwd(qs, ks, vs, o, dout, s, scale, False, mask_mod=mod, aux_tensors=[ends],
-                               block_sparse_tensors=bwd_bs)[:3]
+        return bwd(*fwd(fwd_bs), bwd_bs)
 
     try:
-        row["fwd_ms"] = time_ms(new_fwd)
+        row["fwd_ms"] = time_ms(lambda: fwd(fwd_bs))
         if bwd_bs is not None:
             row["bwd_block"] = list(bwd_bs.block_size)
             row["fwd_bwd_ms"] = time_ms(new_fwd_bwd)
@@ -210,9 +215,8 @@ def main() -> None:
     for key in ("fwd_ms", "fwd_bwd_ms"):
         if key in row:
             row[key.replace("_ms", "_tflops")] = (1 if key == "fwd_ms" else 3.5) * flop_f / row[key] / 1e9
-    old = next((r for r in RECORDS if r.get("path", "").startswith("fa4 per scale")), {})
-    if "graph_fwd_bwd_ms" in row and "graph_fwd_bwd_ms" in old:
-        row["step_saving_ms_16_layers"] = 16 * (old["graph_fwd_bwd_ms"] - row["graph_fwd_bwd_ms"])
+    if "graph_fwd_bwd_ms" in row and "graph_fwd_bwd_ms" in old_row:
+        row["step_saving_ms_16_layers"] = 16 * (old_row["graph_fwd_bwd_ms"] - row["graph_fwd_bwd_ms"])
     emit(row)
     finish()
 

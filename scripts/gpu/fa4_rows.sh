@@ -61,7 +61,6 @@ if [ "${PART:-train}" = profiledefaults ]; then
   for res in 1024 256; do
     echo "== train_step $res px HMAR-d16 and VAR-d16 /graph/master, every default, profiled"
     timeout "${TPROF_S:-200}" python3 -m maskar bench train_step res=$res steps=20 warmup=3 \
-      batch=$([ $res = 1024 ] && echo 2 || echo 32) \
       rows=hmar/d16/blocks/graph/master,var/d16/blocks/graph/master profile="$OUT/profile-$res.txt" \
       json="$OUT/profile-$res-rows.json" > "$OUT/profile-$res-rows.txt" 2>&1
     echo "rc=$?"; grep -vE "$NOISE" "$OUT/profile-$res-rows.txt" | grep -E "^(hmar|var)-|rror" | cut -c1-230 | tail -n 3
