@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import types
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -26,16 +27,63 @@ def _sequences(q, k, cu_q, cu_k):
     return [(q[cu_q[i] : cu_q[i + 1]], k[cu_k[i] : cu_k[i + 1]]) for i in range(len(cu_q) - 1)]
 
 
-def _attend(q, k, v, scale):  # (L, H, D) -> out (L, H, D), lse (H, L)
+def _attend(q, k, v, scale, visible=None):  # (L, H, D) -> out (L, H, D), lse (H, L)
     s = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    if visible is not None:
+        s = s.masked_fill(~visible, float("-inf"))
     return torch.einsum("hqk,khd->qhd", s.softmax(-1), v.double()), s.logsumexp(-1)
 
 
+class _SparseMaps(NamedTuple):  # FA4's BlockSparseTensorsTorch, the fields maskar fills
+    mask_block_cnt: torch.Tensor
+    mask_block_idx: torch.Tensor
+    full_block_cnt: torch.Tensor | None = None
+    full_block_idx: torch.Tensor | None = None
+    cu_total_m_blocks: torch.Tensor | None = None
+    cu_block_idx_offsets: torch.Tensor | None = None
+    block_size: tuple[int, int] | None = None
+
+
+FWD_BLOCK_TAKEN = (4, 4)  # the stand-in's tile: other sparse block sizes are refused, as FA4 does
+
+
+def _visible(maps, aux_tensors, Lq, Lk, backward):
+    """(Lq, Lk) bool from the tile maps alone: a full tile all visible, a partial one where the
+    block-causal mask_mod's rule (key < the query's end, aux_tensors[0]) holds, the rest skipped.
+    The maps broadcast over (B, H) with leading dims of 1."""
+    (ends,) = aux_tensors
+    bm, bn = maps.block_size
+    vis = torch.zeros(Lq, Lk, dtype=torch.bool)
+    rows = torch.arange(Lq)[:, None] < Lq  # all True, the shape of a column
+    cols = torch.arange(Lk)
+    for cnt, idx, full in ((maps.mask_block_cnt, maps.mask_block_idx, False),
+                           (maps.full_block_cnt, maps.full_block_idx, True)):  # fmt: skip
+        cnt, idx = cnt[0, 0], idx[0, 0]
+        for r in range(cnt.numel()):
+            for j in idx[r, : int(cnt[r])].tolist():
+                m, n = (j, r) if backward else (r, j)
+                rs, cs = slice(m * bm, (m + 1) * bm), slice(n * bn, (n + 1) * bn)
+                tile = rows[rs] & (cols[cs][None, :] < Lk)
+                vis[rs, cs] = tile if full else (cols[cs][None, :] < ends[rs].long()[:, None])
+    return vis
+
+
+def _check_block(maps, backward):
+    if maps is not None and not backward and tuple(maps.block_size) != FWD_BLOCK_TAKEN:
+        raise ValueError(f"Block sparsity requires block_size={FWD_BLOCK_TAKEN}, got {maps.block_size}")
+
+
 def _fake_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-              softmax_scale=None, return_lse=False, **_):  # fmt: skip
+              softmax_scale=None, return_lse=False, mask_mod=None, aux_tensors=None,
+              block_sparse_tensors=None, **_):  # fmt: skip
+    _check_block(block_sparse_tensors, False)
+    vis = None
+    if block_sparse_tensors is not None:
+        assert mask_mod == "block_causal_mod" and cu_seqlens_q is None
+        vis = _visible(block_sparse_tensors, aux_tensors, q.shape[1], k.shape[1], backward=False)
     vs = [b for _, b in _sequences(v, v, cu_seqlens_q, cu_seqlens_k)]
     qks = _sequences(q, k, cu_seqlens_q, cu_seqlens_k)
-    res = [_attend(qi, ki, vi, softmax_scale) for (qi, ki), vi in zip(qks, vs, strict=True)]
+    res = [_attend(qi, ki, vi, softmax_scale, vis) for (qi, ki), vi in zip(qks, vs, strict=True)]
     if cu_seqlens_q is None:
         out, lse = torch.stack([o for o, _ in res]), torch.stack([s for _, s in res])
     else:
@@ -43,13 +91,19 @@ def _fake_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, 
     return out.to(q.dtype), lse.float(), None, None, None
 
 
-def _fake_bwd(q, k, v, out, dout, lse, softmax_scale, causal, cu_seqlens_q=None, cu_seqlens_k=None, **_):
+def _fake_bwd(q, k, v, out, dout, lse, softmax_scale, causal, cu_seqlens_q=None, cu_seqlens_k=None,
+              mask_mod=None, aux_tensors=None, block_sparse_tensors=None, **_):  # fmt: skip
     """The attention backward by its formulas (custom ops run below autograd)."""
+    vis = None
+    if block_sparse_tensors is not None:
+        assert mask_mod == "block_causal_mod" and cu_seqlens_q is None
+        vis = _visible(block_sparse_tensors, aux_tensors, q.shape[1], k.shape[1], backward=True)
     seqs = zip(_sequences(q, k, cu_seqlens_q, cu_seqlens_k), _sequences(v, dout, cu_seqlens_k, cu_seqlens_q))
     grads = []
     for (qi, ki), (vi, doi) in seqs:
         qi, ki, vi, doi = (x.double() for x in (qi, ki, vi, doi))
-        p = (torch.einsum("qhd,khd->hqk", qi, ki) * softmax_scale).softmax(-1)
+        s = torch.einsum("qhd,khd->hqk", qi, ki) * softmax_scale
+        p = (s if vis is None else s.masked_fill(~vis, float("-inf"))).softmax(-1)
         oi = torch.einsum("hqk,khd->qhd", p, vi)
         dp = torch.einsum("qhd,khd->hqk", doi, vi)
         ds = p * (dp - (doi * oi).sum(-1).transpose(0, 1)[..., None])
@@ -76,12 +130,22 @@ def fa4():
         for n in names[:2]:
             sys.modules[n] = types.ModuleType(n)
         sys.modules[names[2]] = iface
+    sparsity = types.ModuleType("flash_attn.cute.block_sparsity")
+    sparsity.BlockSparseTensorsTorch = _SparseMaps
+    saved[sparsity.__name__] = sys.modules.get(sparsity.__name__)
+    sys.modules[sparsity.__name__] = sparsity
     import maskar.nn.attention_fa4 as mod
 
-    real = mod._flash_attn_fwd, mod._flash_attn_bwd
+    real = mod._flash_attn_fwd, mod._flash_attn_bwd, mod._block_causal_mod
     mod._flash_attn_fwd, mod._flash_attn_bwd = _fake_fwd, _fake_bwd
+    mod._block_causal_mod = lambda: "block_causal_mod"  # the real one is a CuTe DSL function
+    mod.FWD_BLOCKS, blocks = ((8, 4), FWD_BLOCK_TAKEN), mod.FWD_BLOCKS  # the first refused
+    mod.BWD_BLOCKS, bwd_blocks = ((4, 4),), mod.BWD_BLOCKS
+    mod._BC.clear()
     yield mod
-    mod._flash_attn_fwd, mod._flash_attn_bwd = real
+    mod._flash_attn_fwd, mod._flash_attn_bwd, mod._block_causal_mod = real
+    mod.FWD_BLOCKS, mod.BWD_BLOCKS = blocks, bwd_blocks
+    mod._BC.clear()
     # the stand-in must not stay a registered backend for the tests after these
     from maskar.nn import attention as attn
 
@@ -115,6 +179,44 @@ def test_patterns_match_sdpa(fa4, kind, lengths):
     (ref * dout).sum().backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(got, buf.grad)
+
+
+@pytest.mark.parametrize("lengths", [(1, 4, 9, 16), (1, 4, 9, 16, 25, 36), (1, 3, 5)])
+def test_block_causal_one_call_matches_sdpa(fa4, lengths, monkeypatch):
+    """MASKAR_FA4_ONE_CALL: one masked call whose tile maps the stand-in turns back into the
+    visible pairs (a tile wrongly marked full, partial or skipped changes the result), against
+    the masked SDPA reference; the refused first block size falls through to the accepted one."""
+    monkeypatch.setattr(fa4, "ONE_CALL", True)
+    p = ScalePattern("block_causal", lengths)
+    buf, (q, k, v) = _qkv(2, p.total, seed=3)
+    dout = torch.randn(2, 2, p.total, 8, dtype=torch.float64)
+    out = fa4.fa4_attention(q, k, v, p)
+    (out * dout).sum().backward()
+    got = buf.grad.clone()
+    buf.grad = None
+    ref = sdpa_attention(q, k, v, p)
+    (ref * dout).sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(got, buf.grad)
+    state = fa4._BC[(lengths, "cpu")]
+    assert state[("block", False)] == FWD_BLOCK_TAKEN and state[("block", True)] == (4, 4)
+
+
+def test_block_causal_one_call_op_shapes(fa4):
+    q, k, v = (torch.randn(2, 14, 3, 8, dtype=torch.float32) for _ in range(3))
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(fa4.fa4_block_causal_fwd, (q, k, v, [1, 4, 9], 0.35), test_utils=checks)
+    out, lse = fa4.fa4_block_causal_fwd(q, k, v, [1, 4, 9], 0.35)
+    assert lse.shape == (2, 3, 14) and out.shape == q.shape
+    args = (q, k, v, out, torch.randn_like(out), lse, [1, 4, 9], 0.35)
+    torch.library.opcheck(fa4.fa4_block_causal_bwd, args, test_utils=checks)
+
+
+def test_block_causal_one_call_refused_everywhere(fa4, monkeypatch):
+    monkeypatch.setattr(fa4, "FWD_BLOCKS", ((8, 4),))
+    q, k, v = (torch.randn(1, 5, 2, 8) for _ in range(3))
+    with pytest.raises(ValueError, match=r"no block size accepted: \(8, 4\): Block sparsity requires"):
+        fa4.fa4_block_causal_fwd(q, k, v, [2, 3], 0.35)
 
 
 def test_dense_with_longer_keys(fa4):

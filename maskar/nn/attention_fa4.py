@@ -26,13 +26,16 @@ against 136.4. At 256 px B 32 it loses to the fused kernel (84.4 against 74.4 ms
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
 from torch import Tensor
 
+from maskar import env
 from maskar.nn.attention import ScalePattern, register_backend
 from maskar.nn.attention_scales import picked_by_auto, scales_attention
+from maskar.nn.block_sparsity import block_causal_maps, token_ends
 
 try:
     from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
@@ -121,6 +124,144 @@ def _backward(ctx, dout: Tensor, dlse: Tensor | None):
 fa4_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# --- block-causal as one call (MASKAR_FA4_ONE_CALL) ---------------------------------------------
+# Query i sees key j iff j < end(scale(i)): a mask_mod reading each query's scale end from an
+# auxiliary tensor, and tile maps (maskar.nn.block_sparsity) so that only the few tiles a scale
+# boundary cuts evaluate it. FA4's sm90 heuristics (b40, head dim 64): forward tiles 192 x 128
+# (128 x 128 where the sparse q block is no multiple of 192), backward 128 x 128.
+ONE_CALL = bool(env.switch("MASKAR_FA4_ONE_CALL"))
+FWD_BLOCKS = ((192, 128), (128, 128))
+BWD_BLOCKS = ((128, 128), (64, 128))
+_BC: dict[tuple, dict] = {}  # (lengths, device) -> ends, the mask_mod, the accepted maps per direction
+
+
+@functools.cache
+def _block_causal_mod():
+    """One mask_mod object for every pattern (FA4 keys its compiled kernels by the callable's
+    hash; the pattern itself is in the auxiliary tensor)."""
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute import utils as fa_utils
+
+    @cute.jit
+    def block_causal(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
+        end = fa_utils.scalar_to_ssa(aux_tensors[0][m_idx[0]], cutlass.Int32)
+        return n_idx < end
+
+    return block_causal
+
+
+def _device_copy(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device`` through kept pinned memory (a legal copy even during graph capture)."""
+    if device.type != "cuda":
+        return t.to(device)
+    host = t.pin_memory()
+    _PINNED.append(host)
+    return host.to(device, non_blocking=True)
+
+
+_PINNED: list[Tensor] = []
+
+
+def _bc_state(lengths: list[int], device: torch.device) -> dict:
+    key = (tuple(lengths), str(device))
+    if key not in _BC:
+        pattern = ScalePattern("block_causal", tuple(lengths))
+        _BC[key] = dict(pattern=pattern, ends=_device_copy(token_ends(pattern), device),
+                        mod=_block_causal_mod(), maps={})  # fmt: skip
+    return _BC[key]
+
+
+def _maps(state: dict, block: tuple[int, int], backward: bool, device: torch.device):
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    key = (block, backward)
+    if key not in state["maps"]:
+        maps = block_causal_maps(state["pattern"], *block, q_direction=backward)
+        # (1, 1, ...): FA4 broadcasts them over batch and heads
+        mc, mi, fc, fi = (_device_copy(t, device)[None, None] for t in maps)
+        state["maps"][key] = BlockSparseTensorsTorch(mc, mi, fc, fi, block_size=block)
+    return state["maps"][key]
+
+
+def _first_accepted(state: dict, backward: bool, device: torch.device, call):
+    """``call(maps)`` with the first block size FA4 takes (remembered); its refusals are
+    ValueErrors naming the sizes it wants, raised before any launch."""
+    chosen = state.get(("block", backward))
+    if chosen is not None:
+        return call(_maps(state, chosen, backward, device))
+    errors = []
+    for block in BWD_BLOCKS if backward else FWD_BLOCKS:
+        try:
+            result = call(_maps(state, block, backward, device))
+        except ValueError as e:
+            errors.append(f"{block}: {e}")
+            continue
+        state[("block", backward)] = block
+        return result
+    raise ValueError("fa4 block-causal one call: no block size accepted: " + "; ".join(errors))
+
+
+@torch.library.custom_op("maskar::fa4_block_causal_fwd", mutates_args=())
+def fa4_block_causal_fwd(
+    q: Tensor, k: Tensor, v: Tensor, lengths: list[int], scale: float
+) -> tuple[Tensor, Tensor]:
+    """out (B, L, H, D), lse (B, H, L) of block-causal attention over scales of ``lengths``."""
+    state = _bc_state(lengths, q.device)
+
+    def call(maps):
+        mod, aux = state["mod"], [state["ends"]]
+        return _flash_attn_fwd(q, k, v, softmax_scale=scale, mask_mod=mod, aux_tensors=aux,
+                               block_sparse_tensors=maps, return_lse=True)[:2]  # fmt: skip
+
+    out, lse = _first_accepted(state, False, q.device, call)
+    return out, lse
+
+
+@fa4_block_causal_fwd.register_fake
+def _(q, k, v, lengths, scale):
+    return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(_lse_shape(q, []), dtype=torch.float32)
+
+
+@torch.library.custom_op("maskar::fa4_block_causal_bwd", mutates_args=())
+def fa4_block_causal_bwd(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, lengths: list[int], scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    state = _bc_state(lengths, q.device)
+    dout = dout.contiguous()
+
+    def call(maps):
+        return _flash_attn_bwd(q, k, v, out, dout, lse, scale, False, mask_mod=state["mod"],
+                               aux_tensors=[state["ends"]], block_sparse_tensors=maps)[:3]  # fmt: skip
+
+    dq, dk, dv = _first_accepted(state, True, q.device, call)
+    return dq, dk, dv
+
+
+@fa4_block_causal_bwd.register_fake
+def _(q, k, v, out, dout, lse, lengths, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _bc_backward(ctx, dout: Tensor, dlse: Tensor | None):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = fa4_block_causal_bwd(q, k, v, out, dout, lse, ctx.seq_lens, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+fa4_block_causal_fwd.register_autograd(_bc_backward, setup_context=_setup_context)
+
+
+def _block_causal_one_call(
+    q: Tensor, k: Tensor, v: Tensor, pattern: ScalePattern, scale: float | None
+) -> Tensor:
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out, _ = fa4_block_causal_fwd(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), list(pattern.lengths), scale
+    )
+    return out.transpose(1, 2)
+
+
 def _dense(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
     """Dense attention, (B, H, L, D) in and out, through (B, L, H, D) views."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -135,6 +276,8 @@ def fa4_attention(
     if pattern is None:
         return _dense(q, k, v, scale)
     if pattern.kind == "block_causal":
+        if ONE_CALL:
+            return _block_causal_one_call(q, k, v, pattern, scale)
         return scales_attention(q, k, v, pattern, scale, dense=_dense)
     B, H, L, D = q.shape
     if L != pattern.total:

@@ -12,9 +12,11 @@ kernel. Whether it is faster depends on FA4's masked-tile path, so this measures
 What it prints (one JSON line each, all in $OUT/fa4_block_causal_probe.json):
 - the block sizes FA4 accepted for its forward and backward block-sparsity tensors (it checks
   them against its tile sizes: every candidate tried, every refusal printed);
-- the output and gradients of both paths against the fp32 reference (exact softmax per scale),
+- the ``fa4`` backend through autograd per scale and with ``MASKAR_FA4_ONE_CALL`` (maskar's op
+  over this one call, maskar.nn.attention_fa4), and the step's saving over 16 layers;
+- the output and gradients of every path against the fp32 reference (exact softmax per scale),
   as the largest error relative to the reference's largest entry;
-- both paths' fwd and fwd + bwd ms, eagerly and as one CUDA graph each (the step is one graph),
+- every path's fwd and fwd + bwd ms, eagerly and as one CUDA graph each (the step is one graph),
   the per-scale path through autograd as the model runs it (its glue included), the one-call
   path as two direct launches (its output already whole).
 
@@ -23,9 +25,7 @@ OUT=/tmp/out python3 scripts/gpu/fa4_block_causal_probe.py     (a CUDA sm90 GPU,
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import os
 import sys
 import traceback
@@ -38,11 +38,14 @@ from fa4_probe import SIDES, pairs, reference, rel  # noqa: E402 - the sibling p
 from maskar.bench.psa import graph_time_ms  # noqa: E402
 from maskar.kernels.tuning import time_ms  # noqa: E402
 from maskar.nn.attention import ScalePattern, attention  # noqa: E402
+from maskar.nn.block_sparsity import classify_tiles, packed, token_ends  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp/out")
 RES, B, H, D = int(os.environ.get("RES", "1024")), int(os.environ.get("BATCH", "2")), 16, 64
-FWD_BLOCKS = [(128, 128), (128, 64), (64, 128), (128, 176), (192, 128), (128, 192), (256, 128), (64, 64)]
-BWD_BLOCKS = [(64, 128), (128, 128), (128, 64), (64, 64), (80, 128), (128, 96), (192, 128)]
+# FA4's sm90 heuristics (config.py, b40): head dim 64 forward 192 x 128 tiles, 128 x 128 where the
+# sparse q block is no multiple of 192; backward 128 x 128. The fastest first.
+FWD_BLOCKS = [(192, 128), (128, 128), (128, 64), (64, 128), (256, 128), (64, 64)]
+BWD_BLOCKS = [(128, 128), (64, 128), (128, 64), (64, 64)]
 dev, dt = torch.device("cuda"), torch.bfloat16
 RECORDS: list[dict] = []
 
@@ -52,45 +55,12 @@ def emit(rec: dict) -> None:
     print(json.dumps(rec), flush=True)
 
 
-def token_ends(p: ScalePattern) -> torch.Tensor:
-    """(L,) int32: for each token, the end (exclusive) of its scale: the keys it may see."""
-    ends = list(itertools.accumulate(p.lengths))
-    return torch.tensor([e for n, e in zip(p.lengths, ends) for _ in range(n)], dtype=torch.int32)
-
-
-def classify(ends: torch.Tensor, bm: int, bn: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(full, partial) bool (n_m, n_n) of a (bm x bn) tiling: full where every query row of the
-    block sees every key of it (and the block lies inside the sequence), partial where some do."""
-    L = ends.numel()
-    n_m, n_n = math.ceil(L / bm), math.ceil(L / bn)
-    pad = torch.full((n_m * bm - L,), -1, dtype=torch.int64)
-    e = torch.cat([ends.long(), pad]).view(n_m, bm)
-    e_max = e.max(1).values
-    e_min = torch.where(e >= 0, e, torch.iinfo(torch.int64).max).min(1).values
-    c0 = torch.arange(n_n) * bn
-    c1 = c0 + bn
-    full = (c1[None, :] <= e_min[:, None]) & (c1[None, :] <= L)
-    partial = (c0[None, :] < e_max[:, None]) & ~full
-    return full, partial
-
-
-def packed(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(count (rows,), index (rows, cols)): each row's selected column indices first, ascending."""
-    rows, cols = sel.shape
-    cnt = sel.sum(1).to(torch.int32)
-    idx = torch.zeros(rows, cols, dtype=torch.int32)
-    for r in range(rows):
-        js = sel[r].nonzero().flatten()
-        idx[r, : js.numel()] = js.to(torch.int32)
-    return cnt, idx
-
-
 def sparse_tensors(ends: torch.Tensor, bm: int, bn: int, q_direction: bool):
     """FA4's BlockSparseTensorsTorch for the block-causal pattern: kv blocks per q block (forward)
     or, with ``q_direction``, q blocks per kv block (backward), broadcast over (B, H)."""
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
-    full, partial = classify(ends, bm, bn)
+    full, partial = classify_tiles(ends, bm, bn)
     if q_direction:
         full, partial = full.t(), partial.t()
     (mc, mi), (fc, fi) = packed(partial), packed(full)
@@ -134,27 +104,42 @@ def main() -> None:
     flop_f = 4 * pairs(p) * D * H * B
     emit({"L": L, "fwd_tflop": flop_f / 1e12, "fwd_bwd_tflop": 3.5 * flop_f / 1e12})
 
-    # the per-scale path (the fa4 backend), through autograd as the model runs it
-    def old_fwd_bwd():
-        buf.grad = None
-        attention(q, k, v, p, backend="fa4").backward(dout_bhld)
+    # the backend through autograd as the model runs it: per scale, then MASKAR_FA4_ONE_CALL's op
+    import maskar.nn.attention_fa4 as fa4_backend
 
-    row = old_row = {"path": "fa4 per scale (the backend)"}
-    try:
-        with torch.no_grad():
-            out_old = attention(q, k, v, p, backend="fa4")
-        old_fwd_bwd()
-        row["err_out"] = rel(out_old, ref[0])
-        for i, name in enumerate(("dq", "dk", "dv")):
-            row[f"err_{name}"] = rel(buf.grad[:, :, i].transpose(1, 2), ref[1 + i])
-        with torch.no_grad():
-            row["fwd_ms"] = time_ms(lambda: attention(q, k, v, p, backend="fa4"))
-        row["fwd_bwd_ms"] = time_ms(old_fwd_bwd)
-        row["graph_fwd_bwd_ms"] = graph_ms_autograd(buf, p, dout_bhld)
-    except Exception as e:  # noqa: BLE001 - reported; the new path still runs
-        row["error"] = f"{type(e).__name__}: {e}"[:1500]
-        traceback.print_exc()
-    emit(row)
+    def backend_row(one_call: bool) -> dict:
+        fa4_backend.ONE_CALL = one_call
+        row = {"path": "fa4 backend, " + ("one call (MASKAR_FA4_ONE_CALL=1)" if one_call else "per scale")}
+
+        def fwd_bwd():
+            buf.grad = None
+            attention(q, k, v, p, backend="fa4").backward(dout_bhld)
+
+        try:
+            with torch.no_grad():
+                out = attention(q, k, v, p, backend="fa4")
+            fwd_bwd()
+            row["err_out"] = rel(out, ref[0])
+            for i, name in enumerate(("dq", "dk", "dv")):
+                row[f"err_{name}"] = rel(buf.grad[:, :, i].transpose(1, 2), ref[1 + i])
+            with torch.no_grad():
+                row["fwd_ms"] = time_ms(lambda: attention(q, k, v, p, backend="fa4"))
+            row["fwd_bwd_ms"] = time_ms(fwd_bwd)
+            row["graph_fwd_bwd_ms"] = graph_ms_autograd(buf, p, dout_bhld)
+            if one_call:
+                row["blocks"] = {d: fa4_backend._BC[(tuple(p.lengths), str(dev))].get(("block", d == "bwd"))
+                                 for d in ("fwd", "bwd")}  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - reported; the other paths still run
+            row["error"] = f"{type(e).__name__}: {e}"[:1500]
+            traceback.print_exc()
+        fa4_backend.ONE_CALL = False
+        emit(row)
+        return row
+
+    old_row = backend_row(False)
+    op_row = backend_row(True)
+    if "graph_fwd_bwd_ms" in op_row and "graph_fwd_bwd_ms" in old_row:
+        emit({"op_step_saving_ms_16_layers": 16 * (old_row["graph_fwd_bwd_ms"] - op_row["graph_fwd_bwd_ms"])})
 
     # the one-call path: (B, L, H, D) views of the same buffer
     qs, ks, vs = (buf.detach()[:, :, i] for i in range(3))

@@ -30,13 +30,14 @@
 # (/graph/master, attention auto: fa4 at 1024 px, the fused kernel at 256 px): HMAR-d16 and VAR-d16
 # at 1024 px B 2, then at 256 px B 32, each pair in one process (files profile-<res>.txt / -rows).
 # PART=blockcausal instead: scripts/gpu/fa4_block_causal_probe.py, VAR's 1024 px attention as one
-# FA4 call (mask_mod + block sparsity) against the fa4 backend's per-scale calls, fwd + bwd.
+# FA4 call (mask_mod + block sparsity) against the fa4 backend's per-scale calls, fwd + bwd, and the
+# backend's GPU tests. PART=onecall1024: VAR-d16's 1024 px step with MASKAR_FA4_ONE_CALL 0 / 1.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 case "${PART:-train}" in
-  train|profile1024|bwdsweep|cdt|auto1024|master1024|sample1024|switch1024|defaults1024|profiledefaults|blockcausal) ;;
+  train|profile1024|bwdsweep|cdt|auto1024|master1024|sample1024|switch1024|defaults1024|profiledefaults|blockcausal|onecall1024) ;;
   *) echo "PART: expected train, profile1024, bwdsweep, cdt, auto1024, master1024, sample1024, switch1024" \
-       "defaults1024, profiledefaults or blockcausal;" \
+       "defaults1024, profiledefaults, blockcausal or onecall1024;" \
        "got ${PART}" >&2; exit 2 ;;
 esac
 source scripts/gpu/fa4_install.sh || exit 1
@@ -55,6 +56,24 @@ if [ "${PART:-train}" = blockcausal ]; then
   OUT=$OUT timeout "${PROBE_S:-300}" python3 scripts/gpu/fa4_block_causal_probe.py > "$OUT/fa4-block-causal-console.txt" 2>&1
   echo "rc=$?"; grep "^{" "$OUT/fa4-block-causal-console.txt" | cut -c1-400
   grep -vE "$NOISE" "$OUT/fa4-block-causal-console.txt" | grep -v "^{" | tail -n 15 | cut -c1-300
+  echo "== GPU tests of the fa4 backend (MASKAR_FA4_ONE_CALL's op among them)"
+  timeout "${TEST_S:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_attention_fa4_gpu.py \
+    > "$OUT/fa4-gpu-tests.txt" 2>&1
+  echo "rc=$?"; grep -E "Error|assert|passed|failed" "$OUT/fa4-gpu-tests.txt" | head -n 8 | cut -c1-300
+  exit 0
+fi
+if [ "${PART:-train}" = onecall1024 ]; then
+  # MASKAR_FA4_ONE_CALL against the per-scale calls in VAR-d16's whole 1024 px step, every other
+  # default; one process each (the switch is read at import), the order alternated
+  i=0
+  for flag in 0 1 1 0; do
+    i=$((i + 1))
+    echo "== train_step 1024 px VAR-d16 /graph/master, MASKAR_FA4_ONE_CALL=$flag"
+    MASKAR_FA4_ONE_CALL=$flag timeout "${T1_S:-110}" python3 -m maskar bench train_step res=1024 steps=20 \
+      warmup=3 rows=var/d16/blocks/graph/master json="$OUT/onecall-$flag-$i.json" \
+      >> "$OUT/onecall-$flag.txt" 2>&1
+    echo "rc=$?"; grep -vE "$NOISE" "$OUT/onecall-$flag.txt" | grep -E "^var-|rror" | cut -c1-230 | tail -n 1
+  done
   exit 0
 fi
 if [ "${PART:-train}" = profiledefaults ]; then
