@@ -51,7 +51,7 @@ def _visible(maps, aux_tensors, Lq, Lk, backward):
     """(Lq, Lk) bool from the tile maps alone: a full tile all visible, a partial one where the
     block-causal mask_mod's rule (key < the query's end, aux_tensors[0]) holds, the rest skipped.
     The maps broadcast over (B, H) with leading dims of 1."""
-    (ends,) = aux_tensors
+    ends = aux_tensors[0][:Lq]  # padded past the sequence for the kernel's last tile
     bm, bn = maps.block_size
     vis = torch.zeros(Lq, Lk, dtype=torch.bool)
     rows = torch.arange(Lq)[:, None] < Lq  # all True, the shape of a column

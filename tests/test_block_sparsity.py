@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from maskar.nn.attention import ScalePattern
-from maskar.nn.block_sparsity import block_causal_maps, classify_tiles, packed, token_ends
+from maskar.nn.block_sparsity import block_causal_maps, classify_tiles, packed, padded_ends, token_ends
 
 SIDES_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 SIDES_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -43,6 +43,8 @@ def test_token_ends():
     p = ScalePattern("block_causal", (1, 4, 9))
     assert token_ends(p).tolist() == [1] + [5] * 4 + [14] * 9
     assert token_ends(p).dtype == torch.int32
+    padded = padded_ends(p, 8)
+    assert padded.tolist() == token_ends(p).tolist() + [0, 0] and padded.dtype == torch.int32
 
 
 def test_packed_puts_each_rows_columns_first_ascending():

@@ -35,7 +35,7 @@ from torch import Tensor
 from maskar import env
 from maskar.nn.attention import ScalePattern, register_backend
 from maskar.nn.attention_scales import picked_by_auto, scales_attention
-from maskar.nn.block_sparsity import block_causal_maps, token_ends
+from maskar.nn.block_sparsity import block_causal_maps, padded_ends
 
 try:
     from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
@@ -167,7 +167,7 @@ def _bc_state(lengths: list[int], device: torch.device) -> dict:
     key = (tuple(lengths), str(device))
     if key not in _BC:
         pattern = ScalePattern("block_causal", tuple(lengths))
-        _BC[key] = dict(pattern=pattern, ends=_device_copy(token_ends(pattern), device),
+        _BC[key] = dict(pattern=pattern, ends=_device_copy(padded_ends(pattern), device),
                         mod=_block_causal_mod(), maps={})  # fmt: skip
     return _BC[key]
 

@@ -25,6 +25,14 @@ def token_ends(pattern: ScalePattern) -> Tensor:
     return torch.tensor([e for n, e in zip(pattern.lengths, ends) for _ in range(n)], dtype=torch.int32)
 
 
+def padded_ends(pattern: ScalePattern, multiple: int = 256) -> Tensor:
+    """:func:`token_ends` padded with zeros to a multiple of ``multiple``: a kernel's last query
+    tile runs past the sequence and its mask reads the end of every row of it (padding rows see
+    nothing; their output is never written)."""
+    ends = token_ends(pattern)
+    return torch.cat([ends, ends.new_zeros(-ends.numel() % multiple)])
+
+
 def classify_tiles(ends: Tensor, bm: int, bn: int) -> tuple[Tensor, Tensor]:
     """(full, partial), bool (n_m, n_n), of a (bm x bn) tiling of the block-causal scores.
 

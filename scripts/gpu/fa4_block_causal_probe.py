@@ -38,7 +38,7 @@ from fa4_probe import SIDES, pairs, reference, rel  # noqa: E402 - the sibling p
 from maskar.bench.psa import graph_time_ms  # noqa: E402
 from maskar.kernels.tuning import time_ms  # noqa: E402
 from maskar.nn.attention import ScalePattern, attention  # noqa: E402
-from maskar.nn.block_sparsity import classify_tiles, packed, token_ends  # noqa: E402
+from maskar.nn.block_sparsity import classify_tiles, packed, padded_ends, token_ends  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp/out")
 RES, B, H, D = int(os.environ.get("RES", "1024")), int(os.environ.get("BATCH", "2")), 16, 64
@@ -94,7 +94,7 @@ def main() -> None:
     p = ScalePattern.from_sides("block_causal", SIDES[RES])
     L, scale = p.total, D**-0.5
     ends_cpu = token_ends(p)
-    ends = ends_cpu.to(dev)
+    ends = padded_ends(p).to(dev)  # the last tile's rows past the end read it too
     mod = block_causal_mod()
     torch.manual_seed(0)
     buf = torch.randn(B, L, 3, H, D, device=dev, dtype=dt, requires_grad=True)
