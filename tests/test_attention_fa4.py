@@ -165,11 +165,9 @@ def _qkv(B, L, H=2, D=8, seed=0):
     return buf, [buf[:, :, i].transpose(1, 2) for i in range(3)]  # (B, H, L, D) views, as the model's
 
 
-@pytest.mark.parametrize("kind", ["block_diagonal", "block_causal"])
-@pytest.mark.parametrize("lengths", [(1, 4, 9, 16), (1, 4, 9, 16, 64, 100)])
-def test_patterns_match_sdpa(fa4, kind, lengths):
-    p = ScalePattern(kind, lengths)
-    buf, (q, k, v) = _qkv(2, p.total)
+def _matches_sdpa(fa4, p: ScalePattern, seed: int = 0) -> None:
+    """The backend's output and gradients under ``p`` equal masked SDPA's (fp64)."""
+    buf, (q, k, v) = _qkv(2, p.total, seed=seed)
     dout = torch.randn(2, 2, p.total, 8, dtype=torch.float64)
     out = fa4.fa4_attention(q, k, v, p)
     (out * dout).sum().backward()
@@ -179,6 +177,12 @@ def test_patterns_match_sdpa(fa4, kind, lengths):
     (ref * dout).sum().backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(got, buf.grad)
+
+
+@pytest.mark.parametrize("kind", ["block_diagonal", "block_causal"])
+@pytest.mark.parametrize("lengths", [(1, 4, 9, 16), (1, 4, 9, 16, 64, 100)])
+def test_patterns_match_sdpa(fa4, kind, lengths):
+    _matches_sdpa(fa4, ScalePattern(kind, lengths))
 
 
 @pytest.mark.parametrize("lengths", [(1, 4, 9, 16), (1, 4, 9, 16, 25, 36), (1, 3, 5)])
@@ -187,17 +191,7 @@ def test_block_causal_one_call_matches_sdpa(fa4, lengths, monkeypatch):
     visible pairs (a tile wrongly marked full, partial or skipped changes the result), against
     the masked SDPA reference; the refused first block size falls through to the accepted one."""
     monkeypatch.setattr(fa4, "ONE_CALL", True)
-    p = ScalePattern("block_causal", lengths)
-    buf, (q, k, v) = _qkv(2, p.total, seed=3)
-    dout = torch.randn(2, 2, p.total, 8, dtype=torch.float64)
-    out = fa4.fa4_attention(q, k, v, p)
-    (out * dout).sum().backward()
-    got = buf.grad.clone()
-    buf.grad = None
-    ref = sdpa_attention(q, k, v, p)
-    (ref * dout).sum().backward()
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(got, buf.grad)
+    _matches_sdpa(fa4, ScalePattern("block_causal", lengths), seed=3)
     state = fa4._BC[(lengths, "cpu")]
     assert state[("block", False)] == FWD_BLOCK_TAKEN and state[("block", True)] == (4, 4)
 

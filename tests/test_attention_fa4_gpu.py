@@ -50,8 +50,15 @@ def _rel(a, ref):
     return float((a - ref).abs().max() / ref.abs().max())
 
 
-@pytest.mark.parametrize("kind", ["block_diagonal", "block_causal"])
-def test_fa4_as_close_to_fp32_as_sdpa(cuda_fa4, kind):
+CASES = [("block_diagonal", False), ("block_causal", False), ("block_causal", True)]  # (kind, one call)
+
+
+@pytest.mark.parametrize(("kind", "one_call"), CASES)
+def test_fa4_as_close_to_fp32_as_sdpa(cuda_fa4, kind, one_call, monkeypatch):
+    """one_call: MASKAR_FA4_ONE_CALL, VAR's pattern as one masked, block-sparse call."""
+    import maskar.nn.attention_fa4 as fa4_backend
+
+    monkeypatch.setattr(fa4_backend, "ONE_CALL", one_call)
     p = ScalePattern.from_sides(kind, SIDES)
     g = torch.Generator(device=cuda_fa4).manual_seed(1234)
     B, H, D = 3, 4, 64
@@ -66,12 +73,17 @@ def test_fa4_as_close_to_fp32_as_sdpa(cuda_fa4, kind):
         assert err <= 1.5 * base + 2e-3, f"{kind} {name}: fa4 {err:.2e} against bf16 SDPA's {base:.2e}"
 
 
-def _graph_replay_equals_eager(p: ScalePattern, device: torch.device) -> None:
+@pytest.mark.parametrize(("kind", "one_call"), [CASES[0], CASES[2]])
+def test_fa4_graph_replay_equals_eager(cuda_fa4, kind, one_call, monkeypatch):
     """Forward + backward captured in one CUDA graph (after a warm-up on a side stream, as the
     training step does) replays the eager gradients, on new inputs copied into the same buffer."""
+    import maskar.nn.attention_fa4 as fa4_backend
+
+    monkeypatch.setattr(fa4_backend, "ONE_CALL", one_call)
+    p = ScalePattern.from_sides(kind, SIDES)
     B, H, D = 2, 4, 64
-    leaf = torch.randn(B, p.total, 3, H, D, device=device).bfloat16().requires_grad_()
-    dout = torch.randn(B, H, p.total, D, device=device).bfloat16()
+    leaf = torch.randn(B, p.total, 3, H, D, device=cuda_fa4).bfloat16().requires_grad_()
+    dout = torch.randn(B, H, p.total, D, device=cuda_fa4).bfloat16()
 
     def step():
         q, k, v = (leaf[:, :, i].transpose(1, 2) for i in range(3))
@@ -94,29 +106,3 @@ def _graph_replay_equals_eager(p: ScalePattern, device: torch.device) -> None:
     # dq is summed with atomics: equal up to the order of the fp32 additions
     assert _rel(static_grad.float(), eager.float()) < 1e-2
     assert static_grad.abs().max() > 0
-
-
-def test_fa4_graph_replay_equals_eager(cuda_fa4):
-    _graph_replay_equals_eager(ScalePattern.from_sides("block_diagonal", SIDES), cuda_fa4)
-
-
-def test_fa4_one_call_block_causal_as_close_as_per_scale(cuda_fa4, monkeypatch):
-    """MASKAR_FA4_ONE_CALL: VAR's pattern as one masked, block-sparse call is as close to fp32 as
-    the per-scale calls, and a CUDA-graph replay of it gives the eager gradients."""
-    import maskar.nn.attention_fa4 as fa4
-
-    p = ScalePattern.from_sides("block_causal", SIDES)
-    g = torch.Generator(device=cuda_fa4).manual_seed(99)
-    B, H, D = 2, 4, 64
-    buf = torch.randn(B, p.total, 3, H, D, device=cuda_fa4, generator=g).bfloat16().requires_grad_()
-    dout = torch.randn(B, H, p.total, D, device=cuda_fa4, generator=g).bfloat16()
-    ref32 = buf.detach().float().requires_grad_()
-    ref = _grads(lambda q, k, v: sdpa_attention(q, k, v, p), ref32, dout.float())
-    per_scale = _grads(lambda q, k, v: attention(q, k, v, p, backend="fa4"), buf, dout)
-    monkeypatch.setattr(fa4, "ONE_CALL", True)
-    one = _grads(lambda q, k, v: attention(q, k, v, p, backend="fa4"), buf, dout)
-    for name, a, s, r in zip(("out", "dq", "dk", "dv"), one, per_scale, ref, strict=True):
-        err, base = _rel(a, r), _rel(s, r)
-        assert err <= 1.5 * base + 2e-3, f"one call {name}: {err:.2e} against per scale {base:.2e}"
-
-    _graph_replay_equals_eager(p, cuda_fa4)
