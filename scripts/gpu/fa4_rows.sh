@@ -31,7 +31,8 @@
 # at 1024 px B 2, then at 256 px B 32, each pair in one process (files profile-<res>.txt / -rows).
 # PART=blockcausal instead: scripts/gpu/fa4_block_causal_probe.py, VAR's 1024 px attention as one
 # FA4 call (mask_mod + block sparsity) against the fa4 backend's per-scale calls, fwd + bwd, and the
-# backend's GPU tests. PART=onecall1024: VAR-d16's 1024 px step with MASKAR_FA4_ONE_CALL 0 / 1.
+# backend's GPU tests. PART=onecall1024: the backend's GPU tests, then VAR-d16's 1024 px step with
+# MASKAR_FA4_ONE_CALL 0 / 1 / 1 / 0 (the first process also HMAR-d16's: issue 13's pair on an H200).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 case "${PART:-train}" in
@@ -64,16 +65,24 @@ if [ "${PART:-train}" = blockcausal ]; then
 fi
 if [ "${PART:-train}" = onecall1024 ]; then
   # MASKAR_FA4_ONE_CALL against the per-scale calls in VAR-d16's whole 1024 px step, every other
-  # default; one process each (the switch is read at import), the order alternated
+  # default, one process each (the switch is read at import); the first process also times
+  # HMAR-d16, so on an H200 this call is also issue 13's defaults1024 row pair
+  source scripts/gpu/clock.sh
+  el "GPU tests of the fa4 backend (the one-call op among them)"
+  timeout $(cap 150) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_attention_fa4_gpu.py \
+    > "$OUT/fa4-gpu-tests.txt" 2>&1
+  echo "rc=$?"; grep -E "Error|assert|passed|failed" "$OUT/fa4-gpu-tests.txt" | head -n 8 | cut -c1-300
   i=0
   for flag in 0 1 1 0; do
     i=$((i + 1))
-    echo "== train_step 1024 px VAR-d16 /graph/master, MASKAR_FA4_ONE_CALL=$flag"
-    MASKAR_FA4_ONE_CALL=$flag timeout "${T1_S:-110}" python3 -m maskar bench train_step res=1024 steps=20 \
-      warmup=3 rows=var/d16/blocks/graph/master json="$OUT/onecall-$flag-$i.json" \
-      >> "$OUT/onecall-$flag.txt" 2>&1
-    echo "rc=$?"; grep -vE "$NOISE" "$OUT/onecall-$flag.txt" | grep -E "^var-|rror" | cut -c1-230 | tail -n 1
+    rows=var/d16/blocks/graph/master lim=120 n=1
+    [ $i = 1 ] && rows=hmar/d16/blocks/graph/master,$rows lim=200 n=2
+    el "train_step 1024 px $rows, MASKAR_FA4_ONE_CALL=$flag"
+    MASKAR_FA4_ONE_CALL=$flag timeout $(cap $lim) python3 -m maskar bench train_step res=1024 steps=20 \
+      warmup=3 rows=$rows json="$OUT/onecall-$flag-$i.json" >> "$OUT/onecall-$flag.txt" 2>&1
+    echo "rc=$?"; grep -vE "$NOISE" "$OUT/onecall-$flag.txt" | grep -E "^(hmar|var)-|rror" | cut -c1-230 | tail -n $n
   done
+  el done
   exit 0
 fi
 if [ "${PART:-train}" = profiledefaults ]; then
