@@ -243,8 +243,11 @@ def test_custom_ops_fake_shapes(fa4):
         fa4._cu_seqlens([3, 4], 15, qp.device)
 
 
-def test_compiles_without_graph_breaks(fa4):
-    p = ScalePattern("block_diagonal", (1, 4, 9, 16))
+@pytest.mark.parametrize(("kind", "one_call"), [("block_diagonal", False), ("block_causal", True)])
+def test_compiles_without_graph_breaks(fa4, kind, one_call, monkeypatch):
+    """Both single-call paths (HMAR's varlen call; VAR's under MASKAR_FA4_ONE_CALL) trace whole."""
+    monkeypatch.setattr(fa4, "ONE_CALL", one_call)
+    p = ScalePattern(kind, (1, 4, 9, 16))
     buf, (q, k, v) = _qkv(2, p.total)
 
     def f(q, k, v):
