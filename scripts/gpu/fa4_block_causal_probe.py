@@ -18,7 +18,8 @@ What it prints (one JSON line each, all in $OUT/fa4_block_causal_probe.json):
   as the largest error relative to the reference's largest entry;
 - every path's fwd and fwd + bwd ms, eagerly and as one CUDA graph each (the step is one graph),
   the per-scale path through autograd as the model runs it (its glue included), the one-call
-  path as two direct launches (its output already whole).
+  path also as two direct launches with the op's own mask_mod and maps, at the first block size
+  of each direction that FA4 accepts.
 
 OUT=/tmp/out python3 scripts/gpu/fa4_block_causal_probe.py     (a CUDA sm90 GPU, FA4 installed)
 """
@@ -38,7 +39,6 @@ from fa4_probe import SIDES, pairs, reference, rel  # noqa: E402 - the sibling p
 from maskar.bench.psa import graph_time_ms  # noqa: E402
 from maskar.kernels.tuning import time_ms  # noqa: E402
 from maskar.nn.attention import ScalePattern, attention  # noqa: E402
-from maskar.nn.block_sparsity import classify_tiles, packed, padded_ends, token_ends  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp/out")
 RES, B, H, D = int(os.environ.get("RES", "1024")), int(os.environ.get("BATCH", "2")), 16, 64
@@ -55,37 +55,6 @@ def emit(rec: dict) -> None:
     print(json.dumps(rec), flush=True)
 
 
-def sparse_tensors(ends: torch.Tensor, bm: int, bn: int, q_direction: bool):
-    """FA4's BlockSparseTensorsTorch for the block-causal pattern: kv blocks per q block (forward)
-    or, with ``q_direction``, q blocks per kv block (backward), broadcast over (B, H)."""
-    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-
-    full, partial = classify_tiles(ends, bm, bn)
-    if q_direction:
-        full, partial = full.t(), partial.t()
-    (mc, mi), (fc, fi) = packed(partial), packed(full)
-
-    def bh(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dev).expand(B, H, *t.shape).contiguous()
-
-    return BlockSparseTensorsTorch(mask_block_cnt=bh(mc), mask_block_idx=bh(mi), full_block_cnt=bh(fc),
-                                   full_block_idx=bh(fi), block_size=(bm, bn))
-
-
-def block_causal_mod():
-    import cutlass
-    import cutlass.cute as cute
-    from flash_attn.cute import utils as fa_utils
-
-    @cute.jit
-    def _mod(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
-        ends = aux_tensors[0]
-        end = fa_utils.scalar_to_ssa(ends[m_idx[0]], cutlass.Int32)
-        return n_idx < end
-
-    return _mod
-
-
 def main() -> None:
     os.makedirs(OUT, exist_ok=True)
     from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
@@ -93,9 +62,11 @@ def main() -> None:
     emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "res": RES, "batch": B})
     p = ScalePattern.from_sides("block_causal", SIDES[RES])
     L, scale = p.total, D**-0.5
-    ends_cpu = token_ends(p)
-    ends = padded_ends(p).to(dev)  # the last tile's rows past the end read it too
-    mod = block_causal_mod()
+    import maskar.nn.attention_fa4 as fa4_backend
+
+    # the op's own pieces: its scale ends (padded), mask_mod and tile maps
+    state = fa4_backend._bc_state(list(p.lengths), dev)
+    ends, mod = state["ends"], state["mod"]
     torch.manual_seed(0)
     buf = torch.randn(B, L, 3, H, D, device=dev, dtype=dt, requires_grad=True)
     dout_bhld = torch.randn(B, H, L, D, device=dev, dtype=dt)
@@ -105,7 +76,6 @@ def main() -> None:
     emit({"L": L, "fwd_tflop": flop_f / 1e12, "fwd_bwd_tflop": 3.5 * flop_f / 1e12})
 
     # the backend through autograd as the model runs it: per scale, then MASKAR_FA4_ONE_CALL's op
-    import maskar.nn.attention_fa4 as fa4_backend
 
     def backend_row(one_call: bool) -> dict:
         fa4_backend.ONE_CALL = one_call
@@ -158,7 +128,7 @@ def main() -> None:
         wants), and the errors of its result against the reference."""
         for bm, bn in blocks:
             try:
-                bs = sparse_tensors(ends_cpu, bm, bn, q_direction=kind == "bwd")
+                bs = fa4_backend._maps(state, (bm, bn), kind == "bwd", dev)  # the op's maps
                 errs = run(bs)
                 torch.cuda.synchronize()
                 emit({f"{kind}_block": [bm, bn], "accepted": True, **errs})
