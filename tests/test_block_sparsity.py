@@ -44,7 +44,7 @@ def test_token_ends():
     assert token_ends(p).tolist() == [1] + [5] * 4 + [14] * 9
     assert token_ends(p).dtype == torch.int32
     padded = padded_ends(p, 8)
-    assert padded.tolist() == token_ends(p).tolist() + [0, 0] and padded.dtype == torch.int32
+    assert padded.tolist() == token_ends(p).tolist() + [0] * 8 and padded.dtype == torch.int32
 
 
 def test_packed_puts_each_rows_columns_first_ascending():

@@ -25,12 +25,12 @@ def token_ends(pattern: ScalePattern) -> Tensor:
     return torch.tensor([e for n, e in zip(pattern.lengths, ends) for _ in range(n)], dtype=torch.int32)
 
 
-def padded_ends(pattern: ScalePattern, multiple: int = 256) -> Tensor:
-    """:func:`token_ends` padded with zeros to a multiple of ``multiple``: a kernel's last query
-    tile runs past the sequence and its mask reads the end of every row of it (padding rows see
-    nothing; their output is never written)."""
+def padded_ends(pattern: ScalePattern, max_tile: int = 256) -> Tensor:
+    """:func:`token_ends` followed by ``max_tile`` zeros: a kernel's last query tile runs past the
+    sequence (by less than a tile) and its mask reads the end of every row of it. Padding rows
+    see nothing; their output is never written."""
     ends = token_ends(pattern)
-    return torch.cat([ends, ends.new_zeros(-ends.numel() % multiple)])
+    return torch.cat([ends, ends.new_zeros(max_tile)])
 
 
 def classify_tiles(ends: Tensor, bm: int, bn: int) -> tuple[Tensor, Tensor]:
