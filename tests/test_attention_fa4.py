@@ -54,7 +54,6 @@ def _visible(maps, aux_tensors, Lq, Lk, backward):
     ends = aux_tensors[0][:Lq]  # padded past the sequence for the kernel's last tile
     bm, bn = maps.block_size
     vis = torch.zeros(Lq, Lk, dtype=torch.bool)
-    rows = torch.arange(Lq)[:, None] < Lq  # all True, the shape of a column
     cols = torch.arange(Lk)
     for cnt, idx, full in ((maps.mask_block_cnt, maps.mask_block_idx, False),
                            (maps.full_block_cnt, maps.full_block_idx, True)):  # fmt: skip
@@ -63,8 +62,7 @@ def _visible(maps, aux_tensors, Lq, Lk, backward):
             for j in idx[r, : int(cnt[r])].tolist():
                 m, n = (j, r) if backward else (r, j)
                 rs, cs = slice(m * bm, (m + 1) * bm), slice(n * bn, (n + 1) * bn)
-                tile = rows[rs] & (cols[cs][None, :] < Lk)
-                vis[rs, cs] = tile if full else (cols[cs][None, :] < ends[rs].long()[:, None])
+                vis[rs, cs] = True if full else cols[cs][None, :] < ends[rs].long()[:, None]
     return vis
 
 
