@@ -43,25 +43,34 @@ except Exception as e:  # not installed, or its DSL cannot load here: leave the 
     raise ImportError(f"maskar fa4 backend needs flash-attn-4 (flash_attn.cute): {e}") from e
 
 
-_CU_SEQLENS: dict[tuple, tuple[Tensor, Tensor]] = {}
+_PINNED: list[Tensor] = []  # host sides of the copies below, kept for the program's life
+
+
+def _device_copy(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device`` through kept pinned memory. A tensor made from host values inside a
+    compiled graph is a copy from pageable memory, which CUDA graph capture refuses; from pinned
+    memory it is legal, so even a first call during capture works."""
+    if device.type != "cuda":
+        return t.to(device)
+    host = t.pin_memory()
+    _PINNED.append(host)
+    return host.to(device, non_blocking=True)
+
+
+_CU_SEQLENS: dict[tuple, Tensor] = {}
 
 
 def _cu_seqlens(seq_lens: list[int], total: int, device: torch.device) -> Tensor:
-    """(n + 1,) int32 starts of ``seq_lens`` repeated to cover ``total`` rows, cached per device.
-
-    Built inside the op (not traced): under torch.compile a tensor made from host values is a
-    copy in the graph, which CUDA graph capture refuses from pageable memory. The host side is
-    pinned and kept, so even a first call during capture is a legal copy."""
+    """(n + 1,) int32 starts of ``seq_lens`` repeated to cover ``total`` rows, cached per device
+    (built inside the op, not traced: :func:`_device_copy`)."""
     key = (tuple(seq_lens), total, str(device))
     if key not in _CU_SEQLENS:
         reps, rest = divmod(total, sum(seq_lens))
         if rest:
             raise ValueError(f"fa4 attention: {total} rows are not whole repeats of sequences {seq_lens}")
         starts = torch.tensor([0, *itertools.accumulate(seq_lens * reps)], dtype=torch.int32)
-        if device.type == "cuda":
-            starts = starts.pin_memory()
-        _CU_SEQLENS[key] = (starts, starts.to(device, non_blocking=True))
-    return _CU_SEQLENS[key][1]
+        _CU_SEQLENS[key] = _device_copy(starts, device)
+    return _CU_SEQLENS[key]
 
 
 def _lse_shape(q: Tensor, seq_lens: list[int]) -> tuple[int, ...]:
@@ -149,18 +158,6 @@ def _block_causal_mod():
         return n_idx < end
 
     return block_causal
-
-
-def _device_copy(t: Tensor, device: torch.device) -> Tensor:
-    """``t`` on ``device`` through kept pinned memory (a legal copy even during graph capture)."""
-    if device.type != "cuda":
-        return t.to(device)
-    host = t.pin_memory()
-    _PINNED.append(host)
-    return host.to(device, non_blocking=True)
-
-
-_PINNED: list[Tensor] = []
 
 
 def _bc_state(lengths: list[int], device: torch.device) -> dict:

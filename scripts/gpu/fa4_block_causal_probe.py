@@ -64,11 +64,11 @@ def main() -> None:
     L, scale = p.total, D**-0.5
     import maskar.nn.attention_fa4 as fa4_backend
 
-    # the op's own pieces: its scale ends (padded), mask_mod and tile maps
-    state = fa4_backend._bc_state(list(p.lengths), dev)
-    ends, mod = state["ends"], state["mod"]
     torch.manual_seed(0)
     buf = torch.randn(B, L, 3, H, D, device=dev, dtype=dt, requires_grad=True)
+    # the op's own pieces (the entry its calls use: keyed by q's device): scale ends, mask_mod, maps
+    state = fa4_backend._bc_state(list(p.lengths), buf.device)
+    ends, mod = state["ends"], state["mod"]
     dout_bhld = torch.randn(B, H, L, D, device=dev, dtype=dt)
     q, k, v = (buf[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, D) views, as the model
     ref = reference(q, k, v, p, dout_bhld)
@@ -97,8 +97,7 @@ def main() -> None:
             row["fwd_bwd_ms"] = time_ms(fwd_bwd)
             row["graph_fwd_bwd_ms"] = graph_ms_autograd(buf, p, dout_bhld)
             if one_call:
-                row["blocks"] = {d: fa4_backend._BC[(tuple(p.lengths), str(dev))].get(("block", d == "bwd"))
-                                 for d in ("fwd", "bwd")}  # fmt: skip
+                row["blocks"] = {d: state.get(("block", d == "bwd")) for d in ("fwd", "bwd")}
         except Exception as e:  # noqa: BLE001 - reported; the other paths still run
             row["error"] = f"{type(e).__name__}: {e}"[:1500]
             traceback.print_exc()
@@ -128,7 +127,7 @@ def main() -> None:
         wants), and the errors of its result against the reference."""
         for bm, bn in blocks:
             try:
-                bs = fa4_backend._maps(state, (bm, bn), kind == "bwd", dev)  # the op's maps
+                bs = fa4_backend._maps(state, (bm, bn), kind == "bwd", buf.device)  # the op's maps
                 errs = run(bs)
                 torch.cuda.synchronize()
                 emit({f"{kind}_block": [bm, bn], "accepted": True, **errs})
