@@ -46,13 +46,12 @@ buffers eagerly, with the same generator hand-over: tests compare its tokens wit
 from __future__ import annotations
 
 import time
-import warnings
-from collections import OrderedDict
 
 import torch
 from torch import Tensor
 
 from maskar import env
+from maskar.nn.graph_cache import LruGraphCache
 from maskar.nn.sampling import exponential_noise
 
 # Reserve the graphs' pool as one segment of the warm-up's live peak (module docstring).
@@ -314,37 +313,20 @@ def _freeze(value):
     return value
 
 
-class GraphCache:
-    """A model's captured runners (LRU); copies and pickles as an empty cache (graphs cannot be)."""
+class GraphCache(LruGraphCache):
+    """A model's captured runners (LRU). A key is captured at its second call."""
 
     def __init__(self, max_entries: int = 2) -> None:
-        self.max_entries = max_entries
-        self.entries: OrderedDict[tuple, ScaleGraphRunner] = OrderedDict()
-        self.weights: tuple = ()  # addresses of the tensors the graphs read
-        self.failed = False  # a capture failed: sample eagerly from then on
-        self.captures = 0
-        self.seen: set[tuple] = set()  # keys called once: captured at their second call
+        super().__init__(max_entries)
+        self.seen: set[tuple] = set()  # keys called once
 
     def clear(self) -> None:
-        """Drop every graph and its memory pool."""
-        self.entries.clear()
+        super().clear()
         self.seen.clear()
-
-    def __deepcopy__(self, memo: dict) -> GraphCache:
-        return GraphCache(self.max_entries)
-
-    def __getstate__(self) -> dict:
-        return {"max_entries": self.max_entries}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["max_entries"])
 
     def runner(self, model, batch: int, args, refine_kw: dict, precision: str) -> ScaleGraphRunner | None:
         """The captured runner for this call, capturing it on first use (None if capture failed)."""
         weights = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
-        if weights != self.weights:  # weights moved or were replaced: the graphs read old memory
-            self.clear()
-            self.weights = weights
         dev = model.lvl_1L.device
         key = (
             batch, args.cfg, args.cfg_schedule, args.temperature, args.top_k, args.top_p, args.sampler,
@@ -352,9 +334,8 @@ class GraphCache:
             torch.get_autocast_dtype(dev.type), torch.backends.cuda.matmul.allow_tf32,
             torch.backends.cudnn.allow_tf32,
         )  # fmt: skip
-        found = self.entries.get(key)
+        found = self.lookup(weights, key)
         if found is not None:
-            self.entries.move_to_end(key)
             return found
         if key not in self.seen:  # a one-off call (the last, smaller batch of a run) stays eager
             self.seen.add(key)
@@ -364,14 +345,7 @@ class GraphCache:
         try:
             runner = ScaleGraphRunner(model, batch, args, refine_kw, precision, capture=True)
         except Exception as e:  # noqa: BLE001 - any capture failure means: sample eagerly
-            self.failed = True
-            self.clear()
-            warnings.warn(
-                f"{type(model).__name__}: CUDA-graph capture failed ({type(e).__name__}: {e}); "
-                "sampling eagerly",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            self.capture_failed(type(model).__name__, e, stacklevel=3)
             return None
         self.captures += 1
         self.entries[key] = runner

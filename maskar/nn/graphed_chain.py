@@ -28,8 +28,6 @@ aligned; every op of the heads is row-independent, so padded rows never touch re
 from __future__ import annotations
 
 import contextlib
-import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -37,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from maskar.nn.diffusion import GaussianDiffusion, ModelFn, PosteriorFn, posterior_step
+from maskar.nn.graph_cache import LruGraphCache
 
 # (z, scale or None, labels or None, cast to float32) -> model_fn(x_t, t); called in the captured body
 ModelFnFactory = Callable[[Tensor, "Tensor | None", "Tensor | None", bool], ModelFn]
@@ -221,29 +220,16 @@ def _cast(out: Tensor, cast: bool) -> Tensor:
     return out.float() if cast else out
 
 
-class GraphCache:
-    """LRU cache of captured chains; copies and pickles as an empty cache (graphs cannot be)."""
+class GraphCache(LruGraphCache):
+    """The captured chains of one head (LRU), with one memory pool and capture stream per device."""
 
     def __init__(self, max_entries: int = 24):
-        self.max_entries = max_entries
-        self.entries: OrderedDict[tuple, StaticChain] = OrderedDict()
-        self.weights: tuple = ()  # (data_ptr, dtype) of the parameters the graphs read
-        self.pools: dict[torch.device, tuple] = {}  # one memory pool + capture stream per device
-        self.failed = False  # a capture failed: sample eagerly from then on
-        self.captures = 0
+        super().__init__(max_entries)
+        self.pools: dict[torch.device, tuple] = {}
 
     def clear(self) -> None:
-        self.entries.clear()
+        super().clear()
         self.pools.clear()
-
-    def __deepcopy__(self, memo: dict) -> GraphCache:
-        return GraphCache(self.max_entries)
-
-    def __getstate__(self) -> dict:
-        return {"max_entries": self.max_entries}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["max_entries"])
 
     def chain(
         self,
@@ -255,14 +241,9 @@ class GraphCache:
         owner: str,
     ) -> StaticChain | None:
         """The cached chain for ``key``, made and captured on first use (None if capture failed)."""
-        weights = tuple((p.data_ptr(), p.dtype) for p in params)
-        if weights != self.weights:  # parameters were replaced: the graphs read old memory
-            self.clear()
-            self.weights = weights
         key = key + (capture,)
-        chain = self.entries.get(key)
+        chain = self.lookup(tuple((p.data_ptr(), p.dtype) for p in params), key)
         if chain is not None:
-            self.entries.move_to_end(key)
             return chain
         chain = make()
         if capture:
@@ -273,13 +254,7 @@ class GraphCache:
                 with torch.cuda.device(device):
                     chain.capture(pool, stream)
             except Exception as e:  # noqa: BLE001 - any capture failure means: sample eagerly
-                self.failed = True
-                self.clear()
-                warnings.warn(
-                    f"{owner}: CUDA-graph capture failed ({type(e).__name__}: {e}); sampling eagerly",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+                self.capture_failed(owner, e, stacklevel=4)
                 return None
             self.captures += 1
         self.entries[key] = chain
