@@ -69,3 +69,12 @@ def test_backward_maps_are_the_forward_ones_transposed():
     n_m, n_n = fwd[1].shape[0], fwd[1].shape[1]
     assert torch.equal(dense(fwd[0], fwd[1], n_n), dense(bwd[0], bwd[1], n_m).t())  # partial tiles
     assert torch.equal(dense(fwd[2], fwd[3], n_n), dense(bwd[2], bwd[3], n_m).t())  # full tiles
+
+
+@pytest.mark.parametrize("q_direction", [False, True])
+def test_maps_are_row_major(q_direction):
+    """FA4 reads the maps as row-major tensors and refuses others ("Expected strides[leading_dim]
+    == 1"; the backward's maps, sorted from a transposed selection, were column-major once)."""
+    p = ScalePattern.from_sides("block_causal", (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+    for t in block_causal_maps(p, 128, 128, q_direction=q_direction):
+        assert t.is_contiguous() and t.stride()[-1] == 1

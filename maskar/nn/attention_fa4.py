@@ -138,6 +138,8 @@ fa4_fwd.register_autograd(_backward, setup_context=_setup_context)
 # auxiliary tensor, and tile maps (maskar.nn.block_sparsity) so that only the few tiles a scale
 # boundary cuts evaluate it. FA4's sm90 heuristics (b40, head dim 64): forward tiles 192 x 128
 # (128 x 128 where the sparse q block is no multiple of 192), backward 128 x 128.
+# Off by default: in VAR-d16's 1024 px step on an H100 the block-sparse backward lost what the
+# removed glue saved (docs/kernels.md).
 ONE_CALL = bool(env.switch("MASKAR_FA4_ONE_CALL"))
 FWD_BLOCKS = ((192, 128), (128, 128))
 BWD_BLOCKS = ((128, 128), (64, 128))

@@ -54,9 +54,10 @@ def classify_tiles(ends: Tensor, bm: int, bn: int) -> tuple[Tensor, Tensor]:
 def packed(sel: Tensor) -> tuple[Tensor, Tensor]:
     """(count (rows,), index (rows, cols)) int32: each row's selected columns first, ascending
     (the rest of the row is padding the kernel never reads)."""
+    sel = sel.contiguous()  # a transposed map sorts into transposed strides; kernels want rows
     cnt = sel.sum(1).to(torch.int32)
     idx = torch.argsort((~sel).to(torch.int8), dim=1, stable=True).to(torch.int32)
-    return cnt, idx
+    return cnt, idx.contiguous()
 
 
 def block_causal_maps(
