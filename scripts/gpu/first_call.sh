@@ -3,17 +3,13 @@
 #   TESTS=0 OUT=$OUT bash scripts/gpu/first_call.sh      (carry .carry/fa4a, checkpoints out of the tree)
 # Any GPU: keeps .carry/fa4a in .persist/ (seconds); without TESTS=0 it also runs the GPU tests of
 # the training paths at the defaults (about 2.5 min; 38 passed on an H100 on 2026-12-07, ninth
-# session, so TESTS=0 is the choice while an H200's time is short). Then at once, carrying .carry/fa4b:
-#   PART=onecall1024 bash scripts/gpu/fa4_rows.sh      (about 5 min, any GPU)
-# the fa4 backend's GPU tests (MASKAR_FA4_ONE_CALL's op among them: VAR's block-causal attention
-# as one masked FA4 call, written 2026-12-07, eleventh session, not yet run), then VAR-d16's
-# 1024 px step with the switch 0 / 1 / 1 / 0; its first process also times HMAR-d16 at every
-# default, so on an H200 it also decides issue 13's 1024 px pair (on H100s: 78.7-79.6 /
-# 112.4-113.6 ms over four machines). With time left:
-#   on an H200: PART=rows bash scripts/gpu/h200_rows.sh      (issues 14 and 15)
-#   PART=blockcausal bash scripts/gpu/fa4_rows.sh      (at most 5 min)
-# the one call's attention alone against the per-scale calls, eager and as graphs
-# (scripts/gpu/fa4_block_causal_probe.py; also tries FA4's block sizes one by one).
+# session, so TESTS=0 is the choice while an H200's time is short). Then at once, carrying .carry/fa4b,
+# on an H200:
+#   PART=defaults1024 TRAIN=0 bash scripts/gpu/fa4_rows.sh      (issue 13's 1024 px pair; H100s:
+#                                                               78.7-79.6 / 112.4-114.0 ms)
+#   PART=rows bash scripts/gpu/h200_rows.sh      (issues 14 and 15)
+# (PART=onecall1024 ran on 2026-12-07, twelfth session, on an H100: MASKAR_FA4_ONE_CALL stays off,
+#  docs/benchmarks.md Run 21; PART=blockcausal, the op alone, ran in the same session.)
 # (PART=defaults1024 TRAIN=0 times the pair alone; without TRAIN=0 it also runs `maskar train`
 #  at its defaults at 1024 px beside them, done on an H100 in Run 19.)
 # (The final step's profile at every default ran on 2026-12-07, tenth session: PART=profiledefaults.)
