@@ -57,7 +57,7 @@ def packed(sel: Tensor) -> tuple[Tensor, Tensor]:
     sel = sel.contiguous()  # a transposed map sorts into transposed strides; kernels want rows
     cnt = sel.sum(1).to(torch.int32)
     idx = torch.argsort((~sel).to(torch.int8), dim=1, stable=True).to(torch.int32)
-    return cnt, idx.contiguous()
+    return cnt, idx
 
 
 def block_causal_maps(
