@@ -90,8 +90,21 @@ def _fake_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, 
 
 
 def _fake_bwd(q, k, v, out, dout, lse, softmax_scale, causal, cu_seqlens_q=None, cu_seqlens_k=None,
-              mask_mod=None, aux_tensors=None, block_sparse_tensors=None, **_):  # fmt: skip
-    """The attention backward by its formulas (custom ops run below autograd)."""
+              mask_mod=None, aux_tensors=None, block_sparse_tensors=None, dq=None, **_):  # fmt: skip
+    """The attention backward by its formulas (custom ops run below autograd); dq, where given,
+    is written in place and returned, as FA4 does."""
+    assert lse.shape[-1] == (q.shape[1] if cu_seqlens_q is None else q.shape[0])
+    assert out.shape == q.shape and dout.shape == q.shape
+    grads = _bwd_formulas(q, k, v, dout, softmax_scale, cu_seqlens_q, cu_seqlens_k, mask_mod, aux_tensors,
+                          block_sparse_tensors)  # fmt: skip
+    if dq is not None:
+        assert dq.shape == q.shape
+        grads = (dq.copy_(grads[0]), *grads[1:])
+    return grads
+
+
+def _bwd_formulas(q, k, v, dout, softmax_scale, cu_seqlens_q, cu_seqlens_k, mask_mod, aux_tensors,
+                  block_sparse_tensors):  # fmt: skip
     vis = None
     if block_sparse_tensors is not None:
         assert mask_mod == "block_causal_mod" and cu_seqlens_q is None
@@ -194,6 +207,29 @@ def test_block_causal_one_call_matches_sdpa(fa4, lengths, monkeypatch):
     assert state[("block", False)] == FWD_BLOCK_TAKEN and state[("block", True)] == (4, 4)
 
 
+@pytest.mark.parametrize("lengths", [(1, 4, 9, 16), (1, 4, 9, 16, 25, 36), (1, 3, 5), (2, 5)])
+def test_block_causal_last_dense_matches_sdpa(fa4, lengths, monkeypatch):
+    """MASKAR_FA4_LAST_DENSE: the one call's backward as the last scale dense plus the earlier
+    scales masked, their dq rows written into one buffer and dk / dv summed over the shared keys."""
+    monkeypatch.setattr(fa4, "ONE_CALL", True)
+    monkeypatch.setattr(fa4, "LAST_DENSE", True)
+    calls = []
+    real = fa4._flash_attn_bwd
+    monkeypatch.setattr(fa4, "_flash_attn_bwd", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    _matches_sdpa(fa4, ScalePattern("block_causal", lengths), seed=5)
+    # a masked call over the earlier scales and one dense call, both writing into a dq buffer
+    assert len(calls) == 2 and sum(kw.get("mask_mod") is not None for kw in calls) == 1
+    assert all(kw["dq"] is not None for kw in calls)
+    assert fa4._BC[(lengths[:-1], "cpu")][("block", True)] == (4, 4)
+
+
+def test_block_causal_last_dense_one_scale(fa4, monkeypatch):
+    """A pattern of one scale has nothing before its last: the masked backward alone."""
+    monkeypatch.setattr(fa4, "ONE_CALL", True)
+    monkeypatch.setattr(fa4, "LAST_DENSE", True)
+    _matches_sdpa(fa4, ScalePattern("block_causal", (6,)), seed=2)
+
+
 def test_block_causal_one_call_op_shapes(fa4):
     q, k, v = (torch.randn(2, 14, 3, 8, dtype=torch.float32) for _ in range(3))
     checks = ("test_schema", "test_faketensor")
@@ -202,6 +238,9 @@ def test_block_causal_one_call_op_shapes(fa4):
     assert lse.shape == (2, 3, 14) and out.shape == q.shape
     args = (q, k, v, out, torch.randn_like(out), lse, [1, 4, 9], 0.35)
     torch.library.opcheck(fa4.fa4_block_causal_bwd, args, test_utils=checks)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fa4, "LAST_DENSE", True)
+        torch.library.opcheck(fa4.fa4_block_causal_bwd, args, test_utils=checks)
 
 
 def test_block_causal_one_call_refused_everywhere(fa4, monkeypatch):
@@ -241,10 +280,15 @@ def test_custom_ops_fake_shapes(fa4):
         fa4._cu_seqlens([3, 4], 15, qp.device)
 
 
-@pytest.mark.parametrize(("kind", "one_call"), [("block_diagonal", False), ("block_causal", True)])
-def test_compiles_without_graph_breaks(fa4, kind, one_call, monkeypatch):
-    """Both single-call paths (HMAR's varlen call; VAR's under MASKAR_FA4_ONE_CALL) trace whole."""
+@pytest.mark.parametrize(
+    ("kind", "one_call", "last_dense"),
+    [("block_diagonal", False, False), ("block_causal", True, False), ("block_causal", True, True)],
+)
+def test_compiles_without_graph_breaks(fa4, kind, one_call, last_dense, monkeypatch):
+    """Both single-call paths (HMAR's varlen call; VAR's under MASKAR_FA4_ONE_CALL, with either
+    backward) trace whole."""
     monkeypatch.setattr(fa4, "ONE_CALL", one_call)
+    monkeypatch.setattr(fa4, "LAST_DENSE", last_dense)
     p = ScalePattern(kind, (1, 4, 9, 16))
     buf, (q, k, v) = _qkv(2, p.total)
 

@@ -50,15 +50,19 @@ def _rel(a, ref):
     return float((a - ref).abs().max() / ref.abs().max())
 
 
-CASES = [("block_diagonal", False), ("block_causal", False), ("block_causal", True)]  # (kind, one call)
+# (kind, MASKAR_FA4_ONE_CALL, MASKAR_FA4_LAST_DENSE)
+CASES = [("block_diagonal", False, False), ("block_causal", False, False), ("block_causal", True, False),
+         ("block_causal", True, True)]  # fmt: skip
 
 
-@pytest.mark.parametrize(("kind", "one_call"), CASES)
-def test_fa4_as_close_to_fp32_as_sdpa(cuda_fa4, kind, one_call, monkeypatch):
-    """one_call: MASKAR_FA4_ONE_CALL, VAR's pattern as one masked, block-sparse call."""
+@pytest.mark.parametrize(("kind", "one_call", "last_dense"), CASES)
+def test_fa4_as_close_to_fp32_as_sdpa(cuda_fa4, kind, one_call, last_dense, monkeypatch):
+    """one_call: VAR's pattern as one masked, block-sparse call; last_dense: its backward's last
+    scale as a dense call."""
     import maskar.nn.attention_fa4 as fa4_backend
 
     monkeypatch.setattr(fa4_backend, "ONE_CALL", one_call)
+    monkeypatch.setattr(fa4_backend, "LAST_DENSE", last_dense)
     p = ScalePattern.from_sides(kind, SIDES)
     g = torch.Generator(device=cuda_fa4).manual_seed(1234)
     B, H, D = 3, 4, 64
@@ -73,13 +77,14 @@ def test_fa4_as_close_to_fp32_as_sdpa(cuda_fa4, kind, one_call, monkeypatch):
         assert err <= 1.5 * base + 2e-3, f"{kind} {name}: fa4 {err:.2e} against bf16 SDPA's {base:.2e}"
 
 
-@pytest.mark.parametrize(("kind", "one_call"), [CASES[0], CASES[2]])
-def test_fa4_graph_replay_equals_eager(cuda_fa4, kind, one_call, monkeypatch):
+@pytest.mark.parametrize(("kind", "one_call", "last_dense"), [CASES[0], CASES[2], CASES[3]])
+def test_fa4_graph_replay_equals_eager(cuda_fa4, kind, one_call, last_dense, monkeypatch):
     """Forward + backward captured in one CUDA graph (after a warm-up on a side stream, as the
     training step does) replays the eager gradients, on new inputs copied into the same buffer."""
     import maskar.nn.attention_fa4 as fa4_backend
 
     monkeypatch.setattr(fa4_backend, "ONE_CALL", one_call)
+    monkeypatch.setattr(fa4_backend, "LAST_DENSE", last_dense)
     p = ScalePattern.from_sides(kind, SIDES)
     B, H, D = 2, 4, 64
     leaf = torch.randn(B, p.total, 3, H, D, device=cuda_fa4).bfloat16().requires_grad_()

@@ -141,6 +141,11 @@ fa4_fwd.register_autograd(_backward, setup_context=_setup_context)
 # Off by default: in VAR-d16's 1024 px step on an H100 the block-sparse backward lost what the
 # removed glue saved (docs/kernels.md).
 ONE_CALL = bool(env.switch("MASKAR_FA4_ONE_CALL"))
+# The backward as two calls: the last scale's queries against every key, unmasked and dense
+# (two thirds of the work at 1024 px, where the block-sparse backward walked tiles the per-scale
+# dense one did not), and the scales before it as one masked call; one add of key / value
+# gradients over the earlier scales' keys is what is left of the per-scale glue.
+LAST_DENSE = bool(env.switch("MASKAR_FA4_LAST_DENSE"))
 FWD_BLOCKS = ((192, 128), (128, 128))
 BWD_BLOCKS = ((128, 128), (64, 128))
 _BC: dict[tuple, dict] = {}  # (lengths, device) -> ends, the mask_mod, the accepted maps per direction
@@ -226,14 +231,39 @@ def _(q, k, v, lengths, scale):
 def fa4_block_causal_bwd(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, lengths: list[int], scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    state = _bc_state(lengths, q.device)
     dout = dout.contiguous()
+    if LAST_DENSE and len(lengths) > 1:
+        return _bc_bwd_last_dense(q, k, v, out, dout, lse, lengths, scale)
+    return _bc_bwd_masked(q, k, v, out, dout, lse, lengths, scale)
+
+
+def _bc_bwd_masked(q, k, v, out, dout, lse, lengths, scale, dq=None):
+    """Gradients of the one masked call over every scale of ``lengths``; dq written into
+    ``dq`` where given (a view of a larger buffer)."""
+    state = _bc_state(lengths, q.device)
 
     def call(maps):
         return _flash_attn_bwd(q, k, v, out, dout, lse, scale, False, mask_mod=state["mod"],
-                               aux_tensors=[state["ends"]], block_sparse_tensors=maps)[:3]  # fmt: skip
+                               aux_tensors=[state["ends"]], block_sparse_tensors=maps, dq=dq)[:3]  # fmt: skip
 
     dq, dk, dv = _first_accepted(state, True, q.device, call)
+    return dq, dk, dv
+
+
+def _bc_bwd_last_dense(q, k, v, out, dout, lse, lengths, scale):
+    """MASKAR_FA4_LAST_DENSE: the last scale's rows dense against every key, the rows before
+    them masked against their own keys; both write their dq rows into one buffer (no
+    concatenation) and the second's dk / dv are added over the keys they cover."""
+    e = q.shape[1] - lengths[-1]
+    dq = torch.empty_like(q)  # as FA4's own (and the fake's) dq
+    _, dk, dv = _flash_attn_bwd(
+        q[:, e:], k, v, out[:, e:], dout[:, e:], lse[..., e:], scale, False, dq=dq[:, e:]
+    )[:3]  # fmt: skip
+    _, dk_head, dv_head = _bc_bwd_masked(
+        q[:, :e], k[:, :e], v[:, :e], out[:, :e], dout[:, :e], lse[..., :e], lengths[:-1], scale, dq=dq[:, :e]
+    )  # fmt: skip
+    dk[:, :e] += dk_head
+    dv[:, :e] += dv_head
     return dq, dk, dv
 
 

@@ -32,7 +32,9 @@
 # PART=blockcausal instead: scripts/gpu/fa4_block_causal_probe.py, VAR's 1024 px attention as one
 # FA4 call (mask_mod + block sparsity) against the fa4 backend's per-scale calls, fwd + bwd.
 # PART=onecall1024: the backend's GPU tests, then VAR-d16's 1024 px step with
-# MASKAR_FA4_ONE_CALL 0 / 1 / 1 / 0 (the first process also HMAR-d16's: issue 13's pair on an H200).
+# MASKAR_FA4_ONE_CALL 0 / 1 / 1 / 0 (the first process also HMAR-d16's: issue 13's pair on an H200);
+# LAST_DENSE=1: MASKAR_FA4_LAST_DENSE with it (the one call's backward, last scale dense; files
+# lastdense-*).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 case "${PART:-train}" in
@@ -68,15 +70,16 @@ if [ "${PART:-train}" = onecall1024 ]; then
   timeout $(cap 150) python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_attention_fa4_gpu.py \
     > "$OUT/fa4-gpu-tests.txt" 2>&1
   echo "rc=$?"; grep -E "Error|assert|passed|failed" "$OUT/fa4-gpu-tests.txt" | head -n 8 | cut -c1-300
-  i=0
+  i=0 ld=${LAST_DENSE:-0} tag=onecall
+  [ "$ld" = 1 ] && tag=lastdense
   for flag in 0 1 1 0; do
     i=$((i + 1))
     rows=var/d16/blocks/graph/master lim=120 n=1
     [ $i = 1 ] && rows=hmar/d16/blocks/graph/master,$rows lim=200 n=2
-    el "train_step 1024 px $rows, MASKAR_FA4_ONE_CALL=$flag"
-    MASKAR_FA4_ONE_CALL=$flag timeout $(cap $lim) python3 -m maskar bench train_step res=1024 steps=20 \
-      warmup=3 rows=$rows json="$OUT/onecall-$flag-$i.json" >> "$OUT/onecall-$flag.txt" 2>&1
-    echo "rc=$?"; grep -vE "$NOISE" "$OUT/onecall-$flag.txt" | grep -E "^(hmar|var)-|rror" | cut -c1-230 | tail -n $n
+    el "train_step 1024 px $rows, MASKAR_FA4_ONE_CALL=$flag MASKAR_FA4_LAST_DENSE=$((flag * ld))"
+    MASKAR_FA4_ONE_CALL=$flag MASKAR_FA4_LAST_DENSE=$((flag * ld)) timeout $(cap $lim) python3 -m maskar bench \
+      train_step res=1024 steps=20 warmup=3 rows=$rows json="$OUT/$tag-$flag-$i.json" >> "$OUT/$tag-$flag.txt" 2>&1
+    echo "rc=$?"; grep -vE "$NOISE" "$OUT/$tag-$flag.txt" | grep -E "^(hmar|var)-|rror" | cut -c1-230 | tail -n $n
   done
   el done
   exit 0
