@@ -53,8 +53,8 @@ SWITCHES: dict[str, Switch] = {
     "MASKAR_ADALN_PREFETCH": Switch(False, "VAR / HMAR training: adaln backward loads one row tile ahead"),
     "MASKAR_FFN_EPILOGUE": Switch(True, "VAR / HMAR training: the FFN's GELU in cuBLASLt's epilogues"),
     "MASKAR_QK_RECIPROCAL": Switch(True, "VAR / HMAR training: q/k norm backward multiplies by 1 / norm"),
-    "MASKAR_FA4_ONE_CALL": Switch(False, "fa4 backend: VAR's block-causal attention as one masked call"),
-    "MASKAR_FA4_LAST_DENSE": Switch(False, "with MASKAR_FA4_ONE_CALL: its backward's last scale dense"),
+    "MASKAR_FA4_ONE_CALL": Switch(True, "fa4 backend: VAR's block-causal attention as one masked call"),
+    "MASKAR_FA4_LAST_DENSE": Switch(True, "with MASKAR_FA4_ONE_CALL: its backward's last scale dense"),
 }
 MARGIN = "MASKAR_GRAPH_POOL_MARGIN"  # a number >= 1 (maskar.models.scale_graphs)
 MARGIN_DEFAULT = 1.02

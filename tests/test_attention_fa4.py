@@ -192,7 +192,9 @@ def _matches_sdpa(fa4, p: ScalePattern, seed: int = 0) -> None:
 
 @pytest.mark.parametrize("kind", ["block_diagonal", "block_causal"])
 @pytest.mark.parametrize("lengths", [(1, 4, 9, 16), (1, 4, 9, 16, 64, 100)])
-def test_patterns_match_sdpa(fa4, kind, lengths):
+def test_patterns_match_sdpa(fa4, kind, lengths, monkeypatch):
+    """HMAR's varlen call; VAR's per-scale calls (MASKAR_FA4_ONE_CALL=0)."""
+    monkeypatch.setattr(fa4, "ONE_CALL", False)
     _matches_sdpa(fa4, ScalePattern(kind, lengths))
 
 
@@ -202,6 +204,7 @@ def test_block_causal_one_call_matches_sdpa(fa4, lengths, monkeypatch):
     visible pairs (a tile wrongly marked full, partial or skipped changes the result), against
     the masked SDPA reference; the refused first block size falls through to the accepted one."""
     monkeypatch.setattr(fa4, "ONE_CALL", True)
+    monkeypatch.setattr(fa4, "LAST_DENSE", False)
     _matches_sdpa(fa4, ScalePattern("block_causal", lengths), seed=3)
     state = fa4._BC[(lengths, "cpu")]
     assert state[("block", False)] == FWD_BLOCK_TAKEN and state[("block", True)] == (4, 4)
@@ -230,7 +233,8 @@ def test_block_causal_last_dense_one_scale(fa4, monkeypatch):
     _matches_sdpa(fa4, ScalePattern("block_causal", (6,)), seed=2)
 
 
-def test_block_causal_one_call_op_shapes(fa4):
+def test_block_causal_one_call_op_shapes(fa4, monkeypatch):
+    monkeypatch.setattr(fa4, "LAST_DENSE", False)
     q, k, v = (torch.randn(2, 14, 3, 8, dtype=torch.float32) for _ in range(3))
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(fa4.fa4_block_causal_fwd, (q, k, v, [1, 4, 9], 0.35), test_utils=checks)
@@ -238,9 +242,8 @@ def test_block_causal_one_call_op_shapes(fa4):
     assert lse.shape == (2, 3, 14) and out.shape == q.shape
     args = (q, k, v, out, torch.randn_like(out), lse, [1, 4, 9], 0.35)
     torch.library.opcheck(fa4.fa4_block_causal_bwd, args, test_utils=checks)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fa4, "LAST_DENSE", True)
-        torch.library.opcheck(fa4.fa4_block_causal_bwd, args, test_utils=checks)
+    monkeypatch.setattr(fa4, "LAST_DENSE", True)
+    torch.library.opcheck(fa4.fa4_block_causal_bwd, args, test_utils=checks)
 
 
 def test_block_causal_one_call_refused_everywhere(fa4, monkeypatch):

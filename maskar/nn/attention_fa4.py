@@ -7,7 +7,10 @@ maskar needs it, and without it the backend is simply absent (``available_backen
 
 - ``block_diagonal`` (HMAR): one variable-length call with every (sample, scale) as its own
   sequence, as the ``varlen`` backend does with FlashAttention-2.
-- ``block_causal`` (VAR): one dense call per scale (the scale's queries against every key up
+- ``block_causal`` (VAR): one masked, block-sparse forward call over the whole pattern; its
+  backward in two calls, the last scale dense against every key and the scales before it
+  masked (``MASKAR_FA4_ONE_CALL`` / ``MASKAR_FA4_LAST_DENSE``, both on; below). With
+  ``MASKAR_FA4_ONE_CALL=0``, one dense call per scale (the scale's queries against every key up
   to its end), with the ``scales`` backend's split and prefix views, the small leading scales
   as one masked SDPA call.
 - no pattern: one dense call.
@@ -133,17 +136,17 @@ def _backward(ctx, dout: Tensor, dlse: Tensor | None):
 fa4_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-# --- block-causal as one call (MASKAR_FA4_ONE_CALL) ---------------------------------------------
+# --- block-causal as one call (MASKAR_FA4_ONE_CALL, on by default) ------------------------------
 # Query i sees key j iff j < end(scale(i)): a mask_mod reading each query's scale end from an
 # auxiliary tensor, and tile maps (maskar.nn.block_sparsity) so that only the few tiles a scale
 # boundary cuts evaluate it. FA4's sm90 heuristics (b40, head dim 64): forward tiles 192 x 128
 # (128 x 128 where the sparse q block is no multiple of 192), backward 128 x 128.
-# Off by default: in VAR-d16's 1024 px step on an H100 the block-sparse backward lost what the
-# removed glue saved (docs/kernels.md).
+# Alone it gained nothing in VAR-d16's 1024 px step on an H100: the block-sparse backward lost
+# what the removed glue saved. With LAST_DENSE below the step is ~2 ms shorter (docs/kernels.md).
 ONE_CALL = bool(env.switch("MASKAR_FA4_ONE_CALL"))
 # The backward as two calls: the last scale's queries against every key, unmasked and dense
-# (two thirds of the work at 1024 px, where the block-sparse backward walked tiles the per-scale
-# dense one did not), and the scales before it as one masked call; one add of key / value
+# (two thirds of the work at 1024 px, where the block-sparse backward was slower than the
+# per-scale dense ones), and the scales before it as one masked call; one add of key / value
 # gradients over the earlier scales' keys is what is left of the per-scale glue.
 LAST_DENSE = bool(env.switch("MASKAR_FA4_LAST_DENSE"))
 FWD_BLOCKS = ((192, 128), (128, 128))

@@ -3,15 +3,14 @@
 #   TESTS=0 OUT=$OUT bash scripts/gpu/first_call.sh      (carry .carry/fa4a, checkpoints out of the tree)
 # Any GPU: keeps .carry/fa4a in .persist/ (seconds); without TESTS=0 it also runs the GPU tests of
 # the training paths at the defaults (about 2.5 min; 38 passed on an H100 on 2026-12-07, ninth
-# session, so TESTS=0 is the choice while an H200's time is short). Then at once, carrying .carry/fa4b:
-#   PART=onecall1024 LAST_DENSE=1 bash scripts/gpu/fa4_rows.sh   (MASKAR_FA4_LAST_DENSE's GPU tests
-#                       and VAR-d16's step with it; its first process also times HMAR-d16 and VAR-d16
-#                       at every default, so on an H200 it is issue 13's 1024 px pair as well)
-# and on an H200:
+# session, so TESTS=0 is the choice while an H200's time is short). Then at once, carrying .carry/fa4b,
+# on an H200:
 #   PART=defaults1024 TRAIN=0 bash scripts/gpu/fa4_rows.sh      (issue 13's 1024 px pair; H100s:
-#                                                               78.7-79.6 / 112.4-114.0 ms)
+#                                                               78.7-79.6 / 111.4-111.9 ms)
 #   PART=rows bash scripts/gpu/h200_rows.sh      (issues 14 and 15)
-# (PART=onecall1024 ran on 2026-12-07, twelfth session, on an H100: MASKAR_FA4_ONE_CALL stays off,
+# (PART=onecall1024 LAST_DENSE=1 ran on 2026-12-07, thirteenth session, on an H100: both switches are
+#  now on by default, docs/benchmarks.md Run 22; defaults1024 times VAR-d16 with them.)
+# (PART=onecall1024 ran on 2026-12-07, twelfth session, on an H100: MASKAR_FA4_ONE_CALL alone gained nothing,
 #  docs/benchmarks.md Run 21; PART=blockcausal, the op alone, ran in the same session.)
 # (PART=defaults1024 TRAIN=0 times the pair alone; without TRAIN=0 it also runs `maskar train`
 #  at its defaults at 1024 px beside them, done on an H100 in Run 19.)
